@@ -1,0 +1,100 @@
+// buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
+// Plugins are registered in request order, and their onRequest hooks run in that order:
+// request id → route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400)
+// → proxy → one audit record when the response closes.
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import type { GatewayConfig } from './config.js'
+import {
+  envelope, InternalError, InvalidRequestError, isGatewayError, RequestTooLargeError, UnsupportedMediaTypeError,
+  type GatewayError
+} from './errors.js'
+import { appLoggerOptions, createAuditWriter, type AuditWriter } from './logging.js'
+import audit from './plugins/audit.js'
+import auth from './plugins/auth.js'
+import body from './plugins/body.js'
+import health from './plugins/health.js'
+import proxy from './plugins/proxy.js'
+import rateLimit from './plugins/rate-limit.js'
+import requestId, { newRequestId } from './plugins/request-id.js'
+import router from './plugins/router.js'
+import { MemoryStore } from './stores/memory.js'
+import type { RateLimitStore } from './stores/rate-limit-store.js'
+import './types.js'
+
+export interface AppDependencies {
+  /** operational log; default: pino to stdout at config.log.level */
+  logger?: FastifyBaseLogger
+  /** audit writer; default: config.audit.file */
+  auditWriter?: AuditWriter
+  rateLimitStore?: RateLimitStore
+}
+
+/** How long a client that is still sending an over-limit body may keep the connection after its 413. */
+const DISCARD_BODY_MS = 5_000
+
+export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
+  const app = Fastify({
+    ...(deps.logger ? { loggerInstance: deps.logger } : { logger: appLoggerOptions(config.log.level) }),
+    genReqId: newRequestId,
+    requestIdHeader: false,
+    bodyLimit: config.limits.bodyBytes,
+    exposeHeadRoutes: false,
+    trustProxy: false
+  })
+
+  app.setErrorHandler(errorHandler(config))
+
+  await app.register(requestId)
+  await app.register(audit, { writer: deps.auditWriter ?? createAuditWriter(config.audit.file) })
+  await app.register(health)
+  await app.register(router)
+  await app.register(auth, { clients: config.clients })
+  await app.register(rateLimit, { store: deps.rateLimitStore ?? new MemoryStore() })
+  await app.register(body, { bodyBytes: config.limits.bodyBytes })
+  await app.register(proxy, {
+    baseUrl: config.upstream.baseUrls[0]!,
+    apiKey: config.upstream.apiKey,
+    timeoutMs: config.upstream.timeoutMs
+  })
+  return app
+}
+
+/** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */
+function errorHandler (config: GatewayConfig) {
+  return function handle (error: FastifyError, request: FastifyRequest, reply: FastifyReply) {
+    const err = toGatewayError(error, config)
+    if (err.statusCode >= 500 && !isGatewayError(error)) {
+      request.log.error({ err: error }, 'unhandled error')
+    }
+    if (err.statusCode === 413) keepConnectionForTheAnswer(request, reply)
+    if (err.headers) reply.headers(err.headers)
+    reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
+  }
+}
+
+function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayError {
+  if (isGatewayError(error)) return error
+  switch (error.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return new RequestTooLargeError(String(config.limits.bodyBytes))
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return new UnsupportedMediaTypeError('')
+  }
+  const status = error.statusCode ?? 500
+  if (status >= 400 && status < 500) return new InvalidRequestError('malformed request.')
+  return new InternalError()
+}
+
+/**
+ * Fastify asks to close the connection on a body error, but closing while the client still uploads makes it
+ * see a reset instead of the 413. Keep the connection, let Node discard the rest of the body, and cut off a
+ * client that is still sending after a bounded time.
+ */
+function keepConnectionForTheAnswer (request: FastifyRequest, reply: FastifyReply) {
+  reply.removeHeader('connection')
+  reply.raw.once('finish', () => {
+    if (request.raw.complete) return
+    const timer = setTimeout(() => request.raw.socket?.destroy(), DISCARD_BODY_MS).unref()
+    request.raw.once('end', () => clearTimeout(timer))
+  })
+}

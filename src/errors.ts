@@ -1,0 +1,68 @@
+// Every error the gateway itself answers with. Each has an HTTP status, the OpenAI error `type` and a stable
+// `code`; the error handler in app.ts is the one place that turns any error into OpenAI's envelope.
+// The README's error table mirrors this list.
+import createError from '@fastify/error'
+
+export interface GatewayError extends Error {
+  statusCode: number
+  code: string
+  type: string
+  param: string | null
+  headers?: Record<string, string>
+}
+
+type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'server_error'
+
+function define (code: string, status: number, type: ErrorType, message: string) {
+  const Base = createError(code, message, status)
+  return class extends Base {
+    readonly type = type
+    param: string | null = null
+    headers?: Record<string, string>
+    constructor (...args: unknown[]) {
+      super(...args)
+      this.code = code // @fastify/error upper-cases codes; OpenAI's are lower snake case
+      // @fastify/error names the class after the code; keep the name stable for logs.
+      this.name = 'GatewayError'
+    }
+  }
+}
+
+export const InvalidIdError = define('invalid_id', 400, 'invalid_request_error',
+  'Invalid %s: it must match ^[A-Za-z0-9_-]{1,200}$.')
+export const InvalidJsonError = define('invalid_json', 400, 'invalid_request_error',
+  'The request body is not valid JSON.')
+export const InvalidRequestError = define('invalid_request', 400, 'invalid_request_error',
+  'The request could not be understood: %s')
+export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',
+  'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
+export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',
+  'This key lacks the "%s" scope required for %s.')
+export const UnknownRouteError = define('unknown_route', 404, 'invalid_request_error',
+  'Unknown route: %s %s. This gateway serves only the /v1/conversations routes.')
+export const MethodNotAllowedError = define('method_not_allowed', 405, 'invalid_request_error',
+  'Method %s is not allowed on %s.')
+export const RequestTooLargeError = define('request_too_large', 413, 'invalid_request_error',
+  'The request body is larger than the %s bytes this gateway accepts.')
+export const UnsupportedMediaTypeError = define('unsupported_media_type', 415, 'invalid_request_error',
+  'Unsupported Content-Type %s: send application/json.')
+export const RateLimitExceededError = define('rate_limit_exceeded', 429, 'requests',
+  'Rate limit reached for client %s. Please try again in %s.')
+export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error',
+  'The upstream API could not be reached. Please try again later.')
+export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
+  'The upstream API did not answer in time.')
+export const InternalError = define('internal_error', 500, 'server_error',
+  'The gateway failed to handle this request.')
+
+export function isGatewayError (err: unknown): err is GatewayError {
+  return err instanceof Error && (err as GatewayError).name === 'GatewayError'
+}
+
+export interface OpenAIErrorBody {
+  error: { message: string, type: string, param: string | null, code: string }
+}
+
+export function envelope (err: GatewayError): OpenAIErrorBody {
+  return { error: { message: err.message, type: err.type, param: err.param, code: err.code } }
+}

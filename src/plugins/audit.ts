@@ -1,0 +1,142 @@
+// One JSON line per API call, written when the response closes: that event comes exactly once for every
+// response, finished or not, so denied, failed and aborted calls are recorded as surely as served ones
+// (Fastify's onResponse is skipped for a client that hangs up mid-stream; onRequestAbort only fires before the
+// response). The record holds the fields listed in the README and nothing else: no keys, tokens or bodies.
+import { performance } from 'node:perf_hooks'
+import { Transform, pipeline, type Readable } from 'node:stream'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import type { AuditWriter } from '../logging.js'
+import type { Action } from '../operations.js'
+
+export type Outcome = 'ok' | 'upstream_error' | 'denied' | 'rate_limited' | 'invalid' | 'aborted' | 'error'
+
+export interface AuditRecord {
+  time: string
+  requestId: string
+  clientId: string | null
+  action: Action | 'unknown'
+  method: string
+  path: string
+  conversationId: string | null
+  itemId: string | null
+  status: number
+  outcome: Outcome
+  durationMs: number
+  upstreamMs: number | null
+  upstreamRequestId: string | null
+  bytesIn: number
+  bytesOut: number
+  ip: string
+  userAgent: string | null
+}
+
+export interface AuditOptions {
+  writer: AuditWriter
+}
+
+/** Largest create answer searched for the new conversation's id; the answer itself streams unchanged. */
+const CREATE_ID_SCAN_BYTES = 64 * 1024
+
+interface ResponseWatch {
+  start: number
+  bytesOut: number
+  upstreamStreamFailed: boolean
+  createdId: string | null
+}
+
+const watches = new WeakMap<FastifyRequest, ResponseWatch>()
+
+function outcomeOf (request: FastifyRequest, status: number, finished: boolean, watch: ResponseWatch): Outcome {
+  if (!finished) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
+  if (request.upstream !== null) return request.upstream.status >= 500 ? 'upstream_error' : 'ok'
+  if (status === 401 || status === 403) return 'denied'
+  if (status === 429) return 'rate_limited'
+  if (status === 502 || status === 504) return 'upstream_error'
+  if (status >= 400 && status < 500) return 'invalid'
+  return 'error'
+}
+
+/** The id of a 2xx conversation.create answer, read from at most CREATE_ID_SCAN_BYTES of it. */
+function createdIdFrom (chunks: Buffer[]): string | null {
+  try {
+    const id = (JSON.parse(Buffer.concat(chunks).toString('utf8')) as { id?: unknown }).id
+    return typeof id === 'string' ? id : null
+  } catch {
+    return null
+  }
+}
+
+function countingStream (request: FastifyRequest, reply: FastifyReply, payload: Readable, watch: ResponseWatch) {
+  const scanForId = request.operation?.action === 'conversation.create' &&
+    reply.statusCode >= 200 && reply.statusCode < 300
+  const chunks: Buffer[] = []
+  let scanned = 0
+  const counter = new Transform({
+    transform (chunk: Buffer, _enc, done) {
+      watch.bytesOut += chunk.length
+      if (scanForId && scanned < CREATE_ID_SCAN_BYTES) {
+        chunks.push(chunk)
+        scanned += chunk.length
+      }
+      done(null, chunk)
+    },
+    flush (done) {
+      if (scanForId) watch.createdId = createdIdFrom(chunks)
+      done()
+    }
+  })
+  pipeline(payload, counter, (err) => {
+    // A client that hangs up shows here as a premature close; anything else failed on the upstream's side.
+    if (err && (err as NodeJS.ErrnoException).code !== 'ERR_STREAM_PREMATURE_CLOSE') watch.upstreamStreamFailed = true
+  })
+  return counter
+}
+
+export function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
+  const op = request.operation
+  const status = reply.statusCode
+  const path = request.raw.url ?? ''
+  const q = path.indexOf('?')
+  const userAgent = request.headers['user-agent']
+  return {
+    time: new Date().toISOString(),
+    requestId: request.id,
+    clientId: request.client?.id ?? null,
+    action: op?.action ?? 'unknown',
+    method: request.method,
+    path: (q === -1 ? path : path.slice(0, q)).slice(0, 2048),
+    conversationId: op?.action === 'conversation.create' ? watch.createdId : op?.conversationId ?? null,
+    itemId: op?.itemId ?? null,
+    status,
+    outcome: outcomeOf(request, status, reply.raw.writableFinished, watch),
+    durationMs: Math.round(performance.now() - watch.start),
+    upstreamMs: request.upstream?.ms ?? null,
+    upstreamRequestId: request.upstream?.requestId ?? null,
+    bytesIn: request.bodyBytes,
+    bytesOut: watch.bytesOut,
+    ip: request.ip,
+    userAgent: typeof userAgent === 'string' ? userAgent.slice(0, 512) : null
+  }
+}
+
+export default fp<AuditOptions>(async function audit (app, { writer }) {
+  app.addHook('onRequest', async (request, reply) => {
+    if (request.routeOptions.config.internal === true) return
+    const watch: ResponseWatch = { start: performance.now(), bytesOut: 0, upstreamStreamFailed: false, createdId: null }
+    watches.set(request, watch)
+    reply.raw.once('close', () => { writer.write(buildRecord(request, reply, watch)) })
+  })
+
+  app.addHook('onSend', async (request, reply, payload) => {
+    const watch = watches.get(request)
+    if (watch === undefined || payload === null || payload === undefined) return payload
+    if (typeof payload === 'string' || Buffer.isBuffer(payload)) {
+      watch.bytesOut += Buffer.byteLength(payload)
+      return payload
+    }
+    return countingStream(request, reply, payload as Readable, watch)
+  })
+
+  app.addHook('onClose', async () => { writer.close() })
+}, { name: 'audit' })

@@ -1,0 +1,41 @@
+// Process concerns only: build the app from a loaded config, listen, and close gracefully on SIGTERM/SIGINT:
+// stop accepting, let in-flight calls finish up to a deadline, flush the audit file, exit.
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from './app.js'
+import type { GatewayConfig } from './config.js'
+
+/** Longest a shutdown waits for in-flight calls before it stops anyway. */
+const DRAIN_DEADLINE_MS = 30_000
+
+export async function startServer (config: GatewayConfig): Promise<FastifyInstance> {
+  const app = await buildApp(config)
+  let draining = false
+
+  // Keep-alive sockets that go idle during the drain would otherwise stay open for the client's timeout.
+  app.addHook('onSend', async (_request, reply) => {
+    if (draining) reply.header('connection', 'close')
+  })
+
+  await app.listen({ host: config.listen.host, port: config.listen.port })
+
+  const shutdown = (signal: NodeJS.Signals) => {
+    if (draining) return
+    draining = true
+    app.log.info({ signal }, 'shutting down: draining in-flight requests')
+    const deadline = setTimeout(() => {
+      app.log.warn('drain deadline reached; closing remaining connections')
+      app.server.closeAllConnections()
+    }, DRAIN_DEADLINE_MS).unref()
+    app.close().then(() => {
+      clearTimeout(deadline)
+      app.log.info('closed')
+      process.exitCode = 0
+    }, (err: unknown) => {
+      app.log.error({ err }, 'error while closing')
+      process.exitCode = 1
+    })
+  }
+  process.once('SIGTERM', shutdown)
+  process.once('SIGINT', shutdown)
+  return app
+}

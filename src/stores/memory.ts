@@ -1,0 +1,38 @@
+// In-process buckets in a bounded LRU. Node runs one request's check-and-take without interleaving another's,
+// so the take is atomic. A monotonic clock: wall-clock jumps neither grant a burst nor lock a client out.
+import { performance } from 'node:perf_hooks'
+import { LRUCache } from 'lru-cache'
+import { describe, refill, type Bucket, type BucketRule, type RateLimitResult, type RateLimitStore } from './rate-limit-store.js'
+
+export interface MemoryStoreOptions {
+  /** buckets kept; the least recently used is dropped past this (it comes back full) */
+  max?: number
+  now?: () => number
+}
+
+export class MemoryStore implements RateLimitStore {
+  readonly #buckets: LRUCache<string, Bucket>
+  readonly #now: () => number
+
+  constructor ({ max = 10_000, now = () => performance.now() }: MemoryStoreOptions = {}) {
+    this.#buckets = new LRUCache({ max })
+    this.#now = now
+  }
+
+  async take (key: string, rule: BucketRule): Promise<RateLimitResult> {
+    const bucket = refill(this.#buckets.get(key), rule, this.#now())
+    const allowed = bucket.tokens >= 1
+    if (allowed) bucket.tokens -= 1
+    this.#buckets.set(key, bucket)
+    return describe(bucket, rule, allowed)
+  }
+
+  async peek (key: string, rule: BucketRule): Promise<RateLimitResult> {
+    const bucket = refill(this.#buckets.peek(key), rule, this.#now())
+    return describe(bucket, rule, bucket.tokens >= 1)
+  }
+
+  async close (): Promise<void> {
+    this.#buckets.clear()
+  }
+}
