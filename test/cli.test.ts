@@ -1,0 +1,117 @@
+// The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
+import { spawn, spawnSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { once } from 'node:events'
+import t from 'tap'
+import { parse } from 'yaml'
+import { parseConfig } from '../src/config.js'
+import { keyDigest } from '../src/keys.js'
+
+const BIN = 'dist/cli.js'
+const env = { PATH: process.env.PATH, NO_COLOR: '1' }
+
+function run (args: string[], extraEnv: Record<string, string> = {}) {
+  return spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...env, ...extraEnv }, timeout: 20_000 })
+}
+
+function configFile (body: string): { file: string, dir: string } {
+  const dir = mkdtempSync(join(tmpdir(), 'gw-cli-'))
+  const file = join(dir, 'gateway.yaml')
+  writeFileSync(file, body)
+  return { file, dir }
+}
+
+const DIGEST = keyDigest('ogw_cli-test-key')
+const good = (dir: string) => `
+listen: { host: 127.0.0.1, port: 0 }
+upstream: { baseUrls: ["http://127.0.0.1:9"], apiKey: "\${OHMYGPT_API_KEY}" }
+audit: { file: ${join(dir, 'audit.jsonl')} }
+clients:
+  - { id: team-a, keySha256: "${DIGEST}", scopes: [read] }
+`
+
+t.test('keygen prints a new key once and a config entry holding its sha256', async t => {
+  const a = run(['keygen', 'team-search'])
+  t.equal(a.status, 0)
+  const key = /^(ogw_[A-Za-z0-9_-]{43})$/m.exec(a.stdout)?.[1]
+  t.ok(key, 'a 256-bit base64url key')
+  const entry = parse(a.stdout.slice(a.stdout.indexOf('  - id:'))) as unknown[]
+  t.match(entry, [{ id: 'team-search', keySha256: keyDigest(key!), scopes: ['read', 'write', 'delete'] }])
+  t.doesNotThrow(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKey: 'k' }, clients: entry }), 'the entry is valid config')
+  t.not(run(['keygen', 'team-search']).stdout.match(/^ogw_.*$/m)?.[0], key, 'every run makes a new key')
+})
+
+t.test('keygen refuses a missing or invalid client id', async t => {
+  for (const args of [['keygen'], ['keygen', 'Team A'], ['keygen', 'a', 'b']]) {
+    const r = run(args)
+    t.equal(r.status, 1, args.join(' '))
+    t.match(r.stderr, /client id/)
+  }
+})
+
+t.test('check-config exits 0 for a good file and 1 naming every bad field', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const ok = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(ok.status, 0)
+  t.match(ok.stdout, /ok \(1 client\)/)
+
+  writeFileSync(file, good(dir) + `  - { id: team-a, keySha256: "${DIGEST}", scopes: [read], colour: blue }\n`)
+  const bad = run(['check-config', '--config', file])
+  t.equal(bad.status, 1)
+  for (const field of ['upstream.apiKey: environment variable OHMYGPT_API_KEY is not set', 'clients[1].colour: unknown key']) {
+    t.ok(bad.stderr.includes(field), field)
+  }
+  t.notOk(bad.stderr.includes('    at '), 'no stack trace')
+})
+
+t.test('check-config finds its file through GATEWAY_CONFIG', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const r = run(['check-config'], { OHMYGPT_API_KEY: 'x', GATEWAY_CONFIG: file })
+  t.equal(r.status, 0)
+  t.match(r.stdout, file)
+})
+
+t.test('start exits 1 on a bad config, before listening', async t => {
+  const { file } = configFile('upstream: { baseUrls: [] }\n')
+  const r = run(['start', '--config', file])
+  t.equal(r.status, 1)
+  t.match(r.stderr, /upstream\.baseUrls/)
+  t.match(r.stderr, /upstream\.apiKey: is required/)
+})
+
+t.test('an unknown command exits 1 with the usage', async t => {
+  const r = run(['launch'])
+  t.equal(r.status, 1)
+  t.match(r.stderr, /unknown command "launch"/)
+})
+
+t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: { ...env, OHMYGPT_API_KEY: 'x' } })
+  t.teardown(() => { child.kill('SIGKILL') })
+  let out = ''
+  child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no listening line in: ${out}`)), 10_000)
+    child.stdout.on('data', () => {
+      const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(out)
+      if (m) { clearTimeout(timer); resolve(m[1]!) }
+    })
+  })
+  const health = await fetch(`${url}/healthz`)
+  t.same(await health.json(), { status: 'ok' })
+  const denied = await fetch(`${url}/v1/conversations`, { method: 'POST', headers: { authorization: 'Bearer ogw_cli-test-key-wrong' } })
+  t.equal(denied.status, 401)
+
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit')
+  t.equal(code, 0)
+  const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
+  t.match(records, [{ action: 'conversation.create', status: 401, outcome: 'denied' }], 'healthz is not audited')
+  t.notOk(out.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
+})
