@@ -54,7 +54,8 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(proxy, {
     baseUrl: config.upstream.baseUrls[0]!,
     apiKey: config.upstream.apiKey,
-    timeoutMs: config.upstream.timeoutMs
+    timeoutMs: config.upstream.timeoutMs,
+    caFile: config.upstream.caFile
   })
   return app
 }

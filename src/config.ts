@@ -34,7 +34,8 @@ export const ConfigSchema = Type.Object({
   upstream: Type.Object({
     baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
     apiKey: Type.String({ minLength: 1 }),
-    timeoutMs: Type.Integer({ minimum: 1, default: 60000 })
+    timeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    caFile: Type.Optional(Type.String({ minLength: 1 }))
   }, { additionalProperties: false }),
   limits: Type.Object({
     bodyBytes: Type.Integer({ minimum: 1, default: 4194304 })
@@ -112,6 +113,16 @@ function duplicates (clients: ClientConfig[], field: 'id' | 'keySha256'): string
   return problems
 }
 
+function unreadable (file: string | undefined, path: string): string[] {
+  if (file === undefined) return []
+  try {
+    readFileSync(file)
+    return []
+  } catch (err) {
+    return [`${path}: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`]
+  }
+}
+
 function deepFreeze<T> (value: T): T {
   if (value !== null && typeof value === 'object') {
     for (const v of Object.values(value)) deepFreeze(v)
@@ -130,6 +141,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     problems.push(...(validate.errors ?? []).map(describe).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
   } else {
     problems.push(...duplicates(candidate.clients, 'id'), ...duplicates(candidate.clients, 'keySha256'))
+    problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
   return deepFreeze(candidate as GatewayConfig)

@@ -34,6 +34,8 @@ export const InvalidJsonError = define('invalid_json', 400, 'invalid_request_err
   'The request body is not valid JSON.')
 export const InvalidRequestError = define('invalid_request', 400, 'invalid_request_error',
   'The request could not be understood: %s')
+export const UpgradeNotSupportedError = define('upgrade_not_supported', 400, 'invalid_request_error',
+  'Protocol upgrades (WebSocket) are not supported by this gateway.')
 export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
 export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',

@@ -2,7 +2,9 @@
 // shape, all sharing one undici Agent. Headers are rebuilt from allow-lists both ways; the upstream token is set
 // last, on a fresh object, so no client header can remove or replace it. reply-from's unsafe defaults are
 // overridden on purpose: verified TLS, no 503 retries, our own error mapping.
+import { readFileSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
+import { rootCertificates } from 'node:tls'
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
@@ -17,6 +19,8 @@ export interface ProxyOptions {
   baseUrl: string
   apiKey: string
   timeoutMs: number
+  /** PEM bundle of a private CA that signs the upstream's certificate, trusted in addition to the system's */
+  caFile?: string
 }
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
@@ -66,11 +70,15 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders): IncomingHt
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   app.decorateRequest('upstream', null)
   const base = new URL(opts.baseUrl)
+  // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
   const agent = new Agent({
     headersTimeout: opts.timeoutMs,
     bodyTimeout: opts.timeoutMs,
     connections: 128,
-    connect: { rejectUnauthorized: true }
+    connect: {
+      rejectUnauthorized: true,
+      ...(opts.caFile === undefined ? {} : { ca: [...rootCertificates, readFileSync(opts.caFile, 'utf8')] })
+    }
   })
 
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.

@@ -1,8 +1,17 @@
 // Route match, the first check: a path outside the eight operations is 404, a known path with another method
 // is 405 with Allow. It runs as an onRequest hook for matched and unmatched routes alike, on the raw target.
+import { ServerResponse, type IncomingMessage } from 'node:http'
+import type { Socket } from 'node:net'
+import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
-import { MethodNotAllowedError, UnknownRouteError } from '../errors.js'
+import { MethodNotAllowedError, UnknownRouteError, UpgradeNotSupportedError } from '../errors.js'
 import { matchOperation, rawPath } from '../operations.js'
+
+/** The path as the client sent it, cut short: error messages echo it. */
+function shown (url: string | undefined): string {
+  const path = rawPath(url ?? '')
+  return path.length > 200 ? `${path.slice(0, 200)}…` : path
+}
 
 export default fp(async function router (app) {
   app.decorateRequest('operation', null)
@@ -11,18 +20,35 @@ export default fp(async function router (app) {
     if (request.routeOptions.config.internal === true) return
     const match = matchOperation(request.method, request.raw.url ?? '')
     if (match.kind === 'operation') {
+      // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'; the proxy
+      // speaks plain HTTP only, so it never goes further.
       request.operation = match.operation
+      if (request.headers.upgrade !== undefined) throw new UpgradeNotSupportedError()
       return
     }
     if (match.kind === 'method_not_allowed') {
       reply.header('allow', match.allow)
-      throw new MethodNotAllowedError(request.method, rawPath(request.raw.url ?? ''))
+      throw new MethodNotAllowedError(request.method, shown(request.raw.url))
     }
-    throw new UnknownRouteError(request.method, rawPath(request.raw.url ?? ''))
+    throw new UnknownRouteError(request.method, shown(request.raw.url))
+  })
+
+  // Node gives CONNECT to a 'connect' listener or silently drops the connection. Hand it to the ordinary
+  // request path instead, so it gets the same 404/405 answer and audit record as any other unknown call.
+  app.server.on('connect', (req: IncomingMessage, socket: Duplex) => {
+    const res = new ServerResponse(req)
+    res.shouldKeepAlive = false
+    res.assignSocket(socket as Socket)
+    res.once('finish', () => {
+      res.detachSocket(socket as Socket)
+      socket.end()
+      res.emit('close') // Node's own responses do this; the audit record is written on it
+    })
+    app.server.emit('request', req, res)
   })
 
   // Reached only by a target the matcher accepted but Fastify's router did not (none is known); stay closed.
   app.setNotFoundHandler(async (request) => {
-    throw new UnknownRouteError(request.method, rawPath(request.raw.url ?? ''))
+    throw new UnknownRouteError(request.method, shown(request.raw.url))
   })
 }, { name: 'router' })
