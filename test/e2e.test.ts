@@ -1,12 +1,12 @@
 // End to end: the official openai SDK, pointed at a listening gateway, in front of the fake OhMyGPT upstream.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
 const RATE_HEADERS = ['x-ratelimit-limit-requests', 'x-ratelimit-remaining-requests', 'x-ratelimit-reset-requests']
 
-async function setup (t: Tap.Test) {
+async function setup (t: Test) {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const gw = await startGateway(t, testConfig(upstream.url))
