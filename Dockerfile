@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# ohmygpt-gateway: build with `docker build -t ohmygpt-gateway .`, run with
+#   docker run --rm -p 8080:8080 -e OHMYGPT_API_KEY ohmygpt-gateway
+# The config is baked in at /app/config/gateway.yaml; mount your own over it read-only
+# (-v "$PWD/gateway.yaml:/app/config/gateway.yaml:ro") or point GATEWAY_CONFIG at a mounted file.
+
+# ---- build: compile TypeScript to dist/ ----
+FROM node:24-slim AS build
+WORKDIR /src
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json tsconfig.build.json ./
+COPY src ./src
+RUN npm run build
+
+# ---- runtime: production dependencies, compiled code and the example config only ----
+FROM node:24-slim
+ENV NODE_ENV=production
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
+ && npm cache clean --force \
+ && mkdir -p /app/audit \
+ && chown node:node /app/audit
+COPY --from=build /src/dist ./dist
+COPY config ./config
+# Audit JSONL goes to ./audit/audit.jsonl (relative to /app) unless AUDIT_FILE or the config says otherwise.
+VOLUME ["/app/audit"]
+USER node
+EXPOSE 8080
+# No curl in the image: probe /healthz with Node's fetch (follows GATEWAY_PORT if you change it).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+  CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.GATEWAY_PORT||8080)+'/healthz',{signal:AbortSignal.timeout(4000)}).then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
+# Exec form: node is PID 1 and gets SIGTERM directly, so the gateway's 30 s drain runs on `docker stop`
+# (give it `--stop-timeout 40` / compose `stop_grace_period: 40s`).
+CMD ["node", "dist/cli.js", "start"]
