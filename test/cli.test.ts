@@ -4,10 +4,11 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { parse } from 'yaml'
 import { parseConfig } from '../src/config.js'
 import { keyDigest } from '../src/keys.js'
+import { startUpstream } from './fixtures/upstream.js'
 
 const BIN = 'dist/cli.js'
 const env = { PATH: process.env.PATH, NO_COLOR: '1' }
@@ -89,20 +90,25 @@ t.test('an unknown command exits 1 with the usage', async t => {
   t.match(r.stderr, /unknown command "launch"/)
 })
 
-t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', async t => {
-  const { file, dir } = configFile('')
-  writeFileSync(file, good(dir))
-  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: { ...env, OHMYGPT_API_KEY: 'x' } })
+async function startBin (t: Test, file: string, extraEnv: Record<string, string>) {
+  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: { ...env, ...extraEnv } })
   t.teardown(() => { child.kill('SIGKILL') })
-  let out = ''
-  child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+  const output = { text: '' }
+  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
   const url = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no listening line in: ${out}`)), 10_000)
+    const timer = setTimeout(() => reject(new Error(`no listening line in: ${output.text}`)), 10_000)
     child.stdout.on('data', () => {
-      const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(out)
+      const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output.text)
       if (m) { clearTimeout(timer); resolve(m[1]!) }
     })
   })
+  return { child, url, output }
+}
+
+t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const { child, url, output } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
   const health = await fetch(`${url}/healthz`)
   t.same(await health.json(), { status: 'ok' })
   const denied = await fetch(`${url}/v1/conversations`, { method: 'POST', headers: { authorization: 'Bearer ogw_cli-test-key-wrong' } })
@@ -113,5 +119,33 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   t.equal(code, 0)
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
   t.match(records, [{ action: 'conversation.create', status: 401, outcome: 'denied' }], 'healthz is not audited')
-  t.notOk(out.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
+  t.notOk(output.text.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
+})
+
+t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every call', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const held: Array<() => void> = []
+  upstream.respond = (_req, res) => {
+    held.push(() => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"conv_1"}') })
+  }
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace('"http://127.0.0.1:9"', `"${upstream.url}"`))
+  const { child, url } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
+  const call = () => fetch(`${url}/v1/conversations/conv_1`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })
+  const inFlight = [call(), call(), call()]
+  while (held.length < 3) await new Promise(resolve => setTimeout(resolve, 10))
+
+  child.kill('SIGTERM')
+  const exited = once(child, 'exit')
+  await new Promise(resolve => setTimeout(resolve, 200))
+  const refused = await call().then(r => r.status, () => 'connection refused')
+  t.ok(refused === 503 || refused === 'connection refused', `a new call during the drain is refused (${refused})`)
+  for (const release of held) release()
+  const statuses = await Promise.all(inFlight.map(p => p.then(r => r.status)))
+  t.same(statuses, [200, 200, 200], 'every in-flight call completed')
+  const [code] = await exited
+  t.equal(code, 0)
+  const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
+  t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
