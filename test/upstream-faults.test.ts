@@ -1,0 +1,577 @@
+// What the client sees, what the upstream sees and what the audit log says when the upstream misbehaves:
+// error answers pass through untouched, an unreachable, slow, broken or resetting upstream becomes our own
+// 502/504, nothing is retried, streams are not buffered, and neither the upstream token nor the upstream's
+// private headers reach the client. Loopback only; every server and held response is closed by its test.
+import {
+  request as httpRequest, type ClientRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse
+} from 'node:http'
+import { createServer, type AddressInfo } from 'node:net'
+import { performance } from 'node:perf_hooks'
+import { setTimeout as sleep } from 'node:timers/promises'
+import t, { type Test } from 'tap'
+import type { AuditRecord } from '../src/plugins/audit.js'
+import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type FakeUpstreamOptions } from './fixtures/upstream.js'
+
+const GATEWAY_ID = /^gw_[0-9a-f]{32}$/
+/** Anything of a low-level failure that must never reach a client in an error message. */
+const INTERNALS = ['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'ECONNRESET', 'UND_ERR', 'FST_', '    at ', 'Error:']
+
+interface Answer {
+  status: number
+  headers: IncomingHttpHeaders
+  rawHeaders: string[]
+  body: string
+}
+
+interface SendOptions {
+  key?: string
+  body?: string
+  headers?: Record<string, string>
+}
+
+interface Setup {
+  upstream: FakeUpstream
+  gw: TestGateway
+}
+
+interface SetupOptions {
+  /** config upstream.timeoutMs (tests default: 2000) */
+  timeoutMs?: number
+  /** point the gateway somewhere else than the fake upstream */
+  baseUrl?: string
+  upstream?: FakeUpstreamOptions
+}
+
+async function setup (t: Test, opts: SetupOptions = {}): Promise<Setup> {
+  const upstream = await startUpstream(opts.upstream)
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    upstream: { baseUrls: [opts.baseUrl ?? upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: opts.timeoutMs ?? 2000 }
+  }))
+  // Teardowns run last-registered first: the upstream goes before the gateway, so nothing held there can keep
+  // the gateway's agent waiting on close.
+  t.teardown(() => upstream.close())
+  return { upstream, gw }
+}
+
+function headersFor (opts: SendOptions): Record<string, string> {
+  const headers: Record<string, string> = { authorization: `Bearer ${opts.key ?? KEYS.full}`, connection: 'close', ...opts.headers }
+  if (opts.body !== undefined) {
+    headers['content-type'] = 'application/json'
+    headers['content-length'] = String(Buffer.byteLength(opts.body))
+  }
+  return headers
+}
+
+/** One call on its own connection (Connection: close), read in full, with the raw response headers. */
+function send (gw: TestGateway, method: string, path: string, opts: SendOptions = {}): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(gw.url + path, { method, headers: headersFor(opts), agent: false }, res => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => resolve({
+        status: res.statusCode ?? 0, headers: res.headers, rawHeaders: res.rawHeaders, body: Buffer.concat(chunks).toString('utf8')
+      }))
+      res.on('error', reject)
+    })
+    req.setTimeout(5_000, () => req.destroy(new Error('no answer from the gateway within 5 s')))
+    req.on('error', reject)
+    req.end(opts.body)
+  })
+}
+
+/** Starts a call and hands back the client request, so the test can hang up whenever it likes. */
+function open (gw: TestGateway, method: string, path: string, opts: SendOptions = {}): ClientRequest {
+  const req = httpRequest(gw.url + path, { method, headers: headersFor(opts), agent: false })
+  req.setTimeout(5_000, () => req.destroy(new Error('no answer from the gateway within 5 s')))
+  req.on('error', () => { /* the test hangs up on purpose; what it checks is the gateway's side */ })
+  req.end(opts.body)
+  return req
+}
+
+/** A GET read as a web stream (fetch), for tests that read a body piece by piece or expect it to break. */
+function stream (gw: TestGateway, path: string): Promise<Response> {
+  return fetch(gw.url + path, { headers: { authorization: `Bearer ${KEYS.full}` }, signal: AbortSignal.timeout(5_000) })
+}
+
+async function until (what: string, cond: () => boolean, ms = 3000): Promise<void> {
+  const deadline = performance.now() + ms
+  while (!cond()) {
+    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(10)
+  }
+}
+
+/** The audit records once `count` are written, after a short settle so that a duplicate would show too. */
+async function auditRecords (gw: TestGateway, count: number): Promise<AuditRecord[]> {
+  await until(`${count} audit record(s)`, () => gw.audit().length >= count)
+  await sleep(100)
+  return gw.audit()
+}
+
+function openAIError (message: string, type: string, code: string | null): string {
+  // Spaced and ordered the way no serialiser of ours would write it, so a re-serialised body is caught.
+  return `{ "error": { "message": ${JSON.stringify(message)}, "type": "${type}", "param": null, "code": ${code === null ? 'null' : `"${code}"`} } }\n`
+}
+
+function answerText (a: Answer): string {
+  return `${a.status}\n${a.rawHeaders.join('\n')}\n${a.body}`
+}
+
+/** The upstream token is in no answer the client got and in no line the gateway logged, at any level. */
+function assertTokenNowhere (t: Test, gw: TestGateway, texts: string[]): void {
+  t.notOk(texts.some(s => s.includes(UPSTREAM_TOKEN)), 'the upstream token is in no response')
+  t.notOk(gw.logs.some(line => line.includes(UPSTREAM_TOKEN)), 'the upstream token is in no log line')
+}
+
+/** Our own error envelope, for an error the gateway made itself. */
+function assertGatewayError (t: Test, a: Answer, status: number, code: string, secrets: string[] = []): void {
+  t.equal(a.status, status, `status ${status}`)
+  t.match(a.headers['content-type'], /^application\/json/, 'JSON')
+  t.match(a.headers['x-gateway-request-id'], GATEWAY_ID, 'carries x-gateway-request-id')
+  const body = JSON.parse(a.body) as { error: Record<string, unknown> }
+  t.strictSame(Object.keys(body), ['error'], 'OpenAI\'s envelope')
+  t.strictSame(Object.keys(body.error).sort(), ['code', 'message', 'param', 'type'], 'with exactly its four fields')
+  t.equal(body.error.type, 'server_error', 'type server_error')
+  t.equal(body.error.param, null, 'param null')
+  t.equal(body.error.code, code, `code ${code}`)
+  t.type(body.error.message, 'string', 'message is a string')
+  t.ok((body.error.message as string).length > 0, 'has a message')
+  for (const s of [...secrets, ...INTERNALS]) {
+    t.notOk(a.body.includes(s), `the answer does not reveal ${JSON.stringify(s)}`)
+  }
+}
+
+/** The single audit record of a call the upstream never answered. */
+function assertUnansweredAudit (t: Test, records: AuditRecord[], a: Answer): void {
+  t.equal(records.length, 1, 'exactly one audit record')
+  const [record] = records
+  t.equal(record?.requestId, a.headers['x-gateway-request-id'], 'the record is this call\'s')
+  t.equal(record?.status, a.status, 'audit status')
+  t.equal(record?.outcome, 'upstream_error', 'audit outcome upstream_error')
+  t.equal(record?.upstreamRequestId, null, 'no upstream request id: the upstream did not answer')
+  t.ok(record?.upstreamMs === null || typeof record?.upstreamMs === 'number', 'upstreamMs is null or a number')
+}
+
+async function closedPort (): Promise<number> {
+  const server = createServer()
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  const { port } = server.address() as AddressInfo
+  await new Promise(resolve => server.close(resolve))
+  return port
+}
+
+t.test('upstream answers pass through with status, body and x-request-id unchanged, and are audited by status', async t => {
+  const cases = [
+    { status: 200, body: '{ "id" : "conv_raw",\n  "object":"conversation", "created_at": 1 }', outcome: 'ok' },
+    { status: 404, body: openAIError("Conversation with id 'conv_missing' not found.", 'invalid_request_error', null), outcome: 'ok' },
+    { status: 500, body: openAIError('The server had an error while processing your request.', 'server_error', null), outcome: 'upstream_error' },
+    { status: 502, body: openAIError('Bad gateway.', 'server_error', 'bad_gateway'), outcome: 'upstream_error' }
+  ]
+  for (const c of cases) {
+    await t.test(`an upstream ${c.status} reaches the client as ${c.status} with the same body (audit outcome ${c.outcome})`, async t => {
+      const { upstream, gw } = await setup(t)
+      upstream.respond = (_req, res) => {
+        res.writeHead(c.status, {
+          'content-type': 'application/json', 'x-request-id': `req_upstream_${c.status}`,
+          'set-cookie': 'upstream_session=abc', 'openai-organization': 'org-upstream'
+        })
+        res.end(c.body)
+      }
+      const a = await send(gw, 'GET', '/v1/conversations/conv_missing')
+      t.equal(a.status, c.status, 'the upstream\'s status')
+      t.equal(a.body, c.body, 'the body is byte for byte the upstream\'s')
+      t.equal(a.headers['x-request-id'], `req_upstream_${c.status}`, 'the upstream x-request-id is kept')
+      t.match(a.headers['content-type'], /^application\/json/)
+      t.notOk('set-cookie' in a.headers, 'upstream set-cookie is dropped')
+      t.notOk('openai-organization' in a.headers, 'upstream openai-organization is dropped')
+      t.match(a.headers['x-gateway-request-id'], GATEWAY_ID, 'carries x-gateway-request-id')
+      t.equal(upstream.requests.length, 1, 'one upstream call')
+      t.equal(upstream.requests[0]?.headers['x-client-request-id'], a.headers['x-gateway-request-id'],
+        'the upstream got our request id as x-client-request-id')
+
+      const records = await auditRecords(gw, 1)
+      t.equal(records.length, 1, 'exactly one audit record')
+      t.equal(records[0]?.requestId, a.headers['x-gateway-request-id'], 'the record is this call\'s')
+      t.equal(records[0]?.status, c.status, 'audit status')
+      t.equal(records[0]?.outcome, c.outcome, `audit outcome ${c.outcome}`)
+      t.type(records[0]?.upstreamMs, 'number', 'audit upstreamMs is a number')
+      t.equal(records[0]?.upstreamRequestId, `req_upstream_${c.status}`, 'audit upstreamRequestId is the upstream\'s x-request-id')
+      assertTokenNowhere(t, gw, [answerText(a)])
+    })
+  }
+})
+
+t.test('an upstream 429 reaches the client with its body and retry-after, our rate-limit headers, and takes one local token', async t => {
+  const { upstream, gw } = await setup(t)
+  const body = openAIError('Rate limit reached for requests', 'requests', 'rate_limit_exceeded')
+  upstream.respond = (_req, res) => {
+    res.writeHead(429, {
+      'content-type': 'application/json', 'retry-after': '20', 'x-request-id': 'req_upstream_429',
+      'x-ratelimit-limit-requests': '5000', 'x-ratelimit-remaining-requests': '0'
+    })
+    res.end(body)
+  }
+  const limited = await send(gw, 'GET', '/v1/conversations/conv_abc', { key: KEYS.limited })
+  t.equal(limited.status, 429, 'the upstream\'s 429')
+  t.equal(limited.body, body, 'the upstream\'s 429 body, not ours')
+  t.equal(limited.headers['retry-after'], '20', 'the upstream\'s retry-after')
+  t.equal(limited.headers['x-request-id'], 'req_upstream_429', 'the upstream\'s x-request-id')
+  t.equal(limited.headers['x-ratelimit-limit-requests'], '60', 'our limit for this client, not the upstream\'s')
+  t.equal(limited.headers['x-ratelimit-remaining-requests'], '2', 'one token of a burst of 3 taken')
+  t.equal(upstream.requests.length, 1, 'not retried')
+
+  upstream.respond = null
+  const next = await send(gw, 'POST', '/v1/conversations', { key: KEYS.limited, body: '{}' })
+  t.equal(next.status, 200, 'the client is not locally limited by the upstream\'s 429')
+  t.equal(next.headers['x-ratelimit-remaining-requests'], '1', 'the upstream 429 cost exactly one local token')
+
+  const records = await auditRecords(gw, 2)
+  t.equal(records.length, 2, 'one audit record per call')
+  t.equal(records[0]?.status, 429, 'audit status 429')
+  t.equal(records[0]?.outcome, 'ok', 'an upstream 4xx is an ok outcome for the gateway')
+  t.equal(records[0]?.upstreamRequestId, 'req_upstream_429', 'audit upstreamRequestId')
+  t.type(records[0]?.upstreamMs, 'number', 'audit upstreamMs is a number')
+  assertTokenNowhere(t, gw, [answerText(limited), answerText(next)])
+})
+
+t.test('a GET that gets an upstream 503 with Retry-After: 30 is not retried and the client gets the 503', async t => {
+  const { upstream, gw } = await setup(t)
+  const body = openAIError('The engine is currently overloaded, please try again later.', 'server_error', null)
+  upstream.respond = (_req, res) => {
+    res.writeHead(503, { 'content-type': 'application/json', 'retry-after': '30', 'x-request-id': 'req_upstream_503' })
+    res.end(body)
+  }
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc')
+  t.equal(a.status, 503, 'the upstream\'s 503')
+  t.equal(a.body, body, 'the upstream\'s body')
+  t.equal(a.headers['retry-after'], '30', 'the upstream\'s retry-after')
+  t.equal(a.headers['x-request-id'], 'req_upstream_503', 'the upstream\'s x-request-id')
+  await sleep(200) // a retry read "30" as 30 ms; give a late one time to show
+  t.equal(upstream.requests.length, 1, 'exactly one upstream call')
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'exactly one audit record')
+  t.equal(records[0]?.outcome, 'upstream_error', 'audit outcome upstream_error')
+  t.equal(records[0]?.upstreamRequestId, 'req_upstream_503', 'audit upstreamRequestId')
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('an upstream that refuses connections gives 502 upstream_unavailable without host, port or error code', async t => {
+  const port = await closedPort()
+  const { gw } = await setup(t, { baseUrl: `http://127.0.0.1:${port}` })
+  const a = await send(gw, 'POST', '/v1/conversations', { body: '{"metadata":{"topic":"x"}}' })
+  assertGatewayError(t, a, 502, 'upstream_unavailable', ['127.0.0.1', String(port)])
+  assertUnansweredAudit(t, await auditRecords(gw, 1), a)
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('an upstream host that does not resolve gives 502 upstream_unavailable without the host name', async t => {
+  const { upstream, gw } = await setup(t, { baseUrl: 'http://nonexistent.invalid' })
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc')
+  assertGatewayError(t, a, 502, 'upstream_unavailable', ['nonexistent', '.invalid'])
+  t.equal(upstream.requests.length, 0, 'nothing reached the fake upstream')
+  assertUnansweredAudit(t, await auditRecords(gw, 1), a)
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('an upstream that resets the connection before answering gives 502 and a POST is sent once', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (req) => { req.socket.destroy() }
+  const a = await send(gw, 'POST', '/v1/conversations', { body: '{"items":[]}' })
+  const upstreamPort = new URL(upstream.url).port
+  assertGatewayError(t, a, 502, 'upstream_unavailable', ['127.0.0.1', upstreamPort])
+  await sleep(200)
+  t.equal(upstream.requests.length, 1, 'the POST reached the upstream once and was not retried')
+  t.equal(upstream.requests[0]?.headers['x-client-request-id'], a.headers['x-gateway-request-id'],
+    'the upstream got the id the client sees on our error')
+  assertUnansweredAudit(t, await auditRecords(gw, 1), a)
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('a GET whose connection is reset before the answer gives 502 and is sent once', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (req) => { req.socket.destroy() }
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc/items')
+  assertGatewayError(t, a, 502, 'upstream_unavailable', ['127.0.0.1', new URL(upstream.url).port])
+  await sleep(200)
+  t.equal(upstream.requests.length, 1, 'not retried')
+  assertUnansweredAudit(t, await auditRecords(gw, 1), a)
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('an upstream that sends no headers within upstream.timeoutMs gives 504 upstream_timeout', async t => {
+  const { upstream, gw } = await setup(t, { timeoutMs: 300 })
+  upstream.respond = () => { /* accept the request, never answer */ }
+  const started = performance.now()
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc')
+  const elapsed = performance.now() - started
+  assertGatewayError(t, a, 504, 'upstream_timeout')
+  t.ok(elapsed >= 150 && elapsed < 5000, `answered after about the configured 300 ms (took ${Math.round(elapsed)} ms)`)
+  t.equal(upstream.requests.length, 1, 'not retried')
+  assertUnansweredAudit(t, await auditRecords(gw, 1), a)
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('an upstream answer with an invalid status (999) gives 502 upstream_unavailable', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.socket?.end('HTTP/1.1 999 Weird\r\ncontent-type: application/json\r\nx-request-id: req_weird\r\ncontent-length: 2\r\n\r\n{}')
+  }
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc')
+  assertGatewayError(t, a, 502, 'upstream_unavailable', ['999', 'Weird'])
+  t.equal(upstream.requests.length, 1, 'not retried')
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'exactly one audit record')
+  t.equal(records[0]?.requestId, a.headers['x-gateway-request-id'], 'the record is this call\'s')
+  t.equal(records[0]?.status, 502, 'audit status 502')
+  t.equal(records[0]?.outcome, 'upstream_error', 'audit outcome upstream_error')
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('an upstream reset in the middle of the body aborts the client, is audited as upstream_error, and the gateway stays healthy', async t => {
+  const { upstream, gw } = await setup(t)
+  const declared = 1000
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(declared), 'x-request-id': 'req_midbody' })
+    res.write('{"id":"conv_partial","object":"conversation","padding":"' + 'x'.repeat(100))
+    setTimeout(() => res.socket?.destroy(), 50)
+  }
+  const res = await stream(gw, '/v1/conversations/conv_partial')
+  t.equal(res.status, 200, 'the upstream\'s status had already gone out')
+  t.equal(res.headers.get('x-request-id'), 'req_midbody', 'the upstream\'s x-request-id')
+  await t.rejects(res.text(), 'reading the truncated body fails: the client can tell it is incomplete')
+
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'exactly one audit record for the broken call')
+  t.equal(records[0]?.requestId, res.headers.get('x-gateway-request-id'), 'the record is this call\'s')
+  t.equal(records[0]?.outcome, 'upstream_error', 'the upstream broke the stream: not a client abort')
+  t.equal(records[0]?.upstreamRequestId, 'req_midbody', 'audit upstreamRequestId')
+  t.type(records[0]?.upstreamMs, 'number', 'audit upstreamMs is a number')
+
+  upstream.respond = null
+  const next = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(next.status, 200, 'the next call is served')
+  t.match(JSON.parse(next.body), { object: 'conversation' }, 'with a conversation')
+  t.equal((await send(gw, 'GET', '/healthz')).status, 200, '/healthz answers 200')
+  assertTokenNowhere(t, gw, [answerText(next)])
+})
+
+t.test('an upstream reset in the middle of a chunked stream aborts the client instead of ending the stream cleanly', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'x-request-id': 'req_midstream' })
+    res.write('data: {"n":1}\n\n')
+    setTimeout(() => res.socket?.destroy(), 50)
+  }
+  const res = await stream(gw, '/v1/conversations/conv_stream/items')
+  t.equal(res.status, 200, 'the upstream\'s status had already gone out')
+  await t.rejects(res.text(), 'the client sees the stream aborted, not a clean end')
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'exactly one audit record')
+  t.equal(records[0]?.outcome, 'upstream_error', 'audit outcome upstream_error')
+  t.equal(records[0]?.upstreamRequestId, 'req_midstream', 'audit upstreamRequestId')
+  upstream.respond = null
+  const next = await send(gw, 'GET', '/v1/conversations/conv_unknown')
+  t.equal(next.status, 404, 'the next call reaches the upstream (which does not know that conversation)')
+  t.match(JSON.parse(next.body), { error: { type: 'invalid_request_error' } }, 'with the upstream\'s error')
+})
+
+t.test('a streamed event reaches the client while the upstream is still holding the rest of the stream', async t => {
+  const { upstream, gw } = await setup(t)
+  let upstreamFinished = false
+  const timers: NodeJS.Timeout[] = []
+  t.teardown(() => { for (const timer of timers) clearTimeout(timer) })
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', 'x-request-id': 'req_sse' })
+    res.write('data: {"event":"first"}\n\n')
+    timers.push(setTimeout(() => {
+      res.end('data: {"event":"second"}\n\ndata: [DONE]\n\n')
+      upstreamFinished = true
+    }, 500))
+  }
+  const res = await stream(gw, '/v1/conversations/conv_stream/items')
+  t.equal(res.status, 200, 'the upstream\'s status')
+  t.match(res.headers.get('content-type'), /^text\/event-stream/, 'an event stream')
+  const reader = res.body!.getReader()
+  const decoder = new TextDecoder()
+  const first = await reader.read()
+  t.equal(upstreamFinished, false, 'the first chunk arrived before the upstream finished')
+  t.match(decoder.decode(first.value), /data: \{"event":"first"\}/, 'the first chunk is the first event')
+  let rest = ''
+  for (;;) {
+    const { done, value } = await reader.read()
+    if (done) break
+    rest += decoder.decode(value, { stream: true })
+  }
+  t.equal(upstreamFinished, true, 'the stream ended when the upstream finished')
+  t.match(rest, /data: \{"event":"second"\}\n\ndata: \[DONE\]\n\n$/, 'the rest of the stream follows, whole')
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'exactly one audit record')
+  t.equal(records[0]?.outcome, 'ok', 'audit outcome ok')
+  t.equal(records[0]?.upstreamRequestId, 'req_sse', 'audit upstreamRequestId')
+})
+
+t.test('a client that hangs up while the upstream holds the headers is audited once as aborted and the gateway stays healthy', async t => {
+  const { upstream, gw } = await setup(t)
+  const held: ServerResponse[] = []
+  upstream.respond = (_req, res) => { held.push(res) }
+  const call = open(gw, 'GET', '/v1/conversations/conv_slow')
+  await until('the upstream to hold the call', () => held.length === 1)
+  call.destroy()
+
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'one audit record')
+  t.equal(records[0]?.outcome, 'aborted', 'audit outcome aborted')
+  t.equal(records[0]?.upstreamRequestId, null, 'no upstream answer yet')
+
+  // The upstream answers after all: nothing more is written, nothing breaks.
+  held[0]!.writeHead(200, { 'content-type': 'application/json', 'x-request-id': 'req_late' })
+  held[0]!.end('{"id":"conv_slow","object":"conversation"}')
+  await sleep(200)
+  t.equal(gw.audit().length, 1, 'still exactly one audit record after the late answer')
+
+  upstream.respond = null
+  const next = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(next.status, 200, 'the next call is served')
+  t.equal((await send(gw, 'GET', '/healthz')).status, 200, '/healthz answers 200')
+  t.equal(upstream.requests.length, 2, 'the aborted call was not retried')
+  assertTokenNowhere(t, gw, [answerText(next)])
+})
+
+t.test('a client that hangs up mid-body is audited once as aborted, the upstream response is released, and the gateway stays healthy', async t => {
+  const { upstream, gw } = await setup(t)
+  let upstreamClosed = false
+  upstream.respond = (_req, res) => {
+    res.on('close', () => { upstreamClosed = true })
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'x-request-id': 'req_abandoned' })
+    res.write('data: {"event":"first"}\n\n') // and never more
+  }
+  const call = open(gw, 'GET', '/v1/conversations/conv_stream/items')
+  const firstChunk = await new Promise<string>((resolve, reject) => {
+    call.on('response', res => res.once('data', (c: Buffer) => resolve(c.toString('utf8'))))
+    call.on('error', reject)
+  })
+  t.match(firstChunk, /first/, 'the first event arrived')
+  call.destroy()
+
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'one audit record')
+  t.equal(records[0]?.outcome, 'aborted', 'a client hang-up, not an upstream error')
+  t.equal(records[0]?.upstreamRequestId, 'req_abandoned', 'audit upstreamRequestId')
+  await until('the upstream response to be closed', () => upstreamClosed)
+  t.ok(upstreamClosed, 'the gateway let go of the upstream stream')
+
+  upstream.respond = null
+  const next = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(next.status, 200, 'the next call is served')
+  t.equal((await send(gw, 'GET', '/healthz')).status, 200, '/healthz answers 200')
+  await sleep(100)
+  t.equal(gw.audit().length, 2, 'one more record for the next call, none more for the aborted one')
+})
+
+t.test('upstream-private and hop-by-hop headers never reach the client; the request id, OpenAI and retry headers do', async t => {
+  const { upstream, gw } = await setup(t, {
+    upstream: {
+      extraHeaders: {
+        'x-request-id': 'req_headers',
+        'set-cookie': ['upstream_session=secret-cookie; Path=/; HttpOnly', 'other=1'],
+        server: 'upstream-server/9.9',
+        'x-powered-by': 'UpstreamFramework',
+        via: '1.1 upstream-edge',
+        'cf-ray': '8abcdef0123-FRA',
+        'openai-organization': 'org-upstream-private',
+        'keep-alive': 'timeout=999, max=77',
+        'x-ratelimit-limit-requests': '999999',
+        'x-ratelimit-remaining-tokens': '123456',
+        'openai-version': '2020-10-01',
+        'retry-after': '3'
+      }
+    }
+  })
+  const a = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(a.status, 200, 'created')
+  for (const name of ['set-cookie', 'server', 'x-powered-by', 'via', 'cf-ray', 'openai-organization', 'keep-alive',
+    'x-ratelimit-remaining-tokens']) {
+    t.notOk(name in a.headers, `no ${name}`)
+  }
+  const raw = a.rawHeaders.join('\n')
+  for (const value of ['secret-cookie', 'upstream-server', 'UpstreamFramework', 'upstream-edge', '8abcdef0123', 'org-upstream-private',
+    'timeout=999', '999999', '123456']) {
+    t.notOk(raw.includes(value), `no header carries the upstream's ${value}`)
+  }
+  t.equal(a.headers['x-request-id'], 'req_headers', 'x-request-id passes')
+  t.equal(a.headers['openai-processing-ms'], '3', 'openai-processing-ms passes')
+  t.equal(a.headers['openai-version'], '2020-10-01', 'openai-version passes')
+  t.equal(a.headers['retry-after'], '3', 'retry-after passes')
+  t.match(a.headers['content-type'], /^application\/json/, 'content-type passes')
+  t.equal(gw.config.clients[0]?.rateLimit.requestsPerMinute, 600, '(team-full has the default 600 requests per minute)')
+  t.equal(a.headers['x-ratelimit-limit-requests'], '600', 'x-ratelimit-limit-requests is our limit for the client')
+  t.equal(a.rawHeaders.filter((_v, i) => i % 2 === 0 && a.rawHeaders[i]!.toLowerCase() === 'x-ratelimit-limit-requests').length, 1,
+    'one x-ratelimit-limit-requests header')
+  t.match(a.headers['x-gateway-request-id'], GATEWAY_ID, 'carries x-gateway-request-id')
+  t.equal(upstream.requests[0]?.headers['x-client-request-id'], a.headers['x-gateway-request-id'],
+    'the upstream got our request id as x-client-request-id')
+  t.match(JSON.parse(a.body), { object: 'conversation' }, 'the upstream\'s body')
+  const records = await auditRecords(gw, 1)
+  t.equal(records.length, 1, 'exactly one audit record')
+  t.equal(records[0]?.upstreamRequestId, 'req_headers', 'audit upstreamRequestId')
+  assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('the upstream token is in no answer and no log line across every kind of upstream failure', async t => {
+  const texts: string[] = []
+  const logs: string[] = []
+  const failures: Array<{ upstream: string, client: number | 'aborted', respond: (req: IncomingMessage, res: ServerResponse) => void }> = [
+    {
+      upstream: 'answers 401 about the token',
+      client: 401,
+      respond: (_req, res) => {
+        res.writeHead(401, { 'content-type': 'application/json' })
+        res.end(openAIError('Incorrect API key provided.', 'invalid_request_error', 'invalid_api_key'))
+      }
+    },
+    {
+      upstream: 'answers 500',
+      client: 500,
+      respond: (_req, res) => { res.writeHead(500, { 'content-type': 'application/json' }); res.end('{"error":{}}') }
+    },
+    { upstream: 'resets', client: 502, respond: (req) => { req.socket.destroy() } },
+    {
+      upstream: 'sends an invalid status',
+      client: 502,
+      respond: (_req, res) => { res.socket?.end('HTTP/1.1 999 Weird\r\ncontent-length: 0\r\n\r\n') }
+    },
+    {
+      upstream: 'breaks mid-body',
+      client: 'aborted',
+      respond: (_req, res) => {
+        res.writeHead(200, { 'content-length': '100' })
+        res.write('{"partial":')
+        setTimeout(() => res.socket?.destroy(), 20)
+      }
+    },
+    { upstream: 'never answers', client: 504, respond: () => {} }
+  ]
+  const { upstream, gw } = await setup(t, { timeoutMs: 300 })
+  for (const failure of failures) {
+    upstream.respond = failure.respond
+    const a = await send(gw, 'POST', '/v1/conversations/conv_abc', { body: '{"metadata":{"k":"v"}}' }).catch((err: Error) => {
+      texts.push(String(err))
+      return null
+    })
+    if (a !== null) texts.push(answerText(a))
+    t.equal(a === null ? 'aborted' : a.status, failure.client, `the upstream ${failure.upstream}: the client gets ${failure.client}`)
+  }
+  const port = await closedPort()
+  const refused = await setup(t, { baseUrl: `http://127.0.0.1:${port}` })
+  texts.push(answerText(await send(refused.gw, 'GET', '/v1/conversations/conv_abc')))
+  await auditRecords(gw, failures.length)
+  logs.push(...gw.logs, ...refused.gw.logs)
+
+  t.equal(upstream.requests.length, failures.length, 'every call reached the upstream once')
+  t.ok(upstream.requests.every(r => r.headers.authorization === `Bearer ${UPSTREAM_TOKEN}`), 'with the token')
+  t.ok(logs.length > 0, 'the failures were logged')
+  t.notOk(texts.some(s => s.includes(UPSTREAM_TOKEN)), 'no answer holds the token')
+  t.notOk(logs.some(line => line.includes(UPSTREAM_TOKEN)), 'no log line holds the token')
+  t.notOk(logs.some(line => line.includes(UPSTREAM_TOKEN.slice(-16))), 'no log line holds part of the token')
+})
