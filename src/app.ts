@@ -3,20 +3,23 @@
 // request id → route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400)
 // → proxy → one audit record when the response closes.
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
 import type { GatewayConfig } from './config.js'
 import {
-  envelope, InternalError, InvalidRequestError, isGatewayError, RequestTooLargeError, UnsupportedMediaTypeError,
-  type GatewayError
+  envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
+  RequestTooLargeError, UnsupportedMediaTypeError, type GatewayError
 } from './errors.js'
 import { appLoggerOptions, createAuditWriter, type AuditWriter } from './logging.js'
-import audit from './plugins/audit.js'
+import audit, { markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body from './plugins/body.js'
 import health from './plugins/health.js'
 import proxy from './plugins/proxy.js'
 import rateLimit from './plugins/rate-limit.js'
-import requestId, { newRequestId } from './plugins/request-id.js'
+import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
 import router from './plugins/router.js'
+import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
 import './types.js'
@@ -29,6 +32,44 @@ export interface AppDependencies {
   rateLimitStore?: RateLimitStore
 }
 
+/** Stands in for a target the router cannot percent-decode; the original stays in request.originalUrl. */
+const UNDECODABLE_TARGET = '/.undecodable'
+
+/**
+ * find-my-way decodes the whole path before routing and Fastify answers a malformed escape (`%zz`) itself,
+ * before any hook: no request id, no audit record, and no key check first. Route such a target to nowhere
+ * instead; the gateway's hooks then judge the original, where a `%` can never pass the id rule.
+ */
+function routableUrl (req: IncomingMessage): string {
+  const url = req.url ?? '/'
+  try {
+    decodeURIComponent(rawPath(url))
+    return url
+  } catch {
+    return UNDECODABLE_TARGET
+  }
+}
+
+/**
+ * Malformed HTTP that Node's parser refuses: answered in OpenAI's envelope like every other gateway error.
+ * When the request had already been handed over (a bad chunk in its body), its audit record says so.
+ */
+function clientErrorHandler (this: FastifyInstance, err: NodeJS.ErrnoException, socket: Socket) {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return
+  const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+  if (inFlight && !inFlight.headersSent) markMalformed(inFlight)
+  if (socket.writable && !inFlight?.headersSent) {
+    const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+      ? new RequestTimeoutError()
+      : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')
+    const body = JSON.stringify(envelope(error))
+    socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
+      `${REQUEST_ID_HEADER}: ${newRequestId()}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+  }
+  socket.destroy(err)
+}
+
 /** How long a client that is still sending an over-limit body may keep the connection after its 413. */
 const DISCARD_BODY_MS = 5_000
 
@@ -39,7 +80,12 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     requestIdHeader: false,
     bodyLimit: config.limits.bodyBytes,
     exposeHeadRoutes: false,
-    trustProxy: false
+    trustProxy: false,
+    // Ids are checked by our own rule (operations.ts), which must decide before the router could answer
+    // 414 for a param over find-my-way's default 100 characters. 16 KiB is Node's whole header limit.
+    routerOptions: { maxParamLength: 16_384 },
+    rewriteUrl: routableUrl,
+    clientErrorHandler
   })
 
   app.setErrorHandler(errorHandler(config))

@@ -48,6 +48,10 @@ export const RequestTooLargeError = define('request_too_large', 413, 'invalid_re
   'The request body is larger than the %s bytes this gateway accepts.')
 export const UnsupportedMediaTypeError = define('unsupported_media_type', 415, 'invalid_request_error',
   'Unsupported Content-Type %s: send application/json.')
+export const RequestTimeoutError = define('request_timeout', 408, 'invalid_request_error',
+  'The request was not received in time.')
+export const HeadersTooLargeError = define('request_header_too_large', 431, 'invalid_request_error',
+  'The request headers are too large.')
 export const RateLimitExceededError = define('rate_limit_exceeded', 429, 'requests',
   'Rate limit reached for client %s. Please try again in %s.')
 export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error',

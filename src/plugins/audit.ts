@@ -2,6 +2,7 @@
 // response, finished or not, so denied, failed and aborted calls are recorded as surely as served ones
 // (Fastify's onResponse is skipped for a client that hangs up mid-stream; onRequestAbort only fires before the
 // response). The record holds the fields listed in the README and nothing else: no keys, tokens or bodies.
+import type { ServerResponse } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import { Transform, pipeline, type Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
@@ -47,8 +48,21 @@ interface ResponseWatch {
 
 const watches = new WeakMap<FastifyRequest, ResponseWatch>()
 
-function outcomeOf (request: FastifyRequest, status: number, finished: boolean, watch: ResponseWatch): Outcome {
-  if (!finished) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
+const malformed = new WeakSet<ServerResponse>()
+
+/**
+ * Node found the request malformed after it was handed over (a bad chunk in the body): the gateway answered
+ * 400 on the socket itself, so the response never finishes through Fastify.
+ */
+export function markMalformed (res: ServerResponse): void {
+  res.statusCode = 400
+  malformed.add(res)
+}
+
+function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): Outcome {
+  const status = reply.statusCode
+  if (malformed.has(reply.raw)) return 'invalid'
+  if (!reply.raw.writableFinished) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
   if (request.upstream !== null) return request.upstream.status >= 500 ? 'upstream_error' : 'ok'
   if (status === 401 || status === 403) return 'denied'
   if (status === 429) return 'rate_limited'
@@ -96,7 +110,7 @@ function countingStream (request: FastifyRequest, reply: FastifyReply, payload: 
 export function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
   const op = request.operation
   const status = reply.statusCode
-  const path = request.raw.url ?? ''
+  const path = request.originalUrl
   const q = path.indexOf('?')
   const userAgent = request.headers['user-agent']
   return {
@@ -109,7 +123,7 @@ export function buildRecord (request: FastifyRequest, reply: FastifyReply, watch
     conversationId: op?.action === 'conversation.create' ? watch.createdId : op?.conversationId ?? null,
     itemId: op?.itemId ?? null,
     status,
-    outcome: outcomeOf(request, status, reply.raw.writableFinished, watch),
+    outcome: outcomeOf(request, reply, watch),
     durationMs: Math.round(performance.now() - watch.start),
     upstreamMs: request.upstream?.ms ?? null,
     upstreamRequestId: request.upstream?.requestId ?? null,

@@ -23,6 +23,8 @@ function hasBody (headers: IncomingHttpHeaders): boolean {
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
 }
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
 export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.decorateRequest('bodyBytes', 0)
 
@@ -37,7 +39,9 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.addContentTypeParser('*', { parseAs: 'buffer', bodyLimit: bodyBytes }, (request, raw, done) => {
     const buf = raw as Buffer
     try {
-      JSON.parse(buf.toString('utf8'))
+      // fatal: bytes that are not UTF-8 are refused, not silently replaced and then forwarded as they were;
+      // ignoreBOM: a BOM stays in the text, where JSON.parse refuses it, as the upstream would.
+      JSON.parse(UTF8.decode(buf))
     } catch {
       done(new InvalidJsonError(), undefined)
       return

@@ -18,7 +18,7 @@ export default fp(async function router (app) {
 
   app.addHook('onRequest', async (request, reply) => {
     if (request.routeOptions.config.internal === true) return
-    const match = matchOperation(request.method, request.raw.url ?? '')
+    const match = matchOperation(request.method, request.originalUrl)
     if (match.kind === 'operation') {
       // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'; the proxy
       // speaks plain HTTP only, so it never goes further.
@@ -28,9 +28,9 @@ export default fp(async function router (app) {
     }
     if (match.kind === 'method_not_allowed') {
       reply.header('allow', match.allow)
-      throw new MethodNotAllowedError(request.method, shown(request.raw.url))
+      throw new MethodNotAllowedError(request.method, shown(request.originalUrl))
     }
-    throw new UnknownRouteError(request.method, shown(request.raw.url))
+    throw new UnknownRouteError(request.method, shown(request.originalUrl))
   })
 
   // Node gives CONNECT to a 'connect' listener or silently drops the connection. Hand it to the ordinary
@@ -49,6 +49,6 @@ export default fp(async function router (app) {
 
   // Reached only by a target the matcher accepted but Fastify's router did not (none is known); stay closed.
   app.setNotFoundHandler(async (request) => {
-    throw new UnknownRouteError(request.method, shown(request.raw.url))
+    throw new UnknownRouteError(request.method, shown(request.originalUrl))
   })
 }, { name: 'router' })
