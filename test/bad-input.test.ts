@@ -1,0 +1,591 @@
+// Bad input (T01–T12), every case over a real socket: the raw bytes go through Node's HTTP parser and the
+// gateway's own checks exactly as an attacker would send them. What each case must show: the right status and
+// OpenAI envelope from the gateway, one audit record, and nothing at the upstream. The order of checks is
+// route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400) → upstream.
+import t, { type Test } from 'tap'
+import type { AuditRecord, Outcome } from '../src/plugins/audit.js'
+import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { buildRequest, chunk, sendRaw, type RawExchange, type RawResponse, type SendOptions } from './fixtures/raw-http.js'
+import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
+
+type Header = [string, string]
+
+const BODY_LIMIT = 1024
+const bearer = (key: string): Header => ['Authorization', `Bearer ${key}`]
+const FULL = bearer(KEYS.full)
+const JSON_TYPE: Header = ['Content-Type', 'application/json']
+const REQUEST_ID = /^gw_[0-9a-f]{32}$/
+/** Anything that would betray the gateway's insides in an error body. */
+const LEAK = /\n\s+at |node:internal|node_modules|\/src\/|\.[jt]s:\d+|"stack"/
+
+interface Harness {
+  upstream: FakeUpstream
+  gw: TestGateway
+  /** requests the gateway itself handled (and so must have audited), counted as they are sent */
+  handled: number
+}
+
+async function setup (t: Test): Promise<Harness> {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { limits: { bodyBytes: BODY_LIMIT } }))
+  return { upstream, gw, handled: 0 }
+}
+
+/** The last step of each group: every request the gateway handled left exactly one audit line. */
+async function oneAuditLineEach (t: Test, h: Harness) {
+  await t.test('every request handled left exactly one audit line', async t => {
+    const records = await auditSettled(h.gw, h.handled)
+    t.equal(records.length, h.handled, `${h.handled} requests, ${records.length} audit lines`)
+    t.equal(new Set(records.map(r => r.requestId)).size, records.length, 'no request audited twice')
+  })
+}
+
+const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
+
+/** The audit record is written when the response closes, which can be a moment after the client has it. */
+async function auditOf (gw: TestGateway, requestId: string): Promise<AuditRecord[]> {
+  for (let i = 0; i < 50; i++) {
+    const found = gw.audit().filter(r => r.requestId === requestId)
+    if (found.length > 0) return found
+    await sleep(10)
+  }
+  return []
+}
+
+async function auditSettled (gw: TestGateway, atLeast: number): Promise<AuditRecord[]> {
+  for (let i = 0; i < 50 && gw.audit().length < atLeast; i++) await sleep(10)
+  await sleep(20) // a duplicate line would show up now
+  return gw.audit()
+}
+
+function methodOf (request: Buffer): string {
+  return request.subarray(0, request.indexOf(' ')).toString('latin1')
+}
+
+function headerOf (res: RawResponse, name: string): string | undefined {
+  const v = res.headers[name]
+  return Array.isArray(v) ? v.join(', ') : v
+}
+
+/** The envelope's code, for refusals whose exact code the contract leaves open (only a 4xx is required). */
+function codeOf (res: RawResponse): string {
+  try {
+    return String((JSON.parse(res.body) as { error?: { code?: unknown } }).error?.code)
+  } catch {
+    return 'not an envelope'
+  }
+}
+
+interface Rejection {
+  status: number
+  code: string
+  type?: string
+  param?: string | null
+  outcome: Outcome
+  /** the exact Allow header of a 405 */
+  allow?: string
+}
+
+/** The gateway's own error: OpenAI's envelope and nothing else, our request id, no internals. */
+function assertGatewayError (t: Test, res: RawResponse, want: Rejection, method: string) {
+  t.equal(res.status, want.status, `status ${want.status}`)
+  t.match(headerOf(res, 'x-gateway-request-id'), REQUEST_ID, 'carries x-gateway-request-id')
+  if (want.allow !== undefined) t.equal(headerOf(res, 'allow'), want.allow, `Allow: ${want.allow}`)
+  if (method === 'HEAD') return // no body to a HEAD, by HTTP
+  t.match(headerOf(res, 'content-type'), /^application\/json/, 'a JSON body')
+  t.notMatch(res.body, LEAK, 'no stack trace or source path in the body')
+  let parsed: { error?: Record<string, unknown> } = {}
+  try {
+    parsed = JSON.parse(res.body) as typeof parsed
+  } catch {
+    t.fail(`the body is not JSON: ${res.body.slice(0, 200)}`)
+    return
+  }
+  if (!t.same(Object.keys(parsed), ['error'], 'the body is {"error": ...}')) return
+  t.same(Object.keys(parsed.error ?? {}).sort(), ['code', 'message', 'param', 'type'], 'exactly message, type, param, code')
+  t.same({ ...parsed.error, message: undefined }, {
+    message: undefined, type: want.type ?? 'invalid_request_error', param: want.param ?? null, code: want.code
+  }, `type ${want.type ?? 'invalid_request_error'}, code ${want.code}, param ${want.param ?? null}`)
+  t.ok(typeof parsed.error?.message === 'string' && parsed.error.message.length > 0, 'a message')
+}
+
+async function assertAuditedOnce (t: Test, h: Harness, res: RawResponse, status: number, outcome: Outcome) {
+  const id = headerOf(res, 'x-gateway-request-id')
+  if (id === undefined) return // already failed above
+  const records = await auditOf(h.gw, id)
+  t.equal(records.length, 1, 'one audit line for the request')
+  t.match(records[0], { status, outcome }, `audited as ${status} ${outcome}`)
+}
+
+/** Sends a request the gateway must refuse itself, and checks the refusal from every side. */
+async function expectRejected (
+  t: Test, h: Harness, request: Buffer, want: Rejection, opts: SendOptions = {}
+): Promise<RawExchange> {
+  const before = h.upstream.requests.length
+  h.handled++
+  const ex = await sendRaw(h.gw.url, request, opts)
+  t.equal(h.upstream.requests.length, before, 'the upstream received nothing')
+  t.notOk(ex.reset, 'answered, not reset')
+  if (ex.response === null) {
+    t.fail(`no response; the connection closed after ${JSON.stringify(ex.received.toString('latin1'))}`)
+    return ex
+  }
+  assertGatewayError(t, ex.response, want, methodOf(request))
+  await assertAuditedOnce(t, h, ex.response, want.status, want.outcome)
+  return ex
+}
+
+/** Sends a request that must reach the upstream exactly once; returns what the upstream received. */
+async function expectForwarded (t: Test, h: Harness, request: Buffer): Promise<{ res: RawResponse | null, seen: RecordedRequest | undefined }> {
+  const before = h.upstream.requests.length
+  h.handled++
+  const ex = await sendRaw(h.gw.url, request)
+  t.equal(h.upstream.requests.length, before + 1, 'the upstream received the request once')
+  t.ok(ex.response !== null && ex.response.status < 500, `answered (status ${ex.response?.status})`)
+  return { res: ex.response, seen: h.upstream.requests[before] }
+}
+
+const get = (target: string, headers: Header[] = [FULL]) => buildRequest('GET', target, headers)
+const post = (target: string, body: string | Buffer = '{}', headers: Header[] = [FULL, JSON_TYPE]) =>
+  buildRequest('POST', target, headers, body)
+const del = (target: string, headers: Header[] = [FULL]) => buildRequest('DELETE', target, headers)
+
+// Raw path segments (as sent, still percent-encoded) that the id pattern must refuse.
+const BAD_IDS: Array<[label: string, segment: string]> = [
+  ['an encoded slash (%2F)', 'conv%2Fx'],
+  ['a dot-dot segment', '..'],
+  ['a single dot', '.'],
+  ['an encoded dot-dot (%2e%2e)', '%2e%2e'],
+  ['a half-encoded dot-dot (.%2e)', '.%2e'],
+  ['a double-encoded dot-dot (%252e%252e)', '%252e%252e'],
+  ['an encoded backslash (..%5c)', '..%5c'],
+  ['a raw backslash traversal (\\..\\models)', '\\..\\models'],
+  ['an encoded space (%20)', 'conv%20x'],
+  ['an encoded NUL (%00)', 'conv%00x'],
+  ['encoded CRLF (%0d%0a)', 'conv%0d%0aX-Injected:%20y'],
+  ['percent-encoded unicode (conv_é)', 'conv_%C3%A9'],
+  ['a shell metacharacter (conv_x;rm)', 'conv_x;rm'],
+  ['an encoded question mark (%3F)', 'conv%3Fx'],
+  ['an encoded hash (%23)', 'conv%23x'],
+  ['a dot (conv.x)', 'conv.x'],
+  ['a 201-character id', 'c'.repeat(201)],
+  ['a 1 KB id', 'c'.repeat(1024)],
+  ['a malformed percent escape (%zz)', 'conv%zz'],
+  ['a truncated UTF-8 escape (%E0%A4%A)', 'conv_%E0%A4%A']
+]
+
+t.test('ids outside ^[A-Za-z0-9_-]{1,200}$ get 400 invalid_id and are never sent upstream', async t => {
+  const h = await setup(t)
+  const asConversation = { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' } as const
+  const asItem = { ...asConversation, param: 'item_id' } as const
+
+  for (const [label, seg] of BAD_IDS) {
+    await t.test(`${label} in a conversation id gets 400 invalid_id (param conversation_id) and the upstream sees nothing`, async t => {
+      await expectRejected(t, h, get(`/v1/conversations/${seg}`), asConversation)
+      await expectRejected(t, h, post(`/v1/conversations/${seg}/items`, '{"items":[]}'), asConversation)
+    })
+    await t.test(`${label} in an item id gets 400 invalid_id (param item_id) and the upstream sees nothing`, async t => {
+      await expectRejected(t, h, del(`/v1/conversations/conv_ok/items/${seg}`), asItem)
+    })
+  }
+
+  await t.test('an empty id gets 400 invalid_id for the segment it is in, and the upstream sees nothing', async t => {
+    await expectRejected(t, h, get('/v1/conversations/'), asConversation)
+    await expectRejected(t, h, post('/v1/conversations/'), asConversation)
+    await expectRejected(t, h, get('/v1/conversations//items'), asConversation)
+    await expectRejected(t, h, get('/v1/conversations/conv_ok/items/'), asItem)
+  })
+
+  await t.test('with both ids bad, the conversation id is the one reported', async t => {
+    await expectRejected(t, h, get('/v1/conversations/a%2Fb/items/c%2Fd'), asConversation)
+  })
+  await oneAuditLineEach(t, h)
+})
+
+t.test('a bad id from a client without a valid key gets 401, not 400: the key is checked first', async t => {
+  const h = await setup(t)
+  const denied = { status: 401, code: 'invalid_api_key', outcome: 'denied' } as const
+  for (const [label, seg] of BAD_IDS) {
+    await t.test(`${label}, with no key or a wrong key, gets 401 invalid_api_key`, async t => {
+      await expectRejected(t, h, get(`/v1/conversations/${seg}`, []), denied)
+      await expectRejected(t, h, get(`/v1/conversations/conv_ok/items/${seg}`, [bearer('gw_wrong_key')]), denied)
+    })
+  }
+  await t.test('an empty id with no key gets 401 invalid_api_key', async t => {
+    await expectRejected(t, h, get('/v1/conversations/', []), denied)
+  })
+  await oneAuditLineEach(t, h)
+})
+
+t.test('ids at the edges of the pattern reach the upstream byte for byte', async t => {
+  const h = await setup(t)
+  for (const id of ['a', 'Z', '0', '-', '_', 'conv_AZaz09-_', 'c'.repeat(100), 'c'.repeat(101), 'c'.repeat(200)]) {
+    await t.test(`a ${id.length}-character id ${id.length < 20 ? `"${id}" ` : ''}is forwarded unchanged`, async t => {
+      const conv = await expectForwarded(t, h, get(`/v1/conversations/${id}`))
+      t.equal(conv.seen?.url, `/v1/conversations/${id}`)
+      const item = await expectForwarded(t, h, get(`/v1/conversations/conv_ok/items/${id}`))
+      t.equal(item.seen?.url, `/v1/conversations/conv_ok/items/${id}`)
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
+
+// Targets outside the eight operations, as sent on the request line.
+const UNKNOWN_TARGETS: Array<[method: string, target: string]> = [
+  ['GET', '/v1/models'],
+  ['POST', '/v1/chat/completions'],
+  ['GET', '/'],
+  ['GET', '/v1'],
+  ['GET', '/v1/conversations/a/items/b/c'],
+  ['GET', '/v1/conversations/a/itemz'],
+  ['GET', '/v1/conversationsX'],
+  ['GET', '/V1/CONVERSATIONS/conv_x'],
+  ['POST', '/v1/%63onversations'],
+  ['GET', '/v1/%63onversations/conv_x'],
+  ['GET', '/v1/conversations%2Fconv_x'],
+  ['GET', '/v1/conversations/x/../../models'],
+  ['GET', '/v1/conversations/../models'],
+  ['GET', '/v1/conversations/%2e%2e/'],
+  ['GET', '/v1/conversations/.%2e/models'],
+  ['GET', '/v1/conversations/conv_x/../../files'],
+  ['POST', '//v1/conversations'],
+  ['GET', '/v1//conversations/conv_x'],
+  ['GET', 'http://evil.example/v1/conversations/x'],
+  ['POST', 'http://evil.example/v1/conversations'],
+  ['OPTIONS', '*']
+]
+
+t.test('any path outside the Conversations routes gets 404 unknown_route and nothing reaches the upstream', async t => {
+  const h = await setup(t)
+  const unknown = { status: 404, code: 'unknown_route', outcome: 'invalid' } as const
+  for (const [method, target] of UNKNOWN_TARGETS) {
+    const body = method === 'POST' ? '{}' : undefined
+    await t.test(`${method} ${target} gets 404 unknown_route, with or without a key`, async t => {
+      await expectRejected(t, h, buildRequest(method, target, [FULL, ...(body ? [JSON_TYPE] : [])], body), unknown)
+      await expectRejected(t, h, buildRequest(method, target, [], body), unknown)
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
+
+// The four path shapes, the Allow header the gateway sends for each, and methods outside it.
+const SHAPES: Array<[path: string, allow: string, others: string[]]> = [
+  ['/v1/conversations', 'POST', ['GET', 'DELETE']],
+  ['/v1/conversations/conv_x', 'GET, POST, DELETE', []],
+  ['/v1/conversations/conv_x/items', 'GET, POST', ['DELETE']],
+  ['/v1/conversations/conv_x/items/msg_y', 'GET, DELETE', ['POST']]
+]
+
+t.test('a known path with another method gets 405 method_not_allowed with an exact Allow header', async t => {
+  const h = await setup(t)
+  for (const [path, allow, others] of SHAPES) {
+    for (const method of ['PUT', 'PATCH', 'HEAD', 'OPTIONS', 'TRACE', ...others]) {
+      await t.test(`${method} ${path} gets 405 with Allow: ${allow}, with or without a key`, async t => {
+        const want = { status: 405, code: 'method_not_allowed', outcome: 'invalid', allow } as const
+        const body = method === 'PUT' || method === 'PATCH' || method === 'POST' ? '{}' : undefined
+        await expectRejected(t, h, buildRequest(method, path, [FULL, ...(body ? [JSON_TYPE] : [])], body), want)
+        await expectRejected(t, h, buildRequest(method, path, [], body), want)
+      })
+    }
+  }
+  await oneAuditLineEach(t, h)
+})
+
+const INVALID_JSON: Array<[label: string, body: string | Buffer]> = [
+  ['an unterminated object', '{'],
+  ['plain text', 'not json'],
+  ['trailing garbage', '{"metadata":{}}x'],
+  ['single quotes', "{'metadata':{}}"],
+  ['a trailing comma', '{"metadata":{},}'],
+  ['NaN', 'NaN'],
+  ['a byte order mark', '\uFEFF{}'],
+  ['two documents', '{}{}'],
+  ['whitespace only', '   ']
+]
+
+t.test('a body that is not JSON gets 400 invalid_json and is not forwarded', async t => {
+  const h = await setup(t)
+  const invalid = { status: 400, code: 'invalid_json', outcome: 'invalid' } as const
+  for (const [label, body] of INVALID_JSON) {
+    await t.test(`${label} gets 400 invalid_json on each route that takes a body`, async t => {
+      await expectRejected(t, h, post('/v1/conversations', body), invalid)
+      await expectRejected(t, h, post('/v1/conversations/conv_x', body), invalid)
+      await expectRejected(t, h, post('/v1/conversations/conv_x/items', body), invalid)
+    })
+  }
+
+  await t.test('a chunked body that is not JSON gets 400 invalid_json', async t => {
+    const head = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']])
+    await expectRejected(t, h, Buffer.concat([head, chunk('{"metadata":'), chunk('')]), invalid)
+  })
+
+  await t.test('a body with invalid UTF-8 inside a string gets 400 invalid_json (JSON must be UTF-8)', async t => {
+    const body = Buffer.concat([Buffer.from('{"metadata":{"a":"'), Buffer.from([0xff, 0xfe]), Buffer.from('"}}')])
+    await expectRejected(t, h, post('/v1/conversations', body), invalid)
+  })
+  await oneAuditLineEach(t, h)
+})
+
+/** A JSON body of exactly `size` bytes. */
+function jsonOfSize (size: number): string {
+  const frame = '{"metadata":{"a":""}}'
+  return `{"metadata":{"a":"${'x'.repeat(size - frame.length)}"}}`
+}
+
+t.test('bodies over limits.bodyBytes get 413 request_too_large, readable by a client still uploading', async t => {
+  const h = await setup(t)
+  const tooLarge = { status: 413, code: 'request_too_large', outcome: 'invalid' } as const
+
+  await t.test('a body of exactly limits.bodyBytes is forwarded unchanged', async t => {
+    const body = jsonOfSize(BODY_LIMIT)
+    const { seen } = await expectForwarded(t, h, post('/v1/conversations', body))
+    t.equal(seen?.body.toString(), body)
+  })
+
+  await t.test('one byte over limits.bodyBytes (with Content-Length) gets 413 and the upstream sees nothing', async t => {
+    await expectRejected(t, h, post('/v1/conversations', jsonOfSize(BODY_LIMIT + 1)), tooLarge)
+  })
+
+  await t.test('a declared 10 KB body gets 413 while the client is still sending it, not a reset', async t => {
+    const head = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Content-Length', '10240']])
+    const ex = await expectRejected(t, h, Buffer.concat([head, Buffer.alloc(2048, 0x20)]), tooLarge)
+    t.ok(ex.response?.complete, 'the whole 413 body arrived')
+  })
+
+  await t.test('a chunked body with no length gets 413 once it passes the limit, while still being sent', async t => {
+    const head = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']])
+    const ex = await expectRejected(t, h, Buffer.concat([head, chunk('{"metadata":{"a":"'), chunk('x'.repeat(2048))]), tooLarge)
+    t.ok(ex.response?.complete, 'the whole 413 body arrived')
+  })
+
+  // Like curl or an SDK: the whole upload goes out before the answer is read. Closing on such a client resets
+  // the connection and throws the 413 away with it.
+  await t.test('a client that uploads 16 MB before reading still gets the 413, not a reset', async t => {
+    await expectRejected(t, h, post('/v1/conversations', Buffer.alloc(16 * 1024 * 1024, 0x20)), tooLarge, { readAfterWriteMs: 100 })
+  })
+
+  await t.test('a client that uploads a 16 MB chunked body before reading still gets the 413, not a reset', async t => {
+    const head = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']])
+    const chunks = Array.from({ length: 2048 }, () => chunk(Buffer.alloc(8192, 0x20)))
+    await expectRejected(t, h, Buffer.concat([head, ...chunks, chunk('')]), tooLarge, { readAfterWriteMs: 100 })
+  })
+  await oneAuditLineEach(t, h)
+})
+
+t.test('Content-Type: application/json in any case or spacing, or none, is checked as JSON and forwarded as application/json', async t => {
+  const h = await setup(t)
+  const variants: Array<[label: string, headers: Header[]]> = [
+    ['a leading space', [['Content-Type', ' application/json']]],
+    ['a trailing tab', [['Content-Type', 'application/json\t']]],
+    ['upper case with a parameter', [['Content-Type', 'APPLICATION/JSON;x=1']]],
+    ['a charset', [['Content-Type', 'application/json; charset=utf-8']]],
+    ['mixed case with space before the parameter', [['Content-Type', 'Application/Json ; charset=UTF-8']]],
+    ['no Content-Type at all', []]
+  ]
+  for (const [label, headers] of variants) {
+    await t.test(`${label}: a valid body reaches the upstream as application/json`, async t => {
+      const body = '{"metadata":{"topic":"ct"}}'
+      const { res, seen } = await expectForwarded(t, h, post('/v1/conversations', body, [FULL, ...headers]))
+      t.equal(res?.status, 200)
+      const types = (seen?.rawHeaders ?? []).filter((_, i, all) => i % 2 === 0 && /^content-type$/i.test(all[i]!))
+      t.equal(types.length, 1, 'one content-type header upstream')
+      t.equal(seen?.headers['content-type'], 'application/json')
+      t.equal(seen?.body.toString(), body, 'the body bytes unchanged')
+    })
+    await t.test(`${label}: an invalid body gets 400 invalid_json`, async t => {
+      await expectRejected(t, h, post('/v1/conversations', '{"metadata":', [FULL, ...headers]),
+        { status: 400, code: 'invalid_json', outcome: 'invalid' })
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
+
+t.test('a body with a non-JSON media type gets 415 unsupported_media_type and is not forwarded', async t => {
+  const h = await setup(t)
+  const types = [
+    'text/plain', 'application/x-www-form-urlencoded', 'application/json garbage', 'application/jsonx',
+    'multipart/form-data; boundary=x', 'text/json', 'application/xml'
+  ]
+  for (const type of types) {
+    await t.test(`Content-Type: ${type} with a valid JSON body gets 415`, async t => {
+      await expectRejected(t, h, post('/v1/conversations', '{}', [FULL, ['Content-Type', type]]),
+        { status: 415, code: 'unsupported_media_type', outcome: 'invalid' })
+      await expectRejected(t, h, post('/v1/conversations/conv_x/items', '{"items":[]}', [FULL, ['Content-Type', type]]),
+        { status: 415, code: 'unsupported_media_type', outcome: 'invalid' })
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
+
+t.test('checks run in the contract order: route, key, ids, scope, rate limit, body', async t => {
+  const h = await setup(t)
+  const reader = bearer(KEYS.reader)
+  const limited = bearer(KEYS.limited)
+
+  await t.test('an unknown route is 404 before the key is looked at', async t => {
+    await expectRejected(t, h, get('/v1/models', [bearer('gw_wrong')]), { status: 404, code: 'unknown_route', outcome: 'invalid' })
+  })
+  await t.test('a bad id is 400 before the scope is checked', async t => {
+    await expectRejected(t, h, del('/v1/conversations/conv%2Fx', [reader]),
+      { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' })
+  })
+  await t.test('a bad id is 400 before the body is read', async t => {
+    await expectRejected(t, h, post('/v1/conversations/conv%2Fx', 'not json', [FULL, ['Content-Type', 'text/plain']]),
+      { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' })
+  })
+  await t.test('a missing scope is 403 before the body is read', async t => {
+    await expectRejected(t, h, post('/v1/conversations', 'not json', [reader, JSON_TYPE]),
+      { status: 403, code: 'insufficient_scope', type: 'permission_error', outcome: 'denied' })
+    await expectRejected(t, h, post('/v1/conversations', jsonOfSize(BODY_LIMIT + 1), [reader, JSON_TYPE]),
+      { status: 403, code: 'insufficient_scope', type: 'permission_error', outcome: 'denied' })
+  })
+  await t.test('a non-JSON media type is 415 before the body size is looked at', async t => {
+    await expectRejected(t, h, post('/v1/conversations', 'x'.repeat(BODY_LIMIT + 1), [FULL, ['Content-Type', 'text/plain']]),
+      { status: 415, code: 'unsupported_media_type', outcome: 'invalid' })
+  })
+  await t.test('bad ids spend no rate-limit token; bad bodies do, and the rate limit comes before the body check', async t => {
+    for (let i = 0; i < 5; i++) {
+      await expectRejected(t, h, get('/v1/conversations/..', [limited]),
+        { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' })
+    }
+    for (let i = 0; i < 3; i++) {
+      await expectRejected(t, h, post('/v1/conversations', '{', [limited, JSON_TYPE]), { status: 400, code: 'invalid_json', outcome: 'invalid' })
+    }
+    await expectRejected(t, h, post('/v1/conversations', '{', [limited, JSON_TYPE]),
+      { status: 429, code: 'rate_limit_exceeded', type: 'requests', outcome: 'rate_limited' })
+  })
+  await oneAuditLineEach(t, h)
+})
+
+t.test('protocol switches are refused at the gateway', async t => {
+  const h = await setup(t)
+  const created = await expectForwarded(t, h, post('/v1/conversations'))
+  const id = (JSON.parse(created.res?.body ?? '{}') as { id?: string }).id ?? 'conv_missing'
+  const websocket: Header[] = [
+    ['Connection', 'Upgrade'], ['Upgrade', 'websocket'],
+    ['Sec-WebSocket-Key', 'dGhlIHNhbXBsZSBub25jZQ=='], ['Sec-WebSocket-Version', '13']
+  ]
+
+  for (const [label, request] of [
+    [`GET /v1/conversations/${id}`, get(`/v1/conversations/${id}`, [FULL, ...websocket])],
+    ['GET /v1/conversations/{id}/items', get(`/v1/conversations/${id}/items`, [FULL, ...websocket])],
+    ['POST /v1/conversations', post('/v1/conversations', '{}', [FULL, JSON_TYPE, ...websocket])]
+  ] as const) {
+    await t.test(`Upgrade: websocket on ${label} gets a 4xx and never reaches the upstream`, async t => {
+      const before = h.upstream.requests.length
+      h.handled++
+      const ex = await sendRaw(h.gw.url, request)
+      t.equal(h.upstream.requests.length, before, 'the upstream received nothing')
+      t.ok(ex.response !== null && ex.response.status >= 400 && ex.response.status < 500,
+        `a 4xx answer (got ${ex.response?.status ?? 'a closed connection'})`)
+      t.notMatch(ex.received.toString('latin1'), /^HTTP\/1\.1 101/m, 'no 101 Switching Protocols')
+      if (ex.response !== null && ex.response.status >= 400 && ex.response.status < 500) {
+        assertGatewayError(t, ex.response, { status: ex.response.status, code: codeOf(ex.response), outcome: 'invalid' }, 'GET')
+        await assertAuditedOnce(t, h, ex.response, ex.response.status, 'invalid')
+      }
+    })
+  }
+
+  await t.test('CONNECT host:443 gets a 4xx answer, not a silent close, and nothing reaches the upstream', async t => {
+    const before = h.upstream.requests.length
+    h.handled++
+    const ex = await sendRaw(h.gw.url, 'CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n')
+    t.equal(h.upstream.requests.length, before, 'the upstream received nothing')
+    t.ok(ex.response !== null && ex.response.status >= 400 && ex.response.status < 500,
+      `a 4xx answer (got ${ex.response?.status ?? 'a closed connection'})`)
+    t.notMatch(ex.received.toString('latin1'), /^HTTP\/1\.1 200/m, 'no tunnel established')
+    if (ex.response !== null && ex.response.status >= 400 && ex.response.status < 500) {
+      assertGatewayError(t, ex.response, { status: ex.response.status, code: codeOf(ex.response), outcome: 'invalid' }, 'CONNECT')
+      await assertAuditedOnce(t, h, ex.response, ex.response.status, 'invalid')
+    }
+  })
+  await oneAuditLineEach(t, h)
+})
+
+// Requests Node's HTTP parser must refuse (or the connection must close); each carries a valid key and a valid
+// route, so any of them that slipped through would show at the upstream.
+const key = `Authorization: Bearer ${KEYS.full}\r\n`
+const SMUGGLED = 'GET /v1/conversations/conv_smuggled HTTP/1.1\r\nHost: x\r\n' + key + '\r\n'
+const MALFORMED: Array<[label: string, raw: string | Buffer]> = [
+  ['two Content-Length headers with different values',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nContent-Length: 2\r\nContent-Length: ${2 + SMUGGLED.length}\r\n\r\n{}${SMUGGLED}`],
+  ['Content-Length together with Transfer-Encoding: chunked',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+  ['Transfer-Encoding that does not end in chunked',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nTransfer-Encoding: chunked, identity\r\n\r\n2\r\n{}\r\n0\r\n\r\n`],
+  ['a negative Content-Length',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nContent-Length: -1\r\n\r\n{}`],
+  ['an obs-fold (folded) header line',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}`],
+  ['a bare CR inside a header value (CRLF injection)',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nX-Inject: a\rContent-Length: 40\r\nContent-Length: 2\r\n\r\n{}`],
+  ['a bare LF inside a header value (CRLF injection)',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nX-Inject: a\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}`],
+  ['a NUL byte in a header value',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nX-Nul: a\x00b\r\nContent-Length: 2\r\n\r\n{}`],
+  ['whitespace between a header name and its colon',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Length : 2\r\nContent-Type: application/json\r\n\r\n{}`],
+  ['a 64 KB header',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}X-Big: ${'a'.repeat(64 * 1024)}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`],
+  ['a raw space inside the target',
+    `GET /v1/conversations/conv_a b HTTP/1.1\r\nHost: x\r\n${key}\r\n`],
+  ['raw UTF-8 bytes in the target',
+    Buffer.concat([Buffer.from('GET /v1/conversations/conv_'), Buffer.from('é', 'utf8'), Buffer.from(` HTTP/1.1\r\nHost: x\r\n${key}\r\n`)])],
+  ['an invalid chunk size',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n`],
+  ['a chunk longer than its declared size',
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX\r\n0\r\n\r\n${SMUGGLED}`]
+]
+
+t.test('malformed HTTP is refused by the parser and never reaches the upstream', async t => {
+  const h = await setup(t)
+  for (const [label, raw] of MALFORMED) {
+    await t.test(`${label} gets 400/431 or a closed connection, and the upstream sees nothing`, async t => {
+      const audited = h.gw.audit().length
+      const ex = await sendRaw(h.gw.url, raw)
+      await sleep(20) // a request that slipped through would be at the upstream by now
+      t.same(h.upstream.requests.map(r => `${r.method} ${r.url}`), [], 'the upstream received nothing')
+      t.notMatch(ex.received.toString('latin1'), LEAK, 'no stack trace or source path in the answer')
+      if (ex.response !== null) t.ok([400, 431].includes(ex.response.status), `400 or 431 (got ${ex.response.status})`)
+      else t.ok(ex.closedByServer, 'the connection was closed')
+      t.equal(ex.received.toString('latin1').match(/^HTTP\/1\.[01] \d{3}/gm)?.length ?? 0, ex.response === null ? 0 : 1,
+        'no answer to a smuggled second request')
+      // Headers-level errors never become a request; a framing error found in the body does, after the fact.
+      // Its audit line, if any, must say what the client got, not the 200 that was never sent.
+      const records = h.gw.audit().slice(audited)
+      h.handled += records.length
+      t.ok(records.length <= 1, 'at most one audit line')
+      for (const r of records) t.match(r, { status: ex.response?.status ?? r.status, outcome: 'invalid' }, 'audited as the refusal it was')
+    })
+  }
+  await t.test('after all of that, the gateway still serves a valid request', async t => {
+    const { res } = await expectForwarded(t, h, post('/v1/conversations'))
+    t.equal(res?.status, 200)
+  })
+  await oneAuditLineEach(t, h)
+})
+
+t.test('hop-by-hop tricks cannot strip or replace the upstream token, nor leak the client key', async t => {
+  const h = await setup(t)
+  const cases: Array<[label: string, headers: Header[]]> = [
+    ['Connection: authorization, x-api-key', [['Connection', 'authorization, x-api-key'], ['X-Api-Key', KEYS.full]]],
+    ['Connection: close, keep-alive', [['Connection', 'close, keep-alive']]],
+    ['Connection: Authorization with Keep-Alive and Proxy-Authorization', [
+      ['Connection', 'Authorization, Keep-Alive, Proxy-Authorization'], ['Keep-Alive', 'timeout=5'],
+      ['Proxy-Authorization', `Bearer ${KEYS.full}`]
+    ]]
+  ]
+  for (const [label, extra] of cases) {
+    await t.test(`${label}: the upstream gets exactly one authorization, our bearer token, and never the client key`, async t => {
+      const { res, seen } = await expectForwarded(t, h, post('/v1/conversations', '{}', [FULL, JSON_TYPE, ...extra]))
+      t.equal(res?.status, 200)
+      const raw = seen?.rawHeaders ?? []
+      const auth = raw.filter((_, i) => i % 2 === 1 && /^authorization$/i.test(raw[i - 1]!))
+      t.same(auth, [`Bearer ${UPSTREAM_TOKEN}`], 'one authorization header, with the upstream token')
+      t.notOk(raw.some((v, i) => i % 2 === 0 && /^(x-api-key|proxy-authorization|keep-alive)$/i.test(v)), 'no client credentials or hop-by-hop headers')
+      t.notOk(h.upstream.everything().includes(KEYS.full), 'the client key never reached the upstream')
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
