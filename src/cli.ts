@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // The ohmygpt-gateway command: start, keygen, check-config, demo. Each command is a function of its arguments;
 // errors set process.exitCode instead of exiting, so output is flushed.
+import type { AddressInfo } from 'node:net'
 import { parseArgs } from 'node:util'
 import { ConfigError, loadConfig, parseConfig, resolveConfigPath } from './config.js'
 import { generateKey, keyDigest } from './keys.js'
@@ -12,7 +13,7 @@ commands:
   start [--config FILE]          run the gateway (config: --config, else $GATEWAY_CONFIG, else config/gateway.yaml)
   keygen <client-id>             print a new client key (once) and the YAML entry holding its sha256
   check-config [--config FILE]   validate a config file; exit 1 listing every bad field
-  demo                           run the gateway on :8080 in front of a built-in fake OhMyGPT, with a demo key
+  demo [--port N]                run the gateway on 127.0.0.1:8080 (or N) in front of a built-in fake OhMyGPT, with a demo key
 `
 
 function configFlag (args: string[]): string | undefined {
@@ -47,25 +48,27 @@ ${key}
     rateLimit: { requestsPerMinute: 600, burst: 60 }`)
 }
 
-async function demo (): Promise<void> {
+async function demo (args: string[]): Promise<void> {
+  const port = Number(parseArgs({ args, options: { port: { type: 'string' } }, strict: true }).values.port ?? 8080)
   const { startFakeOhMyGPT } = await import('./demo/fake-ohmygpt.js')
   const upstreamToken = 'sk-demo-upstream-token'
   const fake = await startFakeOhMyGPT({ apiKey: upstreamToken })
   fake.server.unref() // it lives as long as the gateway does
   const key = generateKey()
   const config = parseConfig({
-    listen: { host: '127.0.0.1', port: 8080 },
+    listen: { host: '127.0.0.1', port },
     log: { level: 'warn' }, // stdout carries the audit records
     upstream: { baseUrls: [fake.url], apiKey: upstreamToken },
     clients: [{ id: 'demo', keySha256: keyDigest(key), scopes: ['read', 'write', 'delete'] }],
     audit: { file: '-' }
   }, {}, '(demo)')
-  await startServer(config)
+  const app = await startServer(config)
+  const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`
   console.error(`
-ohmygpt-gateway demo: http://127.0.0.1:8080 in front of a fake OhMyGPT at ${fake.url}
+ohmygpt-gateway demo: ${url} in front of a fake OhMyGPT at ${fake.url}
 Authorization: Bearer ${key}
 
-curl -s http://127.0.0.1:8080/v1/conversations -H 'Authorization: Bearer ${key}' -H 'Content-Type: application/json' -d '{"metadata":{"topic":"demo"}}'
+curl -s ${url}/v1/conversations -H 'Authorization: Bearer ${key}' -H 'Content-Type: application/json' -d '{"metadata":{"topic":"demo"}}'
 
 Audit records are printed on stdout. Ctrl-C stops.
 `)

@@ -149,3 +149,32 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
   t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
+
+t.test('the demo serves a conversation with the key it prints and writes the audit to stdout', async t => {
+  const child = spawn(process.execPath, [BIN, 'demo', '--port', '0'], { env })
+  t.teardown(() => { child.kill('SIGKILL') })
+  let err = ''
+  let out = ''
+  child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+  const banner = await new Promise<RegExpExecArray>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no banner in: ${err}`)), 10_000)
+    child.stderr.on('data', (c: Buffer) => {
+      err += c.toString()
+      const m = /curl -s (http:\/\/127\.0\.0\.1:\d+)\/v1\/conversations -H 'Authorization: Bearer (ogw_[\w-]+)'/.exec(err)
+      if (m) { clearTimeout(timer); resolve(m) }
+    })
+  })
+  t.match(err, /^Authorization: Bearer ogw_/m)
+  const res = await fetch(`${banner[1]}/v1/conversations`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${banner[2]}`, 'content-type': 'application/json' },
+    body: '{"metadata":{"topic":"demo"}}'
+  })
+  t.equal(res.status, 200)
+  const conversation = await res.json() as { id: string }
+  t.match(conversation.id, /^conv_/)
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit')
+  t.equal(code, 0)
+  t.match(JSON.parse(out.trim().split('\n').at(-1)!), { clientId: 'demo', action: 'conversation.create', conversationId: conversation.id, outcome: 'ok' })
+})
