@@ -91,7 +91,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.setErrorHandler(errorHandler(config))
 
   await app.register(requestId)
-  await app.register(audit, { writer: deps.auditWriter ?? createAuditWriter(config.audit.file) })
+  const auditWriter = deps.auditWriter ??
+    createAuditWriter(config.audit.file, err => { app.log.error({ err }, 'audit record could not be written') })
+  await app.register(audit, { writer: auditWriter })
   await app.register(health)
   await app.register(router)
   await app.register(auth, { clients: config.clients })

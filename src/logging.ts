@@ -24,14 +24,17 @@ export interface AuditWriter {
  * write a line without its level field cleanly. Writes are synchronous, so a record is on disk by the time its
  * response is done; "-" writes to stdout.
  */
-export function createAuditWriter (file: string): AuditWriter {
+export function createAuditWriter (file: string, onError: (err: Error) => void): AuditWriter {
   const destination = pino.destination({ dest: file === '-' ? 1 : file, mkdir: true, sync: true })
+  // A failed write (disk full, file gone read-only) must not take the gateway down: it is reported to the
+  // operational log, and the gateway keeps serving.
+  destination.on('error', onError)
   return {
     write (record) { destination.write(JSON.stringify(record) + '\n') },
     close () {
-      if (file === '-') return
-      destination.flushSync()
-      destination.end()
+      // Writes are synchronous, so nothing is buffered unless a write failed; data that could not be written
+      // is dropped here rather than retried forever.
+      if (file !== '-') destination.destroy()
     }
   }
 }

@@ -8,7 +8,7 @@ import { Transform, pipeline, type Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { AuditWriter } from '../logging.js'
-import type { Action } from '../operations.js'
+import { rawPath, type Action } from '../operations.js'
 
 export type Outcome = 'ok' | 'upstream_error' | 'denied' | 'rate_limited' | 'invalid' | 'aborted' | 'error'
 
@@ -107,11 +107,9 @@ function countingStream (request: FastifyRequest, reply: FastifyReply, payload: 
   return counter
 }
 
-export function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
+function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
   const op = request.operation
   const status = reply.statusCode
-  const path = request.originalUrl
-  const q = path.indexOf('?')
   const userAgent = request.headers['user-agent']
   return {
     time: new Date().toISOString(),
@@ -119,7 +117,7 @@ export function buildRecord (request: FastifyRequest, reply: FastifyReply, watch
     clientId: request.client?.id ?? null,
     action: op?.action ?? 'unknown',
     method: request.method,
-    path: (q === -1 ? path : path.slice(0, q)).slice(0, 2048),
+    path: rawPath(request.originalUrl).slice(0, 2048),
     conversationId: op?.action === 'conversation.create' ? watch.createdId : op?.conversationId ?? null,
     itemId: op?.itemId ?? null,
     status,
