@@ -8,12 +8,12 @@ import type { Socket } from 'node:net'
 import type { GatewayConfig } from './config.js'
 import {
   envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
-  RequestTooLargeError, UnsupportedMediaTypeError, type GatewayError
+  RequestTooLargeError, type GatewayError
 } from './errors.js'
 import { appLoggerOptions, createAuditWriter, type AuditWriter } from './logging.js'
 import audit, { markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body from './plugins/body.js'
+import body, { unsupportedMediaType } from './plugins/body.js'
 import health from './plugins/health.js'
 import proxy from './plugins/proxy.js'
 import rateLimit from './plugins/rate-limit.js'
@@ -111,7 +111,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
 /** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */
 function errorHandler (config: GatewayConfig) {
   return function handle (error: FastifyError, request: FastifyRequest, reply: FastifyReply) {
-    const err = toGatewayError(error, config)
+    const err = toGatewayError(error, request, config)
     if (err.statusCode >= 500 && !isGatewayError(error)) {
       request.log.error({ err: error }, 'unhandled error')
     }
@@ -121,13 +121,13 @@ function errorHandler (config: GatewayConfig) {
   }
 }
 
-function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayError {
+function toGatewayError (error: FastifyError, request: FastifyRequest, config: GatewayConfig): GatewayError {
   if (isGatewayError(error)) return error
   switch (error.code) {
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
       return new RequestTooLargeError(String(config.limits.bodyBytes))
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return new UnsupportedMediaTypeError('')
+      return unsupportedMediaType(request.headers['content-type'])
   }
   const status = error.statusCode ?? 500
   if (status >= 400 && status < 500) return new InvalidRequestError('malformed request.')

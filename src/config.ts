@@ -134,7 +134,8 @@ function deepFreeze<T> (value: T): T {
 /** Validates an already-parsed config object (tests build these directly). */
 export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source = '(object)'): GatewayConfig {
   const problems: string[] = []
-  const candidate = structuredClone(interpolate(raw ?? {}, env, '', problems))
+  // interpolate builds a fresh tree, so validation's defaults never touch the caller's object
+  const candidate = interpolate(raw ?? {}, env, '', problems)
   if (!validate(candidate)) {
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
