@@ -13,7 +13,7 @@ import {
 import { appLoggerOptions, createAuditWriter, type AuditWriter } from './logging.js'
 import audit, { markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body, { unsupportedMediaType } from './plugins/body.js'
+import body from './plugins/body.js'
 import health from './plugins/health.js'
 import proxy from './plugins/proxy.js'
 import rateLimit from './plugins/rate-limit.js'
@@ -42,6 +42,7 @@ const UNDECODABLE_TARGET = '/.undecodable'
  */
 function routableUrl (req: IncomingMessage): string {
   const url = req.url ?? '/'
+  if (!url.includes('%')) return url // nothing to decode: the common case costs one scan
   try {
     decodeURIComponent(rawPath(url))
     return url
@@ -54,7 +55,7 @@ function routableUrl (req: IncomingMessage): string {
  * Malformed HTTP that Node's parser refuses: answered in OpenAI's envelope like every other gateway error.
  * When the request had already been handed over (a bad chunk in its body), its audit record says so.
  */
-function clientErrorHandler (this: FastifyInstance, err: NodeJS.ErrnoException, socket: Socket) {
+function clientErrorHandler (err: NodeJS.ErrnoException, socket: Socket) {
   if (err.code === 'ECONNRESET' || socket.destroyed) return
   const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
   if (inFlight && !inFlight.headersSent) markMalformed(inFlight)
@@ -111,7 +112,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
 /** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */
 function errorHandler (config: GatewayConfig) {
   return function handle (error: FastifyError, request: FastifyRequest, reply: FastifyReply) {
-    const err = toGatewayError(error, request, config)
+    const err = toGatewayError(error, config)
     if (err.statusCode >= 500 && !isGatewayError(error)) {
       request.log.error({ err: error }, 'unhandled error')
     }
@@ -121,13 +122,11 @@ function errorHandler (config: GatewayConfig) {
   }
 }
 
-function toGatewayError (error: FastifyError, request: FastifyRequest, config: GatewayConfig): GatewayError {
+function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayError {
   if (isGatewayError(error)) return error
   switch (error.code) {
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
       return new RequestTooLargeError(String(config.limits.bodyBytes))
-    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return unsupportedMediaType(request.headers['content-type'])
   }
   const status = error.statusCode ?? 500
   if (status >= 400 && status < 500) return new InvalidRequestError('malformed request.')

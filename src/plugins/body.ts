@@ -18,10 +18,6 @@ export function isJsonMediaType (header: string | undefined): boolean {
   return type === 'application/json'
 }
 
-export function unsupportedMediaType (header: string | undefined) {
-  return new UnsupportedMediaTypeError(JSON.stringify(String(header).slice(0, 100)))
-}
-
 function hasBody (headers: IncomingHttpHeaders): boolean {
   const length = headers['content-length']
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
@@ -36,7 +32,7 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.addHook('preParsing', async (request) => {
     if (!hasBody(request.headers)) return
     const type = request.headers['content-type']
-    if (!isJsonMediaType(type)) throw unsupportedMediaType(type)
+    if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(JSON.stringify(String(type).slice(0, 100)))
   })
 
   app.removeAllContentTypeParsers()

@@ -8,8 +8,8 @@ import { MethodNotAllowedError, UnknownRouteError, UpgradeNotSupportedError } fr
 import { matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it. */
-function shown (url: string | undefined): string {
-  const path = rawPath(url ?? '')
+function shown (url: string): string {
+  const path = rawPath(url)
   return path.length > 200 ? `${path.slice(0, 200)}…` : path
 }
 
