@@ -7,6 +7,7 @@ import { UsageError } from './cli/common.js'
 import { demo } from './cli/demo.js'
 import { keygen } from './cli/keygen.js'
 import { start } from './cli/start.js'
+import { StartupError } from './preflight.js'
 
 const USAGE = `usage: ohmygpt-gateway <command>
 
@@ -39,7 +40,7 @@ async function main (argv: string[]): Promise<void> {
   try {
     await command(args)
   } catch (err) {
-    if (err instanceof ConfigError || err instanceof UsageError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
+    if (err instanceof ConfigError || err instanceof UsageError || err instanceof StartupError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
       console.error(`ohmygpt-gateway ${name}: ${(err as Error).message}`)
     } else {
       console.error(`ohmygpt-gateway ${name}: ${(err as Error).stack ?? String(err)}`)

@@ -8,6 +8,9 @@ import { parse as parseYaml, YAMLParseError } from 'yaml'
 
 export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
+/** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
+const SECRET_PATTERN = '^[\\x21-\\x7e]+$'
+
 const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete')])
 export type Scope = Static<typeof Scope>
 
@@ -33,7 +36,7 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false, default: {} }),
   upstream: Type.Object({
     baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
-    apiKey: Type.String({ minLength: 1 }),
+    apiKey: Type.String({ minLength: 1, pattern: SECRET_PATTERN }),
     timeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
     caFile: Type.Optional(Type.String({ minLength: 1 }))
   }, { additionalProperties: false }),
@@ -57,49 +60,139 @@ export class ConfigError extends Error {
   }
 }
 
-const ajv = new Ajv({ allErrors: true, useDefaults: true, coerceTypes: true, strict: true })
+// No type coercion here: a YAML boolean is never a number. Only a string that came from a ${VAR} may be read as
+// a number or a boolean (coercePlaceholders below).
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: true })
 const validate = ajv.compile<GatewayConfig>(ConfigSchema)
+
+function pointerParts (pointer: string): string[] {
+  return pointer.split('/').slice(1).map(p => p.replace(/~1/g, '/').replace(/~0/g, '~'))
+}
 
 /** `/clients/0/keySha256` → `clients[0].keySha256` */
 function fieldPath (pointer: string): string {
-  const parts = pointer.split('/').slice(1).map(p => p.replace(/~1/g, '/').replace(/~0/g, '~'))
+  const parts = pointerParts(pointer)
   return parts.reduce((out, p) => /^\d+$/.test(p) ? `${out}[${p}]` : out ? `${out}.${p}` : p, '') || '(root)'
 }
 
 function describe (e: ErrorObject): string {
   const at = fieldPath(e.instancePath)
+  if (at.endsWith('.keySha256') && (e.keyword === 'pattern' || e.keyword === 'type')) {
+    return `${at}: must be 64 lowercase hex characters (quote it in YAML)`
+  }
   switch (e.keyword) {
     case 'additionalProperties':
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`
     case 'required':
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
     case 'pattern':
-      if (at.endsWith('.keySha256')) return `${at}: must be 64 lowercase hex characters (quote it in YAML)`
+      if (e.params.pattern === SECRET_PATTERN) {
+        return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`
+      }
       return `${at}: must match ${String(e.params.pattern)}`
     default:
       return `${at}: ${e.message ?? 'is invalid'}`
   }
 }
 
-const PLACEHOLDER = /\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g
+/** Index of the `}` closing the placeholder whose body starts at `from`, counting nested `${`; -1 if none. */
+function closingBrace (text: string, from: number): number {
+  let depth = 1
+  for (let i = from; i < text.length; i++) {
+    if (text.startsWith('${', i)) {
+      depth++
+      i++
+    } else if (text[i] === '}' && --depth === 0) {
+      return i
+    }
+  }
+  return -1
+}
 
-/** Replaces ${VAR} and ${VAR:-default} in every string of the parsed tree; values never re-enter the YAML parser. */
-function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[]): unknown {
+const PLACEHOLDER_BODY = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/
+
+/**
+ * Fills ${VAR} and ${VAR:-default} in one string. A default may itself hold placeholders (`${A:-${B}}`); a value
+ * from the environment is taken as it is, never expanded again. Text that is not a placeholder stays literal.
+ */
+function expand (text: string, env: NodeJS.ProcessEnv, unset: (name: string) => void): string {
+  let out = ''
+  let at = 0
+  for (let start = text.indexOf('${'); start !== -1; start = text.indexOf('${', at)) {
+    const end = closingBrace(text, start + 2)
+    if (end === -1) break
+    out += text.slice(at, start)
+    at = end + 1
+    const m = PLACEHOLDER_BODY.exec(text.slice(start + 2, end))
+    if (m === null) {
+      out += text.slice(start, at)
+      continue
+    }
+    const [, name, fallback] = m as unknown as [string, string, string | undefined]
+    const value = env[name]
+    if (value !== undefined && value !== '') out += value
+    else if (fallback !== undefined) out += expand(fallback, env, unset)
+    else unset(name)
+  }
+  return out + text.slice(at)
+}
+
+/**
+ * Replaces placeholders in every string of the parsed tree; values never re-enter the YAML parser. Returns the new
+ * tree and the JSON pointers of the strings that held a placeholder: only those may be read as numbers/booleans.
+ */
+function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Set<string>): unknown {
   if (typeof node === 'string') {
-    return node.replace(PLACEHOLDER, (_m, name: string, fallback: string | undefined) => {
-      const value = env[name]
-      if (value !== undefined && value !== '') return value
-      if (fallback !== undefined) return fallback
-      problems.push(`${path || '(root)'}: environment variable ${name} is not set`)
-      return ''
+    if (!node.includes('${')) return node
+    filled.add(path)
+    return expand(node, env, name => {
+      problems.push(`${fieldPath(path)}: environment variable ${name} is not set`)
     })
   }
-  if (Array.isArray(node)) return node.map((v, i) => interpolate(v, env, `${path}[${i}]`, problems))
+  if (Array.isArray(node)) return node.map((v, i) => interpolate(v, env, `${path}/${i}`, problems, filled))
   if (node !== null && typeof node === 'object') {
     return Object.fromEntries(Object.entries(node).map(([k, v]) =>
-      [k, interpolate(v, env, path ? `${path}.${k}` : k, problems)]))
+      [k, interpolate(v, env, `${path}/${k.replace(/~/g, '~0').replace(/\//g, '~1')}`, problems, filled)]))
   }
   return node
+}
+
+/** Reads a placeholder's string as the number or boolean the schema wants there; undefined if it is not one. */
+function asType (value: string, type: unknown): number | boolean | undefined {
+  const text = value.trim()
+  if ((type === 'integer' || type === 'number') && /^-?\d+(\.\d+)?$/.test(text)) return Number(text)
+  if (type === 'boolean' && (text === 'true' || text === 'false')) return text === 'true'
+  return undefined
+}
+
+/** The parent object of a JSON pointer's target, and the target's key in it. */
+function locate (root: unknown, pointer: string): { parent: Record<string, unknown>, key: string } {
+  const parts = pointerParts(pointer)
+  const key = parts.pop()!
+  let parent = root as Record<string, unknown>
+  for (const p of parts) parent = parent[p] as Record<string, unknown>
+  return { parent, key }
+}
+
+/**
+ * Validates; where a type error falls on a string that came from a placeholder, reads it as the wanted type and
+ * validates again. Nothing else is ever coerced.
+ */
+function validateWithPlaceholders (candidate: unknown, filled: Set<string>): candidate is GatewayConfig {
+  for (;;) {
+    if (validate(candidate)) return true
+    let changed = false
+    for (const e of validate.errors ?? []) {
+      if (e.keyword !== 'type' || !filled.has(e.instancePath)) continue
+      const { parent, key } = locate(candidate, e.instancePath)
+      const current = parent[key]
+      const typed = typeof current === 'string' ? asType(current, e.params.type) : undefined
+      if (typed === undefined) continue
+      parent[key] = typed
+      changed = true
+    }
+    if (!changed) return false
+  }
 }
 
 function duplicates (clients: ClientConfig[], field: 'id' | 'keySha256'): string[] {
@@ -134,9 +227,10 @@ function deepFreeze<T> (value: T): T {
 /** Validates an already-parsed config object (tests build these directly). */
 export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source = '(object)'): GatewayConfig {
   const problems: string[] = []
+  const filled = new Set<string>()
   // interpolate builds a fresh tree, so validation's defaults never touch the caller's object
-  const candidate = interpolate(raw ?? {}, env, '', problems)
-  if (!validate(candidate)) {
+  const candidate = interpolate(raw ?? {}, env, '', problems, filled)
+  if (!validateWithPlaceholders(candidate, filled)) {
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
     problems.push(...(validate.errors ?? []).map(describe).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))

@@ -3,11 +3,14 @@
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from './app.js'
 import type { GatewayConfig } from './config.js'
+import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
 
 /** Longest a shutdown waits for in-flight calls before it stops anyway. */
 const DRAIN_DEADLINE_MS = 30_000
 
 export async function startServer (config: GatewayConfig): Promise<FastifyInstance> {
+  const auditProblem = auditDirectoryProblem(config.audit.file)
+  if (auditProblem !== null) throw new StartupError(auditProblem)
   const app = await buildApp(config)
   let draining = false
 
@@ -16,7 +19,13 @@ export async function startServer (config: GatewayConfig): Promise<FastifyInstan
     if (draining) reply.header('connection', 'close')
   })
 
-  await app.listen({ host: config.listen.host, port: config.listen.port })
+  const { host, port } = config.listen
+  try {
+    await app.listen({ host, port })
+  } catch (err) {
+    await app.close()
+    throw new StartupError(describeListenError(host, port, err as NodeJS.ErrnoException))
+  }
 
   const shutdown = (signal: NodeJS.Signals) => {
     if (draining) return

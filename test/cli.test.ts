@@ -178,3 +178,28 @@ t.test('the demo serves a conversation with the key it prints and writes the aud
   t.equal(code, 0)
   t.match(JSON.parse(out.trim().split('\n').at(-1)!), { clientId: 'demo', action: 'conversation.create', conversationId: conversation.id, outcome: 'ok' })
 })
+
+t.test('check-config reports a listen host this machine cannot use and an audit directory that cannot be created', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace('host: 127.0.0.1', 'host: 203.0.113.7').replace(join(dir, 'audit.jsonl'), '/dev/null/audit/a.jsonl'))
+  const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(r.status, 1)
+  t.match(r.stderr, /listen\.host: cannot listen on 203\.0\.113\.7.*EADDRNOTAVAIL/)
+  t.match(r.stderr, /audit\.file: cannot create the directory \/dev\/null\/audit: ENOTDIR/)
+  t.notOk(r.stderr.includes('    at '), 'no stack trace')
+})
+
+t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace('host: 127.0.0.1', 'host: 203.0.113.7'))
+  const host = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(host.status, 1)
+  t.match(host.stderr, /^ohmygpt-gateway start: cannot listen on 203\.0\.113\.7:0: .*EADDRNOTAVAIL/m)
+  t.notOk(host.stderr.includes('    at '), 'no stack trace')
+
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/dev/null/audit/a.jsonl'))
+  const audit = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(audit.status, 1)
+  t.equal(audit.stderr.trim().split('\n').length, 1, 'one line')
+  t.match(audit.stderr, /audit\.file: cannot create the directory \/dev\/null\/audit: ENOTDIR/)
+})

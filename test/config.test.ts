@@ -53,8 +53,8 @@ t.test('${VAR:-default} takes the environment first, then the default, and numbe
 })
 
 t.test('an environment value is never parsed as YAML', async t => {
-  const config = loadConfig(yamlFile(minimal), { OHMYGPT_API_KEY: 'a: b\n  - [c' })
-  t.equal(config.upstream.apiKey, 'a: b\n  - [c')
+  const config = loadConfig(yamlFile(minimal + 'audit: { file: "${AUDIT_FILE}" }\n'), { OHMYGPT_API_KEY: 'x', AUDIT_FILE: 'a: b\n  - [c' })
+  t.equal(config.audit.file, 'a: b\n  - [c')
 })
 
 t.test('an unset variable without default is named with its field', async t => {
@@ -110,4 +110,36 @@ t.test('the shipped example config is valid', async t => {
   const config = loadConfig('config/gateway.yaml', { OHMYGPT_API_KEY: 'x' })
   t.equal(config.listen.port, 8080)
   t.equal(config.clients.length, 1)
+})
+
+t.test('a secret with whitespace or control characters is refused with a message that says so, without echoing it', async t => {
+  for (const value of ['sk-live-123\n', 'sk live', 'sk-\t1', ' sk-1']) {
+    const found = problems(() => loadConfig(yamlFile(minimal), { OHMYGPT_API_KEY: value }))
+    t.match(found, [/^upstream\.apiKey: must not contain whitespace or control characters/], JSON.stringify(value))
+    t.notOk(found.join('\n').includes(value.trim()), 'the secret is not in the message')
+  }
+})
+
+t.test('a YAML boolean or a literal string is never read as a number; only a ${VAR} string is', async t => {
+  t.match(problems(() => loadConfig(yamlFile(minimal.replace('apiKey: ${OHMYGPT_API_KEY}', 'apiKey: k\n  timeoutMs: true')), {})),
+    [/upstream\.timeoutMs: must be integer/])
+  const rateLimited = minimal.replace('scopes: [read]', 'scopes: [read]\n    rateLimit: { requestsPerMinute: true }')
+  t.match(problems(() => loadConfig(yamlFile(rateLimited), { OHMYGPT_API_KEY: 'x' })),
+    [/clients\[0\]\.rateLimit\.requestsPerMinute: must be integer/])
+  t.match(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "8080" }\n'), { OHMYGPT_API_KEY: 'x' })),
+    [/listen\.port: must be integer/], 'a quoted literal stays a string')
+  t.equal(loadConfig(yamlFile(minimal + 'listen: { port: "${PORT}" }\n'), { OHMYGPT_API_KEY: 'x', PORT: '9000' }).listen.port, 9000)
+  t.match(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "${PORT}" }\n'), { OHMYGPT_API_KEY: 'x', PORT: 'eighty' })),
+    [/listen\.port: must be integer/], 'a variable that is not a number is reported')
+})
+
+t.test('a default may hold another placeholder: ${A:-${B}} and deeper', async t => {
+  const file = yamlFile(minimal + 'audit: { file: "${AUDIT_FILE:-${AUDIT_DIR:-/var/audit}/gateway.jsonl}" }\n')
+  t.equal(loadConfig(file, { OHMYGPT_API_KEY: 'x' }).audit.file, '/var/audit/gateway.jsonl')
+  t.equal(loadConfig(file, { OHMYGPT_API_KEY: 'x', AUDIT_DIR: '/data' }).audit.file, '/data/gateway.jsonl')
+  t.equal(loadConfig(file, { OHMYGPT_API_KEY: 'x', AUDIT_FILE: '/x.jsonl', AUDIT_DIR: '/data' }).audit.file, '/x.jsonl')
+  t.equal(loadConfig(file, { OHMYGPT_API_KEY: 'x', AUDIT_FILE: '${AUDIT_DIR}' }).audit.file, '${AUDIT_DIR}',
+    'a value from the environment is not expanded again')
+  const unset = yamlFile(minimal + 'audit: { file: "${AUDIT_FILE:-${AUDIT_DIR}}" }\n')
+  t.match(problems(() => loadConfig(unset, { OHMYGPT_API_KEY: 'x' })), [/audit\.file: environment variable AUDIT_DIR is not set/])
 })

@@ -1,0 +1,48 @@
+// What a config needs from the machine it runs on, checked before anything starts: the listen address can be
+// bound and the audit file's directory can be created. `check-config` reports these with the schema's problems;
+// `start` meets the same conditions as one clear line (server.ts).
+import { mkdirSync } from 'node:fs'
+import { createServer } from 'node:net'
+import { dirname } from 'node:path'
+import type { GatewayConfig } from './config.js'
+
+/** The gateway cannot start on this machine with this config: said in one line, without a stack. */
+export class StartupError extends Error {}
+
+/** Why an address cannot be listened on, in words. */
+const LISTEN_ERRORS: Record<string, string> = {
+  EADDRNOTAVAIL: 'the address is not one of this machine\'s',
+  ENOTFOUND: 'the host name does not resolve',
+  EAI_AGAIN: 'the host name does not resolve',
+  EADDRINUSE: 'the port is in use',
+  EACCES: 'permission denied (ports below 1024 need privileges)'
+}
+
+export function describeListenError (host: string, port: number, err: NodeJS.ErrnoException): string {
+  return `cannot listen on ${host}:${port}: ${LISTEN_ERRORS[err.code ?? ''] ?? err.message} (${err.code ?? 'error'})`
+}
+
+/** Binds host on a free port and lets go: the host is usable if that works (the port itself may be taken later). */
+function checkListenHost (host: string): Promise<string | null> {
+  return new Promise(resolve => {
+    const server = createServer()
+    server.once('error', (err: NodeJS.ErrnoException) => { resolve(`listen.host: ${describeListenError(host, 0, err)}`) })
+    server.listen(0, host, () => server.close(() => { resolve(null) }))
+  })
+}
+
+export function auditDirectoryProblem (file: string): string | null {
+  if (file === '-') return null
+  try {
+    mkdirSync(dirname(file), { recursive: true })
+    return null
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException
+    return `audit.file: cannot create the directory ${dirname(file)}: ${e.code ?? e.message}`
+  }
+}
+
+export async function preflight (config: GatewayConfig): Promise<string[]> {
+  const problems = [await checkListenHost(config.listen.host), auditDirectoryProblem(config.audit.file)]
+  return problems.filter((p): p is string => p !== null)
+}
