@@ -60,6 +60,8 @@ export function matchOperation (method: string, url: string): Match {
   const path = rawPath(url)
   if (path !== API_PREFIX && !path.startsWith(API_PREFIX + '/')) return { kind: 'unknown' }
   const rest = path === API_PREFIX ? [] : path.slice(API_PREFIX.length + 1).split('/')
+  // One rule for every empty segment (a trailing slash, `//`): such a path is none of the routes.
+  if (rest.includes('')) return { kind: 'unknown' }
   if (rest.length >= 2 && rest[1] !== 'items') return { kind: 'unknown' }
   const found = RESOURCES.find(r => r.segments === rest.length)
   if (found === undefined) return { kind: 'unknown' }

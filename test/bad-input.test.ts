@@ -190,11 +190,15 @@ t.test('ids outside ^[A-Za-z0-9_-]{1,200}$ get 400 invalid_id and are never sent
     })
   }
 
-  await t.test('an empty id gets 400 invalid_id for the segment it is in, and the upstream sees nothing', async t => {
-    await expectRejected(t, h, get('/v1/conversations/'), asConversation)
-    await expectRejected(t, h, post('/v1/conversations/'), asConversation)
-    await expectRejected(t, h, get('/v1/conversations//items'), asConversation)
-    await expectRejected(t, h, get('/v1/conversations/conv_ok/items/'), asItem)
+  await t.test('a path with an empty segment (trailing slash or //) is no route: 404 unknown_route, whatever the method', async t => {
+    const unknown = { status: 404, code: 'unknown_route', outcome: 'invalid' } as const
+    await expectRejected(t, h, get('/v1/conversations/'), unknown)
+    await expectRejected(t, h, post('/v1/conversations/'), unknown)
+    await expectRejected(t, h, get('/v1/conversations//items'), unknown)
+    await expectRejected(t, h, get('/v1/conversations/conv_ok/'), unknown)
+    await expectRejected(t, h, post('/v1/conversations/conv_ok/'), unknown)
+    await expectRejected(t, h, get('/v1/conversations/conv_ok/items/'), unknown)
+    await expectRejected(t, h, del('/v1/conversations/conv_ok/items/msg_1/'), unknown)
   })
 
   await t.test('with both ids bad, the conversation id is the one reported', async t => {
@@ -212,8 +216,8 @@ t.test('a bad id from a client without a valid key gets 401, not 400: the key is
       await expectRejected(t, h, get(`/v1/conversations/conv_ok/items/${seg}`, [bearer('gw_wrong_key')]), denied)
     })
   }
-  await t.test('an empty id with no key gets 401 invalid_api_key', async t => {
-    await expectRejected(t, h, get('/v1/conversations/', []), denied)
+  await t.test('an empty segment with no key is 404 unknown_route: the route is checked before the key', async t => {
+    await expectRejected(t, h, get('/v1/conversations/', []), { status: 404, code: 'unknown_route', outcome: 'invalid' })
   })
   await oneAuditLineEach(t, h)
 })

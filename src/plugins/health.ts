@@ -2,5 +2,12 @@ import fp from 'fastify-plugin'
 
 export default fp(async function health (app) {
   // Probed every few seconds by orchestrators: not worth a log line each time.
-  app.get('/healthz', { config: { internal: true }, logLevel: 'warn' }, async () => ({ status: 'ok' }))
+  // HEAD too (some probes use it): the same answer without a body.
+  app.route({
+    method: ['GET', 'HEAD'],
+    url: '/healthz',
+    config: { internal: true },
+    logLevel: 'warn',
+    handler: async () => ({ status: 'ok' })
+  })
 }, { name: 'health' })
