@@ -10,7 +10,7 @@ import {
   envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
   RequestTooLargeError, type GatewayError
 } from './errors.js'
-import { appLoggerOptions, createAuditWriter, type AuditWriter } from './logging.js'
+import { createAppLogger, createAuditWriter, DebugRequestLogController, PeerLogThrottle, type AuditWriter } from './logging.js'
 import audit, { markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body from './plugins/body.js'
@@ -51,24 +51,50 @@ function routableUrl (req: IncomingMessage): string {
   }
 }
 
+/** Why Node's parser refused a request, in words for the operational log. */
+const PARSER_REFUSALS: Record<string, string> = {
+  ERR_HTTP_REQUEST_TIMEOUT: 'request not received in time (slow headers or body)',
+  HPE_HEADER_OVERFLOW: 'headers over the size limit',
+  HPE_UNEXPECTED_CONTENT_LENGTH: 'Content-Length together with Transfer-Encoding',
+  HPE_INVALID_TRANSFER_ENCODING: 'invalid Transfer-Encoding',
+  HPE_INVALID_CHUNK_SIZE: 'invalid chunk size',
+  HPE_INVALID_CONTENT_LENGTH: 'invalid Content-Length',
+  HPE_LF_EXPECTED: 'bare LF or CR line ending',
+  HPE_CR_EXPECTED: 'bare LF or CR line ending',
+  HPE_INVALID_URL: 'invalid bytes in the request target',
+  HPE_INVALID_HEADER_TOKEN: 'invalid header',
+  HPE_INVALID_METHOD: 'invalid method',
+  HPE_INVALID_VERSION: 'invalid HTTP version'
+}
+
 /**
- * Malformed HTTP that Node's parser refuses: answered in OpenAI's envelope like every other gateway error.
- * When the request had already been handed over (a bad chunk in its body), its audit record says so.
+ * Malformed HTTP that Node's parser refuses: answered in OpenAI's envelope like every other gateway error, and
+ * logged at warn with the peer and the reason (throttled per peer), since these are how smuggling and slowloris
+ * attempts show. When the request had already been handed over (a bad chunk in its body), its audit record says
+ * what was sent.
  */
-function clientErrorHandler (err: NodeJS.ErrnoException, socket: Socket) {
-  if (err.code === 'ECONNRESET' || socket.destroyed) return
-  const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-  if (inFlight && !inFlight.headersSent) markMalformed(inFlight)
-  if (socket.writable && !inFlight?.headersSent) {
-    const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
-      ? new RequestTimeoutError()
-      : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')
-    const body = JSON.stringify(envelope(error))
-    socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
-      `${REQUEST_ID_HEADER}: ${newRequestId()}\r\nContent-Type: application/json; charset=utf-8\r\n` +
-      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+function clientErrorHandler (throttle: PeerLogThrottle) {
+  return function onClientError (this: FastifyInstance, err: NodeJS.ErrnoException, socket: Socket) {
+    if (err.code === 'ECONNRESET' || socket.destroyed) return
+    const peer = socket.remoteAddress ?? 'unknown'
+    const held = throttle.admit(peer)
+    if (held !== null) {
+      const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
+      this.log.warn({ peer, code: err.code, reason, ...(held > 0 ? { heldBack: held } : {}) }, 'request refused by the HTTP parser')
+    }
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (socket.writable && !inFlight?.headersSent) {
+      const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? new RequestTimeoutError()
+        : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')
+      const body = JSON.stringify(envelope(error))
+      if (inFlight) markMalformed(inFlight, error.statusCode, Buffer.byteLength(body))
+      socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
+        `${REQUEST_ID_HEADER}: ${newRequestId()}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+        `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+    }
+    socket.destroy(err)
   }
-  socket.destroy(err)
 }
 
 /** How long a client that is still sending an over-limit body may keep the connection after its 413. */
@@ -76,7 +102,8 @@ const DISCARD_BODY_MS = 5_000
 
 export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
   const app = Fastify({
-    ...(deps.logger ? { loggerInstance: deps.logger } : { logger: appLoggerOptions(config.log.level) }),
+    loggerInstance: deps.logger ?? createAppLogger(config.log.level),
+    logController: new DebugRequestLogController(),
     genReqId: newRequestId,
     requestIdHeader: false,
     bodyLimit: config.limits.bodyBytes,
@@ -86,10 +113,14 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // 414 for a param over find-my-way's default 100 characters. 16 KiB is Node's whole header limit.
     routerOptions: { maxParamLength: 16_384 },
     rewriteUrl: routableUrl,
-    clientErrorHandler
+    // Node would answer these itself, bare: a missing Host (400) and an unknown Expect (417) go through the
+    // gateway's checks instead, for the envelope, a request id and an audit record (plugins/router.ts).
+    http: { requireHostHeader: false },
+    clientErrorHandler: clientErrorHandler(new PeerLogThrottle())
   })
 
   app.setErrorHandler(errorHandler(config))
+  app.decorateRequest('refusal', null)
 
   await app.register(requestId)
   const auditWriter = deps.auditWriter ??
@@ -113,13 +144,21 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
 function errorHandler (config: GatewayConfig) {
   return function handle (error: FastifyError, request: FastifyRequest, reply: FastifyReply) {
     const err = toGatewayError(error, config)
+    request.refusal = err
     if (err.statusCode >= 500 && !isGatewayError(error)) {
       request.log.error({ err: error }, 'unhandled error')
     }
     if (err.statusCode === 413) keepConnectionForTheAnswer(request, reply)
+    // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it:
+    // the connection cannot carry another request after this one.
+    else if (expectsContinue(request) && !request.raw.complete) reply.header('connection', 'close')
     if (err.headers) reply.headers(err.headers)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
   }
+}
+
+function expectsContinue (request: FastifyRequest): boolean {
+  return request.headers.expect?.toLowerCase() === '100-continue'
 }
 
 function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayError {

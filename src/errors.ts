@@ -8,15 +8,30 @@ export interface GatewayError extends Error {
   code: string
   type: string
   param: string | null
+  /** what the audit record says of a call answered with this error */
+  outcome: ErrorOutcome
   headers?: Record<string, string>
 }
 
 type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'server_error'
 
-function define (code: string, status: number, type: ErrorType, message: string) {
+/** The audit outcomes a gateway-made answer can have (plugins/audit.ts adds those of proxied and aborted calls). */
+export type ErrorOutcome = 'invalid' | 'denied' | 'rate_limited' | 'upstream_error' | 'unavailable' | 'error'
+
+function outcomeOf (status: number, type: ErrorType): ErrorOutcome {
+  if (status === 401 || status === 403) return 'denied'
+  if (status === 429) return 'rate_limited'
+  if (status === 502 || status === 504) return 'upstream_error'
+  if (status === 503) return 'unavailable'
+  if (type === 'server_error') return 'error'
+  return 'invalid'
+}
+
+function define (code: string, status: number, type: ErrorType, message: string, outcome = outcomeOf(status, type)) {
   const Base = createError(code, message, status)
   return class extends Base {
     readonly type = type
+    readonly outcome = outcome
     param: string | null = null
     headers?: Record<string, string>
     constructor (...args: unknown[]) {
@@ -36,6 +51,8 @@ export const InvalidRequestError = define('invalid_request', 400, 'invalid_reque
   'The request could not be understood: %s')
 export const UpgradeNotSupportedError = define('upgrade_not_supported', 400, 'invalid_request_error',
   'Protocol upgrades (WebSocket) are not supported by this gateway.')
+export const MissingHostError = define('missing_host', 400, 'invalid_request_error',
+  'The request has no Host header, which HTTP/1.1 requires.')
 export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
 export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',
@@ -48,6 +65,13 @@ export const RequestTooLargeError = define('request_too_large', 413, 'invalid_re
   'The request body is larger than the %s bytes this gateway accepts.')
 export const UnsupportedMediaTypeError = define('unsupported_media_type', 415, 'invalid_request_error',
   'Unsupported Content-Type %s: send application/json.')
+export const UnsupportedContentEncodingError = define('unsupported_media_type', 415, 'invalid_request_error',
+  'Content-Encoding %s is not supported: send the JSON body uncompressed.')
+export const ExpectationFailedError = define('expectation_failed', 417, 'invalid_request_error',
+  'Expect: %s is not supported; only Expect: 100-continue is.')
+export const UnsupportedTransferEncodingError = define('unsupported_transfer_encoding', 501, 'invalid_request_error',
+  'Transfer-Encoding %s is not supported: send the body with Content-Length or Transfer-Encoding: chunked.',
+  'invalid')
 export const RequestTimeoutError = define('request_timeout', 408, 'invalid_request_error',
   'The request was not received in time.')
 export const HeadersTooLargeError = define('request_header_too_large', 431, 'invalid_request_error',

@@ -1,5 +1,10 @@
 // The two pino loggers: the operational log (redacted, to stdout) and the audit log (bare JSONL records).
-import { pino, type LoggerOptions } from 'pino'
+// The operational log says what is exceptional; per-request lines belong to the audit, and appear here only at
+// debug.
+import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
+import { LogController } from 'fastify'
+import { LRUCache } from 'lru-cache'
+import { pino, type Logger, type LoggerOptions } from 'pino'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
 export const REDACT_PATHS = [
@@ -8,8 +13,79 @@ export const REDACT_PATHS = [
   'res.headers["set-cookie"]', 'apiKey', '*.apiKey', 'upstream.apiKey', 'key', '*.key'
 ]
 
+/** Longest string of client-controlled text (a URL, a Host) written to the operational log. */
+const LOGGED_TEXT_CHARS = 256
+
+export function cut (text: unknown): string | undefined {
+  if (typeof text !== 'string') return undefined
+  return text.length > LOGGED_TEXT_CHARS ? `${text.slice(0, LOGGED_TEXT_CHARS)}… (${text.length} chars)` : text
+}
+
 export function appLoggerOptions (level: string): LoggerOptions {
-  return { level, redact: { paths: REDACT_PATHS, censor: '[redacted]' } }
+  return {
+    level,
+    redact: { paths: REDACT_PATHS, censor: '[redacted]' },
+    serializers: {
+      req (req: FastifyRequest) {
+        return { method: req.method, url: cut(req.url), host: cut(req.host), remoteAddress: req.ip }
+      }
+    }
+  }
+}
+
+export function createAppLogger (level: string): Logger {
+  return pino(appLoggerOptions(level))
+}
+
+/** Fastify's "incoming request" / "request completed" lines, at debug instead of info: the audit says it all. */
+function debugOn (log: FastifyBaseLogger): boolean {
+  return log.level === 'debug' || log.level === 'trace'
+}
+
+export class DebugRequestLogController extends LogController {
+  override incomingRequest (request: FastifyRequest): void {
+    if (debugOn(request.log)) request.log.debug({ req: request }, 'incoming request')
+  }
+
+  override requestCompleted (error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
+    if (error) reply.log.error({ res: reply, err: error }, 'request errored')
+    else if (debugOn(reply.log)) reply.log.debug({ res: reply, responseTime: reply.elapsedTime }, 'request completed')
+  }
+}
+
+/**
+ * At most `perSecond` lines a second for each peer address, for warnings a client can trigger at will (malformed
+ * HTTP, slowloris): each is worth a line, a flood of them is not. A line after a quiet spell says how many were
+ * held back. Bounded: the least recently seen addresses are forgotten.
+ */
+export class PeerLogThrottle {
+  readonly #windows = new LRUCache<string, { start: number, count: number, held: number }>({ max: 10_000 })
+  readonly #perSecond: number
+  readonly #now: () => number
+
+  constructor (perSecond = 3, now: () => number = Date.now) {
+    this.#perSecond = perSecond
+    this.#now = now
+  }
+
+  /** How many lines were held back before this one, or null when this one is to be held back too. */
+  admit (peer: string): number | null {
+    const now = this.#now()
+    let w = this.#windows.get(peer)
+    if (w === undefined || now - w.start >= 1000) {
+      const held = w?.held ?? 0
+      w = { start: now, count: 0, held: 0 }
+      this.#windows.set(peer, w)
+      w.count++
+      return held
+    }
+    if (w.count >= this.#perSecond) {
+      w.held++
+      return null
+    }
+    w.count++
+    return 0
+  }
 }
 
 export interface AuditWriter {

@@ -1,5 +1,6 @@
 // Request fields the plugins declare and share. Each field has one owner (named below); the others only read it.
 import type { ClientConfig } from './config.js'
+import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
@@ -21,6 +22,8 @@ declare module 'fastify' {
     bodyBytes: number
     /** plugins/proxy.ts: what the upstream answered, when it did */
     upstream: UpstreamFacts | null
+    /** app.ts error handler: the gateway's own error this call was answered with */
+    refusal: GatewayError | null
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

@@ -1,6 +1,9 @@
 // Defects found by real clients (the Python SDK, curl) and hostile ones, each over a real socket: what a client
 // sends, what comes back, what the upstream saw and what the audit says.
+import { createConnection } from 'node:net'
+import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
+import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
 import { startUpstream, type FakeUpstream } from './fixtures/upstream.js'
@@ -55,4 +58,212 @@ t.test('an empty body is no body: Content-Type: application/json with nothing af
   }
   const deletes = gw.audit().filter(r => r.method === 'DELETE')
   t.ok(deletes.length === 4 && deletes.every(r => r.bytesIn === 0), 'the DELETEs are audited with bytesIn 0')
+})
+
+/** A raw connection driven step by step: write, wait for bytes, write more. */
+function connectRaw (url: string) {
+  const { hostname, port } = new URL(url)
+  const socket = createConnection({ host: hostname, port: Number(port) })
+  let received = Buffer.alloc(0)
+  let closed = false
+  socket.on('data', (c: Buffer) => { received = Buffer.concat([received, c]) })
+  socket.on('error', () => {})
+  socket.on('close', () => { closed = true })
+  return {
+    socket,
+    text: () => received.toString('latin1'),
+    closed: () => closed,
+    /** resolves when the received text matches, or after ms with whatever arrived */
+    async waitFor (pattern: RegExp, ms = 2000): Promise<boolean> {
+      const until = Date.now() + ms
+      while (Date.now() < until) {
+        if (pattern.test(received.toString('latin1'))) return true
+        if (closed) break
+        await sleep(10)
+      }
+      return pattern.test(received.toString('latin1'))
+    }
+  }
+}
+
+const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
+
+async function auditOf (gw: TestGateway, requestId: string | undefined): Promise<AuditRecord | undefined> {
+  for (let i = 0; i < 100; i++) {
+    const found = gw.audit().find(r => r.requestId === requestId)
+    if (found !== undefined) return found
+    await sleep(10)
+  }
+  return undefined
+}
+
+function requestIdIn (text: string): string | undefined {
+  return /x-gateway-request-id: (gw_[0-9a-f]{32})/i.exec(text)?.[1]
+}
+
+t.test('Expect: 100-continue: a refused caller gets its final status and no 100; an accepted one gets its 100', async t => {
+  const { upstream, gw } = await setup(t)
+  const body = '{"metadata":{"topic":"continue"}}'
+  const head = (key: string) => `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${key}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${body.length}\r\nExpect: 100-continue\r\n\r\n`
+
+  for (const [label, key, status] of [['an unknown key', 'ogw_wrong', 401], ['a read-only key', KEYS.reader, 403]] as const) {
+    await t.test(`${label} is answered ${status} without being asked for its body`, async t => {
+      const c = connectRaw(gw.url)
+      c.socket.write(head(key))
+      t.ok(await c.waitFor(new RegExp(`^HTTP/1\\.1 ${status} `)), `the first answer is the final ${status}`)
+      t.notMatch(c.text(), /100 Continue/, 'no 100 Continue')
+      t.match(c.text(), /connection: close/i, 'the connection is closed after it: the body will never come')
+      t.ok(await c.waitFor(/$^/, 500) || c.closed(), 'the gateway closed the connection')
+      c.socket.destroy()
+    })
+  }
+
+  await t.test('an accepted call is told to continue, then served', async t => {
+    const c = connectRaw(gw.url)
+    c.socket.write(head(KEYS.full))
+    t.ok(await c.waitFor(/^HTTP\/1\.1 100 Continue\r\n\r\n/), 'a 100 Continue first')
+    t.notMatch(c.text(), /HTTP\/1\.1 200/, 'and nothing else before the body is sent')
+    c.socket.write(body)
+    t.ok(await c.waitFor(/HTTP\/1\.1 200 OK[\s\S]*"topic":"continue"/), 'then the upstream\'s 200')
+    c.socket.destroy()
+  })
+  t.equal(upstream.requests.length, 1, 'only the accepted call reached the upstream')
+})
+
+t.test('audit records say what the client got', async t => {
+  await t.test('malformed chunked framing: the record has the 400 and the bytes of its body', async t => {
+    const { gw } = await setup(t)
+    const ex = await sendRaw(gw.url, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n` +
+      'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n')
+    t.equal(ex.response?.status, 400)
+    const record = await auditOf(gw, undefined) ?? gw.audit()[0]
+    t.ok(record, 'the call is audited')
+    t.equal(record?.status, 400, 'status 400')
+    t.equal(record?.outcome, 'invalid', 'outcome invalid')
+    t.equal(record?.bytesOut, Buffer.byteLength(ex.response?.body ?? ''), 'bytesOut counts the 400 body that was sent')
+    t.ok((record?.bytesOut ?? 0) > 0)
+  })
+})
+
+t.test('the operational log keeps to what is exceptional', async t => {
+  await t.test('at info, served calls write no per-request lines; at debug they do', async t => {
+    for (const level of ['info', 'debug'] as const) {
+      const { gw } = await setup(t, { log: { level } })
+      for (let i = 0; i < 3; i++) await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE], '{}'))
+      const perRequest = gw.logs.filter(l => /"msg":"(incoming request|request completed)"/.test(l))
+      if (level === 'info') t.equal(perRequest.length, 0, 'no per-request lines at info')
+      else t.equal(perRequest.length, 6, 'two per request at debug')
+      t.equal(gw.audit().length, 3, 'the audit has every call either way')
+    }
+  })
+
+  await t.test('an upstream failure is logged once', async t => {
+    const { upstream, gw } = await setup(t, { log: { level: 'info' } })
+    upstream.respond = (_req, res) => { res.socket?.destroy() }
+    const ex = await sendRaw(gw.url, buildRequest('GET', '/v1/conversations/conv_1', [FULL]))
+    t.equal(ex.response?.status, 502)
+    await sleep(50)
+    const lines = gw.logs.filter(l => /"level":(40|50)/.test(l))
+    t.equal(lines.length, 1, `one warning for one failure (got ${lines.length})`)
+  })
+
+  await t.test('long client-controlled values are cut in the log', async t => {
+    const { gw } = await setup(t, { log: { level: 'debug' } })
+    const long = '/v1/conversations/' + 'c'.repeat(15_000)
+    await sendRaw(gw.url, buildRequest('GET', long, [FULL]))
+    const incoming = gw.logs.find(l => l.includes('"msg":"incoming request"'))
+    t.ok(incoming, 'the debug line is there')
+    t.ok((incoming?.length ?? Infinity) < 2000, `the line is short (${incoming?.length} chars)`)
+    t.match(incoming, /15018 chars/, 'and says how long the value was')
+  })
+})
+
+t.test('Node\'s own refusals are logged at warn with the peer and the reason, a few lines a second at most', async t => {
+  const { upstream, gw } = await setup(t, { log: { level: 'info' } })
+  const bad = [
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`,
+    `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n`,
+    `GET /v1/conversations/conv_1 HTTP/1.1\nHost: x\n\n`,
+    `GET /v1/conversations/conv_\xe9 HTTP/1.1\r\nHost: x\r\n\r\n`,
+    `GET /v1/conversations/conv_1 HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`
+  ]
+  for (const raw of bad) await sendRaw(gw.url, Buffer.from(raw, 'latin1'))
+  const refusals = () => gw.logs.filter(l => l.includes('request refused by the HTTP parser')).map(l => JSON.parse(l) as Record<string, unknown>)
+  t.ok(refusals().length >= 3, `the first refusals are logged (${refusals().length})`)
+  t.ok(refusals().length <= 4, 'but not one line per request from the same peer within a second')
+  for (const r of refusals()) {
+    t.equal(r.level, 40, 'at warn')
+    t.equal(r.peer, '127.0.0.1', 'with the peer address')
+    t.type(r.reason, 'string', `with the reason: ${String(r.reason)}`)
+  }
+  await sleep(1100)
+  await sendRaw(gw.url, Buffer.from(bad[0]!, 'latin1'))
+  const last = refusals().at(-1)
+  t.ok(last !== undefined && Number(last.heldBack) >= 1, `after a quiet second, the next line says how many were held back (${String(last?.heldBack)})`)
+  t.equal(upstream.requests.length, 0)
+})
+
+t.test('a request with no Host, or with an Expect other than 100-continue, gets the envelope and a request id', async t => {
+  const { upstream, gw } = await setup(t)
+  for (const [label, raw, status, code] of [
+    ['no Host', `GET /v1/conversations/conv_1 HTTP/1.1\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`, 400, 'missing_host'],
+    ['Expect: teapot', `GET /v1/conversations/conv_1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nExpect: teapot\r\n\r\n`, 417, 'expectation_failed']
+  ] as const) {
+    const ex = await sendRaw(gw.url, raw)
+    t.equal(ex.response?.status, status, `${label}: ${status}`)
+    const body = JSON.parse(ex.response?.body ?? '{}') as { error?: { code?: string, type?: string } }
+    t.equal(body.error?.code, code, `${label}: code ${code}`)
+    t.equal(body.error?.type, 'invalid_request_error')
+    const id = ex.response?.headers['x-gateway-request-id'] as string | undefined
+    t.match(id, /^gw_[0-9a-f]{32}$/, `${label}: a request id`)
+    t.match(await auditOf(gw, id), { status, outcome: 'invalid' }, `${label}: audited`)
+  }
+  t.equal(upstream.requests.length, 0)
+})
+
+t.test('HEAD /healthz is answered like GET, without a body', async t => {
+  const { gw } = await setup(t)
+  const head = await sendRaw(gw.url, buildRequest('HEAD', '/healthz'))
+  t.equal(head.response?.status, 200)
+  t.equal(head.response?.body, '')
+  t.match(head.response?.headers['content-type'], /^application\/json/)
+  const get = await sendRaw(gw.url, buildRequest('GET', '/healthz'))
+  t.equal(get.response?.body, '{"status":"ok"}')
+})
+
+t.test('a request pipelined behind a refused Upgrade is not left hanging: the connection closes after the refusal', async t => {
+  const { upstream, gw } = await setup(t)
+  const upgrade = buildRequest('GET', '/v1/conversations/conv_1', [FULL, ['Connection', 'Upgrade'], ['Upgrade', 'websocket']])
+  const next = buildRequest('GET', '/v1/conversations/conv_1', [FULL])
+  const started = Date.now()
+  const ex = await sendRaw(gw.url, Buffer.concat([upgrade, next]), { timeoutMs: 3000 })
+  t.equal(ex.response?.status, 400)
+  t.match(ex.response?.headers.connection, /close/i, 'connection: close on the refusal')
+  const c = connectRaw(gw.url)
+  c.socket.write(Buffer.concat([upgrade, next]))
+  await c.waitFor(/upgrade_not_supported/)
+  for (let i = 0; i < 100 && !c.closed(); i++) await sleep(10)
+  t.ok(c.closed(), `the gateway closed the connection (after ${Date.now() - started} ms), rather than leaving the second request unanswered`)
+  t.equal(upstream.requests.length, 0)
+})
+
+t.test('content and transfer codings the gateway does not decode are refused, not ignored', async t => {
+  const { upstream, gw } = await setup(t)
+  const gzipChunked = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations',
+    [FULL, JSON_TYPE, ['Transfer-Encoding', 'gzip, chunked']], Buffer.concat([chunk('{}'), chunk('')])))
+  t.equal(gzipChunked.response?.status, 501, 'Transfer-Encoding: gzip, chunked → 501')
+  t.match(gzipChunked.response?.body, /"code":"unsupported_transfer_encoding"/)
+
+  const gzipBody = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations',
+    [FULL, JSON_TYPE, ['Content-Encoding', 'gzip']], gzipSync('{}')))
+  t.equal(gzipBody.response?.status, 415, 'Content-Encoding: gzip → 415')
+  t.match(gzipBody.response?.body, /"code":"unsupported_media_type"/)
+  t.match(gzipBody.response?.body, /Content-Encoding/, 'the message names the content coding')
+
+  const identity = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Content-Encoding', 'identity']], '{}'))
+  t.equal(identity.response?.status, 200, 'Content-Encoding: identity is no coding')
+  t.equal(upstream.requests.length, 1, 'only that one reached the upstream')
+  const records = gw.audit()
+  t.same(records.map(r => [r.status, r.outcome]), [[501, 'invalid'], [415, 'invalid'], [200, 'ok']])
 })

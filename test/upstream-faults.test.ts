@@ -202,13 +202,13 @@ t.test('upstream answers pass through with status, body and x-request-id unchang
   }
 })
 
-t.test('an upstream 429 reaches the client with its body and retry-after, our rate-limit headers, and takes one local token', async t => {
+t.test('an upstream 429 reaches the client with its body and the upstream\'s retry and rate headers, is audited upstream_rate_limited, and takes one local token', async t => {
   const { upstream, gw } = await setup(t)
   const body = openAIError('Rate limit reached for requests', 'requests', 'rate_limit_exceeded')
   upstream.respond = (_req, res) => {
     res.writeHead(429, {
-      'content-type': 'application/json', 'retry-after': '20', 'x-request-id': 'req_upstream_429',
-      'x-ratelimit-limit-requests': '5000', 'x-ratelimit-remaining-requests': '0'
+      'content-type': 'application/json', 'retry-after': '20', 'retry-after-ms': '20000', 'x-request-id': 'req_upstream_429',
+      'x-ratelimit-limit-requests': '5000', 'x-ratelimit-remaining-requests': '0', 'x-ratelimit-reset-requests': '20s'
     })
     res.end(body)
   }
@@ -216,9 +216,11 @@ t.test('an upstream 429 reaches the client with its body and retry-after, our ra
   t.equal(limited.status, 429, 'the upstream\'s 429')
   t.equal(limited.body, body, 'the upstream\'s 429 body, not ours')
   t.equal(limited.headers['retry-after'], '20', 'the upstream\'s retry-after')
+  t.equal(limited.headers['retry-after-ms'], '20000', 'the upstream\'s retry-after-ms')
   t.equal(limited.headers['x-request-id'], 'req_upstream_429', 'the upstream\'s x-request-id')
-  t.equal(limited.headers['x-ratelimit-limit-requests'], '60', 'our limit for this client, not the upstream\'s')
-  t.equal(limited.headers['x-ratelimit-remaining-requests'], '2', 'one token of a burst of 3 taken')
+  t.equal(limited.headers['x-ratelimit-limit-requests'], '5000', 'the upstream\'s rate headers, unchanged: not ours')
+  t.equal(limited.headers['x-ratelimit-remaining-requests'], '0', 'the upstream\'s remaining, not this client\'s')
+  t.equal(limited.headers['x-ratelimit-reset-requests'], '20s', 'the upstream\'s reset')
   t.equal(upstream.requests.length, 1, 'not retried')
 
   upstream.respond = null
@@ -229,7 +231,7 @@ t.test('an upstream 429 reaches the client with its body and retry-after, our ra
   const records = await auditRecords(gw, 2)
   t.equal(records.length, 2, 'one audit record per call')
   t.equal(records[0]?.status, 429, 'audit status 429')
-  t.equal(records[0]?.outcome, 'ok', 'an upstream 4xx is an ok outcome for the gateway')
+  t.equal(records[0]?.outcome, 'upstream_rate_limited', 'the shared account\'s limit, told apart from the client\'s own')
   t.equal(records[0]?.upstreamRequestId, 'req_upstream_429', 'audit upstreamRequestId')
   t.type(records[0]?.upstreamMs, 'number', 'audit upstreamMs is a number')
   assertTokenNowhere(t, gw, [answerText(limited), answerText(next)])
@@ -422,6 +424,7 @@ t.test('a client that hangs up while the upstream holds the headers is audited o
   const records = await auditRecords(gw, 1)
   t.equal(records.length, 1, 'one audit record')
   t.equal(records[0]?.outcome, 'aborted', 'audit outcome aborted')
+  t.equal(records[0]?.status, 499, 'no status was sent: 499, not the 200 the client never got')
   t.equal(records[0]?.upstreamRequestId, null, 'no upstream answer yet')
 
   // The upstream answers after all: nothing more is written, nothing breaks.
@@ -457,6 +460,7 @@ t.test('a client that hangs up mid-body is audited once as aborted, the upstream
   const records = await auditRecords(gw, 1)
   t.equal(records.length, 1, 'one audit record')
   t.equal(records[0]?.outcome, 'aborted', 'a client hang-up, not an upstream error')
+  t.equal(records[0]?.status, 200, 'the status that was sent before the client left')
   t.equal(records[0]?.upstreamRequestId, 'req_abandoned', 'audit upstreamRequestId')
   await until('the upstream response to be closed', () => upstreamClosed)
   t.ok(upstreamClosed, 'the gateway let go of the upstream stream')

@@ -7,10 +7,15 @@ import { performance } from 'node:perf_hooks'
 import { Transform, pipeline, type Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
+import type { ErrorOutcome } from '../errors.js'
 import type { AuditWriter } from '../logging.js'
 import { rawPath, type Action } from '../operations.js'
 
-export type Outcome = 'ok' | 'upstream_error' | 'denied' | 'rate_limited' | 'invalid' | 'aborted' | 'error'
+/** A gateway-made answer's outcome, or: the upstream answered (`ok`, its own 429, its 5xx), or the client left. */
+export type Outcome = ErrorOutcome | 'ok' | 'upstream_rate_limited' | 'aborted'
+
+/** The status recorded for a call whose client hung up before any status was sent (nginx's convention). */
+export const CLIENT_CLOSED_REQUEST = 499
 
 export interface AuditRecord {
   time: string
@@ -48,27 +53,31 @@ interface ResponseWatch {
 
 const watches = new WeakMap<FastifyRequest, ResponseWatch>()
 
-const malformed = new WeakSet<ServerResponse>()
+/** Answers the gateway wrote on the socket itself, outside Fastify: their status and body bytes. */
+const malformed = new WeakMap<ServerResponse, { status: number, bodyBytes: number }>()
 
 /**
  * Node found the request malformed after it was handed over (a bad chunk in the body): the gateway answered
- * 400 on the socket itself, so the response never finishes through Fastify.
+ * on the socket itself, so the response never finishes through Fastify.
  */
-export function markMalformed (res: ServerResponse): void {
-  res.statusCode = 400
-  malformed.add(res)
+export function markMalformed (res: ServerResponse, status: number, bodyBytes: number): void {
+  malformed.set(res, { status, bodyBytes })
 }
 
 function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): Outcome {
-  const status = reply.statusCode
   if (malformed.has(reply.raw)) return 'invalid'
   if (!reply.raw.writableFinished) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
-  if (request.upstream !== null) return request.upstream.status >= 500 ? 'upstream_error' : 'ok'
-  if (status === 401 || status === 403) return 'denied'
-  if (status === 429) return 'rate_limited'
-  if (status === 502 || status === 504) return 'upstream_error'
-  if (status >= 400 && status < 500) return 'invalid'
+  if (request.refusal !== null) return request.refusal.outcome
+  if (request.upstream !== null) {
+    if (request.upstream.status === 429) return 'upstream_rate_limited' // the shared account's limit, not the client's
+    return request.upstream.status >= 500 ? 'upstream_error' : 'ok'
+  }
   return 'error'
+}
+
+/** The status the client actually received: none sent is 499, as nginx logs a client that closed first. */
+function statusSent (reply: FastifyReply): number {
+  return malformed.get(reply.raw)?.status ?? (reply.raw.headersSent ? reply.statusCode : CLIENT_CLOSED_REQUEST)
 }
 
 /** The id of a 2xx conversation.create answer, read from at most CREATE_ID_SCAN_BYTES of it. */
@@ -109,7 +118,6 @@ function countingStream (request: FastifyRequest, reply: FastifyReply, payload: 
 
 function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
   const op = request.operation
-  const status = reply.statusCode
   const userAgent = request.headers['user-agent']
   return {
     time: new Date().toISOString(),
@@ -120,13 +128,13 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     path: rawPath(request.originalUrl).slice(0, 2048),
     conversationId: op?.action === 'conversation.create' ? watch.createdId : op?.conversationId ?? null,
     itemId: op?.itemId ?? null,
-    status,
+    status: statusSent(reply),
     outcome: outcomeOf(request, reply, watch),
     durationMs: Math.round(performance.now() - watch.start),
     upstreamMs: request.upstream?.ms ?? null,
     upstreamRequestId: request.upstream?.requestId ?? null,
     bytesIn: request.bodyBytes,
-    bytesOut: watch.bytesOut,
+    bytesOut: malformed.get(reply.raw)?.bodyBytes ?? watch.bytesOut,
     ip: request.ip,
     userAgent: typeof userAgent === 'string' ? userAgent.slice(0, 512) : null
   }

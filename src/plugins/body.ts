@@ -5,7 +5,10 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import { Readable } from 'node:stream'
 import fp from 'fastify-plugin'
-import { InvalidJsonError, UnsupportedMediaTypeError } from '../errors.js'
+import {
+  InvalidJsonError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
+  UnsupportedTransferEncodingError
+} from '../errors.js'
 
 export interface BodyOptions {
   bodyBytes: number
@@ -23,16 +26,34 @@ function hasBody (headers: IncomingHttpHeaders): boolean {
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
 }
 
+/** A client-sent header value as quoted in an error message, cut short. */
+function shown (value: string | undefined): string {
+  return JSON.stringify(String(value).slice(0, 100))
+}
+
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.decorateRequest('bodyBytes', 0)
 
-  // Before a byte of the body is read.
-  app.addHook('preParsing', async (request) => {
-    if (!hasBody(request.headers)) return
-    const type = request.headers['content-type']
-    if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(JSON.stringify(String(type).slice(0, 100)))
+  // Before a byte of the body is read: framing (501), coding and media type (415), declared size (413). Only then
+  // is a client that waits for `100 Continue` told to send its body.
+  app.addHook('preParsing', async (request, reply) => {
+    const headers = request.headers
+    if (!hasBody(headers)) return
+    const transfer = headers['transfer-encoding']
+    // Node's parser insists on chunked last; any coding before it (gzip, chunked) would be ignored, not decoded.
+    if (transfer !== undefined && transfer.trim().toLowerCase() !== 'chunked') {
+      throw new UnsupportedTransferEncodingError(shown(transfer))
+    }
+    const coding = headers['content-encoding']
+    if (coding !== undefined && coding.trim().toLowerCase() !== 'identity') {
+      throw new UnsupportedContentEncodingError(shown(coding))
+    }
+    const type = headers['content-type']
+    if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(shown(type))
+    if (Number(headers['content-length']) > bodyBytes) throw new RequestTooLargeError(String(bodyBytes))
+    if (headers.expect?.toLowerCase() === '100-continue') reply.raw.writeContinue()
   })
 
   app.removeAllContentTypeParsers()

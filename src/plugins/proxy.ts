@@ -67,6 +67,14 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders): IncomingHt
   return out
 }
 
+export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<string, string> {
+  const out: Record<string, string> = {}
+  for (const [name, value] of Object.entries(headers)) {
+    if (name.startsWith('x-ratelimit-') && typeof value === 'string') out[name] = value
+  }
+  return out
+}
+
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   app.decorateRequest('upstream', null)
   const base = new URL(opts.baseUrl)
@@ -104,11 +112,14 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         res.stream.destroy()
         return
       }
+      // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
+      // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
+      if (res.statusCode === 429) rep.headers(upstreamRateLimitHeaders(res.headers))
       rep.send(res.stream)
     },
     onError (reply, { error }) {
+      // reply-from has logged the failure already ("response errored"): once is enough.
       const err = error as Error & { statusCode?: number }
-      reply.request.log.warn({ err: err.cause ?? err }, 'upstream request failed')
       reply.send(err.statusCode === 504 ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
     },
     // reply-from retries a GET that got a 503 ten times by default (maxRetriesOn503: 0 does not turn it off)

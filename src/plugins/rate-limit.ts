@@ -50,6 +50,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   app.addHook('onSend', async (request, reply) => {
     const client = request.client
     if (client === null) return
+    if (request.upstream?.status === 429) return // the upstream's own limit and headers (plugins/proxy.ts)
     reply.headers(headers(request.rateLimit ?? await store.peek(client.id, client.rateLimit)))
   })
 

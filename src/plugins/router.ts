@@ -1,10 +1,14 @@
 // Route match, the first check: a path outside the eight operations is 404, a known path with another method
 // is 405 with Allow. It runs as an onRequest hook for matched and unmatched routes alike, on the raw target.
+// Requests Node would refuse or answer on its own before any check (a missing Host, an Expect header, CONNECT)
+// are handed to this same path, so they get the envelope, a request id and an audit record like the rest.
 import { ServerResponse, type IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
-import { MethodNotAllowedError, UnknownRouteError, UpgradeNotSupportedError } from '../errors.js'
+import {
+  ExpectationFailedError, MethodNotAllowedError, MissingHostError, UnknownRouteError, UpgradeNotSupportedError
+} from '../errors.js'
 import { matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it. */
@@ -18,12 +22,21 @@ export default fp(async function router (app) {
 
   app.addHook('onRequest', async (request, reply) => {
     if (request.routeOptions.config.internal === true) return
+    const expect = request.headers.expect
+    if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
+      throw new ExpectationFailedError(JSON.stringify(expect.slice(0, 100)))
+    }
+    if (request.headers.host === undefined && request.raw.httpVersion === '1.1') throw new MissingHostError()
     const match = matchOperation(request.method, request.originalUrl)
     if (match.kind === 'operation') {
       // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'; the proxy
-      // speaks plain HTTP only, so it never goes further.
+      // speaks plain HTTP only, so it never goes further. Node has stopped parsing the connection at the
+      // Upgrade, so a request pipelined behind it would never be read: close after the refusal.
       request.operation = match.operation
-      if (request.headers.upgrade !== undefined) throw new UpgradeNotSupportedError()
+      if (request.headers.upgrade !== undefined) {
+        reply.header('connection', 'close')
+        throw new UpgradeNotSupportedError()
+      }
       return
     }
     if (match.kind === 'method_not_allowed') {
@@ -46,6 +59,12 @@ export default fp(async function router (app) {
     })
     app.server.emit('request', req, res)
   })
+
+  // Node answers `Expect: 100-continue` with 100 before any check and an unknown Expect with a bare 417. Both
+  // go through the ordinary path instead: the body plugin sends the 100 once every earlier check has passed,
+  // and the hook above refuses an unknown expectation in the envelope.
+  app.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => app.server.emit('request', req, res))
+  app.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => app.server.emit('request', req, res))
 
   // Reached only by a target the matcher accepted but Fastify's router did not (none is known); stay closed.
   app.setNotFoundHandler(async (request) => {
