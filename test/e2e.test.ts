@@ -29,7 +29,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
   const [first, second] = added.data as Array<{ id: string }>
 
   const listed = await client.conversations.items.list(created.id)
-  t.same(listed.data.map(i => i.id), [first!.id, second!.id])
+  t.same(listed.data.map(i => i.id), [second!.id, first!.id], 'newest first, OpenAI\'s default order')
 
   const item = await client.conversations.items.retrieve(first!.id, { conversation_id: created.id })
   t.match(item, { id: first!.id, type: 'message', content: 'hello' })

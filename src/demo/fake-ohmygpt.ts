@@ -31,8 +31,37 @@ function publicConversation ({ items: _items, ...conversation }: Conversation) {
   return conversation
 }
 
-function list (items: Item[]) {
-  return { object: 'list', data: items, first_id: items[0]?.id ?? null, last_id: items.at(-1)?.id ?? null, has_more: false }
+function list (items: Item[], hasMore = false) {
+  return { object: 'list', data: items, first_id: items[0]?.id ?? null, last_id: items.at(-1)?.id ?? null, has_more: hasMore }
+}
+
+function invalidParam (res: ServerResponse, param: string, message: string): void {
+  send(res, 400, { error: { message, type: 'invalid_request_error', param, code: 'invalid_value' } })
+}
+
+/**
+ * GET .../items as OpenAI pages it: `order` (asc or desc by creation, default desc), `after` (an item id: the page
+ * starts after it, in that order), `limit` (1 to 100, default 20), `has_more` when items are left after the page.
+ * An unknown cursor is refused rather than read as "from the start", so a client that pages wrongly sees it.
+ */
+function listItems (res: ServerResponse, items: Item[], query: URLSearchParams): void {
+  const order = query.get('order') ?? 'desc'
+  if (order !== 'asc' && order !== 'desc') return invalidParam(res, 'order', `Invalid 'order': expected 'asc' or 'desc', got '${order}'.`)
+  const limitText = query.get('limit') ?? '20'
+  const limit = Number(limitText)
+  if (!/^\d+$/.test(limitText) || limit < 1 || limit > 100) {
+    return invalidParam(res, 'limit', `Invalid 'limit': expected an integer from 1 to 100, got '${limitText}'.`)
+  }
+  const ordered = order === 'asc' ? items : [...items].reverse()
+  const after = query.get('after')
+  let start = 0
+  if (after !== null) {
+    const at = ordered.findIndex(i => i.id === after)
+    if (at === -1) return invalidParam(res, 'after', `Invalid 'after': no item with id '${after}' in this conversation.`)
+    start = at + 1
+  }
+  const page = ordered.slice(start, start + limit)
+  send(res, 200, list(page, start + limit < ordered.length))
 }
 
 function toItem (input: Record<string, unknown>): Item {
@@ -53,7 +82,7 @@ export function createConversationsHandler (opts: FakeOhMyGPTOptions) {
       return
     }
     const input = (body.length > 0 ? JSON.parse(body.toString('utf8')) : {}) as Record<string, unknown>
-    const [path] = (req.url ?? '/').split('?')
+    const [path, queryText] = (req.url ?? '/').split('?')
     const parts = path!.split('/').slice(3) // after /v1/conversations
     const method = req.method ?? 'GET'
 
@@ -87,7 +116,7 @@ export function createConversationsHandler (opts: FakeOhMyGPTOptions) {
         conversation.items.push(...added)
         return send(res, 200, list(added))
       }
-      case 'GET :id/items': return send(res, 200, list(conversation.items))
+      case 'GET :id/items': return listItems(res, conversation.items, new URLSearchParams(queryText))
       case 'GET :id/items/:item':
         return item ? send(res, 200, item) : notFound(res, `Item with id '${parts[2]}'`)
       case 'DELETE :id/items/:item':

@@ -1,0 +1,242 @@
+// End to end with the official OpenAI Python SDK (openai 3.x, in .venv-python-sdk/): each test starts the fake
+// upstream and a listening gateway, runs one scenario of test/fixtures/python/sdk_scenarios.py against it, and
+// checks what the SDK got (its JSON report), what the upstream saw and what the audit file says.
+// Python's DELETE sends Content-Type: application/json with no body, which once got 400 (issue 7).
+import t, { type Test } from 'tap'
+import { keyDigest } from '../src/keys.js'
+import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { pythonSdk, runScenario, SCENARIO_TIMEOUT_MS, SETUP_TIMEOUT_MS, VENV, type SdkError, type Step } from './fixtures/python-sdk.js'
+import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
+
+// The venv may have to be created first (see test/fixtures/python-sdk.ts); three scenarios follow.
+t.setTimeout(SETUP_TIMEOUT_MS + 4 * SCENARIO_TIMEOUT_MS)
+
+const WRONG_KEY = 'ogw_not-a-real-key'
+
+async function setup (t: Test) {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    clients: [
+      { id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'] },
+      { id: 'team-reader', keySha256: keyDigest(KEYS.reader), scopes: ['read'] },
+      // One token a minute after a burst of 3: the fourth call is refused however slowly Python runs.
+      { id: 'team-limited', keySha256: keyDigest(KEYS.limited), scopes: ['read', 'write', 'delete'], rateLimit: { requestsPerMinute: 1, burst: 3 } }
+    ]
+  }))
+  const run = (scenario: string) => runScenario(scenario, {
+    gatewayUrl: gw.url,
+    keys: { KEY_FULL: KEYS.full, KEY_READER: KEYS.reader, KEY_LIMITED: KEYS.limited }
+  })
+  /** the upstream's requests as "METHOD path?query", with the given ids named */
+  const seen = (names: Record<string, string>) => upstream.requests.map(r => {
+    let line = `${r.method} ${r.url}`
+    for (const [name, id] of Object.entries(names)) line = line.replaceAll(id, name)
+    return line
+  })
+  return { upstream, gw, run, seen }
+}
+
+function result (step: Step): any {
+  if (step.error !== undefined) throw new Error(`${step.step} raised ${step.error.class} ${step.error.statusCode}: ${step.error.message}`)
+  return step.result
+}
+
+function raised (step: Step): SdkError {
+  if (step.error === undefined) throw new Error(`${step.step} succeeded where an error was expected`)
+  return step.error
+}
+
+t.test('the openai Python SDK 3.x is set up in .venv-python-sdk', async t => {
+  t.match(await pythonSdk(), /^3\.\d+\.\d+/, `openai 3.x in ${VENV}`)
+})
+
+t.test('all eight operations round-trip with the Python SDK, its body-less DELETEs included', async t => {
+  const { upstream, gw, run, seen } = await setup(t)
+  const out = await run('operations')
+  t.match(out.sdk, /^3\./)
+
+  const created = result(out.step('conversations.create'))
+  t.match(created, { object: 'conversation', metadata: { topic: 'python' } })
+  t.match(created.id, /^conv_/)
+  const conv: string = created.id
+  const added = result(out.step('items.create'))
+  t.equal(added.data.length, 2)
+  const [first, second] = added.data.map((i: { id: string }) => i.id) as [string, string]
+  t.same(result(out.step('items.list')).items.map((i: { id: string }) => i.id), [second, first], 'newest first by default')
+  t.match(result(out.step('items.retrieve')), { id: first, type: 'message', content: [{ type: 'input_text', text: 'hello' }] })
+  t.match(result(out.step('items.delete')), { id: conv, object: 'conversation' }, 'items.delete answers the conversation')
+  t.same(result(out.step('items.list after delete')).items.map((i: { id: string }) => i.id), [second], 'the item is gone upstream')
+  t.same(result(out.step('conversations.update')).metadata, { topic: 'changed' })
+  t.same(result(out.step('conversations.retrieve')).metadata, { topic: 'changed' })
+  t.same(result(out.step('conversations.delete')), { id: conv, object: 'conversation.deleted', deleted: true })
+
+  const gone = raised(out.step('conversations.retrieve deleted'))
+  t.match(gone, { class: 'openai.NotFoundError', statusCode: 404, type: 'invalid_request_error', code: null, param: null })
+  t.match(gone.message, /not found/, "the upstream's message")
+  t.match(gone.requestId, /^req_/, "the upstream's x-request-id reaches the SDK")
+
+  t.same(out.sent.filter(s => s.method === 'DELETE').map(s => [s.contentType, s.bodyBytes]),
+    [['application/json', 0], ['application/json', 0]], 'the SDK sent both DELETEs as JSON with no body')
+
+  t.same(seen({ ':c': conv, ':i': first }), [
+    'POST /v1/conversations',
+    'POST /v1/conversations/:c/items',
+    'GET /v1/conversations/:c/items',
+    'GET /v1/conversations/:c/items/:i',
+    'DELETE /v1/conversations/:c/items/:i',
+    'GET /v1/conversations/:c/items',
+    'POST /v1/conversations/:c',
+    'GET /v1/conversations/:c',
+    'DELETE /v1/conversations/:c',
+    'GET /v1/conversations/:c'
+  ], 'the upstream saw exactly the calls, in order')
+  for (const r of upstream.requests.filter(r => r.method === 'DELETE')) {
+    t.equal(r.headers['content-type'], undefined, `${r.url}: no content-type upstream`)
+    t.equal(r.headers['content-length'], undefined, `${r.url}: no content-length upstream`)
+    t.equal(r.body.length, 0, `${r.url}: no body upstream`)
+  }
+  for (const r of upstream.requests) t.equal(r.headers.authorization, `Bearer ${UPSTREAM_TOKEN}`, `${r.method} ${r.url}: the upstream token`)
+  t.notOk(upstream.everything().includes(KEYS.full), 'the client key never reached the upstream')
+
+  const records = gw.audit()
+  t.same(records.map(r => [r.action, r.method, r.status, r.outcome]), [
+    ['conversation.create', 'POST', 200, 'ok'],
+    ['item.create', 'POST', 200, 'ok'],
+    ['item.list', 'GET', 200, 'ok'],
+    ['item.retrieve', 'GET', 200, 'ok'],
+    ['item.delete', 'DELETE', 200, 'ok'],
+    ['item.list', 'GET', 200, 'ok'],
+    ['conversation.update', 'POST', 200, 'ok'],
+    ['conversation.retrieve', 'GET', 200, 'ok'],
+    ['conversation.delete', 'DELETE', 200, 'ok'],
+    ['conversation.retrieve', 'GET', 404, 'ok']
+  ], 'one audit record per call')
+  for (const r of records) {
+    t.equal(r.clientId, 'team-full')
+    t.equal(r.conversationId, conv, `${r.action} names the conversation`)
+    t.match(r.userAgent, /^OpenAI\/Python 3\./, `${r.action}: the Python SDK's user agent`)
+  }
+  t.same(records.filter(r => r.method === 'DELETE').map(r => r.bytesIn), [0, 0], 'the DELETEs are audited with bytesIn 0')
+  t.equal(records.find(r => r.action === 'item.delete')?.itemId, first)
+})
+
+t.test('the Python SDK pages through items with limit and after, and auto-pagination stops at has_more false', async t => {
+  const { gw, run, seen } = await setup(t)
+  const out = await run('pagination')
+  const conv: string = result(out.step('conversations.create')).id
+  const texts = (items: Array<{ text: string }>) => items.map(i => i.text)
+
+  const page1 = result(out.step('page 1 asc'))
+  t.same(texts(page1.items), ['m1', 'm2'])
+  t.match(page1, { hasMore: true, hasNextPage: true, lastId: page1.items[1].id })
+  const page2 = result(out.step('page 2 asc'))
+  t.same(texts(page2.items), ['m3', 'm4'], '`after` starts the page after the given item')
+  t.match(page2, { hasMore: true, lastId: page2.items[1].id })
+
+  const asc = result(out.step('auto-paginate asc')) as Array<{ id: string, text: string }>
+  t.same(texts(asc), ['m1', 'm2', 'm3', 'm4', 'm5'], 'every item once, oldest first')
+  const desc = result(out.step('auto-paginate default order')) as Array<{ id: string, text: string }>
+  t.same(texts(desc), ['m5', 'm4', 'm3', 'm2', 'm1'], 'every item once, newest first by default')
+
+  const id = Object.fromEntries(asc.map(i => [`:${i.text}`, i.id]))
+  const items = `GET /v1/conversations/:c/items`
+  t.same(seen({ ':c': conv, ...id }), [
+    'POST /v1/conversations',
+    `${items}?limit=2&order=asc`,
+    `${items}?after=:m2&limit=2&order=asc`,
+    `${items}?limit=2&order=asc`,
+    `${items}?limit=2&order=asc&after=:m2`,
+    `${items}?limit=2&order=asc&after=:m4`,
+    `${items}?limit=2`,
+    `${items}?limit=2&after=:m4`,
+    `${items}?limit=2&after=:m2`
+  ], 'each query reached the upstream as the SDK wrote it; auto-pagination took three pages for five items')
+  t.same(gw.audit().map(r => [r.action, r.status, r.outcome]),
+    [['conversation.create', 200, 'ok'], ...Array(8).fill(['item.list', 200, 'ok'])])
+})
+
+t.test('the Python SDK raises its typed errors for refused calls, which never reach the upstream', async t => {
+  const { upstream, gw, run, seen } = await setup(t)
+  const out = await run('errors')
+  const conv: string = result(out.step('full: conversations.create')).id
+  const item: string = result(out.step('full: items.list')).items[0].id
+  const limitedConv: string = result(out.step('limited: conversations.create')).id
+
+  t.test('a wrong key: AuthenticationError, 401 invalid_api_key', async t => {
+    for (const name of ['wrong key: conversations.retrieve', 'wrong key: conversations.delete']) {
+      const e = raised(out.step(name))
+      t.match(e, { class: 'openai.AuthenticationError', statusCode: 401, code: 'invalid_api_key', type: 'invalid_request_error', param: null }, name)
+      t.same(Object.keys(e.body as object), ['message', 'type', 'param', 'code'], `${name}: OpenAI's error body`)
+      t.match(e.headers['x-gateway-request-id'], /^gw_[0-9a-f]{32}$/)
+    }
+  })
+
+  t.test('a read-only key deleting: PermissionDeniedError, 403 insufficient_scope', async t => {
+    t.match(result(out.step('reader: conversations.retrieve')), { id: conv }, 'the reader may read')
+    for (const name of ['reader: items.delete', 'reader: conversations.delete']) {
+      const e = raised(out.step(name))
+      t.match(e, { class: 'openai.PermissionDeniedError', statusCode: 403, code: 'insufficient_scope', type: 'permission_error', param: null }, name)
+      t.match(e.message, /"delete" scope/)
+    }
+  })
+
+  t.test('a deleted conversation: NotFoundError, the upstream 404 passed through', async t => {
+    t.same(result(out.step('full: conversations.delete')), { id: conv, object: 'conversation.deleted', deleted: true })
+    for (const name of ['full: conversations.retrieve deleted', 'full: items.delete in deleted']) {
+      const e = raised(out.step(name))
+      t.match(e, { class: 'openai.NotFoundError', statusCode: 404, code: null, type: 'invalid_request_error', param: null }, name)
+      t.match(e.requestId, /^req_/, "the upstream's request id")
+      t.match(e.body, { message: /^(Conversation|Item) with id '[^']+' not found\.$/ }, "the upstream's own message")
+    }
+  })
+
+  t.test("an upstream 400 reaches the SDK as BadRequestError with the upstream's param", async t => {
+    const e = raised(out.step('full: items.list limit 0'))
+    t.match(e, { class: 'openai.BadRequestError', statusCode: 400, type: 'invalid_request_error', param: 'limit' })
+  })
+
+  t.test('past its burst: RateLimitError, 429 rate_limit_exceeded', async t => {
+    for (const n of [1, 2]) t.match(result(out.step(`limited: conversations.retrieve ${n}`)), { id: limitedConv })
+    const e = raised(out.step('limited: conversations.retrieve past burst'))
+    t.match(e, { class: 'openai.RateLimitError', statusCode: 429, code: 'rate_limit_exceeded', type: 'requests', param: null })
+    t.ok(Number(e.headers['retry-after']) >= 1, 'retry-after in whole seconds')
+    t.ok(Number(e.headers['retry-after-ms']) > 0, 'and retry-after-ms, which the SDK prefers')
+    t.equal(e.headers['x-ratelimit-remaining-requests'], '0')
+    t.equal(e.headers['x-ratelimit-limit-requests'], '1')
+  })
+
+  t.same(seen({ ':c': conv, ':i': item, ':l': limitedConv }), [
+    'POST /v1/conversations',
+    'GET /v1/conversations/:c/items',
+    'GET /v1/conversations/:c/items?limit=0',
+    'GET /v1/conversations/:c',
+    'DELETE /v1/conversations/:c',
+    'GET /v1/conversations/:c',
+    'DELETE /v1/conversations/:c/items/:i',
+    'POST /v1/conversations',
+    'GET /v1/conversations/:l',
+    'GET /v1/conversations/:l'
+  ], 'the upstream saw the accepted calls only')
+  const everything = upstream.everything()
+  for (const [name, key] of [['full', KEYS.full], ['reader', KEYS.reader], ['limited', KEYS.limited], ['wrong', WRONG_KEY]]) {
+    t.notOk(everything.includes(key!), `the ${name} key never reached the upstream`)
+  }
+  t.same(gw.audit().map(r => [r.clientId, r.action, r.status, r.outcome]), [
+    ['team-full', 'conversation.create', 200, 'ok'],
+    ['team-full', 'item.list', 200, 'ok'],
+    ['team-full', 'item.list', 400, 'ok'],
+    [null, 'conversation.retrieve', 401, 'denied'],
+    [null, 'conversation.delete', 401, 'denied'],
+    ['team-reader', 'conversation.retrieve', 200, 'ok'],
+    ['team-reader', 'item.delete', 403, 'denied'],
+    ['team-reader', 'conversation.delete', 403, 'denied'],
+    ['team-full', 'conversation.delete', 200, 'ok'],
+    ['team-full', 'conversation.retrieve', 404, 'ok'],
+    ['team-full', 'item.delete', 404, 'ok'],
+    ['team-limited', 'conversation.create', 200, 'ok'],
+    ['team-limited', 'conversation.retrieve', 200, 'ok'],
+    ['team-limited', 'conversation.retrieve', 200, 'ok'],
+    ['team-limited', 'conversation.retrieve', 429, 'rate_limited']
+  ], 'one audit record per call, refusals included')
+})
