@@ -1,7 +1,7 @@
 // buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
 // Plugins are registered in request order, and their onRequest hooks run in that order:
 // request id → route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400)
-// → proxy → one audit record when the response closes.
+// → ownership (404) → proxy → one audit record when the response closes.
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
@@ -15,10 +15,13 @@ import audit, { markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body from './plugins/body.js'
 import health from './plugins/health.js'
+import ownership from './plugins/ownership.js'
 import proxy from './plugins/proxy.js'
+import { OwnerCache } from './ownership/owners.js'
 import rateLimit from './plugins/rate-limit.js'
 import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
 import router from './plugins/router.js'
+import { Upstream } from './upstream/client.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -30,6 +33,8 @@ export interface AppDependencies {
   /** audit writer; default: config.audit.file */
   auditWriter?: AuditWriter
   rateLimitStore?: RateLimitStore
+  /** conversation owners; default: an in-memory cache sized by config.ownership */
+  ownerCache?: OwnerCache
 }
 
 /** Stands in for a target the router cannot percent-decode; the original stays in request.originalUrl. */
@@ -131,12 +136,18 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(auth, { clients: config.clients })
   await app.register(rateLimit, { store: deps.rateLimitStore ?? new MemoryStore() })
   await app.register(body, { bodyBytes: config.limits.bodyBytes })
-  await app.register(proxy, {
-    baseUrl: config.upstream.baseUrls[0]!,
-    apiKey: config.upstream.apiKey,
-    timeoutMs: config.upstream.timeoutMs,
-    caFile: config.upstream.caFile
+  const upstream = new Upstream(config.upstream, app.log)
+  app.addHook('onClose', async () => { await upstream.close() })
+  const apiKey = () => config.upstream.apiKey
+  await app.register(ownership, {
+    upstream,
+    apiKey,
+    unowned: config.ownership.unowned,
+    cache: deps.ownerCache ?? new OwnerCache({
+      max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
+    })
   })
+  await app.register(proxy, { upstream, apiKey })
   return app
 }
 

@@ -11,7 +11,8 @@ export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 /** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
 const SECRET_PATTERN = '^[\\x21-\\x7e]+$'
 
-const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete')])
+// admin: act on every conversation, whoever created it (ownership only; the operation's own scope is still needed).
+const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')])
 export type Scope = Static<typeof Scope>
 
 const Client = Type.Object({
@@ -37,13 +38,31 @@ export const ConfigSchema = Type.Object({
   upstream: Type.Object({
     baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
     apiKey: Type.String({ minLength: 1, pattern: SECRET_PATTERN }),
+    /** connection (TCP and TLS) to a line */
+    connectTimeoutMs: Type.Integer({ minimum: 1, default: 5000 }),
+    /** response headers, from the call's start: waiting for a pooled connection and every retry included */
     timeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    /** longest silence between two chunks of a response body */
+    bodyTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    failureThreshold: Type.Integer({ minimum: 1, default: 3 }),
+    cooldownMs: Type.Integer({ minimum: 1, default: 30000 }),
+    retries: Type.Integer({ minimum: 0, default: 1 }),
+    /** connections kept to each line */
+    maxConnections: Type.Integer({ minimum: 1, default: 128 }),
     caFile: Type.Optional(Type.String({ minLength: 1 }))
   }, { additionalProperties: false }),
   limits: Type.Object({
     bodyBytes: Type.Integer({ minimum: 1, default: 4194304 })
   }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
+  ownership: Type.Object({
+    /** conversations not created through the gateway (no owner in their metadata) */
+    unowned: Type.Union([Type.Literal('deny'), Type.Literal('allow')], { default: 'deny' }),
+    cacheTtlMs: Type.Integer({ minimum: 1, default: 600000 }),
+    cacheSize: Type.Integer({ minimum: 1, default: 100000 }),
+    /** how long an upstream 404 is remembered as "no such conversation" */
+    notFoundTtlMs: Type.Integer({ minimum: 0, default: 5000 })
+  }, { additionalProperties: false, default: {} }),
   audit: Type.Object({
     file: Type.String({ minLength: 1, default: './audit/audit.jsonl' })
   }, { additionalProperties: false, default: {} })

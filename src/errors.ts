@@ -27,12 +27,19 @@ function outcomeOf (status: number, type: ErrorType): ErrorOutcome {
   return 'invalid'
 }
 
-function define (code: string, status: number, type: ErrorType, message: string, outcome = outcomeOf(status, type)) {
+interface Options {
+  /** the parameter OpenAI names for this error */
+  param?: string
+  outcome?: ErrorOutcome
+}
+
+function define (code: string, status: number, type: ErrorType, message: string, options: Options = {}) {
   const Base = createError(code, message, status)
+  const outcome = options.outcome ?? outcomeOf(status, type)
   return class extends Base {
     readonly type = type
     readonly outcome = outcome
-    param: string | null = null
+    param: string | null = options.param ?? null
     headers?: Record<string, string>
     constructor (...args: unknown[]) {
       super(...args)
@@ -49,6 +56,12 @@ export const InvalidJsonError = define('invalid_json', 400, 'invalid_request_err
   'The request body is not valid JSON.')
 export const InvalidRequestError = define('invalid_request', 400, 'invalid_request_error',
   'The request could not be understood: %s')
+export const ReservedMetadataKeyError = define('reserved_metadata_key', 400, 'invalid_request_error',
+  'The metadata key "gateway_owner" is reserved by the gateway.', { param: 'metadata' })
+export const MetadataLimitError = define('metadata_limit', 400, 'invalid_request_error',
+  'Metadata can have at most 15 keys through this gateway (OpenAI allows 16; the gateway keeps one).', { param: 'metadata' })
+export const InvalidMetadataError = define('invalid_metadata', 400, 'invalid_request_error',
+  'The request body must be a JSON object and its metadata an object of strings.', { param: 'metadata' })
 export const UpgradeNotSupportedError = define('upgrade_not_supported', 400, 'invalid_request_error',
   'Protocol upgrades (WebSocket) are not supported by this gateway.')
 export const MissingHostError = define('missing_host', 400, 'invalid_request_error',
@@ -59,6 +72,12 @@ export const InsufficientScopeError = define('insufficient_scope', 403, 'permiss
   'This key lacks the "%s" scope required for %s.')
 export const UnknownRouteError = define('unknown_route', 404, 'invalid_request_error',
   'Unknown route: %s %s. This gateway serves only the /v1/conversations routes.')
+// Another client's conversation and one that does not exist get the same answer, byte for byte: only the audit
+// tells them apart.
+export const ConversationNotFoundError = define('conversation_not_found', 404, 'invalid_request_error',
+  "Conversation with id '%s' not found.", { param: 'conversation_id' })
+export const ConversationNotOwnedError = define('conversation_not_found', 404, 'invalid_request_error',
+  "Conversation with id '%s' not found.", { param: 'conversation_id', outcome: 'denied' })
 export const MethodNotAllowedError = define('method_not_allowed', 405, 'invalid_request_error',
   'Method %s is not allowed on %s.')
 export const RequestTooLargeError = define('request_too_large', 413, 'invalid_request_error',
@@ -70,8 +89,7 @@ export const UnsupportedContentEncodingError = define('unsupported_media_type', 
 export const ExpectationFailedError = define('expectation_failed', 417, 'invalid_request_error',
   'Expect: %s is not supported; only Expect: 100-continue is.')
 export const UnsupportedTransferEncodingError = define('unsupported_transfer_encoding', 501, 'invalid_request_error',
-  'Transfer-Encoding %s is not supported: send the body with Content-Length or Transfer-Encoding: chunked.',
-  'invalid')
+  'Transfer-Encoding %s is not supported: send the body with Content-Length or Transfer-Encoding: chunked.')
 export const RequestTimeoutError = define('request_timeout', 408, 'invalid_request_error',
   'The request was not received in time.')
 export const HeadersTooLargeError = define('request_header_too_large', 431, 'invalid_request_error',

@@ -20,8 +20,20 @@ declare module 'fastify' {
     rateLimit: RateLimitResult | null
     /** plugins/body.ts: size of the request body read and accepted */
     bodyBytes: number
+    /** plugins/body.ts: the JSON body as parsed (undefined when there was none) */
+    parsedBody: unknown
+    /** plugins/body.ts, replaced by plugins/ownership.ts when it adds the owner: the bytes sent upstream */
+    upstreamBody: Buffer | null
+    /** plugins/ownership.ts: the id of what a create call made, read from its answer */
+    createdId: string | null
+    /** plugins/ownership.ts: the owner of the conversation this call is on; null when unknown or unowned */
+    ownerId: string | null
+    /** plugins/ownership.ts: how to rewrite a 2xx JSON answer before the client sees it (plugins/proxy.ts applies it) */
+    rewriteAnswer: ((body: unknown) => unknown) | null
     /** plugins/proxy.ts: what the upstream answered, when it did */
     upstream: UpstreamFacts | null
+    /** plugins/proxy.ts: the line that answered (null if none did) and how many attempts the call took */
+    upstreamCall: { line: number | null, attempts: number } | null
     /** app.ts error handler: the gateway's own error this call was answered with */
     refusal: GatewayError | null
   }

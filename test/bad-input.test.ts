@@ -4,7 +4,7 @@
 // route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400) → upstream.
 import t, { type Test } from 'tap'
 import type { AuditRecord, Outcome } from '../src/plugins/audit.js'
-import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { buildRequest, chunk, sendRaw, type RawExchange, type RawResponse, type SendOptions } from './fixtures/raw-http.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
 
@@ -21,6 +21,8 @@ const LEAK = /\n\s+at |node:internal|node_modules|\/src\/|\.[jt]s:\d+|"stack"/
 interface Harness {
   upstream: FakeUpstream
   gw: TestGateway
+  /** a conversation that exists upstream, for routes whose answer must be a 200 */
+  conversationId: string
   /** requests the gateway itself handled (and so must have audited), counted as they are sent */
   handled: number
 }
@@ -28,8 +30,14 @@ interface Harness {
 async function setup (t: Test): Promise<Harness> {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
-  const gw = await startGateway(t, testConfig(upstream.url, { limits: { bodyBytes: BODY_LIMIT } }))
-  return { upstream, gw, handled: 0 }
+  // Ownership is ownership.test.ts's concern: here every call that passes the checks under test goes upstream.
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, { limits: { bodyBytes: BODY_LIMIT } }))
+  const created = await fetch(`${upstream.url}/v1/conversations`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}` }, body: '{}'
+  })
+  const { id } = await created.json() as { id: string }
+  upstream.requests.length = 0 // only what the gateway sends counts
+  return { upstream, gw, handled: 0, conversationId: id }
 }
 
 /** The last step of each group: every request the gateway handled left exactly one audit line. */
@@ -343,7 +351,7 @@ t.test('bodies over limits.bodyBytes get 413 request_too_large, readable by a cl
 
   await t.test('a body of exactly limits.bodyBytes is forwarded unchanged', async t => {
     const body = jsonOfSize(BODY_LIMIT)
-    const { seen } = await expectForwarded(t, h, post('/v1/conversations', body))
+    const { seen } = await expectForwarded(t, h, post(`/v1/conversations/${h.conversationId}/items`, body))
     t.equal(seen?.body.toString(), body)
   })
 
@@ -389,8 +397,8 @@ t.test('Content-Type: application/json in any case or spacing, or none, is check
   ]
   for (const [label, headers] of variants) {
     await t.test(`${label}: a valid body reaches the upstream as application/json`, async t => {
-      const body = '{"metadata":{"topic":"ct"}}'
-      const { res, seen } = await expectForwarded(t, h, post('/v1/conversations', body, [FULL, ...headers]))
+      const body = '{"items":[{"type":"message","role":"user","content":"ct"}]}'
+      const { res, seen } = await expectForwarded(t, h, post(`/v1/conversations/${h.conversationId}/items`, body, [FULL, ...headers]))
       t.equal(res?.status, 200)
       const types = (seen?.rawHeaders ?? []).filter((_, i, all) => i % 2 === 0 && /^content-type$/i.test(all[i]!))
       t.equal(types.length, 1, 'one content-type header upstream')

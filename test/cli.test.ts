@@ -126,13 +126,18 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const held: Array<() => void> = []
-  upstream.respond = (_req, res) => {
-    held.push(() => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"conv_1"}') })
+  upstream.respond = (req, res) => {
+    if (req.url === '/v1/conversations/conv_1') { // the gateway's ownership lookup: team-a's conversation
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end('{"id":"conv_1","object":"conversation","metadata":{"gateway_owner":"team-a"}}')
+      return
+    }
+    held.push(() => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') })
   }
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace('"http://127.0.0.1:9"', `"${upstream.url}"`))
   const { child, url } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
-  const call = () => fetch(`${url}/v1/conversations/conv_1`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })
+  const call = () => fetch(`${url}/v1/conversations/conv_1/items`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })
   const inFlight = [call(), call(), call()]
   while (held.length < 3) await new Promise(resolve => setTimeout(resolve, 10))
 

@@ -37,9 +37,13 @@ t.test('a minimal file gets every documented default', async t => {
   t.same(config, {
     listen: { host: '0.0.0.0', port: 8080 },
     log: { level: 'info' },
-    upstream: { baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1', timeoutMs: 60000 },
+    upstream: {
+      baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1', connectTimeoutMs: 5000, timeoutMs: 60000, bodyTimeoutMs: 60000,
+      failureThreshold: 3, cooldownMs: 30000, retries: 1, maxConnections: 128
+    },
     limits: { bodyBytes: 4194304 },
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
+    ownership: { unowned: 'deny', cacheTtlMs: 600000, cacheSize: 100000, notFoundTtlMs: 5000 },
     audit: { file: './audit/audit.jsonl' }
   })
   t.ok(Object.isFrozen(config) && Object.isFrozen(config.clients[0]!.rateLimit), 'the config is frozen')
@@ -68,7 +72,7 @@ t.test('every bad field is reported with its path', async t => {
     upstream: { baseUrls: ['ftp://x'], apiKey: 'k', timeoutMs: 0 },
     limits: { bodyBytes: -1 },
     clients: [
-      { id: 'Team A', keySha256: DIGEST, scopes: ['read', 'admin'] },
+      { id: 'Team A', keySha256: DIGEST, scopes: ['read', 'root'] },
       { id: 'b', keySha256: 'ABC', scopes: [], rateLimit: { requestsPerMinute: 0 } }
     ],
     surprise: true

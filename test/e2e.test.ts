@@ -86,20 +86,28 @@ t.test('all eight Conversations operations round-trip through the gateway with t
       ['conversation.update', 'POST', 200, 'ok'],
       ['conversation.retrieve', 'GET', 200, 'ok'],
       ['conversation.delete', 'DELETE', 200, 'ok'],
-      ['conversation.retrieve', 'GET', 404, 'ok']
+      // The gateway's ownership lookup found no such conversation: its own 404, the same as for a stranger's.
+      ['conversation.retrieve', 'GET', 404, 'invalid']
     ])
-    const fields = ['time', 'requestId', 'clientId', 'action', 'method', 'path', 'conversationId', 'itemId',
-      'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'bytesIn', 'bytesOut', 'ip', 'userAgent']
-    for (const r of records) {
+    const fields = ['time', 'requestId', 'clientId', 'action', 'method', 'path', 'conversationId', 'ownerId', 'itemId',
+      'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'attempts', 'bytesIn',
+      'bytesOut', 'ip', 'userAgent']
+    for (const [i, r] of records.entries()) {
       t.same(Object.keys(r), fields, 'exactly the documented fields, in order')
       t.equal(r.clientId, 'team-full')
       t.equal(r.conversationId, created.id, `${r.action} names the conversation`)
       t.match(r.time, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/)
       t.match(r.requestId, /^gw_[0-9a-f]{32}$/)
-      t.equal(typeof r.upstreamMs, 'number')
-      t.match(r.upstreamRequestId, /^req_/)
       t.equal(r.ip, '127.0.0.1')
       t.match(r.userAgent, /^OpenAI\/JS/)
+      if (i === records.length - 1) {
+        t.match(r, { ownerId: null, upstreamMs: null, upstreamRequestId: null, upstreamLine: null, attempts: 0 }, 'answered by the gateway')
+        continue
+      }
+      t.equal(r.ownerId, 'team-full', `${r.action} names the owner`)
+      t.equal(typeof r.upstreamMs, 'number')
+      t.match(r.upstreamRequestId, /^req_/)
+      t.match(r, { upstreamLine: 0, attempts: 1 }, 'answered by the one line, first time')
     }
     const itemDelete = records.find(r => r.action === 'item.delete')!
     t.equal(itemDelete.itemId, first!.id)
@@ -178,8 +186,8 @@ t.test('past its burst a client gets RateLimitError with retry-after and the rat
   t.equal(upstream.requests.length, 3, 'the limited call never reached the upstream')
   t.same(gw.audit().map(r => [r.status, r.outcome]), [[200, 'ok'], [200, 'ok'], [200, 'ok'], [429, 'rate_limited']])
 
-  const other = await sdk(KEYS.full).conversations.retrieve(conv.id)
-  t.equal(other.id, conv.id, 'another client is not limited by this one')
+  const other = await sdk(KEYS.full).conversations.create({})
+  t.match(other.id, /^conv_/, 'another client is not limited by this one')
 })
 
 t.test('the upstream token never comes back to a client and never reaches the log', async t => {

@@ -71,10 +71,10 @@ t.test('all eight operations round-trip with the Python SDK, its body-less DELET
   t.same(result(out.step('conversations.retrieve')).metadata, { topic: 'changed' })
   t.same(result(out.step('conversations.delete')), { id: conv, object: 'conversation.deleted', deleted: true })
 
+  // The gateway's ownership lookup finds no such conversation and answers 404 itself.
   const gone = raised(out.step('conversations.retrieve deleted'))
-  t.match(gone, { class: 'openai.NotFoundError', statusCode: 404, type: 'invalid_request_error', code: null, param: null })
-  t.match(gone.message, /not found/, "the upstream's message")
-  t.match(gone.requestId, /^req_/, "the upstream's x-request-id reaches the SDK")
+  t.match(gone, { class: 'openai.NotFoundError', statusCode: 404, type: 'invalid_request_error', code: 'conversation_not_found', param: 'conversation_id' })
+  t.match(gone.message, /Conversation with id '[^']+' not found\./, "OpenAI's words for a missing conversation")
 
   t.same(out.sent.filter(s => s.method === 'DELETE').map(s => [s.contentType, s.bodyBytes]),
     [['application/json', 0], ['application/json', 0]], 'the SDK sent both DELETEs as JSON with no body')
@@ -110,7 +110,7 @@ t.test('all eight operations round-trip with the Python SDK, its body-less DELET
     ['conversation.update', 'POST', 200, 'ok'],
     ['conversation.retrieve', 'GET', 200, 'ok'],
     ['conversation.delete', 'DELETE', 200, 'ok'],
-    ['conversation.retrieve', 'GET', 404, 'ok']
+    ['conversation.retrieve', 'GET', 404, 'invalid']
   ], 'one audit record per call')
   for (const r of records) {
     t.equal(r.clientId, 'team-full')
@@ -172,8 +172,12 @@ t.test('the Python SDK raises its typed errors for refused calls, which never re
     }
   })
 
-  t.test('a read-only key deleting: PermissionDeniedError, 403 insufficient_scope', async t => {
-    t.match(result(out.step('reader: conversations.retrieve')), { id: conv }, 'the reader may read')
+  t.test('another team\'s conversation: NotFoundError, as if it did not exist', async t => {
+    const e = raised(out.step('reader: conversations.retrieve'))
+    t.match(e, { class: 'openai.NotFoundError', statusCode: 404, code: 'conversation_not_found', type: 'invalid_request_error', param: 'conversation_id' })
+  })
+
+  t.test('a read-only key deleting: PermissionDeniedError, 403 insufficient_scope (the scope is checked before ownership)', async t => {
     for (const name of ['reader: items.delete', 'reader: conversations.delete']) {
       const e = raised(out.step(name))
       t.match(e, { class: 'openai.PermissionDeniedError', statusCode: 403, code: 'insufficient_scope', type: 'permission_error', param: null }, name)
@@ -181,13 +185,12 @@ t.test('the Python SDK raises its typed errors for refused calls, which never re
     }
   })
 
-  t.test('a deleted conversation: NotFoundError, the upstream 404 passed through', async t => {
+  t.test('a deleted conversation: NotFoundError from the gateway\'s lookup, remembered for the next call', async t => {
     t.same(result(out.step('full: conversations.delete')), { id: conv, object: 'conversation.deleted', deleted: true })
     for (const name of ['full: conversations.retrieve deleted', 'full: items.delete in deleted']) {
       const e = raised(out.step(name))
-      t.match(e, { class: 'openai.NotFoundError', statusCode: 404, code: null, type: 'invalid_request_error', param: null }, name)
-      t.match(e.requestId, /^req_/, "the upstream's request id")
-      t.match(e.body, { message: /^(Conversation|Item) with id '[^']+' not found\.$/ }, "the upstream's own message")
+      t.match(e, { class: 'openai.NotFoundError', statusCode: 404, code: 'conversation_not_found', type: 'invalid_request_error', param: 'conversation_id' }, name)
+      t.match(e.body, { message: /^Conversation with id '[^']+' not found\.$/ }, "OpenAI's own words")
     }
   })
 
@@ -210,10 +213,8 @@ t.test('the Python SDK raises its typed errors for refused calls, which never re
     'POST /v1/conversations',
     'GET /v1/conversations/:c/items',
     'GET /v1/conversations/:c/items?limit=0',
-    'GET /v1/conversations/:c',
     'DELETE /v1/conversations/:c',
-    'GET /v1/conversations/:c',
-    'DELETE /v1/conversations/:c/items/:i',
+    'GET /v1/conversations/:c', // the gateway's lookup, which finds nothing; the item delete after it is not sent
     'POST /v1/conversations',
     'GET /v1/conversations/:l',
     'GET /v1/conversations/:l'
@@ -228,12 +229,12 @@ t.test('the Python SDK raises its typed errors for refused calls, which never re
     ['team-full', 'item.list', 400, 'ok'],
     [null, 'conversation.retrieve', 401, 'denied'],
     [null, 'conversation.delete', 401, 'denied'],
-    ['team-reader', 'conversation.retrieve', 200, 'ok'],
+    ['team-reader', 'conversation.retrieve', 404, 'denied'],
     ['team-reader', 'item.delete', 403, 'denied'],
     ['team-reader', 'conversation.delete', 403, 'denied'],
     ['team-full', 'conversation.delete', 200, 'ok'],
-    ['team-full', 'conversation.retrieve', 404, 'ok'],
-    ['team-full', 'item.delete', 404, 'ok'],
+    ['team-full', 'conversation.retrieve', 404, 'invalid'],
+    ['team-full', 'item.delete', 404, 'invalid'],
     ['team-limited', 'conversation.create', 200, 'ok'],
     ['team-limited', 'conversation.retrieve', 200, 'ok'],
     ['team-limited', 'conversation.retrieve', 200, 'ok'],

@@ -10,7 +10,7 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
-import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type FakeUpstreamOptions } from './fixtures/upstream.js'
 
 const GATEWAY_ID = /^gw_[0-9a-f]{32}$/
@@ -45,7 +45,8 @@ interface SetupOptions {
 
 async function setup (t: Test, opts: SetupOptions = {}): Promise<Setup> {
   const upstream = await startUpstream(opts.upstream)
-  const gw = await startGateway(t, testConfig(upstream.url, {
+  // Ownership is ownership.test.ts's concern: here the only upstream calls are the ones under test.
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
     upstream: { baseUrls: [opts.baseUrl ?? upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: opts.timeoutMs ?? 2000 }
   }))
   // Teardowns run last-registered first: the upstream goes before the gateway, so nothing held there can keep
@@ -335,10 +336,11 @@ t.test('an upstream reset in the middle of the body aborts the client, is audite
   const declared = 1000
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(declared), 'x-request-id': 'req_midbody' })
-    res.write('{"id":"conv_partial","object":"conversation","padding":"' + 'x'.repeat(100))
+    res.write('{"object":"list","data":[{"id":"msg_1","padding":"' + 'x'.repeat(100))
     setTimeout(() => res.socket?.destroy(), 50)
   }
-  const res = await stream(gw, '/v1/conversations/conv_partial')
+  // A list of items streams through as it comes (conversation objects are read whole: ownership.test.ts).
+  const res = await stream(gw, '/v1/conversations/conv_partial/items')
   t.equal(res.status, 200, 'the upstream\'s status had already gone out')
   t.equal(res.headers.get('x-request-id'), 'req_midbody', 'the upstream\'s x-request-id')
   await t.rejects(res.text(), 'reading the truncated body fails: the client can tell it is incomplete')

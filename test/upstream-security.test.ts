@@ -92,7 +92,7 @@ t.test('the upstream gets only the headers it needs, and our token last', async 
   t.equal(seen.headers['x-client-request-id'], res.headers['x-gateway-request-id'], 'our request id, not the forged one')
   t.equal(seen.headers['idempotency-key'], 'idem-1')
   t.equal(seen.headers['user-agent'], 'team-search/1.0')
-  t.equal(seen.body.toString(), '{"metadata":{"a":"b"}}', 'the exact body bytes')
+  t.equal(seen.body.toString(), '{"metadata":{"a":"b","gateway_owner":"team-full"}}', 'the body, with only the owner added')
   t.notOk(upstream.everything().includes(KEYS.full), 'the client key is nowhere upstream')
   t.notOk(upstream.everything().includes('6.6.6.6'), 'no client-supplied forwarding header')
 })

@@ -4,7 +4,7 @@
 // response). The record holds the fields listed in the README and nothing else: no keys, tokens or bodies.
 import type { ServerResponse } from 'node:http'
 import { performance } from 'node:perf_hooks'
-import { Transform, pipeline, type Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ErrorOutcome } from '../errors.js'
@@ -25,12 +25,18 @@ export interface AuditRecord {
   method: string
   path: string
   conversationId: string | null
+  /** the client that owns the conversation, when known */
+  ownerId: string | null
   itemId: string | null
   status: number
   outcome: Outcome
   durationMs: number
   upstreamMs: number | null
   upstreamRequestId: string | null
+  /** index in upstream.baseUrls of the line that answered */
+  upstreamLine: number | null
+  /** upstream attempts the call took (0 when it never went upstream) */
+  attempts: number
   bytesIn: number
   bytesOut: number
   ip: string
@@ -41,14 +47,11 @@ export interface AuditOptions {
   writer: AuditWriter
 }
 
-/** Largest create answer searched for the new conversation's id; the answer itself streams unchanged. */
-const CREATE_ID_SCAN_BYTES = 64 * 1024
-
 interface ResponseWatch {
   start: number
+  /** body bytes written to the client, counted as they are written */
   bytesOut: number
   upstreamStreamFailed: boolean
-  createdId: string | null
 }
 
 const watches = new WeakMap<FastifyRequest, ResponseWatch>()
@@ -80,40 +83,28 @@ function statusSent (reply: FastifyReply): number {
   return malformed.get(reply.raw)?.status ?? (reply.raw.headersSent ? reply.statusCode : CLIENT_CLOSED_REQUEST)
 }
 
-/** The id of a 2xx conversation.create answer, read from at most CREATE_ID_SCAN_BYTES of it. */
-function createdIdFrom (chunks: Buffer[]): string | null {
-  try {
-    const id = (JSON.parse(Buffer.concat(chunks).toString('utf8')) as { id?: unknown }).id
-    return typeof id === 'string' ? id : null
-  } catch {
-    return null
-  }
+/**
+ * Counts the body bytes of a response as they are written, in place: no stream is piped in between. Node writes
+ * no body for HEAD, 204 and 304 and says so by returning before the socket sees it; those bytes are counted
+ * anyway only if written, and Fastify writes none for them.
+ */
+function countBytesOut (res: ServerResponse, watch: ResponseWatch): void {
+  const write = res.write
+  const end = res.end
+  res.write = function (this: ServerResponse, chunk: unknown, ...rest: unknown[]) {
+    watch.bytesOut += byteLength(chunk, rest[0])
+    return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+  } as ServerResponse['write']
+  res.end = function (this: ServerResponse, chunk?: unknown, ...rest: unknown[]) {
+    if (typeof chunk !== 'function') watch.bytesOut += byteLength(chunk, rest[0])
+    return (end as (...args: unknown[]) => ServerResponse).call(this, chunk, ...rest)
+  } as ServerResponse['end']
 }
 
-function countingStream (request: FastifyRequest, reply: FastifyReply, payload: Readable, watch: ResponseWatch) {
-  const scanForId = request.operation?.action === 'conversation.create' &&
-    reply.statusCode >= 200 && reply.statusCode < 300
-  const chunks: Buffer[] = []
-  let scanned = 0
-  const counter = new Transform({
-    transform (chunk: Buffer, _enc, done) {
-      watch.bytesOut += chunk.length
-      if (scanForId && scanned < CREATE_ID_SCAN_BYTES) {
-        chunks.push(chunk)
-        scanned += chunk.length
-      }
-      done(null, chunk)
-    },
-    flush (done) {
-      if (scanForId) watch.createdId = createdIdFrom(chunks)
-      done()
-    }
-  })
-  pipeline(payload, counter, (err) => {
-    // A client that hangs up shows here as a premature close; anything else failed on the upstream's side.
-    if (err && (err as NodeJS.ErrnoException).code !== 'ERR_STREAM_PREMATURE_CLOSE') watch.upstreamStreamFailed = true
-  })
-  return counter
+function byteLength (chunk: unknown, encoding: unknown): number {
+  if (chunk === undefined || chunk === null) return 0
+  if (typeof chunk === 'string') return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding as BufferEncoding : 'utf8')
+  return (chunk as Uint8Array).byteLength ?? 0
 }
 
 function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
@@ -126,13 +117,16 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     action: op?.action ?? 'unknown',
     method: request.method,
     path: rawPath(request.originalUrl).slice(0, 2048),
-    conversationId: op?.action === 'conversation.create' ? watch.createdId : op?.conversationId ?? null,
+    conversationId: op?.action === 'conversation.create' ? request.createdId : op?.conversationId ?? null,
+    ownerId: request.ownerId,
     itemId: op?.itemId ?? null,
     status: statusSent(reply),
     outcome: outcomeOf(request, reply, watch),
     durationMs: Math.round(performance.now() - watch.start),
     upstreamMs: request.upstream?.ms ?? null,
     upstreamRequestId: request.upstream?.requestId ?? null,
+    upstreamLine: request.upstreamCall?.line ?? null,
+    attempts: request.upstreamCall?.attempts ?? 0,
     bytesIn: request.bodyBytes,
     bytesOut: malformed.get(reply.raw)?.bodyBytes ?? watch.bytesOut,
     ip: request.ip,
@@ -141,21 +135,26 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
 }
 
 export default fp<AuditOptions>(async function audit (app, { writer }) {
-  app.addHook('onRequest', async (request, reply) => {
-    if (request.routeOptions.config.internal === true) return
-    const watch: ResponseWatch = { start: performance.now(), bytesOut: 0, upstreamStreamFailed: false, createdId: null }
-    watches.set(request, watch)
-    reply.raw.once('close', () => { writer.write(buildRecord(request, reply, watch)) })
+  // Callback-style hooks: they run on every call, and a promise per hook per call costs.
+  app.addHook('onRequest', (request, reply, done) => {
+    if (request.routeOptions.config.internal !== true) {
+      const watch: ResponseWatch = { start: performance.now(), bytesOut: 0, upstreamStreamFailed: false }
+      watches.set(request, watch)
+      countBytesOut(reply.raw, watch)
+      // 'close' comes exactly once for every response, finished or not; the record is built on it.
+      reply.raw.once('close', () => { writer.write(buildRecord(request, reply, watch)) })
+    }
+    done()
   })
 
-  app.addHook('onSend', async (request, reply, payload) => {
+  // A streamed answer that fails on the upstream's side (a reset mid-body) is told apart from a client leaving:
+  // the client's leaving closes the response first, and the record is written then.
+  app.addHook('onSend', (request, _reply, payload, done) => {
     const watch = watches.get(request)
-    if (watch === undefined || payload === null || payload === undefined) return payload
-    if (typeof payload === 'string' || Buffer.isBuffer(payload)) {
-      watch.bytesOut += Buffer.byteLength(payload)
-      return payload
+    if (watch !== undefined && payload instanceof Readable) {
+      payload.once('error', () => { watch.upstreamStreamFailed = true })
     }
-    return countingStream(request, reply, payload as Readable, watch)
+    done(null, payload)
   })
 
   app.addHook('onClose', async () => { writer.close() })

@@ -35,6 +35,8 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.decorateRequest('bodyBytes', 0)
+  app.decorateRequest('parsedBody', undefined)
+  app.decorateRequest('upstreamBody', null)
 
   // Before a byte of the body is read: framing (501), coding and media type (415), declared size (413). Only then
   // is a client that waits for `100 Continue` told to send its body.
@@ -68,12 +70,14 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     try {
       // fatal: bytes that are not UTF-8 are refused, not silently replaced and then forwarded as they were;
       // ignoreBOM: a BOM stays in the text, where JSON.parse refuses it, as the upstream would.
-      JSON.parse(UTF8.decode(buf))
+      request.parsedBody = JSON.parse(UTF8.decode(buf))
     } catch {
       done(new InvalidJsonError(), undefined)
       return
     }
     request.bodyBytes = buf.length
+    request.upstreamBody = buf
+    // reply-from wants a body to know there is one; the exact bytes go upstream from request.upstreamBody.
     done(null, Readable.from([buf], { objectMode: false }))
   })
 }, { name: 'body' })

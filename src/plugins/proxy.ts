@@ -1,26 +1,25 @@
-// The proxy: the eight operations' routes (and nothing else) on @fastify/http-proxy, one registration per path
-// shape, all sharing one undici Agent. Headers are rebuilt from allow-lists both ways; the upstream token is set
-// last, on a fresh object, so no client header can remove or replace it. reply-from's unsafe defaults are
-// overridden on purpose: verified TLS, no 503 retries, our own error mapping.
-import { readFileSync } from 'node:fs'
-import { performance } from 'node:perf_hooks'
-import { rootCertificates } from 'node:tls'
+// The proxy: the routed operations (and nothing else) on @fastify/http-proxy, one registration per path shape.
+// reply-from builds the request and streams the answer back; the call itself goes through upstream/client.ts
+// (lines, failover, deadlines), handed to reply-from as its undici dispatcher. Headers are rebuilt from
+// allow-lists both ways; the upstream token is set last, on a fresh object, so no client header can remove or
+// replace it. reply-from's unsafe defaults are overridden on purpose: verified TLS (our pools), no 503 retries of
+// its own, our own error mapping.
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { Agent } from 'undici'
 import { UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
+import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
 
 export interface ProxyOptions {
-  baseUrl: string
-  apiKey: string
-  timeoutMs: number
-  /** PEM bundle of a private CA that signs the upstream's certificate, trusted in addition to the system's */
-  caFile?: string
+  upstream: Upstream
+  /** the OhMyGPT token, read per call so that a reload can rotate it */
+  apiKey: () => string
+  /** largest answer the gateway reads whole to rewrite it (ownership: conversation objects) */
+  maxRewriteBytes?: number
 }
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
@@ -32,31 +31,44 @@ const RETURNED_RESPONSE_HEADERS = new Set([
   'retry-after', 'retry-after-ms', 'x-request-id', 'openai-processing-ms', 'openai-version'
 ])
 
+/** The undici request options reply-from hands its dispatcher. */
+interface DispatchOptions {
+  method: string
+  path: string
+  headers: Record<string, string | undefined>
+}
+
+interface DispatchResult {
+  statusCode: number
+  headers: IncomingHttpHeaders
+  body: Readable
+}
+
 interface UpstreamResponse {
   statusCode: number
   headers: IncomingHttpHeaders
   stream: Readable
 }
 
-const startedAt = new WeakMap<FastifyRequest, number>()
+/** Headers for any call the gateway makes upstream on behalf of `request`: ours, then the token, last. */
+export function gatewayHeaders (request: FastifyRequest, apiKey: string, extra: Record<string, string> = {}): Record<string, string> {
+  return { ...extra, 'x-client-request-id': request.id, authorization: `Bearer ${apiKey}` }
+}
 
 export function upstreamRequestHeaders (
   request: FastifyRequest, headers: IncomingHttpHeaders, apiKey: string
 ): Record<string, string> {
   const out: Record<string, string> = {}
-  if (typeof headers.host === 'string') out.host = headers.host
   for (const name of FORWARDED_REQUEST_HEADERS) {
     const value = headers[name]
     if (typeof value === 'string') out[name] = value
   }
-  if (request.body !== undefined) {
+  if (request.upstreamBody !== null) {
     // body.ts checked it is JSON whatever the client called it; say so plainly.
     out['content-type'] = 'application/json'
-    out['content-length'] = String(request.bodyBytes)
+    out['content-length'] = String(request.upstreamBody.length)
   }
-  out['x-client-request-id'] = request.id
-  out.authorization = `Bearer ${apiKey}`
-  return out
+  return gatewayHeaders(request, apiKey, out)
 }
 
 export function clientResponseHeaders (headers: IncomingHttpHeaders): IncomingHttpHeaders {
@@ -75,73 +87,145 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<
   return out
 }
 
+/** Aborted when the client goes away before its answer is complete: the upstream call stops with it. */
+export function clientGone (reply: FastifyReply): AbortSignal {
+  const controller = new AbortController()
+  reply.raw.once('close', () => { if (!reply.raw.writableFinished) controller.abort() })
+  return controller.signal
+}
+
+function isJson (headers: IncomingHttpHeaders): boolean {
+  return /^application\/json\b/i.test(String(headers['content-type'] ?? ''))
+}
+
 export default fp<ProxyOptions>(async function proxy (app, opts) {
+  const { upstream } = opts
+  const maxRewriteBytes = opts.maxRewriteBytes ?? 16 * 1024 * 1024
   app.decorateRequest('upstream', null)
-  const base = new URL(opts.baseUrl)
-  // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
-  const agent = new Agent({
-    headersTimeout: opts.timeoutMs,
-    bodyTimeout: opts.timeoutMs,
-    connections: 128,
-    connect: {
-      rejectUnauthorized: true,
-      ...(opts.caFile === undefined ? {} : { ca: [...rootCertificates, readFileSync(opts.caFile, 'utf8')] })
+  app.decorateRequest('upstreamCall', null)
+
+  // Our route handler hands the call to reply.from, which calls its dispatcher in the same tick: the request
+  // travels from one to the other under its own id, which also goes upstream as x-client-request-id.
+  const pending = new Map<string, FastifyReply>()
+  const dispatcher = {
+    request (options: DispatchOptions, callback: (err: Error | null, res?: DispatchResult) => void): void {
+      const id = options.headers['x-client-request-id'] ?? ''
+      const reply = pending.get(id)
+      pending.delete(id)
+      if (reply === undefined) {
+        callback(new Error('proxy: no request for this upstream call'))
+        return
+      }
+      const request = reply.request
+      const headers: Record<string, string> = {}
+      for (const [name, value] of Object.entries(options.headers)) if (value !== undefined) headers[name] = value
+      upstream.call({
+        method: options.method,
+        path: options.path,
+        headers,
+        body: request.upstreamBody,
+        signal: clientGone(reply)
+      }).then(answer => {
+        request.upstreamCall = { line: answer.line, attempts: answer.attempts }
+        request.upstream = {
+          status: answer.statusCode,
+          ms: answer.ms,
+          requestId: typeof answer.headers['x-request-id'] === 'string' ? answer.headers['x-request-id'] : null
+        }
+        callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body })
+      }, (err: unknown) => {
+        if (err instanceof UpstreamFailure) request.upstreamCall = { line: null, attempts: err.attempts }
+        callback(err as Error)
+      })
     }
-  })
+  }
+
+  async function sendRewritten (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse,
+    rewrite: (body: unknown) => unknown): Promise<void> {
+    let raw: Buffer
+    try {
+      raw = await readBody(res.stream, maxRewriteBytes)
+    } catch (err) {
+      request.log.warn({ err }, 'upstream answer could not be read')
+      reply.send(new UpstreamUnavailableError())
+      return
+    }
+    let parsed: unknown
+    let rewritten: unknown
+    try {
+      parsed = JSON.parse(raw.toString('utf8'))
+      rewritten = rewrite(parsed)
+    } catch (err) {
+      // An answer the gateway cannot check is not passed on: fail closed.
+      request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
+      reply.send(new UpstreamUnavailableError())
+      return
+    }
+    // Nothing to take out: the upstream's bytes, as they came.
+    const body = rewritten === parsed ? raw : JSON.stringify(rewritten)
+    reply.removeHeader('content-encoding')
+    reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
+  }
 
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.
   const replyOptions: NonNullable<FastifyHttpProxyOptions['replyOptions']> = {
-    rewriteRequestHeaders (request, headers) {
-      startedAt.set(request as FastifyRequest, performance.now())
-      return upstreamRequestHeaders(request as FastifyRequest, headers as IncomingHttpHeaders, opts.apiKey)
+    rewriteRequestHeaders (req, headers) {
+      return upstreamRequestHeaders(req as FastifyRequest, headers as IncomingHttpHeaders, opts.apiKey())
     },
     rewriteHeaders (headers) {
       return clientResponseHeaders(headers as IncomingHttpHeaders)
     },
     onResponse (req, rep, raw) {
       const request = req as FastifyRequest
+      const reply = rep as FastifyReply
       const res = raw as unknown as UpstreamResponse
-      const requestId = res.headers['x-request-id']
-      request.upstream = {
-        status: res.statusCode,
-        ms: Math.round(performance.now() - (startedAt.get(request) ?? performance.now())),
-        requestId: typeof requestId === 'string' ? requestId : null
-      }
       // reply-from calls this even after it answered 502 for an invalid upstream status.
-      if (rep.sent) {
+      if (reply.sent) {
         res.stream.destroy()
         return
       }
       // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
-      if (res.statusCode === 429) rep.headers(upstreamRateLimitHeaders(res.headers))
-      rep.send(res.stream)
+      if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers))
+      const rewrite = request.rewriteAnswer
+      if (rewrite !== null && res.statusCode >= 200 && res.statusCode < 300 && isJson(res.headers)) {
+        void sendRewritten(request, reply, res, rewrite)
+        return
+      }
+      reply.send(res.stream)
     },
     onError (reply, { error }) {
       // reply-from has logged the failure already ("response errored"): once is enough.
-      const err = error as Error & { statusCode?: number }
-      reply.send(err.statusCode === 504 ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
+      const err = error as Error & { statusCode?: number, cause?: unknown }
+      const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
+      reply.send(failure?.kind === 'timeout' || err.statusCode === 504 ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
     },
     // reply-from retries a GET that got a 503 ten times by default (maxRetriesOn503: 0 does not turn it off)
-    // and would read Retry-After seconds as milliseconds. Retries across lines will be ours, deliberately.
+    // and would read Retry-After seconds as milliseconds. Retries across lines are upstream/client.ts's.
     retryDelay: () => null
   }
 
   for (const resource of RESOURCES) {
     await app.register(httpProxy, {
-      upstream: base.origin,
+      // reply-from wants an origin to build URLs with; the dispatcher picks the line and its path prefix.
+      upstream: 'http://upstream.invalid',
       prefix: API_PREFIX,
-      rewritePrefix: base.pathname.replace(/\/$/, '') + API_PREFIX,
+      rewritePrefix: API_PREFIX,
       routes: [resource.route],
       httpMethods: Object.keys(resource.methods),
       proxyPayloads: false,
       websocket: false,
-      undici: agent,
+      undici: dispatcher as unknown as FastifyHttpProxyOptions['undici'],
       disableRequestLogging: true,
-      replyOptions
+      replyOptions,
+      handler (request, reply, dest, options) {
+        pending.set(request.id, reply)
+        try {
+          return reply.from(dest, options)
+        } finally {
+          pending.delete(request.id) // taken by the dispatcher already, unless reply.from failed before it
+        }
+      }
     })
   }
-
-  // After the server has stopped and in-flight calls have finished.
-  app.addHook('onClose', async () => { await agent.close() })
-}, { name: 'proxy', dependencies: ['body'] })
+}, { name: 'proxy', dependencies: ['body', 'ownership'] })

@@ -1,0 +1,113 @@
+// Who owns a conversation, and the metadata rules that carry the answer. The upstream conversation itself holds
+// its owner in its metadata under the reserved key `gateway_owner`, written by the gateway on create and kept on
+// update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
+// (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
+import { LRUCache } from 'lru-cache'
+
+export const OWNER_KEY = 'gateway_owner'
+/** OpenAI allows 16 metadata keys; the gateway needs one of them. */
+export const MAX_METADATA_KEYS = 16
+
+/** A conversation's owner: a client id, null for one not created through the gateway, or no such conversation. */
+export type Owner = { owner: string | null } | 'missing'
+
+export type MetadataProblem = 'reserved' | 'limit' | 'not_object'
+
+type Json = Record<string, unknown>
+
+function isObject (value: unknown): value is Json {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+}
+
+/** What is wrong with the `metadata` a client sends on create or update, if anything. */
+export function metadataProblem (body: unknown): MetadataProblem | null {
+  if (body === undefined) return null
+  if (!isObject(body)) return 'not_object'
+  const metadata = body.metadata
+  if (metadata === undefined || metadata === null) return null
+  if (!isObject(metadata)) return 'not_object'
+  if (Object.hasOwn(metadata, OWNER_KEY)) return 'reserved'
+  if (Object.keys(metadata).length >= MAX_METADATA_KEYS) return 'limit'
+  return null
+}
+
+/** The create body with the owner added to its metadata. */
+export function createBody (body: unknown, owner: string): Json {
+  const object = isObject(body) ? body : {}
+  const metadata = isObject(object.metadata) ? object.metadata : {}
+  return { ...object, metadata: { ...metadata, [OWNER_KEY]: owner } }
+}
+
+/**
+ * The update body with the owner merged back: a client's `metadata` replaces the whole map upstream (null
+ * included), so without this an update would erase the owner. Null when the body can go as it is.
+ */
+export function updateBody (body: unknown, owner: string | null): Json | null {
+  if (owner === null || !isObject(body) || !Object.hasOwn(body, 'metadata')) return null
+  const metadata = isObject(body.metadata) ? body.metadata : {}
+  return { ...body, metadata: { ...metadata, [OWNER_KEY]: owner } }
+}
+
+/** A conversation object as a client may see it: without the owner key. Other values pass unchanged. */
+export function withoutOwner<T> (value: T): T {
+  if (!isObject(value) || !isObject(value.metadata) || !Object.hasOwn(value.metadata, OWNER_KEY)) return value
+  const { [OWNER_KEY]: _owner, ...metadata } = value.metadata
+  return { ...value, metadata }
+}
+
+/** The owner recorded in an upstream conversation object; throws when the answer is not that conversation. */
+export function ownerOf (answer: unknown, id: string): { owner: string | null } {
+  if (!isObject(answer) || answer.object !== 'conversation' || answer.id !== id) {
+    throw new Error('the lookup answer is not the conversation asked for')
+  }
+  const metadata = answer.metadata
+  if (metadata !== undefined && metadata !== null && !isObject(metadata)) throw new Error('the conversation metadata is not an object')
+  const owner = isObject(metadata) ? metadata[OWNER_KEY] : undefined
+  return { owner: typeof owner === 'string' && owner !== '' ? owner : null }
+}
+
+export interface OwnerCacheOptions {
+  max: number
+  ttlMs: number
+  /** how long "no such conversation" is remembered */
+  missingTtlMs: number
+}
+
+/**
+ * id → owner, bounded in count and age. Concurrent lookups of one id share one upstream call. An owner never
+ * changes (a conversation keeps the id of the client that created it), so a cached owner is only ever stale for a
+ * conversation deleted since: the upstream answers that call with its own 404.
+ */
+export class OwnerCache {
+  readonly #cache: LRUCache<string, Owner>
+  readonly #inFlight = new Map<string, Promise<Owner>>()
+  readonly #missingTtlMs: number
+
+  constructor (opts: OwnerCacheOptions) {
+    this.#cache = new LRUCache<string, Owner>({ max: opts.max, ttl: opts.ttlMs })
+    this.#missingTtlMs = opts.missingTtlMs
+  }
+
+  async get (id: string, fetch: () => Promise<Owner>): Promise<Owner> {
+    const cached = this.#cache.get(id)
+    if (cached !== undefined) return cached
+    let pending = this.#inFlight.get(id)
+    if (pending === undefined) {
+      pending = fetch().then(owner => {
+        if (owner !== 'missing') this.#cache.set(id, owner)
+        else if (this.#missingTtlMs > 0) this.#cache.set(id, owner, { ttl: this.#missingTtlMs })
+        return owner
+      }).finally(() => { this.#inFlight.delete(id) })
+      this.#inFlight.set(id, pending)
+    }
+    return await pending
+  }
+
+  set (id: string, owner: string): void {
+    this.#cache.set(id, { owner })
+  }
+
+  delete (id: string): void {
+    this.#cache.delete(id)
+  }
+}

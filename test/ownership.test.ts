@@ -1,0 +1,247 @@
+// Teams and isolation: a team sees only the conversations it created, although all share one OhMyGPT account.
+// The official SDK against a listening gateway and the fake upstream, which records every call it receives.
+import t, { type Test } from 'tap'
+import OpenAI from 'openai'
+import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
+
+interface Setup {
+  upstream: FakeUpstream
+  gw: TestGateway
+  sdk: (key: string) => OpenAI
+}
+
+async function gateway (t: Test, upstream: FakeUpstream, overrides: Record<string, unknown> = {}): Promise<Setup> {
+  const gw = await startGateway(t, testConfig(upstream.url, overrides))
+  return { upstream, gw, sdk: (key: string) => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 }) }
+}
+
+async function setup (t: Test, overrides: Record<string, unknown> = {}): Promise<Setup> {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  return await gateway(t, upstream, overrides)
+}
+
+/** A conversation made straight at the upstream, as if by someone holding the OhMyGPT token. */
+async function createUpstream (upstream: FakeUpstream, metadata: Record<string, string> = {}): Promise<string> {
+  const res = await fetch(`${upstream.url}/v1/conversations`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ metadata, items: [{ type: 'message', role: 'user', content: 'outside' }] })
+  })
+  return (await res.json() as { id: string }).id
+}
+
+const rejection = (p: Promise<unknown>) => p.then(() => { throw new Error('expected a rejection') }, (e: unknown) => e)
+
+/** The seven id routes of a conversation, as a client calls them with the SDK. */
+function sevenRoutes (client: OpenAI, conversationId: string, itemId: string): Array<[string, () => Promise<unknown>]> {
+  return [
+    ['conversation.retrieve', () => client.conversations.retrieve(conversationId)],
+    ['conversation.update', () => client.conversations.update(conversationId, { metadata: { topic: 'mine now' } })],
+    ['item.create', () => client.conversations.items.create(conversationId, { items: [{ type: 'message', role: 'user', content: 'hi' }] })],
+    ['item.list', () => client.conversations.items.list(conversationId)],
+    ['item.retrieve', () => client.conversations.items.retrieve(itemId, { conversation_id: conversationId })],
+    ['item.delete', () => client.conversations.items.delete(itemId, { conversation_id: conversationId })],
+    ['conversation.delete', () => client.conversations.delete(conversationId)]
+  ]
+}
+
+/** What the gateway sent upstream with the gateway's own lookup (a GET of the conversation) set apart. */
+function calls (requests: RecordedRequest[]): string[] {
+  return requests.map(r => `${r.method} ${r.url}`)
+}
+
+async function assertNotFound (t: Test, e: unknown, label: string, conversationId: string) {
+  t.type(e, OpenAI.NotFoundError, `${label}: the SDK's NotFoundError`)
+  const err = e as InstanceType<typeof OpenAI.NotFoundError>
+  t.match(err, { status: 404, code: 'conversation_not_found', type: 'invalid_request_error', param: 'conversation_id' }, label)
+  t.equal(err.message, `404 Conversation with id '${conversationId}' not found.`, `${label}: OpenAI's words`)
+}
+
+t.test('another team gets 404 conversation_not_found on all seven id routes, exactly as if it did not exist', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const conv = await a.conversations.create({ metadata: { topic: 'team a' }, items: [{ type: 'message', role: 'user', content: 'secret' }] })
+  const [item] = (await a.conversations.items.list(conv.id)).data as Array<{ id: string }>
+  const missing = 'conv_doesnotexist000000000000000'
+
+  const beforeB = upstream.requests.length
+  for (const [action, call] of sevenRoutes(b, conv.id, item!.id)) {
+    await assertNotFound(t, await rejection(call()), action, conv.id)
+  }
+  t.same(calls(upstream.requests.slice(beforeB)), [], 'nothing of B reached the upstream: A\'s create had told the gateway the owner')
+
+  // A conversation that really does not exist gives B the very same answer (one lookup, then remembered).
+  for (const [action, call] of sevenRoutes(b, missing, 'msg_x')) {
+    await assertNotFound(t, await rejection(call()), `${action} on a missing conversation`, missing)
+  }
+  const forged = await fetch(`${gw.url}/v1/conversations/${conv.id}`, { headers: { authorization: `Bearer ${KEYS.other}` } })
+  const real = await fetch(`${gw.url}/v1/conversations/${missing}`, { headers: { authorization: `Bearer ${KEYS.other}` } })
+  const headerNames = (r: Response) => [...r.headers.keys()].filter(h => !['date', 'x-gateway-request-id', 'x-ratelimit-remaining-requests', 'x-ratelimit-reset-requests'].includes(h)).sort()
+  t.same(headerNames(forged), headerNames(real), 'the same headers for someone else\'s and for a missing conversation')
+  t.equal((await forged.text()).replace(conv.id, 'X'), (await real.text()).replace(missing, 'X'), 'the same body')
+  t.same(calls(upstream.requests.slice(beforeB)), [`GET /v1/conversations/${missing}`], 'only the gateway\'s lookup of the missing id went upstream, once')
+
+  const intact = await a.conversations.retrieve(conv.id)
+  t.same(intact.metadata, { topic: 'team a' }, 'A\'s conversation is untouched')
+  t.same((await a.conversations.items.list(conv.id)).data.map(i => i.id), [item!.id], 'and so are its items')
+
+  const denied = gw.audit().filter(r => r.clientId === 'team-other')
+  t.equal(denied.length, 16)
+  t.ok(denied.slice(0, 7).every(r => r.status === 404 && r.outcome === 'denied' && r.ownerId === 'team-full' && r.conversationId === conv.id),
+    'B\'s calls on A\'s conversation are audited denied, with A as owner')
+  t.ok(denied.slice(7, 14).every(r => r.status === 404 && r.outcome === 'invalid' && r.ownerId === null),
+    'calls on a missing conversation are audited invalid, with no owner')
+  t.ok(gw.audit().filter(r => r.clientId === 'team-full').every(r => r.ownerId === 'team-full'), 'A\'s records name A as owner')
+})
+
+t.test('an admin client acts on every conversation, and still needs the operation\'s scope', async t => {
+  const { upstream, gw, sdk } = await setup(t, {})
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({ metadata: { topic: 'a' }, items: [{ type: 'message', role: 'user', content: 'x' }] })
+  const admin = sdk(KEYS.admin)
+  t.same((await admin.conversations.retrieve(conv.id)).metadata, { topic: 'a' }, 'admin reads A\'s conversation')
+  const updated = await admin.conversations.update(conv.id, { metadata: { topic: 'reviewed' } })
+  t.same(updated.metadata, { topic: 'reviewed' }, 'admin updates it')
+  t.same((await a.conversations.retrieve(conv.id)).metadata, { topic: 'reviewed' }, 'and A still owns it after the admin\'s update')
+  const upstreamMeta = JSON.parse(upstream.requests.at(-2)!.body.toString() || '{}') as { metadata?: Record<string, string> }
+  t.same(upstreamMeta.metadata, { topic: 'reviewed', gateway_owner: 'team-full' }, 'the admin\'s update went up with A as owner')
+  const record = gw.audit().find(r => r.clientId === 'ops-admin' && r.action === 'conversation.update')
+  t.match(record, { status: 200, outcome: 'ok', ownerId: 'team-full' }, 'the audit names the owner the admin acted for')
+
+  // admin bypasses ownership only: the operation's own scope is still checked.
+  const adminReadOnly = await setup(t, {
+    clients: [{ id: 'ops-readonly', keySha256: (await import('../src/keys.js')).keyDigest(KEYS.admin), scopes: ['read', 'admin'] }]
+  })
+  const e = await rejection(adminReadOnly.sdk(KEYS.admin).conversations.delete('conv_anything'))
+  t.type(e, OpenAI.PermissionDeniedError, 'admin without delete cannot delete')
+})
+
+t.test('no client can take a conversation over, or hide its owner, through metadata', async t => {
+  const { upstream, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+
+  const forged = await rejection(b.conversations.create({ metadata: { gateway_owner: 'team-full' } }))
+  t.type(forged, OpenAI.BadRequestError)
+  t.match(forged, { status: 400, code: 'reserved_metadata_key', param: 'metadata' }, 'create naming gateway_owner: 400')
+
+  const conv = await a.conversations.create({ metadata: { topic: 'a' } })
+  for (const metadata of [{ gateway_owner: 'team-other' }, { gateway_owner: '' }]) {
+    const e = await rejection(a.conversations.update(conv.id, { metadata }))
+    t.match(e, { status: 400, code: 'reserved_metadata_key', param: 'metadata' }, `update with ${JSON.stringify(metadata)}: 400`)
+  }
+  const e = await rejection(b.conversations.update(conv.id, { metadata: { gateway_owner: 'team-other' } }))
+  t.match(e, { status: 400, code: 'reserved_metadata_key' }, 'B\'s attempt is refused as a bad body first (body checks come before ownership)')
+
+  const before = upstream.requests.length
+  const cleared = await a.conversations.update(conv.id, { metadata: null })
+  t.same(cleared.metadata, {}, 'A clears its metadata and sees it empty')
+  t.same(JSON.parse(upstream.requests[before]!.body.toString()).metadata, { gateway_owner: 'team-full' },
+    'metadata: null went upstream with the owner merged back')
+  const replaced = await a.conversations.update(conv.id, { metadata: { x: '1' } })
+  t.same(replaced.metadata, { x: '1' })
+  await assertNotFound(t, await rejection(b.conversations.retrieve(conv.id)), 'B after A\'s updates', conv.id)
+
+  // A fresh gateway (restart, empty cache) still finds A as the owner upstream.
+  const restarted = await gateway(t, upstream)
+  await assertNotFound(t, await rejection(restarted.sdk(KEYS.other).conversations.retrieve(conv.id)), 'B after a restart', conv.id)
+  t.same((await restarted.sdk(KEYS.full).conversations.retrieve(conv.id)).metadata, { x: '1' }, 'A after a restart')
+})
+
+t.test('16 metadata keys leave no room for the owner: 400 metadata_limit; 15 are fine', async t => {
+  const { upstream, sdk } = await setup(t)
+  const keys = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [`k${i}`, 'v']))
+  const a = sdk(KEYS.full)
+  t.match(await rejection(a.conversations.create({ metadata: keys(16) })), { status: 400, code: 'metadata_limit', param: 'metadata' })
+  const conv = await a.conversations.create({ metadata: keys(15) })
+  t.same(conv.metadata, keys(15), 'the owner does not show among them')
+  t.match(await rejection(a.conversations.update(conv.id, { metadata: keys(16) })), { status: 400, code: 'metadata_limit' })
+  t.equal(upstream.requests.length, 1, 'only the valid create went upstream')
+})
+
+t.test('A never sees gateway_owner in any answer, streamed objects and item deletes included', async t => {
+  const { upstream, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const created = await a.conversations.create({ metadata: { topic: 't' }, items: [{ type: 'message', role: 'user', content: 'x' }] })
+  const { data: items } = await a.conversations.items.list(created.id)
+  const answers = [
+    created,
+    await a.conversations.retrieve(created.id),
+    await a.conversations.update(created.id, { metadata: { topic: 'u' } }),
+    await a.conversations.items.delete(String(items[0]!.id), { conversation_id: created.id })
+  ]
+  for (const answer of answers) t.notMatch(JSON.stringify(answer), /gateway_owner/, `${(answer as { object?: string }).object}: no owner key`)
+  t.ok(upstream.requests.filter(r => r.method === 'POST' && r.url === '/v1/conversations').every(r => r.body.toString().includes('"gateway_owner":"team-full"')),
+    'while upstream the conversation carries it')
+  const raw = await fetch(`${(a as unknown as { baseURL: string }).baseURL}/conversations/${created.id}`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  const text = await raw.text()
+  t.equal(raw.headers.get('content-length'), String(Buffer.byteLength(text)), 'a rewritten answer has the right content-length')
+})
+
+t.test('a conversation created outside the gateway is denied by default, and served with ownership.unowned: allow', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const outside = await createUpstream(upstream, { source: 'script' })
+
+  const strict = await gateway(t, upstream)
+  await assertNotFound(t, await rejection(strict.sdk(KEYS.full).conversations.retrieve(outside)), 'deny (default)', outside)
+  t.match(strict.gw.audit()[0], { outcome: 'denied', ownerId: null })
+  t.same((await strict.sdk(KEYS.admin).conversations.retrieve(outside)).metadata, { source: 'script' }, 'an admin is never denied for it')
+
+  const lenient = await gateway(t, upstream, { ownership: { unowned: 'allow' } })
+  t.same((await lenient.sdk(KEYS.other).conversations.retrieve(outside)).metadata, { source: 'script' }, 'allow: served')
+  const updated = await lenient.sdk(KEYS.other).conversations.update(outside, { metadata: { source: 'edited' } })
+  t.same(updated.metadata, { source: 'edited' }, 'an update of an unowned conversation adds no owner')
+  t.notMatch(upstream.requests.at(-1)!.body.toString(), /gateway_owner/)
+})
+
+t.test('the owner is looked up once, then cached; a delete forgets it; a missing conversation is remembered briefly', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const { sdk } = await gateway(t, upstream, { ownership: { notFoundTtlMs: 200 } })
+  const a = sdk(KEYS.full)
+  const lookups = () => upstream.requests.filter(r => r.method === 'GET' && r.url === `/v1/conversations/${conv}`).length
+  const base = upstream.requests.length
+
+  await a.conversations.items.list(conv)
+  await a.conversations.items.list(conv)
+  await Promise.all([1, 2, 3].map(() => a.conversations.items.list(conv)))
+  t.equal(lookups(), 1, 'five calls, one lookup')
+  t.equal(upstream.requests.length - base, 6, 'one lookup and the five calls')
+
+  await a.conversations.delete(conv)
+  await assertNotFound(t, await rejection(a.conversations.items.list(conv)), 'after the delete', conv)
+  t.equal(lookups(), 2, 'the delete forgot the owner: looked up again, and found missing')
+  await assertNotFound(t, await rejection(a.conversations.items.list(conv)), 'again', conv)
+  t.equal(lookups(), 2, 'the missing conversation was remembered: no second round trip')
+  await new Promise(resolve => setTimeout(resolve, 250))
+  await assertNotFound(t, await rejection(a.conversations.items.list(conv)), 'after notFoundTtlMs', conv)
+  t.equal(lookups(), 3, 'and forgotten after notFoundTtlMs')
+})
+
+t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an answer that is not the conversation', async t => {
+  const cases: Array<[string, (res: import('node:http').ServerResponse) => void, number, string]> = [
+    ['a 500', res => { res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":{"message":"boom"}}') }, 502, 'upstream_unavailable'],
+    ['a 401 (bad token)', res => { res.writeHead(401, { 'content-type': 'application/json' }).end('{}') }, 502, 'upstream_unavailable'],
+    ['a list instead of a conversation', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') }, 502, 'upstream_unavailable'],
+    ['not JSON', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('<html>') }, 502, 'upstream_unavailable'],
+    ['no answer in time', () => {}, 504, 'upstream_timeout']
+  ]
+  for (const [label, answer, status, code] of cases) {
+    await t.test(`${label} → ${status} ${code}, and the call goes no further`, async t => {
+      const upstream = await startUpstream()
+      t.teardown(() => upstream.close())
+      const { gw } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300 } })
+      upstream.respond = (_req, res) => { answer(res) }
+      const res = await fetch(`${gw.url}/v1/conversations/conv_x/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+      t.equal(res.status, status)
+      t.match(await res.json(), { error: { code } })
+      t.same(calls(upstream.requests), ['GET /v1/conversations/conv_x'], 'only the lookup went upstream, never the call itself')
+      await new Promise(resolve => setTimeout(resolve, 20))
+      t.match(gw.audit(), [{ status, outcome: 'upstream_error' }])
+    })
+  }
+})
