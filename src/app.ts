@@ -22,6 +22,7 @@ import router from './plugins/router.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
+import { RedisStore } from './stores/redis.js'
 import './types.js'
 
 export interface AppDependencies {
@@ -98,7 +99,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(health)
   await app.register(router)
   await app.register(auth, { clients: config.clients })
-  await app.register(rateLimit, { store: deps.rateLimitStore ?? new MemoryStore() })
+  await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
   await app.register(body, { bodyBytes: config.limits.bodyBytes })
   await app.register(proxy, {
     baseUrl: config.upstream.baseUrls[0]!,
@@ -107,6 +108,12 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     caFile: config.upstream.caFile
   })
   return app
+}
+
+/** The store config.store names; the rate-limit plugin closes it when the app closes. */
+async function rateLimitStoreFor (store: GatewayConfig['store'], log: FastifyBaseLogger): Promise<RateLimitStore> {
+  if (store.url === 'memory://') return new MemoryStore()
+  return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, log })
 }
 
 /** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */

@@ -40,6 +40,11 @@ export const ConfigSchema = Type.Object({
   limits: Type.Object({
     bodyBytes: Type.Integer({ minimum: 1, default: 4194304 })
   }, { additionalProperties: false, default: {} }),
+  store: Type.Object({
+    url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
+    timeoutMs: Type.Integer({ minimum: 1, default: 50 }),
+    onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' })
+  }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   audit: Type.Object({
     file: Type.String({ minLength: 1, default: './audit/audit.jsonl' })
@@ -75,6 +80,7 @@ function describe (e: ErrorObject): string {
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
     case 'pattern':
       if (at.endsWith('.keySha256')) return `${at}: must be 64 lowercase hex characters (quote it in YAML)`
+      if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
       return `${at}: must match ${String(e.params.pattern)}`
     default:
       return `${at}: ${e.message ?? 'is invalid'}`
@@ -123,6 +129,23 @@ function unreadable (file: string | undefined, path: string): string[] {
   }
 }
 
+const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
+
+/** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
+function storeUrlProblems (url: string): string[] {
+  if (url === 'memory://') return []
+  let parsed: URL
+  try {
+    parsed = new URL(url)
+  } catch {
+    return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / in the password)`]
+  }
+  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM}`]
+  if (!/^(\/\d{0,9})?$/.test(parsed.pathname)) return ['store.url: the path must be a database number, e.g. /0']
+  if (parsed.search !== '' || parsed.hash !== '') return ['store.url: query options and fragments are not supported']
+  return []
+}
+
 function deepFreeze<T> (value: T): T {
   if (value !== null && typeof value === 'object') {
     for (const v of Object.values(value)) deepFreeze(v)
@@ -143,6 +166,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   } else {
     problems.push(...duplicates(candidate.clients, 'id'), ...duplicates(candidate.clients, 'keySha256'))
     problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
+    problems.push(...storeUrlProblems(candidate.store.url))
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
   return deepFreeze(candidate as GatewayConfig)
