@@ -3,6 +3,7 @@
 import t, { type Test } from 'tap'
 import { StoreUnavailableError, type BucketRule } from '../src/stores/rate-limit-store.js'
 import { KEY_PREFIX, RedisStore, type OnFailure, type StoreLogger } from '../src/stores/redis.js'
+import { eventually } from './fixtures/eventually.js'
 import { startRedis, type RedisServer } from './fixtures/redis-server.js'
 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
@@ -25,17 +26,6 @@ async function store (t: Test, redis: RedisServer, { onFailure = 'open' as OnFai
   const s = await RedisStore.connect({ url, timeoutMs, onFailure, log })
   t.teardown(() => s.close())
   return Object.assign(s, { log })
-}
-
-/** polls until fn() resolves truthy; a bounded wait for reconnects, not a timing assertion */
-async function eventually<T> (fn: () => Promise<T | null | false>, what: string, ms = 10_000): Promise<T> {
-  const deadline = Date.now() + ms
-  for (;;) {
-    const value = await fn()
-    if (value) return value
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`)
-    await sleep(50)
-  }
 }
 
 t.test('a shared bucket serves exactly burst calls, then refuses with the time to the next token', async t => {

@@ -8,10 +8,10 @@ import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { startGateway, testConfig, KEYS } from './fixtures/gateway.js'
+import { eventually } from './fixtures/eventually.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
-const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 const KEY_A = generateKey()
 const KEY_B = generateKey()
 const UNAVAILABLE = /"msg":"rate-limit store unavailable/g
@@ -64,16 +64,6 @@ async function alwaysOk (t: Test): Promise<FakeUpstream> {
   t.teardown(() => upstream.close())
   upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"conv_1"}') }
   return upstream
-}
-
-async function eventually<T> (fn: () => Promise<T | null | false>, what: string, ms = 10_000): Promise<T> {
-  const deadline = Date.now() + ms
-  for (;;) {
-    const value = await fn()
-    if (value) return value
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`)
-    await sleep(50)
-  }
 }
 
 t.test('two replicas share one client\'s burst; another client keeps its own', async t => {
