@@ -47,6 +47,8 @@ const STALL_MS = 2_000
  * The same arithmetic as refill() and take/charge in memory.ts. `at` becomes the server's `now` on every write,
  * so a server clock stepped backwards refills nothing and locks nobody out. The key expires when the bucket
  * would be full again: an expired bucket and a full one are the same, so Redis holds only buckets in use.
+ * The TTL stops at 1e12 ms (31 years): a deeper debt would overflow PEXPIRE, and a script that fails after its
+ * HSET would leave the key without any TTL.
  */
 const BUCKET_SCRIPT = `
 if redis.replicate_commands then redis.replicate_commands() end
@@ -77,7 +79,7 @@ else
   allowed = 0
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / perMs) + 1000)
+redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((burst - tokens) / perMs) + 1000, 1e12))
 return { allowed, string.format('%.17g', tokens) }
 `
 
