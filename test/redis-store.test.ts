@@ -21,7 +21,8 @@ function recorder (): StoreLogger & { lines: Line[] } {
   }
 }
 
-async function store (t: Test, redis: RedisServer, { onFailure = 'open' as OnFailure, timeoutMs = 50, url = redis.url } = {}) {
+// A generous timeout unless the test is about timeouts: on a loaded machine a healthy call can take over 50 ms.
+async function store (t: Test, redis: RedisServer, { onFailure = 'open' as OnFailure, timeoutMs = 2000, url = redis.url } = {}) {
   const log = recorder()
   const s = await RedisStore.connect({ url, timeoutMs, onFailure, log })
   t.teardown(() => s.close())
@@ -149,8 +150,6 @@ t.test('a hung Redis costs each call at most the store timeout: served locally (
   const redis = await startRedis(t)
   const open = await store(t, redis, { timeoutMs: 30 })
   const closed = await store(t, redis, { timeoutMs: 30, onFailure: 'closed' })
-  await open.take('a', SLOW)
-  await closed.take('b', SLOW)
   redis.pause()
   t.teardown(() => { redis.resume() })
   // Without a command timeout these would wait on the open socket until the connection is given up as stalled

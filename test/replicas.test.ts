@@ -68,7 +68,7 @@ async function alwaysOk (t: Test): Promise<FakeUpstream> {
 
 t.test('two replicas share one client\'s burst; another client keeps its own', async t => {
   const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
-  const store = { url: redis.url }
+  const store = { url: redis.url, timeoutMs: 2000 } // not about timeouts: a slow healthy call must not fall back
   const replicas = [await startReplica(t, upstream.url, store, 5), await startReplica(t, upstream.url, store, 5)]
 
   const answers = []
@@ -86,8 +86,8 @@ t.test('two replicas share one client\'s burst; another client keeps its own', a
 
 t.test('Redis stopped: the open replica serves locally with one warning, the closed one answers 503 and the upstream sees nothing; both recover when Redis is back', async t => {
   const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
-  const open = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 50, onFailure: 'open' }, 20)
-  const closed = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 50, onFailure: 'closed' }, 20)
+  const open = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000, onFailure: 'open' }, 20)
+  const closed = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000, onFailure: 'closed' }, 20)
   t.equal((await get(open, KEY_A)).status, 200)
   t.equal((await get(closed, KEY_A)).status, 200)
 
@@ -129,7 +129,7 @@ t.test('Redis stopped: the open replica serves locally with one warning, the clo
 
 t.test('in process: closed mode answers 503 in the envelope, peeks the shared bucket for other refusals, and closes the client with the app', async t => {
   const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
-  const config = testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 50, onFailure: 'closed' } })
+  const config = testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' } })
   const gw = await startGateway(t, config)
   const call = (key: string, method = 'GET') => fetch(`${gw.url}/v1/conversations/conv_1`, { method, headers: { authorization: `Bearer ${key}` } })
 
