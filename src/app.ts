@@ -25,6 +25,7 @@ import { Upstream } from './upstream/client.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
+import { RedisStore } from './stores/redis.js'
 import './types.js'
 
 export interface AppDependencies {
@@ -134,7 +135,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(health)
   await app.register(router)
   await app.register(auth, { clients: config.clients })
-  await app.register(rateLimit, { store: deps.rateLimitStore ?? new MemoryStore() })
+  await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
   await app.register(body, { bodyBytes: config.limits.bodyBytes })
   const upstream = new Upstream(config.upstream, app.log)
   app.addHook('onClose', async () => { await upstream.close() })
@@ -149,6 +150,12 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
   await app.register(proxy, { upstream, apiKey })
   return app
+}
+
+/** The store config.store names; the rate-limit plugin closes it when the app closes. */
+async function rateLimitStoreFor (store: GatewayConfig['store'], log: FastifyBaseLogger): Promise<RateLimitStore> {
+  if (store.url === 'memory://') return new MemoryStore()
+  return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, log })
 }
 
 /** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */

@@ -54,6 +54,11 @@ export const ConfigSchema = Type.Object({
   limits: Type.Object({
     bodyBytes: Type.Integer({ minimum: 1, default: 4194304 })
   }, { additionalProperties: false, default: {} }),
+  store: Type.Object({
+    url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
+    timeoutMs: Type.Integer({ minimum: 1, default: 50 }),
+    onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' })
+  }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   ownership: Type.Object({
     /** conversations not created through the gateway (no owner in their metadata) */
@@ -108,6 +113,7 @@ function describe (e: ErrorObject): string {
       if (e.params.pattern === SECRET_PATTERN) {
         return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`
       }
+      if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
       return `${at}: must match ${String(e.params.pattern)}`
     default:
       return `${at}: ${e.message ?? 'is invalid'}`
@@ -235,6 +241,23 @@ function unreadable (file: string | undefined, path: string): string[] {
   }
 }
 
+const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
+
+/** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
+function storeUrlProblems (url: string): string[] {
+  if (url === 'memory://') return []
+  let parsed: URL
+  try {
+    parsed = new URL(url)
+  } catch {
+    return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / in the password)`]
+  }
+  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM}`]
+  if (!/^(\/\d{0,9})?$/.test(parsed.pathname)) return ['store.url: the path must be a database number, e.g. /0']
+  if (parsed.search !== '' || parsed.hash !== '') return ['store.url: query options and fragments are not supported']
+  return []
+}
+
 function deepFreeze<T> (value: T): T {
   if (value !== null && typeof value === 'object') {
     for (const v of Object.values(value)) deepFreeze(v)
@@ -256,6 +279,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   } else {
     problems.push(...duplicates(candidate.clients, 'id'), ...duplicates(candidate.clients, 'keySha256'))
     problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
+    problems.push(...storeUrlProblems(candidate.store.url))
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
   return deepFreeze(candidate as GatewayConfig)

@@ -100,6 +100,8 @@ export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'ser
   'The upstream API could not be reached. Please try again later.')
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
+export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error',
+  'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.')
 export const InternalError = define('internal_error', 500, 'server_error',
   'The gateway failed to handle this request.')
 

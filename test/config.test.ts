@@ -42,6 +42,7 @@ t.test('a minimal file gets every documented default', async t => {
       failureThreshold: 3, cooldownMs: 30000, retries: 1, maxConnections: 128
     },
     limits: { bodyBytes: 4194304 },
+    store: { url: 'memory://', timeoutMs: 50, onFailure: 'open' },
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
     ownership: { unowned: 'deny', cacheTtlMs: 600000, cacheSize: 100000, notFoundTtlMs: 5000 },
     audit: { file: './audit/audit.jsonl' }
@@ -102,6 +103,35 @@ t.test('an unquoted all-digit digest is refused with a hint instead of being rea
 t.test('unreadable and unparsable files fail with the file named', async t => {
   t.match(problems(() => loadConfig('/nonexistent/gateway.yaml', {})), [/cannot read the file: ENOENT/])
   t.match(problems(() => loadConfig(yamlFile('upstream: [\n'), {})), [/^YAML: /])
+})
+
+t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  const store = (s: Record<string, unknown>) => parseConfig({ upstream, store: s }).store
+  t.same(store({ url: 'redis://:pw@redis:6379/2', timeoutMs: 20, onFailure: 'closed' }),
+    { url: 'redis://:pw@redis:6379/2', timeoutMs: 20, onFailure: 'closed' })
+  for (const url of ['redis://redis', 'rediss://user:p%40ss@cache.example:6380/0', 'redis://:pw@10.0.0.5:6379/']) {
+    t.equal(store({ url }).url, url, url)
+  }
+  t.equal(parseConfig({ upstream, store: { url: '${STORE_URL}' } }, { STORE_URL: 'redis://:env-pw@r:1/0' }).store.url,
+    'redis://:env-pw@r:1/0', 'the password can come from the environment')
+
+  const secret = 'hunter2-S3cret'
+  const bad: Array<[unknown, RegExp]> = [
+    [`http://:${secret}@redis:6379`, /store\.url: must be memory:\/\/ or redis\[s\]:\/\//],
+    [`redis://:${secret}@redis:6379/zero`, /store\.url: the path must be a database number/],
+    [`redis://:${secret}@redis:6379/0?tls=true`, /store\.url: query options/],
+    [`redis://:${secret}@redis:99999/0`, /store\.url: must be/],
+    [`redis://:${secret}@/0`, /store\.url: must be/],
+    ['memory://x', /store\.url: must be/]
+  ]
+  for (const [url, message] of bad) {
+    const found = problems(() => parseConfig({ upstream, store: { url } }))
+    t.match(found, [message], String(url).replace(secret, '***'))
+    t.notMatch(found.join('\n'), secret, 'the password is not echoed')
+  }
+  t.match(problems(() => parseConfig({ upstream, store: { timeoutMs: 0, onFailure: 'maybe', size: 1 } })),
+    ['store.size: unknown key', 'store.timeoutMs: must be >= 1', /store\.onFailure/])
 })
 
 t.test('the config file comes from --config, else GATEWAY_CONFIG, else config/gateway.yaml', async t => {

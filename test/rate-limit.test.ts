@@ -66,6 +66,34 @@ t.test('the LRU is bounded: past max, the least recent bucket is forgotten (it c
   t.equal((await store.peek('c', RULE)).remaining, 4)
 })
 
+t.test('cost takes several tokens at once or none; a cost above burst is never granted', async t => {
+  const c = clock()
+  const store = new MemoryStore({ now: c.now })
+  t.match(await store.take('a', RULE, 3), { allowed: true, remaining: 2 })
+  const refused = await store.take('a', RULE, 3)
+  t.match(refused, { allowed: false, remaining: 2, retryAfterMs: 1000 }, 'one token missing: one second')
+  t.match(await store.take('a', RULE, 2), { allowed: true, remaining: 0 })
+  c.tick(60_000)
+  t.equal((await store.take('a', RULE, 6)).allowed, false, 'burst is 5')
+  t.equal((await store.peek('a', RULE)).remaining, 5, 'and it took nothing')
+  await t.rejects(store.take('a', RULE, -1), RangeError)
+})
+
+t.test('charge never refuses and may go into debt; takes wait until refill covers the debt and the cost', async t => {
+  const c = clock()
+  const store = new MemoryStore({ now: c.now })
+  t.match(await store.charge('a', RULE, 8), { allowed: true, remaining: 0 }, 'five tokens, eight charged: three in debt')
+  t.match(await store.charge('a', RULE, 1), { allowed: true, remaining: 0 }, 'charging in debt still succeeds')
+  const refused = await store.take('a', RULE)
+  t.match(refused, { allowed: false, retryAfterMs: 5000 }, 'four in debt, one to take: five seconds')
+  t.equal(refused.resetMs, 9000, 'nine seconds to full')
+  c.tick(4999)
+  t.equal((await store.take('a', RULE)).allowed, false)
+  c.tick(1)
+  t.equal((await store.take('a', RULE)).allowed, true)
+  await t.rejects(store.charge('a', RULE, Number.POSITIVE_INFINITY), RangeError)
+})
+
 t.test('reset durations use OpenAI\'s format', async t => {
   t.same([0, 20, 999, 1000, 1001, 59_000, 60_000, 360_000, 3_723_000].map(formatDuration),
     ['0ms', '20ms', '999ms', '1s', '2s', '59s', '1m0s', '6m0s', '1h2m3s'])

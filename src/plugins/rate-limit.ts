@@ -1,9 +1,11 @@
 // Per-client token bucket (429), the last check before the body is read. Every answer to an authenticated
 // client carries OpenAI's x-ratelimit-*-requests headers, set in onSend so that nothing set earlier (an upstream
-// header of the same name included) can stand in their place.
+// header of the same name included) can stand in their place. A store that cannot answer (Redis down with
+// store.onFailure: closed) refuses the call with 503; its answer then carries no x-ratelimit-* headers.
+import type { FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { RateLimitExceededError } from '../errors.js'
-import type { RateLimitResult, RateLimitStore } from '../stores/rate-limit-store.js'
+import { RateLimitExceededError, RateLimitStoreUnavailableError } from '../errors.js'
+import { StoreUnavailableError, type RateLimitResult, type RateLimitStore } from '../stores/rate-limit-store.js'
 
 export interface RateLimitOptions {
   store: RateLimitStore
@@ -29,13 +31,23 @@ function headers (result: RateLimitResult): Record<string, string> {
   }
 }
 
+const storeFailed = new WeakSet<FastifyRequest>()
+
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   app.decorateRequest('rateLimit', null)
 
   app.addHook('onRequest', async (request) => {
     const client = request.client
     if (client === null) return
-    const result = await store.take(client.id, client.rateLimit)
+    let result: RateLimitResult
+    try {
+      result = await store.take(client.id, client.rateLimit)
+    } catch (err) {
+      if (!(err instanceof StoreUnavailableError)) throw err
+      // no second wait on the store for this call's headers
+      storeFailed.add(request)
+      throw new RateLimitStoreUnavailableError()
+    }
     request.rateLimit = result
     if (!result.allowed) {
       const err = new RateLimitExceededError(client.id, formatDuration(result.retryAfterMs))
@@ -49,9 +61,10 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
 
   app.addHook('onSend', async (request, reply) => {
     const client = request.client
-    if (client === null) return
+    if (client === null || storeFailed.has(request)) return
     if (request.upstream?.status === 429) return // the upstream's own limit and headers (plugins/proxy.ts)
-    reply.headers(headers(request.rateLimit ?? await store.peek(client.id, client.rateLimit)))
+    const result = request.rateLimit ?? await store.peek(client.id, client.rateLimit).catch(() => null)
+    if (result !== null) reply.headers(headers(result))
   })
 
   app.addHook('onClose', async () => { await store.close() })

@@ -2,7 +2,9 @@
 // so the take is atomic. A monotonic clock: wall-clock jumps neither grant a burst nor lock a client out.
 import { performance } from 'node:perf_hooks'
 import { LRUCache } from 'lru-cache'
-import { describe, refill, type Bucket, type BucketRule, type RateLimitResult, type RateLimitStore } from './rate-limit-store.js'
+import {
+  checkCost, covers, describe, refill, type Bucket, type BucketRule, type RateLimitResult, type RateLimitStore
+} from './rate-limit-store.js'
 
 export interface MemoryStoreOptions {
   /** buckets kept; the least recently used is dropped past this (it comes back full) */
@@ -19,17 +21,26 @@ export class MemoryStore implements RateLimitStore {
     this.#now = now
   }
 
-  async take (key: string, rule: BucketRule): Promise<RateLimitResult> {
+  async take (key: string, rule: BucketRule, cost = 1): Promise<RateLimitResult> {
+    checkCost(cost)
     const bucket = refill(this.#buckets.get(key), rule, this.#now())
-    const allowed = bucket.tokens >= 1
-    if (allowed) bucket.tokens -= 1
+    const allowed = covers(bucket.tokens, cost)
+    if (allowed) bucket.tokens -= cost
     this.#buckets.set(key, bucket)
-    return describe(bucket, rule, allowed)
+    return describe(bucket.tokens, rule, allowed, cost)
+  }
+
+  async charge (key: string, rule: BucketRule, amount: number): Promise<RateLimitResult> {
+    checkCost(amount, 'amount')
+    const bucket = refill(this.#buckets.get(key), rule, this.#now())
+    bucket.tokens -= amount
+    this.#buckets.set(key, bucket)
+    return describe(bucket.tokens, rule, true)
   }
 
   async peek (key: string, rule: BucketRule): Promise<RateLimitResult> {
     const bucket = refill(this.#buckets.peek(key), rule, this.#now())
-    return describe(bucket, rule, bucket.tokens >= 1)
+    return describe(bucket.tokens, rule, covers(bucket.tokens, 1))
   }
 
   async close (): Promise<void> {

@@ -1,5 +1,6 @@
 // A per-client token bucket: `burst` tokens of capacity, refilled at `requestsPerMinute`. A store keeps the
-// buckets; the in-memory one (memory.ts) is the default, a shared one can stand behind the same interface.
+// buckets behind one interface: the in-memory one (memory.ts) is the default, the Redis one (redis.ts) shares
+// them between replicas. Both do the same arithmetic, below (redis.ts repeats it in its Lua script).
 export interface BucketRule {
   requestsPerMinute: number
   burst: number
@@ -8,24 +9,56 @@ export interface BucketRule {
 export interface RateLimitResult {
   allowed: boolean
   limit: number
+  /** whole tokens left (0 while the bucket is in debt after a charge) */
   remaining: number
   /** ms until the bucket is full again */
   resetMs: number
-  /** ms until one token is available (0 when allowed) */
+  /** ms until `cost` tokens are available (0 when allowed) */
   retryAfterMs: number
 }
 
 export interface RateLimitStore {
-  /** Takes one token if there is one. Check and take are one step, so concurrent calls cannot overdraw. */
-  take (key: string, rule: BucketRule): Promise<RateLimitResult>
+  /**
+   * Takes `cost` tokens if the bucket holds at least that many, else takes nothing and refuses. Check and take
+   * are one step, so concurrent calls cannot overdraw. A cost above the rule's burst is never granted.
+   */
+  take (key: string, rule: BucketRule, cost?: number): Promise<RateLimitResult>
+  /**
+   * Subtracts `amount` tokens and never refuses: the bucket may go below zero (debt), and takes are refused
+   * until refill brings it back to their cost. For usage known only after the answer (tokens per minute).
+   */
+  charge (key: string, rule: BucketRule, amount: number): Promise<RateLimitResult>
   /** The bucket's state without taking a token. */
   peek (key: string, rule: BucketRule): Promise<RateLimitResult>
   close (): Promise<void>
 }
 
+/** A store that cannot answer right now (Redis down or slow): the caller decides what a refusal means. */
+export class StoreUnavailableError extends Error {
+  constructor (reason: string) {
+    super(`rate-limit store unavailable: ${reason}`)
+    this.name = 'StoreUnavailableError'
+  }
+}
+
 export interface Bucket {
   tokens: number
   at: number
+}
+
+export function checkCost (cost: number, what = 'cost'): void {
+  if (!Number.isFinite(cost) || cost < 0) throw new RangeError(`${what} must be a finite number ≥ 0, got ${cost}`)
+}
+
+/**
+ * Tokens are fractions summed step by step, so a bucket refilled in two steps can miss a whole token by a
+ * rounding error (0.999 + 0.001 < 1 in floating point). Anything this close counts as there.
+ */
+export const TOKEN_EPSILON = 1e-9
+
+/** Whether `tokens` cover `cost`, forgiving the rounding of refills. */
+export function covers (tokens: number, cost: number): boolean {
+  return tokens + TOKEN_EPSILON >= cost
 }
 
 /** Refills `bucket` up to `now`; a clock that went backwards refills nothing and never empties it. */
@@ -36,13 +69,13 @@ export function refill (bucket: Bucket | undefined, rule: BucketRule, now: numbe
   return { tokens: Math.min(rule.burst, bucket.tokens + elapsed * perMs), at: Math.max(now, bucket.at) }
 }
 
-export function describe (bucket: Bucket, rule: BucketRule, allowed: boolean): RateLimitResult {
+export function describe (tokens: number, rule: BucketRule, allowed: boolean, cost = 1): RateLimitResult {
   const perMs = rule.requestsPerMinute / 60_000
   return {
     allowed,
     limit: rule.requestsPerMinute,
-    remaining: Math.floor(bucket.tokens),
-    resetMs: Math.ceil((rule.burst - bucket.tokens) / perMs),
-    retryAfterMs: allowed ? 0 : Math.ceil((1 - bucket.tokens) / perMs)
+    remaining: Math.max(0, Math.floor(tokens + TOKEN_EPSILON)),
+    resetMs: Math.ceil((rule.burst - tokens) / perMs),
+    retryAfterMs: allowed ? 0 : Math.ceil((cost - tokens) / perMs)
   }
 }

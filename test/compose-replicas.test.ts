@@ -1,0 +1,76 @@
+// What docker-compose.replicas.yml and its config files promise, read from the files themselves (no Docker
+// engine here; the nginx config was also checked with `nginx -t` and run in front of two gateway processes).
+import { existsSync, readFileSync } from 'node:fs'
+import t from 'tap'
+import { parse } from 'yaml'
+import { loadConfig } from '../src/config.js'
+
+interface Service {
+  image?: string
+  build?: string
+  command?: string[]
+  environment?: Record<string, string>
+  volumes?: string[]
+  ports?: string[]
+  depends_on?: Record<string, { condition: string }>
+}
+const compose = parse(readFileSync('docker-compose.replicas.yml', 'utf8'), { merge: true }) as
+  { services: Record<string, Service>, volumes: Record<string, unknown> }
+const services = compose.services
+const gateways = Object.entries(services).filter(([, s]) => s.build === '.')
+const nginxConf = readFileSync('config/nginx-replicas.conf', 'utf8').replace(/#.*$/gm, '')
+
+function mounts (s: Service): Array<{ source: string, target: string }> {
+  return (s.volumes ?? []).map(v => { const [source, target] = v.split(':'); return { source: source!, target: target! } })
+}
+
+t.test('two gateway replicas, each with its own audit volume and name, reading one mounted config', async t => {
+  t.equal(gateways.length, 2)
+  const volumes = new Set<string>()
+  const names = new Set<string>()
+  for (const [name, s] of gateways) {
+    const env = s.environment ?? {}
+    const config = mounts(s).find(m => m.target === env.GATEWAY_CONFIG)
+    t.ok(config && existsSync(config.source), `${name}: GATEWAY_CONFIG is a mounted file of this repository`)
+    const audit = mounts(s).find(m => m.target === '/app/audit')
+    t.ok(audit && audit.source in compose.volumes, `${name}: /app/audit is a named volume`)
+    volumes.add(audit!.source)
+    names.add(env.REPLICA!)
+    t.match(env, { OHMYGPT_API_KEY: /OHMYGPT_API_KEY/, REDIS_PASSWORD: /REDIS_PASSWORD/ }, 'secrets from the environment')
+    t.equal(s.depends_on?.redis?.condition, 'service_healthy')
+  }
+  t.equal(volumes.size, 2, 'no two replicas share an audit volume')
+  t.equal(names.size, 2, 'no two replicas share an audit file name')
+})
+
+t.test('the example replica config is valid, shares buckets through the compose Redis and names its audit after the replica', async t => {
+  const config = loadConfig('config/replica.yaml', { OHMYGPT_API_KEY: 'sk-x', REDIS_PASSWORD: 'p%40ss', REPLICA: 'gateway-2' })
+  const store = new URL(config.store.url)
+  t.equal(store.protocol, 'redis:')
+  t.ok(store.hostname in services, 'the Redis host is a service of the compose file')
+  t.equal(store.password, 'p%40ss')
+  t.equal(config.audit.file, './audit/gateway-2.jsonl', 'under /app/audit, the volume')
+  t.equal(config.listen.port, 8080)
+})
+
+t.test('nginx balances over exactly the gateway services, on the port they listen on, and publishes 8080', async t => {
+  const lb = Object.values(services).find(s => s.image?.startsWith('nginx'))!
+  t.ok(lb, 'an nginx service')
+  const conf = mounts(lb).find(m => m.target === '/etc/nginx/nginx.conf')
+  t.equal(conf?.source, './config/nginx-replicas.conf')
+  const servers = [...nginxConf.matchAll(/^\s*server\s+([\w.-]+):(\d+)/gm)].map(m => `${m[1]}:${m[2]}`)
+  t.same(servers.sort(), gateways.map(([name]) => `${name}:8080`).sort())
+  t.match(nginxConf, /^\s*listen 8080;/m)
+  t.same(lb.ports, ['8080:8080'])
+  for (const [name] of gateways) t.equal(lb.depends_on?.[name]?.condition, 'service_healthy')
+  t.notMatch(nginxConf, /proxy_next_upstream[^;]*(timeout|http_5|non_idempotent)/, 'no retry on the other replica after a timeout or a 5xx')
+  t.notMatch(nginxConf, /proxy_intercept_errors\s+on/, 'replica answers pass through untouched')
+})
+
+t.test('Redis keeps no data on disk and needs the password', async t => {
+  const redis = services.redis!
+  const command = (redis.command ?? []).join(' ')
+  t.match(command, /--save '' --appendonly no/)
+  t.match(command, /--requirepass "\$\$REDIS_PASSWORD"/, 'the shell in the container expands it (compose turns $$ into $)')
+  t.match(redis.environment, { REDISCLI_AUTH: /REDIS_PASSWORD/ })
+})

@@ -1,0 +1,164 @@
+// Several gateways, one Redis: the token buckets are shared, and a Redis outage is met with the configured
+// open/closed behaviour and healed without a restart. The replicas are real processes started as ops start
+// them (`node dist/cli.js start --config FILE`); one in-process gateway checks what the answers look like.
+import { spawn } from 'node:child_process'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t, { type Test } from 'tap'
+import { generateKey, keyDigest } from '../src/keys.js'
+import { startGateway, testConfig, KEYS } from './fixtures/gateway.js'
+import { eventually } from './fixtures/eventually.js'
+import { startRedis } from './fixtures/redis-server.js'
+import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+
+const KEY_A = generateKey()
+const KEY_B = generateKey()
+const UNAVAILABLE = /"msg":"rate-limit store unavailable/g
+const RECOVERED = /"msg":"rate-limit store recovered/
+
+interface Replica { url: string, log: () => string, audit: () => Array<Record<string, unknown>> }
+
+/** one gateway process; its config file, log and audit file are its own */
+async function startReplica (t: Test, upstream: string, store: Record<string, unknown>, burst: number): Promise<Replica> {
+  const dir = mkdtempSync(join(tmpdir(), 'gw-replica-'))
+  const file = join(dir, 'gateway.yaml')
+  // requestsPerMinute 1: no token comes back while a test runs, so counts are exact
+  const rateLimit = `{ requestsPerMinute: 1, burst: ${burst} }`
+  writeFileSync(file, `
+listen: { host: 127.0.0.1, port: 0 }
+log: { level: info }
+upstream: { baseUrls: ["${upstream}"], apiKey: "\${OHMYGPT_API_KEY}", timeoutMs: 5000 }
+store: ${JSON.stringify(store)}
+ownership: { unowned: allow }
+audit: { file: ${join(dir, 'audit.jsonl')} }
+clients:
+  - { id: team-a, keySha256: "${keyDigest(KEY_A)}", scopes: [read], rateLimit: ${rateLimit} }
+  - { id: team-b, keySha256: "${keyDigest(KEY_B)}", scopes: [read], rateLimit: ${rateLimit} }
+`)
+  const child = spawn(process.execPath, ['dist/cli.js', 'start', '--config', file],
+    { env: { PATH: process.env.PATH, OHMYGPT_API_KEY: UPSTREAM_TOKEN } })
+  t.teardown(() => { child.kill('SIGKILL') })
+  let log = ''
+  child.stdout.on('data', (c: Buffer) => { log += c.toString() })
+  child.stderr.on('data', (c: Buffer) => { log += c.toString() })
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => { reject(new Error(`no listening line in: ${log}`)) }, 10_000)
+    child.stdout.on('data', () => {
+      const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(log)
+      if (m) { clearTimeout(timer); resolve(m[1]!) }
+    })
+  })
+  return {
+    url,
+    log: () => log,
+    audit: () => readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>)
+  }
+}
+
+function get (replica: { url: string }, key: string) {
+  return fetch(`${replica.url}/v1/conversations/conv_1/items`, { headers: { authorization: `Bearer ${key}` } })
+}
+
+async function alwaysOk (t: Test): Promise<FakeUpstream> {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // A conversation not made through the gateway (no owner): both teams may read it (ownership.unowned: allow).
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(req.url === '/v1/conversations/conv_1' ? '{"id":"conv_1","object":"conversation","metadata":{}}' : '{"object":"list","data":[]}')
+  }
+  return upstream
+}
+
+t.test('two replicas share one client\'s burst; another client keeps its own', async t => {
+  const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
+  const store = { url: redis.url, timeoutMs: 2000 } // not about timeouts: a slow healthy call must not fall back
+  const replicas = [await startReplica(t, upstream.url, store, 5), await startReplica(t, upstream.url, store, 5)]
+
+  const answers = []
+  for (let i = 0; i < 12; i++) answers.push(await get(replicas[i % 2]!, KEY_A))
+  const ok = answers.filter(r => r.status === 200)
+  t.equal(ok.length, 5, 'the sum of 2xx over both replicas is the one bucket\'s burst (each alone would grant 5)')
+  t.same(answers.map(r => r.status), [200, 200, 200, 200, 200, 429, 429, 429, 429, 429, 429, 429])
+  t.same(ok.map(r => r.headers.get('x-ratelimit-remaining-requests')), ['4', '3', '2', '1', '0'],
+    'each answer counts down the same bucket, whichever replica gave it')
+  t.equal(upstream.requests.filter(r => r.url.endsWith('/items')).length, 5, 'refused calls never reached the upstream')
+
+  t.equal((await get(replicas[1]!, KEY_B)).status, 200, 'team-b is not affected')
+  t.equal((await get(replicas[0]!, KEY_B)).headers.get('x-ratelimit-remaining-requests'), '3')
+})
+
+t.test('Redis stopped: the open replica serves locally with one warning, the closed one answers 503 and the upstream sees nothing; both recover when Redis is back', async t => {
+  const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
+  const open = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000, onFailure: 'open' }, 20)
+  const closed = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000, onFailure: 'closed' }, 20)
+  t.equal((await get(open, KEY_A)).status, 200)
+  t.equal((await get(closed, KEY_A)).status, 200)
+
+  await redis.stop()
+  const served = await Promise.all(Array.from({ length: 10 }, () => get(open, KEY_A)))
+  t.same(served.map(r => r.status), Array(10).fill(200), 'open: every call answered and served')
+  t.equal(served[9]!.headers.get('x-ratelimit-remaining-requests') !== null, true, 'with headers from the local bucket')
+  t.equal(open.log().match(UNAVAILABLE)?.length, 1, 'open: one warning, not one per call')
+
+  const before = upstream.requests.length
+  for (let i = 0; i < 5; i++) {
+    const res = await get(closed, KEY_A)
+    t.equal(res.status, 503)
+    t.equal(res.headers.get('x-ratelimit-remaining-requests'), null, 'no rate-limit headers without a bucket')
+    t.same(await res.json(), {
+      error: {
+        message: 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.',
+        type: 'server_error',
+        param: null,
+        code: 'rate_limit_store_unavailable'
+      }
+    })
+  }
+  t.equal(upstream.requests.length, before, 'closed: nothing reached the upstream')
+  t.equal(closed.log().match(UNAVAILABLE)?.length, 1, 'closed: one warning')
+  t.equal((await fetch(`${closed.url}/healthz`)).status, 200, '/healthz does not depend on Redis')
+  t.match(closed.audit().at(-1), { clientId: 'team-a', status: 503 }, 'the refused call is audited')
+
+  await redis.start() // same port, empty (no persistence)
+  const back = await eventually(() => get(closed, KEY_A).then(r => r.status === 200 && r), 'the closed replica serves again')
+  t.equal(back.headers.get('x-ratelimit-remaining-requests'), '19', 'from the shared bucket, which Redis lost')
+  await eventually(async () => RECOVERED.exec(open.log()) !== null, 'the open replica reconnects')
+  t.equal((await get(open, KEY_A)).headers.get('x-ratelimit-remaining-requests'), '18',
+    'the open replica takes from the shared bucket again, not its local one (9 left there)')
+  for (const replica of [open, closed]) {
+    t.equal(replica.log().split(RECOVERED).length - 1, 1, 'the recovery is logged once')
+  }
+})
+
+t.test('in process: closed mode answers 503 in the envelope, peeks the shared bucket for other refusals, and closes the client with the app', async t => {
+  const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
+  const config = testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' }, ownership: { unowned: 'allow' } })
+  const gw = await startGateway(t, config)
+  const call = (key: string, method = 'GET') => fetch(`${gw.url}/v1/conversations/conv_1`, { method, headers: { authorization: `Bearer ${key}` } })
+
+  t.equal((await call(KEYS.limited)).headers.get('x-ratelimit-remaining-requests'), '2')
+  const forbidden = await call(KEYS.reader, 'DELETE')
+  t.equal(forbidden.status, 403)
+  t.equal(forbidden.headers.get('x-ratelimit-remaining-requests'), String(config.clients[1]!.rateLimit.burst),
+    'a refusal before the rate limit shows the shared bucket, untouched')
+  t.match(await redis.command('KEYS *'), 'ogw:rl:team-limited')
+
+  await redis.stop()
+  const refused = await call(KEYS.limited)
+  t.equal(refused.status, 503)
+  t.match(await refused.json(), { error: { code: 'rate_limit_store_unavailable', type: 'server_error' } })
+  t.match(gw.audit().at(-1), { clientId: 'team-limited', status: 503 })
+  const forbiddenNow = await call(KEYS.reader, 'DELETE')
+  t.equal(forbiddenNow.status, 403, 'other refusals keep their own answer')
+  t.equal(forbiddenNow.headers.get('x-ratelimit-remaining-requests'), null, 'without headers when the bucket cannot be read')
+  t.equal(gw.logs.filter(l => l.includes('rate-limit store unavailable')).length, 1)
+
+  await redis.start()
+  await eventually(() => call(KEYS.limited).then(r => r.status === 200), 'served again')
+  await gw.app.close()
+  const connected = async () => (await redis.command('CLIENT LIST')).split('\n').filter(l => l.includes('cmd=')).length
+  await eventually(async () => await connected() === 1, 'only the probe itself is connected')
+  t.pass('closing the app closed its Redis client')
+})
