@@ -66,13 +66,17 @@ export async function manyClients (ctx: Context) {
   // Warmed up once every client has made each of its calls at least once.
   const warm = run.samples.find(s => s.requests >= requests.length) ?? run.samples.at(-1)!
   const end = run.samples.at(-1)!
+  // Single samples move with the garbage collector's timing; the range of all samples after warm-up shows how much.
+  const warmRss = run.samples.filter(s => s.requests >= warm.requests && s.rss !== null).map(s => s.rss!)
   const result = {
     clients: count, requests: run.requests, errors: run.errors, samples: run.samples,
     rssAfterWarmup: warm.rss, rssAfterWarmupAtRequests: warm.requests, rssAtEnd: end.rss, peakRss: peak,
-    drift: drift(warm.rss, end.rss)
+    drift: drift(warm.rss, end.rss), rssRangeAfterWarmup: { min: Math.min(...warmRss), max: Math.max(...warmRss) }
   }
   console.log(`  RSS after warm-up (${warm.requests} requests): ${fmt.mib(warm.rss)} MiB; at the end: ` +
-    `${fmt.mib(end.rss)} MiB (${percent(result.drift)}); peak ${fmt.mib(peak)} MiB; errors ${run.errors}`)
+    `${fmt.mib(end.rss)} MiB (${percent(result.drift)}); every sample since warm-up within ` +
+    `${fmt.mib(result.rssRangeAfterWarmup.min)}–${fmt.mib(result.rssRangeAfterWarmup.max)} MiB; ` +
+    `peak ${fmt.mib(peak)} MiB; errors ${run.errors}`)
   return result
 }
 
