@@ -115,8 +115,9 @@ async function main (): Promise<number> {
       results.slow = await slowUpstream(ctx)
     }
   }
+  results.loadAverageAtEnd = loadavg()
   writeFileSync(RESULTS_FILE, JSON.stringify(results, null, 2) + '\n')
-  console.log(`\nresults: ${RESULTS_FILE}`)
+  console.log(`\nload average at the end: ${loadavg().map(l => l.toFixed(2)).join(' ')}; results: ${RESULTS_FILE}`)
   if (ctx.load.name !== 'wrk') loud('measured with autocannon, not wrk: a rough guide only (see above)')
   if (failed > 0) {
     loud(`${failed} requests failed (answers of 400 or more, connection errors or timeouts): these numbers measure\n` +
