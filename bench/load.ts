@@ -1,6 +1,6 @@
-// The load generator: wrk (C, epoll, a few percent of a core) replaying a request list through bench/mix.lua.
-// Installed with apt-get when it is missing and we may; otherwise autocannon, which runs in this Node process
-// and competes with the servers for the cores, so its numbers are only a rough guide (said loudly).
+// The load generator: wrk (C, one epoll thread, far cheaper per request than a Node client) replaying a request
+// list through bench/mix.lua. Installed with apt-get when it is missing and we may; otherwise autocannon, which
+// runs in this Node process and competes with the servers for the cores: a rough guide only (said loudly).
 import { spawn, spawnSync } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
