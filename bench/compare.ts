@@ -1,0 +1,164 @@
+// The default scenario: the same mix against the upstream directly, the bare proxy and the gateway, in rounds
+// interleaved between them (upstream, bare, gateway, then gateway, bare, upstream, ...) so that a change in the
+// machine's speed hits all three alike. The gateway is judged by its ratios to the bare proxy in the same rounds.
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { benchClient, gatewayConfig, mixRequests } from './clients.js'
+import type { LoadResult, Request } from './load.js'
+import { fmt, spread, median, table, type Spread } from './report.js'
+import type { Context } from './run.js'
+import { memoryOf, resetPeak, startSystem, type System, type SystemName } from './systems.js'
+
+interface Target {
+  system: System
+  requests: Request[]
+}
+
+export type Run = LoadResult & { system: SystemName, connections: number, round: number, peakRss: number | null }
+
+/** One system at one connection count, over the rounds: medians, errors summed, the highest peak. */
+export type Row = Pick<Run, 'connections' | 'system' | 'reqPerSec' | 'p50Ms' | 'p99Ms' | 'errors' | 'peakRss'>
+
+export interface Ratios {
+  connections: number
+  /** gateway req/s ÷ bare req/s, per round */
+  throughput: Spread
+  /** gateway p99 ÷ bare p99, per round */
+  p99: Spread
+}
+
+export interface Comparison {
+  rows: Row[]
+  ratios: Ratios[]
+  /** at one connection: (gateway p50 − upstream p50) ÷ (bare p50 − upstream p50), per round */
+  addedP50: Spread | null
+  warmupErrors: number
+  auditRecords: number
+  runs: Run[]
+}
+
+const SYSTEMS: readonly SystemName[] = ['upstream', 'bare', 'gateway']
+/** Between two runs: the last run's sockets close and its garbage is collected before the next one starts. */
+const PAUSE_MS = 1000
+
+export async function compare (ctx: Context): Promise<Comparison> {
+  const { settings, load } = ctx
+  const client = benchClient(0)
+  const auditFile = join(ctx.tmpDir, 'audit.jsonl')
+  const upstream = await startSystem({ system: 'upstream', options: { token: ctx.token } })
+  const bare = await startSystem({ system: 'bare', options: { upstreamUrl: upstream.url, token: ctx.token } })
+  const gateway = await startSystem({
+    system: 'gateway', options: { config: gatewayConfig(upstream.url, ctx.token, [client], auditFile) }
+  })
+  const targets: Record<SystemName, Target> = {
+    upstream: { system: upstream, requests: mixRequests(`Bearer ${ctx.token}`, client) },
+    bare: { system: bare, requests: mixRequests(`Bearer ${client.key}`, client) },
+    gateway: { system: gateway, requests: mixRequests(`Bearer ${client.key}`, client) }
+  }
+  await checkAnswers(Object.values(targets))
+
+  let warmupErrors = 0
+  for (const name of SYSTEMS) {
+    const { system, requests } = targets[name]
+    warmupErrors += (await load.run({ url: system.url, requests, connections: 32, seconds: settings.warmupSeconds })).errors
+  }
+
+  const runs: Run[] = []
+  for (const connections of settings.connections) {
+    for (let round = 0; round < settings.rounds; round++) {
+      for (const name of round % 2 === 0 ? SYSTEMS : [...SYSTEMS].reverse()) {
+        const { system, requests } = targets[name]
+        await sleep(PAUSE_MS)
+        resetPeak(system.pid)
+        const result = await load.run({ url: system.url, requests, connections, seconds: settings.seconds })
+        if (system.exit !== null) throw new Error(`the ${name} process ${system.exit}`)
+        const run: Run = { system: name, connections, round, ...result, peakRss: memoryOf(system.pid)?.peak ?? null }
+        runs.push(run)
+        console.log(`  ${String(connections).padStart(3)} connections, round ${round + 1}, ${name.padEnd(8)} ` +
+          `${fmt.int(run.reqPerSec).padStart(6)} req/s  p50 ${fmt.ms(run.p50Ms)} ms  p99 ${fmt.ms(run.p99Ms)} ms` +
+          (run.errors > 0 ? `  ${run.errors} ERRORS ${JSON.stringify(run.errorKinds)}` : ''))
+      }
+    }
+  }
+  const auditRecords = readFileSync(auditFile, 'utf8').split('\n').length - 1
+  await Promise.all([gateway.stop(), bare.stop(), upstream.stop()])
+  return { ...summarise(runs, settings.connections), warmupErrors, auditRecords, runs }
+}
+
+/** Before any load: every request of the mix succeeds on every system, with the same answer. */
+async function checkAnswers (targets: readonly Target[]): Promise<void> {
+  for (let i = 0; i < targets[0]!.requests.length; i++) {
+    const answers = await Promise.all(targets.map(async ({ system, requests }) => {
+      const { method, path, authorization, body } = requests[i]!
+      const headers: Record<string, string> = { authorization }
+      if (body !== '') headers['content-type'] = 'application/json'
+      const res = await fetch(system.url + path, { method, headers, body: body === '' ? undefined : body })
+      const text = await res.text()
+      if (!res.ok) throw new Error(`${system.name}: ${method} ${path} answered ${res.status}: ${text.slice(0, 500)}`)
+      return text
+    }))
+    if (new Set(answers).size !== 1) {
+      const { method, path } = targets[0]!.requests[i]!
+      throw new Error(`the systems answer ${method} ${path} differently:\n${answers.join('\n')}`)
+    }
+  }
+}
+
+function summarise (runs: readonly Run[], connectionCounts: readonly number[]) {
+  const of = (system: SystemName, connections: number) =>
+    runs.filter(r => r.system === system && r.connections === connections)
+  const rows: Row[] = connectionCounts.flatMap(connections => SYSTEMS.map(system => {
+    const mine = of(system, connections)
+    const peaks = mine.map(r => r.peakRss).filter(p => p !== null)
+    return {
+      connections,
+      system,
+      reqPerSec: median(mine.map(r => r.reqPerSec)),
+      p50Ms: median(mine.map(r => r.p50Ms)),
+      p99Ms: median(mine.map(r => r.p99Ms)),
+      errors: mine.reduce((n, r) => n + r.errors, 0),
+      peakRss: peaks.length > 0 ? Math.max(...peaks) : null
+    }
+  }))
+  // Ratios pair the gateway and the bare proxy of the same round, which ran next to each other.
+  const perRound = (connections: number, f: (gateway: Run, bare: Run, upstream: Run) => number) => {
+    const [gateway, bare, upstream] = [of('gateway', connections), of('bare', connections), of('upstream', connections)]
+    return spread(gateway.map((g, i) => f(g, bare[i]!, upstream[i]!)))
+  }
+  const ratios: Ratios[] = connectionCounts.map(connections => ({
+    connections,
+    throughput: perRound(connections, (g, b) => g.reqPerSec / b.reqPerSec),
+    p99: perRound(connections, (g, b) => g.p99Ms / b.p99Ms)
+  }))
+  const addedP50 = connectionCounts.includes(1)
+    ? perRound(1, (g, b, u) => (g.p50Ms - u.p50Ms) / (b.p50Ms - u.p50Ms))
+    : null
+  return { rows, ratios, addedP50 }
+}
+
+export function printComparison (c: Comparison): void {
+  const ratioOf = (connections: number) => c.ratios.find(r => r.connections === connections)!
+  console.log(table([
+    ['conns', 'system', 'req/s', 'p50 ms', 'p99 ms', 'errors', 'peak RSS MiB', 'gw/bare req/s', 'gw/bare p99'],
+    ...c.rows.map(r => [
+      String(r.connections), r.system, fmt.int(r.reqPerSec), fmt.ms(r.p50Ms), fmt.ms(r.p99Ms), String(r.errors),
+      fmt.mib(r.peakRss),
+      r.system === 'gateway' ? fmt.spread(ratioOf(r.connections).throughput) : '',
+      r.system === 'gateway' ? fmt.spread(ratioOf(r.connections).p99) : ''
+    ])
+  ], [1]))
+  if (c.addedP50 !== null) {
+    console.log(`\none connection: the gateway's added p50 over the direct upstream ÷ the bare proxy's: ${fmt.spread(c.addedP50)}`)
+  }
+  console.log(`gateway audit records written: ${c.auditRecords}`)
+
+  const verdict = (ok: boolean) => ok ? 'met' : 'NOT MET'
+  console.log('\ntargets (issue 13), on the median:')
+  for (const r of c.ratios.filter(r => r.connections >= 32)) {
+    console.log(`  ${r.connections} connections: throughput ≥ 0.90× bare: ${verdict(r.throughput.median >= 0.9)}; ` +
+      `p99 ≤ 1.25× bare: ${verdict(r.p99.median <= 1.25)}`)
+  }
+  if (c.addedP50 !== null) console.log(`  1 connection: added p50 ≤ 1.25× bare's: ${verdict(c.addedP50.median <= 1.25)}`)
+  console.log(`  zero errors: ${verdict(c.rows.every(r => r.errors === 0) && c.warmupErrors === 0)}`)
+}

@@ -1,0 +1,84 @@
+// The processes the bench measures: each system (upstream, bare proxy, gateway) forked into its own process,
+// its memory read from /proc/<pid>/status, and every one of them ended, however the bench ends.
+import { fork, type ChildProcess } from 'node:child_process'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import type { ChildMessage, StartMessage } from './child.js'
+
+export type SystemName = StartMessage['system']
+
+export interface System {
+  name: SystemName
+  url: string
+  pid: number
+  /** set when the process ended before the bench stopped it */
+  exit: string | null
+  stop (): Promise<void>
+}
+
+const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'child.js')
+const running = new Set<ChildProcess>()
+process.on('exit', () => { for (const child of running) child.kill('SIGKILL') })
+
+export async function startSystem (message: StartMessage): Promise<System> {
+  const child = fork(CHILD, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  running.add(child)
+  let stopping = false
+  const exited = new Promise<void>(resolve => child.once('exit', (code, signal) => {
+    running.delete(child)
+    if (!stopping) {
+      system.exit = `exited with code ${code}, signal ${signal}`
+      console.error(`bench: the ${message.system} process ${system.exit}`)
+    }
+    resolve()
+  }))
+  const system: System = {
+    name: message.system,
+    url: '',
+    pid: child.pid!,
+    exit: null,
+    async stop () {
+      stopping = true
+      if (child.connected) child.disconnect() // the child exits when the parent lets go of it
+      const kill = setTimeout(() => child.kill('SIGKILL'), 5000)
+      await exited
+      clearTimeout(kill)
+    }
+  }
+  const answer = await new Promise<ChildMessage>((resolve, reject) => {
+    child.once('message', resolve)
+    child.once('exit', () => reject(new Error(`the ${message.system} process ended before it listened`)))
+    child.send(message)
+  })
+  if ('error' in answer) throw new Error(`the ${message.system} process failed to start:\n${answer.error}`)
+  system.url = answer.url
+  return system
+}
+
+export interface Memory {
+  /** resident set size now, bytes */
+  rss: number
+  /** highest resident set size since the process started or since resetPeak, bytes */
+  peak: number
+}
+
+/** The process's memory from /proc (Linux), or null where there is none. */
+export function memoryOf (pid: number): Memory | null {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8')
+    const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN) * 1024
+    return { rss: kib('VmRSS'), peak: kib('VmHWM') }
+  } catch {
+    return null
+  }
+}
+
+/** Restarts the process's peak RSS from its current RSS (Linux ≥ 4.0), so the next peak is that of one run. */
+export function resetPeak (pid: number): void {
+  try {
+    writeFileSync(`/proc/${pid}/clear_refs`, '5')
+  } catch {
+    // no /proc: the peak stays the one since the process started
+  }
+}
