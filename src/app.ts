@@ -1,7 +1,7 @@
 // buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
-// Plugins are registered in request order, and their onRequest hooks run in that order:
-// request id → route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400)
-// → ownership (404) → proxy → one audit record when the response closes.
+// Plugins are registered in request order, and their hooks run in that order:
+// request id → route (404/405) → key (401) → rate limit (429) → ids (400) → scope (403) → body (415/413/400)
+// → concurrency (503) → ownership (404) → proxy → one audit record when the response closes.
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
@@ -21,6 +21,9 @@ import { OwnerCache } from './ownership/owners.js'
 import rateLimit from './plugins/rate-limit.js'
 import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
 import router from './plugins/router.js'
+import scope from './plugins/scope.js'
+import concurrency from './plugins/concurrency.js'
+import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
@@ -103,8 +106,13 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
   }
 }
 
-/** How long a client that is still sending an over-limit body may keep the connection after its 413. */
+/**
+ * After an early answer, a body may still be coming: the rest is read and thrown away (so the connection can serve
+ * the next request) for at most this long and this many bytes, then the connection is closed. The bytes are many
+ * enough that a client uploading its whole body before it reads (curl, an SDK) still gets to read a 413.
+ */
 const DISCARD_BODY_MS = 5_000
+const DISCARD_BODY_BYTES = 64 * 1024 * 1024
 
 export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
   const app = Fastify({
@@ -114,32 +122,43 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     requestIdHeader: false,
     bodyLimit: config.limits.bodyBytes,
     exposeHeadRoutes: false,
-    trustProxy: false,
+    // The audit ip and the count of failed keys per address believe X-Forwarded-For only from these.
+    trustProxy: config.trustProxy === false ? false : [...config.trustProxy],
+    keepAliveTimeout: config.listen.keepAliveTimeoutMs,
+    requestTimeout: config.listen.requestTimeoutMs,
     // Ids are checked by our own rule (operations.ts), which must decide before the router could answer
     // 414 for a param over find-my-way's default 100 characters. 16 KiB is Node's whole header limit.
     routerOptions: { maxParamLength: 16_384 },
     rewriteUrl: routableUrl,
     // Node would answer these itself, bare: a missing Host (400) and an unknown Expect (417) go through the
     // gateway's checks instead, for the envelope, a request id and an audit record (plugins/router.ts).
-    http: { requireHostHeader: false },
+    http: {
+      requireHostHeader: false,
+      headersTimeout: config.listen.headersTimeoutMs,
+      // Node checks both timeouts on this interval (30 s by default, far coarser than they are).
+      connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(config.listen.headersTimeoutMs / 4)))
+    },
     clientErrorHandler: clientErrorHandler(new PeerLogThrottle())
   })
 
+  app.server.maxConnections = config.listen.maxConnections
   app.setErrorHandler(errorHandler(config))
   app.decorateRequest('refusal', null)
 
   await app.register(requestId)
   const auditWriter = deps.auditWriter ??
     createAuditWriter(config.audit.file, err => { app.log.error({ err }, 'audit record could not be written') })
-  await app.register(audit, { writer: auditWriter })
-  await app.register(health)
-  await app.register(router)
-  await app.register(auth, { clients: config.clients })
-  await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
-  await app.register(body, { bodyBytes: config.limits.bodyBytes })
+  await app.register(audit, { writer: auditWriter, sendTimeoutMs: config.listen.sendTimeoutMs })
   const upstream = new Upstream(config.upstream, app.log)
   app.addHook('onClose', async () => { await upstream.close() })
   const apiKey = () => config.upstream.apiKey
+  await app.register(health, { upstream })
+  await app.register(router)
+  await app.register(auth, { directory: new ClientDirectory(config.clients), failuresPerMinute: () => config.limits.authFailuresPerMinute })
+  await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
+  await app.register(scope)
+  await app.register(body, { bodyBytes: config.limits.bodyBytes })
+  await app.register(concurrency, { maxInFlight: () => config.limits.maxInFlight })
   await app.register(ownership, {
     upstream,
     apiKey,
@@ -166,10 +185,13 @@ function errorHandler (config: GatewayConfig) {
     if (err.statusCode >= 500 && !isGatewayError(error)) {
       request.log.error({ err: error }, 'unhandled error')
     }
-    if (err.statusCode === 413) keepConnectionForTheAnswer(request, reply)
-    // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it:
-    // the connection cannot carry another request after this one.
-    else if (expectsContinue(request) && !request.raw.complete) reply.header('connection', 'close')
+    if (!request.raw.complete) {
+      // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it:
+      // the connection cannot carry another request after this one. Any other body still coming is discarded,
+      // within bounds.
+      if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
+      else discardTheRestOfTheBody(request, reply)
+    }
     if (err.headers) reply.headers(err.headers)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
   }
@@ -191,15 +213,28 @@ function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayErr
 }
 
 /**
- * Fastify asks to close the connection on a body error, but closing while the client still uploads makes it
- * see a reset instead of the 413. Keep the connection, let Node discard the rest of the body, and cut off a
- * client that is still sending after a bounded time.
+ * Fastify asks to close the connection on a body error, but closing while the client still uploads makes it see a
+ * reset instead of the answer. Keep the connection, let Node discard the rest of the body, and cut off a client
+ * that is still sending after DISCARD_BODY_MS or DISCARD_BODY_BYTES, whichever comes first (a client dribbling a
+ * body after a 401 would otherwise hold its socket for as long as it likes).
  */
-function keepConnectionForTheAnswer (request: FastifyRequest, reply: FastifyReply) {
+function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply) {
   reply.removeHeader('connection')
+  const raw = request.raw
   reply.raw.once('finish', () => {
-    if (request.raw.complete) return
-    const timer = setTimeout(() => request.raw.socket?.destroy(), DISCARD_BODY_MS).unref()
-    request.raw.once('end', () => clearTimeout(timer))
+    if (raw.complete) return
+    const cutOff = () => { raw.socket?.destroy() }
+    const timer = setTimeout(cutOff, DISCARD_BODY_MS).unref()
+    let discarded = 0
+    const count = (chunk: Buffer) => {
+      discarded += chunk.length
+      if (discarded > DISCARD_BODY_BYTES) cutOff()
+    }
+    raw.on('data', count)
+    raw.once('end', () => {
+      clearTimeout(timer)
+      raw.off('data', count)
+    })
+    raw.once('close', () => { clearTimeout(timer) })
   })
 }

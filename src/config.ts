@@ -15,13 +15,27 @@ const SECRET_PATTERN = '^[\\x21-\\x7e]+$'
 const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')])
 export type Scope = Static<typeof Scope>
 
+const DIGEST = Type.String({ pattern: '^[0-9a-f]{64}$' })
+
+/** One of a client's keys, for rotation without downtime: several may be valid at once, each until expiresAt. */
+const Key = Type.Object({
+  id: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$' }),
+  sha256: DIGEST,
+  /** ISO 8601 time after which the key is refused (401) */
+  expiresAt: Type.Optional(Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|[+-]\\d{2}:\\d{2})$' }))
+}, { additionalProperties: false })
+
 const Client = Type.Object({
   id: Type.String({ pattern: '^[a-z0-9._-]{1,64}$' }),
-  keySha256: Type.String({ pattern: '^[0-9a-f]{64}$' }),
+  /** the single-key form; `keys` is the rotating form; a client has one or the other */
+  keySha256: Type.Optional(DIGEST),
+  keys: Type.Optional(Type.Array(Key, { minItems: 1 })),
   scopes: Type.Array(Scope, { minItems: 1, uniqueItems: true }),
   rateLimit: Type.Object({
     requestsPerMinute: Type.Integer({ minimum: 1, default: 600 }),
-    burst: Type.Integer({ minimum: 1, default: 60 })
+    burst: Type.Integer({ minimum: 1, default: 60 }),
+    /** this client's concurrent upstream calls; none when absent */
+    maxConcurrent: Type.Optional(Type.Integer({ minimum: 1 }))
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
 export type ClientConfig = Static<typeof Client>
@@ -29,8 +43,20 @@ export type ClientConfig = Static<typeof Client>
 export const ConfigSchema = Type.Object({
   listen: Type.Object({
     host: Type.String({ minLength: 1, default: '0.0.0.0' }),
-    port: Type.Integer({ minimum: 0, maximum: 65535, default: 8080 })
+    port: Type.Integer({ minimum: 0, maximum: 65535, default: 8080 }),
+    /** a request's headers must arrive within this (slowloris) → 408 */
+    headersTimeoutMs: Type.Integer({ minimum: 1, default: 20000 }),
+    /** the whole request, body included, must arrive within this → 408 */
+    requestTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    /** an idle kept-alive connection is closed after this */
+    keepAliveTimeoutMs: Type.Integer({ minimum: 1, default: 72000 }),
+    /** a client that reads nothing of its answer for this long is cut off */
+    sendTimeoutMs: Type.Integer({ minimum: 1, default: 30000 }),
+    /** connections beyond this are refused */
+    maxConnections: Type.Integer({ minimum: 1, default: 10000 })
   }, { additionalProperties: false, default: {} }),
+  /** the load balancers in front whose X-Forwarded-For is believed (addresses or CIDRs); false: none */
+  trustProxy: Type.Union([Type.Literal(false), Type.Array(Type.String({ minLength: 1 }), { minItems: 1 })], { default: false }),
   log: Type.Object({
     level: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)),
       { default: 'info' })
@@ -52,7 +78,11 @@ export const ConfigSchema = Type.Object({
     caFile: Type.Optional(Type.String({ minLength: 1 }))
   }, { additionalProperties: false }),
   limits: Type.Object({
-    bodyBytes: Type.Integer({ minimum: 1, default: 4194304 })
+    bodyBytes: Type.Integer({ minimum: 1, default: 4194304 }),
+    /** concurrent upstream calls, all clients together; above it, 503 overloaded at once */
+    maxInFlight: Type.Integer({ minimum: 1, default: 1024 }),
+    /** failed key checks per source address and minute; above it, 429 too_many_auth_failures */
+    authFailuresPerMinute: Type.Integer({ minimum: 1, default: 30 })
   }, { additionalProperties: false, default: {} }),
   store: Type.Object({
     url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
@@ -220,13 +250,40 @@ function validateWithPlaceholders (candidate: unknown, filled: Set<string>): can
   }
 }
 
-function duplicates (clients: ClientConfig[], field: 'id' | 'keySha256'): string[] {
+function duplicateIds (clients: ClientConfig[]): string[] {
   const seen = new Map<string, number>()
   const problems: string[] = []
   clients.forEach((c, i) => {
-    const first = seen.get(c[field])
-    if (first === undefined) seen.set(c[field], i)
-    else problems.push(`clients[${i}].${field}: duplicates clients[${first}].${field}`)
+    const first = seen.get(c.id)
+    if (first === undefined) seen.set(c.id, i)
+    else problems.push(`clients[${i}].id: duplicates clients[${first}].id`)
+  })
+  return problems
+}
+
+/** Each client has exactly one key form; every digest belongs to one key; ids and times are sound. */
+function keyProblems (clients: ClientConfig[]): string[] {
+  const problems: string[] = []
+  const digests = new Map<string, string>()
+  clients.forEach((c, i) => {
+    if ((c.keySha256 === undefined) === (c.keys === undefined)) {
+      problems.push(`clients[${i}]: give either keySha256 or keys, not ${c.keySha256 === undefined ? 'neither' : 'both'}`)
+    }
+    const owned: Array<[string, string]> = c.keySha256 === undefined ? [] : [[`clients[${i}].keySha256`, c.keySha256]]
+    const keyIds = new Set<string>()
+    c.keys?.forEach((k, j) => {
+      owned.push([`clients[${i}].keys[${j}].sha256`, k.sha256])
+      if (keyIds.has(k.id)) problems.push(`clients[${i}].keys[${j}].id: duplicates another key id of this client`)
+      keyIds.add(k.id)
+      if (k.expiresAt !== undefined && Number.isNaN(Date.parse(k.expiresAt))) {
+        problems.push(`clients[${i}].keys[${j}].expiresAt: not a valid time`)
+      }
+    })
+    for (const [at, digest] of owned) {
+      const first = digests.get(digest)
+      if (first === undefined) digests.set(digest, at)
+      else problems.push(`${at}: duplicates ${first}`)
+    }
   })
   return problems
 }
@@ -277,8 +334,11 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
     problems.push(...(validate.errors ?? []).map(describe).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
   } else {
-    problems.push(...duplicates(candidate.clients, 'id'), ...duplicates(candidate.clients, 'keySha256'))
+    problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients))
     problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
+    if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
+      problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')
+    }
     problems.push(...storeUrlProblems(candidate.store.url))
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])

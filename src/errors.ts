@@ -94,6 +94,10 @@ export const RequestTimeoutError = define('request_timeout', 408, 'invalid_reque
   'The request was not received in time.')
 export const HeadersTooLargeError = define('request_header_too_large', 431, 'invalid_request_error',
   'The request headers are too large.')
+export const TooManyAuthFailuresError = define('too_many_auth_failures', 429, 'requests',
+  'Too many requests with an invalid API key from this address. Please try again in %s.', { outcome: 'denied' })
+export const OverloadedError = define('overloaded', 503, 'server_error',
+  'The gateway is at its limit of concurrent calls%s. Please try again shortly.')
 export const RateLimitExceededError = define('rate_limit_exceeded', 429, 'requests',
   'Rate limit reached for client %s. Please try again in %s.')
 export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error',

@@ -16,6 +16,8 @@ declare module 'fastify' {
     operation: Operation | null
     /** plugins/auth.ts: the client the key belongs to, once the key is checked */
     client: ClientConfig | null
+    /** plugins/auth.ts: which of the client's keys it was (null for the single-key form) */
+    keyId: string | null
     /** plugins/rate-limit.ts: the token taken for this call */
     rateLimit: RateLimitResult | null
     /** plugins/body.ts: size of the request body read and accepted */

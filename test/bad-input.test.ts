@@ -31,7 +31,7 @@ async function setup (t: Test): Promise<Harness> {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   // Ownership is ownership.test.ts's concern: here every call that passes the checks under test goes upstream.
-  const gw = await startGateway(t, ...withoutOwnership(upstream.url, { limits: { bodyBytes: BODY_LIMIT } }))
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, { limits: { bodyBytes: BODY_LIMIT, authFailuresPerMinute: 100_000 } }))
   const created = await fetch(`${upstream.url}/v1/conversations`, {
     method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}` }, body: '{}'
   })
@@ -430,7 +430,7 @@ t.test('a body with a non-JSON media type gets 415 unsupported_media_type and is
   await oneAuditLineEach(t, h)
 })
 
-t.test('checks run in the contract order: route, key, ids, scope, rate limit, body', async t => {
+t.test('checks run in the contract order: route, key, rate limit, ids, scope, body', async t => {
   const h = await setup(t)
   const reader = bearer(KEYS.reader)
   const limited = bearer(KEYS.limited)
@@ -456,16 +456,25 @@ t.test('checks run in the contract order: route, key, ids, scope, rate limit, bo
     await expectRejected(t, h, post('/v1/conversations', 'x'.repeat(BODY_LIMIT + 1), [FULL, ['Content-Type', 'text/plain']]),
       { status: 415, code: 'unsupported_media_type', outcome: 'invalid' })
   })
-  await t.test('bad ids spend no rate-limit token; bad bodies do, and the rate limit comes before the body check', async t => {
-    for (let i = 0; i < 5; i++) {
-      await expectRejected(t, h, get('/v1/conversations/..', [limited]),
-        { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' })
+  await t.test('every authenticated call takes a token, invalid and out-of-scope ones included: the rate limit comes right after the key', async t => {
+    // team-limited: burst 3
+    await expectRejected(t, h, get('/v1/conversations/..', [limited]),
+      { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' })
+    await expectRejected(t, h, post('/v1/conversations', '{', [limited, JSON_TYPE]), { status: 400, code: 'invalid_json', outcome: 'invalid' })
+    await expectRejected(t, h, get('/v1/conversations/..', [limited]),
+      { status: 400, code: 'invalid_id', param: 'conversation_id', outcome: 'invalid' })
+    for (const request of [get('/v1/conversations/..', [limited]), post('/v1/conversations', '{', [limited, JSON_TYPE])]) {
+      await expectRejected(t, h, request, { status: 429, code: 'rate_limit_exceeded', type: 'requests', outcome: 'rate_limited' })
     }
-    for (let i = 0; i < 3; i++) {
-      await expectRejected(t, h, post('/v1/conversations', '{', [limited, JSON_TYPE]), { status: 400, code: 'invalid_json', outcome: 'invalid' })
+  })
+  await t.test('out-of-scope calls take tokens too, until the client is rate limited', async t => {
+    const statuses: number[] = []
+    while (statuses.length < 200 && statuses.at(-1) !== 429) {
+      h.handled++
+      statuses.push((await sendRaw(h.gw.url, del('/v1/conversations/conv_x', [reader]))).response?.status ?? 0)
     }
-    await expectRejected(t, h, post('/v1/conversations', '{', [limited, JSON_TYPE]),
-      { status: 429, code: 'rate_limit_exceeded', type: 'requests', outcome: 'rate_limited' })
+    t.equal(statuses.at(-1), 429, `429 after ${statuses.length - 1} out-of-scope calls (burst 60)`)
+    t.ok(statuses.length >= 50 && statuses.slice(0, -1).every(s => s === 403), 'every call before it was a 403 (a few tokens went to earlier tests)')
   })
   await oneAuditLineEach(t, h)
 })

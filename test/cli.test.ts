@@ -110,7 +110,7 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   writeFileSync(file, good(dir))
   const { child, url, output } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
   const health = await fetch(`${url}/healthz`)
-  t.same(await health.json(), { status: 'ok' })
+  t.match(await health.json(), { status: 'ok', upstream: [{ line: 0, host: '127.0.0.1:9', state: 'up' }] })
   const denied = await fetch(`${url}/v1/conversations`, { method: 'POST', headers: { authorization: 'Bearer ogw_cli-test-key-wrong' } })
   t.equal(denied.status, 401)
 

@@ -35,13 +35,17 @@ clients:
 t.test('a minimal file gets every documented default', async t => {
   const config = loadConfig(yamlFile(minimal), { OHMYGPT_API_KEY: 'sk-1' })
   t.same(config, {
-    listen: { host: '0.0.0.0', port: 8080 },
+    listen: {
+      host: '0.0.0.0', port: 8080, headersTimeoutMs: 20000, requestTimeoutMs: 60000, keepAliveTimeoutMs: 72000,
+      sendTimeoutMs: 30000, maxConnections: 10000
+    },
+    trustProxy: false,
     log: { level: 'info' },
     upstream: {
       baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1', connectTimeoutMs: 5000, timeoutMs: 60000, bodyTimeoutMs: 60000,
       failureThreshold: 3, cooldownMs: 30000, retries: 1, maxConnections: 128
     },
-    limits: { bodyBytes: 4194304 },
+    limits: { bodyBytes: 4194304, maxInFlight: 1024, authFailuresPerMinute: 30 },
     store: { url: 'memory://', timeoutMs: 50, onFailure: 'open' },
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
     ownership: { unowned: 'deny', cacheTtlMs: 600000, cacheSize: 100000, notFoundTtlMs: 5000 },

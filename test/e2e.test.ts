@@ -89,7 +89,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
       // The gateway's ownership lookup found no such conversation: its own 404, the same as for a stranger's.
       ['conversation.retrieve', 'GET', 404, 'invalid']
     ])
-    const fields = ['time', 'requestId', 'clientId', 'action', 'method', 'path', 'conversationId', 'ownerId', 'itemId',
+    const fields = ['time', 'requestId', 'clientId', 'keyId', 'action', 'method', 'path', 'conversationId', 'ownerId', 'itemId',
       'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'attempts', 'bytesIn',
       'bytesOut', 'ip', 'userAgent']
     for (const [i, r] of records.entries()) {

@@ -229,7 +229,8 @@ t.test('HEAD /healthz is answered like GET, without a body', async t => {
   t.equal(head.response?.body, '')
   t.match(head.response?.headers['content-type'], /^application\/json/)
   const get = await sendRaw(gw.url, buildRequest('GET', '/healthz'))
-  t.equal(get.response?.body, '{"status":"ok"}')
+  t.match(JSON.parse(get.response?.body ?? '{}'), { status: 'ok' })
+  t.equal(head.response?.headers['content-length'], get.response?.headers['content-length'], 'the same length as GET\'s body')
 })
 
 t.test('a request pipelined behind a refused Upgrade is not left hanging: the connection closes after the refusal', async t => {

@@ -132,7 +132,7 @@ t.test('Redis stopped: the open replica serves locally with one warning, the clo
   }
 })
 
-t.test('in process: closed mode answers 503 in the envelope, peeks the shared bucket for other refusals, and closes the client with the app', async t => {
+t.test('in process: closed mode answers 503 in the envelope, a scope refusal takes its token, and the app closes its client', async t => {
   const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
   const config = testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' }, ownership: { unowned: 'allow' } })
   const gw = await startGateway(t, config)
@@ -141,8 +141,8 @@ t.test('in process: closed mode answers 503 in the envelope, peeks the shared bu
   t.equal((await call(KEYS.limited)).headers.get('x-ratelimit-remaining-requests'), '2')
   const forbidden = await call(KEYS.reader, 'DELETE')
   t.equal(forbidden.status, 403)
-  t.equal(forbidden.headers.get('x-ratelimit-remaining-requests'), String(config.clients[1]!.rateLimit.burst),
-    'a refusal before the rate limit shows the shared bucket, untouched')
+  t.equal(forbidden.headers.get('x-ratelimit-remaining-requests'), String(config.clients[1]!.rateLimit.burst - 1),
+    'a scope refusal comes after the rate limit: it took its token from the shared bucket')
   t.match(await redis.command('KEYS *'), 'ogw:rl:team-limited')
 
   await redis.stop()
@@ -151,8 +151,11 @@ t.test('in process: closed mode answers 503 in the envelope, peeks the shared bu
   t.match(await refused.json(), { error: { code: 'rate_limit_store_unavailable', type: 'server_error' } })
   t.match(gw.audit().at(-1), { clientId: 'team-limited', status: 503 })
   const forbiddenNow = await call(KEYS.reader, 'DELETE')
-  t.equal(forbiddenNow.status, 403, 'other refusals keep their own answer')
+  t.equal(forbiddenNow.status, 503, 'the rate limit comes before the scope check: it answers first')
   t.equal(forbiddenNow.headers.get('x-ratelimit-remaining-requests'), null, 'without headers when the bucket cannot be read')
+  const unknown = await call('ogw_unknown-key')
+  t.equal(unknown.status, 401, 'a refusal before the rate limit keeps its own answer')
+  t.equal(unknown.headers.get('x-ratelimit-remaining-requests'), null)
   t.equal(gw.logs.filter(l => l.includes('rate-limit store unavailable')).length, 1)
 
   await redis.start()

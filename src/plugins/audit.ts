@@ -21,6 +21,8 @@ export interface AuditRecord {
   time: string
   requestId: string
   clientId: string | null
+  /** which of the client's keys was presented (null for the single-key form) */
+  keyId: string | null
   action: Action | 'unknown'
   method: string
   path: string
@@ -45,6 +47,8 @@ export interface AuditRecord {
 
 export interface AuditOptions {
   writer: AuditWriter
+  /** a client that takes none of its answer for this long is cut off */
+  sendTimeoutMs: number
 }
 
 interface ResponseWatch {
@@ -84,21 +88,32 @@ function statusSent (reply: FastifyReply): number {
 }
 
 /**
- * Counts the body bytes of a response as they are written, in place: no stream is piped in between. Node writes
- * no body for HEAD, 204 and 304 and says so by returning before the socket sees it; those bytes are counted
- * anyway only if written, and Fastify writes none for them.
+ * Counts the body bytes of a response as they are written, in place (no stream piped in between), and cuts off a
+ * client that stops reading: once a write has to wait for the client, the client has `sendTimeoutMs` to take it
+ * ('drain'), or its connection is destroyed. Streams piped into the response wait on the same 'drain'.
  */
-function countBytesOut (res: ServerResponse, watch: ResponseWatch): void {
+function watchWrites (res: ServerResponse, watch: ResponseWatch, sendTimeoutMs: number): void {
   const write = res.write
   const end = res.end
+  let stalled: NodeJS.Timeout | null = null
+  const drained = () => {
+    if (stalled !== null) clearTimeout(stalled)
+    stalled = null
+  }
   res.write = function (this: ServerResponse, chunk: unknown, ...rest: unknown[]) {
     watch.bytesOut += byteLength(chunk, rest[0])
-    return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+    const flowing = (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+    if (!flowing && stalled === null) {
+      stalled = setTimeout(() => { res.destroy() }, sendTimeoutMs)
+      res.once('drain', drained)
+    }
+    return flowing
   } as ServerResponse['write']
   res.end = function (this: ServerResponse, chunk?: unknown, ...rest: unknown[]) {
     if (typeof chunk !== 'function') watch.bytesOut += byteLength(chunk, rest[0])
     return (end as (...args: unknown[]) => ServerResponse).call(this, chunk, ...rest)
   } as ServerResponse['end']
+  res.once('close', drained)
 }
 
 function byteLength (chunk: unknown, encoding: unknown): number {
@@ -114,6 +129,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     time: new Date().toISOString(),
     requestId: request.id,
     clientId: request.client?.id ?? null,
+    keyId: request.keyId,
     action: op?.action ?? 'unknown',
     method: request.method,
     path: rawPath(request.originalUrl).slice(0, 2048),
@@ -134,13 +150,13 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
   }
 }
 
-export default fp<AuditOptions>(async function audit (app, { writer }) {
+export default fp<AuditOptions>(async function audit (app, { writer, sendTimeoutMs }) {
   // Callback-style hooks: they run on every call, and a promise per hook per call costs.
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
       const watch: ResponseWatch = { start: performance.now(), bytesOut: 0, upstreamStreamFailed: false }
       watches.set(request, watch)
-      countBytesOut(reply.raw, watch)
+      watchWrites(reply.raw, watch, sendTimeoutMs)
       // 'close' comes exactly once for every response, finished or not; the record is built on it.
       reply.raw.once('close', () => { writer.write(buildRecord(request, reply, watch)) })
     }

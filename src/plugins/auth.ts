@@ -1,45 +1,41 @@
-// Key (401) → ids (400) → scope (403), in that order: an unauthenticated caller learns nothing about ids or
-// scopes. Keys are looked up by their sha256 digest, so the gateway holds no key and the lookup takes the same
-// path for every wrong key, whatever its shape.
+// Key (401), the first check after the route: an unauthenticated caller learns nothing about ids, scopes or
+// limits. Failed key checks are counted per source address: past limits.authFailuresPerMinute, that address's
+// failing attempts get 429 too_many_auth_failures (a valid key from the same address, behind the same NAT, still
+// works). The count is kept per address only, bounded, and never per presented key.
 import fp from 'fastify-plugin'
-import type { ClientConfig } from '../config.js'
-import { InsufficientScopeError, InvalidApiKeyError, InvalidIdError } from '../errors.js'
-import { keyDigest } from '../keys.js'
-import { invalidId } from '../operations.js'
+import type { ClientDirectory } from '../clients.js'
+import { InvalidApiKeyError, TooManyAuthFailuresError } from '../errors.js'
+import { MemoryStore } from '../stores/memory.js'
+import { formatDuration } from './rate-limit.js'
 
 export interface AuthOptions {
-  clients: readonly ClientConfig[]
+  directory: ClientDirectory
+  /** failed key checks allowed per source address and minute */
+  failuresPerMinute: () => number
 }
 
 const BEARER = /^Bearer +(\S+) *$/i
 
-export default fp<AuthOptions>(async function auth (app, opts) {
-  const byDigest = new Map(opts.clients.map(c => [c.keySha256, c]))
-
-  function authenticate (header: string | undefined): ClientConfig {
-    const key = BEARER.exec(header ?? '')?.[1]
-    const client = byDigest.get(keyDigest(key ?? ''))
-    if (key === undefined || client === undefined) throw new InvalidApiKeyError()
-    return client
-  }
+export default fp<AuthOptions>(async function auth (app, { directory, failuresPerMinute }) {
+  const failures = new MemoryStore({ max: 10_000 })
 
   app.decorateRequest('client', null)
+  app.decorateRequest('keyId', null)
 
   app.addHook('onRequest', async (request) => {
-    const operation = request.operation
-    if (operation === null) return
-    const client = authenticate(request.headers.authorization)
-    request.client = client
-
-    const param = invalidId(operation)
-    if (param !== null) {
-      const err = new InvalidIdError(param)
-      err.param = param
-      throw err
+    if (request.operation === null) return
+    const key = BEARER.exec(request.headers.authorization ?? '')?.[1]
+    const holder = key === undefined ? null : directory.find(key)
+    if (holder !== null) {
+      request.client = holder.client
+      request.keyId = holder.keyId
+      return
     }
-
-    if (!client.scopes.includes(operation.scope)) {
-      throw new InsufficientScopeError(operation.scope, operation.action)
-    }
+    const perMinute = failuresPerMinute()
+    const counted = await failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute })
+    if (counted.allowed) throw new InvalidApiKeyError()
+    const err = new TooManyAuthFailuresError(formatDuration(counted.retryAfterMs))
+    err.headers = { 'retry-after': String(Math.max(1, Math.ceil(counted.retryAfterMs / 1000))) }
+    throw err
   })
 }, { name: 'auth', dependencies: ['router'] })

@@ -1,13 +1,21 @@
+// GET/HEAD /healthz: liveness, with the state of each upstream line (up, down while skipped, half-open on trial).
+// Probed every few seconds by orchestrators: not audited, not worth a log line each time.
 import fp from 'fastify-plugin'
+import type { Upstream } from '../upstream/client.js'
 
-export default fp(async function health (app) {
-  // Probed every few seconds by orchestrators: not worth a log line each time.
-  // HEAD too (some probes use it): the same answer without a body.
+export interface HealthOptions {
+  upstream: Upstream
+}
+
+export default fp<HealthOptions>(async function health (app, { upstream }) {
   app.route({
-    method: ['GET', 'HEAD'],
+    method: ['GET', 'HEAD'], // HEAD: the same answer without a body (some probes use it)
     url: '/healthz',
     config: { internal: true },
     logLevel: 'warn',
-    handler: async () => ({ status: 'ok' })
+    handler: async () => ({
+      status: 'ok',
+      upstream: upstream.statuses().map(s => ({ line: s.index, host: new URL(s.url).host, state: s.state, failures: s.failures, retryInMs: s.retryInMs }))
+    })
   })
 }, { name: 'health' })

@@ -134,7 +134,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         }
         callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body })
       }, (err: unknown) => {
-        if (err instanceof UpstreamFailure) request.upstreamCall = { line: null, attempts: err.attempts }
+        if (err instanceof UpstreamFailure) {
+          request.upstreamCall = { line: null, attempts: err.attempts }
+          // The client is gone: nothing is left to answer, and a hang-up is not an upstream failure to log
+          // (reply-from would log every error it is given). Its audit record was written when it left.
+          if (err.kind === 'aborted') return
+        }
         callback(err as Error)
       })
     }

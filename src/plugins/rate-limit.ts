@@ -1,4 +1,5 @@
-// Per-client token bucket (429), the last check before the body is read. Every answer to an authenticated
+// Per-client token bucket (429), right after the key: every authenticated call takes a token, denied and invalid
+// ones included, so a client over its limit cannot keep the gateway busy with calls it knows will fail. Every answer to an authenticated
 // client carries OpenAI's x-ratelimit-*-requests headers, set in onSend so that nothing set earlier (an upstream
 // header of the same name included) can stand in their place. A store that cannot answer (Redis down with
 // store.onFailure: closed) refuses the call with 503; its answer then carries no x-ratelimit-* headers.

@@ -59,6 +59,7 @@ export class UpstreamFailure extends Error {
   ) {
     super(message)
     this.name = 'UpstreamFailure'
+    this.stack = `${this.name}: ${message}` // where in the gateway it was noticed says nothing; the message does
   }
 }
 

@@ -1,0 +1,48 @@
+// Bounded load (503): at most limits.maxInFlight calls at the upstream at once, all clients together, and at most
+// rateLimit.maxConcurrent for one client where it is set. Past either, the call is answered 503 overloaded with
+// retry-after at once, instead of queueing without bound behind a slow upstream. A call holds its place from here
+// (ownership lookup included) until its response closes, finished or not.
+import fp from 'fastify-plugin'
+import { OverloadedError } from '../errors.js'
+
+export interface ConcurrencyOptions {
+  maxInFlight: () => number
+}
+
+function overloaded (forClient: boolean): InstanceType<typeof OverloadedError> {
+  const err = new OverloadedError(forClient ? ' for this client' : '')
+  err.headers = { 'retry-after': '1' }
+  return err
+}
+
+export default fp<ConcurrencyOptions>(async function concurrency (app, { maxInFlight }) {
+  let inFlight = 0
+  const perClient = new Map<string, number>()
+
+  app.addHook('preHandler', (request, reply, done) => {
+    const client = request.client
+    if (request.operation === null || client === null) {
+      done()
+      return
+    }
+    const mine = perClient.get(client.id) ?? 0
+    const cap = client.rateLimit.maxConcurrent
+    if (inFlight >= maxInFlight()) {
+      done(overloaded(false))
+      return
+    }
+    if (cap !== undefined && mine >= cap) {
+      done(overloaded(true))
+      return
+    }
+    inFlight++
+    perClient.set(client.id, mine + 1)
+    reply.raw.once('close', () => {
+      inFlight--
+      const left = (perClient.get(client.id) ?? 1) - 1
+      if (left === 0) perClient.delete(client.id)
+      else perClient.set(client.id, left)
+    })
+    done()
+  })
+}, { name: 'concurrency', dependencies: ['body'] })
