@@ -190,7 +190,7 @@ function errorHandler (config: GatewayConfig) {
       // the connection cannot carry another request after this one. Any other body still coming is discarded,
       // within bounds.
       if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
-      else discardTheRestOfTheBody(request, reply)
+      else discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
     }
     if (err.headers) reply.headers(err.headers)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
@@ -215,16 +215,16 @@ function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayErr
 /**
  * Fastify asks to close the connection on a body error, but closing while the client still uploads makes it see a
  * reset instead of the answer. Keep the connection, let Node discard the rest of the body, and cut off a client
- * that is still sending after DISCARD_BODY_MS or DISCARD_BODY_BYTES, whichever comes first (a client dribbling a
+ * that is still sending after `withinMs` or DISCARD_BODY_BYTES, whichever comes first (a client dribbling a
  * body after a 401 would otherwise hold its socket for as long as it likes).
  */
-function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply) {
+function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number) {
   reply.removeHeader('connection')
   const raw = request.raw
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const cutOff = () => { raw.socket?.destroy() }
-    const timer = setTimeout(cutOff, DISCARD_BODY_MS).unref()
+    const timer = setTimeout(cutOff, withinMs).unref()
     let discarded = 0
     const count = (chunk: Buffer) => {
       discarded += chunk.length

@@ -5,13 +5,12 @@
 import {
   request as httpRequest, type ClientRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse
 } from 'node:http'
-import { createServer, type AddressInfo } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
-import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type FakeUpstreamOptions } from './fixtures/upstream.js'
+import { closedPort, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type FakeUpstreamOptions } from './fixtures/upstream.js'
 
 const GATEWAY_ID = /^gw_[0-9a-f]{32}$/
 /** Anything of a low-level failure that must never reach a client in an error message. */
@@ -154,13 +153,6 @@ function assertUnansweredAudit (t: Test, records: AuditRecord[], a: Answer): voi
   t.ok(record?.upstreamMs === null || typeof record?.upstreamMs === 'number', 'upstreamMs is null or a number')
 }
 
-async function closedPort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
-  const { port } = server.address() as AddressInfo
-  await new Promise(resolve => server.close(resolve))
-  return port
-}
 
 t.test('upstream answers pass through with status, body and x-request-id unchanged, and are audited by status', async t => {
   const cases = [

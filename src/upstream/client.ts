@@ -174,7 +174,7 @@ export class Upstream {
           this.#health.failed(index)
           const next = IDEMPOTENT.has(call.method) ? this.#retryLine(call, tried, 'reset') : null
           if (next !== null) {
-            answer.body.destroy()
+            answer.body.on('error', () => {}).destroy() // thrown away: its abort is no one's error
             this.#log.warn({ line: index, status: answer.statusCode, retryOn: next }, `upstream line ${index} answered ${answer.statusCode}; retrying on line ${next}`)
             index = next
             continue

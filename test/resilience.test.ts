@@ -1,0 +1,377 @@
+// Resilience: several OhMyGPT lines with failover and safe retries, split timeouts, slow and hostile clients,
+// bounded load. Faults are injected into fake upstreams on loopback; every time is a small configured value.
+import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
+import t, { type Test } from 'tap'
+import type { AuditRecord } from '../src/plugins/audit.js'
+import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
+import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+
+interface Lines {
+  lines: FakeUpstream[]
+  gw: TestGateway
+  /** a conversation that exists behind every line (they share one account) */
+  conv: string
+}
+
+/** `count` fake lines (plus any extra base URLs first) and a gateway in front of them. */
+async function setup (t: Test, count: number, upstream: Record<string, unknown> = {}, overrides: Record<string, unknown> = {},
+  before: string[] = []): Promise<Lines> {
+  const lines = await startLines(count)
+  t.teardown(async () => { await Promise.all(lines.map(l => l.close())) })
+  const baseUrls = [...before, ...lines.map(l => l.url)]
+  const gw = await startGateway(t, ...withoutOwnership(baseUrls[0]!, {
+    upstream: { baseUrls, apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, ...upstream },
+    ...overrides
+  }))
+  if (lines[0] === undefined) return { lines, gw, conv: 'conv_nowhere' }
+  const created = await fetch(`${lines[0].url}/v1/conversations`, { method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}` }, body: '{}' })
+  const { id } = await created.json() as { id: string }
+  lines[0].requests.length = 0
+  return { lines, gw, conv: id }
+}
+
+async function lastRecord (gw: TestGateway, count: number): Promise<AuditRecord> {
+  await until(`${count} audit records`, () => gw.audit().length >= count)
+  return gw.audit()[count - 1]!
+}
+
+function codeOf (a: Answer): unknown {
+  return (JSON.parse(a.body) as { error?: { code?: unknown } }).error?.code
+}
+
+const healthOf = async (gw: TestGateway) => (await (await fetch(`${gw.url}/healthz`)).json()) as { upstream: Array<{ line: number, state: string }> }
+
+t.test('lines and failover', async t => {
+  await t.test('a GET whose first line refuses connections is served by the next; the audit names the line and the attempts', async t => {
+    const refused = `http://127.0.0.1:${await closedPort()}`
+    const { lines, gw, conv } = await setup(t, 1, {}, {}, [refused])
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 200)
+    t.equal(lines[0]!.requests.length, 1, 'the second line served it')
+    t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok', upstreamLine: 1, attempts: 2 })
+  })
+
+  await t.test('after failureThreshold failures in a row a line is skipped for cooldownMs, then one trial call decides', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 400 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    first.respond = faults.status(503)
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `call ${i + 1}: retried on line 1`)
+    t.equal(first.requests.length, 2)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], '/healthz shows line 0 down')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'the log says the line is skipped')
+
+    for (let i = 0; i < 3; i++) await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(first.requests.length, 2, 'while skipped, line 0 gets nothing')
+    t.match(await lastRecord(gw, 5), { upstreamLine: 1, attempts: 1 }, 'and calls go straight to line 1')
+
+    await sleep(450)
+    first.respond = faults.status(503)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a failed trial call is retried elsewhere')
+    t.equal(first.requests.length, 3, 'after the cooldown line 0 got exactly one trial call')
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'it failed, so line 0 sleeps again')
+
+    await sleep(450)
+    first.respond = null
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200)
+    t.equal(first.requests.length, 4, 'the next trial call')
+    t.match((await healthOf(gw)).upstream[0], { state: 'up' }, 'succeeded: line 0 is trusted again')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 restored')), 'the log says so')
+    await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(first.requests.length, 5, 'and preferred again')
+    t.equal(second.requests.length, 6)
+  })
+
+  await t.test('with every line down, 502 upstream_unavailable at once, without trying any', async t => {
+    const ports = [await closedPort(), await closedPort()]
+    const { gw } = await setup(t, 0, { failureThreshold: 1, cooldownMs: 60_000 }, {}, ports.map(p => `http://127.0.0.1:${p}`))
+    const first = await call(gw.url, 'GET', '/v1/conversations/conv_x/items')
+    t.equal(first.status, 502)
+    t.match(await lastRecord(gw, 1), { outcome: 'upstream_error', attempts: 2, upstreamLine: null })
+    const second = await call(gw.url, 'GET', '/v1/conversations/conv_x/items')
+    t.equal(second.status, 502)
+    t.equal(codeOf(second), 'upstream_unavailable')
+    t.match(await lastRecord(gw, 2), { outcome: 'upstream_error', attempts: 0 }, 'no line was tried')
+    t.match((await healthOf(gw)).upstream, [{ state: 'down' }, { state: 'down' }])
+  })
+})
+
+t.test('retries never duplicate work', async t => {
+  await t.test('a POST that got a 503 is not sent again: the 503 passes through unchanged', async t => {
+    const { lines, gw, conv } = await setup(t, 2)
+    lines[0]!.respond = faults.status(503, { 'retry-after': '7' })
+    const a = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(a.status, 503)
+    t.equal(a.headers['retry-after'], '7')
+    t.equal(a.headers['x-request-id'], 'req_fault_503')
+    t.equal(codeOf(a), null, 'the upstream\'s own body')
+    t.equal(lines[1]!.requests.length, 0, 'line 1 never saw it')
+    t.match(await lastRecord(gw, 1), { status: 503, outcome: 'upstream_error', upstreamLine: 0, attempts: 1 })
+  })
+
+  await t.test('a POST whose connection was refused (nothing sent) goes to the next line', async t => {
+    const { lines, gw, conv } = await setup(t, 1, {}, {}, [`http://127.0.0.1:${await closedPort()}`])
+    const a = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[{"type":"message","role":"user","content":"once"}]}' })
+    t.equal(a.status, 200)
+    t.equal(lines[0]!.requests.length, 1)
+    t.equal(lines[0]!.requests[0]!.body.toString(), '{"items":[{"type":"message","role":"user","content":"once"}]}', 'the buffered body, re-sent whole')
+  })
+
+  await t.test('a POST whose connection broke after it was sent is not sent again: 502', async t => {
+    const { lines, gw, conv } = await setup(t, 2)
+    lines[0]!.respond = faults.reset()
+    const a = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(a.status, 502)
+    t.equal(codeOf(a), 'upstream_unavailable')
+    t.equal(lines[0]!.requests.length, 1)
+    t.equal(lines[1]!.requests.length, 0, 'line 1 never saw it')
+  })
+
+  await t.test('a DELETE whose connection broke is sent to the next line', async t => {
+    const { lines, gw, conv } = await setup(t, 2)
+    lines[0]!.respond = faults.reset()
+    const a = await call(gw.url, 'DELETE', `/v1/conversations/${conv}`)
+    t.equal(a.status, 200)
+    t.equal(lines[1]!.requests.length, 1)
+    t.match(await lastRecord(gw, 1), { upstreamLine: 1, attempts: 2 })
+  })
+
+  await t.test('an upstream 429 is never retried', async t => {
+    const { lines, gw, conv } = await setup(t, 2)
+    lines[0]!.respond = faults.status(429, { 'retry-after': '3' })
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 429)
+    t.equal(a.headers['retry-after'], '3')
+    t.equal(lines[1]!.requests.length, 0)
+  })
+
+  await t.test('at most `retries` extra attempts; then the last answer passes through unchanged', async t => {
+    const { lines, gw, conv } = await setup(t, 3)
+    for (const line of lines) line.respond = faults.status(503, { 'retry-after': '9' })
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 503)
+    t.equal(a.headers['retry-after'], '9')
+    t.same(lines.map(l => l.requests.length), [1, 1, 0], 'retries: 1 (default) → two lines tried, the third untouched')
+    t.match(await lastRecord(gw, 1), { status: 503, upstreamLine: 1, attempts: 2 })
+  })
+
+  await t.test('with one line, a 503 passes through after one attempt', async t => {
+    const { lines, gw, conv } = await setup(t, 1)
+    lines[0]!.respond = faults.status(503, { 'retry-after': '5' })
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 503)
+    t.equal(a.headers['retry-after'], '5')
+    t.equal(lines[0]!.requests.length, 1)
+  })
+})
+
+t.test('upstream timeouts', async t => {
+  await t.test('timeoutMs counts from the call\'s start: the wait for a pooled connection is inside it', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 400, maxConnections: 1 })
+    lines[0]!.respond = faults.hang()
+    const answers = await Promise.all([1, 2].map(() => call(gw.url, 'GET', `/v1/conversations/${conv}/items`)))
+    t.same(answers.map(a => a.status), [504, 504])
+    await until('two audit records', () => gw.audit().length === 2)
+    for (const r of gw.audit()) t.ok(r.durationMs < 750, `answered within the one deadline, not two (${r.durationMs} ms)`)
+    t.equal(lines[0]!.requests.length, 1, 'the second call never got a connection')
+  })
+
+  await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {
+    const accepted: Socket[] = []
+    const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
+    await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
+    const port = (silent.address() as AddressInfo).port
+    const { gw } = await setup(t, 0, { connectTimeoutMs: 200, timeoutMs: 5000 }, {}, [`https://127.0.0.1:${port}`])
+    const a = await call(gw.url, 'GET', '/v1/conversations/conv_x/items')
+    t.equal(a.status, 502)
+    t.equal(codeOf(a), 'upstream_unavailable')
+    const record = await lastRecord(gw, 1)
+    t.ok(record.durationMs < 2000, `a connect timeout, not the 5 s response deadline (${record.durationMs} ms)`)
+    t.ok(gw.logs.some(l => l.includes('UND_ERR_CONNECT_TIMEOUT')), 'logged as a connect timeout')
+  })
+
+  await t.test('bodyTimeoutMs: a body that stalls is cut, and audited as an upstream error', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300 })
+    lines[0]!.respond = faults.stallMidBody()
+    const res = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+    t.equal(res.status, 200, 'the headers had gone out')
+    await t.rejects(res.text(), 'the body is cut, not ended cleanly')
+    t.match(await lastRecord(gw, 1), { status: 200, outcome: 'upstream_error' })
+  })
+
+  await t.test('a trickle inside bodyTimeoutMs streams on: the limit is between chunks, not on the whole', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 400 })
+    lines[0]!.respond = faults.trickle(8, 100)
+    const res = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+    t.equal(await res.text(), '........', 'all of it, after 800 ms in all')
+  })
+
+  await t.test('a client that hangs up aborts its upstream request at once', async t => {
+    const { lines, gw, conv } = await setup(t, 1)
+    let upstreamClosed = false
+    lines[0]!.respond = (req) => { req.socket.once('close', () => { upstreamClosed = true }) }
+    const req = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await until('the upstream to hold the call', () => lines[0]!.requests.length === 1)
+    req.destroy()
+    await until('the upstream to see its socket closed', () => upstreamClosed, 1000)
+    t.ok(upstreamClosed, 'the upstream saw the gateway close the connection')
+    t.match(await lastRecord(gw, 1), { status: 499, outcome: 'aborted' })
+  })
+})
+
+/** A raw connection for clients that misbehave. */
+function rawSocket (url: string): Promise<Socket & { closedAt: () => number | null, text: () => string }> {
+  const { port } = new URL(url)
+  return new Promise((resolve, reject) => {
+    const socket = createConnection({ host: '127.0.0.1', port: Number(port) })
+    let closedAt: number | null = null
+    let text = ''
+    socket.on('data', (c: Buffer) => { text += c.toString('latin1') })
+    socket.on('close', () => { closedAt = Date.now() })
+    socket.on('error', () => {})
+    socket.once('connect', () => { resolve(Object.assign(socket, { closedAt: () => closedAt, text: () => text })) })
+    socket.once('error', reject)
+  })
+}
+
+t.test('slow and hostile clients', async t => {
+  const listen = { host: '127.0.0.1', port: 0, headersTimeoutMs: 300, requestTimeoutMs: 600, sendTimeoutMs: 300, maxConnections: 4 }
+
+  await t.test('headers that never finish get 408 after listen.headersTimeoutMs, and the connection closes', async t => {
+    const { gw } = await setup(t, 1, {}, { listen })
+    const s = await rawSocket(gw.url)
+    s.write(`GET /v1/conversations/conv_x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n`)
+    await until('the gateway to close', () => s.closedAt() !== null, 3000)
+    t.match(s.text(), /^HTTP\/1\.1 408 /, '408')
+    t.match(s.text(), /"code":"request_timeout"/)
+  })
+
+  await t.test('a body announced and never sent gets 408 after listen.requestTimeoutMs', async t => {
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    const s = await rawSocket(gw.url)
+    s.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{`)
+    await until('the gateway to close', () => s.closedAt() !== null, 3000)
+    t.match(s.text(), /^HTTP\/1\.1 408 /)
+    t.equal(lines[0]!.requests.length, 0)
+  })
+
+  await t.test('after a 401, a body dribbled in is not read for long: the connection closes', async t => {
+    const { gw, conv } = await setup(t, 1, {}, { listen })
+    const s = await rawSocket(gw.url)
+    const started = Date.now()
+    s.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ogw_wrong\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n`)
+    const drip = setInterval(() => { if (!s.destroyed) s.write('a') }, 50)
+    t.teardown(() => { clearInterval(drip) })
+    await until('the gateway to close', () => s.closedAt() !== null, 3000)
+    clearInterval(drip)
+    t.match(s.text(), /^HTTP\/1\.1 401 /, 'the 401 came first')
+    t.ok(s.closedAt()! - started < 2000, `closed within the discard bound (${s.closedAt()! - started} ms)`)
+  })
+
+  await t.test('a client that stops reading its answer is cut off after listen.sendTimeoutMs', async t => {
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    let upstreamDone = false
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      const chunk = Buffer.alloc(1024 * 1024, 0x61)
+      let n = 0
+      const more = () => {
+        while (n < 64 && !res.destroyed) {
+          n++
+          if (!res.write(chunk)) { res.once('drain', more); return }
+        }
+        upstreamDone = true
+        res.end()
+      }
+      res.on('close', () => { upstreamDone = true })
+      more()
+    }
+    const s = await rawSocket(gw.url)
+    s.pause() // reads nothing
+    s.write(`GET /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the gateway to cut the client off', () => s.closedAt() !== null || s.destroyed || gw.audit().length > 0, 5000)
+    const record = await lastRecord(gw, 1)
+    t.equal(record.outcome, 'aborted', 'the call ends as cut off')
+    t.ok(record.bytesOut < 64 * 1024 * 1024, `only part of the 64 MB went out (${record.bytesOut} bytes)`)
+    await until('the upstream to be let go', () => upstreamDone, 3000)
+  })
+
+  await t.test('connections past listen.maxConnections are refused', async t => {
+    const { gw } = await setup(t, 1, {}, { listen })
+    const held = await Promise.all([1, 2, 3, 4].map(async () => await rawSocket(gw.url)))
+    t.teardown(() => { for (const s of held) s.destroy() })
+    const extra = await rawSocket(gw.url)
+    await until('the extra connection to be closed', () => extra.closedAt() !== null, 2000)
+    t.ok(held.every(s => s.closedAt() === null), 'the first four stay open')
+  })
+})
+
+t.test('bounded load and abuse', async t => {
+  await t.test('limits.maxInFlight: past it, 503 overloaded with retry-after at once, audited unavailable', async t => {
+    const { lines, gw, conv } = await setup(t, 1, {}, { limits: { maxInFlight: 2 } })
+    lines[0]!.respond = faults.hang()
+    const held = [openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`), openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: KEYS.other })]
+    await until('two calls at the upstream', () => lines[0]!.requests.length === 2)
+    const third = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: KEYS.writer })
+    t.equal(third.status, 503)
+    t.equal(codeOf(third), 'overloaded')
+    t.equal(third.headers['retry-after'], '1')
+    t.match(await lastRecord(gw, 1), { status: 503, outcome: 'unavailable', clientId: 'team-writer' })
+    t.equal(lines[0]!.requests.length, 2, 'it never reached the upstream')
+    for (const r of held) r.destroy()
+    await until('the held calls to end', () => gw.audit().length === 3)
+    lines[0]!.respond = null
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'places free again once calls end')
+  })
+
+  await t.test('rateLimit.maxConcurrent caps one client and not the others', async t => {
+    const { lines, gw, conv } = await setup(t, 1, {}, {
+      clients: [
+        { id: 'team-full', keySha256: (await import('../src/keys.js')).keyDigest(KEYS.full), scopes: ['read'], rateLimit: { maxConcurrent: 1 } },
+        { id: 'team-other', keySha256: (await import('../src/keys.js')).keyDigest(KEYS.other), scopes: ['read'] }
+      ]
+    })
+    lines[0]!.respond = faults.hang()
+    const held = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.teardown(() => { held.destroy() })
+    await until('one call at the upstream', () => lines[0]!.requests.length === 1)
+    const second = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(second.status, 503)
+    t.match(JSON.parse(second.body), { error: { code: 'overloaded', message: /for this client/ } })
+    const other = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: KEYS.other })
+    t.teardown(() => { other.destroy() })
+    await until('the other client\'s call at the upstream', () => lines[0]!.requests.length === 2)
+    t.pass('another client is not held back by it')
+  })
+
+  await t.test('failed keys are counted per address: past the limit, 429 for failing attempts only', async t => {
+    const { gw, conv } = await setup(t, 1, {}, { limits: { authFailuresPerMinute: 3 } })
+    const statuses = []
+    for (let i = 0; i < 5; i++) statuses.push((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: `ogw_guess_${i}` })).status)
+    t.same(statuses, [401, 401, 401, 429, 429])
+    const limited = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: 'ogw_guess_9' })
+    t.match(JSON.parse(limited.body), { error: { code: 'too_many_auth_failures', type: 'requests' } })
+    t.ok(Number(limited.headers['retry-after']) >= 1)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a valid key from the same address still works')
+    t.match(gw.audit().filter(r => r.status === 429), [{ outcome: 'denied', clientId: null }])
+  })
+
+  await t.test('trustProxy decides whether X-Forwarded-For counts, for the audit ip and the failed-key count', async t => {
+    const xff = (ip: string) => ({ 'x-forwarded-for': ip })
+    const trusting = await setup(t, 1, {}, { trustProxy: ['127.0.0.1'], limits: { authFailuresPerMinute: 2 } })
+    for (let i = 0; i < 3; i++) await call(trusting.gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: xff('203.0.113.9') })
+    const other = await call(trusting.gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: xff('198.51.100.7') })
+    t.equal(other.status, 401, 'another address behind the trusted proxy is counted apart')
+    const records = trusting.gw.audit()
+    t.same(records.map(r => [r.ip, r.status]), [['203.0.113.9', 401], ['203.0.113.9', 401], ['203.0.113.9', 429], ['198.51.100.7', 401]])
+
+    const strict = await setup(t, 1, {}, { limits: { authFailuresPerMinute: 2 } })
+    const statuses = []
+    for (const ip of ['203.0.113.1', '203.0.113.2', '203.0.113.3']) {
+      statuses.push((await call(strict.gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: xff(ip) })).status)
+    }
+    t.same(statuses, [401, 401, 429], 'by default the peer counts: a forged X-Forwarded-For does not reset the count')
+    t.ok(strict.gw.audit().every(r => r.ip === '127.0.0.1'), 'and the audit has the real peer')
+  })
+})
