@@ -1,7 +1,7 @@
 // buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
 // Plugins are registered in request order, and their onRequest hooks run in that order:
-// request id → route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400)
-// → proxy → one audit record when the response closes.
+// request id → route (404/405) → audit writable (503, with audit.onFailure "closed") → key (401) → ids (400)
+// → scope (403) → rate limit (429) → body (415/413/400) → proxy → one audit record when the response closes.
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
@@ -10,8 +10,9 @@ import {
   envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
   RequestTooLargeError, type GatewayError
 } from './errors.js'
-import { appLoggerOptions, createAuditWriter, type AuditWriter } from './logging.js'
-import audit, { markMalformed } from './plugins/audit.js'
+import { openAuditWriter, type AuditWriter } from './audit/writer.js'
+import { appLoggerOptions } from './logging.js'
+import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body from './plugins/body.js'
 import health from './plugins/health.js'
@@ -27,8 +28,10 @@ import './types.js'
 export interface AppDependencies {
   /** operational log; default: pino to stdout at config.log.level */
   logger?: FastifyBaseLogger
-  /** audit writer; default: config.audit.file */
+  /** audit writer; default: one opened on config.audit */
   auditWriter?: AuditWriter
+  /** HMAC key for the audit chain (AUDIT_HMAC_KEY, read by the process); plain sha256 without it */
+  auditHmacKey?: string
   rateLimitStore?: RateLimitStore
 }
 
@@ -92,11 +95,13 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.setErrorHandler(errorHandler(config))
 
   await app.register(requestId)
-  const auditWriter = deps.auditWriter ??
-    createAuditWriter(config.audit.file, err => { app.log.error({ err }, 'audit record could not be written') })
-  await app.register(audit, { writer: auditWriter })
+  const auditWriter = deps.auditWriter ?? await openAuditWriter({
+    ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
+  })
+  await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
   await app.register(health)
   await app.register(router)
+  await app.register(auditGate)
   await app.register(auth, { clients: config.clients })
   await app.register(rateLimit, { store: deps.rateLimitStore ?? new MemoryStore() })
   await app.register(body, { bodyBytes: config.limits.bodyBytes })

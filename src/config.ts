@@ -42,7 +42,15 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   audit: Type.Object({
-    file: Type.String({ minLength: 1, default: './audit/audit.jsonl' })
+    file: Type.String({ minLength: 1, default: './audit/audit.jsonl' }),
+    fsync: Type.Union([Type.Literal('off'), Type.Literal('interval'), Type.Literal('every')], { default: 'interval' }),
+    onFailure: Type.Union([Type.Literal('closed'), Type.Literal('open')], { default: 'closed' }),
+    rotate: Type.Object({
+      maxBytes: Type.Optional(Type.Integer({ minimum: 4096 })),
+      daily: Type.Boolean({ default: false }),
+      keep: Type.Integer({ minimum: 0, default: 0 }),
+      gzip: Type.Boolean({ default: false })
+    }, { additionalProperties: false, default: {} })
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
 

@@ -58,6 +58,8 @@ export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'ser
   'The upstream API could not be reached. Please try again later.')
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
+export const AuditUnavailableError = define('audit_unavailable', 503, 'server_error',
+  'The gateway cannot write its audit trail right now, so it serves no API calls. Please try again later.')
 export const InternalError = define('internal_error', 500, 'server_error',
   'The gateway failed to handle this request.')
 

@@ -1,6 +1,7 @@
 // Request fields the plugins declare and share. Each field has one owner (named below); the others only read it.
 import type { ClientConfig } from './config.js'
 import type { Operation } from './operations.js'
+import type { AuditObserver } from './plugins/audit.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
 export interface UpstreamFacts {
@@ -21,6 +22,16 @@ declare module 'fastify' {
     bodyBytes: number
     /** plugins/proxy.ts: what the upstream answered, when it did */
     upstream: UpstreamFacts | null
+  }
+  interface FastifyInstance {
+    /** plugins/audit.ts: 'unavailable' from a failed audit write until one succeeds again (for /healthz, /readyz) */
+    auditState (): 'ok' | 'unavailable'
+    /** plugins/audit.ts: true while API calls are refused with 503 audit_unavailable (onFailure "closed") */
+    auditRefuses (): boolean
+    /** plugins/audit.ts: reopen the audit file (SIGUSR2, after an outside logrotate) */
+    auditReopen (): void
+    /** plugins/audit.ts: be told of each audit record as it is written (metrics) */
+    onAuditRecord (observer: AuditObserver): void
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

@@ -112,8 +112,8 @@ interface Sink {
   /** Writes records in order; says how many made it, and the error that stopped the rest. */
   write (records: object[]): Promise<{ written: number, error?: Error }>
   reopen (): Promise<void>
-  /** Every WATCH_MS: notice a removed or replaced file, fsync when due. */
-  tick (): Promise<void>
+  /** Every WATCH_MS: notice a removed or replaced file, fsync when due; says what failed, if anything. */
+  tick (): Promise<Error | undefined>
   /** fsync what was written */
   sync (): Promise<void>
   /** wait for background work (gzip, keep), which may add chain events */
@@ -163,7 +163,8 @@ class Writer implements AuditWriter {
       this.tickQueued = true
       void this.run(async () => {
         this.tickQueued = false
-        await this.sink.tick()
+        const error = await this.sink.tick()
+        if (error !== undefined) this.failed(error)
       })
     }, WATCH_MS).unref()
   }
@@ -257,7 +258,8 @@ class Writer implements AuditWriter {
       } satisfies ChainEvent)
       this.lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 }
     }
-    if (this.pending.length === 0 && this.events.length === 0) return true
+    // With nothing to write, a retry still tries the destination (opening the file again), to learn it works.
+    if (this.pending.length === 0 && this.events.length === 0 && this.ok) return true
     const events = this.events.length
     const batch = [...this.events, ...this.pending.slice(0, MAX_BATCH)]
     const { written, error } = await this.sink.write(batch)
@@ -331,7 +333,7 @@ class StreamSink implements Sink {
   }
 
   async reopen (): Promise<void> {}
-  async tick (): Promise<void> {}
+  async tick (): Promise<undefined> { return undefined }
   async sync (): Promise<void> {}
   async settle (): Promise<void> {}
   async close (): Promise<void> {}
@@ -637,9 +639,15 @@ class FileSink implements Sink {
     this.opts.log.info({ file: this.file }, 'audit: reopened')
   }
 
-  async tick (): Promise<void> {
-    if (this.opts.fsync === 'interval') await this.sync().catch(() => {})
-    if (this.fh === null) return
+  async tick (): Promise<Error | undefined> {
+    if (this.opts.fsync === 'interval') {
+      try {
+        await this.sync()
+      } catch (err) {
+        return err as Error
+      }
+    }
+    if (this.fh === null) return undefined
     let current: { ino: number, dev: number } | null
     try {
       current = await stat(this.file)
@@ -649,7 +657,7 @@ class FileSink implements Sink {
     if (current !== null && current.ino === this.ino && current.dev === this.dev) {
       this.recent = []
       this.recentBytes = 0
-      return
+      return undefined
     }
     const removed = (await this.fh.stat()).nlink === 0
     if (removed) this.replay = this.recent
@@ -659,7 +667,12 @@ class FileSink implements Sink {
       `audit: the file was ${current === null ? 'removed' : 'replaced'} by something else; reopening it` +
       (removed ? ' and writing again the records that went into the removed file' : ''))
     await this.closeActive().catch(() => {})
-    await this.openActive().catch(() => {}) // a failure shows at the next write, which retries
+    try {
+      await this.openActive()
+    } catch (err) {
+      return err as Error
+    }
+    return undefined
   }
 
   async settle (): Promise<void> {

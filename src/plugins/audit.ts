@@ -7,10 +7,11 @@ import { performance } from 'node:perf_hooks'
 import { Transform, pipeline, type Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import type { AuditWriter } from '../logging.js'
+import type { AuditWriter } from '../audit/writer.js'
+import { AuditUnavailableError } from '../errors.js'
 import { rawPath, type Action } from '../operations.js'
 
-export type Outcome = 'ok' | 'upstream_error' | 'denied' | 'rate_limited' | 'invalid' | 'aborted' | 'error'
+export type Outcome = 'ok' | 'upstream_error' | 'denied' | 'rate_limited' | 'invalid' | 'aborted' | 'error' | 'unavailable'
 
 export interface AuditRecord {
   time: string
@@ -34,7 +35,15 @@ export interface AuditRecord {
 
 export interface AuditOptions {
   writer: AuditWriter
+  /** what API calls get while the writer is unavailable: 503 audit_unavailable ("closed") or served ("open") */
+  onFailure: 'closed' | 'open'
 }
+
+/** Sees each record as it is handed to the writer (metrics): called once per audited call, never throws. */
+export type AuditObserver = (record: AuditRecord) => void
+
+/** Calls refused because the audit could not be written: their own record says `unavailable`. */
+const refusedUnavailable = new WeakSet<FastifyRequest>()
 
 /** Largest create answer searched for the new conversation's id; the answer itself streams unchanged. */
 const CREATE_ID_SCAN_BYTES = 64 * 1024
@@ -132,12 +141,23 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
   }
 }
 
-export default fp<AuditOptions>(async function audit (app, { writer }) {
+export default fp<AuditOptions>(async function audit (app, { writer, onFailure }) {
+  const observers: AuditObserver[] = []
+  app.decorate('onAuditRecord', (observer: AuditObserver) => { observers.push(observer) })
+  app.decorate('auditState', () => writer.available ? 'ok' : 'unavailable')
+  app.decorate('auditReopen', () => { writer.reopen() })
+  app.decorate('auditRefuses', () => onFailure === 'closed' && !writer.available)
+
   app.addHook('onRequest', async (request, reply) => {
     if (request.routeOptions.config.internal === true) return
     const watch: ResponseWatch = { start: performance.now(), bytesOut: 0, upstreamStreamFailed: false, createdId: null }
     watches.set(request, watch)
-    reply.raw.once('close', () => { writer.write(buildRecord(request, reply, watch)) })
+    reply.raw.once('close', () => {
+      const record = buildRecord(request, reply, watch)
+      if (refusedUnavailable.has(request)) record.outcome = 'unavailable'
+      writer.write(record)
+      for (const observe of observers) observe(record)
+    })
   })
 
   app.addHook('onSend', async (request, reply, payload) => {
@@ -150,5 +170,21 @@ export default fp<AuditOptions>(async function audit (app, { writer }) {
     return countingStream(request, reply, payload as Readable, watch)
   })
 
-  app.addHook('onClose', async () => { writer.close() })
+  app.addHook('onClose', async () => { await writer.close() })
 }, { name: 'audit' })
+
+/**
+ * With audit.onFailure "closed", an API call made while the audit cannot be written gets 503 audit_unavailable
+ * right after its route is matched, before its key, body or the upstream: no call goes unrecorded. Its own
+ * record (outcome `unavailable`) waits in the writer's buffer, or is counted as lost.
+ */
+export const auditGate = fp(async function auditGate (app) {
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (request.operation !== null && app.auditRefuses()) {
+      refusedUnavailable.add(request)
+      done(new AuditUnavailableError())
+      return
+    }
+    done()
+  })
+}, { name: 'audit-gate', dependencies: ['audit', 'router'] })
