@@ -16,6 +16,7 @@ import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body from './plugins/body.js'
 import health from './plugins/health.js'
+import metrics, { metricsEnabled } from './plugins/metrics.js'
 import proxy from './plugins/proxy.js'
 import rateLimit from './plugins/rate-limit.js'
 import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
@@ -99,6 +100,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
   })
   await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
+  if (metricsEnabled(config.metrics)) {
+    await app.register(metrics, { ...config.metrics, clientIds: config.clients.map(c => c.id), writer: auditWriter })
+  }
   await app.register(health)
   await app.register(router)
   await app.register(auditGate)

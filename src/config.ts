@@ -51,6 +51,10 @@ export const ConfigSchema = Type.Object({
       keep: Type.Integer({ minimum: 0, default: 0 }),
       gzip: Type.Boolean({ default: false })
     }, { additionalProperties: false, default: {} })
+  }, { additionalProperties: false, default: {} }),
+  metrics: Type.Object({
+    listen: Type.Optional(Type.String({ pattern: '^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):[0-9]{1,5}$' })),
+    token: Type.Optional(Type.String({ minLength: 16 }))
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
 

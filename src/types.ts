@@ -1,4 +1,5 @@
 // Request fields the plugins declare and share. Each field has one owner (named below); the others only read it.
+import type { AddressInfo } from 'node:net'
 import type { ClientConfig } from './config.js'
 import type { Operation } from './operations.js'
 import type { AuditObserver } from './plugins/audit.js'
@@ -32,6 +33,8 @@ declare module 'fastify' {
     auditReopen (): void
     /** plugins/audit.ts: be told of each audit record as it is written (metrics) */
     onAuditRecord (observer: AuditObserver): void
+    /** plugins/metrics.ts, with metrics.listen: where the metrics listener listens (null before it does) */
+    metricsAddress (): AddressInfo | null
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

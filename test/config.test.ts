@@ -40,7 +40,8 @@ t.test('a minimal file gets every documented default', async t => {
     upstream: { baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1', timeoutMs: 60000 },
     limits: { bodyBytes: 4194304 },
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
-    audit: { file: './audit/audit.jsonl', fsync: 'interval', onFailure: 'closed', rotate: { daily: false, keep: 0, gzip: false } }
+    audit: { file: './audit/audit.jsonl', fsync: 'interval', onFailure: 'closed', rotate: { daily: false, keep: 0, gzip: false } },
+    metrics: {}
   })
   t.ok(Object.isFrozen(config) && Object.isFrozen(config.clients[0]!.rateLimit), 'the config is frozen')
 })
