@@ -10,6 +10,8 @@ export type AuditFields = Record<string, unknown>
 export interface Filter {
   /** a string every matching line contains (a JSON-quoted value), to skip parsing lines that cannot match */
   needle?: string
+  /** a cheap look at the raw line: false only when it cannot match, to skip parsing it */
+  quick?: (line: string) => boolean
   test (record: AuditFields): boolean
 }
 
@@ -28,11 +30,12 @@ export async function queryFiles (
   emit: (record: AuditFields, line: string) => boolean | Promise<boolean>
 ): Promise<QueryResult> {
   const needles = filters.flatMap(f => f.needle === undefined ? [] : [f.needle])
+  const quick = filters.flatMap(f => f.quick === undefined ? [] : [f.quick])
   const result: QueryResult = { matched: 0, skipped: 0 }
   if (limit <= 0) return result
   for (const file of files) {
     for await (const line of readLines(file)) {
-      if (!needles.every(n => line.includes(n))) continue
+      if (!needles.every(n => line.includes(n)) || !quick.every(q => q(line))) continue
       const record = parseChained(line)
       if (record === null) {
         if (line !== '') result.skipped++
@@ -44,4 +47,18 @@ export async function queryFiles (
     }
   }
   return result
+}
+
+const TIME_FIELD = '"time":"'
+const ISO_UTC_MS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/
+
+/**
+ * The `time` of a line as written by the gateway (ISO 8601 UTC with milliseconds, which sort as text), read
+ * without parsing the line; null when it is not there in that form.
+ */
+export function lineTime (line: string): string | null {
+  const at = line.indexOf(TIME_FIELD)
+  if (at === -1) return null
+  const time = line.slice(at + TIME_FIELD.length, at + TIME_FIELD.length + 24)
+  return ISO_UTC_MS.test(time) ? time : null
 }

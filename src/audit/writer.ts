@@ -102,6 +102,8 @@ export const RETRY_MS = 500
 export const WATCH_MS = 1_000
 /** close() waits this long for a stuck destination (a full pipe, a hung disk) before counting records lost. */
 const CLOSE_DEADLINE_MS = 5_000
+/** close() then lets a gzip of a closed file finish for at most this long. */
+const HOUSEKEEPING_DEADLINE_MS = 10_000
 /** Lines kept to rewrite into a new file when the old one turns out to have been removed: about WATCH_MS worth. */
 const MAX_REPLAY_BYTES = 32 * 1024 * 1024
 /** While records are being lost, say so in the log at most this often. */
@@ -114,10 +116,9 @@ interface Sink {
   reopen (): Promise<void>
   /** Every WATCH_MS: notice a removed or replaced file, fsync when due; says what failed, if anything. */
   tick (): Promise<Error | undefined>
-  /** fsync what was written */
-  sync (): Promise<void>
-  /** wait for background work (gzip, keep), which may add chain events */
+  /** wait for background work (gzip) */
   settle (): Promise<void>
+  /** fsync and close; no chain event is added after this */
   close (): Promise<void>
 }
 
@@ -212,12 +213,11 @@ class Writer implements AuditWriter {
     }
     const finished = await withDeadline(this.run(async () => {
       await flushAll()
-      await this.sink.sync().catch(() => {})
-      await this.sink.settle()
-      await flushAll()
       await this.sink.close()
     }), CLOSE_DEADLINE_MS)
     if (finished === 'timeout') this.log.error({}, 'audit: the destination did not take the last records in time')
+    // A gzip still running finishes if it can; one cut short is done again at the next start.
+    await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS)
     if (this.pending.length > 0) {
       const n = this.pending.length
       this.pending.length = 0
@@ -334,7 +334,6 @@ class StreamSink implements Sink {
 
   async reopen (): Promise<void> {}
   async tick (): Promise<undefined> { return undefined }
-  async sync (): Promise<void> {}
   async settle (): Promise<void> {}
   async close (): Promise<void> {}
 }
@@ -438,6 +437,7 @@ class FileSink implements Sink {
   private recentBytes = 0
   private replay: Buffer[] = []
   private housekeeping: Promise<void> = Promise.resolve()
+  private closing = false
 
   constructor (
     private readonly file: string,
@@ -574,7 +574,7 @@ class FileSink implements Sink {
     this.dirty = false
   }
 
-  async sync (): Promise<void> {
+  private async sync (): Promise<void> {
     if (this.fh === null || !this.unsynced) return
     this.unsynced = false
     await this.fh.datasync()
@@ -606,7 +606,8 @@ class FileSink implements Sink {
         }
         for (const p of plain) await gzipFile(p)
       }
-      if (keep > 0) await this.prune(keep)
+      // Pruning is recorded in the chain, so it waits for the next start once the writer is closing.
+      if (keep > 0 && !this.closing) await this.prune(keep)
     }).catch((err: unknown) => {
       this.opts.log.error({ err: errorSummary(err) }, 'audit: housekeeping of closed files failed')
     })
@@ -680,6 +681,7 @@ class FileSink implements Sink {
   }
 
   async close (): Promise<void> {
+    this.closing = true
     try {
       await this.closeActive()
     } finally {

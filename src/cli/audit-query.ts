@@ -4,7 +4,7 @@
 import { once } from 'node:events'
 import { parseArgs } from 'node:util'
 import type { Writable } from 'node:stream'
-import { queryFiles, type AuditFields, type Filter } from '../audit/query.js'
+import { lineTime, queryFiles, type AuditFields, type Filter } from '../audit/query.js'
 import { ACTIONS } from '../operations.js'
 import { auditFiles, CONFIG_OPTION, UsageError } from './common.js'
 
@@ -39,6 +39,20 @@ function timeOf (record: AuditFields): number {
   return typeof record.time === 'string' ? Date.parse(record.time) : NaN
 }
 
+/** Keeps records whose time is in [from, to), looking at the raw line first (ISO UTC times sort as text). */
+function timeRange (from: number, to: number): Filter {
+  const iso = (ms: number) => Number.isFinite(ms) ? new Date(ms).toISOString() : null
+  const low = iso(from)
+  const high = iso(to)
+  return {
+    quick: line => {
+      const time = lineTime(line)
+      return time === null || ((low === null || time >= low) && (high === null || time < high))
+    },
+    test: r => timeOf(r) >= from && timeOf(r) < to
+  }
+}
+
 export const FLAGS = {
   client: { value: 'ID', help: 'calls made with this client\'s key (clients[].id)', filter: exact('clientId') },
   action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
@@ -62,18 +76,12 @@ export const FLAGS = {
   since: {
     value: 'TIME',
     help: 'records at or after TIME: ISO 8601 (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)',
-    filter: (value, now) => {
-      const from = parseTime(value, now)
-      return { test: r => timeOf(r) >= from }
-    }
+    filter: (value, now) => timeRange(parseTime(value, now), Infinity)
   },
   until: {
     value: 'TIME',
     help: 'records before TIME (same forms as --since)',
-    filter: (value, now) => {
-      const to = parseTime(value, now)
-      return { test: r => timeOf(r) < to }
-    }
+    filter: (value, now) => timeRange(-Infinity, parseTime(value, now))
   },
   limit: { value: 'N', help: 'stop after the first N matching records' },
   format: { value: 'FORMAT', help: 'jsonl (default: the records as written) or table (for people)' },
