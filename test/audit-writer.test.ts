@@ -1,7 +1,7 @@
 // The audit writer on its own: the chain goes on across restarts, rotation and outside tools, a torn last line
 // is survived and reported, one writer per series, and a destination that stops taking records is a failed
 // write (counted, then said in the trail), never a hang.
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { appendFileSync, existsSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -191,6 +191,38 @@ t.test('a lock left by a process that is gone is taken over, with a warning', as
   t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: gone.pid } } })
   await writer.close()
   t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
+})
+
+/** Mounts a 64 KiB file system (root can, here); the reason why not otherwise. */
+function smallDisk (dir: string): string | null {
+  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', dir])
+  return mount.status === 0 ? null : `mount refused: ${String(mount.stderr ?? mount.error).trim()}`
+}
+const probe = tempDir()
+const cannotMount = smallDisk(probe)
+if (cannotMount === null) spawnSync('umount', [probe])
+
+t.test('a disk that fills up mid-write: the file keeps whole records only, and writing goes on where it stopped once there is room',
+  { skip: cannotMount ?? false }, async t => {
+  const dir = tempDir()
+  t.equal(smallDisk(dir), null)
+  t.teardown(() => { spawnSync('umount', [dir]) })
+  const filler = join(dir, 'filler')
+  writeFileSync(filler, Buffer.alloc(40 * 1024))
+  const file = join(dir, 'audit.jsonl')
+  const { writer, log } = await open(file)
+  for (let i = 1; i <= 100; i++) writer.write(callRecord(i, { pad: 'x'.repeat(100) }))
+  await until('the disk to fill', () => !writer.available)
+  t.match(log.lines.find(l => l.level === 'error'), { obj: { err: { code: 'ENOSPC' } } })
+  const partly = writer.stats().written
+  t.ok(partly > 0 && partly < 100, `${partly} records went in before the disk was full`)
+  t.same(parsed(file).map(r => r.seq), Array.from({ length: partly }, (_v, i) => i + 1), 'whole records only, no torn line')
+
+  rmSync(filler)
+  await until('the rest to be written', () => writer.available && writer.stats().written === 100)
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), Array.from({ length: 100 }, (_v, i) => i + 1))
+  t.match(await verify(file), { ok: true, records: 100 })
 })
 
 /** A destination that takes writes and answers none of them until told to: a pipe nobody reads. */

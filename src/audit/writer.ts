@@ -327,6 +327,7 @@ class StreamSink implements Sink {
 
   async write (records: object[]): Promise<{ written: number, error?: Error }> {
     if (this.broken !== null) return { written: 0, error: this.broken }
+    if (records.length === 0) return { written: 0 }
     const text = records.map(r => JSON.stringify(r)).join('\n') + '\n'
     const error = await new Promise<Error | null | undefined>(resolve => { this.stream.write(text, resolve) })
     return error ? { written: 0, error } : { written: records.length }
@@ -472,18 +473,20 @@ class FileSink implements Sink {
     const fh = await open(this.file, 'a')
     try {
       const st = await fh.stat()
+      // The same file after a write failed part-way: keep the size of its whole lines, to cut the rest off.
+      if (!this.dirty || st.ino !== this.ino || st.dev !== this.dev) {
+        this.size = st.size
+        this.dirty = false
+      }
       this.ino = st.ino
       this.dev = st.dev
-      this.size = st.size
       if (st.size === 0) {
         this.fileFirstSeq = null
         this.fileDay = ''
       } else {
         this.fileDay = utcDay(st.mtimeMs)
       }
-      for (const buf of this.replay) {
-        await this.append(fh, buf)
-      }
+      for (const buf of this.replay) await this.appendRaw(fh, buf)
     } catch (err) {
       await fh.close().catch(() => {})
       throw err
@@ -492,25 +495,78 @@ class FileSink implements Sink {
     this.fh = fh
   }
 
-  private async append (fh: FileHandle, buf: Buffer): Promise<void> {
+  /**
+   * Writes bytes at the end of the file. Returns how many went in; on a failure part-way (a disk filling up),
+   * the error comes with the count, and the file is marked to be cut back before the next write.
+   */
+  private async append (fh: FileHandle, buf: Buffer): Promise<{ bytes: number, error?: Error }> {
     let offset = 0
     try {
       while (offset < buf.length) offset += (await fh.write(buf, offset)).bytesWritten
+      return { bytes: offset }
     } catch (err) {
-      if (offset > 0) this.dirty = true
-      throw err
+      return { bytes: offset, error: err as Error }
     }
-    this.size += buf.length
+  }
+
+  /** The first `bytes` of `buf` are in the file for good. */
+  private accepted (buf: Buffer, bytes: number): void {
+    if (bytes === 0) return
+    const kept = buf.subarray(0, bytes)
+    this.size += bytes
     this.unsynced = true
-    this.recent.push(buf)
-    this.recentBytes += buf.length
+    this.recent.push(kept)
+    this.recentBytes += bytes
     while (this.recentBytes > MAX_REPLAY_BYTES && this.recent.length > 1) this.recentBytes -= this.recent.shift()!.length
+  }
+
+  /**
+   * Appends sealed lines; returns how many are in the file whole. A write that fails part-way keeps the whole
+   * lines it got in (the chain moves on to the last of them), so a disk that frees up a little is used a little.
+   */
+  private async appendLines (lines: Array<{ line: string, head: ChainHead }>, now: number): Promise<{ count: number, error?: Error }> {
+    const prefix = this.needsNewline ? '\n' : ''
+    const buf = Buffer.from(prefix + lines.map(l => l.line).join('\n') + '\n')
+    const { bytes, error } = await this.append(this.fh!, buf)
+    let count = lines.length
+    let whole = buf.length
+    if (error !== undefined) {
+      count = 0
+      whole = prefix.length
+      while (count < lines.length && whole + Buffer.byteLength(lines[count]!.line) + 1 <= bytes) {
+        whole += Buffer.byteLength(lines[count]!.line) + 1
+        count++
+      }
+      if (bytes < whole) whole = 0 // not even the newline before the first line went in
+      if (bytes > whole) this.dirty = true
+    }
+    this.accepted(buf, whole)
+    if (whole >= prefix.length && whole > 0) this.needsNewline = false
+    if (count > 0) {
+      if (this.fileFirstSeq === null) {
+        this.fileFirstSeq = lines[0]!.head.seq
+        this.fileDay = utcDay(now)
+      }
+      this.head = lines[count - 1]!.head
+    }
+    return { count, error }
+  }
+
+  /** Writes raw bytes (lines already sealed, written again into a new file): all of them, or an error. */
+  private async appendRaw (fh: FileHandle, buf: Buffer): Promise<void> {
+    const { bytes, error } = await this.append(fh, buf)
+    if (error !== undefined) {
+      if (bytes > 0) this.dirty = true
+      throw error
+    }
+    this.accepted(buf, bytes)
   }
 
   private async closeActive (): Promise<void> {
     const fh = this.fh
     this.fh = null
     if (fh === null) return
+    if (this.dirty) await this.cutBack(fh).catch(() => {})
     try {
       if (this.unsynced) await fh.datasync()
       this.unsynced = false
@@ -523,28 +579,20 @@ class FileSink implements Sink {
     let written = 0
     try {
       if (this.fh === null) await this.openActive()
-      if (this.dirty) await this.cutBackPartialLine()
+      if (this.dirty) await this.cutBack(this.fh!)
       const now = this.opts.now()
       if (this.opts.rotate.daily && this.size > 0 && this.fileDay !== utcDay(now)) await this.rotate(now)
       let head = this.head
-      let lines: string[] = []
+      let lines: Array<{ line: string, head: ChainHead }> = []
       let bytes = 0
-      let firstSeqOfChunk: number | null = null
       const maxBytes = this.opts.rotate.maxBytes
       const commit = async () => {
         if (lines.length === 0) return
-        const prefix = this.needsNewline ? '\n' : ''
-        await this.append(this.fh!, Buffer.from(prefix + lines.join('\n') + '\n'))
-        this.needsNewline = false
-        if (this.fileFirstSeq === null) {
-          this.fileFirstSeq = firstSeqOfChunk
-          this.fileDay = utcDay(now)
-        }
-        this.head = head
-        written += lines.length
+        const { count, error } = await this.appendLines(lines, now)
+        written += count
+        if (error !== undefined) throw error
         lines = []
         bytes = 0
-        firstSeqOfChunk = null
       }
       for (const record of records) {
         const sealed = seal(record, head, this.opts.hasher)
@@ -553,8 +601,7 @@ class FileSink implements Sink {
           await commit()
           await this.rotate(now)
         }
-        firstSeqOfChunk ??= sealed.head.seq
-        lines.push(sealed.line)
+        lines.push(sealed)
         bytes += lineBytes
         head = sealed.head
       }
@@ -568,9 +615,10 @@ class FileSink implements Sink {
     }
   }
 
-  private async cutBackPartialLine (): Promise<void> {
-    const st = await this.fh!.stat()
-    if (st.isFile() && st.size !== this.size) await this.fh!.truncate(this.size)
+  /** Cuts off the part of a line a failed write left at the end, so that the file ends with a whole record. */
+  private async cutBack (fh: FileHandle): Promise<void> {
+    const st = await fh.stat()
+    if (st.isFile() && st.size !== this.size) await fh.truncate(this.size)
     this.dirty = false
   }
 
@@ -696,7 +744,7 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
     ? 'calls are still served (audit.onFailure: open), and records that do not fit the buffer are lost'
     : 'API calls are refused with 503 audit_unavailable until a write succeeds (audit.onFailure: closed)'
   if (opts.file === '-') {
-    opts.log.info({}, 'audit: records go to stdout (audit.file "-"): no hash chain, no rotation, no fsync')
+    opts.log.warn({}, 'audit: records go to stdout (audit.file "-"): no hash chain, no rotation, no lock, no fsync')
     const writer = new Writer(opts.log, opts.maxPending ?? MAX_PENDING, now, hint)
     writer.attach(new StreamSink(opts.stdout ?? process.stdout))
     return writer
