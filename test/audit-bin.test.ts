@@ -7,28 +7,17 @@ import { createServer, type AddressInfo } from 'node:net'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
-import { keyDigest } from '../src/keys.js'
 import { parsed, tempDir } from './fixtures/audit.js'
-import { BIN, configFile, env, run, startBin } from './fixtures/bin.js'
+import { BIN, BIN_KEY, configFile, env, gatewayYaml, run, startBin } from './fixtures/bin.js'
 import { startUpstream } from './fixtures/upstream.js'
 
-const KEY = 'ogw_audit-bin-test-key'
-const yaml = (auditFile: string, upstream = 'http://127.0.0.1:9', port = 0) => `
-listen: { host: 127.0.0.1, port: ${port} }
-log: { level: info }
-upstream: { baseUrls: ["${upstream}"], apiKey: sk-test }
-audit: { file: "${auditFile}" }
-clients:
-  - { id: team-a, keySha256: "${keyDigest(KEY)}", scopes: [read, write, delete], rateLimit: { requestsPerMinute: 100000, burst: 100000 } }
-`
-
 function del (url: string, i: number) {
-  return fetch(`${url}/v1/conversations/conv_1/items/msg_${i}`, { method: 'DELETE', headers: { authorization: `Bearer ${KEY}` } })
+  return fetch(`${url}/v1/conversations/conv_1/items/msg_${i}`, { method: 'DELETE', headers: { authorization: `Bearer ${BIN_KEY}` } })
 }
 
 t.test('a second gateway on the same audit file is refused at start with a clear message', async t => {
   const auditFile = join(tempDir(), 'audit.jsonl')
-  const { file } = configFile(yaml(auditFile))
+  const { file } = configFile(gatewayYaml(auditFile))
   const { child } = await startBin(t, file, {})
   const second = run(['start', '--config', file])
   t.equal(second.status, 1)
@@ -41,7 +30,7 @@ t.test('SIGTERM right after a burst: every call has its record, and the chain is
   t.teardown(() => upstream.close())
   upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"deleted":true}') }
   const auditFile = join(tempDir(), 'audit.jsonl')
-  const { file } = configFile(yaml(auditFile, upstream.url))
+  const { file } = configFile(gatewayYaml(auditFile, upstream.url))
   const { child, url } = await startBin(t, file, {})
   const N = 300
   for (let i = 0; i < N; i += 50) {
@@ -59,7 +48,7 @@ t.test('SIGTERM right after a burst: every call has its record, and the chain is
 
 t.test('SIGUSR2 reopens the audit file after an outside logrotate moved it, and the chain runs on across both', async t => {
   const auditFile = join(tempDir(), 'audit.jsonl')
-  const { file } = configFile(yaml(auditFile))
+  const { file } = configFile(gatewayYaml(auditFile))
   const { child, url, output } = await startBin(t, file, {})
   t.equal((await del(url, 1)).status, 502) // no upstream: recorded all the same
   await sleep(100)
@@ -85,7 +74,7 @@ async function freePort (): Promise<number> {
 
 t.test('with audit.file "-" and a stdout nobody reads, the gateway keeps answering (calls and /healthz)', async t => {
   const port = await freePort()
-  const { file } = configFile(yaml('-', 'http://127.0.0.1:9', port))
+  const { file } = configFile(gatewayYaml('-', 'http://127.0.0.1:9', port))
   // stdout is a pipe this test never reads: once the pipe's buffer is full, every write to it would block
   const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env, stdio: ['ignore', 'pipe', 'ignore'] })
   t.teardown(() => { child.kill('SIGKILL') })
@@ -107,7 +96,7 @@ t.test('with audit.file "-" and a stdout nobody reads, the gateway keeps answeri
 
 t.test('the stale lock of a gateway that was killed does not stop the next one', async t => {
   const auditFile = join(tempDir(), 'audit.jsonl')
-  const { file } = configFile(yaml(auditFile))
+  const { file } = configFile(gatewayYaml(auditFile))
   const first = await startBin(t, file, {})
   first.child.kill('SIGKILL')
   await once(first.child, 'exit')

@@ -2,27 +2,16 @@
 // gzipped files included, exit codes and messages as documented.
 import { join } from 'node:path'
 import t from 'tap'
-import { keyDigest } from '../src/keys.js'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
-import { configFile, run } from './fixtures/bin.js'
-
-const KEY = 'ogw_audit-cli-test-key'
-const yaml = (auditFile: string, upstream = 'http://127.0.0.1:9', port = 0) => `
-listen: { host: 127.0.0.1, port: ${port} }
-log: { level: info }
-upstream: { baseUrls: ["${upstream}"], apiKey: sk-test }
-audit: { file: "${auditFile}" }
-clients:
-  - { id: team-a, keySha256: "${keyDigest(KEY)}", scopes: [read, write, delete] }
-`
+import { configFile, gatewayYaml, run } from './fixtures/bin.js'
 
 /** A config whose audit series holds records 1..60 over several files, the closed ones gzipped. */
 async function gzippedSeries () {
   const auditFile = join(tempDir(), 'audit.jsonl')
   const files = await writeSeries(auditFile, 60, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: true } })
-  return { auditFile, files, config: configFile(yaml(auditFile)).file }
+  return { auditFile, files, config: configFile(gatewayYaml(auditFile)).file }
 }
 
 t.test('audit verify finds the series through the config and prints the count and head', async t => {
@@ -129,11 +118,11 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
 })
 
 t.test('audit commands say why when there is nothing to read', async t => {
-  const empty = configFile(yaml(join(tempDir(), 'audit.jsonl'))).file
+  const empty = configFile(gatewayYaml(join(tempDir(), 'audit.jsonl'))).file
   const r = run(['audit', 'verify', '--config', empty])
   t.equal(r.status, 1)
   t.match(r.stderr, /no audit files at .*audit\.jsonl/)
-  const stdout = run(['audit', 'query', '--config', configFile(yaml('-')).file])
+  const stdout = run(['audit', 'query', '--config', configFile(gatewayYaml('-')).file])
   t.equal(stdout.status, 1)
   t.match(stdout.stderr, /audit.file is "-" \(stdout\): there are no audit files to read/)
 })
