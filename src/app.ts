@@ -1,7 +1,8 @@
 // buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
 // Plugins are registered in request order, and their hooks run in that order:
-// request id → route (404/405) → key (401) → rate limit (429) → ids (400) → scope (403) → body (415/413/400)
-// → concurrency (503) → ownership (404) → proxy → one audit record when the response closes.
+// request id → route (404/405) → audit writable (503, with audit.onFailure "closed") → key (401) → rate limit (429)
+// → ids (400) → scope (403) → body (415/413/400) → concurrency (503) → ownership (404) → proxy → one audit record
+// when the response closes.
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
@@ -10,11 +11,13 @@ import {
   envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
   RequestTooLargeError, type GatewayError
 } from './errors.js'
-import { createAppLogger, createAuditWriter, DebugRequestLogController, PeerLogThrottle, type AuditWriter } from './logging.js'
-import audit, { markMalformed } from './plugins/audit.js'
+import { openAuditWriter, type AuditWriter } from './audit/writer.js'
+import { createAppLogger, DebugRequestLogController, PeerLogThrottle } from './logging.js'
+import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body from './plugins/body.js'
 import health from './plugins/health.js'
+import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
 import proxy from './plugins/proxy.js'
 import { OwnerCache } from './ownership/owners.js'
@@ -34,8 +37,10 @@ import './types.js'
 export interface AppDependencies {
   /** operational log; default: pino to stdout at config.log.level */
   logger?: FastifyBaseLogger
-  /** audit writer; default: config.audit.file */
+  /** audit writer; default: one opened on config.audit */
   auditWriter?: AuditWriter
+  /** HMAC key for the audit chain (AUDIT_HMAC_KEY, read by the process); plain sha256 without it */
+  auditHmacKey?: string
   rateLimitStore?: RateLimitStore
   /** conversation owners; default: an in-memory cache sized by config.ownership */
   ownerCache?: OwnerCache
@@ -146,14 +151,19 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.decorateRequest('refusal', null)
 
   await app.register(requestId)
-  const auditWriter = deps.auditWriter ??
-    createAuditWriter(config.audit.file, err => { app.log.error({ err }, 'audit record could not be written') })
-  await app.register(audit, { writer: auditWriter, sendTimeoutMs: config.listen.sendTimeoutMs })
+  const auditWriter = deps.auditWriter ?? await openAuditWriter({
+    ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
+  })
+  await app.register(audit, { writer: auditWriter, sendTimeoutMs: config.listen.sendTimeoutMs, onFailure: config.audit.onFailure })
+  if (metricsEnabled(config.metrics)) {
+    await app.register(metrics, { ...config.metrics, clientIds: config.clients.map(c => c.id), writer: auditWriter })
+  }
   const upstream = new Upstream(config.upstream, app.log)
   app.addHook('onClose', async () => { await upstream.close() })
   const apiKey = () => config.upstream.apiKey
   await app.register(health, { upstream })
   await app.register(router)
+  await app.register(auditGate)
   await app.register(auth, { directory: new ClientDirectory(config.clients), failuresPerMinute: () => config.limits.authFailuresPerMinute })
   await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
   await app.register(scope)

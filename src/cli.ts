@@ -2,6 +2,10 @@
 // The ohmygpt-gateway command: a map of subcommands, one file each under src/cli/. Each command is a function
 // of its arguments; errors set process.exitCode instead of exiting, so output is flushed.
 import { ConfigError } from './config.js'
+import { AuditLockError } from './audit/lock.js'
+import { AuditStartError } from './audit/writer.js'
+import { auditQuery, QUERY_USAGE } from './cli/audit-query.js'
+import { auditVerify } from './cli/audit-verify.js'
 import { checkConfig } from './cli/check-config.js'
 import { UsageError } from './cli/common.js'
 import { demo } from './cli/demo.js'
@@ -16,13 +20,26 @@ commands:
   keygen <client-id>             print a new client key (once) and the YAML entry holding its sha256
   check-config [--config FILE]   validate a config file; exit 1 listing every bad field
   demo [--port N]                run the gateway on 127.0.0.1:8080 (or N) in front of a built-in fake OhMyGPT, with a demo key
+  audit verify [--config FILE] [FILES...]
+                                 check the audit hash chain over the configured series (or FILES), oldest first:
+                                 exit 0 with "ok: N records, chain intact, head <hash>", or exit 1 naming the first bad record
+  ${QUERY_USAGE}
+
+audit verify reads AUDIT_HMAC_KEY from the environment when the trail is HMAC-chained.
 `
+
+const AUDIT_COMMANDS: Record<string, (args: string[]) => unknown> = { verify: auditVerify, query: auditQuery }
 
 const COMMANDS: Record<string, (args: string[]) => unknown> = {
   start,
   'check-config': checkConfig,
   keygen,
-  demo
+  demo,
+  audit: ([sub, ...args]) => {
+    const command = sub === undefined ? undefined : AUDIT_COMMANDS[sub]
+    if (command === undefined) throw new UsageError(`audit takes a subcommand: ${Object.keys(AUDIT_COMMANDS).join(' or ')}`)
+    return command(args)
+  }
 }
 
 async function main (argv: string[]): Promise<void> {
@@ -40,7 +57,8 @@ async function main (argv: string[]): Promise<void> {
   try {
     await command(args)
   } catch (err) {
-    if (err instanceof ConfigError || err instanceof UsageError || err instanceof StartupError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
+    if (err instanceof ConfigError || err instanceof UsageError || err instanceof StartupError || err instanceof AuditLockError ||
+      err instanceof AuditStartError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
       console.error(`ohmygpt-gateway ${name}: ${(err as Error).message}`)
     } else {
       console.error(`ohmygpt-gateway ${name}: ${(err as Error).stack ?? String(err)}`)

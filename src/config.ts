@@ -99,7 +99,19 @@ export const ConfigSchema = Type.Object({
     notFoundTtlMs: Type.Integer({ minimum: 0, default: 5000 })
   }, { additionalProperties: false, default: {} }),
   audit: Type.Object({
-    file: Type.String({ minLength: 1, default: './audit/audit.jsonl' })
+    file: Type.String({ minLength: 1, default: './audit/audit.jsonl' }),
+    fsync: Type.Union([Type.Literal('off'), Type.Literal('interval'), Type.Literal('every')], { default: 'interval' }),
+    onFailure: Type.Union([Type.Literal('closed'), Type.Literal('open')], { default: 'closed' }),
+    rotate: Type.Object({
+      maxBytes: Type.Optional(Type.Integer({ minimum: 4096 })),
+      daily: Type.Boolean({ default: false }),
+      keep: Type.Integer({ minimum: 0, default: 0 }),
+      gzip: Type.Boolean({ default: false })
+    }, { additionalProperties: false, default: {} })
+  }, { additionalProperties: false, default: {} }),
+  metrics: Type.Object({
+    listen: Type.Optional(Type.String({ pattern: '^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):[0-9]{1,5}$' })),
+    token: Type.Optional(Type.String({ minLength: 16 }))
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
 

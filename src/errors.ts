@@ -106,6 +106,10 @@ export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_erro
   'The upstream API did not answer in time.')
 export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error',
   'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.')
+export const AuditUnavailableError = define('audit_unavailable', 503, 'server_error',
+  'The gateway cannot write its audit trail right now, so it serves no API calls. Please try again later.')
+export const MetricsUnauthorizedError = define('invalid_metrics_token', 401, 'invalid_request_error',
+  'Missing or wrong metrics token. Send it as "Authorization: Bearer <token>".')
 export const InternalError = define('internal_error', 500, 'server_error',
   'The gateway failed to handle this request.')
 

@@ -1,6 +1,6 @@
-// The two pino loggers: the operational log (redacted, to stdout) and the audit log (bare JSONL records).
-// The operational log says what is exceptional; per-request lines belong to the audit, and appear here only at
-// debug.
+// The operational log: pino, redacted, to stdout, without ever blocking the gateway. It says what is exceptional;
+// per-request lines belong to the audit trail (src/audit/writer.ts), and appear here only at debug.
+import type { Writable } from 'node:stream'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
@@ -33,8 +33,8 @@ export function appLoggerOptions (level: string): LoggerOptions {
   }
 }
 
-export function createAppLogger (level: string): Logger {
-  return pino(appLoggerOptions(level))
+export function createAppLogger (level: string, out: Writable = process.stdout): Logger {
+  return pino(appLoggerOptions(level), nonBlockingLines(out))
 }
 
 /** Fastify's "incoming request" / "request completed" lines, at debug instead of info: the audit says it all. */
@@ -88,29 +88,18 @@ export class PeerLogThrottle {
   }
 }
 
-export interface AuditWriter {
-  write (record: object): void
-  /** flush what is buffered and close the file (on shutdown) */
-  close (): void
-}
+/** Log bytes allowed to wait for a stdout that nobody reads before new lines are dropped. */
+const MAX_WAITING_LOG_BYTES = 1024 * 1024
 
 /**
- * Audit records as JSON lines through pino's destination (sonic-boom). A pino logger is not used for the records
- * themselves: a record must hold exactly its documented fields, with no level, pid or hostname, and pino cannot
- * write a line without its level field cleanly. Writes are synchronous, so a record is on disk by the time its
- * response is done; "-" writes to stdout.
+ * Lines to stdout through Node's own stream: asynchronous for a pipe, so a full pipe (a log shipper that stopped
+ * reading) cannot freeze the event loop the way pino's synchronous destination would, bounded so that it cannot
+ * fill memory either, and with no synchronous flush at exit that could hang on that pipe.
  */
-export function createAuditWriter (file: string, onError: (err: Error) => void): AuditWriter {
-  const destination = pino.destination({ dest: file === '-' ? 1 : file, mkdir: true, sync: true })
-  // A failed write (disk full, file gone read-only) must not take the gateway down: it is reported to the
-  // operational log, and the gateway keeps serving.
-  destination.on('error', onError)
+export function nonBlockingLines (out: Writable, limit = MAX_WAITING_LOG_BYTES): { write (line: string): void } {
   return {
-    write (record) { destination.write(JSON.stringify(record) + '\n') },
-    close () {
-      // Writes are synchronous, so nothing is buffered unless a write failed; data that could not be written
-      // is dropped here rather than retried forever.
-      if (file !== '-') destination.destroy()
+    write (line) {
+      if (out.writableLength <= limit) out.write(line)
     }
   }
 }

@@ -37,6 +37,9 @@ export const RESOURCES: readonly Resource[] = [
   resource('/:conversation_id/items/:item_id', 3, { GET: 'item.retrieve', DELETE: 'item.delete' })
 ]
 
+/** Every action the gateway can record, in table order (audit query, metrics labels). */
+export const ACTIONS: readonly Action[] = RESOURCES.flatMap(r => Object.values(r.methods).map(m => m.action))
+
 export interface Operation {
   action: Action
   scope: Scope

@@ -1,7 +1,9 @@
 // Request fields the plugins declare and share. Each field has one owner (named below); the others only read it.
+import type { AddressInfo } from 'node:net'
 import type { ClientConfig } from './config.js'
 import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
+import type { AuditObserver } from './plugins/audit.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
 export interface UpstreamFacts {
@@ -38,6 +40,18 @@ declare module 'fastify' {
     upstreamCall: { line: number | null, attempts: number } | null
     /** app.ts error handler: the gateway's own error this call was answered with */
     refusal: GatewayError | null
+  }
+  interface FastifyInstance {
+    /** plugins/audit.ts: 'unavailable' from a failed audit write until one succeeds again (for /healthz, /readyz) */
+    auditState (): 'ok' | 'unavailable'
+    /** plugins/audit.ts: true while API calls are refused with 503 audit_unavailable (onFailure "closed") */
+    auditRefuses (): boolean
+    /** plugins/audit.ts: reopen the audit file (SIGUSR2, after an outside logrotate) */
+    auditReopen (): void
+    /** plugins/audit.ts: be told of each audit record as it is written (metrics) */
+    onAuditRecord (observer: AuditObserver): void
+    /** plugins/metrics.ts, with metrics.listen: where the metrics listener listens (null before it does) */
+    metricsAddress (): AddressInfo | null
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

@@ -1,28 +1,14 @@
 // The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
-import { spawn, spawnSync } from 'node:child_process'
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { spawn } from 'node:child_process'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { parse } from 'yaml'
 import { parseConfig } from '../src/config.js'
 import { keyDigest } from '../src/keys.js'
+import { BIN, configFile, env, run, startBin } from './fixtures/bin.js'
 import { startUpstream } from './fixtures/upstream.js'
-
-const BIN = 'dist/cli.js'
-const env = { PATH: process.env.PATH, NO_COLOR: '1' }
-
-function run (args: string[], extraEnv: Record<string, string> = {}) {
-  return spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...env, ...extraEnv }, timeout: 20_000 })
-}
-
-function configFile (body: string): { file: string, dir: string } {
-  const dir = mkdtempSync(join(tmpdir(), 'gw-cli-'))
-  const file = join(dir, 'gateway.yaml')
-  writeFileSync(file, body)
-  return { file, dir }
-}
 
 const DIGEST = keyDigest('ogw_cli-test-key')
 const good = (dir: string) => `
@@ -90,27 +76,12 @@ t.test('an unknown command exits 1 with the usage', async t => {
   t.match(r.stderr, /unknown command "launch"/)
 })
 
-async function startBin (t: Test, file: string, extraEnv: Record<string, string>) {
-  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: { ...env, ...extraEnv } })
-  t.teardown(() => { child.kill('SIGKILL') })
-  const output = { text: '' }
-  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
-  const url = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no listening line in: ${output.text}`)), 10_000)
-    child.stdout.on('data', () => {
-      const m = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(output.text)
-      if (m) { clearTimeout(timer); resolve(m[1]!) }
-    })
-  })
-  return { child, url, output }
-}
-
 t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir))
   const { child, url, output } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
   const health = await fetch(`${url}/healthz`)
-  t.match(await health.json(), { status: 'ok', upstream: [{ line: 0, host: '127.0.0.1:9', state: 'up' }] })
+  t.match(await health.json(), { status: 'ok', audit: 'ok', upstream: [{ line: 0, host: '127.0.0.1:9', state: 'up' }] })
   const denied = await fetch(`${url}/v1/conversations`, { method: 'POST', headers: { authorization: 'Bearer ogw_cli-test-key-wrong' } })
   t.equal(denied.status, 401)
 

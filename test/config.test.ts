@@ -49,7 +49,8 @@ t.test('a minimal file gets every documented default', async t => {
     store: { url: 'memory://', timeoutMs: 50, onFailure: 'open' },
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
     ownership: { unowned: 'deny', cacheTtlMs: 600000, cacheSize: 100000, notFoundTtlMs: 5000 },
-    audit: { file: './audit/audit.jsonl' }
+    audit: { file: './audit/audit.jsonl', fsync: 'interval', onFailure: 'closed', rotate: { daily: false, keep: 0, gzip: false } },
+    metrics: {}
   })
   t.ok(Object.isFrozen(config) && Object.isFrozen(config.clients[0]!.rateLimit), 'the config is frozen')
 })

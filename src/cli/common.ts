@@ -1,12 +1,40 @@
-// What the subcommands share: the --config flag (resolved like `start` resolves it) and the usage error.
+// What the subcommands share: the --config flag (resolved like `start` resolves it), the usage error, and the
+// audit trail's process concerns (its files, its HMAC key from the environment).
 import { parseArgs } from 'node:util'
-import { resolveConfigPath } from '../config.js'
+import { hmacKeyProblem } from '../audit/chain.js'
+import { inSeriesOrder, seriesFiles } from '../audit/series.js'
+import { loadConfig, resolveConfigPath } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
 export class UsageError extends Error {}
 
+/** The --config option, for commands that take more options than this one. */
+export const CONFIG_OPTION = { config: { type: 'string', short: 'c' } } as const
+
 /** The config file a command works on: --config, else $GATEWAY_CONFIG, else config/gateway.yaml. */
 export function configPathFrom (args: string[]): string {
-  const { values } = parseArgs({ args, options: { config: { type: 'string', short: 'c' } }, strict: true })
+  const { values } = parseArgs({ args, options: CONFIG_OPTION, strict: true })
   return resolveConfigPath(values.config, process.env)
+}
+
+/** AUDIT_HMAC_KEY from the environment, or undefined when unset; a key too short to trust stops the command. */
+export function auditHmacKey (env: NodeJS.ProcessEnv): string | undefined {
+  const key = env.AUDIT_HMAC_KEY
+  if (key === undefined || key === '') return undefined
+  const problem = hmacKeyProblem(key)
+  if (problem !== null) throw new UsageError(problem)
+  return key
+}
+
+/**
+ * The audit files a command reads, oldest first: the ones named on the command line, else the series of the
+ * configured audit.file (found through the config like `start` finds it), rotated and gzipped files included.
+ */
+export async function auditFiles (configFlag: string | undefined, named: string[]): Promise<string[]> {
+  if (named.length > 0) return (await inSeriesOrder(named)).map(f => f.path)
+  const file = loadConfig(resolveConfigPath(configFlag, process.env), process.env).audit.file
+  if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
+  const files = await seriesFiles(file)
+  if (files.length === 0) throw new UsageError(`no audit files at ${file}`)
+  return files.map(f => f.path)
 }

@@ -7,8 +7,8 @@ import { performance } from 'node:perf_hooks'
 import { Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import type { ErrorOutcome } from '../errors.js'
-import type { AuditWriter } from '../logging.js'
+import type { AuditWriter } from '../audit/writer.js'
+import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
 import { rawPath, type Action } from '../operations.js'
 
 /** A gateway-made answer's outcome, or: the upstream answered (`ok`, its own 429, its 5xx), or the client left. */
@@ -49,7 +49,12 @@ export interface AuditOptions {
   writer: AuditWriter
   /** a client that takes none of its answer for this long is cut off */
   sendTimeoutMs: number
+  /** what API calls get while the writer is unavailable: 503 audit_unavailable ("closed") or served ("open") */
+  onFailure: 'closed' | 'open'
 }
+
+/** Sees each record as it is handed to the writer (metrics): called once per audited call, never throws. */
+export type AuditObserver = (record: AuditRecord) => void
 
 interface ResponseWatch {
   start: number
@@ -150,7 +155,13 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
   }
 }
 
-export default fp<AuditOptions>(async function audit (app, { writer, sendTimeoutMs }) {
+export default fp<AuditOptions>(async function audit (app, { writer, sendTimeoutMs, onFailure }) {
+  const observers: AuditObserver[] = []
+  app.decorate('onAuditRecord', (observer: AuditObserver) => { observers.push(observer) })
+  app.decorate('auditState', () => writer.available ? 'ok' : 'unavailable')
+  app.decorate('auditReopen', () => { writer.reopen() })
+  app.decorate('auditRefuses', () => onFailure === 'closed' && !writer.available)
+
   // Callback-style hooks: they run on every call, and a promise per hook per call costs.
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
@@ -158,10 +169,13 @@ export default fp<AuditOptions>(async function audit (app, { writer, sendTimeout
       watches.set(request, watch)
       watchWrites(reply.raw, watch, sendTimeoutMs)
       // 'close' comes exactly once for every response, finished or not; the record is built on it.
-      reply.raw.once('close', () => { writer.write(buildRecord(request, reply, watch)) })
+      reply.raw.once('close', () => {
+        const record = buildRecord(request, reply, watch)
+        writer.write(record)
+        for (const observe of observers) observe(record)
+      })
     }
-    done()
-  })
+    done()  })
 
   // A streamed answer that fails on the upstream's side (a reset mid-body) is told apart from a client leaving:
   // the client's leaving closes the response first, and the record is written then.
@@ -173,5 +187,20 @@ export default fp<AuditOptions>(async function audit (app, { writer, sendTimeout
     done(null, payload)
   })
 
-  app.addHook('onClose', async () => { writer.close() })
+  app.addHook('onClose', async () => { await writer.close() })
 }, { name: 'audit' })
+
+/**
+ * With audit.onFailure "closed", an API call made while the audit cannot be written gets 503 audit_unavailable
+ * right after its route is matched, before its key, body or the upstream: no call goes unrecorded. Its own
+ * record (outcome `unavailable`) waits in the writer's buffer, or is counted as lost.
+ */
+export const auditGate = fp(async function auditGate (app) {
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (request.operation !== null && app.auditRefuses()) {
+      done(new AuditUnavailableError())
+      return
+    }
+    done()
+  })
+}, { name: 'audit-gate', dependencies: ['audit', 'router'] })

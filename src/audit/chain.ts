@@ -1,0 +1,147 @@
+// The audit hash chain: the one definition that the writer, `audit verify` and `audit query` share.
+//
+// Every record in a file series carries `seq` (1, 2, 3, ... over the whole series), `prevHash` (the previous
+// record's `hash`; 64 zeros for the first) and `hash`:
+//
+//   hash = sha256(prevHash + "\n" + JCS(record without its hash field))
+//
+// JCS is RFC 8785 canonical JSON (the `canonicalize` package), so the hash depends on the record's data, never on
+// how a line happens to be spelled. With an HMAC key (AUDIT_HMAC_KEY, read by the process and passed down),
+// HMAC-SHA256 with that key replaces sha256: whoever can write the files cannot re-forge the chain without it.
+//
+// Records are opaque JSON objects: the chain works for any fields. Besides the gateway's per-call records, the
+// writer adds a few chain events of its own, told apart by an `event` field (see ChainEvent below).
+import { createHash, createHmac } from 'node:crypto'
+import canonicalize from 'canonicalize'
+
+export const GENESIS_HASH = '0'.repeat(64)
+
+/** Where a chain stands: the last record's seq and hash (seq 0 and GENESIS_HASH before the first record). */
+export interface ChainHead {
+  seq: number
+  hash: string
+}
+
+export const GENESIS: ChainHead = Object.freeze({ seq: 0, hash: GENESIS_HASH })
+
+/** Computes a record's hash from the previous hash and the record's canonical JSON (without `hash`). */
+export type Hasher = (prevHash: string, canonicalBody: string) => string
+
+/** sha256, or HMAC-SHA256 when a key is given. The key is kept inside the closure, never on an object. */
+export function chainHasher (hmacKey?: string): Hasher {
+  if (hmacKey === undefined) {
+    return (prevHash, body) => createHash('sha256').update(prevHash).update('\n').update(body).digest('hex')
+  }
+  return (prevHash, body) => createHmac('sha256', hmacKey).update(prevHash).update('\n').update(body).digest('hex')
+}
+
+/** Shortest HMAC key accepted: 32 characters, e.g. `openssl rand -hex 32` gives 64. */
+export const MIN_HMAC_KEY_LENGTH = 32
+
+/** Why an AUDIT_HMAC_KEY value cannot be used, or null when it can. Never echoes the key. */
+export function hmacKeyProblem (key: string): string | null {
+  return key.length < MIN_HMAC_KEY_LENGTH
+    ? `AUDIT_HMAC_KEY is too short (${key.length} characters; at least ${MIN_HMAC_KEY_LENGTH}, e.g. openssl rand -hex 32)`
+    : null
+}
+
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g
+
+/**
+ * RFC 8785 canonical JSON. JCS refuses lone surrogates (they are not Unicode text); a record holding one (it can
+ * only come from a bug) is still written, with each lone surrogate replaced by U+FFFD, rather than lost.
+ */
+export function canonicalJson (value: object): string {
+  try {
+    return canonicalize(value) as string
+  } catch {
+    return canonicalize(JSON.parse(JSON.stringify(value),
+      (_k, v: unknown) => typeof v === 'string' ? v.replace(LONE_SURROGATE, '\uFFFD') : v)) as string
+  }
+}
+
+export interface Sealed {
+  /** the record as one JSON line, without the newline */
+  line: string
+  head: ChainHead
+}
+
+/**
+ * Links a record to the chain: the line holds the record's own fields plus seq, prevHash and hash (any of these
+ * three in the record itself are replaced). The line is the canonical body with `hash` appended, so the record
+ * is serialized once.
+ */
+export function seal (record: object, prev: ChainHead, hasher: Hasher): Sealed {
+  const seq = prev.seq + 1
+  const body = canonicalJson({ ...record, seq, prevHash: prev.hash, hash: undefined })
+  const hash = hasher(prev.hash, body)
+  return { line: `${body.slice(0, -1)},"hash":"${hash}"}`, head: { seq, hash } }
+}
+
+/** A parsed line that carries the chain fields. */
+export interface ChainedRecord {
+  seq: number
+  prevHash: string
+  hash: string
+  [field: string]: unknown
+}
+
+const HEX64 = /^[0-9a-f]{64}$/
+
+/** The parsed record if the text is a JSON object with well-formed seq, prevHash and hash; otherwise null. */
+export function parseChained (text: string): ChainedRecord | null {
+  let value: unknown
+  try {
+    value = JSON.parse(text)
+  } catch {
+    return null
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return null
+  const r = value as Record<string, unknown>
+  if (!Number.isSafeInteger(r.seq) || (r.seq as number) < 1) return null
+  if (typeof r.prevHash !== 'string' || !HEX64.test(r.prevHash)) return null
+  if (typeof r.hash !== 'string' || !HEX64.test(r.hash)) return null
+  return r as ChainedRecord
+}
+
+/** The hash a record should carry, recomputed from its content. */
+export function expectedHash (record: ChainedRecord, hasher: Hasher): string {
+  return hasher(record.prevHash, canonicalJson({ ...record, hash: undefined }))
+}
+
+/** What is wrong with `record` as the successor of `prev`, or null when it links and its hash holds. */
+export function linkProblem (record: ChainedRecord, prev: ChainHead, hasher: Hasher): string | null {
+  if (record.seq > prev.seq + 1) {
+    const missing = record.seq - prev.seq - 1
+    return `seq jumps from ${prev.seq} to ${record.seq}: ${missing} record${missing === 1 ? ' was' : 's were'} deleted before this one`
+  }
+  if (record.seq <= prev.seq) {
+    return `seq ${record.seq} after seq ${prev.seq}: a record was inserted here or records were reordered`
+  }
+  if (record.prevHash !== prev.hash) {
+    return 'prevHash does not match the previous record\'s hash: a record was replaced, inserted or reordered'
+  }
+  if (record.hash !== expectedHash(record, hasher)) {
+    return 'hash does not match the record\'s content: the record was edited' +
+      (record.seq === 1 ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
+  }
+  return null
+}
+
+/** The sha256 of a line's text, as chain events quote lines that are not records. */
+export function lineDigest (text: string): string {
+  return createHash('sha256').update(text).digest('hex')
+}
+
+// Chain events: records the writer itself adds to the chain, so that what happened to the trail is in the trail.
+export type ChainEvent =
+  /** the last line of a file was torn (the writer stopped mid-record); it is kept, and this record follows it */
+  | { time: string, event: 'audit.torn_line', line: number, sha256: string }
+  /** records dropped because they could not be written in time (buffer full); counted, and said here */
+  | { time: string, event: 'audit.lost', count: number, firstAt: string, lastAt: string }
+  /** rotated files removed by `audit.rotate.keep`: the records up to `throughSeq`/`throughHash` are gone on purpose */
+  | { time: string, event: 'audit.pruned', files: string[], throughSeq: number, throughHash: string }
+
+export function isChainEvent (record: Record<string, unknown>): boolean {
+  return typeof record.event === 'string' && record.event.startsWith('audit.')
+}

@@ -1,0 +1,88 @@
+// Verification of an audit file series against the hash chain (chain.ts): every record links to the one before
+// it and its hash matches its content, from the first file to the last. Streams: memory holds one line.
+//
+// What it accepts besides plain records, because the writer says so in the chain itself:
+// - a line that is not a record (torn by a crash), when the next record is an `audit.torn_line` event quoting it;
+// - a series that starts after seq 1, when an `audit.pruned` event says the files before it were removed by
+//   `audit.rotate.keep`, through exactly that seq and hash.
+// Anything else that is not a linked, matching record is reported with its file, line and seq.
+import { basename } from 'node:path'
+import {
+  GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
+} from './chain.js'
+import { readLines } from './series.js'
+
+export type VerifyResult =
+  | { ok: true, records: number, head: string, notes: string[] }
+  | { ok: false, file: string, line: number, seq: number | null, reason: string }
+
+interface Torn {
+  file: string
+  line: number
+  sha256: string
+}
+
+export async function verifySeries (files: readonly string[], hasher: Hasher): Promise<VerifyResult> {
+  let prev: ChainHead | null = null
+  let prevFile = ''
+  let records = 0
+  let torn: Torn | null = null
+  /** the first record, when the series starts after seq 1: must be explained by an audit.pruned event */
+  let start: { file: string, line: number, record: ChainedRecord } | null = null
+  const pruned = new Map<number, string>()
+  const notes: string[] = []
+  const bad = (file: string, line: number, seq: number | null, reason: string): VerifyResult =>
+    ({ ok: false, file, line, seq, reason })
+
+  for (const file of files) {
+    let line = 0
+    let inFile = 0
+    for await (const text of readLines(file)) {
+      line++
+      const record = parseChained(text)
+      if (record === null) {
+        if (torn !== null) return bad(torn.file, torn.line, null, 'this line is not an audit record')
+        torn = { file, line, sha256: lineDigest(text) }
+        continue
+      }
+      let problem: string | null
+      if (prev === null) {
+        if (record.seq !== 1) start = { file, line, record }
+        problem = linkProblem(record, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher)
+      } else {
+        problem = linkProblem(record, prev, hasher)
+        if (problem !== null && inFile === 0 && record.seq > prev.seq + 1) {
+          problem = `records are missing between files: ${basename(prevFile)} ends at seq ${prev.seq} and this file starts at ` +
+            `seq ${record.seq} (a file, or the end of one, was removed)`
+        }
+      }
+      if (problem !== null) return bad(file, line, record.seq, problem)
+      if (torn !== null) {
+        if (record.event !== 'audit.torn_line' || torn.file !== file || record.line !== torn.line || record.sha256 !== torn.sha256) {
+          return bad(torn.file, torn.line, null, 'this line is not an audit record (edited or inserted, or torn with no record acknowledging it)')
+        }
+        notes.push(`${file}:${torn.line}: a torn line (the writer stopped mid-record) is kept; seq ${record.seq} says so`)
+        torn = null
+      }
+      if (record.event === 'audit.pruned') {
+        pruned.set(Number(record.throughSeq), String(record.throughHash))
+        notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
+      } else if (record.event === 'audit.lost') {
+        notes.push(`seq ${record.seq}: ${String(record.count)} records were lost between ${String(record.firstAt)} and ${String(record.lastAt)} (not written in time)`)
+      }
+      prev = { seq: record.seq, hash: record.hash }
+      prevFile = file
+      records++
+      inFile++
+    }
+  }
+  if (torn !== null) {
+    return bad(torn.file, torn.line, null, 'the last line is not a whole record: torn by a crash (the gateway marks it when it starts ' +
+      'again), still being written (run verify again), or edited')
+  }
+  if (start !== null && pruned.get(start.record.seq - 1) !== start.record.prevHash) {
+    return bad(start.file, start.line, start.record.seq, `the series starts at seq ${start.record.seq}, and no audit.pruned record ` +
+      'says the files before it were removed on purpose: files are missing from its start')
+  }
+  return { ok: true, records, head: prev?.hash ?? GENESIS.hash, notes }
+}

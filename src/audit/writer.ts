@@ -1,0 +1,788 @@
+// The audit writer: takes records from the gateway and gets them into the trail without ever blocking a request.
+//
+// The interface the gateway uses, and all of it:
+//
+//   write(record: object): void      never throws, never blocks: the record is buffered and written with the
+//                                    others of the same tick, in one write, off the event loop
+//   readonly available: boolean      false from a failed write until a write succeeds again (a full buffer is
+//                                    a failed write); with audit.onFailure "closed" the gateway then answers
+//                                    503 audit_unavailable
+//   stats(): { written, failed, lost }   records written, write attempts that failed, records dropped
+//   reopen(): void                   close and reopen the file (SIGUSR2, after an outside logrotate moved it)
+//   close(): Promise<void>           write what is buffered, fsync, close, release the lock (bounded in time)
+//
+// Open it with `openAuditWriter(options)`: it takes the series' lock, reads the end of the trail to continue
+// its chain (reporting and marking a torn last line), and opens the active file.
+//
+// Records are buffered in a bounded queue and written by one serial worker, so at most one write is in flight
+// and everything that arrives meanwhile goes into the next one. When a write fails the records stay queued and
+// the write is retried every RETRY_MS (reopening the file, which may have been replaced); when the queue is full
+// a new record is dropped, counted as lost, and an `audit.lost` chain event saying how many is written as soon
+// as writing works again. The file is watched: removed or replaced by another tool, it is reopened within
+// WATCH_MS, and records written meanwhile into a removed file are written again into the new one.
+//
+// `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
+import { createReadStream, createWriteStream } from 'node:fs'
+import { mkdir, open, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { basename, dirname } from 'node:path'
+import { pipeline } from 'node:stream/promises'
+import type { Writable } from 'node:stream'
+import { createGzip } from 'node:zlib'
+import {
+  chainHasher, expectedHash, GENESIS, lineDigest, parseChained, seal, type ChainedRecord, type ChainEvent, type ChainHead,
+  type Hasher
+} from './chain.js'
+import { acquireLock, type AuditLock } from './lock.js'
+import {
+  exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readTail, rotatedName,
+  seriesFiles, TEMP_SUFFIX
+} from './series.js'
+
+export type FsyncMode = 'off' | 'interval' | 'every'
+
+export interface RotateOptions {
+  /** rotate before a write would take the active file past this size */
+  maxBytes?: number
+  /** rotate at the first write of a new UTC day */
+  daily: boolean
+  /** closed files kept (oldest removed first, and the removal recorded in the chain); 0 keeps all */
+  keep: number
+  /** gzip closed files */
+  gzip: boolean
+}
+
+export interface AuditLog {
+  info (obj: object, msg: string): void
+  warn (obj: object, msg: string): void
+  error (obj: object, msg: string): void
+}
+
+export interface AuditWriterOptions {
+  /** the active file, or "-" for stdout */
+  file: string
+  fsync: FsyncMode
+  rotate: RotateOptions
+  /** HMAC-SHA256 key for the chain; plain sha256 without it */
+  hmacKey?: string
+  log: AuditLog
+  /** where "-" writes; default process.stdout */
+  stdout?: Writable
+  /** most records waiting to be written before new ones are dropped; default MAX_PENDING */
+  maxPending?: number
+  /** only said in the log when writing fails: what the gateway does meanwhile */
+  onFailure?: 'closed' | 'open'
+  /** the clock (ms since the epoch), for daily rotation and event times */
+  now?: () => number
+}
+
+export interface AuditStats {
+  /** records written (chain events not counted) */
+  written: number
+  /** write attempts that failed (each retry counts) */
+  failed: number
+  /** records dropped: the buffer was full, or the writer was closed */
+  lost: number
+}
+
+export interface AuditWriter {
+  write (record: object): void
+  readonly available: boolean
+  stats (): AuditStats
+  reopen (): void
+  close (): Promise<void>
+}
+
+/** Records waiting at most: about 5 MB of typical records, a few seconds of a busy gateway's traffic. */
+export const MAX_PENDING = 10_000
+/** Records per write at most. */
+const MAX_BATCH = 1_000
+/** A failed write is retried this often. */
+export const RETRY_MS = 500
+/** How often the file is checked for removal or replacement, and how often `fsync: interval` syncs. */
+export const WATCH_MS = 1_000
+/** close() waits this long for a stuck destination (a full pipe, a hung disk) before counting records lost. */
+const CLOSE_DEADLINE_MS = 5_000
+/** close() then lets a gzip of a closed file finish for at most this long. */
+const HOUSEKEEPING_DEADLINE_MS = 10_000
+/** Lines kept to rewrite into a new file when the old one turns out to have been removed: about WATCH_MS worth. */
+const MAX_REPLAY_BYTES = 32 * 1024 * 1024
+/** While records are being lost, say so in the log at most this often. */
+const LOST_LOG_EVERY_MS = 10_000
+
+/** Where records go: a file with a chain, or a stream without. */
+interface Sink {
+  /** Writes records in order; says how many made it, and the error that stopped the rest. */
+  write (records: object[]): Promise<{ written: number, error?: Error }>
+  reopen (): Promise<void>
+  /** Every WATCH_MS: notice a removed or replaced file, fsync when due; says what failed, if anything. */
+  tick (): Promise<Error | undefined>
+  /** wait for background work (gzip) */
+  settle (): Promise<void>
+  /** fsync and close; no chain event is added after this */
+  close (): Promise<void>
+}
+
+function errorSummary (err: unknown): { code?: string, message: string } {
+  const e = err as NodeJS.ErrnoException
+  return { code: e?.code, message: e?.message ?? String(err) }
+}
+
+function withDeadline<T> (promise: Promise<T>, ms: number): Promise<T | 'timeout'> {
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<'timeout'>(resolve => { timer = setTimeout(() => resolve('timeout'), ms) })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
+
+/** The buffer, the failure state and the serial worker; the sink does the I/O. */
+class Writer implements AuditWriter {
+  private readonly pending: object[] = []
+  /** chain events (lost, torn, pruned) waiting to be written ahead of the records */
+  private readonly events: object[] = []
+  private readonly counts: AuditStats = { written: 0, failed: 0, lost: 0 }
+  private lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 }
+  private lostLoggedAt = 0
+  private ok = true
+  private downSince = 0
+  private closed = false
+  private closing: Promise<void> | null = null
+  private scheduled = false
+  private flushQueued = false
+  private tickQueued = false
+  private retryTimer: NodeJS.Timeout | null = null
+  private readonly watchTimer: NodeJS.Timeout
+  private worker: Promise<void> = Promise.resolve()
+  private sink!: Sink
+
+  constructor (
+    private readonly log: AuditLog,
+    private readonly maxPending: number,
+    private readonly now: () => number,
+    private readonly onFailureHint: string
+  ) {
+    this.watchTimer = setInterval(() => {
+      if (this.tickQueued) return
+      this.tickQueued = true
+      void this.run(async () => {
+        this.tickQueued = false
+        const error = await this.sink.tick()
+        if (error !== undefined) this.failed(error)
+      })
+    }, WATCH_MS).unref()
+  }
+
+  attach (sink: Sink): void { this.sink = sink }
+
+  get available (): boolean { return this.ok }
+
+  stats (): AuditStats { return { ...this.counts } }
+
+  write (record: object): void {
+    if (this.closed) return this.drop('the audit writer is closed')
+    if (this.pending.length >= this.maxPending) return this.drop('the audit buffer is full')
+    this.pending.push(record)
+    this.schedule()
+  }
+
+  /** A chain event from the sink (torn line, pruned files): written ahead of the next records. */
+  addEvent (event: ChainEvent): void {
+    this.events.push(event)
+    this.schedule()
+  }
+
+  reopen (): void {
+    if (this.closed) return
+    void this.run(async () => {
+      await this.sink.reopen()
+      await this.flush()
+    })
+  }
+
+  close (): Promise<void> {
+    this.closing ??= this.shutdown()
+    return this.closing
+  }
+
+  private async shutdown (): Promise<void> {
+    this.closed = true
+    clearInterval(this.watchTimer)
+    if (this.retryTimer !== null) clearTimeout(this.retryTimer)
+    const flushAll = async () => {
+      while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0) {
+        if (!await this.flush()) return
+      }
+    }
+    const finished = await withDeadline(this.run(async () => {
+      await flushAll()
+      await this.sink.close()
+    }), CLOSE_DEADLINE_MS)
+    if (finished === 'timeout') this.log.error({}, 'audit: the destination did not take the last records in time')
+    // A gzip still running finishes if it can; one cut short is done again at the next start.
+    await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS)
+    if (this.pending.length > 0) {
+      const n = this.pending.length
+      this.pending.length = 0
+      this.counts.lost += n
+      this.log.error({ lost: n, total: this.counts.lost }, 'audit: records could not be written before closing and are lost')
+    }
+  }
+
+  /** Runs a task on the serial worker: one at a time, in order. */
+  private run (task: () => Promise<unknown>): Promise<void> {
+    const next = this.worker.then(task).then(() => {}, (err: unknown) => {
+      this.log.error({ err: errorSummary(err) }, 'audit: unexpected writer error')
+    })
+    this.worker = next
+    return next
+  }
+
+  private schedule (): void {
+    if (this.scheduled || this.flushQueued || this.retryTimer !== null || this.closed) return
+    this.scheduled = true
+    setImmediate(() => {
+      this.scheduled = false
+      this.flushQueued = true
+      void this.run(async () => {
+        this.flushQueued = false
+        await this.flush()
+      })
+    })
+  }
+
+  /** Writes one batch; true when it (or nothing) was written, false when the write failed. */
+  private async flush (): Promise<boolean> {
+    if (this.lostSinceEvent.count > 0) {
+      const { count, firstAt, lastAt } = this.lostSinceEvent
+      this.events.push({
+        time: new Date(this.now()).toISOString(), event: 'audit.lost', count,
+        firstAt: new Date(firstAt).toISOString(), lastAt: new Date(lastAt).toISOString()
+      } satisfies ChainEvent)
+      this.lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 }
+    }
+    // With nothing to write, a retry still tries the destination (opening the file again), to learn it works.
+    if (this.pending.length === 0 && this.events.length === 0 && this.ok) return true
+    const events = this.events.length
+    const batch = [...this.events, ...this.pending.slice(0, MAX_BATCH)]
+    const { written, error } = await this.sink.write(batch)
+    const eventsWritten = Math.min(written, events)
+    this.events.splice(0, eventsWritten)
+    this.pending.splice(0, written - eventsWritten)
+    this.counts.written += written - eventsWritten
+    if (error !== undefined) {
+      this.failed(error)
+      return false
+    }
+    this.recovered()
+    if (this.pending.length > 0 || this.events.length > 0) this.schedule()
+    return true
+  }
+
+  private failed (err: Error): void {
+    this.counts.failed++
+    if (this.ok) {
+      this.ok = false
+      this.downSince = this.now()
+      this.log.error({ err: errorSummary(err) }, `audit: records cannot be written; ${this.onFailureHint}; retrying every ${RETRY_MS} ms`)
+    }
+    if (this.retryTimer === null && !this.closed) {
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = null
+        void this.run(() => this.flush())
+      }, RETRY_MS).unref()
+    }
+  }
+
+  private recovered (): void {
+    if (this.ok) return
+    this.ok = true
+    this.log.warn({ downMs: this.now() - this.downSince, lost: this.counts.lost }, 'audit: writing works again')
+  }
+
+  private drop (reason: string): void {
+    const now = this.now()
+    this.counts.lost++
+    if (this.lostSinceEvent.count === 0) this.lostSinceEvent.firstAt = now
+    this.lostSinceEvent.count++
+    this.lostSinceEvent.lastAt = now
+    if (this.ok && !this.closed) {
+      this.ok = false
+      this.downSince = now
+      this.log.error({ reason }, `audit: a record was lost: ${reason}; ${this.onFailureHint}`)
+    } else if (now - this.lostLoggedAt >= LOST_LOG_EVERY_MS) {
+      this.log.error({ reason, total: this.counts.lost }, 'audit: records are being lost')
+    } else {
+      return
+    }
+    this.lostLoggedAt = now
+  }
+}
+
+/** Bare JSON lines to a stream (stdout): one write in flight, and a stuck reader is a failed write, not a hang. */
+class StreamSink implements Sink {
+  private broken: Error | null = null
+
+  constructor (private readonly stream: Writable) {
+    // Without a listener an EPIPE on stdout would crash the process; the failed write reports it instead.
+    stream.on('error', (err: Error) => { this.broken = err })
+  }
+
+  async write (records: object[]): Promise<{ written: number, error?: Error }> {
+    if (this.broken !== null) return { written: 0, error: this.broken }
+    if (records.length === 0) return { written: 0 }
+    const text = records.map(r => JSON.stringify(r)).join('\n') + '\n'
+    const error = await new Promise<Error | null | undefined>(resolve => { this.stream.write(text, resolve) })
+    return error ? { written: 0, error } : { written: records.length }
+  }
+
+  async reopen (): Promise<void> {}
+  async tick (): Promise<undefined> { return undefined }
+  async settle (): Promise<void> {}
+  async close (): Promise<void> {}
+}
+
+function utcDay (ms: number): string {
+  return new Date(ms).toISOString().slice(0, 10)
+}
+
+interface Resume {
+  head: ChainHead
+  /** the active file's first record's seq, for the name it gets when rotated */
+  fileFirstSeq: number | null
+  /** the active file ends without a newline: write one before anything else */
+  needsNewline: boolean
+  torn: { line: number, sha256: string } | null
+  /** the last record of the active file, when its end was clean */
+  last: ChainedRecord | null
+}
+
+export class AuditStartError extends Error {
+  constructor (message: string) {
+    super(message)
+    this.name = 'AuditStartError'
+  }
+}
+
+/**
+ * Where the chain stands: the last record of the active file, or of the newest closed file when the active one
+ * is empty or missing. A last line that is not a record (the previous writer stopped mid-line) is reported as
+ * torn; a file of records without chain fields (an older gateway's) is refused rather than silently restarted.
+ */
+async function resumePoint (file: string): Promise<Resume> {
+  let head: ChainHead | null = null
+  let fileFirstSeq: number | null = null
+  let needsNewline = false
+  let torn: Resume['torn'] = null
+  let last: ChainedRecord | null = null
+  if (await exists(file)) {
+    const tail = await readTail(file)
+    const clean = tail.unterminated === null ? parseChained(tail.lastLine ?? '') : null
+    if (clean !== null) {
+      head = { seq: clean.seq, hash: clean.hash }
+      last = clean
+    } else if (tail.size > 0) {
+      // Rare (a crash, a full disk): read the file through to find its last record and count lines.
+      let lines = 0
+      let lastLine: string | null = null
+      let lastChained: ChainHead | null = null
+      let unchained = 0
+      for await (const line of readLines(file)) {
+        lines++
+        lastLine = line
+        const r = parseChained(line)
+        if (r !== null) lastChained = { seq: r.seq, hash: r.hash }
+        else if (line.startsWith('{')) unchained++
+      }
+      if (lastChained === null && unchained > 0) {
+        throw new AuditStartError(`audit file ${file} holds records without a hash chain (written by an older gateway). ` +
+          `Move it out of the series (e.g. mv ${file} ${dirname(file)}/pre-chain-${basename(file)}) and start again.`)
+      }
+      needsNewline = tail.unterminated !== null
+      if (parseChained(lastLine ?? '') === null) torn = { line: lines, sha256: lineDigest(lastLine ?? '') }
+      head = lastChained
+    }
+    if (tail.size > 0) fileFirstSeq = parseChained(await firstLine(file) ?? '')?.seq ?? null
+  }
+  if (head === null) {
+    const closed = (await seriesFiles(file)).filter(f => f.path !== file && f.firstSeq !== null)
+    const newest = closed.at(-1)
+    last = newest === undefined ? null : await lastRecord(newest.path)
+    head = last === null ? GENESIS : { seq: last.seq, hash: last.hash }
+  }
+  return { head, fileFirstSeq, needsNewline, torn, last }
+}
+
+async function gzipFile (file: string): Promise<string> {
+  const target = file + GZIP_SUFFIX
+  const temp = target + TEMP_SUFFIX
+  await pipeline(createReadStream(file), createGzip(), createWriteStream(temp))
+  const fh = await open(temp, 'r+')
+  try { await fh.sync() } finally { await fh.close() }
+  await rename(temp, target)
+  await unlink(file)
+  return target
+}
+
+/** The active file of a chained series, its rotation and its housekeeping (gzip, keep). */
+class FileSink implements Sink {
+  private fh: FileHandle | null = null
+  private ino = 0
+  private dev = 0
+  private size = 0
+  /** a write failed part-way: the file may end in part of a line, cut it back to `size` before writing */
+  private dirty = false
+  private unsynced = false
+  private fileDay = ''
+  private fileFirstSeq: number | null
+  private needsNewline: boolean
+  /** lines written since the file was last seen in place, to write again if it turns out to have been removed */
+  private recent: Buffer[] = []
+  private recentBytes = 0
+  private replay: Buffer[] = []
+  private housekeeping: Promise<void> = Promise.resolve()
+  private closing = false
+
+  constructor (
+    private readonly file: string,
+    private head: ChainHead,
+    resume: Resume,
+    private readonly opts: {
+      hasher: Hasher
+      fsync: FsyncMode
+      rotate: RotateOptions
+      log: AuditLog
+      lock: AuditLock
+      now: () => number
+      addEvent: (event: ChainEvent) => void
+    }
+  ) {
+    this.fileFirstSeq = resume.fileFirstSeq
+    this.needsNewline = resume.needsNewline
+  }
+
+  /** Opens the active file at start: a file that cannot even be opened stops the start. */
+  async start (): Promise<void> {
+    try {
+      await this.openActive()
+    } catch (err) {
+      throw new AuditStartError(`cannot open audit file ${this.file}: ${errorSummary(err).code ?? errorSummary(err).message}`)
+    }
+    this.housekeep(null)
+  }
+
+  private async openActive (): Promise<void> {
+    await mkdir(dirname(this.file), { recursive: true })
+    const fh = await open(this.file, 'a')
+    try {
+      const st = await fh.stat()
+      // The same file after a write failed part-way: keep the size of its whole lines, to cut the rest off.
+      if (!this.dirty || st.ino !== this.ino || st.dev !== this.dev) {
+        this.size = st.size
+        this.dirty = false
+      }
+      this.ino = st.ino
+      this.dev = st.dev
+      if (st.size === 0) {
+        this.fileFirstSeq = null
+        this.fileDay = ''
+      } else {
+        this.fileDay = utcDay(st.mtimeMs)
+      }
+      for (const buf of this.replay) await this.appendRaw(fh, buf)
+    } catch (err) {
+      await fh.close().catch(() => {})
+      throw err
+    }
+    this.replay = []
+    this.fh = fh
+  }
+
+  /**
+   * Writes bytes at the end of the file. Returns how many went in; on a failure part-way (a disk filling up),
+   * the error comes with the count, and the file is marked to be cut back before the next write.
+   */
+  private async append (fh: FileHandle, buf: Buffer): Promise<{ bytes: number, error?: Error }> {
+    let offset = 0
+    try {
+      while (offset < buf.length) offset += (await fh.write(buf, offset)).bytesWritten
+      return { bytes: offset }
+    } catch (err) {
+      return { bytes: offset, error: err as Error }
+    }
+  }
+
+  /** The first `bytes` of `buf` are in the file for good. */
+  private accepted (buf: Buffer, bytes: number): void {
+    if (bytes === 0) return
+    const kept = buf.subarray(0, bytes)
+    this.size += bytes
+    this.unsynced = true
+    this.recent.push(kept)
+    this.recentBytes += bytes
+    while (this.recentBytes > MAX_REPLAY_BYTES && this.recent.length > 1) this.recentBytes -= this.recent.shift()!.length
+  }
+
+  /**
+   * Appends sealed lines; returns how many are in the file whole. A write that fails part-way keeps the whole
+   * lines it got in (the chain moves on to the last of them), so a disk that frees up a little is used a little.
+   */
+  private async appendLines (lines: Array<{ line: string, head: ChainHead }>, now: number): Promise<{ count: number, error?: Error }> {
+    const prefix = this.needsNewline ? '\n' : ''
+    const buf = Buffer.from(prefix + lines.map(l => l.line).join('\n') + '\n')
+    const { bytes, error } = await this.append(this.fh!, buf)
+    let count = lines.length
+    let whole = buf.length
+    if (error !== undefined) {
+      count = 0
+      whole = prefix.length
+      while (count < lines.length && whole + Buffer.byteLength(lines[count]!.line) + 1 <= bytes) {
+        whole += Buffer.byteLength(lines[count]!.line) + 1
+        count++
+      }
+      if (bytes < whole) whole = 0 // not even the newline before the first line went in
+      if (bytes > whole) this.dirty = true
+    }
+    this.accepted(buf, whole)
+    if (whole >= prefix.length && whole > 0) this.needsNewline = false
+    if (count > 0) {
+      if (this.fileFirstSeq === null) {
+        this.fileFirstSeq = lines[0]!.head.seq
+        this.fileDay = utcDay(now)
+      }
+      this.head = lines[count - 1]!.head
+    }
+    return { count, error }
+  }
+
+  /** Writes raw bytes (lines already sealed, written again into a new file): all of them, or an error. */
+  private async appendRaw (fh: FileHandle, buf: Buffer): Promise<void> {
+    const { bytes, error } = await this.append(fh, buf)
+    if (error !== undefined) {
+      if (bytes > 0) this.dirty = true
+      throw error
+    }
+    this.accepted(buf, bytes)
+  }
+
+  private async closeActive (): Promise<void> {
+    const fh = this.fh
+    this.fh = null
+    if (fh === null) return
+    if (this.dirty) await this.cutBack(fh).catch(() => {})
+    try {
+      if (this.unsynced) await fh.datasync()
+      this.unsynced = false
+    } finally {
+      await fh.close()
+    }
+  }
+
+  async write (records: object[]): Promise<{ written: number, error?: Error }> {
+    let written = 0
+    try {
+      if (this.fh === null) await this.openActive()
+      if (this.dirty) await this.cutBack(this.fh!)
+      const now = this.opts.now()
+      if (this.opts.rotate.daily && this.size > 0 && this.fileDay !== utcDay(now)) await this.rotate(now)
+      let head = this.head
+      let lines: Array<{ line: string, head: ChainHead }> = []
+      let bytes = 0
+      const maxBytes = this.opts.rotate.maxBytes
+      const commit = async () => {
+        if (lines.length === 0) return
+        const { count, error } = await this.appendLines(lines, now)
+        written += count
+        if (error !== undefined) throw error
+        lines = []
+        bytes = 0
+      }
+      for (const record of records) {
+        const sealed = seal(record, head, this.opts.hasher)
+        const lineBytes = Buffer.byteLength(sealed.line) + 1
+        if (maxBytes !== undefined && this.size + bytes + lineBytes > maxBytes && this.size + bytes > 0) {
+          await commit()
+          await this.rotate(now)
+        }
+        lines.push(sealed)
+        bytes += lineBytes
+        head = sealed.head
+      }
+      await commit()
+      if (this.opts.fsync === 'every') await this.sync()
+      return { written }
+    } catch (err) {
+      // The file may have been replaced or gone bad: the next attempt opens the path again.
+      await this.closeActive().catch(() => {})
+      return { written, error: err as Error }
+    }
+  }
+
+  /** Cuts off the part of a line a failed write left at the end, so that the file ends with a whole record. */
+  private async cutBack (fh: FileHandle): Promise<void> {
+    const st = await fh.stat()
+    if (st.isFile() && st.size !== this.size) await fh.truncate(this.size)
+    this.dirty = false
+  }
+
+  private async sync (): Promise<void> {
+    if (this.fh === null || !this.unsynced) return
+    this.unsynced = false
+    await this.fh.datasync()
+  }
+
+  private async rotate (now: number): Promise<void> {
+    await this.closeActive()
+    const target = rotatedName(this.file, now, this.fileFirstSeq ?? this.head.seq + 1)
+    await rename(this.file, target)
+    this.recent = []
+    this.recentBytes = 0
+    this.opts.log.info({ file: target }, 'audit: rotated')
+    await this.openActive()
+    this.housekeep(target)
+  }
+
+  /** gzip and keep, in the background: a slow gzip never holds up a write. */
+  private housekeep (closedFile: string | null): void {
+    const { gzip, keep } = this.opts.rotate
+    if (!gzip && keep === 0) return
+    this.housekeeping = this.housekeeping.then(async () => {
+      if (gzip) {
+        // At start: files a stopped gateway left half done (a plain rotated file, a partial .gz).
+        const plain = closedFile !== null
+          ? [closedFile]
+          : (await seriesFiles(this.file)).map(f => f.path).filter(p => isOwnRotated(this.file, p) && !p.endsWith(GZIP_SUFFIX))
+        if (closedFile === null) {
+          for (const p of plain) await unlink(p + GZIP_SUFFIX + TEMP_SUFFIX).catch(() => {})
+        }
+        for (const p of plain) await gzipFile(p)
+      }
+      // Pruning is recorded in the chain, so it waits for the next start once the writer is closing.
+      if (keep > 0 && !this.closing) await this.prune(keep)
+    }).catch((err: unknown) => {
+      this.opts.log.error({ err: errorSummary(err) }, 'audit: housekeeping of closed files failed')
+    })
+  }
+
+  /** Removes the oldest closed files beyond `keep`, and records in the chain what was removed and up to where. */
+  private async prune (keep: number): Promise<void> {
+    const closed = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
+    const remove = closed.slice(0, Math.max(0, closed.length - keep))
+    const oldestKept = closed[remove.length]
+    if (remove.length === 0 || oldestKept === undefined) return
+    const first = parseChained(await firstLine(oldestKept.path) ?? '')
+    if (first === null) {
+      this.opts.log.error({ file: oldestKept.path }, 'audit: not pruning: the oldest kept file does not start with a record')
+      return
+    }
+    for (const f of remove) await unlink(f.path)
+    this.opts.log.info({ files: remove.map(f => f.path) }, 'audit: removed closed files beyond rotate.keep')
+    this.opts.addEvent({
+      time: new Date(this.opts.now()).toISOString(), event: 'audit.pruned', files: remove.map(f => basename(f.path)),
+      throughSeq: first.seq - 1, throughHash: first.prevHash
+    })
+  }
+
+  async reopen (): Promise<void> {
+    await this.closeActive().catch(() => {})
+    this.recent = []
+    this.recentBytes = 0
+    await this.openActive().catch(() => {}) // a failure shows at the next write, which retries
+    this.opts.log.info({ file: this.file }, 'audit: reopened')
+  }
+
+  async tick (): Promise<Error | undefined> {
+    if (this.opts.fsync === 'interval') {
+      try {
+        await this.sync()
+      } catch (err) {
+        return err as Error
+      }
+    }
+    if (this.fh === null) return undefined
+    let current: { ino: number, dev: number } | null
+    try {
+      current = await stat(this.file)
+    } catch {
+      current = null
+    }
+    if (current !== null && current.ino === this.ino && current.dev === this.dev) {
+      this.recent = []
+      this.recentBytes = 0
+      return undefined
+    }
+    const removed = (await this.fh.stat()).nlink === 0
+    if (removed) this.replay = this.recent
+    this.recent = []
+    this.recentBytes = 0
+    this.opts.log.warn({ file: this.file, rewritten: removed ? this.replay.length : 0 },
+      `audit: the file was ${current === null ? 'removed' : 'replaced'} by something else; reopening it` +
+      (removed ? ' and writing again the records that went into the removed file' : ''))
+    await this.closeActive().catch(() => {})
+    try {
+      await this.openActive()
+    } catch (err) {
+      return err as Error
+    }
+    return undefined
+  }
+
+  async settle (): Promise<void> {
+    await this.housekeeping
+  }
+
+  async close (): Promise<void> {
+    this.closing = true
+    try {
+      await this.closeActive()
+    } finally {
+      await this.opts.lock.release()
+    }
+  }
+}
+
+export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditWriter> {
+  const now = opts.now ?? Date.now
+  const hint = opts.onFailure === 'open'
+    ? 'calls are still served (audit.onFailure: open), and records that do not fit the buffer are lost'
+    : 'API calls are refused with 503 audit_unavailable until a write succeeds (audit.onFailure: closed)'
+  if (opts.file === '-') {
+    opts.log.warn({}, 'audit: records go to stdout (audit.file "-"): no hash chain, no rotation, no lock, no fsync')
+    const writer = new Writer(opts.log, opts.maxPending ?? MAX_PENDING, now, hint)
+    writer.attach(new StreamSink(opts.stdout ?? process.stdout))
+    return writer
+  }
+  await mkdir(dirname(opts.file), { recursive: true })
+  const lock = await acquireLock(opts.file, holder => {
+    opts.log.warn({ holder }, 'audit: taking over a stale lock left by a gateway that is gone')
+  })
+  try {
+    const resume = await resumePoint(opts.file)
+    const hasher = chainHasher(opts.hmacKey)
+    if (resume.last !== null && expectedHash(resume.last, hasher) !== resume.last.hash) {
+      opts.log.warn({ file: opts.file, seq: resume.last.seq },
+        `audit: the last record does not verify ${opts.hmacKey === undefined ? 'without an HMAC key' : 'with this AUDIT_HMAC_KEY'} ` +
+        '(key added, removed or changed, or the record was edited); the chain goes on from it, and verify will show where')
+    }
+    const writer = new Writer(opts.log, opts.maxPending ?? MAX_PENDING, now, hint)
+    const sink = new FileSink(opts.file, resume.head, resume, {
+      hasher,
+      fsync: opts.fsync,
+      rotate: opts.rotate,
+      log: opts.log,
+      lock,
+      now,
+      addEvent: event => writer.addEvent(event)
+    })
+    writer.attach(sink)
+    if (resume.torn !== null) {
+      opts.log.warn({ file: opts.file, line: resume.torn.line },
+        'audit: the last line of the file is torn (the previous writer stopped mid-record); it is kept, and a record saying so starts a new segment')
+      writer.addEvent({ time: new Date(now()).toISOString(), event: 'audit.torn_line', ...resume.torn })
+    }
+    opts.log.info({ file: opts.file, seq: resume.head.seq + 1, fsync: opts.fsync, hmac: opts.hmacKey !== undefined },
+      resume.head.seq === 0 ? 'audit: starting a new hash chain' : 'audit: continuing the hash chain')
+    await sink.start()
+    return writer
+  } catch (err) {
+    await lock.release()
+    throw err
+  }
+}

@@ -1,0 +1,167 @@
+// `ohmygpt-gateway audit query [FILTERS] [--limit N] [--format jsonl|table] [--config FILE] [FILES...]`: the
+// records that match every filter given, oldest first, over the whole series (rotated and gzipped files
+// included), streamed. One table (FLAGS) defines the flags: it builds the parser, the filters and the usage text.
+import { once } from 'node:events'
+import { parseArgs } from 'node:util'
+import type { Writable } from 'node:stream'
+import { lineTime, queryFiles, type AuditFields, type Filter } from '../audit/query.js'
+import { ACTIONS } from '../operations.js'
+import { auditFiles, CONFIG_OPTION, UsageError } from './common.js'
+
+interface Flag {
+  value: string
+  help: string
+  /** the filter the flag's value makes; throws UsageError for a value that can never be right */
+  filter?: (value: string, now: number) => Filter
+}
+
+/** `--client x` keeps records whose `field` is exactly x. */
+function exact (field: string, allowed?: readonly string[]): Flag['filter'] {
+  return (value) => {
+    if (allowed !== undefined && !allowed.includes(value)) throw new UsageError(`"${value}" is not one of: ${allowed.join(', ')}`)
+    return { needle: JSON.stringify(value), test: r => r[field] === value }
+  }
+}
+
+const AGE = /^(\d+)([smhd])$/
+const UNIT_MS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
+
+/** An ISO 8601 time, or an age before now (`15m`, `24h`, `7d`), as ms since the epoch. */
+export function parseTime (value: string, now: number): number {
+  const age = AGE.exec(value)
+  if (age !== null) return now - Number(age[1]) * UNIT_MS[age[2]!]!
+  const ms = /^\d{4}-\d{2}-\d{2}/.test(value) ? Date.parse(value) : NaN
+  if (Number.isNaN(ms)) throw new UsageError(`"${value}" is not a time: give an ISO 8601 time (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)`)
+  return ms
+}
+
+function timeOf (record: AuditFields): number {
+  return typeof record.time === 'string' ? Date.parse(record.time) : NaN
+}
+
+/** Keeps records whose time is in [from, to), looking at the raw line first (ISO UTC times sort as text). */
+function timeRange (from: number, to: number): Filter {
+  const iso = (ms: number) => Number.isFinite(ms) ? new Date(ms).toISOString() : null
+  const low = iso(from)
+  const high = iso(to)
+  return {
+    quick: line => {
+      const time = lineTime(line)
+      return time === null || ((low === null || time >= low) && (high === null || time < high))
+    },
+    test: r => timeOf(r) >= from && timeOf(r) < to
+  }
+}
+
+export const FLAGS = {
+  client: { value: 'ID', help: 'calls made with this client\'s key (clients[].id)', filter: exact('clientId') },
+  action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
+  conversation: { value: 'ID', help: 'calls on this conversation (conv_...)', filter: exact('conversationId') },
+  item: { value: 'ID', help: 'calls on this item (msg_...)', filter: exact('itemId') },
+  status: {
+    value: 'CODE',
+    help: 'calls answered with this HTTP status (404), or status class (4xx)',
+    filter: (value) => {
+      const m = /^([1-5])(xx|\d\d)$/.exec(value)
+      if (m === null) throw new UsageError(`"${value}" is not a status: give a code (404) or a class (4xx)`)
+      if (m[2] === 'xx') {
+        const low = Number(m[1]) * 100
+        return { test: r => typeof r.status === 'number' && r.status >= low && r.status < low + 100 }
+      }
+      const code = Number(value)
+      return { needle: `"status":${code}`, test: r => r.status === code }
+    }
+  },
+  outcome: { value: 'OUTCOME', help: 'calls with this outcome (ok, denied, rate_limited, invalid, upstream_error, unavailable, ...)', filter: exact('outcome') },
+  since: {
+    value: 'TIME',
+    help: 'records at or after TIME: ISO 8601 (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)',
+    filter: (value, now) => timeRange(parseTime(value, now), Infinity)
+  },
+  until: {
+    value: 'TIME',
+    help: 'records before TIME (same forms as --since)',
+    filter: (value, now) => timeRange(-Infinity, parseTime(value, now))
+  },
+  limit: { value: 'N', help: 'stop after the first N matching records' },
+  format: { value: 'FORMAT', help: 'jsonl (default: the records as written) or table (for people)' },
+  config: { value: 'FILE', help: 'config file (else $GATEWAY_CONFIG, else config/gateway.yaml): the series of its audit.file' }
+} satisfies Record<string, Flag>
+
+export const QUERY_USAGE = 'audit query [OPTIONS] [FILES...]\n' + Object.entries(FLAGS)
+  .map(([name, f]) => `    --${`${name} ${f.value}`.padEnd(22)} ${f.help}`).join('\n')
+
+/** Table columns: heading, record field, width. */
+const COLUMNS: Array<[string, string, number]> = [
+  ['time', 'time', 24], ['client', 'clientId', 14], ['action', 'action', 21], ['status', 'status', 6],
+  ['outcome', 'outcome', 14], ['conversation', 'conversationId', 22], ['item', 'itemId', 22], ['ip', 'ip', 15],
+  ['request', 'requestId', 35]
+]
+
+function tableRow (cells: string[]): string {
+  return cells.map((c, i) => c.padEnd(COLUMNS[i]![2])).join(' ').trimEnd() + '\n'
+}
+
+function cell (value: unknown): string {
+  return value === null || value === undefined ? '-' : String(value)
+}
+
+/** Writes to stdout, waiting when it is full; false once the reader is gone (`| head`). */
+function writer (out: Writable): (text: string) => Promise<boolean> {
+  let gone = false
+  out.on('error', () => { gone = true })
+  return async (text) => {
+    if (gone) return false
+    if (!out.write(text)) await Promise.race([once(out, 'drain'), once(out, 'close')])
+    return !gone
+  }
+}
+
+export interface QueryArgs {
+  filters: Filter[]
+  limit: number
+  format: 'jsonl' | 'table'
+  config?: string
+  files: string[]
+  help: boolean
+}
+
+/** The command line, checked: every flag from FLAGS, each filter built from its value. */
+export function parseQueryArgs (args: string[], now: number): QueryArgs {
+  const options = Object.fromEntries(Object.keys(FLAGS).map(name => [name, { type: 'string' as const }]))
+  const { values, positionals } = parseArgs({
+    args, options: { ...options, ...CONFIG_OPTION, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true
+  }) as { values: Partial<Record<keyof typeof FLAGS, string>> & { help?: boolean }, positionals: string[] }
+  const filters: Filter[] = []
+  for (const [name, flag] of Object.entries(FLAGS) as Array<[keyof typeof FLAGS, Flag]>) {
+    const value = values[name]
+    if (value === undefined || flag.filter === undefined) continue
+    try {
+      filters.push(flag.filter(value, now))
+    } catch (err) {
+      throw new UsageError(`--${name}: ${(err as Error).message}`)
+    }
+  }
+  const limit = values.limit === undefined ? Infinity : /^\d+$/.test(values.limit) ? Number(values.limit) : NaN
+  if (Number.isNaN(limit)) throw new UsageError('--limit: give a whole number')
+  const format = values.format ?? 'jsonl'
+  if (format !== 'jsonl' && format !== 'table') throw new UsageError('--format: jsonl or table')
+  return { filters, limit, format, config: values.config, files: positionals, help: values.help === true }
+}
+
+export async function auditQuery (args: string[]): Promise<void> {
+  const query = parseQueryArgs(args, Date.now())
+  if (query.help) {
+    console.log(`usage: ohmygpt-gateway ${QUERY_USAGE}`)
+    return
+  }
+  const files = await auditFiles(query.config, query.files)
+  const print = writer(process.stdout)
+  const table = query.format === 'table'
+  if (table) await print(tableRow(COLUMNS.map(c => c[0])))
+  const result = await queryFiles(files, query.filters, query.limit, (record, line) =>
+    print(table ? tableRow(COLUMNS.map(c => cell(record[c[1]]))) : line + '\n'))
+  if (result.skipped > 0) {
+    console.error(`note: ${result.skipped} line(s) that are not audit records were skipped; run audit verify`)
+  }
+}

@@ -1,0 +1,163 @@
+// The audit hash chain and its verification: the chain is exactly the documented formula, and verification
+// catches every kind of tampering, naming the file, line and seq of the first bad record.
+import { createHash, createHmac } from 'node:crypto'
+import { unlinkSync } from 'node:fs'
+import { join } from 'node:path'
+import canonicalize from 'canonicalize'
+import t from 'tap'
+import { chainHasher, GENESIS_HASH } from '../src/audit/chain.js'
+import { verifySeries, type VerifyResult } from '../src/audit/verify.js'
+import { linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
+
+const sha256 = chainHasher()
+
+/** 40 records over several files of about 10 records each. */
+async function series (opts = {}) {
+  const file = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(file, 40, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false }, ...opts })
+  return { file, files }
+}
+
+function failure (result: VerifyResult) {
+  if (result.ok) throw new Error(`expected a failure, got ${JSON.stringify(result)}`)
+  return result
+}
+
+t.test('each record holds seq from 1, prevHash and hash = sha256(prevHash + "\\n" + JCS(record without hash))', async t => {
+  const { files } = await series()
+  t.ok(files.length >= 3, `a series of ${files.length} files`)
+  const records = files.flatMap(parsed)
+  t.equal(records.length, 40)
+  let prev = GENESIS_HASH
+  records.forEach((r, i) => {
+    t.equal(r.seq, i + 1)
+    t.equal(r.prevHash, prev)
+    const { hash, ...rest } = r
+    const want = createHash('sha256').update(`${prev}\n${canonicalize(rest) as string}`).digest('hex')
+    t.equal(hash, want, `seq ${i + 1}`)
+    prev = hash as string
+  })
+  t.equal(records[0]!.prevHash, '0'.repeat(64), 'the first prevHash is 64 zeros')
+  t.equal(parsed(files[1]!)[0]!.prevHash, parsed(files[0]!).at(-1)!.hash, 'a new file\'s first record links to the last file\'s')
+})
+
+t.test('an untouched series verifies, with its record count and head', async t => {
+  const { files } = await series()
+  const result = await verifySeries(files, sha256)
+  t.same(result, { ok: true, records: 40, head: parsed(files.at(-1)!).at(-1)!.hash, notes: [] })
+})
+
+t.test('an edited record is caught at its own line', async t => {
+  const { files } = await series()
+  const lines = linesOf(files[1]!)
+  lines[3] = lines[3]!.replace('"clientId":"team-', '"clientId":"team-x')
+  writeLines(files[1]!, lines)
+  const bad = failure(await verifySeries(files, sha256))
+  t.match(bad, { file: files[1], line: 4, seq: parsed(files[1]!)[3]!.seq })
+  t.match(bad.reason, /edited/)
+})
+
+t.test('an edited record whose own hash was recomputed is caught at the next record', async t => {
+  const { files } = await series()
+  const records = parsed(files[1]!)
+  const forged: Record<string, unknown> = { ...records[3]!, clientId: 'someone-else' }
+  const { hash: _old, ...rest } = forged
+  forged.hash = sha256(forged.prevHash as string, canonicalize(rest) as string)
+  const lines = linesOf(files[1]!)
+  lines[3] = JSON.stringify(forged)
+  writeLines(files[1]!, lines)
+  const bad = failure(await verifySeries(files, sha256))
+  t.match(bad, { file: files[1], line: 5, seq: records[4]!.seq })
+  t.match(bad.reason, /prevHash does not match/)
+})
+
+t.test('a deleted record is caught where it is missing', async t => {
+  const { files } = await series()
+  const lines = linesOf(files[1]!)
+  const seqAfter = parsed(files[1]!)[3]!.seq
+  lines.splice(2, 1)
+  writeLines(files[1]!, lines)
+  const bad = failure(await verifySeries(files, sha256))
+  t.match(bad, { file: files[1], line: 3, seq: seqAfter })
+  t.match(bad.reason, /1 record was deleted/)
+})
+
+t.test('an inserted record is caught at its line', async t => {
+  const { files } = await series()
+  const lines = linesOf(files[1]!)
+  lines.splice(3, 0, lines[2]!) // a copy of a real record: every field right, in the wrong place
+  writeLines(files[1]!, lines)
+  const bad = failure(await verifySeries(files, sha256))
+  t.match(bad, { file: files[1], line: 4, seq: parsed(files[1]!)[3]!.seq })
+  t.match(bad.reason, /inserted|reordered/)
+})
+
+t.test('reordered records are caught at the first out of place', async t => {
+  const { files } = await series()
+  const lines = linesOf(files[1]!)
+  ;[lines[2], lines[3]] = [lines[3]!, lines[2]!]
+  writeLines(files[1]!, lines)
+  const bad = failure(await verifySeries(files, sha256))
+  t.match(bad, { file: files[1], line: 3, seq: parsed(files[1]!)[2]!.seq })
+})
+
+t.test('a missing middle file is caught at the first record after the gap', async t => {
+  const { files } = await series()
+  unlinkSync(files[1]!)
+  const rest = files.filter((_f, i) => i !== 1)
+  const bad = failure(await verifySeries(rest, sha256))
+  t.match(bad, { file: files[2], line: 1, seq: parsed(files[2]!)[0]!.seq })
+  t.match(bad.reason, /records are missing between files/)
+})
+
+t.test('a middle file cut short is caught at the first record after the cut', async t => {
+  const { files } = await series()
+  writeLines(files[1]!, linesOf(files[1]!).slice(0, -2))
+  const bad = failure(await verifySeries(files, sha256))
+  t.match(bad, { file: files[2], line: 1, seq: parsed(files[2]!)[0]!.seq })
+  t.match(bad.reason, /records are missing between files/)
+})
+
+t.test('a series whose first file was removed is caught: nothing says it was pruned', async t => {
+  const { files } = await series()
+  const bad = failure(await verifySeries(files.slice(1), sha256))
+  t.match(bad, { file: files[1], line: 1, seq: parsed(files[1]!)[0]!.seq })
+  t.match(bad.reason, /files are missing from its start/)
+})
+
+t.test('a line that is not a record is caught', async t => {
+  const { files } = await series()
+  const lines = linesOf(files[0]!)
+  lines.splice(1, 0, '{"note":"nothing to see"}')
+  writeLines(files[0]!, lines)
+  t.match(failure(await verifySeries(files, sha256)), { file: files[0], line: 2, seq: null, reason: /not an audit record/ })
+})
+
+t.test('with an HMAC key the chain verifies only with that key, and a chain re-hashed without it is rejected', async t => {
+  const key = 'k'.repeat(64)
+  const hmac = chainHasher(key)
+  const { files } = await series({ hmacKey: key })
+  const first = parsed(files[0]!)[0]!
+  const { hash, ...rest } = first
+  t.equal(hash, createHmac('sha256', key).update(`${GENESIS_HASH}\n${canonicalize(rest) as string}`).digest('hex'), 'HMAC-SHA256 replaces sha256')
+  t.ok((await verifySeries(files, hmac)).ok, 'verifies with the key')
+  t.match(failure(await verifySeries(files, sha256)), { line: 1, seq: 1, reason: /AUDIT_HMAC_KEY/ }, 'not without it')
+  t.notOk((await verifySeries(files, chainHasher('w'.repeat(64)))).ok, 'nor with another key')
+
+  // Someone who can write the files edits a record and re-forges the whole chain after it, without the key.
+  let prev = GENESIS_HASH
+  let forgedAt = 0
+  for (const f of files) {
+    writeLines(f, parsed(f).map(r => {
+      if (r.seq === 15) { r.clientId = 'someone-else'; forgedAt = 15 }
+      r.prevHash = prev
+      const { hash: _h, ...body } = r
+      r.hash = sha256(prev, canonicalize(body) as string)
+      prev = r.hash as string
+      return JSON.stringify(r)
+    }))
+  }
+  t.equal(forgedAt, 15)
+  t.ok((await verifySeries(files, sha256)).ok, 'the forgery holds together as a plain sha256 chain')
+  t.match(failure(await verifySeries(files, hmac)), { seq: 1, line: 1 }, 'and is rejected with the key, from its first record')
+})

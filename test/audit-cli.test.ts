@@ -1,0 +1,129 @@
+// `audit verify` and `audit query` as ops run them: the files found through the config like `start` finds them,
+// gzipped files included, exit codes and messages as documented.
+import { join } from 'node:path'
+import t from 'tap'
+import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
+import { queryFiles } from '../src/audit/query.js'
+import { parseQueryArgs } from '../src/cli/audit-query.js'
+import { configFile, gatewayYaml, run } from './fixtures/bin.js'
+
+/** A config whose audit series holds records 1..60 over several files, the closed ones gzipped. */
+async function gzippedSeries () {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 60, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: true } })
+  return { auditFile, files, config: configFile(gatewayYaml(auditFile)).file }
+}
+
+t.test('audit verify finds the series through the config and prints the count and head', async t => {
+  const { config, files } = await gzippedSeries()
+  t.ok(files.filter(f => f.endsWith('.gz')).length >= 3, 'several gzipped files')
+  const head = parsed(files.at(-1)!).at(-1)!.hash
+  const r = run(['audit', 'verify', '--config', config])
+  t.equal(r.status, 0, r.stderr)
+  t.equal(r.stdout, `ok: 60 records, chain intact, head ${head}\n`)
+  const viaEnv = run(['audit', 'verify'], { GATEWAY_CONFIG: config })
+  t.equal(viaEnv.stdout, r.stdout, 'GATEWAY_CONFIG, like start')
+})
+
+t.test('audit verify exits 1 naming the file, line and seq of the first bad record', async t => {
+  const { config, auditFile } = await gzippedSeries()
+  const lines = linesOf(auditFile)
+  lines[1] = lines[1]!.replace('"status":200', '"status":204')
+  writeLines(auditFile, lines)
+  const r = run(['audit', 'verify', '--config', config])
+  t.equal(r.status, 1)
+  const seq = parsed(auditFile)[1]!.seq
+  t.equal(r.stderr, `FAILED: ${auditFile}:2 (seq ${seq}): hash does not match the record's content: the record was edited\n`)
+  t.equal(r.stdout, '')
+})
+
+t.test('audit verify with AUDIT_HMAC_KEY checks an HMAC chain, and refuses a key too short to trust', async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const key = 'a'.repeat(64)
+  await writeSeries(auditFile, 5, { hmacKey: key })
+  t.equal(run(['audit', 'verify', auditFile], { AUDIT_HMAC_KEY: key }).status, 0)
+  const short = run(['audit', 'verify', auditFile], { AUDIT_HMAC_KEY: 'short' })
+  t.equal(short.status, 1)
+  t.match(short.stderr, /AUDIT_HMAC_KEY is too short \(5 characters; at least 32/)
+  t.notMatch(short.stderr, /short"/, 'the key itself is not echoed')
+})
+
+async function query (files: string[], ...args: string[]) {
+  const { filters, limit } = parseQueryArgs(args, Date.parse('2025-01-02T00:00:00Z'))
+  const found: string[] = []
+  await queryFiles(files, filters, limit, record => { found.push(record.requestId as string); return true })
+  return found
+}
+
+t.test('audit query filters return exactly the matching records, oldest first, over plain and gzipped files', async t => {
+  const { files } = await gzippedSeries()
+  const all = Array.from({ length: 60 }, (_v, i) => callRecord(i + 1))
+  const ids = (rs: Array<Record<string, unknown>>) => rs.map(r => r.requestId)
+  t.same(await query(files, '--client', 'team-a'), ids(all.filter(r => r.clientId === 'team-a')))
+  t.same(await query(files, '--conversation', 'conv_2', '--action', 'item.delete'), ids(all.filter(r => r.conversationId === 'conv_2')))
+  t.same(await query(files, '--conversation', 'conv_2', '--action', 'item.list'), [])
+  t.same(await query(files, '--item', 'msg_17'), [callRecord(17).requestId])
+  t.same(await query(files, '--status', '404'), ids(all.filter(r => r.status === 404)))
+  t.same(await query(files, '--status', '4xx', '--client', 'team-b'), ids(all.filter(r => r.status === 404 && r.clientId === 'team-b')))
+  t.same(await query(files, '--status', '2xx', '--outcome', 'ok'), ids(all.filter(r => r.status === 200)))
+  t.same(await query(files, '--outcome', 'denied'), [])
+  t.same(await query(files, '--since', '2025-01-01T00:00:10Z', '--until', '2025-01-01T00:00:13Z'), ids(all.slice(9, 12)))
+  t.same(await query(files, '--since', '23h'), [], 'an age counts back from now')
+  t.same(await query(files, '--since', '1d'), ids(all), '1d before 2025-01-02 is the start of the series')
+  t.same(await query(files, '--limit', '3'), ids(all.slice(0, 3)))
+  t.same(await query(files, '--limit', '0'), [])
+  t.same(await query(files), ids(all), 'no filter: every call record, no chain event')
+})
+
+t.test('audit query from the command line: JSONL as written, found through the config', async t => {
+  const { config } = await gzippedSeries()
+  const r = run(['audit', 'query', '--config', config, '--client', 'team-a', '--limit', '2'])
+  t.equal(r.status, 0, r.stderr)
+  const lines = r.stdout.split('\n')
+  t.equal(lines.length, 3, 'two records, one a line')
+  t.match(JSON.parse(lines[0]!), { requestId: callRecord(2).requestId, seq: 2, hash: /^[0-9a-f]{64}$/ })
+  t.match(JSON.parse(lines[1]!), { requestId: callRecord(4).requestId, seq: 4 })
+})
+
+t.test('audit query answers "who deleted item X of conversation Y, when, from where" as a table', async t => {
+  const { config } = await gzippedSeries()
+  const r = run(['audit', 'query', '--config', config, '--action', 'item.delete', '--conversation', 'conv_2', '--item', 'msg_17', '--format', 'table'])
+  t.equal(r.status, 0)
+  const [header, row, ...rest] = r.stdout.split('\n')
+  t.match(header, /^time\s+client\s+action\s+status\s+outcome\s+conversation\s+item\s+ip\s+request$/)
+  t.match(row, /^2025-01-01T00:00:17\.000Z\s+team-b\s+item\.delete\s+200\s+ok\s+conv_2\s+msg_17\s+127\.0\.0\.1\s+gw_0+17$/)
+  t.same(rest, [''])
+})
+
+t.test('audit query refuses bad flags with the reason, and --help lists every flag from the one table', async t => {
+  for (const [args, message] of [
+    [['--status', '42'], /--status: "42" is not a status/],
+    [['--action', 'item.erase'], /--action: "item.erase" is not one of: conversation.create, /],
+    [['--since', 'yesterday'], /--since: "yesterday" is not a time/],
+    [['--limit', 'many'], /--limit: give a whole number/],
+    [['--limit=-1'], /--limit: give a whole number/],
+    [['--format', 'csv'], /--format: jsonl or table/],
+    [['--colour', 'blue'], /Unknown option '--colour'/]
+  ] as Array<[string[], RegExp]>) {
+    t.throws(() => parseQueryArgs(args, Date.now()), { message }, args.join(' '))
+  }
+  const bad = run(['audit', 'query', '--status', 'teapot'])
+  t.equal(bad.status, 1)
+  t.equal(bad.stderr, 'ohmygpt-gateway audit: --status: "teapot" is not a status: give a code (404) or a class (4xx)\n')
+  const help = run(['audit', 'query', '--help'])
+  for (const flag of ['client', 'action', 'conversation', 'item', 'status', 'outcome', 'since', 'until', 'limit', 'format', 'config']) {
+    t.match(help.stdout, new RegExp(`--${flag} [A-Z]+ `), flag)
+  }
+  t.match(run(['audit', 'frobnicate']).stderr, /audit takes a subcommand: verify or query/)
+})
+
+t.test('audit commands say why when there is nothing to read', async t => {
+  const empty = configFile(gatewayYaml(join(tempDir(), 'audit.jsonl'))).file
+  const r = run(['audit', 'verify', '--config', empty])
+  t.equal(r.status, 1)
+  t.match(r.stderr, /no audit files at .*audit\.jsonl/)
+  const stdout = run(['audit', 'query', '--config', configFile(gatewayYaml('-')).file])
+  t.equal(stdout.status, 1)
+  t.match(stdout.stderr, /audit.file is "-" \(stdout\): there are no audit files to read/)
+})
+

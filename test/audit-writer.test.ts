@@ -1,0 +1,288 @@
+// The audit writer on its own: the chain goes on across restarts, rotation and outside tools, a torn last line
+// is survived and reported, one writer per series, and a destination that stops taking records is a failed
+// write (counted, then said in the trail), never a hang.
+import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
+import { appendFileSync, existsSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { Writable } from 'node:stream'
+import { setTimeout as sleep } from 'node:timers/promises'
+import t from 'tap'
+import { chainHasher } from '../src/audit/chain.js'
+import { seriesFiles } from '../src/audit/series.js'
+import { verifySeries } from '../src/audit/verify.js'
+import { AuditStartError, openAuditWriter, type AuditWriterOptions } from '../src/audit/writer.js'
+import { callRecord, linesOf, memoryLog, parsed, tempDir, writeSeries } from './fixtures/audit.js'
+
+const sha256 = chainHasher()
+const NO_ROTATION = { daily: false, keep: 0, gzip: false }
+
+async function open (file: string, opts: Partial<AuditWriterOptions> = {}) {
+  const log = memoryLog()
+  const writer = await openAuditWriter({ file, fsync: 'off', rotate: NO_ROTATION, log, ...opts })
+  return { writer, log }
+}
+
+async function verify (file: string) {
+  return verifySeries((await seriesFiles(file)).map(f => f.path), sha256)
+}
+
+async function until (what: string, check: () => boolean, ms = 5000) {
+  for (const start = Date.now(); !check(); await sleep(20)) {
+    if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`)
+  }
+}
+
+t.test('close() writes every record handed over, even right after a burst', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer } = await open(file)
+  for (let i = 1; i <= 2500; i++) writer.write(callRecord(i))
+  await writer.close()
+  t.same(parsed(file).map(r => r.requestId), Array.from({ length: 2500 }, (_v, i) => callRecord(i + 1).requestId))
+  t.same(writer.stats(), { written: 2500, failed: 0, lost: 0 })
+  t.match(await verify(file), { ok: true, records: 2500 })
+})
+
+t.test('a restart continues the chain from the last record', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 5)
+  const { writer, log } = await open(file)
+  t.match(log.lines, [{ msg: 'audit: continuing the hash chain', obj: { seq: 6 } }])
+  writer.write(callRecord(6))
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), [1, 2, 3, 4, 5, 6])
+  t.match(await verify(file), { ok: true, records: 6 })
+})
+
+t.test('rotation by size keeps the chain, gzips closed files, and a restart after it goes on from the last file', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const rotate = { maxBytes: 4096, daily: false, keep: 0, gzip: true }
+  await writeSeries(file, 30, { rotate })
+  await writeSeries(file, 30, { rotate }, 31)
+  const files = (await seriesFiles(file)).map(f => f.path)
+  t.ok(files.length >= 5, `${files.length} files`)
+  t.ok(files.slice(0, -1).every(f => f.endsWith('.gz')), 'closed files are gzipped')
+  t.equal(files.at(-1), file, 'the active file comes last')
+  t.match(await verify(file), { ok: true, records: 60, notes: [] })
+})
+
+t.test('rotate.keep removes the oldest files and the chain says so, so verify still accepts the series', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 60, { rotate: { maxBytes: 4096, daily: false, keep: 2, gzip: false } })
+  const files = await seriesFiles(file)
+  t.equal(files.length, 3, 'two closed files and the active one')
+  t.ok(files[0]!.firstSeq! > 1, 'the oldest records are gone')
+  const result = await verify(file)
+  t.match(result, { ok: true, notes: [/removed by rotate.keep/] })
+})
+
+t.test('daily rotation starts a new file at the first write of a new UTC day', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  let now = Date.UTC(2025, 0, 1, 23, 59, 0)
+  const { writer } = await open(file, { rotate: { daily: true, keep: 0, gzip: false }, now: () => now })
+  writer.write(callRecord(1))
+  await until('the first record', () => existsSync(file) && linesOf(file).length === 1)
+  now = Date.UTC(2025, 0, 2, 0, 0, 1)
+  writer.write(callRecord(2))
+  await writer.close()
+  const files = await seriesFiles(file)
+  t.equal(files.length, 2)
+  t.match(files[0]!.path, /audit\.jsonl\.20250102T000001Z\.1$/)
+  t.same(parsed(file).map(r => r.seq), [2])
+  t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('a torn last line is kept, reported at start, and a record saying so starts the next segment', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 5)
+  appendFileSync(file, '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000') // the process died mid-write
+  t.match(await verify(file), { ok: false, line: 6, reason: /last line is not a whole record/ }, 'verify reports it before the restart')
+
+  const { writer, log } = await open(file)
+  t.match(log.lines.find(l => l.level === 'warn'), { msg: /last line of the file is torn/, obj: { line: 6 } })
+  writer.write(callRecord(7))
+  await writer.close()
+  const lines = linesOf(file)
+  t.equal(lines[5], '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000', 'the torn line is kept as it was')
+  t.match(JSON.parse(lines[6]!), { event: 'audit.torn_line', line: 6, seq: 6 })
+  t.match(JSON.parse(lines[7]!), { requestId: callRecord(7).requestId, seq: 7 })
+  t.match(await verify(file), { ok: true, records: 7, notes: [/:6: a torn line .* is kept; seq 6 says so/] })
+})
+
+t.test('a file of records without a chain (an older gateway\'s) is refused, not silently restarted', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  writeFileSync(file, JSON.stringify(callRecord(1)) + '\n')
+  await t.rejects(open(file), AuditStartError)
+  await t.rejects(open(file), { message: /without a hash chain .* Move it out of the series/ })
+})
+
+t.test('a file removed by another tool is noticed within a second, and records that went into it are written again', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+  rmSync(file)
+  await until('the file back', () => existsSync(file), 2000)
+  t.match(log.lines, [{ msg: 'audit: starting a new hash chain' }, { level: 'warn', msg: /was removed by something else/ }])
+  writer.write(callRecord(4))
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), [1, 2, 3, 4], 'nothing lost to the removed file')
+  t.match(await verify(file), { ok: true, records: 4 })
+})
+
+t.test('a file moved away (logrotate without copytruncate) is noticed, and the chain runs on across both files', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer } = await open(file)
+  writer.write(callRecord(1))
+  await until('a record', () => existsSync(file) && linesOf(file).length === 1)
+  renameSync(file, file + '.1')
+  await until('a new file', () => existsSync(file), 2000)
+  writer.write(callRecord(2))
+  await writer.close()
+  t.same(parsed(file + '.1').map(r => r.seq), [1])
+  t.same(parsed(file).map(r => r.seq), [2])
+  t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('reopen() (SIGUSR2) starts writing the path anew at once', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('a record', () => existsSync(file) && linesOf(file).length === 1)
+  renameSync(file, `${file}-20250101`)
+  writer.reopen()
+  writer.write(callRecord(2))
+  await until('the record in the new file', () => existsSync(file) && linesOf(file).length === 1, 900)
+  await writer.close()
+  t.ok(log.lines.some(l => l.msg === 'audit: reopened'))
+  t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('a second writer on the same series is refused, in this process and from another process', async t => {
+  const dir = tempDir()
+  const file = join(dir, 'audit.jsonl')
+  const { writer } = await open(file)
+  t.teardown(() => writer.close())
+  await t.rejects(open(file), { name: 'AuditLockError', message: /already written by this process/ })
+
+  const child = spawn(process.execPath, ['--input-type=module', '-e', `
+    import { openAuditWriter } from ${JSON.stringify(join(process.cwd(), 'dist/audit/writer.js'))}
+    const log = { info () {}, warn () {}, error () {} }
+    try {
+      await openAuditWriter({ file: ${JSON.stringify(file)}, fsync: 'off', rotate: { daily: false, keep: 0, gzip: false }, log })
+      console.log('opened')
+    } catch (err) { console.log(err.name + ': ' + err.message) }
+    process.exit(0)
+  `], { stdio: ['ignore', 'pipe', 'inherit'] })
+  let out = ''
+  child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+  await once(child, 'exit')
+  t.match(out, new RegExp(`AuditLockError: audit file .* is in use by another gateway process \\(pid ${process.pid}`))
+  t.match(out, /Each gateway needs its own audit\.file/)
+})
+
+t.test('a lock left by a process that is gone is taken over, with a warning', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const gone = spawn(process.execPath, ['-e', ''])
+  await once(gone, 'exit')
+  const { hostname } = await import('node:os')
+  writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+  const { writer, log } = await open(file)
+  t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: gone.pid } } })
+  await writer.close()
+  t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
+})
+
+/** Mounts a 64 KiB file system (root can, here); the reason why not otherwise. */
+function smallDisk (dir: string): string | null {
+  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', dir])
+  return mount.status === 0 ? null : `mount refused: ${String(mount.stderr ?? mount.error).trim()}`
+}
+const probe = tempDir()
+const cannotMount = smallDisk(probe)
+if (cannotMount === null) spawnSync('umount', [probe])
+
+t.test('a disk that fills up mid-write: the file keeps whole records only, and writing goes on where it stopped once there is room',
+  { skip: cannotMount ?? false }, async t => {
+  const dir = tempDir()
+  t.equal(smallDisk(dir), null)
+  t.teardown(() => { spawnSync('umount', [dir]) })
+  const filler = join(dir, 'filler')
+  writeFileSync(filler, Buffer.alloc(40 * 1024))
+  const file = join(dir, 'audit.jsonl')
+  const { writer, log } = await open(file)
+  for (let i = 1; i <= 100; i++) writer.write(callRecord(i, { pad: 'x'.repeat(100) }))
+  await until('the disk to fill', () => !writer.available)
+  t.match(log.lines.find(l => l.level === 'error'), { obj: { err: { code: 'ENOSPC' } } })
+  const partly = writer.stats().written
+  t.ok(partly > 0 && partly < 100, `${partly} records went in before the disk was full`)
+  t.same(parsed(file).map(r => r.seq), Array.from({ length: partly }, (_v, i) => i + 1), 'whole records only, no torn line')
+
+  rmSync(filler)
+  await until('the rest to be written', () => writer.available && writer.stats().written === 100)
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), Array.from({ length: 100 }, (_v, i) => i + 1))
+  t.match(await verify(file), { ok: true, records: 100 })
+})
+
+/** A destination that takes writes and answers none of them until told to: a pipe nobody reads. */
+function stuckStream () {
+  const held: Array<() => void> = []
+  const stream = new Writable({
+    highWaterMark: 1,
+    write (chunk: Buffer, _enc, done) {
+      held.push(() => { lines.push(...chunk.toString().split('\n').filter(Boolean)); done() })
+    }
+  })
+  const lines: string[] = []
+  return { stream, lines, release () { while (held.length > 0) held.shift()!() } }
+}
+
+t.test('a destination that takes nothing: write() never blocks, a full buffer is a failed write, and the loss is said once writing works', async t => {
+  const out = stuckStream()
+  const { writer, log } = await open('-', { stdout: out.stream, maxPending: 5 })
+  t.match(log.lines, [{ msg: /stdout .*no hash chain, no rotation/ }], 'says at start that stdout has no chain')
+  for (let i = 1; i <= 5; i++) writer.write(callRecord(i))
+  await sleep(20) // the first batch is in flight, and stuck
+  t.ok(writer.available, 'waiting is not failing')
+  for (let i = 6; i <= 12; i++) writer.write(callRecord(i)) // returns at once, whatever the destination does
+  t.notOk(writer.available, 'a full buffer makes the writer unavailable')
+  t.match(writer.stats(), { lost: 7 })
+  t.match(log.lines.filter(l => l.level === 'error'), [{ msg: /a record was lost: the audit buffer is full/ }])
+
+  out.release()
+  await until('the writer to recover', () => writer.available)
+  writer.write(callRecord(13))
+  out.release()
+  await until('record 13', () => (out.release(), out.lines.length >= 7))
+  const records = out.lines.map(l => JSON.parse(l) as Record<string, unknown>)
+  t.same(records.filter(r => r.event === undefined).map(r => r.requestId), [1, 2, 3, 4, 5, 13].map(i => callRecord(i).requestId))
+  t.match(records.find(r => r.event === 'audit.lost'), { count: 7 })
+  t.notOk('seq' in records[0]!, 'stdout records carry no chain')
+  const closed = writer.close()
+  out.release()
+  await closed
+})
+
+t.test('records that cannot be written by close() are counted as lost and logged', async t => {
+  const out = stuckStream()
+  const { writer, log } = await open('-', { stdout: out.stream })
+  writer.write(callRecord(1))
+  const started = Date.now()
+  await writer.close() // the destination never answers: close gives up after its deadline
+  t.ok(Date.now() - started < 10_000)
+  t.match(writer.stats(), { written: 0, lost: 1 })
+  t.ok(log.lines.some(l => l.level === 'error' && /lost/.test(l.msg)))
+  writer.write(callRecord(2))
+  t.match(writer.stats(), { lost: 2 }, 'a record after close is lost, not written')
+  out.release()
+})
+
+t.test('the active file\'s directory is created, and only the series\' own files count as its members', async t => {
+  const dir = join(tempDir(), 'nested', 'deeper')
+  const file = join(dir, 'audit.jsonl')
+  await writeSeries(file, 3)
+  writeFileSync(join(dir, 'other.jsonl'), 'not ours\n')
+  t.same(readdirSync(dir).sort(), ['audit.jsonl', 'other.jsonl'])
+  t.same((await seriesFiles(file)).map(f => f.path), [file])
+})

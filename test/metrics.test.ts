@@ -1,0 +1,146 @@
+// GET /metrics: Prometheus text from real calls, behind a token on the main port or on a listener of its own,
+// never open without one, with label values from bounded sets only.
+import { Writable } from 'node:stream'
+import t from 'tap'
+import { openAuditWriter } from '../src/audit/writer.js'
+import { parseConfig } from '../src/config.js'
+import { memoryLog } from './fixtures/audit.js'
+import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { startUpstream } from './fixtures/upstream.js'
+
+const TOKEN = 'metrics-token-0123456789abcdef'
+
+function scrape (url: string, token: string | null = TOKEN) {
+  return fetch(`${url}/metrics`, { headers: token === null ? {} : { authorization: `Bearer ${token}` } })
+}
+
+async function metricsText (url: string): Promise<string> {
+  const res = await scrape(url)
+  if (res.status !== 200) throw new Error(`scrape: ${res.status}`)
+  return res.text()
+}
+
+/** The value of one sample line, e.g. `gateway_requests_total{client="a",...}`. */
+function sample (text: string, series: string): number | undefined {
+  const line = text.split('\n').find(l => l.startsWith(series + ' '))
+  return line === undefined ? undefined : Number(line.slice(series.length + 1))
+}
+
+function call (gw: TestGateway, key: string, path = '/v1/conversations') {
+  return fetch(`${gw.url}${path}`, {
+    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: '{}'
+  })
+}
+
+t.test('/metrics on the main port answers only with the token, compared whatever its shape', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  for (const token of [null, 'wrong', `${TOKEN}x`, TOKEN.slice(0, -1), '']) {
+    const res = await scrape(gw.url, token)
+    t.equal(res.status, 401, `token ${JSON.stringify(token)}`)
+    t.same(await res.json(), {
+      error: { message: 'Missing or wrong metrics token. Send it as "Authorization: Bearer <token>".', type: 'invalid_request_error', param: null, code: 'invalid_metrics_token' }
+    })
+  }
+  const ok = await scrape(gw.url)
+  t.equal(ok.status, 200)
+  t.match(ok.headers.get('content-type'), /^text\/plain; version=0\.0\.4/)
+  t.same(gw.audit(), [], 'scrapes are not API calls: not audited')
+  t.notOk(gw.logs.some(l => l.includes(TOKEN)), 'the token is never logged')
+})
+
+t.test('the counters follow real calls: by client, action, status and outcome, with latency and audit totals', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  for (let i = 0; i < 2; i++) t.equal((await call(gw, KEYS.full)).status, 200)
+  for (let i = 0; i < 4; i++) await call(gw, KEYS.limited) // burst 3: the fourth is refused
+  t.equal((await call(gw, 'ogw_not-a-key-9f8e7d')).status, 401)
+  t.equal((await call(gw, KEYS.full, '/v1/zz-unheard-of-path')).status, 404)
+  await gw.auditFile()
+  const text = await metricsText(gw.url)
+
+  t.equal(sample(text, 'gateway_requests_total{client="team-full",action="conversation.create",status="200",outcome="ok"}'), 2)
+  t.equal(sample(text, 'gateway_requests_total{client="team-limited",action="conversation.create",status="200",outcome="ok"}'), 3)
+  t.equal(sample(text, 'gateway_requests_total{client="team-limited",action="conversation.create",status="429",outcome="rate_limited"}'), 1)
+  t.equal(sample(text, 'gateway_requests_total{client="none",action="conversation.create",status="401",outcome="denied"}'), 1)
+  t.equal(sample(text, 'gateway_requests_total{client="none",action="unknown",status="404",outcome="invalid"}'), 1)
+  t.equal(sample(text, 'gateway_rate_limited_total{client="team-limited"}'), 1)
+  t.equal(sample(text, 'gateway_denied_total{client="none"}'), 1)
+  t.equal(sample(text, 'gateway_upstream_duration_seconds_count{action="conversation.create"}'), 5, 'one upstream latency per call that reached it')
+  t.equal(sample(text, 'gateway_added_duration_seconds_count{action="conversation.create"}'), 7, 'gateway latency for every call')
+  t.equal(sample(text, 'gateway_in_flight_requests'), 0)
+  t.equal(sample(text, 'gateway_audit_records_written_total'), 8)
+  t.equal(sample(text, 'gateway_audit_write_failures_total'), 0)
+  t.equal(sample(text, 'gateway_audit_records_lost_total'), 0)
+  t.equal(sample(text, 'gateway_audit_available'), 1)
+  t.match(text, /^process_cpu_user_seconds_total \d/m, 'process metrics')
+  t.match(text, /^nodejs_eventloop_lag_seconds \d/m, 'event-loop metrics')
+  t.notMatch(text, /zz-unheard-of-path|not-a-key/, 'nothing a client sends becomes a label value')
+})
+
+t.test('in-flight calls are counted while they wait on the upstream', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const held: Array<() => void> = []
+  upstream.respond = (_req, res) => { held.push(() => res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"conv_1"}')) }
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  const pending = [call(gw, KEYS.full), call(gw, KEYS.full)]
+  while (held.length < 2) await new Promise(resolve => setTimeout(resolve, 10))
+  t.equal(sample(await metricsText(gw.url), 'gateway_in_flight_requests'), 2)
+  for (const release of held) release()
+  await Promise.all(pending)
+  t.equal(sample(await metricsText(gw.url), 'gateway_in_flight_requests'), 0)
+})
+
+t.test('without metrics.token or metrics.listen there is no /metrics at all', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const res = await scrape(gw.url)
+  t.equal(res.status, 404)
+  t.match(await res.json(), { error: { code: 'unknown_route' } })
+})
+
+t.test('metrics.listen serves /metrics on its own host:port only, with the token when one is set', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const open = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0' } }))
+  const own = `http://127.0.0.1:${open.app.metricsAddress()!.port}`
+  t.equal((await call(open, KEYS.full)).status, 200)
+  await open.auditFile()
+  t.equal(sample(await (await fetch(`${own}/metrics`)).text(), 'gateway_audit_records_written_total'), 1)
+  t.equal((await fetch(`${own}/v1/conversations`)).status, 404, 'nothing else on that port')
+  t.equal((await scrape(open.url, null)).status, 404, 'not on the main port')
+
+  const guarded = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0', token: TOKEN } }))
+  const port = guarded.app.metricsAddress()!.port
+  t.equal((await scrape(`http://127.0.0.1:${port}`, null)).status, 401)
+  t.equal((await scrape(`http://127.0.0.1:${port}`, 'wrong-token-0123456789')).status, 401)
+  t.equal((await scrape(`http://127.0.0.1:${port}`)).status, 200)
+})
+
+t.test('records the audit could not take show as lost, and the audit as unavailable', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const stuck = new Writable({ write () {} }) // takes the first write and never finishes it
+  const config = testConfig(upstream.url, { metrics: { token: TOKEN }, audit: { file: '-', onFailure: 'open' } })
+  const writer = await openAuditWriter({ ...config.audit, log: memoryLog(), stdout: stuck, maxPending: 1 })
+  const gw = await startGateway(t, config, { auditWriter: writer })
+  for (let i = 0; i < 4; i++) {
+    t.equal((await call(gw, KEYS.full)).status, 200)
+    await new Promise(resolve => setImmediate(resolve))
+  }
+  const text = await metricsText(gw.url)
+  t.ok(sample(text, 'gateway_audit_records_lost_total')! >= 2, 'lost records counted')
+  t.equal(sample(text, 'gateway_audit_available'), 0)
+})
+
+t.test('metrics config: listen must be host:port, and a token must be long enough to guess at nothing', async t => {
+  const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
+  t.throws(() => parseConfig({ ...base, metrics: { listen: '9100' } }), { message: /metrics\.listen: must match/ })
+  t.throws(() => parseConfig({ ...base, metrics: { token: 'short' } }), { message: /metrics\.token: must NOT have fewer than 16 characters/ })
+  t.throws(() => parseConfig({ ...base, metrics: { path: '/m' } }), { message: /metrics\.path: unknown key/ })
+  t.same(parseConfig({ ...base, metrics: { listen: '[::1]:9100' } }).metrics, { listen: '[::1]:9100' })
+})
