@@ -136,8 +136,10 @@ function withDeadline<T> (promise: Promise<T>, ms: number): Promise<T | 'timeout
 /** The buffer, the failure state and the serial worker; the sink does the I/O. */
 class Writer implements AuditWriter {
   private readonly pending: object[] = []
-  /** chain events (lost, torn, pruned) waiting to be written ahead of the records */
+  /** chain events (lost, torn) waiting to be written ahead of the records */
   private readonly events: object[] = []
+  /** the sink is closed: nothing more goes into the chain */
+  private sinkClosed = false
   private readonly counts: AuditStats = { written: 0, failed: 0, lost: 0 }
   private lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 }
   private lostLoggedAt = 0
@@ -183,10 +185,26 @@ class Writer implements AuditWriter {
     this.schedule()
   }
 
-  /** A chain event from the sink (torn line, pruned files): written ahead of the next records. */
+  /** A chain event from the sink (a torn line at start): written ahead of the next records. */
   addEvent (event: ChainEvent): void {
     this.events.push(event)
     this.schedule()
+  }
+
+  /**
+   * Closed files beyond rotate.keep: on the serial worker, the chain records their removal first, and only once
+   * that record is written are the files removed. A close, a crash or a failed write in between leaves files for
+   * the next start to prune, never a gap in the series that nothing in the chain explains.
+   */
+  prune (event: ChainEvent, files: readonly string[]): Promise<void> {
+    return this.run(async () => {
+      if (this.sinkClosed) return
+      const { written, error } = await this.sink.write([event])
+      if (error !== undefined) this.failed(error)
+      if (written !== 1) return
+      for (const file of files) await unlink(file)
+      this.log.info({ files }, 'audit: removed closed files beyond rotate.keep')
+    })
   }
 
   reopen (): void {
@@ -211,12 +229,20 @@ class Writer implements AuditWriter {
         if (!await this.flush()) return
       }
     }
-    const finished = await withDeadline(this.run(async () => {
-      await flushAll()
-      await this.sink.close()
-    }), CLOSE_DEADLINE_MS)
+    // What is waiting goes out first; then housekeeping under way (a gzip, a pruning, perhaps started by that very
+    // flush) finishes if it can, so that a pruning's record goes into the chain with it; one cut short is done
+    // again at the next start. Then the file is closed.
+    let finished = await withDeadline(this.run(flushAll), CLOSE_DEADLINE_MS)
+    await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS)
+    if (finished !== 'timeout') {
+      finished = await withDeadline(this.run(async () => {
+        await flushAll()
+        await this.sink.close()
+        this.sinkClosed = true
+      }), CLOSE_DEADLINE_MS)
+    }
     if (finished === 'timeout') this.log.error({}, 'audit: the destination did not take the last records in time')
-    // A gzip still running finishes if it can; one cut short is done again at the next start.
+    // The last flush may have rotated: its gzip gets the same chance (its pruning waits for the next start).
     await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS)
     if (this.pending.length > 0) {
       const n = this.pending.length
@@ -451,7 +477,8 @@ class FileSink implements Sink {
       log: AuditLog
       lock: AuditLock
       now: () => number
-      addEvent: (event: ChainEvent) => void
+      /** records the removal of closed files in the chain, then removes them (Writer.prune) */
+      prune: (event: ChainEvent, files: readonly string[]) => Promise<void>
     }
   ) {
     this.fileFirstSeq = resume.fileFirstSeq
@@ -654,7 +681,7 @@ class FileSink implements Sink {
         }
         for (const p of plain) await gzipFile(p)
       }
-      // Pruning is recorded in the chain, so it waits for the next start once the writer is closing.
+      // Pruning is recorded in the chain, so once the file is closed it waits for the next start.
       if (keep > 0 && !this.closing) await this.prune(keep)
     }).catch((err: unknown) => {
       this.opts.log.error({ err: errorSummary(err) }, 'audit: housekeeping of closed files failed')
@@ -672,12 +699,10 @@ class FileSink implements Sink {
       this.opts.log.error({ file: oldestKept.path }, 'audit: not pruning: the oldest kept file does not start with a record')
       return
     }
-    for (const f of remove) await unlink(f.path)
-    this.opts.log.info({ files: remove.map(f => f.path) }, 'audit: removed closed files beyond rotate.keep')
-    this.opts.addEvent({
+    await this.opts.prune({
       time: new Date(this.opts.now()).toISOString(), event: 'audit.pruned', files: remove.map(f => basename(f.path)),
       throughSeq: first.seq - 1, throughHash: first.prevHash
-    })
+    }, remove.map(f => f.path))
   }
 
   async reopen (): Promise<void> {
@@ -769,7 +794,7 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
       log: opts.log,
       lock,
       now,
-      addEvent: event => writer.addEvent(event)
+      prune: async (event, files) => { await writer.prune(event, files) }
     })
     writer.attach(sink)
     if (resume.torn !== null) {
