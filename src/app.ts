@@ -1,8 +1,8 @@
 // buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
 // Plugins are registered in request order, and their hooks run in that order:
 // request id → route (404/405) → audit writable (503, with audit.onFailure "closed") → key (401) → rate limit (429)
-// → ids (400) → scope (403) → body (415/413/400) → concurrency (503) → ownership (404) → proxy → one audit record
-// when the response closes.
+// → ids (400) → scope (403) → body (415/413/400) → model (403) → concurrency (503) → ownership (404) → proxy
+// → one audit record when the response closes.
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
@@ -25,6 +25,7 @@ import rateLimit from './plugins/rate-limit.js'
 import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
 import router from './plugins/router.js'
 import scope from './plugins/scope.js'
+import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
@@ -168,11 +169,12 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
   await app.register(scope)
   await app.register(body, { bodyBytes: config.limits.bodyBytes })
+  await app.register(responses)
   await app.register(concurrency, { maxInFlight: () => config.limits.maxInFlight })
   await app.register(ownership, {
     upstream,
     apiKey,
-    unowned: config.ownership.unowned,
+    unowned: () => config.ownership.unowned,
     cache: deps.ownerCache ?? new OwnerCache({
       max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
     })

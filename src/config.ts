@@ -35,8 +35,12 @@ const Client = Type.Object({
     requestsPerMinute: Type.Integer({ minimum: 1, default: 600 }),
     burst: Type.Integer({ minimum: 1, default: 60 }),
     /** this client's concurrent upstream calls; none when absent */
-    maxConcurrent: Type.Optional(Type.Integer({ minimum: 1 }))
-  }, { additionalProperties: false, default: {} })
+    maxConcurrent: Type.Optional(Type.Integer({ minimum: 1 })),
+    /** model tokens (input + output, from each answer's usage) per minute; none when absent */
+    tokensPerMinute: Type.Optional(Type.Integer({ minimum: 1 }))
+  }, { additionalProperties: false, default: {} }),
+  /** models this client may ask for in POST /v1/responses: globs (`*` any run of characters, `?` one); all when absent */
+  models: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }))
 }, { additionalProperties: false })
 export type ClientConfig = Static<typeof Client>
 

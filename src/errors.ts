@@ -13,7 +13,7 @@ export interface GatewayError extends Error {
   headers?: Record<string, string>
 }
 
-type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'server_error'
+type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'tokens' | 'server_error'
 
 /** The audit outcomes a gateway-made answer can have (plugins/audit.ts adds those of proxied and aborted calls). */
 export type ErrorOutcome = 'invalid' | 'denied' | 'rate_limited' | 'upstream_error' | 'unavailable' | 'error'
@@ -68,16 +68,26 @@ export const MissingHostError = define('missing_host', 400, 'invalid_request_err
   'The request has no Host header, which HTTP/1.1 requires.')
 export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
+export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error',
+  'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' })
 export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',
   'This key lacks the "%s" scope required for %s.')
 export const UnknownRouteError = define('unknown_route', 404, 'invalid_request_error',
-  'Unknown route: %s %s. This gateway serves only the /v1/conversations routes.')
+  'Unknown route: %s %s. This gateway serves only the /v1/conversations and /v1/responses routes.')
 // Another client's conversation and one that does not exist get the same answer, byte for byte: only the audit
 // tells them apart.
 export const ConversationNotFoundError = define('conversation_not_found', 404, 'invalid_request_error',
   "Conversation with id '%s' not found.", { param: 'conversation_id' })
 export const ConversationNotOwnedError = define('conversation_not_found', 404, 'invalid_request_error',
   "Conversation with id '%s' not found.", { param: 'conversation_id', outcome: 'denied' })
+export const ResponseNotFoundError = define('response_not_found', 404, 'invalid_request_error',
+  "Response with id '%s' not found.", { param: 'response_id' })
+export const ResponseNotOwnedError = define('response_not_found', 404, 'invalid_request_error',
+  "Response with id '%s' not found.", { param: 'response_id', outcome: 'denied' })
+export const PreviousResponseNotFoundError = define('previous_response_not_found', 404, 'invalid_request_error',
+  "Previous response with id '%s' not found.", { param: 'previous_response_id' })
+export const PreviousResponseNotOwnedError = define('previous_response_not_found', 404, 'invalid_request_error',
+  "Previous response with id '%s' not found.", { param: 'previous_response_id', outcome: 'denied' })
 export const MethodNotAllowedError = define('method_not_allowed', 405, 'invalid_request_error',
   'Method %s is not allowed on %s.')
 export const RequestTooLargeError = define('request_too_large', 413, 'invalid_request_error',
@@ -94,6 +104,8 @@ export const RequestTimeoutError = define('request_timeout', 408, 'invalid_reque
   'The request was not received in time.')
 export const HeadersTooLargeError = define('request_header_too_large', 431, 'invalid_request_error',
   'The request headers are too large.')
+export const TokensRateLimitError = define('rate_limit_exceeded', 429, 'tokens',
+  'Rate limit reached for client %s on tokens per min (TPM): Limit %s. Please try again in %s.')
 export const TooManyAuthFailuresError = define('too_many_auth_failures', 429, 'requests',
   'Too many requests with an invalid API key from this address. Please try again in %s.', { outcome: 'denied' })
 export const OverloadedError = define('overloaded', 503, 'server_error',

@@ -1,40 +1,52 @@
-// The eight Conversations operations the gateway re-exposes, and the one function that decides which of them a
-// request is. Matching is done on the raw request target (before any percent-decoding), so that an encoded
-// prefix, an encoded slash or a dot segment can never be read as something else than what reaches the upstream.
+// The one table of what the gateway routes (the Conversations and Responses operations it re-exposes), and the one
+// function that decides which of them a request is. Matching is done on the raw request target (before any
+// percent-decoding), so that an encoded prefix, an encoded slash or a dot segment can never be read as something
+// else than what reaches the upstream.
 import type { Scope } from './config.js'
 
-export const API_PREFIX = '/v1/conversations'
+export const API_PREFIX = '/v1'
 export const ID_PATTERN = /^[A-Za-z0-9_-]{1,200}$/
 
 export type Action =
   | 'conversation.create' | 'conversation.retrieve' | 'conversation.update' | 'conversation.delete'
   | 'item.create' | 'item.list' | 'item.retrieve' | 'item.delete'
+  | 'response.create' | 'response.retrieve' | 'response.delete' | 'response.cancel' | 'response.input_items'
 
 export type Method = 'GET' | 'POST' | 'DELETE'
 
-/** A path shape below /v1/conversations: the Fastify route it is served on and the operation per method. */
+/** The ids a path can carry, by the parameter name OpenAI uses for them. */
+export type IdParam = 'conversation_id' | 'item_id' | 'response_id'
+
+/**
+ * A path shape below /v1, as segments: a literal, or `:param` for an id. `route` is the Fastify route it is
+ * served on; `methods` the operation per method.
+ */
 interface Resource {
   route: string
-  segments: number
+  segments: readonly string[]
   methods: Partial<Record<Method, { action: Action, scope: Scope }>>
 }
 
 const SCOPE_OF: Record<Method, Scope> = { GET: 'read', POST: 'write', DELETE: 'delete' }
 
-function resource (route: string, segments: number, actions: Partial<Record<Method, Action>>): Resource {
+function resource (route: string, actions: Partial<Record<Method, Action>>): Resource {
   const methods: Resource['methods'] = {}
   for (const [method, action] of Object.entries(actions) as [Method, Action][]) {
     methods[method] = { action, scope: SCOPE_OF[method] }
   }
-  return { route, segments, methods }
+  return { route, segments: route.slice(1).split('/'), methods }
 }
 
 export const RESOURCES: readonly Resource[] = [
-  resource('/', 0, { POST: 'conversation.create' }),
-  resource('/:conversation_id', 1,
+  resource('/conversations', { POST: 'conversation.create' }),
+  resource('/conversations/:conversation_id',
     { GET: 'conversation.retrieve', POST: 'conversation.update', DELETE: 'conversation.delete' }),
-  resource('/:conversation_id/items', 2, { GET: 'item.list', POST: 'item.create' }),
-  resource('/:conversation_id/items/:item_id', 3, { GET: 'item.retrieve', DELETE: 'item.delete' })
+  resource('/conversations/:conversation_id/items', { GET: 'item.list', POST: 'item.create' }),
+  resource('/conversations/:conversation_id/items/:item_id', { GET: 'item.retrieve', DELETE: 'item.delete' }),
+  resource('/responses', { POST: 'response.create' }),
+  resource('/responses/:response_id', { GET: 'response.retrieve', DELETE: 'response.delete' }),
+  resource('/responses/:response_id/cancel', { POST: 'response.cancel' }),
+  resource('/responses/:response_id/input_items', { GET: 'response.input_items' })
 ]
 
 /** Every action the gateway can record, in table order (audit query, metrics labels). */
@@ -46,6 +58,7 @@ export interface Operation {
   /** Raw (still percent-encoded) path segments; validated later, after the key check. */
   conversationId: string | null
   itemId: string | null
+  responseId: string | null
 }
 
 export type Match =
@@ -59,26 +72,44 @@ export function rawPath (url: string): string {
   return q === -1 ? url : url.slice(0, q)
 }
 
+/** The resource whose shape these segments have, and the ids in them. */
+function shapeOf (rest: string[]): { resource: Resource, ids: Partial<Record<IdParam, string>> } | null {
+  for (const resource of RESOURCES) {
+    if (resource.segments.length !== rest.length) continue
+    const ids: Partial<Record<IdParam, string>> = {}
+    const fits = resource.segments.every((segment, i) => {
+      if (segment.startsWith(':')) {
+        ids[segment.slice(1) as IdParam] = rest[i]!
+        return true
+      }
+      return segment === rest[i]
+    })
+    if (fits) return { resource, ids }
+  }
+  return null
+}
+
 export function matchOperation (method: string, url: string): Match {
   const path = rawPath(url)
-  if (path !== API_PREFIX && !path.startsWith(API_PREFIX + '/')) return { kind: 'unknown' }
-  const rest = path === API_PREFIX ? [] : path.slice(API_PREFIX.length + 1).split('/')
+  if (!path.startsWith(API_PREFIX + '/')) return { kind: 'unknown' }
+  const rest = path.slice(API_PREFIX.length + 1).split('/')
   // One rule for every empty segment (a trailing slash, `//`): such a path is none of the routes.
   if (rest.includes('')) return { kind: 'unknown' }
-  if (rest.length >= 2 && rest[1] !== 'items') return { kind: 'unknown' }
-  const found = RESOURCES.find(r => r.segments === rest.length)
-  if (found === undefined) return { kind: 'unknown' }
-  const op = found.methods[method as Method]
-  if (op === undefined) return { kind: 'method_not_allowed', allow: Object.keys(found.methods).join(', ') }
+  const found = shapeOf(rest)
+  if (found === null) return { kind: 'unknown' }
+  const op = found.resource.methods[method as Method]
+  if (op === undefined) return { kind: 'method_not_allowed', allow: Object.keys(found.resource.methods).join(', ') }
+  const { ids } = found
   return {
     kind: 'operation',
-    operation: { ...op, conversationId: rest[0] ?? null, itemId: rest[2] ?? null }
+    operation: { ...op, conversationId: ids.conversation_id ?? null, itemId: ids.item_id ?? null, responseId: ids.response_id ?? null }
   }
 }
 
 /** The first id of the operation that is not acceptable, with the parameter name OpenAI uses for it. */
-export function invalidId (op: Operation): 'conversation_id' | 'item_id' | null {
+export function invalidId (op: Operation): IdParam | null {
   if (op.conversationId !== null && !ID_PATTERN.test(op.conversationId)) return 'conversation_id'
   if (op.itemId !== null && !ID_PATTERN.test(op.itemId)) return 'item_id'
+  if (op.responseId !== null && !ID_PATTERN.test(op.responseId)) return 'response_id'
   return null
 }

@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net'
 import type { ClientConfig } from './config.js'
 import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
+import type { ResponseFacts } from './responses/usage.js'
 import type { AuditObserver } from './plugins/audit.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
@@ -32,8 +33,14 @@ declare module 'fastify' {
     createdId: string | null
     /** plugins/ownership.ts: the owner of the conversation this call is on; null when unknown or unowned */
     ownerId: string | null
-    /** plugins/ownership.ts: how to rewrite a 2xx JSON answer before the client sees it (plugins/proxy.ts applies it) */
+    /** plugins/proxy.ts (addAnswerRewrite): how a 2xx JSON answer is rewritten before the client sees it */
     rewriteAnswer: ((body: unknown) => unknown) | null
+    /** plugins/proxy.ts (addEventRewrite): the same for each event of a 2xx event stream */
+    rewriteEvent: ((data: unknown) => unknown) | null
+    /** plugins/responses.ts: model, stream, response id and tokens of a Responses call (null on other routes) */
+    responseFacts: ResponseFacts | null
+    /** plugins/rate-limit.ts: the client's token budget as it stood before this call (response.create only) */
+    tokenBudget: RateLimitResult | null
     /** plugins/proxy.ts: what the upstream answered, when it did */
     upstream: UpstreamFacts | null
     /** plugins/proxy.ts: the line that answered (null if none did) and how many attempts the call took */

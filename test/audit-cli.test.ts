@@ -127,3 +127,16 @@ t.test('audit commands say why when there is nothing to read', async t => {
   t.match(stdout.stderr, /audit.file is "-" \(stdout\): there are no audit files to read/)
 })
 
+
+t.test('audit query --model and --response find Responses calls', async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const models = ['gpt-4o', 'gpt-4o-mini', 'gpt-4o']
+  const records = models.map((model, i) => callRecord(i + 1, {
+    action: 'response.create', method: 'POST', path: '/v1/responses', conversationId: null, itemId: null,
+    responseId: `resp_${i + 1}`, model, stream: i === 1, inputTokens: 3, outputTokens: 4
+  }))
+  await writeSeries(auditFile, records.length, {}, 1, i => records[i - 1]!)
+  t.same(await query([auditFile], '--model', 'gpt-4o'), [records[0]!.requestId, records[2]!.requestId], 'exactly the model, not its prefix')
+  t.same(await query([auditFile], '--response', 'resp_2'), [records[1]!.requestId])
+  t.same(await query([auditFile], '--model', 'gpt-4'), [])
+})

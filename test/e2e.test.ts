@@ -90,7 +90,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
       ['conversation.retrieve', 'GET', 404, 'invalid']
     ])
     const fields = ['time', 'requestId', 'clientId', 'keyId', 'action', 'method', 'path', 'conversationId', 'ownerId', 'itemId',
-      'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'attempts', 'bytesIn',
+      'responseId', 'model', 'stream', 'inputTokens', 'outputTokens', 'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'attempts', 'bytesIn',
       'bytesOut', 'ip', 'userAgent']
     for (const [i, r] of records.entries()) {
       t.same(Object.keys(r), fields, 'exactly the documented fields, in order')

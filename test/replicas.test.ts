@@ -17,10 +17,16 @@ const KEY_B = generateKey()
 const UNAVAILABLE = /"msg":"rate-limit store unavailable/g
 const RECOVERED = /"msg":"rate-limit store recovered/
 
-interface Replica { url: string, log: () => string, audit: () => Array<Record<string, unknown>> }
+interface Replica { url: string, log: () => string, audit: () => Array<Record<string, unknown>>, stop: () => Promise<void> }
+
+interface ReplicaOptions {
+  unowned?: 'allow' | 'deny'
+  scopes?: string
+}
 
 /** one gateway process; its config file, log and audit file are its own */
-async function startReplica (t: Test, upstream: string, store: Record<string, unknown>, burst: number): Promise<Replica> {
+async function startReplica (t: Test, upstream: string, store: Record<string, unknown>, burst: number,
+  opts: ReplicaOptions = {}): Promise<Replica> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-replica-'))
   const file = join(dir, 'gateway.yaml')
   // requestsPerMinute 1: no token comes back while a test runs, so counts are exact
@@ -30,11 +36,11 @@ listen: { host: 127.0.0.1, port: 0 }
 log: { level: info }
 upstream: { baseUrls: ["${upstream}"], apiKey: "\${OHMYGPT_API_KEY}", timeoutMs: 5000 }
 store: ${JSON.stringify(store)}
-ownership: { unowned: allow }
+ownership: { unowned: ${opts.unowned ?? 'allow'} }
 audit: { file: ${join(dir, 'audit.jsonl')} }
 clients:
-  - { id: team-a, keySha256: "${keyDigest(KEY_A)}", scopes: [read], rateLimit: ${rateLimit} }
-  - { id: team-b, keySha256: "${keyDigest(KEY_B)}", scopes: [read], rateLimit: ${rateLimit} }
+  - { id: team-a, keySha256: "${keyDigest(KEY_A)}", scopes: [${opts.scopes ?? 'read'}], rateLimit: ${rateLimit} }
+  - { id: team-b, keySha256: "${keyDigest(KEY_B)}", scopes: [${opts.scopes ?? 'read'}], rateLimit: ${rateLimit} }
 `)
   const child = spawn(process.execPath, ['dist/cli.js', 'start', '--config', file],
     { env: { PATH: process.env.PATH, OHMYGPT_API_KEY: UPSTREAM_TOKEN } })
@@ -52,7 +58,13 @@ clients:
   return {
     url,
     log: () => log,
-    audit: () => readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>)
+    audit: () => readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>),
+    async stop () {
+      if (child.exitCode !== null) return
+      const exited = new Promise(resolve => child.once('exit', resolve))
+      child.kill('SIGTERM')
+      await exited
+    }
   }
 }
 
@@ -164,4 +176,27 @@ t.test('in process: closed mode answers 503 in the envelope, a scope refusal tak
   const connected = async () => (await redis.command('CLIENT LIST')).split('\n').filter(l => l.includes('cmd=')).length
   await eventually(async () => await connected() === 1, 'only the probe itself is connected')
   t.pass('closing the app closed its Redis client')
+})
+
+t.test('ownership set through one replica holds on the other, and after both restart', async t => {
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const store = { url: redis.url, timeoutMs: 2000 }
+  const replica = () => startReplica(t, upstream.url, store, 100, { unowned: 'deny', scopes: 'read, write, delete' })
+  const call = (r: Replica, key: string, method: string, path: string) =>
+    fetch(`${r.url}/v1/conversations${path}`, { method, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, ...(method === 'POST' ? { body: '{}' } : {}) })
+
+  let [one, two] = [await replica(), await replica()]
+  const created = await call(one, KEY_A, 'POST', '')
+  t.equal(created.status, 200)
+  const { id } = await created.json() as { id: string }
+  t.equal((await call(two, KEY_B, 'GET', `/${id}`)).status, 404, 'team-b is refused on the other replica')
+  t.equal((await call(two, KEY_A, 'GET', `/${id}`)).status, 200, 'team-a is served there')
+
+  await Promise.all([one.stop(), two.stop()]);
+  [one, two] = [await replica(), await replica()]
+  t.equal((await call(one, KEY_B, 'DELETE', `/${id}`)).status, 404, 'after a restart of both, team-b is still refused')
+  t.equal((await call(two, KEY_B, 'GET', `/${id}/items`)).status, 404)
+  t.equal((await call(one, KEY_A, 'GET', `/${id}/items`)).status, 200, 'and team-a still served')
+  t.same(upstream.requests.filter(r => r.method !== 'GET').map(r => r.method), ['POST'], 'nothing of team-b changed anything upstream')
 })

@@ -97,25 +97,32 @@ t.test('the upstream gets only the headers it needs, and our token last', async 
   t.notOk(upstream.everything().includes('6.6.6.6'), 'no client-supplied forwarding header')
 })
 
-t.test('only the eight operations are registered: no wildcard, no PUT/PATCH, no HEAD', async t => {
+t.test('only the routed operations are registered: no wildcard, no PUT/PATCH, no HEAD', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const gw = await startGateway(t, testConfig(upstream.url))
   const registered: string[] = []
   for (const method of ['GET', 'POST', 'DELETE', 'PUT', 'PATCH', 'HEAD', 'OPTIONS']) {
     for (const url of ['/v1/conversations', '/v1/conversations/:conversation_id', '/v1/conversations/:conversation_id/items',
-      '/v1/conversations/:conversation_id/items/:item_id', '/*', '/v1/conversations/*']) {
+      '/v1/conversations/:conversation_id/items/:item_id', '/v1/responses', '/v1/responses/:response_id',
+      '/v1/responses/:response_id/cancel', '/v1/responses/:response_id/input_items', '/*', '/v1/*', '/v1/conversations/*',
+      '/v1/responses/*']) {
       if (gw.app.hasRoute({ method, url })) registered.push(`${method} ${url}`)
     }
   }
   t.same(registered.sort(), [
     'DELETE /v1/conversations/:conversation_id',
     'DELETE /v1/conversations/:conversation_id/items/:item_id',
+    'DELETE /v1/responses/:response_id',
     'GET /v1/conversations/:conversation_id',
     'GET /v1/conversations/:conversation_id/items',
     'GET /v1/conversations/:conversation_id/items/:item_id',
+    'GET /v1/responses/:response_id',
+    'GET /v1/responses/:response_id/input_items',
     'POST /v1/conversations',
     'POST /v1/conversations/:conversation_id',
-    'POST /v1/conversations/:conversation_id/items'
+    'POST /v1/conversations/:conversation_id/items',
+    'POST /v1/responses',
+    'POST /v1/responses/:response_id/cancel'
   ])
 })

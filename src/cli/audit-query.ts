@@ -58,6 +58,8 @@ export const FLAGS = {
   action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
   conversation: { value: 'ID', help: 'calls on this conversation (conv_...)', filter: exact('conversationId') },
   item: { value: 'ID', help: 'calls on this item (msg_...)', filter: exact('itemId') },
+  response: { value: 'ID', help: 'calls on this response (resp_...)', filter: exact('responseId') },
+  model: { value: 'MODEL', help: 'Responses calls for this model (gpt-4o-mini)', filter: exact('model') },
   status: {
     value: 'CODE',
     help: 'calls answered with this HTTP status (404), or status class (4xx)',

@@ -1,8 +1,10 @@
-// A small in-memory stand-in for OhMyGPT's Conversations API, for `npm run demo` and the tests: it checks the
-// upstream token, keeps conversations and items in memory, and answers in OpenAI's shapes and error envelope.
+// A small in-memory stand-in for OhMyGPT's Conversations and Responses APIs, for `npm run demo` and the tests: it
+// checks the upstream token, keeps conversations, items and responses in memory, and answers in OpenAI's shapes and
+// error envelope (the Responses half is fake-responses.ts).
 import { randomBytes } from 'node:crypto'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
+import { createResponsesHandler, type ResponsesOptions } from './fake-responses.js'
 
 interface Item { id: string, type: string, [k: string]: unknown }
 interface Conversation { id: string, object: 'conversation', created_at: number, metadata: Record<string, string>, items: Item[] }
@@ -11,6 +13,7 @@ export interface FakeOhMyGPTOptions {
   apiKey: string
   /** extra response headers on every answer (the tests use it to send headers the gateway must drop) */
   extraHeaders?: Record<string, string | string[]>
+  responses?: ResponsesOptions
 }
 
 function id (prefix: string): string {
@@ -71,6 +74,10 @@ function toItem (input: Record<string, unknown>): Item {
 /** Handles one request that has been read in full; exported so the test fixture can wrap it. */
 export function createConversationsHandler (opts: FakeOhMyGPTOptions) {
   const conversations = new Map<string, Conversation>()
+  const handleResponses = createResponsesHandler({
+    has: id => conversations.has(id),
+    append: (id, items) => { conversations.get(id)?.items.push(...items) }
+  }, send, notFound, opts.responses)
 
   return function handle (req: IncomingMessage, res: ServerResponse, body: Buffer): void {
     res.setHeader('x-request-id', id('req'))
@@ -83,8 +90,12 @@ export function createConversationsHandler (opts: FakeOhMyGPTOptions) {
     }
     const input = (body.length > 0 ? JSON.parse(body.toString('utf8')) : {}) as Record<string, unknown>
     const [path, queryText] = (req.url ?? '/').split('?')
-    const parts = path!.split('/').slice(3) // after /v1/conversations
+    const parts = path!.split('/').slice(3) // after /v1/conversations or /v1/responses
     const method = req.method ?? 'GET'
+    if (path!.startsWith('/v1/responses')) {
+      handleResponses(req, res, input, parts)
+      return
+    }
 
     if (parts.length === 0 && method === 'POST') {
       const conversation: Conversation = {

@@ -1,6 +1,6 @@
-// Who owns a conversation, and the metadata rules that carry the answer. The upstream conversation itself holds
-// its owner in its metadata under the reserved key `gateway_owner`, written by the gateway on create and kept on
-// update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
+// Who owns a conversation or a response, and the metadata rules that carry the answer. The upstream object itself
+// holds its owner in its metadata under the reserved key `gateway_owner`, written by the gateway on create and kept
+// on update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
 // (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
 import { LRUCache } from 'lru-cache'
 
@@ -48,17 +48,27 @@ export function updateBody (body: unknown, owner: string | null): Json | null {
   return { ...body, metadata: { ...metadata, [OWNER_KEY]: owner } }
 }
 
-/** A conversation object as a client may see it: without the owner key. Other values pass unchanged. */
+/** An owned object as a client may see it: without the owner key. Other values pass unchanged (the same object). */
 export function withoutOwner<T> (value: T): T {
   if (!isObject(value) || !isObject(value.metadata) || !Object.hasOwn(value.metadata, OWNER_KEY)) return value
   const { [OWNER_KEY]: _owner, ...metadata } = value.metadata
   return { ...value, metadata }
 }
 
-/** The owner recorded in an upstream conversation object; throws when the answer is not that conversation. */
-export function ownerOf (answer: unknown, id: string): { owner: string | null } {
-  if (!isObject(answer) || answer.object !== 'conversation' || answer.id !== id) {
-    throw new Error('the lookup answer is not the conversation asked for')
+/** A streamed event as a client may see it: the response object it carries, if any, without the owner key. */
+export function eventWithoutOwner<T> (event: T): T {
+  if (!isObject(event) || !isObject(event.response)) return event
+  const response = withoutOwner(event.response)
+  return response === event.response ? event : { ...event, response }
+}
+
+/** What the gateway owns: conversations and responses, each an upstream object with metadata. */
+export type Owned = 'conversation' | 'response'
+
+/** The owner recorded in an upstream object; throws when the answer is not the object asked for. */
+export function ownerOf (answer: unknown, id: string, kind: Owned): { owner: string | null } {
+  if (!isObject(answer) || answer.object !== kind || answer.id !== id) {
+    throw new Error(`the lookup answer is not the ${kind} asked for`)
   }
   const metadata = answer.metadata
   if (metadata !== undefined && metadata !== null && !isObject(metadata)) throw new Error('the conversation metadata is not an object')

@@ -10,6 +10,7 @@ import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
 import { rawPath, type Action } from '../operations.js'
+import { outputTokens } from '../responses/usage.js'
 
 /** A gateway-made answer's outcome, or: the upstream answered (`ok`, its own 429, its 5xx), or the client left. */
 export type Outcome = ErrorOutcome | 'ok' | 'upstream_rate_limited' | 'aborted'
@@ -30,6 +31,12 @@ export interface AuditRecord {
   /** the client that owns the conversation, when known */
   ownerId: string | null
   itemId: string | null
+  /** Responses calls: the response, the model, whether it streamed, and the tokens its answer reported */
+  responseId: string | null
+  model: string | null
+  stream: boolean | null
+  inputTokens: number | null
+  outputTokens: number | null
   status: number
   outcome: Outcome
   durationMs: number
@@ -129,6 +136,7 @@ function byteLength (chunk: unknown, encoding: unknown): number {
 
 function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
   const op = request.operation
+  const facts = request.responseFacts
   const userAgent = request.headers['user-agent']
   return {
     time: new Date().toISOString(),
@@ -141,6 +149,11 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     conversationId: op?.action === 'conversation.create' ? request.createdId : op?.conversationId ?? null,
     ownerId: request.ownerId,
     itemId: op?.itemId ?? null,
+    responseId: facts?.responseId ?? null,
+    model: facts?.model ?? null,
+    stream: facts?.stream ?? null,
+    inputTokens: facts?.inputTokens ?? null,
+    outputTokens: facts === null ? null : outputTokens(facts),
     status: statusSent(reply),
     outcome: outcomeOf(request, reply, watch),
     durationMs: Math.round(performance.now() - watch.start),

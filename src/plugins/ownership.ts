@@ -1,34 +1,50 @@
-// Ownership (404), after the body check and before the proxy: a team sees only the conversations it created.
-// Any other client gets 404 conversation_not_found on every id route of a conversation it does not own, exactly as
-// if it did not exist, and the upstream is never asked to act on it (only the gateway's own lookup goes there).
-// `admin` clients act on every conversation (they still need the operation's own scope). The owner lives in the
-// upstream conversation's metadata (ownership/owners.ts); this plugin writes it on create, keeps it on update, and
-// takes it out of every conversation object a client receives.
+// Ownership (404), after the body check and before the proxy: a team sees only the conversations and responses it
+// created. Any other client gets 404 on every id route of one it does not own, exactly as if it did not exist, and
+// the upstream is never asked to act on it (only the gateway's own lookup goes there). A response may only be
+// created in a conversation, or after a previous response, that the client owns. `admin` clients act on every
+// object (they still need the operation's own scope). The owner lives in the upstream object's metadata
+// (ownership/owners.ts); this plugin writes it on create, keeps it on update, and takes it out of every object a
+// client receives, streamed events included.
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
+import type { ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, MetadataLimitError,
-  ReservedMetadataKeyError, UpstreamTimeoutError, UpstreamUnavailableError
+  PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
+  ResponseNotOwnedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
-import type { Action } from '../operations.js'
+import { ID_PATTERN, type Action } from '../operations.js'
 import {
-  createBody, metadataProblem, OwnerCache, ownerOf, updateBody, withoutOwner, type MetadataProblem, type Owner
+  createBody, eventWithoutOwner, metadataProblem, OwnerCache, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
-import { clientGone, gatewayHeaders } from './proxy.js'
+import { addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders } from './proxy.js'
 
 export interface OwnershipOptions {
   upstream: Upstream
   apiKey: () => string
-  unowned: 'deny' | 'allow'
+  unowned: () => 'deny' | 'allow'
   cache: OwnerCache
 }
 
-/** Largest lookup answer read: a conversation object is small. */
+/** Largest lookup answer read: a conversation or response object is small. */
 const LOOKUP_MAX_BYTES = 1024 * 1024
 
-/** Actions whose answer is a conversation object, which must reach the client without the owner key. */
-const ANSWERS_A_CONVERSATION = new Set<Action>(['conversation.create', 'conversation.retrieve', 'conversation.update', 'item.delete'])
+/** Actions whose answer is an owned object, which must reach the client without the owner key. */
+const ANSWERS_AN_OWNED_OBJECT = new Set<Action>([
+  'conversation.create', 'conversation.retrieve', 'conversation.update', 'item.delete',
+  'response.create', 'response.retrieve', 'response.cancel'
+])
+
+type NotFound = new (id: string) => GatewayError
+
+/** The answers for an object that does not exist and for someone else's: the same to the client, not to the audit. */
+const REFUSALS: Record<'conversation' | 'response' | 'previous_response', [missing: NotFound, notYours: NotFound]> = {
+  conversation: [ConversationNotFoundError, ConversationNotOwnedError],
+  response: [ResponseNotFoundError, ResponseNotOwnedError],
+  previous_response: [PreviousResponseNotFoundError, PreviousResponseNotOwnedError]
+}
 
 function refuseMetadata (problem: MetadataProblem | null): void {
   if (problem === 'reserved') throw new ReservedMetadataKeyError()
@@ -36,19 +52,32 @@ function refuseMetadata (problem: MetadataProblem | null): void {
   if (problem === 'not_object') throw new InvalidMetadataError()
 }
 
+/** The conversation a response is to be created in: `conversation` as a string id or `{ id }`. */
+function conversationParam (body: unknown): string | undefined {
+  const value = (body as { conversation?: unknown } | undefined)?.conversation
+  if (typeof value === 'string') return value
+  const id = (value as { id?: unknown } | null | undefined)?.id
+  return typeof id === 'string' ? id : undefined
+}
+
+function previousResponseParam (body: unknown): string | undefined {
+  const value = (body as { previous_response_id?: unknown } | undefined)?.previous_response_id
+  return typeof value === 'string' ? value : undefined
+}
+
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, upstream } = opts
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
-  app.decorateRequest('rewriteAnswer', null)
 
   /** The owner of `id`, from the cache or the upstream; a bad or missing answer fails closed (502/504). */
-  async function lookup (id: string, request: FastifyRequest, reply: FastifyReply): Promise<Owner> {
+  async function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Promise<Owner> {
+    if (!ID_PATTERN.test(id)) return 'missing' // nothing with such an id can exist, or be asked about
     return await cache.get(id, async () => {
       try {
         const answer = await upstream.call({
           method: 'GET',
-          path: `/v1/conversations/${id}`,
+          path: `/v1/${kind}s/${id}`,
           headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
           body: null,
           signal: clientGone(reply)
@@ -56,47 +85,83 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
         if (answer.statusCode === 404) return 'missing'
         if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
-        return ownerOf(JSON.parse(body.toString('utf8')), id)
+        return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
       } catch (err) {
-        request.log.warn({ err: { message: (err as Error).message }, conversationId: id }, 'ownership lookup failed')
+        request.log.warn({ err: { message: (err as Error).message }, [`${kind}Id`]: id }, 'ownership lookup failed')
         if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
         throw new UpstreamUnavailableError()
       }
     })
   }
 
+  /** Looks `id` up and lets the call on only if `client` may act on it; returns its owner. */
+  async function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
+    request: FastifyRequest, reply: FastifyReply): Promise<string | null> {
+    const found = await lookup(kind, id, request, reply)
+    const [Missing, NotYours] = REFUSALS[refusal]
+    if (found === 'missing') throw new Missing(id)
+    request.ownerId = found.owner // the audit names whom a refused call was after
+    const allowed = client.scopes.includes('admin') || found.owner === client.id ||
+      (found.owner === null && opts.unowned() === 'allow')
+    if (!allowed) throw new NotYours(id)
+    return found.owner
+  }
+
+  /** The created object's id is remembered as the client's, before the client sees it without the owner key. */
+  function rememberCreated (request: FastifyRequest, client: ClientConfig) {
+    return (object: unknown) => {
+      const id = (object as { id?: unknown } | null)?.id
+      if (typeof id === 'string' && request.createdId === null) {
+        cache.set(id, client.id)
+        request.createdId = id
+      }
+      return object
+    }
+  }
+
   app.addHook('preHandler', async (request, reply) => {
     const op = request.operation
     const client = request.client
     if (op === null || client === null) return
-    if (ANSWERS_A_CONVERSATION.has(op.action)) request.rewriteAnswer = withoutOwner
+    if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) {
+      addAnswerRewrite(request, withoutOwner)
+      addEventRewrite(request, eventWithoutOwner)
+    }
 
-    if (op.action === 'conversation.create') {
-      refuseMetadata(metadataProblem(request.parsedBody))
-      request.ownerId = client.id
-      request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
-      request.rewriteAnswer = (answer: unknown) => {
-        const id = (answer as { id?: unknown }).id
-        if (typeof id === 'string') {
-          cache.set(id, client.id)
-          request.createdId = id
+    switch (op.action) {
+      case 'conversation.create':
+      case 'response.create': {
+        refuseMetadata(metadataProblem(request.parsedBody))
+        if (op.action === 'response.create') {
+          const conversation = conversationParam(request.parsedBody)
+          if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
+          const previous = previousResponseParam(request.parsedBody)
+          if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
         }
-        return withoutOwner(answer)
+        request.ownerId = client.id
+        request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
+        const remember = rememberCreated(request, client)
+        addAnswerRewrite(request, remember)
+        addEventRewrite(request, event => {
+          const response = (event as { response?: unknown } | null)?.response
+          if (response !== undefined) remember(response)
+          return event
+        })
+        return
       }
+    }
+
+    if (op.responseId !== null) {
+      await authorize('response', 'response', op.responseId, client, request, reply)
+      if (op.action === 'response.delete') cache.delete(op.responseId)
       return
     }
 
     const id = op.conversationId!
     if (op.action === 'conversation.update') refuseMetadata(metadataProblem(request.parsedBody))
-    const found = await lookup(id, request, reply)
-    if (found === 'missing') throw new ConversationNotFoundError(id)
-    request.ownerId = found.owner
-    const admin = client.scopes.includes('admin')
-    const allowed = admin || found.owner === client.id || (found.owner === null && opts.unowned === 'allow')
-    if (!allowed) throw new ConversationNotOwnedError(id)
-
+    const owner = await authorize('conversation', 'conversation', id, client, request, reply)
     if (op.action === 'conversation.update') {
-      const merged = updateBody(request.parsedBody, found.owner)
+      const merged = updateBody(request.parsedBody, owner)
       if (merged !== null) request.upstreamBody = Buffer.from(JSON.stringify(merged))
     } else if (op.action === 'conversation.delete') {
       cache.delete(id)

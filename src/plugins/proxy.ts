@@ -1,17 +1,19 @@
-// The proxy: the routed operations (and nothing else) on @fastify/http-proxy, one registration per path shape.
+// The proxy: the routed operations (and nothing else, operations.ts) on @fastify/http-proxy, one registration per
+// path shape.
 // reply-from builds the request and streams the answer back; the call itself goes through upstream/client.ts
 // (lines, failover, deadlines), handed to reply-from as its undici dispatcher. Headers are rebuilt from
 // allow-lists both ways; the upstream token is set last, on a fresh object, so no client header can remove or
 // replace it. reply-from's unsafe defaults are overridden on purpose: verified TLS (our pools), no 503 retries of
 // its own, our own error mapping.
 import type { IncomingHttpHeaders } from 'node:http'
-import type { Readable } from 'node:stream'
+import { pipeline, type Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
+import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
 
 export interface ProxyOptions {
@@ -98,11 +100,32 @@ function isJson (headers: IncomingHttpHeaders): boolean {
   return /^application\/json\b/i.test(String(headers['content-type'] ?? ''))
 }
 
+function isEventStream (headers: IncomingHttpHeaders): boolean {
+  return /^text\/event-stream\b/i.test(String(headers['content-type'] ?? ''))
+}
+
+/**
+ * Adds a step to how a 2xx JSON answer is rewritten before the client sees it (steps run in the order added). A
+ * step returns the same object when it changes nothing, so an unchanged answer goes out as the upstream's bytes.
+ */
+export function addAnswerRewrite (request: FastifyRequest, step: (body: unknown) => unknown): void {
+  const before = request.rewriteAnswer
+  request.rewriteAnswer = before === null ? step : body => step(before(body))
+}
+
+/** The same for each event of a 2xx Server-Sent Events answer, streamed on one event at a time. */
+export function addEventRewrite (request: FastifyRequest, step: EventRewrite): void {
+  const before = request.rewriteEvent
+  request.rewriteEvent = before === null ? step : data => step(before(data))
+}
+
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const maxRewriteBytes = opts.maxRewriteBytes ?? 16 * 1024 * 1024
   app.decorateRequest('upstream', null)
   app.decorateRequest('upstreamCall', null)
+  app.decorateRequest('rewriteAnswer', null)
+  app.decorateRequest('rewriteEvent', null)
 
   // Our route handler hands the call to reply.from, which calls its dispatcher in the same tick: the request
   // travels from one to the other under its own id, which also goes upstream as x-client-request-id.
@@ -192,9 +215,18 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers))
+      const ok = res.statusCode >= 200 && res.statusCode < 300
       const rewrite = request.rewriteAnswer
-      if (rewrite !== null && res.statusCode >= 200 && res.statusCode < 300 && isJson(res.headers)) {
+      if (ok && rewrite !== null && isJson(res.headers)) {
         void sendRewritten(request, reply, res, rewrite)
+        return
+      }
+      const rewriteEvent = request.rewriteEvent
+      if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
+        reply.removeHeader('content-length')
+        // pipeline ends either side on the other's failure: an upstream that breaks mid-stream breaks the answer,
+        // a client that leaves releases the upstream.
+        reply.send(pipeline(res.stream, new SseRewriter(rewriteEvent), () => {}))
         return
       }
       reply.send(res.stream)

@@ -1,0 +1,35 @@
+// Responses calls (403 model_not_allowed), after the body check: a client with a `models` list may only ask for a
+// model that matches it, before anything goes upstream. For every response route, what the call was about and what
+// it cost (model, stream, response id, tokens) is gathered from the request and the answer as it passes, for the
+// audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
+import fp from 'fastify-plugin'
+import { ModelNotAllowedError } from '../errors.js'
+import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
+import { addAnswerRewrite, addEventRewrite } from './proxy.js'
+
+export default fp(async function responses (app) {
+  app.decorateRequest('responseFacts', null)
+
+  app.addHook('preHandler', (request, _reply, done) => {
+    const op = request.operation
+    const client = request.client
+    if (op === null || client === null || !op.action.startsWith('response.')) {
+      done()
+      return
+    }
+    const body = request.parsedBody as { model?: unknown, stream?: unknown } | undefined
+    const model = op.action === 'response.create' ? body?.model : undefined
+    if (model !== undefined && (typeof model !== 'string' || !modelAllowed(model, client.models))) {
+      done(new ModelNotAllowedError(JSON.stringify(String(model).slice(0, 100))))
+      return
+    }
+    const stream = op.action === 'response.create'
+      ? body?.stream === true
+      : op.action === 'response.retrieve' && new URLSearchParams(request.originalUrl.split('?')[1] ?? '').get('stream') === 'true'
+    const facts = newFacts(op.responseId, stream, typeof model === 'string' ? model : null)
+    request.responseFacts = facts
+    addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer })
+    addEventRewrite(request, event => { observeEvent(facts, event); return event })
+    done()
+  })
+}, { name: 'responses', dependencies: ['body'] })

@@ -1,0 +1,211 @@
+// Responses through the gateway: the official SDK against a listening gateway and the fake upstream's Responses
+// mode, which streams Server-Sent Events with a pause between events and reports deterministic usage
+// (input tokens = words in, output tokens = words out, "Echo:" included).
+import t, { type Test } from 'tap'
+import OpenAI from 'openai'
+import { keyDigest } from '../src/keys.js'
+import { sleep, until } from './fixtures/client.js'
+import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { startRedis } from './fixtures/redis-server.js'
+import { startUpstream, type FakeUpstream } from './fixtures/upstream.js'
+
+interface Setup {
+  upstream: FakeUpstream
+  gw: TestGateway
+  sdk: (key: string) => OpenAI
+  /** how each stream the fake served ended, and how many events it had sent */
+  streamEnds: Array<{ how: 'finished' | 'closed', sent: number, at: number }>
+}
+
+async function setup (t: Test, overrides: Record<string, unknown> = {}, streamDelayMs = 0): Promise<Setup> {
+  const streamEnds: Setup['streamEnds'] = []
+  const upstream = await startUpstream({ responses: { streamDelayMs, onStreamEnd: (how, sent) => { streamEnds.push({ how, sent, at: Date.now() }) } } })
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, overrides))
+  return { upstream, gw, streamEnds, sdk: key => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 }) }
+}
+
+const rejection = (p: Promise<unknown>) => p.then(() => { throw new Error('expected a rejection') }, (e: unknown) => e)
+
+function upstreamCalls (upstream: FakeUpstream, from = 0): string[] {
+  return upstream.requests.slice(from).map(r => `${r.method} ${r.url.replace(/(resp|conv)_[0-9a-f]+/g, '$1_x')}`)
+}
+
+t.test('create, retrieve, list input items and delete a response in a conversation, with the SDK', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({ metadata: { topic: 'chat' } })
+  const response = await a.responses.create({ model: 'gpt-4o-mini', input: 'hello there', conversation: conv.id, metadata: { run: '1' } })
+  t.equal(response.output_text, 'Echo: hello there')
+  t.same(response.metadata, { run: '1' }, 'the owner key is not in the answer')
+  t.same(response.usage, { input_tokens: 2, output_tokens: 3, total_tokens: 5 })
+  const sent = JSON.parse(upstream.requests.at(-1)!.body.toString()) as { metadata: Record<string, string> }
+  t.same(sent.metadata, { run: '1', gateway_owner: 'team-full' }, 'upstream, the response carries its owner')
+
+  const items = await a.conversations.items.list(conv.id)
+  t.equal(items.data.length, 2, 'the exchange went into the conversation')
+  const retrieved = await a.responses.retrieve(response.id)
+  t.same(retrieved.metadata, { run: '1' })
+  const inputItems = await a.responses.inputItems.list(response.id)
+  t.match(inputItems.data, [{ type: 'message', role: 'user' }])
+  await a.responses.delete(response.id)
+  t.type(await rejection(a.responses.retrieve(response.id)), OpenAI.NotFoundError, 'gone')
+
+  const records = gw.audit().filter(r => r.action.startsWith('response.'))
+  t.same(records.map(r => [r.action, r.status, r.outcome]), [
+    ['response.create', 200, 'ok'], ['response.retrieve', 200, 'ok'], ['response.input_items', 200, 'ok'],
+    ['response.delete', 200, 'ok'], ['response.retrieve', 404, 'invalid']
+  ])
+  t.match(records[0], { responseId: response.id, model: 'gpt-4o-mini', stream: false, inputTokens: 2, outputTokens: 3, ownerId: 'team-full', conversationId: null })
+  t.match(records[1], { responseId: response.id, model: 'gpt-4o-mini', stream: false, inputTokens: 2, outputTokens: 3 })
+  t.ok(records.every(r => r.responseId === response.id), 'every record names the response')
+})
+
+t.test('a streamed response reaches the client event by event, before the upstream has finished', async t => {
+  const { gw, sdk, streamEnds } = await setup(t, {}, 80)
+  const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'one two three four', stream: true })
+  const events: Array<{ type: string, at: number, text: string }> = []
+  for await (const event of stream) events.push({ type: event.type, at: Date.now(), text: JSON.stringify(event) })
+  t.equal(events[0]!.type, 'response.created')
+  t.equal(events.at(-1)!.type, 'response.completed')
+  t.equal(events.filter(e => e.type === 'response.output_text.delta').length, 5)
+  t.equal(streamEnds.length, 1)
+  t.ok(events[0]!.at < streamEnds[0]!.at - 300, `the first event arrived ${streamEnds[0]!.at - events[0]!.at} ms before the upstream finished`)
+  t.notOk(events.some(e => e.text.includes('gateway_owner')), 'no event carries the owner key')
+  const completed = JSON.parse(events.at(-1)!.text) as { response: { usage: { total_tokens: number }, id: string } }
+  t.equal(completed.response.usage.total_tokens, 4 + 5)
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', stream: true, inputTokens: 4, outputTokens: 5, responseId: completed.response.id, outcome: 'ok' })
+  const retrieved = await sdk(KEYS.full).responses.retrieve(completed.response.id)
+  t.equal(retrieved.output_text, 'Echo: one two three four', 'the streamed response is owned and can be retrieved')
+})
+
+t.test('bodyTimeoutMs applies between events, not to the whole stream', async t => {
+  const upstream = await startUpstream({ responses: { streamDelayMs: 200 } })
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, bodyTimeoutMs: 500 } })
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const started = Date.now()
+  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a b c d e f', stream: true })
+  let count = 0
+  for await (const _event of stream) count++
+  t.equal(count, 14, 'every event came')
+  t.ok(Date.now() - started > 2000, 'over 2 s in all, four times bodyTimeoutMs, with 200 ms between events')
+})
+
+t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
+  const { gw, sdk, streamEnds } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]
+  }, 60)
+  const controller = new AbortController()
+  const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'w1 w2 w3 w4 w5 w6 w7 w8', stream: true }, { signal: controller.signal })
+  let deltas = 0
+  // The SDK ends the iteration quietly when its own signal aborts it.
+  for await (const event of stream) {
+    if (event.type === 'response.output_text.delta' && ++deltas === 3) controller.abort()
+  }
+  t.equal(deltas, 3, 'nothing more arrived after the hang-up')
+  await until('the upstream to see its stream closed', () => streamEnds.length === 1, 3000)
+  t.equal(streamEnds[0]!.how, 'closed', 'the upstream stream was cut, not finished')
+  await until('the audit record', () => gw.audit().length === 1)
+  const record = gw.audit()[0]!
+  t.match(record, { action: 'response.create', outcome: 'aborted', stream: true, inputTokens: null })
+  t.ok(record.outputTokens !== null && record.outputTokens >= 3 && record.outputTokens < 9, `the deltas seen so far (${record.outputTokens})`)
+  const next = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }).withResponse()
+  t.equal(next.response.headers.get('x-ratelimit-remaining-tokens'), String(1000 - record.outputTokens!), 'the budget was charged with them')
+})
+
+t.test('ownership: another team cannot use, read, cancel or delete a response, nor generate into a conversation, that is not its own', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const conv = await a.conversations.create({})
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'secret', conversation: conv.id, background: true })
+  const before = upstream.requests.length
+
+  const inConversation = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: conv.id }))
+  t.type(inConversation, OpenAI.NotFoundError)
+  t.match(inConversation, { status: 404, code: 'conversation_not_found', param: 'conversation_id' })
+  t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: { id: conv.id } } as never)), { status: 404, code: 'conversation_not_found' }, '{ id } form too')
+  t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })),
+    { status: 404, code: 'previous_response_not_found', param: 'previous_response_id' })
+  for (const [label, call] of [
+    ['retrieve', () => b.responses.retrieve(response.id)],
+    ['input_items', () => b.responses.inputItems.list(response.id)],
+    ['cancel', () => b.responses.cancel(response.id)],
+    ['delete', () => b.responses.delete(response.id)]
+  ] as const) {
+    const e = await rejection(call())
+    t.type(e, OpenAI.NotFoundError, `${label}: NotFoundError`)
+    t.match(e, { status: 404, code: 'response_not_found', param: 'response_id' })
+  }
+  t.same(upstreamCalls(upstream, before), [], 'nothing of B reached the upstream')
+
+  const chained = await a.responses.create({ model: 'gpt-4o', input: 'again', previous_response_id: response.id, conversation: undefined })
+  t.equal(chained.previous_response_id, response.id, 'A may chain its own responses')
+  const cancelled = await a.responses.cancel(response.id)
+  t.equal(cancelled.status, 'cancelled')
+  t.notMatch(JSON.stringify(cancelled), /gateway_owner/)
+  t.equal((await sdk(KEYS.admin).responses.retrieve(response.id)).id, response.id, 'an admin reads it')
+
+  const denied = gw.audit().filter(r => r.clientId === 'team-other')
+  t.equal(denied.length, 7)
+  t.ok(denied.every(r => r.status === 404 && r.outcome === 'denied' && r.ownerId === 'team-full'), 'audited denied, naming the owner')
+
+  // A fresh gateway (empty cache) finds the owner in the response's metadata upstream.
+  const restarted = await startGateway(t, testConfig(upstream.url))
+  const b2 = new OpenAI({ apiKey: KEYS.other, baseURL: `${restarted.url}/v1`, maxRetries: 0 })
+  t.match(await rejection(b2.responses.retrieve(response.id)), { status: 404, code: 'response_not_found' })
+  t.same(upstreamCalls(upstream).slice(-1), ['GET /v1/responses/resp_x'], 'after the only call upstream: the gateway\'s lookup')
+})
+
+t.test('clients[].models: a model outside the list gets 403 model_not_allowed before the upstream', async t => {
+  const { upstream, gw, sdk } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['gpt-4o-mini', 'gpt-4.1*', 'o?-mini'] }]
+  })
+  const a = sdk(KEYS.full)
+  for (const model of ['gpt-4o', 'gpt-4o-mini-2', 'claude-3', 'o10-mini']) {
+    const e = await rejection(a.responses.create({ model, input: 'x' }))
+    t.type(e, OpenAI.PermissionDeniedError, `${model}: PermissionDeniedError`)
+    t.match(e, { status: 403, code: 'model_not_allowed', type: 'invalid_request_error', param: 'model' })
+  }
+  t.equal(upstream.requests.length, 0, 'none reached the upstream')
+  for (const model of ['gpt-4o-mini', 'gpt-4.1', 'gpt-4.1-nano', 'o3-mini']) {
+    t.equal((await a.responses.create({ model, input: 'x' })).model, model, `${model} is allowed`)
+  }
+  t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: null })
+})
+
+async function budgetFlow (t: Test, store?: Record<string, unknown>) {
+  const { upstream, sdk } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 12 } }],
+    ...(store === undefined ? {} : { store })
+  })
+  const a = sdk(KEYS.full)
+  const first = await a.responses.create({ model: 'gpt-4o', input: 'a b c' }).withResponse() // 3 in + 4 out
+  t.equal(first.data.usage?.total_tokens, 7)
+  t.equal(first.response.headers.get('x-ratelimit-limit-tokens'), '12')
+  t.equal(first.response.headers.get('x-ratelimit-remaining-tokens'), '12', 'the budget before this call')
+  await sleep(50)
+  const second = await a.responses.create({ model: 'gpt-4o', input: 'a b c' }).withResponse()
+  t.equal(second.response.headers.get('x-ratelimit-remaining-tokens'), '5', 'charged with the 7 tokens the fake reported')
+  await sleep(50)
+  const over = await rejection(a.responses.create({ model: 'gpt-4o', input: 'a' }))
+  t.type(over, OpenAI.RateLimitError, 'past the budget (5 - 7 < 0): RateLimitError')
+  const e = over as InstanceType<typeof OpenAI.RateLimitError>
+  t.match(e, { status: 429, type: 'tokens', code: 'rate_limit_exceeded' })
+  t.equal(e.headers?.get('x-ratelimit-remaining-tokens'), '0')
+  t.ok(Number(e.headers?.get('retry-after')) >= 1)
+  t.equal(upstream.requests.length, 2, 'the refused call never reached the upstream')
+  t.ok((await a.conversations.create({})).id, 'other calls are not held by the token budget')
+}
+
+t.test('rateLimit.tokensPerMinute: charged from the usage of each answer; over it, 429 type tokens on the next call (memory store)', async t => {
+  await budgetFlow(t)
+})
+
+t.test('the token budget with the Redis store', async t => {
+  const redis = await startRedis(t)
+  await budgetFlow(t, { url: redis.url, timeoutMs: 2000 })
+})
