@@ -72,21 +72,24 @@ export function rawPath (url: string): string {
   return q === -1 ? url : url.slice(0, q)
 }
 
-/** The resource whose shape these segments have, and the ids in them. */
-function shapeOf (rest: string[]): { resource: Resource, ids: Partial<Record<IdParam, string>> } | null {
-  for (const resource of RESOURCES) {
-    if (resource.segments.length !== rest.length) continue
-    const ids: Partial<Record<IdParam, string>> = {}
-    const fits = resource.segments.every((segment, i) => {
-      if (segment.startsWith(':')) {
-        ids[segment.slice(1) as IdParam] = rest[i]!
-        return true
-      }
-      return segment === rest[i]
-    })
-    if (fits) return { resource, ids }
+/** The resource whose shape these segments have (literals equal, any segment where an id goes). */
+function shapeOf (rest: readonly string[]): Resource | null {
+  outer: for (const resource of RESOURCES) {
+    const segments = resource.segments
+    if (segments.length !== rest.length) continue
+    for (let i = 0; i < segments.length; i++) {
+      const segment = segments[i]!
+      if (segment.charCodeAt(0) !== 0x3a /* : */ && segment !== rest[i]) continue outer
+    }
+    return resource
   }
   return null
+}
+
+/** The id in the segment where `:param` goes, if the resource has one. */
+function idAt (resource: Resource, rest: readonly string[], param: string): string | null {
+  const at = resource.segments.indexOf(param)
+  return at === -1 ? null : rest[at]!
 }
 
 export function matchOperation (method: string, url: string): Match {
@@ -95,14 +98,19 @@ export function matchOperation (method: string, url: string): Match {
   const rest = path.slice(API_PREFIX.length + 1).split('/')
   // One rule for every empty segment (a trailing slash, `//`): such a path is none of the routes.
   if (rest.includes('')) return { kind: 'unknown' }
-  const found = shapeOf(rest)
-  if (found === null) return { kind: 'unknown' }
-  const op = found.resource.methods[method as Method]
-  if (op === undefined) return { kind: 'method_not_allowed', allow: Object.keys(found.resource.methods).join(', ') }
-  const { ids } = found
+  const resource = shapeOf(rest)
+  if (resource === null) return { kind: 'unknown' }
+  const op = resource.methods[method as Method]
+  if (op === undefined) return { kind: 'method_not_allowed', allow: Object.keys(resource.methods).join(', ') }
   return {
     kind: 'operation',
-    operation: { ...op, conversationId: ids.conversation_id ?? null, itemId: ids.item_id ?? null, responseId: ids.response_id ?? null }
+    operation: {
+      action: op.action,
+      scope: op.scope,
+      conversationId: idAt(resource, rest, ':conversation_id'),
+      itemId: idAt(resource, rest, ':item_id'),
+      responseId: idAt(resource, rest, ':response_id')
+    }
   }
 }
 

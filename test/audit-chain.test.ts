@@ -5,9 +5,9 @@ import { unlinkSync } from 'node:fs'
 import { join } from 'node:path'
 import canonicalize from 'canonicalize'
 import t from 'tap'
-import { chainHasher, GENESIS_HASH } from '../src/audit/chain.js'
+import { canonicalJson, chainHasher, GENESIS_HASH } from '../src/audit/chain.js'
 import { verifySeries, type VerifyResult } from '../src/audit/verify.js'
-import { linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
+import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 
 const sha256 = chainHasher()
 
@@ -160,4 +160,32 @@ t.test('with an HMAC key the chain verifies only with that key, and a chain re-h
   t.equal(forgedAt, 15)
   t.ok((await verifySeries(files, sha256)).ok, 'the forgery holds together as a plain sha256 chain')
   t.match(failure(await verifySeries(files, hmac)), { seq: 1, line: 1 }, 'and is rejected with the key, from its first record')
+})
+
+t.test('the canonical JSON of a flat call record is exactly RFC 8785\'s, whatever its keys and values', async t => {
+  const samples: Array<Record<string, unknown>> = [
+    callRecord(1),
+    { b: 1, a: 'x', c: null, d: true, e: false, f: undefined, g: -0, h: 1e21, i: 0.1, j: 123456789012345680000 },
+    { 'é': 'ü', Z: 'a', _: '\u0000\u001f"\\/', 'a b': '\u2028\u2029', '10': 10, '9': 9 },
+    { emoji: '😀', lone: 'x\uD800y', key: 'v' },
+    { nested: { b: 1, a: [1, { d: 2, c: 3 }] }, n: 1 },
+    { big: Number.MAX_SAFE_INTEGER, small: 5e-324, neg: -1.5e-7 }
+  ]
+  for (let i = 0; i < 200; i++) {
+    const r: Record<string, unknown> = {}
+    for (let k = 0; k < 12; k++) {
+      const key = Math.random().toString(36).slice(2, 2 + (k % 7) + 1)
+      const pick = Math.floor(Math.random() * 5)
+      r[key] = pick === 0 ? Math.random() * 1e6 : pick === 1 ? Math.floor(Math.random() * 1000) : pick === 2 ? null : pick === 3 ? Math.random() > 0.5 : String.fromCharCode(...Array.from({ length: 8 }, () => Math.floor(Math.random() * 0x2fff)))
+    }
+    samples.push(r)
+  }
+  for (const sample of samples) {
+    let want: string
+    try { want = canonicalize(sample) as string } catch { want = 'refused' }
+    const got = canonicalJson(sample)
+    if (want === 'refused') t.notMatch(got, /\\ud800/i, 'a lone surrogate is replaced, not written')
+    else if (got !== want) { t.equal(got, want, JSON.stringify(sample)); return }
+  }
+  t.pass(`${samples.length} records: the same bytes as the canonicalize package`)
 })
