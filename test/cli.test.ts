@@ -30,6 +30,25 @@ t.test('keygen prints a new key once and a config entry holding its sha256', asy
   t.not(run(['keygen', 'team-search']).stdout.match(/^ogw_.*$/m)?.[0], key, 'every run makes a new key')
 })
 
+t.test('keygen --key-id prints the rotating form: a keys: entry for a new client and the line to add beside a current key', async t => {
+  const r = run(['keygen', 'team-search', '--key-id', '2025-06'])
+  t.equal(r.status, 0)
+  const key = /^(ogw_[A-Za-z0-9_-]{43})$/m.exec(r.stdout)?.[1]
+  t.ok(key)
+  const entry = parse(r.stdout.slice(r.stdout.indexOf('  - id:'))) as unknown[]
+  t.match(entry, [{ id: 'team-search', keys: [{ id: '2025-06', sha256: keyDigest(key!) }], scopes: ['read', 'write', 'delete'] }],
+    'the key id stays a string (unquoted, 2025-06 would not)')
+  const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
+  t.doesNotThrow(() => parseConfig({ ...base, clients: entry }), 'the entry is valid config')
+  const line = parse(/^ {6}- \{ id: .*\}$/m.exec(r.stdout)![0].trim()) as Array<{ id: string, sha256: string }>
+  const current = { id: 'old', sha256: keyDigest('ogw_current'), expiresAt: '2030-01-31T00:00:00Z' }
+  const rotating = parseConfig({ ...base, clients: [{ id: 'team-search', keys: [current, ...line], scopes: ['read'] }] })
+  t.same(rotating.clients[0]!.keys!.map(k => k.id), ['old', '2025-06'], 'the line goes beside the current key')
+  const bad = run(['keygen', 'team-search', '--key-id', 'a b'])
+  t.equal(bad.status, 1)
+  t.match(bad.stderr, /--key-id must match/)
+})
+
 t.test('keygen refuses a missing or invalid client id', async t => {
   for (const args of [['keygen'], ['keygen', 'Team A'], ['keygen', 'a', 'b']]) {
     const r = run(args)
