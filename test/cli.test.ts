@@ -8,6 +8,7 @@ import { parse } from 'yaml'
 import { parseConfig } from '../src/config.js'
 import { keyDigest } from '../src/keys.js'
 import { BIN, configFile, env, run, startBin } from './fixtures/bin.js'
+import { eventually } from './fixtures/eventually.js'
 import { startUpstream } from './fixtures/upstream.js'
 
 const DIGEST = keyDigest('ogw_cli-test-key')
@@ -145,7 +146,7 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
 
-t.test('the demo serves a conversation with the key it prints and writes the audit to stdout', async t => {
+t.test('the demo serves a conversation with the key it prints, writes the audit to stdout, and outlives a SIGHUP', async t => {
   const child = spawn(process.execPath, [BIN, 'demo', '--port', '0'], { env })
   t.teardown(() => { child.kill('SIGKILL') })
   let err = ''
@@ -160,6 +161,8 @@ t.test('the demo serves a conversation with the key it prints and writes the aud
     })
   })
   t.match(err, /^Authorization: Bearer ogw_/m)
+  child.kill('SIGHUP')
+  await eventually(async () => out.includes('there is no config file to reload'), 'the demo says SIGHUP has nothing to reload')
   const res = await fetch(`${banner[1]}/v1/conversations`, {
     method: 'POST',
     headers: { authorization: `Bearer ${banner[2]}`, 'content-type': 'application/json' },
