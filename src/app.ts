@@ -3,15 +3,18 @@
 // request id → route (404/405) → audit writable (503, with audit.onFailure "closed") → key (401) → rate limit (429)
 // → ids (400) → scope (403) → body (415/413/400) → model (403) → concurrency (503) → ownership (404) → proxy
 // → one audit record when the response closes.
+// The config in force lives in one place here: plugins read what a reload may change through getters, and
+// `app.applyConfig(next)` swaps it (reload.ts says which keys it applies and which need a restart).
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { GatewayConfig } from './config.js'
 import {
   envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
-  RequestTooLargeError, type GatewayError
+  type GatewayError
 } from './errors.js'
 import { openAuditWriter, type AuditWriter } from './audit/writer.js'
+import { reloaded, type ConfigChange } from './reload.js'
 import { createAppLogger, DebugRequestLogController, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
@@ -126,8 +129,11 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     logController: new DebugRequestLogController(),
     genReqId: newRequestId,
     requestIdHeader: false,
-    bodyLimit: config.limits.bodyBytes,
+    // The body limit is limits.bodyBytes, read per call by plugins/body.ts (a reload changes it).
     exposeHeadRoutes: false,
+    // A request that comes on a kept-alive connection after accepting stopped (SIGTERM) is served and audited
+    // like any other, with `Connection: close`, within the shutdown's grace; not given Fastify's bare 503.
+    return503OnClosing: false,
     // The audit ip and the count of failed keys per address believe X-Forwarded-For only from these.
     trustProxy: config.trustProxy === false ? false : [...config.trustProxy],
     keepAliveTimeout: config.listen.keepAliveTimeoutMs,
@@ -147,30 +153,32 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     clientErrorHandler: clientErrorHandler(new PeerLogThrottle())
   })
 
+  let current = config
   app.server.maxConnections = config.listen.maxConnections
   app.setErrorHandler(errorHandler(config))
   app.decorateRequest('refusal', null)
 
+  const directory = new ClientDirectory(config.clients)
   await app.register(requestId)
   const auditWriter = deps.auditWriter ?? await openAuditWriter({
     ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
   })
   await app.register(audit, { writer: auditWriter, sendTimeoutMs: config.listen.sendTimeoutMs, onFailure: config.audit.onFailure })
   if (metricsEnabled(config.metrics)) {
-    await app.register(metrics, { ...config.metrics, clientIds: config.clients.map(c => c.id), writer: auditWriter })
+    await app.register(metrics, { ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter })
   }
   const upstream = new Upstream(config.upstream, app.log)
   app.addHook('onClose', async () => { await upstream.close() })
-  const apiKey = () => config.upstream.apiKey
+  const apiKey = () => current.upstream.apiKey
   await app.register(health, { upstream })
   await app.register(router)
   await app.register(auditGate)
-  await app.register(auth, { directory: new ClientDirectory(config.clients), failuresPerMinute: () => config.limits.authFailuresPerMinute })
+  await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute })
   await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) })
   await app.register(scope)
-  await app.register(body, { bodyBytes: config.limits.bodyBytes })
+  await app.register(body, { bodyBytes: () => current.limits.bodyBytes })
   await app.register(responses)
-  await app.register(concurrency, { maxInFlight: () => config.limits.maxInFlight })
+  await app.register(concurrency, { maxInFlight: () => current.limits.maxInFlight })
   await app.register(ownership, {
     upstream,
     apiKey,
@@ -180,6 +188,23 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     })
   })
   await app.register(proxy, { upstream, apiKey })
+
+  app.decorate('currentConfig', () => current)
+  app.decorate('applyConfig', (next: GatewayConfig): ConfigChange => {
+    const { config: merged, applied, needRestart } = reloaded(current, next)
+    // First what can fail (new pools read the CA file): a failure leaves everything as it was. The token is read
+    // per call (apiKey above); Upstream.update builds new pools only when what they are built from changed.
+    if (applied.some(path => path.startsWith('upstream.'))) upstream.update(merged.upstream)
+    directory.update(merged.clients)
+    current = merged
+    return { applied, needRestart }
+  })
+  app.decorate('abortInFlight', () => {
+    // Clients first: each call is then audited as aborted (the client got no complete answer), not as an
+    // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut.
+    app.server.closeAllConnections()
+    void upstream.destroy()
+  })
   return app
 }
 
@@ -192,7 +217,7 @@ async function rateLimitStoreFor (store: GatewayConfig['store'], log: FastifyBas
 /** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */
 function errorHandler (config: GatewayConfig) {
   return function handle (error: FastifyError, request: FastifyRequest, reply: FastifyReply) {
-    const err = toGatewayError(error, config)
+    const err = toGatewayError(error)
     request.refusal = err
     if (err.statusCode >= 500 && !isGatewayError(error)) {
       request.log.error({ err: error }, 'unhandled error')
@@ -213,12 +238,8 @@ function expectsContinue (request: FastifyRequest): boolean {
   return request.headers.expect?.toLowerCase() === '100-continue'
 }
 
-function toGatewayError (error: FastifyError, config: GatewayConfig): GatewayError {
+function toGatewayError (error: FastifyError): GatewayError {
   if (isGatewayError(error)) return error
-  switch (error.code) {
-    case 'FST_ERR_CTP_BODY_TOO_LARGE':
-      return new RequestTooLargeError(String(config.limits.bodyBytes))
-  }
   const status = error.statusCode ?? 500
   if (status >= 400 && status < 500) return new InvalidRequestError('malformed request.')
   return new InternalError()

@@ -16,8 +16,12 @@ import { StartupError } from './preflight.js'
 const USAGE = `usage: ohmygpt-gateway <command>
 
 commands:
-  start [--config FILE]          run the gateway (config: --config, else $GATEWAY_CONFIG, else config/gateway.yaml)
-  keygen <client-id>             print a new client key (once) and the YAML entry holding its sha256
+  start [--config FILE] [--watch]
+                                 run the gateway (config: --config, else $GATEWAY_CONFIG, else config/gateway.yaml);
+                                 SIGHUP reloads the config file, and so does a change of it with --watch
+  keygen <client-id> [--key-id ID]
+                                 print a new client key (once) and the YAML entry holding its sha256
+                                 (with --key-id: a keys: entry, to rotate a client's key)
   check-config [--config FILE]   validate a config file; exit 1 listing every bad field
   demo [--port N]                run the gateway on 127.0.0.1:8080 (or N) in front of a built-in fake OhMyGPT, with a demo key
   audit verify [--config FILE] [FILES...]

@@ -27,13 +27,20 @@ function holders (clients: readonly ClientConfig[]): Map<string, KeyHolder> {
 
 export class ClientDirectory {
   #byDigest: Map<string, KeyHolder>
+  #ids: Set<string>
   #valid: LRUCache<string, KeyHolder>
   readonly #now: () => number
 
   constructor (clients: readonly ClientConfig[], now: () => number = Date.now) {
     this.#now = now
     this.#byDigest = holders(clients)
+    this.#ids = new Set(clients.map(c => c.id))
     this.#valid = new LRUCache({ max: Math.max(1, this.#byDigest.size) })
+  }
+
+  /** Whether `id` is a configured client (now). */
+  hasClient (id: string): boolean {
+    return this.#ids.has(id)
   }
 
   /** The holder of `key`, or null when the key is unknown or expired. */
@@ -50,6 +57,7 @@ export class ClientDirectory {
 
   update (clients: readonly ClientConfig[]): void {
     this.#byDigest = holders(clients)
+    this.#ids = new Set(clients.map(c => c.id))
     this.#valid = new LRUCache({ max: Math.max(1, this.#byDigest.size) })
   }
 }

@@ -67,7 +67,10 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false, default: {} }),
   upstream: Type.Object({
     baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
-    apiKey: Type.String({ minLength: 1, pattern: SECRET_PATTERN }),
+    /** the OhMyGPT token, from the environment (`${OHMYGPT_API_KEY}`); or: */
+    apiKey: Type.Optional(Type.String({ minLength: 1, pattern: SECRET_PATTERN })),
+    /** a file holding the token (a mounted secret), read at start and on every reload: rotation without restart */
+    apiKeyFile: Type.Optional(Type.String({ minLength: 1 })),
     /** connection (TCP and TLS) to a line */
     connectTimeoutMs: Type.Integer({ minimum: 1, default: 5000 }),
     /** response headers, from the call's start: waiting for a pooled connection and every retry included */
@@ -113,13 +116,21 @@ export const ConfigSchema = Type.Object({
       gzip: Type.Boolean({ default: false })
     }, { additionalProperties: false, default: {} })
   }, { additionalProperties: false, default: {} }),
+  /** SIGTERM/SIGINT/SIGQUIT: how the gateway stops (server.ts) */
+  shutdown: Type.Object({
+    /** /readyz answers 503 at once, and the gateway keeps serving this long before it stops accepting */
+    drainDelayMs: Type.Integer({ minimum: 0, default: 0 }),
+    /** then in-flight calls get this long to finish; past it they are aborted (audited aborted), exit 1 */
+    graceMs: Type.Integer({ minimum: 1, default: 30000 })
+  }, { additionalProperties: false, default: {} }),
   metrics: Type.Object({
     listen: Type.Optional(Type.String({ pattern: '^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):[0-9]{1,5}$' })),
     token: Type.Optional(Type.String({ minLength: 16 }))
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
 
-export type GatewayConfig = Static<typeof ConfigSchema>
+/** The config as loaded: `upstream.apiKey` is always there, read from `apiKeyFile` when that is given. */
+export type GatewayConfig = Static<typeof ConfigSchema> & { upstream: { apiKey: string } }
 
 export class ConfigError extends Error {
   readonly problems: string[]
@@ -304,6 +315,27 @@ function keyProblems (clients: ClientConfig[]): string[] {
   return problems
 }
 
+/**
+ * Exactly one of upstream.apiKey and upstream.apiKeyFile. The file's token goes into `apiKey` (one trailing line
+ * break, as secret files often end, is not part of it); the file's path is never part of a message's secret.
+ */
+function upstreamKey (upstream: { apiKey?: string, apiKeyFile?: string }): string[] {
+  const { apiKey, apiKeyFile } = upstream
+  if (apiKeyFile === undefined) return apiKey === undefined ? ['upstream.apiKey: is required (or upstream.apiKeyFile)'] : []
+  if (apiKey !== undefined) return ['upstream: give either apiKey or apiKeyFile, not both']
+  let text: string
+  try {
+    text = readFileSync(apiKeyFile, 'utf8').replace(/\r?\n$/, '')
+  } catch (err) {
+    return [`upstream.apiKeyFile: cannot read ${apiKeyFile}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`]
+  }
+  if (!new RegExp(SECRET_PATTERN).test(text)) {
+    return ['upstream.apiKeyFile: the file must hold the token alone: no spaces, control characters or further lines']
+  }
+  upstream.apiKey = text
+  return []
+}
+
 function unreadable (file: string | undefined, path: string): string[] {
   if (file === undefined) return []
   try {
@@ -349,8 +381,14 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
     problems.push(...(validate.errors ?? []).map(describe).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
+    // the schema cannot say "one of the two" plainly; say it here too, with the rest
+    const upstream = (candidate as { upstream?: Record<string, unknown> }).upstream
+    if (upstream !== null && typeof upstream === 'object' && !('apiKey' in upstream) && !('apiKeyFile' in upstream)) {
+      problems.push('upstream.apiKey: is required (or upstream.apiKeyFile)')
+    }
   } else {
     problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients))
+    problems.push(...upstreamKey(candidate.upstream))
     problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
     if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
       problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')

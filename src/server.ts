@@ -1,26 +1,92 @@
-// Process concerns only: build the app from a loaded config, listen, and close gracefully on SIGTERM/SIGINT:
-// stop accepting, let in-flight calls finish up to a deadline, flush the audit file, exit. SIGUSR2 reopens the
-// audit file (after an outside logrotate moved it).
+// Process concerns only: build the app from a loaded config, listen, and answer signals.
+// - SIGTERM, SIGINT, SIGQUIT: shut down. /readyz turns 503 "draining" at once; the gateway keeps serving for
+//   shutdown.drainDelayMs (for the load balancer to notice), then stops accepting, closes kept-alive connections
+//   after their answer, and gives in-flight calls shutdown.graceMs to finish. The grace is a hard bound: past it,
+//   every call still open is aborted (audited aborted) and the process exits 1 once the audit is flushed; else 0.
+// - SIGHUP (and, with `watch`, a change of the config file): reload the config file. A valid one is applied to the
+//   running gateway without disturbing in-flight calls (app.applyConfig); an invalid one is refused in one log
+//   line and the running config stays in force.
+// - SIGUSR2: reopen the audit file (after an outside logrotate moved it).
+// - Signals whose default would end the process without a word are logged and ignored (IGNORED below). SIGPIPE
+//   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
+import { lstatSync, readFileSync, readlinkSync, watch, type FSWatcher } from 'node:fs'
+import { basename, dirname, resolve, sep } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import type { GatewayConfig } from './config.js'
+import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
 import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
 
-/** Longest a shutdown waits for in-flight calls before it stops anyway. */
-const DRAIN_DEADLINE_MS = 30_000
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
 const EXIT_GRACE_MS = 2_000
+/**
+ * Past the grace, the audit flush and the close of what is left are bounded on their own (the audit writer gives a
+ * stuck disk 5 s, a gzip under way 10 s); should anything still hold the process after this, it exits anyway.
+ */
+const AFTER_GRACE_MS = 15_000
+/** Editors save in several steps (write a temp file, rename it over): one reload once the file is quiet this long. */
+const WATCH_DEBOUNCE_MS = 200
 
-export async function startServer (config: GatewayConfig, deps: Pick<AppDependencies, 'auditHmacKey'> = {}): Promise<FastifyInstance> {
+const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
+/**
+ * Signals that would end the process by default and that the gateway has no use for: logged and ignored, so that
+ * none ends it silently. SIGUSR1 would open Node's inspector (a debugger port) on a production process.
+ * Not here: SIGKILL and SIGSTOP (cannot be caught); SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS
+ * (a crash: running JavaScript after them is not safe); SIGPROF (V8's CPU profiler needs it).
+ */
+const IGNORED = ['SIGUSR1', 'SIGALRM', 'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGIO', 'SIGPWR', 'SIGSTKFLT'] as const
+
+export interface ServerOptions {
+  /** the file the config was loaded from: SIGHUP reloads it (without one, SIGHUP only says there is none) */
+  configFile?: string
+  /** the environment ${VAR}s are filled from on reload */
+  env?: NodeJS.ProcessEnv
+  /** also reload when the config file changes */
+  watch?: boolean
+}
+
+export async function startServer (
+  config: GatewayConfig, deps: Pick<AppDependencies, 'auditHmacKey'> = {}, opts: ServerOptions = {}
+): Promise<FastifyInstance> {
   const auditProblem = auditDirectoryProblem(config.audit.file)
   if (auditProblem !== null) throw new StartupError(auditProblem)
   const app = await buildApp(config, deps)
   let draining = false
+  let stoppedAccepting = false
 
-  // Keep-alive sockets that go idle during the drain would otherwise stay open for the client's timeout.
+  // Answers sent once accepting has stopped close their connection, so no kept-alive client lingers.
   app.addHook('onSend', async (_request, reply) => {
-    if (draining) reply.header('connection', 'close')
+    if (stoppedAccepting) reply.header('connection', 'close')
   })
+
+  // Signals are answered from before the gateway listens: none that comes early may end it or open a debugger.
+  const reload = configReloader(app, opts)
+  let watcher: FSWatcher | null = null
+
+  const shutdown = (signal: NodeJS.Signals) => {
+    if (draining) {
+      app.log.info({ signal }, `${signal}: already shutting down`)
+      return
+    }
+    draining = true
+    watcher?.close()
+    app.startDraining()
+    const { drainDelayMs, graceMs } = app.currentConfig().shutdown
+    app.log.info({ signal, drainDelayMs, graceMs },
+      `${signal}: shutting down: /readyz answers 503; serving for ${drainDelayMs} ms more, then in-flight calls get ${graceMs} ms`)
+    setTimeout(() => { stopAccepting(app, graceMs, () => { stoppedAccepting = true }) }, drainDelayMs)
+  }
+  for (const signal of SHUTDOWN_SIGNALS) process.on(signal, shutdown)
+  process.on('SIGHUP', () => {
+    if (draining) app.log.info('SIGHUP: shutting down; the config is not reloaded')
+    else reload('SIGHUP')
+  })
+  process.on('SIGUSR2', () => {
+    app.log.info('SIGUSR2: reopening the audit file')
+    app.auditReopen()
+  })
+  for (const signal of IGNORED) {
+    process.on(signal, () => { app.log.warn({ signal }, `${signal}: ignored (the gateway has no use for it)`) })
+  }
 
   const { host, port } = config.listen
   try {
@@ -29,30 +95,102 @@ export async function startServer (config: GatewayConfig, deps: Pick<AppDependen
     await app.close()
     throw new StartupError(describeListenError(host, port, err as NodeJS.ErrnoException))
   }
-
-  const shutdown = (signal: NodeJS.Signals) => {
-    if (draining) return
-    draining = true
-    app.log.info({ signal }, 'shutting down: draining in-flight requests')
-    const deadline = setTimeout(() => {
-      app.log.warn('drain deadline reached; closing remaining connections')
-      app.server.closeAllConnections()
-    }, DRAIN_DEADLINE_MS).unref()
-    app.close().then(() => {
-      clearTimeout(deadline)
-      app.log.info('closed')
-      process.exitCode = 0
-      setTimeout(() => process.exit(), EXIT_GRACE_MS).unref()
-    }, (err: unknown) => {
-      app.log.error({ err }, 'error while closing')
-      process.exitCode = 1
-    })
-  }
-  process.once('SIGTERM', shutdown)
-  process.once('SIGINT', shutdown)
-  process.on('SIGUSR2', () => {
-    app.log.info('SIGUSR2: reopening the audit file')
-    app.auditReopen()
-  })
+  if (opts.watch === true && opts.configFile !== undefined && !draining) watcher = watchConfig(app, opts.configFile, reload)
   return app
+}
+
+/** Stops accepting and closes the app, aborting whatever is still in flight after `graceMs`. */
+function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => void): void {
+  stopped()
+  let aborted = false
+  const deadline = setTimeout(() => {
+    aborted = true
+    app.log.warn(`shutdown grace of ${graceMs} ms over: aborting the calls still in flight`)
+    app.abortInFlight()
+    setTimeout(() => {
+      app.log.error(`still not closed ${AFTER_GRACE_MS} ms after the grace; exiting`)
+      process.exit(1)
+    }, AFTER_GRACE_MS).unref()
+  }, graceMs)
+  app.log.info('stopped accepting connections; waiting for in-flight calls')
+  app.close().then(() => {
+    clearTimeout(deadline)
+    app.log.info(aborted ? 'closed, after aborting calls still in flight' : 'closed')
+    process.exitCode = aborted ? 1 : 0
+    setTimeout(() => process.exit(), EXIT_GRACE_MS).unref()
+  }, (err: unknown) => {
+    clearTimeout(deadline)
+    app.log.error({ err }, 'error while closing')
+    process.exitCode = 1
+    setTimeout(() => process.exit(), EXIT_GRACE_MS).unref()
+  })
+}
+
+/** Reloads the config file into the running app, saying in the log what changed, what needs a restart, or why not. */
+function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerOptions): (why: string) => void {
+  return (why) => {
+    if (configFile === undefined) {
+      app.log.warn(`${why}: there is no config file to reload (this gateway was started from a built-in config)`)
+      return
+    }
+    let next: GatewayConfig
+    try {
+      next = loadConfig(configFile, env)
+    } catch (err) {
+      const problems = err instanceof ConfigError ? err.problems : [String(err)]
+      app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`)
+      return
+    }
+    let change
+    try {
+      change = app.applyConfig(next)
+    } catch (err) {
+      app.log.error({ err }, `${why}: config reload failed, the running config stays in force`)
+      return
+    }
+    const { applied, needRestart } = change
+    if (applied.length > 0) app.log.info({ applied }, `${why}: config reloaded: ${applied.join(', ')}`)
+    else app.log.info(`${why}: config reloaded: nothing to apply`)
+    if (needRestart.length > 0) {
+      app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`)
+    }
+  }
+}
+
+/**
+ * Watches the config file's directory (an editor or a Kubernetes ConfigMap replaces the file by a rename, which a
+ * watch on the file itself would not survive), and reloads once the file's text has changed and stayed quiet for
+ * WATCH_DEBOUNCE_MS. Only events on the file's own name count (and, for a file that is a symlink into the same
+ * directory, as a ConfigMap's `gateway.yaml -> ..data/gateway.yaml`, on the link's first step): other files in
+ * the directory (an audit file written on every call) never delay a reload.
+ */
+function watchConfig (app: FastifyInstance, file: string, reload: (why: string) => void): FSWatcher | null {
+  const path = resolve(file)
+  const names = new Set([basename(path)])
+  try {
+    if (lstatSync(path).isSymbolicLink()) names.add(readlinkSync(path).split(sep)[0]!)
+  } catch { /* not there yet: its own name is enough */ }
+  const read = () => { try { return readFileSync(path, 'utf8') } catch { return null } }
+  let seen = read()
+  let timer: NodeJS.Timeout | null = null
+  const check = () => {
+    timer = null
+    const text = read()
+    if (text === null || text === seen) return // a file being replaced is briefly absent
+    seen = text
+    reload(`${basename(path)} changed`)
+  }
+  try {
+    const watcher = watch(dirname(path), { persistent: false }, (_event, name) => {
+      if (name !== null && !names.has(name)) return
+      if (timer !== null) clearTimeout(timer)
+      timer = setTimeout(check, WATCH_DEBOUNCE_MS)
+    })
+    watcher.on('error', (err) => { app.log.warn({ err }, `no longer watching ${path}; SIGHUP still reloads it`) })
+    app.log.info({ file: path }, 'watching the config file: a change is reloaded')
+    return watcher
+  } catch (err) {
+    app.log.warn({ err }, `cannot watch ${path}; SIGHUP still reloads it`)
+    return null
+  }
 }

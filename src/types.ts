@@ -1,10 +1,11 @@
 // Request fields the plugins declare and share. Each field has one owner (named below); the others only read it.
 import type { AddressInfo } from 'node:net'
-import type { ClientConfig } from './config.js'
+import type { ClientConfig, GatewayConfig } from './config.js'
 import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
 import type { ResponseFacts } from './responses/usage.js'
 import type { AuditObserver } from './plugins/audit.js'
+import type { ConfigChange } from './reload.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
 export interface UpstreamFacts {
@@ -59,6 +60,14 @@ declare module 'fastify' {
     onAuditRecord (observer: AuditObserver): void
     /** plugins/metrics.ts, with metrics.listen: where the metrics listener listens (null before it does) */
     metricsAddress (): AddressInfo | null
+    /** app.ts: the config in force (what a reload applied, with the restart-only sections as started) */
+    currentConfig (): GatewayConfig
+    /** app.ts: apply a reloaded config to the running gateway; in-flight calls are not disturbed */
+    applyConfig (next: GatewayConfig): ConfigChange
+    /** app.ts: end of a shutdown's grace: close every client connection and abort every upstream call */
+    abortInFlight (): void
+    /** plugins/health.ts: a shutdown has begun; /readyz answers 503 draining from now on */
+    startDraining (): void
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

@@ -8,6 +8,7 @@ import { parse } from 'yaml'
 import { parseConfig } from '../src/config.js'
 import { keyDigest } from '../src/keys.js'
 import { BIN, configFile, env, run, startBin } from './fixtures/bin.js'
+import { eventually } from './fixtures/eventually.js'
 import { startUpstream } from './fixtures/upstream.js'
 
 const DIGEST = keyDigest('ogw_cli-test-key')
@@ -28,6 +29,25 @@ t.test('keygen prints a new key once and a config entry holding its sha256', asy
   t.match(entry, [{ id: 'team-search', keySha256: keyDigest(key!), scopes: ['read', 'write', 'delete'] }])
   t.doesNotThrow(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKey: 'k' }, clients: entry }), 'the entry is valid config')
   t.not(run(['keygen', 'team-search']).stdout.match(/^ogw_.*$/m)?.[0], key, 'every run makes a new key')
+})
+
+t.test('keygen --key-id prints the rotating form: a keys: entry for a new client and the line to add beside a current key', async t => {
+  const r = run(['keygen', 'team-search', '--key-id', '2025-06'])
+  t.equal(r.status, 0)
+  const key = /^(ogw_[A-Za-z0-9_-]{43})$/m.exec(r.stdout)?.[1]
+  t.ok(key)
+  const entry = parse(r.stdout.slice(r.stdout.indexOf('  - id:'))) as unknown[]
+  t.match(entry, [{ id: 'team-search', keys: [{ id: '2025-06', sha256: keyDigest(key!) }], scopes: ['read', 'write', 'delete'] }],
+    'the key id stays a string (unquoted, 2025-06 would not)')
+  const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
+  t.doesNotThrow(() => parseConfig({ ...base, clients: entry }), 'the entry is valid config')
+  const line = parse(/^ {6}- \{ id: .*\}$/m.exec(r.stdout)![0].trim()) as Array<{ id: string, sha256: string }>
+  const current = { id: 'old', sha256: keyDigest('ogw_current'), expiresAt: '2030-01-31T00:00:00Z' }
+  const rotating = parseConfig({ ...base, clients: [{ id: 'team-search', keys: [current, ...line], scopes: ['read'] }] })
+  t.same(rotating.clients[0]!.keys!.map(k => k.id), ['old', '2025-06'], 'the line goes beside the current key')
+  const bad = run(['keygen', 'team-search', '--key-id', 'a b'])
+  t.equal(bad.status, 1)
+  t.match(bad.stderr, /--key-id must match/)
 })
 
 t.test('keygen refuses a missing or invalid client id', async t => {
@@ -126,7 +146,7 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
 
-t.test('the demo serves a conversation with the key it prints and writes the audit to stdout', async t => {
+t.test('the demo serves a conversation with the key it prints, writes the audit to stdout, and outlives a SIGHUP', async t => {
   const child = spawn(process.execPath, [BIN, 'demo', '--port', '0'], { env })
   t.teardown(() => { child.kill('SIGKILL') })
   let err = ''
@@ -141,6 +161,8 @@ t.test('the demo serves a conversation with the key it prints and writes the aud
     })
   })
   t.match(err, /^Authorization: Bearer ogw_/m)
+  child.kill('SIGHUP')
+  await eventually(async () => out.includes('there is no config file to reload'), 'the demo says SIGHUP has nothing to reload')
   const res = await fetch(`${banner[1]}/v1/conversations`, {
     method: 'POST',
     headers: { authorization: `Bearer ${banner[2]}`, 'content-type': 'application/json' },

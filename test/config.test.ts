@@ -50,6 +50,7 @@ t.test('a minimal file gets every documented default', async t => {
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
     ownership: { unowned: 'deny', cacheTtlMs: 600000, cacheSize: 100000, notFoundTtlMs: 5000 },
     audit: { file: './audit/audit.jsonl', fsync: 'interval', onFailure: 'closed', rotate: { daily: false, keep: 0, gzip: false } },
+    shutdown: { drainDelayMs: 0, graceMs: 30000 },
     metrics: {}
   })
   t.ok(Object.isFrozen(config) && Object.isFrozen(config.clients[0]!.rateLimit), 'the config is frozen')

@@ -1,9 +1,11 @@
 // Body checks (415, 413, 400), after every cheaper check has passed. @fastify/http-proxy's own parsers hand the
 // raw stream on (no size limit, no JSON check), so they are off (proxyPayloads: false) and this plugin reads every
 // body itself, up to limits.bodyBytes, checks it is JSON and passes the exact bytes on as a stream
-// (a parsed object or a Buffer would be re-serialised by reply-from).
+// (a parsed object or a Buffer would be re-serialised by reply-from). The limit is read per call, not fixed in
+// Fastify's parser when the plugin is registered, so a config reload changes it.
 import type { IncomingHttpHeaders } from 'node:http'
 import { Readable } from 'node:stream'
+import type { FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
   InvalidJsonError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
@@ -11,7 +13,8 @@ import {
 } from '../errors.js'
 
 export interface BodyOptions {
-  bodyBytes: number
+  /** the largest body, read per call (limits.bodyBytes) */
+  bodyBytes: () => number
 }
 
 /** A body is JSON when it says so (any case, parameters allowed) or says nothing; anything else is refused. */
@@ -29,6 +32,43 @@ function hasBody (headers: IncomingHttpHeaders): boolean {
 /** A client-sent header value as quoted in an error message, cut short. */
 function shown (value: string | undefined): string {
   return JSON.stringify(String(value).slice(0, 100))
+}
+
+/**
+ * Reads a body of at most `limit` bytes, as Fastify's own `parseAs: 'buffer'` does (a stream error is a 400 unless
+ * it says otherwise), with the limit given per call. Past it, the rest is left to the error handler to discard.
+ */
+function readLimited (payload: NodeJS.ReadableStream, limit: number, done: (err: Error | null, body?: Buffer) => void): void {
+  const chunks: Buffer[] = []
+  let size = 0
+  const stop = () => {
+    payload.removeListener('data', onData)
+    payload.removeListener('end', onEnd)
+    payload.removeListener('error', onEnd)
+  }
+  function onData (chunk: Buffer | string) {
+    const buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk
+    size += buf.length
+    if (size > limit) {
+      stop()
+      done(new RequestTooLargeError(String(limit)))
+      return
+    }
+    chunks.push(buf)
+  }
+  function onEnd (err?: Error & { statusCode?: number }) {
+    stop()
+    if (err != null) {
+      if (!(typeof err.statusCode === 'number' && err.statusCode >= 400)) err.statusCode = 400
+      done(err)
+      return
+    }
+    done(null, Buffer.concat(chunks, size))
+  }
+  payload.on('data', onData)
+  payload.on('end', onEnd)
+  payload.on('error', onEnd)
+  payload.resume()
 }
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
@@ -54,13 +94,20 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     }
     const type = headers['content-type']
     if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(shown(type))
-    if (Number(headers['content-length']) > bodyBytes) throw new RequestTooLargeError(String(bodyBytes))
+    const limit = bodyBytes()
+    if (Number(headers['content-length']) > limit) throw new RequestTooLargeError(String(limit))
     if (headers.expect?.toLowerCase() === '100-continue') reply.raw.writeContinue()
   })
 
   app.removeAllContentTypeParsers()
-  app.addContentTypeParser('*', { parseAs: 'buffer', bodyLimit: bodyBytes }, (request, raw, done) => {
-    const buf = raw as Buffer
+  app.addContentTypeParser('*', (request, payload, done) => {
+    readLimited(payload, bodyBytes(), (err, buf) => {
+      if (err !== null) done(err, undefined)
+      else parse(request, buf!, done)
+    })
+  })
+
+  function parse (request: FastifyRequest, buf: Buffer, done: (err: Error | null, body?: unknown) => void): void {
     // An empty body is no body, whatever the headers said (the Python SDK sends Content-Type: application/json
     // with nothing after it on DELETE): nothing of it goes upstream.
     if (buf.length === 0) {
@@ -79,5 +126,5 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     request.upstreamBody = buf
     // reply-from wants a body to know there is one; the exact bytes go upstream from request.upstreamBody.
     done(null, Readable.from([buf], { objectMode: false }))
-  })
+  }
 }, { name: 'body' })

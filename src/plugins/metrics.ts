@@ -4,7 +4,7 @@
 //
 // Per-call counters are derived from each audit record as it is written (the audit plugin's observer), so they
 // count exactly what the trail holds, and every label value comes from a bounded set: client ids from the
-// config, the fixed action list, the HTTP status (100-599), the outcome words the gateway itself writes.
+// config (as reloaded), the fixed action list, the HTTP status (100-599), the outcome words the gateway itself writes.
 // Whatever a client sends cannot create a new series.
 import { createHash, timingSafeEqual } from 'node:crypto'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
@@ -21,7 +21,8 @@ export interface MetricsOptions {
   listen?: string
   /** bearer token /metrics asks for */
   token?: string
-  clientIds: readonly string[]
+  /** whether a record's client id is a configured client (else it is counted as `other`) */
+  isClient: (id: string) => boolean
   writer: Pick<AuditWriter, 'available' | 'stats'>
 }
 
@@ -104,9 +105,8 @@ function gatewayMetrics (opts: MetricsOptions) {
     collect () { this.set(writer.available ? 1 : 0) }
   })
 
-  const clients = new Set(opts.clientIds)
   const actions = new Set<string>(ACTIONS)
-  const clientLabel = (id: string | null) => id === null ? 'none' : clients.has(id) ? id : 'other'
+  const clientLabel = (id: string | null) => id === null ? 'none' : opts.isClient(id) ? id : 'other'
   const observe = (r: AuditRecord) => {
     const client = clientLabel(r.clientId)
     const action = actions.has(r.action) ? r.action : 'unknown'

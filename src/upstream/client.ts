@@ -7,6 +7,8 @@
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
 //   retries are spent, the upstream's answer passes through as it is.
 // - A client that hangs up aborts the call at once (its `signal`), closing the upstream connection.
+// - A reload hands new settings to `update`: calls under way finish where they started (see Lines below), and
+//   `destroy` aborts every call still in flight (the end of a shutdown's grace).
 // Both the proxy (as reply-from's undici dispatcher) and the ownership lookups call through here.
 import { readFileSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
@@ -104,58 +106,137 @@ interface Line {
   prefix: string
 }
 
+/**
+ * The pools of one set of lines. A reload that changes what they are built from makes new ones; the old ones are
+ * retired: they take no new call, and close once the calls that started on them are done (their retries
+ * included), then once their answers' bodies are read.
+ */
+interface Pools {
+  lines: Line[]
+  /** call()s under way on these pools, until each has its answer's headers or has failed */
+  calls: number
+  retired: boolean
+}
+
+/** What a call works with, taken once at its start: a reload never changes a call half-way. */
+interface Settled {
+  settings: UpstreamSettings
+  health: LineHealth
+  pools: Pools
+}
+
+/** What the pools are built from: a change in any of these needs new pools. */
+const POOL_SETTINGS = ['baseUrls', 'connectTimeoutMs', 'timeoutMs', 'bodyTimeoutMs', 'maxConnections', 'caFile'] as const
+/** What the lines' health is kept by: with these unchanged, a reload keeps which lines are down. */
+const HEALTH_SETTINGS = ['baseUrls', 'failureThreshold', 'cooldownMs'] as const
+
+function sameSettings (a: UpstreamSettings, b: UpstreamSettings, keys: ReadonlyArray<keyof UpstreamSettings>): boolean {
+  return keys.every(k => JSON.stringify(a[k]) === JSON.stringify(b[k]))
+}
+
+function newPools (settings: UpstreamSettings): Pools {
+  return { lines: buildLines(settings), calls: 0, retired: false }
+}
+
+function buildLines (settings: UpstreamSettings): Line[] {
+  const ca = settings.caFile === undefined ? undefined : [...rootCertificates, readFileSync(settings.caFile, 'utf8')]
+  return settings.baseUrls.map(url => {
+    const base = new URL(url)
+    return {
+      url,
+      prefix: base.pathname.replace(/\/+$/, ''),
+      // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
+      pool: new Pool(base.origin, {
+        connections: settings.maxConnections,
+        headersTimeout: settings.timeoutMs,
+        bodyTimeout: settings.bodyTimeoutMs,
+        connect: { timeout: settings.connectTimeoutMs, rejectUnauthorized: true, ...(ca === undefined ? {} : { ca }) }
+      })
+    }
+  })
+}
+
 export class Upstream {
-  readonly #settings: UpstreamSettings
-  readonly #lines: Line[]
-  readonly #health: LineHealth
+  #current: Settled
+  /** retired pools not closed yet */
+  readonly #retired = new Set<Pools>()
   readonly #log: FastifyBaseLogger
+  #destroyed = false
 
   constructor (settings: UpstreamSettings, log: FastifyBaseLogger) {
-    this.#settings = settings
     this.#log = log
-    const ca = settings.caFile === undefined ? undefined : [...rootCertificates, readFileSync(settings.caFile, 'utf8')]
-    this.#lines = settings.baseUrls.map(url => {
-      const base = new URL(url)
-      return {
-        url,
-        prefix: base.pathname.replace(/\/+$/, ''),
-        // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
-        pool: new Pool(base.origin, {
-          connections: settings.maxConnections,
-          headersTimeout: settings.timeoutMs,
-          bodyTimeout: settings.bodyTimeoutMs,
-          connect: { timeout: settings.connectTimeoutMs, rejectUnauthorized: true, ...(ca === undefined ? {} : { ca }) }
-        })
-      }
-    })
-    this.#health = new LineHealth(settings.baseUrls, {
+    this.#current = { settings, health: this.#health(settings), pools: newPools(settings) }
+  }
+
+  #health (settings: UpstreamSettings): LineHealth {
+    return new LineHealth(settings.baseUrls, {
       failureThreshold: settings.failureThreshold,
       cooldownMs: settings.cooldownMs,
       onChange: (status, previous) => { this.#logChange(status, previous) }
     })
   }
 
+  /**
+   * New settings (a config reload), for the calls that start from now on. Calls under way finish on the lines
+   * they started on: nothing in flight fails. New pools are built only when what they are built from changed
+   * (lines, timeouts, pool size, CA); the lines' health is kept while the lines and its own settings are the
+   * same. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
+   */
+  update (settings: UpstreamSettings): void {
+    const old = this.#current
+    const health = sameSettings(old.settings, settings, HEALTH_SETTINGS) ? old.health : this.#health(settings)
+    if (sameSettings(old.settings, settings, POOL_SETTINGS)) {
+      this.#current = { settings, health, pools: old.pools }
+      return
+    }
+    this.#current = { settings, health, pools: newPools(settings) }
+    old.pools.retired = true
+    this.#retired.add(old.pools)
+    if (old.pools.calls === 0) void this.#closeRetired(old.pools)
+  }
+
+  async #closeRetired (pools: Pools): Promise<void> {
+    try {
+      await Promise.all(pools.lines.map(l => l.pool.close()))
+    } catch (err) {
+      if (!this.#destroyed) this.#log.warn({ err }, 'closing the previous upstream connections failed')
+    } finally {
+      this.#retired.delete(pools)
+    }
+  }
+
   statuses (): LineStatus[] {
-    return this.#health.statuses()
+    return this.#current.health.statuses()
   }
 
   /** At least one line is up, or due for its trial call. */
   get available (): boolean {
-    return this.#health.statuses().some(s => s.state === 'up' || (s.state === 'down' && s.retryInMs === 0))
+    return this.#current.health.statuses().some(s => s.state === 'up' || (s.state === 'down' && s.retryInMs === 0))
   }
 
   async call (call: UpstreamCall): Promise<UpstreamAnswer> {
+    const settled = this.#current
+    const pools = settled.pools
+    pools.calls++
+    try {
+      return await this.#call(settled, call)
+    } finally {
+      if (--pools.calls === 0 && pools.retired) void this.#closeRetired(pools)
+    }
+  }
+
+  async #call ({ settings, health, pools }: Settled, call: UpstreamCall): Promise<UpstreamAnswer> {
     const started = performance.now()
     const deadline = new AbortController()
-    const timer = setTimeout(() => { deadline.abort() }, this.#settings.timeoutMs)
+    const timer = setTimeout(() => { deadline.abort() }, settings.timeoutMs)
     const signal = call.signal === undefined ? deadline.signal : AbortSignal.any([deadline.signal, call.signal])
     const tried = new Set<number>()
-    let index = this.#health.pick(tried)
+    let index = health.pick(tried)
     try {
       if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null)
       for (;;) {
         tried.add(index)
-        const line = this.#lines[index]!
+        const line = pools.lines[index]!
         let answer: UpstreamAnswer
         try {
           const res = await line.pool.request({
@@ -163,16 +244,17 @@ export class Upstream {
           })
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
-          const failure = this.#attemptFailed(call, index, tried.size, err, deadline.signal.aborted)
-          const next = failure === null ? null : this.#retryLine(call, tried, failure)
-          if (failure === null || next === null) throw this.#finalFailure(call, index, tried.size, err, deadline.signal.aborted)
+          const stopped = call.signal?.aborted === true ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
+          const failure = attemptFailed(health, stopped, index, err, deadline.signal.aborted)
+          const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
+          if (failure === null || next === null) throw finalFailure(settings, stopped, index, tried.size, err, deadline.signal.aborted)
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
           index = next
           continue
         }
         if (answer.statusCode === 502 || answer.statusCode === 503) {
-          this.#health.failed(index)
-          const next = IDEMPOTENT.has(call.method) ? this.#retryLine(call, tried, 'reset') : null
+          health.failed(index)
+          const next = IDEMPOTENT.has(call.method) ? retryLine(settings, health, call, tried, 'reset') : null
           if (next !== null) {
             answer.body.on('error', () => {}).destroy() // thrown away: its abort is no one's error
             this.#log.warn({ line: index, status: answer.statusCode, retryOn: next }, `upstream line ${index} answered ${answer.statusCode}; retrying on line ${next}`)
@@ -180,7 +262,7 @@ export class Upstream {
             continue
           }
         } else {
-          this.#health.succeeded(index)
+          health.succeeded(index)
         }
         answer.ms = Math.round(performance.now() - started)
         return answer
@@ -188,37 +270,6 @@ export class Upstream {
     } finally {
       clearTimeout(timer)
     }
-  }
-
-  /**
-   * Books a failed attempt against its line; null when the failure says nothing of the line (the client left, or
-   * the call's own deadline passed).
-   */
-  #attemptFailed (call: UpstreamCall, index: number, attempts: number, err: unknown, deadlinePassed: boolean): AttemptFailure | null {
-    if (call.signal?.aborted === true) {
-      this.#health.released(index)
-      return null
-    }
-    this.#health.failed(index)
-    if (deadlinePassed) return null
-    void attempts
-    return classify(codeOf(err))
-  }
-
-  /** The next line for a retry, or null when this failure may not be retried or nothing is left to try. */
-  #retryLine (call: UpstreamCall, tried: Set<number>, failure: AttemptFailure): number | null {
-    if (tried.size > this.#settings.retries) return null
-    const safe = failure === 'nothing-sent' || (IDEMPOTENT.has(call.method) && failure === 'reset')
-    return safe ? this.#health.pick(tried) : null
-  }
-
-  #finalFailure (call: UpstreamCall, index: number, attempts: number, err: unknown, deadlinePassed: boolean): UpstreamFailure {
-    const where = `upstream line ${index}`
-    if (call.signal?.aborted === true) return new UpstreamFailure('aborted', `${where}: the client hung up`, attempts, index)
-    if (deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
-      return new UpstreamFailure('timeout', `${where}: no response headers within ${this.#settings.timeoutMs} ms`, attempts, index)
-    }
-    return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index)
   }
 
   #logChange (status: LineStatus, previous: LineState): void {
@@ -232,15 +283,53 @@ export class Upstream {
     }
   }
 
-  /** Closes every pool once its in-flight calls are done. */
-  async close (): Promise<void> {
-    await Promise.all(this.#lines.map(l => l.pool.close()))
+  #pools (): Pool[] {
+    return [this.#current.pools, ...this.#retired].flatMap(p => p.lines.map(line => line.pool))
   }
 
-  /** Aborts whatever is still in flight and closes every pool. */
-  async destroy (): Promise<void> {
-    await Promise.all(this.#lines.map(l => l.pool.destroy()))
+  /** Closes every pool once its in-flight calls are done (and does nothing after destroy()). */
+  async close (): Promise<void> {
+    if (this.#destroyed) return
+    await Promise.all(this.#pools().map(p => p.close()))
   }
+
+  /** Aborts whatever is still in flight, on current and retired lines alike, and closes every pool. */
+  async destroy (): Promise<void> {
+    if (this.#destroyed) return
+    this.#destroyed = true
+    await Promise.all(this.#pools().map(p => p.destroy()))
+  }
+}
+
+/**
+ * Books a failed attempt against its line; null when the failure says nothing of the line (the call was stopped:
+ * the client left or the gateway aborted it; or the call's own deadline passed).
+ */
+function attemptFailed (health: LineHealth, stopped: string | null, index: number, err: unknown, deadlinePassed: boolean): AttemptFailure | null {
+  if (stopped !== null) {
+    health.released(index)
+    return null
+  }
+  health.failed(index)
+  if (deadlinePassed) return null
+  return classify(codeOf(err))
+}
+
+/** The next line for a retry, or null when this failure may not be retried or nothing is left to try. */
+function retryLine (settings: UpstreamSettings, health: LineHealth, call: UpstreamCall, tried: Set<number>, failure: AttemptFailure): number | null {
+  if (tried.size > settings.retries) return null
+  const safe = failure === 'nothing-sent' || (IDEMPOTENT.has(call.method) && failure === 'reset')
+  return safe ? health.pick(tried) : null
+}
+
+function finalFailure (settings: UpstreamSettings, stopped: string | null, index: number, attempts: number, err: unknown, deadlinePassed: boolean): UpstreamFailure {
+  const where = `upstream line ${index}`
+  // aborted: there is no one to answer (plugins/proxy.ts sends nothing); the call is audited as aborted
+  if (stopped !== null) return new UpstreamFailure('aborted', `${where}: ${stopped}`, attempts, index)
+  if (deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
+    return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index)
+  }
+  return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index)
 }
 
 type LineState = LineStatus['state']

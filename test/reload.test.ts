@@ -1,0 +1,395 @@
+// Operable without restarts: SIGHUP and `start --watch` reload the config into the running gateway (clients and
+// their keys, limits, upstream lines and token, timeouts) without failing a call in flight; an invalid file is
+// refused and the running config stays; restart-only keys are named in the log. Keys rotate: a client may hold
+// several, each until its expiresAt. Real processes and signals where the behaviour is the process's; the app
+// itself (app.applyConfig) for what a reload does inside.
+import { once } from 'node:events'
+import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { request, type IncomingMessage, type ServerResponse } from 'node:http'
+import t, { type Test } from 'tap'
+import { buildApp } from '../src/app.js'
+import type { AuditWriter } from '../src/audit/writer.js'
+import { ClientDirectory } from '../src/clients.js'
+import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
+import { generateKey, keyDigest } from '../src/keys.js'
+import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
+import { call, type Answer } from './fixtures/client.js'
+import { configFile, startBin } from './fixtures/bin.js'
+import { eventually } from './fixtures/eventually.js'
+import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
+import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+
+const KEY_A = generateKey()
+const KEY_B = generateKey()
+const KEY_C = generateKey()
+
+interface ClientSpec { id: string, key: string, keyId?: string, rateLimit?: string }
+
+function clientYaml ({ id, key, keyId, rateLimit = '{ requestsPerMinute: 100000, burst: 100000 }' }: ClientSpec): string {
+  const keyForm = keyId === undefined ? `keySha256: "${keyDigest(key)}"` : `keys: [{ id: "${keyId}", sha256: "${keyDigest(key)}" }]`
+  return `  - { id: ${id}, ${keyForm}, scopes: [read, write, delete], rateLimit: ${rateLimit} }\n`
+}
+
+function gatewayYaml (dir: string, upstream: string, clients: ClientSpec[], extra = '', apiKey = `apiKey: ${UPSTREAM_TOKEN}`): string {
+  return `listen: { host: 127.0.0.1, port: 0 }
+log: { level: info }
+upstream: { baseUrls: ["${upstream}"], ${apiKey} }
+audit: { file: "${join(dir, 'audit.jsonl')}" }
+${extra}
+clients:
+${clients.map(clientYaml).join('')}`
+}
+
+/** POST /v1/conversations with `key`: served by the fake upstream's own Conversations API. */
+async function create (url: string, key: string): Promise<Answer> {
+  return await call(url, 'POST', '/v1/conversations', { key, body: '{}' })
+}
+
+/** POST /v1/conversations with the body in chunks and no Content-Length: the status. */
+function chunkedPost (url: string, body: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = request(`${url}/v1/conversations`, {
+      method: 'POST', agent: false, headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }
+    }, res => { res.resume(); res.on('end', () => resolve(res.statusCode!)) })
+    req.on('error', reject)
+    for (let i = 0; i < body.length; i += 16) req.write(body.slice(i, i + 16))
+    req.end()
+  })
+}
+
+function codeOf (a: Answer): unknown {
+  return (JSON.parse(a.body) as { error?: { code?: unknown } }).error?.code
+}
+
+/** The log lines after the `n`th one, once one of them says `what`. */
+async function logged (output: { text: string }, what: RegExp, from = 0): Promise<string> {
+  return await eventually(async () => output.text.split('\n').slice(from).find(l => what.test(l)) ?? null, `a log line ${what}`)
+}
+
+const lineCount = (output: { text: string }) => output.text.split('\n').length - 1
+
+async function fakeUpstream (t: Test): Promise<FakeUpstream> {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  return upstream
+}
+
+t.test('SIGHUP adds a client (its key works at once), revokes one (401 at once), and says what it applied', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-b', key: KEY_B }]))
+  const { child, url, output } = await startBin(t, file, {})
+  t.equal((await create(url, KEY_B)).status, 200)
+  t.equal((await create(url, KEY_C)).status, 401)
+
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C, keyId: 'c-2025' }]))
+  const from = lineCount(output)
+  child.kill('SIGHUP')
+  const line = await logged(output, /config reloaded/, from)
+  t.match(JSON.parse(line), { msg: /SIGHUP: config reloaded: clients\[team-c\] \(added\), clients\[team-b\] \(removed\)/ })
+  t.equal((await create(url, KEY_C)).status, 200, 'the new client\'s key works')
+  const revoked = await create(url, KEY_B)
+  t.same([revoked.status, codeOf(revoked)], [401, 'invalid_api_key'], 'the removed client\'s key is refused')
+  t.equal((await create(url, KEY_A)).status, 200, 'the unchanged client is served as before')
+  t.equal(child.exitCode, null, 'SIGHUP does not end the process')
+
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  t.equal((await exited)[0], 0)
+  const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>)
+  t.match(records.filter(r => r.clientId === 'team-c'), [{ keyId: 'c-2025', status: 200 }], 'the audit names the key that was used')
+})
+
+t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {
+  const upstream = await fakeUpstream(t)
+  const held: Array<() => void> = []
+  upstream.respond = (req: IncomingMessage, res: ServerResponse) => {
+    if (req.url === '/v1/conversations/conv_1') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"conv_1","object":"conversation","metadata":{"gateway_owner":"team-a"}}')
+      return
+    }
+    const answer = () => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') }
+    if (req.headers.authorization === 'Bearer sk-old-token') held.push(answer)
+    else answer()
+  }
+  const { file, dir } = configFile('')
+  const tokenFile = join(dir, 'ohmygpt-token')
+  writeFileSync(tokenFile, 'sk-old-token\n')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], '', `apiKeyFile: "${tokenFile}"`))
+  const { child, url, output } = await startBin(t, file, {})
+  const inFlight = call(url, 'GET', '/v1/conversations/conv_1/items', { key: KEY_A })
+  await eventually(async () => held.length === 1, 'the first call held at the upstream')
+
+  writeFileSync(tokenFile, 'sk-new-token\n')
+  const from = lineCount(output)
+  child.kill('SIGHUP')
+  await logged(output, /config reloaded: upstream\.apiKey/, from)
+  const next = await call(url, 'GET', '/v1/conversations/conv_1/items', { key: KEY_A })
+  t.equal(next.status, 200)
+  held[0]!()
+  t.equal((await inFlight).status, 200, 'the call in flight at the reload finishes')
+  const seen = upstream.requests.filter(r => r.url === '/v1/conversations/conv_1/items').map(r => r.headers.authorization)
+  t.same(seen, ['Bearer sk-old-token', 'Bearer sk-new-token'], 'the upstream saw the old token, then the new one')
+  t.notOk(/sk-(old|new)-token/.test(output.text + output.err), 'neither token is in the log')
+})
+
+t.test('an invalid config is refused in one log line and the running config stays in force', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+  const { child, url, output } = await startBin(t, file, {})
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }], 'limits: { bodyBytes: 0 }'))
+  const from = lineCount(output)
+  child.kill('SIGHUP')
+  const line = await logged(output, /config reload refused/, from)
+  t.match(JSON.parse(line), { level: 50, msg: /SIGHUP: config reload refused, the running config stays in force: .*limits\.bodyBytes: must be >= 1/ })
+  t.equal(output.text.split('\n').slice(from).filter(l => /reload/.test(l)).length, 1, 'one line')
+  t.equal((await create(url, KEY_A)).status, 200, 'the running config serves on')
+  t.equal((await create(url, KEY_C)).status, 401, 'nothing of the refused file was applied')
+
+  writeFileSync(file, 'clients: [')
+  child.kill('SIGHUP')
+  await logged(output, /config reload refused.*YAML/, from)
+  t.equal((await create(url, KEY_A)).status, 200, 'nor of a file that is not YAML')
+})
+
+t.test('a changed listen.port is reported as needing a restart; the rest of the file is applied', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+  const { child, url, output } = await startBin(t, file, {})
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }])
+    .replace('port: 0', 'port: 1'))
+  const from = lineCount(output)
+  child.kill('SIGHUP')
+  const line = await logged(output, /applied only by a restart/, from)
+  t.match(JSON.parse(line), { level: 40, needRestart: ['listen.port'], msg: /SIGHUP: changed in .* but applied only by a restart \(the running values stay\): listen\.port/ })
+  t.equal((await create(url, KEY_C)).status, 200, 'the new client is served, on the port the gateway listens on')
+})
+
+t.test('start --watch reloads when the file is replaced (as editors save) or written in place', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+  const { url, output } = await startBin(t, file, {}, ['--watch'])
+  await logged(output, /watching the config file/)
+  const saved = join(dir, '.gateway.yaml.swp')
+  writeFileSync(saved, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }]))
+  renameSync(saved, file)
+  await eventually(async () => (await create(url, KEY_C)).status === 200, 'the new client is served after the rename')
+  t.match(output.text, /gateway\.yaml changed: config reloaded: clients\[team-c\] \(added\)/)
+
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+  await eventually(async () => (await create(url, KEY_C)).status === 401, 'and refused after the file is written in place')
+})
+
+t.test('start --watch follows a Kubernetes ConfigMap update (the ..data symlink swapped to a new directory)', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  const version = (name: string, clients: ClientSpec[]) => {
+    mkdirSync(join(dir, name))
+    writeFileSync(join(dir, name, 'gateway.yaml'), gatewayYaml(dir, upstream.url, clients))
+  }
+  version('..v1', [{ id: 'team-a', key: KEY_A }])
+  symlinkSync('..v1', join(dir, '..data'))
+  rmSync(file)
+  symlinkSync(join('..data', 'gateway.yaml'), file)
+  const { url, output } = await startBin(t, file, {}, ['--watch'])
+  await logged(output, /watching the config file/)
+  version('..v2', [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }])
+  symlinkSync('..v2', join(dir, '..data_tmp'))
+  renameSync(join(dir, '..data_tmp'), join(dir, '..data'))
+  await eventually(async () => (await create(url, KEY_C)).status === 200, 'the new client is served after the swap')
+})
+
+t.test('token buckets survive a reload: unchanged limits keep their state, a raised burst hands out no fresh tokens, a new rate applies at once', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  const slow = { id: 'team-a', key: KEY_A, rateLimit: '{ requestsPerMinute: 1, burst: 2 }' }
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [slow]))
+  const { child, url, output } = await startBin(t, file, {})
+  const statuses = async () => [(await create(url, KEY_A)).status]
+  t.same([...await statuses(), ...await statuses(), ...await statuses()], [200, 200, 429])
+
+  const reload = async (clients: ClientSpec[], what: RegExp) => {
+    writeFileSync(file, gatewayYaml(dir, upstream.url, clients))
+    const from = lineCount(output)
+    child.kill('SIGHUP')
+    await logged(output, what, from)
+  }
+  await reload([slow, { id: 'team-c', key: KEY_C }], /config reloaded: clients\[team-c\] \(added\)/)
+  t.same(await statuses(), [429], 'unchanged limits: the empty bucket is still empty')
+  await reload([{ ...slow, rateLimit: '{ requestsPerMinute: 1, burst: 50 }' }], /config reloaded: clients\[team-a\]\.rateLimit\.burst/)
+  t.same(await statuses(), [429], 'a raised burst: still empty, refilled at the client\'s rate')
+  await reload([{ ...slow, rateLimit: '{ requestsPerMinute: 6000000, burst: 50 }' }], /config reloaded: clients\[team-a\]\.rateLimit\.requestsPerMinute/)
+  const fast = await create(url, KEY_A)
+  t.equal(fast.status, 200, 'the new rate refills the bucket at once')
+  t.equal(fast.headers['x-ratelimit-limit-requests'], '6000000')
+})
+
+// ---- inside the app: what app.applyConfig does ----
+
+function withConfig (config: GatewayConfig, change: (raw: Record<string, unknown>) => void): GatewayConfig {
+  const raw = JSON.parse(JSON.stringify(config)) as Record<string, unknown>
+  change(raw)
+  return parseConfig(raw)
+}
+
+t.test('new upstream lines take new calls while a call in flight finishes on the old line, whose pool then closes', async t => {
+  const [oldLine, newLine] = [await fakeUpstream(t), await fakeUpstream(t)]
+  const gw = await startGateway(t, ...withoutOwnership(oldLine.url))
+  const released: Array<() => void> = []
+  oldLine.respond = (_req, res) => { released.push(() => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') }) }
+  const inFlight = call(gw.url, 'GET', '/v1/conversations/conv_1/items')
+  await eventually(async () => released.length === 1, 'the call held on the old line')
+
+  const change = gw.app.applyConfig(withConfig(gw.config, raw => {
+    (raw.upstream as Record<string, unknown>).baseUrls = [newLine.url]
+    ;(raw.upstream as Record<string, unknown>).timeoutMs = 3000
+  }))
+  t.same(change, { applied: ['upstream.baseUrls', 'upstream.timeoutMs'], needRestart: [] })
+  newLine.respond = faults.status(200)
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_2/items')).status, 200)
+  t.equal(newLine.requests.length, 1, 'the new call went to the new line')
+  t.equal(oldLine.requests.length, 1, 'and not to the old one')
+  t.equal(oldLine.connections(), 1, 'the old line\'s connection stays open while its call is in flight')
+  released[0]!()
+  t.equal((await inFlight).status, 200, 'the call in flight finished on the old line')
+  await eventually(async () => oldLine.connections() === 0, 'the old pool closes once its call is done')
+  t.match(gw.app.currentConfig().upstream, { baseUrls: [newLine.url], timeoutMs: 3000 })
+})
+
+t.test('limits.bodyBytes applies at once: declared and chunked bodies over the new limit get 413', async t => {
+  const upstream = await fakeUpstream(t)
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const body = JSON.stringify({ metadata: { topic: 'x'.repeat(100) } })
+  t.equal((await call(gw.url, 'POST', '/v1/conversations', { body })).status, 200)
+  t.same(gw.app.applyConfig(withConfig(gw.config, raw => { raw.limits = { bodyBytes: 64 } })), { applied: ['limits.bodyBytes'], needRestart: [] })
+  const declared = await call(gw.url, 'POST', '/v1/conversations', { body })
+  t.same([declared.status, codeOf(declared)], [413, 'request_too_large'])
+  t.match(JSON.parse(declared.body), { error: { message: /larger than the 64 bytes/ } })
+  t.equal(await chunkedPost(gw.url, body), 413, 'a chunked body (no length declared) is cut at the new limit too')
+  t.equal((await call(gw.url, 'POST', '/v1/conversations', { body: '{}' })).status, 200, 'a body within it is served')
+})
+
+t.test('every top-level config key is either applied by a reload or reported as needing a restart', async t => {
+  const keys = Object.keys(ConfigSchema.properties).sort()
+  t.same([...RELOADABLE, ...RESTART_ONLY].sort(), keys)
+})
+
+t.test('what a reload reports: key paths only, never a value, and the restart-only sections keep their running values', async t => {
+  const running = testConfig('http://127.0.0.1:9')
+  const next = withConfig(running, raw => {
+    (raw.upstream as Record<string, unknown>).apiKey = 'sk-rotated-SECRET'
+    ;(raw.listen as Record<string, unknown>).port = 9999
+    raw.trustProxy = ['10.0.0.0/8']
+    ;(raw.clients as Array<Record<string, unknown>>)[0]!.scopes = ['read']
+    raw.shutdown = { graceMs: 5000 }
+  })
+  const result = reloaded(running, next)
+  t.same(result.applied, ['upstream.apiKey', 'clients[team-full].scopes', 'shutdown.graceMs'])
+  t.same(result.needRestart, ['listen.port', 'trustProxy'])
+  t.notOk(JSON.stringify([result.applied, result.needRestart]).includes('SECRET'), 'no value in the report')
+  t.equal(result.config.listen.port, running.listen.port, 'listen stays as it runs')
+  t.same(result.config.trustProxy, false)
+  t.equal(result.config.upstream.apiKey, 'sk-rotated-SECRET')
+  t.ok(Object.isFrozen(result.config))
+})
+
+t.test('a client added by a reload gets its own label in /metrics, not "other"', async t => {
+  const upstream = await fakeUpstream(t)
+  const token = 'metrics-token-0123456789'
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token } }))
+  const key = generateKey()
+  gw.app.applyConfig(withConfig(gw.config, raw => {
+    (raw.clients as unknown[]).push({ id: 'team-new', keySha256: keyDigest(key), scopes: ['write'] })
+  }))
+  t.equal((await create(gw.url, key)).status, 200)
+  await eventually(async () => gw.audit().length === 1, 'the call audited')
+  const text = await (await fetch(`${gw.url}/metrics`, { headers: { authorization: `Bearer ${token}` } })).text()
+  t.match(text, /gateway_requests_total\{client="team-new",action="conversation\.create",status="200",outcome="ok"\} 1/)
+})
+
+t.test('an expired key gets 401 invalid_api_key like an unknown one; the client\'s other key works and is named in the audit', async t => {
+  const upstream = await fakeUpstream(t)
+  const [oldKey, newKey] = [generateKey(), generateKey()]
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    clients: [{
+      id: 'team-rot',
+      keys: [
+        { id: 'old', sha256: keyDigest(oldKey), expiresAt: '2020-01-01T00:00:00Z' },
+        { id: 'new', sha256: keyDigest(newKey), expiresAt: '2999-01-01T00:00:00+02:00' }
+      ],
+      scopes: ['read', 'write']
+    }]
+  }))
+  const expired = await create(gw.url, oldKey)
+  const unknown = await create(gw.url, generateKey())
+  t.same([expired.status, JSON.parse(expired.body)], [401, JSON.parse(unknown.body)], 'the same answer as an unknown key')
+  t.equal(codeOf(expired), 'invalid_api_key')
+  t.equal((await create(gw.url, newKey)).status, 200)
+  await eventually(async () => gw.audit().length === 3, 'three records')
+  t.match(gw.audit(), [
+    { clientId: null, keyId: null, status: 401, outcome: 'denied' },
+    { clientId: null, keyId: null, status: 401 },
+    { clientId: 'team-rot', keyId: 'new', status: 200, outcome: 'ok' }
+  ])
+})
+
+t.test('a key is refused from its expiresAt on, even one already found valid and remembered', async t => {
+  let now = Date.parse('2030-01-01T00:00:00Z')
+  const key = generateKey()
+  const directory = new ClientDirectory([{
+    id: 'team-a', keys: [{ id: 'k1', sha256: keyDigest(key), expiresAt: '2030-01-01T00:01:00Z' }], scopes: ['read'], rateLimit: { requestsPerMinute: 1, burst: 1 }
+  }], () => now)
+  t.match(directory.find(key), { client: { id: 'team-a' }, keyId: 'k1' })
+  now += 59_999
+  t.ok(directory.find(key), 'valid until its expiresAt')
+  now += 1
+  t.equal(directory.find(key), null, 'refused at it')
+})
+
+t.test('/readyz: 503 "starting" before listening, "upstream_unavailable" with every line skipped, "audit_unavailable" while the audit refuses calls', async t => {
+  const upstream = await fakeUpstream(t)
+  const starting = await buildApp(testConfig(upstream.url))
+  t.teardown(() => starting.close())
+  const before = await starting.inject('/readyz')
+  t.same([before.statusCode, before.json()], [503, { status: 'starting' }])
+
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, failureThreshold: 1, cooldownMs: 60000, retries: 0 } }))
+  t.same(await (await fetch(`${gw.url}/readyz`)).json(), { status: 'ready' })
+  t.equal((await fetch(`${gw.url}/readyz`, { method: 'HEAD' })).status, 200)
+  upstream.respond = faults.status(503)
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_1/items')).status, 503)
+  const down = await fetch(`${gw.url}/readyz`)
+  t.same([down.status, await down.json()], [503, { status: 'upstream_unavailable' }])
+  t.equal((await fetch(`${gw.url}/healthz`)).status, 200, '/healthz stays 200')
+
+  const failing: AuditWriter = { write () {}, available: false, stats: () => ({ written: 0, failed: 1, lost: 0 }), reopen () {}, close: async () => {} }
+  const refusing = await startGateway(t, testConfig(upstream.url), { auditWriter: failing })
+  upstream.respond = null
+  const res = await fetch(`${refusing.url}/readyz`)
+  t.same([res.status, await res.json()], [503, { status: 'audit_unavailable' }])
+})
+
+t.test('check-config refuses a client with both key forms, or neither', async t => {
+  const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
+  const both = { id: 'a', keySha256: keyDigest(KEYS.full), keys: [{ id: 'k', sha256: keyDigest(KEY_A) }], scopes: ['read'] }
+  t.throws(() => parseConfig({ ...base, clients: [both] }), { message: /clients\[0\]: give either keySha256 or keys, not both/ })
+  t.throws(() => parseConfig({ ...base, clients: [{ id: 'a', scopes: ['read'] }] }), { message: /clients\[0\]: give either keySha256 or keys, not neither/ })
+  t.throws(() => parseConfig({ ...base, clients: [{ ...both, keySha256: undefined, keys: [{ id: 'k', sha256: keyDigest(KEY_A), expiresAt: 'tomorrow' }] }] }),
+    { message: /clients\[0\]\.keys\[0\]\.expiresAt: must match/ })
+})
+
+t.test('upstream.apiKeyFile: the token is read from the file (one trailing line break dropped); exactly one of the two forms', async t => {
+  const { dir } = configFile('')
+  const file = join(dir, 'token')
+  writeFileSync(file, 'sk-from-file\n')
+  t.equal(parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }).upstream.apiKey, 'sk-from-file')
+  t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file, apiKey: 'k' } }), { message: /upstream: give either apiKey or apiKeyFile, not both/ })
+  t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'] } }), { message: /upstream\.apiKey: is required \(or upstream\.apiKeyFile\)/ })
+  t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: join(dir, 'missing') } }), { message: /upstream\.apiKeyFile: cannot read .*ENOENT/ })
+  writeFileSync(file, 'sk-one\nsk-two\n')
+  t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file must hold the token alone/ })
+})

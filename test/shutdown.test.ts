@@ -1,0 +1,171 @@
+// Stopping the gateway as an orchestrator does: a real process, real signals, small configured times.
+// /readyz turns 503 at the signal, calls are still served for shutdown.drainDelayMs, then in-flight calls get
+// shutdown.graceMs, a hard bound; every call is audited; signals the gateway has no use for do not end it.
+import { once } from 'node:events'
+import { Agent, request, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import t, { type Test } from 'tap'
+import { keyDigest } from '../src/keys.js'
+import { configFile, startBin } from './fixtures/bin.js'
+import { eventually } from './fixtures/eventually.js'
+import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+
+const KEY = 'ogw_shutdown-test-key'
+
+function gatewayYaml (dir: string, upstream: string, shutdown: string, upstreamExtra = ''): string {
+  return `
+listen: { host: 127.0.0.1, port: 0 }
+log: { level: info }
+upstream: { baseUrls: ["${upstream}"], apiKey: ${UPSTREAM_TOKEN}${upstreamExtra} }
+audit: { file: "${join(dir, 'audit.jsonl')}" }
+shutdown: ${shutdown}
+clients:
+  - { id: team-a, keySha256: "${keyDigest(KEY)}", scopes: [read, write, delete], rateLimit: { requestsPerMinute: 100000, burst: 100000 } }
+`
+}
+
+interface Answer { status: number, headers: IncomingHttpHeaders, body: string }
+
+/** One call, on `agent`'s connections (keep-alive) or on a connection of its own. */
+function get (url: string, path: string, agent: Agent | false = false): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    const req = request(url + path, { agent, headers: { authorization: `Bearer ${KEY}` } }, res => {
+      let body = ''
+      res.on('data', (c: Buffer) => { body += c.toString() })
+      res.on('end', () => { resolve({ status: res.statusCode!, headers: res.headers, body }) })
+      res.on('error', reject)
+    })
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+/**
+ * An upstream on which team-a owns conv_1 (the gateway's ownership lookups are answered at once) and whose item
+ * lists are held until the test releases them.
+ */
+async function holdingUpstream (t: Test): Promise<FakeUpstream & { held: Array<{ req: IncomingMessage, release: () => void }> }> {
+  const upstream = Object.assign(await startUpstream(), { held: [] as Array<{ req: IncomingMessage, release: () => void }> })
+  t.teardown(() => upstream.close())
+  upstream.respond = (req: IncomingMessage, res: ServerResponse) => {
+    if (req.url === '/v1/conversations/conv_1') {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end('{"id":"conv_1","object":"conversation","metadata":{"gateway_owner":"team-a"}}')
+      return
+    }
+    upstream.held.push({ req, release: () => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') } })
+  }
+  return upstream
+}
+
+function auditRecords (dir: string): Array<Record<string, unknown>> {
+  return readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>)
+    .filter(r => r.event === undefined)
+}
+
+t.test('SIGTERM: 50 slow calls in flight all complete with 200, each kept-alive connection closes, all 50 records are on disk, exit 0', async t => {
+  const upstream = await holdingUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 20000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const agent = new Agent({ keepAlive: true, maxSockets: 50 })
+  t.teardown(() => agent.destroy())
+  const calls = Array.from({ length: 50 }, () => get(url, '/v1/conversations/conv_1/items', agent))
+  await eventually(async () => upstream.held.length === 50, '50 calls held at the upstream')
+
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  await eventually(async () => output.text.includes('stopped accepting connections'), 'the gateway stops accepting')
+  child.kill('SIGTERM')
+  const refused = await get(url, '/healthz').then(a => a.status, (err: NodeJS.ErrnoException) => err.code)
+  t.equal(refused, 'ECONNREFUSED', 'a new connection is refused')
+  for (const { release } of upstream.held) release()
+
+  const answers = await Promise.all(calls)
+  t.same(answers.map(a => a.status), Array(50).fill(200), 'every in-flight call completed with 200')
+  t.ok(answers.every(a => a.headers.connection === 'close'), 'every answer closes its kept-alive connection')
+  const [code] = await exited
+  t.equal(code, 0)
+  const records = auditRecords(dir)
+  t.equal(records.length, 50, 'fifty records on disk')
+  t.ok(records.every(r => r.status === 200 && r.outcome === 'ok' && r.action === 'item.list'), 'each one complete and ok')
+  t.match(output.text, /SIGTERM: already shutting down/, 'a second SIGTERM changes nothing')
+})
+
+t.test('at SIGINT /readyz turns 503 draining at once while calls are still served for drainDelayMs; then accepting stops', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 3000, graceMs: 5000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const ready = await get(url, '/readyz')
+  t.same([ready.status, JSON.parse(ready.body)], [200, { status: 'ready' }], 'ready before the signal')
+
+  const exited = once(child, 'exit')
+  child.kill('SIGINT')
+  const draining = await eventually(async () => {
+    const a = await get(url, '/readyz')
+    return a.status === 503 ? a : null
+  }, '/readyz turns 503')
+  t.same(JSON.parse(draining.body), { status: 'draining' })
+  t.equal((await get(url, '/healthz')).status, 200, '/healthz (liveness) stays 200')
+  await new Promise(resolve => setTimeout(resolve, 1000))
+  const served = await new Promise<number>((resolve, reject) => {
+    const req = request(`${url}/v1/conversations`, {
+      method: 'POST', agent: false, headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' }
+    }, res => { res.resume(); res.on('end', () => resolve(res.statusCode!)) })
+    req.on('error', reject)
+    req.end('{"metadata":{"topic":"during the drain delay"}}')
+  })
+  t.equal(served, 200, 'a new call a second into the drain delay is served')
+  await eventually(async () => await get(url, '/healthz').then(() => false, (err: NodeJS.ErrnoException) => err.code === 'ECONNREFUSED'),
+    'after the delay, connections are refused')
+  const [code] = await exited
+  t.equal(code, 0)
+  t.match(auditRecords(dir), [{ action: 'conversation.create', status: 200, outcome: 'ok' }], 'the call is audited; the probes are not')
+  t.match(output.text, /SIGINT: shutting down: \/readyz answers 503; serving for 3000 ms more/)
+})
+
+t.test('a call hanging on the upstream does not hold the process past shutdown.graceMs: aborted, audited aborted, exit 1', async t => {
+  const upstream = await holdingUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 500 }', ', timeoutMs: 60000'))
+  const { child, url, output } = await startBin(t, file, {})
+  const call = get(url, '/v1/conversations/conv_1/items').then(a => a.status, (err: NodeJS.ErrnoException) => err.code)
+  await eventually(async () => upstream.held.length === 1, 'the call held at the upstream')
+  let upstreamClosed = false
+  upstream.held[0]!.req.socket.once('close', () => { upstreamClosed = true })
+
+  const exited = once(child, 'exit')
+  const signalled = Date.now()
+  child.kill('SIGTERM')
+  const [code] = await exited
+  const took = Date.now() - signalled
+  t.equal(code, 1, 'exit 1: a call had to be aborted')
+  t.ok(took < 10_000, `the process ended ${took} ms after SIGTERM, long before upstream.timeoutMs (60 s)`)
+  t.equal(await call, 'ECONNRESET', 'the client\'s connection was closed without an answer')
+  await eventually(async () => upstreamClosed, 'the upstream request was aborted')
+  t.match(auditRecords(dir), [{ action: 'item.list', status: 499, outcome: 'aborted' }], 'the call is on disk, audited aborted')
+  t.match(output.text, /shutdown grace of 500 ms over: aborting the calls still in flight/)
+})
+
+t.test('signals the gateway has no use for are logged and ignored: none ends it, and SIGUSR1 opens no debugger', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, 'http://127.0.0.1:9', '{ drainDelayMs: 0, graceMs: 1000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const logged = ['SIGUSR1', 'SIGALRM', 'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGIO', 'SIGPWR', 'SIGSTKFLT'] as const
+  for (const signal of [...logged, 'SIGPIPE'] as const) child.kill(signal)
+  for (const signal of logged) {
+    await eventually(async () => output.text.includes(`${signal}: ignored`), `the log says ${signal} was ignored`)
+  }
+  t.equal((await get(url, '/healthz')).status, 200, 'still serving')
+  t.equal(child.exitCode, null, 'still running')
+  t.notMatch(output.err, /Debugger listening/, 'no inspector was opened')
+
+  const exited = once(child, 'exit')
+  child.kill('SIGQUIT')
+  const [code, signal] = await exited
+  t.same([code, signal], [0, null], 'SIGQUIT shuts down gracefully too')
+  t.match(output.text, /SIGQUIT: shutting down/)
+})
