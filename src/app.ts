@@ -18,7 +18,7 @@ import { reloaded, type ConfigChange } from './reload.js'
 import { createAppLogger, DebugRequestLogController, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body from './plugins/body.js'
+import body, { hasBody } from './plugins/body.js'
 import health from './plugins/health.js'
 import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
@@ -222,7 +222,8 @@ function errorHandler (config: GatewayConfig) {
     if (err.statusCode >= 500 && !isGatewayError(error)) {
       request.log.error({ err: error }, 'unhandled error')
     }
-    if (!request.raw.complete) {
+    // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
+    if (hasBody(request.headers) && !request.raw.complete) {
       // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it:
       // the connection cannot carry another request after this one. Any other body still coming is discarded,
       // within bounds.

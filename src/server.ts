@@ -54,8 +54,9 @@ export async function startServer (
   let stoppedAccepting = false
 
   // Answers sent once accepting has stopped close their connection, so no kept-alive client lingers.
-  app.addHook('onSend', async (_request, reply) => {
+  app.addHook('onSend', (_request, reply, payload, done) => {
     if (stoppedAccepting) reply.header('connection', 'close')
+    done(null, payload)
   })
 
   // Signals are answered from before the gateway listens: none that comes early may end it or open a debugger.

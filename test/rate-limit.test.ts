@@ -76,7 +76,7 @@ t.test('cost takes several tokens at once or none; a cost above burst is never g
   c.tick(60_000)
   t.equal((await store.take('a', RULE, 6)).allowed, false, 'burst is 5')
   t.equal((await store.peek('a', RULE)).remaining, 5, 'and it took nothing')
-  await t.rejects(store.take('a', RULE, -1), RangeError)
+  t.throws(() => store.take('a', RULE, -1), RangeError)
 })
 
 t.test('charge never refuses and may go into debt; takes wait until refill covers the debt and the cost', async t => {
@@ -91,7 +91,7 @@ t.test('charge never refuses and may go into debt; takes wait until refill cover
   t.equal((await store.take('a', RULE)).allowed, false)
   c.tick(1)
   t.equal((await store.take('a', RULE)).allowed, true)
-  await t.rejects(store.charge('a', RULE, Number.POSITIVE_INFINITY), RangeError)
+  t.throws(() => store.charge('a', RULE, Number.POSITIVE_INFINITY), RangeError)
 })
 
 t.test('reset durations use OpenAI\'s format', async t => {

@@ -98,9 +98,14 @@ export class OwnerCache {
     this.#missingTtlMs = opts.missingTtlMs
   }
 
-  async get (id: string, fetch: () => Promise<Owner>): Promise<Owner> {
+  /** The owner of `id`: at once when it is cached (the common case, no promise), else from `fetch`. */
+  get (id: string, fetch: () => Promise<Owner>): Owner | Promise<Owner> {
     const cached = this.#cache.get(id)
     if (cached !== undefined) return cached
+    return this.#fetch(id, fetch)
+  }
+
+  async #fetch (id: string, fetch: () => Promise<Owner>): Promise<Owner> {
     let pending = this.#inFlight.get(id)
     if (pending === undefined) {
       pending = fetch().then(owner => {

@@ -22,17 +22,22 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
   app.decorateRequest('client', null)
   app.decorateRequest('keyId', null)
 
-  app.addHook('onRequest', async (request) => {
-    if (request.operation === null) return
+  // Callback style (it runs on every call); a thrown refusal is the hook's error.
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (request.operation === null) {
+      done()
+      return
+    }
     const key = BEARER.exec(request.headers.authorization ?? '')?.[1]
     const holder = key === undefined ? null : directory.find(key)
     if (holder !== null) {
       request.client = holder.client
       request.keyId = holder.keyId
+      done()
       return
     }
     const perMinute = failuresPerMinute()
-    const counted = await failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute })
+    const counted = failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute })
     if (counted.allowed) throw new InvalidApiKeyError()
     const err = new TooManyAuthFailuresError(formatDuration(counted.retryAfterMs))
     err.headers = { 'retry-after': String(Math.max(1, Math.ceil(counted.retryAfterMs / 1000))) }

@@ -5,7 +5,7 @@
 // Fastify's parser when the plugin is registered, so a config reload changes it.
 import type { IncomingHttpHeaders } from 'node:http'
 import { Readable } from 'node:stream'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
   InvalidJsonError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
@@ -24,7 +24,8 @@ export function isJsonMediaType (header: string | undefined): boolean {
   return type === 'application/json'
 }
 
-function hasBody (headers: IncomingHttpHeaders): boolean {
+/** The request announces a body (a length above zero, or chunked framing). */
+export function hasBody (headers: IncomingHttpHeaders): boolean {
   const length = headers['content-length']
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
 }
@@ -80,7 +81,12 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
 
   // Before a byte of the body is read: framing (501), coding and media type (415), declared size (413). Only then
   // is a client that waits for `100 Continue` told to send its body.
-  app.addHook('preParsing', async (request, reply) => {
+  app.addHook('preParsing', (request, reply, payload, done) => {
+    checkDeclared(request, reply)
+    done(null, payload)
+  })
+
+  function checkDeclared (request: FastifyRequest, reply: FastifyReply): void {
     const headers = request.headers
     if (!hasBody(headers)) return
     const transfer = headers['transfer-encoding']
@@ -97,7 +103,7 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     const limit = bodyBytes()
     if (Number(headers['content-length']) > limit) throw new RequestTooLargeError(String(limit))
     if (headers.expect?.toLowerCase() === '100-continue') reply.raw.writeContinue()
-  })
+  }
 
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {

@@ -60,6 +60,11 @@ function conversationParam (body: unknown): string | undefined {
   return typeof id === 'string' ? id : undefined
 }
 
+/** Goes on with `next` at once for a value, or once a promise has settled. */
+function then<T> (value: T | Promise<T>, next: (value: T) => void): void | Promise<void> {
+  return value instanceof Promise ? value.then(next) : next(value)
+}
+
 function previousResponseParam (body: unknown): string | undefined {
   const value = (body as { previous_response_id?: unknown } | undefined)?.previous_response_id
   return typeof value === 'string' ? value : undefined
@@ -70,17 +75,20 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
 
-  /** The owner of `id`, from the cache or the upstream; a bad or missing answer fails closed (502/504). */
-  async function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Promise<Owner> {
+  /**
+   * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream; a bad or
+   * missing answer fails closed (502/504).
+   */
+  function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Owner | Promise<Owner> {
     if (!ID_PATTERN.test(id)) return 'missing' // nothing with such an id can exist, or be asked about
-    return await cache.get(id, async () => {
+    return cache.get(id, async () => {
       try {
         const answer = await upstream.call({
           method: 'GET',
           path: `/v1/${kind}s/${id}`,
           headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
           body: null,
-          signal: clientGone(reply)
+          whenClientGone: clientGone(reply)
         })
         const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
         if (answer.statusCode === 404) return 'missing'
@@ -94,17 +102,20 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     })
   }
 
-  /** Looks `id` up and lets the call on only if `client` may act on it; returns its owner. */
-  async function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
-    request: FastifyRequest, reply: FastifyReply): Promise<string | null> {
-    const found = await lookup(kind, id, request, reply)
-    const [Missing, NotYours] = REFUSALS[refusal]
-    if (found === 'missing') throw new Missing(id)
-    request.ownerId = found.owner // the audit names whom a refused call was after
-    const allowed = client.scopes.includes('admin') || found.owner === client.id ||
-      (found.owner === null && opts.unowned() === 'allow')
-    if (!allowed) throw new NotYours(id)
-    return found.owner
+  /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
+  function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
+    request: FastifyRequest, reply: FastifyReply): string | null | Promise<string | null> {
+    const decide = (found: Owner): string | null => {
+      const [Missing, NotYours] = REFUSALS[refusal]
+      if (found === 'missing') throw new Missing(id)
+      request.ownerId = found.owner // the audit names whom a refused call was after
+      const allowed = client.scopes.includes('admin') || found.owner === client.id ||
+        (found.owner === null && opts.unowned() === 'allow')
+      if (!allowed) throw new NotYours(id)
+      return found.owner
+    }
+    const found = lookup(kind, id, request, reply)
+    return found instanceof Promise ? found.then(decide) : decide(found)
   }
 
   /** The created object's id is remembered as the client's, before the client sees it without the owner key. */
@@ -119,7 +130,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     }
   }
 
-  app.addHook('preHandler', async (request, reply) => {
+  /** A create: its owner goes into the body's metadata, and the new object's id into the cache. */
+  function prepareCreate (request: FastifyRequest, client: ClientConfig): void {
+    request.ownerId = client.id
+    request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
+    const remember = rememberCreated(request, client)
+    addAnswerRewrite(request, remember)
+    addEventRewrite(request, event => {
+      const response = (event as { response?: unknown } | null)?.response
+      if (response !== undefined) remember(response)
+      return event
+    })
+  }
+
+  /** The check for one call: done at once when every owner it needs is cached, else a promise. */
+  function check (request: FastifyRequest, reply: FastifyReply): void | Promise<void> {
     const op = request.operation
     const client = request.client
     if (op === null || client === null) return
@@ -128,43 +153,45 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       addEventRewrite(request, eventWithoutOwner)
     }
 
-    switch (op.action) {
-      case 'conversation.create':
-      case 'response.create': {
-        refuseMetadata(metadataProblem(request.parsedBody))
-        if (op.action === 'response.create') {
-          const conversation = conversationParam(request.parsedBody)
-          if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
-          const previous = previousResponseParam(request.parsedBody)
-          if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
-        }
-        request.ownerId = client.id
-        request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
-        const remember = rememberCreated(request, client)
-        addAnswerRewrite(request, remember)
-        addEventRewrite(request, event => {
-          const response = (event as { response?: unknown } | null)?.response
-          if (response !== undefined) remember(response)
-          return event
-        })
-        return
-      }
+    if (op.action === 'conversation.create') {
+      refuseMetadata(metadataProblem(request.parsedBody))
+      prepareCreate(request, client)
+      return
+    }
+    if (op.action === 'response.create') {
+      refuseMetadata(metadataProblem(request.parsedBody))
+      const conversation = conversationParam(request.parsedBody)
+      const previous = previousResponseParam(request.parsedBody)
+      return (async () => {
+        if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
+        if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
+        prepareCreate(request, client)
+      })()
     }
 
     if (op.responseId !== null) {
-      await authorize('response', 'response', op.responseId, client, request, reply)
-      if (op.action === 'response.delete') cache.delete(op.responseId)
-      return
+      const responseId = op.responseId
+      return then(authorize('response', 'response', responseId, client, request, reply), () => {
+        if (op.action === 'response.delete') cache.delete(responseId)
+      })
     }
 
     const id = op.conversationId!
     if (op.action === 'conversation.update') refuseMetadata(metadataProblem(request.parsedBody))
-    const owner = await authorize('conversation', 'conversation', id, client, request, reply)
-    if (op.action === 'conversation.update') {
-      const merged = updateBody(request.parsedBody, owner)
-      if (merged !== null) request.upstreamBody = Buffer.from(JSON.stringify(merged))
-    } else if (op.action === 'conversation.delete') {
-      cache.delete(id)
-    }
+    return then(authorize('conversation', 'conversation', id, client, request, reply), owner => {
+      if (op.action === 'conversation.update') {
+        const merged = updateBody(request.parsedBody, owner)
+        if (merged !== null) request.upstreamBody = Buffer.from(JSON.stringify(merged))
+      } else if (op.action === 'conversation.delete') {
+        cache.delete(id)
+      }
+    })
+  }
+
+  // Callback style: with the owner cached (nearly every call), no promise is made.
+  app.addHook('preHandler', (request, reply, done) => {
+    const pending = check(request, reply)
+    if (pending instanceof Promise) pending.then(() => { done() }, done)
+    else done()
   })
 }, { name: 'ownership', dependencies: ['body'] })

@@ -89,11 +89,9 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<
   return out
 }
 
-/** Aborted when the client goes away before its answer is complete: the upstream call stops with it. */
-export function clientGone (reply: FastifyReply): AbortSignal {
-  const controller = new AbortController()
-  reply.raw.once('close', () => { if (!reply.raw.writableFinished) controller.abort() })
-  return controller.signal
+/** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
+export function clientGone (reply: FastifyReply): (abort: () => void) => void {
+  return abort => { reply.raw.once('close', () => { if (!reply.raw.writableFinished) abort() }) }
 }
 
 function isJson (headers: IncomingHttpHeaders): boolean {
@@ -147,7 +145,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         path: options.path,
         headers,
         body: request.upstreamBody,
-        signal: clientGone(reply)
+        whenClientGone: clientGone(reply)
       }).then(answer => {
         request.upstreamCall = { line: answer.line, attempts: answer.attempts }
         request.upstream = {
@@ -209,7 +207,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const res = raw as unknown as UpstreamResponse
       // reply-from calls this even after it answered 502 for an invalid upstream status.
       if (reply.sent) {
-        res.stream.destroy()
+        res.stream.on('error', () => {}).destroy() // thrown away: its abort is no one's error
         return
       }
       // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to

@@ -5,13 +5,13 @@
 // x-ratelimit-*-requests headers (and -tokens ones where a budget was checked), set in onSend so that nothing set
 // earlier (an upstream header of the same name included) can stand in their place. A store that cannot answer
 // (Redis down with store.onFailure: closed) refuses the call with 503; its answer then carries no x-ratelimit-*.
-import type { FastifyRequest } from 'fastify'
+import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
 import { RateLimitExceededError, RateLimitStoreUnavailableError, TokensRateLimitError } from '../errors.js'
 import { tokensUsed } from '../responses/usage.js'
 import {
-  StoreUnavailableError, type BucketRule, type RateLimitResult, type RateLimitStore
+  StoreUnavailableError, type Answer, type BucketRule, type RateLimitResult, type RateLimitStore
 } from '../stores/rate-limit-store.js'
 
 export interface RateLimitOptions {
@@ -60,58 +60,103 @@ function tokenRule (client: ClientConfig): BucketRule | null {
 
 const tokenKey = (client: ClientConfig) => `tokens:${client.id}`
 
+/** Runs `then` on a store's answer, now when it is one, later when it is a promise; errors go to `fail`. */
+function whenAnswered<T> (answer: Answer<T>, then: (value: T) => void, fail: (err: unknown) => void): void {
+  if (answer instanceof Promise) {
+    answer.then(then, fail)
+    return
+  }
+  then(answer)
+}
+
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   app.decorateRequest('rateLimit', null)
   app.decorateRequest('tokenBudget', null)
 
-  async function takeOrRefuse<T> (request: FastifyRequest, step: () => Promise<T>): Promise<T> {
+  /** A store that cannot answer becomes the call's 503; no second wait on it for this call's headers. */
+  function storeError (request: FastifyRequest, err: unknown): unknown {
+    if (!(err instanceof StoreUnavailableError)) return err
+    storeFailed.add(request)
+    return new RateLimitStoreUnavailableError()
+  }
+
+  /** Token budgets: a client whose answers have used up its tokens per minute gets 429 on its next generation,
+   * until refill; what a call uses is known only from its answer, and charged when the call ends. */
+  function checkBudget (request: FastifyRequest, reply: FastifyReply, client: ClientConfig, rule: BucketRule,
+    done: (err?: Error) => void): void {
+    const fail = (err: unknown) => { done(storeError(request, err) as Error) }
+    let answer: Answer<RateLimitResult>
     try {
-      return await step()
+      answer = store.peek(tokenKey(client), rule)
     } catch (err) {
-      if (!(err instanceof StoreUnavailableError)) throw err
-      // no second wait on the store for this call's headers
-      storeFailed.add(request)
-      throw new RateLimitStoreUnavailableError()
+      fail(err)
+      return
+    }
+    whenAnswered(answer, budget => {
+      request.tokenBudget = budget
+      if (!budget.allowed) {
+        const err = new TokensRateLimitError(client.id, String(rule.requestsPerMinute), formatDuration(budget.retryAfterMs))
+        err.headers = retryHeaders(budget.retryAfterMs)
+        done(err)
+        return
+      }
+      reply.raw.once('close', () => {
+        const used = request.responseFacts === null ? 0 : tokensUsed(request.responseFacts)
+        if (used > 0) chargeTokens(request, client, rule, used)
+      })
+      done()
+    }, fail)
+  }
+
+  function chargeTokens (request: FastifyRequest, client: ClientConfig, rule: BucketRule, used: number): void {
+    const failed = (err: unknown) => {
+      request.log.warn({ err: { message: (err as Error).message }, clientId: client.id, tokens: used }, 'token budget could not be charged')
+    }
+    try {
+      const answer = store.charge(tokenKey(client), rule, used)
+      if (answer instanceof Promise) answer.catch(failed)
+    } catch (err) {
+      failed(err)
     }
   }
 
-  app.addHook('onRequest', async (request, reply) => {
+  // Callback style: the memory store answers at once, and this runs on every call.
+  app.addHook('onRequest', (request, reply, done) => {
     const client = request.client
-    if (client === null) return
-    const result = await takeOrRefuse(request, async () => await store.take(client.id, client.rateLimit))
-    request.rateLimit = result
-    if (!result.allowed) {
-      const err = new RateLimitExceededError(client.id, formatDuration(result.retryAfterMs))
-      err.headers = retryHeaders(result.retryAfterMs)
-      throw err
+    if (client === null) {
+      done()
+      return
     }
-
-    // Token budgets: a client whose answers have used up its tokens per minute gets 429 on its next generation,
-    // until refill; what a call uses is known only from its answer, and charged when the call ends.
-    const rule = tokenRule(client)
-    if (rule === null || request.operation?.action !== 'response.create') return
-    const budget = await takeOrRefuse(request, async () => await store.peek(tokenKey(client), rule))
-    request.tokenBudget = budget
-    if (!budget.allowed) {
-      const err = new TokensRateLimitError(client.id, String(rule.requestsPerMinute), formatDuration(budget.retryAfterMs))
-      err.headers = retryHeaders(budget.retryAfterMs)
-      throw err
+    const fail = (err: unknown) => { done(storeError(request, err) as Error) }
+    let answer: Answer<RateLimitResult>
+    try {
+      answer = store.take(client.id, client.rateLimit)
+    } catch (err) {
+      fail(err)
+      return
     }
-    reply.raw.once('close', () => {
-      const used = request.responseFacts === null ? 0 : tokensUsed(request.responseFacts)
-      if (used <= 0) return
-      store.charge(tokenKey(client), rule, used).catch((err: unknown) => {
-        request.log.warn({ err: { message: (err as Error).message }, clientId: client.id, tokens: used }, 'token budget could not be charged')
-      })
-    })
+    whenAnswered(answer, result => {
+      request.rateLimit = result
+      if (!result.allowed) {
+        const err = new RateLimitExceededError(client.id, formatDuration(result.retryAfterMs))
+        err.headers = retryHeaders(result.retryAfterMs)
+        done(err)
+        return
+      }
+      const rule = tokenRule(client)
+      if (rule === null || request.operation?.action !== 'response.create') done()
+      else checkBudget(request, reply, client, rule, done)
+    }, fail)
   })
 
-  app.addHook('onSend', async (request, reply) => {
+  app.addHook('onSend', (request, reply, payload, done) => {
     const client = request.client
-    if (client === null || storeFailed.has(request)) return
-    if (request.upstream?.status === 429) return // the upstream's own limit and headers (plugins/proxy.ts)
-    if (request.rateLimit !== null) reply.headers(headers(request.rateLimit))
-    if (request.tokenBudget !== null) reply.headers(tokenHeaders(request.tokenBudget))
+    // An upstream 429 carries the upstream's own limit and headers (plugins/proxy.ts).
+    if (client !== null && !storeFailed.has(request) && request.upstream?.status !== 429) {
+      if (request.rateLimit !== null) reply.headers(headers(request.rateLimit))
+      if (request.tokenBudget !== null) reply.headers(tokenHeaders(request.tokenBudget))
+    }
+    done(null, payload)
   })
 
   app.addHook('onClose', async () => { await store.close() })

@@ -11,7 +11,8 @@ export function newRequestId (): string {
 }
 
 export default fp(async function requestId (app) {
-  app.addHook('onRequest', async (request, reply) => {
+  app.addHook('onRequest', (request, reply, done) => {
     reply.header(REQUEST_ID_HEADER, request.id)
+    done()
   })
 }, { name: 'request-id' })

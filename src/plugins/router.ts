@@ -5,6 +5,7 @@
 import { ServerResponse, type IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
+import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
   ExpectationFailedError, MethodNotAllowedError, MissingHostError, UnknownRouteError, UpgradeNotSupportedError
@@ -20,7 +21,13 @@ function shown (url: string): string {
 export default fp(async function router (app) {
   app.decorateRequest('operation', null)
 
-  app.addHook('onRequest', async (request, reply) => {
+  // Callback style (it runs on every call); a thrown refusal is the hook's error.
+  app.addHook('onRequest', (request, reply, done) => {
+    route(request, reply)
+    done()
+  })
+
+  function route (request: FastifyRequest, reply: FastifyReply): void {
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
@@ -44,7 +51,7 @@ export default fp(async function router (app) {
       throw new MethodNotAllowedError(request.method, shown(request.originalUrl))
     }
     throw new UnknownRouteError(request.method, shown(request.originalUrl))
-  })
+  }
 
   // Node gives CONNECT to a 'connect' listener or silently drops the connection. Hand it to the ordinary
   // request path instead, so it gets the same 404/405 answer and audit record as any other unknown call.

@@ -1,5 +1,5 @@
 // In-process buckets in a bounded LRU. Node runs one request's check-and-take without interleaving another's,
-// so the take is atomic. A monotonic clock: wall-clock jumps neither grant a burst nor lock a client out.
+// so the take is atomic, and it answers synchronously: no promise per call. A monotonic clock: wall-clock jumps neither grant a burst nor lock a client out.
 import { performance } from 'node:perf_hooks'
 import { LRUCache } from 'lru-cache'
 import {
@@ -21,7 +21,7 @@ export class MemoryStore implements RateLimitStore {
     this.#now = now
   }
 
-  async take (key: string, rule: BucketRule, cost = 1): Promise<RateLimitResult> {
+  take (key: string, rule: BucketRule, cost = 1): RateLimitResult {
     checkCost(cost)
     const bucket = refill(this.#buckets.get(key), rule, this.#now())
     const allowed = covers(bucket.tokens, cost)
@@ -30,7 +30,7 @@ export class MemoryStore implements RateLimitStore {
     return describe(bucket.tokens, rule, allowed, cost)
   }
 
-  async charge (key: string, rule: BucketRule, amount: number): Promise<RateLimitResult> {
+  charge (key: string, rule: BucketRule, amount: number): RateLimitResult {
     checkCost(amount, 'amount')
     const bucket = refill(this.#buckets.get(key), rule, this.#now())
     bucket.tokens -= amount
@@ -38,7 +38,7 @@ export class MemoryStore implements RateLimitStore {
     return describe(bucket.tokens, rule, true)
   }
 
-  async peek (key: string, rule: BucketRule): Promise<RateLimitResult> {
+  peek (key: string, rule: BucketRule): RateLimitResult {
     const bucket = refill(this.#buckets.peek(key), rule, this.#now())
     return describe(bucket.tokens, rule, covers(bucket.tokens, 1))
   }

@@ -17,19 +17,25 @@ export interface RateLimitResult {
   retryAfterMs: number
 }
 
+/**
+ * A store answers at once (in memory: no promise per call on the hot path) or later (Redis); callers handle both
+ * (`await` does, and plugins/rate-limit.ts checks for a promise before making one).
+ */
+export type Answer<T> = T | Promise<T>
+
 export interface RateLimitStore {
   /**
    * Takes `cost` tokens if the bucket holds at least that many, else takes nothing and refuses. Check and take
    * are one step, so concurrent calls cannot overdraw. A cost above the rule's burst is never granted.
    */
-  take (key: string, rule: BucketRule, cost?: number): Promise<RateLimitResult>
+  take (key: string, rule: BucketRule, cost?: number): Answer<RateLimitResult>
   /**
    * Subtracts `amount` tokens and never refuses: the bucket may go below zero (debt), and takes are refused
    * until refill brings it back to their cost. For usage known only after the answer (tokens per minute).
    */
-  charge (key: string, rule: BucketRule, amount: number): Promise<RateLimitResult>
+  charge (key: string, rule: BucketRule, amount: number): Answer<RateLimitResult>
   /** The bucket's state without taking a token. */
-  peek (key: string, rule: BucketRule): Promise<RateLimitResult>
+  peek (key: string, rule: BucketRule): Answer<RateLimitResult>
   close (): Promise<void>
 }
 

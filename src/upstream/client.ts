@@ -6,7 +6,7 @@
 //   timeout or a 502/503; a POST only when its connection failed before any byte of it was sent. At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
 //   retries are spent, the upstream's answer passes through as it is.
-// - A client that hangs up aborts the call at once (its `signal`), closing the upstream connection.
+// - A client that hangs up aborts the call at once (`whenClientGone`), closing the upstream connection.
 // - A reload hands new settings to `update`: calls under way finish where they started (see Lines below), and
 //   `destroy` aborts every call still in flight (the end of a shutdown's grace).
 // Both the proxy (as reply-from's undici dispatcher) and the ownership lookups call through here.
@@ -37,8 +37,8 @@ export interface UpstreamCall {
   path: string
   headers: Record<string, string>
   body: Buffer | null
-  /** aborted when the client hangs up */
-  signal?: AbortSignal | undefined
+  /** registers what to do when the client hangs up: the call is aborted at once */
+  whenClientGone?: ((abort: () => void) => void) | undefined
 }
 
 export interface UpstreamAnswer {
@@ -227,9 +227,12 @@ export class Upstream {
 
   async #call ({ settings, health, pools }: Settled, call: UpstreamCall): Promise<UpstreamAnswer> {
     const started = performance.now()
-    const deadline = new AbortController()
-    const timer = setTimeout(() => { deadline.abort() }, settings.timeoutMs)
-    const signal = call.signal === undefined ? deadline.signal : AbortSignal.any([deadline.signal, call.signal])
+    // One controller per call, aborted by whichever comes first: the deadline or the client leaving.
+    const controller = new AbortController()
+    const signal = controller.signal
+    let stoppedBy: 'deadline' | 'client' | null = null
+    const timer = setTimeout(() => { stoppedBy ??= 'deadline'; controller.abort() }, settings.timeoutMs)
+    call.whenClientGone?.(() => { stoppedBy ??= 'client'; controller.abort() })
     const tried = new Set<number>()
     let index = health.pick(tried)
     try {
@@ -244,10 +247,10 @@ export class Upstream {
           })
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
-          const stopped = call.signal?.aborted === true ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
-          const failure = attemptFailed(health, stopped, index, err, deadline.signal.aborted)
+          const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
+          const failure = attemptFailed(health, stopped, index, err, stoppedBy === 'deadline')
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
-          if (failure === null || next === null) throw finalFailure(settings, stopped, index, tried.size, err, deadline.signal.aborted)
+          if (failure === null || next === null) throw finalFailure(settings, stopped, index, tried.size, err, stoppedBy === 'deadline')
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
           index = next
           continue
@@ -340,16 +343,20 @@ function describe (err: unknown): string {
 }
 
 /** Reads a whole answer body, up to `maxBytes`; a longer one is an error. */
-export async function readBody (body: Readable, maxBytes: number): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  let size = 0
-  for await (const chunk of body) {
-    size += (chunk as Buffer).length
-    if (size > maxBytes) {
-      body.destroy()
-      throw new Error(`upstream answer over ${maxBytes} bytes`)
-    }
-    chunks.push(chunk as Buffer)
-  }
-  return Buffer.concat(chunks)
+export function readBody (body: Readable, maxBytes: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let size = 0
+    body.on('data', (chunk: Buffer) => {
+      size += chunk.length
+      if (size > maxBytes) {
+        body.destroy()
+        reject(new Error(`upstream answer over ${maxBytes} bytes`))
+        return
+      }
+      chunks.push(chunk)
+    })
+    body.once('end', () => { resolve(Buffer.concat(chunks, size)) })
+    body.once('error', reject)
+  })
 }
