@@ -57,22 +57,32 @@ const SURROGATE = /[\uD800-\uDFFF]/
  * The audit writes one record per call, so this runs on the hot path.
  */
 function flatCanonicalJson (value: Record<string, unknown>): string | null {
-  const keys = Object.keys(value).sort()
-  let out = '{'
+  const keys = sortedKeys(value)
   for (const key of keys) {
     const v = value[key]
-    if (v === undefined) continue
     if (typeof v === 'string') {
       if (SURROGATE.test(v)) return null
     } else if (typeof v === 'number') {
       if (!Number.isFinite(v)) return null
-    } else if (typeof v !== 'boolean' && v !== null) {
+    } else if (typeof v !== 'boolean' && v !== null && v !== undefined) {
       return null
     }
     if (SURROGATE.test(key)) return null
-    out += `${out.length > 1 ? ',' : ''}${JSON.stringify(key)}:${JSON.stringify(v)}`
   }
-  return out + '}'
+  // A key list as the replacer: JSON.stringify writes exactly these keys, in this order, in one native call.
+  return JSON.stringify(value, keys)
+}
+
+let lastKeys: string[] = []
+let lastSorted: string[] = []
+
+/** The record's keys sorted; call records all have the same keys, so the last sort is kept and reused. */
+function sortedKeys (value: Record<string, unknown>): string[] {
+  const keys = Object.keys(value)
+  if (keys.length === lastKeys.length && keys.every((k, i) => k === lastKeys[i])) return lastSorted
+  lastKeys = keys
+  lastSorted = [...keys].sort()
+  return lastSorted
 }
 
 /**

@@ -10,6 +10,7 @@
 // - A reload hands new settings to `update`: calls under way finish where they started (see Lines below), and
 //   `destroy` aborts every call still in flight (the end of a shutdown's grace).
 // Both the proxy (as reply-from's undici dispatcher) and the ownership lookups call through here.
+import { EventEmitter } from 'node:events'
 import { readFileSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import type { Readable } from 'node:stream'
@@ -98,6 +99,19 @@ function classify (code: string): AttemptFailure {
 }
 
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'DELETE'])
+
+/**
+ * undici takes an EventEmitter with an `aborted` flag as a request's signal, as well as an AbortSignal; this one
+ * costs a fraction of an AbortController, and there is one per upstream call.
+ */
+class CallSignal extends EventEmitter {
+  aborted = false
+  abort (): void {
+    if (this.aborted) return
+    this.aborted = true
+    this.emit('abort')
+  }
+}
 
 interface Line {
   url: string
@@ -227,12 +241,11 @@ export class Upstream {
 
   async #call ({ settings, health, pools }: Settled, call: UpstreamCall): Promise<UpstreamAnswer> {
     const started = performance.now()
-    // One controller per call, aborted by whichever comes first: the deadline or the client leaving.
-    const controller = new AbortController()
-    const signal = controller.signal
+    // One signal per call, raised by whichever comes first: the deadline or the client leaving.
+    const signal = new CallSignal()
     let stoppedBy: 'deadline' | 'client' | null = null
-    const timer = setTimeout(() => { stoppedBy ??= 'deadline'; controller.abort() }, settings.timeoutMs)
-    call.whenClientGone?.(() => { stoppedBy ??= 'client'; controller.abort() })
+    const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, settings.timeoutMs)
+    call.whenClientGone?.(() => { stoppedBy ??= 'client'; signal.abort() })
     const tried = new Set<number>()
     let index = health.pick(tried)
     try {
