@@ -1,6 +1,7 @@
 // npm run bench [scenario ...]: the instrument performance is decided by. Scenarios (argv, or BENCH_SCENARIOS,
 // comma-separated; default `compare`):
 //   compare     upstream directly vs the bare proxy vs the gateway, the same mix, interleaved rounds
+//   variants    the gateway against itself: owner cache hit vs a lookup on every call, audit.fsync off/interval/every
 //   clients     10,000 configured clients, ~1M requests spread over them: gateway RSS after warm-up and at the end
 //   wrong-keys  100,000 distinct unknown keys: gateway RSS before and after
 //   slow        5,000 concurrent calls to an upstream that answers after 1 s: outcomes, crash or not, peak RSS
@@ -16,10 +17,11 @@ import { compare, printComparison } from './compare.js'
 import { loadGenerator, type LoadGenerator } from './load.js'
 import { loud } from './report.js'
 import { manyClients, slowUpstream, wrongKeys } from './scenarios.js'
+import { variants } from './variants.js'
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '../..')
 const RESULTS_FILE = join(ROOT, 'bench', 'results.json')
-const SCENARIOS = ['compare', 'clients', 'wrong-keys', 'slow'] as const
+const SCENARIOS = ['compare', 'variants', 'clients', 'wrong-keys', 'slow'] as const
 type Scenario = typeof SCENARIOS[number]
 
 function positive (name: string, fallback: number, integer = true): number {
@@ -105,6 +107,10 @@ async function main (): Promise<number> {
       console.log()
       printComparison(comparison)
       failed += comparison.rows.reduce((n, r) => n + r.errors, 0) + comparison.warmupErrors
+    } else if (scenario === 'variants') {
+      const rows = await variants(ctx)
+      results.variants = rows
+      failed += rows.reduce((n, r) => n + r.errors, 0)
     } else if (scenario === 'clients') {
       const many = await manyClients(ctx)
       results.clients = many

@@ -1,0 +1,79 @@
+// The `variants` scenario: what two of the gateway's own choices cost, as the same mix through differently
+// configured gateways in one run, rounds interleaved, as ratios to the default gateway:
+//   - the owner cache: "default" finds every conversation's owner in its cache (a hit); "owner lookup on every
+//     call" keeps nothing (ownership.cacheTtlMs: 1), so every call first asks the upstream (a miss);
+//   - audit.fsync: off, interval (the default) and every.
+// It reports; it asserts nothing.
+import { join } from 'node:path'
+import { benchClient, gatewayConfig, mixRequests } from './clients.js'
+import { fmt, median, table } from './report.js'
+import type { Context } from './run.js'
+import { startSystem, type System } from './systems.js'
+
+const CONNECTIONS = 32
+
+interface Variant {
+  name: string
+  change: (config: ReturnType<typeof gatewayConfig>) => Record<string, unknown>
+}
+
+const VARIANTS: Variant[] = [
+  { name: 'default (owner cached, fsync interval)', change: c => c },
+  { name: 'owner lookup on every call', change: c => ({ ...c, ownership: { cacheTtlMs: 1 } }) },
+  { name: 'audit.fsync: off', change: c => ({ ...c, audit: { ...c.audit, fsync: 'off' } }) },
+  { name: 'audit.fsync: every', change: c => ({ ...c, audit: { ...c.audit, fsync: 'every' } }) }
+]
+
+export interface VariantRow {
+  variant: string
+  reqPerSec: number
+  p50Ms: number
+  p99Ms: number
+  errors: number
+  /** median over the rounds, divided by the default's */
+  throughputRatio: number
+  p99Ratio: number
+}
+
+export async function variants (ctx: Context): Promise<VariantRow[]> {
+  const { rounds, seconds, warmupSeconds } = ctx.settings
+  console.log(`\nvariants: the mix at ${CONNECTIONS} connections through gateways that differ in one setting, ` +
+    `${rounds} rounds × ${seconds} s each, interleaved`)
+  const client = benchClient(0)
+  const upstream = await startSystem({ system: 'upstream', options: { token: ctx.token } })
+  const gateways: System[] = []
+  for (const [i, variant] of VARIANTS.entries()) {
+    const config = variant.change(gatewayConfig(upstream.url, ctx.token, [client], join(ctx.tmpDir, `variant-${i}.jsonl`)))
+    gateways.push(await startSystem({ system: 'gateway', options: { config } }))
+  }
+  const requests = mixRequests(`Bearer ${client.key}`, client)
+  const runs = VARIANTS.map(() => [] as Array<{ reqPerSec: number, p50Ms: number, p99Ms: number, errors: number }>)
+  try {
+    for (const gateway of gateways) await ctx.load.run({ url: gateway.url, requests, connections: CONNECTIONS, seconds: warmupSeconds })
+    for (let round = 0; round < rounds; round++) {
+      const order = round % 2 === 0 ? [...gateways.keys()] : [...gateways.keys()].reverse()
+      for (const i of order) {
+        const r = await ctx.load.run({ url: gateways[i]!.url, requests, connections: CONNECTIONS, seconds })
+        runs[i]!.push(r)
+        console.log(`  round ${round + 1}, ${VARIANTS[i]!.name.padEnd(40)} ${fmt.int(r.reqPerSec).padStart(6)} req/s  p99 ${fmt.ms(r.p99Ms)} ms`)
+      }
+    }
+  } finally {
+    await Promise.all([...gateways.map(g => g.stop()), upstream.stop()])
+  }
+  const of = (i: number, key: 'reqPerSec' | 'p50Ms' | 'p99Ms') => median(runs[i]!.map(r => r[key]))
+  const rows = VARIANTS.map((v, i) => ({
+    variant: v.name,
+    reqPerSec: of(i, 'reqPerSec'),
+    p50Ms: of(i, 'p50Ms'),
+    p99Ms: of(i, 'p99Ms'),
+    errors: runs[i]!.reduce((n, r) => n + r.errors, 0),
+    throughputRatio: of(i, 'reqPerSec') / of(0, 'reqPerSec'),
+    p99Ratio: of(i, 'p99Ms') / of(0, 'p99Ms')
+  }))
+  console.log('\n' + table([
+    ['gateway', 'req/s', 'p50 ms', 'p99 ms', 'errors', 'req/s ÷ default', 'p99 ÷ default'],
+    ...rows.map(r => [r.variant, fmt.int(r.reqPerSec), fmt.ms(r.p50Ms), fmt.ms(r.p99Ms), String(r.errors), fmt.ratio(r.throughputRatio), fmt.ratio(r.p99Ratio)])
+  ]))
+  return rows
+}
