@@ -95,7 +95,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
         return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
       } catch (err) {
-        request.log.warn({ err: { message: (err as Error).message }, [`${kind}Id`]: id }, 'ownership lookup failed')
+        // A client that hung up is not a failed lookup worth a line; its call is over and audited anyway.
+        if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
+          request.log.warn({ err: { message: (err as Error).message }, [`${kind}Id`]: id }, 'ownership lookup failed')
+        }
         if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
         throw new UpstreamUnavailableError()
       }
