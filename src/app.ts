@@ -32,6 +32,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
+import { countingResponseClass } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -145,6 +146,8 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // Node would answer these itself, bare: a missing Host (400) and an unknown Expect (417) go through the
     // gateway's checks instead, for the envelope, a request id and an audit record (plugins/router.ts).
     http: {
+      // Counts body bytes for the audit and cuts off a client that stops reading (listen.sendTimeoutMs).
+      ServerResponse: countingResponseClass(config.listen.sendTimeoutMs),
       requireHostHeader: false,
       headersTimeout: config.listen.headersTimeoutMs,
       // Node checks both timeouts on this interval (30 s by default, far coarser than they are).
@@ -163,7 +166,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   const auditWriter = deps.auditWriter ?? await openAuditWriter({
     ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
   })
-  await app.register(audit, { writer: auditWriter, sendTimeoutMs: config.listen.sendTimeoutMs, onFailure: config.audit.onFailure })
+  await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
   if (metricsEnabled(config.metrics)) {
     await app.register(metrics, { ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter })
   }

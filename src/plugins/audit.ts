@@ -10,6 +10,7 @@ import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
 import { rawPath, type Action } from '../operations.js'
+import { isCounting } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
 
 /** A gateway-made answer's outcome, or: the upstream answered (`ok`, its own 429, its 5xx), or the client left. */
@@ -54,8 +55,6 @@ export interface AuditRecord {
 
 export interface AuditOptions {
   writer: AuditWriter
-  /** a client that takes none of its answer for this long is cut off */
-  sendTimeoutMs: number
   /** what API calls get while the writer is unavailable: 503 audit_unavailable ("closed") or served ("open") */
   onFailure: 'closed' | 'open'
 }
@@ -65,26 +64,27 @@ export type AuditObserver = (record: AuditRecord) => void
 
 interface ResponseWatch {
   start: number
-  /** body bytes written to the client, counted as they are written */
-  bytesOut: number
   upstreamStreamFailed: boolean
 }
 
 const watches = new WeakMap<FastifyRequest, ResponseWatch>()
-
-/** Answers the gateway wrote on the socket itself, outside Fastify: their status and body bytes. */
-const malformed = new WeakMap<ServerResponse, { status: number, bodyBytes: number }>()
 
 /**
  * Node found the request malformed after it was handed over (a bad chunk in the body): the gateway answered
  * on the socket itself, so the response never finishes through Fastify.
  */
 export function markMalformed (res: ServerResponse, status: number, bodyBytes: number): void {
-  malformed.set(res, { status, bodyBytes })
+  if (!isCounting(res)) return
+  res.rawStatus = status
+  res.bodyBytes = bodyBytes
+}
+
+function rawStatus (res: ServerResponse): number {
+  return isCounting(res) ? res.rawStatus : 0
 }
 
 function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): Outcome {
-  if (malformed.has(reply.raw)) return 'invalid'
+  if (rawStatus(reply.raw) !== 0) return 'invalid'
   if (!reply.raw.writableFinished) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
   if (request.refusal !== null) return request.refusal.outcome
   if (request.upstream !== null) {
@@ -96,42 +96,7 @@ function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: Respons
 
 /** The status the client actually received: none sent is 499, as nginx logs a client that closed first. */
 function statusSent (reply: FastifyReply): number {
-  return malformed.get(reply.raw)?.status ?? (reply.raw.headersSent ? reply.statusCode : CLIENT_CLOSED_REQUEST)
-}
-
-/**
- * Counts the body bytes of a response as they are written, in place (no stream piped in between), and cuts off a
- * client that stops reading: once a write has to wait for the client, the client has `sendTimeoutMs` to take it
- * ('drain'), or its connection is destroyed. Streams piped into the response wait on the same 'drain'.
- */
-function watchWrites (res: ServerResponse, watch: ResponseWatch, sendTimeoutMs: number): void {
-  const write = res.write
-  const end = res.end
-  let stalled: NodeJS.Timeout | null = null
-  const drained = () => {
-    if (stalled !== null) clearTimeout(stalled)
-    stalled = null
-  }
-  res.write = function (this: ServerResponse, chunk: unknown, ...rest: unknown[]) {
-    watch.bytesOut += byteLength(chunk, rest[0])
-    const flowing = (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
-    if (!flowing && stalled === null) {
-      stalled = setTimeout(() => { res.destroy() }, sendTimeoutMs)
-      res.once('drain', drained)
-    }
-    return flowing
-  } as ServerResponse['write']
-  res.end = function (this: ServerResponse, chunk?: unknown, ...rest: unknown[]) {
-    if (typeof chunk !== 'function') watch.bytesOut += byteLength(chunk, rest[0])
-    return (end as (...args: unknown[]) => ServerResponse).call(this, chunk, ...rest)
-  } as ServerResponse['end']
-  res.once('close', drained)
-}
-
-function byteLength (chunk: unknown, encoding: unknown): number {
-  if (chunk === undefined || chunk === null) return 0
-  if (typeof chunk === 'string') return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding as BufferEncoding : 'utf8')
-  return (chunk as Uint8Array).byteLength ?? 0
+  return rawStatus(reply.raw) || (reply.raw.headersSent ? reply.statusCode : CLIENT_CLOSED_REQUEST)
 }
 
 function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
@@ -162,13 +127,13 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     upstreamLine: request.upstreamCall?.line ?? null,
     attempts: request.upstreamCall?.attempts ?? 0,
     bytesIn: request.bodyBytes,
-    bytesOut: malformed.get(reply.raw)?.bodyBytes ?? watch.bytesOut,
+    bytesOut: isCounting(reply.raw) ? reply.raw.bodyBytes : 0,
     ip: request.ip,
     userAgent: typeof userAgent === 'string' ? userAgent.slice(0, 512) : null
   }
 }
 
-export default fp<AuditOptions>(async function audit (app, { writer, sendTimeoutMs, onFailure }) {
+export default fp<AuditOptions>(async function audit (app, { writer, onFailure }) {
   const observers: AuditObserver[] = []
   app.decorate('onAuditRecord', (observer: AuditObserver) => { observers.push(observer) })
   app.decorate('auditState', () => writer.available ? 'ok' : 'unavailable')
@@ -178,9 +143,9 @@ export default fp<AuditOptions>(async function audit (app, { writer, sendTimeout
   // Callback-style hooks: they run on every call, and a promise per hook per call costs.
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
-      const watch: ResponseWatch = { start: performance.now(), bytesOut: 0, upstreamStreamFailed: false }
+      // Body bytes are counted by the response itself (http/response.ts).
+      const watch: ResponseWatch = { start: performance.now(), upstreamStreamFailed: false }
       watches.set(request, watch)
-      watchWrites(reply.raw, watch, sendTimeoutMs)
       // 'close' comes exactly once for every response, finished or not; the record is built on it.
       reply.raw.once('close', () => {
         const record = buildRecord(request, reply, watch)

@@ -1,0 +1,60 @@
+// The gateway's ServerResponse, given to Node as http.createServer's `ServerResponse` class: it counts the body
+// bytes it writes (for the audit's bytesOut) and cuts off a client that stops reading its answer. The counting
+// lives on the class, with its fields declared up front, so every response has the same shape: patching write and
+// end on each response (as an earlier version did) gave every response a shape of its own, and Node's own code on
+// responses slowed down with it.
+import { ServerResponse, type IncomingMessage } from 'node:http'
+
+export interface CountingResponse extends ServerResponse {
+  /** body bytes written to the client so far */
+  bodyBytes: number
+  /** set when the gateway answered on the socket itself (malformed framing): that answer's status */
+  rawStatus: number
+}
+
+export function isCounting (res: ServerResponse): res is CountingResponse {
+  return typeof (res as Partial<CountingResponse>).bodyBytes === 'number'
+}
+
+function byteLength (chunk: unknown, encoding: unknown): number {
+  if (chunk === undefined || chunk === null || typeof chunk === 'function') return 0
+  if (typeof chunk === 'string') return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding as BufferEncoding : 'utf8')
+  return (chunk as Uint8Array).byteLength ?? 0
+}
+
+/**
+ * The class for one server: once a write has to wait for the client, the client has `sendTimeoutMs` to take it
+ * ('drain'), or its connection is destroyed. Streams piped into the response wait on the same 'drain'.
+ */
+export function countingResponseClass (sendTimeoutMs: number): typeof ServerResponse {
+  class GatewayResponse<Request extends IncomingMessage = IncomingMessage> extends ServerResponse<Request> implements CountingResponse {
+    bodyBytes = 0
+    rawStatus = 0
+    #stalled: NodeJS.Timeout | null = null
+
+    override write (chunk: unknown, ...rest: any[]): boolean { // eslint-disable-line @typescript-eslint/no-explicit-any
+      this.bodyBytes += byteLength(chunk, rest[0])
+      const flowing = (super.write as (...args: unknown[]) => boolean)(chunk, ...rest)
+      if (!flowing && this.#stalled === null) this.#watchStall()
+      return flowing
+    }
+
+    override end (chunk?: unknown, ...rest: any[]): this { // eslint-disable-line @typescript-eslint/no-explicit-any
+      this.bodyBytes += byteLength(chunk, rest[0])
+      return (super.end as (...args: unknown[]) => this)(chunk, ...rest)
+    }
+
+    #watchStall (): void {
+      const clear = () => {
+        if (this.#stalled !== null) clearTimeout(this.#stalled)
+        this.#stalled = null
+        this.off('drain', clear)
+        this.off('close', clear)
+      }
+      this.#stalled = setTimeout(() => { this.destroy() }, sendTimeoutMs)
+      this.once('drain', clear)
+      this.once('close', clear)
+    }
+  }
+  return GatewayResponse as unknown as typeof ServerResponse
+}
