@@ -47,8 +47,8 @@ export function hmacKeyProblem (key: string): string | null {
 
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g
 
-/** Any UTF-16 surrogate: text beyond the BMP (or a broken one) takes the general path, which checks it. */
-const SURROGATE = /[\uD800-\uDFFF]/
+/** A UTF-16 surrogate as it stands in JSON.stringify's output: raw (a pair), or escaped (a lone one). */
+const SURROGATE = /[\uD800-\uDFFF]|\\u[dD][89a-fA-F]/
 
 /**
  * JCS of a flat record (every value a string without surrogates, a finite number, a boolean or null; undefined left
@@ -60,17 +60,14 @@ function flatCanonicalJson (value: Record<string, unknown>): string | null {
   const keys = sortedKeys(value)
   for (const key of keys) {
     const v = value[key]
-    if (typeof v === 'string') {
-      if (SURROGATE.test(v)) return null
-    } else if (typeof v === 'number') {
-      if (!Number.isFinite(v)) return null
-    } else if (typeof v !== 'boolean' && v !== null && v !== undefined) {
-      return null
-    }
-    if (SURROGATE.test(key)) return null
+    const type = typeof v
+    if (type === 'number' ? !Number.isFinite(v) : type === 'object' ? v !== null : type !== 'string' && type !== 'boolean' && type !== 'undefined') return null
   }
   // A key list as the replacer: JSON.stringify writes exactly these keys, in this order, in one native call.
-  return JSON.stringify(value, keys)
+  const json = JSON.stringify(value, keys)
+  // Text beyond the BMP, or a broken surrogate (which JSON.stringify escapes and JCS refuses), takes the general
+  // path, which judges it: one scan of the result instead of one per value.
+  return SURROGATE.test(json) ? null : json
 }
 
 let lastKeys: string[] = []

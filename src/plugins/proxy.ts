@@ -52,9 +52,11 @@ interface UpstreamResponse {
   stream: Readable
 }
 
-/** Headers for any call the gateway makes upstream on behalf of `request`: ours, then the token, last. */
-export function gatewayHeaders (request: FastifyRequest, apiKey: string, extra: Record<string, string> = {}): Record<string, string> {
-  return { ...extra, 'x-client-request-id': request.id, authorization: `Bearer ${apiKey}` }
+/** Headers for any call the gateway makes upstream on behalf of `request`: `headers`, ours, then the token, last. */
+export function gatewayHeaders (request: FastifyRequest, apiKey: string, headers: Record<string, string> = {}): Record<string, string> {
+  headers['x-client-request-id'] = request.id
+  headers.authorization = `Bearer ${apiKey}`
+  return headers
 }
 
 export function upstreamRequestHeaders (
