@@ -46,7 +46,8 @@ t.test('closed: once an audit write fails, API calls get 503 audit_unavailable b
   await gw.auditFile()
 
   diskFills(file)
-  await sleep(1200) // the writer notices the new file at its path within a second
+  // The writer notices the new file at its path on its next check (within a second).
+  await until('the writer to reopen the replaced file', () => gw.logs.some(l => /was replaced by something else/.test(l)))
   t.equal((await create(gw)).status, 200, 'the call that meets the failure is served: its record waits in the buffer')
   await until('the audit to turn unavailable', async () => ((await auditState(gw)) as { body: { audit: string } }).body.audit === 'unavailable')
   t.match(await auditState(gw), { status: 200, body: { status: 'ok', audit: 'unavailable' } }, '/healthz stays 200 (liveness) and says so')
@@ -89,9 +90,12 @@ t.test('open: calls are served while the audit cannot be written, and records th
   await gw.auditFile()
 
   diskFills(config.audit.file)
-  await sleep(1200)
+  // The writer notices the replaced file on its next check (within a second), then the next write fails.
+  await until('the writer to reopen the replaced file', () => log.lines.some(l => /was replaced by something else/.test(l.msg)))
   const seen = upstream.requests.length
-  for (let i = 0; i < 5; i++) t.equal((await create(gw)).status, 200, `call ${i + 1} is served`)
+  t.equal((await create(gw)).status, 200, 'call 1 is served')
+  await until('the failed write to be noticed', () => !writer.available)
+  for (let i = 1; i < 5; i++) t.equal((await create(gw)).status, 200, `call ${i + 1} is served`)
   t.equal(upstream.requests.length, seen + 5, 'and reaches the upstream')
   await until('records to be lost', () => writer.stats().lost >= 3)
   t.match(writer.stats(), { written: 1, lost: 3 }, 'two wait in the buffer, three are lost')
