@@ -60,13 +60,20 @@ function tokenRule (client: ClientConfig): BucketRule | null {
 
 const tokenKey = (client: ClientConfig) => `tokens:${client.id}`
 
-/** Runs `then` on a store's answer, now when it is one, later when it is a promise; errors go to `fail`. */
-function whenAnswered<T> (answer: Answer<T>, then: (value: T) => void, fail: (err: unknown) => void): void {
-  if (answer instanceof Promise) {
-    answer.then(then, fail)
+/**
+ * Asks the store and runs `then` on its answer: now when it is one, later when it is a promise. A failure to ask
+ * or to answer goes to `fail`.
+ */
+function whenAnswered<T> (ask: () => Answer<T>, then: (value: T) => void, fail: (err: unknown) => void): void {
+  let answer: Answer<T>
+  try {
+    answer = ask()
+  } catch (err) {
+    fail(err)
     return
   }
-  then(answer)
+  if (answer instanceof Promise) answer.then(then, fail)
+  else then(answer)
 }
 
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
@@ -84,15 +91,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
    * until refill; what a call uses is known only from its answer, and charged when the call ends. */
   function checkBudget (request: FastifyRequest, reply: FastifyReply, client: ClientConfig, rule: BucketRule,
     done: (err?: Error) => void): void {
-    const fail = (err: unknown) => { done(storeError(request, err) as Error) }
-    let answer: Answer<RateLimitResult>
-    try {
-      answer = store.peek(tokenKey(client), rule)
-    } catch (err) {
-      fail(err)
-      return
-    }
-    whenAnswered(answer, budget => {
+    whenAnswered(() => store.peek(tokenKey(client), rule), budget => {
       request.tokenBudget = budget
       if (!budget.allowed) {
         const err = new TokensRateLimitError(client.id, String(rule.requestsPerMinute), formatDuration(budget.retryAfterMs))
@@ -105,19 +104,13 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         if (used > 0) chargeTokens(request, client, rule, used)
       })
       done()
-    }, fail)
+    }, err => { done(storeError(request, err) as Error) })
   }
 
   function chargeTokens (request: FastifyRequest, client: ClientConfig, rule: BucketRule, used: number): void {
-    const failed = (err: unknown) => {
+    whenAnswered(() => store.charge(tokenKey(client), rule, used), () => {}, (err: unknown) => {
       request.log.warn({ err: { message: (err as Error).message }, clientId: client.id, tokens: used }, 'token budget could not be charged')
-    }
-    try {
-      const answer = store.charge(tokenKey(client), rule, used)
-      if (answer instanceof Promise) answer.catch(failed)
-    } catch (err) {
-      failed(err)
-    }
+    })
   }
 
   // Callback style: the memory store answers at once, and this runs on every call.
@@ -127,15 +120,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
       done()
       return
     }
-    const fail = (err: unknown) => { done(storeError(request, err) as Error) }
-    let answer: Answer<RateLimitResult>
-    try {
-      answer = store.take(client.id, client.rateLimit)
-    } catch (err) {
-      fail(err)
-      return
-    }
-    whenAnswered(answer, result => {
+    whenAnswered(() => store.take(client.id, client.rateLimit), result => {
       request.rateLimit = result
       if (!result.allowed) {
         const err = new RateLimitExceededError(client.id, formatDuration(result.retryAfterMs))
@@ -146,7 +131,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
       const rule = tokenRule(client)
       if (rule === null || request.operation?.action !== 'response.create') done()
       else checkBudget(request, reply, client, rule, done)
-    }, fail)
+    }, err => { done(storeError(request, err) as Error) })
   })
 
   app.addHook('onSend', (request, reply, payload, done) => {
