@@ -65,7 +65,7 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
   const responses = new Map<string, { response: StoredResponse, input: Item[] }>()
   const seq = { n: 0 }
 
-  function create (req: IncomingMessage, res: ServerResponse, body: Record<string, unknown>): void {
+  function create (res: ServerResponse, body: Record<string, unknown>): void {
     if (typeof body.model !== 'string' || body.model === '') {
       send(res, 400, { error: { message: "Missing required parameter: 'model'.", type: 'invalid_request_error', param: 'model', code: 'missing_required_parameter' } })
       return
@@ -100,12 +100,12 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
     if (response.background) response.status = 'in_progress'
     responses.set(response.id, { response, input })
     if (conversationId !== undefined) conversations.append(conversationId, [...input, message])
-    if (body.stream === true) stream(req, res, response, outputWords)
+    if (body.stream === true) stream(res, response, outputWords)
     else send(res, 200, response)
   }
 
   /** The events OpenAI sends for one text answer, one word a delta, with a pause between events. */
-  function stream (req: IncomingMessage, res: ServerResponse, response: StoredResponse, outputWords: string[]): void {
+  function stream (res: ServerResponse, response: StoredResponse, outputWords: string[]): void {
     const message = response.output[0]!
     const inProgress = { ...response, status: 'in_progress', output: [], usage: null }
     const events: Array<Record<string, unknown>> = [
@@ -139,14 +139,13 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
       }
       timer = setTimeout(next, opts.streamDelayMs ?? 0)
     }
-    void req
     next()
   }
 
   return function handleResponses (req: IncomingMessage, res: ServerResponse, body: Record<string, unknown>, parts: string[]): void {
     const method = req.method ?? 'GET'
     if (parts.length === 0) {
-      if (method === 'POST') return create(req, res, body)
+      if (method === 'POST') return create(res, body)
       return notFound(res, `Route ${method} /v1/responses`)
     }
     const found = responses.get(parts[0]!)
