@@ -20,9 +20,10 @@ export interface ProxyOptions {
   upstream: Upstream
   /** the OhMyGPT token, read per call so that a reload can rotate it */
   apiKey: () => string
-  /** largest answer the gateway reads whole to rewrite it (ownership: conversation objects) */
-  maxRewriteBytes?: number
 }
+
+/** Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. */
+const MAX_REWRITE_BYTES = 16 * 1024 * 1024
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
@@ -121,7 +122,6 @@ export function addEventRewrite (request: FastifyRequest, step: EventRewrite): v
 
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
-  const maxRewriteBytes = opts.maxRewriteBytes ?? 16 * 1024 * 1024
   app.decorateRequest('upstream', null)
   app.decorateRequest('upstreamCall', null)
   app.decorateRequest('rewriteAnswer', null)
@@ -172,7 +172,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     rewrite: (body: unknown) => unknown): Promise<void> {
     let raw: Buffer
     try {
-      raw = await readBody(res.stream, maxRewriteBytes)
+      raw = await readBody(res.stream, MAX_REWRITE_BYTES)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
       reply.send(new UpstreamUnavailableError())
