@@ -43,10 +43,6 @@ export class LineHealth {
     this.#opts = { now: () => performance.now(), ...opts }
   }
 
-  get size (): number {
-    return this.#lines.length
-  }
-
   /**
    * The line the next attempt should use, skipping those in `tried`: the first line in order of preference that is
    * up, or down with its cooldown over and no trial call in flight (that call becomes its trial). Null when every
