@@ -50,36 +50,52 @@ const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[
 /** A UTF-16 surrogate as it stands in JSON.stringify's output: raw (a pair), or escaped (a lone one). */
 const SURROGATE = /[\uD800-\uDFFF]|\\u[dD][89a-fA-F]/
 
+/** Keys V8 keeps as array indices, ahead of every other key whatever their order: they take the general path. */
+const INDEX_KEY = /^(?:0|[1-9]\d{0,9})$/
+
 /**
  * JCS of a flat record (every value a string without surrogates, a finite number, a boolean or null; undefined left
  * out), as the gateway's call records are: keys sorted by UTF-16 code units, each value as JSON.stringify writes
  * it, which for these values is what RFC 8785 prescribes. Null for anything else, which takes the general path.
- * The audit writes one record per call, so this runs on the hot path.
+ * The audit writes one record per call, so this runs on the hot path: a record whose keys already stand in sorted
+ * order (plugins/audit.ts builds its records so) is written by JSON.stringify's fast path, in one native call
+ * without a key list, which costs less than half as much.
  */
 function flatCanonicalJson (value: Record<string, unknown>): string | null {
-  const keys = sortedKeys(value)
-  for (const key of keys) {
+  const order = keyOrder(value)
+  if (order === null) return null
+  for (const key of order.sorted) {
     const v = value[key]
     const type = typeof v
     if (type === 'number' ? !Number.isFinite(v) : type === 'object' ? v !== null : type !== 'string' && type !== 'boolean' && type !== 'undefined') return null
   }
-  // A key list as the replacer: JSON.stringify writes exactly these keys, in this order, in one native call.
-  const json = JSON.stringify(value, keys)
+  // Otherwise a key list as the replacer: JSON.stringify writes exactly these keys, in this order.
+  const json = order.inOrder ? JSON.stringify(value) : JSON.stringify(value, order.sorted)
   // Text beyond the BMP, or a broken surrogate (which JSON.stringify escapes and JCS refuses), takes the general
   // path, which judges it: one scan of the result instead of one per value.
   return SURROGATE.test(json) ? null : json
 }
 
-let lastKeys: string[] = []
-let lastSorted: string[] = []
+interface KeyOrder {
+  sorted: string[]
+  /** the object's own order is already the sorted one */
+  inOrder: boolean
+}
 
-/** The record's keys sorted; call records all have the same keys, so the last sort is kept and reused. */
-function sortedKeys (value: Record<string, unknown>): string[] {
+let lastKeys: string[] = []
+let lastOrder: KeyOrder | null = null
+
+/**
+ * The record's keys sorted, and whether they already stood so; null when a key is an array index. Call records
+ * all have the same keys, so the last answer is kept and reused.
+ */
+function keyOrder (value: Record<string, unknown>): KeyOrder | null {
   const keys = Object.keys(value)
-  if (keys.length === lastKeys.length && keys.every((k, i) => k === lastKeys[i])) return lastSorted
+  if (keys.length === lastKeys.length && keys.every((k, i) => k === lastKeys[i])) return lastOrder
+  const sorted = [...keys].sort()
   lastKeys = keys
-  lastSorted = [...keys].sort()
-  return lastSorted
+  lastOrder = keys.some(k => INDEX_KEY.test(k)) ? null : { sorted, inOrder: sorted.every((k, i) => k === keys[i]) }
+  return lastOrder
 }
 
 /**
@@ -110,7 +126,11 @@ export interface Sealed {
  */
 export function seal (record: object, prev: ChainHead, hasher: Hasher): Sealed {
   const seq = prev.seq + 1
-  const body = canonicalJson({ ...record, seq, prevHash: prev.hash, hash: undefined })
+  // A record that has seq and prevHash keys already keeps them where they stand (in sorted order, the fast path
+  // above); a hash of its own is taken out.
+  const chained: Record<string, unknown> = { ...record, seq, prevHash: prev.hash }
+  if (Object.hasOwn(chained, 'hash')) delete chained.hash
+  const body = canonicalJson(chained)
   const hash = hasher(prev.hash, body)
   return { line: `${body.slice(0, -1)},"hash":"${hash}"}`, head: { seq, hash } }
 }

@@ -51,6 +51,9 @@ export interface AuditRecord {
   bytesOut: number
   ip: string
   userAgent: string | null
+  /** the chain's fields: undefined until the writer seals the record (see buildRecord) */
+  seq: number | undefined
+  prevHash: string | undefined
 }
 
 export interface AuditOptions {
@@ -99,36 +102,45 @@ function statusSent (reply: FastifyReply): number {
   return rawStatus(reply.raw) || (reply.raw.headersSent ? reply.statusCode : CLIENT_CLOSED_REQUEST)
 }
 
+/**
+ * The call's record. Its keys are written in sorted order, with the chain's seq and prevHash in their places (left
+ * undefined here, set when the record is sealed): the sealed line is then JSON.stringify's plain output
+ * (audit/chain.ts), the cheapest way to write the record's canonical JSON, once per call.
+ */
 function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
   const op = request.operation
   const facts = request.responseFacts
+  const upstream = request.upstream
+  const call = request.upstreamCall
   const userAgent = request.headers['user-agent']
   return {
-    time: new Date().toISOString(),
-    requestId: request.id,
-    clientId: request.client?.id ?? null,
-    keyId: request.keyId,
     action: op?.action ?? 'unknown',
-    method: request.method,
-    path: rawPath(request.originalUrl).slice(0, 2048),
-    conversationId: op?.action === 'conversation.create' ? request.createdId : op?.conversationId ?? null,
-    ownerId: request.ownerId,
-    itemId: op?.itemId ?? null,
-    responseId: facts?.responseId ?? null,
-    model: facts?.model ?? null,
-    stream: facts?.stream ?? null,
-    inputTokens: facts?.inputTokens ?? null,
-    outputTokens: facts === null ? null : outputTokens(facts),
-    status: statusSent(reply),
-    outcome: outcomeOf(request, reply, watch),
-    durationMs: Math.round(performance.now() - watch.start),
-    upstreamMs: request.upstream?.ms ?? null,
-    upstreamRequestId: request.upstream?.requestId ?? null,
-    upstreamLine: request.upstreamCall?.line ?? null,
-    attempts: request.upstreamCall?.attempts ?? 0,
+    attempts: call?.attempts ?? 0,
     bytesIn: request.bodyBytes,
     bytesOut: isCounting(reply.raw) ? reply.raw.bodyBytes : 0,
+    clientId: request.client?.id ?? null,
+    conversationId: op?.action === 'conversation.create' ? request.createdId : op?.conversationId ?? null,
+    durationMs: Math.round(performance.now() - watch.start),
+    inputTokens: facts?.inputTokens ?? null,
     ip: request.ip,
+    itemId: op?.itemId ?? null,
+    keyId: request.keyId,
+    method: request.method,
+    model: facts?.model ?? null,
+    outcome: outcomeOf(request, reply, watch),
+    outputTokens: facts === null ? null : outputTokens(facts),
+    ownerId: request.ownerId,
+    path: rawPath(request.originalUrl).slice(0, 2048),
+    prevHash: undefined,
+    requestId: request.id,
+    responseId: facts?.responseId ?? null,
+    seq: undefined,
+    status: statusSent(reply),
+    stream: facts?.stream ?? null,
+    time: new Date().toISOString(),
+    upstreamLine: call?.line ?? null,
+    upstreamMs: upstream?.ms ?? null,
+    upstreamRequestId: upstream?.requestId ?? null,
     userAgent: typeof userAgent === 'string' ? userAgent.slice(0, 512) : null
   }
 }
