@@ -1,10 +1,9 @@
 // Body checks (415, 413, 400), after every cheaper check has passed. @fastify/http-proxy's own parsers hand the
 // raw stream on (no size limit, no JSON check), so they are off (proxyPayloads: false) and this plugin reads every
-// body itself, up to limits.bodyBytes, checks it is JSON and passes the exact bytes on as a stream
-// (a parsed object or a Buffer would be re-serialised by reply-from). The limit is read per call, not fixed in
+// body itself, up to limits.bodyBytes, checks it is JSON and keeps the exact bytes (request.upstreamBody) for the
+// upstream call (a parsed object or a Buffer given to reply-from would be re-serialised by it). The limit is read per call, not fixed in
 // Fastify's parser when the plugin is registered, so a config reload changes it.
 import type { IncomingHttpHeaders } from 'node:http'
-import { Readable } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
@@ -129,8 +128,9 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       return
     }
     request.bodyBytes = buf.length
+    // The exact bytes go upstream from request.upstreamBody (plugins/proxy.ts): reply-from is given no body of
+    // its own to encode or stream, which it would only do for nothing.
     request.upstreamBody = buf
-    // reply-from wants a body to know there is one; the exact bytes go upstream from request.upstreamBody.
-    done(null, Readable.from([buf], { objectMode: false }))
+    done(null, undefined)
   }
 }, { name: 'body' })
