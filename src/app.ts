@@ -15,7 +15,7 @@ import {
 } from './errors.js'
 import { openAuditWriter, type AuditWriter } from './audit/writer.js'
 import { reloaded, type ConfigChange } from './reload.js'
-import { createAppLogger, DebugRequestLogController, PeerLogThrottle } from './logging.js'
+import { createAppLogger, DebugRequestLogController, lazyChildLogger, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body, { hasBody } from './plugins/body.js'
@@ -128,6 +128,8 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   const app = Fastify({
     loggerInstance: deps.logger ?? createAppLogger(config.log.level),
     logController: new DebugRequestLogController(),
+    // Each request's child logger is made only if it writes a line (most calls write none).
+    childLoggerFactory: lazyChildLogger,
     genReqId: newRequestId,
     requestIdHeader: false,
     // The body limit is limits.bodyBytes, read per call by plugins/body.ts (a reload changes it).

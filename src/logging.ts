@@ -4,7 +4,7 @@ import type { Writable } from 'node:stream'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
-import { pino, type Logger, type LoggerOptions } from 'pino'
+import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
 export const REDACT_PATHS = [
@@ -35,6 +35,51 @@ export function appLoggerOptions (level: string): LoggerOptions {
 
 export function createAppLogger (level: string, out: Writable = process.stdout): Logger {
   return pino(appLoggerOptions(level), nonBlockingLines(out))
+}
+
+/**
+ * A request's logger (Fastify's request.log), made only when it writes a line. Fastify makes one per call, and
+ * pino's child() serializes its bindings (the request id) at once: on the hot path that is work for nothing, as
+ * nearly every call writes no operational line (the audit record is written elsewhere). Lines, levels and the
+ * request id come out exactly as from pino's own child. Its level is its parent's (a reload's new level applies)
+ * until the child exists or a level is set on it.
+ */
+export class LazyChildLogger implements FastifyBaseLogger {
+  #child: FastifyBaseLogger | null = null
+  readonly #parent: FastifyBaseLogger
+  readonly #bindings: Bindings
+  readonly #options: ChildLoggerOptions | undefined
+
+  constructor (parent: FastifyBaseLogger, bindings: Bindings, options?: ChildLoggerOptions) {
+    this.#parent = parent
+    this.#bindings = bindings
+    this.#options = options
+  }
+
+  #made (): FastifyBaseLogger {
+    this.#child ??= this.#parent.child(this.#bindings, this.#options)
+    return this.#child
+  }
+
+  get level (): string { return this.#child?.level ?? this.#options?.level ?? this.#parent.level }
+  set level (level: string) { this.#made().level = level }
+
+  fatal (...args: Parameters<LogFn>): void { this.#made().fatal(...args) }
+  error (...args: Parameters<LogFn>): void { this.#made().error(...args) }
+  warn (...args: Parameters<LogFn>): void { this.#made().warn(...args) }
+  info (...args: Parameters<LogFn>): void { this.#made().info(...args) }
+  debug (...args: Parameters<LogFn>): void { this.#made().debug(...args) }
+  trace (...args: Parameters<LogFn>): void { this.#made().trace(...args) }
+  silent (...args: Parameters<LogFn>): void { this.#made().silent(...args) }
+
+  child (bindings: Bindings, options?: ChildLoggerOptions): FastifyBaseLogger {
+    return this.#made().child(bindings, options)
+  }
+}
+
+/** Fastify's childLoggerFactory: each request's logger is a LazyChildLogger. */
+export function lazyChildLogger (logger: FastifyBaseLogger, bindings: Bindings, options: ChildLoggerOptions): FastifyBaseLogger {
+  return new LazyChildLogger(logger, bindings, options)
 }
 
 /** Fastify's "incoming request" / "request completed" lines, at debug instead of info: the audit says it all. */

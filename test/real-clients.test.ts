@@ -166,6 +166,8 @@ t.test('the operational log keeps to what is exceptional', async t => {
     await sleep(50)
     const lines = gw.logs.filter(l => /"level":(40|50)/.test(l))
     t.equal(lines.length, 1, `one warning for one failure (got ${lines.length})`)
+    // request.log is made only when it writes (logging.ts): its line still names the call, as pino's child does.
+    t.equal((JSON.parse(lines[0] ?? '{}') as { reqId?: string }).reqId, ex.response?.headers['x-gateway-request-id'], 'the line carries the call\'s request id')
   })
 
   await t.test('long client-controlled values are cut in the log', async t => {
