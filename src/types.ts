@@ -4,7 +4,7 @@ import type { ClientConfig, GatewayConfig } from './config.js'
 import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
 import type { ResponseFacts } from './responses/usage.js'
-import type { AuditObserver } from './plugins/audit.js'
+import type { AuditObserver, ResponseWatch } from './plugins/audit.js'
 import type { ConfigChange } from './reload.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
@@ -48,6 +48,8 @@ declare module 'fastify' {
     upstreamCall: { line: number | null, attempts: number } | null
     /** app.ts error handler: the gateway's own error this call was answered with */
     refusal: GatewayError | null
+    /** plugins/audit.ts: when the call came and how its answer went, for its record (null for unaudited routes) */
+    auditWatch: ResponseWatch | null
   }
   interface FastifyInstance {
     /** plugins/audit.ts: 'unavailable' from a failed audit write until one succeeds again (for /healthz, /readyz) */

@@ -65,12 +65,10 @@ export interface AuditOptions {
 /** Sees each record as it is handed to the writer (metrics): called once per audited call, never throws. */
 export type AuditObserver = (record: AuditRecord) => void
 
-interface ResponseWatch {
+export interface ResponseWatch {
   start: number
   upstreamStreamFailed: boolean
 }
-
-const watches = new WeakMap<FastifyRequest, ResponseWatch>()
 
 /**
  * Node found the request malformed after it was handed over (a bad chunk in the body): the gateway answered
@@ -151,13 +149,14 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
   app.decorate('auditState', () => writer.available ? 'ok' : 'unavailable')
   app.decorate('auditReopen', () => { writer.reopen() })
   app.decorate('auditRefuses', () => onFailure === 'closed' && !writer.available)
+  app.decorateRequest('auditWatch', null)
 
   // Callback-style hooks: they run on every call, and a promise per hook per call costs.
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
       // Body bytes are counted by the response itself (http/response.ts).
       const watch: ResponseWatch = { start: performance.now(), upstreamStreamFailed: false }
-      watches.set(request, watch)
+      request.auditWatch = watch
       // 'close' comes exactly once for every response, finished or not; the record is built on it.
       reply.raw.once('close', () => {
         const record = buildRecord(request, reply, watch)
@@ -170,8 +169,8 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
   // A streamed answer that fails on the upstream's side (a reset mid-body) is told apart from a client leaving:
   // the client's leaving closes the response first, and the record is written then.
   app.addHook('onSend', (request, _reply, payload, done) => {
-    const watch = watches.get(request)
-    if (watch !== undefined && payload instanceof Readable) {
+    const watch = request.auditWatch
+    if (watch !== null && payload instanceof Readable) {
       payload.once('error', () => { watch.upstreamStreamFailed = true })
     }
     done(null, payload)

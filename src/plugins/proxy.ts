@@ -76,17 +76,20 @@ export function upstreamRequestHeaders (
   return gatewayHeaders(request, apiKey, out)
 }
 
+// for...in over these header objects (undici's and Node's, plain objects of own keys): unlike Object.entries, it
+// makes no array per header, and these run on every call.
 export function clientResponseHeaders (headers: IncomingHttpHeaders): IncomingHttpHeaders {
   const out: IncomingHttpHeaders = {}
-  for (const [name, value] of Object.entries(headers)) {
-    if (RETURNED_RESPONSE_HEADERS.has(name)) out[name] = value
+  for (const name in headers) {
+    if (RETURNED_RESPONSE_HEADERS.has(name)) out[name] = headers[name]
   }
   return out
 }
 
 export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<string, string> {
   const out: Record<string, string> = {}
-  for (const [name, value] of Object.entries(headers)) {
+  for (const name in headers) {
+    const value = headers[name]
     if (name.startsWith('x-ratelimit-') && typeof value === 'string') out[name] = value
   }
   return out
@@ -141,7 +144,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       }
       const request = reply.request
       const headers: Record<string, string> = {}
-      for (const [name, value] of Object.entries(options.headers)) if (value !== undefined) headers[name] = value
+      for (const name in options.headers) {
+        const value = options.headers[name]
+        if (value !== undefined) headers[name] = value
+      }
       upstream.call({
         method: options.method,
         path: options.path,
