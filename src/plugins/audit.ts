@@ -157,8 +157,10 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
       // Body bytes are counted by the response itself (http/response.ts).
       const watch: ResponseWatch = { start: performance.now(), upstreamStreamFailed: false }
       request.auditWatch = watch
-      // 'close' comes exactly once for every response, finished or not; the record is built on it.
-      reply.raw.once('close', () => {
+      // 'close' comes exactly once for every response, finished or not; the record is built on it. (on, not once:
+      // with one 'close' per response, once's wrapper would be one more object per call for nothing; the same
+      // holds for the other per-call 'close' listeners.)
+      reply.raw.on('close', () => {
         const record = buildRecord(request, reply, watch)
         writer.write(record)
         for (const observe of observers) observe(record)

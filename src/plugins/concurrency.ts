@@ -37,7 +37,7 @@ export default fp<ConcurrencyOptions>(async function concurrency (app, { maxInFl
     }
     inFlight++
     perClient.set(client.id, mine + 1)
-    reply.raw.once('close', () => {
+    reply.raw.on('close', () => {
       inFlight--
       const left = (perClient.get(client.id) ?? 1) - 1
       if (left === 0) perClient.delete(client.id)

@@ -129,7 +129,7 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
       inFlight.inc()
-      reply.raw.once('close', () => { inFlight.dec() })
+      reply.raw.on('close', () => { inFlight.dec() })
     }
     done()
   })

@@ -97,7 +97,7 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<
 
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
-  return abort => { reply.raw.once('close', () => { if (!reply.raw.writableFinished) abort() }) }
+  return abort => { reply.raw.on('close', () => { if (!reply.raw.writableFinished) abort() }) }
 }
 
 function isJson (headers: IncomingHttpHeaders): boolean {

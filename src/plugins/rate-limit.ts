@@ -99,7 +99,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         done(err)
         return
       }
-      reply.raw.once('close', () => {
+      reply.raw.on('close', () => {
         const used = request.responseFacts === null ? 0 : tokensUsed(request.responseFacts)
         if (used > 0) chargeTokens(request, client, rule, used)
       })
