@@ -3,7 +3,7 @@
 // The interface the gateway uses, and all of it:
 //
 //   write(record: object): void      never throws, never blocks: the record is buffered and written with the
-//                                    others of the same tick, in one write, off the event loop
+//                                    others of the next FLUSH_AFTER_MS, in one write, off the event loop
 //   readonly available: boolean      false from a failed write until a write succeeds again (a full buffer is
 //                                    a failed write); with audit.onFailure "closed" the gateway then answers
 //                                    503 audit_unavailable
@@ -96,6 +96,12 @@ export interface AuditWriter {
 export const MAX_PENDING = 10_000
 /** Records per write at most. */
 const MAX_BATCH = 1_000
+/**
+ * A record waits at most this long for others to share its write (fewer, larger writes: each one is a hop to a
+ * libuv thread and back, which under load cost more than the write itself), or until FLUSH_RECORDS are waiting.
+ */
+export const FLUSH_AFTER_MS = 10
+const FLUSH_RECORDS = 256
 /** A failed write is retried this often. */
 export const RETRY_MS = 500
 /** How often the file is checked for removal or replacement, and how often `fsync: interval` syncs. */
@@ -147,7 +153,7 @@ class Writer implements AuditWriter {
   private downSince = 0
   private closed = false
   private closing: Promise<void> | null = null
-  private scheduled = false
+  private scheduled: NodeJS.Timeout | null = null
   private flushQueued = false
   private tickQueued = false
   private retryTimer: NodeJS.Timeout | null = null
@@ -182,7 +188,8 @@ class Writer implements AuditWriter {
     if (this.closed) return this.drop('the audit writer is closed')
     if (this.pending.length >= this.maxPending) return this.drop('the audit buffer is full')
     this.pending.push(record)
-    this.schedule()
+    if (this.pending.length >= FLUSH_RECORDS && this.scheduled !== null) this.flushSoon()
+    else this.schedule()
   }
 
   /** A chain event from the sink (a torn line at start): written ahead of the next records. */
@@ -223,6 +230,8 @@ class Writer implements AuditWriter {
   private async shutdown (): Promise<void> {
     this.closed = true
     clearInterval(this.watchTimer)
+    if (this.scheduled !== null) clearTimeout(this.scheduled)
+    this.scheduled = null
     if (this.retryTimer !== null) clearTimeout(this.retryTimer)
     const flushAll = async () => {
       while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0) {
@@ -261,16 +270,21 @@ class Writer implements AuditWriter {
     return next
   }
 
+  /** A write of what is waiting, FLUSH_AFTER_MS from now (unless one is due or queued already). */
   private schedule (): void {
-    if (this.scheduled || this.flushQueued || this.retryTimer !== null || this.closed) return
-    this.scheduled = true
-    setImmediate(() => {
-      this.scheduled = false
-      this.flushQueued = true
-      void this.run(async () => {
-        this.flushQueued = false
-        await this.flush()
-      })
+    if (this.scheduled !== null || this.flushQueued || this.retryTimer !== null || this.closed) return
+    this.scheduled = setTimeout(() => { this.flushSoon() }, FLUSH_AFTER_MS).unref()
+  }
+
+  /** The scheduled write, queued on the worker now. */
+  private flushSoon (): void {
+    if (this.scheduled !== null) clearTimeout(this.scheduled)
+    this.scheduled = null
+    if (this.flushQueued) return
+    this.flushQueued = true
+    void this.run(async () => {
+      this.flushQueued = false
+      await this.flush()
     })
   }
 
@@ -298,7 +312,8 @@ class Writer implements AuditWriter {
       return false
     }
     this.recovered()
-    if (this.pending.length > 0 || this.events.length > 0) this.schedule()
+    if (this.pending.length >= FLUSH_RECORDS) this.flushSoon()
+    else if (this.pending.length > 0 || this.events.length > 0) this.schedule()
     return true
   }
 
