@@ -100,7 +100,7 @@ const MAX_BATCH = 1_000
  * A record waits at most this long for others to share its write (fewer, larger writes: each one is a hop to a
  * libuv thread and back, which under load cost more than the write itself), or until FLUSH_RECORDS are waiting.
  */
-export const FLUSH_AFTER_MS = 10
+const FLUSH_AFTER_MS = 10
 const FLUSH_RECORDS = 256
 /** A failed write is retried this often. */
 export const RETRY_MS = 500
