@@ -188,8 +188,7 @@ class Writer implements AuditWriter {
     if (this.closed) return this.drop('the audit writer is closed')
     if (this.pending.length >= this.maxPending) return this.drop('the audit buffer is full')
     this.pending.push(record)
-    if (this.pending.length >= FLUSH_RECORDS && this.scheduled !== null) this.flushSoon()
-    else this.schedule()
+    this.schedule()
   }
 
   /** A chain event from the sink (a torn line at start): written ahead of the next records. */
@@ -270,17 +269,20 @@ class Writer implements AuditWriter {
     return next
   }
 
-  /** A write of what is waiting, FLUSH_AFTER_MS from now (unless one is due or queued already). */
+  /**
+   * A write of what is waiting: queued now once FLUSH_RECORDS wait, else FLUSH_AFTER_MS from now (nothing when a
+   * write is queued already, or a retry or the close will write them).
+   */
   private schedule (): void {
-    if (this.scheduled !== null || this.flushQueued || this.retryTimer !== null || this.closed) return
-    this.scheduled = setTimeout(() => { this.flushSoon() }, FLUSH_AFTER_MS).unref()
+    if (this.flushQueued || this.retryTimer !== null || this.closed) return
+    if (this.pending.length >= FLUSH_RECORDS) this.flushSoon()
+    else this.scheduled ??= setTimeout(() => { this.flushSoon() }, FLUSH_AFTER_MS).unref()
   }
 
   /** The scheduled write, queued on the worker now. */
   private flushSoon (): void {
     if (this.scheduled !== null) clearTimeout(this.scheduled)
     this.scheduled = null
-    if (this.flushQueued) return
     this.flushQueued = true
     void this.run(async () => {
       this.flushQueued = false
@@ -312,8 +314,7 @@ class Writer implements AuditWriter {
       return false
     }
     this.recovered()
-    if (this.pending.length >= FLUSH_RECORDS) this.flushSoon()
-    else if (this.pending.length > 0 || this.events.length > 0) this.schedule()
+    if (this.pending.length > 0 || this.events.length > 0) this.schedule()
     return true
   }
 
