@@ -2,6 +2,7 @@
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { LIFECYCLE_AUDIT, LIFECYCLE_UPSTREAM_CALLS } from './fixtures/lifecycle.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
 const RATE_HEADERS = ['x-ratelimit-limit-requests', 'x-ratelimit-remaining-requests', 'x-ratelimit-reset-requests']
@@ -51,18 +52,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
   const gone = await client.conversations.retrieve(created.id).catch((e: unknown) => e)
   t.type(gone, OpenAI.NotFoundError)
 
-  t.same(upstream.requests.map(r => `${r.method} ${r.url.replace(created.id, ':c').replace(first!.id, ':i')}`), [
-    'POST /v1/conversations',
-    'POST /v1/conversations/:c/items',
-    'GET /v1/conversations/:c/items',
-    'GET /v1/conversations/:c/items/:i',
-    'DELETE /v1/conversations/:c/items/:i',
-    'GET /v1/conversations/:c/items',
-    'POST /v1/conversations/:c',
-    'GET /v1/conversations/:c',
-    'DELETE /v1/conversations/:c',
-    'GET /v1/conversations/:c'
-  ])
+  t.same(upstream.requests.map(r => `${r.method} ${r.url.replace(created.id, ':c').replace(first!.id, ':i')}`), LIFECYCLE_UPSTREAM_CALLS)
 
   t.test('the upstream saw its own token on every call and the client key nowhere', async t => {
     for (const r of upstream.requests) {
@@ -76,19 +66,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
   t.test('the audit file holds one correct line per call', async t => {
     const records = gw.audit()
     t.equal(records.length, 10)
-    t.same(records.map(r => [r.action, r.method, r.status, r.outcome]), [
-      ['conversation.create', 'POST', 200, 'ok'],
-      ['item.create', 'POST', 200, 'ok'],
-      ['item.list', 'GET', 200, 'ok'],
-      ['item.retrieve', 'GET', 200, 'ok'],
-      ['item.delete', 'DELETE', 200, 'ok'],
-      ['item.list', 'GET', 200, 'ok'],
-      ['conversation.update', 'POST', 200, 'ok'],
-      ['conversation.retrieve', 'GET', 200, 'ok'],
-      ['conversation.delete', 'DELETE', 200, 'ok'],
-      // The gateway's ownership lookup found no such conversation: its own 404, the same as for a stranger's.
-      ['conversation.retrieve', 'GET', 404, 'invalid']
-    ])
+    t.same(records.map(r => [r.action, r.method, r.status, r.outcome]), LIFECYCLE_AUDIT)
     const fields = ['time', 'requestId', 'clientId', 'keyId', 'action', 'method', 'path', 'conversationId', 'ownerId', 'itemId',
       'responseId', 'model', 'stream', 'inputTokens', 'outputTokens', 'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'attempts', 'bytesIn',
       'bytesOut', 'ip', 'userAgent']

@@ -5,6 +5,7 @@
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { LIFECYCLE_AUDIT, LIFECYCLE_UPSTREAM_CALLS } from './fixtures/lifecycle.js'
 import { pythonSdk, runScenario, SCENARIO_TIMEOUT_MS, SETUP_TIMEOUT_MS, VENV, type SdkError, type Step } from './fixtures/python-sdk.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -79,18 +80,7 @@ t.test('all eight operations round-trip with the Python SDK, its body-less DELET
   t.same(out.sent.filter(s => s.method === 'DELETE').map(s => [s.contentType, s.bodyBytes]),
     [['application/json', 0], ['application/json', 0]], 'the SDK sent both DELETEs as JSON with no body')
 
-  t.same(seen({ ':c': conv, ':i': first }), [
-    'POST /v1/conversations',
-    'POST /v1/conversations/:c/items',
-    'GET /v1/conversations/:c/items',
-    'GET /v1/conversations/:c/items/:i',
-    'DELETE /v1/conversations/:c/items/:i',
-    'GET /v1/conversations/:c/items',
-    'POST /v1/conversations/:c',
-    'GET /v1/conversations/:c',
-    'DELETE /v1/conversations/:c',
-    'GET /v1/conversations/:c'
-  ], 'the upstream saw exactly the calls, in order')
+  t.same(seen({ ':c': conv, ':i': first }), LIFECYCLE_UPSTREAM_CALLS, 'the upstream saw exactly the calls, in order')
   for (const r of upstream.requests.filter(r => r.method === 'DELETE')) {
     t.equal(r.headers['content-type'], undefined, `${r.url}: no content-type upstream`)
     t.equal(r.headers['content-length'], undefined, `${r.url}: no content-length upstream`)
@@ -100,18 +90,7 @@ t.test('all eight operations round-trip with the Python SDK, its body-less DELET
   t.notOk(upstream.everything().includes(KEYS.full), 'the client key never reached the upstream')
 
   const records = gw.audit()
-  t.same(records.map(r => [r.action, r.method, r.status, r.outcome]), [
-    ['conversation.create', 'POST', 200, 'ok'],
-    ['item.create', 'POST', 200, 'ok'],
-    ['item.list', 'GET', 200, 'ok'],
-    ['item.retrieve', 'GET', 200, 'ok'],
-    ['item.delete', 'DELETE', 200, 'ok'],
-    ['item.list', 'GET', 200, 'ok'],
-    ['conversation.update', 'POST', 200, 'ok'],
-    ['conversation.retrieve', 'GET', 200, 'ok'],
-    ['conversation.delete', 'DELETE', 200, 'ok'],
-    ['conversation.retrieve', 'GET', 404, 'invalid']
-  ], 'one audit record per call')
+  t.same(records.map(r => [r.action, r.method, r.status, r.outcome]), LIFECYCLE_AUDIT, 'one audit record per call')
   for (const r of records) {
     t.equal(r.clientId, 'team-full')
     t.equal(r.conversationId, conv, `${r.action} names the conversation`)
