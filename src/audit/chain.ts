@@ -11,7 +11,7 @@
 //
 // Records are opaque JSON objects: the chain works for any fields. Besides the gateway's per-call records, the
 // writer adds a few chain events of its own, told apart by an `event` field (see ChainEvent below).
-import { createHash, createHmac } from 'node:crypto'
+import { createHash, createHmac, hash } from 'node:crypto'
 import canonicalize from 'canonicalize'
 
 export const GENESIS_HASH = '0'.repeat(64)
@@ -30,7 +30,8 @@ export type Hasher = (prevHash: string, canonicalBody: string) => string
 /** sha256, or HMAC-SHA256 when a key is given. The key is kept inside the closure, never on an object. */
 export function chainHasher (hmacKey?: string): Hasher {
   if (hmacKey === undefined) {
-    return (prevHash, body) => createHash('sha256').update(prevHash).update('\n').update(body).digest('hex')
+    // The one-shot hash: no Hash object per record (this runs once per audited call).
+    return (prevHash, body) => hash('sha256', `${prevHash}\n${body}`, 'hex')
   }
   return (prevHash, body) => createHmac('sha256', hmacKey).update(prevHash).update('\n').update(body).digest('hex')
 }
