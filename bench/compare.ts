@@ -9,17 +9,24 @@ import { benchClient, gatewayConfig, mixRequests } from './clients.js'
 import type { LoadResult, Request } from './load.js'
 import { fmt, spread, median, table, type Spread } from './report.js'
 import type { Context } from './run.js'
-import { memoryOf, resetPeak, startSystem, type System, type SystemName } from './systems.js'
+import { cpuTimeOf, memoryOf, resetPeak, startSystem, type System, type SystemName } from './systems.js'
 
 interface Target {
   system: System
   requests: Request[]
 }
 
-export type Run = LoadResult & { system: SystemName, connections: number, round: number, peakRss: number | null }
+export type Run = LoadResult & {
+  system: SystemName
+  connections: number
+  round: number
+  peakRss: number | null
+  /** CPU time the system's process used during the run (all its threads), per request served, µs */
+  cpuUsPerRequest: number | null
+}
 
 /** One system at one connection count, over the rounds: medians, errors summed, the highest peak. */
-export type Row = Pick<Run, 'connections' | 'system' | 'reqPerSec' | 'p50Ms' | 'p99Ms' | 'errors' | 'peakRss'>
+export type Row = Pick<Run, 'connections' | 'system' | 'reqPerSec' | 'p50Ms' | 'p99Ms' | 'errors' | 'peakRss' | 'cpuUsPerRequest'>
 
 export interface Ratios {
   connections: number
@@ -27,6 +34,8 @@ export interface Ratios {
   throughput: Spread
   /** gateway p99 ÷ bare p99, per round */
   p99: Spread
+  /** gateway CPU per request ÷ bare CPU per request, per round (null without /proc) */
+  cpu: Spread | null
 }
 
 export interface Comparison {
@@ -72,12 +81,24 @@ export async function compare (ctx: Context): Promise<Comparison> {
         const { system, requests } = targets[name]
         await sleep(PAUSE_MS)
         resetPeak(system.pid)
+        const cpuBefore = cpuTimeOf(system.pid)
         const result = await load.run({ url: system.url, requests, connections, seconds: settings.seconds })
+        const cpuAfter = cpuTimeOf(system.pid)
         if (system.exit !== null) throw new Error(`the ${name} process ${system.exit}`)
-        const run: Run = { system: name, connections, round, ...result, peakRss: memoryOf(system.pid)?.peak ?? null }
+        const run: Run = {
+          system: name,
+          connections,
+          round,
+          ...result,
+          peakRss: memoryOf(system.pid)?.peak ?? null,
+          cpuUsPerRequest: cpuBefore === null || cpuAfter === null || result.requests === 0
+            ? null
+            : (cpuAfter - cpuBefore) / result.requests
+        }
         runs.push(run)
         console.log(`  ${String(connections).padStart(3)} connections, round ${round + 1}, ${name.padEnd(8)} ` +
           `${fmt.int(run.reqPerSec).padStart(6)} req/s  p50 ${fmt.ms(run.p50Ms)} ms  p99 ${fmt.ms(run.p99Ms)} ms` +
+          `  CPU ${fmt.us(run.cpuUsPerRequest)} µs/req` +
           (run.errors > 0 ? `  ${run.errors} ERRORS ${JSON.stringify(run.errorKinds)}` : ''))
       }
     }
@@ -121,6 +142,7 @@ function summarise (runs: readonly Run[], connectionCounts: readonly number[]) {
   const rows: Row[] = connectionCounts.flatMap(connections => SYSTEMS.map(system => {
     const mine = of(system, connections)
     const peaks = mine.map(r => r.peakRss).filter(p => p !== null)
+    const cpu = mine.map(r => r.cpuUsPerRequest)
     return {
       connections,
       system,
@@ -128,7 +150,8 @@ function summarise (runs: readonly Run[], connectionCounts: readonly number[]) {
       p50Ms: median(mine.map(r => r.p50Ms)),
       p99Ms: median(mine.map(r => r.p99Ms)),
       errors: mine.reduce((n, r) => n + r.errors, 0),
-      peakRss: peaks.length > 0 ? Math.max(...peaks) : null
+      peakRss: peaks.length > 0 ? Math.max(...peaks) : null,
+      cpuUsPerRequest: cpu.every(c => c !== null) ? median(cpu) : null
     }
   }))
   // Ratios pair the gateway and the bare proxy of the same round, which ran next to each other.
@@ -139,7 +162,10 @@ function summarise (runs: readonly Run[], connectionCounts: readonly number[]) {
   const ratios: Ratios[] = connectionCounts.map(connections => ({
     connections,
     throughput: perRound(connections, (g, b) => g.reqPerSec / b.reqPerSec),
-    p99: perRound(connections, (g, b) => g.p99Ms / b.p99Ms)
+    p99: perRound(connections, (g, b) => g.p99Ms / b.p99Ms),
+    cpu: runs.every(r => r.cpuUsPerRequest !== null)
+      ? perRound(connections, (g, b) => g.cpuUsPerRequest! / b.cpuUsPerRequest!)
+      : null
   }))
   const addedP50 = connectionCounts.includes(1)
     ? perRound(1, (g, b, u) => (g.p50Ms - u.p50Ms) / (b.p50Ms - u.p50Ms))
@@ -150,13 +176,19 @@ function summarise (runs: readonly Run[], connectionCounts: readonly number[]) {
 export function printComparison (c: Comparison): void {
   const ratioOf = (connections: number) => c.ratios.find(r => r.connections === connections)!
   console.log(table([
-    ['conns', 'system', 'req/s', 'p50 ms', 'p99 ms', 'errors', 'peak RSS MiB', 'gw/bare req/s', 'gw/bare p99'],
-    ...c.rows.map(r => [
-      String(r.connections), r.system, fmt.int(r.reqPerSec), fmt.ms(r.p50Ms), fmt.ms(r.p99Ms), String(r.errors),
-      fmt.mib(r.peakRss),
-      r.system === 'gateway' ? fmt.spread(ratioOf(r.connections).throughput) : '',
-      r.system === 'gateway' ? fmt.spread(ratioOf(r.connections).p99) : ''
-    ])
+    ['conns', 'system', 'req/s', 'p50 ms', 'p99 ms', 'errors', 'peak RSS MiB', 'CPU µs/req', 'gw/bare req/s', 'gw/bare p99',
+      'gw/bare CPU'],
+    ...c.rows.map(r => {
+      const ratios = ratioOf(r.connections)
+      const gateway = r.system === 'gateway'
+      return [
+        String(r.connections), r.system, fmt.int(r.reqPerSec), fmt.ms(r.p50Ms), fmt.ms(r.p99Ms), String(r.errors),
+        fmt.mib(r.peakRss), fmt.us(r.cpuUsPerRequest),
+        gateway ? fmt.spread(ratios.throughput) : '',
+        gateway ? fmt.spread(ratios.p99) : '',
+        gateway && ratios.cpu !== null ? fmt.spread(ratios.cpu) : ''
+      ]
+    })
   ], [1]))
   if (c.addedP50 !== null) {
     console.log(`\none connection: the gateway's added p50 over the direct upstream ÷ the bare proxy's: ${fmt.spread(c.addedP50)}`)

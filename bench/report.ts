@@ -20,6 +20,7 @@ export const fmt = {
   int: (n: number) => String(Math.round(n)),
   ms: (n: number) => n.toFixed(2),
   mib: (n: number | null) => n === null ? 'n/a' : (n / 1024 / 1024).toFixed(1),
+  us: (n: number | null) => n === null ? 'n/a' : n.toFixed(0),
   ratio: (n: number) => Number.isFinite(n) ? n.toFixed(2) : 'n/a',
   spread: (s: Spread) => `${fmt.ratio(s.median)} (${fmt.ratio(s.min)}–${fmt.ratio(s.max)})`
 }
