@@ -79,7 +79,8 @@ const TICKS_PER_SECOND = 100
 
 /**
  * CPU time the process has used so far, all its threads (user + system), in µs, from /proc (Linux); null where
- * there is none. Its resolution is one tick (10 ms): over a run of seconds, well under 1 %.
+ * there is none. Its resolution is one tick (10 ms): about 1 % or less of what a system uses in one of the bench's
+ * runs (5 s, a second of CPU or more).
  */
 export function cpuTimeOf (pid: number): number | null {
   try {
