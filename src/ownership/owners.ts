@@ -3,6 +3,7 @@
 // on update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
 // (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
 import { LRUCache } from 'lru-cache'
+import type { Answer } from '../answer.js'
 
 export const OWNER_KEY = 'gateway_owner'
 /** OpenAI allows 16 metadata keys; the gateway needs one of them. */
@@ -99,7 +100,7 @@ export class OwnerCache {
   }
 
   /** The owner of `id`: at once when it is cached (the common case, no promise), else from `fetch`. */
-  get (id: string, fetch: () => Promise<Owner>): Owner | Promise<Owner> {
+  get (id: string, fetch: () => Promise<Owner>): Answer<Owner> {
     const cached = this.#cache.get(id)
     if (cached !== undefined) return cached
     return this.#fetch(id, fetch)

@@ -7,6 +7,7 @@
 // client receives, streamed events included.
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
+import { then, whenAnswered, type Answer } from '../answer.js'
 import type { ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, MetadataLimitError,
@@ -60,11 +61,6 @@ function conversationParam (body: unknown): string | undefined {
   return typeof id === 'string' ? id : undefined
 }
 
-/** Goes on with `next` at once for a value, or once a promise has settled. */
-function then<T> (value: T | Promise<T>, next: (value: T) => void): void | Promise<void> {
-  return value instanceof Promise ? value.then(next) : next(value)
-}
-
 function previousResponseParam (body: unknown): string | undefined {
   const value = (body as { previous_response_id?: unknown } | undefined)?.previous_response_id
   return typeof value === 'string' ? value : undefined
@@ -79,7 +75,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream; a bad or
    * missing answer fails closed (502/504).
    */
-  function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Owner | Promise<Owner> {
+  function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Answer<Owner> {
     if (!ID_PATTERN.test(id)) return 'missing' // nothing with such an id can exist, or be asked about
     return cache.get(id, async () => {
       try {
@@ -107,7 +103,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
   function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
-    request: FastifyRequest, reply: FastifyReply): string | null | Promise<string | null> {
+    request: FastifyRequest, reply: FastifyReply): Answer<string | null> {
     const decide = (found: Owner): string | null => {
       const [Missing, NotYours] = REFUSALS[refusal]
       if (found === 'missing') throw new Missing(id)
@@ -117,8 +113,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (!allowed) throw new NotYours(id)
       return found.owner
     }
-    const found = lookup(kind, id, request, reply)
-    return found instanceof Promise ? found.then(decide) : decide(found)
+    return then(lookup(kind, id, request, reply), decide)
   }
 
   /** The created object's id is remembered as the client's, before the client sees it without the owner key. */
@@ -147,7 +142,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   }
 
   /** The check for one call: done at once when every owner it needs is cached, else a promise. */
-  function check (request: FastifyRequest, reply: FastifyReply): void | Promise<void> {
+  function check (request: FastifyRequest, reply: FastifyReply): Answer<void> {
     const op = request.operation
     const client = request.client
     if (op === null || client === null) return
@@ -193,8 +188,6 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
   // Callback style: with the owner cached (nearly every call), no promise is made.
   app.addHook('preHandler', (request, reply, done) => {
-    const pending = check(request, reply)
-    if (pending instanceof Promise) pending.then(() => { done() }, done)
-    else done()
+    whenAnswered(() => check(request, reply), () => { done() }, err => { done(err as Error) })
   })
 }, { name: 'ownership', dependencies: ['body'] })

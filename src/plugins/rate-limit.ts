@@ -10,8 +10,9 @@ import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
 import { RateLimitExceededError, RateLimitStoreUnavailableError, TokensRateLimitError } from '../errors.js'
 import { tokensUsed } from '../responses/usage.js'
+import { whenAnswered } from '../answer.js'
 import {
-  StoreUnavailableError, type Answer, type BucketRule, type RateLimitResult, type RateLimitStore
+  StoreUnavailableError, type BucketRule, type RateLimitResult, type RateLimitStore
 } from '../stores/rate-limit-store.js'
 
 export interface RateLimitOptions {
@@ -59,22 +60,6 @@ function tokenRule (client: ClientConfig): BucketRule | null {
 }
 
 const tokenKey = (client: ClientConfig) => `tokens:${client.id}`
-
-/**
- * Asks the store and runs `then` on its answer: now when it is one, later when it is a promise. A failure to ask
- * or to answer goes to `fail`.
- */
-function whenAnswered<T> (ask: () => Answer<T>, then: (value: T) => void, fail: (err: unknown) => void): void {
-  let answer: Answer<T>
-  try {
-    answer = ask()
-  } catch (err) {
-    fail(err)
-    return
-  }
-  if (answer instanceof Promise) answer.then(then, fail)
-  else then(answer)
-}
 
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   app.decorateRequest('rateLimit', null)

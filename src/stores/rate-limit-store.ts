@@ -1,6 +1,8 @@
 // A per-client token bucket: `burst` tokens of capacity, refilled at `requestsPerMinute`. A store keeps the
 // buckets behind one interface: the in-memory one (memory.ts) is the default, the Redis one (redis.ts) shares
 // them between replicas. Both do the same arithmetic, below (redis.ts repeats it in its Lua script).
+import type { Answer } from '../answer.js'
+
 export interface BucketRule {
   requestsPerMinute: number
   burst: number
@@ -17,11 +19,8 @@ export interface RateLimitResult {
   retryAfterMs: number
 }
 
-/**
- * A store answers at once (in memory: no promise per call on the hot path) or later (Redis); callers handle both
- * (`await` does, and plugins/rate-limit.ts checks for a promise before making one).
- */
-export type Answer<T> = T | Promise<T>
+// A store answers at once (in memory: no promise per call on the hot path) or later (Redis); callers handle both
+// (`await` does, and plugins/rate-limit.ts goes on at once when there is no promise).
 
 export interface RateLimitStore {
   /**
