@@ -166,7 +166,8 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
         for (const observe of observers) observe(record)
       })
     }
-    done()  })
+    done()
+  })
 
   // A streamed answer that fails on the upstream's side (a reset mid-body) is told apart from a client leaving:
   // the client's leaving closes the response first, and the record is written then.

@@ -1,5 +1,6 @@
 // In-process buckets in a bounded LRU. Node runs one request's check-and-take without interleaving another's,
-// so the take is atomic, and it answers synchronously: no promise per call. A monotonic clock: wall-clock jumps neither grant a burst nor lock a client out.
+// so the take is atomic, and it answers synchronously: no promise per call. A monotonic clock: wall-clock jumps
+// neither grant a burst nor lock a client out.
 import { performance } from 'node:perf_hooks'
 import { LRUCache } from 'lru-cache'
 import {
