@@ -32,7 +32,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
-import { countingResponseClass } from './http/response.js'
+import { closeWithConnection, countingResponseClass } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -160,6 +160,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
 
   let current = config
   app.server.maxConnections = config.listen.maxConnections
+  app.server.on('request', (req: IncomingMessage, res: ServerResponse) => { closeWithConnection(res, req.socket) })
   app.setErrorHandler(errorHandler(config))
   app.decorateRequest('refusal', null)
 

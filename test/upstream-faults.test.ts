@@ -5,6 +5,7 @@
 import {
   request as httpRequest, type ClientRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse
 } from 'node:http'
+import { connect } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
@@ -433,6 +434,39 @@ t.test('a client that hangs up while the upstream holds the headers is audited o
   t.equal((await send(gw, 'GET', '/healthz')).status, 200, '/healthz answers 200')
   t.equal(upstream.requests.length, 2, 'the aborted call was not retried')
   assertTokenNowhere(t, gw, [answerText(next)])
+})
+
+t.test('pipelined calls whose client hangs up while the upstream holds them: each is audited once as aborted with the attempt it made, each upstream call is released, and the gateway stays up', async t => {
+  const { upstream, gw } = await setup(t)
+  const held: ServerResponse[] = []
+  let released = 0
+  upstream.respond = (_req, res) => {
+    res.on('close', () => { released++ })
+    held.push(res)
+  }
+  // Two calls on one connection, the second sent before the first is answered: Node queues its response, with
+  // no socket, behind the first.
+  const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+  socket.on('error', () => { /* the test hangs up on purpose */ })
+  const get = (id: string) => `GET /v1/conversations/${id} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  socket.write(get('conv_first') + get('conv_second'))
+  await until('the upstream to hold both calls', () => held.length === 2)
+  socket.destroy()
+
+  await until('both upstream calls to be released', () => released === 2)
+  t.equal(released, 2, 'the upstream calls of both, the queued one too, were stopped')
+  const records = await auditRecords(gw, 2)
+  t.equal(records.length, 2, 'one audit record for each call')
+  t.same(records.map(r => [r.path, r.outcome, r.status, r.attempts]).sort(), [
+    ['/v1/conversations/conv_first', 'aborted', 499, 1],
+    ['/v1/conversations/conv_second', 'aborted', 499, 1]
+  ], 'both aborted (499), each after the one upstream attempt it made')
+
+  // The upstream answers after all: nothing more is written, nothing breaks.
+  for (const res of held) res.end('{"id":"conv_late","object":"conversation"}')
+  await sleep(100)
+  t.equal(gw.audit().length, 2, 'still exactly two audit records')
+  t.equal((await send(gw, 'GET', '/healthz')).status, 200, 'the gateway is up: /healthz answers 200')
 })
 
 t.test('a client that hangs up mid-body is audited once as aborted, the upstream response is released, and the gateway stays healthy', async t => {

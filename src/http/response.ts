@@ -4,6 +4,7 @@
 // end on each response (as an earlier version did) gave every response a shape of its own, and Node's own code on
 // responses slowed down with it.
 import { ServerResponse, type IncomingMessage } from 'node:http'
+import type { Socket } from 'node:net'
 
 export interface CountingResponse extends ServerResponse {
   /** body bytes written to the client so far */
@@ -57,4 +58,21 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
     }
   }
   return GatewayResponse as unknown as typeof ServerResponse
+}
+
+/**
+ * A pipelined request's response waits, without a socket, for the responses before it. When the connection closes
+ * meanwhile, Node 20 emits 'close' for the response that held the socket but never for those waiting (Node 24
+ * does, first, and marks them destroyed): emit it for them, so that 'close' comes exactly once for every response.
+ * The audit record is written on it, and the upstream call stopped.
+ */
+export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
+  if (res.socket !== null || socket === null) return
+  const closed = () => {
+    if (res.destroyed) return
+    res.destroyed = true
+    res.emit('close')
+  }
+  socket.once('close', closed)
+  res.once('socket', () => { socket.off('close', closed) })
 }

@@ -95,6 +95,8 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<
   return out
 }
 
+function noop (): void {}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { reply.raw.on('close', () => { if (!reply.raw.writableFinished) abort() }) }
@@ -148,14 +150,21 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         const value = options.headers[name]
         if (value !== undefined) headers[name] = value
       }
+      // Set before the call, and counted as it goes: a call cut short (the client gone) is audited with the
+      // attempts it made.
+      const progress: { line: number | null, attempts: number } = { line: null, attempts: 0 }
+      request.upstreamCall = progress
       upstream.call({
         method: options.method,
         path: options.path,
         headers,
         body: request.upstreamBody,
-        whenClientGone: clientGone(reply)
+        whenClientGone: clientGone(reply),
+        progress
       }).then(answer => {
-        request.upstreamCall = { line: answer.line, attempts: answer.attempts }
+        progress.line = answer.line
+        // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
+        answer.body.on('error', noop)
         request.upstream = {
           status: answer.statusCode,
           ms: answer.ms,
@@ -164,7 +173,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body })
       }, (err: unknown) => {
         if (err instanceof UpstreamFailure) {
-          request.upstreamCall = { line: null, attempts: err.attempts }
+          progress.attempts = err.attempts
           // The client is gone: nothing is left to answer, and a hang-up is not an upstream failure to log
           // (reply-from would log every error it is given). Its audit record was written when it left.
           if (err.kind === 'aborted') return

@@ -40,6 +40,8 @@ export interface UpstreamCall {
   body: Buffer | null
   /** registers what to do when the client hangs up: the call is aborted at once */
   whenClientGone?: ((abort: () => void) => void) | undefined
+  /** kept up to date as attempts start, for whoever needs the count of a call that is cut short */
+  progress?: { attempts: number } | undefined
 }
 
 export interface UpstreamAnswer {
@@ -252,6 +254,7 @@ export class Upstream {
       if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null)
       for (;;) {
         tried.add(index)
+        if (call.progress !== undefined) call.progress.attempts = tried.size
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
         try {
