@@ -230,11 +230,14 @@ function errorHandler (config: GatewayConfig) {
     }
     // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
     if (hasBody(request.headers) && !request.raw.complete) {
-      // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it:
-      // the connection cannot carry another request after this one. Any other body still coming is discarded,
-      // within bounds.
-      if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
-      else discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
+      // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it, and
+      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after this
+      // one. Any other body still coming is discarded, within bounds.
+      if (request.headers.upgrade !== undefined || (expectsContinue(request) && err.statusCode !== 413)) {
+        reply.header('connection', 'close')
+      } else {
+        discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
+      }
     }
     if (err.headers) reply.headers(err.headers)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))

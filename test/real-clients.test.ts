@@ -251,6 +251,26 @@ t.test('a request pipelined behind a refused Upgrade is not left hanging: the co
   t.equal(upstream.requests.length, 0)
 })
 
+t.test('whatever the answer to an Upgrade request (unknown path, wrong method, a body, /healthz), the connection closes after it rather than hang', async t => {
+  const { upstream, gw } = await setup(t)
+  const cases: Array<[string, Buffer, number]> = [
+    ['an unknown path', buildRequest('GET', '/v1/models', [FULL, ['Connection', 'Upgrade'], ['Upgrade', 'websocket']]), 404],
+    ['a known path, another method', buildRequest('PUT', '/v1/conversations/conv_1', [FULL, ['Connection', 'Upgrade'], ['Upgrade', 'websocket']]), 405],
+    ['a body', buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Connection', 'Upgrade'], ['Upgrade', 'websocket']], '{}'), 400],
+    ['/healthz', buildRequest('GET', '/healthz', [['Connection', 'Upgrade'], ['Upgrade', 'websocket']]), 200]
+  ]
+  const next = buildRequest('GET', '/v1/conversations/conv_1', [FULL])
+  for (const [what, upgrade, status] of cases) {
+    const c = connectRaw(gw.url)
+    const started = Date.now()
+    c.socket.write(Buffer.concat([upgrade, next]))
+    await c.waitFor(new RegExp(`^HTTP/1.1 ${status} `))
+    for (let i = 0; i < 100 && !c.closed(); i++) await sleep(10)
+    t.ok(c.closed(), `${what}: ${status}, then the connection closed (after ${Date.now() - started} ms)`)
+  }
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+})
+
 t.test('content and transfer codings the gateway does not decode are refused, not ignored', async t => {
   const { upstream, gw } = await setup(t)
   const gzipChunked = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations',

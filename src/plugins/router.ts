@@ -28,6 +28,10 @@ export default fp(async function router (app) {
   })
 
   function route (request: FastifyRequest, reply: FastifyReply): void {
+    // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade', and stops parsing
+    // the connection there: a request pipelined behind it would never be read. Whatever the answer, the
+    // connection closes after it.
+    if (request.headers.upgrade !== undefined) reply.header('connection', 'close')
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
@@ -36,14 +40,9 @@ export default fp(async function router (app) {
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') throw new MissingHostError()
     const match = matchOperation(request.method, request.originalUrl)
     if (match.kind === 'operation') {
-      // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'; the proxy
-      // speaks plain HTTP only, so it never goes further. Node has stopped parsing the connection at the
-      // Upgrade, so a request pipelined behind it would never be read: close after the refusal.
       request.operation = match.operation
-      if (request.headers.upgrade !== undefined) {
-        reply.header('connection', 'close')
-        throw new UpgradeNotSupportedError()
-      }
+      // The proxy speaks plain HTTP only.
+      if (request.headers.upgrade !== undefined) throw new UpgradeNotSupportedError()
       return
     }
     if (match.kind === 'method_not_allowed') {
