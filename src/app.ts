@@ -220,6 +220,9 @@ async function rateLimitStoreFor (store: GatewayConfig['store'], log: FastifyBas
   return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, log })
 }
 
+/** Upstream headers about the upstream's body (content-type and -length Fastify drops on an error itself). */
+const UPSTREAM_BODY_HEADERS = ['content-encoding', 'etag', 'last-modified', 'cache-control'] as const
+
 /** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */
 function errorHandler (config: GatewayConfig) {
   return function handle (error: FastifyError, request: FastifyRequest, reply: FastifyReply) {
@@ -239,6 +242,9 @@ function errorHandler (config: GatewayConfig) {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
       }
     }
+    // An answer of the gateway's own can replace an upstream answer it would not pass on: none of the headers
+    // that described that body (reply-from set them already) describes this one.
+    for (const name of UPSTREAM_BODY_HEADERS) reply.removeHeader(name)
     if (err.headers) reply.headers(err.headers)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
   }

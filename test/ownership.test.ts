@@ -1,5 +1,6 @@
 // Teams and isolation: a team sees only the conversations it created, although all share one OhMyGPT account.
 // The official SDK against a listening gateway and the fake upstream, which records every call it receives.
+import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
@@ -244,4 +245,33 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
       t.match(gw.audit(), [{ status, outcome: 'upstream_error' }])
     })
   }
+})
+
+t.test('an owned object\'s answer is read as JSON whatever its content-type says: the owner key never reaches the client, and what is not JSON is a readable 502', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full', topic: 't' })
+  const { gw } = await gateway(t, upstream)
+  const get = () => fetch(`${gw.url}/v1/conversations/${conv}`, { headers: { authorization: `Bearer ${KEYS.full}`, 'accept-encoding': 'identity' } })
+  t.equal((await get()).status, 200, 'the owner is looked up and cached')
+  const object = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: { topic: 't', gateway_owner: 'team-full' } })
+  for (const type of [undefined, 'text/plain', 'application/vnd.api+json']) {
+    upstream.respond = (_req, res) => { res.writeHead(200, type === undefined ? {} : { 'content-type': type }).end(object) }
+    const res = await get()
+    const text = await res.text()
+    t.equal(res.status, 200, `content-type ${type ?? 'none'}: served`)
+    t.notMatch(text, /gateway_owner/, `content-type ${type ?? 'none'}: without the owner key`)
+    t.same(JSON.parse(text).metadata, { topic: 't' }, `content-type ${type ?? 'none'}: the rest of the metadata as it was`)
+  }
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'text/plain' }).end(`gateway_owner: team-full, ${conv}`) }
+  const notJson = await get()
+  t.equal(notJson.status, 502, 'not JSON: 502')
+  t.match(await notJson.json(), { error: { code: 'upstream_unavailable' } })
+
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip', etag: '"x"' }).end(gzipSync(object)) }
+  const gzipped = await get()
+  t.equal(gzipped.status, 502, 'an encoded answer the gateway cannot read: 502')
+  t.equal(gzipped.headers.get('content-encoding'), null, 'the error does not claim the upstream\'s content-encoding')
+  t.equal(gzipped.headers.get('etag'), null, 'nor its etag')
+  t.match(await gzipped.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'the envelope, readable as it is')
 })

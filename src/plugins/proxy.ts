@@ -102,10 +102,6 @@ export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { reply.raw.on('close', () => { if (!reply.raw.writableFinished) abort() }) }
 }
 
-function isJson (headers: IncomingHttpHeaders): boolean {
-  return /^application\/json\b/i.test(String(headers['content-type'] ?? ''))
-}
-
 function isEventStream (headers: IncomingHttpHeaders): boolean {
   return /^text\/event-stream\b/i.test(String(headers['content-type'] ?? ''))
 }
@@ -231,17 +227,18 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers))
       const ok = res.statusCode >= 200 && res.statusCode < 300
-      const rewrite = request.rewriteAnswer
-      if (ok && rewrite !== null && isJson(res.headers)) {
-        void sendRewritten(request, reply, res, rewrite)
-        return
-      }
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
         reply.removeHeader('content-length')
         // pipeline ends either side on the other's failure: an upstream that breaks mid-stream breaks the answer,
         // a client that leaves releases the upstream.
         reply.send(pipeline(res.stream, new SseRewriter(rewriteEvent), () => {}))
+        return
+      }
+      // Whatever its content-type says: an answer that must be rewritten is read as JSON or not passed on.
+      const rewrite = request.rewriteAnswer
+      if (ok && rewrite !== null) {
+        void sendRewritten(request, reply, res, rewrite)
         return
       }
       reply.send(res.stream)
