@@ -275,3 +275,70 @@ t.test('an owned object\'s answer is read as JSON whatever its content-type says
   t.equal(gzipped.headers.get('etag'), null, 'nor its etag')
   t.match(await gzipped.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'the envelope, readable as it is')
 })
+
+t.test('a conversation\'s id asked for on a response route, or a response\'s on a conversation route, does not hide it from its owner', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const { gw, sdk } = await gateway(t, upstream)
+  const asOther = await fetch(`${gw.url}/v1/responses/${conv}`, { headers: { authorization: `Bearer ${KEYS.other}` } })
+  t.equal(asOther.status, 404, 'another team asks for it as a response: no such response')
+  const mine = await sdk(KEYS.full).conversations.retrieve(conv)
+  t.equal(mine.id, conv, 'its owner still gets the conversation')
+
+  const response = await sdk(KEYS.full).responses.create({ model: 'gpt-4o-mini', input: 'hi' })
+  const gw2 = await gateway(t, upstream)
+  const asConversation = await fetch(`${gw2.gw.url}/v1/conversations/${response.id}`, { headers: { authorization: `Bearer ${KEYS.other}` } })
+  t.equal(asConversation.status, 404, 'another team asks for a response as a conversation (on a gateway that has not seen it): 404')
+  t.equal((await gw2.sdk(KEYS.full).responses.retrieve(response.id)).id, response.id, 'its owner still gets the response')
+})
+
+t.test('a caller that hangs up during a lookup shared with others does not fail theirs', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const { gw } = await gateway(t, upstream)
+  let lookups = 0
+  let lookupClosedEarly = false
+  upstream.respond = (req, res) => {
+    if (req.url === `/v1/conversations/${conv}`) {
+      lookups++
+      res.on('close', () => { if (!res.writableFinished) lookupClosedEarly = true })
+      setTimeout(() => {
+        res.writeHead(200, { 'content-type': 'application/json' })
+          .end(JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: { gateway_owner: 'team-full' } }))
+      }, 300)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}')
+  }
+  const items = (key: string, signal?: AbortSignal) =>
+    fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${key}` }, signal })
+  const leaver = new AbortController()
+  const first = items(KEYS.other, leaver.signal).catch(() => 'gone')
+  await new Promise(resolve => setTimeout(resolve, 50))
+  const second = items(KEYS.full)
+  await new Promise(resolve => setTimeout(resolve, 100))
+  leaver.abort()
+  t.equal(await first, 'gone', 'the first caller hung up during the lookup')
+  const res = await second
+  t.equal(res.status, 200, 'the owner, waiting on the same lookup, is served')
+  t.match(await res.json(), { object: 'list' })
+  t.equal(lookups, 1, 'one lookup for both')
+  t.equal(lookupClosedEarly, false, 'the lookup was not stopped while a caller still waited on it')
+
+  // When every caller goes, the lookup is stopped.
+  const upstream2 = await startUpstream()
+  t.teardown(() => upstream2.close())
+  const conv2 = await createUpstream(upstream2, { gateway_owner: 'team-full' })
+  const other = await gateway(t, upstream2)
+  let stopped = false
+  upstream2.respond = (_req, res) => { res.on('close', () => { if (!res.writableFinished) stopped = true }) }
+  const alone = new AbortController()
+  const call = fetch(`${other.gw.url}/v1/conversations/${conv2}`, { headers: { authorization: `Bearer ${KEYS.full}` }, signal: alone.signal }).catch(() => 'gone')
+  await new Promise(resolve => setTimeout(resolve, 100))
+  alone.abort()
+  t.equal(await call, 'gone')
+  for (let i = 0; i < 100 && !stopped; i++) await new Promise(resolve => setTimeout(resolve, 10))
+  t.ok(stopped, 'the lookup no one waits on any more is stopped')
+})

@@ -3,7 +3,6 @@
 // on update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
 // (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
 import { LRUCache } from 'lru-cache'
-import type { Answer } from '../answer.js'
 
 export const OWNER_KEY = 'gateway_owner'
 /** OpenAI allows 16 metadata keys; the gateway needs one of them. */
@@ -84,14 +83,26 @@ export interface OwnerCacheOptions {
   missingTtlMs: number
 }
 
+/** One upstream lookup that callers of the same object wait on together. */
+interface Lookup {
+  owner: Promise<Owner>
+  /** callers still waiting on it */
+  waiting: number
+  /** stops the upstream call (every caller has gone) */
+  abandon: () => void
+}
+
 /**
- * id → owner, bounded in count and age. Concurrent lookups of one id share one upstream call. An owner never
- * changes (a conversation keeps the id of the client that created it), so a cached owner is only ever stale for a
- * conversation deleted since: the upstream answers that call with its own 404.
+ * (kind, id) → owner, bounded in count and age. Concurrent lookups of one object share one upstream call, which
+ * belongs to no one caller: a caller that goes away stops waiting, and the call is stopped only once every caller
+ * has gone. An owner never changes (an object keeps the id of the client that created it), so a cached owner is
+ * only ever stale for an object deleted since: the upstream answers that call with its own 404. Keys carry the
+ * kind: ids are checked by shape only, and "no such response" said of a conversation's id must not hide the
+ * conversation.
  */
 export class OwnerCache {
   readonly #cache: LRUCache<string, Owner>
-  readonly #inFlight = new Map<string, Promise<Owner>>()
+  readonly #inFlight = new Map<string, Lookup>()
   readonly #missingTtlMs: number
 
   constructor (opts: OwnerCacheOptions) {
@@ -99,31 +110,64 @@ export class OwnerCache {
     this.#missingTtlMs = opts.missingTtlMs
   }
 
-  /** The owner of `id`: at once when it is cached (the common case, no promise), else from `fetch`. */
-  get (id: string, fetch: () => Promise<Owner>): Answer<Owner> {
-    const cached = this.#cache.get(id)
-    if (cached !== undefined) return cached
-    return this.#fetch(id, fetch)
+  /** The cached owner of a `kind` with `id`, if any: the common case, answered with no promise. */
+  get (kind: Owned, id: string): Owner | undefined {
+    return this.#cache.get(`${kind}:${id}`)
   }
 
-  async #fetch (id: string, fetch: () => Promise<Owner>): Promise<Owner> {
-    let pending = this.#inFlight.get(id)
-    if (pending === undefined) {
-      pending = fetch().then(owner => {
-        if (owner !== 'missing') this.#cache.set(id, owner)
-        else if (this.#missingTtlMs > 0) this.#cache.set(id, owner, { ttl: this.#missingTtlMs })
+  /**
+   * The owner from `fetch` (which is given where to register what stops its call), joined with a lookup of the
+   * same object under way if there is one. `whenCallerGone` registers what to run when this caller goes away:
+   * its answer then fails with the reason given.
+   */
+  lookUp (kind: Owned, id: string, fetch: (whenAbandoned: (abort: () => void) => void) => Promise<Owner>,
+    whenCallerGone: (leave: (reason: Error) => void) => void): Promise<Owner> {
+    const key = `${kind}:${id}`
+    const lookup = this.#inFlight.get(key) ?? this.#start(key, fetch)
+    return this.#wait(key, lookup, whenCallerGone)
+  }
+
+  #start (key: string, fetch: (whenAbandoned: (abort: () => void) => void) => Promise<Owner>): Lookup {
+    let abort = (): void => {}
+    const lookup: Lookup = {
+      owner: fetch(stop => { abort = stop }).then(owner => {
+        if (owner !== 'missing') this.#cache.set(key, owner)
+        else if (this.#missingTtlMs > 0) this.#cache.set(key, owner, { ttl: this.#missingTtlMs })
         return owner
-      }).finally(() => { this.#inFlight.delete(id) })
-      this.#inFlight.set(id, pending)
+      }).finally(() => { this.#forget(key, lookup) }),
+      waiting: 0,
+      abandon: () => { abort() }
     }
-    return await pending
+    this.#inFlight.set(key, lookup)
+    return lookup
   }
 
-  set (id: string, owner: string): void {
-    this.#cache.set(id, { owner })
+  #wait (key: string, lookup: Lookup, whenCallerGone: (leave: (reason: Error) => void) => void): Promise<Owner> {
+    lookup.waiting++
+    return new Promise<Owner>((resolve, reject) => {
+      let settled = false
+      lookup.owner.then(owner => { settled = true; resolve(owner) }, (err: unknown) => { settled = true; reject(err) })
+      whenCallerGone(reason => {
+        if (settled) return
+        settled = true
+        reject(reason)
+        if (--lookup.waiting > 0) return
+        // No one waits any more: a caller that comes now starts a call of its own rather than join a stopped one.
+        this.#forget(key, lookup)
+        lookup.abandon()
+      })
+    })
   }
 
-  delete (id: string): void {
-    this.#cache.delete(id)
+  #forget (key: string, lookup: Lookup): void {
+    if (this.#inFlight.get(key) === lookup) this.#inFlight.delete(key)
+  }
+
+  set (kind: Owned, id: string, owner: string): void {
+    this.#cache.set(`${kind}:${id}`, { owner })
+  }
+
+  delete (kind: Owned, id: string): void {
+    this.#cache.delete(`${kind}:${id}`)
   }
 }

@@ -71,34 +71,41 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
 
-  /**
-   * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream; a bad or
-   * missing answer fails closed (502/504).
-   */
+  /** The owner of `id`: at once from the cache (no promise on the common path), else from the upstream. */
   function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Answer<Owner> {
     if (!ID_PATTERN.test(id)) return 'missing' // nothing with such an id can exist, or be asked about
-    return cache.get(id, async () => {
-      try {
-        const answer = await upstream.call({
-          method: 'GET',
-          path: `/v1/${kind}s/${id}`,
-          headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
-          body: null,
-          whenClientGone: clientGone(reply)
-        })
-        const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
-        if (answer.statusCode === 404) return 'missing'
-        if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
-        return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
-      } catch (err) {
-        // A client that hung up is not a failed lookup worth a line; its call is over and audited anyway.
-        if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
-          request.log.warn({ err: { message: (err as Error).message }, [`${kind}Id`]: id }, 'ownership lookup failed')
-        }
-        if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
-        throw new UpstreamUnavailableError()
+    const cached = cache.get(kind, id)
+    if (cached !== undefined) return cached
+    const callerGone = clientGone(reply)
+    // The lookup may be shared with other callers of the same object: it is stopped only once all have gone, and
+    // a caller that goes gets a 502 of its own (its call is over, audited as aborted).
+    return cache.lookUp(kind, id, whenAbandoned => lookUpstream(kind, id, request, whenAbandoned),
+      leave => { callerGone(() => { leave(new UpstreamUnavailableError()) }) })
+  }
+
+  /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
+  async function lookUpstream (kind: Owned, id: string, request: FastifyRequest,
+    whenAbandoned: (abort: () => void) => void): Promise<Owner> {
+    try {
+      const answer = await upstream.call({
+        method: 'GET',
+        path: `/v1/${kind}s/${id}`,
+        headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
+        body: null,
+        whenClientGone: whenAbandoned
+      })
+      const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
+      if (answer.statusCode === 404) return 'missing'
+      if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
+      return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
+    } catch (err) {
+      // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway.
+      if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
+        request.log.warn({ err: { message: (err as Error).message }, [`${kind}Id`]: id }, 'ownership lookup failed')
       }
-    })
+      if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
+      throw new UpstreamUnavailableError()
+    }
   }
 
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
@@ -117,11 +124,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   }
 
   /** The created object's id is remembered as the client's, before the client sees it without the owner key. */
-  function rememberCreated (request: FastifyRequest, client: ClientConfig) {
+  function rememberCreated (kind: Owned, request: FastifyRequest, client: ClientConfig) {
     return (object: unknown) => {
       const id = (object as { id?: unknown } | null)?.id
       if (typeof id === 'string' && request.createdId === null) {
-        cache.set(id, client.id)
+        cache.set(kind, id, client.id)
         request.createdId = id
       }
       return object
@@ -129,10 +136,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   }
 
   /** A create: its owner goes into the body's metadata, and the new object's id into the cache. */
-  function prepareCreate (request: FastifyRequest, client: ClientConfig): void {
+  function prepareCreate (kind: Owned, request: FastifyRequest, client: ClientConfig): void {
     request.ownerId = client.id
     request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
-    const remember = rememberCreated(request, client)
+    const remember = rememberCreated(kind, request, client)
     addAnswerRewrite(request, remember)
     addEventRewrite(request, event => {
       const response = (event as { response?: unknown } | null)?.response
@@ -153,7 +160,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
-      prepareCreate(request, client)
+      prepareCreate('conversation', request, client)
       return
     }
     if (op.action === 'response.create') {
@@ -163,14 +170,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       return (async () => {
         if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
-        prepareCreate(request, client)
+        prepareCreate('response', request, client)
       })()
     }
 
     if (op.responseId !== null) {
       const responseId = op.responseId
       return then(authorize('response', 'response', responseId, client, request, reply), () => {
-        if (op.action === 'response.delete') cache.delete(responseId)
+        if (op.action === 'response.delete') cache.delete('response', responseId)
       })
     }
 
@@ -181,7 +188,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         const merged = updateBody(request.parsedBody, owner)
         if (merged !== null) request.upstreamBody = Buffer.from(JSON.stringify(merged))
       } else if (op.action === 'conversation.delete') {
-        cache.delete(id)
+        cache.delete('conversation', id)
       }
     })
   }
