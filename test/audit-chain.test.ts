@@ -57,6 +57,29 @@ t.test('an edited record is caught at its own line', async t => {
   t.match(bad.reason, /edited/)
 })
 
+t.test('a record re-spelled (same data, other text) to hide from audit query is caught at its own line, with or without an HMAC key', async t => {
+  const respellings: Array<[string, (line: string) => string]> = [
+    ['an escaped character', line => line.replace(/"clientId":"team-/, '"clientId":"team\\u002d')],
+    ['a number in another notation', line => line.replace(/"status":(\d+)/, (_m, n: string) => `"status":${Number(n) / 100}e2`)],
+    ['a key given twice', line => line.replace(/^\{/, '{"time":"1999-01-01T00:00:00.000Z",')],
+    ['spaces between the fields', line => line.replace(/,"/g, ', "')]
+  ]
+  for (const hmacKey of [undefined, 'k'.repeat(32)]) {
+    const hasher = chainHasher(hmacKey)
+    for (const [what, respell] of respellings) {
+      const { files } = await series(hmacKey === undefined ? {} : { hmacKey })
+      const lines = linesOf(files[1]!)
+      const respelled = respell(lines[3]!)
+      t.not(respelled, lines[3], `${what}: the line changed`)
+      t.same(JSON.parse(respelled), JSON.parse(lines[3]!), `${what}: the data it holds did not`)
+      lines[3] = respelled
+      writeLines(files[1]!, lines)
+      const bad = failure(await verifySeries(files, hasher))
+      t.match(bad, { file: files[1], line: 4, reason: /not spelled as the gateway writes it/ }, `${what}${hmacKey === undefined ? '' : ', HMAC'}: caught`)
+    }
+  }
+})
+
 t.test('an edited record whose own hash was recomputed is caught at the next record', async t => {
   const { files } = await series()
   const records = parsed(files[1]!)

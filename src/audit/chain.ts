@@ -5,8 +5,8 @@
 //
 //   hash = sha256(prevHash + "\n" + JCS(record without its hash field))
 //
-// JCS is RFC 8785 canonical JSON (the `canonicalize` package), so the hash depends on the record's data, never on
-// how a line happens to be spelled. With an HMAC key (AUDIT_HMAC_KEY, read by the process and passed down),
+// JCS is RFC 8785 canonical JSON (the `canonicalize` package). A line is that JSON with `hash` appended last, and
+// verification accepts no other spelling of it (linkProblem): `audit query` searches the text. With an HMAC key (AUDIT_HMAC_KEY, read by the process and passed down),
 // HMAC-SHA256 with that key replaces sha256: whoever can write the files cannot re-forge the chain without it.
 //
 // Records are opaque JSON objects: the chain works for any fields. Besides the gateway's per-call records, the
@@ -167,8 +167,13 @@ export function expectedHash (record: ChainedRecord, hasher: Hasher): string {
   return hasher(record.prevHash, canonicalJson({ ...record, hash: undefined }))
 }
 
-/** What is wrong with `record` as the successor of `prev`, or null when it links and its hash holds. */
-export function linkProblem (record: ChainedRecord, prev: ChainHead, hasher: Hasher): string | null {
+/**
+ * What is wrong with `record` (read from the line `text`) as the successor of `prev`, or null when it links, its
+ * hash holds and the line is spelled exactly as the writer writes it (seal). The hash alone would accept any
+ * spelling of the same data (`"team\u002da"`, `4.03e2`, a key given twice); `audit query` searches the text, so a
+ * line spelled otherwise could hide from it. Only the writer's own spelling passes.
+ */
+export function linkProblem (record: ChainedRecord, text: string, prev: ChainHead, hasher: Hasher): string | null {
   if (record.seq > prev.seq + 1) {
     const missing = record.seq - prev.seq - 1
     return `seq jumps from ${prev.seq} to ${record.seq}: ${missing} record${missing === 1 ? ' was' : 's were'} deleted before this one`
@@ -179,9 +184,13 @@ export function linkProblem (record: ChainedRecord, prev: ChainHead, hasher: Has
   if (record.prevHash !== prev.hash) {
     return 'prevHash does not match the previous record\'s hash: a record was replaced, inserted or reordered'
   }
-  if (record.hash !== expectedHash(record, hasher)) {
+  const body = canonicalJson({ ...record, hash: undefined })
+  if (record.hash !== hasher(record.prevHash, body)) {
     return 'hash does not match the record\'s content: the record was edited' +
       (record.seq === 1 ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
+  }
+  if (text !== `${body.slice(0, -1)},"hash":"${record.hash}"}`) {
+    return 'the line is not spelled as the gateway writes it (same data, other text): the record was edited'
   }
   return null
 }

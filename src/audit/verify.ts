@@ -48,9 +48,9 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
       let problem: string | null
       if (prev === null) {
         if (record.seq !== 1) start = { file, line, record }
-        problem = linkProblem(record, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher)
+        problem = linkProblem(record, text, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher)
       } else {
-        problem = linkProblem(record, prev, hasher)
+        problem = linkProblem(record, text, prev, hasher)
         if (problem !== null && inFile === 0 && record.seq > prev.seq + 1) {
           problem = `records are missing between files: ${basename(prevFile)} ends at seq ${prev.seq} and this file starts at ` +
             `seq ${record.seq} (a file, or the end of one, was removed)`
