@@ -193,6 +193,43 @@ t.test('a lock left by a process that is gone is taken over, with a warning', as
   t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
 })
 
+t.test('gateways starting together on a series with a stale lock: exactly one takes it over, the others are refused', async t => {
+  const lock = join(process.cwd(), 'dist/audit/lock.js')
+  const gone = spawn(process.execPath, ['-e', ''])
+  await once(gone, 'exit')
+  const { hostname } = await import('node:os')
+  const rounds = 8
+  for (let round = 0; round < rounds; round++) {
+    const file = join(tempDir(), 'audit.jsonl')
+    writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+    const startAt = Date.now() + 400
+    const children = Array.from({ length: 4 }, () => spawn(process.execPath, ['--input-type=module', '-e', `
+      const { acquireLock } = await import(${JSON.stringify(lock)})
+      while (Date.now() < ${startAt}) {}
+      try {
+        const held = await acquireLock(${JSON.stringify(file)}, () => {})
+        console.log('held')
+        await new Promise(resolve => setTimeout(resolve, 300)) // holding, as a running gateway does
+        await held.release()
+      } catch (err) {
+        console.log(err.name)
+      }
+    `], { stdio: ['ignore', 'pipe', 'inherit'] }))
+    const outcomes = await Promise.all(children.map(async child => {
+      let out = ''
+      child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+      await once(child, 'exit')
+      return out.trim()
+    }))
+    if (outcomes.filter(o => o === 'held').length !== 1 || outcomes.some(o => o !== 'held' && o !== 'AuditLockError')) {
+      t.fail(`round ${round + 1}: ${outcomes.join(', ')}`)
+      return
+    }
+    t.same(readdirSync(join(file, '..')), [], `round ${round + 1}: nothing is left beside the series once released`)
+  }
+  t.pass(`${rounds} rounds of 4 at once: one held the lock each time, the others were refused`)
+})
+
 /** Mounts a 64 KiB file system (root can, here); the reason why not otherwise. */
 function smallDisk (dir: string): string | null {
   const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', dir])

@@ -4,10 +4,12 @@
 // cannot be checked from here and is refused: two hosts writing one series through a shared volume would
 // interleave two chains. (proper-lockfile locks by mtime refresh and records no pid; this is the pid lock the
 // trail needs, and small.)
+import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
-import { open, readFile, unlink } from 'node:fs/promises'
+import { link, readFile, unlink, writeFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
-import { LOCK_SUFFIX } from './series.js'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { LOCK_SUFFIX, TEMP_SUFFIX } from './series.js'
 
 export class AuditLockError extends Error {
   constructor (message: string) {
@@ -27,6 +29,12 @@ export interface AuditLock {
   release (): Promise<void>
 }
 
+/** The lock beside the lock, held while a stale lock is replaced (ending in LOCK_SUFFIX: not a file of the series). */
+const TAKEOVER_SUFFIX = '.takeover' + LOCK_SUFFIX
+/** How long a process waits for another's takeover before it looks again, and how many times it looks. */
+const TAKEOVER_WAIT_MS = 20
+const MAX_ATTEMPTS = 100
+
 /** Locks held by this process: a second writer in the same process is refused like one in another. */
 const heldHere = new Set<string>()
 
@@ -44,8 +52,73 @@ async function readHolder (path: string): Promise<Holder | null> {
     const h = JSON.parse(await readFile(path, 'utf8')) as Partial<Holder>
     return typeof h.pid === 'number' && typeof h.host === 'string' ? { pid: h.pid, host: h.host, since: String(h.since) } : null
   } catch {
-    return null // vanished, or left empty by a writer that died while creating it: stale
+    return null // vanished, or not a lock this gateway writes: stale
   }
+}
+
+function sameHolder (a: Holder | null, b: Holder | null): boolean {
+  return a === null || b === null ? a === b : a.pid === b.pid && a.host === b.host && a.since === b.since
+}
+
+/** A name beside the lock, of this process alone; ending in TEMP_SUFFIX, never taken for a file of the series. */
+function asideName (path: string, what: string): string {
+  return `${path}.${process.pid}.${randomBytes(6).toString('hex')}.${what}${TEMP_SUFFIX}`
+}
+
+/**
+ * Makes the lock, holding `me`, unless it exists. It is written whole under a name of its own, then linked into
+ * place: link fails when the lock exists, and no one ever sees it empty.
+ */
+async function create (path: string, me: Holder): Promise<boolean> {
+  const temp = asideName(path, 'new')
+  await writeFile(temp, JSON.stringify(me) + '\n', { flag: 'wx' })
+  try {
+    await link(temp, path)
+    return true
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false
+    throw err
+  } finally {
+    await unlink(temp).catch(() => {})
+  }
+}
+
+/** Holding `path`: runs `task`, then lets go; false (and no task run) when another process holds it. */
+async function whileHolding (path: string, me: Holder, task: () => Promise<void>): Promise<boolean> {
+  if (!await create(path, me)) return false
+  try {
+    await task()
+  } finally {
+    await unlink(path).catch(() => {})
+  }
+  return true
+}
+
+/**
+ * Replaces the lock judged stale by ours, under a second lock of its own (`.takeover`), so that of several
+ * processes taking over at once one alone removes and makes the lock, and only while it is still the stale one:
+ * a lock is only ever removed by its holder or by the one process holding the takeover. Says whether the lock is
+ * ours; false when the takeover was someone else's or the lock was no longer the stale one (ask again).
+ */
+async function takeOver (path: string, me: Holder, stale: Holder | null): Promise<boolean> {
+  const takeover = path + TAKEOVER_SUFFIX
+  let ours = false
+  const done = await whileHolding(takeover, me, async () => {
+    if (!sameHolder(await readHolder(path), stale)) return
+    await unlink(path).catch(() => {})
+    ours = await create(path, me)
+  })
+  if (!done) {
+    // Another process is taking over: wait for it, unless it died doing so (then its takeover is stale too).
+    // (Gone already, null: ask again at once.)
+    const other = await readHolder(takeover)
+    if (other !== null && other.host === me.host && (other.pid === me.pid || !isRunning(other.pid))) {
+      await unlink(takeover).catch(() => {})
+    } else if (other !== null) {
+      await sleep(TAKEOVER_WAIT_MS)
+    }
+  }
+  return ours
 }
 
 /**
@@ -58,26 +131,19 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
   if (heldHere.has(path)) {
     throw new AuditLockError(`audit file ${file} is already written by this process (lock ${path}): give each gateway its own audit.file`)
   }
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      const fh = await open(path, 'wx')
-      try {
-        await fh.writeFile(JSON.stringify(me) + '\n')
-      } finally {
-        await fh.close()
+  const held = (): AuditLock => {
+    heldHere.add(path)
+    return {
+      path,
+      async release () {
+        heldHere.delete(path)
+        const holder = await readHolder(path)
+        if (holder?.pid === me.pid && holder.host === me.host) await unlink(path).catch(() => {})
       }
-      heldHere.add(path)
-      return {
-        path,
-        async release () {
-          heldHere.delete(path)
-          const holder = await readHolder(path)
-          if (holder?.pid === me.pid && holder.host === me.host) await unlink(path).catch(() => {})
-        }
-      }
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
     }
+  }
+  for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
+    if (await create(path, me)) return held()
     const holder = await readHolder(path)
     if (holder !== null && holder.host !== me.host) {
       throw new AuditLockError(`audit file ${file} is locked by pid ${holder.pid} on host ${holder.host} since ${holder.since} ` +
@@ -88,8 +154,10 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
       throw new AuditLockError(`audit file ${file} is in use by another gateway process (pid ${holder.pid}, since ${holder.since}; ` +
         `lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl).`)
     }
-    onStale(holder)
-    await unlink(path).catch(() => {})
+    if (await takeOver(path, me, holder)) {
+      onStale(holder)
+      return held()
+    }
   }
   throw new AuditLockError(`could not take the audit lock ${path}: another process keeps re-creating it`)
 }
