@@ -3,7 +3,7 @@
 // write (counted, then said in the trail), never a hang.
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { appendFileSync, existsSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -107,6 +107,47 @@ t.test('a torn last line is kept, reported at start, and a record saying so star
   t.match(JSON.parse(lines[6]!), { event: 'audit.torn_line', line: 6, seq: 6 })
   t.match(JSON.parse(lines[7]!), { requestId: callRecord(7).requestId, seq: 7 })
   t.match(await verify(file), { ok: true, records: 7, notes: [/:6: a torn line .* is kept; seq 6 says so/] })
+})
+
+t.test('a torn last line stays in the same file as the record acknowledging it, when the restart rotates the file at once', async t => {
+  const torn = '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000'
+  for (const [why, rotate, tail] of [
+    ['a new UTC day', { daily: true, keep: 0, gzip: false }, torn],
+    ['its size', { maxBytes: 4096, daily: false, keep: 0, gzip: false }, torn + 'x'.repeat(3000)]
+  ] as const) {
+    const file = join(tempDir(), 'audit.jsonl')
+    let now = Date.UTC(2025, 0, 1, 23, 0, 0)
+    await writeSeries(file, 5, { rotate, now: () => now })
+    appendFileSync(file, tail) // the process died mid-write, late in the day
+    now = Date.UTC(2025, 0, 3, 8, 0, 0) // and is started again two days later
+    const { writer } = await open(file, { rotate, now: () => now })
+    for (let i = 7; i <= 9; i++) writer.write(callRecord(i))
+    await writer.close()
+    const files = (await seriesFiles(file)).map(f => f.path)
+    t.ok(files.length >= 2, `${why}: the file was rotated (${files.length} files)`)
+    const closed = linesOf(files[0]!)
+    const at = closed.indexOf(tail)
+    t.ok(at >= 0 && /"event":"audit\.torn_line"/.test(closed[at + 1] ?? ''), `${why}: the torn line and its record, together in the closed file`)
+    t.notOk(readFileSync(files.at(-1)!, 'utf8').startsWith('\n'), `${why}: the new file starts with a record, not an empty line`)
+    t.match(await verify(file), { ok: true, records: 9, notes: [/a torn line .* is kept; seq 6 says so/] }, `${why}: verify accepts the series`)
+  }
+})
+
+t.test('rotate.keep with gzip under a quick run of rotations: no error, and no partial gzip left behind, then or after a restart', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const rotate = { maxBytes: 2048, daily: false, keep: 2, gzip: true }
+  const { writer, log } = await open(file, { rotate })
+  for (let i = 1; i <= 400; i++) writer.write(callRecord(i))
+  await writer.close()
+  t.same(log.lines.filter(l => l.level === 'error'), [], 'no error logged')
+  const leftovers = () => readdirSync(join(file, '..')).filter(n => n.endsWith('.tmp'))
+  t.same(leftovers(), [], 'no partial gzip')
+  t.match(await verify(file), { ok: true, notes: [/removed by rotate.keep/] })
+
+  writeFileSync(join(file, '..', 'audit.jsonl.20250101T000000Z.9.gz.tmp'), 'partial') // a gzip cut short by a crash,
+  const again = await open(file, { rotate }) // of a file removed since
+  await again.writer.close()
+  t.same(leftovers(), [], 'a restart removes a partial gzip whose file is gone')
 })
 
 t.test('a file of records without a chain (an older gateway\'s) is refused, not silently restarted', async t => {

@@ -23,8 +23,8 @@
 //
 // `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
 import { createReadStream, createWriteStream } from 'node:fs'
-import { mkdir, open, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
-import { basename, dirname } from 'node:path'
+import { mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { basename, dirname, join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Writable } from 'node:stream'
 import { createGzip } from 'node:zlib'
@@ -452,15 +452,22 @@ async function resumePoint (file: string): Promise<Resume> {
   return { head, fileFirstSeq, needsNewline, torn, last }
 }
 
-async function gzipFile (file: string): Promise<string> {
+/** Replaces a closed file by its gzip; nothing to do when it is gone already (removed by rotate.keep meanwhile). */
+async function gzipFile (file: string): Promise<void> {
   const target = file + GZIP_SUFFIX
   const temp = target + TEMP_SUFFIX
-  await pipeline(createReadStream(file), createGzip(), createWriteStream(temp))
+  try {
+    await pipeline(createReadStream(file), createGzip(), createWriteStream(temp))
+  } catch (err) {
+    await unlink(temp).catch(() => {})
+    const e = err as NodeJS.ErrnoException
+    if (e.code === 'ENOENT' && e.path === file) return
+    throw err
+  }
   const fh = await open(temp, 'r+')
   try { await fh.sync() } finally { await fh.close() }
   await rename(temp, target)
   await unlink(file)
-  return target
 }
 
 /** The active file of a chained series, its rotation and its housekeeping (gzip, keep). */
@@ -526,6 +533,7 @@ class FileSink implements Sink {
       if (st.size === 0) {
         this.fileFirstSeq = null
         this.fileDay = ''
+        this.needsNewline = false
       } else {
         this.fileDay = utcDay(st.mtimeMs)
       }
@@ -624,7 +632,10 @@ class FileSink implements Sink {
       if (this.fh === null) await this.openActive()
       if (this.dirty) await this.cutBack(this.fh!)
       const now = this.opts.now()
-      if (this.opts.rotate.daily && this.size > 0 && this.fileDay !== utcDay(now)) await this.rotate(now)
+      // A file that ends in a torn line is not closed before the record acknowledging it is in (verify looks for
+      // the two in the same file).
+      const torn = this.needsNewline
+      if (this.opts.rotate.daily && this.size > 0 && this.fileDay !== utcDay(now) && !torn) await this.rotate(now)
       let head = this.head
       let lines: Array<{ line: string, head: ChainHead }> = []
       let bytes = 0
@@ -638,9 +649,14 @@ class FileSink implements Sink {
         bytes = 0
       }
       for (const record of records) {
+        if (torn && lines.length === 1 && written === 0) {
+          // The acknowledgement is in: the rotation put off for it happens now.
+          await commit()
+          if (this.opts.rotate.daily && this.fileDay !== utcDay(now)) await this.rotate(now)
+        }
         const sealed = seal(record, head, this.opts.hasher)
         const lineBytes = Buffer.byteLength(sealed.line) + 1
-        if (maxBytes !== undefined && this.size + bytes + lineBytes > maxBytes && this.size + bytes > 0) {
+        if (maxBytes !== undefined && this.size + bytes + lineBytes > maxBytes && this.size + bytes > 0 && !(torn && lines.length === 0)) {
           await commit()
           await this.rotate(now)
         }
@@ -693,7 +709,9 @@ class FileSink implements Sink {
           ? [closedFile]
           : (await seriesFiles(this.file)).map(f => f.path).filter(p => isOwnRotated(this.file, p) && !p.endsWith(GZIP_SUFFIX))
         if (closedFile === null) {
-          for (const p of plain) await unlink(p + GZIP_SUFFIX + TEMP_SUFFIX).catch(() => {})
+          const dir = dirname(this.file)
+          const partial = (await readdir(dir)).filter(n => n.startsWith(basename(this.file) + '.') && n.endsWith(GZIP_SUFFIX + TEMP_SUFFIX))
+          for (const name of partial) await unlink(join(dir, name)).catch(() => {})
         }
         for (const p of plain) await gzipFile(p)
       }
