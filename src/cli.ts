@@ -3,6 +3,7 @@
 // of its arguments; errors set process.exitCode instead of exiting, so output is flushed.
 import { ConfigError } from './config.js'
 import { AuditLockError } from './audit/lock.js'
+import { AuditReadError } from './audit/series.js'
 import { AuditStartError } from './audit/writer.js'
 import { auditQuery, QUERY_USAGE } from './cli/audit-query.js'
 import { auditVerify } from './cli/audit-verify.js'
@@ -62,7 +63,7 @@ async function main (argv: string[]): Promise<void> {
     await command(args)
   } catch (err) {
     if (err instanceof ConfigError || err instanceof UsageError || err instanceof StartupError || err instanceof AuditLockError ||
-      err instanceof AuditStartError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
+      err instanceof AuditStartError || err instanceof AuditReadError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
       console.error(`ohmygpt-gateway ${name}: ${(err as Error).message}`)
     } else {
       console.error(`ohmygpt-gateway ${name}: ${(err as Error).stack ?? String(err)}`)

@@ -1,5 +1,6 @@
 // `audit verify` and `audit query` as ops run them: the files found through the config like `start` finds them,
 // gzipped files included, exit codes and messages as documented.
+import { truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
@@ -35,6 +36,39 @@ t.test('audit verify exits 1 naming the file, line and seq of the first bad reco
   const seq = parsed(auditFile)[1]!.seq
   t.equal(r.stderr, `FAILED: ${auditFile}:2 (seq ${seq}): hash does not match the record's content: the record was edited\n`)
   t.equal(r.stdout, '')
+})
+
+t.test('a gzipped file cut short: verify, query and start name it and say what is wrong, with no stack trace', async t => {
+  for (const which of ['the second', 'the newest'] as const) {
+    const { config, files, auditFile } = await gzippedSeries()
+    const gz = files.filter(f => f.endsWith('.gz'))
+    const damaged = which === 'the second' ? gz[1]! : gz.at(-1)!
+    truncateSync(damaged, 60)
+    const verify = run(['audit', 'verify', '--config', config])
+    t.equal(verify.status, 1, `${which}: verify fails`)
+    t.equal(verify.stderr, `FAILED: ${damaged}:1: cannot read audit file ${damaged} (Z_BUF_ERROR): a compressed file cut short or damaged\n`,
+      `${which}: verify names the damaged file, not a gap it makes`)
+    const query = run(['audit', 'query', '--config', config])
+    t.equal(query.status, 1, `${which}: query fails`)
+    t.match(query.stderr, `cannot read audit file ${damaged}`, `${which}: query names it`)
+    t.notMatch(query.stderr + verify.stderr, /\n\s+at /, `${which}: no stack trace`)
+    if (which === 'the newest') {
+      writeFileSync(auditFile, '') // the active file empty: the start reads the chain's head from the newest closed file
+      const start = run(['start', '--config', config])
+      t.equal(start.status, 1, 'start refuses')
+      t.match(start.stderr, `cannot read audit file ${damaged}`, 'start names it')
+      t.notMatch(start.stderr, /\n\s+at /, 'no stack trace')
+    }
+  }
+})
+
+t.test('audit verify given a shell glob leaves out the lock and files being written', async t => {
+  const { auditFile, files } = await gzippedSeries()
+  writeFileSync(auditFile + '.lock', '{"pid":1,"host":"h","since":"x"}\n')
+  writeFileSync(auditFile + '.20250101T000000Z.99.gz.tmp', 'partial')
+  const r = run(['audit', 'verify', ...files, auditFile + '.lock', auditFile + '.20250101T000000Z.99.gz.tmp'])
+  t.equal(r.status, 0, r.stderr)
+  t.match(r.stdout, /^ok: 60 records/)
 })
 
 t.test('audit verify with AUDIT_HMAC_KEY checks an HMAC chain, and refuses a key too short to trust', async t => {

@@ -75,23 +75,47 @@ function rawStream (file: string): Readable {
   return input.pipe(gunzip)
 }
 
+/** A file of the series that cannot be read (on), with where: verify, query and start say so, not a stack. */
+export class AuditReadError extends Error {
+  constructor (readonly file: string, readonly line: number, cause: unknown) {
+    const reason = (cause as NodeJS.ErrnoException).code ?? (cause as Error).message
+    super(`cannot read audit file ${file} ${line === 0 ? '' : `after line ${line} `}(${reason})` +
+      (file.endsWith(GZIP_SUFFIX) ? ': a compressed file cut short or damaged' : ''))
+    this.name = 'AuditReadError'
+  }
+}
+
 /**
  * The lines of a file, plain or gzipped, streamed: split on bytes, decoded per line, so memory holds one chunk
  * and a multi-byte character split across chunks stays whole. The text after the last newline (a torn last
- * line) is yielded too; a final newline yields nothing more.
+ * line) is yielded too; a final newline yields nothing more. A file that cannot be read throws AuditReadError.
  */
 export async function * readLines (file: string): AsyncGenerator<string> {
   let rest: Buffer | null = null
-  for await (const chunk of rawStream(file) as AsyncIterable<Buffer>) {
-    let buf: Buffer = rest === null ? chunk : Buffer.concat([rest, chunk])
-    let start = 0
-    let nl: number
-    while ((nl = buf.indexOf(0x0a, start)) !== -1) {
-      yield buf.toString('utf8', start, nl)
-      start = nl + 1
+  let lines = 0
+  const chunks = (rawStream(file) as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
+  try {
+    for (;;) {
+      let next: IteratorResult<Buffer>
+      try {
+        next = await chunks.next()
+      } catch (err) {
+        throw new AuditReadError(file, lines, err)
+      }
+      if (next.done === true) break
+      let buf: Buffer = rest === null ? next.value : Buffer.concat([rest, next.value])
+      let start = 0
+      let nl: number
+      while ((nl = buf.indexOf(0x0a, start)) !== -1) {
+        lines++
+        yield buf.toString('utf8', start, nl)
+        start = nl + 1
+      }
+      buf = buf.subarray(start)
+      rest = buf.length > 0 ? buf : null
     }
-    buf = buf.subarray(start)
-    rest = buf.length > 0 ? buf : null
+  } finally {
+    await chunks.return?.() // a reader that stops early closes the file
   }
   if (rest !== null) yield rest.toString('utf8')
 }

@@ -10,7 +10,7 @@ import { basename } from 'node:path'
 import {
   GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
 } from './chain.js'
-import { readLines } from './series.js'
+import { AuditReadError, readLines } from './series.js'
 
 export type VerifyResult =
   | { ok: true, records: number, head: string, notes: string[] }
@@ -20,6 +20,17 @@ interface Torn {
   file: string
   line: number
   sha256: string
+}
+
+/** The AuditReadError of a file that cannot be read from its start, if it is one. */
+async function readProblem (file: string): Promise<AuditReadError | null> {
+  try {
+    for await (const _line of readLines(file)) break // eslint-disable-line no-unreachable-loop
+    return null
+  } catch (err) {
+    if (err instanceof AuditReadError) return err
+    throw err
+  }
 }
 
 export async function verifySeries (files: readonly string[], hasher: Hasher): Promise<VerifyResult> {
@@ -34,46 +45,57 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
   const bad = (file: string, line: number, seq: number | null, reason: string): VerifyResult =>
     ({ ok: false, file, line, seq, reason })
 
+  // A file that cannot be read from its start has no first seq: it was put last, and would show as a gap
+  // between the others. Say what it is first.
+  for (const file of files) {
+    const unreadable = await readProblem(file)
+    if (unreadable !== null) return bad(file, unreadable.line + 1, null, unreadable.message)
+  }
   for (const file of files) {
     let line = 0
     let inFile = 0
-    for await (const text of readLines(file)) {
-      line++
-      const record = parseChained(text)
-      if (record === null) {
-        if (torn !== null) return bad(torn.file, torn.line, null, 'this line is not an audit record')
-        torn = { file, line, sha256: lineDigest(text) }
-        continue
-      }
-      let problem: string | null
-      if (prev === null) {
-        if (record.seq !== 1) start = { file, line, record }
-        problem = linkProblem(record, text, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher)
-      } else {
-        problem = linkProblem(record, text, prev, hasher)
-        if (problem !== null && inFile === 0 && record.seq > prev.seq + 1) {
-          problem = `records are missing between files: ${basename(prevFile)} ends at seq ${prev.seq} and this file starts at ` +
-            `seq ${record.seq} (a file, or the end of one, was removed)`
+    try {
+      for await (const text of readLines(file)) {
+        line++
+        const record = parseChained(text)
+        if (record === null) {
+          if (torn !== null) return bad(torn.file, torn.line, null, 'this line is not an audit record')
+          torn = { file, line, sha256: lineDigest(text) }
+          continue
         }
-      }
-      if (problem !== null) return bad(file, line, record.seq, problem)
-      if (torn !== null) {
-        if (record.event !== 'audit.torn_line' || torn.file !== file || record.line !== torn.line || record.sha256 !== torn.sha256) {
-          return bad(torn.file, torn.line, null, 'this line is not an audit record (edited or inserted, or torn with no record acknowledging it)')
+        let problem: string | null
+        if (prev === null) {
+          if (record.seq !== 1) start = { file, line, record }
+          problem = linkProblem(record, text, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher)
+        } else {
+          problem = linkProblem(record, text, prev, hasher)
+          if (problem !== null && inFile === 0 && record.seq > prev.seq + 1) {
+            problem = `records are missing between files: ${basename(prevFile)} ends at seq ${prev.seq} and this file starts at ` +
+              `seq ${record.seq} (a file, or the end of one, was removed)`
+          }
         }
-        notes.push(`${file}:${torn.line}: a torn line (the writer stopped mid-record) is kept; seq ${record.seq} says so`)
-        torn = null
+        if (problem !== null) return bad(file, line, record.seq, problem)
+        if (torn !== null) {
+          if (record.event !== 'audit.torn_line' || torn.file !== file || record.line !== torn.line || record.sha256 !== torn.sha256) {
+            return bad(torn.file, torn.line, null, 'this line is not an audit record (edited or inserted, or torn with no record acknowledging it)')
+          }
+          notes.push(`${file}:${torn.line}: a torn line (the writer stopped mid-record) is kept; seq ${record.seq} says so`)
+          torn = null
+        }
+        if (record.event === 'audit.pruned') {
+          pruned.set(Number(record.throughSeq), String(record.throughHash))
+          notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
+        } else if (record.event === 'audit.lost') {
+          notes.push(`seq ${record.seq}: ${String(record.count)} records were lost between ${String(record.firstAt)} and ${String(record.lastAt)} (not written in time)`)
+        }
+        prev = { seq: record.seq, hash: record.hash }
+        prevFile = file
+        records++
+        inFile++
       }
-      if (record.event === 'audit.pruned') {
-        pruned.set(Number(record.throughSeq), String(record.throughHash))
-        notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
-      } else if (record.event === 'audit.lost') {
-        notes.push(`seq ${record.seq}: ${String(record.count)} records were lost between ${String(record.firstAt)} and ${String(record.lastAt)} (not written in time)`)
-      }
-      prev = { seq: record.seq, hash: record.hash }
-      prevFile = file
-      records++
-      inFile++
+    } catch (err) {
+      if (err instanceof AuditReadError) return bad(file, err.line + 1, null, err.message)
+      throw err
     }
   }
   if (torn !== null) {

@@ -34,7 +34,7 @@ import {
 } from './chain.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
-  exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readTail, rotatedName,
+  AuditReadError, exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readTail, rotatedName,
   seriesFiles, TEMP_SUFFIX
 } from './series.js'
 
@@ -444,9 +444,19 @@ async function resumePoint (file: string): Promise<Resume> {
     if (tail.size > 0) fileFirstSeq = parseChained(await firstLine(file) ?? '')?.seq ?? null
   }
   if (head === null) {
-    const closed = (await seriesFiles(file)).filter(f => f.path !== file && f.firstSeq !== null)
-    const newest = closed.at(-1)
-    last = newest === undefined ? null : await lastRecord(newest.path)
+    // The chain goes on from the newest closed file, which must be read to its end. One that cannot be read
+    // at all has no first seq and would be passed over: the chain would fork behind it.
+    const closed = (await seriesFiles(file)).filter(f => f.path !== file)
+    const readable = closed.filter(f => f.firstSeq !== null)
+    try {
+      for (const f of closed) if (f.firstSeq === null) for await (const _line of readLines(f.path)) break
+      const newest = readable.at(-1)
+      last = newest === undefined ? null : await lastRecord(newest.path)
+    } catch (err) {
+      if (!(err instanceof AuditReadError)) throw err
+      throw new AuditStartError(`${err.message}. The hash chain cannot go on from a file it cannot read: check the series ` +
+        '(ohmygpt-gateway audit verify), move the damaged file out of it, and start again.')
+    }
     head = last === null ? GENESIS : { seq: last.seq, hash: last.hash }
   }
   return { head, fileFirstSeq, needsNewline, torn, last }

@@ -2,7 +2,7 @@
 // audit trail's process concerns (its files, its HMAC key from the environment).
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
-import { inSeriesOrder, seriesFiles } from '../audit/series.js'
+import { inSeriesOrder, LOCK_SUFFIX, seriesFiles, TEMP_SUFFIX } from '../audit/series.js'
 import { loadConfig, resolveConfigPath } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
@@ -31,7 +31,11 @@ export function auditHmacKey (env: NodeJS.ProcessEnv): string | undefined {
  * configured audit.file (found through the config like `start` finds it), rotated and gzipped files included.
  */
 export async function auditFiles (configFlag: string | undefined, named: string[]): Promise<string[]> {
-  if (named.length > 0) return (await inSeriesOrder(named)).map(f => f.path)
+  // A shell glob (audit.jsonl*) also names the lock and any file being written under a temporary name.
+  if (named.length > 0) {
+    const files = named.filter(n => !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))
+    return (await inSeriesOrder(files)).map(f => f.path)
+  }
   const file = loadConfig(resolveConfigPath(configFlag, process.env), process.env).audit.file
   if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
   const files = await seriesFiles(file)
