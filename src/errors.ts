@@ -68,6 +68,8 @@ export const MissingHostError = define('missing_host', 400, 'invalid_request_err
   'The request has no Host header, which HTTP/1.1 requires.')
 export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
+export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_request_error',
+  "Invalid type for 'model': expected a string.", { param: 'model' })
 export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error',
   'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' })
 export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',

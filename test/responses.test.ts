@@ -177,6 +177,24 @@ t.test('clients[].models: a model outside the list gets 403 model_not_allowed be
   t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: null })
 })
 
+t.test('a model that is not a string is a 400 invalid_type, with or without a models list, before the upstream', async t => {
+  for (const models of [undefined, ['gpt-4o-mini']]) {
+    const { upstream, gw } = await setup(t, {
+      clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], ...(models === undefined ? {} : { models }) }]
+    })
+    for (const model of [5, null, ['gpt-4o-mini'], { id: 'gpt-4o-mini' }]) {
+      const res = await fetch(`${gw.url}/v1/responses`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model, input: 'x' })
+      })
+      t.equal(res.status, 400, `model ${JSON.stringify(model)}${models === undefined ? '' : ', a models list'}: 400`)
+      t.match(await res.json(), { error: { code: 'invalid_type', type: 'invalid_request_error', param: 'model' } })
+    }
+    t.equal(upstream.requests.length, 0, 'none reached the upstream')
+  }
+})
+
 async function budgetFlow (t: Test, store?: Record<string, unknown>) {
   const { upstream, sdk } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 12 } }],

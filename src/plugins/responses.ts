@@ -1,9 +1,9 @@
-// Responses calls (403 model_not_allowed), after the body check: a client with a `models` list may only ask for a
-// model that matches it, before anything goes upstream. For every response route, what the call was about and what
+// Responses calls (403 model_not_allowed; 400 invalid_type for a model that is not a string), after the body
+// check: a client with a `models` list may only ask for a model that matches it, before anything goes upstream. For every response route, what the call was about and what
 // it cost (model, stream, response id, tokens) is gathered from the request and the answer as it passes, for the
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
-import { ModelNotAllowedError } from '../errors.js'
+import { InvalidModelTypeError, ModelNotAllowedError } from '../errors.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
@@ -19,8 +19,12 @@ export default fp(async function responses (app) {
     }
     const body = request.parsedBody as { model?: unknown, stream?: unknown } | undefined
     const model = op.action === 'response.create' ? body?.model : undefined
-    if (model !== undefined && (typeof model !== 'string' || !modelAllowed(model, client.models))) {
-      done(new ModelNotAllowedError(JSON.stringify(String(model).slice(0, 100))))
+    if (model !== undefined && typeof model !== 'string') {
+      done(new InvalidModelTypeError())
+      return
+    }
+    if (model !== undefined && !modelAllowed(model, client.models)) {
+      done(new ModelNotAllowedError(JSON.stringify(model.slice(0, 100))))
       return
     }
     const stream = op.action === 'response.create'
