@@ -205,6 +205,17 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     current = merged
     return { applied, needRestart }
   })
+  // Connections that have not sent a byte carry no call, yet Node's close() waits for them (it closes only
+  // kept-alive ones between calls): shutdown closes them, or a pre-opened connection would hold it to the grace.
+  const connections = new Set<Socket>()
+  app.server.on('connection', (socket: Socket) => {
+    connections.add(socket)
+    socket.once('close', () => { connections.delete(socket) })
+  })
+  app.decorate('closeUnusedConnections', () => {
+    // After a turn of the event loop, so that bytes already arrived are read first.
+    setImmediate(() => { for (const socket of connections) if (socket.bytesRead === 0) socket.destroy() })
+  })
   app.decorate('abortInFlight', () => {
     // Clients first: each call is then audited as aborted (the client got no complete answer), not as an
     // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut.

@@ -114,7 +114,9 @@ function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => vo
     }, AFTER_GRACE_MS).unref()
   }, graceMs)
   app.log.info('stopped accepting connections; waiting for in-flight calls')
-  app.close().then(() => {
+  const closed = app.close()
+  app.closeUnusedConnections()
+  closed.then(() => {
     clearTimeout(deadline)
     app.log.info(aborted ? 'closed, after aborting calls still in flight' : 'closed')
     process.exitCode = aborted ? 1 : 0

@@ -4,6 +4,7 @@
 import { once } from 'node:events'
 import { Agent, request, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync, writeFileSync } from 'node:fs'
+import { connect } from 'node:net'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
@@ -91,6 +92,30 @@ t.test('SIGTERM: 50 slow calls in flight all complete with 200, each kept-alive 
   t.equal(records.length, 50, 'fifty records on disk')
   t.ok(records.every(r => r.status === 200 && r.outcome === 'ok' && r.action === 'item.list'), 'each one complete and ok')
   t.match(output.text, /SIGTERM: already shutting down/, 'a second SIGTERM changes nothing')
+})
+
+t.test('SIGTERM with a connection open that never sent a request: the gateway exits at once (0), not at the grace', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 20000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const { hostname, port } = new URL(url)
+  const silent = connect(Number(port), hostname) // as a client or a load balancer that opens connections ahead
+  t.teardown(() => silent.destroy())
+  silent.on('error', () => {})
+  await once(silent, 'connect')
+  const ended = once(silent, 'close')
+
+  const exited = once(child, 'exit')
+  const signalled = Date.now()
+  child.kill('SIGTERM')
+  const [code] = await exited
+  const took = Date.now() - signalled
+  t.equal(code, 0, 'exit 0: no call had to be aborted')
+  t.ok(took < 5_000, `the process ended ${took} ms after SIGTERM, not at the 20 s grace`)
+  await ended
+  t.notMatch(output.text, /aborting the calls still in flight/)
 })
 
 t.test('at SIGINT /readyz turns 503 draining at once while calls are still served for drainDelayMs; then accepting stops', async t => {
