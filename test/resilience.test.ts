@@ -6,6 +6,8 @@ import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import { startRedis } from './fixtures/redis-server.js'
+import { keyDigest } from '../src/keys.js'
 
 interface Lines {
   lines: FakeUpstream[]
@@ -323,6 +325,31 @@ t.test('bounded load and abuse', async t => {
     await until('the held calls to end', () => gw.audit().length === 3)
     lines[0]!.respond = null
     t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'places free again once calls end')
+  })
+
+  await t.test('with the Redis store (an asynchronous rate limit), clients that hang up at once leave no place taken, and are not called upstream', async t => {
+    const redis = await startRedis(t)
+    const { lines, gw, conv } = await setup(t, 1, {}, {
+      limits: { maxInFlight: 4 },
+      store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' },
+      clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read'], rateLimit: { requestsPerMinute: 100000, burst: 100000, maxConcurrent: 2 } }]
+    })
+    const { port } = new URL(gw.url)
+    const request = `GET /v1/conversations/${conv}/items HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+    const sockets = Array.from({ length: 20 }, () => {
+      const socket = createConnection(Number(port), '127.0.0.1')
+      socket.on('error', () => {})
+      socket.write(request, () => { socket.destroy() })
+      return socket
+    })
+    await until('20 audit records', () => gw.audit().length === 20, 5000)
+    await sleep(200)
+    t.ok(sockets.every(s => s.destroyed))
+    const records = gw.audit()
+    t.ok(records.every(r => r.outcome === 'aborted' && r.status === 499), 'each one audited as aborted, once')
+    t.equal(lines[0]!.requests.length, records.filter(r => r.attempts > 0).length, 'the upstream saw exactly the calls audited with an attempt')
+    const after = await Promise.all([1, 2].map(async () => await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)))
+    t.same(after.map(a => a.status), [200, 200], 'afterwards the client\'s two places (and the gateway\'s four) are free')
   })
 
   await t.test('rateLimit.maxConcurrent caps one client and not the others', async t => {

@@ -76,3 +76,13 @@ export function closeWithConnection (res: ServerResponse, socket: Socket | null)
   socket.once('close', closed)
   res.once('socket', () => { socket.off('close', closed) })
 }
+
+/**
+ * Runs `fn` once the response has closed, finished or not: now, when it has already (Node marks a closed response
+ * destroyed before it emits 'close'). A hook that runs after an asynchronous one (a rate limit asked of Redis) can
+ * come after a client that hung up at once: a 'close' listener added then would never run.
+ */
+export function whenClosed (res: ServerResponse, fn: () => void): void {
+  if (res.destroyed) fn()
+  else res.on('close', fn)
+}

@@ -10,7 +10,7 @@ import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
 import { rawPath, type Action } from '../operations.js'
-import { isCounting } from '../http/response.js'
+import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
 
 /** A gateway-made answer's outcome, or: the upstream answered (`ok`, its own 429, its 5xx), or the client left. */
@@ -160,7 +160,7 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
       // 'close' comes exactly once for every response, finished or not; the record is built on it. (on, not once:
       // with one 'close' per response, once's wrapper would be one more object per call for nothing; the same
       // holds for the other per-call 'close' listeners.)
-      reply.raw.on('close', () => {
+      whenClosed(reply.raw, () => {
         const record = buildRecord(request, reply, watch)
         writer.write(record)
         for (const observe of observers) observe(record)

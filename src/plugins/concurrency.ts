@@ -4,6 +4,7 @@
 // (ownership lookup included) until its response closes, finished or not.
 import fp from 'fastify-plugin'
 import { OverloadedError } from '../errors.js'
+import { whenClosed } from '../http/response.js'
 
 export interface ConcurrencyOptions {
   maxInFlight: () => number
@@ -37,7 +38,7 @@ export default fp<ConcurrencyOptions>(async function concurrency (app, { maxInFl
     }
     inFlight++
     perClient.set(client.id, mine + 1)
-    reply.raw.on('close', () => {
+    whenClosed(reply.raw, () => {
       inFlight--
       const left = (perClient.get(client.id) ?? 1) - 1
       if (left === 0) perClient.delete(client.id)

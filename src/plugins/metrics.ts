@@ -13,6 +13,7 @@ import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { AuditWriter } from '../audit/writer.js'
 import { envelope, MetricsUnauthorizedError } from '../errors.js'
+import { whenClosed } from '../http/response.js'
 import { ACTIONS } from '../operations.js'
 import type { AuditRecord } from './audit.js'
 
@@ -129,7 +130,7 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
       inFlight.inc()
-      reply.raw.on('close', () => { inFlight.dec() })
+      whenClosed(reply.raw, () => { inFlight.dec() })
     }
     done()
   })

@@ -76,6 +76,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (!ID_PATTERN.test(id)) return 'missing' // nothing with such an id can exist, or be asked about
     const cached = cache.get(kind, id)
     if (cached !== undefined) return cached
+    // A client gone while earlier checks were answered: no lookup for it (its call ends here, audited already).
+    if (reply.raw.destroyed) throw new UpstreamUnavailableError()
     const callerGone = clientGone(reply)
     // The lookup may be shared with other callers of the same object: it is stopped only once all have gone, and
     // a caller that goes gets a 502 of its own (its call is over, audited as aborted).

@@ -14,6 +14,7 @@ import fp from 'fastify-plugin'
 import { UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
+import { whenClosed } from '../http/response.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
 
 export interface ProxyOptions {
@@ -99,7 +100,7 @@ function noop (): void {}
 
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
-  return abort => { reply.raw.on('close', () => { if (!reply.raw.writableFinished) abort() }) }
+  return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
 }
 
 function isEventStream (headers: IncomingHttpHeaders): boolean {
@@ -141,6 +142,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         return
       }
       const request = reply.request
+      // The client left while earlier checks were being answered: nothing to ask the upstream, no one to answer
+      // (its audit record was written when it left, with no attempt).
+      if (reply.raw.destroyed) return
       const headers: Record<string, string> = {}
       for (const name in options.headers) {
         const value = options.headers[name]

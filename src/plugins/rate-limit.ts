@@ -9,6 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
 import { RateLimitExceededError, RateLimitStoreUnavailableError, TokensRateLimitError } from '../errors.js'
+import { whenClosed } from '../http/response.js'
 import { tokensUsed } from '../responses/usage.js'
 import { whenAnswered } from '../answer.js'
 import {
@@ -84,7 +85,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         done(err)
         return
       }
-      reply.raw.on('close', () => {
+      whenClosed(reply.raw, () => {
         const used = request.responseFacts === null ? 0 : tokensUsed(request.responseFacts)
         if (used > 0) chargeTokens(request, client, rule, used)
       })
