@@ -3,6 +3,7 @@
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
 import { readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
+import proxyAddr from '@fastify/proxy-addr'
 import { Ajv, type ErrorObject } from 'ajv'
 import { parse as parseYaml, YAMLParseError } from 'yaml'
 
@@ -349,6 +350,19 @@ function unreadable (file: string | undefined, path: string): string[] {
 const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
 
 /** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
+/** Each trustProxy entry as Fastify will compile it (@fastify/proxy-addr): a bad one would stop the start later. */
+function trustProxyProblems (trustProxy: false | readonly string[]): string[] {
+  if (trustProxy === false) return []
+  return trustProxy.flatMap((entry, i) => {
+    try {
+      proxyAddr.compile([entry])
+      return []
+    } catch (err) {
+      return [`trustProxy[${i}]: ${(err as Error).message} (give an address, a CIDR such as 10.0.0.0/8, or loopback, linklocal, uniquelocal)`]
+    }
+  })
+}
+
 function storeUrlProblems (url: string): string[] {
   if (url === 'memory://') return []
   let parsed: URL
@@ -394,6 +408,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
       problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')
     }
     problems.push(...storeUrlProblems(candidate.store.url))
+    problems.push(...trustProxyProblems(candidate.trustProxy))
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
   return deepFreeze(candidate as GatewayConfig)

@@ -140,6 +140,19 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
     ['store.size: unknown key', 'store.timeoutMs: must be >= 1', /store\.onFailure/])
 })
 
+t.test('trustProxy entries are checked as Fastify will compile them: a bad address or range is a bad field, not a crash at start', async t => {
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  t.same(parseConfig({ upstream, trustProxy: ['10.0.0.0/8', '::1', '192.168.1.7', 'loopback'] }).trustProxy,
+    ['10.0.0.0/8', '::1', '192.168.1.7', 'loopback'])
+  const found = problems(() => parseConfig({ upstream, trustProxy: ['10.0.0.1', 'notanip', '10.0.0.0/33', '10.0.0.0/8 '] }))
+  t.equal(found.length, 3, found.join('\n'))
+  t.match(found, [
+    /^trustProxy\[1\]: invalid IP address: notanip/,
+    /^trustProxy\[2\]: invalid range on address: 10\.0\.0\.0\/33/,
+    /^trustProxy\[3\]: invalid range on address/
+  ])
+})
+
 t.test('the config file comes from --config, else GATEWAY_CONFIG, else config/gateway.yaml', async t => {
   t.equal(resolveConfigPath('a.yaml', { GATEWAY_CONFIG: 'b.yaml' }), 'a.yaml')
   t.equal(resolveConfigPath(undefined, { GATEWAY_CONFIG: 'b.yaml' }), 'b.yaml')
