@@ -65,10 +65,13 @@ function gatewayMetrics (opts: MetricsOptions) {
     registers: [register]
   })
   const rateLimited = new Counter({
-    name: 'gateway_rate_limited_total', help: 'calls refused with 429 by the client\'s rate limit', labelNames: ['client'], registers: [register]
+    name: 'gateway_rate_limited_total', help: 'calls refused with 429 by the client\'s rate limit or token budget', labelNames: ['client'], registers: [register]
   })
   const denied = new Counter({
-    name: 'gateway_denied_total', help: 'calls refused for their key (401) or scope (403)', labelNames: ['client'], registers: [register]
+    name: 'gateway_denied_total',
+    help: 'calls refused for who is calling: key (401), scope or model (403), another team\'s object (404), failed keys (429)',
+    labelNames: ['client'],
+    registers: [register]
   })
   const upstream = new Histogram({
     name: 'gateway_upstream_duration_seconds',
