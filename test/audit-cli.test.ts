@@ -1,12 +1,14 @@
 // `audit verify` and `audit query` as ops run them: the files found through the config like `start` finds them,
 // gzipped files included, exit codes and messages as documented.
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
 import { truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
-import { configFile, gatewayYaml, run } from './fixtures/bin.js'
+import { BIN, configFile, env, gatewayYaml, run } from './fixtures/bin.js'
 
 /** A config whose audit series holds records 1..60 over several files, the closed ones gzipped. */
 async function gzippedSeries () {
@@ -149,6 +151,21 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
     t.match(help.stdout, new RegExp(`--${flag} [A-Z]+ `), flag)
   }
   t.match(run(['audit', 'frobnicate']).stderr, /audit takes a subcommand: verify or query/)
+})
+
+t.test('audit query | head: the query stops quietly when the reader goes, exit 0, no stack', async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  await writeSeries(auditFile, 3000)
+  for (let i = 0; i < 5; i++) {
+    const child = spawn(process.execPath, [BIN, 'audit', 'query', auditFile], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    child.stderr.on('data', (c: Buffer) => { stderr += c.toString() })
+    await once(child.stdout, 'data')
+    child.stdout.destroy() // as head does once it has its line
+    const [code] = await once(child, 'exit')
+    t.equal(code, 0, `run ${i + 1}: exit 0`)
+    t.equal(stderr, '', `run ${i + 1}: nothing on stderr`)
+  }
 })
 
 t.test('audit commands say why when there is nothing to read', async t => {

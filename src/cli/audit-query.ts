@@ -114,7 +114,8 @@ function writer (out: Writable): (text: string) => Promise<boolean> {
   out.on('error', () => { gone = true })
   return async (text) => {
     if (gone) return false
-    if (!out.write(text)) await Promise.race([once(out, 'drain'), once(out, 'close')])
+    // The reader going while the query waits for 'drain' is an 'error' (EPIPE), which rejects once(): the end.
+    if (!out.write(text)) await Promise.race([once(out, 'drain'), once(out, 'close')]).catch(() => { gone = true })
     return !gone
   }
 }
