@@ -122,6 +122,8 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
  * enough that a client uploading its whole body before it reads (curl, an SDK) still gets to read a 413.
  */
 const DISCARD_BODY_MS = 5_000
+/** At the end of a shutdown's grace: how long the upstream waits for the client connections to close first. */
+const ABORT_CLOSE_WAIT_MS = 1_000
 const DISCARD_BODY_BYTES = 64 * 1024 * 1024
 
 export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
@@ -218,9 +220,17 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
   app.decorate('abortInFlight', () => {
     // Clients first: each call is then audited as aborted (the client got no complete answer), not as an
-    // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut.
+    // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut. A
+    // response's 'close' (when its record is made) comes once its socket has closed, later in the event loop:
+    // the upstream is cut after that (or after a second at most), or a stream's upstream error would come first
+    // and its record would blame the upstream.
+    const closing = [...connections].map(socket => new Promise(resolve => { socket.once('close', resolve) }))
     app.server.closeAllConnections()
-    void upstream.destroy()
+    const cut = setTimeout(() => { void upstream.destroy() }, ABORT_CLOSE_WAIT_MS)
+    void Promise.all(closing).then(() => {
+      clearTimeout(cut)
+      void upstream.destroy()
+    })
   })
   return app
 }

@@ -175,6 +175,40 @@ t.test('a call hanging on the upstream does not hold the process past shutdown.g
   t.match(output.text, /shutdown grace of 500 ms over: aborting the calls still in flight/)
 })
 
+t.test('a stream still running when the grace ends is audited aborted, not as an upstream failure', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const timers: NodeJS.Timeout[] = []
+  t.teardown(() => { for (const timer of timers) clearInterval(timer) })
+  upstream.respond = (req: IncomingMessage, res: ServerResponse) => {
+    if (req.url === '/v1/conversations/conv_1') {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end('{"id":"conv_1","object":"conversation","metadata":{"gateway_owner":"team-a"}}')
+      return
+    }
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    timers.push(setInterval(() => res.write('data: {"type":"tick"}\n\n'), 100))
+  }
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 500 }'))
+  const { child, url } = await startBin(t, file, {})
+  const streaming = new Promise<void>((resolve, reject) => {
+    const req = request(`${url}/v1/conversations/conv_1/items`, { agent: false, headers: { authorization: `Bearer ${KEY}` } }, res => {
+      res.once('data', () => { resolve() })
+      res.on('error', () => {})
+    })
+    req.on('error', () => {})
+    req.end()
+    setTimeout(() => { reject(new Error('no event within 5 s')) }, 5000).unref()
+  })
+  await streaming
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  const [code] = await exited
+  t.equal(code, 1, 'exit 1: a call had to be aborted')
+  t.match(auditRecords(dir), [{ action: 'item.list', status: 200, outcome: 'aborted' }], 'audited aborted (its status as sent)')
+})
+
 t.test('signals the gateway has no use for are logged and ignored: none ends it, and SIGUSR1 opens no debugger', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, gatewayYaml(dir, 'http://127.0.0.1:9', '{ drainDelayMs: 0, graceMs: 1000 }'))
