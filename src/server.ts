@@ -94,6 +94,7 @@ export async function startServer (
     await app.listen({ host, port })
   } catch (err) {
     await app.close()
+    if (err instanceof StartupError) throw err // already says which listener (metrics.listen)
     throw new StartupError(describeListenError(host, port, err as NodeJS.ErrnoException))
   }
   if (opts.watch === true && opts.configFile !== undefined && !draining) watcher = watchConfig(app, opts.configFile, reload)

@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
+import { createServer, type AddressInfo } from 'node:net'
 import t from 'tap'
 import { parse } from 'yaml'
 import { parseConfig } from '../src/config.js'
@@ -200,4 +201,15 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(audit.status, 1)
   t.equal(audit.stderr.trim().split('\n').length, 1, 'one line')
   t.match(audit.stderr, /audit\.file: cannot create the directory \/dev\/null\/audit: ENOTDIR/)
+
+  // A metrics port already taken is named as metrics.listen's, not the main listener's.
+  const taken = createServer()
+  await new Promise<void>(resolve => { taken.listen(0, '127.0.0.1', resolve) })
+  t.teardown(() => { taken.close() })
+  const takenPort = (taken.address() as AddressInfo).port
+  writeFileSync(file, good(dir) + `metrics: { listen: "127.0.0.1:${takenPort}" }\n`)
+  const metrics = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(metrics.status, 1)
+  t.equal(metrics.stderr.trim().split('\n').length, 1, 'one line')
+  t.match(metrics.stderr, new RegExp(`^ohmygpt-gateway start: metrics\\.listen: cannot listen on 127\\.0\\.0\\.1:${takenPort}: .*EADDRINUSE`, 'm'))
 })

@@ -14,6 +14,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
 import type { AuditWriter } from '../audit/writer.js'
 import { envelope, MetricsUnauthorizedError } from '../errors.js'
 import { whenClosed } from '../http/response.js'
+import { describeListenError, StartupError } from '../preflight.js'
 import { ACTIONS } from '../operations.js'
 import type { AuditRecord } from './audit.js'
 
@@ -168,8 +169,10 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   app.addHook('onReady', async () => {
     server = createServer(answer)
     await new Promise<void>((resolve, reject) => {
-      server!.once('error', reject)
-      server!.listen(port, host, () => { server!.off('error', reject); resolve() })
+      // Named as the metrics listener's: the main listener's error would send the operator to the wrong port.
+      const refused = (err: NodeJS.ErrnoException) => { reject(new StartupError(`metrics.listen: ${describeListenError(host, port, err)}`)) }
+      server!.once('error', refused)
+      server!.listen(port, host, () => { server!.off('error', refused); resolve() })
     })
     const at = server.address() as AddressInfo
     app.log.info({ address: `${at.address}:${at.port}` }, 'metrics listening')
