@@ -469,6 +469,63 @@ t.test('pipelined calls whose client hangs up while the upstream holds them: eac
   t.equal((await send(gw, 'GET', '/healthz')).status, 200, 'the gateway is up: /healthz answers 200')
 })
 
+t.test('a pipelined call whose upstream answer breaks while it waits behind another, then the client goes: both audited, their places freed', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
+    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000 }, limits: { maxInFlight: 2 }
+  }))
+  const held: ServerResponse[] = []
+  upstream.respond = (req, res) => {
+    if (req.url === '/v1/conversations/conv_first') {
+      held.push(res)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100' })
+    res.write('{"partial":')
+    setTimeout(() => res.socket?.destroy(), 20) // breaks while its answer waits behind the first
+  }
+  const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+  socket.on('error', () => {})
+  const get = (id: string) => `GET /v1/conversations/${id}/items HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  socket.write(get('conv_first').replace('/items', '') + get('conv_second'))
+  await until('both calls at the upstream', () => upstream.requests.length === 2)
+  await sleep(200)
+  socket.destroy()
+  const records = await auditRecords(gw, 2)
+  t.equal(records.length, 2, 'one record for each call')
+  t.same(records.map(r => [r.path, r.status, r.ip]).sort(), [['/v1/conversations/conv_first', 499, '127.0.0.1'], ['/v1/conversations/conv_second/items', 499, '127.0.0.1']], 'both 499, each with the client\'s address')
+  for (const res of held) res.destroy()
+  upstream.respond = null
+  const after = await Promise.all([1, 2].map(async () => await send(gw, 'POST', '/v1/conversations', { body: '{}' })))
+  t.same(after.map(a => a.status), [200, 200], 'both places of limits.maxInFlight are free again')
+})
+
+t.test('a large answer waiting behind a slow pipelined one is not cut off as a stalled client', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
+    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000 }, listen: { sendTimeoutMs: 300 }
+  }))
+  const big = JSON.stringify({ object: 'list', data: [{ id: 'msg_1', text: 'x'.repeat(250_000) }] })
+  upstream.respond = (req, res) => {
+    const answer = () => { res.writeHead(200, { 'content-type': 'application/json' }).end(req.url!.includes('slow') ? '{"object":"list","data":[]}' : big) }
+    if (req.url!.includes('slow')) setTimeout(answer, 700)
+    else answer()
+  }
+  const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+  socket.on('error', () => {})
+  let received = 0
+  socket.on('data', (c: Buffer) => { received += c.length })
+  const get = (id: string) => `GET /v1/conversations/${id}/items HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  socket.write(get('conv_slow') + get('conv_big'))
+  await until('both answers read', () => received > big.length, 5000)
+  t.ok(received > big.length, 'the client, reading all along, got both answers whole')
+  socket.destroy()
+  const records = await auditRecords(gw, 2)
+  t.same(records.map(r => [r.outcome, r.status]), [['ok', 200], ['ok', 200]], 'both audited ok')
+})
+
 t.test('a client that hangs up mid-body is audited once as aborted, the upstream response is released, and the gateway stays healthy', async t => {
   const { upstream, gw } = await setup(t)
   let upstreamClosed = false

@@ -11,6 +11,8 @@ export interface CountingResponse extends ServerResponse {
   bodyBytes: number
   /** set when the gateway answered on the socket itself (malformed framing): that answer's status */
   rawStatus: number
+  /** waiting behind a pipelined response, with no socket yet: nothing of it has reached the client */
+  queued: boolean
 }
 
 export function isCounting (res: ServerResponse): res is CountingResponse {
@@ -31,12 +33,21 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
   class GatewayResponse<Request extends IncomingMessage = IncomingMessage> extends ServerResponse<Request> implements CountingResponse {
     bodyBytes = 0
     rawStatus = 0
+    queued = false
     #stalled: NodeJS.Timeout | null = null
+
+    constructor (...args: ConstructorParameters<typeof ServerResponse<Request>>) {
+      super(...args)
+      // Each concern that must see the response end listens for its 'close' (audit, limits, metrics, the upstream
+      // call, Fastify's own): more than EventEmitter's default of 10 is expected, not a leak.
+      this.setMaxListeners(32)
+    }
 
     override write (chunk: unknown, ...rest: any[]): boolean { // eslint-disable-line @typescript-eslint/no-explicit-any
       this.bodyBytes += byteLength(chunk, rest[0])
       const flowing = (super.write as (...args: unknown[]) => boolean)(chunk, ...rest)
-      if (!flowing && this.#stalled === null) this.#watchStall()
+      // A response waiting behind a pipelined one (no socket yet) is not a client that stopped reading.
+      if (!flowing && this.#stalled === null && this.socket !== null) this.#watchStall()
       return flowing
     }
 
@@ -68,13 +79,21 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
  */
 export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
   if (res.socket !== null || socket === null) return
+  if (isCounting(res)) res.queued = true
+  // Whether 'close' has come, told by the event itself: a waiting response can be destroyed (a broken upstream
+  // answer, a stalled write) without it, and still needs its 'close'.
+  let emitted = false
+  res.once('close', () => { emitted = true })
   const closed = () => {
-    if (res.destroyed) return
+    if (emitted) return
     res.destroyed = true
     res.emit('close')
   }
   socket.once('close', closed)
-  res.once('socket', () => { socket.off('close', closed) })
+  res.once('socket', () => {
+    socket.off('close', closed)
+    if (isCounting(res)) res.queued = false
+  })
 }
 
 /**

@@ -67,6 +67,8 @@ export type AuditObserver = (record: AuditRecord) => void
 
 export interface ResponseWatch {
   start: number
+  /** the client's address, read while its connection is open (a record made after a hang-up could not) */
+  ip: string
   upstreamStreamFailed: boolean
 }
 
@@ -95,9 +97,14 @@ function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: Respons
   return 'error'
 }
 
+/** Whether any of the response reached the client's connection (not one still waiting behind a pipelined one). */
+function reachedClient (res: ServerResponse): boolean {
+  return res.headersSent && !(isCounting(res) && res.queued)
+}
+
 /** The status the client actually received: none sent is 499, as nginx logs a client that closed first. */
 function statusSent (reply: FastifyReply): number {
-  return rawStatus(reply.raw) || (reply.raw.headersSent ? reply.statusCode : CLIENT_CLOSED_REQUEST)
+  return rawStatus(reply.raw) || (reachedClient(reply.raw) ? reply.statusCode : CLIENT_CLOSED_REQUEST)
 }
 
 /**
@@ -115,12 +122,12 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     action: op?.action ?? 'unknown',
     attempts: call?.attempts ?? 0,
     bytesIn: request.bodyBytes,
-    bytesOut: isCounting(reply.raw) ? reply.raw.bodyBytes : 0,
+    bytesOut: isCounting(reply.raw) && !reply.raw.queued ? reply.raw.bodyBytes : 0,
     clientId: request.client?.id ?? null,
     conversationId: op?.action === 'conversation.create' ? request.createdId : op?.conversationId ?? null,
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
-    ip: request.ip,
+    ip: watch.ip,
     itemId: op?.itemId ?? null,
     keyId: request.keyId,
     method: request.method,
@@ -155,7 +162,7 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
       // Body bytes are counted by the response itself (http/response.ts).
-      const watch: ResponseWatch = { start: performance.now(), upstreamStreamFailed: false }
+      const watch: ResponseWatch = { start: performance.now(), ip: request.ip, upstreamStreamFailed: false }
       request.auditWatch = watch
       // 'close' comes exactly once for every response, finished or not; the record is built on it. (on, not once:
       // with one 'close' per response, once's wrapper would be one more object per call for nothing; the same
