@@ -7,6 +7,9 @@ import proxyAddr from '@fastify/proxy-addr'
 import { Ajv, type ErrorObject } from 'ajv'
 import { parse as parseYaml, YAMLParseError } from 'yaml'
 
+/** Where the audit trail goes when the config does not say. */
+const DEFAULT_AUDIT_FILE = './audit/audit.jsonl'
+
 export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
 /** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
@@ -107,7 +110,7 @@ export const ConfigSchema = Type.Object({
     notFoundTtlMs: Type.Integer({ minimum: 0, default: 5000 })
   }, { additionalProperties: false, default: {} }),
   audit: Type.Object({
-    file: Type.String({ minLength: 1, default: './audit/audit.jsonl' }),
+    file: Type.String({ minLength: 1, default: DEFAULT_AUDIT_FILE }),
     fsync: Type.Union([Type.Literal('off'), Type.Literal('interval'), Type.Literal('every')], { default: 'interval' }),
     onFailure: Type.Union([Type.Literal('closed'), Type.Literal('open')], { default: 'closed' }),
     rotate: Type.Object({
@@ -418,19 +421,35 @@ export function resolveConfigPath (flag: string | undefined, env: NodeJS.Process
   return flag ?? env.GATEWAY_CONFIG ?? DEFAULT_CONFIG_FILE
 }
 
-export function loadConfig (file: string, env: NodeJS.ProcessEnv): GatewayConfig {
+function readConfigFile (file: string): unknown {
   let text: string
   try {
     text = readFileSync(file, 'utf8')
   } catch (err) {
     throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
   }
-  let raw: unknown
   try {
-    raw = parseYaml(text)
+    return parseYaml(text)
   } catch (err) {
     if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message}`])
     throw err
   }
-  return parseConfig(raw, env, file)
+}
+
+export function loadConfig (file: string, env: NodeJS.ProcessEnv): GatewayConfig {
+  return parseConfig(readConfigFile(file), env, file)
+}
+
+/**
+ * Only `audit.file` of a config file, for the audit commands: whoever verifies or searches the trail needs none
+ * of the gateway's secrets (the upstream token, the keys' variables), so nothing else is read or required.
+ */
+export function loadAuditFile (file: string, env: NodeJS.ProcessEnv): string {
+  const raw = readConfigFile(file) as { audit?: { file?: unknown } } | null
+  const value = raw?.audit?.file ?? DEFAULT_AUDIT_FILE
+  const problems: string[] = []
+  const filled = interpolate(value, env, '/audit/file', problems, new Set())
+  if (problems.length === 0 && (typeof filled !== 'string' || filled === '')) problems.push('audit.file: must be a path or "-"')
+  if (problems.length > 0) throw new ConfigError(file, problems)
+  return filled as string
 }

@@ -73,6 +73,26 @@ t.test('audit verify given a shell glob leaves out the lock and files being writ
   t.match(r.stdout, /^ok: 60 records/)
 })
 
+t.test('audit verify and query read only audit.file from the config: the auditor needs none of the gateway\'s secrets', async t => {
+  const { auditFile } = await gzippedSeries()
+  const config = configFile(`
+upstream: { baseUrls: ["http://127.0.0.1:9"], apiKey: "\${OHMYGPT_API_KEY}" }
+audit: { file: "\${AUDIT_DIR}/audit.jsonl" }
+clients:
+  - { id: team-a, keySha256: "\${TEAM_A_DIGEST}", scopes: [read] }
+`).file
+  const dir = join(auditFile, '..')
+  const verify = run(['audit', 'verify', '--config', config], { AUDIT_DIR: dir })
+  t.equal(verify.status, 0, verify.stderr)
+  t.match(verify.stdout, /^ok: 60 records/)
+  const query = run(['audit', 'query', '--config', config, '--limit', '1'], { AUDIT_DIR: dir })
+  t.equal(query.status, 0, query.stderr)
+  t.equal(query.stdout.trim().split('\n').length, 1)
+  const unset = run(['audit', 'verify', '--config', config])
+  t.equal(unset.status, 1)
+  t.match(unset.stderr, /audit\.file: environment variable AUDIT_DIR is not set/, 'what it does read must be there')
+})
+
 t.test('audit verify with AUDIT_HMAC_KEY checks an HMAC chain, and refuses a key too short to trust', async t => {
   const auditFile = join(tempDir(), 'audit.jsonl')
   const key = 'a'.repeat(64)

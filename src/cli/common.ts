@@ -3,7 +3,7 @@
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
 import { inSeriesOrder, LOCK_SUFFIX, seriesFiles, TEMP_SUFFIX } from '../audit/series.js'
-import { loadConfig, resolveConfigPath } from '../config.js'
+import { loadAuditFile, resolveConfigPath } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
 export class UsageError extends Error {}
@@ -36,7 +36,7 @@ export async function auditFiles (configFlag: string | undefined, named: string[
     const files = named.filter(n => !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))
     return (await inSeriesOrder(files)).map(f => f.path)
   }
-  const file = loadConfig(resolveConfigPath(configFlag, process.env), process.env).audit.file
+  const file = loadAuditFile(resolveConfigPath(configFlag, process.env), process.env)
   if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
   const files = await seriesFiles(file)
   if (files.length === 0) throw new UsageError(`no audit files at ${file}`)
