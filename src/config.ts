@@ -160,6 +160,32 @@ function fieldPath (pointer: string): string {
   return parts.reduce((out, p) => /^\d+$/.test(p) ? `${out}[${p}]` : out ? `${out}.${p}` : p, '') || '(root)'
 }
 
+const TYPE_WORDS: Record<string, string> = {
+  array: 'a list', object: 'a map', string: 'a string', integer: 'an integer', number: 'a number', boolean: 'true or false'
+}
+
+/**
+ * Ajv's errors in our words. A value that fits none of a union's forms (log.level's words, a scope, trustProxy's
+ * false or list) comes as one error per form and an 'anyOf': said once, naming the forms.
+ */
+function describeAll (errors: ErrorObject[]): string[] {
+  const unions = new Set(errors.filter(e => e.keyword === 'anyOf').map(e => e.instancePath))
+  const forms = new Map<string, string[]>()
+  for (const e of errors) {
+    if (!unions.has(e.instancePath)) continue
+    const form = e.keyword === 'const' ? JSON.stringify(e.params.allowedValue) : e.keyword === 'type' ? TYPE_WORDS[String(e.params.type)] : undefined
+    if (form !== undefined) forms.set(e.instancePath, [...(forms.get(e.instancePath) ?? []), form])
+  }
+  return errors.flatMap(e => {
+    if (!unions.has(e.instancePath)) return [describe(e)]
+    if (e.keyword !== 'anyOf') return []
+    let named = forms.get(e.instancePath) ?? []
+    // a literal false (or true) also reports its type: the literal says it
+    if (named.some(f => f === 'false' || f === 'true')) named = named.filter(f => f !== TYPE_WORDS.boolean)
+    return [`${fieldPath(e.instancePath)}: must be ${named.length > 0 ? `one of ${[...new Set(named)].join(', ')}` : 'another value'}`]
+  })
+}
+
 function describe (e: ErrorObject): string {
   const at = fieldPath(e.instancePath)
   if (at.endsWith('.keySha256') && (e.keyword === 'pattern' || e.keyword === 'type')) {
@@ -397,7 +423,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   if (!validateWithPlaceholders(candidate, filled)) {
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
-    problems.push(...(validate.errors ?? []).map(describe).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
+    problems.push(...describeAll(validate.errors ?? []).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
     // the schema cannot say "one of the two" plainly; say it here too, with the rest
     const upstream = (candidate as { upstream?: Record<string, unknown> }).upstream
     if (upstream !== null && typeof upstream === 'object' && !('apiKey' in upstream) && !('apiKeyFile' in upstream)) {

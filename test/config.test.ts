@@ -91,6 +91,9 @@ t.test('every bad field is reported with its path', async t => {
   ]) {
     t.ok(bad.some(p => expected.test(p)), `reports ${expected}`)
   }
+  t.ok(bad.includes('log.level: must be one of "fatal", "error", "warn", "info", "debug", "trace", "silent"'), 'a word outside a set is said once, with the words')
+  t.ok(bad.includes('clients[0].scopes[1]: must be one of "read", "write", "delete", "admin"'))
+  t.notOk(bad.some(p => /must be equal to constant|must match a schema in anyOf/.test(p)), 'not in Ajv\'s words')
 })
 
 t.test('duplicate client ids and digests are bad fields', async t => {
