@@ -14,6 +14,7 @@ import { basename, dirname, resolve, sep } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
 import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
+import { hasWaitingBehind } from './http/response.js'
 import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
@@ -53,9 +54,11 @@ export async function startServer (
   let draining = false
   let stoppedAccepting = false
 
-  // Answers sent once accepting has stopped close their connection, so no kept-alive client lingers.
-  app.addHook('onSend', (_request, reply, payload, done) => {
-    if (stoppedAccepting) reply.header('connection', 'close')
+  // Answers sent once accepting has stopped close their connection, so no kept-alive client lingers. On a
+  // connection with pipelined calls waiting, only the last of their answers does, so that each is served (Fastify
+  // marks every call that arrives while closing with Connection: close: that is undone for the others).
+  app.addHook('onSend', (request, reply, payload, done) => {
+    if (stoppedAccepting) reply.header('connection', hasWaitingBehind(reply.raw, request.raw.socket) ? 'keep-alive' : 'close')
     done(null, payload)
   })
 

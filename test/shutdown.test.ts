@@ -175,6 +175,41 @@ t.test('a call hanging on the upstream does not hold the process past shutdown.g
   t.match(output.text, /shutdown grace of 500 ms over: aborting the calls still in flight/)
 })
 
+t.test('calls pipelined on a connection during the drain are each served; the last answer closes the connection', async t => {
+  const upstream = await holdingUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 10000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const { hostname, port } = new URL(url)
+  const socket = connect(Number(port), hostname)
+  t.teardown(() => socket.destroy())
+  let received = ''
+  socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
+  const closed = once(socket, 'close')
+  const auth = `Authorization: Bearer ${KEY}\r\n`
+  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${auth}\r\n`)
+  await eventually(async () => upstream.held.length === 1, 'the first call held at the upstream')
+
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  await eventually(async () => output.text.includes('stopped accepting connections'), 'the gateway stops accepting')
+  const body = '{"metadata":{"topic":"pipelined in the drain"}}'
+  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${auth}\r\n` +
+    `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  await eventually(async () => upstream.held.length === 3, 'the pipelined calls held at the upstream too')
+  for (const { release } of upstream.held) release()
+  await closed
+  const answers = received.split(/^(?=HTTP\/1\.1 )/m)
+  t.same(answers.map(a => Number(/^HTTP\/1\.1 (\d{3})/.exec(a)?.[1])), [200, 200, 200], 'three answers, one for each call')
+  t.notMatch(answers[0], /^connection: close/im, 'the first answer keeps the connection: calls wait behind it')
+  t.notMatch(answers[1], /^connection: close/im, 'so does the second')
+  t.match(answers[2], /^connection: close/im, 'the last one closes it')
+  const [code] = await exited
+  t.equal(code, 0)
+  t.same(auditRecords(dir).map(r => [r.action, r.status, r.outcome]).sort(),
+    [['conversation.create', 200, 'ok'], ['item.list', 200, 'ok'], ['item.list', 200, 'ok']], 'each one audited ok')
+})
+
 t.test('a stream still running when the grace ends is audited aborted, not as an upstream failure', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -77,8 +77,22 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
  * does, first, and marks them destroyed): emit it for them, so that 'close' comes exactly once for every response.
  * The audit record is written on it, and the upstream call stopped.
  */
+/** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */
+const waiting = new WeakMap<Socket, ServerResponse[]>()
+
+/** Whether responses to later pipelined requests on `socket` (the request's) wait behind `res`. */
+export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): boolean {
+  const queue = socket === null ? undefined : waiting.get(socket)
+  if (queue === undefined) return false
+  const at = queue.indexOf(res)
+  return at === -1 ? queue.length > 0 : at < queue.length - 1
+}
+
 export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
   if (res.socket !== null || socket === null) return
+  const queue = waiting.get(socket)
+  if (queue === undefined) waiting.set(socket, [res])
+  else queue.push(res)
   if (isCounting(res)) res.queued = true
   // Whether 'close' has come, told by the event itself: a waiting response can be destroyed (a broken upstream
   // answer, a stalled write) without it, and still needs its 'close'.
@@ -92,6 +106,9 @@ export function closeWithConnection (res: ServerResponse, socket: Socket | null)
   socket.once('close', closed)
   res.once('socket', () => {
     socket.off('close', closed)
+    const queue = waiting.get(socket)
+    const at = queue?.indexOf(res) ?? -1
+    if (at !== -1) queue!.splice(at, 1)
     if (isCounting(res)) res.queued = false
   })
 }
