@@ -32,7 +32,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
-import { closeWithConnection, countingResponseClass } from './http/response.js'
+import { closeWithConnection, countingResponseClass, hasWaitingBehind } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -101,8 +101,13 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
       const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
       this.log.warn({ peer, code: err.code, reason, ...(held > 0 ? { heldBack: held } : {}) }, 'request refused by the HTTP parser')
     }
-    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-    if (socket.writable && !inFlight?.headersSent) {
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
+    // The refused bytes are the body of the call being read, or a call after every one on the connection. They
+    // are answered only when that call is the connection's one call now: an answer written ahead of another
+    // call's would be taken by the client for that call's (HTTP answers in order). Otherwise the connection is
+    // closed without a word, and each call on it is audited as what it was, aborted.
+    const answerable = inFlight === null || (!inFlight.req.complete && !hasWaitingBehind(inFlight, socket))
+    if (socket.writable && answerable && !inFlight?.headersSent) {
       const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? new RequestTimeoutError()
         : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')

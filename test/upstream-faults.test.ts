@@ -5,6 +5,7 @@
 import {
   request as httpRequest, type ClientRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse
 } from 'node:http'
+import { once } from 'node:events'
 import { connect } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -524,6 +525,35 @@ t.test('a large answer waiting behind a slow pipelined one is not cut off as a s
   socket.destroy()
   const records = await auditRecords(gw, 2)
   t.same(records.map(r => [r.outcome, r.status]), [['ok', 200], ['ok', 200]], 'both audited ok')
+})
+
+t.test('bytes the parser refuses behind a call still being answered are not answered ahead of it: the connection closes, and each call is audited as aborted', async t => {
+  const { upstream, gw } = await setup(t)
+  const held: ServerResponse[] = []
+  upstream.respond = (_req, res) => { held.push(res) }
+  t.teardown(() => { for (const res of held) res.destroy() })
+  const first = `GET /v1/conversations/conv_first HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  const cases: Array<[string, string, number]> = [
+    ['a request line that is not HTTP', 'NOT HTTP AT ALL\r\n\r\n', 1],
+    ['a pipelined call whose chunked body is malformed', `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n` +
+      'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n', 2]
+  ]
+  for (const [what, bad, calls] of cases) {
+    const before = gw.audit().length
+    const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+    socket.on('error', () => {})
+    let received = ''
+    socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
+    const closed = once(socket, 'close')
+    socket.write(first)
+    await until('the first call held at the upstream', () => held.length === cases.indexOf(cases.find(c => c[0] === what)!) + 1)
+    socket.write(bad)
+    await closed
+    t.equal(received, '', `${what}: nothing written ahead of the first call's answer`)
+    await until(`${calls} record(s)`, () => gw.audit().length === before + calls)
+    await sleep(100)
+    t.same(gw.audit().slice(before).map(r => [r.status, r.outcome]), Array(calls).fill([499, 'aborted']), `${what}: each call audited aborted`)
+  }
 })
 
 t.test('a client that hangs up mid-body is audited once as aborted, the upstream response is released, and the gateway stays healthy', async t => {
