@@ -6,8 +6,9 @@
 //   hash = sha256(prevHash + "\n" + JCS(record without its hash field))
 //
 // JCS is RFC 8785 canonical JSON (the `canonicalize` package). A line is that JSON with `hash` appended last, and
-// verification accepts no other spelling of it (linkProblem): `audit query` searches the text. With an HMAC key (AUDIT_HMAC_KEY, read by the process and passed down),
-// HMAC-SHA256 with that key replaces sha256: whoever can write the files cannot re-forge the chain without it.
+// verification accepts no other spelling of it (linkProblem): `audit query` searches the text. With an HMAC key
+// (AUDIT_HMAC_KEY, read by the process and passed down), HMAC-SHA256 with that key replaces sha256: whoever can
+// write the files cannot re-forge the chain without it.
 //
 // Records are opaque JSON objects: the chain works for any fields. Besides the gateway's per-call records, the
 // writer adds a few chain events of its own, told apart by an `event` field (see ChainEvent below).

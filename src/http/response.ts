@@ -1,5 +1,6 @@
 // The gateway's ServerResponse, given to Node as http.createServer's `ServerResponse` class: it counts the body
-// bytes it writes (for the audit's bytesOut) and cuts off a client that stops reading its answer. The counting
+// bytes it writes (for the audit's bytesOut) and cuts off a client that stops reading its answer. Beside it, how
+// every concern sees a response end (whenClosed), and the 'close' Node leaves out for pipelined responses. The counting
 // lives on the class, with its fields declared up front, so every response has the same shape: patching write and
 // end on each response (as an earlier version did) gave every response a shape of its own, and Node's own code on
 // responses slowed down with it.
@@ -71,12 +72,6 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
   return GatewayResponse as unknown as typeof ServerResponse
 }
 
-/**
- * A pipelined request's response waits, without a socket, for the responses before it. When the connection closes
- * meanwhile, Node 20 emits 'close' for the response that held the socket but never for those waiting (Node 24
- * does, first, and marks them destroyed): emit it for them, so that 'close' comes exactly once for every response.
- * The audit record is written on it, and the upstream call stopped.
- */
 /** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */
 const waiting = new WeakMap<Socket, ServerResponse[]>()
 
@@ -88,6 +83,13 @@ export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): b
   return at === -1 ? queue.length > 0 : at < queue.length - 1
 }
 
+/**
+ * A pipelined request's response waits, without a socket, for the responses before it. When the connection closes
+ * meanwhile, Node 20 emits 'close' for the response that held the socket but never for those waiting (Node 24
+ * does, first): emit it for them, so that 'close' comes exactly once for every response. The audit record is
+ * written on it, and the upstream call stopped. Waiting responses are also kept in order per connection
+ * (hasWaitingBehind). Nothing is done for a response that has its socket at once: the usual one call at a time.
+ */
 export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
   if (res.socket !== null || socket === null) return
   const queue = waiting.get(socket)
