@@ -70,6 +70,12 @@ export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_reques
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
 export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_request_error',
   "Invalid type for 'model': expected a string.", { param: 'model' })
+export const ModelRequiredError = define('model_not_allowed', 403, 'invalid_request_error',
+  'This key may only use some models: name one in "model" (a stored prompt\'s own model cannot be checked).',
+  { param: 'model', outcome: 'denied' })
+export const BackgroundNotAllowedError = define('background_not_allowed', 403, 'invalid_request_error',
+  'Background responses are not available to a key with a token budget: their usage could not be charged.',
+  { param: 'background', outcome: 'denied' })
 export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error',
   'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' })
 export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',

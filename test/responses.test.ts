@@ -80,6 +80,48 @@ t.test('a streamed response reaches the client event by event, before the upstre
   t.equal(retrieved.output_text, 'Echo: one two three four', 'the streamed response is owned and can be retrieved')
 })
 
+t.test('every SSE framing (data over several lines, CR or CRLF line ends) is rewritten: the owner key never reaches the client, wherever it is, and usage is charged', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const response = (status: string, usage: unknown) => ({
+    id: 'resp_framing', object: 'response', status, model: 'gpt-4o', output: [], usage,
+    metadata: { gateway_owner: 'team-full', topic: 't' }
+  })
+  const events = [
+    { type: 'response.created', sequence_number: 0, response: response('in_progress', null) },
+    { type: 'response.output_item.done', sequence_number: 1, output_index: 0, item: { id: 'msg_1', type: 'message', role: 'assistant', status: 'completed', content: [], metadata: { gateway_owner: 'team-full' } } },
+    { type: 'response.completed', sequence_number: 2, response: response('completed', { input_tokens: 3, output_tokens: 7, total_tokens: 10 }) }
+  ]
+  const framings: Array<[string, (event: object) => string]> = [
+    ['data over several lines', e => `event: ${(e as { type: string }).type}\n` + JSON.stringify(e, null, 2).split('\n').map(l => `data: ${l}`).join('\n') + '\n\n'],
+    ['CR line ends', e => `event: ${(e as { type: string }).type}\rdata: ${JSON.stringify(e)}\r\r`],
+    ['CRLF line ends', e => `event: ${(e as { type: string }).type}\r\ndata: ${JSON.stringify(e)}\r\n\r\n`]
+  ]
+  for (const [what, frame] of framings) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      // in small pieces, so that line ends and events fall across chunks
+      const text = events.map(frame).join('')
+      let at = 0
+      const next = () => {
+        if (at >= text.length) { res.end(); return }
+        res.write(text.slice(at, at + 7))
+        at += 7
+        setImmediate(next)
+      }
+      next()
+    }
+    const before = gw.audit().length
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x', stream: true })
+    const seen: string[] = []
+    for await (const event of stream) seen.push(JSON.stringify(event))
+    t.same(seen.map(e => (JSON.parse(e) as { type: string }).type), events.map(e => e.type), `${what}: every event, in order`)
+    t.notOk(seen.some(e => e.includes('gateway_owner')), `${what}: no event carries the owner key`)
+    t.match(JSON.parse(seen[2]!), { response: { metadata: { topic: 't' }, usage: { total_tokens: 10 } } }, `${what}: the rest as sent`)
+    await until(`${what}: the audit record`, () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { responseId: 'resp_framing', inputTokens: 3, outputTokens: 7 }, `${what}: usage seen`)
+  }
+})
+
 t.test('bodyTimeoutMs applies between events, not to the whole stream', async t => {
   const upstream = await startUpstream({ responses: { streamDelayMs: 200 } })
   t.teardown(() => upstream.close())
@@ -175,6 +217,27 @@ t.test('clients[].models: a model outside the list gets 403 model_not_allowed be
     t.equal((await a.responses.create({ model, input: 'x' })).model, model, `${model} is allowed`)
   }
   t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: null })
+})
+
+t.test('a key with a models list must name the model (a stored prompt\'s own is not checked), and a key with a token budget cannot ask for a background response', async t => {
+  const { upstream, gw } = await setup(t, {
+    clients: [
+      { id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['gpt-4o-mini'] },
+      { id: 'team-other', keySha256: keyDigest(KEYS.other), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }
+    ]
+  })
+  const create = async (key: string, body: unknown) => await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify(body)
+  })
+  const noModel = await create(KEYS.full, { prompt: { id: 'pmpt_1' }, input: 'x' })
+  t.equal(noModel.status, 403)
+  t.match(await noModel.json(), { error: { code: 'model_not_allowed', param: 'model', message: /name one in "model"/ } })
+  const background = await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x', background: true })
+  t.equal(background.status, 403)
+  t.match(await background.json(), { error: { code: 'background_not_allowed', param: 'background' } })
+  t.equal(upstream.requests.length, 0, 'neither reached the upstream')
+  t.match(gw.audit(), [{ status: 403, outcome: 'denied' }, { status: 403, outcome: 'denied' }])
+  t.equal((await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x' })).status, 200, 'the same key, in the foreground: served')
 })
 
 t.test('a model that is not a string is a 400 invalid_type, with or without a models list, before the upstream', async t => {

@@ -48,18 +48,34 @@ export function updateBody (body: unknown, owner: string | null): Json | null {
   return { ...body, metadata: { ...metadata, [OWNER_KEY]: owner } }
 }
 
-/** An owned object as a client may see it: without the owner key. Other values pass unchanged (the same object). */
+/**
+ * An answer or a streamed event as a client may see it: every `metadata` map in it, at any depth (the object
+ * itself, a response in an event, an item that repeats it), without the owner key. The same value when there is
+ * none, so an answer with nothing to take out goes out as the upstream's bytes.
+ */
 export function withoutOwner<T> (value: T): T {
-  if (!isObject(value) || !isObject(value.metadata) || !Object.hasOwn(value.metadata, OWNER_KEY)) return value
-  const { [OWNER_KEY]: _owner, ...metadata } = value.metadata
-  return { ...value, metadata }
-}
-
-/** A streamed event as a client may see it: the response object it carries, if any, without the owner key. */
-export function eventWithoutOwner<T> (event: T): T {
-  if (!isObject(event) || !isObject(event.response)) return event
-  const response = withoutOwner(event.response)
-  return response === event.response ? event : { ...event, response }
+  if (Array.isArray(value)) {
+    let copy: unknown[] | null = null
+    value.forEach((v: unknown, i) => {
+      const w = withoutOwner(v)
+      if (w !== v) (copy ??= [...value])[i] = w
+    })
+    return (copy ?? value) as T
+  }
+  if (!isObject(value)) return value
+  let copy: Json | null = null
+  for (const key in value) {
+    const v = value[key]
+    let w: unknown
+    if (key === 'metadata' && isObject(v) && Object.hasOwn(v, OWNER_KEY)) {
+      const { [OWNER_KEY]: _owner, ...rest } = v
+      w = withoutOwner(rest)
+    } else {
+      w = withoutOwner(v)
+    }
+    if (w !== v) (copy ??= { ...value })[key] = w
+  }
+  return (copy ?? value) as T
 }
 
 /** What the gateway owns: conversations and responses, each an upstream object with metadata. */

@@ -16,7 +16,7 @@ import {
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
-  createBody, eventWithoutOwner, metadataProblem, OwnerCache, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  createBody, metadataProblem, OwnerCache, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -157,7 +157,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (op === null || client === null) return
     if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) {
       addAnswerRewrite(request, withoutOwner)
-      addEventRewrite(request, eventWithoutOwner)
+      addEventRewrite(request, withoutOwner)
     }
 
     if (op.action === 'conversation.create') {

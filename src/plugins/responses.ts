@@ -3,7 +3,7 @@
 // it cost (model, stream, response id, tokens) is gathered from the request and the answer as it passes, for the
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
-import { InvalidModelTypeError, ModelNotAllowedError } from '../errors.js'
+import { BackgroundNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError } from '../errors.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
@@ -17,14 +17,25 @@ export default fp(async function responses (app) {
       done()
       return
     }
-    const body = request.parsedBody as { model?: unknown, stream?: unknown } | undefined
-    const model = op.action === 'response.create' ? body?.model : undefined
+    const body = request.parsedBody as { model?: unknown, stream?: unknown, background?: unknown } | undefined
+    const creating = op.action === 'response.create'
+    const model = creating ? body?.model : undefined
     if (model !== undefined && typeof model !== 'string') {
       done(new InvalidModelTypeError())
       return
     }
+    // Without `model` a stored prompt picks it, which the gateway cannot see: a key limited to some models names one.
+    if (creating && client.models !== undefined && model === undefined) {
+      done(new ModelRequiredError())
+      return
+    }
     if (model !== undefined && !modelAllowed(model, client.models)) {
       done(new ModelNotAllowedError(JSON.stringify(model.slice(0, 100))))
+      return
+    }
+    // A background response reports its usage to a later retrieve, not to this call, which alone is charged.
+    if (creating && body?.background === true && client.rateLimit.tokensPerMinute !== undefined) {
+      done(new BackgroundNotAllowedError())
       return
     }
     const stream = op.action === 'response.create'

@@ -1,17 +1,24 @@
 // Server-Sent Events passed through one event at a time: each event goes out as soon as its blank line has
-// arrived (nothing is buffered whole), and the JSON in its `data:` line is handed to `rewrite`, which may return
-// another object (the gateway takes its owner key out of response objects) or the same one (the bytes pass as they
-// came). Lines that are not JSON (`data: [DONE]`, comments, `event:`, `id:`, `retry:`) pass untouched.
+// arrived (nothing is buffered whole). The event's data (its `data:` lines joined with newlines, as the SSE spec
+// has a client do) is handed to `rewrite` when it is JSON; `rewrite` may return another object (the gateway takes
+// its owner key out) or the same one, and then the event's bytes pass as they came. Lines end with LF, CRLF or CR
+// (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other fields pass untouched.
 import { Transform, type TransformCallback } from 'node:stream'
 
 export type EventRewrite = (data: unknown) => unknown
 
-const NEWLINE = 0x0a
+const LF = 0x0a
+const CR = 0x0d
+const LINE_END = /\r\n$|\n$|\r$/
 
 export class SseRewriter extends Transform {
   readonly #rewrite: EventRewrite
-  /** bytes of an event whose blank line has not come yet */
-  #pending: Buffer[] = []
+  /** the whole lines of an event whose blank line has not come yet, each with its line ending */
+  #event: Buffer[] = []
+  /** the start of a line whose ending has not come yet */
+  #line: Buffer[] = []
+  /** the last chunk ended with CR: an LF that starts the next one ends the same line */
+  #afterCR = false
 
   constructor (rewrite: EventRewrite) {
     super()
@@ -20,49 +27,76 @@ export class SseRewriter extends Transform {
 
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
     let start = 0
-    for (let i = chunk.indexOf(NEWLINE); i !== -1; i = chunk.indexOf(NEWLINE, i + 1)) {
-      const line = chunk.subarray(start, i + 1)
-      start = i + 1
-      if (isBlank(line)) {
-        this.#pending.push(line)
-        this.push(this.#event(Buffer.concat(this.#pending)))
-        this.#pending = []
-      } else {
-        this.#pending.push(line)
-      }
+    if (this.#afterCR && chunk.length > 0 && chunk[0] === LF) {
+      // The LF of a CRLF split across chunks: part of the line already ended.
+      const last = this.#event.length
+      if (last > 0) this.#event[last - 1] = Buffer.concat([this.#event[last - 1]!, chunk.subarray(0, 1)])
+      else this.push(chunk.subarray(0, 1))
+      start = 1
     }
-    if (start < chunk.length) this.#pending.push(chunk.subarray(start))
+    this.#afterCR = false
+    for (let i = start; i < chunk.length; i++) {
+      const byte = chunk[i]
+      if (byte !== LF && byte !== CR) continue
+      let end = i + 1
+      if (byte === CR) {
+        if (end === chunk.length) this.#afterCR = true
+        else if (chunk[end] === LF) end++
+      }
+      this.#line.push(chunk.subarray(start, end))
+      this.#endLine()
+      start = end
+      i = end - 1
+    }
+    if (start < chunk.length) this.#line.push(chunk.subarray(start))
     done()
   }
 
   override _flush (done: TransformCallback): void {
-    if (this.#pending.length > 0) this.push(this.#event(Buffer.concat(this.#pending)))
+    if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
+    if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
     done()
   }
 
-  /** One whole event, with each JSON data line rewritten where `rewrite` changed it. */
-  #event (bytes: Buffer): Buffer {
-    const text = bytes.toString('utf8')
-    let changed = false
-    const lines = text.split('\n').map(line => {
-      if (!line.startsWith('data:')) return line
-      const payload = line.slice(5).replace(/\r$/, '').trimStart()
-      if (!payload.startsWith('{')) return line
-      let data: unknown
-      try {
-        data = JSON.parse(payload)
-      } catch {
-        return line
+  #endLine (): void {
+    const line = this.#line.length === 1 ? this.#line[0]! : Buffer.concat(this.#line)
+    this.#line = []
+    this.#event.push(line)
+    if (isBlank(line)) {
+      this.push(this.#rewritten(this.#event))
+      this.#event = []
+    }
+  }
+
+  /** One whole event: its bytes as they came, or with its data rewritten (as one `data:` line). */
+  #rewritten (lines: Buffer[]): Buffer {
+    const raw = lines.length === 1 ? lines[0]! : Buffer.concat(lines)
+    const texts = lines.map(l => l.toString('utf8').replace(LINE_END, ''))
+    const data = texts.filter(t => t.startsWith('data:')).map(t => t.startsWith('data: ') ? t.slice(6) : t.slice(5))
+    if (data.length === 0) return raw
+    const joined = data.join('\n')
+    if (!joined.trimStart().startsWith('{')) return raw
+    let parsed: unknown
+    try {
+      parsed = JSON.parse(joined)
+    } catch {
+      return raw
+    }
+    const rewritten = this.#rewrite(parsed)
+    if (rewritten === parsed) return raw
+    let wrote = false
+    const out: string[] = []
+    for (const text of texts) {
+      if (!text.startsWith('data:')) out.push(`${text}\n`)
+      else if (!wrote) {
+        out.push(`data: ${JSON.stringify(rewritten)}\n`)
+        wrote = true
       }
-      const rewritten = this.#rewrite(data)
-      if (rewritten === data) return line
-      changed = true
-      return `data: ${JSON.stringify(rewritten)}`
-    })
-    return changed ? Buffer.from(lines.join('\n')) : bytes
+    }
+    return Buffer.from(out.join(''))
   }
 }
 
 function isBlank (line: Buffer): boolean {
-  return line.length === 1 || (line.length === 2 && line[0] === 0x0d)
+  return line.length === 1 || (line.length === 2 && line[0] === CR && line[1] === LF)
 }
