@@ -167,7 +167,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
 
   let current = config
   app.server.maxConnections = config.listen.maxConnections
-  app.server.on('request', (req: IncomingMessage, res: ServerResponse) => { closeWithConnection(res, req.socket) })
+  // Before Fastify's own listener: a call refused at once is answered within that listener, and the connection's
+  // pipelined calls must be known by then.
+  app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => { closeWithConnection(res, req.socket) })
   app.setErrorHandler(errorHandler(config))
   app.decorateRequest('refusal', null)
 
@@ -212,16 +214,18 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     current = merged
     return { applied, needRestart }
   })
-  // Connections that have not sent a byte carry no call, yet Node's close() waits for them (it closes only
-  // kept-alive ones between calls): shutdown closes them, or a pre-opened connection would hold it to the grace.
+  // A connection with no call under way (never used, between calls, or a call not yet whole) carries nothing to
+  // wait for, yet Node's close() closes only those idle between calls, and only once: the drain closes the rest,
+  // and those that fall idle later (after a call whose answer had begun before accepting stopped).
   const connections = new Set<Socket>()
   app.server.on('connection', (socket: Socket) => {
     connections.add(socket)
     socket.once('close', () => { connections.delete(socket) })
   })
   app.decorate('closeUnusedConnections', () => {
-    // After a turn of the event loop, so that bytes already arrived are read first.
-    setImmediate(() => { for (const socket of connections) if (socket.bytesRead === 0) socket.destroy() })
+    for (const socket of connections) {
+      if ((socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage == null) socket.destroy()
+    }
   })
   app.decorate('abortInFlight', () => {
     // Clients first: each call is then audited as aborted (the client got no complete answer), not as an

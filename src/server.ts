@@ -14,7 +14,7 @@ import { basename, dirname, resolve, sep } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
 import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
-import { hasWaitingBehind } from './http/response.js'
+import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
@@ -24,6 +24,8 @@ const EXIT_GRACE_MS = 2_000
  * stuck disk 5 s, a gzip under way 10 s); should anything still hold the process after this, it exits anyway.
  */
 const AFTER_GRACE_MS = 15_000
+/** While draining: how often connections with no call under way are closed. */
+const UNUSED_SWEEP_MS = 100
 /** Editors save in several steps (write a temp file, rename it over): one reload once the file is quiet this long. */
 const WATCH_DEBOUNCE_MS = 200
 
@@ -58,7 +60,15 @@ export async function startServer (
   // connection with pipelined calls waiting, only the last of their answers does, so that each is served (Fastify
   // marks every call that arrives while closing with Connection: close: that is undone for the others).
   app.addHook('onSend', (request, reply, payload, done) => {
-    if (stoppedAccepting) reply.header('connection', hasWaitingBehind(reply.raw, request.raw.socket) ? 'keep-alive' : 'close')
+    if (stoppedAccepting) {
+      const socket = request.raw.socket
+      if (hasWaitingBehind(reply.raw, socket)) {
+        reply.header('connection', 'keep-alive')
+      } else {
+        reply.header('connection', 'close')
+        closesConnection(socket)
+      }
+    }
     done(null, payload)
   })
 
@@ -119,7 +129,10 @@ function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => vo
   }, graceMs)
   app.log.info('stopped accepting connections; waiting for in-flight calls')
   const closed = app.close()
-  app.closeUnusedConnections()
+  // After a turn of the event loop (bytes already arrived are read first), then as connections fall idle.
+  const sweep = setInterval(() => { app.closeUnusedConnections() }, UNUSED_SWEEP_MS).unref()
+  setImmediate(() => { app.closeUnusedConnections() })
+  closed.finally(() => { clearInterval(sweep) }).catch(() => {})
   closed.then(() => {
     clearTimeout(deadline)
     app.log.info(aborted ? 'closed, after aborting calls still in flight' : 'closed')

@@ -210,6 +210,65 @@ t.test('calls pipelined on a connection during the drain are each served; the la
     [['conversation.create', 200, 'ok'], ['item.list', 200, 'ok'], ['item.list', 200, 'ok']], 'each one audited ok')
 })
 
+t.test('the drain does not wait for connections with no call: one with half a request, or one whose call ended after accepting stopped', async t => {
+  const upstream = await holdingUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 20000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const { hostname, port } = new URL(url)
+  const half = connect(Number(port), hostname)
+  t.teardown(() => half.destroy())
+  half.on('error', () => {})
+  half.write('POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n') // and no more
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 })
+  t.teardown(() => agent.destroy())
+  const call = get(url, '/v1/conversations/conv_1/items', agent)
+  await eventually(async () => upstream.held.length === 1, 'a call held at the upstream')
+  const exited = once(child, 'exit')
+  const signalled = Date.now()
+  child.kill('SIGTERM')
+  await eventually(async () => output.text.includes('stopped accepting connections'), 'the gateway stops accepting')
+  upstream.held[0]!.release() // its answer began... now, after accepting stopped: its connection falls idle after it
+  t.equal((await call).status, 200)
+  const [code] = await exited
+  t.equal(code, 0, 'exit 0: nothing had to be aborted')
+  t.ok(Date.now() - signalled < 5_000, `ended ${Date.now() - signalled} ms after SIGTERM, not at the 20 s grace`)
+  t.notMatch(output.text, /aborting the calls still in flight/)
+})
+
+t.test('a call pipelined behind an answer that closes the connection (a refusal during the drain) goes no further: not upstream, audited aborted', async t => {
+  const upstream = await holdingUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 10000 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  const { hostname, port } = new URL(url)
+  const socket = connect(Number(port), hostname)
+  t.teardown(() => socket.destroy())
+  socket.on('error', () => {})
+  let received = ''
+  socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
+  const closed = once(socket, 'close')
+  const auth = `Authorization: Bearer ${KEY}\r\n`
+  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${auth}\r\n`)
+  await eventually(async () => upstream.held.length === 1, 'the first call held at the upstream')
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  await eventually(async () => output.text.includes('stopped accepting connections'), 'the gateway stops accepting')
+  const body = '{"metadata":{"topic":"never answered"}}'
+  socket.write(`GET /v1/models HTTP/1.1\r\nHost: gw\r\n${auth}\r\n`)
+  await new Promise(resolve => setTimeout(resolve, 200))
+  socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  await new Promise(resolve => setTimeout(resolve, 200))
+  upstream.held[0]!.release()
+  await closed
+  t.same([...received.matchAll(/^HTTP\/1\.1 (\d{3})/gm)].map(m => Number(m[1])), [200, 404], 'the first call and the refusal are answered')
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 0, 'the call after the closing answer never went upstream')
+  const [code] = await exited
+  t.equal(code, 0)
+  t.same(auditRecords(dir).map(r => [r.action, r.status, r.outcome]).sort(),
+    [['conversation.create', 499, 'aborted'], ['item.list', 200, 'ok'], ['unknown', 404, 'invalid']])
+})
+
 t.test('a stream still running when the grace ends is audited aborted, not as an upstream failure', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

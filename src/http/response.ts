@@ -75,6 +75,14 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
 /** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */
 const waiting = new WeakMap<Socket, ServerResponse[]>()
 
+/** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
+const closing = new WeakSet<Socket>()
+
+/** The answer being sent on `socket` closes it (Connection: close): calls pipelined after it go no further. */
+export function closesConnection (socket: Socket | null): void {
+  if (socket !== null) closing.add(socket)
+}
+
 /** Whether responses to later pipelined requests on `socket` (the request's) wait behind `res`. */
 export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): boolean {
   const queue = socket === null ? undefined : waiting.get(socket)
@@ -92,6 +100,9 @@ export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): b
  */
 export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
   if (res.socket !== null || socket === null) return
+  // Read after an answer that closes the connection: it could never be answered, so it is over before it starts
+  // (nothing goes upstream for it; it is audited aborted).
+  if (closing.has(socket)) res.destroy()
   const queue = waiting.get(socket)
   if (queue === undefined) waiting.set(socket, [res])
   else queue.push(res)

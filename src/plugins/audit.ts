@@ -9,7 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
-import { rawPath, type Action } from '../operations.js'
+import { matchOperation, rawPath, type Action, type Operation } from '../operations.js'
 import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
 
@@ -108,12 +108,22 @@ function statusSent (reply: FastifyReply): number {
 }
 
 /**
+ * The operation of a call whose record is made before the router saw it (a call over before it started: read
+ * after an answer that closed its connection). Null for an unknown route, as the router would have it.
+ */
+function routedLate (request: FastifyRequest): Operation | null {
+  if (request.routeOptions.config.internal === true) return null
+  const match = matchOperation(request.method, request.originalUrl)
+  return match.kind === 'operation' ? match.operation : null
+}
+
+/**
  * The call's record. Its keys are written in sorted order, with the chain's seq and prevHash in their places (left
  * undefined here, set when the record is sealed): the sealed line is then JSON.stringify's plain output
  * (audit/chain.ts), the cheapest way to write the record's canonical JSON, once per call.
  */
 function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): AuditRecord {
-  const op = request.operation
+  const op = request.operation ?? routedLate(request)
   const facts = request.responseFacts
   const upstream = request.upstream
   const call = request.upstreamCall
