@@ -7,6 +7,9 @@ import proxyAddr from '@fastify/proxy-addr'
 import { Ajv, type ErrorObject } from 'ajv'
 import { parse as parseYaml, YAMLParseError } from 'yaml'
 
+/** metrics.listen: host:port ([v6]:port), the port 0–65535. */
+const METRICS_LISTEN_PATTERN = '^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})$'
+
 /** Where the audit trail goes when the config does not say. */
 const DEFAULT_AUDIT_FILE = './audit/audit.jsonl'
 
@@ -128,7 +131,7 @@ export const ConfigSchema = Type.Object({
     graceMs: Type.Integer({ minimum: 1, default: 30000 })
   }, { additionalProperties: false, default: {} }),
   metrics: Type.Object({
-    listen: Type.Optional(Type.String({ pattern: '^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):[0-9]{1,5}$' })),
+    listen: Type.Optional(Type.String({ pattern: METRICS_LISTEN_PATTERN })),
     token: Type.Optional(Type.String({ minLength: 16 }))
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
@@ -170,19 +173,28 @@ const TYPE_WORDS: Record<string, string> = {
  */
 function describeAll (errors: ErrorObject[]): string[] {
   const unions = new Set(errors.filter(e => e.keyword === 'anyOf').map(e => e.instancePath))
-  const forms = new Map<string, string[]>()
+  const under = (path: string) => (e: ErrorObject) => e.instancePath.startsWith(path + '/')
+  const consts = new Map<string, unknown[]>()
+  const types = new Map<string, string[]>()
   for (const e of errors) {
     if (!unions.has(e.instancePath)) continue
-    const form = e.keyword === 'const' ? JSON.stringify(e.params.allowedValue) : e.keyword === 'type' ? TYPE_WORDS[String(e.params.type)] : undefined
-    if (form !== undefined) forms.set(e.instancePath, [...(forms.get(e.instancePath) ?? []), form])
+    if (e.keyword === 'const') consts.set(e.instancePath, [...(consts.get(e.instancePath) ?? []), e.params.allowedValue])
+    if (e.keyword === 'type') types.set(e.instancePath, [...(types.get(e.instancePath) ?? []), String(e.params.type)])
   }
   return errors.flatMap(e => {
     if (!unions.has(e.instancePath)) return [describe(e)]
+    // The value has the form of one of the union's members and breaks a rule of it (an empty list, a bad item):
+    // that rule is the error, not the union.
+    const specific = errors.filter(x => x.instancePath === e.instancePath && !['anyOf', 'const', 'type'].includes(x.keyword))
+    if (specific.length > 0 || errors.some(under(e.instancePath))) return specific.includes(e) ? [describe(e)] : []
     if (e.keyword !== 'anyOf') return []
-    let named = forms.get(e.instancePath) ?? []
-    // a literal false (or true) also reports its type: the literal says it
-    if (named.some(f => f === 'false' || f === 'true')) named = named.filter(f => f !== TYPE_WORDS.boolean)
-    return [`${fieldPath(e.instancePath)}: must be ${named.length > 0 ? `one of ${[...new Set(named)].join(', ')}` : 'another value'}`]
+    const words = consts.get(e.instancePath) ?? []
+    // A literal's own type (log.level's words are strings) is no form of its own; a list or a map is.
+    const literalTypes = new Set<string>(words.map(w => typeof w))
+    const forms = [...new Set((types.get(e.instancePath) ?? []).filter(t => !literalTypes.has(t === 'integer' ? 'number' : t)))]
+      .map(t => TYPE_WORDS[t] ?? t)
+    const named = [...words.map(w => JSON.stringify(w)), ...forms]
+    return [`${fieldPath(e.instancePath)}: must be ${named.length > 0 ? `one of ${named.join(', ')}` : 'another value'}`]
   })
 }
 
@@ -201,6 +213,7 @@ function describe (e: ErrorObject): string {
         return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`
       }
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
+      if (e.params.pattern === METRICS_LISTEN_PATTERN) return `${at}: must be host:port with a port from 0 to 65535 (127.0.0.1:9464)`
       return `${at}: must match ${String(e.params.pattern)}`
     default:
       return `${at}: ${e.message ?? 'is invalid'}`
@@ -438,6 +451,10 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     }
     problems.push(...storeUrlProblems(candidate.store.url))
     problems.push(...trustProxyProblems(candidate.trustProxy))
+    const metricsAt = candidate.metrics.listen
+    if (metricsAt !== undefined && candidate.listen.port !== 0 && metricsAt === `${candidate.listen.host}:${candidate.listen.port}`) {
+      problems.push('metrics.listen: is the API\'s own listen.host:port; give the metrics a port of their own')
+    }
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
   return deepFreeze(candidate as GatewayConfig)

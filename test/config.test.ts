@@ -94,6 +94,12 @@ t.test('every bad field is reported with its path', async t => {
   t.ok(bad.includes('log.level: must be one of "fatal", "error", "warn", "info", "debug", "trace", "silent"'), 'a word outside a set is said once, with the words')
   t.ok(bad.includes('clients[0].scopes[1]: must be one of "read", "write", "delete", "admin"'))
   t.notOk(bad.some(p => /must be equal to constant|must match a schema in anyOf/.test(p)), 'not in Ajv\'s words')
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  t.same(problems(() => parseConfig({ upstream, log: { level: 5 } })), ['log.level: must be one of "fatal", "error", "warn", "info", "debug", "trace", "silent"'],
+    'a value of another type: the words, not "a string"')
+  t.same(problems(() => parseConfig({ upstream, trustProxy: 'yes' })), ['trustProxy: must be one of false, a list'])
+  t.same(problems(() => parseConfig({ upstream, trustProxy: [] })), ['trustProxy: must NOT have fewer than 1 items'], 'a list breaking a rule: that rule')
+  t.same(problems(() => parseConfig({ upstream, trustProxy: [123] })), ['trustProxy[0]: must be string'], 'a bad item: the item, alone')
 })
 
 t.test('duplicate client ids and digests are bad fields', async t => {

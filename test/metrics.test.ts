@@ -139,7 +139,11 @@ t.test('records the audit could not take show as lost, and the audit as unavaila
 
 t.test('metrics config: listen must be host:port, and a token must be long enough to guess at nothing', async t => {
   const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
-  t.throws(() => parseConfig({ ...base, metrics: { listen: '9100' } }), { message: /metrics\.listen: must match/ })
+  t.throws(() => parseConfig({ ...base, metrics: { listen: '9100' } }), { message: /metrics\.listen: must be host:port with a port from 0 to 65535/ })
+  t.throws(() => parseConfig({ ...base, metrics: { listen: '127.0.0.1:99999' } }), { message: /metrics\.listen: must be host:port with a port from 0 to 65535/ })
+  t.throws(() => parseConfig({ ...base, listen: { host: '127.0.0.1', port: 9100 }, metrics: { listen: '127.0.0.1:9100' } }),
+    { message: /metrics\.listen: is the API's own listen\.host:port/ })
+  t.same(parseConfig({ ...base, metrics: { listen: '127.0.0.1:65535' } }).metrics, { listen: '127.0.0.1:65535' })
   t.throws(() => parseConfig({ ...base, metrics: { token: 'short' } }), { message: /metrics\.token: must NOT have fewer than 16 characters/ })
   t.throws(() => parseConfig({ ...base, metrics: { path: '/m' } }), { message: /metrics\.path: unknown key/ })
   t.same(parseConfig({ ...base, metrics: { listen: '[::1]:9100' } }).metrics, { listen: '[::1]:9100' })

@@ -172,7 +172,11 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
       // Named as the metrics listener's: the main listener's error would send the operator to the wrong port.
       const refused = (err: NodeJS.ErrnoException) => { reject(new StartupError(`metrics.listen: ${describeListenError(host, port, err)}`)) }
       server!.once('error', refused)
-      server!.listen(port, host, () => { server!.off('error', refused); resolve() })
+      try {
+        server!.listen(port, host, () => { server!.off('error', refused); resolve() })
+      } catch (err) {
+        refused(err as NodeJS.ErrnoException) // a bad port is thrown, not emitted
+      }
     })
     const at = server.address() as AddressInfo
     app.log.info({ address: `${at.address}:${at.port}` }, 'metrics listening')
