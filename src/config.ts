@@ -488,8 +488,12 @@ export function loadConfig (file: string, env: NodeJS.ProcessEnv): GatewayConfig
  * of the gateway's secrets (the upstream token, the keys' variables), so nothing else is read or required.
  */
 export function loadAuditFile (file: string, env: NodeJS.ProcessEnv): string {
-  const raw = readConfigFile(file) as { audit?: { file?: unknown } } | null
-  const value = raw?.audit?.file ?? DEFAULT_AUDIT_FILE
+  const raw = readConfigFile(file) as { audit?: unknown } | null
+  const audit = raw?.audit
+  if (audit !== undefined && (audit === null || typeof audit !== 'object' || Array.isArray(audit))) {
+    throw new ConfigError(file, ['audit: must be a map'])
+  }
+  const value = audit === undefined || !Object.hasOwn(audit, 'file') ? DEFAULT_AUDIT_FILE : (audit as { file?: unknown }).file
   const problems: string[] = []
   const filled = interpolate(value, env, '/audit/file', problems, new Set())
   if (problems.length === 0 && (typeof filled !== 'string' || filled === '')) problems.push('audit.file: must be a path or "-"')

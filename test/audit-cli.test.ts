@@ -91,6 +91,11 @@ clients:
   const unset = run(['audit', 'verify', '--config', config])
   t.equal(unset.status, 1)
   t.match(unset.stderr, /audit\.file: environment variable AUDIT_DIR is not set/, 'what it does read must be there')
+  for (const [yaml, message] of [['audit: { file: null }', /audit\.file: must be a path or "-"/], ['audit: nope', /audit: must be a map/]] as const) {
+    const bad = run(['audit', 'verify', '--config', configFile(yaml).file])
+    t.equal(bad.status, 1, `${yaml}: refused, as start refuses it`)
+    t.match(bad.stderr, message)
+  }
 })
 
 t.test('audit verify with AUDIT_HMAC_KEY checks an HMAC chain, and refuses a key too short to trust', async t => {
