@@ -794,7 +794,12 @@ class FileSink implements Sink {
   }
 
   async settle (): Promise<void> {
-    await this.housekeeping
+    // A step under way can add another (a pruning's record rotates the file, whose gzip follows): wait for all.
+    let seen: Promise<void>
+    do {
+      seen = this.housekeeping
+      await seen
+    } while (seen !== this.housekeeping)
   }
 
   async close (): Promise<void> {
