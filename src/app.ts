@@ -224,7 +224,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
   app.decorate('closeUnusedConnections', () => {
     for (const socket of connections) {
-      if ((socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage == null) socket.destroy()
+      // (An answer still being flushed to a slow client has ended in Node's eyes: it is left to finish.)
+      const idle = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage == null && socket.writableLength === 0
+      if (idle) socket.destroy()
     }
   })
   app.decorate('abortInFlight', () => {
