@@ -32,7 +32,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
-import { closeWithConnection, countingResponseClass, hasWaitingBehind } from './http/response.js'
+import { closeWithConnection, countingResponseClass, hasWaitingBehind, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -101,7 +101,7 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
       const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
       this.log.warn({ peer, code: err.code, reason, ...(held > 0 ? { heldBack: held } : {}) }, 'request refused by the HTTP parser')
     }
-    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
+    const inFlight = responseHolding(socket)
     // The refused bytes are the body of the call being read, or a call after every one on the connection. They
     // are answered only when that call is the connection's one call now: an answer written ahead of another
     // call's would be taken by the client for that call's (HTTP answers in order). Otherwise the connection is
@@ -225,8 +225,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.decorate('closeUnusedConnections', () => {
     for (const socket of connections) {
       // (An answer still being flushed to a slow client has ended in Node's eyes: it is left to finish.)
-      const idle = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage == null && socket.writableLength === 0
-      if (idle) socket.destroy()
+      if (responseHolding(socket) === null && socket.writableLength === 0) socket.destroy()
     }
   })
   app.decorate('abortInFlight', () => {

@@ -120,6 +120,17 @@ export async function * readLines (file: string): AsyncGenerator<string> {
   if (rest !== null) yield rest.toString('utf8')
 }
 
+/** Why a file cannot be read from its start (AuditReadError), or null when its first chunk reads. */
+export async function readProblem (file: string): Promise<AuditReadError | null> {
+  try {
+    for await (const _line of readLines(file)) break // eslint-disable-line no-unreachable-loop
+    return null
+  } catch (err) {
+    if (err instanceof AuditReadError) return err
+    throw err
+  }
+}
+
 /** The first line of a file (at most 1 MiB of it), or null for an empty or unreadable file. */
 export async function firstLine (file: string): Promise<string | null> {
   try {

@@ -10,7 +10,7 @@ import { basename } from 'node:path'
 import {
   GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
 } from './chain.js'
-import { AuditReadError, readLines } from './series.js'
+import { AuditReadError, readLines, readProblem } from './series.js'
 
 export type VerifyResult =
   | { ok: true, records: number, head: string, notes: string[] }
@@ -20,17 +20,6 @@ interface Torn {
   file: string
   line: number
   sha256: string
-}
-
-/** The AuditReadError of a file that cannot be read from its start, if it is one. */
-async function readProblem (file: string): Promise<AuditReadError | null> {
-  try {
-    for await (const _line of readLines(file)) break // eslint-disable-line no-unreachable-loop
-    return null
-  } catch (err) {
-    if (err instanceof AuditReadError) return err
-    throw err
-  }
 }
 
 export async function verifySeries (files: readonly string[], hasher: Hasher): Promise<VerifyResult> {

@@ -34,7 +34,7 @@ import {
 } from './chain.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
-  AuditReadError, exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readTail, rotatedName,
+  AuditReadError, exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
   seriesFiles, TEMP_SUFFIX
 } from './series.js'
 
@@ -447,10 +447,11 @@ async function resumePoint (file: string): Promise<Resume> {
     // The chain goes on from the newest closed file, which must be read to its end. One that cannot be read
     // at all has no first seq and would be passed over: the chain would fork behind it.
     const closed = (await seriesFiles(file)).filter(f => f.path !== file)
-    const readable = closed.filter(f => f.firstSeq !== null)
+    let unreadable: AuditReadError | null = null
+    for (const f of closed) if (f.firstSeq === null) unreadable ??= await readProblem(f.path)
+    const newest = closed.filter(f => f.firstSeq !== null).at(-1)
     try {
-      for (const f of closed) if (f.firstSeq === null) for await (const _line of readLines(f.path)) break
-      const newest = readable.at(-1)
+      if (unreadable !== null) throw unreadable
       last = newest === undefined ? null : await lastRecord(newest.path)
     } catch (err) {
       if (!(err instanceof AuditReadError)) throw err

@@ -75,6 +75,11 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
 /** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */
 const waiting = new WeakMap<Socket, ServerResponse[]>()
 
+/** The response now holding a connection (Node's own record of it), null between calls. */
+export function responseHolding (socket: Socket): ServerResponse | null {
+  return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
+}
+
 /** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
 const closing = new WeakSet<Socket>()
 
