@@ -13,6 +13,7 @@ import { eventually } from './fixtures/eventually.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
 const KEY = 'ogw_shutdown-test-key'
+const AUTH = `Authorization: Bearer ${KEY}\r\n`
 
 function gatewayYaml (dir: string, upstream: string, shutdown: string, upstreamExtra = ''): string {
   return `
@@ -175,31 +176,36 @@ t.test('a call hanging on the upstream does not hold the process past shutdown.g
   t.match(output.text, /shutdown grace of 500 ms over: aborting the calls still in flight/)
 })
 
-t.test('calls pipelined on a connection during the drain are each served; the last answer closes the connection', async t => {
+/** A gateway draining: a call on a raw connection held at the upstream, SIGTERM sent, accepting stopped. */
+async function drainingWithHeldCall (t: Test, graceMs: number) {
   const upstream = await holdingUpstream(t)
   const { file, dir } = configFile('')
-  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 10000 }'))
+  writeFileSync(file, gatewayYaml(dir, upstream.url, `{ drainDelayMs: 0, graceMs: ${graceMs} }`))
   const { child, url, output } = await startBin(t, file, {})
   const { hostname, port } = new URL(url)
   const socket = connect(Number(port), hostname)
   t.teardown(() => socket.destroy())
+  socket.on('error', () => {})
   let received = ''
   socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
   const closed = once(socket, 'close')
-  const auth = `Authorization: Bearer ${KEY}\r\n`
-  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${auth}\r\n`)
+  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${AUTH}\r\n`)
   await eventually(async () => upstream.held.length === 1, 'the first call held at the upstream')
-
   const exited = once(child, 'exit')
   child.kill('SIGTERM')
   await eventually(async () => output.text.includes('stopped accepting connections'), 'the gateway stops accepting')
+  return { upstream, dir, socket, received: () => received, closed, exited }
+}
+
+t.test('calls pipelined on a connection during the drain are each served; the last answer closes the connection', async t => {
+  const { upstream, dir, socket, received, closed, exited } = await drainingWithHeldCall(t, 10000)
   const body = '{"metadata":{"topic":"pipelined in the drain"}}'
-  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${auth}\r\n` +
-    `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${AUTH}\r\n` +
+    `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n${AUTH}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
   await eventually(async () => upstream.held.length === 3, 'the pipelined calls held at the upstream too')
   for (const { release } of upstream.held) release()
   await closed
-  const answers = received.split(/^(?=HTTP\/1\.1 )/m)
+  const answers = received().split(/^(?=HTTP\/1\.1 )/m)
   t.same(answers.map(a => Number(/^HTTP\/1\.1 (\d{3})/.exec(a)?.[1])), [200, 200, 200], 'three answers, one for each call')
   t.notMatch(answers[0], /^connection: close/im, 'the first answer keeps the connection: calls wait behind it')
   t.notMatch(answers[1], /^connection: close/im, 'so does the second')
@@ -237,31 +243,15 @@ t.test('the drain does not wait for connections with no call: one with half a re
 })
 
 t.test('a call pipelined behind an answer that closes the connection (a refusal during the drain) goes no further: not upstream, audited aborted', async t => {
-  const upstream = await holdingUpstream(t)
-  const { file, dir } = configFile('')
-  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 10000 }'))
-  const { child, url, output } = await startBin(t, file, {})
-  const { hostname, port } = new URL(url)
-  const socket = connect(Number(port), hostname)
-  t.teardown(() => socket.destroy())
-  socket.on('error', () => {})
-  let received = ''
-  socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
-  const closed = once(socket, 'close')
-  const auth = `Authorization: Bearer ${KEY}\r\n`
-  socket.write(`GET /v1/conversations/conv_1/items HTTP/1.1\r\nHost: gw\r\n${auth}\r\n`)
-  await eventually(async () => upstream.held.length === 1, 'the first call held at the upstream')
-  const exited = once(child, 'exit')
-  child.kill('SIGTERM')
-  await eventually(async () => output.text.includes('stopped accepting connections'), 'the gateway stops accepting')
+  const { upstream, dir, socket, received, closed, exited } = await drainingWithHeldCall(t, 10000)
   const body = '{"metadata":{"topic":"never answered"}}'
-  socket.write(`GET /v1/models HTTP/1.1\r\nHost: gw\r\n${auth}\r\n`)
+  socket.write(`GET /v1/models HTTP/1.1\r\nHost: gw\r\n${AUTH}\r\n`)
   await new Promise(resolve => setTimeout(resolve, 200))
-  socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  socket.write(`POST /v1/conversations HTTP/1.1\r\nHost: gw\r\n${AUTH}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
   await new Promise(resolve => setTimeout(resolve, 200))
   upstream.held[0]!.release()
   await closed
-  t.same([...received.matchAll(/^HTTP\/1\.1 (\d{3})/gm)].map(m => Number(m[1])), [200, 404], 'the first call and the refusal are answered')
+  t.same([...received().matchAll(/^HTTP\/1\.1 (\d{3})/gm)].map(m => Number(m[1])), [200, 404], 'the first call and the refusal are answered')
   t.equal(upstream.requests.filter(r => r.method === 'POST').length, 0, 'the call after the closing answer never went upstream')
   const [code] = await exited
   t.equal(code, 0)
