@@ -3,6 +3,8 @@
 import { readFileSync } from 'node:fs'
 import { request, type IncomingMessage, type RequestOptions } from 'node:http'
 import { join } from 'node:path'
+import { gzipSync } from 'node:zlib'
+import OpenAI from 'openai'
 import t from 'tap'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
@@ -95,6 +97,72 @@ t.test('the upstream gets only the headers it needs, and our token last', async 
   t.equal(seen.body.toString(), '{"metadata":{"a":"b","gateway_owner":"team-full"}}', 'the body, with only the owner added')
   t.notOk(upstream.everything().includes(KEYS.full), 'the client key is nowhere upstream')
   t.notOk(upstream.everything().includes('6.6.6.6'), 'no client-supplied forwarding header')
+})
+
+t.test('an upstream error answer that quotes the upstream token reaches the client without it', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  // As some OpenAI-compatible services answer a key they refuse: quoting it, plainly and inside a JSON string.
+  const answer = (req: IncomingMessage) => JSON.stringify({
+    error: { message: `Invalid token: ${req.headers.authorization ?? ''} (${UPSTREAM_TOKEN})`, type: 'invalid_request_error', param: null, code: 'invalid_api_key' }
+  })
+  upstream.respond = (req, res) => { res.writeHead(401, { 'content-type': 'application/json' }).end(answer(req)) }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const err = await sdk.conversations.create({}).then(() => null, (e: unknown) => e)
+  t.ok(err instanceof OpenAI.AuthenticationError, 'the SDK still reads the upstream\'s 401')
+  const apiError = err as InstanceType<typeof OpenAI.APIError>
+  t.equal(apiError.status, 401)
+  t.equal(apiError.message, '401 Invalid token: Bearer [redacted] ([redacted])', 'the message, with the token taken out')
+  t.notMatch(JSON.stringify(apiError.error), UPSTREAM_TOKEN)
+
+  const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  const text = await res.text()
+  t.equal(res.status, 401)
+  t.notMatch(text, UPSTREAM_TOKEN)
+  t.equal(res.headers.get('content-length'), String(Buffer.byteLength(text)), 'content-length fits the shorter body')
+  t.match(gw.audit().at(-1), { status: 401, bytesOut: Buffer.byteLength(text) }, 'audited as sent')
+
+  // Compressed by the upstream (unasked): decoded, searched, and sent plain.
+  upstream.respond = (req, res) => {
+    res.writeHead(403, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(gzipSync(answer(req)))
+  }
+  const gzipped = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: { ...auth, 'accept-encoding': 'identity' }, body: '{}' })
+  t.equal(gzipped.status, 403)
+  t.equal(gzipped.headers.get('content-encoding'), null, 'sent decoded')
+  t.match(await gzipped.json(), { error: { message: 'Invalid token: Bearer [redacted] ([redacted])', code: 'invalid_api_key' } })
+
+  // In an encoding the gateway cannot decode, it could not be searched: not passed on.
+  upstream.respond = (_req, res) => { res.writeHead(401, { 'content-type': 'application/json', 'content-encoding': 'zstd' }).end('\x28\xb5\x2f\xfd') }
+  const unreadable = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(unreadable.status, 502)
+  t.equal(unreadable.headers.get('content-encoding'), null)
+  t.match(await unreadable.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } })
+  t.notMatch(gw.logs.join('\n'), UPSTREAM_TOKEN, 'nor in the log')
+})
+
+t.test('an error answer without the token, and a 2xx answer the gateway rewrites, keep or lose it as they should', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const error = { error: { message: 'Conversation not found', type: 'invalid_request_error', param: null, code: null } }
+  const plain = gzipSync(JSON.stringify(error))
+  upstream.respond = (_req, res) => { res.writeHead(400, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(plain) }
+  const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: { ...auth, 'accept-encoding': 'identity' }, body: '{}' })
+  t.equal(res.status, 400)
+  t.equal(res.headers.get('content-encoding'), 'gzip', 'nothing to take out: the upstream\'s encoding as it came')
+  t.equal(res.headers.get('content-length'), String(plain.length), 'and its bytes')
+  t.same(await res.json(), error)
+
+  // A created conversation whose answer carries the token: the gateway reads it whole (to take its owner key
+  // out), and the token with it.
+  upstream.respond = (req, res) => {
+    const metadata = JSON.parse(String(upstream.requests.at(-1)!.body)).metadata as Record<string, string>
+    res.writeHead(200, { 'content-type': 'application/json' })
+      .end(JSON.stringify({ id: 'conv_echo', object: 'conversation', created_at: 1, metadata: { ...metadata, debug: String(req.headers.authorization) } }))
+  }
+  const created = await new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 }).conversations.create({ metadata: { topic: 't' } })
+  t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
 })
 
 t.test('only the routed operations are registered: no wildcard, no PUT/PATCH, no HEAD', async t => {

@@ -16,6 +16,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { whenClosed } from '../http/response.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { decodedBody, withoutToken } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -23,7 +24,10 @@ export interface ProxyOptions {
   apiKey: () => string
 }
 
-/** Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. */
+/**
+ * Largest answer the gateway reads whole, to rewrite it (a conversation or response object) or to take the upstream
+ * token out of it (an error answer); larger is a 502.
+ */
 const MAX_REWRITE_BYTES = 16 * 1024 * 1024
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
@@ -193,6 +197,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(new UpstreamUnavailableError())
       return
     }
+    raw = withoutToken(raw, opts.apiKey())
     let parsed: unknown
     let rewritten: unknown
     try {
@@ -208,6 +213,29 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const body = rewritten === parsed ? raw : JSON.stringify(rewritten)
     reply.removeHeader('content-encoding')
     reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
+  }
+
+  /** An error answer, read whole so that the upstream token can be taken out of it (upstream/scrub.ts). */
+  async function sendError (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): Promise<void> {
+    let raw: Buffer
+    let decoded: Buffer
+    try {
+      raw = await readBody(res.stream, MAX_REWRITE_BYTES)
+      decoded = decodedBody(raw, res.headers['content-encoding'], MAX_REWRITE_BYTES)
+    } catch (err) {
+      // An answer that cannot be searched is not passed on: fail closed.
+      request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
+      reply.send(new UpstreamUnavailableError())
+      return
+    }
+    const scrubbed = withoutToken(decoded, opts.apiKey())
+    // Nothing to take out: the upstream's bytes, as they came.
+    if (scrubbed === decoded) {
+      reply.send(raw)
+      return
+    }
+    reply.removeHeader('content-encoding')
+    reply.header('content-length', scrubbed.length).send(scrubbed)
   }
 
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.
@@ -239,9 +267,13 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         reply.send(pipeline(res.stream, new SseRewriter(rewriteEvent), () => {}))
         return
       }
+      if (!ok) {
+        void sendError(request, reply, res)
+        return
+      }
       // Whatever its content-type says: an answer that must be rewritten is read as JSON or not passed on.
       const rewrite = request.rewriteAnswer
-      if (ok && rewrite !== null) {
+      if (rewrite !== null) {
         void sendRewritten(request, reply, res, rewrite)
         return
       }
