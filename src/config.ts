@@ -474,7 +474,9 @@ function readConfigFile (file: string): unknown {
   try {
     return parseYaml(text)
   } catch (err) {
-    if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message}`])
+    // The parser's message ends with the lines around the error, which may hold the token or a key: only its
+    // first line (what and where) is kept.
+    if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0]!.replace(/:$/, '')}`])
     throw err
   }
 }

@@ -10,7 +10,9 @@ import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, 
 export const REDACT_PATHS = [
   'req.headers.authorization', 'req.headers["x-api-key"]', 'req.headers["api-key"]', 'req.headers.cookie',
   'headers.authorization', 'headers["x-api-key"]', 'headers["api-key"]', 'headers.cookie',
-  'res.headers["set-cookie"]', 'apiKey', '*.apiKey', 'upstream.apiKey', 'key', '*.key'
+  'res.headers["set-cookie"]', 'apiKey', '*.apiKey', 'upstream.apiKey', 'key', '*.key',
+  // undici's parser errors carry the bytes it could not parse (an upstream answer, which may quote the token)
+  'err.data', 'err.cause.data'
 ]
 
 /** Longest string of client-controlled text (a URL, a Host) written to the operational log. */

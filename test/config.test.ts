@@ -120,6 +120,19 @@ t.test('unreadable and unparsable files fail with the file named', async t => {
   t.match(problems(() => loadConfig(yamlFile('upstream: [\n'), {})), [/^YAML: /])
 })
 
+t.test('a YAML error names what and where, never the lines around it (which may hold the token)', async t => {
+  const secret = 'sk-live-SECRET-0123456789'
+  for (const text of [
+    `upstream:\n  baseUrls: ['http://x']\n  apiKey: ${secret}\n  apiKey: ${secret}2\n`, // pasting the new token in
+    `upstream:\n\tapiKey: ${secret}\n`,
+    `upstream:\n  apiKey: @${secret}\n`
+  ]) {
+    const found = problems(() => loadConfig(yamlFile(text), {}))
+    t.match(found, [/^YAML: .* at line \d+, column \d+$/])
+    t.notMatch(found.join('\n'), secret)
+  }
+})
+
 t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {
   const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
   const store = (s: Record<string, unknown>) => parseConfig({ upstream, store: s }).store

@@ -6,7 +6,8 @@ import { join } from 'node:path'
 import { gzipSync } from 'node:zlib'
 import OpenAI from 'openai'
 import t from 'tap'
-import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { parseConfig } from '../src/config.js'
+import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
 const TLS_DIR = join(import.meta.dirname, 'fixtures', 'tls')
@@ -163,6 +164,99 @@ t.test('an error answer without the token, and a 2xx answer the gateway rewrites
   }
   const created = await new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 }).conversations.create({ metadata: { topic: 't' } })
   t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
+})
+
+t.test('the token is taken out of the response headers the client gets, and of the upstream request id the audit keeps', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'x-request-id': `req_for_${UPSTREAM_TOKEN}`, 'openai-version': UPSTREAM_TOKEN })
+      .end('{"object":"list","data":[],"has_more":false}')
+  }
+  const list = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(list.status, 200)
+  t.equal(list.headers.get('x-request-id'), 'req_for_[redacted]')
+  t.equal(list.headers.get('openai-version'), '[redacted]')
+  t.match(gw.audit().at(-1), { upstreamRequestId: 'req_for_[redacted]' })
+
+  upstream.respond = (_req, res) => {
+    res.writeHead(429, { 'content-type': 'application/json', 'retry-after': '1', 'x-ratelimit-debug': UPSTREAM_TOKEN }).end('{"error":{"message":"slow down"}}')
+  }
+  const limited = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(limited.status, 429)
+  t.equal(limited.headers.get('x-ratelimit-debug'), '[redacted]', 'the shared account\'s rate-limit headers too')
+})
+
+t.test('a JSON answer that spells the token with other escapes than JSON.stringify\'s does not bring it back', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // \u0073 is "s": a JSON parser reads the token itself back (as \/ would, in a token with a slash).
+  const spelled = `\\u${UPSTREAM_TOKEN.charCodeAt(0).toString(16).padStart(4, '0')}${UPSTREAM_TOKEN.slice(1)}`
+  upstream.respond = (_req, res) => {
+    res.writeHead(401, { 'content-type': 'application/json' }).end(`{"error":{"message":"bad key ${spelled}","type":"invalid_request_error","param":null,"code":null}}`)
+  }
+  const refused = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(refused.status, 401)
+  t.same(await refused.json(), { error: { message: 'bad key [redacted]', type: 'invalid_request_error', param: null, code: null } })
+
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' }).end(`{"id":"conv_1","object":"conversation","created_at":1,"metadata":{"note":"${spelled}"}}`)
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  t.same((await sdk.conversations.retrieve('conv_1')).metadata, { note: '[redacted]' }, 'a conversation the gateway reads whole')
+})
+
+t.test('an answer quoting the token a call was sent with is scrubbed after the token was rotated meanwhile', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const held: Array<() => void> = []
+  upstream.respond = (req, res) => {
+    held.push(() => { res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `rejected ${req.headers.authorization}` } })) })
+  }
+  const answer = fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  while (held.length === 0) await new Promise(resolve => setTimeout(resolve, 5))
+  const raw = JSON.parse(JSON.stringify(gw.config)) as { upstream: Record<string, unknown> }
+  raw.upstream.apiKey = 'sk-rotated-NEW-9876543210'
+  t.same(gw.app.applyConfig(parseConfig(raw)).applied, ['upstream.apiKey'])
+  held[0]!()
+  const res = await answer
+  t.same(await res.json(), { error: { message: 'rejected Bearer [redacted]' } }, 'the old token, which the call was sent with')
+})
+
+t.test('an event of a streamed response that quotes the token reaches the client without it', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n')
+    res.end(`event: error\ndata: ${JSON.stringify({ type: 'error', sequence_number: 1, code: 'invalid_api_key', message: `bad key ${req.headers.authorization}`, param: null })}\n\n`)
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
+  const text = await res.text()
+  t.equal(res.status, 200)
+  t.notMatch(text, UPSTREAM_TOKEN)
+  t.match(text, /"message":"bad key Bearer \[redacted\]"/)
+  t.match(text, /"id":"resp_1"/, 'the other events as they were')
+})
+
+t.test('an upstream answer undici cannot parse does not put its bytes in the log', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  for (const path of ['/v1/conversations/conv_1/items', '/v1/conversations/conv_1']) {
+    upstream.respond = (_req, res) => {
+      // A chunk size that is not hex, followed by bytes quoting the token.
+      res.socket!.end(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{"error":"invalid key ${UPSTREAM_TOKEN}"}\r\n`)
+    }
+    await fetch(`${gw.url}${path}`, { headers: auth }).then(async res => await res.text()).catch(() => '')
+  }
+  await new Promise(resolve => setTimeout(resolve, 50))
+  t.ok(gw.logs.length > 0, 'the failures were logged')
+  t.notMatch(gw.logs.join('\n'), UPSTREAM_TOKEN)
 })
 
 t.test('only the routed operations are registered: no wildcard, no PUT/PATCH, no HEAD', async t => {

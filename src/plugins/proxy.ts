@@ -16,7 +16,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { whenClosed } from '../http/response.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
-import { decodedBody, withoutToken } from '../upstream/scrub.js'
+import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -81,21 +81,26 @@ export function upstreamRequestHeaders (
   return gatewayHeaders(request, apiKey, out)
 }
 
+function scrubbedHeader (value: string | string[] | undefined, scrub: TokenScrubber): string | string[] | undefined {
+  if (typeof value === 'string') return scrub.text(value)
+  return value?.map(v => scrub.text(v))
+}
+
 // for...in over these header objects (undici's and Node's, plain objects of own keys): unlike Object.entries, it
 // makes no array per header, and these run on every call.
-export function clientResponseHeaders (headers: IncomingHttpHeaders): IncomingHttpHeaders {
+export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): IncomingHttpHeaders {
   const out: IncomingHttpHeaders = {}
   for (const name in headers) {
-    if (RETURNED_RESPONSE_HEADERS.has(name)) out[name] = headers[name]
+    if (RETURNED_RESPONSE_HEADERS.has(name)) out[name] = scrubbedHeader(headers[name], scrub)
   }
   return out
 }
 
-export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders): Record<string, string> {
+export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string> {
   const out: Record<string, string> = {}
   for (const name in headers) {
     const value = headers[name]
-    if (name.startsWith('x-ratelimit-') && typeof value === 'string') out[name] = value
+    if (name.startsWith('x-ratelimit-') && typeof value === 'string') out[name] = scrub.text(value)
   }
   return out
 }
@@ -128,6 +133,7 @@ export function addEventRewrite (request: FastifyRequest, step: EventRewrite): v
 
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
+  const scrub = new TokenScrubber(opts.apiKey)
   app.decorateRequest('upstream', null)
   app.decorateRequest('upstreamCall', null)
   app.decorateRequest('rewriteAnswer', null)
@@ -172,7 +178,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         request.upstream = {
           status: answer.statusCode,
           ms: answer.ms,
-          requestId: typeof answer.headers['x-request-id'] === 'string' ? answer.headers['x-request-id'] : null
+          requestId: typeof answer.headers['x-request-id'] === 'string' ? scrub.text(answer.headers['x-request-id']) : null
         }
         callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body })
       }, (err: unknown) => {
@@ -197,12 +203,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(new UpstreamUnavailableError())
       return
     }
-    raw = withoutToken(raw, opts.apiKey())
+    raw = scrub.bytes(raw)
     let parsed: unknown
     let rewritten: unknown
     try {
       parsed = JSON.parse(raw.toString('utf8'))
-      rewritten = rewrite(parsed)
+      rewritten = rewrite(hasEscapes(raw) ? scrub.json(parsed) : parsed)
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
@@ -228,7 +234,17 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(new UpstreamUnavailableError())
       return
     }
-    const scrubbed = withoutToken(decoded, opts.apiKey())
+    let scrubbed = scrub.bytes(decoded)
+    if (hasEscapes(scrubbed)) {
+      let parsed: unknown
+      try {
+        parsed = JSON.parse(scrubbed.toString('utf8'))
+      } catch {
+        parsed = undefined // not JSON: searched as bytes only
+      }
+      const clean = parsed === undefined ? parsed : scrub.json(parsed)
+      if (clean !== parsed) scrubbed = Buffer.from(JSON.stringify(clean))
+    }
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
       reply.send(raw)
@@ -241,10 +257,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.
   const replyOptions: NonNullable<FastifyHttpProxyOptions['replyOptions']> = {
     rewriteRequestHeaders (req, headers) {
-      return upstreamRequestHeaders(req as FastifyRequest, headers as IncomingHttpHeaders, opts.apiKey())
+      return upstreamRequestHeaders(req as FastifyRequest, headers as IncomingHttpHeaders, scrub.token())
     },
     rewriteHeaders (headers) {
-      return clientResponseHeaders(headers as IncomingHttpHeaders)
+      return clientResponseHeaders(headers as IncomingHttpHeaders, scrub)
     },
     onResponse (req, rep, raw) {
       const request = req as FastifyRequest
@@ -257,14 +273,14 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       }
       // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
-      if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers))
+      if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers, scrub))
       const ok = res.statusCode >= 200 && res.statusCode < 300
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
         reply.removeHeader('content-length')
         // pipeline ends either side on the other's failure: an upstream that breaks mid-stream breaks the answer,
         // a client that leaves releases the upstream.
-        reply.send(pipeline(res.stream, new SseRewriter(rewriteEvent), () => {}))
+        reply.send(pipeline(res.stream, new SseRewriter(data => rewriteEvent(scrub.json(data))), () => {}))
         return
       }
       if (!ok) {
