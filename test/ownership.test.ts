@@ -229,6 +229,7 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
     ['a 401 (bad token)', res => { res.writeHead(401, { 'content-type': 'application/json' }).end('{}') }, 502, 'upstream_unavailable'],
     ['a list instead of a conversation', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') }, 502, 'upstream_unavailable'],
     ['not JSON', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('<html>') }, 502, 'upstream_unavailable'],
+    ['not JSON, quoting the token', res => { res.writeHead(200, { 'content-type': 'application/json' }).end(`${UPSTREAM_TOKEN} is not valid`) }, 502, 'upstream_unavailable'],
     ['no answer in time', () => {}, 504, 'upstream_timeout']
   ]
   for (const [label, answer, status, code] of cases) {
@@ -243,6 +244,7 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
       t.same(calls(upstream.requests), ['GET /v1/conversations/conv_x'], 'only the lookup went upstream, never the call itself')
       await new Promise(resolve => setTimeout(resolve, 20))
       t.match(gw.audit(), [{ status, outcome: 'upstream_error' }])
+      t.notMatch(gw.logs.join('\n'), UPSTREAM_TOKEN.slice(0, 8), 'the log quotes nothing of the answer')
     })
   }
 })

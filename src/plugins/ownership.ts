@@ -103,7 +103,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     } catch (err) {
       // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway.
       if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
-        request.log.warn({ err: { message: (err as Error).message }, [`${kind}Id`]: id }, 'ownership lookup failed')
+        // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
+        const message = err instanceof SyntaxError ? 'the answer is not JSON' : (err as Error).message
+        request.log.warn({ err: { message }, [`${kind}Id`]: id }, 'ownership lookup failed')
       }
       if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
       throw new UpstreamUnavailableError()
