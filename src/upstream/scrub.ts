@@ -54,15 +54,16 @@ export class TokenScrubber {
   /** The token to send a call with now. Remembered, so that an answer quoting it is scrubbed after a rotation. */
   token (): string {
     const token = this.#current()
-    if (this.#needles[0]?.token !== token) {
-      this.#needles = [needle(token), ...this.#needles.filter(n => n.token !== token && n.token !== '')].slice(0, REMEMBERED_TOKENS)
+    if (this.#needles[0]?.token !== token && token !== '') {
+      this.#needles = [needle(token), ...this.#needles.filter(n => n.token !== token)].slice(0, REMEMBERED_TOKENS)
     }
     return token
   }
 
-  #all (): Needle[] {
+  /** The tokens to search for (this runs for each header of every answer: no array is made). */
+  #all (): readonly Needle[] {
     this.token()
-    return this.#needles.filter(n => n.token !== '')
+    return this.#needles
   }
 
   /** `text` with every token replaced, or `text` itself when it holds none. */
