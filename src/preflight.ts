@@ -1,9 +1,9 @@
 // What a config needs from the machine it runs on, checked before anything starts: the listen address can be
 // bound and the audit file's directory can be created. `check-config` reports these with the schema's problems;
 // `start` meets the same conditions as one clear line (server.ts).
-import { mkdirSync } from 'node:fs'
+import { existsSync, mkdirSync, statSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { dirname } from 'node:path'
+import { dirname, resolve } from 'node:path'
 import type { GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
@@ -31,10 +31,31 @@ function checkListenHost (host: string): Promise<string | null> {
   })
 }
 
+/**
+ * `mkdir -p`, one missing directory at a time. Node's own recursive mkdir never returns where creating a directory
+ * answers ENOENT although its parent exists (anywhere under /proc): it retries for ever at full CPU. Here that
+ * answer is an error like any other.
+ */
+export function makeDirectories (dir: string): void {
+  const missing: string[] = []
+  for (let at = resolve(dir); !existsSync(at); at = dirname(at)) {
+    missing.unshift(at)
+    if (dirname(at) === at) break
+  }
+  for (const d of missing) {
+    try {
+      mkdirSync(d)
+    } catch (err) {
+      // Made meanwhile by someone else: fine if it is a directory.
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || !statSync(d).isDirectory()) throw err
+    }
+  }
+}
+
 export function auditDirectoryProblem (file: string): string | null {
   if (file === '-') return null
   try {
-    mkdirSync(dirname(file), { recursive: true })
+    makeDirectories(dirname(file))
     return null
   } catch (err) {
     const e = err as NodeJS.ErrnoException

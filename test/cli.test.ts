@@ -188,6 +188,19 @@ t.test('check-config reports a listen host this machine cannot use and an audit 
   t.notOk(r.stderr.includes('    at '), 'no stack trace')
 })
 
+t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: process.platform !== 'linux' }, async t => {
+  // Node's recursive mkdir never returns there (ENOENT although the parent exists): check-config hung at full CPU.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/proc/ogw-audit/a.jsonl'))
+  const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(r.signal, null, 'it returned (run() kills it after 20 s)')
+  t.equal(r.status, 1)
+  t.match(r.stderr, /audit\.file: cannot create the directory \/proc\/ogw-audit: ENOENT/)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.match(start.stderr, /audit\.file: cannot create the directory \/proc\/ogw-audit: ENOENT/)
+})
+
 t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace('host: 127.0.0.1', 'host: 203.0.113.7'))

@@ -23,7 +23,7 @@
 //
 // `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
 import { createReadStream, createWriteStream } from 'node:fs'
-import { mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Writable } from 'node:stream'
@@ -32,6 +32,7 @@ import {
   chainHasher, expectedHash, GENESIS, lineDigest, parseChained, seal, type ChainedRecord, type ChainEvent, type ChainHead,
   type Hasher
 } from './chain.js'
+import { makeDirectories } from '../preflight.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
   AuditReadError, exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
@@ -530,7 +531,7 @@ class FileSink implements Sink {
   }
 
   private async openActive (): Promise<void> {
-    await mkdir(dirname(this.file), { recursive: true })
+    makeDirectories(dirname(this.file)) // (a few stat calls, at start and on a reopen)
     const fh = await open(this.file, 'a')
     try {
       const st = await fh.stat()
@@ -824,7 +825,7 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
     writer.attach(new StreamSink(opts.stdout ?? process.stdout))
     return writer
   }
-  await mkdir(dirname(opts.file), { recursive: true })
+  makeDirectories(dirname(opts.file))
   const lock = await acquireLock(opts.file, holder => {
     opts.log.warn({ holder }, 'audit: taking over a stale lock left by a gateway that is gone')
   })
