@@ -243,6 +243,19 @@ t.test('an event of a streamed response that quotes the token reaches the client
   t.match(text, /"id":"resp_1"/, 'the other events as they were')
 })
 
+t.test('a token too short to be a secret is not searched for: answers are not mangled', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, apiKey: 'e' } })
+  const body = '{"error":{"message":"the conversation was not found","type":"invalid_request_error","param":null,"code":null}}'
+  upstream.respond = (_req, res) => { res.writeHead(404, { 'content-type': 'application/json', 'x-request-id': 'req_e' }).end(body) }
+  const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(res.status, 404)
+  t.equal(await res.text(), body)
+  t.equal(res.headers.get('x-request-id'), 'req_e')
+})
+
 t.test('an upstream answer undici cannot parse does not put its bytes in the log', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

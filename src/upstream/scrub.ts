@@ -15,6 +15,11 @@ export const REDACTED = '[redacted]'
 const REDACTED_BYTES = Buffer.from(REDACTED)
 /** Tokens remembered: the one in force and those before it (one rotation's overlap needs two). */
 const REMEMBERED_TOKENS = 4
+/**
+ * Shorter tokens are not searched for: replacing every `x` or `abc` would mangle answers, and a token that short
+ * is no secret to keep (no real OhMyGPT token is; the tests' placeholder tokens are).
+ */
+export const MIN_SCRUBBED_LENGTH = 8
 const BACKSLASH = 0x5c
 
 interface Needle {
@@ -54,7 +59,7 @@ export class TokenScrubber {
   /** The token to send a call with now. Remembered, so that an answer quoting it is scrubbed after a rotation. */
   token (): string {
     const token = this.#current()
-    if (this.#needles[0]?.token !== token && token !== '') {
+    if (this.#needles[0]?.token !== token && token.length >= MIN_SCRUBBED_LENGTH) {
       this.#needles = [needle(token), ...this.#needles.filter(n => n.token !== token)].slice(0, REMEMBERED_TOKENS)
     }
     return token
