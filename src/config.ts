@@ -472,11 +472,16 @@ function readConfigFile (file: string): unknown {
     throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
   }
   try {
-    return parseYaml(text)
+    // logLevel 'error': the parser's warnings (an unknown !tag) would be printed with the lines around them.
+    return parseYaml(text, { logLevel: 'error' })
   } catch (err) {
     // The parser's message ends with the lines around the error, which may hold the token or a key: only its
     // first line (what and where) is kept.
     if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0]!.replace(/:$/, '')}`])
+    // An unquoted value starting with * is read as an alias, and the error names it: the value itself.
+    if (err instanceof ReferenceError) {
+      throw new ConfigError(file, ['YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted'])
+    }
     throw err
   }
 }

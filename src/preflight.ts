@@ -38,9 +38,14 @@ function checkListenHost (host: string): Promise<string | null> {
  */
 export function makeDirectories (dir: string): void {
   const missing: string[] = []
-  for (let at = resolve(dir); !existsSync(at); at = dirname(at)) {
+  let at = resolve(dir)
+  for (; !existsSync(at); at = dirname(at)) {
     missing.unshift(at)
     if (dirname(at) === at) break
+  }
+  // What is there already must be a directory: the one asked for (EEXIST, as mkdir -p says) or one above it.
+  if (existsSync(at) && !statSync(at).isDirectory()) {
+    throw Object.assign(new Error(`${at} is not a directory`), { code: missing.length === 0 ? 'EEXIST' : 'ENOTDIR' })
   }
   for (const d of missing) {
     try {

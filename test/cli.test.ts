@@ -201,6 +201,17 @@ t.test('an audit directory that cannot be made under /proc is reported, not retr
   t.match(start.stderr, /audit\.file: cannot create the directory \/proc\/ogw-audit: ENOENT/)
 })
 
+t.test('an audit directory that is a file is reported by check-config, as start would meet it', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(join(dir, 'not-a-dir'), '')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), join(dir, 'not-a-dir', 'audit.jsonl')))
+  const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(r.status, 1)
+  t.match(r.stderr, /audit\.file: cannot create the directory .*not-a-dir: EEXIST/)
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), join(dir, 'not-a-dir', 'sub', 'audit.jsonl')))
+  t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
+})
+
 t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace('host: 127.0.0.1', 'host: 203.0.113.7'))

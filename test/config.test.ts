@@ -131,6 +131,19 @@ t.test('a YAML error names what and where, never the lines around it (which may 
     t.match(found, [/^YAML: .* at line \d+, column \d+$/])
     t.notMatch(found.join('\n'), secret)
   }
+  // Unquoted, a value starting with * is an alias and one starting with ! a tag: the parser's error or warning
+  // would quote it.
+  const warnings: string[] = []
+  const onWarning = (w: Error) => { warnings.push(String(w.message)) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  for (const value of [`*${secret}`, `!${secret}`]) {
+    const found = problems(() => loadConfig(yamlFile(`upstream:\n  baseUrls: ['http://x']\n  apiKey: ${value}\n`), {}))
+    t.ok(found.length > 0, `${value.slice(0, 1)}: refused`)
+    t.notMatch(found.join('\n'), secret)
+  }
+  await new Promise(resolve => setImmediate(resolve))
+  t.notMatch(warnings.join('\n'), secret, 'no warning quoting it either')
 })
 
 t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {

@@ -243,6 +243,40 @@ t.test('an event of a streamed response that quotes the token reaches the client
   t.match(text, /"id":"resp_1"/, 'the other events as they were')
 })
 
+t.test('an error answer is read whole within bounds: slow or large, it could not be searched and is a 502', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  // One byte every 200 ms, for ever (bodyTimeoutMs bounds only the silence between chunks).
+  const drips: NodeJS.Timeout[] = []
+  t.teardown(() => { for (const d of drips) clearInterval(d) })
+  upstream.respond = (_req, res) => {
+    res.writeHead(503, { 'content-type': 'application/json' })
+    drips.push(setInterval(() => { if (!res.destroyed) res.write(' ') }, 200))
+  }
+  const started = Date.now()
+  const slow = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(slow.status, 502)
+  t.match(await slow.json(), { error: { code: 'upstream_unavailable' } })
+  t.ok(Date.now() - started < 15_000, 'answered once the read gave up, about 5 s')
+
+  upstream.respond = (_req, res) => { res.writeHead(500, { 'content-type': 'text/plain' }).end('x'.repeat(1024 * 1024 + 1)) }
+  const large = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(large.status, 502, 'over 1 MiB')
+})
+
+t.test('an error answer without a content-type gets none from the gateway either', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = (_req, res) => { res.writeHead(500).end('upstream broke') }
+  const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(res.status, 500)
+  t.equal(res.headers.get('content-type'), null)
+  t.equal(res.headers.get('content-length'), '14')
+  t.equal(await res.text(), 'upstream broke')
+})
+
 t.test('a token too short to be a secret is not searched for: answers are not mangled', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

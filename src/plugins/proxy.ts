@@ -6,7 +6,7 @@
 // replace it. reply-from's unsafe defaults are overridden on purpose: verified TLS (our pools), no 503 retries of
 // its own, our own error mapping.
 import type { IncomingHttpHeaders } from 'node:http'
-import { pipeline, type Readable } from 'node:stream'
+import { pipeline, Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
@@ -24,11 +24,14 @@ export interface ProxyOptions {
   apiKey: () => string
 }
 
-/**
- * Largest answer the gateway reads whole, to rewrite it (a conversation or response object) or to take the upstream
- * token out of it (an error answer); larger is a 502.
- */
+/** Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. */
 const MAX_REWRITE_BYTES = 16 * 1024 * 1024
+/**
+ * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
+ * past either it could not be searched, and the client gets 502. Error answers are a few hundred bytes, sent at once.
+ */
+const MAX_ERROR_BYTES = 1024 * 1024
+const ERROR_READ_MS = 5_000
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
@@ -106,6 +109,13 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
 }
 
 function noop (): void {}
+
+/** An answer's bytes read whole, with what the upstream said of them and nothing more. */
+function sendBytes (reply: FastifyReply, status: number, body: Buffer): void {
+  if (status !== 204 && status !== 304) reply.header('content-length', body.length)
+  // Fastify labels a Buffer without a content-type application/octet-stream; a stream it leaves unlabelled.
+  reply.send(reply.hasHeader('content-type') ? body : Readable.from([body]))
+}
 
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
@@ -226,8 +236,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     let raw: Buffer
     let decoded: Buffer
     try {
-      raw = await readBody(res.stream, MAX_REWRITE_BYTES)
-      decoded = decodedBody(raw, res.headers['content-encoding'], MAX_REWRITE_BYTES)
+      raw = await readBody(res.stream, MAX_ERROR_BYTES, ERROR_READ_MS)
+      decoded = decodedBody(raw, res.headers['content-encoding'], MAX_ERROR_BYTES)
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
@@ -247,11 +257,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     }
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
-      reply.send(raw)
+      sendBytes(reply, res.statusCode, raw)
       return
     }
     reply.removeHeader('content-encoding')
-    reply.header('content-length', scrubbed.length).send(scrubbed)
+    sendBytes(reply, res.statusCode, scrubbed)
   }
 
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.

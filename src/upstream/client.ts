@@ -358,21 +358,34 @@ function describe (err: unknown): string {
   return `${DESCRIPTIONS[code] ?? (err as Error).message ?? 'error'} (${code})`
 }
 
-/** Reads a whole answer body, up to `maxBytes`; a longer one is an error. */
-export function readBody (body: Readable, maxBytes: number): Promise<Buffer> {
+/**
+ * Reads a whole answer body, up to `maxBytes`; a longer one is an error. With `deadlineMs`, so is one not whole
+ * within it (the body is then destroyed).
+ */
+export function readBody (body: Readable, maxBytes: number, deadlineMs?: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = []
     let size = 0
+    const timer = deadlineMs === undefined
+      ? undefined
+      : setTimeout(() => { fail(new Error(`upstream answer not whole within ${deadlineMs} ms`)) }, deadlineMs)
+    const fail = (err: Error) => {
+      clearTimeout(timer)
+      body.destroy()
+      reject(err)
+    }
     body.on('data', (chunk: Buffer) => {
       size += chunk.length
       if (size > maxBytes) {
-        body.destroy()
-        reject(new Error(`upstream answer over ${maxBytes} bytes`))
+        fail(new Error(`upstream answer over ${maxBytes} bytes`))
         return
       }
       chunks.push(chunk)
     })
-    body.once('end', () => { resolve(Buffer.concat(chunks, size)) })
-    body.once('error', reject)
+    body.once('end', () => {
+      clearTimeout(timer)
+      resolve(Buffer.concat(chunks, size))
+    })
+    body.once('error', fail)
   })
 }

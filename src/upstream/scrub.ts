@@ -22,35 +22,43 @@ const REMEMBERED_TOKENS = 4
 export const MIN_SCRUBBED_LENGTH = 8
 const BACKSLASH = 0x5c
 
-interface Needle {
-  token: string
-  /** the token's spellings as bytes: as it is, and as JSON.stringify escapes it (when that differs) */
-  bytes: Buffer[]
-}
+/** Anything searchable: a string or bytes, with the one indexOf both have. */
+interface Haystack { indexOf: (find: never, from: number) => number }
 
-function needle (token: string): Needle {
-  const escaped = JSON.stringify(token).slice(1, -1)
-  return { token, bytes: [...new Set([token, escaped])].map(s => Buffer.from(s)) }
-}
-
-function replaceBytes (body: Buffer, find: Buffer): Buffer {
-  let at = body.indexOf(find)
-  if (at === -1) return body
-  const parts: Buffer[] = []
+/**
+ * Every match of any of `finds` in `text`, left to right, in one pass: at each place the longest spelling that
+ * matches there wins, and what was put in is never searched again (a token inside `[redacted]` stays put).
+ */
+function replaceAll<T extends Haystack> (text: T, length: number, finds: ReadonlyArray<T & { length: number }>,
+  join: (parts: Array<[number, number]>) => T): T {
+  const parts: Array<[number, number]> = []
   let from = 0
-  while (at !== -1) {
-    parts.push(body.subarray(from, at), REDACTED_BYTES)
-    from = at + find.length
-    at = body.indexOf(find, from)
+  for (;;) {
+    let at = -1
+    let size = 0
+    for (const find of finds) {
+      const i = text.indexOf(find as never, from)
+      if (i !== -1 && (at === -1 || i < at || (i === at && find.length > size))) {
+        at = i
+        size = find.length
+      }
+    }
+    if (at === -1) break
+    parts.push([from, at])
+    from = at + size
   }
-  parts.push(body.subarray(from))
-  return Buffer.concat(parts)
+  if (parts.length === 0) return text
+  parts.push([from, length])
+  return join(parts)
 }
 
 export class TokenScrubber {
   readonly #current: () => string
-  /** newest first */
-  #needles: Needle[] = []
+  /** the tokens remembered, newest first */
+  #tokens: string[] = []
+  /** their spellings (as written, as JSON.stringify escapes them), longest first, as strings and as bytes */
+  #texts: string[] = []
+  #bytes: Buffer[] = []
 
   constructor (current: () => string) {
     this.#current = current
@@ -59,29 +67,29 @@ export class TokenScrubber {
   /** The token to send a call with now. Remembered, so that an answer quoting it is scrubbed after a rotation. */
   token (): string {
     const token = this.#current()
-    if (this.#needles[0]?.token !== token && token.length >= MIN_SCRUBBED_LENGTH) {
-      this.#needles = [needle(token), ...this.#needles.filter(n => n.token !== token)].slice(0, REMEMBERED_TOKENS)
+    if (this.#tokens[0] !== token && token.length >= MIN_SCRUBBED_LENGTH) {
+      this.#tokens = [token, ...this.#tokens.filter(t => t !== token)].slice(0, REMEMBERED_TOKENS)
+      const spellings = new Set(this.#tokens.flatMap(t => [t, JSON.stringify(t).slice(1, -1)]))
+      this.#texts = [...spellings].sort((x, y) => y.length - x.length)
+      this.#bytes = this.#texts.map(t => Buffer.from(t))
     }
     return token
   }
 
-  /** The tokens to search for (this runs for each header of every answer: no array is made). */
-  #all (): readonly Needle[] {
-    this.token()
-    return this.#needles
-  }
-
   /** `text` with every token replaced, or `text` itself when it holds none. */
   text (text: string): string {
-    for (const { token } of this.#all()) if (text.includes(token)) text = text.replaceAll(token, REDACTED)
-    return text
+    this.token()
+    return replaceAll(text, text.length, this.#tokens, parts => parts.map(([from, to]) => text.slice(from, to)).join(REDACTED))
   }
 
   /** `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none. */
   bytes (body: Buffer): Buffer {
-    let out = body
-    for (const n of this.#all()) for (const find of n.bytes) out = replaceBytes(out, find)
-    return out
+    this.token()
+    return replaceAll(body, body.length, this.#bytes, parts => {
+      const out: Buffer[] = []
+      parts.forEach(([from, to], i) => { out.push(...(i === 0 ? [] : [REDACTED_BYTES]), body.subarray(from, to)) })
+      return Buffer.concat(out)
+    })
   }
 
   /**
@@ -97,7 +105,8 @@ export class TokenScrubber {
         return items.some((item, i) => item !== v[i]) ? items : v
       }
       let changed = false
-      const out: Record<string, unknown> = {}
+      // No prototype: a "__proto__" key (JSON.parse makes it an own property) stays a key.
+      const out = Object.create(null) as Record<string, unknown>
       for (const [k, item] of Object.entries(v)) {
         const key = this.text(k)
         const next = walk(item)
