@@ -244,24 +244,36 @@ t.test('gateways starting together on a series with a stale lock: exactly one ta
     const file = join(tempDir(), 'audit.jsonl')
     writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
     const startAt = Date.now() + 400
+    // Each holder keeps the lock, as a running gateway does, until every child has its outcome (its stdin is
+    // ended then): a child that starts late on a loaded machine must find it held, not released meanwhile.
     const children = Array.from({ length: 4 }, () => spawn(process.execPath, ['--input-type=module', '-e', `
       const { acquireLock } = await import(${JSON.stringify(lock)})
+      const { once } = await import('node:events')
+      const released = once(process.stdin, 'end')
+      process.stdin.resume()
       while (Date.now() < ${startAt}) {}
       try {
         const held = await acquireLock(${JSON.stringify(file)}, () => {})
         console.log('held')
-        await new Promise(resolve => setTimeout(resolve, 300)) // holding, as a running gateway does
+        await released
         await held.release()
       } catch (err) {
         console.log(err.name)
       }
-    `], { stdio: ['ignore', 'pipe', 'inherit'] }))
+    `], { stdio: ['pipe', 'pipe', 'inherit'] }))
     const outcomes = await Promise.all(children.map(async child => {
       let out = ''
-      child.stdout.on('data', (c: Buffer) => { out += c.toString() })
-      await once(child, 'exit')
+      await new Promise<void>(resolve => {
+        child.stdout.on('data', (c: Buffer) => {
+          out += c.toString()
+          if (out.includes('\n')) resolve()
+        })
+        child.once('exit', () => { resolve() })
+      })
       return out.trim()
     }))
+    for (const child of children) child.stdin.end()
+    await Promise.all(children.map(async child => { if (child.exitCode === null) await once(child, 'exit') }))
     if (outcomes.filter(o => o === 'held').length !== 1 || outcomes.some(o => o !== 'held' && o !== 'AuditLockError')) {
       t.fail(`round ${round + 1}: ${outcomes.join(', ')}`)
       return
