@@ -43,8 +43,9 @@ export function makeDirectories (dir: string): void {
     missing.unshift(at)
     if (dirname(at) === at) break
   }
-  // What is there already must be a directory: the one asked for (EEXIST, as mkdir -p says) or one above it.
-  if (existsSync(at) && !statSync(at).isDirectory()) {
+  // What is there already (the root at least) must be a directory: the one asked for (EEXIST, as mkdir -p says)
+  // or one above it.
+  if (!statSync(at).isDirectory()) {
     throw Object.assign(new Error(`${at} is not a directory`), { code: missing.length === 0 ? 'EEXIST' : 'ENOTDIR' })
   }
   for (const d of missing) {

@@ -22,15 +22,14 @@ const REMEMBERED_TOKENS = 4
 export const MIN_SCRUBBED_LENGTH = 8
 const BACKSLASH = 0x5c
 
-/** Anything searchable: a string or bytes, with the one indexOf both have. */
-interface Haystack { indexOf: (find: never, from: number) => number }
+/** Anything searchable: a string or bytes, with the length and the indexOf both have. */
+interface Haystack { length: number, indexOf: (find: never, from: number) => number }
 
 /**
  * Every match of any of `finds` in `text`, left to right, in one pass: at each place the longest spelling that
  * matches there wins, and what was put in is never searched again (a token inside `[redacted]` stays put).
  */
-function replaceAll<T extends Haystack> (text: T, length: number, finds: ReadonlyArray<T & { length: number }>,
-  join: (parts: Array<[number, number]>) => T): T {
+function replaceAll<T extends Haystack> (text: T, finds: readonly T[], join: (parts: Array<[number, number]>) => T): T {
   const parts: Array<[number, number]> = []
   let from = 0
   for (;;) {
@@ -48,7 +47,7 @@ function replaceAll<T extends Haystack> (text: T, length: number, finds: Readonl
     from = at + size
   }
   if (parts.length === 0) return text
-  parts.push([from, length])
+  parts.push([from, text.length])
   return join(parts)
 }
 
@@ -56,8 +55,7 @@ export class TokenScrubber {
   readonly #current: () => string
   /** the tokens remembered, newest first */
   #tokens: string[] = []
-  /** their spellings (as written, as JSON.stringify escapes them), longest first, as strings and as bytes */
-  #texts: string[] = []
+  /** their spellings as bytes: as written, and as JSON.stringify escapes them */
   #bytes: Buffer[] = []
 
   constructor (current: () => string) {
@@ -70,8 +68,7 @@ export class TokenScrubber {
     if (this.#tokens[0] !== token && token.length >= MIN_SCRUBBED_LENGTH) {
       this.#tokens = [token, ...this.#tokens.filter(t => t !== token)].slice(0, REMEMBERED_TOKENS)
       const spellings = new Set(this.#tokens.flatMap(t => [t, JSON.stringify(t).slice(1, -1)]))
-      this.#texts = [...spellings].sort((x, y) => y.length - x.length)
-      this.#bytes = this.#texts.map(t => Buffer.from(t))
+      this.#bytes = [...spellings].map(t => Buffer.from(t))
     }
     return token
   }
@@ -79,17 +76,14 @@ export class TokenScrubber {
   /** `text` with every token replaced, or `text` itself when it holds none. */
   text (text: string): string {
     this.token()
-    return replaceAll(text, text.length, this.#tokens, parts => parts.map(([from, to]) => text.slice(from, to)).join(REDACTED))
+    return replaceAll(text, this.#tokens, parts => parts.map(([from, to]) => text.slice(from, to)).join(REDACTED))
   }
 
   /** `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none. */
   bytes (body: Buffer): Buffer {
     this.token()
-    return replaceAll(body, body.length, this.#bytes, parts => {
-      const out: Buffer[] = []
-      parts.forEach(([from, to], i) => { out.push(...(i === 0 ? [] : [REDACTED_BYTES]), body.subarray(from, to)) })
-      return Buffer.concat(out)
-    })
+    return replaceAll(body, this.#bytes, parts =>
+      Buffer.concat(parts.flatMap(([from, to], i) => i === 0 ? [body.subarray(from, to)] : [REDACTED_BYTES, body.subarray(from, to)])))
   }
 
   /**
