@@ -332,6 +332,17 @@ t.test('a body that is not JSON gets 400 invalid_json and is not forwarded', asy
     await expectRejected(t, h, Buffer.concat([head, chunk('{"metadata":'), chunk('')]), invalid)
   })
 
+  await t.test('a body nesting arrays and objects more than 256 levels gets 400 invalid_json; 256 levels are forwarded', async t => {
+    // {"items": then 255 arrays: 256 levels, the deepest accepted (the object itself is the first).
+    const nested = (levels: number) => `{"items":${'['.repeat(levels - 1)}${']'.repeat(levels - 1)}}`
+    const deep = await expectRejected(t, h, post('/v1/conversations', nested(257)), invalid)
+    t.match(deep.response?.body, /more than 256 levels deep/, 'the message says why')
+    // Objects count as arrays do: 1 + 128 × (an object holding an array) = 257 levels.
+    await expectRejected(t, h, post('/v1/conversations', `{"a":${'{"":['.repeat(128)}${']}'.repeat(128)}}`), invalid)
+    const { seen } = await expectForwarded(t, h, post(`/v1/conversations/${h.conversationId}/items`, nested(256)))
+    t.equal(seen?.body.toString(), nested(256), 'forwarded byte for byte')
+  })
+
   await t.test('a body with invalid UTF-8 inside a string gets 400 invalid_json (JSON must be UTF-8)', async t => {
     const body = Buffer.concat([Buffer.from('{"metadata":{"a":"'), Buffer.from([0xff, 0xfe]), Buffer.from('"}}')])
     await expectRejected(t, h, post('/v1/conversations', body), invalid)

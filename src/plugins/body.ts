@@ -7,7 +7,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  InvalidJsonError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
+  InvalidJsonError, JsonTooDeepError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
   UnsupportedTransferEncodingError
 } from '../errors.js'
 
@@ -71,6 +71,30 @@ function readLimited (payload: NodeJS.ReadableStream, limit: number, done: (err:
   payload.resume()
 }
 
+/**
+ * The deepest nesting of arrays and objects a body may have: far beyond any OpenAI request, and far short of what
+ * recursive code (JSON.stringify of a create body with its owner added, the upstream's own parser) takes before its
+ * stack runs out. JSON.parse itself takes any depth.
+ */
+export const MAX_BODY_DEPTH = 256
+
+/** Whether a parsed body nests arrays and objects more than `max` levels deep; walked without recursion. */
+export function nestsDeeper (value: unknown, max: number): boolean {
+  const values: unknown[] = [value]
+  const depths: number[] = [1]
+  while (values.length > 0) {
+    const v = values.pop()
+    const depth = depths.pop()!
+    if (typeof v !== 'object' || v === null) continue
+    if (depth > max) return true
+    for (const key in v) {
+      values.push((v as Record<string, unknown>)[key])
+      depths.push(depth + 1)
+    }
+  }
+  return false
+}
+
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
@@ -125,6 +149,11 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       request.parsedBody = JSON.parse(UTF8.decode(buf))
     } catch {
       done(new InvalidJsonError(), undefined)
+      return
+    }
+    // Each level takes two bytes at least: a shorter body cannot be too deep, and is not walked.
+    if (buf.length > 2 * MAX_BODY_DEPTH && nestsDeeper(request.parsedBody, MAX_BODY_DEPTH)) {
+      done(new JsonTooDeepError(String(MAX_BODY_DEPTH)), undefined)
       return
     }
     request.bodyBytes = buf.length

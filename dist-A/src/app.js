@@ -1,0 +1,302 @@
+// buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
+// Plugins are registered in request order, and their hooks run in that order:
+// request id → route (404/405) → audit writable (503, with audit.onFailure "closed") → key (401) → rate limit (429)
+// → ids (400) → scope (403) → body (415/413/400) → model (403) → concurrency (503) → ownership (404) → proxy
+// → one audit record when the response closes.
+// The config in force lives in one place here: plugins read what a reload may change through getters, and
+// `app.applyConfig(next)` swaps it (reload.ts says which keys it applies and which need a restart).
+import Fastify from 'fastify';
+import { STATUS_CODES } from 'node:http';
+import { envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError } from './errors.js';
+import { openAuditWriter } from './audit/writer.js';
+import { reloaded } from './reload.js';
+import { createAppLogger, DebugRequestLogController, lazyChildLogger, PeerLogThrottle } from './logging.js';
+import audit, { auditGate, markMalformed } from './plugins/audit.js';
+import auth from './plugins/auth.js';
+import body, { hasBody } from './plugins/body.js';
+import health from './plugins/health.js';
+import metrics, { metricsEnabled } from './plugins/metrics.js';
+import ownership from './plugins/ownership.js';
+import proxy from './plugins/proxy.js';
+import { OwnerCache } from './ownership/owners.js';
+import rateLimit from './plugins/rate-limit.js';
+import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js';
+import router from './plugins/router.js';
+import scope from './plugins/scope.js';
+import responses from './plugins/responses.js';
+import concurrency from './plugins/concurrency.js';
+import { ClientDirectory } from './clients.js';
+import { Upstream } from './upstream/client.js';
+import { closeWithConnection, countingResponseClass, hasWaitingBehind, responseHolding } from './http/response.js';
+import { rawPath } from './operations.js';
+import { MemoryStore } from './stores/memory.js';
+import { RedisStore } from './stores/redis.js';
+import './types.js';
+/** Stands in for a target the router cannot percent-decode; the original stays in request.originalUrl. */
+const UNDECODABLE_TARGET = '/.undecodable';
+/**
+ * find-my-way decodes the whole path before routing and Fastify answers a malformed escape (`%zz`) itself,
+ * before any hook: no request id, no audit record, and no key check first. Route such a target to nowhere
+ * instead; the gateway's hooks then judge the original, where a `%` can never pass the id rule.
+ */
+function routableUrl(req) {
+    const url = req.url ?? '/';
+    if (!url.includes('%'))
+        return url; // nothing to decode: the common case costs one scan
+    try {
+        decodeURIComponent(rawPath(url));
+        return url;
+    }
+    catch {
+        return UNDECODABLE_TARGET;
+    }
+}
+/** Why Node's parser refused a request, in words for the operational log. */
+const PARSER_REFUSALS = {
+    ERR_HTTP_REQUEST_TIMEOUT: 'request not received in time (slow headers or body)',
+    HPE_HEADER_OVERFLOW: 'headers over the size limit',
+    HPE_UNEXPECTED_CONTENT_LENGTH: 'Content-Length together with Transfer-Encoding',
+    HPE_INVALID_TRANSFER_ENCODING: 'invalid Transfer-Encoding',
+    HPE_INVALID_CHUNK_SIZE: 'invalid chunk size',
+    HPE_INVALID_CONTENT_LENGTH: 'invalid Content-Length',
+    HPE_LF_EXPECTED: 'bare LF or CR line ending',
+    HPE_CR_EXPECTED: 'bare LF or CR line ending',
+    HPE_INVALID_URL: 'invalid bytes in the request target',
+    HPE_INVALID_HEADER_TOKEN: 'invalid header',
+    HPE_INVALID_METHOD: 'invalid method',
+    HPE_INVALID_VERSION: 'invalid HTTP version'
+};
+/**
+ * Malformed HTTP that Node's parser refuses: answered in OpenAI's envelope like every other gateway error, and
+ * logged at warn with the peer and the reason (throttled per peer), since these are how smuggling and slowloris
+ * attempts show. When the request had already been handed over (a bad chunk in its body), its audit record says
+ * what was sent.
+ */
+function clientErrorHandler(throttle) {
+    return function onClientError(err, socket) {
+        if (err.code === 'ECONNRESET' || socket.destroyed)
+            return;
+        const peer = socket.remoteAddress ?? 'unknown';
+        const held = throttle.admit(peer);
+        if (held !== null) {
+            const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP';
+            this.log.warn({ peer, code: err.code, reason, ...(held > 0 ? { heldBack: held } : {}) }, 'request refused by the HTTP parser');
+        }
+        const inFlight = responseHolding(socket);
+        // The refused bytes are the body of the call being read, or a call after every one on the connection. They
+        // are answered only when that call is the connection's one call now: an answer written ahead of another
+        // call's would be taken by the client for that call's (HTTP answers in order). Otherwise the connection is
+        // closed without a word, and each call on it is audited as what it was, aborted.
+        const answerable = inFlight === null || (!inFlight.req.complete && !hasWaitingBehind(inFlight, socket));
+        if (socket.writable && answerable && !inFlight?.headersSent) {
+            const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+                ? new RequestTimeoutError()
+                : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.');
+            const body = JSON.stringify(envelope(error));
+            if (inFlight)
+                markMalformed(inFlight, error.statusCode, Buffer.byteLength(body));
+            socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
+                `${REQUEST_ID_HEADER}: ${newRequestId()}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+                `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+        }
+        socket.destroy(err);
+    };
+}
+/**
+ * After an early answer, a body may still be coming: the rest is read and thrown away (so the connection can serve
+ * the next request) for at most this long and this many bytes, then the connection is closed. The bytes are many
+ * enough that a client uploading its whole body before it reads (curl, an SDK) still gets to read a 413.
+ */
+const DISCARD_BODY_MS = 5_000;
+/** At the end of a shutdown's grace: how long the upstream waits for the client connections to close first. */
+const ABORT_CLOSE_WAIT_MS = 1_000;
+const DISCARD_BODY_BYTES = 64 * 1024 * 1024;
+export async function buildApp(config, deps = {}) {
+    const app = Fastify({
+        loggerInstance: deps.logger ?? createAppLogger(config.log.level),
+        logController: new DebugRequestLogController(),
+        // Each request's child logger is made only if it writes a line (most calls write none).
+        childLoggerFactory: lazyChildLogger,
+        genReqId: newRequestId,
+        requestIdHeader: false,
+        // The body limit is limits.bodyBytes, read per call by plugins/body.ts (a reload changes it).
+        exposeHeadRoutes: false,
+        // A request that comes on a kept-alive connection after accepting stopped (SIGTERM) is served and audited
+        // like any other, with `Connection: close`, within the shutdown's grace; not given Fastify's bare 503.
+        return503OnClosing: false,
+        // The audit ip and the count of failed keys per address believe X-Forwarded-For only from these.
+        trustProxy: config.trustProxy === false ? false : [...config.trustProxy],
+        keepAliveTimeout: config.listen.keepAliveTimeoutMs,
+        requestTimeout: config.listen.requestTimeoutMs,
+        // Ids are checked by our own rule (operations.ts), which must decide before the router could answer
+        // 414 for a param over find-my-way's default 100 characters. 16 KiB is Node's whole header limit.
+        routerOptions: { maxParamLength: 16_384 },
+        rewriteUrl: routableUrl,
+        // Node would answer these itself, bare: a missing Host (400) and an unknown Expect (417) go through the
+        // gateway's checks instead, for the envelope, a request id and an audit record (plugins/router.ts).
+        http: {
+            // Counts body bytes for the audit and cuts off a client that stops reading (listen.sendTimeoutMs).
+            ServerResponse: countingResponseClass(config.listen.sendTimeoutMs),
+            requireHostHeader: false,
+            headersTimeout: config.listen.headersTimeoutMs,
+            // Node checks both timeouts on this interval (30 s by default, far coarser than they are).
+            connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(config.listen.headersTimeoutMs / 4)))
+        },
+        clientErrorHandler: clientErrorHandler(new PeerLogThrottle())
+    });
+    let current = config;
+    app.server.maxConnections = config.listen.maxConnections;
+    // Before Fastify's own listener: a call refused at once is answered within that listener, and the connection's
+    // pipelined calls must be known by then.
+    app.server.prependListener('request', (req, res) => { closeWithConnection(res, req.socket); });
+    app.setErrorHandler(errorHandler(config));
+    app.decorateRequest('refusal', null);
+    const directory = new ClientDirectory(config.clients);
+    await app.register(requestId);
+    const auditWriter = deps.auditWriter ?? await openAuditWriter({
+        ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
+    });
+    await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure });
+    if (metricsEnabled(config.metrics)) {
+        await app.register(metrics, { ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter });
+    }
+    const upstream = new Upstream(config.upstream, app.log);
+    app.addHook('onClose', async () => { await upstream.close(); });
+    const apiKey = () => current.upstream.apiKey;
+    await app.register(health, { upstream });
+    await app.register(router);
+    await app.register(auditGate);
+    await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute });
+    await app.register(rateLimit, { store: deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log) });
+    await app.register(scope);
+    await app.register(body, { bodyBytes: () => current.limits.bodyBytes });
+    await app.register(responses);
+    await app.register(concurrency, { maxInFlight: () => current.limits.maxInFlight });
+    await app.register(ownership, {
+        upstream,
+        apiKey,
+        unowned: () => config.ownership.unowned,
+        cache: deps.ownerCache ?? new OwnerCache({
+            max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
+        })
+    });
+    await app.register(proxy, { upstream, apiKey });
+    app.decorate('currentConfig', () => current);
+    app.decorate('applyConfig', (next) => {
+        const { config: merged, applied, needRestart } = reloaded(current, next);
+        // First what can fail (new pools read the CA file): a failure leaves everything as it was. The token is read
+        // per call (apiKey above); Upstream.update builds new pools only when what they are built from changed.
+        if (applied.some(path => path.startsWith('upstream.')))
+            upstream.update(merged.upstream);
+        directory.update(merged.clients);
+        current = merged;
+        return { applied, needRestart };
+    });
+    // A connection with no call under way (never used, between calls, or a call not yet whole) carries nothing to
+    // wait for, yet Node's close() closes only those idle between calls, and only once: the drain closes the rest,
+    // and those that fall idle later (after a call whose answer had begun before accepting stopped).
+    const connections = new Set();
+    app.server.on('connection', (socket) => {
+        connections.add(socket);
+        socket.once('close', () => { connections.delete(socket); });
+    });
+    app.decorate('closeUnusedConnections', () => {
+        for (const socket of connections) {
+            // (An answer still being flushed to a slow client has ended in Node's eyes: it is left to finish.)
+            if (responseHolding(socket) === null && socket.writableLength === 0)
+                socket.destroy();
+        }
+    });
+    app.decorate('abortInFlight', () => {
+        // Clients first: each call is then audited as aborted (the client got no complete answer), not as an
+        // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut. A
+        // response's 'close' (when its record is made) comes once its socket has closed, later in the event loop:
+        // the upstream is cut after that (or after a second at most), or a stream's upstream error would come first
+        // and its record would blame the upstream.
+        const closing = [...connections].map(socket => new Promise(resolve => { socket.once('close', resolve); }));
+        app.server.closeAllConnections();
+        const cut = setTimeout(() => { void upstream.destroy(); }, ABORT_CLOSE_WAIT_MS);
+        void Promise.all(closing).then(() => {
+            clearTimeout(cut);
+            void upstream.destroy();
+        });
+    });
+    return app;
+}
+/** The store config.store names; the rate-limit plugin closes it when the app closes. */
+async function rateLimitStoreFor(store, log) {
+    if (store.url === 'memory://')
+        return new MemoryStore();
+    return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, log });
+}
+/** Upstream headers about the upstream's body (content-type and -length Fastify drops on an error itself). */
+const UPSTREAM_BODY_HEADERS = ['content-encoding', 'etag', 'last-modified', 'cache-control'];
+/** The one place any error becomes OpenAI's envelope. Unknown errors are logged and answered generically. */
+function errorHandler(config) {
+    return function handle(error, request, reply) {
+        const err = toGatewayError(error);
+        request.refusal = err;
+        if (err.statusCode >= 500 && !isGatewayError(error)) {
+            request.log.error({ err: error }, 'unhandled error');
+        }
+        // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
+        if (hasBody(request.headers) && !request.raw.complete) {
+            // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it, and
+            // Node reads nothing more after an Upgrade request: the connection cannot carry another request after this
+            // one. Any other body still coming is discarded, within bounds.
+            if (request.headers.upgrade !== undefined || (expectsContinue(request) && err.statusCode !== 413)) {
+                reply.header('connection', 'close');
+            }
+            else {
+                discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs));
+            }
+        }
+        // An answer of the gateway's own can replace an upstream answer it would not pass on: none of the headers
+        // that described that body (reply-from set them already) describes this one.
+        for (const name of UPSTREAM_BODY_HEADERS)
+            reply.removeHeader(name);
+        if (err.headers)
+            reply.headers(err.headers);
+        reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err));
+    };
+}
+function expectsContinue(request) {
+    return request.headers.expect?.toLowerCase() === '100-continue';
+}
+function toGatewayError(error) {
+    if (isGatewayError(error))
+        return error;
+    const status = error.statusCode ?? 500;
+    if (status >= 400 && status < 500)
+        return new InvalidRequestError('malformed request.');
+    return new InternalError();
+}
+/**
+ * Fastify asks to close the connection on a body error, but closing while the client still uploads makes it see a
+ * reset instead of the answer. Keep the connection, let Node discard the rest of the body, and cut off a client
+ * that is still sending after `withinMs` or DISCARD_BODY_BYTES, whichever comes first (a client dribbling a
+ * body after a 401 would otherwise hold its socket for as long as it likes).
+ */
+function discardTheRestOfTheBody(request, reply, withinMs) {
+    reply.removeHeader('connection');
+    const raw = request.raw;
+    reply.raw.once('finish', () => {
+        if (raw.complete)
+            return;
+        const cutOff = () => { raw.socket?.destroy(); };
+        const timer = setTimeout(cutOff, withinMs).unref();
+        let discarded = 0;
+        const count = (chunk) => {
+            discarded += chunk.length;
+            if (discarded > DISCARD_BODY_BYTES)
+                cutOff();
+        };
+        raw.on('data', count);
+        raw.once('end', () => {
+            clearTimeout(timer);
+            raw.off('data', count);
+        });
+        raw.once('close', () => { clearTimeout(timer); });
+    });
+}
+//# sourceMappingURL=app.js.map

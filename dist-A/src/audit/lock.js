@@ -1,0 +1,153 @@
+// One writer per audit file series: a lock file beside the active file (`audit.jsonl.lock`) holding the writer's
+// pid, host and start time. A second gateway on the same series is refused with a message saying who holds it.
+// A lock whose process is gone (same host, pid not running) is stale and taken over. A lock from another host
+// cannot be checked from here and is refused: two hosts writing one series through a shared volume would
+// interleave two chains. (proper-lockfile locks by mtime refresh and records no pid; this is the pid lock the
+// trail needs, and small.)
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { link, readFile, unlink, writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { LOCK_SUFFIX, TEMP_SUFFIX } from './series.js';
+export class AuditLockError extends Error {
+    constructor(message) {
+        super(message);
+        this.name = 'AuditLockError';
+    }
+}
+/** The lock beside the lock, held while a stale lock is replaced (ending in LOCK_SUFFIX: not a file of the series). */
+const TAKEOVER_SUFFIX = '.takeover' + LOCK_SUFFIX;
+/** How long a process waits for another's takeover before it looks again, and how many times it looks. */
+const TAKEOVER_WAIT_MS = 20;
+const MAX_ATTEMPTS = 100;
+/** Locks held by this process: a second writer in the same process is refused like one in another. */
+const heldHere = new Set();
+function isRunning(pid) {
+    try {
+        process.kill(pid, 0);
+        return true;
+    }
+    catch (err) {
+        return err.code === 'EPERM'; // it exists, it is just not ours to signal
+    }
+}
+async function readHolder(path) {
+    try {
+        const h = JSON.parse(await readFile(path, 'utf8'));
+        return typeof h.pid === 'number' && typeof h.host === 'string' ? { pid: h.pid, host: h.host, since: String(h.since) } : null;
+    }
+    catch {
+        return null; // vanished, or not a lock this gateway writes: stale
+    }
+}
+function sameHolder(a, b) {
+    return a === null || b === null ? a === b : a.pid === b.pid && a.host === b.host && a.since === b.since;
+}
+/** A name beside the lock, of this process alone; ending in TEMP_SUFFIX, never taken for a file of the series. */
+function asideName(path, what) {
+    return `${path}.${process.pid}.${randomBytes(6).toString('hex')}.${what}${TEMP_SUFFIX}`;
+}
+/**
+ * Makes the lock, holding `me`, unless it exists. It is written whole under a name of its own, then linked into
+ * place: link fails when the lock exists, and no one ever sees it empty.
+ */
+async function create(path, me) {
+    const temp = asideName(path, 'new');
+    await writeFile(temp, JSON.stringify(me) + '\n', { flag: 'wx' });
+    try {
+        await link(temp, path);
+        return true;
+    }
+    catch (err) {
+        if (err.code === 'EEXIST')
+            return false;
+        throw err;
+    }
+    finally {
+        await unlink(temp).catch(() => { });
+    }
+}
+/** Holding `path`: runs `task`, then lets go; false (and no task run) when another process holds it. */
+async function whileHolding(path, me, task) {
+    if (!await create(path, me))
+        return false;
+    try {
+        await task();
+    }
+    finally {
+        await unlink(path).catch(() => { });
+    }
+    return true;
+}
+/**
+ * Replaces the lock judged stale by ours, under a second lock of its own (`.takeover`), so that of several
+ * processes taking over at once one alone removes and makes the lock, and only while it is still the stale one:
+ * a lock is only ever removed by its holder or by the one process holding the takeover. Says whether the lock is
+ * ours; false when the takeover was someone else's or the lock was no longer the stale one (ask again).
+ */
+async function takeOver(path, me, stale) {
+    const takeover = path + TAKEOVER_SUFFIX;
+    let ours = false;
+    const done = await whileHolding(takeover, me, async () => {
+        if (!sameHolder(await readHolder(path), stale))
+            return;
+        await unlink(path).catch(() => { });
+        ours = await create(path, me);
+    });
+    if (!done) {
+        // Another process is taking over: wait for it, unless it died doing so (then its takeover is stale too).
+        // (Gone already, null: ask again at once.)
+        const other = await readHolder(takeover);
+        if (other !== null && other.host === me.host && (other.pid === me.pid || !isRunning(other.pid))) {
+            await unlink(takeover).catch(() => { });
+        }
+        else if (other !== null) {
+            await sleep(TAKEOVER_WAIT_MS);
+        }
+    }
+    return ours;
+}
+/**
+ * Takes the lock of the series whose active file is `file`, or throws AuditLockError naming the holder.
+ * `onStale` is told when a dead holder's lock is taken over.
+ */
+export async function acquireLock(file, onStale) {
+    const path = resolve(file + LOCK_SUFFIX);
+    const me = { pid: process.pid, host: hostname(), since: new Date().toISOString() };
+    if (heldHere.has(path)) {
+        throw new AuditLockError(`audit file ${file} is already written by this process (lock ${path}): give each gateway its own audit.file`);
+    }
+    const held = () => {
+        heldHere.add(path);
+        return {
+            path,
+            async release() {
+                heldHere.delete(path);
+                const holder = await readHolder(path);
+                if (holder?.pid === me.pid && holder.host === me.host)
+                    await unlink(path).catch(() => { });
+            }
+        };
+    };
+    for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
+        if (await create(path, me))
+            return held();
+        const holder = await readHolder(path);
+        if (holder !== null && holder.host !== me.host) {
+            throw new AuditLockError(`audit file ${file} is locked by pid ${holder.pid} on host ${holder.host} since ${holder.since} ` +
+                `(lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl); if that gateway is gone, delete the lock file.`);
+        }
+        // Our own pid in a lock we do not hold here is a previous life of this container (pid 1 again): stale.
+        if (holder !== null && holder.pid !== me.pid && isRunning(holder.pid)) {
+            throw new AuditLockError(`audit file ${file} is in use by another gateway process (pid ${holder.pid}, since ${holder.since}; ` +
+                `lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl).`);
+        }
+        if (await takeOver(path, me, holder)) {
+            onStale(holder);
+            return held();
+        }
+    }
+    throw new AuditLockError(`could not take the audit lock ${path}: another process keeps re-creating it`);
+}
+//# sourceMappingURL=lock.js.map

@@ -1,0 +1,187 @@
+// The audit file series: which files belong to it, in which order, and how to read them line by line.
+//
+// The series of `audit.file: ./audit/audit.jsonl` is the active file `audit.jsonl` plus every closed file beside
+// it whose name starts with `audit.jsonl.` or `audit.jsonl-`: the gateway's own rotated files
+// (`audit.jsonl.<UTC time of rotation>.<first seq>`, `.gz` when compressed) and an outside logrotate's
+// (`audit.jsonl.1`, `audit.jsonl-20250101.gz`, ...). Files are ordered by the seq of their first record, never
+// by name, so any naming scheme works; the active file comes last. Lock and temporary files are not part of it.
+import { createReadStream } from 'node:fs';
+import { open, readdir, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { createGunzip } from 'node:zlib';
+import { parseChained } from './chain.js';
+export const LOCK_SUFFIX = '.lock';
+export const TEMP_SUFFIX = '.tmp';
+export const GZIP_SUFFIX = '.gz';
+/** `20250101T120000Z` */
+function compactUtc(ms) {
+    return new Date(ms).toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
+}
+/** The name a closed file gets: the active name, the UTC time it was closed and its first seq (unique). */
+export function rotatedName(file, closedAtMs, firstSeq) {
+    return `${file}.${compactUtc(closedAtMs)}.${firstSeq}`;
+}
+/** A closed file the gateway rotated itself (plain or gzipped), as opposed to one named by another tool. */
+export function isOwnRotated(file, candidate) {
+    const rest = candidate.slice(file.length);
+    return candidate.startsWith(file) && /^\.\d{8}T\d{6}Z\.\d+(\.gz)?$/.test(rest);
+}
+/** The files of the series of `file`, oldest first (by first seq; the active file last). */
+export async function seriesFiles(file) {
+    const dir = dirname(file);
+    const base = basename(file);
+    let names;
+    try {
+        names = await readdir(dir);
+    }
+    catch (err) {
+        if (err.code === 'ENOENT')
+            return [];
+        throw err;
+    }
+    const closed = names.filter(n => (n.startsWith(base + '.') || n.startsWith(base + '-')) &&
+        !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX));
+    const ordered = await inSeriesOrder(closed.map(n => join(dir, n)));
+    if (names.includes(base))
+        ordered.push({ path: file, firstSeq: await firstSeqOf(file) });
+    return ordered;
+}
+async function firstSeqOf(path) {
+    const first = await firstLine(path);
+    return first === null ? null : parseChained(first)?.seq ?? null;
+}
+/** Files ordered by the seq of their first record (files without one last, then by name). */
+export async function inSeriesOrder(paths) {
+    const files = await Promise.all(paths.map(async (path) => ({ path, firstSeq: await firstSeqOf(path) })));
+    return files.sort((a, b) => (a.firstSeq ?? Infinity) - (b.firstSeq ?? Infinity) || a.path.localeCompare(b.path));
+}
+function rawStream(file) {
+    const input = createReadStream(file);
+    if (!file.endsWith(GZIP_SUFFIX))
+        return input;
+    const gunzip = createGunzip();
+    input.on('error', err => gunzip.destroy(err));
+    return input.pipe(gunzip);
+}
+/** A file of the series that cannot be read (on), with where: verify, query and start say so, not a stack. */
+export class AuditReadError extends Error {
+    file;
+    line;
+    constructor(file, line, cause) {
+        const reason = cause.code ?? cause.message;
+        super(`cannot read audit file ${file} ${line === 0 ? '' : `after line ${line} `}(${reason})` +
+            (file.endsWith(GZIP_SUFFIX) ? ': a compressed file cut short or damaged' : ''));
+        this.file = file;
+        this.line = line;
+        this.name = 'AuditReadError';
+    }
+}
+/**
+ * The lines of a file, plain or gzipped, streamed: split on bytes, decoded per line, so memory holds one chunk
+ * and a multi-byte character split across chunks stays whole. The text after the last newline (a torn last
+ * line) is yielded too; a final newline yields nothing more. A file that cannot be read throws AuditReadError.
+ */
+export async function* readLines(file) {
+    let rest = null;
+    let lines = 0;
+    const chunks = rawStream(file)[Symbol.asyncIterator]();
+    try {
+        for (;;) {
+            let next;
+            try {
+                next = await chunks.next();
+            }
+            catch (err) {
+                throw new AuditReadError(file, lines, err);
+            }
+            if (next.done === true)
+                break;
+            let buf = rest === null ? next.value : Buffer.concat([rest, next.value]);
+            let start = 0;
+            let nl;
+            while ((nl = buf.indexOf(0x0a, start)) !== -1) {
+                lines++;
+                yield buf.toString('utf8', start, nl);
+                start = nl + 1;
+            }
+            buf = buf.subarray(start);
+            rest = buf.length > 0 ? buf : null;
+        }
+    }
+    finally {
+        await chunks.return?.(); // a reader that stops early closes the file
+    }
+    if (rest !== null)
+        yield rest.toString('utf8');
+}
+/** Why a file cannot be read from its start (AuditReadError), or null when its first chunk reads. */
+export async function readProblem(file) {
+    try {
+        for await (const _line of readLines(file))
+            break; // eslint-disable-line no-unreachable-loop
+        return null;
+    }
+    catch (err) {
+        if (err instanceof AuditReadError)
+            return err;
+        throw err;
+    }
+}
+/** The first line of a file (at most 1 MiB of it), or null for an empty or unreadable file. */
+export async function firstLine(file) {
+    try {
+        for await (const line of readLines(file))
+            return line.slice(0, 1 << 20);
+    }
+    catch {
+        return null;
+    }
+    return null;
+}
+/** The end of a plain file, read backwards in growing windows until a whole line is found. */
+export async function readTail(file) {
+    const fh = await open(file, 'r');
+    try {
+        const { size } = await fh.stat();
+        if (size === 0)
+            return { size, lastLine: null, unterminated: null };
+        let window = Math.min(size, 64 * 1024);
+        for (;;) {
+            const buf = Buffer.alloc(window);
+            await fh.read(buf, 0, window, size - window);
+            const lastNl = buf.lastIndexOf(0x0a);
+            const unterminated = lastNl === buf.length - 1 ? null : buf.toString('utf8', lastNl + 1);
+            if (lastNl === -1 && window === size)
+                return { size, lastLine: null, unterminated };
+            const prevNl = lastNl <= 0 ? -1 : buf.lastIndexOf(0x0a, lastNl - 1);
+            if (lastNl !== -1 && (prevNl !== -1 || window === size)) {
+                return { size, lastLine: buf.toString('utf8', prevNl + 1, lastNl), unterminated };
+            }
+            window = Math.min(size, window * 4);
+        }
+    }
+    finally {
+        await fh.close();
+    }
+}
+/** The last chained record of a file, plain (read from the end) or gzipped (read through). */
+export async function lastRecord(file) {
+    if (!file.endsWith(GZIP_SUFFIX)) {
+        const tail = await readTail(file);
+        return parseChained(tail.unterminated ?? '') ?? parseChained(tail.lastLine ?? '');
+    }
+    let last = null;
+    for await (const line of readLines(file))
+        last = parseChained(line) ?? last;
+    return last;
+}
+export async function exists(file) {
+    try {
+        await stat(file);
+        return true;
+    }
+    catch {
+        return false;
+    }
+}
+//# sourceMappingURL=series.js.map

@@ -1,0 +1,804 @@
+// The audit writer: takes records from the gateway and gets them into the trail without ever blocking a request.
+//
+// The interface the gateway uses, and all of it:
+//
+//   write(record: object): void      never throws, never blocks: the record is buffered and written with the
+//                                    others of the next FLUSH_AFTER_MS, in one write, off the event loop
+//   readonly available: boolean      false from a failed write until a write succeeds again (a full buffer is
+//                                    a failed write); with audit.onFailure "closed" the gateway then answers
+//                                    503 audit_unavailable
+//   stats(): { written, failed, lost }   records written, write attempts that failed, records dropped
+//   reopen(): void                   close and reopen the file (SIGUSR2, after an outside logrotate moved it)
+//   close(): Promise<void>           write what is buffered, fsync, close, release the lock (bounded in time)
+//
+// Open it with `openAuditWriter(options)`: it takes the series' lock, reads the end of the trail to continue
+// its chain (reporting and marking a torn last line), and opens the active file.
+//
+// Records are buffered in a bounded queue and written by one serial worker, so at most one write is in flight
+// and everything that arrives meanwhile goes into the next one. When a write fails the records stay queued and
+// the write is retried every RETRY_MS (reopening the file, which may have been replaced); when the queue is full
+// a new record is dropped, counted as lost, and an `audit.lost` chain event saying how many is written as soon
+// as writing works again. The file is watched: removed or replaced by another tool, it is reopened within
+// WATCH_MS, and records written meanwhile into a removed file are written again into the new one.
+//
+// `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
+import { createReadStream, createWriteStream } from 'node:fs';
+import { open, readdir, rename, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { createGzip } from 'node:zlib';
+import { chainHasher, expectedHash, GENESIS, lineDigest, parseChained, seal } from './chain.js';
+import { makeDirectories } from '../preflight.js';
+import { acquireLock } from './lock.js';
+import { AuditReadError, exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName, seriesFiles, TEMP_SUFFIX } from './series.js';
+/** Records waiting at most: about 5 MB of typical records, a few seconds of a busy gateway's traffic. */
+export const MAX_PENDING = 10_000;
+/** Records per write at most. */
+const MAX_BATCH = 1_000;
+/**
+ * A record waits at most this long for others to share its write (fewer, larger writes: each one is a hop to a
+ * libuv thread and back, which under load cost more than the write itself), or until FLUSH_RECORDS are waiting.
+ */
+const FLUSH_AFTER_MS = 10;
+const FLUSH_RECORDS = 256;
+/** A failed write is retried this often. */
+export const RETRY_MS = 500;
+/** How often the file is checked for removal or replacement, and how often `fsync: interval` syncs. */
+export const WATCH_MS = 1_000;
+/** close() waits this long for a stuck destination (a full pipe, a hung disk) before counting records lost. */
+const CLOSE_DEADLINE_MS = 5_000;
+/** close() then lets a gzip of a closed file finish for at most this long. */
+const HOUSEKEEPING_DEADLINE_MS = 10_000;
+/** Lines kept to rewrite into a new file when the old one turns out to have been removed: about WATCH_MS worth. */
+const MAX_REPLAY_BYTES = 32 * 1024 * 1024;
+/** While records are being lost, say so in the log at most this often. */
+const LOST_LOG_EVERY_MS = 10_000;
+function errorSummary(err) {
+    const e = err;
+    return { code: e?.code, message: e?.message ?? String(err) };
+}
+function withDeadline(promise, ms) {
+    let timer;
+    const timeout = new Promise(resolve => { timer = setTimeout(() => resolve('timeout'), ms); });
+    return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+/** The buffer, the failure state and the serial worker; the sink does the I/O. */
+class Writer {
+    log;
+    maxPending;
+    now;
+    onFailureHint;
+    pending = [];
+    /** chain events (lost, torn) waiting to be written ahead of the records */
+    events = [];
+    /** the sink is closed: nothing more goes into the chain */
+    sinkClosed = false;
+    counts = { written: 0, failed: 0, lost: 0 };
+    lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 };
+    lostLoggedAt = 0;
+    ok = true;
+    downSince = 0;
+    closed = false;
+    closing = null;
+    scheduled = null;
+    flushQueued = false;
+    tickQueued = false;
+    retryTimer = null;
+    watchTimer;
+    worker = Promise.resolve();
+    sink;
+    constructor(log, maxPending, now, onFailureHint) {
+        this.log = log;
+        this.maxPending = maxPending;
+        this.now = now;
+        this.onFailureHint = onFailureHint;
+        this.watchTimer = setInterval(() => {
+            if (this.tickQueued)
+                return;
+            this.tickQueued = true;
+            void this.run(async () => {
+                this.tickQueued = false;
+                const error = await this.sink.tick();
+                if (error !== undefined)
+                    this.failed(error);
+            });
+        }, WATCH_MS).unref();
+    }
+    attach(sink) { this.sink = sink; }
+    get available() { return this.ok; }
+    stats() { return { ...this.counts }; }
+    write(record) { return;
+        if (this.closed)
+            return this.drop('the audit writer is closed');
+        if (this.pending.length >= this.maxPending)
+            return this.drop('the audit buffer is full');
+        this.pending.push(record);
+        this.schedule();
+    }
+    /** A chain event from the sink (a torn line at start): written ahead of the next records. */
+    addEvent(event) {
+        this.events.push(event);
+        this.schedule();
+    }
+    /**
+     * Closed files beyond rotate.keep: on the serial worker, the chain records their removal first, and only once
+     * that record is written are the files removed. A close, a crash or a failed write in between leaves files for
+     * the next start to prune, never a gap in the series that nothing in the chain explains.
+     */
+    prune(event, files) {
+        return this.run(async () => {
+            if (this.sinkClosed)
+                return;
+            const { written, error } = await this.sink.write([event]);
+            if (error !== undefined)
+                this.failed(error);
+            if (written !== 1)
+                return;
+            for (const file of files)
+                await unlink(file);
+            this.log.info({ files }, 'audit: removed closed files beyond rotate.keep');
+        });
+    }
+    reopen() {
+        if (this.closed)
+            return;
+        void this.run(async () => {
+            await this.sink.reopen();
+            await this.flush();
+        });
+    }
+    close() {
+        this.closing ??= this.shutdown();
+        return this.closing;
+    }
+    async shutdown() {
+        this.closed = true;
+        clearInterval(this.watchTimer);
+        if (this.scheduled !== null)
+            clearTimeout(this.scheduled);
+        this.scheduled = null;
+        if (this.retryTimer !== null)
+            clearTimeout(this.retryTimer);
+        const flushAll = async () => {
+            while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0) {
+                if (!await this.flush())
+                    return;
+            }
+        };
+        // What is waiting goes out first; then housekeeping under way (a gzip, a pruning, perhaps started by that very
+        // flush) finishes if it can, so that a pruning's record goes into the chain with it; one cut short is done
+        // again at the next start. Then the file is closed.
+        let finished = await withDeadline(this.run(flushAll), CLOSE_DEADLINE_MS);
+        await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS);
+        if (finished !== 'timeout') {
+            finished = await withDeadline(this.run(async () => {
+                await flushAll();
+                await this.sink.close();
+                this.sinkClosed = true;
+            }), CLOSE_DEADLINE_MS);
+        }
+        if (finished === 'timeout')
+            this.log.error({}, 'audit: the destination did not take the last records in time');
+        // The last flush may have rotated: its gzip gets the same chance (its pruning waits for the next start).
+        await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS);
+        if (this.pending.length > 0) {
+            const n = this.pending.length;
+            this.pending.length = 0;
+            this.counts.lost += n;
+            this.log.error({ lost: n, total: this.counts.lost }, 'audit: records could not be written before closing and are lost');
+        }
+    }
+    /** Runs a task on the serial worker: one at a time, in order. */
+    run(task) {
+        const next = this.worker.then(task).then(() => { }, (err) => {
+            this.log.error({ err: errorSummary(err) }, 'audit: unexpected writer error');
+        });
+        this.worker = next;
+        return next;
+    }
+    /**
+     * A write of what is waiting: queued now once FLUSH_RECORDS wait, else FLUSH_AFTER_MS from now (nothing when a
+     * write is queued already, or a retry or the close will write them).
+     */
+    schedule() {
+        if (this.flushQueued || this.retryTimer !== null || this.closed)
+            return;
+        if (this.pending.length >= FLUSH_RECORDS)
+            this.flushSoon();
+        else
+            this.scheduled ??= setTimeout(() => { this.flushSoon(); }, FLUSH_AFTER_MS).unref();
+    }
+    /** The scheduled write, queued on the worker now. */
+    flushSoon() {
+        if (this.scheduled !== null)
+            clearTimeout(this.scheduled);
+        this.scheduled = null;
+        this.flushQueued = true;
+        void this.run(async () => {
+            this.flushQueued = false;
+            await this.flush();
+        });
+    }
+    /** Writes one batch; true when it (or nothing) was written, false when the write failed. */
+    async flush() {
+        if (this.lostSinceEvent.count > 0) {
+            const { count, firstAt, lastAt } = this.lostSinceEvent;
+            this.events.push({
+                time: new Date(this.now()).toISOString(), event: 'audit.lost', count,
+                firstAt: new Date(firstAt).toISOString(), lastAt: new Date(lastAt).toISOString()
+            });
+            this.lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 };
+        }
+        // With nothing to write, a retry still tries the destination (opening the file again), to learn it works.
+        if (this.pending.length === 0 && this.events.length === 0 && this.ok)
+            return true;
+        const events = this.events.length;
+        const batch = [...this.events, ...this.pending.slice(0, MAX_BATCH)];
+        const { written, error } = await this.sink.write(batch);
+        const eventsWritten = Math.min(written, events);
+        this.events.splice(0, eventsWritten);
+        this.pending.splice(0, written - eventsWritten);
+        this.counts.written += written - eventsWritten;
+        if (error !== undefined) {
+            this.failed(error);
+            return false;
+        }
+        this.recovered();
+        if (this.pending.length > 0 || this.events.length > 0)
+            this.schedule();
+        return true;
+    }
+    failed(err) {
+        this.counts.failed++;
+        if (this.ok) {
+            this.ok = false;
+            this.downSince = this.now();
+            this.log.error({ err: errorSummary(err) }, `audit: records cannot be written; ${this.onFailureHint}; retrying every ${RETRY_MS} ms`);
+        }
+        if (this.retryTimer === null && !this.closed) {
+            this.retryTimer = setTimeout(() => {
+                this.retryTimer = null;
+                void this.run(() => this.flush());
+            }, RETRY_MS).unref();
+        }
+    }
+    recovered() {
+        if (this.ok)
+            return;
+        this.ok = true;
+        this.log.warn({ downMs: this.now() - this.downSince, lost: this.counts.lost }, 'audit: writing works again');
+    }
+    drop(reason) {
+        const now = this.now();
+        this.counts.lost++;
+        if (this.lostSinceEvent.count === 0)
+            this.lostSinceEvent.firstAt = now;
+        this.lostSinceEvent.count++;
+        this.lostSinceEvent.lastAt = now;
+        if (this.ok && !this.closed) {
+            this.ok = false;
+            this.downSince = now;
+            this.log.error({ reason }, `audit: a record was lost: ${reason}; ${this.onFailureHint}`);
+        }
+        else if (now - this.lostLoggedAt >= LOST_LOG_EVERY_MS) {
+            this.log.error({ reason, total: this.counts.lost }, 'audit: records are being lost');
+        }
+        else {
+            return;
+        }
+        this.lostLoggedAt = now;
+    }
+}
+/** Bare JSON lines to a stream (stdout): one write in flight, and a stuck reader is a failed write, not a hang. */
+class StreamSink {
+    stream;
+    broken = null;
+    constructor(stream) {
+        this.stream = stream;
+        // Without a listener an EPIPE on stdout would crash the process; the failed write reports it instead.
+        stream.on('error', (err) => { this.broken = err; });
+    }
+    async write(records) {
+        if (this.broken !== null)
+            return { written: 0, error: this.broken };
+        if (records.length === 0)
+            return { written: 0 };
+        const text = records.map(r => JSON.stringify(r)).join('\n') + '\n';
+        const error = await new Promise(resolve => { this.stream.write(text, resolve); });
+        return error ? { written: 0, error } : { written: records.length };
+    }
+    async reopen() { }
+    async tick() { return undefined; }
+    async settle() { }
+    async close() { }
+}
+function utcDay(ms) {
+    return new Date(ms).toISOString().slice(0, 10);
+}
+export class AuditStartError extends Error {
+    constructor(message) {
+        super(message);
+        this.name = 'AuditStartError';
+    }
+}
+/**
+ * Where the chain stands: the last record of the active file, or of the newest closed file when the active one
+ * is empty or missing. A last line that is not a record (the previous writer stopped mid-line) is reported as
+ * torn; a file of records without chain fields (an older gateway's) is refused rather than silently restarted.
+ */
+async function resumePoint(file) {
+    let head = null;
+    let fileFirstSeq = null;
+    let needsNewline = false;
+    let torn = null;
+    let last = null;
+    if (await exists(file)) {
+        const tail = await readTail(file);
+        const clean = tail.unterminated === null ? parseChained(tail.lastLine ?? '') : null;
+        if (clean !== null) {
+            head = { seq: clean.seq, hash: clean.hash };
+            last = clean;
+        }
+        else if (tail.size > 0) {
+            // Rare (a crash, a full disk): read the file through to find its last record and count lines.
+            let lines = 0;
+            let lastLine = null;
+            let lastChained = null;
+            let unchained = 0;
+            for await (const line of readLines(file)) {
+                lines++;
+                lastLine = line;
+                const r = parseChained(line);
+                if (r !== null)
+                    lastChained = { seq: r.seq, hash: r.hash };
+                else if (line.startsWith('{'))
+                    unchained++;
+            }
+            if (lastChained === null && unchained > 0) {
+                throw new AuditStartError(`audit file ${file} holds records without a hash chain (written by an older gateway). ` +
+                    `Move it out of the series (e.g. mv ${file} ${dirname(file)}/pre-chain-${basename(file)}) and start again.`);
+            }
+            needsNewline = tail.unterminated !== null;
+            if (parseChained(lastLine ?? '') === null)
+                torn = { line: lines, sha256: lineDigest(lastLine ?? '') };
+            head = lastChained;
+        }
+        if (tail.size > 0)
+            fileFirstSeq = parseChained(await firstLine(file) ?? '')?.seq ?? null;
+    }
+    if (head === null) {
+        // The chain goes on from the newest closed file, which must be read to its end. One that cannot be read
+        // at all has no first seq and would be passed over: the chain would fork behind it.
+        const closed = (await seriesFiles(file)).filter(f => f.path !== file);
+        let unreadable = null;
+        for (const f of closed)
+            if (f.firstSeq === null)
+                unreadable ??= await readProblem(f.path);
+        const newest = closed.filter(f => f.firstSeq !== null).at(-1);
+        try {
+            if (unreadable !== null)
+                throw unreadable;
+            last = newest === undefined ? null : await lastRecord(newest.path);
+        }
+        catch (err) {
+            if (!(err instanceof AuditReadError))
+                throw err;
+            throw new AuditStartError(`${err.message}. The hash chain cannot go on from a file it cannot read: check the series ` +
+                '(ohmygpt-gateway audit verify), move the damaged file out of it, and start again.');
+        }
+        head = last === null ? GENESIS : { seq: last.seq, hash: last.hash };
+    }
+    return { head, fileFirstSeq, needsNewline, torn, last };
+}
+/** Replaces a closed file by its gzip; nothing to do when it is gone already (removed by rotate.keep meanwhile). */
+async function gzipFile(file) {
+    const target = file + GZIP_SUFFIX;
+    const temp = target + TEMP_SUFFIX;
+    try {
+        await pipeline(createReadStream(file), createGzip(), createWriteStream(temp));
+    }
+    catch (err) {
+        await unlink(temp).catch(() => { });
+        const e = err;
+        if (e.code === 'ENOENT' && e.path === file)
+            return;
+        throw err;
+    }
+    const fh = await open(temp, 'r+');
+    try {
+        await fh.sync();
+    }
+    finally {
+        await fh.close();
+    }
+    await rename(temp, target);
+    await unlink(file);
+}
+/** The active file of a chained series, its rotation and its housekeeping (gzip, keep). */
+class FileSink {
+    file;
+    head;
+    opts;
+    fh = null;
+    ino = 0;
+    dev = 0;
+    size = 0;
+    /** a write failed part-way: the file may end in part of a line, cut it back to `size` before writing */
+    dirty = false;
+    unsynced = false;
+    fileDay = '';
+    fileFirstSeq;
+    needsNewline;
+    /** lines written since the file was last seen in place, to write again if it turns out to have been removed */
+    recent = [];
+    recentBytes = 0;
+    replay = [];
+    housekeeping = Promise.resolve();
+    closing = false;
+    constructor(file, head, resume, opts) {
+        this.file = file;
+        this.head = head;
+        this.opts = opts;
+        this.fileFirstSeq = resume.fileFirstSeq;
+        this.needsNewline = resume.needsNewline;
+    }
+    /** Opens the active file at start: a file that cannot even be opened stops the start. */
+    async start() {
+        try {
+            await this.openActive();
+        }
+        catch (err) {
+            throw new AuditStartError(`cannot open audit file ${this.file}: ${errorSummary(err).code ?? errorSummary(err).message}`);
+        }
+        this.housekeep(null);
+    }
+    async openActive() {
+        makeDirectories(dirname(this.file)); // (a few stat calls, at start and on a reopen)
+        const fh = await open(this.file, 'a');
+        try {
+            const st = await fh.stat();
+            // The same file after a write failed part-way: keep the size of its whole lines, to cut the rest off.
+            if (!this.dirty || st.ino !== this.ino || st.dev !== this.dev) {
+                this.size = st.size;
+                this.dirty = false;
+            }
+            this.ino = st.ino;
+            this.dev = st.dev;
+            if (st.size === 0) {
+                this.fileFirstSeq = null;
+                this.fileDay = '';
+                this.needsNewline = false;
+            }
+            else {
+                this.fileDay = utcDay(st.mtimeMs);
+            }
+            for (const buf of this.replay)
+                await this.appendRaw(fh, buf);
+        }
+        catch (err) {
+            await fh.close().catch(() => { });
+            throw err;
+        }
+        this.replay = [];
+        this.fh = fh;
+    }
+    /**
+     * Writes bytes at the end of the file. Returns how many went in; on a failure part-way (a disk filling up),
+     * the error comes with the count, and the file is marked to be cut back before the next write.
+     */
+    async append(fh, buf) {
+        let offset = 0;
+        try {
+            while (offset < buf.length)
+                offset += (await fh.write(buf, offset)).bytesWritten;
+            return { bytes: offset };
+        }
+        catch (err) {
+            return { bytes: offset, error: err };
+        }
+    }
+    /** The first `bytes` of `buf` are in the file for good. */
+    accepted(buf, bytes) {
+        if (bytes === 0)
+            return;
+        const kept = buf.subarray(0, bytes);
+        this.size += bytes;
+        this.unsynced = true;
+        this.recent.push(kept);
+        this.recentBytes += bytes;
+        while (this.recentBytes > MAX_REPLAY_BYTES && this.recent.length > 1)
+            this.recentBytes -= this.recent.shift().length;
+    }
+    /**
+     * Appends sealed lines; returns how many are in the file whole. A write that fails part-way keeps the whole
+     * lines it got in (the chain moves on to the last of them), so a disk that frees up a little is used a little.
+     */
+    async appendLines(lines, now) {
+        const prefix = this.needsNewline ? '\n' : '';
+        const buf = Buffer.from(prefix + lines.map(l => l.line).join('\n') + '\n');
+        const { bytes, error } = await this.append(this.fh, buf);
+        let count = lines.length;
+        let whole = buf.length;
+        if (error !== undefined) {
+            count = 0;
+            whole = prefix.length;
+            while (count < lines.length && whole + Buffer.byteLength(lines[count].line) + 1 <= bytes) {
+                whole += Buffer.byteLength(lines[count].line) + 1;
+                count++;
+            }
+            if (bytes < whole)
+                whole = 0; // not even the newline before the first line went in
+            if (bytes > whole)
+                this.dirty = true;
+        }
+        this.accepted(buf, whole);
+        if (whole >= prefix.length && whole > 0)
+            this.needsNewline = false;
+        if (count > 0) {
+            if (this.fileFirstSeq === null) {
+                this.fileFirstSeq = lines[0].head.seq;
+                this.fileDay = utcDay(now);
+            }
+            this.head = lines[count - 1].head;
+        }
+        return { count, error };
+    }
+    /** Writes raw bytes (lines already sealed, written again into a new file): all of them, or an error. */
+    async appendRaw(fh, buf) {
+        const { bytes, error } = await this.append(fh, buf);
+        if (error !== undefined) {
+            if (bytes > 0)
+                this.dirty = true;
+            throw error;
+        }
+        this.accepted(buf, bytes);
+    }
+    async closeActive() {
+        const fh = this.fh;
+        this.fh = null;
+        if (fh === null)
+            return;
+        if (this.dirty)
+            await this.cutBack(fh).catch(() => { });
+        try {
+            if (this.unsynced)
+                await fh.datasync();
+            this.unsynced = false;
+        }
+        finally {
+            await fh.close();
+        }
+    }
+    async write(records) {
+        let written = 0;
+        try {
+            if (this.fh === null)
+                await this.openActive();
+            if (this.dirty)
+                await this.cutBack(this.fh);
+            const now = this.opts.now();
+            // A file that ends in a torn line is not closed before the record acknowledging it is in (verify looks for
+            // the two in the same file).
+            const torn = this.needsNewline;
+            if (this.opts.rotate.daily && this.size > 0 && this.fileDay !== utcDay(now) && !torn)
+                await this.rotate(now);
+            let head = this.head;
+            let lines = [];
+            let bytes = 0;
+            const maxBytes = this.opts.rotate.maxBytes;
+            const commit = async () => {
+                if (lines.length === 0)
+                    return;
+                const { count, error } = await this.appendLines(lines, now);
+                written += count;
+                if (error !== undefined)
+                    throw error;
+                lines = [];
+                bytes = 0;
+            };
+            for (const record of records) {
+                if (torn && lines.length === 1 && written === 0) {
+                    // The acknowledgement is in: the rotation put off for it happens now.
+                    await commit();
+                    if (this.opts.rotate.daily && this.fileDay !== utcDay(now))
+                        await this.rotate(now);
+                }
+                const sealed = seal(record, head, this.opts.hasher);
+                const lineBytes = Buffer.byteLength(sealed.line) + 1;
+                if (maxBytes !== undefined && this.size + bytes + lineBytes > maxBytes && this.size + bytes > 0 && !(torn && lines.length === 0)) {
+                    await commit();
+                    await this.rotate(now);
+                }
+                lines.push(sealed);
+                bytes += lineBytes;
+                head = sealed.head;
+            }
+            await commit();
+            if (this.opts.fsync === 'every')
+                await this.sync();
+            return { written };
+        }
+        catch (err) {
+            // The file may have been replaced or gone bad: the next attempt opens the path again.
+            await this.closeActive().catch(() => { });
+            return { written, error: err };
+        }
+    }
+    /** Cuts off the part of a line a failed write left at the end, so that the file ends with a whole record. */
+    async cutBack(fh) {
+        const st = await fh.stat();
+        if (st.isFile() && st.size !== this.size)
+            await fh.truncate(this.size);
+        this.dirty = false;
+    }
+    async sync() {
+        if (this.fh === null || !this.unsynced)
+            return;
+        this.unsynced = false;
+        await this.fh.datasync();
+    }
+    async rotate(now) {
+        await this.closeActive();
+        const target = rotatedName(this.file, now, this.fileFirstSeq ?? this.head.seq + 1);
+        await rename(this.file, target);
+        this.recent = [];
+        this.recentBytes = 0;
+        this.opts.log.info({ file: target }, 'audit: rotated');
+        await this.openActive();
+        this.housekeep(target);
+    }
+    /** gzip and keep, in the background: a slow gzip never holds up a write. */
+    housekeep(closedFile) {
+        const { gzip, keep } = this.opts.rotate;
+        if (!gzip && keep === 0)
+            return;
+        this.housekeeping = this.housekeeping.then(async () => {
+            if (gzip) {
+                // At start: files a stopped gateway left half done (a plain rotated file, a partial .gz).
+                const plain = closedFile !== null
+                    ? [closedFile]
+                    : (await seriesFiles(this.file)).map(f => f.path).filter(p => isOwnRotated(this.file, p) && !p.endsWith(GZIP_SUFFIX));
+                if (closedFile === null) {
+                    const dir = dirname(this.file);
+                    const partial = (await readdir(dir)).filter(n => n.startsWith(basename(this.file) + '.') && n.endsWith(GZIP_SUFFIX + TEMP_SUFFIX));
+                    for (const name of partial)
+                        await unlink(join(dir, name)).catch(() => { });
+                }
+                for (const p of plain)
+                    await gzipFile(p);
+            }
+            // Pruning is recorded in the chain, so once the file is closed it waits for the next start.
+            if (keep > 0 && !this.closing)
+                await this.prune(keep);
+        }).catch((err) => {
+            this.opts.log.error({ err: errorSummary(err) }, 'audit: housekeeping of closed files failed');
+        });
+    }
+    /** Removes the oldest closed files beyond `keep`, and records in the chain what was removed and up to where. */
+    async prune(keep) {
+        const closed = (await seriesFiles(this.file)).filter(f => f.path !== this.file);
+        const remove = closed.slice(0, Math.max(0, closed.length - keep));
+        const oldestKept = closed[remove.length];
+        if (remove.length === 0 || oldestKept === undefined)
+            return;
+        const first = parseChained(await firstLine(oldestKept.path) ?? '');
+        if (first === null) {
+            this.opts.log.error({ file: oldestKept.path }, 'audit: not pruning: the oldest kept file does not start with a record');
+            return;
+        }
+        await this.opts.prune({
+            time: new Date(this.opts.now()).toISOString(), event: 'audit.pruned', files: remove.map(f => basename(f.path)),
+            throughSeq: first.seq - 1, throughHash: first.prevHash
+        }, remove.map(f => f.path));
+    }
+    async reopen() {
+        await this.closeActive().catch(() => { });
+        this.recent = [];
+        this.recentBytes = 0;
+        await this.openActive().catch(() => { }); // a failure shows at the next write, which retries
+        this.opts.log.info({ file: this.file }, 'audit: reopened');
+    }
+    async tick() {
+        if (this.opts.fsync === 'interval') {
+            try {
+                await this.sync();
+            }
+            catch (err) {
+                return err;
+            }
+        }
+        if (this.fh === null)
+            return undefined;
+        let current;
+        try {
+            current = await stat(this.file);
+        }
+        catch {
+            current = null;
+        }
+        if (current !== null && current.ino === this.ino && current.dev === this.dev) {
+            this.recent = [];
+            this.recentBytes = 0;
+            return undefined;
+        }
+        const removed = (await this.fh.stat()).nlink === 0;
+        if (removed)
+            this.replay = this.recent;
+        this.recent = [];
+        this.recentBytes = 0;
+        this.opts.log.warn({ file: this.file, rewritten: removed ? this.replay.length : 0 }, `audit: the file was ${current === null ? 'removed' : 'replaced'} by something else; reopening it` +
+            (removed ? ' and writing again the records that went into the removed file' : ''));
+        await this.closeActive().catch(() => { });
+        try {
+            await this.openActive();
+        }
+        catch (err) {
+            return err;
+        }
+        return undefined;
+    }
+    async settle() {
+        // A step under way can add another (a pruning's record rotates the file, whose gzip follows): wait for all.
+        let seen;
+        do {
+            seen = this.housekeeping;
+            await seen;
+        } while (seen !== this.housekeeping);
+    }
+    async close() {
+        this.closing = true;
+        try {
+            await this.closeActive();
+        }
+        finally {
+            await this.opts.lock.release();
+        }
+    }
+}
+export async function openAuditWriter(opts) {
+    const now = opts.now ?? Date.now;
+    const hint = opts.onFailure === 'open'
+        ? 'calls are still served (audit.onFailure: open), and records that do not fit the buffer are lost'
+        : 'API calls are refused with 503 audit_unavailable until a write succeeds (audit.onFailure: closed)';
+    if (opts.file === '-') {
+        opts.log.warn({}, 'audit: records go to stdout (audit.file "-"): no hash chain, no rotation, no lock, no fsync');
+        const writer = new Writer(opts.log, opts.maxPending ?? MAX_PENDING, now, hint);
+        writer.attach(new StreamSink(opts.stdout ?? process.stdout));
+        return writer;
+    }
+    makeDirectories(dirname(opts.file));
+    const lock = await acquireLock(opts.file, holder => {
+        opts.log.warn({ holder }, 'audit: taking over a stale lock left by a gateway that is gone');
+    });
+    try {
+        const resume = await resumePoint(opts.file);
+        const hasher = chainHasher(opts.hmacKey);
+        if (resume.last !== null && expectedHash(resume.last, hasher) !== resume.last.hash) {
+            opts.log.warn({ file: opts.file, seq: resume.last.seq }, `audit: the last record does not verify ${opts.hmacKey === undefined ? 'without an HMAC key' : 'with this AUDIT_HMAC_KEY'} ` +
+                '(key added, removed or changed, or the record was edited); the chain goes on from it, and verify will show where');
+        }
+        const writer = new Writer(opts.log, opts.maxPending ?? MAX_PENDING, now, hint);
+        const sink = new FileSink(opts.file, resume.head, resume, {
+            hasher,
+            fsync: opts.fsync,
+            rotate: opts.rotate,
+            log: opts.log,
+            lock,
+            now,
+            prune: async (event, files) => { await writer.prune(event, files); }
+        });
+        writer.attach(sink);
+        if (resume.torn !== null) {
+            opts.log.warn({ file: opts.file, line: resume.torn.line }, 'audit: the last line of the file is torn (the previous writer stopped mid-record); it is kept, and a record saying so starts a new segment');
+            writer.addEvent({ time: new Date(now()).toISOString(), event: 'audit.torn_line', ...resume.torn });
+        }
+        opts.log.info({ file: opts.file, seq: resume.head.seq + 1, fsync: opts.fsync, hmac: opts.hmacKey !== undefined }, resume.head.seq === 0 ? 'audit: starting a new hash chain' : 'audit: continuing the hash chain');
+        await sink.start();
+        return writer;
+    }
+    catch (err) {
+        await lock.release();
+        throw err;
+    }
+}
+//# sourceMappingURL=writer.js.map

@@ -1,0 +1,514 @@
+// Loads the gateway's YAML config: parse, fill ${VAR} / ${VAR:-default} from the environment, validate against
+// one schema (which is also where the TypeScript type and the defaults come from), check what a schema cannot
+// (unique ids and digests), and return a frozen object. No other module reads process.env.
+import { readFileSync } from 'node:fs';
+import { Type } from '@sinclair/typebox';
+import proxyAddr from '@fastify/proxy-addr';
+import { Ajv } from 'ajv';
+import { parse as parseYaml, YAMLParseError } from 'yaml';
+/** metrics.listen: host:port ([v6]:port), the port 0–65535. */
+const METRICS_LISTEN_PATTERN = '^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})$';
+/** Where the audit trail goes when the config does not say. */
+const DEFAULT_AUDIT_FILE = './audit/audit.jsonl';
+export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml';
+/** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
+const SECRET_PATTERN = '^[\\x21-\\x7e]+$';
+// admin: act on every conversation, whoever created it (ownership only; the operation's own scope is still needed).
+const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')]);
+const DIGEST = Type.String({ pattern: '^[0-9a-f]{64}$' });
+/** One of a client's keys, for rotation without downtime: several may be valid at once, each until expiresAt. */
+const Key = Type.Object({
+    id: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$' }),
+    sha256: DIGEST,
+    /** ISO 8601 time after which the key is refused (401) */
+    expiresAt: Type.Optional(Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|[+-]\\d{2}:\\d{2})$' }))
+}, { additionalProperties: false });
+const Client = Type.Object({
+    id: Type.String({ pattern: '^[a-z0-9._-]{1,64}$' }),
+    /** the single-key form; `keys` is the rotating form; a client has one or the other */
+    keySha256: Type.Optional(DIGEST),
+    keys: Type.Optional(Type.Array(Key, { minItems: 1 })),
+    scopes: Type.Array(Scope, { minItems: 1, uniqueItems: true }),
+    rateLimit: Type.Object({
+        requestsPerMinute: Type.Integer({ minimum: 1, default: 600 }),
+        burst: Type.Integer({ minimum: 1, default: 60 }),
+        /** this client's concurrent upstream calls; none when absent */
+        maxConcurrent: Type.Optional(Type.Integer({ minimum: 1 })),
+        /** model tokens (input + output, from each answer's usage) per minute; none when absent */
+        tokensPerMinute: Type.Optional(Type.Integer({ minimum: 1 }))
+    }, { additionalProperties: false, default: {} }),
+    /** models this client may ask for in POST /v1/responses: globs (`*` any run of characters, `?` one); all when absent */
+    models: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }))
+}, { additionalProperties: false });
+export const ConfigSchema = Type.Object({
+    listen: Type.Object({
+        host: Type.String({ minLength: 1, default: '0.0.0.0' }),
+        port: Type.Integer({ minimum: 0, maximum: 65535, default: 8080 }),
+        /** a request's headers must arrive within this (slowloris) → 408 */
+        headersTimeoutMs: Type.Integer({ minimum: 1, default: 20000 }),
+        /** the whole request, body included, must arrive within this → 408 */
+        requestTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+        /** an idle kept-alive connection is closed after this */
+        keepAliveTimeoutMs: Type.Integer({ minimum: 1, default: 72000 }),
+        /** a client that reads nothing of its answer for this long is cut off */
+        sendTimeoutMs: Type.Integer({ minimum: 1, default: 30000 }),
+        /** connections beyond this are refused */
+        maxConnections: Type.Integer({ minimum: 1, default: 10000 })
+    }, { additionalProperties: false, default: {} }),
+    /** the load balancers in front whose X-Forwarded-For is believed (addresses or CIDRs); false: none */
+    trustProxy: Type.Union([Type.Literal(false), Type.Array(Type.String({ minLength: 1 }), { minItems: 1 })], { default: false }),
+    log: Type.Object({
+        level: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info' })
+    }, { additionalProperties: false, default: {} }),
+    upstream: Type.Object({
+        baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
+        /** the OhMyGPT token, from the environment (`${OHMYGPT_API_KEY}`); or: */
+        apiKey: Type.Optional(Type.String({ minLength: 1, pattern: SECRET_PATTERN })),
+        /** a file holding the token (a mounted secret), read at start and on every reload: rotation without restart */
+        apiKeyFile: Type.Optional(Type.String({ minLength: 1 })),
+        /** connection (TCP and TLS) to a line */
+        connectTimeoutMs: Type.Integer({ minimum: 1, default: 5000 }),
+        /** response headers, from the call's start: waiting for a pooled connection and every retry included */
+        timeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+        /** longest silence between two chunks of a response body */
+        bodyTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+        failureThreshold: Type.Integer({ minimum: 1, default: 3 }),
+        cooldownMs: Type.Integer({ minimum: 1, default: 30000 }),
+        retries: Type.Integer({ minimum: 0, default: 1 }),
+        /** connections kept to each line */
+        maxConnections: Type.Integer({ minimum: 1, default: 128 }),
+        caFile: Type.Optional(Type.String({ minLength: 1 }))
+    }, { additionalProperties: false }),
+    limits: Type.Object({
+        bodyBytes: Type.Integer({ minimum: 1, default: 4194304 }),
+        /** concurrent upstream calls, all clients together; above it, 503 overloaded at once */
+        maxInFlight: Type.Integer({ minimum: 1, default: 1024 }),
+        /** failed key checks per source address and minute; above it, 429 too_many_auth_failures */
+        authFailuresPerMinute: Type.Integer({ minimum: 1, default: 30 })
+    }, { additionalProperties: false, default: {} }),
+    store: Type.Object({
+        url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
+        timeoutMs: Type.Integer({ minimum: 1, default: 50 }),
+        onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' })
+    }, { additionalProperties: false, default: {} }),
+    clients: Type.Array(Client, { default: [] }),
+    ownership: Type.Object({
+        /** conversations not created through the gateway (no owner in their metadata) */
+        unowned: Type.Union([Type.Literal('deny'), Type.Literal('allow')], { default: 'deny' }),
+        cacheTtlMs: Type.Integer({ minimum: 1, default: 600000 }),
+        cacheSize: Type.Integer({ minimum: 1, default: 100000 }),
+        /** how long an upstream 404 is remembered as "no such conversation" */
+        notFoundTtlMs: Type.Integer({ minimum: 0, default: 5000 })
+    }, { additionalProperties: false, default: {} }),
+    audit: Type.Object({
+        file: Type.String({ minLength: 1, default: DEFAULT_AUDIT_FILE }),
+        fsync: Type.Union([Type.Literal('off'), Type.Literal('interval'), Type.Literal('every')], { default: 'interval' }),
+        onFailure: Type.Union([Type.Literal('closed'), Type.Literal('open')], { default: 'closed' }),
+        rotate: Type.Object({
+            maxBytes: Type.Optional(Type.Integer({ minimum: 4096 })),
+            daily: Type.Boolean({ default: false }),
+            keep: Type.Integer({ minimum: 0, default: 0 }),
+            gzip: Type.Boolean({ default: false })
+        }, { additionalProperties: false, default: {} })
+    }, { additionalProperties: false, default: {} }),
+    /** SIGTERM/SIGINT/SIGQUIT: how the gateway stops (server.ts) */
+    shutdown: Type.Object({
+        /** /readyz answers 503 at once, and the gateway keeps serving this long before it stops accepting */
+        drainDelayMs: Type.Integer({ minimum: 0, default: 0 }),
+        /** then in-flight calls get this long to finish; past it they are aborted (audited aborted), exit 1 */
+        graceMs: Type.Integer({ minimum: 1, default: 30000 })
+    }, { additionalProperties: false, default: {} }),
+    metrics: Type.Object({
+        listen: Type.Optional(Type.String({ pattern: METRICS_LISTEN_PATTERN })),
+        token: Type.Optional(Type.String({ minLength: 16 }))
+    }, { additionalProperties: false, default: {} })
+}, { additionalProperties: false });
+export class ConfigError extends Error {
+    problems;
+    constructor(source, problems) {
+        super(`invalid config ${source}:\n${problems.map(p => `  - ${p}`).join('\n')}`);
+        this.name = 'ConfigError';
+        this.problems = problems;
+    }
+}
+// No type coercion here: a YAML boolean is never a number. Only a string that came from a ${VAR} may be read as
+// a number or a boolean (coercePlaceholders below).
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: true });
+const validate = ajv.compile(ConfigSchema);
+function pointerParts(pointer) {
+    return pointer.split('/').slice(1).map(p => p.replace(/~1/g, '/').replace(/~0/g, '~'));
+}
+/** `/clients/0/keySha256` → `clients[0].keySha256` */
+function fieldPath(pointer) {
+    const parts = pointerParts(pointer);
+    return parts.reduce((out, p) => /^\d+$/.test(p) ? `${out}[${p}]` : out ? `${out}.${p}` : p, '') || '(root)';
+}
+const TYPE_WORDS = {
+    array: 'a list', object: 'a map', string: 'a string', integer: 'an integer', number: 'a number', boolean: 'true or false'
+};
+/**
+ * Ajv's errors in our words. A value that fits none of a union's forms (log.level's words, a scope, trustProxy's
+ * false or list) comes as one error per form and an 'anyOf': said once, naming the forms.
+ */
+function describeAll(errors) {
+    const unions = new Set(errors.filter(e => e.keyword === 'anyOf').map(e => e.instancePath));
+    const under = (path) => (e) => e.instancePath.startsWith(path + '/');
+    const consts = new Map();
+    const types = new Map();
+    for (const e of errors) {
+        if (!unions.has(e.instancePath))
+            continue;
+        if (e.keyword === 'const')
+            consts.set(e.instancePath, [...(consts.get(e.instancePath) ?? []), e.params.allowedValue]);
+        if (e.keyword === 'type')
+            types.set(e.instancePath, [...(types.get(e.instancePath) ?? []), String(e.params.type)]);
+    }
+    return errors.flatMap(e => {
+        if (!unions.has(e.instancePath))
+            return [describe(e)];
+        // The value has the form of one of the union's members and breaks a rule of it (an empty list, a bad item):
+        // that rule is the error, not the union.
+        const specific = errors.filter(x => x.instancePath === e.instancePath && !['anyOf', 'const', 'type'].includes(x.keyword));
+        if (specific.length > 0 || errors.some(under(e.instancePath)))
+            return specific.includes(e) ? [describe(e)] : [];
+        if (e.keyword !== 'anyOf')
+            return [];
+        const words = consts.get(e.instancePath) ?? [];
+        // A literal's own type (log.level's words are strings) is no form of its own; a list or a map is.
+        const literalTypes = new Set(words.map(w => typeof w));
+        const forms = [...new Set((types.get(e.instancePath) ?? []).filter(t => !literalTypes.has(t === 'integer' ? 'number' : t)))]
+            .map(t => TYPE_WORDS[t] ?? t);
+        const named = [...words.map(w => JSON.stringify(w)), ...forms];
+        return [`${fieldPath(e.instancePath)}: must be ${named.length > 0 ? `one of ${named.join(', ')}` : 'another value'}`];
+    });
+}
+function describe(e) {
+    const at = fieldPath(e.instancePath);
+    if (at.endsWith('.keySha256') && (e.keyword === 'pattern' || e.keyword === 'type')) {
+        return `${at}: must be 64 lowercase hex characters (quote it in YAML)`;
+    }
+    switch (e.keyword) {
+        case 'additionalProperties':
+            return `${at === '(root)' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`;
+        case 'required':
+            return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`;
+        case 'pattern':
+            if (e.params.pattern === SECRET_PATTERN) {
+                return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`;
+            }
+            if (at === 'store.url')
+                return `${at}: ${STORE_URL_FORM}`;
+            if (e.params.pattern === METRICS_LISTEN_PATTERN)
+                return `${at}: must be host:port with a port from 0 to 65535 (127.0.0.1:9464)`;
+            return `${at}: must match ${String(e.params.pattern)}`;
+        default:
+            return `${at}: ${e.message ?? 'is invalid'}`;
+    }
+}
+/** Index of the `}` closing the placeholder whose body starts at `from`, counting nested `${`; -1 if none. */
+function closingBrace(text, from) {
+    let depth = 1;
+    for (let i = from; i < text.length; i++) {
+        if (text.startsWith('${', i)) {
+            depth++;
+            i++;
+        }
+        else if (text[i] === '}' && --depth === 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+const PLACEHOLDER_BODY = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/;
+/**
+ * Fills ${VAR} and ${VAR:-default} in one string. A default may itself hold placeholders (`${A:-${B}}`); a value
+ * from the environment is taken as it is, never expanded again. Text that is not a placeholder stays literal.
+ */
+function expand(text, env, unset) {
+    let out = '';
+    let at = 0;
+    for (let start = text.indexOf('${'); start !== -1; start = text.indexOf('${', at)) {
+        const end = closingBrace(text, start + 2);
+        if (end === -1)
+            break;
+        out += text.slice(at, start);
+        at = end + 1;
+        const m = PLACEHOLDER_BODY.exec(text.slice(start + 2, end));
+        if (m === null) {
+            out += text.slice(start, at);
+            continue;
+        }
+        const [, name, fallback] = m;
+        const value = env[name];
+        if (value !== undefined && value !== '')
+            out += value;
+        else if (fallback !== undefined)
+            out += expand(fallback, env, unset);
+        else
+            unset(name);
+    }
+    return out + text.slice(at);
+}
+/**
+ * Replaces placeholders in every string of the parsed tree; values never re-enter the YAML parser. Returns the new
+ * tree and the JSON pointers of the strings that held a placeholder: only those may be read as numbers/booleans.
+ */
+function interpolate(node, env, path, problems, filled) {
+    if (typeof node === 'string') {
+        if (!node.includes('${'))
+            return node;
+        filled.add(path);
+        return expand(node, env, name => {
+            problems.push(`${fieldPath(path)}: environment variable ${name} is not set`);
+        });
+    }
+    if (Array.isArray(node))
+        return node.map((v, i) => interpolate(v, env, `${path}/${i}`, problems, filled));
+    if (node !== null && typeof node === 'object') {
+        return Object.fromEntries(Object.entries(node).map(([k, v]) => [k, interpolate(v, env, `${path}/${k.replace(/~/g, '~0').replace(/\//g, '~1')}`, problems, filled)]));
+    }
+    return node;
+}
+/** Reads a placeholder's string as the number or boolean the schema wants there; undefined if it is not one. */
+function asType(value, type) {
+    const text = value.trim();
+    if ((type === 'integer' || type === 'number') && /^-?\d+(\.\d+)?$/.test(text))
+        return Number(text);
+    if (type === 'boolean' && (text === 'true' || text === 'false'))
+        return text === 'true';
+    return undefined;
+}
+/** The parent object of a JSON pointer's target, and the target's key in it. */
+function locate(root, pointer) {
+    const parts = pointerParts(pointer);
+    const key = parts.pop();
+    let parent = root;
+    for (const p of parts)
+        parent = parent[p];
+    return { parent, key };
+}
+/**
+ * Validates; where a type error falls on a string that came from a placeholder, reads it as the wanted type and
+ * validates again. Nothing else is ever coerced.
+ */
+function validateWithPlaceholders(candidate, filled) {
+    for (;;) {
+        if (validate(candidate))
+            return true;
+        let changed = false;
+        for (const e of validate.errors ?? []) {
+            if (e.keyword !== 'type' || !filled.has(e.instancePath))
+                continue;
+            const { parent, key } = locate(candidate, e.instancePath);
+            const current = parent[key];
+            const typed = typeof current === 'string' ? asType(current, e.params.type) : undefined;
+            if (typed === undefined)
+                continue;
+            parent[key] = typed;
+            changed = true;
+        }
+        if (!changed)
+            return false;
+    }
+}
+function duplicateIds(clients) {
+    const seen = new Map();
+    const problems = [];
+    clients.forEach((c, i) => {
+        const first = seen.get(c.id);
+        if (first === undefined)
+            seen.set(c.id, i);
+        else
+            problems.push(`clients[${i}].id: duplicates clients[${first}].id`);
+    });
+    return problems;
+}
+/** Each client has exactly one key form; every digest belongs to one key; ids and times are sound. */
+function keyProblems(clients) {
+    const problems = [];
+    const digests = new Map();
+    clients.forEach((c, i) => {
+        if ((c.keySha256 === undefined) === (c.keys === undefined)) {
+            problems.push(`clients[${i}]: give either keySha256 or keys, not ${c.keySha256 === undefined ? 'neither' : 'both'}`);
+        }
+        const owned = c.keySha256 === undefined ? [] : [[`clients[${i}].keySha256`, c.keySha256]];
+        const keyIds = new Set();
+        c.keys?.forEach((k, j) => {
+            owned.push([`clients[${i}].keys[${j}].sha256`, k.sha256]);
+            if (keyIds.has(k.id))
+                problems.push(`clients[${i}].keys[${j}].id: duplicates another key id of this client`);
+            keyIds.add(k.id);
+            if (k.expiresAt !== undefined && Number.isNaN(Date.parse(k.expiresAt))) {
+                problems.push(`clients[${i}].keys[${j}].expiresAt: not a valid time`);
+            }
+        });
+        for (const [at, digest] of owned) {
+            const first = digests.get(digest);
+            if (first === undefined)
+                digests.set(digest, at);
+            else
+                problems.push(`${at}: duplicates ${first}`);
+        }
+    });
+    return problems;
+}
+/**
+ * Exactly one of upstream.apiKey and upstream.apiKeyFile. The file's token goes into `apiKey` (one trailing line
+ * break, as secret files often end, is not part of it); the file's path is never part of a message's secret.
+ */
+function upstreamKey(upstream) {
+    const { apiKey, apiKeyFile } = upstream;
+    if (apiKeyFile === undefined)
+        return apiKey === undefined ? ['upstream.apiKey: is required (or upstream.apiKeyFile)'] : [];
+    if (apiKey !== undefined)
+        return ['upstream: give either apiKey or apiKeyFile, not both'];
+    let text;
+    try {
+        text = readFileSync(apiKeyFile, 'utf8').replace(/\r?\n$/, '');
+    }
+    catch (err) {
+        return [`upstream.apiKeyFile: cannot read ${apiKeyFile}: ${err.code ?? String(err)}`];
+    }
+    if (!new RegExp(SECRET_PATTERN).test(text)) {
+        return ['upstream.apiKeyFile: the file must hold the token alone: no spaces, control characters or further lines'];
+    }
+    upstream.apiKey = text;
+    return [];
+}
+function unreadable(file, path) {
+    if (file === undefined)
+        return [];
+    try {
+        readFileSync(file);
+        return [];
+    }
+    catch (err) {
+        return [`${path}: cannot read ${file}: ${err.code ?? String(err)}`];
+    }
+}
+const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]';
+/** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
+/** Each trustProxy entry as Fastify will compile it (@fastify/proxy-addr): a bad one would stop the start later. */
+function trustProxyProblems(trustProxy) {
+    if (trustProxy === false)
+        return [];
+    return trustProxy.flatMap((entry, i) => {
+        try {
+            proxyAddr.compile([entry]);
+            return [];
+        }
+        catch (err) {
+            return [`trustProxy[${i}]: ${err.message} (give an address, a CIDR such as 10.0.0.0/8, or loopback, linklocal, uniquelocal)`];
+        }
+    });
+}
+function storeUrlProblems(url) {
+    if (url === 'memory://')
+        return [];
+    let parsed;
+    try {
+        parsed = new URL(url);
+    }
+    catch {
+        return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / in the password)`];
+    }
+    if (parsed.hostname === '')
+        return [`store.url: ${STORE_URL_FORM}`];
+    if (!/^(\/\d{0,9})?$/.test(parsed.pathname))
+        return ['store.url: the path must be a database number, e.g. /0'];
+    if (parsed.search !== '' || parsed.hash !== '')
+        return ['store.url: query options and fragments are not supported'];
+    return [];
+}
+function deepFreeze(value) {
+    if (value !== null && typeof value === 'object') {
+        for (const v of Object.values(value))
+            deepFreeze(v);
+        Object.freeze(value);
+    }
+    return value;
+}
+/** Validates an already-parsed config object (tests build these directly). */
+export function parseConfig(raw, env = {}, source = '(object)') {
+    const problems = [];
+    const filled = new Set();
+    // interpolate builds a fresh tree, so validation's defaults never touch the caller's object
+    const candidate = interpolate(raw ?? {}, env, '', problems, filled);
+    if (!validateWithPlaceholders(candidate, filled)) {
+        // A field already reported as an unset variable is not reported again for being empty.
+        const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))));
+        problems.push(...describeAll(validate.errors ?? []).filter(p => !unset.has(p.slice(0, p.indexOf(':')))));
+        // the schema cannot say "one of the two" plainly; say it here too, with the rest
+        const upstream = candidate.upstream;
+        if (upstream !== null && typeof upstream === 'object' && !('apiKey' in upstream) && !('apiKeyFile' in upstream)) {
+            problems.push('upstream.apiKey: is required (or upstream.apiKeyFile)');
+        }
+    }
+    else {
+        problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients));
+        problems.push(...upstreamKey(candidate.upstream));
+        problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'));
+        if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
+            problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs');
+        }
+        problems.push(...storeUrlProblems(candidate.store.url));
+        problems.push(...trustProxyProblems(candidate.trustProxy));
+        const metricsAt = candidate.metrics.listen;
+        if (metricsAt !== undefined && candidate.listen.port !== 0 && metricsAt === `${candidate.listen.host}:${candidate.listen.port}`) {
+            problems.push('metrics.listen: is the API\'s own listen.host:port; give the metrics a port of their own');
+        }
+    }
+    if (problems.length > 0)
+        throw new ConfigError(source, [...new Set(problems)]);
+    return deepFreeze(candidate);
+}
+export function resolveConfigPath(flag, env) {
+    return flag ?? env.GATEWAY_CONFIG ?? DEFAULT_CONFIG_FILE;
+}
+function readConfigFile(file) {
+    let text;
+    try {
+        text = readFileSync(file, 'utf8');
+    }
+    catch (err) {
+        throw new ConfigError(file, [`cannot read the file: ${err.code ?? String(err)}`]);
+    }
+    try {
+        // logLevel 'error': the parser's warnings (an unknown !tag) would be printed with the lines around them.
+        return parseYaml(text, { logLevel: 'error' });
+    }
+    catch (err) {
+        // The parser's message ends with the lines around the error, which may hold the token or a key: only its
+        // first line (what and where) is kept.
+        if (err instanceof YAMLParseError)
+            throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0].replace(/:$/, '')}`]);
+        // An unquoted value starting with * is read as an alias, and the error names it: the value itself.
+        if (err instanceof ReferenceError) {
+            throw new ConfigError(file, ['YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted']);
+        }
+        throw err;
+    }
+}
+export function loadConfig(file, env) {
+    return parseConfig(readConfigFile(file), env, file);
+}
+/**
+ * Only `audit.file` of a config file, for the audit commands: whoever verifies or searches the trail needs none
+ * of the gateway's secrets (the upstream token, the keys' variables), so nothing else is read or required.
+ */
+export function loadAuditFile(file, env) {
+    const raw = readConfigFile(file);
+    const audit = raw?.audit;
+    if (audit !== undefined && (audit === null || typeof audit !== 'object' || Array.isArray(audit))) {
+        throw new ConfigError(file, ['audit: must be a map']);
+    }
+    const value = audit === undefined || !Object.hasOwn(audit, 'file') ? DEFAULT_AUDIT_FILE : audit.file;
+    const problems = [];
+    const filled = interpolate(value, env, '/audit/file', problems, new Set());
+    if (problems.length === 0 && (typeof filled !== 'string' || filled === ''))
+        problems.push('audit.file: must be a path or "-"');
+    if (problems.length > 0)
+        throw new ConfigError(file, problems);
+    return filled;
+}
+//# sourceMappingURL=config.js.map

@@ -1,0 +1,81 @@
+// Every error the gateway itself answers with. Each has an HTTP status, the OpenAI error `type` and a stable
+// `code`; the error handler in app.ts is the one place that turns any error into OpenAI's envelope.
+// The README's error table mirrors this list.
+import createError from '@fastify/error';
+function outcomeOf(status, type) {
+    if (status === 401 || status === 403)
+        return 'denied';
+    if (status === 429)
+        return 'rate_limited';
+    if (status === 502 || status === 504)
+        return 'upstream_error';
+    if (status === 503)
+        return 'unavailable';
+    if (type === 'server_error')
+        return 'error';
+    return 'invalid';
+}
+function define(code, status, type, message, options = {}) {
+    const Base = createError(code, message, status);
+    const outcome = options.outcome ?? outcomeOf(status, type);
+    return class extends Base {
+        type = type;
+        outcome = outcome;
+        param = options.param ?? null;
+        headers;
+        constructor(...args) {
+            super(...args);
+            this.code = code; // @fastify/error upper-cases codes; OpenAI's are lower snake case
+            // @fastify/error names the class after the code; keep the name stable for logs.
+            this.name = 'GatewayError';
+        }
+    };
+}
+export const InvalidIdError = define('invalid_id', 400, 'invalid_request_error', 'Invalid %s: it must match ^[A-Za-z0-9_-]{1,200}$.');
+export const InvalidJsonError = define('invalid_json', 400, 'invalid_request_error', 'The request body is not valid JSON.');
+export const InvalidRequestError = define('invalid_request', 400, 'invalid_request_error', 'The request could not be understood: %s');
+export const ReservedMetadataKeyError = define('reserved_metadata_key', 400, 'invalid_request_error', 'The metadata key "gateway_owner" is reserved by the gateway.', { param: 'metadata' });
+export const MetadataLimitError = define('metadata_limit', 400, 'invalid_request_error', 'Metadata can have at most 15 keys through this gateway (OpenAI allows 16; the gateway keeps one).', { param: 'metadata' });
+export const InvalidMetadataError = define('invalid_metadata', 400, 'invalid_request_error', 'The request body must be a JSON object and its metadata an object of strings.', { param: 'metadata' });
+export const UpgradeNotSupportedError = define('upgrade_not_supported', 400, 'invalid_request_error', 'Protocol upgrades (WebSocket) are not supported by this gateway.');
+export const MissingHostError = define('missing_host', 400, 'invalid_request_error', 'The request has no Host header, which HTTP/1.1 requires.');
+export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error', 'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".');
+export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_request_error', "Invalid type for 'model': expected a string.", { param: 'model' });
+export const ModelRequiredError = define('model_not_allowed', 403, 'invalid_request_error', 'This key may only use some models: name one in "model" (a stored prompt\'s own model cannot be checked).', { param: 'model', outcome: 'denied' });
+export const BackgroundNotAllowedError = define('background_not_allowed', 403, 'invalid_request_error', 'Background responses are not available to a key with a token budget: their usage could not be charged.', { param: 'background', outcome: 'denied' });
+export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error', 'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' });
+export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error', 'This key lacks the "%s" scope required for %s.');
+export const UnknownRouteError = define('unknown_route', 404, 'invalid_request_error', 'Unknown route: %s %s. This gateway serves only the /v1/conversations and /v1/responses routes.');
+// Another client's conversation and one that does not exist get the same answer, byte for byte: only the audit
+// tells them apart.
+export const ConversationNotFoundError = define('conversation_not_found', 404, 'invalid_request_error', "Conversation with id '%s' not found.", { param: 'conversation_id' });
+export const ConversationNotOwnedError = define('conversation_not_found', 404, 'invalid_request_error', "Conversation with id '%s' not found.", { param: 'conversation_id', outcome: 'denied' });
+export const ResponseNotFoundError = define('response_not_found', 404, 'invalid_request_error', "Response with id '%s' not found.", { param: 'response_id' });
+export const ResponseNotOwnedError = define('response_not_found', 404, 'invalid_request_error', "Response with id '%s' not found.", { param: 'response_id', outcome: 'denied' });
+export const PreviousResponseNotFoundError = define('previous_response_not_found', 404, 'invalid_request_error', "Previous response with id '%s' not found.", { param: 'previous_response_id' });
+export const PreviousResponseNotOwnedError = define('previous_response_not_found', 404, 'invalid_request_error', "Previous response with id '%s' not found.", { param: 'previous_response_id', outcome: 'denied' });
+export const MethodNotAllowedError = define('method_not_allowed', 405, 'invalid_request_error', 'Method %s is not allowed on %s.');
+export const RequestTooLargeError = define('request_too_large', 413, 'invalid_request_error', 'The request body is larger than the %s bytes this gateway accepts.');
+export const UnsupportedMediaTypeError = define('unsupported_media_type', 415, 'invalid_request_error', 'Unsupported Content-Type %s: send application/json.');
+export const UnsupportedContentEncodingError = define('unsupported_media_type', 415, 'invalid_request_error', 'Content-Encoding %s is not supported: send the JSON body uncompressed.');
+export const ExpectationFailedError = define('expectation_failed', 417, 'invalid_request_error', 'Expect: %s is not supported; only Expect: 100-continue is.');
+export const UnsupportedTransferEncodingError = define('unsupported_transfer_encoding', 501, 'invalid_request_error', 'Transfer-Encoding %s is not supported: send the body with Content-Length or Transfer-Encoding: chunked.');
+export const RequestTimeoutError = define('request_timeout', 408, 'invalid_request_error', 'The request was not received in time.');
+export const HeadersTooLargeError = define('request_header_too_large', 431, 'invalid_request_error', 'The request headers are too large.');
+export const TokensRateLimitError = define('rate_limit_exceeded', 429, 'tokens', 'Rate limit reached for client %s on tokens per min (TPM): Limit %s. Please try again in %s.');
+export const TooManyAuthFailuresError = define('too_many_auth_failures', 429, 'requests', 'Too many requests with an invalid API key from this address. Please try again in %s.', { outcome: 'denied' });
+export const OverloadedError = define('overloaded', 503, 'server_error', 'The gateway is at its limit of concurrent calls%s. Please try again shortly.');
+export const RateLimitExceededError = define('rate_limit_exceeded', 429, 'requests', 'Rate limit reached for client %s. Please try again in %s.');
+export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error', 'The upstream API could not be reached. Please try again later.');
+export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error', 'The upstream API did not answer in time.');
+export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error', 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.');
+export const AuditUnavailableError = define('audit_unavailable', 503, 'server_error', 'The gateway cannot write its audit trail right now, so it serves no API calls. Please try again later.');
+export const MetricsUnauthorizedError = define('invalid_metrics_token', 401, 'invalid_request_error', 'Missing or wrong metrics token. Send it as "Authorization: Bearer <token>".');
+export const InternalError = define('internal_error', 500, 'server_error', 'The gateway failed to handle this request.');
+export function isGatewayError(err) {
+    return err instanceof Error && err.name === 'GatewayError';
+}
+export function envelope(err) {
+    return { error: { message: err.message, type: err.type, param: err.param, code: err.code } };
+}
+//# sourceMappingURL=errors.js.map

@@ -1,0 +1,135 @@
+// The gateway's ServerResponse, given to Node as http.createServer's `ServerResponse` class: it counts the body
+// bytes it writes (for the audit's bytesOut) and cuts off a client that stops reading its answer. Beside it, how
+// every concern sees a response end (whenClosed), and the 'close' Node leaves out for pipelined responses. The counting
+// lives on the class, with its fields declared up front, so every response has the same shape: patching write and
+// end on each response (as an earlier version did) gave every response a shape of its own, and Node's own code on
+// responses slowed down with it.
+import { ServerResponse } from 'node:http';
+export function isCounting(res) {
+    return typeof res.bodyBytes === 'number';
+}
+function byteLength(chunk, encoding) {
+    if (chunk === undefined || chunk === null || typeof chunk === 'function')
+        return 0;
+    if (typeof chunk === 'string')
+        return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding : 'utf8');
+    return chunk.byteLength ?? 0;
+}
+/**
+ * The class for one server: once a write has to wait for the client, the client has `sendTimeoutMs` to take it
+ * ('drain'), or its connection is destroyed. Streams piped into the response wait on the same 'drain'.
+ */
+export function countingResponseClass(sendTimeoutMs) {
+    class GatewayResponse extends ServerResponse {
+        bodyBytes = 0;
+        rawStatus = 0;
+        queued = false;
+        #stalled = null;
+        constructor(...args) {
+            super(...args);
+            // Each concern that must see the response end listens for its 'close' (audit, limits, metrics, the upstream
+            // call, Fastify's own): more than EventEmitter's default of 10 is expected, not a leak.
+            this.setMaxListeners(32);
+        }
+        write(chunk, ...rest) {
+            this.bodyBytes += byteLength(chunk, rest[0]);
+            const flowing = super.write(chunk, ...rest);
+            // A response waiting behind a pipelined one (no socket yet) is not a client that stopped reading.
+            if (!flowing && this.#stalled === null && this.socket !== null)
+                this.#watchStall();
+            return flowing;
+        }
+        end(chunk, ...rest) {
+            this.bodyBytes += byteLength(chunk, rest[0]);
+            return super.end(chunk, ...rest);
+        }
+        #watchStall() {
+            const clear = () => {
+                if (this.#stalled !== null)
+                    clearTimeout(this.#stalled);
+                this.#stalled = null;
+                this.off('drain', clear);
+                this.off('close', clear);
+            };
+            this.#stalled = setTimeout(() => { this.destroy(); }, sendTimeoutMs);
+            this.once('drain', clear);
+            this.once('close', clear);
+        }
+    }
+    return GatewayResponse;
+}
+/** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */
+const waiting = new WeakMap();
+/** The response now holding a connection (Node's own record of it), null between calls. */
+export function responseHolding(socket) {
+    return socket._httpMessage ?? null;
+}
+/** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
+const closing = new WeakSet();
+/** The answer being sent on `socket` closes it (Connection: close): calls pipelined after it go no further. */
+export function closesConnection(socket) {
+    if (socket !== null)
+        closing.add(socket);
+}
+/** Whether responses to later pipelined requests on `socket` (the request's) wait behind `res`. */
+export function hasWaitingBehind(res, socket) {
+    const queue = socket === null ? undefined : waiting.get(socket);
+    if (queue === undefined)
+        return false;
+    const at = queue.indexOf(res);
+    return at === -1 ? queue.length > 0 : at < queue.length - 1;
+}
+/**
+ * A pipelined request's response waits, without a socket, for the responses before it. When the connection closes
+ * meanwhile, Node 20 emits 'close' for the response that held the socket but never for those waiting (Node 24
+ * does, first): emit it for them, so that 'close' comes exactly once for every response. The audit record is
+ * written on it, and the upstream call stopped. Waiting responses are also kept in order per connection
+ * (hasWaitingBehind). Nothing is done for a response that has its socket at once: the usual one call at a time.
+ */
+export function closeWithConnection(res, socket) {
+    if (res.socket !== null || socket === null)
+        return;
+    // Read after an answer that closes the connection: it could never be answered, so it is over before it starts
+    // (nothing goes upstream for it; it is audited aborted).
+    if (closing.has(socket))
+        res.destroy();
+    const queue = waiting.get(socket);
+    if (queue === undefined)
+        waiting.set(socket, [res]);
+    else
+        queue.push(res);
+    if (isCounting(res))
+        res.queued = true;
+    // Whether 'close' has come, told by the event itself: a waiting response can be destroyed (a broken upstream
+    // answer, a stalled write) without it, and still needs its 'close'.
+    let emitted = false;
+    res.once('close', () => { emitted = true; });
+    const closed = () => {
+        if (emitted)
+            return;
+        res.destroyed = true;
+        res.emit('close');
+    };
+    socket.once('close', closed);
+    res.once('socket', () => {
+        socket.off('close', closed);
+        const queue = waiting.get(socket);
+        const at = queue?.indexOf(res) ?? -1;
+        if (at !== -1)
+            queue.splice(at, 1);
+        if (isCounting(res))
+            res.queued = false;
+    });
+}
+/**
+ * Runs `fn` once the response has closed, finished or not: now, when it has already (Node marks a closed response
+ * destroyed before it emits 'close'). A hook that runs after an asynchronous one (a rate limit asked of Redis) can
+ * come after a client that hung up at once: a 'close' listener added then would never run.
+ */
+export function whenClosed(res, fn) {
+    if (res.destroyed)
+        fn();
+    else
+        res.on('close', fn);
+}
+//# sourceMappingURL=response.js.map

@@ -1,0 +1,134 @@
+import { LogController } from 'fastify';
+import { LRUCache } from 'lru-cache';
+import { pino } from 'pino';
+/** Anything that could carry key material, wherever it turns up in a log object. */
+export const REDACT_PATHS = [
+    'req.headers.authorization', 'req.headers["x-api-key"]', 'req.headers["api-key"]', 'req.headers.cookie',
+    'headers.authorization', 'headers["x-api-key"]', 'headers["api-key"]', 'headers.cookie',
+    'res.headers["set-cookie"]', 'apiKey', '*.apiKey', 'upstream.apiKey', 'key', '*.key',
+    // undici's parser errors carry the bytes it could not parse (an upstream answer, which may quote the token)
+    'err.data', 'err.cause.data'
+];
+/** Longest string of client-controlled text (a URL, a Host) written to the operational log. */
+const LOGGED_TEXT_CHARS = 256;
+export function cut(text) {
+    if (typeof text !== 'string')
+        return undefined;
+    return text.length > LOGGED_TEXT_CHARS ? `${text.slice(0, LOGGED_TEXT_CHARS)}… (${text.length} chars)` : text;
+}
+export function appLoggerOptions(level) {
+    return {
+        level,
+        redact: { paths: REDACT_PATHS, censor: '[redacted]' },
+        serializers: {
+            req(req) {
+                return { method: req.method, url: cut(req.url), host: cut(req.host), remoteAddress: req.ip };
+            }
+        }
+    };
+}
+export function createAppLogger(level, out = process.stdout) {
+    return pino(appLoggerOptions(level), nonBlockingLines(out));
+}
+/**
+ * A request's logger (Fastify's request.log), made only when it writes a line. Fastify makes one per call, and
+ * pino's child() serializes its bindings (the request id) at once: on the hot path that is work for nothing, as
+ * nearly every call writes no operational line (the audit record is written elsewhere). Lines, levels and the
+ * request id come out exactly as from pino's own child. Its level is its parent's (a reload's new level applies)
+ * until the child exists or a level is set on it.
+ */
+export class LazyChildLogger {
+    #child = null;
+    #parent;
+    #bindings;
+    #options;
+    constructor(parent, bindings, options) {
+        this.#parent = parent;
+        this.#bindings = bindings;
+        this.#options = options;
+    }
+    #made() {
+        this.#child ??= this.#parent.child(this.#bindings, this.#options);
+        return this.#child;
+    }
+    get level() { return this.#child?.level ?? this.#options?.level ?? this.#parent.level; }
+    set level(level) { this.#made().level = level; }
+    fatal(...args) { this.#made().fatal(...args); }
+    error(...args) { this.#made().error(...args); }
+    warn(...args) { this.#made().warn(...args); }
+    info(...args) { this.#made().info(...args); }
+    debug(...args) { this.#made().debug(...args); }
+    trace(...args) { this.#made().trace(...args); }
+    silent(...args) { this.#made().silent(...args); }
+    child(bindings, options) {
+        return this.#made().child(bindings, options);
+    }
+}
+/** Fastify's childLoggerFactory: each request's logger is a LazyChildLogger. */
+export function lazyChildLogger(logger, bindings, options) {
+    return new LazyChildLogger(logger, bindings, options);
+}
+/** Fastify's "incoming request" / "request completed" lines, at debug instead of info: the audit says it all. */
+function debugOn(log) {
+    return log.level === 'debug' || log.level === 'trace';
+}
+export class DebugRequestLogController extends LogController {
+    incomingRequest(request) {
+        if (debugOn(request.log))
+            request.log.debug({ req: request }, 'incoming request');
+    }
+    requestCompleted(error, request, reply) {
+        if (error)
+            reply.log.error({ res: reply, err: error }, 'request errored');
+        else if (debugOn(reply.log))
+            reply.log.debug({ res: reply, responseTime: reply.elapsedTime }, 'request completed');
+    }
+}
+/**
+ * At most `perSecond` lines a second for each peer address, for warnings a client can trigger at will (malformed
+ * HTTP, slowloris): each is worth a line, a flood of them is not. A line after a quiet spell says how many were
+ * held back. Bounded: the least recently seen addresses are forgotten.
+ */
+export class PeerLogThrottle {
+    #windows = new LRUCache({ max: 10_000 });
+    #perSecond;
+    #now;
+    constructor(perSecond = 3, now = Date.now) {
+        this.#perSecond = perSecond;
+        this.#now = now;
+    }
+    /** How many lines were held back before this one, or null when this one is to be held back too. */
+    admit(peer) {
+        const now = this.#now();
+        let w = this.#windows.get(peer);
+        if (w === undefined || now - w.start >= 1000) {
+            const held = w?.held ?? 0;
+            w = { start: now, count: 0, held: 0 };
+            this.#windows.set(peer, w);
+            w.count++;
+            return held;
+        }
+        if (w.count >= this.#perSecond) {
+            w.held++;
+            return null;
+        }
+        w.count++;
+        return 0;
+    }
+}
+/** Log bytes allowed to wait for a stdout that nobody reads before new lines are dropped. */
+const MAX_WAITING_LOG_BYTES = 1024 * 1024;
+/**
+ * Lines to stdout through Node's own stream: asynchronous for a pipe, so a full pipe (a log shipper that stopped
+ * reading) cannot freeze the event loop the way pino's synchronous destination would, bounded so that it cannot
+ * fill memory either, and with no synchronous flush at exit that could hang on that pipe.
+ */
+export function nonBlockingLines(out, limit = MAX_WAITING_LOG_BYTES) {
+    return {
+        write(line) {
+            if (out.writableLength <= limit)
+                out.write(line);
+        }
+    };
+}
+//# sourceMappingURL=logging.js.map

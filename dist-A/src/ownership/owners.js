@@ -1,0 +1,164 @@
+// Who owns a conversation or a response, and the metadata rules that carry the answer. The upstream object itself
+// holds its owner in its metadata under the reserved key `gateway_owner`, written by the gateway on create and kept
+// on update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
+// (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
+import { LRUCache } from 'lru-cache';
+export const OWNER_KEY = 'gateway_owner';
+/** OpenAI allows 16 metadata keys; the gateway needs one of them. */
+export const MAX_METADATA_KEYS = 16;
+function isObject(value) {
+    return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+/** What is wrong with the `metadata` a client sends on create or update, if anything. */
+export function metadataProblem(body) {
+    if (body === undefined)
+        return null;
+    if (!isObject(body))
+        return 'not_object';
+    const metadata = body.metadata;
+    if (metadata === undefined || metadata === null)
+        return null;
+    if (!isObject(metadata))
+        return 'not_object';
+    if (Object.hasOwn(metadata, OWNER_KEY))
+        return 'reserved';
+    if (Object.keys(metadata).length >= MAX_METADATA_KEYS)
+        return 'limit';
+    return null;
+}
+/** The create body with the owner added to its metadata. */
+export function createBody(body, owner) {
+    const object = isObject(body) ? body : {};
+    const metadata = isObject(object.metadata) ? object.metadata : {};
+    return { ...object, metadata: { ...metadata, [OWNER_KEY]: owner } };
+}
+/**
+ * The update body with the owner merged back: a client's `metadata` replaces the whole map upstream (null
+ * included), so without this an update would erase the owner. Null when the body can go as it is.
+ */
+export function updateBody(body, owner) {
+    if (owner === null || !isObject(body) || !Object.hasOwn(body, 'metadata'))
+        return null;
+    const metadata = isObject(body.metadata) ? body.metadata : {};
+    return { ...body, metadata: { ...metadata, [OWNER_KEY]: owner } };
+}
+/**
+ * An answer or a streamed event as a client may see it: every `metadata` map in it, at any depth (the object
+ * itself, a response in an event, an item that repeats it), without the owner key. The same value when there is
+ * none, so an answer with nothing to take out goes out as the upstream's bytes.
+ */
+export function withoutOwner(value) {
+    if (Array.isArray(value)) {
+        let copy = null;
+        value.forEach((v, i) => {
+            const w = withoutOwner(v);
+            if (w !== v)
+                (copy ??= [...value])[i] = w;
+        });
+        return (copy ?? value);
+    }
+    if (!isObject(value))
+        return value;
+    let copy = null;
+    for (const key in value) {
+        const v = value[key];
+        let w;
+        if (key === 'metadata' && isObject(v) && Object.hasOwn(v, OWNER_KEY)) {
+            const { [OWNER_KEY]: _owner, ...rest } = v;
+            w = withoutOwner(rest);
+        }
+        else {
+            w = withoutOwner(v);
+        }
+        if (w !== v)
+            (copy ??= { ...value })[key] = w;
+    }
+    return (copy ?? value);
+}
+/** The owner recorded in an upstream object; throws when the answer is not the object asked for. */
+export function ownerOf(answer, id, kind) {
+    if (!isObject(answer) || answer.object !== kind || answer.id !== id) {
+        throw new Error(`the lookup answer is not the ${kind} asked for`);
+    }
+    const metadata = answer.metadata;
+    if (metadata !== undefined && metadata !== null && !isObject(metadata))
+        throw new Error('the conversation metadata is not an object');
+    const owner = isObject(metadata) ? metadata[OWNER_KEY] : undefined;
+    return { owner: typeof owner === 'string' && owner !== '' ? owner : null };
+}
+/**
+ * (kind, id) → owner, bounded in count and age. Concurrent lookups of one object share one upstream call, which
+ * belongs to no one caller: a caller that goes away stops waiting, and the call is stopped only once every caller
+ * has gone. An owner never changes (an object keeps the id of the client that created it), so a cached owner is
+ * only ever stale for an object deleted since: the upstream answers that call with its own 404. Keys carry the
+ * kind: ids are checked by shape only, and "no such response" said of a conversation's id must not hide the
+ * conversation.
+ */
+export class OwnerCache {
+    #cache;
+    #inFlight = new Map();
+    #missingTtlMs;
+    constructor(opts) {
+        this.#cache = new LRUCache({ max: opts.max, ttl: opts.ttlMs });
+        this.#missingTtlMs = opts.missingTtlMs;
+    }
+    /** The cached owner of a `kind` with `id`, if any: the common case, answered with no promise. */
+    get(kind, id) {
+        return this.#cache.get(`${kind}:${id}`);
+    }
+    /**
+     * The owner from `fetch` (which is given where to register what stops its call), joined with a lookup of the
+     * same object under way if there is one. `whenCallerGone` registers what to run when this caller goes away:
+     * its answer then fails with the reason given.
+     */
+    lookUp(kind, id, fetch, whenCallerGone) {
+        const key = `${kind}:${id}`;
+        const lookup = this.#inFlight.get(key) ?? this.#start(key, fetch);
+        return this.#wait(key, lookup, whenCallerGone);
+    }
+    #start(key, fetch) {
+        let abort = () => { };
+        const lookup = {
+            owner: fetch(stop => { abort = stop; }).then(owner => {
+                if (owner !== 'missing')
+                    this.#cache.set(key, owner);
+                else if (this.#missingTtlMs > 0)
+                    this.#cache.set(key, owner, { ttl: this.#missingTtlMs });
+                return owner;
+            }).finally(() => { this.#forget(key, lookup); }),
+            waiting: 0,
+            abandon: () => { abort(); }
+        };
+        this.#inFlight.set(key, lookup);
+        return lookup;
+    }
+    #wait(key, lookup, whenCallerGone) {
+        lookup.waiting++;
+        return new Promise((resolve, reject) => {
+            let settled = false;
+            lookup.owner.then(owner => { settled = true; resolve(owner); }, (err) => { settled = true; reject(err); });
+            whenCallerGone(reason => {
+                if (settled)
+                    return;
+                settled = true;
+                reject(reason);
+                if (--lookup.waiting > 0)
+                    return;
+                // No one waits any more: a caller that comes now starts a call of its own rather than join a stopped one.
+                this.#forget(key, lookup);
+                lookup.abandon();
+            });
+        });
+    }
+    #forget(key, lookup) {
+        if (this.#inFlight.get(key) === lookup)
+            this.#inFlight.delete(key);
+    }
+    set(kind, id, owner) {
+        this.#cache.set(`${kind}:${id}`, { owner });
+    }
+    delete(kind, id) {
+        this.#cache.delete(`${kind}:${id}`);
+    }
+}
+//# sourceMappingURL=owners.js.map

@@ -1,0 +1,37 @@
+// Key (401), the first check after the route: an unauthenticated caller learns nothing about ids, scopes or
+// limits. Failed key checks are counted per source address: past limits.authFailuresPerMinute, that address's
+// failing attempts get 429 too_many_auth_failures (a valid key from the same address, behind the same NAT, still
+// works). The count is kept per address only, bounded, and never per presented key.
+import fp from 'fastify-plugin';
+import { InvalidApiKeyError, TooManyAuthFailuresError } from '../errors.js';
+import { MemoryStore } from '../stores/memory.js';
+import { formatDuration } from './rate-limit.js';
+const BEARER = /^Bearer +(\S+) *$/i;
+export default fp(async function auth(app, { directory, failuresPerMinute }) {
+    const failures = new MemoryStore({ max: 10_000 });
+    app.decorateRequest('client', null);
+    app.decorateRequest('keyId', null);
+    // Callback style (it runs on every call); a thrown refusal is the hook's error.
+    app.addHook('onRequest', (request, _reply, done) => {
+        if (request.operation === null) {
+            done();
+            return;
+        }
+        const key = BEARER.exec(request.headers.authorization ?? '')?.[1];
+        const holder = key === undefined ? null : directory.find(key);
+        if (holder !== null) {
+            request.client = holder.client;
+            request.keyId = holder.keyId;
+            done();
+            return;
+        }
+        const perMinute = failuresPerMinute();
+        const counted = failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute });
+        if (counted.allowed)
+            throw new InvalidApiKeyError();
+        const err = new TooManyAuthFailuresError(formatDuration(counted.retryAfterMs));
+        err.headers = { 'retry-after': String(Math.max(1, Math.ceil(counted.retryAfterMs / 1000))) };
+        throw err;
+    });
+}, { name: 'auth', dependencies: ['router'] });
+//# sourceMappingURL=auth.js.map

@@ -1,0 +1,170 @@
+// GET /metrics in Prometheus text format (prom-client), off unless configured: on its own `metrics.listen`
+// host:port, or on the main port behind `metrics.token` (never open on the main port without one). The token
+// is compared in constant time, as sha256 digests of equal length.
+//
+// Per-call counters are derived from each audit record as it is written (the audit plugin's observer), so they
+// count exactly what the trail holds, and every label value comes from a bounded set: client ids from the
+// config (as reloaded), the fixed action list, the HTTP status (100-599), the outcome words the gateway itself writes.
+// Whatever a client sends cannot create a new series.
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { createServer } from 'node:http';
+import fp from 'fastify-plugin';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { envelope, MetricsUnauthorizedError } from '../errors.js';
+import { whenClosed } from '../http/response.js';
+import { describeListenError, StartupError } from '../preflight.js';
+import { ACTIONS } from '../operations.js';
+/** Metrics are served when either key is set: a listener of their own, or a token for the main port. */
+export function metricsEnabled(config) {
+    return config.listen !== undefined || config.token !== undefined;
+}
+const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const GATEWAY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5];
+function digest(value) {
+    return createHash('sha256').update(value).digest();
+}
+/** Whether an Authorization header carries the token; the same work whatever is presented. */
+function tokenCheck(token) {
+    if (token === undefined)
+        return () => true;
+    const want = digest(token);
+    return (header) => {
+        const presented = /^Bearer +(\S+) *$/i.exec(header ?? '')?.[1] ?? '';
+        return timingSafeEqual(digest(presented), want);
+    };
+}
+/** `host:port`, `[::1]:port` */
+function hostPort(listen) {
+    const at = listen.lastIndexOf(':');
+    return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) };
+}
+function gatewayMetrics(opts) {
+    const register = new Registry();
+    collectDefaultMetrics({ register });
+    const requests = new Counter({
+        name: 'gateway_requests_total',
+        help: 'API calls, by client, action, HTTP status and audit outcome (one per audit record)',
+        labelNames: ['client', 'action', 'status', 'outcome'],
+        registers: [register]
+    });
+    const rateLimited = new Counter({
+        name: 'gateway_rate_limited_total', help: 'calls refused with 429 by the client\'s rate limit or token budget', labelNames: ['client'], registers: [register]
+    });
+    const denied = new Counter({
+        name: 'gateway_denied_total',
+        help: 'calls refused for who is calling: key (401), scope or model (403), another team\'s object (404), failed keys (429)',
+        labelNames: ['client'],
+        registers: [register]
+    });
+    const upstream = new Histogram({
+        name: 'gateway_upstream_duration_seconds',
+        help: 'from sending a call upstream to the upstream\'s response headers',
+        labelNames: ['action'],
+        buckets: UPSTREAM_BUCKETS,
+        registers: [register]
+    });
+    const added = new Histogram({
+        name: 'gateway_added_duration_seconds',
+        help: 'a call\'s time in the gateway: its whole duration less the upstream\'s time to headers (all of it when refused)',
+        labelNames: ['action'],
+        buckets: GATEWAY_BUCKETS,
+        registers: [register]
+    });
+    const inFlight = new Gauge({ name: 'gateway_in_flight_requests', help: 'API calls being served', registers: [register] });
+    const { writer } = opts;
+    const fromStats = (name, help, key) => new Counter({
+        name,
+        help,
+        registers: [register],
+        collect() {
+            this.reset();
+            this.inc(writer.stats()[key]);
+        }
+    });
+    fromStats('gateway_audit_records_written_total', 'audit records written', 'written');
+    fromStats('gateway_audit_write_failures_total', 'audit write attempts that failed (each retry counts)', 'failed');
+    fromStats('gateway_audit_records_lost_total', 'audit records lost: not written in time (buffer full) or at close', 'lost');
+    // eslint-disable-next-line no-new
+    new Gauge({
+        name: 'gateway_audit_available',
+        help: '1 while audit records are being written, 0 from a failed write until one succeeds',
+        registers: [register],
+        collect() { this.set(writer.available ? 1 : 0); }
+    });
+    const actions = new Set(ACTIONS);
+    const clientLabel = (id) => id === null ? 'none' : opts.isClient(id) ? id : 'other';
+    const observe = (r) => {
+        const client = clientLabel(r.clientId);
+        const action = actions.has(r.action) ? r.action : 'unknown';
+        const status = Number.isInteger(r.status) && r.status >= 100 && r.status <= 599 ? String(r.status) : 'other';
+        const outcome = /^[a-z_]{1,32}$/.test(r.outcome) ? r.outcome : 'other';
+        requests.inc({ client, action, status, outcome });
+        if (outcome === 'rate_limited')
+            rateLimited.inc({ client });
+        if (outcome === 'denied')
+            denied.inc({ client });
+        if (typeof r.upstreamMs === 'number')
+            upstream.observe({ action }, r.upstreamMs / 1000);
+        if (typeof r.durationMs === 'number')
+            added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000);
+    };
+    return { register, inFlight, observe };
+}
+export default fp(async function metrics(app, opts) {
+    const { register, inFlight, observe } = gatewayMetrics(opts);
+    const authorized = tokenCheck(opts.token);
+    app.onAuditRecord(observe);
+    app.addHook('onRequest', (request, reply, done) => {
+        if (request.routeOptions.config.internal !== true) {
+            inFlight.inc();
+            whenClosed(reply.raw, () => { inFlight.dec(); });
+        }
+        done();
+    });
+    let server = null;
+    app.decorate('metricsAddress', () => server?.address() ?? null);
+    if (opts.listen === undefined) {
+        app.get('/metrics', { config: { internal: true }, logLevel: 'warn' }, async (request, reply) => {
+            if (!authorized(request.headers.authorization))
+                throw new MetricsUnauthorizedError();
+            return reply.type(register.contentType).send(await register.metrics());
+        });
+        return;
+    }
+    const answer = (req, res) => {
+        const path = (req.url ?? '').split('?')[0];
+        if (req.method !== 'GET' || path !== '/metrics') {
+            res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET /metrics\n');
+            return;
+        }
+        if (!authorized(req.headers.authorization)) {
+            res.writeHead(401, { 'content-type': 'application/json; charset=utf-8' })
+                .end(JSON.stringify(envelope(new MetricsUnauthorizedError())));
+            return;
+        }
+        register.metrics().then(text => { res.writeHead(200, { 'content-type': register.contentType }).end(text); }, () => { res.writeHead(500).end(); });
+    };
+    const { host, port } = hostPort(opts.listen);
+    // onReady, so that a port already taken stops the start like the main port would.
+    app.addHook('onReady', async () => {
+        server = createServer(answer);
+        await new Promise((resolve, reject) => {
+            // Named as the metrics listener's: the main listener's error would send the operator to the wrong port.
+            const refused = (err) => { reject(new StartupError(`metrics.listen: ${describeListenError(host, port, err)}`)); };
+            server.once('error', refused);
+            try {
+                server.listen(port, host, () => { server.off('error', refused); resolve(); });
+            }
+            catch (err) {
+                refused(err); // a bad port is thrown, not emitted
+            }
+        });
+        const at = server.address();
+        app.log.info({ address: `${at.address}:${at.port}` }, 'metrics listening');
+    });
+    app.addHook('onClose', async () => {
+        if (server !== null)
+            await new Promise(resolve => server.close(resolve));
+    });
+}, { name: 'metrics', dependencies: ['audit'] });
+//# sourceMappingURL=metrics.js.map

@@ -1,0 +1,301 @@
+import { pipeline, Readable } from 'node:stream';
+import httpProxy from '@fastify/http-proxy';
+import fp from 'fastify-plugin';
+import { UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js';
+import { API_PREFIX, RESOURCES } from '../operations.js';
+import { SseRewriter } from '../responses/sse.js';
+import { whenClosed } from '../http/response.js';
+import { readBody, UpstreamFailure } from '../upstream/client.js';
+import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js';
+/** Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. */
+const MAX_REWRITE_BYTES = 16 * 1024 * 1024;
+/**
+ * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
+ * past either it could not be searched, and the client gets 502. Error answers are a few hundred bytes, sent at once.
+ */
+const MAX_ERROR_BYTES = 1024 * 1024;
+const ERROR_READ_MS = 5_000;
+/** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
+const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'];
+/** Upstream headers the client gets: the body's description, the upstream's request id and retry hints. */
+const RETURNED_RESPONSE_HEADERS = new Set([
+    'content-type', 'content-length', 'content-encoding', 'cache-control', 'etag', 'last-modified',
+    'retry-after', 'retry-after-ms', 'x-request-id', 'openai-processing-ms', 'openai-version'
+]);
+/** Headers for any call the gateway makes upstream on behalf of `request`: `headers`, ours, then the token, last. */
+export function gatewayHeaders(request, apiKey, headers = {}) {
+    headers['x-client-request-id'] = request.id;
+    headers.authorization = `Bearer ${apiKey}`;
+    return headers;
+}
+export function upstreamRequestHeaders(request, headers, apiKey) {
+    const out = {};
+    for (const name of FORWARDED_REQUEST_HEADERS) {
+        const value = headers[name];
+        if (typeof value === 'string')
+            out[name] = value;
+    }
+    if (request.upstreamBody !== null) {
+        // body.ts checked it is JSON whatever the client called it; say so plainly.
+        out['content-type'] = 'application/json';
+        out['content-length'] = String(request.upstreamBody.length);
+    }
+    return gatewayHeaders(request, apiKey, out);
+}
+function scrubbedHeader(value, scrub) {
+    if (typeof value === 'string')
+        return scrub.text(value);
+    return value?.map(v => scrub.text(v));
+}
+// for...in over these header objects (undici's and Node's, plain objects of own keys): unlike Object.entries, it
+// makes no array per header, and these run on every call.
+export function clientResponseHeaders(headers, scrub) {
+    const out = {};
+    for (const name in headers) {
+        if (RETURNED_RESPONSE_HEADERS.has(name))
+            out[name] = scrubbedHeader(headers[name], scrub);
+    }
+    return out;
+}
+export function upstreamRateLimitHeaders(headers, scrub) {
+    const out = {};
+    for (const name in headers) {
+        const value = headers[name];
+        if (name.startsWith('x-ratelimit-') && typeof value === 'string')
+            out[name] = scrub.text(value);
+    }
+    return out;
+}
+function noop() { }
+/** An answer's bytes read whole, with what the upstream said of them and nothing more. */
+function sendBytes(reply, status, body) {
+    if (status !== 204 && status !== 304)
+        reply.header('content-length', body.length);
+    // Fastify labels a Buffer without a content-type application/octet-stream; a stream it leaves unlabelled.
+    reply.send(reply.hasHeader('content-type') ? body : Readable.from([body]));
+}
+/** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
+export function clientGone(reply) {
+    return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished)
+        abort(); }); };
+}
+function isEventStream(headers) {
+    return /^text\/event-stream\b/i.test(String(headers['content-type'] ?? ''));
+}
+/**
+ * Adds a step to how a 2xx JSON answer is rewritten before the client sees it (steps run in the order added). A
+ * step returns the same object when it changes nothing, so an unchanged answer goes out as the upstream's bytes.
+ */
+export function addAnswerRewrite(request, step) {
+    const before = request.rewriteAnswer;
+    request.rewriteAnswer = before === null ? step : body => step(before(body));
+}
+/** The same for each event of a 2xx Server-Sent Events answer, streamed on one event at a time. */
+export function addEventRewrite(request, step) {
+    const before = request.rewriteEvent;
+    request.rewriteEvent = before === null ? step : data => step(before(data));
+}
+export default fp(async function proxy(app, opts) {
+    const { upstream } = opts;
+    const scrub = new TokenScrubber(opts.apiKey);
+    app.decorateRequest('upstream', null);
+    app.decorateRequest('upstreamCall', null);
+    app.decorateRequest('rewriteAnswer', null);
+    app.decorateRequest('rewriteEvent', null);
+    // Our route handler hands the call to reply.from, which calls its dispatcher in the same tick: the request
+    // travels from one to the other under its own id, which also goes upstream as x-client-request-id.
+    const pending = new Map();
+    const dispatcher = {
+        request(options, callback) {
+            const id = options.headers['x-client-request-id'] ?? '';
+            const reply = pending.get(id);
+            pending.delete(id);
+            if (reply === undefined) {
+                callback(new Error('proxy: no request for this upstream call'));
+                return;
+            }
+            const request = reply.request;
+            // The client left while earlier checks were being answered: nothing to ask the upstream, no one to answer
+            // (its audit record was written when it left, with no attempt).
+            if (reply.raw.destroyed)
+                return;
+            const headers = {};
+            for (const name in options.headers) {
+                const value = options.headers[name];
+                if (value !== undefined)
+                    headers[name] = value;
+            }
+            // Set before the call, and counted as it goes: a call cut short (the client gone) is audited with the
+            // attempts it made.
+            const progress = { line: null, attempts: 0 };
+            request.upstreamCall = progress;
+            upstream.call({
+                method: options.method,
+                path: options.path,
+                headers,
+                body: request.upstreamBody,
+                whenClientGone: clientGone(reply),
+                progress
+            }).then(answer => {
+                progress.line = answer.line;
+                // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
+                answer.body.on('error', noop);
+                request.upstream = {
+                    status: answer.statusCode,
+                    ms: answer.ms,
+                    requestId: typeof answer.headers['x-request-id'] === 'string' ? scrub.text(answer.headers['x-request-id']) : null
+                };
+                callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body });
+            }, (err) => {
+                if (err instanceof UpstreamFailure) {
+                    progress.attempts = err.attempts;
+                    // The client is gone: nothing is left to answer, and a hang-up is not an upstream failure to log
+                    // (reply-from would log every error it is given). Its audit record was written when it left.
+                    if (err.kind === 'aborted')
+                        return;
+                }
+                callback(err);
+            });
+        }
+    };
+    async function sendRewritten(request, reply, res, rewrite) {
+        let raw;
+        try {
+            raw = await readBody(res.stream, MAX_REWRITE_BYTES);
+        }
+        catch (err) {
+            request.log.warn({ err }, 'upstream answer could not be read');
+            reply.send(new UpstreamUnavailableError());
+            return;
+        }
+        raw = scrub.bytes(raw);
+        let parsed;
+        let rewritten;
+        try {
+            parsed = JSON.parse(raw.toString('utf8'));
+            rewritten = rewrite(hasEscapes(raw) ? scrub.json(parsed) : parsed);
+        }
+        catch (err) {
+            // An answer the gateway cannot check is not passed on: fail closed.
+            request.log.warn({ err: { message: err.message } }, 'upstream answer is not what was expected');
+            reply.send(new UpstreamUnavailableError());
+            return;
+        }
+        // Nothing to take out: the upstream's bytes, as they came.
+        const body = rewritten === parsed ? raw : JSON.stringify(rewritten);
+        reply.removeHeader('content-encoding');
+        reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body);
+    }
+    /** An error answer, read whole so that the upstream token can be taken out of it (upstream/scrub.ts). */
+    async function sendError(request, reply, res) {
+        let raw;
+        let decoded;
+        try {
+            raw = await readBody(res.stream, MAX_ERROR_BYTES, ERROR_READ_MS);
+            decoded = decodedBody(raw, res.headers['content-encoding'], MAX_ERROR_BYTES);
+        }
+        catch (err) {
+            // An answer that cannot be searched is not passed on: fail closed.
+            request.log.warn({ err: { message: err.message } }, 'upstream error answer could not be read');
+            reply.send(new UpstreamUnavailableError());
+            return;
+        }
+        let scrubbed = scrub.bytes(decoded);
+        if (hasEscapes(scrubbed)) {
+            let parsed;
+            try {
+                parsed = JSON.parse(scrubbed.toString('utf8'));
+            }
+            catch {
+                parsed = undefined; // not JSON: searched as bytes only
+            }
+            const clean = parsed === undefined ? parsed : scrub.json(parsed);
+            if (clean !== parsed)
+                scrubbed = Buffer.from(JSON.stringify(clean));
+        }
+        // Nothing to take out: the upstream's bytes, as they came.
+        if (scrubbed === decoded) {
+            sendBytes(reply, res.statusCode, raw);
+            return;
+        }
+        reply.removeHeader('content-encoding');
+        sendBytes(reply, res.statusCode, scrubbed);
+    }
+    // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.
+    const replyOptions = {
+        rewriteRequestHeaders(req, headers) {
+            return upstreamRequestHeaders(req, headers, scrub.token());
+        },
+        rewriteHeaders(headers) {
+            return clientResponseHeaders(headers, scrub);
+        },
+        onResponse(req, rep, raw) {
+            const request = req;
+            const reply = rep;
+            const res = raw;
+            // reply-from calls this even after it answered 502 for an invalid upstream status.
+            if (reply.sent) {
+                res.stream.on('error', () => { }).destroy(); // thrown away: its abort is no one's error
+                return;
+            }
+            // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
+            // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
+            if (res.statusCode === 429)
+                reply.headers(upstreamRateLimitHeaders(res.headers, scrub));
+            const ok = res.statusCode >= 200 && res.statusCode < 300;
+            const rewriteEvent = request.rewriteEvent;
+            if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
+                reply.removeHeader('content-length');
+                // pipeline ends either side on the other's failure: an upstream that breaks mid-stream breaks the answer,
+                // a client that leaves releases the upstream.
+                reply.send(pipeline(res.stream, new SseRewriter(data => rewriteEvent(scrub.json(data))), () => { }));
+                return;
+            }
+            if (!ok) {
+                void sendError(request, reply, res);
+                return;
+            }
+            // Whatever its content-type says: an answer that must be rewritten is read as JSON or not passed on.
+            const rewrite = request.rewriteAnswer;
+            if (rewrite !== null) {
+                void sendRewritten(request, reply, res, rewrite);
+                return;
+            }
+            reply.send(res.stream);
+        },
+        onError(reply, { error }) {
+            // reply-from has logged the failure already ("response errored"): once is enough.
+            const err = error;
+            const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null;
+            reply.send(failure?.kind === 'timeout' || err.statusCode === 504 ? new UpstreamTimeoutError() : new UpstreamUnavailableError());
+        },
+        // reply-from retries a GET that got a 503 ten times by default (maxRetriesOn503: 0 does not turn it off)
+        // and would read Retry-After seconds as milliseconds. Retries across lines are upstream/client.ts's.
+        retryDelay: () => null
+    };
+    for (const resource of RESOURCES) {
+        await app.register(httpProxy, {
+            // reply-from wants an origin to build URLs with; the dispatcher picks the line and its path prefix.
+            upstream: 'http://upstream.invalid',
+            prefix: API_PREFIX,
+            rewritePrefix: API_PREFIX,
+            routes: [resource.route],
+            httpMethods: Object.keys(resource.methods),
+            proxyPayloads: false,
+            websocket: false,
+            undici: dispatcher,
+            disableRequestLogging: true,
+            replyOptions,
+            handler(request, reply, dest, options) {
+                pending.set(request.id, reply);
+                try {
+                    return reply.from(dest, options);
+                }
+                finally {
+                    pending.delete(request.id); // taken by the dispatcher already, unless reply.from failed before it
+                }
+            }
+        });
+    }
+}, { name: 'proxy', dependencies: ['body', 'ownership'] });
+//# sourceMappingURL=proxy.js.map

@@ -1,0 +1,49 @@
+// Responses calls (403 model_not_allowed; 400 invalid_type for a model that is not a string), after the body
+// check: a client with a `models` list may only ask for a model that matches it, before anything goes upstream. For every response route, what the call was about and what
+// it cost (model, stream, response id, tokens) is gathered from the request and the answer as it passes, for the
+// audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
+import fp from 'fastify-plugin';
+import { BackgroundNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError } from '../errors.js';
+import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js';
+import { addAnswerRewrite, addEventRewrite } from './proxy.js';
+export default fp(async function responses(app) {
+    app.decorateRequest('responseFacts', null);
+    app.addHook('preHandler', (request, _reply, done) => {
+        const op = request.operation;
+        const client = request.client;
+        if (op === null || client === null || !op.action.startsWith('response.')) {
+            done();
+            return;
+        }
+        const body = request.parsedBody;
+        const creating = op.action === 'response.create';
+        const model = creating ? body?.model : undefined;
+        if (model !== undefined && typeof model !== 'string') {
+            done(new InvalidModelTypeError());
+            return;
+        }
+        // Without `model` a stored prompt picks it, which the gateway cannot see: a key limited to some models names one.
+        if (creating && client.models !== undefined && model === undefined) {
+            done(new ModelRequiredError());
+            return;
+        }
+        if (model !== undefined && !modelAllowed(model, client.models)) {
+            done(new ModelNotAllowedError(JSON.stringify(model.slice(0, 100))));
+            return;
+        }
+        // A background response reports its usage to a later retrieve, not to this call, which alone is charged.
+        if (creating && body?.background === true && client.rateLimit.tokensPerMinute !== undefined) {
+            done(new BackgroundNotAllowedError());
+            return;
+        }
+        const stream = op.action === 'response.create'
+            ? body?.stream === true
+            : op.action === 'response.retrieve' && new URLSearchParams(request.originalUrl.split('?')[1] ?? '').get('stream') === 'true';
+        const facts = newFacts(op.responseId, stream, typeof model === 'string' ? model : null);
+        request.responseFacts = facts;
+        addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer; });
+        addEventRewrite(request, event => { observeEvent(facts, event); return event; });
+        done();
+    });
+}, { name: 'responses', dependencies: ['body'] });
+//# sourceMappingURL=responses.js.map

@@ -1,0 +1,72 @@
+// Route match, the first check: a path outside the eight operations is 404, a known path with another method
+// is 405 with Allow. It runs as an onRequest hook for matched and unmatched routes alike, on the raw target.
+// Requests Node would refuse or answer on its own before any check (a missing Host, an Expect header, CONNECT)
+// are handed to this same path, so they get the envelope, a request id and an audit record like the rest.
+import { ServerResponse } from 'node:http';
+import fp from 'fastify-plugin';
+import { ExpectationFailedError, MethodNotAllowedError, MissingHostError, UnknownRouteError, UpgradeNotSupportedError } from '../errors.js';
+import { matchOperation, rawPath } from '../operations.js';
+/** The path as the client sent it, cut short: error messages echo it. */
+function shown(url) {
+    const path = rawPath(url);
+    return path.length > 200 ? `${path.slice(0, 200)}…` : path;
+}
+export default fp(async function router(app) {
+    app.decorateRequest('operation', null);
+    // Callback style (it runs on every call); a thrown refusal is the hook's error.
+    app.addHook('onRequest', (request, reply, done) => {
+        route(request, reply);
+        done();
+    });
+    function route(request, reply) {
+        // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade', and stops parsing
+        // the connection there: a request pipelined behind it would never be read. Whatever the answer, the
+        // connection closes after it.
+        if (request.headers.upgrade !== undefined)
+            reply.header('connection', 'close');
+        if (request.routeOptions.config.internal === true)
+            return;
+        const expect = request.headers.expect;
+        if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
+            throw new ExpectationFailedError(JSON.stringify(expect.slice(0, 100)));
+        }
+        if (request.headers.host === undefined && request.raw.httpVersion === '1.1')
+            throw new MissingHostError();
+        const match = matchOperation(request.method, request.originalUrl);
+        if (match.kind === 'operation') {
+            request.operation = match.operation;
+            // The proxy speaks plain HTTP only.
+            if (request.headers.upgrade !== undefined)
+                throw new UpgradeNotSupportedError();
+            return;
+        }
+        if (match.kind === 'method_not_allowed') {
+            reply.header('allow', match.allow);
+            throw new MethodNotAllowedError(request.method, shown(request.originalUrl));
+        }
+        throw new UnknownRouteError(request.method, shown(request.originalUrl));
+    }
+    // Node gives CONNECT to a 'connect' listener or silently drops the connection. Hand it to the ordinary
+    // request path instead, so it gets the same 404/405 answer and audit record as any other unknown call.
+    app.server.on('connect', (req, socket) => {
+        const res = new ServerResponse(req);
+        res.shouldKeepAlive = false;
+        res.assignSocket(socket);
+        res.once('finish', () => {
+            res.detachSocket(socket);
+            socket.end();
+            res.emit('close'); // Node's own responses do this; the audit record is written on it
+        });
+        app.server.emit('request', req, res);
+    });
+    // Node answers `Expect: 100-continue` with 100 before any check and an unknown Expect with a bare 417. Both
+    // go through the ordinary path instead: the body plugin sends the 100 once every earlier check has passed,
+    // and the hook above refuses an unknown expectation in the envelope.
+    app.server.on('checkContinue', (req, res) => app.server.emit('request', req, res));
+    app.server.on('checkExpectation', (req, res) => app.server.emit('request', req, res));
+    // Reached only by a target the matcher accepted but Fastify's router did not (none is known); stay closed.
+    app.setNotFoundHandler(async (request) => {
+        throw new UnknownRouteError(request.method, shown(request.originalUrl));
+    });
+}, { name: 'router' });
+//# sourceMappingURL=router.js.map

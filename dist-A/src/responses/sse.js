@@ -1,0 +1,106 @@
+// Server-Sent Events passed through one event at a time: each event goes out as soon as its blank line has
+// arrived (nothing is buffered whole). The event's data (its `data:` lines joined with newlines, as the SSE spec
+// has a client do) is handed to `rewrite` when it is JSON; `rewrite` may return another object (the gateway takes
+// its owner key out) or the same one, and then the event's bytes pass as they came. Lines end with LF, CRLF or CR
+// (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other fields pass untouched.
+import { Transform } from 'node:stream';
+const LF = 0x0a;
+const CR = 0x0d;
+const LINE_END = /\r\n$|\n$|\r$/;
+export class SseRewriter extends Transform {
+    #rewrite;
+    /** the whole lines of an event whose blank line has not come yet, each with its line ending */
+    #event = [];
+    /** the start of a line whose ending has not come yet */
+    #line = [];
+    /** the last chunk ended with CR: an LF that starts the next one ends the same line */
+    #afterCR = false;
+    constructor(rewrite) {
+        super();
+        this.#rewrite = rewrite;
+    }
+    _transform(chunk, _encoding, done) {
+        let start = 0;
+        if (this.#afterCR && chunk.length > 0 && chunk[0] === LF) {
+            // The LF of a CRLF split across chunks: part of the line already ended.
+            const last = this.#event.length;
+            if (last > 0)
+                this.#event[last - 1] = Buffer.concat([this.#event[last - 1], chunk.subarray(0, 1)]);
+            else
+                this.push(chunk.subarray(0, 1));
+            start = 1;
+        }
+        this.#afterCR = false;
+        for (let i = start; i < chunk.length; i++) {
+            const byte = chunk[i];
+            if (byte !== LF && byte !== CR)
+                continue;
+            let end = i + 1;
+            if (byte === CR) {
+                if (end === chunk.length)
+                    this.#afterCR = true;
+                else if (chunk[end] === LF)
+                    end++;
+            }
+            this.#line.push(chunk.subarray(start, end));
+            this.#endLine();
+            start = end;
+            i = end - 1;
+        }
+        if (start < chunk.length)
+            this.#line.push(chunk.subarray(start));
+        done();
+    }
+    _flush(done) {
+        if (this.#line.length > 0)
+            this.#event.push(Buffer.concat(this.#line));
+        if (this.#event.length > 0)
+            this.push(this.#rewritten(this.#event));
+        done();
+    }
+    #endLine() {
+        const line = this.#line.length === 1 ? this.#line[0] : Buffer.concat(this.#line);
+        this.#line = [];
+        this.#event.push(line);
+        if (isBlank(line)) {
+            this.push(this.#rewritten(this.#event));
+            this.#event = [];
+        }
+    }
+    /** One whole event: its bytes as they came, or with its data rewritten (as one `data:` line). */
+    #rewritten(lines) {
+        const raw = lines.length === 1 ? lines[0] : Buffer.concat(lines);
+        const texts = lines.map(l => l.toString('utf8').replace(LINE_END, ''));
+        const data = texts.filter(t => t.startsWith('data:')).map(t => t.startsWith('data: ') ? t.slice(6) : t.slice(5));
+        if (data.length === 0)
+            return raw;
+        const joined = data.join('\n');
+        if (!joined.trimStart().startsWith('{'))
+            return raw;
+        let parsed;
+        try {
+            parsed = JSON.parse(joined);
+        }
+        catch {
+            return raw;
+        }
+        const rewritten = this.#rewrite(parsed);
+        if (rewritten === parsed)
+            return raw;
+        let wrote = false;
+        const out = [];
+        for (const text of texts) {
+            if (!text.startsWith('data:'))
+                out.push(`${text}\n`);
+            else if (!wrote) {
+                out.push(`data: ${JSON.stringify(rewritten)}\n`);
+                wrote = true;
+            }
+        }
+        return Buffer.from(out.join(''));
+    }
+}
+function isBlank(line) {
+    return line.length === 1 || (line.length === 2 && line[0] === CR && line[1] === LF);
+}
+//# sourceMappingURL=sse.js.map

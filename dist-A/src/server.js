@@ -1,0 +1,234 @@
+// Process concerns only: build the app from a loaded config, listen, and answer signals.
+// - SIGTERM, SIGINT, SIGQUIT: shut down. /readyz turns 503 "draining" at once; the gateway keeps serving for
+//   shutdown.drainDelayMs (for the load balancer to notice), then stops accepting, closes kept-alive connections
+//   after their answer, and gives in-flight calls shutdown.graceMs to finish. The grace is a hard bound: past it,
+//   every call still open is aborted (audited aborted) and the process exits 1 once the audit is flushed; else 0.
+// - SIGHUP (and, with `watch`, a change of the config file): reload the config file. A valid one is applied to the
+//   running gateway without disturbing in-flight calls (app.applyConfig); an invalid one is refused in one log
+//   line and the running config stays in force.
+// - SIGUSR2: reopen the audit file (after an outside logrotate moved it).
+// - Signals whose default would end the process without a word are logged and ignored (IGNORED below). SIGPIPE
+//   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
+import { lstatSync, readFileSync, readlinkSync, watch } from 'node:fs';
+import { basename, dirname, resolve, sep } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { buildApp } from './app.js';
+import { ConfigError, loadConfig } from './config.js';
+import { closesConnection, hasWaitingBehind } from './http/response.js';
+import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js';
+/** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
+const EXIT_GRACE_MS = 2_000;
+/**
+ * Past the grace, the audit flush and the close of what is left are bounded on their own (the audit writer gives a
+ * stuck disk 5 s, a gzip under way 10 s); should anything still hold the process after this, it exits anyway.
+ */
+const AFTER_GRACE_MS = 15_000;
+/** While draining: how often connections with no call under way are closed. */
+const UNUSED_SWEEP_MS = 100;
+/** Editors save in several steps (write a temp file, rename it over): one reload once the file is quiet this long. */
+const WATCH_DEBOUNCE_MS = 200;
+const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'];
+/**
+ * Signals that would end the process by default and that the gateway has no use for: logged and ignored, so that
+ * none ends it silently. SIGUSR1 would open Node's inspector (a debugger port) on a production process.
+ * Not here: SIGKILL and SIGSTOP (cannot be caught); SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS
+ * (a crash: running JavaScript after them is not safe); SIGPROF (V8's CPU profiler needs it).
+ */
+const IGNORED = ['SIGUSR1', 'SIGALRM', 'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGIO', 'SIGPWR', 'SIGSTKFLT'];
+/**
+ * V8's allocation-site pretenuring is turned off for the gateway process. V8 watches object and array literals;
+ * when most of one literal's objects survive a young-generation GC, later objects from it are allocated straight
+ * into the old generation, and that decision is not taken back. Early in a burst, while the young generation is
+ * still small, a literal made per call can be judged long-lived that way. From then on each call's object sits
+ * in the old generation pointing at the call's young objects (request, reply, buffers), which every young GC must
+ * keep and promote: on Node 20, about 10 KB a call, young GCs 7x slower and an old-generation GC every second,
+ * a tenth of the main thread. Whether a start falls into it depends on timing: a profiling harness that loaded
+ * the gateway with import() did every time; `cli.js start` and the bench did not in the runs measured. Nothing
+ * the gateway keeps for long is built per call, so it gains nothing from pretenuring. Each GC reads the flag,
+ * so setting it before the first call is enough.
+ */
+function turnOffPretenuring() {
+    setFlagsFromString('--no-allocation-site-pretenuring');
+}
+export async function startServer(config, deps = {}, opts = {}) {
+    turnOffPretenuring();
+    const auditProblem = auditDirectoryProblem(config.audit.file);
+    if (auditProblem !== null)
+        throw new StartupError(auditProblem);
+    const app = await buildApp(config, deps);
+    let draining = false;
+    let stoppedAccepting = false;
+    // Answers sent once accepting has stopped close their connection, so no kept-alive client lingers. On a
+    // connection with pipelined calls waiting, only the last of their answers does, so that each is served (Fastify
+    // marks every call that arrives while closing with Connection: close: that is undone for the others).
+    app.addHook('onSend', (request, reply, payload, done) => {
+        if (stoppedAccepting) {
+            const socket = request.raw.socket;
+            if (hasWaitingBehind(reply.raw, socket)) {
+                reply.header('connection', 'keep-alive');
+            }
+            else {
+                reply.header('connection', 'close');
+                closesConnection(socket);
+            }
+        }
+        done(null, payload);
+    });
+    // Signals are answered from before the gateway listens: none that comes early may end it or open a debugger.
+    const reload = configReloader(app, opts);
+    let watcher = null;
+    const shutdown = (signal) => {
+        if (draining) {
+            app.log.info({ signal }, `${signal}: already shutting down`);
+            return;
+        }
+        draining = true;
+        watcher?.close();
+        app.startDraining();
+        const { drainDelayMs, graceMs } = app.currentConfig().shutdown;
+        app.log.info({ signal, drainDelayMs, graceMs }, `${signal}: shutting down: /readyz answers 503; serving for ${drainDelayMs} ms more, then in-flight calls get ${graceMs} ms`);
+        setTimeout(() => { stopAccepting(app, graceMs, () => { stoppedAccepting = true; }); }, drainDelayMs);
+    };
+    for (const signal of SHUTDOWN_SIGNALS)
+        process.on(signal, shutdown);
+    process.on('SIGHUP', () => {
+        if (draining)
+            app.log.info('SIGHUP: shutting down; the config is not reloaded');
+        else
+            reload('SIGHUP');
+    });
+    process.on('SIGUSR2', () => {
+        app.log.info('SIGUSR2: reopening the audit file');
+        app.auditReopen();
+    });
+    for (const signal of IGNORED) {
+        process.on(signal, () => { app.log.warn({ signal }, `${signal}: ignored (the gateway has no use for it)`); });
+    }
+    const { host, port } = config.listen;
+    try {
+        await app.listen({ host, port });
+    }
+    catch (err) {
+        await app.close();
+        if (err instanceof StartupError)
+            throw err; // already says which listener (metrics.listen)
+        throw new StartupError(describeListenError(host, port, err));
+    }
+    if (opts.watch === true && opts.configFile !== undefined && !draining)
+        watcher = watchConfig(app, opts.configFile, reload);
+    return app;
+}
+/** Stops accepting and closes the app, aborting whatever is still in flight after `graceMs`. */
+function stopAccepting(app, graceMs, stopped) {
+    stopped();
+    let aborted = false;
+    const deadline = setTimeout(() => {
+        aborted = true;
+        app.log.warn(`shutdown grace of ${graceMs} ms over: aborting the calls still in flight`);
+        app.abortInFlight();
+        setTimeout(() => {
+            app.log.error(`still not closed ${AFTER_GRACE_MS} ms after the grace; exiting`);
+            process.exit(1);
+        }, AFTER_GRACE_MS).unref();
+    }, graceMs);
+    app.log.info('stopped accepting connections; waiting for in-flight calls');
+    const closed = app.close();
+    // After a turn of the event loop (bytes already arrived are read first), then as connections fall idle.
+    const sweep = setInterval(() => { app.closeUnusedConnections(); }, UNUSED_SWEEP_MS).unref();
+    setImmediate(() => { app.closeUnusedConnections(); });
+    closed.finally(() => { clearInterval(sweep); }).catch(() => { });
+    closed.then(() => {
+        clearTimeout(deadline);
+        app.log.info(aborted ? 'closed, after aborting calls still in flight' : 'closed');
+        process.exitCode = aborted ? 1 : 0;
+        setTimeout(() => process.exit(), EXIT_GRACE_MS).unref();
+    }, (err) => {
+        clearTimeout(deadline);
+        app.log.error({ err }, 'error while closing');
+        process.exitCode = 1;
+        setTimeout(() => process.exit(), EXIT_GRACE_MS).unref();
+    });
+}
+/** Reloads the config file into the running app, saying in the log what changed, what needs a restart, or why not. */
+function configReloader(app, { configFile, env = {} }) {
+    return (why) => {
+        if (configFile === undefined) {
+            app.log.warn(`${why}: there is no config file to reload (this gateway was started from a built-in config)`);
+            return;
+        }
+        let next;
+        try {
+            next = loadConfig(configFile, env);
+        }
+        catch (err) {
+            const problems = err instanceof ConfigError ? err.problems : [String(err)];
+            app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`);
+            return;
+        }
+        let change;
+        try {
+            change = app.applyConfig(next);
+        }
+        catch (err) {
+            app.log.error({ err }, `${why}: config reload failed, the running config stays in force`);
+            return;
+        }
+        const { applied, needRestart } = change;
+        if (applied.length > 0)
+            app.log.info({ applied }, `${why}: config reloaded: ${applied.join(', ')}`);
+        else
+            app.log.info(`${why}: config reloaded: nothing to apply`);
+        if (needRestart.length > 0) {
+            app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`);
+        }
+    };
+}
+/**
+ * Watches the config file's directory (an editor or a Kubernetes ConfigMap replaces the file by a rename, which a
+ * watch on the file itself would not survive), and reloads once the file's text has changed and stayed quiet for
+ * WATCH_DEBOUNCE_MS. Only events on the file's own name count (and, for a file that is a symlink into the same
+ * directory, as a ConfigMap's `gateway.yaml -> ..data/gateway.yaml`, on the link's first step): other files in
+ * the directory (an audit file written on every call) never delay a reload.
+ */
+function watchConfig(app, file, reload) {
+    const path = resolve(file);
+    const names = new Set([basename(path)]);
+    try {
+        if (lstatSync(path).isSymbolicLink())
+            names.add(readlinkSync(path).split(sep)[0]);
+    }
+    catch { /* not there yet: its own name is enough */ }
+    const read = () => { try {
+        return readFileSync(path, 'utf8');
+    }
+    catch {
+        return null;
+    } };
+    let seen = read();
+    let timer = null;
+    const check = () => {
+        timer = null;
+        const text = read();
+        if (text === null || text === seen)
+            return; // a file being replaced is briefly absent
+        seen = text;
+        reload(`${basename(path)} changed`);
+    };
+    try {
+        const watcher = watch(dirname(path), { persistent: false }, (_event, name) => {
+            if (name !== null && !names.has(name))
+                return;
+            if (timer !== null)
+                clearTimeout(timer);
+            timer = setTimeout(check, WATCH_DEBOUNCE_MS);
+        });
+        watcher.on('error', (err) => { app.log.warn({ err }, `no longer watching ${path}; SIGHUP still reloads it`); });
+        app.log.info({ file: path }, 'watching the config file: a change is reloaded');
+        return watcher;
+    }
+    catch (err) {
+        app.log.warn({ err }, `cannot watch ${path}; SIGHUP still reloads it`);
+        return null;
+    }
+}
+//# sourceMappingURL=server.js.map

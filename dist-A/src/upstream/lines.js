@@ -1,0 +1,87 @@
+// The health of each OhMyGPT line (upstream.baseUrls, in order of preference): a line that fails
+// `failureThreshold` times in a row is skipped for `cooldownMs`, then given exactly one call (half-open) that
+// decides whether it is trusted again. Pure bookkeeping with an injectable clock; upstream/client.ts decides what
+// counts as a failure and asks which line to try next.
+export class LineHealth {
+    #lines;
+    #opts;
+    constructor(urls, opts) {
+        this.#lines = urls.map((url, index) => ({ index, url, failures: 0, down: false, downUntil: 0, probing: false }));
+        this.#opts = { now: () => performance.now(), ...opts };
+    }
+    /**
+     * The line the next attempt should use, skipping those in `tried`: the first line in order of preference that is
+     * up, or down with its cooldown over and no trial call in flight (that call becomes its trial). Null when every
+     * line is down: the caller answers at once instead of waiting on a line known to be failing.
+     */
+    pick(tried = new Set()) {
+        const now = this.#opts.now();
+        for (const line of this.#lines) {
+            if (tried.has(line.index))
+                continue;
+            if (!line.down)
+                return line.index;
+            if (!line.probing && now >= line.downUntil) {
+                line.probing = true;
+                this.#changed(line, 'down');
+                return line.index;
+            }
+        }
+        return null;
+    }
+    /** The line answered (anything but a 502/503): trusted again, its count of failures reset. */
+    succeeded(index) {
+        const line = this.#lines[index];
+        if (line === undefined)
+            return;
+        const previous = this.#state(line);
+        line.failures = 0;
+        line.down = false;
+        line.probing = false;
+        if (previous !== 'up')
+            this.#changed(line, previous);
+    }
+    /** The line failed (refused, reset, timed out, 502/503). A failed trial call puts it back to sleep. */
+    failed(index) {
+        const line = this.#lines[index];
+        if (line === undefined)
+            return;
+        const previous = this.#state(line);
+        line.failures++;
+        if (line.probing || (!line.down && line.failures >= this.#opts.failureThreshold)) {
+            line.down = true;
+            line.probing = false;
+            line.downUntil = this.#opts.now() + this.#opts.cooldownMs;
+            if (previous !== 'down')
+                this.#changed(line, previous);
+        }
+    }
+    /** A call ended without telling anything about the line (the client left): its trial slot is free again. */
+    released(index) {
+        const line = this.#lines[index];
+        if (line?.probing === true) {
+            line.probing = false;
+            this.#changed(line, 'half-open');
+        }
+    }
+    statuses() {
+        return this.#lines.map(line => this.#status(line));
+    }
+    #state(line) {
+        return !line.down ? 'up' : line.probing ? 'half-open' : 'down';
+    }
+    #status(line) {
+        const state = this.#state(line);
+        return {
+            index: line.index,
+            url: line.url,
+            state,
+            failures: line.failures,
+            retryInMs: state === 'down' ? Math.max(0, Math.ceil(line.downUntil - this.#opts.now())) : null
+        };
+    }
+    #changed(line, previous) {
+        this.#opts.onChange?.(this.#status(line), previous);
+    }
+}
+//# sourceMappingURL=lines.js.map

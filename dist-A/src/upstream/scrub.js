@@ -1,0 +1,144 @@
+// The upstream token never comes back to a client, even when the upstream writes it into an answer (an error
+// message quoting the key it was given, as some OpenAI-compatible services do). Taken out, each occurrence
+// replaced by REDACTED:
+// - from the response headers the client gets (and the upstream request id the audit keeps);
+// - from answers the gateway reads whole: every error answer, and the JSON answers it rewrites. Searched as bytes
+//   (the token as written, and as JSON.stringify escapes it); a JSON answer that holds any backslash escape is
+//   also searched string by string once parsed, whatever escapes spell the token (`\/`, `\u0073`);
+// - from each JSON event of a 2xx event stream (Responses), string by string.
+// Other 2xx answers streamed through (a list of items) are not read, and not searched. The tokens
+// searched for are the one in force and the few before it: an answer to a call sent before a rotation may quote
+// the token it was sent with.
+import { brotliDecompressSync, gunzipSync, inflateRawSync, inflateSync } from 'node:zlib';
+export const REDACTED = '[redacted]';
+const REDACTED_BYTES = Buffer.from(REDACTED);
+/** Tokens remembered: the one in force and those before it (one rotation's overlap needs two). */
+const REMEMBERED_TOKENS = 4;
+/**
+ * Shorter tokens are not searched for: replacing every `x` or `abc` would mangle answers, and a token that short
+ * is no secret to keep (no real OhMyGPT token is; the tests' placeholder tokens are).
+ */
+export const MIN_SCRUBBED_LENGTH = 8;
+const BACKSLASH = 0x5c;
+/**
+ * Every match of any of `finds` in `text`, left to right, in one pass: at each place the longest spelling that
+ * matches there wins, and what was put in is never searched again (a token inside `[redacted]` stays put).
+ */
+function replaceAll(text, finds, join) {
+    const parts = [];
+    let from = 0;
+    for (;;) {
+        let at = -1;
+        let size = 0;
+        for (const find of finds) {
+            const i = text.indexOf(find, from);
+            if (i !== -1 && (at === -1 || i < at || (i === at && find.length > size))) {
+                at = i;
+                size = find.length;
+            }
+        }
+        if (at === -1)
+            break;
+        parts.push([from, at]);
+        from = at + size;
+    }
+    if (parts.length === 0)
+        return text;
+    parts.push([from, text.length]);
+    return join(parts);
+}
+export class TokenScrubber {
+    #current;
+    /** the tokens remembered, newest first */
+    #tokens = [];
+    /** their spellings as bytes: as written, and as JSON.stringify escapes them */
+    #bytes = [];
+    constructor(current) {
+        this.#current = current;
+    }
+    /** The token to send a call with now. Remembered, so that an answer quoting it is scrubbed after a rotation. */
+    token() {
+        const token = this.#current();
+        if (this.#tokens[0] !== token && token.length >= MIN_SCRUBBED_LENGTH) {
+            this.#tokens = [token, ...this.#tokens.filter(t => t !== token)].slice(0, REMEMBERED_TOKENS);
+            const spellings = new Set(this.#tokens.flatMap(t => [t, JSON.stringify(t).slice(1, -1)]));
+            this.#bytes = [...spellings].map(t => Buffer.from(t));
+        }
+        return token;
+    }
+    /** `text` with every token replaced, or `text` itself when it holds none. */
+    text(text) {
+        this.token();
+        return replaceAll(text, this.#tokens, parts => parts.map(([from, to]) => text.slice(from, to)).join(REDACTED));
+    }
+    /** `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none. */
+    bytes(body) {
+        this.token();
+        return replaceAll(body, this.#bytes, parts => Buffer.concat(parts.flatMap(([from, to], i) => i === 0 ? [body.subarray(from, to)] : [REDACTED_BYTES, body.subarray(from, to)])));
+    }
+    /**
+     * A parsed JSON answer with the tokens taken out of every string (and key), or `value` itself when it holds
+     * none. Only needed when its text had backslash escapes (`hasEscapes`): without any, `bytes` found them all.
+     */
+    json(value) {
+        const walk = (v) => {
+            if (typeof v === 'string')
+                return this.text(v);
+            if (v === null || typeof v !== 'object')
+                return v;
+            if (Array.isArray(v)) {
+                const items = v.map(walk);
+                return items.some((item, i) => item !== v[i]) ? items : v;
+            }
+            let changed = false;
+            // No prototype: a "__proto__" key (JSON.parse makes it an own property) stays a key.
+            const out = Object.create(null);
+            for (const [k, item] of Object.entries(v)) {
+                const key = this.text(k);
+                const next = walk(item);
+                if (key !== k || next !== item)
+                    changed = true;
+                out[key] = next;
+            }
+            return changed ? out : v;
+        };
+        return walk(value);
+    }
+}
+/** Whether a JSON text holds any backslash escape (only then can a string's value differ from its bytes). */
+export function hasEscapes(body) {
+    return body.includes(BACKSLASH);
+}
+const DECODERS = {
+    gzip: (buf, max) => gunzipSync(buf, { maxOutputLength: max }),
+    'x-gzip': (buf, max) => gunzipSync(buf, { maxOutputLength: max }),
+    // HTTP's deflate is zlib-wrapped; some servers send it raw.
+    deflate: (buf, max) => {
+        try {
+            return inflateSync(buf, { maxOutputLength: max });
+        }
+        catch {
+            return inflateRawSync(buf, { maxOutputLength: max });
+        }
+    },
+    br: (buf, max) => brotliDecompressSync(buf, { maxOutputLength: max })
+};
+/**
+ * An answer's bytes as the client would read them once decoded, for searching: `body` itself without a
+ * content-encoding. Throws for an encoding the gateway cannot decode, or bytes that do not decode (the answer is
+ * then not passed on: it could not be searched).
+ */
+export function decodedBody(body, contentEncoding, maxBytes) {
+    const codings = (Array.isArray(contentEncoding) ? contentEncoding.join(',') : contentEncoding ?? '')
+        .split(',').map(c => c.trim().toLowerCase()).filter(c => c !== '' && c !== 'identity');
+    let out = body;
+    // Applied in the order listed: undone last to first.
+    for (const coding of codings.reverse()) {
+        const decode = DECODERS[coding];
+        if (decode === undefined)
+            throw new Error(`content-encoding ${coding} cannot be decoded`);
+        out = decode(out, maxBytes);
+    }
+    return out;
+}
+//# sourceMappingURL=scrub.js.map
