@@ -16,7 +16,7 @@ export interface GatewayError extends Error {
 type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'tokens' | 'server_error'
 
 /** The audit outcomes a gateway-made answer can have (plugins/audit.ts adds those of proxied and aborted calls). */
-export type ErrorOutcome = 'invalid' | 'denied' | 'rate_limited' | 'upstream_error' | 'unavailable' | 'error'
+export type ErrorOutcome = 'invalid' | 'denied' | 'rate_limited' | 'upstream_rate_limited' | 'upstream_error' | 'unavailable' | 'error'
 
 function outcomeOf (status: number, type: ErrorType): ErrorOutcome {
   if (status === 401 || status === 403) return 'denied'
@@ -122,6 +122,8 @@ export const OverloadedError = define('overloaded', 503, 'server_error',
   'The gateway is at its limit of concurrent calls%s. Please try again shortly.')
 export const RateLimitExceededError = define('rate_limit_exceeded', 429, 'requests',
   'Rate limit reached for client %s. Please try again in %s.')
+export const UpstreamRateLimitedError = define('rate_limit_exceeded', 429, 'requests',
+  'The upstream account\'s rate limit was reached. Please try again in the time retry-after says.', { outcome: 'upstream_rate_limited' })
 export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error',
   'The upstream API could not be reached. Please try again later.')
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',

@@ -249,6 +249,58 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
   }
 })
 
+t.test('a lookup answered 400 or 422 (an id the upstream refuses) is a 404 remembered as a missing one, not a 502 to retry', async t => {
+  for (const status of [400, 422]) {
+    await t.test(`a lookup answered ${status}`, async t => {
+      const upstream = await startUpstream()
+      t.teardown(() => upstream.close())
+      const { gw, sdk } = await gateway(t, upstream)
+      upstream.respond = (_req, res) => {
+        res.writeHead(status, { 'content-type': 'application/json' })
+          .end('{"error":{"message":"Invalid \'conversation_id\': \'abc\'. Expected an ID that begins with \'conv\'.","type":"invalid_request_error","param":null,"code":null}}')
+      }
+      const client = sdk(KEYS.full)
+      await assertNotFound(t, await rejection(client.conversations.items.list('abc')), 'first call', 'abc')
+      await assertNotFound(t, await rejection(client.conversations.retrieve('abc')), 'second call', 'abc')
+      t.same(calls(upstream.requests), ['GET /v1/conversations/abc'], 'one lookup, remembered; the calls themselves never went upstream')
+      await new Promise(resolve => setTimeout(resolve, 20))
+      t.match(gw.audit(), [{ status: 404, outcome: 'invalid' }, { status: 404, outcome: 'invalid' }])
+      t.notMatch(gw.logs.join('\n'), /ownership lookup failed/, 'not logged as a failure')
+    })
+  }
+})
+
+t.test('the shared account\'s 429 on a lookup is the client\'s 429 with the upstream\'s retry hints, audited upstream_rate_limited, and not remembered', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const { gw } = await gateway(t, upstream)
+  upstream.respond = (_req, res) => {
+    res.writeHead(429, {
+      'content-type': 'application/json', 'retry-after': '7', 'retry-after-ms': '6500',
+      'x-ratelimit-remaining-requests': '0', 'x-ratelimit-reset-requests': `6s ${UPSTREAM_TOKEN}`, 'set-cookie': 'a=b'
+    }).end(`{"error":{"message":"Rate limit reached for ${UPSTREAM_TOKEN}","type":"requests","param":null,"code":"rate_limit_exceeded"}}`)
+  }
+  const base = upstream.requests.length
+  const res = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal(res.status, 429)
+  t.equal(res.headers.get('retry-after'), '7')
+  t.equal(res.headers.get('retry-after-ms'), '6500')
+  t.equal(res.headers.get('x-ratelimit-remaining-requests'), '0')
+  t.equal(res.headers.get('x-ratelimit-reset-requests'), '6s [redacted]', 'searched for the token')
+  t.equal(res.headers.get('set-cookie'), null, 'nothing else of the upstream\'s headers')
+  const body = await res.text()
+  t.match(JSON.parse(body), { error: { type: 'requests', code: 'rate_limit_exceeded', param: null } })
+  t.notMatch(body, UPSTREAM_TOKEN, 'the upstream\'s body is not passed on')
+  t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${conv}`], 'only the lookup went upstream')
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.match(gw.audit(), [{ status: 429, outcome: 'upstream_rate_limited' }])
+
+  upstream.respond = null // the fake OhMyGPT again
+  const again = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal(again.status, 200, 'the next call looks up again and is served')
+})
+
 t.test('an owned object\'s answer is read as JSON whatever its content-type says: the owner key never reaches the client, and what is not JSON is a readable 502', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

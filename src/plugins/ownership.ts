@@ -5,6 +5,7 @@
 // object (they still need the operation's own scope). The owner lives in the upstream object's metadata
 // (ownership/owners.ts); this plugin writes it on create, keeps it on update, and takes it out of every object a
 // client receives, streamed events included.
+import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
@@ -12,7 +13,7 @@ import type { ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, MetadataLimitError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
-  ResponseNotOwnedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
+  ResponseNotOwnedError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
@@ -20,7 +21,8 @@ import {
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
-import { addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders } from './proxy.js'
+import { TokenScrubber } from '../upstream/scrub.js'
+import { addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders } from './proxy.js'
 
 export interface OwnershipOptions {
   upstream: Upstream
@@ -37,6 +39,9 @@ const ANSWERS_AN_OWNED_OBJECT = new Set<Action>([
   'conversation.create', 'conversation.retrieve', 'conversation.update', 'item.delete',
   'response.create', 'response.retrieve', 'response.cancel'
 ])
+
+/** Lookup answers that mean no such object: not found, and an id the upstream refuses (400, 422). */
+const MISSING_STATUSES = new Set([400, 404, 422])
 
 type NotFound = new (id: string) => GatewayError
 
@@ -68,6 +73,19 @@ function previousResponseParam (body: unknown): string | undefined {
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, upstream } = opts
+  const scrub = new TokenScrubber(opts.apiKey)
+
+  /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
+  function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
+    const err = new UpstreamRateLimitedError()
+    const out = upstreamRateLimitHeaders(headers, scrub)
+    for (const name of ['retry-after', 'retry-after-ms']) {
+      const value = headers[name]
+      if (typeof value === 'string') out[name] = scrub.text(value)
+    }
+    err.headers = out
+    return err
+  }
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
 
@@ -97,10 +115,15 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         whenClientGone: whenAbandoned
       })
       const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
-      if (answer.statusCode === 404) return 'missing'
+      // An id the upstream refuses names nothing there (OpenAI answers 400 to one not of the form it gives out):
+      // the same 404 as a missing object, remembered as long, rather than a 502 an SDK would retry.
+      if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
+      // The shared account's limit: the client waits as the upstream says, as it would on the proxied call.
+      if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
       return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
     } catch (err) {
+      if (err instanceof UpstreamRateLimitedError) throw err
       // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway.
       if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)

@@ -122,8 +122,10 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
 
   app.addHook('onSend', (request, reply, payload, done) => {
     const client = request.client
-    // An upstream 429 carries the upstream's own limit and headers (plugins/proxy.ts).
-    if (client !== null && !storeFailed.has(request) && request.upstream?.status !== 429) {
+    // An upstream 429 carries the upstream's own limit and headers (plugins/proxy.ts), one met by an ownership
+    // lookup too (plugins/ownership.ts).
+    const upstreamLimited = request.upstream?.status === 429 || request.refusal?.outcome === 'upstream_rate_limited'
+    if (client !== null && !storeFailed.has(request) && !upstreamLimited) {
       if (request.rateLimit !== null) reply.headers(headers(request.rateLimit))
       if (request.tokenBudget !== null) reply.headers(tokenHeaders(request.tokenBudget))
     }
