@@ -249,6 +249,47 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
   }
 })
 
+t.test('two teams sending one Idempotency-Key send two keys upstream; one team\'s retries send the same one', async t => {
+  const { upstream, gw } = await setup(t)
+  const create = (key: string) => fetch(`${gw.url}/v1/conversations`, {
+    method: 'POST', body: '{}',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json', 'idempotency-key': 'create-1' }
+  })
+  for (const key of [KEYS.full, KEYS.full, KEYS.other]) t.equal((await create(key)).status, 200)
+  const sent = upstream.requests.filter(r => r.method === 'POST').map(r => r.headers['idempotency-key'])
+  t.equal(sent.length, 3)
+  t.equal(sent[0], sent[1], 'a retry by the same team carries the same key')
+  t.not(sent[2], sent[0], 'another team\'s same key is another key upstream')
+  t.notOk(sent.includes('create-1'), 'no team\'s key goes upstream as it is')
+})
+
+t.test('a create answered with an object another team owns (an upstream replaying answers) is a 502, and does not make it the caller\'s', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const theirs = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const { gw, sdk } = await gateway(t, upstream)
+  const replayed = await fetch(`${upstream.url}/v1/conversations/${theirs}`, { headers: { authorization: `Bearer ${UPSTREAM_TOKEN}` } })
+  const body = await replayed.text()
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' }).end(body) // every create answered with A's object
+  }
+  const res = await fetch(`${gw.url}/v1/conversations`, {
+    method: 'POST', body: '{}', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }
+  })
+  t.equal(res.status, 502)
+  const text = await res.text()
+  t.match(JSON.parse(text), { error: { code: 'upstream_unavailable' } })
+  t.notMatch(text, theirs, 'nothing of A\'s conversation reaches B')
+
+  upstream.respond = null
+  const b = sdk(KEYS.other)
+  await assertNotFound(t, await rejection(b.conversations.retrieve(theirs)), 'B after the create', theirs)
+  await assertNotFound(t, await rejection(b.conversations.update(theirs, { metadata: {} })), 'B updating it', theirs)
+  const upstreamView = await fetch(`${upstream.url}/v1/conversations/${theirs}`, { headers: { authorization: `Bearer ${UPSTREAM_TOKEN}` } })
+  t.match(await upstreamView.json(), { metadata: { gateway_owner: 'team-full' } }, 'A still owns it upstream')
+  t.match(gw.audit()[0], { action: 'conversation.create', status: 502, outcome: 'upstream_error' })
+})
+
 t.test('a lookup answered 400 or 422 (an id the upstream refuses) is a 404 remembered as a missing one, not a 502 to retry', async t => {
   for (const status of [400, 422]) {
     await t.test(`a lookup answered ${status}`, async t => {

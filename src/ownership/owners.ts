@@ -81,6 +81,12 @@ export function withoutOwner<T> (value: T): T {
 /** What the gateway owns: conversations and responses, each an upstream object with metadata. */
 export type Owned = 'conversation' | 'response'
 
+/** The owner key's value in an object's metadata, or undefined when it has none. */
+export function ownerIn (object: unknown): unknown {
+  const metadata = isObject(object) ? object.metadata : undefined
+  return isObject(metadata) ? metadata[OWNER_KEY] : undefined
+}
+
 /** The owner recorded in an upstream object; throws when the answer is not the object asked for. */
 export function ownerOf (answer: unknown, id: string, kind: Owned): { owner: string | null } {
   if (!isObject(answer) || answer.object !== kind || answer.id !== id) {

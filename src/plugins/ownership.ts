@@ -17,7 +17,7 @@ import {
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
-  createBody, metadataProblem, OwnerCache, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  createBody, metadataProblem, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -34,10 +34,12 @@ export interface OwnershipOptions {
 /** Largest lookup answer read: a conversation or response object is small. */
 const LOOKUP_MAX_BYTES = 1024 * 1024
 
-/** Actions whose answer is an owned object, which must reach the client without the owner key. */
+/**
+ * Actions whose answer is an owned object, which must reach the client without the owner key (the creates' answers
+ * too: prepareCreate).
+ */
 const ANSWERS_AN_OWNED_OBJECT = new Set<Action>([
-  'conversation.create', 'conversation.retrieve', 'conversation.update', 'item.delete',
-  'response.create', 'response.retrieve', 'response.cancel'
+  'conversation.retrieve', 'conversation.update', 'item.delete', 'response.retrieve', 'response.cancel'
 ])
 
 /** Lookup answers that mean no such object: not found, and an id the upstream refuses (400, 422). */
@@ -150,11 +152,23 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return then(lookup(kind, id, request, reply), decide)
   }
 
-  /** The created object's id is remembered as the client's, before the client sees it without the owner key. */
+  /** Every object in the answer (and each streamed event) reaches the client without the owner key. */
+  function hideOwner (request: FastifyRequest): void {
+    addAnswerRewrite(request, withoutOwner)
+    addEventRewrite(request, withoutOwner)
+  }
+
+  /**
+   * The created object's id is remembered as the client's, before the client sees it without the owner key. An
+   * answer whose object names another owner is not the client's creation (an upstream that replays answers by
+   * Idempotency-Key across the account, say): it is neither remembered nor passed on.
+   */
   function rememberCreated (kind: Owned, request: FastifyRequest, client: ClientConfig) {
     return (object: unknown) => {
       const id = (object as { id?: unknown } | null)?.id
       if (typeof id === 'string' && request.createdId === null) {
+        const owner = ownerIn(object)
+        if (owner !== undefined && owner !== client.id) throw new Error(`the created ${kind} names another owner`)
         cache.set(kind, id, client.id)
         request.createdId = id
       }
@@ -167,12 +181,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     request.ownerId = client.id
     request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
     const remember = rememberCreated(kind, request, client)
+    // (Added before the owner key is taken out: remember reads it.)
     addAnswerRewrite(request, remember)
     addEventRewrite(request, event => {
       const response = (event as { response?: unknown } | null)?.response
       if (response !== undefined) remember(response)
       return event
     })
+    hideOwner(request)
   }
 
   /** The check for one call: done at once when every owner it needs is cached, else a promise. */
@@ -180,11 +196,6 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const op = request.operation
     const client = request.client
     if (op === null || client === null) return
-    if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) {
-      addAnswerRewrite(request, withoutOwner)
-      addEventRewrite(request, withoutOwner)
-    }
-
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
       prepareCreate('conversation', request, client)
@@ -200,6 +211,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         prepareCreate('response', request, client)
       })()
     }
+    if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) hideOwner(request)
 
     if (op.responseId !== null) {
       const responseId = op.responseId

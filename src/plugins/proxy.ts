@@ -5,6 +5,7 @@
 // allow-lists both ways; the upstream token is set last, on a fresh object, so no client header can remove or
 // replace it. reply-from's unsafe defaults are overridden on purpose: verified TLS (our pools), no 503 retries of
 // its own, our own error mapping.
+import { createHash } from 'node:crypto'
 import type { IncomingHttpHeaders } from 'node:http'
 import { pipeline, Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
@@ -68,6 +69,15 @@ export function gatewayHeaders (request: FastifyRequest, apiKey: string, headers
   return headers
 }
 
+/**
+ * The Idempotency-Key the upstream gets: every team shares one account, so a key is made the client's own (a
+ * digest of the client id and the key). An upstream that replays answers by key then never gives one team the
+ * answer to another's call; a client's own retries still carry one key.
+ */
+export function clientIdempotencyKey (clientId: string, key: string): string {
+  return createHash('sha256').update(`${clientId}\n${key}`).digest('hex')
+}
+
 export function upstreamRequestHeaders (
   request: FastifyRequest, headers: IncomingHttpHeaders, apiKey: string
 ): Record<string, string> {
@@ -76,6 +86,8 @@ export function upstreamRequestHeaders (
     const value = headers[name]
     if (typeof value === 'string') out[name] = value
   }
+  const idempotencyKey = out['idempotency-key']
+  if (idempotencyKey !== undefined) out['idempotency-key'] = clientIdempotencyKey(request.client?.id ?? '', idempotencyKey)
   if (request.upstreamBody !== null) {
     // body.ts checked it is JSON whatever the client called it; say so plainly.
     out['content-type'] = 'application/json'
