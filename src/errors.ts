@@ -126,6 +126,8 @@ export const UpstreamRateLimitedError = define('rate_limit_exceeded', 429, 'requ
   'The upstream account\'s rate limit was reached. Please try again in the time retry-after says.', { outcome: 'upstream_rate_limited' })
 export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error',
   'The upstream API could not be reached. Please try again later.')
+export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_error',
+  'The upstream API refused the gateway\'s own credentials; your key is fine. The gateway\'s operators are told.')
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error',

@@ -226,7 +226,7 @@ t.test('the owner is looked up once, then cached; a delete forgets it; a missing
 t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an answer that is not the conversation', async t => {
   const cases: Array<[string, (res: import('node:http').ServerResponse) => void, number, string]> = [
     ['a 500', res => { res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":{"message":"boom"}}') }, 502, 'upstream_unavailable'],
-    ['a 401 (bad token)', res => { res.writeHead(401, { 'content-type': 'application/json' }).end('{}') }, 502, 'upstream_unavailable'],
+    ['a 401 (bad token)', res => { res.writeHead(401, { 'content-type': 'application/json' }).end('{}') }, 502, 'upstream_auth_failed'],
     ['a list instead of a conversation', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') }, 502, 'upstream_unavailable'],
     ['not JSON', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('<html>') }, 502, 'upstream_unavailable'],
     ['not JSON, quoting the token', res => { res.writeHead(200, { 'content-type': 'application/json' }).end(`${UPSTREAM_TOKEN} is not valid`) }, 502, 'upstream_unavailable'],

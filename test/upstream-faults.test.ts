@@ -643,7 +643,7 @@ t.test('the upstream token is in no answer and no log line across every kind of 
   const failures: Array<{ upstream: string, client: number | 'aborted', respond: (req: IncomingMessage, res: ServerResponse) => void }> = [
     {
       upstream: 'answers 401 about the token',
-      client: 401,
+      client: 502,
       respond: (_req, res) => {
         res.writeHead(401, { 'content-type': 'application/json' })
         res.end(openAIError('Incorrect API key provided.', 'invalid_request_error', 'invalid_api_key'))

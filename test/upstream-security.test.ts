@@ -108,21 +108,21 @@ t.test('an upstream error answer that quotes the upstream token reaches the clie
   const answer = (req: IncomingMessage) => JSON.stringify({
     error: { message: `Invalid token: ${req.headers.authorization ?? ''} (${UPSTREAM_TOKEN})`, type: 'invalid_request_error', param: null, code: 'invalid_api_key' }
   })
-  upstream.respond = (req, res) => { res.writeHead(401, { 'content-type': 'application/json' }).end(answer(req)) }
+  upstream.respond = (req, res) => { res.writeHead(403, { 'content-type': 'application/json' }).end(answer(req)) }
   const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
   const err = await sdk.conversations.create({}).then(() => null, (e: unknown) => e)
-  t.ok(err instanceof OpenAI.AuthenticationError, 'the SDK still reads the upstream\'s 401')
+  t.ok(err instanceof OpenAI.PermissionDeniedError, 'the SDK still reads the upstream\'s 403')
   const apiError = err as InstanceType<typeof OpenAI.APIError>
-  t.equal(apiError.status, 401)
-  t.equal(apiError.message, '401 Invalid token: Bearer [redacted] ([redacted])', 'the message, with the token taken out')
+  t.equal(apiError.status, 403)
+  t.equal(apiError.message, '403 Invalid token: Bearer [redacted] ([redacted])', 'the message, with the token taken out')
   t.notMatch(JSON.stringify(apiError.error), UPSTREAM_TOKEN)
 
   const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
   const text = await res.text()
-  t.equal(res.status, 401)
+  t.equal(res.status, 403)
   t.notMatch(text, UPSTREAM_TOKEN)
   t.equal(res.headers.get('content-length'), String(Buffer.byteLength(text)), 'content-length fits the shorter body')
-  t.match(gw.audit().at(-1), { status: 401, bytesOut: Buffer.byteLength(text) }, 'audited as sent')
+  t.match(gw.audit().at(-1), { status: 403, bytesOut: Buffer.byteLength(text) }, 'audited as sent')
 
   // Compressed by the upstream (unasked): decoded, searched, and sent plain.
   upstream.respond = (req, res) => {
@@ -134,12 +134,39 @@ t.test('an upstream error answer that quotes the upstream token reaches the clie
   t.match(await gzipped.json(), { error: { message: 'Invalid token: Bearer [redacted] ([redacted])', code: 'invalid_api_key' } })
 
   // In an encoding the gateway cannot decode, it could not be searched: not passed on.
-  upstream.respond = (_req, res) => { res.writeHead(401, { 'content-type': 'application/json', 'content-encoding': 'zstd' }).end('\x28\xb5\x2f\xfd') }
+  upstream.respond = (_req, res) => { res.writeHead(403, { 'content-type': 'application/json', 'content-encoding': 'zstd' }).end('\x28\xb5\x2f\xfd') }
   const unreadable = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
   t.equal(unreadable.status, 502)
   t.equal(unreadable.headers.get('content-encoding'), null)
   t.match(await unreadable.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } })
   t.notMatch(gw.logs.join('\n'), UPSTREAM_TOKEN, 'nor in the log')
+})
+
+t.test('the upstream refusing the gateway\'s own token is a 502 upstream_auth_failed, not the team\'s AuthenticationError', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  // As OpenAI answers a key it refuses: quoting its start and end.
+  const masked = `${UPSTREAM_TOKEN.slice(0, 3)}****${UPSTREAM_TOKEN.slice(-4)}`
+  upstream.respond = (_req, res) => {
+    res.writeHead(401, { 'content-type': 'application/json', 'x-request-id': 'req_401' })
+      .end(JSON.stringify({ error: { message: `Incorrect API key provided: ${masked}.`, type: 'invalid_request_error', param: null, code: 'invalid_api_key' } }))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const created = await sdk.conversations.create({}).then(() => null, (e: unknown) => e)
+  t.ok(created instanceof OpenAI.InternalServerError, 'a server-side error in the SDK, not AuthenticationError')
+  t.match(created, { status: 502, error: { code: 'upstream_auth_failed', type: 'server_error' } })
+  t.notMatch(JSON.stringify(created), masked, 'nothing of the upstream\'s message')
+
+  // The same on an id route, where the ownership lookup meets the 401 first.
+  const res = await fetch(`${gw.url}/v1/conversations/conv_x/items`, { headers: auth })
+  t.equal(res.status, 502)
+  t.match(await res.json(), { error: { code: 'upstream_auth_failed' } })
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.match(gw.audit(), [{ status: 502, outcome: 'upstream_error' }, { status: 502, outcome: 'upstream_error' }])
+  const errors = gw.logs.filter(l => l.includes('"level":50') && l.includes('refused the gateway\'s token'))
+  t.equal(errors.length, 2, 'each logged at error level for the operators')
+  t.notMatch(gw.logs.join('\n'), masked)
 })
 
 t.test('an error answer without the token, and a 2xx answer the gateway rewrites, keep or lose it as they should', async t => {
@@ -195,10 +222,10 @@ t.test('a JSON answer that spells the token with other escapes than JSON.stringi
   // \u0073 is "s": a JSON parser reads the token itself back (as \/ would, in a token with a slash).
   const spelled = `\\u${UPSTREAM_TOKEN.charCodeAt(0).toString(16).padStart(4, '0')}${UPSTREAM_TOKEN.slice(1)}`
   upstream.respond = (_req, res) => {
-    res.writeHead(401, { 'content-type': 'application/json' }).end(`{"error":{"message":"bad key ${spelled}","type":"invalid_request_error","param":null,"code":null}}`)
+    res.writeHead(400, { 'content-type': 'application/json' }).end(`{"error":{"message":"bad key ${spelled}","type":"invalid_request_error","param":null,"code":null}}`)
   }
   const refused = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
-  t.equal(refused.status, 401)
+  t.equal(refused.status, 400)
   t.same(await refused.json(), { error: { message: 'bad key [redacted]', type: 'invalid_request_error', param: null, code: null } })
 
   upstream.respond = (_req, res) => {
@@ -214,7 +241,7 @@ t.test('an answer quoting the token a call was sent with is scrubbed after the t
   const gw = await startGateway(t, testConfig(upstream.url))
   const held: Array<() => void> = []
   upstream.respond = (req, res) => {
-    held.push(() => { res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `rejected ${req.headers.authorization}` } })) })
+    held.push(() => { res.writeHead(403, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `rejected ${req.headers.authorization}` } })) })
   }
   const answer = fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
   while (held.length === 0) await new Promise(resolve => setTimeout(resolve, 5))

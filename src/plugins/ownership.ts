@@ -13,7 +13,7 @@ import type { ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, MetadataLimitError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
-  ResponseNotOwnedError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
+  ResponseNotOwnedError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
@@ -122,10 +122,15 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       // The shared account's limit: the client waits as the upstream says, as it would on the proxied call.
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
+      if (answer.statusCode === 401) throw new UpstreamAuthError()
       if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
       return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
     } catch (err) {
       if (err instanceof UpstreamRateLimitedError) throw err
+      if (err instanceof UpstreamAuthError) {
+        request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
+        throw err
+      }
       // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway.
       if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)

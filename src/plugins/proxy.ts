@@ -12,7 +12,7 @@ import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
+import { UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { whenClosed } from '../http/response.js'
@@ -303,6 +303,14 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         // pipeline ends either side on the other's failure: an upstream that breaks mid-stream breaks the answer,
         // a client that leaves releases the upstream.
         reply.send(pipeline(res.stream, new SseRewriter(data => rewriteEvent(scrub.json(data))), () => {}))
+        return
+      }
+      // The upstream refused the gateway's token: not the client's key, whatever the upstream's answer says (an
+      // AuthenticationError in the SDK would blame the team's own key; OpenAI's message quotes part of the token).
+      if (res.statusCode === 401) {
+        res.stream.on('error', noop).destroy()
+        request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
+        reply.send(new UpstreamAuthError())
         return
       }
       if (!ok) {
