@@ -90,6 +90,12 @@ export const ConversationNotFoundError = define('conversation_not_found', 404, '
   "Conversation with id '%s' not found.", { param: 'conversation_id' })
 export const ConversationNotOwnedError = define('conversation_not_found', 404, 'invalid_request_error',
   "Conversation with id '%s' not found.", { param: 'conversation_id', outcome: 'denied' })
+export const ItemNotFoundError = define('item_not_found', 404, 'invalid_request_error',
+  'No item with id \'%s\' was found in this conversation.')
+export const ItemReferenceOutsideConversationError = define('item_reference_not_allowed', 400, 'invalid_request_error',
+  'Items can be named by id (item_reference) only in a call on a conversation of yours (a response created with `conversation`, or items added to one); give the item itself instead.')
+export const TooManyItemReferencesError = define('item_reference_not_allowed', 400, 'invalid_request_error',
+  'Too many items named by id (item_reference) in %s: at most %s per call.')
 export const ResponseNotFoundError = define('response_not_found', 404, 'invalid_request_error',
   "Response with id '%s' not found.", { param: 'response_id' })
 export const ResponseNotOwnedError = define('response_not_found', 404, 'invalid_request_error',

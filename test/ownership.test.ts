@@ -249,6 +249,50 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
   }
 })
 
+t.test('an item named by id (item_reference) must be an item of a conversation of the caller\'s: another team\'s is refused wherever it is named', async t => {
+  const { upstream, gw } = await setup(t)
+  const post = (key: string, path: string, body: unknown) => fetch(`${gw.url}${path}`, {
+    method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
+  })
+  // Team A keeps a secret in its conversation; team B has one of its own, and knows the id of A's item.
+  const created = await post(KEYS.full, '/v1/conversations', { items: [{ type: 'message', role: 'user', content: 'A secret' }] })
+  const conversationA = (await created.json() as { id: string }).id
+  const listed = await fetch(`${gw.url}/v1/conversations/${conversationA}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  const itemA = (await listed.json() as { data: Array<{ id: string }> }).data[0]!.id
+  const conversationB = (await (await post(KEYS.other, '/v1/conversations', {})).json() as { id: string }).id
+
+  const refusals: Array<[string, string, unknown, number, string, string]> = [
+    ['a response outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'input'],
+    ['a response in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'item_reference', id: itemA }] }, 404, 'item_not_found', 'input'],
+    ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'item_reference', id: itemA }] }, 404, 'item_not_found', 'items'],
+    ['items added, the type left out', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA }] }, 404, 'item_not_found', 'items'],
+    ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
+  ]
+  for (const [label, path, body, status, code, param] of refusals) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, status, `${label}: ${status}`)
+    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
+    const carried = upstream.requests.slice(before).filter(r => r.method === 'POST')
+    t.same(carried.map(r => r.url), [], `${label}: nothing was created upstream on B's behalf`)
+  }
+
+  // A names its own item in its own conversation: checked, and served.
+  const before = upstream.requests.length
+  const own = await post(KEYS.full, `/v1/conversations/${conversationA}/items`, { items: [{ type: 'item_reference', id: itemA }] })
+  t.equal(own.status, 200, 'A\'s own item in A\'s own conversation')
+  t.same(calls(upstream.requests.slice(before)), [
+    `GET /v1/conversations/${conversationA}/items/${itemA}`, `POST /v1/conversations/${conversationA}/items`
+  ], 'one check of the item, then the call')
+  const response = await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', conversation: conversationA, input: [{ type: 'item_reference', id: itemA }] })
+  t.equal(response.status, 200, 'and in a response in that conversation')
+  // An admin acts on every object, references included.
+  const admin = await post(KEYS.admin, `/v1/conversations/${conversationB}/items`, { items: [{ type: 'item_reference', id: itemA }] })
+  t.equal(admin.status, 200, 'an admin client is not checked')
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.match(gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400).map(r => r.outcome), ['invalid', 'invalid', 'invalid', 'invalid', 'invalid'])
+})
+
 t.test('two teams sending one Idempotency-Key send two keys upstream; one team\'s retries send the same one', async t => {
   const { upstream, gw } = await setup(t)
   const create = (key: string) => fetch(`${gw.url}/v1/conversations`, {

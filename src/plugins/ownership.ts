@@ -11,7 +11,8 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import type { ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, MetadataLimitError,
+  ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, ItemNotFoundError,
+  ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
@@ -44,6 +45,36 @@ const ANSWERS_AN_OWNED_OBJECT = new Set<Action>([
 
 /** Lookup answers that mean no such object: not found, and an id the upstream refuses (400, 422). */
 const MISSING_STATUSES = new Set([400, 404, 422])
+
+/** Most items one create may name by id: each costs the gateway a check upstream. */
+const MAX_REFERENCES = 32
+
+/**
+ * The ids of the items a create body's list names by reference: OpenAI's item_reference, `{ id, type:
+ * "item_reference" }`, whose type may be left out (an item with an id and neither type, role nor content).
+ */
+export function referencedItems (list: unknown): unknown[] {
+  if (!Array.isArray(list)) return []
+  const ids: unknown[] = []
+  for (const item of list) {
+    if (item === null || typeof item !== 'object') continue
+    const { type, id, role, content } = item as Record<string, unknown>
+    if (type === 'item_reference' || ((type === undefined || type === null) && id !== undefined && role === undefined && content === undefined)) {
+      ids.push(id)
+    }
+  }
+  return ids
+}
+
+/** Whether a create's list names items by reference that the gateway must check (cheap: most have none). */
+function hasReferences (list: unknown, client: ClientConfig): boolean {
+  return Array.isArray(list) && !client.scopes.includes('admin') && referencedItems(list).length > 0
+}
+
+function withParam (err: GatewayError, param: string): GatewayError {
+  err.param = param
+  return err
+}
 
 type NotFound = new (id: string) => GatewayError
 
@@ -108,23 +139,34 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
   async function lookUpstream (kind: Owned, id: string, request: FastifyRequest,
     whenAbandoned: (abort: () => void) => void): Promise<Owner> {
+    const found = await askUpstream(`/v1/${kind}s/${id}`, { [`${kind}Id`]: id }, request, whenAbandoned,
+      answer => ownerOf(answer, id, kind))
+    return found === 'missing' ? 'missing' : found
+  }
+
+  /**
+   * The gateway's own GET of `path` (an owner's lookup, an item's check): the answer as `read` takes it, or
+   * 'missing' for a 404 or an id the upstream refuses (OpenAI answers 400 to one not of the form it gives out,
+   * which is then the same 404 to the client, not a 502 an SDK would retry). Anything else fails closed: the
+   * shared account's 429 is the client's 429 with the upstream's retry hints, a refused token the operators'
+   * 502, any other status or an answer `read` refuses 502, no answer in time 504.
+   */
+  async function askUpstream<T> (path: string, about: Record<string, string>, request: FastifyRequest,
+    whenGone: (abort: () => void) => void, read: (answer: unknown) => T): Promise<T | 'missing'> {
     try {
       const answer = await upstream.call({
         method: 'GET',
-        path: `/v1/${kind}s/${id}`,
+        path,
         headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
         body: null,
-        whenClientGone: whenAbandoned
+        whenClientGone: whenGone
       })
       const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
-      // An id the upstream refuses names nothing there (OpenAI answers 400 to one not of the form it gives out):
-      // the same 404 as a missing object, remembered as long, rather than a 502 an SDK would retry.
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
-      // The shared account's limit: the client waits as the upstream says, as it would on the proxied call.
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
       if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
-      return ownerOf(JSON.parse(body.toString('utf8')), id, kind)
+      return read(JSON.parse(body.toString('utf8')))
     } catch (err) {
       if (err instanceof UpstreamRateLimitedError) throw err
       if (err instanceof UpstreamAuthError) {
@@ -135,10 +177,36 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
         const message = err instanceof SyntaxError ? 'the answer is not JSON' : (err as Error).message
-        request.log.warn({ err: { message }, [`${kind}Id`]: id }, 'ownership lookup failed')
+        request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
       }
       if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
       throw new UpstreamUnavailableError()
+    }
+  }
+
+  /**
+   * Items a create names by id (item_reference) are resolved by the upstream across the whole account every team
+   * shares: each must be an item of the conversation the call names, which the client owns (checked before), else
+   * it could pull another team's item into its own context. A reference with no such conversation (a new
+   * conversation's items, a response outside any conversation) is refused; admin clients are not checked.
+   */
+  async function checkReferences (param: string, list: unknown, conversation: string | undefined,
+    client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    if (client.scopes.includes('admin')) return
+    const ids = referencedItems(list)
+    if (ids.length === 0) return
+    if (conversation === undefined) throw withParam(new ItemReferenceOutsideConversationError(), param)
+    if (ids.length > MAX_REFERENCES) throw withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param)
+    const whenGone = clientGone(reply)
+    for (const id of ids) {
+      const found = typeof id === 'string' && ID_PATTERN.test(id)
+        ? await askUpstream(`/v1/conversations/${conversation}/items/${id}`, { conversationId: conversation, itemId: id },
+          request, whenGone, answer => {
+            if ((answer as { id?: unknown } | null)?.id !== id) throw new Error('the item check answer is not the item asked for')
+            return true
+          })
+        : 'missing'
+      if (found === 'missing') throw withParam(new ItemNotFoundError(String(id).slice(0, 200)), param)
     }
   }
 
@@ -201,8 +269,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const op = request.operation
     const client = request.client
     if (op === null || client === null) return
+    const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
+      // (A new conversation holds no item to name: any reference is refused, before anything goes upstream.)
+      if (hasReferences(body?.items, client)) throw withParam(new ItemReferenceOutsideConversationError(), 'items')
       prepareCreate('conversation', request, client)
       return
     }
@@ -213,6 +284,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       return (async () => {
         if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
+        await checkReferences('input', body?.input, conversation, client, request, reply)
         prepareCreate('response', request, client)
       })()
     }
@@ -227,7 +299,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
     const id = op.conversationId!
     if (op.action === 'conversation.update') refuseMetadata(metadataProblem(request.parsedBody))
-    return then(authorize('conversation', 'conversation', id, client, request, reply), owner => {
+    const authorized = authorize('conversation', 'conversation', id, client, request, reply)
+    if (op.action === 'item.create' && hasReferences(body?.items, client)) {
+      return (async () => {
+        await authorized
+        await checkReferences('items', body?.items, id, client, request, reply)
+      })()
+    }
+    return then(authorized, owner => {
       if (op.action === 'conversation.update') {
         const merged = updateBody(request.parsedBody, owner)
         if (merged !== null) request.upstreamBody = Buffer.from(JSON.stringify(merged))
