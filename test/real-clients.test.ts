@@ -2,11 +2,12 @@
 // sends, what comes back, what the upstream saw and what the audit says.
 import { createConnection } from 'node:net'
 import { gzipSync } from 'node:zlib'
+import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
-import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { KEYS, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
-import { startUpstream, type FakeUpstream } from './fixtures/upstream.js'
+import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
 type Header = [string, string]
 const FULL: Header = ['Authorization', `Bearer ${KEYS.full}`]
@@ -289,4 +290,24 @@ t.test('content and transfer codings the gateway does not decode are refused, no
   t.equal(upstream.requests.length, 1, 'only that one reached the upstream')
   const records = gw.audit()
   t.same(records.map(r => [r.status, r.outcome]), [[501, 'invalid'], [415, 'invalid'], [200, 'ok']])
+})
+
+t.test('a POST whose answer did not come in time is not sent again by the SDK (x-should-retry: false); a GET is', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
+    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 200, failureThreshold: 100 }
+  }))
+  upstream.respond = (_req, res) => {
+    setTimeout(() => { if (!res.destroyed) res.writeHead(200, { 'content-type': 'application/json' }).end('{}') }, 400)
+  }
+  // The SDK's defaults: two retries of a 5xx, quickly.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await client.responses.create({ model: 'gpt-4o-mini', input: 'a long answer' }).then(() => null, (e: unknown) => e)
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } })
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 1, 'one SDK call, one generation started upstream')
+
+  const before = upstream.requests.length
+  await client.conversations.items.list('conv_x').then(() => null, (e: unknown) => e)
+  t.equal(upstream.requests.length - before, 3, 'a GET is safe to try again: the SDK\'s two retries went upstream')
 })

@@ -329,7 +329,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // reply-from has logged the failure already ("response errored"): once is enough.
       const err = error as Error & { statusCode?: number, cause?: unknown }
       const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
-      reply.send(failure?.kind === 'timeout' || err.statusCode === 504 ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
+      const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
+      // A POST whose answer did not come in time was sent, and may be under way upstream (a generation, items
+      // added): the SDKs retry every 5xx unless told not to, and would do it again.
+      if (timedOut && reply.request.method === 'POST') reply.header('x-should-retry', 'false')
+      reply.send(timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
     },
     // reply-from retries a GET that got a 503 ten times by default (maxRetriesOn503: 0 does not turn it off)
     // and would read Retry-After seconds as milliseconds. Retries across lines are upstream/client.ts's.
