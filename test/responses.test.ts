@@ -158,6 +158,43 @@ t.test('a client that hangs up mid-stream closes the upstream stream, and is aud
   t.equal(next.response.headers.get('x-ratelimit-remaining-tokens'), String(1000 - record.outputTokens!), 'the budget was charged with them')
 })
 
+t.test('an upstream that breaks off a streamed response: the SDK raises its own APIError from an error event, the stream is not ended as if whole, and the call is audited upstream_error', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    // then half an event, and the connection breaks
+    res.write('event: response.output_text.delta\ndata: {"type":"response.output_t')
+    setTimeout(() => res.socket?.destroy(), 50)
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, ['response.created'], 'the whole events before the break arrive, and nothing of the broken one')
+  t.ok(err instanceof OpenAI.APIError, `an APIError, not a bare TypeError (got ${String(err)})`)
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } })
+
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
+  })
+  const reader = res.body!.getReader()
+  let text = ''
+  const ended = await (async () => {
+    for (;;) {
+      const { done, value } = await reader.read()
+      if (done) return 'a clean end'
+      text += Buffer.from(value).toString()
+    }
+  })().catch(() => 'broken off')
+  t.equal(ended, 'broken off', 'the answer is broken off, never ended cleanly')
+  t.match(text, /event: error\ndata: \{"type":"error","code":"upstream_unavailable"/, 'after the error event')
+  await until('the audit records', () => gw.audit().length === 2)
+  t.match(gw.audit(), [{ status: 200, outcome: 'upstream_error' }, { status: 200, outcome: 'upstream_error' }])
+})
+
 t.test('ownership: another team cannot use, read, cancel or delete a response, nor generate into a conversation, that is not its own', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const a = sdk(KEYS.full)

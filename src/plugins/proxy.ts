@@ -7,7 +7,7 @@
 // its own, our own error mapping.
 import { createHash } from 'node:crypto'
 import type { IncomingHttpHeaders } from 'node:http'
-import { pipeline, Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
@@ -33,6 +33,13 @@ const MAX_REWRITE_BYTES = 16 * 1024 * 1024
  */
 const MAX_ERROR_BYTES = 1024 * 1024
 const ERROR_READ_MS = 5_000
+
+/** The event a Responses stream ends with when the upstream breaks it off: OpenAI's error event, with its envelope. */
+const STREAM_BROKEN_EVENT = (() => {
+  const message = 'The upstream API broke off the stream before the response was complete.'
+  const error = { message, type: 'server_error', param: null, code: 'upstream_unavailable' }
+  return Buffer.from(`event: error\ndata: ${JSON.stringify({ type: 'error', code: error.code, message, param: null, error })}\n\n`)
+})()
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
@@ -300,9 +307,20 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
         reply.removeHeader('content-length')
-        // pipeline ends either side on the other's failure: an upstream that breaks mid-stream breaks the answer,
-        // a client that leaves releases the upstream.
-        reply.send(pipeline(res.stream, new SseRewriter(data => rewriteEvent(scrub.json(data))), () => {}))
+        const events = new SseRewriter(data => rewriteEvent(scrub.json(data)))
+        // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
+        // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
+        // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.
+        // (Pushed while the answer flows, the event goes to the socket at once, before the destroy.)
+        res.stream.once('error', (err: Error) => {
+          if (events.destroyed) return
+          events.push(STREAM_BROKEN_EVENT)
+          events.destroy(err)
+        })
+        // A client that leaves (or an event that cannot be passed on) releases the upstream.
+        events.once('close', () => { res.stream.destroy() })
+        res.stream.pipe(events)
+        reply.send(events)
         return
       }
       // The upstream refused the gateway's token: not the client's key, whatever the upstream's answer says (an
