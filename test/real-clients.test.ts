@@ -145,6 +145,15 @@ t.test('audit records say what the client got', async t => {
     t.equal(record?.bytesOut, Buffer.byteLength(ex.response?.body ?? ''), 'bytesOut counts the 400 body that was sent')
     t.ok((record?.bytesOut ?? 0) > 0)
   })
+
+  await t.test('a HEAD call: its answer has no body, and the record says none was sent', async t => {
+    const { gw } = await setup(t)
+    const ex = await sendRaw(gw.url, buildRequest('HEAD', '/v1/conversations/conv_abc', [FULL]))
+    t.equal(ex.response?.status, 405)
+    t.equal(ex.response?.body, '', 'no body')
+    const record = await auditOf(gw, undefined) ?? gw.audit()[0]
+    t.match(record, { method: 'HEAD', status: 405, bytesOut: 0 })
+  })
 })
 
 t.test('the operational log keeps to what is exceptional', async t => {

@@ -56,7 +56,8 @@ t.test('create, retrieve, list input items and delete a response in a conversati
     ['response.create', 200, 'ok'], ['response.retrieve', 200, 'ok'], ['response.input_items', 200, 'ok'],
     ['response.delete', 200, 'ok'], ['response.retrieve', 404, 'invalid']
   ])
-  t.match(records[0], { responseId: response.id, model: 'gpt-4o-mini', stream: false, inputTokens: 2, outputTokens: 3, ownerId: 'team-full', conversationId: null })
+  t.match(records[0], { responseId: response.id, model: 'gpt-4o-mini', stream: false, inputTokens: 2, outputTokens: 3, ownerId: 'team-full', conversationId: conv.id },
+    'the create names the conversation it wrote into (audit query --conversation finds it)')
   t.match(records[1], { responseId: response.id, model: 'gpt-4o-mini', stream: false, inputTokens: 2, outputTokens: 3 })
   t.ok(records.every(r => r.responseId === response.id), 'every record names the response')
 })
@@ -237,6 +238,31 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   const b2 = new OpenAI({ apiKey: KEYS.other, baseURL: `${restarted.url}/v1`, maxRetries: 0 })
   t.match(await rejection(b2.responses.retrieve(response.id)), { status: 404, code: 'response_not_found' })
   t.same(upstreamCalls(upstream).slice(-1), ['GET /v1/responses/resp_x'], 'after the only call upstream: the gateway\'s lookup')
+})
+
+t.test('a conversation or previous_response_id of another shape than the API takes is a 400 before anything goes upstream, not an unchecked call', async t => {
+  const { upstream, gw } = await setup(t)
+  const cases: Array<[string, Record<string, unknown>, string]> = [
+    ['conversation as a number', { conversation: 5 }, 'conversation'],
+    ['conversation as a list', { conversation: ['conv_x'] }, 'conversation'],
+    ['conversation as an object without a string id', { conversation: { id: 5 } }, 'conversation'],
+    ['previous_response_id as an object', { previous_response_id: { id: 'resp_x' } }, 'previous_response_id']
+  ]
+  for (const [label, extra, param] of cases) {
+    const before = upstream.requests.length
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'gpt-4o', input: 'hi', ...extra })
+    })
+    t.equal(res.status, 400, label)
+    t.match(await res.json(), { error: { code: 'invalid_request', param } }, `${label}: names the parameter`)
+    t.equal(upstream.requests.length, before, `${label}: nothing went upstream`)
+  }
+  const fine = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'hi', conversation: null, previous_response_id: null })
+  })
+  t.equal(fine.status, 200, 'null is no conversation and no previous response')
 })
 
 t.test('clients[].models: a model outside the list gets 403 model_not_allowed before the upstream', async t => {

@@ -81,6 +81,14 @@ export function withoutOwner<T> (value: T): T {
 /** What the gateway owns: conversations and responses, each an upstream object with metadata. */
 export type Owned = 'conversation' | 'response'
 
+/** The conversation a response is to be created in: `conversation` as a string id or `{ id }`. */
+export function conversationParam (body: unknown): string | undefined {
+  const value = (body as { conversation?: unknown } | undefined)?.conversation
+  if (typeof value === 'string') return value
+  const id = (value as { id?: unknown } | null | undefined)?.id
+  return typeof id === 'string' ? id : undefined
+}
+
 /** The owner key's value in an object's metadata, or undefined when it has none. */
 export function ownerIn (object: unknown): unknown {
   const metadata = isObject(object) ? object.metadata : undefined

@@ -9,7 +9,8 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
-import { matchOperation, rawPath, type Action, type Operation } from '../operations.js'
+import { ID_PATTERN, matchOperation, rawPath, type Action, type Operation } from '../operations.js'
+import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
 
@@ -117,6 +118,28 @@ function routedLate (request: FastifyRequest): Operation | null {
   return match.kind === 'operation' ? match.operation : null
 }
 
+/** Body bytes that went to the client: none to a HEAD, nor with a 204 or 304 (Node sends no body with them). */
+function bodyBytesSent (request: FastifyRequest, reply: FastifyReply): number {
+  const res = reply.raw
+  if (!isCounting(res) || res.queued || request.method === 'HEAD' || res.statusCode === 204 || res.statusCode === 304) return 0
+  return res.bodyBytes
+}
+
+/**
+ * The conversation a call acted on: the one its path names, the one it created, or the one a response was
+ * created in (its body's `conversation`, kept only when it is a well-formed id, which the ownership check refused
+ * otherwise); `audit query --conversation` finds all three.
+ */
+function conversationOf (request: FastifyRequest, op: Operation | null): string | null {
+  if (op === null) return null
+  if (op.action === 'conversation.create') return request.createdId
+  if (op.action === 'response.create') {
+    const id = conversationParam(request.parsedBody)
+    return id !== undefined && ID_PATTERN.test(id) ? id : null
+  }
+  return op.conversationId
+}
+
 /**
  * The call's record. Its keys are written in sorted order, with the chain's seq and prevHash in their places (left
  * undefined here, set when the record is sealed): the sealed line is then JSON.stringify's plain output
@@ -132,9 +155,9 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     action: op?.action ?? 'unknown',
     attempts: call?.attempts ?? 0,
     bytesIn: request.bodyBytes,
-    bytesOut: isCounting(reply.raw) && !reply.raw.queued ? reply.raw.bodyBytes : 0,
+    bytesOut: bodyBytesSent(request, reply),
     clientId: request.client?.id ?? null,
-    conversationId: op?.action === 'conversation.create' ? request.createdId : op?.conversationId ?? null,
+    conversationId: conversationOf(request, op),
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
     ip: watch.ip,

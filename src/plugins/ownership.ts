@@ -11,14 +11,14 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import type { ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, ItemNotFoundError,
+  ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
   ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
-  createBody, metadataProblem, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  conversationParam, createBody, metadataProblem, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -91,17 +91,24 @@ function refuseMetadata (problem: MetadataProblem | null): void {
   if (problem === 'not_object') throw new InvalidMetadataError()
 }
 
-/** The conversation a response is to be created in: `conversation` as a string id or `{ id }`. */
-function conversationParam (body: unknown): string | undefined {
-  const value = (body as { conversation?: unknown } | undefined)?.conversation
-  if (typeof value === 'string') return value
-  const id = (value as { id?: unknown } | null | undefined)?.id
-  return typeof id === 'string' ? id : undefined
-}
-
+/**
+ * `previous_response_id` as given, undefined when left out (or null); any other shape is refused (400), as the
+ * gateway could not check whose it is.
+ */
 function previousResponseParam (body: unknown): string | undefined {
   const value = (body as { previous_response_id?: unknown } | undefined)?.previous_response_id
-  return typeof value === 'string' ? value : undefined
+  if (value === undefined || value === null || typeof value === 'string') return value ?? undefined
+  throw withParam(new InvalidRequestError('previous_response_id must be a response id.'), 'previous_response_id')
+}
+
+/** The conversation as conversationParam reads it; any other shape than it takes is refused (400). */
+function checkedConversationParam (body: unknown): string | undefined {
+  const value = (body as { conversation?: unknown } | undefined)?.conversation
+  const id = conversationParam(body)
+  if (id === undefined && value !== undefined && value !== null) {
+    throw withParam(new InvalidRequestError('conversation must be a conversation id, or an object with its "id".'), 'conversation')
+  }
+  return id
 }
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
@@ -279,7 +286,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     }
     if (op.action === 'response.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
-      const conversation = conversationParam(request.parsedBody)
+      const conversation = checkedConversationParam(request.parsedBody)
       const previous = previousResponseParam(request.parsedBody)
       return (async () => {
         if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
