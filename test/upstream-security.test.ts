@@ -292,16 +292,36 @@ t.test('an error answer is read whole within bounds: slow or large, it could not
   t.equal(large.status, 502, 'over 1 MiB')
 })
 
-t.test('an error answer without a content-type gets none from the gateway either', async t => {
+t.test('an envelope without a content-type gets none from the gateway either; an error answer that is no envelope (a CDN page, plain text, nothing) gets the gateway\'s, with the upstream\'s status', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const gw = await startGateway(t, testConfig(upstream.url))
-  upstream.respond = (_req, res) => { res.writeHead(500).end('upstream broke') }
+  const envelope = '{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'
+  upstream.respond = (_req, res) => { res.writeHead(500).end(envelope) }
   const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
   t.equal(res.status, 500)
   t.equal(res.headers.get('content-type'), null)
-  t.equal(res.headers.get('content-length'), '14')
-  t.equal(await res.text(), 'upstream broke')
+  t.equal(res.headers.get('content-length'), String(envelope.length))
+  t.equal(await res.text(), envelope)
+
+  const answers: Array<[string, number, Record<string, string>, string]> = [
+    ['a CDN\'s HTML page', 520, { 'content-type': 'text/html' }, '<!DOCTYPE html><html><title>520: Web server is returning an unknown error</title></html>'],
+    ['plain text without a content-type', 500, {}, 'upstream broke'],
+    ['an empty 404', 404, { 'content-type': 'application/json' }, ''],
+    ['JSON that is no envelope', 503, { 'content-type': 'application/json' }, '{"detail":"overloaded"}']
+  ]
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  for (const [label, status, headers, body] of answers) {
+    upstream.respond = (_req, res) => { res.writeHead(status, headers).end(body) }
+    const err = await sdk.conversations.create({}).then(() => null, (e: unknown) => e)
+    t.ok(err instanceof OpenAI.APIError, `${label}: an APIError`)
+    t.match(err, {
+      status,
+      error: { type: status >= 500 ? 'server_error' : 'invalid_request_error', code: 'upstream_error', message: new RegExp(`answered ${status}`) }
+    }, `${label}: the SDK reads the gateway's envelope, with the upstream's status`)
+    if (body !== '') t.notMatch((err as Error).message, body, `${label}: not the upstream's body`)
+  }
+  t.equal(gw.logs.filter(l => l.includes('is not OpenAI\'s error envelope')).length, answers.length, 'each logged for the operators')
 })
 
 t.test('a token too short to be a secret is not searched for: answers are not mangled', async t => {

@@ -136,6 +136,24 @@ function sendBytes (reply: FastifyReply, status: number, body: Buffer): void {
   reply.send(reply.hasHeader('content-type') ? body : Readable.from([body]))
 }
 
+/** Whether an upstream error answer is OpenAI's envelope, `{"error": {...}}`, which the SDKs read. */
+function isErrorEnvelope (value: unknown): boolean {
+  const error = (value as { error?: unknown } | null | undefined)?.error
+  return typeof error === 'object' && error !== null && !Array.isArray(error)
+}
+
+/** The envelope for an upstream error answer that was not one, with its status. */
+function upstreamErrorEnvelope (status: number): Buffer {
+  return Buffer.from(JSON.stringify({
+    error: {
+      message: `The upstream API answered ${status} without an error the gateway could pass on.`,
+      type: status >= 500 ? 'server_error' : 'invalid_request_error',
+      param: null,
+      code: 'upstream_error'
+    }
+  }))
+}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
@@ -264,14 +282,24 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return
     }
     let scrubbed = scrub.bytes(decoded)
+    let parsed: unknown
+    try {
+      parsed = JSON.parse(scrubbed.toString('utf8'))
+    } catch {
+      parsed = undefined
+    }
+    if (!isErrorEnvelope(parsed)) {
+      // A CDN's HTML page, an empty body: the SDKs would make the page their error's message, with no error
+      // object. The client gets OpenAI's envelope with the upstream's status, the operators the facts.
+      request.log.warn({ upstreamStatus: res.statusCode, contentType: res.headers['content-type'], bytes: decoded.length },
+        'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
+      reply.removeHeader('content-encoding')
+      reply.type('application/json; charset=utf-8')
+      sendBytes(reply, res.statusCode, upstreamErrorEnvelope(res.statusCode))
+      return
+    }
     if (hasEscapes(scrubbed)) {
-      let parsed: unknown
-      try {
-        parsed = JSON.parse(scrubbed.toString('utf8'))
-      } catch {
-        parsed = undefined // not JSON: searched as bytes only
-      }
-      const clean = parsed === undefined ? parsed : scrub.json(parsed)
+      const clean = scrub.json(parsed)
       if (clean !== parsed) scrubbed = Buffer.from(JSON.stringify(clean))
     }
     // Nothing to take out: the upstream's bytes, as they came.
