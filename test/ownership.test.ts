@@ -120,7 +120,7 @@ t.test('an admin client acts on every conversation, and still needs the operatio
 })
 
 t.test('no client can take a conversation over, or hide its owner, through metadata', async t => {
-  const { upstream, sdk } = await setup(t)
+  const { upstream, gw, sdk } = await setup(t)
   const a = sdk(KEYS.full)
   const b = sdk(KEYS.other)
 
@@ -135,6 +135,22 @@ t.test('no client can take a conversation over, or hide its owner, through metad
   }
   const e = await rejection(b.conversations.update(conv.id, { metadata: { gateway_owner: 'team-other' } }))
   t.match(e, { status: 400, code: 'reserved_metadata_key' }, 'B\'s attempt is refused as a bad body first (body checks come before ownership)')
+  // An upstream whose JSON reader matches keys whatever their case (Go's) would read these as metadata and the
+  // owner key; the API knows no such keys, so they are refused rather than passed on as sent.
+  const forgeries: Array<[string, unknown, string]> = [
+    ['Metadata', { Metadata: { gateway_owner: 'team-other' } }, 'invalid_metadata'],
+    ['METADATA beside metadata', { metadata: { x: '1' }, METADATA: { gateway_owner: 'team-other' } }, 'invalid_metadata'],
+    ['Gateway_Owner', { metadata: { Gateway_Owner: 'team-other' } }, 'reserved_metadata_key']
+  ]
+  const sent = upstream.requests.length
+  for (const [label, body, code] of forgeries) {
+    const res = await fetch(`${gw.url}/v1/conversations/${conv.id}`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: JSON.stringify(body)
+    })
+    t.equal(res.status, 400, `${label}: 400`)
+    t.match(await res.json(), { error: { code, param: 'metadata' } }, `${label}: ${code}`)
+  }
+  t.equal(upstream.requests.length, sent, 'none of them went upstream')
 
   const before = upstream.requests.length
   const cleared = await a.conversations.update(conv.id, { metadata: null })

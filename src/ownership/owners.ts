@@ -23,12 +23,21 @@ function isObject (value: unknown): value is Json {
 export function metadataProblem (body: unknown): MetadataProblem | null {
   if (body === undefined) return null
   if (!isObject(body)) return 'not_object'
+  // A key spelled like metadata in another case would be metadata to an upstream whose JSON reader matches keys
+  // without regard to case (Go's does), and it would go as the client sent it: refused, as the API knows none.
+  if (hasOtherCase(body, 'metadata')) return 'not_object'
   const metadata = body.metadata
   if (metadata === undefined || metadata === null) return null
   if (!isObject(metadata)) return 'not_object'
-  if (Object.hasOwn(metadata, OWNER_KEY)) return 'reserved'
+  if (Object.hasOwn(metadata, OWNER_KEY) || hasOtherCase(metadata, OWNER_KEY)) return 'reserved'
   if (Object.keys(metadata).length >= MAX_METADATA_KEYS) return 'limit'
   return null
+}
+
+/** Whether `object` has a key that is `key` in another case (`Metadata`, `GATEWAY_OWNER`). */
+function hasOtherCase (object: Json, key: string): boolean {
+  for (const k in object) if (k !== key && k.length === key.length && k.toLowerCase() === key) return true
+  return false
 }
 
 /** The create body with the owner added to its metadata. */
