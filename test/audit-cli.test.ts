@@ -129,6 +129,12 @@ t.test('audit query filters return exactly the matching records, oldest first, o
   t.same(await query(files, '--status', '2xx', '--outcome', 'ok'), ids(all.filter(r => r.status === 200)))
   t.same(await query(files, '--outcome', 'denied'), [])
   t.same(await query(files, '--since', '2025-01-01T00:00:10Z', '--until', '2025-01-01T00:00:13Z'), ids(all.slice(9, 12)))
+  const tz = process.env.TZ
+  process.env.TZ = 'America/New_York' // an operator's machine away from UTC
+  t.same(await query(files, '--since', '2025-01-01T00:00:10', '--until', '2025-01-01T00:00:13.000'), ids(all.slice(9, 12)),
+    'a time with no offset is UTC, as the trail\'s times are, wherever the command runs')
+  if (tz === undefined) delete process.env.TZ
+  else process.env.TZ = tz
   t.same(await query(files, '--since', '23h'), [], 'an age counts back from now')
   t.same(await query(files, '--since', '1d'), ids(all), '1d before 2025-01-02 is the start of the series')
   t.same(await query(files, '--limit', '3'), ids(all.slice(0, 3)))

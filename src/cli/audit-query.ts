@@ -26,11 +26,16 @@ function exact (field: string, allowed?: readonly string[]): Flag['filter'] {
 const AGE = /^(\d+)([smhd])$/
 const UNIT_MS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
 
-/** An ISO 8601 time, or an age before now (`15m`, `24h`, `7d`), as ms since the epoch. */
+/** A date and time of day with no offset (no Z, no +hh:mm). */
+const NO_OFFSET = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?$/
+
+/** An ISO 8601 time (UTC unless it says otherwise), or an age before now (`15m`, `24h`, `7d`), as ms since the epoch. */
 export function parseTime (value: string, now: number): number {
   const age = AGE.exec(value)
   if (age !== null) return now - Number(age[1]) * UNIT_MS[age[2]!]!
-  const ms = /^\d{4}-\d{2}-\d{2}/.test(value) ? Date.parse(value) : NaN
+  // The trail's times are UTC: a time of day with no offset is read as UTC too (Date.parse would take local time).
+  const utc = NO_OFFSET.test(value) ? `${value}Z` : value
+  const ms = /^\d{4}-\d{2}-\d{2}/.test(utc) ? Date.parse(utc) : NaN
   if (Number.isNaN(ms)) throw new UsageError(`"${value}" is not a time: give an ISO 8601 time (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)`)
   return ms
 }
@@ -77,7 +82,7 @@ export const FLAGS = {
   outcome: { value: 'OUTCOME', help: 'calls with this outcome (ok, denied, rate_limited, invalid, upstream_error, unavailable, ...)', filter: exact('outcome') },
   since: {
     value: 'TIME',
-    help: 'records at or after TIME: ISO 8601 (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)',
+    help: 'records at or after TIME: ISO 8601 (2025-01-31T12:00:00Z; UTC when it gives no offset) or an age (15m, 24h, 7d)',
     filter: (value, now) => timeRange(parseTime(value, now), Infinity)
   },
   until: {
