@@ -26,7 +26,10 @@ declare module 'fastify' {
     rateLimit: RateLimitResult | null
     /** plugins/body.ts: size of the request body read and accepted */
     bodyBytes: number
-    /** plugins/body.ts: the JSON body as parsed (undefined when there was none) */
+    /**
+     * plugins/body.ts: the JSON body as parsed (undefined when there was none); numbers a JavaScript number cannot
+     * hold exactly are LosslessNumbers (lossless-json), so that serializeBody writes them back as they came
+     */
     parsedBody: unknown
     /** plugins/body.ts, replaced by plugins/ownership.ts when it adds the owner: the bytes sent upstream */
     upstreamBody: Buffer | null

@@ -167,6 +167,33 @@ t.test('no client can take a conversation over, or hide its owner, through metad
   t.same((await restarted.sdk(KEYS.full).conversations.retrieve(conv.id)).metadata, { x: '1' }, 'A after a restart')
 })
 
+t.test('a body the gateway adds the owner to reaches the upstream with every number as the client wrote it', async t => {
+  const { upstream, gw } = await setup(t)
+  const numbers = '[9007199254740993,12345678901234567891,1.0000000000000001,-0.5,42]'
+  const post = (path: string, body: string) => fetch(`${gw.url}${path}`, {
+    method: 'POST', body, headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }
+  })
+  const sentBody = () => upstream.requests.at(-1)!.body.toString()
+
+  const created = await post('/v1/conversations', `{"items":[{"type":"message","role":"user","content":"x","n":${numbers}}]}`)
+  t.equal(created.status, 200)
+  t.match(sentBody(), `"n":${numbers}`, 'conversation create: the integers past 2^53 and the 17-digit number unrounded')
+  t.match(sentBody(), '"gateway_owner":"team-full"', 'with the owner added')
+  const { id } = await created.json() as { id: string }
+
+  t.equal((await post(`/v1/conversations/${id}`, `{"metadata":{"a":"b"},"n":${numbers}}`)).status, 200)
+  t.match(sentBody(), `"n":${numbers}`, 'update with metadata (the owner merged back): the same')
+
+  const tools = `[{"type":"function","name":"pick","parameters":{"type":"object","properties":{"id":{"type":"integer","enum":${numbers}}}}}]`
+  await post('/v1/responses', `{"model":"gpt-4o","input":"hi","tools":${tools}}`)
+  t.match(sentBody(), `"enum":${numbers}`, 'response create: a tool schema\'s enum unrounded')
+
+  // A body with nothing JSON.parse would round goes as JSON.stringify writes it, and one naming a key twice as
+  // JSON.parse reads it (the last one).
+  await post(`/v1/conversations/${id}`, '{"metadata":{"a":"c"},"n":1,"n":9007199254740993}')
+  t.match(sentBody(), '"n":9007199254740992', 'a key given twice: JSON.parse\'s reading')
+})
+
 t.test('16 metadata keys leave no room for the owner: 400 metadata_limit; 15 are fine', async t => {
   const { upstream, sdk } = await setup(t)
   const keys = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [`k${i}`, 'v']))

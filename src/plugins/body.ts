@@ -6,6 +6,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
+import { isSafeNumber, LosslessNumber, parse as parseLossless, stringify as stringifyLossless } from 'lossless-json'
 import {
   InvalidJsonError, JsonTooDeepError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
   UnsupportedTransferEncodingError
@@ -95,6 +96,46 @@ export function nestsDeeper (value: unknown, max: number): boolean {
   return false
 }
 
+/**
+ * Text that may hold a number JSON.parse would change (an integer past 2^53, 17 or more significant digits, an
+ * exponent out of range): only such a body is read again with lossless-json. A quick test of the text; a match in
+ * a string only costs that second reading.
+ */
+const MAYBE_INEXACT_NUMBER = /\d{16}|[eE][+-]?\d{3}/
+
+/** lossless-json's number reader: a plain number where it is exact, a LosslessNumber (its text) where not. */
+function exactNumber (text: string): number | LosslessNumber {
+  return isSafeNumber(text) ? Number(text) : new LosslessNumber(text)
+}
+
+/**
+ * A parsed body with its numbers kept as written where JSON.parse would round them (a schema's large integer
+ * enum, say), or `parsed` itself. lossless-json refuses a key given twice, which JSON.parse takes (the last wins,
+ * as it did): that body keeps JSON.parse's reading.
+ */
+function exactBody (text: string, parsed: unknown): unknown {
+  if (!MAYBE_INEXACT_NUMBER.test(text)) return parsed
+  try {
+    const exact = parseLossless(text, null, exactNumber)
+    if (typeof exact === 'object' && exact !== null) exactBodies.add(exact)
+    return exact
+  } catch {
+    return parsed
+  }
+}
+
+/** Bodies read by lossless-json: only these need its (slower) writer. */
+const exactBodies = new WeakSet<object>()
+
+/**
+ * A body changed from a client's (`from`, as parsed) as JSON for the upstream, with any number JSON.parse would
+ * have rounded written back as the client sent it.
+ */
+export function serializeBody (value: unknown, from: unknown): Buffer {
+  const exact = typeof from === 'object' && from !== null && exactBodies.has(from)
+  return Buffer.from(exact ? stringifyLossless(value) ?? 'null' : JSON.stringify(value))
+}
+
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
@@ -146,7 +187,8 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     try {
       // fatal: bytes that are not UTF-8 are refused, not silently replaced and then forwarded as they were;
       // ignoreBOM: a BOM stays in the text, where JSON.parse refuses it, as the upstream would.
-      request.parsedBody = JSON.parse(UTF8.decode(buf))
+      const text = UTF8.decode(buf)
+      request.parsedBody = exactBody(text, JSON.parse(text))
     } catch {
       done(new InvalidJsonError(), undefined)
       return

@@ -23,6 +23,7 @@ import {
 } from '../ownership/owners.js'
 import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
+import { serializeBody } from './body.js'
 import { addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -259,7 +260,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** A create: its owner goes into the body's metadata, and the new object's id into the cache. */
   function prepareCreate (kind: Owned, request: FastifyRequest, client: ClientConfig): void {
     request.ownerId = client.id
-    request.upstreamBody = Buffer.from(JSON.stringify(createBody(request.parsedBody, client.id)))
+    request.upstreamBody = serializeBody(createBody(request.parsedBody, client.id), request.parsedBody)
     const remember = rememberCreated(kind, request, client)
     // (Added before the owner key is taken out: remember reads it.)
     addAnswerRewrite(request, remember)
@@ -316,7 +317,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return then(authorized, owner => {
       if (op.action === 'conversation.update') {
         const merged = updateBody(request.parsedBody, owner)
-        if (merged !== null) request.upstreamBody = Buffer.from(JSON.stringify(merged))
+        if (merged !== null) request.upstreamBody = serializeBody(merged, request.parsedBody)
       } else if (op.action === 'conversation.delete') {
         cache.delete('conversation', id)
       }
