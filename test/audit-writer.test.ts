@@ -3,7 +3,7 @@
 // write (counted, then said in the trail), never a hang.
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -222,12 +222,45 @@ t.test('a second writer on the same series is refused, in this process and from 
   t.match(out, /Each gateway needs its own audit\.file/)
 })
 
+/** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */
+function lastTouched (path: string, ago: number): void {
+  const then = new Date(Date.now() - ago)
+  utimesSync(path, then, then)
+}
+
+t.test('a lock whose holder looks gone by its pid but is still refreshed (a gateway in another pid namespace, same host name) is not taken over', async t => {
+  const { hostname } = await import('node:os')
+  const lock = await import('../src/audit/lock.js')
+  // As two containers with host networking see each other's lock: the same host name, a pid that is not theirs
+  // or is their own (both are pid 1).
+  for (const pid of [process.pid, 999_999]) {
+    const file = join(tempDir(), 'audit.jsonl')
+    writeFileSync(file + '.lock', JSON.stringify({ pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+    const beat = setInterval(() => { lastTouched(file + '.lock', 0) }, 500) // the other gateway's heartbeat
+    const err = await lock.acquireLock(file, () => {}).then(() => null, (e: unknown) => e)
+    clearInterval(beat)
+    t.match(err, { name: 'AuditLockError', message: /still being refreshed: another gateway writes it/ }, `pid ${pid}: refused`)
+    t.match(readFileSync(file + '.lock', 'utf8'), `"pid":${pid}`, `pid ${pid}: the lock is left to its holder`)
+  }
+  // The same lock, its heartbeat stopped: a crashed gateway's, taken over.
+  const file = join(tempDir(), 'audit.jsonl')
+  writeFileSync(file + '.lock', JSON.stringify({ pid: process.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+  lastTouched(file + '.lock', 10_000)
+  const held = await lock.acquireLock(file, () => {})
+  t.match(readFileSync(file + '.lock', 'utf8'), /"since":"20[0-9]{2}-/, 'taken over at once')
+  const touched = statSync(file + '.lock').mtimeMs
+  await new Promise(resolve => setTimeout(resolve, 1300))
+  t.ok(statSync(file + '.lock').mtimeMs > touched, 'and its new holder refreshes it')
+  await held.release()
+})
+
 t.test('a lock left by a process that is gone is taken over, with a warning', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const gone = spawn(process.execPath, ['-e', ''])
   await once(gone, 'exit')
   const { hostname } = await import('node:os')
   writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+  lastTouched(file + '.lock', 60_000)
   const { writer, log } = await open(file)
   t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: gone.pid } } })
   await writer.close()
@@ -243,6 +276,7 @@ t.test('gateways starting together on a series with a stale lock: exactly one ta
   for (let round = 0; round < rounds; round++) {
     const file = join(tempDir(), 'audit.jsonl')
     writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+    lastTouched(file + '.lock', 60_000)
     const startAt = Date.now() + 400
     // Each holder keeps the lock, as a running gateway does, until every child has its outcome (its stdin is
     // ended then): a child that starts late on a loaded machine must find it held, not released meanwhile.

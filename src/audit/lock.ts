@@ -2,11 +2,13 @@
 // pid, host and start time. A second gateway on the same series is refused with a message saying who holds it.
 // A lock whose process is gone (same host, pid not running) is stale and taken over. A lock from another host
 // cannot be checked from here and is refused: two hosts writing one series through a shared volume would
-// interleave two chains. (proper-lockfile locks by mtime refresh and records no pid; this is the pid lock the
-// trail needs, and small.)
+// interleave two chains. The holder also touches the lock every HEARTBEAT_MS: a pid says nothing across pid
+// namespaces, and two containers with the same host name (host networking) each see the other's pid as gone, or
+// as their own (pid 1); a lock judged stale by its pid is taken over only once its heartbeat has stopped.
+// (proper-lockfile locks by mtime refresh alone and records no pid; this is the lock the trail needs, and small.)
 import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
-import { link, readFile, unlink, writeFile } from 'node:fs/promises'
+import { link, readFile, stat, unlink, utimes, writeFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { LOCK_SUFFIX, TEMP_SUFFIX } from './series.js'
@@ -35,6 +37,10 @@ const TAKEOVER_SUFFIX = '.takeover' + LOCK_SUFFIX
 const TAKEOVER_WAIT_MS = 20
 const MAX_ATTEMPTS = 100
 
+/** How often a holder touches its lock, and how long after the last touch a lock may be stale. */
+const HEARTBEAT_MS = 1_000
+const STALE_AFTER_MS = 5_000
+
 /** Locks held by this process: a second writer in the same process is refused like one in another. */
 const heldHere = new Set<string>()
 
@@ -58,6 +64,27 @@ async function readHolder (path: string): Promise<Holder | null> {
 
 function sameHolder (a: Holder | null, b: Holder | null): boolean {
   return a === null || b === null ? a === b : a.pid === b.pid && a.host === b.host && a.since === b.since
+}
+
+async function mtimeOf (path: string): Promise<number | null> {
+  try {
+    return (await stat(path)).mtimeMs
+  } catch {
+    return null
+  }
+}
+
+/**
+ * Whether the lock at `path` is still being touched by a live holder: at once no when its last touch is older than
+ * STALE_AFTER_MS, else it is watched until it would be that old. (A crashed gateway's restart waits that long.)
+ */
+async function heartbeatGoesOn (path: string): Promise<boolean> {
+  const before = await mtimeOf(path)
+  if (before === null) return false
+  const age = Date.now() - before
+  if (age >= STALE_AFTER_MS) return false
+  await sleep(STALE_AFTER_MS - age + 50)
+  return await mtimeOf(path) !== before
 }
 
 /** A name beside the lock, of this process alone; ending in TEMP_SUFFIX, never taken for a file of the series. */
@@ -133,9 +160,14 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
   }
   const held = (): AuditLock => {
     heldHere.add(path)
+    const heartbeat = setInterval(() => {
+      const now = new Date()
+      utimes(path, now, now).catch(() => {})
+    }, HEARTBEAT_MS).unref()
     return {
       path,
       async release () {
+        clearInterval(heartbeat)
         heldHere.delete(path)
         const holder = await readHolder(path)
         if (holder?.pid === me.pid && holder.host === me.host) await unlink(path).catch(() => {})
@@ -153,6 +185,12 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
     if (holder !== null && holder.pid !== me.pid && isRunning(holder.pid)) {
       throw new AuditLockError(`audit file ${file} is in use by another gateway process (pid ${holder.pid}, since ${holder.since}; ` +
         `lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl).`)
+    }
+    if (holder !== null && await heartbeatGoesOn(path)) {
+      throw new AuditLockError(`audit file ${file} is locked by pid ${holder.pid} on a host named ${holder.host} (this one's name) ` +
+        `since ${holder.since}, and its lock is still being refreshed: another gateway writes it, from a pid namespace of its ` +
+        `own (containers sharing the host name). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl, with ` +
+        `distinct host names); lock ${path}.`)
     }
     if (await takeOver(path, me, holder)) {
       onStale(holder)
