@@ -2,6 +2,8 @@
 // - One undici Pool per line (verified TLS, `connectTimeoutMs`, `maxConnections`, `bodyTimeoutMs` between chunks).
 // - A call's deadline for response headers (`timeoutMs`) runs from the moment it is handed over: the wait for a
 //   pooled connection and every retry count inside it.
+// - What counts against a line: connect failures and timeouts, resets, 502/503, and a quick call with no response
+//   headers by its deadline; not a generation that outlives its deadline (see attemptFailed).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
 //   timeout or a 502/503; a POST only when its connection failed before any byte of it was sent. At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
@@ -264,7 +266,7 @@ export class Upstream {
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
-          const failure = attemptFailed(health, stopped, index, err, stoppedBy === 'deadline')
+          const failure = attemptFailed(health, call, stopped, index, err, stoppedBy === 'deadline')
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
           if (failure === null || next === null) throw finalFailure(settings, stopped, index, tried.size, err, stoppedBy === 'deadline')
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
@@ -321,17 +323,32 @@ export class Upstream {
 }
 
 /**
- * Books a failed attempt against its line; null when the failure says nothing of the line (the call was stopped:
- * the client left or the gateway aborted it; or the call's own deadline passed).
+ * A call whose time to its response headers is the model's, not the line's: creating a response (`POST
+ * /v1/responses`) answers once the generation is done, or, streamed, once it starts. Every other routed call
+ * (reads, deletes, items, cancel, ownership lookups) is answered in moments by a line that works.
  */
-function attemptFailed (health: LineHealth, stopped: string | null, index: number, err: unknown, deadlinePassed: boolean): AttemptFailure | null {
+function waitsOnTheModel (call: UpstreamCall): boolean {
+  return call.method === 'POST' && GENERATION.test(call.path)
+}
+const GENERATION = /^\/v1\/responses(?:\?|$)/
+
+/**
+ * Books a failed attempt against its line, and says whether it may be retried (null: not). A call stopped by the
+ * client or the gateway says nothing of the line. Nor does a generation that outlives its deadline: a slow model
+ * is not a failing line, and counting it would let one long answer (and its SDK's retries) take the line down for
+ * everyone. A quick call with no response headers in time does count: that is how a line that takes connections
+ * and never answers is found. Neither kind of timeout is retried: the upstream may be working on the call.
+ */
+function attemptFailed (health: LineHealth, call: UpstreamCall, stopped: string | null, index: number, err: unknown,
+  deadlinePassed: boolean): AttemptFailure | null {
   if (stopped !== null) {
     health.released(index)
     return null
   }
-  health.failed(index)
-  if (deadlinePassed) return null
-  return classify(codeOf(err))
+  const failure = deadlinePassed ? 'timeout' : classify(codeOf(err))
+  if (failure === 'timeout' && waitsOnTheModel(call)) health.released(index)
+  else health.failed(index)
+  return failure === 'timeout' ? null : failure
 }
 
 /** The next line for a retry, or null when this failure may not be retried or nothing is left to try. */
