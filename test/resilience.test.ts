@@ -1,5 +1,6 @@
 // Resilience: several OhMyGPT lines with failover and safe retries, split timeouts, slow and hostile clients,
 // bounded load. Faults are injected into fake upstreams on loopback; every time is a small configured value.
+import type { ServerResponse } from 'node:http'
 import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
@@ -189,13 +190,47 @@ t.test('upstream timeouts', async t => {
     const answering = Promise.all([1, 2].map(() => call(gw.url, 'GET', `/v1/conversations/${conv}/items`)))
     // Half-way to the deadline: the second call is waiting for the one pooled connection. (Once both deadlines
     // pass, the first call's connection is let go in the same moment as the second call: whether the second
-    // reaches the upstream before it is stopped is a race, not asserted.)
+    // reaches the upstream before it is stopped is a race, not asserted. A connection held past the waiting
+    // call's deadline, by a stream, is the next test.)
     await new Promise(resolve => setTimeout(resolve, 200))
     t.equal(lines[0]!.requests.length, 1, 'the second call is waiting for the one pooled connection')
     const answers = await answering
     t.same(answers.map(a => a.status), [504, 504])
     await until('two audit records', () => gw.audit().length === 2)
     for (const r of gw.audit()) t.ok(r.durationMs < 750, `answered within the one deadline, not two (${r.durationMs} ms)`)
+  })
+
+  await t.test('a call waiting for a pooled connection held by a long stream gets its 504 at its own deadline, is never sent, and counts no failure', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, maxConnections: 1, failureThreshold: 1 })
+    const streams: ServerResponse[] = []
+    lines[0]!.respond = (req, res) => {
+      if (req.url === '/v1/responses') {
+        res.writeHead(200, { 'content-type': 'text/event-stream' })
+        res.write('event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","object":"response","model":"m","output":[]}}\n\n')
+        streams.push(res) // the generation goes on, holding the one pooled connection
+        return
+      }
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end(JSON.stringify({ object: 'list', data: [], first_id: null, last_id: null, has_more: false }))
+    }
+    t.teardown(() => { for (const s of streams) s.end() })
+    const stream = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: '{"model":"gpt-4o-mini","input":"hi","stream":true}'
+    })
+    t.equal(stream.status, 200, 'a stream holds the pool\'s one connection')
+    // 3 s is a hang check against the 300 ms deadline (the stream ends only when the test ends it), not a speed test.
+    const queued = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: KEYS.other, timeoutMs: 3000 }).catch((e: Error) => e)
+    t.ok(!(queued instanceof Error) && queued.status === 504, `the queued read is answered 504 (got ${queued instanceof Error ? queued.message : queued.status})`)
+    if (!(queued instanceof Error)) t.equal(codeOf(queued), 'upstream_timeout')
+    t.ok(gw.logs.some(l => l.includes('no connection free within 300 ms')), 'the log says it waited for a connection')
+    t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'waiting for a connection is no line failure (failureThreshold 1)')
+
+    for (const s of streams) s.end()
+    await stream.text()
+    const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(next.status, 200, 'once the stream is over, the line serves the next call')
+    t.same(lines[0]!.requests.map(r => `${r.method} ${r.url}`), ['POST /v1/responses', `GET /v1/conversations/${conv}/items`],
+      'the read given up on was never sent when the connection came free; the next one was')
   })
 
   await t.test('a generation slower than timeoutMs gets 504 but is no line failure: the only line stays up for every client', async t => {
