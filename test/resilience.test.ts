@@ -1,11 +1,12 @@
 // Resilience: several OhMyGPT lines with failover and safe retries, split timeouts, slow and hostile clients,
 // bounded load. Faults are injected into fake upstreams on loopback; every time is a small configured value.
+import type { ServerResponse } from 'node:http'
 import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
-import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
 
@@ -42,7 +43,22 @@ function codeOf (a: Answer): unknown {
   return (JSON.parse(a.body) as { error?: { code?: unknown } }).error?.code
 }
 
-const healthOf = async (gw: TestGateway) => (await (await fetch(`${gw.url}/healthz`)).json()) as { upstream: Array<{ line: number, state: string }> }
+const GENERATION = '{"model":"gpt-4o-mini","input":"a long answer"}'
+
+/** A healthy line whose generations (POST /v1/responses) take `ms` to answer; anything else is answered at once. */
+function slowGenerations (ms: number): Responder {
+  return (req, res) => {
+    const answer = () => {
+      if (res.destroyed) return
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end(JSON.stringify({ object: 'list', data: [], first_id: null, last_id: null, has_more: false }))
+    }
+    if (req.method === 'POST' && req.url === '/v1/responses') setTimeout(answer, ms)
+    else answer()
+  }
+}
+
+const healthOf = async (gw: TestGateway) => (await (await fetch(`${gw.url}/healthz`)).json()) as { upstream: Array<{ line: number, state: string, failures: number }> }
 
 t.test('lines and failover', async t => {
   await t.test('a GET whose first line refuses connections is served by the next; the audit names the line and the attempts', async t => {
@@ -174,13 +190,88 @@ t.test('upstream timeouts', async t => {
     const answering = Promise.all([1, 2].map(() => call(gw.url, 'GET', `/v1/conversations/${conv}/items`)))
     // Half-way to the deadline: the second call is waiting for the one pooled connection. (Once both deadlines
     // pass, the first call's connection is let go in the same moment as the second call: whether the second
-    // reaches the upstream before it is stopped is a race, not asserted.)
+    // reaches the upstream before it is stopped is a race, not asserted. A connection held past the waiting
+    // call's deadline, by a stream, is the next test.)
     await new Promise(resolve => setTimeout(resolve, 200))
     t.equal(lines[0]!.requests.length, 1, 'the second call is waiting for the one pooled connection')
     const answers = await answering
     t.same(answers.map(a => a.status), [504, 504])
     await until('two audit records', () => gw.audit().length === 2)
     for (const r of gw.audit()) t.ok(r.durationMs < 750, `answered within the one deadline, not two (${r.durationMs} ms)`)
+  })
+
+  await t.test('a call waiting for a pooled connection held by a long stream gets its 504 at its own deadline, is never sent, and counts no failure', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, maxConnections: 1, failureThreshold: 1 })
+    const streams: ServerResponse[] = []
+    lines[0]!.respond = (req, res) => {
+      if (req.url === '/v1/responses') {
+        res.writeHead(200, { 'content-type': 'text/event-stream' })
+        res.write('event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","object":"response","model":"m","output":[]}}\n\n')
+        streams.push(res) // the generation goes on, holding the one pooled connection
+        return
+      }
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end(JSON.stringify({ object: 'list', data: [], first_id: null, last_id: null, has_more: false }))
+    }
+    t.teardown(() => { for (const s of streams) s.end() })
+    const stream = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: '{"model":"gpt-4o-mini","input":"hi","stream":true}'
+    })
+    t.equal(stream.status, 200, 'a stream holds the pool\'s one connection')
+    // 3 s is a hang check against the 300 ms deadline (the stream ends only when the test ends it), not a speed test.
+    const queued = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: KEYS.other, timeoutMs: 3000 }).catch((e: Error) => e)
+    t.ok(!(queued instanceof Error) && queued.status === 504, `the queued read is answered 504 (got ${queued instanceof Error ? queued.message : queued.status})`)
+    if (!(queued instanceof Error)) t.equal(codeOf(queued), 'upstream_timeout')
+    t.ok(gw.logs.some(l => l.includes('no connection free within 300 ms')), 'the log says it waited for a connection')
+    t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'waiting for a connection is no line failure (failureThreshold 1)')
+
+    for (const s of streams) s.end()
+    await stream.text()
+    const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(next.status, 200, 'once the stream is over, the line serves the next call')
+    t.same(lines[0]!.requests.map(r => `${r.method} ${r.url}`), ['POST /v1/responses', `GET /v1/conversations/${conv}/items`],
+      'the read given up on was never sent when the connection came free; the next one was')
+  })
+
+  await t.test('a generation slower than timeoutMs gets 504 but is no line failure: the only line stays up for every client', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 })
+    lines[0]!.respond = slowGenerations(600)
+    // Three in a row, as an SDK's two retries of one slow create would send them: past failureThreshold.
+    for (let i = 0; i < 3; i++) {
+      const a = await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+      t.equal(a.status, 504, `generation ${i + 1}: 504`)
+      t.equal(codeOf(a), 'upstream_timeout')
+    }
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: KEYS.other })
+    t.equal(read.status, 200, 'another team\'s read is served, not refused by a line marked down')
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'up', failures: 0 }], 'the line has no failure booked')
+    t.equal((await fetch(`${gw.url}/readyz`)).status, 200, '/readyz stays ready')
+    t.notOk(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'no line was skipped')
+  })
+
+  await t.test('a quick call with no response headers within timeoutMs is a line failure: a line that takes connections and never answers is skipped', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 })
+    lines[0]!.respond = faults.hang()
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 504, `read ${i + 1}: 504`)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }], 'skipped after failureThreshold timeouts')
+    const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(next.status, 502, 'then refused at once')
+    t.equal(codeOf(next), 'upstream_unavailable')
+    t.match(await lastRecord(gw, 3), { attempts: 0 }, 'without trying the line')
+    t.equal(lines[0]!.requests.length, 2)
+  })
+
+  await t.test('a slow generation given the half-open trial does not decide it: the line is not put back down, the next call is the trial', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, failureThreshold: 1, cooldownMs: 500 })
+    lines[0]!.respond = faults.hang()
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 504)
+    t.match((await healthOf(gw)).upstream, [{ state: 'down' }], 'a read that got no answer put the line down')
+    await sleep(550)
+    lines[0]!.respond = slowGenerations(600)
+    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 504, 'the trial call: a generation past timeoutMs')
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(read.status, 200, 'the next call is sent to the line, not refused for another cooldown')
+    t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'and its answer restores the line')
   })
 
   await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {

@@ -1,7 +1,10 @@
 // Calls to OhMyGPT across its lines: which line, how long, and whether a failed attempt may be sent again.
 // - One undici Pool per line (verified TLS, `connectTimeoutMs`, `maxConnections`, `bodyTimeoutMs` between chunks).
 // - A call's deadline for response headers (`timeoutMs`) runs from the moment it is handed over: the wait for a
-//   pooled connection and every retry count inside it.
+//   pooled connection and every retry count inside it, and it ends a call still waiting for a connection at once
+//   (untilStopped). Waiting for a connection says nothing of the line (LinePool tells whether a request got one).
+// - What counts against a line: connect failures and timeouts, resets, 502/503, and a quick call with no response
+//   headers by its deadline; not a generation that outlives its deadline (see attemptFailed).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
 //   timeout or a 502/503; a POST only when its connection failed before any byte of it was sent. At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
@@ -13,11 +16,11 @@
 import { EventEmitter } from 'node:events'
 import { readFileSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
-import type { Readable } from 'node:stream'
+import type { Duplex, Readable } from 'node:stream'
 import { rootCertificates } from 'node:tls'
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyBaseLogger } from 'fastify'
-import { Pool } from 'undici'
+import { Pool, type Dispatcher } from 'undici'
 import { LineHealth, type LineStatus } from './lines.js'
 
 export interface UpstreamSettings {
@@ -115,9 +118,86 @@ class CallSignal extends EventEmitter {
   }
 }
 
+/**
+ * One attempt of a call, handed to undici as the request's `opaque`: whether the request got a connection and was
+ * being written, or was still waiting for one (the pool's connections all taken, or its own being opened).
+ */
+class Attempt {
+  sent = false
+}
+
+/**
+ * A line's pool, which marks each attempt's request as sent when undici puts it on a connection. undici's
+ * request() hands its dispatch a handler of the callback interface (onConnect ... onComplete); another shape
+ * passes unmarked (and the tests of timeouts that count against a line would fail).
+ */
+class LinePool extends Pool {
+  override dispatch (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler): boolean {
+    const attempt = (opts as { opaque?: unknown }).opaque
+    return super.dispatch(opts, attempt instanceof Attempt && handler.onConnect !== undefined ? new MarksSent(handler, attempt) : handler)
+  }
+}
+
+class MarksSent implements Dispatcher.DispatchHandler {
+  readonly #handler: Dispatcher.DispatchHandler
+  readonly #attempt: Attempt
+  constructor (handler: Dispatcher.DispatchHandler, attempt: Attempt) {
+    this.#handler = handler
+    this.#attempt = attempt
+  }
+
+  onConnect (abort: (err?: Error) => void): void {
+    this.#attempt.sent = true
+    this.#handler.onConnect!(abort)
+  }
+
+  onResponseStarted (): void { this.#handler.onResponseStarted?.() }
+  onHeaders (statusCode: number, headers: Buffer[], resume: () => void, statusText: string): boolean {
+    return this.#handler.onHeaders!(statusCode, headers, resume, statusText)
+  }
+
+  onData (chunk: Buffer): boolean { return this.#handler.onData!(chunk) }
+  onUpgrade (statusCode: number, headers: Buffer[] | string[] | null, socket: Duplex): void {
+    this.#handler.onUpgrade?.(statusCode, headers, socket)
+  }
+
+  onComplete (trailers: string[] | null): void { this.#handler.onComplete!(trailers) }
+  onError (err: Error): void { this.#handler.onError!(err) }
+}
+
+/** The call was stopped (deadline, client gone) before its attempt had an answer. */
+class Stopped extends Error {
+  override name = 'Stopped'
+}
+
+function noop (): void {}
+
+/**
+ * The attempt's answer, or a rejection the moment the call is stopped. undici acts on an abort at once only for a
+ * request on a connection; one still queued for a pooled connection (all taken by long streams, say) only has the
+ * abort noted, and is ended when it gets a connection, before any byte of it is written (undici then closes that
+ * connection). So the call does not wait for that: it ends here, and the request, once undici gets to it, is
+ * swallowed; an answer that comes all the same is thrown away.
+ */
+function untilStopped (attempt: Promise<Dispatcher.ResponseData<Attempt>>, signal: CallSignal): Promise<Dispatcher.ResponseData<Attempt>> {
+  return new Promise((resolve, reject) => {
+    const stop = () => { reject(new Stopped('the call was stopped')) }
+    if (signal.aborted) stop()
+    else signal.once('abort', stop)
+    attempt.then(res => {
+      signal.off('abort', stop)
+      if (signal.aborted) res.body.on('error', noop).destroy()
+      else resolve(res)
+    }, (err: unknown) => {
+      signal.off('abort', stop)
+      reject(err)
+    })
+  })
+}
+
 interface Line {
   url: string
-  pool: Pool
+  pool: LinePool
   /** the line's path prefix, without a trailing slash ('' for none) */
   prefix: string
 }
@@ -162,7 +242,7 @@ function buildLines (settings: UpstreamSettings): Line[] {
       url,
       prefix: base.pathname.replace(/\/+$/, ''),
       // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
-      pool: new Pool(base.origin, {
+      pool: new LinePool(base.origin, {
         connections: settings.maxConnections,
         headersTimeout: settings.timeoutMs,
         bodyTimeout: settings.bodyTimeoutMs,
@@ -257,16 +337,18 @@ export class Upstream {
         if (call.progress !== undefined) call.progress.attempts = tried.size
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
+        const attempt = new Attempt()
         try {
-          const res = await line.pool.request({
-            path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal
-          })
+          const res = await untilStopped(line.pool.request({
+            path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt
+          }), signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
-          const failure = attemptFailed(health, stopped, index, err, stoppedBy === 'deadline')
+          const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', sent: attempt.sent }
+          const failure = attemptFailed(health, call, index, err, end)
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
-          if (failure === null || next === null) throw finalFailure(settings, stopped, index, tried.size, err, stoppedBy === 'deadline')
+          if (failure === null || next === null) throw finalFailure(settings, index, tried.size, err, end)
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
           index = next
           continue
@@ -321,17 +403,43 @@ export class Upstream {
 }
 
 /**
- * Books a failed attempt against its line; null when the failure says nothing of the line (the call was stopped:
- * the client left or the gateway aborted it; or the call's own deadline passed).
+ * A call whose time to its response headers is the model's, not the line's: creating a response (`POST
+ * /v1/responses`) answers once the generation is done, or, streamed, once it starts. Every other routed call
+ * (reads, deletes, items, cancel, ownership lookups) is answered in moments by a line that works.
  */
-function attemptFailed (health: LineHealth, stopped: string | null, index: number, err: unknown, deadlinePassed: boolean): AttemptFailure | null {
-  if (stopped !== null) {
+function waitsOnTheModel (call: UpstreamCall): boolean {
+  return call.method === 'POST' && GENERATION.test(call.path)
+}
+const GENERATION = /^\/v1\/responses(?:\?|$)/
+
+/** How an attempt without an answer ended. */
+interface AttemptEnd {
+  /** why the call was stopped (the client left, the gateway aborted it), or null */
+  stopped: string | null
+  /** the call's own deadline passed */
+  deadlinePassed: boolean
+  /** the request had a connection (see Attempt) */
+  sent: boolean
+}
+
+/**
+ * Books a failed attempt against its line, and says whether it may be retried (null: not). A call stopped by the
+ * client or the gateway says nothing of the line, nor does one whose deadline passed while it waited for a
+ * connection: a pool taken by long streams is the gateway's load, not the line failing. Nor does a generation
+ * that outlives its deadline: a slow model is not a failing line, and counting it would let one long answer (and
+ * its SDK's retries) take the line down for everyone. A quick call sent and given no response headers in time
+ * does count: that is how a line that takes connections and never answers is found. No timeout is retried: the
+ * upstream may be working on the call.
+ */
+function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
+  if (end.stopped !== null) {
     health.released(index)
     return null
   }
-  health.failed(index)
-  if (deadlinePassed) return null
-  return classify(codeOf(err))
+  const failure = end.deadlinePassed ? 'timeout' : classify(codeOf(err))
+  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call))) health.released(index)
+  else health.failed(index)
+  return failure === 'timeout' ? null : failure
 }
 
 /** The next line for a retry, or null when this failure may not be retried or nothing is left to try. */
@@ -341,11 +449,14 @@ function retryLine (settings: UpstreamSettings, health: LineHealth, call: Upstre
   return safe ? health.pick(tried) : null
 }
 
-function finalFailure (settings: UpstreamSettings, stopped: string | null, index: number, attempts: number, err: unknown, deadlinePassed: boolean): UpstreamFailure {
+function finalFailure (settings: UpstreamSettings, index: number, attempts: number, err: unknown, end: AttemptEnd): UpstreamFailure {
   const where = `upstream line ${index}`
   // aborted: there is no one to answer (plugins/proxy.ts sends nothing); the call is audited as aborted
-  if (stopped !== null) return new UpstreamFailure('aborted', `${where}: ${stopped}`, attempts, index)
-  if (deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
+  if (end.stopped !== null) return new UpstreamFailure('aborted', `${where}: ${end.stopped}`, attempts, index)
+  if (end.deadlinePassed && !end.sent) {
+    return new UpstreamFailure('timeout', `${where}: no connection free within ${settings.timeoutMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
+  }
+  if (end.deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
     return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index)
   }
   return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index)

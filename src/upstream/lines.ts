@@ -73,7 +73,7 @@ export class LineHealth {
     if (previous !== 'up') this.#changed(line, previous)
   }
 
-  /** The line failed (refused, reset, timed out, 502/503). A failed trial call puts it back to sleep. */
+  /** The line failed (refused, reset, a quick call timed out, 502/503). A failed trial call puts it back to sleep. */
   failed (index: number): void {
     const line = this.#lines[index]
     if (line === undefined) return
