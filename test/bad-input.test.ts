@@ -519,6 +519,18 @@ t.test('protocol switches are refused at the gateway', async t => {
     })
   }
 
+  await t.test('an h2c offer (curl --http2, Java\'s HttpClient on http://) is ignored: the call is served over HTTP/1.1, its body read, and the connection closed after it', async t => {
+    const h2c: Header[] = [['Connection', 'Upgrade, HTTP2-Settings'], ['Upgrade', 'h2c'], ['HTTP2-Settings', 'AAMAAABkAAQCAAAAAAIAAAAA']]
+    const { res, seen } = await expectForwarded(t, h, post('/v1/conversations', '{"metadata":{"via":"h2c"}}', [FULL, JSON_TYPE, ...h2c]))
+    t.equal(res?.status, 200)
+    t.notMatch(res?.headers.connection ?? '', /upgrade/i, 'no switch')
+    t.equal(res?.headers.connection, 'close', 'the connection closes after it')
+    t.match(seen?.body.toString(), '"via":"h2c"', 'the body went upstream')
+    t.equal(seen?.headers.upgrade, undefined, 'and no Upgrade with it')
+    const read = await expectForwarded(t, h, get(`/v1/conversations/${id}`, [FULL, ...h2c]))
+    t.equal(read.res?.status, 200)
+  })
+
   await t.test('CONNECT host:443 gets a 4xx answer, not a silent close, and nothing reaches the upstream', async t => {
     const before = h.upstream.requests.length
     h.handled++

@@ -27,6 +27,11 @@ export default fp(async function router (app) {
     done()
   })
 
+  /** Whether an Upgrade header offers HTTP/2 over cleartext and nothing else. */
+  function offersOnlyH2c (upgrade: string): boolean {
+    return upgrade.split(',').every(protocol => protocol.trim().toLowerCase() === 'h2c')
+  }
+
   function route (request: FastifyRequest, reply: FastifyReply): void {
     // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade', and stops parsing
     // the connection there: a request pipelined behind it would never be read. Whatever the answer, the
@@ -41,8 +46,11 @@ export default fp(async function router (app) {
     const match = matchOperation(request.method, request.originalUrl)
     if (match.kind === 'operation') {
       request.operation = match.operation
-      // The proxy speaks plain HTTP only.
-      if (request.headers.upgrade !== undefined) throw new UpgradeNotSupportedError()
+      // The proxy speaks plain HTTP only. An offer of HTTP/2 over cleartext (h2c: curl --http2, Java's HttpClient
+      // on http://) may be ignored (RFC 9110 §7.8): that call is served over HTTP/1.1. Any other switch (WebSocket)
+      // is refused.
+      const upgrade = request.headers.upgrade
+      if (upgrade !== undefined && !offersOnlyH2c(upgrade)) throw new UpgradeNotSupportedError()
       return
     }
     if (match.kind === 'method_not_allowed') {
