@@ -25,9 +25,10 @@ commands:
                                  (with --key-id: a keys: entry, to rotate a client's key)
   check-config [--config FILE]   validate a config file; exit 1 listing every bad field
   demo [--port N]                run the gateway on 127.0.0.1:8080 (or N) in front of a built-in fake OhMyGPT, with a demo key
-  audit verify [--config FILE] [FILES...]
+  audit verify [--config FILE] [--head HASH] [FILES...]
                                  check the audit hash chain over the configured series (or FILES), oldest first:
-                                 exit 0 with "ok: N records, chain intact, head <hash>", or exit 1 naming the first bad record
+                                 exit 0 with "ok: N records, chain intact, head <hash>", or exit 1 naming the first bad record;
+                                 --head: a head published earlier must be the hash of a record (the end was not cut off)
   ${QUERY_USAGE}
 
 audit verify reads AUDIT_HMAC_KEY from the environment when the trail is HMAC-chained.

@@ -1,7 +1,7 @@
 // The audit hash chain and its verification: the chain is exactly the documented formula, and verification
 // catches every kind of tampering, naming the file, line and seq of the first bad record.
 import { createHash, createHmac } from 'node:crypto'
-import { unlinkSync } from 'node:fs'
+import { readFileSync, unlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import canonicalize from 'canonicalize'
 import t from 'tap'
@@ -154,6 +154,27 @@ t.test('a line that is not a record is caught', async t => {
   lines.splice(1, 0, '{"note":"nothing to see"}')
   writeLines(files[0]!, lines)
   t.match(failure(await verifySeries(files, sha256)), { file: files[0], line: 2, seq: null, reason: /not an audit record/ })
+})
+
+t.test('a published head passes only as the hash of a verified record: a cut tail fails even when a torn line quotes the head', async t => {
+  const key = 'k'.repeat(64)
+  const hmac = chainHasher(key)
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 10, { hmacKey: key })
+  const head = parsed(file).at(-1)!.hash as string // published elsewhere, as the README says
+  t.match(await verifySeries([file], hmac, { head }), { ok: true, notes: ['the published head is the hash of seq 10: the trail is whole up to it (0 records after it)'] })
+  await writeSeries(file, 2, { hmacKey: key }, 11)
+  t.match(await verifySeries([file], hmac, { head }), { ok: true, records: 12, notes: [/seq 10: .*\(2 records after it\)/] }, 'records after it are fine')
+
+  // Records 6..12 are cut off, and what is left ends in a line cut short, as a crash leaves it, that quotes the head.
+  writeFileSync(file, linesOf(file).slice(0, 5).map(l => l + '\n').join('') + `{"action":"item.list","hash":"${head}"`)
+  await writeSeries(file, 1, { hmacKey: key }, 13) // the gateway starts again, and marks the line torn
+  t.ok(readFileSync(file, 'utf8').includes(`"hash":"${head}"`), 'the head is still text in the file')
+  t.match(await verifySeries([file], hmac), { ok: true, notes: [/a torn line .* may have been lost/] }, 'the files alone cannot tell a cut from a crash')
+  t.match(failure(await verifySeries([file], hmac, { head })), {
+    file, line: 8, seq: 7, reason: `the published head ${head} is not the hash of any record of the series: records were cut from its end ` +
+      '(or the head is from another series, or another AUDIT_HMAC_KEY)'
+  })
 })
 
 t.test('with an HMAC key the chain verifies only with that key, and a chain re-hashed without it is rejected', async t => {

@@ -98,6 +98,25 @@ clients:
   }
 })
 
+t.test('audit verify --head passes only when a head published earlier is still the hash of a record', async t => {
+  const { config, auditFile } = await gzippedSeries()
+  const head = parsed(auditFile).at(-1)!.hash as string
+  const whole = run(['audit', 'verify', '--config', config, '--head', head])
+  t.equal(whole.status, 0, whole.stderr)
+  t.equal(whole.stdout, `ok: 60 records, chain intact, head ${head}\n` +
+    'note: the published head is the hash of seq 60: the trail is whole up to it (0 records after it)\n')
+  const lines = linesOf(auditFile)
+  writeLines(auditFile, lines.slice(0, -1)) // the last record cut off: what is left still links
+  t.equal(run(['audit', 'verify', '--config', config]).status, 0, 'without --head, a cut tail passes')
+  const cut = run(['audit', 'verify', '--config', config, '--head', head])
+  t.equal(cut.status, 1)
+  t.equal(cut.stderr, `FAILED: ${auditFile}:${lines.length - 1} (seq 59): the published head ${head} is not the hash of any record ` +
+    'of the series: records were cut from its end (or the head is from another series, or another AUDIT_HMAC_KEY)\n')
+  const bad = run(['audit', 'verify', '--config', config, '--head', 'abc'])
+  t.equal(bad.status, 1)
+  t.equal(bad.stderr, 'ohmygpt-gateway audit: --head takes a record hash: 64 hexadecimal characters\n')
+})
+
 t.test('audit verify with AUDIT_HMAC_KEY checks an HMAC chain, and refuses a key too short to trust', async t => {
   const auditFile = join(tempDir(), 'audit.jsonl')
   const key = 'a'.repeat(64)

@@ -106,7 +106,25 @@ t.test('a torn last line is kept, reported at start, and a record saying so star
   t.equal(lines[5], '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000', 'the torn line is kept as it was')
   t.match(JSON.parse(lines[6]!), { event: 'audit.torn_line', line: 6, seq: 6 })
   t.match(JSON.parse(lines[7]!), { requestId: callRecord(7).requestId, seq: 7 })
-  t.match(await verify(file), { ok: true, records: 7, notes: [/:6: a torn line .* is kept; seq 6 says so/] })
+  t.match(await verify(file), { ok: true, records: 7, notes: [/:6: a torn line .* is kept; seq 6 says so\. .*may have been lost/] })
+})
+
+t.test('a whole last line that is not a record (an edit, not a crash) stops the start; nothing is sealed over it', async t => {
+  const edits: Array<[string, (lines: string[]) => string[]]> = [
+    ['the last record edited into a non-record', lines => [...lines.slice(0, -1), lines.at(-1)!.replace(/"seq":(\d+)/, '"seq":"$1"')]],
+    ['a whole line appended', lines => [...lines, JSON.stringify(callRecord(99, { note: 'forged' }))]],
+    ['the tail cut and a line quoting the head appended', lines => [...lines.slice(0, 2), `{"hash":"${(JSON.parse(lines.at(-1)!) as { hash: string }).hash}"}`]]
+  ]
+  for (const [what, edit] of edits) {
+    const file = join(tempDir(), 'audit.jsonl')
+    await writeSeries(file, 5)
+    writeFileSync(file, edit(linesOf(file)).map(l => l + '\n').join('')) // each line ends with its newline
+    const before = readFileSync(file, 'utf8')
+    await t.rejects(open(file), { name: 'AuditStartError', message: /ends with a whole line \(line \d\) that is not an audit record: a crash never leaves one .*audit verify.*move .* out of it/ }, `${what}: start refused`)
+    t.equal(readFileSync(file, 'utf8'), before, `${what}: the file is left as it was`)
+    t.notOk(existsSync(file + '.lock'), `${what}: the lock is released`)
+    t.match(await verify(file), { ok: false, reason: /not an audit record, yet it ends with a newline, which a crash never leaves/ }, `${what}: verify says why`)
+  }
 })
 
 t.test('a torn last line stays in the same file as the record acknowledging it, when the restart rotates the file at once', async t => {

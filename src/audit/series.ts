@@ -85,12 +85,19 @@ export class AuditReadError extends Error {
   }
 }
 
+/** How a file read by readLines ended: set once its last line has been read. */
+export interface LineEnd {
+  /** the last line had no newline after it (torn by a crash, or still being written) */
+  unterminated: boolean
+}
+
 /**
  * The lines of a file, plain or gzipped, streamed: split on bytes, decoded per line, so memory holds one chunk
  * and a multi-byte character split across chunks stays whole. The text after the last newline (a torn last
- * line) is yielded too; a final newline yields nothing more. A file that cannot be read throws AuditReadError.
+ * line) is yielded too; a final newline yields nothing more, and `end` (when given) says which it was. A file
+ * that cannot be read throws AuditReadError.
  */
-export async function * readLines (file: string): AsyncGenerator<string> {
+export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<string> {
   let rest: Buffer | null = null
   let lines = 0
   const chunks = (rawStream(file) as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
@@ -117,6 +124,7 @@ export async function * readLines (file: string): AsyncGenerator<string> {
   } finally {
     await chunks.return?.() // a reader that stops early closes the file
   }
+  if (end !== undefined) end.unterminated = rest !== null
   if (rest !== null) yield rest.toString('utf8')
 }
 

@@ -6,11 +6,19 @@
 // - a series that starts after seq 1, when an `audit.pruned` event says the files before it were removed by
 //   `audit.rotate.keep`, through exactly that seq and hash.
 // Anything else that is not a linked, matching record is reported with its file, line and seq.
+//
+// The files alone cannot show that records were cut from the end (what is left still links). A head published
+// elsewhere can: given one (`head`), verification passes only when it is the hash of a verified record.
 import { basename } from 'node:path'
 import {
   GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
 } from './chain.js'
-import { AuditReadError, readLines, readProblem } from './series.js'
+import { AuditReadError, readLines, readProblem, type LineEnd } from './series.js'
+
+export interface VerifyOptions {
+  /** a head published earlier: it must be the hash of a record of the series */
+  head?: string
+}
 
 export type VerifyResult =
   | { ok: true, records: number, head: string, notes: string[] }
@@ -20,11 +28,17 @@ interface Torn {
   file: string
   line: number
   sha256: string
+  /** no newline after it: what a crash mid-write leaves */
+  unterminated: boolean
 }
 
-export async function verifySeries (files: readonly string[], hasher: Hasher): Promise<VerifyResult> {
+export async function verifySeries (files: readonly string[], hasher: Hasher, opts: VerifyOptions = {}): Promise<VerifyResult> {
   let prev: ChainHead | null = null
   let prevFile = ''
+  let lastLine = 0
+  /** seq of the record whose hash is the published head, once seen */
+  let headSeq: number | null = null
+  const end: LineEnd = { unterminated: false }
   let records = 0
   let torn: Torn | null = null
   /** the first record, when the series starts after seq 1: must be explained by an audit.pruned event */
@@ -43,13 +57,14 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
   for (const file of files) {
     let line = 0
     let inFile = 0
+    end.unterminated = false
     try {
-      for await (const text of readLines(file)) {
+      for await (const text of readLines(file, end)) {
         line++
         const record = parseChained(text)
         if (record === null) {
           if (torn !== null) return bad(torn.file, torn.line, null, 'this line is not an audit record')
-          torn = { file, line, sha256: lineDigest(text) }
+          torn = { file, line, sha256: lineDigest(text), unterminated: end.unterminated }
           continue
         }
         let problem: string | null
@@ -68,7 +83,9 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
           if (record.event !== 'audit.torn_line' || torn.file !== file || record.line !== torn.line || record.sha256 !== torn.sha256) {
             return bad(torn.file, torn.line, null, 'this line is not an audit record (edited or inserted, or torn with no record acknowledging it)')
           }
-          notes.push(`${file}:${torn.line}: a torn line (the writer stopped mid-record) is kept; seq ${record.seq} says so`)
+          notes.push(`${file}:${torn.line}: a torn line (the writer stopped mid-record) is kept; seq ${record.seq} says so. ` +
+            'The record it was, and any written after it before the stop, may have been lost (a published head, ' +
+            'checked with --head, shows whether records are missing)')
           torn = null
         }
         if (record.event === 'audit.pruned') {
@@ -77,6 +94,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
         } else if (record.event === 'audit.lost') {
           notes.push(`seq ${record.seq}: ${String(record.count)} records were lost between ${String(record.firstAt)} and ${String(record.lastAt)} (not written in time)`)
         }
+        if (record.hash === opts.head) headSeq = record.seq
         prev = { seq: record.seq, hash: record.hash }
         prevFile = file
         records++
@@ -86,6 +104,12 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
       if (err instanceof AuditReadError) return bad(file, err.line + 1, null, err.message)
       throw err
     }
+    lastLine = line
+  }
+  if (torn !== null && !torn.unterminated) {
+    // The writer writes whole lines: a crash leaves at most a last line without its newline, never this.
+    return bad(torn.file, torn.line, null, 'the last line is not an audit record, yet it ends with a newline, which a crash never ' +
+      'leaves (the gateway writes whole lines): the line was edited or added. The gateway refuses to start on this file')
   }
   if (torn !== null) {
     return bad(torn.file, torn.line, null, 'the last line is not a whole record: torn by a crash (the gateway marks it when it starts ' +
@@ -94,6 +118,14 @@ export async function verifySeries (files: readonly string[], hasher: Hasher): P
   if (start !== null && pruned.get(start.record.seq - 1) !== start.record.prevHash) {
     return bad(start.file, start.line, start.record.seq, `the series starts at seq ${start.record.seq}, and no audit.pruned record ` +
       'says the files before it were removed on purpose: files are missing from its start')
+  }
+  if (opts.head !== undefined) {
+    if (headSeq === null) {
+      return bad(files.at(-1) ?? '', lastLine, prev?.seq ?? null, `the published head ${opts.head} is not the hash of any record ` +
+        'of the series: records were cut from its end (or the head is from another series, or another AUDIT_HMAC_KEY)')
+    }
+    const after = (prev?.seq ?? 0) - headSeq
+    notes.push(`the published head is the hash of seq ${headSeq}: the trail is whole up to it (${after} record${after === 1 ? '' : 's'} after it)`)
   }
   return { ok: true, records, head: prev?.hash ?? GENESIS.hash, notes }
 }

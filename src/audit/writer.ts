@@ -406,8 +406,9 @@ export class AuditStartError extends Error {
 
 /**
  * Where the chain stands: the last record of the active file, or of the newest closed file when the active one
- * is empty or missing. A last line that is not a record (the previous writer stopped mid-line) is reported as
- * torn; a file of records without chain fields (an older gateway's) is refused rather than silently restarted.
+ * is empty or missing. A last line without its newline that is not a record (the previous writer stopped
+ * mid-line) is reported as torn; a newline-ended one, which no crash leaves, is refused; so is a file of records
+ * without chain fields (an older gateway's), rather than silently restarted.
  */
 async function resumePoint (file: string): Promise<Resume> {
   let head: ChainHead | null = null
@@ -439,7 +440,17 @@ async function resumePoint (file: string): Promise<Resume> {
           `Move it out of the series (e.g. mv ${file} ${dirname(file)}/pre-chain-${basename(file)}) and start again.`)
       }
       needsNewline = tail.unterminated !== null
-      if (parseChained(lastLine ?? '') === null) torn = { line: lines, sha256: lineDigest(lastLine ?? '') }
+      if (parseChained(lastLine ?? '') === null) {
+        // The writer writes whole lines: a crash mid-write leaves a last line without its newline, and only such
+        // a line is taken for torn. A whole last line that is not a record was written by someone else; sealing
+        // it as torn would let an edit (or a cut tail) pass verification.
+        if (!needsNewline) {
+          throw new AuditStartError(`audit file ${file} ends with a whole line (line ${lines}) that is not an audit record: a crash never ` +
+            'leaves one (the gateway writes whole lines), so the file was edited or a line was added. Check the series ' +
+            `(ohmygpt-gateway audit verify), move ${file} out of it (keep it as evidence), and start again.`)
+        }
+        torn = { line: lines, sha256: lineDigest(lastLine ?? '') }
+      }
       head = lastChained
     }
     if (tail.size > 0) fileFirstSeq = parseChained(await firstLine(file) ?? '')?.seq ?? null
@@ -600,7 +611,9 @@ class FileSink implements Sink {
         whole += Buffer.byteLength(lines[count]!.line) + 1
         count++
       }
-      if (bytes < whole) whole = 0 // not even the newline before the first line went in
+      // Not one whole line: the newline before the first (after a torn line) is cut off with the rest, so the file
+      // never ends in a newline-ended torn line, which the next start would refuse as an edit.
+      if (count === 0) whole = 0
       if (bytes > whole) this.dirty = true
     }
     this.accepted(buf, whole)
