@@ -3,7 +3,8 @@
 // write (counted, then said in the trail), never a hang.
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { open as fsOpen } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -201,6 +202,62 @@ t.test('a file moved away (logrotate without copytruncate) is noticed, and the c
   t.same(parsed(file + '.1').map(r => r.seq), [1])
   t.same(parsed(file).map(r => r.seq), [2])
   t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('an active file swapped for a symlink to /dev/null is not written into: the writer says it cannot write, and the records wait', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file, { fsync: 'interval' })
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+  renameSync(file, file + '.1')
+  symlinkSync('/dev/null', file)
+  await until('the writer to give up on the path', () => !writer.available, 3000)
+  t.match(log.lines.find(l => l.level === 'error'), { obj: { err: { message: /audit\.jsonl is not a regular file \(a symbolic link/ } } })
+  for (let i = 4; i <= 6; i++) writer.write(callRecord(i))
+  await sleep(600) // a retry or two: none of them writes into /dev/null
+  t.notOk(writer.available, 'still unavailable')
+  t.match(writer.stats(), { written: 3, lost: 0 }, 'records 4-6 wait in the buffer')
+
+  rmSync(file) // the link is removed: the retry opens a regular file at the path
+  await until('records 4-6 to be written', () => writer.available && writer.stats().written === 6)
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), [4, 5, 6])
+  t.match(await verify(file), { ok: true, records: 6 })
+})
+
+t.test('a symlink at the audit path is refused at start', async t => {
+  const dir = tempDir()
+  const file = join(dir, 'audit.jsonl')
+  writeFileSync(join(dir, 'elsewhere.jsonl'), '')
+  symlinkSync(join(dir, 'elsewhere.jsonl'), file)
+  await t.rejects(open(file), { name: 'AuditStartError', message: `audit file ${file} is not a regular file (a symbolic link, device, pipe or directory): records are written only into a regular file` })
+  t.notOk(existsSync(file + '.lock'), 'the lock is released')
+})
+
+t.test('a failed fsync is a failed write until an fsync succeeds, not forgotten after one attempt', async t => {
+  const probeFile = join(tempDir(), 'probe')
+  const probe = await fsOpen(probeFile, 'w')
+  const proto = Object.getPrototypeOf(probe) as { datasync: () => Promise<void> }
+  await probe.close()
+  const datasync = proto.datasync
+  let failing = false
+  proto.datasync = function (this: unknown) {
+    if (!failing) return datasync.call(this)
+    return Promise.reject(Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' }))
+  }
+  t.teardown(() => { proto.datasync = datasync })
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file, { fsync: 'interval' })
+  failing = true
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('the fsync to fail', () => !writer.available, 3000)
+  t.match(log.lines.find(l => l.level === 'error'), { obj: { err: { code: 'EIO' } } })
+  await until('the fsync to be tried again, and fail again', () => writer.stats().failed >= 3, 3000)
+  t.notOk(writer.available, 'the writer stays unavailable while fsync fails')
+  failing = false
+  await until('an fsync to succeed', () => writer.available, 3000)
+  await writer.close()
+  t.match(await verify(file), { ok: true, records: 3 })
 })
 
 t.test('reopen() (SIGUSR2) starts writing the path anew at once', async t => {

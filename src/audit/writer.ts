@@ -22,7 +22,7 @@
 // WATCH_MS, and records written meanwhile into a removed file are written again into the new one.
 //
 // `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
-import { createReadStream, createWriteStream } from 'node:fs'
+import { constants as fsConstants, createReadStream, createWriteStream } from 'node:fs'
 import { open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
@@ -475,6 +475,23 @@ async function resumePoint (file: string): Promise<Resume> {
   return { head, fileFirstSeq, needsNewline, torn, last }
 }
 
+/**
+ * Opens the active file for appending, only when it is a regular file: not through a symbolic link (a link to
+ * /dev/null would swallow every record while each write succeeds), and without waiting on a FIFO that nobody
+ * reads (O_NONBLOCK, which does nothing to a regular file). The caller checks the type with fstat.
+ */
+function openRegular (file: string): Promise<FileHandle> {
+  const { O_APPEND, O_CREAT, O_WRONLY, O_NOFOLLOW, O_NONBLOCK } = fsConstants
+  return open(file, O_APPEND | O_CREAT | O_WRONLY | O_NOFOLLOW | O_NONBLOCK, 0o666).catch((err: NodeJS.ErrnoException) => {
+    throw err.code === 'ELOOP' || err.code === 'ENXIO' ? notRegular(file) : err
+  })
+}
+
+function notRegular (file: string): Error {
+  return new Error(`audit file ${file} is not a regular file (a symbolic link, device, pipe or directory): records are ` +
+    'written only into a regular file')
+}
+
 /** Replaces a closed file by its gzip; nothing to do when it is gone already (removed by rotate.keep meanwhile). */
 async function gzipFile (file: string): Promise<void> {
   const target = file + GZIP_SUFFIX
@@ -502,6 +519,8 @@ class FileSink implements Sink {
   /** a write failed part-way: the file may end in part of a line, cut it back to `size` before writing */
   private dirty = false
   private unsynced = false
+  /** the last fsync failed: writes count as failed until one succeeds */
+  private syncFailed = false
   private fileDay = ''
   private fileFirstSeq: number | null
   private needsNewline: boolean
@@ -536,16 +555,18 @@ class FileSink implements Sink {
     try {
       await this.openActive()
     } catch (err) {
-      throw new AuditStartError(`cannot open audit file ${this.file}: ${errorSummary(err).code ?? errorSummary(err).message}`)
+      const { code, message } = errorSummary(err)
+      throw new AuditStartError(code === undefined ? message : `cannot open audit file ${this.file}: ${code}`)
     }
     this.housekeep(null)
   }
 
   private async openActive (): Promise<void> {
     makeDirectories(dirname(this.file)) // (a few stat calls, at start and on a reopen)
-    const fh = await open(this.file, 'a')
+    const fh = await openRegular(this.file)
     try {
       const st = await fh.stat()
+      if (!st.isFile()) throw notRegular(this.file)
       // The same file after a write failed part-way: keep the size of its whole lines, to cut the rest off.
       if (!this.dirty || st.ino !== this.ino || st.dev !== this.dev) {
         this.size = st.size
@@ -690,7 +711,7 @@ class FileSink implements Sink {
         head = sealed.head
       }
       await commit()
-      if (this.opts.fsync === 'every') await this.sync()
+      if (this.opts.fsync === 'every' || this.syncFailed) await this.sync()
       return { written }
     } catch (err) {
       // The file may have been replaced or gone bad: the next attempt opens the path again.
@@ -706,10 +727,17 @@ class FileSink implements Sink {
     this.dirty = false
   }
 
+  /** fsync; what it did not get to disk stays unsynced, and is tried again at the next write or tick. */
   private async sync (): Promise<void> {
     if (this.fh === null || !this.unsynced) return
+    try {
+      await this.fh.datasync()
+    } catch (err) {
+      this.syncFailed = true
+      throw err
+    }
     this.unsynced = false
-    await this.fh.datasync()
+    this.syncFailed = false
   }
 
   private async rotate (now: number): Promise<void> {
