@@ -7,11 +7,13 @@ import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSy
 import { open as fsOpen } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
+import { gzipSync } from 'node:zlib'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import { chainHasher } from '../src/audit/chain.js'
 import { seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
+import { queryFiles } from '../src/audit/query.js'
 import { AuditStartError, openAuditWriter, type AuditWriterOptions } from '../src/audit/writer.js'
 import { callRecord, linesOf, memoryLog, parsed, tempDir, writeSeries } from './fixtures/audit.js'
 
@@ -187,6 +189,26 @@ t.test('a file removed by another tool is noticed within a second, and records t
   writer.write(callRecord(4))
   await writer.close()
   t.same(parsed(file).map(r => r.seq), [1, 2, 3, 4], 'nothing lost to the removed file')
+  t.match(await verify(file), { ok: true, records: 4 })
+})
+
+t.test('a file moved and compressed at once (logrotate compress, no delaycompress, no signal): each record stays in the series once', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+  // Within one watch interval: mv, then gzip, which writes the .gz and unlinks the moved file.
+  renameSync(file, file + '.1')
+  writeFileSync(file + '.1.gz', gzipSync(readFileSync(file + '.1')))
+  rmSync(file + '.1')
+  await until('the file back', () => existsSync(file), 2000)
+  t.match(log.lines.find(l => l.level === 'warn'), { msg: /was removed by something else; reopening it$/, obj: { rewritten: 0 } })
+  writer.write(callRecord(4))
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), [4], 'the records safe in the .gz are not written again')
+  const seen: unknown[] = []
+  await queryFiles((await seriesFiles(file)).map(f => f.path), [], Infinity, r => { seen.push(r.requestId); return true })
+  t.same(seen, [1, 2, 3, 4].map(i => callRecord(i).requestId), 'audit query returns each call once')
   t.match(await verify(file), { ok: true, records: 4 })
 })
 

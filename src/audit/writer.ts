@@ -19,7 +19,8 @@
 // the write is retried every RETRY_MS (reopening the file, which may have been replaced); when the queue is full
 // a new record is dropped, counted as lost, and an `audit.lost` chain event saying how many is written as soon
 // as writing works again. The file is watched: removed or replaced by another tool, it is reopened within
-// WATCH_MS, and records written meanwhile into a removed file are written again into the new one.
+// WATCH_MS, and records written meanwhile into a removed file are written again into the new one, unless the
+// series still holds them (the file was compressed or copied before it was removed).
 //
 // `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
 import { constants as fsConstants, createReadStream, createWriteStream } from 'node:fs'
@@ -821,12 +822,13 @@ class FileSink implements Sink {
       return undefined
     }
     const removed = (await this.fh.stat()).nlink === 0
-    if (removed) this.replay = this.recent
+    const lost = removed ? await this.notInSeries(this.recent) : []
+    this.replay = lost.length === 0 ? [] : [Buffer.from(lost.join('\n') + '\n')]
     this.recent = []
     this.recentBytes = 0
-    this.opts.log.warn({ file: this.file, rewritten: removed ? this.replay.length : 0 },
+    this.opts.log.warn({ file: this.file, rewritten: lost.length },
       `audit: the file was ${current === null ? 'removed' : 'replaced'} by something else; reopening it` +
-      (removed ? ' and writing again the records that went into the removed file' : ''))
+      (lost.length > 0 ? ' and writing again the records that went into the removed file' : ''))
     await this.closeActive().catch(() => {})
     try {
       await this.openActive()
@@ -834,6 +836,25 @@ class FileSink implements Sink {
       return err as Error
     }
     return undefined
+  }
+
+  /**
+   * The lines written lately into a file that is now removed, less those still in the series: a file removed
+   * after being copied or compressed (logrotate's `compress` gzips the moved file and unlinks it at once) holds
+   * them still, and writing them again would put them in the series twice. Only records above the highest seq
+   * in the other files of the series are written again.
+   */
+  private async notInSeries (recent: readonly Buffer[]): Promise<string[]> {
+    const lines = Buffer.concat(recent).toString('utf8').split('\n').filter(l => l !== '')
+    let present = 0
+    try {
+      const newest = (await seriesFiles(this.file)).filter(f => f.path !== this.file && f.firstSeq !== null).at(-1)
+      present = newest === undefined ? 0 : (await lastRecord(newest.path))?.seq ?? 0
+    } catch (err) {
+      // Better twice (verify shows it) than lost.
+      this.opts.log.error({ err: errorSummary(err) }, 'audit: cannot read the series to see which records the removed file held')
+    }
+    return lines.filter(l => (parseChained(l)?.seq ?? Infinity) > present)
   }
 
   async settle (): Promise<void> {
