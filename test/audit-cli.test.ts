@@ -1,6 +1,6 @@
 // `audit verify` and `audit query` as ops run them: the files found through the config like `start` finds them,
 // gzipped files included, exit codes and messages as documented.
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -62,6 +62,21 @@ t.test('a gzipped file cut short: verify, query and start name it and say what i
       t.notMatch(start.stderr, /\n\s+at /, 'no stack trace')
     }
   }
+})
+
+t.test('a FIFO named like a file of the series: verify and query name it and fail at once, they do not wait on it', async t => {
+  const { config, auditFile, files } = await gzippedSeries()
+  const fifo = auditFile + '.x'
+  spawnSync('mkfifo', [fifo])
+  const reason = `cannot read audit file ${fifo} (not a regular file: a FIFO, device, socket or directory)`
+  const verify = run(['audit', 'verify', '--config', config])
+  t.equal(verify.status, 1, 'verify fails')
+  t.equal(verify.stderr, `FAILED: ${fifo}:1: ${reason}\n`)
+  const named = run(['audit', 'verify', ...files, fifo])
+  t.equal(named.stderr, `FAILED: ${fifo}:1: ${reason}\n`, 'named on the command line too')
+  const query = run(['audit', 'query', '--config', config])
+  t.equal(query.status, 1, 'query fails')
+  t.equal(query.stderr, `ohmygpt-gateway audit: ${reason}\n`)
 })
 
 t.test('audit verify given a shell glob leaves out the lock and files being written', async t => {

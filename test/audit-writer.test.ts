@@ -499,6 +499,22 @@ t.test('records that cannot be written by close() are counted as lost and logged
   out.release()
 })
 
+t.test('a FIFO named like a closed file of the series is left out with a warning; one at the audit path is refused; neither hangs the start', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  spawnSync('mkfifo', [file + '.x'])
+  const { writer, log } = await open(file)
+  t.match(log.lines[0], { level: 'warn', msg: /not a regular file, though named like a file of the series: left out of it/, obj: { file: file + '.x' } })
+  writer.write(callRecord(1))
+  await writer.close()
+  t.same((await seriesFiles(file)).map(f => f.path), [file], 'the series holds the regular file only')
+  t.same(parsed(file).map(r => r.seq), [1])
+
+  const other = join(tempDir(), 'audit.jsonl')
+  spawnSync('mkfifo', [other])
+  await t.rejects(open(other), { name: 'AuditStartError', message: /audit\.jsonl is not a regular file \(a symbolic link, device, pipe or directory\)/ })
+  t.notOk(existsSync(other + '.lock'), 'the lock is released')
+})
+
 t.test('the active file\'s directory is created, and only the series\' own files count as its members', async t => {
   const dir = join(tempDir(), 'nested', 'deeper')
   const file = join(dir, 'audit.jsonl')

@@ -4,9 +4,11 @@
 // it whose name starts with `audit.jsonl.` or `audit.jsonl-`: the gateway's own rotated files
 // (`audit.jsonl.<UTC time of rotation>.<first seq>`, `.gz` when compressed) and an outside logrotate's
 // (`audit.jsonl.1`, `audit.jsonl-20250101.gz`, ...). Files are ordered by the seq of their first record, never
-// by name, so any naming scheme works; the active file comes last. Lock and temporary files are not part of it.
-import { createReadStream } from 'node:fs'
-import { open, readdir, stat } from 'node:fs/promises'
+// by name, so any naming scheme works; the active file comes last. Lock and temporary files are not part of it,
+// and neither is anything that is not a regular file (a FIFO, a device, a symbolic link, a directory): opening a
+// FIFO would wait for ever for a writer. Such entries are listed apart, so that each command can say so.
+import { constants as fsConstants, createReadStream } from 'node:fs'
+import { lstat, open, readdir, stat, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import type { Readable } from 'node:stream'
 import { createGunzip } from 'node:zlib'
@@ -38,22 +40,42 @@ export interface SeriesFile {
   firstSeq: number | null
 }
 
+export interface SeriesScan {
+  /** the regular files of the series, oldest first (by first seq; the active file last) */
+  files: SeriesFile[]
+  /** entries named like files of the series that are not regular files (not followed, never opened) */
+  irregular: string[]
+}
+
 /** The files of the series of `file`, oldest first (by first seq; the active file last). */
 export async function seriesFiles (file: string): Promise<SeriesFile[]> {
+  return (await scanSeries(file)).files
+}
+
+/** The series of `file`, and the entries named like its files that are not regular files. */
+export async function scanSeries (file: string): Promise<SeriesScan> {
   const dir = dirname(file)
   const base = basename(file)
   let names: string[]
   try {
     names = await readdir(dir)
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return []
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { files: [], irregular: [] }
     throw err
   }
-  const closed = names.filter(n => (n.startsWith(base + '.') || n.startsWith(base + '-')) &&
-    !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))
-  const ordered = await inSeriesOrder(closed.map(n => join(dir, n)))
-  if (names.includes(base)) ordered.push({ path: file, firstSeq: await firstSeqOf(file) })
-  return ordered
+  const members = names.filter(n => n === base || ((n.startsWith(base + '.') || n.startsWith(base + '-')) &&
+    !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX)))
+  const regular: string[] = []
+  const irregular: string[] = []
+  for (const name of members) {
+    const path = join(dir, name)
+    const st = await lstat(path).catch(() => null) // gone meanwhile: not a member
+    if (st?.isFile() === true) regular.push(path)
+    else if (st !== null) irregular.push(path)
+  }
+  const ordered = await inSeriesOrder(regular.filter(p => p !== file))
+  if (regular.includes(file)) ordered.push({ path: file, firstSeq: await firstSeqOf(file) })
+  return { files: ordered, irregular }
 }
 
 async function firstSeqOf (path: string): Promise<number | null> {
@@ -67,8 +89,24 @@ export async function inSeriesOrder (paths: readonly string[]): Promise<SeriesFi
   return files.sort((a, b) => (a.firstSeq ?? Infinity) - (b.firstSeq ?? Infinity) || a.path.localeCompare(b.path))
 }
 
-function rawStream (file: string): Readable {
-  const input = createReadStream(file)
+/**
+ * Opens a file to read it, only when it is a regular file: O_NONBLOCK, so that a FIFO is never waited on (it
+ * does nothing to a regular file), then its type is checked.
+ */
+async function openForRead (file: string): Promise<FileHandle> {
+  const fh = await open(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK)
+  try {
+    if ((await fh.stat()).isFile()) return fh
+  } catch (err) {
+    await fh.close()
+    throw err
+  }
+  await fh.close()
+  throw new Error('not a regular file: a FIFO, device, socket or directory')
+}
+
+function rawStream (file: string, fh: FileHandle): Readable {
+  const input = createReadStream(file, { fd: fh })
   if (!file.endsWith(GZIP_SUFFIX)) return input
   const gunzip = createGunzip()
   input.on('error', err => gunzip.destroy(err))
@@ -100,7 +138,13 @@ export interface LineEnd {
 export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<string> {
   let rest: Buffer | null = null
   let lines = 0
-  const chunks = (rawStream(file) as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
+  let fh: FileHandle
+  try {
+    fh = await openForRead(file)
+  } catch (err) {
+    throw new AuditReadError(file, 0, err)
+  }
+  const chunks = (rawStream(file, fh) as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
   try {
     for (;;) {
       let next: IteratorResult<Buffer>
@@ -160,7 +204,7 @@ export interface Tail {
 
 /** The end of a plain file, read backwards in growing windows until a whole line is found. */
 export async function readTail (file: string): Promise<Tail> {
-  const fh = await open(file, 'r')
+  const fh = await openForRead(file)
   try {
     const { size } = await fh.stat()
     if (size === 0) return { size, lastLine: null, unterminated: null }

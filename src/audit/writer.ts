@@ -24,7 +24,7 @@
 //
 // `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
 import { constants as fsConstants, createReadStream, createWriteStream } from 'node:fs'
-import { open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Writable } from 'node:stream'
@@ -36,8 +36,8 @@ import {
 import { makeDirectories } from '../preflight.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
-  AuditReadError, exists, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
-  seriesFiles, TEMP_SUFFIX
+  AuditReadError, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
+  scanSeries, seriesFiles, TEMP_SUFFIX
 } from './series.js'
 
 export type FsyncMode = 'off' | 'interval' | 'every'
@@ -417,7 +417,9 @@ async function resumePoint (file: string): Promise<Resume> {
   let needsNewline = false
   let torn: Resume['torn'] = null
   let last: ChainedRecord | null = null
-  if (await exists(file)) {
+  const active = await lstat(file).catch(() => null)
+  if (active !== null && !active.isFile()) throw new AuditStartError(notRegular(file).message)
+  if (active !== null) {
     const tail = await readTail(file)
     const clean = tail.unterminated === null ? parseChained(tail.lastLine ?? '') : null
     if (clean !== null) {
@@ -893,6 +895,11 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
   })
   try {
     const resume = await resumePoint(opts.file)
+    for (const path of (await scanSeries(opts.file)).irregular) {
+      if (path === opts.file) continue // refused above
+      opts.log.warn({ file: path }, 'audit: not a regular file, though named like a file of the series: left out of it ' +
+        '(audit verify fails on it; move it away)')
+    }
     const hasher = chainHasher(opts.hmacKey)
     if (resume.last !== null && expectedHash(resume.last, hasher) !== resume.last.hash) {
       opts.log.warn({ file: opts.file, seq: resume.last.seq },
