@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
+import { readLines } from '../src/audit/series.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
 import { BIN, configFile, env, gatewayYaml, run } from './fixtures/bin.js'
 
@@ -77,6 +78,29 @@ t.test('a FIFO named like a file of the series: verify and query name it and fai
   const query = run(['audit', 'query', '--config', config])
   t.equal(query.status, 1, 'query fails')
   t.equal(query.stderr, `ohmygpt-gateway audit: ${reason}\n`)
+})
+
+t.test('a very long line is read with work linear in its length: its bytes are copied once, not once per chunk read', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const size = 4 << 20 // 64 chunks of 64 KiB: copying the line so far at each chunk would copy about 130 MiB
+  writeFileSync(file, '{"a":"' + 'x'.repeat(size) + '"}\n{"b":1}\n{"c":')
+  const concat = Buffer.concat
+  let copied = 0
+  Buffer.concat = ((list: readonly Uint8Array[], total?: number) => {
+    const joined = concat(list, total)
+    copied += joined.length
+    return joined
+  }) as typeof Buffer.concat
+  const lengths: number[] = []
+  const end = { unterminated: false }
+  try {
+    for await (const line of readLines(file, end)) lengths.push(line.length)
+  } finally {
+    Buffer.concat = concat
+  }
+  t.same(lengths, [size + 8, 7, 5], 'every line whole, the unterminated one too')
+  t.ok(end.unterminated, 'the last line had no newline')
+  t.ok(copied < 2 * size, `${copied} bytes copied for a line of ${size}`)
 })
 
 t.test('audit verify given a shell glob leaves out the lock and files being written', async t => {

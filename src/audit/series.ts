@@ -130,13 +130,14 @@ export interface LineEnd {
 }
 
 /**
- * The lines of a file, plain or gzipped, streamed: split on bytes, decoded per line, so memory holds one chunk
+ * The lines of a file, plain or gzipped, streamed: split on bytes, decoded per line, so memory holds one line
  * and a multi-byte character split across chunks stays whole. The text after the last newline (a torn last
  * line) is yielded too; a final newline yields nothing more, and `end` (when given) says which it was. A file
  * that cannot be read throws AuditReadError.
  */
 export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<string> {
-  let rest: Buffer | null = null
+  /** the parts of the line not finished yet: joined once, at its newline, so a long line is copied once */
+  let rest: Buffer[] = []
   let lines = 0
   let fh: FileHandle
   try {
@@ -154,22 +155,28 @@ export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<
         throw new AuditReadError(file, lines, err)
       }
       if (next.done === true) break
-      let buf: Buffer = rest === null ? next.value : Buffer.concat([rest, next.value])
+      const buf = next.value
       let start = 0
       let nl: number
       while ((nl = buf.indexOf(0x0a, start)) !== -1) {
         lines++
-        yield buf.toString('utf8', start, nl)
+        if (rest.length === 0) {
+          yield buf.toString('utf8', start, nl)
+        } else {
+          rest.push(buf.subarray(start, nl))
+          const line = Buffer.concat(rest)
+          rest = []
+          yield line.toString('utf8')
+        }
         start = nl + 1
       }
-      buf = buf.subarray(start)
-      rest = buf.length > 0 ? buf : null
+      if (start < buf.length) rest.push(buf.subarray(start))
     }
   } finally {
     await chunks.return?.() // a reader that stops early closes the file
   }
-  if (end !== undefined) end.unterminated = rest !== null
-  if (rest !== null) yield rest.toString('utf8')
+  if (end !== undefined) end.unterminated = rest.length > 0
+  if (rest.length > 0) yield Buffer.concat(rest).toString('utf8')
 }
 
 /** Why a file cannot be read from its start (AuditReadError), or null when its first chunk reads. */
