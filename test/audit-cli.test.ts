@@ -2,12 +2,13 @@
 // gzipped files included, exit codes and messages as documented.
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { truncateSync, writeFileSync } from 'node:fs'
+import { readdirSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
-import { readLines } from '../src/audit/series.js'
+import { firstLine, readLines } from '../src/audit/series.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
 import { BIN, configFile, env, gatewayYaml, run } from './fixtures/bin.js'
 
@@ -69,15 +70,28 @@ t.test('a FIFO named like a file of the series: verify and query name it and fai
   const { config, auditFile, files } = await gzippedSeries()
   const fifo = auditFile + '.x'
   spawnSync('mkfifo', [fifo])
-  const reason = `cannot read audit file ${fifo} (not a regular file: a FIFO, device, socket or directory)`
+  const inSeries = `ohmygpt-gateway audit: cannot read audit file ${fifo} (not a regular file (a FIFO, device, socket, symbolic link ` +
+    'or directory) named like a file of the series: move it out of the audit directory)\n'
   const verify = run(['audit', 'verify', '--config', config])
   t.equal(verify.status, 1, 'verify fails')
-  t.equal(verify.stderr, `FAILED: ${fifo}:1: ${reason}\n`)
-  const named = run(['audit', 'verify', ...files, fifo])
-  t.equal(named.stderr, `FAILED: ${fifo}:1: ${reason}\n`, 'named on the command line too')
+  t.equal(verify.stderr, inSeries)
   const query = run(['audit', 'query', '--config', config])
   t.equal(query.status, 1, 'query fails')
-  t.equal(query.stderr, `ohmygpt-gateway audit: ${reason}\n`)
+  t.equal(query.stderr, inSeries)
+  t.equal(query.stdout, '', 'before printing anything')
+  const named = run(['audit', 'verify', ...files, fifo])
+  t.equal(named.status, 1, 'named on the command line, it fails too')
+  t.equal(named.stderr, `FAILED: ${fifo}:1: cannot read audit file ${fifo} (not a regular file: a FIFO, device, socket or directory)\n`)
+})
+
+t.test('a reader that stops early closes the file, a gzipped one too (no descriptor left for the garbage collector)', async t => {
+  const { files } = await gzippedSeries()
+  const gz = files.find(f => f.endsWith('.gz'))!
+  const open = () => readdirSync('/proc/self/fd').length
+  const before = open()
+  for (let i = 0; i < 20; i++) t.match(await firstLine(gz), /^\{"action"/)
+  for (let i = 0; i < 50 && open() > before; i++) await sleep(10) // closing is asynchronous
+  t.equal(open(), before, 'every descriptor closed')
 })
 
 t.test('a very long line is read with work linear in its length: its bytes are copied once, not once per chunk read', async t => {

@@ -8,7 +8,7 @@
 // and neither is anything that is not a regular file (a FIFO, a device, a symbolic link, a directory): opening a
 // FIFO would wait for ever for a writer. Such entries are listed apart, so that each command can say so.
 import { constants as fsConstants, createReadStream } from 'node:fs'
-import { lstat, open, readdir, stat, type FileHandle } from 'node:fs/promises'
+import { lstat, open, readdir, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import type { Readable } from 'node:stream'
 import { createGunzip } from 'node:zlib'
@@ -105,12 +105,13 @@ async function openForRead (file: string): Promise<FileHandle> {
   throw new Error('not a regular file: a FIFO, device, socket or directory')
 }
 
-function rawStream (file: string, fh: FileHandle): Readable {
+/** The file's bytes (gunzipped for a .gz) and the stream reading the file itself, to close when done. */
+function rawStream (file: string, fh: FileHandle): { input: Readable, bytes: Readable } {
   const input = createReadStream(file, { fd: fh })
-  if (!file.endsWith(GZIP_SUFFIX)) return input
+  if (!file.endsWith(GZIP_SUFFIX)) return { input, bytes: input }
   const gunzip = createGunzip()
   input.on('error', err => gunzip.destroy(err))
-  return input.pipe(gunzip)
+  return { input, bytes: input.pipe(gunzip) }
 }
 
 /** A file of the series that cannot be read (on), with where: verify, query and start say so, not a stack. */
@@ -145,7 +146,8 @@ export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<
   } catch (err) {
     throw new AuditReadError(file, 0, err)
   }
-  const chunks = (rawStream(file, fh) as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
+  const { input, bytes } = rawStream(file, fh)
+  const chunks = (bytes as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
   try {
     for (;;) {
       let next: IteratorResult<Buffer>
@@ -173,7 +175,8 @@ export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<
       if (start < buf.length) rest.push(buf.subarray(start))
     }
   } finally {
-    await chunks.return?.() // a reader that stops early closes the file
+    await chunks.return?.()
+    input.destroy() // a reader that stops early closes the file (a gunzip stopping leaves the file stream open)
   }
   if (end !== undefined) end.unterminated = rest.length > 0
   if (rest.length > 0) yield Buffer.concat(rest).toString('utf8')
@@ -242,13 +245,4 @@ export async function lastRecord (file: string): Promise<ChainedRecord | null> {
   let last: ChainedRecord | null = null
   for await (const line of readLines(file)) last = parseChained(line) ?? last
   return last
-}
-
-export async function exists (file: string): Promise<boolean> {
-  try {
-    await stat(file)
-    return true
-  } catch {
-    return false
-  }
 }

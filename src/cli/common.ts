@@ -2,7 +2,7 @@
 // audit trail's process concerns (its files, its HMAC key from the environment).
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
-import { inSeriesOrder, LOCK_SUFFIX, scanSeries, TEMP_SUFFIX } from '../audit/series.js'
+import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, scanSeries, TEMP_SUFFIX } from '../audit/series.js'
 import { loadAuditFile, resolveConfigPath } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
@@ -29,8 +29,8 @@ export function auditHmacKey (env: NodeJS.ProcessEnv): string | undefined {
 /**
  * The audit files a command reads, oldest first: the ones named on the command line, else the series of the
  * configured audit.file (found through the config like `start` finds it), rotated and gzipped files included.
- * Entries named like files of the series that are not regular files come last: reading them fails (never
- * waits), so verify and query name them.
+ * An entry named like a file of the series that is not a regular file (a FIFO would make a reader wait for
+ * ever; a symbolic link is not the gateway's) stops the command, naming it.
  */
 export async function auditFiles (configFlag: string | undefined, named: string[]): Promise<string[]> {
   // A shell glob (audit.jsonl*) also names the lock and any file being written under a temporary name.
@@ -41,6 +41,10 @@ export async function auditFiles (configFlag: string | undefined, named: string[
   const file = loadAuditFile(resolveConfigPath(configFlag, process.env), process.env)
   if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
   const { files, irregular } = await scanSeries(file)
-  if (files.length === 0 && irregular.length === 0) throw new UsageError(`no audit files at ${file}`)
-  return [...files.map(f => f.path), ...irregular]
+  if (irregular.length > 0) {
+    throw new AuditReadError(irregular[0]!, 0, new Error('not a regular file (a FIFO, device, socket, symbolic link or directory) ' +
+      'named like a file of the series: move it out of the audit directory'))
+  }
+  if (files.length === 0) throw new UsageError(`no audit files at ${file}`)
+  return files.map(f => f.path)
 }
