@@ -243,7 +243,7 @@ class Writer implements AuditWriter {
     // flush) finishes if it can, so that a pruning's record goes into the chain with it; one cut short is done
     // again at the next start. Then the file is closed.
     let finished = await withDeadline(this.run(flushAll), CLOSE_DEADLINE_MS)
-    await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS)
+    await this.settleHousekeeping()
     if (finished !== 'timeout') {
       finished = await withDeadline(this.run(async () => {
         await flushAll()
@@ -253,12 +253,24 @@ class Writer implements AuditWriter {
     }
     if (finished === 'timeout') this.log.error({}, 'audit: the destination did not take the last records in time')
     // The last flush may have rotated: its gzip gets the same chance (its pruning waits for the next start).
-    await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS)
+    await this.settleHousekeeping()
     if (this.pending.length > 0) {
       const n = this.pending.length
       this.pending.length = 0
       this.counts.lost += n
       this.log.error({ lost: n, total: this.counts.lost }, 'audit: records could not be written before closing and are lost')
+    }
+  }
+
+  /**
+   * Waits, within HOUSEKEEPING_DEADLINE_MS, for the gzip and pruning of closed files under way. Past it the close
+   * goes on without them (a slow disk must not hold the exit): a gzip cut short leaves its partial file, which the
+   * next start removes before it compresses the file again; said in the log.
+   */
+  private async settleHousekeeping (): Promise<void> {
+    if (await withDeadline(this.sink.settle(), HOUSEKEEPING_DEADLINE_MS) === 'timeout') {
+      this.log.warn({}, `audit: compressing or pruning closed files took over ${HOUSEKEEPING_DEADLINE_MS} ms; closing without ` +
+        'waiting for it (the next start finishes it)')
     }
   }
 
