@@ -21,7 +21,7 @@ import {
   conversationParam, createBody, metadataProblem, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
-import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
 import { serializeBody } from './body.js'
 import { addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders } from './proxy.js'
@@ -188,7 +188,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
       }
       if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
-      throw new UpstreamUnavailableError()
+      const unavailable = new UpstreamUnavailableError()
+      if (err instanceof UpstreamFailure) unavailable.headers = retryHeaders(err) // every line down: when one is tried again
+      throw unavailable
     }
   }
 

@@ -16,7 +16,7 @@ import { UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } fro
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { whenClosed } from '../http/response.js'
-import { readBody, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
@@ -379,7 +379,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // A POST whose answer did not come in time was sent, and may be under way upstream (a generation, items
       // added): the SDKs retry every 5xx unless told not to, and would do it again.
       if (timedOut && reply.request.method === 'POST') reply.header('x-should-retry', 'false')
-      reply.send(timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
+      const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+      if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
+      reply.send(answer)
     },
     // reply-from retries a GET that got a 503 ten times by default (maxRetriesOn503: 0 does not turn it off)
     // and would read Retry-After seconds as milliseconds. Retries across lines are upstream/client.ts's.

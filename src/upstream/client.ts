@@ -63,12 +63,20 @@ export type FailureKind = 'unavailable' | 'timeout' | 'aborted'
 /** A call that got no answer to pass on. The message is for the operational log, never for a client. */
 export class UpstreamFailure extends Error {
   constructor (
-    readonly kind: FailureKind, message: string, readonly attempts: number, readonly line: number | null
+    readonly kind: FailureKind, message: string, readonly attempts: number, readonly line: number | null,
+    /** every line was down: when the first gets its trial call again */
+    readonly retryAfterMs?: number
   ) {
     super(message)
     this.name = 'UpstreamFailure'
     this.stack = `${this.name}: ${message}` // where in the gateway it was noticed says nothing; the message does
   }
+}
+
+/** For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1). */
+export function retryHeaders (failure: UpstreamFailure): Record<string, string> | undefined {
+  if (failure.retryAfterMs === undefined) return undefined
+  return { 'retry-after': String(Math.max(1, Math.ceil(failure.retryAfterMs / 1000))) }
 }
 
 /** Connection failures that happen before any byte of the request is written: safe to send elsewhere. */
@@ -331,7 +339,7 @@ export class Upstream {
     const tried = new Set<number>()
     let index = health.pick(tried)
     try {
-      if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null)
+      if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null, health.soonestRetryMs())
       for (;;) {
         tried.add(index)
         if (call.progress !== undefined) call.progress.attempts = tried.size

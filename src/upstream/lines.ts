@@ -96,6 +96,12 @@ export class LineHealth {
     }
   }
 
+  /** While every line is down: ms until the first of them gets its trial call (0 when one is being tried now). */
+  soonestRetryMs (): number {
+    const now = this.#opts.now()
+    return Math.max(0, Math.min(...this.#lines.map(line => line.probing ? 0 : line.downUntil - now)))
+  }
+
   statuses (): LineStatus[] {
     return this.#lines.map(line => this.#status(line))
   }
