@@ -8,7 +8,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
-import { firstLine, readLines } from '../src/audit/series.js'
+import { chainHasher } from '../src/audit/chain.js'
+import { firstLine, pinFiles, readLines, seriesFiles } from '../src/audit/series.js'
+import { verifySeries } from '../src/audit/verify.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
 import { BIN, configFile, env, gatewayYaml, run } from './fixtures/bin.js'
 
@@ -293,4 +295,26 @@ t.test('audit query --model and --response find Responses calls', async t => {
   t.same(await query([auditFile], '--model', 'gpt-4o'), [records[0]!.requestId, records[2]!.requestId], 'exactly the model, not its prefix')
   t.same(await query([auditFile], '--response', 'resp_2'), [records[1]!.requestId])
   t.same(await query([auditFile], '--model', 'gpt-4'), [])
+})
+
+t.test('verify and query read the series as it was when they listed it, while a running gateway rotates it', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { openAuditWriter } = await import('../src/audit/writer.js')
+  const { memoryLog } = await import('./fixtures/audit.js')
+  const writer = await openAuditWriter({ file, fsync: 'off', rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: true }, log: memoryLog() })
+  t.teardown(() => writer.close())
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await sleep(100)
+  // The command lists the series and opens its files (auditFiles does both) ...
+  const listed = (await seriesFiles(file)).map(f => f.path)
+  t.same(listed, [file], 'one file so far: the active one')
+  await pinFiles(listed)
+  // ... and the gateway goes on: its active file fills up, is renamed, and gzipped (and removed) meanwhile.
+  for (let i = 4; i <= 30; i++) writer.write(callRecord(i))
+  await sleep(300)
+  t.ok((await seriesFiles(file)).length > 1, 'the series was rotated meanwhile')
+  const found: unknown[] = []
+  await queryFiles(listed, [], Infinity, r => { found.push(r.requestId); return true })
+  t.same(found, [1, 2, 3].map(i => callRecord(i).requestId), 'the query finds the records that were there, and only those')
+  t.match(await verifySeries(listed, chainHasher()), { ok: true, records: 3 }, 'verify passes on them')
 })

@@ -10,7 +10,7 @@
 import { constants as fsConstants, createReadStream } from 'node:fs'
 import { lstat, open, readdir, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
-import type { Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 import { createGunzip } from 'node:zlib'
 import { parseChained, type ChainedRecord } from './chain.js'
 
@@ -105,12 +105,48 @@ async function openForRead (file: string): Promise<FileHandle> {
   throw new Error('not a regular file: a FIFO, device, socket or directory')
 }
 
+/**
+ * Files a command opened as it listed them (pinFiles): readLines reads each through that descriptor, up to the size
+ * it had then, whatever happens to its name meanwhile. A running gateway renames its active file when it rotates,
+ * and gzips and removes closed ones: read by name later, a file could be another one, or gone, and a trail nobody
+ * touched would show a gap. (A CLI process: the descriptors close when it exits.)
+ */
+const pinned = new Map<string, { fh: FileHandle, size: number }>()
+
+/** Opens `paths` now, to be read as they are now (see pinned); one that cannot be opened is read by name later. */
+export async function pinFiles (paths: readonly string[]): Promise<void> {
+  for (const path of paths) {
+    if (pinned.has(path)) continue
+    try {
+      const fh = await openForRead(path)
+      pinned.set(path, { fh, size: (await fh.stat()).size })
+    } catch {
+      // read by name later, which says what is wrong with it
+    }
+  }
+}
+
+/** The first `size` bytes of a file, read by position in 64 KiB chunks (less, if it was cut short meanwhile). */
+async function * chunksOf (fh: FileHandle, size: number): AsyncGenerator<Buffer> {
+  for (let position = 0; position < size;) {
+    const length = Math.min(64 * 1024, size - position)
+    const { bytesRead, buffer } = await fh.read(Buffer.allocUnsafe(length), 0, length, position)
+    if (bytesRead === 0) return
+    position += bytesRead
+    yield buffer.subarray(0, bytesRead)
+  }
+}
+
 /** The file's bytes (gunzipped for a .gz) and the stream reading the file itself, to close when done. */
-function rawStream (file: string, fh: FileHandle): { input: Readable, bytes: Readable } {
-  const input = createReadStream(file, { fd: fh })
+function rawStream (file: string, fh: FileHandle, pinnedSize?: number): { input: Readable, bytes: Readable } {
+  // A pinned file is read from its start each time, by position, up to its pinned size, and its descriptor stays
+  // open for the next reader (an fs stream closes its descriptor when destroyed, whatever autoClose says).
+  const input: Readable = pinnedSize === undefined
+    ? createReadStream(file, { fd: fh })
+    : Readable.from(chunksOf(fh, pinnedSize), { objectMode: false })
   if (!file.endsWith(GZIP_SUFFIX)) return { input, bytes: input }
   const gunzip = createGunzip()
-  input.on('error', err => gunzip.destroy(err))
+  input.on('error', (err: Error) => gunzip.destroy(err))
   return { input, bytes: input.pipe(gunzip) }
 }
 
@@ -140,13 +176,14 @@ export async function * readLines (file: string, end?: LineEnd): AsyncGenerator<
   /** the parts of the line not finished yet: joined once, at its newline, so a long line is copied once */
   let rest: Buffer[] = []
   let lines = 0
+  const pin = pinned.get(file)
   let fh: FileHandle
   try {
-    fh = await openForRead(file)
+    fh = pin?.fh ?? await openForRead(file)
   } catch (err) {
     throw new AuditReadError(file, 0, err)
   }
-  const { input, bytes } = rawStream(file, fh)
+  const { input, bytes } = rawStream(file, fh, pin?.size)
   const chunks = (bytes as AsyncIterable<Buffer>)[Symbol.asyncIterator]()
   try {
     for (;;) {

@@ -2,7 +2,7 @@
 // audit trail's process concerns (its files, its HMAC key from the environment).
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
-import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, scanSeries, TEMP_SUFFIX } from '../audit/series.js'
+import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, pinFiles, scanSeries, TEMP_SUFFIX } from '../audit/series.js'
 import { loadAuditFile, resolveConfigPath } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
@@ -36,7 +36,7 @@ export async function auditFiles (configFlag: string | undefined, named: string[
   // A shell glob (audit.jsonl*) also names the lock and any file being written under a temporary name.
   if (named.length > 0) {
     const files = named.filter(n => !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))
-    return (await inSeriesOrder(files)).map(f => f.path)
+    return await pinned((await inSeriesOrder(files)).map(f => f.path))
   }
   const file = loadAuditFile(resolveConfigPath(configFlag, process.env), process.env)
   if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
@@ -46,5 +46,14 @@ export async function auditFiles (configFlag: string | undefined, named: string[
       'named like a file of the series: move it out of the audit directory'))
   }
   if (files.length === 0) throw new UsageError(`no audit files at ${file}`)
-  return files.map(f => f.path)
+  return await pinned(files.map(f => f.path))
+}
+
+/**
+ * The files, opened now: the command reads each as it is now, though a running gateway rotates (renames, gzips,
+ * removes) files of the series while a long verify or query runs.
+ */
+async function pinned (paths: string[]): Promise<string[]> {
+  await pinFiles(paths)
+  return paths
 }
