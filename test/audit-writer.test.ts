@@ -175,6 +175,16 @@ t.test('rotate.keep with gzip under a quick run of rotations: no error, and no p
   t.same(leftovers(), [], 'a restart removes a partial gzip whose file is gone')
 })
 
+t.test('a newest closed file that no longer ends with a record stops the start, instead of a second chain from seq 1', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 3)
+  renameSync(file, `${file}.20250101T000000Z.1`) // rotated by hand while the gateway was stopped: no active file
+  appendFileSync(`${file}.20250101T000000Z.1`, '{"note":"added by someone"}\n')
+  await t.rejects(open(file), { name: 'AuditStartError', message: /newest closed file of the series, does not end with an audit record/ })
+  t.notOk(existsSync(file), 'nothing was written')
+  t.notOk(existsSync(file + '.lock'), 'and the lock was let go')
+})
+
 t.test('a file of records without a chain (an older gateway\'s) is refused, not silently restarted', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   writeFileSync(file, JSON.stringify(callRecord(1)) + '\n')

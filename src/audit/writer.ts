@@ -485,6 +485,13 @@ async function resumePoint (file: string): Promise<Resume> {
       throw new AuditStartError(`${err.message}. The hash chain cannot go on from a file it cannot read: check the series ` +
         '(ohmygpt-gateway audit verify), move the damaged file out of it, and start again.')
     }
+    if (newest !== undefined && last === null) {
+      // It has records (a first seq) but does not end with one: its last line was edited or added. Going on from
+      // seq 1 would start a second chain in the series.
+      throw new AuditStartError(`audit file ${newest.path}, the newest closed file of the series, does not end with an audit ` +
+        'record: a line was edited or added after it was closed. The hash chain cannot go on from it: check the series ' +
+        '(ohmygpt-gateway audit verify), move the file out of it (keep it as evidence), and start again.')
+    }
     head = last === null ? GENESIS : { seq: last.seq, hash: last.hash }
   }
   return { head, fileFirstSeq, needsNewline, torn, last }
