@@ -322,6 +322,20 @@ t.test('an envelope without a content-type gets none from the gateway either; an
     if (body !== '') t.notMatch((err as Error).message, body, `${label}: not the upstream's body`)
   }
   t.equal(gw.logs.filter(l => l.includes('is not OpenAI\'s error envelope')).length, answers.length, 'each logged for the operators')
+
+  // Other OpenAI-compatible services' shapes: what they say in a string is kept in the envelope's message (the
+  // token taken out, whatever escapes spell it).
+  const spelled = `\\u${UPSTREAM_TOKEN.charCodeAt(0).toString(16).padStart(4, '0')}${UPSTREAM_TOKEN.slice(1)}`
+  const shapes: Array<[string, string, string]> = [
+    ['{"error": "..."}', `{"error":"model not found for key ${spelled}"}`, 'The upstream API answered 400: model not found for key [redacted]'],
+    ['{"detail": "..."}', '{"detail":"Not enough quota"}', 'The upstream API answered 400: Not enough quota']
+  ]
+  for (const [label, body, message] of shapes) {
+    upstream.respond = (_req, res) => { res.writeHead(400, { 'content-type': 'application/json' }).end(body) }
+    const err = await sdk.conversations.create({}).then(() => null, (e: unknown) => e)
+    t.match(err, { status: 400, error: { code: 'upstream_error', message } }, `${label}: its message kept`)
+    t.notMatch(JSON.stringify(err), UPSTREAM_TOKEN)
+  }
 })
 
 t.test('a token too short to be a secret is not searched for: answers are not mangled', async t => {

@@ -143,15 +143,28 @@ function isErrorEnvelope (value: unknown): boolean {
 }
 
 /** The envelope for an upstream error answer that was not one, with its status. */
-function upstreamErrorEnvelope (status: number): Buffer {
+function upstreamErrorEnvelope (status: number, said: string | null): Buffer {
   return Buffer.from(JSON.stringify({
     error: {
-      message: `The upstream API answered ${status} without an error the gateway could pass on.`,
+      message: said === null
+        ? `The upstream API answered ${status} without an error the gateway could pass on.`
+        : `The upstream API answered ${status}: ${said}`,
       type: status >= 500 ? 'server_error' : 'invalid_request_error',
       param: null,
       code: 'upstream_error'
     }
   }))
+}
+
+/**
+ * What an error answer in another JSON shape than OpenAI's says, when it says it in a string (`{"error": "..."}`,
+ * `{"message": "..."}`, `{"detail": "..."}`, as other OpenAI-compatible services answer): at most 500 characters.
+ */
+function errorText (value: unknown): string | null {
+  if (value === null || typeof value !== 'object') return null
+  const { error, message, detail } = value as Record<string, unknown>
+  const text = [error, message, detail].find(v => typeof v === 'string' && v.trim() !== '') as string | undefined
+  return text === undefined ? null : text.slice(0, 500)
 }
 
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
@@ -295,7 +308,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
       reply.removeHeader('content-encoding')
       reply.type('application/json; charset=utf-8')
-      sendBytes(reply, res.statusCode, upstreamErrorEnvelope(res.statusCode))
+      const said = errorText(parsed)
+      sendBytes(reply, res.statusCode, upstreamErrorEnvelope(res.statusCode, said === null ? null : scrub.text(said)))
       return
     }
     if (hasEscapes(scrubbed)) {
