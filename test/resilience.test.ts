@@ -481,6 +481,7 @@ t.test('bounded load and abuse', async t => {
     const limited = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, { key: 'ogw_guess_9' })
     t.match(JSON.parse(limited.body), { error: { code: 'too_many_auth_failures', type: 'requests' } })
     t.ok(Number(limited.headers['retry-after']) >= 1)
+    t.equal(limited.headers['x-should-retry'], 'false', 'the SDKs are told not to send the wrong key again')
     t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a valid key from the same address still works')
     t.match(gw.audit().filter(r => r.status === 429), [{ outcome: 'denied', clientId: null }])
   })

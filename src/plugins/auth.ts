@@ -40,7 +40,8 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
     const counted = failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute })
     if (counted.allowed) throw new InvalidApiKeyError()
     const err = new TooManyAuthFailuresError(formatDuration(counted.retryAfterMs))
-    err.headers = { 'retry-after': String(Math.max(1, Math.ceil(counted.retryAfterMs / 1000))) }
+    // A wrong key stays wrong: the SDKs would wait out retry-after and send it again (a 429 is retried).
+    err.headers = { 'retry-after': String(Math.max(1, Math.ceil(counted.retryAfterMs / 1000))), 'x-should-retry': 'false' }
     throw err
   })
 }, { name: 'auth', dependencies: ['router'] })
