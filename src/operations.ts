@@ -66,6 +66,12 @@ export type Match =
   | { kind: 'method_not_allowed', allow: string }
   | { kind: 'unknown' }
 
+/**
+ * OpenAI routes under /v1/responses/ whose last segment stands where a response id goes (counting input tokens,
+ * compacting): not routed by the gateway, they are unknown routes (404), not a response id's 405.
+ */
+const UNROUTED_RESPONSE_PATHS = new Set(['input_tokens', 'compact'])
+
 /** The path part of a request target, as sent. */
 export function rawPath (url: string): string {
   const q = url.indexOf('?')
@@ -99,7 +105,9 @@ export function matchOperation (method: string, url: string): Match {
   // One rule for every empty segment (a trailing slash, `//`): such a path is none of the routes.
   if (rest.includes('')) return { kind: 'unknown' }
   const resource = shapeOf(rest)
-  if (resource === null) return { kind: 'unknown' }
+  if (resource === null || (rest.length === 2 && rest[0] === 'responses' && UNROUTED_RESPONSE_PATHS.has(rest[1]!))) {
+    return { kind: 'unknown' }
+  }
   const op = resource.methods[method as Method]
   if (op === undefined) return { kind: 'method_not_allowed', allow: Object.keys(resource.methods).join(', ') }
   return {

@@ -265,7 +265,10 @@ const UNKNOWN_TARGETS: Array<[method: string, target: string]> = [
   ['GET', '/v1//conversations/conv_x'],
   ['GET', 'http://evil.example/v1/conversations/x'],
   ['POST', 'http://evil.example/v1/conversations'],
-  ['OPTIONS', '*']
+  ['OPTIONS', '*'],
+  // OpenAI's own routes whose names stand where a response id goes: not routed here, so not a 405 either
+  ['POST', '/v1/responses/input_tokens'],
+  ['POST', '/v1/responses/compact']
 ]
 
 t.test('any path outside the Conversations routes gets 404 unknown_route and nothing reaches the upstream', async t => {
