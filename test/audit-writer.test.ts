@@ -5,7 +5,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { open as fsOpen } from 'node:fs/promises'
-import { join } from 'node:path'
+import { basename, join } from 'node:path'
 import { Writable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -110,6 +110,26 @@ t.test('a torn last line is kept, reported at start, and a record saying so star
   t.match(JSON.parse(lines[6]!), { event: 'audit.torn_line', line: 6, seq: 6 })
   t.match(JSON.parse(lines[7]!), { requestId: callRecord(7).requestId, seq: 7 })
   t.match(await verify(file), { ok: true, records: 7, notes: [/:6: a torn line .* is kept; seq 6 says so\. .*may have been lost/] })
+})
+
+t.test('a torn last line in a file an outside rotation moved before the restart: the record saying so opens the next file, naming it', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const moved = `${file}.20250101T000000Z.1`
+  await writeSeries(file, 5)
+  appendFileSync(file, '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000') // the process died mid-write,
+  renameSync(file, moved) // and logrotate moved the file before the gateway started again
+  const { writer, log } = await open(file)
+  t.match(log.lines.find(l => l.level === 'warn'), { msg: /last line of the file is torn/, obj: { file: moved, line: 6 } })
+  writer.write(callRecord(7))
+  await writer.close()
+  t.equal(readFileSync(moved, 'utf8').split('\n')[5], '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000', 'the torn line is kept where it was, as it was')
+  t.match(JSON.parse(linesOf(file)[0]!), { event: 'audit.torn_line', file: basename(moved), line: 6, seq: 6 })
+  t.match(await verify(file), { ok: true, records: 7, notes: [/:6: a torn line .* is kept; seq 6 says so/] })
+
+  // The record must name the file: one naming another (or none) does not acknowledge it.
+  const forged = linesOf(file)
+  writeFileSync(file, [JSON.stringify({ ...JSON.parse(forged[0]!), file: 'audit.jsonl.other' }), ...forged.slice(1)].join('\n') + '\n')
+  t.match(await verify(file), { ok: false })
 })
 
 t.test('a whole last line that is not a record (an edit, not a crash) stops the start; nothing is sealed over it', async t => {

@@ -203,8 +203,11 @@ export function lineDigest (text: string): string {
 
 // Chain events: records the writer itself adds to the chain, so that what happened to the trail is in the trail.
 export type ChainEvent =
-  /** the last line of a file was torn (the writer stopped mid-record); it is kept, and this record follows it */
-  | { time: string, event: 'audit.torn_line', line: number, sha256: string }
+  /**
+   * the last line of a file was torn (the writer stopped mid-record); it is kept, and this record follows it, in the
+   * same file, or first in the next one, naming the torn one in `file` (moved by an outside rotation meanwhile)
+   */
+  | { time: string, event: 'audit.torn_line', line: number, sha256: string, file?: string }
   /** records dropped because they could not be written in time (buffer full); counted, and said here */
   | { time: string, event: 'audit.lost', count: number, firstAt: string, lastAt: string }
   /** rotated files removed by `audit.rotate.keep`: the records up to `throughSeq`/`throughHash` are gone on purpose */

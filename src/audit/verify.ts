@@ -80,7 +80,11 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         }
         if (problem !== null) return bad(file, line, record.seq, problem)
         if (torn !== null) {
-          if (record.event !== 'audit.torn_line' || torn.file !== file || record.line !== torn.line || record.sha256 !== torn.sha256) {
+          // The record saying so follows it in its file, or (the file moved by an outside rotation before the
+          // restart) opens the next one, naming the torn line's file.
+          const sameFile = record.file === undefined && torn.file === file
+          const nextFile = record.file === basename(torn.file) && torn.file !== file && torn.unterminated && inFile === 0
+          if (record.event !== 'audit.torn_line' || !(sameFile || nextFile) || record.line !== torn.line || record.sha256 !== torn.sha256) {
             return bad(torn.file, torn.line, null, 'this line is not an audit record (edited or inserted, or torn with no record acknowledging it)')
           }
           notes.push(`${file}:${torn.line}: a torn line (the writer stopped mid-record) is kept; seq ${record.seq} says so. ` +

@@ -405,7 +405,8 @@ interface Resume {
   fileFirstSeq: number | null
   /** the active file ends without a newline: write one before anything else */
   needsNewline: boolean
-  torn: { line: number, sha256: string } | null
+  /** a torn last line: of the active file, or (`file`, its name) of the newest closed file the chain goes on from */
+  torn: { line: number, sha256: string, file?: string } | null
   /** the last record of the active file, when its end was clean */
   last: ChainedRecord | null
 }
@@ -485,6 +486,11 @@ async function resumePoint (file: string): Promise<Resume> {
       throw new AuditStartError(`${err.message}. The hash chain cannot go on from a file it cannot read: check the series ` +
         '(ohmygpt-gateway audit verify), move the damaged file out of it, and start again.')
     }
+    if (newest !== undefined && !newest.path.endsWith(GZIP_SUFFIX)) {
+      // A crash tore its last line, and the file was moved (an outside rotation) before this start: the record
+      // saying so opens the new file, naming it.
+      torn = await tornEnd(newest.path)
+    }
     if (newest !== undefined && last === null) {
       // It has records (a first seq) but does not end with one: its last line was edited or added. Going on from
       // seq 1 would start a second chain in the series.
@@ -495,6 +501,15 @@ async function resumePoint (file: string): Promise<Resume> {
     head = last === null ? GENESIS : { seq: last.seq, hash: last.hash }
   }
   return { head, fileFirstSeq, needsNewline, torn, last }
+}
+
+/** The torn last line (no newline, not a record) of a closed plain file, with its number and the file's name. */
+async function tornEnd (file: string): Promise<Resume['torn']> {
+  const tail = await readTail(file)
+  if (tail.unterminated === null || parseChained(tail.unterminated) !== null) return null
+  let line = 0
+  for await (const _text of readLines(file)) line++
+  return { line, sha256: lineDigest(tail.unterminated), file: basename(file) }
 }
 
 /**
@@ -937,7 +952,7 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
     })
     writer.attach(sink)
     if (resume.torn !== null) {
-      opts.log.warn({ file: opts.file, line: resume.torn.line },
+      opts.log.warn({ file: resume.torn.file === undefined ? opts.file : join(dirname(opts.file), resume.torn.file), line: resume.torn.line },
         'audit: the last line of the file is torn (the previous writer stopped mid-record); it is kept, and a record saying so starts a new segment')
       writer.addEvent({ time: new Date(now()).toISOString(), event: 'audit.torn_line', ...resume.torn })
     }
