@@ -145,6 +145,11 @@ export const MetricsUnauthorizedError = define('invalid_metrics_token', 401, 'in
 export const InternalError = define('internal_error', 500, 'server_error',
   'The gateway failed to handle this request.')
 
+/** A wait as a `retry-after` header gives it: whole seconds, at least 1. */
+export function retryAfterSeconds (ms: number): string {
+  return String(Math.max(1, Math.ceil(ms / 1000)))
+}
+
 export function isGatewayError (err: unknown): err is GatewayError {
   return err instanceof Error && (err as GatewayError).name === 'GatewayError'
 }

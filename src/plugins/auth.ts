@@ -4,7 +4,7 @@
 // works). The count is kept per address only, bounded, and never per presented key.
 import fp from 'fastify-plugin'
 import type { ClientDirectory } from '../clients.js'
-import { InvalidApiKeyError, TooManyAuthFailuresError } from '../errors.js'
+import { InvalidApiKeyError, retryAfterSeconds, TooManyAuthFailuresError } from '../errors.js'
 import { MemoryStore } from '../stores/memory.js'
 import { formatDuration } from './rate-limit.js'
 
@@ -41,7 +41,7 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
     if (counted.allowed) throw new InvalidApiKeyError()
     const err = new TooManyAuthFailuresError(formatDuration(counted.retryAfterMs))
     // A wrong key stays wrong: the SDKs would wait out retry-after and send it again (a 429 is retried).
-    err.headers = { 'retry-after': String(Math.max(1, Math.ceil(counted.retryAfterMs / 1000))), 'x-should-retry': 'false' }
+    err.headers = { 'retry-after': retryAfterSeconds(counted.retryAfterMs), 'x-should-retry': 'false' }
     throw err
   })
 }, { name: 'auth', dependencies: ['router'] })

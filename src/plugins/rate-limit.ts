@@ -8,7 +8,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
-import { RateLimitExceededError, RateLimitStoreUnavailableError, TokensRateLimitError } from '../errors.js'
+import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfterSeconds, TokensRateLimitError } from '../errors.js'
 import { whenClosed } from '../http/response.js'
 import { tokensUsed } from '../responses/usage.js'
 import { whenAnswered } from '../answer.js'
@@ -43,7 +43,7 @@ function headers (result: RateLimitResult): Record<string, string> {
 const storeFailed = new WeakSet<FastifyRequest>()
 
 function retryHeaders (retryAfterMs: number): Record<string, string> {
-  return { 'retry-after': String(Math.max(1, Math.ceil(retryAfterMs / 1000))), 'retry-after-ms': String(retryAfterMs) }
+  return { 'retry-after': retryAfterSeconds(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
 }
 
 function tokenHeaders (result: RateLimitResult): Record<string, string> {

@@ -21,6 +21,7 @@ import { rootCertificates } from 'node:tls'
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
+import { retryAfterSeconds } from '../errors.js'
 import { LineHealth, type LineStatus } from './lines.js'
 
 export interface UpstreamSettings {
@@ -76,7 +77,7 @@ export class UpstreamFailure extends Error {
 /** For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1). */
 export function retryHeaders (failure: UpstreamFailure): Record<string, string> | undefined {
   if (failure.retryAfterMs === undefined) return undefined
-  return { 'retry-after': String(Math.max(1, Math.ceil(failure.retryAfterMs / 1000))) }
+  return { 'retry-after': retryAfterSeconds(failure.retryAfterMs) }
 }
 
 /** Connection failures that happen before any byte of the request is written: safe to send elsewhere. */
