@@ -123,6 +123,33 @@ t.test('every SSE framing (data over several lines, CR or CRLF line ends) is rew
   }
 })
 
+t.test('an answer or event the gateway takes the owner key out of keeps every number as the upstream wrote it', async t => {
+  const { upstream, gw } = await setup(t)
+  // What the SDKs of other languages (Python's json, Go's json.Number) read exactly: a tool schema's enum past 2^53.
+  const numbers = '[9007199254740993,12345678901234567891,1.0000000000000001,-0.5,42]'
+  const tools = `[{"type":"function","name":"pick","parameters":{"type":"object","properties":{"id":{"type":"integer","enum":${numbers}}}}}]`
+  const response = (status: string) =>
+    `{"id":"resp_numbers","object":"response","status":"${status}","model":"gpt-4o","output":[],"tools":${tools},` +
+    '"usage":{"input_tokens":1,"output_tokens":1,"total_tokens":2},"metadata":{"gateway_owner":"team-full","topic":"t"}}'
+  const post = (body: object) => fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: JSON.stringify(body)
+  })
+
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(response('completed')) }
+  const answer = await (await post({ model: 'gpt-4o', input: 'x' })).text()
+  t.notMatch(answer, /gateway_owner/, 'the owner key is taken out of the answer')
+  t.match(answer, `"enum":${numbers}`, 'and its numbers are as the upstream wrote them')
+
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(`event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":${response('in_progress')}}\n\n` +
+      `event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":${response('completed')}}\n\n`)
+  }
+  const events = await (await post({ model: 'gpt-4o', input: 'x', stream: true })).text()
+  t.notMatch(events, /gateway_owner/, 'the owner key is taken out of every event')
+  t.equal(events.split(`"enum":${numbers}`).length, 3, 'and both events keep their numbers as the upstream wrote them')
+})
+
 t.test('bodyTimeoutMs applies between events, not to the whole stream', async t => {
   const upstream = await startUpstream({ responses: { streamDelayMs: 200 } })
   t.teardown(() => upstream.close())

@@ -6,11 +6,11 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { isSafeNumber, LosslessNumber, parse as parseLossless, stringify as stringifyLossless } from 'lossless-json'
 import {
   InvalidJsonError, JsonTooDeepError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
   UnsupportedTransferEncodingError
 } from '../errors.js'
+import { exactJson, stringifyExact } from '../http/json.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -97,43 +97,11 @@ export function nestsDeeper (value: unknown, max: number): boolean {
 }
 
 /**
- * Text that may hold a number JSON.parse would change (an integer past 2^53, 17 or more significant digits, an
- * exponent out of range): only such a body is read again with lossless-json. A quick test of the text; a match in
- * a string only costs that second reading.
- */
-const MAYBE_INEXACT_NUMBER = /\d{16}|[eE][+-]?\d{3}/
-
-/** lossless-json's number reader: a plain number where it is exact, a LosslessNumber (its text) where not. */
-function exactNumber (text: string): number | LosslessNumber {
-  return isSafeNumber(text) ? Number(text) : new LosslessNumber(text)
-}
-
-/**
- * A parsed body with its numbers kept as written where JSON.parse would round them (a schema's large integer
- * enum, say), or `parsed` itself. lossless-json refuses a key given twice, which JSON.parse takes (the last wins,
- * as it did): that body keeps JSON.parse's reading.
- */
-function exactBody (text: string, parsed: unknown): unknown {
-  if (!MAYBE_INEXACT_NUMBER.test(text)) return parsed
-  try {
-    const exact = parseLossless(text, null, exactNumber)
-    if (typeof exact === 'object' && exact !== null) exactBodies.add(exact)
-    return exact
-  } catch {
-    return parsed
-  }
-}
-
-/** Bodies read by lossless-json: only these need its (slower) writer. */
-const exactBodies = new WeakSet<object>()
-
-/**
  * A body changed from a client's (`from`, as parsed) as JSON for the upstream, with any number JSON.parse would
- * have rounded written back as the client sent it.
+ * have rounded written back as the client sent it (http/json.ts).
  */
 export function serializeBody (value: unknown, from: unknown): Buffer {
-  const exact = typeof from === 'object' && from !== null && exactBodies.has(from)
-  return Buffer.from(exact ? stringifyLossless(value) ?? 'null' : JSON.stringify(value))
+  return Buffer.from(stringifyExact(value, from))
 }
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
@@ -188,7 +156,7 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       // fatal: bytes that are not UTF-8 are refused, not silently replaced and then forwarded as they were;
       // ignoreBOM: a BOM stays in the text, where JSON.parse refuses it, as the upstream would.
       const text = UTF8.decode(buf)
-      request.parsedBody = exactBody(text, JSON.parse(text))
+      request.parsedBody = exactJson(text, JSON.parse(text))
     } catch {
       done(new InvalidJsonError(), undefined)
       return

@@ -15,6 +15,7 @@ import fp from 'fastify-plugin'
 import { UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
+import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
@@ -267,7 +268,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     let parsed: unknown
     let rewritten: unknown
     try {
-      parsed = JSON.parse(raw.toString('utf8'))
+      parsed = parseExact(raw.toString('utf8'))
       rewritten = rewrite(hasEscapes(raw) ? scrub.json(parsed) : parsed)
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
@@ -275,8 +276,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(new UpstreamUnavailableError())
       return
     }
-    // Nothing to take out: the upstream's bytes, as they came.
-    const body = rewritten === parsed ? raw : JSON.stringify(rewritten)
+    // Nothing to take out: the upstream's bytes, as they came. Otherwise its numbers as they came (http/json.ts).
+    const body = rewritten === parsed ? raw : stringifyExact(rewritten, parsed)
     reply.removeHeader('content-encoding')
     reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
   }

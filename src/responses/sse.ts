@@ -1,9 +1,11 @@
 // Server-Sent Events passed through one event at a time: each event goes out as soon as its blank line has
 // arrived (nothing is buffered whole). The event's data (its `data:` lines joined with newlines, as the SSE spec
 // has a client do) is handed to `rewrite` when it is JSON; `rewrite` may return another object (the gateway takes
-// its owner key out) or the same one, and then the event's bytes pass as they came. Lines end with LF, CRLF or CR
-// (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other fields pass untouched.
+// its owner key out) or the same one, and then the event's bytes pass as they came (a rewritten one keeps its
+// numbers as they came: http/json.ts). Lines end with LF, CRLF or CR (all three are SSE). An event whose data is
+// not JSON (`data: [DONE]`), comments and other fields pass untouched.
 import { Transform, type TransformCallback } from 'node:stream'
+import { parseExact, stringifyExact } from '../http/json.js'
 
 export type EventRewrite = (data: unknown) => unknown
 
@@ -78,7 +80,7 @@ export class SseRewriter extends Transform {
     if (!joined.trimStart().startsWith('{')) return raw
     let parsed: unknown
     try {
-      parsed = JSON.parse(joined)
+      parsed = parseExact(joined)
     } catch {
       return raw
     }
@@ -89,7 +91,7 @@ export class SseRewriter extends Transform {
     for (const text of texts) {
       if (!text.startsWith('data:')) out.push(`${text}\n`)
       else if (!wrote) {
-        out.push(`data: ${JSON.stringify(rewritten)}\n`)
+        out.push(`data: ${stringifyExact(rewritten, parsed)}\n`)
         wrote = true
       }
     }

@@ -1,0 +1,51 @@
+// JSON the gateway reads and writes again (a body it adds the owner to, an answer or event it takes the owner out
+// of) keeps its numbers as they were written. JSON.parse rounds what a double cannot hold (an integer past 2^53, 17
+// or more significant digits, an exponent out of range), and JSON.stringify writes the rounded number: a tool
+// schema's large integer enum, say, would change on its way through. Only text that may hold such a number is read
+// again with lossless-json (its reader and writer are slower), and only an object read so is written with it.
+import { isSafeNumber, LosslessNumber, parse as parseLossless, stringify as stringifyLossless } from 'lossless-json'
+
+/**
+ * Text that may hold a number JSON.parse would change: 16 digits in a row, or a 3-digit exponent, where a number
+ * starts (after a colon, comma or bracket). A quick test of the text; a match inside a string only costs a second
+ * reading. Ids in hex ("msg_68e1234...") do not match, so answers full of them are read once.
+ */
+const MAYBE_INEXACT_NUMBER = /[:,[]\s*-?(?:\d*\.?\d{16}|\d+(?:\.\d+)?[eE][+-]?\d{3})/
+
+/** lossless-json's number reader: a plain number where it is exact, a LosslessNumber (its text) where not. */
+function exactNumber (text: string): number | LosslessNumber {
+  return isSafeNumber(text) ? Number(text) : new LosslessNumber(text)
+}
+
+/** Values read by lossless-json: only these need its writer. */
+const exactValues = new WeakSet<object>()
+
+/**
+ * `text` (already read by JSON.parse as `parsed`) with its numbers kept as written where JSON.parse rounds them,
+ * or `parsed` itself. lossless-json refuses a key given twice, which JSON.parse takes (the last wins): such a
+ * text keeps JSON.parse's reading.
+ */
+export function exactJson (text: string, parsed: unknown): unknown {
+  if (!MAYBE_INEXACT_NUMBER.test(text)) return parsed
+  try {
+    const exact = parseLossless(text, null, exactNumber)
+    if (typeof exact === 'object' && exact !== null) exactValues.add(exact)
+    return exact
+  } catch {
+    return parsed
+  }
+}
+
+/** JSON.parse of `text`, with exactJson's numbers. Throws as JSON.parse does. */
+export function parseExact (text: string): unknown {
+  return exactJson(text, JSON.parse(text))
+}
+
+/**
+ * `value`, changed from `from` (as exactJson or parseExact read it), as JSON text, with any number JSON.parse
+ * would have rounded written back as it came.
+ */
+export function stringifyExact (value: unknown, from: unknown): string {
+  const exact = typeof from === 'object' && from !== null && exactValues.has(from)
+  return exact ? stringifyLossless(value) ?? 'null' : JSON.stringify(value)
+}
