@@ -33,9 +33,9 @@ export default fp(async function router (app) {
   }
 
   function route (request: FastifyRequest, reply: FastifyReply): void {
-    // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade', and stops parsing
-    // the connection there: a request pipelined behind it would never be read. Whatever the answer, the
-    // connection closes after it.
+    // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'. Node 20 and 24 go
+    // on reading the connection after it (a request pipelined behind one is served), but a connection that asked to
+    // switch protocols is not one to keep: whatever the answer, it closes after it (the README says so).
     if (request.headers.upgrade !== undefined) reply.header('connection', 'close')
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
