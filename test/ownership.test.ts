@@ -320,6 +320,18 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     t.same(carried.map(r => r.url), [], `${label}: nothing was created upstream on B's behalf`)
   }
 
+  // A key given twice: the gateway reads the last one (a message), as JSON.parse does; an upstream parser that
+  // keeps the first would read a reference to A's item. What goes upstream is what the gateway read.
+  const twice = `{"items":[{"type":"item_reference","id":"${itemA}","type":"message","role":"user","content":"hi"}]}`
+  const sentBefore = upstream.requests.length
+  const res = await fetch(`${gw.url}/v1/conversations/${conversationB}/items`, {
+    method: 'POST', body: twice, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }
+  })
+  t.equal(res.status, 200, 'a body with a key given twice: the message the gateway read is added')
+  const carried = upstream.requests.slice(sentBefore).find(r => r.method === 'POST')!.body.toString()
+  t.notMatch(carried, /item_reference/, 'the upstream is not sent the reference the gateway did not read')
+  t.same(JSON.parse(carried), JSON.parse(twice), 'it gets the body as the gateway read it')
+
   // A names its own item in its own conversation: checked, and served.
   const before = upstream.requests.length
   const own = await post(KEYS.full, `/v1/conversations/${conversationA}/items`, { items: [{ type: 'item_reference', id: itemA }] })

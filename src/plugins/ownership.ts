@@ -309,6 +309,13 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
     const id = op.conversationId!
     if (op.action === 'conversation.update') refuseMetadata(metadataProblem(request.parsedBody))
+    // The upstream reads what was checked: new items go up as the gateway read them, not as the client's bytes,
+    // where a key given twice (`"type":"item_reference", ... "type":"message"`) reads as its first value to a
+    // parser that keeps the first, and would name an item the gateway never saw. (Creates and updates are written
+    // anew already.)
+    if (op.action === 'item.create' && request.parsedBody !== undefined && !client.scopes.includes('admin')) {
+      request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
+    }
     const authorized = authorize('conversation', 'conversation', id, client, request, reply)
     if (op.action === 'item.create' && hasReferences(body?.items, client)) {
       return (async () => {
