@@ -17,6 +17,11 @@ export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
 /** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
 const SECRET_PATTERN = '^[\\x21-\\x7e]+$'
+/**
+ * An upstream line: http(s)://host[:port][/path]. No user:password@: the lines are called with their origin only
+ * (the token is upstream.apiKey), so credentials there would never be sent, only logged with the line's URL.
+ */
+const BASE_URL_PATTERN = '^https?://[^\\s/?#@]+(/[^\\s?#]*)?$'
 
 // admin: act on every conversation, whoever created it (ownership only; the operation's own scope is still needed).
 const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')])
@@ -73,7 +78,7 @@ export const ConfigSchema = Type.Object({
       { default: 'info' })
   }, { additionalProperties: false, default: {} }),
   upstream: Type.Object({
-    baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
+    baseUrls: Type.Array(Type.String({ pattern: BASE_URL_PATTERN }), { minItems: 1 }),
     /** the OhMyGPT token, from the environment (`${OHMYGPT_API_KEY}`); or: */
     apiKey: Type.Optional(Type.String({ minLength: 1, pattern: SECRET_PATTERN })),
     /** a file holding the token (a mounted secret), read at start and on every reload: rotation without restart */
@@ -213,6 +218,9 @@ function describe (e: ErrorObject): string {
         return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`
       }
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
+      if (e.params.pattern === BASE_URL_PATTERN) {
+        return `${at}: must be http(s)://host[:port][/path], without user:password@ (credentials there are never sent)`
+      }
       if (e.params.pattern === METRICS_LISTEN_PATTERN) return `${at}: must be host:port with a port from 0 to 65535 (127.0.0.1:9464)`
       return `${at}: must match ${String(e.params.pattern)}`
     default:

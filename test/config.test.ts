@@ -146,6 +146,16 @@ t.test('a YAML error names what and where, never the lines around it (which may 
   t.notMatch(warnings.join('\n'), secret, 'no warning quoting it either')
 })
 
+t.test('an upstream base URL with user:password@ is refused: never sent, it would only reach the log', async t => {
+  const upstream = (url: string) => ({ baseUrls: ['https://cn2us02.opapi.win', url], apiKey: 'k' })
+  for (const url of ['https://ops:hunter2-SECRET@line.example', 'https://hunter2-SECRET@line.example/v1', 'http://a:b@127.0.0.1:8080']) {
+    const found = problems(() => parseConfig({ upstream: upstream(url) }))
+    t.match(found, [/^upstream\.baseUrls\[1\]: .*user:password@/], `${url.replace(/\/\/.*@/, '//…@')}: refused, the line named`)
+    t.notMatch(found.join('\n'), 'hunter2-SECRET', 'without echoing the credentials')
+  }
+  t.same(problems(() => parseConfig({ upstream: upstream('https://line.example:8443/api/v1') })), [], 'a port and a path prefix are fine')
+})
+
 t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {
   const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
   const store = (s: Record<string, unknown>) => parseConfig({ upstream, store: s }).store
