@@ -108,7 +108,7 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     // closed without a word, and each call on it is audited as what it was, aborted.
     // Bytes refused while the body of a call already answered is thrown away are that call's: it has its answer.
     const answerable = inFlight === null
-      ? !discarding.has(socket)
+      ? discarding.get(socket)?.complete !== false
       : !inFlight.req.complete && !hasWaitingBehind(inFlight, socket)
     if (socket.writable && answerable && !inFlight?.headersSent) {
       const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
@@ -133,8 +133,9 @@ const DISCARD_BODY_MS = 5_000
 /** At the end of a shutdown's grace: how long the upstream waits for the client connections to close first. */
 const ABORT_CLOSE_WAIT_MS = 1_000
 const DISCARD_BODY_BYTES = 64 * 1024 * 1024
-/** Connections whose call has its answer and whose body is being thrown away (discardTheRestOfTheBody). */
-const discarding = new WeakSet<Socket>()
+/** Per connection, the last call answered before its body was read (discardTheRestOfTheBody): until that body is
+ * whole, what arrives on the connection is still that call's. */
+const discarding = new WeakMap<Socket, IncomingMessage>()
 
 export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
   const app = Fastify({
@@ -309,7 +310,7 @@ function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, 
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket
-    if (socket !== null) discarding.add(socket)
+    if (socket !== null) discarding.set(socket, raw)
     const cutOff = () => { socket?.destroy() }
     const timer = setTimeout(cutOff, withinMs).unref()
     let discarded = 0
@@ -321,7 +322,6 @@ function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, 
     raw.once('end', () => {
       clearTimeout(timer)
       raw.off('data', count)
-      if (socket !== null) discarding.delete(socket)
     })
     raw.once('close', () => { clearTimeout(timer) })
   })
