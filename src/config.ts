@@ -1,6 +1,7 @@
 // Loads the gateway's YAML config: parse, fill ${VAR} / ${VAR:-default} from the environment, validate against
 // one schema (which is also where the TypeScript type and the defaults come from), check what a schema cannot
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
+import { X509Certificate } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import proxyAddr from '@fastify/proxy-addr'
@@ -397,6 +398,30 @@ function unreadable (file: string | undefined, path: string): string[] {
   }
 }
 
+const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----/g
+
+function readable (pem: string): boolean {
+  try {
+    return new X509Certificate(pem).raw.length > 0
+  } catch {
+    return false
+  }
+}
+
+/**
+ * upstream.caFile must hold PEM certificates, each readable: TLS passes over anything else in silence, and with
+ * no CA it trusts, every call to the upstream would fail to verify (a 502 each) from a config that looked fine.
+ */
+function caFileProblems (file: string | undefined): string[] {
+  if (file === undefined) return []
+  const unread = unreadable(file, 'upstream.caFile')
+  if (unread.length > 0) return unread
+  const certificates = readFileSync(file, 'latin1').match(PEM_CERTIFICATE) ?? []
+  if (certificates.length === 0) return [`upstream.caFile: ${file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`]
+  const bad = certificates.findIndex(pem => !readable(pem))
+  return bad === -1 ? [] : [`upstream.caFile: certificate ${bad + 1} in ${file} cannot be read`]
+}
+
 const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
 
 /** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
@@ -453,7 +478,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   } else {
     problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients))
     problems.push(...upstreamKey(candidate.upstream))
-    problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
+    problems.push(...caFileProblems(candidate.upstream.caFile))
     if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
       problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')
     }
