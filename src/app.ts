@@ -106,7 +106,10 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     // are answered only when that call is the connection's one call now: an answer written ahead of another
     // call's would be taken by the client for that call's (HTTP answers in order). Otherwise the connection is
     // closed without a word, and each call on it is audited as what it was, aborted.
-    const answerable = inFlight === null || (!inFlight.req.complete && !hasWaitingBehind(inFlight, socket))
+    // Bytes refused while the body of a call already answered is thrown away are that call's: it has its answer.
+    const answerable = inFlight === null
+      ? discarding.get(socket)?.complete !== false
+      : !inFlight.req.complete && !hasWaitingBehind(inFlight, socket)
     if (socket.writable && answerable && !inFlight?.headersSent) {
       const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? new RequestTimeoutError()
@@ -130,6 +133,9 @@ const DISCARD_BODY_MS = 5_000
 /** At the end of a shutdown's grace: how long the upstream waits for the client connections to close first. */
 const ABORT_CLOSE_WAIT_MS = 1_000
 const DISCARD_BODY_BYTES = 64 * 1024 * 1024
+/** Per connection, the last call answered before its body was read (discardTheRestOfTheBody): until that body is
+ * whole, what arrives on the connection is still that call's. */
+const discarding = new WeakMap<Socket, IncomingMessage>()
 
 export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
   const app = Fastify({
@@ -303,7 +309,9 @@ function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, 
   const raw = request.raw
   reply.raw.once('finish', () => {
     if (raw.complete) return
-    const cutOff = () => { raw.socket?.destroy() }
+    const socket = raw.socket
+    if (socket !== null) discarding.set(socket, raw)
+    const cutOff = () => { socket?.destroy() }
     const timer = setTimeout(cutOff, withinMs).unref()
     let discarded = 0
     const count = (chunk: Buffer) => {

@@ -1,6 +1,7 @@
 // Loads the gateway's YAML config: parse, fill ${VAR} / ${VAR:-default} from the environment, validate against
 // one schema (which is also where the TypeScript type and the defaults come from), check what a schema cannot
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
+import { X509Certificate } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import proxyAddr from '@fastify/proxy-addr'
@@ -17,6 +18,11 @@ export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
 /** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
 const SECRET_PATTERN = '^[\\x21-\\x7e]+$'
+/**
+ * An upstream line: http(s)://host[:port][/path]. No user:password@: the lines are called with their origin only
+ * (the token is upstream.apiKey), so credentials there would never be sent, only logged with the line's URL.
+ */
+const BASE_URL_PATTERN = '^https?://[^\\s/?#@]+(/[^\\s?#]*)?$'
 
 // admin: act on every conversation, whoever created it (ownership only; the operation's own scope is still needed).
 const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')])
@@ -73,7 +79,7 @@ export const ConfigSchema = Type.Object({
       { default: 'info' })
   }, { additionalProperties: false, default: {} }),
   upstream: Type.Object({
-    baseUrls: Type.Array(Type.String({ pattern: '^https?://[^\\s/?#]+(/[^\\s?#]*)?$' }), { minItems: 1 }),
+    baseUrls: Type.Array(Type.String({ pattern: BASE_URL_PATTERN }), { minItems: 1 }),
     /** the OhMyGPT token, from the environment (`${OHMYGPT_API_KEY}`); or: */
     apiKey: Type.Optional(Type.String({ minLength: 1, pattern: SECRET_PATTERN })),
     /** a file holding the token (a mounted secret), read at start and on every reload: rotation without restart */
@@ -213,6 +219,9 @@ function describe (e: ErrorObject): string {
         return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`
       }
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
+      if (e.params.pattern === BASE_URL_PATTERN) {
+        return `${at}: must be http(s)://host[:port][/path], without user:password@ (credentials there are never sent)`
+      }
       if (e.params.pattern === METRICS_LISTEN_PATTERN) return `${at}: must be host:port with a port from 0 to 65535 (127.0.0.1:9464)`
       return `${at}: must match ${String(e.params.pattern)}`
     default:
@@ -389,6 +398,30 @@ function unreadable (file: string | undefined, path: string): string[] {
   }
 }
 
+const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----/g
+
+function readable (pem: string): boolean {
+  try {
+    return new X509Certificate(pem).raw.length > 0
+  } catch {
+    return false
+  }
+}
+
+/**
+ * upstream.caFile must hold PEM certificates, each readable: TLS passes over anything else in silence, and with
+ * no CA it trusts, every call to the upstream would fail to verify (a 502 each) from a config that looked fine.
+ */
+function caFileProblems (file: string | undefined): string[] {
+  if (file === undefined) return []
+  const unread = unreadable(file, 'upstream.caFile')
+  if (unread.length > 0) return unread
+  const certificates = readFileSync(file, 'latin1').match(PEM_CERTIFICATE) ?? []
+  if (certificates.length === 0) return [`upstream.caFile: ${file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`]
+  const bad = certificates.findIndex(pem => !readable(pem))
+  return bad === -1 ? [] : [`upstream.caFile: certificate ${bad + 1} in ${file} cannot be read`]
+}
+
 const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
 
 /** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
@@ -445,7 +478,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   } else {
     problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients))
     problems.push(...upstreamKey(candidate.upstream))
-    problems.push(...unreadable(candidate.upstream.caFile, 'upstream.caFile'))
+    problems.push(...caFileProblems(candidate.upstream.caFile))
     if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
       problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')
     }

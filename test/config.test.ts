@@ -1,4 +1,4 @@
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
@@ -144,6 +144,30 @@ t.test('a YAML error names what and where, never the lines around it (which may 
   }
   await new Promise(resolve => setImmediate(resolve))
   t.notMatch(warnings.join('\n'), secret, 'no warning quoting it either')
+})
+
+t.test('an upstream.caFile that holds no certificate is refused: TLS would ignore it and every call fail', async t => {
+  const ca = readFileSync(join(import.meta.dirname, 'fixtures', 'tls', 'ca.pem'), 'utf8')
+  const dir = mkdtempSync(join(tmpdir(), 'gw-ca-'))
+  const file = (name: string, text: string) => { writeFileSync(join(dir, name), text); return join(dir, name) }
+  const withCa = (caFile: string) => problems(() => parseConfig({ upstream: { baseUrls: ['https://x'], apiKey: 'k', caFile } }))
+  t.match(withCa(file('empty.pem', '')), [/^upstream\.caFile: .* holds no PEM certificate/])
+  t.match(withCa(file('key.pem', '-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n')), [/^upstream\.caFile: .* holds no PEM certificate/],
+    'a key where the CA should be')
+  const cut = ca.replace(/\n[^\n]+\n-----END CERTIFICATE-----/, '\nAAAA\n-----END CERTIFICATE-----')
+  t.match(withCa(file('cut.pem', cut)), [/^upstream\.caFile: certificate 1 in .* cannot be read/], 'a damaged certificate')
+  t.same(withCa(file('ca.pem', ca)), [], 'the CA that signed the test upstream is fine')
+  t.same(withCa(file('two.pem', `# a bundle\n${ca}\n${ca}`)), [], 'so is a bundle of several, with text around them')
+})
+
+t.test('an upstream base URL with user:password@ is refused: never sent, it would only reach the log', async t => {
+  const upstream = (url: string) => ({ baseUrls: ['https://cn2us02.opapi.win', url], apiKey: 'k' })
+  for (const url of ['https://ops:hunter2-SECRET@line.example', 'https://hunter2-SECRET@line.example/v1', 'http://a:b@127.0.0.1:8080']) {
+    const found = problems(() => parseConfig({ upstream: upstream(url) }))
+    t.match(found, [/^upstream\.baseUrls\[1\]: .*user:password@/], `${url.replace(/\/\/.*@/, '//…@')}: refused, the line named`)
+    t.notMatch(found.join('\n'), 'hunter2-SECRET', 'without echoing the credentials')
+  }
+  t.same(problems(() => parseConfig({ upstream: upstream('https://line.example:8443/api/v1') })), [], 'a port and a path prefix are fine')
 })
 
 t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {

@@ -370,6 +370,30 @@ t.test('slow and hostile clients', async t => {
     t.ok(s.closedAt()! - started < 2000, `closed within the discard bound (${s.closedAt()! - started} ms)`)
   })
 
+  await t.test('a call answered early gets that one answer: the rest of its body, malformed, adds none', async t => {
+    const { gw, conv } = await setup(t, 1, {}, { listen })
+    const s = await rawSocket(gw.url)
+    s.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ogw_wrong\r\n` +
+      'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n')
+    await until('the 401', () => s.text().includes('invalid_api_key'), 3000)
+    // The rest of the body, being thrown away, breaks its chunked framing: Node's parser refuses it.
+    s.write('zz\r\nnot a chunk\r\n')
+    await until('the gateway to close the connection', () => s.closedAt() !== null, 3000)
+    t.match(s.text(), /^HTTP\/1\.1 401 /, 'the 401 came')
+    t.equal(s.text().match(/HTTP\/1\.1 \d{3} /g)?.length, 1, 'and no other answer after it, to a call already answered')
+    t.equal((await lastRecord(gw, 1)).status, 401, 'its record says what the client got')
+    t.equal(gw.audit().length, 1, 'one record for the one call')
+
+    // Once that body is whole, malformed bytes are a new request's, and get their own answer.
+    const next = await rawSocket(gw.url)
+    next.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ogw_wrong\r\n` +
+      'Content-Type: application/json\r\nContent-Length: 4\r\n\r\n{}')
+    await until('the 401', () => next.text().includes('invalid_api_key'), 3000)
+    next.write('  GET /v1 HTTP/1.1 junk\r\n\r\n')
+    await until('the gateway to close the connection', () => next.closedAt() !== null, 3000)
+    t.match(next.text().match(/HTTP\/1\.1 \d{3} /g), ['HTTP/1.1 401 ', 'HTTP/1.1 400 '], 'the malformed request after it is answered 400')
+  })
+
   await t.test('a client that stops reading its answer is cut off after listen.sendTimeoutMs', async t => {
     const { lines, gw, conv } = await setup(t, 1, {}, { listen })
     let upstreamDone = false

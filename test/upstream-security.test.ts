@@ -53,6 +53,23 @@ t.test('the same upstream works once upstream.caFile names the CA that signed it
   t.equal(upstream.requests[0]!.headers.authorization, `Bearer ${UPSTREAM_TOKEN}`)
 })
 
+t.test('a line in plain http:// beyond this machine is named at start and on reload: the token would cross the network in clear', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const baseUrls = [upstream.url, 'https://line-b.example', 'http://line-c.example:8080/api', 'http://localhost:9', 'http://[::1]:9']
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, baseUrls } })
+  const cleartext = () => gw.logs.filter(l => l.includes('"level":40') && l.includes('plain HTTP'))
+  t.equal(cleartext().length, 1, 'one warning, for the one line beyond loopback without TLS')
+  t.match(cleartext()[0], /line 2 \(http:\/\/line-c\.example:8080\)/, 'naming the line')
+  t.notMatch(cleartext()[0], UPSTREAM_TOKEN)
+  gw.app.applyConfig({ ...config, upstream: { ...config.upstream, baseUrls: [upstream.url, 'http://line-d.example'] } })
+  t.equal(cleartext().length, 2, 'a reload that brings one in warns again')
+  t.match(cleartext()[1], /line 1 \(http:\/\/line-d\.example\)/)
+  const res = await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })
+  t.equal(res.status, 200, 'a warning, not a refusal: loopback and sidecar upstreams stay usable')
+})
+
 t.test('the upstream gets only the headers it needs, and our token last', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -15,6 +15,7 @@
 // Both the proxy (as reply-from's undici dispatcher) and the ownership lookups call through here.
 import { EventEmitter } from 'node:events'
 import { readFileSync } from 'node:fs'
+import { isIP } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import type { Duplex, Readable } from 'node:stream'
 import { rootCertificates } from 'node:tls'
@@ -78,6 +79,13 @@ export class UpstreamFailure extends Error {
 export function retryHeaders (failure: UpstreamFailure): Record<string, string> | undefined {
   if (failure.retryAfterMs === undefined) return undefined
   return { 'retry-after': retryAfterSeconds(failure.retryAfterMs) }
+}
+
+/** localhost, 127.0.0.0/8 and ::1 (a URL's hostname, IPv6 in brackets): traffic that never leaves the machine. */
+function isLoopback (hostname: string): boolean {
+  const host = hostname.replace(/^\[|\]$/g, '').toLowerCase()
+  if (host === 'localhost' || host.endsWith('.localhost') || host === '::1') return true
+  return isIP(host) === 4 && host.startsWith('127.')
 }
 
 /** Connection failures that happen before any byte of the request is written: safe to send elsewhere. */
@@ -271,6 +279,20 @@ export class Upstream {
   constructor (settings: UpstreamSettings, log: FastifyBaseLogger) {
     this.#log = log
     this.#current = { settings, health: this.#health(settings), pools: newPools(settings) }
+    this.#warnCleartext(settings)
+  }
+
+  /**
+   * Plain http:// is allowed (a fake or sidecar upstream on this machine, a TLS-terminating proxy beside the
+   * gateway), but beyond loopback the token would cross the network in clear: most likely a typo for https.
+   */
+  #warnCleartext (settings: UpstreamSettings): void {
+    settings.baseUrls.forEach((url, line) => {
+      const { protocol, host, hostname } = new URL(url)
+      if (protocol !== 'http:' || isLoopback(hostname)) return
+      this.#log.warn({ line, url: `http://${host}` },
+        `upstream line ${line} (http://${host}) is plain HTTP: the OhMyGPT token is sent unencrypted on every call (use https://)`)
+    })
   }
 
   #health (settings: UpstreamSettings): LineHealth {
@@ -295,6 +317,7 @@ export class Upstream {
       return
     }
     this.#current = { settings, health, pools: newPools(settings) }
+    if (!sameSettings(old.settings, settings, ['baseUrls'])) this.#warnCleartext(settings)
     old.pools.retired = true
     this.#retired.add(old.pools)
     if (old.pools.calls === 0) void this.#closeRetired(old.pools)
