@@ -1,8 +1,8 @@
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import { ConfigError, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
+import { ConfigError, ConfigSchema, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
 
 const DIGEST = 'a'.repeat(64)
 
@@ -192,6 +192,58 @@ t.test('the config file comes from --config, else GATEWAY_CONFIG, else config/ga
   t.equal(resolveConfigPath('a.yaml', { GATEWAY_CONFIG: 'b.yaml' }), 'a.yaml')
   t.equal(resolveConfigPath(undefined, { GATEWAY_CONFIG: 'b.yaml' }), 'b.yaml')
   t.equal(resolveConfigPath(undefined, {}), 'config/gateway.yaml')
+})
+
+interface SchemaNode { type?: string, default?: unknown, minimum?: number, maximum?: number, properties?: Record<string, SchemaNode>, items?: SchemaNode }
+
+/** Every key a config can hold, as the README names it (`clients[].rateLimit.burst`); maps only hold keys. */
+function schemaKeys (node: SchemaNode, path: string, out: Map<string, SchemaNode>): Map<string, SchemaNode> {
+  if (node.properties !== undefined) {
+    for (const [name, child] of Object.entries(node.properties)) schemaKeys(child, path === '' ? name : `${path}.${name}`, out)
+    return out
+  }
+  out.set(path, node)
+  if (node.items?.properties !== undefined) schemaKeys(node.items, `${path}[]`, out)
+  return out
+}
+
+/** The rows of the README's two config tables: key, type and default as written. */
+function readmeConfigRows (): Map<string, Array<{ type: string, default: string }>> {
+  const readme = readFileSync('README.md', 'utf8')
+  const section = (from: string, to: string) => readme.slice(readme.indexOf(from), readme.indexOf(to, readme.indexOf(from)))
+  const rows = new Map<string, Array<{ type: string, default: string }>>()
+  for (const text of [section('## Configuration reference', '\n## '), section('### Config keys for operations', '\n## ')]) {
+    for (const m of text.matchAll(/^\| `([A-Za-z0-9.[\]]+)` \| ([^|]+) \| ([^|]+) \|/gm)) {
+      const key = m[1]!.replace(/\[\]$/, '') // `clients[]`: the list itself
+      rows.set(key, [...(rows.get(key) ?? []), { type: m[2]!.trim(), default: m[3]!.trim() }])
+    }
+  }
+  return rows
+}
+
+t.test('the README config reference documents every schema key, with its default and bounds, and no other key', async t => {
+  const keys = schemaKeys(ConfigSchema as SchemaNode, '', new Map())
+  const rows = readmeConfigRows()
+  t.same([...rows.keys()].filter(k => !keys.has(k)), [], 'every documented key exists')
+  for (const [key, node] of keys) {
+    const documented = rows.get(key)
+    if (documented === undefined) {
+      t.fail(`${key} is not in the README's config reference`)
+      continue
+    }
+    for (const row of documented) {
+      // The default column starts with the value in backticks, or says there is none (— required, none).
+      const stated = /^`([^`]*)`/.exec(row.default)?.[1]
+      const actual = node.default === undefined ? undefined : typeof node.default === 'string' ? node.default : JSON.stringify(node.default)
+      t.equal(stated, actual, `${key}: default ${row.default}`)
+      if (node.type === 'integer') {
+        t.match(row.type, /^integer/, `${key} is documented as an integer`)
+        const bounds = node.maximum === undefined ? `≥ ${node.minimum}` : `${node.minimum}–${node.maximum}`
+        t.ok(row.type.includes(bounds), `${key}: ${row.type} states ${bounds}`)
+      }
+      if (node.type === 'boolean') t.equal(row.type, 'boolean', `${key} is documented as a boolean`)
+    }
+  }
 })
 
 t.test('the shipped example config is valid', async t => {
