@@ -51,6 +51,19 @@ t.test('keygen --key-id prints the rotating form: a keys: entry for a new client
   t.match(bad.stderr, /--key-id must match/)
 })
 
+t.test('keygen prints an entry that is valid config for every id it takes, those YAML would read as a number, null or boolean too', async t => {
+  const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
+  for (const id of ['2024', '1e3', 'null', 'true', '.inf', '0x1f']) {
+    for (const args of [['keygen', id], ['keygen', id, '--key-id', 'k1']]) {
+      const r = run(args)
+      t.equal(r.status, 0, args.join(' '))
+      const entry = parse(r.stdout.slice(r.stdout.indexOf('  - id:'))) as unknown[]
+      t.match(entry, [{ id }], `${args.join(' ')}: the id stays the string ${id}`)
+      t.doesNotThrow(() => parseConfig({ ...base, clients: entry }), `${args.join(' ')}: the entry is valid config`)
+    }
+  }
+})
+
 t.test('keygen refuses a missing or invalid client id', async t => {
   for (const args of [['keygen'], ['keygen', 'Team A'], ['keygen', 'a', 'b']]) {
     const r = run(args)

@@ -115,6 +115,16 @@ t.test('an unquoted all-digit digest is refused with a hint instead of being rea
   t.match(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x' })), [/clients\[0\]\.keySha256: .*quote it/])
 })
 
+t.test('an unquoted id that YAML reads as a number, null or boolean is refused with a hint to quote it', async t => {
+  for (const id of ['2024', 'null', 'true']) {
+    const file = yamlFile(minimal.replace('id: team-search', `id: ${id}`))
+    t.same(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x' })),
+      ['clients[0].id: must be a string: quote it in YAML (id: "2024"); unquoted, 2024, 1e3, null or true are not strings'], id)
+  }
+  const keyId = yamlFile(minimal.replace(`keySha256: "${DIGEST}"`, `keys: [{ id: 2025, sha256: "${DIGEST}" }]`))
+  t.match(problems(() => loadConfig(keyId, { OHMYGPT_API_KEY: 'x' })), [/^clients\[0\]\.keys\[0\]\.id: must be a string: quote it/])
+})
+
 t.test('unreadable and unparsable files fail with the file named', async t => {
   t.match(problems(() => loadConfig('/nonexistent/gateway.yaml', {})), [/cannot read the file: ENOENT/])
   t.match(problems(() => loadConfig(yamlFile('upstream: [\n'), {})), [/^YAML: /])
