@@ -262,6 +262,24 @@ t.test('the shipped example config is valid', async t => {
   t.equal(config.clients.length, 1)
 })
 
+t.test('the shipped example config reads the variables the README Docker section lists, each where it says', async t => {
+  const config = loadConfig('config/gateway.yaml', {
+    OHMYGPT_API_KEY: 'sk-x', GATEWAY_HOST: '127.0.0.1', GATEWAY_PORT: '9000', LOG_LEVEL: 'warn', STORE_URL: 'redis://r:6379/0', AUDIT_FILE: '-'
+  })
+  t.match(config, {
+    upstream: { apiKey: 'sk-x' }, listen: { host: '127.0.0.1', port: 9000 }, log: { level: 'warn' }, store: { url: 'redis://r:6379/0' }, audit: { file: '-' }
+  })
+  const readme = readFileSync('README.md', 'utf8')
+  const from = readme.indexOf('The built-in config reads')
+  const listed = from === -1 ? '' : readme.slice(from, readme.indexOf('the gateway itself reads', from))
+  for (const name of ['OHMYGPT_API_KEY', 'GATEWAY_HOST', 'GATEWAY_PORT', 'LOG_LEVEL', 'STORE_URL', 'AUDIT_FILE']) {
+    t.ok(listed.includes(`\`${name}\``), `the README lists ${name}`)
+  }
+  const used = [...readFileSync('config/gateway.yaml', 'utf8').matchAll(/^[^#\n]*\$\{([A-Z_]+)/gm)].map(m => m[1])
+  t.same([...new Set(used)].sort(), ['AUDIT_FILE', 'GATEWAY_HOST', 'GATEWAY_PORT', 'LOG_LEVEL', 'OHMYGPT_API_KEY', 'STORE_URL'],
+    'and the config reads no other (outside comments)')
+})
+
 t.test('a secret with whitespace or control characters is refused with a message that says so, without echoing it', async t => {
   for (const value of ['sk-live-123\n', 'sk live', 'sk-\t1', ' sk-1']) {
     const found = problems(() => loadConfig(yamlFile(minimal), { OHMYGPT_API_KEY: value }))
