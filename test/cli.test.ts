@@ -104,6 +104,17 @@ t.test('start exits 1 on a bad config, before listening', async t => {
   t.match(r.stderr, /upstream\.apiKey: is required/)
 })
 
+t.test('--help after any command prints the usage and exits 0, without running the command', async t => {
+  for (const args of [['start', '--help'], ['keygen', '-h'], ['check-config', '--help'], ['demo', '--help'], ['audit', 'verify', '--help']]) {
+    const r = run(args)
+    t.equal(r.status, 0, args.join(' '))
+    t.match(r.stdout, /^usage: ohmygpt-gateway <command>/, `${args.join(' ')}: the usage`)
+    t.match(r.stdout, /keygen <client-id>/)
+    t.equal(r.stderr, '', `${args.join(' ')}: no error`)
+  }
+  t.match(run(['audit', 'query', '--help']).stdout, /^usage: ohmygpt-gateway audit query /, 'audit query keeps its own, with every filter')
+})
+
 t.test('an unknown command exits 1 with the usage', async t => {
   const r = run(['launch'])
   t.equal(r.status, 1)
