@@ -51,7 +51,10 @@ const COMMANDS: Record<string, (args: string[]) => unknown> = {
 async function main (argv: string[]): Promise<void> {
   const [name, ...args] = argv
   const command = name === undefined ? undefined : COMMANDS[name]
-  if (name === '--help' || name === '-h' || name === 'help') {
+  // `start --help` as well as `--help`: never an "Unknown option" for asking. audit query has a usage of its own.
+  const asksHelp = (a: string) => a === '--help' || a === '-h'
+  if (name === 'help' || (name !== undefined && asksHelp(name)) ||
+    (command !== undefined && args.some(asksHelp) && !(name === 'audit' && args[0] === 'query'))) {
     console.log(USAGE)
     return
   }

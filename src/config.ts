@@ -209,6 +209,9 @@ function describe (e: ErrorObject): string {
   if (at.endsWith('.keySha256') && (e.keyword === 'pattern' || e.keyword === 'type')) {
     return `${at}: must be 64 lowercase hex characters (quote it in YAML)`
   }
+  if (/^clients\[\d+\](\.keys\[\d+\])?\.id$/.test(at) && e.keyword === 'type') {
+    return `${at}: must be a string: quote it in YAML (id: "2024"); unquoted, 2024, 1e3, null or true are not strings`
+  }
   switch (e.keyword) {
     case 'additionalProperties':
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`

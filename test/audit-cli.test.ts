@@ -240,6 +240,9 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
   for (const [args, message] of [
     [['--status', '42'], /--status: "42" is not a status/],
     [['--action', 'item.erase'], /--action: "item.erase" is not one of: conversation.create, /],
+    // A mistyped outcome would find nothing and exit 0: "no denied calls" when there were some.
+    [['--outcome', 'deny'], /--outcome: "deny" is not one of: ok, upstream_rate_limited, upstream_error, denied, /],
+    [['--outcome', 'Denied'], /--outcome: "Denied" is not one of: /],
     [['--since', 'yesterday'], /--since: "yesterday" is not a time/],
     [['--limit', 'many'], /--limit: give a whole number/],
     [['--limit=-1'], /--limit: give a whole number/],
@@ -247,6 +250,9 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
     [['--colour', 'blue'], /Unknown option '--colour'/]
   ] as Array<[string[], RegExp]>) {
     t.throws(() => parseQueryArgs(args, Date.now()), { message }, args.join(' '))
+  }
+  for (const outcome of ['ok', 'upstream_rate_limited', 'upstream_error', 'denied', 'rate_limited', 'invalid', 'unavailable', 'aborted', 'error']) {
+    t.doesNotThrow(() => parseQueryArgs(['--outcome', outcome], Date.now()), `--outcome ${outcome}, a word of the README's record table`)
   }
   const bad = run(['audit', 'query', '--status', 'teapot'])
   t.equal(bad.status, 1)

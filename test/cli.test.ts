@@ -51,6 +51,19 @@ t.test('keygen --key-id prints the rotating form: a keys: entry for a new client
   t.match(bad.stderr, /--key-id must match/)
 })
 
+t.test('keygen prints an entry that is valid config for every id it takes, those YAML would read as a number, null or boolean too', async t => {
+  const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
+  for (const id of ['2024', 'null', 'true']) {
+    for (const args of [['keygen', id], ['keygen', id, '--key-id', 'k1']]) {
+      const r = run(args)
+      t.equal(r.status, 0, args.join(' '))
+      const entry = parse(r.stdout.slice(r.stdout.indexOf('  - id:'))) as unknown[]
+      t.match(entry, [{ id }], `${args.join(' ')}: the id stays the string ${id}`)
+      t.doesNotThrow(() => parseConfig({ ...base, clients: entry }), `${args.join(' ')}: the entry is valid config`)
+    }
+  }
+})
+
 t.test('keygen refuses a missing or invalid client id', async t => {
   for (const args of [['keygen'], ['keygen', 'Team A'], ['keygen', 'a', 'b']]) {
     const r = run(args)
@@ -89,6 +102,17 @@ t.test('start exits 1 on a bad config, before listening', async t => {
   t.equal(r.status, 1)
   t.match(r.stderr, /upstream\.baseUrls/)
   t.match(r.stderr, /upstream\.apiKey: is required/)
+})
+
+t.test('--help after any command prints the usage and exits 0, without running the command', async t => {
+  for (const args of [['start', '--help'], ['keygen', '-h'], ['check-config', '--help'], ['demo', '--help'], ['audit', 'verify', '--help']]) {
+    const r = run(args)
+    t.equal(r.status, 0, args.join(' '))
+    t.match(r.stdout, /^usage: ohmygpt-gateway <command>/, `${args.join(' ')}: the usage`)
+    t.match(r.stdout, /keygen <client-id>/)
+    t.equal(r.stderr, '', `${args.join(' ')}: no error`)
+  }
+  t.match(run(['audit', 'query', '--help']).stdout, /^usage: ohmygpt-gateway audit query /, 'audit query keeps its own, with every filter')
 })
 
 t.test('an unknown command exits 1 with the usage', async t => {

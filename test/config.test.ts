@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import { ConfigError, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
+import { ConfigError, ConfigSchema, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
 
 const DIGEST = 'a'.repeat(64)
 
@@ -115,6 +115,16 @@ t.test('an unquoted all-digit digest is refused with a hint instead of being rea
   t.match(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x' })), [/clients\[0\]\.keySha256: .*quote it/])
 })
 
+t.test('an unquoted id that YAML reads as a number, null or boolean is refused with a hint to quote it', async t => {
+  for (const id of ['2024', 'null', 'true']) {
+    const file = yamlFile(minimal.replace('id: team-search', `id: ${id}`))
+    t.same(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x' })),
+      ['clients[0].id: must be a string: quote it in YAML (id: "2024"); unquoted, 2024, 1e3, null or true are not strings'], id)
+  }
+  const keyId = yamlFile(minimal.replace(`keySha256: "${DIGEST}"`, `keys: [{ id: 2025, sha256: "${DIGEST}" }]`))
+  t.match(problems(() => loadConfig(keyId, { OHMYGPT_API_KEY: 'x' })), [/^clients\[0\]\.keys\[0\]\.id: must be a string: quote it/])
+})
+
 t.test('unreadable and unparsable files fail with the file named', async t => {
   t.match(problems(() => loadConfig('/nonexistent/gateway.yaml', {})), [/cannot read the file: ENOENT/])
   t.match(problems(() => loadConfig(yamlFile('upstream: [\n'), {})), [/^YAML: /])
@@ -218,10 +228,80 @@ t.test('the config file comes from --config, else GATEWAY_CONFIG, else config/ga
   t.equal(resolveConfigPath(undefined, {}), 'config/gateway.yaml')
 })
 
+interface SchemaNode { type?: string, default?: unknown, minimum?: number, maximum?: number, properties?: Record<string, SchemaNode>, items?: SchemaNode }
+
+/** Every key a config can hold, as the README names it (`clients[].rateLimit.burst`); maps only hold keys. */
+function schemaKeys (node: SchemaNode, path: string, out: Map<string, SchemaNode>): Map<string, SchemaNode> {
+  if (node.properties !== undefined) {
+    for (const [name, child] of Object.entries(node.properties)) schemaKeys(child, path === '' ? name : `${path}.${name}`, out)
+    return out
+  }
+  out.set(path, node)
+  if (node.items?.properties !== undefined) schemaKeys(node.items, `${path}[]`, out)
+  return out
+}
+
+/** The rows of the README's two config tables: key, type and default as written. */
+function readmeConfigRows (): Map<string, Array<{ type: string, default: string }>> {
+  const readme = readFileSync('README.md', 'utf8')
+  const section = (from: string, to: string) => readme.slice(readme.indexOf(from), readme.indexOf(to, readme.indexOf(from)))
+  const rows = new Map<string, Array<{ type: string, default: string }>>()
+  for (const text of [section('## Configuration reference', '\n## '), section('### Config keys for operations', '\n## ')]) {
+    for (const m of text.matchAll(/^\| `([A-Za-z0-9.[\]]+)` \| ([^|]+) \| ([^|]+) \|/gm)) {
+      const key = m[1]!.replace(/\[\]$/, '') // `clients[]`: the list itself
+      rows.set(key, [...(rows.get(key) ?? []), { type: m[2]!.trim(), default: m[3]!.trim() }])
+    }
+  }
+  return rows
+}
+
+t.test('the README config reference documents every schema key, with its default and bounds, and no other key', async t => {
+  const keys = schemaKeys(ConfigSchema as SchemaNode, '', new Map())
+  const rows = readmeConfigRows()
+  t.same([...rows.keys()].filter(k => !keys.has(k)), [], 'every documented key exists')
+  for (const [key, node] of keys) {
+    const documented = rows.get(key)
+    if (documented === undefined) {
+      t.fail(`${key} is not in the README's config reference`)
+      continue
+    }
+    for (const row of documented) {
+      // The default column starts with the value in backticks, or says there is none (— required, none).
+      const stated = /^`([^`]*)`/.exec(row.default)?.[1]
+      const actual = node.default === undefined ? undefined : typeof node.default === 'string' ? node.default : JSON.stringify(node.default)
+      t.equal(stated, actual, `${key}: default ${row.default}`)
+      if (node.type === 'integer') {
+        t.match(row.type, /^integer/, `${key} is documented as an integer`)
+        const bounds = node.maximum === undefined ? `≥ ${node.minimum}` : `${node.minimum}–${node.maximum}`
+        t.ok(row.type.includes(bounds), `${key}: ${row.type} states ${bounds}`)
+      }
+      if (node.type === 'boolean') t.equal(row.type, 'boolean', `${key} is documented as a boolean`)
+    }
+  }
+})
+
 t.test('the shipped example config is valid', async t => {
   const config = loadConfig('config/gateway.yaml', { OHMYGPT_API_KEY: 'x' })
   t.equal(config.listen.port, 8080)
   t.equal(config.clients.length, 1)
+})
+
+t.test('the shipped example config reads the variables the README Docker section lists, each where it says', async t => {
+  const config = loadConfig('config/gateway.yaml', {
+    OHMYGPT_API_KEY: 'sk-x', GATEWAY_HOST: '127.0.0.1', GATEWAY_PORT: '9000', LOG_LEVEL: 'warn', STORE_URL: 'redis://r:6379/0', AUDIT_FILE: '-'
+  })
+  t.match(config, {
+    upstream: { apiKey: 'sk-x' }, listen: { host: '127.0.0.1', port: 9000 }, log: { level: 'warn' }, store: { url: 'redis://r:6379/0' }, audit: { file: '-' }
+  })
+  const readme = readFileSync('README.md', 'utf8')
+  const from = readme.indexOf('The built-in config reads')
+  const listed = from === -1 ? '' : readme.slice(from, readme.indexOf('the gateway itself reads', from))
+  for (const name of ['OHMYGPT_API_KEY', 'GATEWAY_HOST', 'GATEWAY_PORT', 'LOG_LEVEL', 'STORE_URL', 'AUDIT_FILE']) {
+    t.ok(listed.includes(`\`${name}\``), `the README lists ${name}`)
+  }
+  const used = [...readFileSync('config/gateway.yaml', 'utf8').matchAll(/^[^#\n]*\$\{([A-Z_]+)/gm)].map(m => m[1])
+  t.same([...new Set(used)].sort(), ['AUDIT_FILE', 'GATEWAY_HOST', 'GATEWAY_PORT', 'LOG_LEVEL', 'OHMYGPT_API_KEY', 'STORE_URL'],
+    'and the config reads no other (outside comments)')
 })
 
 t.test('a secret with whitespace or control characters is refused with a message that says so, without echoing it', async t => {

@@ -9,8 +9,8 @@ import { LIFECYCLE_AUDIT, LIFECYCLE_UPSTREAM_CALLS } from './fixtures/lifecycle.
 import { pythonSdk, runScenario, SCENARIO_TIMEOUT_MS, SETUP_TIMEOUT_MS, VENV, type SdkError, type Step } from './fixtures/python-sdk.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
-// The venv may have to be created first (see test/fixtures/python-sdk.ts); three scenarios follow.
-t.setTimeout(SETUP_TIMEOUT_MS + 4 * SCENARIO_TIMEOUT_MS)
+// The venv may have to be created first (see test/fixtures/python-sdk.ts); four scenarios follow.
+t.setTimeout(SETUP_TIMEOUT_MS + 5 * SCENARIO_TIMEOUT_MS)
 
 const WRONG_KEY = 'ogw_not-a-real-key'
 
@@ -133,6 +133,42 @@ t.test('the Python SDK pages through items with limit and after, and auto-pagina
   ], 'each query reached the upstream as the SDK wrote it; auto-pagination took three pages for five items')
   t.same(gw.audit().map(r => [r.action, r.status, r.outcome]),
     [['conversation.create', 200, 'ok'], ...Array(8).fill(['item.list', 200, 'ok'])])
+})
+
+t.test('the Python SDK reads items with include, and generates a response into its own conversation only', async t => {
+  const { gw, run, seen } = await setup(t)
+  const out = await run('responses')
+  const conv: string = result(out.step('conversations.create')).id
+  const listed = result(out.step('items.list include'))
+  t.match(listed, { hasMore: false, items: [{ text: 'hi' }] })
+  const hi: string = listed.items[0].id
+  t.match(result(out.step('items.retrieve include')), { id: hi, type: 'message' })
+
+  const response = result(out.step('responses.create in conversation'))
+  t.match(response, { object: 'response', status: 'completed', conversation: { id: conv }, output: [{ type: 'message', role: 'assistant' }] })
+  t.notOk(JSON.stringify(response).includes('gateway_owner'), 'the answer carries no owner key')
+  t.same((result(out.step('items.list after the response')) as Array<{ text: string }>).map(i => i.text), ['hi', 'Hello', 'Echo: Hello'],
+    'the input and the answer were added to the conversation')
+
+  const refused = raised(out.step('other team: responses.create in conversation'))
+  t.match(refused, { class: 'openai.NotFoundError', statusCode: 404, code: 'conversation_not_found', param: 'conversation_id' })
+
+  const include = 'include%5B%5D=message.output_text.logprobs'
+  t.same(seen({ ':c': conv, ':hi': hi }), [
+    'POST /v1/conversations',
+    `GET /v1/conversations/:c/items?${include}&limit=1&order=asc`,
+    `GET /v1/conversations/:c/items/:hi?${include}`,
+    'POST /v1/responses',
+    'GET /v1/conversations/:c/items?order=asc'
+  ], 'include reached the upstream as the SDK wrote it; the other team\'s response never went upstream')
+  t.same(gw.audit().map(r => [r.clientId, r.action, r.status, r.outcome, r.conversationId]), [
+    ['team-full', 'conversation.create', 200, 'ok', conv],
+    ['team-full', 'item.list', 200, 'ok', conv],
+    ['team-full', 'item.retrieve', 200, 'ok', conv],
+    ['team-full', 'response.create', 200, 'ok', conv],
+    ['team-full', 'item.list', 200, 'ok', conv],
+    ['team-limited', 'response.create', 404, 'denied', conv]
+  ])
 })
 
 t.test('the Python SDK raises its typed errors for refused calls, which never reach the upstream', async t => {

@@ -6,6 +6,7 @@ import { parseArgs } from 'node:util'
 import type { Writable } from 'node:stream'
 import { lineTime, queryFiles, type AuditFields, type Filter } from '../audit/query.js'
 import { ACTIONS } from '../operations.js'
+import { OUTCOMES } from '../plugins/audit.js'
 import { auditFiles, CONFIG_OPTION, UsageError } from './common.js'
 
 interface Flag {
@@ -79,7 +80,7 @@ export const FLAGS = {
       return { needle: `"status":${code}`, test: r => r.status === code }
     }
   },
-  outcome: { value: 'OUTCOME', help: 'calls with this outcome (ok, denied, rate_limited, invalid, upstream_error, unavailable, ...)', filter: exact('outcome') },
+  outcome: { value: 'OUTCOME', help: `calls with this outcome: ${OUTCOMES.join(', ')}`, filter: exact('outcome', OUTCOMES) },
   since: {
     value: 'TIME',
     help: 'records at or after TIME: ISO 8601 (2025-01-31T12:00:00Z; UTC when it gives no offset) or an age (15m, 24h, 7d)',

@@ -18,12 +18,14 @@ export function keygen (args: string[]): void {
   if (keyId !== undefined && !KEY_ID.test(keyId)) throw new UsageError(`--key-id must match ${KEY_ID.source}`)
   const key = generateKey()
   const digest = keyDigest(key)
+  // Quoted, as the key id below: a client id like 2024, 1e3, null or true would otherwise be read as no string.
+  const quotedId = `"${id}"`
   console.log(`# key for ${id} (shown once; give it to the team, store only the digest below):
 ${key}
 `)
   if (keyId === undefined) {
     console.log(`# add under clients: in the gateway config
-  - id: ${id}
+  - id: ${quotedId}
     keySha256: "${digest}"
     scopes: [read, write, delete]
     rateLimit: { requestsPerMinute: 600, burst: 60 }`)
@@ -38,7 +40,7 @@ ${key}
       - ${entry}
 
 # or, for a new client, add under clients: in the gateway config
-  - id: ${id}
+  - id: ${quotedId}
     keys:
       - ${entry}
     scopes: [read, write, delete]

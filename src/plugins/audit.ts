@@ -14,8 +14,13 @@ import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
 
-/** A gateway-made answer's outcome, or: the upstream answered (`ok`, its own 429, its 5xx), or the client left. */
-export type Outcome = ErrorOutcome | 'ok' | 'upstream_rate_limited' | 'aborted'
+/**
+ * Every outcome a record can have, as the README's record table lists them: a gateway-made answer's (ErrorOutcome),
+ * or the upstream answered (`ok`, its own 429, its 5xx), or the client left. `audit query --outcome` takes only these.
+ * (An ErrorOutcome missing here fails to compile where a refusal's outcome becomes the record's.)
+ */
+export const OUTCOMES = ['ok', 'upstream_rate_limited', 'upstream_error', 'denied', 'rate_limited', 'invalid', 'unavailable', 'aborted', 'error'] as const
+export type Outcome = (typeof OUTCOMES)[number]
 
 /** The status recorded for a call whose client hung up before any status was sent (nginx's convention). */
 export const CLIENT_CLOSED_REQUEST = 499
