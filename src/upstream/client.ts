@@ -66,7 +66,9 @@ export class UpstreamFailure extends Error {
   constructor (
     readonly kind: FailureKind, message: string, readonly attempts: number, readonly line: number | null,
     /** every line was down: when the first gets its trial call again */
-    readonly retryAfterMs?: number
+    readonly retryAfterMs?: number,
+    /** the last attempt's request had a connection: the upstream may have it, and be working on it */
+    readonly sent = false
   ) {
     super(message)
     this.name = 'UpstreamFailure'
@@ -466,9 +468,9 @@ function finalFailure (settings: UpstreamSettings, index: number, attempts: numb
     return new UpstreamFailure('timeout', `${where}: no connection free within ${settings.timeoutMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
   }
   if (end.deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
-    return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index)
+    return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index, undefined, end.sent)
   }
-  return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index)
+  return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index, undefined, end.sent)
 }
 
 type LineState = LineStatus['state']
