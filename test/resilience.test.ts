@@ -100,6 +100,39 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a line that breaks off its answers mid-body counts failures and is skipped; the next line serves', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 30_000 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    first.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.write('{"object":"list","data":[')
+      setTimeout(() => { res.socket?.destroy() }, 20)
+    }
+    for (let i = 0; i < 2; i++) {
+      const res = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+      t.equal(res.status, 200, `read ${i + 1}: the headers had gone out`)
+      await t.rejects(res.text(), `read ${i + 1}: its body is cut`)
+    }
+    await lastRecord(gw, 2)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'after failureThreshold broken answers, line 0 is skipped')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'the log says so')
+    const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(next.status, 200, 'the next read is served whole by line 1')
+    t.equal(first.requests.length, 2)
+    t.equal(second.requests.length, 1)
+  })
+
+  await t.test('a client that hangs up mid-body is no failure of the line', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 30_000 })
+    lines[0]!.respond = faults.trickle(50, 50)
+    const req = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await new Promise<void>(resolve => req.once('response', res => { res.once('data', () => { resolve() }) }))
+    req.destroy()
+    await lastRecord(gw, 1)
+    await sleep(100)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'up', failures: 0 }], 'the line stays up (failureThreshold 1)')
+  })
+
   await t.test('with every line down, 502 upstream_unavailable at once, without trying any', async t => {
     const ports = [await closedPort(), await closedPort()]
     const { gw } = await setup(t, 0, { failureThreshold: 1, cooldownMs: 60_000 }, {}, ports.map(p => `http://127.0.0.1:${p}`))
