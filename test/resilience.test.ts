@@ -439,6 +439,24 @@ t.test('slow and hostile clients', async t => {
     await until('the extra connection to be closed', () => extra.closedAt() !== null, 2000)
     t.ok(held.every(s => s.closedAt() === null), 'the first four stay open')
   })
+
+  await t.test('connections kept alive after a call cannot lock others out: past listen.maxConnections the least recently used idle one is closed', async t => {
+    const { gw, conv } = await setup(t, 1, {}, { listen })
+    const idle = []
+    for (let i = 0; i < 4; i++) {
+      const s = await rawSocket(gw.url)
+      s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+      await until(`the answer on connection ${i + 1}`, () => s.text().includes('"status":"ok"'), 2000)
+      idle.push(s)
+    }
+    t.teardown(() => { for (const s of idle) s.destroy() })
+    idle[0]!.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n') // the first is used again: the second is now the least recent
+    await until('the second answer on connection 1', () => idle[0]!.text().split('"status":"ok"').length === 3, 2000)
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 200, 'a fifth client is served')
+    await until('an idle connection to be closed for it', () => idle.some(s => s.closedAt() !== null), 2000)
+    t.same(idle.map(s => s.closedAt() !== null), [false, true, false, false], 'the least recently used one, and only it')
+  })
 })
 
 t.test('bounded load and abuse', async t => {
