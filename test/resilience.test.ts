@@ -442,7 +442,7 @@ t.test('slow and hostile clients', async t => {
 
   await t.test('connections kept alive after a call cannot lock others out: past listen.maxConnections the least recently used idle one is closed', async t => {
     const { gw, conv } = await setup(t, 1, {}, { listen })
-    const idle = []
+    const idle: Array<Awaited<ReturnType<typeof rawSocket>>> = []
     for (let i = 0; i < 4; i++) {
       const s = await rawSocket(gw.url)
       s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
