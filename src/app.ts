@@ -32,6 +32,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
+import { Connections } from './http/connections.js'
 import { closeWithConnection, countingResponseClass, hasWaitingBehind, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
@@ -172,10 +173,14 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
 
   let current = config
-  app.server.maxConnections = config.listen.maxConnections
+  // listen.maxConnections, kept by closing an idle kept-alive connection before refusing a new one (http/connections.ts).
+  const connections = new Connections(config.listen.maxConnections)
   // Before Fastify's own listener: a call refused at once is answered within that listener, and the connection's
   // pipelined calls must be known by then.
-  app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => { closeWithConnection(res, req.socket) })
+  app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => {
+    connections.used(req.socket)
+    closeWithConnection(res, req.socket)
+  })
   app.setErrorHandler(errorHandler(config))
   app.decorateRequest('refusal', null)
 
@@ -223,11 +228,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // A connection with no call under way (never used, between calls, or a call not yet whole) carries nothing to
   // wait for, yet Node's close() closes only those idle between calls, and only once: the drain closes the rest,
   // and those that fall idle later (after a call whose answer had begun before accepting stopped).
-  const connections = new Set<Socket>()
-  app.server.on('connection', (socket: Socket) => {
-    connections.add(socket)
-    socket.once('close', () => { connections.delete(socket) })
-  })
+  app.server.on('connection', (socket: Socket) => { connections.opened(socket) })
   app.decorate('closeUnusedConnections', () => {
     for (const socket of connections) {
       // (An answer still being flushed to a slow client has ended in Node's eyes: it is left to finish.)

@@ -6,7 +6,7 @@ import { openAuditWriter } from '../src/audit/writer.js'
 import { parseConfig } from '../src/config.js'
 import { memoryLog } from './fixtures/audit.js'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
-import { startUpstream } from './fixtures/upstream.js'
+import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
 const TOKEN = 'metrics-token-0123456789abcdef'
 
@@ -92,6 +92,22 @@ t.test('in-flight calls are counted while they wait on the upstream', async t =>
   for (const release of held) release()
   await Promise.all(pending)
   t.equal(sample(await metricsText(gw.url), 'gateway_in_flight_requests'), 0)
+})
+
+t.test('a call that waited on the upstream and got no answer is not counted as latency the gateway added', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  upstream.respond = () => {} // takes the call, never answers
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    metrics: { token: TOKEN }, upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300, failureThreshold: 100 }
+  }))
+  t.equal((await call(gw, KEYS.full)).status, 504)
+  await gw.auditFile()
+  t.match(gw.audit(), [{ status: 504, attempts: 1, upstreamMs: null }])
+  const text = await metricsText(gw.url)
+  t.equal(sample(text, 'gateway_requests_total{client="team-full",action="conversation.create",status="504",outcome="upstream_error"}'), 1, 'the call is counted')
+  const added = sample(text, 'gateway_added_duration_seconds_sum{action="conversation.create"}') ?? 0
+  t.ok(added < 0.3, `its 300 ms waiting on the upstream are not the gateway's own latency (added: ${added} s)`)
 })
 
 t.test('without metrics.token or metrics.listen there is no /metrics at all', async t => {

@@ -7,7 +7,7 @@ import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
-import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
 type Header = [string, string]
 const FULL: Header = ['Authorization', `Bearer ${KEYS.full}`]
@@ -319,4 +319,34 @@ t.test('a POST whose answer did not come in time is not sent again by the SDK (x
   const before = upstream.requests.length
   await client.conversations.items.list('conv_x').then(() => null, (e: unknown) => e)
   t.equal(upstream.requests.length - before, 3, 'a GET is safe to try again: the SDK\'s two retries went upstream')
+})
+
+t.test('a POST whose upstream connection broke after it was sent is not sent again by the SDK; one refused everywhere is', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const refused = `http://127.0.0.1:${await closedPort()}`
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
+    upstream: { baseUrls: [upstream.url, refused], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 }
+  }))
+  // The line reads the whole call, then its connection breaks: the items may be added upstream all the same.
+  upstream.respond = faults.reset()
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+  const items = [{ type: 'message' as const, role: 'user' as const, content: 'only once' }]
+  const err = await client.conversations.items.create('conv_x', { items }).then(() => null, (e: unknown) => e)
+  t.match(err, { status: 502, error: { code: 'upstream_unavailable' } })
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 1, 'one SDK call, the items sent upstream once')
+
+  // Connections refused on both lines: nothing reached the upstream, so the SDK may try again.
+  const down = await startGateway(t, ...withoutOwnership(refused, {
+    upstream: { baseUrls: [refused], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 }
+  }))
+  const tries: string[] = []
+  const counting = new OpenAI({
+    apiKey: KEYS.full,
+    baseURL: `${down.url}/v1`,
+    maxRetries: 2,
+    fetch: async (url, init) => { tries.push(String(url)); return await fetch(url, init) }
+  })
+  t.match(await counting.conversations.items.create('conv_x', { items }).then(() => null, (e: unknown) => e), { status: 502 })
+  t.equal(tries.length, 3, 'the SDK\'s two retries were sent')
 })

@@ -100,6 +100,39 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a line that breaks off its answers mid-body counts failures and is skipped; the next line serves', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 30_000 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    first.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.write('{"object":"list","data":[')
+      setTimeout(() => { res.socket?.destroy() }, 20)
+    }
+    for (let i = 0; i < 2; i++) {
+      const res = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+      t.equal(res.status, 200, `read ${i + 1}: the headers had gone out`)
+      await t.rejects(res.text(), `read ${i + 1}: its body is cut`)
+    }
+    await lastRecord(gw, 2)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'after failureThreshold broken answers, line 0 is skipped')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'the log says so')
+    const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(next.status, 200, 'the next read is served whole by line 1')
+    t.equal(first.requests.length, 2)
+    t.equal(second.requests.length, 1)
+  })
+
+  await t.test('a client that hangs up mid-body is no failure of the line', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 30_000 })
+    lines[0]!.respond = faults.trickle(50, 50)
+    const req = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await new Promise<void>(resolve => req.once('response', res => { res.once('data', () => { resolve() }) }))
+    req.destroy()
+    await lastRecord(gw, 1)
+    await sleep(100)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'up', failures: 0 }], 'the line stays up (failureThreshold 1)')
+  })
+
   await t.test('with every line down, 502 upstream_unavailable at once, without trying any', async t => {
     const ports = [await closedPort(), await closedPort()]
     const { gw } = await setup(t, 0, { failureThreshold: 1, cooldownMs: 60_000 }, {}, ports.map(p => `http://127.0.0.1:${p}`))
@@ -420,6 +453,11 @@ t.test('slow and hostile clients', async t => {
     t.equal(record.outcome, 'aborted', 'the call ends as cut off')
     t.ok(record.bytesOut < 64 * 1024 * 1024, `only part of the 64 MB went out (${record.bytesOut} bytes)`)
     await until('the upstream to be let go', () => upstreamDone, 3000)
+    // Cut off by a reset: what was still in the gateway's send buffer is dropped, not held by the kernel and
+    // delivered once the client reads again (a plain close would deliver every byte the gateway wrote).
+    s.resume()
+    await until('the connection to be gone', () => s.closedAt() !== null, 3000)
+    t.ok(s.text().length < record.bytesOut, `the client could read only part of what was written (${s.text().length} of ${record.bytesOut} bytes)`)
   })
 
   await t.test('connections past listen.maxConnections are refused', async t => {
@@ -429,6 +467,24 @@ t.test('slow and hostile clients', async t => {
     const extra = await rawSocket(gw.url)
     await until('the extra connection to be closed', () => extra.closedAt() !== null, 2000)
     t.ok(held.every(s => s.closedAt() === null), 'the first four stay open')
+  })
+
+  await t.test('connections kept alive after a call cannot lock others out: past listen.maxConnections the least recently used idle one is closed', async t => {
+    const { gw, conv } = await setup(t, 1, {}, { listen })
+    const idle: Array<Awaited<ReturnType<typeof rawSocket>>> = []
+    for (let i = 0; i < 4; i++) {
+      const s = await rawSocket(gw.url)
+      s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+      await until(`the answer on connection ${i + 1}`, () => s.text().includes('"status":"ok"'), 2000)
+      idle.push(s)
+    }
+    t.teardown(() => { for (const s of idle) s.destroy() })
+    idle[0]!.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n') // the first is used again: the second is now the least recent
+    await until('the second answer on connection 1', () => idle[0]!.text().split('"status":"ok"').length === 3, 2000)
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 200, 'a fifth client is served')
+    await until('an idle connection to be closed for it', () => idle.some(s => s.closedAt() !== null), 2000)
+    t.same(idle.map(s => s.closedAt() !== null), [false, true, false, false], 'the least recently used one, and only it')
   })
 })
 

@@ -64,7 +64,12 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
         this.off('drain', clear)
         this.off('close', clear)
       }
-      this.#stalled = setTimeout(() => { this.destroy() }, sendTimeoutMs)
+      // Reset, not closed: a close would leave the unsent answer (megabytes) in the kernel's send buffer, held
+      // for as long as the client keeps its window shut.
+      this.#stalled = setTimeout(() => {
+        this.socket?.resetAndDestroy()
+        this.destroy()
+      }, sendTimeoutMs)
       this.once('drain', clear)
       this.once('close', clear)
     }

@@ -121,7 +121,10 @@ function gatewayMetrics (opts: MetricsOptions) {
     if (outcome === 'rate_limited') rateLimited.inc({ client })
     if (outcome === 'denied') denied.inc({ client })
     if (typeof r.upstreamMs === 'number') upstream.observe({ action }, r.upstreamMs / 1000)
-    if (typeof r.durationMs === 'number') added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000)
+    // A call sent upstream that got no answer (a timeout, a reset) spent its time there, in a share not known: it
+    // says nothing of the gateway's own latency, and counted whole it would read as a gateway slowdown.
+    const unanswered = r.upstreamMs === null && r.attempts > 0
+    if (typeof r.durationMs === 'number' && !unanswered) added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000)
   }
   return { register, inFlight, observe }
 }

@@ -391,9 +391,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const err = error as Error & { statusCode?: number, cause?: unknown }
       const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
       const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
-      // A POST whose answer did not come in time was sent, and may be under way upstream (a generation, items
-      // added): the SDKs retry every 5xx unless told not to, and would do it again.
-      if (timedOut && reply.request.method === 'POST') reply.header('x-should-retry', 'false')
+      // A POST whose answer did not come in time, or whose connection broke after it was sent, may be under way
+      // upstream (a generation, items added): the SDKs retry every 5xx unless told not to, and would do it again.
+      // One that every line refused (nothing sent) is safe to try again.
+      if (reply.request.method === 'POST' && (timedOut || failure?.sent === true)) reply.header('x-should-retry', 'false')
       const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
       reply.send(answer)

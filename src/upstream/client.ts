@@ -3,8 +3,9 @@
 // - A call's deadline for response headers (`timeoutMs`) runs from the moment it is handed over: the wait for a
 //   pooled connection and every retry count inside it, and it ends a call still waiting for a connection at once
 //   (untilStopped). Waiting for a connection says nothing of the line (LinePool tells whether a request got one).
-// - What counts against a line: connect failures and timeouts, resets, 502/503, and a quick call with no response
-//   headers by its deadline; not a generation that outlives its deadline (see attemptFailed).
+// - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503,
+//   and a quick call with no response headers by its deadline; not a generation that outlives its deadline (see
+//   attemptFailed).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
 //   timeout or a 502/503; a POST only when its connection failed before any byte of it was sent. At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
@@ -67,7 +68,9 @@ export class UpstreamFailure extends Error {
   constructor (
     readonly kind: FailureKind, message: string, readonly attempts: number, readonly line: number | null,
     /** every line was down: when the first gets its trial call again */
-    readonly retryAfterMs?: number
+    readonly retryAfterMs?: number,
+    /** the last attempt's request had a connection: the upstream may have it, and be working on it */
+    readonly sent = false
   ) {
     super(message)
     this.name = 'UpstreamFailure'
@@ -395,7 +398,8 @@ export class Upstream {
             continue
           }
         } else {
-          health.succeeded(index)
+          health.answered(index)
+          bookTheBody(health, index, answer.body)
         }
         answer.ms = Math.round(performance.now() - started)
         return answer
@@ -474,6 +478,18 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
   return failure === 'timeout' ? null : failure
 }
 
+/**
+ * An answer's body decides for the line too: read to its end, the line answered well; broken off by the line (a
+ * reset mid-body) it failed, as a reset before the headers would have (else a line that cuts every answer short
+ * would never be skipped). A body given up on by the gateway or its client says nothing of the line.
+ */
+function bookTheBody (health: LineHealth, index: number, body: Readable): void {
+  body.once('close', () => {
+    if (body.readableEnded) health.succeeded(index)
+    else if (RESETS.has(codeOf(body.errored))) health.failed(index)
+  })
+}
+
 /** The next line for a retry, or null when this failure may not be retried or nothing is left to try. */
 function retryLine (settings: UpstreamSettings, health: LineHealth, call: UpstreamCall, tried: Set<number>, failure: AttemptFailure): number | null {
   if (tried.size > settings.retries) return null
@@ -489,9 +505,9 @@ function finalFailure (settings: UpstreamSettings, index: number, attempts: numb
     return new UpstreamFailure('timeout', `${where}: no connection free within ${settings.timeoutMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
   }
   if (end.deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
-    return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index)
+    return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index, undefined, end.sent)
   }
-  return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index)
+  return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index, undefined, end.sent)
 }
 
 type LineState = LineStatus['state']

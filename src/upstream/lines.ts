@@ -62,7 +62,15 @@ export class LineHealth {
     return null
   }
 
-  /** The line answered (anything but a 502/503): trusted again, its count of failures reset. */
+  /**
+   * The line sent response headers (anything but a 502/503): a line that was skipped or on trial is trusted again
+   * at once; an up line's count of failures waits for the body (succeeded, or failed when it is broken off).
+   */
+  answered (index: number): void {
+    if (this.#lines[index]?.down === true) this.succeeded(index)
+  }
+
+  /** The line answered whole: trusted again, its count of failures reset. */
   succeeded (index: number): void {
     const line = this.#lines[index]
     if (line === undefined) return
@@ -73,7 +81,10 @@ export class LineHealth {
     if (previous !== 'up') this.#changed(line, previous)
   }
 
-  /** The line failed (refused, reset, a quick call timed out, 502/503). A failed trial call puts it back to sleep. */
+  /**
+   * The line failed (refused, reset before or during its answer, a quick call timed out, 502/503). A failed trial
+   * call puts it back to sleep.
+   */
   failed (index: number): void {
     const line = this.#lines[index]
     if (line === undefined) return

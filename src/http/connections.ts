@@ -1,0 +1,49 @@
+// The API listener's client connections, least recently used first, and listen.maxConnections kept over them.
+// Node's own server.maxConnections refuses every connection past the limit, however many of those open are only
+// kept alive between calls: a client that makes one call (a /healthz, a 401) per connection and keeps it open for
+// the keep-alive timeout could fill the table and lock every other client out. Here a connection past the limit
+// closes the least recently used connection that is idle between calls instead, as nginx reuses its kept-alive
+// connections when it runs short; it is refused only when none is. A connection that has not sent a byte yet, or
+// is reading a request or sending an answer, is never closed for another (the headers and request timeouts bound
+// the first).
+import type { Socket } from 'node:net'
+import { responseHolding } from './response.js'
+
+export class Connections implements Iterable<Socket> {
+  /** open connections, least recently used first (a call moves its connection to the end) */
+  readonly #sockets = new Set<Socket>()
+  readonly #max: number
+
+  constructor (max: number) {
+    this.#max = max
+  }
+
+  [Symbol.iterator] (): Iterator<Socket> {
+    return this.#sockets.values()
+  }
+
+  /** A connection accepted: kept, at the cost of an idle one when the table is full, or else closed. */
+  opened (socket: Socket): void {
+    this.#sockets.add(socket)
+    socket.once('close', () => { this.#sockets.delete(socket) })
+    if (this.#sockets.size <= this.#max) return
+    for (const other of this.#sockets) {
+      if (other !== socket && isIdle(other)) {
+        other.destroy()
+        return
+      }
+    }
+    socket.destroy()
+  }
+
+  /** A call came on `socket`. */
+  used (socket: Socket): void {
+    this.#sockets.delete(socket)
+    this.#sockets.add(socket)
+  }
+}
+
+/** Kept alive between calls: it has been used, and holds no call now, nor unsent bytes. */
+function isIdle (socket: Socket): boolean {
+  return !socket.destroyed && socket.bytesRead > 0 && responseHolding(socket) === null && socket.writableLength === 0
+}
