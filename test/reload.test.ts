@@ -374,20 +374,33 @@ t.test('/readyz: 503 "starting" before listening, "upstream_unavailable" with ev
   t.same([res.status, await res.json()], [503, { status: 'audit_unavailable' }])
 })
 
-// Not done, a design choice left to the lead: with store.onFailure "closed" and Redis down, every API call gets
-// 503 rate_limit_store_unavailable, yet /readyz says ready and /healthz does not show the store. A replica that
-// refuses every call should not get traffic (as with audit_unavailable), but Redis is shared: every replica then
-// goes unready at once, and clients meet the load balancer's own error instead of the gateway's 503 with its
-// envelope (the same holds for upstream_unavailable, which the gateway does report). See the review note.
-t.test('/readyz: 503 "store_unavailable" while Redis is down and store.onFailure is closed', { todo: 'design choice: readiness on a shared store' }, async t => {
+t.test('/readyz: 503 "store_unavailable" while Redis is disconnected and store.onFailure is closed (every call refused), ready again when it is back; with "open" it stays ready', async t => {
   const redis = await startRedis(t)
   const upstream = await fakeUpstream(t)
-  const gw = await startGateway(t, ...withoutOwnership(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' } }))
-  t.same(await (await fetch(`${gw.url}/readyz`)).json(), { status: 'ready' })
+  const closed = await startGateway(t, ...withoutOwnership(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' } }))
+  const open = await startGateway(t, ...withoutOwnership(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'open' } }))
+  const probe = async (gw: { url: string }, path: string) => {
+    const res = await fetch(`${gw.url}${path}`)
+    return [res.status, await res.json()] as const
+  }
+  t.same(await probe(closed, '/readyz'), [200, { status: 'ready' }])
+  t.match(await probe(closed, '/healthz'), [200, { status: 'ok', store: 'ok' }])
+
   await redis.stop()
-  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_1/items')).status, 503, 'every call is refused')
-  const res = await fetch(`${gw.url}/readyz`)
-  t.same([res.status, await res.json()], [503, { status: 'store_unavailable' }])
+  t.equal((await call(closed.url, 'GET', '/v1/conversations/conv_1/items')).status, 503, 'closed: every call is refused')
+  await eventually(async () => (await probe(closed, '/readyz'))[0] === 503, 'closed: not ready')
+  t.same(await probe(closed, '/readyz'), [503, { status: 'store_unavailable' }], 'closed: not ready, and why')
+  t.match(await probe(closed, '/healthz'), [200, { status: 'ok', store: 'unavailable' }], '/healthz stays 200 and says so')
+  t.equal((await call(open.url, 'GET', '/v1/conversations/conv_1/items')).status, 404,
+    'open: the call is served from a local bucket (the upstream\'s 404 for an unknown id), not refused')
+  t.same(await probe(open, '/readyz'), [200, { status: 'ready' }], 'open: still ready')
+  t.match(await probe(open, '/healthz'), [200, { store: 'unavailable' }])
+
+  // No call comes while the replica is out of rotation: the store's own reconnection makes it ready again.
+  await redis.start()
+  await eventually(async () => (await probe(closed, '/readyz'))[0] === 200, 'ready again once Redis is back')
+  t.same(await probe(closed, '/readyz'), [200, { status: 'ready' }], 'ready again once Redis is back')
+  t.match(await probe(closed, '/healthz'), [200, { store: 'ok' }])
 })
 
 t.test('check-config refuses a client with both key forms, or neither', async t => {

@@ -1,21 +1,26 @@
-// GET/HEAD /healthz: liveness, with the state of each upstream line (up, down while skipped, half-open on trial)
-// and of the audit trail. 200 whatever they say (restarting would not fix a full disk or a down line); the body is
-// for people and alerts.
+// GET/HEAD /healthz: liveness, with the state of each upstream line (up, down while skipped, half-open on trial),
+// of the audit trail and of the rate-limit store. 200 whatever they say (restarting would not fix a full disk or a
+// down line); the body is for people and alerts.
 // GET/HEAD /readyz: readiness, for a load balancer. 200 {"status":"ready"} only while this gateway should get
-// traffic: listening, not draining (a shutdown has begun), at least one upstream line not skipped, and the audit
-// not refusing calls (audit.onFailure "closed" while records cannot be written). Otherwise 503 with the first
-// reason in that order: "starting", "draining", "upstream_unavailable", "audit_unavailable".
+// traffic: listening, not draining (a shutdown has begun), at least one upstream line not skipped, the audit not
+// refusing calls (audit.onFailure "closed" while records cannot be written), and the store not refusing them
+// (store.onFailure "closed" while Redis is disconnected). Otherwise 503 with the first reason in that order:
+// "starting", "draining", "upstream_unavailable", "audit_unavailable", "store_unavailable".
 // Probed every few seconds by orchestrators: not audited, not worth a log line each time.
 import fp from 'fastify-plugin'
+import type { RateLimitStore } from '../stores/rate-limit-store.js'
 import type { Upstream } from '../upstream/client.js'
 
 export interface HealthOptions {
   upstream: Upstream
+  store: RateLimitStore
+  /** store.onFailure is "closed": while the store is unavailable every API call gets 503 */
+  storeRefuses: boolean
 }
 
-export type NotReady = 'starting' | 'draining' | 'upstream_unavailable' | 'audit_unavailable'
+export type NotReady = 'starting' | 'draining' | 'upstream_unavailable' | 'audit_unavailable' | 'store_unavailable'
 
-export default fp<HealthOptions>(async function health (app, { upstream }) {
+export default fp<HealthOptions>(async function health (app, { upstream, store, storeRefuses }) {
   let draining = false
   app.decorate('startDraining', () => { draining = true })
 
@@ -24,6 +29,7 @@ export default fp<HealthOptions>(async function health (app, { upstream }) {
     if (draining) return 'draining'
     if (!upstream.available) return 'upstream_unavailable'
     if (app.auditRefuses()) return 'audit_unavailable'
+    if (storeRefuses && !store.available()) return 'store_unavailable'
     return null
   }
 
@@ -35,6 +41,7 @@ export default fp<HealthOptions>(async function health (app, { upstream }) {
     handler: async () => ({
       status: 'ok',
       audit: app.auditState(),
+      store: store.available() ? 'ok' : 'unavailable',
       upstream: upstream.statuses().map(s => ({ line: s.index, host: new URL(s.url).host, state: s.state, failures: s.failures, retryInMs: s.retryInMs }))
     })
   })

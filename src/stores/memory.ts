@@ -44,6 +44,10 @@ export class MemoryStore implements RateLimitStore {
     return describe(bucket.tokens, rule, covers(bucket.tokens, 1))
   }
 
+  available (): boolean {
+    return true
+  }
+
   async close (): Promise<void> {
     this.#buckets.clear()
   }

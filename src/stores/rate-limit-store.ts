@@ -35,6 +35,8 @@ export interface RateLimitStore {
   charge (key: string, rule: BucketRule, amount: number): Answer<RateLimitResult>
   /** The bucket's state without taking a token. */
   peek (key: string, rule: BucketRule): Answer<RateLimitResult>
+  /** Whether the store can answer now (Redis: connected); the in-memory one always can. For /healthz and /readyz. */
+  available (): boolean
   close (): Promise<void>
 }
 

@@ -216,6 +216,14 @@ export class RedisStore implements RateLimitStore {
     return describe(shared.tokens, rule, shared.allowed)
   }
 
+  /**
+   * Connected. A Redis that answers slowly while connected still counts as available (its calls time out one by
+   * one); a lost connection is retried by the client on its own, so this turns true again without any call.
+   */
+  available (): boolean {
+    return this.#redis.status === 'ready'
+  }
+
   async close (): Promise<void> {
     this.#redis.disconnect()
     await this.#fallback.close()
