@@ -55,6 +55,15 @@ export class ClientDirectory {
     return holder
   }
 
+  /**
+   * The holder of `key` when it is a key that has expired, else null. For the audit only (who still sends an old
+   * key): the call is refused as any unknown key is. Runs on the refusal path alone.
+   */
+  expired (key: string): KeyHolder | null {
+    const holder = this.#byDigest.get(keyDigest(key))
+    return holder !== undefined && holder.expiresAt !== null && this.#now() >= holder.expiresAt ? holder : null
+  }
+
   update (clients: readonly ClientConfig[]): void {
     this.#byDigest = holders(clients)
     this.#ids = new Set(clients.map(c => c.id))

@@ -22,6 +22,11 @@ declare module 'fastify' {
     client: ClientConfig | null
     /** plugins/auth.ts: which of the client's keys it was (null for the single-key form) */
     keyId: string | null
+    /**
+     * plugins/auth.ts: an expired key's client and key id, for the audit record alone; the call is refused as if
+     * the key were unknown, and `client` stays null
+     */
+    expiredKey: { clientId: string, keyId: string | null } | null
     /** plugins/rate-limit.ts: the token taken for this call */
     rateLimit: RateLimitResult | null
     /** plugins/body.ts: size of the request body read and accepted */

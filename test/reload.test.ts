@@ -312,7 +312,7 @@ t.test('a client added by a reload gets its own label in /metrics, not "other"',
   t.match(text, /gateway_requests_total\{client="team-new",action="conversation\.create",status="200",outcome="ok"\} 1/)
 })
 
-t.test('an expired key gets 401 invalid_api_key like an unknown one; the client\'s other key works and is named in the audit', async t => {
+t.test('an expired key gets 401 invalid_api_key like an unknown one, audited with its client and key id; the client\'s other key works and is named in the audit', async t => {
   const upstream = await fakeUpstream(t)
   const [oldKey, newKey] = [generateKey(), generateKey()]
   const gw = await startGateway(t, testConfig(upstream.url, {
@@ -332,7 +332,7 @@ t.test('an expired key gets 401 invalid_api_key like an unknown one; the client\
   t.equal((await create(gw.url, newKey)).status, 200)
   await eventually(async () => gw.audit().length === 3, 'three records')
   t.match(gw.audit(), [
-    { clientId: null, keyId: null, status: 401, outcome: 'denied' },
+    { clientId: 'team-rot', keyId: 'old', status: 401, outcome: 'denied' },
     { clientId: null, keyId: null, status: 401 },
     { clientId: 'team-rot', keyId: 'new', status: 200, outcome: 'ok' }
   ])

@@ -21,6 +21,7 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
 
   app.decorateRequest('client', null)
   app.decorateRequest('keyId', null)
+  app.decorateRequest('expiredKey', null)
 
   // Callback style (it runs on every call); a thrown refusal is the hook's error.
   app.addHook('onRequest', (request, _reply, done) => {
@@ -36,6 +37,10 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
       done()
       return
     }
+    // The same refusal as an unknown key; the audit record names whose key it was, so that ops see who still
+    // sends a key past its expiresAt.
+    const expired = key === undefined ? null : directory.expired(key)
+    if (expired !== null) request.expiredKey = { clientId: expired.client.id, keyId: expired.keyId }
     const perMinute = failuresPerMinute()
     const counted = failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute })
     if (counted.allowed) throw new InvalidApiKeyError()
