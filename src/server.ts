@@ -2,7 +2,8 @@
 // - SIGTERM, SIGINT, SIGQUIT: shut down. /readyz turns 503 "draining" at once; the gateway keeps serving for
 //   shutdown.drainDelayMs (for the load balancer to notice), then stops accepting, closes kept-alive connections
 //   after their answer, and gives in-flight calls shutdown.graceMs to finish. The grace is a hard bound: past it,
-//   every call still open is aborted (audited aborted) and the process exits 1 once the audit is flushed; else 0.
+//   every call still open is aborted (audited aborted) and the process exits 1 once the audit is flushed. It
+//   also exits 1 when audit records were lost (the destination did not take them); else 0.
 // - SIGHUP (and, with `watch`, a change of the config file): reload the config file. A valid one is applied to the
 //   running gateway without disturbing in-flight calls (app.applyConfig); an invalid one is refused in one log
 //   line and the running config stays in force.
@@ -153,8 +154,11 @@ function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => vo
   closed.finally(() => { clearInterval(sweep) }).catch(() => {})
   closed.then(() => {
     clearTimeout(deadline)
-    app.log.info(aborted ? 'closed, after aborting calls still in flight' : 'closed')
-    process.exitCode = aborted ? 1 : 0
+    // A trail that misses records is a failed run too: the supervisor sees it in the exit code, not only in the log.
+    const lost = app.auditLost()
+    if (lost > 0) app.log.error({ lost }, `closed with ${lost} audit record(s) lost (see gateway_audit_records_lost_total)`)
+    else app.log.info(aborted ? 'closed, after aborting calls still in flight' : 'closed')
+    process.exitCode = aborted || lost > 0 ? 1 : 0
     setTimeout(() => process.exit(), EXIT_GRACE_MS).unref()
   }, (err: unknown) => {
     clearTimeout(deadline)

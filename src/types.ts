@@ -64,6 +64,8 @@ declare module 'fastify' {
     auditState (): 'ok' | 'unavailable'
     /** plugins/audit.ts: true while API calls are refused with 503 audit_unavailable (onFailure "closed") */
     auditRefuses (): boolean
+    /** plugins/audit.ts: audit records lost since the start (not written in time, or still waiting at close) */
+    auditLost (): number
     /** plugins/audit.ts: reopen the audit file (SIGUSR2, after an outside logrotate) */
     auditReopen (): void
     /** plugins/audit.ts: be told of each audit record as it is written (metrics) */

@@ -76,7 +76,7 @@ async function freePort (): Promise<number> {
   return port
 }
 
-t.test('with audit.file "-" and a stdout nobody reads, the gateway keeps answering (calls and /healthz)', async t => {
+t.test('with audit.file "-" and a stdout nobody reads, the gateway keeps answering (calls and /healthz); records it could not write make its exit 1', async t => {
   const port = await freePort()
   const { file } = configFile(gatewayYaml('-', 'http://127.0.0.1:9', port))
   // stdout is a pipe this test never reads: once the pipe's buffer is full, every write to it would block
@@ -96,6 +96,10 @@ t.test('with audit.file "-" and a stdout nobody reads, the gateway keeps answeri
   t.same([...statuses.keys()], [502], '400 calls answered (no upstream here: 502), far past a full pipe')
   const health = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(5000) })
   t.equal(health.status, 200)
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  const [code] = await exited
+  t.equal(code, 1, 'SIGTERM: exit 1, the records still waiting for the pipe are lost')
 })
 
 t.test('the stale lock of a gateway that was killed does not stop the next one', async t => {

@@ -192,6 +192,7 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
   const observers: AuditObserver[] = []
   app.decorate('onAuditRecord', (observer: AuditObserver) => { observers.push(observer) })
   app.decorate('auditState', () => writer.available ? 'ok' : 'unavailable')
+  app.decorate('auditLost', () => writer.stats().lost)
   app.decorate('auditReopen', () => { writer.reopen() })
   app.decorate('auditRefuses', () => onFailure === 'closed' && !writer.available)
   app.decorateRequest('auditWatch', null)
