@@ -285,6 +285,9 @@ function errorHandler (config: GatewayConfig) {
     // that described that body (reply-from set them already) describes this one.
     for (const name of UPSTREAM_BODY_HEADERS) reply.removeHeader(name)
     if (err.headers) reply.headers(err.headers)
+    // The SDKs read x-request-id into the error they raise (request_id, requestID): for an answer of the gateway's
+    // own, that is the gateway's id, which the audit record holds. An upstream's, when it answered, stays.
+    if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
   }
 }

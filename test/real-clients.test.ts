@@ -234,6 +234,23 @@ t.test('a request with no Host, or with an Expect other than 100-continue, gets 
   t.equal(upstream.requests.length, 0)
 })
 
+t.test('the request id an SDK error carries finds the call: the gateway\'s own for its refusals, the upstream\'s for its answers', async t => {
+  const { gw } = await setup(t)
+  const sdk = (key: string) => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const refused = await sdk('ogw_wrong').conversations.retrieve('conv_1').catch((e: unknown) => e)
+  t.type(refused, OpenAI.AuthenticationError)
+  const gatewayId = (refused as InstanceType<typeof OpenAI.APIError>).requestID
+  t.match(gatewayId, /^gw_[0-9a-f]{32}$/, 'a refusal of the gateway\'s own: its request id')
+  t.match(await auditOf(gw, gatewayId ?? undefined), { status: 401, outcome: 'denied' }, 'which names the audit record')
+
+  const conv = await sdk(KEYS.full).conversations.create({})
+  const missing = await sdk(KEYS.full).conversations.items.retrieve('msg_nothing', { conversation_id: conv.id }).catch((e: unknown) => e)
+  t.type(missing, OpenAI.NotFoundError)
+  const upstreamId = (missing as InstanceType<typeof OpenAI.APIError>).requestID
+  t.match(upstreamId, /^req_/, 'an upstream answer: the upstream\'s x-request-id, as before')
+  t.match(gw.audit().find(r => r.upstreamRequestId === upstreamId), { status: 404 }, 'which the audit record holds too')
+})
+
 t.test('HEAD /healthz is answered like GET, without a body', async t => {
   const { gw } = await setup(t)
   const head = await sendRaw(gw.url, buildRequest('HEAD', '/healthz'))
