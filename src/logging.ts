@@ -5,6 +5,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
+import { credentialParam, rawPath } from './operations.js'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
 export const REDACT_PATHS = [
@@ -29,7 +30,9 @@ export function appLoggerOptions (level: string): LoggerOptions {
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
     serializers: {
       req (req: FastifyRequest) {
-        return { method: req.method, url: cut(req.url), host: cut(req.host), remoteAddress: req.ip }
+        // A query holding a credential (refused by the router) is left out whole.
+        const url = credentialParam(req.url) === null ? req.url : `${rawPath(req.url)}?[withheld: it names a credential]`
+        return { method: req.method, url: cut(url), host: cut(req.host), remoteAddress: req.ip }
       }
     }
   }

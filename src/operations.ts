@@ -73,6 +73,23 @@ export type Match =
 const UNROUTED_RESPONSE_PATHS = new Set(['input_tokens', 'compact'])
 
 /** The path part of a request target, as sent. */
+/**
+ * Query parameters that name a credential (`?api_key=`, `?key=`, `?access_token=`, as some clients send keys): no
+ * route of the API takes one, and the query goes upstream as it came, so such a call is refused before the key
+ * check (plugins/router.ts). Its value is never logged (logging.ts) or audited (the record's path has no query).
+ */
+const CREDENTIAL_PARAM = /^(?:api[-_]?key|key|access[-_]?token|token|auth|authorization|bearer|password|secret)$/i
+
+/** The first query parameter of `url` that names a credential (its name, decoded, cut short), or null. */
+export function credentialParam (url: string): string | null {
+  const q = url.indexOf('?')
+  if (q === -1) return null
+  for (const name of new URLSearchParams(url.slice(q + 1)).keys()) {
+    if (CREDENTIAL_PARAM.test(name.trim())) return name.slice(0, 40)
+  }
+  return null
+}
+
 export function rawPath (url: string): string {
   const q = url.indexOf('?')
   return q === -1 ? url : url.slice(0, q)

@@ -413,3 +413,26 @@ t.test('only the routed operations are registered: no wildcard, no PUT/PATCH, no
     'POST /v1/responses/:response_id/cancel'
   ])
 })
+
+t.test('a key in the query string (?api_key=, ?key=, encoded or not) is refused before the key check: never sent upstream, logged or audited', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, { log: { level: 'debug' } }))
+  for (const [query, name] of [
+    [`api_key=${KEYS.full}`, 'api_key'], [`limit=2&API-KEY=${KEYS.full}`, 'API-KEY'], [`key=${KEYS.full}&order=asc`, 'key'],
+    [`access_token=${KEYS.full}`, 'access_token'], [`api%5Fkey=${KEYS.full}`, 'api_key']
+  ]) {
+    const res = await fetch(`${gw.url}/v1/conversations/conv_1/items?${query}`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+    t.equal(res.status, 400, `?${query.replace(KEYS.full, '<key>')}: 400`)
+    t.match(await res.json(), { error: { code: 'credentials_in_query', param: name, type: 'invalid_request_error' } })
+  }
+  // A query with no credential in it still goes upstream as it came.
+  const listed = await fetch(`${gw.url}/v1/conversations/conv_1/items?limit=2&order=asc&keyword=x`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.not(listed.status, 400, 'limit, order and a parameter that only starts like one are passed on')
+  t.same(upstream.requests.map(r => r.url), ['/v1/conversations/conv_1/items?limit=2&order=asc&keyword=x'], 'only that one reached the upstream')
+  t.notOk(upstream.everything().includes(KEYS.full), 'the upstream never saw the key')
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.same(gw.audit().slice(0, 5).map(r => [r.status, r.outcome, r.path]), Array(5).fill([400, 'invalid', '/v1/conversations/conv_1/items']), 'each refusal audited, its path without the query')
+  t.notOk(JSON.stringify(gw.audit()).includes(KEYS.full), 'no record holds the key')
+  // (The fixture fails the test if the key is anywhere in the log, at debug here.)
+})

@@ -8,9 +8,10 @@ import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  ExpectationFailedError, MethodNotAllowedError, MissingHostError, UnknownRouteError, UpgradeNotSupportedError
+  CredentialsInQueryError, ExpectationFailedError, MethodNotAllowedError, MissingHostError, UnknownRouteError,
+  UpgradeNotSupportedError
 } from '../errors.js'
-import { matchOperation, rawPath } from '../operations.js'
+import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it. */
 function shown (url: string): string {
@@ -51,6 +52,12 @@ export default fp(async function router (app) {
       // is refused.
       const upgrade = request.headers.upgrade
       if (upgrade !== undefined && !offersOnlyH2c(upgrade)) throw new UpgradeNotSupportedError()
+      const credential = credentialParam(request.originalUrl)
+      if (credential !== null) {
+        const err = new CredentialsInQueryError(JSON.stringify(credential))
+        err.param = credential
+        throw err
+      }
       return
     }
     if (match.kind === 'method_not_allowed') {
