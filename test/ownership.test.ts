@@ -4,6 +4,7 @@ import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
 
 interface Setup {
@@ -384,6 +385,30 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
   // Keys the API knows in lowercase still pass, and case is free where the client names things (metadata keys).
   const fine = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'message', role: 'user', content: 'x' }], conversation: conversationB, metadata: { Topic: 'ok' } })
   t.equal(fine.status, 200, 'an ordinary body is served')
+})
+
+t.test('an upstream that does not keep the owner in metadata: the creator is told the same by every replica, and the operators are told why', async t => {
+  // A reseller that drops metadata on create: the owner the gateway wrote is not in the object. The object's
+  // metadata is what every replica reads, so the replica that made it must not serve it as the creator's from
+  // its cache (for up to cacheTtlMs) while every other replica refuses it.
+  const keepsNoMetadata = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
+  const upstream = await startUpstream({
+    conversations: (req, res, body) => {
+      const parsed = body.length > 0 ? JSON.parse(body.toString()) as Record<string, unknown> : undefined
+      if (req.method === 'POST' && parsed !== undefined) delete parsed.metadata
+      keepsNoMetadata(req, res, parsed === undefined ? body : Buffer.from(JSON.stringify(parsed)))
+    }
+  })
+  t.teardown(() => upstream.close())
+  const one = await gateway(t, upstream)
+  const two = await gateway(t, upstream)
+
+  const conv = await one.sdk(KEYS.full).conversations.create({})
+  const onOne = await one.sdk(KEYS.full).conversations.retrieve(conv.id).then(() => 200, (e: { status: number }) => e.status)
+  const onTwo = await two.sdk(KEYS.full).conversations.retrieve(conv.id).then(() => 200, (e: { status: number }) => e.status)
+  t.equal(onOne, onTwo, 'the replica that created it answers as the other does')
+  t.equal(onTwo, 404, 'an unowned conversation (ownership.unowned: deny)')
+  t.match(one.gw.logs.join('\n'), /"level":40.*did not keep the owner/, 'a warning says the upstream lost the owner')
 })
 
 t.test('two teams sending one Idempotency-Key send two keys upstream; one team\'s retries send the same one', async t => {

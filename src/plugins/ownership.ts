@@ -279,8 +279,16 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (typeof id === 'string' && request.createdId === null) {
         const owner = ownerIn(object)
         if (owner !== undefined && owner !== client.id) throw new Error(`the created ${kind} names another owner`)
-        cache.set(kind, id, client.id)
         request.createdId = id
+        // The object's metadata is what every replica (and this one, once its cache forgets) reads the owner from.
+        // An upstream that did not keep it made an unowned object: remembering it as the client's here would serve
+        // it on this replica only, for up to cacheTtlMs, and then not; a lookup reads what the upstream holds.
+        if (owner === undefined) {
+          request.log.warn({ [`${kind}Id`]: id, clientId: client.id },
+            `the upstream did not keep the owner in the created ${kind}'s metadata: it is unowned`)
+          return object
+        }
+        cache.set(kind, id, client.id)
       }
       return object
     }
