@@ -58,6 +58,8 @@ export const JsonTooDeepError = define('invalid_json', 400, 'invalid_request_err
   'The request body nests arrays and objects more than %s levels deep.')
 export const InvalidRequestError = define('invalid_request', 400, 'invalid_request_error',
   'The request could not be understood: %s')
+export const UnknownParameterError = define('unknown_parameter', 400, 'invalid_request_error',
+  "Unknown parameter: '%s'.")
 export const ReservedMetadataKeyError = define('reserved_metadata_key', 400, 'invalid_request_error',
   'The metadata key "gateway_owner" is reserved by the gateway.', { param: 'metadata' })
 export const MetadataLimitError = define('metadata_limit', 400, 'invalid_request_error',

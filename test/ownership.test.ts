@@ -4,6 +4,7 @@ import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
 
 interface Setup {
@@ -346,6 +347,68 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
   t.equal(admin.status, 200, 'an admin client is not checked')
   await new Promise(resolve => setTimeout(resolve, 20))
   t.match(gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400).map(r => r.outcome), ['invalid', 'invalid', 'invalid', 'invalid', 'invalid'])
+})
+
+t.test('a key the ownership check reads, spelled in another case, is refused (400 unknown_parameter) and never sent upstream', async t => {
+  // An upstream whose JSON reader matches keys without regard to case (Go's encoding/json does) would read
+  // "Conversation" as the conversation, "Items" as the items, "Type" as an item's type; the gateway, reading the
+  // exact keys, would have checked nothing. The API knows no such keys.
+  const { upstream, gw } = await setup(t)
+  const post = (key: string, path: string, body: unknown) => fetch(`${gw.url}${path}`, {
+    method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
+  })
+  const created = await post(KEYS.full, '/v1/conversations', { items: [{ type: 'message', role: 'user', content: 'A secret' }] })
+  const conversationA = (await created.json() as { id: string }).id
+  const listed = await fetch(`${gw.url}/v1/conversations/${conversationA}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  const itemA = (await listed.json() as { data: Array<{ id: string }> }).data[0]!.id
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const conversationB = (await (await post(KEYS.other, '/v1/conversations', {})).json() as { id: string }).id
+  const itemsOfB = `/v1/conversations/${conversationB}/items`
+
+  const forgeries: Array<[string, string, unknown, string]> = [
+    ['Conversation', '/v1/responses', { model: 'gpt-4o', input: 'hi', Conversation: conversationA }, 'Conversation'],
+    ['conversation.ID', '/v1/responses', { model: 'gpt-4o', input: 'hi', conversation: { id: conversationB, ID: conversationA } }, 'conversation.ID'],
+    ['Previous_Response_Id', '/v1/responses', { model: 'gpt-4o', input: 'hi', Previous_Response_Id: previousA }, 'Previous_Response_Id'],
+    ['Input', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: 'hi', Input: [{ type: 'item_reference', id: itemA }] }, 'Input'],
+    ['input[].Type', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'message', role: 'user', content: 'x', Type: 'item_reference', id: itemA }] }, 'input[0].Type'],
+    ['Items on item create', itemsOfB, { items: [], Items: [{ type: 'item_reference', id: itemA }] }, 'Items'],
+    ['items[].Id', itemsOfB, { items: [{ type: 'item_reference', id: itemA, Id: itemA }] }, 'items[0].Id'],
+    ['Items on conversation create', '/v1/conversations', { Items: [{ type: 'item_reference', id: itemA }] }, 'Items']
+  ]
+  for (const [label, path, body, param] of forgeries) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, 400, `${label}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param, message: `Unknown parameter: '${param}'.` } }, `${label}: unknown_parameter`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing went upstream`)
+  }
+  // Keys the API knows in lowercase still pass, and case is free where the client names things (metadata keys).
+  const fine = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'message', role: 'user', content: 'x' }], conversation: conversationB, metadata: { Topic: 'ok' } })
+  t.equal(fine.status, 200, 'an ordinary body is served')
+})
+
+t.test('an upstream that does not keep the owner in metadata: the creator is told the same by every replica, and the operators are told why', async t => {
+  // A reseller that drops metadata on create: the owner the gateway wrote is not in the object. The object's
+  // metadata is what every replica reads, so the replica that made it must not serve it as the creator's from
+  // its cache (for up to cacheTtlMs) while every other replica refuses it.
+  const keepsNoMetadata = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
+  const upstream = await startUpstream({
+    conversations: (req, res, body) => {
+      const parsed = body.length > 0 ? JSON.parse(body.toString()) as Record<string, unknown> : undefined
+      if (req.method === 'POST' && parsed !== undefined) delete parsed.metadata
+      keepsNoMetadata(req, res, parsed === undefined ? body : Buffer.from(JSON.stringify(parsed)))
+    }
+  })
+  t.teardown(() => upstream.close())
+  const one = await gateway(t, upstream)
+  const two = await gateway(t, upstream)
+
+  const conv = await one.sdk(KEYS.full).conversations.create({})
+  const onOne = await one.sdk(KEYS.full).conversations.retrieve(conv.id).then(() => 200, (e: { status: number }) => e.status)
+  const onTwo = await two.sdk(KEYS.full).conversations.retrieve(conv.id).then(() => 200, (e: { status: number }) => e.status)
+  t.equal(onOne, onTwo, 'the replica that created it answers as the other does')
+  t.equal(onTwo, 404, 'an unowned conversation (ownership.unowned: deny)')
+  t.match(one.gw.logs.join('\n'), /"level":40.*did not keep the owner/, 'a warning says the upstream lost the owner')
 })
 
 t.test('two teams sending one Idempotency-Key send two keys upstream; one team\'s retries send the same one', async t => {

@@ -309,6 +309,25 @@ t.test('clients[].models: a model outside the list gets 403 model_not_allowed be
   t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: null })
 })
 
+t.test('models and the token budget cannot be got round with Model or Background in another case: 400, nothing upstream', async t => {
+  // An upstream whose JSON reader ignores case (Go's) would take the later "Model" for the model the gateway checked.
+  const { upstream, gw } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['gpt-4o-mini'], rateLimit: { tokensPerMinute: 1000 } }]
+  })
+  for (const [body, param] of [
+    [{ model: 'gpt-4o-mini', Model: 'gpt-4o', input: 'x' }, 'Model'],
+    [{ model: 'gpt-4o-mini', input: 'x', BACKGROUND: true }, 'BACKGROUND'],
+    [{ model: 'gpt-4o-mini', input: 'x', Stream: true }, 'Stream']
+  ] as const) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }
+    })
+    t.equal(res.status, 400, `${param}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', param } }, `${param}: unknown_parameter`)
+  }
+  t.equal(upstream.requests.length, 0, 'none reached the upstream')
+})
+
 t.test('a key with a models list must name the model (a stored prompt\'s own is not checked), and a key with a token budget cannot ask for a background response', async t => {
   const { upstream, gw } = await setup(t, {
     clients: [

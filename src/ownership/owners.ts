@@ -40,6 +40,21 @@ function hasOtherCase (object: Json, key: string): boolean {
   return false
 }
 
+/**
+ * The first key of `object` that is one of `keys` spelled in another case (`Conversation`, `ID`), with its path
+ * from `at`, or null. Such a key is nothing to OpenAI, but an upstream whose JSON reader matches keys without
+ * regard to case (Go's does) reads it as the key the gateway checked under its exact name, and the later of the
+ * two wins there.
+ */
+export function otherCaseKey (object: unknown, keys: readonly string[], at = ''): string | null {
+  if (!isObject(object)) return null
+  for (const k in object) {
+    const lower = k.toLowerCase()
+    if (k !== lower && keys.includes(lower)) return at + k
+  }
+  return null
+}
+
 /** The create body with the owner added to its metadata. */
 export function createBody (body: unknown, owner: string): Json {
   const object = isObject(body) ? body : {}

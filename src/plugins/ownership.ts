@@ -14,11 +14,11 @@ import {
   ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
   ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
-  ResponseNotOwnedError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
+  ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
-  conversationParam, createBody, metadataProblem, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  conversationParam, createBody, metadataProblem, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -110,6 +110,33 @@ function checkedConversationParam (body: unknown): string | undefined {
     throw withParam(new InvalidRequestError('conversation must be a conversation id, or an object with its "id".'), 'conversation')
   }
   return id
+}
+
+/** The keys of a create's body that the checks here read, by action; and those of each item in its list. */
+const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
+  'conversation.create': ['items'],
+  'item.create': ['items'],
+  'response.create': ['conversation', 'previous_response_id', 'input']
+}
+const ITEM_KEYS = ['type', 'id', 'role', 'content'] as const
+
+/**
+ * A key the checks read by its exact name, given in another case (`Conversation`, an item's `Type`), is refused
+ * (400 unknown_parameter, as OpenAI answers a key it does not know): to an upstream that matches keys without
+ * regard to case it would name a conversation, response or item the gateway never checked.
+ */
+function refuseOtherCases (action: Action, body: unknown): void {
+  const keys = CHECKED_KEYS[action]
+  if (keys === undefined) return
+  let found = otherCaseKey(body, keys)
+  const object = body as Record<string, unknown> | undefined
+  if (found === null && action === 'response.create') found = otherCaseKey(object?.conversation, ['id'], 'conversation.')
+  const list = action === 'response.create' ? 'input' : 'items'
+  const items = object?.[list]
+  if (Array.isArray(items)) {
+    for (let i = 0; found === null && i < items.length; i++) found = otherCaseKey(items[i], ITEM_KEYS, `${list}[${i}].`)
+  }
+  if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
 }
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
@@ -252,8 +279,16 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (typeof id === 'string' && request.createdId === null) {
         const owner = ownerIn(object)
         if (owner !== undefined && owner !== client.id) throw new Error(`the created ${kind} names another owner`)
-        cache.set(kind, id, client.id)
         request.createdId = id
+        // The object's metadata is what every replica (and this one, once its cache forgets) reads the owner from.
+        // An upstream that did not keep it made an unowned object: remembering it as the client's here would serve
+        // it on this replica only, for up to cacheTtlMs, and then not; a lookup reads what the upstream holds.
+        if (owner === undefined) {
+          request.log.warn({ [`${kind}Id`]: id, clientId: client.id },
+            `the upstream did not keep the owner in the created ${kind}'s metadata: it is unowned`)
+          return object
+        }
+        cache.set(kind, id, client.id)
       }
       return object
     }
@@ -280,6 +315,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const client = request.client
     if (op === null || client === null) return
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
+    refuseOtherCases(op.action, request.parsedBody)
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
       // (A new conversation holds no item to name: any reference is refused, before anything goes upstream.)

@@ -3,9 +3,15 @@
 // it cost (model, stream, response id, tokens) is gathered from the request and the answer as it passes, for the
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
-import { BackgroundNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError } from '../errors.js'
+import {
+  BackgroundNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, UnknownParameterError
+} from '../errors.js'
+import { otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
+
+/** The keys of a create's body that the checks here read by their exact names. */
+const CHECKED_KEYS = ['model', 'stream', 'background']
 
 export default fp(async function responses (app) {
   app.decorateRequest('responseFacts', null)
@@ -19,6 +25,15 @@ export default fp(async function responses (app) {
     }
     const body = request.parsedBody as { model?: unknown, stream?: unknown, background?: unknown } | undefined
     const creating = op.action === 'response.create'
+    // `Model`, `Background`: nothing to OpenAI, but the model or background an upstream that ignores case would
+    // read, past the checks below (ownership.ts refuses the keys its own checks read in the same way).
+    const otherCase = creating ? otherCaseKey(body, CHECKED_KEYS) : null
+    if (otherCase !== null) {
+      const err = new UnknownParameterError(otherCase.slice(0, 200))
+      err.param = otherCase.slice(0, 200)
+      done(err)
+      return
+    }
     const model = creating ? body?.model : undefined
     if (model !== undefined && typeof model !== 'string') {
       done(new InvalidModelTypeError())
