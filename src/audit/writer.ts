@@ -778,6 +778,13 @@ class FileSink implements Sink {
   }
 
   private async rotate (now: number): Promise<void> {
+    // Moved or removed by an outside tool since the last watch (it looks once a second): the file is no longer at
+    // the path to be renamed, and its records stay where that tool put them, or are written again (removed).
+    const current = await this.atPath()
+    if (current !== 'same') {
+      await this.followOutsideRotation(current)
+      return
+    }
     await this.closeActive()
     const target = rotatedName(this.file, now, this.fileFirstSeq ?? this.head.seq + 1)
     await rename(this.file, target)
@@ -846,32 +853,46 @@ class FileSink implements Sink {
       }
     }
     if (this.fh === null) return undefined
-    let current: { ino: number, dev: number } | null
-    try {
-      current = await stat(this.file)
-    } catch {
-      current = null
-    }
-    if (current !== null && current.ino === this.ino && current.dev === this.dev) {
+    const current = await this.atPath()
+    if (current === 'same') {
       this.recent = []
       this.recentBytes = 0
       return undefined
     }
-    const removed = (await this.fh.stat()).nlink === 0
+    try {
+      await this.followOutsideRotation(current)
+    } catch (err) {
+      return err as Error
+    }
+    return undefined
+  }
+
+  /** What is at the path now: the open file itself, another file, or nothing. */
+  private async atPath (): Promise<'same' | 'replaced' | 'removed'> {
+    let current: { ino: number, dev: number }
+    try {
+      current = await stat(this.file)
+    } catch {
+      return 'removed'
+    }
+    return current.ino === this.ino && current.dev === this.dev ? 'same' : 'replaced'
+  }
+
+  /**
+   * The open file is no longer at the path (moved, removed or replaced by something else): open the path anew,
+   * first writing again the records that went into the file if it was removed (and are nowhere else).
+   */
+  private async followOutsideRotation (current: 'replaced' | 'removed'): Promise<void> {
+    const removed = (await this.fh!.stat()).nlink === 0
     const lost = removed ? await this.notInSeries(this.recent) : []
     this.replay = lost.length === 0 ? [] : [Buffer.from(lost.join('\n') + '\n')]
     this.recent = []
     this.recentBytes = 0
     this.opts.log.warn({ file: this.file, rewritten: lost.length },
-      `audit: the file was ${current === null ? 'removed' : 'replaced'} by something else; reopening it` +
+      `audit: the file was ${current} by something else; reopening it` +
       (lost.length > 0 ? ' and writing again the records that went into the removed file' : ''))
     await this.closeActive().catch(() => {})
-    try {
-      await this.openActive()
-    } catch (err) {
-      return err as Error
-    }
-    return undefined
+    await this.openActive()
   }
 
   /**
