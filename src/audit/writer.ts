@@ -782,12 +782,20 @@ class FileSink implements Sink {
     // the path to be renamed, and its records stay where that tool put them, or are written again (removed).
     const current = await this.atPath()
     if (current !== 'same') {
-      await this.followOutsideRotation(current)
+      await this.followOutsideRotation(current, await this.unlinked())
       return
     }
     await this.closeActive()
     const target = rotatedName(this.file, now, this.fileFirstSeq ?? this.head.seq + 1)
-    await rename(this.file, target)
+    try {
+      await rename(this.file, target)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+      // Gone since that look (the close's fsync takes a while): moved or removed, it cannot be told now. Its
+      // records are written again unless the series holds them (a file moved into the series does).
+      await this.followOutsideRotation('removed', true)
+      return
+    }
     this.recent = []
     this.recentBytes = 0
     this.opts.log.info({ file: target }, 'audit: rotated')
@@ -860,11 +868,16 @@ class FileSink implements Sink {
       return undefined
     }
     try {
-      await this.followOutsideRotation(current)
+      await this.followOutsideRotation(current, await this.unlinked())
     } catch (err) {
       return err as Error
     }
     return undefined
+  }
+
+  /** Whether the open file was removed (no name left), rather than moved or replaced. */
+  private async unlinked (): Promise<boolean> {
+    return (await this.fh!.stat()).nlink === 0
   }
 
   /** What is at the path now: the open file itself, another file, or nothing. */
@@ -879,11 +892,10 @@ class FileSink implements Sink {
   }
 
   /**
-   * The open file is no longer at the path (moved, removed or replaced by something else): open the path anew,
-   * first writing again the records that went into the file if it was removed (and are nowhere else).
+   * The file written is no longer at the path (moved, removed or replaced by something else): open the path anew,
+   * first writing again the records that went into it if it was `removed` (and the series holds them nowhere else).
    */
-  private async followOutsideRotation (current: 'replaced' | 'removed'): Promise<void> {
-    const removed = (await this.fh!.stat()).nlink === 0
+  private async followOutsideRotation (current: 'replaced' | 'removed', removed: boolean): Promise<void> {
     const lost = removed ? await this.notInSeries(this.recent) : []
     this.replay = lost.length === 0 ? [] : [Buffer.from(lost.join('\n') + '\n')]
     this.recent = []
@@ -904,12 +916,19 @@ class FileSink implements Sink {
   private async notInSeries (recent: readonly Buffer[]): Promise<string[]> {
     const lines = Buffer.concat(recent).toString('utf8').split('\n').filter(l => l !== '')
     let present = 0
-    try {
-      const newest = (await seriesFiles(this.file)).filter(f => f.path !== this.file && f.firstSeq !== null).at(-1)
-      present = newest === undefined ? 0 : (await lastRecord(newest.path))?.seq ?? 0
-    } catch (err) {
-      // Better twice (verify shows it) than lost.
-      this.opts.log.error({ err: errorSummary(err) }, 'audit: cannot read the series to see which records the removed file held')
+    // A closed file gzipped meanwhile (its plain file removed between the listing and the read) is no failure:
+    // the series is listed again.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const newest = (await seriesFiles(this.file)).filter(f => f.path !== this.file && f.firstSeq !== null).at(-1)
+        present = newest === undefined ? 0 : (await lastRecord(newest.path))?.seq ?? 0
+        break
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT' && attempt < 3) continue
+        // Better twice (verify shows it) than lost.
+        this.opts.log.error({ err: errorSummary(err) }, 'audit: cannot read the series to see which records the removed file held')
+        break
+      }
     }
     return lines.filter(l => (parseChained(l)?.seq ?? Infinity) > present)
   }
