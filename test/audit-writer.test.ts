@@ -363,6 +363,19 @@ t.test('reopen() (SIGUSR2) starts writing the path anew at once', async t => {
   t.match(await verify(file), { ok: true, records: 2 })
 })
 
+t.test('reopen() (SIGUSR2) after the file was removed, not moved: the records that went into it are written again', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer } = await open(file)
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+  rmSync(file) // rm audit.jsonl && kill -USR2, within the watch's second
+  writer.reopen()
+  writer.write(callRecord(4))
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), [1, 2, 3, 4], 'nothing lost to the removed file')
+  t.match(await verify(file), { ok: true, records: 4 })
+})
+
 t.test('a second writer on the same series is refused, in this process and from another process', async t => {
   const dir = tempDir()
   const file = join(dir, 'audit.jsonl')

@@ -845,6 +845,13 @@ class FileSink implements Sink {
   }
 
   async reopen (): Promise<void> {
+    // Removed rather than moved (rm, then the signal): what went into it is written again, as the watch would.
+    const current = this.fh === null ? 'same' : await this.atPath()
+    if (current !== 'same') {
+      await this.followOutsideRotation(current, await this.unlinked()).catch(() => {}) // a failure shows at the next write
+      this.opts.log.info({ file: this.file }, 'audit: reopened')
+      return
+    }
     await this.closeActive().catch(() => {})
     this.recent = []
     this.recentBytes = 0
