@@ -139,6 +139,8 @@ const DISCARD_BODY_BYTES = 64 * 1024 * 1024
 const discarding = new WeakMap<Socket, IncomingMessage>()
 
 export async function buildApp (config: GatewayConfig, deps: AppDependencies = {}): Promise<FastifyInstance> {
+  // Counts body bytes for the audit and cuts off a client that stops reading (listen.sendTimeoutMs).
+  const responseClass = countingResponseClass(config.listen.sendTimeoutMs)
   const app = Fastify({
     loggerInstance: deps.logger ?? createAppLogger(config.log.level),
     logController: new DebugRequestLogController(),
@@ -162,8 +164,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // Node would answer these itself, bare: a missing Host (400) and an unknown Expect (417) go through the
     // gateway's checks instead, for the envelope, a request id and an audit record (plugins/router.ts).
     http: {
-      // Counts body bytes for the audit and cuts off a client that stops reading (listen.sendTimeoutMs).
-      ServerResponse: countingResponseClass(config.listen.sendTimeoutMs),
+      ServerResponse: responseClass,
       requireHostHeader: false,
       headersTimeout: config.listen.headersTimeoutMs,
       // Node checks both timeouts on this interval (30 s by default, far coarser than they are).
@@ -198,7 +199,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   const apiKey = () => current.upstream.apiKey
   const store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
   await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed' })
-  await app.register(router)
+  await app.register(router, { Response: responseClass })
   await app.register(auditGate)
   await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute })
   await app.register(rateLimit, { store })

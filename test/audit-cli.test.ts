@@ -207,6 +207,8 @@ t.test('audit query filters return exactly the matching records, oldest first, o
   process.env.TZ = 'America/New_York' // an operator's machine away from UTC
   t.same(await query(files, '--since', '2025-01-01T00:00:10', '--until', '2025-01-01T00:00:13.000'), ids(all.slice(9, 12)),
     'a time with no offset is UTC, as the trail\'s times are, wherever the command runs')
+  t.same(await query(files, '--since', '2025-01-01 00:00:10', '--until', '2025-01-01 00:00:13'), ids(all.slice(9, 12)),
+    'a date and time written with a space instead of T is UTC too, not the machine\'s local time')
   if (tz === undefined) delete process.env.TZ
   else process.env.TZ = tz
   t.same(await query(files, '--since', '23h'), [], 'an age counts back from now')
@@ -244,6 +246,7 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
     [['--outcome', 'deny'], /--outcome: "deny" is not one of: ok, upstream_rate_limited, upstream_error, denied, /],
     [['--outcome', 'Denied'], /--outcome: "Denied" is not one of: /],
     [['--since', 'yesterday'], /--since: "yesterday" is not a time/],
+    [['--since', '999999999d'], /--since: "999999999d" is not a time/],
     [['--limit', 'many'], /--limit: give a whole number/],
     [['--limit=-1'], /--limit: give a whole number/],
     [['--format', 'csv'], /--format: jsonl or table/],

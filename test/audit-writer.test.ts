@@ -260,6 +260,39 @@ t.test('a file moved away (logrotate without copytruncate) is noticed, and the c
   t.match(await verify(file), { ok: true, records: 2 })
 })
 
+t.test('a file removed by another tool just before a rotation by size: its records are written again, and calls are not refused', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file, { rotate: { ...NO_ROTATION, maxBytes: 1000 } })
+  for (let i = 1; i <= 2; i++) writer.write(callRecord(i))
+  await until('2 records', () => existsSync(file) && linesOf(file).length === 2)
+  // Within the watch's second: the next write rotates by size, and finds no file at the path to rename.
+  rmSync(file)
+  for (let i = 3; i <= 8; i++) writer.write(callRecord(i))
+  await sleep(50)
+  t.equal(writer.available, true, 'no failed write: calls are not refused with 503 audit_unavailable')
+  await writer.close()
+  t.notOk(log.lines.some(l => l.level === 'error'), 'no write failed')
+  const seqs: number[] = []
+  await queryFiles((await seriesFiles(file)).map(f => f.path), [], Infinity, r => { seqs.push(r.seq as number); return true })
+  t.same(seqs, [1, 2, 3, 4, 5, 6, 7, 8], 'the records of the removed file are written again')
+  t.match(await verify(file), { ok: true, records: 8 })
+})
+
+t.test('a file moved away by another tool just before a rotation by size: the write goes on in a new file, not a failed rename', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file, { rotate: { ...NO_ROTATION, maxBytes: 1000 } })
+  for (let i = 1; i <= 2; i++) writer.write(callRecord(i))
+  await until('2 records', () => existsSync(file) && linesOf(file).length === 2)
+  renameSync(file, file + '.1')
+  for (let i = 3; i <= 8; i++) writer.write(callRecord(i))
+  await sleep(50)
+  t.equal(writer.available, true, 'no failed write: calls are not refused with 503 audit_unavailable')
+  await writer.close()
+  t.notOk(log.lines.some(l => l.level === 'error'), 'no write failed')
+  t.same(parsed(file + '.1').map(r => r.seq), [1, 2], 'the moved file keeps its records, and gets no more')
+  t.match(await verify(file), { ok: true, records: 8 })
+})
+
 t.test('an active file swapped for a symlink to /dev/null is not written into: the writer says it cannot write, and the records wait', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const { writer, log } = await open(file, { fsync: 'interval' })
@@ -328,6 +361,19 @@ t.test('reopen() (SIGUSR2) starts writing the path anew at once', async t => {
   await writer.close()
   t.ok(log.lines.some(l => l.msg === 'audit: reopened'))
   t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('reopen() (SIGUSR2) after the file was removed, not moved: the records that went into it are written again', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer } = await open(file)
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+  rmSync(file) // rm audit.jsonl && kill -USR2, within the watch's second
+  writer.reopen()
+  writer.write(callRecord(4))
+  await writer.close()
+  t.same(parsed(file).map(r => r.seq), [1, 2, 3, 4], 'nothing lost to the removed file')
+  t.match(await verify(file), { ok: true, records: 4 })
 })
 
 t.test('a second writer on the same series is refused, in this process and from another process', async t => {

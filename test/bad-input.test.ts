@@ -545,6 +545,8 @@ t.test('protocol switches are refused at the gateway', async t => {
     if (ex.response !== null && ex.response.status >= 400 && ex.response.status < 500) {
       assertGatewayError(t, ex.response, { status: ex.response.status, code: codeOf(ex.response), outcome: 'invalid' }, 'CONNECT')
       await assertAuditedOnce(t, h, ex.response, ex.response.status, 'invalid')
+      const [record] = await auditOf(h.gw, headerOf(ex.response, 'x-gateway-request-id')!)
+      t.equal(record?.bytesOut, Buffer.byteLength(ex.response.body), 'its record counts the body the client got (bytesOut)')
     }
   })
   await oneAuditLineEach(t, h)

@@ -778,9 +778,24 @@ class FileSink implements Sink {
   }
 
   private async rotate (now: number): Promise<void> {
+    // Moved or removed by an outside tool since the last watch (it looks once a second): the file is no longer at
+    // the path to be renamed, and its records stay where that tool put them, or are written again (removed).
+    const current = await this.atPath()
+    if (current !== 'same') {
+      await this.followOutsideRotation(current, await this.unlinked())
+      return
+    }
     await this.closeActive()
     const target = rotatedName(this.file, now, this.fileFirstSeq ?? this.head.seq + 1)
-    await rename(this.file, target)
+    try {
+      await rename(this.file, target)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+      // Gone since that look (the close's fsync takes a while): moved or removed, it cannot be told now. Its
+      // records are written again unless the series holds them (a file moved into the series does).
+      await this.followOutsideRotation('removed', true)
+      return
+    }
     this.recent = []
     this.recentBytes = 0
     this.opts.log.info({ file: target }, 'audit: rotated')
@@ -830,6 +845,13 @@ class FileSink implements Sink {
   }
 
   async reopen (): Promise<void> {
+    // Removed rather than moved (rm, then the signal): what went into it is written again, as the watch would.
+    const current = this.fh === null ? 'same' : await this.atPath()
+    if (current !== 'same') {
+      await this.followOutsideRotation(current, await this.unlinked()).catch(() => {}) // a failure shows at the next write
+      this.opts.log.info({ file: this.file }, 'audit: reopened')
+      return
+    }
     await this.closeActive().catch(() => {})
     this.recent = []
     this.recentBytes = 0
@@ -846,32 +868,50 @@ class FileSink implements Sink {
       }
     }
     if (this.fh === null) return undefined
-    let current: { ino: number, dev: number } | null
-    try {
-      current = await stat(this.file)
-    } catch {
-      current = null
-    }
-    if (current !== null && current.ino === this.ino && current.dev === this.dev) {
+    const current = await this.atPath()
+    if (current === 'same') {
       this.recent = []
       this.recentBytes = 0
       return undefined
     }
-    const removed = (await this.fh.stat()).nlink === 0
+    try {
+      await this.followOutsideRotation(current, await this.unlinked())
+    } catch (err) {
+      return err as Error
+    }
+    return undefined
+  }
+
+  /** Whether the open file was removed (no name left), rather than moved or replaced. */
+  private async unlinked (): Promise<boolean> {
+    return (await this.fh!.stat()).nlink === 0
+  }
+
+  /** What is at the path now: the open file itself, another file, or nothing. */
+  private async atPath (): Promise<'same' | 'replaced' | 'removed'> {
+    let current: { ino: number, dev: number }
+    try {
+      current = await stat(this.file)
+    } catch {
+      return 'removed'
+    }
+    return current.ino === this.ino && current.dev === this.dev ? 'same' : 'replaced'
+  }
+
+  /**
+   * The file written is no longer at the path (moved, removed or replaced by something else): open the path anew,
+   * first writing again the records that went into it if it was `removed` (and the series holds them nowhere else).
+   */
+  private async followOutsideRotation (current: 'replaced' | 'removed', removed: boolean): Promise<void> {
     const lost = removed ? await this.notInSeries(this.recent) : []
     this.replay = lost.length === 0 ? [] : [Buffer.from(lost.join('\n') + '\n')]
     this.recent = []
     this.recentBytes = 0
     this.opts.log.warn({ file: this.file, rewritten: lost.length },
-      `audit: the file was ${current === null ? 'removed' : 'replaced'} by something else; reopening it` +
+      `audit: the file was ${current} by something else; reopening it` +
       (lost.length > 0 ? ' and writing again the records that went into the removed file' : ''))
     await this.closeActive().catch(() => {})
-    try {
-      await this.openActive()
-    } catch (err) {
-      return err as Error
-    }
-    return undefined
+    await this.openActive()
   }
 
   /**
@@ -883,12 +923,19 @@ class FileSink implements Sink {
   private async notInSeries (recent: readonly Buffer[]): Promise<string[]> {
     const lines = Buffer.concat(recent).toString('utf8').split('\n').filter(l => l !== '')
     let present = 0
-    try {
-      const newest = (await seriesFiles(this.file)).filter(f => f.path !== this.file && f.firstSeq !== null).at(-1)
-      present = newest === undefined ? 0 : (await lastRecord(newest.path))?.seq ?? 0
-    } catch (err) {
-      // Better twice (verify shows it) than lost.
-      this.opts.log.error({ err: errorSummary(err) }, 'audit: cannot read the series to see which records the removed file held')
+    // A closed file gzipped meanwhile (its plain file removed between the listing and the read) is no failure:
+    // the series is listed again.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const newest = (await seriesFiles(this.file)).filter(f => f.path !== this.file && f.firstSeq !== null).at(-1)
+        present = newest === undefined ? 0 : (await lastRecord(newest.path))?.seq ?? 0
+        break
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT' && attempt < 3) continue
+        // Better twice (verify shows it) than lost.
+        this.opts.log.error({ err: errorSummary(err) }, 'audit: cannot read the series to see which records the removed file held')
+        break
+      }
     }
     return lines.filter(l => (parseChained(l)?.seq ?? Infinity) > present)
   }

@@ -28,16 +28,21 @@ const AGE = /^(\d+)([smhd])$/
 const UNIT_MS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
 
 /** A date and time of day with no offset (no Z, no +hh:mm). */
-const NO_OFFSET = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?$/
+const NO_OFFSET = /^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?$/
 
 /** An ISO 8601 time (UTC unless it says otherwise), or an age before now (`15m`, `24h`, `7d`), as ms since the epoch. */
 export function parseTime (value: string, now: number): number {
   const age = AGE.exec(value)
-  if (age !== null) return now - Number(age[1]) * UNIT_MS[age[2]!]!
-  // The trail's times are UTC: a time of day with no offset is read as UTC too (Date.parse would take local time).
-  const utc = NO_OFFSET.test(value) ? `${value}Z` : value
-  const ms = /^\d{4}-\d{2}-\d{2}/.test(utc) ? Date.parse(utc) : NaN
-  if (Number.isNaN(ms)) throw new UsageError(`"${value}" is not a time: give an ISO 8601 time (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)`)
+  // An age past what a date can hold (10^8 days) is no time either.
+  if (age !== null) return checked(value, now - Number(age[1]) * UNIT_MS[age[2]!]!)
+  // The trail's times are UTC: a time of day with no offset is read as UTC too (Date.parse would take local time,
+  // with a T or with a space between date and time).
+  const utc = NO_OFFSET.test(value) ? `${value.replace(' ', 'T')}Z` : value
+  return checked(value, /^\d{4}-\d{2}-\d{2}/.test(utc) ? Date.parse(utc) : NaN)
+}
+
+function checked (value: string, ms: number): number {
+  if (Number.isNaN(new Date(ms).getTime())) throw new UsageError(`"${value}" is not a time: give an ISO 8601 time (2025-01-31T12:00:00Z) or an age (15m, 24h, 7d)`)
   return ms
 }
 

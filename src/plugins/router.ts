@@ -2,7 +2,7 @@
 // is 405 with Allow. It runs as an onRequest hook for matched and unmatched routes alike, on the raw target.
 // Requests Node would refuse or answer on its own before any check (a missing Host, an Expect header, CONNECT)
 // are handed to this same path, so they get the envelope, a request id and an audit record like the rest.
-import { ServerResponse, type IncomingMessage } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
@@ -19,7 +19,12 @@ function shown (url: string): string {
   return path.length > 200 ? `${path.slice(0, 200)}…` : path
 }
 
-export default fp(async function router (app) {
+export interface RouterOptions {
+  /** the server's response class (http.createServer's ServerResponse option), for the CONNECT requests made here */
+  Response: typeof ServerResponse
+}
+
+export default fp<RouterOptions>(async function router (app, { Response }) {
   app.decorateRequest('operation', null)
 
   // Callback style (it runs on every call); a thrown refusal is the hook's error.
@@ -70,7 +75,8 @@ export default fp(async function router (app) {
   // Node gives CONNECT to a 'connect' listener or silently drops the connection. Hand it to the ordinary
   // request path instead, so it gets the same 404/405 answer and audit record as any other unknown call.
   app.server.on('connect', (req: IncomingMessage, socket: Duplex) => {
-    const res = new ServerResponse(req)
+    // The server's own class: it counts the body bytes the audit record reports (bytesOut).
+    const res = new Response(req)
     res.shouldKeepAlive = false
     res.assignSocket(socket as Socket)
     res.once('finish', () => {
