@@ -292,6 +292,45 @@ t.test('a conversation or previous_response_id of another shape than the API tak
   t.equal(fine.status, 200, 'null is no conversation and no previous response')
 })
 
+t.test('a key the gateway does not read but a case-blind JSON reader (Go\'s) would take for one it checked is a 400 before the upstream: no way to another team\'s response, conversation or item, nor past the models list', async t => {
+  const { upstream, gw, sdk } = await setup(t, {
+    clients: [
+      { id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'] },
+      { id: 'team-other', keySha256: keyDigest(KEYS.other), scopes: ['read', 'write'], models: ['gpt-4o-mini'] }
+    ]
+  })
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({ items: [{ type: 'message', role: 'user', content: 'secret' }] })
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'secret', store: true })
+  const item = (await a.conversations.items.list(conv.id)).data[0]!
+  const own = await sdk(KEYS.other).conversations.create({})
+  const cases: Array<[string, Record<string, unknown>, string]> = [
+    ['Previous_Response_Id', { Previous_Response_Id: response.id }, 'Previous_Response_Id'],
+    ['previouſ_response_id (long s)', { 'previou\u017f_response_id': response.id }, 'previou\u017f_response_id'],
+    ['Conversation', { Conversation: conv.id }, 'Conversation'],
+    ['conversation { id, ID }', { conversation: { id: own.id, ID: conv.id } }, 'conversation'],
+    ['MODEL beside an allowed model', { MODEL: 'gpt-4o' }, 'MODEL'],
+    ['an input item that is a reference by TYPE', { conversation: own.id, input: [{ type: 'message', TYPE: 'item_reference', id: item.id }] }, 'input']
+  ]
+  const before = upstream.requests.length
+  for (const [label, extra, param] of cases) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hi', ...extra })
+    })
+    t.equal(res.status, 400, `${label}: 400`)
+    t.match(await res.json(), { error: { code: 'invalid_request', type: 'invalid_request_error', param } }, `${label}: names the key`)
+  }
+  const items = await fetch(`${gw.url}/v1/conversations/${own.id}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ items: [{ Type: 'item_reference', id: item.id }] })
+  })
+  t.equal(items.status, 400, 'an item.create with Type: 400')
+  t.same(upstreamCalls(upstream, before), [], 'none of them went upstream')
+  t.equal((await sdk(KEYS.other).responses.create({ model: 'gpt-4o-mini', input: 'hi', conversation: { id: own.id } } as never)).model, 'gpt-4o-mini',
+    'the lowercase keys are served as before')
+})
+
 t.test('clients[].models: a model outside the list gets 403 model_not_allowed before the upstream', async t => {
   const { upstream, gw, sdk } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['gpt-4o-mini', 'gpt-4.1*', 'o?-mini'] }]

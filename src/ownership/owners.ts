@@ -40,6 +40,24 @@ function hasOtherCase (object: Json, key: string): boolean {
   return false
 }
 
+/** A key as a JSON reader blind to case matches it (Go's: ſ and the Kelvin sign K fold to s and k too). */
+function folded (key: string): string {
+  return key.toLowerCase().replace(/\u017f/g, 's')
+}
+
+/**
+ * The first key of `object` that a reader blind to case would take for one of `keys` without being it
+ * (`Previous_Response_Id`, `MODEL` beside `model`): the gateway checks the key as spelled, such an upstream
+ * would act on the other one (the last of them), so it is refused. Null when there is none.
+ */
+export function otherCaseKey (object: unknown, keys: readonly string[]): string | null {
+  if (!isObject(object)) return null
+  for (const key in object) {
+    if (!keys.includes(key) && keys.includes(folded(key))) return key
+  }
+  return null
+}
+
 /** The create body with the owner added to its metadata. */
 export function createBody (body: unknown, owner: string): Json {
   const object = isObject(body) ? body : {}

@@ -18,7 +18,7 @@ import {
 } from '../errors.js'
 import { ID_PATTERN, type Action } from '../operations.js'
 import {
-  conversationParam, createBody, metadataProblem, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  conversationParam, createBody, metadataProblem, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -110,6 +110,32 @@ function checkedConversationParam (body: unknown): string | undefined {
     throw withParam(new InvalidRequestError('conversation must be a conversation id, or an object with its "id".'), 'conversation')
   }
   return id
+}
+
+/** The body keys the gateway reads on a create (what it checks), and the keys it reads in each item of a list. */
+const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
+  'response.create': ['model', 'conversation', 'previous_response_id', 'input', 'background', 'stream', 'metadata'],
+  'conversation.create': ['items', 'metadata'],
+  'item.create': ['items']
+}
+const ITEM_KEYS = ['type', 'id', 'role', 'content']
+
+/**
+ * Refuses (400) a key the gateway would not read but an upstream whose JSON reader is blind to case (Go's) would
+ * read as one it checked: `Previous_Response_Id` naming another team's response, `MODEL` beside an allowed
+ * `model`, `{ "id": own, "ID": another's }` as the conversation, `TYPE` making an item a reference.
+ */
+function refuseOtherCaseKeys (body: unknown, keys: readonly string[]): void {
+  const refuse = (key: string | null, param: string): void => {
+    if (key !== null) throw withParam(new InvalidRequestError(`"${key.slice(0, 100)}" is no parameter (parameters are lowercase).`), param)
+  }
+  const top = otherCaseKey(body, keys)
+  refuse(top, top?.slice(0, 100) ?? '')
+  const { conversation, input, items } = (body ?? {}) as { conversation?: unknown, input?: unknown, items?: unknown }
+  refuse(otherCaseKey(conversation, ['id']), 'conversation')
+  for (const [param, list] of [['input', input], ['items', items]] as const) {
+    if (Array.isArray(list)) for (const item of list) refuse(otherCaseKey(item, ITEM_KEYS), param)
+  }
 }
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
@@ -280,6 +306,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const client = request.client
     if (op === null || client === null) return
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
+    const checked = CHECKED_KEYS[op.action]
+    if (checked !== undefined) refuseOtherCaseKeys(request.parsedBody, checked)
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
       // (A new conversation holds no item to name: any reference is refused, before anything goes upstream.)
