@@ -165,7 +165,7 @@ t.test('bodyTimeoutMs applies between events, not to the whole stream', async t 
 })
 
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
-  const { gw, sdk, streamEnds } = await setup(t, {
+  const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]
   }, 60)
   const controller = new AbortController()
@@ -182,8 +182,26 @@ t.test('a client that hangs up mid-stream closes the upstream stream, and is aud
   const record = gw.audit()[0]!
   t.match(record, { action: 'response.create', outcome: 'aborted', stream: true, inputTokens: null })
   t.ok(record.outputTokens !== null && record.outputTokens >= 3 && record.outputTokens < 9, `the deltas seen so far (${record.outputTokens})`)
+  const inputEstimate = Math.ceil(upstream.requests.at(-1)!.body.length / 4)
   const next = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }).withResponse()
-  t.equal(next.response.headers.get('x-ratelimit-remaining-tokens'), String(1000 - record.outputTokens!), 'the budget was charged with them')
+  t.equal(next.response.headers.get('x-ratelimit-remaining-tokens'), String(1000 - record.outputTokens! - inputEstimate),
+    'the budget was charged with them, and with the input estimated from the bytes sent (no usage came)')
+})
+
+t.test('a stream cut off before its usage came is charged for its input too: hanging up at response.created does not get a long input past the token budget', async t => {
+  const { upstream, gw, sdk, streamEnds } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  }, 60)
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ') // 300 input tokens to the fake
+  const controller = new AbortController()
+  const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input, stream: true }, { signal: controller.signal })
+  for await (const event of stream) if (event.type === 'response.created') controller.abort()
+  await until('the upstream to see its stream closed', () => streamEnds.length === 1, 3000)
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { outcome: 'aborted', inputTokens: null, outputTokens: null }, 'the audit says what was seen: no usage')
+  const sentBytes = upstream.requests.at(-1)!.body.length
+  const next = await rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }))
+  t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
 })
 
 t.test('an upstream that breaks off a streamed response: the SDK raises its own APIError from an error event, the stream is not ended as if whole, and the call is audited upstream_error', async t => {
