@@ -241,6 +241,27 @@ t.test('an upstream that breaks off a streamed response: the SDK raises its own 
   t.match(gw.audit(), [{ status: 200, outcome: 'upstream_error' }, { status: 200, outcome: 'upstream_error' }])
 })
 
+t.test('a streamed create whose events name another owner is broken off with an error event, never passed on, and the gateway stays up', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    // An upstream that answers with another team's response (replayed, mixed up): not this client's creation.
+    res.end('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_9","object":"response","status":"in_progress","model":"m","output":[],"metadata":{"gateway_owner":"team-other","secret":"theirs"}}}\n\n')
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(JSON.stringify(event))
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, [], 'nothing of the other team\'s response reached the client')
+  t.ok(err instanceof OpenAI.APIError, `the SDK raises an APIError (got ${String(err)})`)
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } })
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+  upstream.respond = null
+  t.equal((await sdk(KEYS.full).conversations.create({})).object, 'conversation', 'the gateway still serves calls')
+})
+
 t.test('ownership: another team cannot use, read, cancel or delete a response, nor generate into a conversation, that is not its own', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const a = sdk(KEYS.full)

@@ -15,6 +15,8 @@ const LINE_END = /\r\n$|\n$|\r$/
 
 export class SseRewriter extends Transform {
   readonly #rewrite: EventRewrite
+  /** pushed before the stream is destroyed with the error a rewrite threw (an event the gateway refuses to pass) */
+  readonly #failedEvent: Buffer | null
   /** the whole lines of an event whose blank line has not come yet, each with its line ending */
   #event: Buffer[] = []
   /** the start of a line whose ending has not come yet */
@@ -22,12 +24,40 @@ export class SseRewriter extends Transform {
   /** the last chunk ended with CR: an LF that starts the next one ends the same line */
   #afterCR = false
 
-  constructor (rewrite: EventRewrite) {
+  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null) {
     super()
     this.#rewrite = rewrite
+    this.#failedEvent = failedEvent
   }
 
+  // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
+    try {
+      this.#take(chunk)
+    } catch (err) {
+      this.#fail(err as Error, done)
+      return
+    }
+    done()
+  }
+
+  override _flush (done: TransformCallback): void {
+    try {
+      if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
+      if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
+    } catch (err) {
+      this.#fail(err as Error, done)
+      return
+    }
+    done()
+  }
+
+  #fail (err: Error, done: TransformCallback): void {
+    if (this.#failedEvent !== null) this.push(this.#failedEvent)
+    done(err)
+  }
+
+  #take (chunk: Buffer): void {
     let start = 0
     if (this.#afterCR && chunk.length > 0 && chunk[0] === LF) {
       // The LF of a CRLF split across chunks: part of the line already ended.
@@ -51,13 +81,6 @@ export class SseRewriter extends Transform {
       i = end - 1
     }
     if (start < chunk.length) this.#line.push(chunk.subarray(start))
-    done()
-  }
-
-  override _flush (done: TransformCallback): void {
-    if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
-    if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
-    done()
   }
 
   #endLine (): void {
