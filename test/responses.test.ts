@@ -262,6 +262,35 @@ t.test('a streamed create whose events name another owner is broken off with an 
   t.equal((await sdk(KEYS.full).conversations.create({})).object, 'conversation', 'the gateway still serves calls')
 })
 
+t.test('a streamed event that never ends is not held without bound: past 16 MiB the stream is ended with an error event and the upstream released', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  let upstreamClosed = false
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"')
+    const piece = 'a'.repeat(1024 * 1024)
+    let sent = 0
+    // 24 MiB of one event, as fast as the gateway reads it, then a byte every 100 ms (no body timeout), for 3 s.
+    const trickle = setInterval(() => { if (sent >= 24) res.write('a') }, 100)
+    const broken = setTimeout(() => res.destroy(), 3000)
+    const more = (): void => { while (sent < 24 && !res.destroyed) { sent++; if (!res.write(piece)) { res.once('drain', more); return } } }
+    res.on('close', () => { upstreamClosed = true; clearInterval(trickle); clearTimeout(broken) })
+    more()
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, ['response.created'], 'the whole events before it arrive')
+  t.ok(err instanceof OpenAI.APIError, `then an APIError (got ${String(err)})`)
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /could not check/ } }, 'ended by the gateway, not by the upstream breaking off')
+  await until('the upstream stream to be closed', () => upstreamClosed, 3000)
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+})
+
 t.test('ownership: another team cannot use, read, cancel or delete a response, nor generate into a conversation, that is not its own', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const a = sdk(KEYS.full)

@@ -26,7 +26,10 @@ export interface ProxyOptions {
   apiKey: () => string
 }
 
-/** Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. */
+/**
+ * Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. Also
+ * the largest streamed event it holds until its end: past it the stream is ended with an error event.
+ */
 const MAX_REWRITE_BYTES = 16 * 1024 * 1024
 /**
  * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
@@ -361,7 +364,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
             throw err
           }
-        }, STREAM_REFUSED_EVENT)
+        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

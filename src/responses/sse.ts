@@ -23,11 +23,15 @@ export class SseRewriter extends Transform {
   #line: Buffer[] = []
   /** the last chunk ended with CR: an LF that starts the next one ends the same line */
   #afterCR = false
+  /** bytes held for the event under way, and the most it may hold (an upstream that never ends its event) */
+  #held = 0
+  readonly #maxEventBytes: number
 
-  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null) {
+  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity) {
     super()
     this.#rewrite = rewrite
     this.#failedEvent = failedEvent
+    this.#maxEventBytes = maxEventBytes
   }
 
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
@@ -76,11 +80,16 @@ export class SseRewriter extends Transform {
         else if (chunk[end] === LF) end++
       }
       this.#line.push(chunk.subarray(start, end))
+      this.#held += end - start
       this.#endLine()
       start = end
       i = end - 1
     }
-    if (start < chunk.length) this.#line.push(chunk.subarray(start))
+    if (start < chunk.length) {
+      this.#line.push(chunk.subarray(start))
+      this.#held += chunk.length - start
+    }
+    if (this.#held > this.#maxEventBytes) throw new Error(`an event longer than ${this.#maxEventBytes} bytes`)
   }
 
   #endLine (): void {
@@ -90,6 +99,7 @@ export class SseRewriter extends Transform {
     if (isBlank(line)) {
       this.push(this.#rewritten(this.#event))
       this.#event = []
+      this.#held = 0
     }
   }
 
