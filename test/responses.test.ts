@@ -416,6 +416,25 @@ t.test('clients[].models: a model outside the list gets 403 model_not_allowed be
   t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: null })
 })
 
+t.test('a long model string that nearly matches a models glob is refused without stalling the gateway (no backtracking match)', async t => {
+  const { upstream, gw } = await setup(t, {
+    clients: [
+      { id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['*gpt*mini*'] },
+      { id: 'team-other', keySha256: keyDigest(KEYS.other), scopes: ['read', 'write'] }
+    ]
+  })
+  const create = async (key: string, model: string) => await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify({ model, input: 'x' })
+  })
+  // 900 kB, within the body limit: a regular expression ^.*gpt.*mini.*$ would take minutes on it, the event loop held.
+  const long = await create(KEYS.full, 'gpt'.repeat(300_000))
+  t.equal(long.status, 403)
+  t.match(await long.json(), { error: { code: 'model_not_allowed', param: 'model' } })
+  t.equal((await create(KEYS.other, 'gpt-4o')).status, 200, 'the other team is served')
+  t.equal((await create(KEYS.full, 'gpt-4o-mini')).status, 200, 'a model the glob matches is served')
+  t.equal(upstream.requests.length, 2)
+})
+
 t.test('a key with a models list must name the model (a stored prompt\'s own is not checked), and a key with a token budget cannot ask for a background response', async t => {
   const { upstream, gw } = await setup(t, {
     clients: [

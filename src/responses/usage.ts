@@ -60,20 +60,36 @@ export function tokensUsed (facts: ResponseFacts, upstreamStatus: number | null 
   return input + (outputTokens(facts) ?? 0)
 }
 
-const patterns = new Map<string, RegExp>()
-
-/** A model glob as a RegExp: `*` any run of characters (slashes too: model ids are not paths), `?` one. */
-function globToRegExp (glob: string): RegExp {
-  let re = patterns.get(glob)
-  if (re === undefined) {
-    const body = glob.split('').map(c => c === '*' ? '.*' : c === '?' ? '.' : c.replace(/[\\^$.|+()[\]{}]/g, '\\$&')).join('')
-    re = new RegExp(`^${body}$`, 's')
-    patterns.set(glob, re)
+/**
+ * Whether `model` matches a model glob: `*` any run of characters (slashes too: model ids are not paths), `?` one.
+ * Matched in at most glob x model steps, with no backtracking regular expression: a model string is the client's,
+ * up to the body limit, and `^.*gpt.*mini.*$` takes quadratic time on one that nearly matches.
+ */
+function globMatch (glob: string, model: string): boolean {
+  let g = 0
+  let m = 0
+  let star = -1 // the glob position after the last `*` seen, and the model position it was tried from
+  let from = 0
+  while (m < model.length) {
+    const c = glob[g]
+    if (c === '*') {
+      star = ++g
+      from = m
+    } else if (g < glob.length && (c === '?' || c === model[m])) {
+      g++
+      m++
+    } else if (star !== -1) {
+      g = star // let the last `*` take one more character
+      m = ++from
+    } else {
+      return false
+    }
   }
-  return re
+  while (glob[g] === '*') g++
+  return g === glob.length
 }
 
 /** Whether `model` is one the client may use: any model when it has no list. */
 export function modelAllowed (model: string, allowed: readonly string[] | undefined): boolean {
-  return allowed === undefined || allowed.some(glob => globToRegExp(glob).test(model))
+  return allowed === undefined || allowed.some(glob => globMatch(glob, model))
 }
