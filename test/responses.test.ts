@@ -453,6 +453,12 @@ t.test('a key with a models list must name the model (a stored prompt\'s own is 
   t.match(await background.json(), { error: { code: 'background_not_allowed', param: 'background' } })
   t.equal(upstream.requests.length, 0, 'neither reached the upstream')
   t.match(gw.audit(), [{ status: 403, outcome: 'denied' }, { status: 403, outcome: 'denied' }])
+  for (const loose of ['true', 1]) {
+    const res = await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x', background: loose })
+    t.equal(res.status, 403, `background: ${JSON.stringify(loose)}, which a loose reader takes for true: 403 too`)
+  }
+  t.equal(upstream.requests.length, 0, 'none of them reached the upstream')
+  t.equal((await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x', background: false })).status, 200, 'background: false is served')
   t.equal((await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x' })).status, 200, 'the same key, in the foreground: served')
 })
 
