@@ -310,6 +310,8 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     ['a response in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'item_reference', id: itemA }] }, 404, 'item_not_found', 'input'],
     ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'item_reference', id: itemA }] }, 404, 'item_not_found', 'items'],
     ['items added, the type left out', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA }] }, 404, 'item_not_found', 'items'],
+    ['items added, role and content null', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, role: null, content: null }] }, 404, 'item_not_found', 'items'],
+    ['a response, role and content null', '/v1/responses', { model: 'gpt-4o', input: [{ id: itemA, role: null, content: null }] }, 400, 'item_reference_not_allowed', 'input'],
     ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
   for (const [label, path, body, status, code, param] of refusals) {

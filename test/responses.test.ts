@@ -165,7 +165,7 @@ t.test('bodyTimeoutMs applies between events, not to the whole stream', async t 
 })
 
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
-  const { gw, sdk, streamEnds } = await setup(t, {
+  const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]
   }, 60)
   const controller = new AbortController()
@@ -182,8 +182,26 @@ t.test('a client that hangs up mid-stream closes the upstream stream, and is aud
   const record = gw.audit()[0]!
   t.match(record, { action: 'response.create', outcome: 'aborted', stream: true, inputTokens: null })
   t.ok(record.outputTokens !== null && record.outputTokens >= 3 && record.outputTokens < 9, `the deltas seen so far (${record.outputTokens})`)
+  const inputEstimate = Math.ceil(upstream.requests.at(-1)!.body.length / 4)
   const next = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }).withResponse()
-  t.equal(next.response.headers.get('x-ratelimit-remaining-tokens'), String(1000 - record.outputTokens!), 'the budget was charged with them')
+  t.equal(next.response.headers.get('x-ratelimit-remaining-tokens'), String(1000 - record.outputTokens! - inputEstimate),
+    'the budget was charged with them, and with the input estimated from the bytes sent (no usage came)')
+})
+
+t.test('a stream cut off before its usage came is charged for its input too: hanging up at response.created does not get a long input past the token budget', async t => {
+  const { upstream, gw, sdk, streamEnds } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  }, 60)
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ') // 300 input tokens to the fake
+  const controller = new AbortController()
+  const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input, stream: true }, { signal: controller.signal })
+  for await (const event of stream) if (event.type === 'response.created') controller.abort()
+  await until('the upstream to see its stream closed', () => streamEnds.length === 1, 3000)
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { outcome: 'aborted', inputTokens: null, outputTokens: null }, 'the audit says what was seen: no usage')
+  const sentBytes = upstream.requests.at(-1)!.body.length
+  const next = await rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }))
+  t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
 })
 
 t.test('an upstream that breaks off a streamed response: the SDK raises its own APIError from an error event, the stream is not ended as if whole, and the call is audited upstream_error', async t => {
@@ -221,6 +239,56 @@ t.test('an upstream that breaks off a streamed response: the SDK raises its own 
   t.match(text, /event: error\ndata: \{"type":"error","code":"upstream_unavailable"/, 'after the error event')
   await until('the audit records', () => gw.audit().length === 2)
   t.match(gw.audit(), [{ status: 200, outcome: 'upstream_error' }, { status: 200, outcome: 'upstream_error' }])
+})
+
+t.test('a streamed create whose events name another owner is broken off with an error event, never passed on, and the gateway stays up', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    // An upstream that answers with another team's response (replayed, mixed up): not this client's creation.
+    res.end('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_9","object":"response","status":"in_progress","model":"m","output":[],"metadata":{"gateway_owner":"team-other","secret":"theirs"}}}\n\n')
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(JSON.stringify(event))
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, [], 'nothing of the other team\'s response reached the client')
+  t.ok(err instanceof OpenAI.APIError, `the SDK raises an APIError (got ${String(err)})`)
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } })
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+  upstream.respond = null
+  t.equal((await sdk(KEYS.full).conversations.create({})).object, 'conversation', 'the gateway still serves calls')
+})
+
+t.test('a streamed event that never ends is not held without bound: past 16 MiB the stream is ended with an error event and the upstream released', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  let upstreamClosed = false
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"')
+    const piece = 'a'.repeat(1024 * 1024)
+    let sent = 0
+    // 24 MiB of one event, as fast as the gateway reads it, then a byte every 100 ms (no body timeout), for 3 s.
+    const trickle = setInterval(() => { if (sent >= 24) res.write('a') }, 100)
+    const broken = setTimeout(() => res.destroy(), 3000)
+    const more = (): void => { while (sent < 24 && !res.destroyed) { sent++; if (!res.write(piece)) { res.once('drain', more); return } } }
+    res.on('close', () => { upstreamClosed = true; clearInterval(trickle); clearTimeout(broken) })
+    more()
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, ['response.created'], 'the whole events before it arrive')
+  t.ok(err instanceof OpenAI.APIError, `then an APIError (got ${String(err)})`)
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /could not check/ } }, 'ended by the gateway, not by the upstream breaking off')
+  await until('the upstream stream to be closed', () => upstreamClosed, 3000)
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
 })
 
 t.test('ownership: another team cannot use, read, cancel or delete a response, nor generate into a conversation, that is not its own', async t => {
@@ -292,6 +360,45 @@ t.test('a conversation or previous_response_id of another shape than the API tak
   t.equal(fine.status, 200, 'null is no conversation and no previous response')
 })
 
+t.test('a key the gateway does not read but a case-blind JSON reader (Go\'s) would take for one it checked is a 400 before the upstream: no way to another team\'s response, conversation or item, nor past the models list', async t => {
+  const { upstream, gw, sdk } = await setup(t, {
+    clients: [
+      { id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'] },
+      { id: 'team-other', keySha256: keyDigest(KEYS.other), scopes: ['read', 'write'], models: ['gpt-4o-mini'] }
+    ]
+  })
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({ items: [{ type: 'message', role: 'user', content: 'secret' }] })
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'secret', store: true })
+  const item = (await a.conversations.items.list(conv.id)).data[0]!
+  const own = await sdk(KEYS.other).conversations.create({})
+  const cases: Array<[string, Record<string, unknown>, string]> = [
+    ['Previous_Response_Id', { Previous_Response_Id: response.id }, 'Previous_Response_Id'],
+    ['previouſ_response_id (long s)', { 'previou\u017f_response_id': response.id }, 'previou\u017f_response_id'],
+    ['Conversation', { Conversation: conv.id }, 'Conversation'],
+    ['conversation { id, ID }', { conversation: { id: own.id, ID: conv.id } }, 'conversation.ID'],
+    ['MODEL beside an allowed model', { MODEL: 'gpt-4o' }, 'MODEL'],
+    ['an input item that is a reference by TYPE', { conversation: own.id, input: [{ type: 'message', TYPE: 'item_reference', id: item.id }] }, 'input[0].TYPE']
+  ]
+  const before = upstream.requests.length
+  for (const [label, extra, param] of cases) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hi', ...extra })
+    })
+    t.equal(res.status, 400, `${label}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${label}: names the key`)
+  }
+  const items = await fetch(`${gw.url}/v1/conversations/${own.id}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ items: [{ Type: 'item_reference', id: item.id }] })
+  })
+  t.equal(items.status, 400, 'an item.create with Type: 400')
+  t.same(upstreamCalls(upstream, before), [], 'none of them went upstream')
+  t.equal((await sdk(KEYS.other).responses.create({ model: 'gpt-4o-mini', input: 'hi', conversation: { id: own.id } } as never)).model, 'gpt-4o-mini',
+    'the lowercase keys are served as before')
+})
+
 t.test('clients[].models: a model outside the list gets 403 model_not_allowed before the upstream', async t => {
   const { upstream, gw, sdk } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['gpt-4o-mini', 'gpt-4.1*', 'o?-mini'] }]
@@ -328,6 +435,25 @@ t.test('models and the token budget cannot be got round with Model or Background
   t.equal(upstream.requests.length, 0, 'none reached the upstream')
 })
 
+t.test('a long model string that nearly matches a models glob is refused without stalling the gateway (no backtracking match)', async t => {
+  const { upstream, gw } = await setup(t, {
+    clients: [
+      { id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['*gpt*mini*'] },
+      { id: 'team-other', keySha256: keyDigest(KEYS.other), scopes: ['read', 'write'] }
+    ]
+  })
+  const create = async (key: string, model: string) => await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify({ model, input: 'x' })
+  })
+  // 900 kB, within the body limit: a regular expression ^.*gpt.*mini.*$ would take minutes on it, the event loop held.
+  const long = await create(KEYS.full, 'gpt'.repeat(300_000))
+  t.equal(long.status, 403)
+  t.match(await long.json(), { error: { code: 'model_not_allowed', param: 'model' } })
+  t.equal((await create(KEYS.other, 'gpt-4o')).status, 200, 'the other team is served')
+  t.equal((await create(KEYS.full, 'gpt-4o-mini')).status, 200, 'a model the glob matches is served')
+  t.equal(upstream.requests.length, 2)
+})
+
 t.test('a key with a models list must name the model (a stored prompt\'s own is not checked), and a key with a token budget cannot ask for a background response', async t => {
   const { upstream, gw } = await setup(t, {
     clients: [
@@ -346,6 +472,12 @@ t.test('a key with a models list must name the model (a stored prompt\'s own is 
   t.match(await background.json(), { error: { code: 'background_not_allowed', param: 'background' } })
   t.equal(upstream.requests.length, 0, 'neither reached the upstream')
   t.match(gw.audit(), [{ status: 403, outcome: 'denied' }, { status: 403, outcome: 'denied' }])
+  for (const loose of ['true', 1]) {
+    const res = await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x', background: loose })
+    t.equal(res.status, 403, `background: ${JSON.stringify(loose)}, which a loose reader takes for true: 403 too`)
+  }
+  t.equal(upstream.requests.length, 0, 'none of them reached the upstream')
+  t.equal((await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x', background: false })).status, 200, 'background: false is served')
   t.equal((await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x' })).status, 200, 'the same key, in the foreground: served')
 })
 

@@ -40,17 +40,21 @@ function hasOtherCase (object: Json, key: string): boolean {
   return false
 }
 
+/** A key as a JSON reader blind to case matches it (Go's: ſ and the Kelvin sign K fold to s and k too). */
+function folded (key: string): string {
+  return key.toLowerCase().replace(/\u017f/g, 's')
+}
+
 /**
- * The first key of `object` that is one of `keys` spelled in another case (`Conversation`, `ID`), with its path
- * from `at`, or null. Such a key is nothing to OpenAI, but an upstream whose JSON reader matches keys without
- * regard to case (Go's does) reads it as the key the gateway checked under its exact name, and the later of the
- * two wins there.
+ * The first key of `object` that a reader blind to case would take for one of `keys` without being it
+ * (`Conversation`, `ID`, `previouſ_response_id`), with its path from `at`, or null. Such a key is nothing to
+ * OpenAI, but an upstream whose JSON reader matches keys without regard to case (Go's does) reads it as the key
+ * the gateway checked under its exact name, and the later of the two wins there.
  */
 export function otherCaseKey (object: unknown, keys: readonly string[], at = ''): string | null {
   if (!isObject(object)) return null
   for (const k in object) {
-    const lower = k.toLowerCase()
-    if (k !== lower && keys.includes(lower)) return at + k
+    if (!keys.includes(k) && keys.includes(folded(k))) return at + k
   }
   return null
 }

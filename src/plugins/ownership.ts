@@ -52,7 +52,8 @@ const MAX_REFERENCES = 32
 
 /**
  * The ids of the items a create body's list names by reference: OpenAI's item_reference, `{ id, type:
- * "item_reference" }`, whose type may be left out (an item with an id and neither type, role nor content).
+ * "item_reference" }`, whose type may be left out (an item with an id and neither type, role nor content, or
+ * these null).
  */
 export function referencedItems (list: unknown): unknown[] {
   if (!Array.isArray(list)) return []
@@ -60,7 +61,8 @@ export function referencedItems (list: unknown): unknown[] {
   for (const item of list) {
     if (item === null || typeof item !== 'object') continue
     const { type, id, role, content } = item as Record<string, unknown>
-    if (type === 'item_reference' || ((type === undefined || type === null) && id !== undefined && role === undefined && content === undefined)) {
+    // (null is no value: a reader that takes null for absent sees a reference in { id, role: null, content: null }.)
+    if (type === 'item_reference' || (type == null && id !== undefined && role == null && content == null)) {
       ids.push(id)
     }
   }

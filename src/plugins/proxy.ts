@@ -26,7 +26,10 @@ export interface ProxyOptions {
   apiKey: () => string
 }
 
-/** Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. */
+/**
+ * Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. Also
+ * the largest streamed event it holds until its end: past it the stream is ended with an error event.
+ */
 const MAX_REWRITE_BYTES = 16 * 1024 * 1024
 /**
  * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
@@ -35,12 +38,15 @@ const MAX_REWRITE_BYTES = 16 * 1024 * 1024
 const MAX_ERROR_BYTES = 1024 * 1024
 const ERROR_READ_MS = 5_000
 
-/** The event a Responses stream ends with when the upstream breaks it off: OpenAI's error event, with its envelope. */
-const STREAM_BROKEN_EVENT = (() => {
-  const message = 'The upstream API broke off the stream before the response was complete.'
+/** OpenAI's error event, with the envelope of upstream_unavailable: how a Responses stream the gateway ends ends. */
+function streamErrorEvent (message: string): Buffer {
   const error = { message, type: 'server_error', param: null, code: 'upstream_unavailable' }
   return Buffer.from(`event: error\ndata: ${JSON.stringify({ type: 'error', code: error.code, message, param: null, error })}\n\n`)
-})()
+}
+/** The upstream broke the stream off. */
+const STREAM_BROKEN_EVENT = streamErrorEvent('The upstream API broke off the stream before the response was complete.')
+/** An event the gateway does not pass on (a created response naming another owner): the stream ends there. */
+const STREAM_REFUSED_EVENT = streamErrorEvent('The upstream API sent an event the gateway could not check; the stream was ended.')
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
@@ -350,7 +356,15 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
         reply.removeHeader('content-length')
-        const events = new SseRewriter(data => rewriteEvent(scrub.json(data)))
+        const events = new SseRewriter(data => {
+          try {
+            return rewriteEvent(scrub.json(data))
+          } catch (err) {
+            // As for an answer read whole: an event the gateway cannot check is not passed on (fail closed).
+            request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
+            throw err
+          }
+        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

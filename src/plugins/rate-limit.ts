@@ -86,7 +86,8 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         return
       }
       whenClosed(reply.raw, () => {
-        const used = request.responseFacts === null ? 0 : tokensUsed(request.responseFacts)
+        const facts = request.responseFacts
+        const used = facts === null ? 0 : tokensUsed(facts, request.upstream?.status ?? null, request.upstreamBody?.length ?? 0)
         if (used > 0) chargeTokens(request, client, rule, used)
       })
       done()

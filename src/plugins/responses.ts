@@ -49,7 +49,10 @@ export default fp(async function responses (app) {
       return
     }
     // A background response reports its usage to a later retrieve, not to this call, which alone is charged.
-    if (creating && body?.background === true && client.rateLimit.tokensPerMinute !== undefined) {
+    // Any value but false or none counts: an upstream that reads loosely takes "true" or 1 for true.
+    const background = body?.background
+    if (creating && background !== undefined && background !== null && background !== false &&
+      client.rateLimit.tokensPerMinute !== undefined) {
       done(new BackgroundNotAllowedError())
       return
     }

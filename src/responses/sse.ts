@@ -15,19 +15,53 @@ const LINE_END = /\r\n$|\n$|\r$/
 
 export class SseRewriter extends Transform {
   readonly #rewrite: EventRewrite
+  /** pushed before the stream is destroyed with the error a rewrite threw (an event the gateway refuses to pass) */
+  readonly #failedEvent: Buffer | null
   /** the whole lines of an event whose blank line has not come yet, each with its line ending */
   #event: Buffer[] = []
   /** the start of a line whose ending has not come yet */
   #line: Buffer[] = []
   /** the last chunk ended with CR: an LF that starts the next one ends the same line */
   #afterCR = false
+  /** bytes held for the event under way, and the most it may hold (an upstream that never ends its event) */
+  #held = 0
+  readonly #maxEventBytes: number
 
-  constructor (rewrite: EventRewrite) {
+  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity) {
     super()
     this.#rewrite = rewrite
+    this.#failedEvent = failedEvent
+    this.#maxEventBytes = maxEventBytes
   }
 
+  // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
+    try {
+      this.#take(chunk)
+    } catch (err) {
+      this.#fail(err as Error, done)
+      return
+    }
+    done()
+  }
+
+  override _flush (done: TransformCallback): void {
+    try {
+      if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
+      if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
+    } catch (err) {
+      this.#fail(err as Error, done)
+      return
+    }
+    done()
+  }
+
+  #fail (err: Error, done: TransformCallback): void {
+    if (this.#failedEvent !== null) this.push(this.#failedEvent)
+    done(err)
+  }
+
+  #take (chunk: Buffer): void {
     let start = 0
     if (this.#afterCR && chunk.length > 0 && chunk[0] === LF) {
       // The LF of a CRLF split across chunks: part of the line already ended.
@@ -46,18 +80,16 @@ export class SseRewriter extends Transform {
         else if (chunk[end] === LF) end++
       }
       this.#line.push(chunk.subarray(start, end))
+      this.#held += end - start
       this.#endLine()
       start = end
       i = end - 1
     }
-    if (start < chunk.length) this.#line.push(chunk.subarray(start))
-    done()
-  }
-
-  override _flush (done: TransformCallback): void {
-    if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
-    if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
-    done()
+    if (start < chunk.length) {
+      this.#line.push(chunk.subarray(start))
+      this.#held += chunk.length - start
+    }
+    if (this.#held > this.#maxEventBytes) throw new Error(`an event longer than ${this.#maxEventBytes} bytes`)
   }
 
   #endLine (): void {
@@ -67,6 +99,7 @@ export class SseRewriter extends Transform {
     if (isBlank(line)) {
       this.push(this.#rewritten(this.#event))
       this.#event = []
+      this.#held = 0
     }
   }
 

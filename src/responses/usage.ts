@@ -48,24 +48,48 @@ export function outputTokens (facts: ResponseFacts): number | null {
   return facts.outputTokens ?? (facts.deltas > 0 ? facts.deltas : null)
 }
 
-export function tokensUsed (facts: ResponseFacts): number {
-  return (facts.inputTokens ?? 0) + (outputTokens(facts) ?? 0)
+/**
+ * What a call is charged: its usage; for a generation the upstream took on (a 2xx answer began) whose usage never
+ * came (a stream cut off, even at its first event), the input estimated from the bytes sent, about 4 a token
+ * (OpenAI's rule of thumb): else a client could hang up early and spend any input for nothing. The context a
+ * previous response or a conversation adds is not seen, so this is a floor.
+ */
+export function tokensUsed (facts: ResponseFacts, upstreamStatus: number | null = null, sentBytes = 0): number {
+  const took = upstreamStatus !== null && upstreamStatus >= 200 && upstreamStatus < 300
+  const input = facts.inputTokens ?? (took ? Math.ceil(sentBytes / 4) : 0)
+  return input + (outputTokens(facts) ?? 0)
 }
 
-const patterns = new Map<string, RegExp>()
-
-/** A model glob as a RegExp: `*` any run of characters (slashes too: model ids are not paths), `?` one. */
-function globToRegExp (glob: string): RegExp {
-  let re = patterns.get(glob)
-  if (re === undefined) {
-    const body = glob.split('').map(c => c === '*' ? '.*' : c === '?' ? '.' : c.replace(/[\\^$.|+()[\]{}]/g, '\\$&')).join('')
-    re = new RegExp(`^${body}$`, 's')
-    patterns.set(glob, re)
+/**
+ * Whether `model` matches a model glob: `*` any run of characters (slashes too: model ids are not paths), `?` one.
+ * Matched in at most glob x model steps, with no backtracking regular expression: a model string is the client's,
+ * up to the body limit, and `^.*gpt.*mini.*$` takes quadratic time on one that nearly matches.
+ */
+function globMatch (glob: string, model: string): boolean {
+  let g = 0
+  let m = 0
+  let star = -1 // the glob position after the last `*` seen, and the model position it was tried from
+  let from = 0
+  while (m < model.length) {
+    const c = glob[g]
+    if (c === '*') {
+      star = ++g
+      from = m
+    } else if (g < glob.length && (c === '?' || c === model[m])) {
+      g++
+      m++
+    } else if (star !== -1) {
+      g = star // let the last `*` take one more character
+      m = ++from
+    } else {
+      return false
+    }
   }
-  return re
+  while (glob[g] === '*') g++
+  return g === glob.length
 }
 
 /** Whether `model` is one the client may use: any model when it has no list. */
 export function modelAllowed (model: string, allowed: readonly string[] | undefined): boolean {
-  return allowed === undefined || allowed.some(glob => globToRegExp(glob).test(model))
+  return allowed === undefined || allowed.some(glob => globMatch(glob, model))
 }
