@@ -93,7 +93,8 @@ t.test('a reader that stops early closes the file, a gzipped one too (no descrip
   const before = open()
   for (let i = 0; i < 20; i++) t.match(await firstLine(gz), /^\{"action"/)
   for (let i = 0; i < 50 && open() > before; i++) await sleep(10) // closing is asynchronous
-  t.equal(open(), before, 'every descriptor closed')
+  // At most as many as before: a descriptor an earlier test left closing may close meanwhile (seen once in CI).
+  t.ok(open() <= before, `every descriptor closed (${open()} open, ${before} before)`)
 })
 
 t.test('a very long line is read with work linear in its length: its bytes are copied once, not once per chunk read', async t => {
