@@ -25,19 +25,13 @@ export function metadataProblem (body: unknown): MetadataProblem | null {
   if (!isObject(body)) return 'not_object'
   // A key spelled like metadata in another case would be metadata to an upstream whose JSON reader matches keys
   // without regard to case (Go's does), and it would go as the client sent it: refused, as the API knows none.
-  if (hasOtherCase(body, 'metadata')) return 'not_object'
+  if (otherCaseKey(body, ['metadata']) !== null) return 'not_object'
   const metadata = body.metadata
   if (metadata === undefined || metadata === null) return null
   if (!isObject(metadata)) return 'not_object'
-  if (Object.hasOwn(metadata, OWNER_KEY) || hasOtherCase(metadata, OWNER_KEY)) return 'reserved'
+  if (Object.hasOwn(metadata, OWNER_KEY) || otherCaseKey(metadata, [OWNER_KEY]) !== null) return 'reserved'
   if (Object.keys(metadata).length >= MAX_METADATA_KEYS) return 'limit'
   return null
-}
-
-/** Whether `object` has a key that is `key` in another case (`Metadata`, `GATEWAY_OWNER`). */
-function hasOtherCase (object: Json, key: string): boolean {
-  for (const k in object) if (k !== key && k.length === key.length && k.toLowerCase() === key) return true
-  return false
 }
 
 /** A key as a JSON reader blind to case matches it (Go's: ſ and the Kelvin sign K fold to s and k too). */
@@ -47,7 +41,7 @@ function folded (key: string): string {
 
 /**
  * The first key of `object` that a reader blind to case would take for one of `keys` without being it
- * (`Conversation`, `ID`, `previouſ_response_id`), with its path from `at`, or null. Such a key is nothing to
+ * (`Conversation`, `ID`, `previouſ_response_id`, `Metadata`, `GATEWAY_OWNER`), with its path from `at`, or null. Such a key is nothing to
  * OpenAI, but an upstream whose JSON reader matches keys without regard to case (Go's does) reads it as the key
  * the gateway checked under its exact name, and the later of the two wins there.
  */
