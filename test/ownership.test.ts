@@ -293,17 +293,25 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
   }
 })
 
-t.test('an item named by id (item_reference) must be an item of a conversation of the caller\'s: another team\'s is refused wherever it is named', async t => {
-  const { upstream, gw } = await setup(t)
-  const post = (key: string, path: string, body: unknown) => fetch(`${gw.url}${path}`, {
+/**
+ * Team A (KEYS.full) keeps a secret in a conversation of its own; team B (KEYS.other) has one of its own, and
+ * knows the id of A's item. `post` sends a JSON body with a key.
+ */
+async function twoTeams (url: string) {
+  const post = (key: string, path: string, body: unknown) => fetch(`${url}${path}`, {
     method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
   })
-  // Team A keeps a secret in its conversation; team B has one of its own, and knows the id of A's item.
   const created = await post(KEYS.full, '/v1/conversations', { items: [{ type: 'message', role: 'user', content: 'A secret' }] })
   const conversationA = (await created.json() as { id: string }).id
-  const listed = await fetch(`${gw.url}/v1/conversations/${conversationA}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  const listed = await fetch(`${url}/v1/conversations/${conversationA}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
   const itemA = (await listed.json() as { data: Array<{ id: string }> }).data[0]!.id
   const conversationB = (await (await post(KEYS.other, '/v1/conversations', {})).json() as { id: string }).id
+  return { post, conversationA, itemA, conversationB }
+}
+
+t.test('an item named by id (item_reference) must be an item of a conversation of the caller\'s: another team\'s is refused wherever it is named', async t => {
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
 
   const refusals: Array<[string, string, unknown, number, string, string]> = [
     ['a response outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'input'],
@@ -356,15 +364,8 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
   // "Conversation" as the conversation, "Items" as the items, "Type" as an item's type; the gateway, reading the
   // exact keys, would have checked nothing. The API knows no such keys.
   const { upstream, gw } = await setup(t)
-  const post = (key: string, path: string, body: unknown) => fetch(`${gw.url}${path}`, {
-    method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
-  })
-  const created = await post(KEYS.full, '/v1/conversations', { items: [{ type: 'message', role: 'user', content: 'A secret' }] })
-  const conversationA = (await created.json() as { id: string }).id
-  const listed = await fetch(`${gw.url}/v1/conversations/${conversationA}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
-  const itemA = (await listed.json() as { data: Array<{ id: string }> }).data[0]!.id
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
   const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
-  const conversationB = (await (await post(KEYS.other, '/v1/conversations', {})).json() as { id: string }).id
   const itemsOfB = `/v1/conversations/${conversationB}/items`
 
   const forgeries: Array<[string, string, unknown, string]> = [
