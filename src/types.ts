@@ -14,6 +14,15 @@ export interface UpstreamFacts {
   requestId: string | null
 }
 
+/** An upstream call as it goes: set before its first attempt, updated by each. */
+export interface UpstreamProgress {
+  /** the line that answered; null until one did */
+  line: number | null
+  attempts: number
+  /** the current attempt's request got a connection and went out: without an answer, the upstream may have it */
+  sent: boolean
+}
+
 declare module 'fastify' {
   interface FastifyRequest {
     /** plugins/router.ts: which of the eight operations this is; null for /healthz and unmatched paths */
@@ -52,8 +61,8 @@ declare module 'fastify' {
     tokenBudget: RateLimitResult | null
     /** plugins/proxy.ts: what the upstream answered, when it did */
     upstream: UpstreamFacts | null
-    /** plugins/proxy.ts: the line that answered (null if none did) and how many attempts the call took */
-    upstreamCall: { line: number | null, attempts: number } | null
+    /** plugins/proxy.ts: the line that answered (null if none did), how many attempts the call took, whether it was sent */
+    upstreamCall: UpstreamProgress | null
     /** app.ts error handler: the gateway's own error this call was answered with */
     refusal: GatewayError | null
     /** plugins/audit.ts: when the call came and how its answer went, for its record (null for unaudited routes) */

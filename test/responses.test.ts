@@ -7,7 +7,7 @@ import { keyDigest } from '../src/keys.js'
 import { sleep, until } from './fixtures/client.js'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startRedis } from './fixtures/redis-server.js'
-import { startUpstream, type FakeUpstream } from './fixtures/upstream.js'
+import { closedPort, startUpstream, type FakeUpstream } from './fixtures/upstream.js'
 
 interface Setup {
   upstream: FakeUpstream
@@ -202,6 +202,38 @@ t.test('a stream cut off before its usage came is charged for its input too: han
   const sentBytes = upstream.requests.at(-1)!.body.length
   const next = await rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }))
   t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
+})
+
+t.test('a client that gives up on a non-streamed create while the upstream works on it is charged for its input: hanging up before the answer does not get a long input past the token budget', async t => {
+  const { upstream, gw, sdk } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  })
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ') // 300 input tokens to the fake
+  upstream.respond = () => {} // the model is at work: no answer yet
+  const controller = new AbortController()
+  const call = rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input }, { signal: controller.signal }))
+  await until('the upstream to have the request', () => upstream.requests.length === 1)
+  controller.abort()
+  await call
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', outcome: 'aborted', attempts: 1, inputTokens: null, outputTokens: null },
+    'the audit says what was seen: no answer, no usage')
+  upstream.respond = null
+  const sentBytes = upstream.requests[0]!.body.length
+  const next = await rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }))
+  t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
+})
+
+t.test('a create that never reached the upstream (its line refused the connection) is not charged to the token budget', async t => {
+  const gw = await startGateway(t, testConfig(`http://127.0.0.1:${await closedPort()}`, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ') // about 75 tokens a call by the estimate
+  for (let i = 0; i < 3; i++) {
+    t.match(await rejection(sdk.responses.create({ model: 'gpt-4o', input })), { status: 502 },
+      `call ${i + 1}: the line's failure, not 429: nothing was sent, nothing charged`)
+  }
 })
 
 t.test('an upstream that breaks off a streamed response: the SDK raises its own APIError from an error event, the stream is not ended as if whole, and the call is audited upstream_error', async t => {

@@ -18,6 +18,7 @@ import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
@@ -229,7 +230,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       }
       // Set before the call, and counted as it goes: a call cut short (the client gone) is audited with the
       // attempts it made.
-      const progress: { line: number | null, attempts: number } = { line: null, attempts: 0 }
+      const progress: UpstreamProgress = { line: null, attempts: 0, sent: false }
       request.upstreamCall = progress
       upstream.call({
         method: options.method,

@@ -87,7 +87,10 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
       }
       whenClosed(reply.raw, () => {
         const facts = request.responseFacts
-        const used = facts === null ? 0 : tokensUsed(facts, request.upstream?.status ?? null, request.upstreamBody?.length ?? 0)
+        if (facts === null) return
+        const upstream = request.upstream
+        const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
+        const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
         if (used > 0) chargeTokens(request, client, rule, used)
       })
       done()

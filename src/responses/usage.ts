@@ -49,14 +49,14 @@ export function outputTokens (facts: ResponseFacts): number | null {
 }
 
 /**
- * What a call is charged: its usage; for a generation the upstream took on (a 2xx answer began) whose usage never
- * came (a stream cut off, even at its first event), the input estimated from the bytes sent, about 4 a token
- * (OpenAI's rule of thumb): else a client could hang up early and spend any input for nothing. The context a
- * previous response or a conversation adds is not seen, so this is a floor.
+ * What a call is charged: its usage; for a generation the upstream may have taken on whose usage never came, the
+ * input estimated from the bytes sent, about 4 a token (OpenAI's rule of thumb): else a client could hang up early
+ * and spend any input for nothing. Taken on: a 2xx answer began (a stream cut off, even at its first event), or
+ * no answer came to a request that was sent (the client hung up while the model worked, or the call timed out).
+ * The context a previous response or a conversation adds is not seen, so this is a floor.
  */
-export function tokensUsed (facts: ResponseFacts, upstreamStatus: number | null = null, sentBytes = 0): number {
-  const took = upstreamStatus !== null && upstreamStatus >= 200 && upstreamStatus < 300
-  const input = facts.inputTokens ?? (took ? Math.ceil(sentBytes / 4) : 0)
+export function tokensUsed (facts: ResponseFacts, takenOn: boolean, sentBytes: number): number {
+  const input = facts.inputTokens ?? (takenOn ? Math.ceil(sentBytes / 4) : 0)
   return input + (outputTokens(facts) ?? 0)
 }
 

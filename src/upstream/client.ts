@@ -46,8 +46,12 @@ export interface UpstreamCall {
   body: Buffer | null
   /** registers what to do when the client hangs up: the call is aborted at once */
   whenClientGone?: ((abort: () => void) => void) | undefined
-  /** kept up to date as attempts start, for whoever needs the count of a call that is cut short */
-  progress?: { attempts: number } | undefined
+  /**
+   * kept up to date as attempts start and get a connection, for whoever needs to know of a call cut short how many
+   * attempts it made and whether the last one's request was sent (the token budget charges what the upstream may
+   * have taken on)
+   */
+  progress?: { attempts: number, sent: boolean } | undefined
 }
 
 export interface UpstreamAnswer {
@@ -144,6 +148,11 @@ class CallSignal extends EventEmitter {
  */
 class Attempt {
   sent = false
+  constructor (private readonly progress: { sent: boolean } | undefined) {}
+  markSent (): void {
+    this.sent = true
+    if (this.progress !== undefined) this.progress.sent = true
+  }
 }
 
 /**
@@ -167,7 +176,7 @@ class MarksSent implements Dispatcher.DispatchHandler {
   }
 
   onConnect (abort: (err?: Error) => void): void {
-    this.#attempt.sent = true
+    this.#attempt.markSent()
     this.#handler.onConnect!(abort)
   }
 
@@ -369,10 +378,13 @@ export class Upstream {
       if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null, health.soonestRetryMs())
       for (;;) {
         tried.add(index)
-        if (call.progress !== undefined) call.progress.attempts = tried.size
+        if (call.progress !== undefined) {
+          call.progress.attempts = tried.size
+          call.progress.sent = false
+        }
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
-        const attempt = new Attempt()
+        const attempt = new Attempt(call.progress)
         try {
           const res = await untilStopped(line.pool.request({
             path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt
