@@ -224,11 +224,13 @@ t.test('upstream timeouts', async t => {
     const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 400, maxConnections: 1 })
     lines[0]!.respond = faults.hang()
     const answering = Promise.all([1, 2].map(() => call(gw.url, 'GET', `/v1/conversations/${conv}/items`)))
-    // Half-way to the deadline: the second call is waiting for the one pooled connection. (Once both deadlines
-    // pass, the first call's connection is let go in the same moment as the second call: whether the second
-    // reaches the upstream before it is stopped is a race, not asserted. A connection held past the waiting
-    // call's deadline, by a stream, is the next test.)
-    await new Promise(resolve => setTimeout(resolve, 200))
+    // A while after the first call reached the upstream, before the deadline: the second call is waiting for the
+    // one pooled connection. (Counted from the first call's arrival, not the start, which a loaded machine
+    // delays. Once both deadlines pass, the first call's connection is let go in the same moment as the second
+    // call: whether the second reaches the upstream before it is stopped is a race, not asserted. A connection
+    // held past the waiting call's deadline, by a stream, is the next test.)
+    await until('the first call at the upstream', () => lines[0]!.requests.length >= 1, 2000)
+    await sleep(100)
     t.equal(lines[0]!.requests.length, 1, 'the second call is waiting for the one pooled connection')
     const answers = await answering
     t.same(answers.map(a => a.status), [504, 504])
