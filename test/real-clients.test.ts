@@ -367,3 +367,29 @@ t.test('a POST whose upstream connection broke after it was sent is not sent aga
   t.match(await counting.conversations.items.create('conv_x', { items }).then(() => null, (e: unknown) => e), { status: 502 })
   t.equal(tries.length, 3, 'the SDK\'s two retries were sent')
 })
+
+t.test("the upstream's x-should-retry reaches the SDK: an upstream that says not to retry is not called again", async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+  // retry-after-ms: 1 keeps the SDK's retries, if it makes them, from taking the test's time.
+  const noRetry = { 'x-should-retry': 'false', 'retry-after-ms': '1' }
+
+  upstream.respond = faults.status(429, noRetry)
+  const limited = await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e)
+  t.match(limited, { status: 429 })
+  t.equal((limited as { headers?: Headers }).headers?.get('x-should-retry'), 'false', 'the header reached the client')
+  t.equal(upstream.requests.length, 1, 'a 429 the upstream says not to retry went upstream once')
+
+  upstream.respond = faults.status(500, noRetry)
+  const items = [{ type: 'message' as const, role: 'user' as const, content: 'only once' }]
+  t.match(await client.conversations.items.create('conv_x', { items }).then(() => null, (e: unknown) => e), { status: 500 })
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 1, 'a POST the upstream says not to retry went upstream once')
+
+  // And the other way: a 400, which the SDK does not retry by itself, is tried again when the upstream says so.
+  upstream.respond = faults.status(400, { 'x-should-retry': 'true', 'retry-after-ms': '1' })
+  const before = upstream.requests.length
+  t.match(await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e), { status: 400 })
+  t.equal(upstream.requests.length - before, 3, 'x-should-retry: true was followed')
+})

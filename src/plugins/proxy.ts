@@ -51,10 +51,13 @@ const STREAM_REFUSED_EVENT = streamErrorEvent('The upstream API sent an event th
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
 
-/** Upstream headers the client gets: the body's description, the upstream's request id and retry hints. */
+/**
+ * Upstream headers the client gets: the body's description, the upstream's request id and retry hints. Both SDKs
+ * obey `x-should-retry` before anything else: without it they would send again a POST the upstream said not to.
+ */
 const RETURNED_RESPONSE_HEADERS = new Set([
   'content-type', 'content-length', 'content-encoding', 'cache-control', 'etag', 'last-modified',
-  'retry-after', 'retry-after-ms', 'x-request-id', 'openai-processing-ms', 'openai-version'
+  'retry-after', 'retry-after-ms', 'x-should-retry', 'x-request-id', 'openai-processing-ms', 'openai-version'
 ])
 
 /** The undici request options reply-from hands its dispatcher. */
