@@ -6,6 +6,7 @@ import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { eventually } from './fixtures/eventually.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
 import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
@@ -392,4 +393,31 @@ t.test("the upstream's x-should-retry reaches the SDK: an upstream that says not
   const before = upstream.requests.length
   t.match(await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e), { status: 400 })
   t.equal(upstream.requests.length - before, 3, 'x-should-retry: true was followed')
+})
+
+t.test('a client that hangs up halfway through its body is audited 499 aborted, not as a 400 it never got', async t => {
+  const { upstream, gw } = await setup(t)
+  const halfBodies: Array<[string, Buffer]> = [
+    ['by Content-Length', buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Content-Length', '100']], '{"metadata":')],
+    ['chunked', Buffer.concat([buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']]), chunk('{"meta')])]
+  ]
+  for (const [label, bytes] of halfBodies) {
+    // The client closes its side (FIN), or resets the connection.
+    for (const reset of [false, true]) {
+      const before = gw.audit().length
+      await new Promise<void>((resolve, reject) => {
+        const socket = createConnection(Number(new URL(gw.url).port), '127.0.0.1')
+        socket.on('error', reject)
+        // The gateway has read what came (an audit record cannot exist before the body is waited on); then the
+        // client is gone: nothing more to send, nothing read.
+        socket.write(bytes, () => {
+          setTimeout(() => { if (reset) socket.resetAndDestroy(); else socket.destroy(); resolve() }, 100)
+        })
+      })
+      const record = await eventually(async () => gw.audit()[before] ?? null, 'the record of the call')
+      t.match(record, { action: 'conversation.create', status: 499, outcome: 'aborted', bytesOut: 0 }, `${label}, ${reset ? 'reset' : 'closed'}`)
+    }
+  }
+  t.notOk(gw.logs.some(line => line.includes('refused by the HTTP parser')), 'a hang-up is not logged as malformed HTTP')
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
 })
