@@ -421,3 +421,17 @@ t.test('a client that hangs up halfway through its body is audited 499 aborted, 
   t.notOk(gw.logs.some(line => line.includes('refused by the HTTP parser')), 'a hang-up is not logged as malformed HTTP')
   t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
 })
+
+t.test('an upstream error the gateway answers in its own envelope (an HTML page) carries the gateway\'s request id to the SDK', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // A CDN's error page: no envelope, and no x-request-id either.
+  upstream.respond = (_req, res) => { res.writeHead(502, { 'content-type': 'text/html' }).end('<html><body>Bad gateway</body></html>') }
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const err = await client.conversations.retrieve('conv_x').catch((e: unknown) => e)
+  t.match(err, { status: 502, error: { code: 'upstream_error' } })
+  const requestId = (err as InstanceType<typeof OpenAI.APIError>).requestID
+  t.match(requestId, /^gw_[0-9a-f]{32}$/, 'the SDK error carries the gateway\'s request id')
+  t.match(await auditOf(gw, requestId ?? undefined), { status: 502, outcome: 'upstream_error' }, 'which names the audit record')
+})
