@@ -435,3 +435,19 @@ t.test('an upstream error the gateway answers in its own envelope (an HTML page)
   t.match(requestId, /^gw_[0-9a-f]{32}$/, 'the SDK error carries the gateway\'s request id')
   t.match(await auditOf(gw, requestId ?? undefined), { status: 502, outcome: 'upstream_error' }, 'which names the audit record')
 })
+
+t.test('an upstream that refuses the gateway\'s token: the SDK fails at once instead of sending the call twice more', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = faults.status(401)
+  // The SDK's defaults: two retries of a 5xx. A retry meets the same token, refused the same way.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const created = await client.conversations.create({}).then(() => null, (e: unknown) => e)
+  t.match(created, { status: 502, error: { code: 'upstream_auth_failed' } })
+  t.equal(upstream.requests.length, 1, 'a call, one refusal upstream')
+  // A call that needs an ownership lookup first is refused by the lookup the same way.
+  const retrieved = await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e)
+  t.match(retrieved, { status: 502, error: { code: 'upstream_auth_failed' } })
+  t.equal(upstream.requests.length, 2, 'its lookup went upstream once')
+})
