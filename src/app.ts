@@ -96,6 +96,12 @@ const PARSER_REFUSALS: Record<string, string> = {
 function clientErrorHandler (throttle: PeerLogThrottle) {
   return function onClientError (this: FastifyInstance, err: NodeJS.ErrnoException, socket: Socket) {
     if (err.code === 'ECONNRESET' || socket.destroyed) return
+    // The client closed its side before its request was whole (an SDK call aborted or timed out mid-upload): a
+    // hang-up, not malformed HTTP. Nothing to answer; the call on it is audited as aborted.
+    if (err.code === 'HPE_INVALID_EOF_STATE') {
+      socket.destroy()
+      return
+    }
     const peer = socket.remoteAddress ?? 'unknown'
     const held = throttle.admit(peer)
     if (held !== null) {

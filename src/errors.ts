@@ -31,6 +31,8 @@ interface Options {
   /** the parameter OpenAI names for this error */
   param?: string
   outcome?: ErrorOutcome
+  /** headers every answer with this error carries */
+  headers?: Record<string, string>
 }
 
 function define (code: string, status: number, type: ErrorType, message: string, options: Options = {}) {
@@ -40,7 +42,7 @@ function define (code: string, status: number, type: ErrorType, message: string,
     readonly type = type
     readonly outcome = outcome
     param: string | null = options.param ?? null
-    headers?: Record<string, string>
+    headers?: Record<string, string> = options.headers === undefined ? undefined : { ...options.headers }
     constructor (...args: unknown[]) {
       super(...args)
       this.code = code // @fastify/error upper-cases codes; OpenAI's are lower snake case
@@ -136,8 +138,10 @@ export const UpstreamRateLimitedError = define('rate_limit_exceeded', 429, 'requ
   'The upstream account\'s rate limit was reached. Please try again in the time retry-after says.', { outcome: 'upstream_rate_limited' })
 export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'server_error',
   'The upstream API could not be reached. Please try again later.')
+// x-should-retry: false, as the SDKs retry every 5xx: a retry meets the same token, refused the same way.
 export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_error',
-  'The upstream API refused the gateway\'s own credentials; your key is fine. The gateway\'s operators are told.')
+  'The upstream API refused the gateway\'s own credentials; your key is fine. The gateway\'s operators are told.',
+  { headers: { 'x-should-retry': 'false' } })
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error',

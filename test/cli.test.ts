@@ -171,7 +171,7 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
 
-t.test('the demo serves a conversation with the key it prints, writes the audit to stdout, and outlives a SIGHUP', async t => {
+t.test('the demo serves a conversation with the key it prints, writes the audit to stdout, and outlives a SIGHUP and a body that is JSON but no object', async t => {
   const child = spawn(process.execPath, [BIN, 'demo', '--port', '0'], { env })
   t.teardown(() => { child.kill('SIGKILL') })
   let err = ''
@@ -196,10 +196,27 @@ t.test('the demo serves a conversation with the key it prints, writes the audit 
   t.equal(res.status, 200)
   const conversation = await res.json() as { id: string }
   t.match(conversation.id, /^conv_/)
+  // JSON, so the gateway passes it on to the built-in fake OhMyGPT, which runs in the demo's own process.
+  for (const body of ['null', '{"items":[null]}']) {
+    const odd = await fetch(`${banner[1]}/v1/conversations/${conversation.id}/items`, {
+      method: 'POST', headers: { authorization: `Bearer ${banner[2]}`, 'content-type': 'application/json' }, body
+    })
+    t.equal(odd.status, 400, `adding items with ${body} is refused as OpenAI would`)
+    t.match(await odd.json(), { error: { type: 'invalid_request_error' } })
+  }
+  const echoed = await fetch(`${banner[1]}/v1/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${banner[2]}`, 'content-type': 'application/json' },
+    body: '{"model":"gpt-4o-mini","input":[{"role":"user","content":[null]}]}'
+  })
+  t.equal(echoed.status, 200, 'a response whose input holds a null part is answered')
+  const after = await fetch(`${banner[1]}/v1/conversations/${conversation.id}`, { headers: { authorization: `Bearer ${banner[2]}` } })
+  t.equal(after.status, 200, 'and the demo is still there')
   child.kill('SIGTERM')
   const [code] = await once(child, 'exit')
   t.equal(code, 0)
-  t.match(JSON.parse(out.trim().split('\n').at(-1)!), { clientId: 'demo', action: 'conversation.create', conversationId: conversation.id, outcome: 'ok' })
+  t.match(out.trim().split('\n').map(line => JSON.parse(line)).find(r => r.action === 'conversation.create'),
+    { clientId: 'demo', action: 'conversation.create', conversationId: conversation.id, outcome: 'ok' })
 })
 
 t.test('check-config reports a listen host this machine cannot use and an audit directory that cannot be created', async t => {

@@ -483,7 +483,7 @@ t.test('the shared account\'s 429 on a lookup is the client\'s 429 with the upst
   const { gw } = await gateway(t, upstream)
   upstream.respond = (_req, res) => {
     res.writeHead(429, {
-      'content-type': 'application/json', 'retry-after': '7', 'retry-after-ms': '6500',
+      'content-type': 'application/json', 'retry-after': '7', 'retry-after-ms': '6500', 'x-should-retry': 'false',
       'x-ratelimit-remaining-requests': '0', 'x-ratelimit-reset-requests': `6s ${UPSTREAM_TOKEN}`, 'set-cookie': 'a=b'
     }).end(`{"error":{"message":"Rate limit reached for ${UPSTREAM_TOKEN}","type":"requests","param":null,"code":"rate_limit_exceeded"}}`)
   }
@@ -492,6 +492,7 @@ t.test('the shared account\'s 429 on a lookup is the client\'s 429 with the upst
   t.equal(res.status, 429)
   t.equal(res.headers.get('retry-after'), '7')
   t.equal(res.headers.get('retry-after-ms'), '6500')
+  t.equal(res.headers.get('x-should-retry'), 'false', 'the SDKs obey it: an upstream that says not to retry is not called again')
   t.equal(res.headers.get('x-ratelimit-remaining-requests'), '0')
   t.equal(res.headers.get('x-ratelimit-reset-requests'), '6s [redacted]', 'searched for the token')
   t.equal(res.headers.get('set-cookie'), null, 'nothing else of the upstream\'s headers')

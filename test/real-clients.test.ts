@@ -6,6 +6,7 @@ import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { eventually } from './fixtures/eventually.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
 import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
@@ -366,4 +367,87 @@ t.test('a POST whose upstream connection broke after it was sent is not sent aga
   })
   t.match(await counting.conversations.items.create('conv_x', { items }).then(() => null, (e: unknown) => e), { status: 502 })
   t.equal(tries.length, 3, 'the SDK\'s two retries were sent')
+})
+
+t.test("the upstream's x-should-retry reaches the SDK: an upstream that says not to retry is not called again", async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+  // retry-after-ms: 1 keeps the SDK's retries, if it makes them, from taking the test's time.
+  const noRetry = { 'x-should-retry': 'false', 'retry-after-ms': '1' }
+
+  upstream.respond = faults.status(429, noRetry)
+  const limited = await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e)
+  t.match(limited, { status: 429 })
+  t.equal((limited as { headers?: Headers }).headers?.get('x-should-retry'), 'false', 'the header reached the client')
+  t.equal(upstream.requests.length, 1, 'a 429 the upstream says not to retry went upstream once')
+
+  upstream.respond = faults.status(500, noRetry)
+  const items = [{ type: 'message' as const, role: 'user' as const, content: 'only once' }]
+  t.match(await client.conversations.items.create('conv_x', { items }).then(() => null, (e: unknown) => e), { status: 500 })
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 1, 'a POST the upstream says not to retry went upstream once')
+
+  // And the other way: a 400, which the SDK does not retry by itself, is tried again when the upstream says so.
+  upstream.respond = faults.status(400, { 'x-should-retry': 'true', 'retry-after-ms': '1' })
+  const before = upstream.requests.length
+  t.match(await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e), { status: 400 })
+  t.equal(upstream.requests.length - before, 3, 'x-should-retry: true was followed')
+})
+
+t.test('a client that hangs up halfway through its body is audited 499 aborted, not as a 400 it never got', async t => {
+  const { upstream, gw } = await setup(t)
+  const halfBodies: Array<[string, Buffer]> = [
+    ['by Content-Length', buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Content-Length', '100']], '{"metadata":')],
+    ['chunked', Buffer.concat([buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']]), chunk('{"meta')])]
+  ]
+  for (const [label, bytes] of halfBodies) {
+    // The client closes its side (FIN), or resets the connection.
+    for (const reset of [false, true]) {
+      const before = gw.audit().length
+      await new Promise<void>((resolve, reject) => {
+        const socket = createConnection(Number(new URL(gw.url).port), '127.0.0.1')
+        socket.on('error', reject)
+        // The gateway has read what came (an audit record cannot exist before the body is waited on); then the
+        // client is gone: nothing more to send, nothing read.
+        socket.write(bytes, () => {
+          setTimeout(() => { if (reset) socket.resetAndDestroy(); else socket.destroy(); resolve() }, 100)
+        })
+      })
+      const record = await eventually(async () => gw.audit()[before] ?? null, 'the record of the call')
+      t.match(record, { action: 'conversation.create', status: 499, outcome: 'aborted', bytesOut: 0 }, `${label}, ${reset ? 'reset' : 'closed'}`)
+    }
+  }
+  t.notOk(gw.logs.some(line => line.includes('refused by the HTTP parser')), 'a hang-up is not logged as malformed HTTP')
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+})
+
+t.test('an upstream error the gateway answers in its own envelope (an HTML page) carries the gateway\'s request id to the SDK', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // A CDN's error page: no envelope, and no x-request-id either.
+  upstream.respond = (_req, res) => { res.writeHead(502, { 'content-type': 'text/html' }).end('<html><body>Bad gateway</body></html>') }
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const err = await client.conversations.retrieve('conv_x').catch((e: unknown) => e)
+  t.match(err, { status: 502, error: { code: 'upstream_error' } })
+  const requestId = (err as InstanceType<typeof OpenAI.APIError>).requestID
+  t.match(requestId, /^gw_[0-9a-f]{32}$/, 'the SDK error carries the gateway\'s request id')
+  t.match(await auditOf(gw, requestId ?? undefined), { status: 502, outcome: 'upstream_error' }, 'which names the audit record')
+})
+
+t.test('an upstream that refuses the gateway\'s token: the SDK fails at once instead of sending the call twice more', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = faults.status(401)
+  // The SDK's defaults: two retries of a 5xx. A retry meets the same token, refused the same way.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const created = await client.conversations.create({}).then(() => null, (e: unknown) => e)
+  t.match(created, { status: 502, error: { code: 'upstream_auth_failed' } })
+  t.equal(upstream.requests.length, 1, 'a call, one refusal upstream')
+  // A call that needs an ownership lookup first is refused by the lookup the same way.
+  const retrieved = await client.conversations.retrieve('conv_x').then(() => null, (e: unknown) => e)
+  t.match(retrieved, { status: 502, error: { code: 'upstream_auth_failed' } })
+  t.equal(upstream.requests.length, 2, 'its lookup went upstream once')
 })

@@ -67,6 +67,10 @@ function listItems (res: ServerResponse, items: Item[], query: URLSearchParams):
   send(res, 200, list(page, start + limit < ordered.length))
 }
 
+function isObject (value: unknown): value is Record<string, unknown> {
+  return value !== null && typeof value === 'object' && !Array.isArray(value)
+}
+
 function toItem (input: Record<string, unknown>): Item {
   return { id: id('msg'), status: 'completed', ...input, type: typeof input.type === 'string' ? input.type : 'message' }
 }
@@ -88,7 +92,15 @@ export function createConversationsHandler (opts: FakeOhMyGPTOptions) {
       send(res, 401, { error: { message: 'Incorrect API key provided.', type: 'invalid_request_error', param: null, code: 'invalid_api_key' } })
       return
     }
-    const input = (body.length > 0 ? JSON.parse(body.toString('utf8')) : {}) as Record<string, unknown>
+    const parsed = (body.length > 0 ? JSON.parse(body.toString('utf8')) : {}) as unknown
+    // As OpenAI answers a body, or an item, that is JSON but no object (`null`, `[]`): read on, it would throw,
+    // and the demo runs this fake in the gateway's own process.
+    const items = (parsed as { items?: unknown } | null)?.items
+    if (!isObject(parsed) || (Array.isArray(items) && !items.every(isObject))) {
+      send(res, 400, { error: { message: 'The request body and its items must be JSON objects.', type: 'invalid_request_error', param: null, code: null } })
+      return
+    }
+    const input = parsed
     const [path, queryText] = (req.url ?? '/').split('?')
     const parts = path!.split('/').slice(3) // after /v1/conversations or /v1/responses
     const method = req.method ?? 'GET'
@@ -154,6 +166,8 @@ export async function startFakeOhMyGPT (opts: FakeOhMyGPTOptions & { host?: stri
   const handle = createConversationsHandler(opts)
   const server = createServer((req, res) => {
     readBody(req).then(body => handle(req, res, body), () => res.destroy())
+      // A request this fake did not foresee is its 500, never the end of the demo's process.
+      .catch(() => { if (res.headersSent) res.destroy(); else send(res, 500, { error: { message: 'The fake OhMyGPT failed.', type: 'server_error', param: null, code: null } }) })
   })
   const host = opts.host ?? '127.0.0.1'
   await new Promise<void>(resolve => server.listen(opts.port ?? 0, host, resolve))

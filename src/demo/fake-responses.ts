@@ -52,7 +52,7 @@ function textOf (items: Item[]): string {
   return items.map(item => {
     const content = item.content
     if (typeof content === 'string') return content
-    if (Array.isArray(content)) return content.map(c => String((c as { text?: unknown }).text ?? '')).join(' ')
+    if (Array.isArray(content)) return content.map(c => String((c as { text?: unknown } | null)?.text ?? '')).join(' ')
     return ''
   }).join(' ').trim()
 }

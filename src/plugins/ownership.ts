@@ -149,7 +149,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
     const err = new UpstreamRateLimitedError()
     const out = upstreamRateLimitHeaders(headers, scrub)
-    for (const name of ['retry-after', 'retry-after-ms']) {
+    for (const name of ['retry-after', 'retry-after-ms', 'x-should-retry']) {
       const value = headers[name]
       if (typeof value === 'string') out[name] = scrub.text(value)
     }

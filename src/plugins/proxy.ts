@@ -52,10 +52,13 @@ const STREAM_REFUSED_EVENT = streamErrorEvent('The upstream API sent an event th
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
 
-/** Upstream headers the client gets: the body's description, the upstream's request id and retry hints. */
+/**
+ * Upstream headers the client gets: the body's description, the upstream's request id and retry hints. Both SDKs
+ * obey `x-should-retry` before anything else: without it they would send again a POST the upstream said not to.
+ */
 const RETURNED_RESPONSE_HEADERS = new Set([
   'content-type', 'content-length', 'content-encoding', 'cache-control', 'etag', 'last-modified',
-  'retry-after', 'retry-after-ms', 'x-request-id', 'openai-processing-ms', 'openai-version'
+  'retry-after', 'retry-after-ms', 'x-should-retry', 'x-request-id', 'openai-processing-ms', 'openai-version'
 ])
 
 /** The undici request options reply-from hands its dispatcher. */
@@ -316,6 +319,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
       reply.removeHeader('content-encoding')
       reply.type('application/json; charset=utf-8')
+      // This envelope is the gateway's: without an upstream id, the SDKs' request id is the gateway's (the
+      // audit record's), as for every error of its own (app.ts).
+      if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
       const said = errorText(parsed)
       sendBytes(reply, res.statusCode, upstreamErrorEnvelope(res.statusCode, said === null ? null : scrub.text(said)))
       return
