@@ -80,12 +80,24 @@ const UNROUTED_RESPONSE_PATHS = new Set(['input_tokens', 'compact'])
  */
 const CREDENTIAL_PARAM = /^(?:api[-_]?key|key|access[-_]?token|token|auth|authorization|bearer|password|secret)$/i
 
-/** The first query parameter of `url` that names a credential (its name, decoded, cut short), or null. */
+/**
+ * A parameter name as the loosest readers take it: cut at a `[` (PHP's and Rails' `api_key[]`) or a NUL (C string
+ * handling), trimmed.
+ */
+function looseName (name: string): string {
+  const cut = name.search(/[[\0]/)
+  return (cut === -1 ? name : name.slice(0, cut)).trim()
+}
+
+/**
+ * The first query parameter of `url` that names a credential (its name, decoded, cut short), or null. Names are
+ * split at `;` too, which some servers take for `&`.
+ */
 export function credentialParam (url: string): string | null {
   const q = url.indexOf('?')
   if (q === -1) return null
-  for (const name of new URLSearchParams(url.slice(q + 1)).keys()) {
-    if (CREDENTIAL_PARAM.test(name.trim())) return name.slice(0, 40)
+  for (const name of new URLSearchParams(url.slice(q + 1).replaceAll(';', '&')).keys()) {
+    if (CREDENTIAL_PARAM.test(looseName(name))) return name.slice(0, 40)
   }
   return null
 }
