@@ -6,9 +6,9 @@
 // Redis down or slow never holds an answer longer than `timeoutMs`: commands time out, nothing waits in an
 // offline queue, and while disconnected a call fails at once. Then `onFailure` decides: `open` serves the call
 // from a local in-memory bucket, `closed` refuses it (StoreUnavailableError → 503). The client reconnects by
-// itself; the outage is logged once when it starts, at most once per WARN_INTERVAL_MS while it lasts, and once
-// when it ends. Only error messages are logged: an error object can carry the command's arguments, and the
-// handshake's arguments hold the password.
+// itself, also away from a node that a failover turned read-only; the outage is logged once when it starts, at
+// most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
+// error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis } from 'ioredis'
 import { MemoryStore } from './memory.js'
 import {
@@ -161,6 +161,10 @@ export class RedisStore implements RateLimitStore {
       retryStrategy: times => Math.min(times * 100, RECONNECT_MAX_MS),
       connectTimeout: CONNECT_TIMEOUT_MS,
       socketTimeout: STALL_MS,
+      // After a failover the old primary stays up as a read-only replica and keeps this connection: without a
+      // new one, made to the address that now leads to the new primary, every call would fail until a restart.
+      // The failed call is not sent again (1, not 2).
+      reconnectOnError: err => err.message.startsWith('READONLY') ? 1 : false,
       // Calls made in the same tick go out in one write: about twice the takes per second under load.
       enableAutoPipelining: true,
       scripts: { ogwBucket: { lua: BUCKET_SCRIPT, numberOfKeys: 1 } }
