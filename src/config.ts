@@ -107,7 +107,9 @@ export const ConfigSchema = Type.Object({
   store: Type.Object({
     url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
     timeoutMs: Type.Integer({ minimum: 1, default: 50 }),
-    onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' })
+    onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' }),
+    /** what every Redis key of this deployment starts with: another deployment on the same Redis takes another */
+    keyPrefix: Type.String({ pattern: '^[A-Za-z0-9:._-]{1,64}$', default: 'ogw:rl:' })
   }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   ownership: Type.Object({

@@ -27,10 +27,12 @@ export interface RedisStoreOptions {
   url: string
   timeoutMs: number
   onFailure: OnFailure
+  /** before every key (store.keyPrefix): deployments sharing one Redis keep their buckets apart; KEY_PREFIX when absent */
+  keyPrefix?: string
   log: StoreLogger
 }
 
-/** Every key the gateway writes starts with this, so it can share a Redis with others. */
+/** Every key the gateway writes starts with this (unless store.keyPrefix says otherwise), so it can share a Redis with others. */
 export const KEY_PREFIX = 'ogw:rl:'
 /** At most one "still unavailable" warning per this interval, however many calls fail. */
 export const WARN_INTERVAL_MS = 10_000
@@ -139,6 +141,7 @@ export class RedisStore implements RateLimitStore {
   readonly #redis: Redis & BucketCommand
   readonly #fallback = new MemoryStore()
   readonly #onFailure: OnFailure
+  readonly #keyPrefix: string
   readonly #outage: OutageLog
 
   /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
@@ -148,8 +151,9 @@ export class RedisStore implements RateLimitStore {
     return store
   }
 
-  private constructor ({ url, timeoutMs, onFailure, log }: RedisStoreOptions) {
+  private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
     this.#onFailure = onFailure
+    this.#keyPrefix = keyPrefix
     this.#outage = new OutageLog(log, onFailure)
     this.#redis = new Redis(url, {
       commandTimeout: timeoutMs,
@@ -189,7 +193,7 @@ export class RedisStore implements RateLimitStore {
   /** The script's answer, or null when Redis failed and the call is to be served locally (`open`). */
   async #run (mode: Mode, key: string, rule: BucketRule, n: number): Promise<{ allowed: boolean, tokens: number } | null> {
     try {
-      const [allowed, tokens] = await this.#redis.ogwBucket(KEY_PREFIX + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON)
+      const [allowed, tokens] = await this.#redis.ogwBucket(this.#keyPrefix + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON)
       this.#outage.recovered()
       return { allowed: allowed === 1, tokens: Number(tokens) }
     } catch (err) {
