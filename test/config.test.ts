@@ -199,7 +199,10 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
     [`redis://:${secret}@redis:6379/0?tls=true`, /store\.url: query options/],
     [`redis://:${secret}@redis:99999/0`, /store\.url: must be/],
     [`redis://:${secret}@/0`, /store\.url: must be/],
-    ['memory://x', /store\.url: must be/]
+    ['memory://x', /store\.url: must be/],
+    // a % that starts no escape: accepted, the start crashed in the Redis client with a stack trace
+    [`redis://:pa%zz${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
+    [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/]
   ]
   for (const [url, message] of bad) {
     const found = problems(() => parseConfig({ upstream, store: { url } }))
