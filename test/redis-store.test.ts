@@ -243,3 +243,22 @@ t.test('a failover that leaves the old primary a read-only replica: the store re
   t.match(await newPrimary.command('KEYS *'), `${KEY_PREFIX}a`)
   t.ok(s.log.lines.some(l => l.msg.includes('recovered')), 'the recovery is logged')
 })
+
+t.test('a database number the Redis does not have: calls never fall through to database 0 (another deployment\'s)', async t => {
+  const redis = await startRedis(t)
+  const s = await store(t, redis, { onFailure: 'closed', url: redis.url.replace(/\/0$/, '/99') })
+  // The Redis client goes on after its SELECT is refused: give it the moment it takes to call itself ready.
+  await sleep(300)
+  await t.rejects(s.take('team-a', SLOW), { name: 'StoreUnavailableError', message: /DB index is out of range/ },
+    'refused (closed), saying why')
+  t.equal(s.available(), false, '/readyz says store_unavailable')
+  t.notMatch(await redis.command('KEYS *'), 'team-a', 'nothing was written to database 0')
+  const logged = JSON.stringify(s.log.lines)
+  t.match(logged, /DB index is out of range/)
+  t.notMatch(logged, /recovered/, 'the log never says the buckets are shared')
+
+  const open = await store(t, redis, { url: redis.url.replace(/\/0$/, '/99') })
+  await sleep(300)
+  t.equal((await open.take('team-a', SLOW)).remaining, 4, 'open: served from the local bucket')
+  t.notMatch(await redis.command('KEYS *'), 'team-a', 'still nothing in database 0')
+})

@@ -143,6 +143,8 @@ export class RedisStore implements RateLimitStore {
   readonly #onFailure: OnFailure
   readonly #keyPrefix: string
   readonly #outage: OutageLog
+  /** This connection's SELECT was refused: the client would go on in database 0, perhaps another deployment's. */
+  #noSuchDb = false
 
   /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
@@ -173,8 +175,13 @@ export class RedisStore implements RateLimitStore {
       enableAutoPipelining: true,
       scripts: { ogwBucket: { lua: BUCKET_SCRIPT, numberOfKeys: 1 } }
     }) as Redis & BucketCommand
-    this.#redis.on('error', (err: unknown) => { this.#outage.failed(reasonOf(err), false) })
-    this.#redis.on('ready', () => { this.#outage.recovered() })
+    this.#redis.on('connect', () => { this.#noSuchDb = false })
+    this.#redis.on('error', (err: unknown) => {
+      const reason = reasonOf(err)
+      if (reason.includes('DB index is out of range')) this.#noSuchDb = true
+      this.#outage.failed(reason, false)
+    })
+    this.#redis.on('ready', () => { if (!this.#noSuchDb) this.#outage.recovered() })
   }
 
   async #firstConnection (): Promise<void> {
@@ -193,6 +200,7 @@ export class RedisStore implements RateLimitStore {
   /** The script's answer, or null when Redis failed and the call is to be served locally (`open`). */
   async #run (mode: Mode, key: string, rule: BucketRule, n: number): Promise<{ allowed: boolean, tokens: number } | null> {
     try {
+      if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
       const [allowed, tokens] = await this.#redis.ogwBucket(this.#keyPrefix + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON)
       this.#outage.recovered()
       return { allowed: allowed === 1, tokens: Number(tokens) }
@@ -229,7 +237,7 @@ export class RedisStore implements RateLimitStore {
    * one); a lost connection is retried by the client on its own, so this turns true again without any call.
    */
   available (): boolean {
-    return this.#redis.status === 'ready'
+    return this.#redis.status === 'ready' && !this.#noSuchDb
   }
 
   async close (): Promise<void> {
