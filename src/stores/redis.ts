@@ -27,12 +27,12 @@ export interface RedisStoreOptions {
   url: string
   timeoutMs: number
   onFailure: OnFailure
-  /** before every key (store.keyPrefix): deployments sharing one Redis keep their buckets apart; KEY_PREFIX when absent */
+  /** before every key (store.keyPrefix): deployments on one Redis keep their buckets apart; default KEY_PREFIX */
   keyPrefix?: string
   log: StoreLogger
 }
 
-/** Every key the gateway writes starts with this (unless store.keyPrefix says otherwise), so it can share a Redis with others. */
+/** Every key the gateway writes starts with this (or store.keyPrefix), so it can share a Redis with others. */
 export const KEY_PREFIX = 'ogw:rl:'
 /** At most one "still unavailable" warning per this interval, however many calls fail. */
 export const WARN_INTERVAL_MS = 10_000
