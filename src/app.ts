@@ -263,7 +263,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
 /** The store config.store names; the rate-limit plugin closes it when the app closes. */
 async function rateLimitStoreFor (store: GatewayConfig['store'], log: FastifyBaseLogger): Promise<RateLimitStore> {
   if (store.url === 'memory://') return new MemoryStore()
-  return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, log })
+  return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, keyPrefix: store.keyPrefix, log })
 }
 
 /** Upstream headers about the upstream's body (content-type and -length Fastify drops on an error itself). */

@@ -107,7 +107,9 @@ export const ConfigSchema = Type.Object({
   store: Type.Object({
     url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
     timeoutMs: Type.Integer({ minimum: 1, default: 50 }),
-    onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' })
+    onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' }),
+    /** what every Redis key of this deployment starts with: another deployment on the same Redis takes another */
+    keyPrefix: Type.String({ pattern: '^[A-Za-z0-9:._-]{1,64}$', default: 'ogw:rl:' })
   }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   ownership: Type.Object({
@@ -427,7 +429,6 @@ function caFileProblems (file: string | undefined): string[] {
 
 const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
 
-/** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
 /** Each trustProxy entry as Fastify will compile it (@fastify/proxy-addr): a bad one would stop the start later. */
 function trustProxyProblems (trustProxy: false | readonly string[]): string[] {
   if (trustProxy === false) return []
@@ -441,17 +442,25 @@ function trustProxyProblems (trustProxy: false | readonly string[]): string[] {
   })
 }
 
+/** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
 function storeUrlProblems (url: string): string[] {
   if (url === 'memory://') return []
   let parsed: URL
   try {
     parsed = new URL(url)
   } catch {
-    return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / in the password)`]
+    return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / % in the password)`]
   }
   if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM}`]
   if (!/^(\/\d{0,9})?$/.test(parsed.pathname)) return ['store.url: the path must be a database number, e.g. /0']
   if (parsed.search !== '' || parsed.hash !== '') return ['store.url: query options and fragments are not supported']
+  // The Redis client decodes both, and throws at start on a % that begins no escape.
+  try {
+    decodeURIComponent(parsed.username)
+    decodeURIComponent(parsed.password)
+  } catch {
+    return ['store.url: the user or password is not valid percent-encoding (write % as %25)']
+  }
   return []
 }
 

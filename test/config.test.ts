@@ -46,7 +46,7 @@ t.test('a minimal file gets every documented default', async t => {
       failureThreshold: 3, cooldownMs: 30000, retries: 1, maxConnections: 128
     },
     limits: { bodyBytes: 4194304, maxInFlight: 1024, authFailuresPerMinute: 30 },
-    store: { url: 'memory://', timeoutMs: 50, onFailure: 'open' },
+    store: { url: 'memory://', timeoutMs: 50, onFailure: 'open', keyPrefix: 'ogw:rl:' },
     clients: [{ id: 'team-search', keySha256: DIGEST, scopes: ['read'], rateLimit: { requestsPerMinute: 600, burst: 60 } }],
     ownership: { unowned: 'deny', cacheTtlMs: 600000, cacheSize: 100000, notFoundTtlMs: 5000 },
     audit: { file: './audit/audit.jsonl', fsync: 'interval', onFailure: 'closed', rotate: { daily: false, keep: 0, gzip: false } },
@@ -184,7 +184,8 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
   const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
   const store = (s: Record<string, unknown>) => parseConfig({ upstream, store: s }).store
   t.same(store({ url: 'redis://:pw@redis:6379/2', timeoutMs: 20, onFailure: 'closed' }),
-    { url: 'redis://:pw@redis:6379/2', timeoutMs: 20, onFailure: 'closed' })
+    { url: 'redis://:pw@redis:6379/2', timeoutMs: 20, onFailure: 'closed', keyPrefix: 'ogw:rl:' })
+  t.equal(store({ keyPrefix: 'ogw:staging:' }).keyPrefix, 'ogw:staging:', 'another deployment on the same Redis takes its own prefix')
   for (const url of ['redis://redis', 'rediss://user:p%40ss@cache.example:6380/0', 'redis://:pw@10.0.0.5:6379/']) {
     t.equal(store({ url }).url, url, url)
   }
@@ -198,7 +199,10 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
     [`redis://:${secret}@redis:6379/0?tls=true`, /store\.url: query options/],
     [`redis://:${secret}@redis:99999/0`, /store\.url: must be/],
     [`redis://:${secret}@/0`, /store\.url: must be/],
-    ['memory://x', /store\.url: must be/]
+    ['memory://x', /store\.url: must be/],
+    // a % that starts no escape: accepted, the start crashed in the Redis client with a stack trace
+    [`redis://:pa%zz${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
+    [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/]
   ]
   for (const [url, message] of bad) {
     const found = problems(() => parseConfig({ upstream, store: { url } }))
@@ -207,6 +211,8 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
   }
   t.match(problems(() => parseConfig({ upstream, store: { timeoutMs: 0, onFailure: 'maybe', size: 1 } })),
     ['store.size: unknown key', 'store.timeoutMs: must be >= 1', /store\.onFailure/])
+  t.match(problems(() => parseConfig({ upstream, store: { keyPrefix: 'has space' } })), [/store\.keyPrefix/])
+  t.match(problems(() => parseConfig({ upstream, store: { keyPrefix: '' } })), [/store\.keyPrefix/])
 })
 
 t.test('trustProxy entries are checked as Fastify will compile them: a bad address or range is a bad field, not a crash at start', async t => {

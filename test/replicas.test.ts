@@ -101,6 +101,22 @@ t.test('two replicas share one client\'s burst; another client keeps its own', a
   t.equal((await get(replicas[0]!, KEY_B)).headers.get('x-ratelimit-remaining-requests'), '3')
 })
 
+t.test('two deployments on one Redis, each with its own store.keyPrefix, keep their own buckets for the same client id', async t => {
+  const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
+  // prod keeps the default prefix; staging (same client ids, its own config) is given another one
+  const prod = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000 }, 3)
+  const staging = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000, keyPrefix: 'ogw:staging:' }, 3)
+  const staged = []
+  for (let i = 0; i < 4; i++) staged.push((await get(staging, KEY_A)).status)
+  t.same(staged, [200, 200, 200, 429], 'staging\'s team-a has used its burst')
+  const res = await get(prod, KEY_A)
+  t.equal(res.status, 200, 'prod\'s team-a is not limited by staging\'s calls')
+  t.equal(res.headers.get('x-ratelimit-remaining-requests'), '2', 'it takes from a bucket of its own')
+  const keys = await redis.command('KEYS *')
+  t.match(keys, 'ogw:rl:team-a', 'the default prefix')
+  t.match(keys, 'ogw:staging:team-a')
+})
+
 t.test('Redis stopped: the open replica serves locally with one warning, the closed one answers 503 and the upstream sees nothing; both recover when Redis is back', async t => {
   const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
   const open = await startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000, onFailure: 'open' }, 20)

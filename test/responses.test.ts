@@ -563,3 +563,25 @@ t.test('the token budget with the Redis store', async t => {
   const redis = await startRedis(t)
   await budgetFlow(t, { url: redis.url, timeoutMs: 2000 })
 })
+
+t.test('a hung Redis (open) holds a budgeted generation one store.timeoutMs, not one for its request bucket and one more for its budget', async t => {
+  const redis = await startRedis(t)
+  const timeoutMs = 400
+  const { gw } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 1000 } }],
+    store: { url: redis.url, timeoutMs, onFailure: 'open' }
+  })
+  const generate = () => fetch(`${gw.url}/v1/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hello' })
+  })
+  t.equal((await generate()).status, 200, 'a healthy Redis answers')
+  redis.pause()
+  t.teardown(() => { redis.resume() })
+  const started = Date.now()
+  const res = await generate()
+  const took = Date.now() - started
+  t.equal(res.status, 200, 'served from the local buckets')
+  t.ok(took < 2 * timeoutMs, `answered in ${took} ms: the README promises no call waits on Redis longer than store.timeoutMs (${timeoutMs} ms)`)
+})

@@ -11,7 +11,7 @@ import type { ClientConfig } from '../config.js'
 import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfterSeconds, TokensRateLimitError } from '../errors.js'
 import { whenClosed } from '../http/response.js'
 import { tokensUsed } from '../responses/usage.js'
-import { whenAnswered } from '../answer.js'
+import { whenAnswered, type Answer } from '../answer.js'
 import {
   StoreUnavailableError, type BucketRule, type RateLimitResult, type RateLimitStore
 } from '../stores/rate-limit-store.js'
@@ -62,6 +62,18 @@ function tokenRule (client: ClientConfig): BucketRule | null {
 
 const tokenKey = (client: ClientConfig) => `tokens:${client.id}`
 
+/** Asks now, for an answer read later (or never: a call refused first leaves a failed answer unread). */
+function askedNow<T> (ask: () => Answer<T>): () => Answer<T> {
+  let answer: Answer<T>
+  try {
+    answer = ask()
+  } catch (err) {
+    return () => { throw err }
+  }
+  if (answer instanceof Promise) answer.catch(() => {})
+  return () => answer
+}
+
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   app.decorateRequest('rateLimit', null)
   app.decorateRequest('tokenBudget', null)
@@ -74,10 +86,11 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   }
 
   /** Token budgets: a client whose answers have used up its tokens per minute gets 429 on its next generation,
-   * until refill; what a call uses is known only from its answer, and charged when the call ends. */
+   * until refill; what a call uses is known only from its answer, and charged when the call ends. `peek` is the
+   * budget's answer, asked together with the request bucket's. */
   function checkBudget (request: FastifyRequest, reply: FastifyReply, client: ClientConfig, rule: BucketRule,
-    done: (err?: Error) => void): void {
-    whenAnswered(() => store.peek(tokenKey(client), rule), budget => {
+    peek: () => Answer<RateLimitResult>, done: (err?: Error) => void): void {
+    whenAnswered(peek, budget => {
       request.tokenBudget = budget
       if (!budget.allowed) {
         const err = new TokensRateLimitError(client.id, String(rule.requestsPerMinute), formatDuration(budget.retryAfterMs))
@@ -110,6 +123,10 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
       done()
       return
     }
+    const rule = request.operation?.action === 'response.create' ? tokenRule(client) : null
+    // A generation's budget is asked at once with its request bucket, not after it: on a slow Redis the call
+    // waits one store.timeoutMs, not two.
+    const budget = rule === null ? null : askedNow(() => store.peek(tokenKey(client), rule))
     whenAnswered(() => store.take(client.id, client.rateLimit), result => {
       request.rateLimit = result
       if (!result.allowed) {
@@ -118,9 +135,8 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         done(err)
         return
       }
-      const rule = tokenRule(client)
-      if (rule === null || request.operation?.action !== 'response.create') done()
-      else checkBudget(request, reply, client, rule, done)
+      if (rule === null || budget === null) done()
+      else checkBudget(request, reply, client, rule, budget, done)
     }, err => { done(storeError(request, err) as Error) })
   })
 

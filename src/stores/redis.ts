@@ -6,9 +6,9 @@
 // Redis down or slow never holds an answer longer than `timeoutMs`: commands time out, nothing waits in an
 // offline queue, and while disconnected a call fails at once. Then `onFailure` decides: `open` serves the call
 // from a local in-memory bucket, `closed` refuses it (StoreUnavailableError → 503). The client reconnects by
-// itself; the outage is logged once when it starts, at most once per WARN_INTERVAL_MS while it lasts, and once
-// when it ends. Only error messages are logged: an error object can carry the command's arguments, and the
-// handshake's arguments hold the password.
+// itself, also away from a node that a failover turned read-only; the outage is logged once when it starts, at
+// most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
+// error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis } from 'ioredis'
 import { MemoryStore } from './memory.js'
 import {
@@ -27,10 +27,12 @@ export interface RedisStoreOptions {
   url: string
   timeoutMs: number
   onFailure: OnFailure
+  /** before every key (store.keyPrefix): deployments on one Redis keep their buckets apart; default KEY_PREFIX */
+  keyPrefix?: string
   log: StoreLogger
 }
 
-/** Every key the gateway writes starts with this, so it can share a Redis with others. */
+/** Every key the gateway writes starts with this (or store.keyPrefix), so it can share a Redis with others. */
 export const KEY_PREFIX = 'ogw:rl:'
 /** At most one "still unavailable" warning per this interval, however many calls fail. */
 export const WARN_INTERVAL_MS = 10_000
@@ -139,7 +141,10 @@ export class RedisStore implements RateLimitStore {
   readonly #redis: Redis & BucketCommand
   readonly #fallback = new MemoryStore()
   readonly #onFailure: OnFailure
+  readonly #keyPrefix: string
   readonly #outage: OutageLog
+  /** This connection's SELECT was refused: the client would go on in database 0, perhaps another deployment's. */
+  #noSuchDb = false
 
   /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
@@ -148,8 +153,9 @@ export class RedisStore implements RateLimitStore {
     return store
   }
 
-  private constructor ({ url, timeoutMs, onFailure, log }: RedisStoreOptions) {
+  private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
     this.#onFailure = onFailure
+    this.#keyPrefix = keyPrefix
     this.#outage = new OutageLog(log, onFailure)
     this.#redis = new Redis(url, {
       commandTimeout: timeoutMs,
@@ -161,12 +167,21 @@ export class RedisStore implements RateLimitStore {
       retryStrategy: times => Math.min(times * 100, RECONNECT_MAX_MS),
       connectTimeout: CONNECT_TIMEOUT_MS,
       socketTimeout: STALL_MS,
+      // After a failover the old primary stays up as a read-only replica and keeps this connection: without a
+      // new one, made to the address that now leads to the new primary, every call would fail until a restart.
+      // The failed call is not sent again (1, not 2).
+      reconnectOnError: err => err.message.startsWith('READONLY') ? 1 : false,
       // Calls made in the same tick go out in one write: about twice the takes per second under load.
       enableAutoPipelining: true,
       scripts: { ogwBucket: { lua: BUCKET_SCRIPT, numberOfKeys: 1 } }
     }) as Redis & BucketCommand
-    this.#redis.on('error', (err: unknown) => { this.#outage.failed(reasonOf(err), false) })
-    this.#redis.on('ready', () => { this.#outage.recovered() })
+    this.#redis.on('connect', () => { this.#noSuchDb = false })
+    this.#redis.on('error', (err: unknown) => {
+      const reason = reasonOf(err)
+      if (reason.includes('DB index is out of range')) this.#noSuchDb = true
+      this.#outage.failed(reason, false)
+    })
+    this.#redis.on('ready', () => { if (!this.#noSuchDb) this.#outage.recovered() })
   }
 
   async #firstConnection (): Promise<void> {
@@ -185,7 +200,8 @@ export class RedisStore implements RateLimitStore {
   /** The script's answer, or null when Redis failed and the call is to be served locally (`open`). */
   async #run (mode: Mode, key: string, rule: BucketRule, n: number): Promise<{ allowed: boolean, tokens: number } | null> {
     try {
-      const [allowed, tokens] = await this.#redis.ogwBucket(KEY_PREFIX + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON)
+      if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
+      const [allowed, tokens] = await this.#redis.ogwBucket(this.#keyPrefix + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON)
       this.#outage.recovered()
       return { allowed: allowed === 1, tokens: Number(tokens) }
     } catch (err) {
@@ -221,7 +237,7 @@ export class RedisStore implements RateLimitStore {
    * one); a lost connection is retried by the client on its own, so this turns true again without any call.
    */
   available (): boolean {
-    return this.#redis.status === 'ready'
+    return this.#redis.status === 'ready' && !this.#noSuchDb
   }
 
   async close (): Promise<void> {
