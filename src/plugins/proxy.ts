@@ -179,6 +179,12 @@ export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
 }
 
+/** Whether an answer's bytes are in a content-encoding (gzip, br...), not as they read. */
+function isEncoded (headers: IncomingHttpHeaders): boolean {
+  const coding = headers['content-encoding']
+  return coding !== undefined && String(coding).split(',').some(c => !/^\s*(?:identity)?\s*$/i.test(c))
+}
+
 function isEventStream (headers: IncomingHttpHeaders): boolean {
   return /^text\/event-stream\b/i.test(String(headers['content-type'] ?? ''))
 }
@@ -355,6 +361,15 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const ok = res.statusCode >= 200 && res.statusCode < 300
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
+        // Events are read as they come, as text: compressed (the gateway asks for no encoding; an upstream may
+        // compress all the same), none would be found, and every byte would pass unchecked. Fail closed, as an
+        // answer read whole does.
+        if (isEncoded(res.headers)) {
+          res.stream.on('error', noop).destroy()
+          request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
+          reply.send(new UpstreamUnavailableError())
+          return
+        }
         reply.removeHeader('content-length')
         const events = new SseRewriter(data => {
           try {
