@@ -309,6 +309,24 @@ t.test('an upstream that sends no headers within upstream.timeoutMs gives 504 up
   assertTokenNowhere(t, gw, [answerText(a)])
 })
 
+t.test('an answer the gateway reads whole (to take the owner key out) that drips in is a 504 within upstream.timeoutMs, not a hang', async t => {
+  // A byte every 100 ms: never silent for bodyTimeoutMs (60 s), and 100,000 bytes would take hours. The client
+  // sees nothing of such an answer until it is whole.
+  const { upstream, gw } = await setup(t, { timeoutMs: 300 })
+  const drips: NodeJS.Timeout[] = []
+  t.teardown(() => { for (const d of drips) clearInterval(d) })
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100000' })
+    res.write('{"id":"conv_abc","object":"conversation","metadata":{},"pad":"')
+    drips.push(setInterval(() => { if (!res.destroyed) res.write('a') }, 100))
+  }
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc')
+  assertGatewayError(t, a, 504, 'upstream_timeout')
+  const [record] = await auditRecords(gw, 1)
+  t.match(record, { status: 504, outcome: 'upstream_error' })
+  await until('the upstream answer to be let go', () => upstream.connections() === 0)
+})
+
 t.test('an upstream answer with an invalid status (999) gives 502 upstream_unavailable', async t => {
   const { upstream, gw } = await setup(t)
   upstream.respond = (_req, res) => {

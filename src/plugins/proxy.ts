@@ -270,10 +270,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     rewrite: (body: unknown) => unknown): Promise<void> {
     let raw: Buffer
     try {
-      raw = await readBody(res.stream, MAX_REWRITE_BYTES)
+      raw = await readBody(res.stream, MAX_REWRITE_BYTES, upstream.timeoutMs)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
-      reply.send(new UpstreamUnavailableError())
+      reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
     raw = scrub.bytes(raw)
