@@ -379,7 +379,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
             throw err
           }
-        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES)
+        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES, upstream.timeoutMs)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

@@ -34,12 +34,19 @@ export class SseRewriter extends Transform {
    * that never ends its event) */
   #held = 0
   readonly #maxEventBytes: number
+  /**
+   * How long an event may take from its first byte to its blank line: the client sees nothing of an event until
+   * it is whole, and an upstream that drips one in (never silent for bodyTimeoutMs) would hold it for hours.
+   */
+  readonly #maxEventMs: number
+  #eventClock: NodeJS.Timeout | null = null
 
-  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity) {
+  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity) {
     super()
     this.#rewrite = rewrite
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
+    this.#maxEventMs = maxEventMs
   }
 
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
@@ -50,10 +57,31 @@ export class SseRewriter extends Transform {
       this.#fail(err as Error, done)
       return
     }
+    if (this.#held > 0 && this.#eventClock === null && this.#maxEventMs !== Infinity) this.#startEventClock()
     done()
   }
 
+  #startEventClock (): void {
+    this.#eventClock = setTimeout(() => {
+      this.#eventClock = null
+      if (this.destroyed) return
+      if (this.#failedEvent !== null) this.push(this.#failedEvent)
+      this.destroy(new Error(`an event not whole within ${this.#maxEventMs} ms of its first byte`))
+    }, this.#maxEventMs).unref()
+  }
+
+  #stopEventClock (): void {
+    if (this.#eventClock !== null) clearTimeout(this.#eventClock)
+    this.#eventClock = null
+  }
+
+  override _destroy (err: Error | null, done: (err: Error | null) => void): void {
+    this.#stopEventClock()
+    done(err)
+  }
+
   override _flush (done: TransformCallback): void {
+    this.#stopEventClock()
     try {
       if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
       if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
@@ -108,6 +136,7 @@ export class SseRewriter extends Transform {
       this.push(this.#rewritten(this.#event))
       this.#event = []
       this.#held = 0
+      this.#stopEventClock()
     }
   }
 
