@@ -189,6 +189,11 @@ t.test('a body the gateway adds the owner to reaches the upstream with every num
   await post('/v1/responses', `{"model":"gpt-4o","input":"hi","tools":${tools}}`)
   t.match(sentBody(), `"enum":${numbers}`, 'response create: a tool schema\'s enum unrounded')
 
+  // The writer marks each such number with a UUID made for the call: a string shaped like a mark stays a string.
+  const lookalike = `"${crypto.randomUUID()}0"`
+  await post(`/v1/conversations/${id}`, `{"metadata":{"a":"d"},"n":${numbers},"s":[${lookalike},"0"]}`)
+  t.match(sentBody(), `"n":${numbers},"s":[${lookalike},"0"]`, 'strings stay as they were beside the numbers')
+
   // A body with nothing JSON.parse would round goes as JSON.stringify writes it, and one naming a key twice as
   // JSON.parse reads it (the last one).
   await post(`/v1/conversations/${id}`, '{"metadata":{"a":"c"},"n":1,"n":9007199254740993}')
