@@ -455,6 +455,28 @@ t.test('a client that hangs up while the upstream holds the headers is audited o
   assertTokenNowhere(t, gw, [answerText(next)])
 })
 
+t.test('many pipelined calls on one connection are all answered and audited, with no listener-leak warning in the log', async t => {
+  // Node warns (on stderr, beside the log) past 10 listeners of one event on one emitter: a warning about a leak
+  // that operators would chase, printed by any client that pipelines.
+  const { gw } = await setup(t)
+  const warnings: string[] = []
+  const onWarning = (w: Error) => { warnings.push(`${w.name}: ${w.message}`) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+  socket.on('error', () => {})
+  t.teardown(() => { socket.destroy() })
+  const calls = 30
+  const get = (i: number) => `GET /v1/conversations/conv_${i} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  socket.write(Array.from({ length: calls }, (_, i) => get(i)).join(''))
+  let text = ''
+  socket.on('data', (d: Buffer) => { text += d.toString('latin1') })
+  await until('every answer', () => (text.match(/HTTP\/1\.1 \d{3} /g) ?? []).length === calls)
+  await sleep(50) // a warning is emitted on the next tick
+  t.same(warnings.filter(w => w.startsWith('MaxListenersExceededWarning')), [], 'no listener-leak warning')
+  t.equal(gw.audit().length, calls, 'each call audited')
+})
+
 t.test('pipelined calls whose client hangs up while the upstream holds them: each is audited once as aborted with the attempt it made, each upstream call is released, and the gateway stays up', async t => {
   const { upstream, gw } = await setup(t)
   const held: ServerResponse[] = []
