@@ -189,6 +189,11 @@ t.test('a body the gateway adds the owner to reaches the upstream with every num
   await post('/v1/responses', `{"model":"gpt-4o","input":"hi","tools":${tools}}`)
   t.match(sentBody(), `"enum":${numbers}`, 'response create: a tool schema\'s enum unrounded')
 
+  // The writer marks each such number with a UUID made for the call: a string shaped like a mark stays a string.
+  const lookalike = `"${crypto.randomUUID()}0"`
+  await post(`/v1/conversations/${id}`, `{"metadata":{"a":"d"},"n":${numbers},"s":[${lookalike},"0"]}`)
+  t.match(sentBody(), `"n":${numbers},"s":[${lookalike},"0"]`, 'strings stay as they were beside the numbers')
+
   // A body with nothing JSON.parse would round goes as JSON.stringify writes it, and one naming a key twice as
   // JSON.parse reads it (the last one).
   await post(`/v1/conversations/${id}`, '{"metadata":{"a":"c"},"n":1,"n":9007199254740993}')
@@ -274,7 +279,13 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
     ['a list instead of a conversation', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[]}') }, 502, 'upstream_unavailable'],
     ['not JSON', res => { res.writeHead(200, { 'content-type': 'application/json' }).end('<html>') }, 502, 'upstream_unavailable'],
     ['not JSON, quoting the token', res => { res.writeHead(200, { 'content-type': 'application/json' }).end(`${UPSTREAM_TOKEN} is not valid`) }, 502, 'upstream_unavailable'],
-    ['no answer in time', () => {}, 504, 'upstream_timeout']
+    ['no answer in time', () => {}, 504, 'upstream_timeout'],
+    // Never silent for bodyTimeoutMs, and whole only after hours: the lookup's body counts inside timeoutMs too.
+    ['an answer that drips in', res => {
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100000' })
+      res.write('{"id":"conv_x","object":"conversation","metadata":{},"pad":"')
+      const drip = setInterval(() => { if (res.destroyed) clearInterval(drip); else res.write('a') }, 100)
+    }, 504, 'upstream_timeout']
   ]
   for (const [label, answer, status, code] of cases) {
     await t.test(`${label} → ${status} ${code}, and the call goes no further`, async t => {
@@ -282,7 +293,7 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
       t.teardown(() => upstream.close())
       const { gw } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300 } })
       upstream.respond = (_req, res) => { answer(res) }
-      const res = await fetch(`${gw.url}/v1/conversations/conv_x/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+      const res = await fetch(`${gw.url}/v1/conversations/conv_x/items`, { headers: { authorization: `Bearer ${KEYS.full}` }, signal: AbortSignal.timeout(5000) })
       t.equal(res.status, status)
       t.match(await res.json(), { error: { code } })
       t.same(calls(upstream.requests), ['GET /v1/conversations/conv_x'], 'only the lookup went upstream, never the call itself')

@@ -323,6 +323,53 @@ t.test('a streamed event that never ends is not held without bound: past 16 MiB 
   t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
 })
 
+t.test('a streamed event that drips in is not waited for without end: not whole within upstream.timeoutMs of its first byte, the stream is ended with an error event', async t => {
+  // A byte every 50 ms: never silent for bodyTimeoutMs, and the event never whole. The client sees nothing of
+  // an event until it is whole.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, timeoutMs: 400 } })
+  const sdk = (key: string) => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  let upstreamClosed = false
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"')
+    const drip = setInterval(() => { if (!res.destroyed) res.write('a') }, 50)
+    res.on('close', () => { upstreamClosed = true; clearInterval(drip) })
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    // (The SDK ends the iteration quietly when this signal aborts it: no error then.)
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true }, { signal: AbortSignal.timeout(5000) })
+    for await (const event of stream) seen.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, ['response.created'], 'the whole events before it arrive')
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'then the error event')
+  await until('the upstream stream to be closed', () => upstreamClosed, 3000)
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+})
+
+t.test('an event that never ends is bounded by what holding it costs, not by its bytes alone: 200,000 short lines end the stream as 16 MiB would', async t => {
+  // Each line held is an object of its own in the gateway's heap, about 130 bytes whatever its length: 16 MiB of
+  // two-byte lines was 8 million of them, over 1 GiB for one stream.
+  const { upstream, sdk } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.end(': a\n'.repeat(200_000)) // 800 KB, one event (no blank line)
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, ['response.created'], 'the whole events before it arrive')
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /could not check/ } }, 'then the error event')
+})
+
 t.test('ownership: another team cannot use, read, cancel or delete a response, nor generate into a conversation, that is not its own', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const a = sdk(KEYS.full)

@@ -287,6 +287,25 @@ t.test('an event of a streamed response that quotes the token reaches the client
   t.match(text, /"id":"resp_1"/, 'the other events as they were')
 })
 
+t.test('an event stream the upstream compressed unasked is not passed on unchecked: 502, no token, no other team\'s owner', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = (req, res) => {
+    // The gateway asks for no encoding (it sends no Accept-Encoding): this upstream compresses all the same.
+    const response = { id: 'resp_1', object: 'response', status: 'in_progress', output: [], metadata: { gateway_owner: 'team-other' }, instructions: `sent ${req.headers.authorization}` }
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'content-encoding': 'gzip' })
+    res.end(gzipSync(`event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response })}\n\n`))
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
+  const text = await res.text() // fetch undoes a gzip the gateway would pass on
+  t.equal(res.status, 502)
+  t.notMatch(text, UPSTREAM_TOKEN)
+  t.notMatch(text, 'team-other')
+  t.match(text, /^\{"error":\{.*"type":"server_error".*"code":"upstream_unavailable"\}\}$/)
+  t.match(gw.logs.join(''), /upstream event stream is compressed/, 'the operators are told why')
+})
+
 t.test('an error answer is read whole within bounds: slow or large, it could not be searched and is a 502', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

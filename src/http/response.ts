@@ -114,26 +114,36 @@ export function closeWithConnection (res: ServerResponse, socket: Socket | null)
   // (nothing goes upstream for it; it is audited aborted).
   if (closing.has(socket)) res.destroy()
   const queue = waiting.get(socket)
-  if (queue === undefined) waiting.set(socket, [res])
-  else queue.push(res)
+  if (queue === undefined) {
+    waiting.set(socket, [res])
+    // One listener per connection, not one per waiting response: a client pipelining dozens of calls would
+    // otherwise set off Node's listener-leak warning.
+    socket.once('close', () => { closeWaiting(socket) })
+  } else {
+    queue.push(res)
+  }
   if (isCounting(res)) res.queued = true
   // Whether 'close' has come, told by the event itself: a waiting response can be destroyed (a broken upstream
   // answer, a stalled write) without it, and still needs its 'close'.
-  let emitted = false
-  res.once('close', () => { emitted = true })
-  const closed = () => {
-    if (emitted) return
-    res.destroyed = true
-    res.emit('close')
-  }
-  socket.once('close', closed)
+  res.once('close', () => { closeEmitted.add(res) })
   res.once('socket', () => {
-    socket.off('close', closed)
     const queue = waiting.get(socket)
     const at = queue?.indexOf(res) ?? -1
     if (at !== -1) queue!.splice(at, 1)
     if (isCounting(res)) res.queued = false
   })
+}
+
+/** Responses whose 'close' has come. */
+const closeEmitted = new WeakSet<ServerResponse>()
+
+/** The connection closed: every response still waiting on it gets the 'close' Node 20 leaves out, in order. */
+function closeWaiting (socket: Socket): void {
+  for (const res of [...waiting.get(socket) ?? []]) {
+    if (closeEmitted.has(res)) continue
+    res.destroyed = true
+    res.emit('close')
+  }
 }
 
 /**

@@ -198,7 +198,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         body: null,
         whenClientGone: whenGone
       })
-      const body = await readBody(answer.body, LOOKUP_MAX_BYTES)
+      const body = await readBody(answer.body, LOOKUP_MAX_BYTES, upstream.timeoutMs)
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()

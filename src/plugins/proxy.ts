@@ -183,6 +183,12 @@ export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
 }
 
+/** Whether an answer's bytes are in a content-encoding (gzip, br...), not as they read. */
+function isEncoded (headers: IncomingHttpHeaders): boolean {
+  const coding = headers['content-encoding']
+  return coding !== undefined && String(coding).split(',').some(c => !/^\s*(?:identity)?\s*$/i.test(c))
+}
+
 function isEventStream (headers: IncomingHttpHeaders): boolean {
   return /^text\/event-stream\b/i.test(String(headers['content-type'] ?? ''))
 }
@@ -268,10 +274,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     rewrite: (body: unknown) => unknown): Promise<void> {
     let raw: Buffer
     try {
-      raw = await readBody(res.stream, MAX_REWRITE_BYTES)
+      raw = await readBody(res.stream, MAX_REWRITE_BYTES, upstream.timeoutMs)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
-      reply.send(new UpstreamUnavailableError())
+      reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
     raw = scrub.bytes(raw)
@@ -362,6 +368,15 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const ok = res.statusCode >= 200 && res.statusCode < 300
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
+        // Events are read as they come, as text: compressed (the gateway asks for no encoding; an upstream may
+        // compress all the same), none would be found, and every byte would pass unchecked. Fail closed, as an
+        // answer read whole does.
+        if (isEncoded(res.headers)) {
+          res.stream.on('error', noop).destroy()
+          request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
+          reply.send(new UpstreamUnavailableError())
+          return
+        }
         reply.removeHeader('content-length')
         const events = new SseRewriter(data => {
           try {
@@ -371,7 +386,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
             throw err
           }
-        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES)
+        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES, upstream.timeoutMs)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

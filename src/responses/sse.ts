@@ -12,6 +12,13 @@ export type EventRewrite = (data: unknown) => unknown
 const LF = 0x0a
 const CR = 0x0d
 const LINE_END = /\r\n$|\n$|\r$/
+/**
+ * What each piece of an event held (a line, or the part of one a chunk brought) costs beyond its bytes: an object
+ * of its own in the heap and its place in an array, about 130 bytes (measured on Node 20). Counted against the
+ * event's bound with its bytes, so that the bound holds for memory: 16 MiB of two-byte lines held by bytes alone
+ * was 8 million pieces, over 1 GiB for one stream.
+ */
+const PIECE_COST = 128
 
 export class SseRewriter extends Transform {
   readonly #rewrite: EventRewrite
@@ -23,15 +30,23 @@ export class SseRewriter extends Transform {
   #line: Buffer[] = []
   /** the last chunk ended with CR: an LF that starts the next one ends the same line */
   #afterCR = false
-  /** bytes held for the event under way, and the most it may hold (an upstream that never ends its event) */
+  /** what the event under way holds (its bytes, and PIECE_COST a piece), and the most it may hold (an upstream
+   * that never ends its event) */
   #held = 0
   readonly #maxEventBytes: number
+  /**
+   * How long an event may take from its first byte to its blank line: the client sees nothing of an event until
+   * it is whole, and an upstream that drips one in (never silent for bodyTimeoutMs) would hold it for hours.
+   */
+  readonly #maxEventMs: number
+  #eventClock: NodeJS.Timeout | null = null
 
-  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity) {
+  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity) {
     super()
     this.#rewrite = rewrite
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
+    this.#maxEventMs = maxEventMs
   }
 
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
@@ -42,10 +57,31 @@ export class SseRewriter extends Transform {
       this.#fail(err as Error, done)
       return
     }
+    if (this.#held > 0 && this.#eventClock === null && this.#maxEventMs !== Infinity) this.#startEventClock()
     done()
   }
 
+  #startEventClock (): void {
+    this.#eventClock = setTimeout(() => {
+      this.#eventClock = null
+      if (this.destroyed) return
+      if (this.#failedEvent !== null) this.push(this.#failedEvent)
+      this.destroy(new Error(`an event not whole within ${this.#maxEventMs} ms of its first byte`))
+    }, this.#maxEventMs).unref()
+  }
+
+  #stopEventClock (): void {
+    if (this.#eventClock !== null) clearTimeout(this.#eventClock)
+    this.#eventClock = null
+  }
+
+  override _destroy (err: Error | null, done: (err: Error | null) => void): void {
+    this.#stopEventClock()
+    done(err)
+  }
+
   override _flush (done: TransformCallback): void {
+    this.#stopEventClock()
     try {
       if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
       if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
@@ -80,16 +116,16 @@ export class SseRewriter extends Transform {
         else if (chunk[end] === LF) end++
       }
       this.#line.push(chunk.subarray(start, end))
-      this.#held += end - start
+      this.#held += end - start + PIECE_COST
       this.#endLine()
       start = end
       i = end - 1
     }
     if (start < chunk.length) {
       this.#line.push(chunk.subarray(start))
-      this.#held += chunk.length - start
+      this.#held += chunk.length - start + PIECE_COST
     }
-    if (this.#held > this.#maxEventBytes) throw new Error(`an event longer than ${this.#maxEventBytes} bytes`)
+    if (this.#held > this.#maxEventBytes) throw new Error(`an event holding more than ${this.#maxEventBytes} bytes (its lines, ${PIECE_COST} bytes a piece)`)
   }
 
   #endLine (): void {
@@ -100,6 +136,7 @@ export class SseRewriter extends Transform {
       this.push(this.#rewritten(this.#event))
       this.#event = []
       this.#held = 0
+      this.#stopEventClock()
     }
   }
 

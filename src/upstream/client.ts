@@ -349,6 +349,11 @@ export class Upstream {
     return this.#current.health.statuses()
   }
 
+  /** upstream.timeoutMs now in force: also how long an answer read whole may take after its headers (readBody). */
+  get timeoutMs (): number {
+    return this.#current.settings.timeoutMs
+  }
+
   /** At least one line is up, or due for its trial call. */
   get available (): boolean {
     return this.#current.health.statuses().some(s => s.state === 'up' || (s.state === 'down' && s.retryInMs === 0))
@@ -531,7 +536,8 @@ function describe (err: unknown): string {
 
 /**
  * Reads a whole answer body, up to `maxBytes`; a longer one is an error. With `deadlineMs`, so is one not whole
- * within it (the body is then destroyed).
+ * within it (an UpstreamFailure of kind 'timeout'; the body is then destroyed). bodyTimeoutMs bounds only the
+ * silence between chunks: an answer that drips in would otherwise be read for hours, its client seeing nothing.
  */
 export function readBody (body: Readable, maxBytes: number, deadlineMs?: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
@@ -539,7 +545,7 @@ export function readBody (body: Readable, maxBytes: number, deadlineMs?: number)
     let size = 0
     const timer = deadlineMs === undefined
       ? undefined
-      : setTimeout(() => { fail(new Error(`upstream answer not whole within ${deadlineMs} ms`)) }, deadlineMs)
+      : setTimeout(() => { fail(new UpstreamFailure('timeout', `upstream answer not whole within ${deadlineMs} ms of its headers`, 0, null)) }, deadlineMs)
     const fail = (err: Error) => {
       clearTimeout(timer)
       body.destroy()
