@@ -90,6 +90,11 @@ export const ConfigSchema = Type.Object({
     timeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
     /** longest silence between two chunks of a response body */
     bodyTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    /**
+     * a generation (POST /v1/responses) waits on the model: this replaces timeoutMs and bodyTimeoutMs for it (the
+     * SDKs' own default, 10 minutes: a reasoning model answers a non-streamed call only when it is done)
+     */
+    generationTimeoutMs: Type.Integer({ minimum: 1, default: 600000 }),
     failureThreshold: Type.Integer({ minimum: 1, default: 3 }),
     cooldownMs: Type.Integer({ minimum: 1, default: 30000 }),
     retries: Type.Integer({ minimum: 0, default: 1 }),

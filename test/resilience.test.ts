@@ -271,8 +271,37 @@ t.test('upstream timeouts', async t => {
       'the read given up on was never sent when the connection came free; the next one was')
   })
 
-  await t.test('a generation slower than timeoutMs gets 504 but is no line failure: the only line stays up for every client', async t => {
-    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 })
+  await t.test('a generation slower than timeoutMs but within generationTimeoutMs is waited for, streamed or not; a read as slow gets 504', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, bodyTimeoutMs: 300, generationTimeoutMs: 2000 })
+    lines[0]!.respond = (req, res, body) => {
+      if (req.method === 'POST' && req.url === '/v1/responses' && body.toString().includes('"stream":true')) {
+        // a streamed generation: created at once, then quiet for longer than bodyTimeoutMs while the model reasons
+        res.writeHead(200, { 'content-type': 'text/event-stream' })
+        res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+        setTimeout(() => {
+          res.end('event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[]}}\n\n')
+        }, 600)
+        return
+      }
+      if (req.method === 'POST' && req.url === '/v1/responses') {
+        setTimeout(() => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"resp_1","object":"response","status":"completed","model":"m","output":[]}') }, 600)
+        return
+      }
+      setTimeout(() => { if (!res.destroyed) res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[],"has_more":false}') }, 600)
+    }
+    const answered = await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    t.equal(answered.status, 200, 'the non-streamed answer, after twice timeoutMs')
+    const streamed = await call(gw.url, 'POST', '/v1/responses', {
+      body: '{"model":"gpt-4o-mini","input":"think","stream":true}'
+    })
+    t.equal(streamed.status, 200)
+    t.match(streamed.body, /response\.completed/, 'the stream went on after a silence longer than bodyTimeoutMs')
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(read.status, 504, 'a read as slow: timeoutMs')
+  })
+
+  await t.test('a generation slower than generationTimeoutMs gets 504 but is no line failure: the only line stays up for every client', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, generationTimeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 })
     lines[0]!.respond = slowGenerations(600)
     // Three in a row, as an SDK's two retries of one slow create would send them: past failureThreshold.
     for (let i = 0; i < 3; i++) {
@@ -300,13 +329,13 @@ t.test('upstream timeouts', async t => {
   })
 
   await t.test('a slow generation given the half-open trial does not decide it: the line is not put back down, the next call is the trial', async t => {
-    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, failureThreshold: 1, cooldownMs: 500 })
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, generationTimeoutMs: 300, failureThreshold: 1, cooldownMs: 500 })
     lines[0]!.respond = faults.hang()
     t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 504)
     t.match((await healthOf(gw)).upstream, [{ state: 'down' }], 'a read that got no answer put the line down')
     await sleep(550)
     lines[0]!.respond = slowGenerations(600)
-    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 504, 'the trial call: a generation past timeoutMs')
+    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 504, 'the trial call: a generation past generationTimeoutMs')
     const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
     t.equal(read.status, 200, 'the next call is sent to the line, not refused for another cooldown')
     t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'and its answer restores the line')

@@ -150,18 +150,18 @@ t.test('an answer or event the gateway takes the owner key out of keeps every nu
   t.equal(events.split(`"enum":${numbers}`).length, 3, 'and both events keep their numbers as the upstream wrote them')
 })
 
-t.test('bodyTimeoutMs applies between events, not to the whole stream', async t => {
+t.test('generationTimeoutMs applies between events of a streamed generation, not to the whole stream', async t => {
   const upstream = await startUpstream({ responses: { streamDelayMs: 200 } })
   t.teardown(() => upstream.close())
   const config = testConfig(upstream.url)
-  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, bodyTimeoutMs: 500 } })
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, generationTimeoutMs: 500 } })
   const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
   const started = Date.now()
   const stream = await client.responses.create({ model: 'gpt-4o', input: 'a b c d e f', stream: true })
   let count = 0
   for await (const _event of stream) count++
   t.equal(count, 14, 'every event came')
-  t.ok(Date.now() - started > 2000, 'over 2 s in all, four times bodyTimeoutMs, with 200 ms between events')
+  t.ok(Date.now() - started > 2000, 'over 2 s in all, four times generationTimeoutMs, with 200 ms between events')
 })
 
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {

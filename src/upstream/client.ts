@@ -31,6 +31,8 @@ export interface UpstreamSettings {
   connectTimeoutMs: number
   timeoutMs: number
   bodyTimeoutMs: number
+  /** a generation's timeoutMs and bodyTimeoutMs (it waits on the model) */
+  generationTimeoutMs: number
   failureThreshold: number
   cooldownMs: number
   retries: number
@@ -375,7 +377,11 @@ export class Upstream {
     // One signal per call, raised by whichever comes first: the deadline or the client leaving.
     const signal = new CallSignal()
     let stoppedBy: 'deadline' | 'client' | null = null
-    const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, settings.timeoutMs)
+    // A generation waits on the model (a non-streamed one gets its headers only when the model is done, a streamed
+    // one may go quiet while it reasons): its own deadline, for the headers and for each silence in the body.
+    const generation = waitsOnTheModel(call)
+    const deadlineMs = generation ? settings.generationTimeoutMs : settings.timeoutMs
+    const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, deadlineMs)
     call.whenClientGone?.(() => { stoppedBy ??= 'client'; signal.abort() })
     const tried = new Set<number>()
     let index = health.pick(tried)
@@ -392,7 +398,8 @@ export class Upstream {
         const attempt = new Attempt(call.progress)
         try {
           const res = await untilStopped(line.pool.request({
-            path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt
+            path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
+            ...(generation ? { headersTimeout: deadlineMs, bodyTimeout: deadlineMs } : {})
           }), signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
@@ -400,7 +407,7 @@ export class Upstream {
           const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', sent: attempt.sent }
           const failure = attemptFailed(health, call, index, err, end)
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
-          if (failure === null || next === null) throw finalFailure(settings, index, tried.size, err, end)
+          if (failure === null || next === null) throw finalFailure(settings, deadlineMs, index, tried.size, err, end)
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
           index = next
           continue
@@ -514,15 +521,15 @@ function retryLine (settings: UpstreamSettings, health: LineHealth, call: Upstre
   return safe ? health.pick(tried) : null
 }
 
-function finalFailure (settings: UpstreamSettings, index: number, attempts: number, err: unknown, end: AttemptEnd): UpstreamFailure {
+function finalFailure (settings: UpstreamSettings, deadlineMs: number, index: number, attempts: number, err: unknown, end: AttemptEnd): UpstreamFailure {
   const where = `upstream line ${index}`
   // aborted: there is no one to answer (plugins/proxy.ts sends nothing); the call is audited as aborted
   if (end.stopped !== null) return new UpstreamFailure('aborted', `${where}: ${end.stopped}`, attempts, index)
   if (end.deadlinePassed && !end.sent) {
-    return new UpstreamFailure('timeout', `${where}: no connection free within ${settings.timeoutMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
+    return new UpstreamFailure('timeout', `${where}: no connection free within ${deadlineMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
   }
   if (end.deadlinePassed || codeOf(err) === 'UND_ERR_HEADERS_TIMEOUT') {
-    return new UpstreamFailure('timeout', `${where}: no response headers within ${settings.timeoutMs} ms`, attempts, index, undefined, end.sent)
+    return new UpstreamFailure('timeout', `${where}: no response headers within ${deadlineMs} ms`, attempts, index, undefined, end.sent)
   }
   return new UpstreamFailure('unavailable', `${where}: ${describe(err)}`, attempts, index, undefined, end.sent)
 }
