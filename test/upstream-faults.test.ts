@@ -348,6 +348,19 @@ t.test('answers read whole share one bound: many large ones at once are refused 
   t.ok(peak - before < 600 * 1024 * 1024, `the gateway's memory stays bounded (grew ${Math.round((peak - before) / 1048576)} MiB)`)
 })
 
+t.test('an upstream x-request-id of 8 KiB is kept to 256 characters in the audit record: a hostile line cannot make every record that large', async t => {
+  const { upstream, gw } = await setup(t)
+  const id = `req_${'7'.repeat(8192)}`
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'x-request-id': id }).end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}')
+  }
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc/items')
+  t.equal(a.status, 200)
+  t.equal(a.headers['x-request-id'], id, 'the client still gets the upstream\'s id as it came')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.equal(gw.audit()[0]!.upstreamRequestId, id.slice(0, 256), 'the record keeps its first 256 characters')
+})
+
 t.test('an upstream answer with an invalid status (999) gives 502 upstream_unavailable', async t => {
   const { upstream, gw } = await setup(t)
   upstream.respond = (_req, res) => {
