@@ -17,7 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
-import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { HeldBytes, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
@@ -32,6 +32,12 @@ export interface ProxyOptions {
  * the largest streamed event it holds until its end: past it the stream is ended with an error event.
  */
 const MAX_REWRITE_BYTES = 16 * 1024 * 1024
+/**
+ * Answers read whole to rewrite them, all calls together: past this a call gets 502 rather than the heap running
+ * out (eight 15 MiB answers at once took the gateway past 1.3 GiB). Four answers of the largest size; a
+ * conversation object is a few hundred bytes, a response object rarely a few MiB.
+ */
+const MAX_HELD_REWRITE_BYTES = 4 * MAX_REWRITE_BYTES
 /**
  * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
  * past either it could not be searched, and the client gets 502. Error answers are a few hundred bytes, sent at once.
@@ -211,6 +217,7 @@ export function addEventRewrite (request: FastifyRequest, step: EventRewrite): v
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
+  const held = new HeldBytes(MAX_HELD_REWRITE_BYTES)
   app.decorateRequest('upstream', null)
   app.decorateRequest('upstreamCall', null)
   app.decorateRequest('rewriteAnswer', null)
@@ -275,7 +282,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     rewrite: (body: unknown) => unknown): Promise<void> {
     let raw: Buffer
     try {
-      raw = await readBody(res.stream, MAX_REWRITE_BYTES, upstream.timeoutMs)
+      raw = await readBody(res.stream, MAX_REWRITE_BYTES, upstream.timeoutMs, held)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())

@@ -542,32 +542,64 @@ function describe (err: unknown): string {
 }
 
 /**
+ * Bytes of answers being read whole, across calls: each answer has its own bound (readBody's maxBytes), and this
+ * bounds how many of them are held at once, which the number of calls in flight (maxInFlight) does not.
+ */
+export class HeldBytes {
+  #held = 0
+  constructor (readonly max: number) {}
+  /** Takes `n` bytes more; false (nothing taken) when that would go past `max`. */
+  take (n: number): boolean {
+    if (this.#held + n > this.max) return false
+    this.#held += n
+    return true
+  }
+
+  give (n: number): void { this.#held -= n }
+  get held (): number { return this.#held }
+}
+
+/**
  * Reads a whole answer body, up to `maxBytes`; a longer one is an error. With `deadlineMs`, so is one not whole
  * within it (an UpstreamFailure of kind 'timeout'; the body is then destroyed). bodyTimeoutMs bounds only the
  * silence between chunks: an answer that drips in would otherwise be read for hours, its client seeing nothing.
+ * With `shared`, the bytes count against it while they are read, and an answer that would take it past its bound
+ * is an error too.
  */
-export function readBody (body: Readable, maxBytes: number, deadlineMs?: number): Promise<Buffer> {
+export function readBody (body: Readable, maxBytes: number, deadlineMs?: number, shared?: HeldBytes): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = []
     let size = 0
     const timer = deadlineMs === undefined
       ? undefined
       : setTimeout(() => { fail(new UpstreamFailure('timeout', `upstream answer not whole within ${deadlineMs} ms of its headers`, 0, null)) }, deadlineMs)
-    const fail = (err: Error) => {
+    let settled = false
+    const settle = () => {
+      settled = true
       clearTimeout(timer)
+      shared?.give(size)
+    }
+    const fail = (err: Error) => {
+      if (settled) return // (undici's body, destroyed here, then emits an error of its own)
+      settle()
       body.destroy()
       reject(err)
     }
     body.on('data', (chunk: Buffer) => {
-      size += chunk.length
-      if (size > maxBytes) {
+      if (settled) return
+      if (size + chunk.length > maxBytes) {
         fail(new Error(`upstream answer over ${maxBytes} bytes`))
         return
       }
+      if (shared !== undefined && !shared.take(chunk.length)) {
+        fail(new Error(`answers read whole at once over ${shared.max} bytes`))
+        return
+      }
+      size += chunk.length
       chunks.push(chunk)
     })
     body.once('end', () => {
-      clearTimeout(timer)
+      settle()
       resolve(Buffer.concat(chunks, size))
     })
     body.once('error', fail)
