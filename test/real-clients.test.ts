@@ -323,7 +323,7 @@ t.test('a POST whose answer did not come in time is not sent again by the SDK (x
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
-    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 200, failureThreshold: 100 }
+    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 200, generationTimeoutMs: 200, failureThreshold: 100 }
   }))
   upstream.respond = (_req, res) => {
     setTimeout(() => { if (!res.destroyed) res.writeHead(200, { 'content-type': 'application/json' }).end('{}') }, 400)
