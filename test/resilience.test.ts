@@ -272,7 +272,7 @@ t.test('upstream timeouts', async t => {
   })
 
   await t.test('a generation slower than timeoutMs but within generationTimeoutMs is waited for, streamed or not; a read as slow gets 504', async t => {
-    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, bodyTimeoutMs: 300, generationTimeoutMs: 2000 })
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, bodyTimeoutMs: 300, generationTimeoutMs: 4000 })
     lines[0]!.respond = (req, res, body) => {
       if (req.method === 'POST' && req.url === '/v1/responses' && body.toString().includes('"stream":true')) {
         // a streamed generation: created at once, then quiet for longer than bodyTimeoutMs while the model reasons
@@ -280,7 +280,7 @@ t.test('upstream timeouts', async t => {
         res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
         setTimeout(() => {
           res.end('event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[]}}\n\n')
-        }, 600)
+        }, 2500) // (undici's body timer is coarse: well past bodyTimeoutMs)
         return
       }
       if (req.method === 'POST' && req.url === '/v1/responses') {

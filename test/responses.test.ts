@@ -164,6 +164,28 @@ t.test('generationTimeoutMs applies between events of a streamed generation, not
   t.ok(Date.now() - started > 2000, 'over 2 s in all, four times generationTimeoutMs, with 200 ms between events')
 })
 
+t.test('a streamed retrieve waits on the model as a streamed create does: a silence past bodyTimeoutMs, within generationTimeoutMs, does not cut it', async t => {
+  const upstream = await startUpstream({ responses: {} })
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, bodyTimeoutMs: 300, generationTimeoutMs: 5000 } })
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const created = await client.responses.create({ model: 'gpt-4o', input: 'hi' })
+  const event = (n: number, type: string, status: string) => `event: ${type}\ndata: ${JSON.stringify({
+    type, sequence_number: n, response: { id: created.id, object: 'response', status, model: 'gpt-4o', output: [], metadata: { gateway_owner: 'team-full' } }
+  })}\n\n`
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(event(0, 'response.in_progress', 'in_progress'))
+    setTimeout(() => { res.end(event(1, 'response.completed', 'completed')) }, 2500) // the model at work, quiet (undici's body timer is coarse: well past bodyTimeoutMs)
+  }
+  const stream = await client.responses.retrieve(created.id, { stream: true })
+  const types: string[] = []
+  for await (const e of stream) types.push(e.type)
+  t.same(types, ['response.in_progress', 'response.completed'], 'every event came, after a silence of eight times bodyTimeoutMs')
+  t.match(upstream.requests.at(-1), { method: 'GET', url: `/v1/responses/${created.id}?stream=true` })
+})
+
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
   const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]

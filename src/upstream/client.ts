@@ -381,6 +381,9 @@ export class Upstream {
     // one may go quiet while it reasons): its own deadline, for the headers and for each silence in the body.
     const generation = waitsOnTheModel(call)
     const deadlineMs = generation ? settings.generationTimeoutMs : settings.timeoutMs
+    // (A streamed retrieve of a response the model is still working on gets its headers at once, then may go
+    // quiet as long as a streamed create.)
+    const modelStream = generation || (call.method === 'GET' && STREAMED_RETRIEVE.test(call.path))
     const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, deadlineMs)
     call.whenClientGone?.(() => { stoppedBy ??= 'client'; signal.abort() })
     const tried = new Set<number>()
@@ -399,7 +402,7 @@ export class Upstream {
         try {
           const res = await untilStopped(line.pool.request({
             path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
-            ...(generation ? { headersTimeout: deadlineMs, bodyTimeout: deadlineMs } : {})
+            ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
           }), signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
@@ -471,6 +474,8 @@ function waitsOnTheModel (call: UpstreamCall): boolean {
   return call.method === 'POST' && GENERATION.test(call.path)
 }
 const GENERATION = /^\/v1\/responses(?:\?|$)/
+/** GET /v1/responses/{id}?stream=true: the events of a response, as the model goes on with it */
+const STREAMED_RETRIEVE = /^\/v1\/responses\/[^/?]+\?(?:[^#]*&)?stream=true(?:&|$)/
 
 /** How an attempt without an answer ended. */
 interface AttemptEnd {
