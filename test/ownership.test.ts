@@ -401,6 +401,31 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
   t.equal(fine.status, 200, 'an ordinary body is served')
 })
 
+t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
+  // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
+  // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.
+  // JavaScript's toLowerCase leaves ı alone and makes İ two characters: the gateway saw no such key.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const itemsOfB = `/v1/conversations/${conversationB}/items`
+  const forgeries: Array<[string, unknown, string]> = [
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', 'conversat\u0131on': conversationA }, 'conversat\u0131on'],
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', 'conversat\u0130on': conversationA }, 'conversat\u0130on'],
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', 'prev\u0131ous_response_id': previousA }, 'prev\u0131ous_response_id'],
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', conversation: { id: conversationB, '\u0131d': conversationA } }, 'conversation.\u0131d'],
+    ['/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: 'hi', '\u0131nput': [{ type: 'item_reference', id: itemA }] }, '\u0131nput'],
+    [itemsOfB, { items: [], '\u0130tems': [{ type: 'item_reference', id: itemA }] }, '\u0130tems']
+  ]
+  for (const [path, body, param] of forgeries) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, 400, `${param}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${param}: unknown_parameter`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${param}: nothing went upstream`)
+  }
+})
+
 t.test('an upstream that does not keep the owner in metadata: the creator is told the same by every replica, and the operators are told why', async t => {
   // A reseller that drops metadata on create: the owner the gateway wrote is not in the object. The object's
   // metadata is what every replica reads, so the replica that made it must not serve it as the creator's from
