@@ -331,6 +331,11 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     ['items added, the type left out', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA }] }, 404, 'item_not_found', 'items'],
     ['items added, role and content null', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, role: null, content: null }] }, 404, 'item_not_found', 'items'],
     ['a response, role and content null', '/v1/responses', { model: 'gpt-4o', input: [{ id: itemA, role: null, content: null }] }, 400, 'item_reference_not_allowed', 'input'],
+    // No type and only half a message: no message to a reader that needs both, so a loose one (a union tried in
+    // turn, unknown keys ignored) takes the reference it also fits.
+    ['items added, no type and a role but no content', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, role: 'user' }] }, 404, 'item_not_found', 'items'],
+    ['items added, no type and content but no role', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, content: 'x' }] }, 404, 'item_not_found', 'items'],
+    ['a response, no type and a role but no content', '/v1/responses', { model: 'gpt-4o', input: [{ id: itemA, role: 'assistant' }] }, 400, 'item_reference_not_allowed', 'input'],
     ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
   for (const [label, path, body, status, code, param] of refusals) {

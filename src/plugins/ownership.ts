@@ -52,8 +52,9 @@ const MAX_REFERENCES = 32
 
 /**
  * The ids of the items a create body's list names by reference: OpenAI's item_reference, `{ id, type:
- * "item_reference" }`, whose type may be left out (an item with an id and neither type, role nor content, or
- * these null).
+ * "item_reference" }`, whose type may be left out: an item with an id, no type, and not both a role and content
+ * (half a message is no message to a reader that needs both, and a loose reader, trying each kind of item in
+ * turn and ignoring keys it does not know, takes it for the reference it also fits).
  */
 export function referencedItems (list: unknown): unknown[] {
   if (!Array.isArray(list)) return []
@@ -62,7 +63,7 @@ export function referencedItems (list: unknown): unknown[] {
     if (item === null || typeof item !== 'object') continue
     const { type, id, role, content } = item as Record<string, unknown>
     // (null is no value: a reader that takes null for absent sees a reference in { id, role: null, content: null }.)
-    if (type === 'item_reference' || (type == null && id !== undefined && role == null && content == null)) {
+    if (type === 'item_reference' || (type == null && id !== undefined && (role == null || content == null))) {
       ids.push(id)
     }
   }
