@@ -247,6 +247,24 @@ t.test('a conversation created outside the gateway is denied by default, and ser
   t.notMatch(upstream.requests.at(-1)!.body.toString(), /gateway_owner/)
 })
 
+t.test('with unowned: allow, no client can claim an unowned conversation with metadata given twice: the upstream gets what the gateway read', async t => {
+  // JSON.parse keeps the last of a key given twice; a parser that keeps the first (some do) would read the
+  // owner key the gateway never saw, and the conversation every team may use would become one team's.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const outside = await createUpstream(upstream, { source: 'script' })
+  const { gw } = await gateway(t, upstream, { ownership: { unowned: 'allow' } })
+  const twice = '{"metadata":{"gateway_owner":"team-other"},"metadata":{"source":"edited"}}'
+  const res = await fetch(`${gw.url}/v1/conversations/${outside}`, {
+    method: 'POST', body: twice, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }
+  })
+  t.equal(res.status, 200, 'the update the gateway read is served')
+  const sent = upstream.requests.at(-1)!
+  t.equal(sent.method, 'POST')
+  t.same(JSON.parse(sent.body.toString()), { metadata: { source: 'edited' } }, 'what went upstream is the gateway\'s reading')
+  t.notMatch(sent.body.toString(), /gateway_owner/, 'the owner key the gateway did not read never reaches the upstream')
+})
+
 t.test('the owner is looked up once, then cached; a delete forgets it; a missing conversation is remembered briefly', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -364,8 +364,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     }
     return then(authorized, owner => {
       if (op.action === 'conversation.update') {
+        // Written anew even with nothing to merge (an unowned conversation): the client's bytes may give
+        // `metadata` twice, and a parser that keeps the first would read an owner key the gateway never saw.
         const merged = updateBody(request.parsedBody, owner)
         if (merged !== null) request.upstreamBody = serializeBody(merged, request.parsedBody)
+        else if (request.parsedBody !== undefined) request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
       } else if (op.action === 'conversation.delete') {
         cache.delete('conversation', id)
       }
