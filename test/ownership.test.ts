@@ -449,6 +449,25 @@ t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind 
   }
 })
 
+t.test('a response larger than a megabyte is still its owner\'s on a replica that has to look it up: retrieved and continued, not a 502', async t => {
+  // A response object holds its whole output (an image generation's base64, a long answer): the owner lookup
+  // reads it whole, and must not refuse what the gateway itself passes on.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const one = await gateway(t, upstream)
+  const two = await gateway(t, upstream, {})
+  const big = 'word '.repeat(300_000)
+  const made = await one.sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: big })
+  t.ok(JSON.stringify(made).length > 1024 * 1024, 'the response object is over a megabyte')
+  const again = await two.sdk(KEYS.full).responses.retrieve(made.id)
+  t.equal(again.id, made.id, 'the owner retrieves it through a replica that never saw it')
+  t.equal((again.metadata as Record<string, string> | null)?.gateway_owner, undefined, 'without the owner key')
+  const next = await two.sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: made.id })
+  t.equal(next.previous_response_id, made.id, 'and continues it there')
+  const e = await rejection(two.sdk(KEYS.other).responses.retrieve(made.id))
+  t.type(e, OpenAI.NotFoundError, 'another team still gets 404')
+})
+
 t.test('an upstream that does not keep the owner in metadata: the creator is told the same by every replica, and the operators are told why', async t => {
   // A reseller that drops metadata on create: the owner the gateway wrote is not in the object. The object's
   // metadata is what every replica reads, so the replica that made it must not serve it as the creator's from
