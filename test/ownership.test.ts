@@ -247,6 +247,24 @@ t.test('a conversation created outside the gateway is denied by default, and ser
   t.notMatch(upstream.requests.at(-1)!.body.toString(), /gateway_owner/)
 })
 
+t.test('with unowned: allow, no client can claim an unowned conversation with metadata given twice: the upstream gets what the gateway read', async t => {
+  // JSON.parse keeps the last of a key given twice; a parser that keeps the first (some do) would read the
+  // owner key the gateway never saw, and the conversation every team may use would become one team's.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const outside = await createUpstream(upstream, { source: 'script' })
+  const { gw } = await gateway(t, upstream, { ownership: { unowned: 'allow' } })
+  const twice = '{"metadata":{"gateway_owner":"team-other"},"metadata":{"source":"edited"}}'
+  const res = await fetch(`${gw.url}/v1/conversations/${outside}`, {
+    method: 'POST', body: twice, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }
+  })
+  t.equal(res.status, 200, 'the update the gateway read is served')
+  const sent = upstream.requests.at(-1)!
+  t.equal(sent.method, 'POST')
+  t.same(JSON.parse(sent.body.toString()), { metadata: { source: 'edited' } }, 'what went upstream is the gateway\'s reading')
+  t.notMatch(sent.body.toString(), /gateway_owner/, 'the owner key the gateway did not read never reaches the upstream')
+})
+
 t.test('the owner is looked up once, then cached; a delete forgets it; a missing conversation is remembered briefly', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
@@ -331,6 +349,11 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     ['items added, the type left out', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA }] }, 404, 'item_not_found', 'items'],
     ['items added, role and content null', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, role: null, content: null }] }, 404, 'item_not_found', 'items'],
     ['a response, role and content null', '/v1/responses', { model: 'gpt-4o', input: [{ id: itemA, role: null, content: null }] }, 400, 'item_reference_not_allowed', 'input'],
+    // No type and only half a message: no message to a reader that needs both, so a loose one (a union tried in
+    // turn, unknown keys ignored) takes the reference it also fits.
+    ['items added, no type and a role but no content', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, role: 'user' }] }, 404, 'item_not_found', 'items'],
+    ['items added, no type and content but no role', `/v1/conversations/${conversationB}/items`, { items: [{ id: itemA, content: 'x' }] }, 404, 'item_not_found', 'items'],
+    ['a response, no type and a role but no content', '/v1/responses', { model: 'gpt-4o', input: [{ id: itemA, role: 'assistant' }] }, 400, 'item_reference_not_allowed', 'input'],
     ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
   for (const [label, path, body, status, code, param] of refusals) {
@@ -399,6 +422,50 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
   // Keys the API knows in lowercase still pass, and case is free where the client names things (metadata keys).
   const fine = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'message', role: 'user', content: 'x' }], conversation: conversationB, metadata: { Topic: 'ok' } })
   t.equal(fine.status, 200, 'an ordinary body is served')
+})
+
+t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
+  // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
+  // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.
+  // JavaScript's toLowerCase leaves ı alone and makes İ two characters: the gateway saw no such key.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const itemsOfB = `/v1/conversations/${conversationB}/items`
+  const forgeries: Array<[string, unknown, string]> = [
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', 'conversat\u0131on': conversationA }, 'conversat\u0131on'],
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', 'conversat\u0130on': conversationA }, 'conversat\u0130on'],
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', 'prev\u0131ous_response_id': previousA }, 'prev\u0131ous_response_id'],
+    ['/v1/responses', { model: 'gpt-4o', input: 'hi', conversation: { id: conversationB, '\u0131d': conversationA } }, 'conversation.\u0131d'],
+    ['/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: 'hi', '\u0131nput': [{ type: 'item_reference', id: itemA }] }, '\u0131nput'],
+    [itemsOfB, { items: [], '\u0130tems': [{ type: 'item_reference', id: itemA }] }, '\u0130tems']
+  ]
+  for (const [path, body, param] of forgeries) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, 400, `${param}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${param}: unknown_parameter`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${param}: nothing went upstream`)
+  }
+})
+
+t.test('a response larger than a megabyte is still its owner\'s on a replica that has to look it up: retrieved and continued, not a 502', async t => {
+  // A response object holds its whole output (an image generation's base64, a long answer): the owner lookup
+  // reads it whole, and must not refuse what the gateway itself passes on.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const one = await gateway(t, upstream)
+  const two = await gateway(t, upstream, {})
+  const big = 'word '.repeat(300_000)
+  const made = await one.sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: big })
+  t.ok(JSON.stringify(made).length > 1024 * 1024, 'the response object is over a megabyte')
+  const again = await two.sdk(KEYS.full).responses.retrieve(made.id)
+  t.equal(again.id, made.id, 'the owner retrieves it through a replica that never saw it')
+  t.equal((again.metadata as Record<string, string> | null)?.gateway_owner, undefined, 'without the owner key')
+  const next = await two.sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: made.id })
+  t.equal(next.previous_response_id, made.id, 'and continues it there')
+  const e = await rejection(two.sdk(KEYS.other).responses.retrieve(made.id))
+  t.type(e, OpenAI.NotFoundError, 'another team still gets 404')
 })
 
 t.test('an upstream that does not keep the owner in metadata: the creator is told the same by every replica, and the operators are told why', async t => {

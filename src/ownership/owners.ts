@@ -34,9 +34,14 @@ export function metadataProblem (body: unknown): MetadataProblem | null {
   return null
 }
 
-/** A key as a JSON reader blind to case matches it (Go's: ſ and the Kelvin sign K fold to s and k too). */
+/**
+ * A key as a JSON reader blind to case matches it. Go's folds each rune to ToUpper(ToLower(r)), by Unicode's simple
+ * mappings, and four runes outside ASCII fold to an ASCII letter that way: ſ (s), the Kelvin sign K (k), and the
+ * Turkish ı and İ (i). JavaScript's toLowerCase takes K to k but leaves ſ and ı alone and makes İ two characters,
+ * so those three are replaced first.
+ */
 function folded (key: string): string {
-  return key.toLowerCase().replace(/\u017f/g, 's')
+  return key.replace(/\u017f/g, 's').replace(/[\u0130\u0131]/g, 'i').toLowerCase()
 }
 
 /**

@@ -21,10 +21,12 @@ import {
   conversationParam, createBody, metadataProblem, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
-import { readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { HeldBytes, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
 import { serializeBody } from './body.js'
-import { addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders } from './proxy.js'
+import {
+  addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, MAX_HELD_REWRITE_BYTES, MAX_REWRITE_BYTES, upstreamRateLimitHeaders
+} from './proxy.js'
 
 export interface OwnershipOptions {
   upstream: Upstream
@@ -33,8 +35,13 @@ export interface OwnershipOptions {
   cache: OwnerCache
 }
 
-/** Largest lookup answer read: a conversation or response object is small. */
-const LOOKUP_MAX_BYTES = 1024 * 1024
+/**
+ * Largest lookup answer read: as large as an answer the gateway reads whole to pass on. A conversation is small,
+ * but a response object holds its whole output (an image generation's base64), and so may an item: refusing it
+ * here would refuse its owner what the gateway passes on. Lookups under way hold at most MAX_HELD_REWRITE_BYTES
+ * between them (past it, 502), as answers being rewritten do.
+ */
+const LOOKUP_MAX_BYTES = MAX_REWRITE_BYTES
 
 /**
  * Actions whose answer is an owned object, which must reach the client without the owner key (the creates' answers
@@ -52,8 +59,9 @@ const MAX_REFERENCES = 32
 
 /**
  * The ids of the items a create body's list names by reference: OpenAI's item_reference, `{ id, type:
- * "item_reference" }`, whose type may be left out (an item with an id and neither type, role nor content, or
- * these null).
+ * "item_reference" }`, whose type may be left out: an item with an id, no type, and not both a role and content
+ * (half a message is no message to a reader that needs both, and a loose reader, trying each kind of item in
+ * turn and ignoring keys it does not know, takes it for the reference it also fits).
  */
 export function referencedItems (list: unknown): unknown[] {
   if (!Array.isArray(list)) return []
@@ -62,7 +70,7 @@ export function referencedItems (list: unknown): unknown[] {
     if (item === null || typeof item !== 'object') continue
     const { type, id, role, content } = item as Record<string, unknown>
     // (null is no value: a reader that takes null for absent sees a reference in { id, role: null, content: null }.)
-    if (type === 'item_reference' || (type == null && id !== undefined && role == null && content == null)) {
+    if (type === 'item_reference' || (type == null && id !== undefined && (role == null || content == null))) {
       ids.push(id)
     }
   }
@@ -144,6 +152,7 @@ function refuseOtherCases (action: Action, body: unknown): void {
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
+  const held = new HeldBytes(MAX_HELD_REWRITE_BYTES)
 
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
   function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
@@ -198,7 +207,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         body: null,
         whenClientGone: whenGone
       })
-      const body = await readBody(answer.body, LOOKUP_MAX_BYTES, upstream.timeoutMs)
+      const body = await readBody(answer.body, LOOKUP_MAX_BYTES, upstream.timeoutMs, held)
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
@@ -363,8 +372,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     }
     return then(authorized, owner => {
       if (op.action === 'conversation.update') {
+        // Written anew even with nothing to merge (an unowned conversation): the client's bytes may give
+        // `metadata` twice, and a parser that keeps the first would read an owner key the gateway never saw.
         const merged = updateBody(request.parsedBody, owner)
         if (merged !== null) request.upstreamBody = serializeBody(merged, request.parsedBody)
+        else if (request.parsedBody !== undefined) request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
       } else if (op.action === 'conversation.delete') {
         cache.delete('conversation', id)
       }

@@ -31,13 +31,13 @@ export interface ProxyOptions {
  * Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. Also
  * the largest streamed event it holds until its end: past it the stream is ended with an error event.
  */
-const MAX_REWRITE_BYTES = 16 * 1024 * 1024
+export const MAX_REWRITE_BYTES = 16 * 1024 * 1024
 /**
  * Answers read whole to rewrite them, all calls together: past this a call gets 502 rather than the heap running
  * out (eight 15 MiB answers at once took the gateway past 1.3 GiB). Four answers of the largest size; a
  * conversation object is a few hundred bytes, a response object rarely a few MiB.
  */
-const MAX_HELD_REWRITE_BYTES = 4 * MAX_REWRITE_BYTES
+export const MAX_HELD_REWRITE_BYTES = 4 * MAX_REWRITE_BYTES
 /**
  * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
  * past either it could not be searched, and the client gets 502. Error answers are a few hundred bytes, sent at once.
