@@ -7,6 +7,7 @@ import { once } from 'node:events'
 import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { request, type IncomingMessage, type ServerResponse } from 'node:http'
+import { rootCertificates } from 'node:tls'
 import t, { type Test } from 'tap'
 import { buildApp } from '../src/app.js'
 import type { AuditWriter } from '../src/audit/writer.js'
@@ -259,6 +260,22 @@ t.test('new upstream lines take new calls while a call in flight finishes on the
   t.equal((await inFlight).status, 200, 'the call in flight finished on the old line')
   await eventually(async () => oldLine.connections() === 0, 'the old pool closes once its call is done')
   t.match(gw.app.currentConfig().upstream, { baseUrls: [newLine.url], timeoutMs: 3000 })
+})
+
+t.test('upstream.caFile rotated in place (same path, a new CA in it) is read again by a reload, and the log says so', async t => {
+  const tlsDir = join(import.meta.dirname, 'fixtures', 'tls')
+  const upstream = await startUpstream({ tls: { key: readFileSync(join(tlsDir, 'server.key'), 'utf8'), cert: readFileSync(join(tlsDir, 'server.pem'), 'utf8') } })
+  t.teardown(() => upstream.close())
+  const dir = t.testdir({ 'ca.pem': rootCertificates[0]! }) // a valid CA, but not the one that signed the upstream
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, caFile: join(dir, 'ca.pem') } })
+  t.equal((await create(gw.url, KEYS.full)).status, 502, 'the upstream cannot be verified with the old CA')
+
+  writeFileSync(join(dir, 'ca.pem'), readFileSync(join(tlsDir, 'ca.pem'))) // as a mounted secret is updated
+  const change = gw.app.applyConfig(withConfig(gw.config, () => {}))
+  t.same(change, { applied: ['upstream.caFile (contents)'], needRestart: [] })
+  t.equal((await create(gw.url, KEYS.full)).status, 200, 'the next call is verified with the new CA')
+  t.same(gw.app.applyConfig(withConfig(gw.config, () => {})), { applied: [], needRestart: [] }, 'an unchanged CA file is nothing to apply')
 })
 
 t.test('limits.bodyBytes applies at once: declared and chunked bodies over the new limit get 413', async t => {
