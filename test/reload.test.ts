@@ -6,7 +6,9 @@
 import { once } from 'node:events'
 import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { spawn } from 'node:child_process'
 import { request, type IncomingMessage, type ServerResponse } from 'node:http'
+import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
 import { rootCertificates } from 'node:tls'
 import t, { type Test } from 'tap'
 import { buildApp } from '../src/app.js'
@@ -16,7 +18,7 @@ import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
 import { call, type Answer } from './fixtures/client.js'
-import { configFile, startBin } from './fixtures/bin.js'
+import { BIN, configFile, env as binEnv, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
@@ -101,6 +103,33 @@ t.test('SIGHUP adds a client (its key works at once), revokes one (401 at once),
   t.equal((await exited)[0], 0)
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>)
   t.match(records.filter(r => r.clientId === 'team-c'), [{ keyId: 'c-2025', status: 200 }], 'the audit names the key that was used')
+})
+
+t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not end it: the reload is held and done once it is built', async t => {
+  const upstream = await fakeUpstream(t)
+  // A "Redis" that takes connections and never answers: the start waits on it (up to 2 s) with the audit open.
+  const connected: Socket[] = []
+  const silent = createTcpServer(socket => { connected.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const s of connected) s.destroy(); silent.close() })
+  const redisUrl = `redis://127.0.0.1:${(silent.address() as AddressInfo).port}`
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
+  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: binEnv })
+  t.teardown(() => child.kill('SIGKILL'))
+  const output = { text: '' }
+  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
+  const exited = once(child, 'exit')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-b', key: KEY_B }], `store: { url: "${redisUrl}" }`))
+  child.kill('SIGHUP')
+
+  const url = await eventually(async () => /Server listening at (http:\/\/[^"]+)/.exec(output.text)?.[1] ?? (child.exitCode !== null || child.signalCode !== null ? 'exited' : null), 'the gateway listening', 15_000)
+  t.same([child.exitCode, child.signalCode], [null, null], 'the SIGHUP did not end the process')
+  t.match(await logged(output, /config reloaded/), /SIGHUP: config reloaded: clients\[team-b\] \(added\)/)
+  t.equal((await create(url, KEY_B)).status, 200, 'the reloaded config is in force')
+  child.kill('SIGTERM')
+  await exited
 })
 
 t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {
