@@ -226,6 +226,8 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.decorate('currentConfig', () => current)
   app.decorate('applyConfig', (next: GatewayConfig): ConfigChange => {
     const { config: merged, applied, needRestart } = reloaded(current, next)
+    // A CA file renewed in place (a mounted secret) is a change its unchanged path does not show.
+    if (upstream.caChanged(merged.upstream)) applied.push('upstream.caFile (contents)')
     // First what can fail (new pools read the CA file): a failure leaves everything as it was. The token is read
     // per call (apiKey above); Upstream.update builds new pools only when what they are built from changed.
     if (applied.some(path => path.startsWith('upstream.'))) upstream.update(merged.upstream)

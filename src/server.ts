@@ -71,7 +71,16 @@ export async function startServer (
   turnOffPretenuring()
   const auditProblem = auditDirectoryProblem(config.audit.file)
   if (auditProblem !== null) throw new StartupError(auditProblem)
-  const app = await buildApp(config, deps)
+  // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP meanwhile, or a signal of
+  // IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
+  const releaseHeld = holdSignals()
+  let app: FastifyInstance
+  try {
+    app = await buildApp(config, deps)
+  } catch (err) {
+    releaseHeld()
+    throw err
+  }
   let draining = false
   let stoppedAccepting = false
 
@@ -120,6 +129,7 @@ export async function startServer (
   for (const signal of IGNORED) {
     process.on(signal, () => { app.log.warn({ signal }, `${signal}: ignored (the gateway has no use for it)`) })
   }
+  for (const signal of releaseHeld()) process.emit(signal, signal)
 
   const { host, port } = config.listen
   try {
@@ -131,6 +141,21 @@ export async function startServer (
   }
   if (opts.watch === true && opts.configFile !== undefined && !draining) watcher = watchConfig(app, opts.configFile, reload)
   return app
+}
+
+/**
+ * Holds SIGHUP and the IGNORED signals until the returned function is called; it gives back those that came, in
+ * order, for the real handlers to answer.
+ */
+function holdSignals (): () => NodeJS.Signals[] {
+  const held: NodeJS.Signals[] = []
+  const hold = (signal: NodeJS.Signals) => { held.push(signal) }
+  const signals = ['SIGHUP', ...IGNORED] as const
+  for (const signal of signals) process.on(signal, hold)
+  return () => {
+    for (const signal of signals) process.off(signal, hold)
+    return held.splice(0)
+  }
 }
 
 /** Stops accepting and closes the app, aborting whatever is still in flight after `graceMs`. */

@@ -80,6 +80,17 @@ t.test('the counters follow real calls: by client, action, status and outcome, w
   t.notMatch(text, /zz-unheard-of-path|not-a-key/, 'nothing a client sends becomes a label value')
 })
 
+t.test('the upstream latency histogram reaches upstream.generationTimeoutMs (600 s): a generation of minutes is not lumped in with one of 61 s', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  t.equal((await call(gw, KEYS.full)).status, 200)
+  await gw.auditFile()
+  const text = await metricsText(gw.url)
+  const bounds = [...text.matchAll(/^gateway_upstream_duration_seconds_bucket\{le="([^"]+)",action="conversation\.create"\}/gm)].map(m => m[1])
+  for (const le of ['60', '120', '300', '600', '+Inf']) t.ok(bounds.includes(le), `a bucket le="${le}"`)
+})
+
 t.test('in-flight calls are counted while they wait on the upstream', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -6,7 +6,10 @@
 import { once } from 'node:events'
 import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { spawn } from 'node:child_process'
 import { request, type IncomingMessage, type ServerResponse } from 'node:http'
+import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
+import { rootCertificates } from 'node:tls'
 import t, { type Test } from 'tap'
 import { buildApp } from '../src/app.js'
 import type { AuditWriter } from '../src/audit/writer.js'
@@ -15,7 +18,7 @@ import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
 import { call, type Answer } from './fixtures/client.js'
-import { configFile, startBin } from './fixtures/bin.js'
+import { BIN, configFile, env as binEnv, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
@@ -100,6 +103,33 @@ t.test('SIGHUP adds a client (its key works at once), revokes one (401 at once),
   t.equal((await exited)[0], 0)
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l) as Record<string, unknown>)
   t.match(records.filter(r => r.clientId === 'team-c'), [{ keyId: 'c-2025', status: 200 }], 'the audit names the key that was used')
+})
+
+t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not end it: the reload is held and done once it is built', async t => {
+  const upstream = await fakeUpstream(t)
+  // A "Redis" that takes connections and never answers: the start waits on it (up to 2 s) with the audit open.
+  const connected: Socket[] = []
+  const silent = createTcpServer(socket => { connected.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const s of connected) s.destroy(); silent.close() })
+  const redisUrl = `redis://127.0.0.1:${(silent.address() as AddressInfo).port}`
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
+  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: binEnv })
+  t.teardown(() => child.kill('SIGKILL'))
+  const output = { text: '' }
+  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
+  const exited = once(child, 'exit')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-b', key: KEY_B }], `store: { url: "${redisUrl}" }`))
+  child.kill('SIGHUP')
+
+  const url = await eventually(async () => /Server listening at (http:\/\/[^"]+)/.exec(output.text)?.[1] ?? (child.exitCode !== null || child.signalCode !== null ? 'exited' : null), 'the gateway listening', 15_000)
+  t.same([child.exitCode, child.signalCode], [null, null], 'the SIGHUP did not end the process')
+  t.match(await logged(output, /config reloaded/), /SIGHUP: config reloaded: clients\[team-b\] \(added\)/)
+  t.equal((await create(url, KEY_B)).status, 200, 'the reloaded config is in force')
+  child.kill('SIGTERM')
+  await exited
 })
 
 t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {
@@ -259,6 +289,22 @@ t.test('new upstream lines take new calls while a call in flight finishes on the
   t.equal((await inFlight).status, 200, 'the call in flight finished on the old line')
   await eventually(async () => oldLine.connections() === 0, 'the old pool closes once its call is done')
   t.match(gw.app.currentConfig().upstream, { baseUrls: [newLine.url], timeoutMs: 3000 })
+})
+
+t.test('upstream.caFile rotated in place (same path, a new CA in it) is read again by a reload, and the log says so', async t => {
+  const tlsDir = join(import.meta.dirname, 'fixtures', 'tls')
+  const upstream = await startUpstream({ tls: { key: readFileSync(join(tlsDir, 'server.key'), 'utf8'), cert: readFileSync(join(tlsDir, 'server.pem'), 'utf8') } })
+  t.teardown(() => upstream.close())
+  const dir = t.testdir({ 'ca.pem': rootCertificates[0]! }) // a valid CA, but not the one that signed the upstream
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, caFile: join(dir, 'ca.pem') } })
+  t.equal((await create(gw.url, KEYS.full)).status, 502, 'the upstream cannot be verified with the old CA')
+
+  writeFileSync(join(dir, 'ca.pem'), readFileSync(join(tlsDir, 'ca.pem'))) // as a mounted secret is updated
+  const change = gw.app.applyConfig(withConfig(gw.config, () => {}))
+  t.same(change, { applied: ['upstream.caFile (contents)'], needRestart: [] })
+  t.equal((await create(gw.url, KEYS.full)).status, 200, 'the next call is verified with the new CA')
+  t.same(gw.app.applyConfig(withConfig(gw.config, () => {})), { applied: [], needRestart: [] }, 'an unchanged CA file is nothing to apply')
 })
 
 t.test('limits.bodyBytes applies at once: declared and chunked bodies over the new limit get 413', async t => {

@@ -1,6 +1,7 @@
 // Stopping the gateway as an orchestrator does: a real process, real signals, small configured times.
 // /readyz turns 503 at the signal, calls are still served for shutdown.drainDelayMs, then in-flight calls get
 // shutdown.graceMs, a hard bound; every call is audited; signals the gateway has no use for do not end it.
+import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { Agent, request, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync, writeFileSync } from 'node:fs'
@@ -291,6 +292,30 @@ t.test('a stream still running when the grace ends is audited aborted, not as an
   const [code] = await exited
   t.equal(code, 1, 'exit 1: a call had to be aborted')
   t.match(auditRecords(dir), [{ action: 'item.list', status: 200, outcome: 'aborted' }], 'audited aborted (its status as sent)')
+})
+
+t.test('`npm start` as the README runs it: SIGTERM to npm reaches the gateway, which drains and exits; none is left running', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 2000 }'))
+  // npm forwards SIGTERM and SIGINT to the script's process only: were that a shell running the gateway, the shell
+  // would die and the gateway go on, orphaned, holding its port, never drained.
+  const npm = spawn('npm', ['start', '--silent', '--', '--config', file], {
+    env: { PATH: process.env.PATH, HOME: process.env.HOME ?? dir, NO_COLOR: '1', npm_config_update_notifier: 'false' }
+  })
+  let text = ''
+  npm.stdout.on('data', (c: Buffer) => { text += c.toString() })
+  npm.stderr.on('data', (c: Buffer) => { text += c.toString() })
+  const gatewayPid = Number(await eventually(async () => /"pid":(\d+)[^\n]*Server listening/.exec(text)?.[1] ?? null, 'the gateway listening'))
+  const alive = () => { try { process.kill(gatewayPid, 0); return true } catch { return false } }
+  t.teardown(() => { if (alive()) process.kill(gatewayPid, 'SIGKILL') })
+  t.not(gatewayPid, npm.pid, 'the gateway runs under npm')
+
+  npm.kill('SIGTERM')
+  await eventually(async () => !alive(), 'the gateway process gone after SIGTERM to npm', 8_000)
+  t.match(text, /SIGTERM: shutting down/, 'the gateway got the signal and drained')
+  t.match(text, /"msg":"closed"/)
 })
 
 t.test('signals the gateway has no use for are logged and ignored: none ends it, and SIGUSR1 opens no debugger', async t => {

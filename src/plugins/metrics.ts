@@ -33,7 +33,8 @@ export function metricsEnabled (config: { listen?: string, token?: string }): bo
   return config.listen !== undefined || config.token !== undefined
 }
 
-const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+// Up to upstream.generationTimeoutMs's default: a generation's headers may come only when the model is done, minutes on.
+const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 const GATEWAY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5]
 
 function digest (value: string): Buffer {

@@ -240,6 +240,8 @@ interface Line {
  */
 interface Pools {
   lines: Line[]
+  /** the text of upstream.caFile they trust, as read when they were built (undefined: none) */
+  ca: string | undefined
   /** call()s under way on these pools, until each has its answer's headers or has failed */
   calls: number
   retired: boolean
@@ -261,12 +263,17 @@ function sameSettings (a: UpstreamSettings, b: UpstreamSettings, keys: ReadonlyA
   return keys.every(k => JSON.stringify(a[k]) === JSON.stringify(b[k]))
 }
 
-function newPools (settings: UpstreamSettings): Pools {
-  return { lines: buildLines(settings), calls: 0, retired: false }
+/** The CA file's text now (its path alone says nothing of a certificate renewed in place, as a mounted secret is). */
+function readCa (settings: UpstreamSettings): string | undefined {
+  return settings.caFile === undefined ? undefined : readFileSync(settings.caFile, 'utf8')
 }
 
-function buildLines (settings: UpstreamSettings): Line[] {
-  const ca = settings.caFile === undefined ? undefined : [...rootCertificates, readFileSync(settings.caFile, 'utf8')]
+function newPools (settings: UpstreamSettings, caText = readCa(settings)): Pools {
+  return { lines: buildLines(settings, caText), calls: 0, retired: false, ca: caText }
+}
+
+function buildLines (settings: UpstreamSettings, caText: string | undefined): Line[] {
+  const ca = caText === undefined ? undefined : [...rootCertificates, caText]
   return settings.baseUrls.map(url => {
     const base = new URL(url)
     return {
@@ -320,17 +327,18 @@ export class Upstream {
   /**
    * New settings (a config reload), for the calls that start from now on. Calls under way finish on the lines
    * they started on: nothing in flight fails. New pools are built only when what they are built from changed
-   * (lines, timeouts, pool size, CA); the lines' health is kept while the lines and its own settings are the
-   * same. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
+   * (lines, timeouts, pool size, CA file or its contents); the lines' health is kept while the lines and its own
+   * settings are the same. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
    */
   update (settings: UpstreamSettings): void {
     const old = this.#current
+    const caText = readCa(settings)
     const health = sameSettings(old.settings, settings, HEALTH_SETTINGS) ? old.health : this.#health(settings)
-    if (sameSettings(old.settings, settings, POOL_SETTINGS)) {
+    if (sameSettings(old.settings, settings, POOL_SETTINGS) && caText === old.pools.ca) {
       this.#current = { settings, health, pools: old.pools }
       return
     }
-    this.#current = { settings, health, pools: newPools(settings) }
+    this.#current = { settings, health, pools: newPools(settings, caText) }
     if (!sameSettings(old.settings, settings, ['baseUrls'])) this.#warnCleartext(settings)
     old.pools.retired = true
     this.#retired.add(old.pools)
@@ -345,6 +353,12 @@ export class Upstream {
     } finally {
       this.#retired.delete(pools)
     }
+  }
+
+  /** Whether the CA file of `settings` no longer holds what the pools in use were built to trust. */
+  caChanged (settings: UpstreamSettings): boolean {
+    return settings.caFile !== undefined && settings.caFile === this.#current.settings.caFile &&
+      readCa(settings) !== this.#current.pools.ca
   }
 
   statuses (): LineStatus[] {
