@@ -339,10 +339,16 @@ function validateWithPlaceholders (candidate: unknown, filled: Set<string>): can
   }
 }
 
+/** The metrics' `client` label for a call without a valid key, and for a client a reload removed. */
+export const RESERVED_CLIENT_IDS = ['none', 'other'] as const
+
 function duplicateIds (clients: ClientConfig[]): string[] {
   const seen = new Map<string, number>()
   const problems: string[] = []
   clients.forEach((c, i) => {
+    if ((RESERVED_CLIENT_IDS as readonly string[]).includes(c.id)) {
+      problems.push(`clients[${i}].id: "${c.id}" is reserved (the metrics' client label for ${c.id === 'none' ? 'calls without a valid key' : 'clients no longer configured'})`)
+    }
     const first = seen.get(c.id)
     if (first === undefined) seen.set(c.id, i)
     else problems.push(`clients[${i}].id: duplicates clients[${first}].id`)

@@ -110,6 +110,17 @@ t.test('duplicate client ids and digests are bad fields', async t => {
   })), ['clients[1].id: duplicates clients[0].id', 'clients[2].keySha256: duplicates clients[0].keySha256'])
 })
 
+t.test('client ids "none" and "other" are refused: the metrics use them for calls without a key and clients removed', async t => {
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  t.same(problems(() => parseConfig({
+    upstream, clients: [{ id: 'none', keySha256: DIGEST, scopes: ['read'] }, { id: 'other', keySha256: 'b'.repeat(64), scopes: ['read'] }]
+  })), [
+    'clients[0].id: "none" is reserved (the metrics\' client label for calls without a valid key)',
+    'clients[1].id: "other" is reserved (the metrics\' client label for clients no longer configured)'
+  ])
+  t.doesNotThrow(() => parseConfig({ upstream, clients: [{ id: 'nonesuch', keySha256: DIGEST, scopes: ['read'] }] }), 'a longer id is fine')
+})
+
 t.test('an unquoted all-digit digest is refused with a hint instead of being read as a number', async t => {
   const file = yamlFile(minimal.replace(`"${DIGEST}"`, '1'.repeat(64)))
   t.match(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x' })), [/clients\[0\]\.keySha256: .*quote it/])
