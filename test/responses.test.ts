@@ -635,7 +635,9 @@ t.test('the token budget with the Redis store', async t => {
 
 t.test('a hung Redis (open) holds a budgeted generation one store.timeoutMs, not one for its request bucket and one more for its budget', async t => {
   const redis = await startRedis(t)
-  const timeoutMs = 400
+  // Long enough that a loaded machine's own delays (a timer firing late) stay well under the second timeout
+  // that two questions in a row would add: with 400 ms one run took 805 ms.
+  const timeoutMs = 1000
   const { gw } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 1000 } }],
     store: { url: redis.url, timeoutMs, onFailure: 'open' }
