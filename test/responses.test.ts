@@ -25,6 +25,19 @@ async function setup (t: Test, overrides: Record<string, unknown> = {}, streamDe
   return { upstream, gw, streamEnds, sdk: key => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 }) }
 }
 
+/** The first event of the hostile streams below: a response created. */
+const CREATED_EVENT = 'event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n'
+
+/** A streamed create read to its end with the SDK: the event types seen, and what it threw (null if nothing). */
+async function streamedCreate (client: OpenAI, signal?: AbortSignal): Promise<{ seen: string[], err: unknown }> {
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await client.responses.create({ model: 'gpt-4o', input: 'hi', stream: true }, signal === undefined ? {} : { signal })
+    for await (const event of stream) seen.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  return { seen, err }
+}
+
 const rejection = (p: Promise<unknown>) => p.then(() => { throw new Error('expected a rejection') }, (e: unknown) => e)
 
 function upstreamCalls (upstream: FakeUpstream, from = 0): string[] {
@@ -262,16 +275,12 @@ t.test('an upstream that breaks off a streamed response: the SDK raises its own 
   const { upstream, gw, sdk } = await setup(t)
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write(CREATED_EVENT)
     // then half an event, and the connection breaks
     res.write('event: response.output_text.delta\ndata: {"type":"response.output_t')
     setTimeout(() => res.socket?.destroy(), 50)
   }
-  const seen: string[] = []
-  const err = await (async () => {
-    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
-    for await (const event of stream) seen.push(event.type)
-  })().then(() => null, (e: unknown) => e)
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.same(seen, ['response.created'], 'the whole events before the break arrive, and nothing of the broken one')
   t.ok(err instanceof OpenAI.APIError, `an APIError, not a bare TypeError (got ${String(err)})`)
   t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } })
@@ -321,7 +330,7 @@ t.test('a streamed event that never ends is not held without bound: past 16 MiB 
   let upstreamClosed = false
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write(CREATED_EVENT)
     res.write('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"')
     const piece = 'a'.repeat(1024 * 1024)
     let sent = 0
@@ -332,11 +341,7 @@ t.test('a streamed event that never ends is not held without bound: past 16 MiB 
     res.on('close', () => { upstreamClosed = true; clearInterval(trickle); clearTimeout(broken) })
     more()
   }
-  const seen: string[] = []
-  const err = await (async () => {
-    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
-    for await (const event of stream) seen.push(event.type)
-  })().then(() => null, (e: unknown) => e)
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.same(seen, ['response.created'], 'the whole events before it arrive')
   t.ok(err instanceof OpenAI.APIError, `then an APIError (got ${String(err)})`)
   t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /could not check/ } }, 'ended by the gateway, not by the upstream breaking off')
@@ -356,17 +361,13 @@ t.test('a streamed event that drips in is not waited for without end: not whole 
   let upstreamClosed = false
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write(CREATED_EVENT)
     res.write('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"')
     const drip = setInterval(() => { if (!res.destroyed) res.write('a') }, 50)
     res.on('close', () => { upstreamClosed = true; clearInterval(drip) })
   }
-  const seen: string[] = []
-  const err = await (async () => {
-    // (The SDK ends the iteration quietly when this signal aborts it: no error then.)
-    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true }, { signal: AbortSignal.timeout(5000) })
-    for await (const event of stream) seen.push(event.type)
-  })().then(() => null, (e: unknown) => e)
+  // (The SDK ends the iteration quietly when this signal aborts it: no error then.)
+  const { seen, err } = await streamedCreate(sdk(KEYS.full), AbortSignal.timeout(5000))
   t.same(seen, ['response.created'], 'the whole events before it arrive')
   t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'then the error event')
   await until('the upstream stream to be closed', () => upstreamClosed, 3000)
@@ -380,14 +381,10 @@ t.test('an event that never ends is bounded by what holding it costs, not by its
   const { upstream, sdk } = await setup(t)
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[]}}\n\n')
+    res.write(CREATED_EVENT)
     res.end(': a\n'.repeat(200_000)) // 800 KB, one event (no blank line)
   }
-  const seen: string[] = []
-  const err = await (async () => {
-    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
-    for await (const event of stream) seen.push(event.type)
-  })().then(() => null, (e: unknown) => e)
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.same(seen, ['response.created'], 'the whole events before it arrive')
   t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /could not check/ } }, 'then the error event')
 })
