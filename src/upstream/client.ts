@@ -618,6 +618,7 @@ export function readBody (body: Readable, maxBytes: number, deadlineMs?: number,
       chunks.push(chunk)
     })
     body.once('end', () => {
+      if (settled) return // (given up on already: its bytes were given back then)
       settle()
       resolve(Buffer.concat(chunks, size))
     })
