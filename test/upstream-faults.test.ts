@@ -327,7 +327,7 @@ t.test('an answer the gateway reads whole (to take the owner key out) that drips
   await until('the upstream answer to be let go', () => upstream.connections() === 0)
 })
 
-// Each answer the gateway reads whole to rewrite it may be 16 MiB (MAX_REWRITE_BYTES in plugins/proxy.ts). Measured
+// Each answer the gateway reads whole to rewrite it may be 16 MiB (MAX_WHOLE_BYTES in upstream/client.ts). Measured
 // on the real gateway with a hostile upstream, before they shared a bound: one 15 MiB conversation object holding a
 // 17-digit number cost +256 MiB RSS; eight at once peaked at 1.37 GiB and held /healthz 11.5 s.
 t.test('answers read whole share one bound: many large ones at once are refused past it, not held until the heap runs out', async t => {

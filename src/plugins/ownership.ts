@@ -21,11 +21,11 @@ import {
   conversationParam, createBody, metadataProblem, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
-import { HeldBytes, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
 import { serializeBody } from './body.js'
 import {
-  addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, MAX_HELD_REWRITE_BYTES, MAX_REWRITE_BYTES, upstreamRateLimitHeaders
+  addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders
 } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -34,14 +34,6 @@ export interface OwnershipOptions {
   unowned: () => 'deny' | 'allow'
   cache: OwnerCache
 }
-
-/**
- * Largest lookup answer read: as large as an answer the gateway reads whole to pass on. A conversation is small,
- * but a response object holds its whole output (an image generation's base64), and so may an item: refusing it
- * here would refuse its owner what the gateway passes on. Lookups under way hold at most MAX_HELD_REWRITE_BYTES
- * between them (past it, 502), as answers being rewritten do.
- */
-const LOOKUP_MAX_BYTES = MAX_REWRITE_BYTES
 
 /**
  * Actions whose answer is an owned object, which must reach the client without the owner key (the creates' answers
@@ -152,7 +144,6 @@ function refuseOtherCases (action: Action, body: unknown): void {
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
-  const held = new HeldBytes(MAX_HELD_REWRITE_BYTES)
 
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
   function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
@@ -207,7 +198,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         body: null,
         whenClientGone: whenGone
       })
-      const body = await readBody(answer.body, LOOKUP_MAX_BYTES, upstream.timeoutMs, held)
+      // (As large as an answer the gateway reads whole to pass on: a response object holds its whole output, an
+      // image generation's base64, and refusing it here would refuse its owner what the gateway passes on.)
+      const body = await upstream.readWhole(answer.body)
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()

@@ -17,7 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
-import { HeldBytes, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { MAX_WHOLE_BYTES, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
@@ -28,16 +28,10 @@ export interface ProxyOptions {
 }
 
 /**
- * Largest answer the gateway reads whole to rewrite it (a conversation or response object); larger is a 502. Also
- * the largest streamed event it holds until its end: past it the stream is ended with an error event.
+ * The largest streamed event held until its end, as large as an answer read whole (upstream.readWhole): past it
+ * the stream is ended with an error event.
  */
-export const MAX_REWRITE_BYTES = 16 * 1024 * 1024
-/**
- * Answers read whole to rewrite them, all calls together: past this a call gets 502 rather than the heap running
- * out (eight 15 MiB answers at once took the gateway past 1.3 GiB). Four answers of the largest size; a
- * conversation object is a few hundred bytes, a response object rarely a few MiB.
- */
-export const MAX_HELD_REWRITE_BYTES = 4 * MAX_REWRITE_BYTES
+const MAX_EVENT_BYTES = MAX_WHOLE_BYTES
 /**
  * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
  * past either it could not be searched, and the client gets 502. Error answers are a few hundred bytes, sent at once.
@@ -217,7 +211,6 @@ export function addEventRewrite (request: FastifyRequest, step: EventRewrite): v
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
-  const held = new HeldBytes(MAX_HELD_REWRITE_BYTES)
   app.decorateRequest('upstream', null)
   app.decorateRequest('upstreamCall', null)
   app.decorateRequest('rewriteAnswer', null)
@@ -282,7 +275,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     rewrite: (body: unknown) => unknown): Promise<void> {
     let raw: Buffer
     try {
-      raw = await readBody(res.stream, MAX_REWRITE_BYTES, upstream.timeoutMs, held)
+      raw = await upstream.readWhole(res.stream)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
@@ -394,7 +387,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
             throw err
           }
-        }, STREAM_REFUSED_EVENT, MAX_REWRITE_BYTES, upstream.timeoutMs)
+        }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

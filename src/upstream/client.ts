@@ -295,6 +295,8 @@ export class Upstream {
   /** retired pools not closed yet */
   readonly #retired = new Set<Pools>()
   readonly #log: FastifyBaseLogger
+  /** bytes of the answers being read whole (readWhole), all calls together */
+  readonly #held = new HeldBytes(MAX_HELD_WHOLE_BYTES)
   #destroyed = false
 
   constructor (settings: UpstreamSettings, log: FastifyBaseLogger) {
@@ -365,9 +367,17 @@ export class Upstream {
     return this.#current.health.statuses()
   }
 
-  /** upstream.timeoutMs now in force: also how long an answer read whole may take after its headers (readBody). */
+  /** upstream.timeoutMs now in force: also how long an answer read whole may take after its headers (readWhole). */
   get timeoutMs (): number {
     return this.#current.settings.timeoutMs
+  }
+
+  /**
+   * An answer's whole body: at most MAX_WHOLE_BYTES, whole within timeoutMs of its headers, and counted against
+   * one bound shared by every answer being read whole (readBody).
+   */
+  readWhole (body: Readable): Promise<Buffer> {
+    return readBody(body, MAX_WHOLE_BYTES, this.timeoutMs, this.#held)
   }
 
   /** At least one line is up, or due for its trial call. */
@@ -561,10 +571,21 @@ function describe (err: unknown): string {
 }
 
 /**
+ * Largest answer read whole (one the gateway rewrites before passing it on, an owner lookup); larger is an error.
+ */
+export const MAX_WHOLE_BYTES = 16 * 1024 * 1024
+/**
+ * Answers read whole, all calls together (rewrites and lookups): past this a call gets 502 rather than the heap
+ * running out (eight 15 MiB answers at once took the gateway past 1.3 GiB). Four answers of the largest size; a
+ * conversation object is a few hundred bytes, a response object rarely a few MiB.
+ */
+const MAX_HELD_WHOLE_BYTES = 4 * MAX_WHOLE_BYTES
+
+/**
  * Bytes of answers being read whole, across calls: each answer has its own bound (readBody's maxBytes), and this
  * bounds how many of them are held at once, which the number of calls in flight (maxInFlight) does not.
  */
-export class HeldBytes {
+class HeldBytes {
   #held = 0
   constructor (readonly max: number) {}
   /** Takes `n` bytes more; false (nothing taken) when that would go past `max`. */
