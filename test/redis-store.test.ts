@@ -171,6 +171,25 @@ t.test('a hung Redis costs each call at most the store timeout: served locally (
   t.equal((await open.take('a', SLOW)).allowed, false, 'the shared bucket counted the calls that timed out')
 })
 
+t.test('a call made while an earlier one waits on a hung Redis still waits at most one store timeout', async t => {
+  // ioredis auto-pipelining sends one batch at a time and starts a command's timeout when it is sent: the second
+  // call below would go out only when the first times out, and take about two timeouts less the 50 ms between.
+  const redis = await startRedis(t)
+  const timeoutMs = 1000
+  const s = await store(t, redis, { timeoutMs })
+  t.equal((await s.take('a', SLOW)).allowed, true, 'a healthy Redis answers')
+  redis.pause()
+  t.teardown(() => { redis.resume() })
+  const first = s.take('a', SLOW)
+  await sleep(50)
+  const started = Date.now()
+  const second = await s.take('a', SLOW)
+  const took = Date.now() - started
+  t.equal(second.allowed, true, 'served from the local bucket')
+  t.ok(took < 1.5 * timeoutMs, `answered in ${took} ms, within one store.timeoutMs (${timeoutMs} ms) and a loaded machine's margin`)
+  t.equal((await first).allowed, true)
+})
+
 t.test('a Redis that is down at start does not stop the store; it connects when Redis comes up', async t => {
   const redis = await startRedis(t)
   await redis.stop()

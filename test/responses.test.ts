@@ -651,10 +651,7 @@ t.test('a hung Redis (open) holds a budgeted generation one store.timeoutMs, not
   const res = await generate()
   const took = Date.now() - started
   t.equal(res.status, 200, 'served from the local buckets')
-  // Open question: about one run in five (alone; in the full suite too) takes exactly two timeouts (2005 ms here,
-  // 805 ms at 400), although the request bucket and the budget are asked together and each command has its own
-  // timer; 43 runs with every store call's times logged never did. Until its cause is found this check is a todo:
-  // it runs and reports, and does not fail the suite.
-  t.ok(took < 2 * timeoutMs, `answered in ${took} ms: the README promises no call waits on Redis longer than store.timeoutMs (${timeoutMs} ms)`,
-    { todo: 'intermittently two store timeouts, cause not found (see the comment above)' })
+  // The first call's budget charge may still wait on the paused Redis: this call's questions must not queue behind it
+  // (ioredis auto-pipelining sends one batch at a time; see the Redis store's own test of it).
+  t.ok(took < 2 * timeoutMs, `answered in ${took} ms: the README promises no call waits on Redis longer than store.timeoutMs (${timeoutMs} ms)`)
 })

@@ -142,6 +142,7 @@ export class RedisStore implements RateLimitStore {
   readonly #fallback = new MemoryStore()
   readonly #onFailure: OnFailure
   readonly #keyPrefix: string
+  readonly #timeoutMs: number
   readonly #outage: OutageLog
   /** This connection's SELECT was refused: the client would go on in database 0, perhaps another deployment's. */
   #noSuchDb = false
@@ -156,6 +157,7 @@ export class RedisStore implements RateLimitStore {
   private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
     this.#onFailure = onFailure
     this.#keyPrefix = keyPrefix
+    this.#timeoutMs = timeoutMs
     this.#outage = new OutageLog(log, onFailure)
     this.#redis = new Redis(url, {
       commandTimeout: timeoutMs,
@@ -201,7 +203,8 @@ export class RedisStore implements RateLimitStore {
   async #run (mode: Mode, key: string, rule: BucketRule, n: number): Promise<{ allowed: boolean, tokens: number } | null> {
     try {
       if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
-      const [allowed, tokens] = await this.#redis.ogwBucket(this.#keyPrefix + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON)
+      const [allowed, tokens] = await this.#deadline(
+        this.#redis.ogwBucket(this.#keyPrefix + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON))
       this.#outage.recovered()
       return { allowed: allowed === 1, tokens: Number(tokens) }
     } catch (err) {
@@ -210,6 +213,21 @@ export class RedisStore implements RateLimitStore {
       if (this.#onFailure === 'closed') throw new StoreUnavailableError(reason)
       return null
     }
+  }
+
+  /**
+   * The answer within timeoutMs of the call, or a rejection. ioredis's own commandTimeout starts when a command is
+   * written, and auto-pipelining writes one batch at a time: a call made while an earlier batch waits on a hung
+   * Redis would go out only when that batch times out, and then wait a timeout of its own. The command itself may
+   * still go out and run later; its answer is then ignored.
+   */
+  #deadline<T> (answer: Promise<T>): Promise<T> {
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => { reject(new Error(`Command timed out: no answer from Redis within ${this.#timeoutMs} ms`)) }, this.#timeoutMs)
+    })
+    answer.catch(() => {}) // a command given up on may still fail later: not an unhandled rejection
+    return Promise.race([answer, late]).finally(() => { clearTimeout(timer) })
   }
 
   async take (key: string, rule: BucketRule, cost = 1): Promise<RateLimitResult> {
