@@ -282,18 +282,18 @@ t.test('a database number the Redis does not have: calls never fall through to d
   t.notMatch(await redis.command('KEYS *'), 'team-a', 'still nothing in database 0')
 })
 
-// Left as a design question, not fixed: available() (so /readyz with onFailure closed) looks only at the
-// connection. A Redis that is connected but refuses every bucket write (OOM under maxmemory with the default
-// noeviction policy, a user without EVALSHA, a script error) gets every call 503 while /readyz says ready and
-// /healthz says store ok. Turning it unready needs a way back: with every replica out of rotation no call would
-// come to find Redis healthy again, so /readyz would have to probe Redis itself.
-t.test('closed: a Redis that refuses every bucket write (OOM) makes the store unavailable for /readyz', {
-  todo: '/readyz would need to probe Redis: see the comment above'
-}, async t => {
+// available() (so /readyz with onFailure closed) does not look only at the connection: a Redis that is connected but
+// refuses every bucket write (OOM under maxmemory with the default noeviction policy) would get every call 503 while
+// /readyz said ready. Once unready the replica gets no calls, so the store probes Redis itself to come back.
+t.test('closed: a Redis that refuses every bucket write (OOM) makes the store unavailable for /readyz, until it accepts them again', async t => {
   const redis = await startRedis(t)
   const s = await store(t, redis, { onFailure: 'closed' })
+  t.equal((await s.take('a', SLOW)).allowed, true)
   t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
   t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
   await t.rejects(s.take('a', SLOW), { name: 'StoreUnavailableError', message: /OOM/ }, 'every call is refused')
   t.equal(s.available(), false, '/readyz says store_unavailable')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  await eventually(async () => s.available(), 'available again without any call (the store probes Redis)')
+  t.equal((await s.take('a', SLOW)).allowed, true, 'calls are served from the shared bucket again')
 })

@@ -4,8 +4,8 @@
 // GET/HEAD /readyz: readiness, for a load balancer. 200 {"status":"ready"} only while this gateway should get
 // traffic: listening, not draining (a shutdown has begun), at least one upstream line not skipped, the audit not
 // refusing calls (audit.onFailure "closed" while records cannot be written), and the store not refusing them
-// (store.onFailure "closed" while Redis is disconnected). Otherwise 503 with the first reason in that order:
-// "starting", "draining", "upstream_unavailable", "audit_unavailable", "store_unavailable".
+// (store.onFailure "closed" while Redis is disconnected or refuses the bucket script). Otherwise 503 with the first
+// reason in that order: "starting", "draining", "upstream_unavailable", "audit_unavailable", "store_unavailable".
 // Probed every few seconds by orchestrators: not audited, not worth a log line each time.
 import fp from 'fastify-plugin'
 import type { RateLimitStore } from '../stores/rate-limit-store.js'

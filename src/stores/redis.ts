@@ -9,7 +9,7 @@
 // itself, also away from a node that a failover turned read-only; the outage is logged once when it starts, at
 // most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
-import { Redis } from 'ioredis'
+import { Redis, ReplyError } from 'ioredis'
 import { MemoryStore } from './memory.js'
 import {
   checkCost, describe, StoreUnavailableError, TOKEN_EPSILON, type BucketRule, type RateLimitResult, type RateLimitStore
@@ -42,6 +42,11 @@ const RECONNECT_MAX_MS = 1_000
 const CONNECT_TIMEOUT_MS = 2_000
 /** A connection with commands outstanding and no byte back for this long is dropped and made again. */
 const STALL_MS = 2_000
+/** While Redis refuses the bucket script, it is asked again this often, with or without calls (see available()). */
+const PROBE_MS = 1_000
+/** The probe's key: `@` is in no client id, so it is no client's bucket. It expires a second after each probe. */
+const PROBE_KEY = '@probe'
+const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
 
 /**
  * KEYS[1]: the bucket, a hash {tokens, at}. ARGV: mode (take | charge | peek), requestsPerMinute, burst, and
@@ -146,6 +151,9 @@ export class RedisStore implements RateLimitStore {
   readonly #outage: OutageLog
   /** This connection's SELECT was refused: the client would go on in database 0, perhaps another deployment's. */
   #noSuchDb = false
+  /** Redis answered the last call with an error (OOM under noeviction, no EVALSHA for this user...); see available(). */
+  #refusing = false
+  #probe: NodeJS.Timeout | null = null
 
   /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
@@ -206,9 +214,11 @@ export class RedisStore implements RateLimitStore {
       const [allowed, tokens] = await this.#deadline(
         this.#redis.ogwBucket(this.#keyPrefix + key, mode, rule.requestsPerMinute, rule.burst, n, TOKEN_EPSILON))
       this.#outage.recovered()
+      this.#accepted()
       return { allowed: allowed === 1, tokens: Number(tokens) }
     } catch (err) {
       const reason = reasonOf(err)
+      if (err instanceof ReplyError) this.#refused()
       this.#outage.failed(reason, true)
       if (this.#onFailure === 'closed') throw new StoreUnavailableError(reason)
       return null
@@ -251,14 +261,42 @@ export class RedisStore implements RateLimitStore {
   }
 
   /**
-   * Connected. A Redis that answers slowly while connected still counts as available (its calls time out one by
-   * one); a lost connection is retried by the client on its own, so this turns true again without any call.
+   * Redis answered with an error: it is connected but refuses the script (a write under maxmemory with the default
+   * noeviction policy, a user without EVALSHA...). Every call would fail the same way, so the store is unavailable
+   * until Redis runs the script again. With onFailure closed that takes the replica out of rotation, where no call
+   * comes to find Redis healthy again: a probe asks every PROBE_MS until it does.
+   */
+  #refused (): void {
+    this.#refusing = true
+    if (this.#probe !== null) return
+    this.#probe = setInterval(() => {
+      if (this.#redis.status !== 'ready') return // the reconnect finds out, and calls fail at once meanwhile
+      this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
+        .then(() => { this.#accepted() }, () => {})
+    }, PROBE_MS).unref()
+  }
+
+  #accepted (): void {
+    this.#refusing = false
+    this.#stopProbe()
+  }
+
+  #stopProbe (): void {
+    if (this.#probe !== null) clearInterval(this.#probe)
+    this.#probe = null
+  }
+
+  /**
+   * Connected, and Redis runs the bucket script. A Redis that answers slowly while connected still counts as
+   * available (its calls time out one by one); a lost connection is retried by the client on its own, and a
+   * refusing Redis is probed, so this turns true again without any call.
    */
   available (): boolean {
-    return this.#redis.status === 'ready' && !this.#noSuchDb
+    return this.#redis.status === 'ready' && !this.#noSuchDb && !this.#refusing
   }
 
   async close (): Promise<void> {
+    this.#stopProbe()
     this.#redis.disconnect()
     await this.#fallback.close()
   }
