@@ -269,10 +269,13 @@ export class RedisStore implements RateLimitStore {
   #refused (): void {
     this.#refusing = true
     if (this.#probe !== null) return
+    let asking = false // one probe at a time, however long store.timeoutMs is
     this.#probe = setInterval(() => {
-      if (this.#redis.status !== 'ready') return // the reconnect finds out, and calls fail at once meanwhile
+      if (asking || this.#redis.status !== 'ready') return // a lost connection: the reconnect finds out
+      asking = true
       this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
         .then(() => { this.#accepted() }, () => {})
+        .finally(() => { asking = false })
     }, PROBE_MS).unref()
   }
 
