@@ -597,6 +597,25 @@ t.test('a model that is not a string is a 400 invalid_type, with or without a mo
   }
 })
 
+t.test('a model string as long as the body limit allows is cut in the audit record: a client cannot write megabytes into the audit with each call', async t => {
+  const { gw } = await setup(t)
+  const model = 'gpt-4o-'.repeat(150_000) // 1 MB, a string the fake takes (and echoes, as a loose upstream might)
+  for (const conversation of [undefined, 'conv_nosuch']) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model, input: 'x', ...(conversation === undefined ? {} : { conversation }) })
+    })
+    t.equal(res.status, conversation === undefined ? 200 : 404)
+    await res.arrayBuffer()
+  }
+  const records = await gw.auditFile()
+  t.equal(records.length, 2)
+  for (const record of records) {
+    t.equal(record.model, model.slice(0, 256), `${record.status}: the model, cut at 256 characters`)
+  }
+})
+
 async function budgetFlow (t: Test, store?: Record<string, unknown>) {
   const { upstream, sdk } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 12 } }],

@@ -169,7 +169,8 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     itemId: op?.itemId ?? null,
     keyId: request.keyId ?? request.expiredKey?.keyId ?? null,
     method: request.method,
-    model: facts?.model ?? null,
+    // (the client's string, up to the body limit: a model id is a few dozen characters)
+    model: facts?.model?.slice(0, 256) ?? null,
     outcome: outcomeOf(request, reply, watch),
     outputTokens: facts === null ? null : outputTokens(facts),
     ownerId: request.ownerId,
