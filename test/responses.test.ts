@@ -511,7 +511,9 @@ t.test('clients[].models: a model outside the list gets 403 model_not_allowed be
   for (const model of ['gpt-4o-mini', 'gpt-4.1', 'gpt-4.1-nano', 'o3-mini']) {
     t.equal((await a.responses.create({ model, input: 'x' })).model, model, `${model} is allowed`)
   }
-  t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: null })
+  t.match(gw.audit()[0], { status: 403, outcome: 'denied', model: 'gpt-4o', stream: false },
+    'the refusal is audited with the model asked for (audit query --model finds who asked for one outside the list)')
+  t.match(gw.audit()[0], { inputTokens: null, outputTokens: null, responseId: null })
 })
 
 t.test('models and the token budget cannot be got round with Model or Background in another case: 400, nothing upstream', async t => {
@@ -569,7 +571,7 @@ t.test('a key with a models list must name the model (a stored prompt\'s own is 
   t.equal(background.status, 403)
   t.match(await background.json(), { error: { code: 'background_not_allowed', param: 'background' } })
   t.equal(upstream.requests.length, 0, 'neither reached the upstream')
-  t.match(gw.audit(), [{ status: 403, outcome: 'denied' }, { status: 403, outcome: 'denied' }])
+  t.match(gw.audit(), [{ status: 403, outcome: 'denied', model: null }, { status: 403, outcome: 'denied', model: 'gpt-4o-mini' }])
   for (const loose of ['true', 1]) {
     const res = await create(KEYS.other, { model: 'gpt-4o-mini', input: 'x', background: loose })
     t.equal(res.status, 403, `background: ${JSON.stringify(loose)}, which a loose reader takes for true: 403 too`)

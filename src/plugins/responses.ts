@@ -25,6 +25,14 @@ export default fp(async function responses (app) {
     }
     const body = request.parsedBody as { model?: unknown, stream?: unknown, background?: unknown } | undefined
     const creating = op.action === 'response.create'
+    const model = creating ? body?.model : undefined
+    const stream = creating
+      ? body?.stream === true
+      : op.action === 'response.retrieve' && new URLSearchParams(request.originalUrl.split('?')[1] ?? '').get('stream') === 'true'
+    // Made before the refusals below: a refused create is audited with the model it asked for (audit query --model
+    // finds who asked for one outside their list). A call refused here is never charged: nothing went upstream.
+    const facts = newFacts(op.responseId, stream, typeof model === 'string' ? model : null)
+    request.responseFacts = facts
     // `Model`, `Background`: nothing to OpenAI, but the model or background an upstream that ignores case would
     // read, past the checks below (ownership.ts refuses the keys its own checks read in the same way).
     const otherCase = creating ? otherCaseKey(body, CHECKED_KEYS) : null
@@ -34,7 +42,6 @@ export default fp(async function responses (app) {
       done(err)
       return
     }
-    const model = creating ? body?.model : undefined
     if (model !== undefined && typeof model !== 'string') {
       done(new InvalidModelTypeError())
       return
@@ -56,11 +63,6 @@ export default fp(async function responses (app) {
       done(new BackgroundNotAllowedError())
       return
     }
-    const stream = op.action === 'response.create'
-      ? body?.stream === true
-      : op.action === 'response.retrieve' && new URLSearchParams(request.originalUrl.split('?')[1] ?? '').get('stream') === 'true'
-    const facts = newFacts(op.responseId, stream, typeof model === 'string' ? model : null)
-    request.responseFacts = facts
     addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer })
     addEventRewrite(request, event => { observeEvent(facts, event); return event })
     done()
