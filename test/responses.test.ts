@@ -199,6 +199,40 @@ t.test('a streamed retrieve waits on the model as a streamed create does: a sile
   t.match(upstream.requests.at(-1), { method: 'GET', url: `/v1/responses/${created.id}?stream=true` })
 })
 
+/** A non-streamed generation whose upstream sends its headers at once and its answer `afterMs` later. */
+function headersFirst (afterMs: number, answer: string) {
+  return (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write(' ') // (JSON allows whitespace before the value: an upstream keeping its connection alive)
+    setTimeout(() => { if (!res.destroyed) res.end(answer) }, afterMs)
+  }
+}
+
+const SLOW_ANSWER = JSON.stringify({
+  id: 'resp_slow', object: 'response', status: 'completed', model: 'gpt-4o', output: [],
+  usage: { input_tokens: 1, output_tokens: 2, total_tokens: 3 }, metadata: { gateway_owner: 'team-full' }
+})
+
+t.test('a generation answered but not read whole in time, or not as JSON, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, timeoutMs: 200, generationTimeoutMs: 300, failureThreshold: 100 } })
+  // The SDK's defaults: two retries of a 5xx, quickly.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  for (const [respond, status, code] of [
+    [headersFirst(1500, SLOW_ANSWER), 504, 'upstream_timeout'],
+    [headersFirst(0, 'not JSON'), 502, 'upstream_unavailable']
+  ] as const) {
+    upstream.respond = respond
+    const before = upstream.requests.length
+    const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'once' }))
+    t.match(err, { status, error: { code } })
+    t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
+    t.equal(upstream.requests.length - before, 1, `${status}: one SDK call, one generation upstream`)
+  }
+})
+
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
   const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]

@@ -273,11 +273,15 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
 
   async function sendRewritten (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse,
     rewrite: (body: unknown) => unknown): Promise<void> {
+    // The upstream has answered a POST (a generation done, a conversation or items added) whose answer the client
+    // does not get: the SDKs retry a 5xx unless told not to, and would do it all again.
+    const noRetry = () => { if (request.method === 'POST') reply.header('x-should-retry', 'false') }
     let raw: Buffer
     try {
       raw = await upstream.readWhole(res.stream)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
+      noRetry()
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
@@ -290,6 +294,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
+      noRetry()
       reply.send(new UpstreamUnavailableError())
       return
     }
