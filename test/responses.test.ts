@@ -213,6 +213,19 @@ const SLOW_ANSWER = JSON.stringify({
   usage: { input_tokens: 1, output_tokens: 2, total_tokens: 3 }, metadata: { gateway_owner: 'team-full' }
 })
 
+t.test('a non-streamed generation whose upstream sends its headers first waits generationTimeoutMs for the answer, not timeoutMs', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, timeoutMs: 200, generationTimeoutMs: 5000 } })
+  upstream.respond = headersFirst(800, SLOW_ANSWER)
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const response = await client.responses.create({ model: 'gpt-4o', input: 'a long think' })
+  t.equal(response.id, 'resp_slow', 'the answer came, four times timeoutMs after its headers')
+  t.same(response.metadata, {})
+  t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 1, outputTokens: 2 })
+})
+
 t.test('a generation answered but not read whole in time, or not as JSON, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -278,7 +278,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const noRetry = () => { if (request.method === 'POST') reply.header('x-should-retry', 'false') }
     let raw: Buffer
     try {
-      raw = await upstream.readWhole(res.stream)
+      raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
       noRetry()

@@ -373,11 +373,13 @@ export class Upstream {
   }
 
   /**
-   * An answer's whole body: at most MAX_WHOLE_BYTES, whole within timeoutMs of its headers, and counted against
-   * one bound shared by every answer being read whole (readBody).
+   * An answer's whole body: at most MAX_WHOLE_BYTES, whole within timeoutMs of its headers (generationTimeoutMs for
+   * a generation's: an upstream may send its headers before the model is done), and counted against one bound
+   * shared by every answer being read whole (readBody).
    */
-  readWhole (body: Readable): Promise<Buffer> {
-    return readBody(body, MAX_WHOLE_BYTES, this.timeoutMs, this.#held)
+  readWhole (body: Readable, generation = false): Promise<Buffer> {
+    const settings = this.#current.settings
+    return readBody(body, MAX_WHOLE_BYTES, generation ? settings.generationTimeoutMs : settings.timeoutMs, this.#held)
   }
 
   /** At least one line is up, or due for its trial call. */
