@@ -304,6 +304,7 @@ t.test('an event stream the upstream compressed unasked is not passed on uncheck
   t.notMatch(text, 'team-other')
   t.match(text, /^\{"error":\{.*"type":"server_error".*"code":"upstream_unavailable"\}\}$/)
   t.match(gw.logs.join(''), /upstream event stream is compressed/, 'the operators are told why')
+  t.equal(res.headers.get('x-should-retry'), 'false', 'the generation is under way upstream: the SDKs do not start it again')
 })
 
 t.test('an error answer is read whole within bounds: slow or large, it could not be searched and is a 502', async t => {

@@ -147,6 +147,14 @@ function sendBytes (reply: FastifyReply, status: number, body: Buffer): void {
   reply.send(reply.hasHeader('content-type') ? body : Readable.from([body]))
 }
 
+/**
+ * The upstream has answered a POST (a generation done or under way, a conversation or items added) whose answer the
+ * client does not get: the SDKs retry a 5xx unless told not to, and would have it all done again.
+ */
+function noRetry (request: FastifyRequest, reply: FastifyReply): void {
+  if (request.method === 'POST') reply.header('x-should-retry', 'false')
+}
+
 /** Whether an upstream error answer is OpenAI's envelope, `{"error": {...}}`, which the SDKs read. */
 function isErrorEnvelope (value: unknown): boolean {
   const error = (value as { error?: unknown } | null | undefined)?.error
@@ -273,15 +281,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
 
   async function sendRewritten (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse,
     rewrite: (body: unknown) => unknown): Promise<void> {
-    // The upstream has answered a POST (a generation done, a conversation or items added) whose answer the client
-    // does not get: the SDKs retry a 5xx unless told not to, and would do it all again.
-    const noRetry = () => { if (request.method === 'POST') reply.header('x-should-retry', 'false') }
     let raw: Buffer
     try {
       raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
-      noRetry()
+      noRetry(request, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
@@ -294,7 +299,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
-      noRetry()
+      noRetry(request, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -380,6 +385,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
           request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
+          noRetry(request, reply)
           reply.send(new UpstreamUnavailableError())
           return
         }
