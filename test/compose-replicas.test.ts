@@ -93,3 +93,15 @@ t.test('nginx waits on a replica longer than the replica waits on a generation, 
   t.ok(nginxMs(read![1]!) > config.upstream.generationTimeoutMs,
     `proxy_read_timeout ${read![1]} is longer than upstream.generationTimeoutMs (${config.upstream.generationTimeoutMs} ms)`)
 })
+
+t.test('a body over nginx\'s own limit gets OpenAI\'s envelope, not nginx\'s HTML page', async t => {
+  // client_max_body_size is refused by nginx itself, before any replica sees the call.
+  const page = /^\s*error_page\s+([\d\s]+)=\s*(@\w+);/gm
+  const to413 = [...nginxConf.matchAll(page)].find(m => m[1]!.split(/\s+/).includes('413'))
+  t.ok(to413, 'error_page names 413')
+  const location = new RegExp(`location ${to413?.[2]} \\{([\\s\\S]*?)\\n\\s*\\}`).exec(nginxConf)?.[1] ?? ''
+  const body = /return 413 '([^']*)'/.exec(location)?.[1]
+  t.ok(body, 'answered 413 with a body of its own')
+  t.match(JSON.parse(body ?? '{}'), { error: { code: 'request_too_large', type: 'invalid_request_error', param: null, message: String } })
+  t.match(location, /default_type application\/json;/)
+})
