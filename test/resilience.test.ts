@@ -3,6 +3,7 @@
 import type { ServerResponse } from 'node:http'
 import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
+import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
@@ -179,6 +180,27 @@ t.test('retries never duplicate work', async t => {
     t.equal(codeOf(a), 'upstream_unavailable')
     t.equal(lines[0]!.requests.length, 1)
     t.equal(lines[1]!.requests.length, 0, 'line 1 never saw it')
+  })
+
+  await t.test('a POST answered 200 whose body then breaks off gets 502 with x-should-retry: false: the SDK does not send it again', async t => {
+    // The upstream did the work (a generation, a conversation created) and said so; the gateway, which reads these
+    // answers whole to take the owner key out, cannot pass it on. Without the header the SDK sends it twice more.
+    const { lines, gw } = await setup(t, 1, { failureThreshold: 100 })
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': '1000' })
+      res.write('{"id":"resp_')
+      setTimeout(() => { res.socket?.resetAndDestroy() }, 20)
+    }
+    const a = await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    t.equal(a.status, 502)
+    t.equal(codeOf(a), 'upstream_unavailable')
+    t.equal(a.headers['x-should-retry'], 'false')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+    const statusOf = async (p: Promise<unknown>) => await p.then(() => 200, (err: { status?: number }) => err.status)
+    t.equal(await statusOf(sdk.responses.create({ model: 'gpt-4o-mini', input: 'once' })), 502)
+    t.equal(await statusOf(sdk.conversations.create({})), 502)
+    t.same(lines[0]!.requests.map(r => `${r.method} ${r.url}`), ['POST /v1/responses', 'POST /v1/responses', 'POST /v1/conversations'],
+      'each POST reached the upstream once')
   })
 
   await t.test('a DELETE whose connection broke is sent to the next line', async t => {

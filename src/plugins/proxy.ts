@@ -178,6 +178,15 @@ function errorText (value: unknown): string | null {
   return text === undefined ? null : text.slice(0, 500)
 }
 
+/**
+ * A POST the upstream answered (it has it, and may have done it: a generation, a conversation created), whose
+ * answer the gateway does not pass on (broken off, unreadable, not what was expected): the client's 502 or 504
+ * tells the SDKs, which retry every 5xx, not to send it again.
+ */
+function answeredNotPassedOn (request: FastifyRequest, reply: FastifyReply): void {
+  if (request.method === 'POST') reply.header('x-should-retry', 'false')
+}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
@@ -278,6 +287,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       raw = await upstream.readWhole(res.stream)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
+      answeredNotPassedOn(request, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
@@ -290,6 +300,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
+      answeredNotPassedOn(request, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -309,6 +320,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
+      answeredNotPassedOn(request, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -375,6 +387,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
           request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
+          answeredNotPassedOn(request, reply)
           reply.send(new UpstreamUnavailableError())
           return
         }
