@@ -443,6 +443,19 @@ t.test('slow and hostile clients', async t => {
     t.equal(lines[0]!.requests.length, 0)
   })
 
+  await t.test('the 408 for a body never sent carries the id its audit record has, as x-request-id too', async t => {
+    // The client's only handle on a failed call is the id in its answer: it must find the call's record.
+    const { gw, conv } = await setup(t, 1, {}, { listen })
+    const s = await rawSocket(gw.url)
+    s.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{`)
+    await until('the gateway to close', () => s.closedAt() !== null, 3000)
+    t.match(s.text(), /^HTTP\/1\.1 408 /)
+    const record = await lastRecord(gw, 1)
+    t.match(record, { status: 408, outcome: 'invalid' })
+    t.equal(/\r\nx-gateway-request-id: (\S+)\r\n/i.exec(s.text())?.[1], record.requestId, 'x-gateway-request-id is the record\'s')
+    t.equal(/\r\nx-request-id: (\S+)\r\n/i.exec(s.text())?.[1], record.requestId, 'and so is x-request-id, which the SDKs read')
+  })
+
   await t.test('after a 401, a body dribbled in is not read for long: the connection closes', async t => {
     const { gw, conv } = await setup(t, 1, {}, { listen })
     const s = await rawSocket(gw.url)
