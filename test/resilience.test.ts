@@ -363,6 +363,27 @@ t.test('upstream timeouts', async t => {
     t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'and its answer restores the line')
   })
 
+  // TODO (design choice, left to the lead): a generation that is a line's half-open trial holds the trial until its
+  // answer, which takes as long as the model does (seconds to generationTimeoutMs). Meanwhile every other call of
+  // every client gets 502 upstream_unavailable at once and /readyz is 503: with one line (the example config), a
+  // gateway coming back from an outage refuses all traffic for as long as its first generation runs, and the SDKs'
+  // two retries a second apart do not outlast it. Proposed: a generation's trial frees the trial slot once its
+  // request has a connection (the line takes calls again), so the next call (a quick one decides) is let through.
+  await t.test('a generation on half-open trial does not lock every other call out for as long as the model takes', { todo: 'design choice: see the comment above' }, async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 300, generationTimeoutMs: 5000 })
+    lines[0]!.respond = faults.reset()
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502)
+    t.match((await healthOf(gw)).upstream, [{ state: 'down' }], 'the line is down')
+    await sleep(350)
+    lines[0]!.respond = slowGenerations(1500)
+    const generation = call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    await until('the trial generation to reach the line', () => lines[0]!.requests.some(r => r.url === '/v1/responses'))
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(read.status, 200, 'a read while the generation is under way is served, not refused')
+    t.equal((await fetch(`${gw.url}/readyz`)).status, 200, 'and the gateway stays ready')
+    t.equal((await generation).status, 200)
+  })
+
   await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {
     const accepted: Socket[] = []
     const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
