@@ -324,6 +324,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(new UpstreamUnavailableError())
       return
     }
+    // The SDKs raise this error with its x-request-id as the request id: the upstream's when it gave one, else
+    // the gateway's, which the audit record holds (as for every error of the gateway's own, app.ts).
+    if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
     let scrubbed = scrub.bytes(decoded)
     let parsed: unknown
     try {
@@ -338,9 +341,6 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
       reply.removeHeader('content-encoding')
       reply.type('application/json; charset=utf-8')
-      // This envelope is the gateway's: without an upstream id, the SDKs' request id is the gateway's (the
-      // audit record's), as for every error of its own (app.ts).
-      if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
       const said = errorText(parsed)
       sendBytes(reply, res.statusCode, upstreamErrorEnvelope(res.statusCode, said === null ? null : scrub.text(said)))
       return
