@@ -408,6 +408,16 @@ t.test('upstream timeouts', async t => {
     t.match(await lastRecord(gw, 1), { status: 200, outcome: 'upstream_error' })
   })
 
+  await t.test('an answer read whole (a conversation object) that goes silent past bodyTimeoutMs gets 504 upstream_timeout, not 502', async t => {
+    // The client sees nothing of such an answer until it is whole: its error is a timeout, as one past timeoutMs is.
+    const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300, timeoutMs: 5000 })
+    lines[0]!.respond = faults.stallMidBody()
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}`)
+    t.equal(a.status, 504)
+    t.equal(codeOf(a), 'upstream_timeout')
+    t.match(await lastRecord(gw, 1), { status: 504, outcome: 'upstream_error' })
+  })
+
   await t.test('a trickle inside bodyTimeoutMs streams on: the limit is between chunks, not on the whole', async t => {
     const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 400 })
     lines[0]!.respond = faults.trickle(8, 100)
