@@ -404,6 +404,17 @@ t.test('an upstream answer with an invalid status (999) gives 502 upstream_unava
   assertTokenNowhere(t, gw, [answerText(a)])
 })
 
+t.test('a POST answered with an invalid status gets its 502 with x-should-retry: false: the upstream has it, the SDKs do not send it again', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.socket?.end('HTTP/1.1 999 Weird\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}')
+  }
+  const a = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  assertGatewayError(t, a, 502, 'upstream_unavailable')
+  t.equal(a.headers['x-should-retry'], 'false')
+  t.equal(upstream.requests.length, 1, 'sent once')
+})
+
 t.test('an upstream reset in the middle of the body aborts the client, is audited as upstream_error, and the gateway stays healthy', async t => {
   const { upstream, gw } = await setup(t)
   const declared = 1000

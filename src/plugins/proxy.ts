@@ -183,8 +183,8 @@ function errorText (value: unknown): string | null {
  * answer the gateway does not pass on (broken off, unreadable, not what was expected): the client's 502 or 504
  * tells the SDKs, which retry every 5xx, not to send it again.
  */
-function answeredNotPassedOn (request: FastifyRequest, reply: FastifyReply): void {
-  if (request.method === 'POST') reply.header('x-should-retry', 'false')
+function answeredNotPassedOn (method: string, reply: { header: (name: string, value: string) => unknown }): void {
+  if (method === 'POST') reply.header('x-should-retry', 'false')
 }
 
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
@@ -287,7 +287,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       raw = await upstream.readWhole(res.stream)
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
-      answeredNotPassedOn(request, reply)
+      answeredNotPassedOn(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
@@ -300,7 +300,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
-      answeredNotPassedOn(request, reply)
+      answeredNotPassedOn(request.method, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -320,7 +320,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
-      answeredNotPassedOn(request, reply)
+      answeredNotPassedOn(request.method, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -387,7 +387,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
           request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
-          answeredNotPassedOn(request, reply)
+          answeredNotPassedOn(request.method, reply)
           reply.send(new UpstreamUnavailableError())
           return
         }
@@ -443,8 +443,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
       // A POST whose answer did not come in time, or whose connection broke after it was sent, may be under way
       // upstream (a generation, items added): the SDKs retry every 5xx unless told not to, and would do it again.
-      // One that every line refused (nothing sent) is safe to try again.
+      // One that every line refused (nothing sent) is safe to try again. One the upstream answered (reply-from
+      // refuses an invalid status) is answeredNotPassedOn.
       if (reply.request.method === 'POST' && (timedOut || failure?.sent === true)) reply.header('x-should-retry', 'false')
+      if (reply.request.upstream !== null) answeredNotPassedOn(reply.request.method, reply)
       const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
       reply.send(answer)
