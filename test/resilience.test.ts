@@ -10,6 +10,7 @@ import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtur
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
+import { parseConfig } from '../src/config.js'
 
 interface Lines {
   lines: FakeUpstream[]
@@ -336,6 +337,22 @@ t.test('upstream timeouts', async t => {
     t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'up', failures: 0 }], 'the line has no failure booked')
     t.equal((await fetch(`${gw.url}/readyz`)).status, 200, '/readyz stays ready')
     t.notOk(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'no line was skipped')
+  })
+
+  await t.test('a generation the upstream holds gets the gateway\'s 504 (not sent again) before the SDK\'s own timeout, which the SDK would retry', async t => {
+    // The SDK's timer starts before the gateway's. With the two equal (both were 10 minutes by default), the SDK
+    // gives up first, never sees x-should-retry: false, and sends the generation again twice: three generations
+    // upstream, each waited on for the whole timeout (counted on a fake line with both at 3 s).
+    const defaults = parseConfig({ upstream: { baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1' }, clients: [] })
+    t.ok(defaults.upstream.generationTimeoutMs <= OpenAI.DEFAULT_TIMEOUT - 10_000,
+      `default generationTimeoutMs (${defaults.upstream.generationTimeoutMs}) ends at least 10 s before the SDK's default timeout (${OpenAI.DEFAULT_TIMEOUT})`)
+    // And so, with the same lead scaled down: the gateway's 504 arrives first and the SDK sends nothing again.
+    const { lines, gw } = await setup(t, 1, { generationTimeoutMs: 400 })
+    lines[0]!.respond = faults.hang()
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2, timeout: 1500 })
+    const status = await sdk.responses.create({ model: 'gpt-4o-mini', input: 'once' }).then(() => 200, (err: { status?: number }) => err.status)
+    t.equal(status, 504)
+    t.equal(lines[0]!.requests.length, 1, 'the generation reached the upstream once')
   })
 
   await t.test('a quick call with no response headers within timeoutMs is a line failure: a line that takes connections and never answers is skipped', async t => {
