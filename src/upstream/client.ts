@@ -643,6 +643,9 @@ export function readBody (body: Readable, maxBytes: number, deadlineMs?: number,
       settle()
       resolve(Buffer.concat(chunks, size))
     })
-    body.once('error', fail)
+    body.once('error', (err: Error) => {
+      // (a silence past bodyTimeoutMs is a timeout too, for a client that has seen nothing of the answer: 504)
+      fail(codeOf(err) === 'UND_ERR_BODY_TIMEOUT' ? new UpstreamFailure('timeout', 'upstream answer silent for longer than bodyTimeoutMs', 0, null) : err)
+    })
   })
 }
