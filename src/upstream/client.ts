@@ -150,10 +150,11 @@ class CallSignal extends EventEmitter {
  */
 class Attempt {
   sent = false
-  constructor (private readonly progress: { sent: boolean } | undefined) {}
+  constructor (private readonly progress: { sent: boolean } | undefined, private readonly onSent?: () => void) {}
   markSent (): void {
     this.sent = true
     if (this.progress !== undefined) this.progress.sent = true
+    this.onSent?.()
   }
 }
 
@@ -422,7 +423,9 @@ export class Upstream {
         }
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
-        const attempt = new Attempt(call.progress)
+        // (index was picked in this tick: a line on trial has this call as its trial)
+        const onLine = index
+        const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine) } : undefined)
         try {
           const res = await untilStopped(line.pool.request({
             path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
