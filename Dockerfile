@@ -32,7 +32,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.GATEWAY_PORT||8080)+'/healthz',{signal:AbortSignal.timeout(4000)}).then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 # Exec form: node is PID 1 and gets signals directly. `docker stop` (SIGTERM) runs the bounded drain:
-# shutdown.drainDelayMs (0) + shutdown.graceMs (30 s), then the audit flush; give it drainDelayMs + graceMs + 10 s
-# (`--stop-timeout 40` / compose `stop_grace_period: 40s`; Docker's default is 10 s).
+# shutdown.drainDelayMs (0) + shutdown.graceMs (30 s), then the audit flush; give it drainDelayMs + graceMs + 15 s
+# (`--stop-timeout 45` / compose `stop_grace_period: 45s`; Docker's default is 10 s).
 # `docker kill -s HUP` reloads the config without a restart.
 CMD ["node", "dist/cli.js", "start"]

@@ -33,7 +33,7 @@ import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
 import { Connections } from './http/connections.js'
-import { closeWithConnection, countingResponseClass, hasWaitingBehind, responseHolding } from './http/response.js'
+import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -123,8 +123,11 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
         : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')
       const body = JSON.stringify(envelope(error))
       if (inFlight) markMalformed(inFlight, error.statusCode, Buffer.byteLength(body))
+      // The call's own id, which its audit record has (a fresh one when no call was under way); as x-request-id
+      // too, which the SDKs read into their error, as for every answer of the gateway's.
+      const id = (inFlight !== null && isCounting(inFlight) ? inFlight.requestId : null) ?? newRequestId()
       socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
-        `${REQUEST_ID_HEADER}: ${newRequestId()}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+        `${REQUEST_ID_HEADER}: ${id}\r\nx-request-id: ${id}\r\nContent-Type: application/json; charset=utf-8\r\n` +
         `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
     }
     socket.destroy(err)

@@ -91,10 +91,11 @@ export const ConfigSchema = Type.Object({
     /** longest silence between two chunks of a response body */
     bodyTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
     /**
-     * a generation (POST /v1/responses) waits on the model: this replaces timeoutMs and bodyTimeoutMs for it (the
-     * SDKs' own default, 10 minutes: a reasoning model answers a non-streamed call only when it is done)
+     * a generation (POST /v1/responses) waits on the model: this replaces timeoutMs and bodyTimeoutMs for it (a
+     * reasoning model answers a non-streamed call only when it is done). 10 s under the SDKs' own 10 minutes, so
+     * that the gateway's 504, which tells them not to send it again, comes before they give up and retry.
      */
-    generationTimeoutMs: Type.Integer({ minimum: 1, default: 600000 }),
+    generationTimeoutMs: Type.Integer({ minimum: 1, default: 590000 }),
     failureThreshold: Type.Integer({ minimum: 1, default: 3 }),
     cooldownMs: Type.Integer({ minimum: 1, default: 30000 }),
     retries: Type.Integer({ minimum: 0, default: 1 }),

@@ -72,6 +72,17 @@ t.test('keygen refuses a missing or invalid client id', async t => {
   }
 })
 
+t.test('keygen refuses the reserved client ids none and other, which no config takes, before making a key', async t => {
+  for (const id of ['none', 'other']) {
+    for (const args of [['keygen', id], ['keygen', id, '--key-id', 'k1']]) {
+      const r = run(args)
+      t.equal(r.status, 1, args.join(' '))
+      t.notMatch(r.stdout, /ogw_/, `${args.join(' ')}: no key is shown that could never be used`)
+      t.match(r.stderr, new RegExp(`"${id}" is reserved`))
+    }
+  }
+})
+
 t.test('check-config exits 0 for a good file and 1 naming every bad field', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir))

@@ -74,3 +74,34 @@ t.test('Redis keeps no data on disk and needs the password', async t => {
   t.match(command, /--requirepass "\$\$REDIS_PASSWORD"/, 'the shell in the container expands it (compose turns $$ into $)')
   t.match(redis.environment, { REDISCLI_AUTH: /REDIS_PASSWORD/ })
 })
+
+/** An nginx duration (`75s`, `10m`, `620`) in ms. */
+function nginxMs (value: string): number {
+  const m = /^(\d+)(ms|s|m|h)?$/.exec(value)
+  if (m === null) throw new Error(`not an nginx duration: ${value}`)
+  return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as 'ms' | 's' | 'm' | 'h' ?? 's']
+}
+
+t.test('nginx waits on a replica longer than the replica waits on a generation, so a slow model is not a 503 nginx makes up', async t => {
+  // A non-streamed POST /v1/responses has its headers only when the model is done, and a stream may be quiet for
+  // as long between events: the replica allows upstream.generationTimeoutMs for each. nginx cutting it sooner
+  // answers 503 gateway_unavailable ("no replica is reachable") while the generation goes on upstream, and the
+  // SDKs retry a 503: a second generation, charged twice.
+  const config = loadConfig('config/replica.yaml', { OHMYGPT_API_KEY: 'sk-x', REDIS_PASSWORD: 'p', REPLICA: 'gateway-1' })
+  const read = /^\s*proxy_read_timeout\s+(\S+);/m.exec(nginxConf)
+  t.ok(read, 'proxy_read_timeout is set')
+  t.ok(nginxMs(read![1]!) > config.upstream.generationTimeoutMs,
+    `proxy_read_timeout ${read![1]} is longer than upstream.generationTimeoutMs (${config.upstream.generationTimeoutMs} ms)`)
+})
+
+t.test('a body over nginx\'s own limit gets OpenAI\'s envelope, not nginx\'s HTML page', async t => {
+  // client_max_body_size is refused by nginx itself, before any replica sees the call.
+  const page = /^\s*error_page\s+([\d\s]+)=\s*(@\w+);/gm
+  const to413 = [...nginxConf.matchAll(page)].find(m => m[1]!.split(/\s+/).includes('413'))
+  t.ok(to413, 'error_page names 413')
+  const location = new RegExp(`location ${to413?.[2]} \\{([\\s\\S]*?)\\n\\s*\\}`).exec(nginxConf)?.[1] ?? ''
+  const body = /return 413 '([^']*)'/.exec(location)?.[1]
+  t.ok(body, 'answered 413 with a body of its own')
+  t.match(JSON.parse(body ?? '{}'), { error: { code: 'request_too_large', type: 'invalid_request_error', param: null, message: String } })
+  t.match(location, /default_type application\/json;/)
+})

@@ -42,7 +42,7 @@ t.test('a minimal file gets every documented default', async t => {
     trustProxy: false,
     log: { level: 'info' },
     upstream: {
-      baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1', connectTimeoutMs: 5000, timeoutMs: 60000, bodyTimeoutMs: 60000, generationTimeoutMs: 600000,
+      baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1', connectTimeoutMs: 5000, timeoutMs: 60000, bodyTimeoutMs: 60000, generationTimeoutMs: 590000,
       failureThreshold: 3, cooldownMs: 30000, retries: 1, maxConnections: 128
     },
     limits: { bodyBytes: 4194304, maxInFlight: 1024, authFailuresPerMinute: 30 },

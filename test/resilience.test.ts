@@ -3,12 +3,14 @@
 import type { ServerResponse } from 'node:http'
 import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
+import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
+import { parseConfig } from '../src/config.js'
 
 interface Lines {
   lines: FakeUpstream[]
@@ -58,7 +60,7 @@ function slowGenerations (ms: number): Responder {
   }
 }
 
-const healthOf = async (gw: TestGateway) => (await (await fetch(`${gw.url}/healthz`)).json()) as { upstream: Array<{ line: number, state: string, failures: number }> }
+const healthOf = async (gw: TestGateway) => (await (await fetch(`${gw.url}/healthz`)).json()) as { upstream: Array<{ line: number, state: string, failures: number, retryInMs: number | null }> }
 
 t.test('lines and failover', async t => {
   await t.test('a GET whose first line refuses connections is served by the next; the audit names the line and the attempts', async t => {
@@ -179,6 +181,27 @@ t.test('retries never duplicate work', async t => {
     t.equal(codeOf(a), 'upstream_unavailable')
     t.equal(lines[0]!.requests.length, 1)
     t.equal(lines[1]!.requests.length, 0, 'line 1 never saw it')
+  })
+
+  await t.test('a POST answered 200 whose body then breaks off gets 502 with x-should-retry: false: the SDK does not send it again', async t => {
+    // The upstream did the work (a generation, a conversation created) and said so; the gateway, which reads these
+    // answers whole to take the owner key out, cannot pass it on. Without the header the SDK sends it twice more.
+    const { lines, gw } = await setup(t, 1, { failureThreshold: 100 })
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': '1000' })
+      res.write('{"id":"resp_')
+      setTimeout(() => { res.socket?.resetAndDestroy() }, 20)
+    }
+    const a = await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    t.equal(a.status, 502)
+    t.equal(codeOf(a), 'upstream_unavailable')
+    t.equal(a.headers['x-should-retry'], 'false')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+    const statusOf = async (p: Promise<unknown>) => await p.then(() => 200, (err: { status?: number }) => err.status)
+    t.equal(await statusOf(sdk.responses.create({ model: 'gpt-4o-mini', input: 'once' })), 502)
+    t.equal(await statusOf(sdk.conversations.create({})), 502)
+    t.same(lines[0]!.requests.map(r => `${r.method} ${r.url}`), ['POST /v1/responses', 'POST /v1/responses', 'POST /v1/conversations'],
+      'each POST reached the upstream once')
   })
 
   await t.test('a DELETE whose connection broke is sent to the next line', async t => {
@@ -316,6 +339,22 @@ t.test('upstream timeouts', async t => {
     t.notOk(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'no line was skipped')
   })
 
+  await t.test('a generation the upstream holds gets the gateway\'s 504 (not sent again) before the SDK\'s own timeout, which the SDK would retry', async t => {
+    // The SDK's timer starts before the gateway's. With the two equal (both were 10 minutes by default), the SDK
+    // gives up first, never sees x-should-retry: false, and sends the generation again twice: three generations
+    // upstream, each waited on for the whole timeout (counted on a fake line with both at 3 s).
+    const defaults = parseConfig({ upstream: { baseUrls: ['https://cn2us02.opapi.win'], apiKey: 'sk-1' }, clients: [] })
+    t.ok(defaults.upstream.generationTimeoutMs <= OpenAI.DEFAULT_TIMEOUT - 10_000,
+      `default generationTimeoutMs (${defaults.upstream.generationTimeoutMs}) ends at least 10 s before the SDK's default timeout (${OpenAI.DEFAULT_TIMEOUT})`)
+    // And so, with the same lead scaled down: the gateway's 504 arrives first and the SDK sends nothing again.
+    const { lines, gw } = await setup(t, 1, { generationTimeoutMs: 400 })
+    lines[0]!.respond = faults.hang()
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2, timeout: 1500 })
+    const status = await sdk.responses.create({ model: 'gpt-4o-mini', input: 'once' }).then(() => 200, (err: { status?: number }) => err.status)
+    t.equal(status, 504)
+    t.equal(lines[0]!.requests.length, 1, 'the generation reached the upstream once')
+  })
+
   await t.test('a quick call with no response headers within timeoutMs is a line failure: a line that takes connections and never answers is skipped', async t => {
     const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 })
     lines[0]!.respond = faults.hang()
@@ -341,6 +380,38 @@ t.test('upstream timeouts', async t => {
     t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'and its answer restores the line')
   })
 
+  // A generation that is a line's half-open trial would hold the trial until its answer, which takes as long as the
+  // model does: with one line, every other call of every client would get 502 upstream_unavailable and /readyz 503
+  // for that long, beyond the SDKs' retries. It gives its place up once it has a connection.
+  await t.test('a generation on half-open trial does not lock every other call out for as long as the model takes', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 300, generationTimeoutMs: 5000 })
+    lines[0]!.respond = faults.reset()
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502)
+    t.match((await healthOf(gw)).upstream, [{ state: 'down' }], 'the line is down')
+    await sleep(350)
+    lines[0]!.respond = slowGenerations(1500)
+    const generation = call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    await until('the trial generation to reach the line', () => lines[0]!.requests.some(r => r.url === '/v1/responses'))
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(read.status, 200, 'a read while the generation is under way is served, not refused')
+    t.equal((await fetch(`${gw.url}/readyz`)).status, 200, 'and the gateway stays ready')
+    t.equal((await generation).status, 200)
+  })
+
+  await t.test('a generation that gave its trial place up and then fails puts the line back to sleep', async t => {
+    const cooldownMs = 2000
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs, generationTimeoutMs: 5000 })
+    lines[0]!.respond = faults.reset()
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502)
+    await sleep(cooldownMs + 50)
+    lines[0]!.respond = (req, res) => { setTimeout(() => res.socket?.destroy(), 300) } // the generation's line breaks off
+    const generation = await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    t.equal(generation.status, 502, 'the trial generation failed')
+    const [line] = (await healthOf(gw)).upstream
+    t.equal(line!.state, 'down', 'the line is skipped again')
+    t.ok((line!.retryInMs ?? 0) > cooldownMs / 2, `for a new cooldown (${line!.retryInMs} ms left), not due for another trial at once`)
+  })
+
   await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {
     const accepted: Socket[] = []
     const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
@@ -363,6 +434,16 @@ t.test('upstream timeouts', async t => {
     t.equal(res.status, 200, 'the headers had gone out')
     await t.rejects(res.text(), 'the body is cut, not ended cleanly')
     t.match(await lastRecord(gw, 1), { status: 200, outcome: 'upstream_error' })
+  })
+
+  await t.test('an answer read whole (a conversation object) that goes silent past bodyTimeoutMs gets 504 upstream_timeout, not 502', async t => {
+    // The client sees nothing of such an answer until it is whole: its error is a timeout, as one past timeoutMs is.
+    const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300, timeoutMs: 5000 })
+    lines[0]!.respond = faults.stallMidBody()
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}`)
+    t.equal(a.status, 504)
+    t.equal(codeOf(a), 'upstream_timeout')
+    t.match(await lastRecord(gw, 1), { status: 504, outcome: 'upstream_error' })
   })
 
   await t.test('a trickle inside bodyTimeoutMs streams on: the limit is between chunks, not on the whole', async t => {
@@ -419,6 +500,19 @@ t.test('slow and hostile clients', async t => {
     await until('the gateway to close', () => s.closedAt() !== null, 3000)
     t.match(s.text(), /^HTTP\/1\.1 408 /)
     t.equal(lines[0]!.requests.length, 0)
+  })
+
+  await t.test('the 408 for a body never sent carries the id its audit record has, as x-request-id too', async t => {
+    // The client's only handle on a failed call is the id in its answer: it must find the call's record.
+    const { gw, conv } = await setup(t, 1, {}, { listen })
+    const s = await rawSocket(gw.url)
+    s.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{`)
+    await until('the gateway to close', () => s.closedAt() !== null, 3000)
+    t.match(s.text(), /^HTTP\/1\.1 408 /)
+    const record = await lastRecord(gw, 1)
+    t.match(record, { status: 408, outcome: 'invalid' })
+    t.equal(/\r\nx-gateway-request-id: (\S+)\r\n/i.exec(s.text())?.[1], record.requestId, 'x-gateway-request-id is the record\'s')
+    t.equal(/\r\nx-request-id: (\S+)\r\n/i.exec(s.text())?.[1], record.requestId, 'and so is x-request-id, which the SDKs read')
   })
 
   await t.test('after a 401, a body dribbled in is not read for long: the connection closes', async t => {

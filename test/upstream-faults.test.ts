@@ -253,6 +253,23 @@ t.test('a GET that gets an upstream 503 with Retry-After: 30 is not retried and 
   assertTokenNowhere(t, gw, [answerText(a)])
 })
 
+t.test('an upstream error in OpenAI\'s envelope but without x-request-id reaches the client with the gateway\'s id as x-request-id, which the audit record has', async t => {
+  // The SDKs raise an upstream error with its x-request-id as the request id: with none, the team has nothing to
+  // give the operators but an empty request id, while the gateway's own answers carry the record's id.
+  const { upstream, gw } = await setup(t)
+  const body = openAIError('The server had an error while processing your request.', 'server_error', null)
+  upstream.respond = (_req, res) => {
+    res.writeHead(500, { 'content-type': 'application/json' })
+    res.end(body)
+  }
+  const a = await send(gw, 'GET', '/v1/conversations/conv_abc')
+  t.equal(a.status, 500, 'the upstream\'s status')
+  t.equal(a.body, body, 'the upstream\'s body, unchanged')
+  const records = await auditRecords(gw, 1)
+  t.equal(a.headers['x-request-id'], records[0]?.requestId, 'x-request-id is the audit record\'s id')
+  t.equal(records[0]?.upstreamRequestId, null, 'the record does not pretend the upstream gave one')
+})
+
 t.test('an upstream that refuses connections gives 502 upstream_unavailable without host, port or error code', async t => {
   const port = await closedPort()
   const { gw } = await setup(t, { baseUrl: `http://127.0.0.1:${port}` })
@@ -385,6 +402,17 @@ t.test('an upstream answer with an invalid status (999) gives 502 upstream_unava
   t.equal(records[0]?.status, 502, 'audit status 502')
   t.equal(records[0]?.outcome, 'upstream_error', 'audit outcome upstream_error')
   assertTokenNowhere(t, gw, [answerText(a)])
+})
+
+t.test('a POST answered with an invalid status gets its 502 with x-should-retry: false: the upstream has it, the SDKs do not send it again', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.socket?.end('HTTP/1.1 999 Weird\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}')
+  }
+  const a = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  assertGatewayError(t, a, 502, 'upstream_unavailable')
+  t.equal(a.headers['x-should-retry'], 'false')
+  t.equal(upstream.requests.length, 1, 'sent once')
 })
 
 t.test('an upstream reset in the middle of the body aborts the client, is audited as upstream_error, and the gateway stays healthy', async t => {

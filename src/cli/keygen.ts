@@ -2,6 +2,7 @@
 // digest: the single-key form (keySha256), or with --key-id the rotating form (keys:), whose entry can also be
 // added beside a client's current key to rotate it without downtime.
 import { parseArgs } from 'node:util'
+import { RESERVED_CLIENT_IDS } from '../config.js'
 import { generateKey, keyDigest } from '../keys.js'
 import { UsageError } from './common.js'
 
@@ -13,6 +14,10 @@ export function keygen (args: string[]): void {
   const id = positionals[0]
   if (id === undefined || !/^[a-z0-9._-]{1,64}$/.test(id) || positionals.length > 1) {
     throw new UsageError('keygen takes one client id matching ^[a-z0-9._-]{1,64}$')
+  }
+  // The config refuses these ids (the metrics' client labels): a key made for one could never be used.
+  if ((RESERVED_CLIENT_IDS as readonly string[]).includes(id)) {
+    throw new UsageError(`the client id "${id}" is reserved (a label of the metrics): choose another`)
   }
   const keyId = values['key-id']
   if (keyId !== undefined && !KEY_ID.test(keyId)) throw new UsageError(`--key-id must match ${KEY_ID.source}`)

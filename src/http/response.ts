@@ -14,6 +14,8 @@ export interface CountingResponse extends ServerResponse {
   rawStatus: number
   /** waiting behind a pipelined response, with no socket yet: nothing of it has reached the client */
   queued: boolean
+  /** the id of the call it answers (plugins/request-id.ts), for an answer written on the socket itself */
+  requestId: string | null
 }
 
 export function isCounting (res: ServerResponse): res is CountingResponse {
@@ -35,6 +37,7 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
     bodyBytes = 0
     rawStatus = 0
     queued = false
+    requestId: string | null = null
     #stalled: NodeJS.Timeout | null = null
 
     constructor (...args: ConstructorParameters<typeof ServerResponse<Request>>) {

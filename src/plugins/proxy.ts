@@ -147,14 +147,6 @@ function sendBytes (reply: FastifyReply, status: number, body: Buffer): void {
   reply.send(reply.hasHeader('content-type') ? body : Readable.from([body]))
 }
 
-/**
- * The upstream has answered a POST (a generation done or under way, a conversation or items added) whose answer the
- * client does not get: the SDKs retry a 5xx unless told not to, and would have it all done again.
- */
-function noRetry (request: FastifyRequest, reply: FastifyReply): void {
-  if (request.method === 'POST') reply.header('x-should-retry', 'false')
-}
-
 /** Whether an upstream error answer is OpenAI's envelope, `{"error": {...}}`, which the SDKs read. */
 function isErrorEnvelope (value: unknown): boolean {
   const error = (value as { error?: unknown } | null | undefined)?.error
@@ -184,6 +176,15 @@ function errorText (value: unknown): string | null {
   const { error, message, detail } = value as Record<string, unknown>
   const text = [error, message, detail].find(v => typeof v === 'string' && v.trim() !== '') as string | undefined
   return text === undefined ? null : text.slice(0, 500)
+}
+
+/**
+ * A POST the upstream answered (it has it, and may have done it: a generation, a conversation created), whose
+ * answer the gateway does not pass on (broken off, unreadable, not what was expected): the client's 502 or 504
+ * tells the SDKs, which retry every 5xx, not to send it again.
+ */
+function answeredNotPassedOn (method: string, reply: { header: (name: string, value: string) => unknown }): void {
+  if (method === 'POST') reply.header('x-should-retry', 'false')
 }
 
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
@@ -286,7 +287,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
-      noRetry(request, reply)
+      answeredNotPassedOn(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
@@ -299,7 +300,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
-      noRetry(request, reply)
+      answeredNotPassedOn(request.method, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -319,9 +320,13 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
+      answeredNotPassedOn(request.method, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
+    // The SDKs raise this error with its x-request-id as the request id: the upstream's when it gave one, else
+    // the gateway's, which the audit record holds (as for every error of the gateway's own, app.ts).
+    if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
     let scrubbed = scrub.bytes(decoded)
     let parsed: unknown
     try {
@@ -336,9 +341,6 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
       reply.removeHeader('content-encoding')
       reply.type('application/json; charset=utf-8')
-      // This envelope is the gateway's: without an upstream id, the SDKs' request id is the gateway's (the
-      // audit record's), as for every error of its own (app.ts).
-      if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
       const said = errorText(parsed)
       sendBytes(reply, res.statusCode, upstreamErrorEnvelope(res.statusCode, said === null ? null : scrub.text(said)))
       return
@@ -385,7 +387,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
           request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
-          noRetry(request, reply)
+          answeredNotPassedOn(request.method, reply)
           reply.send(new UpstreamUnavailableError())
           return
         }
@@ -441,8 +443,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
       // A POST whose answer did not come in time, or whose connection broke after it was sent, may be under way
       // upstream (a generation, items added): the SDKs retry every 5xx unless told not to, and would do it again.
-      // One that every line refused (nothing sent) is safe to try again.
+      // One that every line refused (nothing sent) is safe to try again. One the upstream answered (reply-from
+      // refuses an invalid status) is answeredNotPassedOn.
       if (reply.request.method === 'POST' && (timedOut || failure?.sent === true)) reply.header('x-should-retry', 'false')
+      if (reply.request.upstream !== null) answeredNotPassedOn(reply.request.method, reply)
       const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
       reply.send(answer)

@@ -2,6 +2,7 @@
 // left alone; the upstream gets ours as x-client-request-id (plugins/proxy.ts).
 import { randomFillSync } from 'node:crypto'
 import fp from 'fastify-plugin'
+import { isCounting } from '../http/response.js'
 
 export const REQUEST_ID_HEADER = 'x-gateway-request-id'
 
@@ -26,6 +27,8 @@ export function newRequestId (): string {
 export default fp(async function requestId (app) {
   app.addHook('onRequest', (request, reply, done) => {
     reply.header(REQUEST_ID_HEADER, request.id)
+    // (for an answer written on the socket itself, app.ts: a request timeout or malformed framing mid-call)
+    if (isCounting(reply.raw)) reply.raw.requestId = request.id
     done()
   })
 }, { name: 'request-id' })

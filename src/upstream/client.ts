@@ -150,10 +150,11 @@ class CallSignal extends EventEmitter {
  */
 class Attempt {
   sent = false
-  constructor (private readonly progress: { sent: boolean } | undefined) {}
+  constructor (private readonly progress: { sent: boolean } | undefined, private readonly onSent?: () => void) {}
   markSent (): void {
     this.sent = true
     if (this.progress !== undefined) this.progress.sent = true
+    this.onSent?.()
   }
 }
 
@@ -424,7 +425,9 @@ export class Upstream {
         }
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
-        const attempt = new Attempt(call.progress)
+        // (index was picked in this tick: a line on trial has this call as its trial)
+        const onLine = index
+        const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine) } : undefined)
         try {
           const res = await untilStopped(line.pool.request({
             path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
@@ -645,6 +648,9 @@ export function readBody (body: Readable, maxBytes: number, deadlineMs?: number,
       settle()
       resolve(Buffer.concat(chunks, size))
     })
-    body.once('error', fail)
+    body.once('error', (err: Error) => {
+      // (a silence past bodyTimeoutMs is a timeout too, for a client that has seen nothing of the answer: 504)
+      fail(codeOf(err) === 'UND_ERR_BODY_TIMEOUT' ? new UpstreamFailure('timeout', 'upstream answer silent for longer than bodyTimeoutMs', 0, null) : err)
+    })
   })
 }

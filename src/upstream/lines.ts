@@ -1,6 +1,7 @@
 // The health of each OhMyGPT line (upstream.baseUrls, in order of preference): a line that fails
 // `failureThreshold` times in a row is skipped for `cooldownMs`, then given exactly one call (half-open) that
-// decides whether it is trusted again. Pure bookkeeping with an injectable clock; upstream/client.ts decides what
+// decides whether it is trusted again (a generation on trial gives its place up once it has a connection: see
+// trialConnected). Pure bookkeeping with an injectable clock; upstream/client.ts decides what
 // counts as a failure and asks which line to try next.
 
 export type LineState = 'up' | 'down' | 'half-open'
@@ -82,20 +83,36 @@ export class LineHealth {
   }
 
   /**
-   * The line failed (refused, reset before or during its answer, a quick call timed out, 502/503). A failed trial
-   * call puts it back to sleep.
+   * The line failed (refused, reset before or during its answer, a quick call timed out, 502/503). A line that is
+   * skipped and fails again (its trial call, or a call that gave its trial place up) is put back to sleep.
    */
   failed (index: number): void {
     const line = this.#lines[index]
     if (line === undefined) return
     const previous = this.#state(line)
     line.failures++
-    if (line.probing || (!line.down && line.failures >= this.#opts.failureThreshold)) {
+    if (line.down || line.failures >= this.#opts.failureThreshold) {
       line.down = true
       line.probing = false
       line.downUntil = this.#opts.now() + this.#opts.cooldownMs
       if (previous !== 'down') this.#changed(line, previous)
     }
+  }
+
+  /** Whether the line's one trial call is in flight: right after pick(), whether that call is the trial. */
+  onTrial (index: number): boolean {
+    return this.#lines[index]?.probing === true
+  }
+
+  /**
+   * The trial call's request has a connection, and its answer takes as long as the model does (a generation: up to
+   * upstream.generationTimeoutMs). Holding the trial until then would refuse every other call for that long, so its
+   * place is given up: the next call is tried as well, and the first answer decides (a failure puts the line back
+   * to sleep, a response restores it).
+   */
+  trialConnected (index: number): void {
+    const line = this.#lines[index]
+    if (line?.probing === true) line.probing = false
   }
 
   /** A call ended without telling anything about the line (the client left): its trial slot is free again. */
