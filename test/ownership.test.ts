@@ -194,6 +194,14 @@ t.test('a body the gateway adds the owner to reaches the upstream with every num
   await post(`/v1/conversations/${id}`, `{"metadata":{"a":"d"},"n":${numbers},"s":[${lookalike},"0"]}`)
   t.match(sentBody(), `"n":${numbers},"s":[${lookalike},"0"]`, 'strings stay as they were beside the numbers')
 
+  // 17 or more significant digits with the point among them (neither side 16 digits long), as a Decimal or
+  // BigDecimal type writes a number, alone in a body: JSON.parse rounds them as well.
+  const decimals = '[123456789012345.6789,12345678.123456789,-1234567.1234567891e-3]'
+  await post(`/v1/conversations/${id}`, `{"metadata":{"a":"e"},"n":${decimals}}`)
+  t.match(sentBody(), `"n":${decimals}`, 'long decimals unrounded')
+  await post('/v1/conversations', `{"items":[{"type":"message","role":"user","content":"x","n":${decimals}}]}`)
+  t.match(sentBody(), `"n":${decimals}`, 'long decimals unrounded on create too')
+
   // A body with nothing JSON.parse would round goes as JSON.stringify writes it, and one naming a key twice as
   // JSON.parse reads it (the last one).
   await post(`/v1/conversations/${id}`, '{"metadata":{"a":"c"},"n":1,"n":9007199254740993}')

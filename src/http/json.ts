@@ -7,11 +7,13 @@ import { randomUUID } from 'node:crypto'
 import { isSafeNumber, LosslessNumber, parse as parseLossless } from 'lossless-json'
 
 /**
- * Text that may hold a number JSON.parse would change: 16 digits in a row, or a 3-digit exponent, where a number
- * starts (after a colon, comma or bracket). A quick test of the text; a match inside a string only costs a second
- * reading. Ids in hex ("msg_68e1234...") do not match, so answers full of them are read once.
+ * Text that may hold a number JSON.parse would change: 16 digits and decimal points in a row (16 significant
+ * digits, the point anywhere among them: `123456789012345.6789` as much as `9007199254740993`), or a 3-digit
+ * exponent, where a number starts (after a colon, comma or bracket). A quick test of the text; a match inside a
+ * string only costs a second reading. Ids in hex ("msg_68e1234...") do not match, so answers full of them are read
+ * once.
  */
-const MAYBE_INEXACT_NUMBER = /[:,[]\s*-?(?:\d*\.?\d{16}|\d+(?:\.\d+)?[eE][+-]?\d{3})/
+const MAYBE_INEXACT_NUMBER = /[:,[]\s*-?(?:[\d.]{16}|\d+(?:\.\d+)?[eE][+-]?\d{3})/
 
 /** lossless-json's number reader: a plain number where it is exact, a LosslessNumber (its text) where not. */
 function exactNumber (text: string): number | LosslessNumber {
