@@ -505,6 +505,25 @@ t.test('a conversation or previous_response_id of another shape than the API tak
   t.equal(fine.status, 200, 'null is no conversation and no previous response')
 })
 
+t.test('a conversation or previous_response_id string that is no id is a 404 that quotes it cut short: a client cannot have megabytes echoed back', async t => {
+  const { upstream, gw } = await setup(t)
+  const long = 'c'.repeat(100_000)
+  for (const [param, code] of [['conversation', 'conversation_not_found'], ['previous_response_id', 'previous_response_not_found']] as const) {
+    const before = upstream.requests.length
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'gpt-4o', input: 'hi', [param]: long })
+    })
+    t.equal(res.status, 404, param)
+    const text = await res.text()
+    t.ok(text.length < 1000, `${param}: the answer is ${text.length} bytes, not the whole id again`)
+    const { error } = JSON.parse(text) as { error: { code: string, message: string } }
+    t.equal(error.code, code)
+    t.match(error.message, `'${'c'.repeat(200)}…'`, `${param}: the first 200 characters are quoted, and marked as cut`)
+    t.equal(upstream.requests.length, before, `${param}: nothing went upstream`)
+  }
+})
+
 t.test('a key the gateway does not read but a case-blind JSON reader (Go\'s) would take for one it checked is a 400 before the upstream: no way to another team\'s response, conversation or item, nor past the models list', async t => {
   const { upstream, gw, sdk } = await setup(t, {
     clients: [

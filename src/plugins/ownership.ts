@@ -256,7 +256,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     request: FastifyRequest, reply: FastifyReply): Answer<string | null> {
     const decide = (found: Owner): string | null => {
       const [Missing, NotYours] = REFUSALS[refusal]
-      if (found === 'missing') throw new Missing(id)
+      // (An id from the body may be anything the body limit allows: the answer quotes it cut short, as it does a path.)
+      if (found === 'missing') throw new Missing(id.length > 200 ? `${id.slice(0, 200)}…` : id)
       request.ownerId = found.owner // the audit names whom a refused call was after
       const allowed = client.scopes.includes('admin') || found.owner === client.id ||
         (found.owner === null && opts.unowned() === 'allow')
