@@ -89,15 +89,20 @@ function looseName (name: string): string {
   return (cut === -1 ? name : name.slice(0, cut)).trim()
 }
 
-/**
- * The first query parameter of `url` that names a credential (its name, decoded, cut short), or null. Names are
- * split at `;` too, which some servers take for `&`.
- */
+/** The first query parameter of `url` that names a credential (its name, decoded, cut short), or null. */
 export function credentialParam (url: string): string | null {
+  return queryParam(url, name => CREDENTIAL_PARAM.test(name))
+}
+
+/**
+ * The first query parameter of `url` whose name, as the loosest readers take it (looseName), `matches`: its name,
+ * decoded, cut short; or null. Names are split at `;` too, which some servers take for `&`.
+ */
+export function queryParam (url: string, matches: (name: string) => boolean): string | null {
   const q = url.indexOf('?')
   if (q === -1) return null
   for (const name of new URLSearchParams(url.slice(q + 1).replaceAll(';', '&')).keys()) {
-    if (CREDENTIAL_PARAM.test(looseName(name))) return name.slice(0, 40)
+    if (matches(looseName(name))) return name.slice(0, 40)
   }
   return null
 }

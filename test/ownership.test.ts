@@ -432,6 +432,40 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
   t.equal(fine.status, 200, 'an ordinary body is served')
 })
 
+t.test('a key the checks read, given in the query string of a POST (?conversation=, ?metadata[gateway_owner]=), is refused (400 unknown_parameter) and never sent upstream', async t => {
+  // No POST route of the API takes these in the query, but a framework that merges the query into the body it
+  // reads (PHP's, Rails') would take ?conversation=<A's> for the conversation, which the gateway never checked.
+  const { upstream, gw } = await setup(t)
+  const { conversationA, itemA, conversationB } = await twoTeams(gw.url)
+  const previousA = (await (await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', body: JSON.stringify({ model: 'gpt-4o', input: 'hi' }), headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }
+  })).json() as { id: string }).id
+  const post = (key: string, target: string, body: unknown) => fetch(`${gw.url}${target}`, {
+    method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
+  })
+  const forgeries: Array<[string, unknown, string]> = [
+    [`/v1/responses?conversation=${conversationA}`, { model: 'gpt-4o', input: 'hi' }, 'conversation'],
+    [`/v1/responses?conversation[id]=${conversationA}`, { model: 'gpt-4o', input: 'hi' }, 'conversation[id]'],
+    [`/v1/responses?Conversation.id=${conversationA}`, { model: 'gpt-4o', input: 'hi' }, 'Conversation.id'],
+    [`/v1/responses?previous_response_id=${previousA}`, { model: 'gpt-4o', input: 'hi' }, 'previous_response_id'],
+    [`/v1/responses?model=o3-pro&stream=1`, { input: 'hi' }, 'model'],
+    [`/v1/conversations/${conversationB}/items?items[0][type]=item_reference&items[0][id]=${itemA}`, { items: [] }, 'items[0][type]'],
+    ['/v1/conversations?metadata[gateway_owner]=team-full', {}, 'metadata[gateway_owner]'],
+    [`/v1/conversations/${conversationB}?metadata%5Bgateway_owner%5D=team-full`, { metadata: { a: 'b' } }, 'metadata[gateway_owner]']
+  ]
+  for (const [target, body, param] of forgeries) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, target, body)
+    t.equal(res.status, 400, `${target}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${target}: unknown_parameter`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${target}: nothing went upstream`)
+  }
+  // The one query parameter a POST route takes (include, on item create) still goes upstream as it came.
+  const include = `/v1/conversations/${conversationB}/items?include[]=message.output_text.logprobs`
+  t.equal((await post(KEYS.other, include, { items: [{ type: 'message', role: 'user', content: 'x' }] })).status, 200, 'include is passed on')
+  t.equal(upstream.requests.at(-1)!.url, include)
+})
+
 t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
   // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
   // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.

@@ -40,7 +40,7 @@ export function metadataProblem (body: unknown): MetadataProblem | null {
  * Turkish ı and İ (i). JavaScript's toLowerCase takes K to k but leaves ſ and ı alone and makes İ two characters,
  * so those three are replaced first.
  */
-function folded (key: string): string {
+export function folded (key: string): string {
   return key.replace(/\u017f/g, 's').replace(/[\u0130\u0131]/g, 'i').toLowerCase()
 }
 

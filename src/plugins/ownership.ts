@@ -16,9 +16,9 @@ import {
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
-import { ID_PATTERN, type Action } from '../operations.js'
+import { ID_PATTERN, queryParam, type Action } from '../operations.js'
 import {
-  conversationParam, createBody, metadataProblem, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  conversationParam, createBody, folded, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -139,6 +139,22 @@ function refuseOtherCases (action: Action, body: unknown): void {
     for (let i = 0; found === null && i < items.length; i++) found = otherCaseKey(items[i], ITEM_KEYS, `${list}[${i}].`)
   }
   if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
+}
+
+/**
+ * Body keys the gateway's checks read (here and in plugins/responses.ts), and the key it keeps the owner in. No
+ * POST route of the API takes any of them in the query string, but an upstream framework that merges the query
+ * into the body it reads (PHP's, Rails') would take `POST /v1/responses?conversation=conv_x` for a conversation
+ * the gateway never checked: such a parameter is refused (400 unknown_parameter), read as loosely as such
+ * frameworks read it (`metadata[gateway_owner]`, `conversation.id`, any case).
+ */
+const CHECKED_BODY_KEYS = new Set([
+  'conversation', 'previous_response_id', 'input', 'items', 'metadata', OWNER_KEY, 'model', 'stream', 'background'
+])
+
+function refuseCheckedKeysInQuery (url: string): void {
+  const found = queryParam(url, name => CHECKED_BODY_KEYS.has(folded(name.split('.', 1)[0]!)))
+  if (found !== null) throw withParam(new UnknownParameterError(found), found)
 }
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
@@ -320,6 +336,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const client = request.client
     if (op === null || client === null) return
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
+    if (request.method === 'POST') refuseCheckedKeysInQuery(request.originalUrl)
     refuseOtherCases(op.action, request.parsedBody)
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
