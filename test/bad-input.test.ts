@@ -212,6 +212,25 @@ t.test('ids outside ^[A-Za-z0-9_-]{1,200}$ get 400 invalid_id and are never sent
   await t.test('with both ids bad, the conversation id is the one reported', async t => {
     await expectRejected(t, h, get('/v1/conversations/a%2Fb/items/c%2Fd'), asConversation)
   })
+
+  await t.test('an id far past 200 characters is cut at 200 in the audit record, with or without a key: a client cannot write 16 KB records', async t => {
+    const [c, i, r] = ['c'.repeat(9000), 'i'.repeat(3000), 'r'.repeat(12000)]
+    const cases: Array<[Buffer, Rejection]> = [
+      [get(`/v1/conversations/${c}/items/${i}`), asConversation],
+      [get(`/v1/conversations/${c}/items/${i}`, []), { status: 401, code: 'invalid_api_key', outcome: 'denied' }],
+      [get(`/v1/responses/${r}`), { ...asConversation, param: 'response_id' }]
+    ]
+    for (const [request, want] of cases) {
+      const { response } = await expectRejected(t, h, request, want)
+      const [record] = await auditOf(h.gw, headerOf(response!, 'x-gateway-request-id')!)
+      t.ok(record !== undefined, 'audited')
+      t.ok(JSON.stringify(record).length < 3000, `the record is ${JSON.stringify(record).length} characters`)
+      for (const field of ['conversationId', 'itemId', 'responseId'] as const) {
+        const value = record![field]
+        if (value !== null) t.equal(value, value[0]!.repeat(200), `${field}: its first 200 characters`)
+      }
+    }
+  })
   await oneAuditLineEach(t, h)
 })
 

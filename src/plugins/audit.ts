@@ -131,6 +131,13 @@ function bodyBytesSent (request: FastifyRequest, reply: FastifyReply): number {
 }
 
 /**
+ * The longest id the pattern takes. An id in a record is cut at it: one from a path refused as no id (400, or 401
+ * before ids are checked) may be as long as Node lets a request line be, about 16 KB, and one from an answer is
+ * the upstream's to choose.
+ */
+const MAX_ID = 200
+
+/**
  * The conversation a call acted on: the one its path names, the one it created, or the one a response was
  * created in (its body's `conversation`, kept only when it is a well-formed id, which the ownership check refused
  * otherwise); `audit query --conversation` finds all three.
@@ -162,11 +169,11 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     bytesIn: request.bodyBytes,
     bytesOut: bodyBytesSent(request, reply),
     clientId: request.client?.id ?? request.expiredKey?.clientId ?? null,
-    conversationId: conversationOf(request, op),
+    conversationId: conversationOf(request, op)?.slice(0, MAX_ID) ?? null,
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
     ip: watch.ip,
-    itemId: op?.itemId ?? null,
+    itemId: op?.itemId?.slice(0, MAX_ID) ?? null,
     keyId: request.keyId ?? request.expiredKey?.keyId ?? null,
     method: request.method,
     // (the client's string, up to the body limit: a model id is a few dozen characters)
@@ -177,7 +184,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     path: rawPath(request.originalUrl).slice(0, 2048),
     prevHash: undefined,
     requestId: request.id,
-    responseId: facts?.responseId ?? null,
+    responseId: facts?.responseId?.slice(0, MAX_ID) ?? null,
     seq: undefined,
     status: statusSent(reply),
     stream: facts?.stream ?? null,
