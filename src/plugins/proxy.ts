@@ -55,9 +55,12 @@ const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as
 /**
  * Upstream headers the client gets: the body's description, the upstream's request id and retry hints. Both SDKs
  * obey `x-should-retry` before anything else: without it they would send again a POST the upstream said not to.
+ * Not `cache-control`: every answer is one client's, and an upstream's `public` or `s-maxage` would let a shared
+ * cache in front of the gateway keep it and serve it to anyone asking for the same URL, past the key and
+ * ownership checks (RFC 9111 §3.5). Without it, a shared cache does not store an answer to a call with Authorization.
  */
 const RETURNED_RESPONSE_HEADERS = new Set([
-  'content-type', 'content-length', 'content-encoding', 'cache-control', 'etag', 'last-modified',
+  'content-type', 'content-length', 'content-encoding', 'etag', 'last-modified',
   'retry-after', 'retry-after-ms', 'x-should-retry', 'x-request-id', 'openai-processing-ms', 'openai-version'
 ])
 
