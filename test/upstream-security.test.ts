@@ -287,6 +287,34 @@ t.test('an event of a streamed response that quotes the token reaches the client
   t.match(text, /"id":"resp_1"/, 'the other events as they were')
 })
 
+t.test('a streamed event that is not JSON, a comment or another field that quotes the token reaches the client without it', async t => {
+  // OpenAI-compatible services are not all OpenAI: an error event in plain text, a comment, an event name or id can
+  // quote the key they were given as well as a JSON event can.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = (req, res) => {
+    const key = req.headers.authorization
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(`: proxied with ${key}\n\n`)
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n')
+    res.write(`event: response.in_progress\nid: ${key}\ndata: {"type":"response.in_progress","sequence_number":1}\n\n`)
+    res.write(`event: error\ndata: invalid api key ${key}\n\n`)
+    res.write(`data: {"unfinished": "${key}"\n\n`)
+    res.end(`data: ["${key}"]\n\n`)
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
+  const text = await res.text()
+  t.equal(res.status, 200)
+  t.notMatch(text, UPSTREAM_TOKEN, 'the token is in no line of any event')
+  t.match(text, ': proxied with Bearer [redacted]\n\n', 'a comment')
+  t.match(text, 'id: Bearer [redacted]\n', 'another field of a JSON event')
+  t.match(text, 'data: invalid api key Bearer [redacted]\n\n', 'a plain-text event')
+  t.match(text, 'data: {"unfinished": "Bearer [redacted]"\n\n', 'data that only looks like JSON')
+  t.match(text, 'data: ["Bearer [redacted]"]\n\n', 'JSON that is not an object')
+  t.match(text, /"id":"resp_1"/, 'the other events as they were')
+})
+
 t.test('an event stream the upstream compressed unasked is not passed on unchecked: 502, no token, no other team\'s owner', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -403,7 +403,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
             throw err
           }
-        }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs)
+        }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs,
+        // Lines a JSON rewrite does not reach (a comment, an event's name or id, data in plain text or not an
+        // object) can quote the token too.
+        event => scrub.bytes(event))
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.
