@@ -210,6 +210,31 @@ t.test('an error answer without the token, and a 2xx answer the gateway rewrites
   t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
 })
 
+// Not done (a design choice, see the README's Security section): a 2xx answer the gateway does not read whole is
+// streamed through unsearched: a conversation's items listed or added, and also a conversation's deletion and a
+// retrieved item (an item's deletion answers with its conversation, read whole). An upstream that quotes the
+// token in one of these gives it to the client. Searching them needs a streaming scrub (holding back a token's
+// length at each chunk's end), which changes every such answer's framing (no content-length) and makes an
+// encoded one unreadable (a 502, as for an error answer).
+t.test('a 2xx answer streamed through (a deletion, an item, a list) that quotes the token reaches the client without it',
+  { todo: 'streamed 2xx answers are not searched for the token (README, Security)' }, async t => {
+    const upstream = await startUpstream()
+    t.teardown(() => upstream.close())
+    const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+    upstream.respond = (req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      const item = { type: 'message', id: 'msg_1', status: 'completed', role: 'user', content: [{ type: 'input_text', text: `${req.headers.authorization}` }] }
+      res.end(JSON.stringify(req.method === 'DELETE'
+        ? { id: 'conv_1', object: 'conversation.deleted', deleted: true, note: `${req.headers.authorization}` }
+        : req.url?.endsWith('/items') ? { object: 'list', data: [item], first_id: 'msg_1', last_id: 'msg_1', has_more: false } : item))
+    }
+    for (const [method, path] of [['DELETE', '/v1/conversations/conv_1'], ['GET', '/v1/conversations/conv_1/items/msg_1'], ['GET', '/v1/conversations/conv_1/items']] as const) {
+      const res = await fetch(`${gw.url}${path}`, { method, headers: { authorization: `Bearer ${KEYS.full}` } })
+      t.equal(res.status, 200, `${method} ${path}`)
+      t.notMatch(await res.text(), UPSTREAM_TOKEN, `${method} ${path}: without the token`)
+    }
+  })
+
 t.test('the token is taken out of the response headers the client gets, and of the upstream request id the audit keeps', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
