@@ -292,6 +292,10 @@ function errorHandler (config: GatewayConfig) {
       } else {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
       }
+    } else if (request.headers.upgrade === undefined) {
+      // A body refused once read to its end (invalid JSON): Fastify asks to close the connection all the same,
+      // which would lose the answer to a call pipelined behind it. Nothing is left to discard: keep it.
+      reply.removeHeader('connection')
     }
     // An answer of the gateway's own can replace an upstream answer it would not pass on: none of the headers
     // that described that body (reply-from set them already) describes this one.

@@ -2,6 +2,7 @@
 // gateway's own checks exactly as an attacker would send them. What each case must show: the right status and
 // OpenAI envelope from the gateway, one audit record, and nothing at the upstream. The order of checks is
 // route (404/405) → key (401) → ids (400) → scope (403) → rate limit (429) → body (415/413/400) → upstream.
+import { createConnection } from 'node:net'
 import t, { type Test } from 'tap'
 import type { AuditRecord, Outcome } from '../src/plugins/audit.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
@@ -348,6 +349,32 @@ t.test('a body that is not JSON gets 400 invalid_json and is not forwarded', asy
       await expectRejected(t, h, post('/v1/conversations/conv_x/items', body), invalid)
     })
   }
+
+  await t.test('a body refused once read whole keeps its connection: a call pipelined behind it is answered, not dropped', async t => {
+    // Fastify asks to close the connection on any body error; after a body read to its end there is nothing left
+    // to discard, and closing drops a call already read behind it (or loses its answer, if it went upstream first).
+    const before = h.upstream.requests.length
+    const both = Buffer.concat([post('/v1/conversations', '{"metadata":'), post('/v1/conversations', '{}')])
+    const { hostname, port } = new URL(h.gw.url)
+    const received = await new Promise<string>((resolve, reject) => {
+      const socket = createConnection({ host: hostname, port: Number(port) })
+      let text = ''
+      const done = () => { socket.destroy(); resolve(text) }
+      const timer = setTimeout(done, 3000)
+      socket.on('data', (d: Buffer) => {
+        text += d.toString('latin1')
+        if ((text.match(/HTTP\/1\.1 /g) ?? []).length === 2 && /\r\n\r\n\{"id":[^]*\}$/.test(text)) { clearTimeout(timer); done() }
+      })
+      socket.on('close', () => { clearTimeout(timer); resolve(text) })
+      socket.on('error', reject)
+      socket.write(both) // not end(): Node drops answers still to come to a client that half-closed
+    })
+    h.handled += 2
+    const statuses = [...received.matchAll(/HTTP\/1\.1 (\d{3})/g)].map(m => m[1])
+    t.same(statuses, ['400', '200'], 'the refusal, then the pipelined call\'s answer')
+    t.notMatch(received.split('\r\n\r\n')[0] ?? '', /connection: close/i, 'the refusal does not close the connection')
+    t.equal(h.upstream.requests.length - before, 1, 'the upstream got the valid call once, and only it')
+  })
 
   await t.test('a chunked body that is not JSON gets 400 invalid_json', async t => {
     const head = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']])

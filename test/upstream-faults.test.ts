@@ -749,6 +749,32 @@ t.test('upstream-private and hop-by-hop headers never reach the client; the requ
   assertTokenNowhere(t, gw, [answerText(a)])
 })
 
+t.test('an upstream cache-control never reaches the client: "public" would let a shared cache in front serve one team\'s object to another', async t => {
+  // RFC 9111 3.5: a shared cache (a CDN, an nginx proxy_cache) keeps an answer to a call with Authorization only
+  // when the answer says public, s-maxage or must-revalidate; it then serves it to anyone asking for the same URL,
+  // with any key or none, past the gateway's key and ownership checks.
+  const cacheControl = 'public, max-age=86400, s-maxage=86400, must-revalidate'
+  const { upstream, gw } = await setup(t, { upstream: { extraHeaders: { 'cache-control': cacheControl } } })
+  const created = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(created.status, 200, 'created')
+  t.equal(created.headers['cache-control'], undefined, 'no cache-control on an answer read whole')
+  const id = (JSON.parse(created.body) as { id: string }).id
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'cache-control': cacheControl })
+      .end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}')
+  }
+  const listed = await send(gw, 'GET', `/v1/conversations/${id}/items`)
+  t.equal(listed.status, 200, 'listed')
+  t.equal(listed.headers['cache-control'], undefined, 'no cache-control on an answer streamed through')
+  upstream.respond = (_req, res) => {
+    res.writeHead(404, { 'content-type': 'application/json', 'cache-control': cacheControl })
+      .end('{"error":{"message":"No conversation found","type":"invalid_request_error","param":null,"code":null}}')
+  }
+  const missing = await send(gw, 'GET', `/v1/conversations/${id}/items`)
+  t.equal(missing.status, 404, 'an error answer')
+  t.equal(missing.headers['cache-control'], undefined, 'no cache-control on an error answer either')
+})
+
 t.test('the upstream token is in no answer and no log line across every kind of upstream failure', async t => {
   const texts: string[] = []
   const logs: string[] = []

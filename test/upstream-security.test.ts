@@ -210,6 +210,31 @@ t.test('an error answer without the token, and a 2xx answer the gateway rewrites
   t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
 })
 
+// Not done (a design choice, see the README's Security section): a 2xx answer the gateway does not read whole is
+// streamed through unsearched: a conversation's items listed or added, and also a conversation's deletion and a
+// retrieved item (an item's deletion answers with its conversation, read whole). An upstream that quotes the
+// token in one of these gives it to the client. Searching them needs a streaming scrub (holding back a token's
+// length at each chunk's end), which changes every such answer's framing (no content-length) and makes an
+// encoded one unreadable (a 502, as for an error answer).
+t.test('a 2xx answer streamed through (a deletion, an item, a list) that quotes the token reaches the client without it',
+  { todo: 'streamed 2xx answers are not searched for the token (README, Security)' }, async t => {
+    const upstream = await startUpstream()
+    t.teardown(() => upstream.close())
+    const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+    upstream.respond = (req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      const item = { type: 'message', id: 'msg_1', status: 'completed', role: 'user', content: [{ type: 'input_text', text: `${req.headers.authorization}` }] }
+      res.end(JSON.stringify(req.method === 'DELETE'
+        ? { id: 'conv_1', object: 'conversation.deleted', deleted: true, note: `${req.headers.authorization}` }
+        : req.url?.endsWith('/items') ? { object: 'list', data: [item], first_id: 'msg_1', last_id: 'msg_1', has_more: false } : item))
+    }
+    for (const [method, path] of [['DELETE', '/v1/conversations/conv_1'], ['GET', '/v1/conversations/conv_1/items/msg_1'], ['GET', '/v1/conversations/conv_1/items']] as const) {
+      const res = await fetch(`${gw.url}${path}`, { method, headers: { authorization: `Bearer ${KEYS.full}` } })
+      t.equal(res.status, 200, `${method} ${path}`)
+      t.notMatch(await res.text(), UPSTREAM_TOKEN, `${method} ${path}: without the token`)
+    }
+  })
+
 t.test('the token is taken out of the response headers the client gets, and of the upstream request id the audit keeps', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
@@ -284,6 +309,34 @@ t.test('an event of a streamed response that quotes the token reaches the client
   t.equal(res.status, 200)
   t.notMatch(text, UPSTREAM_TOKEN)
   t.match(text, /"message":"bad key Bearer \[redacted\]"/)
+  t.match(text, /"id":"resp_1"/, 'the other events as they were')
+})
+
+t.test('a streamed event that is not JSON, a comment or another field that quotes the token reaches the client without it', async t => {
+  // OpenAI-compatible services are not all OpenAI: an error event in plain text, a comment, an event name or id can
+  // quote the key they were given as well as a JSON event can.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = (req, res) => {
+    const key = req.headers.authorization
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(`: proxied with ${key}\n\n`)
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n')
+    res.write(`event: response.in_progress\nid: ${key}\ndata: {"type":"response.in_progress","sequence_number":1}\n\n`)
+    res.write(`event: error\ndata: invalid api key ${key}\n\n`)
+    res.write(`data: {"unfinished": "${key}"\n\n`)
+    res.end(`data: ["${key}"]\n\n`)
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
+  const text = await res.text()
+  t.equal(res.status, 200)
+  t.notMatch(text, UPSTREAM_TOKEN, 'the token is in no line of any event')
+  t.match(text, ': proxied with Bearer [redacted]\n\n', 'a comment')
+  t.match(text, 'id: Bearer [redacted]\n', 'another field of a JSON event')
+  t.match(text, 'data: invalid api key Bearer [redacted]\n\n', 'a plain-text event')
+  t.match(text, 'data: {"unfinished": "Bearer [redacted]"\n\n', 'data that only looks like JSON')
+  t.match(text, 'data: ["Bearer [redacted]"]\n\n', 'JSON that is not an object')
   t.match(text, /"id":"resp_1"/, 'the other events as they were')
 })
 

@@ -55,9 +55,12 @@ const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as
 /**
  * Upstream headers the client gets: the body's description, the upstream's request id and retry hints. Both SDKs
  * obey `x-should-retry` before anything else: without it they would send again a POST the upstream said not to.
+ * Not `cache-control`: every answer is one client's, and an upstream's `public` or `s-maxage` would let a shared
+ * cache in front of the gateway keep it and serve it to anyone asking for the same URL, past the key and
+ * ownership checks (RFC 9111 §3.5). Without it, a shared cache does not store an answer to a call with Authorization.
  */
 const RETURNED_RESPONSE_HEADERS = new Set([
-  'content-type', 'content-length', 'content-encoding', 'cache-control', 'etag', 'last-modified',
+  'content-type', 'content-length', 'content-encoding', 'etag', 'last-modified',
   'retry-after', 'retry-after-ms', 'x-should-retry', 'x-request-id', 'openai-processing-ms', 'openai-version'
 ])
 
@@ -400,7 +403,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
             throw err
           }
-        }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs)
+        }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs,
+        // Lines a JSON rewrite does not reach (a comment, an event's name or id, data in plain text or not an
+        // object) can quote the token too.
+        event => scrub.bytes(event))
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

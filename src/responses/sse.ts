@@ -3,7 +3,8 @@
 // has a client do) is handed to `rewrite` when it is JSON; `rewrite` may return another object (the gateway takes
 // its owner key out) or the same one, and then the event's bytes pass as they came (a rewritten one keeps its
 // numbers as they came: http/json.ts). Lines end with LF, CRLF or CR (all three are SSE). An event whose data is
-// not JSON (`data: [DONE]`), comments and other fields pass untouched.
+// not JSON (`data: [DONE]`), comments and other fields are not rewritten; every event, whatever it holds, goes
+// out through `passing` (the gateway takes the upstream token out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
 
@@ -40,10 +41,14 @@ export class SseRewriter extends Transform {
    */
   readonly #maxEventMs: number
   #eventClock: NodeJS.Timeout | null = null
+  /** each whole event's bytes on their way out, rewritten or not */
+  readonly #passing: (event: Buffer) => Buffer
 
-  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity) {
+  constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
+    passing: (event: Buffer) => Buffer = event => event) {
     super()
     this.#rewrite = rewrite
+    this.#passing = passing
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
     this.#maxEventMs = maxEventMs
@@ -84,7 +89,7 @@ export class SseRewriter extends Transform {
     this.#stopEventClock()
     try {
       if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
-      if (this.#event.length > 0) this.push(this.#rewritten(this.#event))
+      if (this.#event.length > 0) this.push(this.#passing(this.#rewritten(this.#event)))
     } catch (err) {
       this.#fail(err as Error, done)
       return
@@ -133,7 +138,7 @@ export class SseRewriter extends Transform {
     this.#line = []
     this.#event.push(line)
     if (isBlank(line)) {
-      this.push(this.#rewritten(this.#event))
+      this.push(this.#passing(this.#rewritten(this.#event)))
       this.#event = []
       this.#held = 0
       this.#stopEventClock()

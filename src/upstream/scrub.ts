@@ -5,7 +5,8 @@
 // - from answers the gateway reads whole: every error answer, and the JSON answers it rewrites. Searched as bytes
 //   (the token as written, and as JSON.stringify escapes it); a JSON answer that holds any backslash escape is
 //   also searched string by string once parsed, whatever escapes spell the token (`\/`, `\u0073`);
-// - from each JSON event of a 2xx event stream (Responses), string by string.
+// - from each event of a 2xx event stream (Responses): a JSON event's data string by string, and every event's
+//   bytes as written (comments, names and ids, data in plain text).
 // Other 2xx answers streamed through (a list of items) are not read, and not searched. The tokens
 // searched for are the one in force and the few before it: an answer to a call sent before a rotation may quote
 // the token it was sent with.
