@@ -346,6 +346,20 @@ async function twoTeams (url: string) {
   return { post, conversationA, itemA, conversationB }
 }
 
+type Post = Awaited<ReturnType<typeof twoTeams>>['post']
+
+/** Each forgery (target, body, the param its refusal names) is refused with 400 unknown_parameter, and nothing goes upstream. */
+async function assertForgeriesRefused (t: Test, upstream: FakeUpstream, post: Post, forgeries: Array<[string, unknown, string]>) {
+  for (const [target, body, param] of forgeries) {
+    const label = `${target} (${param})`
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, target, body)
+    t.equal(res.status, 400, `${label}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${label}: unknown_parameter`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing went upstream`)
+  }
+}
+
 t.test('an item named by id (item_reference) must be an item of a conversation of the caller\'s: another team\'s is refused wherever it is named', async t => {
   const { upstream, gw } = await setup(t)
   const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
@@ -436,13 +450,8 @@ t.test('a key the checks read, given in the query string of a POST (?conversatio
   // No POST route of the API takes these in the query, but a framework that merges the query into the body it
   // reads (PHP's, Rails') would take ?conversation=<A's> for the conversation, which the gateway never checked.
   const { upstream, gw } = await setup(t)
-  const { conversationA, itemA, conversationB } = await twoTeams(gw.url)
-  const previousA = (await (await fetch(`${gw.url}/v1/responses`, {
-    method: 'POST', body: JSON.stringify({ model: 'gpt-4o', input: 'hi' }), headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }
-  })).json() as { id: string }).id
-  const post = (key: string, target: string, body: unknown) => fetch(`${gw.url}${target}`, {
-    method: 'POST', body: JSON.stringify(body), headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
-  })
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
   const forgeries: Array<[string, unknown, string]> = [
     [`/v1/responses?conversation=${conversationA}`, { model: 'gpt-4o', input: 'hi' }, 'conversation'],
     [`/v1/responses?conversation[id]=${conversationA}`, { model: 'gpt-4o', input: 'hi' }, 'conversation[id]'],
@@ -453,13 +462,7 @@ t.test('a key the checks read, given in the query string of a POST (?conversatio
     ['/v1/conversations?metadata[gateway_owner]=team-full', {}, 'metadata[gateway_owner]'],
     [`/v1/conversations/${conversationB}?metadata%5Bgateway_owner%5D=team-full`, { metadata: { a: 'b' } }, 'metadata[gateway_owner]']
   ]
-  for (const [target, body, param] of forgeries) {
-    const before = upstream.requests.length
-    const res = await post(KEYS.other, target, body)
-    t.equal(res.status, 400, `${target}: 400`)
-    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${target}: unknown_parameter`)
-    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${target}: nothing went upstream`)
-  }
+  await assertForgeriesRefused(t, upstream, post, forgeries)
   // The one query parameter a POST route takes (include, on item create) still goes upstream as it came.
   const include = `/v1/conversations/${conversationB}/items?include[]=message.output_text.logprobs`
   t.equal((await post(KEYS.other, include, { items: [{ type: 'message', role: 'user', content: 'x' }] })).status, 200, 'include is passed on')
@@ -482,13 +485,7 @@ t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind 
     ['/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: 'hi', '\u0131nput': [{ type: 'item_reference', id: itemA }] }, '\u0131nput'],
     [itemsOfB, { items: [], '\u0130tems': [{ type: 'item_reference', id: itemA }] }, '\u0130tems']
   ]
-  for (const [path, body, param] of forgeries) {
-    const before = upstream.requests.length
-    const res = await post(KEYS.other, path, body)
-    t.equal(res.status, 400, `${param}: 400`)
-    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${param}: unknown_parameter`)
-    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${param}: nothing went upstream`)
-  }
+  await assertForgeriesRefused(t, upstream, post, forgeries)
 })
 
 t.test('a response larger than a megabyte is still its owner\'s on a replica that has to look it up: retrieved and continued, not a 502', async t => {
