@@ -283,6 +283,32 @@ t.test('audit query | head: the query stops quietly when the reader goes, exit 0
   }
 })
 
+t.test('audit query into a slow reader: every record arrives, and waiting for it leaks no listeners (no warning)', async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  await writeSeries(auditFile, 4000)
+  const child = spawn(process.execPath, [BIN, 'audit', 'query', auditFile], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let stderr = ''
+  child.stderr.on('data', (c: Buffer) => { stderr += c.toString() })
+  // A reader slower than the query (a pager, jq over ssh): the pipe fills, and the query waits for it, many times.
+  let lines = 0
+  let ended = false
+  child.stdout.on('end', () => { ended = true })
+  child.stdout.pause()
+  while (!ended) {
+    const chunk = child.stdout.read() as Buffer | null
+    if (chunk === null) {
+      await Promise.race([once(child.stdout, 'readable'), once(child.stdout, 'end')])
+      continue
+    }
+    for (const byte of chunk) if (byte === 0x0a) lines++
+    await sleep(5)
+  }
+  const [code] = child.exitCode === null ? await once(child, 'exit') : [child.exitCode]
+  t.equal(code, 0)
+  t.equal(lines, 4000, 'every record')
+  t.equal(stderr, '', 'nothing on stderr (no MaxListenersExceededWarning)')
+})
+
 t.test('audit commands say why when there is nothing to read', async t => {
   const empty = configFile(gatewayYaml(join(tempDir(), 'audit.jsonl'))).file
   const r = run(['audit', 'verify', '--config', empty])

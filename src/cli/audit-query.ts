@@ -126,7 +126,13 @@ function writer (out: Writable): (text: string) => Promise<boolean> {
   return async (text) => {
     if (gone) return false
     // The reader going while the query waits for 'drain' is an 'error' (EPIPE), which rejects once(): the end.
-    if (!out.write(text)) await Promise.race([once(out, 'drain'), once(out, 'close')]).catch(() => { gone = true })
+    // The wait that loses the race is called off: left behind, each wait for a slow reader would leave a listener.
+    if (!out.write(text)) {
+      const done = new AbortController()
+      await Promise.race([once(out, 'drain', { signal: done.signal }), once(out, 'close', { signal: done.signal })])
+        .catch(() => { gone = true })
+        .finally(() => { done.abort() })
+    }
     return !gone
   }
 }
