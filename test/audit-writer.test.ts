@@ -79,6 +79,29 @@ t.test('rotate.keep removes the oldest files and the chain says so, so verify st
   t.match(result, { ok: true, notes: [/removed by rotate.keep/] })
 })
 
+t.test('rotate.keep counts and removes only the writer\'s own files: files claiming seqs it never wrote push out none of its records', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const real = await writeSeries(file, 60, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  const closed = real.slice(0, -1)
+  t.ok(closed.length > 3, 'several closed files')
+  // Someone who can write the directory, not the key, puts files there whose first records carry a seq beyond the
+  // chain's head: sorted by first seq, they would be the newest "closed files", and keep would remove the real ones
+  // (with a pruned record that the chain signs, so that verify accepts the real history gone).
+  const fake = (seq: number) => JSON.stringify({ seq, prevHash: '0'.repeat(64), hash: '1'.repeat(64) }) + '\n'
+  writeFileSync(file + '.fake-1', fake(1_000_000))
+  writeFileSync(file + '.fake-2', fake(2_000_000))
+  const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: 2, gzip: false } })
+  writer.write(callRecord(61))
+  await writer.close()
+  const left = (await seriesFiles(file)).map(f => f.path)
+  t.ok(existsSync(closed.at(-1)!) && existsSync(closed.at(-2)!), 'the two newest real closed files are kept')
+  t.notOk(existsSync(closed[0]!), 'the oldest real ones are pruned')
+  t.ok(left.includes(file + '.fake-1') && left.includes(file + '.fake-2'), 'the foreign files are left alone, for verify to name')
+  const pruned = parsed(file).find(r => r.event === 'audit.pruned')
+  t.match(pruned, { throughSeq: Number, files: Array }, 'the chain says what was pruned')
+  t.ok((pruned!.throughSeq as number) < 61, 'through a seq the chain holds')
+})
+
 t.test('daily rotation starts a new file at the first write of a new UTC day', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   let now = Date.UTC(2025, 0, 1, 23, 59, 0)

@@ -829,7 +829,15 @@ class FileSink implements Sink {
 
   /** Removes the oldest closed files beyond `keep`, and records in the chain what was removed and up to where. */
   private async prune (keep: number): Promise<void> {
-    const closed = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
+    // Only files of this chain count and go: a file whose first seq is beyond the head was not written by it (or is
+    // no record at all). Counted, such files would push the chain's newest closed files out, and the pruned record,
+    // quoting their first record, would make verify accept a series whose history is gone; verify names them instead.
+    const files = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
+    const closed = files.filter(f => f.firstSeq !== null && f.firstSeq <= this.head.seq)
+    if (closed.length < files.length) {
+      this.opts.log.warn({ files: files.filter(f => !closed.includes(f)).map(f => basename(f.path)) },
+        'audit: files named like the series that do not hold records of its chain are left out of rotate.keep')
+    }
     const remove = closed.slice(0, Math.max(0, closed.length - keep))
     const oldestKept = closed[remove.length]
     if (remove.length === 0 || oldestKept === undefined) return
