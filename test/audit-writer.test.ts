@@ -102,6 +102,34 @@ t.test('rotate.keep counts and removes only the writer\'s own files: files claim
   t.ok((pruned!.throughSeq as number) < 61, 'through a seq the chain holds')
 })
 
+t.test('a file planted just before a rotation, quoting the chain\'s next link, cannot make keep prune the history away unseen', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: 1, gzip: false } })
+  t.teardown(() => writer.close())
+  const lastOf = () => JSON.parse(readFileSync(file, 'utf8').trimEnd().split('\n').at(-1)!) as { seq: number, hash: string }
+  let i = 0
+  const write = async () => {
+    writer.write(callRecord(++i))
+    await until(`record ${i}`, () => existsSync(file) && readFileSync(file, 'utf8').includes(callRecord(i).requestId as string))
+  }
+  for (let n = 0; n < 20; n++) await write() // a few rotations: closed files to keep
+  // Someone who can write the directory, not the key, waits until the next record would rotate the file, and
+  // puts there a file whose first line is the link that record will get (seq and prevHash). Sorted by first seq it
+  // is the newest closed file; counted by keep, the real ones went, and the pruned record quoting it made the
+  // series verify once the planted file was removed, with none of its closed files left.
+  while (statSync(file).size + readFileSync(file, 'utf8').trimEnd().split('\n').at(-1)!.length + 1 <= 4096) await write()
+  const last = lastOf()
+  writeFileSync(file + '.planted', JSON.stringify({ seq: last.seq + 1, prevHash: last.hash, hash: '1'.repeat(64) }) + '\n')
+  await write()
+  await until('the pruned record', () => parsed(file).some(r => r.event === 'audit.pruned' && (r.throughSeq as number) >= last.seq - 20))
+  await writer.close()
+  rmSync(file + '.planted')
+  const closed = (await seriesFiles(file)).filter(f => f.path !== file)
+  t.equal(closed.length, 1, 'keep: 1 still holds the newest real closed file')
+  t.equal(closed[0]!.firstSeq! <= last.seq, true, 'a closed file of the chain')
+  t.match(await verify(file), { ok: true })
+})
+
 t.test('daily rotation starts a new file at the first write of a new UTC day', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   let now = Date.UTC(2025, 0, 1, 23, 59, 0)

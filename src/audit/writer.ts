@@ -829,11 +829,14 @@ class FileSink implements Sink {
 
   /** Removes the oldest closed files beyond `keep`, and records in the chain what was removed and up to where. */
   private async prune (keep: number): Promise<void> {
-    // Only files of this chain count and go: a file whose first seq is beyond the head was not written by it (or is
-    // no record at all). Counted, such files would push the chain's newest closed files out, and the pruned record,
-    // quoting their first record, would make verify accept a series whose history is gone; verify names them instead.
+    // Only files that can be closed files of this chain count and go: one whose first seq is not below the active
+    // file's first (or is no record at all) was not closed by it. Counted, such a file (put there by anyone who can
+    // write the directory, no key needed) would push the chain's newest closed files out, and the pruned record,
+    // quoting its first record, would make verify accept the series once it is removed, with its history gone;
+    // left alone, verify names it instead.
+    const activeFirst = this.fileFirstSeq ?? this.head.seq + 1
     const files = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
-    const closed = files.filter(f => f.firstSeq !== null && f.firstSeq <= this.head.seq)
+    const closed = files.filter(f => f.firstSeq !== null && f.firstSeq < activeFirst)
     if (closed.length < files.length) {
       this.opts.log.warn({ files: files.filter(f => !closed.includes(f)).map(f => basename(f.path)) },
         'audit: files named like the series that do not hold records of its chain are left out of rotate.keep')
