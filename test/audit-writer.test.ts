@@ -16,6 +16,7 @@ import { verifySeries } from '../src/audit/verify.js'
 import { queryFiles } from '../src/audit/query.js'
 import { AuditStartError, openAuditWriter, type AuditWriterOptions } from '../src/audit/writer.js'
 import { callRecord, linesOf, memoryLog, parsed, tempDir, writeSeries } from './fixtures/audit.js'
+import { eventually } from './fixtures/eventually.js'
 
 const sha256 = chainHasher()
 const NO_ROTATION = { daily: false, keep: 0, gzip: false }
@@ -493,6 +494,22 @@ t.test('a lock left by a process that is gone is taken over, with a warning', as
   t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: gone.pid } } })
   await writer.close()
   t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
+})
+
+t.test('a lock left by a process that has exited but is not reaped yet (a zombie, just after a kill -9) is taken over', { skip: process.platform !== 'linux' && 'zombies are told from /proc' }, async t => {
+  // The parent forks a child that exits at once and is never waited on: it stays a zombie while the parent sleeps.
+  const parent = spawn('python3', ['-c', 'import os, sys, time\npid = os.fork()\nif pid == 0: os._exit(0)\nprint(pid, flush=True)\ntime.sleep(30)'])
+  t.teardown(() => { parent.kill() })
+  const [line] = await once(parent.stdout, 'data') as [Buffer]
+  const zombie = Number(line.toString().trim())
+  await eventually(async () => readFileSync(`/proc/${zombie}/stat`, 'latin1').includes(') Z '), 'the child to be a zombie')
+  const file = join(tempDir(), 'audit.jsonl')
+  const { hostname } = await import('node:os')
+  writeFileSync(file + '.lock', JSON.stringify({ pid: zombie, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+  lastTouched(file + '.lock', 60_000)
+  const { writer, log } = await open(file)
+  t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: zombie } } })
+  await writer.close()
 })
 
 t.test('gateways starting together on a series with a stale lock: exactly one takes it over, the others are refused', async t => {

@@ -9,6 +9,7 @@
 import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
 import { link, readFile, stat, unlink, utimes, writeFile } from 'node:fs/promises'
+import { readFileSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { LOCK_SUFFIX, TEMP_SUFFIX } from './series.js'
@@ -47,9 +48,24 @@ const heldHere = new Set<string>()
 function isRunning (pid: number): boolean {
   try {
     process.kill(pid, 0)
-    return true
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM' // it exists, it is just not ours to signal
+  }
+  return !isZombie(pid)
+}
+
+/**
+ * A process that has exited but that its parent has not reaped yet (a gateway killed with SIGKILL, restarted by a
+ * supervisor that waits on it a moment later) still takes signal 0. Linux tells it by its state in /proc; where
+ * there is no /proc, it counts as running.
+ */
+function isZombie (pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1')
+    const state = stat.charAt(stat.lastIndexOf(')') + 2) // "pid (comm) S ...": comm may hold spaces and parentheses
+    return state === 'Z' || state === 'X'
+  } catch {
+    return false
   }
 }
 
