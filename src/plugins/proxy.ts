@@ -182,11 +182,12 @@ function errorText (value: unknown): string | null {
 }
 
 /**
- * A POST the upstream answered (it has it, and may have done it: a generation, a conversation created), whose
- * answer the gateway does not pass on (broken off, unreadable, not what was expected): the client's 502 or 504
- * tells the SDKs, which retry every 5xx, not to send it again.
+ * A POST the upstream has, and may have done (a generation, a conversation created, items added): it answered and
+ * the gateway does not pass the answer on (broken off, unreadable, not what was expected), or it was sent and its
+ * answer did not come in time or the connection broke. The client's 502 or 504 tells the SDKs, which retry every
+ * 5xx, not to send it again.
  */
-function answeredNotPassedOn (method: string, reply: { header: (name: string, value: string) => unknown }): void {
+function mayBeDoneUpstream (method: string, reply: { header: (name: string, value: string) => unknown }): void {
   if (method === 'POST') reply.header('x-should-retry', 'false')
 }
 
@@ -290,7 +291,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
       request.log.warn({ err }, 'upstream answer could not be read')
-      answeredNotPassedOn(request.method, reply)
+      mayBeDoneUpstream(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
@@ -303,7 +304,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
-      answeredNotPassedOn(request.method, reply)
+      mayBeDoneUpstream(request.method, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -323,7 +324,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
-      answeredNotPassedOn(request.method, reply)
+      mayBeDoneUpstream(request.method, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -390,7 +391,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
           request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
-          answeredNotPassedOn(request.method, reply)
+          mayBeDoneUpstream(request.method, reply)
           reply.send(new UpstreamUnavailableError())
           return
         }
@@ -447,12 +448,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const err = error as Error & { statusCode?: number, cause?: unknown }
       const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
       const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
-      // A POST whose answer did not come in time, or whose connection broke after it was sent, may be under way
-      // upstream (a generation, items added): the SDKs retry every 5xx unless told not to, and would do it again.
-      // One that every line refused (nothing sent) is safe to try again. One the upstream answered (reply-from
-      // refuses an invalid status) is answeredNotPassedOn.
-      if (reply.request.method === 'POST' && (timedOut || failure?.sent === true)) reply.header('x-should-retry', 'false')
-      if (reply.request.upstream !== null) answeredNotPassedOn(reply.request.method, reply)
+      // Timed out, broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
+      // upstream may be doing it. One that every line refused (nothing sent) is safe to try again.
+      if (timedOut || failure?.sent === true || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
       const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
       reply.send(answer)
