@@ -5,7 +5,9 @@
 import type { Scope } from './config.js'
 
 export const API_PREFIX = '/v1'
-export const ID_PATTERN = /^[A-Za-z0-9_-]{1,200}$/
+/** The longest id the gateway takes; an id quoted or recorded from elsewhere (a body, a refused path) is cut at it. */
+export const MAX_ID_LENGTH = 200
+export const ID_PATTERN = new RegExp(`^[A-Za-z0-9_-]{1,${MAX_ID_LENGTH}}$`)
 
 export type Action =
   | 'conversation.create' | 'conversation.retrieve' | 'conversation.update' | 'conversation.delete'

@@ -9,7 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
-import { ID_PATTERN, matchOperation, rawPath, type Action, type Operation } from '../operations.js'
+import { ID_PATTERN, MAX_ID_LENGTH, matchOperation, rawPath, type Action, type Operation } from '../operations.js'
 import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
@@ -131,13 +131,6 @@ function bodyBytesSent (request: FastifyRequest, reply: FastifyReply): number {
 }
 
 /**
- * The longest id the pattern takes. An id in a record is cut at it: one from a path refused as no id (400, or 401
- * before ids are checked) may be as long as Node lets a request line be, about 16 KB, and one from an answer is
- * the upstream's to choose.
- */
-const MAX_ID = 200
-
-/**
  * The conversation a call acted on: the one its path names, the one it created, or the one a response was
  * created in (its body's `conversation`, kept only when it is a well-formed id, which the ownership check refused
  * otherwise); `audit query --conversation` finds all three.
@@ -169,11 +162,13 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     bytesIn: request.bodyBytes,
     bytesOut: bodyBytesSent(request, reply),
     clientId: request.client?.id ?? request.expiredKey?.clientId ?? null,
-    conversationId: conversationOf(request, op)?.slice(0, MAX_ID) ?? null,
+    // (Ids cut at the longest the gateway takes: one from a path refused as no id, 400 or a 401 before ids are
+    // checked, may be as long as Node lets a request line be, about 16 KB; one from an answer is the upstream's.)
+    conversationId: conversationOf(request, op)?.slice(0, MAX_ID_LENGTH) ?? null,
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
     ip: watch.ip,
-    itemId: op?.itemId?.slice(0, MAX_ID) ?? null,
+    itemId: op?.itemId?.slice(0, MAX_ID_LENGTH) ?? null,
     keyId: request.keyId ?? request.expiredKey?.keyId ?? null,
     method: request.method,
     // (the client's string, up to the body limit: a model id is a few dozen characters)
@@ -184,7 +179,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     path: rawPath(request.originalUrl).slice(0, 2048),
     prevHash: undefined,
     requestId: request.id,
-    responseId: facts?.responseId?.slice(0, MAX_ID) ?? null,
+    responseId: facts?.responseId?.slice(0, MAX_ID_LENGTH) ?? null,
     seq: undefined,
     status: statusSent(reply),
     stream: facts?.stream ?? null,

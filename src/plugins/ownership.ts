@@ -16,7 +16,7 @@ import {
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
-import { ID_PATTERN, queryParam, type Action } from '../operations.js'
+import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
 import {
   conversationParam, createBody, folded, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
@@ -263,7 +263,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
             return true
           })
         : 'missing'
-      if (found === 'missing') throw withParam(new ItemNotFoundError(String(id).slice(0, 200)), param)
+      if (found === 'missing') throw withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param)
     }
   }
 
@@ -273,7 +273,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const decide = (found: Owner): string | null => {
       const [Missing, NotYours] = REFUSALS[refusal]
       // (An id from the body may be anything the body limit allows: the answer quotes it cut short, as it does a path.)
-      if (found === 'missing') throw new Missing(id.length > 200 ? `${id.slice(0, 200)}…` : id)
+      if (found === 'missing') throw new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id)
       request.ownerId = found.owner // the audit names whom a refused call was after
       const allowed = client.scopes.includes('admin') || found.owner === client.id ||
         (found.owner === null && opts.unowned() === 'allow')
