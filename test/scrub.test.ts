@@ -44,3 +44,50 @@ t.test('only the last four tokens are remembered', async t => {
   const scrub = scrubber('sk-token-one', 'sk-token-two', 'sk-token-three', 'sk-token-four', 'sk-token-five')
   t.equal(scrub.text('sk-token-one sk-token-two sk-token-five'), 'sk-token-one [redacted] [redacted]')
 })
+
+/** What `scrub.stream()` makes of `chunks`, as one buffer. */
+async function streamed (scrub: TokenScrubber, chunks: Buffer[]): Promise<string> {
+  const stream = scrub.stream()!
+  const out: Buffer[] = []
+  stream.on('data', (chunk: Buffer) => out.push(chunk))
+  const ended = new Promise(resolve => stream.once('end', resolve))
+  for (const chunk of chunks) stream.write(chunk)
+  stream.end()
+  await ended
+  return Buffer.concat(out).toString()
+}
+
+t.test('an answer searched as it streams loses every token however its chunks cut them, as one searched whole does', async t => {
+  const scrub = scrubber('sk-old-secret-tail', 'sk-old-se', 'sk-abcdef\\"x')
+  const body = Buffer.from(`{"a":"sk-old-secret-tail","b":"sk-old-se",${JSON.stringify({ c: 'sk-abcdef\\"x' }).slice(1, -1)},"d":"sk-old-sesk-old-se"}sk-old-se`)
+  const whole = scrub.bytes(body).toString()
+  t.notMatch(whole, /sk-/, 'the whole answer searched at once has none left')
+  let wrong = 0
+  for (let at = 0; at <= body.length; at++) {
+    if (await streamed(scrub, [body.subarray(0, at), body.subarray(at)]) !== whole) wrong++
+  }
+  t.equal(wrong, 0, 'cut in two at every byte: the same as searched whole')
+  t.equal(await streamed(scrub, [...body].map(b => Buffer.from([b]))), whole, 'one byte at a time')
+  t.equal(await streamed(scrub, [Buffer.from('no token here')]), 'no token here', 'an answer without one is passed as it came')
+  t.equal(await streamed(scrub, []), '')
+})
+
+t.test('a token too short to search for gives no stream to search with', async t => {
+  t.equal(scrubber('short').stream(), null)
+})
+
+t.test('a chunk goes on at once, but for an end that could begin a token', async t => {
+  const stream = scrubber('sk-old-secret-tail').stream()!
+  const out: string[] = []
+  stream.on('data', (chunk: Buffer) => out.push(chunk.toString()))
+  const flushed = () => new Promise(resolve => setImmediate(resolve))
+  stream.write(Buffer.from('{"object":"list","data":['))
+  await flushed()
+  t.same(out, ['{"object":"list","data":['], 'a chunk that cannot hold the token\'s start, whole')
+  stream.write(Buffer.from('{"note":"key sk-old'))
+  await flushed()
+  t.same(out.at(-1), '{"note":"key ', 'the start of what may be the token is held')
+  stream.end(Buffer.from('-secret-tail"}'))
+  await flushed()
+  t.equal(out.join(''), '{"object":"list","data":[{"note":"key [redacted]"}', 'and taken out once whole')
+})

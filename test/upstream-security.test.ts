@@ -210,14 +210,9 @@ t.test('an error answer without the token, and a 2xx answer the gateway rewrites
   t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
 })
 
-// Not done (a design choice, see the README's Security section): a 2xx answer the gateway does not read whole is
-// streamed through unsearched: a conversation's items listed or added, and also a conversation's deletion and a
-// retrieved item (an item's deletion answers with its conversation, read whole). An upstream that quotes the
-// token in one of these gives it to the client. Searching them needs a streaming scrub (holding back a token's
-// length at each chunk's end), which changes every such answer's framing (no content-length) and makes an
-// encoded one unreadable (a 502, as for an error answer).
-t.test('a 2xx answer streamed through (a deletion, an item, a list) that quotes the token reaches the client without it',
-  { todo: 'streamed 2xx answers are not searched for the token (README, Security)' }, async t => {
+// A 2xx answer the gateway passes on unchanged (it has nothing to take out of it but the token) is searched too.
+t.test('a 2xx answer passed through (a deletion, an item, a list) that quotes the token reaches the client without it',
+  async t => {
     const upstream = await startUpstream()
     t.teardown(() => upstream.close())
     const gw = await startGateway(t, ...withoutOwnership(upstream.url))
@@ -234,6 +229,68 @@ t.test('a 2xx answer streamed through (a deletion, an item, a list) that quotes 
       t.notMatch(await res.text(), UPSTREAM_TOKEN, `${method} ${path}: without the token`)
     }
   })
+
+t.test('a 2xx answer passed on unchanged keeps its bytes and framing; long, chunked or compressed, it is searched all the same', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const item = (text: string) => ({ type: 'message', id: 'msg_1', status: 'completed', role: 'user', content: [{ type: 'input_text', text }] })
+  const list = (text: string) => JSON.stringify({ object: 'list', data: [item(text)], first_id: 'msg_1', last_id: 'msg_1', has_more: false })
+
+  // Nothing to take out: the upstream's bytes and content-length.
+  const clean = list('hello')
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(clean) }).end(clean) }
+  const same = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(same.headers.get('content-length'), String(Buffer.byteLength(clean)))
+  t.equal(await same.text(), clean)
+
+  // 200 KiB, chunked, the token cut between two writes.
+  const long = list(`${'x'.repeat(200 * 1024)} Bearer ${UPSTREAM_TOKEN} end`)
+  const at = long.indexOf(UPSTREAM_TOKEN) + 5
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write(long.slice(0, at))
+    setTimeout(() => res.end(long.slice(at)), 20)
+  }
+  const page = await sdk.conversations.items.list('conv_1')
+  const text = (page.data[0] as { content: Array<{ text: string }> }).content[0]!.text
+  t.equal(text.slice(-21), 'Bearer [redacted] end', 'the token taken out across the cut')
+  t.equal(text.length, 200 * 1024 + 22, 'and nothing else')
+
+  // Compressed though the gateway asked for no encoding: decoded to be searched.
+  const quoting = gzipSync(list(`Bearer ${UPSTREAM_TOKEN}`))
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(quoting) }
+  const decoded = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: { ...auth, 'accept-encoding': 'identity' } })
+  t.equal(decoded.headers.get('content-encoding'), null, 'sent decoded, without the token')
+  t.same(JSON.parse(await decoded.text()), JSON.parse(list('Bearer [redacted]')))
+  const compressed = gzipSync(clean)
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(compressed) }
+  const kept = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: { ...auth, 'accept-encoding': 'identity' } })
+  t.equal(kept.headers.get('content-encoding'), 'gzip', 'nothing to take out: compressed as it came')
+  t.equal(kept.headers.get('content-length'), String(compressed.length))
+  t.equal(await kept.text(), clean, '(fetch decodes it)')
+  t.notMatch(gw.logs.join('\n'), UPSTREAM_TOKEN)
+})
+
+t.test('a 2xx answer broken off before its content-length, or compressed beyond reading, is a 502, never passed on unsearched', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': 100 }).write('{"object":"list","data":[')
+    setTimeout(() => res.destroy(), 20)
+  }
+  const broken = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { method: 'POST', headers: auth, body: '{"items":[]}' })
+  t.equal(broken.status, 502)
+  t.equal(broken.headers.get('x-should-retry'), 'false', 'a POST the upstream answered: not to be sent again')
+  t.match(await broken.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } })
+
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'zstd' }).end('\x28\xb5\x2f\xfd') }
+  const unreadable = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(unreadable.status, 502)
+  t.match(await unreadable.json(), { error: { code: 'upstream_unavailable' } })
+})
 
 t.test('the token is taken out of the response headers the client gets, and of the upstream request id the audit keeps', async t => {
   const upstream = await startUpstream()

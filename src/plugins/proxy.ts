@@ -7,7 +7,7 @@
 // its own, our own error mapping.
 import { createHash } from 'node:crypto'
 import type { IncomingHttpHeaders } from 'node:http'
-import { Readable } from 'node:stream'
+import { pipeline, Readable } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
@@ -38,6 +38,12 @@ const MAX_EVENT_BYTES = MAX_WHOLE_BYTES
  */
 const MAX_ERROR_BYTES = 1024 * 1024
 const ERROR_READ_MS = 5_000
+/**
+ * A 2xx answer the gateway passes on unchanged is still searched for the token. One of up to this many bytes (its
+ * content-length; nearly every answer) is read whole and searched at once, and keeps its framing; a longer one,
+ * or one of unknown length, is searched as it streams through (upstream/scrub.ts), and goes on chunked.
+ */
+const MAX_SEARCHED_WHOLE_BYTES = 64 * 1024
 
 /** OpenAI's error event, with the envelope of upstream_unavailable: how a Responses stream the gateway ends ends. */
 function streamErrorEvent (message: string): Buffer {
@@ -314,6 +320,48 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
   }
 
+  /** A 2xx answer passed on as the upstream's bytes, but for the upstream token (upstream/scrub.ts). */
+  async function sendSearched (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): Promise<void> {
+    const length = Number(res.headers['content-length'] ?? NaN)
+    const encoded = isEncoded(res.headers)
+    if (res.statusCode === 204) {
+      reply.send(res.stream) // no body
+      return
+    }
+    if (!encoded && !(length <= MAX_SEARCHED_WHOLE_BYTES)) {
+      const searched = scrub.stream()
+      if (searched === null) {
+        reply.send(res.stream)
+        return
+      }
+      reply.removeHeader('content-length')
+      // (either side failing or closing ends the other: the client leaving releases the upstream)
+      reply.send(pipeline(res.stream, searched, noop))
+      return
+    }
+    let raw: Buffer
+    let decoded: Buffer
+    try {
+      // Compressed all the same (the gateway asks for no encoding): it can only be searched once decoded, whole.
+      raw = encoded ? await upstream.readWhole(res.stream) : await readBody(res.stream, MAX_SEARCHED_WHOLE_BYTES, upstream.timeoutMs)
+      decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
+    } catch (err) {
+      // An answer that cannot be searched is not passed on: fail closed.
+      request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer could not be read')
+      mayBeDoneUpstream(request.method, reply)
+      reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
+      return
+    }
+    const scrubbed = scrub.bytes(decoded)
+    // Nothing to take out: the upstream's bytes, as they came.
+    if (scrubbed === decoded) {
+      reply.send(raw)
+      return
+    }
+    reply.removeHeader('content-encoding')
+    reply.header('content-length', scrubbed.length).send(scrubbed)
+  }
+
   /** An error answer, read whole so that the upstream token can be taken out of it (upstream/scrub.ts). */
   async function sendError (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): Promise<void> {
     let raw: Buffer
@@ -441,7 +489,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         void sendRewritten(request, reply, res, rewrite)
         return
       }
-      reply.send(res.stream)
+      void sendSearched(request, reply, res)
     },
     onError (reply, { error }) {
       // reply-from has logged the failure already ("response errored"): once is enough.

@@ -6,14 +6,17 @@
 //   (the token as written, and as JSON.stringify escapes it); a JSON answer that holds any backslash escape is
 //   also searched string by string once parsed, whatever escapes spell the token (`\/`, `\u0073`);
 // - from each event of a 2xx event stream (Responses): a JSON event's data string by string, and every event's
-//   bytes as written (comments, names and ids, data in plain text).
-// Other 2xx answers streamed through (a list of items) are not read, and not searched. The tokens
-// searched for are the one in force and the few before it: an answer to a call sent before a rotation may quote
-// the token it was sent with.
+//   bytes as written (comments, names and ids, data in plain text);
+// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short, else
+//   searched as it streams through (`stream`).
+// The tokens searched for are the one in force and the few before it: an answer to a call sent before a rotation
+// may quote the token it was sent with.
+import { Transform } from 'node:stream'
 import { brotliDecompressSync, gunzipSync, inflateRawSync, inflateSync } from 'node:zlib'
 
 export const REDACTED = '[redacted]'
 const REDACTED_BYTES = Buffer.from(REDACTED)
+const EMPTY = Buffer.alloc(0)
 /** Tokens remembered: the one in force and those before it (one rotation's overlap needs two). */
 const REMEMBERED_TOKENS = 4
 /**
@@ -27,10 +30,11 @@ const BACKSLASH = 0x5c
 interface Haystack { length: number, indexOf: (find: never, from: number) => number }
 
 /**
- * Every match of any of `finds` in `text`, left to right, in one pass: at each place the longest spelling that
- * matches there wins, and what was put in is never searched again (a token inside `[redacted]` stays put).
+ * The matches of any of `finds` in `text` that start before `until`, left to right, in one pass: at each place the
+ * longest spelling that matches there wins, and what was put in is never searched again (a token inside
+ * `[redacted]` stays put). As [from, to) spans of the text between them, and where the last match ends.
  */
-function replaceAll<T extends Haystack> (text: T, finds: readonly T[], join: (parts: Array<[number, number]>) => T): T {
+function matches<T extends Haystack> (text: T, finds: readonly T[], until = text.length): { parts: Array<[number, number]>, end: number } {
   const parts: Array<[number, number]> = []
   let from = 0
   for (;;) {
@@ -43,13 +47,36 @@ function replaceAll<T extends Haystack> (text: T, finds: readonly T[], join: (pa
         size = find.length
       }
     }
-    if (at === -1) break
+    if (at === -1 || at >= until) break
     parts.push([from, at])
     from = at + size
   }
+  return { parts, end: from }
+}
+
+/** `text` with every match of any of `finds` replaced, by `join` given the spans between them; `text` itself with none. */
+function replaceAll<T extends Haystack> (text: T, finds: readonly T[], join: (parts: Array<[number, number]>) => T): T {
+  const { parts, end } = matches(text, finds)
   if (parts.length === 0) return text
-  parts.push([from, text.length])
+  parts.push([end, text.length])
   return join(parts)
+}
+
+/** The first place in `text` from `from` on where one of `spellings` could begin: as many of its bytes as `text` has left are there. */
+function firstLive (text: Buffer, from: number, spellings: readonly Buffer[]): number {
+  for (let at = from; at < text.length; at++) {
+    for (const spelling of spellings) {
+      if (text[at] !== spelling[0]) continue
+      const n = Math.min(spelling.length, text.length - at)
+      if (text.compare(spelling, 0, n, at, at + n) === 0) return at
+    }
+  }
+  return text.length
+}
+
+/** The spans of `body` with REDACTED between them. */
+function joinBytes (body: Buffer, parts: Array<[number, number]>): Buffer {
+  return Buffer.concat(parts.flatMap(([from, to], i) => i === 0 ? [body.subarray(from, to)] : [REDACTED_BYTES, body.subarray(from, to)]))
 }
 
 export class TokenScrubber {
@@ -83,8 +110,43 @@ export class TokenScrubber {
   /** `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none. */
   bytes (body: Buffer): Buffer {
     this.token()
-    return replaceAll(body, this.#bytes, parts =>
-      Buffer.concat(parts.flatMap(([from, to], i) => i === 0 ? [body.subarray(from, to)] : [REDACTED_BYTES, body.subarray(from, to)])))
+    return replaceAll(body, this.#bytes, parts => joinBytes(body, parts))
+  }
+
+  /**
+   * A stream that passes bytes on with every spelling of every token replaced, however the token is cut between
+   * chunks: the end of a chunk that could begin one (`s`, `sk-...` up to a spelling's length less one) is held back
+   * until the next chunk or the end; the rest goes on at once. Null when there is nothing to search for (a token
+   * too short to be one).
+   */
+  stream (): Transform | null {
+    this.token()
+    const spellings = this.#bytes
+    if (spellings.length === 0) return null
+    const hold = Math.max(...spellings.map(s => s.length)) - 1
+    let held: Buffer = EMPTY
+    return new Transform({
+      transform (chunk: Buffer, _encoding, done) {
+        const text = held.length === 0 ? chunk : Buffer.concat([held, chunk])
+        // A spelling that starts before `safe` lies whole in `text`: only one starting later can go on in the
+        // next chunk. What a match ends past `safe` is passed on with it, and after that what cannot begin one.
+        const safe = text.length - hold
+        const { parts, end } = matches(text, spellings, safe)
+        const cut = firstLive(text, Math.max(safe, end, 0), spellings)
+        held = text.subarray(cut)
+        if (cut === 0) {
+          done()
+          return
+        }
+        parts.push([end, cut])
+        done(null, parts.length === 1 ? text.subarray(0, cut) : joinBytes(text, parts))
+      },
+      flush (done) {
+        const { parts, end } = matches(held, spellings)
+        parts.push([end, held.length])
+        done(null, held.length === 0 ? undefined : parts.length === 1 ? held : joinBytes(held, parts))
+      }
+    })
   }
 
   /**
