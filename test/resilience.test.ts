@@ -152,6 +152,50 @@ t.test('lines and failover', async t => {
   })
 })
 
+/** What Cloudflare, in front of a line, answers when it cannot get an answer from the origin: its own HTML page. */
+function cloudflare (status: number): Responder {
+  return (_req, res) => {
+    res.writeHead(status, { 'content-type': 'text/html; charset=UTF-8', server: 'cloudflare' })
+    res.end(`<!DOCTYPE html><html><head><title>opapi.win | ${status}: Cloudflare</title></head><body>Error code ${status}</body></html>`)
+  }
+}
+
+t.test('a fronting proxy\'s (Cloudflare\'s) statuses speak against the line, and a POST it never passed on goes to the next', async t => {
+  await t.test('522 (the origin never reached): a create is sent on the next line, once', async t => {
+    const { lines, gw } = await setup(t, 2)
+    lines[0]!.respond = cloudflare(522)
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const created = await sdk.conversations.create({ metadata: { topic: 'once' } })
+    t.match(created, { object: 'conversation', metadata: { topic: 'once' } })
+    t.same(lines.map(l => l.requests.length), [1, 1], 'line 0 refused it at its edge, line 1 created it')
+    t.match(await lastRecord(gw, 1), { status: 200, upstreamLine: 1, attempts: 2 })
+  })
+
+  await t.test('520 (the origin\'s answer unusable: it may have done it): a POST is not sent again; a GET is', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 100 })
+    lines[0]!.respond = cloudflare(520)
+    const post = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(post.status, 520, 'the line\'s status')
+    t.equal(codeOf(post), 'upstream_error', 'in OpenAI\'s envelope, not the HTML page')
+    t.equal(lines[1]!.requests.length, 0, 'line 1 never saw the POST')
+    const get = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(get.status, 200, 'the GET is served by line 1')
+    t.same(lines.map(l => l.requests.length), [2, 1])
+  })
+
+  await t.test('failureThreshold of them in a row and the line is skipped; a generation that outlived the proxy\'s deadline (524) is not held against it', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 30_000 })
+    lines[0]!.respond = cloudflare(524)
+    const generation = await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    t.equal(generation.status, 524, 'passed on: the model may have done it, so it is not sent again')
+    t.equal(lines[1]!.requests.length, 0)
+    t.match((await healthOf(gw)).upstream[0], { state: 'up', failures: 0 }, 'a slow model says nothing of the line')
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `read ${i + 1}: retried on line 1`)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'two quick calls timed out at the edge: line 0 skipped')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 answered 524; retrying on line 1')), 'the log says why')
+  })
+})
+
 t.test('retries never duplicate work', async t => {
   await t.test('a POST that got a 503 is not sent again: the 503 passes through unchanged', async t => {
     const { lines, gw, conv } = await setup(t, 2)

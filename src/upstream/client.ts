@@ -3,11 +3,12 @@
 // - A call's deadline for response headers (`timeoutMs`) runs from the moment it is handed over: the wait for a
 //   pooled connection and every retry count inside it, and it ends a call still waiting for a connection at once
 //   (untilStopped). Waiting for a connection says nothing of the line (LinePool tells whether a request got one).
-// - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503,
-//   and a quick call with no response headers by its deadline; not a generation that outlives its deadline (see
-//   attemptFailed).
+// - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503
+//   and a fronting proxy's (Cloudflare's) 52x and 530, and a quick call with no response headers by its deadline
+//   (or a proxy's 504/524); not a generation that outlives its deadline (see attemptFailed, LINE_FAULT_STATUSES).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
-//   timeout or a 502/503; a POST only when its connection failed before any byte of it was sent. At most
+//   timeout or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
+//   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
 //   retries are spent, the upstream's answer passes through as it is.
 // - A client that hangs up aborts the call at once (`whenClientGone`), closing the upstream connection.
@@ -130,6 +131,19 @@ function classify (code: string): AttemptFailure {
 }
 
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'DELETE'])
+
+/**
+ * Statuses that speak against the line rather than the call, and whether the call may have been done: a proxy in
+ * front of the API (Cloudflare, or another CDN in front of a line) saying it could not get an answer. Cloudflare's
+ * 521/522/523/525/526/530 say it never reached the origin (refused, connect timeout, unreachable, TLS, DNS): as a
+ * connection refused, nothing was sent. 502/503/520 (an unusable answer from the origin) may come after the origin
+ * got the call; 504/524 (the origin too slow) count only for a call that is not a generation, as our own deadline.
+ */
+const LINE_FAULT_STATUSES = new Map<number, 'nothing-sent' | 'reset' | 'timeout'>([
+  [502, 'reset'], [503, 'reset'], [520, 'reset'],
+  [521, 'nothing-sent'], [522, 'nothing-sent'], [523, 'nothing-sent'], [525, 'nothing-sent'], [526, 'nothing-sent'], [530, 'nothing-sent'],
+  [504, 'timeout'], [524, 'timeout']
+])
 
 /**
  * undici takes an EventEmitter with an `aborted` flag as a request's signal, as well as an AbortSignal; this one
@@ -444,9 +458,11 @@ export class Upstream {
           index = next
           continue
         }
-        if (answer.statusCode === 502 || answer.statusCode === 503) {
+        const fault = LINE_FAULT_STATUSES.get(answer.statusCode)
+        // (a generation that outlived a proxy's deadline says nothing against the line, as one that outlives ours)
+        if (fault !== undefined && !(fault === 'timeout' && generation)) {
           health.failed(index)
-          const next = IDEMPOTENT.has(call.method) ? retryLine(settings, health, call, tried, 'reset') : null
+          const next = retryLine(settings, health, call, tried, fault === 'timeout' ? 'reset' : fault)
           if (next !== null) {
             answer.body.on('error', () => {}).destroy() // thrown away: its abort is no one's error
             this.#log.warn({ line: index, status: answer.statusCode, retryOn: next }, `upstream line ${index} answered ${answer.statusCode}; retrying on line ${next}`)
