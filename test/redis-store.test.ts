@@ -263,6 +263,35 @@ t.test('a failover that leaves the old primary a read-only replica: the store re
   t.ok(s.log.lines.some(l => l.msg.includes('recovered')), 'the recovery is logged')
 })
 
+t.test('many calls refused READONLY at once make one reconnect, not one each (no listener-leak warnings on stderr)', async t => {
+  // While a failover's address still leads to the old primary, every call of a burst meets READONLY. Asking
+  // ioredis for a reconnect on each of them added a close listener and a timer per call to the one socket: Node's
+  // MaxListenersExceededWarning, in plain text on stderr, about every reconnect for as long as the address lags.
+  const oldPrimary = await startRedis(t)
+  const newPrimary = await startRedis(t)
+  const redis = await endpoint(t, oldPrimary.port)
+  const s = await store(t, oldPrimary, { onFailure: 'open', url: redis.url })
+  t.equal((await s.take('a', SLOW)).remaining, 4)
+  t.match(await oldPrimary.command(`REPLICAOF 127.0.0.1 ${newPrimary.port}`), /OK/)
+  const warnings: string[] = []
+  const onWarning = (w: Error) => { warnings.push(w.name) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  for (let round = 0; round < 3; round++) {
+    const results = await Promise.all(Array.from({ length: 20 }, () => s.take(`c${round}`, SLOW)))
+    t.equal(results.filter(r => r.allowed).length, 5, 'open: served from the local bucket')
+    await sleep(300) // connected again, to the same read-only node
+  }
+  await sleep(50) // (warnings are emitted on the next tick)
+  t.same(warnings.filter(name => name === 'MaxListenersExceededWarning'), [])
+  // Each burst still asked for a new connection: once the address leads to the new primary, the next one is there.
+  redis.moveTo(newPrimary.port)
+  await eventually(async () => {
+    await s.take('z', SLOW)
+    return (await newPrimary.command('KEYS *')).includes(`${KEY_PREFIX}z`)
+  }, 'a take served by the new primary', 5_000)
+})
+
 t.test('a database number the Redis does not have: calls never fall through to database 0 (another deployment\'s)', async t => {
   const redis = await startRedis(t)
   const s = await store(t, redis, { onFailure: 'closed', url: redis.url.replace(/\/0$/, '/99') })

@@ -154,6 +154,8 @@ export class RedisStore implements RateLimitStore {
   /** Redis answered the last call with an error (OOM under noeviction, no EVALSHA for this user...); see available(). */
   #refusing = false
   #probe: NodeJS.Timeout | null = null
+  /** A READONLY answer has asked for a new connection; the others on this one need not ask again. */
+  #leavingReadOnly = false
 
   /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
@@ -180,8 +182,13 @@ export class RedisStore implements RateLimitStore {
       socketTimeout: STALL_MS,
       // After a failover the old primary stays up as a read-only replica and keeps this connection: without a
       // new one, made to the address that now leads to the new primary, every call would fail until a restart.
-      // The failed call is not sent again (1, not 2).
-      reconnectOnError: err => err.message.startsWith('READONLY') ? 1 : false,
+      // The failed call is not sent again (1, not 2). Asked once per connection: every call of a burst meets the
+      // READONLY node, and ioredis adds a close listener and a timer to the socket for each reconnect asked for.
+      reconnectOnError: err => {
+        if (!err.message.startsWith('READONLY') || this.#leavingReadOnly) return false
+        this.#leavingReadOnly = true
+        return 1
+      },
       // Each call is written at once. Auto-pipelining holds calls made while an earlier batch waits for its answer,
       // so under a burst that keeps this process busy they go out late and miss their deadline with Redis healthy
       // (see #deadline); it bought no throughput on loopback (about 31,000 takes/s at 32 concurrent calls, either way).
@@ -189,6 +196,7 @@ export class RedisStore implements RateLimitStore {
       scripts: { ogwBucket: { lua: BUCKET_SCRIPT, numberOfKeys: 1 } }
     }) as Redis & BucketCommand
     this.#redis.on('connect', () => { this.#noSuchDb = false })
+    this.#redis.on('close', () => { this.#leavingReadOnly = false })
     this.#redis.on('error', (err: unknown) => {
       const reason = reasonOf(err)
       if (reason.includes('DB index is out of range')) this.#noSuchDb = true
