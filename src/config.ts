@@ -57,18 +57,21 @@ const Client = Type.Object({
 }, { additionalProperties: false })
 export type ClientConfig = Static<typeof Client>
 
+/** Node's longest timer: a longer setTimeout fires after 1 ms, so every duration key stops here (24.8 days). */
+const MAX_TIMER_MS = 2_147_483_647
+
 export const ConfigSchema = Type.Object({
   listen: Type.Object({
     host: Type.String({ minLength: 1, default: '0.0.0.0' }),
     port: Type.Integer({ minimum: 0, maximum: 65535, default: 8080 }),
     /** a request's headers must arrive within this (slowloris) → 408 */
-    headersTimeoutMs: Type.Integer({ minimum: 1, default: 20000 }),
+    headersTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 20000 }),
     /** the whole request, body included, must arrive within this → 408 */
-    requestTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    requestTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 60000 }),
     /** an idle kept-alive connection is closed after this */
-    keepAliveTimeoutMs: Type.Integer({ minimum: 1, default: 72000 }),
+    keepAliveTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 72000 }),
     /** a client that reads nothing of its answer for this long is cut off */
-    sendTimeoutMs: Type.Integer({ minimum: 1, default: 30000 }),
+    sendTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 30000 }),
     /** connections beyond this are refused */
     maxConnections: Type.Integer({ minimum: 1, default: 10000 })
   }, { additionalProperties: false, default: {} }),
@@ -85,19 +88,19 @@ export const ConfigSchema = Type.Object({
     /** a file holding the token (a mounted secret), read at start and on every reload: rotation without restart */
     apiKeyFile: Type.Optional(Type.String({ minLength: 1 })),
     /** connection (TCP and TLS) to a line */
-    connectTimeoutMs: Type.Integer({ minimum: 1, default: 5000 }),
+    connectTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 5000 }),
     /** response headers, from the call's start: waiting for a pooled connection and every retry included */
-    timeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    timeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 60000 }),
     /** longest silence between two chunks of a response body */
-    bodyTimeoutMs: Type.Integer({ minimum: 1, default: 60000 }),
+    bodyTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 60000 }),
     /**
      * a generation (POST /v1/responses) waits on the model: this replaces timeoutMs and bodyTimeoutMs for it (a
      * reasoning model answers a non-streamed call only when it is done). 10 s under the SDKs' own 10 minutes, so
      * that the gateway's 504, which tells them not to send it again, comes before they give up and retry.
      */
-    generationTimeoutMs: Type.Integer({ minimum: 1, default: 590000 }),
+    generationTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 590000 }),
     failureThreshold: Type.Integer({ minimum: 1, default: 3 }),
-    cooldownMs: Type.Integer({ minimum: 1, default: 30000 }),
+    cooldownMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 30000 }),
     retries: Type.Integer({ minimum: 0, default: 1 }),
     /** connections kept to each line */
     maxConnections: Type.Integer({ minimum: 1, default: 128 }),
@@ -112,7 +115,7 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false, default: {} }),
   store: Type.Object({
     url: Type.String({ pattern: '^(memory://|rediss?://\\S+)$', default: 'memory://' }),
-    timeoutMs: Type.Integer({ minimum: 1, default: 50 }),
+    timeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 50 }),
     onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' }),
     /** what every Redis key of this deployment starts with: another deployment on the same Redis takes another */
     keyPrefix: Type.String({ pattern: '^[A-Za-z0-9:._-]{1,64}$', default: 'ogw:rl:' })
@@ -121,10 +124,10 @@ export const ConfigSchema = Type.Object({
   ownership: Type.Object({
     /** conversations not created through the gateway (no owner in their metadata) */
     unowned: Type.Union([Type.Literal('deny'), Type.Literal('allow')], { default: 'deny' }),
-    cacheTtlMs: Type.Integer({ minimum: 1, default: 600000 }),
+    cacheTtlMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 600000 }),
     cacheSize: Type.Integer({ minimum: 1, default: 100000 }),
     /** how long an upstream 404 is remembered as "no such conversation" */
-    notFoundTtlMs: Type.Integer({ minimum: 0, default: 5000 })
+    notFoundTtlMs: Type.Integer({ minimum: 0, maximum: MAX_TIMER_MS, default: 5000 })
   }, { additionalProperties: false, default: {} }),
   audit: Type.Object({
     file: Type.String({ minLength: 1, default: DEFAULT_AUDIT_FILE }),
@@ -140,9 +143,9 @@ export const ConfigSchema = Type.Object({
   /** SIGTERM/SIGINT/SIGQUIT: how the gateway stops (server.ts) */
   shutdown: Type.Object({
     /** /readyz answers 503 at once, and the gateway keeps serving this long before it stops accepting */
-    drainDelayMs: Type.Integer({ minimum: 0, default: 0 }),
+    drainDelayMs: Type.Integer({ minimum: 0, maximum: MAX_TIMER_MS, default: 0 }),
     /** then in-flight calls get this long to finish; past it they are aborted (audited aborted), exit 1 */
-    graceMs: Type.Integer({ minimum: 1, default: 30000 })
+    graceMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 30000 })
   }, { additionalProperties: false, default: {} }),
   metrics: Type.Object({
     listen: Type.Optional(Type.String({ pattern: METRICS_LISTEN_PATTERN })),

@@ -352,3 +352,23 @@ t.test('a default may hold another placeholder: ${A:-${B}} and deeper', async t 
   const unset = yamlFile(minimal + 'audit: { file: "${AUDIT_FILE:-${AUDIT_DIR}}" }\n')
   t.match(problems(() => loadConfig(unset, { OHMYGPT_API_KEY: 'x' })), [/audit\.file: environment variable AUDIT_DIR is not set/])
 })
+
+t.test('a duration past Node\'s longest timer (2147483647 ms) is refused: Node would fire it after 1 ms', async t => {
+  // store.timeoutMs: 3000000000 (meant as "wait as long as it takes") made every call time out at once, so every
+  // call fell back (open) or got 503 (closed); shutdown.graceMs so would abort every in-flight call at SIGTERM.
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  const tooLong = 2_147_483_648
+  const bad = problems(() => parseConfig({
+    upstream: { ...upstream, timeoutMs: tooLong, cooldownMs: tooLong },
+    listen: { sendTimeoutMs: tooLong },
+    store: { timeoutMs: tooLong },
+    ownership: { cacheTtlMs: tooLong },
+    shutdown: { drainDelayMs: tooLong, graceMs: tooLong }
+  }))
+  for (const key of ['upstream.timeoutMs', 'upstream.cooldownMs', 'listen.sendTimeoutMs', 'store.timeoutMs',
+    'ownership.cacheTtlMs', 'shutdown.drainDelayMs', 'shutdown.graceMs']) {
+    t.ok(bad.includes(`${key}: must be <= 2147483647`), `${key} is refused`)
+  }
+  t.same(problems(() => parseConfig({ upstream, store: { timeoutMs: 2_147_483_647 }, shutdown: { graceMs: 2_147_483_647 } })), [],
+    'the longest timer itself is accepted')
+})

@@ -172,8 +172,8 @@ t.test('a hung Redis costs each call at most the store timeout: served locally (
 })
 
 t.test('a call made while an earlier one waits on a hung Redis still waits at most one store timeout', async t => {
-  // ioredis auto-pipelining sends one batch at a time and starts a command's timeout when it is sent: the second
-  // call below would go out only when the first times out, and take about two timeouts less the 50 ms between.
+  // With ioredis auto-pipelining (one batch at a time) and its command timeout (started when a command is sent), the
+  // second call below would go out only when the first times out, and take about two timeouts less the 50 ms between.
   const redis = await startRedis(t)
   const timeoutMs = 1000
   const s = await store(t, redis, { timeoutMs })
@@ -263,6 +263,35 @@ t.test('a failover that leaves the old primary a read-only replica: the store re
   t.ok(s.log.lines.some(l => l.msg.includes('recovered')), 'the recovery is logged')
 })
 
+t.test('many calls refused READONLY at once make one reconnect, not one each (no listener-leak warnings on stderr)', async t => {
+  // While a failover's address still leads to the old primary, every call of a burst meets READONLY. Asking
+  // ioredis for a reconnect on each of them added a close listener and a timer per call to the one socket: Node's
+  // MaxListenersExceededWarning, in plain text on stderr, about every reconnect for as long as the address lags.
+  const oldPrimary = await startRedis(t)
+  const newPrimary = await startRedis(t)
+  const redis = await endpoint(t, oldPrimary.port)
+  const s = await store(t, oldPrimary, { onFailure: 'open', url: redis.url })
+  t.equal((await s.take('a', SLOW)).remaining, 4)
+  t.match(await oldPrimary.command(`REPLICAOF 127.0.0.1 ${newPrimary.port}`), /OK/)
+  const warnings: string[] = []
+  const onWarning = (w: Error) => { warnings.push(w.name) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  for (let round = 0; round < 3; round++) {
+    const results = await Promise.all(Array.from({ length: 20 }, () => s.take(`c${round}`, SLOW)))
+    t.equal(results.filter(r => r.allowed).length, 5, 'open: served from the local bucket')
+    await sleep(300) // connected again, to the same read-only node
+  }
+  await sleep(50) // (warnings are emitted on the next tick)
+  t.same(warnings.filter(name => name === 'MaxListenersExceededWarning'), [])
+  // Each burst still asked for a new connection: once the address leads to the new primary, the next one is there.
+  redis.moveTo(newPrimary.port)
+  await eventually(async () => {
+    await s.take('z', SLOW)
+    return (await newPrimary.command('KEYS *')).includes(`${KEY_PREFIX}z`)
+  }, 'a take served by the new primary', 5_000)
+})
+
 t.test('a database number the Redis does not have: calls never fall through to database 0 (another deployment\'s)', async t => {
   const redis = await startRedis(t)
   const s = await store(t, redis, { onFailure: 'closed', url: redis.url.replace(/\/0$/, '/99') })
@@ -296,4 +325,30 @@ t.test('closed: a Redis that refuses every bucket write (OOM) makes the store un
   t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
   await eventually(async () => s.available(), 'available again without any call (the store probes Redis)')
   t.equal((await s.take('a', SLOW)).allowed, true, 'calls are served from the shared bucket again')
+})
+
+t.test('an answer Redis gave in time is used even when this process was too busy to read it before store.timeoutMs', async t => {
+  // A burst of calls on one replica keeps its event loop busy past the store timeout while Redis answers at once:
+  // judged by the loop's own delay, or sent only once the loop is free, each call would fall back to the local bucket
+  // (open: a team gets its burst again from every replica) or be refused (closed: 503 with Redis healthy).
+  const redis = await startRedis(t)
+  const open = await store(t, redis, { timeoutMs: 30 })
+  const closed = await store(t, redis, { timeoutMs: 30, onFailure: 'closed' })
+  const rule: BucketRule = { requestsPerMinute: 1, burst: 2 }
+  await open.take('warm', rule) // (each connection has loaded the script)
+  await closed.take('warm', rule)
+  const busy = (ms: number) => { const until = Date.now() + ms; while (Date.now() < until); }
+  // Redis busy for 100 ms: the first call is still unanswered when the burst's next calls are made.
+  const slow = redis.command('EVAL "local s = redis.call(\'TIME\') repeat local n = redis.call(\'TIME\') until (n[1] - s[1]) * 1000000 + n[2] - s[2] > 100000" 0')
+  await sleep(20)
+  const first = open.take('a', rule)
+  await new Promise(resolve => setImmediate(resolve))
+  const later = [open.take('a', rule), closed.take('a', rule)]
+  busy(400) // Redis answers meanwhile; the answers wait in the socket until the loop is free
+  const [one, two, three] = await Promise.all([first, ...later])
+  await slow
+  t.equal(one!.allowed, true)
+  t.equal(two!.allowed, true)
+  t.equal(three!.allowed, false, 'the third call of a burst of 2 is refused, from the shared bucket')
+  t.equal(open.log.lines.length + closed.log.lines.length, 0, 'no outage was seen')
 })

@@ -739,6 +739,6 @@ t.test('a hung Redis (open) holds a budgeted generation one store.timeoutMs, not
   const took = Date.now() - started
   t.equal(res.status, 200, 'served from the local buckets')
   // The first call's budget charge may still wait on the paused Redis: this call's questions must not queue behind it
-  // (ioredis auto-pipelining sends one batch at a time; see the Redis store's own test of it).
+  // (as ioredis auto-pipelining would hold it; see the Redis store's own test).
   t.ok(took < 2 * timeoutMs, `answered in ${took} ms: the README promises no call waits on Redis longer than store.timeoutMs (${timeoutMs} ms)`)
 })
