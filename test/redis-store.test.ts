@@ -243,15 +243,23 @@ async function endpoint (t: Test, port: number): Promise<{ url: string, moveTo (
   }
 }
 
-t.test('a failover that leaves the old primary a read-only replica: the store reconnects and finds the new primary', async t => {
+/**
+ * Two Redis servers behind one address, a store on it that has taken once, and then a failover: the old primary
+ * follows the new one (and refuses writes); the address still leads to the old one.
+ */
+async function failedOver (t: Test, onFailure: OnFailure) {
   const oldPrimary = await startRedis(t)
   const newPrimary = await startRedis(t)
   const redis = await endpoint(t, oldPrimary.port)
-  const s = await store(t, oldPrimary, { onFailure: 'closed', url: redis.url })
+  const s = await store(t, oldPrimary, { onFailure, url: redis.url })
   t.equal((await s.take('a', SLOW)).remaining, 4)
-
-  // The failover: the old primary now follows the new one (and refuses writes), the endpoint names the new one.
   t.match(await oldPrimary.command(`REPLICAOF 127.0.0.1 ${newPrimary.port}`), /OK/)
+  return { newPrimary, redis, s }
+}
+
+t.test('a failover that leaves the old primary a read-only replica: the store reconnects and finds the new primary', async t => {
+  const { newPrimary, redis, s } = await failedOver(t, 'closed')
+  // The endpoint now names the new primary.
   redis.moveTo(newPrimary.port)
   await t.rejects(s.take('a', SLOW), { name: 'StoreUnavailableError', message: /READONLY/ },
     'the call that meets the read-only node is refused (closed)')
@@ -267,12 +275,7 @@ t.test('many calls refused READONLY at once make one reconnect, not one each (no
   // While a failover's address still leads to the old primary, every call of a burst meets READONLY. Asking
   // ioredis for a reconnect on each of them added a close listener and a timer per call to the one socket: Node's
   // MaxListenersExceededWarning, in plain text on stderr, about every reconnect for as long as the address lags.
-  const oldPrimary = await startRedis(t)
-  const newPrimary = await startRedis(t)
-  const redis = await endpoint(t, oldPrimary.port)
-  const s = await store(t, oldPrimary, { onFailure: 'open', url: redis.url })
-  t.equal((await s.take('a', SLOW)).remaining, 4)
-  t.match(await oldPrimary.command(`REPLICAOF 127.0.0.1 ${newPrimary.port}`), /OK/)
+  const { newPrimary, redis, s } = await failedOver(t, 'open')
   const warnings: string[] = []
   const onWarning = (w: Error) => { warnings.push(w.name) }
   process.on('warning', onWarning)
