@@ -290,12 +290,12 @@ function errorHandler (config: GatewayConfig) {
       if (request.headers.upgrade !== undefined || (expectsContinue(request) && err.statusCode !== 413)) {
         reply.header('connection', 'close')
       } else {
-        discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
+        discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)
       }
     } else if (request.headers.upgrade === undefined) {
       // A body refused once read to its end (invalid JSON): Fastify asks to close the connection all the same,
       // which would lose the answer to a call pipelined behind it. Nothing is left to discard: keep it.
-      reply.removeHeader('connection')
+      undoFastifyClose(reply, config.listen.keepAliveTimeoutMs)
     }
     // An answer of the gateway's own can replace an upstream answer it would not pass on: none of the headers
     // that described that body (reply-from set them already) describes this one.
@@ -306,6 +306,22 @@ function errorHandler (config: GatewayConfig) {
     if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
   }
+}
+
+/**
+ * Takes back the `Connection: close` Fastify sets on a body error, by saying what Node would have said: removing
+ * the header would stop Node from writing its own, so an HTTP/1.0 client that asked for keep-alive would not be
+ * told the connection stays open (and would wait for its close), nor any client that Node is closing it (a 413 to
+ * a caller still waiting for its 100 Continue). Without Fastify's header there is nothing to take back.
+ */
+function undoFastifyClose (reply: FastifyReply, keepAliveTimeoutMs: number): void {
+  if (reply.getHeader('connection') === undefined) return
+  if (!reply.raw.shouldKeepAlive) {
+    reply.header('connection', 'close')
+    return
+  }
+  reply.header('connection', 'keep-alive')
+  reply.header('keep-alive', `timeout=${Math.floor(keepAliveTimeoutMs / 1000)}`)
 }
 
 function expectsContinue (request: FastifyRequest): boolean {
@@ -325,8 +341,8 @@ function toGatewayError (error: FastifyError): GatewayError {
  * that is still sending after `withinMs` or DISCARD_BODY_BYTES, whichever comes first (a client dribbling a
  * body after a 401 would otherwise hold its socket for as long as it likes).
  */
-function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number) {
-  reply.removeHeader('connection')
+function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number, keepAliveTimeoutMs: number) {
+  undoFastifyClose(reply, keepAliveTimeoutMs)
   const raw = request.raw
   reply.raw.once('finish', () => {
     if (raw.complete) return

@@ -133,6 +133,44 @@ t.test('Expect: 100-continue: a refused caller gets its final status and no 100;
   t.equal(upstream.requests.length, 1, 'only the accepted call reached the upstream')
 })
 
+t.test('every answer of the gateway says whether its connection stays open', async t => {
+  // An HTTP/1.0 client keeps a connection only when the answer says `Connection: keep-alive`; without it, it
+  // reads to the close (ab -k does): an answer that says nothing while the gateway keeps the connection open
+  // leaves it waiting for listen.keepAliveTimeoutMs.
+  await t.test('an HTTP/1.0 client asking for keep-alive is told so on the gateway\'s own errors, and its next call is served', async t => {
+    const { gw } = await setup(t)
+    const http10 = (head: string, body = '') => `${head} HTTP/1.0\r\nConnection: keep-alive\r\n` +
+      (body === '' ? '\r\n' : `Authorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+    const cases: Array<[string, string, number]> = [
+      ['no key', http10('GET /v1/conversations/conv_1'), 401],
+      ['an unknown route', http10('GET /v1/models'), 404],
+      ['a body that is not JSON', http10('POST /v1/conversations', '{nope'), 400]
+    ]
+    for (const [what, request, status] of cases) {
+      const c = connectRaw(gw.url)
+      c.socket.write(request)
+      t.ok(await c.waitFor(/\r\n\r\n\{"error".*\}\}$/), `${what}: answered`)
+      t.match(c.text(), new RegExp(`^HTTP/1\\.1 ${status} `), `${what}: ${status}`)
+      t.match(c.text(), /\r\nconnection: keep-alive\r\n/i, `${what}: the answer says the connection stays open`)
+      c.socket.write('GET /healthz HTTP/1.0\r\n\r\n')
+      t.ok(await c.waitFor(/HTTP\/1\.1 200 OK[\s\S]*"status":"ok"/), `${what}: the next call on the connection is served`)
+      c.socket.destroy()
+    }
+  })
+
+  await t.test('a 413 to a caller waiting for 100-continue says Connection: close, and the connection is closed', async t => {
+    const { upstream, gw } = await setup(t, { limits: { bodyBytes: 1000 } })
+    const c = connectRaw(gw.url)
+    c.socket.write(buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Content-Length', '5000'], ['Expect', '100-continue']]))
+    t.ok(await c.waitFor(/request_too_large"\}\}$/), 'the 413 arrives')
+    t.notMatch(c.text(), /100 Continue/, 'the body was never asked for')
+    t.match(c.text(), /\r\nconnection: close\r\n/i, 'the answer says the connection closes: the body will not come')
+    for (let i = 0; i < 100 && !c.closed(); i++) await sleep(10)
+    t.ok(c.closed(), 'and the gateway closes it')
+    t.equal(upstream.requests.length, 0)
+  })
+})
+
 t.test('audit records say what the client got', async t => {
   await t.test('malformed chunked framing: the record has the 400 and the bytes of its body', async t => {
     const { gw } = await setup(t)
