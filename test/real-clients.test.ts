@@ -171,6 +171,24 @@ t.test('every answer of the gateway says whether its connection stays open', asy
   })
 })
 
+t.test('a request with more headers than the gateway reads is refused 431, not served without the headers past them (its body with them)', async t => {
+  const { upstream, gw } = await setup(t)
+  const body = '{"metadata":{"topic":"kept"}}'
+  // Short names: the header block stays far below Node's 16 KiB, so only the count can refuse it.
+  const filler = (n: number): Header[] => Array.from({ length: n }, (_, i): Header => [`X${i}`, 'v'])
+  // Node keeps the first 1000 headers of a request and drops the rest without a word: with Content-Length among
+  // them, the body was read off the wire but never seen, and the conversation was created without its metadata.
+  const many = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ...filler(1000), JSON_TYPE], body))
+  t.equal(many.response?.status, 431, 'refused')
+  t.match(JSON.parse(many.response?.body ?? '{}'), { error: { code: 'request_header_too_large', type: 'invalid_request_error' } })
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+  const record = await auditOf(gw, requestIdIn(many.received.toString('latin1')))
+  t.match(record, { status: 431, outcome: 'invalid' }, 'audited as refused')
+  const fewer = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ...filler(990), JSON_TYPE], body))
+  t.equal(fewer.response?.status, 200, 'a request with fewer headers is served')
+  t.match(JSON.parse(fewer.response?.body ?? '{}'), { metadata: { topic: 'kept' } }, 'with its body')
+})
+
 t.test('audit records say what the client got', async t => {
   await t.test('malformed chunked framing: the record has the 400 and the bytes of its body', async t => {
     const { gw } = await setup(t)
