@@ -189,6 +189,18 @@ t.test('a request with more headers than the gateway reads is refused 431, not s
   t.match(JSON.parse(fewer.response?.body ?? '{}'), { metadata: { topic: 'kept' } }, 'with its body')
 })
 
+t.test('a JSON body in another charset than UTF-8 is told it must be UTF-8, not that it is not JSON', async t => {
+  const { upstream, gw } = await setup(t)
+  // A Java client whose platform charset is ISO-8859-1 encodes "café" with one byte 0xE9 and says so.
+  const body = Buffer.concat([Buffer.from('{"metadata":{"topic":"caf'), Buffer.from([0xe9]), Buffer.from('"}}')])
+  const ex = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ['Content-Type', 'application/json; charset=ISO-8859-1']], body))
+  t.equal(ex.response?.status, 400)
+  const error = JSON.parse(ex.response?.body ?? '{}').error
+  t.equal(error?.code, 'invalid_json', 'the same code as any body the gateway cannot read')
+  t.match(error?.message, /UTF-8/, 'the message says what is wrong: the encoding, not the JSON')
+  t.equal(upstream.requests.length, 0)
+})
+
 t.test('audit records say what the client got', async t => {
   await t.test('malformed chunked framing: the record has the 400 and the bytes of its body', async t => {
     const { gw } = await setup(t)
