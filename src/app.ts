@@ -324,6 +324,28 @@ function undoFastifyClose (reply: FastifyReply, keepAliveTimeoutMs: number): voi
   reply.header('keep-alive', `timeout=${Math.floor(keepAliveTimeoutMs / 1000)}`)
 }
 
+/**
+ * Node closes a connection whose answer ends it as soon as the answer is written, with the rest of the body unread:
+ * the kernel then resets the connection, and a client still uploading (Python's urllib, PHP's streams: they say
+ * Connection: close on every call and read only once the body is sent) gets a broken pipe instead of its answer.
+ * Here the answer is followed by the end of the gateway's side, the body still coming is read (and thrown away by
+ * discardTheRestOfTheBody, which cuts off a client past its bounds), and the socket is closed once it is whole.
+ * Node's parser refuses anything after a request that asked to close, so no further call starts on it.
+ */
+function closeOnceTheBodyIsRead (raw: IncomingMessage): void {
+  const socket = raw.socket
+  const destroySoon = socket.destroySoon
+  socket.destroySoon = function (this: Socket) {
+    socket.destroySoon = destroySoon
+    if (raw.complete) {
+      destroySoon.call(this)
+      return
+    }
+    this.end()
+    raw.once('end', () => { this.destroy() })
+  }
+}
+
 function expectsContinue (request: FastifyRequest): boolean {
   return request.headers.expect?.toLowerCase() === '100-continue'
 }
@@ -344,6 +366,9 @@ function toGatewayError (error: FastifyError): GatewayError {
 function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number, keepAliveTimeoutMs: number) {
   undoFastifyClose(reply, keepAliveTimeoutMs)
   const raw = request.raw
+  // The client asked for the connection to close after this call (Connection: close, HTTP/1.0): it closes, but
+  // only once the body is read, within the same bounds.
+  if (!reply.raw.shouldKeepAlive) closeOnceTheBodyIsRead(raw)
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket

@@ -201,6 +201,27 @@ t.test('a JSON body in another charset than UTF-8 is told it must be UTF-8, not 
   t.equal(upstream.requests.length, 0)
 })
 
+// Python's urllib (and PHP's streams, Go with req.Close) say Connection: close on every call and upload the whole
+// body before they read. An answer that closes the connection while the body is still coming resets it, and the
+// client sees a broken pipe instead of its 413 or 401.
+t.test('a client that says Connection: close and uploads its whole body before reading gets its answer, not a reset', async t => {
+  const { upstream, gw } = await setup(t, { limits: { bodyBytes: 1000 } })
+  const body = Buffer.alloc(16 * 1024 * 1024, 0x20)
+  const close: Header = ['Connection', 'close']
+  for (const [what, headers, status] of [
+    ['over limits.bodyBytes', [FULL, JSON_TYPE, close], 413],
+    ['no key', [JSON_TYPE, close], 401],
+    ['a read-only key', [['Authorization', `Bearer ${KEYS.reader}`], JSON_TYPE, close], 403]
+  ] as Array<[string, Header[], number]>) {
+    const ex = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', headers, body), { readAfterWriteMs: 100, timeoutMs: 10_000 })
+    t.equal(ex.response?.status, status, `${what}: ${status}`)
+    t.ok(ex.response?.complete, `${what}: the whole answer arrived`)
+    t.match(ex.response?.headers.connection, /close/i, `${what}: and it says the connection closes`)
+    t.notOk(ex.reset, `${what}: no reset`)
+  }
+  t.equal(upstream.requests.length, 0)
+})
+
 t.test('audit records say what the client got', async t => {
   await t.test('malformed chunked framing: the record has the 400 and the bytes of its body', async t => {
     const { gw } = await setup(t)
