@@ -188,6 +188,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // Before Fastify's own listener: a call refused at once is answered within that listener, and the connection's
   // pipelined calls must be known by then.
   app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (lingering.has(req.socket)) res.destroy()
     connections.used(req.socket)
     closeWithConnection(res, req.socket)
   })
@@ -284,13 +285,15 @@ function errorHandler (config: GatewayConfig) {
     }
     // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
     if (hasBody(request.headers) && !request.raw.complete) {
-      // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it, and
-      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after this
-      // one. Any other body still coming is discarded, within bounds.
-      if (request.headers.upgrade !== undefined || (expectsContinue(request) && err.statusCode !== 413)) {
+      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after it.
+      // Any other body still coming is discarded, within bounds.
+      if (request.headers.upgrade !== undefined) {
         reply.header('connection', 'close')
       } else {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)
+        // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it
+        // (unless it went ahead without waiting): the connection cannot carry another request after this one.
+        if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
       }
     } else if (request.headers.upgrade === undefined) {
       // A body refused once read to its end (invalid JSON): Fastify asks to close the connection all the same,
@@ -341,10 +344,18 @@ function closeOnceTheBodyIsRead (raw: IncomingMessage): void {
       destroySoon.call(this)
       return
     }
+    lingering.add(this)
     this.end()
     raw.once('end', () => { this.destroy() })
   }
 }
+
+/**
+ * Connections whose answer closed them, still reading the rest of a body (closeOnceTheBodyIsRead). A request that
+ * did not ask to close (a refused Expect: 100-continue) leaves Node's parser reading calls after its body: one read
+ * there is over before it starts, like a call pipelined behind an answer that closes its connection.
+ */
+const lingering = new WeakSet<Socket>()
 
 function expectsContinue (request: FastifyRequest): boolean {
   return request.headers.expect?.toLowerCase() === '100-continue'
@@ -366,9 +377,10 @@ function toGatewayError (error: FastifyError): GatewayError {
 function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number, keepAliveTimeoutMs: number) {
   undoFastifyClose(reply, keepAliveTimeoutMs)
   const raw = request.raw
-  // The client asked for the connection to close after this call (Connection: close, HTTP/1.0): it closes, but
-  // only once the body is read, within the same bounds.
-  if (!reply.raw.shouldKeepAlive) closeOnceTheBodyIsRead(raw)
+  // When the connection closes after this answer (the client asked for it: Connection: close, HTTP/1.0; or it
+  // waited, or should have, for a 100 Continue it never got), it closes only once the body is read, within the
+  // same bounds. (Nothing happens here when Node keeps the connection.)
+  if (!reply.raw.shouldKeepAlive || expectsContinue(request)) closeOnceTheBodyIsRead(raw)
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket

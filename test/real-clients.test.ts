@@ -121,6 +121,20 @@ t.test('Expect: 100-continue: a refused caller gets its final status and no 100;
     })
   }
 
+  // A client may send its body without waiting for the 100 (RFC 9110 §10.1.1; curl does after a second, and a
+  // client on a slow link sooner). Refused, its connection is closed: but not under its upload, or it sees a reset.
+  await t.test('a refused caller that sent its body without waiting for the 100 still reads its final answer', async t => {
+    const big = Buffer.alloc(16 * 1024 * 1024, 0x20)
+    const request = buildRequest('POST', '/v1/conversations', [['Authorization', `Bearer ${KEYS.reader}`], JSON_TYPE, ['Expect', '100-continue']], big)
+    // A call written after the body, on the connection the answer closed: it must start nothing.
+    const after = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE], '{"metadata":{"topic":"after the close"}}')
+    const ex = await sendRaw(gw.url, Buffer.concat([request, after]), { readAfterWriteMs: 100, timeoutMs: 10_000 })
+    t.equal(ex.response?.status, 403, 'the 403 is read')
+    t.match(ex.response?.headers.connection, /close/i, 'it says the connection closes')
+    t.notOk(ex.reset, 'no reset')
+    t.notOk(upstream.everything().includes('after the close'), 'the call written after the close never reached the upstream')
+  })
+
   await t.test('an accepted call is told to continue, then served', async t => {
     const c = connectRaw(gw.url)
     c.socket.write(head(KEYS.full))
