@@ -188,6 +188,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // Before Fastify's own listener: a call refused at once is answered within that listener, and the connection's
   // pipelined calls must be known by then.
   app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (lingering.has(req.socket)) res.destroy()
     connections.used(req.socket)
     closeWithConnection(res, req.socket)
   })
@@ -284,18 +285,20 @@ function errorHandler (config: GatewayConfig) {
     }
     // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
     if (hasBody(request.headers) && !request.raw.complete) {
-      // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it, and
-      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after this
-      // one. Any other body still coming is discarded, within bounds.
-      if (request.headers.upgrade !== undefined || (expectsContinue(request) && err.statusCode !== 413)) {
+      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after it.
+      // Any other body still coming is discarded, within bounds.
+      if (request.headers.upgrade !== undefined) {
         reply.header('connection', 'close')
       } else {
-        discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs))
+        discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)
+        // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it
+        // (unless it went ahead without waiting): the connection cannot carry another request after this one.
+        if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
       }
     } else if (request.headers.upgrade === undefined) {
       // A body refused once read to its end (invalid JSON): Fastify asks to close the connection all the same,
       // which would lose the answer to a call pipelined behind it. Nothing is left to discard: keep it.
-      reply.removeHeader('connection')
+      undoFastifyClose(reply, config.listen.keepAliveTimeoutMs)
     }
     // An answer of the gateway's own can replace an upstream answer it would not pass on: none of the headers
     // that described that body (reply-from set them already) describes this one.
@@ -307,6 +310,52 @@ function errorHandler (config: GatewayConfig) {
     reply.code(err.statusCode).type('application/json; charset=utf-8').send(envelope(err))
   }
 }
+
+/**
+ * Takes back the `Connection: close` Fastify sets on a body error, by saying what Node would have said: removing
+ * the header would stop Node from writing its own, so an HTTP/1.0 client that asked for keep-alive would not be
+ * told the connection stays open (and would wait for its close), nor any client that Node is closing it (a 413 to
+ * a caller still waiting for its 100 Continue). Without Fastify's header there is nothing to take back.
+ */
+function undoFastifyClose (reply: FastifyReply, keepAliveTimeoutMs: number): void {
+  if (reply.getHeader('connection') === undefined) return
+  if (!reply.raw.shouldKeepAlive) {
+    reply.header('connection', 'close')
+    return
+  }
+  reply.header('connection', 'keep-alive')
+  reply.header('keep-alive', `timeout=${Math.floor(keepAliveTimeoutMs / 1000)}`)
+}
+
+/**
+ * Node closes a connection whose answer ends it as soon as the answer is written, with the rest of the body unread:
+ * the kernel then resets the connection, and a client still uploading (Python's urllib, PHP's streams: they say
+ * Connection: close on every call and read only once the body is sent) gets a broken pipe instead of its answer.
+ * Here the answer is followed by the end of the gateway's side, the body still coming is read (and thrown away by
+ * discardTheRestOfTheBody, which cuts off a client past its bounds), and the socket is closed once it is whole.
+ * Node's parser refuses anything after a request that asked to close, so no further call starts on it.
+ */
+function closeOnceTheBodyIsRead (raw: IncomingMessage): void {
+  const socket = raw.socket
+  const destroySoon = socket.destroySoon
+  socket.destroySoon = function (this: Socket) {
+    socket.destroySoon = destroySoon
+    if (raw.complete) {
+      destroySoon.call(this)
+      return
+    }
+    lingering.add(this)
+    this.end()
+    raw.once('end', () => { this.destroy() })
+  }
+}
+
+/**
+ * Connections whose answer closed them, still reading the rest of a body (closeOnceTheBodyIsRead). A request that
+ * did not ask to close (a refused Expect: 100-continue) leaves Node's parser reading calls after its body: one read
+ * there is over before it starts, like a call pipelined behind an answer that closes its connection.
+ */
+const lingering = new WeakSet<Socket>()
 
 function expectsContinue (request: FastifyRequest): boolean {
   return request.headers.expect?.toLowerCase() === '100-continue'
@@ -325,9 +374,13 @@ function toGatewayError (error: FastifyError): GatewayError {
  * that is still sending after `withinMs` or DISCARD_BODY_BYTES, whichever comes first (a client dribbling a
  * body after a 401 would otherwise hold its socket for as long as it likes).
  */
-function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number) {
-  reply.removeHeader('connection')
+function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, withinMs: number, keepAliveTimeoutMs: number) {
+  undoFastifyClose(reply, keepAliveTimeoutMs)
   const raw = request.raw
+  // When the connection closes after this answer (the client asked for it: Connection: close, HTTP/1.0; or it
+  // waited, or should have, for a 100 Continue it never got), it closes only once the body is read, within the
+  // same bounds. (Nothing happens here when Node keeps the connection.)
+  if (!reply.raw.shouldKeepAlive || expectsContinue(request)) closeOnceTheBodyIsRead(raw)
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket

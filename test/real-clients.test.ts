@@ -121,6 +121,20 @@ t.test('Expect: 100-continue: a refused caller gets its final status and no 100;
     })
   }
 
+  // A client may send its body without waiting for the 100 (RFC 9110 §10.1.1; curl does after a second, and a
+  // client on a slow link sooner). Refused, its connection is closed: but not under its upload, or it sees a reset.
+  await t.test('a refused caller that sent its body without waiting for the 100 still reads its final answer', async t => {
+    const big = Buffer.alloc(16 * 1024 * 1024, 0x20)
+    const request = buildRequest('POST', '/v1/conversations', [['Authorization', `Bearer ${KEYS.reader}`], JSON_TYPE, ['Expect', '100-continue']], big)
+    // A call written after the body, on the connection the answer closed: it must start nothing.
+    const after = buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE], '{"metadata":{"topic":"after the close"}}')
+    const ex = await sendRaw(gw.url, Buffer.concat([request, after]), { readAfterWriteMs: 100, timeoutMs: 10_000 })
+    t.equal(ex.response?.status, 403, 'the 403 is read')
+    t.match(ex.response?.headers.connection, /close/i, 'it says the connection closes')
+    t.notOk(ex.reset, 'no reset')
+    t.notOk(upstream.everything().includes('after the close'), 'the call written after the close never reached the upstream')
+  })
+
   await t.test('an accepted call is told to continue, then served', async t => {
     const c = connectRaw(gw.url)
     c.socket.write(head(KEYS.full))
@@ -131,6 +145,95 @@ t.test('Expect: 100-continue: a refused caller gets its final status and no 100;
     c.socket.destroy()
   })
   t.equal(upstream.requests.length, 1, 'only the accepted call reached the upstream')
+})
+
+t.test('every answer of the gateway says whether its connection stays open', async t => {
+  // An HTTP/1.0 client keeps a connection only when the answer says `Connection: keep-alive`; without it, it
+  // reads to the close (ab -k does): an answer that says nothing while the gateway keeps the connection open
+  // leaves it waiting for listen.keepAliveTimeoutMs.
+  await t.test('an HTTP/1.0 client asking for keep-alive is told so on the gateway\'s own errors, and its next call is served', async t => {
+    const { gw } = await setup(t)
+    const http10 = (head: string, body = '') => `${head} HTTP/1.0\r\nConnection: keep-alive\r\n` +
+      (body === '' ? '\r\n' : `Authorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+    const cases: Array<[string, string, number]> = [
+      ['no key', http10('GET /v1/conversations/conv_1'), 401],
+      ['an unknown route', http10('GET /v1/models'), 404],
+      ['a body that is not JSON', http10('POST /v1/conversations', '{nope'), 400]
+    ]
+    for (const [what, request, status] of cases) {
+      const c = connectRaw(gw.url)
+      c.socket.write(request)
+      t.ok(await c.waitFor(/\r\n\r\n\{"error".*\}\}$/), `${what}: answered`)
+      t.match(c.text(), new RegExp(`^HTTP/1\\.1 ${status} `), `${what}: ${status}`)
+      t.match(c.text(), /\r\nconnection: keep-alive\r\n/i, `${what}: the answer says the connection stays open`)
+      c.socket.write('GET /healthz HTTP/1.0\r\n\r\n')
+      t.ok(await c.waitFor(/HTTP\/1\.1 200 OK[\s\S]*"status":"ok"/), `${what}: the next call on the connection is served`)
+      c.socket.destroy()
+    }
+  })
+
+  await t.test('a 413 to a caller waiting for 100-continue says Connection: close, and the connection is closed', async t => {
+    const { upstream, gw } = await setup(t, { limits: { bodyBytes: 1000 } })
+    const c = connectRaw(gw.url)
+    c.socket.write(buildRequest('POST', '/v1/conversations', [FULL, JSON_TYPE, ['Content-Length', '5000'], ['Expect', '100-continue']]))
+    t.ok(await c.waitFor(/request_too_large"\}\}$/), 'the 413 arrives')
+    t.notMatch(c.text(), /100 Continue/, 'the body was never asked for')
+    t.match(c.text(), /\r\nconnection: close\r\n/i, 'the answer says the connection closes: the body will not come')
+    for (let i = 0; i < 100 && !c.closed(); i++) await sleep(10)
+    t.ok(c.closed(), 'and the gateway closes it')
+    t.equal(upstream.requests.length, 0)
+  })
+})
+
+t.test('a request with more headers than the gateway reads is refused 431, not served without the headers past them (its body with them)', async t => {
+  const { upstream, gw } = await setup(t)
+  const body = '{"metadata":{"topic":"kept"}}'
+  // Short names: the header block stays far below Node's 16 KiB, so only the count can refuse it.
+  const filler = (n: number): Header[] => Array.from({ length: n }, (_, i): Header => [`X${i}`, 'v'])
+  // Node keeps the first 1000 headers of a request and drops the rest without a word: with Content-Length among
+  // them, the body was read off the wire but never seen, and the conversation was created without its metadata.
+  const many = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ...filler(1000), JSON_TYPE], body))
+  t.equal(many.response?.status, 431, 'refused')
+  t.match(JSON.parse(many.response?.body ?? '{}'), { error: { code: 'request_header_too_large', type: 'invalid_request_error' } })
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+  const record = await auditOf(gw, requestIdIn(many.received.toString('latin1')))
+  t.match(record, { status: 431, outcome: 'invalid' }, 'audited as refused')
+  const fewer = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ...filler(990), JSON_TYPE], body))
+  t.equal(fewer.response?.status, 200, 'a request with fewer headers is served')
+  t.match(JSON.parse(fewer.response?.body ?? '{}'), { metadata: { topic: 'kept' } }, 'with its body')
+})
+
+t.test('a JSON body in another charset than UTF-8 is told it must be UTF-8, not that it is not JSON', async t => {
+  const { upstream, gw } = await setup(t)
+  // A Java client whose platform charset is ISO-8859-1 encodes "café" with one byte 0xE9 and says so.
+  const body = Buffer.concat([Buffer.from('{"metadata":{"topic":"caf'), Buffer.from([0xe9]), Buffer.from('"}}')])
+  const ex = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ['Content-Type', 'application/json; charset=ISO-8859-1']], body))
+  t.equal(ex.response?.status, 400)
+  const error = JSON.parse(ex.response?.body ?? '{}').error
+  t.equal(error?.code, 'invalid_json', 'the same code as any body the gateway cannot read')
+  t.match(error?.message, /UTF-8/, 'the message says what is wrong: the encoding, not the JSON')
+  t.equal(upstream.requests.length, 0)
+})
+
+// Python's urllib (and PHP's streams, Go with req.Close) say Connection: close on every call and upload the whole
+// body before they read. An answer that closes the connection while the body is still coming resets it, and the
+// client sees a broken pipe instead of its 413 or 401.
+t.test('a client that says Connection: close and uploads its whole body before reading gets its answer, not a reset', async t => {
+  const { upstream, gw } = await setup(t, { limits: { bodyBytes: 1000 } })
+  const body = Buffer.alloc(16 * 1024 * 1024, 0x20)
+  const close: Header = ['Connection', 'close']
+  for (const [what, headers, status] of [
+    ['over limits.bodyBytes', [FULL, JSON_TYPE, close], 413],
+    ['no key', [JSON_TYPE, close], 401],
+    ['a read-only key', [['Authorization', `Bearer ${KEYS.reader}`], JSON_TYPE, close], 403]
+  ] as Array<[string, Header[], number]>) {
+    const ex = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', headers, body), { readAfterWriteMs: 100, timeoutMs: 10_000 })
+    t.equal(ex.response?.status, status, `${what}: ${status}`)
+    t.ok(ex.response?.complete, `${what}: the whole answer arrived`)
+    t.match(ex.response?.headers.connection, /close/i, `${what}: and it says the connection closes`)
+    t.notOk(ex.reset, `${what}: no reset`)
+  }
+  t.equal(upstream.requests.length, 0)
 })
 
 t.test('audit records say what the client got', async t => {

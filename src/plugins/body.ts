@@ -7,7 +7,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  InvalidJsonError, JsonTooDeepError, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
+  InvalidJsonError, JsonTooDeepError, NotUtf8Error, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
   UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
@@ -152,10 +152,17 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       done(null, undefined)
       return
     }
+    let text: string
     try {
       // fatal: bytes that are not UTF-8 are refused, not silently replaced and then forwarded as they were;
-      // ignoreBOM: a BOM stays in the text, where JSON.parse refuses it, as the upstream would.
-      const text = UTF8.decode(buf)
+      // ignoreBOM: a BOM stays in the text, where JSON.parse refuses it, as the upstream would. Said apart from
+      // bad JSON: a client in another charset (ISO-8859-1) sends valid JSON, in bytes that are not UTF-8.
+      text = UTF8.decode(buf)
+    } catch {
+      done(new NotUtf8Error(), undefined)
+      return
+    }
+    try {
       request.parsedBody = exactJson(text, JSON.parse(text))
     } catch {
       done(new InvalidJsonError(), undefined)

@@ -8,8 +8,8 @@ import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  CredentialsInQueryError, ExpectationFailedError, MethodNotAllowedError, MissingHostError, UnknownRouteError,
-  UpgradeNotSupportedError
+  CredentialsInQueryError, ExpectationFailedError, HeadersTooLargeError, MethodNotAllowedError, MissingHostError,
+  UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
@@ -18,6 +18,13 @@ function shown (url: string): string {
   const path = rawPath(url)
   return path.length > 200 ? `${path.slice(0, 200)}…` : path
 }
+
+/**
+ * The most headers a request may have. Node puts only the first ones of a request in `headers` (1000 by default)
+ * and drops the rest without a word, Content-Length or Content-Type among them: a body would be read off the wire
+ * and never seen. The header block's size (16 KiB) lets more than that through, so the count is checked too.
+ */
+const MAX_REQUEST_HEADERS = 1000
 
 export interface RouterOptions {
   /** the server's response class (http.createServer's ServerResponse option), for the CONNECT requests made here */
@@ -48,6 +55,7 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
       throw new ExpectationFailedError(JSON.stringify(expect.slice(0, 100)))
     }
+    if (request.raw.rawHeaders.length > 2 * MAX_REQUEST_HEADERS) throw new HeadersTooLargeError()
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') throw new MissingHostError()
     const match = matchOperation(request.method, request.originalUrl)
     if (match.kind === 'operation') {
@@ -71,6 +79,10 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     }
     throw new UnknownRouteError(request.method, shown(request.originalUrl))
   }
+
+  // Node reads the limit when a connection opens: every request on it keeps this many headers, and one with more
+  // is refused above (rawHeaders has them all).
+  app.server.maxHeadersCount = MAX_REQUEST_HEADERS
 
   // Node gives CONNECT to a 'connect' listener or silently drops the connection. Hand it to the ordinary
   // request path instead, so it gets the same 404/405 answer and audit record as any other unknown call.
