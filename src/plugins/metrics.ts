@@ -185,7 +185,13 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
     const at = server.address() as AddressInfo
     app.log.info({ address: `${at.address}:${at.port}` }, 'metrics listening')
   })
+  // Runs once the main listener has closed and its calls are done (Fastify closes it first). Nothing on this
+  // listener is worth waiting for: server.close() alone would wait on a connection that never sent a request (a
+  // port scan, a TCP check, a scraper connecting ahead) until Node's timeouts, past the shutdown's grace.
   app.addHook('onClose', async () => {
-    if (server !== null) await new Promise(resolve => server!.close(resolve))
+    if (server === null) return
+    const closed = new Promise(resolve => server!.close(resolve))
+    server.closeAllConnections()
+    await closed
   })
 }, { name: 'metrics', dependencies: ['audit'] })
