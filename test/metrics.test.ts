@@ -1,10 +1,14 @@
 // GET /metrics: Prometheus text from real calls, behind a token on the main port or on a listener of its own,
 // never open without one, with label values from bounded sets only.
+import { once } from 'node:events'
+import { connect, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
 import t from 'tap'
 import { openAuditWriter } from '../src/audit/writer.js'
 import { parseConfig } from '../src/config.js'
+import { METRICS_MAX_CONNECTIONS } from '../src/plugins/metrics.js'
 import { memoryLog } from './fixtures/audit.js'
+import { eventually } from './fixtures/eventually.js'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -146,6 +150,29 @@ t.test('metrics.listen serves /metrics on its own host:port only, with the token
   t.equal((await scrape(`http://127.0.0.1:${port}`, null)).status, 401)
   t.equal((await scrape(`http://127.0.0.1:${port}`, 'wrong-token-0123456789')).status, 401)
   t.equal((await scrape(`http://127.0.0.1:${port}`)).status, 200)
+})
+
+t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0' } }))
+  const port = gw.app.metricsAddress()!.port
+  const flood: Socket[] = []
+  t.teardown(() => { for (const s of flood) s.destroy() })
+  let closedByServer = 0
+  for (let i = 0; i < METRICS_MAX_CONNECTIONS + 40; i++) {
+    const s = connect(port, '127.0.0.1')
+    s.on('error', () => {})
+    s.on('close', () => { closedByServer++ })
+    flood.push(s)
+    await once(s, 'connect')
+  }
+  // (Each of these holds a descriptor in the gateway until Node's headers timeout, with nothing sent.)
+  await eventually(async () => closedByServer >= 40, 'the connections past the limit closed by the gateway')
+  t.equal(closedByServer, 40, 'exactly those past the limit')
+  t.equal((await call(gw, KEYS.full)).status, 200, 'the API is served meanwhile')
+  for (const s of flood) s.destroy()
+  await eventually(() => fetch(`http://127.0.0.1:${port}/metrics`).then(r => r.status === 200, () => false), 'a scrape once the flood is gone')
 })
 
 t.test('records the audit could not take show as lost, and the audit as unavailable', async t => {

@@ -33,6 +33,16 @@ export function metricsEnabled (config: { listen?: string, token?: string }): bo
   return config.listen !== undefined || config.token !== undefined
 }
 
+/**
+ * The metrics listener's own bounds (it has none of listen.*): Prometheus keeps one connection per target, so a few
+ * scrapers need a handful. Past this many, a new connection is refused; every connection must bring its request
+ * within METRICS_REQUEST_TIMEOUT_MS. Without them, connections opened to this port and left silent would each hold
+ * one of the process's file descriptors for Node's default timeouts, and enough of them would leave none for the
+ * API listener to accept a call with, or for the audit to open its next file.
+ */
+export const METRICS_MAX_CONNECTIONS = 64
+const METRICS_REQUEST_TIMEOUT_MS = 10_000
+
 // Up to upstream.generationTimeoutMs's default: a generation's headers may come only when the model is done, minutes on.
 const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 const GATEWAY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5]
@@ -171,7 +181,12 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   const { host, port } = hostPort(opts.listen)
   // onReady, so that a port already taken stops the start like the main port would.
   app.addHook('onReady', async () => {
-    server = createServer(answer)
+    server = createServer({
+      headersTimeout: METRICS_REQUEST_TIMEOUT_MS,
+      requestTimeout: METRICS_REQUEST_TIMEOUT_MS,
+      connectionsCheckingInterval: 1000
+    }, answer)
+    server.maxConnections = METRICS_MAX_CONNECTIONS
     await new Promise<void>((resolve, reject) => {
       // Named as the metrics listener's: the main listener's error would send the operator to the wrong port.
       const refused = (err: NodeJS.ErrnoException) => { reject(new StartupError(`metrics.listen: ${describeListenError(host, port, err)}`)) }
