@@ -234,6 +234,23 @@ t.test('start --watch follows a Kubernetes ConfigMap update (the ..data symlink 
   await eventually(async () => (await create(url, KEY_C)).status === 200, 'the new client is served after the swap')
 })
 
+t.test('start --watch sees a change to a config file that is a symlink into another directory (the revoked key gets 401)', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  // /etc/gateway/gateway.yaml -> /srv/config/gateway.yaml: the file edited in place where it really is.
+  const real = join(dir, 'elsewhere', 'gateway.yaml')
+  mkdirSync(join(dir, 'elsewhere'))
+  writeFileSync(real, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }]))
+  rmSync(file)
+  symlinkSync(real, file)
+  const { url, output } = await startBin(t, file, {}, ['--watch'])
+  await logged(output, /watching the config file/)
+  t.equal((await create(url, KEY_C)).status, 200)
+  writeFileSync(real, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+  await eventually(async () => (await create(url, KEY_C)).status === 401, 'the removed client refused after the real file is written')
+  t.match(output.text, /gateway\.yaml changed: config reloaded: clients\[team-c\] \(removed\)/)
+})
+
 t.test('token buckets survive a reload: unchanged limits keep their state, a raised burst hands out no fresh tokens, a new rate applies at once', async t => {
   const upstream = await fakeUpstream(t)
   const { file, dir } = configFile('')
