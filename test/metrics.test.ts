@@ -125,6 +125,27 @@ t.test('a call that waited on the upstream and got no answer is not counted as l
   t.ok(added < 0.3, `its 300 ms waiting on the upstream are not the gateway's own latency (added: ${added} s)`)
 })
 
+t.test('a streamed generation\'s time after its headers is the model\'s, not latency the gateway added', async t => {
+  const upstream = await startUpstream({ responses: { streamDelayMs: 150 } })
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'one two three', stream: true })
+  })
+  t.equal(res.status, 200)
+  t.match(await res.text(), /response\.completed/)
+  await gw.auditFile()
+  const [record] = gw.audit()
+  t.ok(record!.durationMs - record!.upstreamMs! >= 600, `the events came over ${record!.durationMs - record!.upstreamMs!} ms after the headers`)
+  const text = await metricsText(gw.url)
+  t.equal(sample(text, 'gateway_requests_total{client="team-full",action="response.create",status="200",outcome="ok"}'), 1, 'the call is counted')
+  t.equal(sample(text, 'gateway_upstream_duration_seconds_count{action="response.create"}'), 1, 'its time to headers is the upstream\'s')
+  const added = sample(text, 'gateway_added_duration_seconds_sum{action="response.create"}') ?? 0
+  t.ok(added < 0.3, `the model's generating after the headers is not the gateway's own latency (added: ${added} s)`)
+})
+
 t.test('without metrics.token or metrics.listen there is no /metrics at all', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -94,7 +94,7 @@ function gatewayMetrics (opts: MetricsOptions) {
   })
   const added = new Histogram({
     name: 'gateway_added_duration_seconds',
-    help: 'a call\'s time in the gateway: its whole duration less the upstream\'s time to headers (all of it when refused)',
+    help: 'a call\'s time in the gateway: its whole duration less the upstream\'s time to headers (all of it when refused); streamed answers from the upstream are not observed',
     labelNames: ['action'],
     buckets: GATEWAY_BUCKETS,
     registers: [register]
@@ -133,9 +133,13 @@ function gatewayMetrics (opts: MetricsOptions) {
     if (outcome === 'denied') denied.inc({ client })
     if (typeof r.upstreamMs === 'number') upstream.observe({ action }, r.upstreamMs / 1000)
     // A call sent upstream that got no answer (a timeout, a reset) spent its time there, in a share not known: it
-    // says nothing of the gateway's own latency, and counted whole it would read as a gateway slowdown.
+    // says nothing of the gateway's own latency, and counted whole it would read as a gateway slowdown. So does a
+    // streamed answer: after its headers the model is still generating, for seconds or minutes.
     const unanswered = r.upstreamMs === null && r.attempts > 0
-    if (typeof r.durationMs === 'number' && !unanswered) added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000)
+    const streamed = r.stream === true && r.upstreamMs !== null
+    if (typeof r.durationMs === 'number' && !unanswered && !streamed) {
+      added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000)
+    }
   }
   return { register, inFlight, observe }
 }
