@@ -221,5 +221,11 @@ t.test('metrics config: listen must be host:port, and a token must be long enoug
   t.same(parseConfig({ ...base, metrics: { listen: '127.0.0.1:65535' } }).metrics, { listen: '127.0.0.1:65535' })
   t.throws(() => parseConfig({ ...base, metrics: { token: 'short' } }), { message: /metrics\.token: must NOT have fewer than 16 characters/ })
   t.throws(() => parseConfig({ ...base, metrics: { path: '/m' } }), { message: /metrics\.path: unknown key/ })
+  // A token read from a secret file with its line break could never be presented (a header value holds none):
+  // every scrape would get 401. Refused as every other secret is.
+  t.throws(() => parseConfig({ ...base, metrics: { token: 'metrics-token-0123456789\n' } }),
+    { message: /metrics\.token: must not contain whitespace or control characters/ })
+  t.throws(() => parseConfig({ ...base, metrics: { token: 'metrics token 0123456789' } }),
+    { message: /metrics\.token: must not contain whitespace or control characters/ })
   t.same(parseConfig({ ...base, metrics: { listen: '[::1]:9100' } }).metrics, { listen: '[::1]:9100' })
 })
