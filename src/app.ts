@@ -201,7 +201,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
   await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
   if (metricsEnabled(config.metrics)) {
-    await app.register(metrics, { ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter })
+    await app.register(metrics, {
+      ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter, headersTimeoutMs: config.listen.headersTimeoutMs
+    })
   }
   const upstream = new Upstream(config.upstream, app.log)
   app.addHook('onClose', async () => { await upstream.close() })

@@ -196,6 +196,22 @@ t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a floo
   await eventually(() => fetch(`http://127.0.0.1:${port}/metrics`).then(r => r.status === 200, () => false), 'a scrape once the flood is gone')
 })
 
+t.test('metrics.listen closes a connection that sends no request within listen.headersTimeoutMs, as the API listener does', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0' }, listen: { host: '127.0.0.1', port: 0, headersTimeoutMs: 300 } }))
+  const silent = connect(gw.app.metricsAddress()!.port, '127.0.0.1')
+  t.teardown(() => silent.destroy())
+  silent.on('error', () => {})
+  silent.resume() // reads, so that the gateway's closing is seen
+  await once(silent, 'connect')
+  let closed = false
+  silent.on('close', () => { closed = true })
+  // Else the METRICS_MAX_CONNECTIONS places, once taken by such connections, would shut out every scrape for good.
+  await eventually(async () => closed, 'the silent connection closed by the gateway', 5_000)
+  t.ok(closed)
+})
+
 t.test('records the audit could not take show as lost, and the audit as unavailable', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

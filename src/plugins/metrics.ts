@@ -26,6 +26,8 @@ export interface MetricsOptions {
   /** whether a record's client id is a configured client (else it is counted as `other`) */
   isClient: (id: string) => boolean
   writer: Pick<AuditWriter, 'available' | 'stats'>
+  /** listen.headersTimeoutMs: a connection to `listen` must bring its request within it, as on the API listener */
+  headersTimeoutMs: number
 }
 
 /** Metrics are served when either key is set: a listener of their own, or a token for the main port. */
@@ -34,14 +36,13 @@ export function metricsEnabled (config: { listen?: string, token?: string }): bo
 }
 
 /**
- * The metrics listener's own bounds (it has none of listen.*): Prometheus keeps one connection per target, so a few
- * scrapers need a handful. Past this many, a new connection is refused; every connection must bring its request
- * within METRICS_REQUEST_TIMEOUT_MS. Without them, connections opened to this port and left silent would each hold
- * one of the process's file descriptors for Node's default timeouts, and enough of them would leave none for the
- * API listener to accept a call with, or for the audit to open its next file.
+ * Connections the metrics listener keeps at most (Prometheus keeps one per target: a few scrapers need a handful);
+ * past it, a new one is refused. Each must bring its request within listen.headersTimeoutMs. Without these bounds,
+ * connections opened to this port and left silent would each hold one of the process's file descriptors for Node's
+ * default 60 s, and enough of them would leave none for the API listener to accept a call with, or for the audit
+ * to open its next file.
  */
 export const METRICS_MAX_CONNECTIONS = 64
-const METRICS_REQUEST_TIMEOUT_MS = 10_000
 
 // Up to upstream.generationTimeoutMs's default: a generation's headers may come only when the model is done, minutes on.
 const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
@@ -185,10 +186,12 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   const { host, port } = hostPort(opts.listen)
   // onReady, so that a port already taken stops the start like the main port would.
   app.addHook('onReady', async () => {
+    const { headersTimeoutMs } = opts
     server = createServer({
-      headersTimeout: METRICS_REQUEST_TIMEOUT_MS,
-      requestTimeout: METRICS_REQUEST_TIMEOUT_MS,
-      connectionsCheckingInterval: 1000
+      headersTimeout: headersTimeoutMs,
+      requestTimeout: headersTimeoutMs, // a scrape has no body: its request is its headers
+      // (Node checks both on this interval, 30 s by default; as on the API listener, app.ts)
+      connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 4)))
     }, answer)
     server.maxConnections = METRICS_MAX_CONNECTIONS
     await new Promise<void>((resolve, reject) => {
