@@ -73,8 +73,8 @@ export async function startServer (
   turnOffPretenuring()
   const auditProblem = auditDirectoryProblem(config.audit.file)
   if (auditProblem !== null) throw new StartupError(auditProblem)
-  // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP meanwhile, or a signal of
-  // IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
+  // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP or SIGUSR2 meanwhile, or a signal
+  // of IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
   const releaseHeld = holdSignals()
   let app: FastifyInstance
   try {
@@ -146,13 +146,14 @@ export async function startServer (
 }
 
 /**
- * Holds SIGHUP and the IGNORED signals until the returned function is called; it gives back those that came, in
+ * Holds SIGHUP, SIGUSR2 and the IGNORED signals until the returned function is called; it gives back those that came, in
  * order, for the real handlers to answer.
  */
 function holdSignals (): () => NodeJS.Signals[] {
   const held: NodeJS.Signals[] = []
   const hold = (signal: NodeJS.Signals) => { held.push(signal) }
-  const signals = ['SIGHUP', ...IGNORED] as const
+  // SIGUSR2 too: a logrotate's postrotate may send it while the audit is being opened, and it ends a process by default.
+  const signals = ['SIGHUP', 'SIGUSR2', ...IGNORED] as const
   for (const signal of signals) process.on(signal, hold)
   return () => {
     for (const signal of signals) process.off(signal, hold)

@@ -132,6 +132,32 @@ t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not
   await exited
 })
 
+t.test('a SIGUSR2 while the gateway starts (a logrotate run, its Redis not answering yet) does not end it: the audit reopen is held and done once it is built', async t => {
+  const upstream = await fakeUpstream(t)
+  const connected: Socket[] = []
+  const silent = createTcpServer(socket => { connected.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const s of connected) s.destroy(); silent.close() })
+  const redisUrl = `redis://127.0.0.1:${(silent.address() as AddressInfo).port}`
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
+  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: binEnv })
+  t.teardown(() => child.kill('SIGKILL'))
+  const output = { text: '' }
+  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
+  const exited = once(child, 'exit')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store, its audit open')
+  child.kill('SIGUSR2') // by default, SIGUSR2 ends a process
+  t.notMatch(output.text, /Server listening/, 'the signal came while the gateway was being built')
+
+  const url = await eventually(async () => /Server listening at (http:\/\/[^"]+)/.exec(output.text)?.[1] ?? (child.exitCode !== null || child.signalCode !== null ? 'exited' : null), 'the gateway listening', 15_000)
+  t.same([child.exitCode, child.signalCode], [null, null], 'the SIGUSR2 did not end the process')
+  await logged(output, /audit: reopened/)
+  t.equal((await create(url, KEY_A)).status, 200, 'and it serves')
+  child.kill('SIGTERM')
+  await exited
+})
+
 t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {
   const upstream = await fakeUpstream(t)
   const held: Array<() => void> = []
