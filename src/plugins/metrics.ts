@@ -13,6 +13,7 @@ import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { AuditWriter } from '../audit/writer.js'
 import { envelope, MetricsUnauthorizedError } from '../errors.js'
+import { timeoutCheckIntervalMs } from '../http/connections.js'
 import { whenClosed } from '../http/response.js'
 import { describeListenError, StartupError } from '../preflight.js'
 import { ACTIONS } from '../operations.js'
@@ -190,8 +191,7 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
     server = createServer({
       headersTimeout: headersTimeoutMs,
       requestTimeout: headersTimeoutMs, // a scrape has no body: its request is its headers
-      // (Node checks both on this interval, 30 s by default; as on the API listener, app.ts)
-      connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 4)))
+      connectionsCheckingInterval: timeoutCheckIntervalMs(headersTimeoutMs)
     }, answer)
     server.maxConnections = METRICS_MAX_CONNECTIONS
     await new Promise<void>((resolve, reject) => {
