@@ -32,7 +32,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
-import { Connections } from './http/connections.js'
+import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
 import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
@@ -176,8 +176,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
       ServerResponse: responseClass,
       requireHostHeader: false,
       headersTimeout: config.listen.headersTimeoutMs,
-      // Node checks both timeouts on this interval (30 s by default, far coarser than they are).
-      connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(config.listen.headersTimeoutMs / 4)))
+      connectionsCheckingInterval: timeoutCheckIntervalMs(config.listen.headersTimeoutMs)
     },
     clientErrorHandler: clientErrorHandler(new PeerLogThrottle())
   })
@@ -202,7 +201,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
   await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
   if (metricsEnabled(config.metrics)) {
-    await app.register(metrics, { ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter })
+    await app.register(metrics, {
+      ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter, headersTimeoutMs: config.listen.headersTimeoutMs
+    })
   }
   const upstream = new Upstream(config.upstream, app.log)
   app.addHook('onClose', async () => { await upstream.close() })

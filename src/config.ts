@@ -149,7 +149,7 @@ export const ConfigSchema = Type.Object({
   }, { additionalProperties: false, default: {} }),
   metrics: Type.Object({
     listen: Type.Optional(Type.String({ pattern: METRICS_LISTEN_PATTERN })),
-    token: Type.Optional(Type.String({ minLength: 16 }))
+    token: Type.Optional(Type.String({ minLength: 16, pattern: SECRET_PATTERN }))
   }, { additionalProperties: false, default: {} })
 }, { additionalProperties: false })
 

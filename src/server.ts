@@ -10,7 +10,7 @@
 // - SIGUSR2: reopen the audit file (after an outside logrotate moved it).
 // - Signals whose default would end the process without a word are logged and ignored (IGNORED below). SIGPIPE
 //   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
-import { lstatSync, readFileSync, readlinkSync, watch, type FSWatcher } from 'node:fs'
+import { lstatSync, readFileSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
 import { basename, dirname, resolve, sep } from 'node:path'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
@@ -30,6 +30,8 @@ const AFTER_GRACE_MS = 15_000
 const UNUSED_SWEEP_MS = 100
 /** Editors save in several steps (write a temp file, rename it over): one reload once the file is quiet this long. */
 const WATCH_DEBOUNCE_MS = 200
+/** How often --watch also looks at the file itself, through any symlink (see watchConfig). */
+const WATCH_POLL_MS = 1000
 
 const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
 /**
@@ -71,8 +73,8 @@ export async function startServer (
   turnOffPretenuring()
   const auditProblem = auditDirectoryProblem(config.audit.file)
   if (auditProblem !== null) throw new StartupError(auditProblem)
-  // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP meanwhile, or a signal of
-  // IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
+  // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP or SIGUSR2 meanwhile, or a signal
+  // of IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
   const releaseHeld = holdSignals()
   let app: FastifyInstance
   try {
@@ -102,7 +104,7 @@ export async function startServer (
 
   // Signals are answered from before the gateway listens: none that comes early may end it or open a debugger.
   const reload = configReloader(app, opts)
-  let watcher: FSWatcher | null = null
+  let watcher: { close: () => void } | null = null
 
   const shutdown = (signal: NodeJS.Signals) => {
     if (draining) {
@@ -144,13 +146,14 @@ export async function startServer (
 }
 
 /**
- * Holds SIGHUP and the IGNORED signals until the returned function is called; it gives back those that came, in
+ * Holds SIGHUP, SIGUSR2 and the IGNORED signals until the returned function is called; it gives back those that came, in
  * order, for the real handlers to answer.
  */
 function holdSignals (): () => NodeJS.Signals[] {
   const held: NodeJS.Signals[] = []
   const hold = (signal: NodeJS.Signals) => { held.push(signal) }
-  const signals = ['SIGHUP', ...IGNORED] as const
+  // SIGUSR2 too: a logrotate's postrotate may send it while the audit is being opened, and it ends a process by default.
+  const signals = ['SIGHUP', 'SIGUSR2', ...IGNORED] as const
   for (const signal of signals) process.on(signal, hold)
   return () => {
     for (const signal of signals) process.off(signal, hold)
@@ -229,9 +232,11 @@ function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerO
  * watch on the file itself would not survive), and reloads once the file's text has changed and stayed quiet for
  * WATCH_DEBOUNCE_MS. Only events on the file's own name count (and, for a file that is a symlink into the same
  * directory, as a ConfigMap's `gateway.yaml -> ..data/gateway.yaml`, on the link's first step): other files in
- * the directory (an audit file written on every call) never delay a reload.
+ * the directory (an audit file written on every call) never delay a reload. A file that is a symlink into another
+ * directory changes where no event of this directory tells (as on a file system that sends none): the file is
+ * also looked at every WATCH_POLL_MS through its links. A change seen both ways is reloaded once (same text).
  */
-function watchConfig (app: FastifyInstance, file: string, reload: (why: string) => void): FSWatcher | null {
+function watchConfig (app: FastifyInstance, file: string, reload: (why: string) => void): { close: () => void } | null {
   const path = resolve(file)
   const names = new Set([basename(path)])
   try {
@@ -247,15 +252,24 @@ function watchConfig (app: FastifyInstance, file: string, reload: (why: string) 
     seen = text
     reload(`${basename(path)} changed`)
   }
+  const changed = () => {
+    if (timer !== null) clearTimeout(timer)
+    timer = setTimeout(check, WATCH_DEBOUNCE_MS)
+  }
   try {
     const watcher = watch(dirname(path), { persistent: false }, (_event, name) => {
-      if (name !== null && !names.has(name)) return
-      if (timer !== null) clearTimeout(timer)
-      timer = setTimeout(check, WATCH_DEBOUNCE_MS)
+      if (name === null || names.has(name)) changed()
     })
     watcher.on('error', (err) => { app.log.warn({ err }, `no longer watching ${path}; SIGHUP still reloads it`) })
+    watchFile(path, { persistent: false, interval: WATCH_POLL_MS }, changed)
     app.log.info({ file: path }, 'watching the config file: a change is reloaded')
-    return watcher
+    return {
+      close: () => {
+        watcher.close()
+        unwatchFile(path, changed)
+        if (timer !== null) clearTimeout(timer)
+      }
+    }
   } catch (err) {
     app.log.warn({ err }, `cannot watch ${path}; SIGHUP still reloads it`)
     return null

@@ -1,10 +1,14 @@
 // GET /metrics: Prometheus text from real calls, behind a token on the main port or on a listener of its own,
 // never open without one, with label values from bounded sets only.
+import { once } from 'node:events'
+import { connect, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
 import t from 'tap'
 import { openAuditWriter } from '../src/audit/writer.js'
 import { parseConfig } from '../src/config.js'
+import { METRICS_MAX_CONNECTIONS } from '../src/plugins/metrics.js'
 import { memoryLog } from './fixtures/audit.js'
+import { eventually } from './fixtures/eventually.js'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -121,6 +125,27 @@ t.test('a call that waited on the upstream and got no answer is not counted as l
   t.ok(added < 0.3, `its 300 ms waiting on the upstream are not the gateway's own latency (added: ${added} s)`)
 })
 
+t.test('a streamed generation\'s time after its headers is the model\'s, not latency the gateway added', async t => {
+  const upstream = await startUpstream({ responses: { streamDelayMs: 150 } })
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'one two three', stream: true })
+  })
+  t.equal(res.status, 200)
+  t.match(await res.text(), /response\.completed/)
+  await gw.auditFile()
+  const [record] = gw.audit()
+  t.ok(record!.durationMs - record!.upstreamMs! >= 600, `the events came over ${record!.durationMs - record!.upstreamMs!} ms after the headers`)
+  const text = await metricsText(gw.url)
+  t.equal(sample(text, 'gateway_requests_total{client="team-full",action="response.create",status="200",outcome="ok"}'), 1, 'the call is counted')
+  t.equal(sample(text, 'gateway_upstream_duration_seconds_count{action="response.create"}'), 1, 'its time to headers is the upstream\'s')
+  const added = sample(text, 'gateway_added_duration_seconds_sum{action="response.create"}') ?? 0
+  t.ok(added < 0.3, `the model's generating after the headers is not the gateway's own latency (added: ${added} s)`)
+})
+
 t.test('without metrics.token or metrics.listen there is no /metrics at all', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
@@ -148,6 +173,45 @@ t.test('metrics.listen serves /metrics on its own host:port only, with the token
   t.equal((await scrape(`http://127.0.0.1:${port}`)).status, 200)
 })
 
+t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0' } }))
+  const port = gw.app.metricsAddress()!.port
+  const flood: Socket[] = []
+  t.teardown(() => { for (const s of flood) s.destroy() })
+  let closedByServer = 0
+  for (let i = 0; i < METRICS_MAX_CONNECTIONS + 40; i++) {
+    const s = connect(port, '127.0.0.1')
+    s.on('error', () => {})
+    s.on('close', () => { closedByServer++ })
+    flood.push(s)
+    await once(s, 'connect')
+  }
+  // (Each of these holds a descriptor in the gateway until Node's headers timeout, with nothing sent.)
+  await eventually(async () => closedByServer >= 40, 'the connections past the limit closed by the gateway')
+  t.equal(closedByServer, 40, 'exactly those past the limit')
+  t.equal((await call(gw, KEYS.full)).status, 200, 'the API is served meanwhile')
+  for (const s of flood) s.destroy()
+  await eventually(() => fetch(`http://127.0.0.1:${port}/metrics`).then(r => r.status === 200, () => false), 'a scrape once the flood is gone')
+})
+
+t.test('metrics.listen closes a connection that sends no request within listen.headersTimeoutMs, as the API listener does', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0' }, listen: { host: '127.0.0.1', port: 0, headersTimeoutMs: 300 } }))
+  const silent = connect(gw.app.metricsAddress()!.port, '127.0.0.1')
+  t.teardown(() => silent.destroy())
+  silent.on('error', () => {})
+  silent.resume() // reads, so that the gateway's closing is seen
+  await once(silent, 'connect')
+  let closed = false
+  silent.on('close', () => { closed = true })
+  // Else the METRICS_MAX_CONNECTIONS places, once taken by such connections, would shut out every scrape for good.
+  await eventually(async () => closed, 'the silent connection closed by the gateway', 5_000)
+  t.ok(closed)
+})
+
 t.test('records the audit could not take show as lost, and the audit as unavailable', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
@@ -173,5 +237,11 @@ t.test('metrics config: listen must be host:port, and a token must be long enoug
   t.same(parseConfig({ ...base, metrics: { listen: '127.0.0.1:65535' } }).metrics, { listen: '127.0.0.1:65535' })
   t.throws(() => parseConfig({ ...base, metrics: { token: 'short' } }), { message: /metrics\.token: must NOT have fewer than 16 characters/ })
   t.throws(() => parseConfig({ ...base, metrics: { path: '/m' } }), { message: /metrics\.path: unknown key/ })
+  // A token read from a secret file with its line break could never be presented (a header value holds none):
+  // every scrape would get 401. Refused as every other secret is.
+  t.throws(() => parseConfig({ ...base, metrics: { token: 'metrics-token-0123456789\n' } }),
+    { message: /metrics\.token: must not contain whitespace or control characters/ })
+  t.throws(() => parseConfig({ ...base, metrics: { token: 'metrics token 0123456789' } }),
+    { message: /metrics\.token: must not contain whitespace or control characters/ })
   t.same(parseConfig({ ...base, metrics: { listen: '[::1]:9100' } }).metrics, { listen: '[::1]:9100' })
 })

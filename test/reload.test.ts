@@ -132,6 +132,32 @@ t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not
   await exited
 })
 
+t.test('a SIGUSR2 while the gateway starts (a logrotate run, its Redis not answering yet) does not end it: the audit reopen is held and done once it is built', async t => {
+  const upstream = await fakeUpstream(t)
+  const connected: Socket[] = []
+  const silent = createTcpServer(socket => { connected.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const s of connected) s.destroy(); silent.close() })
+  const redisUrl = `redis://127.0.0.1:${(silent.address() as AddressInfo).port}`
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
+  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: binEnv })
+  t.teardown(() => child.kill('SIGKILL'))
+  const output = { text: '' }
+  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
+  const exited = once(child, 'exit')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store, its audit open')
+  child.kill('SIGUSR2') // by default, SIGUSR2 ends a process
+  t.notMatch(output.text, /Server listening/, 'the signal came while the gateway was being built')
+
+  const url = await eventually(async () => /Server listening at (http:\/\/[^"]+)/.exec(output.text)?.[1] ?? (child.exitCode !== null || child.signalCode !== null ? 'exited' : null), 'the gateway listening', 15_000)
+  t.same([child.exitCode, child.signalCode], [null, null], 'the SIGUSR2 did not end the process')
+  await logged(output, /audit: reopened/)
+  t.equal((await create(url, KEY_A)).status, 200, 'and it serves')
+  child.kill('SIGTERM')
+  await exited
+})
+
 t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {
   const upstream = await fakeUpstream(t)
   const held: Array<() => void> = []
@@ -232,6 +258,23 @@ t.test('start --watch follows a Kubernetes ConfigMap update (the ..data symlink 
   symlinkSync('..v2', join(dir, '..data_tmp'))
   renameSync(join(dir, '..data_tmp'), join(dir, '..data'))
   await eventually(async () => (await create(url, KEY_C)).status === 200, 'the new client is served after the swap')
+})
+
+t.test('start --watch sees a change to a config file that is a symlink into another directory (the revoked key gets 401)', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  // /etc/gateway/gateway.yaml -> /srv/config/gateway.yaml: the file edited in place where it really is.
+  const real = join(dir, 'elsewhere', 'gateway.yaml')
+  mkdirSync(join(dir, 'elsewhere'))
+  writeFileSync(real, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }]))
+  rmSync(file)
+  symlinkSync(real, file)
+  const { url, output } = await startBin(t, file, {}, ['--watch'])
+  await logged(output, /watching the config file/)
+  t.equal((await create(url, KEY_C)).status, 200)
+  writeFileSync(real, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+  await eventually(async () => (await create(url, KEY_C)).status === 401, 'the removed client refused after the real file is written')
+  t.match(output.text, /gateway\.yaml changed: config reloaded: clients\[team-c\] \(removed\)/)
 })
 
 t.test('token buckets survive a reload: unchanged limits keep their state, a raised burst hands out no fresh tokens, a new rate applies at once', async t => {
@@ -418,6 +461,24 @@ t.test('/readyz: 503 "starting" before listening, "upstream_unavailable" with ev
   upstream.respond = null
   const res = await fetch(`${refusing.url}/readyz`)
   t.same([res.status, await res.json()], [503, { status: 'audit_unavailable' }])
+})
+
+// Left as a todo (a design choice for the lead, not fixed in review round nine): /healthz answers anyone on the API
+// port, without a key, with each upstream line's host and port (an egress proxy's internal address, where one is
+// used) and the audit's state. With audit.onFailure "open", "audit":"unavailable" tells a client with a valid key
+// when its calls are served without a record. A liveness probe needs only the status; the details could go behind
+// metrics.token or onto metrics.listen.
+t.test('/healthz on the API port tells an outsider neither the upstream lines\' addresses nor whether calls are being audited', {
+  todo: 'design choice: move the details of /healthz behind metrics.token or onto metrics.listen'
+}, async t => {
+  const upstream = await fakeUpstream(t)
+  const failing: AuditWriter = { write () {}, available: false, stats: () => ({ written: 0, failed: 1, lost: 0 }), reopen () {}, close: async () => {} }
+  const gw = await startGateway(t, testConfig(upstream.url, { audit: { file: '-', onFailure: 'open' } }), { auditWriter: failing })
+  const res = await fetch(`${gw.url}/healthz`)
+  t.equal(res.status, 200)
+  const body = await res.text()
+  t.notMatch(body, new URL(upstream.url).host, 'no upstream address')
+  t.notMatch(body, /unavailable/, 'no word that the audit is down')
 })
 
 t.test('/readyz: 503 "store_unavailable" while Redis is disconnected and store.onFailure is closed (every call refused), ready again when it is back; with "open" it stays ready', async t => {

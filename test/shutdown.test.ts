@@ -120,6 +120,32 @@ t.test('SIGTERM with a connection open that never sent a request: the gateway ex
   t.notMatch(output.text, /aborting the calls still in flight/)
 })
 
+t.test('SIGTERM with a connection to the metrics listener that never sent a request: the gateway exits at once (0), not past the grace', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 20000 }') + 'metrics: { listen: "127.0.0.1:0" }\n')
+  const { child, output } = await startBin(t, file, {})
+  const at = /"address":"127\.0\.0\.1:(\d+)","msg":"metrics listening"/.exec(output.text)
+  t.ok(at, 'the metrics listener says where it listens')
+  // A port scanner, a TCP health check, a scraper that opens its connection ahead: nothing to wait for.
+  const silent = connect(Number(at![1]), '127.0.0.1')
+  t.teardown(() => silent.destroy())
+  silent.on('error', () => {})
+  await once(silent, 'connect')
+  const ended = once(silent, 'close')
+
+  const exited = once(child, 'exit')
+  const signalled = Date.now()
+  child.kill('SIGTERM')
+  const [code] = await exited
+  const took = Date.now() - signalled
+  t.equal(code, 0, 'exit 0: no call had to be aborted')
+  t.ok(took < 5_000, `the process ended ${took} ms after SIGTERM, not past the 20 s grace`)
+  await ended
+  t.notMatch(output.text, /aborting the calls still in flight|still not closed/)
+})
+
 t.test('at SIGINT /readyz turns 503 draining at once while calls are still served for drainDelayMs; then accepting stops', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -13,6 +13,7 @@ import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { AuditWriter } from '../audit/writer.js'
 import { envelope, MetricsUnauthorizedError } from '../errors.js'
+import { timeoutCheckIntervalMs } from '../http/connections.js'
 import { whenClosed } from '../http/response.js'
 import { describeListenError, StartupError } from '../preflight.js'
 import { ACTIONS } from '../operations.js'
@@ -26,12 +27,23 @@ export interface MetricsOptions {
   /** whether a record's client id is a configured client (else it is counted as `other`) */
   isClient: (id: string) => boolean
   writer: Pick<AuditWriter, 'available' | 'stats'>
+  /** listen.headersTimeoutMs: a connection to `listen` must bring its request within it, as on the API listener */
+  headersTimeoutMs: number
 }
 
 /** Metrics are served when either key is set: a listener of their own, or a token for the main port. */
 export function metricsEnabled (config: { listen?: string, token?: string }): boolean {
   return config.listen !== undefined || config.token !== undefined
 }
+
+/**
+ * Connections the metrics listener keeps at most (Prometheus keeps one per target: a few scrapers need a handful);
+ * past it, a new one is refused. Each must bring its request within listen.headersTimeoutMs. Without these bounds,
+ * connections opened to this port and left silent would each hold one of the process's file descriptors for Node's
+ * default 60 s, and enough of them would leave none for the API listener to accept a call with, or for the audit
+ * to open its next file.
+ */
+export const METRICS_MAX_CONNECTIONS = 64
 
 // Up to upstream.generationTimeoutMs's default: a generation's headers may come only when the model is done, minutes on.
 const UPSTREAM_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
@@ -84,7 +96,7 @@ function gatewayMetrics (opts: MetricsOptions) {
   })
   const added = new Histogram({
     name: 'gateway_added_duration_seconds',
-    help: 'a call\'s time in the gateway: its whole duration less the upstream\'s time to headers (all of it when refused)',
+    help: 'a call\'s time in the gateway: its whole duration less the upstream\'s time to headers (all of it when refused); streamed answers from the upstream are not observed',
     labelNames: ['action'],
     buckets: GATEWAY_BUCKETS,
     registers: [register]
@@ -123,9 +135,13 @@ function gatewayMetrics (opts: MetricsOptions) {
     if (outcome === 'denied') denied.inc({ client })
     if (typeof r.upstreamMs === 'number') upstream.observe({ action }, r.upstreamMs / 1000)
     // A call sent upstream that got no answer (a timeout, a reset) spent its time there, in a share not known: it
-    // says nothing of the gateway's own latency, and counted whole it would read as a gateway slowdown.
+    // says nothing of the gateway's own latency, and counted whole it would read as a gateway slowdown. So does a
+    // streamed answer: after its headers the model is still generating, for seconds or minutes.
     const unanswered = r.upstreamMs === null && r.attempts > 0
-    if (typeof r.durationMs === 'number' && !unanswered) added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000)
+    const streamed = r.stream === true && r.upstreamMs !== null
+    if (typeof r.durationMs === 'number' && !unanswered && !streamed) {
+      added.observe({ action }, Math.max(0, r.durationMs - (r.upstreamMs ?? 0)) / 1000)
+    }
   }
   return { register, inFlight, observe }
 }
@@ -171,7 +187,13 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   const { host, port } = hostPort(opts.listen)
   // onReady, so that a port already taken stops the start like the main port would.
   app.addHook('onReady', async () => {
-    server = createServer(answer)
+    const { headersTimeoutMs } = opts
+    server = createServer({
+      headersTimeout: headersTimeoutMs,
+      requestTimeout: headersTimeoutMs, // a scrape has no body: its request is its headers
+      connectionsCheckingInterval: timeoutCheckIntervalMs(headersTimeoutMs)
+    }, answer)
+    server.maxConnections = METRICS_MAX_CONNECTIONS
     await new Promise<void>((resolve, reject) => {
       // Named as the metrics listener's: the main listener's error would send the operator to the wrong port.
       const refused = (err: NodeJS.ErrnoException) => { reject(new StartupError(`metrics.listen: ${describeListenError(host, port, err)}`)) }
@@ -185,7 +207,13 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
     const at = server.address() as AddressInfo
     app.log.info({ address: `${at.address}:${at.port}` }, 'metrics listening')
   })
+  // Runs once the main listener has closed and its calls are done (Fastify closes it first). Nothing on this
+  // listener is worth waiting for: server.close() alone would wait on a connection that never sent a request (a
+  // port scan, a TCP check, a scraper connecting ahead) until Node's timeouts, past the shutdown's grace.
   app.addHook('onClose', async () => {
-    if (server !== null) await new Promise(resolve => server!.close(resolve))
+    if (server === null) return
+    const closed = new Promise(resolve => server!.close(resolve))
+    server.closeAllConnections()
+    await closed
   })
 }, { name: 'metrics', dependencies: ['audit'] })
