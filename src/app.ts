@@ -209,7 +209,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.addHook('onClose', async () => { await upstream.close() })
   const apiKey = () => current.upstream.apiKey
   const store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
-  await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed' })
+  await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed', token: config.metrics.token })
   await app.register(router, { Response: responseClass })
   await app.register(auditGate)
   await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute })

@@ -9,7 +9,7 @@ import { seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
 import { openAuditWriter } from '../src/audit/writer.js'
 import { memoryLog } from './fixtures/audit.js'
-import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startUpstream } from './fixtures/upstream.js'
 
 function create (gw: TestGateway) {
@@ -19,8 +19,7 @@ function create (gw: TestGateway) {
 }
 
 async function auditState (gw: TestGateway): Promise<unknown> {
-  const res = await fetch(`${gw.url}/healthz`)
-  return { status: res.status, body: await res.json() }
+  return await healthDetails(gw.url)
 }
 
 async function until (what: string, check: () => Promise<boolean> | boolean, ms = 5000) {
@@ -41,7 +40,7 @@ function diskFills (file: string) {
 t.test('closed: once an audit write fails, API calls get 503 audit_unavailable before the upstream, until writing works again', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
-  const gw = await startGateway(t, testConfig(upstream.url))
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: METRICS_TOKEN } }))
   const file = gw.config.audit.file
   t.equal(gw.config.audit.onFailure, 'closed', 'closed is the default')
   t.match(await auditState(gw), { status: 200, body: { status: 'ok', audit: 'ok' } })
@@ -85,7 +84,7 @@ t.test('closed: once an audit write fails, API calls get 503 audit_unavailable b
 t.test('open: calls are served while the audit cannot be written, and records that do not fit the buffer are counted as lost', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
-  const config = testConfig(upstream.url, { audit: { file: testConfig(upstream.url).audit.file, onFailure: 'open' } })
+  const config = testConfig(upstream.url, { audit: { file: testConfig(upstream.url).audit.file, onFailure: 'open' }, metrics: { token: METRICS_TOKEN } })
   const log = memoryLog()
   const writer = await openAuditWriter({ ...config.audit, log, maxPending: 2 })
   const gw = await startGateway(t, config, { auditWriter: writer })

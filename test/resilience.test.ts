@@ -6,7 +6,7 @@ import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
-import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { healthDetails, KEYS, METRICS_TOKEN, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
@@ -27,6 +27,7 @@ async function setup (t: Test, count: number, upstream: Record<string, unknown> 
   const baseUrls = [...before, ...lines.map(l => l.url)]
   const gw = await startGateway(t, ...withoutOwnership(baseUrls[0]!, {
     upstream: { baseUrls, apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, ...upstream },
+    metrics: { token: METRICS_TOKEN },
     ...overrides
   }))
   if (lines[0] === undefined) return { lines, gw, conv: 'conv_nowhere' }
@@ -60,7 +61,7 @@ function slowGenerations (ms: number): Responder {
   }
 }
 
-const healthOf = async (gw: TestGateway) => (await (await fetch(`${gw.url}/healthz`)).json()) as { upstream: Array<{ line: number, state: string, failures: number, retryInMs: number | null }> }
+const healthOf = async (gw: TestGateway) => (await healthDetails(gw.url)).body as unknown as { upstream: Array<{ line: number, state: string, failures: number, retryInMs: number | null }> }
 
 t.test('lines and failover', async t => {
   await t.test('a GET whose first line refuses connections is served by the next; the audit names the line and the attempts', async t => {

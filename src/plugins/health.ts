@@ -1,6 +1,7 @@
-// GET/HEAD /healthz: liveness, with the state of each upstream line (up, down while skipped, half-open on trial),
-// of the audit trail and of the rate-limit store. 200 whatever they say (restarting would not fix a full disk or a
-// down line); the body is for people and alerts.
+// GET/HEAD /healthz: liveness, 200 {"status":"ok"} whatever the gateway's parts say (restarting would not fix a full
+// disk or a down line). To a caller with the metrics token, also the state of each upstream line (up, down while
+// skipped, half-open on trial), of the audit trail and of the rate-limit store, for people and alerts: not to
+// anyone who can reach the API port (the lines' addresses; whether calls are being audited right now).
 // GET/HEAD /readyz: readiness, for a load balancer. 200 {"status":"ready"} only while this gateway should get
 // traffic: listening, not draining (a shutdown has begun), at least one upstream line not skipped, the audit not
 // refusing calls (audit.onFailure "closed" while records cannot be written), and the store not refusing them
@@ -10,18 +11,22 @@
 import fp from 'fastify-plugin'
 import type { RateLimitStore } from '../stores/rate-limit-store.js'
 import type { Upstream } from '../upstream/client.js'
+import { tokenCheck } from './metrics.js'
 
 export interface HealthOptions {
   upstream: Upstream
   store: RateLimitStore
   /** store.onFailure is "closed": while the store is unavailable every API call gets 503 */
   storeRefuses: boolean
+  /** metrics.token: /healthz's details are shown only to a caller presenting it (never, without one) */
+  token?: string
 }
 
 export type NotReady = 'starting' | 'draining' | 'upstream_unavailable' | 'audit_unavailable' | 'store_unavailable'
 
-export default fp<HealthOptions>(async function health (app, { upstream, store, storeRefuses }) {
+export default fp<HealthOptions>(async function health (app, { upstream, store, storeRefuses, token }) {
   let draining = false
+  const seesDetails = token === undefined ? () => false : tokenCheck(token)
   app.decorate('startDraining', () => { draining = true })
 
   const notReady = (): NotReady | null => {
@@ -38,12 +43,14 @@ export default fp<HealthOptions>(async function health (app, { upstream, store, 
     url: '/healthz',
     config: { internal: true },
     logLevel: 'warn',
-    handler: async () => ({
-      status: 'ok',
-      audit: app.auditState(),
-      store: store.available() ? 'ok' : 'unavailable',
-      upstream: upstream.statuses().map(s => ({ line: s.index, host: new URL(s.url).host, state: s.state, failures: s.failures, retryInMs: s.retryInMs }))
-    })
+    handler: async request => seesDetails(request.headers.authorization)
+      ? {
+          status: 'ok',
+          audit: app.auditState(),
+          store: store.available() ? 'ok' : 'unavailable',
+          upstream: upstream.statuses().map(s => ({ line: s.index, host: new URL(s.url).host, state: s.state, failures: s.failures, retryInMs: s.retryInMs }))
+        }
+      : { status: 'ok' }
   })
 
   app.route({
