@@ -91,6 +91,8 @@ declare module 'fastify' {
     abortInFlight (): void
     /** plugins/health.ts: a shutdown has begun; /readyz answers 503 draining from now on */
     startDraining (): void
+    /** plugins/health.ts: /healthz's body with its details (the audit, the store, each upstream line), for operators */
+    healthDetails (): Record<string, unknown>
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

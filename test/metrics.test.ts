@@ -173,6 +173,21 @@ t.test('metrics.listen serves /metrics on its own host:port only, with the token
   t.equal((await scrape(`http://127.0.0.1:${port}`)).status, 200)
 })
 
+t.test('metrics.listen serves /healthz with its details (the API port shows them only to the token)', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const open = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0' } }))
+  const own = await fetch(`http://127.0.0.1:${open.app.metricsAddress()!.port}/healthz`)
+  t.equal(own.status, 200)
+  t.match(await own.json(), { status: 'ok', audit: 'ok', store: 'ok', upstream: [{ line: 0, host: new URL(upstream.url).host, state: 'up' }] })
+  t.same(await (await fetch(`${open.url}/healthz`)).json(), { status: 'ok' }, 'the API port: alive, nothing more')
+
+  const guarded = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0', token: TOKEN } }))
+  const healthz = `http://127.0.0.1:${guarded.app.metricsAddress()!.port}/healthz`
+  t.equal((await fetch(healthz)).status, 401, 'the token, where one is set')
+  t.match(await (await fetch(healthz, { headers: { authorization: `Bearer ${TOKEN}` } })).json(), { status: 'ok', audit: 'ok' })
+})
+
 t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -1,7 +1,8 @@
 // GET/HEAD /healthz: liveness, 200 {"status":"ok"} whatever the gateway's parts say (restarting would not fix a full
 // disk or a down line). To a caller with the metrics token, also the state of each upstream line (up, down while
 // skipped, half-open on trial), of the audit trail and of the rate-limit store, for people and alerts: not to
-// anyone who can reach the API port (the lines' addresses; whether calls are being audited right now).
+// anyone who can reach the API port (the lines' addresses; whether calls are being audited right now). The same
+// details on metrics.listen's GET /healthz, the operators' own port.
 // GET/HEAD /readyz: readiness, for a load balancer. 200 {"status":"ready"} only while this gateway should get
 // traffic: listening, not draining (a shutdown has begun), at least one upstream line not skipped, the audit not
 // refusing calls (audit.onFailure "closed" while records cannot be written), and the store not refusing them
@@ -27,6 +28,14 @@ export type NotReady = 'starting' | 'draining' | 'upstream_unavailable' | 'audit
 export default fp<HealthOptions>(async function health (app, { upstream, store, storeRefuses, token }) {
   let draining = false
   const seesDetails = token === undefined ? () => false : tokenCheck(token)
+  const details = () => ({
+    status: 'ok',
+    audit: app.auditState(),
+    store: store.available() ? 'ok' : 'unavailable',
+    upstream: upstream.statuses().map(s => ({ line: s.index, host: new URL(s.url).host, state: s.state, failures: s.failures, retryInMs: s.retryInMs }))
+  })
+  // (also served on metrics.listen, the operators' own port: plugins/metrics.ts)
+  app.decorate('healthDetails', details)
   app.decorate('startDraining', () => { draining = true })
 
   const notReady = (): NotReady | null => {
@@ -43,14 +52,7 @@ export default fp<HealthOptions>(async function health (app, { upstream, store, 
     url: '/healthz',
     config: { internal: true },
     logLevel: 'warn',
-    handler: async request => seesDetails(request.headers.authorization)
-      ? {
-          status: 'ok',
-          audit: app.auditState(),
-          store: store.available() ? 'ok' : 'unavailable',
-          upstream: upstream.statuses().map(s => ({ line: s.index, host: new URL(s.url).host, state: s.state, failures: s.failures, retryInMs: s.retryInMs }))
-        }
-      : { status: 'ok' }
+    handler: async request => seesDetails(request.headers.authorization) ? details() : { status: 'ok' }
   })
 
   app.route({

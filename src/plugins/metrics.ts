@@ -172,13 +172,18 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
 
   const answer = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '').split('?')[0]
-    if (req.method !== 'GET' || path !== '/metrics') {
-      res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET /metrics\n')
+    if (req.method !== 'GET' || (path !== '/metrics' && path !== '/healthz')) {
+      res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET /metrics and /healthz\n')
       return
     }
     if (!authorized(req.headers.authorization)) {
       res.writeHead(401, { 'content-type': 'application/json; charset=utf-8' })
         .end(JSON.stringify(envelope(new MetricsUnauthorizedError())))
+      return
+    }
+    if (path === '/healthz') {
+      // /healthz's details (plugins/health.ts), which the API port shows only to the token
+      res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(JSON.stringify(app.healthDetails()))
       return
     }
     register.metrics().then(text => { res.writeHead(200, { 'content-type': register.contentType }).end(text) },
