@@ -1,8 +1,8 @@
 // The health of each OhMyGPT line (upstream.baseUrls, in order of preference): a line that fails
 // `failureThreshold` times in a row, or half of its last RECENT_CALLS calls while another line is up (one that
 // fails every other call never fails twice in a row), is skipped for `cooldownMs`, then given exactly one call
-// (half-open) that decides whether it is trusted again (a generation on trial gives its place up once it has a connection: see
-// trialConnected). Pure bookkeeping with an injectable clock; upstream/client.ts decides what
+// (half-open) that decides whether it is trusted again (a generation on trial gives its place up once it has a
+// connection: see trialConnected). Pure bookkeeping with an injectable clock; upstream/client.ts decides what
 // counts as a failure and asks which line to try next.
 
 export type LineState = 'up' | 'down' | 'half-open'
