@@ -415,6 +415,49 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
   t.match(gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400).map(r => r.outcome), ['invalid', 'invalid', 'invalid', 'invalid', 'invalid'])
 })
 
+t.test('an image generation call without its image is a reference the upstream fills in by id: another team\'s is refused like an item_reference', async t => {
+  // OpenAI's "using image ID" multi-turn editing sends { type: 'image_generation_call', id: 'ig_...' } and the
+  // upstream puts the stored image (its base64 `result`) in context. Across one shared account, another team's id
+  // pulls its image into the caller's context, its conversation's items and its response's input items.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, conversationB } = await twoTeams(gw.url)
+  const imageA = 'ig_0123456789abcdef0123456789abcdef'
+  const stored = await post(KEYS.full, `/v1/conversations/${conversationA}/items`, {
+    items: [{ type: 'image_generation_call', id: imageA, status: 'completed', result: 'QSdzIHByaXZhdGUgaW1hZ2U=' }]
+  })
+  t.equal(stored.status, 200, 'A\'s conversation holds an image generation call')
+
+  const refusals: Array<[string, string, unknown, number, string, string]> = [
+    ['an image by id, a response outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA }] }, 400, 'item_reference_not_allowed', 'input'],
+    ['an image by id, result null', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA, result: null, status: 'completed' }] }, 400, 'item_reference_not_allowed', 'input'],
+    ['an image by id, a response in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'image_generation_call', id: imageA }] }, 404, 'item_not_found', 'input'],
+    ['an image by id, items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'image_generation_call', id: imageA }] }, 404, 'item_not_found', 'items'],
+    ['an image by id, a new conversation\'s items', '/v1/conversations', { items: [{ type: 'image_generation_call', id: imageA }] }, 400, 'item_reference_not_allowed', 'items']
+  ]
+  for (const [label, path, body, status, code, param] of refusals) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, status, `${label}: ${status}`)
+    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing was created upstream on B's behalf`)
+  }
+
+  // An item that carries its own content names nothing stored: served as before, to anyone.
+  const image = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA, status: 'completed', result: 'QiBvd24gaW1hZ2U=' }] })
+  t.equal(image.status, 200, 'an image generation call with its image is served')
+  // A names its own, by id, in its own conversation: checked, and served.
+  const before = upstream.requests.length
+  const own = await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', conversation: conversationA, input: [{ type: 'image_generation_call', id: imageA }] })
+  t.equal(own.status, 200, 'A\'s own image by id, in A\'s own conversation')
+  t.same(calls(upstream.requests.slice(before)), [`GET /v1/conversations/${conversationA}/items/${imageA}`, 'POST /v1/responses'],
+    'checked, then the call')
+
+  // The key that makes the item carry its image, in another case: a case-blind upstream reads the later one.
+  const otherCase = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA, result: 'QiBvd24=', Result: null }] })
+  t.equal(otherCase.status, 400, 'result in another case: 400')
+  t.match(await otherCase.json(), { error: { code: 'unknown_parameter', param: 'input[0].Result' } }, 'unknown_parameter')
+})
+
 t.test('a key the ownership check reads, spelled in another case, is refused (400 unknown_parameter) and never sent upstream', async t => {
   // An upstream whose JSON reader matches keys without regard to case (Go's encoding/json does) would read
   // "Conversation" as the conversation, "Items" as the items, "Type" as an item's type; the gateway, reading the

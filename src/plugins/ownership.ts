@@ -50,20 +50,34 @@ const MISSING_STATUSES = new Set([400, 404, 422])
 const MAX_REFERENCES = 32
 
 /**
+ * Item types whose stored content the upstream fills in by the item's id when the item comes without it, and the
+ * key that carries that content: OpenAI's "using image ID" multi-turn editing sends `{ type:
+ * "image_generation_call", id }` for the stored image. Without that key such an item is a reference like any
+ * other. (A reasoning item without `encrypted_content` is read from storage by its id too, but it is also what
+ * every reasoning model's answer holds and clients pass back as it came: see the todo in ownership.test.ts.)
+ */
+const FILLED_IN_BY_ID: Record<string, string> = { image_generation_call: 'result' }
+
+/**
  * The ids of the items a create body's list names by reference: OpenAI's item_reference, `{ id, type:
  * "item_reference" }`, whose type may be left out: an item with an id, no type, and not both a role and content
  * (half a message is no message to a reader that needs both, and a loose reader, trying each kind of item in
- * turn and ignoring keys it does not know, takes it for the reference it also fits).
+ * turn and ignoring keys it does not know, takes it for the reference it also fits); and an item of a type the
+ * upstream fills in by id (FILLED_IN_BY_ID) that comes without its content.
  */
 export function referencedItems (list: unknown): unknown[] {
   if (!Array.isArray(list)) return []
   const ids: unknown[] = []
   for (const item of list) {
     if (item === null || typeof item !== 'object') continue
-    const { type, id, role, content } = item as Record<string, unknown>
+    const fields = item as Record<string, unknown>
+    const { type, id, role, content } = fields
     // (null is no value: a reader that takes null for absent sees a reference in { id, role: null, content: null }.)
     if (type === 'item_reference' || (type == null && id !== undefined && (role == null || content == null))) {
       ids.push(id)
+    } else if (typeof type === 'string' && Object.hasOwn(FILLED_IN_BY_ID, type) && id != null) {
+      const stored = fields[FILLED_IN_BY_ID[type]!]
+      if (typeof stored !== 'string' || stored === '') ids.push(id)
     }
   }
   return ids
@@ -120,7 +134,7 @@ const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
   'item.create': ['items'],
   'response.create': ['conversation', 'previous_response_id', 'input']
 }
-const ITEM_KEYS = ['type', 'id', 'role', 'content'] as const
+const ITEM_KEYS = ['type', 'id', 'role', 'content', ...Object.values(FILLED_IN_BY_ID)]
 
 /**
  * A key the checks read by its exact name, given in another case (`Conversation`, an item's `Type`), is refused
