@@ -476,6 +476,36 @@ t.todo('a code interpreter container named by id is refused to a non-admin clien
   t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
 })
 
+// Not fixed (a design choice for the lead): a reasoning item without its `encrypted_content` is read from storage
+// by its id (OpenAI's "Item with id 'rs_...' not found. Items are not persisted when `store` is set to false"),
+// across the one account, so another team's rs_ id puts its reasoning in the caller's context. Counting such an
+// item as a reference (FILLED_IN_BY_ID in plugins/ownership.ts: `reasoning: 'encrypted_content'`) closes it, and
+// refuses outside a conversation what every reasoning model's answer holds and clients pass back as it came
+// (`input: [...input, ...response.output]`); they would need `include: ["reasoning.encrypted_content"]` or
+// `previous_response_id`.
+t.todo('a reasoning item without its encrypted content is a reference the upstream fills in by id: another team\'s is refused', async t => {
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, conversationB } = await twoTeams(gw.url)
+  const reasoningA = 'rs_0123456789abcdef0123456789abcdef'
+  await post(KEYS.full, `/v1/conversations/${conversationA}/items`, {
+    items: [{ type: 'reasoning', id: reasoningA, summary: [{ type: 'summary_text', text: 'A\'s private reasoning' }], encrypted_content: 'gAAAA-A' }]
+  })
+  const refusals: Array<[string, string, unknown, number, string, string]> = [
+    ['outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 400, 'item_reference_not_allowed', 'input'],
+    ['in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'input'],
+    ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'items']
+  ]
+  for (const [label, path, body, status, code, param] of refusals) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, status, `${label}: ${status}`)
+    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing went upstream`)
+  }
+  const withContent = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'reasoning', id: reasoningA, summary: [], encrypted_content: 'gAAAA-B' }] })
+  t.equal(withContent.status, 200, 'a reasoning item with its encrypted content is served')
+})
+
 t.test('a key the ownership check reads, spelled in another case, is refused (400 unknown_parameter) and never sent upstream', async t => {
   // An upstream whose JSON reader matches keys without regard to case (Go's encoding/json does) would read
   // "Conversation" as the conversation, "Items" as the items, "Type" as an item's type; the gateway, reading the
