@@ -72,7 +72,8 @@ t.test('another team gets 404 conversation_not_found on all seven id routes, exa
   for (const [action, call] of sevenRoutes(b, conv.id, item!.id)) {
     await assertNotFound(t, await rejection(call()), action, conv.id)
   }
-  t.same(calls(upstream.requests.slice(beforeB)), [], 'nothing of B reached the upstream: A\'s create had told the gateway the owner')
+  t.same(calls(upstream.requests.slice(beforeB)), [`GET /v1/conversations/${conv.id}`],
+    'nothing of B reached the upstream but one lookup, as a missing id costs (then the refusal is remembered)')
 
   // A conversation that really does not exist gives B the very same answer (one lookup, then remembered).
   for (const [action, call] of sevenRoutes(b, missing, 'msg_x')) {
@@ -83,7 +84,8 @@ t.test('another team gets 404 conversation_not_found on all seven id routes, exa
   const headerNames = (r: Response) => [...r.headers.keys()].filter(h => !['date', 'x-gateway-request-id', 'x-ratelimit-remaining-requests', 'x-ratelimit-reset-requests'].includes(h)).sort()
   t.same(headerNames(forged), headerNames(real), 'the same headers for someone else\'s and for a missing conversation')
   t.equal((await forged.text()).replace(conv.id, 'X'), (await real.text()).replace(missing, 'X'), 'the same body')
-  t.same(calls(upstream.requests.slice(beforeB)), [`GET /v1/conversations/${missing}`], 'only the gateway\'s lookup of the missing id went upstream, once')
+  t.same(calls(upstream.requests.slice(beforeB)), [`GET /v1/conversations/${conv.id}`, `GET /v1/conversations/${missing}`],
+    'only the gateway\'s lookups went upstream, once for each id')
 
   const intact = await a.conversations.retrieve(conv.id)
   t.same(intact.metadata, { topic: 'team a' }, 'A\'s conversation is untouched')
@@ -296,6 +298,60 @@ t.test('the owner is looked up once, then cached; a delete forgets it; a missing
   await new Promise(resolve => setTimeout(resolve, 250))
   await assertNotFound(t, await rejection(a.conversations.items.list(conv)), 'after notFoundTtlMs', conv)
   t.equal(lookups(), 3, 'and forgotten after notFoundTtlMs')
+})
+
+t.test('another team\'s 404 costs what a missing id\'s does: one lookup upstream, then none for notFoundTtlMs, so an object in use cannot be told from none by when the answer comes', async t => {
+  // A missing id costs a round trip to the upstream, then is remembered for notFoundTtlMs. An object whose owner
+  // the gateway holds (its team uses it) was refused at once, every time: timing B's first call told B that an
+  // id it had seen in a log still exists and is in use. Each side is counted here in lookups, not timed.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { gw, sdk } = await gateway(t, upstream, { ownership: { notFoundTtlMs: 200 } })
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const conv = await a.conversations.create({ items: [{ type: 'message', role: 'user', content: 'secret' }] })
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'secret' })
+  const conv2 = await a.conversations.create({})
+  const response2 = await a.responses.create({ model: 'gpt-4o', input: 'secret' })
+  const missingConv = 'conv_doesnotexist000000000000000'
+  const missingResp = 'resp_doesnotexist000000000000000'
+  const gets = (path: string) => upstream.requests.filter(r => r.method === 'GET' && r.url === path).length
+
+  const sides: Array<[string, string, (id: string) => Promise<unknown>]> = [
+    ['A\'s conversation', conv.id, id => b.conversations.retrieve(id)],
+    ['a missing conversation', missingConv, id => b.conversations.retrieve(id)],
+    ['A\'s response', response.id, id => b.responses.retrieve(id)],
+    ['a missing response', missingResp, id => b.responses.retrieve(id)],
+    ['A\'s conversation named in a response', conv2.id, id => b.responses.create({ model: 'gpt-4o', input: 'x', conversation: id })],
+    ['A\'s previous response', response2.id, id => b.responses.create({ model: 'gpt-4o', input: 'x', previous_response_id: id })]
+  ]
+  const seen: Record<string, number[]> = {}
+  for (const round of [1, 2]) {
+    for (const [label, id, call] of sides) {
+      const kind = id.startsWith('conv_') ? 'conversations' : 'responses'
+      const counts = seen[label] ??= []
+      const before = gets(`/v1/${kind}/${id}`)
+      t.type(await rejection(call(id)), OpenAI.NotFoundError, `${label}, round ${round}: 404`)
+      counts.push(gets(`/v1/${kind}/${id}`) - before)
+      await rejection(call(id))
+      counts.push(gets(`/v1/${kind}/${id}`) - before)
+    }
+    await new Promise(resolve => setTimeout(resolve, 250))
+  }
+  t.same(seen['a missing conversation'], [1, 1, 1, 1], 'a missing id: one lookup, remembered, looked up again after notFoundTtlMs')
+  t.same(seen['a missing response'], [1, 1, 1, 1], 'the same for a response')
+  t.same(seen['A\'s conversation'], seen['a missing conversation'], 'A\'s conversation costs B the same lookups')
+  t.same(seen['A\'s response'], seen['a missing response'], 'A\'s response too')
+  t.same(seen['A\'s conversation named in a response'], [1, 1, 1, 1], 'and named as a response\'s conversation')
+  t.same(seen['A\'s previous response'], [1, 1, 1, 1], 'or as its previous response')
+  t.same(upstream.requests.filter(r => r.method !== 'GET').map(r => r.url), ['/v1/conversations', '/v1/responses', '/v1/conversations', '/v1/responses'], 'nothing but lookups went upstream for B')
+
+  // A's own calls still need no lookup: its owner is held.
+  const before = upstream.requests.length
+  await a.conversations.retrieve(conv.id)
+  await a.responses.retrieve(response.id)
+  t.same(calls(upstream.requests.slice(before)), [`GET /v1/conversations/${conv.id}`, `GET /v1/responses/${response.id}`], 'A: the calls themselves, no lookup')
+  t.ok(gw.audit().filter(r => r.clientId === 'team-other').every(r => r.status === 404), 'every call of B was a 404')
 })
 
 t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an answer that is not the conversation', async t => {

@@ -189,11 +189,15 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
 
-  /** The owner of `id`: at once from the cache (no promise on the common path), else from the upstream. */
-  function lookup (kind: Owned, id: string, request: FastifyRequest, reply: FastifyReply): Answer<Owner> {
+  /**
+   * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream. A cached
+   * owner that `client` may not act on is looked up anyway, unless refused lately (OwnerCache.refusedLately): a
+   * stranger's 404 costs the round trip a missing id's does.
+   */
+  function lookup (kind: Owned, id: string, client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Answer<Owner> {
     if (!ID_PATTERN.test(id)) return 'missing' // nothing with such an id can exist, or be asked about
     const cached = cache.get(kind, id)
-    if (cached !== undefined) return cached
+    if (cached !== undefined && (cached === 'missing' || mayAct(cached, client) || cache.refusedLately(kind, id))) return cached
     // A client gone while earlier checks were answered: no lookup for it (its call ends here, audited already).
     if (reply.raw.destroyed) throw new UpstreamUnavailableError()
     const callerGone = clientGone(reply)
@@ -289,12 +293,17 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       // (An id from the body may be anything the body limit allows: the answer quotes it cut short, as it does a path.)
       if (found === 'missing') throw new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id)
       request.ownerId = found.owner // the audit names whom a refused call was after
-      const allowed = client.scopes.includes('admin') || found.owner === client.id ||
-        (found.owner === null && opts.unowned() === 'allow')
-      if (!allowed) throw new NotYours(id)
+      if (!mayAct(found, client)) {
+        cache.noteRefused(kind, id)
+        throw new NotYours(id)
+      }
       return found.owner
     }
-    return then(lookup(kind, id, request, reply), decide)
+    return then(lookup(kind, id, client, request, reply), decide)
+  }
+
+  function mayAct (found: { owner: string | null }, client: ClientConfig): boolean {
+    return client.scopes.includes('admin') || found.owner === client.id || (found.owner === null && opts.unowned() === 'allow')
   }
 
   /** Every object in the answer (and each streamed event) reaches the client without the owner key. */
