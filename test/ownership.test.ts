@@ -514,22 +514,31 @@ t.test('an image generation call without its image is a reference the upstream f
   t.match(await otherCase.json(), { error: { code: 'unknown_parameter', param: 'input[0].Result' } }, 'unknown_parameter')
 })
 
-// Not fixed (a design choice for the lead): a code interpreter container named by id is one the upstream runs
-// the call's code in, with every file in it, across the one account all teams share. A team's containers come
-// from its own `container: { type: 'auto' }` calls (their ids are in its answers, as `container_id`), carry no
-// metadata to own them by, and are not routed by the gateway, so no check can say whose one is. Refusing an
-// explicit container id from a non-admin client closes it, and takes from every team the reuse of its own
-// containers across calls. The expected code below is a proposal.
-t.todo('a code interpreter container named by id is refused to a non-admin client: it could be another team\'s, with its files', async t => {
+// A code interpreter container named by id is one the upstream runs the call's code in, with every file in it,
+// across the one account all teams share. A team's containers come from its own `container: { type: 'auto' }`
+// calls (their ids are in its answers, as `container_id`), carry no metadata to own them by, and are not routed by
+// the gateway, so no check can say whose one is: only admin keys may name one. Auto mode still reuses an active
+// container from the response's own context.
+t.test('a code interpreter container named by id is refused to a non-admin client: it could be another team\'s, with its files', async t => {
   const { upstream, gw } = await setup(t)
   const { post } = await twoTeams(gw.url)
+  const container = 'cntr_0123456789abcdef0123456789abcdef'
   const before = upstream.requests.length
   const res = await post(KEYS.other, '/v1/responses', {
-    model: 'gpt-4o', input: 'list /mnt/data', tools: [{ type: 'code_interpreter', container: 'cntr_0123456789abcdef0123456789abcdef' }]
+    model: 'gpt-4o', input: 'list /mnt/data', tools: [{ type: 'web_search' }, { type: 'code_interpreter', container }]
   })
-  t.equal(res.status, 400, 'refused')
-  t.match(await res.json(), { error: { type: 'invalid_request_error', param: 'tools[0].container' } }, 'naming the container')
+  t.equal(res.status, 403, 'refused')
+  t.match(await res.json(), { error: { type: 'invalid_request_error', code: 'container_not_allowed', param: 'tools[1].container' } }, 'naming the container')
+  const otherCase = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', Container: container }] })
+  t.equal(otherCase.status, 400, 'the key in another case, which a case-blind upstream would read')
+  t.match(await otherCase.json(), { error: { code: 'unknown_parameter', param: 'tools[0].Container' } })
   t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
+  t.match(gw.audit().at(-2), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
+
+  const auto = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', container: { type: 'auto' } }] })
+  t.equal(auto.status, 200, 'a container the upstream picks (auto) is served')
+  const admin = await post(KEYS.admin, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', container }] })
+  t.equal(admin.status, 200, 'an admin key may name one')
 })
 
 // Not fixed (a design choice for the lead): a reasoning item without its `encrypted_content` is read from storage

@@ -4,14 +4,33 @@
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
 import {
-  BackgroundNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, UnknownParameterError
+  BackgroundNotAllowedError, ContainerNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, UnknownParameterError
 } from '../errors.js'
 import { otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
 /** The keys of a create's body that the checks here read by their exact names. */
-const CHECKED_KEYS = ['model', 'stream', 'background']
+const CHECKED_KEYS = ['model', 'stream', 'background', 'tools']
+/** The keys of each tool that namedContainer reads by their exact names. */
+const TOOL_KEYS = ['type', 'container']
+
+/**
+ * Where a create's tools name a code interpreter container by id (`"container": "cntr_..."`, anything but an
+ * object such as `{ "type": "auto" }`), or a key read here in another case (then an unknown parameter, as at the
+ * top level). The upstream runs the call's code in that container, with every file in it, across the one account
+ * all teams share; a container carries no metadata to own it by, so no check can say whose it is.
+ */
+function namedContainer (tools: unknown): { param: string, otherCase: boolean } | null {
+  if (!Array.isArray(tools)) return null
+  for (const [i, tool] of tools.entries()) {
+    const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`)
+    if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
+    const { type, container } = (tool ?? {}) as { type?: unknown, container?: unknown }
+    if (type === 'code_interpreter' && container != null && typeof container !== 'object') return { param: `tools[${i}].container`, otherCase: false }
+  }
+  return null
+}
 
 export default fp(async function responses (app) {
   app.decorateRequest('responseFacts', null)
@@ -61,6 +80,13 @@ export default fp(async function responses (app) {
     if (creating && background !== undefined && background !== null && background !== false &&
       client.rateLimit.tokensPerMinute !== undefined) {
       done(new BackgroundNotAllowedError())
+      return
+    }
+    const named = creating && !client.scopes.includes('admin') ? namedContainer((body as { tools?: unknown } | undefined)?.tools) : null
+    if (named !== null) {
+      const err = named.otherCase ? new UnknownParameterError(named.param) : new ContainerNotAllowedError()
+      err.param = named.param
+      done(err)
       return
     }
     addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer })
