@@ -163,7 +163,7 @@ function refuseOtherCases (action: Action, body: unknown): void {
  * frameworks read it (`metadata[gateway_owner]`, `conversation.id`, any case).
  */
 const CHECKED_BODY_KEYS = new Set([
-  'conversation', 'previous_response_id', 'input', 'items', 'metadata', OWNER_KEY, 'model', 'stream', 'background'
+  'conversation', 'previous_response_id', 'input', 'items', 'metadata', OWNER_KEY, 'model', 'stream', 'background', 'tools'
 ])
 
 function refuseCheckedKeysInQuery (url: string): void {
