@@ -105,22 +105,30 @@ t.test('SIGHUP adds a client (its key works at once), revokes one (401 at once),
   t.match(records.filter(r => r.clientId === 'team-c'), [{ keyId: 'c-2025', status: 200 }], 'the audit names the key that was used')
 })
 
-t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not end it: the reload is held and done once it is built', async t => {
-  const upstream = await fakeUpstream(t)
-  // A "Redis" that takes connections and never answers: the start waits on it (up to 2 s) with the audit open.
+/**
+ * The bin started on a config whose "Redis" takes connections and never answers: the start waits on it (up to 2 s)
+ * with the audit open. Returned once the gateway has connected to it, while it is still being built.
+ */
+async function startOnSilentRedis (t: Test, upstreamUrl: string) {
   const connected: Socket[] = []
   const silent = createTcpServer(socket => { connected.push(socket) })
   await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
   t.teardown(() => { for (const s of connected) s.destroy(); silent.close() })
   const redisUrl = `redis://127.0.0.1:${(silent.address() as AddressInfo).port}`
   const { file, dir } = configFile('')
-  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
+  writeFileSync(file, gatewayYaml(dir, upstreamUrl, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
   const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: binEnv })
   t.teardown(() => child.kill('SIGKILL'))
   const output = { text: '' }
   child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
   const exited = once(child, 'exit')
-  await eventually(async () => connected.length > 0, 'the gateway connecting to its store')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store, its audit open')
+  return { child, output, exited, file, dir, redisUrl }
+}
+
+t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not end it: the reload is held and done once it is built', async t => {
+  const upstream = await fakeUpstream(t)
+  const { child, output, exited, file, dir, redisUrl } = await startOnSilentRedis(t, upstream.url)
   writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-b', key: KEY_B }], `store: { url: "${redisUrl}" }`))
   child.kill('SIGHUP')
 
@@ -134,19 +142,7 @@ t.test('a SIGHUP while the gateway starts (its Redis not answering yet) does not
 
 t.test('a SIGUSR2 while the gateway starts (a logrotate run, its Redis not answering yet) does not end it: the audit reopen is held and done once it is built', async t => {
   const upstream = await fakeUpstream(t)
-  const connected: Socket[] = []
-  const silent = createTcpServer(socket => { connected.push(socket) })
-  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => { for (const s of connected) s.destroy(); silent.close() })
-  const redisUrl = `redis://127.0.0.1:${(silent.address() as AddressInfo).port}`
-  const { file, dir } = configFile('')
-  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `store: { url: "${redisUrl}" }`))
-  const child = spawn(process.execPath, [BIN, 'start', '--config', file], { env: binEnv })
-  t.teardown(() => child.kill('SIGKILL'))
-  const output = { text: '' }
-  child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
-  const exited = once(child, 'exit')
-  await eventually(async () => connected.length > 0, 'the gateway connecting to its store, its audit open')
+  const { child, output, exited } = await startOnSilentRedis(t, upstream.url)
   child.kill('SIGUSR2') // by default, SIGUSR2 ends a process
   t.notMatch(output.text, /Server listening/, 'the signal came while the gateway was being built')
 
