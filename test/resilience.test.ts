@@ -195,6 +195,26 @@ t.test('a fronting proxy\'s (Cloudflare\'s) statuses speak against the line, and
     t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'two quick calls timed out at the edge: line 0 skipped')
     t.ok(gw.logs.some(l => l.includes('upstream line 0 answered 524; retrying on line 1')), 'the log says why')
   })
+
+  await t.test('a POST its proxy says the origin got (504, 520, 524) is not sent again by the SDK either: x-should-retry: false', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 100 })
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2, timeout: 5000 })
+    for (const status of [524, 504, 520]) {
+      lines[0]!.requests.length = 0
+      lines[0]!.respond = cloudflare(status)
+      const err = await sdk.responses.create({ model: 'gpt-4o-mini', input: 'a long answer' }).catch((e: unknown) => e)
+      t.equal((err as InstanceType<typeof OpenAI.APIError>).status, status, `${status}: raised`)
+      t.equal(lines[0]!.requests.length, 1, `${status}: the generation the origin may be running is sent once, not three times`)
+    }
+    // A GET is still the SDK's to retry, and a 503 (the origin refused it: overloaded) too.
+    lines[0]!.requests.length = 0
+    const get = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(get.status, 520)
+    t.equal(get.headers['x-should-retry'], undefined)
+    lines[0]!.respond = cloudflare(503)
+    const overloaded = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(overloaded.headers['x-should-retry'], undefined)
+  })
 })
 
 t.test('retries never duplicate work', async t => {

@@ -17,7 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
-import { MAX_WHOLE_BYTES, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
@@ -480,6 +480,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         return
       }
       if (!ok) {
+        // (unless the upstream said otherwise itself)
+        if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
         void sendError(request, reply, res)
         return
       }

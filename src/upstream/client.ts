@@ -146,6 +146,14 @@ const LINE_FAULT_STATUSES = new Map<number, 'nothing-sent' | 'reset' | 'timeout'
 ])
 
 /**
+ * Of those, the statuses that say the origin got the call and may be doing it still (504/524: too slow; 520: its
+ * answer unusable). Passed on for a POST with `x-should-retry: false` (plugins/proxy.ts): the SDKs retry every 5xx,
+ * and would send a generation the origin is running again, twice. (502/503 are left to them: an origin's own
+ * mostly says it did not take the call.)
+ */
+export const ORIGIN_MAY_HAVE_IT = new Set([504, 520, 524])
+
+/**
  * undici takes an EventEmitter with an `aborted` flag as a request's signal, as well as an AbortSignal; this one
  * costs a fraction of an AbortController, and there is one per upstream call.
  */
