@@ -320,6 +320,22 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
   }
 
+  /**
+   * A JSON text whose escapes (`\u0073`, `\/`) may spell the token: searched string by string once parsed, and
+   * written again only when it held one (its numbers as they came). `body` itself otherwise, or when not JSON.
+   */
+  function scrubbedJson (body: Buffer): Buffer {
+    if (!hasEscapes(body)) return body
+    let parsed: unknown
+    try {
+      parsed = parseExact(body.toString('utf8'))
+    } catch {
+      return body
+    }
+    const clean = scrub.json(parsed)
+    return clean === parsed ? body : Buffer.from(stringifyExact(clean, parsed))
+  }
+
   /** A 2xx answer passed on as the upstream's bytes, but for the upstream token (upstream/scrub.ts). */
   async function sendSearched (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): Promise<void> {
     const length = Number(res.headers['content-length'] ?? NaN)
@@ -352,7 +368,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
-    const scrubbed = scrub.bytes(decoded)
+    const scrubbed = scrubbedJson(scrub.bytes(decoded))
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
       reply.send(raw)

@@ -7,8 +7,8 @@
 //   also searched string by string once parsed, whatever escapes spell the token (`\/`, `\u0073`);
 // - from each event of a 2xx event stream (Responses): a JSON event's data string by string, and every event's
 //   bytes as written (comments, names and ids, data in plain text);
-// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short, else
-//   searched as it streams through (`stream`).
+// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short (and, as
+//   JSON with escapes, string by string too), else searched as it streams through (`stream`: as bytes only).
 // The tokens searched for are the one in force and the few before it: an answer to a call sent before a rotation
 // may quote the token it was sent with.
 import { Transform } from 'node:stream'
