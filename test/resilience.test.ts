@@ -196,6 +196,22 @@ t.test('a fronting proxy\'s (Cloudflare\'s) statuses speak against the line, and
     t.ok(gw.logs.some(l => l.includes('upstream line 0 answered 524; retrying on line 1')), 'the log says why')
   })
 
+  await t.test('a generation its proxy gave up on (524) decides nothing: it neither restores a skipped line nor clears its count', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 200 })
+    lines[0]!.respond = cloudflare(524)
+    const read = async () => { t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a read, served by line 1') }
+    await read()
+    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 524)
+    await read()
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'two quick calls timed out at the edge, a generation between them')
+    await sleep(250)
+    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 524, 'the trial call, a generation: 524')
+    t.notMatch((await healthOf(gw)).upstream[0], { state: 'up' }, 'the line whose origin does not answer is not trusted again')
+    await read()
+    t.equal(lines[0]!.requests.length, 5, 'the next call was its trial')
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' })
+  })
+
   await t.test('a POST its proxy says the origin got (504, 520, 524) is not sent again by the SDK either: x-should-retry: false', async t => {
     const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 100 })
     const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2, timeout: 5000 })

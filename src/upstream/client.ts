@@ -467,8 +467,11 @@ export class Upstream {
           continue
         }
         const fault = LINE_FAULT_STATUSES.get(answer.statusCode)
-        // (a generation that outlived a proxy's deadline says nothing against the line, as one that outlives ours)
-        if (fault !== undefined && !(fault === 'timeout' && generation)) {
+        if (fault === 'timeout' && generation) {
+          // A generation that outlived a proxy's deadline says nothing of the line, as one that outlives ours: no
+          // failure, and no answer that would restore a skipped line or clear its count (attemptFailed).
+          health.released(index)
+        } else if (fault !== undefined) {
           health.failed(index)
           const next = retryLine(settings, health, call, tried, fault === 'timeout' ? 'reset' : fault)
           if (next !== null) {
