@@ -197,6 +197,11 @@ function mayBeDoneUpstream (method: string, reply: { header: (name: string, valu
   if (method === 'POST') reply.header('x-should-retry', 'false')
 }
 
+/** The client went away before its answer was complete (its upstream call is aborted: clientGone). */
+function clientLeft (reply: FastifyReply): boolean {
+  return reply.raw.destroyed && !reply.raw.writableFinished
+}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
@@ -296,6 +301,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     try {
       raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
+      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
       request.log.warn({ err }, 'upstream answer could not be read')
       mayBeDoneUpstream(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
@@ -363,6 +369,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
+      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer could not be read')
       mayBeDoneUpstream(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
@@ -387,6 +394,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       decoded = decodedBody(raw, res.headers['content-encoding'], MAX_ERROR_BYTES)
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
+      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
       mayBeDoneUpstream(request.method, reply)
       reply.send(new UpstreamUnavailableError())
