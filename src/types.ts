@@ -5,6 +5,7 @@ import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
 import type { ResponseFacts } from './responses/usage.js'
 import type { AuditObserver, ResponseWatch } from './plugins/audit.js'
+import type { HealthDetails } from './plugins/health.js'
 import type { ConfigChange } from './reload.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
 
@@ -92,7 +93,7 @@ declare module 'fastify' {
     /** plugins/health.ts: a shutdown has begun; /readyz answers 503 draining from now on */
     startDraining (): void
     /** plugins/health.ts: /healthz's body with its details (the audit, the store, each upstream line), for operators */
-    healthDetails (): Record<string, unknown>
+    healthDetails (): HealthDetails
   }
   interface FastifyContextConfig {
     /** routes outside the API (health): no key, no audit */

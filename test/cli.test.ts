@@ -134,10 +134,11 @@ t.test('an unknown command exits 1 with the usage', async t => {
 
 t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', async t => {
   const { file, dir } = configFile('')
-  writeFileSync(file, good(dir))
-  const { child, url, output } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
-  const health = await fetch(`${url}/healthz`)
-  t.match(await health.json(), { status: 'ok', audit: 'ok', upstream: [{ line: 0, host: '127.0.0.1:9', state: 'up' }] })
+  writeFileSync(file, `${good(dir)}metrics: { token: "\${METRICS_TOKEN}" }\n`)
+  const { child, url, output } = await startBin(t, file, { OHMYGPT_API_KEY: 'x', METRICS_TOKEN: 'cli-test-metrics-token-0123' })
+  t.same(await (await fetch(`${url}/healthz`)).json(), { status: 'ok' }, 'alive, to anyone')
+  const health = await fetch(`${url}/healthz`, { headers: { authorization: 'Bearer cli-test-metrics-token-0123' } })
+  t.match(await health.json(), { status: 'ok', audit: 'ok', upstream: [{ line: 0, host: '127.0.0.1:9', state: 'up' }] }, 'the details, to the metrics token')
   const denied = await fetch(`${url}/v1/conversations`, { method: 'POST', headers: { authorization: 'Bearer ogw_cli-test-key-wrong' } })
   t.equal(denied.status, 401)
 

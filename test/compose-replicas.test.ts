@@ -67,6 +67,18 @@ t.test('nginx balances over exactly the gateway services, on the port they liste
   t.notMatch(nginxConf, /proxy_intercept_errors\s+on/, 'replica answers pass through untouched')
 })
 
+t.test('the audit names the caller behind nginx: nginx sets X-Forwarded-For to its peer, and only the replicas\' private network is trusted for it', async t => {
+  // Without it every record's `ip` is nginx's, and one address guessing keys makes every caller's wrong key a 429.
+  // Set, not appended: an X-Forwarded-For the caller sent would otherwise be believed too (the replicas trust the
+  // whole private range nginx sits in). Checked by hand with nginx 1.22 in front of a gateway: a caller on
+  // 127.0.0.2 sending X-Forwarded-For: 6.6.6.6 was audited as 127.0.0.2.
+  t.match(nginxConf, /^\s*proxy_set_header\s+X-Forwarded-For\s+\$remote_addr;/m)
+  t.notMatch(nginxConf, /\$proxy_add_x_forwarded_for/)
+  const config = loadConfig('config/replica.yaml', { OHMYGPT_API_KEY: 'sk-x', REDIS_PASSWORD: 'p', REPLICA: 'gateway-1' })
+  t.same(config.trustProxy, ['uniquelocal'], 'nginx\'s address on the compose network')
+  for (const [name, service] of gateways) t.same(service.ports ?? [], [], `${name} publishes no port: only nginx reaches it`)
+})
+
 t.test('Redis keeps no data on disk and needs the password', async t => {
   const redis = services.redis!
   const command = (redis.command ?? []).join(' ')

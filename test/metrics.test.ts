@@ -10,7 +10,7 @@ import { METRICS_MAX_CONNECTIONS } from '../src/plugins/metrics.js'
 import { memoryLog } from './fixtures/audit.js'
 import { eventually } from './fixtures/eventually.js'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
-import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
+import { closedPort, startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
 const TOKEN = 'metrics-token-0123456789abcdef'
 
@@ -171,6 +171,24 @@ t.test('metrics.listen serves /metrics on its own host:port only, with the token
   t.equal((await scrape(`http://127.0.0.1:${port}`, null)).status, 401)
   t.equal((await scrape(`http://127.0.0.1:${port}`, 'wrong-token-0123456789')).status, 401)
   t.equal((await scrape(`http://127.0.0.1:${port}`)).status, 200)
+})
+
+t.test('each upstream line\'s state and the store\'s are gauges, read at each scrape', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const refusing = `http://127.0.0.1:${await closedPort()}`
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    metrics: { token: TOKEN },
+    upstream: { baseUrls: [refusing, upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 1, cooldownMs: 60_000 }
+  }))
+  const before = await metricsText(gw.url)
+  t.equal(sample(before, 'gateway_upstream_line_up{line="0"}'), 1)
+  t.equal(sample(before, 'gateway_upstream_line_up{line="1"}'), 1)
+  t.equal(sample(before, 'gateway_store_available'), 1)
+  t.equal((await call(gw, KEYS.full)).status, 200, 'refused by line 0, served by line 1')
+  const after = await metricsText(gw.url)
+  t.equal(sample(after, 'gateway_upstream_line_up{line="0"}'), 0, 'line 0 skipped')
+  t.equal(sample(after, 'gateway_upstream_line_up{line="1"}'), 1)
 })
 
 t.test('metrics.listen serves /healthz with its details (the API port shows them only to the token)', async t => {

@@ -159,7 +159,8 @@ t.test('the Python SDK reads items with include, and generates a response into i
     `GET /v1/conversations/:c/items?${include}&limit=1&order=asc`,
     `GET /v1/conversations/:c/items/:hi?${include}`,
     'POST /v1/responses',
-    'GET /v1/conversations/:c/items?order=asc'
+    'GET /v1/conversations/:c/items?order=asc',
+    'GET /v1/conversations/:c' // the other team's: the gateway's lookup, as a missing id costs; its response is not sent
   ], 'include reached the upstream as the SDK wrote it; the other team\'s response never went upstream')
   t.same(gw.audit().map(r => [r.clientId, r.action, r.status, r.outcome, r.conversationId]), [
     ['team-full', 'conversation.create', 200, 'ok', conv],
@@ -228,6 +229,7 @@ t.test('the Python SDK raises its typed errors for refused calls, which never re
     'POST /v1/conversations',
     'GET /v1/conversations/:c/items',
     'GET /v1/conversations/:c/items?limit=0',
+    'GET /v1/conversations/:c', // the reader's: the gateway's lookup, as a missing id costs
     'DELETE /v1/conversations/:c',
     'GET /v1/conversations/:c', // the gateway's lookup, which finds nothing; the item delete after it is not sent
     'POST /v1/conversations',

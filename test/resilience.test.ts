@@ -103,6 +103,37 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a line that fails every other call is skipped while another line is up; the last line up is not', async t => {
+    /** 503 to every other call (never two failures in a row), an empty list of items to the others */
+    const flapping = (): Responder => {
+      let calls = 0
+      return (req, res, body) => {
+        if (calls++ % 2 === 0) {
+          faults.status(503)(req, res, body)
+          return
+        }
+        res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}')
+      }
+    }
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 3, cooldownMs: 30_000 })
+    lines[0]!.respond = flapping()
+    for (let i = 0; i < 11; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `read ${i + 1}`)
+    t.equal(lines[0]!.requests.length, 11)
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'half of its last ten calls failed: skipped')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 skipped')), 'the log says so')
+    await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(lines[0]!.requests.length, 11, 'and it gets nothing while skipped')
+
+    // Alone, it is never skipped for it: half its calls served is better than none.
+    const alone = await setup(t, 1, { failureThreshold: 3, cooldownMs: 30_000 })
+    alone.lines[0]!.respond = flapping()
+    const statuses = []
+    for (let i = 0; i < 20; i++) statuses.push((await call(alone.gw.url, 'GET', `/v1/conversations/${alone.conv}/items`)).status)
+    t.equal(statuses.filter(s => s === 200).length, 10, 'every other call served')
+    t.equal(alone.lines[0]!.requests.length, 20, 'every call tried on the line')
+    t.match((await healthOf(alone.gw)).upstream, [{ line: 0, state: 'up' }])
+  })
+
   await t.test('a line that breaks off its answers mid-body counts failures and is skipped; the next line serves', async t => {
     const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 30_000 })
     const [first, second] = lines as [FakeUpstream, FakeUpstream]

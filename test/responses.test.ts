@@ -460,7 +460,8 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
     t.type(e, OpenAI.NotFoundError, `${label}: NotFoundError`)
     t.match(e, { status: 404, code: 'response_not_found', param: 'response_id' })
   }
-  t.same(upstreamCalls(upstream, before), [], 'nothing of B reached the upstream')
+  t.same(upstreamCalls(upstream, before), ['GET /v1/conversations/conv_x', 'GET /v1/responses/resp_x'],
+    'nothing of B reached the upstream but a lookup of each, as a missing id costs')
 
   const chained = await a.responses.create({ model: 'gpt-4o', input: 'again', previous_response_id: response.id, conversation: undefined })
   t.equal(chained.previous_response_id, response.id, 'A may chain its own responses')

@@ -161,10 +161,26 @@ export class OwnerCache {
   readonly #cache: LRUCache<string, Owner>
   readonly #inFlight = new Map<string, Lookup>()
   readonly #missingTtlMs: number
+  /** Objects refused to a stranger lately, remembered as long as a missing one is (refusedLately). */
+  readonly #refused: LRUCache<string, true> | null
 
   constructor (opts: OwnerCacheOptions) {
     this.#cache = new LRUCache<string, Owner>({ max: opts.max, ttl: opts.ttlMs })
     this.#missingTtlMs = opts.missingTtlMs
+    this.#refused = opts.missingTtlMs > 0 ? new LRUCache<string, true>({ max: opts.max, ttl: opts.missingTtlMs }) : null
+  }
+
+  /**
+   * Whether a `kind` with `id` was refused to a client that may not act on it within the last missingTtlMs. A
+   * refusal is answered as a missing id is: after a lookup upstream, then at once while this remembers it, so
+   * that how soon a stranger is answered does not tell an object in use (its owner cached) from none.
+   */
+  refusedLately (kind: Owned, id: string): boolean {
+    return this.#refused?.get(`${kind}:${id}`) === true
+  }
+
+  noteRefused (kind: Owned, id: string): void {
+    this.#refused?.set(`${kind}:${id}`, true)
   }
 
   /** The cached owner of a `kind` with `id`, if any: the common case, answered with no promise. */

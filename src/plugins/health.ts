@@ -12,6 +12,7 @@
 import fp from 'fastify-plugin'
 import type { RateLimitStore } from '../stores/rate-limit-store.js'
 import type { Upstream } from '../upstream/client.js'
+import type { LineState } from '../upstream/lines.js'
 import { tokenCheck } from './metrics.js'
 
 export interface HealthOptions {
@@ -23,12 +24,20 @@ export interface HealthOptions {
   token?: string
 }
 
+/** /healthz's body for operators (the API port's callers see only the status). */
+export interface HealthDetails {
+  status: 'ok'
+  audit: 'ok' | 'unavailable'
+  store: 'ok' | 'unavailable'
+  upstream: Array<{ line: number, host: string, state: LineState, failures: number, retryInMs: number | null }>
+}
+
 export type NotReady = 'starting' | 'draining' | 'upstream_unavailable' | 'audit_unavailable' | 'store_unavailable'
 
 export default fp<HealthOptions>(async function health (app, { upstream, store, storeRefuses, token }) {
   let draining = false
   const seesDetails = token === undefined ? () => false : tokenCheck(token)
-  const details = () => ({
+  const details = (): HealthDetails => ({
     status: 'ok',
     audit: app.auditState(),
     store: store.available() ? 'ok' : 'unavailable',

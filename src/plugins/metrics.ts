@@ -18,6 +18,7 @@ import { whenClosed } from '../http/response.js'
 import { describeListenError, StartupError } from '../preflight.js'
 import { ACTIONS } from '../operations.js'
 import type { AuditRecord } from './audit.js'
+import type { HealthDetails } from './health.js'
 
 export interface MetricsOptions {
   /** "host:port" of a listener of its own; unset: served on the main port (token required) */
@@ -69,7 +70,7 @@ function hostPort (listen: string): { host: string, port: number } {
   return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) }
 }
 
-function gatewayMetrics (opts: MetricsOptions) {
+function gatewayMetrics (opts: MetricsOptions, health: () => HealthDetails) {
   const register = new Registry()
   collectDefaultMetrics({ register })
   const requests = new Counter({
@@ -122,6 +123,25 @@ function gatewayMetrics (opts: MetricsOptions) {
     registers: [register],
     collect () { this.set(writer.available ? 1 : 0) }
   })
+  // The rest of /healthz's details, read at each scrape (plugins/health.ts): one series per configured line.
+  // eslint-disable-next-line no-new
+  new Gauge({
+    name: 'gateway_upstream_line_up',
+    help: '1 while an upstream line is in use, 0 while it is skipped (down, or on its trial call)',
+    labelNames: ['line'],
+    registers: [register],
+    collect () {
+      this.reset()
+      for (const line of health().upstream) this.set({ line: String(line.line) }, line.state === 'up' ? 1 : 0)
+    }
+  })
+  // eslint-disable-next-line no-new
+  new Gauge({
+    name: 'gateway_store_available',
+    help: '1 while the rate-limit store answers (always, in memory), 0 while Redis is disconnected or refuses the bucket script',
+    registers: [register],
+    collect () { this.set(health().store === 'ok' ? 1 : 0) }
+  })
 
   const actions = new Set<string>(ACTIONS)
   const clientLabel = (id: string | null) => id === null ? 'none' : opts.isClient(id) ? id : 'other'
@@ -147,7 +167,8 @@ function gatewayMetrics (opts: MetricsOptions) {
 }
 
 export default fp<MetricsOptions>(async function metrics (app, opts) {
-  const { register, inFlight, observe } = gatewayMetrics(opts)
+  // (the health plugin is registered after this one: its details are read at each scrape)
+  const { register, inFlight, observe } = gatewayMetrics(opts, () => app.healthDetails())
   const authorized = tokenCheck(opts.token)
   app.onAuditRecord(observe)
 

@@ -1,7 +1,8 @@
 // The health of each OhMyGPT line (upstream.baseUrls, in order of preference): a line that fails
-// `failureThreshold` times in a row is skipped for `cooldownMs`, then given exactly one call (half-open) that
-// decides whether it is trusted again (a generation on trial gives its place up once it has a connection: see
-// trialConnected). Pure bookkeeping with an injectable clock; upstream/client.ts decides what
+// `failureThreshold` times in a row, or half of its last RECENT_CALLS calls while another line is up (one that
+// fails every other call never fails twice in a row), is skipped for `cooldownMs`, then given exactly one call
+// (half-open) that decides whether it is trusted again (a generation on trial gives its place up once it has a
+// connection: see trialConnected). Pure bookkeeping with an injectable clock; upstream/client.ts decides what
 // counts as a failure and asks which line to try next.
 
 export type LineState = 'up' | 'down' | 'half-open'
@@ -25,10 +26,19 @@ export interface LineHealthOptions {
   onChange?: (status: LineStatus, previous: LineState) => void
 }
 
+/**
+ * The calls a line's recent failure rate is judged over. A line that fails at least half of them is skipped when
+ * another line is up (its calls then cost an attempt each there, and a POST that fails after it was sent cannot be
+ * sent again); the last line up is never skipped for it: half its calls served is better than none.
+ */
+export const RECENT_CALLS = 10
+
 interface Line {
   index: number
   url: string
   failures: number
+  /** outcomes of its last RECENT_CALLS calls since it was last restored, true for a failure, oldest first */
+  recent: boolean[]
   down: boolean
   downUntil: number
   /** the one trial call of a line whose cooldown is over is in flight */
@@ -40,7 +50,7 @@ export class LineHealth {
   readonly #opts: Required<Omit<LineHealthOptions, 'onChange'>> & Pick<LineHealthOptions, 'onChange'>
 
   constructor (urls: readonly string[], opts: LineHealthOptions) {
-    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, down: false, downUntil: 0, probing: false }))
+    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downUntil: 0, probing: false }))
     this.#opts = { now: () => performance.now(), ...opts }
   }
 
@@ -79,7 +89,12 @@ export class LineHealth {
     line.failures = 0
     line.down = false
     line.probing = false
-    if (previous !== 'up') this.#changed(line, previous)
+    if (previous !== 'up') {
+      line.recent = [] // restored: judged afresh
+      this.#changed(line, previous)
+    } else {
+      remember(line, false)
+    }
   }
 
   /**
@@ -91,7 +106,8 @@ export class LineHealth {
     if (line === undefined) return
     const previous = this.#state(line)
     line.failures++
-    if (line.down || line.failures >= this.#opts.failureThreshold) {
+    if (!line.down) remember(line, true)
+    if (line.down || line.failures >= this.#opts.failureThreshold || (this.#flaky(line) && this.#anotherUp(line))) {
       line.down = true
       line.probing = false
       line.downUntil = this.#opts.now() + this.#opts.cooldownMs
@@ -134,6 +150,15 @@ export class LineHealth {
     return this.#lines.map(line => this.#status(line))
   }
 
+  /** Half or more of its last RECENT_CALLS calls failed. */
+  #flaky (line: Line): boolean {
+    return line.recent.length === RECENT_CALLS && line.recent.filter(Boolean).length * 2 >= RECENT_CALLS
+  }
+
+  #anotherUp (line: Line): boolean {
+    return this.#lines.some(other => other !== line && !other.down)
+  }
+
   #state (line: Line): LineState {
     return !line.down ? 'up' : line.probing ? 'half-open' : 'down'
   }
@@ -152,4 +177,9 @@ export class LineHealth {
   #changed (line: Line, previous: LineState): void {
     this.#opts.onChange?.(this.#status(line), previous)
   }
+}
+
+function remember (line: Line, failed: boolean): void {
+  line.recent.push(failed)
+  if (line.recent.length > RECENT_CALLS) line.recent.shift()
 }
