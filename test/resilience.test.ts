@@ -226,6 +226,42 @@ t.test('a fronting proxy\'s (Cloudflare\'s) statuses speak against the line, and
     t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'two quick calls timed out at the edge: line 0 skipped')
     t.ok(gw.logs.some(l => l.includes('upstream line 0 answered 524; retrying on line 1')), 'the log says why')
   })
+
+  await t.test('a generation its proxy gave up on (524) decides nothing: it neither restores a skipped line nor clears its count', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 200 })
+    lines[0]!.respond = cloudflare(524)
+    const read = async () => { t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a read, served by line 1') }
+    await read()
+    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 524)
+    await read()
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'two quick calls timed out at the edge, a generation between them')
+    await sleep(250)
+    t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 524, 'the trial call, a generation: 524')
+    t.notMatch((await healthOf(gw)).upstream[0], { state: 'up' }, 'the line whose origin does not answer is not trusted again')
+    await read()
+    t.equal(lines[0]!.requests.length, 5, 'the next call was its trial')
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' })
+  })
+
+  await t.test('a POST its proxy says the origin got (504, 520, 524) is not sent again by the SDK either: x-should-retry: false', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 100 })
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2, timeout: 5000 })
+    for (const status of [524, 504, 520]) {
+      lines[0]!.requests.length = 0
+      lines[0]!.respond = cloudflare(status)
+      const err = await sdk.responses.create({ model: 'gpt-4o-mini', input: 'a long answer' }).catch((e: unknown) => e)
+      t.equal((err as InstanceType<typeof OpenAI.APIError>).status, status, `${status}: raised`)
+      t.equal(lines[0]!.requests.length, 1, `${status}: the generation the origin may be running is sent once, not three times`)
+    }
+    // A GET is still the SDK's to retry, and a 503 (the origin refused it: overloaded) too.
+    lines[0]!.requests.length = 0
+    const get = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(get.status, 520)
+    t.equal(get.headers['x-should-retry'], undefined)
+    lines[0]!.respond = cloudflare(503)
+    const overloaded = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(overloaded.headers['x-should-retry'], undefined)
+  })
 })
 
 t.test('retries never duplicate work', async t => {

@@ -72,6 +72,29 @@ t.test('an answer searched as it streams loses every token however its chunks cu
   t.equal(await streamed(scrub, []), '')
 })
 
+t.test('an answer searched as it streams loses a token spelled with JSON escapes, however its chunks cut it', async t => {
+  const token = 'sk-abc/def"g\\h-0123'
+  const scrub = scrubber(token)
+  // Each character as written, or as JSON may escape it: \u0073 (any case), \/, \", \\.
+  const spellings = [
+    JSON.stringify(token).slice(1, -1),
+    '\\u0073k-abc\\/def\\"g\\\\h-0123',
+    'sk-abc/def\\u0022g\\u005Ch-012\\u0033',
+    [...token].map(c => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')
+  ]
+  for (const spelling of spellings) {
+    const body = Buffer.from(`{"a":"x ${spelling} y","b":"\\u0073k-abc"}`)
+    t.equal(JSON.parse(body.toString()).a, `x ${token} y`, `(${spelling} is the token once parsed)`)
+    const want = '{"a":"x [redacted] y","b":"\\u0073k-abc"}'
+    let wrong = 0
+    for (let at = 0; at <= body.length; at++) {
+      if (await streamed(scrub, [body.subarray(0, at), body.subarray(at)]) !== want) wrong++
+    }
+    t.equal(wrong, 0, `${spelling}: cut in two at every byte, taken out`)
+    t.equal(await streamed(scrub, [...body].map(b => Buffer.from([b]))), want, `${spelling}: one byte at a time`)
+  }
+})
+
 t.test('a token too short to search for gives no stream to search with', async t => {
   t.equal(scrubber('short').stream(), null)
 })

@@ -700,6 +700,26 @@ t.test('a client that hangs up mid-body is audited once as aborted, the upstream
   t.equal(gw.audit().length, 2, 'one more record for the next call, none more for the aborted one')
 })
 
+t.test('a client that hangs up while a short answer is read whole (to be searched) is audited as aborted, with no upstream warning', async t => {
+  const { upstream, gw } = await setup(t)
+  let upstreamClosed = false
+  upstream.respond = (_req, res) => {
+    res.on('close', () => { upstreamClosed = true })
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': 1000 })
+    res.write('{"object":"list","data":[') // and never more
+  }
+  const call = open(gw, 'GET', '/v1/conversations/conv_1/items')
+  call.on('error', () => {})
+  await until('the upstream to have the call', () => upstream.requests.length === 1)
+  await sleep(50)
+  call.destroy()
+  const records = await auditRecords(gw, 1)
+  t.equal(records[0]?.outcome, 'aborted')
+  await until('the upstream response to be closed', () => upstreamClosed)
+  await sleep(50)
+  t.same(gw.logs.filter(l => l.includes('could not be read')), [], 'a client leaving is not an upstream answer that could not be read')
+})
+
 t.test('upstream-private and hop-by-hop headers never reach the client; the request id, OpenAI and retry headers do', async t => {
   const { upstream, gw } = await setup(t, {
     upstream: {

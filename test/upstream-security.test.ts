@@ -273,6 +273,22 @@ t.test('a 2xx answer passed on unchanged keeps its bytes and framing; long, chun
   t.notMatch(gw.logs.join('\n'), UPSTREAM_TOKEN)
 })
 
+t.test('a short 2xx answer passed on unchanged that spells the token with JSON escapes reaches the client without it', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  // `\u0073` is `s`, `\/` is `/`: the same string once parsed, which is what the SDK hands its caller.
+  const escaped = `\\u0073${UPSTREAM_TOKEN.slice(1)}`
+  const body = `{"object":"list","data":[{"type":"message","id":"msg_1","status":"completed","role":"user","content":[{"type":"input_text","text":"Bearer ${escaped}"}]}],"first_id":"msg_1","last_id":"msg_1","has_more":false,"n":12345678901234567890}`
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body) }
+  const page = await sdk.conversations.items.list('conv_1')
+  t.equal((page.data[0] as { content: Array<{ text: string }> }).content[0]!.text, 'Bearer [redacted]')
+  const raw = await (await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })).text()
+  t.match(raw, '"n":12345678901234567890', 'every other value as it came')
+  t.notMatch(raw, escaped)
+})
+
 t.test('a 2xx answer broken off before its content-length, or compressed beyond reading, is a 502, never passed on unsearched', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -17,7 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
-import { MAX_WHOLE_BYTES, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
@@ -197,6 +197,11 @@ function mayBeDoneUpstream (method: string, reply: { header: (name: string, valu
   if (method === 'POST') reply.header('x-should-retry', 'false')
 }
 
+/** The client went away before its answer was complete (its upstream call is aborted: clientGone). */
+function clientLeft (reply: FastifyReply): boolean {
+  return reply.raw.destroyed && !reply.raw.writableFinished
+}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
@@ -296,6 +301,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     try {
       raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
+      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
       request.log.warn({ err }, 'upstream answer could not be read')
       mayBeDoneUpstream(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
@@ -318,6 +324,22 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const body = rewritten === parsed ? raw : stringifyExact(rewritten, parsed)
     reply.removeHeader('content-encoding')
     reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
+  }
+
+  /**
+   * A JSON text whose escapes (`\u0073`, `\/`) may spell the token: searched string by string once parsed, and
+   * written again only when it held one (its numbers as they came). `body` itself otherwise, or when not JSON.
+   */
+  function scrubbedJson (body: Buffer): Buffer {
+    if (!hasEscapes(body)) return body
+    let parsed: unknown
+    try {
+      parsed = parseExact(body.toString('utf8'))
+    } catch {
+      return body
+    }
+    const clean = scrub.json(parsed)
+    return clean === parsed ? body : Buffer.from(stringifyExact(clean, parsed))
   }
 
   /** A 2xx answer passed on as the upstream's bytes, but for the upstream token (upstream/scrub.ts). */
@@ -347,12 +369,13 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
+      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer could not be read')
       mayBeDoneUpstream(request.method, reply)
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
-    const scrubbed = scrub.bytes(decoded)
+    const scrubbed = scrubbedJson(scrub.bytes(decoded))
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
       reply.send(raw)
@@ -371,6 +394,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       decoded = decodedBody(raw, res.headers['content-encoding'], MAX_ERROR_BYTES)
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
+      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
       mayBeDoneUpstream(request.method, reply)
       reply.send(new UpstreamUnavailableError())
@@ -480,6 +504,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         return
       }
       if (!ok) {
+        // (unless the upstream said otherwise itself)
+        if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
         void sendError(request, reply, res)
         return
       }

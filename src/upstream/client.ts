@@ -146,6 +146,14 @@ const LINE_FAULT_STATUSES = new Map<number, 'nothing-sent' | 'reset' | 'timeout'
 ])
 
 /**
+ * Of those, the statuses that say the origin got the call and may be doing it still (504/524: too slow; 520: its
+ * answer unusable). Passed on for a POST with `x-should-retry: false` (plugins/proxy.ts): the SDKs retry every 5xx,
+ * and would send a generation the origin is running again, twice. (502/503 are left to them: an origin's own
+ * mostly says it did not take the call.)
+ */
+export const ORIGIN_MAY_HAVE_IT = new Set([504, 520, 524])
+
+/**
  * undici takes an EventEmitter with an `aborted` flag as a request's signal, as well as an AbortSignal; this one
  * costs a fraction of an AbortController, and there is one per upstream call.
  */
@@ -459,8 +467,11 @@ export class Upstream {
           continue
         }
         const fault = LINE_FAULT_STATUSES.get(answer.statusCode)
-        // (a generation that outlived a proxy's deadline says nothing against the line, as one that outlives ours)
-        if (fault !== undefined && !(fault === 'timeout' && generation)) {
+        if (fault === 'timeout' && generation) {
+          // A generation that outlived a proxy's deadline says nothing of the line, as one that outlives ours: no
+          // failure, and no answer that would restore a skipped line or clear its count (attemptFailed).
+          health.released(index)
+        } else if (fault !== undefined) {
           health.failed(index)
           const next = retryLine(settings, health, call, tried, fault === 'timeout' ? 'reset' : fault)
           if (next !== null) {

@@ -7,8 +7,9 @@
 //   also searched string by string once parsed, whatever escapes spell the token (`\/`, `\u0073`);
 // - from each event of a 2xx event stream (Responses): a JSON event's data string by string, and every event's
 //   bytes as written (comments, names and ids, data in plain text);
-// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short, else
-//   searched as it streams through (`stream`).
+// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short (and, as
+//   JSON with escapes, string by string too), else searched as it streams through (`stream`, which reads JSON
+//   escapes in the token's place as it goes).
 // The tokens searched for are the one in force and the few before it: an answer to a call sent before a rotation
 // may quote the token it was sent with.
 import { Transform } from 'node:stream'
@@ -30,11 +31,11 @@ const BACKSLASH = 0x5c
 interface Haystack { length: number, indexOf: (find: never, from: number) => number }
 
 /**
- * The matches of any of `finds` in `text` that start before `until`, left to right, in one pass: at each place the
- * longest spelling that matches there wins, and what was put in is never searched again (a token inside
- * `[redacted]` stays put). As [from, to) spans of the text between them, and where the last match ends.
+ * The matches of any of `finds` in `text`, left to right, in one pass: at each place the longest spelling that
+ * matches there wins, and what was put in is never searched again (a token inside `[redacted]` stays put). As
+ * [from, to) spans of the text between them, and where the last match ends.
  */
-function matches<T extends Haystack> (text: T, finds: readonly T[], until = text.length): { parts: Array<[number, number]>, end: number } {
+function matches<T extends Haystack> (text: T, finds: readonly T[]): { parts: Array<[number, number]>, end: number } {
   const parts: Array<[number, number]> = []
   let from = 0
   for (;;) {
@@ -47,7 +48,7 @@ function matches<T extends Haystack> (text: T, finds: readonly T[], until = text
         size = find.length
       }
     }
-    if (at === -1 || at >= until) break
+    if (at === -1) break
     parts.push([from, at])
     from = at + size
   }
@@ -62,16 +63,63 @@ function replaceAll<T extends Haystack> (text: T, finds: readonly T[], join: (pa
   return join(parts)
 }
 
-/** The first place in `text` from `from` on where one of `spellings` could begin: as many of its bytes as `text` has left are there. */
-function firstLive (text: Buffer, from: number, spellings: readonly Buffer[]): number {
-  for (let at = from; at < text.length; at++) {
-    for (const spelling of spellings) {
-      if (text[at] !== spelling[0]) continue
-      const n = Math.min(spelling.length, text.length - at)
-      if (text.compare(spelling, 0, n, at, at + n) === 0) return at
-    }
+/** No spelling of a token starts here. */
+const NONE = -1
+/** The text ends before it can tell whether one does. */
+const PARTIAL = -2
+const HEX_DIGITS = new Int8Array(256).fill(-1)
+for (const [i, digit] of [...'0123456789abcdef'].entries()) {
+  HEX_DIGITS[digit.charCodeAt(0)] = i
+  HEX_DIGITS[digit.toUpperCase().charCodeAt(0)] = i
+}
+
+/**
+ * Where `char` (a byte of a token: printable ASCII) spelled as a JSON escape ends, at the backslash at `at`:
+ * `\u0073` (hex in either case), or `\/`, `\"`, `\\` for those three.
+ */
+function escapeEnd (text: Buffer, at: number, char: number, out: number): number {
+  if (at + 1 >= text.length) return out
+  const next = text[at + 1]!
+  if (next === char && (char === 0x2f || char === 0x22 || char === BACKSLASH)) return at + 2
+  if (next !== 0x75) return NONE
+  let code = 0
+  for (let i = at + 2; i < at + 6; i++) {
+    if (i >= text.length) return out
+    const digit = HEX_DIGITS[text[i]!]!
+    if (digit === -1) return NONE
+    code = code * 16 + digit
   }
-  return text.length
+  return code === char ? at + 6 : NONE
+}
+
+/** The later of two ends; PARTIAL when either cannot tell yet (more text could make it the longer). */
+function longer (a: number, b: number): number {
+  return a === PARTIAL || b === PARTIAL ? PARTIAL : Math.max(a, b)
+}
+
+/**
+ * Where a spelling of `token` from its character `k` on, starting at `at` in `text`, ends: each character as
+ * written or as a JSON escape (escapeEnd). NONE, or `out` when the text ends first.
+ */
+function spellingEnd (text: Buffer, at: number, token: string, k: number, out: number): number {
+  for (; k < token.length; k++) {
+    if (at >= text.length) return out
+    const char = token.charCodeAt(k)
+    const byte = text[at]!
+    if (byte !== BACKSLASH) {
+      if (byte !== char) return NONE
+      at++
+      continue
+    }
+    const escaped = escapeEnd(text, at, char, out)
+    // A backslash of the token's own, as written (not JSON), or escaped as `\\`: both are tried.
+    if (char === BACKSLASH) {
+      return longer(spellingEnd(text, at + 1, token, k + 1, out), escaped < 0 ? escaped : spellingEnd(text, escaped, token, k + 1, out))
+    }
+    if (escaped < 0) return escaped
+    at = escaped
+  }
+  return at
 }
 
 /** The spans of `body` with REDACTED between them. */
@@ -114,37 +162,78 @@ export class TokenScrubber {
   }
 
   /**
-   * A stream that passes bytes on with every spelling of every token replaced, however the token is cut between
-   * chunks: the end of a chunk that could begin one (`s`, `sk-...` up to a spelling's length less one) is held back
-   * until the next chunk or the end; the rest goes on at once. Null when there is nothing to search for (a token
-   * too short to be one).
+   * A stream that passes bytes on with every token replaced, however it is spelled (as written, any character of
+   * it as a JSON escape: `\u0073`, `\/`) and however it is cut between chunks: the end of a chunk that could begin
+   * one (`s`, `sk-...`, `\u00`) is held back until the next chunk or the end; the rest goes on at once. Null when
+   * there is nothing to search for (a token too short to be one).
    */
   stream (): Transform | null {
     this.token()
-    const spellings = this.#bytes
-    if (spellings.length === 0) return null
-    const hold = Math.max(...spellings.map(s => s.length)) - 1
+    const tokens = this.#tokens
+    if (tokens.length === 0) return null
+    // Where a spelling can start (in increasing order, each looked at once): where a token is found as written
+    // (indexOf, quick), a place less than a token's length before a backslash (the first character it escapes is
+    // within the token), and a place near the end of what has come so far (a spelling the next chunk may end).
+    const literals = tokens.map(token => Buffer.from(token))
+    const maxLength = Math.max(...tokens.map(token => token.length))
+    const maxSpelling = 6 * maxLength // every character as `\uXXXX`
+    const isStart = new Uint8Array(256)
+    isStart[BACKSLASH] = 1
+    for (const token of tokens) isStart[token.charCodeAt(0)] = 1
+    /** `text` with the tokens in it replaced, up to the first place the text ends too soon to tell; and the rest. */
+    const search = (text: Buffer, final: boolean): [Buffer, Buffer] => {
+      const out = final ? NONE : PARTIAL
+      const firstStart = (from: number, to: number): number => {
+        while (from < to && isStart[text[from]!] === 0) from++
+        return from
+      }
+      // the next place each is found from `look` on (found again only once `look` is past it)
+      const nextOf = (find: Buffer | number, found: number, look: number): number => {
+        if (found >= look) return found
+        const at = text.indexOf(find, look)
+        return at === -1 ? text.length : at
+      }
+      const found = literals.map(() => -1)
+      let backslash = -1
+      const tail = Math.max(0, text.length - maxSpelling)
+      const parts: Array<[number, number]> = []
+      let from = 0
+      let look = 0
+      let at: number
+      for (;;) {
+        at = text.length
+        for (let i = 0; i < literals.length; i++) {
+          found[i] = nextOf(literals[i]!, found[i]!, look)
+          at = Math.min(at, found[i]!)
+        }
+        backslash = nextOf(BACKSLASH, backslash, look)
+        if (backslash < at) at = firstStart(Math.max(look, backslash - maxLength + 1), backslash)
+        if (Math.max(look, tail) < at) at = firstStart(Math.max(look, tail), at)
+        if (at === text.length) break
+        let end = NONE
+        for (const token of tokens) end = longer(end, spellingEnd(text, at, token, 0, out))
+        if (end === PARTIAL) break
+        if (end === NONE) {
+          look = at + 1
+          continue
+        }
+        parts.push([from, at])
+        from = look = end
+      }
+      parts.push([from, at])
+      return [parts.length === 1 ? text.subarray(0, at) : joinBytes(text, parts), text.subarray(at)]
+    }
     let held: Buffer = EMPTY
     return new Transform({
       transform (chunk: Buffer, _encoding, done) {
-        const text = held.length === 0 ? chunk : Buffer.concat([held, chunk])
-        // A spelling that starts before `safe` lies whole in `text`: only one starting later can go on in the
-        // next chunk. What a match ends past `safe` is passed on with it, and after that what cannot begin one.
-        const safe = text.length - hold
-        const { parts, end } = matches(text, spellings, safe)
-        const cut = firstLive(text, Math.max(safe, end, 0), spellings)
-        held = text.subarray(cut)
-        if (cut === 0) {
-          done()
-          return
-        }
-        parts.push([end, cut])
-        done(null, parts.length === 1 ? text.subarray(0, cut) : joinBytes(text, parts))
+        const [out, rest] = search(held.length === 0 ? chunk : Buffer.concat([held, chunk]), false)
+        held = rest
+        if (out.length === 0) done()
+        else done(null, out)
       },
       flush (done) {
-        const { parts, end } = matches(held, spellings)
-        parts.push([end, held.length])
-        done(null, held.length === 0 ? undefined : parts.length === 1 ? held : joinBytes(held, parts))
+        const [out] = search(held, true)
+        done(null, out.length === 0 ? undefined : out)
       }
     })
   }
