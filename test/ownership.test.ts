@@ -807,12 +807,18 @@ t.test('an owned object\'s answer is read as JSON whatever its content-type says
   t.equal(notJson.status, 502, 'not JSON: 502')
   t.match(await notJson.json(), { error: { code: 'upstream_unavailable' } })
 
-  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip', etag: '"x"' }).end(gzipSync(object)) }
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(gzipSync(object)) }
   const gzipped = await get()
-  t.equal(gzipped.status, 502, 'an encoded answer the gateway cannot read: 502')
-  t.equal(gzipped.headers.get('content-encoding'), null, 'the error does not claim the upstream\'s content-encoding')
-  t.equal(gzipped.headers.get('etag'), null, 'nor its etag')
-  t.match(await gzipped.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'the envelope, readable as it is')
+  t.equal(gzipped.status, 200, 'compressed unasked in an encoding the gateway reads: decoded and served')
+  t.equal(gzipped.headers.get('content-encoding'), null, 'sent decoded')
+  t.same(JSON.parse(await gzipped.text()).metadata, { topic: 't' }, 'without the owner key')
+
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'zstd', etag: '"x"' }).end('\x28\xb5\x2f\xfd') }
+  const unreadable = await get()
+  t.equal(unreadable.status, 502, 'an encoded answer the gateway cannot read: 502')
+  t.equal(unreadable.headers.get('content-encoding'), null, 'the error does not claim the upstream\'s content-encoding')
+  t.equal(unreadable.headers.get('etag'), null, 'nor its etag')
+  t.match(await unreadable.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'the envelope, readable as it is')
 })
 
 t.test('a conversation\'s id asked for on a response route, or a response\'s on a conversation route, does not hide it from its owner', async t => {

@@ -210,6 +210,27 @@ t.test('an error answer without the token, and a 2xx answer the gateway rewrites
   t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
 })
 
+t.test('an owned object the upstream compressed unasked is read all the same: created and retrieved, decoded, its owner key taken out', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  let stored: Record<string, unknown> | null = null
+  upstream.respond = (req, res, body) => {
+    // The gateway asks for no encoding (it sends no Accept-Encoding): this upstream compresses all the same.
+    if (req.method === 'POST') stored = { id: 'conv_gz', object: 'conversation', created_at: 1, metadata: JSON.parse(String(body)).metadata }
+    res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(gzipSync(JSON.stringify(stored)))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const created = await sdk.conversations.create({ metadata: { topic: 't' } })
+  t.same(created, { id: 'conv_gz', object: 'conversation', created_at: 1, metadata: { topic: 't' } }, 'created, not a 502 for a conversation that exists')
+  t.same(stored!.metadata, { topic: 't', gateway_owner: 'team-full' }, 'the upstream keeps the owner')
+  const res = await fetch(`${gw.url}/v1/conversations/conv_gz`, { headers: { ...auth, 'accept-encoding': 'identity' } })
+  t.equal(res.status, 200)
+  t.equal(res.headers.get('content-encoding'), null, 'sent decoded, as it was rewritten')
+  t.same(JSON.parse(await res.text()), { id: 'conv_gz', object: 'conversation', created_at: 1, metadata: { topic: 't' } })
+  t.match(gw.audit(), [{ action: 'conversation.create', status: 200, outcome: 'ok' }, { action: 'conversation.retrieve', status: 200, outcome: 'ok' }])
+})
+
 // A 2xx answer the gateway passes on unchanged (it has nothing to take out of it but the token) is searched too.
 t.test('a 2xx answer passed through (a deletion, an item, a list) that quotes the token reaches the client without it',
   async t => {

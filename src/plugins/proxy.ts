@@ -307,10 +307,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
-    raw = scrub.bytes(raw)
     let parsed: unknown
     let rewritten: unknown
     try {
+      // Compressed all the same (the gateway asks for no encoding): decoded, as an answer passed on is, to be read.
+      if (isEncoded(res.headers)) raw = decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES)
+      raw = scrub.bytes(raw)
       parsed = parseExact(raw.toString('utf8'))
       rewritten = rewrite(hasEscapes(raw) ? scrub.json(parsed) : parsed)
     } catch (err) {
