@@ -203,11 +203,12 @@ t.test('an error answer without the token, and a 2xx answer the gateway rewrites
   // out), and the token with it.
   upstream.respond = (req, res) => {
     const metadata = JSON.parse(String(upstream.requests.at(-1)!.body)).metadata as Record<string, string>
-    res.writeHead(200, { 'content-type': 'application/json' })
+    res.writeHead(200, { 'content-type': 'application/json', etag: '"v3"' })
       .end(JSON.stringify({ id: 'conv_echo', object: 'conversation', created_at: 1, metadata: { ...metadata, debug: String(req.headers.authorization) } }))
   }
-  const created = await new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 }).conversations.create({ metadata: { topic: 't' } })
+  const { data: created, response } = await new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 }).conversations.create({ metadata: { topic: 't' } }).withResponse()
   t.same(created.metadata, { topic: 't', debug: 'Bearer [redacted]' })
+  t.equal(response.headers.get('etag'), null, 'rewritten: the upstream\'s etag named other bytes')
 })
 
 t.test('an owned object the upstream compressed unasked is read all the same: created and retrieved, decoded, its owner key taken out', async t => {
@@ -261,9 +262,10 @@ t.test('a 2xx answer passed on unchanged keeps its bytes and framing; long, chun
 
   // Nothing to take out: the upstream's bytes and content-length.
   const clean = list('hello')
-  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(clean) }).end(clean) }
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(clean), etag: '"v1"' }).end(clean) }
   const same = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
   t.equal(same.headers.get('content-length'), String(Buffer.byteLength(clean)))
+  t.equal(same.headers.get('etag'), '"v1"', 'and its etag, which names these bytes')
   t.equal(await same.text(), clean)
 
   // 200 KiB, chunked, the token cut between two writes.
@@ -281,9 +283,10 @@ t.test('a 2xx answer passed on unchanged keeps its bytes and framing; long, chun
 
   // Compressed though the gateway asked for no encoding: decoded to be searched.
   const quoting = gzipSync(list(`Bearer ${UPSTREAM_TOKEN}`))
-  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(quoting) }
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip', etag: '"v2"' }).end(quoting) }
   const decoded = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: { ...auth, 'accept-encoding': 'identity' } })
   t.equal(decoded.headers.get('content-encoding'), null, 'sent decoded, without the token')
+  t.equal(decoded.headers.get('etag'), null, 'without the etag of bytes it is not')
   t.same(JSON.parse(await decoded.text()), JSON.parse(list('Bearer [redacted]')))
   const compressed = gzipSync(clean)
   upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(compressed) }

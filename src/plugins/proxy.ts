@@ -307,6 +307,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
       return
     }
+    const came = raw
     let parsed: unknown
     let rewritten: unknown
     try {
@@ -325,6 +326,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     // Nothing to take out: the upstream's bytes, as they came. Otherwise its numbers as they came (http/json.ts).
     const body = rewritten === parsed ? raw : stringifyExact(rewritten, parsed)
     reply.removeHeader('content-encoding')
+    if (body !== came) reply.removeHeader('etag') // it named the upstream's bytes, not these
     reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
   }
 
@@ -384,6 +386,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return
     }
     reply.removeHeader('content-encoding')
+    reply.removeHeader('etag') // it named the upstream's bytes, not these
     reply.header('content-length', scrubbed.length).send(scrubbed)
   }
 
