@@ -68,8 +68,11 @@ export const ConfigSchema = Type.Object({
     headersTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 20000 }),
     /** the whole request, body included, must arrive within this → 408 */
     requestTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 60000 }),
-    /** an idle kept-alive connection is closed after this */
-    keepAliveTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 72000 }),
+    /**
+     * an idle kept-alive connection is closed after this (Node 24 waits its keepAliveTimeoutBuffer, 1 s, on top:
+     * the sum must still fit a timer, or every idle connection prints a TimeoutOverflowWarning)
+     */
+    keepAliveTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS - 1000, default: 72000 }),
     /** a client that reads nothing of its answer for this long is cut off */
     sendTimeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 30000 }),
     /** connections beyond this are refused */

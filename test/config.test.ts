@@ -371,4 +371,6 @@ t.test('a duration past Node\'s longest timer (2147483647 ms) is refused: Node w
   }
   t.same(problems(() => parseConfig({ upstream, store: { timeoutMs: 2_147_483_647 }, shutdown: { graceMs: 2_147_483_647 } })), [],
     'the longest timer itself is accepted')
+  // Node 24 keeps an idle connection keepAliveTimeoutBuffer (1 s) past keepAliveTimeout, in one timer.
+  t.same(problems(() => parseConfig({ upstream, listen: { keepAliveTimeoutMs: 2_147_482_648 } })), ['listen.keepAliveTimeoutMs: must be <= 2147482647'])
 })
