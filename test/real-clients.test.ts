@@ -197,7 +197,13 @@ t.test('a request with more headers than the gateway reads is refused 431, not s
   t.match(JSON.parse(many.response?.body ?? '{}'), { error: { code: 'request_header_too_large', type: 'invalid_request_error' } })
   t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
   const record = await auditOf(gw, requestIdIn(many.received.toString('latin1')))
-  t.match(record, { status: 431, outcome: 'invalid' }, 'audited as refused')
+  if (Number(process.versions.node.split('.')[0]) >= 24) {
+    // Node 24's parser counts the headers itself (maxHeadersCount, which the gateway sets): refused before the
+    // request is whole, it never became a call, and is not audited (README, Audit), as any request the parser refuses.
+    t.equal(record, undefined, 'refused by Node\'s parser: no call, no audit record')
+  } else {
+    t.match(record, { status: 431, outcome: 'invalid' }, 'audited as refused')
+  }
   const fewer = await sendRaw(gw.url, buildRequest('POST', '/v1/conversations', [FULL, ...filler(990), JSON_TYPE], body))
   t.equal(fewer.response?.status, 200, 'a request with fewer headers is served')
   t.match(JSON.parse(fewer.response?.body ?? '{}'), { metadata: { topic: 'kept' } }, 'with its body')

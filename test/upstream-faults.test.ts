@@ -755,8 +755,7 @@ t.test('upstream-private and hop-by-hop headers never reach the client; the requ
   t.equal(a.headers['openai-version'], '2020-10-01', 'openai-version passes')
   t.equal(a.headers['retry-after'], '3', 'retry-after passes')
   t.match(a.headers['content-type'], /^application\/json/, 'content-type passes')
-  t.equal(gw.config.clients[0]?.rateLimit.requestsPerMinute, 600, '(team-full has the default 600 requests per minute)')
-  t.equal(a.headers['x-ratelimit-limit-requests'], '600', 'x-ratelimit-limit-requests is our limit for the client')
+  t.equal(a.headers['x-ratelimit-limit-requests'], String(gw.config.clients[0]?.rateLimit.requestsPerMinute), 'x-ratelimit-limit-requests is our limit for the client (team-full\'s)')
   t.equal(a.rawHeaders.filter((_v, i) => i % 2 === 0 && a.rawHeaders[i]!.toLowerCase() === 'x-ratelimit-limit-requests').length, 1,
     'one x-ratelimit-limit-requests header')
   t.match(a.headers['x-gateway-request-id'], GATEWAY_ID, 'carries x-gateway-request-id')

@@ -107,7 +107,7 @@ export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): b
 /**
  * A pipelined request's response waits, without a socket, for the responses before it. When the connection closes
  * meanwhile, Node 20 emits 'close' for the response that held the socket but never for those waiting (Node 24
- * does, first): emit it for them, so that 'close' comes exactly once for every response. The audit record is
+ * does, on the next tick): emit it for those still without one, so that 'close' comes exactly once for every response. The audit record is
  * written on it, and the upstream call stopped. Waiting responses are also kept in order per connection
  * (hasWaitingBehind). Nothing is done for a response that has its socket at once: the usual one call at a time.
  */
@@ -142,11 +142,16 @@ const closeEmitted = new WeakSet<ServerResponse>()
 
 /** The connection closed: every response still waiting on it gets the 'close' Node 20 leaves out, in order. */
 function closeWaiting (socket: Socket): void {
-  for (const res of [...waiting.get(socket) ?? []]) {
-    if (closeEmitted.has(res)) continue
-    res.destroyed = true
-    res.emit('close')
-  }
+  // After Node's own: Node 24 destroys each waiting response when the connection closes, and emits its 'close' on
+  // the next tick, after this listener has run. Emitted here as well, it came twice (two audit records, the
+  // in-flight count and the maxInFlight slot given back twice).
+  setImmediate(() => {
+    for (const res of [...waiting.get(socket) ?? []]) {
+      if (closeEmitted.has(res)) continue
+      res.destroyed = true
+      res.emit('close')
+    }
+  })
 }
 
 /**
