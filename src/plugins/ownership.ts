@@ -24,6 +24,7 @@ import {
 import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
 import { serializeBody } from './body.js'
+import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS } from './responses.js'
 import {
   addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders
 } from './proxy.js'
@@ -162,8 +163,8 @@ function refuseOtherCases (action: Action, body: unknown): void {
  * the gateway never checked: such a parameter is refused (400 unknown_parameter), read as loosely as such
  * frameworks read it (`metadata[gateway_owner]`, `conversation.id`, any case).
  */
-const CHECKED_BODY_KEYS = new Set([
-  'conversation', 'previous_response_id', 'input', 'items', 'metadata', OWNER_KEY, 'model', 'stream', 'background', 'tools'
+const CHECKED_BODY_KEYS = new Set<string>([
+  ...Object.values(CHECKED_KEYS).flat(), 'metadata', OWNER_KEY, ...RESPONSE_CHECKED_KEYS
 ])
 
 function refuseCheckedKeysInQuery (url: string): void {

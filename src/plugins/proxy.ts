@@ -202,6 +202,23 @@ function clientLeft (reply: FastifyReply): boolean {
   return reply.raw.destroyed && !reply.raw.writableFinished
 }
 
+/** What the client gets for an upstream answer that could not be read whole: 504 when it was too slow. */
+function readFailure (err: unknown): Error {
+  return err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+}
+
+/**
+ * An upstream answer the gateway had to read whole and could not is not passed on: `answer` instead, logged, and
+ * marked not to be sent again for a POST the upstream may have done. Nothing when the client has left: no one to
+ * answer, and no fault of the upstream (its call is audited aborted).
+ */
+function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown, message: string, answer: Error): void {
+  if (clientLeft(reply)) return
+  request.log.warn({ err: { message: (err as Error).message } }, message)
+  mayBeDoneUpstream(request.method, reply)
+  reply.send(answer)
+}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
@@ -301,10 +318,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     try {
       raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
     } catch (err) {
-      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
-      request.log.warn({ err }, 'upstream answer could not be read')
-      mayBeDoneUpstream(request.method, reply)
-      reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
+      notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
     const came = raw
@@ -373,10 +387,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
-      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
-      request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer could not be read')
-      mayBeDoneUpstream(request.method, reply)
-      reply.send(err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError())
+      notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
     const scrubbed = scrubbedJson(scrub.bytes(decoded))
@@ -399,10 +410,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       decoded = decodedBody(raw, res.headers['content-encoding'], MAX_ERROR_BYTES)
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
-      if (clientLeft(reply)) return // no one to answer, and no fault of the upstream (audited aborted)
-      request.log.warn({ err: { message: (err as Error).message } }, 'upstream error answer could not be read')
-      mayBeDoneUpstream(request.method, reply)
-      reply.send(new UpstreamUnavailableError())
+      notPassedOn(request, reply, err, 'upstream error answer could not be read', new UpstreamUnavailableError())
       return
     }
     // The SDKs raise this error with its x-request-id as the request id: the upstream's when it gave one, else

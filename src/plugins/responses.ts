@@ -11,7 +11,7 @@ import { modelAllowed, newFacts, observeEvent, observeResponse } from '../respon
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
 /** The keys of a create's body that the checks here read by their exact names. */
-const CHECKED_KEYS = ['model', 'stream', 'background', 'tools']
+export const CHECKED_KEYS = ['model', 'stream', 'background', 'tools'] as const
 /** The keys of each tool that namedContainer reads by their exact names. */
 const TOOL_KEYS = ['type', 'container']
 

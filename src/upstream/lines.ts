@@ -31,7 +31,7 @@ export interface LineHealthOptions {
  * another line is up (its calls then cost an attempt each there, and a POST that fails after it was sent cannot be
  * sent again); the last line up is never skipped for it: half its calls served is better than none.
  */
-export const RECENT_CALLS = 10
+const RECENT_CALLS = 10
 
 interface Line {
   index: number
