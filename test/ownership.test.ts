@@ -404,6 +404,20 @@ async function twoTeams (url: string) {
 
 type Post = Awaited<ReturnType<typeof twoTeams>>['post']
 
+/** A call of team B's: its label, path, body, and the status, code and param it must be refused with. */
+type Refusal = [string, string, unknown, number, string, string]
+
+/** Each of `refusals`, posted by team B, gets its status and error, and nothing of it is created upstream. */
+async function assertRefusedToB (t: Test, upstream: FakeUpstream, post: Post, refusals: Refusal[]) {
+  for (const [label, path, body, status, code, param] of refusals) {
+    const before = upstream.requests.length
+    const res = await post(KEYS.other, path, body)
+    t.equal(res.status, status, `${label}: ${status}`)
+    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
+    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing was created upstream on B's behalf`)
+  }
+}
+
 /** Each forgery (target, body, the param its refusal names) is refused with 400 unknown_parameter, and nothing goes upstream. */
 async function assertForgeriesRefused (t: Test, upstream: FakeUpstream, post: Post, forgeries: Array<[string, unknown, string]>) {
   for (const [target, body, param] of forgeries) {
@@ -420,7 +434,7 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
   const { upstream, gw } = await setup(t)
   const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
 
-  const refusals: Array<[string, string, unknown, number, string, string]> = [
+  const refusals: Refusal[] = [
     ['a response outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'input'],
     ['a response in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'item_reference', id: itemA }] }, 404, 'item_not_found', 'input'],
     ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'item_reference', id: itemA }] }, 404, 'item_not_found', 'items'],
@@ -434,14 +448,7 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     ['a response, no type and a role but no content', '/v1/responses', { model: 'gpt-4o', input: [{ id: itemA, role: 'assistant' }] }, 400, 'item_reference_not_allowed', 'input'],
     ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
-  for (const [label, path, body, status, code, param] of refusals) {
-    const before = upstream.requests.length
-    const res = await post(KEYS.other, path, body)
-    t.equal(res.status, status, `${label}: ${status}`)
-    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
-    const carried = upstream.requests.slice(before).filter(r => r.method === 'POST')
-    t.same(carried.map(r => r.url), [], `${label}: nothing was created upstream on B's behalf`)
-  }
+  await assertRefusedToB(t, upstream, post, refusals)
 
   // A key given twice: the gateway reads the last one (a message), as JSON.parse does; an upstream parser that
   // keeps the first would read a reference to A's item. What goes upstream is what the gateway read.
@@ -483,20 +490,14 @@ t.test('an image generation call without its image is a reference the upstream f
   })
   t.equal(stored.status, 200, 'A\'s conversation holds an image generation call')
 
-  const refusals: Array<[string, string, unknown, number, string, string]> = [
+  const refusals: Refusal[] = [
     ['an image by id, a response outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA }] }, 400, 'item_reference_not_allowed', 'input'],
     ['an image by id, result null', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA, result: null, status: 'completed' }] }, 400, 'item_reference_not_allowed', 'input'],
     ['an image by id, a response in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'image_generation_call', id: imageA }] }, 404, 'item_not_found', 'input'],
     ['an image by id, items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'image_generation_call', id: imageA }] }, 404, 'item_not_found', 'items'],
     ['an image by id, a new conversation\'s items', '/v1/conversations', { items: [{ type: 'image_generation_call', id: imageA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
-  for (const [label, path, body, status, code, param] of refusals) {
-    const before = upstream.requests.length
-    const res = await post(KEYS.other, path, body)
-    t.equal(res.status, status, `${label}: ${status}`)
-    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
-    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing was created upstream on B's behalf`)
-  }
+  await assertRefusedToB(t, upstream, post, refusals)
 
   // An item that carries its own content names nothing stored: served as before, to anyone.
   const image = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'image_generation_call', id: imageA, status: 'completed', result: 'QiBvd24gaW1hZ2U=' }] })
@@ -560,18 +561,12 @@ t.todo('a reasoning item without its encrypted content is a reference the upstre
   await post(KEYS.full, `/v1/conversations/${conversationA}/items`, {
     items: [{ type: 'reasoning', id: reasoningA, summary: [{ type: 'summary_text', text: 'A\'s private reasoning' }], encrypted_content: 'gAAAA-A' }]
   })
-  const refusals: Array<[string, string, unknown, number, string, string]> = [
+  const refusals: Refusal[] = [
     ['outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 400, 'item_reference_not_allowed', 'input'],
     ['in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'input'],
     ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'items']
   ]
-  for (const [label, path, body, status, code, param] of refusals) {
-    const before = upstream.requests.length
-    const res = await post(KEYS.other, path, body)
-    t.equal(res.status, status, `${label}: ${status}`)
-    t.match(await res.json(), { error: { code, param } }, `${label}: ${code}`)
-    t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing went upstream`)
-  }
+  await assertRefusedToB(t, upstream, post, refusals)
   const withContent = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'reasoning', id: reasoningA, summary: [], encrypted_content: 'gAAAA-B' }] })
   t.equal(withContent.status, 200, 'a reasoning item with its encrypted content is served')
 })
