@@ -23,6 +23,7 @@ import health from './plugins/health.js'
 import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
 import proxy from './plugins/proxy.js'
+import { IssuedItems } from './ownership/issued.js'
 import { OwnerCache } from './ownership/owners.js'
 import rateLimit from './plugins/rate-limit.js'
 import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
@@ -224,7 +225,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     unowned: () => config.ownership.unowned,
     cache: deps.ownerCache ?? new OwnerCache({
       max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
-    })
+    }),
+    // Shared through Redis when the buckets are: an item one replica handed out may come back to another.
+    issued: new IssuedItems({ max: config.ownership.cacheSize, shared: store instanceof RedisStore ? store : null, log: app.log })
   })
   await app.register(proxy, { upstream, apiKey })
 

@@ -547,28 +547,68 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   t.equal(admin.status, 200, 'an admin key may name one')
 })
 
-// Not fixed (a design choice for the lead): a reasoning item without its `encrypted_content` is read from storage
-// by its id (OpenAI's "Item with id 'rs_...' not found. Items are not persisted when `store` is set to false"),
-// across the one account, so another team's rs_ id puts its reasoning in the caller's context. Counting such an
-// item as a reference (FILLED_IN_BY_ID in plugins/ownership.ts: `reasoning: 'encrypted_content'`) closes it, and
-// refuses outside a conversation what every reasoning model's answer holds and clients pass back as it came
-// (`input: [...input, ...response.output]`); they would need `include: ["reasoning.encrypted_content"]` or
-// `previous_response_id`.
-t.todo('a reasoning item without its encrypted content is a reference the upstream fills in by id: another team\'s is refused', async t => {
+// A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
+// not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
+// would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients
+// pass back as it came (`input: [...input, ...response.output]`), outside any conversation: the gateway notes each
+// one it hands a client, and that client may name it anywhere.
+t.test('a reasoning item without its encrypted content is a reference the upstream fills in by id: another team\'s is refused', async t => {
   const { upstream, gw } = await setup(t)
   const { post, conversationA, conversationB } = await twoTeams(gw.url)
-  const reasoningA = 'rs_0123456789abcdef0123456789abcdef'
-  await post(KEYS.full, `/v1/conversations/${conversationA}/items`, {
-    items: [{ type: 'reasoning', id: reasoningA, summary: [{ type: 'summary_text', text: 'A\'s private reasoning' }], encrypted_content: 'gAAAA-A' }]
-  })
+  const answered = await (await post(KEYS.full, '/v1/responses', { model: 'o3', conversation: conversationA, input: 'A\'s secret plan' })).json() as { output: Array<{ type: string, id: string }> }
+  const reasoningA = answered.output.find(item => item.type === 'reasoning')!.id
+  t.match(reasoningA, /^rs_/, 'A\'s reasoning model answered with a reasoning item')
+
   const refusals: Refusal[] = [
-    ['outside any conversation', '/v1/responses', { model: 'gpt-4o', input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 400, 'item_reference_not_allowed', 'input'],
-    ['in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'input'],
-    ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'items']
+    ['outside any conversation', '/v1/responses', { model: 'o3', input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 400, 'item_reference_not_allowed', 'input'],
+    ['encrypted_content null', '/v1/responses', { model: 'o3', input: [{ type: 'reasoning', id: reasoningA, summary: [], encrypted_content: null }] }, 400, 'item_reference_not_allowed', 'input'],
+    ['in its own conversation', '/v1/responses', { model: 'o3', conversation: conversationB, input: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'input'],
+    ['items added to its own conversation', `/v1/conversations/${conversationB}/items`, { items: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 404, 'item_not_found', 'items'],
+    ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'reasoning', id: reasoningA, summary: [] }] }, 400, 'item_reference_not_allowed', 'items']
   ]
   await assertRefusedToB(t, upstream, post, refusals)
-  const withContent = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'reasoning', id: reasoningA, summary: [], encrypted_content: 'gAAAA-B' }] })
-  t.equal(withContent.status, 200, 'a reasoning item with its encrypted content is served')
+  const withContent = await post(KEYS.other, '/v1/responses', { model: 'o3', input: [{ type: 'reasoning', id: reasoningA, summary: [], encrypted_content: 'gAAAA-B' }] })
+  t.equal(withContent.status, 200, 'a reasoning item with its encrypted content names nothing stored: served')
+  const otherCase = await post(KEYS.other, '/v1/responses', { model: 'o3', input: [{ type: 'reasoning', id: reasoningA, summary: [], encrypted_content: 'gAAAA-B', Encrypted_Content: null }] })
+  t.equal(otherCase.status, 400, 'encrypted_content in another case, which a case-blind upstream would read: 400')
+  t.match(await otherCase.json(), { error: { code: 'unknown_parameter', param: 'input[0].Encrypted_Content' } })
+  t.equal((await post(KEYS.admin, '/v1/responses', { model: 'o3', input: [{ type: 'reasoning', id: reasoningA, summary: [] }] })).status, 200, 'an admin key is not checked')
+})
+
+t.test('a reasoning model\'s output passed back as it came, outside any conversation, by the official SDK: served to the team it was handed to', async t => {
+  // OpenAI's function-calling loop: `input.push(...response.output)`, then the next create, with store on (the
+  // default), so the upstream fills each reasoning item in by its id.
+  const { upstream, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const input: OpenAI.Responses.ResponseInputItem[] = [{ role: 'user', content: 'What is the weather?' }]
+  const first = await a.responses.create({ model: 'o3', input })
+  t.equal(first.output[0]?.type, 'reasoning', 'the answer starts with a reasoning item, without encrypted_content')
+  input.push(...first.output as OpenAI.Responses.ResponseInputItem[], { role: 'user', content: 'And tomorrow?' })
+  const second = await a.responses.create({ model: 'o3', input })
+  t.equal(second.status, 'completed', 'the output passed back is served')
+  const sent = JSON.parse(upstream.requests.at(-1)!.body.toString()) as { input: Array<{ type?: string, id?: string }> }
+  t.same(sent.input.filter(i => i.type === 'reasoning').map(i => i.id), [first.output[0]!.id], 'and the reasoning item went upstream by id')
+
+  // Streamed: the items come in events (output_item.added/done, response.completed).
+  const stream = await a.responses.create({ model: 'o3', input: 'Stream it', stream: true })
+  let streamed: OpenAI.Responses.Response | undefined
+  for await (const event of stream) if (event.type === 'response.completed') streamed = event.response
+  const again = await a.responses.create({ model: 'o3', input: [...streamed!.output as OpenAI.Responses.ResponseInputItem[], { role: 'user', content: 'more' }] })
+  t.equal(again.status, 'completed', 'a streamed answer\'s reasoning passed back is served')
+  const conversation = await a.conversations.create({ items: streamed!.output as OpenAI.Conversations.ConversationCreateParams['items'] })
+  t.match(conversation.id, /^conv_/, 'and so is a new conversation made from it')
+
+  // An admin who retrieves A's response is handed its items too, but they stay A's.
+  await sdk(KEYS.admin).responses.retrieve(first.id)
+  t.equal((await a.responses.create({ model: 'o3', input })).status, 'completed', 'after an admin\'s retrieve, A still passes its output back')
+
+  // The same items from team B's hands: refused, and nothing of B's went upstream.
+  const before = upstream.requests.length
+  const e = await rejection(b.responses.create({ model: 'o3', input }))
+  t.type(e, OpenAI.BadRequestError, 'team B passing A\'s output back: BadRequestError')
+  t.match(e, { status: 400, code: 'item_reference_not_allowed', param: 'input' })
+  t.equal(upstream.requests.length, before, 'nothing went upstream')
 })
 
 t.test('a key the ownership check reads, spelled in another case, is refused (400 unknown_parameter) and never sent upstream', async t => {

@@ -9,8 +9,8 @@ import { LIFECYCLE_AUDIT, LIFECYCLE_UPSTREAM_CALLS } from './fixtures/lifecycle.
 import { pythonSdk, runScenario, SCENARIO_TIMEOUT_MS, SETUP_TIMEOUT_MS, VENV, type SdkError, type Step } from './fixtures/python-sdk.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
-// The venv may have to be created first (see test/fixtures/python-sdk.ts); four scenarios follow.
-t.setTimeout(SETUP_TIMEOUT_MS + 5 * SCENARIO_TIMEOUT_MS)
+// The venv may have to be created first (see test/fixtures/python-sdk.ts); five scenarios follow.
+t.setTimeout(SETUP_TIMEOUT_MS + 6 * SCENARIO_TIMEOUT_MS)
 
 const WRONG_KEY = 'ogw_not-a-real-key'
 
@@ -170,6 +170,19 @@ t.test('the Python SDK reads items with include, and generates a response into i
     ['team-full', 'item.list', 200, 'ok', conv],
     ['team-limited', 'response.create', 404, 'denied', conv]
   ])
+})
+
+t.test('the Python SDK passes a reasoning model\'s output back as it came: served to its team, refused to another', async t => {
+  const { upstream, run } = await setup(t)
+  const out = await run('reasoning')
+  const first = result(out.step('responses.create'))
+  t.match(first, { output: [{ type: 'reasoning', id: /^rs_/ }, { type: 'message' }] }, 'the answer starts with a reasoning item')
+  t.match(result(out.step('responses.create with the output passed back')), { status: 'completed' }, 'the output passed back is served')
+  const sent = JSON.parse(upstream.requests[1]!.body.toString()) as { input: Array<{ type?: string, id?: string }> }
+  t.same(sent.input.filter(i => i.type === 'reasoning').map(i => i.id), [first.output[0].id], 'with its reasoning item, by id')
+  t.match(raised(out.step('other team: the same output passed back')),
+    { class: 'openai.BadRequestError', statusCode: 400, code: 'item_reference_not_allowed', param: 'input' })
+  t.equal(upstream.requests.length, 2, 'the other team\'s call never went upstream')
 })
 
 t.test('the Python SDK raises its typed errors for refused calls, which never reach the upstream', async t => {

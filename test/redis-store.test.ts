@@ -3,6 +3,7 @@
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import { StoreUnavailableError, type BucketRule } from '../src/stores/rate-limit-store.js'
+import { IssuedItems, ISSUED_TTL_MS } from '../src/ownership/issued.js'
 import { KEY_PREFIX, RedisStore, type OnFailure, type StoreLogger } from '../src/stores/redis.js'
 import { eventually } from './fixtures/eventually.js'
 import { startRedis, type RedisServer } from './fixtures/redis-server.js'
@@ -354,4 +355,26 @@ t.test('an answer Redis gave in time is used even when this process was too busy
   t.equal(two!.allowed, true)
   t.equal(three!.allowed, false, 'the third call of a burst of 2 is refused, from the shared bucket')
   t.equal(open.log.lines.length + closed.log.lines.length, 0, 'no outage was seen')
+})
+
+t.test('issued items: one replica\'s note is read by another, under the key prefix, for 30 days; Redis gone costs at most the store timeout', async t => {
+  const redis = await startRedis(t)
+  const [s1, s2] = [await store(t, redis), await store(t, redis, { timeoutMs: 200 })]
+  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
+  const two = new IssuedItems({ max: 10, shared: s2, log: s2.log })
+  one.note(['rs_a1', 'rs_a2'], 'team-a')
+  await eventually(async () => (await redis.command('KEYS *')).includes(`${KEY_PREFIX}issued:rs_a2`), 'the notes reach Redis')
+  const ttl = Number(/:(-?\d+)/.exec(await redis.command(`PTTL ${KEY_PREFIX}issued:rs_a1`))![1])
+  t.ok(ttl > ISSUED_TTL_MS - 60_000 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: 30 days`)
+  t.same([...await two.issuedTo(['rs_a1', 'rs_a2', 'rs_x'], 'team-a')], ['rs_a1', 'rs_a2'], 'the other replica reads what this one handed team-a')
+  t.same([...await two.issuedTo(['rs_a1', 'rs_x'], 'team-b')], [], 'and nothing of it is team-b\'s')
+
+  two.note(['rs_b1'], 'team-b')
+  await redis.stop()
+  t.same([...await two.issuedTo(['rs_b1', 'rs_a1', 'rs_gone'], 'team-b')], ['rs_b1'], 'Redis down: what this replica knows still answers')
+  t.same([...await one.issuedTo(['rs_b1'], 'team-b')], [], 'and what it does not is not handed out (checked as any other reference)')
+  one.note(['rs_a3'], 'team-a') // a note Redis cannot take: no rejection escapes
+  await sleep(50)
+  const warnings = s1.log.lines.filter(l => l.msg.startsWith('issued items:'))
+  t.equal(warnings.length, 1, 'one warning for the failed calls, not one each')
 })

@@ -216,3 +216,24 @@ t.test('ownership set through one replica holds on the other, and after both res
   t.equal((await call(one, KEY_A, 'GET', `/${id}/items`)).status, 200, 'and team-a still served')
   t.same(upstream.requests.filter(r => r.method !== 'GET').map(r => r.method), ['POST'], 'nothing of team-b changed anything upstream')
 })
+
+t.test('a reasoning item handed out by one replica may be passed back through the other, by its team only, after both restart too', async t => {
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000 }, 100, { scopes: 'read, write' })
+  const respond = (r: Replica, key: string, input: unknown) => fetch(`${r.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'o3', input })
+  })
+
+  let [one, two] = [await replica(), await replica()]
+  const first = await (await respond(one, KEY_A, 'Plan the launch')).json() as { output: Array<{ type: string }> }
+  t.equal(first.output[0]?.type, 'reasoning', 'replica one handed team-a a reasoning item')
+  const input = [...first.output, { role: 'user', content: 'Go on' }]
+  t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b passing it back through replica two: refused')
+  t.equal((await respond(two, KEY_A, input)).status, 200, 'team-a passing it back through replica two: served')
+
+  await Promise.all([one.stop(), two.stop()]);
+  [one, two] = [await replica(), await replica()]
+  t.equal((await respond(one, KEY_A, input)).status, 200, 'after a restart of both, team-a is still served')
+  t.equal((await respond(two, KEY_B, input)).status, 400, 'and team-b still refused')
+})

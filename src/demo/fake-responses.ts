@@ -37,6 +37,9 @@ export interface ConversationStore {
 type Send = (res: ServerResponse, status: number, body: unknown) => void
 type NotFound = (res: ServerResponse, what: string) => void
 
+/** Models that reason first: their output starts with a reasoning item, as OpenAI's o-series and GPT-5 do. */
+const REASONING_MODEL = /^(?:o\d|gpt-5)/
+
 function newId (prefix: string): string {
   return `${prefix}_${randomBytes(12).toString('hex')}`
 }
@@ -63,6 +66,8 @@ function words (text: string): string[] {
 
 export function createResponsesHandler (conversations: ConversationStore, send: Send, notFound: NotFound, opts: ResponsesOptions = {}) {
   const responses = new Map<string, { response: StoredResponse, input: Item[] }>()
+  /** Reasoning items made, by id: one passed back without its encrypted_content is read from here, as OpenAI does. */
+  const reasoning = new Map<string, Item>()
   const seq = { n: 0 }
 
   function create (res: ServerResponse, body: Record<string, unknown>): void {
@@ -81,15 +86,27 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
       return
     }
     const input = inputItems(body.input)
-    const inputText = textOf(input)
+    const unknownReasoning = input.find(item => item.type === 'reasoning' && typeof item.encrypted_content !== 'string' && !reasoning.has(item.id))
+    if (unknownReasoning !== undefined) {
+      notFound(res, `Item with id '${unknownReasoning.id}'`)
+      return
+    }
+    const inputText = textOf(input.filter(item => item.type !== 'reasoning'))
     const outputWords = ['Echo:', ...words(inputText)]
     const message: Item = {
       id: newId('msg'), type: 'message', status: 'completed', role: 'assistant',
       content: [{ type: 'output_text', text: outputWords.join(' '), annotations: [] }]
     }
+    const output: Item[] = [message]
+    if (REASONING_MODEL.test(body.model)) {
+      const thought: Item = { id: newId('rs'), type: 'reasoning', summary: [{ type: 'summary_text', text: `Thinking about: ${inputText}` }] }
+      reasoning.set(thought.id, thought)
+      const include = Array.isArray(body.include) ? body.include : []
+      output.unshift(include.includes('reasoning.encrypted_content') ? { ...thought, encrypted_content: `gAAAA${randomBytes(8).toString('hex')}` } : thought)
+    }
     const response: StoredResponse = {
       id: newId('resp'), object: 'response', created_at: Math.floor(Date.now() / 1000), status: 'completed',
-      model: body.model, output: [message],
+      model: body.model, output,
       usage: { input_tokens: Math.max(1, words(inputText).length), output_tokens: outputWords.length, total_tokens: 0 },
       metadata: (body.metadata as Record<string, string> | undefined) ?? {},
       conversation: conversationId === undefined ? null : { id: conversationId },
@@ -99,25 +116,30 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
     response.usage.total_tokens = response.usage.input_tokens + response.usage.output_tokens
     if (response.background) response.status = 'in_progress'
     responses.set(response.id, { response, input })
-    if (conversationId !== undefined) conversations.append(conversationId, [...input, message])
+    if (conversationId !== undefined) conversations.append(conversationId, [...input, ...output])
     if (body.stream === true) stream(res, response, outputWords)
     else send(res, 200, response)
   }
 
   /** The events OpenAI sends for one text answer, one word a delta, with a pause between events. */
   function stream (res: ServerResponse, response: StoredResponse, outputWords: string[]): void {
-    const message = response.output[0]!
+    const at = response.output.length - 1
+    const message = response.output[at]!
     const inProgress = { ...response, status: 'in_progress', output: [], usage: null }
     const events: Array<Record<string, unknown>> = [
       { type: 'response.created', response: inProgress },
       { type: 'response.in_progress', response: inProgress },
-      { type: 'response.output_item.added', output_index: 0, item: { ...message, status: 'in_progress', content: [] } },
-      { type: 'response.content_part.added', item_id: message.id, output_index: 0, content_index: 0, part: { type: 'output_text', text: '', annotations: [] } },
+      ...response.output.slice(0, at).flatMap((item, i) => [
+        { type: 'response.output_item.added', output_index: i, item: { ...item, summary: [] } },
+        { type: 'response.output_item.done', output_index: i, item }
+      ]),
+      { type: 'response.output_item.added', output_index: at, item: { ...message, status: 'in_progress', content: [] } },
+      { type: 'response.content_part.added', item_id: message.id, output_index: at, content_index: 0, part: { type: 'output_text', text: '', annotations: [] } },
       ...outputWords.map((word, i) => ({
-        type: 'response.output_text.delta', item_id: message.id, output_index: 0, content_index: 0, delta: i === 0 ? word : ` ${word}`
+        type: 'response.output_text.delta', item_id: message.id, output_index: at, content_index: 0, delta: i === 0 ? word : ` ${word}`
       })),
-      { type: 'response.output_text.done', item_id: message.id, output_index: 0, content_index: 0, text: outputWords.join(' ') },
-      { type: 'response.output_item.done', output_index: 0, item: message },
+      { type: 'response.output_text.done', item_id: message.id, output_index: at, content_index: 0, text: outputWords.join(' ') },
+      { type: 'response.output_item.done', output_index: at, item: message },
       { type: 'response.completed', response }
     ]
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache' })

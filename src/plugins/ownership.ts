@@ -21,6 +21,7 @@ import {
   conversationParam, createBody, folded, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
+import { reasoningIdsIn, type IssuedItems } from '../ownership/issued.js'
 import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
 import { serializeBody } from './body.js'
@@ -34,6 +35,7 @@ export interface OwnershipOptions {
   apiKey: () => string
   unowned: () => 'deny' | 'allow'
   cache: OwnerCache
+  issued: IssuedItems
 }
 
 /**
@@ -53,11 +55,12 @@ const MAX_REFERENCES = 32
 /**
  * Item types whose stored content the upstream fills in by the item's id when the item comes without it, and the
  * key that carries that content: OpenAI's "using image ID" multi-turn editing sends `{ type:
- * "image_generation_call", id }` for the stored image. Without that key such an item is a reference like any
- * other. (A reasoning item without `encrypted_content` is read from storage by its id too, but it is also what
- * every reasoning model's answer holds and clients pass back as it came: see the todo in ownership.test.ts.)
+ * "image_generation_call", id }` for the stored image; a reasoning item without `encrypted_content` is read from
+ * storage by its id ("Item with id 'rs_...' not found. Items are not persisted when `store` is set to false").
+ * Without that key such an item is a reference like any other, except one the gateway handed to the same client
+ * (ownership/issued.ts): a reasoning model's output, passed back as it came.
  */
-const FILLED_IN_BY_ID: Record<string, string> = { image_generation_call: 'result' }
+const FILLED_IN_BY_ID: Record<string, string> = { image_generation_call: 'result', reasoning: 'encrypted_content' }
 
 /**
  * The ids of the items a create body's list names by reference: OpenAI's item_reference, `{ id, type:
@@ -84,9 +87,9 @@ export function referencedItems (list: unknown): unknown[] {
   return ids
 }
 
-/** Whether a create's list names items by reference that the gateway must check (cheap: most have none). */
-function hasReferences (list: unknown, client: ClientConfig): boolean {
-  return Array.isArray(list) && !client.scopes.includes('admin') && referencedItems(list).length > 0
+/** The items a create's list names by reference that the gateway must check (cheap: most lists name none). */
+function references (list: unknown, client: ClientConfig): unknown[] {
+  return client.scopes.includes('admin') ? [] : referencedItems(list)
 }
 
 function withParam (err: GatewayError, param: string): GatewayError {
@@ -173,7 +176,7 @@ function refuseCheckedKeysInQuery (url: string): void {
 }
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
-  const { cache, upstream } = opts
+  const { cache, issued, upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
 
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
@@ -264,12 +267,12 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * Items a create names by id (item_reference) are resolved by the upstream across the whole account every team
    * shares: each must be an item of the conversation the call names, which the client owns (checked before), else
    * it could pull another team's item into its own context. A reference with no such conversation (a new
-   * conversation's items, a response outside any conversation) is refused; admin clients are not checked.
+   * conversation's items, a response outside any conversation) is refused; admin clients are not checked. An
+   * item the gateway handed to this very client (a reasoning item in its output) needs no check.
    */
   async function checkReferences (param: string, list: unknown, conversation: string | undefined,
     client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Promise<void> {
-    if (client.scopes.includes('admin')) return
-    const ids = referencedItems(list)
+    const ids = await notHandedOut(references(list, client), client)
     if (ids.length === 0) return
     if (conversation === undefined) throw withParam(new ItemReferenceOutsideConversationError(), param)
     if (ids.length > MAX_REFERENCES) throw withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param)
@@ -284,6 +287,31 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         : 'missing'
       if (found === 'missing') throw withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param)
     }
+  }
+
+  /** The ids among `ids` that the gateway did not hand to `client` (ownership/issued.ts). */
+  async function notHandedOut (ids: unknown[], client: ClientConfig): Promise<unknown[]> {
+    if (ids.length === 0) return ids
+    const strings = ids.filter((id): id is string => typeof id === 'string' && ID_PATTERN.test(id))
+    if (strings.length === 0) return ids
+    const handedOut = await issued.issuedTo(strings, client.id)
+    return ids.filter(id => !handedOut.has(id as string))
+  }
+
+  /**
+   * Every item a response's answer (or a streamed event) holds that the upstream fills in by id is noted as its
+   * owner's: the client that creates it, or the owner of one retrieved (an admin's retrieve hands nothing to the
+   * admin; an unowned response's items stay no one's).
+   */
+  function noteHandedOut (request: FastifyRequest): void {
+    const note = (object: unknown) => {
+      const owner = request.ownerId
+      const ids = owner === null ? [] : reasoningIdsIn(object)
+      if (ids.length > 0) issued.note(ids, owner!)
+      return object
+    }
+    addAnswerRewrite(request, note)
+    addEventRewrite(request, note)
   }
 
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
@@ -365,9 +393,15 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
       // (A new conversation holds no item to name: any reference is refused, before anything goes upstream.)
-      if (hasReferences(body?.items, client)) throw withParam(new ItemReferenceOutsideConversationError(), 'items')
-      prepareCreate('conversation', request, client)
-      return
+      const named = references(body?.items, client)
+      if (named.length === 0) {
+        prepareCreate('conversation', request, client)
+        return
+      }
+      return (async () => {
+        if ((await notHandedOut(named, client)).length > 0) throw withParam(new ItemReferenceOutsideConversationError(), 'items')
+        prepareCreate('conversation', request, client)
+      })()
     }
     if (op.action === 'response.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
@@ -378,9 +412,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
         await checkReferences('input', body?.input, conversation, client, request, reply)
         prepareCreate('response', request, client)
+        noteHandedOut(request)
       })()
     }
     if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) hideOwner(request)
+    if (op.action === 'response.retrieve') noteHandedOut(request)
 
     if (op.responseId !== null) {
       const responseId = op.responseId
@@ -399,7 +435,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
     }
     const authorized = authorize('conversation', 'conversation', id, client, request, reply)
-    if (op.action === 'item.create' && hasReferences(body?.items, client)) {
+    if (op.action === 'item.create' && references(body?.items, client).length > 0) {
       return (async () => {
         await authorized
         await checkReferences('items', body?.items, id, client, request, reply)

@@ -10,6 +10,7 @@
 // most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis, ReplyError } from 'ioredis'
+import type { SharedNotes } from '../ownership/issued.js'
 import { MemoryStore } from './memory.js'
 import {
   checkCost, describe, StoreUnavailableError, TOKEN_EPSILON, type BucketRule, type RateLimitResult, type RateLimitStore
@@ -142,7 +143,7 @@ class OutageLog {
   }
 }
 
-export class RedisStore implements RateLimitStore {
+export class RedisStore implements RateLimitStore, SharedNotes {
   readonly #redis: Redis & BucketCommand
   readonly #fallback = new MemoryStore()
   readonly #onFailure: OnFailure
@@ -278,6 +279,22 @@ export class RedisStore implements RateLimitStore {
     const shared = await this.#run('peek', key, rule, 0)
     if (shared === null) return await this.#fallback.peek(key, rule)
     return describe(shared.tokens, rule, shared.allowed)
+  }
+
+  /**
+   * A note other replicas read (ownership/issued.ts), written only if there is none under `key` (the first
+   * writer keeps it). Not queued while disconnected (there is no offline queue):
+   * it fails at once, and a lost note only makes another replica check that id as it would any reference.
+   */
+  async note (key: string, value: string, ttlMs: number): Promise<void> {
+    if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
+    await this.#deadline(this.#redis.set(this.#keyPrefix + key, value, 'PX', ttlMs, 'NX'))
+  }
+
+  /** Notes by key (null where none), within store.timeoutMs like every other call. */
+  async recall (keys: readonly string[]): Promise<Array<string | null>> {
+    if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
+    return await this.#deadline(this.#redis.mget(keys.map(key => this.#keyPrefix + key)))
   }
 
   /**

@@ -1,0 +1,111 @@
+// Items the upstream fills in from storage by their id alone, and which the gateway cannot look up to see whose
+// they are: a reasoning item without its `encrypted_content` (`{ "type": "reasoning", "id": "rs_..." }`). A
+// reasoning model's answer holds them, and clients pass that output back as it came (`input: [...input,
+// ...response.output]`), outside any conversation: there is no object with an owner to ask, only the answer the
+// gateway passed on. So the gateway notes each such id it hands a client (id → client id), and a client may name
+// one by id only when it was handed to that client. The note lives as long as OpenAI keeps a stored response (30
+// days): in memory (bounded, least recently used go first), and in Redis too when the rate-limit store is Redis,
+// so that every replica knows what any replica handed out.
+import { LRUCache } from 'lru-cache'
+import type { StoreLogger } from '../stores/redis.js'
+
+/** How long an issued id is remembered: OpenAI keeps a stored response, and its items, for 30 days. */
+export const ISSUED_TTL_MS = 30 * 24 * 60 * 60 * 1000
+
+/** The Redis side (stores/redis.ts): a string per key, with a TTL. */
+export interface SharedNotes {
+  /** Writes `value` under `key` for `ttlMs`; rejects when Redis does not take it. */
+  note (key: string, value: string, ttlMs: number): Promise<void>
+  /** The values under `keys` (null where none); rejects when Redis cannot answer. */
+  recall (keys: readonly string[]): Promise<Array<string | null>>
+}
+
+export interface IssuedItemsOptions {
+  /** ids remembered in this process at most */
+  max: number
+  shared?: SharedNotes | null
+  log: StoreLogger
+}
+
+const KEY = (id: string) => `issued:${id}`
+const WARN_INTERVAL_MS = 10_000
+
+export class IssuedItems {
+  readonly #local: LRUCache<string, string>
+  readonly #shared: SharedNotes | null
+  readonly #log: StoreLogger
+  #lastWarning = -Infinity
+
+  constructor ({ max, shared = null, log }: IssuedItemsOptions) {
+    this.#local = new LRUCache<string, string>({ max, ttl: ISSUED_TTL_MS })
+    this.#shared = shared
+    this.#log = log
+  }
+
+  /** `ids` went out to `owner` in an answer. The first owner noted for an id keeps it, here and in Redis. */
+  note (ids: readonly string[], owner: string): void {
+    for (const id of ids) {
+      if (this.#local.has(id)) continue // (an answer retrieved again, or a stream's later event: no second write)
+      this.#local.set(id, owner)
+      // Not waited for: a note the other replicas lack only makes them check that id as any other reference.
+      this.#shared?.note(KEY(id), owner, ISSUED_TTL_MS).catch((err: unknown) => { this.#warn(err, 'could not note') })
+    }
+  }
+
+  #warn (err: unknown, what: string): void {
+    const now = Date.now()
+    if (now - this.#lastWarning < WARN_INTERVAL_MS) return
+    this.#lastWarning = now
+    this.#log.warn({ reason: err instanceof Error ? err.message : String(err) },
+      `issued items: Redis ${what}; items named by id that another replica handed out are checked as references`)
+  }
+
+  /**
+   * The ids among `ids` that went out to `owner`. An id this process does not know is asked of Redis; when Redis
+   * cannot answer, such an id counts as not handed out (the caller then checks it as any other reference).
+   */
+  async issuedTo (ids: readonly string[], owner: string): Promise<Set<string>> {
+    const found = new Set<string>()
+    const unknown: string[] = []
+    for (const id of ids) {
+      const known = this.#local.get(id)
+      if (known === owner) found.add(id)
+      else if (known === undefined) unknown.push(id)
+    }
+    if (unknown.length === 0 || this.#shared === null) return found
+    try {
+      const owners = await this.#shared.recall(unknown.map(KEY))
+      unknown.forEach((id, i) => {
+        const shared = owners[i]
+        if (typeof shared !== 'string') return
+        this.#local.set(id, shared)
+        if (shared === owner) found.add(id)
+      })
+    } catch (err) {
+      this.#warn(err, 'did not answer')
+    }
+    return found
+  }
+}
+
+/**
+ * The ids of the items an answer or a streamed event hands out that the upstream fills in by id: reasoning items
+ * without `encrypted_content`, in a response's `output` (an answer, or `response` in an event) or an event's `item`.
+ */
+export function reasoningIdsIn (object: unknown): string[] {
+  const ids: string[] = []
+  const add = (item: unknown) => {
+    const { type, id, encrypted_content: content } = (item ?? {}) as Record<string, unknown>
+    if (type === 'reasoning' && typeof id === 'string' && (typeof content !== 'string' || content === '')) ids.push(id)
+  }
+  const outputOf = (value: unknown) => {
+    const output = (value as { output?: unknown } | null)?.output
+    if (Array.isArray(output)) output.forEach(add)
+  }
+  if (object === null || typeof object !== 'object') return ids
+  outputOf(object)
+  const { response, item } = object as { response?: unknown, item?: unknown }
+  outputOf(response)
+  add(item)
+  return ids
+}
