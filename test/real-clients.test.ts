@@ -6,6 +6,7 @@ import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { call } from './fixtures/client.js'
 import { eventually } from './fixtures/eventually.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
 import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
@@ -446,6 +447,30 @@ t.test('a POST whose answer did not come in time is not sent again by the SDK (x
   const before = upstream.requests.length
   await client.conversations.items.list('conv_x').then(() => null, (e: unknown) => e)
   t.equal(upstream.requests.length - before, 3, 'a GET is safe to try again: the SDK\'s two retries went upstream')
+})
+
+t.test('a generation that outlives the timeout the SDK says it has is answered 504 x-should-retry: false before it, not sent again by the SDK', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // generationTimeoutMs as shipped (590 s): the team's own timeout is far shorter.
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = faults.hang()
+  const generations = () => upstream.requests.filter(r => r.method === 'POST').length
+
+  // The Node SDK says a call's own timeout in whole seconds (X-Stainless-Timeout; not the client's default, which it
+  // does not send), and retries a call that outlives it.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await client.responses.create({ model: 'gpt-4o-mini', input: 'a long answer' }, { timeout: 2500 }).then(() => null, (e: unknown) => e)
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout')
+  t.equal(generations(), 1, 'one SDK call, one generation started upstream')
+
+  // The Python SDK says its read timeout in seconds, fractions included (X-Stainless-Read-Timeout).
+  const body = JSON.stringify({ model: 'gpt-4o-mini', input: 'another long answer' })
+  const answer = await call(gw.url, 'POST', '/v1/responses', { body, headers: { 'x-stainless-read-timeout': '1.5' }, timeoutMs: 5000 })
+  t.equal(answer.status, 504)
+  t.equal(answer.headers['x-should-retry'], 'false')
+  t.equal(generations(), 2)
+  t.match(gw.audit().map(r => [r.action, r.status]), [['response.create', 504], ['response.create', 504]])
 })
 
 t.test('a POST whose upstream connection broke after it was sent is not sent again by the SDK; one refused everywhere is', async t => {
