@@ -291,6 +291,21 @@ t.test('the operational log keeps to what is exceptional', async t => {
     t.equal((JSON.parse(lines[0] ?? '{}') as { reqId?: string }).reqId, ex.response?.headers['x-gateway-request-id'], 'the line carries the call\'s request id')
   })
 
+  await t.test('a client that leaves a stream part-way (the SDK\'s break, an abort) writes no line at info: the audit says it', async t => {
+    const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
+    t.teardown(() => upstream.close())
+    const gw = await startGateway(t, testConfig(upstream.url, { log: { level: 'debug' } }))
+    const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const { data: stream, response } = await client.responses.create({ model: 'gpt-4o-mini', input: 'one two three four five', stream: true }).withResponse()
+    for await (const event of stream) if (event.type === 'response.output_text.delta') break
+    const record = await eventually(async () => gw.audit()[0] ?? null, 'the record of the call')
+    t.match(record, { action: 'response.create', outcome: 'aborted' })
+    const requestId = response.headers.get('x-gateway-request-id')!
+    const line = await eventually(async () => gw.logs.find(l => l.includes(requestId) && l.includes('"msg":"stream closed prematurely"')) ?? null, 'the line about it')
+    t.match(line, /"level":20,/, 'at debug, with the per-request lines')
+    t.same(gw.logs.filter(l => l.includes(requestId) && !/"level":(10|20),/.test(l)), [], 'no line about it at info or above')
+  })
+
   await t.test('long client-controlled values are cut in the log', async t => {
     const { gw } = await setup(t, { log: { level: 'debug' } })
     const long = '/v1/conversations/' + 'c'.repeat(15_000)
