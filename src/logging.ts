@@ -101,6 +101,16 @@ export class DebugRequestLogController extends LogController {
     if (error) reply.log.error({ res: reply, err: error }, 'request errored')
     else if (debugOn(reply.log)) reply.log.debug({ res: reply, responseTime: reply.elapsedTime }, 'request completed')
   }
+
+  /**
+   * A streamed answer the client left part-way (an SDK's `break` out of a stream, an abort) is routine, and its
+   * audit record says `aborted`: at debug, with the per-request lines (Fastify writes it at info). Any other error
+   * of a stream under way stays a warning.
+   */
+  override streamError (error: Error & { code?: string }, request: FastifyRequest, reply: FastifyReply): void {
+    if (error.code !== 'ERR_STREAM_PREMATURE_CLOSE') super.streamError(error, request, reply)
+    else if (debugOn(reply.log)) reply.log.debug({ res: reply }, 'stream closed prematurely')
+  }
 }
 
 /**

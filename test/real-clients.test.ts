@@ -6,6 +6,7 @@ import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { call } from './fixtures/client.js'
 import { eventually } from './fixtures/eventually.js'
 import { buildRequest, chunk, sendRaw } from './fixtures/raw-http.js'
 import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
@@ -290,6 +291,21 @@ t.test('the operational log keeps to what is exceptional', async t => {
     t.equal((JSON.parse(lines[0] ?? '{}') as { reqId?: string }).reqId, ex.response?.headers['x-gateway-request-id'], 'the line carries the call\'s request id')
   })
 
+  await t.test('a client that leaves a stream part-way (the SDK\'s break, an abort) writes no line at info: the audit says it', async t => {
+    const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
+    t.teardown(() => upstream.close())
+    const gw = await startGateway(t, testConfig(upstream.url, { log: { level: 'debug' } }))
+    const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const { data: stream, response } = await client.responses.create({ model: 'gpt-4o-mini', input: 'one two three four five', stream: true }).withResponse()
+    for await (const event of stream) if (event.type === 'response.output_text.delta') break
+    const record = await eventually(async () => gw.audit()[0] ?? null, 'the record of the call')
+    t.match(record, { action: 'response.create', outcome: 'aborted' })
+    const requestId = response.headers.get('x-gateway-request-id')!
+    const line = await eventually(async () => gw.logs.find(l => l.includes(requestId) && l.includes('"msg":"stream closed prematurely"')) ?? null, 'the line about it')
+    t.match(line, /"level":20,/, 'at debug, with the per-request lines')
+    t.same(gw.logs.filter(l => l.includes(requestId) && !/"level":(10|20),/.test(l)), [], 'no line about it at info or above')
+  })
+
   await t.test('long client-controlled values are cut in the log', async t => {
     const { gw } = await setup(t, { log: { level: 'debug' } })
     const long = '/v1/conversations/' + 'c'.repeat(15_000)
@@ -446,6 +462,30 @@ t.test('a POST whose answer did not come in time is not sent again by the SDK (x
   const before = upstream.requests.length
   await client.conversations.items.list('conv_x').then(() => null, (e: unknown) => e)
   t.equal(upstream.requests.length - before, 3, 'a GET is safe to try again: the SDK\'s two retries went upstream')
+})
+
+t.test('a generation that outlives the timeout the SDK says it has is answered 504 x-should-retry: false before it, not sent again by the SDK', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // generationTimeoutMs as shipped (590 s): the team's own timeout is far shorter.
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = faults.hang()
+  const generations = () => upstream.requests.filter(r => r.method === 'POST').length
+
+  // The Node SDK says a call's own timeout in whole seconds (X-Stainless-Timeout; not the client's default, which it
+  // does not send), and retries a call that outlives it.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await client.responses.create({ model: 'gpt-4o-mini', input: 'a long answer' }, { timeout: 2500 }).then(() => null, (e: unknown) => e)
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout')
+  t.equal(generations(), 1, 'one SDK call, one generation started upstream')
+
+  // The Python SDK says its read timeout in seconds, fractions included (X-Stainless-Read-Timeout).
+  const body = JSON.stringify({ model: 'gpt-4o-mini', input: 'another long answer' })
+  const answer = await call(gw.url, 'POST', '/v1/responses', { body, headers: { 'x-stainless-read-timeout': '1.5' }, timeoutMs: 5000 })
+  t.equal(answer.status, 504)
+  t.equal(answer.headers['x-should-retry'], 'false')
+  t.equal(generations(), 2)
+  t.match(gw.audit().map(r => [r.action, r.status]), [['response.create', 504], ['response.create', 504]])
 })
 
 t.test('a POST whose upstream connection broke after it was sent is not sent again by the SDK; one refused everywhere is', async t => {

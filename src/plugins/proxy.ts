@@ -45,6 +45,32 @@ const ERROR_READ_MS = 5_000
  */
 const MAX_SEARCHED_WHOLE_BYTES = 64 * 1024
 
+/**
+ * The headers in which the official SDKs say how long they wait for an answer: the Node SDK its timeout in whole
+ * seconds (rounded down), the Python SDK its read timeout in seconds (the wait for an answer's first byte).
+ */
+const CLIENT_TIMEOUT_HEADERS = ['x-stainless-timeout', 'x-stainless-read-timeout'] as const
+/** The most the gateway's answer is sent ahead of the client's timeout, for what it cannot see of the client's wait. */
+const CLIENT_MARGIN_MS = 1000
+
+/**
+ * How much longer (ms) the client will wait for its answer, `elapsedMs` after its call arrived, when it says so.
+ * Both SDKs retry a call that outlives their timeout, a POST included: a generation would be started upstream again,
+ * twice. Answered first by the gateway (504, x-should-retry: false for a POST), the SDK raises that and sends
+ * nothing again. The answer goes a tenth of the timeout (at most CLIENT_MARGIN_MS) ahead of it: the client's clock
+ * started before its call reached the gateway.
+ */
+export function clientWaitMs (headers: IncomingHttpHeaders, elapsedMs: number): number | undefined {
+  let seconds = Infinity
+  for (const name of CLIENT_TIMEOUT_HEADERS) {
+    const value = headers[name]
+    if (typeof value === 'string' && /^\d{1,9}(?:\.\d{1,9})?$/.test(value) && Number(value) > 0) seconds = Math.min(seconds, Number(value))
+  }
+  if (seconds === Infinity) return undefined
+  const ms = seconds * 1000
+  return Math.max(1, ms - Math.min(CLIENT_MARGIN_MS, ms / 10) - elapsedMs)
+}
+
 /** OpenAI's error event, with the envelope of upstream_unavailable: how a Responses stream the gateway ends ends. */
 function streamErrorEvent (message: string): Buffer {
   const error = { message, type: 'server_error', param: null, code: 'upstream_unavailable' }
@@ -288,7 +314,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         headers,
         body: request.upstreamBody,
         whenClientGone: clientGone(reply),
-        progress
+        progress,
+        clientWaitMs: clientWaitMs(request.headers, reply.elapsedTime)
       }).then(answer => {
         progress.line = answer.line
         // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
@@ -316,7 +343,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     rewrite: (body: unknown) => unknown): Promise<void> {
     let raw: Buffer
     try {
-      raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create')
+      raw = await upstream.readWhole(res.stream, request.operation?.action === 'response.create', clientWaitMs(request.headers, reply.elapsedTime))
     } catch (err) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return

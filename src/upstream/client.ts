@@ -55,6 +55,11 @@ export interface UpstreamCall {
    * have taken on)
    */
   progress?: { attempts: number, sent: boolean } | undefined
+  /**
+   * how much longer the client will wait for its answer, when it says so (plugins/proxy.ts clientWaitMs): a
+   * deadline shorter than the call's own replaces it
+   */
+  clientWaitMs?: number | undefined
 }
 
 export interface UpstreamAnswer {
@@ -400,9 +405,9 @@ export class Upstream {
    * a generation's: an upstream may send its headers before the model is done), and counted against one bound
    * shared by every answer being read whole (readBody).
    */
-  readWhole (body: Readable, generation = false): Promise<Buffer> {
+  readWhole (body: Readable, generation = false, clientWaitMs = Infinity): Promise<Buffer> {
     const settings = this.#current.settings
-    return readBody(body, MAX_WHOLE_BYTES, generation ? settings.generationTimeoutMs : settings.timeoutMs, this.#held)
+    return readBody(body, MAX_WHOLE_BYTES, Math.min(generation ? settings.generationTimeoutMs : settings.timeoutMs, clientWaitMs), this.#held)
   }
 
   /** At least one line is up, or due for its trial call. */
@@ -429,7 +434,10 @@ export class Upstream {
     // A generation waits on the model (a non-streamed one gets its headers only when the model is done, a streamed
     // one may go quiet while it reasons): its own deadline, for the headers and for each silence in the body.
     const generation = waitsOnTheModel(call)
-    const deadlineMs = generation ? settings.generationTimeoutMs : settings.timeoutMs
+    const ownMs = generation ? settings.generationTimeoutMs : settings.timeoutMs
+    // A client that will give up sooner (and whose SDK would then send the call again) gets the 504 before it does.
+    const clientCut = call.clientWaitMs !== undefined && call.clientWaitMs < ownMs
+    const deadlineMs = clientCut ? call.clientWaitMs! : ownMs
     // (A streamed retrieve of a response the model is still working on gets its headers at once, then may go
     // quiet as long as a streamed create.)
     const modelStream = generation || (call.method === 'GET' && STREAMED_RETRIEVE.test(call.path))
@@ -458,7 +466,7 @@ export class Upstream {
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
-          const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', sent: attempt.sent }
+          const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent }
           const failure = attemptFailed(health, call, index, err, end)
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
           if (failure === null || next === null) throw finalFailure(settings, deadlineMs, index, tried.size, err, end)
@@ -539,6 +547,8 @@ interface AttemptEnd {
   stopped: string | null
   /** the call's own deadline passed */
   deadlinePassed: boolean
+  /** that deadline was the client's (shorter than the line is given) */
+  clientDeadline: boolean
   /** the request had a connection (see Attempt) */
   sent: boolean
 }
@@ -549,8 +559,8 @@ interface AttemptEnd {
  * connection: a pool taken by long streams is the gateway's load, not the line failing. Nor does a generation
  * that outlives its deadline: a slow model is not a failing line, and counting it would let one long answer (and
  * its SDK's retries) take the line down for everyone. A quick call sent and given no response headers in time
- * does count: that is how a line that takes connections and never answers is found. No timeout is retried: the
- * upstream may be working on the call.
+ * does count: that is how a line that takes connections and never answers is found, but not against a deadline
+ * the client set shorter. No timeout is retried: the upstream may be working on the call.
  */
 function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
   if (end.stopped !== null) {
@@ -558,7 +568,7 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
     return null
   }
   const failure = end.deadlinePassed ? 'timeout' : classify(codeOf(err))
-  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call))) health.released(index)
+  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index)
   else health.failed(index)
   return failure === 'timeout' ? null : failure
 }
