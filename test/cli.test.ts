@@ -282,6 +282,20 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
 })
 
+t.test('check-config and start report an audit directory the gateway cannot write in', { skip: process.platform !== 'linux' }, async t => {
+  // As a host directory bind-mounted over /app/audit that uid 1000 cannot write: check-config said ok, and start
+  // died with a stack trace from the audit lock. /sys/kernel stands for it here: it exists, and no user, root
+  // included, can make a file in it.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/sys/kernel/audit.jsonl'))
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, /audit\.file: cannot write in the directory \/sys\/kernel: EACCES/)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.equal(start.stderr, 'ohmygpt-gateway start: audit.file: cannot write in the directory /sys/kernel: EACCES\n', 'one line, no stack trace')
+})
+
 t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace('host: 127.0.0.1', 'host: 203.0.113.7'))
