@@ -541,9 +541,12 @@ function readConfigFile (file: string): unknown {
     // The parser's message ends with the lines around the error, which may hold the token or a key: only its
     // first line (what and where) is kept.
     if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0]!.replace(/:$/, '')}`])
-    // An unquoted value starting with * is read as an alias, and the error names it: the value itself.
+    // An unquoted value starting with * is read as an alias, and the error names it: the value itself. The parser
+    // also stops aliases that would copy anchored values over and over (a "billion laughs"), with the same class.
     if (err instanceof ReferenceError) {
-      throw new ConfigError(file, ['YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted'])
+      throw new ConfigError(file, [/^Excessive alias count/.test(err.message)
+        ? 'YAML: too many aliases (*name), which would copy anchored values over and over: write the values out'
+        : 'YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted'])
     }
     throw err
   }
