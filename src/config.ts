@@ -363,6 +363,17 @@ function duplicateIds (clients: ClientConfig[]): string[] {
   return problems
 }
 
+/**
+ * Whether an ISO 8601 time (the schema checked its form) names a real moment. Date.parse takes a day its month
+ * does not have for a day of the next (2025-06-31 is July 1): a key would expire a day later than written.
+ */
+function isTime (text: string): boolean {
+  const [year, month, day] = text.slice(0, 10).split('-').map(Number) as [number, number, number]
+  const leap = year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0)
+  const days = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month - 1] ?? 0
+  return day >= 1 && day <= days && !Number.isNaN(Date.parse(text))
+}
+
 /** Each client has exactly one key form; every digest belongs to one key; ids and times are sound. */
 function keyProblems (clients: ClientConfig[]): string[] {
   const problems: string[] = []
@@ -377,7 +388,7 @@ function keyProblems (clients: ClientConfig[]): string[] {
       owned.push([`clients[${i}].keys[${j}].sha256`, k.sha256])
       if (keyIds.has(k.id)) problems.push(`clients[${i}].keys[${j}].id: duplicates another key id of this client`)
       keyIds.add(k.id)
-      if (k.expiresAt !== undefined && Number.isNaN(Date.parse(k.expiresAt))) {
+      if (k.expiresAt !== undefined && !isTime(k.expiresAt)) {
         problems.push(`clients[${i}].keys[${j}].expiresAt: not a valid time`)
       }
     })
