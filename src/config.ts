@@ -534,8 +534,9 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   return deepFreeze(candidate as GatewayConfig)
 }
 
+/** --config, else GATEWAY_CONFIG (empty is unset, as for a ${VAR}), else the default. */
 export function resolveConfigPath (flag: string | undefined, env: NodeJS.ProcessEnv): string {
-  return flag ?? env.GATEWAY_CONFIG ?? DEFAULT_CONFIG_FILE
+  return flag ?? (env.GATEWAY_CONFIG === '' ? undefined : env.GATEWAY_CONFIG) ?? DEFAULT_CONFIG_FILE
 }
 
 function readConfigFile (file: string): unknown {

@@ -254,6 +254,8 @@ t.test('the config file comes from --config, else GATEWAY_CONFIG, else config/ga
   t.equal(resolveConfigPath('a.yaml', { GATEWAY_CONFIG: 'b.yaml' }), 'a.yaml')
   t.equal(resolveConfigPath(undefined, { GATEWAY_CONFIG: 'b.yaml' }), 'b.yaml')
   t.equal(resolveConfigPath(undefined, {}), 'config/gateway.yaml')
+  // Set but empty (compose's GATEWAY_CONFIG: ${GATEWAY_CONFIG} with nothing exported) is unset, as in a ${VAR}.
+  t.equal(resolveConfigPath(undefined, { GATEWAY_CONFIG: '' }), 'config/gateway.yaml')
 })
 
 interface SchemaNode { type?: string, default?: unknown, minimum?: number, maximum?: number, properties?: Record<string, SchemaNode>, items?: SchemaNode }
