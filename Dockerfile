@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # ohmygpt-gateway: build with `docker build -t ohmygpt-gateway .`, run with
 #   docker run --rm -p 8080:8080 -e OHMYGPT_API_KEY ohmygpt-gateway
-# The config is baked in at /app/config/gateway.yaml; mount your own over it read-only
-# (-v "$PWD/gateway.yaml:/app/config/gateway.yaml:ro") or point GATEWAY_CONFIG at a mounted file.
+# The config is baked in at /app/config/gateway.yaml; mount your own directory over /app/config read-only
+# (-v "$PWD/config:/app/config:ro"; the directory, not the file, so that a SIGHUP reload sees an edited file),
+# or point GATEWAY_CONFIG at a file in a mounted directory.
 
 # ---- build: compile TypeScript to dist/ ----
 FROM node:24-slim AS build

@@ -363,6 +363,17 @@ function duplicateIds (clients: ClientConfig[]): string[] {
   return problems
 }
 
+/**
+ * Whether an ISO 8601 time (the schema checked its form) names a real moment. Date.parse takes a day its month
+ * does not have for a day of the next (2025-06-31 is July 1): a key would expire a day later than written.
+ */
+function isTime (text: string): boolean {
+  const [year, month, day] = text.slice(0, 10).split('-').map(Number) as [number, number, number]
+  const leap = year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0)
+  const days = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month - 1] ?? 0
+  return day >= 1 && day <= days && !Number.isNaN(Date.parse(text))
+}
+
 /** Each client has exactly one key form; every digest belongs to one key; ids and times are sound. */
 function keyProblems (clients: ClientConfig[]): string[] {
   const problems: string[] = []
@@ -377,7 +388,7 @@ function keyProblems (clients: ClientConfig[]): string[] {
       owned.push([`clients[${i}].keys[${j}].sha256`, k.sha256])
       if (keyIds.has(k.id)) problems.push(`clients[${i}].keys[${j}].id: duplicates another key id of this client`)
       keyIds.add(k.id)
-      if (k.expiresAt !== undefined && Number.isNaN(Date.parse(k.expiresAt))) {
+      if (k.expiresAt !== undefined && !isTime(k.expiresAt)) {
         problems.push(`clients[${i}].keys[${j}].expiresAt: not a valid time`)
       }
     })
@@ -523,8 +534,9 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   return deepFreeze(candidate as GatewayConfig)
 }
 
+/** --config, else GATEWAY_CONFIG (empty is unset, as for a ${VAR}), else the default. */
 export function resolveConfigPath (flag: string | undefined, env: NodeJS.ProcessEnv): string {
-  return flag ?? env.GATEWAY_CONFIG ?? DEFAULT_CONFIG_FILE
+  return flag ?? (env.GATEWAY_CONFIG === '' ? undefined : env.GATEWAY_CONFIG) ?? DEFAULT_CONFIG_FILE
 }
 
 function readConfigFile (file: string): unknown {
@@ -541,9 +553,12 @@ function readConfigFile (file: string): unknown {
     // The parser's message ends with the lines around the error, which may hold the token or a key: only its
     // first line (what and where) is kept.
     if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0]!.replace(/:$/, '')}`])
-    // An unquoted value starting with * is read as an alias, and the error names it: the value itself.
+    // An unquoted value starting with * is read as an alias, and the error names it: the value itself. The parser
+    // also stops aliases that would copy anchored values over and over (a "billion laughs"), with the same class.
     if (err instanceof ReferenceError) {
-      throw new ConfigError(file, ['YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted'])
+      throw new ConfigError(file, [/^Excessive alias count/.test(err.message)
+        ? 'YAML: too many aliases (*name), which would copy anchored values over and over: write the values out'
+        : 'YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted'])
     }
     throw err
   }

@@ -1,9 +1,10 @@
 // What a config needs from the machine it runs on, checked before anything starts: the listen address can be
-// bound and the audit file's directory can be created. `check-config` reports these with the schema's problems;
-// `start` meets the same conditions as one clear line (server.ts).
-import { existsSync, mkdirSync, statSync } from 'node:fs'
+// bound and the audit file's directory can be created and written in. `check-config` reports these with the
+// schema's problems; `start` meets the same conditions as one clear line (server.ts).
+import { randomBytes } from 'node:crypto'
+import { closeSync, existsSync, mkdirSync, openSync, statSync, unlinkSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { dirname, resolve } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 import type { GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
@@ -58,15 +59,39 @@ export function makeDirectories (dir: string): void {
   }
 }
 
+function errorCode (err: unknown): string {
+  const e = err as NodeJS.ErrnoException
+  return e.code ?? e.message
+}
+
+/**
+ * Whether the gateway can make files in `dir` (its audit file, the lock beside it, rotated files): one made and
+ * removed. Permissions alone do not tell (root, a read-only mount, a file system that makes no files).
+ */
+function directoryWriteProblem (dir: string): string | null {
+  const probe = join(dir, `.ohmygpt-gateway-check.${process.pid}.${randomBytes(6).toString('hex')}`)
+  try {
+    closeSync(openSync(probe, 'wx'))
+  } catch (err) {
+    return `audit.file: cannot write in the directory ${dir}: ${errorCode(err)}`
+  }
+  try { unlinkSync(probe) } catch { /* made, so the directory is writable: nothing more to say */ }
+  return null
+}
+
+/**
+ * The audit directory can be made and written in: a host directory mounted with another owner (or read-only) is
+ * said here, in one line, rather than met by the audit lock.
+ */
 export function auditDirectoryProblem (file: string): string | null {
   if (file === '-') return null
+  const dir = dirname(file)
   try {
-    makeDirectories(dirname(file))
-    return null
+    makeDirectories(dir)
   } catch (err) {
-    const e = err as NodeJS.ErrnoException
-    return `audit.file: cannot create the directory ${dirname(file)}: ${e.code ?? e.message}`
+    return `audit.file: cannot create the directory ${dir}: ${errorCode(err)}`
   }
+  return directoryWriteProblem(dir)
 }
 
 export async function preflight (config: GatewayConfig): Promise<string[]> {

@@ -115,6 +115,23 @@ t.test('start exits 1 on a bad config, before listening', async t => {
   t.match(r.stderr, /upstream\.apiKey: is required/)
 })
 
+t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is refused by start and audit verify, not used', async t => {
+  // Kubernetes hands a secret made --from-file of `openssl rand -hex 32 > key` to the gateway with its newline; the
+  // auditor's shell ($(cat key)) drops it, and every record of the chain the gateway wrote would fail to verify.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const key = 'a'.repeat(64)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: `${key}\n` })
+  t.equal(start.status, 1)
+  t.equal(start.stderr, 'ohmygpt-gateway start: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
+  for (const spelled of [`${key}\n`, `${key}\r\n`, ` ${key}`, `${key.slice(0, 32)} ${key.slice(32)}`, `${key}\t`]) {
+    const verify = run(['audit', 'verify', '--config', file], { AUDIT_HMAC_KEY: spelled })
+    t.equal(verify.status, 1, JSON.stringify(spelled.replace(key, 'KEY')))
+    t.match(verify.stderr, /AUDIT_HMAC_KEY must not contain whitespace or control characters/)
+    t.notOk(verify.stderr.includes(key.slice(0, 16)), 'the key is not echoed')
+  }
+})
+
 t.test('--help after any command prints the usage and exits 0, without running the command', async t => {
   for (const args of [['start', '--help'], ['keygen', '-h'], ['check-config', '--help'], ['demo', '--help'], ['audit', 'verify', '--help']]) {
     const r = run(args)
@@ -263,6 +280,20 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(r.stderr, /audit\.file: cannot create the directory .*not-a-dir: EEXIST/)
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), join(dir, 'not-a-dir', 'sub', 'audit.jsonl')))
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
+})
+
+t.test('check-config and start report an audit directory the gateway cannot write in', { skip: process.platform !== 'linux' }, async t => {
+  // As a host directory bind-mounted over /app/audit that uid 1000 cannot write: check-config said ok, and start
+  // died with a stack trace from the audit lock. /sys/kernel stands for it here: it exists, and no user, root
+  // included, can make a file in it.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/sys/kernel/audit.jsonl'))
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, /audit\.file: cannot write in the directory \/sys\/kernel: EACCES/)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.equal(start.stderr, 'ohmygpt-gateway start: audit.file: cannot write in the directory /sys/kernel: EACCES\n', 'one line, no stack trace')
 })
 
 t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {

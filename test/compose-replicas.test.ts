@@ -30,8 +30,9 @@ t.test('two gateway replicas, each with its own audit volume and name, reading o
   const names = new Set<string>()
   for (const [name, s] of gateways) {
     const env = s.environment ?? {}
-    const config = mounts(s).find(m => m.target === env.GATEWAY_CONFIG)
-    t.ok(config && existsSync(config.source), `${name}: GATEWAY_CONFIG is a mounted file of this repository`)
+    const config = mounts(s).find(m => env.GATEWAY_CONFIG?.startsWith(`${m.target}/`))
+    t.ok(config && existsSync(config.source + env.GATEWAY_CONFIG!.slice(config.target.length)),
+      `${name}: GATEWAY_CONFIG is a file of this repository, in a mounted directory`)
     const audit = mounts(s).find(m => m.target === '/app/audit')
     t.ok(audit && audit.source in compose.volumes, `${name}: /app/audit is a named volume`)
     volumes.add(audit!.source)

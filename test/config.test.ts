@@ -167,6 +167,17 @@ t.test('a YAML error names what and where, never the lines around it (which may 
   t.notMatch(warnings.join('\n'), secret, 'no warning quoting it either')
 })
 
+t.test('YAML whose aliases would multiply out (a "billion laughs") is refused as that, not as an alias without its anchor', async t => {
+  const levels = ['a: &a [x, x, x, x, x, x, x, x, x]']
+  for (const [name, prev] of [['b', 'a'], ['c', 'b'], ['d', 'c'], ['e', 'd'], ['f', 'e']]) {
+    levels.push(`${name}: &${name} [${Array(9).fill(`*${prev}`).join(', ')}]`)
+  }
+  t.same(problems(() => loadConfig(yamlFile(levels.join('\n') + '\n'), {})),
+    ['YAML: too many aliases (*name), which would copy anchored values over and over: write the values out'])
+  t.same(problems(() => loadConfig(yamlFile('upstream: *nowhere\n'), {})),
+    ['YAML: an alias (*name) refers to no anchor set before it; a value that starts with * must be quoted'])
+})
+
 t.test('an upstream.caFile that holds no certificate is refused: TLS would ignore it and every call fail', async t => {
   const ca = readFileSync(join(import.meta.dirname, 'fixtures', 'tls', 'ca.pem'), 'utf8')
   const dir = mkdtempSync(join(tmpdir(), 'gw-ca-'))
@@ -243,6 +254,8 @@ t.test('the config file comes from --config, else GATEWAY_CONFIG, else config/ga
   t.equal(resolveConfigPath('a.yaml', { GATEWAY_CONFIG: 'b.yaml' }), 'a.yaml')
   t.equal(resolveConfigPath(undefined, { GATEWAY_CONFIG: 'b.yaml' }), 'b.yaml')
   t.equal(resolveConfigPath(undefined, {}), 'config/gateway.yaml')
+  // Set but empty (compose's GATEWAY_CONFIG: ${GATEWAY_CONFIG} with nothing exported) is unset, as in a ${VAR}.
+  t.equal(resolveConfigPath(undefined, { GATEWAY_CONFIG: '' }), 'config/gateway.yaml')
 })
 
 interface SchemaNode { type?: string, default?: unknown, minimum?: number, maximum?: number, properties?: Record<string, SchemaNode>, items?: SchemaNode }

@@ -1,7 +1,9 @@
 // The image contract, read from the Dockerfile itself (no Docker engine here; ../shared/tools/container-check
 // builds and runs it for real). These are the properties the issues ask of the runtime image.
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync, statSync } from 'node:fs'
+import { join } from 'node:path'
 import t from 'tap'
+import { parse } from 'yaml'
 
 const stages = readFileSync('Dockerfile', 'utf8')
   .replace(/\\\n/g, ' ')
@@ -30,4 +32,26 @@ t.test('it runs as the non-root node user, exposes 8080, checks health without c
   t.match(runtime, /^HEALTHCHECK .*CMD \["node"/m)
   t.notMatch(runtime, /curl|wget/)
   t.match(runtime, /^CMD \["node", "dist\/cli\.js", "start"\]$/m)
+})
+
+t.test('the compose files and the README mount the gateway\'s config directory, not the file: a reload must see a config saved by rename', async t => {
+  // A bind mount of one file holds the inode it was given. A file saved by rename (sed -i, most editors) is a new
+  // inode on the host, which the container never sees: SIGHUP then reloads the old text ("nothing to apply") and
+  // a key revoked in the file keeps working. A mounted directory shows the new file. (Checked by hand with mount
+  // --bind: after sed -i on the host, the file mount showed the old text and the revoked key got 404, the
+  // directory mount the new one and 401.)
+  for (const file of ['docker-compose.yml', 'docker-compose.replicas.yml']) {
+    const services = (parse(readFileSync(file, 'utf8'), { merge: true }) as { services: Record<string, { build?: string, environment?: Record<string, string>, volumes?: string[] }> }).services
+    for (const [name, service] of Object.entries(services).filter(([, s]) => s.build === '.')) {
+      const configFile = service.environment?.GATEWAY_CONFIG ?? '/app/config/gateway.yaml'
+      const mount = (service.volumes ?? []).map(v => v.split(':')).find(([, target]) => configFile === target || configFile.startsWith(`${target}/`))
+      t.ok(mount, `${file} ${name}: ${configFile} is mounted`)
+      t.not(mount?.[1], configFile, `${file} ${name}: the mount is the config's directory, not the file`)
+      t.ok(mount !== undefined && statSync(mount[0]!).isDirectory(), `${file} ${name}: its source is a directory`)
+      t.ok(mount !== undefined && existsSync(join(mount[0]!, configFile.slice(mount[1]!.length))), `${file} ${name}: the file is in it`)
+    }
+  }
+  const readme = readFileSync('README.md', 'utf8')
+  const fileMounts = [...readme.matchAll(/-v "?\$PWD\/[^\s"]*\.ya?ml:[^\s"]*"?/g)].map(m => m[0])
+  t.same(fileMounts, [], 'no docker run line of the README mounts a config file on its own')
 })

@@ -515,6 +515,21 @@ t.test('check-config refuses a client with both key forms, or neither', async t 
     { message: /clients\[0\]\.keys\[0\]\.expiresAt: must match/ })
 })
 
+t.test('an expiresAt on a day its month does not have is refused, not taken for a day of the next month', async t => {
+  // JavaScript's Date reads 2025-06-31 as July 1 and 2025-02-29 as March 1: a key meant to end with June would
+  // have worked a day longer, with nothing said.
+  const config = (expiresAt: string) => ({
+    upstream: { baseUrls: ['http://x'], apiKey: 'k' },
+    clients: [{ id: 'a', keys: [{ id: 'k', sha256: keyDigest(KEY_A), expiresAt }], scopes: ['read'] }]
+  })
+  for (const expiresAt of ['2025-06-31T00:00:00Z', '2025-02-29T12:00:00+02:00', '2100-02-29T00:00Z', '2025-04-00T00:00:00Z']) {
+    t.throws(() => parseConfig(config(expiresAt)), { message: /clients\[0\]\.keys\[0\]\.expiresAt: not a valid time/ }, expiresAt)
+  }
+  for (const expiresAt of ['2024-02-29T00:00:00Z', '2000-02-29T00:00Z', '2025-06-30T23:59:59.999-07:00', '2025-12-31T24:00:00Z']) {
+    t.doesNotThrow(() => parseConfig(config(expiresAt)), expiresAt)
+  }
+})
+
 t.test('upstream.apiKeyFile: the token is read from the file (one trailing line break dropped); exactly one of the two forms', async t => {
   const { dir } = configFile('')
   const file = join(dir, 'token')

@@ -40,8 +40,13 @@ export function chainHasher (hmacKey?: string): Hasher {
 /** Shortest HMAC key accepted: 32 characters, e.g. `openssl rand -hex 32` gives 64. */
 export const MIN_HMAC_KEY_LENGTH = 32
 
-/** Why an AUDIT_HMAC_KEY value cannot be used, or null when it can. Never echoes the key. */
+/**
+ * Why an AUDIT_HMAC_KEY value cannot be used, or null when it can. Never echoes the key. Whitespace and control
+ * characters are refused, as in the config's secrets: a secret file's trailing newline, which an orchestrator
+ * passes on and a shell's $(cat key) drops, would make every record of the chain fail to verify with the key.
+ */
 export function hmacKeyProblem (key: string): string | null {
+  if (/[\s\p{Cc}]/u.test(key)) return 'AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)'
   return key.length < MIN_HMAC_KEY_LENGTH
     ? `AUDIT_HMAC_KEY is too short (${key.length} characters; at least ${MIN_HMAC_KEY_LENGTH}, e.g. openssl rand -hex 32)`
     : null
