@@ -1,7 +1,7 @@
 // The upstream hop carries the one secret that matters: verified TLS, an allow-list of request headers, and
 // only the eight operations' routes registered.
 import { readFileSync } from 'node:fs'
-import { request, type IncomingMessage, type RequestOptions } from 'node:http'
+import { request, type IncomingMessage, type RequestOptions, type ServerResponse } from 'node:http'
 import { join } from 'node:path'
 import { gzipSync } from 'node:zlib'
 import OpenAI from 'openai'
@@ -455,6 +455,39 @@ t.test('an event stream the upstream compressed unasked is not passed on uncheck
   t.match(text, /^\{"error":\{.*"type":"server_error".*"code":"upstream_unavailable"\}\}$/)
   t.match(gw.logs.join(''), /upstream event stream is compressed/, 'the operators are told why')
   t.equal(res.headers.get('x-should-retry'), 'false', 'the generation is under way upstream: the SDKs do not start it again')
+})
+
+t.test('an answer in a transfer-coding (Transfer-Encoding: gzip, chunked) is not passed on unchecked: 502, no token, no other team\'s owner', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  // A transfer-coding is the hop's, not the body's: undici takes the chunks apart and hands on the gzip bytes, which
+  // no Content-Encoding names (the gateway's checks would read them as they are, the client could gunzip them).
+  const gzipped = (text: string) => (_req: unknown, res: ServerResponse) => {
+    res.writeHead(200, { 'content-type': text.startsWith('event:') ? 'text/event-stream' : 'application/json', 'transfer-encoding': 'gzip, chunked' })
+    res.end(gzipSync(text))
+  }
+  const response = { id: 'resp_1', object: 'response', status: 'in_progress', output: [], metadata: { gateway_owner: 'team-other' }, instructions: `sent Bearer ${UPSTREAM_TOKEN}` }
+  upstream.respond = gzipped(`event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response })}\n\n`)
+  const events: unknown[] = []
+  const streamed = await sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true }).then(async stream => {
+    for await (const event of stream) events.push(event)
+    return null
+  }, (err: unknown) => err)
+  t.match(streamed, { status: 502, error: { code: 'upstream_unavailable' } }, 'a stream the gateway cannot read event by event: the SDK raises a 502')
+  t.equal((streamed as { headers?: Headers }).headers?.get('x-should-retry'), 'false', 'the generation is under way upstream: the SDKs do not start it again')
+  t.strictSame(events, [])
+
+  upstream.respond = gzipped(JSON.stringify({ object: 'list', data: [{ id: 'msg_1', type: 'message', role: 'user', content: [{ type: 'input_text', text: `sent Bearer ${UPSTREAM_TOKEN}` }] }], first_id: 'msg_1', last_id: 'msg_1', has_more: false }))
+  const listed = await sdk.conversations.items.list('conv_1').then(() => null, (err: unknown) => err)
+  t.match(listed, { status: 502, error: { code: 'upstream_unavailable' } }, 'an answer passed on unchanged that could not be searched: 502')
+  const raw = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  const bytes = Buffer.from(await raw.arrayBuffer())
+  t.equal(raw.status, 502)
+  t.notOk(bytes.subarray(0, 2).equals(Buffer.from([0x1f, 0x8b])), 'no gzip bytes reach the client')
+  t.notMatch(bytes.toString('latin1'), UPSTREAM_TOKEN)
+  t.match(gw.logs.join(''), /transfer-coding/, 'the operators are told why')
 })
 
 t.test('an error answer is read whole within bounds: slow or large, it could not be searched and is a 502', async t => {

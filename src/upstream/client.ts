@@ -224,6 +224,28 @@ class MarksSent implements Dispatcher.DispatchHandler {
   onError (err: Error): void { this.#handler.onError!(err) }
 }
 
+/**
+ * A transfer-coding other than chunked (`Transfer-Encoding: gzip, chunked`): undici takes the chunks apart and
+ * hands on the rest as it came, compressed bytes that no Content-Encoding names. Every check of an answer (the
+ * token taken out, the owner key, each event of a stream, the usage charged) would read them as they are, and the
+ * client would get them to gunzip: such an answer is not passed on, as one in a content-encoding the gateway
+ * cannot decode is not (a line that answers so fails every call).
+ */
+class TransferCodingError extends Error {
+  readonly code = 'ERR_UPSTREAM_TRANSFER_CODING'
+  constructor (coding: string) {
+    super(`an answer in transfer-coding ${coding} cannot be read`)
+  }
+}
+
+/** The transfer-codings of an answer other than chunked (and identity), or null when it has none. */
+function transferCoding (headers: IncomingHttpHeaders): string | null {
+  const te = headers['transfer-encoding']
+  if (te === undefined) return null
+  const codings = String(te).split(',').map(c => c.trim().toLowerCase()).filter(c => c !== '' && c !== 'chunked' && c !== 'identity')
+  return codings.length === 0 ? null : codings.join(', ')
+}
+
 /** The call was stopped (deadline, client gone) before its attempt had an answer. */
 class Stopped extends Error {
   override name = 'Stopped'
@@ -464,6 +486,11 @@ export class Upstream {
             ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
           }), signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
+          const coding = transferCoding(res.headers)
+          if (coding !== null) {
+            res.body.on('error', noop).destroy()
+            throw new TransferCodingError(coding)
+          }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
           const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent }
