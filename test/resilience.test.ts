@@ -285,6 +285,20 @@ t.test('retries never duplicate work', async t => {
     t.equal(lines[0]!.requests[0]!.body.toString(), '{"items":[{"type":"message","role":"user","content":"once"}]}', 'the buffered body, re-sent whole')
   })
 
+  await t.test('a POST whose TLS handshake is reset (nothing of it sent) goes to the next line', async t => {
+    // A line (or a balancer in front of it) that resets its connections before TLS is set up: the request never had
+    // a connection to be written on, however the failure is spelled (ECONNRESET, not a refusal).
+    const resetting = createTcpServer(socket => { socket.on('error', () => {}); socket.resetAndDestroy() })
+    await new Promise<void>(resolve => resetting.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => new Promise(resolve => resetting.close(resolve)))
+    const { lines, gw } = await setup(t, 1, {}, {}, [`https://127.0.0.1:${(resetting.address() as AddressInfo).port}`])
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const created = await sdk.conversations.create({ metadata: { topic: 'once' } })
+    t.match(created, { object: 'conversation', metadata: { topic: 'once' } }, 'created on the next line')
+    t.equal(lines[0]!.requests.length, 1, 'sent once, to line 1')
+    t.match(await lastRecord(gw, 1), { status: 200, upstreamLine: 1, attempts: 2 })
+  })
+
   await t.test('a POST whose connection broke after it was sent is not sent again: 502', async t => {
     const { lines, gw, conv } = await setup(t, 2)
     lines[0]!.respond = faults.reset()

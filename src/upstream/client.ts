@@ -187,13 +187,19 @@ class Attempt {
 
 /**
  * A line's pool, which marks each attempt's request as sent when undici puts it on a connection. undici's
- * request() hands its dispatch a handler of the callback interface (onConnect ... onComplete); another shape
- * passes unmarked (and the tests of timeouts that count against a line would fail).
+ * request() hands its dispatch a handler of the callback interface (onConnect ... onComplete); with another shape
+ * the moment cannot be seen, and the request counts as sent from the start: an unsent request taken for a sent one
+ * is only not retried, a sent one taken for unsent would be sent again.
  */
 class LinePool extends Pool {
   override dispatch (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler): boolean {
     const attempt = (opts as { opaque?: unknown }).opaque
-    return super.dispatch(opts, attempt instanceof Attempt && handler.onConnect !== undefined ? new MarksSent(handler, attempt) : handler)
+    if (!(attempt instanceof Attempt)) return super.dispatch(opts, handler)
+    if (handler.onConnect === undefined) {
+      attempt.markSent()
+      return super.dispatch(opts, handler)
+    }
+    return super.dispatch(opts, new MarksSent(handler, attempt))
   }
 }
 
@@ -594,7 +600,9 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
     health.released(index)
     return null
   }
-  const failure = end.deadlinePassed ? 'timeout' : classify(codeOf(err))
+  // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
+  // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
+  const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(codeOf(err)) : 'nothing-sent'
   if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index)
   else health.failed(index)
   return failure === 'timeout' ? null : failure
