@@ -768,6 +768,27 @@ t.test('upstream-private and hop-by-hop headers never reach the client; the requ
   assertTokenNowhere(t, gw, [answerText(a)])
 })
 
+t.test('headers the upstream\'s Connection names are its hop\'s: they never reach the client, whatever the allow-list would pass', async t => {
+  // RFC 9110 7.6.1: an intermediary removes every header a Connection header names before it forwards the message.
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, {
+      'content-type': 'application/json',
+      connection: 'keep-alive, Retry-After,openai-version',
+      'retry-after': '86400',
+      'openai-version': 'hop-only',
+      'x-request-id': 'req_listed'
+    }).end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}')
+  }
+  for (const path of ['/v1/conversations/conv_1/items', '/v1/conversations/conv_1']) {
+    const a = await send(gw, 'GET', path)
+    t.equal(a.status, 200, path)
+    t.equal(a.headers['retry-after'], undefined, `${path}: no retry-after the upstream meant for its hop`)
+    t.equal(a.headers['openai-version'], undefined, `${path}: no openai-version the upstream meant for its hop`)
+    t.equal(a.headers['x-request-id'], 'req_listed', `${path}: a header it did not name passes`)
+  }
+})
+
 t.test('an upstream cache-control never reaches the client: "public" would let a shared cache in front serve one team\'s object to another', async t => {
   // RFC 9111 3.5: a shared cache (a CDN, an nginx proxy_cache) keeps an answer to a call with Authorization only
   // when the answer says public, s-maxage or must-revalidate; it then serves it to anyone asking for the same URL,

@@ -154,21 +154,34 @@ function scrubbedHeader (value: string | string[] | undefined, scrub: TokenScrub
   return value?.map(v => scrub.text(v))
 }
 
+/**
+ * The headers an answer's Connection header names (beyond its own options, keep-alive and close): they are for the
+ * hop between the upstream and the gateway, and an intermediary removes them before it passes the answer on
+ * (RFC 9110 7.6.1). Null when it names none, as nearly every answer's does.
+ */
+function connectionListed (headers: IncomingHttpHeaders): Set<string> | null {
+  const connection = headers.connection
+  if (connection === undefined || connection === 'keep-alive' || connection === 'close') return null
+  return new Set(String(connection).toLowerCase().split(',').map(name => name.trim()))
+}
+
 // for...in over these header objects (undici's and Node's, plain objects of own keys): unlike Object.entries, it
 // makes no array per header, and these run on every call.
 export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): IncomingHttpHeaders {
   const out: IncomingHttpHeaders = {}
+  const listed = connectionListed(headers)
   for (const name in headers) {
-    if (RETURNED_RESPONSE_HEADERS.has(name)) out[name] = scrubbedHeader(headers[name], scrub)
+    if (RETURNED_RESPONSE_HEADERS.has(name) && listed?.has(name) !== true) out[name] = scrubbedHeader(headers[name], scrub)
   }
   return out
 }
 
 export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string> {
   const out: Record<string, string> = {}
+  const listed = connectionListed(headers)
   for (const name in headers) {
     const value = headers[name]
-    if (name.startsWith('x-ratelimit-') && typeof value === 'string') out[name] = scrub.text(value)
+    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.text(value)
   }
   return out
 }
