@@ -611,6 +611,30 @@ t.test('a reasoning model\'s output passed back as it came, outside any conversa
   t.equal(upstream.requests.length, before, 'nothing went upstream')
 })
 
+t.test('a background response\'s reasoning, handed out by a retrieve or a cancel, may be passed back by its team only', async t => {
+  // OpenAI answers a background create queued, with no output yet: the client gets the output from a retrieve
+  // (polling), or from the cancel that stops it.
+  const { upstream, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const handOuts: Array<[string, (id: string) => Promise<OpenAI.Responses.Response>]> = [
+    ['retrieve', async id => await a.responses.retrieve(id)],
+    ['cancel', async id => await a.responses.cancel(id)]
+  ]
+  for (const [how, handOut] of handOuts) {
+    const created = await a.responses.create({ model: 'o3', input: 'Plan the launch', background: true })
+    t.same(created.output, [], `${how}: the create's answer holds no output yet`)
+    const output = (await handOut(created.id)).output as OpenAI.Responses.ResponseInputItem[]
+    t.equal(output[0]?.type, 'reasoning', `the ${how}'s answer holds a reasoning item`)
+    const input = [...output, { role: 'user' as const, content: 'Go on' }]
+    const next = await a.responses.create({ model: 'o3', input })
+    t.equal(next.status, 'completed', `passed back after a ${how}: served`)
+    const before = upstream.requests.length
+    t.match(await rejection(sdk(KEYS.other).responses.create({ model: 'o3', input })), { status: 400, code: 'item_reference_not_allowed' },
+      'and refused to team B')
+    t.equal(upstream.requests.length, before, 'which sent nothing upstream')
+  }
+})
+
 t.test('a key the ownership check reads, spelled in another case, is refused (400 unknown_parameter) and never sent upstream', async t => {
   // An upstream whose JSON reader matches keys without regard to case (Go's encoding/json does) would read
   // "Conversation" as the conversation, "Items" as the items, "Type" as an item's type; the gateway, reading the

@@ -378,3 +378,31 @@ t.test('issued items: one replica\'s note is read by another, under the key pref
   const warnings = s1.log.lines.filter(l => l.msg.startsWith('issued items:'))
   t.equal(warnings.length, 1, 'one warning for the failed calls, not one each')
 })
+
+t.test('issued items: a note Redis did not take (refused a moment, or the connection lost) is written once it takes notes again', async t => {
+  // Without it, the item handed out in that moment stays unknown to every other replica for good (30 days):
+  // each later call of the client's loop that lands there, passing the output back, is refused.
+  const redis = await startRedis(t)
+  const [s1, s2] = [await store(t, redis), await store(t, redis)]
+  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
+  const two = new IssuedItems({ max: 10, shared: s2, log: s2.log })
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  const refused = async () => Number(/errorstat_OOM:count=(\d+)/.exec(await redis.command('INFO errorstats'))?.[1] ?? 0)
+  one.note(['rs_a1'], 'team-a')
+  await eventually(async () => await refused() === 1, 'Redis refuses the note')
+  // Still refused: the next answer's note, and rs_a1's again (kept for later, not dropped), with no more warnings.
+  one.note(['rs_a2'], 'team-a')
+  await eventually(async () => await refused() === 3, 'Redis refuses both')
+  t.equal(s1.log.lines.filter(l => l.msg.startsWith('issued items: Redis could not note')).length, 1, 'one warning')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  t.same([...await two.issuedTo(['rs_a1', 'rs_a2'], 'team-a')], [], 'the other replica does not know them yet')
+
+  // The client passes them back through replica one: Redis takes notes again.
+  t.same([...await one.issuedTo(['rs_a1', 'rs_a2'], 'team-a')], ['rs_a1', 'rs_a2'], 'replica one knows them')
+  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a1 ${KEY_PREFIX}issued:rs_a2`)).includes(':2'),
+    'the missed notes reach Redis')
+  t.same([...await two.issuedTo(['rs_a1', 'rs_a2'], 'team-a')], ['rs_a1', 'rs_a2'], 'and the other replica reads them')
+  const ttl = Number(/:(-?\d+)/.exec(await redis.command(`PTTL ${KEY_PREFIX}issued:rs_a1`))![1])
+  t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
+})

@@ -217,13 +217,17 @@ t.test('ownership set through one replica holds on the other, and after both res
   t.same(upstream.requests.filter(r => r.method !== 'GET').map(r => r.method), ['POST'], 'nothing of team-b changed anything upstream')
 })
 
+/** A reasoning model's answer through replica `r`: its output starts with a reasoning item. */
+function respond (r: Replica, key: string, input: unknown) {
+  return fetch(`${r.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'o3', input })
+  })
+}
+
 t.test('a reasoning item handed out by one replica may be passed back through the other, by its team only, after both restart too', async t => {
   const [redis, upstream] = [await startRedis(t), await startUpstream()]
   t.teardown(() => upstream.close())
   const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000 }, 100, { scopes: 'read, write' })
-  const respond = (r: Replica, key: string, input: unknown) => fetch(`${r.url}/v1/responses`, {
-    method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'o3', input })
-  })
 
   let [one, two] = [await replica(), await replica()]
   const first = await (await respond(one, KEY_A, 'Plan the launch')).json() as { output: Array<{ type: string }> }
@@ -236,4 +240,25 @@ t.test('a reasoning item handed out by one replica may be passed back through th
   [one, two] = [await replica(), await replica()]
   t.equal((await respond(one, KEY_A, input)).status, 200, 'after a restart of both, team-a is still served')
   t.equal((await respond(two, KEY_B, input)).status, 400, 'and team-b still refused')
+})
+
+t.test('a reasoning item handed out while Redis was down may be passed back through the other replica once Redis is back', async t => {
+  // Redis down (open: served from local buckets), or one replica's connection to it lost a moment: the note of
+  // what it handed out did not reach Redis. Once Redis is back, that replica writes it at its next chance;
+  // otherwise the other replica would refuse the client's loop, which passes the item back on every call, for good.
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000 }, 100, { scopes: 'read, write' })
+  const [one, two] = [await replica(), await replica()]
+
+  await redis.stop()
+  const first = await (await respond(one, KEY_A, 'Plan the launch')).json() as { output: Array<{ type: string }> }
+  t.equal(first.output[0]?.type, 'reasoning', 'replica one handed team-a a reasoning item, Redis down')
+  await redis.start()
+  const input = [...first.output, { role: 'user', content: 'Go on' }]
+  // The loop's next calls, as a load balancer spreads them: through replica one (once it has its connection
+  // back), then replica two.
+  await eventually(async () => (await respond(one, KEY_A, input)).status === 200 && (await respond(two, KEY_A, input)).status === 200,
+    'team-a served through replica two')
+  t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b passing it back is still refused')
 })

@@ -118,7 +118,8 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
     responses.set(response.id, { response, input })
     if (conversationId !== undefined) conversations.append(conversationId, [...input, ...output])
     if (body.stream === true) stream(res, response, outputWords)
-    else send(res, 200, response)
+    // A background response is answered queued, before the model ran: its output comes with a retrieve or a cancel.
+    else send(res, 200, response.background ? { ...response, status: 'queued', output: [] } : response)
   }
 
   /** The events OpenAI sends for one text answer, one word a delta, with a pause between events. */

@@ -32,23 +32,54 @@ const WARN_INTERVAL_MS = 10_000
 
 export class IssuedItems {
   readonly #local: LRUCache<string, string>
+  /**
+   * The notes Redis did not take (down, its connection lost for a moment, a write refused), by id: lost, each
+   * would leave its item unknown to every other replica for good, and the client's loop refused there on every
+   * later call. They are written again at the next note or recall (at most `max` of them, for as long as each
+   * note lasts).
+   */
+  readonly #unshared: LRUCache<string, string>
   readonly #shared: SharedNotes | null
   readonly #log: StoreLogger
   #lastWarning = -Infinity
+  #sharing = false
 
   constructor ({ max, shared = null, log }: IssuedItemsOptions) {
     this.#local = new LRUCache<string, string>({ max, ttl: ISSUED_TTL_MS })
+    this.#unshared = new LRUCache<string, string>({ max, ttl: ISSUED_TTL_MS })
     this.#shared = shared
     this.#log = log
   }
 
   /** `ids` went out to `owner` in an answer. The first owner noted for an id keeps it, here and in Redis. */
   note (ids: readonly string[], owner: string): void {
+    void this.#shareMissed()
     for (const id of ids) {
       if (this.#local.has(id)) continue // (an answer retrieved again, or a stream's later event: no second write)
       this.#local.set(id, owner)
-      // Not waited for: a note the other replicas lack only makes them check that id as any other reference.
-      this.#shared?.note(KEY(id), owner, ISSUED_TTL_MS).catch((err: unknown) => { this.#warn(err, 'could not note') })
+      // Not waited for: a note the other replicas lack makes them check that id as any other reference, until
+      // it is written again.
+      this.#shared?.note(KEY(id), owner, ISSUED_TTL_MS).catch((err: unknown) => {
+        this.#unshared.set(id, owner)
+        this.#warn(err, 'could not note')
+      })
+    }
+  }
+
+  /** Writes the notes Redis did not take, one at a time, until it refuses one again (then at the next chance). */
+  async #shareMissed (): Promise<void> {
+    if (this.#sharing || this.#unshared.size === 0 || this.#shared === null) return
+    this.#sharing = true
+    try {
+      // (An expired note is not listed; one about to expire is written for what is left of it, at least 1 ms.)
+      for (const [id, owner] of [...this.#unshared.entries()]) {
+        await this.#shared.note(KEY(id), owner, Math.max(1, Math.ceil(this.#unshared.getRemainingTTL(id))))
+        this.#unshared.delete(id)
+      }
+    } catch (err) {
+      this.#warn(err, 'could not note')
+    } finally {
+      this.#sharing = false
     }
   }
 
@@ -65,6 +96,7 @@ export class IssuedItems {
    * cannot answer, such an id counts as not handed out (the caller then checks it as any other reference).
    */
   async issuedTo (ids: readonly string[], owner: string): Promise<Set<string>> {
+    void this.#shareMissed()
     const found = new Set<string>()
     const unknown: string[] = []
     for (const id of ids) {

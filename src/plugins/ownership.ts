@@ -300,8 +300,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
   /**
    * Every item a response's answer (or a streamed event) holds that the upstream fills in by id is noted as its
-   * owner's: the client that creates it, or the owner of one retrieved (an admin's retrieve hands nothing to the
-   * admin; an unowned response's items stay no one's).
+   * owner's: the client that creates it, or the owner of one retrieved or cancelled (an admin's retrieve hands
+   * nothing to the admin; an unowned response's items stay no one's).
    */
   function noteHandedOut (request: FastifyRequest): void {
     const note = (object: unknown) => {
@@ -416,7 +416,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       })()
     }
     if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) hideOwner(request)
-    if (op.action === 'response.retrieve') noteHandedOut(request)
+    // (A cancel answers with the output made so far, as a retrieve does: a background response's client may see it first there.)
+    if (op.action === 'response.retrieve' || op.action === 'response.cancel') noteHandedOut(request)
 
     if (op.responseId !== null) {
       const responseId = op.responseId

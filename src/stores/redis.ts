@@ -283,8 +283,8 @@ export class RedisStore implements RateLimitStore, SharedNotes {
 
   /**
    * A note other replicas read (ownership/issued.ts), written only if there is none under `key` (the first
-   * writer keeps it). Not queued while disconnected (there is no offline queue):
-   * it fails at once, and a lost note only makes another replica check that id as it would any reference.
+   * writer keeps it). Not queued while disconnected (there is no offline queue): it fails at once, and the
+   * caller writes it again later (ownership/issued.ts).
    */
   async note (key: string, value: string, ttlMs: number): Promise<void> {
     if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
