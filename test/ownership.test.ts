@@ -575,7 +575,7 @@ t.test('a reasoning item without its encrypted content is a reference the upstre
   t.equal((await post(KEYS.admin, '/v1/responses', { model: 'o3', input: [{ type: 'reasoning', id: reasoningA, summary: [] }] })).status, 200, 'an admin key is not checked')
 })
 
-t.test('a reasoning model\'s output passed back as it came, outside any conversation, by the official SDK: served to the team it was handed to', async t => {
+t.test('a response\'s output passed back as it came or named by item_reference, outside any conversation, by the official SDK: served to the team it was handed to', async t => {
   // OpenAI's function-calling loop: `input.push(...response.output)`, then the next create, with store on (the
   // default), so the upstream fills each reasoning item in by its id.
   const { upstream, sdk } = await setup(t)
@@ -598,6 +598,16 @@ t.test('a reasoning model\'s output passed back as it came, outside any conversa
   t.equal(again.status, 'completed', 'a streamed answer\'s reasoning passed back is served')
   const conversation = await a.conversations.create({ items: streamed!.output as OpenAI.Conversations.ConversationCreateParams['items'] })
   t.match(conversation.id, /^conv_/, 'and so is a new conversation made from it')
+
+  // Earlier turns named by id, as the Vercel AI SDK sends them with store: true: the output items A was handed.
+  const byReference: OpenAI.Responses.ResponseInputItem[] = [
+    { role: 'user', content: 'What is the weather?' },
+    ...first.output.map(item => ({ type: 'item_reference' as const, id: item.id! })),
+    { role: 'user', content: 'And tomorrow?' }
+  ]
+  t.equal((await a.responses.create({ model: 'o3', input: byReference })).status, 'completed', 'A\'s own output items named by item_reference: served')
+  const refused = await rejection(b.responses.create({ model: 'o3', input: byReference }))
+  t.match(refused, { status: 400, code: 'item_reference_not_allowed', param: 'input' }, 'the same references from team B: refused')
 
   // An admin who retrieves A's response is handed its items too, but they stay A's.
   await sdk(KEYS.admin).responses.retrieve(first.id)

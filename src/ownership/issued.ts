@@ -1,11 +1,12 @@
-// Items the upstream fills in from storage by their id alone, and which the gateway cannot look up to see whose
-// they are: a reasoning item without its `encrypted_content` (`{ "type": "reasoning", "id": "rs_..." }`). A
-// reasoning model's answer holds them, and clients pass that output back as it came (`input: [...input,
-// ...response.output]`), outside any conversation: there is no object with an owner to ask, only the answer the
-// gateway passed on. So the gateway notes each such id it hands a client (id → client id), and a client may name
-// one by id only when it was handed to that client. The note lives as long as OpenAI keeps a stored response (30
-// days): in memory (bounded, least recently used go first), and in Redis too when the rate-limit store is Redis,
-// so that every replica knows what any replica handed out.
+// Items a response's answer hands a client, which it may name by id later, outside any conversation: a reasoning
+// item without its `encrypted_content` (`{ "type": "reasoning", "id": "rs_..." }`), which the upstream fills in from
+// storage by its id, and any output item named by an `item_reference` (as the Vercel AI SDK sends earlier turns
+// with `store: true`). Clients pass a response's output back as it came (`input: [...input, ...response.output]`,
+// OpenAI's function-calling loop): there is no object with an owner to ask, only the answer the gateway passed on.
+// So the gateway notes each output item's id it hands a client (id → client id), and a client may name one by id
+// only when it was handed to that client. The note lives as long as OpenAI keeps a stored response (30 days): in
+// memory (bounded, least recently used go first), and in Redis too when the rate-limit store is Redis, so that
+// every replica knows what any replica handed out.
 import { LRUCache } from 'lru-cache'
 import type { StoreLogger } from '../stores/redis.js'
 
@@ -121,14 +122,14 @@ export class IssuedItems {
 }
 
 /**
- * The ids of the items an answer or a streamed event hands out that the upstream fills in by id: reasoning items
- * without `encrypted_content`, in a response's `output` (an answer, or `response` in an event) or an event's `item`.
+ * The ids of the output items an answer or a streamed event hands out: each item with an id in a response's
+ * `output` (an answer, or `response` in an event) or an event's `item`.
  */
-export function reasoningIdsIn (object: unknown): string[] {
+export function outputIdsIn (object: unknown): string[] {
   const ids: string[] = []
   const add = (item: unknown) => {
-    const { type, id, encrypted_content: content } = (item ?? {}) as Record<string, unknown>
-    if (type === 'reasoning' && typeof id === 'string' && (typeof content !== 'string' || content === '')) ids.push(id)
+    const id = (item as { id?: unknown } | null | undefined)?.id
+    if (typeof id === 'string') ids.push(id)
   }
   const outputOf = (value: unknown) => {
     const output = (value as { output?: unknown } | null)?.output
@@ -138,6 +139,6 @@ export function reasoningIdsIn (object: unknown): string[] {
   outputOf(object)
   const { response, item } = object as { response?: unknown, item?: unknown }
   outputOf(response)
-  add(item)
+  if (item !== null && typeof item === 'object') add(item)
   return ids
 }

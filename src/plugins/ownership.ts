@@ -21,7 +21,7 @@ import {
   conversationParam, createBody, folded, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
-import { reasoningIdsIn, type IssuedItems } from '../ownership/issued.js'
+import { outputIdsIn, type IssuedItems } from '../ownership/issued.js'
 import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
 import { serializeBody } from './body.js'
@@ -57,8 +57,8 @@ const MAX_REFERENCES = 32
  * key that carries that content: OpenAI's "using image ID" multi-turn editing sends `{ type:
  * "image_generation_call", id }` for the stored image; a reasoning item without `encrypted_content` is read from
  * storage by its id ("Item with id 'rs_...' not found. Items are not persisted when `store` is set to false").
- * Without that key such an item is a reference like any other, except one the gateway handed to the same client
- * (ownership/issued.ts): a reasoning model's output, passed back as it came.
+ * Without that key such an item is a reference like any other. (Any reference is served when the gateway handed
+ * that item to the same client, in its response's output: ownership/issued.ts.)
  */
 const FILLED_IN_BY_ID: Record<string, string> = { image_generation_call: 'result', reasoning: 'encrypted_content' }
 
@@ -268,7 +268,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * shares: each must be an item of the conversation the call names, which the client owns (checked before), else
    * it could pull another team's item into its own context. A reference with no such conversation (a new
    * conversation's items, a response outside any conversation) is refused; admin clients are not checked. An
-   * item the gateway handed to this very client (a reasoning item in its output) needs no check.
+   * item the gateway handed to this very client (an output item of its response) needs no check.
    */
   async function checkReferences (param: string, list: unknown, conversation: string | undefined,
     client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Promise<void> {
@@ -299,14 +299,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   }
 
   /**
-   * Every item a response's answer (or a streamed event) holds that the upstream fills in by id is noted as its
-   * owner's: the client that creates it, or the owner of one retrieved or cancelled (an admin's retrieve hands
+   * Every output item a response's answer (or a streamed event) holds is noted as its owner's, who may then name
+   * it by id anywhere: the client that creates it, or the owner of one retrieved or cancelled (an admin's retrieve hands
    * nothing to the admin; an unowned response's items stay no one's).
    */
   function noteHandedOut (request: FastifyRequest): void {
     const note = (object: unknown) => {
       const owner = request.ownerId
-      const ids = owner === null ? [] : reasoningIdsIn(object)
+      const ids = owner === null ? [] : outputIdsIn(object)
       if (ids.length > 0) issued.note(ids, owner!)
       return object
     }
