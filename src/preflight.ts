@@ -1,9 +1,10 @@
 // What a config needs from the machine it runs on, checked before anything starts: the listen address can be
-// bound and the audit file's directory can be created. `check-config` reports these with the schema's problems;
+// bound and the audit file's directory can be created, and files made in it. `check-config` reports these with the schema's problems;
 // `start` meets the same conditions as one clear line (server.ts).
-import { existsSync, mkdirSync, statSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
+import { existsSync, mkdirSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { dirname, resolve } from 'node:path'
+import { basename, dirname, join, resolve } from 'node:path'
 import type { GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
@@ -58,15 +59,32 @@ export function makeDirectories (dir: string): void {
   }
 }
 
+/**
+ * Makes a file in `dir` and removes it: the audit's lock and files are made there. A directory that exists but
+ * takes no files (a read-only volume, a bind mount the gateway's user cannot write) fails here rather than at the
+ * lock. The name starts with a dot: never one of the series' files, nor the lock's.
+ */
+function probeDirectory (dir: string, file: string): void {
+  const probe = join(dir, `.${basename(file)}.${process.pid}.${randomBytes(6).toString('hex')}.probe`)
+  writeFileSync(probe, '', { flag: 'wx' })
+  unlinkSync(probe)
+}
+
 export function auditDirectoryProblem (file: string): string | null {
   if (file === '-') return null
+  const dir = dirname(file)
+  const failed = (what: string, err: unknown) => `audit.file: cannot ${what} ${dir}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`
   try {
-    makeDirectories(dirname(file))
-    return null
+    makeDirectories(dir)
   } catch (err) {
-    const e = err as NodeJS.ErrnoException
-    return `audit.file: cannot create the directory ${dirname(file)}: ${e.code ?? e.message}`
+    return failed('create the directory', err)
   }
+  try {
+    probeDirectory(dir, file)
+  } catch (err) {
+    return failed('create files in the directory', err)
+  }
+  return null
 }
 
 export async function preflight (config: GatewayConfig): Promise<string[]> {

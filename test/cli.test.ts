@@ -265,6 +265,21 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
 })
 
+t.test('an audit directory that exists but takes no files is reported by check-config, and start says so in one line', { skip: process.platform !== 'linux' }, async t => {
+  // A volume mounted read-only, or a bind mount the gateway's user (uid 1000 in the image) cannot write: here /sys,
+  // where no one, root included, can make a file. check-config said ok, and start printed a stack trace naming the
+  // lock's temporary file.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/sys/ogw-audit.jsonl'))
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, /audit\.file: cannot create files in the directory \/sys: (EACCES|EROFS|EPERM)/)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.equal(start.stderr.trim().split('\n').length, 1, 'one line')
+  t.match(start.stderr, /^ohmygpt-gateway start: audit\.file: cannot create files in the directory \/sys: (EACCES|EROFS|EPERM)/)
+})
+
 t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace('host: 127.0.0.1', 'host: 203.0.113.7'))
