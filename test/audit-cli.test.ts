@@ -3,7 +3,7 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { readdirSync, truncateSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
@@ -182,6 +182,23 @@ t.test('audit verify with AUDIT_HMAC_KEY checks an HMAC chain, and refuses a key
   t.equal(short.status, 1)
   t.match(short.stderr, /AUDIT_HMAC_KEY is too short \(5 characters; at least 32/)
   t.notMatch(short.stderr, /short"/, 'the key itself is not echoed')
+})
+
+t.test('an AUDIT_HMAC_KEY with a trailing newline is refused by start and verify, not chained with', async t => {
+  // `openssl rand -hex 32 > key` ends the file with a newline, and a Kubernetes secret made from that file puts it in
+  // the variable. The gateway chained with the newline; ops verifying with `AUDIT_HMAC_KEY=$(cat key)` (the shell
+  // drops it) were told every record was edited.
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const key = 'a'.repeat(64)
+  const { file } = configFile(gatewayYaml(auditFile))
+  const start = run(['start', '--config', file], { AUDIT_HMAC_KEY: `${key}\n` })
+  t.equal(start.status, 1, 'start refuses it')
+  t.equal(start.stderr, 'ohmygpt-gateway start: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
+  t.equal(readdirSync(dirname(auditFile)).filter(name => name.startsWith('audit.jsonl')).length, 0, 'and writes nothing')
+  await writeSeries(auditFile, 3, { hmacKey: key })
+  const verify = run(['audit', 'verify', auditFile], { AUDIT_HMAC_KEY: ` ${key}` })
+  t.equal(verify.status, 1, 'verify refuses it too')
+  t.equal(verify.stderr, 'ohmygpt-gateway audit: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
 })
 
 async function query (files: string[], ...args: string[]) {

@@ -3,7 +3,7 @@
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
 import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, pinFiles, scanSeries, TEMP_SUFFIX } from '../audit/series.js'
-import { loadAuditFile, resolveConfigPath } from '../config.js'
+import { loadAuditFile, resolveConfigPath, SECRET_PATTERN, SECRET_PROBLEM } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
 export class UsageError extends Error {}
@@ -17,10 +17,15 @@ export function configPathFrom (args: string[]): string {
   return resolveConfigPath(values.config, process.env)
 }
 
-/** AUDIT_HMAC_KEY from the environment, or undefined when unset; a key too short to trust stops the command. */
+/**
+ * AUDIT_HMAC_KEY from the environment, or undefined when unset; a key too short to trust stops the command, and so
+ * does one with whitespace, as the config's secrets: a trailing newline from a secret file would be chained with,
+ * and `audit verify` given the key as a shell reads it (`$(cat file)`, without the newline) would fail every record.
+ */
 export function auditHmacKey (env: NodeJS.ProcessEnv): string | undefined {
   const key = env.AUDIT_HMAC_KEY
   if (key === undefined || key === '') return undefined
+  if (!new RegExp(SECRET_PATTERN).test(key)) throw new UsageError(`AUDIT_HMAC_KEY ${SECRET_PROBLEM}`)
   const problem = hmacKeyProblem(key)
   if (problem !== null) throw new UsageError(problem)
   return key
