@@ -18,6 +18,8 @@ export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
 /** A secret sent in a header: printable ASCII, no spaces. A trailing newline (a mounted secret file) is refused. */
 const SECRET_PATTERN = '^[\\x21-\\x7e]+$'
+/** What is wrong with a secret that does not match SECRET_PATTERN. */
+const SECRET_PROBLEM = 'must not contain whitespace or control characters (a trailing newline from a secret file?)'
 /**
  * An upstream line: http(s)://host[:port][/path]. No user:password@: the lines are called with their origin only
  * (the token is upstream.apiKey), so credentials there would never be sent, only logged with the line's URL.
@@ -233,7 +235,7 @@ function describe (e: ErrorObject): string {
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
     case 'pattern':
       if (e.params.pattern === SECRET_PATTERN) {
-        return `${at}: must not contain whitespace or control characters (a trailing newline from a secret file?)`
+        return `${at}: ${SECRET_PROBLEM}`
       }
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
       if (e.params.pattern === BASE_URL_PATTERN) {

@@ -5,6 +5,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
+import { withoutKeys } from './keys.js'
 import { credentialParam, rawPath } from './operations.js'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
@@ -32,7 +33,7 @@ export function appLoggerOptions (level: string): LoggerOptions {
       req (req: FastifyRequest) {
         // A query holding a credential (refused by the router) is left out whole.
         const url = credentialParam(req.url) === null ? req.url : `${rawPath(req.url)}?[withheld: it names a credential]`
-        return { method: req.method, url: cut(url), host: cut(req.host), remoteAddress: req.ip }
+        return { method: req.method, url: cut(withoutKeys(url)), host: cut(req.host), remoteAddress: req.ip }
       }
     }
   }

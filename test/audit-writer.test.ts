@@ -366,6 +366,27 @@ t.test('an active file swapped for a symlink to /dev/null is not written into: t
   t.match(await verify(file), { ok: true, records: 6 })
 })
 
+t.test('close() tries a failed write again until its deadline, as writing does while running: a path fixed meanwhile loses nothing', async t => {
+  // A stop while records wait for a destination that fails (SIGTERM during an audit outage): close() tried twice at
+  // once, then counted every waiting record lost, though the README gives the stop 5 s to write them.
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer } = await open(file)
+  for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+  await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+  renameSync(file, file + '.1')
+  symlinkSync('/dev/null', file)
+  await until('the writer to give up on the path', () => !writer.available, 3000)
+  for (let i = 4; i <= 6; i++) writer.write(callRecord(i))
+  const failedBefore = writer.stats().failed
+  const closed = writer.close()
+  await until('a write during the close to fail', () => writer.stats().failed > failedBefore)
+  rmSync(file) // fixed: a regular file can be made at the path again
+  await closed
+  t.match(writer.stats(), { written: 6, lost: 0 }, 'records 4-6 written by the close')
+  t.same(parsed(file).map(r => r.seq), [4, 5, 6])
+  t.match(await verify(file), { ok: true, records: 6 })
+})
+
 t.test('a symlink at the audit path is refused at start', async t => {
   const dir = tempDir()
   const file = join(dir, 'audit.jsonl')

@@ -641,3 +641,35 @@ t.test('a key in the query string (?api_key=, ?key=, encoded or not) is refused 
   t.notOk(JSON.stringify(gw.audit()).includes(KEYS.full), 'no record holds the key')
   // (The fixture fails the test if the key is anywhere in the log, at debug here.)
 })
+
+t.test('a gateway key in the URL (an id, a query value) is refused before the key check: never sent upstream, logged or audited', async t => {
+  // A key passed where an id goes (arguments swapped): the SDK puts it in the path as it is. It went upstream (to the
+  // owner lookup), into the audit record's path and ids, and into the log at debug.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { log: { level: 'debug' } }))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const refused = async (call: Promise<unknown>, what: string) => {
+    const err = await call.then(() => null, (e: unknown) => e)
+    t.ok(err instanceof OpenAI.BadRequestError, `${what}: 400`)
+    t.match((err as InstanceType<typeof OpenAI.BadRequestError>).error, { code: 'credentials_in_url', type: 'invalid_request_error' }, what)
+  }
+  await refused(client.conversations.retrieve(KEYS.full), 'a conversation id')
+  await refused(client.conversations.items.delete('msg_1', { conversation_id: KEYS.other }), 'a conversation id, another team\'s key')
+  await refused(client.responses.retrieve(KEYS.full), 'a response id')
+  await refused(client.conversations.items.list('conv_1', { after: KEYS.full }), 'a query value')
+  const unknown = await fetch(`${gw.url}/v1/${KEYS.full}/conversations`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal(unknown.status, 404, 'an unknown route is still 404')
+  t.same(upstream.requests, [], 'nothing reached the upstream')
+  // A key in a body field the record keeps: the body goes upstream as it came (it is the client's content), but the
+  // record keeps no key.
+  await client.responses.create({ model: KEYS.full, input: 'hi' }).catch(() => {})
+  const records = await gw.auditFile()
+  t.same(records.slice(0, 5).map(r => [r.status, r.outcome]), [...Array(4).fill([400, 'invalid']), [404, 'invalid']], 'each call audited')
+  t.match(records[0], { action: 'conversation.retrieve', path: '/v1/conversations/ogw_[withheld]', conversationId: 'ogw_[withheld]' })
+  t.match(records[4], { action: 'unknown', path: '/v1/ogw_[withheld]/conversations' })
+  t.match(records[5], { action: 'response.create', model: 'ogw_[withheld]' })
+  const text = JSON.stringify(records)
+  t.notOk(text.includes(KEYS.full) || text.includes(KEYS.other), 'no record holds a key')
+  // (The fixture fails the test if a key is anywhere in the log, at debug here.)
+})

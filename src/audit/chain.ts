@@ -182,7 +182,8 @@ export function expectedHash (record: ChainedRecord, hasher: Hasher): string {
 export function linkProblem (record: ChainedRecord, text: string, prev: ChainHead, hasher: Hasher): string | null {
   if (record.seq > prev.seq + 1) {
     const missing = record.seq - prev.seq - 1
-    return `seq jumps from ${prev.seq} to ${record.seq}: ${missing} record${missing === 1 ? ' was' : 's were'} deleted before this one`
+    return `seq jumps from ${prev.seq} to ${record.seq}: ${missing} record${missing === 1 ? ' was' : 's were'} deleted before this one, ` +
+      'or records were reordered (moved after it)'
   }
   if (record.seq <= prev.seq) {
     return `seq ${record.seq} after seq ${prev.seq}: a record was inserted here or records were reordered`

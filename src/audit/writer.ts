@@ -26,7 +26,9 @@
 import { constants as fsConstants, createReadStream, createWriteStream } from 'node:fs'
 import { lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
+import { performance } from 'node:perf_hooks'
 import { pipeline } from 'node:stream/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { Writable } from 'node:stream'
 import { createGzip } from 'node:zlib'
 import {
@@ -234,9 +236,14 @@ class Writer implements AuditWriter {
     if (this.scheduled !== null) clearTimeout(this.scheduled)
     this.scheduled = null
     if (this.retryTimer !== null) clearTimeout(this.retryTimer)
+    // A failed write is tried again every RETRY_MS, as while running, until the deadline is near: a destination
+    // that comes back meanwhile (a path fixed, space freed) takes the records instead of their being lost at once.
+    const giveUpAt = performance.now() + CLOSE_DEADLINE_MS - RETRY_MS
     const flushAll = async () => {
       while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0) {
-        if (!await this.flush()) return
+        if (await this.flush()) continue
+        if (performance.now() >= giveUpAt) return
+        await sleep(RETRY_MS)
       }
     }
     // What is waiting goes out first; then housekeeping under way (a gzip, a pruning, perhaps started by that very

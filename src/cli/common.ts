@@ -17,7 +17,10 @@ export function configPathFrom (args: string[]): string {
   return resolveConfigPath(values.config, process.env)
 }
 
-/** AUDIT_HMAC_KEY from the environment, or undefined when unset; a key too short to trust stops the command. */
+/**
+ * AUDIT_HMAC_KEY from the environment, or undefined when unset; a key too short to trust, or with whitespace
+ * (hmacKeyProblem), stops the command.
+ */
 export function auditHmacKey (env: NodeJS.ProcessEnv): string | undefined {
   const key = env.AUDIT_HMAC_KEY
   if (key === undefined || key === '') return undefined

@@ -9,6 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
+import { withoutKeys } from '../keys.js'
 import { ID_PATTERN, MAX_ID_LENGTH, matchOperation, rawPath, type Action, type Operation } from '../operations.js'
 import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
@@ -146,6 +147,14 @@ function conversationOf (request: FastifyRequest, op: Operation | null): string 
 }
 
 /**
+ * An id as the record keeps it: cut at the longest the gateway takes, and never a key (a client that passed its key
+ * as an id, refused with credentials_in_url).
+ */
+function idOf (id: string | null | undefined): string | null {
+  return id === null || id === undefined ? null : withoutKeys(id).slice(0, MAX_ID_LENGTH)
+}
+
+/**
  * The call's record. Its keys are written in sorted order, with the chain's seq and prevHash in their places (left
  * undefined here, set when the record is sealed): the sealed line is then JSON.stringify's plain output
  * (audit/chain.ts), the cheapest way to write the record's canonical JSON, once per call.
@@ -164,22 +173,22 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     clientId: request.client?.id ?? request.expiredKey?.clientId ?? null,
     // (Ids cut at the longest the gateway takes: one from a path refused as no id, 400 or a 401 before ids are
     // checked, may be as long as Node lets a request line be, about 16 KB; one from an answer is the upstream's.)
-    conversationId: conversationOf(request, op)?.slice(0, MAX_ID_LENGTH) ?? null,
+    conversationId: idOf(conversationOf(request, op)),
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
     ip: watch.ip,
-    itemId: op?.itemId?.slice(0, MAX_ID_LENGTH) ?? null,
+    itemId: idOf(op?.itemId),
     keyId: request.keyId ?? request.expiredKey?.keyId ?? null,
     method: request.method,
     // (the client's string, up to the body limit: a model id is a few dozen characters)
-    model: facts?.model?.slice(0, 256) ?? null,
+    model: facts?.model === null || facts?.model === undefined ? null : withoutKeys(facts.model).slice(0, 256),
     outcome: outcomeOf(request, reply, watch),
     outputTokens: facts === null ? null : outputTokens(facts),
     ownerId: request.ownerId,
-    path: rawPath(request.originalUrl).slice(0, 2048),
+    path: withoutKeys(rawPath(request.originalUrl)).slice(0, 2048),
     prevHash: undefined,
     requestId: request.id,
-    responseId: facts?.responseId?.slice(0, MAX_ID_LENGTH) ?? null,
+    responseId: idOf(facts?.responseId),
     seq: undefined,
     status: statusSent(reply),
     stream: facts?.stream ?? null,

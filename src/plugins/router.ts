@@ -8,9 +8,10 @@ import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  CredentialsInQueryError, ExpectationFailedError, HeadersTooLargeError, MethodNotAllowedError, MissingHostError,
+  CredentialsInQueryError, CredentialsInUrlError, ExpectationFailedError, HeadersTooLargeError, MethodNotAllowedError, MissingHostError,
   UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
+import { holdsKey } from '../keys.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it. */
@@ -71,6 +72,8 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
         err.param = credential
         throw err
       }
+      // A key where an id (or a query value) goes would be sent upstream as it came.
+      if (holdsKey(request.originalUrl)) throw new CredentialsInUrlError()
       return
     }
     if (match.kind === 'method_not_allowed') {
