@@ -673,3 +673,26 @@ t.test('a gateway key in the URL (an id, a query value) is refused before the ke
   t.notOk(text.includes(KEYS.full) || text.includes(KEYS.other), 'no record holds a key')
   // (The fixture fails the test if a key is anywhere in the log, at debug here.)
 })
+
+t.test('a gateway key given for an id in the body (conversation, previous_response_id, an item reference) is refused: never in a lookup URL upstream', async t => {
+  // The same arguments swapped as in the URL, one level down: the gateway looks such an id up upstream, in a URL
+  // of its own (GET /v1/conversations/<id>), which took the key to the upstream as it came.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { log: { level: 'debug' } }))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const conversation = await client.conversations.create({})
+  const refused = async (call: Promise<unknown>, param: string) => {
+    const err = await call.then(() => null, (e: unknown) => e)
+    t.ok(err instanceof OpenAI.BadRequestError, `${param}: 400`)
+    t.match((err as InstanceType<typeof OpenAI.BadRequestError>).error, { code: 'credentials_in_body', type: 'invalid_request_error', param }, param)
+  }
+  const before = upstream.requests.length
+  await refused(client.responses.create({ model: 'gpt-4o-mini', input: 'hi', conversation: KEYS.full }), 'conversation')
+  await refused(client.responses.create({ model: 'gpt-4o-mini', input: 'hi', conversation: { id: KEYS.other } }), 'conversation')
+  await refused(client.responses.create({ model: 'gpt-4o-mini', input: 'hi', previous_response_id: KEYS.full }), 'previous_response_id')
+  await refused(client.responses.create({ model: 'gpt-4o-mini', conversation: conversation.id, input: [{ type: 'item_reference', id: KEYS.full }] }), 'input')
+  await refused(client.conversations.items.create(conversation.id, { items: [{ type: 'item_reference', id: KEYS.full }] }), 'items')
+  t.same(upstream.requests.slice(before), [], 'nothing reached the upstream')
+  t.notOk(JSON.stringify(await gw.auditFile()).includes(KEYS.full), 'no record holds the key')
+})

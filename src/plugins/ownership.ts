@@ -11,11 +11,12 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import type { ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
+  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
   ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
+import { holdsKey } from '../keys.js'
 import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
 import {
   conversationParam, createBody, folded, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
@@ -157,6 +158,23 @@ function refuseOtherCases (action: Action, body: unknown): void {
     for (let i = 0; found === null && i < items.length; i++) found = otherCaseKey(items[i], ITEM_KEYS, `${list}[${i}].`)
   }
   if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
+}
+
+/**
+ * A gateway key given where the body names an object by id (arguments swapped: `conversation: key`) is refused
+ * (400 credentials_in_body), as one in the URL is (plugins/router.ts): the gateway looks such an id up upstream, in
+ * a URL of its own (`GET /v1/conversations/<id>`), which would take the key to the upstream as it came.
+ */
+function refuseKeysAsIds (action: Action, body: unknown): void {
+  if (CHECKED_KEYS[action] === undefined) return
+  const object = body as { previous_response_id?: unknown, items?: unknown, input?: unknown } | undefined
+  const named: Array<[unknown, string]> = action === 'response.create'
+    ? [[conversationParam(body), 'conversation'], [object?.previous_response_id, 'previous_response_id'],
+        ...referencedItems(object?.input).map((id): [unknown, string] => [id, 'input'])]
+    : referencedItems(object?.items).map(id => [id, 'items'])
+  for (const [id, param] of named) {
+    if (typeof id === 'string' && holdsKey(id)) throw withParam(new CredentialsInBodyError(), param)
+  }
 }
 
 /**
@@ -390,6 +408,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
     if (request.method === 'POST') refuseCheckedKeysInQuery(request.originalUrl)
     refuseOtherCases(op.action, request.parsedBody)
+    refuseKeysAsIds(op.action, request.parsedBody)
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
       // (A new conversation holds no item to name: any reference is refused, before anything goes upstream.)
