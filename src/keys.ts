@@ -3,19 +3,27 @@ import { createHash, randomBytes } from 'node:crypto'
 
 export const KEY_PREFIX = 'ogw_'
 
-/** A key as generateKey makes it, anywhere in a text: a client that put its key in a URL (arguments swapped). */
-const KEY_IN_TEXT = /ogw_[A-Za-z0-9_-]{43}/g
+/**
+ * A key as generateKey makes it, anywhere in a text: a client that put its key in a URL (arguments swapped).
+ * Each character may come percent-encoded (`ogw%5F...`), as a URL may spell it and the upstream would read it.
+ */
+const KEY_IN_TEXT = /(?:o|%6[Ff])(?:g|%67)(?:w|%77)(?:_|%5[Ff])(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{2}){43}/g
 
-/** Whether `text` holds something shaped like a gateway key. */
+/** Whether the text may hold a key at all: `ogw_`, or a percent-escape (cheap; most URLs have neither). */
+function mayHoldKey (text: string): boolean {
+  return text.includes(KEY_PREFIX) || text.includes('%')
+}
+
+/** Whether `text` holds something shaped like a gateway key, written out or percent-encoded. */
 export function holdsKey (text: string): boolean {
-  if (!text.includes(KEY_PREFIX)) return false
+  if (!mayHoldKey(text)) return false
   KEY_IN_TEXT.lastIndex = 0
   return KEY_IN_TEXT.test(text)
 }
 
 /** `text` with every key-shaped part withheld: what the audit and the log may keep of a URL the client sent. */
 export function withoutKeys (text: string): string {
-  return text.includes(KEY_PREFIX) ? text.replace(KEY_IN_TEXT, `${KEY_PREFIX}[withheld]`) : text
+  return mayHoldKey(text) ? text.replace(KEY_IN_TEXT, `${KEY_PREFIX}[withheld]`) : text
 }
 
 export function keyDigest (key: string): string {

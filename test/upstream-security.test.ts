@@ -696,3 +696,20 @@ t.test('a gateway key given for an id in the body (conversation, previous_respon
   t.same(upstream.requests.slice(before), [], 'nothing reached the upstream')
   t.notOk(JSON.stringify(await gw.auditFile()).includes(KEYS.full), 'no record holds the key')
 })
+
+t.test('a gateway key in the URL percent-encoded (ogw%5F...) is refused as one written out: not sent upstream, not audited', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { log: { level: 'debug' } }))
+  const encoded = (key: string) => key.replace('_', '%5F').replace(/-/g, '%2d')
+  const conversation = await (await fetch(`${gw.url}/v1/conversations`, { method: 'POST', headers: auth, body: '{}' })).json() as { id: string }
+  const before = upstream.requests.length
+  for (const path of [`/v1/conversations/${conversation.id}/items?after=${encoded(KEYS.full)}`, `/v1/conversations/${encoded(KEYS.other)}`]) {
+    const res = await fetch(`${gw.url}${path}`, { headers: auth })
+    t.equal(res.status, 400, path)
+    t.match(await res.json(), { error: { code: 'credentials_in_url' } }, path)
+  }
+  t.same(upstream.requests.slice(before), [], 'nothing reached the upstream')
+  const text = JSON.stringify(await gw.auditFile())
+  t.notOk([KEYS.full, KEYS.other].some(key => text.includes(encoded(key)) || text.includes(key.slice(4))), 'no record holds a key, encoded or not')
+})
