@@ -479,9 +479,10 @@ t.test('a generation that outlives the timeout the SDK says it has is answered 5
   t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout')
   t.equal(generations(), 1, 'one SDK call, one generation started upstream')
 
-  // The Python SDK says its read timeout in seconds, fractions included (X-Stainless-Read-Timeout).
+  // The Python SDK says its read timeout in seconds, fractions included (X-Stainless-Read-Timeout), as Python
+  // writes a float: `timeout=3 * 0.1 * 5` is sent as 1.5000000000000002.
   const body = JSON.stringify({ model: 'gpt-4o-mini', input: 'another long answer' })
-  const answer = await call(gw.url, 'POST', '/v1/responses', { body, headers: { 'x-stainless-read-timeout': '1.5' }, timeoutMs: 5000 })
+  const answer = await call(gw.url, 'POST', '/v1/responses', { body, headers: { 'x-stainless-read-timeout': '1.5000000000000002' }, timeoutMs: 5000 })
   t.equal(answer.status, 504)
   t.equal(answer.headers['x-should-retry'], 'false')
   t.equal(generations(), 2)

@@ -64,7 +64,7 @@ export function clientWaitMs (headers: IncomingHttpHeaders, elapsedMs: number): 
   let seconds = Infinity
   for (const name of CLIENT_TIMEOUT_HEADERS) {
     const value = headers[name]
-    if (typeof value === 'string' && /^\d{1,9}(?:\.\d{1,9})?$/.test(value) && Number(value) > 0) seconds = Math.min(seconds, Number(value))
+    if (typeof value === 'string' && /^\d{1,9}(?:\.\d{1,20})?$/.test(value) && Number(value) > 0) seconds = Math.min(seconds, Number(value))
   }
   if (seconds === Infinity) return undefined
   const ms = seconds * 1000
