@@ -17,7 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
-import { MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
@@ -556,9 +556,18 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         reply.send(new UpstreamAuthError())
         return
       }
+      // (unless the upstream said otherwise itself)
+      if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
+      // A line that redirects (retried on another line already, when there was one): the client cannot follow it
+      // (its location names the upstream, and would get the client's key), nor would the gateway (the token).
+      if (isRedirect(res.statusCode)) {
+        res.stream.on('error', noop).destroy()
+        const location = typeof res.headers.location === 'string' ? scrub.text(res.headers.location).slice(0, 256) : null
+        request.log.warn({ upstreamStatus: res.statusCode, location }, 'the upstream answered with a redirect: check upstream.baseUrls')
+        reply.send(new UpstreamUnavailableError())
+        return
+      }
       if (!ok) {
-        // (unless the upstream said otherwise itself)
-        if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
         void sendError(request, reply, res)
         return
       }
