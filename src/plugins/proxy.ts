@@ -487,6 +487,26 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     sendBytes(reply, res.statusCode, scrubbed)
   }
 
+  /**
+   * Content-Type is a single field: an answer with two different ones could be either (JSON or an HTML page), and
+   * Fastify would label its bytes application/octet-stream, which no SDK reads. Not passed on (fail closed, as an
+   * answer that cannot be read): false when it was refused. The same type twice is passed on, once.
+   */
+  function oneContentType (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): boolean {
+    const types = res.headers['content-type']
+    if (!Array.isArray(types)) return true
+    if (new Set(types.map(type => type.trim().toLowerCase())).size === 1) {
+      reply.header('content-type', types[0])
+      return true
+    }
+    res.stream.on('error', noop).destroy()
+    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: types.map(type => scrub.text(type).slice(0, 256)) },
+      'upstream answer has more than one content-type: not passed on')
+    mayBeDoneUpstream(request.method, reply)
+    reply.send(new UpstreamUnavailableError())
+    return false
+  }
+
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.
   const replyOptions: NonNullable<FastifyHttpProxyOptions['replyOptions']> = {
     rewriteRequestHeaders (req, headers) {
@@ -504,6 +524,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         res.stream.on('error', () => {}).destroy() // thrown away: its abort is no one's error
         return
       }
+      if (!oneContentType(request, reply, res)) return
       // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers, scrub))
