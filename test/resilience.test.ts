@@ -454,6 +454,10 @@ t.test('upstream timeouts', async t => {
     if (!(queued instanceof Error)) t.equal(codeOf(queued), 'upstream_timeout')
     t.ok(gw.logs.some(l => l.includes('no connection free within 300 ms')), 'the log says it waited for a connection')
     t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'waiting for a connection is no line failure (failureThreshold 1)')
+    // A POST never sent is the SDK's to send again: no x-should-retry: false, which is for a call the upstream may have.
+    const queuedPost = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { key: KEYS.other, body: '{"items":[]}', timeoutMs: 3000 })
+    t.equal(queuedPost.status, 504, 'a queued POST is answered 504 too')
+    t.equal(queuedPost.headers['x-should-retry'], undefined, 'without x-should-retry: false: it was never sent')
 
     for (const s of streams) s.end()
     await stream.text()

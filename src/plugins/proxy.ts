@@ -605,9 +605,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const err = error as Error & { statusCode?: number, cause?: unknown }
       const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
       const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
-      // Timed out, broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
-      // upstream may be doing it. One that every line refused (nothing sent) is safe to try again.
-      if (timedOut || failure?.sent === true || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
+      // Timed out or broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
+      // upstream may be doing it. One that every line refused, or that timed out still waiting for a pooled
+      // connection (nothing sent either way), is safe to try again.
+      const sent = failure !== null ? failure.sent : timedOut
+      if (sent || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
       const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
       reply.send(answer)
