@@ -17,7 +17,6 @@
 //   `destroy` aborts every call still in flight (the end of a shutdown's grace).
 // Both the proxy (as reply-from's undici dispatcher) and the ownership lookups call through here.
 import { EventEmitter } from 'node:events'
-import { readFileSync } from 'node:fs'
 import { isIP } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import type { Duplex, Readable } from 'node:stream'
@@ -25,6 +24,7 @@ import { rootCertificates } from 'node:tls'
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
+import { readRegularFile } from '../config.js'
 import { retryAfterSeconds } from '../errors.js'
 import { LineHealth, type LineStatus } from './lines.js'
 
@@ -338,7 +338,7 @@ function sameSettings (a: UpstreamSettings, b: UpstreamSettings, keys: ReadonlyA
 
 /** The CA file's text now (its path alone says nothing of a certificate renewed in place, as a mounted secret is). */
 function readCa (settings: UpstreamSettings): string | undefined {
-  return settings.caFile === undefined ? undefined : readFileSync(settings.caFile, 'utf8')
+  return settings.caFile === undefined ? undefined : readRegularFile(settings.caFile).toString('utf8')
 }
 
 function newPools (settings: UpstreamSettings, caText = readCa(settings)): Pools {
