@@ -2,7 +2,7 @@
 // one schema (which is also where the TypeScript type and the defaults come from), check what a schema cannot
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
 import { X509Certificate } from 'node:crypto'
-import { readFileSync } from 'node:fs'
+import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import proxyAddr from '@fastify/proxy-addr'
 import { Ajv, type ErrorObject } from 'ajv'
@@ -404,6 +404,23 @@ function keyProblems (clients: ClientConfig[]): string[] {
 }
 
 /**
+ * A file the config names for its contents (upstream.apiKeyFile, upstream.caFile), read whole, only when it is a
+ * regular file (a symlink to one, as mounted secrets are, is followed). These are read synchronously, by
+ * check-config, at start and on every reload: a FIFO would hold the process until someone writes to it, and a
+ * device such as /dev/zero would never end. Opened with O_NONBLOCK (nothing to a regular file, and opening a FIFO
+ * does not wait for a writer), then the open file's own type is checked (whatever is at the path by then).
+ */
+export function readRegularFile (file: string): Buffer {
+  const fd = openSync(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK)
+  try {
+    if (!fstatSync(fd).isFile()) throw new Error('not a regular file (a FIFO, device, socket or directory)')
+    return readFileSync(fd)
+  } finally {
+    closeSync(fd)
+  }
+}
+
+/**
  * Exactly one of upstream.apiKey and upstream.apiKeyFile. The file's token goes into `apiKey` (one trailing line
  * break, as secret files often end, is not part of it); the file's path is never part of a message's secret.
  */
@@ -413,9 +430,9 @@ function upstreamKey (upstream: { apiKey?: string, apiKeyFile?: string }): strin
   if (apiKey !== undefined) return ['upstream: give either apiKey or apiKeyFile, not both']
   let text: string
   try {
-    text = readFileSync(apiKeyFile, 'utf8').replace(/\r?\n$/, '')
+    text = readRegularFile(apiKeyFile).toString('utf8').replace(/\r?\n$/, '')
   } catch (err) {
-    return [`upstream.apiKeyFile: cannot read ${apiKeyFile}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`]
+    return [`upstream.apiKeyFile: cannot read ${apiKeyFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`]
   }
   if (!new RegExp(SECRET_PATTERN).test(text)) {
     return ['upstream.apiKeyFile: the file must hold the token alone: no spaces, control characters or further lines']
@@ -424,15 +441,6 @@ function upstreamKey (upstream: { apiKey?: string, apiKeyFile?: string }): strin
   return []
 }
 
-function unreadable (file: string | undefined, path: string): string[] {
-  if (file === undefined) return []
-  try {
-    readFileSync(file)
-    return []
-  } catch (err) {
-    return [`${path}: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`]
-  }
-}
 
 const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----/g
 
@@ -450,9 +458,13 @@ function readable (pem: string): boolean {
  */
 function caFileProblems (file: string | undefined): string[] {
   if (file === undefined) return []
-  const unread = unreadable(file, 'upstream.caFile')
-  if (unread.length > 0) return unread
-  const certificates = readFileSync(file, 'latin1').match(PEM_CERTIFICATE) ?? []
+  let text: string
+  try {
+    text = readRegularFile(file).toString('latin1')
+  } catch (err) {
+    return [`upstream.caFile: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`]
+  }
+  const certificates = text.match(PEM_CERTIFICATE) ?? []
   if (certificates.length === 0) return [`upstream.caFile: ${file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`]
   const bad = certificates.findIndex(pem => !readable(pem))
   return bad === -1 ? [] : [`upstream.caFile: certificate ${bad + 1} in ${file} cannot be read`]

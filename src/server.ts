@@ -12,6 +12,7 @@
 //   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
 import { lstatSync, readFileSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
 import { basename, dirname, resolve, sep } from 'node:path'
+import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
@@ -41,6 +42,38 @@ const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
  * (a crash: running JavaScript after them is not safe); SIGPROF (V8's CPU profiler needs it).
  */
 const IGNORED = ['SIGUSR1', 'SIGALRM', 'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGIO', 'SIGPWR', 'SIGSTKFLT'] as const
+/**
+ * An ignored signal is logged at most once this long, with how many came since its last line: one may keep coming
+ * (SIGXFSZ with every write past the file-size limit, `ulimit -f`: the audit retries a failed write every 500 ms
+ * for as long as it fails), and a warn line for each would flood the log.
+ */
+const IGNORED_LOG_INTERVAL_MS = 60_000
+/** What an ignored signal usually means, where the operator may not guess. */
+const IGNORED_MEANING: Partial<Record<NodeJS.Signals, string>> = {
+  SIGXFSZ: 'a write went past the process\'s file-size limit, ulimit -f',
+  SIGXCPU: 'past the process\'s CPU time limit, ulimit -t'
+}
+
+/** The handler of IGNORED signals: each logged at warn, at most once an IGNORED_LOG_INTERVAL_MS per signal. */
+export function ignoredSignalLogger (
+  log: { warn: (fields: Record<string, unknown>, msg: string) => void }, now: () => number = () => performance.now()
+): (signal: NodeJS.Signals) => void {
+  const last = new Map<NodeJS.Signals, { loggedAt: number, since: number }>()
+  return signal => {
+    const at = now()
+    const seen = last.get(signal)
+    if (seen !== undefined && at - seen.loggedAt < IGNORED_LOG_INTERVAL_MS) {
+      seen.since++
+      return
+    }
+    last.set(signal, { loggedAt: at, since: 0 })
+    const meaning = IGNORED_MEANING[signal]
+    const more = seen !== undefined && seen.since > 0 ? seen.since : 0
+    log.warn(more > 0 ? { signal, alsoIgnored: more } : { signal },
+      `${signal}: ignored (${meaning === undefined ? '' : `${meaning}; `}the gateway has no use for it)` +
+      (more > 0 ? `, and ${more} more since the last line` : ''))
+  }
+}
 
 /**
  * V8's allocation-site pretenuring is turned off for the gateway process. V8 watches object and array literals;
@@ -128,9 +161,8 @@ export async function startServer (
     app.log.info('SIGUSR2: reopening the audit file')
     app.auditReopen()
   })
-  for (const signal of IGNORED) {
-    process.on(signal, () => { app.log.warn({ signal }, `${signal}: ignored (the gateway has no use for it)`) })
-  }
+  const ignored = ignoredSignalLogger(app.log)
+  for (const signal of IGNORED) process.on(signal, ignored)
   for (const signal of releaseHeld()) process.emit(signal, signal)
 
   const { host, port } = config.listen

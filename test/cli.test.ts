@@ -1,6 +1,6 @@
 // The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
-import { spawn } from 'node:child_process'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { createServer, type AddressInfo } from 'node:net'
@@ -97,6 +97,29 @@ t.test('check-config exits 0 for a good file and 1 naming every bad field', asyn
     t.ok(bad.stderr.includes(field), field)
   }
   t.notOk(bad.stderr.includes('    at '), 'no stack trace')
+})
+
+t.test('check-config refuses an apiKeyFile or caFile that is not a regular file (a FIFO would hang it), and follows symlinks to one', async t => {
+  const { file, dir } = configFile('')
+  const fifo = join(dir, 'fifo')
+  t.equal(spawnSync('mkfifo', [fifo]).status, 0, 'a FIFO nobody writes to')
+  symlinkSync(fifo, join(dir, 'to-fifo'))
+  writeFileSync(join(dir, 'token'), 'sk-from-file\n')
+  symlinkSync(join(dir, 'token'), join(dir, 'to-token')) // a mounted secret (Kubernetes: ..data/ links)
+  const withUpstream = (upstream: string) => good(dir).replace(/upstream: .*\n/, `upstream: ${upstream}\n`)
+  for (const [what, upstream] of [
+    ['apiKeyFile, a FIFO', `{ baseUrls: ["http://127.0.0.1:9"], apiKeyFile: "${fifo}" }`],
+    ['apiKeyFile, a symlink to a FIFO', `{ baseUrls: ["http://127.0.0.1:9"], apiKeyFile: "${join(dir, 'to-fifo')}" }`],
+    ['caFile, a FIFO', `{ baseUrls: ["https://127.0.0.1:9"], apiKey: sk-test, caFile: "${fifo}" }`],
+    ['caFile, a directory', `{ baseUrls: ["https://127.0.0.1:9"], apiKey: sk-test, caFile: "${dir}" }`]
+  ] as const) {
+    writeFileSync(file, withUpstream(upstream))
+    const r = run(['check-config', '--config', file])
+    t.equal(r.status, 1, `${what}: refused (not killed stuck)`)
+    t.match(r.stderr, /upstream\.(apiKeyFile|caFile): cannot read .*: not a regular file/, `${what}: says why`)
+  }
+  writeFileSync(file, withUpstream(`{ baseUrls: ["http://127.0.0.1:9"], apiKeyFile: "${join(dir, 'to-token')}" }`))
+  t.equal(run(['check-config', '--config', file]).status, 0, 'a symlink to a regular file is read')
 })
 
 t.test('check-config finds its file through GATEWAY_CONFIG', async t => {

@@ -6,7 +6,7 @@
 import { once } from 'node:events'
 import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { request, type IncomingMessage, type ServerResponse } from 'node:http'
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
 import { rootCertificates } from 'node:tls'
@@ -185,6 +185,22 @@ t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next cal
   const seen = upstream.requests.filter(r => r.url === '/v1/conversations/conv_1/items').map(r => r.headers.authorization)
   t.same(seen, ['Bearer sk-old-token', 'Bearer sk-new-token'], 'the upstream saw the old token, then the new one')
   t.notOk(/sk-(old|new)-token/.test(output.text + output.err), 'neither token is in the log')
+})
+
+t.test('SIGHUP with upstream.apiKeyFile turned into a FIFO is refused at once: the gateway is not stuck reading it, and serves on', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  const tokenFile = join(dir, 'ohmygpt-token')
+  writeFileSync(tokenFile, `${UPSTREAM_TOKEN}\n`)
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], '', `apiKeyFile: "${tokenFile}"`))
+  const { child, url, output } = await startBin(t, file, {})
+  rmSync(tokenFile)
+  t.equal(spawnSync('mkfifo', [tokenFile]).status, 0, 'the token file is now a FIFO nobody writes to')
+  const from = lineCount(output)
+  child.kill('SIGHUP')
+  const line = await logged(output, /config reload refused/, from)
+  t.match(JSON.parse(line), { msg: /upstream\.apiKeyFile: cannot read .*: not a regular file/ })
+  t.equal((await create(url, KEY_A)).status, 200, 'the gateway serves on, with the token it had')
 })
 
 t.test('an invalid config is refused in one log line and the running config stays in force', async t => {

@@ -264,6 +264,49 @@ t.test('a fronting proxy\'s (Cloudflare\'s) statuses speak against the line, and
   })
 })
 
+/** A line that is not where the config says: every call answered with a redirect (http:// to https://, a moved host). */
+function redirecting (status: number): Responder {
+  return (req, res) => {
+    res.writeHead(status, { location: `https://moved.example${req.url ?? '/'}`, 'content-type': 'text/html' })
+    res.end('<html><body>Moved</body></html>')
+  }
+}
+
+t.test('a line that redirects is failing: the gateway follows no redirect, counts it against the line and goes to the next', async t => {
+  await t.test('a create answered 301 (the request not done) is sent on the next line; the line is skipped after failureThreshold', async t => {
+    const { lines, gw } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 30_000 })
+    lines[0]!.respond = redirecting(301)
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    for (let i = 0; i < 2; i++) {
+      const created = await sdk.conversations.create({ metadata: { topic: `moved ${i}` } })
+      t.match(created, { object: 'conversation', metadata: { topic: `moved ${i}` } }, `create ${i + 1}: served by line 1`)
+    }
+    t.same(lines.map(l => l.requests.length), [2, 2])
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'line 0 skipped')
+    await sdk.conversations.create({})
+    t.same(lines.map(l => l.requests.length), [2, 3], 'while skipped, line 0 gets nothing')
+    t.ok(gw.logs.some(l => l.includes('upstream line 0 answered 301; retrying on line 1')), 'the log says why')
+  })
+
+  await t.test('with one line, the client gets 502 upstream_unavailable (no redirect, no location), and a POST the line may have done (303) is not sent again', async t => {
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 100 })
+    for (const status of [301, 302, 307, 308]) {
+      lines[0]!.respond = redirecting(status)
+      const a = await call(gw.url, 'POST', '/v1/conversations', { body: '{}' })
+      t.equal(a.status, 502, `${status}: 502`)
+      t.equal(codeOf(a), 'upstream_unavailable', `${status}: upstream_unavailable`)
+      t.equal(a.headers.location, undefined, `${status}: no location`)
+      t.equal(a.headers['x-should-retry'], undefined, `${status}: nothing was done: the SDK may send it again`)
+    }
+    lines[0]!.respond = redirecting(303)
+    const seeOther = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(seeOther.status, 502)
+    t.equal(seeOther.headers['x-should-retry'], 'false', '303 See Other: the call may have been done')
+    t.match(await lastRecord(gw, 5), { status: 502, outcome: 'upstream_error', upstreamLine: 0 })
+    t.ok(gw.logs.some(l => l.includes('https://moved.example/v1/conversations')), 'the log says where the line points')
+  })
+})
+
 t.test('retries never duplicate work', async t => {
   await t.test('a POST that got a 503 is not sent again: the 503 passes through unchanged', async t => {
     const { lines, gw, conv } = await setup(t, 2)
@@ -411,6 +454,10 @@ t.test('upstream timeouts', async t => {
     if (!(queued instanceof Error)) t.equal(codeOf(queued), 'upstream_timeout')
     t.ok(gw.logs.some(l => l.includes('no connection free within 300 ms')), 'the log says it waited for a connection')
     t.match((await healthOf(gw)).upstream, [{ state: 'up', failures: 0 }], 'waiting for a connection is no line failure (failureThreshold 1)')
+    // A POST never sent is the SDK's to send again: no x-should-retry: false, which is for a call the upstream may have.
+    const queuedPost = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { key: KEYS.other, body: '{"items":[]}', timeoutMs: 3000 })
+    t.equal(queuedPost.status, 504, 'a queued POST is answered 504 too')
+    t.equal(queuedPost.headers['x-should-retry'], undefined, 'without x-should-retry: false: it was never sent')
 
     for (const s of streams) s.end()
     await stream.text()

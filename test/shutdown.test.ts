@@ -9,6 +9,7 @@ import { connect } from 'node:net'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
+import { ignoredSignalLogger } from '../src/server.js'
 import { configFile, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
@@ -337,6 +338,25 @@ t.test('`npm start` as the README runs it: SIGTERM to npm reaches the gateway, w
   await eventually(async () => !alive(), 'the gateway process gone after SIGTERM to npm', 8_000)
   t.match(text, /SIGTERM: shutting down/, 'the gateway got the signal and drained')
   t.match(text, /"msg":"closed"/)
+})
+
+t.test('an ignored signal that keeps coming (SIGXFSZ with every audit write past `ulimit -f`) is logged once a minute at most, with how many came meanwhile', async t => {
+  let now = 0
+  const lines: Array<{ fields: Record<string, unknown>, msg: string }> = []
+  const ignored = ignoredSignalLogger({ warn: (fields: Record<string, unknown>, msg: string) => { lines.push({ fields, msg }) } }, () => now)
+  // The audit retries a failed write every 500 ms while the disk stays full: a SIGXFSZ with each, and more.
+  for (let i = 0; i < 240; i++, now += 250) ignored('SIGXFSZ')
+  t.equal(lines.length, 1, 'a minute of them: one line')
+  t.match(lines[0], { fields: { signal: 'SIGXFSZ' }, msg: /^SIGXFSZ: ignored .*ulimit -f/ }, 'which says what it means')
+  ignored('SIGALRM')
+  t.equal(lines.length, 2, 'another signal has its own line')
+  now = 60_000
+  ignored('SIGXFSZ')
+  t.equal(lines.length, 3, 'a minute on, the next line')
+  t.match(lines[2], { fields: { signal: 'SIGXFSZ', alsoIgnored: 239 }, msg: /239 more since the last line/ }, 'with how many were not logged')
+  now += 1
+  ignored('SIGXFSZ')
+  t.equal(lines.length, 3)
 })
 
 t.test('signals the gateway has no use for are logged and ignored: none ends it, and SIGUSR1 opens no debugger', async t => {

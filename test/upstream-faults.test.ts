@@ -10,6 +10,7 @@ import { connect } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
+import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { KEYS, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type FakeUpstreamOptions } from './fixtures/upstream.js'
@@ -413,6 +414,58 @@ t.test('a POST answered with an invalid status gets its 502 with x-should-retry:
   assertGatewayError(t, a, 502, 'upstream_unavailable')
   t.equal(a.headers['x-should-retry'], 'false')
   t.equal(upstream.requests.length, 1, 'sent once')
+})
+
+/** An answer with two Content-Type field lines (a singleton field: which one describes the body cannot be told). */
+function twoContentTypes (status: number, types: [string, string], body: string): (req: IncomingMessage, res: ServerResponse) => void {
+  return (_req, res) => {
+    res.writeHead(status, [['content-type', types[0]], ['content-type', types[1]], ['content-length', String(Buffer.byteLength(body))], ['x-request-id', 'req_two_types']])
+    res.end(body)
+  }
+}
+
+t.test('an upstream answer with two different content-types is a 502, not bytes of unknown type; the same one twice is passed on as one', async t => {
+  const list = '{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}'
+  await t.test('a read: 502 upstream_unavailable, which the SDK raises as an error', async t => {
+    const { upstream, gw } = await setup(t)
+    upstream.respond = twoContentTypes(200, ['application/json', 'text/html'], list)
+    const a = await send(gw, 'GET', '/v1/conversations/conv_abc/items')
+    assertGatewayError(t, a, 502, 'upstream_unavailable')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const err = await sdk.conversations.items.list('conv_abc').catch((e: unknown) => e)
+    t.match(err, { status: 502, code: 'upstream_unavailable' }, 'the SDK raises the gateway\'s error')
+    t.match((await auditRecords(gw, 2))[1], { status: 502, outcome: 'upstream_error' })
+    t.ok(gw.logs.some(l => l.includes('application/json') && l.includes('text/html')), 'the log names both')
+  })
+
+  await t.test('an error answer: the same 502', async t => {
+    const { upstream, gw } = await setup(t)
+    upstream.respond = twoContentTypes(400, ['application/json', 'text/plain'], openAIError('bad', 'invalid_request_error', null))
+    assertGatewayError(t, await send(gw, 'GET', '/v1/conversations/conv_abc/items'), 502, 'upstream_unavailable')
+  })
+
+  await t.test('a POST: the upstream did it, so its 502 says not to send it again, and the SDK sends it once', async t => {
+    const { upstream, gw } = await setup(t)
+    upstream.respond = twoContentTypes(200, ['application/json', 'text/html'], '{"id":"conv_new","object":"conversation","created_at":1,"metadata":{}}')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+    const err = await sdk.conversations.create({}).catch((e: unknown) => e)
+    t.match(err, { status: 502, code: 'upstream_unavailable' })
+    t.equal(upstream.requests.length, 1, 'sent once, though the SDK retries a 502 twice')
+    t.equal((err as InstanceType<typeof OpenAI.APIError>).headers?.get('x-should-retry'), 'false')
+  })
+
+  await t.test('the same content-type twice: one content-type, and the SDK reads the answer', async t => {
+    const { upstream, gw } = await setup(t)
+    upstream.respond = twoContentTypes(200, ['application/json', 'Application/JSON'], list)
+    const a = await send(gw, 'GET', '/v1/conversations/conv_abc/items')
+    t.equal(a.status, 200)
+    t.equal(a.rawHeaders.filter((_, i) => i % 2 === 0 && a.rawHeaders[i]!.toLowerCase() === 'content-type').length, 1, 'one content-type line')
+    t.equal(a.headers['content-type'], 'application/json')
+    t.equal(a.body, list, 'the upstream\'s bytes')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const page = await sdk.conversations.items.list('conv_abc')
+    t.same(page.data, [], 'the SDK parsed it')
+  })
 })
 
 t.test('an upstream reset in the middle of a body of known length is a 502, audited as upstream_error, and the gateway stays healthy', async t => {

@@ -17,7 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
-import { MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
 
@@ -487,6 +487,26 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     sendBytes(reply, res.statusCode, scrubbed)
   }
 
+  /**
+   * Content-Type is a single field: an answer with two different ones could be either (JSON or an HTML page), and
+   * Fastify would label its bytes application/octet-stream, which no SDK reads. Not passed on (fail closed, as an
+   * answer that cannot be read): false when it was refused. The same type twice is passed on, once.
+   */
+  function oneContentType (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): boolean {
+    const types = res.headers['content-type']
+    if (!Array.isArray(types)) return true
+    if (new Set(types.map(type => type.trim().toLowerCase())).size === 1) {
+      reply.header('content-type', types[0])
+      return true
+    }
+    res.stream.on('error', noop).destroy()
+    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: types.map(type => scrub.text(type).slice(0, 256)) },
+      'upstream answer has more than one content-type: not passed on')
+    mayBeDoneUpstream(request.method, reply)
+    reply.send(new UpstreamUnavailableError())
+    return false
+  }
+
   // reply-from's hook types are wider than our server (HTTP/2 too); this gateway serves HTTP/1.1 only.
   const replyOptions: NonNullable<FastifyHttpProxyOptions['replyOptions']> = {
     rewriteRequestHeaders (req, headers) {
@@ -504,6 +524,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         res.stream.on('error', () => {}).destroy() // thrown away: its abort is no one's error
         return
       }
+      if (!oneContentType(request, reply, res)) return
       // The shared account's limit: the client gets the upstream's own rate-limit headers, which say when to
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers, scrub))
@@ -556,9 +577,18 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         reply.send(new UpstreamAuthError())
         return
       }
+      // (unless the upstream said otherwise itself)
+      if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
+      // A line that redirects (retried on another line already, when there was one): the client cannot follow it
+      // (its location names the upstream, and would get the client's key), nor would the gateway (the token).
+      if (isRedirect(res.statusCode)) {
+        res.stream.on('error', noop).destroy()
+        const location = typeof res.headers.location === 'string' ? scrub.text(res.headers.location).slice(0, 256) : null
+        request.log.warn({ upstreamStatus: res.statusCode, location }, 'the upstream answered with a redirect: check upstream.baseUrls')
+        reply.send(new UpstreamUnavailableError())
+        return
+      }
       if (!ok) {
-        // (unless the upstream said otherwise itself)
-        if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
         void sendError(request, reply, res)
         return
       }
@@ -575,9 +605,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const err = error as Error & { statusCode?: number, cause?: unknown }
       const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
       const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
-      // Timed out, broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
-      // upstream may be doing it. One that every line refused (nothing sent) is safe to try again.
-      if (timedOut || failure?.sent === true || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
+      // Timed out or broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
+      // upstream may be doing it. One that every line refused, or that timed out still waiting for a pooled
+      // connection (nothing sent either way), is safe to try again.
+      const sent = failure !== null ? failure.sent : timedOut
+      if (sent || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
       const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
       reply.send(answer)

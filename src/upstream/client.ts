@@ -3,9 +3,10 @@
 // - A call's deadline for response headers (`timeoutMs`) runs from the moment it is handed over: the wait for a
 //   pooled connection and every retry count inside it, and it ends a call still waiting for a connection at once
 //   (untilStopped). Waiting for a connection says nothing of the line (LinePool tells whether a request got one).
-// - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503
-//   and a fronting proxy's (Cloudflare's) 52x and 530, and a quick call with no response headers by its deadline
-//   (or a proxy's 504/524); not a generation that outlives its deadline (see attemptFailed, LINE_FAULT_STATUSES).
+// - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503,
+//   a fronting proxy's (Cloudflare's) 52x and 530, any redirect (the line is not where the config points), and a
+//   quick call with no response headers by its deadline (or a proxy's 504/524); not a generation that outlives its
+//   deadline (see attemptFailed, lineFault).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
 //   timeout or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
 //   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
@@ -16,7 +17,6 @@
 //   `destroy` aborts every call still in flight (the end of a shutdown's grace).
 // Both the proxy (as reply-from's undici dispatcher) and the ownership lookups call through here.
 import { EventEmitter } from 'node:events'
-import { readFileSync } from 'node:fs'
 import { isIP } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import type { Duplex, Readable } from 'node:stream'
@@ -24,6 +24,7 @@ import { rootCertificates } from 'node:tls'
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
+import { readRegularFile } from '../config.js'
 import { retryAfterSeconds } from '../errors.js'
 import { LineHealth, type LineStatus } from './lines.js'
 
@@ -152,11 +153,27 @@ const LINE_FAULT_STATUSES = new Map<number, 'nothing-sent' | 'reset' | 'timeout'
 
 /**
  * Of those, the statuses that say the origin got the call and may be doing it still (504/524: too slow; 520: its
- * answer unusable). Passed on for a POST with `x-should-retry: false` (plugins/proxy.ts): the SDKs retry every 5xx,
- * and would send a generation the origin is running again, twice. (502/503 are left to them: an origin's own
- * mostly says it did not take the call.)
+ * answer unusable), and a redirect that may point at a call's result (303, lineFault). Passed on for a POST with
+ * `x-should-retry: false` (plugins/proxy.ts): the SDKs retry every 5xx, and would send a generation the origin is
+ * running again, twice. (502/503 are left to them: an origin's own mostly says it did not take the call.)
  */
-export const ORIGIN_MAY_HAVE_IT = new Set([504, 520, 524])
+export const ORIGIN_MAY_HAVE_IT = new Set([303, 504, 520, 524])
+
+/**
+ * A redirect says the line is not where the config points (http:// sent on to https://, a moved host): an API
+ * answers none of its calls so, and the gateway follows none (the token would go wherever it points). A line
+ * fault, then, as a refusal is: a 3xx asks for the call to be made elsewhere, so nothing was done, but for 303
+ * (See Other), which may point at the result of a call done.
+ */
+function lineFault (status: number): 'nothing-sent' | 'reset' | 'timeout' | undefined {
+  if (isRedirect(status)) return status === 303 ? 'reset' : 'nothing-sent'
+  return LINE_FAULT_STATUSES.get(status)
+}
+
+/** A 3xx: never passed on (plugins/proxy.ts answers 502), and a fault of the line (lineFault). */
+export function isRedirect (status: number): boolean {
+  return status >= 300 && status < 400
+}
 
 /**
  * undici takes an EventEmitter with an `aborted` flag as a request's signal, as well as an AbortSignal; this one
@@ -321,7 +338,7 @@ function sameSettings (a: UpstreamSettings, b: UpstreamSettings, keys: ReadonlyA
 
 /** The CA file's text now (its path alone says nothing of a certificate renewed in place, as a mounted secret is). */
 function readCa (settings: UpstreamSettings): string | undefined {
-  return settings.caFile === undefined ? undefined : readFileSync(settings.caFile, 'utf8')
+  return settings.caFile === undefined ? undefined : readRegularFile(settings.caFile).toString('utf8')
 }
 
 function newPools (settings: UpstreamSettings, caText = readCa(settings)): Pools {
@@ -507,7 +524,7 @@ export class Upstream {
           index = next
           continue
         }
-        const fault = LINE_FAULT_STATUSES.get(answer.statusCode)
+        const fault = lineFault(answer.statusCode)
         if (fault === 'timeout' && generation) {
           // A generation that outlived a proxy's deadline says nothing of the line, as one that outlives ours: no
           // failure, and no answer that would restore a skipped line or clear its count (attemptFailed).
