@@ -422,6 +422,62 @@ t.test('a streamed event that drips in is not waited for without end: not whole 
   t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
 })
 
+t.test('keep-alive comment lines between events (no blank line after them, as the SSE spec suggests) reach the client at once and do not end a stream that outlasts upstream.timeoutMs', async t => {
+  // A reasoning model quiet for longer than upstream.timeoutMs, its upstream sending a comment line every 100 ms.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url)
+  const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, timeoutMs: 300 } })
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  let clientSawComment: () => void = () => {}
+  const commentSeen = new Promise<void>(resolve => { clientSawComment = resolve })
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(CREATED_EVENT)
+    res.write(': keep-alive\n')
+    // The rest only once the client has the first comment (a raw read below; the SDK's call does not wait), then
+    // ten more comments 100 ms apart, past upstream.timeoutMs in all.
+    void commentSeen.then(() => {
+      let left = 10
+      const ping = setInterval(() => {
+        if (res.destroyed) { clearInterval(ping); return }
+        if (left-- > 0) { res.write(': keep-alive\n'); return }
+        clearInterval(ping)
+        res.end('event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":0,"total_tokens":2}}}\n\n')
+      }, 100)
+    })
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
+  })
+  const reader = res.body!.getReader()
+  // (a broken-off answer read as its end: what it held is what the assertions look at)
+  const read = async () => await reader.read().catch(() => ({ done: true as const, value: undefined }))
+  let text = ''
+  while (!text.includes(': keep-alive\n')) {
+    const { done, value } = await read()
+    if (done) break
+    text += Buffer.from(value).toString()
+  }
+  t.match(text, /: keep-alive\n$/, 'the comment reaches the client while the upstream waits for it')
+  clientSawComment()
+  for (;;) {
+    const { done, value } = await read()
+    if (done) break
+    text += Buffer.from(value).toString()
+  }
+  t.equal(text.split(': keep-alive\n').length - 1, 11, 'every comment passed on')
+  t.match(text, /event: response\.completed\n/, 'the stream went on to its end')
+  t.notMatch(text, /event: error/, 'not ended by the gateway')
+
+  const { seen, err } = await streamedCreate(sdk)
+  t.equal(err, null, 'the SDK reads the same stream without an error')
+  t.same(seen, ['response.created', 'response.completed'])
+  await until('the audit records', () => gw.audit().length === 2)
+  t.match(gw.audit(), [{ status: 200, outcome: 'ok', inputTokens: 2 }, { status: 200, outcome: 'ok', inputTokens: 2 }])
+})
+
 t.test('an event that never ends is bounded by what holding it costs, not by its bytes alone: 200,000 short lines end the stream as 16 MiB would', async t => {
   // Each line held is an object of its own in the gateway's heap, about 130 bytes whatever its length: 16 MiB of
   // two-byte lines was 8 million of them, over 1 GiB for one stream.
@@ -429,7 +485,7 @@ t.test('an event that never ends is bounded by what holding it costs, not by its
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
     res.write(CREATED_EVENT)
-    res.end(': a\n'.repeat(200_000)) // 800 KB, one event (no blank line)
+    res.end('x: a\n'.repeat(200_000)) // 1 MB, one event (no blank line)
   }
   const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.same(seen, ['response.created'], 'the whole events before it arrive')

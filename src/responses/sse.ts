@@ -12,6 +12,7 @@ export type EventRewrite = (data: unknown) => unknown
 
 const LF = 0x0a
 const CR = 0x0d
+const COLON = 0x3a
 const LINE_END = /\r\n$|\n$|\r$/
 /**
  * What each piece of an event held (a line, or the part of one a chunk brought) costs beyond its bytes: an object
@@ -136,6 +137,16 @@ export class SseRewriter extends Transform {
   #endLine (): void {
     const line = this.#line.length === 1 ? this.#line[0]! : Buffer.concat(this.#line)
     this.#line = []
+    // A comment between events (`:` and anything, the keep-alive the SSE spec suggests every 15 s or so, sent
+    // without a blank line after it) is no part of an event: it goes on at once, so that it keeps the client's
+    // connection alive too, and no event is under way (a model that reasons for minutes behind keep-alive lines
+    // is not taken for an upstream dripping one event in).
+    if (this.#event.length === 0 && line[0] === COLON) {
+      this.push(this.#passing(line))
+      this.#held = 0
+      this.#stopEventClock()
+      return
+    }
     this.#event.push(line)
     if (isBlank(line)) {
       this.push(this.#passing(this.#rewritten(this.#event)))
