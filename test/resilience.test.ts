@@ -443,7 +443,8 @@ t.test('upstream timeouts', async t => {
       res.writeHead(200, { 'content-type': 'application/json' })
       res.end(JSON.stringify({ object: 'list', data: [], first_id: null, last_id: null, has_more: false }))
     }
-    t.teardown(() => { for (const s of streams) s.end() })
+    const completed = 'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1","object":"response","model":"m","output":[]}}\n\n'
+    t.teardown(() => { for (const s of streams) s.end(completed) })
     const stream = await fetch(`${gw.url}/v1/responses`, {
       method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: '{"model":"gpt-4o-mini","input":"hi","stream":true}'
     })
@@ -459,7 +460,7 @@ t.test('upstream timeouts', async t => {
     t.equal(queuedPost.status, 504, 'a queued POST is answered 504 too')
     t.equal(queuedPost.headers['x-should-retry'], undefined, 'without x-should-retry: false: it was never sent')
 
-    for (const s of streams) s.end()
+    for (const s of streams) s.end(completed)
     await stream.text()
     const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
     t.equal(next.status, 200, 'once the stream is over, the line serves the next call')

@@ -351,6 +351,41 @@ t.test('an upstream that breaks off a streamed response: the SDK raises its own 
   t.match(gw.audit(), [{ status: 200, outcome: 'upstream_error' }, { status: 200, outcome: 'upstream_error' }])
 })
 
+t.test('an upstream that ends a streamed generation cleanly before its last event: the SDK raises an APIError instead of taking the text so far for the whole answer, and the call is audited upstream_error', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}'
+  const incomplete = 'event: response.incomplete\ndata: {"type":"response.incomplete","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"incomplete","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n'
+  // A relay that lost its own upstream and returned: the chunked answer ends properly, the stream does not.
+  const endings: Array<[string, string, string[]]> = [
+    ['ended after a delta', CREATED_EVENT + delta, ['response.created', 'response.output_text.delta']],
+    ['ended inside its last event (no blank line: a client drops it unread)', CREATED_EVENT + completed + '\n', ['response.created']]
+  ]
+  for (const [what, body, expected] of endings) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(body)
+    }
+    const before = gw.audit().length
+    const { seen, err } = await streamedCreate(sdk(KEYS.full))
+    t.same(seen, expected, `${what}: the whole events arrive`)
+    t.ok(err instanceof OpenAI.APIError, `${what}: then an APIError (got ${String(err)})`)
+    t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /broke off/ } })
+    await until(`${what}: the audit record`, () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.create', status: 200, outcome: 'upstream_error' }, `${what}: audited upstream_error`)
+  }
+  // Ended by one of the events a generation's stream ends with: whole.
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(CREATED_EVENT + delta + incomplete)
+  }
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
+  t.equal(err, null, 'a stream ended by response.incomplete is whole')
+  t.same(seen, ['response.created', 'response.output_text.delta', 'response.incomplete'])
+  await until('its audit record', () => gw.audit().length === 3)
+  t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
+})
+
 t.test('a streamed create whose events name another owner is broken off with an error event, never passed on, and the gateway stays up', async t => {
   const { upstream, gw, sdk } = await setup(t)
   upstream.respond = (_req, res) => {

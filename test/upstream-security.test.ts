@@ -423,7 +423,8 @@ t.test('a streamed event that is not JSON, a comment or another field that quote
     res.write(`event: response.in_progress\nid: ${key}\ndata: {"type":"response.in_progress","sequence_number":1}\n\n`)
     res.write(`event: error\ndata: invalid api key ${key}\n\n`)
     res.write(`data: {"unfinished": "${key}"\n\n`)
-    res.end(`data: ["${key}"]\n\n`)
+    res.write(`data: ["${key}"]\n\n`)
+    res.end('event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","output":[]}}\n\n')
   }
   const res = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
   const text = await res.text()

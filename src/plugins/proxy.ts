@@ -553,7 +553,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs,
         // Lines a JSON rewrite does not reach (a comment, an event's name or id, data in plain text or not an
         // object) can quote the token too.
-        event => scrub.bytes(event))
+        event => scrub.bytes(event),
+        // A generation's stream that the upstream ends, cleanly, before its last event (a relay that lost its own
+        // upstream and returned): told as a break, or the SDKs would take the text so far for the whole answer.
+        () => request.responseFacts?.finished === false ? STREAM_BROKEN_EVENT : null)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.

@@ -44,12 +44,20 @@ export class SseRewriter extends Transform {
   #eventClock: NodeJS.Timeout | null = null
   /** each whole event's bytes on their way out, rewritten or not */
   readonly #passing: (event: Buffer) => Buffer
+  /**
+   * Asked when the upstream has ended the stream, once every whole event has passed: null when the stream may end
+   * there, else the event to end it with (it lacks its last event), after which the stream fails. An event the
+   * upstream left without its blank line is then not passed on: a client drops it unread (SSE), so it cannot be
+   * the stream's last event.
+   */
+  readonly #unfinished: () => Buffer | null
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
-    passing: (event: Buffer) => Buffer = event => event) {
+    passing: (event: Buffer) => Buffer = event => event, unfinished: () => Buffer | null = () => null) {
     super()
     this.#rewrite = rewrite
     this.#passing = passing
+    this.#unfinished = unfinished
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
     this.#maxEventMs = maxEventMs
@@ -88,6 +96,12 @@ export class SseRewriter extends Transform {
 
   override _flush (done: TransformCallback): void {
     this.#stopEventClock()
+    const unfinished = this.#unfinished()
+    if (unfinished !== null) {
+      this.push(unfinished)
+      done(new Error('the upstream ended the stream before its last event'))
+      return
+    }
     try {
       if (this.#line.length > 0) this.#event.push(Buffer.concat(this.#line))
       if (this.#event.length > 0) this.push(this.#passing(this.#rewritten(this.#event)))

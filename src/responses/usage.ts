@@ -9,11 +9,22 @@ export interface ResponseFacts {
   outputTokens: number | null
   /** output text deltas seen, for a stream cut off before its usage came */
   deltas: number
+  /**
+   * For a stream that must end with a last event of its own (a generation's), whether it came: false until then;
+   * null for any other call.
+   */
+  finished: boolean | null
 }
 
 export function newFacts (responseId: string | null, stream: boolean, model: string | null = null): ResponseFacts {
-  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0 }
+  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, finished: null }
 }
+
+/**
+ * The events a generation's stream ends with, one of them always (OpenAI's Responses streaming): the response done,
+ * failed or cut short, or an error.
+ */
+const LAST_EVENTS = new Set(['response.completed', 'response.failed', 'response.incomplete', 'error'])
 
 function count (value: unknown): number | null {
   return typeof value === 'number' && Number.isFinite(value) && value >= 0 ? value : null
@@ -36,6 +47,7 @@ export function observeResponse (facts: ResponseFacts, object: unknown): void {
 export function observeEvent (facts: ResponseFacts, event: unknown): void {
   const e = event as { type?: unknown, response?: unknown } | null
   if (e?.type === 'response.output_text.delta') facts.deltas++
+  else if (facts.finished === false && LAST_EVENTS.has(e?.type as string)) facts.finished = true
   if (e?.response !== undefined) observeResponse(facts, e.response)
 }
 
