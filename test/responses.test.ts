@@ -286,6 +286,28 @@ t.test('a stream cut off before its usage came is charged for its input too: han
   t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
 })
 
+t.test('usage is read from the event a stream ends with, not from one before it: an early event with zero usage does not let a client hanging up after it pay nothing for its input', async t => {
+  // Some OpenAI-compatible services fill response.created's usage with zeros (OpenAI's is null) until the end.
+  const { upstream, gw, sdk } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  })
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[],"usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0}}}\n\n')
+    // then the model works on it, until the client hangs up
+  }
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ')
+  const controller = new AbortController()
+  const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input, stream: true }, { signal: controller.signal })
+  for await (const event of stream) if (event.type === 'response.created') controller.abort()
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { outcome: 'aborted', inputTokens: null, outputTokens: null }, 'the audit says what was seen: no usage yet')
+  const sentBytes = upstream.requests.at(-1)!.body.length
+  upstream.respond = null
+  const next = await rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }))
+  t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
+})
+
 t.test('a client that gives up on a non-streamed create while the upstream works on it is charged for its input: hanging up before the answer does not get a long input past the token budget', async t => {
   const { upstream, gw, sdk } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]

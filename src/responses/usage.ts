@@ -30,12 +30,16 @@ function count (value: unknown): number | null {
   return typeof value === 'number' && Number.isFinite(value) && value >= 0 ? value : null
 }
 
-/** Takes what a response object says (id, model, usage) into the facts; the object is not changed. */
-export function observeResponse (facts: ResponseFacts, object: unknown): void {
+/**
+ * Takes what a response object says (id, model, and its usage when `final`) into the facts; the object is not
+ * changed.
+ */
+export function observeResponse (facts: ResponseFacts, object: unknown, final = true): void {
   const response = object as { object?: unknown, id?: unknown, model?: unknown, usage?: unknown } | null
   if (response?.object !== 'response') return
   if (facts.responseId === null && typeof response.id === 'string') facts.responseId = response.id
   if (facts.model === null && typeof response.model === 'string') facts.model = response.model
+  if (!final) return
   const usage = response.usage as { input_tokens?: unknown, output_tokens?: unknown } | null | undefined
   if (usage !== null && typeof usage === 'object') {
     facts.inputTokens = count(usage.input_tokens) ?? facts.inputTokens
@@ -43,12 +47,17 @@ export function observeResponse (facts: ResponseFacts, object: unknown): void {
   }
 }
 
-/** Takes one streamed event into the facts: the response object it carries, or one more output delta. */
+/**
+ * Takes one streamed event into the facts: the response object it carries, or one more output delta. Usage only
+ * from the event the stream ends with: the response of an earlier one is not done (OpenAI's has no usage yet;
+ * another service's zeros there would otherwise stand for the input of a stream the client then leaves).
+ */
 export function observeEvent (facts: ResponseFacts, event: unknown): void {
   const e = event as { type?: unknown, response?: unknown } | null
   if (e?.type === 'response.output_text.delta') facts.deltas++
-  else if (facts.finished === false && LAST_EVENTS.has(e?.type as string)) facts.finished = true
-  if (e?.response !== undefined) observeResponse(facts, e.response)
+  const last = LAST_EVENTS.has(e?.type as string)
+  if (last && facts.finished === false) facts.finished = true
+  if (e?.response !== undefined) observeResponse(facts, e.response, last)
 }
 
 /**
