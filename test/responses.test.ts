@@ -308,6 +308,28 @@ t.test('usage is read from the event a stream ends with, not from one before it:
   t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
 })
 
+t.test('a stream cut off before its usage came is charged for every kind of output delta seen, not only text: a long function call read and left before the end is not free', async t => {
+  const { upstream, gw, sdk } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 1000 } }]
+  })
+  const kinds = ['response.function_call_arguments.delta', 'response.reasoning_summary_text.delta', 'response.refusal.delta']
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(CREATED_EVENT)
+    for (let i = 0; i < 30; i++) {
+      const type = kinds[i % kinds.length]!
+      res.write(`event: ${type}\ndata: ${JSON.stringify({ type, sequence_number: i + 1, item_id: 'fc_1', output_index: 0, content_index: 0, summary_index: 0, delta: 'ab' })}\n\n`)
+    }
+    // then the model goes on, until the client hangs up
+  }
+  const controller = new AbortController()
+  const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x', stream: true }, { signal: controller.signal })
+  let deltas = 0
+  for await (const event of stream) if (event.type.endsWith('.delta') && ++deltas === 30) controller.abort()
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { outcome: 'aborted', inputTokens: null, outputTokens: 30 }, 'the 30 deltas seen, whatever their kind')
+})
+
 t.test('a client that gives up on a non-streamed create while the upstream works on it is charged for its input: hanging up before the answer does not get a long input past the token budget', async t => {
   const { upstream, gw, sdk } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]

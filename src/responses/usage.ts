@@ -7,7 +7,7 @@ export interface ResponseFacts {
   responseId: string | null
   inputTokens: number | null
   outputTokens: number | null
-  /** output text deltas seen, for a stream cut off before its usage came */
+  /** output deltas seen (text, a function call's arguments, reasoning...), for a stream cut off before its usage came */
   deltas: number
   /**
    * For a stream that must end with a last event of its own (a generation's), whether it came: false until then;
@@ -54,7 +54,9 @@ export function observeResponse (facts: ResponseFacts, object: unknown, final = 
  */
 export function observeEvent (facts: ResponseFacts, event: unknown): void {
   const e = event as { type?: unknown, response?: unknown } | null
-  if (e?.type === 'response.output_text.delta') facts.deltas++
+  // Every kind of output streams as deltas of its own (`response.function_call_arguments.delta`,
+  // `response.reasoning_summary_text.delta`...): a client could read a long function call and leave before the end.
+  if (typeof e?.type === 'string' && e.type.endsWith('.delta')) facts.deltas++
   const last = LAST_EVENTS.has(e?.type as string)
   if (last && facts.finished === false) facts.finished = true
   if (e?.response !== undefined) observeResponse(facts, e.response, last)
