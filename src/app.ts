@@ -189,7 +189,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // pipelined calls must be known by then.
   app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => {
     if (lingering.has(req.socket)) res.destroy()
-    connections.used(req.socket)
+    connections.used(req, res)
     closeWithConnection(res, req.socket)
   })
   app.setErrorHandler(errorHandler(config))
