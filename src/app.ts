@@ -25,7 +25,7 @@ import ownership from './plugins/ownership.js'
 import proxy from './plugins/proxy.js'
 import { IssuedItems } from './ownership/issued.js'
 import { OwnerCache } from './ownership/owners.js'
-import rateLimit from './plugins/rate-limit.js'
+import rateLimit, { reapplyLimits } from './plugins/rate-limit.js'
 import requestId, { newRequestId, REQUEST_ID_HEADER } from './plugins/request-id.js'
 import router from './plugins/router.js'
 import scope from './plugins/scope.js'
@@ -189,7 +189,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // pipelined calls must be known by then.
   app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => {
     if (lingering.has(req.socket)) res.destroy()
-    connections.used(req.socket)
+    connections.used(req, res)
     closeWithConnection(res, req.socket)
   })
   app.setErrorHandler(errorHandler(config))
@@ -240,6 +240,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // per call (apiKey above); Upstream.update builds new pools only when what they are built from changed.
     if (applied.some(path => path.startsWith('upstream.'))) upstream.update(merged.upstream)
     directory.update(merged.clients)
+    reapplyLimits(store, current.clients, merged.clients, app.log)
     current = merged
     return { applied, needRestart }
   })

@@ -112,6 +112,18 @@ t.test('buckets live under ogw:rl:<client id> and expire once they would be full
   t.notMatch(await redis.command('KEYS *'), 'team-b', 'a peek writes nothing')
 })
 
+t.test('a bucket last written at a later Redis time (its clock stepped back since) is still capped at a lowered burst', async t => {
+  const redis = await startRedis(t)
+  const s = await store(t, redis)
+  await s.take('team-a', { requestsPerMinute: 60, burst: 60 })
+  // As if Redis's clock had been stepped back an hour since that call; then a reload lowers the burst to 3.
+  await redis.command(`HSET ${KEY_PREFIX}team-a at ${Date.now() + 3_600_000}`)
+  const lowered = { requestsPerMinute: 60, burst: 3 }
+  const results = []
+  for (let i = 0; i < 4; i++) results.push(await s.take('team-a', lowered))
+  t.same(results.map(r => r.allowed), [true, true, true, false], 'three calls, the new burst, not 59 left of the old one')
+})
+
 t.test('open: Redis down → calls are served from local buckets, one warning, and sharing resumes by itself', async t => {
   const redis = await startRedis(t)
   const s = await store(t, redis)

@@ -17,7 +17,7 @@ import { ClientDirectory } from '../src/clients.js'
 import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
-import { call, type Answer } from './fixtures/client.js'
+import { call, sleep, type Answer } from './fixtures/client.js'
 import { BIN, configFile, env as binEnv, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
@@ -321,6 +321,54 @@ function withConfig (config: GatewayConfig, change: (raw: Record<string, unknown
   change(raw)
   return parseConfig(raw)
 }
+
+t.test('with Redis, a reload that lowers a rate or raises a burst keeps a drained bucket drained after the old limits would have refilled it', async t => {
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const limitsOf = (limits: Record<string, Record<string, number>>) => (raw: Record<string, unknown>) => {
+    for (const client of raw.clients as Array<Record<string, unknown>>) client.rateLimit = limits[client.id as string] ?? client.rateLimit
+  }
+  // One token at 60 a minute: one call drains it, and the old limits would have it full again 1 s later.
+  const before = { requestsPerMinute: 60, burst: 1 }
+  const config = withConfig(testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }),
+    limitsOf({ 'team-limited': before, 'team-reader': before }))
+  const gw = await startGateway(t, config)
+  const read = async (key: string) => (await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key })).status
+  t.not(await read(KEYS.limited), 429)
+  t.not(await read(KEYS.reader), 429)
+  t.same(gw.app.applyConfig(withConfig(config, limitsOf({
+    'team-limited': { requestsPerMinute: 1, burst: 1 },
+    'team-reader': { requestsPerMinute: 1, burst: 50 }
+  }))).applied.sort(), ['clients[team-limited].rateLimit.requestsPerMinute', 'clients[team-reader].rateLimit.burst',
+    'clients[team-reader].rateLimit.requestsPerMinute'])
+  // Past the time the old limits needed to fill the buckets (and Redis, keeping a bucket until then, to forget
+  // them): at one token a minute, not one has come back since.
+  await sleep(2500)
+  const limited = await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })
+  t.same([limited.status, limited.headers['x-ratelimit-limit-requests']], [429, '1'], 'a lowered rate: still drained')
+  t.equal(await read(KEYS.reader), 429, 'a raised burst: still drained, no fresh burst of 50')
+})
+
+t.test('with Redis, a token budget in debt when a reload lowers tokensPerMinute is kept until the new limit has paid the debt back', async t => {
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const budget = (tokensPerMinute: number) => (raw: Record<string, unknown>) => {
+    const writer = (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-writer')!
+    writer.rateLimit = { ...writer.rateLimit as object, tokensPerMinute }
+  }
+  const config = withConfig(testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }), budget(30))
+  const gw = await startGateway(t, config)
+  // 20 words in, 21 out (the fake's usage): 41 tokens of a budget of 30, 11 in debt
+  const input = Array.from({ length: 20 }, (_, i) => `w${i}`).join(' ')
+  t.equal((await call(gw.url, 'POST', '/v1/responses', { key: KEYS.writer, body: JSON.stringify({ model: 'gpt-4o-mini', input }) })).status, 200)
+  const ttl = async () => Number(/:(-?\d+)/.exec(await redis.command('PTTL ogw:rl:tokens:team-writer'))![1])
+  await eventually(async () => await ttl() > 0, 'the generation charged to the budget')
+  gw.app.applyConfig(withConfig(config, budget(1)))
+  // At one token a minute, 11 in debt and 1 to fill: 12 minutes (at 30 a minute, as before the reload, 82 s).
+  await eventually(async () => await ttl() > 11 * 60_000, 'the budget kept as long as the new limit needs')
+  const refused = await call(gw.url, 'POST', '/v1/responses', { key: KEYS.writer, body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hi' }) })
+  t.same([refused.status, refused.headers['x-ratelimit-limit-tokens']], [429, '1'])
+})
 
 t.test('new upstream lines take new calls while a call in flight finishes on the old line, whose pool then closes', async t => {
   const [oldLine, newLine] = [await fakeUpstream(t), await fakeUpstream(t)]

@@ -640,6 +640,19 @@ t.test('upstream timeouts', async t => {
   })
 })
 
+/** `n` connections that each made one call (a /healthz) and are kept alive, idle, in the order they were made. */
+async function keptAlive (t: Test, url: string, n: number): Promise<Array<Awaited<ReturnType<typeof rawSocket>>>> {
+  const idle: Array<Awaited<ReturnType<typeof rawSocket>>> = []
+  t.teardown(() => { for (const s of idle) s.destroy() })
+  for (let i = 0; i < n; i++) {
+    const s = await rawSocket(url)
+    idle.push(s)
+    s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+    await until(`the answer on kept-alive connection ${i + 1}`, () => s.text().includes('"status":"ok"'), 2000)
+  }
+  return idle
+}
+
 /** A raw connection for clients that misbehave. */
 function rawSocket (url: string): Promise<Socket & { closedAt: () => number | null, text: () => string }> {
   const { port } = new URL(url)
@@ -770,20 +783,41 @@ t.test('slow and hostile clients', async t => {
 
   await t.test('connections kept alive after a call cannot lock others out: past listen.maxConnections the least recently used idle one is closed', async t => {
     const { gw, conv } = await setup(t, 1, {}, { listen })
-    const idle: Array<Awaited<ReturnType<typeof rawSocket>>> = []
-    for (let i = 0; i < 4; i++) {
-      const s = await rawSocket(gw.url)
-      s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
-      await until(`the answer on connection ${i + 1}`, () => s.text().includes('"status":"ok"'), 2000)
-      idle.push(s)
-    }
-    t.teardown(() => { for (const s of idle) s.destroy() })
+    const idle = await keptAlive(t, gw.url, 4)
     idle[0]!.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n') // the first is used again: the second is now the least recent
     await until('the second answer on connection 1', () => idle[0]!.text().split('"status":"ok"').length === 3, 2000)
     const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
     t.equal(a.status, 200, 'a fifth client is served')
     await until('an idle connection to be closed for it', () => idle.some(s => s.closedAt() !== null), 2000)
     t.same(idle.map(s => s.closedAt() !== null), [false, true, false, false], 'the least recently used one, and only it')
+  })
+
+  await t.test('a connection part-way through its request headers is never closed for another past listen.maxConnections', async t => {
+    // Headers timeouts long enough that the half-sent request cannot time out while the test runs.
+    const { gw, conv } = await setup(t, 1, {}, { listen: { ...listen, headersTimeoutMs: 10_000, requestTimeoutMs: 20_000 } })
+    const sending = await rawSocket(gw.url)
+    sending.write(`GET /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\n`)
+    t.teardown(() => { sending.destroy() })
+    const idle = await keptAlive(t, gw.url, 3)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a fifth client is served')
+    await until('an idle connection to be closed for it', () => idle.some(s => s.closedAt() !== null), 2000)
+    t.same(idle.map(s => s.closedAt() !== null), [true, false, false], 'the least recently used idle one')
+    t.equal(sending.closedAt(), null, 'not the one still sending its request, though older')
+    sending.write(`Authorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('its answer', () => sending.text().startsWith('HTTP/1.1 200 '), 2000)
+  })
+
+  await t.test('a connection refused early whose body came after its answer is idle, and closed for another, once that body is in', async t => {
+    const { gw, conv } = await setup(t, 1, {}, { listen: { ...listen, headersTimeoutMs: 10_000, requestTimeoutMs: 20_000 } })
+    const refused = await rawSocket(gw.url)
+    refused.write(`POST /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ogw_wrong\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n`)
+    await until('the 401', () => refused.text().startsWith('HTTP/1.1 401 '), 2000)
+    refused.write('{}')
+    t.teardown(() => { refused.destroy() })
+    const idle = await keptAlive(t, gw.url, 3)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a fifth client is served')
+    await until('an idle connection to be closed for it', () => [refused, ...idle].some(s => s.closedAt() !== null), 2000)
+    t.same([refused, ...idle].map(s => s.closedAt() !== null), [true, false, false, false], 'the refused one, least recently used')
   })
 })
 

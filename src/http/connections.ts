@@ -6,12 +6,15 @@
 // connections when it runs short; it is refused only when none is. A connection that has not sent a byte yet, or
 // is reading a request or sending an answer, is never closed for another (the headers and request timeouts bound
 // the first).
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import { responseHolding } from './response.js'
 
 export class Connections implements Iterable<Socket> {
   /** open connections, least recently used first (a call moves its connection to the end) */
   readonly #sockets = new Set<Socket>()
+  /** bytes each connection had read when its last answer went out: any byte since is a call being sent */
+  readonly #readWhenAnswered = new WeakMap<Socket, number>()
   readonly #max: number
 
   constructor (max: number) {
@@ -28,7 +31,7 @@ export class Connections implements Iterable<Socket> {
     socket.once('close', () => { this.#sockets.delete(socket) })
     if (this.#sockets.size <= this.#max) return
     for (const other of this.#sockets) {
-      if (other !== socket && isIdle(other)) {
+      if (other !== socket && this.#isIdle(other)) {
         other.destroy()
         return
       }
@@ -36,16 +39,28 @@ export class Connections implements Iterable<Socket> {
     socket.destroy()
   }
 
-  /** A call came on `socket`. */
-  used (socket: Socket): void {
+  /** A call came on `req.socket`: its connection is the most recently used, and idle again once the call is over. */
+  used (req: IncomingMessage, res: ServerResponse): void {
+    const socket = req.socket
     this.#sockets.delete(socket)
     this.#sockets.add(socket)
+    // Over when its answer has gone out and its request has been read to the end (after an early refusal, a body
+    // can still be coming: it is read and thrown away, see discardTheRestOfTheBody in app.ts).
+    const over = () => { this.#readWhenAnswered.set(socket, socket.bytesRead) }
+    res.once('finish', () => {
+      if (req.complete) over()
+      else req.once('end', over)
+    })
   }
-}
 
-/** Kept alive between calls: it has been used, and holds no call now, nor unsent bytes. */
-function isIdle (socket: Socket): boolean {
-  return !socket.destroyed && socket.bytesRead > 0 && responseHolding(socket) === null && socket.writableLength === 0
+  /**
+   * Kept alive between calls: it has been answered, holds no call now nor unsent bytes, and has sent nothing since
+   * (a request part-way through its headers is a call Node has not handed on yet).
+   */
+  #isIdle (socket: Socket): boolean {
+    return !socket.destroyed && responseHolding(socket) === null && socket.writableLength === 0 &&
+      this.#readWhenAnswered.get(socket) === socket.bytesRead
+  }
 }
 
 /**

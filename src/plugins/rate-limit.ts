@@ -74,6 +74,38 @@ function askedNow<T> (ask: () => Answer<T>): () => Answer<T> {
   return () => answer
 }
 
+interface WarnLog { warn (obj: object, msg: string): void }
+
+/** Charges `amount` to a client's bucket, with a warning if the store cannot take it (nothing waits on the answer). */
+function chargeOrWarn (store: RateLimitStore, log: WarnLog, clientId: string, key: string, rule: BucketRule, amount: number,
+  what: string): void {
+  whenAnswered(() => store.charge(key, rule, amount), () => {}, (err: unknown) => {
+    log.warn({ err: { message: (err as Error).message }, clientId, tokens: amount }, what)
+  })
+}
+
+/**
+ * After a reload, the buckets of each client whose limits changed are written again under its new limits (a charge
+ * of nothing: refilled, and kept). A Redis bucket expires when the limits it was last written with would have it
+ * full; left alone, one drained before a reload that lowers the rate or raises the burst would expire on the old
+ * schedule and come back full, a fresh burst for a client that pauses past it.
+ */
+export function reapplyLimits (store: RateLimitStore, before: readonly ClientConfig[], after: readonly ClientConfig[], log: WarnLog): void {
+  const old = new Map(before.map(client => [client.id, client.rateLimit]))
+  for (const client of after) {
+    const was = old.get(client.id)
+    if (was === undefined) continue
+    const now = client.rateLimit
+    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) {
+      chargeOrWarn(store, log, client.id, client.id, now, 0, 'rate-limit bucket could not be kept under its new limits')
+    }
+    const tokens = tokenRule(client)
+    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) {
+      chargeOrWarn(store, log, client.id, tokenKey(client), tokens, 0, 'token budget could not be kept under its new limit')
+    }
+  }
+}
+
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
   app.decorateRequest('rateLimit', null)
   app.decorateRequest('tokenBudget', null)
@@ -104,16 +136,10 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         const upstream = request.upstream
         const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
         const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
-        if (used > 0) chargeTokens(request, client, rule, used)
+        if (used > 0) chargeOrWarn(store, request.log, client.id, tokenKey(client), rule, used, 'token budget could not be charged')
       })
       done()
     }, err => { done(storeError(request, err) as Error) })
-  }
-
-  function chargeTokens (request: FastifyRequest, client: ClientConfig, rule: BucketRule, used: number): void {
-    whenAnswered(() => store.charge(tokenKey(client), rule, used), () => {}, (err: unknown) => {
-      request.log.warn({ err: { message: (err as Error).message }, clientId: client.id, tokens: used }, 'token budget could not be charged')
-    })
   }
 
   // Callback style: the memory store answers at once, and this runs on every call.

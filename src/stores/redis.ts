@@ -53,8 +53,9 @@ const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
  * KEYS[1]: the bucket, a hash {tokens, at}. ARGV: mode (take | charge | peek), requestsPerMinute, burst, and
  * the cost (take) or amount (charge), TOKEN_EPSILON. Returns {allowed 1|0, tokens as text (fractions kept)}.
  * The same arithmetic as refill() and take/charge in memory.ts. `at` becomes the server's `now` on every write,
- * so a server clock stepped backwards refills nothing and locks nobody out. The key expires when the bucket
- * would be full again: an expired bucket and a full one are the same, so Redis holds only buckets in use.
+ * so a server clock stepped backwards refills nothing and locks nobody out (a lowered burst still caps the tokens,
+ * as refill() does). The key expires when the bucket would be full again: an expired bucket and a full one are the
+ * same, so Redis holds only buckets in use.
  * The TTL stops at 1e12 ms (31 years): a deeper debt would overflow PEXPIRE, and a script that fails after its
  * HSET would leave the key without any TTL.
  */
@@ -72,8 +73,8 @@ local tokens = tonumber(state[1])
 local at = tonumber(state[2])
 if tokens == nil or at == nil then
   tokens = burst
-elseif now > at then
-  tokens = math.min(burst, tokens + (now - at) * perMs)
+else
+  tokens = math.min(burst, tokens + math.max(0, now - at) * perMs)
 end
 if mode == 'peek' then
   return { tokens + epsilon >= 1 and 1 or 0, string.format('%.17g', tokens) }
