@@ -268,8 +268,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
         throw err
       }
-      // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway.
-      if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
+      // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway. Nor is
+      // a lookup no line was tried for (every one skipped, UpstreamFailure.untried).
+      if (!(err instanceof UpstreamFailure && (err.kind === 'aborted' || err.untried))) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
         const message = err instanceof SyntaxError ? 'the answer is not JSON' : (err as Error).message
         request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
