@@ -3,7 +3,7 @@
 import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { openAuditWriter } from '../src/audit/writer.js'
 import { parseConfig } from '../src/config.js'
@@ -110,13 +110,19 @@ t.test('in-flight calls are counted while they wait on the upstream', async t =>
   t.equal(sample(await metricsText(gw.url), 'gateway_in_flight_requests'), 0)
 })
 
-t.test('a call that waited on the upstream and got no answer is not counted as latency the gateway added', async t => {
+/** A gateway with metrics in front of an upstream that takes every call and never answers (timeoutMs 300). */
+async function silentUpstream (t: Test) {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
-  upstream.respond = () => {} // takes the call, never answers
+  upstream.respond = () => {}
   const gw = await startGateway(t, testConfig(upstream.url, {
     metrics: { token: TOKEN }, upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300, failureThreshold: 100 }
   }))
+  return { upstream, gw }
+}
+
+t.test('a call that waited on the upstream and got no answer is not counted as latency the gateway added', async t => {
+  const { gw } = await silentUpstream(t)
   t.equal((await call(gw, KEYS.full)).status, 504)
   await gw.auditFile()
   t.match(gw.audit(), [{ status: 504, attempts: 1, upstreamMs: null }])
@@ -127,12 +133,7 @@ t.test('a call that waited on the upstream and got no answer is not counted as l
 })
 
 t.test('a call whose owner lookup got no answer went upstream: its record has the attempt, and its wait is not latency the gateway added', async t => {
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
-  upstream.respond = () => {} // takes the lookup, never answers
-  const gw = await startGateway(t, testConfig(upstream.url, {
-    metrics: { token: TOKEN }, upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300, failureThreshold: 100 }
-  }))
+  const { upstream, gw } = await silentUpstream(t) // takes the lookup, never answers
   const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
   await t.rejects(sdk.conversations.retrieve('conv_1'), { status: 504, code: 'upstream_timeout' })
   t.match(upstream.requests, [{ method: 'GET', url: '/v1/conversations/conv_1' }], 'the owner lookup went upstream, and nothing else')
