@@ -183,6 +183,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   })
 
   let current = config
+  // Whether the last reload (SIGHUP, --watch) was applied; a refused one leaves the process running a config its
+  // file no longer says, which the next start would refuse: gateway_config_last_reload_successful.
+  let lastReloadApplied = true
   // listen.maxConnections, kept by closing an idle kept-alive connection before refusing a new one (http/connections.ts).
   const connections = new Connections(config.listen.maxConnections)
   // Before Fastify's own listener: a call refused at once is answered within that listener, and the connection's
@@ -203,7 +206,11 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
   if (metricsEnabled(config.metrics)) {
     await app.register(metrics, {
-      ...config.metrics, isClient: id => directory.hasClient(id), writer: auditWriter, headersTimeoutMs: config.listen.headersTimeoutMs
+      ...config.metrics,
+      isClient: id => directory.hasClient(id),
+      lastReloadApplied: () => lastReloadApplied,
+      writer: auditWriter,
+      headersTimeoutMs: config.listen.headersTimeoutMs
     })
   }
   const upstream = new Upstream(config.upstream, app.log)
@@ -242,8 +249,10 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     directory.update(merged.clients)
     reapplyLimits(store, current.clients, merged.clients, app.log)
     current = merged
+    lastReloadApplied = true
     return { applied, needRestart }
   })
+  app.decorate('reloadRefused', () => { lastReloadApplied = false })
   // A connection with no call under way (never used, between calls, or a call not yet whole) carries nothing to
   // wait for, yet Node's close() closes only those idle between calls, and only once: the drain closes the rest,
   // and those that fall idle later (after a call whose answer had begun before accepting stopped).

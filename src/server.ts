@@ -240,6 +240,7 @@ function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerO
       next = loadConfig(configFile, env)
     } catch (err) {
       const problems = err instanceof ConfigError ? err.problems : [String(err)]
+      app.reloadRefused()
       app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`)
       return
     }
@@ -247,6 +248,7 @@ function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerO
     try {
       change = app.applyConfig(next)
     } catch (err) {
+      app.reloadRefused()
       app.log.error({ err }, `${why}: config reload failed, the running config stays in force`)
       return
     }

@@ -86,6 +86,8 @@ declare module 'fastify' {
     currentConfig (): GatewayConfig
     /** app.ts: apply a reloaded config to the running gateway; in-flight calls are not disturbed */
     applyConfig (next: GatewayConfig): ConfigChange
+    /** app.ts: a reload was refused (the running config stays in force), until one is applied */
+    reloadRefused (): void
     /** app.ts: shutdown, once accepting has stopped: close the connections with no call under way */
     closeUnusedConnections (): void
     /** app.ts: end of a shutdown's grace: close every client connection and abort every upstream call */

@@ -3,7 +3,8 @@
 import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { Writable } from 'node:stream'
-import t from 'tap'
+import t, { type Test } from 'tap'
+import OpenAI from 'openai'
 import { openAuditWriter } from '../src/audit/writer.js'
 import { parseConfig } from '../src/config.js'
 import { METRICS_MAX_CONNECTIONS } from '../src/plugins/metrics.js'
@@ -109,13 +110,19 @@ t.test('in-flight calls are counted while they wait on the upstream', async t =>
   t.equal(sample(await metricsText(gw.url), 'gateway_in_flight_requests'), 0)
 })
 
-t.test('a call that waited on the upstream and got no answer is not counted as latency the gateway added', async t => {
+/** A gateway with metrics in front of an upstream that takes every call and never answers (timeoutMs 300). */
+async function silentUpstream (t: Test) {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
-  upstream.respond = () => {} // takes the call, never answers
+  upstream.respond = () => {}
   const gw = await startGateway(t, testConfig(upstream.url, {
     metrics: { token: TOKEN }, upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300, failureThreshold: 100 }
   }))
+  return { upstream, gw }
+}
+
+t.test('a call that waited on the upstream and got no answer is not counted as latency the gateway added', async t => {
+  const { gw } = await silentUpstream(t)
   t.equal((await call(gw, KEYS.full)).status, 504)
   await gw.auditFile()
   t.match(gw.audit(), [{ status: 504, attempts: 1, upstreamMs: null }])
@@ -123,6 +130,19 @@ t.test('a call that waited on the upstream and got no answer is not counted as l
   t.equal(sample(text, 'gateway_requests_total{client="team-full",action="conversation.create",status="504",outcome="upstream_error"}'), 1, 'the call is counted')
   const added = sample(text, 'gateway_added_duration_seconds_sum{action="conversation.create"}') ?? 0
   t.ok(added < 0.3, `its 300 ms waiting on the upstream are not the gateway's own latency (added: ${added} s)`)
+})
+
+t.test('a call whose owner lookup got no answer went upstream: its record has the attempt, and its wait is not latency the gateway added', async t => {
+  const { upstream, gw } = await silentUpstream(t) // takes the lookup, never answers
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  await t.rejects(sdk.conversations.retrieve('conv_1'), { status: 504, code: 'upstream_timeout' })
+  t.match(upstream.requests, [{ method: 'GET', url: '/v1/conversations/conv_1' }], 'the owner lookup went upstream, and nothing else')
+  await gw.auditFile()
+  t.match(gw.audit(), [{ action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 1, upstreamLine: null, upstreamMs: null }])
+  const text = await metricsText(gw.url)
+  t.equal(sample(text, 'gateway_requests_total{client="team-full",action="conversation.retrieve",status="504",outcome="upstream_error"}'), 1, 'the call is counted')
+  const added = sample(text, 'gateway_added_duration_seconds_sum{action="conversation.retrieve"}') ?? 0
+  t.ok(added < 0.3, `its 300 ms waiting on the upstream's answer to the lookup are not the gateway's own latency (added: ${added} s)`)
 })
 
 t.test('a streamed generation\'s time after its headers is the model\'s, not latency the gateway added', async t => {

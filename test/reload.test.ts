@@ -223,6 +223,32 @@ t.test('an invalid config is refused in one log line and the running config stay
   t.equal((await create(url, KEY_A)).status, 200, 'nor of a file that is not YAML')
 })
 
+t.test('a refused reload shows in /metrics until a reload is applied: the file in place is not what runs, and a restart would refuse it', async t => {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  const metrics = `metrics: { token: ${METRICS_TOKEN} }`
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], metrics))
+  const { child, url, output } = await startBin(t, file, {})
+  const reloadGauge = async () => {
+    const text = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } })).text()
+    return /^gateway_config_last_reload_successful (\d+)$/m.exec(text)?.[1]
+  }
+  t.equal(await reloadGauge(), '1', 'as started')
+
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `${metrics}\nlimits: { bodyBytes: 0 }`))
+  let from = lineCount(output)
+  child.kill('SIGHUP')
+  await logged(output, /config reload refused/, from)
+  t.equal(await reloadGauge(), '0', 'refused')
+  t.equal((await create(url, KEY_A)).status, 200, 'the running config serves on')
+
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }], metrics))
+  from = lineCount(output)
+  child.kill('SIGHUP')
+  await logged(output, /config reloaded/, from)
+  t.equal(await reloadGauge(), '1', 'applied')
+})
+
 t.test('a changed listen.port is reported as needing a restart; the rest of the file is applied', async t => {
   const upstream = await fakeUpstream(t)
   const { file, dir } = configFile('')

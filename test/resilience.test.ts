@@ -6,7 +6,7 @@ import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
-import { healthDetails, KEYS, METRICS_TOKEN, startGateway, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
+import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
@@ -181,6 +181,25 @@ t.test('lines and failover', async t => {
     t.ok(retryAfter >= 59 && retryAfter <= 60, `retry-after says when the first line gets its trial call (cooldownMs 60 s): ${retryAfter}`)
     t.match(await lastRecord(gw, 2), { outcome: 'upstream_error', attempts: 0 }, 'no line was tried')
     t.match((await healthOf(gw)).upstream, [{ state: 'down' }, { state: 'down' }])
+  })
+
+  await t.test('with every line down, the calls refused at once write no log line each: the log said when each line was skipped', async t => {
+    const ports = [await closedPort(), await closedPort()]
+    const baseUrls = ports.map(p => `http://127.0.0.1:${p}`)
+    // Ownership checked, as in production: a call on a conversation looks its owner up upstream first.
+    const gw = await startGateway(t, testConfig(baseUrls[0]!, {
+      log: { level: 'info' }, upstream: { baseUrls, apiKey: UPSTREAM_TOKEN, failureThreshold: 1, cooldownMs: 60_000 }, metrics: { token: METRICS_TOKEN }
+    }))
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    await t.rejects(sdk.conversations.create({}), { status: 502, code: 'upstream_unavailable' }, 'both lines tried, both skipped')
+    t.match((await healthOf(gw)).upstream, [{ state: 'down' }, { state: 'down' }])
+    const before = gw.logs.length
+    for (let i = 0; i < 10; i++) {
+      await t.rejects(sdk.conversations.create({}), { status: 502, code: 'upstream_unavailable' })
+      await t.rejects(sdk.conversations.items.list('conv_x'), { status: 502, code: 'upstream_unavailable' }, 'its owner lookup not tried either')
+    }
+    t.equal(gw.audit().length, 21, 'each call is in the audit')
+    t.same(gw.logs.slice(before), [], 'and not in the log: an outage of every line is not a line per call refused')
   })
 })
 

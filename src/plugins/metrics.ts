@@ -27,6 +27,8 @@ export interface MetricsOptions {
   token?: string
   /** whether a record's client id is a configured client (else it is counted as `other`) */
   isClient: (id: string) => boolean
+  /** false from a refused config reload until one is applied */
+  lastReloadApplied: () => boolean
   writer: Pick<AuditWriter, 'available' | 'stats'>
   /** listen.headersTimeoutMs: a connection to `listen` must bring its request within it, as on the API listener */
   headersTimeoutMs: number
@@ -141,6 +143,14 @@ function gatewayMetrics (opts: MetricsOptions, health: () => HealthDetails) {
     help: '1 while the rate-limit store answers (always, in memory), 0 while Redis is disconnected or refuses the bucket script',
     registers: [register],
     collect () { this.set(health().store === 'ok' ? 1 : 0) }
+  })
+
+  // eslint-disable-next-line no-new
+  new Gauge({
+    name: 'gateway_config_last_reload_successful',
+    help: '1 while the config file as last reloaded is in force (or none was reloaded), 0 from a refused reload until one is applied',
+    registers: [register],
+    collect () { this.set(opts.lastReloadApplied() ? 1 : 0) }
   })
 
   const actions = new Set<string>(ACTIONS)

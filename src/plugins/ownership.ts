@@ -25,6 +25,7 @@ import {
 import { outputIdsIn, type IssuedItems } from '../ownership/issued.js'
 import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { TokenScrubber } from '../upstream/scrub.js'
+import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS } from './responses.js'
 import {
@@ -193,6 +194,12 @@ function refuseCheckedKeysInQuery (url: string): void {
   if (found !== null) throw withParam(new UnknownParameterError(found), found)
 }
 
+/**
+ * What a lookup that failed upstream tried, by the error its callers get (the audit record's attempts: a call that
+ * ended at its owner lookup went upstream all the same, and its time waiting there was the upstream's).
+ */
+const triedUpstream = new WeakMap<Error, UpstreamProgress>()
+
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, issued, upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
@@ -268,16 +275,19 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
         throw err
       }
-      // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway.
-      if (!(err instanceof UpstreamFailure && err.kind === 'aborted')) {
+      // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway. Nor is
+      // a lookup no line was tried for (every one skipped, UpstreamFailure.untried).
+      if (!(err instanceof UpstreamFailure && (err.kind === 'aborted' || err.untried))) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
         const message = err instanceof SyntaxError ? 'the answer is not JSON' : (err as Error).message
         request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
       }
-      if (err instanceof UpstreamFailure && err.kind === 'timeout') throw new UpstreamTimeoutError()
-      const unavailable = new UpstreamUnavailableError()
-      if (err instanceof UpstreamFailure) unavailable.headers = retryHeaders(err) // every line down: when one is tried again
-      throw unavailable
+      const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+      if (err instanceof UpstreamFailure) {
+        answer.headers = retryHeaders(err) // every line down: when one is tried again
+        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: err.sent })
+      }
+      throw answer
     }
   }
 
@@ -476,6 +486,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
   // Callback style: with the owner cached (nearly every call), no promise is made.
   app.addHook('preHandler', (request, reply, done) => {
-    whenAnswered(() => check(request, reply), () => { done() }, err => { done(err as Error) })
+    whenAnswered(() => check(request, reply), () => { done() }, err => {
+      // A lookup that went upstream and got no answer ended the call: its record says it went upstream, and how
+      // many attempts it made (the error is shared by every caller of a shared lookup: each record says so).
+      request.upstreamCall ??= triedUpstream.get(err as Error) ?? null
+      done(err as Error)
+    })
   })
 }, { name: 'ownership', dependencies: ['body'] })

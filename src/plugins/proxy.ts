@@ -258,6 +258,25 @@ function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown
   reply.send(answer)
 }
 
+/** The gateway's answer to an upstream call that failed (reply-from's onError, or the dispatcher's own). */
+function answerFailure (reply: {
+  header: (name: string, value: string) => unknown
+  send: (answer: Error) => unknown
+  request: { method: string, upstream: unknown }
+}, error: unknown): void {
+  const err = error as Error & { statusCode?: number, cause?: unknown }
+  const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
+  const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
+  // Timed out or broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
+  // upstream may be doing it. One that every line refused, or that timed out still waiting for a pooled
+  // connection (nothing sent either way), is safe to try again.
+  const sent = failure !== null ? failure.sent : timedOut
+  if (sent || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
+  const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+  if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
+  reply.send(answer)
+}
+
 /** For an upstream call: `abort` runs when the client goes away before its answer is complete. */
 export function clientGone (reply: FastifyReply): (abort: () => void) => void {
   return abort => { whenClosed(reply.raw, () => { if (!reply.raw.writableFinished) abort() }) }
@@ -346,6 +365,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           // The client is gone: nothing is left to answer, and a hang-up is not an upstream failure to log
           // (reply-from would log every error it is given). Its audit record was written when it left.
           if (err.kind === 'aborted') return
+          // Answered as reply-from would, without the line it writes for every error it is given.
+          if (err.untried) {
+            answerFailure(reply, err)
+            return
+          }
         }
         callback(err as Error)
       })
@@ -605,17 +629,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     },
     onError (reply, { error }) {
       // reply-from has logged the failure already ("response errored"): once is enough.
-      const err = error as Error & { statusCode?: number, cause?: unknown }
-      const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
-      const timedOut = failure?.kind === 'timeout' || err.statusCode === 504
-      // Timed out or broken off after it was sent, or answered with what reply-from refuses (an invalid status): the
-      // upstream may be doing it. One that every line refused, or that timed out still waiting for a pooled
-      // connection (nothing sent either way), is safe to try again.
-      const sent = failure !== null ? failure.sent : timedOut
-      if (sent || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
-      const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
-      if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
-      reply.send(answer)
+      answerFailure(reply, error)
     },
     // reply-from retries a GET that got a 503 ten times by default (maxRetriesOn503: 0 does not turn it off)
     // and would read Retry-After seconds as milliseconds. Retries across lines are upstream/client.ts's.

@@ -89,6 +89,15 @@ export class UpstreamFailure extends Error {
     this.name = 'UpstreamFailure'
     this.stack = `${this.name}: ${message}` // where in the gateway it was noticed says nothing; the message does
   }
+
+  /**
+   * No line was tried: every one is being skipped. Nothing failed for this call, and the log said when each line
+   * was skipped (and will say when one is restored): a line per call refused so would flood it for as long as
+   * the outage lasts.
+   */
+  get untried (): boolean {
+    return this.kind === 'unavailable' && this.attempts === 0
+  }
 }
 
 /** For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1). */
