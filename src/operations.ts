@@ -3,6 +3,7 @@
 // percent-decoding), so that an encoded prefix, an encoded slash or a dot segment can never be read as something
 // else than what reaches the upstream.
 import type { Scope } from './config.js'
+import { withoutKeys } from './keys.js'
 
 export const API_PREFIX = '/v1'
 /** The longest id the gateway takes; an id quoted or recorded from elsewhere (a body, a refused path) is cut at it. */
@@ -98,13 +99,13 @@ export function credentialParam (url: string): string | null {
 
 /**
  * The first query parameter of `url` whose name, as the loosest readers take it (looseName), `matches`: its name,
- * decoded, cut short; or null. Names are split at `;` too, which some servers take for `&`.
+ * decoded, a key in it withheld, cut short; or null. Names are split at `;` too, which some servers take for `&`.
  */
 export function queryParam (url: string, matches: (name: string) => boolean): string | null {
   const q = url.indexOf('?')
   if (q === -1) return null
   for (const name of new URLSearchParams(url.slice(q + 1).replaceAll(';', '&')).keys()) {
-    if (matches(looseName(name))) return name.slice(0, 40)
+    if (matches(looseName(name))) return withoutKeys(name).slice(0, 40)
   }
   return null
 }

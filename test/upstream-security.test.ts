@@ -7,6 +7,7 @@ import { gzipSync } from 'node:zlib'
 import OpenAI from 'openai'
 import t from 'tap'
 import { parseConfig } from '../src/config.js'
+import { call, type CallOptions } from './fixtures/client.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -695,6 +696,35 @@ t.test('a gateway key given for an id in the body (conversation, previous_respon
   await refused(client.conversations.items.create(conversation.id, { items: [{ type: 'item_reference', id: KEYS.full }] }), 'items')
   t.same(upstream.requests.slice(before), [], 'nothing reached the upstream')
   t.notOk(JSON.stringify(await gw.auditFile()).includes(KEYS.full), 'no record holds the key')
+})
+
+t.test('a gateway key in a refused request is withheld from the error answer too (ogw_[withheld]), as from the log', async t => {
+  // An unknown route's 404, a 405, and every refusal that quotes a header, a query parameter's name or the model
+  // echoed what the client sent, key included; one cut short (a long path) echoed part of it.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url, { log: { level: 'debug' } })
+  const gw = await startGateway(t, { ...config, clients: config.clients.map(c => c.id === 'team-full' ? { ...c, models: ['gpt-4o-mini'] } : c) })
+  const key = KEYS.other
+  const encoded = key.replace('_', '%5F')
+  const refusals: Array<[string, string, CallOptions, string]> = [
+    ['GET', `/v1/models/${key}`, {}, 'unknown_route'],
+    ['GET', `/v1/conversations/conv_1/items/msg_1/${encoded}`, {}, 'unknown_route'],
+    ['GET', `/v1/${'a'.repeat(180)}/${key}`, {}, 'unknown_route'],
+    ['PUT', `/v1/conversations/${key}`, {}, 'method_not_allowed'],
+    ['GET', `/v1/conversations/conv_1?api_key[${key}]=1`, {}, 'credentials_in_query'],
+    ['GET', '/v1/conversations/conv_1', { headers: { expect: key } }, 'expectation_failed'],
+    ['POST', '/v1/conversations', { headers: { 'content-encoding': key }, body: '{}' }, 'unsupported_media_type'],
+    ['POST', '/v1/responses', { body: JSON.stringify({ model: key, input: 'hi' }) }, 'model_not_allowed']
+  ]
+  for (const [method, path, opts, code] of refusals) {
+    const { body } = await call(gw.url, method, path, opts)
+    const what = `${method} ${path.replace(key, '<key>').replace(encoded, '<key>').slice(0, 80)}`
+    t.match(JSON.parse(body), { error: { code, message: /ogw_\[withheld\]/ } }, `${what}: ${code}, the key withheld`)
+    t.notOk(body.includes(key.slice(4, 12)), `${what}: no part of the key in the answer`)
+  }
+  t.same(upstream.requests, [], 'nothing reached the upstream')
+  // (The fixture fails the test if the key is anywhere in the log, at debug here.)
 })
 
 t.test('a gateway key in the URL percent-encoded (ogw%5F...) is refused as one written out: not sent upstream, not audited', async t => {

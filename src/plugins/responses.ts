@@ -6,6 +6,7 @@ import fp from 'fastify-plugin'
 import {
   BackgroundNotAllowedError, ContainerNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, UnknownParameterError
 } from '../errors.js'
+import { withoutKeys } from '../keys.js'
 import { otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
@@ -71,7 +72,7 @@ export default fp(async function responses (app) {
       return
     }
     if (model !== undefined && !modelAllowed(model, client.models)) {
-      done(new ModelNotAllowedError(JSON.stringify(model.slice(0, 100))))
+      done(new ModelNotAllowedError(JSON.stringify(withoutKeys(model).slice(0, 100))))
       return
     }
     // A background response reports its usage to a later retrieve, not to this call, which alone is charged.
