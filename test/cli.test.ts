@@ -305,6 +305,21 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
 })
 
+t.test('check-config and start refuse an audit.file that is not a regular file (a link to /dev/null) with the same line', async t => {
+  // start refused it (records would vanish while every write succeeds); check-config said ok.
+  const { file, dir } = configFile('')
+  symlinkSync('/dev/null', join(dir, 'audit.jsonl'))
+  writeFileSync(file, good(dir))
+  const problem = `audit.file: ${join(dir, 'audit.jsonl')} is not a regular file (a symbolic link, device, pipe or directory): ` +
+    'records are written only into a regular file'
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, problem)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line, no stack trace')
+})
+
 t.test('check-config and start report an audit directory the gateway cannot write in', { skip: process.platform !== 'linux' }, async t => {
   // As a host directory bind-mounted over /app/audit that uid 1000 cannot write: check-config said ok, and start
   // died with a stack trace from the audit lock. /sys/kernel stands for it here: it exists, and no user, root
