@@ -1,7 +1,7 @@
 // buildApp(config): the gateway as a Fastify instance, with no process concerns, so tests build it directly.
 // Plugins are registered in request order, and their hooks run in that order:
 // request id → route (404/405) → audit writable (503, with audit.onFailure "closed") → key (401) → rate limit (429)
-// → ids (400) → scope (403) → body (415/413/400) → model (403) → concurrency (503) → ownership (404) → proxy
+// → ids and query (400) → scope (403) → body (415/413/400) → model (403) → concurrency (503) → ownership (404) → proxy
 // → one audit record when the response closes.
 // The config in force lives in one place here: plugins read what a reload may change through getters, and
 // `app.applyConfig(next)` swaps it (reload.ts says which keys it applies and which need a restart).

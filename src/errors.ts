@@ -2,6 +2,7 @@
 // `code`; the error handler in app.ts is the one place that turns any error into OpenAI's envelope.
 // The README's error table mirrors this list.
 import createError from '@fastify/error'
+import { withoutKeys } from './keys.js'
 
 export interface GatewayError extends Error {
   statusCode: number
@@ -175,6 +176,11 @@ export interface OpenAIErrorBody {
   error: { message: string, type: string, param: string | null, code: string }
 }
 
+/**
+ * The answer a client gets. A message or param that quotes what the client sent (a path, a header, a parameter's
+ * name, a model) keeps no gateway key, as the log and the audit keep none: a key-shaped part is withheld.
+ */
 export function envelope (err: GatewayError): OpenAIErrorBody {
-  return { error: { message: err.message, type: err.type, param: err.param, code: err.code } }
+  const param = err.param === null ? null : withoutKeys(err.param)
+  return { error: { message: withoutKeys(err.message), type: err.type, param, code: err.code } }
 }

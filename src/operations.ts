@@ -3,6 +3,7 @@
 // percent-decoding), so that an encoded prefix, an encoded slash or a dot segment can never be read as something
 // else than what reaches the upstream.
 import type { Scope } from './config.js'
+import { withoutKeys } from './keys.js'
 
 export const API_PREFIX = '/v1'
 /** The longest id the gateway takes; an id quoted or recorded from elsewhere (a body, a refused path) is cut at it. */
@@ -98,15 +99,67 @@ export function credentialParam (url: string): string | null {
 
 /**
  * The first query parameter of `url` whose name, as the loosest readers take it (looseName), `matches`: its name,
- * decoded, cut short; or null. Names are split at `;` too, which some servers take for `&`.
+ * decoded, a key in it withheld, cut short; or null. Names are split at `;` too, which some servers take for `&`.
  */
 export function queryParam (url: string, matches: (name: string) => boolean): string | null {
-  const q = url.indexOf('?')
-  if (q === -1) return null
-  for (const name of new URLSearchParams(url.slice(q + 1).replaceAll(';', '&')).keys()) {
-    if (matches(looseName(name))) return name.slice(0, 40)
+  for (const name of queryOf(url)?.keys() ?? []) {
+    if (matches(looseName(name))) return shownName(name)
   }
   return null
+}
+
+/** The query of `url`, decoded, split at `;` too (which some servers take for `&`); null without one. */
+function queryOf (url: string): URLSearchParams | null {
+  const q = url.indexOf('?')
+  return q === -1 ? null : new URLSearchParams(url.slice(q + 1).replaceAll(';', '&'))
+}
+
+/** A parameter's name as an error names it: a key in it withheld, cut short. */
+function shownName (name: string): string {
+  return withoutKeys(name).slice(0, 40)
+}
+
+/**
+ * The query parameters OpenAI documents for each GET operation: no other goes upstream (the upstream may read one
+ * that OpenAI does not). `include` is a list, sent as `include[]=` (the SDKs), repeated (curl, the docs) or
+ * `include[0]=` (PHP's http_build_query); any other parameter comes at most once, as the SDKs send it: the gateway
+ * reads `stream`, and of two, another reader could take the other one.
+ */
+const GET_QUERY: Partial<Record<Action, ReadonlySet<string>>> = {
+  'conversation.retrieve': new Set(),
+  'item.list': new Set(['after', 'include', 'limit', 'order']),
+  'item.retrieve': new Set(['include']),
+  'response.retrieve': new Set(['include', 'include_obfuscation', 'starting_after', 'stream']),
+  'response.input_items': new Set(['after', 'include', 'limit', 'order'])
+}
+const LIST_PARAM = /^include(?:\[\d*\])?$/
+
+export type QueryProblem =
+  | { kind: 'fragment' }
+  /** a name the route does not take; one given twice; a `stream` neither `true` nor `false` */
+  | { kind: 'unknown' | 'repeated' | 'invalid', param: string }
+
+/** What is wrong with the request target's query for this operation, or null. */
+export function queryProblem (action: Action, url: string): QueryProblem | null {
+  // A fragment is the client's own (RFC 3986 §3.5) and never sent: one that is would go upstream as it came.
+  if (url.includes('#')) return { kind: 'fragment' }
+  const allowed = GET_QUERY[action]
+  const query = allowed === undefined ? null : queryOf(url)
+  if (allowed === undefined || query === null) return null
+  const seen = new Set<string>()
+  for (const [name, value] of query) {
+    if (LIST_PARAM.test(name) && allowed.has('include')) continue
+    if (!allowed.has(name)) return { kind: 'unknown', param: shownName(name) }
+    if (seen.has(name)) return { kind: 'repeated', param: name }
+    seen.add(name)
+    if (name === 'stream' && value !== 'true' && value !== 'false') return { kind: 'invalid', param: name }
+  }
+  return null
+}
+
+/** Whether a retrieve's query asks for its events streamed (`?stream=true`), read as queryProblem reads it. */
+export function streamsRetrieve (url: string): boolean {
+  return queryOf(url)?.get('stream') === 'true'
 }
 
 export function rawPath (url: string): string {

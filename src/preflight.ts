@@ -2,7 +2,7 @@
 // bound and the audit file's directory can be created and written in. `check-config` reports these with the
 // schema's problems; `start` meets the same conditions as one clear line (server.ts).
 import { randomBytes } from 'node:crypto'
-import { closeSync, existsSync, mkdirSync, openSync, statSync, unlinkSync } from 'node:fs'
+import { closeSync, existsSync, lstatSync, mkdirSync, openSync, statSync, unlinkSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
 import type { GatewayConfig } from './config.js'
@@ -79,9 +79,15 @@ function directoryWriteProblem (dir: string): string | null {
   return null
 }
 
+/** Why the audit writer refuses an active file that is there but not a regular file (audit/writer.ts). */
+export function notRegularAuditFile (file: string): string {
+  return `${file} is not a regular file (a symbolic link, device, pipe or directory): records are written only into a regular file`
+}
+
 /**
- * The audit directory can be made and written in: a host directory mounted with another owner (or read-only) is
- * said here, in one line, rather than met by the audit lock.
+ * The audit directory can be made and written in, and the active file, if there, is a regular file: a host directory
+ * mounted with another owner (or read-only), or a link to /dev/null, is said here, in one line, rather than met by
+ * the audit lock or the writer.
  */
 export function auditDirectoryProblem (file: string): string | null {
   if (file === '-') return null
@@ -91,6 +97,8 @@ export function auditDirectoryProblem (file: string): string | null {
   } catch (err) {
     return `audit.file: cannot create the directory ${dir}: ${errorCode(err)}`
   }
+  const active = lstatSync(file, { throwIfNoEntry: false })
+  if (active !== undefined && !active.isFile()) return `audit.file: ${notRegularAuditFile(file)}`
   return directoryWriteProblem(dir)
 }
 

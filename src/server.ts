@@ -135,6 +135,7 @@ export async function startServer (
     done(null, payload)
   })
 
+  warnIfNoClients(app, config, 'start')
   // Signals are answered from before the gateway listens: none that comes early may end it or open a debugger.
   const reload = configReloader(app, opts)
   let watcher: { close: () => void } | null = null
@@ -258,7 +259,16 @@ function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerO
     if (needRestart.length > 0) {
       app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`)
     }
+    warnIfNoClients(app, next, why)
   }
+}
+
+/**
+ * A config with no clients is valid (a deployment made before its teams are added by a reload), but more often an
+ * empty or misplaced `clients:`: said at warn, since it shows otherwise only as every call's 401.
+ */
+function warnIfNoClients (app: FastifyInstance, config: GatewayConfig, why: string): void {
+  if (config.clients.length === 0) app.log.warn(`${why}: no clients in the config: every API call is refused with 401 until a reload adds one`)
 }
 
 /**

@@ -190,6 +190,29 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   t.notOk(output.text.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
 })
 
+t.test('a config with no clients is accepted, and check-config, start and a reload say that every call will be refused', async t => {
+  // (A deployment made before its teams are added by a reload is legitimate; `clients:` left empty by mistake is
+  // not, and showed only as 401s.)
+  const { file, dir } = configFile('')
+  const none = good(dir).replace(/clients:\n.*\n/, 'clients: []\n')
+  writeFileSync(file, none)
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 0, 'accepted')
+  t.match(check.stdout, /ok \(0 clients: every API call will be refused with 401 until one is added\)/)
+  const { child, url, output } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
+  const warned = () => output.text.split('\n').filter(line => /"level":40.*no clients in the config: every API call is refused with 401/.test(line)).length
+  t.equal(warned(), 1, 'start says it at warn')
+  t.equal((await fetch(`${url}/v1/conversations/conv_1`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })).status, 401)
+  writeFileSync(file, `${none}log: { level: info }\n`)
+  child.kill('SIGHUP')
+  await eventually(async () => warned() === 2, 'a reload that leaves no clients says it again')
+  writeFileSync(file, good(dir))
+  child.kill('SIGHUP')
+  await eventually(async () => output.text.includes('config reloaded: clients'), 'the reload that adds one')
+  t.equal(warned(), 2, 'not said once there is a client')
+  t.not((await fetch(`${url}/v1/conversations/conv_1`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })).status, 401, 'served')
+})
+
 t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every call', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
@@ -303,6 +326,21 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(r.stderr, /audit\.file: cannot create the directory .*not-a-dir: EEXIST/)
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), join(dir, 'not-a-dir', 'sub', 'audit.jsonl')))
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
+})
+
+t.test('check-config and start refuse an audit.file that is not a regular file (a link to /dev/null) with the same line', async t => {
+  // start refused it (records would vanish while every write succeeds); check-config said ok.
+  const { file, dir } = configFile('')
+  symlinkSync('/dev/null', join(dir, 'audit.jsonl'))
+  writeFileSync(file, good(dir))
+  const problem = `audit.file: ${join(dir, 'audit.jsonl')} is not a regular file (a symbolic link, device, pipe or directory): ` +
+    'records are written only into a regular file'
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, problem)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line, no stack trace')
 })
 
 t.test('check-config and start report an audit directory the gateway cannot write in', { skip: process.platform !== 'linux' }, async t => {

@@ -226,6 +226,26 @@ t.test('metrics.listen serves /healthz with its details (the API port shows them
   t.match(await (await fetch(healthz, { headers: { authorization: `Bearer ${TOKEN}` } })).json(), { status: 'ok', audit: 'ok' })
 })
 
+t.test('HEAD /healthz and HEAD /metrics answer as GET does, without a body, on metrics.listen and on the main port', async t => {
+  // A probe that checks with HEAD (as HTTP lets any GET resource be checked) got 404 where GET had 200.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const own = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0', token: TOKEN } }))
+  const ownUrl = `http://127.0.0.1:${own.app.metricsAddress()!.port}`
+  const main = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  for (const url of [`${ownUrl}/healthz`, `${ownUrl}/metrics`, `${main.url}/metrics`]) {
+    for (const authorization of [`Bearer ${TOKEN}`, 'Bearer wrong-token-0123456789']) {
+      const get = await fetch(url, { headers: { authorization } })
+      const head = await fetch(url, { method: 'HEAD', headers: { authorization } })
+      t.equal(head.status, get.status, `HEAD ${url.replace(/.*:\d+/, '')} (${authorization === `Bearer ${TOKEN}` ? 'token' : 'wrong token'}): ${get.status} as GET`)
+      t.equal(head.headers.get('content-type'), get.headers.get('content-type'), 'the same content-type')
+      t.equal(await head.text(), '', 'no body')
+      await get.arrayBuffer()
+    }
+  }
+  t.equal((await fetch(`${ownUrl}/v1/conversations`, { method: 'HEAD' })).status, 404, 'nothing else on that port, HEAD or not')
+})
+
 t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

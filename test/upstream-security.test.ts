@@ -7,6 +7,8 @@ import { gzipSync } from 'node:zlib'
 import OpenAI from 'openai'
 import t from 'tap'
 import { parseConfig } from '../src/config.js'
+import { call, type CallOptions } from './fixtures/client.js'
+import { buildRequest, sendRaw } from './fixtures/raw-http.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -633,14 +635,67 @@ t.test('a key in the query string (?api_key=, ?key=, encoded or not) is refused 
     t.match(await res.json(), { error: { code: 'credentials_in_query', param: name, type: 'invalid_request_error' } })
   }
   // A query with no credential in it still goes upstream as it came.
-  const listed = await fetch(`${gw.url}/v1/conversations/conv_1/items?limit=2&order=asc&keyword=x`, { headers: { authorization: `Bearer ${KEYS.full}` } })
-  t.not(listed.status, 400, 'limit, order and a parameter that only starts like one are passed on')
-  t.same(upstream.requests.map(r => r.url), ['/v1/conversations/conv_1/items?limit=2&order=asc&keyword=x'], 'only that one reached the upstream')
+  const listed = await fetch(`${gw.url}/v1/conversations/conv_1/items?limit=2&order=asc&after=key_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.not(listed.status, 400, 'limit, order and a value that only starts like a credential are passed on')
+  t.same(upstream.requests.map(r => r.url), ['/v1/conversations/conv_1/items?limit=2&order=asc&after=key_1'], 'only that one reached the upstream')
   t.notOk(upstream.everything().includes(KEYS.full), 'the upstream never saw the key')
   await new Promise(resolve => setTimeout(resolve, 20))
   t.same(gw.audit().slice(0, 8).map(r => [r.status, r.outcome, r.path]), Array(8).fill([400, 'invalid', '/v1/conversations/conv_1/items']), 'each refusal audited, its path without the query')
   t.notOk(JSON.stringify(gw.audit()).includes(KEYS.full), 'no record holds the key')
   // (The fixture fails the test if the key is anywhere in the log, at debug here.)
+})
+
+t.test('a GET passes on only the query parameters OpenAI documents for its route: any other, a repeat, or a fragment is refused', async t => {
+  // A GET's query went upstream as it came: names no route takes (to an upstream that may read what OpenAI does
+  // not), a parameter twice (read by the gateway as the first, by another reader as the last: ?stream=), a fragment.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const refused: Array<[string, number, string, string | null]> = [
+    ['/v1/conversations/conv_1?foo=bar', 400, 'unknown_parameter', 'foo'],
+    ['/v1/conversations/conv_1?limit=1', 400, 'unknown_parameter', 'limit'],
+    ['/v1/conversations/conv_1/items?limit=2&order=asc&keyword=x', 400, 'unknown_parameter', 'keyword'],
+    ['/v1/conversations/conv_1/items?after=msg_1;foo=1', 400, 'unknown_parameter', 'foo'],
+    ['/v1/conversations/conv_1/items/msg_1?limit=1', 400, 'unknown_parameter', 'limit'],
+    ['/v1/responses/resp_1/input_items?stream=true', 400, 'unknown_parameter', 'stream'],
+    ['/v1/conversations/conv_1/items?limit=1&limit=100', 400, 'invalid_request', 'limit'],
+    ['/v1/responses/resp_1?stream=false&stream=true', 400, 'invalid_request', 'stream'],
+    ['/v1/responses/resp_1?stream=yes', 400, 'invalid_request', 'stream'],
+    ['/v1/conversations/conv_1/items?limit=1#top', 400, 'invalid_request', null]
+  ]
+  for (const [target, status, code, param] of refused) {
+    // (raw bytes: an HTTP client drops a fragment itself)
+    const { response } = await sendRaw(gw.url, buildRequest('GET', target, [['Authorization', `Bearer ${KEYS.full}`]]))
+    t.equal(response?.status, status, `${target}: ${status}`)
+    t.match(JSON.parse(response?.body ?? '{}'), { error: { code, param, type: 'invalid_request_error' } }, `${target}: ${code}`)
+  }
+  t.same(upstream.requests, [], 'nothing reached the upstream')
+})
+
+t.test('every query parameter the SDKs send on a GET, as they send it, reaches the upstream byte for byte', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const include = ['message.output_text.logprobs', 'reasoning.encrypted_content'] as const
+  const settled = async (call: PromiseLike<unknown>) => { await Promise.resolve(call).catch(() => {}) }
+  await settled(client.conversations.items.list('conv_1', { include: [...include], after: 'msg_1', limit: 5, order: 'asc' }))
+  await settled(client.conversations.items.retrieve('msg_1', { conversation_id: 'conv_1', include: [include[0]] }))
+  await settled(client.responses.retrieve('resp_1', { include: [include[1]], starting_after: 3, include_obfuscation: false }))
+  await settled(client.responses.inputItems.list('resp_1', { include: [include[1]], after: 'msg_1', limit: 3, order: 'desc' }))
+  // `include` repeated without brackets (curl, the docs), or indexed (PHP's http_build_query); an empty query
+  for (const target of ['/v1/conversations/conv_1/items?include=a&include=b', '/v1/conversations/conv_1/items/msg_1?include%5B0%5D=a', '/v1/conversations/conv_1?']) {
+    t.not((await call(gw.url, 'GET', target)).status, 400, target)
+  }
+  t.same(upstream.requests.map(r => r.url), [
+    '/v1/conversations/conv_1/items?include%5B%5D=message.output_text.logprobs&include%5B%5D=reasoning.encrypted_content&after=msg_1&limit=5&order=asc',
+    '/v1/conversations/conv_1/items/msg_1?include%5B%5D=message.output_text.logprobs',
+    '/v1/responses/resp_1?include%5B%5D=reasoning.encrypted_content&starting_after=3&include_obfuscation=false',
+    '/v1/responses/resp_1/input_items?include%5B%5D=reasoning.encrypted_content&after=msg_1&limit=3&order=desc',
+    '/v1/conversations/conv_1/items?include=a&include=b',
+    '/v1/conversations/conv_1/items/msg_1?include%5B0%5D=a',
+    '/v1/conversations/conv_1'
+  ])
 })
 
 t.test('a gateway key in the URL (an id, a query value) is refused before the key check: never sent upstream, logged or audited', async t => {
@@ -696,6 +751,35 @@ t.test('a gateway key given for an id in the body (conversation, previous_respon
   await refused(client.conversations.items.create(conversation.id, { items: [{ type: 'item_reference', id: KEYS.full }] }), 'items')
   t.same(upstream.requests.slice(before), [], 'nothing reached the upstream')
   t.notOk(JSON.stringify(await gw.auditFile()).includes(KEYS.full), 'no record holds the key')
+})
+
+t.test('a gateway key in a refused request is withheld from the error answer too (ogw_[withheld]), as from the log', async t => {
+  // An unknown route's 404, a 405, and every refusal that quotes a header, a query parameter's name or the model
+  // echoed what the client sent, key included; one cut short (a long path) echoed part of it.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const config = testConfig(upstream.url, { log: { level: 'debug' } })
+  const gw = await startGateway(t, { ...config, clients: config.clients.map(c => c.id === 'team-full' ? { ...c, models: ['gpt-4o-mini'] } : c) })
+  const key = KEYS.other
+  const encoded = key.replace('_', '%5F')
+  const refusals: Array<[string, string, CallOptions, string]> = [
+    ['GET', `/v1/models/${key}`, {}, 'unknown_route'],
+    ['GET', `/v1/conversations/conv_1/items/msg_1/${encoded}`, {}, 'unknown_route'],
+    ['GET', `/v1/${'a'.repeat(180)}/${key}`, {}, 'unknown_route'],
+    ['PUT', `/v1/conversations/${key}`, {}, 'method_not_allowed'],
+    ['GET', `/v1/conversations/conv_1?api_key[${key}]=1`, {}, 'credentials_in_query'],
+    ['GET', '/v1/conversations/conv_1', { headers: { expect: key } }, 'expectation_failed'],
+    ['POST', '/v1/conversations', { headers: { 'content-encoding': key }, body: '{}' }, 'unsupported_media_type'],
+    ['POST', '/v1/responses', { body: JSON.stringify({ model: key, input: 'hi' }) }, 'model_not_allowed']
+  ]
+  for (const [method, path, opts, code] of refusals) {
+    const { body } = await call(gw.url, method, path, opts)
+    const what = `${method} ${path.replace(key, '<key>').replace(encoded, '<key>').slice(0, 80)}`
+    t.match(JSON.parse(body), { error: { code, message: /ogw_\[withheld\]/ } }, `${what}: ${code}, the key withheld`)
+    t.notOk(body.includes(key.slice(4, 12)), `${what}: no part of the key in the answer`)
+  }
+  t.same(upstream.requests, [], 'nothing reached the upstream')
+  // (The fixture fails the test if the key is anywhere in the log, at debug here.)
 })
 
 t.test('a gateway key in the URL percent-encoded (ogw%5F...) is refused as one written out: not sent upstream, not audited', async t => {

@@ -35,7 +35,7 @@ import {
   chainHasher, expectedHash, GENESIS, lineDigest, parseChained, seal, type ChainedRecord, type ChainEvent, type ChainHead,
   type Hasher
 } from './chain.js'
-import { makeDirectories } from '../preflight.js'
+import { makeDirectories, notRegularAuditFile } from '../preflight.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
   AuditReadError, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
@@ -532,8 +532,7 @@ function openRegular (file: string): Promise<FileHandle> {
 }
 
 function notRegular (file: string): Error {
-  return new Error(`audit file ${file} is not a regular file (a symbolic link, device, pipe or directory): records are ` +
-    'written only into a regular file')
+  return new Error(`audit file ${notRegularAuditFile(file)}`)
 }
 
 /** Replaces a closed file by its gzip; nothing to do when it is gone already (removed by rotate.keep meanwhile). */

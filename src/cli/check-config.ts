@@ -9,5 +9,7 @@ export async function checkConfig (args: string[]): Promise<void> {
   const config = loadConfig(file, process.env)
   const problems = await preflight(config)
   if (problems.length > 0) throw new ConfigError(file, problems)
-  console.log(`${file}: ok (${config.clients.length} client${config.clients.length === 1 ? '' : 's'})`)
+  const clients = config.clients.length
+  const said = clients === 0 ? '0 clients: every API call will be refused with 401 until one is added' : `${clients} client${clients === 1 ? '' : 's'}`
+  console.log(`${file}: ok (${said})`)
 }

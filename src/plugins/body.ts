@@ -11,6 +11,7 @@ import {
   UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
+import { withoutKeys } from '../keys.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -30,9 +31,9 @@ export function hasBody (headers: IncomingHttpHeaders): boolean {
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
 }
 
-/** A client-sent header value as quoted in an error message, cut short. */
+/** A client-sent header value as quoted in an error message, cut short (a key withheld first). */
 function shown (value: string | undefined): string {
-  return JSON.stringify(String(value).slice(0, 100))
+  return JSON.stringify(withoutKeys(String(value)).slice(0, 100))
 }
 
 /**

@@ -194,17 +194,24 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   app.decorate('metricsAddress', () => server?.address() as AddressInfo | null ?? null)
 
   if (opts.listen === undefined) {
-    app.get('/metrics', { config: { internal: true }, logLevel: 'warn' }, async (request, reply) => {
-      if (!authorized(request.headers.authorization)) throw new MetricsUnauthorizedError()
-      return reply.type(register.contentType).send(await register.metrics())
+    app.route({
+      method: ['GET', 'HEAD'], // HEAD: the same answer without a body, as for /healthz
+      url: '/metrics',
+      config: { internal: true },
+      logLevel: 'warn',
+      handler: async (request, reply) => {
+        if (!authorized(request.headers.authorization)) throw new MetricsUnauthorizedError()
+        return reply.type(register.contentType).send(await register.metrics())
+      }
     })
     return
   }
 
   const answer = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '').split('?')[0]
-    if (req.method !== 'GET' || (path !== '/metrics' && path !== '/healthz')) {
-      res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET /metrics and /healthz\n')
+    // HEAD as GET, which Node answers without the body
+    if ((req.method !== 'GET' && req.method !== 'HEAD') || (path !== '/metrics' && path !== '/healthz')) {
+      res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET (and HEAD) /metrics and /healthz\n')
       return
     }
     if (!authorized(req.headers.authorization)) {

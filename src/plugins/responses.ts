@@ -6,6 +6,8 @@ import fp from 'fastify-plugin'
 import {
   BackgroundNotAllowedError, ContainerNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, UnknownParameterError
 } from '../errors.js'
+import { withoutKeys } from '../keys.js'
+import { streamsRetrieve } from '../operations.js'
 import { otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
@@ -47,7 +49,7 @@ export default fp(async function responses (app) {
     const model = creating ? body?.model : undefined
     const stream = creating
       ? body?.stream === true
-      : op.action === 'response.retrieve' && new URLSearchParams(request.originalUrl.split('?')[1] ?? '').get('stream') === 'true'
+      : op.action === 'response.retrieve' && streamsRetrieve(request.originalUrl)
     // Made before the refusals below: a refused create is audited with the model it asked for (audit query --model
     // finds who asked for one outside their list). A call refused here is never charged: nothing went upstream.
     const facts = newFacts(op.responseId, stream, typeof model === 'string' ? model : null)
@@ -71,7 +73,7 @@ export default fp(async function responses (app) {
       return
     }
     if (model !== undefined && !modelAllowed(model, client.models)) {
-      done(new ModelNotAllowedError(JSON.stringify(model.slice(0, 100))))
+      done(new ModelNotAllowedError(JSON.stringify(withoutKeys(model).slice(0, 100))))
       return
     }
     // A background response reports its usage to a later retrieve, not to this call, which alone is charged.

@@ -11,12 +11,12 @@ import {
   CredentialsInQueryError, CredentialsInUrlError, ExpectationFailedError, HeadersTooLargeError, MethodNotAllowedError, MissingHostError,
   UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
-import { holdsKey } from '../keys.js'
+import { holdsKey, withoutKeys } from '../keys.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
-/** The path as the client sent it, cut short: error messages echo it. */
+/** The path as the client sent it, cut short: error messages echo it (a key withheld first, so none shows in part). */
 function shown (url: string): string {
-  const path = rawPath(url)
+  const path = withoutKeys(rawPath(url))
   return path.length > 200 ? `${path.slice(0, 200)}…` : path
 }
 
@@ -54,7 +54,7 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
-      throw new ExpectationFailedError(JSON.stringify(expect.slice(0, 100)))
+      throw new ExpectationFailedError(JSON.stringify(withoutKeys(expect).slice(0, 100)))
     }
     if (request.raw.rawHeaders.length > 2 * MAX_REQUEST_HEADERS) throw new HeadersTooLargeError()
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') throw new MissingHostError()

@@ -26,6 +26,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
 import { readRegularFile } from '../config.js'
 import { retryAfterSeconds } from '../errors.js'
+import { streamsRetrieve } from '../operations.js'
 import { LineHealth, type LineStatus } from './lines.js'
 
 export interface UpstreamSettings {
@@ -494,7 +495,7 @@ export class Upstream {
     const deadlineMs = clientCut ? call.clientWaitMs! : ownMs
     // (A streamed retrieve of a response the model is still working on gets its headers at once, then may go
     // quiet as long as a streamed create.)
-    const modelStream = generation || (call.method === 'GET' && STREAMED_RETRIEVE.test(call.path))
+    const modelStream = generation || (call.method === 'GET' && RETRIEVE.test(call.path) && streamsRetrieve(call.path))
     const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, deadlineMs)
     call.whenClientGone?.(() => { stoppedBy ??= 'client'; signal.abort() })
     const tried = new Set<number>()
@@ -597,8 +598,8 @@ function waitsOnTheModel (call: UpstreamCall): boolean {
   return call.method === 'POST' && GENERATION.test(call.path)
 }
 const GENERATION = /^\/v1\/responses(?:\?|$)/
-/** GET /v1/responses/{id}?stream=true: the events of a response, as the model goes on with it */
-const STREAMED_RETRIEVE = /^\/v1\/responses\/[^/?]+\?(?:[^#]*&)?stream=true(?:&|$)/
+/** GET /v1/responses/{id}, which with `?stream=true` streams the events of a response as the model goes on with it */
+const RETRIEVE = /^\/v1\/responses\/[^/?]+\?/
 
 /** How an attempt without an answer ended. */
 interface AttemptEnd {
