@@ -192,7 +192,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // pipelined calls must be known by then.
   app.server.prependListener('request', (req: IncomingMessage, res: ServerResponse) => {
     if (lingering.has(req.socket)) res.destroy()
-    connections.used(req, res)
+    connections.used(req)
     closeWithConnection(res, req.socket)
   })
   app.setErrorHandler(errorHandler(config))

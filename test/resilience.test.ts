@@ -826,6 +826,37 @@ t.test('slow and hostile clients', async t => {
     await until('its answer', () => sending.text().startsWith('HTTP/1.1 200 '), 2000)
   })
 
+  await t.test('a pipelining client part-way through its next request\'s headers when its call is answered is never closed for another past listen.maxConnections', async t => {
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen: { ...listen, headersTimeoutMs: 10_000, requestTimeoutMs: 20_000 } })
+    let answer: (() => void) | null = null
+    lines[0]!.respond = (_req, res) => {
+      answer = () => {
+        res.writeHead(200, { 'content-type': 'application/json' })
+        res.end(JSON.stringify({ object: 'list', data: [], first_id: null, last_id: null, has_more: false }))
+      }
+    }
+    let gatewaySide: Socket | null = null
+    gw.app.server.once('connection', (socket: Socket) => { gatewaySide = socket })
+    const pipelining = await rawSocket(gw.url)
+    t.teardown(() => { pipelining.destroy() })
+    const first = `GET /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+    pipelining.write(first)
+    await until('the call at the upstream', () => answer !== null, 2000)
+    // While its first call is under way, the client sends the start of its next one (HTTP/1.1 pipelining).
+    pipelining.write(`GET /v1/conversations/${conv}/items HTTP/1.1\r\nHost: x\r\n`)
+    await until('the gateway to have read it', () => gatewaySide!.bytesRead > first.length, 2000)
+    lines[0]!.respond = null
+    answer!()
+    await until('the first answer', () => pipelining.text().startsWith('HTTP/1.1 200 '), 2000)
+    const idle = await keptAlive(t, gw.url, 3)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'a fifth client is served')
+    await until('a connection to be closed for it', () => [pipelining, ...idle].some(s => s.closedAt() !== null), 2000)
+    t.same([pipelining, ...idle].map(s => s.closedAt() !== null), [false, true, false, false],
+      'the least recently used idle one, not the one still sending its next request, though older')
+    pipelining.write(`Authorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('its second answer', () => pipelining.text().split('HTTP/1.1 200 ').length === 3, 2000)
+  })
+
   await t.test('a connection refused early whose body came after its answer is idle, and closed for another, once that body is in', async t => {
     const { gw, conv } = await setup(t, 1, {}, { listen: { ...listen, headersTimeoutMs: 10_000, requestTimeoutMs: 20_000 } })
     const refused = await rawSocket(gw.url)

@@ -6,15 +6,19 @@
 // connections when it runs short; it is refused only when none is. A connection that has not sent a byte yet, or
 // is reading a request or sending an answer, is never closed for another (the headers and request timeouts bound
 // the first).
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { IncomingMessage } from 'node:http'
 import type { Socket } from 'node:net'
+import { hasBody } from '../plugins/body.js'
 import { responseHolding } from './response.js'
 
 export class Connections implements Iterable<Socket> {
   /** open connections, least recently used first (a call moves its connection to the end) */
   readonly #sockets = new Set<Socket>()
-  /** bytes each connection had read when its last answer went out: any byte since is a call being sent */
-  readonly #readWhenAnswered = new WeakMap<Socket, number>()
+  /**
+   * bytes each connection had read when its last request had been read to its end: any byte since is the next
+   * call being sent (by a pipelining client, perhaps before the one before it is answered)
+   */
+  readonly #readThrough = new WeakMap<Socket, number>()
   readonly #max: number
 
   constructor (max: number) {
@@ -40,17 +44,17 @@ export class Connections implements Iterable<Socket> {
   }
 
   /** A call came on `req.socket`: its connection is the most recently used, and idle again once the call is over. */
-  used (req: IncomingMessage, res: ServerResponse): void {
+  used (req: IncomingMessage): void {
     const socket = req.socket
     this.#sockets.delete(socket)
     this.#sockets.add(socket)
-    // Over when its answer has gone out and its request has been read to the end (after an early refusal, a body
-    // can still be coming: it is read and thrown away, see discardTheRestOfTheBody in app.ts).
-    const over = () => { this.#readWhenAnswered.set(socket, socket.bytesRead) }
-    res.once('finish', () => {
-      if (req.complete) over()
-      else req.once('end', over)
-    })
+    // Over once its answer has gone out (responseHolding) and its request has been read to its end: a request
+    // without a body now, in the read that brought its headers; else once its body is in (after an early refusal,
+    // a body can still be coming: it is read and thrown away, see discardTheRestOfTheBody in app.ts). Not when the
+    // answer goes out: by then a pipelining client may have sent part of its next request.
+    const readThrough = () => { this.#readThrough.set(socket, socket.bytesRead) }
+    if (hasBody(req.headers)) req.once('end', readThrough)
+    else readThrough()
   }
 
   /**
@@ -59,7 +63,7 @@ export class Connections implements Iterable<Socket> {
    */
   #isIdle (socket: Socket): boolean {
     return !socket.destroyed && responseHolding(socket) === null && socket.writableLength === 0 &&
-      this.#readWhenAnswered.get(socket) === socket.bytesRead
+      this.#readThrough.get(socket) === socket.bytesRead
   }
 }
 
