@@ -600,7 +600,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // AuthenticationError in the SDK would blame the team's own key; OpenAI's message quotes part of the token).
       if (res.statusCode === 401) {
         res.stream.on('error', noop).destroy()
-        request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
+        upstream.refusedToken.refused(request.log, opts.apiKey())
         reply.send(new UpstreamAuthError())
         return
       }
