@@ -270,7 +270,11 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // the upstream is cut after that (or after a second at most), or a stream's upstream error would come first
     // and its record would blame the upstream.
     const closing = [...connections].map(socket => new Promise(resolve => { socket.once('close', resolve) }))
-    app.server.closeAllConnections()
+    // A stream is told first why it ends (plugins/proxy.ts). Node writes an answer's chunk to its socket on the next
+    // tick (it corks the socket until then): the connections are closed on the next turn of the event loop.
+    const closeAll = () => { app.server.closeAllConnections() }
+    if (app.endEventStreams()) setImmediate(closeAll)
+    else closeAll()
     const cut = setTimeout(() => { void upstream.destroy() }, ABORT_CLOSE_WAIT_MS)
     void Promise.all(closing).then(() => {
       clearTimeout(cut)

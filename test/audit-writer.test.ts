@@ -226,25 +226,33 @@ t.test('a torn last line stays in the same file as the record acknowledging it, 
   }
 })
 
-t.test('rotate.keep with gzip under a quick run of rotations: no error, and no partial gzip left behind, then or after a restart', async t => {
-  const file = join(tempDir(), 'audit.jsonl')
+t.test('rotate.keep with gzip under a quick run of rotations: no error or warning, and no partial gzip left behind, then or after a restart', async t => {
   const rotate = { maxBytes: 2048, daily: false, keep: 2, gzip: true }
-  const { writer, log } = await open(file, { rotate })
-  for (let i = 1; i <= 120; i++) writer.write(callRecord(i)) // some 30 rotations, each a gzip with its fsync
-  await writer.close()
-  t.same(log.lines.filter(l => l.level === 'error'), [], 'no error logged')
-  const leftovers = () => readdirSync(join(file, '..')).filter(n => n.endsWith('.tmp'))
-  // The close waits for housekeeping only so long (a slow disk must not hold the exit), and says when it stopped
-  // waiting: only then may a partial gzip be left (an fsync per gzip, on a machine busy with other tests' disk
-  // writes, made that happen once in many full runs).
-  if (log.lines.some(l => /compressing or pruning closed files took over/.test(l.msg))) t.comment('the close stopped waiting for housekeeping')
-  else t.same(leftovers(), [], 'no partial gzip')
-  t.match(await verify(file), { ok: true, notes: [/removed by rotate.keep/] })
+  const tooSlow = /compressing or pruning closed files took over/
+  // The races it is about (a pruning listing the files while a write rotates; a gzip of a file pruned before its
+  // turn) show in some runs only: ten runs.
+  let file = ''
+  for (let run = 1; run <= 10; run++) {
+    file = join(tempDir(), 'audit.jsonl')
+    const { writer, log } = await open(file, { rotate })
+    for (let i = 1; i <= 120; i++) writer.write(callRecord(i)) // some 30 rotations, each a gzip with its fsync
+    await writer.close()
+    const leftovers = readdirSync(join(file, '..')).filter(n => n.endsWith('.tmp'))
+    t.same(log.lines.filter(l => l.level === 'error'), [], `run ${run}: no error logged`)
+    // Nor a warning: each file it rotated is a file of the chain (one rotated while a pruning listed the files was
+    // once said not to be, and left out of rotate.keep).
+    t.same(log.lines.filter(l => l.level === 'warn' && !tooSlow.test(l.msg)), [], `run ${run}: no warning`)
+    // The close waits for housekeeping only so long (a slow disk must not hold the exit), and says when it stopped
+    // waiting: only then may a partial gzip be left.
+    if (log.lines.some(l => tooSlow.test(l.msg))) t.comment(`run ${run}: the close stopped waiting for housekeeping`)
+    else t.same(leftovers, [], `run ${run}: no partial gzip`)
+    t.match(await verify(file), { ok: true, notes: [/removed by rotate.keep/] })
+  }
 
   writeFileSync(join(file, '..', 'audit.jsonl.20250101T000000Z.9.gz.tmp'), 'partial') // a gzip cut short by a crash,
   const again = await open(file, { rotate }) // of a file removed since
   await again.writer.close()
-  t.same(leftovers(), [], 'a restart removes a partial gzip whose file is gone')
+  t.same(readdirSync(join(file, '..')).filter(n => n.endsWith('.tmp')), [], 'a restart removes a partial gzip whose file is gone')
 })
 
 t.test('a newest closed file that no longer ends with a record stops the start, instead of a second chain from seq 1', async t => {

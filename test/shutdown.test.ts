@@ -7,6 +7,7 @@ import { Agent, request, type IncomingHttpHeaders, type IncomingMessage, type Se
 import { readFileSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { join } from 'node:path'
+import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
 import { ignoredSignalLogger } from '../src/server.js'
@@ -314,6 +315,45 @@ t.test('a stream still running when the grace ends is audited aborted, not as an
   const [code] = await exited
   t.equal(code, 1, 'exit 1: a call had to be aborted')
   t.match(auditRecords(dir), [{ action: 'item.list', status: 200, outcome: 'aborted' }], 'audited aborted (its status as sent)')
+})
+
+t.test('SDK streams cut at the end of the grace end with the gateway\'s error event, which both SDKs raise as APIError, not a bare "terminated"', async t => {
+  // Each event 300 ms after the last: a generation still streaming when the grace (1 s) ends.
+  const upstream = await startUpstream({ responses: { streamDelayMs: 300 } })
+  t.teardown(() => upstream.close())
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 1000 }'))
+  const { child, url } = await startBin(t, file, {})
+  const client = new OpenAI({ apiKey: KEY, baseURL: `${url}/v1`, maxRetries: 0 })
+  const started: Array<Promise<void>> = []
+  const ends = Array.from({ length: 3 }, async () => {
+    const stream = await client.responses.create({ model: 'gpt-4o-mini', input: 'Tell me a long story about a gateway', stream: true })
+    const seen: string[] = []
+    let first!: () => void
+    started.push(new Promise(resolve => { first = resolve }))
+    try {
+      for await (const event of stream) {
+        seen.push(event.type)
+        first()
+      }
+      return { seen, error: null }
+    } catch (err) {
+      return { seen, error: err }
+    }
+  })
+  await eventually(async () => started.length === 3, 'three streams answered')
+  await Promise.all(started)
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  const results = await Promise.all(ends)
+  for (const { seen, error } of results) {
+    t.notOk(seen.includes('response.completed'), 'cut before its end')
+    t.ok(error instanceof OpenAI.APIError, `an APIError, not ${String(error)}`)
+    t.match((error as Error).message, /shutting down/)
+  }
+  const [code] = await exited
+  t.equal(code, 1, 'exit 1: calls had to be aborted')
+  t.match(auditRecords(dir).map(r => r.outcome), ['aborted', 'aborted', 'aborted'], 'each audited aborted')
 })
 
 t.test('`npm start` as the README runs it: SIGTERM to npm reaches the gateway, which drains and exits; none is left running', async t => {

@@ -6,7 +6,9 @@ import { join } from 'node:path'
 import { gzipSync } from 'node:zlib'
 import OpenAI from 'openai'
 import t from 'tap'
+import type { FastifyBaseLogger } from 'fastify'
 import { parseConfig } from '../src/config.js'
+import { REFUSED_LOG_INTERVAL_MS, RefusedTokenLog } from '../src/upstream/refused-token.js'
 import { call, type CallOptions } from './fixtures/client.js'
 import { buildRequest, sendRaw } from './fixtures/raw-http.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
@@ -184,8 +186,42 @@ t.test('the upstream refusing the gateway\'s own token is a 502 upstream_auth_fa
   await new Promise(resolve => setTimeout(resolve, 20))
   t.match(gw.audit(), [{ status: 502, outcome: 'upstream_error' }, { status: 502, outcome: 'upstream_error' }])
   const errors = gw.logs.filter(l => l.includes('"level":50') && l.includes('refused the gateway\'s token'))
-  t.equal(errors.length, 2, 'each logged at error level for the operators')
+  t.equal(errors.length, 1, 'logged at error level for the operators, once for both (the proxy and the lookup share it)')
   t.notMatch(gw.logs.join('\n'), masked)
+})
+
+t.test('a refused token under load is one error line, not one per call', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  upstream.respond = (_req, res) => { res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":{"message":"Incorrect API key provided."}}') }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  // Proxied calls and ownership lookups, many at once, as a revoked token meets them.
+  const calls = Array.from({ length: 40 }, async (_, i) => await (i % 2 === 0 ? sdk.conversations.create({}) : sdk.conversations.retrieve(`conv_${i}`)).catch((e: unknown) => e))
+  const answers = await Promise.all(calls)
+  t.ok(answers.every(e => e instanceof OpenAI.InternalServerError && (e as InstanceType<typeof OpenAI.APIError>).status === 502), 'every call is refused with the 502')
+  t.equal(upstream.requests.length, 40)
+  const errors = gw.logs.filter(l => l.includes('refused the gateway\'s token'))
+  t.equal(errors.length, 1, 'one line for 40 refusals')
+  t.match(JSON.parse(errors[0]!), { level: 50, upstreamStatus: 401, refusedCalls: 1 })
+})
+
+t.test('after the first line, a refused token is logged at most once per interval with how many calls since; a new token at once', async t => {
+  let now = 1_000_000
+  const log = new RefusedTokenLog(() => now)
+  const lines: Array<{ obj: Record<string, unknown>, msg: string }> = []
+  const logger = { error (obj: Record<string, unknown>, msg: string) { lines.push({ obj, msg }) } } as unknown as FastifyBaseLogger
+  log.refused(logger, 'sk-revoked')
+  for (let i = 0; i < 5; i++) log.refused(logger, 'sk-revoked')
+  t.equal(lines.length, 1, 'the first at once, the next five held')
+  now += REFUSED_LOG_INTERVAL_MS
+  log.refused(logger, 'sk-revoked')
+  t.equal(lines.length, 2)
+  t.match(lines[1], { obj: { refusedCalls: 6 }, msg: /refused the gateway's token \(upstream\.apiKey\): 6 calls since the last line/ })
+  now += 1
+  log.refused(logger, 'sk-rotated-but-wrong')
+  t.equal(lines.length, 3, 'a new token refused is news: logged at once')
+  t.match(lines[2], { obj: { refusedCalls: 1 }, msg: 'the upstream refused the gateway\'s token (upstream.apiKey)' })
 })
 
 t.test('an error answer without the token, and a 2xx answer the gateway rewrites, keep or lose it as they should', async t => {

@@ -23,7 +23,7 @@
 // series still holds them (the file was compressed or copied before it was removed).
 //
 // `audit.file: "-"` writes bare JSON lines to stdout: no chain, no rotation, no lock, no fsync.
-import { constants as fsConstants, createReadStream, createWriteStream } from 'node:fs'
+import { constants as fsConstants } from 'node:fs'
 import { lstat, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { performance } from 'node:perf_hooks'
@@ -535,16 +535,34 @@ function notRegular (file: string): Error {
   return new Error(`audit file ${notRegularAuditFile(file)}`)
 }
 
-/** Replaces a closed file by its gzip; nothing to do when it is gone already (removed by rotate.keep meanwhile). */
+/**
+ * Replaces a closed file by its gzip; nothing to do when it is gone already (removed by rotate.keep meanwhile, its
+ * gzip queued behind the pruning). Both files are opened before any byte flows: a stream opens its file in the
+ * background, so with a source found missing the pipeline failed while the temp file was still being created, and
+ * the unlink that should remove it could come first (a partial gzip left behind by a clean close).
+ */
 async function gzipFile (file: string): Promise<void> {
   const target = file + GZIP_SUFFIX
   const temp = target + TEMP_SUFFIX
+  let source: FileHandle
   try {
-    await pipeline(createReadStream(file), createGzip(), createWriteStream(temp))
+    source = await open(file, 'r')
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return
+    throw err
+  }
+  let out: FileHandle
+  try {
+    out = await open(temp, 'w')
+  } catch (err) {
+    await source.close()
+    throw err
+  }
+  try {
+    // (Each stream closes its file when it ends or fails.)
+    await pipeline(source.createReadStream(), createGzip(), out.createWriteStream())
   } catch (err) {
     await unlink(temp).catch(() => {})
-    const e = err as NodeJS.ErrnoException
-    if (e.code === 'ENOENT' && e.path === file) return
     throw err
   }
   const fh = await open(temp, 'r+')
@@ -840,8 +858,10 @@ class FileSink implements Sink {
     // write the directory, no key needed) would push the chain's newest closed files out, and the pruned record,
     // quoting its first record, would make verify accept the series once it is removed, with its history gone;
     // left alone, verify names it instead.
-    const activeFirst = this.fileFirstSeq ?? this.head.seq + 1
+    // (The active file's first seq read after the listing: a write meanwhile may have rotated, and the file it
+    // closed, listed, would otherwise count as not of the chain.)
     const files = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
+    const activeFirst = this.fileFirstSeq ?? this.head.seq + 1
     const closed = files.filter(f => f.firstSeq !== null && f.firstSeq < activeFirst)
     if (closed.length < files.length) {
       this.opts.log.warn({ files: files.filter(f => !closed.includes(f)).map(f => basename(f.path)) },

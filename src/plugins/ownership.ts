@@ -272,7 +272,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     } catch (err) {
       if (err instanceof UpstreamRateLimitedError) throw err
       if (err instanceof UpstreamAuthError) {
-        request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
+        upstream.refusedToken.refused(request.log, opts.apiKey())
         throw err
       }
       // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway. Nor is

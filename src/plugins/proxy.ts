@@ -72,14 +72,16 @@ export function clientWaitMs (headers: IncomingHttpHeaders, elapsedMs: number): 
 }
 
 /** OpenAI's error event, with the envelope of upstream_unavailable: how a Responses stream the gateway ends ends. */
-function streamErrorEvent (message: string): Buffer {
-  const error = { message, type: 'server_error', param: null, code: 'upstream_unavailable' }
+function streamErrorEvent (message: string, code = 'upstream_unavailable'): Buffer {
+  const error = { message, type: 'server_error', param: null, code }
   return Buffer.from(`event: error\ndata: ${JSON.stringify({ type: 'error', code: error.code, message, param: null, error })}\n\n`)
 }
 /** The upstream broke the stream off. */
 const STREAM_BROKEN_EVENT = streamErrorEvent('The upstream API broke off the stream before the response was complete.')
 /** An event the gateway does not pass on (a created response naming another owner): the stream ends there. */
 const STREAM_REFUSED_EVENT = streamErrorEvent('The upstream API sent an event the gateway could not check; the stream was ended.')
+/** The end of a shutdown's grace came before the stream's (app.abortInFlight). */
+const STREAM_SHUTDOWN_EVENT = streamErrorEvent('The gateway is shutting down and its grace for calls in flight is over: the stream was ended before the response was complete.', 'gateway_shutting_down')
 
 /** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
@@ -310,6 +312,16 @@ export function addEventRewrite (request: FastifyRequest, step: EventRewrite): v
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
+  // The event streams being passed on: at the end of a shutdown's grace each is ended with an error event that
+  // says why (the SDKs raise it as an APIError, not a bare "terminated"), before its connection is closed
+  // (app.abortInFlight). One a slow client has not read up to yet goes with what is unread before it.
+  const liveStreams = new Set<SseRewriter>()
+  app.decorate('endEventStreams', () => {
+    let told = false
+    for (const events of liveStreams) told = events.cut(STREAM_SHUTDOWN_EVENT) || told
+    liveStreams.clear()
+    return told
+  })
   app.decorateRequest('upstream', null)
   app.decorateRequest('upstreamCall', null)
   app.decorateRequest('rewriteAnswer', null)
@@ -591,7 +603,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           events.destroy(err)
         })
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
-        events.once('close', () => { res.stream.destroy() })
+        events.once('close', () => {
+          liveStreams.delete(events)
+          res.stream.destroy()
+        })
+        liveStreams.add(events)
         res.stream.pipe(events)
         reply.send(events)
         return
@@ -600,7 +616,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // AuthenticationError in the SDK would blame the team's own key; OpenAI's message quotes part of the token).
       if (res.statusCode === 401) {
         res.stream.on('error', noop).destroy()
-        request.log.error({ upstreamStatus: 401 }, 'the upstream refused the gateway\'s token (upstream.apiKey)')
+        upstream.refusedToken.refused(request.log, opts.apiKey())
         reply.send(new UpstreamAuthError())
         return
       }

@@ -51,6 +51,8 @@ export class SseRewriter extends Transform {
    * the stream's last event.
    */
   readonly #unfinished: () => Buffer | null
+  /** cut(): nothing more goes out */
+  #cut = false
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
     passing: (event: Buffer) => Buffer = event => event, unfinished: () => Buffer | null = () => null) {
@@ -63,8 +65,25 @@ export class SseRewriter extends Transform {
     this.#maxEventMs = maxEventMs
   }
 
+  /**
+   * Ends what goes out with `event`, at an event boundary (an event under way is never passed on in part), and lets
+   * nothing through after it: a stream the gateway itself ends (the end of a shutdown's grace). False when the
+   * stream is over already.
+   */
+  cut (event: Buffer): boolean {
+    if (this.#cut || this.destroyed || this.writableEnded) return false
+    this.#cut = true
+    this.#stopEventClock()
+    this.push(event)
+    return true
+  }
+
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
+    if (this.#cut) {
+      done()
+      return
+    }
     try {
       this.#take(chunk)
     } catch (err) {
@@ -96,6 +115,10 @@ export class SseRewriter extends Transform {
 
   override _flush (done: TransformCallback): void {
     this.#stopEventClock()
+    if (this.#cut) {
+      done()
+      return
+    }
     const unfinished = this.#unfinished()
     if (unfinished !== null) {
       this.push(unfinished)

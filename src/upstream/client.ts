@@ -28,6 +28,7 @@ import { readRegularFile } from '../config.js'
 import { retryAfterSeconds } from '../errors.js'
 import { streamsRetrieve } from '../operations.js'
 import { LineHealth, type LineStatus } from './lines.js'
+import { RefusedTokenLog } from './refused-token.js'
 
 export interface UpstreamSettings {
   baseUrls: readonly string[]
@@ -380,6 +381,8 @@ export class Upstream {
   readonly #log: FastifyBaseLogger
   /** bytes of the answers being read whole (readWhole), all calls together */
   readonly #held = new HeldBytes(MAX_HELD_WHOLE_BYTES)
+  /** the one log of the upstream refusing the token, for the proxy's calls and the ownership lookups alike */
+  readonly refusedToken = new RefusedTokenLog()
   #destroyed = false
 
   constructor (settings: UpstreamSettings, log: FastifyBaseLogger) {
