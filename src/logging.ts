@@ -115,6 +115,36 @@ export class DebugRequestLogController extends LogController {
 }
 
 /**
+ * A warning that can come with every call (or signal) for as long as its cause lasts: its first line at once, then
+ * at most one per `intervalMs`, each saying how many were held back since the line before (the upstream refusing
+ * the token, an ignored signal).
+ */
+export class EveryInterval {
+  readonly #intervalMs: number
+  readonly #now: () => number
+  #lastLine = -Infinity
+  #held = 0
+
+  constructor (intervalMs: number, now: () => number) {
+    this.#intervalMs = intervalMs
+    this.#now = now
+  }
+
+  /** One more: null when its line is held back, else how many were held back before it, and whether it is the first. */
+  admit (): { held: number, first: boolean } | null {
+    const at = this.#now()
+    if (at - this.#lastLine < this.#intervalMs) {
+      this.#held++
+      return null
+    }
+    const line = { held: this.#held, first: this.#lastLine === -Infinity }
+    this.#lastLine = at
+    this.#held = 0
+    return line
+  }
+}
+
+/**
  * At most `perSecond` lines a second for each peer address, for warnings a client can trigger at will (malformed
  * HTTP, slowloris): each is worth a line, a flood of them is not. A line after a quiet spell says how many were
  * held back. Bounded: the least recently seen addresses are forgotten.

@@ -18,6 +18,7 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
 import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
+import { EveryInterval } from './logging.js'
 import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
@@ -58,17 +59,17 @@ const IGNORED_MEANING: Partial<Record<NodeJS.Signals, string>> = {
 export function ignoredSignalLogger (
   log: { warn: (fields: Record<string, unknown>, msg: string) => void }, now: () => number = () => performance.now()
 ): (signal: NodeJS.Signals) => void {
-  const last = new Map<NodeJS.Signals, { loggedAt: number, since: number }>()
+  const lines = new Map<NodeJS.Signals, EveryInterval>()
   return signal => {
-    const at = now()
-    const seen = last.get(signal)
-    if (seen !== undefined && at - seen.loggedAt < IGNORED_LOG_INTERVAL_MS) {
-      seen.since++
-      return
+    let signalLines = lines.get(signal)
+    if (signalLines === undefined) {
+      signalLines = new EveryInterval(IGNORED_LOG_INTERVAL_MS, now)
+      lines.set(signal, signalLines)
     }
-    last.set(signal, { loggedAt: at, since: 0 })
+    const line = signalLines.admit()
+    if (line === null) return
     const meaning = IGNORED_MEANING[signal]
-    const more = seen !== undefined && seen.since > 0 ? seen.since : 0
+    const more = line.held
     log.warn(more > 0 ? { signal, alsoIgnored: more } : { signal },
       `${signal}: ignored (${meaning === undefined ? '' : `${meaning}; `}the gateway has no use for it)` +
       (more > 0 ? `, and ${more} more since the last line` : ''))
