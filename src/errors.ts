@@ -177,6 +177,14 @@ export interface OpenAIErrorBody {
 }
 
 /**
+ * A value the client sent (a header, a model), as an error message quotes it: any key in it withheld before it is
+ * cut short, so that no part of one shows, in JSON quotes.
+ */
+export function quoted (value: string): string {
+  return JSON.stringify(withoutKeys(value).slice(0, 100))
+}
+
+/**
  * The answer a client gets. A message or param that quotes what the client sent (a path, a header, a parameter's
  * name, a model) keeps no gateway key, as the log and the audit keep none: a key-shaped part is withheld.
  */

@@ -7,11 +7,10 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  InvalidJsonError, JsonTooDeepError, NotUtf8Error, RequestTooLargeError, UnsupportedContentEncodingError, UnsupportedMediaTypeError,
-  UnsupportedTransferEncodingError
+  InvalidJsonError, JsonTooDeepError, NotUtf8Error, quoted, RequestTooLargeError, UnsupportedContentEncodingError,
+  UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
-import { withoutKeys } from '../keys.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -29,11 +28,6 @@ export function isJsonMediaType (header: string | undefined): boolean {
 export function hasBody (headers: IncomingHttpHeaders): boolean {
   const length = headers['content-length']
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
-}
-
-/** A client-sent header value as quoted in an error message, cut short (a key withheld first). */
-function shown (value: string | undefined): string {
-  return JSON.stringify(withoutKeys(String(value)).slice(0, 100))
 }
 
 /**
@@ -125,14 +119,14 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     const transfer = headers['transfer-encoding']
     // Node's parser insists on chunked last; any coding before it (gzip, chunked) would be ignored, not decoded.
     if (transfer !== undefined && transfer.trim().toLowerCase() !== 'chunked') {
-      throw new UnsupportedTransferEncodingError(shown(transfer))
+      throw new UnsupportedTransferEncodingError(quoted(transfer))
     }
     const coding = headers['content-encoding']
     if (coding !== undefined && coding.trim().toLowerCase() !== 'identity') {
-      throw new UnsupportedContentEncodingError(shown(coding))
+      throw new UnsupportedContentEncodingError(quoted(coding))
     }
     const type = headers['content-type']
-    if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(shown(type))
+    if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(quoted(String(type)))
     const limit = bodyBytes()
     if (Number(headers['content-length']) > limit) throw new RequestTooLargeError(String(limit))
     if (headers.expect?.toLowerCase() === '100-continue') reply.raw.writeContinue()

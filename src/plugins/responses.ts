@@ -4,9 +4,8 @@
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
 import {
-  BackgroundNotAllowedError, ContainerNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, UnknownParameterError
+  BackgroundNotAllowedError, ContainerNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, quoted, UnknownParameterError
 } from '../errors.js'
-import { withoutKeys } from '../keys.js'
 import { streamsRetrieve } from '../operations.js'
 import { otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
@@ -73,7 +72,7 @@ export default fp(async function responses (app) {
       return
     }
     if (model !== undefined && !modelAllowed(model, client.models)) {
-      done(new ModelNotAllowedError(JSON.stringify(withoutKeys(model).slice(0, 100))))
+      done(new ModelNotAllowedError(quoted(model)))
       return
     }
     // A background response reports its usage to a later retrieve, not to this call, which alone is charged.

@@ -9,7 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
   CredentialsInQueryError, CredentialsInUrlError, ExpectationFailedError, HeadersTooLargeError, MethodNotAllowedError, MissingHostError,
-  UnknownRouteError, UpgradeNotSupportedError
+  quoted, UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
@@ -54,7 +54,7 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
-      throw new ExpectationFailedError(JSON.stringify(withoutKeys(expect).slice(0, 100)))
+      throw new ExpectationFailedError(quoted(expect))
     }
     if (request.raw.rawHeaders.length > 2 * MAX_REQUEST_HEADERS) throw new HeadersTooLargeError()
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') throw new MissingHostError()
