@@ -450,6 +450,9 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
   await assertRefusedToB(t, upstream, post, refusals)
+  // (`audit query --item` finds who named A's item: the record of each refusal says which item it was.)
+  const refused = gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400)
+  t.same(refused.map(r => r.itemId), refusals.map(() => itemA), 'each refusal\'s record names the item refused')
 
   // A key given twice: the gateway reads the last one (a message), as JSON.parse does; an upstream parser that
   // keeps the first would read a reference to A's item. What goes upstream is what the gateway read.

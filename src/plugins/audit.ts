@@ -189,7 +189,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
     ip: watch.ip,
-    itemId: idOf(op?.itemId),
+    itemId: idOf(op?.itemId ?? request.refusedItemId),
     keyId: request.keyId ?? request.expiredKey?.keyId ?? null,
     method: request.method,
     // (the client's string, up to the body limit: a model id is a few dozen characters)
