@@ -52,6 +52,11 @@ declare module 'fastify' {
     createdId: string | null
     /** plugins/ownership.ts: the owner of the conversation this call is on; null when unknown or unowned */
     ownerId: string | null
+    /**
+     * plugins/ownership.ts: an item the call's body named by id and was refused (item_not_found,
+     * item_reference_not_allowed), for the audit record's itemId; null otherwise
+     */
+    refusedItemId: string | null
     /** plugins/proxy.ts (addAnswerRewrite): how a 2xx JSON answer is rewritten before the client sees it */
     rewriteAnswer: ((body: unknown) => unknown) | null
     /** plugins/proxy.ts (addEventRewrite): the same for each event of a 2xx event stream */

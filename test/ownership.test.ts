@@ -355,6 +355,32 @@ t.test('another team\'s 404 costs what a missing id\'s does: one lookup upstream
   t.ok(gw.audit().filter(r => r.clientId === 'team-other').every(r => r.status === 404), 'every call of B was a 404')
 })
 
+t.test('a stranger who keeps asking for another team\'s object is looked up again once notFoundTtlMs has passed, as for a missing id: refusals do not keep the refusal remembered', async t => {
+  // Each refusal answered from the remembered refusal used to remember it again, for notFoundTtlMs from then: a
+  // stranger asking more often than that was answered at once for ever, where a missing id is looked up again
+  // once notFoundTtlMs after its lookup. How soon the 404s came then told an object from none after all.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // (3 s, asked at 0, 2 and 4 s: the second asking is well within notFoundTtlMs of the first, the third well past it.)
+  const { sdk } = await gateway(t, upstream, { ownership: { notFoundTtlMs: 3000 } })
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const conv = await a.conversations.create({ items: [{ type: 'message', role: 'user', content: 'secret' }] })
+  const missing = 'conv_doesnotexist000000000000000'
+  const lookups = (id: string) => upstream.requests.filter(r => r.method === 'GET' && r.url === `/v1/conversations/${id}`).length
+  const seen: Record<string, number[]> = { theirs: [], missing: [] }
+  for (const round of [0, 1, 2]) {
+    if (round > 0) await new Promise(resolve => setTimeout(resolve, 2000))
+    // Both asked at the same moments, one right after the other.
+    for (const [side, id] of [['theirs', conv.id], ['missing', missing]] as const) {
+      t.type(await rejection(b.conversations.retrieve(id)), OpenAI.NotFoundError, `${side}, asking ${round + 1}: 404`)
+      seen[side]!.push(lookups(id))
+    }
+  }
+  t.same(seen.missing, [1, 1, 2], 'a missing id: looked up, remembered, looked up again once notFoundTtlMs has passed')
+  t.same(seen.theirs, seen.missing, 'another team\'s conversation: the very same lookups')
+})
+
 t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an answer that is not the conversation', async t => {
   const cases: Array<[string, (res: import('node:http').ServerResponse) => void, number, string]> = [
     ['a 500', res => { res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":{"message":"boom"}}') }, 502, 'upstream_unavailable'],
@@ -450,6 +476,9 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
     ['a new conversation\'s items', '/v1/conversations', { items: [{ type: 'item_reference', id: itemA }] }, 400, 'item_reference_not_allowed', 'items']
   ]
   await assertRefusedToB(t, upstream, post, refusals)
+  // (`audit query --item` finds who named A's item: the record of each refusal says which item it was.)
+  const refused = gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400)
+  t.same(refused.map(r => r.itemId), refusals.map(() => itemA), 'each refusal\'s record names the item refused')
 
   // A key given twice: the gateway reads the last one (a message), as JSON.parse does; an upstream parser that
   // keeps the first would read a reference to A's item. What goes upstream is what the gateway read.

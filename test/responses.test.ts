@@ -625,6 +625,37 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.same(upstreamCalls(upstream).slice(-1), ['GET /v1/responses/resp_x'], 'after the only call upstream: the gateway\'s lookup')
 })
 
+t.test('a create refused another team\'s previous response is audited with that response\'s id, and audit query --response finds it', async t => {
+  // The record named the owner (team-full) but not the response B was after: beside B's own conversation it read as
+  // though that conversation were team-full's, and `audit query --response` did not find the attempt at all.
+  const { gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'secret' })
+  const own = await b.conversations.create({})
+  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })), OpenAI.NotFoundError)
+  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: own.id, previous_response_id: response.id })), OpenAI.NotFoundError)
+  const chained = await a.responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: response.id })
+
+  const creates = gw.audit().filter(r => r.action === 'response.create')
+  t.match(creates[0], { clientId: 'team-full', responseId: response.id, previousResponseId: null })
+  t.match(creates[1], { clientId: 'team-other', outcome: 'denied', ownerId: 'team-full', conversationId: null, previousResponseId: response.id },
+    'the refused call names the response it was after')
+  t.match(creates[2], { clientId: 'team-other', outcome: 'denied', ownerId: 'team-full', conversationId: own.id, previousResponseId: response.id },
+    'beside its own conversation too: the owner named is the previous response\'s')
+  t.match(creates[3], { clientId: 'team-full', outcome: 'ok', responseId: chained.id, previousResponseId: response.id }, 'and a served one the response it continues')
+
+  const { queryFiles } = await import('../src/audit/query.js')
+  const { FLAGS } = await import('../src/cli/audit-query.js')
+  await gw.auditFile()
+  const found: string[] = []
+  await queryFiles([gw.config.audit.file], [FLAGS.response.filter(response.id)], Infinity, record => {
+    found.push(String(record.requestId))
+    return true
+  })
+  t.same(found, creates.map(r => r.requestId), 'audit query --response finds every call that named the response, the refused ones included')
+})
+
 t.test('a conversation or previous_response_id of another shape than the API takes is a 400 before anything goes upstream, not an unchecked call', async t => {
   const { upstream, gw } = await setup(t)
   const cases: Array<[string, Record<string, unknown>, string]> = [

@@ -69,7 +69,11 @@ export const FLAGS = {
   action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
   conversation: { value: 'ID', help: 'calls on this conversation (conv_...)', filter: exact('conversationId') },
   item: { value: 'ID', help: 'calls on this item (msg_...)', filter: exact('itemId') },
-  response: { value: 'ID', help: 'calls on this response (resp_...)', filter: exact('responseId') },
+  response: {
+    value: 'ID',
+    help: 'calls on this response (resp_...), and creates that continue it (previous_response_id), refused ones included',
+    filter: (value) => ({ needle: JSON.stringify(value), test: r => r.responseId === value || r.previousResponseId === value })
+  },
   model: { value: 'MODEL', help: 'Responses calls for this model (gpt-4o-mini)', filter: exact('model') },
   status: {
     value: 'CODE',

@@ -179,8 +179,15 @@ export class OwnerCache {
     return this.#refused?.get(`${kind}:${id}`) === true
   }
 
+  /**
+   * Remembers a refusal for missingTtlMs from the lookup it followed. One answered from the remembered refusal does
+   * not remember it again: a missing id is remembered for missingTtlMs from its lookup, however often it is asked
+   * for, so a stranger asking more often than that would otherwise be answered at once for ever for an object,
+   * and after a lookup now and then for none.
+   */
   noteRefused (kind: Owned, id: string): void {
-    this.#refused?.set(`${kind}:${id}`, true)
+    const key = `${kind}:${id}`
+    if (this.#refused?.has(key) === false) this.#refused.set(key, true)
   }
 
   /** The cached owner of a `kind` with `id`, if any: the common case, answered with no promise. */

@@ -41,6 +41,8 @@ export interface AuditRecord {
   itemId: string | null
   /** Responses calls: the response, the model, whether it streamed, and the tokens its answer reported */
   responseId: string | null
+  /** response.create: the previous response it continues (for a refused call: the one it was refused) */
+  previousResponseId: string | null
   model: string | null
   stream: boolean | null
   inputTokens: number | null
@@ -147,6 +149,16 @@ function conversationOf (request: FastifyRequest, op: Operation | null): string 
 }
 
 /**
+ * The response a create continues: its body's `previous_response_id`, kept only when it is a well-formed id (the
+ * ownership check refused it otherwise); `audit query --response` finds it, a refused one of another team's too.
+ */
+function previousResponseOf (request: FastifyRequest, op: Operation | null): string | null {
+  if (op?.action !== 'response.create') return null
+  const id = (request.parsedBody as { previous_response_id?: unknown } | undefined)?.previous_response_id
+  return typeof id === 'string' && ID_PATTERN.test(id) ? id : null
+}
+
+/**
  * An id as the record keeps it: cut at the longest the gateway takes, and never a key (a client that passed its key
  * as an id, refused with credentials_in_url).
  */
@@ -177,7 +189,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     durationMs: Math.round(performance.now() - watch.start),
     inputTokens: facts?.inputTokens ?? null,
     ip: watch.ip,
-    itemId: idOf(op?.itemId),
+    itemId: idOf(op?.itemId ?? request.refusedItemId),
     keyId: request.keyId ?? request.expiredKey?.keyId ?? null,
     method: request.method,
     // (the client's string, up to the body limit: a model id is a few dozen characters)
@@ -187,6 +199,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     ownerId: request.ownerId,
     path: withoutKeys(rawPath(request.originalUrl)).slice(0, 2048),
     prevHash: undefined,
+    previousResponseId: idOf(previousResponseOf(request, op)),
     requestId: request.id,
     responseId: idOf(facts?.responseId),
     seq: undefined,

@@ -89,6 +89,12 @@ export function referencedItems (list: unknown): unknown[] {
   return ids
 }
 
+/** `err`, for a call refused the item `id` its body named: the audit record names that item (audit query --item). */
+function refusedItem (request: FastifyRequest, id: unknown, err: GatewayError): GatewayError {
+  if (typeof id === 'string') request.refusedItemId = id
+  return err
+}
+
 /** The items a create's list names by reference that the gateway must check (cheap: most lists name none). */
 function references (list: unknown, client: ClientConfig): unknown[] {
   return client.scopes.includes('admin') ? [] : referencedItems(list)
@@ -217,6 +223,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   }
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
+  app.decorateRequest('refusedItemId', null)
 
   /**
    * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream. A cached
@@ -302,7 +309,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Promise<void> {
     const ids = await notHandedOut(references(list, client), client)
     if (ids.length === 0) return
-    if (conversation === undefined) throw withParam(new ItemReferenceOutsideConversationError(), param)
+    if (conversation === undefined) throw refusedItem(request, ids[0], withParam(new ItemReferenceOutsideConversationError(), param))
     if (ids.length > MAX_REFERENCES) throw withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param)
     const whenGone = clientGone(reply)
     for (const id of ids) {
@@ -313,7 +320,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
             return true
           })
         : 'missing'
-      if (found === 'missing') throw withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param)
+      if (found === 'missing') throw refusedItem(request, id, withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param))
     }
   }
 
@@ -428,7 +435,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         return
       }
       return (async () => {
-        if ((await notHandedOut(named, client)).length > 0) throw withParam(new ItemReferenceOutsideConversationError(), 'items')
+        const [first] = await notHandedOut(named, client)
+        if (first !== undefined) throw refusedItem(request, first, withParam(new ItemReferenceOutsideConversationError(), 'items'))
         prepareCreate('conversation', request, client)
       })()
     }
