@@ -204,17 +204,18 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
   })
   await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
+  const upstream = new Upstream(config.upstream, app.log)
+  app.addHook('onClose', async () => { await upstream.close() })
   if (metricsEnabled(config.metrics)) {
     await app.register(metrics, {
       ...config.metrics,
       isClient: id => directory.hasClient(id),
       lastReloadApplied: () => lastReloadApplied,
+      tokenRefusals: () => upstream.refusedToken.total,
       writer: auditWriter,
       headersTimeoutMs: config.listen.headersTimeoutMs
     })
   }
-  const upstream = new Upstream(config.upstream, app.log)
-  app.addHook('onClose', async () => { await upstream.close() })
   const apiKey = () => current.upstream.apiKey
   const store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
   await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed', token: config.metrics.token })

@@ -80,9 +80,25 @@ t.test('the counters follow real calls: by client, action, status and outcome, w
   t.equal(sample(text, 'gateway_audit_write_failures_total'), 0)
   t.equal(sample(text, 'gateway_audit_records_lost_total'), 0)
   t.equal(sample(text, 'gateway_audit_available'), 1)
+  t.equal(sample(text, 'gateway_upstream_token_refused_total'), 0)
   t.match(text, /^process_cpu_user_seconds_total \d/m, 'process metrics')
   t.match(text, /^nodejs_eventloop_lag_seconds \d/m, 'event-loop metrics')
   t.notMatch(text, /zz-unheard-of-path|not-a-key/, 'nothing a client sends becomes a label value')
+})
+
+t.test('every call the upstream answered 401 (it refused the gateway\'s own token) is counted, although the log says it once', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  upstream.respond = (_req, res) => { res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":{"message":"Incorrect API key provided."}}') }
+  // Proxied calls and, on an id route, the ownership lookup: each meets the refusal.
+  for (let i = 0; i < 3; i++) t.equal((await call(gw, KEYS.full)).status, 502)
+  t.equal((await call(gw, KEYS.full, '/v1/conversations/conv_x/items')).status, 502)
+  t.equal(gw.logs.filter(l => l.includes('refused the gateway\'s token')).length, 1, 'one log line')
+  t.equal(sample(await metricsText(gw.url), 'gateway_upstream_token_refused_total'), 4, 'four refusals counted')
+  upstream.respond = null
+  t.equal((await call(gw, KEYS.full)).status, 200)
+  t.equal(sample(await metricsText(gw.url), 'gateway_upstream_token_refused_total'), 4, 'a counter: it stays once the token is taken again')
 })
 
 t.test('the upstream latency histogram reaches upstream.generationTimeoutMs (590 s, in the bucket le=600): a generation of minutes is not lumped in with one of 61 s', async t => {

@@ -29,6 +29,8 @@ export interface MetricsOptions {
   isClient: (id: string) => boolean
   /** false from a refused config reload until one is applied */
   lastReloadApplied: () => boolean
+  /** calls the upstream answered 401 to: it refused the gateway's own token */
+  tokenRefusals: () => number
   writer: Pick<AuditWriter, 'available' | 'stats'>
   /** listen.headersTimeoutMs: a connection to `listen` must bring its request within it, as on the API listener */
   headersTimeoutMs: number
@@ -106,18 +108,24 @@ function gatewayMetrics (opts: MetricsOptions, health: () => HealthDetails) {
   })
   const inFlight = new Gauge({ name: 'gateway_in_flight_requests', help: 'API calls being served', registers: [register] })
   const { writer } = opts
-  const fromStats = (name: string, help: string, key: 'written' | 'failed' | 'lost') => new Counter({
+  /** A counter kept elsewhere, read at each scrape. */
+  const counted = (name: string, help: string, count: () => number) => new Counter({
     name,
     help,
     registers: [register],
     collect () {
       this.reset()
-      this.inc(writer.stats()[key])
+      this.inc(count())
     }
   })
-  fromStats('gateway_audit_records_written_total', 'audit records written', 'written')
-  fromStats('gateway_audit_write_failures_total', 'audit write attempts that failed (each retry counts)', 'failed')
-  fromStats('gateway_audit_records_lost_total', 'audit records lost: not written in time (buffer full) or at close', 'lost')
+  counted('gateway_audit_records_written_total', 'audit records written', () => writer.stats().written)
+  counted('gateway_audit_write_failures_total', 'audit write attempts that failed (each retry counts)', () => writer.stats().failed)
+  counted('gateway_audit_records_lost_total', 'audit records lost: not written in time (buffer full) or at close', () => writer.stats().lost)
+  // The log says it once per 10 s (upstream/refused-token.ts); this counts every refusal since start, across
+  // reloads: a token refused even briefly is worth an alert.
+  counted('gateway_upstream_token_refused_total',
+    'calls the upstream answered with 401: it refused the gateway\'s own token (upstream.apiKey), revoked or mistyped',
+    opts.tokenRefusals)
   // eslint-disable-next-line no-new
   new Gauge({
     name: 'gateway_audit_available',

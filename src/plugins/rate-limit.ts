@@ -84,26 +84,47 @@ function chargeOrWarn (store: RateLimitStore, log: WarnLog, clientId: string, ke
   })
 }
 
+/** At most this many bucket names in the one warning of a reload whose buckets could not be rewritten. */
+const REAPPLY_NAMED = 10
+
 /**
  * After a reload, the buckets of each client whose limits changed are written again under its new limits (a charge
  * of nothing: refilled, and kept). A Redis bucket expires when the limits it was last written with would have it
  * full; left alone, one drained before a reload that lowers the rate or raises the burst would expire on the old
- * schedule and come back full, a fresh burst for a client that pauses past it.
+ * schedule and come back full, a fresh burst for a client that pauses past it. A store that cannot take them (Redis
+ * down) gets one warning for the whole reload, not one per bucket: a reload that changes a default limit touches
+ * every client, thousands of lines for one outage.
  */
 export function reapplyLimits (store: RateLimitStore, before: readonly ClientConfig[], after: readonly ClientConfig[], log: WarnLog): void {
   const old = new Map(before.map(client => [client.id, client.rateLimit]))
+  const failed: string[] = []
+  let firstError: unknown = null
+  let pending = 1 // (the loop's own, so that answers given at once do not end it early)
+  const settled = () => {
+    if (--pending > 0 || failed.length === 0) return
+    log.warn({
+      err: { message: (firstError as Error).message },
+      buckets: failed.length,
+      named: failed.slice(0, REAPPLY_NAMED)
+    }, `rate limits: ${failed.length} bucket(s) could not be kept under their new limits (they refill on the old ones)`)
+  }
+  const rewrite = (key: string, rule: BucketRule) => {
+    pending++
+    whenAnswered(() => store.charge(key, rule, 0), settled, (err: unknown) => {
+      if (failed.length === 0) firstError = err
+      failed.push(key)
+      settled()
+    })
+  }
   for (const client of after) {
     const was = old.get(client.id)
     if (was === undefined) continue
     const now = client.rateLimit
-    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) {
-      chargeOrWarn(store, log, client.id, client.id, now, 0, 'rate-limit bucket could not be kept under its new limits')
-    }
+    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) rewrite(client.id, now)
     const tokens = tokenRule(client)
-    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) {
-      chargeOrWarn(store, log, client.id, tokenKey(client), tokens, 0, 'token budget could not be kept under its new limit')
-    }
+    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) rewrite(tokenKey(client), tokens)
   }
+  settled()
 }
 
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {

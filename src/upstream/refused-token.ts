@@ -10,6 +10,8 @@ export const REFUSED_LOG_INTERVAL_MS = 10_000
 
 export class RefusedTokenLog {
   #token: string | null = null
+  /** refusals since start, of any token (gateway_upstream_token_refused_total) */
+  total = 0
   #lines: EveryInterval
   readonly #now: () => number
 
@@ -20,6 +22,7 @@ export class RefusedTokenLog {
 
   /** A call was refused with `token` (the one in force now); `log` is the call's logger (its request id). */
   refused (log: FastifyBaseLogger, token: string): void {
+    this.total++
     if (token !== this.#token) {
       this.#token = token
       this.#lines = new EveryInterval(REFUSED_LOG_INTERVAL_MS, this.#now)
