@@ -121,6 +121,30 @@ t.test('the upstream gets only the headers it needs, and our token last', async 
   t.notOk(upstream.everything().includes('6.6.6.6'), 'no client-supplied forwarding header')
 })
 
+t.test('a call whose API takes no body (a delete, a cancel) passes none upstream: what a client sends with one goes unchecked', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // What a client might put there: another team's ids, the key the gateway keeps the owner in.
+  const body = '{"conversation_id":"conv_of_another_team","conversation":"conv_of_another_team","metadata":{"gateway_owner":"team-other"}}'
+  const calls: Array<[string, string]> = [
+    ['DELETE', '/v1/conversations/conv_1'], ['DELETE', '/v1/conversations/conv_1/items/msg_1'],
+    ['DELETE', '/v1/responses/resp_1'], ['POST', '/v1/responses/resp_1/cancel']
+  ]
+  for (const [method, path] of calls) {
+    const res = await httpRequest(`${gw.url}${path}`, { method, headers: { ...auth, 'content-length': body.length }, body })
+    t.ok(res.status < 500, `${method} ${path}: answered (${res.status})`)
+    const seen = upstream.requests.at(-1)!
+    t.equal(`${seen.method} ${seen.url}`, `${method} ${path}`)
+    t.equal(seen.body.length, 0, `${method} ${path}: no body upstream`)
+    t.not(seen.headers['content-length'], String(body.length), 'nor its length')
+  }
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.ok(gw.audit().slice(-4).every(r => r.bytesIn === body.length), 'the body read is still counted in the audit')
+  const bad = await httpRequest(`${gw.url}/v1/conversations/conv_1`, { method: 'DELETE', headers: { ...auth, 'content-length': 5 }, body: '{"a":' })
+  t.equal(bad.status, 400, 'a body that is not JSON is still refused, as on every call')
+})
+
 t.test('an upstream error answer that quotes the upstream token reaches the client without it', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

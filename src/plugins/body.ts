@@ -11,6 +11,7 @@ import {
   UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
+import type { Action } from '../operations.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -101,6 +102,13 @@ export function serializeBody (value: unknown, from: unknown): Buffer {
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
+/**
+ * Calls whose API takes no body: a body sent with one is read and checked like any other (it is JSON, within the
+ * limit), but not passed on. Nothing in it was checked for what it names (a `conversation` of another team, keys the
+ * gateway keeps), and the upstream has no use for it.
+ */
+const TAKES_NO_BODY: ReadonlySet<Action> = new Set<Action>(['conversation.delete', 'item.delete', 'response.delete', 'response.cancel'])
+
 export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.decorateRequest('bodyBytes', 0)
   app.decorateRequest('parsedBody', undefined)
@@ -169,6 +177,11 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       return
     }
     request.bodyBytes = buf.length
+    const operation = request.operation
+    if (operation !== null && TAKES_NO_BODY.has(operation.action)) {
+      done(null, undefined)
+      return
+    }
     // The exact bytes go upstream from request.upstreamBody (plugins/proxy.ts): reply-from is given no body of
     // its own to encode or stream, which it would only do for nothing.
     request.upstreamBody = buf
