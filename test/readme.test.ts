@@ -1,10 +1,11 @@
-// The README's reference tables against the code they describe: the error table against src/errors.ts, the
-// metrics table against a scrape, the audit record's fields against a record the gateway wrote. (The config
-// tables are held to the schema in config.test.ts.) A code, metric or field added without its row, or a row
+// The README's reference tables against the code they describe: the routes against operations.ts, the error
+// table against src/errors.ts, the metrics table against a scrape, the audit record's fields against a record the
+// gateway wrote, the Layout against src/. (The config tables are held to the schema in config.test.ts.) A code, metric or field added without its row, or a row
 // left behind by one removed, fails here rather than misleading an operator.
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import t from 'tap'
 import * as errors from '../src/errors.js'
+import { API_PREFIX, RESOURCES } from '../src/operations.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig } from './fixtures/gateway.js'
 import { startUpstream } from './fixtures/upstream.js'
 
@@ -62,4 +63,20 @@ t.test('the README record table names every field of an audit record, in the fil
   const [record] = await gw.auditFile()
   const documented = tableRows('### The record').map(([field]) => spanned(field!)!)
   t.same(Object.keys(record!).sort(), [...documented].sort())
+})
+
+t.test('the README routes table lists every routed operation, with its action and scope, and no other', async t => {
+  const documented = tableRows('## Routes')
+    .filter(([, action]) => /^`[a-z_]+\.[a-z_]+`$/.test(action!))
+    .map(([route, action, scope]) => `${spanned(route!)!.replace(/\{(\w+)\}/g, ':$1')} ${spanned(action!)} ${spanned(scope!)}`)
+  const routed = RESOURCES.flatMap(r => Object.entries(r.methods).map(([method, op]) => `${method} ${API_PREFIX}${r.route} ${op.action} ${op.scope}`))
+  t.same(documented.sort(), routed.sort())
+})
+
+t.test('the README Layout names every module and folder of src/', async t => {
+  const layout = readme.slice(readme.indexOf('\n## Layout\n'))
+  for (const entry of readdirSync('src', { withFileTypes: true })) {
+    const name = entry.isDirectory() ? `src/${entry.name}/` : `src/${entry.name}`
+    t.ok(layout.includes(name), `${name} is named`)
+  }
 })
