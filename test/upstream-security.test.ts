@@ -351,6 +351,35 @@ t.test('a short 2xx answer passed on unchanged that spells the token with JSON e
   t.notMatch(raw, escaped)
 })
 
+t.test('a token spelled with JSON escapes in an answer JSON.parse refuses but a client reads (a BOM first, a NaN) reaches the client without it', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const escaped = [...UPSTREAM_TOKEN].map(c => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')
+  const item = `{"type":"message","id":"msg_1","status":"completed","role":"user","content":[{"type":"input_text","text":"Bearer ${escaped}"}]}`
+  // A byte order mark before the JSON: the Node SDK (fetch's json()) and the Python SDK (httpx) both skip it.
+  const withBom = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(`{"object":"list","data":[${item}],"has_more":false}`)])
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': withBom.length }).end(withBom) }
+  const page = await sdk.conversations.items.list('conv_1')
+  t.equal((page.data[0] as { content: Array<{ text: string }> }).content[0]!.text, 'Bearer [redacted]', 'the SDK reads it without the token')
+  // NaN, which Python's json module (the Python SDK's reader, of answers and of events) takes.
+  const withNaN = `{"object":"list","data":[${item}],"has_more":false,"score":NaN}`
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': withNaN.length }).end(withNaN) }
+  const list = await (await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })).text()
+  t.notMatch(list, escaped)
+  t.match(list, '"text":"Bearer [redacted]"')
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n')
+    res.write(`event: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":1,"note":"Bearer ${escaped}","score":NaN}\n\n`)
+    res.end('event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","output":[]}}\n\n')
+  }
+  const events = await (await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })).text()
+  t.notMatch(events, escaped, 'an event whose data is not JSON to JSON.parse')
+  t.match(events, '"note":"Bearer [redacted]"')
+})
+
 t.test('a 2xx answer broken off before its content-length, or compressed beyond reading, is a 502, never passed on unsearched', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
