@@ -78,9 +78,20 @@ export async function scanSeries (file: string): Promise<SeriesScan> {
   return { files: ordered, irregular }
 }
 
+/**
+ * The seq of a file's first record: lines before it that are not records (edited until they no longer parse) do
+ * not move the file out of its place in the series, where verification names them.
+ */
 async function firstSeqOf (path: string): Promise<number | null> {
-  const first = await firstLine(path)
-  return first === null ? null : parseChained(first)?.seq ?? null
+  try {
+    for await (const line of readLines(path)) {
+      const record = parseChained(line)
+      if (record !== null) return record.seq
+    }
+  } catch {
+    // unreadable: placed last, where verification names it
+  }
+  return null
 }
 
 /** Files ordered by the seq of their first record (files without one last, then by name). */

@@ -78,7 +78,8 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
               `seq ${record.seq} (a file, or the end of one, was removed)`
           }
         }
-        if (problem !== null) return bad(file, line, record.seq, problem)
+        // A line that is not a record is reported as such, at its own line, unless this record acknowledges it: a
+        // record edited until it no longer parses leaves the next one out of line too, and that is not where it was.
         if (torn !== null) {
           // The record saying so follows it in its file, or (the file moved by an outside rotation before the
           // restart) opens the next one, naming the torn line's file.
@@ -92,6 +93,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
             'checked with --head, shows whether records are missing)')
           torn = null
         }
+        if (problem !== null) return bad(file, line, record.seq, problem)
         if (record.event === 'audit.pruned') {
           pruned.set(Number(record.throughSeq), String(record.throughHash))
           notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
