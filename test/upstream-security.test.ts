@@ -380,6 +380,36 @@ t.test('a token spelled with JSON escapes in an answer JSON.parse refuses but a 
   t.match(events, '"note":"Bearer [redacted]"')
 })
 
+t.test('a 2xx answer in UTF-16 or UTF-32, which the Python SDK reads (it tells the encoding from the bytes), is not passed on: it cannot be searched', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const json = (text: string) => JSON.stringify({ object: 'list', data: [{ type: 'message', id: 'msg_1', content: [{ type: 'input_text', text }] }], has_more: false })
+  const utf16be = (text: string) => Buffer.from(text, 'utf16le').swap16()
+  const utf32le = (text: string) => Buffer.concat([...text].map(c => { const b = Buffer.alloc(4); b.writeUInt32LE(c.codePointAt(0)!); return b }))
+  const short = json(`Bearer ${UPSTREAM_TOKEN}`)
+  for (const [what, body] of [
+    ['UTF-16LE', Buffer.from(short, 'utf16le')],
+    ['UTF-16BE with its byte order mark', Buffer.concat([Buffer.from([0xfe, 0xff]), utf16be(short)])],
+    ['UTF-32LE', utf32le(short)]
+  ] as const) {
+    upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': body.length }).end(body) }
+    const res = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+    t.equal(res.status, 502, what)
+    t.match(await res.json(), { error: { code: 'upstream_unavailable' } }, what)
+  }
+  // Long and chunked, searched as it streams: broken off at its start rather than passed on.
+  const long = Buffer.from(json(`${'x'.repeat(100 * 1024)} Bearer ${UPSTREAM_TOKEN}`), 'utf16le')
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(long) }
+  const received = await sendRaw(gw.url, buildRequest('GET', '/v1/conversations/conv_1/items', [['Authorization', `Bearer ${KEYS.full}`]]))
+  t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le')), 'the token never reaches the client')
+  t.notOk(received.response?.complete === true && received.response.status === 200, 'nor a whole answer')
+  // UTF-8 and ASCII answers, whatever their first bytes, go on.
+  const clean = json('hello')
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(clean) }).end(clean) }
+  t.equal(await (await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })).text(), clean)
+})
+
 t.test('a 2xx answer broken off before its content-length, or compressed beyond reading, is a 502, never passed on unsearched', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

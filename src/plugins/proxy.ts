@@ -19,7 +19,7 @@ import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
-import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
+import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -461,6 +461,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // Compressed all the same (the gateway asks for no encoding): it can only be searched once decoded, whole.
       raw = encoded ? await upstream.readWhole(res.stream) : await readBody(res.stream, MAX_SEARCHED_WHOLE_BYTES, upstream.timeoutMs)
       decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
+      if (isWideText(decoded)) throw new Error(WIDE_TEXT)
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))

@@ -241,9 +241,24 @@ export class TokenScrubber {
     const search = this.#search
     if (search === null) return null
     let held: Buffer = EMPTY
+    let started = false
     return new Transform({
       transform (chunk: Buffer, _encoding, done) {
-        const [out, rest] = search(held.length === 0 ? chunk : Buffer.concat([held, chunk]), false)
+        const text = held.length === 0 ? chunk : Buffer.concat([held, chunk])
+        if (!started) {
+          // (its first two bytes tell)
+          if (text.length < 2) {
+            held = text
+            done()
+            return
+          }
+          if (isWideText(text)) {
+            done(new Error(WIDE_TEXT))
+            return
+          }
+          started = true
+        }
+        const [out, rest] = search(text, false)
         held = rest
         if (out.length === 0) done()
         else done(null, out)
@@ -281,6 +296,20 @@ export class TokenScrubber {
     }
     return walk(value)
   }
+}
+
+export const WIDE_TEXT = 'the answer is in UTF-16 or UTF-32, which is not searched for the token'
+
+/**
+ * Whether bytes read as UTF-16 or UTF-32 to a JSON reader that tells the encoding from them, as Python's does (and
+ * so the Python SDK; RFC 4627's rule): a byte order mark of either, or a zero byte among the first two. The token is
+ * searched for in UTF-8 (and ASCII), in which each of its characters is one byte: such an answer cannot be searched,
+ * and is not passed on.
+ */
+export function isWideText (body: Buffer): boolean {
+  if (body.length < 2) return false
+  const [a, b] = [body[0], body[1]]
+  return a === 0 || b === 0 || (a === 0xfe && b === 0xff) || (a === 0xff && b === 0xfe)
 }
 
 /** Whether a JSON text holds any backslash escape (only then can a string's value differ from its bytes). */
