@@ -121,6 +121,28 @@ t.test('the upstream gets only the headers it needs, and our token last', async 
   t.notOk(upstream.everything().includes('6.6.6.6'), 'no client-supplied forwarding header')
 })
 
+t.test('a gateway key a client put in its User-Agent or Accept reaches neither the upstream nor the audit record', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const sdk = new OpenAI({
+    apiKey: KEYS.full,
+    baseURL: `${gw.url}/v1`,
+    maxRetries: 0,
+    // (an app that tags its calls with its credentials, as some debugging setups do)
+    defaultHeaders: { 'User-Agent': `team-search/1.0 key=${KEYS.full}`, Accept: `application/json; k=${KEYS.other}` }
+  })
+  await sdk.conversations.create({ metadata: { a: 'b' } })
+  const seen = upstream.requests[0]!
+  t.equal(seen.headers['user-agent'], 'team-search/1.0 key=ogw_[withheld]')
+  t.equal(seen.headers.accept, 'application/json; k=ogw_[withheld]')
+  t.notOk(upstream.everything().includes(KEYS.full), 'the client key is nowhere upstream')
+  t.notOk(upstream.everything().includes(KEYS.other), 'nor any other key')
+  const [record] = await gw.auditFile()
+  t.equal(record!.userAgent, 'team-search/1.0 key=ogw_[withheld]')
+  t.notMatch(JSON.stringify(record), KEYS.full)
+})
+
 t.test('an upstream error answer that quotes the upstream token reaches the client without it', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -17,6 +17,7 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
+import { withoutKeys } from '../keys.js'
 import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
@@ -83,7 +84,10 @@ const STREAM_REFUSED_EVENT = streamErrorEvent('The upstream API sent an event th
 /** The end of a shutdown's grace came before the stream's (app.abortInFlight). */
 const STREAM_SHUTDOWN_EVENT = streamErrorEvent('The gateway is shutting down and its grace for calls in flight is over: the stream was ended before the response was complete.', 'gateway_shutting_down')
 
-/** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
+/**
+ * Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. A gateway
+ * key in one (an app that tags its calls with its credentials) is withheld: keys never leave the gateway.
+ */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
 
 /**
@@ -139,7 +143,7 @@ export function upstreamRequestHeaders (
   const out: Record<string, string> = {}
   for (const name of FORWARDED_REQUEST_HEADERS) {
     const value = headers[name]
-    if (typeof value === 'string') out[name] = value
+    if (typeof value === 'string') out[name] = withoutKeys(value)
   }
   const idempotencyKey = out['idempotency-key']
   if (idempotencyKey !== undefined) out['idempotency-key'] = clientIdempotencyKey(request.client?.id ?? '', idempotencyKey)
