@@ -285,6 +285,11 @@ const UNKNOWN_TARGETS: Array<[method: string, target: string]> = [
   ['GET', '/v1//conversations/conv_x'],
   ['GET', 'http://evil.example/v1/conversations/x'],
   ['POST', 'http://evil.example/v1/conversations'],
+  // absolute-form targets find-my-way answers itself (FST_ERR_BAD_URL): a fragment, no host, a host it cannot parse
+  ['GET', 'http://evil.example/v1/conversations/x#frag'],
+  ['POST', 'http://evil.example/v1/conversations?a=1#'],
+  ['GET', 'http:///v1/conversations/x'],
+  ['GET', 'http://[evil/v1/conversations/x'],
   ['OPTIONS', '*'],
   // OpenAI's own routes whose names stand where a response id goes: not routed here, so not a 405 either
   ['POST', '/v1/responses/input_tokens'],
