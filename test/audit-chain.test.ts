@@ -3,6 +3,7 @@
 import { createHash, createHmac } from 'node:crypto'
 import { readFileSync, unlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { gzipSync } from 'node:zlib'
 import canonicalize from 'canonicalize'
 import t from 'tap'
 import { canonicalJson, chainHasher, GENESIS_HASH } from '../src/audit/chain.js'
@@ -171,6 +172,22 @@ t.test('a record edited until it no longer parses (a byte order mark, a characte
       t.match(failure(await verifySeries(ordered, sha256)), { file: files[fileIndex], line: lineIndex + 1, seq: null, reason: /not an audit record/ },
         `${what} on ${where}`)
     }
+  }
+})
+
+t.test('a closed file none of whose lines is a record any more (overwritten, gzipped twice) is named, not the gap it leaves', async t => {
+  for (const what of ['overwritten', 'gzipped twice']) {
+    const { files } = await series()
+    let spoiled = files[1]!
+    if (what === 'overwritten') {
+      writeLines(spoiled, linesOf(spoiled).map(l => l.slice(1)))
+    } else {
+      spoiled = `${files[1]!}.gz`
+      writeFileSync(spoiled, gzipSync(gzipSync(readFileSync(files[1]!))))
+      unlinkSync(files[1]!)
+    }
+    const ordered = (await inSeriesOrder(files.map(f => f === files[1] ? spoiled : f))).map(f => f.path)
+    t.match(failure(await verifySeries(ordered, sha256)), { file: spoiled, line: 1, seq: null, reason: /not an audit record/ }, what)
   }
 })
 

@@ -241,6 +241,24 @@ export async function readProblem (file: string): Promise<AuditReadError | null>
   }
 }
 
+/**
+ * Whether a file has whole lines and no record among them (overwritten, gzipped twice, not a file of the series):
+ * it has no first seq, and is put last. A crash leaves at most one line, without its newline: not this.
+ */
+export async function holdsNoRecord (file: string): Promise<boolean> {
+  const end: LineEnd = { unterminated: false }
+  let lines = 0
+  try {
+    for await (const line of readLines(file, end)) {
+      if (parseChained(line) !== null) return false
+      lines++
+    }
+  } catch {
+    return false // unreadable: readProblem says so
+  }
+  return lines > (end.unterminated ? 1 : 0)
+}
+
 /** The first line of a file (at most 1 MiB of it), or null for an empty or unreadable file. */
 export async function firstLine (file: string): Promise<string | null> {
   try {

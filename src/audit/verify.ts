@@ -13,7 +13,7 @@ import { basename } from 'node:path'
 import {
   GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
 } from './chain.js'
-import { AuditReadError, readLines, readProblem, type LineEnd } from './series.js'
+import { AuditReadError, holdsNoRecord, readLines, readProblem, type LineEnd } from './series.js'
 
 export interface VerifyOptions {
   /** a head published earlier: it must be the hash of a record of the series */
@@ -53,6 +53,12 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
   for (const file of files) {
     const unreadable = await readProblem(file)
     if (unreadable !== null) return bad(file, unreadable.line + 1, null, unreadable.message)
+  }
+  // Nor has one whose whole lines are none of them records.
+  for (const file of files) {
+    if (await holdsNoRecord(file)) {
+      return bad(file, 1, null, 'this line is not an audit record, and no line of this file is one: the file was overwritten, or is no file of the series')
+    }
   }
   for (const file of files) {
     let line = 0
