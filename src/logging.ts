@@ -33,7 +33,7 @@ export function appLoggerOptions (level: string): LoggerOptions {
       req (req: FastifyRequest) {
         // A query holding a credential (refused by the router) is left out whole.
         const url = credentialParam(req.url) === null ? req.url : `${rawPath(req.url)}?[withheld: it names a credential]`
-        return { method: req.method, url: cut(withoutKeys(url)), host: cut(req.host), remoteAddress: req.ip }
+        return { method: req.method, url: cut(withoutKeys(url)), host: cut(withoutKeys(req.host)), remoteAddress: req.ip }
       }
     }
   }

@@ -143,6 +143,16 @@ t.test('a gateway key a client put in its User-Agent or Accept reaches neither t
   t.notMatch(JSON.stringify(record), KEYS.full)
 })
 
+t.test('a gateway key a client put in its Host header stays out of the log (its request lines at debug name the host)', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // (startGateway's teardown fails the test when any log line, at trace level, holds a key)
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const { response } = await sendRaw(gw.url, buildRequest('GET', '/v1/conversations/conv_1', [['Host', `${KEYS.other}.example`], ['Authorization', `Bearer ${KEYS.full}`]]))
+  t.ok(response !== null && response.status < 500, 'answered')
+  t.match(gw.logs.join(''), '"host":"ogw_[withheld].example"', 'the host, the key withheld')
+})
+
 t.test('an upstream error answer that quotes the upstream token reaches the client without it', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
