@@ -309,6 +309,15 @@ t.test('any path outside the Conversations routes gets 404 unknown_route and not
   await oneAuditLineEach(t, h)
 })
 
+t.test('the log names a target the router cannot take (absolute-form, a malformed escape) as the client sent it', async t => {
+  const h = await setup(t)
+  for (const target of ['http://evil.example/v1/conversations/x#frag', '/v1/conversations/%zz']) {
+    await sendRaw(h.gw.url, buildRequest('GET', target, [FULL]))
+    t.ok(h.gw.logs.some(line => line.includes(`"url":${JSON.stringify(target)}`)), target)
+  }
+  t.notOk(h.gw.logs.some(line => line.includes('"url":"/.unroutable"')), 'never the stand-in the router is given')
+})
+
 // The four path shapes, the Allow header the gateway sends for each, and methods outside it.
 const SHAPES: Array<[path: string, allow: string, others: string[]]> = [
   ['/v1/conversations', 'POST', ['GET', 'DELETE']],
