@@ -53,22 +53,25 @@ export interface AppDependencies {
   ownerCache?: OwnerCache
 }
 
-/** Stands in for a target the router cannot percent-decode; the original stays in request.originalUrl. */
-const UNDECODABLE_TARGET = '/.undecodable'
+/** Stands in for a target the router cannot take; the original stays in request.originalUrl. */
+const UNROUTABLE_TARGET = '/.unroutable'
 
 /**
- * find-my-way decodes the whole path before routing and Fastify answers a malformed escape (`%zz`) itself,
- * before any hook: no request id, no audit record, and no key check first. Route such a target to nowhere
- * instead; the gateway's hooks then judge the original, where a `%` can never pass the id rule.
+ * find-my-way decodes the whole path before routing, and Fastify answers itself, before any hook (no request id,
+ * no audit record, its own error shape), a malformed escape (`%zz`) and an absolute-form target it cannot take
+ * (`http://host/path#fragment`, no host, a host it cannot parse: FST_ERR_BAD_URL, quoting the whole target, a
+ * key in it too). Route such a target to nowhere instead; the gateway's hooks then judge the original, where a
+ * `%` can never pass the id rule, and a target not in origin form (`/...`) is never a route.
  */
 function routableUrl (req: IncomingMessage): string {
   const url = req.url ?? '/'
+  if (url.charCodeAt(0) !== 0x2f) return UNROUTABLE_TARGET // (not '/')
   if (!url.includes('%')) return url // nothing to decode: the common case costs one scan
   try {
     decodeURIComponent(rawPath(url))
     return url
   } catch {
-    return UNDECODABLE_TARGET
+    return UNROUTABLE_TARGET
   }
 }
 

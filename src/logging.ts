@@ -31,9 +31,11 @@ export function appLoggerOptions (level: string): LoggerOptions {
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
     serializers: {
       req (req: FastifyRequest) {
-        // A query holding a credential (refused by the router) is left out whole.
-        const url = credentialParam(req.url) === null ? req.url : `${rawPath(req.url)}?[withheld: it names a credential]`
-        return { method: req.method, url: cut(withoutKeys(url)), host: cut(req.host), remoteAddress: req.ip }
+        // As the client sent it (a target the router cannot take is routed to a stand-in: app.ts routableUrl). A
+        // query holding a credential (refused by the router) is left out whole.
+        const sent = req.originalUrl ?? req.url
+        const url = credentialParam(sent) === null ? sent : `${rawPath(sent)}?[withheld: it names a credential]`
+        return { method: req.method, url: cut(withoutKeys(url)), host: cut(withoutKeys(req.host)), remoteAddress: req.ip }
       }
     }
   }

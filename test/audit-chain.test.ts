@@ -3,9 +3,11 @@
 import { createHash, createHmac } from 'node:crypto'
 import { readFileSync, unlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { gzipSync } from 'node:zlib'
 import canonicalize from 'canonicalize'
 import t from 'tap'
 import { canonicalJson, chainHasher, GENESIS_HASH } from '../src/audit/chain.js'
+import { inSeriesOrder } from '../src/audit/series.js'
 import { verifySeries, type VerifyResult } from '../src/audit/verify.js'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 
@@ -156,6 +158,37 @@ t.test('a line that is not a record is caught', async t => {
   lines.splice(1, 0, '{"note":"nothing to see"}')
   writeLines(files[0]!, lines)
   t.match(failure(await verifySeries(files, sha256)), { file: files[0], line: 2, seq: null, reason: /not an audit record/ })
+})
+
+t.test('a record edited until it no longer parses (a byte order mark, a character before it) is caught at its own line as not a record', async t => {
+  for (const [what, edit] of [['a BOM', (l: string) => `\ufeff${l}`], ['a character', (l: string) => `x${l}`], ['a brace', (l: string) => l.slice(1)]] as const) {
+    for (const [where, fileIndex, lineIndex] of [['a middle line', 1, 3], ['the first line of a middle file', 1, 0], ['the first line of the series', 0, 0]] as const) {
+      const { files } = await series()
+      const lines = linesOf(files[fileIndex]!)
+      lines[lineIndex] = edit(lines[lineIndex]!)
+      writeLines(files[fileIndex]!, lines)
+      // In the order audit verify takes them (by their first record's seq: an unreadable first line puts a file last).
+      const ordered = (await inSeriesOrder(files)).map(f => f.path)
+      t.match(failure(await verifySeries(ordered, sha256)), { file: files[fileIndex], line: lineIndex + 1, seq: null, reason: /not an audit record/ },
+        `${what} on ${where}`)
+    }
+  }
+})
+
+t.test('a closed file none of whose lines is a record any more (overwritten, gzipped twice) is named, not the gap it leaves', async t => {
+  for (const what of ['overwritten', 'gzipped twice']) {
+    const { files } = await series()
+    let spoiled = files[1]!
+    if (what === 'overwritten') {
+      writeLines(spoiled, linesOf(spoiled).map(l => l.slice(1)))
+    } else {
+      spoiled = `${files[1]!}.gz`
+      writeFileSync(spoiled, gzipSync(gzipSync(readFileSync(files[1]!))))
+      unlinkSync(files[1]!)
+    }
+    const ordered = (await inSeriesOrder(files.map(f => f === files[1] ? spoiled : f))).map(f => f.path)
+    t.match(failure(await verifySeries(ordered, sha256)), { file: spoiled, line: 1, seq: null, reason: /not an audit record/ }, what)
+  }
 })
 
 t.test('a published head passes only as the hash of a verified record: a cut tail fails even when a torn line quotes the head', async t => {

@@ -265,6 +265,23 @@ t.test('a newest closed file that no longer ends with a record stops the start, 
   t.notOk(existsSync(file + '.lock'), 'and the lock was let go')
 })
 
+t.test('a newest closed file whose first line was edited: a restart goes on from its last record, not from the file before', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 3)
+  renameSync(file, `${file}.20250101T000000Z.1`)
+  await writeSeries(file, 3, {}, 4)
+  const newest = `${file}.20250101T000000Z.4`
+  renameSync(file, newest) // rotated by hand while the gateway was stopped: no active file
+  const lines = linesOf(newest)
+  writeFileSync(newest, [`x${lines[0]!}`, ...lines.slice(1)].map(l => l + '\n').join(''))
+  const { writer } = await open(file)
+  writer.write(callRecord(7))
+  await writer.close()
+  // (not seq 4 again, linked to seq 3: a second chain beside the edited file, which verify would blame on it)
+  t.same(parsed(file).map(r => r.seq), [7])
+  t.match(await verify(file), { ok: false, file: newest, line: 1, reason: /not an audit record/ }, 'verify names the edited line')
+})
+
 t.test('a file of records without a chain (an older gateway\'s) is refused, not silently restarted', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   writeFileSync(file, JSON.stringify(callRecord(1)) + '\n')

@@ -285,6 +285,11 @@ const UNKNOWN_TARGETS: Array<[method: string, target: string]> = [
   ['GET', '/v1//conversations/conv_x'],
   ['GET', 'http://evil.example/v1/conversations/x'],
   ['POST', 'http://evil.example/v1/conversations'],
+  // absolute-form targets find-my-way answers itself (FST_ERR_BAD_URL): a fragment, no host, a host it cannot parse
+  ['GET', 'http://evil.example/v1/conversations/x#frag'],
+  ['POST', 'http://evil.example/v1/conversations?a=1#'],
+  ['GET', 'http:///v1/conversations/x'],
+  ['GET', 'http://[evil/v1/conversations/x'],
   ['OPTIONS', '*'],
   // OpenAI's own routes whose names stand where a response id goes: not routed here, so not a 405 either
   ['POST', '/v1/responses/input_tokens'],
@@ -302,6 +307,15 @@ t.test('any path outside the Conversations routes gets 404 unknown_route and not
     })
   }
   await oneAuditLineEach(t, h)
+})
+
+t.test('the log names a target the router cannot take (absolute-form, a malformed escape) as the client sent it', async t => {
+  const h = await setup(t)
+  for (const target of ['http://evil.example/v1/conversations/x#frag', '/v1/conversations/%zz']) {
+    await sendRaw(h.gw.url, buildRequest('GET', target, [FULL]))
+    t.ok(h.gw.logs.some(line => line.includes(`"url":${JSON.stringify(target)}`)), target)
+  }
+  t.notOk(h.gw.logs.some(line => line.includes('"url":"/.unroutable"')), 'never the stand-in the router is given')
 })
 
 // The four path shapes, the Allow header the gateway sends for each, and methods outside it.

@@ -92,6 +92,8 @@ t.test('an answer searched as it streams loses a token spelled with JSON escapes
     }
     t.equal(wrong, 0, `${spelling}: cut in two at every byte, taken out`)
     t.equal(await streamed(scrub, [...body].map(b => Buffer.from([b]))), want, `${spelling}: one byte at a time`)
+    t.equal(scrub.bytes(body).toString(), want, `${spelling}: searched whole`)
+    t.equal(scrub.bytes(Buffer.from(`\ufeff${body.toString()}NaN`)).toString(), `\ufeff${want}NaN`, `${spelling}: searched whole, not JSON to JSON.parse`)
   }
 })
 

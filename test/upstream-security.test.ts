@@ -145,6 +145,38 @@ t.test('a call whose API takes no body (a delete, a cancel) passes none upstream
   t.equal(bad.status, 400, 'a body that is not JSON is still refused, as on every call')
 })
 
+t.test('a gateway key a client put in its User-Agent or Accept reaches neither the upstream nor the audit record', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const sdk = new OpenAI({
+    apiKey: KEYS.full,
+    baseURL: `${gw.url}/v1`,
+    maxRetries: 0,
+    // (an app that tags its calls with its credentials, as some debugging setups do)
+    defaultHeaders: { 'User-Agent': `team-search/1.0 key=${KEYS.full}`, Accept: `application/json; k=${KEYS.other}` }
+  })
+  await sdk.conversations.create({ metadata: { a: 'b' } })
+  const seen = upstream.requests[0]!
+  t.equal(seen.headers['user-agent'], 'team-search/1.0 key=ogw_[withheld]')
+  t.equal(seen.headers.accept, 'application/json; k=ogw_[withheld]')
+  t.notOk(upstream.everything().includes(KEYS.full), 'the client key is nowhere upstream')
+  t.notOk(upstream.everything().includes(KEYS.other), 'nor any other key')
+  const [record] = await gw.auditFile()
+  t.equal(record!.userAgent, 'team-search/1.0 key=ogw_[withheld]')
+  t.notMatch(JSON.stringify(record), KEYS.full)
+})
+
+t.test('a gateway key a client put in its Host header stays out of the log (its request lines at debug name the host)', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // (startGateway's teardown fails the test when any log line, at trace level, holds a key)
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const { response } = await sendRaw(gw.url, buildRequest('GET', '/v1/conversations/conv_1', [['Host', `${KEYS.other}.example`], ['Authorization', `Bearer ${KEYS.full}`]]))
+  t.ok(response !== null && response.status < 500, 'answered')
+  t.match(gw.logs.join(''), '"host":"ogw_[withheld].example"', 'the host, the key withheld')
+})
+
 t.test('an upstream error answer that quotes the upstream token reaches the client without it', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
@@ -373,6 +405,65 @@ t.test('a short 2xx answer passed on unchanged that spells the token with JSON e
   const raw = await (await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })).text()
   t.match(raw, '"n":12345678901234567890', 'every other value as it came')
   t.notMatch(raw, escaped)
+})
+
+t.test('a token spelled with JSON escapes in an answer JSON.parse refuses but a client reads (a BOM first, a NaN) reaches the client without it', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const escaped = [...UPSTREAM_TOKEN].map(c => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')
+  const item = `{"type":"message","id":"msg_1","status":"completed","role":"user","content":[{"type":"input_text","text":"Bearer ${escaped}"}]}`
+  // A byte order mark before the JSON: the Node SDK (fetch's json()) and the Python SDK (httpx) both skip it.
+  const withBom = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(`{"object":"list","data":[${item}],"has_more":false}`)])
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': withBom.length }).end(withBom) }
+  const page = await sdk.conversations.items.list('conv_1')
+  t.equal((page.data[0] as { content: Array<{ text: string }> }).content[0]!.text, 'Bearer [redacted]', 'the SDK reads it without the token')
+  // NaN, which Python's json module (the Python SDK's reader, of answers and of events) takes.
+  const withNaN = `{"object":"list","data":[${item}],"has_more":false,"score":NaN}`
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': withNaN.length }).end(withNaN) }
+  const list = await (await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })).text()
+  t.notMatch(list, escaped)
+  t.match(list, '"text":"Bearer [redacted]"')
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n')
+    res.write(`event: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":1,"note":"Bearer ${escaped}","score":NaN}\n\n`)
+    res.end('event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","output":[]}}\n\n')
+  }
+  const events = await (await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })).text()
+  t.notMatch(events, escaped, 'an event whose data is not JSON to JSON.parse')
+  t.match(events, '"note":"Bearer [redacted]"')
+})
+
+t.test('a 2xx answer in UTF-16 or UTF-32, which the Python SDK reads (it tells the encoding from the bytes), is not passed on: it cannot be searched', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const json = (text: string) => JSON.stringify({ object: 'list', data: [{ type: 'message', id: 'msg_1', content: [{ type: 'input_text', text }] }], has_more: false })
+  const utf16be = (text: string) => Buffer.from(text, 'utf16le').swap16()
+  const utf32le = (text: string) => Buffer.concat([...text].map(c => { const b = Buffer.alloc(4); b.writeUInt32LE(c.codePointAt(0)!); return b }))
+  const short = json(`Bearer ${UPSTREAM_TOKEN}`)
+  for (const [what, body] of [
+    ['UTF-16LE', Buffer.from(short, 'utf16le')],
+    ['UTF-16BE with its byte order mark', Buffer.concat([Buffer.from([0xfe, 0xff]), utf16be(short)])],
+    ['UTF-32LE', utf32le(short)]
+  ] as const) {
+    upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': body.length }).end(body) }
+    const res = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+    t.equal(res.status, 502, what)
+    t.match(await res.json(), { error: { code: 'upstream_unavailable' } }, what)
+  }
+  // Long and chunked, searched as it streams: broken off at its start rather than passed on.
+  const long = Buffer.from(json(`${'x'.repeat(100 * 1024)} Bearer ${UPSTREAM_TOKEN}`), 'utf16le')
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(long) }
+  const received = await sendRaw(gw.url, buildRequest('GET', '/v1/conversations/conv_1/items', [['Authorization', `Bearer ${KEYS.full}`]]))
+  t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le')), 'the token never reaches the client')
+  t.notOk(received.response?.complete === true && received.response.status === 200, 'nor a whole answer')
+  // UTF-8 and ASCII answers, whatever their first bytes, go on.
+  const clean = json('hello')
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(clean) }).end(clean) }
+  t.equal(await (await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })).text(), clean)
 })
 
 t.test('a 2xx answer broken off before its content-length, or compressed beyond reading, is a 502, never passed on unsearched', async t => {

@@ -78,9 +78,20 @@ export async function scanSeries (file: string): Promise<SeriesScan> {
   return { files: ordered, irregular }
 }
 
+/**
+ * The seq of a file's first record: lines before it that are not records (edited until they no longer parse) do
+ * not move the file out of its place in the series, where verification names them.
+ */
 async function firstSeqOf (path: string): Promise<number | null> {
-  const first = await firstLine(path)
-  return first === null ? null : parseChained(first)?.seq ?? null
+  try {
+    for await (const line of readLines(path)) {
+      const record = parseChained(line)
+      if (record !== null) return record.seq
+    }
+  } catch {
+    // unreadable: placed last, where verification names it
+  }
+  return null
 }
 
 /** Files ordered by the seq of their first record (files without one last, then by name). */
@@ -228,6 +239,24 @@ export async function readProblem (file: string): Promise<AuditReadError | null>
     if (err instanceof AuditReadError) return err
     throw err
   }
+}
+
+/**
+ * Whether a file has whole lines and no record among them (overwritten, gzipped twice, not a file of the series):
+ * it has no first seq, and is put last. A crash leaves at most one line, without its newline: not this.
+ */
+export async function holdsNoRecord (file: string): Promise<boolean> {
+  const end: LineEnd = { unterminated: false }
+  let lines = 0
+  try {
+    for await (const line of readLines(file, end)) {
+      if (parseChained(line) !== null) return false
+      lines++
+    }
+  } catch {
+    return false // unreadable: readProblem says so
+  }
+  return lines > (end.unterminated ? 1 : 0)
 }
 
 /** The first line of a file (at most 1 MiB of it), or null for an empty or unreadable file. */

@@ -13,7 +13,7 @@ import { basename } from 'node:path'
 import {
   GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
 } from './chain.js'
-import { AuditReadError, readLines, readProblem, type LineEnd } from './series.js'
+import { AuditReadError, holdsNoRecord, readLines, readProblem, type LineEnd } from './series.js'
 
 export interface VerifyOptions {
   /** a head published earlier: it must be the hash of a record of the series */
@@ -54,6 +54,12 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
     const unreadable = await readProblem(file)
     if (unreadable !== null) return bad(file, unreadable.line + 1, null, unreadable.message)
   }
+  // Nor has one whose whole lines are none of them records.
+  for (const file of files) {
+    if (await holdsNoRecord(file)) {
+      return bad(file, 1, null, 'this line is not an audit record, and no line of this file is one: the file was overwritten, or is no file of the series')
+    }
+  }
   for (const file of files) {
     let line = 0
     let inFile = 0
@@ -78,7 +84,8 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
               `seq ${record.seq} (a file, or the end of one, was removed)`
           }
         }
-        if (problem !== null) return bad(file, line, record.seq, problem)
+        // A line that is not a record is reported as such, at its own line, unless this record acknowledges it: a
+        // record edited until it no longer parses leaves the next one out of line too, and that is not where it was.
         if (torn !== null) {
           // The record saying so follows it in its file, or (the file moved by an outside rotation before the
           // restart) opens the next one, naming the torn line's file.
@@ -92,6 +99,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
             'checked with --head, shows whether records are missing)')
           torn = null
         }
+        if (problem !== null) return bad(file, line, record.seq, problem)
         if (record.event === 'audit.pruned') {
           pruned.set(Number(record.throughSeq), String(record.throughHash))
           notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)

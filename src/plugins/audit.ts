@@ -209,7 +209,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     upstreamLine: call?.line ?? null,
     upstreamMs: upstream?.ms ?? null,
     upstreamRequestId: upstream?.requestId ?? null,
-    userAgent: typeof userAgent === 'string' ? userAgent.slice(0, 512) : null
+    userAgent: typeof userAgent === 'string' ? withoutKeys(userAgent).slice(0, 512) : null
   }
 }
 

@@ -17,9 +17,10 @@ import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter, type EventRewrite } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
+import { withoutKeys } from '../keys.js'
 import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
-import { decodedBody, hasEscapes, TokenScrubber } from '../upstream/scrub.js'
+import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -83,7 +84,10 @@ const STREAM_REFUSED_EVENT = streamErrorEvent('The upstream API sent an event th
 /** The end of a shutdown's grace came before the stream's (app.abortInFlight). */
 const STREAM_SHUTDOWN_EVENT = streamErrorEvent('The gateway is shutting down and its grace for calls in flight is over: the stream was ended before the response was complete.', 'gateway_shutting_down')
 
-/** Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. */
+/**
+ * Client headers the upstream gets; everything else (keys, cookies, x-forwarded-*, hop-by-hop) stays here. A gateway
+ * key in one (an app that tags its calls with its credentials) is withheld: keys never leave the gateway.
+ */
 const FORWARDED_REQUEST_HEADERS = ['accept', 'user-agent', 'idempotency-key'] as const
 
 /**
@@ -139,7 +143,7 @@ export function upstreamRequestHeaders (
   const out: Record<string, string> = {}
   for (const name of FORWARDED_REQUEST_HEADERS) {
     const value = headers[name]
-    if (typeof value === 'string') out[name] = value
+    if (typeof value === 'string') out[name] = withoutKeys(value)
   }
   const idempotencyKey = out['idempotency-key']
   if (idempotencyKey !== undefined) out['idempotency-key'] = clientIdempotencyKey(request.client?.id ?? '', idempotencyKey)
@@ -461,6 +465,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // Compressed all the same (the gateway asks for no encoding): it can only be searched once decoded, whole.
       raw = encoded ? await upstream.readWhole(res.stream) : await readBody(res.stream, MAX_SEARCHED_WHOLE_BYTES, upstream.timeoutMs)
       decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
+      if (isWideText(decoded)) throw new Error(WIDE_TEXT)
     } catch (err) {
       // An answer that cannot be searched is not passed on: fail closed.
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))

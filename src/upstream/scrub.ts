@@ -127,12 +127,74 @@ function joinBytes (body: Buffer, parts: Array<[number, number]>): Buffer {
   return Buffer.concat(parts.flatMap(([from, to], i) => i === 0 ? [body.subarray(from, to)] : [REDACTED_BYTES, body.subarray(from, to)]))
 }
 
+/**
+ * What searches bytes for every spelling of `tokens` (printable ASCII, as the config requires): each character as
+ * written or as a JSON escape (`\u0073`, `\/`). The searcher gives the text with every spelling found replaced, up
+ * to the first place where the text ends too soon to tell (none when `final`), and the rest.
+ */
+function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boolean) => [Buffer, Buffer] {
+  // Where a spelling can start (in increasing order, each looked at once): where a token is found as written
+  // (indexOf, quick), a place less than a token's length before a backslash (the first character it escapes is
+  // within the token), and a place near the end of what has come so far (a spelling the next chunk may end).
+  const literals = tokens.map(token => Buffer.from(token))
+  const maxLength = Math.max(...tokens.map(token => token.length))
+  const maxSpelling = 6 * maxLength // every character as `\uXXXX`
+  const isStart = new Uint8Array(256)
+  isStart[BACKSLASH] = 1
+  for (const token of tokens) isStart[token.charCodeAt(0)] = 1
+  return (text: Buffer, final: boolean): [Buffer, Buffer] => {
+    const out = final ? NONE : PARTIAL
+    const firstStart = (from: number, to: number): number => {
+      while (from < to && isStart[text[from]!] === 0) from++
+      return from
+    }
+    // the next place each is found from `look` on (found again only once `look` is past it)
+    const nextOf = (find: Buffer | number, found: number, look: number): number => {
+      if (found >= look) return found
+      const at = text.indexOf(find, look)
+      return at === -1 ? text.length : at
+    }
+    const found = literals.map(() => -1)
+    let backslash = -1
+    const tail = Math.max(0, text.length - maxSpelling)
+    const parts: Array<[number, number]> = []
+    let from = 0
+    let look = 0
+    let at: number
+    for (;;) {
+      at = text.length
+      for (let i = 0; i < literals.length; i++) {
+        found[i] = nextOf(literals[i]!, found[i]!, look)
+        at = Math.min(at, found[i]!)
+      }
+      backslash = nextOf(BACKSLASH, backslash, look)
+      if (backslash < at) at = firstStart(Math.max(look, backslash - maxLength + 1), backslash)
+      if (Math.max(look, tail) < at) at = firstStart(Math.max(look, tail), at)
+      if (at === text.length) break
+      let end = NONE
+      for (const token of tokens) end = longer(end, spellingEnd(text, at, token, 0, out))
+      if (end === PARTIAL) break
+      if (end === NONE) {
+        look = at + 1
+        continue
+      }
+      parts.push([from, at])
+      from = look = end
+    }
+    parts.push([from, at])
+    const done = parts.length > 1 ? joinBytes(text, parts) : at === text.length ? text : text.subarray(0, at)
+    return [done, text.subarray(at)]
+  }
+}
+
 export class TokenScrubber {
   readonly #current: () => string
   /** the tokens remembered, newest first */
   #tokens: string[] = []
   /** their spellings as bytes: as written, and as JSON.stringify escapes them */
   #bytes: Buffer[] = []
+  /** what finds them spelled with any JSON escapes; null while there is no token to search for */
+  #search: ((text: Buffer, final: boolean) => [Buffer, Buffer]) | null = null
 
   constructor (current: () => string) {
     this.#current = current
@@ -145,6 +207,7 @@ export class TokenScrubber {
       this.#tokens = [token, ...this.#tokens.filter(t => t !== token)].slice(0, REMEMBERED_TOKENS)
       const spellings = new Set(this.#tokens.flatMap(t => [t, JSON.stringify(t).slice(1, -1)]))
       this.#bytes = [...spellings].map(t => Buffer.from(t))
+      this.#search = spellingSearch(this.#tokens)
     }
     return token
   }
@@ -155,9 +218,15 @@ export class TokenScrubber {
     return replaceAll(text, this.#tokens, parts => parts.map(([from, to]) => text.slice(from, to)).join(REDACTED))
   }
 
-  /** `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none. */
+  /**
+   * `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none: as written,
+   * and, in a text with a backslash, with any character of it a JSON escape (`\u0073`, `\/`), whether or not the
+   * text parses as JSON here. A client's reader may take what JSON.parse refuses: the SDKs read a body that
+   * starts with a byte order mark, Python's reads NaN.
+   */
   bytes (body: Buffer): Buffer {
     this.token()
+    if (this.#search !== null && hasEscapes(body)) return this.#search(body, true)[0]
     return replaceAll(body, this.#bytes, parts => joinBytes(body, parts))
   }
 
@@ -169,64 +238,27 @@ export class TokenScrubber {
    */
   stream (): Transform | null {
     this.token()
-    const tokens = this.#tokens
-    if (tokens.length === 0) return null
-    // Where a spelling can start (in increasing order, each looked at once): where a token is found as written
-    // (indexOf, quick), a place less than a token's length before a backslash (the first character it escapes is
-    // within the token), and a place near the end of what has come so far (a spelling the next chunk may end).
-    const literals = tokens.map(token => Buffer.from(token))
-    const maxLength = Math.max(...tokens.map(token => token.length))
-    const maxSpelling = 6 * maxLength // every character as `\uXXXX`
-    const isStart = new Uint8Array(256)
-    isStart[BACKSLASH] = 1
-    for (const token of tokens) isStart[token.charCodeAt(0)] = 1
-    /** `text` with the tokens in it replaced, up to the first place the text ends too soon to tell; and the rest. */
-    const search = (text: Buffer, final: boolean): [Buffer, Buffer] => {
-      const out = final ? NONE : PARTIAL
-      const firstStart = (from: number, to: number): number => {
-        while (from < to && isStart[text[from]!] === 0) from++
-        return from
-      }
-      // the next place each is found from `look` on (found again only once `look` is past it)
-      const nextOf = (find: Buffer | number, found: number, look: number): number => {
-        if (found >= look) return found
-        const at = text.indexOf(find, look)
-        return at === -1 ? text.length : at
-      }
-      const found = literals.map(() => -1)
-      let backslash = -1
-      const tail = Math.max(0, text.length - maxSpelling)
-      const parts: Array<[number, number]> = []
-      let from = 0
-      let look = 0
-      let at: number
-      for (;;) {
-        at = text.length
-        for (let i = 0; i < literals.length; i++) {
-          found[i] = nextOf(literals[i]!, found[i]!, look)
-          at = Math.min(at, found[i]!)
-        }
-        backslash = nextOf(BACKSLASH, backslash, look)
-        if (backslash < at) at = firstStart(Math.max(look, backslash - maxLength + 1), backslash)
-        if (Math.max(look, tail) < at) at = firstStart(Math.max(look, tail), at)
-        if (at === text.length) break
-        let end = NONE
-        for (const token of tokens) end = longer(end, spellingEnd(text, at, token, 0, out))
-        if (end === PARTIAL) break
-        if (end === NONE) {
-          look = at + 1
-          continue
-        }
-        parts.push([from, at])
-        from = look = end
-      }
-      parts.push([from, at])
-      return [parts.length === 1 ? text.subarray(0, at) : joinBytes(text, parts), text.subarray(at)]
-    }
+    const search = this.#search
+    if (search === null) return null
     let held: Buffer = EMPTY
+    let started = false
     return new Transform({
       transform (chunk: Buffer, _encoding, done) {
-        const [out, rest] = search(held.length === 0 ? chunk : Buffer.concat([held, chunk]), false)
+        const text = held.length === 0 ? chunk : Buffer.concat([held, chunk])
+        if (!started) {
+          // (its first two bytes tell)
+          if (text.length < 2) {
+            held = text
+            done()
+            return
+          }
+          if (isWideText(text)) {
+            done(new Error(WIDE_TEXT))
+            return
+          }
+          started = true
+        }
+        const [out, rest] = search(text, false)
         held = rest
         if (out.length === 0) done()
         else done(null, out)
@@ -240,7 +272,8 @@ export class TokenScrubber {
 
   /**
    * A parsed JSON answer with the tokens taken out of every string (and key), or `value` itself when it holds
-   * none. Only needed when its text had backslash escapes (`hasEscapes`): without any, `bytes` found them all.
+   * none. Only needed when its text had backslash escapes (`hasEscapes`), for a value the gateway parses before
+   * its bytes are searched.
    */
   json (value: unknown): unknown {
     const walk = (v: unknown): unknown => {
@@ -263,6 +296,20 @@ export class TokenScrubber {
     }
     return walk(value)
   }
+}
+
+export const WIDE_TEXT = 'the answer is in UTF-16 or UTF-32, which is not searched for the token'
+
+/**
+ * Whether bytes read as UTF-16 or UTF-32 to a JSON reader that tells the encoding from them, as Python's does (and
+ * so the Python SDK; RFC 4627's rule): a byte order mark of either, or a zero byte among the first two. The token is
+ * searched for in UTF-8 (and ASCII), in which each of its characters is one byte: such an answer cannot be searched,
+ * and is not passed on.
+ */
+export function isWideText (body: Buffer): boolean {
+  if (body.length < 2) return false
+  const [a, b] = [body[0], body[1]]
+  return a === 0 || b === 0 || (a === 0xfe && b === 0xff) || (a === 0xff && b === 0xfe)
 }
 
 /** Whether a JSON text holds any backslash escape (only then can a string's value differ from its bytes). */
