@@ -250,6 +250,25 @@ t.test('a bad id from a client without a valid key gets 401, not 400: the key is
   await oneAuditLineEach(t, h)
 })
 
+t.test('a missing or malformed Authorization gets the same 401 as a wrong key: Basic, no scheme, two keys, two headers', async t => {
+  const h = await setup(t)
+  const denied = { status: 401, code: 'invalid_api_key', outcome: 'denied' } as const
+  const cases: Array<[string, Header[]]> = [
+    ['Basic', [['Authorization', `Basic ${Buffer.from(`x:${KEYS.full}`).toString('base64')}`]]],
+    ['the key with no scheme', [['Authorization', KEYS.full]]],
+    ['two keys in one header', [['Authorization', `Bearer ${KEYS.full} ${KEYS.other}`]]],
+    // Node keeps the first Authorization header and drops the second: which key the call is made with would be a
+    // guess (and a proxy in front may read the other one).
+    ['two headers, a valid key first', [FULL, bearer(KEYS.other)]],
+    ['two headers, the same key twice', [FULL, FULL]],
+    ['two headers, a valid key second', [['authorization', 'Bearer ogw_wrong'], FULL]]
+  ]
+  for (const [label, headers] of cases) {
+    await t.test(label, async t => { await expectRejected(t, h, get(`/v1/conversations/${h.conversationId}`, headers), denied) })
+  }
+  await oneAuditLineEach(t, h)
+})
+
 t.test('ids at the edges of the pattern reach the upstream byte for byte', async t => {
   const h = await setup(t)
   for (const id of ['a', 'Z', '0', '-', '_', 'conv_AZaz09-_', 'c'.repeat(100), 'c'.repeat(101), 'c'.repeat(200)]) {

@@ -16,6 +16,21 @@ export interface AuthOptions {
 
 const BEARER = /^Bearer +(\S+) *$/i
 
+/**
+ * The key of a request's one `Authorization: Bearer` header. Node keeps the first of two and drops the second: a
+ * request with two is refused like one with none (which of two keys a call is made with is not for the gateway to
+ * guess, nor for a proxy in front of it, which may read the other).
+ */
+function bearerKey (header: string | undefined, rawHeaders: string[]): string | undefined {
+  if (header === undefined) return undefined
+  let seen = 0
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!
+    if (name.length === 13 && name.toLowerCase() === 'authorization' && ++seen > 1) return undefined
+  }
+  return BEARER.exec(header)?.[1]
+}
+
 export default fp<AuthOptions>(async function auth (app, { directory, failuresPerMinute }) {
   const failures = new MemoryStore({ max: 10_000 })
 
@@ -29,7 +44,7 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
       done()
       return
     }
-    const key = BEARER.exec(request.headers.authorization ?? '')?.[1]
+    const key = bearerKey(request.headers.authorization, request.raw.rawHeaders)
     const holder = key === undefined ? null : directory.find(key)
     if (holder !== null) {
       request.client = holder.client
