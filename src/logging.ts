@@ -7,6 +7,7 @@ import { LRUCache } from 'lru-cache'
 import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
 import { withoutKeys } from './keys.js'
 import { credentialParam, rawPath } from './operations.js'
+import { clientIp } from './http/address.js'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
 export const REDACT_PATHS = [
@@ -35,7 +36,7 @@ export function appLoggerOptions (level: string): LoggerOptions {
         // query holding a credential (refused by the router) is left out whole.
         const sent = req.originalUrl ?? req.url
         const url = credentialParam(sent) === null ? sent : `${rawPath(sent)}?[withheld: it names a credential]`
-        return { method: req.method, url: cut(withoutKeys(url)), host: cut(withoutKeys(req.host)), remoteAddress: req.ip }
+        return { method: req.method, url: cut(withoutKeys(url)), host: cut(withoutKeys(req.host)), remoteAddress: clientIp(req) }
       }
     }
   }

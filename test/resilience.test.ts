@@ -966,4 +966,19 @@ t.test('bounded load and abuse', async t => {
     t.same(statuses, [401, 401, 429], 'by default the peer counts: a forged X-Forwarded-For does not reset the count')
     t.ok(strict.gw.audit().every(r => r.ip === '127.0.0.1'), 'and the audit has the real peer')
   })
+
+  await t.test('behind a trusted proxy that passes the client\'s X-Forwarded-For on, an entry that is no address is the proxy\'s: not recorded, not a fresh count each', async t => {
+    const { gw } = await setup(t, 1, {}, { trustProxy: ['127.0.0.1'], limits: { authFailuresPerMinute: 2 } })
+    const forged = ['garbage', 'a'.repeat(300), 'x1', 'x2', 'x3', 'fe80::1%' + 'z'.repeat(100)]
+    const statuses = []
+    for (const value of forged) {
+      statuses.push((await call(gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: { 'x-forwarded-for': value } })).status)
+    }
+    t.same(statuses, [401, 401, 429, 429, 429, 429], 'counted together, as the proxy\'s')
+    t.ok(gw.audit().every(r => r.ip === '127.0.0.1'), 'recorded as coming through the proxy')
+    t.notOk(gw.logs.some(l => l.includes('garbage') || l.includes('aaaaaaaa')), 'nor logged as the client\'s address')
+    const real = await call(gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: { 'x-forwarded-for': '2001:db8::7' } })
+    t.equal(real.status, 401, 'an address is believed as before')
+    t.equal(gw.audit().at(-1)!.ip, '2001:db8::7')
+  })
 })

@@ -14,6 +14,7 @@ import { ID_PATTERN, MAX_ID_LENGTH, matchOperation, rawPath, type Action, type O
 import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens } from '../responses/usage.js'
+import { clientIp } from '../http/address.js'
 
 /**
  * Every outcome a record can have, as the README's record table lists them: a gateway-made answer's (ErrorOutcome),
@@ -226,7 +227,7 @@ export default fp<AuditOptions>(async function audit (app, { writer, onFailure }
   app.addHook('onRequest', (request, reply, done) => {
     if (request.routeOptions.config.internal !== true) {
       // Body bytes are counted by the response itself (http/response.ts).
-      const watch: ResponseWatch = { start: performance.now(), ip: request.ip, upstreamStreamFailed: false }
+      const watch: ResponseWatch = { start: performance.now(), ip: clientIp(request), upstreamStreamFailed: false }
       request.auditWatch = watch
       // 'close' comes exactly once for every response, finished or not; the record is built on it. (on, not once:
       // with one 'close' per response, once's wrapper would be one more object per call for nothing; the same

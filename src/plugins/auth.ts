@@ -7,6 +7,7 @@ import type { ClientDirectory } from '../clients.js'
 import { InvalidApiKeyError, retryAfterSeconds, TooManyAuthFailuresError } from '../errors.js'
 import { MemoryStore } from '../stores/memory.js'
 import { formatDuration } from './rate-limit.js'
+import { clientIp } from '../http/address.js'
 
 export interface AuthOptions {
   directory: ClientDirectory
@@ -57,7 +58,7 @@ export default fp<AuthOptions>(async function auth (app, { directory, failuresPe
     const expired = key === undefined ? null : directory.expired(key)
     if (expired !== null) request.expiredKey = { clientId: expired.client.id, keyId: expired.keyId }
     const perMinute = failuresPerMinute()
-    const counted = failures.take(request.ip, { requestsPerMinute: perMinute, burst: perMinute })
+    const counted = failures.take(clientIp(request), { requestsPerMinute: perMinute, burst: perMinute })
     if (counted.allowed) throw new InvalidApiKeyError()
     const err = new TooManyAuthFailuresError(formatDuration(counted.retryAfterMs))
     // A wrong key stays wrong: the SDKs would wait out retry-after and send it again (a 429 is retried).
