@@ -14,7 +14,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
-import { SseRewriter, type EventRewrite } from '../responses/sse.js'
+import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
@@ -303,8 +303,8 @@ export function addAnswerRewrite (request: FastifyRequest, step: (body: unknown)
   request.rewriteAnswer = before === null ? step : body => step(before(body))
 }
 
-/** The same for each event of a 2xx Server-Sent Events answer, streamed on one event at a time. */
-export function addEventRewrite (request: FastifyRequest, step: EventRewrite): void {
+/** The same for each event of a 2xx Server-Sent Events answer, checked one event at a time as the stream passes. */
+export function addEventRewrite (request: FastifyRequest, step: (data: unknown) => unknown): void {
   const before = request.rewriteEvent
   request.rewriteEvent = before === null ? step : data => step(before(data))
 }
@@ -578,9 +578,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           return
         }
         reply.removeHeader('content-length')
-        const events = new SseRewriter(data => {
+        const events = new SseRewriter((data, text) => {
           try {
-            return rewriteEvent(scrub.json(data))
+            // Searched string by string only when its text may hold the token: as written, or spelled with escapes
+            // (every event of a burst is checked here: a walk of each costs more than its parse).
+            return rewriteEvent(text.includes('\\') || scrub.text(text) !== text ? scrub.json(data) : data)
           } catch (err) {
             // As for an answer read whole: an event the gateway cannot check is not passed on (fail closed).
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')

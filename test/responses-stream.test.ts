@@ -1,0 +1,80 @@
+// A Responses stream relayed under load: a burst of small events (a long finished response retrieved as a stream,
+// which the upstream replays as fast as the network allows) is passed on in bounded slices, written together, and
+// no faster than the client reads; every byte still goes through as it came.
+import { once } from 'node:events'
+import t from 'tap'
+import { SLICE_EVENTS, SseRewriter } from '../src/responses/sse.js'
+
+/** `count` small delta events, as one chunk: what a socket read brings of a fast replay. */
+function burst (count: number): Buffer {
+  return Buffer.from(Array.from({ length: count }, (_, i) =>
+    `event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":${i},"item_id":"msg_1","output_index":0,"content_index":0,"delta":"x"}\n\n`
+  ).join(''))
+}
+
+const eventsIn = (bytes: Buffer): number => bytes.toString('latin1').split('\n\n').length - 1
+
+t.test('a burst of small events is handed over in bounded slices: work queued meanwhile (another client\'s call) runs before the burst is through', async t => {
+  const events = 10 * SLICE_EVENTS + 7
+  const input = burst(events)
+  // Every rewrite looks at the event, as the gateway's checks do, and changes nothing.
+  let rewritten = 0
+  const rewriter = new SseRewriter(data => { rewritten++; return data })
+  const out: Buffer[] = []
+  let passed = 0
+  rewriter.on('data', (chunk: Buffer) => { out.push(chunk); passed += eventsIn(chunk) })
+  // Other work of the event loop: what had passed each time it got its turn.
+  const seenByOtherWork: number[] = []
+  let over = false
+  const otherWork = () => {
+    seenByOtherWork.push(passed)
+    if (!over) setImmediate(otherWork)
+  }
+  setImmediate(otherWork)
+  rewriter.end(input)
+  await once(rewriter, 'end')
+  over = true
+  seenByOtherWork.push(passed)
+
+  t.equal(Buffer.concat(out).toString('latin1'), input.toString('latin1'), 'every byte went through as it came')
+  t.equal(rewritten, events, 'every event was checked')
+  t.ok(seenByOtherWork[0]! < events, `other work ran before the burst was through (at event ${seenByOtherWork[0]} of ${events})`)
+  const slices = seenByOtherWork.map((n, i) => n - (seenByOtherWork[i - 1] ?? 0))
+  t.ok(Math.max(...slices) <= SLICE_EVENTS, `at most ${SLICE_EVENTS} events between two turns of other work (slices: ${slices.join(' ')})`)
+  t.ok(out.length <= Math.ceil(events / SLICE_EVENTS) + 1, `written together, a piece a slice, not one a event (${out.length} pieces for ${events} events)`)
+})
+
+t.test('a client that does not read holds the burst back: the rewriter takes no more than it can pass on, and the rest follows as the client reads', async t => {
+  const events = 50 * SLICE_EVENTS
+  const input = burst(events)
+  const rewriter = new SseRewriter(data => data)
+  const accepted = rewriter.write(input)
+  rewriter.end()
+  // Turns of the event loop in which nothing reads the rewriter.
+  for (let i = 0; i < 50; i++) await new Promise(resolve => setImmediate(resolve))
+  t.equal(accepted, false, 'the writer is told to wait')
+  t.ok(rewriter.readableLength < input.length / 4,
+    `what waits for the client is bounded (${rewriter.readableLength} of ${input.length} bytes), not the whole burst`)
+  const out: Buffer[] = []
+  for await (const chunk of rewriter) out.push(chunk as Buffer)
+  t.equal(Buffer.concat(out).toString('latin1'), input.toString('latin1'), 'then every byte, in order')
+})
+
+t.test('events split anywhere across chunks, CRLF and CR line endings, comments between them: the same bytes come out, in slices', async t => {
+  const events = 3 * SLICE_EVENTS
+  const lines = Array.from({ length: events }, (_, i) => {
+    const nl = ['\n', '\r\n', '\r'][i % 3]!
+    return `: keep-alive${nl}event: response.output_text.delta${nl}data: {"type":"response.output_text.delta","sequence_number":${i},"delta":"y"}${nl}${nl}`
+  }).join('')
+  const input = Buffer.from(lines)
+  let rewritten = 0
+  const rewriter = new SseRewriter(data => { rewritten++; return data })
+  const out: Buffer[] = []
+  rewriter.on('data', (chunk: Buffer) => out.push(chunk))
+  // Cut into chunks of every size from 1 to 97 bytes: a CRLF, a line and an event are cut in every place.
+  for (let at = 0, size = 1; at < input.length; at += size, size = size % 97 + 1) rewriter.write(input.subarray(at, at + size))
+  rewriter.end()
+  await once(rewriter, 'end')
+  t.equal(Buffer.concat(out).toString('latin1'), input.toString('latin1'))
+  t.equal(rewritten, events)
+})
