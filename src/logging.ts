@@ -6,7 +6,7 @@ import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
 import { withoutKeys } from './keys.js'
-import { credentialParam, rawPath } from './operations.js'
+import { credentialParam, queryOf, rawPath } from './operations.js'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
 export const REDACT_PATHS = [
@@ -32,7 +32,7 @@ export function appLoggerOptions (level: string): LoggerOptions {
     serializers: {
       req (req: FastifyRequest) {
         // A query holding a credential (refused by the router) is left out whole.
-        const url = credentialParam(req.url) === null ? req.url : `${rawPath(req.url)}?[withheld: it names a credential]`
+        const url = credentialParam(queryOf(req.url)) === null ? req.url : `${rawPath(req.url)}?[withheld: it names a credential]`
         return { method: req.method, url: cut(withoutKeys(url)), host: cut(req.host), remoteAddress: req.ip }
       }
     }

@@ -359,7 +359,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         body: request.upstreamBody,
         whenClientGone: clientGone(reply),
         progress,
-        clientWaitMs: clientWaitMs(request.headers, reply.elapsedTime)
+        clientWaitMs: clientWaitMs(request.headers, reply.elapsedTime),
+        streamsModel: request.responseFacts?.stream === true && request.operation?.action === 'response.retrieve'
       }).then(answer => {
         progress.line = answer.line
         // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
