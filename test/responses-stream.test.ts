@@ -3,7 +3,11 @@
 // no faster than the client reads; every byte still goes through as it came.
 import { once } from 'node:events'
 import t from 'tap'
+import OpenAI from 'openai'
 import { SLICE_EVENTS, SseRewriter } from '../src/responses/sse.js'
+import { until } from './fixtures/client.js'
+import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { startUpstream } from './fixtures/upstream.js'
 
 /** `count` small delta events, as one chunk: what a socket read brings of a fast replay. */
 function burst (count: number): Buffer {
@@ -77,4 +81,42 @@ t.test('events split anywhere across chunks, CRLF and CR line endings, comments 
   await once(rewriter, 'end')
   t.equal(Buffer.concat(out).toString('latin1'), input.toString('latin1'))
   t.equal(rewritten, events)
+})
+
+t.test('a long burst relayed with the SDK: a client that leaves part-way releases the upstream, audited aborted with the deltas it was sent; one that reads on gets every event in order', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const events = 20 * SLICE_EVENTS
+  const created = 'event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"m","output":[],"metadata":{"gateway_owner":"team-full"}}}\n\n'
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":1,"output_tokens":2560,"total_tokens":2561}}}\n\n'
+  let upstreamClosed = 0
+  // The whole burst in one write, as a replay comes; then the end, unless held open.
+  let hold = true
+  upstream.respond = (_req, res) => {
+    res.on('close', () => { upstreamClosed++ })
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(created + burst(events).toString())
+    if (!hold) res.end(completed)
+  }
+
+  const controller = new AbortController()
+  const part = await client.responses.create({ model: 'gpt-4o', input: 'hi', stream: true }, { signal: controller.signal })
+  let seen = 0
+  for await (const event of part) if (event.type === 'response.output_text.delta' && ++seen === 10) controller.abort()
+  await until('the upstream to see its stream closed', () => upstreamClosed === 1)
+  await until('the audit record', () => gw.audit().length === 1)
+  const record = gw.audit()[0]!
+  t.match(record, { outcome: 'aborted', status: 200, stream: true })
+  t.ok(record.outputTokens !== null && record.outputTokens >= 10 && record.outputTokens < events,
+    `charged the deltas that went out before it left (${record.outputTokens}), not the whole burst`)
+
+  hold = false
+  const whole = await client.responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+  const sequence: number[] = []
+  for await (const event of whole) if (event.type === 'response.output_text.delta') sequence.push(event.sequence_number)
+  t.same(sequence, Array.from({ length: events }, (_, i) => i), 'every delta, in order')
+  await until('the audit record', () => gw.audit().length === 2)
+  t.match(gw.audit()[1], { outcome: 'ok', status: 200, outputTokens: 2560 })
 })
