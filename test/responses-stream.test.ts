@@ -64,6 +64,38 @@ t.test('a client that does not read holds the burst back: the rewriter takes no 
   t.equal(Buffer.concat(out).toString('latin1'), input.toString('latin1'), 'then every byte, in order')
 })
 
+/** A delta event of exactly `bytes` bytes. */
+function eventOf (bytes: number, i: number): Buffer {
+  const head = `event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":${i},"delta":"`
+  const tail = '"}\n\n'
+  return Buffer.from(head + 'x'.repeat(bytes - head.length - tail.length) + tail)
+}
+
+t.test('an event held while the client does not read is not taken for one the upstream drips in: its rest waits on the client, and the stream goes on once it reads', async t => {
+  const maxEventMs = 50
+  const failed = Buffer.from('event: error\ndata: {"type":"error"}\n\n')
+  const rewriter = new SseRewriter(data => data, failed, Infinity, maxEventMs)
+  const errors: Error[] = []
+  rewriter.on('error', (err: Error) => errors.push(err))
+  // What waits for the client comes just short of what the rewriter holds for it, in a first slice; then a few
+  // events more fill it, and the upstream's last event follows them, split: its first half ends that read, its
+  // second half waits behind it (nothing more is taken while nobody reads).
+  const size = Math.floor(rewriter.readableHighWaterMark * 0.95 / SLICE_EVENTS)
+  const first = Buffer.concat(Array.from({ length: SLICE_EVENTS }, (_, i) => eventOf(size, i)))
+  const more = Buffer.concat(Array.from({ length: 10 }, (_, i) => eventOf(size, SLICE_EVENTS + i)))
+  const last = Buffer.from('event: response.completed\ndata: {"type":"response.completed"}\n\n')
+  rewriter.write(first)
+  rewriter.write(Buffer.concat([more, last.subarray(0, 20)]))
+  rewriter.write(last.subarray(20))
+  // The client reads nothing for several times maxEventMs (the upstream's stream still open).
+  await new Promise(resolve => setTimeout(resolve, 6 * maxEventMs))
+  rewriter.end()
+  const out: Buffer[] = []
+  for await (const chunk of rewriter) out.push(chunk as Buffer)
+  t.same(errors, [], 'the stream was not failed')
+  t.equal(Buffer.concat(out).toString('latin1'), Buffer.concat([first, more, last]).toString('latin1'), 'every event, the last one whole')
+})
+
 t.test('events split anywhere across chunks, CRLF and CR line endings, comments between them: the same bytes come out, in slices', async t => {
   const events = 3 * SLICE_EVENTS
   const lines = Array.from({ length: events }, (_, i) => {

@@ -49,7 +49,8 @@ export class SseRewriter extends Transform {
   readonly #maxEventBytes: number
   /**
    * How long an event may take from its first byte to its blank line: the client sees nothing of an event until
-   * it is whole, and an upstream that drips one in (never silent for bodyTimeoutMs) would hold it for hours.
+   * it is whole, and an upstream that drips one in (never silent for bodyTimeoutMs) would hold it for hours. Time
+   * the client leaves what went out unread is not counted against the upstream.
    */
   readonly #maxEventMs: number
   #eventClock: NodeJS.Timeout | null = null
@@ -155,6 +156,12 @@ export class SseRewriter extends Transform {
     this.#eventClock = setTimeout(() => {
       this.#eventClock = null
       if (this.destroyed) return
+      // What went out waits for the client, and the rest of the event may wait behind it, untaken: the event is
+      // slow on the client's side, not the upstream's (a client that reads nothing is cut by listen.sendTimeoutMs).
+      if (this.readableLength >= this.readableHighWaterMark) {
+        this.#startEventClock()
+        return
+      }
       if (this.#failedEvent !== null) this.push(this.#failedEvent)
       this.destroy(new Error(`an event not whole within ${this.#maxEventMs} ms of its first byte`))
     }, this.#maxEventMs).unref()
