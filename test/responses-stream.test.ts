@@ -96,6 +96,23 @@ t.test('an event held while the client does not read is not taken for one the up
   t.equal(Buffer.concat(out).toString('latin1'), Buffer.concat([first, more, last]).toString('latin1'), 'every event, the last one whole')
 })
 
+t.test('an upstream that breaks off during a burst: the whole events that came before the break still pass, slices waiting included, then the error event, and the stream fails', async t => {
+  const rewriter = new SseRewriter(data => data)
+  const input = burst(20 * SLICE_EVENTS)
+  const cutInTwo = Buffer.from('event: response.output_text.delta\ndata: {"type":"resp')
+  rewriter.write(input)
+  rewriter.write(cutInTwo)
+  const broken = Buffer.from('event: error\ndata: {"type":"error","code":"upstream_unavailable"}\n\n')
+  // The break comes while most of the burst waits for its turn. (Read as the gateway's answer reads it: flowing.)
+  rewriter.breakOff(broken, new Error('other side closed'))
+  const out: Buffer[] = []
+  rewriter.on('data', (chunk: Buffer) => out.push(chunk))
+  const [err] = await once(rewriter, 'error').catch((e: unknown) => [e])
+  t.equal(Buffer.concat(out).toString('latin1'), input.toString('latin1') + broken.toString('latin1'),
+    'every whole event, then the error event; nothing of the event the break cut in two')
+  t.match(err, { message: 'other side closed' }, 'then the stream fails: never ended cleanly as if whole')
+})
+
 t.test('events split anywhere across chunks, CRLF and CR line endings, comments between them: the same bytes come out, in slices', async t => {
   const events = 3 * SLICE_EVENTS
   const lines = Array.from({ length: events }, (_, i) => {

@@ -598,13 +598,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         () => request.responseFacts?.finished === false ? STREAM_BROKEN_EVENT : null)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
-        // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.
-        // (Pushed while the answer flows, the event goes to the socket at once, before the destroy.)
-        res.stream.once('error', (err: Error) => {
-          if (events.destroyed) return
-          events.push(STREAM_BROKEN_EVENT)
-          events.destroy(err)
-        })
+        // rewriter passes whole events only), after the events that came before the break; then its answer is
+        // broken off too, never ended cleanly as if whole.
+        res.stream.once('error', (err: Error) => { events.breakOff(STREAM_BROKEN_EVENT, err) })
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
         events.once('close', () => {
           liveStreams.delete(events)

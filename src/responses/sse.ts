@@ -65,6 +65,8 @@ export class SseRewriter extends Transform {
   readonly #unfinished: () => Buffer | null
   /** cut(): nothing more goes out */
   #cut = false
+  /** breakOff(): what ends the stream once what came before it has passed */
+  #brokenOff: { event: Buffer, err: Error } | null = null
   /** the whole events (and comments) of the slice under way, pushed together when it ends: one write, not one each */
   #out: Buffer[] = []
   /** what the slices since the event loop last had its turn passed on */
@@ -95,6 +97,17 @@ export class SseRewriter extends Transform {
     this.#stopEventClock()
     this.push(event)
     return true
+  }
+
+  /**
+   * The upstream broke the stream off (`err`): the whole events that came before the break still pass, those of
+   * slices waiting for their turn included, then `event`, and the stream fails with `err` (never ended cleanly as
+   * if whole). An event the break cut in two is not passed on.
+   */
+  breakOff (event: Buffer, err: Error): void {
+    if (this.#cut || this.destroyed || this.#brokenOff !== null) return
+    this.#brokenOff = { event, err }
+    if (!this.writableEnded) this.end()
   }
 
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
@@ -181,6 +194,11 @@ export class SseRewriter extends Transform {
     this.#stopEventClock()
     if (this.#cut) {
       done()
+      return
+    }
+    if (this.#brokenOff !== null) {
+      this.push(this.#brokenOff.event)
+      done(this.#brokenOff.err)
       return
     }
     const unfinished = this.#unfinished()
