@@ -6,7 +6,7 @@ import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
 import { withoutKeys } from './keys.js'
-import { credentialParam, rawPath } from './operations.js'
+import { credentialParam, queryOf, rawPath } from './operations.js'
 import { clientIp } from './http/address.js'
 
 /** Anything that could carry key material, wherever it turns up in a log object. */
@@ -35,7 +35,7 @@ export function appLoggerOptions (level: string): LoggerOptions {
         // As the client sent it (a target the router cannot take is routed to a stand-in: app.ts routableUrl). A
         // query holding a credential (refused by the router) is left out whole.
         const sent = req.originalUrl ?? req.url
-        const url = credentialParam(sent) === null ? sent : `${rawPath(sent)}?[withheld: it names a credential]`
+        const url = credentialParam(queryOf(sent)) === null ? sent : `${rawPath(sent)}?[withheld: it names a credential]`
         return { method: req.method, url: cut(withoutKeys(url)), host: cut(withoutKeys(req.host)), remoteAddress: clientIp(req) }
       }
     }

@@ -62,6 +62,11 @@ export interface Operation {
   conversationId: string | null
   itemId: string | null
   responseId: string | null
+  /**
+   * The request target's query, decoded and split at `;` too (which some servers take for `&`), read once here for
+   * every check of it (credentials, the route's parameters, `stream`); null without one.
+   */
+  query: URLSearchParams | null
 }
 
 export type Match =
@@ -92,24 +97,24 @@ function looseName (name: string): string {
   return (cut === -1 ? name : name.slice(0, cut)).trim()
 }
 
-/** The first query parameter of `url` that names a credential (its name, decoded, cut short), or null. */
-export function credentialParam (url: string): string | null {
-  return queryParam(url, name => CREDENTIAL_PARAM.test(name))
+/** The first query parameter that names a credential (its name, decoded, cut short), or null. */
+export function credentialParam (query: URLSearchParams | null): string | null {
+  return queryParam(query, name => CREDENTIAL_PARAM.test(name))
 }
 
 /**
- * The first query parameter of `url` whose name, as the loosest readers take it (looseName), `matches`: its name,
- * decoded, a key in it withheld, cut short; or null. Names are split at `;` too, which some servers take for `&`.
+ * The first parameter of a query (Operation.query) whose name, as the loosest readers take it (looseName),
+ * `matches`: its name, decoded, a key in it withheld, cut short; or null.
  */
-export function queryParam (url: string, matches: (name: string) => boolean): string | null {
-  for (const name of queryOf(url)?.keys() ?? []) {
+export function queryParam (query: URLSearchParams | null, matches: (name: string) => boolean): string | null {
+  for (const name of query?.keys() ?? []) {
     if (matches(looseName(name))) return shownName(name)
   }
   return null
 }
 
 /** The query of `url`, decoded, split at `;` too (which some servers take for `&`); null without one. */
-function queryOf (url: string): URLSearchParams | null {
+export function queryOf (url: string): URLSearchParams | null {
   const q = url.indexOf('?')
   return q === -1 ? null : new URLSearchParams(url.slice(q + 1).replaceAll(';', '&'))
 }
@@ -139,12 +144,12 @@ export type QueryProblem =
   /** a name the route does not take; one given twice; a `stream` neither `true` nor `false` */
   | { kind: 'unknown' | 'repeated' | 'invalid', param: string }
 
-/** What is wrong with the request target's query for this operation, or null. */
-export function queryProblem (action: Action, url: string): QueryProblem | null {
+/** What is wrong with the request target (`url`)'s query for this operation, or null. */
+export function queryProblem (op: Operation, url: string): QueryProblem | null {
   // A fragment is the client's own (RFC 3986 §3.5) and never sent: one that is would go upstream as it came.
   if (url.includes('#')) return { kind: 'fragment' }
-  const allowed = GET_QUERY[action]
-  const query = allowed === undefined ? null : queryOf(url)
+  const allowed = GET_QUERY[op.action]
+  const query = op.query
   if (allowed === undefined || query === null) return null
   const seen = new Set<string>()
   for (const [name, value] of query) {
@@ -158,8 +163,8 @@ export function queryProblem (action: Action, url: string): QueryProblem | null 
 }
 
 /** Whether a retrieve's query asks for its events streamed (`?stream=true`), read as queryProblem reads it. */
-export function streamsRetrieve (url: string): boolean {
-  return queryOf(url)?.get('stream') === 'true'
+export function streamsRetrieve (op: Operation): boolean {
+  return op.action === 'response.retrieve' && op.query?.get('stream') === 'true'
 }
 
 export function rawPath (url: string): string {
@@ -206,7 +211,8 @@ export function matchOperation (method: string, url: string): Match {
       scope: op.scope,
       conversationId: idAt(resource, rest, ':conversation_id'),
       itemId: idAt(resource, rest, ':item_id'),
-      responseId: idAt(resource, rest, ':response_id')
+      responseId: idAt(resource, rest, ':response_id'),
+      query: queryOf(url)
     }
   }
 }

@@ -5,7 +5,7 @@ import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { keyDigest } from '../src/keys.js'
 import { sleep, until } from './fixtures/client.js'
-import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { closedPort, startUpstream, type FakeUpstream } from './fixtures/upstream.js'
 
@@ -437,6 +437,57 @@ t.test('an upstream that ends a streamed generation cleanly before its last even
   t.same(seen, ['response.created', 'response.output_text.delta', 'response.incomplete'])
   await until('its audit record', () => gw.audit().length === 3)
   t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
+})
+
+t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {
+  const { upstream, gw, sdk } = await setup(t, { metrics: { token: METRICS_TOKEN } })
+  const client = sdk(KEYS.full)
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const errorEvent = (code: string) => `event: error\ndata: ${JSON.stringify({ type: 'error', sequence_number: 2, code, message: 'The model failed.', param: null })}\n\n`
+  const failed = (id: string, code: string) => `event: response.failed\ndata: ${JSON.stringify({
+    type: 'response.failed', sequence_number: 2,
+    response: { id, object: 'response', status: 'failed', model: 'gpt-4o', output: [], error: { code, message: 'The model failed.' }, usage: null, metadata: { gateway_owner: 'team-full' } }
+  })}\n\n`
+  const endings: Array<[string, string, string]> = [
+    ['its own error event', errorEvent('server_error'), 'upstream_error'],
+    ['a failed response', failed('resp_1', 'server_error'), 'upstream_error'],
+    ['an error event for the account\'s rate limit', errorEvent('rate_limit_exceeded'), 'upstream_rate_limited'],
+    ['a response failed on the account\'s rate limit', failed('resp_1', 'rate_limit_exceeded'), 'upstream_rate_limited'],
+    ['a response done but cut short (incomplete: max_output_tokens)', 'event: response.incomplete\ndata: {"type":"response.incomplete","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"incomplete","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n', 'ok']
+  ]
+  for (const [what, last, outcome] of endings) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(CREATED_EVENT + delta + last)
+    }
+    const before = gw.audit().length
+    const { seen } = await streamedCreate(client)
+    t.same(seen.slice(0, 2), ['response.created', 'response.output_text.delta'], `${what}: the events came`)
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.create', status: 200, outcome }, `${what}: audited ${outcome}`)
+  }
+
+  // A streamed retrieve of a response that failed earlier replays its failure: the call did what it was asked.
+  upstream.respond = null
+  const created = await client.responses.create({ model: 'gpt-4o', input: 'hi' })
+  const replays: Array<[string, string, string]> = [
+    ['replaying a response that failed earlier', failed(created.id, 'server_error'), 'ok'],
+    ['broken by the upstream\'s own error event', errorEvent('server_error'), 'upstream_error']
+  ]
+  for (const [what, last, outcome] of replays) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(delta + last)
+    }
+    const before = gw.audit().length
+    await (async () => { for await (const _event of await client.responses.retrieve(created.id, { stream: true })); })().catch(() => {})
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome }, `a streamed retrieve ${what}: audited ${outcome}`)
+  }
+  const metrics = await (await fetch(`${gw.url}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } })).text()
+  t.match(metrics, /^gateway_requests_total\{client="team-full",action="response.create",status="200",outcome="upstream_error"\} 2$/m,
+    'the metrics count them as the audit does')
+  t.match(metrics, /^gateway_requests_total\{client="team-full",action="response.create",status="200",outcome="upstream_rate_limited"\} 2$/m)
 })
 
 t.test('a streamed create whose events name another owner is broken off with an error event, never passed on, and the gateway stays up', async t => {

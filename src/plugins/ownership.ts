@@ -195,8 +195,8 @@ const CHECKED_BODY_KEYS = new Set<string>([
   ...Object.values(CHECKED_KEYS).flat(), 'metadata', OWNER_KEY, ...RESPONSE_CHECKED_KEYS
 ])
 
-function refuseCheckedKeysInQuery (url: string): void {
-  const found = queryParam(url, name => CHECKED_BODY_KEYS.has(folded(name.split('.', 1)[0]!)))
+function refuseCheckedKeysInQuery (query: URLSearchParams | null): void {
+  const found = queryParam(query, name => CHECKED_BODY_KEYS.has(folded(name.split('.', 1)[0]!)))
   if (found !== null) throw withParam(new UnknownParameterError(found), found)
 }
 
@@ -423,7 +423,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const client = request.client
     if (op === null || client === null) return
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
-    if (request.method === 'POST') refuseCheckedKeysInQuery(request.originalUrl)
+    if (request.method === 'POST') refuseCheckedKeysInQuery(op.query)
     refuseOtherCases(op.action, request.parsedBody)
     refuseKeysAsIds(op.action, request.parsedBody)
     if (op.action === 'conversation.create') {

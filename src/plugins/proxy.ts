@@ -14,7 +14,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
-import { SseRewriter, type EventRewrite } from '../responses/sse.js'
+import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
@@ -307,8 +307,8 @@ export function addAnswerRewrite (request: FastifyRequest, step: (body: unknown)
   request.rewriteAnswer = before === null ? step : body => step(before(body))
 }
 
-/** The same for each event of a 2xx Server-Sent Events answer, streamed on one event at a time. */
-export function addEventRewrite (request: FastifyRequest, step: EventRewrite): void {
+/** The same for each event of a 2xx Server-Sent Events answer, checked one event at a time as the stream passes. */
+export function addEventRewrite (request: FastifyRequest, step: (data: unknown) => unknown): void {
   const before = request.rewriteEvent
   request.rewriteEvent = before === null ? step : data => step(before(data))
 }
@@ -363,7 +363,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         body: request.upstreamBody,
         whenClientGone: clientGone(reply),
         progress,
-        clientWaitMs: clientWaitMs(request.headers, reply.elapsedTime)
+        clientWaitMs: clientWaitMs(request.headers, reply.elapsedTime),
+        streamsModel: request.responseFacts?.stream === true && request.operation?.action === 'response.retrieve'
       }).then(answer => {
         progress.line = answer.line
         // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
@@ -583,9 +584,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           return
         }
         reply.removeHeader('content-length')
-        const events = new SseRewriter(data => {
+        const events = new SseRewriter((data, text) => {
           try {
-            return rewriteEvent(scrub.json(data))
+            // Searched string by string only when its text may hold the token: as written, or spelled with escapes
+            // (every event of a burst is checked here: a walk of each costs more than its parse).
+            return rewriteEvent(text.includes('\\') || scrub.text(text) !== text ? scrub.json(data) : data)
           } catch (err) {
             // As for an answer read whole: an event the gateway cannot check is not passed on (fail closed).
             request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
@@ -600,13 +603,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         () => request.responseFacts?.finished === false ? STREAM_BROKEN_EVENT : null)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
-        // rewriter passes whole events only); then its answer is broken off too, never ended cleanly as if whole.
-        // (Pushed while the answer flows, the event goes to the socket at once, before the destroy.)
-        res.stream.once('error', (err: Error) => {
-          if (events.destroyed) return
-          events.push(STREAM_BROKEN_EVENT)
-          events.destroy(err)
-        })
+        // rewriter passes whole events only), after the events that came before the break; then its answer is
+        // broken off too, never ended cleanly as if whole.
+        res.stream.once('error', (err: Error) => { events.breakOff(STREAM_BROKEN_EVENT, err) })
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
         events.once('close', () => {
           liveStreams.delete(events)

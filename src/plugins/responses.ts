@@ -48,7 +48,7 @@ export default fp(async function responses (app) {
     const model = creating ? body?.model : undefined
     const stream = creating
       ? body?.stream === true
-      : op.action === 'response.retrieve' && streamsRetrieve(request.originalUrl)
+      : streamsRetrieve(op)
     // Made before the refusals below: a refused create is audited with the model it asked for (audit query --model
     // finds who asked for one outside their list). A call refused here is never charged: nothing went upstream.
     const facts = newFacts(op.responseId, stream, typeof model === 'string' ? model : null)

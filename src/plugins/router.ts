@@ -66,7 +66,7 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
       // is refused.
       const upgrade = request.headers.upgrade
       if (upgrade !== undefined && !offersOnlyH2c(upgrade)) throw new UpgradeNotSupportedError()
-      const credential = credentialParam(request.originalUrl)
+      const credential = credentialParam(match.operation.query)
       if (credential !== null) {
         const err = new CredentialsInQueryError(JSON.stringify(credential))
         err.param = credential

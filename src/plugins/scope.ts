@@ -31,7 +31,7 @@ export default fp(async function scope (app) {
       done(err)
       return
     }
-    const problem = queryProblem(operation.action, request.originalUrl)
+    const problem = queryProblem(operation, request.originalUrl)
     if (problem !== null) {
       done(queryError(problem))
       return

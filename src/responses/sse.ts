@@ -1,19 +1,21 @@
-// Server-Sent Events passed through one event at a time: each event goes out as soon as its blank line has
-// arrived (nothing is buffered whole). The event's data (its `data:` lines joined with newlines, as the SSE spec
-// has a client do) is handed to `rewrite` when it is JSON; `rewrite` may return another object (the gateway takes
-// its owner key out) or the same one, and then the event's bytes pass as they came (a rewritten one keeps its
-// numbers as they came: http/json.ts). Lines end with LF, CRLF or CR (all three are SSE). An event whose data is
-// not JSON (`data: [DONE]`), comments and other fields are not rewritten; every event, whatever it holds, goes
-// out through `passing` (the gateway takes the upstream token out of its bytes: upstream/scrub.ts).
+// Server-Sent Events passed through as whole events: each event goes out with the chunk its blank line came in
+// (nothing is buffered whole; the events of one chunk go out together, in one write). A burst is passed on in
+// slices, between which the event loop serves everyone else, and no faster than the client reads (SLICE_EVENTS).
+// The event's data (its `data:` lines joined with newlines, as the SSE spec has a client do) is handed to `rewrite`
+// when it is JSON; `rewrite` may return another object (the gateway takes its owner key out) or the same one, and
+// then the event's bytes pass as they came (a rewritten one keeps its numbers as they came: http/json.ts). Lines
+// end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
+// fields are not rewritten; every event, whatever it holds, goes out through `passing` (the gateway takes the
+// upstream token out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
 
-export type EventRewrite = (data: unknown) => unknown
+/** An event's data, parsed, and its text as it came (before any rewrite). */
+export type EventRewrite = (data: unknown, text: string) => unknown
 
 const LF = 0x0a
 const CR = 0x0d
 const COLON = 0x3a
-const LINE_END = /\r\n$|\n$|\r$/
 /**
  * What each piece of an event held (a line, or the part of one a chunk brought) costs beyond its bytes: an object
  * of its own in the heap and its place in an array, about 130 bytes (measured on Node 20). Counted against the
@@ -21,6 +23,15 @@ const LINE_END = /\r\n$|\n$|\r$/
  * was 8 million pieces, over 1 GiB for one stream.
  */
 const PIECE_COST = 128
+/**
+ * How much a slice passes on before the rewriter hands the event loop over (setImmediate) to everyone else, events
+ * or bytes, whichever comes first. An upstream that replays a long finished response (a streamed retrieve) sends
+ * as fast as the network allows: a socket read brings up to 2 MiB at once, 100,000 small events in a few reads,
+ * and Node's stream flow would run every event through its checks in one turn (tens of microseconds each: half a
+ * second in which no other client is served). A slice of 128 events costs a few milliseconds.
+ */
+export const SLICE_EVENTS = 128
+const SLICE_BYTES = 64 * 1024
 
 export class SseRewriter extends Transform {
   readonly #rewrite: EventRewrite
@@ -38,12 +49,13 @@ export class SseRewriter extends Transform {
   readonly #maxEventBytes: number
   /**
    * How long an event may take from its first byte to its blank line: the client sees nothing of an event until
-   * it is whole, and an upstream that drips one in (never silent for bodyTimeoutMs) would hold it for hours.
+   * it is whole, and an upstream that drips one in (never silent for bodyTimeoutMs) would hold it for hours. Time
+   * the client leaves what went out unread is not counted against the upstream.
    */
   readonly #maxEventMs: number
   #eventClock: NodeJS.Timeout | null = null
-  /** each whole event's bytes on their way out, rewritten or not */
-  readonly #passing: (event: Buffer) => Buffer
+  /** the bytes of whole events (and comments) on their way out, rewritten or not: a slice's at a time */
+  readonly #passing: (events: Buffer) => Buffer
   /**
    * Asked when the upstream has ended the stream, once every whole event has passed: null when the stream may end
    * there, else the event to end it with (it lacks its last event), after which the stream fails. An event the
@@ -53,9 +65,18 @@ export class SseRewriter extends Transform {
   readonly #unfinished: () => Buffer | null
   /** cut(): nothing more goes out */
   #cut = false
+  /** breakOff(): what ends the stream once what came before it has passed */
+  #brokenOff: { event: Buffer, err: Error } | null = null
+  /** the whole events (and comments) of the slice under way, pushed together when it ends: one write, not one each */
+  #out: Buffer[] = []
+  /** what the slices since the event loop last had its turn passed on */
+  #sliceEvents = 0
+  #sliceBytes = 0
+  /** the rest of a slice, when the client had not read what went out before it (run as it reads: _read) */
+  #whenRead: (() => void) | null = null
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
-    passing: (event: Buffer) => Buffer = event => event, unfinished: () => Buffer | null = () => null) {
+    passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null) {
     super()
     this.#rewrite = rewrite
     this.#passing = passing
@@ -78,26 +99,82 @@ export class SseRewriter extends Transform {
     return true
   }
 
+  /**
+   * The upstream broke the stream off (`err`): the whole events that came before the break still pass, those of
+   * slices waiting for their turn included, then `event`, and the stream fails with `err` (never ended cleanly as
+   * if whole). An event the break cut in two is not passed on.
+   */
+  breakOff (event: Buffer, err: Error): void {
+    if (this.#cut || this.destroyed || this.#brokenOff !== null) return
+    this.#brokenOff = { event, err }
+    if (!this.writableEnded) this.end()
+  }
+
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
-    if (this.#cut) {
+    this.#slice(chunk, 0, done)
+  }
+
+  /**
+   * Passes on the events of `chunk` from `from`, a slice at a time: past a slice's bounds, at an event boundary, the
+   * rest waits for the event loop's next turn, and for the client to read what went out when it had not. Until
+   * `done`, the upstream's next chunks wait in the writable side, which pauses the upstream once full.
+   */
+  #slice (chunk: Buffer, from: number, done: TransformCallback): void {
+    if (this.#cut || this.destroyed) {
       done()
       return
     }
+    let at: number
     try {
-      this.#take(chunk)
+      at = this.#take(chunk, from)
     } catch (err) {
+      this.#pushOut()
       this.#fail(err as Error, done)
       return
     }
+    const readOn = this.#pushOut()
     if (this.#held > 0 && this.#eventClock === null && this.#maxEventMs !== Infinity) this.#startEventClock()
-    done()
+    if (at === chunk.length && !this.#sliceSpent()) {
+      done()
+      return
+    }
+    this.#sliceEvents = 0
+    this.#sliceBytes = 0
+    const rest = at === chunk.length ? done : () => { this.#slice(chunk, at, done) }
+    if (readOn) setImmediate(rest)
+    else this.#whenRead = () => { setImmediate(rest) }
+  }
+
+  override _read (size: number): void {
+    const whenRead = this.#whenRead
+    this.#whenRead = null
+    if (whenRead !== null) whenRead()
+    super._read(size)
+  }
+
+  #sliceSpent (): boolean {
+    return this.#sliceEvents >= SLICE_EVENTS || this.#sliceBytes >= SLICE_BYTES
+  }
+
+  /** The slice's events, as one piece. False when the client has not read what went out before (back-pressure). */
+  #pushOut (): boolean {
+    const out = this.#out
+    if (out.length === 0) return true
+    this.#out = []
+    return this.push(this.#passing(out.length === 1 ? out[0]! : Buffer.concat(out)))
   }
 
   #startEventClock (): void {
     this.#eventClock = setTimeout(() => {
       this.#eventClock = null
       if (this.destroyed) return
+      // What went out waits for the client, and the rest of the event may wait behind it, untaken: the event is
+      // slow on the client's side, not the upstream's (a client that reads nothing is cut by listen.sendTimeoutMs).
+      if (this.readableLength >= this.readableHighWaterMark) {
+        this.#startEventClock()
+        return
+      }
       if (this.#failedEvent !== null) this.push(this.#failedEvent)
       this.destroy(new Error(`an event not whole within ${this.#maxEventMs} ms of its first byte`))
     }, this.#maxEventMs).unref()
@@ -117,6 +194,11 @@ export class SseRewriter extends Transform {
     this.#stopEventClock()
     if (this.#cut) {
       done()
+      return
+    }
+    if (this.#brokenOff !== null) {
+      this.push(this.#brokenOff.event)
+      done(this.#brokenOff.err)
       return
     }
     const unfinished = this.#unfinished()
@@ -140,38 +222,48 @@ export class SseRewriter extends Transform {
     done(err)
   }
 
-  #take (chunk: Buffer): void {
-    let start = 0
+  /**
+   * Takes `chunk`'s lines from `from` into the event under way, each whole event into the slice's output; stops
+   * after a whole event once the slice is spent. Gives where it stopped (the chunk's length once all is taken).
+   */
+  #take (chunk: Buffer, from: number): number {
+    let start = from
     if (this.#afterCR && chunk.length > 0 && chunk[0] === LF) {
       // The LF of a CRLF split across chunks: part of the line already ended.
       const last = this.#event.length
       if (last > 0) this.#event[last - 1] = Buffer.concat([this.#event[last - 1]!, chunk.subarray(0, 1)])
-      else this.push(chunk.subarray(0, 1))
+      else this.#out.push(chunk.subarray(0, 1))
       start = 1
     }
     this.#afterCR = false
-    for (let i = start; i < chunk.length; i++) {
-      const byte = chunk[i]
-      if (byte !== LF && byte !== CR) continue
+    // Line ends found with indexOf (native), CR looked for again only once passed: most streams have none.
+    let cr = chunk.indexOf(CR, start)
+    while (start < chunk.length) {
+      let i = chunk.indexOf(LF, start)
+      if (cr !== -1 && cr < start) cr = chunk.indexOf(CR, start)
+      if (cr !== -1 && (i === -1 || cr < i)) i = cr
+      if (i === -1) break
       let end = i + 1
-      if (byte === CR) {
+      if (chunk[i] === CR) {
         if (end === chunk.length) this.#afterCR = true
         else if (chunk[end] === LF) end++
       }
       this.#line.push(chunk.subarray(start, end))
       this.#held += end - start + PIECE_COST
-      this.#endLine()
+      const passed = this.#endLine()
       start = end
-      i = end - 1
+      if (passed && start < chunk.length && this.#sliceSpent()) return start
     }
     if (start < chunk.length) {
       this.#line.push(chunk.subarray(start))
       this.#held += chunk.length - start + PIECE_COST
     }
     if (this.#held > this.#maxEventBytes) throw new Error(`an event holding more than ${this.#maxEventBytes} bytes (its lines, ${PIECE_COST} bytes a piece)`)
+    return chunk.length
   }
 
-  #endLine (): void {
+  /** Ends the line under way: true when that passed an event (or a comment) on. */
+  #endLine (): boolean {
     const line = this.#line.length === 1 ? this.#line[0]! : Buffer.concat(this.#line)
     this.#line = []
     // A comment between events (`:` and anything, the keep-alive the SSE spec suggests every 15 s or so, sent
@@ -179,40 +271,48 @@ export class SseRewriter extends Transform {
     // connection alive too, and no event is under way (a model that reasons for minutes behind keep-alive lines
     // is not taken for an upstream dripping one event in).
     if (this.#event.length === 0 && line[0] === COLON) {
-      this.push(this.#passing(line))
-      this.#held = 0
-      this.#stopEventClock()
-      return
+      this.#passOn(line)
+      return true
     }
     this.#event.push(line)
-    if (isBlank(line)) {
-      this.push(this.#passing(this.#rewritten(this.#event)))
-      this.#event = []
-      this.#held = 0
-      this.#stopEventClock()
-    }
+    if (!isBlank(line)) return false
+    this.#passOn(this.#rewritten(this.#event))
+    this.#event = []
+    return true
   }
 
-  /** One whole event: its bytes as they came, or with its data rewritten (as one `data:` line). */
+  #passOn (bytes: Buffer): void {
+    this.#out.push(bytes)
+    this.#sliceEvents++
+    this.#sliceBytes += bytes.length
+    this.#held = 0
+    this.#stopEventClock()
+  }
+
+  /**
+   * One whole event: its bytes as they came, or with its data rewritten (as one `data:` line). Only its `data:`
+   * lines are read as text, and the rest only when it is rewritten: this runs for every event of a burst.
+   */
   #rewritten (lines: Buffer[]): Buffer {
     const raw = lines.length === 1 ? lines[0]! : Buffer.concat(lines)
-    const texts = lines.map(l => l.toString('utf8').replace(LINE_END, ''))
-    const data = texts.filter(t => t.startsWith('data:')).map(t => t.startsWith('data: ') ? t.slice(6) : t.slice(5))
-    if (data.length === 0) return raw
-    const joined = data.join('\n')
-    if (!joined.trimStart().startsWith('{')) return raw
+    let joined: string | null = null
+    for (const line of lines) {
+      const value = dataValue(line)
+      if (value !== null) joined = joined === null ? value : `${joined}\n${value}`
+    }
+    if (joined === null || !/^\s*\{/.test(joined)) return raw
     let parsed: unknown
     try {
       parsed = parseExact(joined)
     } catch {
       return raw
     }
-    const rewritten = this.#rewrite(parsed)
+    const rewritten = this.#rewrite(parsed, joined)
     if (rewritten === parsed) return raw
     let wrote = false
     const out: string[] = []
-    for (const text of texts) {
-      if (!text.startsWith('data:')) out.push(`${text}\n`)
+    for (const line of lines) {
+      if (dataValue(line) === null) out.push(`${line.toString('utf8', 0, line.length - endingLength(line))}\n`)
       else if (!wrote) {
         out.push(`data: ${stringifyExact(rewritten, parsed)}\n`)
         wrote = true
@@ -220,6 +320,23 @@ export class SseRewriter extends Transform {
     }
     return Buffer.from(out.join(''))
   }
+}
+
+const DATA = Buffer.from('data:')
+const SPACE = 0x20
+
+/** The value of a `data:` line (after `data:` and one space, without its line ending), or null for any other line. */
+function dataValue (line: Buffer): string | null {
+  if (line.length < DATA.length || DATA.compare(line, 0, DATA.length) !== 0) return null
+  const from = line[DATA.length] === SPACE ? DATA.length + 1 : DATA.length
+  return line.toString('utf8', from, Math.max(from, line.length - endingLength(line)))
+}
+
+/** The bytes of a line's ending: LF, CRLF, CR, or none (the last line of a stream that ends without one). */
+function endingLength (line: Buffer): number {
+  const last = line[line.length - 1]
+  if (last === LF) return line.length > 1 && line[line.length - 2] === CR ? 2 : 1
+  return last === CR ? 1 : 0
 }
 
 function isBlank (line: Buffer): boolean {

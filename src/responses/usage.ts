@@ -14,10 +14,15 @@ export interface ResponseFacts {
    * null for any other call.
    */
   finished: boolean | null
+  /**
+   * How the upstream said, in the stream, that the call failed: its own `error` event, or a failed response
+   * (`response.failed`), with the error's code; null when it did not. The first such event counts.
+   */
+  failure: { event: 'error' | 'response.failed', code: string | null } | null
 }
 
 export function newFacts (responseId: string | null, stream: boolean, model: string | null = null): ResponseFacts {
-  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, finished: null }
+  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, finished: null, failure: null }
 }
 
 /**
@@ -53,13 +58,35 @@ export function observeResponse (facts: ResponseFacts, object: unknown, final = 
  * another service's zeros there would otherwise stand for the input of a stream the client then leaves).
  */
 export function observeEvent (facts: ResponseFacts, event: unknown): void {
-  const e = event as { type?: unknown, response?: unknown } | null
+  const e = event as { type?: unknown, response?: unknown, code?: unknown, error?: unknown } | null
   // Every kind of output streams as deltas of its own (`response.function_call_arguments.delta`,
   // `response.reasoning_summary_text.delta`...): a client could read a long function call and leave before the end.
   if (typeof e?.type === 'string' && e.type.endsWith('.delta')) facts.deltas++
   const last = LAST_EVENTS.has(e?.type as string)
   if (last && facts.finished === false) facts.finished = true
   if (e?.response !== undefined) observeResponse(facts, e.response, last)
+  if (facts.failure === null && (e?.type === 'error' || e?.type === 'response.failed')) {
+    // OpenAI's error event has its code at the top (some services put it in an `error` object); a failed
+    // response has it in the response's `error`.
+    const code = e.type === 'error' ? e.code ?? codeOf(e.error) : codeOf((e.response as { error?: unknown } | null | undefined)?.error)
+    facts.failure = { event: e.type, code: typeof code === 'string' ? code : null }
+  }
+}
+
+function codeOf (error: unknown): unknown {
+  return (error as { code?: unknown } | null | undefined)?.code
+}
+
+/**
+ * The audit outcome of an answer the upstream gave as a 2xx stream that failed (null for one that did not): the
+ * upstream failed mid-answer, `upstream_error`, or met the shared account's limit, `upstream_rate_limited`, as a
+ * 5xx or a 429 would have said. A failed response counts for the call that generates it (`creating`), not for a
+ * streamed retrieve that replays a response that failed before: that call did what it was asked.
+ */
+export function streamFailureOutcome (facts: ResponseFacts, creating: boolean): 'upstream_error' | 'upstream_rate_limited' | null {
+  const failure = facts.failure
+  if (failure === null || (failure.event === 'response.failed' && !creating)) return null
+  return failure.code === 'rate_limit_exceeded' ? 'upstream_rate_limited' : 'upstream_error'
 }
 
 /**

@@ -26,7 +26,6 @@ import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
 import { readRegularFile } from '../config.js'
 import { retryAfterSeconds } from '../errors.js'
-import { streamsRetrieve } from '../operations.js'
 import { LineHealth, type LineStatus } from './lines.js'
 import { RefusedTokenLog } from './refused-token.js'
 
@@ -63,6 +62,11 @@ export interface UpstreamCall {
    * deadline shorter than the call's own replaces it
    */
   clientWaitMs?: number | undefined
+  /**
+   * a streamed retrieve (`GET /v1/responses/{id}?stream=true`, as plugins/responses.ts read it): its events come
+   * as the model goes on with the response, and may pause as long as a generation's
+   */
+  streamsModel?: boolean | undefined
 }
 
 export interface UpstreamAnswer {
@@ -498,7 +502,7 @@ export class Upstream {
     const deadlineMs = clientCut ? call.clientWaitMs! : ownMs
     // (A streamed retrieve of a response the model is still working on gets its headers at once, then may go
     // quiet as long as a streamed create.)
-    const modelStream = generation || (call.method === 'GET' && RETRIEVE.test(call.path) && streamsRetrieve(call.path))
+    const modelStream = generation || call.streamsModel === true
     const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, deadlineMs)
     call.whenClientGone?.(() => { stoppedBy ??= 'client'; signal.abort() })
     const tried = new Set<number>()
@@ -601,8 +605,6 @@ function waitsOnTheModel (call: UpstreamCall): boolean {
   return call.method === 'POST' && GENERATION.test(call.path)
 }
 const GENERATION = /^\/v1\/responses(?:\?|$)/
-/** GET /v1/responses/{id}, which with `?stream=true` streams the events of a response as the model goes on with it */
-const RETRIEVE = /^\/v1\/responses\/[^/?]+\?/
 
 /** How an attempt without an answer ended. */
 interface AttemptEnd {
