@@ -282,6 +282,30 @@ t.test('a newest closed file whose first line was edited: a restart goes on from
   t.match(await verify(file), { ok: false, file: newest, line: 1, reason: /not an audit record/ }, 'verify names the edited line')
 })
 
+t.test('an active file whose first line was edited: a restart names it by its first record when it rotates, and the rotations after it never overwrite it', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const now = Date.UTC(2025, 0, 1)
+  const rotate = { maxBytes: 4096, daily: false, keep: 0, gzip: false }
+  // As many records as the file takes: the next one rotates it.
+  let written = 0
+  do await writeSeries(file, 1, { rotate, now: () => now }, ++written)
+  while (statSync(file).size * (written + 1) / written <= rotate.maxBytes)
+  const lines = linesOf(file)
+  writeFileSync(file, [`x${lines[0]!}`, ...lines.slice(1)].map(l => l + '\n').join(''))
+  // Started again within the same second: enough records to rotate the edited file and the one after it.
+  const { writer } = await open(file, { rotate, now: () => now })
+  const last = 4 * written
+  for (let seq = written + 1; seq <= last; seq++) writer.write(callRecord(seq))
+  await writer.close()
+  const files = await seriesFiles(file)
+  t.ok(files.some(f => f.path.endsWith('.2') && linesOf(f.path).length === written),
+    'the edited file is kept, named by its first record (seq 2), not by the next one written')
+  const seqs = files.flatMap(f => linesOf(f.path).filter(l => l.startsWith('{')).map(l => (JSON.parse(l) as { seq: number }).seq))
+  t.same(seqs, Array.from({ length: last - 1 }, (_, i) => i + 2),
+    'every record is still in the series, in order (seq 1 is the edited line)')
+  t.match(await verify(file), { ok: false, line: 1, reason: /not an audit record/ }, 'verify names the edited line, not a gap')
+})
+
 t.test('a file of records without a chain (an older gateway\'s) is refused, not silently restarted', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   writeFileSync(file, JSON.stringify(callRecord(1)) + '\n')

@@ -113,6 +113,28 @@ t.test('an upstream that breaks off during a burst: the whole events that came b
   t.match(err, { message: 'other side closed' }, 'then the stream fails: never ended cleanly as if whole')
 })
 
+t.test('a shutdown that cuts a stream whose upstream has ended while most of its burst still waits for its turn: the client is told, after whole events, and the stream is not ended as if whole', async t => {
+  const rewriter = new SseRewriter(data => data)
+  const input = burst(20 * SLICE_EVENTS)
+  rewriter.write(input)
+  rewriter.end()
+  // A few turns of the event loop: a slice or so has gone out, the rest waits (the client reads nothing meanwhile).
+  for (let i = 0; i < 3; i++) await new Promise(resolve => setImmediate(resolve))
+  const shutdown = Buffer.from('event: error\ndata: {"type":"error","code":"gateway_shutting_down"}\n\n')
+  t.equal(rewriter.cut(shutdown), true, 'the stream is still going out: it is told why it ends')
+  const out: Buffer[] = []
+  rewriter.on('data', (chunk: Buffer) => out.push(chunk))
+  let ended = false
+  rewriter.on('end', () => { ended = true })
+  await until('the shutdown event', () => Buffer.concat(out).toString('latin1').endsWith(shutdown.toString('latin1')))
+  const sent = Buffer.concat(out).toString('latin1').slice(0, -shutdown.length)
+  t.ok(input.toString('latin1').startsWith(sent) && sent.endsWith('\n\n'), 'whole events of the burst, in order, before it')
+  t.ok(eventsIn(Buffer.from(sent)) < 20 * SLICE_EVENTS, 'not the whole burst: nothing more goes out once it is cut')
+  for (let i = 0; i < 5; i++) await new Promise(resolve => setImmediate(resolve))
+  t.equal(ended, false, 'never ended cleanly: its connection is closed after the event')
+  rewriter.destroy()
+})
+
 t.test('events split anywhere across chunks, CRLF and CR line endings, comments between them: the same bytes come out, in slices', async t => {
   const events = 3 * SLICE_EVENTS
   const lines = Array.from({ length: events }, (_, i) => {

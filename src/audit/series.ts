@@ -80,9 +80,10 @@ export async function scanSeries (file: string): Promise<SeriesScan> {
 
 /**
  * The seq of a file's first record: lines before it that are not records (edited until they no longer parse) do
- * not move the file out of its place in the series, where verification names them.
+ * not move the file out of its place in the series, where verification names them, nor change the name the writer
+ * gives it when it rotates.
  */
-async function firstSeqOf (path: string): Promise<number | null> {
+export async function firstSeqOf (path: string): Promise<number | null> {
   try {
     for await (const line of readLines(path)) {
       const record = parseChained(line)

@@ -38,7 +38,7 @@ import {
 import { makeDirectories, notRegularAuditFile } from '../preflight.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
-  AuditReadError, firstLine, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
+  AuditReadError, firstLine, firstSeqOf, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
   scanSeries, seriesFiles, TEMP_SUFFIX
 } from './series.js'
 
@@ -476,7 +476,9 @@ async function resumePoint (file: string): Promise<Resume> {
       }
       head = lastChained
     }
-    if (tail.size > 0) fileFirstSeq = parseChained(await firstLine(file) ?? '')?.seq ?? null
+    // (Its first record's, not its first line's: a file whose first line was edited would be named by the next record
+    // written when it rotates, the name the file after it gets, whose rotation in the same second would replace it.)
+    if (tail.size > 0) fileFirstSeq = await firstSeqOf(file)
   }
   if (head === null) {
     // The chain goes on from the newest closed file, which must be read to its end. One that cannot be read

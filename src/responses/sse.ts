@@ -65,6 +65,8 @@ export class SseRewriter extends Transform {
   readonly #unfinished: () => Buffer | null
   /** cut(): nothing more goes out */
   #cut = false
+  /** _flush has run: what the stream ends with has gone out */
+  #flushed = false
   /** breakOff(): what ends the stream once what came before it has passed */
   #brokenOff: { event: Buffer, err: Error } | null = null
   /** the whole events (and comments) of the slice under way, pushed together when it ends: one write, not one each */
@@ -89,10 +91,11 @@ export class SseRewriter extends Transform {
   /**
    * Ends what goes out with `event`, at an event boundary (an event under way is never passed on in part), and lets
    * nothing through after it: a stream the gateway itself ends (the end of a shutdown's grace). False when the
-   * stream is over already.
+   * stream is over already. An upstream that has ended while slices still wait for their turn (or for the client)
+   * is not over yet: those slices do not go out, the event does.
    */
   cut (event: Buffer): boolean {
-    if (this.#cut || this.destroyed || this.writableEnded) return false
+    if (this.#cut || this.destroyed || this.#flushed) return false
     this.#cut = true
     this.#stopEventClock()
     this.push(event)
@@ -191,11 +194,10 @@ export class SseRewriter extends Transform {
   }
 
   override _flush (done: TransformCallback): void {
+    this.#flushed = true
     this.#stopEventClock()
-    if (this.#cut) {
-      done()
-      return
-    }
+    // A stream cut is not ended as if whole: its connection is closed after the event (app.abortInFlight).
+    if (this.#cut) return
     if (this.#brokenOff !== null) {
       this.push(this.#brokenOff.event)
       done(this.#brokenOff.err)
