@@ -284,6 +284,8 @@ t.test('Redis not answering: a reasoning item the other replica handed out, pass
     const err = await sdk(two, key).responses.create({ model: 'o3', input }).catch((e: unknown) => e)
     t.type(err, OpenAI.InternalServerError, 'a 5xx, which the SDK retries')
     t.match(err, { status: 503, code: 'rate_limit_store_unavailable', type: 'server_error' })
+    t.equal((err as InstanceType<typeof OpenAI.APIError>).headers?.get('x-ratelimit-remaining-requests') !== null, true,
+      'it took its token (here from the local bucket), and says so')
   }
   t.equal(generations(), before, 'nothing went upstream')
   const refused = await eventually(async () => { const r = two.audit().filter(r => r.status === 503); return r.length === 2 && r }, 'both audited')
