@@ -326,3 +326,30 @@ t.test('in process, Redis not answering: an item named by id in a conversation i
   }, 'Redis answers again')
   t.match(refused, { status: 400, code: 'item_reference_not_allowed' }, 'refused as before once Redis answers')
 })
+
+t.test('in process, closed: generations that end while Redis is down give one warning that their usage could not be charged, not one each', async t => {
+  // The outage itself is logged once per 10 s however many calls fail (README, "When Redis is down or slow"); the
+  // calls in flight when it starts (up to limits.maxInFlight streams) end in it, each with usage to charge.
+  const redis = await startRedis(t)
+  const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
+  t.teardown(() => upstream.close())
+  const budget = { requestsPerMinute: 6000, burst: 1000, tokensPerMinute: 100_000 }
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' },
+    clients: [{ id: 'team-budget', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: budget }]
+  }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const streams = await Promise.all(Array.from({ length: 5 }, async () => {
+    const events = (await sdk.responses.create({ model: 'gpt-4o-mini', input: 'one two three four', stream: true }))[Symbol.asyncIterator]()
+    await events.next() // under way
+    return events
+  }))
+  await redis.stop()
+  for (const events of streams) while (!(await events.next()).done);
+  await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === 5, 'the five calls ended')
+  // (a call after them: by its answer, their charges have long been tried)
+  t.equal((await fetch(`${gw.url}/v1/responses/resp_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })).status, 503)
+  const uncharged = gw.logs.filter(l => l.includes('could not be charged'))
+  t.equal(uncharged.length, 1, 'one warning for the five calls')
+  t.match(uncharged[0], /"clientId":"team-budget"/)
+})
