@@ -5,6 +5,7 @@ import { spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { startGateway, testConfig, KEYS } from './fixtures/gateway.js'
@@ -261,4 +262,94 @@ t.test('a reasoning item handed out while Redis was down may be passed back thro
   await eventually(async () => (await respond(one, KEY_A, input)).status === 200 && (await respond(two, KEY_A, input)).status === 200,
     'team-a served through replica two')
   t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b passing it back is still refused')
+})
+
+t.test('Redis not answering: a reasoning item the other replica handed out, passed back, gets a 503 the SDK retries, not a 400 that says it is not the client\'s', async t => {
+  // open (the default): calls are served from local buckets, but whose item this replica did not hand out itself
+  // only Redis can say. Unable to check, the replica refuses the call as one it cannot serve safely right now, the
+  // same for every client, rather than telling the owner its own item is another team's, which its loop would not retry.
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 300 }, 100, { scopes: 'read, write' })
+  const [one, two] = [await replica(), await replica()]
+  const sdk = (r: Replica, key: string) => new OpenAI({ apiKey: key, baseURL: `${r.url}/v1`, maxRetries: 0 })
+  const first = await sdk(one, KEY_A).responses.create({ model: 'o3', input: 'Plan the launch' })
+  t.equal(first.output[0]?.type, 'reasoning', 'replica one handed team-a a reasoning item')
+  const input = [...first.output, { role: 'user' as const, content: 'Go on' }] as OpenAI.Responses.ResponseInput
+
+  redis.pause() // (a stopped Redis would come back empty, without the note: see "Output passed back")
+  const generations = () => upstream.requests.filter(r => r.method === 'POST' && r.url === '/v1/responses').length
+  const before = generations()
+  for (const key of [KEY_A, KEY_B]) {
+    const err = await sdk(two, key).responses.create({ model: 'o3', input }).catch((e: unknown) => e)
+    t.type(err, OpenAI.InternalServerError, 'a 5xx, which the SDK retries')
+    t.match(err, { status: 503, code: 'rate_limit_store_unavailable', type: 'server_error' })
+    t.equal((err as InstanceType<typeof OpenAI.APIError>).headers?.get('x-ratelimit-remaining-requests') !== null, true,
+      'it took its token (here from the local bucket), and says so')
+  }
+  t.equal(generations(), before, 'nothing went upstream')
+  const refused = await eventually(async () => { const r = two.audit().filter(r => r.status === 503); return r.length === 2 && r }, 'both audited')
+  t.match(refused, [{ clientId: 'team-a', outcome: 'unavailable', itemId: null }, { clientId: 'team-b', outcome: 'unavailable', itemId: null }])
+  t.equal((await sdk(one, KEY_A).responses.create({ model: 'o3', input })).status, 'completed',
+    'the replica that handed it out still knows it')
+
+  redis.resume()
+  await eventually(async () => (await respond(two, KEY_A, input)).status === 200, 'team-a served through replica two once Redis answers')
+  t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b is refused as before')
+})
+
+t.test('in process, Redis not answering: an item named by id in a conversation is still found there; one that is not, or in a new conversation, gets 503', async t => {
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 300 } }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const conversation = await sdk.conversations.create({ items: [{ type: 'message', role: 'user', content: 'Plan the launch' }] })
+  const items = await sdk.conversations.items.list(conversation.id)
+  const inIt = items.data[0]!.id!
+
+  redis.pause()
+  const named = (id: string) => [{ type: 'item_reference' as const, id }, { role: 'user' as const, content: 'Go on' }]
+  const served = await sdk.responses.create({ model: 'gpt-4o-mini', conversation: conversation.id, input: named(inIt) })
+  t.equal(served.status, 'completed', 'an item of the conversation is checked upstream, as always')
+  const refusals = [
+    sdk.responses.create({ model: 'gpt-4o-mini', conversation: conversation.id, input: named('msg_elsewhere') }),
+    sdk.conversations.create({ items: [{ type: 'item_reference', id: 'msg_elsewhere' }] })
+  ]
+  for (const refusal of refusals) {
+    t.match(await refusal.catch((e: unknown) => e), { status: 503, code: 'rate_limit_store_unavailable' },
+      'not 404 item_not_found or 400 item_reference_not_allowed: Redis might know it as the client\'s')
+  }
+  redis.resume()
+  const refused = await eventually(async () => {
+    const err = await sdk.conversations.create({ items: [{ type: 'item_reference', id: 'msg_elsewhere' }] }).catch((e: unknown) => e)
+    return (err as { status?: number }).status !== 503 && err
+  }, 'Redis answers again')
+  t.match(refused, { status: 400, code: 'item_reference_not_allowed' }, 'refused as before once Redis answers')
+})
+
+t.test('in process, closed: generations that end while Redis is down give one warning that their usage could not be charged, not one each', async t => {
+  // The outage itself is logged once per 10 s however many calls fail (README, "When Redis is down or slow"); the
+  // calls in flight when it starts (up to limits.maxInFlight streams) end in it, each with usage to charge.
+  const redis = await startRedis(t)
+  const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
+  t.teardown(() => upstream.close())
+  const budget = { requestsPerMinute: 6000, burst: 1000, tokensPerMinute: 100_000 }
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' },
+    clients: [{ id: 'team-budget', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: budget }]
+  }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const streams = await Promise.all(Array.from({ length: 5 }, async () => {
+    const events = (await sdk.responses.create({ model: 'gpt-4o-mini', input: 'one two three four', stream: true }))[Symbol.asyncIterator]()
+    await events.next() // under way
+    return events
+  }))
+  await redis.stop()
+  for (const events of streams) while (!(await events.next()).done);
+  await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === 5, 'the five calls ended')
+  // (a call after them: by its answer, their charges have long been tried)
+  t.equal((await fetch(`${gw.url}/v1/responses/resp_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })).status, 503)
+  const uncharged = gw.logs.filter(l => l.includes('could not be charged'))
+  t.equal(uncharged.length, 1, 'one warning for the five calls')
+  t.match(uncharged[0], /"clientId":"team-budget"/)
 })

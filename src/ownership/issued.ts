@@ -30,6 +30,7 @@ export interface IssuedItemsOptions {
 
 const KEY = (id: string) => `issued:${id}`
 const WARN_INTERVAL_MS = 10_000
+const NOT_NOTED = 'could not note; until it is written again, the other replicas check those items as any other reference'
 
 export class IssuedItems {
   readonly #local: LRUCache<string, string>
@@ -62,7 +63,7 @@ export class IssuedItems {
       // it is written again.
       this.#shared?.note(KEY(id), owner, ISSUED_TTL_MS).catch((err: unknown) => {
         this.#unshared.set(id, owner)
-        this.#warn(err, 'could not note')
+        this.#warn(err, NOT_NOTED)
       })
     }
   }
@@ -78,7 +79,7 @@ export class IssuedItems {
         this.#unshared.delete(id)
       }
     } catch (err) {
-      this.#warn(err, 'could not note')
+      this.#warn(err, NOT_NOTED)
     } finally {
       this.#sharing = false
     }
@@ -88,36 +89,37 @@ export class IssuedItems {
     const now = Date.now()
     if (now - this.#lastWarning < WARN_INTERVAL_MS) return
     this.#lastWarning = now
-    this.#log.warn({ reason: err instanceof Error ? err.message : String(err) },
-      `issued items: Redis ${what}; items named by id that another replica handed out are checked as references`)
+    this.#log.warn({ reason: err instanceof Error ? err.message : String(err) }, `issued items: Redis ${what}`)
   }
 
   /**
-   * The ids among `ids` that went out to `owner`. An id this process does not know is asked of Redis; when Redis
-   * cannot answer, such an id counts as not handed out (the caller then checks it as any other reference).
+   * The ids among `ids` that went out to `owner`, and whether Redis could not say for an id this process does not
+   * know (`unanswered`): such an id is not among them, but it may be the owner's all the same, handed out by another
+   * replica, so the caller must not refuse it as another team's (ownership.ts answers 503 instead).
    */
-  async issuedTo (ids: readonly string[], owner: string): Promise<Set<string>> {
+  async issuedTo (ids: readonly string[], owner: string): Promise<{ handedOut: Set<string>, unanswered: boolean }> {
     void this.#shareMissed()
-    const found = new Set<string>()
+    const handedOut = new Set<string>()
     const unknown: string[] = []
     for (const id of ids) {
       const known = this.#local.get(id)
-      if (known === owner) found.add(id)
+      if (known === owner) handedOut.add(id)
       else if (known === undefined) unknown.push(id)
     }
-    if (unknown.length === 0 || this.#shared === null) return found
+    if (unknown.length === 0 || this.#shared === null) return { handedOut, unanswered: false }
     try {
       const owners = await this.#shared.recall(unknown.map(KEY))
       unknown.forEach((id, i) => {
         const shared = owners[i]
         if (typeof shared !== 'string') return
         this.#local.set(id, shared)
-        if (shared === owner) found.add(id)
+        if (shared === owner) handedOut.add(id)
       })
+      return { handedOut, unanswered: false }
     } catch (err) {
-      this.#warn(err, 'did not answer')
+      this.#warn(err, 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable')
+      return { handedOut, unanswered: true }
     }
-    return found
   }
 }
 

@@ -13,7 +13,7 @@ import type { ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
   ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
-  PreviousResponseNotFoundError, PreviousResponseNotOwnedError, ReservedMetadataKeyError, ResponseNotFoundError,
+  PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
@@ -89,10 +89,20 @@ export function referencedItems (list: unknown): unknown[] {
   return ids
 }
 
-/** `err`, for a call refused the item `id` its body named: the audit record names that item (audit query --item). */
-function refusedItem (request: FastifyRequest, id: unknown, err: GatewayError): GatewayError {
-  if (typeof id === 'string') request.refusedItemId = id
-  return err
+/**
+ * `err`, for a refusal of items a body named by id, unless Redis could not say whether they went out to the caller
+ * (`unanswered`, issued.ts): then 503 rate_limit_store_unavailable, which the SDKs retry, for every client alike.
+ * Refused as another team's, an item of the caller's that another replica handed out would break its loop for as
+ * long as Redis does not answer, with a 400 the SDKs do not retry.
+ */
+function unsure (err: GatewayError, unanswered: boolean): GatewayError {
+  return unanswered ? new RateLimitStoreUnavailableError() : err
+}
+
+/** `err` (see unsure), for a call refused the item `id` its body named: the audit record names that item (audit query --item). */
+function refusedItem (request: FastifyRequest, id: unknown, err: GatewayError, unanswered: boolean): GatewayError {
+  if (!unanswered && typeof id === 'string') request.refusedItemId = id
+  return unsure(err, unanswered)
 }
 
 /** The items a create's list names by reference that the gateway must check (cheap: most lists name none). */
@@ -307,10 +317,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    */
   async function checkReferences (param: string, list: unknown, conversation: string | undefined,
     client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Promise<void> {
-    const ids = await notHandedOut(references(list, client), client)
+    const { ids, unanswered } = await notHandedOut(references(list, client), client)
     if (ids.length === 0) return
-    if (conversation === undefined) throw refusedItem(request, ids[0], withParam(new ItemReferenceOutsideConversationError(), param))
-    if (ids.length > MAX_REFERENCES) throw withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param)
+    if (conversation === undefined) throw refusedItem(request, ids[0], withParam(new ItemReferenceOutsideConversationError(), param), unanswered)
+    if (ids.length > MAX_REFERENCES) throw unsure(withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param), unanswered)
     const whenGone = clientGone(reply)
     for (const id of ids) {
       const found = typeof id === 'string' && ID_PATTERN.test(id)
@@ -320,17 +330,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
             return true
           })
         : 'missing'
-      if (found === 'missing') throw refusedItem(request, id, withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param))
+      if (found === 'missing') {
+        throw refusedItem(request, id, withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param), unanswered)
+      }
     }
   }
 
-  /** The ids among `ids` that the gateway did not hand to `client` (ownership/issued.ts). */
-  async function notHandedOut (ids: unknown[], client: ClientConfig): Promise<unknown[]> {
-    if (ids.length === 0) return ids
+  /**
+   * The ids among `ids` that the gateway did not hand to `client` (ownership/issued.ts), and whether Redis could
+   * not say for some of them (`unanswered`): one of those may be the client's, handed out by another replica.
+   */
+  async function notHandedOut (ids: unknown[], client: ClientConfig): Promise<{ ids: unknown[], unanswered: boolean }> {
     const strings = ids.filter((id): id is string => typeof id === 'string' && ID_PATTERN.test(id))
-    if (strings.length === 0) return ids
-    const handedOut = await issued.issuedTo(strings, client.id)
-    return ids.filter(id => !handedOut.has(id as string))
+    if (strings.length === 0) return { ids, unanswered: false }
+    const { handedOut, unanswered } = await issued.issuedTo(strings, client.id)
+    return { ids: ids.filter(id => !handedOut.has(id as string)), unanswered }
   }
 
   /**
@@ -435,8 +449,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         return
       }
       return (async () => {
-        const [first] = await notHandedOut(named, client)
-        if (first !== undefined) throw refusedItem(request, first, withParam(new ItemReferenceOutsideConversationError(), 'items'))
+        const { ids: [first], unanswered } = await notHandedOut(named, client)
+        if (first !== undefined) throw refusedItem(request, first, withParam(new ItemReferenceOutsideConversationError(), 'items'), unanswered)
         prepareCreate('conversation', request, client)
       })()
     }

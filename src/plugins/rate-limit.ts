@@ -15,6 +15,7 @@ import { whenAnswered, type Answer } from '../answer.js'
 import {
   StoreUnavailableError, type BucketRule, type RateLimitResult, type RateLimitStore
 } from '../stores/rate-limit-store.js'
+import { WARN_INTERVAL_MS } from '../stores/redis.js'
 
 export interface RateLimitOptions {
   store: RateLimitStore
@@ -76,12 +77,33 @@ function askedNow<T> (ask: () => Answer<T>): () => Answer<T> {
 
 interface WarnLog { warn (obj: object, msg: string): void }
 
-/** Charges `amount` to a client's bucket, with a warning if the store cannot take it (nothing waits on the answer). */
-function chargeOrWarn (store: RateLimitStore, log: WarnLog, clientId: string, key: string, rule: BucketRule, amount: number,
-  what: string): void {
-  whenAnswered(() => store.charge(key, rule, amount), () => {}, (err: unknown) => {
-    log.warn({ err: { message: (err as Error).message }, clientId, tokens: amount }, what)
-  })
+/**
+ * Usage the store could not take (Redis down with store.onFailure closed: the generations under way when an outage
+ * starts end in it, up to limits.maxInFlight of them). One warning per WARN_INTERVAL_MS, with the calls and tokens
+ * left uncharged since the last one, as the store logs the outage itself: not a line per call.
+ */
+class Uncharged {
+  #lastWarning = -Infinity
+  #calls = 0
+  #tokens = 0
+
+  add (log: WarnLog, clientId: string, tokens: number, err: unknown): void {
+    this.#calls++
+    this.#tokens += tokens
+    const now = Date.now()
+    if (now - this.#lastWarning < WARN_INTERVAL_MS) return
+    this.#lastWarning = now
+    log.warn({ err: { message: (err as Error).message }, clientId, tokens, since: { calls: this.#calls, tokens: this.#tokens } },
+      'token budget could not be charged')
+    this.#calls = 0
+    this.#tokens = 0
+  }
+}
+
+/** Charges `amount` to a client's bucket; what the store cannot take is told to `uncharged` (nothing waits on the answer). */
+function charge (store: RateLimitStore, uncharged: Uncharged, log: WarnLog, clientId: string, key: string, rule: BucketRule,
+  amount: number): void {
+  whenAnswered(() => store.charge(key, rule, amount), () => {}, (err: unknown) => { uncharged.add(log, clientId, amount, err) })
 }
 
 /** At most this many bucket names in the one warning of a reload whose buckets could not be rewritten. */
@@ -128,6 +150,7 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
 }
 
 export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
+  const uncharged = new Uncharged()
   app.decorateRequest('rateLimit', null)
   app.decorateRequest('tokenBudget', null)
 
@@ -157,7 +180,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         const upstream = request.upstream
         const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
         const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
-        if (used > 0) chargeOrWarn(store, request.log, client.id, tokenKey(client), rule, used, 'token budget could not be charged')
+        if (used > 0) charge(store, uncharged, request.log, client.id, tokenKey(client), rule, used)
       })
       done()
     }, err => { done(storeError(request, err) as Error) })

@@ -312,7 +312,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       if (asking || this.#redis.status !== 'ready') return // a lost connection: the reconnect finds out
       asking = true
       this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
-        .then(() => { this.#accepted() }, () => {})
+        .then(() => {
+          this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
+          this.#accepted()
+        }, () => {})
         .finally(() => { asking = false })
     }, PROBE_MS).unref()
   }
