@@ -676,6 +676,19 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.same(upstreamCalls(upstream).slice(-1), ['GET /v1/responses/resp_x'], 'after the only call upstream: the gateway\'s lookup')
 })
 
+/** The request ids of the records `audit query --response <id>` finds in the gateway's audit file, in order. */
+async function queriedByResponse (gw: TestGateway, responseId: string): Promise<string[]> {
+  const { queryFiles } = await import('../src/audit/query.js')
+  const { FLAGS } = await import('../src/cli/audit-query.js')
+  await gw.auditFile()
+  const found: string[] = []
+  await queryFiles([gw.config.audit.file], [FLAGS.response.filter(responseId)], Infinity, record => {
+    found.push(String(record.requestId))
+    return true
+  })
+  return found
+}
+
 t.test('a create refused another team\'s previous response is audited with that response\'s id, and audit query --response finds it', async t => {
   // The record named the owner (team-full) but not the response B was after: beside B's own conversation it read as
   // though that conversation were team-full's, and `audit query --response` did not find the attempt at all.
@@ -696,15 +709,39 @@ t.test('a create refused another team\'s previous response is audited with that 
     'beside its own conversation too: the owner named is the previous response\'s')
   t.match(creates[3], { clientId: 'team-full', outcome: 'ok', responseId: chained.id, previousResponseId: response.id }, 'and a served one the response it continues')
 
-  const { queryFiles } = await import('../src/audit/query.js')
-  const { FLAGS } = await import('../src/cli/audit-query.js')
-  await gw.auditFile()
-  const found: string[] = []
-  await queryFiles([gw.config.audit.file], [FLAGS.response.filter(response.id)], Infinity, record => {
-    found.push(String(record.requestId))
-    return true
-  })
-  t.same(found, creates.map(r => r.requestId), 'audit query --response finds every call that named the response, the refused ones included')
+  t.same(await queriedByResponse(gw, response.id), creates.map(r => r.requestId),
+    'audit query --response finds every call that named the response, the refused ones included')
+})
+
+t.test('a call on a response refused before its checks (wrong key, missing scope, rate limit, bad query) is audited with that response\'s id, and audit query --response finds it', async t => {
+  // The records of these calls had no responseId (and stream null on a streamed retrieve), where a conversation's
+  // calls refused the same way keep the conversation's id from the path: `audit query --response` missed them.
+  const { gw, sdk } = await setup(t)
+  const response = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi' })
+  const refused: Array<[string, Promise<unknown>, new (...args: any[]) => unknown]> = [
+    ['a wrong key', sdk('ogw_not-a-real-key').responses.retrieve(response.id), OpenAI.AuthenticationError],
+    ['a read-only key deleting', sdk(KEYS.reader).responses.delete(response.id), OpenAI.PermissionDeniedError],
+    ['a read-only key cancelling', sdk(KEYS.reader).responses.cancel(response.id), OpenAI.PermissionDeniedError],
+    ['an unknown query parameter', sdk(KEYS.full).responses.retrieve(response.id, {}, { query: { stream: 'true', foo: '1' } }), OpenAI.BadRequestError]
+  ]
+  for (const [what, call, type] of refused) t.type(await rejection(call), type, what)
+  // team-limited's burst is 3: the fourth streamed retrieve is refused by its rate limit.
+  const limited = sdk(KEYS.limited)
+  for (let i = 0; i < 4; i++) await limited.responses.retrieve(response.id, { stream: true }).then(() => null, (e: unknown) => e)
+
+  const records = gw.audit().slice(1)
+  t.same(records.map(r => [r.action, r.status, r.responseId, r.stream]), [
+    ['response.retrieve', 401, response.id, false],
+    ['response.delete', 403, response.id, false],
+    ['response.cancel', 403, response.id, false],
+    ['response.retrieve', 400, response.id, true],
+    ['response.retrieve', 404, response.id, true],
+    ['response.retrieve', 404, response.id, true],
+    ['response.retrieve', 404, response.id, true],
+    ['response.retrieve', 429, response.id, true]
+  ], 'each record names the response from its path, and a streamed retrieve says it asked for a stream')
+
+  t.same(await queriedByResponse(gw, response.id), gw.audit().map(r => r.requestId), 'audit query --response finds the create and every refused call')
 })
 
 t.test('a conversation or previous_response_id of another shape than the API takes is a 400 before anything goes upstream, not an unchecked call', async t => {
