@@ -7,7 +7,7 @@ import { keyDigest } from '../src/keys.js'
 import { sleep, until } from './fixtures/client.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startRedis } from './fixtures/redis-server.js'
-import { closedPort, startUpstream, type FakeUpstream } from './fixtures/upstream.js'
+import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
 interface Setup {
   upstream: FakeUpstream
@@ -369,6 +369,38 @@ t.test('a create that never reached the upstream (its line refused the connectio
     t.match(await rejection(sdk.responses.create({ model: 'gpt-4o', input })), { status: 502 },
       `call ${i + 1}: the line's failure, not 429: nothing was sent, nothing charged`)
   }
+})
+
+t.test('a create whose owner lookup (previous_response_id, conversation) went out and got no answer is not charged to the token budget: the generation itself never went upstream', async t => {
+  // The lookup's "sent" was taken for the generation's: each such call charged its input's estimate, and a
+  // transient fault of the line left the client refused its next generations (429 tokens) until the debt refilled.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 },
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  // Neither is cached yet, as after a restart: each create looks its owner up first, and the line resets that.
+  const owned = { gateway_owner: 'team-full' }
+  const upstreamCreate = async (path: string, body: Record<string, unknown>) => (await (await fetch(`${upstream.url}${path}`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify(body)
+  })).json() as { id: string }).id
+  const previous = await upstreamCreate('/v1/responses', { model: 'gpt-4o', input: 'before', metadata: owned })
+  const other = await upstreamCreate('/v1/conversations', { metadata: owned })
+  const base = upstream.requests.length
+  upstream.respond = faults.reset()
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ') // about 75 tokens a call by the estimate
+  for (const [what, named] of [['previous_response_id', { previous_response_id: previous }], ['conversation', { conversation: other }]] as const) {
+    for (let i = 0; i < 2; i++) {
+      t.match(await rejection(sdk.responses.create({ model: 'gpt-4o', input, ...named })), { status: 502, error: { code: 'upstream_unavailable' } },
+        `${what}, call ${i + 1}: the lookup's failure, not 429: the generation was never sent, nothing charged`)
+    }
+  }
+  t.notOk(upstream.requests.slice(base).some(r => r.method === 'POST'), 'only lookups went upstream')
+  upstream.respond = null
+  t.equal((await sdk.responses.create({ model: 'gpt-4o', input: 'hi' }).withResponse()).response.headers.get('x-ratelimit-remaining-tokens'), '100',
+    'the whole budget is left for the next generation')
 })
 
 t.test('an upstream that breaks off a streamed response: the SDK raises its own APIError from an error event, the stream is not ended as if whole, and the call is audited upstream_error', async t => {

@@ -305,7 +305,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (err instanceof UpstreamFailure) {
         answer.headers = retryHeaders(err) // every line down: when one is tried again
-        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: err.sent })
+        // (sent: false, whether the lookup was or not: the call itself never went upstream, and the token budget
+        // charges only a call the upstream may have taken on)
+        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: false })
       }
       throw answer
     }
