@@ -443,7 +443,10 @@ t.test('a lookup or item check that outlives the timeout the SDK says it has is 
 
   t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${conv}`, `GET /v1/conversations/${own.id}/items/msg_x`],
     'only the lookup and the check went upstream, never the calls themselves')
-  t.match(gw.audit().slice(-2), [{ action: 'item.create', status: 504, outcome: 'upstream_error' }, { action: 'response.create', status: 504, outcome: 'upstream_error' }])
+  t.match(gw.audit().slice(-2), [
+    { action: 'item.create', status: 504, outcome: 'upstream_error', attempts: 1 },
+    { action: 'response.create', status: 504, outcome: 'upstream_error', attempts: 1 }
+  ], 'audited as the lookup\'s timeout, with its attempt')
 })
 
 /**

@@ -245,7 +245,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // a caller that goes gets a 502 of its own (its call is over, audited as aborted).
     const owner = cache.lookUp(kind, id, whenAbandoned => lookUpstream(kind, id, request, whenAbandoned), leave => {
       callerGone(() => { leave(new UpstreamUnavailableError()) })
-      if (waitMs !== undefined && waitMs < upstream.timeoutMs) deadline = setTimeout(() => { leave(new UpstreamTimeoutError()) }, waitMs)
+      if (waitMs !== undefined && waitMs < upstream.timeoutMs) {
+        deadline = setTimeout(() => {
+          const err = new UpstreamTimeoutError()
+          // (a lookup still under way has made its first attempt at least; the call itself was never sent)
+          triedUpstream.set(err, { line: null, attempts: 1, sent: false })
+          leave(err)
+        }, waitMs)
+      }
     })
     if (deadline !== undefined) {
       const stop = (): void => { clearTimeout(deadline) }
