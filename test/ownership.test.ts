@@ -439,6 +439,7 @@ t.test('a lookup or item check that outlives the timeout the SDK says it has is 
     signal: AbortSignal.timeout(10_000)
   })
   t.equal(checked.status, 504)
+  t.equal(checked.headers.get('x-should-retry'), null, 'nor here: the generation was never sent')
   t.match(await checked.json(), { error: { code: 'upstream_timeout' } })
 
   t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${conv}`, `GET /v1/conversations/${own.id}/items/msg_x`],
