@@ -961,6 +961,20 @@ t.test('a model that is not a string is a 400 invalid_type, with or without a mo
   }
 })
 
+t.test('a gateway key given as the model is a 400 credentials_in_body before the upstream: it would reach it, and come back in its answer', async t => {
+  // A key in a URL, an id or a header never leaves the gateway; one passed as the model (two settings swapped) went
+  // upstream as it came, and the upstream's answer (its model, or "The model ... does not exist") gave it back.
+  const { upstream, gw, sdk } = await setup(t)
+  for (const model of [KEYS.other, `ft:gpt-4o:${KEYS.other}`]) {
+    const err = await rejection(sdk(KEYS.full).responses.create({ model, input: 'hi' }))
+    t.type(err, OpenAI.BadRequestError)
+    t.match(err, { status: 400, code: 'credentials_in_body', param: 'model' })
+    t.notMatch(JSON.stringify((err as InstanceType<typeof OpenAI.APIError>).error), KEYS.other, 'the answer does not quote it')
+  }
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+  t.match(gw.audit(), [{ status: 400, outcome: 'invalid', model: 'ogw_[withheld]' }, { status: 400, model: 'ft:gpt-4o:ogw_[withheld]' }])
+})
+
 t.test('a model string as long as the body limit allows is cut in the audit record: a client cannot write megabytes into the audit with each call', async t => {
   const { gw } = await setup(t)
   const model = 'gpt-4o-'.repeat(150_000) // 1 MB, a string the fake takes (and echoes, as a loose upstream might)
