@@ -78,7 +78,7 @@ export const CredentialsInQueryError = define('credentials_in_query', 400, 'inva
 export const CredentialsInUrlError = define('credentials_in_url', 400, 'invalid_request_error',
   'The URL holds a gateway key. This gateway takes its key only as "Authorization: Bearer <key>", and passes no credential upstream: check the id passed where the key went.')
 export const CredentialsInBodyError = define('credentials_in_body', 400, 'invalid_request_error',
-  'The request body holds a gateway key where an id goes. This gateway takes its key only as "Authorization: Bearer <key>", and passes no credential upstream: check the id passed where the key went.')
+  'The request body holds a gateway key where an id or the model goes. This gateway takes its key only as "Authorization: Bearer <key>", and passes no credential upstream: check the value passed where the key went.')
 export const MissingHostError = define('missing_host', 400, 'invalid_request_error',
   'The request has no Host header, which HTTP/1.1 requires.')
 export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',

@@ -413,6 +413,43 @@ t.test('a lookup that fails fails closed: 504 on a timeout, 502 on a 5xx or an a
   }
 })
 
+t.test('a lookup or item check that outlives the timeout the SDK says it has is answered 504 before it, and the call itself never goes upstream', async t => {
+  // The lookups waited upstream.timeoutMs whatever the client said: the SDK gave up first with its own timeout error
+  // (and with its retries, three times as long), the call audited as a hang-up.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { gw, sdk } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 30_000 } })
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' }) // its owner not cached: looked up first
+  const own = await sdk(KEYS.full).conversations.create({})
+  const base = upstream.requests.length
+  upstream.respond = () => {} // no answer, to anything
+
+  // The Node SDK says a call's own timeout (X-Stainless-Timeout, whole seconds); the gateway answers a tenth of it
+  // early, which leaves the SDK, in this same process, time to read the answer on a busy machine.
+  const items = [{ type: 'message' as const, role: 'user' as const, content: 'hi' }]
+  const lookup = await rejection(sdk(KEYS.full).conversations.items.create(conv, { items }, { timeout: 5000 }))
+  t.match(lookup, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout')
+  t.equal((lookup as InstanceType<typeof OpenAI.APIError>).headers?.get('x-should-retry'), null, 'nothing was sent that a retry could repeat')
+  // The Python SDK says its read timeout (X-Stainless-Read-Timeout, seconds); an item named by id is checked first.
+  const body = JSON.stringify({ model: 'gpt-4o', conversation: own.id, input: [{ type: 'item_reference', id: 'msg_x' }] })
+  const checked = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json', 'x-stainless-read-timeout': '1.5' },
+    body,
+    signal: AbortSignal.timeout(10_000)
+  })
+  t.equal(checked.status, 504)
+  t.equal(checked.headers.get('x-should-retry'), null, 'nor here: the generation was never sent')
+  t.match(await checked.json(), { error: { code: 'upstream_timeout' } })
+
+  t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${conv}`, `GET /v1/conversations/${own.id}/items/msg_x`],
+    'only the lookup and the check went upstream, never the calls themselves')
+  t.match(gw.audit().slice(-2), [
+    { action: 'item.create', status: 504, outcome: 'upstream_error', attempts: 1 },
+    { action: 'response.create', status: 504, outcome: 'upstream_error', attempts: 1 }
+  ], 'audited as the lookup\'s timeout, with its attempt')
+})
+
 /**
  * Team A (KEYS.full) keeps a secret in a conversation of its own; team B (KEYS.other) has one of its own, and
  * knows the id of A's item. `post` sends a JSON body with a key.

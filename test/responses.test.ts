@@ -7,7 +7,7 @@ import { keyDigest } from '../src/keys.js'
 import { sleep, until } from './fixtures/client.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startRedis } from './fixtures/redis-server.js'
-import { closedPort, startUpstream, type FakeUpstream } from './fixtures/upstream.js'
+import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
 interface Setup {
   upstream: FakeUpstream
@@ -371,6 +371,38 @@ t.test('a create that never reached the upstream (its line refused the connectio
   }
 })
 
+t.test('a create whose owner lookup (previous_response_id, conversation) went out and got no answer is not charged to the token budget: the generation itself never went upstream', async t => {
+  // The lookup's "sent" was taken for the generation's: each such call charged its input's estimate, and a
+  // transient fault of the line left the client refused its next generations (429 tokens) until the debt refilled.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 },
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 100 } }]
+  }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  // Neither is cached yet, as after a restart: each create looks its owner up first, and the line resets that.
+  const owned = { gateway_owner: 'team-full' }
+  const upstreamCreate = async (path: string, body: Record<string, unknown>) => (await (await fetch(`${upstream.url}${path}`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify(body)
+  })).json() as { id: string }).id
+  const previous = await upstreamCreate('/v1/responses', { model: 'gpt-4o', input: 'before', metadata: owned })
+  const other = await upstreamCreate('/v1/conversations', { metadata: owned })
+  const base = upstream.requests.length
+  upstream.respond = faults.reset()
+  const input = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ') // about 75 tokens a call by the estimate
+  for (const [what, named] of [['previous_response_id', { previous_response_id: previous }], ['conversation', { conversation: other }]] as const) {
+    for (let i = 0; i < 2; i++) {
+      t.match(await rejection(sdk.responses.create({ model: 'gpt-4o', input, ...named })), { status: 502, error: { code: 'upstream_unavailable' } },
+        `${what}, call ${i + 1}: the lookup's failure, not 429: the generation was never sent, nothing charged`)
+    }
+  }
+  t.notOk(upstream.requests.slice(base).some(r => r.method === 'POST'), 'only lookups went upstream')
+  upstream.respond = null
+  t.equal((await sdk.responses.create({ model: 'gpt-4o', input: 'hi' }).withResponse()).response.headers.get('x-ratelimit-remaining-tokens'), '100',
+    'the whole budget is left for the next generation')
+})
+
 t.test('an upstream that breaks off a streamed response: the SDK raises its own APIError from an error event, the stream is not ended as if whole, and the call is audited upstream_error', async t => {
   const { upstream, gw, sdk } = await setup(t)
   upstream.respond = (_req, res) => {
@@ -676,6 +708,19 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.same(upstreamCalls(upstream).slice(-1), ['GET /v1/responses/resp_x'], 'after the only call upstream: the gateway\'s lookup')
 })
 
+/** The request ids of the records `audit query --response <id>` finds in the gateway's audit file, in order. */
+async function queriedByResponse (gw: TestGateway, responseId: string): Promise<string[]> {
+  const { queryFiles } = await import('../src/audit/query.js')
+  const { FLAGS } = await import('../src/cli/audit-query.js')
+  await gw.auditFile()
+  const found: string[] = []
+  await queryFiles([gw.config.audit.file], [FLAGS.response.filter(responseId)], Infinity, record => {
+    found.push(String(record.requestId))
+    return true
+  })
+  return found
+}
+
 t.test('a create refused another team\'s previous response is audited with that response\'s id, and audit query --response finds it', async t => {
   // The record named the owner (team-full) but not the response B was after: beside B's own conversation it read as
   // though that conversation were team-full's, and `audit query --response` did not find the attempt at all.
@@ -696,15 +741,39 @@ t.test('a create refused another team\'s previous response is audited with that 
     'beside its own conversation too: the owner named is the previous response\'s')
   t.match(creates[3], { clientId: 'team-full', outcome: 'ok', responseId: chained.id, previousResponseId: response.id }, 'and a served one the response it continues')
 
-  const { queryFiles } = await import('../src/audit/query.js')
-  const { FLAGS } = await import('../src/cli/audit-query.js')
-  await gw.auditFile()
-  const found: string[] = []
-  await queryFiles([gw.config.audit.file], [FLAGS.response.filter(response.id)], Infinity, record => {
-    found.push(String(record.requestId))
-    return true
-  })
-  t.same(found, creates.map(r => r.requestId), 'audit query --response finds every call that named the response, the refused ones included')
+  t.same(await queriedByResponse(gw, response.id), creates.map(r => r.requestId),
+    'audit query --response finds every call that named the response, the refused ones included')
+})
+
+t.test('a call on a response refused before its checks (wrong key, missing scope, rate limit, bad query) is audited with that response\'s id, and audit query --response finds it', async t => {
+  // The records of these calls had no responseId (and stream null on a streamed retrieve), where a conversation's
+  // calls refused the same way keep the conversation's id from the path: `audit query --response` missed them.
+  const { gw, sdk } = await setup(t)
+  const response = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi' })
+  const refused: Array<[string, Promise<unknown>, new (...args: any[]) => unknown]> = [
+    ['a wrong key', sdk('ogw_not-a-real-key').responses.retrieve(response.id), OpenAI.AuthenticationError],
+    ['a read-only key deleting', sdk(KEYS.reader).responses.delete(response.id), OpenAI.PermissionDeniedError],
+    ['a read-only key cancelling', sdk(KEYS.reader).responses.cancel(response.id), OpenAI.PermissionDeniedError],
+    ['an unknown query parameter', sdk(KEYS.full).responses.retrieve(response.id, {}, { query: { stream: 'true', foo: '1' } }), OpenAI.BadRequestError]
+  ]
+  for (const [what, call, type] of refused) t.type(await rejection(call), type, what)
+  // team-limited's burst is 3: the fourth streamed retrieve is refused by its rate limit.
+  const limited = sdk(KEYS.limited)
+  for (let i = 0; i < 4; i++) await limited.responses.retrieve(response.id, { stream: true }).then(() => null, (e: unknown) => e)
+
+  const records = gw.audit().slice(1)
+  t.same(records.map(r => [r.action, r.status, r.responseId, r.stream]), [
+    ['response.retrieve', 401, response.id, false],
+    ['response.delete', 403, response.id, false],
+    ['response.cancel', 403, response.id, false],
+    ['response.retrieve', 400, response.id, true],
+    ['response.retrieve', 404, response.id, true],
+    ['response.retrieve', 404, response.id, true],
+    ['response.retrieve', 404, response.id, true],
+    ['response.retrieve', 429, response.id, true]
+  ], 'each record names the response from its path, and a streamed retrieve says it asked for a stream')
+
+  t.same(await queriedByResponse(gw, response.id), gw.audit().map(r => r.requestId), 'audit query --response finds the create and every refused call')
 })
 
 t.test('a conversation or previous_response_id of another shape than the API takes is a 400 before anything goes upstream, not an unchecked call', async t => {
@@ -890,6 +959,20 @@ t.test('a model that is not a string is a 400 invalid_type, with or without a mo
     }
     t.equal(upstream.requests.length, 0, 'none reached the upstream')
   }
+})
+
+t.test('a gateway key given as the model is a 400 credentials_in_body before the upstream: it would reach it, and come back in its answer', async t => {
+  // A key in a URL, an id or a header never leaves the gateway; one passed as the model (two settings swapped) went
+  // upstream as it came, and the upstream's answer (its model, or "The model ... does not exist") gave it back.
+  const { upstream, gw, sdk } = await setup(t)
+  for (const model of [KEYS.other, `ft:gpt-4o:${KEYS.other}`]) {
+    const err = await rejection(sdk(KEYS.full).responses.create({ model, input: 'hi' }))
+    t.type(err, OpenAI.BadRequestError)
+    t.match(err, { status: 400, code: 'credentials_in_body', param: 'model' })
+    t.notMatch(JSON.stringify((err as InstanceType<typeof OpenAI.APIError>).error), KEYS.other, 'the answer does not quote it')
+  }
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+  t.match(gw.audit(), [{ status: 400, outcome: 'invalid', model: 'ogw_[withheld]' }, { status: 400, model: 'ft:gpt-4o:ogw_[withheld]' }])
 })
 
 t.test('a model string as long as the body limit allows is cut in the audit record: a client cannot write megabytes into the audit with each call', async t => {

@@ -868,8 +868,7 @@ t.test('a gateway key in the URL (an id, a query value) is refused before the ke
   const unknown = await fetch(`${gw.url}/v1/${KEYS.full}/conversations`, { headers: { authorization: `Bearer ${KEYS.full}` } })
   t.equal(unknown.status, 404, 'an unknown route is still 404')
   t.same(upstream.requests, [], 'nothing reached the upstream')
-  // A key in a body field the record keeps: the body goes upstream as it came (it is the client's content), but the
-  // record keeps no key.
+  // A key in a body field the record keeps (the model, refused with credentials_in_body): the record keeps no key.
   await client.responses.create({ model: KEYS.full, input: 'hi' }).catch(() => {})
   const records = await gw.auditFile()
   t.same(records.slice(0, 5).map(r => [r.status, r.outcome]), [...Array(4).fill([400, 'invalid']), [404, 'invalid']], 'each call audited')
@@ -920,8 +919,7 @@ t.test('a gateway key in a refused request is withheld from the error answer too
     ['PUT', `/v1/conversations/${key}`, {}, 'method_not_allowed'],
     ['GET', `/v1/conversations/conv_1?api_key[${key}]=1`, {}, 'credentials_in_query'],
     ['GET', '/v1/conversations/conv_1', { headers: { expect: key } }, 'expectation_failed'],
-    ['POST', '/v1/conversations', { headers: { 'content-encoding': key }, body: '{}' }, 'unsupported_media_type'],
-    ['POST', '/v1/responses', { body: JSON.stringify({ model: key, input: 'hi' }) }, 'model_not_allowed']
+    ['POST', '/v1/conversations', { headers: { 'content-encoding': key }, body: '{}' }, 'unsupported_media_type']
   ]
   for (const [method, path, opts, code] of refusals) {
     const { body } = await call(gw.url, method, path, opts)
@@ -929,6 +927,10 @@ t.test('a gateway key in a refused request is withheld from the error answer too
     t.match(JSON.parse(body), { error: { code, message: /ogw_\[withheld\]/ } }, `${what}: ${code}, the key withheld`)
     t.notOk(body.includes(key.slice(4, 12)), `${what}: no part of the key in the answer`)
   }
+  // A key as the model is refused as one (before the models list is read, whose refusal would quote the model).
+  const { body } = await call(gw.url, 'POST', '/v1/responses', { body: JSON.stringify({ model: key, input: 'hi' }) })
+  t.match(JSON.parse(body), { error: { code: 'credentials_in_body', param: 'model' } }, 'POST /v1/responses with the key as its model')
+  t.notOk(body.includes(key.slice(4, 12)), 'no part of the key in the answer')
   t.same(upstream.requests, [], 'nothing reached the upstream')
   // (The fixture fails the test if the key is anywhere in the log, at debug here.)
 })

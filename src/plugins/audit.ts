@@ -10,7 +10,7 @@ import fp from 'fastify-plugin'
 import type { AuditWriter } from '../audit/writer.js'
 import { AuditUnavailableError, type ErrorOutcome } from '../errors.js'
 import { withoutKeys } from '../keys.js'
-import { ID_PATTERN, MAX_ID_LENGTH, matchOperation, rawPath, type Action, type Operation } from '../operations.js'
+import { ID_PATTERN, MAX_ID_LENGTH, matchOperation, rawPath, streamsRetrieve, type Action, type Operation } from '../operations.js'
 import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
 import { outputTokens, streamFailureOutcome } from '../responses/usage.js'
@@ -163,6 +163,18 @@ function previousResponseOf (request: FastifyRequest, op: Operation | null): str
 }
 
 /**
+ * Whether a Responses call asked for a stream: as its checks read it, or, for a call refused before them (a wrong
+ * key, a missing scope, the rate limit, a bad query), as its request line says (a retrieve's `stream=true`); null
+ * for a create refused before its body was read, and on other routes.
+ */
+function streamOf (request: FastifyRequest, op: Operation | null): boolean | null {
+  const facts = request.responseFacts
+  if (facts !== null) return facts.stream
+  if (op === null || !op.action.startsWith('response.')) return null
+  return op.action === 'response.create' ? null : streamsRetrieve(op)
+}
+
+/**
  * An id as the record keeps it: cut at the longest the gateway takes, and never a key (a client that passed its key
  * as an id, refused with credentials_in_url).
  */
@@ -205,10 +217,11 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     prevHash: undefined,
     previousResponseId: idOf(previousResponseOf(request, op)),
     requestId: request.id,
-    responseId: idOf(facts?.responseId),
+    // (the id in the path of a call refused before its checks made the facts: audit query --response finds it)
+    responseId: idOf(facts?.responseId ?? op?.responseId),
     seq: undefined,
     status: statusSent(reply),
-    stream: facts?.stream ?? null,
+    stream: streamOf(request, op),
     time: new Date().toISOString(),
     upstreamLine: call?.line ?? null,
     upstreamMs: upstream?.ms ?? null,

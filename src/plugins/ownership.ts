@@ -29,7 +29,7 @@ import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS } from './responses.js'
 import {
-  addAnswerRewrite, addEventRewrite, clientGone, gatewayHeaders, upstreamRateLimitHeaders
+  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, upstreamRateLimitHeaders
 } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -247,10 +247,28 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // A client gone while earlier checks were answered: no lookup for it (its call ends here, audited already).
     if (reply.raw.destroyed) throw new UpstreamUnavailableError()
     const callerGone = clientGone(reply)
+    // A client that says it waits less than the lookup may take (its SDK would then give up, and send the call
+    // again) stops waiting in time for its 504, as one gone stops: nothing of its call went upstream.
+    const waitMs = clientWaitMs(request.headers, reply.elapsedTime)
+    let deadline: NodeJS.Timeout | undefined
     // The lookup may be shared with other callers of the same object: it is stopped only once all have gone, and
     // a caller that goes gets a 502 of its own (its call is over, audited as aborted).
-    return cache.lookUp(kind, id, whenAbandoned => lookUpstream(kind, id, request, whenAbandoned),
-      leave => { callerGone(() => { leave(new UpstreamUnavailableError()) }) })
+    const owner = cache.lookUp(kind, id, whenAbandoned => lookUpstream(kind, id, request, whenAbandoned), leave => {
+      callerGone(() => { leave(new UpstreamUnavailableError()) })
+      if (waitMs !== undefined && waitMs < upstream.timeoutMs) {
+        deadline = setTimeout(() => {
+          const err = new UpstreamTimeoutError()
+          // (a lookup still under way has made its first attempt at least; the call itself was never sent)
+          triedUpstream.set(err, { line: null, attempts: 1, sent: false })
+          leave(err)
+        }, waitMs)
+      }
+    })
+    if (deadline !== undefined) {
+      const stop = (): void => { clearTimeout(deadline) }
+      owner.then(stop, stop)
+    }
+    return owner
   }
 
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
@@ -269,18 +287,20 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * 502, any other status or an answer `read` refuses 502, no answer in time 504.
    */
   async function askUpstream<T> (path: string, about: Record<string, string>, request: FastifyRequest,
-    whenGone: (abort: () => void) => void, read: (answer: unknown) => T): Promise<T | 'missing'> {
+    whenGone: (abort: () => void) => void, read: (answer: unknown) => T,
+    clientWait: () => number | undefined = () => undefined): Promise<T | 'missing'> {
     try {
       const answer = await upstream.call({
         method: 'GET',
         path,
         headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
         body: null,
-        whenClientGone: whenGone
+        whenClientGone: whenGone,
+        clientWaitMs: clientWait()
       })
       // (As large as an answer the gateway reads whole to pass on: a response object holds its whole output, an
       // image generation's base64, and refusing it here would refuse its owner what the gateway passes on.)
-      const body = await upstream.readWhole(answer.body)
+      const body = await upstream.readWhole(answer.body, false, clientWait())
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
@@ -302,7 +322,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (err instanceof UpstreamFailure) {
         answer.headers = retryHeaders(err) // every line down: when one is tried again
-        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: err.sent })
+        // (sent: false, whether the lookup was or not: the call itself never went upstream, and the token budget
+        // charges only a call the upstream may have taken on)
+        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: false })
       }
       throw answer
     }
@@ -322,13 +344,15 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (conversation === undefined) throw refusedItem(request, ids[0], withParam(new ItemReferenceOutsideConversationError(), param), unanswered)
     if (ids.length > MAX_REFERENCES) throw unsure(withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param), unanswered)
     const whenGone = clientGone(reply)
+    // (each check within what the client still waits, when it says: its 504 comes before its SDK gives up)
+    const clientWait = () => clientWaitMs(request.headers, reply.elapsedTime)
     for (const id of ids) {
       const found = typeof id === 'string' && ID_PATTERN.test(id)
         ? await askUpstream(`/v1/conversations/${conversation}/items/${id}`, { conversationId: conversation, itemId: id },
           request, whenGone, answer => {
             if ((answer as { id?: unknown } | null)?.id !== id) throw new Error('the item check answer is not the item asked for')
             return true
-          })
+          }, clientWait)
         : 'missing'
       if (found === 'missing') {
         throw refusedItem(request, id, withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param), unanswered)

@@ -4,8 +4,10 @@
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
 import {
-  BackgroundNotAllowedError, ContainerNotAllowedError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, quoted, UnknownParameterError
+  BackgroundNotAllowedError, ContainerNotAllowedError, CredentialsInBodyError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, quoted,
+  UnknownParameterError
 } from '../errors.js'
+import { holdsKey } from '../keys.js'
 import { streamsRetrieve } from '../operations.js'
 import { otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
@@ -64,6 +66,14 @@ export default fp(async function responses (app) {
     }
     if (model !== undefined && typeof model !== 'string') {
       done(new InvalidModelTypeError())
+      return
+    }
+    // A key passed as the model (two settings swapped) would go upstream as it came, and come back in its answer
+    // ("The model ... does not exist"): keys never leave the gateway, in a URL, a header, an id or here.
+    if (typeof model === 'string' && holdsKey(model)) {
+      const err = new CredentialsInBodyError()
+      err.param = 'model'
+      done(err)
       return
     }
     // Without `model` a stored prompt picks it, which the gateway cannot see: a key limited to some models names one.
