@@ -9,7 +9,7 @@ import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
 import { chainHasher } from '../src/audit/chain.js'
-import { firstLine, pinFiles, readLines, seriesFiles } from '../src/audit/series.js'
+import { firstLine, pinFiles, readLines, rotatedName, seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
 import { BIN, configFile, env, gatewayYaml, run } from './fixtures/bin.js'
@@ -353,4 +353,28 @@ t.test('verify and query read the series as it was when they listed it, while a 
   await queryFiles(listed, [], Infinity, r => { found.push(r.requestId); return true })
   t.same(found, [1, 2, 3].map(i => callRecord(i).requestId), 'the query finds the records that were there, and only those')
   t.match(await verifySeries(listed, chainHasher()), { ok: true, records: 3 }, 'verify passes on them')
+})
+
+t.test('verify and query beside a gateway that rotates and gzips just after they list the directory: no gap, no file missing', async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 40, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  t.ok(files.length >= 3, 'closed files (not gzipped yet) and the active one')
+  const { file: config } = configFile(gatewayYaml(auditFile))
+  const rotation = {
+    NODE_OPTIONS: `--import=${join(import.meta.dirname, 'fixtures', 'rotate-after-listing.mjs')}`,
+    ROTATE_ACTIVE: auditFile,
+    ROTATE_GZIP: files[0]!,
+    ROTATE_RENAME_TO: rotatedName(auditFile, Date.now(), parsed(auditFile)[0]!.seq as number)
+  }
+  const verify = run(['audit', 'verify', '--config', config], rotation)
+  t.equal(verify.stderr, '')
+  t.match(verify.stdout, /^ok: 40 records, chain intact/, 'verify reads every record once, and passes')
+  t.equal(verify.status, 0)
+  const again = await writeSeries(join(tempDir(), 'audit.jsonl'), 40, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  const query = run(['audit', 'query', '--config', configFile(gatewayYaml(again.at(-1)!)).file], {
+    ...rotation, ROTATE_ACTIVE: again.at(-1)!, ROTATE_GZIP: again[0]!, ROTATE_RENAME_TO: rotatedName(again.at(-1)!, Date.now(), parsed(again.at(-1)!)[0]!.seq as number)
+  })
+  t.equal(query.stderr, '')
+  t.same(query.stdout.trim().split('\n').map(l => (JSON.parse(l) as { seq: number }).seq), Array.from({ length: 40 }, (_, i) => i + 1),
+    'query finds every record, once, in order')
 })
