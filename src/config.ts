@@ -369,7 +369,7 @@ function duplicateIds (clients: ClientConfig[]): string[] {
  * Whether an ISO 8601 time (the schema checked its form) names a real moment. Date.parse takes a day its month
  * does not have for a day of the next (2025-06-31 is July 1): a key would expire a day later than written.
  */
-function isTime (text: string): boolean {
+export function isTime (text: string): boolean {
   const [year, month, day] = text.slice(0, 10).split('-').map(Number) as [number, number, number]
   const leap = year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0)
   const days = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month - 1] ?? 0

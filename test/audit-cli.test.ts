@@ -248,6 +248,11 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
     [['--outcome', 'Denied'], /--outcome: "Denied" is not one of: /],
     [['--since', 'yesterday'], /--since: "yesterday" is not a time/],
     [['--since', '999999999d'], /--since: "999999999d" is not a time/],
+    // A day its month does not have would be read as one of the next month (2025-02-30 as March 2): a range that
+    // silently holds other days, or none.
+    [['--until', '2025-02-30'], /--until: "2025-02-30" is not a time/],
+    [['--since', '2024-04-31T10:00'], /--since: "2024-04-31T10:00" is not a time/],
+    [['--since', '2025-02-29T00:00:00Z'], /--since: "2025-02-29T00:00:00Z" is not a time/],
     [['--limit', 'many'], /--limit: give a whole number/],
     [['--limit=-1'], /--limit: give a whole number/],
     [['--format', 'csv'], /--format: jsonl or table/],
@@ -255,6 +260,7 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
   ] as Array<[string[], RegExp]>) {
     t.throws(() => parseQueryArgs(args, Date.now()), { message }, args.join(' '))
   }
+  t.equal(parseQueryArgs(['--since', '2024-02-29'], 0).filters.length, 1, 'a leap day is a day')
   for (const outcome of ['ok', 'upstream_rate_limited', 'upstream_error', 'denied', 'rate_limited', 'invalid', 'unavailable', 'aborted', 'error']) {
     t.doesNotThrow(() => parseQueryArgs(['--outcome', outcome], Date.now()), `--outcome ${outcome}, a word of the README's record table`)
   }
