@@ -106,3 +106,16 @@ export async function preflight (config: GatewayConfig): Promise<string[]> {
   const problems = [await checkListenHost(config.listen.host), auditDirectoryProblem(config.audit.file)]
   return problems.filter((p): p is string => p !== null)
 }
+
+/**
+ * The same checks for a reload, of what it changes: a restart applies listen.host and audit.file, and would refuse
+ * one this machine cannot use, so the reload is refused now, while the running gateway still says so. The running
+ * values are not checked again: they are in use, and a full audit disk must not hold up a key's revocation.
+ */
+export async function reloadPreflight (running: GatewayConfig, next: GatewayConfig): Promise<string[]> {
+  const problems = [
+    next.listen.host === running.listen.host ? null : await checkListenHost(next.listen.host),
+    next.audit.file === running.audit.file ? null : auditDirectoryProblem(next.audit.file)
+  ]
+  return problems.filter((p): p is string => p !== null)
+}

@@ -19,7 +19,7 @@ import { buildApp, type AppDependencies } from './app.js'
 import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
-import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
+import { auditDirectoryProblem, describeListenError, reloadPreflight, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
 const EXIT_GRACE_MS = 2_000
@@ -230,38 +230,49 @@ function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => vo
   })
 }
 
-/** Reloads the config file into the running app, saying in the log what changed, what needs a restart, or why not. */
-function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerOptions): (why: string) => void {
+/**
+ * Reloads the config file into the running app, saying in the log what changed, what needs a restart, or why not.
+ * One reload at a time: a second signal while one checks the machine waits for it, so the last file read is the one
+ * that runs.
+ */
+function configReloader (app: FastifyInstance, opts: ServerOptions): (why: string) => void {
+  let reloading = Promise.resolve()
   return (why) => {
-    if (configFile === undefined) {
-      app.log.warn(`${why}: there is no config file to reload (this gateway was started from a built-in config)`)
-      return
-    }
-    let next: GatewayConfig
-    try {
-      next = loadConfig(configFile, env)
-    } catch (err) {
-      const problems = err instanceof ConfigError ? err.problems : [String(err)]
-      app.reloadRefused()
-      app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`)
-      return
-    }
-    let change
-    try {
-      change = app.applyConfig(next)
-    } catch (err) {
-      app.reloadRefused()
-      app.log.error({ err }, `${why}: config reload failed, the running config stays in force`)
-      return
-    }
-    const { applied, needRestart } = change
-    if (applied.length > 0) app.log.info({ applied }, `${why}: config reloaded: ${applied.join(', ')}`)
-    else app.log.info(`${why}: config reloaded: nothing to apply`)
-    if (needRestart.length > 0) {
-      app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`)
-    }
-    warnIfNoClients(app, next, why)
+    reloading = reloading.then(async () => { await reloadConfig(app, opts, why) })
   }
+}
+
+async function reloadConfig (app: FastifyInstance, { configFile, env = {} }: ServerOptions, why: string): Promise<void> {
+  if (configFile === undefined) {
+    app.log.warn(`${why}: there is no config file to reload (this gateway was started from a built-in config)`)
+    return
+  }
+  let next: GatewayConfig
+  try {
+    next = loadConfig(configFile, env)
+    const problems = await reloadPreflight(app.currentConfig(), next)
+    if (problems.length > 0) throw new ConfigError(configFile, problems)
+  } catch (err) {
+    const problems = err instanceof ConfigError ? err.problems : [String(err)]
+    app.reloadRefused()
+    app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`)
+    return
+  }
+  let change
+  try {
+    change = app.applyConfig(next)
+  } catch (err) {
+    app.reloadRefused()
+    app.log.error({ err }, `${why}: config reload failed, the running config stays in force`)
+    return
+  }
+  const { applied, needRestart } = change
+  if (applied.length > 0) app.log.info({ applied }, `${why}: config reloaded: ${applied.join(', ')}`)
+  else app.log.info(`${why}: config reloaded: nothing to apply`)
+  if (needRestart.length > 0) {
+    app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`)
+  }
+  warnIfNoClients(app, next, why)
 }
 
 /**
