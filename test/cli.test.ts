@@ -223,6 +223,21 @@ t.test('check-config reports a listen host this machine cannot use and an audit 
   t.notOk(r.stderr.includes('    at '), 'no stack trace')
 })
 
+t.test('check-config reports a metrics.listen host this machine cannot use, which start refuses', async t => {
+  const { file, dir } = configFile('')
+  for (const [listen, reason] of [['203.0.113.7:0', /EADDRNOTAVAIL/], ['no-such-host.invalid:0', /ENOTFOUND|EAI_AGAIN/]] as const) {
+    writeFileSync(file, good(dir) + `metrics: { listen: "${listen}" }\n`)
+    const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(start.status, 1, `${listen}: start refuses it`)
+    t.match(start.stderr, reason)
+    const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(r.status, 1, `${listen}: check-config says so`)
+    t.match(r.stderr, new RegExp(`metrics\\.listen: cannot listen on ${listen.split(':')[0]!.replace(/\./g, '\\.')}:0: .*${reason.source}`))
+  }
+  writeFileSync(file, good(dir) + 'metrics: { listen: "[::1]:0" }\n')
+  t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).status, 0, 'a usable one passes ([v6] form)')
+})
+
 t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: process.platform !== 'linux' }, async t => {
   // Node's recursive mkdir never returns there (ENOENT although the parent exists): check-config hung at full CPU.
   const { file, dir } = configFile('')

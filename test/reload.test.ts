@@ -257,7 +257,7 @@ t.test('a refused reload shows in /metrics until a reload is applied: the file i
   t.equal(await reloadGauge(), '1', 'applied')
 })
 
-t.test('a reload that changes audit.file or listen.host to one this machine cannot use is refused, as check-config and the next start refuse it', async t => {
+t.test('a reload that changes audit.file, listen.host or metrics.listen to one this machine cannot use is refused, as check-config and the next start refuse it', async t => {
   const { upstream, file, dir, metrics, child, url, output } = await startWithMetrics(t)
   const reloadGauge = async () => await lastReloadGauge(url)
   const notADirectory = join(dir, 'not-a-directory')
@@ -266,7 +266,8 @@ t.test('a reload that changes audit.file or listen.host to one this machine cann
   for (const [changed, text, problem] of [
     ['audit.file', withTeamC.replace(join(dir, 'audit.jsonl'), join(notADirectory, 'audit.jsonl')), /audit\.file: cannot create the directory .*not-a-directory: (EEXIST|ENOTDIR)/],
     // 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of this machine
-    ['listen.host', withTeamC.replace('host: 127.0.0.1', 'host: 192.0.2.1'), /listen\.host: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/]
+    ['listen.host', withTeamC.replace('host: 127.0.0.1', 'host: 192.0.2.1'), /listen\.host: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/],
+    ['metrics.listen', withTeamC.replace(metrics, `metrics: { token: ${METRICS_TOKEN}, listen: "192.0.2.1:0" }`), /metrics\.listen: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/]
   ] as Array<[string, string, RegExp]>) {
     writeFileSync(file, text)
     t.equal(run(['check-config', '--config', file]).status, 1, `${changed}: check-config refuses the file`)
