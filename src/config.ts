@@ -553,13 +553,21 @@ export function resolveConfigPath (flag: string | undefined, env: NodeJS.Process
   return flag ?? (env.GATEWAY_CONFIG === '' ? undefined : env.GATEWAY_CONFIG) ?? DEFAULT_CONFIG_FILE
 }
 
-function readConfigFile (file: string): unknown {
-  let text: string
+/**
+ * The config file's text. A running gateway reads it again (a reload) from a regular file only: a FIFO nobody writes
+ * to, or a device, would hold the event loop, and every call with it. At start (`--config <(envsubst < tpl)`, a
+ * pipe) it is read as it comes.
+ */
+function configText (file: string, regularOnly: boolean): string {
   try {
-    text = readFileSync(file, 'utf8')
+    return regularOnly ? readRegularFile(file).toString('utf8') : readFileSync(file, 'utf8')
   } catch (err) {
-    throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
+    throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`])
   }
+}
+
+function readConfigFile (file: string, regularOnly = false): unknown {
+  const text = configText(file, regularOnly)
   try {
     // logLevel 'error': the parser's warnings (an unknown !tag) would be printed with the lines around them.
     return parseYaml(text, { logLevel: 'error' })
@@ -578,8 +586,9 @@ function readConfigFile (file: string): unknown {
   }
 }
 
-export function loadConfig (file: string, env: NodeJS.ProcessEnv): GatewayConfig {
-  return parseConfig(readConfigFile(file), env, file)
+/** `reload`: the running gateway reads the file again, only if it is a regular file (configText). */
+export function loadConfig (file: string, env: NodeJS.ProcessEnv, { reload = false } = {}): GatewayConfig {
+  return parseConfig(readConfigFile(file, reload), env, file)
 }
 
 /**

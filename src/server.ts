@@ -10,13 +10,13 @@
 // - SIGUSR2: reopen the audit file (after an outside logrotate moved it).
 // - Signals whose default would end the process without a word are logged and ignored (IGNORED below). SIGPIPE
 //   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
-import { lstatSync, readFileSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
+import { lstatSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
 import { basename, dirname, resolve, sep } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
+import { ConfigError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
 import { auditDirectoryProblem, describeListenError, reloadPreflight, StartupError } from './preflight.js'
@@ -249,7 +249,7 @@ async function reloadConfig (app: FastifyInstance, { configFile, env = {} }: Ser
   }
   let next: GatewayConfig
   try {
-    next = loadConfig(configFile, env)
+    next = loadConfig(configFile, env, { reload: true })
     const problems = await reloadPreflight(app.currentConfig(), next)
     if (problems.length > 0) throw new ConfigError(configFile, problems)
   } catch (err) {
@@ -298,7 +298,8 @@ function watchConfig (app: FastifyInstance, file: string, reload: (why: string) 
   try {
     if (lstatSync(path).isSymbolicLink()) names.add(readlinkSync(path).split(sep)[0]!)
   } catch { /* not there yet: its own name is enough */ }
-  const read = () => { try { return readFileSync(path, 'utf8') } catch { return null } }
+  // Only a regular file: reading a FIFO would hold the event loop (a SIGHUP then says why it is not reloaded).
+  const read = () => { try { return readRegularFile(path).toString('utf8') } catch { return null } }
   let seen = read()
   let timer: NodeJS.Timeout | null = null
   const check = () => {

@@ -218,6 +218,23 @@ t.test('SIGHUP with upstream.apiKeyFile turned into a FIFO is refused at once: t
   t.equal((await create(url, KEY_A)).status, 200, 'the gateway serves on, with the token it had')
 })
 
+t.test('a config file replaced by a FIFO nobody writes to: SIGHUP (and --watch) refuse it at once, and the gateway serves on', async t => {
+  for (const args of [[], ['--watch']]) {
+    const upstream = await fakeUpstream(t)
+    const { file, dir } = configFile('')
+    writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+    const { child, url, output } = await startBin(t, file, {}, args)
+    if (args.length > 0) await logged(output, /watching the config file/)
+    rmSync(file)
+    t.equal(spawnSync('mkfifo', [file]).status, 0, 'the config file is now a FIFO')
+    const from = lineCount(output)
+    child.kill('SIGHUP')
+    const line = await logged(output, /config reload refused/, from)
+    t.match(JSON.parse(line), { msg: /cannot read the file: not a regular file/ }, `${args.join(' ')}: refused, not waited on`)
+    t.equal((await create(url, KEY_A)).status, 200, `${args.join(' ')}: the gateway serves on with the config it had`)
+  }
+})
+
 t.test('an invalid config is refused in one log line and the running config stays in force', async t => {
   const upstream = await fakeUpstream(t)
   const { file, dir } = configFile('')
