@@ -165,6 +165,14 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
 
+t.test('demo --port with a value that is no port says so, naming --port, and starts nothing', async t => {
+  for (const port of ['abc', '', '70000', '1.5', ' 8080']) {
+    const r = run(['demo', '--port', port])
+    t.equal(r.status, 1, `--port "${port}"`)
+    t.equal(r.stderr, 'ohmygpt-gateway demo: --port takes a port number from 0 to 65535\n', `--port "${port}": the flag named`)
+  }
+})
+
 t.test('the demo serves a conversation with the key it prints, writes the audit to stdout, and outlives a SIGHUP and a body that is JSON but no object', async t => {
   const child = spawn(process.execPath, [BIN, 'demo', '--port', '0'], { env })
   t.teardown(() => { child.kill('SIGKILL') })
