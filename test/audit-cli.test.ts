@@ -384,3 +384,18 @@ t.test('verify and query beside a gateway that rotates and gzips just after they
   t.same(query.stdout.trim().split('\n').map(l => (JSON.parse(l) as { seq: number }).seq), Array.from({ length: 40 }, (_, i) => i + 1),
     'query finds every record, once, in order')
 })
+
+t.test('a series of more files than the command may open at once: verify and query say so and how to fix it, not that a file is damaged', { skip: process.platform !== 'linux' }, async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 2000, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: true } })
+  t.ok(files.length > 150, `${files.length} files`)
+  const { file: config } = configFile(gatewayYaml(auditFile))
+  for (const command of ['verify', 'query']) {
+    // Enough descriptors to load the command, not to hold every file of the series open.
+    const r = spawnSync('sh', ['-c', `ulimit -n 150 && exec "${process.execPath}" ${BIN} audit ${command} --config "${config}"`],
+      { encoding: 'utf8', env, timeout: 20_000, killSignal: 'SIGKILL' })
+    t.equal(r.status, 1, `audit ${command}`)
+    t.match(r.stderr, /more files than this process may open at once \(EMFILE\): raise its limit \(ulimit -n\)/, `audit ${command}: says why`)
+    t.notMatch(r.stderr, /damaged|\n\s+at /, `audit ${command}: no file blamed, no stack trace`)
+  }
+})

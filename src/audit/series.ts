@@ -148,6 +148,8 @@ export async function pinFiles (paths: readonly string[]): Promise<void> {
 
 /** Listings of the directory a rotation may come between before pinSeries gives up (one a second is a busy gateway). */
 const PIN_ATTEMPTS = 20
+/** Out of file descriptors: the process (EMFILE) or the system (ENFILE). */
+const TOO_MANY_OPEN = new Set(['EMFILE', 'ENFILE'])
 
 /**
  * The series of `file` as it stands at one moment, its regular files opened then (pinned), for a command that reads
@@ -158,31 +160,42 @@ const PIN_ATTEMPTS = 20
  */
 export async function pinSeries (file: string): Promise<SeriesScan> {
   for (let attempt = 1; ; attempt++) {
-    const names = await memberNames(file)
     const opened = new Map<string, { fh: FileHandle, size: number, ino: number, dev: number }>()
-    const irregular: string[] = []
-    for (const path of names.map(name => join(dirname(file), name))) {
-      const st = await lstat(path).catch(() => null) // gone meanwhile: the second listing shows it
-      if (st !== null && !st.isFile()) irregular.push(path)
-      if (st?.isFile() !== true) continue
-      try {
-        const fh = await openForRead(path)
-        opened.set(path, { fh, ...(await fh.stat()) })
-      } catch {
-        // gone meanwhile (the second listing shows it), or cannot be read: read by name later, which says why
+    const closeAll = async () => { await Promise.all([...opened.values()].map(async ({ fh }) => { await fh.close() })) }
+    try {
+      const names = await memberNames(file)
+      const irregular: string[] = []
+      for (const path of names.map(name => join(dirname(file), name))) {
+        const st = await lstat(path).catch(() => null) // gone meanwhile: the second listing shows it
+        if (st !== null && !st.isFile()) irregular.push(path)
+        if (st?.isFile() !== true) continue
+        try {
+          const fh = await openForRead(path)
+          opened.set(path, { fh, ...(await fh.stat()) })
+        } catch (err) {
+          if (TOO_MANY_OPEN.has((err as NodeJS.ErrnoException).code ?? '')) throw err
+          // gone meanwhile (the second listing shows it), or cannot be read: read by name later, which says why
+        }
       }
+      const moved = (await memberNames(file)).join('\n') !== names.join('\n') ||
+        !(await Promise.all([...opened].map(async ([path, f]) => {
+          const now = await lstat(path).catch(() => null)
+          return now?.ino === f.ino && now.dev === f.dev
+        }))).every(Boolean)
+      if (!moved) {
+        for (const [path, { fh, size }] of opened) pinned.set(path, { fh, size })
+        const regular = names.map(name => join(dirname(file), name)).filter(p => !irregular.includes(p))
+        return { files: await ordered(file, regular), irregular }
+      }
+    } catch (err) {
+      await closeAll()
+      const code = (err as NodeJS.ErrnoException).code ?? ''
+      if (!TOO_MANY_OPEN.has(code)) throw err
+      // Said as it is: read by name later, the file it stopped at would be called damaged.
+      throw new AuditReadError(file, 0, new Error(`the series has more files than this process may open at once (${code}): ` +
+        'raise its limit (ulimit -n), or name fewer files (oldest first)'))
     }
-    const moved = (await memberNames(file)).join('\n') !== names.join('\n') ||
-      !(await Promise.all([...opened].map(async ([path, f]) => {
-        const now = await lstat(path).catch(() => null)
-        return now?.ino === f.ino && now.dev === f.dev
-      }))).every(Boolean)
-    if (!moved) {
-      for (const [path, { fh, size }] of opened) pinned.set(path, { fh, size })
-      const regular = names.map(name => join(dirname(file), name)).filter(p => !irregular.includes(p))
-      return { files: await ordered(file, regular), irregular }
-    }
-    await Promise.all([...opened.values()].map(async ({ fh }) => { await fh.close() }))
+    await closeAll()
     if (attempt === PIN_ATTEMPTS) {
       throw new AuditReadError(file, 0, new Error(`the series changed each of the ${PIN_ATTEMPTS} times it was listed; try again`))
     }
