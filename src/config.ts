@@ -574,6 +574,12 @@ function readConfigFile (file: string, regularOnly = false): unknown {
   } catch (err) {
     // The parser's message ends with the lines around the error, which may hold the token or a key: only its
     // first line (what and where) is kept.
+    if (err instanceof YAMLParseError && err.code === 'MULTIPLE_DOCS') {
+      // The parser's own words send the reader to a function of its API.
+      const [line, col] = [err.linePos?.[0].line, err.linePos?.[0].col]
+      throw new ConfigError(file, ['YAML: the file holds more than one document: the config is the first, and the "---" at ' +
+        `line ${line}, column ${col} starts another; remove it (and what follows)`])
+    }
     if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0]!.replace(/:$/, '')}`])
     // An unquoted value starting with * is read as an alias, and the error names it: the value itself. The parser
     // also stops aliases that would copy anchored values over and over (a "billion laughs"), with the same class.
