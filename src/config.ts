@@ -2,6 +2,7 @@
 // one schema (which is also where the TypeScript type and the defaults come from), check what a schema cannot
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
 import { X509Certificate } from 'node:crypto'
+import { isIPv4 } from 'node:net'
 import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import proxyAddr from '@fastify/proxy-addr'
@@ -507,6 +508,21 @@ function storeUrlProblems (url: string): string[] {
   return []
 }
 
+/** metrics.listen's `host:port` (`[::1]:port`; the schema checked its form) */
+export function hostPort (listen: string): { host: string, port: number } {
+  const at = listen.lastIndexOf(':')
+  return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) }
+}
+
+/**
+ * Whether two listen hosts take a common address on one port: the same host, `::` (every address, IPv4 too, on a
+ * dual-stack machine), or 0.0.0.0 beside an IPv4 address. Host names are left to the start, which resolves them.
+ */
+function sameAddresses (a: string, b: string): boolean {
+  const anyV4 = (h: string) => h === '0.0.0.0'
+  return a === b || a === '::' || b === '::' || (anyV4(a) && isIPv4(b)) || (anyV4(b) && isIPv4(a))
+}
+
 function deepFreeze<T> (value: T): T {
   if (value !== null && typeof value === 'object') {
     for (const v of Object.values(value)) deepFreeze(v)
@@ -539,9 +555,10 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     }
     problems.push(...storeUrlProblems(candidate.store.url))
     problems.push(...trustProxyProblems(candidate.trustProxy))
-    const metricsAt = candidate.metrics.listen
-    if (metricsAt !== undefined && candidate.listen.port !== 0 && metricsAt === `${candidate.listen.host}:${candidate.listen.port}`) {
-      problems.push('metrics.listen: is the API\'s own listen.host:port; give the metrics a port of their own')
+    const metricsAt = candidate.metrics.listen === undefined ? undefined : hostPort(candidate.metrics.listen)
+    if (metricsAt !== undefined && metricsAt.port !== 0 && metricsAt.port === candidate.listen.port &&
+      sameAddresses(metricsAt.host, candidate.listen.host)) {
+      problems.push('metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own')
     }
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])

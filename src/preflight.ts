@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto'
 import { closeSync, existsSync, lstatSync, mkdirSync, openSync, statSync, unlinkSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
-import type { GatewayConfig } from './config.js'
+import { hostPort, type GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
 export class StartupError extends Error {}
@@ -21,12 +21,6 @@ const LISTEN_ERRORS: Record<string, string> = {
 
 export function describeListenError (host: string, port: number, err: NodeJS.ErrnoException): string {
   return `cannot listen on ${host}:${port}: ${LISTEN_ERRORS[err.code ?? ''] ?? err.message} (${err.code ?? 'error'})`
-}
-
-/** metrics.listen's `host:port` (`[::1]:port`, the schema checked its form) */
-export function hostPort (listen: string): { host: string, port: number } {
-  const at = listen.lastIndexOf(':')
-  return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) }
 }
 
 /**
