@@ -2,6 +2,7 @@
 // one schema (which is also where the TypeScript type and the defaults come from), check what a schema cannot
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
 import { X509Certificate } from 'node:crypto'
+import { isIPv4 } from 'node:net'
 import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import proxyAddr from '@fastify/proxy-addr'
@@ -369,7 +370,7 @@ function duplicateIds (clients: ClientConfig[]): string[] {
  * Whether an ISO 8601 time (the schema checked its form) names a real moment. Date.parse takes a day its month
  * does not have for a day of the next (2025-06-31 is July 1): a key would expire a day later than written.
  */
-function isTime (text: string): boolean {
+export function isTime (text: string): boolean {
   const [year, month, day] = text.slice(0, 10).split('-').map(Number) as [number, number, number]
   const leap = year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0)
   const days = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month - 1] ?? 0
@@ -507,6 +508,21 @@ function storeUrlProblems (url: string): string[] {
   return []
 }
 
+/** metrics.listen's `host:port` (`[::1]:port`; the schema checked its form) */
+export function hostPort (listen: string): { host: string, port: number } {
+  const at = listen.lastIndexOf(':')
+  return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) }
+}
+
+/**
+ * Whether two listen hosts take a common address on one port: the same host, `::` (every address, IPv4 too, on a
+ * dual-stack machine), or 0.0.0.0 beside an IPv4 address. Host names are left to the start, which resolves them.
+ */
+function sameAddresses (a: string, b: string): boolean {
+  const anyV4 = (h: string) => h === '0.0.0.0'
+  return a === b || a === '::' || b === '::' || (anyV4(a) && isIPv4(b)) || (anyV4(b) && isIPv4(a))
+}
+
 function deepFreeze<T> (value: T): T {
   if (value !== null && typeof value === 'object') {
     for (const v of Object.values(value)) deepFreeze(v)
@@ -539,9 +555,10 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     }
     problems.push(...storeUrlProblems(candidate.store.url))
     problems.push(...trustProxyProblems(candidate.trustProxy))
-    const metricsAt = candidate.metrics.listen
-    if (metricsAt !== undefined && candidate.listen.port !== 0 && metricsAt === `${candidate.listen.host}:${candidate.listen.port}`) {
-      problems.push('metrics.listen: is the API\'s own listen.host:port; give the metrics a port of their own')
+    const metricsAt = candidate.metrics.listen === undefined ? undefined : hostPort(candidate.metrics.listen)
+    if (metricsAt !== undefined && metricsAt.port !== 0 && metricsAt.port === candidate.listen.port &&
+      sameAddresses(metricsAt.host, candidate.listen.host)) {
+      problems.push('metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own')
     }
   }
   if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
@@ -553,19 +570,33 @@ export function resolveConfigPath (flag: string | undefined, env: NodeJS.Process
   return flag ?? (env.GATEWAY_CONFIG === '' ? undefined : env.GATEWAY_CONFIG) ?? DEFAULT_CONFIG_FILE
 }
 
-function readConfigFile (file: string): unknown {
-  let text: string
+/**
+ * The config file's text. A running gateway reads it again (a reload) from a regular file only: a FIFO nobody writes
+ * to, or a device, would hold the event loop, and every call with it. At start (`--config <(envsubst < tpl)`, a
+ * pipe) it is read as it comes.
+ */
+function configText (file: string, regularOnly: boolean): string {
   try {
-    text = readFileSync(file, 'utf8')
+    return regularOnly ? readRegularFile(file).toString('utf8') : readFileSync(file, 'utf8')
   } catch (err) {
-    throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
+    throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`])
   }
+}
+
+function readConfigFile (file: string, regularOnly = false): unknown {
+  const text = configText(file, regularOnly)
   try {
     // logLevel 'error': the parser's warnings (an unknown !tag) would be printed with the lines around them.
     return parseYaml(text, { logLevel: 'error' })
   } catch (err) {
     // The parser's message ends with the lines around the error, which may hold the token or a key: only its
     // first line (what and where) is kept.
+    if (err instanceof YAMLParseError && err.code === 'MULTIPLE_DOCS') {
+      // The parser's own words send the reader to a function of its API.
+      const [line, col] = [err.linePos?.[0].line, err.linePos?.[0].col]
+      throw new ConfigError(file, ['YAML: the file holds more than one document: the config is the first, and the "---" at ' +
+        `line ${line}, column ${col} starts another; remove it (and what follows)`])
+    }
     if (err instanceof YAMLParseError) throw new ConfigError(file, [`YAML: ${err.message.split('\n')[0]!.replace(/:$/, '')}`])
     // An unquoted value starting with * is read as an alias, and the error names it: the value itself. The parser
     // also stops aliases that would copy anchored values over and over (a "billion laughs"), with the same class.
@@ -578,8 +609,9 @@ function readConfigFile (file: string): unknown {
   }
 }
 
-export function loadConfig (file: string, env: NodeJS.ProcessEnv): GatewayConfig {
-  return parseConfig(readConfigFile(file), env, file)
+/** `reload`: the running gateway reads the file again, only if it is a regular file (configText). */
+export function loadConfig (file: string, env: NodeJS.ProcessEnv, { reload = false } = {}): GatewayConfig {
+  return parseConfig(readConfigFile(file, reload), env, file)
 }
 
 /**

@@ -1,11 +1,11 @@
-// What a config needs from the machine it runs on, checked before anything starts: the listen address can be
-// bound and the audit file's directory can be created and written in. `check-config` reports these with the
-// schema's problems; `start` meets the same conditions as one clear line (server.ts).
+// What a config needs from the machine it runs on, checked before anything starts: the listen addresses (the API's
+// and the metrics') can be bound and the audit file's directory can be created and written in. `check-config`
+// reports these with the schema's problems; `start` meets the same conditions as one clear line (server.ts).
 import { randomBytes } from 'node:crypto'
 import { closeSync, existsSync, lstatSync, mkdirSync, openSync, statSync, unlinkSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
-import type { GatewayConfig } from './config.js'
+import { hostPort, type GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
 export class StartupError extends Error {}
@@ -23,13 +23,21 @@ export function describeListenError (host: string, port: number, err: NodeJS.Err
   return `cannot listen on ${host}:${port}: ${LISTEN_ERRORS[err.code ?? ''] ?? err.message} (${err.code ?? 'error'})`
 }
 
-/** Binds host on a free port and lets go: the host is usable if that works (the port itself may be taken later). */
-function checkListenHost (host: string): Promise<string | null> {
+/**
+ * Binds host on a free port and lets go: the host is usable if that works (the port itself may be taken later).
+ * `key` names the config key in the problem.
+ */
+function checkListenHost (host: string, key = 'listen.host'): Promise<string | null> {
   return new Promise(resolve => {
     const server = createServer()
-    server.once('error', (err: NodeJS.ErrnoException) => { resolve(`listen.host: ${describeListenError(host, 0, err)}`) })
+    server.once('error', (err: NodeJS.ErrnoException) => { resolve(`${key}: ${describeListenError(host, 0, err)}`) })
     server.listen(0, host, () => server.close(() => { resolve(null) }))
   })
+}
+
+/** The metrics listener's host (metrics.listen), which start binds as it binds listen.host. */
+async function checkMetricsHost (listen: string | undefined): Promise<string | null> {
+  return listen === undefined ? null : await checkListenHost(hostPort(listen).host, 'metrics.listen')
 }
 
 /**
@@ -103,6 +111,20 @@ export function auditDirectoryProblem (file: string): string | null {
 }
 
 export async function preflight (config: GatewayConfig): Promise<string[]> {
-  const problems = [await checkListenHost(config.listen.host), auditDirectoryProblem(config.audit.file)]
+  const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen), auditDirectoryProblem(config.audit.file)]
+  return problems.filter((p): p is string => p !== null)
+}
+
+/**
+ * The same checks for a reload, of what it changes: a restart applies listen.host, metrics.listen and audit.file, and would refuse
+ * one this machine cannot use, so the reload is refused now, while the running gateway still says so. The running
+ * values are not checked again: they are in use, and a full audit disk must not hold up a key's revocation.
+ */
+export async function reloadPreflight (running: GatewayConfig, next: GatewayConfig): Promise<string[]> {
+  const problems = [
+    next.listen.host === running.listen.host ? null : await checkListenHost(next.listen.host),
+    next.metrics.listen === running.metrics.listen ? null : await checkMetricsHost(next.metrics.listen),
+    next.audit.file === running.audit.file ? null : auditDirectoryProblem(next.audit.file)
+  ]
   return problems.filter((p): p is string => p !== null)
 }

@@ -10,16 +10,16 @@
 // - SIGUSR2: reopen the audit file (after an outside logrotate moved it).
 // - Signals whose default would end the process without a word are logged and ignored (IGNORED below). SIGPIPE
 //   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
-import { lstatSync, readFileSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
+import { lstatSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
 import { basename, dirname, resolve, sep } from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import { ConfigError, loadConfig, type GatewayConfig } from './config.js'
+import { ConfigError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
-import { auditDirectoryProblem, describeListenError, StartupError } from './preflight.js'
+import { auditDirectoryProblem, describeListenError, reloadPreflight, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
 const EXIT_GRACE_MS = 2_000
@@ -230,38 +230,49 @@ function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => vo
   })
 }
 
-/** Reloads the config file into the running app, saying in the log what changed, what needs a restart, or why not. */
-function configReloader (app: FastifyInstance, { configFile, env = {} }: ServerOptions): (why: string) => void {
+/**
+ * Reloads the config file into the running app, saying in the log what changed, what needs a restart, or why not.
+ * One reload at a time: a second signal while one checks the machine waits for it, so the last file read is the one
+ * that runs.
+ */
+function configReloader (app: FastifyInstance, opts: ServerOptions): (why: string) => void {
+  let reloading = Promise.resolve()
   return (why) => {
-    if (configFile === undefined) {
-      app.log.warn(`${why}: there is no config file to reload (this gateway was started from a built-in config)`)
-      return
-    }
-    let next: GatewayConfig
-    try {
-      next = loadConfig(configFile, env)
-    } catch (err) {
-      const problems = err instanceof ConfigError ? err.problems : [String(err)]
-      app.reloadRefused()
-      app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`)
-      return
-    }
-    let change
-    try {
-      change = app.applyConfig(next)
-    } catch (err) {
-      app.reloadRefused()
-      app.log.error({ err }, `${why}: config reload failed, the running config stays in force`)
-      return
-    }
-    const { applied, needRestart } = change
-    if (applied.length > 0) app.log.info({ applied }, `${why}: config reloaded: ${applied.join(', ')}`)
-    else app.log.info(`${why}: config reloaded: nothing to apply`)
-    if (needRestart.length > 0) {
-      app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`)
-    }
-    warnIfNoClients(app, next, why)
+    reloading = reloading.then(async () => { await reloadConfig(app, opts, why) })
   }
+}
+
+async function reloadConfig (app: FastifyInstance, { configFile, env = {} }: ServerOptions, why: string): Promise<void> {
+  if (configFile === undefined) {
+    app.log.warn(`${why}: there is no config file to reload (this gateway was started from a built-in config)`)
+    return
+  }
+  let next: GatewayConfig
+  try {
+    next = loadConfig(configFile, env, { reload: true })
+    const problems = await reloadPreflight(app.currentConfig(), next)
+    if (problems.length > 0) throw new ConfigError(configFile, problems)
+  } catch (err) {
+    const problems = err instanceof ConfigError ? err.problems : [String(err)]
+    app.reloadRefused()
+    app.log.error({ problems }, `${why}: config reload refused, the running config stays in force: ${configFile}: ${problems.join('; ')}`)
+    return
+  }
+  let change
+  try {
+    change = app.applyConfig(next)
+  } catch (err) {
+    app.reloadRefused()
+    app.log.error({ err }, `${why}: config reload failed, the running config stays in force`)
+    return
+  }
+  const { applied, needRestart } = change
+  if (applied.length > 0) app.log.info({ applied }, `${why}: config reloaded: ${applied.join(', ')}`)
+  else app.log.info(`${why}: config reloaded: nothing to apply`)
+  if (needRestart.length > 0) {
+    app.log.warn({ needRestart }, `${why}: changed in ${configFile} but applied only by a restart (the running values stay): ${needRestart.join(', ')}`)
+  }
+  warnIfNoClients(app, next, why)
 }
 
 /**
@@ -287,7 +298,8 @@ function watchConfig (app: FastifyInstance, file: string, reload: (why: string) 
   try {
     if (lstatSync(path).isSymbolicLink()) names.add(readlinkSync(path).split(sep)[0]!)
   } catch { /* not there yet: its own name is enough */ }
-  const read = () => { try { return readFileSync(path, 'utf8') } catch { return null } }
+  // Only a regular file: reading a FIFO would hold the event loop (a SIGHUP then says why it is not reloaded).
+  const read = () => { try { return readRegularFile(path).toString('utf8') } catch { return null } }
   let seen = read()
   let timer: NodeJS.Timeout | null = null
   const check = () => {

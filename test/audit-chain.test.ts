@@ -212,6 +212,17 @@ t.test('a published head passes only as the hash of a verified record: a cut tai
   })
 })
 
+t.test('a series that starts after seq 1 (rotate.keep pruned it) checked without its HMAC key, or with another, is not called edited without a word of the key', async t => {
+  const key = 'k'.repeat(64)
+  const { files } = await series({ hmacKey: key, rotate: { maxBytes: 4096, daily: false, keep: 2, gzip: false } })
+  t.ok(parsed(files[0]!)[0]!.seq as number > 1, 'the oldest files were pruned')
+  t.ok((await verifySeries(files, chainHasher(key))).ok, 'verifies with the key')
+  for (const [what, hasher] of [['without the key', sha256], ['with another key', chainHasher('w'.repeat(64))]] as const) {
+    t.match(failure(await verifySeries(files, hasher)), { line: 1, reason: /the record was edited \(or the series was written with another AUDIT_HMAC_KEY, or with none\)/ }, what)
+    t.match(failure(await verifySeries([files.at(-1)!], hasher)), { line: 1, reason: /another AUDIT_HMAC_KEY/ }, `${what}, the active file alone`)
+  }
+})
+
 t.test('with an HMAC key the chain verifies only with that key, and a chain re-hashed without it is rejected', async t => {
   const key = 'k'.repeat(64)
   const hmac = chainHasher(key)

@@ -9,7 +9,7 @@ import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
 import { chainHasher } from '../src/audit/chain.js'
-import { firstLine, pinFiles, readLines, seriesFiles } from '../src/audit/series.js'
+import { firstLine, pinFiles, readLines, rotatedName, seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
 import { BIN, configFile, env, gatewayYaml, run } from './fixtures/bin.js'
@@ -248,6 +248,11 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
     [['--outcome', 'Denied'], /--outcome: "Denied" is not one of: /],
     [['--since', 'yesterday'], /--since: "yesterday" is not a time/],
     [['--since', '999999999d'], /--since: "999999999d" is not a time/],
+    // A day its month does not have would be read as one of the next month (2025-02-30 as March 2): a range that
+    // silently holds other days, or none.
+    [['--until', '2025-02-30'], /--until: "2025-02-30" is not a time/],
+    [['--since', '2024-04-31T10:00'], /--since: "2024-04-31T10:00" is not a time/],
+    [['--since', '2025-02-29T00:00:00Z'], /--since: "2025-02-29T00:00:00Z" is not a time/],
     [['--limit', 'many'], /--limit: give a whole number/],
     [['--limit=-1'], /--limit: give a whole number/],
     [['--format', 'csv'], /--format: jsonl or table/],
@@ -255,6 +260,7 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
   ] as Array<[string[], RegExp]>) {
     t.throws(() => parseQueryArgs(args, Date.now()), { message }, args.join(' '))
   }
+  t.equal(parseQueryArgs(['--since', '2024-02-29'], 0).filters.length, 1, 'a leap day is a day')
   for (const outcome of ['ok', 'upstream_rate_limited', 'upstream_error', 'denied', 'rate_limited', 'invalid', 'unavailable', 'aborted', 'error']) {
     t.doesNotThrow(() => parseQueryArgs(['--outcome', outcome], Date.now()), `--outcome ${outcome}, a word of the README's record table`)
   }
@@ -353,4 +359,43 @@ t.test('verify and query read the series as it was when they listed it, while a 
   await queryFiles(listed, [], Infinity, r => { found.push(r.requestId); return true })
   t.same(found, [1, 2, 3].map(i => callRecord(i).requestId), 'the query finds the records that were there, and only those')
   t.match(await verifySeries(listed, chainHasher()), { ok: true, records: 3 }, 'verify passes on them')
+})
+
+t.test('verify and query beside a gateway that rotates and gzips just after they list the directory: no gap, no file missing', async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 40, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  t.ok(files.length >= 3, 'closed files (not gzipped yet) and the active one')
+  const { file: config } = configFile(gatewayYaml(auditFile))
+  const rotation = {
+    NODE_OPTIONS: `--import=${join(import.meta.dirname, 'fixtures', 'rotate-after-listing.mjs')}`,
+    ROTATE_ACTIVE: auditFile,
+    ROTATE_GZIP: files[0]!,
+    ROTATE_RENAME_TO: rotatedName(auditFile, Date.now(), parsed(auditFile)[0]!.seq as number)
+  }
+  const verify = run(['audit', 'verify', '--config', config], rotation)
+  t.equal(verify.stderr, '')
+  t.match(verify.stdout, /^ok: 40 records, chain intact/, 'verify reads every record once, and passes')
+  t.equal(verify.status, 0)
+  const again = await writeSeries(join(tempDir(), 'audit.jsonl'), 40, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  const query = run(['audit', 'query', '--config', configFile(gatewayYaml(again.at(-1)!)).file], {
+    ...rotation, ROTATE_ACTIVE: again.at(-1)!, ROTATE_GZIP: again[0]!, ROTATE_RENAME_TO: rotatedName(again.at(-1)!, Date.now(), parsed(again.at(-1)!)[0]!.seq as number)
+  })
+  t.equal(query.stderr, '')
+  t.same(query.stdout.trim().split('\n').map(l => (JSON.parse(l) as { seq: number }).seq), Array.from({ length: 40 }, (_, i) => i + 1),
+    'query finds every record, once, in order')
+})
+
+t.test('a series of more files than the command may open at once: verify and query say so and how to fix it, not that a file is damaged', { skip: process.platform !== 'linux' }, async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 2000, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: true } })
+  t.ok(files.length > 150, `${files.length} files`)
+  const { file: config } = configFile(gatewayYaml(auditFile))
+  for (const command of ['verify', 'query']) {
+    // Enough descriptors to load the command, not to hold every file of the series open.
+    const r = spawnSync('sh', ['-c', `ulimit -n 150 && exec "${process.execPath}" ${BIN} audit ${command} --config "${config}"`],
+      { encoding: 'utf8', env, timeout: 20_000, killSignal: 'SIGKILL' })
+    t.equal(r.status, 1, `audit ${command}`)
+    t.match(r.stderr, /more files than this process may open at once \(EMFILE\): raise its limit \(ulimit -n\)/, `audit ${command}: says why`)
+    t.notMatch(r.stderr, /damaged|\n\s+at /, `audit ${command}: no file blamed, no stack trace`)
+  }
 })

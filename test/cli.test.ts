@@ -165,6 +165,14 @@ t.test('SIGTERM lets in-flight calls finish, refuses new ones, and audits every 
   t.equal(records.filter(r => r.status === 200 && r.outcome === 'ok').length, 3, 'one complete record per in-flight call')
 })
 
+t.test('demo --port with a value that is no port says so, naming --port, and starts nothing', async t => {
+  for (const port of ['abc', '', '70000', '1.5', ' 8080']) {
+    const r = run(['demo', '--port', port])
+    t.equal(r.status, 1, `--port "${port}"`)
+    t.equal(r.stderr, 'ohmygpt-gateway demo: --port takes a port number from 0 to 65535\n', `--port "${port}": the flag named`)
+  }
+})
+
 t.test('the demo serves a conversation with the key it prints, writes the audit to stdout, and outlives a SIGHUP and a body that is JSON but no object', async t => {
   const child = spawn(process.execPath, [BIN, 'demo', '--port', '0'], { env })
   t.teardown(() => { child.kill('SIGKILL') })
@@ -221,6 +229,21 @@ t.test('check-config reports a listen host this machine cannot use and an audit 
   t.match(r.stderr, /listen\.host: cannot listen on 203\.0\.113\.7.*EADDRNOTAVAIL/)
   t.match(r.stderr, /audit\.file: cannot create the directory \/dev\/null\/audit: ENOTDIR/)
   t.notOk(r.stderr.includes('    at '), 'no stack trace')
+})
+
+t.test('check-config reports a metrics.listen host this machine cannot use, which start refuses', async t => {
+  const { file, dir } = configFile('')
+  for (const [listen, reason] of [['203.0.113.7:0', /EADDRNOTAVAIL/], ['no-such-host.invalid:0', /ENOTFOUND|EAI_AGAIN/]] as const) {
+    writeFileSync(file, good(dir) + `metrics: { listen: "${listen}" }\n`)
+    const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(start.status, 1, `${listen}: start refuses it`)
+    t.match(start.stderr, reason)
+    const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(r.status, 1, `${listen}: check-config says so`)
+    t.match(r.stderr, new RegExp(`metrics\\.listen: cannot listen on ${listen.split(':')[0]!.replace(/\./g, '\\.')}:0: .*${reason.source}`))
+  }
+  writeFileSync(file, good(dir) + 'metrics: { listen: "[::1]:0" }\n')
+  t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).status, 0, 'a usable one passes ([v6] form)')
 })
 
 t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: process.platform !== 'linux' }, async t => {

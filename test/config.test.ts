@@ -167,6 +167,13 @@ t.test('a YAML error names what and where, never the lines around it (which may 
   t.notMatch(warnings.join('\n'), secret, 'no warning quoting it either')
 })
 
+t.test('a file with a second YAML document (a --- after the config) is refused in the operator\'s words, with where', async t => {
+  for (const text of ['upstream: {}\n---\nlisten: { port: 1 }\n', 'upstream: {}\n---\n']) {
+    t.same(problems(() => loadConfig(yamlFile(text), {})),
+      ['YAML: the file holds more than one document: the config is the first, and the "---" at line 2, column 1 starts another; remove it (and what follows)'])
+  }
+})
+
 t.test('YAML whose aliases would multiply out (a "billion laughs") is refused as that, not as an alias without its anchor', async t => {
   const levels = ['a: &a [x, x, x, x, x, x, x, x, x]']
   for (const [name, prev] of [['b', 'a'], ['c', 'b'], ['d', 'c'], ['e', 'd'], ['f', 'e']]) {

@@ -322,8 +322,15 @@ t.test('metrics config: listen must be host:port, and a token must be long enoug
   t.throws(() => parseConfig({ ...base, metrics: { listen: '9100' } }), { message: /metrics\.listen: must be host:port with a port from 0 to 65535/ })
   t.throws(() => parseConfig({ ...base, metrics: { listen: '127.0.0.1:99999' } }), { message: /metrics\.listen: must be host:port with a port from 0 to 65535/ })
   t.throws(() => parseConfig({ ...base, listen: { host: '127.0.0.1', port: 9100 }, metrics: { listen: '127.0.0.1:9100' } }),
-    { message: /metrics\.listen: is the API's own listen\.host:port/ })
+    { message: /metrics\.listen: its port is listen\.port, on an address listen\.host also takes/ })
   t.same(parseConfig({ ...base, metrics: { listen: '127.0.0.1:65535' } }).metrics, { listen: '127.0.0.1:65535' })
+  // A wildcard host takes the port on every address: start would fail with "port is in use", check-config said ok.
+  for (const [host, listen] of [['0.0.0.0', '127.0.0.1:9100'], ['127.0.0.1', '0.0.0.0:9100'], ['::', '[::1]:9100'], ['10.0.0.5', '[::]:9100']]) {
+    t.throws(() => parseConfig({ ...base, listen: { host, port: 9100 }, metrics: { listen } }),
+      { message: /metrics\.listen: its port is listen\.port, on an address listen\.host also takes/ }, `${host} and ${listen}`)
+  }
+  t.ok(parseConfig({ ...base, listen: { host: '10.0.0.5', port: 9100 }, metrics: { listen: '127.0.0.1:9100' } }), 'two addresses, one port each')
+  t.ok(parseConfig({ ...base, listen: { host: '0.0.0.0', port: 0 }, metrics: { listen: '127.0.0.1:0' } }), 'port 0: any free port, each its own')
   t.throws(() => parseConfig({ ...base, metrics: { token: 'short' } }), { message: /metrics\.token: must NOT have fewer than 16 characters/ })
   t.throws(() => parseConfig({ ...base, metrics: { path: '/m' } }), { message: /metrics\.path: unknown key/ })
   // A token read from a secret file with its line break could never be presented (a header value holds none):

@@ -18,7 +18,7 @@ import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
 import { call, sleep, type Answer } from './fixtures/client.js'
-import { BIN, configFile, env as binEnv, startBin } from './fixtures/bin.js'
+import { BIN, configFile, env as binEnv, run, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
@@ -72,6 +72,21 @@ async function logged (output: { text: string }, what: RegExp, from = 0): Promis
 }
 
 const lineCount = (output: { text: string }) => output.text.split('\n').length - 1
+
+/** The gateway with team-a (KEY_A) and /metrics on its main port (`metrics`, the config's line for it). */
+async function startWithMetrics (t: Test) {
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  const metrics = `metrics: { token: ${METRICS_TOKEN} }`
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], metrics))
+  return { upstream, file, dir, metrics, ...await startBin(t, file, {}) }
+}
+
+/** gateway_config_last_reload_successful, from /metrics on the main port (metrics.token METRICS_TOKEN). */
+async function lastReloadGauge (url: string): Promise<string | undefined> {
+  const text = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } })).text()
+  return /^gateway_config_last_reload_successful (\d+)$/m.exec(text)?.[1]
+}
 
 async function fakeUpstream (t: Test): Promise<FakeUpstream> {
   const upstream = await startUpstream()
@@ -203,6 +218,23 @@ t.test('SIGHUP with upstream.apiKeyFile turned into a FIFO is refused at once: t
   t.equal((await create(url, KEY_A)).status, 200, 'the gateway serves on, with the token it had')
 })
 
+t.test('a config file replaced by a FIFO nobody writes to: SIGHUP (and --watch) refuse it at once, and the gateway serves on', async t => {
+  for (const args of [[], ['--watch']]) {
+    const upstream = await fakeUpstream(t)
+    const { file, dir } = configFile('')
+    writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }]))
+    const { child, url, output } = await startBin(t, file, {}, args)
+    if (args.length > 0) await logged(output, /watching the config file/)
+    rmSync(file)
+    t.equal(spawnSync('mkfifo', [file]).status, 0, 'the config file is now a FIFO')
+    const from = lineCount(output)
+    child.kill('SIGHUP')
+    const line = await logged(output, /config reload refused/, from)
+    t.match(JSON.parse(line), { msg: /cannot read the file: not a regular file/ }, `${args.join(' ')}: refused, not waited on`)
+    t.equal((await create(url, KEY_A)).status, 200, `${args.join(' ')}: the gateway serves on with the config it had`)
+  }
+})
+
 t.test('an invalid config is refused in one log line and the running config stays in force', async t => {
   const upstream = await fakeUpstream(t)
   const { file, dir } = configFile('')
@@ -224,15 +256,8 @@ t.test('an invalid config is refused in one log line and the running config stay
 })
 
 t.test('a refused reload shows in /metrics until a reload is applied: the file in place is not what runs, and a restart would refuse it', async t => {
-  const upstream = await fakeUpstream(t)
-  const { file, dir } = configFile('')
-  const metrics = `metrics: { token: ${METRICS_TOKEN} }`
-  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], metrics))
-  const { child, url, output } = await startBin(t, file, {})
-  const reloadGauge = async () => {
-    const text = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } })).text()
-    return /^gateway_config_last_reload_successful (\d+)$/m.exec(text)?.[1]
-  }
+  const { upstream, file, dir, metrics, child, url, output } = await startWithMetrics(t)
+  const reloadGauge = async () => await lastReloadGauge(url)
   t.equal(await reloadGauge(), '1', 'as started')
 
   writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], `${metrics}\nlimits: { bodyBytes: 0 }`))
@@ -247,6 +272,37 @@ t.test('a refused reload shows in /metrics until a reload is applied: the file i
   child.kill('SIGHUP')
   await logged(output, /config reloaded/, from)
   t.equal(await reloadGauge(), '1', 'applied')
+})
+
+t.test('a reload that changes audit.file, listen.host or metrics.listen to one this machine cannot use is refused, as check-config and the next start refuse it', async t => {
+  const { upstream, file, dir, metrics, child, url, output } = await startWithMetrics(t)
+  const reloadGauge = async () => await lastReloadGauge(url)
+  const notADirectory = join(dir, 'not-a-directory')
+  writeFileSync(notADirectory, '')
+  const withTeamC = gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }], metrics)
+  for (const [changed, text, problem] of [
+    ['audit.file', withTeamC.replace(join(dir, 'audit.jsonl'), join(notADirectory, 'audit.jsonl')), /audit\.file: cannot create the directory .*not-a-directory: (EEXIST|ENOTDIR)/],
+    // 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of this machine
+    ['listen.host', withTeamC.replace('host: 127.0.0.1', 'host: 192.0.2.1'), /listen\.host: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/],
+    ['metrics.listen', withTeamC.replace(metrics, `metrics: { token: ${METRICS_TOKEN}, listen: "192.0.2.1:0" }`), /metrics\.listen: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/]
+  ] as Array<[string, string, RegExp]>) {
+    writeFileSync(file, text)
+    t.equal(run(['check-config', '--config', file]).status, 1, `${changed}: check-config refuses the file`)
+    const from = lineCount(output)
+    child.kill('SIGHUP')
+    const line = await logged(output, /SIGHUP: config reload/, from)
+    t.match(JSON.parse(line), { level: 50, msg: /config reload refused, the running config stays in force/ }, `${changed}: refused`)
+    t.match(line, problem, `${changed}: the log says why, as check-config does`)
+    t.equal(await reloadGauge(), '0', `${changed}: /metrics shows the file in place would not start`)
+    t.equal((await create(url, KEY_C)).status, 401, `${changed}: nothing of the refused file was applied`)
+    t.equal((await create(url, KEY_A)).status, 200, `${changed}: the running config serves on`)
+  }
+  writeFileSync(file, withTeamC)
+  const from = lineCount(output)
+  child.kill('SIGHUP')
+  await logged(output, /SIGHUP: config reloaded/, from)
+  t.equal(await reloadGauge(), '1', 'a usable file is applied')
+  t.equal((await create(url, KEY_C)).status, 200)
 })
 
 t.test('a changed listen.port is reported as needing a restart; the rest of the file is applied', async t => {

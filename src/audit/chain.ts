@@ -177,9 +177,11 @@ export function expectedHash (record: ChainedRecord, hasher: Hasher): string {
  * What is wrong with `record` (read from the line `text`) as the successor of `prev`, or null when it links, its
  * hash holds and the line is spelled exactly as the writer writes it (seal). The hash alone would accept any
  * spelling of the same data (`"team\u002da"`, `4.03e2`, a key given twice); `audit query` searches the text, so a
- * line spelled otherwise could hide from it. Only the writer's own spelling passes.
+ * line spelled otherwise could hide from it. Only the writer's own spelling passes. `first`: the first record a
+ * verification reads (seq 1, or the first left after rotate.keep pruned the series, or of the files named), where a
+ * wrong or missing AUDIT_HMAC_KEY fails first: said there as a possible cause.
  */
-export function linkProblem (record: ChainedRecord, text: string, prev: ChainHead, hasher: Hasher): string | null {
+export function linkProblem (record: ChainedRecord, text: string, prev: ChainHead, hasher: Hasher, first = false): string | null {
   if (record.seq > prev.seq + 1) {
     const missing = record.seq - prev.seq - 1
     return `seq jumps from ${prev.seq} to ${record.seq}: ${missing} record${missing === 1 ? ' was' : 's were'} deleted before this one, ` +
@@ -194,7 +196,7 @@ export function linkProblem (record: ChainedRecord, text: string, prev: ChainHea
   const body = canonicalJson({ ...record, hash: undefined })
   if (record.hash !== hasher(record.prevHash, body)) {
     return 'hash does not match the record\'s content: the record was edited' +
-      (record.seq === 1 ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
+      (first ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
   }
   if (text !== `${body.slice(0, -1)},"hash":"${record.hash}"}`) {
     return 'the line is not spelled as the gateway writes it (same data, other text): the record was edited'

@@ -52,30 +52,38 @@ export async function seriesFiles (file: string): Promise<SeriesFile[]> {
   return (await scanSeries(file)).files
 }
 
-/** The series of `file`, and the entries named like its files that are not regular files. */
-export async function scanSeries (file: string): Promise<SeriesScan> {
-  const dir = dirname(file)
+/** The names of the series' members in its directory as it is now: the active file's and the closed files'. */
+async function memberNames (file: string): Promise<string[]> {
   const base = basename(file)
   let names: string[]
   try {
-    names = await readdir(dir)
+    names = await readdir(dirname(file))
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { files: [], irregular: [] }
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return []
     throw err
   }
-  const members = names.filter(n => n === base || ((n.startsWith(base + '.') || n.startsWith(base + '-')) &&
-    !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX)))
+  return names.filter(n => n === base || ((n.startsWith(base + '.') || n.startsWith(base + '-')) &&
+    !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))).sort()
+}
+
+/** The regular files of the series of `file`, oldest first (by first seq; the active file last). */
+async function ordered (file: string, regular: readonly string[]): Promise<SeriesFile[]> {
+  const files = await inSeriesOrder(regular.filter(p => p !== file))
+  if (regular.includes(file)) files.push({ path: file, firstSeq: await firstSeqOf(file) })
+  return files
+}
+
+/** The series of `file`, and the entries named like its files that are not regular files. */
+export async function scanSeries (file: string): Promise<SeriesScan> {
   const regular: string[] = []
   const irregular: string[] = []
-  for (const name of members) {
-    const path = join(dir, name)
+  for (const name of await memberNames(file)) {
+    const path = join(dirname(file), name)
     const st = await lstat(path).catch(() => null) // gone meanwhile: not a member
     if (st?.isFile() === true) regular.push(path)
     else if (st !== null) irregular.push(path)
   }
-  const ordered = await inSeriesOrder(regular.filter(p => p !== file))
-  if (regular.includes(file)) ordered.push({ path: file, firstSeq: await firstSeqOf(file) })
-  return { files: ordered, irregular }
+  return { files: await ordered(file, regular), irregular }
 }
 
 /**
@@ -118,7 +126,7 @@ async function openForRead (file: string): Promise<FileHandle> {
 }
 
 /**
- * Files a command opened as it listed them (pinFiles): readLines reads each through that descriptor, up to the size
+ * Files a command opened as it listed them (pinSeries, pinFiles): readLines reads each through that descriptor, up to the size
  * it had then, whatever happens to its name meanwhile. A running gateway renames its active file when it rotates,
  * and gzips and removes closed ones: read by name later, a file could be another one, or gone, and a trail nobody
  * touched would show a gap. (A CLI process: the descriptors close when it exits.)
@@ -134,6 +142,62 @@ export async function pinFiles (paths: readonly string[]): Promise<void> {
       pinned.set(path, { fh, size: (await fh.stat()).size })
     } catch {
       // read by name later, which says what is wrong with it
+    }
+  }
+}
+
+/** Listings of the directory a rotation may come between before pinSeries gives up (one a second is a busy gateway). */
+const PIN_ATTEMPTS = 20
+/** Out of file descriptors: the process (EMFILE) or the system (ENFILE). */
+const TOO_MANY_OPEN = new Set(['EMFILE', 'ENFILE'])
+
+/**
+ * The series of `file` as it stands at one moment, its regular files opened then (pinned), for a command that reads
+ * it beside a running gateway. Between listing the directory and opening the files, the gateway may rotate (rename
+ * its active file and open a new one at its path) or gzip a closed file and remove it: the files opened would miss
+ * the renamed file's records, or one would be gone. So once they are open the directory is listed again, and all is
+ * done again until both listings name the same files, each still the one opened under its name.
+ */
+export async function pinSeries (file: string): Promise<SeriesScan> {
+  for (let attempt = 1; ; attempt++) {
+    const opened = new Map<string, { fh: FileHandle, size: number, ino: number, dev: number }>()
+    const closeAll = async () => { await Promise.all([...opened.values()].map(async ({ fh }) => { await fh.close() })) }
+    try {
+      const names = await memberNames(file)
+      const irregular: string[] = []
+      for (const path of names.map(name => join(dirname(file), name))) {
+        const st = await lstat(path).catch(() => null) // gone meanwhile: the second listing shows it
+        if (st !== null && !st.isFile()) irregular.push(path)
+        if (st?.isFile() !== true) continue
+        try {
+          const fh = await openForRead(path)
+          opened.set(path, { fh, ...(await fh.stat()) })
+        } catch (err) {
+          if (TOO_MANY_OPEN.has((err as NodeJS.ErrnoException).code ?? '')) throw err
+          // gone meanwhile (the second listing shows it), or cannot be read: read by name later, which says why
+        }
+      }
+      const moved = (await memberNames(file)).join('\n') !== names.join('\n') ||
+        !(await Promise.all([...opened].map(async ([path, f]) => {
+          const now = await lstat(path).catch(() => null)
+          return now?.ino === f.ino && now.dev === f.dev
+        }))).every(Boolean)
+      if (!moved) {
+        for (const [path, { fh, size }] of opened) pinned.set(path, { fh, size })
+        const regular = names.map(name => join(dirname(file), name)).filter(p => !irregular.includes(p))
+        return { files: await ordered(file, regular), irregular }
+      }
+    } catch (err) {
+      await closeAll()
+      const code = (err as NodeJS.ErrnoException).code ?? ''
+      if (!TOO_MANY_OPEN.has(code)) throw err
+      // Said as it is: read by name later, the file it stopped at would be called damaged.
+      throw new AuditReadError(file, 0, new Error(`the series has more files than this process may open at once (${code}): ` +
+        'raise its limit (ulimit -n), or name fewer files (oldest first)'))
+    }
+    await closeAll()
+    if (attempt === PIN_ATTEMPTS) {
+      throw new AuditReadError(file, 0, new Error(`the series changed each of the ${PIN_ATTEMPTS} times it was listed; try again`))
     }
   }
 }

@@ -76,7 +76,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         let problem: string | null
         if (prev === null) {
           if (record.seq !== 1) start = { file, line, record }
-          problem = linkProblem(record, text, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher)
+          problem = linkProblem(record, text, record.seq === 1 ? GENESIS : { seq: record.seq - 1, hash: record.prevHash }, hasher, true)
         } else {
           problem = linkProblem(record, text, prev, hasher)
           if (problem !== null && inFile === 0 && record.seq > prev.seq + 1) {

@@ -5,6 +5,7 @@ import { once } from 'node:events'
 import { parseArgs } from 'node:util'
 import type { Writable } from 'node:stream'
 import { lineTime, queryFiles, type AuditFields, type Filter } from '../audit/query.js'
+import { isTime } from '../config.js'
 import { ACTIONS } from '../operations.js'
 import { OUTCOMES } from '../plugins/audit.js'
 import { auditFiles, CONFIG_OPTION, UsageError } from './common.js'
@@ -37,8 +38,9 @@ export function parseTime (value: string, now: number): number {
   if (age !== null) return checked(value, now - Number(age[1]) * UNIT_MS[age[2]!]!)
   // The trail's times are UTC: a time of day with no offset is read as UTC too (Date.parse would take local time,
   // with a T or with a space between date and time).
+  // isTime: Date.parse takes a day its month does not have for one of the next (2025-02-30 as March 2).
   const utc = NO_OFFSET.test(value) ? `${value.replace(' ', 'T')}Z` : value
-  return checked(value, /^\d{4}-\d{2}-\d{2}/.test(utc) ? Date.parse(utc) : NaN)
+  return checked(value, /^\d{4}-\d{2}-\d{2}/.test(utc) && isTime(utc) ? Date.parse(utc) : NaN)
 }
 
 function checked (value: string, ms: number): number {

@@ -2,7 +2,7 @@
 // audit trail's process concerns (its files, its HMAC key from the environment).
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
-import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, pinFiles, scanSeries, TEMP_SUFFIX } from '../audit/series.js'
+import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, pinFiles, pinSeries, TEMP_SUFFIX } from '../audit/series.js'
 import { loadAuditFile, resolveConfigPath } from '../config.js'
 
 /** A mistake in the command line itself: printed as one line, exit 1. */
@@ -32,6 +32,8 @@ export function auditHmacKey (env: NodeJS.ProcessEnv): string | undefined {
 /**
  * The audit files a command reads, oldest first: the ones named on the command line, else the series of the
  * configured audit.file (found through the config like `start` finds it), rotated and gzipped files included.
+ * Each is opened as it is listed (pinFiles, pinSeries): the command reads the files as they are now, though a
+ * running gateway rotates (renames, gzips, removes) files of the series while a long verify or query runs.
  * An entry named like a file of the series that is not a regular file (a FIFO would make a reader wait for
  * ever; a symbolic link is not the gateway's) stops the command, naming it.
  */
@@ -39,24 +41,16 @@ export async function auditFiles (configFlag: string | undefined, named: string[
   // A shell glob (audit.jsonl*) also names the lock and any file being written under a temporary name.
   if (named.length > 0) {
     const files = named.filter(n => !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))
-    return await pinned((await inSeriesOrder(files)).map(f => f.path))
+    await pinFiles(files)
+    return (await inSeriesOrder(files)).map(f => f.path)
   }
   const file = loadAuditFile(resolveConfigPath(configFlag, process.env), process.env)
   if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
-  const { files, irregular } = await scanSeries(file)
+  const { files, irregular } = await pinSeries(file)
   if (irregular.length > 0) {
     throw new AuditReadError(irregular[0]!, 0, new Error('not a regular file (a FIFO, device, socket, symbolic link or directory) ' +
       'named like a file of the series: move it out of the audit directory'))
   }
   if (files.length === 0) throw new UsageError(`no audit files at ${file}`)
-  return await pinned(files.map(f => f.path))
-}
-
-/**
- * The files, opened now: the command reads each as it is now, though a running gateway rotates (renames, gzips,
- * removes) files of the series while a long verify or query runs.
- */
-async function pinned (paths: string[]): Promise<string[]> {
-  await pinFiles(paths)
-  return paths
+  return files.map(f => f.path)
 }

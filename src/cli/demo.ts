@@ -4,9 +4,13 @@ import { parseArgs } from 'node:util'
 import { parseConfig } from '../config.js'
 import { generateKey, keyDigest } from '../keys.js'
 import { startServer } from '../server.js'
+import { UsageError } from './common.js'
 
 export async function demo (args: string[]): Promise<void> {
-  const port = Number(parseArgs({ args, options: { port: { type: 'string' } }, strict: true }).values.port ?? 8080)
+  const given = parseArgs({ args, options: { port: { type: 'string' } }, strict: true }).values.port ?? '8080'
+  // Number('') is 0 (any free port) and Number(' 8080') 8080: only digits are a port here.
+  const port = /^\d{1,5}$/.test(given) ? Number(given) : NaN
+  if (!(port <= 65535)) throw new UsageError('--port takes a port number from 0 to 65535')
   const { startFakeOhMyGPT } = await import('../demo/fake-ohmygpt.js')
   const upstreamToken = 'sk-demo-upstream-token'
   const fake = await startFakeOhMyGPT({ apiKey: upstreamToken })

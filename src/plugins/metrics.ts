@@ -15,6 +15,7 @@ import type { AuditWriter } from '../audit/writer.js'
 import { envelope, MetricsUnauthorizedError } from '../errors.js'
 import { timeoutCheckIntervalMs } from '../http/connections.js'
 import { whenClosed } from '../http/response.js'
+import { hostPort } from '../config.js'
 import { describeListenError, StartupError } from '../preflight.js'
 import { ACTIONS } from '../operations.js'
 import type { AuditRecord } from './audit.js'
@@ -66,12 +67,6 @@ export function tokenCheck (token: string | undefined): (header: string | undefi
     const presented = /^Bearer +(\S+) *$/i.exec(header ?? '')?.[1] ?? ''
     return timingSafeEqual(digest(presented), want)
   }
-}
-
-/** `host:port`, `[::1]:port` */
-function hostPort (listen: string): { host: string, port: number } {
-  const at = listen.lastIndexOf(':')
-  return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) }
 }
 
 function gatewayMetrics (opts: MetricsOptions, health: () => HealthDetails) {
