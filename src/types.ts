@@ -43,7 +43,7 @@ declare module 'fastify' {
     bodyBytes: number
     /**
      * plugins/body.ts: the JSON body as parsed (undefined when there was none); numbers a JavaScript number cannot
-     * hold exactly are LosslessNumbers (lossless-json), so that serializeBody writes them back as they came
+     * hold exactly are LosslessNumbers (http/json.ts), so that serializeBody writes them back as they came
      */
     parsedBody: unknown
     /** plugins/body.ts, replaced by plugins/ownership.ts when it adds the owner: the bytes sent upstream */

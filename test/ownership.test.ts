@@ -5,6 +5,7 @@ import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
+import { exactJson, stringifyExact } from '../src/http/json.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
 
 interface Setup {
@@ -204,10 +205,30 @@ t.test('a body the gateway adds the owner to reaches the upstream with every num
   await post('/v1/conversations', `{"items":[{"type":"message","role":"user","content":"x","n":${decimals}}]}`)
   t.match(sentBody(), `"n":${decimals}`, 'long decimals unrounded on create too')
 
-  // A body with nothing JSON.parse would round goes as JSON.stringify writes it, and one naming a key twice as
-  // JSON.parse reads it (the last one).
-  await post(`/v1/conversations/${id}`, '{"metadata":{"a":"c"},"n":1,"n":9007199254740993}')
-  t.match(sentBody(), '"n":9007199254740992', 'a key given twice: JSON.parse\'s reading')
+  // A key given twice: the last, as JSON.parse reads it, with its number as written all the same.
+  await post(`/v1/conversations/${id}`, '{"metadata":{"a":"c"},"n":1,"n":9007199254740993,"m":12345678901234567891,"m":2}')
+  t.match(sentBody(), '"n":9007199254740993,"m":2}', 'a key given twice: the last, unrounded')
+})
+
+t.test('long numbers inside strings (a tool\'s output holding JSON, a CSV) cost the gateway no second reading of a body or an answer, and stay as they were', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const conversation = await client.conversations.create({})
+  // 20 tool outputs of about 180 KiB each holding JSON with 17-digit floats: text JSON.parse reads exactly, which
+  // a JavaScript parser read again took about half a second per call of, serving no one else meanwhile.
+  const output = `${JSON.stringify({ lat: 0.12345678901234567, lon: 1.1, rows: '7,1234567890123456789' })} `.repeat(2500)
+  const items = Array.from({ length: 20 }, (_, i) => ({ type: 'function_call_output' as const, call_id: `call_${i}`, output }))
+  await client.conversations.items.create(conversation.id, { items })
+  const sent = JSON.parse(upstream.requests.at(-1)!.body.toString()) as { items: Array<{ output: string }> }
+  t.equal(sent.items.length, 20)
+  t.ok(sent.items.every(item => item.output === output), 'every output reached the upstream as it was sent')
+
+  const text = JSON.stringify({ items })
+  const parsed = JSON.parse(text) as unknown
+  t.equal(exactJson(text, parsed), parsed, 'JSON.parse\'s reading is kept: nothing in it is rounded')
+  const withNumber = `{"n":12345678901234567891,"s":${JSON.stringify(output)}}`
+  const exact = exactJson(withNumber, JSON.parse(withNumber))
+  t.equal(stringifyExact(exact, exact), withNumber, 'beside a number JSON.parse would round, the strings stay as they were and the number as written')
 })
 
 t.test('16 metadata keys leave no room for the owner: 400 metadata_limit; 15 are fine', async t => {
