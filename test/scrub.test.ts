@@ -97,6 +97,35 @@ t.test('an answer searched as it streams loses a token spelled with JSON escapes
   }
 })
 
+t.test('a token with no character JSON escapes as itself, in an answer full of other escapes (a tool call\'s JSON arguments): every spelling of it taken out, however its chunks cut it', async t => {
+  const token = 'sk-upstream-Tok3n-0123'
+  const scrub = scrubber(token)
+  const args = JSON.stringify(JSON.stringify({ path: 'C:\\tmp\\x', q: '"quoted"' })).slice(1, -1)
+  const spellings = [
+    token,
+    '\\u0073k-upstream-Tok3n-0123',
+    'sk-up\\u0073tream-Tok3n-012\\u0033',
+    [...token].map(c => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0').toUpperCase()}`).join('')
+  ]
+  for (const spelling of spellings) {
+    const body = Buffer.from(`{"a":"${args}\\"${spelling}\\"${args}","b":"\\\\${spelling}"}`)
+    t.equal(JSON.parse(body.toString()).a, `${JSON.parse(`"${args}"`)}"${token}"${JSON.parse(`"${args}"`)}`, `(${spelling} is the token once parsed)`)
+    const want = `{"a":"${args}\\"[redacted]\\"${args}","b":"\\\\[redacted]"}`
+    t.equal(scrub.bytes(body).toString(), want, `${spelling}: searched whole`)
+    let wrong = 0
+    for (let at = 0; at <= body.length; at++) {
+      if (await streamed(scrub, [body.subarray(0, at), body.subarray(at)]) !== want) wrong++
+    }
+    t.equal(wrong, 0, `${spelling}: cut in two at every byte, taken out`)
+  }
+  const escapesOnly = Buffer.from(`{"a":"${args.repeat(100)}\\u0073k-"}`)
+  t.equal(scrub.bytes(escapesOnly), escapesOnly, 'an answer with escapes and no token is passed as it came')
+  // A token holding a character JSON escapes as itself (\/ \" \\) is still found spelled so, far from either end.
+  const other = 'sk-abc/def"g\\h-0123'
+  const long = Buffer.from(`{"a":"${args.repeat(20)} ${JSON.stringify(other).slice(1, -1)} ${args.repeat(20)}"}`)
+  t.equal(scrubber(other).bytes(long).toString(), `{"a":"${args.repeat(20)} [redacted] ${args.repeat(20)}"}`, 'a token with \\" in it, spelled \\" in a long answer')
+})
+
 t.test('a token too short to search for gives no stream to search with', async t => {
   t.equal(scrubber('short').stream(), null)
 })
