@@ -976,6 +976,14 @@ t.test('an owned object\'s answer is read as JSON whatever its content-type says
   t.equal(unreadable.headers.get('content-encoding'), null, 'the error does not claim the upstream\'s content-encoding')
   t.equal(unreadable.headers.get('etag'), null, 'nor its etag')
   t.match(await unreadable.json(), { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'the envelope, readable as it is')
+
+  // A gateway that has not looked the owner up yet (a replica, a restart) reads the lookup's answer as it reads
+  // the object it passes on: compressed unasked, it is decoded, not a 502 on every first call.
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-encoding': 'gzip' }).end(gzipSync(object)) }
+  const replica = await gateway(t, upstream)
+  const retrieved = await replica.sdk(KEYS.full).conversations.retrieve(conv)
+  t.same(retrieved.metadata, { topic: 't' }, 'the owner retrieves it through a gateway that looked its owner up in a compressed answer')
+  t.type(await rejection(replica.sdk(KEYS.other).conversations.retrieve(conv)), OpenAI.NotFoundError, 'another team still gets 404')
 })
 
 t.test('a conversation\'s id asked for on a response route, or a response\'s on a conversation route, does not hide it from its owner', async t => {

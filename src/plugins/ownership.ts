@@ -23,8 +23,8 @@ import {
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { outputIdsIn, type IssuedItems } from '../ownership/issued.js'
-import { retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
-import { TokenScrubber } from '../upstream/scrub.js'
+import { MAX_WHOLE_BYTES, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { decodedBody, TokenScrubber } from '../upstream/scrub.js'
 import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS } from './responses.js'
@@ -305,7 +305,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
       if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
-      return read(JSON.parse(body.toString('utf8')))
+      // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
+      return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
     } catch (err) {
       if (err instanceof UpstreamRateLimitedError) throw err
       if (err instanceof UpstreamAuthError) {
