@@ -311,12 +311,14 @@ t.test('in process, Redis not answering: an item named by id in a conversation i
   const named = (id: string) => [{ type: 'item_reference' as const, id }, { role: 'user' as const, content: 'Go on' }]
   const served = await sdk.responses.create({ model: 'gpt-4o-mini', conversation: conversation.id, input: named(inIt) })
   t.equal(served.status, 'completed', 'an item of the conversation is checked upstream, as always')
+  // (each caught as it is made: the second may be refused before the first, and a refusal nothing waits on yet
+  // would be an unhandled rejection)
   const refusals = [
     sdk.responses.create({ model: 'gpt-4o-mini', conversation: conversation.id, input: named('msg_elsewhere') }),
     sdk.conversations.create({ items: [{ type: 'item_reference', id: 'msg_elsewhere' }] })
-  ]
+  ].map(async refusal => await refusal.catch((e: unknown) => e))
   for (const refusal of refusals) {
-    t.match(await refusal.catch((e: unknown) => e), { status: 503, code: 'rate_limit_store_unavailable' },
+    t.match(await refusal, { status: 503, code: 'rate_limit_store_unavailable' },
       'not 404 item_not_found or 400 item_reference_not_allowed: Redis might know it as the client\'s')
   }
   redis.resume()
