@@ -171,6 +171,28 @@ t.test('no client can take a conversation over, or hide its owner, through metad
   t.same((await restarted.sdk(KEYS.full).conversations.retrieve(conv.id)).metadata, { x: '1' }, 'A after a restart')
 })
 
+t.test('a create or update body that is not a JSON object is refused on every route that takes one, before the upstream', async t => {
+  // The upstream would refuse these too; the gateway's checks read the body's keys, and the README promises a 400
+  // invalid_metadata for a create or update body that is not an object, items create included.
+  const { upstream, gw, sdk } = await setup(t)
+  const conv = await sdk(KEYS.full).conversations.create({})
+  const sent = upstream.requests.length
+  const paths = ['/v1/conversations', `/v1/conversations/${conv.id}`, `/v1/conversations/${conv.id}/items`, '/v1/responses']
+  for (const path of paths) {
+    for (const body of ['null', '[]', '"text"', '123', 'true']) {
+      const res = await fetch(`${gw.url}${path}`, {
+        method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body
+      })
+      t.equal(res.status, 400, `POST ${path} ${body}: 400`)
+      t.match(await res.json(), { error: { code: 'invalid_metadata', type: 'invalid_request_error' } }, `POST ${path} ${body}: invalid_metadata`)
+    }
+  }
+  t.equal(upstream.requests.length, sent, 'none of them went upstream')
+  const refused = gw.audit().filter(r => r.status === 400)
+  t.equal(refused.length, paths.length * 5, 'each is audited')
+  t.ok(refused.every(r => r.outcome === 'invalid'), 'as invalid')
+})
+
 t.test('a body the gateway adds the owner to reaches the upstream with every number as the client wrote it', async t => {
   const { upstream, gw } = await setup(t)
   const numbers = '[9007199254740993,12345678901234567891,1.0000000000000001,-0.5,42]'

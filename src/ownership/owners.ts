@@ -15,7 +15,8 @@ export type MetadataProblem = 'reserved' | 'limit' | 'not_object'
 
 type Json = Record<string, unknown>
 
-function isObject (value: unknown): value is Json {
+/** A JSON object: not null, not an array. */
+export function isObject (value: unknown): value is Json {
   return typeof value === 'object' && value !== null && !Array.isArray(value)
 }
 

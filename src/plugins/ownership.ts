@@ -19,7 +19,7 @@ import {
 import { holdsKey } from '../keys.js'
 import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
 import {
-  conversationParam, createBody, folded, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
+  conversationParam, createBody, folded, isObject, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
 import { outputIdsIn, type IssuedItems } from '../ownership/issued.js'
@@ -504,6 +504,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
     const id = op.conversationId!
     if (op.action === 'conversation.update') refuseMetadata(metadataProblem(request.parsedBody))
+    // (An items create has no metadata, but its body is a create's all the same: one that is not an object is refused
+    // here as on the other creates, rather than passed on for the upstream to answer.)
+    if (op.action === 'item.create' && request.parsedBody !== undefined && !isObject(request.parsedBody)) throw new InvalidMetadataError()
     // The upstream reads what was checked: new items go up as the gateway read them, not as the client's bytes,
     // where a key given twice (`"type":"item_reference", ... "type":"message"`) reads as its first value to a
     // parser that keeps the first, and would name an item the gateway never saw. (Creates and updates are written
