@@ -6,7 +6,7 @@ import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { exactJson, stringifyExact } from '../src/http/json.js'
-import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
+import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
 
 interface Setup {
   upstream: FakeUpstream
@@ -491,6 +491,22 @@ t.test('a lookup or item check that outlives the timeout the SDK says it has is 
     { action: 'item.create', status: 504, outcome: 'upstream_error', attempts: 1 },
     { action: 'response.create', status: 504, outcome: 'upstream_error', attempts: 1 }
   ], 'audited as the lookup\'s timeout, with its attempt')
+})
+
+t.test('a lookup cut at the client\'s stated wait after a retry on another line is audited with the attempts it made', async t => {
+  // The 504 the client's wait gives was audited with one attempt whatever the lookup had done: a lookup retried on
+  // another line (the first answered 503) had made two, which the record of a lookup's own timeout does say.
+  const [first, second] = [await startUpstream(), await startUpstream()]
+  t.teardown(() => Promise.all([first.close(), second.close()]))
+  const { gw, sdk } = await gateway(t, first, { upstream: { baseUrls: [first.url, second.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 30_000, retries: 1 } })
+  first.respond = faults.status(503)
+  second.respond = faults.hang()
+  const err = await rejection(sdk(KEYS.full).conversations.retrieve('conv_looked_up_on_two_lines', { timeout: 3000 }))
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, before the SDK\'s own timeout')
+  const lookups = [...first.requests, ...second.requests].filter(r => r.url === '/v1/conversations/conv_looked_up_on_two_lines')
+  t.equal(lookups.length, 2, 'the lookup went to both lines')
+  t.match(gw.audit().at(-1), { action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 2, upstreamLine: null },
+    'audited with the lookup\'s two attempts')
 })
 
 /**

@@ -218,6 +218,11 @@ const triedUpstream = new WeakMap<Error, UpstreamProgress>()
 
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, issued, upstream } = opts
+  /**
+   * The attempts of each owner lookup under way, by the cache's key (one lookup per key at a time, shared by its
+   * callers): what a caller cut at its own wait is audited with.
+   */
+  const lookupsUnderWay = new Map<string, { attempts: number, sent: boolean }>()
   const scrub = new TokenScrubber(opts.apiKey)
 
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
@@ -258,8 +263,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (waitMs !== undefined && waitMs < upstream.timeoutMs) {
         deadline = setTimeout(() => {
           const err = new UpstreamTimeoutError()
-          // (a lookup still under way has made its first attempt at least; the call itself was never sent)
-          triedUpstream.set(err, { line: null, attempts: 1, sent: false })
+          // (the attempts the lookup made so far, its first at least; the call itself was never sent)
+          const attempts = Math.max(1, lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1)
+          triedUpstream.set(err, { line: null, attempts, sent: false })
           leave(err)
         }, waitMs)
       }
@@ -274,9 +280,17 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
   async function lookUpstream (kind: Owned, id: string, request: FastifyRequest,
     whenAbandoned: (abort: () => void) => void): Promise<Owner> {
-    const found = await askUpstream(`/v1/${kind}s/${id}`, { [`${kind}Id`]: id }, request, whenAbandoned,
-      answer => ownerOf(answer, id, kind))
-    return found === 'missing' ? 'missing' : found
+    const key = `${kind}:${id}`
+    const progress = { attempts: 0, sent: false }
+    lookupsUnderWay.set(key, progress)
+    try {
+      const found = await askUpstream(`/v1/${kind}s/${id}`, { [`${kind}Id`]: id }, request, whenAbandoned,
+        answer => ownerOf(answer, id, kind), undefined, progress)
+      return found === 'missing' ? 'missing' : found
+    } finally {
+      // (an abandoned lookup may end after the next one for the same key has begun)
+      if (lookupsUnderWay.get(key) === progress) lookupsUnderWay.delete(key)
+    }
   }
 
   /**
@@ -288,7 +302,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    */
   async function askUpstream<T> (path: string, about: Record<string, string>, request: FastifyRequest,
     whenGone: (abort: () => void) => void, read: (answer: unknown) => T,
-    clientWait: () => number | undefined = () => undefined): Promise<T | 'missing'> {
+    clientWait: () => number | undefined = () => undefined, progress?: { attempts: number, sent: boolean }): Promise<T | 'missing'> {
     try {
       const answer = await upstream.call({
         method: 'GET',
@@ -296,7 +310,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         headers: gatewayHeaders(request, opts.apiKey(), { accept: 'application/json' }),
         body: null,
         whenClientGone: whenGone,
-        clientWaitMs: clientWait()
+        clientWaitMs: clientWait(),
+        progress
       })
       // (As large as an answer the gateway reads whole to pass on: a response object holds its whole output, an
       // image generation's base64, and refusing it here would refuse its owner what the gateway passes on.)
