@@ -399,3 +399,18 @@ t.test('a series of more files than the command may open at once: verify and que
     t.notMatch(r.stderr, /damaged|\n\s+at /, `audit ${command}: no file blamed, no stack trace`)
   }
 })
+
+t.test('the files named on the command line, more than the command may open at once: verify and query say so too, not that a file is damaged', { skip: process.platform !== 'linux' }, async t => {
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 2000, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: true } })
+  t.ok(files.length > 150, `${files.length} files`)
+  // As a shell glob names them (audit.jsonl*), with no config to find them by.
+  const named = files.map(f => `"${f}"`).join(' ')
+  for (const command of ['verify', 'query']) {
+    const r = spawnSync('sh', ['-c', `ulimit -n 150 && exec "${process.execPath}" ${BIN} audit ${command} ${named}`],
+      { encoding: 'utf8', env, timeout: 20_000, killSignal: 'SIGKILL' })
+    t.equal(r.status, 1, `audit ${command}`)
+    t.match(r.stderr, /more files than this process may open at once \(EMFILE\): raise its limit \(ulimit -n\)/, `audit ${command}: says why`)
+    t.notMatch(r.stderr, /damaged|\n\s+at /, `audit ${command}: no file blamed, no stack trace`)
+  }
+})

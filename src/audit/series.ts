@@ -133,23 +133,43 @@ async function openForRead (file: string): Promise<FileHandle> {
  */
 const pinned = new Map<string, { fh: FileHandle, size: number }>()
 
-/** Opens `paths` now, to be read as they are now (see pinned); one that cannot be opened is read by name later. */
+/** Out of file descriptors: the process (EMFILE) or the system (ENFILE). */
+const TOO_MANY_OPEN = new Set(['EMFILE', 'ENFILE'])
+
+/**
+ * The error for a command that cannot hold every file it reads open at once, said as it is: read by name later, the
+ * file it stopped at would be called damaged. Null for any other error.
+ */
+function tooManyOpen (file: string, err: unknown): AuditReadError | null {
+  const code = (err as NodeJS.ErrnoException).code ?? ''
+  if (!TOO_MANY_OPEN.has(code)) return null
+  return new AuditReadError(file, 0, new Error(`the series has more files than this process may open at once (${code}): ` +
+    'raise its limit (ulimit -n), or name fewer files (oldest first)'), false)
+}
+
+/**
+ * Opens `paths` now, to be read as they are now (see pinned); one that cannot be opened is read by name later, but
+ * for the want of descriptors (tooManyOpen), which stops the command (the files this call opened closed again).
+ */
 export async function pinFiles (paths: readonly string[]): Promise<void> {
+  const opened: string[] = []
   for (const path of paths) {
     if (pinned.has(path)) continue
     try {
       const fh = await openForRead(path)
       pinned.set(path, { fh, size: (await fh.stat()).size })
-    } catch {
-      // read by name later, which says what is wrong with it
+      opened.push(path)
+    } catch (err) {
+      const tooMany = tooManyOpen(path, err)
+      if (tooMany === null) continue // read by name later, which says what is wrong with it
+      await Promise.all(opened.map(async p => { await pinned.get(p)?.fh.close(); pinned.delete(p) }))
+      throw tooMany
     }
   }
 }
 
 /** Listings of the directory a rotation may come between before pinSeries gives up (one a second is a busy gateway). */
 const PIN_ATTEMPTS = 20
-/** Out of file descriptors: the process (EMFILE) or the system (ENFILE). */
-const TOO_MANY_OPEN = new Set(['EMFILE', 'ENFILE'])
 
 /**
  * The series of `file` as it stands at one moment, its regular files opened then (pinned), for a command that reads
@@ -189,11 +209,7 @@ export async function pinSeries (file: string): Promise<SeriesScan> {
       }
     } catch (err) {
       await closeAll()
-      const code = (err as NodeJS.ErrnoException).code ?? ''
-      if (!TOO_MANY_OPEN.has(code)) throw err
-      // Said as it is: read by name later, the file it stopped at would be called damaged.
-      throw new AuditReadError(file, 0, new Error(`the series has more files than this process may open at once (${code}): ` +
-        'raise its limit (ulimit -n), or name fewer files (oldest first)'))
+      throw tooManyOpen(file, err) ?? err
     }
     await closeAll()
     if (attempt === PIN_ATTEMPTS) {
@@ -228,10 +244,11 @@ function rawStream (file: string, fh: FileHandle, pinnedSize?: number): { input:
 
 /** A file of the series that cannot be read (on), with where: verify, query and start say so, not a stack. */
 export class AuditReadError extends Error {
-  constructor (readonly file: string, readonly line: number, cause: unknown) {
+  /** `ofTheFile`: the cause is the file's (a compressed one is then said to be cut short or damaged), not the process's */
+  constructor (readonly file: string, readonly line: number, cause: unknown, ofTheFile = true) {
     const reason = (cause as NodeJS.ErrnoException).code ?? (cause as Error).message
     super(`cannot read audit file ${file} ${line === 0 ? '' : `after line ${line} `}(${reason})` +
-      (file.endsWith(GZIP_SUFFIX) ? ': a compressed file cut short or damaged' : ''))
+      (ofTheFile && file.endsWith(GZIP_SUFFIX) ? ': a compressed file cut short or damaged' : ''))
     this.name = 'AuditReadError'
   }
 }
