@@ -489,6 +489,37 @@ t.test('a generation that outlives the timeout the SDK says it has is answered 5
   t.match(gw.audit().map(r => [r.action, r.status]), [['response.create', 504], ['response.create', 504]])
 })
 
+t.test('a call whose stated wait is spent before it can be sent is not sent: 504 the SDK may retry, no generation upstream', async t => {
+  // Sent with what is left (nothing), it would be cut at once with x-should-retry: false while the generation ran
+  // upstream, billed, for no one. Here the client's body takes longer than the timeout it says it has.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // (a connection to the upstream open and idle, as on a gateway in use: a call given its 1 ms would be written on it)
+  await fetch(`${gw.url}/v1/conversations/conv_warm`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  // (headers first, the body 1.3 s later, from a client that says it waits 1 s)
+  const body = JSON.stringify({ model: 'gpt-4o-mini', input: 'a long answer' })
+  const socket = createConnection(Number(new URL(gw.url).port), '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  const received: Buffer[] = []
+  socket.on('data', (data: Buffer) => { received.push(data) })
+  socket.write(buildRequest('POST', '/v1/responses', [FULL, JSON_TYPE, ['Content-Length', String(body.length)], ['X-Stainless-Timeout', '1']]))
+  await new Promise(resolve => setTimeout(resolve, 1300))
+  socket.write(body)
+  const answer = await eventually(async () => {
+    const text = Buffer.concat(received).toString()
+    const [head, json] = text.split('\r\n\r\n')
+    const length = Number(/^content-length: (\d+)/im.exec(head ?? '')?.[1])
+    return json !== undefined && json.length === length && { head: head!, json }
+  }, 'the answer')
+  t.match(answer.head, /^HTTP\/1\.1 504 /)
+  t.match(JSON.parse(answer.json), { error: { code: 'upstream_timeout', type: 'server_error' } })
+  t.notMatch(answer.head, /^x-should-retry:/im, 'nothing was sent: the SDK may send it again')
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 0, 'no generation started upstream')
+  await eventually(async () => gw.audit().length === 2, 'the call is audited')
+  t.match(gw.audit()[1], { action: 'response.create', status: 504, attempts: 0, outcome: 'upstream_error' })
+})
+
 t.test('a POST whose upstream connection broke after it was sent is not sent again by the SDK; one refused everywhere is', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

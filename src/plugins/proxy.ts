@@ -18,7 +18,7 @@ import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
-import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
@@ -69,7 +69,7 @@ export function clientWaitMs (headers: IncomingHttpHeaders, elapsedMs: number): 
   }
   if (seconds === Infinity) return undefined
   const ms = seconds * 1000
-  return Math.max(1, ms - Math.min(CLIENT_MARGIN_MS, ms / 10) - elapsedMs)
+  return Math.max(SPENT_WAIT_MS, ms - Math.min(CLIENT_MARGIN_MS, ms / 10) - elapsedMs)
 }
 
 /** OpenAI's error event, with the envelope of upstream_unavailable: how a Responses stream the gateway ends ends. */

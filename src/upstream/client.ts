@@ -59,7 +59,7 @@ export interface UpstreamCall {
   progress?: { attempts: number, sent: boolean } | undefined
   /**
    * how much longer the client will wait for its answer, when it says so (plugins/proxy.ts clientWaitMs): a
-   * deadline shorter than the call's own replaces it
+   * deadline shorter than the call's own replaces it; SPENT_WAIT_MS or less, the call is not sent
    */
   clientWaitMs?: number | undefined
   /**
@@ -83,6 +83,12 @@ export interface UpstreamAnswer {
 export type FailureKind = 'unavailable' | 'timeout' | 'aborted'
 
 /** A call that got no answer to pass on. The message is for the operational log, never for a client. */
+/**
+ * What is left of a client's stated wait once it is spent (its body, the gateway's checks or an owner lookup took
+ * it): nothing could be answered in it.
+ */
+export const SPENT_WAIT_MS = 1
+
 export class UpstreamFailure extends Error {
   constructor (
     readonly kind: FailureKind, message: string, readonly attempts: number, readonly line: number | null,
@@ -97,12 +103,12 @@ export class UpstreamFailure extends Error {
   }
 
   /**
-   * No line was tried: every one is being skipped. Nothing failed for this call, and the log said when each line
-   * was skipped (and will say when one is restored): a line per call refused so would flood it for as long as
-   * the outage lasts.
+   * No line was tried: every one is being skipped (the log said when each was, and will say when one is restored:
+   * a line per call refused so would flood it for as long as the outage lasts), or the client's stated wait was
+   * spent before the call could be sent (SPENT_WAIT_MS). Nothing failed upstream for this call.
    */
   get untried (): boolean {
-    return this.kind === 'unavailable' && this.attempts === 0
+    return this.attempts === 0 && (this.kind === 'unavailable' || this.kind === 'timeout')
   }
 }
 
@@ -500,6 +506,11 @@ export class Upstream {
     // A client that will give up sooner (and whose SDK would then send the call again) gets the 504 before it does.
     const clientCut = call.clientWaitMs !== undefined && call.clientWaitMs < ownMs
     const deadlineMs = clientCut ? call.clientWaitMs! : ownMs
+    // A client whose wait is already spent gets its 504 without the call being sent: sent, it would only be cut at
+    // once, and a generation would run upstream, billed, for no one (and its 504 would tell the SDK not to retry).
+    if (clientCut && deadlineMs <= SPENT_WAIT_MS) {
+      throw new UpstreamFailure('timeout', 'the client\'s stated wait was spent before the call could be sent', 0, null)
+    }
     // (A streamed retrieve of a response the model is still working on gets its headers at once, then may go
     // quiet as long as a streamed create.)
     const modelStream = generation || call.streamsModel === true
