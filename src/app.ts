@@ -261,12 +261,22 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // wait for, yet Node's close() closes only those idle between calls, and only once: the drain closes the rest,
   // and those that fall idle later (after a call whose answer had begun before accepting stopped).
   app.server.on('connection', (socket: Socket) => { connections.opened(socket) })
+  // (An answer still being flushed to a slow client has ended in Node's eyes: it is left to finish.)
+  const unused = (socket: Socket) => !socket.destroyed && responseHolding(socket) === null && socket.writableLength === 0
   app.decorate('closeUnusedConnections', () => {
-    for (const socket of connections) {
-      // (An answer still being flushed to a slow client has ended in Node's eyes: it is left to finish.)
-      if (responseHolding(socket) === null && socket.writableLength === 0) socket.destroy()
-    }
+    // A call sent on a connection just fallen idle (after an answer begun before accepting stopped, which could not
+    // say Connection: close) may be in the kernel, not read yet: the event loop reads sockets after its timers, a
+    // drain's sweep among them. Closing the connection then would cut that call with no answer and no record. Those
+    // still unused after a whole turn of the loop, reads included, are closed.
+    const candidates = [...connections].filter(unused)
+    if (candidates.length === 0) return
+    setImmediate(() => {
+      setImmediate(() => { for (const socket of candidates) if (unused(socket)) socket.destroy() })
+    })
   })
+  // Node's close() closes the connections idle between calls at once, in the same race (the drain's first close):
+  // they are closed as above instead.
+  app.server.closeIdleConnections = () => { app.closeUnusedConnections() }
   app.decorate('abortInFlight', () => {
     // Clients first: each call is then audited as aborted (the client got no complete answer), not as an
     // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut. A

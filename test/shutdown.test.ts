@@ -7,11 +7,14 @@ import { Agent, request, type IncomingHttpHeaders, type IncomingMessage, type Se
 import { readFileSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { join } from 'node:path'
+import type { FastifyInstance } from 'fastify'
 import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
 import { ignoredSignalLogger } from '../src/server.js'
 import { configFile, startBin } from './fixtures/bin.js'
+import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { buildRequest } from './fixtures/raw-http.js'
 import { eventually } from './fixtures/eventually.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
@@ -417,4 +420,52 @@ t.test('signals the gateway has no use for are logged and ignored: none ends it,
   const [code, signal] = await exited
   t.same([code, signal], [0, null], 'SIGQUIT shuts down gracefully too')
   t.match(output.text, /SIGQUIT: shutting down/)
+})
+
+/**
+ * A raw connection to `url` kept alive after one conversation create (`first`, its whole answer); `next(close)`
+ * sends the call again and runs `close` while the call is in the kernel, not yet read: 'answered', or how the
+ * connection ended. `answers()`: the statuses received.
+ */
+async function keptAliveCall (t: Test, url: string) {
+  const { hostname, port } = new URL(url)
+  const socket = connect(Number(port), hostname)
+  t.teardown(() => socket.destroy())
+  socket.on('error', () => {})
+  await once(socket, 'connect')
+  let received = ''
+  socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
+  const call = buildRequest('POST', '/v1/conversations', [['Authorization', `Bearer ${KEYS.full}`], ['Content-Type', 'application/json']], '{}')
+  const answers = () => received.split('HTTP/1.1 ').slice(1).map(a => Number(a.slice(0, 3)))
+  const answered = (n: number) => eventually(async () => answers().length === n && received.endsWith('}'), `answer ${n}, whole`)
+  socket.write(call)
+  const first = answered(1)
+  const next = async (close: () => void): Promise<string> => {
+    socket.write(call)
+    close()
+    const ended = once(socket, 'close').then(() => 'closed', (err: NodeJS.ErrnoException) => err.code ?? 'error')
+    return Promise.race([ended, answered(2).then(() => 'answered', () => 'not answered')])
+  }
+  return { first, answers, next }
+}
+
+t.test('a call sent on a kept-alive connection as the drain closes the unused ones is read and answered, not cut unanswered', async t => {
+  // Under load the event loop runs timers (the drain's periodic sweep) before it reads the bytes that came in
+  // meanwhile; Node's close() (accepting stops) closes the connections idle between calls at once. A client that
+  // sent its next call on such a connection (one just fallen idle after a stream begun before accepting stopped,
+  // whose answer could not say Connection: close) lost it, with no answer and no record.
+  const closers: Array<[string, (app: FastifyInstance) => void]> = [
+    ['the drain\'s sweep', app => { app.closeUnusedConnections() }],
+    ['Node closing the idle ones as accepting stops', app => { app.server.closeIdleConnections() }]
+  ]
+  for (const [what, close] of closers) {
+    const upstream = await startUpstream()
+    t.teardown(() => upstream.close())
+    const gw = await startGateway(t, testConfig(upstream.url))
+    const exchange = await keptAliveCall(t, gw.url)
+    await exchange.first
+    t.equal(await exchange.next(() => { close(gw.app) }), 'answered', `${what}: the call is answered, not cut`)
+    t.same(exchange.answers(), [200, 200])
+    t.equal((await gw.auditFile()).length, 2, `${what}: both calls audited`)
+  }
 })
