@@ -951,3 +951,34 @@ t.test('a gateway key in the URL percent-encoded (ogw%5F...) is refused as one w
   const text = JSON.stringify(await gw.auditFile())
   t.notOk([KEYS.full, KEYS.other].some(key => text.includes(encoded(key)) || text.includes(key.slice(4))), 'no record holds a key, encoded or not')
 })
+
+t.test('an upstream header quoting the token (content-encoding, content-type) stays out of the log on every path that logs it', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // Ownership's own lookup, and calls passed on without one (an answer read whole, searched, an error, a stream).
+  const owned = await startGateway(t, testConfig(upstream.url))
+  const unowned = await startGateway(t, ...withoutOwnership(upstream.url))
+  const quoting = `x-${UPSTREAM_TOKEN}`
+  const answer = (status: number, headers: Record<string, string>, body: string) => (_req: unknown, res: ServerResponse) => { res.writeHead(status, headers).end(body) }
+  const encoded = { 'content-type': 'application/json', 'content-encoding': quoting }
+  const calls: Array<[string, typeof owned, string, RequestInit, ReturnType<typeof answer>]> = [
+    ['an owner lookup', owned, '/v1/conversations/conv_1', { headers: auth }, answer(200, encoded, '{}')],
+    ['an answer read whole', unowned, '/v1/responses', { method: 'POST', headers: auth, body: '{"model":"gpt-4o","input":"hi"}' }, answer(200, encoded, '{}')],
+    ['an answer searched', unowned, '/v1/conversations/conv_1/items', { headers: auth }, answer(200, encoded, '{}')],
+    ['an error answer', unowned, '/v1/conversations/conv_1/items', { headers: auth }, answer(500, encoded, '{}')],
+    ['an event stream', unowned, '/v1/responses', { method: 'POST', headers: auth, body: '{"model":"gpt-4o","input":"hi","stream":true}' },
+      answer(200, { 'content-type': 'text/event-stream', 'content-encoding': quoting }, 'data: {}\n\n')],
+    ['an error answer that is no envelope', unowned, '/v1/conversations/conv_1/items', { headers: auth },
+      answer(500, { 'content-type': `text/html; ${quoting}` }, '<html></html>')]
+  ]
+  for (const [label, gw, path, init, respond] of calls) {
+    upstream.respond = respond
+    const before = gw.logs.length
+    const res = await fetch(`${gw.url}${path}`, init)
+    t.equal(res.status, label === 'an error answer that is no envelope' ? 500 : 502, `${label}: refused or answered by the gateway`)
+    t.notMatch(await res.text(), UPSTREAM_TOKEN.toLowerCase(), `${label}: not in the answer`)
+    const logged = gw.logs.slice(before).join('\n')
+    t.ok(logged.includes('"level":40'), `${label}: the operators are told`)
+    t.notOk(logged.toLowerCase().includes(UPSTREAM_TOKEN.toLowerCase()), `${label}: the token is not in the log, in any case`)
+  }
+})

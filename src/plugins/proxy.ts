@@ -316,6 +316,9 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
+  /** An upstream header's value as the log may keep it: the upstream's text, which may quote the token, cut short. */
+  const loggedHeader = (value: string | string[] | undefined): string | null =>
+    value === undefined ? null : scrub.text(String(value)).slice(0, 256)
   // The event streams being passed on: at the end of a shutdown's grace each is ended with an error event that
   // says why (the SDKs raise it as an APIError, not a bare "terminated"), before its connection is closed
   // (app.abortInFlight). One a slow client has not read up to yet goes with what is unread before it.
@@ -508,7 +511,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     if (!isErrorEnvelope(parsed)) {
       // A CDN's HTML page, an empty body: the SDKs would make the page their error's message, with no error
       // object. The client gets OpenAI's envelope with the upstream's status, the operators the facts.
-      request.log.warn({ upstreamStatus: res.statusCode, contentType: res.headers['content-type'], bytes: decoded.length },
+      request.log.warn({ upstreamStatus: res.statusCode, contentType: loggedHeader(res.headers['content-type']), bytes: decoded.length },
         'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
       reply.removeHeader('content-encoding')
       reply.type('application/json; charset=utf-8')
@@ -542,7 +545,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return true
     }
     res.stream.on('error', noop).destroy()
-    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: types.map(type => scrub.text(type).slice(0, 256)) },
+    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: types.map(loggedHeader) },
       'upstream answer has more than one content-type: not passed on')
     mayBeDoneUpstream(request.method, reply)
     reply.send(new UpstreamUnavailableError())
@@ -578,7 +581,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         // answer read whole does.
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
-          request.log.warn({ contentEncoding: res.headers['content-encoding'] }, 'upstream event stream is compressed: not passed on unchecked')
+          request.log.warn({ contentEncoding: loggedHeader(res.headers['content-encoding']) }, 'upstream event stream is compressed: not passed on unchecked')
           mayBeDoneUpstream(request.method, reply)
           reply.send(new UpstreamUnavailableError())
           return
@@ -630,7 +633,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // (its location names the upstream, and would get the client's key), nor would the gateway (the token).
       if (isRedirect(res.statusCode)) {
         res.stream.on('error', noop).destroy()
-        const location = typeof res.headers.location === 'string' ? scrub.text(res.headers.location).slice(0, 256) : null
+        const location = typeof res.headers.location === 'string' ? loggedHeader(res.headers.location) : null
         request.log.warn({ upstreamStatus: res.statusCode, location }, 'the upstream answered with a redirect: check upstream.baseUrls')
         reply.send(new UpstreamUnavailableError())
         return

@@ -348,7 +348,8 @@ export function decodedBody (body: Buffer, contentEncoding: string | string[] | 
   // Applied in the order listed: undone last to first.
   for (const coding of codings.reverse()) {
     const decode = DECODERS[coding]
-    if (decode === undefined) throw new Error(`content-encoding ${coding} cannot be decoded`)
+    // (Not named: the header is the upstream's text, which may quote the token, and this message is logged.)
+    if (decode === undefined) throw new Error('the answer\'s content-encoding cannot be decoded (gzip, deflate and br can)')
     out = decode(out, maxBytes)
   }
   return out
