@@ -82,13 +82,13 @@ export interface UpstreamAnswer {
 
 export type FailureKind = 'unavailable' | 'timeout' | 'aborted'
 
-/** A call that got no answer to pass on. The message is for the operational log, never for a client. */
 /**
  * What is left of a client's stated wait once it is spent (its body, the gateway's checks or an owner lookup took
  * it): nothing could be answered in it.
  */
 export const SPENT_WAIT_MS = 1
 
+/** A call that got no answer to pass on. The message is for the operational log, never for a client. */
 export class UpstreamFailure extends Error {
   constructor (
     readonly kind: FailureKind, message: string, readonly attempts: number, readonly line: number | null,
