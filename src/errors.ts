@@ -92,7 +92,7 @@ export const BackgroundNotAllowedError = define('background_not_allowed', 403, '
   'Background responses are not available to a key with a token budget: their usage could not be charged.',
   { param: 'background', outcome: 'denied' })
 export const ContainerNotAllowedError = define('container_not_allowed', 403, 'invalid_request_error',
-  'A code interpreter container named by id is not available to this key: containers are not owned by a team, so it could be another team\'s, with its files. Use "container": {"type": "auto"} (an active container in the response\'s context is reused).',
+  'A container named by id (a code interpreter\'s, or a shell tool\'s container_reference) is not available to this key: containers are not owned by a team, so it could be another team\'s, with its files. Use "container": {"type": "auto"} (an active container in the response\'s context is reused), or "environment": {"type": "container_auto"}.',
   { outcome: 'denied' })
 export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error',
   'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' })

@@ -673,6 +673,40 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   t.equal(admin.status, 200, 'an admin key may name one')
 })
 
+// The hosted shell tool runs its commands in a container too, and names one by id the way the SDK types it:
+// `environment: { type: 'container_reference', container_id }`. A team's shell and code interpreter containers
+// have their ids in its answers (`shell_call.environment.container_id`, `code_interpreter_call.container_id`).
+t.test('a shell tool\'s container named by id (container_reference) is refused to a non-admin client, as a code interpreter\'s is', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const { post } = await twoTeams(gw.url)
+  const container = 'cntr_0123456789abcdef0123456789abcdef'
+  const before = upstream.requests.length
+  const err = await rejection(sdk(KEYS.other).responses.create({
+    model: 'gpt-5.1', input: 'cat /mnt/data/*', tools: [{ type: 'shell', environment: { type: 'container_reference', container_id: container } }]
+  }))
+  t.type(err, OpenAI.PermissionDeniedError, 'the SDK\'s PermissionDeniedError')
+  t.match(err, { status: 403, code: 'container_not_allowed', type: 'invalid_request_error', param: 'tools[0].environment' }, 'naming the environment')
+  t.match(gw.audit().at(-1), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
+  await assertRefusedToB(t, upstream, post, [
+    ['the id without its type', '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { container_id: container } }] },
+      403, 'container_not_allowed', 'tools[0].environment'],
+    ['Environment in another case', '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', Environment: { type: 'container_reference', container_id: container } }] },
+      400, 'unknown_parameter', 'tools[0].Environment'],
+    ['its keys in another case', '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { TYPE: 'container_reference', Container_Id: container } }] },
+      400, 'unknown_parameter', 'tools[0].environment.TYPE']
+  ])
+  t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
+
+  const auto = await post(KEYS.other, '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { type: 'container_auto' } }] })
+  t.equal(auto.status, 200, 'a container the upstream makes (container_auto) is served')
+  const local = await post(KEYS.other, '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { type: 'local' } }] })
+  t.equal(local.status, 200, 'a local environment (the client runs the commands) is served')
+  const admin = await post(KEYS.admin, '/v1/responses', {
+    model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { type: 'container_reference', container_id: container } }]
+  })
+  t.equal(admin.status, 200, 'an admin key may name one')
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients
