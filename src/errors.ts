@@ -106,10 +106,15 @@ export const ConversationNotFoundError = define('conversation_not_found', 404, '
   "Conversation with id '%s' not found.", { param: 'conversation_id' })
 export const ConversationNotOwnedError = define('conversation_not_found', 404, 'invalid_request_error',
   "Conversation with id '%s' not found.", { param: 'conversation_id', outcome: 'denied' })
-export const ItemNotFoundError = define('item_not_found', 404, 'invalid_request_error',
-  'No item with id \'%s\' was found in this conversation.')
-export const ItemReferenceOutsideConversationError = define('item_reference_not_allowed', 400, 'invalid_request_error',
-  'Items can be named by id (item_reference) only in a call on a conversation of yours (a response created with `conversation`, or items added to one); give the item itself instead.')
+// An item named by id that the gateway handed to another client is refused as one it knows nothing of: only the
+// audit tells them apart.
+const ITEM_NOT_FOUND = 'No item with id \'%s\' was found in this conversation.'
+export const ItemNotFoundError = define('item_not_found', 404, 'invalid_request_error', ITEM_NOT_FOUND)
+export const ItemNotOwnedError = define('item_not_found', 404, 'invalid_request_error', ITEM_NOT_FOUND, { outcome: 'denied' })
+const ITEM_REFERENCE_NOT_ALLOWED = 'Items can be named by id (item_reference) only in a call on a conversation of yours (a response created with `conversation`, or items added to one); give the item itself instead.'
+export const ItemReferenceOutsideConversationError = define('item_reference_not_allowed', 400, 'invalid_request_error', ITEM_REFERENCE_NOT_ALLOWED)
+export const ItemReferenceNotOwnedError = define('item_reference_not_allowed', 400, 'invalid_request_error', ITEM_REFERENCE_NOT_ALLOWED,
+  { outcome: 'denied' })
 export const TooManyItemReferencesError = define('item_reference_not_allowed', 400, 'invalid_request_error',
   'Too many items named by id (item_reference) in %s: at most %s per call.')
 export const ResponseNotFoundError = define('response_not_found', 404, 'invalid_request_error',

@@ -781,6 +781,35 @@ t.test('a response\'s output passed back as it came or named by item_reference, 
   t.equal(upstream.requests.length, before, 'nothing went upstream')
 })
 
+// The answer cannot say whose an item is (a stranger's and a missing one are refused alike), but the audit can when
+// the gateway handed it out: as for another team's conversation, `audit query --outcome denied` finds who tried.
+t.test('a call refused an item the gateway handed to another team is audited denied, with that team as ownerId; one naming an unknown item stays invalid', async t => {
+  const { gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const reasoning = (await a.responses.create({ model: 'o3', input: 'A\'s secret plan' })).output[0]!
+  t.equal(reasoning.type, 'reasoning')
+  const conversationB = (await b.conversations.create({})).id
+  const unknown = `rs_${'0'.repeat(32)}`
+  const calls: Array<[string, (id: string) => Promise<unknown>]> = [
+    ['outside any conversation', async id => await b.responses.create({ model: 'o3', input: [{ type: 'item_reference', id }] })],
+    ['in its own conversation', async id => await b.responses.create({ model: 'o3', conversation: conversationB, input: [{ type: 'item_reference', id }] })],
+    ['a new conversation\'s items', async id => await b.conversations.create({ items: [{ type: 'item_reference', id }] })],
+    ['items added to its own conversation', async id => await b.conversations.items.create(conversationB, { items: [{ type: 'item_reference', id }] })]
+  ]
+  for (const [label, call] of calls) {
+    const refusedA = await rejection(call(reasoning.id!)) as InstanceType<typeof OpenAI.APIError>
+    const recordA = gw.audit().at(-1)!
+    const refusedNone = await rejection(call(unknown)) as InstanceType<typeof OpenAI.APIError>
+    const recordNone = gw.audit().at(-1)!
+    t.same([refusedA.status, refusedA.code, refusedA.message.replace(reasoning.id!, 'ID')],
+      [refusedNone.status, refusedNone.code, refusedNone.message.replace(unknown, 'ID')], `${label}: the same answer to the client`)
+    t.match(recordA, { clientId: 'team-other', outcome: 'denied', ownerId: 'team-full', itemId: reasoning.id }, `${label}: A's item, audited denied`)
+    t.match(recordNone, { clientId: 'team-other', outcome: 'invalid', itemId: unknown }, `${label}: an unknown item, audited invalid`)
+    t.not(recordNone.ownerId, 'team-full', `${label}: and not A's`)
+  }
+})
+
 t.test('a background response\'s reasoning, handed out by a retrieve or a cancel, may be passed back by its team only', async t => {
   // OpenAI answers a background create queued, with no output yet: the client gets the output from a retrieve
   // (polling), or from the cancel that stops it.
