@@ -30,9 +30,9 @@ const ENVIRONMENT_KEYS = ['type', 'container_id']
 function namedContainer (tools: unknown): { param: string, otherCase: boolean } | null {
   if (!Array.isArray(tools)) return null
   for (const [i, tool] of tools.entries()) {
-    const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`) ?? otherCaseKey((tool as { environment?: unknown } | null)?.environment, ENVIRONMENT_KEYS, `tools[${i}].environment.`)
-    if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
     const { type, container, environment } = (tool ?? {}) as { type?: unknown, container?: unknown, environment?: unknown }
+    const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`) ?? otherCaseKey(environment, ENVIRONMENT_KEYS, `tools[${i}].environment.`)
+    if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
     if (type === 'code_interpreter' && container != null && typeof container !== 'object') return { param: `tools[${i}].container`, otherCase: false }
     const { type: kind, container_id: id } = (environment ?? {}) as { type?: unknown, container_id?: unknown }
     if (kind === 'container_reference' || id != null) return { param: `tools[${i}].environment`, otherCase: false }
