@@ -92,7 +92,7 @@ export const BackgroundNotAllowedError = define('background_not_allowed', 403, '
   'Background responses are not available to a key with a token budget: their usage could not be charged.',
   { param: 'background', outcome: 'denied' })
 export const ContainerNotAllowedError = define('container_not_allowed', 403, 'invalid_request_error',
-  'A code interpreter container named by id is not available to this key: containers are not owned by a team, so it could be another team\'s, with its files. Use "container": {"type": "auto"} (an active container in the response\'s context is reused).',
+  'A container named by id (a code interpreter\'s, or a shell tool\'s container_reference) is not available to this key: containers are not owned by a team, so it could be another team\'s, with its files. Use "container": {"type": "auto"} (an active container in the response\'s context is reused), or "environment": {"type": "container_auto"}.',
   { outcome: 'denied' })
 export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error',
   'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' })
@@ -106,10 +106,15 @@ export const ConversationNotFoundError = define('conversation_not_found', 404, '
   "Conversation with id '%s' not found.", { param: 'conversation_id' })
 export const ConversationNotOwnedError = define('conversation_not_found', 404, 'invalid_request_error',
   "Conversation with id '%s' not found.", { param: 'conversation_id', outcome: 'denied' })
-export const ItemNotFoundError = define('item_not_found', 404, 'invalid_request_error',
-  'No item with id \'%s\' was found in this conversation.')
-export const ItemReferenceOutsideConversationError = define('item_reference_not_allowed', 400, 'invalid_request_error',
-  'Items can be named by id (item_reference) only in a call on a conversation of yours (a response created with `conversation`, or items added to one); give the item itself instead.')
+// An item named by id that the gateway handed to another client is refused as one it knows nothing of: only the
+// audit tells them apart.
+const ITEM_NOT_FOUND = 'No item with id \'%s\' was found in this conversation.'
+export const ItemNotFoundError = define('item_not_found', 404, 'invalid_request_error', ITEM_NOT_FOUND)
+export const ItemNotOwnedError = define('item_not_found', 404, 'invalid_request_error', ITEM_NOT_FOUND, { outcome: 'denied' })
+const ITEM_REFERENCE_NOT_ALLOWED = 'Items can be named by id (item_reference) only in a call on a conversation of yours (a response created with `conversation`, or items added to one); give the item itself instead.'
+export const ItemReferenceOutsideConversationError = define('item_reference_not_allowed', 400, 'invalid_request_error', ITEM_REFERENCE_NOT_ALLOWED)
+export const ItemReferenceNotOwnedError = define('item_reference_not_allowed', 400, 'invalid_request_error', ITEM_REFERENCE_NOT_ALLOWED,
+  { outcome: 'denied' })
 export const TooManyItemReferencesError = define('item_reference_not_allowed', 400, 'invalid_request_error',
   'Too many items named by id (item_reference) in %s: at most %s per call.')
 export const ResponseNotFoundError = define('response_not_found', 404, 'invalid_request_error',

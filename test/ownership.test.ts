@@ -673,6 +673,40 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   t.equal(admin.status, 200, 'an admin key may name one')
 })
 
+// The hosted shell tool runs its commands in a container too, and names one by id the way the SDK types it:
+// `environment: { type: 'container_reference', container_id }`. A team's shell and code interpreter containers
+// have their ids in its answers (`shell_call.environment.container_id`, `code_interpreter_call.container_id`).
+t.test('a shell tool\'s container named by id (container_reference) is refused to a non-admin client, as a code interpreter\'s is', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const { post } = await twoTeams(gw.url)
+  const container = 'cntr_0123456789abcdef0123456789abcdef'
+  const before = upstream.requests.length
+  const err = await rejection(sdk(KEYS.other).responses.create({
+    model: 'gpt-5.1', input: 'cat /mnt/data/*', tools: [{ type: 'shell', environment: { type: 'container_reference', container_id: container } }]
+  }))
+  t.type(err, OpenAI.PermissionDeniedError, 'the SDK\'s PermissionDeniedError')
+  t.match(err, { status: 403, code: 'container_not_allowed', type: 'invalid_request_error', param: 'tools[0].environment' }, 'naming the environment')
+  t.match(gw.audit().at(-1), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
+  await assertRefusedToB(t, upstream, post, [
+    ['the id without its type', '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { container_id: container } }] },
+      403, 'container_not_allowed', 'tools[0].environment'],
+    ['Environment in another case', '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', Environment: { type: 'container_reference', container_id: container } }] },
+      400, 'unknown_parameter', 'tools[0].Environment'],
+    ['its keys in another case', '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { TYPE: 'container_reference', Container_Id: container } }] },
+      400, 'unknown_parameter', 'tools[0].environment.TYPE']
+  ])
+  t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
+
+  const auto = await post(KEYS.other, '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { type: 'container_auto' } }] })
+  t.equal(auto.status, 200, 'a container the upstream makes (container_auto) is served')
+  const local = await post(KEYS.other, '/v1/responses', { model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { type: 'local' } }] })
+  t.equal(local.status, 200, 'a local environment (the client runs the commands) is served')
+  const admin = await post(KEYS.admin, '/v1/responses', {
+    model: 'gpt-5.1', input: 'x', tools: [{ type: 'shell', environment: { type: 'container_reference', container_id: container } }]
+  })
+  t.equal(admin.status, 200, 'an admin key may name one')
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients
@@ -745,6 +779,35 @@ t.test('a response\'s output passed back as it came or named by item_reference, 
   t.type(e, OpenAI.BadRequestError, 'team B passing A\'s output back: BadRequestError')
   t.match(e, { status: 400, code: 'item_reference_not_allowed', param: 'input' })
   t.equal(upstream.requests.length, before, 'nothing went upstream')
+})
+
+// The answer cannot say whose an item is (a stranger's and a missing one are refused alike), but the audit can when
+// the gateway handed it out: as for another team's conversation, `audit query --outcome denied` finds who tried.
+t.test('a call refused an item the gateway handed to another team is audited denied, with that team as ownerId; one naming an unknown item stays invalid', async t => {
+  const { gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const reasoning = (await a.responses.create({ model: 'o3', input: 'A\'s secret plan' })).output[0]!
+  t.equal(reasoning.type, 'reasoning')
+  const conversationB = (await b.conversations.create({})).id
+  const unknown = `rs_${'0'.repeat(32)}`
+  const calls: Array<[string, (id: string) => Promise<unknown>]> = [
+    ['outside any conversation', async id => await b.responses.create({ model: 'o3', input: [{ type: 'item_reference', id }] })],
+    ['in its own conversation', async id => await b.responses.create({ model: 'o3', conversation: conversationB, input: [{ type: 'item_reference', id }] })],
+    ['a new conversation\'s items', async id => await b.conversations.create({ items: [{ type: 'item_reference', id }] })],
+    ['items added to its own conversation', async id => await b.conversations.items.create(conversationB, { items: [{ type: 'item_reference', id }] })]
+  ]
+  for (const [label, call] of calls) {
+    const refusedA = await rejection(call(reasoning.id!)) as InstanceType<typeof OpenAI.APIError>
+    const recordA = gw.audit().at(-1)!
+    const refusedNone = await rejection(call(unknown)) as InstanceType<typeof OpenAI.APIError>
+    const recordNone = gw.audit().at(-1)!
+    t.same([refusedA.status, refusedA.code, refusedA.message.replace(reasoning.id!, 'ID')],
+      [refusedNone.status, refusedNone.code, refusedNone.message.replace(unknown, 'ID')], `${label}: the same answer to the client`)
+    t.match(recordA, { clientId: 'team-other', outcome: 'denied', ownerId: 'team-full', itemId: reasoning.id }, `${label}: A's item, audited denied`)
+    t.match(recordNone, { clientId: 'team-other', outcome: 'invalid', itemId: unknown }, `${label}: an unknown item, audited invalid`)
+    t.not(recordNone.ownerId, 'team-full', `${label}: and not A's`)
+  }
 })
 
 t.test('a background response\'s reasoning, handed out by a retrieve or a cancel, may be passed back by its team only', async t => {

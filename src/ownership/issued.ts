@@ -21,6 +21,15 @@ export interface SharedNotes {
   recall (keys: readonly string[]): Promise<Array<string | null>>
 }
 
+/** What IssuedItems.issuedTo knows of some ids: which went out to the caller, which to whom else. */
+export interface Issued {
+  handedOut: Set<string>
+  /** id → the client it went out to, for ids that went out to another client than the caller */
+  others: Map<string, string>
+  /** Redis could not say for some id this process does not know */
+  unanswered: boolean
+}
+
 export interface IssuedItemsOptions {
   /** ids remembered in this process at most */
   max: number
@@ -93,32 +102,37 @@ export class IssuedItems {
   }
 
   /**
-   * The ids among `ids` that went out to `owner`, and whether Redis could not say for an id this process does not
-   * know (`unanswered`): such an id is not among them, but it may be the owner's all the same, handed out by another
-   * replica, so the caller must not refuse it as another team's (ownership.ts answers 503 instead).
+   * The ids among `ids` that went out to `owner`; those known to have gone out to another client, with whom (for
+   * the audit: the client's answer is the same as for an unknown id); and whether Redis could not say for an id
+   * this process does not know (`unanswered`): such an id is in neither, but it may be the owner's all the same,
+   * handed out by another replica, so the caller must not refuse it as another team's (ownership.ts answers 503).
    */
-  async issuedTo (ids: readonly string[], owner: string): Promise<{ handedOut: Set<string>, unanswered: boolean }> {
+  async issuedTo (ids: readonly string[], owner: string): Promise<Issued> {
     void this.#shareMissed()
-    const handedOut = new Set<string>()
+    const found: Issued = { handedOut: new Set<string>(), others: new Map<string, string>(), unanswered: false }
+    const sort = (id: string, to: string) => {
+      if (to === owner) found.handedOut.add(id)
+      else found.others.set(id, to)
+    }
     const unknown: string[] = []
     for (const id of ids) {
       const known = this.#local.get(id)
-      if (known === owner) handedOut.add(id)
-      else if (known === undefined) unknown.push(id)
+      if (known === undefined) unknown.push(id)
+      else sort(id, known)
     }
-    if (unknown.length === 0 || this.#shared === null) return { handedOut, unanswered: false }
+    if (unknown.length === 0 || this.#shared === null) return found
     try {
       const owners = await this.#shared.recall(unknown.map(KEY))
       unknown.forEach((id, i) => {
         const shared = owners[i]
         if (typeof shared !== 'string') return
         this.#local.set(id, shared)
-        if (shared === owner) handedOut.add(id)
+        sort(id, shared)
       })
-      return { handedOut, unanswered: false }
+      return found
     } catch (err) {
       this.#warn(err, 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable')
-      return { handedOut, unanswered: true }
+      return { ...found, unanswered: true }
     }
   }
 }

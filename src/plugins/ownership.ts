@@ -12,7 +12,7 @@ import { then, whenAnswered, type Answer } from '../answer.js'
 import type { ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
-  ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
+  ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
@@ -22,7 +22,7 @@ import {
   conversationParam, createBody, folded, isObject, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
-import { outputIdsIn, type IssuedItems } from '../ownership/issued.js'
+import { outputIdsIn, type Issued, type IssuedItems } from '../ownership/issued.js'
 import { MAX_WHOLE_BYTES, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { decodedBody, TokenScrubber } from '../upstream/scrub.js'
 import type { UpstreamProgress } from '../types.js'
@@ -99,10 +99,31 @@ function unsure (err: GatewayError, unanswered: boolean): GatewayError {
   return unanswered ? new RateLimitStoreUnavailableError() : err
 }
 
-/** `err` (see unsure), for a call refused the item `id` its body named: the audit record names that item (audit query --item). */
-function refusedItem (request: FastifyRequest, id: unknown, err: GatewayError, unanswered: boolean): GatewayError {
-  if (!unanswered && typeof id === 'string') request.refusedItemId = id
-  return unsure(err, unanswered)
+/**
+ * The answers for an item named by id that the gateway knows nothing of, and for one it handed to another client:
+ * the same to the client, not to the audit.
+ */
+const ITEM_REFUSALS: Record<'outside' | 'missing', (id: string, another: boolean) => GatewayError> = {
+  outside: (_id, another) => another ? new ItemReferenceNotOwnedError() : new ItemReferenceOutsideConversationError(),
+  missing: (id, another) => another ? new ItemNotOwnedError(id) : new ItemNotFoundError(id)
+}
+
+/** What the gateway knows of the items a body named by id that it did not hand to the caller (IssuedItems.issuedTo). */
+type Found = Pick<Issued, 'others' | 'unanswered'>
+
+/**
+ * The refusal (see unsure) of a call naming the item `id` in its body's `param` (`outside` any conversation of the
+ * caller's, or `missing` from the one it is on): the audit record names that item (audit query --item), and the
+ * client it was handed to, if another (then `denied`, as another team's conversation is).
+ */
+function refusedItem (request: FastifyRequest, id: unknown, refusal: keyof typeof ITEM_REFUSALS, param: string, found: Found): GatewayError {
+  const owner = typeof id === 'string' ? found.others.get(id) : undefined
+  const err = withParam(ITEM_REFUSALS[refusal](String(id).slice(0, MAX_ID_LENGTH), owner !== undefined), param)
+  if (!found.unanswered && typeof id === 'string') {
+    request.refusedItemId = id
+    if (owner !== undefined) request.ownerId = owner
+  }
+  return unsure(err, found.unanswered)
 }
 
 /** The items a create's list names by reference that the gateway must check (cheap: most lists name none). */
@@ -355,10 +376,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    */
   async function checkReferences (param: string, list: unknown, conversation: string | undefined,
     client: ClientConfig, request: FastifyRequest, reply: FastifyReply): Promise<void> {
-    const { ids, unanswered } = await notHandedOut(references(list, client), client)
+    const { ids, ...known } = await notHandedOut(references(list, client), client)
     if (ids.length === 0) return
-    if (conversation === undefined) throw refusedItem(request, ids[0], withParam(new ItemReferenceOutsideConversationError(), param), unanswered)
-    if (ids.length > MAX_REFERENCES) throw unsure(withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param), unanswered)
+    if (conversation === undefined) throw refusedItem(request, ids[0], 'outside', param, known)
+    if (ids.length > MAX_REFERENCES) throw unsure(withParam(new TooManyItemReferencesError(param, String(MAX_REFERENCES)), param), known.unanswered)
     const whenGone = clientGone(reply)
     // (each check within what the client still waits, when it says: its 504 comes before its SDK gives up)
     const clientWait = () => clientWaitMs(request.headers, reply.elapsedTime)
@@ -371,20 +392,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
           }, clientWait)
         : 'missing'
       if (found === 'missing') {
-        throw refusedItem(request, id, withParam(new ItemNotFoundError(String(id).slice(0, MAX_ID_LENGTH)), param), unanswered)
+        throw refusedItem(request, id, 'missing', param, known)
       }
     }
   }
 
   /**
-   * The ids among `ids` that the gateway did not hand to `client` (ownership/issued.ts), and whether Redis could
-   * not say for some of them (`unanswered`): one of those may be the client's, handed out by another replica.
+   * The ids among `ids` that the gateway did not hand to `client` (ownership/issued.ts), those of them it handed to
+   * another client (`others`), and whether Redis could not say for some of them (`unanswered`): one of those may be
+   * the client's, handed out by another replica.
    */
-  async function notHandedOut (ids: unknown[], client: ClientConfig): Promise<{ ids: unknown[], unanswered: boolean }> {
+  async function notHandedOut (ids: unknown[], client: ClientConfig): Promise<Found & { ids: unknown[] }> {
     const strings = ids.filter((id): id is string => typeof id === 'string' && ID_PATTERN.test(id))
-    if (strings.length === 0) return { ids, unanswered: false }
-    const { handedOut, unanswered } = await issued.issuedTo(strings, client.id)
-    return { ids: ids.filter(id => !handedOut.has(id as string)), unanswered }
+    if (strings.length === 0) return { ids, others: new Map(), unanswered: false }
+    const { handedOut, ...found } = await issued.issuedTo(strings, client.id)
+    return { ids: ids.filter(id => !handedOut.has(id as string)), ...found }
   }
 
   /**
@@ -489,8 +511,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         return
       }
       return (async () => {
-        const { ids: [first], unanswered } = await notHandedOut(named, client)
-        if (first !== undefined) throw refusedItem(request, first, withParam(new ItemReferenceOutsideConversationError(), 'items'), unanswered)
+        const { ids: [first], ...found } = await notHandedOut(named, client)
+        if (first !== undefined) throw refusedItem(request, first, 'outside', 'items', found)
         prepareCreate('conversation', request, client)
       })()
     }

@@ -15,22 +15,27 @@ import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
 /** The keys of a create's body that the checks here read by their exact names. */
 export const CHECKED_KEYS = ['model', 'stream', 'background', 'tools'] as const
-/** The keys of each tool that namedContainer reads by their exact names. */
-const TOOL_KEYS = ['type', 'container']
+/** The keys of each tool that namedContainer reads by their exact names, and those of a tool's `environment`. */
+const TOOL_KEYS = ['type', 'container', 'environment']
+const ENVIRONMENT_KEYS = ['type', 'container_id']
 
 /**
- * Where a create's tools name a code interpreter container by id (`"container": "cntr_..."`, anything but an
- * object such as `{ "type": "auto" }`), or a key read here in another case (then an unknown parameter, as at the
- * top level). The upstream runs the call's code in that container, with every file in it, across the one account
- * all teams share; a container carries no metadata to own it by, so no check can say whose it is.
+ * Where a create's tools name a container by id: a code interpreter's (`"container": "cntr_..."`, anything but an
+ * object such as `{ "type": "auto" }`), or the hosted shell's (`"environment": { "type": "container_reference",
+ * "container_id": "cntr_..." }`, or a `container_id` without its type); or a key read here in another case (then an
+ * unknown parameter, as at the top level). The upstream runs the call's code or commands in that container, with
+ * every file in it, across the one account all teams share; a container carries no metadata to own it by, so no
+ * check can say whose it is.
  */
 function namedContainer (tools: unknown): { param: string, otherCase: boolean } | null {
   if (!Array.isArray(tools)) return null
   for (const [i, tool] of tools.entries()) {
-    const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`)
+    const { type, container, environment } = (tool ?? {}) as { type?: unknown, container?: unknown, environment?: unknown }
+    const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`) ?? otherCaseKey(environment, ENVIRONMENT_KEYS, `tools[${i}].environment.`)
     if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
-    const { type, container } = (tool ?? {}) as { type?: unknown, container?: unknown }
     if (type === 'code_interpreter' && container != null && typeof container !== 'object') return { param: `tools[${i}].container`, otherCase: false }
+    const { type: kind, container_id: id } = (environment ?? {}) as { type?: unknown, container_id?: unknown }
+    if (kind === 'container_reference' || id != null) return { param: `tools[${i}].environment`, otherCase: false }
   }
   return null
 }
