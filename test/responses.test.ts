@@ -471,6 +471,52 @@ t.test('an upstream that ends a streamed generation cleanly before its last even
   t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
 })
 
+t.test('an upstream whose connection breaks after the stream\'s last event: the SDK gets the whole response and no error, and the call is audited ok with its usage', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3},"metadata":{"gateway_owner":"team-full"}}}\n\n'
+  // Every event, the last one whole, and then the connection is reset instead of the chunked answer ending (a
+  // relay or a load balancer in front of the upstream that drops the connection once the answer seems done).
+  const resetAfter = (events: string) => (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(events)
+    setTimeout(() => res.socket?.destroy(), 50)
+  }
+  upstream.respond = resetAfter(CREATED_EVENT + delta + completed)
+  const { seen, err } = await streamedCreate(client)
+  t.equal(err, null, 'no error: the response was complete (an SDK user told otherwise would generate it again)')
+  t.same(seen, ['response.created', 'response.output_text.delta', 'response.completed'])
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
+
+  // The same for a streamed retrieve that replays a finished response.
+  upstream.respond = (req, res) => {
+    if (req.url?.includes('stream=true') === true) {
+      resetAfter(delta + completed)(req, res)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'completed', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+  }
+  const replayed: string[] = []
+  const replayErr = await (async () => {
+    for await (const event of await client.responses.retrieve('resp_1', { stream: true })) replayed.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.equal(replayErr, null, 'a streamed retrieve: no error either')
+  t.same(replayed, ['response.output_text.delta', 'response.completed'])
+  await until('its audit record', () => gw.audit().length === 2)
+  t.match(gw.audit()[1], { action: 'response.retrieve', status: 200, outcome: 'ok' })
+
+  // Broken before its last event, it is still an upstream failure the client is told of.
+  upstream.respond = resetAfter(CREATED_EVENT + delta)
+  const broken = await streamedCreate(client)
+  t.same(broken.seen, ['response.created', 'response.output_text.delta'])
+  t.match(broken.err, { error: { code: 'upstream_unavailable' } })
+  await until('its audit record', () => gw.audit().length === 3)
+  t.match(gw.audit()[2], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+})
+
 t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {
   const { upstream, gw, sdk } = await setup(t, { metrics: { token: METRICS_TOKEN } })
   const client = sdk(KEYS.full)

@@ -603,7 +603,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         event => scrub.bytes(event),
         // A generation's stream that the upstream ends, cleanly, before its last event (a relay that lost its own
         // upstream and returned): told as a break, or the SDKs would take the text so far for the whole answer.
-        () => request.responseFacts?.finished === false ? STREAM_BROKEN_EVENT : null)
+        () => request.responseFacts?.mustEnd === true && !request.responseFacts.ended ? STREAM_BROKEN_EVENT : null,
+        // A connection that breaks once the last event has passed (a relay dropping it when the answer seems done)
+        // took nothing from the client.
+        () => request.responseFacts?.ended === true)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only), after the events that came before the break; then its answer is

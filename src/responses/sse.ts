@@ -63,6 +63,12 @@ export class SseRewriter extends Transform {
    * the stream's last event.
    */
   readonly #unfinished: () => Buffer | null
+  /**
+   * Asked when the upstream has broken the stream off, once every whole event before the break has passed: true when
+   * the stream's last event had come, and then it ends cleanly (nothing the client needs was lost: told of a break,
+   * an SDK user would take the whole response for a failed one, and generate it again).
+   */
+  readonly #ended: () => boolean
   /** cut(): nothing more goes out */
   #cut = false
   /** _flush has run: what the stream ends with has gone out */
@@ -78,11 +84,13 @@ export class SseRewriter extends Transform {
   #whenRead: (() => void) | null = null
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
-    passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null) {
+    passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null,
+    ended: () => boolean = () => false) {
     super()
     this.#rewrite = rewrite
     this.#passing = passing
     this.#unfinished = unfinished
+    this.#ended = ended
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
     this.#maxEventMs = maxEventMs
@@ -105,7 +113,7 @@ export class SseRewriter extends Transform {
   /**
    * The upstream broke the stream off (`err`): the whole events that came before the break still pass, those of
    * slices waiting for their turn included, then `event`, and the stream fails with `err` (never ended cleanly as
-   * if whole). An event the break cut in two is not passed on.
+   * if whole), unless its last event had come (`ended`). An event the break cut in two is not passed on.
    */
   breakOff (event: Buffer, err: Error): void {
     if (this.#cut || this.destroyed || this.#brokenOff !== null) return
@@ -199,6 +207,10 @@ export class SseRewriter extends Transform {
     // A stream cut is not ended as if whole: its connection is closed after the event (app.abortInFlight).
     if (this.#cut) return
     if (this.#brokenOff !== null) {
+      if (this.#ended()) {
+        done()
+        return
+      }
       this.push(this.#brokenOff.event)
       done(this.#brokenOff.err)
       return
