@@ -695,6 +695,29 @@ t.test('keep-alive comment lines between events (no blank line after them, as th
   t.match(gw.audit(), [{ status: 200, outcome: 'ok', inputTokens: 2 }, { status: 200, outcome: 'ok', inputTokens: 2 }])
 })
 
+t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches the client as comment lines: the SDKs, which would parse its empty data as JSON and throw, read the stream to its end', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n'
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + 'event: ping\r\nid: 7\r\n\r\n' + '\n' + completed)
+  }
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
+  t.equal(err, null, `no error (got ${String(err)})`)
+  t.same(seen, ['response.created', 'response.output_text.delta', 'response.completed'], 'every event with data, in order')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
+
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
+  })
+  const text = await res.text()
+  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n\n' + completed),
+    'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line passes as it came')
+})
+
 t.test('an event that never ends is bounded by what holding it costs, not by its bytes alone: 200,000 short lines end the stream as 16 MiB would', async t => {
   // Each line held is an object of its own in the gateway's heap, about 130 bytes whatever its length: 16 MiB of
   // two-byte lines was 8 million of them, over 1 GiB for one stream.

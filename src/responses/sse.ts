@@ -314,7 +314,8 @@ export class SseRewriter extends Transform {
       const value = dataValue(line)
       if (value !== null) joined = joined === null ? value : `${joined}\n${value}`
     }
-    if (joined === null || !/^\s*\{/.test(joined)) return raw
+    if (joined === null) return lines.length > 1 ? asComments(lines) : raw
+    if (!/^\s*\{/.test(joined)) return raw
     let parsed: unknown
     try {
       parsed = parseExact(joined)
@@ -335,6 +336,23 @@ export class SseRewriter extends Transform {
     return Buffer.from(out.join(''))
   }
 }
+
+/**
+ * An event without data (`event: ping`, an upstream's keep-alive), as comment lines without its blank line. The SSE
+ * spec has a client dispatch no such event, but both official SDKs do, and parse its empty data as JSON: they throw
+ * (SyntaxError, JSONDecodeError) and the stream is lost. As comments its bytes still reach the client (keeping its
+ * connection alive, as they were sent to), and no decoder dispatches anything for them.
+ */
+function asComments (lines: Buffer[]): Buffer {
+  const out: Buffer[] = []
+  for (const line of lines) {
+    if (isBlank(line)) continue
+    if (line[0] !== COLON) out.push(COMMENT)
+    out.push(line)
+  }
+  return Buffer.concat(out)
+}
+const COMMENT = Buffer.from(':')
 
 const DATA = Buffer.from('data:')
 const SPACE = 0x20
