@@ -508,13 +508,23 @@ t.test('an upstream whose connection breaks after the stream\'s last event: the 
   await until('its audit record', () => gw.audit().length === 2)
   t.match(gw.audit()[1], { action: 'response.retrieve', status: 200, outcome: 'ok' })
 
+  // Nor does it count against the line: a relay that drops every connection once the answer is done would
+  // otherwise have the line skipped after failureThreshold (3) such calls, and every call refused 502 meanwhile.
+  upstream.respond = resetAfter(CREATED_EVENT + delta + completed)
+  for (let i = 0; i < 4; i++) t.equal((await streamedCreate(client)).err, null, `whole answer ${i + 1} of 4`)
+  upstream.respond = null
+  const after = await client.conversations.create({})
+  t.match(after.id, /^conv_/, 'the line still serves the next call')
+  t.same(gw.logs.filter(line => line.includes('skipped for')), [], 'and was never skipped')
+  const before = gw.audit().length
+
   // Broken before its last event, it is still an upstream failure the client is told of.
   upstream.respond = resetAfter(CREATED_EVENT + delta)
   const broken = await streamedCreate(client)
   t.same(broken.seen, ['response.created', 'response.output_text.delta'])
   t.match(broken.err, { error: { code: 'upstream_unavailable' } })
-  await until('its audit record', () => gw.audit().length === 3)
-  t.match(gw.audit()[2], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+  await until('its audit record', () => gw.audit().length === before + 1)
+  t.match(gw.audit()[before], { action: 'response.create', status: 200, outcome: 'upstream_error' })
 })
 
 t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {

@@ -18,7 +18,7 @@ import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
-import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
@@ -611,7 +611,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only), after the events that came before the break; then its answer is
         // broken off too, never ended cleanly as if whole.
-        res.stream.once('error', (err: Error) => { events.breakOff(STREAM_BROKEN_EVENT, err) })
+        res.stream.once('error', (err: Error) => {
+          // Its last event passed already: the line gave the whole answer (a break still queued behind a slow
+          // client is told by the rewriter alone).
+          if (request.responseFacts?.ended === true) answeredWhole(res.stream)
+          events.breakOff(STREAM_BROKEN_EVENT, err)
+        })
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
         events.once('close', () => {
           liveStreams.delete(events)
