@@ -527,6 +527,42 @@ t.test('an upstream whose connection breaks after the stream\'s last event: the 
   t.match(gw.audit()[before], { action: 'response.create', status: 200, outcome: 'upstream_error' })
 })
 
+t.test('a stream answered 200 whose body is a bare JSON error (no event): the SDK raises the upstream\'s own error, and the call is audited as that error says', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const bareError = (code: string) => (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(JSON.stringify({ error: { message: `The upstream said ${code}.`, type: 'insufficient_quota', param: null, code } }))
+  }
+  const cases: Array<[string, string]> = [['insufficient_quota', 'upstream_error'], ['rate_limit_exceeded', 'upstream_rate_limited']]
+  for (const [code, outcome] of cases) {
+    upstream.respond = bareError(code)
+    const before = gw.audit().length
+    const { seen, err } = await streamedCreate(client)
+    t.same(seen, [], `${code}: no events`)
+    t.ok(err instanceof OpenAI.APIError, `${code}: an APIError (got ${String(err)})`)
+    t.match(err, { error: { code, message: `The upstream said ${code}.` } }, `${code}: the upstream's own error, not a break`)
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.create', status: 200, outcome }, `${code}: audited ${outcome}`)
+  }
+
+  // A streamed retrieve answered the same way: an error too, not an empty stream read as a whole one.
+  upstream.respond = (req, res) => {
+    if (req.url?.includes('stream=true') === true) {
+      bareError('server_error')(req, res)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'completed', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+  }
+  const replayErr = await (async () => {
+    for await (const _event of await client.responses.retrieve('resp_1', { stream: true }));
+  })().then(() => null, (e: unknown) => e)
+  t.match(replayErr, { error: { code: 'server_error', message: 'The upstream said server_error.' } }, 'a streamed retrieve raises it too')
+  await until('its audit record', () => gw.audit().length === 3)
+  t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
+})
+
 t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {
   const { upstream, gw, sdk } = await setup(t, { metrics: { token: METRICS_TOKEN } })
   const client = sdk(KEYS.full)

@@ -75,6 +75,8 @@ export class SseRewriter extends Transform {
   #flushed = false
   /** breakOff(): what ends the stream once what came before it has passed */
   #brokenOff: { event: Buffer, err: Error } | null = null
+  /** an event or a comment has gone out */
+  #passedAny = false
   /** the whole events (and comments) of the slice under way, pushed together when it ends: one write, not one each */
   #out: Buffer[] = []
   /** what the slices since the event loop last had its turn passed on */
@@ -215,6 +217,20 @@ export class SseRewriter extends Transform {
       done(this.#brokenOff.err)
       return
     }
+    // An upstream that answered with a bare JSON error under the event-stream type (no event at all): passed on as
+    // its error event, which the SDKs raise with the upstream's own message (not taken for a break, nor, for a
+    // stream that need not end with a last event, for an empty stream that ended well).
+    const bare = this.#passedAny ? null : errorEvent([...this.#event, ...this.#line])
+    if (bare !== null) {
+      try {
+        this.push(this.#passing(this.#rewritten(bare)))
+      } catch (err) {
+        this.#fail(err as Error, done)
+        return
+      }
+      done()
+      return
+    }
     const unfinished = this.#unfinished()
     if (unfinished !== null) {
       this.push(unfinished)
@@ -296,6 +312,7 @@ export class SseRewriter extends Transform {
   }
 
   #passOn (bytes: Buffer): void {
+    this.#passedAny = true
     this.#out.push(bytes)
     this.#sliceEvents++
     this.#sliceBytes += bytes.length
@@ -335,6 +352,25 @@ export class SseRewriter extends Transform {
     }
     return Buffer.from(out.join(''))
   }
+}
+
+/**
+ * The lines of OpenAI's error event (as the Responses API streams it, with the `error` object the SDKs raise) for
+ * `held`, when it is an error answer in OpenAI's envelope (`{"error": {...}}`); else null.
+ */
+function errorEvent (held: Buffer[]): Buffer[] | null {
+  const text = Buffer.concat(held).toString('utf8')
+  if (!/^\s*\{/.test(text)) return null
+  let error: unknown
+  try {
+    error = (JSON.parse(text) as { error?: unknown } | null)?.error
+  } catch {
+    return null
+  }
+  if (typeof error !== 'object' || error === null || Array.isArray(error)) return null
+  const { code = null, message = null, param = null } = error as { code?: unknown, message?: unknown, param?: unknown }
+  const data = JSON.stringify({ type: 'error', code, message, param, error })
+  return [Buffer.from('event: error\n'), Buffer.from(`data: ${data}\n`), Buffer.from('\n')]
 }
 
 /**
