@@ -747,7 +747,7 @@ t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches 
   const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n'
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + 'event: ping\r\nid: 7\r\n\r\n' + '\n' + completed)
+    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + 'event: ping\r\nid: 7\r\n: still here\r\n\r\n' + '\n' + completed)
   }
   const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.equal(err, null, `no error (got ${String(err)})`)
@@ -760,7 +760,7 @@ t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches 
     body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
   })
   const text = await res.text()
-  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n\n' + completed),
+  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n: still here\r\n\n' + completed),
     'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line passes as it came')
 })
 
