@@ -5,8 +5,10 @@
 // when it is JSON; `rewrite` may return another object (the gateway takes its owner key out) or the same one, and
 // then the event's bytes pass as they came (a rewritten one keeps its numbers as they came: http/json.ts). Lines
 // end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
-// fields are not rewritten; every event, whatever it holds, goes out through `passing` (the gateway takes the
-// upstream token out of its bytes: upstream/scrub.ts).
+// fields are not rewritten; an event with no data at all (`event: ping`), which the SDKs would fail to parse, goes
+// out as comment lines (asComments); a body that is no event but a bare JSON error goes out as OpenAI's error event
+// (errorEvent). Every event, whatever it holds, goes out through `passing` (the gateway takes the upstream token
+// out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
 
