@@ -530,13 +530,15 @@ t.test('an upstream whose connection breaks after the stream\'s last event: the 
 t.test('a stream answered 200 whose body is a bare JSON error (no event): the SDK raises the upstream\'s own error, and the call is audited as that error says', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const client = sdk(KEYS.full)
-  const bareError = (code: string) => (_req: unknown, res: import('node:http').ServerResponse) => {
+  const bareError = (code: string, ending = '') => (_req: unknown, res: import('node:http').ServerResponse) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.end(JSON.stringify({ error: { message: `The upstream said ${code}.`, type: 'insufficient_quota', param: null, code } }))
+    res.end(JSON.stringify({ error: { message: `The upstream said ${code}.`, type: 'insufficient_quota', param: null, code } }) + ending)
   }
-  const cases: Array<[string, string]> = [['insufficient_quota', 'upstream_error'], ['rate_limit_exceeded', 'upstream_rate_limited']]
-  for (const [code, outcome] of cases) {
-    upstream.respond = bareError(code)
+  // (the body as it is, or ended with a blank line, as an event would be)
+  const cases: Array<[string, string, string]> = [['insufficient_quota', 'upstream_error', ''], ['rate_limit_exceeded', 'upstream_rate_limited', ''],
+    ['insufficient_quota', 'upstream_error', '\n\n']]
+  for (const [code, outcome, ending] of cases) {
+    upstream.respond = bareError(code, ending)
     const before = gw.audit().length
     const { seen, err } = await streamedCreate(client)
     t.same(seen, [], `${code}: no events`)
@@ -559,7 +561,7 @@ t.test('a stream answered 200 whose body is a bare JSON error (no event): the SD
     for await (const _event of await client.responses.retrieve('resp_1', { stream: true }));
   })().then(() => null, (e: unknown) => e)
   t.match(replayErr, { error: { code: 'server_error', message: 'The upstream said server_error.' } }, 'a streamed retrieve raises it too')
-  await until('its audit record', () => gw.audit().length === 3)
+  await until('its audit record', () => gw.audit().length === 4)
   t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
 })
 

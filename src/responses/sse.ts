@@ -333,7 +333,12 @@ export class SseRewriter extends Transform {
       const value = dataValue(line)
       if (value !== null) joined = joined === null ? value : `${joined}\n${value}`
     }
-    if (joined === null) return lines.length > 1 ? asComments(lines) : raw
+    if (joined === null) {
+      // (a bare JSON error the upstream ended with a blank line, as an event; without one, _flush finds it)
+      const bare = this.#passedAny ? null : errorEvent(lines)
+      if (bare !== null) return this.#rewritten(bare)
+      return lines.length > 1 ? asComments(lines) : raw
+    }
     if (!/^\s*\{/.test(joined)) return raw
     let parsed: unknown
     try {
