@@ -471,6 +471,100 @@ t.test('an upstream that ends a streamed generation cleanly before its last even
   t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
 })
 
+t.test('an upstream whose connection breaks after the stream\'s last event: the SDK gets the whole response and no error, and the call is audited ok with its usage', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3},"metadata":{"gateway_owner":"team-full"}}}\n\n'
+  // Every event, the last one whole, and then the connection is reset instead of the chunked answer ending (a
+  // relay or a load balancer in front of the upstream that drops the connection once the answer seems done).
+  const resetAfter = (events: string) => (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(events)
+    setTimeout(() => res.socket?.destroy(), 50)
+  }
+  upstream.respond = resetAfter(CREATED_EVENT + delta + completed)
+  const { seen, err } = await streamedCreate(client)
+  t.equal(err, null, 'no error: the response was complete (an SDK user told otherwise would generate it again)')
+  t.same(seen, ['response.created', 'response.output_text.delta', 'response.completed'])
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
+
+  // The same for a streamed retrieve that replays a finished response.
+  upstream.respond = (req, res) => {
+    if (req.url?.includes('stream=true') === true) {
+      resetAfter(delta + completed)(req, res)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'completed', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+  }
+  const replayed: string[] = []
+  const replayErr = await (async () => {
+    for await (const event of await client.responses.retrieve('resp_1', { stream: true })) replayed.push(event.type)
+  })().then(() => null, (e: unknown) => e)
+  t.equal(replayErr, null, 'a streamed retrieve: no error either')
+  t.same(replayed, ['response.output_text.delta', 'response.completed'])
+  await until('its audit record', () => gw.audit().length === 2)
+  t.match(gw.audit()[1], { action: 'response.retrieve', status: 200, outcome: 'ok' })
+
+  // Nor does it count against the line: a relay that drops every connection once the answer is done would
+  // otherwise have the line skipped after failureThreshold (3) such calls, and every call refused 502 meanwhile.
+  upstream.respond = resetAfter(CREATED_EVENT + delta + completed)
+  for (let i = 0; i < 4; i++) t.equal((await streamedCreate(client)).err, null, `whole answer ${i + 1} of 4`)
+  upstream.respond = null
+  const after = await client.conversations.create({})
+  t.match(after.id, /^conv_/, 'the line still serves the next call')
+  t.same(gw.logs.filter(line => line.includes('skipped for')), [], 'and was never skipped')
+  const before = gw.audit().length
+
+  // Broken before its last event, it is still an upstream failure the client is told of.
+  upstream.respond = resetAfter(CREATED_EVENT + delta)
+  const broken = await streamedCreate(client)
+  t.same(broken.seen, ['response.created', 'response.output_text.delta'])
+  t.match(broken.err, { error: { code: 'upstream_unavailable' } })
+  await until('its audit record', () => gw.audit().length === before + 1)
+  t.match(gw.audit()[before], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+})
+
+t.test('a stream answered 200 whose body is a bare JSON error (no event): the SDK raises the upstream\'s own error, and the call is audited as that error says', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const bareError = (code: string, ending = '') => (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(JSON.stringify({ error: { message: `The upstream said ${code}.`, type: 'insufficient_quota', param: null, code } }) + ending)
+  }
+  // (the body as it is, or ended with a blank line, as an event would be)
+  const cases: Array<[string, string, string]> = [['insufficient_quota', 'upstream_error', ''], ['rate_limit_exceeded', 'upstream_rate_limited', ''],
+    ['insufficient_quota', 'upstream_error', '\n\n']]
+  for (const [code, outcome, ending] of cases) {
+    upstream.respond = bareError(code, ending)
+    const before = gw.audit().length
+    const { seen, err } = await streamedCreate(client)
+    t.same(seen, [], `${code}: no events`)
+    t.ok(err instanceof OpenAI.APIError, `${code}: an APIError (got ${String(err)})`)
+    t.match(err, { error: { code, message: `The upstream said ${code}.` } }, `${code}: the upstream's own error, not a break`)
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.create', status: 200, outcome }, `${code}: audited ${outcome}`)
+  }
+
+  // A streamed retrieve answered the same way: an error too, not an empty stream read as a whole one.
+  upstream.respond = (req, res) => {
+    if (req.url?.includes('stream=true') === true) {
+      bareError('server_error')(req, res)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'completed', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+  }
+  const replayErr = await (async () => {
+    for await (const _event of await client.responses.retrieve('resp_1', { stream: true }));
+  })().then(() => null, (e: unknown) => e)
+  t.match(replayErr, { error: { code: 'server_error', message: 'The upstream said server_error.' } }, 'a streamed retrieve raises it too')
+  await until('its audit record', () => gw.audit().length === 4)
+  t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
+})
+
 t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {
   const { upstream, gw, sdk } = await setup(t, { metrics: { token: METRICS_TOKEN } })
   const client = sdk(KEYS.full)
@@ -647,6 +741,29 @@ t.test('keep-alive comment lines between events (no blank line after them, as th
   t.same(seen, ['response.created', 'response.completed'])
   await until('the audit records', () => gw.audit().length === 2)
   t.match(gw.audit(), [{ status: 200, outcome: 'ok', inputTokens: 2 }, { status: 200, outcome: 'ok', inputTokens: 2 }])
+})
+
+t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches the client as comment lines: the SDKs, which would parse its empty data as JSON and throw, read the stream to its end', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n'
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + 'event: ping\r\nid: 7\r\n: still here\r\n\r\n' + '\n' + completed)
+  }
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
+  t.equal(err, null, `no error (got ${String(err)})`)
+  t.same(seen, ['response.created', 'response.output_text.delta', 'response.completed'], 'every event with data, in order')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })
+
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
+  })
+  const text = await res.text()
+  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n: still here\r\n\n' + completed),
+    'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line passes as it came')
 })
 
 t.test('an event that never ends is bounded by what holding it costs, not by its bytes alone: 200,000 short lines end the stream as 16 MiB would', async t => {

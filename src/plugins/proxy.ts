@@ -18,7 +18,7 @@ import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
-import { isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
@@ -603,12 +603,20 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         event => scrub.bytes(event),
         // A generation's stream that the upstream ends, cleanly, before its last event (a relay that lost its own
         // upstream and returned): told as a break, or the SDKs would take the text so far for the whole answer.
-        () => request.responseFacts?.finished === false ? STREAM_BROKEN_EVENT : null)
+        () => request.responseFacts?.mustEnd === true && !request.responseFacts.ended ? STREAM_BROKEN_EVENT : null,
+        // A connection that breaks once the last event has passed (a relay dropping it when the answer seems done)
+        // took nothing from the client.
+        () => request.responseFacts?.ended === true)
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only), after the events that came before the break; then its answer is
         // broken off too, never ended cleanly as if whole.
-        res.stream.once('error', (err: Error) => { events.breakOff(STREAM_BROKEN_EVENT, err) })
+        res.stream.once('error', (err: Error) => {
+          // Its last event passed already: the line gave the whole answer (a break still queued behind a slow
+          // client is told by the rewriter alone).
+          if (request.responseFacts?.ended === true) answeredWhole(res.stream)
+          events.breakOff(STREAM_BROKEN_EVENT, err)
+        })
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
         events.once('close', () => {
           liveStreams.delete(events)

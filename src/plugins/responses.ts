@@ -107,7 +107,7 @@ export default fp(async function responses (app) {
     }
     // A streamed generation in the foreground ends with a last event of its own (a background one may also end by
     // being cancelled from elsewhere, which has none).
-    if (creating && stream && (background === undefined || background === null || background === false)) facts.finished = false
+    if (creating && stream && (background === undefined || background === null || background === false)) facts.mustEnd = true
     addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer })
     addEventRewrite(request, event => { observeEvent(facts, event); return event })
     done()

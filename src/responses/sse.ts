@@ -5,8 +5,10 @@
 // when it is JSON; `rewrite` may return another object (the gateway takes its owner key out) or the same one, and
 // then the event's bytes pass as they came (a rewritten one keeps its numbers as they came: http/json.ts). Lines
 // end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
-// fields are not rewritten; every event, whatever it holds, goes out through `passing` (the gateway takes the
-// upstream token out of its bytes: upstream/scrub.ts).
+// fields are not rewritten; an event with no data at all (`event: ping`), which the SDKs would fail to parse, goes
+// out as comment lines (asComments); a body that is no event but a bare JSON error goes out as OpenAI's error event
+// (errorEvent). Every event, whatever it holds, goes out through `passing` (the gateway takes the upstream token
+// out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
 
@@ -63,12 +65,20 @@ export class SseRewriter extends Transform {
    * the stream's last event.
    */
   readonly #unfinished: () => Buffer | null
+  /**
+   * Asked when the upstream has broken the stream off, once every whole event before the break has passed: true when
+   * the stream's last event had come, and then it ends cleanly (nothing the client needs was lost: told of a break,
+   * an SDK user would take the whole response for a failed one, and generate it again).
+   */
+  readonly #ended: () => boolean
   /** cut(): nothing more goes out */
   #cut = false
   /** _flush has run: what the stream ends with has gone out */
   #flushed = false
   /** breakOff(): what ends the stream once what came before it has passed */
   #brokenOff: { event: Buffer, err: Error } | null = null
+  /** an event or a comment has gone out */
+  #passedAny = false
   /** the whole events (and comments) of the slice under way, pushed together when it ends: one write, not one each */
   #out: Buffer[] = []
   /** what the slices since the event loop last had its turn passed on */
@@ -78,11 +88,13 @@ export class SseRewriter extends Transform {
   #whenRead: (() => void) | null = null
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
-    passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null) {
+    passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null,
+    ended: () => boolean = () => false) {
     super()
     this.#rewrite = rewrite
     this.#passing = passing
     this.#unfinished = unfinished
+    this.#ended = ended
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
     this.#maxEventMs = maxEventMs
@@ -105,7 +117,7 @@ export class SseRewriter extends Transform {
   /**
    * The upstream broke the stream off (`err`): the whole events that came before the break still pass, those of
    * slices waiting for their turn included, then `event`, and the stream fails with `err` (never ended cleanly as
-   * if whole). An event the break cut in two is not passed on.
+   * if whole), unless its last event had come (`ended`). An event the break cut in two is not passed on.
    */
   breakOff (event: Buffer, err: Error): void {
     if (this.#cut || this.destroyed || this.#brokenOff !== null) return
@@ -199,8 +211,26 @@ export class SseRewriter extends Transform {
     // A stream cut is not ended as if whole: its connection is closed after the event (app.abortInFlight).
     if (this.#cut) return
     if (this.#brokenOff !== null) {
+      if (this.#ended()) {
+        done()
+        return
+      }
       this.push(this.#brokenOff.event)
       done(this.#brokenOff.err)
+      return
+    }
+    // An upstream that answered with a bare JSON error under the event-stream type (no event at all): passed on as
+    // its error event, which the SDKs raise with the upstream's own message (not taken for a break, nor, for a
+    // stream that need not end with a last event, for an empty stream that ended well).
+    const bare = this.#passedAny ? null : errorEvent([...this.#event, ...this.#line])
+    if (bare !== null) {
+      try {
+        this.push(this.#passing(this.#rewritten(bare)))
+      } catch (err) {
+        this.#fail(err as Error, done)
+        return
+      }
+      done()
       return
     }
     const unfinished = this.#unfinished()
@@ -284,6 +314,7 @@ export class SseRewriter extends Transform {
   }
 
   #passOn (bytes: Buffer): void {
+    this.#passedAny = true
     this.#out.push(bytes)
     this.#sliceEvents++
     this.#sliceBytes += bytes.length
@@ -302,7 +333,13 @@ export class SseRewriter extends Transform {
       const value = dataValue(line)
       if (value !== null) joined = joined === null ? value : `${joined}\n${value}`
     }
-    if (joined === null || !/^\s*\{/.test(joined)) return raw
+    if (joined === null) {
+      // (a bare JSON error the upstream ended with a blank line, as an event; without one, _flush finds it)
+      const bare = this.#passedAny ? null : errorEvent(lines)
+      if (bare !== null) return this.#rewritten(bare)
+      return lines.length > 1 ? asComments(lines) : raw
+    }
+    if (!/^\s*\{/.test(joined)) return raw
     let parsed: unknown
     try {
       parsed = parseExact(joined)
@@ -323,6 +360,42 @@ export class SseRewriter extends Transform {
     return Buffer.from(out.join(''))
   }
 }
+
+/**
+ * The lines of OpenAI's error event (as the Responses API streams it, with the `error` object the SDKs raise) for
+ * `held`, when it is an error answer in OpenAI's envelope (`{"error": {...}}`); else null.
+ */
+function errorEvent (held: Buffer[]): Buffer[] | null {
+  const text = Buffer.concat(held).toString('utf8')
+  if (!/^\s*\{/.test(text)) return null
+  let error: unknown
+  try {
+    error = (JSON.parse(text) as { error?: unknown } | null)?.error
+  } catch {
+    return null
+  }
+  if (typeof error !== 'object' || error === null || Array.isArray(error)) return null
+  const { code = null, message = null, param = null } = error as { code?: unknown, message?: unknown, param?: unknown }
+  const data = JSON.stringify({ type: 'error', code, message, param, error })
+  return [Buffer.from('event: error\n'), Buffer.from(`data: ${data}\n`), Buffer.from('\n')]
+}
+
+/**
+ * An event without data (`event: ping`, an upstream's keep-alive), as comment lines without its blank line. The SSE
+ * spec has a client dispatch no such event, but both official SDKs do, and parse its empty data as JSON: they throw
+ * (SyntaxError, JSONDecodeError) and the stream is lost. As comments its bytes still reach the client (keeping its
+ * connection alive, as they were sent to), and no decoder dispatches anything for them.
+ */
+function asComments (lines: Buffer[]): Buffer {
+  const out: Buffer[] = []
+  for (const line of lines) {
+    if (isBlank(line)) continue
+    if (line[0] !== COLON) out.push(COMMENT)
+    out.push(line)
+  }
+  return Buffer.concat(out)
+}
+const COMMENT = Buffer.from(':')
 
 const DATA = Buffer.from('data:')
 const SPACE = 0x20

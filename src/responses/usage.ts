@@ -9,11 +9,10 @@ export interface ResponseFacts {
   outputTokens: number | null
   /** output deltas seen (text, a function call's arguments, reasoning...), for a stream cut off before its usage came */
   deltas: number
-  /**
-   * For a stream that must end with a last event of its own (a generation's), whether it came: false until then;
-   * null for any other call.
-   */
-  finished: boolean | null
+  /** the stream must end with a last event of its own (a generation's in the foreground) */
+  mustEnd: boolean
+  /** one of the events a response's stream ends with has passed (a stream of any call) */
+  ended: boolean
   /**
    * How the upstream said, in the stream, that the call failed: its own `error` event, or a failed response
    * (`response.failed`), with the error's code; null when it did not. The first such event counts.
@@ -22,7 +21,7 @@ export interface ResponseFacts {
 }
 
 export function newFacts (responseId: string | null, stream: boolean, model: string | null = null): ResponseFacts {
-  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, finished: null, failure: null }
+  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, mustEnd: false, ended: false, failure: null }
 }
 
 /**
@@ -63,7 +62,7 @@ export function observeEvent (facts: ResponseFacts, event: unknown): void {
   // `response.reasoning_summary_text.delta`...): a client could read a long function call and leave before the end.
   if (typeof e?.type === 'string' && e.type.endsWith('.delta')) facts.deltas++
   const last = LAST_EVENTS.has(e?.type as string)
-  if (last && facts.finished === false) facts.finished = true
+  if (last) facts.ended = true
   if (e?.response !== undefined) observeResponse(facts, e.response, last)
   if (facts.failure === null && (e?.type === 'error' || e?.type === 'response.failed')) {
     // OpenAI's error event has its code at the top (some services put it in an `error` object); a failed

@@ -651,14 +651,27 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
   return failure === 'timeout' ? null : failure
 }
 
+/** Bodies whose reader had all of the answer before the line broke them off (answeredWhole). */
+const wholeAnswers = new WeakSet<Readable>()
+
 /**
- * An answer's body decides for the line too: read to its end, the line answered well; broken off by the line (a
- * reset mid-body) it failed, as a reset before the headers would have (else a line that cuts every answer short
- * would never be skipped). A body given up on by the gateway or its client says nothing of the line.
+ * Said by the reader of an answer's body that had all of the answer (a stream past its last event) when the body
+ * broke: the line answered (a relay that drops each connection once the answer is done is not a failing line).
+ * Said before the body's 'close' (in its 'error' listener), as bookTheBody decides then.
+ */
+export function answeredWhole (body: Readable): void {
+  wholeAnswers.add(body)
+}
+
+/**
+ * An answer's body decides for the line too: read to its end (or to the end of the answer: answeredWhole), the
+ * line answered well; broken off by the line (a reset mid-body) it failed, as a reset before the headers would
+ * have (else a line that cuts every answer short would never be skipped). A body given up on by the gateway or
+ * its client says nothing of the line.
  */
 function bookTheBody (health: LineHealth, index: number, body: Readable): void {
   body.once('close', () => {
-    if (body.readableEnded) health.succeeded(index)
+    if (body.readableEnded || wholeAnswers.has(body)) health.succeeded(index)
     else if (RESETS.has(codeOf(body.errored))) health.failed(index)
   })
 }
