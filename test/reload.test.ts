@@ -17,6 +17,7 @@ import { ClientDirectory } from '../src/clients.js'
 import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
+import { MemoryStore } from '../src/stores/memory.js'
 import { call, sleep, type Answer } from './fixtures/client.js'
 import { BIN, configFile, env as binEnv, run, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
@@ -429,6 +430,42 @@ t.test('with Redis, a reload that lowers a rate or raises a burst keeps a draine
   const limited = await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })
   t.same([limited.status, limited.headers['x-ratelimit-limit-requests']], [429, '1'], 'a lowered rate: still drained')
   t.equal(await read(KEYS.reader), 429, 'a raised burst: still drained, no fresh burst of 50')
+})
+
+t.test('a reload that raises a drained client\'s rate hands out no fresh burst: the time before it refills at the old rate, the time after at the new', async t => {
+  const upstream = await fakeUpstream(t)
+  let now = 1_000_000
+  const before = { requestsPerMinute: 1, burst: 3 }
+  const config = withConfig(testConfig(upstream.url), raw => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = before
+  })
+  const gw = await startGateway(t, config, { rateLimitStore: new MemoryStore({ now: () => now }) })
+  const read = async () => (await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })).status
+  for (let i = 0; i < 3; i++) t.not(await read(), 429)
+  t.equal(await read(), 429, 'drained')
+  now += 30_000 // half a token at one a minute; 300 tokens at ten a second
+  t.same(gw.app.applyConfig(withConfig(config, raw => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = { requestsPerMinute: 600, burst: 3 }
+  })).applied, ['clients[team-limited].rateLimit.requestsPerMinute'])
+  t.equal(await read(), 429, 'the half token of the old rate: no fresh burst of 3')
+  now += 50 // the other half, at ten a second
+  t.not(await read(), 429, 'the new rate from the reload on')
+  t.equal(await read(), 429)
+})
+
+t.test('with Redis, a reload that raises a drained client\'s rate hands out no fresh burst', async t => {
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const limits = (rateLimit: object) => (raw: Record<string, unknown>) => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = rateLimit
+  }
+  const config = withConfig(testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }), limits({ requestsPerMinute: 1, burst: 1 }))
+  const gw = await startGateway(t, config)
+  const read = async () => (await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })).status
+  t.not(await read(), 429)
+  await sleep(3000) // a twentieth of a token at one a minute; one and a half at 30 a minute
+  gw.app.applyConfig(withConfig(config, limits({ requestsPerMinute: 30, burst: 1 })))
+  t.equal(await read(), 429, 'still drained: the time before the reload refilled at the old rate')
 })
 
 t.test('with Redis, a token budget in debt when a reload lowers tokensPerMinute is kept until the new limit has paid the debt back', async t => {
