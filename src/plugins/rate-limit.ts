@@ -19,6 +19,8 @@ import { WARN_INTERVAL_MS } from '../stores/redis.js'
 
 export interface RateLimitOptions {
   store: RateLimitStore
+  /** the client `id` as configured now: a call charged when it ends is charged under the limits then in force */
+  currentClient: (id: string) => ClientConfig | undefined
 }
 
 /** OpenAI's duration format for x-ratelimit-reset-*: "20ms", "1s", "6m0s", "1h2m3s". */
@@ -56,7 +58,7 @@ function tokenHeaders (result: RateLimitResult): Record<string, string> {
 }
 
 /** A client's token budget: `tokensPerMinute` of capacity, refilled at that rate, in its own bucket. */
-function tokenRule (limits: ClientConfig['rateLimit']): BucketRule | null {
+function tokenRule (limits: Pick<ClientConfig['rateLimit'], 'tokensPerMinute'>): BucketRule | null {
   const perMinute = limits.tokensPerMinute
   return perMinute === undefined ? null : { requestsPerMinute: perMinute, burst: perMinute }
 }
@@ -155,7 +157,7 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
   settled()
 }
 
-export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
+export default fp<RateLimitOptions>(async function rateLimit (app, { store, currentClient }) {
   const uncharged = new Uncharged()
   app.decorateRequest('rateLimit', null)
   app.decorateRequest('tokenBudget', null)
@@ -186,7 +188,11 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         const upstream = request.upstream
         const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
         const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
-        if (used > 0) charge(store, uncharged, request.log, client.id, tokenKey(client), rule, used)
+        // Under the budget in force now: a reload since the call began rewrote the bucket under its new limits, and
+        // a charge under the old ones would refill the time since at the old rate (a lowered budget's debt paid
+        // back at the old speed). A budget the reload removed is not charged.
+        const now = tokenRule(currentClient(client.id)?.rateLimit ?? {})
+        if (used > 0 && now !== null) charge(store, uncharged, request.log, client.id, tokenKey(client), now, used)
       })
       done()
     }, err => { done(storeError(request, err) as Error) })
