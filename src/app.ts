@@ -225,7 +225,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(router, { Response: responseClass })
   await app.register(auditGate)
   await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute })
-  await app.register(rateLimit, { store })
+  await app.register(rateLimit, { store, currentClient: id => directory.client(id) })
   await app.register(scope)
   await app.register(body, { bodyBytes: () => current.limits.bodyBytes })
   await app.register(responses)

@@ -27,20 +27,25 @@ function holders (clients: readonly ClientConfig[]): Map<string, KeyHolder> {
 
 export class ClientDirectory {
   #byDigest: Map<string, KeyHolder>
-  #ids: Set<string>
+  #byId: Map<string, ClientConfig>
   #valid: LRUCache<string, KeyHolder>
   readonly #now: () => number
 
   constructor (clients: readonly ClientConfig[], now: () => number = Date.now) {
     this.#now = now
     this.#byDigest = holders(clients)
-    this.#ids = new Set(clients.map(c => c.id))
+    this.#byId = new Map(clients.map(c => [c.id, c]))
     this.#valid = new LRUCache({ max: Math.max(1, this.#byDigest.size) })
   }
 
   /** Whether `id` is a configured client (now). */
   hasClient (id: string): boolean {
-    return this.#ids.has(id)
+    return this.#byId.has(id)
+  }
+
+  /** The client `id` as configured now (a reload may have changed it since a call was admitted), if it still is. */
+  client (id: string): ClientConfig | undefined {
+    return this.#byId.get(id)
   }
 
   /** The holder of `key`, or null when the key is unknown or expired. */
@@ -66,7 +71,7 @@ export class ClientDirectory {
 
   update (clients: readonly ClientConfig[]): void {
     this.#byDigest = holders(clients)
-    this.#ids = new Set(clients.map(c => c.id))
+    this.#byId = new Map(clients.map(c => [c.id, c]))
     this.#valid = new LRUCache({ max: Math.max(1, this.#byDigest.size) })
   }
 }

@@ -17,7 +17,8 @@ import { ClientDirectory } from '../src/clients.js'
 import { ConfigSchema, parseConfig, type GatewayConfig } from '../src/config.js'
 import { generateKey, keyDigest } from '../src/keys.js'
 import { RELOADABLE, reloaded, RESTART_ONLY } from '../src/reload.js'
-import { call, sleep, type Answer } from './fixtures/client.js'
+import { MemoryStore } from '../src/stores/memory.js'
+import { call, sleep, until, type Answer } from './fixtures/client.js'
 import { BIN, configFile, env as binEnv, run, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
@@ -429,6 +430,109 @@ t.test('with Redis, a reload that lowers a rate or raises a burst keeps a draine
   const limited = await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })
   t.same([limited.status, limited.headers['x-ratelimit-limit-requests']], [429, '1'], 'a lowered rate: still drained')
   t.equal(await read(KEYS.reader), 429, 'a raised burst: still drained, no fresh burst of 50')
+})
+
+t.test('a reload that raises a drained client\'s rate hands out no fresh burst: the time before it refills at the old rate, the time after at the new', async t => {
+  const upstream = await fakeUpstream(t)
+  let now = 1_000_000
+  const before = { requestsPerMinute: 1, burst: 3 }
+  const config = withConfig(testConfig(upstream.url), raw => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = before
+  })
+  const gw = await startGateway(t, config, { rateLimitStore: new MemoryStore({ now: () => now }) })
+  const read = async () => (await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })).status
+  for (let i = 0; i < 3; i++) t.not(await read(), 429)
+  t.equal(await read(), 429, 'drained')
+  now += 30_000 // half a token at one a minute; 300 tokens at ten a second
+  t.same(gw.app.applyConfig(withConfig(config, raw => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = { requestsPerMinute: 600, burst: 3 }
+  })).applied, ['clients[team-limited].rateLimit.requestsPerMinute'])
+  t.equal(await read(), 429, 'the half token of the old rate: no fresh burst of 3')
+  now += 50 // the other half, at ten a second
+  t.not(await read(), 429, 'the new rate from the reload on')
+  t.equal(await read(), 429)
+})
+
+t.test('a generation in flight across a reload that lowers tokensPerMinute is charged under the new limit: its end refills nothing at the old rate', async t => {
+  const upstream = await fakeUpstream(t)
+  let now = 1_000_000
+  const budget = (tokensPerMinute: number) => (raw: Record<string, unknown>) => {
+    const writer = (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-writer')!
+    writer.rateLimit = { ...writer.rateLimit as object, tokensPerMinute }
+  }
+  const config = withConfig(testConfig(upstream.url), budget(600))
+  const gw = await startGateway(t, config, { rateLimitStore: new MemoryStore({ now: () => now }) })
+  const generate = async (input: string) => await call(gw.url, 'POST', '/v1/responses', { key: KEYS.writer, body: JSON.stringify({ model: 'gpt-4o-mini', input }) })
+  // A generation the upstream holds until the test lets it answer, with a usage of two tokens.
+  let answer: (() => void) | null = null
+  upstream.respond = (_req, res, body) => {
+    const { metadata } = JSON.parse(body.toString()) as { metadata?: unknown }
+    answer = () => {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({
+        object: 'response', id: 'resp_held', status: 'completed', model: 'gpt-4o-mini', output: [], metadata,
+        usage: { input_tokens: 1, output_tokens: 1, total_tokens: 2 }
+      }))
+    }
+  }
+  const held = generate('hi')
+  await until('the held generation at the upstream', () => answer !== null)
+  upstream.respond = null
+  // 700 words in, 701 out (the fake's usage): 1401 tokens of a budget of 600, 801 in debt
+  t.equal((await generate(Array.from({ length: 700 }, (_, i) => `w${i}`).join(' '))).status, 200)
+  gw.app.applyConfig(withConfig(config, budget(6)))
+  now += 120_000 // 1200 tokens at the old limit, 12 at the new
+  answer!()
+  t.equal((await held).status, 200)
+  const refused = await generate('hi')
+  t.same([refused.status, refused.headers['x-ratelimit-limit-tokens']], [429, '6'], 'still in debt: the two minutes after the reload paid back 12 tokens, not 1200')
+})
+
+t.test('a generation in flight when a reload removes its client\'s budget (or the client) is not charged to the budget it had', async t => {
+  const upstream = await fakeUpstream(t)
+  const budgets = (kept: Record<string, number>) => (raw: Record<string, unknown>) => {
+    raw.clients = (raw.clients as Array<Record<string, unknown>>).filter(client => client.id !== 'team-other' || 'team-other' in kept)
+    for (const client of raw.clients as Array<{ id: string, rateLimit: Record<string, number> }>) {
+      const { tokensPerMinute: _dropped, ...rest } = client.rateLimit
+      client.rateLimit = client.id in kept ? { ...rest, tokensPerMinute: kept[client.id]! } : rest
+    }
+  }
+  const config = withConfig(testConfig(upstream.url), budgets({ 'team-writer': 600, 'team-other': 600 }))
+  const gw = await startGateway(t, config, { rateLimitStore: new MemoryStore({ now: () => 1_000_000 }) })
+  const generate = async (key: string) => await call(gw.url, 'POST', '/v1/responses', { key, body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hi' }) })
+  const held: Array<() => void> = []
+  upstream.respond = (_req, res, body) => {
+    const { metadata } = JSON.parse(body.toString()) as { metadata?: unknown }
+    held.push(() => {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({
+        object: 'response', id: `resp_held${held.length}`, status: 'completed', model: 'gpt-4o-mini', output: [], metadata,
+        usage: { input_tokens: 1, output_tokens: 1, total_tokens: 2 }
+      }))
+    })
+  }
+  const calls = [generate(KEYS.writer), generate(KEYS.other)]
+  await until('both generations held at the upstream', () => held.length === 2)
+  upstream.respond = null
+  gw.app.applyConfig(withConfig(config, budgets({})))
+  for (const answer of held) answer()
+  t.same((await Promise.all(calls)).map(a => a.status), [200, 200], 'served with the client and key they were admitted with')
+  gw.app.applyConfig(config)
+  const remaining = async (key: string) => (await generate(key)).headers['x-ratelimit-remaining-tokens']
+  t.same([await remaining(KEYS.writer), await remaining(KEYS.other)], ['600', '600'], 'the budgets as they were: nothing charged')
+})
+
+t.test('with Redis, a reload that raises a drained client\'s rate hands out no fresh burst', async t => {
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const limits = (rateLimit: object) => (raw: Record<string, unknown>) => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = rateLimit
+  }
+  const config = withConfig(testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }), limits({ requestsPerMinute: 1, burst: 1 }))
+  const gw = await startGateway(t, config)
+  const read = async () => (await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })).status
+  t.not(await read(), 429)
+  await sleep(3000) // a twentieth of a token at one a minute; one and a half at 30 a minute
+  gw.app.applyConfig(withConfig(config, limits({ requestsPerMinute: 30, burst: 1 })))
+  t.equal(await read(), 429, 'still drained: the time before the reload refilled at the old rate')
 })
 
 t.test('with Redis, a token budget in debt when a reload lowers tokensPerMinute is kept until the new limit has paid the debt back', async t => {

@@ -19,6 +19,8 @@ import { WARN_INTERVAL_MS } from '../stores/redis.js'
 
 export interface RateLimitOptions {
   store: RateLimitStore
+  /** the client `id` as configured now: a call charged when it ends is charged under the limits then in force */
+  currentClient: (id: string) => ClientConfig | undefined
 }
 
 /** OpenAI's duration format for x-ratelimit-reset-*: "20ms", "1s", "6m0s", "1h2m3s". */
@@ -56,8 +58,8 @@ function tokenHeaders (result: RateLimitResult): Record<string, string> {
 }
 
 /** A client's token budget: `tokensPerMinute` of capacity, refilled at that rate, in its own bucket. */
-function tokenRule (client: ClientConfig): BucketRule | null {
-  const perMinute = client.rateLimit.tokensPerMinute
+function tokenRule (limits: Pick<ClientConfig['rateLimit'], 'tokensPerMinute'>): BucketRule | null {
+  const perMinute = limits.tokensPerMinute
   return perMinute === undefined ? null : { requestsPerMinute: perMinute, burst: perMinute }
 }
 
@@ -110,12 +112,15 @@ function charge (store: RateLimitStore, uncharged: Uncharged, log: WarnLog, clie
 const REAPPLY_NAMED = 10
 
 /**
- * After a reload, the buckets of each client whose limits changed are written again under its new limits (a charge
- * of nothing: refilled, and kept). A Redis bucket expires when the limits it was last written with would have it
- * full; left alone, one drained before a reload that lowers the rate or raises the burst would expire on the old
- * schedule and come back full, a fresh burst for a client that pauses past it. A store that cannot take them (Redis
- * down) gets one warning for the whole reload, not one per bucket: a reload that changes a default limit touches
- * every client, thousands of lines for one outage.
+ * After a reload, the buckets of each client whose limits changed are written again: first under its old limits
+ * (a charge of nothing: refilled up to now at the old rate), then under its new ones (kept, capped at the new
+ * burst). A bucket refills for the time since it was last written at the rate it is written with: written under the
+ * new limits alone, the time before the reload would count at the new rate, and a raised rate would hand a client
+ * drained a while ago a fresh burst at once. And a Redis bucket expires when the limits it was last written with
+ * would have it full; left alone, one drained before a reload that lowers the rate or raises the burst would expire
+ * on the old schedule and come back full, a fresh burst for a client that pauses past it. A store that cannot take
+ * them (Redis down) gets one warning for the whole reload, not one per bucket: a reload that changes a default
+ * limit touches every client, thousands of lines for one outage.
  */
 export function reapplyLimits (store: RateLimitStore, before: readonly ClientConfig[], after: readonly ClientConfig[], log: WarnLog): void {
   const old = new Map(before.map(client => [client.id, client.rateLimit]))
@@ -130,26 +135,29 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
       named: failed.slice(0, REAPPLY_NAMED)
     }, `rate limits: ${failed.length} bucket(s) could not be kept under their new limits (they refill on the old ones)`)
   }
-  const rewrite = (key: string, rule: BucketRule) => {
+  const rewrite = (key: string, before: BucketRule | null, rule: BucketRule) => {
     pending++
-    whenAnswered(() => store.charge(key, rule, 0), settled, (err: unknown) => {
+    const failure = (err: unknown) => {
       if (failed.length === 0) firstError = err
       failed.push(key)
       settled()
-    })
+    }
+    const underNew = () => { whenAnswered(() => store.charge(key, rule, 0), settled, failure) }
+    if (before === null) underNew()
+    else whenAnswered(() => store.charge(key, before, 0), underNew, failure)
   }
   for (const client of after) {
     const was = old.get(client.id)
     if (was === undefined) continue
     const now = client.rateLimit
-    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) rewrite(client.id, now)
-    const tokens = tokenRule(client)
-    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) rewrite(tokenKey(client), tokens)
+    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) rewrite(client.id, was, now)
+    const tokens = tokenRule(now)
+    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) rewrite(tokenKey(client), tokenRule(was), tokens)
   }
   settled()
 }
 
-export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
+export default fp<RateLimitOptions>(async function rateLimit (app, { store, currentClient }) {
   const uncharged = new Uncharged()
   app.decorateRequest('rateLimit', null)
   app.decorateRequest('tokenBudget', null)
@@ -180,7 +188,11 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
         const upstream = request.upstream
         const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
         const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
-        if (used > 0) charge(store, uncharged, request.log, client.id, tokenKey(client), rule, used)
+        // Under the budget in force now: a reload since the call began rewrote the bucket under its new limits, and
+        // a charge under the old ones would refill the time since at the old rate (a lowered budget's debt paid
+        // back at the old speed). A budget the reload removed is not charged.
+        const now = tokenRule(currentClient(client.id)?.rateLimit ?? {})
+        if (used > 0 && now !== null) charge(store, uncharged, request.log, client.id, tokenKey(client), now, used)
       })
       done()
     }, err => { done(storeError(request, err) as Error) })
@@ -193,7 +205,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store }) {
       done()
       return
     }
-    const rule = request.operation?.action === 'response.create' ? tokenRule(client) : null
+    const rule = request.operation?.action === 'response.create' ? tokenRule(client.rateLimit) : null
     // A generation's budget is asked at once with its request bucket, not after it: on a slow Redis the call
     // waits one store.timeoutMs, not two.
     const budget = rule === null ? null : askedNow(() => store.peek(tokenKey(client), rule))
