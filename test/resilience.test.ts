@@ -392,6 +392,23 @@ t.test('retries never duplicate work', async t => {
       'each POST reached the upstream once')
   })
 
+  await t.test('a POST answered 200 of unknown length that breaks off before any of its body gets 502 with x-should-retry: false, not a 500 the SDK sends again', async t => {
+    // Items added: an answer the gateway passes on as it streams (searched for the token as it goes), whose headers
+    // go to the client with its first bytes. The upstream added the items and said so before breaking off.
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 100 })
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' }) // no content-length: chunked
+      res.flushHeaders()
+      res.socket?.end() // the connection closes after the headers, before any of the body
+    }
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+    const err = await sdk.conversations.items.create(conv, { items: [{ type: 'message', role: 'user', content: 'once' }] }).then(() => null, (e: unknown) => e)
+    t.match(err, { status: 502, error: { code: 'upstream_unavailable' } })
+    t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
+    t.equal(lines[0]!.requests.length, 1, 'the POST reached the upstream once')
+    t.match(await lastRecord(gw, 1), { status: 502, outcome: 'upstream_error' })
+  })
+
   await t.test('a DELETE whose connection broke is sent to the next line', async t => {
     const { lines, gw, conv } = await setup(t, 2)
     lines[0]!.respond = faults.reset()
