@@ -824,6 +824,38 @@ t.test('a GET passes on only the query parameters OpenAI documents for its route
   t.same(upstream.requests, [], 'nothing reached the upstream')
 })
 
+t.test('a method override (_method, which Symfony and Laravel read from a POST\'s query or JSON body) is refused on every route: a key without the delete scope cannot delete through such an upstream', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // team-writer has read and write, not delete: to such an upstream each of these would be a delete.
+  const refused: Array<[string, string, string, string]> = [
+    ['POST', '/v1/conversations/conv_1?_method=DELETE', '{"metadata":{"a":"b"}}', '_method'],
+    ['POST', '/v1/conversations/conv_1/items?include%5B%5D=x&_METHOD=DELETE', '{"items":[]}', '_METHOD'],
+    ['POST', '/v1/conversations/conv_1?a=1;_method=DELETE', '{"metadata":{}}', '_method'],
+    // (PHP names a parameter `.method` or `[method` `_method`)
+    ['POST', '/v1/responses/resp_1/cancel?.method=DELETE', '', '.method'],
+    ['POST', '/v1/conversations/conv_1?%5Bmethod=DELETE', '{"metadata":{}}', '[method'],
+    ['POST', '/v1/conversations/conv_1', '{"metadata":{"a":"b"},"_method":"DELETE"}', '_method'],
+    ['POST', '/v1/responses', '{"model":"gpt-4o-mini","input":"hi","_method":"DELETE"}', '_method'],
+    ['DELETE', '/v1/conversations/conv_1/items/msg_1?_method=GET', '', '_method']
+  ]
+  for (const [method, target, body, param] of refused) {
+    const res = await fetch(`${gw.url}${target}`, {
+      method, headers: { authorization: `Bearer ${KEYS.writer}`, 'content-type': 'application/json' }, body: body === '' ? undefined : body
+    })
+    t.equal(res.status, 400, `${method} ${target} ${body}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${target}: names ${param}`)
+  }
+  t.same(upstream.requests, [], 'nothing reached the upstream')
+  // A parameter or key that only looks like it goes on.
+  const passed = await fetch(`${gw.url}/v1/conversations/conv_1?method=x`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.writer}`, 'content-type': 'application/json' }, body: '{"metadata":{"_method":"x"}}'
+  })
+  t.not(passed.status, 400)
+  t.same(upstream.requests.map(r => r.url), ['/v1/conversations/conv_1?method=x'])
+})
+
 t.test('every query parameter the SDKs send on a GET, as they send it, reaches the upstream byte for byte', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
