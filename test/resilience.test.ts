@@ -656,6 +656,20 @@ t.test('upstream timeouts', async t => {
     t.match(await lastRecord(gw, 1), { status: 504, outcome: 'upstream_error' })
   })
 
+  await t.test('an answer passed on as it streams that goes silent past bodyTimeoutMs before any of it went out gets 504 upstream_timeout', async t => {
+    // Items listed, of unknown length: its headers go to the client with its first bytes, so the client has seen
+    // nothing, as with an answer read whole.
+    const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300, timeoutMs: 5000 })
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.flushHeaders()
+    }
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(a.status, 504)
+    t.equal(codeOf(a), 'upstream_timeout')
+    t.match(await lastRecord(gw, 1), { status: 504, outcome: 'upstream_error' })
+  })
+
   await t.test('a trickle inside bodyTimeoutMs streams on: the limit is between chunks, not on the whole', async t => {
     const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 400 })
     lines[0]!.respond = faults.trickle(8, 100)

@@ -247,9 +247,14 @@ function clientLeft (reply: FastifyReply): boolean {
   return reply.raw.destroyed && !reply.raw.writableFinished
 }
 
-/** What the client gets for an upstream answer that could not be read whole: 504 when it was too slow. */
+/**
+ * What the client gets for an upstream answer that could not be read whole, or passed on before any of it went out:
+ * 504 when it was too slow (past its deadline, or silent past bodyTimeoutMs: undici's own error for an answer
+ * passed on as it streams), else 502.
+ */
 function readFailure (err: unknown): Error {
-  return err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+  const timedOut = (err instanceof UpstreamFailure && err.kind === 'timeout') || (err as { code?: unknown }).code === 'UND_ERR_BODY_TIMEOUT'
+  return timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
 }
 
 /**
