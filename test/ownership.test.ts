@@ -692,6 +692,23 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   t.equal(admin.status, 200, 'an admin key may name one')
 })
 
+t.test('a code interpreter container given as anything but an object is refused as one named by id, a number of any length included', async t => {
+  // `{ "type": "auto" }` is the one form that names no container; a number JSON.parse would round is kept as the
+  // client wrote it (http/json.ts), as an object of its own, and is no such form.
+  const { upstream, gw } = await setup(t)
+  const before = upstream.requests.length
+  for (const container of ['5', '12345678901234567890', '1e400', '[]']) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+      body: `{"model":"gpt-4o","input":"x","tools":[{"type":"code_interpreter","container":${container}}]}`
+    })
+    t.equal(res.status, 403, `container ${container}: 403`)
+    t.match(await res.json(), { error: { code: 'container_not_allowed', param: 'tools[0].container' } }, `container ${container}`)
+  }
+  t.same(upstream.requests.slice(before).map(r => r.body.toString()), [], 'nothing went upstream')
+})
+
 // The hosted shell tool runs its commands in a container too, and names one by id the way the SDK types it:
 // `environment: { type: 'container_reference', container_id }`. A team's shell and code interpreter containers
 // have their ids in its answers (`shell_call.environment.container_id`, `code_interpreter_call.container_id`).
