@@ -139,6 +139,18 @@ const GET_QUERY: Partial<Record<Action, ReadonlySet<string>>> = {
 }
 const LIST_PARAM = /^include(?:\[\d*\])?$/
 
+/**
+ * Whether a query parameter (or a JSON body's key) is one some server frameworks take for the call's method:
+ * Symfony's (and so Laravel's, where it is on by default) reads `_method` from a POST's body (its JSON, in Laravel)
+ * or query, the query as PHP names parameters (`.method` and `[method` are `_method` to it, leading spaces dropped).
+ * To such an upstream `POST /v1/conversations/{id}?_method=DELETE` is a delete, made with a key that may lack the
+ * delete scope. No route of the API takes it.
+ */
+export function overridesMethod (name: string): boolean {
+  return METHOD_OVERRIDE_PARAM.test(name)
+}
+const METHOD_OVERRIDE_PARAM = /^ *[_. []method$/i
+
 export type QueryProblem =
   | { kind: 'fragment' }
   /** a name the route does not take; one given twice; a `stream` neither `true` nor `false` */
@@ -148,8 +160,11 @@ export type QueryProblem =
 export function queryProblem (op: Operation, url: string): QueryProblem | null {
   // A fragment is the client's own (RFC 3986 §3.5) and never sent: one that is would go upstream as it came.
   if (url.includes('#')) return { kind: 'fragment' }
-  const allowed = GET_QUERY[op.action]
   const query = op.query
+  for (const name of query?.keys() ?? []) {
+    if (overridesMethod(name)) return { kind: 'unknown', param: shownName(name) }
+  }
+  const allowed = GET_QUERY[op.action]
   if (allowed === undefined || query === null) return null
   const seen = new Set<string>()
   for (const [name, value] of query) {

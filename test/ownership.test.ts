@@ -171,6 +171,25 @@ t.test('no client can take a conversation over, or hide its owner, through metad
   t.same((await restarted.sdk(KEYS.full).conversations.retrieve(conv.id)).metadata, { x: '1' }, 'A after a restart')
 })
 
+t.test('a metadata that is a number is refused as not an object, however many digits it has', async t => {
+  // A number JSON.parse would round is kept as the client wrote it (http/json.ts), as an object of its own: it is
+  // no metadata map for all that, and the owner cannot be added to it.
+  const { upstream, gw, sdk } = await setup(t)
+  const conv = await sdk(KEYS.full).conversations.create({})
+  const sent = upstream.requests.length
+  const targets: Array<[string, string]> = [['/v1/conversations', ''], [`/v1/conversations/${conv.id}`, ''], ['/v1/responses', '"model":"gpt-4o-mini","input":"hi",']]
+  for (const [path, rest] of targets) {
+    for (const metadata of ['5', '12345678901234567890', '1e400', '0.12345678901234567']) {
+      const res = await fetch(`${gw.url}${path}`, {
+        method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: `{${rest}"metadata":${metadata}}`
+      })
+      t.equal(res.status, 400, `POST ${path} metadata ${metadata}: 400`)
+      t.match(await res.json(), { error: { code: 'invalid_metadata', param: 'metadata' } }, `POST ${path} metadata ${metadata}: invalid_metadata`)
+    }
+  }
+  t.same(upstream.requests.slice(sent).map(r => r.body.toString()), [], 'none of them went upstream')
+})
+
 t.test('a create or update body that is not a JSON object is refused on every route that takes one, before the upstream', async t => {
   // The upstream would refuse these too; the gateway's checks read the body's keys, and the README promises a 400
   // invalid_metadata for a create or update body that is not an object, items create included.
@@ -671,6 +690,23 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   t.equal(auto.status, 200, 'a container the upstream picks (auto) is served')
   const admin = await post(KEYS.admin, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', container }] })
   t.equal(admin.status, 200, 'an admin key may name one')
+})
+
+t.test('a code interpreter container given as anything but an object is refused as one named by id, a number of any length included', async t => {
+  // `{ "type": "auto" }` is the one form that names no container; a number JSON.parse would round is kept as the
+  // client wrote it (http/json.ts), as an object of its own, and is no such form.
+  const { upstream, gw } = await setup(t)
+  const before = upstream.requests.length
+  for (const container of ['5', '12345678901234567890', '1e400', '[]']) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' },
+      body: `{"model":"gpt-4o","input":"x","tools":[{"type":"code_interpreter","container":${container}}]}`
+    })
+    t.equal(res.status, 403, `container ${container}: 403`)
+    t.match(await res.json(), { error: { code: 'container_not_allowed', param: 'tools[0].container' } }, `container ${container}`)
+  }
+  t.same(upstream.requests.slice(before).map(r => r.body.toString()), [], 'nothing went upstream')
 })
 
 // The hosted shell tool runs its commands in a container too, and names one by id the way the SDK types it:

@@ -392,6 +392,23 @@ t.test('retries never duplicate work', async t => {
       'each POST reached the upstream once')
   })
 
+  await t.test('a POST answered 200 of unknown length that breaks off before any of its body gets 502 with x-should-retry: false, not a 500 the SDK sends again', async t => {
+    // Items added: an answer the gateway passes on as it streams (searched for the token as it goes), whose headers
+    // go to the client with its first bytes. The upstream added the items and said so before breaking off.
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 100 })
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' }) // no content-length: chunked
+      res.flushHeaders()
+      res.socket?.end() // the connection closes after the headers, before any of the body
+    }
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+    const err = await sdk.conversations.items.create(conv, { items: [{ type: 'message', role: 'user', content: 'once' }] }).then(() => null, (e: unknown) => e)
+    t.match(err, { status: 502, error: { code: 'upstream_unavailable' } })
+    t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
+    t.equal(lines[0]!.requests.length, 1, 'the POST reached the upstream once')
+    t.match(await lastRecord(gw, 1), { status: 502, outcome: 'upstream_error' })
+  })
+
   await t.test('a DELETE whose connection broke is sent to the next line', async t => {
     const { lines, gw, conv } = await setup(t, 2)
     lines[0]!.respond = faults.reset()
@@ -634,6 +651,20 @@ t.test('upstream timeouts', async t => {
     const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300, timeoutMs: 5000 })
     lines[0]!.respond = faults.stallMidBody()
     const a = await call(gw.url, 'GET', `/v1/conversations/${conv}`)
+    t.equal(a.status, 504)
+    t.equal(codeOf(a), 'upstream_timeout')
+    t.match(await lastRecord(gw, 1), { status: 504, outcome: 'upstream_error' })
+  })
+
+  await t.test('an answer passed on as it streams that goes silent past bodyTimeoutMs before any of it went out gets 504 upstream_timeout', async t => {
+    // Items listed, of unknown length: its headers go to the client with its first bytes, so the client has seen
+    // nothing, as with an answer read whole.
+    const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300, timeoutMs: 5000 })
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.flushHeaders()
+    }
+    const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
     t.equal(a.status, 504)
     t.equal(codeOf(a), 'upstream_timeout')
     t.match(await lastRecord(gw, 1), { status: 504, outcome: 'upstream_error' })

@@ -454,12 +454,13 @@ t.test('a 2xx answer in UTF-16 or UTF-32, which the Python SDK reads (it tells t
     t.equal(res.status, 502, what)
     t.match(await res.json(), { error: { code: 'upstream_unavailable' } }, what)
   }
-  // Long and chunked, searched as it streams: broken off at its start rather than passed on.
+  // Long and chunked, searched as it streams: refused at its start (nothing of it sent yet), as a short one is.
   const long = Buffer.from(json(`${'x'.repeat(100 * 1024)} Bearer ${UPSTREAM_TOKEN}`), 'utf16le')
   upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(long) }
   const received = await sendRaw(gw.url, buildRequest('GET', '/v1/conversations/conv_1/items', [['Authorization', `Bearer ${KEYS.full}`]]))
   t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le')), 'the token never reaches the client')
-  t.notOk(received.response?.complete === true && received.response.status === 200, 'nor a whole answer')
+  t.match(received.response, { status: 502, complete: true }, 'the gateway\'s 502, not a 500 of its own')
+  t.match(JSON.parse(received.response?.body ?? '{}'), { error: { code: 'upstream_unavailable' } })
   // UTF-8 and ASCII answers, whatever their first bytes, go on.
   const clean = json('hello')
   upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(clean) }).end(clean) }
@@ -821,6 +822,38 @@ t.test('a GET passes on only the query parameters OpenAI documents for its route
     t.match(JSON.parse(response?.body ?? '{}'), { error: { code, param, type: 'invalid_request_error' } }, `${target}: ${code}`)
   }
   t.same(upstream.requests, [], 'nothing reached the upstream')
+})
+
+t.test('a method override (_method, which Symfony and Laravel read from a POST\'s query or JSON body) is refused on every route: a key without the delete scope cannot delete through such an upstream', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // team-writer has read and write, not delete: to such an upstream each of these would be a delete.
+  const refused: Array<[string, string, string, string]> = [
+    ['POST', '/v1/conversations/conv_1?_method=DELETE', '{"metadata":{"a":"b"}}', '_method'],
+    ['POST', '/v1/conversations/conv_1/items?include%5B%5D=x&_METHOD=DELETE', '{"items":[]}', '_METHOD'],
+    ['POST', '/v1/conversations/conv_1?a=1;_method=DELETE', '{"metadata":{}}', '_method'],
+    // (PHP names a parameter `.method` or `[method` `_method`)
+    ['POST', '/v1/responses/resp_1/cancel?.method=DELETE', '', '.method'],
+    ['POST', '/v1/conversations/conv_1?%5Bmethod=DELETE', '{"metadata":{}}', '[method'],
+    ['POST', '/v1/conversations/conv_1', '{"metadata":{"a":"b"},"_method":"DELETE"}', '_method'],
+    ['POST', '/v1/responses', '{"model":"gpt-4o-mini","input":"hi","_method":"DELETE"}', '_method'],
+    ['DELETE', '/v1/conversations/conv_1/items/msg_1?_method=GET', '', '_method']
+  ]
+  for (const [method, target, body, param] of refused) {
+    const res = await fetch(`${gw.url}${target}`, {
+      method, headers: { authorization: `Bearer ${KEYS.writer}`, 'content-type': 'application/json' }, body: body === '' ? undefined : body
+    })
+    t.equal(res.status, 400, `${method} ${target} ${body}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${target}: names ${param}`)
+  }
+  t.same(upstream.requests, [], 'nothing reached the upstream')
+  // A parameter or key that only looks like it goes on.
+  const passed = await fetch(`${gw.url}/v1/conversations/conv_1?method=x`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.writer}`, 'content-type': 'application/json' }, body: '{"metadata":{"_method":"x"}}'
+  })
+  t.not(passed.status, 400)
+  t.same(upstream.requests.map(r => r.url), ['/v1/conversations/conv_1?method=x'])
 })
 
 t.test('every query parameter the SDKs send on a GET, as they send it, reaches the upstream byte for byte', async t => {

@@ -3,6 +3,7 @@
 // on update, so the owner survives restarts and holds across replicas with no store of our own; a bounded cache
 // (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
 import { LRUCache } from 'lru-cache'
+import { LosslessNumber } from 'lossless-json'
 
 export const OWNER_KEY = 'gateway_owner'
 /** OpenAI allows 16 metadata keys; the gateway needs one of them. */
@@ -15,9 +16,12 @@ export type MetadataProblem = 'reserved' | 'limit' | 'not_object'
 
 type Json = Record<string, unknown>
 
-/** A JSON object: not null, not an array. */
+/**
+ * A JSON object: not null, not an array, and not a number read exactly (http/json.ts keeps a number JSON.parse
+ * would round as a LosslessNumber, an object of its own: a metadata of `12345678901234567890` is no map).
+ */
 export function isObject (value: unknown): value is Json {
-  return typeof value === 'object' && value !== null && !Array.isArray(value)
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof LosslessNumber)
 }
 
 /** What is wrong with the `metadata` a client sends on create or update, if anything. */

@@ -7,11 +7,11 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  InvalidJsonError, JsonTooDeepError, NotUtf8Error, quoted, RequestTooLargeError, UnsupportedContentEncodingError,
-  UnsupportedMediaTypeError, UnsupportedTransferEncodingError
+  InvalidJsonError, JsonTooDeepError, NotUtf8Error, quoted, RequestTooLargeError, UnknownParameterError,
+  UnsupportedContentEncodingError, UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
-import type { Action } from '../operations.js'
+import { overridesMethod, type Action } from '../operations.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -102,6 +102,15 @@ export function serializeBody (value: unknown, from: unknown): Buffer {
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
+/** A body's top-level key an upstream framework would read as the call's method, or null. */
+function methodOverride (body: unknown): string | null {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) return null
+  for (const key in body) {
+    if (overridesMethod(key)) return key.slice(0, 40)
+  }
+  return null
+}
+
 /**
  * Calls whose API takes no body: a body sent with one is read and checked like any other (it is JSON, within the
  * limit), but not passed on. Nothing in it was checked for what it names (a `conversation` of another team, keys the
@@ -180,6 +189,15 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     const operation = request.operation
     if (operation !== null && TAKES_NO_BODY.has(operation.action)) {
       done(null, undefined)
+      return
+    }
+    // A key that an upstream framework would take for the method (operations.ts overridesMethod): a POST body
+    // saying `"_method": "DELETE"` would be a delete to it, unchecked for the delete scope.
+    const override = methodOverride(request.parsedBody)
+    if (override !== null) {
+      const err = new UnknownParameterError(override)
+      err.param = override
+      done(err, undefined)
       return
     }
     // The exact bytes go upstream from request.upstreamBody (plugins/proxy.ts): reply-from is given no body of

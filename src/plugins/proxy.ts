@@ -7,7 +7,7 @@
 // its own, our own error mapping.
 import { createHash } from 'node:crypto'
 import type { IncomingHttpHeaders } from 'node:http'
-import { pipeline, Readable } from 'node:stream'
+import { PassThrough, pipeline, Readable, type Transform } from 'node:stream'
 import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
@@ -247,9 +247,14 @@ function clientLeft (reply: FastifyReply): boolean {
   return reply.raw.destroyed && !reply.raw.writableFinished
 }
 
-/** What the client gets for an upstream answer that could not be read whole: 504 when it was too slow. */
+/**
+ * What the client gets for an upstream answer that could not be read whole, or passed on before any of it went out:
+ * 504 when it was too slow (past its deadline, or silent past bodyTimeoutMs: undici's own error for an answer
+ * passed on as it streams), else 502.
+ */
 function readFailure (err: unknown): Error {
-  return err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+  const timedOut = (err instanceof UpstreamFailure && err.kind === 'timeout') || (err as { code?: unknown }).code === 'UND_ERR_BODY_TIMEOUT'
+  return timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
 }
 
 /**
@@ -444,6 +449,31 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     return clean === parsed ? body : Buffer.from(stringifyExact(clean, parsed))
   }
 
+  /**
+   * An answer passed on as it streams, searched for the token (`searched`). Its headers go to the client with its
+   * first bytes: one that fails before any went out (the upstream broke off, or its text cannot be searched) is
+   * answered as an answer read whole is (notPassedOn: 502, not sent again for a POST the upstream has done), not
+   * with the 500 Fastify gives a stream that fails; one that fails later is broken off. Either side failing or
+   * closing ends the other: the client leaving releases the upstream.
+   */
+  function sendStreamed (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse, searched: Transform): void {
+    // (Fastify answers the error the stream it sends fails with: that one is the gateway's, not the upstream's.)
+    const out = new PassThrough()
+    pipeline(res.stream, searched, (err) => {
+      if (err == null) return
+      if (reply.raw.headersSent || clientLeft(reply)) {
+        out.destroy(err)
+        return
+      }
+      request.log.warn({ err: { message: err.message } }, 'upstream answer could not be read')
+      mayBeDoneUpstream(request.method, reply)
+      out.destroy(readFailure(err))
+    })
+    searched.pipe(out)
+    out.once('close', () => { searched.destroy() })
+    reply.send(out)
+  }
+
   /** A 2xx answer passed on as the upstream's bytes, but for the upstream token (upstream/scrub.ts). */
   async function sendSearched (request: FastifyRequest, reply: FastifyReply, res: UpstreamResponse): Promise<void> {
     const length = Number(res.headers['content-length'] ?? NaN)
@@ -459,8 +489,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         return
       }
       reply.removeHeader('content-length')
-      // (either side failing or closing ends the other: the client leaving releases the upstream)
-      reply.send(pipeline(res.stream, searched, noop))
+      sendStreamed(request, reply, res, searched)
       return
     }
     let raw: Buffer

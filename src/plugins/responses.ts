@@ -9,7 +9,7 @@ import {
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
 import { streamsRetrieve } from '../operations.js'
-import { otherCaseKey } from '../ownership/owners.js'
+import { isObject, otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
@@ -33,7 +33,8 @@ function namedContainer (tools: unknown): { param: string, otherCase: boolean } 
     const { type, container, environment } = (tool ?? {}) as { type?: unknown, container?: unknown, environment?: unknown }
     const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`) ?? otherCaseKey(environment, ENVIRONMENT_KEYS, `tools[${i}].environment.`)
     if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
-    if (type === 'code_interpreter' && container != null && typeof container !== 'object') return { param: `tools[${i}].container`, otherCase: false }
+    // (isObject: not a number kept exactly, http/json.ts, which is an object of its own but names no auto mode)
+    if (type === 'code_interpreter' && container != null && !isObject(container)) return { param: `tools[${i}].container`, otherCase: false }
     const { type: kind, container_id: id } = (environment ?? {}) as { type?: unknown, container_id?: unknown }
     if (kind === 'container_reference' || id != null) return { param: `tools[${i}].environment`, otherCase: false }
   }
