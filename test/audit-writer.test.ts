@@ -505,6 +505,13 @@ t.test('a second writer on the same series is refused, in this process and from 
   t.teardown(() => writer.close())
   await t.rejects(open(file), { name: 'AuditLockError', message: /already written by this process/ })
 
+  const out = await openInAnotherProcess(file)
+  t.match(out, new RegExp(`AuditLockError: audit file .* is in use by another gateway process \\(pid ${process.pid}`))
+  t.match(out, /Each gateway needs its own audit\.file/)
+})
+
+/** What another gateway process opening a writer on `file` says: `opened`, or the error that refused it. */
+async function openInAnotherProcess (file: string): Promise<string> {
   const child = spawn(process.execPath, ['--input-type=module', '-e', `
     import { openAuditWriter } from ${JSON.stringify(join(process.cwd(), 'dist/audit/writer.js'))}
     const log = { info () {}, warn () {}, error () {} }
@@ -517,8 +524,18 @@ t.test('a second writer on the same series is refused, in this process and from 
   let out = ''
   child.stdout.on('data', (c: Buffer) => { out += c.toString() })
   await once(child, 'exit')
-  t.match(out, new RegExp(`AuditLockError: audit file .* is in use by another gateway process \\(pid ${process.pid}`))
-  t.match(out, /Each gateway needs its own audit\.file/)
+  return out
+}
+
+t.test('a lock file removed under a running gateway (a cleanup of the audit directory) is made again: a second gateway is still refused', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  t.teardown(() => writer.close())
+  rmSync(file + '.lock')
+  await until('the lock is made again', () => existsSync(file + '.lock'))
+  t.match(readFileSync(file + '.lock', 'utf8'), `"pid":${process.pid}`, 'holding this process\'s pid')
+  t.match(log.lines.filter(l => l.level !== 'info'), [{ level: 'warn', msg: /lock file .* was removed .*; made again/ }], 'and says so')
+  t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is in use by another gateway process/)
 })
 
 /** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */

@@ -1012,6 +1012,10 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
   makeDirectories(dirname(opts.file))
   const lock = await acquireLock(opts.file, holder => {
     opts.log.warn({ holder }, 'audit: taking over a stale lock left by a gateway that is gone')
+  }, (path, remade) => {
+    if (remade) opts.log.warn({ lock: path }, `audit: the lock file ${path} was removed by something else; made again`)
+    else opts.log.error({ lock: path }, `audit: the lock file ${path} was removed by something else, and another process made it again: ` +
+      'two gateways may be writing this series')
   })
   try {
     const resume = await resumePoint(opts.file)
