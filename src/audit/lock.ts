@@ -165,6 +165,15 @@ async function takeOver (path: string, me: Holder, stale: Holder | null): Promis
 }
 
 /**
+ * Whether a gateway is writing the series of `file` now: its lock is there and was touched by its heartbeat lately
+ * (on any host: the lock is read where the files are).
+ */
+export async function seriesIsBeingWritten (file: string): Promise<boolean> {
+  const touched = await mtimeOf(resolve(file + LOCK_SUFFIX))
+  return touched !== null && Date.now() - touched < STALE_AFTER_MS
+}
+
+/**
  * Takes the lock of the series whose active file is `file`, or throws AuditLockError naming the holder.
  * `onStale` is told when a dead holder's lock is taken over; `onRemoved` when the lock held was removed by something
  * else (a cleanup of the audit directory) and the heartbeat made it again (`remade`), or found another in its place.

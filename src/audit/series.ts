@@ -171,14 +171,28 @@ export async function pinFiles (paths: readonly string[]): Promise<void> {
 /** Listings of the directory a rotation may come between before pinSeries gives up (one a second is a busy gateway). */
 const PIN_ATTEMPTS = 20
 
+/** The end of the last whole line in the first `size` bytes of a file: `size` itself when it ends with a newline. */
+async function wholeLinesEnd (fh: FileHandle, size: number): Promise<number> {
+  for (let end = size; end > 0;) {
+    const length = Math.min(64 * 1024, end)
+    const { buffer } = await fh.read(Buffer.alloc(length), 0, length, end - length)
+    const nl = buffer.lastIndexOf(0x0a)
+    if (nl !== -1) return end - length + nl + 1
+    end -= length
+  }
+  return 0
+}
+
 /**
  * The series of `file` as it stands at one moment, its regular files opened then (pinned), for a command that reads
  * it beside a running gateway. Between listing the directory and opening the files, the gateway may rotate (rename
  * its active file and open a new one at its path) or gzip a closed file and remove it: the files opened would miss
  * the renamed file's records, or one would be gone. So once they are open the directory is listed again, and all is
  * done again until both listings name the same files, each still the one opened under its name.
+ * `beingWritten`: a gateway writes the active file now, and a reader may see one of its writes part-way (the file
+ * grows a page at a time): its active file is read up to its last whole line, the rest being the next run's.
  */
-export async function pinSeries (file: string): Promise<SeriesScan> {
+export async function pinSeries (file: string, beingWritten: boolean): Promise<SeriesScan> {
   for (let attempt = 1; ; attempt++) {
     const opened = new Map<string, { fh: FileHandle, size: number, ino: number, dev: number }>()
     const closeAll = async () => { await Promise.all([...opened.values()].map(async ({ fh }) => { await fh.close() })) }
@@ -203,7 +217,9 @@ export async function pinSeries (file: string): Promise<SeriesScan> {
           return now?.ino === f.ino && now.dev === f.dev
         }))).every(Boolean)
       if (!moved) {
-        for (const [path, { fh, size }] of opened) pinned.set(path, { fh, size })
+        for (const [path, { fh, size }] of opened) {
+          pinned.set(path, { fh, size: beingWritten && path === file ? await wholeLinesEnd(fh, size) : size })
+        }
         const regular = names.map(name => join(dirname(file), name)).filter(p => !irregular.includes(p))
         return { files: await ordered(file, regular), irregular }
       }
