@@ -681,6 +681,18 @@ t.test('a disk that fills up mid-write: the file keeps whole records only, and w
   t.match(await verify(file), { ok: true, records: 100 })
 })
 
+t.test('a gateway starting on a full disk is refused in one line saying so, and leaves nothing beside the series', { skip: cannotMount ?? false }, async t => {
+  const dir = tempDir()
+  t.equal(smallDisk(dir), null)
+  t.teardown(() => { spawnSync('umount', [dir]) })
+  try { writeFileSync(join(dir, 'filler'), Buffer.alloc(128 * 1024)) } catch { /* full */ }
+  const file = join(dir, 'audit.jsonl')
+  const err = await open(file).then(() => null, (e: unknown) => e as Error)
+  t.match(err, { message: /^cannot write the audit lock .*audit\.jsonl\.lock: ENOSPC/ })
+  t.notMatch(err?.message ?? '', /\n/, 'one line')
+  t.same(readdirSync(dir).filter(n => n !== 'filler' && n !== 'audit.jsonl'), [], 'no temporary lock file left')
+})
+
 /** A destination that takes writes and answers none of them until told to: a pipe nobody reads. */
 function stuckStream () {
   const held: Array<() => void> = []

@@ -114,7 +114,13 @@ function asideName (path: string, what: string): string {
  */
 async function create (path: string, me: Holder): Promise<boolean> {
   const temp = asideName(path, 'new')
-  await writeFile(temp, JSON.stringify(me) + '\n', { flag: 'wx' })
+  try {
+    // (A full disk fails the write once the file is made: it is removed with the rest.)
+    await writeFile(temp, JSON.stringify(me) + '\n', { flag: 'wx' })
+  } catch (err) {
+    await unlink(temp).catch(() => {})
+    throw new AuditLockError(`cannot write the audit lock ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
   try {
     await link(temp, path)
     return true
