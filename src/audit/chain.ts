@@ -173,6 +173,9 @@ export function expectedHash (record: ChainedRecord, hasher: Hasher): string {
   return hasher(record.prevHash, canonicalJson({ ...record, hash: undefined }))
 }
 
+/** linkProblem's reason for a record whose hash does not match its content (verify tells a change of key from it). */
+export const EDITED = 'hash does not match the record\'s content: the record was edited'
+
 /**
  * What is wrong with `record` (read from the line `text`) as the successor of `prev`, or null when it links, its
  * hash holds and the line is spelled exactly as the writer writes it (seal). The hash alone would accept any
@@ -195,8 +198,7 @@ export function linkProblem (record: ChainedRecord, text: string, prev: ChainHea
   }
   const body = canonicalJson({ ...record, hash: undefined })
   if (record.hash !== hasher(record.prevHash, body)) {
-    return 'hash does not match the record\'s content: the record was edited' +
-      (first ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
+    return EDITED + (first ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
   }
   if (text !== `${body.slice(0, -1)},"hash":"${record.hash}"}`) {
     return 'the line is not spelled as the gateway writes it (same data, other text): the record was edited'
