@@ -528,14 +528,17 @@ async function openInAnotherProcess (file: string): Promise<string> {
 }
 
 t.test('a lock file removed under a running gateway (a cleanup of the audit directory) is made again: a second gateway is still refused', async t => {
-  const file = join(tempDir(), 'audit.jsonl')
-  const { writer, log } = await open(file)
-  t.teardown(() => writer.close())
-  rmSync(file + '.lock')
-  await until('the lock is made again', () => existsSync(file + '.lock'))
-  t.match(readFileSync(file + '.lock', 'utf8'), `"pid":${process.pid}`, 'holding this process\'s pid')
-  t.match(log.lines.filter(l => l.level !== 'info'), [{ level: 'warn', msg: /lock file .* was removed .*; made again/ }], 'and says so')
-  t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is in use by another gateway process/)
+  for (const removed of ['the lock', 'the whole directory'] as const) {
+    const dir = tempDir()
+    const file = join(dir, 'audit.jsonl')
+    const { writer, log } = await open(file)
+    rmSync(removed === 'the lock' ? file + '.lock' : dir, { recursive: true })
+    await until('the lock is made again', () => existsSync(file + '.lock'))
+    t.match(readFileSync(file + '.lock', 'utf8'), `"pid":${process.pid}`, `${removed}: holding this process's pid`)
+    t.match(log.lines.find(l => /lock file/.test(l.msg)), { level: 'warn', msg: /lock file .* was removed .*; made again/ }, `${removed}: said so`)
+    t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is in use by another gateway process/, `${removed}: a second gateway is refused`)
+    await writer.close()
+  }
 })
 
 /** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */

@@ -202,7 +202,13 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
         await utimes(path, now, now)
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || released) return
-        onRemoved(path, await create(path, me).catch(() => false))
+        let made: boolean
+        try {
+          made = await create(path, me)
+        } catch {
+          return // (its directory is gone too: the next beat, once the writer has made it again)
+        }
+        onRemoved(path, made)
       }
     }
     let touching = Promise.resolve()
