@@ -3,13 +3,13 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { appendFileSync, readdirSync, truncateSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import { callRecord, linesOf, parsed, tempDir, writeLines, writeSeries } from './fixtures/audit.js'
 import { queryFiles } from '../src/audit/query.js'
 import { chainHasher } from '../src/audit/chain.js'
-import { acquireLock } from '../src/audit/lock.js'
+import { acquireLock, seriesIsBeingWritten } from '../src/audit/lock.js'
 import { firstLine, pinFiles, readLines, rotatedName, seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
@@ -351,7 +351,7 @@ t.test('verify and query read the series as it was when they listed it, while a 
   // The command lists the series and opens its files (auditFiles does both) ...
   const listed = (await seriesFiles(file)).map(f => f.path)
   t.same(listed, [file], 'one file so far: the active one')
-  await pinFiles(listed)
+  await pinFiles(listed, seriesIsBeingWritten)
   // ... and the gateway goes on: its active file fills up, is renamed, and gzipped (and removed) meanwhile.
   for (let i = 4; i <= 30; i++) writer.write(callRecord(i))
   await sleep(300)
@@ -370,11 +370,13 @@ t.test('verify and query beside a gateway caught writing a line: the trail up to
   const lock = await acquireLock(auditFile, () => {})
   const verify = await runAsync(['audit', 'verify', '--config', config])
   const query = await runAsync(['audit', 'query', '--config', config])
+  const named = await runAsync(['audit', 'verify', ...readdirSync(dirname(auditFile)).map(n => join(dirname(auditFile), n))])
   await lock.release()
   t.equal(verify.status, 0, verify.stderr)
   t.match(verify.stdout, /^ok: 60 records, chain intact/)
   t.equal(query.stderr, '', 'query skips no line')
   t.equal(query.stdout.split('\n').length - 1, 60)
+  t.match(named.stdout, /^ok: 60 records, chain intact/, 'the files named (a shell glob) too')
   // With no gateway holding it, that line is a torn one (a crash), said as before.
   const after = run(['audit', 'verify', '--config', config])
   t.equal(after.status, 1)

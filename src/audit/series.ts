@@ -148,16 +148,28 @@ function tooManyOpen (file: string, err: unknown): AuditReadError | null {
 }
 
 /**
+ * Whether a gateway writes a file now (the active file of a series whose lock is fresh): a reader may see one of its
+ * writes part-way (the file grows a page at a time), so such a file is read up to its last whole line, the rest being
+ * the next run's.
+ */
+export type BeingWritten = (path: string) => Promise<boolean>
+
+/** The size a file pinned at `size` is read up to (see BeingWritten). */
+async function pinnedSize (path: string, fh: FileHandle, size: number, beingWritten: BeingWritten): Promise<number> {
+  return !path.endsWith(GZIP_SUFFIX) && await beingWritten(path) ? await wholeLinesEnd(fh, size) : size
+}
+
+/**
  * Opens `paths` now, to be read as they are now (see pinned); one that cannot be opened is read by name later, but
  * for the want of descriptors (tooManyOpen), which stops the command (the files this call opened closed again).
  */
-export async function pinFiles (paths: readonly string[]): Promise<void> {
+export async function pinFiles (paths: readonly string[], beingWritten: BeingWritten): Promise<void> {
   const opened: string[] = []
   for (const path of paths) {
     if (pinned.has(path)) continue
     try {
       const fh = await openForRead(path)
-      pinned.set(path, { fh, size: (await fh.stat()).size })
+      pinned.set(path, { fh, size: await pinnedSize(path, fh, (await fh.stat()).size, beingWritten) })
       opened.push(path)
     } catch (err) {
       const tooMany = tooManyOpen(path, err)
@@ -189,10 +201,8 @@ async function wholeLinesEnd (fh: FileHandle, size: number): Promise<number> {
  * its active file and open a new one at its path) or gzip a closed file and remove it: the files opened would miss
  * the renamed file's records, or one would be gone. So once they are open the directory is listed again, and all is
  * done again until both listings name the same files, each still the one opened under its name.
- * `beingWritten`: a gateway writes the active file now, and a reader may see one of its writes part-way (the file
- * grows a page at a time): its active file is read up to its last whole line, the rest being the next run's.
  */
-export async function pinSeries (file: string, beingWritten: boolean): Promise<SeriesScan> {
+export async function pinSeries (file: string, beingWritten: BeingWritten): Promise<SeriesScan> {
   for (let attempt = 1; ; attempt++) {
     const opened = new Map<string, { fh: FileHandle, size: number, ino: number, dev: number }>()
     const closeAll = async () => { await Promise.all([...opened.values()].map(async ({ fh }) => { await fh.close() })) }
@@ -218,7 +228,7 @@ export async function pinSeries (file: string, beingWritten: boolean): Promise<S
         }))).every(Boolean)
       if (!moved) {
         for (const [path, { fh, size }] of opened) {
-          pinned.set(path, { fh, size: beingWritten && path === file ? await wholeLinesEnd(fh, size) : size })
+          pinned.set(path, { fh, size: await pinnedSize(path, fh, size, beingWritten) })
         }
         const regular = names.map(name => join(dirname(file), name)).filter(p => !irregular.includes(p))
         return { files: await ordered(file, regular), irregular }
