@@ -586,6 +586,28 @@ t.test('a lock left by a process that is gone is taken over, with a warning', as
   t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
 })
 
+t.test('a gateway that stopped without closing (its lock left behind) is said in the trail where the next one goes on', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 3)
+  // As kill -9 leaves it: the records answered in its last moments, not handed to the disk yet, are gone with it.
+  const gone = spawn(process.execPath, ['-e', ''])
+  await once(gone, 'exit')
+  const { hostname } = await import('node:os')
+  writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+  lastTouched(file + '.lock', 60_000)
+  const { writer } = await open(file)
+  writer.write(callRecord(4))
+  await writer.close()
+  t.match(parsed(file).slice(3), [
+    { seq: 4, event: 'audit.unclean_stop', pid: gone.pid, since: '2025-01-01T00:00:00.000Z' },
+    { seq: 5, requestId: callRecord(4).requestId }
+  ])
+  t.match(await verify(file), { ok: true, records: 5, notes: [/seq 4: the gateway writing before it .*pid \d+.* stopped without closing/] })
+  const found: unknown[] = []
+  await queryFiles([file], [], Infinity, r => { found.push(r.seq); return true })
+  t.same(found, [1, 2, 3, 5], 'audit query leaves it out, as the other chain events')
+})
+
 t.test('a lock left by a process that has exited but is not reaped yet (a zombie, just after a kill -9) is taken over', { skip: process.platform !== 'linux' && 'zombies are told from /proc' }, async t => {
   // The parent forks a child that exits at once and is never waited on: it stays a zombie while the parent sleeps.
   const parent = spawn('python3', ['-c', 'import os, sys, time\npid = os.fork()\nif pid == 0: os._exit(0)\nprint(pid, flush=True)\ntime.sleep(30)'])

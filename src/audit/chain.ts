@@ -218,6 +218,11 @@ export type ChainEvent =
    * same file, or first in the next one, naming the torn one in `file` (moved by an outside rotation meanwhile)
    */
   | { time: string, event: 'audit.torn_line', line: number, sha256: string, file?: string }
+  /**
+   * the gateway writing before stopped without closing (killed, its container or host gone: its lock was left behind,
+   * and taken over): the records of calls it answered in its last moments, not yet written, are lost with it
+   */
+  | { time: string, event: 'audit.unclean_stop', pid: number | null, host: string | null, since: string | null }
   /** records dropped because they could not be written in time (buffer full); counted, and said here */
   | { time: string, event: 'audit.lost', count: number, firstAt: string, lastAt: string }
   /** rotated files removed by `audit.rotate.keep`: the records up to `throughSeq`/`throughHash` are gone on purpose */
