@@ -505,6 +505,13 @@ t.test('a second writer on the same series is refused, in this process and from 
   t.teardown(() => writer.close())
   await t.rejects(open(file), { name: 'AuditLockError', message: /already written by this process/ })
 
+  const out = await openInAnotherProcess(file)
+  t.match(out, new RegExp(`AuditLockError: audit file .* is in use by another gateway process \\(pid ${process.pid}`))
+  t.match(out, /Each gateway needs its own audit\.file/)
+})
+
+/** What another gateway process opening a writer on `file` says: `opened`, or the error that refused it. */
+async function openInAnotherProcess (file: string): Promise<string> {
   const child = spawn(process.execPath, ['--input-type=module', '-e', `
     import { openAuditWriter } from ${JSON.stringify(join(process.cwd(), 'dist/audit/writer.js'))}
     const log = { info () {}, warn () {}, error () {} }
@@ -517,8 +524,21 @@ t.test('a second writer on the same series is refused, in this process and from 
   let out = ''
   child.stdout.on('data', (c: Buffer) => { out += c.toString() })
   await once(child, 'exit')
-  t.match(out, new RegExp(`AuditLockError: audit file .* is in use by another gateway process \\(pid ${process.pid}`))
-  t.match(out, /Each gateway needs its own audit\.file/)
+  return out
+}
+
+t.test('a lock file removed under a running gateway (a cleanup of the audit directory) is made again: a second gateway is still refused', async t => {
+  for (const removed of ['the lock', 'the whole directory'] as const) {
+    const dir = tempDir()
+    const file = join(dir, 'audit.jsonl')
+    const { writer, log } = await open(file)
+    rmSync(removed === 'the lock' ? file + '.lock' : dir, { recursive: true })
+    await until('the lock is made again', () => existsSync(file + '.lock'))
+    t.match(readFileSync(file + '.lock', 'utf8'), `"pid":${process.pid}`, `${removed}: holding this process's pid`)
+    t.match(log.lines.find(l => /lock file/.test(l.msg)), { level: 'warn', msg: /lock file .* was removed .*; made again/ }, `${removed}: said so`)
+    t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is in use by another gateway process/, `${removed}: a second gateway is refused`)
+    await writer.close()
+  }
 })
 
 /** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */
@@ -564,6 +584,28 @@ t.test('a lock left by a process that is gone is taken over, with a warning', as
   t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: gone.pid } } })
   await writer.close()
   t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
+})
+
+t.test('a gateway that stopped without closing (its lock left behind) is said in the trail where the next one goes on', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 3)
+  // As kill -9 leaves it: the records answered in its last moments, not handed to the disk yet, are gone with it.
+  const gone = spawn(process.execPath, ['-e', ''])
+  await once(gone, 'exit')
+  const { hostname } = await import('node:os')
+  writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+  lastTouched(file + '.lock', 60_000)
+  const { writer } = await open(file)
+  writer.write(callRecord(4))
+  await writer.close()
+  t.match(parsed(file).slice(3), [
+    { seq: 4, event: 'audit.unclean_stop', pid: gone.pid, since: '2025-01-01T00:00:00.000Z' },
+    { seq: 5, requestId: callRecord(4).requestId }
+  ])
+  t.match(await verify(file), { ok: true, records: 5, notes: [/seq 4: the gateway writing before it .*pid \d+.* stopped without closing/] })
+  const found: unknown[] = []
+  await queryFiles([file], [], Infinity, r => { found.push(r.seq); return true })
+  t.same(found, [1, 2, 3, 5], 'audit query leaves it out, as the other chain events')
 })
 
 t.test('a lock left by a process that has exited but is not reaped yet (a zombie, just after a kill -9) is taken over', { skip: process.platform !== 'linux' && 'zombies are told from /proc' }, async t => {
@@ -662,6 +704,18 @@ t.test('a disk that fills up mid-write: the file keeps whole records only, and w
   await writer.close()
   t.same(parsed(file).map(r => r.seq), Array.from({ length: 100 }, (_v, i) => i + 1))
   t.match(await verify(file), { ok: true, records: 100 })
+})
+
+t.test('a gateway starting on a full disk is refused in one line saying so, and leaves nothing beside the series', { skip: cannotMount ?? false }, async t => {
+  const dir = tempDir()
+  t.equal(smallDisk(dir), null)
+  t.teardown(() => { spawnSync('umount', [dir]) })
+  try { writeFileSync(join(dir, 'filler'), Buffer.alloc(128 * 1024)) } catch { /* full */ }
+  const file = join(dir, 'audit.jsonl')
+  const err = await open(file).then(() => null, (e: unknown) => e as Error)
+  t.match(err, { message: /^cannot write the audit lock .*audit\.jsonl\.lock: ENOSPC/ })
+  t.notMatch(err?.message ?? '', /\n/, 'one line')
+  t.same(readdirSync(dir).filter(n => n !== 'filler' && n !== 'audit.jsonl'), [], 'no temporary lock file left')
 })
 
 /** A destination that takes writes and answers none of them until told to: a pipe nobody reads. */

@@ -173,6 +173,9 @@ export function expectedHash (record: ChainedRecord, hasher: Hasher): string {
   return hasher(record.prevHash, canonicalJson({ ...record, hash: undefined }))
 }
 
+/** linkProblem's reason for a record whose hash does not match its content (verify tells a change of key from it). */
+export const EDITED = 'hash does not match the record\'s content: the record was edited'
+
 /**
  * What is wrong with `record` (read from the line `text`) as the successor of `prev`, or null when it links, its
  * hash holds and the line is spelled exactly as the writer writes it (seal). The hash alone would accept any
@@ -195,8 +198,7 @@ export function linkProblem (record: ChainedRecord, text: string, prev: ChainHea
   }
   const body = canonicalJson({ ...record, hash: undefined })
   if (record.hash !== hasher(record.prevHash, body)) {
-    return 'hash does not match the record\'s content: the record was edited' +
-      (first ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
+    return EDITED + (first ? ' (or the series was written with another AUDIT_HMAC_KEY, or with none)' : '')
   }
   if (text !== `${body.slice(0, -1)},"hash":"${record.hash}"}`) {
     return 'the line is not spelled as the gateway writes it (same data, other text): the record was edited'
@@ -216,6 +218,11 @@ export type ChainEvent =
    * same file, or first in the next one, naming the torn one in `file` (moved by an outside rotation meanwhile)
    */
   | { time: string, event: 'audit.torn_line', line: number, sha256: string, file?: string }
+  /**
+   * the gateway writing before stopped without closing (killed, its container or host gone: its lock was left behind,
+   * and taken over): the records of calls it answered in its last moments, not yet written, are lost with it
+   */
+  | { time: string, event: 'audit.unclean_stop', pid: number | null, host: string | null, since: string | null }
   /** records dropped because they could not be written in time (buffer full); counted, and said here */
   | { time: string, event: 'audit.lost', count: number, firstAt: string, lastAt: string }
   /** rotated files removed by `audit.rotate.keep`: the records up to `throughSeq`/`throughHash` are gone on purpose */

@@ -114,7 +114,13 @@ function asideName (path: string, what: string): string {
  */
 async function create (path: string, me: Holder): Promise<boolean> {
   const temp = asideName(path, 'new')
-  await writeFile(temp, JSON.stringify(me) + '\n', { flag: 'wx' })
+  try {
+    // (A full disk fails the write once the file is made: it is removed with the rest.)
+    await writeFile(temp, JSON.stringify(me) + '\n', { flag: 'wx' })
+  } catch (err) {
+    await unlink(temp).catch(() => {})
+    throw new AuditLockError(`cannot write the audit lock ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
   try {
     await link(temp, path)
     return true
@@ -165,10 +171,21 @@ async function takeOver (path: string, me: Holder, stale: Holder | null): Promis
 }
 
 /**
- * Takes the lock of the series whose active file is `file`, or throws AuditLockError naming the holder.
- * `onStale` is told when a dead holder's lock is taken over.
+ * Whether a gateway is writing the series of `file` now: its lock is there and was touched by its heartbeat lately
+ * (on any host: the lock is read where the files are).
  */
-export async function acquireLock (file: string, onStale: (holder: Holder | null) => void): Promise<AuditLock> {
+export async function seriesIsBeingWritten (file: string): Promise<boolean> {
+  const touched = await mtimeOf(resolve(file + LOCK_SUFFIX))
+  return touched !== null && Date.now() - touched < STALE_AFTER_MS
+}
+
+/**
+ * Takes the lock of the series whose active file is `file`, or throws AuditLockError naming the holder.
+ * `onStale` is told when a dead holder's lock is taken over; `onRemoved` when the lock held was removed by something
+ * else (a cleanup of the audit directory) and the heartbeat made it again (`remade`), or found another in its place.
+ */
+export async function acquireLock (file: string, onStale: (holder: Holder | null) => void,
+  onRemoved: (lock: string, remade: boolean) => void = () => {}): Promise<AuditLock> {
   const path = resolve(file + LOCK_SUFFIX)
   const me: Holder = { pid: process.pid, host: hostname(), since: new Date().toISOString() }
   if (heldHere.has(path)) {
@@ -176,14 +193,32 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
   }
   const held = (): AuditLock => {
     heldHere.add(path)
-    const heartbeat = setInterval(() => {
+    let released = false
+    // Touches the lock; a lock gone meanwhile is made again at once: without it a second gateway would start on the
+    // series and write it too, forking the chain.
+    const touch = async () => {
       const now = new Date()
-      utimes(path, now, now).catch(() => {})
-    }, HEARTBEAT_MS).unref()
+      try {
+        await utimes(path, now, now)
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || released) return
+        let made: boolean
+        try {
+          made = await create(path, me)
+        } catch {
+          return // (its directory is gone too: the next beat, once the writer has made it again)
+        }
+        onRemoved(path, made)
+      }
+    }
+    let touching = Promise.resolve()
+    const heartbeat = setInterval(() => { touching = touching.then(touch) }, HEARTBEAT_MS).unref()
     return {
       path,
       async release () {
         clearInterval(heartbeat)
+        released = true
+        await touching
         heldHere.delete(path)
         const holder = await readHolder(path)
         if (holder?.pid === me.pid && holder.host === me.host) await unlink(path).catch(() => {})

@@ -148,16 +148,28 @@ function tooManyOpen (file: string, err: unknown): AuditReadError | null {
 }
 
 /**
+ * Whether a gateway writes a file now (the active file of a series whose lock is fresh): a reader may see one of its
+ * writes part-way (the file grows a page at a time), so such a file is read up to its last whole line, the rest being
+ * the next run's.
+ */
+export type BeingWritten = (path: string) => Promise<boolean>
+
+/** The size a file pinned at `size` is read up to (see BeingWritten). */
+async function pinnedSize (path: string, fh: FileHandle, size: number, beingWritten: BeingWritten): Promise<number> {
+  return !path.endsWith(GZIP_SUFFIX) && await beingWritten(path) ? await wholeLinesEnd(fh, size) : size
+}
+
+/**
  * Opens `paths` now, to be read as they are now (see pinned); one that cannot be opened is read by name later, but
  * for the want of descriptors (tooManyOpen), which stops the command (the files this call opened closed again).
  */
-export async function pinFiles (paths: readonly string[]): Promise<void> {
+export async function pinFiles (paths: readonly string[], beingWritten: BeingWritten): Promise<void> {
   const opened: string[] = []
   for (const path of paths) {
     if (pinned.has(path)) continue
     try {
       const fh = await openForRead(path)
-      pinned.set(path, { fh, size: (await fh.stat()).size })
+      pinned.set(path, { fh, size: await pinnedSize(path, fh, (await fh.stat()).size, beingWritten) })
       opened.push(path)
     } catch (err) {
       const tooMany = tooManyOpen(path, err)
@@ -171,6 +183,18 @@ export async function pinFiles (paths: readonly string[]): Promise<void> {
 /** Listings of the directory a rotation may come between before pinSeries gives up (one a second is a busy gateway). */
 const PIN_ATTEMPTS = 20
 
+/** The end of the last whole line in the first `size` bytes of a file: `size` itself when it ends with a newline. */
+async function wholeLinesEnd (fh: FileHandle, size: number): Promise<number> {
+  for (let end = size; end > 0;) {
+    const length = Math.min(64 * 1024, end)
+    const { buffer } = await fh.read(Buffer.alloc(length), 0, length, end - length)
+    const nl = buffer.lastIndexOf(0x0a)
+    if (nl !== -1) return end - length + nl + 1
+    end -= length
+  }
+  return 0
+}
+
 /**
  * The series of `file` as it stands at one moment, its regular files opened then (pinned), for a command that reads
  * it beside a running gateway. Between listing the directory and opening the files, the gateway may rotate (rename
@@ -178,7 +202,7 @@ const PIN_ATTEMPTS = 20
  * the renamed file's records, or one would be gone. So once they are open the directory is listed again, and all is
  * done again until both listings name the same files, each still the one opened under its name.
  */
-export async function pinSeries (file: string): Promise<SeriesScan> {
+export async function pinSeries (file: string, beingWritten: BeingWritten): Promise<SeriesScan> {
   for (let attempt = 1; ; attempt++) {
     const opened = new Map<string, { fh: FileHandle, size: number, ino: number, dev: number }>()
     const closeAll = async () => { await Promise.all([...opened.values()].map(async ({ fh }) => { await fh.close() })) }
@@ -203,7 +227,9 @@ export async function pinSeries (file: string): Promise<SeriesScan> {
           return now?.ino === f.ino && now.dev === f.dev
         }))).every(Boolean)
       if (!moved) {
-        for (const [path, { fh, size }] of opened) pinned.set(path, { fh, size })
+        for (const [path, { fh, size }] of opened) {
+          pinned.set(path, { fh, size: await pinnedSize(path, fh, size, beingWritten) })
+        }
         const regular = names.map(name => join(dirname(file), name)).filter(p => !irregular.includes(p))
         return { files: await ordered(file, regular), irregular }
       }

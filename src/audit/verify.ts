@@ -11,7 +11,7 @@
 // elsewhere can: given one (`head`), verification passes only when it is the hash of a verified record.
 import { basename } from 'node:path'
 import {
-  GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
+  EDITED, GENESIS, lineDigest, linkProblem, parseChained, type ChainedRecord, type ChainHead, type Hasher
 } from './chain.js'
 import { AuditReadError, holdsNoRecord, readLines, readProblem, type LineEnd } from './series.js'
 
@@ -23,6 +23,12 @@ export interface VerifyOptions {
 export type VerifyResult =
   | { ok: true, records: number, head: string, notes: string[] }
   | { ok: false, file: string, line: number, seq: number | null, reason: string }
+
+/** Two records in a row, each linked to the one before it, whose hashes do not match their content. */
+const OTHER_KEY = 'hash does not match the record\'s content, nor does the next one\'s, which links to it: from here on the ' +
+  'records were written with another AUDIT_HMAC_KEY, or with none, unless each of them was edited'
+/** Said after OTHER_KEY past the first record checked. */
+const KEY_CHANGED = ' (the key was changed at a restart: the gateway warned of it then)'
 
 interface Torn {
   file: string
@@ -47,6 +53,16 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
   const notes: string[] = []
   const bad = (file: string, line: number, seq: number | null, reason: string): VerifyResult =>
     ({ ok: false, file, line, seq, reason })
+  /**
+   * A record whose hash does not match its content, judged by the next record: one that verifies makes it an edit;
+   * one that fails the same way, the first written under another key (or none).
+   */
+  let unmatched: { file: string, line: number, seq: number, problem: string } | null = null
+  const unmatchedFailure = (next: string | null): VerifyResult => {
+    const { file, line, seq, problem } = unmatched!
+    if (next?.startsWith(EDITED) !== true) return bad(file, line, seq, EDITED)
+    return bad(file, line, seq, OTHER_KEY + (problem === EDITED ? KEY_CHANGED : ''))
+  }
 
   // A file that cannot be read from its start has no first seq: it was put last, and would show as a gap
   // between the others. Say what it is first.
@@ -69,6 +85,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         line++
         const record = parseChained(text)
         if (record === null) {
+          if (unmatched !== null) return unmatchedFailure(null)
           if (torn !== null) return bad(torn.file, torn.line, null, 'this line is not an audit record')
           torn = { file, line, sha256: lineDigest(text), unterminated: end.unterminated }
           continue
@@ -99,10 +116,15 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
             'checked with --head, shows whether records are missing)')
           torn = null
         }
-        if (problem !== null) return bad(file, line, record.seq, problem)
+        if (unmatched !== null) return unmatchedFailure(problem)
+        if (problem?.startsWith(EDITED) === true) unmatched = { file, line, seq: record.seq, problem }
+        else if (problem !== null) return bad(file, line, record.seq, problem)
         if (record.event === 'audit.pruned') {
           pruned.set(Number(record.throughSeq), String(record.throughHash))
           notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
+        } else if (record.event === 'audit.unclean_stop') {
+          notes.push(`seq ${record.seq}: the gateway writing before it (pid ${String(record.pid)}) stopped without closing: the records ` +
+            'of calls it answered in its last moments, not yet written, may have been lost')
         } else if (record.event === 'audit.lost') {
           notes.push(`seq ${record.seq}: ${String(record.count)} records were lost between ${String(record.firstAt)} and ${String(record.lastAt)} (not written in time)`)
         }
@@ -113,11 +135,13 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         inFile++
       }
     } catch (err) {
+      if (unmatched !== null) return bad(unmatched.file, unmatched.line, unmatched.seq, unmatched.problem)
       if (err instanceof AuditReadError) return bad(file, err.line + 1, null, err.message)
       throw err
     }
     lastLine = line
   }
+  if (unmatched !== null) return bad(unmatched.file, unmatched.line, unmatched.seq, unmatched.problem)
   if (torn !== null && !torn.unterminated) {
     // The writer writes whole lines: a crash leaves at most a last line without its newline, never this.
     return bad(torn.file, torn.line, null, 'the last line is not an audit record, yet it ends with a newline, which a crash never ' +

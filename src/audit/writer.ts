@@ -1010,8 +1010,14 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
     return writer
   }
   makeDirectories(dirname(opts.file))
+  let stale: ChainEvent | null = null
   const lock = await acquireLock(opts.file, holder => {
     opts.log.warn({ holder }, 'audit: taking over a stale lock left by a gateway that is gone')
+    stale = { time: new Date(now()).toISOString(), event: 'audit.unclean_stop', pid: holder?.pid ?? null, host: holder?.host ?? null, since: holder?.since ?? null }
+  }, (path, remade) => {
+    if (remade) opts.log.warn({ lock: path }, `audit: the lock file ${path} was removed by something else; made again`)
+    else opts.log.error({ lock: path }, `audit: the lock file ${path} was removed by something else, and another process made it again: ` +
+      'two gateways may be writing this series')
   })
   try {
     const resume = await resumePoint(opts.file)
@@ -1042,6 +1048,7 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
         'audit: the last line of the file is torn (the previous writer stopped mid-record); it is kept, and a record saying so starts a new segment')
       writer.addEvent({ time: new Date(now()).toISOString(), event: 'audit.torn_line', ...resume.torn })
     }
+    if (stale !== null) writer.addEvent(stale)
     opts.log.info({ file: opts.file, seq: resume.head.seq + 1, fsync: opts.fsync, hmac: opts.hmacKey !== undefined },
       resume.head.seq === 0 ? 'audit: starting a new hash chain' : 'audit: continuing the hash chain')
     await sink.start()

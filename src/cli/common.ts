@@ -2,6 +2,7 @@
 // audit trail's process concerns (its files, its HMAC key from the environment).
 import { parseArgs } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
+import { seriesIsBeingWritten } from '../audit/lock.js'
 import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, pinFiles, pinSeries, TEMP_SUFFIX } from '../audit/series.js'
 import { loadAuditFile, resolveConfigPath } from '../config.js'
 
@@ -41,12 +42,12 @@ export async function auditFiles (configFlag: string | undefined, named: string[
   // A shell glob (audit.jsonl*) also names the lock and any file being written under a temporary name.
   if (named.length > 0) {
     const files = named.filter(n => !n.endsWith(LOCK_SUFFIX) && !n.endsWith(TEMP_SUFFIX))
-    await pinFiles(files)
+    await pinFiles(files, seriesIsBeingWritten)
     return (await inSeriesOrder(files)).map(f => f.path)
   }
   const file = loadAuditFile(resolveConfigPath(configFlag, process.env), process.env)
   if (file === '-') throw new UsageError('audit.file is "-" (stdout): there are no audit files to read')
-  const { files, irregular } = await pinSeries(file)
+  const { files, irregular } = await pinSeries(file, seriesIsBeingWritten)
   if (irregular.length > 0) {
     throw new AuditReadError(irregular[0]!, 0, new Error('not a regular file (a FIFO, device, socket, symbolic link or directory) ' +
       'named like a file of the series: move it out of the audit directory'))
