@@ -265,7 +265,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
           const err = new UpstreamTimeoutError()
           // (the attempts the lookup made so far, its first at least; the call itself was never sent)
           const attempts = Math.max(1, lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1)
-          triedUpstream.set(err, { line: null, attempts, sent: false })
+          triedUpstream.set(err, { line: null, host: null, attempts, sent: false })
           leave(err)
         }, waitMs)
       }
@@ -340,7 +340,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         answer.headers = retryHeaders(err) // every line down: when one is tried again
         // (sent: false, whether the lookup was or not: the call itself never went upstream, and the token budget
         // charges only a call the upstream may have taken on)
-        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: false })
+        triedUpstream.set(answer, { line: null, host: null, attempts: err.attempts, sent: false })
       }
       throw answer
     }

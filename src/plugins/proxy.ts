@@ -357,7 +357,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       }
       // Set before the call, and counted as it goes: a call cut short (the client gone) is audited with the
       // attempts it made.
-      const progress: UpstreamProgress = { line: null, attempts: 0, sent: false }
+      const progress: UpstreamProgress = { line: null, host: null, attempts: 0, sent: false }
       request.upstreamCall = progress
       upstream.call({
         method: options.method,
@@ -370,6 +370,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         streamsModel: request.responseFacts?.stream === true && request.operation?.action === 'response.retrieve'
       }).then(answer => {
         progress.line = answer.line
+        progress.host = answer.host
         // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
         answer.body.on('error', noop)
         request.upstream = {

@@ -75,6 +75,8 @@ export interface UpstreamAnswer {
   body: Readable
   /** index of the line that answered */
   line: number
+  /** its host (and port), as in upstream.baseUrls */
+  host: string
   attempts: number
   /** from the call's start to the answer's headers */
   ms: number
@@ -322,6 +324,8 @@ function untilStopped (attempt: Promise<Dispatcher.ResponseData<Attempt>>, signa
 
 interface Line {
   url: string
+  /** the URL's host (and port) */
+  host: string
   pool: LinePool
   /** the line's path prefix, without a trailing slash ('' for none) */
   prefix: string
@@ -372,6 +376,7 @@ function buildLines (settings: UpstreamSettings, caText: string | undefined): Li
     const base = new URL(url)
     return {
       url,
+      host: base.host,
       prefix: base.pathname.replace(/\/+$/, ''),
       // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
       pool: new LinePool(base.origin, {
@@ -536,7 +541,7 @@ export class Upstream {
             path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
             ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
           }), signal)
-          answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
+          answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, host: line.host, attempts: tried.size, ms: 0 }
           const coding = transferCoding(res.headers)
           if (coding !== null) {
             res.body.on('error', noop).destroy()
