@@ -560,6 +560,26 @@ t.test('upstream timeouts', async t => {
     t.equal(lines[0]!.requests.length, 2)
   })
 
+  await t.test('a quick call whose answer goes silent after its headers is a line failure too: a line that answers so is skipped, the next serves', async t => {
+    // Silent past bodyTimeoutMs (an answer passed on as it comes), or not whole within timeoutMs of its headers (one
+    // read whole): the line took the call and gave no answer, as one that sends no headers.
+    for (const [what, path, timeouts] of [
+      ['passed on', '/items', { bodyTimeoutMs: 300, timeoutMs: 5000 }],
+      ['read whole', '', { bodyTimeoutMs: 5000, timeoutMs: 300 }]
+    ] as const) {
+      const { lines, gw, conv } = await setup(t, 2, { ...timeouts, failureThreshold: 2, cooldownMs: 30_000 })
+      lines[0]!.respond = faults.stallMidBody()
+      for (let i = 0; i < 2; i++) {
+        const res = await fetch(`${gw.url}/v1/conversations/${conv}${path}`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+        await res.text().catch(() => '')
+      }
+      await lastRecord(gw, 2)
+      t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], `${what}: line 0 is skipped after failureThreshold silent answers`)
+      t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}${path}`)).status, 200, `${what}: the next call is served by line 1`)
+      t.same(lines.map(l => l.requests.length), [2, 1], `${what}: line 0 was not asked again`)
+    }
+  })
+
   await t.test('a slow generation given the half-open trial does not decide it: the line is not put back down, the next call is the trial', async t => {
     const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, generationTimeoutMs: 300, failureThreshold: 1, cooldownMs: 500 })
     lines[0]!.respond = faults.hang()

@@ -5,8 +5,8 @@
 //   (untilStopped). Waiting for a connection says nothing of the line (LinePool tells whether a request got one).
 // - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503,
 //   a fronting proxy's (Cloudflare's) 52x and 530, any redirect (the line is not where the config points), and a
-//   quick call with no response headers by its deadline (or a proxy's 504/524); not a generation that outlives its
-//   deadline (see attemptFailed, lineFault).
+//   quick call with no response headers by its deadline (or a proxy's 504/524), or whose answer goes silent after
+//   them (bookTheBody); not a generation that outlives its deadline (see attemptFailed, lineFault).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
 //   timeout or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
 //   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
@@ -113,6 +113,12 @@ export class UpstreamFailure extends Error {
     return this.attempts === 0 && (this.kind === 'unavailable' || this.kind === 'timeout')
   }
 }
+
+/**
+ * An answer not whole within the line's own deadline after its headers (readBody): the line took the call and did
+ * not answer it, as one silent past bodyTimeoutMs (bookTheBody).
+ */
+class AnswerTooSlow extends UpstreamFailure {}
 
 /** For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1). */
 export function retryHeaders (failure: UpstreamFailure): Record<string, string> | undefined {
@@ -480,7 +486,8 @@ export class Upstream {
    */
   readWhole (body: Readable, generation = false, clientWaitMs = Infinity): Promise<Buffer> {
     const settings = this.#current.settings
-    return readBody(body, MAX_WHOLE_BYTES, Math.min(generation ? settings.generationTimeoutMs : settings.timeoutMs, clientWaitMs), this.#held)
+    const ownMs = generation ? settings.generationTimeoutMs : settings.timeoutMs
+    return readBody(body, MAX_WHOLE_BYTES, Math.min(ownMs, clientWaitMs), this.#held, clientWaitMs >= ownMs)
   }
 
   /** At least one line is up, or due for its trial call. */
@@ -573,7 +580,7 @@ export class Upstream {
           }
         } else {
           health.answered(index)
-          bookTheBody(health, index, answer.body)
+          bookTheBody(health, index, answer.body, !modelStream)
         }
         answer.ms = Math.round(performance.now() - started)
         return answer
@@ -659,12 +666,20 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
 /**
  * An answer's body decides for the line too: read to its end, the line answered well; broken off by the line (a
  * reset mid-body) it failed, as a reset before the headers would have (else a line that cuts every answer short
- * would never be skipped). A body given up on by the gateway or its client says nothing of the line.
+ * would never be skipped). So did a quick call's answer that went silent past bodyTimeoutMs (undici's timer runs
+ * only while the gateway reads, never while a slow client holds it back) or was not whole within the line's own
+ * deadline: a line that sends headers and then nothing is found as one that sends no headers is (attemptFailed).
+ * A model's stream may pause as long as the model thinks, and says nothing so. A body given up on by the gateway
+ * or its client says nothing of the line.
  */
-function bookTheBody (health: LineHealth, index: number, body: Readable): void {
+function bookTheBody (health: LineHealth, index: number, body: Readable, quick: boolean): void {
   body.once('close', () => {
-    if (body.readableEnded) health.succeeded(index)
-    else if (RESETS.has(codeOf(body.errored))) health.failed(index)
+    if (body.readableEnded) {
+      health.succeeded(index)
+      return
+    }
+    const code = codeOf(body.errored)
+    if (RESETS.has(code) || (quick && (code === 'UND_ERR_BODY_TIMEOUT' || body.errored instanceof AnswerTooSlow))) health.failed(index)
   })
 }
 
@@ -726,18 +741,22 @@ class HeldBytes {
 
 /**
  * Reads a whole answer body, up to `maxBytes`; a longer one is an error. With `deadlineMs`, so is one not whole
- * within it (an UpstreamFailure of kind 'timeout'; the body is then destroyed). bodyTimeoutMs bounds only the
+ * within it (an UpstreamFailure of kind 'timeout'; the body is then destroyed, with it when the deadline is the
+ * line's own rather than a client's shorter wait: the line is then held to it, bookTheBody). bodyTimeoutMs bounds only the
  * silence between chunks: an answer that drips in would otherwise be read for hours, its client seeing nothing.
  * With `shared`, the bytes count against it while they are read, and an answer that would take it past its bound
  * is an error too.
  */
-export function readBody (body: Readable, maxBytes: number, deadlineMs?: number, shared?: HeldBytes): Promise<Buffer> {
+export function readBody (body: Readable, maxBytes: number, deadlineMs?: number, shared?: HeldBytes, linesDeadline = true): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = []
     let size = 0
     const timer = deadlineMs === undefined
       ? undefined
-      : setTimeout(() => { fail(new UpstreamFailure('timeout', `upstream answer not whole within ${deadlineMs} ms of its headers`, 0, null)) }, deadlineMs)
+      : setTimeout(() => {
+        const message = `upstream answer not whole within ${deadlineMs} ms of its headers`
+        fail(linesDeadline ? new AnswerTooSlow('timeout', message, 0, null) : new UpstreamFailure('timeout', message, 0, null))
+      }, deadlineMs)
     let settled = false
     const settle = () => {
       settled = true
@@ -747,7 +766,7 @@ export function readBody (body: Readable, maxBytes: number, deadlineMs?: number,
     const fail = (err: Error) => {
       if (settled) return // (undici's body, destroyed here, then emits an error of its own)
       settle()
-      body.destroy()
+      body.destroy(err instanceof AnswerTooSlow ? err : undefined)
       reject(err)
     }
     body.on('data', (chunk: Buffer) => {
