@@ -401,6 +401,19 @@ t.test('retries never duplicate work', async t => {
     t.match(await lastRecord(gw, 1), { upstreamLine: 1, attempts: 2 })
   })
 
+  await t.test('a line that answers with bytes that are not HTTP: a GET goes to the next line, a POST (it was sent) is not sent again', async t => {
+    const { lines, gw, conv } = await setup(t, 2)
+    // (a plain-HTTP line pointed at the wrong port, a TLS port or another protocol's: the request went out, what came back is unreadable)
+    lines[0]!.respond = (_req, res) => { res.socket?.end('SSH-2.0-OpenSSH_9.6\r\n') }
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(read.status, 200, 'the read is served by line 1')
+    t.match(await lastRecord(gw, 1), { upstreamLine: 1, attempts: 2 })
+    const write = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(write.status, 502)
+    t.equal(write.headers['x-should-retry'], 'false', 'the SDK does not send it again either')
+    t.same(lines.map(l => l.requests.map(r => r.method)), [['GET', 'POST'], ['GET']], 'the POST reached line 0 only, once')
+  })
+
   await t.test('an upstream 429 is never retried', async t => {
     const { lines, gw, conv } = await setup(t, 2)
     lines[0]!.respond = faults.status(429, { 'retry-after': '3' })

@@ -8,7 +8,7 @@
 //   quick call with no response headers by its deadline (or a proxy's 504/524), or whose answer goes silent after
 //   them (bookTheBody); not a generation that outlives its deadline (see attemptFailed, lineFault).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
-//   timeout or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
+//   timeout, an answer that is no HTTP or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
 //   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
 //   retries are spent, the upstream's answer passes through as it is.
@@ -158,11 +158,20 @@ function codeOf (err: unknown): string {
   return String(e.code ?? e.cause?.code ?? 'error')
 }
 
-function classify (code: string): AttemptFailure {
+function classify (err: unknown): AttemptFailure {
+  const code = codeOf(err)
   if (code === 'UND_ERR_HEADERS_TIMEOUT') return 'timeout'
   if (NOTHING_SENT.has(code)) return 'nothing-sent'
-  if (RESETS.has(code)) return 'reset'
+  if (RESETS.has(code) || isNotHttp(err, code)) return 'reset'
   return 'other'
+}
+
+/**
+ * What came back is no HTTP answer (undici's parser refused it: a line pointed at a TLS port, or another protocol's):
+ * the request went out and nothing usable came of it, as when the connection is reset under it.
+ */
+function isNotHttp (err: unknown, code: string): boolean {
+  return code.startsWith('HPE_') || (err as Error | null)?.name === 'HTTPParserError'
 }
 
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'DELETE'])
@@ -657,7 +666,7 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
   }
   // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
   // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
-  const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(codeOf(err)) : 'nothing-sent'
+  const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(err) : 'nothing-sent'
   if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index)
   else health.failed(index)
   return failure === 'timeout' ? null : failure
