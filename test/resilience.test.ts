@@ -103,6 +103,21 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a trial call whose client hangs up decides nothing, and the log does not say the line was skipped again', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 1, cooldownMs: 1 })
+    const [first] = lines as [FakeUpstream, FakeUpstream]
+    first.respond = faults.status(503)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'retried on line 1; line 0 skipped')
+    first.respond = faults.hang()
+    const req = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await until('the trial call at line 0', () => first.requests.length === 2)
+    req.destroy()
+    await lastRecord(gw, 2)
+    await until('the trial given up', () => gw.logs.some(l => l.includes('upstream line 0 trial call')))
+    t.equal(gw.logs.filter(l => l.includes('upstream line 0 skipped')).length, 1, 'one line says line 0 was skipped: when it was')
+    t.match(gw.logs.find(l => l.includes('upstream line 0 trial call')), /"level":30/, 'the trial given up is told at info')
+  })
+
   await t.test('a line that fails every other call is skipped while another line is up; the last line up is not', async t => {
     /** 503 to every other call (never two failures in a row), an empty list of items to the others */
     const flapping = (): Responder => {

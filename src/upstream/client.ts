@@ -601,7 +601,10 @@ export class Upstream {
 
   #logChange (status: LineStatus, previous: LineState): void {
     const fields = { line: status.index, url: status.url, state: status.state, previous }
-    if (status.state === 'down') {
+    if (status.state === 'down' && previous === 'half-open' && status.retryInMs === 0) {
+      // (LineHealth.released: the trial's client left, or its wait was cut short; the line is not skipped again)
+      this.#log.info(fields, `upstream line ${status.index} trial call ended without a verdict; the next call is its trial`)
+    } else if (status.state === 'down') {
       this.#log.warn({ ...fields, failures: status.failures, retryInMs: status.retryInMs }, `upstream line ${status.index} skipped for ${status.retryInMs} ms after ${status.failures} failures in a row`)
     } else if (status.state === 'up') {
       this.#log.info(fields, `upstream line ${status.index} restored`)
