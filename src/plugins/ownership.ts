@@ -315,7 +315,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       })
       // (As large as an answer the gateway reads whole to pass on: a response object holds its whole output, an
       // image generation's base64, and refusing it here would refuse its owner what the gateway passes on.)
-      const body = await upstream.readWhole(answer.body, false, clientWait())
+      const body = await upstream.readWhole(answer.body, false, clientWait()).catch((err: unknown) => {
+        // (readWhole knows nothing of the call: its timeout would say no line was tried, UpstreamFailure.untried)
+        throw err instanceof UpstreamFailure ? new UpstreamFailure(err.kind, err.message, answer.attempts, answer.line, undefined, true) : err
+      })
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
