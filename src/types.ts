@@ -17,8 +17,10 @@ export interface UpstreamFacts {
 
 /** An upstream call as it goes: set before its first attempt, updated by each. */
 export interface UpstreamProgress {
-  /** the line that answered; null until one did */
+  /** the line that answered (its index in upstream.baseUrls as the call found it); null until one did */
   line: number | null
+  /** that line's host (and port): what names it across a reload that changes upstream.baseUrls */
+  host: string | null
   attempts: number
   /** the current attempt's request got a connection and went out: without an answer, the upstream may have it */
   sent: boolean

@@ -68,7 +68,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
     t.equal(records.length, 10)
     t.same(records.map(r => [r.action, r.method, r.status, r.outcome]), LIFECYCLE_AUDIT)
     const fields = ['time', 'requestId', 'clientId', 'keyId', 'action', 'method', 'path', 'conversationId', 'ownerId', 'itemId',
-      'responseId', 'previousResponseId', 'model', 'stream', 'inputTokens', 'outputTokens', 'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'attempts', 'bytesIn',
+      'responseId', 'previousResponseId', 'model', 'stream', 'inputTokens', 'outputTokens', 'status', 'outcome', 'durationMs', 'upstreamMs', 'upstreamRequestId', 'upstreamLine', 'upstreamHost', 'attempts', 'bytesIn',
       'bytesOut', 'ip', 'userAgent']
     for (const [i, r] of records.entries()) {
       // In sorted order (the line's canonical JSON); seq and prevHash are set when the writer seals the record.
@@ -80,7 +80,7 @@ t.test('all eight Conversations operations round-trip through the gateway with t
       t.equal(r.ip, '127.0.0.1')
       t.match(r.userAgent, /^OpenAI\/JS/)
       if (i === records.length - 1) {
-        t.match(r, { ownerId: null, upstreamMs: null, upstreamRequestId: null, upstreamLine: null, attempts: 0 }, 'answered by the gateway')
+        t.match(r, { ownerId: null, upstreamMs: null, upstreamRequestId: null, upstreamLine: null, upstreamHost: null, attempts: 0 }, 'answered by the gateway')
         continue
       }
       t.equal(r.ownerId, 'team-full', `${r.action} names the owner`)

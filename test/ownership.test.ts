@@ -512,6 +512,20 @@ t.test('a lookup or item check that outlives the timeout the SDK says it has is 
   ], 'audited as the lookup\'s timeout, with its attempt')
 })
 
+t.test('a lookup whose answer stalls after its headers is audited with the attempt it made, and logged as a failed lookup', async t => {
+  // Its 504 was taken for a lookup no line was tried for: attempts 0 in the record (and its wait counted as the
+  // gateway's own time in gateway_added_duration_seconds), and no log line.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { gw, sdk } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 300, bodyTimeoutMs: 30_000 } })
+  upstream.respond = faults.stallMidBody()
+  const err = await rejection(sdk(KEYS.full).conversations.retrieve('conv_stalled_lookup', { maxRetries: 0 }))
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } })
+  t.match(gw.audit().at(-1), { action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 1, upstreamLine: null },
+    'audited with the lookup\'s attempt: the upstream was asked')
+  t.ok(gw.logs.some(l => l.includes('ownership lookup failed')), 'the log says the lookup failed')
+})
+
 t.test('a lookup cut at the client\'s stated wait after a retry on another line is audited with the attempts it made', async t => {
   // The 504 the client's wait gives was audited with one attempt whatever the lookup had done: a lookup retried on
   // another line (the first answered 503) had made two, which the record of a lookup's own timeout does say.

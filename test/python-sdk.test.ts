@@ -7,6 +7,7 @@ import { keyDigest } from '../src/keys.js'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
 import { LIFECYCLE_AUDIT, LIFECYCLE_UPSTREAM_CALLS } from './fixtures/lifecycle.js'
 import { pythonSdk, runScenario, SCENARIO_TIMEOUT_MS, SETUP_TIMEOUT_MS, VENV, type SdkError, type Step } from './fixtures/python-sdk.js'
+import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
 // The venv may have to be created first (see test/fixtures/python-sdk.ts); five scenarios follow.
@@ -270,4 +271,26 @@ t.test('the Python SDK raises its typed errors for refused calls, which never re
     ['team-limited', 'conversation.retrieve', 200, 'ok'],
     ['team-limited', 'conversation.retrieve', 429, 'rate_limited']
   ], 'one audit record per call, refusals included')
+})
+
+t.test('items added while the upstream breaks their answer off after its status: the Python SDK, retrying on its own, sends them once', async t => {
+  const conversations = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
+  const upstream = await startUpstream({ conversations })
+  t.teardown(() => upstream.close())
+  upstream.respond = (req, res, body) => {
+    if (req.method !== 'POST' || !/\/items$/.test(req.url ?? '')) return conversations(req, res, body)
+    // The items are added upstream, and the answer saying so breaks off half-way (chunked, no length).
+    res.writeHead(200, { 'content-type': 'application/json', 'x-request-id': 'req_broken' })
+    res.write('{"object":"list","data":[{"id":"msg_1","type":"message"')
+    setTimeout(() => res.socket?.destroy(), 50)
+  }
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const out = await runScenario('broken_answer', { gatewayUrl: gw.url, keys: { KEY_FULL: KEYS.full } })
+
+  t.equal(upstream.requests.filter(r => r.method === 'POST' && r.url.endsWith('/items')).length, 1,
+    'the upstream got the items once: neither the gateway nor the SDK sent them again')
+  t.match(raised(out.step('items.create')), { class: 'openai.InternalServerError', statusCode: 502, code: 'upstream_unavailable', headers: { 'x-should-retry': 'false' } },
+    'the SDK raised the gateway\'s 502, which told it not to send the call again')
+  t.same(gw.audit().filter(r => r.action === 'item.create').map(r => [r.status, r.outcome, r.attempts]), [[502, 'upstream_error', 1]],
+    'one audit record for the one call')
 })

@@ -578,7 +578,7 @@ t.test('with Redis down, a reload that changes every client\'s limits says once 
   t.same(line.named, changed.clients.flatMap(c => [c.id, `tokens:${c.id}`]).slice(0, 10), 'the first ten named')
 })
 
-t.test('new upstream lines take new calls while a call in flight finishes on the old line, whose pool then closes', async t => {
+t.test('new upstream lines take new calls while a call in flight finishes on the old line, whose pool then closes, and the audit names each one\'s line', async t => {
   const [oldLine, newLine] = [await fakeUpstream(t), await fakeUpstream(t)]
   const gw = await startGateway(t, ...withoutOwnership(oldLine.url))
   const released: Array<() => void> = []
@@ -600,6 +600,11 @@ t.test('new upstream lines take new calls while a call in flight finishes on the
   t.equal((await inFlight).status, 200, 'the call in flight finished on the old line')
   await eventually(async () => oldLine.connections() === 0, 'the old pool closes once its call is done')
   t.match(gw.app.currentConfig().upstream, { baseUrls: [newLine.url], timeoutMs: 3000 })
+  // Both were served by line 0 of the config they started under: the audit names each one's own line by its host.
+  t.same((await gw.auditFile()).map(r => [r.path, r.upstreamLine, r.upstreamHost]), [
+    ['/v1/conversations/conv_2/items', 0, new URL(newLine.url).host],
+    ['/v1/conversations/conv_1/items', 0, new URL(oldLine.url).host]
+  ], 'each call\'s audit record names the line that served it, not only an index that now names another')
 })
 
 t.test('upstream.caFile rotated in place (same path, a new CA in it) is read again by a reload, and the log says so', async t => {

@@ -103,6 +103,21 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a trial call whose client hangs up decides nothing, and the log does not say the line was skipped again', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 1, cooldownMs: 1 })
+    const [first] = lines as [FakeUpstream, FakeUpstream]
+    first.respond = faults.status(503)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'retried on line 1; line 0 skipped')
+    first.respond = faults.hang()
+    const req = openCall(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await until('the trial call at line 0', () => first.requests.length === 2)
+    req.destroy()
+    await lastRecord(gw, 2)
+    await until('the trial given up', () => gw.logs.some(l => l.includes('upstream line 0 trial call')))
+    t.equal(gw.logs.filter(l => l.includes('upstream line 0 skipped')).length, 1, 'one line says line 0 was skipped: when it was')
+    t.match(gw.logs.find(l => l.includes('upstream line 0 trial call')), /"level":30/, 'the trial given up is told at info')
+  })
+
   await t.test('a line that fails every other call is skipped while another line is up; the last line up is not', async t => {
     /** 503 to every other call (never two failures in a row), an empty list of items to the others */
     const flapping = (): Responder => {
@@ -418,6 +433,19 @@ t.test('retries never duplicate work', async t => {
     t.match(await lastRecord(gw, 1), { upstreamLine: 1, attempts: 2 })
   })
 
+  await t.test('a line that answers with bytes that are not HTTP: a GET goes to the next line, a POST (it was sent) is not sent again', async t => {
+    const { lines, gw, conv } = await setup(t, 2)
+    // (a plain-HTTP line pointed at the wrong port, a TLS port or another protocol's: the request went out, what came back is unreadable)
+    lines[0]!.respond = (_req, res) => { res.socket?.end('SSH-2.0-OpenSSH_9.6\r\n') }
+    const read = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(read.status, 200, 'the read is served by line 1')
+    t.match(await lastRecord(gw, 1), { upstreamLine: 1, attempts: 2 })
+    const write = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { body: '{"items":[]}' })
+    t.equal(write.status, 502)
+    t.equal(write.headers['x-should-retry'], 'false', 'the SDK does not send it again either')
+    t.same(lines.map(l => l.requests.map(r => r.method)), [['GET', 'POST'], ['GET']], 'the POST reached line 0 only, once')
+  })
+
   await t.test('an upstream 429 is never retried', async t => {
     const { lines, gw, conv } = await setup(t, 2)
     lines[0]!.respond = faults.status(429, { 'retry-after': '3' })
@@ -575,6 +603,26 @@ t.test('upstream timeouts', async t => {
     t.equal(codeOf(next), 'upstream_unavailable')
     t.match(await lastRecord(gw, 3), { attempts: 0 }, 'without trying the line')
     t.equal(lines[0]!.requests.length, 2)
+  })
+
+  await t.test('a quick call whose answer goes silent after its headers is a line failure too: a line that answers so is skipped, the next serves', async t => {
+    // Silent past bodyTimeoutMs (an answer passed on as it comes), or not whole within timeoutMs of its headers (one
+    // read whole): the line took the call and gave no answer, as one that sends no headers.
+    for (const [what, path, timeouts] of [
+      ['passed on', '/items', { bodyTimeoutMs: 300, timeoutMs: 5000 }],
+      ['read whole', '', { bodyTimeoutMs: 5000, timeoutMs: 300 }]
+    ] as const) {
+      const { lines, gw, conv } = await setup(t, 2, { ...timeouts, failureThreshold: 2, cooldownMs: 30_000 })
+      lines[0]!.respond = faults.stallMidBody()
+      for (let i = 0; i < 2; i++) {
+        const res = await fetch(`${gw.url}/v1/conversations/${conv}${path}`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+        await res.text().catch(() => '')
+      }
+      await lastRecord(gw, 2)
+      t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], `${what}: line 0 is skipped after failureThreshold silent answers`)
+      t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}${path}`)).status, 200, `${what}: the next call is served by line 1`)
+      t.same(lines.map(l => l.requests.length), [2, 1], `${what}: line 0 was not asked again`)
+    }
   })
 
   await t.test('a slow generation given the half-open trial does not decide it: the line is not put back down, the next call is the trial', async t => {

@@ -243,6 +243,19 @@ t.test('calls pipelined on a connection during the drain are each served; the la
     [['conversation.create', 200, 'ok'], ['item.list', 200, 'ok'], ['item.list', 200, 'ok']], 'each one audited ok')
 })
 
+t.test('/readyz asked on a connection still open once accepting has stopped says draining, not starting', async t => {
+  const { upstream, socket, received, closed, exited } = await drainingWithHeldCall(t, 10000)
+  socket.write('GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n')
+  await new Promise(resolve => setTimeout(resolve, 200))
+  upstream.held[0]!.release()
+  await closed
+  const answers = received().split(/^(?=HTTP\/1\.1 )/m)
+  t.match(answers[1], /^HTTP\/1\.1 503 /, 'the probe is answered 503')
+  t.same(JSON.parse(answers[1]!.slice(answers[1]!.indexOf('\r\n\r\n') + 4)), { status: 'draining' })
+  const [code] = await exited
+  t.equal(code, 0)
+})
+
 t.test('the drain does not wait for connections with no call: one with half a request, or one whose call ended after accepting stopped', async t => {
   const upstream = await holdingUpstream(t)
   const { file, dir } = configFile('')

@@ -53,6 +53,8 @@ export interface AuditRecord {
   durationMs: number
   upstreamMs: number | null
   upstreamRequestId: string | null
+  /** host (and port) of the line that answered */
+  upstreamHost: string | null
   /** index in upstream.baseUrls of the line that answered */
   upstreamLine: number | null
   /** upstream attempts the call took (0 when it never went upstream) */
@@ -223,6 +225,7 @@ function buildRecord (request: FastifyRequest, reply: FastifyReply, watch: Respo
     status: statusSent(reply),
     stream: streamOf(request, op),
     time: new Date().toISOString(),
+    upstreamHost: call?.host ?? null,
     upstreamLine: call?.line ?? null,
     upstreamMs: upstream?.ms ?? null,
     upstreamRequestId: upstream?.requestId ?? null,

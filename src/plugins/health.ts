@@ -4,10 +4,10 @@
 // anyone who can reach the API port (the lines' addresses; whether calls are being audited right now). The same
 // details on metrics.listen's GET /healthz, the operators' own port.
 // GET/HEAD /readyz: readiness, for a load balancer. 200 {"status":"ready"} only while this gateway should get
-// traffic: listening, not draining (a shutdown has begun), at least one upstream line not skipped, the audit not
+// traffic: not draining (a shutdown has begun), listening, at least one upstream line not skipped, the audit not
 // refusing calls (audit.onFailure "closed" while records cannot be written), and the store not refusing them
 // (store.onFailure "closed" while Redis is disconnected or refuses the bucket script). Otherwise 503 with the first
-// reason in that order: "starting", "draining", "upstream_unavailable", "audit_unavailable", "store_unavailable".
+// reason in that order: "draining", "starting", "upstream_unavailable", "audit_unavailable", "store_unavailable".
 // Probed every few seconds by orchestrators: not audited, not worth a log line each time.
 import fp from 'fastify-plugin'
 import type { RateLimitStore } from '../stores/rate-limit-store.js'
@@ -32,7 +32,7 @@ export interface HealthDetails {
   upstream: Array<{ line: number, host: string, state: LineState, failures: number, retryInMs: number | null }>
 }
 
-export type NotReady = 'starting' | 'draining' | 'upstream_unavailable' | 'audit_unavailable' | 'store_unavailable'
+export type NotReady = 'draining' | 'starting' | 'upstream_unavailable' | 'audit_unavailable' | 'store_unavailable'
 
 export default fp<HealthOptions>(async function health (app, { upstream, store, storeRefuses, token }) {
   let draining = false
@@ -48,8 +48,10 @@ export default fp<HealthOptions>(async function health (app, { upstream, store, 
   app.decorate('startDraining', () => { draining = true })
 
   const notReady = (): NotReady | null => {
-    if (!app.server.listening) return 'starting'
+    // Draining first: once accepting has stopped the server no longer listens, and a probe on a connection still
+    // open would otherwise be told the gateway is starting.
     if (draining) return 'draining'
+    if (!app.server.listening) return 'starting'
     if (!upstream.available) return 'upstream_unavailable'
     if (app.auditRefuses()) return 'audit_unavailable'
     if (storeRefuses && !store.available()) return 'store_unavailable'

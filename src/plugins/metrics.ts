@@ -83,7 +83,7 @@ function gatewayMetrics (opts: MetricsOptions, health: () => HealthDetails) {
   })
   const denied = new Counter({
     name: 'gateway_denied_total',
-    help: 'calls refused for who is calling: key (401), scope or model (403), another team\'s object (404), failed keys (429)',
+    help: 'calls refused for who is calling (audit outcome denied): key (401), scope, model or container (403), another team\'s object (404), an output item handed to another team (400, 404), failed keys (429)',
     labelNames: ['client'],
     registers: [register]
   })

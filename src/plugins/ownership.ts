@@ -286,7 +286,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
           const err = new UpstreamTimeoutError()
           // (the attempts the lookup made so far, its first at least; the call itself was never sent)
           const attempts = Math.max(1, lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1)
-          triedUpstream.set(err, { line: null, attempts, sent: false })
+          triedUpstream.set(err, { line: null, host: null, attempts, sent: false })
           leave(err)
         }, waitMs)
       }
@@ -336,7 +336,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       })
       // (As large as an answer the gateway reads whole to pass on: a response object holds its whole output, an
       // image generation's base64, and refusing it here would refuse its owner what the gateway passes on.)
-      const body = await upstream.readWhole(answer.body, false, clientWait())
+      const body = await upstream.readWhole(answer.body, false, clientWait()).catch((err: unknown) => {
+        // (readWhole knows nothing of the call: its timeout would say no line was tried, UpstreamFailure.untried)
+        throw err instanceof UpstreamFailure ? new UpstreamFailure(err.kind, err.message, answer.attempts, answer.line, undefined, true) : err
+      })
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
@@ -361,7 +364,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         answer.headers = retryHeaders(err) // every line down: when one is tried again
         // (sent: false, whether the lookup was or not: the call itself never went upstream, and the token budget
         // charges only a call the upstream may have taken on)
-        triedUpstream.set(answer, { line: null, attempts: err.attempts, sent: false })
+        triedUpstream.set(answer, { line: null, host: null, attempts: err.attempts, sent: false })
       }
       throw answer
     }

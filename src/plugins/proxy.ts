@@ -362,7 +362,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       }
       // Set before the call, and counted as it goes: a call cut short (the client gone) is audited with the
       // attempts it made.
-      const progress: UpstreamProgress = { line: null, attempts: 0, sent: false }
+      const progress: UpstreamProgress = { line: null, host: null, attempts: 0, sent: false }
       request.upstreamCall = progress
       upstream.call({
         method: options.method,
@@ -375,6 +375,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         streamsModel: request.responseFacts?.stream === true && request.operation?.action === 'response.retrieve'
       }).then(answer => {
         progress.line = answer.line
+        progress.host = answer.host
         // reply-from destroys the answer of a request aborted meanwhile without listening for its error.
         answer.body.on('error', noop)
         request.upstream = {
@@ -482,7 +483,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(res.stream) // no body
       return
     }
-    if (!encoded && !(length <= MAX_SEARCHED_WHOLE_BYTES)) {
+    // A POST's answer (items added) is read whole however long: one the upstream breaks off after its status is then
+    // a 502 that says not to send the call again. Passed on, it would break under the client, and the Python SDK
+    // sends again a call whose answer broke mid-body, as it does one that lost its connection.
+    const whole = encoded || request.method === 'POST'
+    if (!whole && !(length <= MAX_SEARCHED_WHOLE_BYTES)) {
       const searched = scrub.stream()
       if (searched === null) {
         reply.send(res.stream)
@@ -496,7 +501,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     let decoded: Buffer
     try {
       // Compressed all the same (the gateway asks for no encoding): it can only be searched once decoded, whole.
-      raw = encoded ? await upstream.readWhole(res.stream) : await readBody(res.stream, MAX_SEARCHED_WHOLE_BYTES, upstream.timeoutMs)
+      raw = whole ? await upstream.readWhole(res.stream) : await readBody(res.stream, MAX_SEARCHED_WHOLE_BYTES, upstream.timeoutMs)
       decoded = encoded ? decodedBody(raw, res.headers['content-encoding'], MAX_WHOLE_BYTES) : raw
       if (isWideText(decoded)) throw new Error(WIDE_TEXT)
     } catch (err) {

@@ -5,10 +5,10 @@
 //   (untilStopped). Waiting for a connection says nothing of the line (LinePool tells whether a request got one).
 // - What counts against a line: connect failures and timeouts, resets (before the headers or mid-body), 502/503,
 //   a fronting proxy's (Cloudflare's) 52x and 530, any redirect (the line is not where the config points), and a
-//   quick call with no response headers by its deadline (or a proxy's 504/524); not a generation that outlives its
-//   deadline (see attemptFailed, lineFault).
+//   quick call with no response headers by its deadline (or a proxy's 504/524), or whose answer goes silent after
+//   them (bookTheBody); not a generation that outlives its deadline (see attemptFailed, lineFault).
 // - Retries never duplicate work: GET and DELETE may go to the next line after a connection failure, a connect
-//   timeout or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
+//   timeout, an answer that is no HTTP or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
 //   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
 //   retries are spent, the upstream's answer passes through as it is.
@@ -75,6 +75,8 @@ export interface UpstreamAnswer {
   body: Readable
   /** index of the line that answered */
   line: number
+  /** its host (and port), as in upstream.baseUrls */
+  host: string
   attempts: number
   /** from the call's start to the answer's headers */
   ms: number
@@ -111,6 +113,12 @@ export class UpstreamFailure extends Error {
     return this.attempts === 0 && (this.kind === 'unavailable' || this.kind === 'timeout')
   }
 }
+
+/**
+ * An answer not whole within the line's own deadline after its headers (readBody): the line took the call and did
+ * not answer it, as one silent past bodyTimeoutMs (bookTheBody).
+ */
+class AnswerTooSlow extends UpstreamFailure {}
 
 /** For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1). */
 export function retryHeaders (failure: UpstreamFailure): Record<string, string> | undefined {
@@ -150,11 +158,20 @@ function codeOf (err: unknown): string {
   return String(e.code ?? e.cause?.code ?? 'error')
 }
 
-function classify (code: string): AttemptFailure {
+function classify (err: unknown): AttemptFailure {
+  const code = codeOf(err)
   if (code === 'UND_ERR_HEADERS_TIMEOUT') return 'timeout'
   if (NOTHING_SENT.has(code)) return 'nothing-sent'
-  if (RESETS.has(code)) return 'reset'
+  if (RESETS.has(code) || isNotHttp(err, code)) return 'reset'
   return 'other'
+}
+
+/**
+ * What came back is no HTTP answer (undici's parser refused it: a line pointed at a TLS port, or another protocol's):
+ * the request went out and nothing usable came of it, as when the connection is reset under it.
+ */
+function isNotHttp (err: unknown, code: string): boolean {
+  return code.startsWith('HPE_') || (err as Error | null)?.name === 'HTTPParserError'
 }
 
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'DELETE'])
@@ -322,6 +339,8 @@ function untilStopped (attempt: Promise<Dispatcher.ResponseData<Attempt>>, signa
 
 interface Line {
   url: string
+  /** the URL's host (and port) */
+  host: string
   pool: LinePool
   /** the line's path prefix, without a trailing slash ('' for none) */
   prefix: string
@@ -372,6 +391,7 @@ function buildLines (settings: UpstreamSettings, caText: string | undefined): Li
     const base = new URL(url)
     return {
       url,
+      host: base.host,
       prefix: base.pathname.replace(/\/+$/, ''),
       // Certificates are always verified: reply-from would build its own agent with rejectUnauthorized: false.
       pool: new LinePool(base.origin, {
@@ -475,7 +495,8 @@ export class Upstream {
    */
   readWhole (body: Readable, generation = false, clientWaitMs = Infinity): Promise<Buffer> {
     const settings = this.#current.settings
-    return readBody(body, MAX_WHOLE_BYTES, Math.min(generation ? settings.generationTimeoutMs : settings.timeoutMs, clientWaitMs), this.#held)
+    const ownMs = generation ? settings.generationTimeoutMs : settings.timeoutMs
+    return readBody(body, MAX_WHOLE_BYTES, Math.min(ownMs, clientWaitMs), this.#held, clientWaitMs >= ownMs)
   }
 
   /** At least one line is up, or due for its trial call. */
@@ -536,7 +557,7 @@ export class Upstream {
             path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
             ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
           }), signal)
-          answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, attempts: tried.size, ms: 0 }
+          answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, host: line.host, attempts: tried.size, ms: 0 }
           const coding = transferCoding(res.headers)
           if (coding !== null) {
             res.body.on('error', noop).destroy()
@@ -568,7 +589,7 @@ export class Upstream {
           }
         } else {
           health.answered(index)
-          bookTheBody(health, index, answer.body)
+          bookTheBody(health, index, answer.body, !modelStream)
         }
         answer.ms = Math.round(performance.now() - started)
         return answer
@@ -580,7 +601,10 @@ export class Upstream {
 
   #logChange (status: LineStatus, previous: LineState): void {
     const fields = { line: status.index, url: status.url, state: status.state, previous }
-    if (status.state === 'down') {
+    if (status.state === 'down' && previous === 'half-open' && status.retryInMs === 0) {
+      // (LineHealth.released: the trial's client left, or its wait was cut short; the line is not skipped again)
+      this.#log.info(fields, `upstream line ${status.index} trial call ended without a verdict; the next call is its trial`)
+    } else if (status.state === 'down') {
       this.#log.warn({ ...fields, failures: status.failures, retryInMs: status.retryInMs }, `upstream line ${status.index} skipped for ${status.retryInMs} ms after ${status.failures} failures in a row`)
     } else if (status.state === 'up') {
       this.#log.info(fields, `upstream line ${status.index} restored`)
@@ -645,7 +669,7 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, e
   }
   // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
   // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
-  const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(codeOf(err)) : 'nothing-sent'
+  const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(err) : 'nothing-sent'
   if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index)
   else health.failed(index)
   return failure === 'timeout' ? null : failure
@@ -666,13 +690,20 @@ export function answeredWhole (body: Readable): void {
 /**
  * An answer's body decides for the line too: read to its end (or to the end of the answer: answeredWhole), the
  * line answered well; broken off by the line (a reset mid-body) it failed, as a reset before the headers would
- * have (else a line that cuts every answer short would never be skipped). A body given up on by the gateway or
- * its client says nothing of the line.
+ * have (else a line that cuts every answer short would never be skipped). So did a quick call's answer that went
+ * silent past bodyTimeoutMs (undici's timer runs only while the gateway reads, never while a slow client holds it
+ * back) or was not whole within the line's own deadline: a line that sends headers and then nothing is found as
+ * one that sends no headers is (attemptFailed). A model's stream may pause as long as the model thinks, and says
+ * nothing so. A body given up on by the gateway or its client says nothing of the line.
  */
-function bookTheBody (health: LineHealth, index: number, body: Readable): void {
+function bookTheBody (health: LineHealth, index: number, body: Readable, quick: boolean): void {
   body.once('close', () => {
-    if (body.readableEnded || wholeAnswers.has(body)) health.succeeded(index)
-    else if (RESETS.has(codeOf(body.errored))) health.failed(index)
+    if (body.readableEnded || wholeAnswers.has(body)) {
+      health.succeeded(index)
+      return
+    }
+    const code = codeOf(body.errored)
+    if (RESETS.has(code) || (quick && (code === 'UND_ERR_BODY_TIMEOUT' || body.errored instanceof AnswerTooSlow))) health.failed(index)
   })
 }
 
@@ -734,18 +765,22 @@ class HeldBytes {
 
 /**
  * Reads a whole answer body, up to `maxBytes`; a longer one is an error. With `deadlineMs`, so is one not whole
- * within it (an UpstreamFailure of kind 'timeout'; the body is then destroyed). bodyTimeoutMs bounds only the
+ * within it (an UpstreamFailure of kind 'timeout'; the body is then destroyed, with it when the deadline is the
+ * line's own rather than a client's shorter wait: the line is then held to it, bookTheBody). bodyTimeoutMs bounds only the
  * silence between chunks: an answer that drips in would otherwise be read for hours, its client seeing nothing.
  * With `shared`, the bytes count against it while they are read, and an answer that would take it past its bound
  * is an error too.
  */
-export function readBody (body: Readable, maxBytes: number, deadlineMs?: number, shared?: HeldBytes): Promise<Buffer> {
+export function readBody (body: Readable, maxBytes: number, deadlineMs?: number, shared?: HeldBytes, linesDeadline = true): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = []
     let size = 0
     const timer = deadlineMs === undefined
       ? undefined
-      : setTimeout(() => { fail(new UpstreamFailure('timeout', `upstream answer not whole within ${deadlineMs} ms of its headers`, 0, null)) }, deadlineMs)
+      : setTimeout(() => {
+        const message = `upstream answer not whole within ${deadlineMs} ms of its headers`
+        fail(linesDeadline ? new AnswerTooSlow('timeout', message, 0, null) : new UpstreamFailure('timeout', message, 0, null))
+      }, deadlineMs)
     let settled = false
     const settle = () => {
       settled = true
@@ -755,7 +790,7 @@ export function readBody (body: Readable, maxBytes: number, deadlineMs?: number,
     const fail = (err: Error) => {
       if (settled) return // (undici's body, destroyed here, then emits an error of its own)
       settle()
-      body.destroy()
+      body.destroy(err instanceof AnswerTooSlow ? err : undefined)
       reject(err)
     }
     body.on('data', (chunk: Buffer) => {
