@@ -337,7 +337,7 @@ export class SseRewriter extends Transform {
       // (a bare JSON error the upstream ended with a blank line, as an event; without one, _flush finds it)
       const bare = this.#passedAny ? null : errorEvent(lines)
       if (bare !== null) return this.#rewritten(bare)
-      return lines.length > 1 ? asComments(lines) : raw
+      return asComments(lines)
     }
     if (!/^\s*\{/.test(joined)) return raw
     let parsed: unknown
@@ -384,9 +384,12 @@ function errorEvent (held: Buffer[]): Buffer[] | null {
  * An event without data (`event: ping`, an upstream's keep-alive), as comment lines without its blank line. The SSE
  * spec has a client dispatch no such event, but both official SDKs do, and parse its empty data as JSON: they throw
  * (SyntaxError, JSONDecodeError) and the stream is lost. As comments its bytes still reach the client (keeping its
- * connection alive, as they were sent to), and no decoder dispatches anything for them.
+ * connection alive, as they were sent to), and no decoder dispatches anything for them. A blank line alone (the one
+ * after a keep-alive comment, `: ping` and a blank line) is such an event to the Python SDK once an event had an
+ * `id:` (it keeps the last id, and dispatches at a blank line whenever it has one): it goes out as an empty comment.
  */
 function asComments (lines: Buffer[]): Buffer {
+  if (lines.length === 1 && isBlank(lines[0]!)) return Buffer.concat([COMMENT, lines[0]!])
   const out: Buffer[] = []
   for (const line of lines) {
     if (isBlank(line)) continue
