@@ -216,7 +216,7 @@ export class SseRewriter extends Transform {
         return
       }
       this.push(this.#brokenOff.event)
-      done(this.#brokenOff.err)
+      this.#failOnceRead(this.#brokenOff.err, done)
       return
     }
     // An upstream that answered with a bare JSON error under the event-stream type (no event at all): passed on as
@@ -236,7 +236,7 @@ export class SseRewriter extends Transform {
     const unfinished = this.#unfinished()
     if (unfinished !== null) {
       this.push(unfinished)
-      done(new Error('the upstream ended the stream before its last event'))
+      this.#failOnceRead(new Error('the upstream ended the stream before its last event'), done)
       return
     }
     try {
@@ -251,7 +251,28 @@ export class SseRewriter extends Transform {
 
   #fail (err: Error, done: TransformCallback): void {
     if (this.#failedEvent !== null) this.push(this.#failedEvent)
-    done(err)
+    this.#failOnceRead(err, done)
+  }
+
+  /**
+   * Fails the stream with `err` once the client has read what went out before (the event saying why last): a stream
+   * failed at once drops what it still holds, and it holds what a client reading slower than a burst came has not
+   * taken yet (Node 20 drops it; the SDK then raises a bare "terminated", not the event's APIError). A client that
+   * never reads it is cut by listen.sendTimeoutMs.
+   */
+  #failOnceRead (err: Error, done: TransformCallback): void {
+    // (No reader yet: a 'data' listener would start the stream flowing into it alone.)
+    if (this.readableLength === 0 || this.readableFlowing === null) {
+      done(err)
+      return
+    }
+    // ('data' is emitted once a piece has left what the stream holds, read by a pipe or by read())
+    const read = () => {
+      if (this.readableLength > 0) return
+      this.off('data', read)
+      done(err)
+    }
+    this.on('data', read)
   }
 
   /**
