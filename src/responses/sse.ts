@@ -261,6 +261,7 @@ export class SseRewriter extends Transform {
    * never reads it is cut by listen.sendTimeoutMs.
    */
   #failOnceRead (err: Error, done: TransformCallback): void {
+    this.#stopEventClock() // (the event under way fails here, not again on its clock)
     // (No reader yet: a 'data' listener would start the stream flowing into it alone.)
     if (this.readableLength === 0 || this.readableFlowing === null) {
       done(err)
