@@ -541,6 +541,24 @@ t.test('a lock file removed under a running gateway (a cleanup of the audit dire
   }
 })
 
+t.test('a lock file removed and made again by another gateway before the heartbeat came round is noticed, and left to it', async t => {
+  const dir = tempDir()
+  const file = join(dir, 'audit.jsonl')
+  const { writer, log } = await open(file)
+  // Between a cleanup and the next heartbeat, a second gateway started on the series and took the lock as its own.
+  const other = JSON.stringify({ pid: 4242, host: 'other-gateway', since: '2026-01-01T00:00:00.000Z' })
+  rmSync(file + '.lock')
+  writeFileSync(file + '.lock', other)
+  lastTouched(file + '.lock', 60_000)
+  await until('the heartbeat says so', () => log.lines.some(l => /lock file/.test(l.msg)))
+  t.match(log.lines.find(l => /lock file/.test(l.msg)),
+    { level: 'error', msg: /was removed by something else, and another process made it again: two gateways may be writing this series/ })
+  t.equal(readFileSync(file + '.lock', 'utf8'), other, 'the other gateway\'s lock is left as it was')
+  t.ok(statSync(file + '.lock').mtimeMs < Date.now() - 30_000, 'and is not kept fresh for it (its own heartbeat says whether it lives)')
+  await writer.close()
+  t.equal(readFileSync(file + '.lock', 'utf8'), other, 'nor removed at close')
+})
+
 /** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */
 function lastTouched (path: string, ago: number): void {
   const then = new Date(Date.now() - ago)

@@ -294,3 +294,24 @@ t.test('items added while the upstream breaks their answer off after its status:
   t.same(gw.audit().filter(r => r.action === 'item.create').map(r => [r.status, r.outcome, r.attempts]), [[502, 'upstream_error', 1]],
     'one audit record for the one call')
 })
+
+t.test('a stream whose events carry ids, with a blank line of its own between them (a keep-alive comment and its blank line), is read to its end by the Python SDK', async t => {
+  // The Python SDK keeps the last event id and dispatches, at any blank line after it, an event of no data, which
+  // it parses as JSON (JSONDecodeError: the rest of the stream is lost). The JS SDK and the SSE spec dispatch none.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const event = (id: number, data: object) => `id: ${id}\nevent: ${(data as { type: string }).type}\ndata: ${JSON.stringify(data)}\n\n`
+  const response = { id: 'resp_1', object: 'response', created_at: 1, model: 'gpt-4o-mini', status: 'in_progress', output: [] }
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(event(1, { type: 'response.created', sequence_number: 0, response }) +
+      ': keep-alive\n\n' + '\r\n' +
+      event(2, { type: 'response.completed', sequence_number: 1, response: { ...response, status: 'completed', usage: { input_tokens: 2, output_tokens: 1, total_tokens: 3 } } }))
+  }
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const out = await runScenario('stream_events', { gatewayUrl: gw.url, keys: { KEY_FULL: KEYS.full } })
+  const streamed = out.step('responses.create stream')
+  t.equal(streamed.error, undefined, `no error (got ${JSON.stringify(streamed.error)})`)
+  t.same(streamed.result, ['response.created', 'response.completed'], 'every event, in order')
+  t.match(gw.audit().filter(r => r.action === 'response.create'), [{ status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 }])
+})

@@ -436,6 +436,30 @@ t.test('an upstream that breaks off a streamed response: the SDK raises its own 
   t.match(gw.audit(), [{ status: 200, outcome: 'upstream_error' }, { status: 200, outcome: 'upstream_error' }])
 })
 
+t.test('a long burst the upstream breaks off, or ends before its last event: the SDK gets every event, then its APIError, not a bare "terminated" (what the client had not read yet is not dropped)', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  // 300 KiB of events at once: more than the client's connection takes before the gateway's stream ends, so the
+  // event saying why waits behind them in the gateway (Node 20 dropped it there, with the events before it).
+  const deltas = Array.from({ length: 300 }, (_, i) => `event: response.output_text.delta\ndata: ${JSON.stringify({ type: 'response.output_text.delta', sequence_number: i + 1, item_id: 'msg_1', output_index: 0, content_index: 0, delta: 'x'.repeat(1000) })}\n\n`).join('')
+  const ends: Array<[string, (res: import('node:http').ServerResponse) => void]> = [
+    ['broken off', res => { res.write(CREATED_EVENT + deltas, () => { res.socket?.destroy() }) }],
+    ['ended before its last event', res => { res.end(CREATED_EVENT + deltas) }]
+  ]
+  for (const [what, end] of ends) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      end(res)
+    }
+    const before = gw.audit().length
+    const { seen, err } = await streamedCreate(sdk(KEYS.full))
+    t.equal(seen.length, 301, `${what}: every event arrives`)
+    t.ok(err instanceof OpenAI.APIError, `${what}: then an APIError (got ${String(err)})`)
+    t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error', message: /broke off/ } }, `${what}: saying the upstream broke the stream off`)
+    await until(`${what}: the audit record`, () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.create', status: 200, outcome: 'upstream_error' }, `${what}: audited upstream_error`)
+  }
+})
+
 t.test('an upstream that ends a streamed generation cleanly before its last event: the SDK raises an APIError instead of taking the text so far for the whole answer, and the call is audited upstream_error', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
@@ -762,8 +786,8 @@ t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches 
     body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
   })
   const text = await res.text()
-  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n: still here\r\n\n' + completed),
-    'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line passes as it came')
+  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n: still here\r\n:\n' + completed),
+    'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line as an empty comment')
 })
 
 t.test('an event that never ends is bounded by what holding it costs, not by its bytes alone: 200,000 short lines end the stream as 16 MiB would', async t => {

@@ -584,7 +584,7 @@ t.test('a streamed event that is not JSON, a comment or another field that quote
   const text = await res.text()
   t.equal(res.status, 200)
   t.notMatch(text, UPSTREAM_TOKEN, 'the token is in no line of any event')
-  t.match(text, ': proxied with Bearer [redacted]\n\n', 'a comment')
+  t.match(text, ': proxied with Bearer [redacted]\n:\n', 'a comment (its blank line an empty comment)')
   t.match(text, 'id: Bearer [redacted]\n', 'another field of a JSON event')
   t.match(text, 'data: invalid api key Bearer [redacted]\n\n', 'a plain-text event')
   t.match(text, 'data: {"unfinished": "Bearer [redacted]"\n\n', 'data that only looks like JSON')

@@ -194,9 +194,20 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
   const held = (): AuditLock => {
     heldHere.add(path)
     let released = false
+    /** the lock was found to be another process's: said once, and neither touched nor removed from then on */
+    let lost = false
     // Touches the lock; a lock gone meanwhile is made again at once: without it a second gateway would start on the
-    // series and write it too, forking the chain.
+    // series and write it too, forking the chain. One another gateway made in its place before this beat (it started
+    // on the series in the gap) is said, and left to it: touched, it would be kept fresh for a gateway that may be
+    // gone, and this one would never know.
     const touch = async () => {
+      if (lost || released) return
+      const holder = await readHolder(path)
+      if (holder !== null && !sameHolder(holder, me)) {
+        lost = true
+        onRemoved(path, false)
+        return
+      }
       const now = new Date()
       try {
         await utimes(path, now, now)
@@ -208,6 +219,7 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
         } catch {
           return // (its directory is gone too: the next beat, once the writer has made it again)
         }
+        lost = !made
         onRemoved(path, made)
       }
     }

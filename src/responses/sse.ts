@@ -216,7 +216,7 @@ export class SseRewriter extends Transform {
         return
       }
       this.push(this.#brokenOff.event)
-      done(this.#brokenOff.err)
+      this.#failOnceRead(this.#brokenOff.err, done)
       return
     }
     // An upstream that answered with a bare JSON error under the event-stream type (no event at all): passed on as
@@ -236,7 +236,7 @@ export class SseRewriter extends Transform {
     const unfinished = this.#unfinished()
     if (unfinished !== null) {
       this.push(unfinished)
-      done(new Error('the upstream ended the stream before its last event'))
+      this.#failOnceRead(new Error('the upstream ended the stream before its last event'), done)
       return
     }
     try {
@@ -251,7 +251,29 @@ export class SseRewriter extends Transform {
 
   #fail (err: Error, done: TransformCallback): void {
     if (this.#failedEvent !== null) this.push(this.#failedEvent)
-    done(err)
+    this.#failOnceRead(err, done)
+  }
+
+  /**
+   * Fails the stream with `err` once the client has read what went out before (the event saying why last): a stream
+   * failed at once drops what it still holds, and it holds what a client reading slower than a burst came has not
+   * taken yet (Node 20 drops it; the SDK then raises a bare "terminated", not the event's APIError). A client that
+   * never reads it is cut by listen.sendTimeoutMs.
+   */
+  #failOnceRead (err: Error, done: TransformCallback): void {
+    this.#stopEventClock() // (the event under way fails here, not again on its clock)
+    // (No reader yet: a 'data' listener would start the stream flowing into it alone.)
+    if (this.readableLength === 0 || this.readableFlowing === null) {
+      done(err)
+      return
+    }
+    // ('data' is emitted once a piece has left what the stream holds, read by a pipe or by read())
+    const read = () => {
+      if (this.readableLength > 0) return
+      this.off('data', read)
+      done(err)
+    }
+    this.on('data', read)
   }
 
   /**
@@ -337,7 +359,7 @@ export class SseRewriter extends Transform {
       // (a bare JSON error the upstream ended with a blank line, as an event; without one, _flush finds it)
       const bare = this.#passedAny ? null : errorEvent(lines)
       if (bare !== null) return this.#rewritten(bare)
-      return lines.length > 1 ? asComments(lines) : raw
+      return asComments(lines)
     }
     if (!/^\s*\{/.test(joined)) return raw
     let parsed: unknown
@@ -384,9 +406,12 @@ function errorEvent (held: Buffer[]): Buffer[] | null {
  * An event without data (`event: ping`, an upstream's keep-alive), as comment lines without its blank line. The SSE
  * spec has a client dispatch no such event, but both official SDKs do, and parse its empty data as JSON: they throw
  * (SyntaxError, JSONDecodeError) and the stream is lost. As comments its bytes still reach the client (keeping its
- * connection alive, as they were sent to), and no decoder dispatches anything for them.
+ * connection alive, as they were sent to), and no decoder dispatches anything for them. A blank line alone (the one
+ * after a keep-alive comment, `: ping` and a blank line) is such an event to the Python SDK once an event had an
+ * `id:` (it keeps the last id, and dispatches at a blank line whenever it has one): it goes out as an empty comment.
  */
 function asComments (lines: Buffer[]): Buffer {
+  if (lines.length === 1 && isBlank(lines[0]!)) return Buffer.concat([COMMENT, lines[0]!])
   const out: Buffer[] = []
   for (const line of lines) {
     if (isBlank(line)) continue
