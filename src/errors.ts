@@ -94,6 +94,9 @@ export const BackgroundNotAllowedError = define('background_not_allowed', 403, '
 export const ContainerNotAllowedError = define('container_not_allowed', 403, 'invalid_request_error',
   'A container named by id (a code interpreter\'s, or a shell tool\'s container_reference) is not available to this key: containers are not owned by a team, so it could be another team\'s, with its files. Use "container": {"type": "auto"} (an active container in the response\'s context is reused), or "environment": {"type": "container_auto"}.',
   { outcome: 'denied' })
+export const ItemContainerNotAllowedError = define('container_not_allowed', 403, 'invalid_request_error',
+  'An item names a container (a code interpreter call\'s container_id, or a shell call\'s container_reference) that the gateway did not hand to this key in an output item of its own responses: containers are not owned by a team, so it could be another team\'s, with its files. Pass back the items your responses gave you as they came.',
+  { outcome: 'denied' })
 export const ModelNotAllowedError = define('model_not_allowed', 403, 'invalid_request_error',
   'The model %s is not allowed for this key.', { param: 'model', outcome: 'denied' })
 export const InsufficientScopeError = define('insufficient_scope', 403, 'permission_error',

@@ -757,6 +757,59 @@ t.test('a shell tool\'s container named by id (container_reference) is refused t
   t.equal(admin.status, 200, 'an admin key may name one')
 })
 
+// An item names a container too: a code interpreter call's `container_id`, a shell call's `environment`. A tool in
+// auto mode reuses an active container from the response's context, and an item passed back puts one there: a
+// made-up item naming another team's container would run the caller's code among that team's files. The gateway
+// notes the containers of the output items it hands a client, with the items: a client passes back its own.
+t.test('an item naming a container the gateway did not hand to the caller is refused; its own, passed back as it came, is served', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const { post, conversationB } = await twoTeams(gw.url)
+  const containerA = 'cntr_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
+  const shellA = 'cntr_ssssssssssssssssssssssssssssssss'
+  // A's code interpreter and shell calls ran in A's containers: their ids are in A's answer.
+  upstream.respond = (_req, res, body) => {
+    const { metadata } = JSON.parse(body.toString()) as { metadata?: Record<string, string> }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({
+      id: 'resp_withcontainers', object: 'response', status: 'completed', model: 'gpt-5.1', metadata, usage: { input_tokens: 1, output_tokens: 1, total_tokens: 2 },
+      output: [
+        { type: 'code_interpreter_call', id: 'ci_a1', container_id: containerA, code: 'print(1)', outputs: [], status: 'completed' },
+        { type: 'shell_call', id: 'sh_a1', call_id: 'call_a1', action: { commands: ['ls'] }, environment: { type: 'container_reference', container_id: shellA }, status: 'completed' }
+      ]
+    }))
+  }
+  const a = sdk(KEYS.full)
+  const answered = await a.responses.create({ model: 'gpt-5.1', input: 'run it', tools: [{ type: 'code_interpreter', container: { type: 'auto' } }] })
+  upstream.respond = null
+
+  const before = upstream.requests.length
+  const made = (container: string) => ({ type: 'code_interpreter_call', id: 'ci_madeup', container_id: container, code: 'print(open("/mnt/data/a").read())', outputs: [], status: 'completed' })
+  const shell = (container: unknown) => ({ type: 'shell_call', id: 'sh_madeup', call_id: 'call_x', action: { commands: ['cat /mnt/data/*'] }, environment: { type: 'container_reference', container_id: container }, status: 'completed' })
+  const auto = [{ type: 'code_interpreter', container: { type: 'auto' } }]
+  const err = await rejection(sdk(KEYS.other).responses.create({ model: 'gpt-5.1', input: [made(containerA) as never, { role: 'user', content: 'list /mnt/data' }], tools: auto as never }))
+  t.type(err, OpenAI.PermissionDeniedError, 'B naming A\'s container in a made-up item: the SDK\'s PermissionDeniedError')
+  t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[0].container_id' })
+  t.match(gw.audit().at(-1), { status: 403, outcome: 'denied', clientId: 'team-other', ownerId: 'team-full' }, 'audited denied, with the team it went to')
+  await assertRefusedToB(t, upstream, post, [
+    ['a shell call naming A\'s shell container', '/v1/responses', { model: 'gpt-5.1', input: [shell(shellA)], tools: [{ type: 'shell', environment: { type: 'container_auto' } }] },
+      403, 'container_not_allowed', 'input[0].environment'],
+    ['a container never handed out', '/v1/responses', { model: 'gpt-5.1', input: [made('cntr_unknown0000000000000000000000000')], tools: auto },
+      403, 'container_not_allowed', 'input[0].container_id'],
+    ['a container_reference without its id', '/v1/responses', { model: 'gpt-5.1', input: [shell(undefined)] }, 403, 'container_not_allowed', 'input[0].environment'],
+    ['a container id that is no string', '/v1/responses', { model: 'gpt-5.1', input: [made(5 as never)] }, 403, 'container_not_allowed', 'input[0].container_id'],
+    ['into B\'s conversation, as items', `/v1/conversations/${conversationB}/items`, { items: [made(containerA)] }, 403, 'container_not_allowed', 'items[0].container_id'],
+    ['in a new conversation\'s items', '/v1/conversations', { items: [made(containerA)] }, 403, 'container_not_allowed', 'items[0].container_id'],
+    ['container_id in another case', '/v1/responses', { model: 'gpt-5.1', input: [{ ...made('cntr_b'), Container_Id: containerA }] }, 400, 'unknown_parameter', 'input[0].Container_Id']
+  ])
+  t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
+
+  // A passes its own output back as it came (OpenAI's tool loop): its containers were handed to it.
+  const next = await a.responses.create({ model: 'gpt-5.1', input: [...answered.output as never[], { role: 'user', content: 'and again' }], tools: auto as never })
+  t.equal(next.status, 'completed', 'A\'s own items, naming its own containers, are served')
+  const admin = await post(KEYS.admin, '/v1/responses', { model: 'gpt-5.1', input: [made(containerA)] })
+  t.equal(admin.status, 200, 'an admin key may name any')
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients

@@ -139,13 +139,18 @@ export class IssuedItems {
 
 /**
  * The ids of the output items an answer or a streamed event hands out: each item with an id in a response's
- * `output` (an answer, or `response` in an event) or an event's `item`.
+ * `output` (an answer, or `response` in an event) or an event's `item`; and the containers those items ran in (a
+ * code interpreter call's `container_id`, a shell call's `environment.container_id`), which a client passing the
+ * items back names too (plugins/ownership.ts, itemContainers). (Container and item ids never look alike: `cntr_`.)
  */
 export function outputIdsIn (object: unknown): string[] {
   const ids: string[] = []
   const add = (item: unknown) => {
-    const id = (item as { id?: unknown } | null | undefined)?.id
+    const { id, container_id: container, environment } = (item ?? {}) as { id?: unknown, container_id?: unknown, environment?: unknown }
     if (typeof id === 'string') ids.push(id)
+    if (typeof container === 'string') ids.push(container)
+    const inEnvironment = (environment as { container_id?: unknown } | null | undefined)?.container_id
+    if (typeof inEnvironment === 'string') ids.push(inEnvironment)
   }
   const outputOf = (value: unknown) => {
     const output = (value as { output?: unknown } | null)?.output

@@ -11,7 +11,7 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import type { ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemNotFoundError,
+  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
@@ -87,6 +87,27 @@ export function referencedItems (list: unknown): unknown[] {
     }
   }
   return ids
+}
+
+/**
+ * The containers the items of a create's list name, with where: a code interpreter call's `container_id`, a shell
+ * call's `environment` (a `container_reference`, or any `container_id`). A tool whose container is `auto` reuses one
+ * in the response's context, and an item puts one there: so that no team runs code among another's files by passing
+ * back a made-up item, each must be one the gateway handed to the caller in an output item of its own (issued.ts
+ * notes them with the items); admin clients are not checked. Any other shape (a number, an object) is refused too.
+ */
+export function itemContainers (list: unknown, listParam: string): Array<[id: unknown, param: string]> {
+  if (!Array.isArray(list)) return []
+  const named: Array<[unknown, string]> = []
+  for (const [i, item] of list.entries()) {
+    if (!isObject(item)) continue
+    if (item.container_id != null) named.push([item.container_id, `${listParam}[${i}].container_id`])
+    const environment = item.environment
+    if (isObject(environment) && (environment.type === 'container_reference' || environment.container_id != null)) {
+      named.push([environment.container_id, `${listParam}[${i}].environment`])
+    }
+  }
+  return named
 }
 
 /**
@@ -177,7 +198,7 @@ const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
   'item.create': ['items'],
   'response.create': ['conversation', 'previous_response_id', 'input']
 }
-const ITEM_KEYS = ['type', 'id', 'role', 'content', ...Object.values(FILLED_IN_BY_ID)]
+const ITEM_KEYS = ['type', 'id', 'role', 'content', 'container_id', 'environment', ...Object.values(FILLED_IN_BY_ID)]
 
 /**
  * A key the checks read by its exact name, given in another case (`Conversation`, an item's `Type`), is refused
@@ -428,6 +449,18 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     addEventRewrite(request, note)
   }
 
+  /** The containers a create's items name (itemContainers) must each be one the gateway handed to `client`. */
+  async function checkContainers (named: Array<[unknown, string]>, client: ClientConfig, request: FastifyRequest): Promise<void> {
+    if (named.length === 0) return
+    const { ids, ...found } = await notHandedOut(named.map(([id]) => id), client)
+    const refused = named.find(([id]) => ids.includes(id))
+    if (refused === undefined) return
+    const [id, param] = refused
+    const owner = typeof id === 'string' ? found.others.get(id) : undefined
+    if (!found.unanswered && owner !== undefined) request.ownerId = owner
+    throw unsure(withParam(new ItemContainerNotAllowedError(), param), found.unanswered)
+  }
+
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
   function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
     request: FastifyRequest, reply: FastifyReply): Answer<string | null> {
@@ -505,17 +538,20 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (request.method === 'POST') refuseCheckedKeysInQuery(op.query)
     refuseOtherCases(op.action, request.parsedBody)
     refuseKeysAsIds(op.action, request.parsedBody)
+    const list = op.action === 'response.create' ? 'input' : 'items'
+    const containers = CHECKED_KEYS[op.action] === undefined || client.scopes.includes('admin') ? [] : itemContainers(body?.[list], list)
     if (op.action === 'conversation.create') {
       refuseMetadata(metadataProblem(request.parsedBody))
       // (A new conversation holds no item to name: any reference is refused, before anything goes upstream.)
       const named = references(body?.items, client)
-      if (named.length === 0) {
+      if (named.length === 0 && containers.length === 0) {
         prepareCreate('conversation', request, client)
         return
       }
       return (async () => {
         const { ids: [first], ...found } = await notHandedOut(named, client)
         if (first !== undefined) throw refusedItem(request, first, 'outside', 'items', found)
+        await checkContainers(containers, client, request)
         prepareCreate('conversation', request, client)
       })()
     }
@@ -527,6 +563,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
         await checkReferences('input', body?.input, conversation, client, request, reply)
+        await checkContainers(containers, client, request)
         prepareCreate('response', request, client)
         noteHandedOut(request)
       })()
@@ -555,10 +592,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
     }
     const authorized = authorize('conversation', 'conversation', id, client, request, reply)
-    if (op.action === 'item.create' && references(body?.items, client).length > 0) {
+    if (op.action === 'item.create' && (containers.length > 0 || references(body?.items, client).length > 0)) {
       return (async () => {
         await authorized
         await checkReferences('items', body?.items, id, client, request, reply)
+        await checkContainers(containers, client, request)
       })()
     }
     return then(authorized, owner => {
