@@ -66,6 +66,19 @@ t.test('the LRU is bounded: past max, the least recent bucket is forgotten (it c
   t.equal((await store.peek('c', RULE)).remaining, 4)
 })
 
+t.test('by default every client of a large config keeps its buckets: 10,000 clients with token budgets (20,000 buckets), a drained one stays drained', async t => {
+  // A bucket forgotten comes back full: a drained client of a slow limit would get a fresh burst just because
+  // 10,000 others called since (issue 13's scale: 10,000 configured clients), or because a reload rewrote theirs.
+  const store = new MemoryStore({ now: clock().now })
+  const slow = { requestsPerMinute: 1, burst: 1 }
+  t.equal((await store.take('team-0', slow)).allowed, true)
+  for (let i = 1; i < 10_000; i++) {
+    await store.take(`team-${i}`, RULE)
+    await store.charge(`tokens:team-${i}`, RULE, 1)
+  }
+  t.equal((await store.take('team-0', slow)).allowed, false, 'still drained')
+})
+
 t.test('cost takes several tokens at once or none; a cost above burst is never granted', async t => {
   const c = clock()
   const store = new MemoryStore({ now: c.now })

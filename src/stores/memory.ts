@@ -7,6 +7,14 @@ import {
   checkCost, covers, describe, refill, type Bucket, type BucketRule, type RateLimitResult, type RateLimitStore
 } from './rate-limit-store.js'
 
+/**
+ * Buckets kept by default: two per client (its requests, its token budget) for 50,000 clients. Keys are only ever
+ * configured clients' (an unknown key has no bucket), so this bounds a config far larger than any real one; a
+ * bucket dropped comes back full, a fresh burst for a client drained on a slow limit, which a bound of the size of
+ * a large config (issue 13's 10,000 clients with budgets: 20,000 buckets) would hand out just by rotation.
+ */
+export const DEFAULT_MAX_BUCKETS = 100_000
+
 export interface MemoryStoreOptions {
   /** buckets kept; the least recently used is dropped past this (it comes back full) */
   max?: number
@@ -17,7 +25,7 @@ export class MemoryStore implements RateLimitStore {
   readonly #buckets: LRUCache<string, Bucket>
   readonly #now: () => number
 
-  constructor ({ max = 10_000, now = () => performance.now() }: MemoryStoreOptions = {}) {
+  constructor ({ max = DEFAULT_MAX_BUCKETS, now = () => performance.now() }: MemoryStoreOptions = {}) {
     this.#buckets = new LRUCache({ max })
     this.#now = now
   }
