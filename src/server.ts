@@ -109,6 +109,8 @@ export async function startServer (
   if (auditProblem !== null) throw new StartupError(auditProblem)
   // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP or SIGUSR2 meanwhile, or a signal
   // of IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
+  // So is a stop (SIGTERM, SIGINT, SIGQUIT): ended by it, the process would leave the audit lock it has taken, and
+  // the next start would wait for the lock's heartbeat and say an unclean stop in the trail. It stops once built.
   const releaseHeld = holdSignals()
   let app: FastifyInstance
   try {
@@ -119,6 +121,7 @@ export async function startServer (
   }
   let draining = false
   let stoppedAccepting = false
+  let listening = false
 
   // Answers sent once accepting has stopped close their connection, so no kept-alive client lingers. On a
   // connection with pipelined calls waiting, only the last of their answers does, so that each is served (Fastify
@@ -150,6 +153,12 @@ export async function startServer (
     watcher?.close()
     app.startDraining()
     const { drainDelayMs, graceMs } = app.currentConfig().shutdown
+    if (!listening) {
+      // (a stop that came while the gateway was being built: it never listens, and closes at once)
+      app.log.info({ signal }, `${signal}: shutting down before listening`)
+      stopAccepting(app, graceMs, () => { stoppedAccepting = true })
+      return
+    }
     app.log.info({ signal, drainDelayMs, graceMs },
       `${signal}: shutting down: /readyz answers 503; serving for ${drainDelayMs} ms more, then in-flight calls get ${graceMs} ms`)
     setTimeout(() => { stopAccepting(app, graceMs, () => { stoppedAccepting = true }) }, drainDelayMs)
@@ -166,8 +175,10 @@ export async function startServer (
   const ignored = ignoredSignalLogger(app.log)
   for (const signal of IGNORED) process.on(signal, ignored)
   for (const signal of releaseHeld()) process.emit(signal, signal)
+  if (draining) return app
 
   const { host, port } = config.listen
+  listening = true
   try {
     await app.listen({ host, port })
   } catch (err) {
@@ -187,7 +198,7 @@ function holdSignals (): () => NodeJS.Signals[] {
   const held: NodeJS.Signals[] = []
   const hold = (signal: NodeJS.Signals) => { held.push(signal) }
   // SIGUSR2 too: a logrotate's postrotate may send it while the audit is being opened, and it ends a process by default.
-  const signals = ['SIGHUP', 'SIGUSR2', ...IGNORED] as const
+  const signals = ['SIGHUP', 'SIGUSR2', ...SHUTDOWN_SIGNALS, ...IGNORED] as const
   for (const signal of signals) process.on(signal, hold)
   return () => {
     for (const signal of signals) process.off(signal, hold)

@@ -799,7 +799,12 @@ t.test('an item naming a container the gateway did not hand to the caller is ref
     ['a container id that is no string', '/v1/responses', { model: 'gpt-5.1', input: [made(5 as never)] }, 403, 'container_not_allowed', 'input[0].container_id'],
     ['into B\'s conversation, as items', `/v1/conversations/${conversationB}/items`, { items: [made(containerA)] }, 403, 'container_not_allowed', 'items[0].container_id'],
     ['in a new conversation\'s items', '/v1/conversations', { items: [made(containerA)] }, 403, 'container_not_allowed', 'items[0].container_id'],
-    ['container_id in another case', '/v1/responses', { model: 'gpt-5.1', input: [{ ...made('cntr_b'), Container_Id: containerA }] }, 400, 'unknown_parameter', 'input[0].Container_Id']
+    ['container_id in another case', '/v1/responses', { model: 'gpt-5.1', input: [{ ...made('cntr_b'), Container_Id: containerA }] }, 400, 'unknown_parameter', 'input[0].Container_Id'],
+    // (as a tool's environment: to an upstream that ignores case, `Type`/`Container_Id` name A's container)
+    ['a shell call\'s environment keys in another case', '/v1/responses', { model: 'gpt-5.1', input: [{ ...shell(undefined), environment: { Type: 'container_reference', Container_Id: shellA } }] },
+      400, 'unknown_parameter', 'input[0].environment.Type'],
+    ['as items, its container_id in another case', `/v1/conversations/${conversationB}/items`, { items: [{ ...shell(undefined), environment: { container_ıd: shellA } }] },
+      400, 'unknown_parameter', 'items[0].environment.container_ıd']
   ])
   t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
 

@@ -4,7 +4,7 @@
 // several, each until its expiresAt. Real processes and signals where the behaviour is the process's; the app
 // itself (app.applyConfig) for what a reload does inside.
 import { once } from 'node:events'
-import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { spawn, spawnSync } from 'node:child_process'
 import { request, type IncomingMessage, type ServerResponse } from 'node:http'
@@ -168,6 +168,20 @@ t.test('a SIGUSR2 while the gateway starts (a logrotate run, its Redis not answe
   t.equal((await create(url, KEY_A)).status, 200, 'and it serves')
   child.kill('SIGTERM')
   await exited
+})
+
+// A stop asked while the gateway is still being built (docker stop, a rollout, Ctrl-C, with its Redis slow to
+// answer) is a clean stop too: its audit lock is already taken, and left behind by a process ended by the signal,
+// it would have the next start wait for the lock's heartbeat and write audit.unclean_stop, as after a kill -9.
+t.test('a SIGTERM while the gateway starts (its Redis not answering yet) stops it cleanly once built: exit 0, its audit lock removed, never listening', async t => {
+  const upstream = await fakeUpstream(t)
+  const { child, output, exited, dir } = await startOnSilentRedis(t, upstream.url)
+  t.ok(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit lock is taken while the gateway is being built')
+  child.kill('SIGTERM')
+  const [code, signal] = await exited
+  t.same([code, signal], [0, null], 'exit 0, not ended by the signal')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit lock is removed: the next start takes it at once, with no audit.unclean_stop')
+  t.notMatch(output.text, /Server listening/, 'it never listened')
 })
 
 t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {

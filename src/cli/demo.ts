@@ -24,7 +24,9 @@ export async function demo (args: string[]): Promise<void> {
     audit: { file: '-' }
   }, {}, '(demo)')
   const app = await startServer(config)
-  const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`
+  const address = app.server.address() as AddressInfo | null
+  if (address === null) return // (stopped while starting: Ctrl-C)
+  const url = `http://127.0.0.1:${address.port}`
   console.error(`
 ohmygpt-gateway demo: ${url} in front of a fake OhMyGPT at ${fake.url}
 Authorization: Bearer ${key}

@@ -27,7 +27,7 @@ import { MAX_WHOLE_BYTES, retryHeaders, UpstreamFailure, type Upstream } from '.
 import { decodedBody, TokenScrubber } from '../upstream/scrub.js'
 import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
-import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS } from './responses.js'
+import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS, ENVIRONMENT_KEYS } from './responses.js'
 import {
   addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, upstreamRateLimitHeaders
 } from './proxy.js'
@@ -203,7 +203,7 @@ const ITEM_KEYS = ['type', 'id', 'role', 'content', 'container_id', 'environment
 /**
  * A key the checks read by its exact name, given in another case (`Conversation`, an item's `Type`), is refused
  * (400 unknown_parameter, as OpenAI answers a key it does not know): to an upstream that matches keys without
- * regard to case it would name a conversation, response or item the gateway never checked.
+ * regard to case it would name a conversation, response, item or container the gateway never checked.
  */
 function refuseOtherCases (action: Action, body: unknown): void {
   const keys = CHECKED_KEYS[action]
@@ -214,7 +214,11 @@ function refuseOtherCases (action: Action, body: unknown): void {
   const list = action === 'response.create' ? 'input' : 'items'
   const items = object?.[list]
   if (Array.isArray(items)) {
-    for (let i = 0; found === null && i < items.length; i++) found = otherCaseKey(items[i], ITEM_KEYS, `${list}[${i}].`)
+    // (and a shell call's environment, as a tool's: itemContainers reads its type and container_id)
+    for (let i = 0; found === null && i < items.length; i++) {
+      found = otherCaseKey(items[i], ITEM_KEYS, `${list}[${i}].`) ??
+        otherCaseKey((items[i] as { environment?: unknown } | null)?.environment, ENVIRONMENT_KEYS, `${list}[${i}].environment.`)
+    }
   }
   if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
 }

@@ -17,7 +17,7 @@ import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 export const CHECKED_KEYS = ['model', 'stream', 'background', 'tools'] as const
 /** The keys of each tool that namedContainer reads by their exact names, and those of a tool's `environment`. */
 const TOOL_KEYS = ['type', 'container', 'environment']
-const ENVIRONMENT_KEYS = ['type', 'container_id']
+export const ENVIRONMENT_KEYS = ['type', 'container_id']
 
 /**
  * Where a create's tools name a container by id: a code interpreter's (`"container": "cntr_..."`, anything but an
