@@ -44,8 +44,13 @@ export function observeAnswer (request: FastifyRequest, reader: (body: unknown) 
   request.observeAnswer = before === null ? reader : body => { before(body); reader(body) }
 }
 
-/** The most of an answer streamed past that is kept aside for its readers (observeAnswer). */
+/**
+ * The most of an answer streamed past that is kept aside for its readers (observeAnswer), and of all such answers
+ * at once: past either, the answer goes on unread by them (it is not held back for them).
+ */
 const MAX_OBSERVED_BYTES = 4 * 1024 * 1024
+const MAX_OBSERVED_HELD = 4 * MAX_OBSERVED_BYTES
+let observedHeld = 0
 
 /** `bytes` to the answer's readers, when they are JSON. */
 function observed (request: FastifyRequest, bytes: Buffer): void {
@@ -65,12 +70,27 @@ function observeStreamed (request: FastifyRequest, stream: Readable): void {
   if (request.observeAnswer === null) return
   let chunks: Buffer[] | null = []
   let size = 0
+  const release = () => {
+    observedHeld -= size
+    size = 0
+    chunks = null
+  }
   stream.on('data', (chunk: Buffer) => {
+    if (chunks === null) return
+    if (size + chunk.length > MAX_OBSERVED_BYTES || observedHeld + chunk.length > MAX_OBSERVED_HELD) {
+      release()
+      return
+    }
     size += chunk.length
-    if (size > MAX_OBSERVED_BYTES) chunks = null
-    else chunks?.push(chunk)
+    observedHeld += chunk.length
+    chunks.push(chunk)
   })
-  stream.once('end', () => { if (chunks !== null) observed(request, Buffer.concat(chunks)) })
+  stream.once('end', () => {
+    const whole = chunks
+    release()
+    if (whole !== null) observed(request, Buffer.concat(whole))
+  })
+  stream.once('close', release)
 }
 
 /**
