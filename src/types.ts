@@ -63,6 +63,8 @@ declare module 'fastify' {
     rewriteAnswer: ((body: unknown) => unknown) | null
     /** plugins/proxy.ts (addEventRewrite): the same for each event of a 2xx event stream */
     rewriteEvent: ((data: unknown) => unknown) | null
+    /** plugins/proxy.ts (observeAnswer): what reads a 2xx JSON answer passed on unchanged, once it is whole */
+    observeAnswer: ((body: unknown) => void) | null
     /** plugins/responses.ts: model, stream, response id and tokens of a Responses call (null on other routes) */
     responseFacts: ResponseFacts | null
     /** plugins/rate-limit.ts: the client's token budget as it stood before this call (response.create only) */

@@ -815,6 +815,37 @@ t.test('an item naming a container the gateway did not hand to the caller is ref
   t.equal(admin.status, 200, 'an admin key may name any')
 })
 
+// A conversation's items, listed and passed back into a new response (a fork of the conversation, a retry outside
+// it), hold its code interpreter calls with their containers, as they came: the conversation is the caller's, so the
+// containers its items ran in were the caller's too, whether this process handed out the response that made them or
+// not (a gateway restarted with the in-memory store, a response run in the background and never retrieved).
+t.test('items listed from a conversation of the caller\'s, passed back as they came, are served; to another team, their containers stay refused', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const containerA = 'cntr_llllllllllllllllllllllllllllllll'
+  // A's conversation, whose code interpreter call ran before this gateway started (made as the gateway would).
+  const conversation = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  await fetch(`${upstream.url}/v1/conversations/${conversation}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' },
+    // (its code long enough that the listing streams on as it came, past the 64 KiB read whole)
+    body: JSON.stringify({ items: [{ type: 'code_interpreter_call', id: 'ci_listed1', container_id: containerA, code: `print(1)${' '.repeat(100_000)}`, outputs: [], status: 'completed' }] })
+  })
+  const a = sdk(KEYS.full)
+  const items: unknown[] = []
+  for await (const item of a.conversations.items.list(conversation, { order: 'asc' })) items.push(item)
+  t.match(items, [{ type: 'message' }, { type: 'code_interpreter_call', container_id: containerA }], 'A lists its conversation\'s items')
+  const auto = [{ type: 'code_interpreter' as const, container: { type: 'auto' as const } }]
+  const forked = await a.responses.create({ model: 'gpt-5.1', input: [...items as never[], { role: 'user', content: 'and again' }], tools: auto })
+  t.equal(forked.status, 'completed', 'A\'s listed items, passed back as they came, are served')
+  // An item retrieved alone (read whole), in a fresh gateway: it starts a new conversation of A's.
+  const fresh = await gateway(t, upstream)
+  const retrieved = await fresh.sdk(KEYS.full).conversations.items.retrieve('ci_listed1', { conversation_id: conversation })
+  const again = await fresh.sdk(KEYS.full).conversations.create({ items: [retrieved as never] })
+  t.match(again.id, /^conv_/, 'an item retrieved from it starts a new conversation of A\'s')
+
+  const err = await rejection(sdk(KEYS.other).responses.create({ model: 'gpt-5.1', input: items as never[], tools: auto }))
+  t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[1].container_id' }, 'another team passing them is still refused')
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients

@@ -243,6 +243,30 @@ t.test('a reasoning item handed out by one replica may be passed back through th
   t.equal((await respond(two, KEY_B, input)).status, 400, 'and team-b still refused')
 })
 
+// A code interpreter loop passes its output back as it came, the container its call ran in with it (b2a99ff): a
+// replica serves it when another one handed that output out, as it does the items themselves.
+t.test('a code interpreter call handed out by one replica, passed back through the other, is served to its team only', async t => {
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  upstream.respond = (_req, res, body) => {
+    const { metadata } = JSON.parse(body.toString()) as { metadata?: Record<string, string> }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({
+      id: 'resp_ci', object: 'response', status: 'completed', model: 'gpt-5.1', metadata, usage: { input_tokens: 1, output_tokens: 1, total_tokens: 2 },
+      output: [{ type: 'code_interpreter_call', id: 'ci_r1', container_id: 'cntr_replicaaaaaaaaaaaaaaaaaaaaaaaaaa', code: 'print(1)', outputs: [], status: 'completed' }]
+    }))
+  }
+  const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000 }, 100, { scopes: 'read, write' })
+  const [one, two] = [await replica(), await replica()]
+  const sdk = (r: Replica, key: string) => new OpenAI({ apiKey: key, baseURL: `${r.url}/v1`, maxRetries: 0 })
+  const tools = [{ type: 'code_interpreter' as const, container: { type: 'auto' as const } }]
+  const first = await sdk(one, KEY_A).responses.create({ model: 'gpt-5.1', input: 'run it', tools })
+  const input = [...first.output as never[], { role: 'user' as const, content: 'and again' }]
+  t.equal((await sdk(two, KEY_A).responses.create({ model: 'gpt-5.1', input, tools })).status, 'completed', 'team-a through replica two: served')
+  const refused = await sdk(two, KEY_B).responses.create({ model: 'gpt-5.1', input, tools }).then(() => null, (e: unknown) => e)
+  t.match(refused, { status: 403, code: 'container_not_allowed' }, 'team-b through replica two: refused')
+})
+
 t.test('a reasoning item handed out while Redis was down may be passed back through the other replica once Redis is back', async t => {
   // Redis down (open: served from local buckets), or one replica's connection to it lost a moment: the note of
   // what it handed out did not reach Redis. Once Redis is back, that replica writes it at its next chance;

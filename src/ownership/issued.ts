@@ -137,6 +137,19 @@ export class IssuedItems {
   }
 }
 
+/** The container an item ran in (a code interpreter call's `container_id`, a shell call's `environment.container_id`). */
+function containersOf (item: unknown): string[] {
+  const { container_id: container, environment } = (item ?? {}) as { container_id?: unknown, environment?: unknown }
+  const inEnvironment = (environment as { container_id?: unknown } | null | undefined)?.container_id
+  return [container, inEnvironment].filter((value): value is string => typeof value === 'string')
+}
+
+/** An item's id, and the container it ran in. */
+function itemIds (item: unknown): string[] {
+  const id = (item as { id?: unknown } | null | undefined)?.id
+  return typeof id === 'string' ? [id, ...containersOf(item)] : containersOf(item)
+}
+
 /**
  * The ids of the output items an answer or a streamed event hands out: each item with an id in a response's
  * `output` (an answer, or `response` in an event) or an event's `item`; and the containers those items ran in (a
@@ -145,21 +158,26 @@ export class IssuedItems {
  */
 export function outputIdsIn (object: unknown): string[] {
   const ids: string[] = []
-  const add = (item: unknown) => {
-    const { id, container_id: container, environment } = (item ?? {}) as { id?: unknown, container_id?: unknown, environment?: unknown }
-    if (typeof id === 'string') ids.push(id)
-    if (typeof container === 'string') ids.push(container)
-    const inEnvironment = (environment as { container_id?: unknown } | null | undefined)?.container_id
-    if (typeof inEnvironment === 'string') ids.push(inEnvironment)
-  }
   const outputOf = (value: unknown) => {
     const output = (value as { output?: unknown } | null)?.output
-    if (Array.isArray(output)) output.forEach(add)
+    if (Array.isArray(output)) output.forEach(item => ids.push(...itemIds(item)))
   }
   if (object === null || typeof object !== 'object') return ids
   outputOf(object)
   const { response, item } = object as { response?: unknown, item?: unknown }
   outputOf(response)
-  if (item !== null && typeof item === 'object') add(item)
+  if (item !== null && typeof item === 'object') ids.push(...itemIds(item))
   return ids
+}
+
+/**
+ * The containers the items of a listing of an owned object's items ran in (a conversation's items, a response's
+ * input items: `data`), or an item retrieved alone: a client forking a conversation passes them back as they came.
+ * (Not the items' ids: an item's id in a conversation is what its creator gave, and says nothing of who it went to.)
+ */
+export function listedContainersIn (object: unknown): string[] {
+  if (object === null || typeof object !== 'object') return []
+  const { object: kind, data } = object as { object?: unknown, data?: unknown }
+  if (kind === 'list') return Array.isArray(data) ? data.flatMap(containersOf) : []
+  return containersOf(object)
 }

@@ -22,14 +22,14 @@ import {
   conversationParam, createBody, folded, isObject, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
   type Owned, type Owner
 } from '../ownership/owners.js'
-import { outputIdsIn, type Issued, type IssuedItems } from '../ownership/issued.js'
+import { listedContainersIn, outputIdsIn, type Issued, type IssuedItems } from '../ownership/issued.js'
 import { MAX_WHOLE_BYTES, retryHeaders, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import { decodedBody, TokenScrubber } from '../upstream/scrub.js'
 import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS, ENVIRONMENT_KEYS } from './responses.js'
 import {
-  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, upstreamRateLimitHeaders
+  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, observeAnswer, upstreamRateLimitHeaders
 } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -47,6 +47,9 @@ export interface OwnershipOptions {
 const ANSWERS_AN_OWNED_OBJECT = new Set<Action>([
   'conversation.retrieve', 'conversation.update', 'item.delete', 'response.retrieve', 'response.cancel'
 ])
+
+/** Calls answered with items of an owned object, which its owner may pass back as they came (check, below). */
+const LISTS_OWNED_ITEMS = new Set<Action>(['item.list', 'item.retrieve', 'response.input_items'])
 
 /** Lookup answers that mean no such object: not found, and an id the upstream refuses (400, 422). */
 const MISSING_STATUSES = new Set([400, 404, 422])
@@ -443,14 +446,19 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * nothing to the admin; an unowned response's items stay no one's).
    */
   function noteHandedOut (request: FastifyRequest): void {
-    const note = (object: unknown) => {
+    const note = noteAsOwners(request, outputIdsIn)
+    addAnswerRewrite(request, note)
+    addEventRewrite(request, note)
+  }
+
+  /** Notes the ids `idsIn` finds in an answer as those of the owner of the object the call was on. */
+  function noteAsOwners (request: FastifyRequest, idsIn: (object: unknown) => string[]) {
+    return (object: unknown) => {
       const owner = request.ownerId
-      const ids = owner === null ? [] : outputIdsIn(object)
+      const ids = owner === null ? [] : idsIn(object)
       if (ids.length > 0) issued.note(ids, owner!)
       return object
     }
-    addAnswerRewrite(request, note)
-    addEventRewrite(request, note)
   }
 
   /** The containers a create's items name (itemContainers) must each be one the gateway handed to `client`. */
@@ -575,6 +583,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) hideOwner(request)
     // (A cancel answers with the output made so far, as a retrieve does: a background response's client may see it first there.)
     if (op.action === 'response.retrieve' || op.action === 'response.cancel') noteHandedOut(request)
+    // The items of an owned conversation (or a response's input items) are its owner's to pass back as they came,
+    // the containers they ran in included, whoever made them and whenever (before a restart, in the background):
+    // those containers are noted as the owner's.
+    // (Read as the answer passes: a listing streams on as it came, however long.)
+    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, noteAsOwners(request, listedContainersIn))
 
     if (op.responseId !== null) {
       const responseId = op.responseId

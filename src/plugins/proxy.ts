@@ -33,6 +33,66 @@ export interface ProxyOptions {
  * the stream is ended with an error event.
  */
 const MAX_EVENT_BYTES = MAX_WHOLE_BYTES
+
+/**
+ * Adds a reader of a 2xx JSON answer the gateway passes on unchanged (a conversation's items listed): unlike a
+ * rewrite, it does not make the gateway read the answer whole before passing it on. It sees the answer once whole,
+ * before the client has its last bytes; one longer than MAX_OBSERVED_BYTES, or that is not JSON, it does not see.
+ */
+export function observeAnswer (request: FastifyRequest, reader: (body: unknown) => void): void {
+  const before = request.observeAnswer
+  request.observeAnswer = before === null ? reader : body => { before(body); reader(body) }
+}
+
+/**
+ * The most of an answer streamed past that is kept aside for its readers (observeAnswer), and of all such answers
+ * at once: past either, the answer goes on unread by them (it is not held back for them).
+ */
+const MAX_OBSERVED_BYTES = 4 * 1024 * 1024
+const MAX_OBSERVED_HELD = 4 * MAX_OBSERVED_BYTES
+let observedHeld = 0
+
+/** `bytes` to the answer's readers, when they are JSON. */
+function observed (request: FastifyRequest, bytes: Buffer): void {
+  const reader = request.observeAnswer
+  if (reader === null) return
+  let body: unknown
+  try {
+    body = JSON.parse(bytes.toString('utf8'))
+  } catch {
+    return
+  }
+  reader(body)
+}
+
+/** The answer `stream` (being passed on) to its readers once it has ended, unless it went past MAX_OBSERVED_BYTES. */
+function observeStreamed (request: FastifyRequest, stream: Readable): void {
+  if (request.observeAnswer === null) return
+  let chunks: Buffer[] | null = []
+  let size = 0
+  const release = () => {
+    observedHeld -= size
+    size = 0
+    chunks = null
+  }
+  stream.on('data', (chunk: Buffer) => {
+    if (chunks === null) return
+    if (size + chunk.length > MAX_OBSERVED_BYTES || observedHeld + chunk.length > MAX_OBSERVED_HELD) {
+      release()
+      return
+    }
+    size += chunk.length
+    observedHeld += chunk.length
+    chunks.push(chunk)
+  })
+  stream.once('end', () => {
+    const whole = chunks
+    release()
+    if (whole !== null) observed(request, Buffer.concat(whole))
+  })
+  stream.once('close', release)
+}
+
 /**
  * An upstream error answer is read whole, to take the token out of it (upstream/scrub.ts), within these bounds;
  * past either it could not be searched, and the client gets 502. Error answers are a few hundred bytes, sent at once.
@@ -338,6 +398,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
   app.decorateRequest('upstreamCall', null)
   app.decorateRequest('rewriteAnswer', null)
   app.decorateRequest('rewriteEvent', null)
+  app.decorateRequest('observeAnswer', null)
 
   // Our route handler hands the call to reply.from, which calls its dispatcher in the same tick: the request
   // travels from one to the other under its own id, which also goes upstream as x-client-request-id.
@@ -420,6 +481,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       raw = scrub.bytes(raw)
       parsed = parseExact(raw.toString('utf8'))
       rewritten = rewrite(hasEscapes(raw) ? scrub.json(parsed) : parsed)
+      request.observeAnswer?.(rewritten)
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
@@ -470,6 +532,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       mayBeDoneUpstream(request.method, reply)
       out.destroy(readFailure(err))
     })
+    observeStreamed(request, res.stream) // (piped already: no chunk goes past unread)
     searched.pipe(out)
     out.once('close', () => { searched.destroy() })
     reply.send(out)
@@ -509,6 +572,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
+    observed(request, decoded)
     const scrubbed = scrubbedJson(scrub.bytes(decoded))
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
