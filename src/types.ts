@@ -5,6 +5,7 @@ import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
 import type { ResponseFacts } from './responses/usage.js'
 import type { AuditObserver, ResponseWatch } from './plugins/audit.js'
+import type { AnswerReader } from './plugins/proxy.js'
 import type { HealthDetails } from './plugins/health.js'
 import type { ConfigChange } from './reload.js'
 import type { RateLimitResult } from './stores/rate-limit-store.js'
@@ -64,7 +65,7 @@ declare module 'fastify' {
     /** plugins/proxy.ts (addEventRewrite): the same for each event of a 2xx event stream */
     rewriteEvent: ((data: unknown) => unknown) | null
     /** plugins/proxy.ts (observeAnswer): what reads a 2xx JSON answer passed on unchanged, once it is whole */
-    observeAnswer: ((body: unknown) => void) | null
+    observeAnswer: AnswerReader[] | null
     /** plugins/responses.ts: model, stream, response id and tokens of a Responses call (null on other routes) */
     responseFacts: ResponseFacts | null
     /** plugins/rate-limit.ts: the client's token budget as it stood before this call (response.create only) */

@@ -587,7 +587,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // the containers they ran in included, whoever made them and whenever (before a restart, in the background):
     // those containers are noted as the owner's.
     // (Read as the answer passes: a listing streams on as it came, however long.)
-    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, noteAsOwners(request, listedContainersIn))
+    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, { mentions: '"container_id"', read: noteAsOwners(request, listedContainersIn) })
 
     if (op.responseId !== null) {
       const responseId = op.responseId

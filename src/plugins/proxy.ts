@@ -34,14 +34,26 @@ export interface ProxyOptions {
  */
 const MAX_EVENT_BYTES = MAX_WHOLE_BYTES
 
+/** A reader of an answer passed on unchanged (observeAnswer), and the text the answer must hold for it to care. */
+export interface AnswerReader {
+  /** read only an answer whose bytes hold this (as the upstream writes it, unescaped): most hold nothing of interest */
+  mentions: string
+  read: (body: unknown) => void
+}
+
 /**
  * Adds a reader of a 2xx JSON answer the gateway passes on unchanged (a conversation's items listed): unlike a
  * rewrite, it does not make the gateway read the answer whole before passing it on. It sees the answer once whole,
- * before the client has its last bytes; one longer than MAX_OBSERVED_BYTES, or that is not JSON, it does not see.
+ * before the client has its last bytes, if the answer mentions what it looks for (parsed only then: the hot path's
+ * listings mention nothing); one longer than MAX_OBSERVED_BYTES, or that is not JSON, it does not see.
  */
-export function observeAnswer (request: FastifyRequest, reader: (body: unknown) => void): void {
-  const before = request.observeAnswer
-  request.observeAnswer = before === null ? reader : body => { before(body); reader(body) }
+export function observeAnswer (request: FastifyRequest, reader: AnswerReader): void {
+  (request.observeAnswer ??= []).push(reader)
+}
+
+/** The readers of `request`'s answer that its bytes (or its text) concern. */
+function readersOf (request: FastifyRequest, answer: Buffer | string): AnswerReader[] {
+  return request.observeAnswer?.filter(reader => answer.includes(reader.mentions)) ?? []
 }
 
 /**
@@ -52,17 +64,18 @@ const MAX_OBSERVED_BYTES = 4 * 1024 * 1024
 const MAX_OBSERVED_HELD = 4 * MAX_OBSERVED_BYTES
 let observedHeld = 0
 
-/** `bytes` to the answer's readers, when they are JSON. */
+/** `bytes` to the answer's readers it concerns, when they are JSON. */
 function observed (request: FastifyRequest, bytes: Buffer): void {
-  const reader = request.observeAnswer
-  if (reader === null) return
+  if (request.observeAnswer === null) return
+  const readers = readersOf(request, bytes)
+  if (readers.length === 0) return
   let body: unknown
   try {
     body = JSON.parse(bytes.toString('utf8'))
   } catch {
     return
   }
-  reader(body)
+  for (const reader of readers) reader.read(body)
 }
 
 /** The answer `stream` (being passed on) to its readers once it has ended, unless it went past MAX_OBSERVED_BYTES. */
@@ -481,7 +494,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       raw = scrub.bytes(raw)
       parsed = parseExact(raw.toString('utf8'))
       rewritten = rewrite(hasEscapes(raw) ? scrub.json(parsed) : parsed)
-      request.observeAnswer?.(rewritten)
+      if (request.observeAnswer !== null) for (const reader of readersOf(request, raw)) reader.read(rewritten)
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
