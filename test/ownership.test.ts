@@ -846,6 +846,58 @@ t.test('items listed from a conversation of the caller\'s, passed back as they c
   t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[1].container_id' }, 'another team passing them is still refused')
 })
 
+// The same items passed back into the conversation they came from, without listing it first: a gateway restarted
+// with the in-memory store knows nothing of their containers, but the item each is in the caller's conversation
+// says it. The item is looked up there by its id (as an item reference is), only when its container is one the
+// gateway does not know as the caller's.
+t.test('an item passed back into the caller\'s own conversation, naming a container it holds an item of, is served without a listing first; a made-up one is still refused', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const containerA = 'cntr_rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr'
+  const shellA = 'cntr_hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh'
+  // A's conversation, whose calls ran before this gateway started (made as the gateway would).
+  const conversation = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const ran = { type: 'code_interpreter_call', id: 'ci_before', container_id: containerA, code: 'print(1)', outputs: [], status: 'completed' }
+  const shell = { type: 'shell_call', id: 'sh_before', call_id: 'call_b', action: { commands: ['ls'] }, environment: { type: 'container_reference', container_id: shellA }, status: 'completed' }
+  await fetch(`${upstream.url}/v1/conversations/${conversation}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ items: [ran, shell] })
+  })
+  const a = sdk(KEYS.full)
+  const auto = [{ type: 'code_interpreter' as const, container: { type: 'auto' as const } }]
+  const lookups = () => upstream.requests.filter(r => r.method === 'GET' && r.url.includes('/items/')).map(r => r.url.replace(conversation, 'conv_a'))
+
+  const answered = await a.responses.create({ model: 'gpt-5.1', conversation, input: [ran as never, { role: 'user', content: 'and again' }], tools: auto })
+  t.equal(answered.status, 'completed', 'responses.create({conversation}) with its code interpreter call passed back: served')
+  t.same(lookups(), ['/v1/conversations/conv_a/items/ci_before'], 'its item looked up in the conversation, once')
+  const added = await a.conversations.items.create(conversation, { items: [shell as never] })
+  t.equal(added.object, 'list', 'conversations.items.create with its shell call: served')
+  t.same(lookups().slice(1), ['/v1/conversations/conv_a/items/sh_before'])
+  await a.responses.create({ model: 'gpt-5.1', conversation, input: [ran as never, shell as never], tools: auto })
+  t.equal(lookups().length, 2, 'containers vouched for once are known: no lookup the next time')
+  const noContainer = await a.responses.create({ model: 'gpt-5.1', conversation, input: 'plain' })
+  t.equal(noContainer.status, 'completed')
+  t.equal(lookups().length, 2, 'a call that names no container looks nothing up')
+
+  // Made up: a container the conversation holds no item of, or an item of it with another container.
+  const fresh = await gateway(t, upstream)
+  const b = fresh.sdk(KEYS.full)
+  const refusals: Array<[string, unknown]> = [
+    ['an item the conversation does not hold', { ...ran, id: 'ci_madeup', container_id: 'cntr_madeup000000000000000000000000' }],
+    ['an item it holds, with another container', { ...ran, container_id: 'cntr_other0000000000000000000000000' }],
+    ['an item without an id', { ...ran, id: undefined }]
+  ]
+  for (const [what, item] of refusals) {
+    const err = await rejection(b.responses.create({ model: 'gpt-5.1', conversation, input: [item as never], tools: auto }))
+    t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[0].container_id' }, `${what}: refused`)
+  }
+  // Another team's conversation is not one to vouch from: B's own conversation holding an item named after A's.
+  const conversationB = await createUpstream(upstream, { gateway_owner: 'team-other' })
+  const err = await rejection(fresh.sdk(KEYS.other).responses.create({ model: 'gpt-5.1', conversation: conversationB, input: [ran as never], tools: auto }))
+  t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[0].container_id' }, 'B passing A\'s item into its own conversation: refused')
+  t.match(fresh.gw.audit().at(-1), { status: 403, outcome: 'denied', clientId: 'team-other' })
+  t.equal(gw.audit().filter(r => r.status === 403).length, 0)
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients

@@ -717,7 +717,16 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         () => request.responseFacts?.mustEnd === true && !request.responseFacts.ended ? STREAM_BROKEN_EVENT : null,
         // A connection that breaks once the last event has passed (a relay dropping it when the answer seems done)
         // took nothing from the client.
-        () => request.responseFacts?.ended === true)
+        () => request.responseFacts?.ended === true,
+        // Once that last event has passed, the answer is whole: the client's stream ends there, as OpenAI's does,
+        // and the upstream is let go of, whether or not it holds its connection open after it (the SDKs would
+        // wait on it, up to generationTimeoutMs, before handing the client a response it already has).
+        () => {
+          res.stream.unpipe(events)
+          answeredWhole(res.stream)
+          res.stream.destroy()
+          events.end()
+        })
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
         // the SDKs raise as their APIError (a bare "terminated" otherwise), written at an event boundary (the
         // rewriter passes whole events only), after the events that came before the break; then its answer is

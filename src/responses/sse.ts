@@ -71,6 +71,14 @@ export class SseRewriter extends Transform {
    * an SDK user would take the whole response for a failed one, and generate it again).
    */
   readonly #ended: () => boolean
+  /**
+   * Told once the stream's last event has passed (`ended`), after which nothing more is taken or goes out: the
+   * upstream is let go of and the stream ended there (an upstream that holds its connection open after the answer
+   * would otherwise hold the client's stream open too, as long as it is silent for less than its timeout).
+   */
+  readonly #over: () => void
+  /** the stream's last event has passed */
+  #lastPassed = false
   /** cut(): nothing more goes out */
   #cut = false
   /** _flush has run: what the stream ends with has gone out */
@@ -89,12 +97,13 @@ export class SseRewriter extends Transform {
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
     passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null,
-    ended: () => boolean = () => false) {
+    ended: () => boolean = () => false, over: () => void = () => {}) {
     super()
     this.#rewrite = rewrite
     this.#passing = passing
     this.#unfinished = unfinished
     this.#ended = ended
+    this.#over = over
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
     this.#maxEventMs = maxEventMs
@@ -107,7 +116,7 @@ export class SseRewriter extends Transform {
    * is not over yet: those slices do not go out, the event does.
    */
   cut (event: Buffer): boolean {
-    if (this.#cut || this.destroyed || this.#flushed) return false
+    if (this.#cut || this.#lastPassed || this.destroyed || this.#flushed) return false
     this.#cut = true
     this.#stopEventClock()
     this.push(event)
@@ -120,7 +129,7 @@ export class SseRewriter extends Transform {
    * if whole), unless its last event had come (`ended`). An event the break cut in two is not passed on.
    */
   breakOff (event: Buffer, err: Error): void {
-    if (this.#cut || this.destroyed || this.#brokenOff !== null) return
+    if (this.#cut || this.#lastPassed || this.destroyed || this.#brokenOff !== null) return
     this.#brokenOff = { event, err }
     if (!this.writableEnded) this.end()
   }
@@ -136,7 +145,7 @@ export class SseRewriter extends Transform {
    * `done`, the upstream's next chunks wait in the writable side, which pauses the upstream once full.
    */
   #slice (chunk: Buffer, from: number, done: TransformCallback): void {
-    if (this.#cut || this.destroyed) {
+    if (this.#cut || this.#lastPassed || this.destroyed) {
       done()
       return
     }
@@ -149,6 +158,11 @@ export class SseRewriter extends Transform {
       return
     }
     const readOn = this.#pushOut()
+    if (this.#lastPassed) {
+      done()
+      this.#over()
+      return
+    }
     if (this.#held > 0 && this.#eventClock === null && this.#maxEventMs !== Infinity) this.#startEventClock()
     if (at === chunk.length && !this.#sliceSpent()) {
       done()
@@ -210,6 +224,10 @@ export class SseRewriter extends Transform {
     this.#stopEventClock()
     // A stream cut is not ended as if whole: its connection is closed after the event (app.abortInFlight).
     if (this.#cut) return
+    if (this.#lastPassed) {
+      done()
+      return
+    }
     if (this.#brokenOff !== null) {
       if (this.#ended()) {
         done()
@@ -306,6 +324,7 @@ export class SseRewriter extends Transform {
       this.#held += end - start + PIECE_COST
       const passed = this.#endLine()
       start = end
+      if (this.#lastPassed) return chunk.length
       if (passed && start < chunk.length && this.#sliceSpent()) return start
     }
     if (start < chunk.length) {
@@ -332,6 +351,8 @@ export class SseRewriter extends Transform {
     if (!isBlank(line)) return false
     this.#passOn(this.#rewritten(this.#event))
     this.#event = []
+    // (asked after the rewrite, which has read the event)
+    if (this.#ended()) this.#lastPassed = true
     return true
   }
 
