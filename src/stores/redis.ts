@@ -50,9 +50,13 @@ const PROBE_KEY = '@probe'
 const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
 
 /**
- * KEYS[1]: the bucket, a hash {tokens, at}. ARGV: mode (take | charge | peek), requestsPerMinute, burst, and
- * the cost (take) or amount (charge), TOKEN_EPSILON. Returns {allowed 1|0, tokens as text (fractions kept)}.
- * The same arithmetic as refill() and take/charge in memory.ts. `at` becomes the server's `now` on every write,
+ * KEYS[1]: the bucket, a hash {tokens, at, rpm, burst}. ARGV: mode (take | charge | peek), requestsPerMinute, burst,
+ * and the cost (take) or amount (charge), TOKEN_EPSILON. Returns {allowed 1|0, tokens as text (fractions kept)}.
+ * The same arithmetic as refill() and take/charge in memory.ts. The time since the last write refills at the rate
+ * and up to the burst the bucket was written with (`rpm`, `burst`; a bucket without them, written by an older
+ * gateway, at the caller's), then the caller's burst caps it: replicas reloaded in turn, the second finds the bucket
+ * the first wrote under the new limits, and its own call under the old ones must not refill that time at the old
+ * rate (a lowered rate would hand out a fresh burst). `at` becomes the server's `now` on every write,
  * so a server clock stepped backwards refills nothing and locks nobody out (a lowered burst still caps the tokens,
  * as refill() does). The key expires when the bucket would be full again: an expired bucket and a full one are the
  * same, so Redis holds only buckets in use.
@@ -68,13 +72,15 @@ local n = tonumber(ARGV[4])
 local epsilon = tonumber(ARGV[5])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'rpm', 'burst')
 local tokens = tonumber(state[1])
 local at = tonumber(state[2])
 if tokens == nil or at == nil then
   tokens = burst
 else
-  tokens = math.min(burst, tokens + math.max(0, now - at) * perMs)
+  local wasPerMs = (tonumber(state[3]) or tonumber(ARGV[2])) / 60000
+  local wasBurst = tonumber(state[4]) or burst
+  tokens = math.min(burst, math.min(wasBurst, tokens + math.max(0, now - at) * wasPerMs))
 end
 if mode == 'peek' then
   return { tokens + epsilon >= 1 and 1 or 0, string.format('%.17g', tokens) }
@@ -87,7 +93,7 @@ elseif tokens + epsilon >= n then
 else
   allowed = 0
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', now)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', now, 'rpm', ARGV[2], 'burst', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((burst - tokens) / perMs) + 1000, 1e12))
 return { allowed, string.format('%.17g', tokens) }
 `
