@@ -821,6 +821,22 @@ t.test('/readyz: 503 "store_unavailable" while Redis is disconnected and store.o
   t.match(await probe(closed, '/healthz'), [200, { store: 'ok' }])
 })
 
+t.test('/readyz: a Redis that stops answering (paused, stuck in a long command) with no call coming is found out by the store itself: 503 "store_unavailable", then ready again', async t => {
+  // A replica just started, or with no traffic yet, would otherwise say ready while every call it gets is refused.
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const closed = await startGateway(t, ...withoutOwnership(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' } }))
+  const readyz = async () => { const res = await fetch(`${closed.url}/readyz`); return [res.status, await res.json()] as const }
+  t.same(await readyz(), [200, { status: 'ready' }])
+  redis.pause()
+  await eventually(async () => (await readyz())[0] === 503, 'not ready, with no call made')
+  t.same(await readyz(), [503, { status: 'store_unavailable' }])
+  t.same(closed.audit(), [], 'no call was made')
+  redis.resume()
+  await eventually(async () => (await readyz())[0] === 200, 'ready again once Redis answers')
+  t.equal((await call(closed.url, 'GET', '/v1/conversations/conv_1/items')).status, 404, 'and calls are admitted (the upstream\'s 404 for an unknown id)')
+})
+
 t.test('check-config refuses a client with both key forms, or neither', async t => {
   const base = { upstream: { baseUrls: ['http://x'], apiKey: 'k' } }
   const both = { id: 'a', keySha256: keyDigest(KEYS.full), keys: [{ id: 'k', sha256: keyDigest(KEY_A) }], scopes: ['read'] }

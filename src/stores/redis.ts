@@ -6,7 +6,8 @@
 // Redis down or slow never holds an answer longer than `timeoutMs`: commands time out, nothing waits in an
 // offline queue, and while disconnected a call fails at once. Then `onFailure` decides: `open` serves the call
 // from a local in-memory bucket, `closed` refuses it (StoreUnavailableError → 503). The client reconnects by
-// itself, also away from a node that a failover turned read-only; the outage is logged once when it starts, at
+// itself, also away from a node that a failover turned read-only, and asks Redis something every second, calls or
+// none, so that a Redis that stops answering is found out without a call; the outage is logged once when it starts, at
 // most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis, ReplyError } from 'ioredis'
@@ -43,8 +44,11 @@ const RECONNECT_MAX_MS = 1_000
 const CONNECT_TIMEOUT_MS = 2_000
 /** A connection with commands outstanding and no byte back for this long is dropped and made again. */
 const STALL_MS = 2_000
-/** While Redis refuses the bucket script, it is asked again this often, with or without calls (see available()). */
-const PROBE_MS = 1_000
+/**
+ * Redis is asked something this often while connected, with or without calls (see #beat): while it refuses the
+ * bucket script, the script again; else a PING, which a Redis that has stopped answering leaves unanswered.
+ */
+const HEARTBEAT_MS = 1_000
 /** The probe's key: `@` is in no client id, so it is no client's bucket. It expires a second after each probe. */
 const PROBE_KEY = '@probe'
 const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
@@ -161,7 +165,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   #noSuchDb = false
   /** Redis answered the last call with an error (OOM under noeviction, no EVALSHA for this user...); see available(). */
   #refusing = false
-  #probe: NodeJS.Timeout | null = null
+  readonly #heartbeat: NodeJS.Timeout
+  /** the heartbeat's question is unanswered: one at a time, however long Redis takes */
+  #asking = false
   /** A READONLY answer has asked for a new connection; the others on this one need not ask again. */
   #leavingReadOnly = false
 
@@ -211,6 +217,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       this.#outage.failed(reason, false)
     })
     this.#redis.on('ready', () => { if (!this.#noSuchDb) this.#outage.recovered() })
+    this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
   async #firstConnection (): Promise<void> {
@@ -308,32 +315,34 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    * Redis answered with an error: it is connected but refuses the script (a write under maxmemory with the default
    * noeviction policy, a user without EVALSHA...). Every call would fail the same way, so the store is unavailable
    * until Redis runs the script again. With onFailure closed that takes the replica out of rotation, where no call
-   * comes to find Redis healthy again: a probe asks every PROBE_MS until it does.
+   * comes to find Redis healthy again: the heartbeat asks with the script until it does.
    */
   #refused (): void {
     this.#refusing = true
-    if (this.#probe !== null) return
-    let asking = false // one probe at a time, however long store.timeoutMs is
-    this.#probe = setInterval(() => {
-      if (asking || this.#redis.status !== 'ready') return // a lost connection: the reconnect finds out
-      asking = true
-      this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
-        .then(() => {
-          this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
-          this.#accepted()
-        }, () => {})
-        .finally(() => { asking = false })
-    }, PROBE_MS).unref()
   }
 
   #accepted (): void {
     this.#refusing = false
-    this.#stopProbe()
   }
 
-  #stopProbe (): void {
-    if (this.#probe !== null) clearInterval(this.#probe)
-    this.#probe = null
+  /**
+   * Asks Redis something while connected, calls or none. A Redis that stops answering (paused, stuck in a long
+   * command) leaves only a question outstanding unanswered, and only then is its connection dropped (socketTimeout):
+   * without this, a replica with no calls yet (just started, or out of rotation) would stay available, and ready,
+   * until its first call was refused. While Redis refuses the script, the question is the script (on a key that is
+   * no client's bucket), whose answer ends the refusal.
+   */
+  #beat (): void {
+    if (this.#asking || this.#redis.status !== 'ready') return // (a lost connection: the reconnect finds out)
+    this.#asking = true
+    const asked = this.#refusing
+      ? this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
+        .then(() => {
+          this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
+          this.#accepted()
+        })
+      : this.#redis.ping()
+    asked.catch(() => {}).finally(() => { this.#asking = false })
   }
 
   /**
@@ -346,7 +355,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   }
 
   async close (): Promise<void> {
-    this.#stopProbe()
+    clearInterval(this.#heartbeat)
     this.#redis.disconnect()
     await this.#fallback.close()
   }
