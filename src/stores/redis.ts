@@ -12,6 +12,7 @@
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis, ReplyError } from 'ioredis'
 import type { SharedNotes } from '../ownership/issued.js'
+import { StartupError } from '../preflight.js'
 import { MemoryStore } from './memory.js'
 import {
   checkCost, describe, StoreUnavailableError, TOKEN_EPSILON, type BucketRule, type RateLimitResult, type RateLimitStore
@@ -102,6 +103,21 @@ redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((burst - tokens) / perMs) + 10
 return { allowed, string.format('%.17g', tokens) }
 `
 
+/** A first connection refused with one of these (the user or password in store.url) is never accepted by reconnecting. */
+const AUTH_REFUSED = /^(?:WRONGPASS|NOAUTH)\b/
+const CLUSTER_SLOTS = 16_384
+
+/** How many hash slots the node marked `myself` in a CLUSTER NODES answer serves itself. */
+function slotsServed (nodes: string): number {
+  const mine = nodes.split('\n').map(line => line.split(' ')).find(fields => fields[2]?.split(',').includes('myself'))
+  let served = 0
+  for (const range of mine?.slice(8) ?? []) {
+    const [first, last = first] = range.split('-').map(Number)
+    if (Number.isInteger(first) && Number.isInteger(last)) served += last! - first! + 1 // ("[slot->-node]": migrating, not counted)
+  }
+  return served
+}
+
 type Mode = 'take' | 'charge' | 'peek'
 interface BucketCommand {
   ogwBucket (key: string, mode: Mode, requestsPerMinute: number, burst: number, n: number, epsilon: number): Promise<[number, string]>
@@ -171,10 +187,20 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   /** A READONLY answer has asked for a new connection; the others on this one need not ask again. */
   #leavingReadOnly = false
 
-  /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
+  /**
+   * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
+   * start (it may come back); one that answers, and can never hold the buckets as given, does (StartupError): it
+   * refuses the credentials in store.url, or it is a read-only replica, or a Redis Cluster node that does not serve
+   * every slot itself. Those would otherwise start a gateway whose every call is refused (closed) or served from
+   * local buckets only (open), said only in warnings.
+   */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
     const store = new RedisStore(options)
-    await store.#firstConnection()
+    const problem = await store.#firstConnection()
+    if (problem !== null) {
+      await store.close()
+      throw new StartupError(`store.url: ${problem}`)
+    }
     return store
   }
 
@@ -220,17 +246,43 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
-  async #firstConnection (): Promise<void> {
-    if (this.#redis.status === 'ready') return
-    await new Promise<void>(resolve => {
-      const done = () => {
-        clearTimeout(timer)
-        this.#redis.off('ready', done).off('error', done)
-        resolve()
+  /** Why this Redis can never hold the buckets (see connect), or null: connected, or not (yet) reachable. */
+  async #firstConnection (): Promise<string | null> {
+    const connected = () => this.#redis.status === 'ready'
+    if (!connected()) {
+      const failure = await new Promise<unknown>(resolve => {
+        const done = (err?: unknown) => {
+          clearTimeout(timer)
+          this.#redis.off('ready', done).off('error', done)
+          resolve(err ?? null)
+        }
+        const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
+        this.#redis.once('ready', done).once('error', done)
+      })
+      if (failure !== null && AUTH_REFUSED.test(reasonOf(failure))) {
+        return `Redis refused the user or password given in it (${reasonOf(failure)})`
       }
-      const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
-      this.#redis.once('ready', done).once('error', done)
-    })
+      if (!connected()) return null
+    }
+    return await this.#notOneServer()
+  }
+
+  /** A read-only replica, or a cluster node that leaves some slots to other nodes: why, or null. */
+  async #notOneServer (): Promise<string | null> {
+    let info: string
+    try {
+      info = await this.#redis.info() // (bounded: a Redis that stops answering loses its connection, see STALL_MS)
+    } catch {
+      return null // a user not allowed INFO, or a Redis gone again: nothing known against it
+    }
+    if (/^role:slave\b/m.test(info)) {
+      return 'it leads to a read-only replica (role: slave), which refuses every bucket write: give the primary\'s address'
+    }
+    if (!/^cluster_enabled:1\b/m.test(info)) return null
+    const served = slotsServed(String(await this.#redis.call('CLUSTER', 'NODES').catch(() => '')))
+    if (served === CLUSTER_SLOTS) return null // (a cluster of one shard: every key is this node's)
+    return `it leads to a Redis Cluster node serving ${served} of the ${CLUSTER_SLOTS} slots: the calls of every client ` +
+      'whose bucket another node holds would be refused (MOVED); give one Redis server, not a cluster'
   }
 
   /** The script's answer, or null when Redis failed and the call is to be served locally (`open`). */
