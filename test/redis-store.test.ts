@@ -235,6 +235,31 @@ t.test('a password in the URL authenticates, and is never logged; a wrong one re
     'its connection closed (only the probe itself is connected)')
 })
 
+t.test('an ACL user that may not run the bucket script (or a command in it), or whose keys leave out store.keyPrefix, refuses the start; one with what it needs is served', async t => {
+  const redis = await startRedis(t, { password: 'admin-pw' })
+  const port = redis.port
+  const user = async (name: string, rules: string) => {
+    t.match(await redis.command(`ACL SETUSER ${name} on >pw-${name} ${rules}`), /OK/)
+    return `redis://${name}:pw-${name}@127.0.0.1:${port}/0`
+  }
+  const needs = '+evalsha +eval +script +time +hmget +hset +pexpire +set +mget +ping +hello +auth'
+  const refused = {
+    'no EVALSHA or EVAL': await user('noscript', `~ogw:* ${needs.replace('+evalsha +eval ', '')}`),
+    'no HSET, which the script calls': await user('nohset', `~ogw:* ${needs.replace('+hset ', '')}`),
+    'no SET, for the notes of items handed out': await user('noset', `~ogw:* ${needs.replace('+set ', '')}`),
+    'keys of another prefix only': await user('otherkeys', '~other:* +@all')
+  }
+  for (const [what, url] of Object.entries(refused)) {
+    await t.rejects(RedisStore.connect({ url, timeoutMs: 2000, onFailure: 'open', log: recorder() }),
+      { message: /^store\.url: the user given in it may not run what the gateway needs \((NOPERM|ERR The user executing the script can't run)/ }, what)
+  }
+  const enough = await user('gateway', `~ogw:* ${needs}`) // (not INFO either: ioredis skips its ready check, and says so)
+  const log = recorder()
+  const s = await RedisStore.connect({ url: enough, timeoutMs: 2000, onFailure: 'closed', log })
+  t.teardown(() => s.close())
+  t.equal((await s.take('a', SLOW)).allowed, true, 'what it needs, and nothing more: served from the shared bucket')
+})
+
 t.test('a read-only replica, or a Redis Cluster node that leaves slots to other nodes, refuses the start; a cluster of one shard serves', async t => {
   const primary = await startRedis(t)
   const replica = await startRedis(t)

@@ -105,6 +105,8 @@ return { allowed, string.format('%.17g', tokens) }
 
 /** A first connection refused with one of these (the user or password in store.url) is never accepted by reconnecting. */
 const AUTH_REFUSED = /^(?:WRONGPASS|NOAUTH)\b/
+/** An ACL refusal: of a command itself (NOPERM), or of one a script calls, or of a key outside the user's patterns. */
+const NOT_PERMITTED = /^NOPERM\b|can't run this command|no permissions to access/
 const CLUSTER_SLOTS = 16_384
 
 /** How many hash slots the node marked `myself` in a CLUSTER NODES answer serves itself. */
@@ -264,7 +266,25 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       }
       if (!connected()) return null
     }
-    return await this.#notOneServer()
+    return await this.#notOneServer() ?? await this.#notPermitted()
+  }
+
+  /**
+   * The user in store.url may not run what every call runs (an ACL user without EVALSHA, or without a command the
+   * script calls: TIME, HMGET, HSET, PEXPIRE), or the notes' SET and MGET: why, or null. Asked once, on the probe's
+   * key; any other answer (an OOM under noeviction, Redis gone again) is an outage, not a refusal of the config.
+   */
+  async #notPermitted (): Promise<string | null> {
+    const key = this.#keyPrefix + PROBE_KEY
+    try {
+      await this.#redis.ogwBucket(key, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
+      await this.#redis.mget(key)
+      await this.#redis.set(`${key}:note`, '1', 'PX', 1000, 'NX')
+      return null
+    } catch (err) {
+      const reason = reasonOf(err)
+      return NOT_PERMITTED.test(reason) ? `the user given in it may not run what the gateway needs (${reason})` : null
+    }
   }
 
   /** A read-only replica, or a cluster node that leaves some slots to other nodes: why, or null. */
