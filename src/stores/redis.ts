@@ -192,8 +192,8 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   /**
    * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
    * start (it may come back); one that answers, and can never hold the buckets as given, does (StartupError): it
-   * refuses the credentials in store.url, or it is a read-only replica, or a Redis Cluster node that does not serve
-   * every slot itself. Those would otherwise start a gateway whose every call is refused (closed) or served from
+   * refuses the credentials in store.url, or their ACL user may not run what the gateway needs, or it is a read-only
+   * replica, or a Redis Cluster node that does not serve every slot itself. Those would otherwise start a gateway whose every call is refused (closed) or served from
    * local buckets only (open), said only in warnings.
    */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
@@ -277,7 +277,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   async #notPermitted (): Promise<string | null> {
     const key = this.#keyPrefix + PROBE_KEY
     try {
-      await this.#redis.ogwBucket(key, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
+      await this.#probe()
       await this.#redis.mget(key)
       await this.#redis.set(`${key}:note`, '1', 'PX', 1000, 'NX')
       return null
@@ -393,6 +393,11 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#refusing = true
   }
 
+  /** The bucket script, a charge of nothing on the probe's key (no client's bucket). */
+  async #probe (): Promise<unknown> {
+    return await this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
+  }
+
   #accepted (): void {
     this.#refusing = false
   }
@@ -408,11 +413,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     if (this.#asking || this.#redis.status !== 'ready') return // (a lost connection: the reconnect finds out)
     this.#asking = true
     const asked = this.#refusing
-      ? this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
-        .then(() => {
-          this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
-          this.#accepted()
-        })
+      ? this.#probe().then(() => {
+        this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
+        this.#accepted()
+      })
       : this.#redis.ping()
     asked.catch(() => {}).finally(() => { this.#asking = false })
   }
