@@ -922,3 +922,38 @@ t.test('the upstream token is in no answer and no log line across every kind of 
   t.notOk(logs.some(line => line.includes(UPSTREAM_TOKEN)), 'no log line holds the token')
   t.notOk(logs.some(line => line.includes(UPSTREAM_TOKEN.slice(-16))), 'no log line holds part of the token')
 })
+
+t.test('an answer nested deeper than the gateway can search, with an escape in it, is a 502 and the gateway goes on serving', async t => {
+  // A backslash makes the gateway read the answer's strings once parsed (the token may be spelled with escapes): an
+  // answer nested 100,000 levels deep (200 KB, within what it reads whole) is one it cannot walk.
+  const deep = (head: string) => `${head}"note":"a\\nb","data":${'['.repeat(100_000)}${']'.repeat(100_000)}}`
+  const { upstream, gw } = await setup(t)
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const cases: Array<{ what: string, status: number, body: string, call: () => Promise<unknown> }> = [
+    {
+      what: 'items added (a POST\'s 2xx, read whole)',
+      status: 200,
+      body: deep('{"object":"list",'),
+      call: () => sdk.conversations.items.create('conv_abc', { items: [{ type: 'message', role: 'user', content: 'hi' }] })
+    },
+    {
+      what: 'an error answer',
+      status: 400,
+      body: deep('{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null},'),
+      call: () => sdk.conversations.items.list('conv_abc')
+    }
+  ]
+  for (const c of cases) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(c.status, { 'content-type': 'application/json', 'x-request-id': 'req_deep' })
+      res.end(c.body)
+    }
+    const err = await c.call().then(() => null, (e: unknown) => e)
+    t.ok(err instanceof OpenAI.APIError, `${c.what}: the SDK raises an APIError`)
+    t.equal((err as InstanceType<typeof OpenAI.APIError>).status, 502, `${c.what}: 502`)
+    t.equal((err as InstanceType<typeof OpenAI.APIError>).code, 'upstream_unavailable', `${c.what}: upstream_unavailable`)
+    upstream.respond = null
+    const created = await sdk.conversations.create({ metadata: { after: c.what.slice(0, 64) } })
+    t.match(created.id, /^conv_/, `${c.what}: the next call is served`)
+  }
+})

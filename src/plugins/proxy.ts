@@ -585,8 +585,15 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
-    observed(request, decoded)
-    const scrubbed = scrubbedJson(scrub.bytes(decoded))
+    let scrubbed: Buffer
+    try {
+      observed(request, decoded)
+      scrubbed = scrubbedJson(scrub.bytes(decoded))
+    } catch (err) {
+      // Its strings could not all be searched (nested deeper than the stack goes): fail closed, not a crash.
+      notPassedOn(request, reply, err, 'upstream answer is not what was expected', new UpstreamUnavailableError())
+      return
+    }
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
       reply.send(raw)
@@ -631,8 +638,14 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return
     }
     if (hasEscapes(scrubbed)) {
-      const clean = scrub.json(parsed)
-      if (clean !== parsed) scrubbed = Buffer.from(JSON.stringify(clean))
+      try {
+        const clean = scrub.json(parsed)
+        if (clean !== parsed) scrubbed = Buffer.from(JSON.stringify(clean))
+      } catch (err) {
+        // (as for a 2xx answer: one whose strings cannot all be searched is not passed on)
+        notPassedOn(request, reply, err, 'upstream error answer is not what was expected', new UpstreamUnavailableError())
+        return
+      }
     }
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
