@@ -503,10 +503,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return
     }
     // Nothing to take out: the upstream's bytes, as they came. Otherwise its numbers as they came (http/json.ts).
-    const body = rewritten === parsed ? raw : stringifyExact(rewritten, parsed)
+    // Written anew, it is sent as one Buffer (a string would be measured for its length, then encoded again as it
+    // is written: about 30 ms of a 15 MiB answer), in UTF-8, which its type says.
+    const body = rewritten === parsed ? raw : Buffer.from(stringifyExact(rewritten, parsed))
     reply.removeHeader('content-encoding')
     if (body !== came) reply.removeHeader('etag') // it named the upstream's bytes, not these
-    reply.header('content-length', Buffer.byteLength(body)).type('application/json').send(body)
+    reply.header('content-length', body.length).type(body === raw ? 'application/json' : 'application/json; charset=utf-8').send(body)
   }
 
   /**
