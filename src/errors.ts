@@ -70,7 +70,7 @@ export const ReservedMetadataKeyError = define('reserved_metadata_key', 400, 'in
 export const MetadataLimitError = define('metadata_limit', 400, 'invalid_request_error',
   'Metadata can have at most 15 keys through this gateway (OpenAI allows 16; the gateway keeps one).', { param: 'metadata' })
 export const InvalidMetadataError = define('invalid_metadata', 400, 'invalid_request_error',
-  'The request body must be a JSON object and its metadata an object of strings.', { param: 'metadata' })
+  'The request body must be a JSON object and its metadata an object of strings (keys of at most 64 characters, values of at most 512).', { param: 'metadata' })
 export const UpgradeNotSupportedError = define('upgrade_not_supported', 400, 'invalid_request_error',
   'Protocol upgrades (WebSocket) are not supported by this gateway.')
 export const CredentialsInQueryError = define('credentials_in_query', 400, 'invalid_request_error',

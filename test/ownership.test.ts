@@ -190,6 +190,42 @@ t.test('a metadata that is a number is refused as not an object, however many di
   t.same(upstream.requests.slice(sent).map(r => r.body.toString()), [], 'none of them went upstream')
 })
 
+t.test('metadata OpenAI refuses (a value that is not a string, a key over 64 characters, a value over 512) is refused on every route that takes it, before the upstream', async t => {
+  // OpenAI's metadata: at most 16 key-value pairs, keys strings of at most 64 characters, values strings of at most
+  // 512. The gateway's message says "an object of strings"; what it lets through, the upstream would refuse or keep.
+  const { upstream, gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({})
+  const routes: Array<[string, (metadata: unknown) => Promise<unknown>]> = [
+    ['conversation.create', metadata => a.conversations.create({ metadata } as never)],
+    ['conversation.update', metadata => a.conversations.update(conv.id, { metadata } as never)],
+    ['response.create', metadata => a.responses.create({ model: 'gpt-4o-mini', input: 'hi', metadata } as never)]
+  ]
+  const refused: Array<[string, unknown, string]> = [
+    ['a number', { a: 1 }, 'metadata.a'],
+    ['a boolean', { flag: true }, 'metadata.flag'],
+    ['null', { a: 'x', gone: null }, 'metadata.gone'],
+    ['an object', { nested: { b: 'c' } }, 'metadata.nested'],
+    ['a list', { tags: ['x'] }, 'metadata.tags'],
+    ['a value of 513 characters', { long: 'v'.repeat(513) }, 'metadata.long'],
+    ['a key of 65 characters', { ['k'.repeat(65)]: 'v' }, 'metadata']
+  ]
+  const sent = upstream.requests.length
+  for (const [action, call] of routes) {
+    for (const [label, metadata, param] of refused) {
+      const e = await rejection(call(metadata))
+      t.type(e, OpenAI.BadRequestError, `${action}, ${label}: the SDK's BadRequestError`)
+      t.match(e, { status: 400, code: 'invalid_metadata', type: 'invalid_request_error', param }, `${action}, ${label}: invalid_metadata, param ${param}`)
+    }
+  }
+  t.same(upstream.requests.slice(sent).map(r => `${r.method} ${r.url}`), [], 'none of them went upstream')
+  // At the limits, as OpenAI counts characters (an emoji is one): served, and stored as sent.
+  const edge = { ['k'.repeat(64)]: 'v'.repeat(512), emoji: '\u{1F600}'.repeat(512), empty: '' }
+  t.same((await a.conversations.create({ metadata: edge })).metadata, edge, 'conversation.create at the limits')
+  t.same((await a.conversations.update(conv.id, { metadata: edge })).metadata, edge, 'conversation.update at the limits')
+  t.same((await a.responses.create({ model: 'gpt-4o-mini', input: 'hi', metadata: edge })).metadata, edge, 'response.create at the limits')
+})
+
 t.test('a create or update body that is not a JSON object is refused on every route that takes one, before the upstream', async t => {
   // The upstream would refuse these too; the gateway's checks read the body's keys, and the README promises a 400
   // invalid_metadata for a create or update body that is not an object, items create included.

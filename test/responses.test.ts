@@ -667,6 +667,28 @@ t.test('a stream answered 200 whose body is a bare JSON error (no event): the SD
   t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
 })
 
+t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {
+  // As every event and answer the gateway rewrites (http/json.ts): a number JSON.parse would round goes on as written.
+  const { upstream, gw } = await setup(t)
+  const error = '{"message":"Limit 😀\\u2028 \\ud800 reached.","type":"tokens","param":null,"code":"rate_limit_exceeded","limit":12345678901234567891,"ratio":0.12345678901234567,"huge":1e400,"__proto__":{"a":1}}'
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(`{"error":${error}}`)
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hi', stream: true })
+  })
+  const text = await res.text()
+  // (s: a U+2028 in the data, as JSON.stringify writes it, is no line end to SSE)
+  const data = /^event: error\ndata: (.*)\n\n$/s.exec(text)?.[1]
+  t.ok(data !== undefined, 'one error event')
+  for (const written of ['12345678901234567891', '0.12345678901234567', '1e400']) {
+    t.equal(data?.split(written).length, 2, `${written} as written in its error`)
+  }
+  t.same(JSON.parse(data!).error, JSON.parse(error), 'the error object, every string and key as sent (read by the same reader)')
+})
+
 t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {
   const { upstream, gw, sdk } = await setup(t, { metrics: { token: METRICS_TOKEN } })
   const client = sdk(KEYS.full)

@@ -173,9 +173,10 @@ const REFUSALS: Record<'conversation' | 'response' | 'previous_response', [missi
 }
 
 function refuseMetadata (problem: MetadataProblem | null): void {
-  if (problem === 'reserved') throw new ReservedMetadataKeyError()
-  if (problem === 'limit') throw new MetadataLimitError()
-  if (problem === 'not_object') throw new InvalidMetadataError()
+  if (problem === null) return
+  if (problem.kind === 'reserved') throw new ReservedMetadataKeyError()
+  if (problem.kind === 'limit') throw new MetadataLimitError()
+  throw withParam(new InvalidMetadataError(), problem.param)
 }
 
 /**

@@ -11,6 +11,7 @@
 // out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
+import { isObject } from '../ownership/owners.js'
 
 /** An event's data, parsed, and its text as it came (before any rewrite). */
 export type EventRewrite = (data: unknown, text: string) => unknown
@@ -411,15 +412,17 @@ export class SseRewriter extends Transform {
 function errorEvent (held: Buffer[]): Buffer[] | null {
   const text = Buffer.concat(held).toString('utf8')
   if (!/^\s*\{/.test(text)) return null
-  let error: unknown
+  let parsed: unknown
   try {
-    error = (JSON.parse(text) as { error?: unknown } | null)?.error
+    // (its numbers as the upstream wrote them, as in every event the gateway writes anew: http/json.ts)
+    parsed = parseExact(text)
   } catch {
     return null
   }
-  if (typeof error !== 'object' || error === null || Array.isArray(error)) return null
+  const error = (parsed as { error?: unknown } | null)?.error
+  if (!isObject(error)) return null
   const { code = null, message = null, param = null } = error as { code?: unknown, message?: unknown, param?: unknown }
-  const data = JSON.stringify({ type: 'error', code, message, param, error })
+  const data = stringifyExact({ type: 'error', code, message, param, error }, parsed)
   return [Buffer.from('event: error\n'), Buffer.from(`data: ${data}\n`), Buffer.from('\n')]
 }
 
