@@ -934,6 +934,36 @@ t.test('an item passed back into the caller\'s own conversation, naming a contai
   t.equal(gw.audit().filter(r => r.status === 403).length, 0)
 })
 
+// Code interpreter runs every call of a session in the one container it reuses (`container: {type: 'auto'}`): a
+// conversation's history passed back holds many calls naming the same container, and one of them in the
+// conversation vouches for it. The cap on lookups is on what is looked up, not on how many items name a container.
+t.test('many code interpreter calls of the caller\'s own conversation, all in one container, passed back into it: one lookup vouches for them all', async t => {
+  const { upstream, sdk } = await setup(t)
+  const container = 'cntr_oooooooooooooooooooooooooooooooo'
+  const conversation = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  // 40 turns' calls, made before this gateway started (as the gateway would have made them)
+  const calls = Array.from({ length: 40 }, (_, i) => ({
+    type: 'code_interpreter_call', id: `ci_turn${i}`, container_id: container, code: `print(${i})`, outputs: [], status: 'completed'
+  }))
+  await fetch(`${upstream.url}/v1/conversations/${conversation}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ items: calls })
+  })
+  const lookups = () => upstream.requests.filter(r => r.method === 'GET' && r.url.includes('/items/')).length
+  const auto = [{ type: 'code_interpreter' as const, container: { type: 'auto' as const } }]
+  const answered = await sdk(KEYS.full).responses.create({ model: 'gpt-5.1', conversation, input: [...calls as never[], { role: 'user', content: 'and again' }], tools: auto })
+  t.equal(answered.status, 'completed', '40 calls in its one container, passed back into the conversation they are in: served')
+  t.equal(lookups(), 1, 'the container looked up once, by the first item naming it')
+
+  // Past the cap in containers (each its own, none in the conversation), still refused without a lookup.
+  const fresh = await gateway(t, upstream)
+  const before = lookups()
+  const many = Array.from({ length: 33 }, (_, i) => ({ ...calls[0], id: `ci_other${i}`, container_id: `cntr_many${String(i).padStart(27, '0')}` }))
+  const err = await rejection(fresh.sdk(KEYS.full).responses.create({ model: 'gpt-5.1', conversation, input: many as never[], tools: auto }))
+  t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[0].container_id' }, '33 containers: refused')
+  t.equal(lookups(), before, 'nothing looked up')
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients

@@ -478,7 +478,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (named.length === 0) return
     const { ids, ...found } = await notHandedOut(named.map(([id]) => id), client)
     let unknown = named.filter(([id]) => ids.includes(id))
-    if (unknown.length > 0 && ownConversation !== undefined && unknown.length <= MAX_REFERENCES) {
+    // (Code interpreter runs a session's calls in the one container it reuses: many items may name each container.)
+    if (unknown.length > 0 && ownConversation !== undefined && new Set(unknown.map(([id]) => id)).size <= MAX_REFERENCES) {
       unknown = await notInConversation(unknown, ownConversation.id, client, request, ownConversation.reply)
     }
     const refused = unknown[0]
@@ -490,27 +491,32 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   }
 
   /**
-   * Those of `named` that no item of the client's conversation `conversation` ran in: each is looked up there by the
-   * id of the item naming it; one found naming the same container vouches for it, which is noted as the client's.
+   * Those of `named` that no item of the client's conversation `conversation` ran in: each container is looked up there
+   * by the id of an item naming it, the next item naming it only if that one is not there; one found naming the same
+   * container vouches for it, and for every item naming it, and it is noted as the client's. At most MAX_REFERENCES
+   * lookups a call.
    */
   async function notInConversation (named: NamedContainer[], conversation: string, client: ClientConfig,
     request: FastifyRequest, reply: FastifyReply): Promise<NamedContainer[]> {
     const whenGone = clientGone(reply)
     const clientWait = () => clientWaitMs(request.headers, reply.elapsedTime)
-    const left: NamedContainer[] = []
-    for (const entry of named) {
-      const [container, , itemId] = entry
-      const ran = typeof container === 'string' && typeof itemId === 'string' && ID_PATTERN.test(itemId)
-        ? await askUpstream(`/v1/conversations/${conversation}/items/${itemId}`, { conversationId: conversation, itemId },
-          request, whenGone, answer => {
-            if ((answer as { id?: unknown } | null)?.id !== itemId) throw new Error('the item check answer is not the item asked for')
-            return listedContainersIn(answer)
-          }, clientWait)
-        : 'missing'
-      if (ran !== 'missing' && ran.includes(container as string)) issued.note([container as string], client.id)
-      else left.push(entry)
+    const vouched = new Set<unknown>()
+    let lookups = 0
+    for (const [container, , itemId] of named) {
+      if (vouched.has(container) || lookups === MAX_REFERENCES) continue
+      if (typeof container !== 'string' || typeof itemId !== 'string' || !ID_PATTERN.test(itemId)) continue
+      lookups++
+      const ran = await askUpstream(`/v1/conversations/${conversation}/items/${itemId}`, { conversationId: conversation, itemId },
+        request, whenGone, answer => {
+          if ((answer as { id?: unknown } | null)?.id !== itemId) throw new Error('the item check answer is not the item asked for')
+          return listedContainersIn(answer)
+        }, clientWait)
+      if (ran !== 'missing' && ran.includes(container)) {
+        issued.note([container], client.id)
+        vouched.add(container)
+      }
     }
-    return left
+    return named.filter(([container]) => !vouched.has(container))
   }
 
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
