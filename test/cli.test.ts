@@ -58,6 +58,27 @@ t.test('check-config refuses an apiKeyFile or caFile that is not a regular file 
   t.equal(run(['check-config', '--config', file]).status, 0, 'a symlink to a regular file is read')
 })
 
+t.test('a config file too large to be a gateway\'s (a wrong path: a log, a dump) is refused before it is read whole', async t => {
+  const { file, dir } = configFile('')
+  // One scalar of 9 MiB: the YAML parser would take 20 to 40 times that in memory to read it.
+  writeFileSync(file, good(dir) + `note: "${'a'.repeat(9 * 1024 * 1024)}"\n`)
+  for (const [command, how] of [
+    [`exec "${process.execPath}" ${BIN} check-config --config "${file}"`, 'check-config, a file'],
+    [`cat "${file}" | exec "${process.execPath}" ${BIN} start --config /dev/stdin`, 'start, a pipe']
+  ] as const) {
+    const r = spawnSync('sh', ['-c', command], { encoding: 'utf8', env: { ...env, OHMYGPT_API_KEY: 'x' }, timeout: 20_000, killSignal: 'SIGKILL' })
+    t.equal(r.status, 1, `${how}: exit 1`)
+    t.match(r.stderr, /cannot read the file: it is larger than 8 MiB \(a config of 10,000 clients is about 2 MB\): is it the right file\?/, `${how}: says why`)
+    t.notOk(r.stderr.includes('aaaa'), `${how}: without repeating the file`)
+  }
+  const apiKeyFile = join(dir, 'token')
+  writeFileSync(apiKeyFile, 'a'.repeat(9 * 1024 * 1024))
+  writeFileSync(file, good(dir).replace(/apiKey: .*\}/, `apiKeyFile: "${apiKeyFile}" }`))
+  const r = run(['check-config', '--config', file])
+  t.equal(r.status, 1)
+  t.match(r.stderr, /upstream\.apiKeyFile: cannot read .*: it is larger than 8 MiB/, 'an apiKeyFile as well')
+})
+
 t.test('check-config finds its file through GATEWAY_CONFIG', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir))

@@ -831,4 +831,9 @@ t.test('upstream.apiKeyFile: the token is read from the file (one trailing line 
   t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: join(dir, 'missing') } }), { message: /upstream\.apiKeyFile: cannot read .*ENOENT/ })
   writeFileSync(file, 'sk-one\nsk-two\n')
   t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file must hold the token alone/ })
+  // A secret mounted before its value was filled in: said as such, not as a token with something beside it.
+  for (const empty of ['', '\n']) {
+    writeFileSync(file, empty)
+    t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file is empty: it must hold the OhMyGPT token/ }, JSON.stringify(empty))
+  }
 })
