@@ -19,7 +19,7 @@ import { buildApp, type AppDependencies } from './app.js'
 import { ConfigError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
-import { auditDirectoryProblem, describeListenError, reloadPreflight, StartupError } from './preflight.js'
+import { describeListenError, reloadPreflight, startProblem, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
 const EXIT_GRACE_MS = 2_000
@@ -105,8 +105,6 @@ export async function startServer (
   config: GatewayConfig, deps: Pick<AppDependencies, 'auditHmacKey'> = {}, opts: ServerOptions = {}
 ): Promise<FastifyInstance> {
   turnOffPretenuring()
-  const auditProblem = auditDirectoryProblem(config.audit.file)
-  if (auditProblem !== null) throw new StartupError(auditProblem)
   // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP or SIGUSR2 meanwhile, or a signal
   // of IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
   // So is a stop (SIGTERM, SIGINT, SIGQUIT): ended by it, the process would leave the audit lock it has taken, and
@@ -114,6 +112,9 @@ export async function startServer (
   const releaseHeld = holdSignals()
   let app: FastifyInstance
   try {
+    // Checked before anything is opened: a start refused later would leave an empty audit file behind.
+    const problem = await startProblem(config)
+    if (problem !== null) throw new StartupError(problem)
     app = await buildApp(config, deps)
   } catch (err) {
     releaseHeld()

@@ -1,6 +1,6 @@
 // The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
 import { spawn, spawnSync } from 'node:child_process'
-import { readFileSync, symlinkSync, writeFileSync } from 'node:fs'
+import { readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { createServer, type AddressInfo } from 'node:net'
@@ -267,6 +267,14 @@ t.test('check-config reports a metrics.listen host this machine cannot use, whic
   t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).status, 0, 'a usable one passes ([v6] form)')
 })
 
+t.test('check-config leaves no audit directory behind: it makes the missing ones to check them, then removes them', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), join(dir, 'var', 'audit', 'audit.jsonl')))
+  const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(r.status, 0, r.stderr)
+  t.same(readdirSync(dir), ['gateway.yaml'], 'no var/audit left (a later mount or chown there would find it taken)')
+})
+
 t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: process.platform !== 'linux' }, async t => {
   // Node's recursive mkdir never returns there (ENOENT although the parent exists): check-config hung at full CPU.
   const { file, dir } = configFile('')
@@ -327,6 +335,8 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(host.status, 1)
   t.match(host.stderr, /^ohmygpt-gateway start: cannot listen on 203\.0\.113\.7:0: .*EADDRNOTAVAIL/m)
   t.notOk(host.stderr.includes('    at '), 'no stack trace')
+  // Refused before the audit is opened: no empty audit file, no lock, for the operator to wonder about.
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
 
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/dev/null/audit/a.jsonl'))
   const audit = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
@@ -344,4 +354,12 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(metrics.status, 1)
   t.equal(metrics.stderr.trim().split('\n').length, 1, 'one line')
   t.match(metrics.stderr, new RegExp(`^ohmygpt-gateway start: metrics\\.listen: cannot listen on 127\\.0\\.0\\.1:${takenPort}: .*EADDRINUSE`, 'm'))
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
+
+  // Its own port taken (another gateway, a process left over): the same, before the audit is opened.
+  writeFileSync(file, good(dir).replace('port: 0', `port: ${takenPort}`))
+  const port = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(port.status, 1)
+  t.equal(port.stderr, `ohmygpt-gateway start: cannot listen on 127.0.0.1:${takenPort}: the port is in use (EADDRINUSE)\n`, 'one line')
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
 })
