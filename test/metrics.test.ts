@@ -262,6 +262,31 @@ t.test('HEAD /healthz and HEAD /metrics answer as GET does, without a body, on m
   t.equal((await fetch(`${ownUrl}/v1/conversations`, { method: 'HEAD' })).status, 404, 'nothing else on that port, HEAD or not')
 })
 
+t.test('another method on /healthz, /readyz or /metrics is 405 with Allow: GET, HEAD (as on an API path), not 404 "unknown route"', async t => {
+  // A probe configured with the wrong method (POST) was told the path does not exist.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const own = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0', token: TOKEN } }))
+  const ownUrl = `http://127.0.0.1:${own.app.metricsAddress()!.port}`
+  const main = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  for (const url of [`${main.url}/healthz`, `${main.url}/readyz`, `${main.url}/metrics`, `${main.url}/healthz?x=1`]) {
+    for (const method of ['POST', 'DELETE', 'PUT']) {
+      const res = await fetch(url, { method, headers: { authorization: `Bearer ${TOKEN}` } })
+      t.equal(res.status, 405, `${method} ${url.replace(/.*:\d+/, '')}`)
+      t.equal(res.headers.get('allow'), 'GET, HEAD')
+      t.match(await res.json(), { error: { type: 'invalid_request_error', code: 'method_not_allowed', message: `Method ${method} is not allowed on ${new URL(url).pathname}.` } })
+    }
+  }
+  t.equal((await fetch(`${own.url}/metrics`, { method: 'POST' })).status, 404, 'a /metrics the main port does not serve stays unknown')
+  for (const path of ['/healthz', '/metrics']) {
+    const res = await fetch(`${ownUrl}${path}`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}` } })
+    t.equal(res.status, 405, `POST ${path} on metrics.listen`)
+    t.equal(res.headers.get('allow'), 'GET, HEAD')
+    await res.arrayBuffer()
+  }
+  t.equal((await fetch(`${ownUrl}/readyz`, { method: 'POST' })).status, 404, 'metrics.listen serves no /readyz')
+})
+
 t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
