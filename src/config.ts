@@ -421,6 +421,13 @@ export function readRegularFile (file: string): Buffer {
  */
 const MAX_FILE_BYTES = 8 * 1024 * 1024
 
+/** A file past MAX_FILE_BYTES, not read further. */
+export class FileTooLargeError extends Error {
+  constructor () {
+    super('it is larger than 8 MiB (a config of 10,000 clients is about 2 MB): is it the right file?')
+  }
+}
+
 /** readRegularFile, or any file (`regularOnly` false: a pipe at start); past MAX_FILE_BYTES, an error saying so. */
 function readSmallFile (file: string, regularOnly: boolean): Buffer {
   const fd = openSync(file, regularOnly ? fsConstants.O_RDONLY | fsConstants.O_NONBLOCK : fsConstants.O_RDONLY)
@@ -433,9 +440,7 @@ function readSmallFile (file: string, regularOnly: boolean): Buffer {
       const n = readSync(fd, chunk, 0, chunk.length, null)
       if (n === 0) return Buffer.concat(chunks, total)
       total += n
-      if (total > MAX_FILE_BYTES) {
-        throw new Error('it is larger than 8 MiB (a config of 10,000 clients is about 2 MB): is it the right file?')
-      }
+      if (total > MAX_FILE_BYTES) throw new FileTooLargeError()
       chunks.push(chunk.subarray(0, n))
     }
   } finally {

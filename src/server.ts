@@ -16,7 +16,7 @@ import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import { ConfigError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
+import { ConfigError, FileTooLargeError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
 import { describeListenError, reloadPreflight, startProblem, StartupError } from './preflight.js'
@@ -34,6 +34,8 @@ const UNUSED_SWEEP_MS = 100
 const WATCH_DEBOUNCE_MS = 200
 /** How often --watch also looks at the file itself, through any symlink (see watchConfig). */
 const WATCH_POLL_MS = 1000
+/** What --watch takes for the text of a config file too large to read (no file that small is too large). */
+const TOO_LARGE = '\0(a file too large to be a config)'
 
 const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
 /**
@@ -311,7 +313,14 @@ function watchConfig (app: FastifyInstance, file: string, reload: (why: string) 
     if (lstatSync(path).isSymbolicLink()) names.add(readlinkSync(path).split(sep)[0]!)
   } catch { /* not there yet: its own name is enough */ }
   // Only a regular file: reading a FIFO would hold the event loop (a SIGHUP then says why it is not reloaded).
-  const read = () => { try { return readRegularFile(path).toString('utf8') } catch { return null } }
+  // A file too large to be read whole is reloaded once, to be refused in the log and in /metrics.
+  const read = () => {
+    try {
+      return readRegularFile(path).toString('utf8')
+    } catch (err) {
+      return err instanceof FileTooLargeError ? TOO_LARGE : null
+    }
+  }
   let seen = read()
   let timer: NodeJS.Timeout | null = null
   const check = () => {
