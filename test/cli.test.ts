@@ -1,6 +1,6 @@
 // The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
 import { spawn, spawnSync } from 'node:child_process'
-import { readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
+import { existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { createServer, type AddressInfo } from 'node:net'
@@ -128,6 +128,28 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
   t.match(records, [{ action: 'conversation.create', status: 401, outcome: 'denied' }], 'healthz is not audited')
   t.notOk(output.text.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
+})
+
+t.test('a stdout whose reader is gone (a log shipper that died) does not end the gateway at its next log line: it serves, and stops cleanly', async t => {
+  // Node ignores SIGPIPE: the write fails with EPIPE, an 'error' event nobody listened for, which ended the process
+  // with a stack trace at the next line (an upstream failure, a reload, the SIGTERM itself), its lock left behind.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const { child, url } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
+  const stderr: string[] = []
+  child.stderr.on('data', (c: Buffer) => { stderr.push(c.toString()) })
+  child.stdout.destroy() // the reader goes: the gateway's next write to stdout fails with EPIPE
+  child.kill('SIGHUP') // a line: "config reloaded"
+  const answered = await fetch(`${url}/v1/conversations/conv_1`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })
+  t.equal(answered.status, 502, 'served (its upstream is down, and that is a log line too)')
+  t.equal(child.exitCode, null, 'still running')
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit')
+  t.equal(code, 0, 'a clean stop')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'its audit lock removed')
+  t.match(readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l)), [{ status: 502 }], 'the call audited')
+  t.notMatch(stderr.join(''), /Unhandled 'error'|\n\s+at /, 'no crash')
+  t.match(stderr.join(''), /^ohmygpt-gateway: the log's output failed \(EPIPE\): log lines are dropped from now on\n$/, 'said once, on stderr')
 })
 
 t.test('a config with no clients is accepted, and check-config, start and a reload say that every call will be refused', async t => {
