@@ -283,6 +283,8 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   // Node's close() closes the connections idle between calls at once, in the same race (the drain's first close):
   // they are closed as above instead.
   app.server.closeIdleConnections = () => { app.closeUnusedConnections() }
+  // A connection that is not unused holds a call: under way, or its answer still being flushed.
+  app.decorate('callsInFlight', () => [...connections].filter(socket => !socket.destroyed && !unused(socket)).length)
   app.decorate('abortInFlight', () => {
     // Clients first: each call is then audited as aborted (the client got no complete answer), not as an
     // upstream failure; their upstream requests stop with them, and whatever is left upstream is cut. A

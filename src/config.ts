@@ -3,7 +3,7 @@
 // (unique ids and digests), and return a frozen object. No other module reads process.env.
 import { X509Certificate } from 'node:crypto'
 import { isIPv4 } from 'node:net'
-import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs'
+import { closeSync, constants as fsConstants, fstatSync, openSync, readSync } from 'node:fs'
 import { Type, type Static } from '@sinclair/typebox'
 import proxyAddr from '@fastify/proxy-addr'
 import { Ajv, type ErrorObject } from 'ajv'
@@ -412,10 +412,37 @@ function keyProblems (clients: ClientConfig[]): string[] {
  * does not wait for a writer), then the open file's own type is checked (whatever is at the path by then).
  */
 export function readRegularFile (file: string): Buffer {
-  const fd = openSync(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK)
+  return readSmallFile(file, true)
+}
+
+/**
+ * The most a config file (or a file it names) may hold: a config of 10,000 clients is about 2 MB. A larger one is a
+ * wrong path (a log, a dump), and the YAML parser would take 20 to 40 times its size in memory to read it (a 30 MB scalar: over 600 MB).
+ */
+const MAX_FILE_BYTES = 8 * 1024 * 1024
+
+/** A file past MAX_FILE_BYTES, not read further. */
+export class FileTooLargeError extends Error {
+  constructor () {
+    super('it is larger than 8 MiB (a config of 10,000 clients is about 2 MB): is it the right file?')
+  }
+}
+
+/** readRegularFile, or any file (`regularOnly` false: a pipe at start); past MAX_FILE_BYTES, an error saying so. */
+function readSmallFile (file: string, regularOnly: boolean): Buffer {
+  const fd = openSync(file, regularOnly ? fsConstants.O_RDONLY | fsConstants.O_NONBLOCK : fsConstants.O_RDONLY)
   try {
-    if (!fstatSync(fd).isFile()) throw new Error('not a regular file (a FIFO, device, socket or directory)')
-    return readFileSync(fd)
+    if (regularOnly && !fstatSync(fd).isFile()) throw new Error('not a regular file (a FIFO, device, socket or directory)')
+    const chunks: Buffer[] = []
+    let total = 0
+    for (;;) {
+      const chunk = Buffer.allocUnsafe(64 * 1024)
+      const n = readSync(fd, chunk, 0, chunk.length, null)
+      if (n === 0) return Buffer.concat(chunks, total)
+      total += n
+      if (total > MAX_FILE_BYTES) throw new FileTooLargeError()
+      chunks.push(chunk.subarray(0, n))
+    }
   } finally {
     closeSync(fd)
   }
@@ -435,6 +462,7 @@ function upstreamKey (upstream: { apiKey?: string, apiKeyFile?: string }): strin
   } catch (err) {
     return [`upstream.apiKeyFile: cannot read ${apiKeyFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`]
   }
+  if (text === '') return ['upstream.apiKeyFile: the file is empty: it must hold the OhMyGPT token']
   if (!new RegExp(SECRET_PATTERN).test(text)) {
     return ['upstream.apiKeyFile: the file must hold the token alone: no spaces, control characters or further lines']
   }
@@ -577,7 +605,7 @@ export function resolveConfigPath (flag: string | undefined, env: NodeJS.Process
  */
 function configText (file: string, regularOnly: boolean): string {
   try {
-    return regularOnly ? readRegularFile(file).toString('utf8') : readFileSync(file, 'utf8')
+    return readSmallFile(file, regularOnly).toString('utf8')
   } catch (err) {
     throw new ConfigError(file, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`])
   }

@@ -191,9 +191,20 @@ const MAX_WAITING_LOG_BYTES = 1024 * 1024
  * fill memory either, and with no synchronous flush at exit that could hang on that pipe.
  */
 export function nonBlockingLines (out: Writable, limit = MAX_WAITING_LOG_BYTES): { write (line: string): void } {
+  let gone = false
+  // A reader that is gone (a log shipper that died: Node ignores SIGPIPE, the write fails with EPIPE) is an 'error'
+  // event, which unlistened would end the process at its next line, its drain and audit lock with it. The log is
+  // dropped from then on, said once on stderr (itself perhaps the same pipe: its failure is ignored too); the
+  // gateway serves on, every call still audited.
+  out.on('error', (err: NodeJS.ErrnoException) => {
+    if (gone) return
+    gone = true
+    process.stderr.on('error', () => {})
+    process.stderr.write(`ohmygpt-gateway: the log's output failed (${err.code ?? err.message}): log lines are dropped from now on\n`)
+  })
   return {
     write (line) {
-      if (out.writableLength <= limit) out.write(line)
+      if (!gone && out.writableLength <= limit) out.write(line)
     }
   }
 }

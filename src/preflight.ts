@@ -2,7 +2,7 @@
 // and the metrics') can be bound and the audit file's directory can be created and written in. `check-config`
 // reports these with the schema's problems; `start` meets the same conditions as one clear line (server.ts).
 import { randomBytes } from 'node:crypto'
-import { closeSync, existsSync, lstatSync, mkdirSync, openSync, statSync, unlinkSync } from 'node:fs'
+import { closeSync, existsSync, lstatSync, mkdirSync, openSync, rmdirSync, statSync, unlinkSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
 import { hostPort, type GatewayConfig } from './config.js'
@@ -27,11 +27,17 @@ export function describeListenError (host: string, port: number, err: NodeJS.Err
  * Binds host on a free port and lets go: the host is usable if that works (the port itself may be taken later).
  * `key` names the config key in the problem.
  */
-function checkListenHost (host: string, key = 'listen.host'): Promise<string | null> {
+async function checkListenHost (host: string, key = 'listen.host'): Promise<string | null> {
+  const problem = await listenProblem(host, 0)
+  return problem === null ? null : `${key}: ${problem}`
+}
+
+/** Binds host:port and lets go: why it cannot be listened on, or null. */
+function listenProblem (host: string, port: number): Promise<string | null> {
   return new Promise(resolve => {
     const server = createServer()
-    server.once('error', (err: NodeJS.ErrnoException) => { resolve(`${key}: ${describeListenError(host, 0, err)}`) })
-    server.listen(0, host, () => server.close(() => { resolve(null) }))
+    server.once('error', (err: NodeJS.ErrnoException) => { resolve(describeListenError(host, port, err)) })
+    server.listen(port, host, () => server.close(() => { resolve(null) }))
   })
 }
 
@@ -41,11 +47,11 @@ async function checkMetricsHost (listen: string | undefined): Promise<string | n
 }
 
 /**
- * `mkdir -p`, one missing directory at a time. Node's own recursive mkdir never returns where creating a directory
+ * `mkdir -p`, one missing directory at a time; the directories it made, outermost first. Node's own recursive mkdir never returns where creating a directory
  * answers ENOENT although its parent exists (anywhere under /proc): it retries for ever at full CPU. Here that
  * answer is an error like any other.
  */
-export function makeDirectories (dir: string): void {
+export function makeDirectories (dir: string): string[] {
   const missing: string[] = []
   let at = resolve(dir)
   for (; !existsSync(at); at = dirname(at)) {
@@ -57,14 +63,17 @@ export function makeDirectories (dir: string): void {
   if (!statSync(at).isDirectory()) {
     throw Object.assign(new Error(`${at} is not a directory`), { code: missing.length === 0 ? 'EEXIST' : 'ENOTDIR' })
   }
+  const made: string[] = []
   for (const d of missing) {
     try {
       mkdirSync(d)
+      made.push(d)
     } catch (err) {
       // Made meanwhile by someone else: fine if it is a directory.
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || !statSync(d).isDirectory()) throw err
     }
   }
+  return made
 }
 
 function errorCode (err: unknown): string {
@@ -100,19 +109,38 @@ export function notRegularAuditFile (file: string): string {
 export function auditDirectoryProblem (file: string): string | null {
   if (file === '-') return null
   const dir = dirname(file)
+  let made: string[]
   try {
-    makeDirectories(dir)
+    made = makeDirectories(dir)
   } catch (err) {
     return `audit.file: cannot create the directory ${dir}: ${errorCode(err)}`
   }
   const active = lstatSync(file, { throwIfNoEntry: false })
-  if (active !== undefined && !active.isFile()) return `audit.file: ${notRegularAuditFile(file)}`
-  return directoryWriteProblem(dir)
+  const problem = active !== undefined && !active.isFile() ? `audit.file: ${notRegularAuditFile(file)}` : directoryWriteProblem(dir)
+  // What was made only to be checked goes (check-config, a reload that start would apply): a directory left there
+  // would be one a later mount or chown finds taken. Only while empty: a gateway may have begun to write in it.
+  for (const d of made.reverse()) {
+    try { rmdirSync(d) } catch { break }
+  }
+  return problem
 }
 
 export async function preflight (config: GatewayConfig): Promise<string[]> {
   const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen), auditDirectoryProblem(config.audit.file)]
   return problems.filter((p): p is string => p !== null)
+}
+
+/**
+ * What start checks before it builds the gateway, the first problem in one line: its listen addresses with the ports
+ * they take (in use by another process, say), the audit directory and file. A start
+ * refused after the audit was opened would leave an empty audit file (and its lock, for a moment) behind.
+ */
+export async function startProblem (config: GatewayConfig): Promise<string | null> {
+  const { host, port } = config.listen
+  const metrics = config.metrics.listen === undefined ? null : hostPort(config.metrics.listen)
+  const metricsProblem = metrics === null ? null : await listenProblem(metrics.host, metrics.port)
+  return await listenProblem(host, port) ?? (metricsProblem === null ? null : `metrics.listen: ${metricsProblem}`) ??
+    auditDirectoryProblem(config.audit.file)
 }
 
 /**

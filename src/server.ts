@@ -16,10 +16,10 @@ import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import { ConfigError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
+import { ConfigError, FileTooLargeError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
-import { auditDirectoryProblem, describeListenError, reloadPreflight, StartupError } from './preflight.js'
+import { describeListenError, reloadPreflight, startProblem, StartupError } from './preflight.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
 const EXIT_GRACE_MS = 2_000
@@ -34,6 +34,8 @@ const UNUSED_SWEEP_MS = 100
 const WATCH_DEBOUNCE_MS = 200
 /** How often --watch also looks at the file itself, through any symlink (see watchConfig). */
 const WATCH_POLL_MS = 1000
+/** What --watch takes for the text of a config file too large to read (no file that small is too large). */
+const TOO_LARGE = '\0(a file too large to be a config)'
 
 const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
 /**
@@ -105,8 +107,6 @@ export async function startServer (
   config: GatewayConfig, deps: Pick<AppDependencies, 'auditHmacKey'> = {}, opts: ServerOptions = {}
 ): Promise<FastifyInstance> {
   turnOffPretenuring()
-  const auditProblem = auditDirectoryProblem(config.audit.file)
-  if (auditProblem !== null) throw new StartupError(auditProblem)
   // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP or SIGUSR2 meanwhile, or a signal
   // of IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
   // So is a stop (SIGTERM, SIGINT, SIGQUIT): ended by it, the process would leave the audit lock it has taken, and
@@ -114,6 +114,9 @@ export async function startServer (
   const releaseHeld = holdSignals()
   let app: FastifyInstance
   try {
+    // Checked before anything is opened: a start refused later would leave an empty audit file behind.
+    const problem = await startProblem(config)
+    if (problem !== null) throw new StartupError(problem)
     app = await buildApp(config, deps)
   } catch (err) {
     releaseHeld()
@@ -211,8 +214,12 @@ function stopAccepting (app: FastifyInstance, graceMs: number, stopped: () => vo
   stopped()
   let aborted = false
   const deadline = setTimeout(() => {
-    aborted = true
-    app.log.warn(`shutdown grace of ${graceMs} ms over: aborting the calls still in flight`)
+    // The grace bounds the calls. With none left, what still closes (the audit's last records, bounded on its own)
+    // is no call aborted.
+    const calls = app.callsInFlight()
+    aborted = calls > 0
+    if (aborted) app.log.warn({ calls }, `shutdown grace of ${graceMs} ms over: aborting the calls still in flight`)
+    else app.log.info(`shutdown grace of ${graceMs} ms over, with no call in flight: still closing (the audit's last writes)`)
     app.abortInFlight()
     setTimeout(() => {
       app.log.error(`still not closed ${AFTER_GRACE_MS} ms after the grace; exiting`)
@@ -310,7 +317,14 @@ function watchConfig (app: FastifyInstance, file: string, reload: (why: string) 
     if (lstatSync(path).isSymbolicLink()) names.add(readlinkSync(path).split(sep)[0]!)
   } catch { /* not there yet: its own name is enough */ }
   // Only a regular file: reading a FIFO would hold the event loop (a SIGHUP then says why it is not reloaded).
-  const read = () => { try { return readRegularFile(path).toString('utf8') } catch { return null } }
+  // A file too large to be read whole is reloaded once, to be refused in the log and in /metrics.
+  const read = () => {
+    try {
+      return readRegularFile(path).toString('utf8')
+    } catch (err) {
+      return err instanceof FileTooLargeError ? TOO_LARGE : null
+    }
+  }
   let seen = read()
   let timer: NodeJS.Timeout | null = null
   const check = () => {

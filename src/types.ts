@@ -100,6 +100,8 @@ declare module 'fastify' {
     reloadRefused (): void
     /** app.ts: shutdown, once accepting has stopped: close the connections with no call under way */
     closeUnusedConnections (): void
+    /** app.ts: the client connections with a call under way (or an answer still being sent) */
+    callsInFlight (): number
     /** app.ts: end of a shutdown's grace: close every client connection and abort every upstream call */
     abortInFlight (): void
     /** plugins/proxy.ts: end of a shutdown's grace: end each event stream being passed on with an error event; says

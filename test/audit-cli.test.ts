@@ -256,6 +256,9 @@ t.test('audit query refuses bad flags with the reason, and --help lists every fl
     [['--since', '2025-02-29T00:00:00Z'], /--since: "2025-02-29T00:00:00Z" is not a time/],
     [['--limit', 'many'], /--limit: give a whole number/],
     [['--limit=-1'], /--limit: give a whole number/],
+    // Node's parser takes a value starting with a dash for a forgotten one ("argument is ambiguous"): the flag says why.
+    [['--limit', '-1'], /^--limit: give a whole number/],
+    [['--status', '-404'], /^--status: "-404" is not a status/],
     [['--format', 'csv'], /--format: jsonl or table/],
     [['--colour', 'blue'], /Unknown option '--colour'/]
   ] as Array<[string[], RegExp]>) {

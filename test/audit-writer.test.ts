@@ -436,6 +436,35 @@ t.test('close() tries a failed write again until its deadline, as writing does w
   t.match(await verify(file), { ok: true, records: 6 })
 })
 
+t.test('records to write again from a removed file, held while the new path fails: close() writes them, or counts them lost', async t => {
+  // They were held apart from the records waiting to be written: a close with none of those waiting did not try the
+  // destination again, and dropped them without counting them (the stop's exit code and the log said nothing lost).
+  for (const fixed of [true, false]) {
+    const file = join(tempDir(), 'audit.jsonl')
+    const { writer, log } = await open(file)
+    for (let i = 1; i <= 3; i++) writer.write(callRecord(i))
+    await until('3 records', () => existsSync(file) && linesOf(file).length === 3)
+    rmSync(file)
+    symlinkSync('/dev/null', file) // removed, and the path unusable: the records that went into it wait
+    await until('the writer to find the file removed and the path unusable', () => !writer.available, 3000)
+    t.match(log.lines.find(l => l.level === 'warn'), { obj: { rewritten: 3 } })
+    const closed = writer.close()
+    if (fixed) {
+      await until('a write during the close to fail', () => writer.stats().failed >= 2)
+      rmSync(file)
+    }
+    await closed
+    if (fixed) {
+      t.match(writer.stats(), { lost: 0 }, 'path fixed during the close: nothing lost')
+      t.same(parsed(file).map(r => r.seq), [1, 2, 3], 'the records are written again')
+      t.match(await verify(file), { ok: true, records: 3 })
+    } else {
+      t.match(writer.stats(), { lost: 3 }, 'path never fixed: the 3 records are counted lost')
+      t.ok(log.lines.some(l => l.level === 'error' && /lost/.test(l.msg)), 'and the log says so')
+    }
+  }
+})
+
 t.test('a symlink at the audit path is refused at start', async t => {
   const dir = tempDir()
   const file = join(dir, 'audit.jsonl')

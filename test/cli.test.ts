@@ -1,6 +1,6 @@
 // The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
 import { spawn, spawnSync } from 'node:child_process'
-import { readFileSync, symlinkSync, writeFileSync } from 'node:fs'
+import { existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { createServer, type AddressInfo } from 'node:net'
@@ -58,6 +58,27 @@ t.test('check-config refuses an apiKeyFile or caFile that is not a regular file 
   t.equal(run(['check-config', '--config', file]).status, 0, 'a symlink to a regular file is read')
 })
 
+t.test('a config file too large to be a gateway\'s (a wrong path: a log, a dump) is refused before it is read whole', async t => {
+  const { file, dir } = configFile('')
+  // One scalar of 9 MiB: the YAML parser would take 20 to 40 times that in memory to read it.
+  writeFileSync(file, good(dir) + `note: "${'a'.repeat(9 * 1024 * 1024)}"\n`)
+  for (const [command, how] of [
+    [`exec "${process.execPath}" ${BIN} check-config --config "${file}"`, 'check-config, a file'],
+    [`cat "${file}" | exec "${process.execPath}" ${BIN} start --config /dev/stdin`, 'start, a pipe']
+  ] as const) {
+    const r = spawnSync('sh', ['-c', command], { encoding: 'utf8', env: { ...env, OHMYGPT_API_KEY: 'x' }, timeout: 20_000, killSignal: 'SIGKILL' })
+    t.equal(r.status, 1, `${how}: exit 1`)
+    t.match(r.stderr, /cannot read the file: it is larger than 8 MiB \(a config of 10,000 clients is about 2 MB\): is it the right file\?/, `${how}: says why`)
+    t.notOk(r.stderr.includes('aaaa'), `${how}: without repeating the file`)
+  }
+  const apiKeyFile = join(dir, 'token')
+  writeFileSync(apiKeyFile, 'a'.repeat(9 * 1024 * 1024))
+  writeFileSync(file, good(dir).replace(/apiKey: .*\}/, `apiKeyFile: "${apiKeyFile}" }`))
+  const r = run(['check-config', '--config', file])
+  t.equal(r.status, 1)
+  t.match(r.stderr, /upstream\.apiKeyFile: cannot read .*: it is larger than 8 MiB/, 'an apiKeyFile as well')
+})
+
 t.test('check-config finds its file through GATEWAY_CONFIG', async t => {
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir))
@@ -107,6 +128,28 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
   t.match(records, [{ action: 'conversation.create', status: 401, outcome: 'denied' }], 'healthz is not audited')
   t.notOk(output.text.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
+})
+
+t.test('a stdout whose reader is gone (a log shipper that died) does not end the gateway at its next log line: it serves, and stops cleanly', async t => {
+  // Node ignores SIGPIPE: the write fails with EPIPE, an 'error' event nobody listened for, which ended the process
+  // with a stack trace at the next line (an upstream failure, a reload, the SIGTERM itself), its lock left behind.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  const { child, url } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
+  const stderr: string[] = []
+  child.stderr.on('data', (c: Buffer) => { stderr.push(c.toString()) })
+  child.stdout.destroy() // the reader goes: the gateway's next write to stdout fails with EPIPE
+  child.kill('SIGHUP') // a line: "config reloaded"
+  const answered = await fetch(`${url}/v1/conversations/conv_1`, { headers: { authorization: 'Bearer ogw_cli-test-key' } })
+  t.equal(answered.status, 502, 'served (its upstream is down, and that is a log line too)')
+  t.equal(child.exitCode, null, 'still running')
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit')
+  t.equal(code, 0, 'a clean stop')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'its audit lock removed')
+  t.match(readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l)), [{ status: 502 }], 'the call audited')
+  t.notMatch(stderr.join(''), /Unhandled 'error'|\n\s+at /, 'no crash')
+  t.match(stderr.join(''), /^ohmygpt-gateway: the log's output failed \(EPIPE\): log lines are dropped from now on\n$/, 'said once, on stderr')
 })
 
 t.test('a config with no clients is accepted, and check-config, start and a reload say that every call will be refused', async t => {
@@ -246,6 +289,14 @@ t.test('check-config reports a metrics.listen host this machine cannot use, whic
   t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).status, 0, 'a usable one passes ([v6] form)')
 })
 
+t.test('check-config leaves no audit directory behind: it makes the missing ones to check them, then removes them', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), join(dir, 'var', 'audit', 'audit.jsonl')))
+  const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(r.status, 0, r.stderr)
+  t.same(readdirSync(dir), ['gateway.yaml'], 'no var/audit left (a later mount or chown there would find it taken)')
+})
+
 t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: process.platform !== 'linux' }, async t => {
   // Node's recursive mkdir never returns there (ENOENT although the parent exists): check-config hung at full CPU.
   const { file, dir } = configFile('')
@@ -306,6 +357,8 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(host.status, 1)
   t.match(host.stderr, /^ohmygpt-gateway start: cannot listen on 203\.0\.113\.7:0: .*EADDRNOTAVAIL/m)
   t.notOk(host.stderr.includes('    at '), 'no stack trace')
+  // Refused before the audit is opened: no empty audit file, no lock, for the operator to wonder about.
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
 
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/dev/null/audit/a.jsonl'))
   const audit = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
@@ -323,4 +376,12 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(metrics.status, 1)
   t.equal(metrics.stderr.trim().split('\n').length, 1, 'one line')
   t.match(metrics.stderr, new RegExp(`^ohmygpt-gateway start: metrics\\.listen: cannot listen on 127\\.0\\.0\\.1:${takenPort}: .*EADDRINUSE`, 'm'))
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
+
+  // Its own port taken (another gateway, a process left over): the same, before the audit is opened.
+  writeFileSync(file, good(dir).replace('port: 0', `port: ${takenPort}`))
+  const port = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(port.status, 1)
+  t.equal(port.stderr, `ohmygpt-gateway start: cannot listen on 127.0.0.1:${takenPort}: the port is in use (EADDRINUSE)\n`, 'one line')
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
 })

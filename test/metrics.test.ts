@@ -242,13 +242,19 @@ t.test('metrics.listen serves /healthz with its details (the API port shows them
   t.match(await (await fetch(healthz, { headers: { authorization: `Bearer ${TOKEN}` } })).json(), { status: 'ok', audit: 'ok' })
 })
 
-t.test('HEAD /healthz and HEAD /metrics answer as GET does, without a body, on metrics.listen and on the main port', async t => {
-  // A probe that checks with HEAD (as HTTP lets any GET resource be checked) got 404 where GET had 200.
+/** Two gateways with metrics.token: one with a metrics.listen of its own (ownUrl), one serving /metrics on its main port. */
+async function metricsBothWays (t: Test) {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const own = await startGateway(t, testConfig(upstream.url, { metrics: { listen: '127.0.0.1:0', token: TOKEN } }))
   const ownUrl = `http://127.0.0.1:${own.app.metricsAddress()!.port}`
   const main = await startGateway(t, testConfig(upstream.url, { metrics: { token: TOKEN } }))
+  return { own, ownUrl, main }
+}
+
+t.test('HEAD /healthz and HEAD /metrics answer as GET does, without a body, on metrics.listen and on the main port', async t => {
+  // A probe that checks with HEAD (as HTTP lets any GET resource be checked) got 404 where GET had 200.
+  const { ownUrl, main } = await metricsBothWays(t)
   for (const url of [`${ownUrl}/healthz`, `${ownUrl}/metrics`, `${main.url}/metrics`]) {
     for (const authorization of [`Bearer ${TOKEN}`, 'Bearer wrong-token-0123456789']) {
       const get = await fetch(url, { headers: { authorization } })
@@ -260,6 +266,27 @@ t.test('HEAD /healthz and HEAD /metrics answer as GET does, without a body, on m
     }
   }
   t.equal((await fetch(`${ownUrl}/v1/conversations`, { method: 'HEAD' })).status, 404, 'nothing else on that port, HEAD or not')
+})
+
+t.test('another method on /healthz, /readyz or /metrics is 405 with Allow: GET, HEAD (as on an API path), not 404 "unknown route"', async t => {
+  // A probe configured with the wrong method (POST) was told the path does not exist.
+  const { own, ownUrl, main } = await metricsBothWays(t)
+  for (const url of [`${main.url}/healthz`, `${main.url}/readyz`, `${main.url}/metrics`, `${main.url}/healthz?x=1`]) {
+    for (const method of ['POST', 'DELETE', 'PUT']) {
+      const res = await fetch(url, { method, headers: { authorization: `Bearer ${TOKEN}` } })
+      t.equal(res.status, 405, `${method} ${url.replace(/.*:\d+/, '')}`)
+      t.equal(res.headers.get('allow'), 'GET, HEAD')
+      t.match(await res.json(), { error: { type: 'invalid_request_error', code: 'method_not_allowed', message: `Method ${method} is not allowed on ${new URL(url).pathname}.` } })
+    }
+  }
+  t.equal((await fetch(`${own.url}/metrics`, { method: 'POST' })).status, 404, 'a /metrics the main port does not serve stays unknown')
+  for (const path of ['/healthz', '/metrics']) {
+    const res = await fetch(`${ownUrl}${path}`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}` } })
+    t.equal(res.status, 405, `POST ${path} on metrics.listen`)
+    t.equal(res.headers.get('allow'), 'GET, HEAD')
+    await res.arrayBuffer()
+  }
+  t.equal((await fetch(`${ownUrl}/readyz`, { method: 'POST' })).status, 404, 'metrics.listen serves no /readyz')
 })
 
 t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {

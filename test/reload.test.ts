@@ -350,6 +350,25 @@ t.test('start --watch reloads when the file is replaced (as editors save) or wri
   await eventually(async () => (await create(url, KEY_C)).status === 401, 'and refused after the file is written in place')
 })
 
+t.test('start --watch refuses a config file grown past 8 MiB in one line, and /metrics shows it, as SIGHUP does', async t => {
+  // The file is not read whole, so --watch cannot compare its text: it reloaded nothing and said nothing, while the
+  // file in place would not start.
+  const upstream = await fakeUpstream(t)
+  const { file, dir } = configFile('')
+  const metrics = `metrics: { token: ${METRICS_TOKEN} }`
+  const good = gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }], metrics)
+  writeFileSync(file, good)
+  const { url, output } = await startBin(t, file, {}, ['--watch'])
+  await logged(output, /watching the config file/)
+  const from = lineCount(output)
+  writeFileSync(file, good + `# ${'x'.repeat(9 * 1024 * 1024)}\n`)
+  const line = await logged(output, /config reload refused/, from)
+  t.match(JSON.parse(line), { level: 50, msg: /gateway\.yaml changed: config reload refused, .*cannot read the file: it is larger than 8 MiB/ })
+  t.equal(await lastReloadGauge(url), '0', 'the file in place would not start')
+  writeFileSync(file, good)
+  await eventually(async () => await lastReloadGauge(url) === '1', 'the file put right is reloaded')
+})
+
 t.test('start --watch follows a Kubernetes ConfigMap update (the ..data symlink swapped to a new directory)', async t => {
   const upstream = await fakeUpstream(t)
   const { file, dir } = configFile('')
@@ -871,4 +890,9 @@ t.test('upstream.apiKeyFile: the token is read from the file (one trailing line 
   t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: join(dir, 'missing') } }), { message: /upstream\.apiKeyFile: cannot read .*ENOENT/ })
   writeFileSync(file, 'sk-one\nsk-two\n')
   t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file must hold the token alone/ })
+  // A secret mounted before its value was filled in: said as such, not as a token with something beside it.
+  for (const empty of ['', '\n']) {
+    writeFileSync(file, empty)
+    t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file is empty: it must hold the OhMyGPT token/ }, JSON.stringify(empty))
+  }
 })

@@ -4,7 +4,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { Agent, request, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { readFileSync, renameSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { join } from 'node:path'
 import type { FastifyInstance } from 'fastify'
@@ -201,6 +201,28 @@ t.test('a call hanging on the upstream does not hold the process past shutdown.g
   await eventually(async () => upstreamClosed, 'the upstream request was aborted')
   t.match(auditRecords(dir), [{ action: 'item.list', status: 499, outcome: 'aborted' }], 'the call is on disk, audited aborted')
   t.match(output.text, /shutdown grace of 500 ms over: aborting the calls still in flight/)
+})
+
+t.test('a grace over while the audit is still being written, with no call in flight, aborts nothing: exit 0, nothing said to be aborted', async t => {
+  // The grace bounds the calls; the audit's flush is bounded on its own. A destination that took the last records
+  // a moment after the grace (a disk freed, a path put right) had the process say it aborted calls, and exit 1.
+  const upstream = await holdingUpstream(t)
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 200 }'))
+  const { child, url, output } = await startBin(t, file, {})
+  t.equal((await get(url, '/v1/conversations/conv_1')).status, 200)
+  const active = join(dir, 'audit.jsonl')
+  renameSync(active, join(dir, 'audit.jsonl.1'))
+  symlinkSync('/dev/full', active) // every write fails until it is gone
+  await eventually(async () => (await get(url, '/v1/conversations/conv_1')).status === 503, 'the audit unavailable: calls refused')
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  await eventually(async () => /shutdown grace of 200 ms over/.test(output.text), 'the grace over, the records still waiting')
+  unlinkSync(active)
+  const [code] = await exited
+  t.equal(code, 0, 'exit 0: no call aborted, no record lost')
+  t.notMatch(output.text, /aborting the calls still in flight|after aborting/)
+  t.ok(auditRecords(dir).some(r => r.status === 503 && r.outcome === 'unavailable'), 'the refused calls\' records were written')
 })
 
 /** A gateway draining: a call on a raw connection held at the upstream, SIGTERM sent, accepting stopped. */

@@ -130,6 +130,8 @@ interface Sink {
   settle (): Promise<void>
   /** fsync and close; no chain event is added after this */
   close (): Promise<void>
+  /** records sealed already and held to be written again (from a removed file) while the destination fails */
+  unwritten (): number
 }
 
 function errorSummary (err: unknown): { code?: string, message: string } {
@@ -240,7 +242,7 @@ class Writer implements AuditWriter {
     // that comes back meanwhile (a path fixed, space freed) takes the records instead of their being lost at once.
     const giveUpAt = performance.now() + CLOSE_DEADLINE_MS - RETRY_MS
     const flushAll = async () => {
-      while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0) {
+      while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0 || this.sink.unwritten() > 0) {
         if (await this.flush()) continue
         if (performance.now() >= giveUpAt) return
         await sleep(RETRY_MS)
@@ -261,8 +263,9 @@ class Writer implements AuditWriter {
     if (finished === 'timeout') this.log.error({}, 'audit: the destination did not take the last records in time')
     // The last flush may have rotated: its gzip gets the same chance (its pruning waits for the next start).
     await this.settleHousekeeping()
-    if (this.pending.length > 0) {
-      const n = this.pending.length
+    // (with the records of a removed file still held to be written again: sealed, and lost as much)
+    const n = this.pending.length + this.sink.unwritten()
+    if (n > 0) {
       this.pending.length = 0
       this.counts.lost += n
       this.log.error({ lost: n, total: this.counts.lost }, 'audit: records could not be written before closing and are lost')
@@ -321,8 +324,9 @@ class Writer implements AuditWriter {
       } satisfies ChainEvent)
       this.lostSinceEvent = { count: 0, firstAt: 0, lastAt: 0 }
     }
-    // With nothing to write, a retry still tries the destination (opening the file again), to learn it works.
-    if (this.pending.length === 0 && this.events.length === 0 && this.ok) return true
+    // With nothing to write, a retry still tries the destination (opening the file again, writing what it holds to
+    // write again), to learn it works.
+    if (this.pending.length === 0 && this.events.length === 0 && this.ok && this.sink.unwritten() === 0) return true
     const events = this.events.length
     const batch = [...this.events, ...this.pending.slice(0, MAX_BATCH)]
     const { written, error } = await this.sink.write(batch)
@@ -400,6 +404,7 @@ class StreamSink implements Sink {
   async tick (): Promise<undefined> { return undefined }
   async settle (): Promise<void> {}
   async close (): Promise<void> {}
+  unwritten (): number { return 0 }
 }
 
 function utcDay (ms: number): string {
@@ -986,6 +991,10 @@ class FileSink implements Sink {
       seen = this.housekeeping
       await seen
     } while (seen !== this.housekeeping)
+  }
+
+  unwritten (): number {
+    return this.replay.reduce((n, buf) => n + buf.toString('latin1').split('\n').length - 1, 0)
   }
 
   async close (): Promise<void> {

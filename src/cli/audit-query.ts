@@ -152,11 +152,31 @@ export interface QueryArgs {
   help: boolean
 }
 
+/**
+ * `--limit -1` as `--limit=-1`: Node's parser takes a value that starts with a dash for a forgotten one ("argument is
+ * ambiguous"), where the flag's own check says what it takes. Only a dash and a digit: no option is named so.
+ */
+function withNegativeValues (args: string[]): string[] {
+  const out: string[] = []
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!
+    const next = args[i + 1]
+    if (arg === '--') return [...out, ...args.slice(i)] // files from here on
+    if (arg.startsWith('--') && Object.hasOwn(FLAGS, arg.slice(2)) && next !== undefined && /^-\d/.test(next)) {
+      out.push(`${arg}=${next}`)
+      i++
+    } else {
+      out.push(arg)
+    }
+  }
+  return out
+}
+
 /** The command line, checked: every flag from FLAGS, each filter built from its value. */
 export function parseQueryArgs (args: string[], now: number): QueryArgs {
   const options = Object.fromEntries(Object.keys(FLAGS).map(name => [name, { type: 'string' as const }]))
   const { values, positionals } = parseArgs({
-    args, options: { ...options, ...CONFIG_OPTION, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true
+    args: withNegativeValues(args), options: { ...options, ...CONFIG_OPTION, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true
   }) as { values: Partial<Record<keyof typeof FLAGS, string>> & { help?: boolean }, positionals: string[] }
   const filters: Filter[] = []
   for (const [name, flag] of Object.entries(FLAGS) as Array<[keyof typeof FLAGS, Flag]>) {

@@ -213,8 +213,12 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
   const answer = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '').split('?')[0]
     // HEAD as GET, which Node answers without the body
-    if ((req.method !== 'GET' && req.method !== 'HEAD') || (path !== '/metrics' && path !== '/healthz')) {
+    if (path !== '/metrics' && path !== '/healthz') {
       res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET (and HEAD) /metrics and /healthz\n')
+      return
+    }
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { 'content-type': 'text/plain; charset=utf-8', allow: 'GET, HEAD' }).end(`method ${req.method} not allowed: GET (or HEAD) ${path}\n`)
       return
     }
     if (!authorized(req.headers.authorization)) {

@@ -1,5 +1,5 @@
 // Route match, the first check: a path outside the eight operations is 404, a known path with another method
-// is 405 with Allow. It runs as an onRequest hook for matched and unmatched routes alike, on the raw target.
+// is 405 with Allow (a probe's path too: POST /healthz). It runs as an onRequest hook for matched and unmatched routes alike, on the raw target.
 // Requests Node would refuse or answer on its own before any check (a missing Host, an Expect header, CONNECT)
 // are handed to this same path, so they get the envelope, a request id and an audit record like the rest.
 import type { IncomingMessage, ServerResponse } from 'node:http'
@@ -115,6 +115,11 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     }
     if (match.kind === 'method_not_allowed') {
       reply.header('allow', match.allow)
+      throw new MethodNotAllowedError(request.method, shown(request.originalUrl))
+    }
+    // Another method on a probe's path (/healthz, /readyz, /metrics when served here): the path exists, GET it.
+    if (app.hasRoute({ method: 'GET', url: rawPath(request.originalUrl) })) {
+      reply.header('allow', 'GET, HEAD')
       throw new MethodNotAllowedError(request.method, shown(request.originalUrl))
     }
     throw new UnknownRouteError(request.method, shown(request.originalUrl))
