@@ -898,6 +898,30 @@ t.test('an item passed back into the caller\'s own conversation, naming a contai
   t.equal(gw.audit().filter(r => r.status === 403).length, 0)
 })
 
+// A long session in one container: every call of it names the same container. One item of the conversation
+// vouches for it; its other calls passed back need no lookup of their own (and more than 32 of them are served).
+t.test('the calls of a long code interpreter session passed back into the caller\'s own conversation: one lookup vouches for their container, however many there are', async t => {
+  const { upstream, sdk } = await setup(t)
+  const container = 'cntr_ssssssssssssssssssssssssssssssss'
+  const conversation = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const calls = Array.from({ length: 40 }, (_, i) => ({ type: 'code_interpreter_call', id: `ci_session${i}`, container_id: container, code: `print(${i})`, outputs: [], status: 'completed' }))
+  await fetch(`${upstream.url}/v1/conversations/${conversation}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ items: calls })
+  })
+  const lookups = () => upstream.requests.filter(r => r.method === 'GET' && r.url.includes('/items/')).length
+  const auto = [{ type: 'code_interpreter' as const, container: { type: 'auto' as const } }]
+  const a = sdk(KEYS.full)
+  const few = await a.responses.create({ model: 'gpt-5.1', conversation, input: [...calls.slice(0, 5) as never[], { role: 'user', content: 'go on' }], tools: auto })
+  t.equal(few.status, 'completed', 'five calls of the session: served')
+  t.equal(lookups(), 1, 'one lookup for their one container, not one per call')
+
+  const fresh = await gateway(t, upstream)
+  const all = await fresh.sdk(KEYS.full).responses.create({ model: 'gpt-5.1', conversation, input: [...calls as never[], { role: 'user', content: 'go on' }], tools: auto })
+  t.equal(all.status, 'completed', 'all forty calls, after a restart: served, not refused for naming their container more than 32 times')
+  t.equal(lookups(), 2, 'one lookup again')
+})
+
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'
 // not found. Items are not persisted when `store` is set to false"), across the one account: another team's rs_ id
 // would put its reasoning in the caller's context. It is also what every reasoning model's answer holds and clients

@@ -477,7 +477,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (named.length === 0) return
     const { ids, ...found } = await notHandedOut(named.map(([id]) => id), client)
     let unknown = named.filter(([id]) => ids.includes(id))
-    if (unknown.length > 0 && ownConversation !== undefined && unknown.length <= MAX_REFERENCES) {
+    if (unknown.length > 0 && ownConversation !== undefined) {
       unknown = await notInConversation(unknown, ownConversation.id, client, request, ownConversation.reply)
     }
     const refused = unknown[0]
@@ -490,26 +490,33 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
 
   /**
    * Those of `named` that no item of the client's conversation `conversation` ran in: each is looked up there by the
-   * id of the item naming it; one found naming the same container vouches for it, which is noted as the client's.
+   * id of the item naming it; one found naming the same container vouches for it, which is noted as the client's, and
+   * for every other item naming it (the calls of one session share their container: one lookup, not one a call). At
+   * most MAX_REFERENCES lookups a call, as for item references.
    */
   async function notInConversation (named: NamedContainer[], conversation: string, client: ClientConfig,
     request: FastifyRequest, reply: FastifyReply): Promise<NamedContainer[]> {
     const whenGone = clientGone(reply)
     const clientWait = () => clientWaitMs(request.headers, reply.elapsedTime)
+    const vouched = new Set<unknown>()
     const left: NamedContainer[] = []
+    let lookups = 0
     for (const entry of named) {
       const [container, , itemId] = entry
-      const ran = typeof container === 'string' && typeof itemId === 'string' && ID_PATTERN.test(itemId)
+      if (vouched.has(container)) continue
+      const ran = typeof container === 'string' && typeof itemId === 'string' && ID_PATTERN.test(itemId) && lookups++ < MAX_REFERENCES
         ? await askUpstream(`/v1/conversations/${conversation}/items/${itemId}`, { conversationId: conversation, itemId },
           request, whenGone, answer => {
             if ((answer as { id?: unknown } | null)?.id !== itemId) throw new Error('the item check answer is not the item asked for')
             return listedContainersIn(answer)
           }, clientWait)
         : 'missing'
-      if (ran !== 'missing' && ran.includes(container as string)) issued.note([container as string], client.id)
-      else left.push(entry)
+      if (ran !== 'missing' && ran.includes(container as string)) {
+        issued.note([container as string], client.id)
+        vouched.add(container)
+      } else left.push(entry)
     }
-    return left
+    return left.filter(([container]) => !vouched.has(container))
   }
 
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
