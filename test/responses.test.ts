@@ -629,6 +629,34 @@ t.test('an upstream that holds its connection open after the stream\'s last even
   t.match(gw.audit()[6], { action: 'response.retrieve', status: 200, outcome: 'ok' })
 })
 
+t.test('an upstream that ends its stream right after the last event, at once or in a later read: the gateway\'s next streamed calls go on the same upstream connection, as they did before streams ended at their last event', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const completed = `event: response.completed\ndata: ${JSON.stringify({ type: 'response.completed', sequence_number: 1, response: { id: 'resp_1', object: 'response', status: 'completed', model: 'm', output: [], usage: { input_tokens: 2, output_tokens: 1, total_tokens: 3 }, metadata: { gateway_owner: 'team-full' } } })}\n\n`
+  // OpenAI's end of a chunked body (its last, empty chunk) comes with the last event or just after it.
+  const ports: number[] = []
+  let finished = 0
+  upstream.respond = (req, res) => {
+    ports.push(req.socket.remotePort!)
+    res.on('finish', () => { finished++ })
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(CREATED_EVENT)
+    // (a later read: the model's events come as it makes them)
+    setImmediate(() => {
+      res.write(completed)
+      if (ports.length % 2 === 1) res.end()
+      else setImmediate(() => res.end())
+    })
+  }
+  for (let call = 1; call <= 4; call++) {
+    t.same(await streamedCreate(client), { seen: ['response.created', 'response.completed'], err: null })
+    await until('the upstream to end its answer', () => finished === call)
+  }
+  t.same(new Set(ports).size, 1, `one upstream connection for the four calls (their ports: ${ports.join(', ')})`)
+  await until('the audit records', () => gw.audit().length === 4)
+  t.match(gw.audit(), Array.from({ length: 4 }, () => ({ action: 'response.create', status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 })))
+})
+
 t.test('a stream answered 200 whose body is a bare JSON error (no event): the SDK raises the upstream\'s own error, and the call is audited as that error says', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const client = sdk(KEYS.full)

@@ -267,6 +267,35 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
 
 function noop (): void {}
 
+/**
+ * How long an upstream's body is read past its stream's last event for its own end, and how much of it (a relay's
+ * `data: [DONE]`), thrown away: the body ended, its connection goes back to the pool for the next call. OpenAI ends
+ * right after the last event, but its end (the last chunk of the chunked body) often comes in a later read: destroyed
+ * at the event, every streamed call would open a new connection (and TLS handshake) upstream. One held open longer
+ * is let go of.
+ */
+const AFTER_LAST_EVENT_MS = 1000
+const MAX_AFTER_LAST_EVENT_BYTES = 64 * 1024
+
+/** `body` drained (see above) while in `draining`, which a closing gateway lets go of at once. */
+function drainAfterLastEvent (body: Readable, draining: Set<Readable>): void {
+  if (body.destroyed) return
+  const release = () => { body.destroy() }
+  const timer = setTimeout(release, AFTER_LAST_EVENT_MS).unref()
+  draining.add(body)
+  body.once('close', () => {
+    clearTimeout(timer)
+    draining.delete(body)
+  })
+  let bytes = 0
+  body.on('error', noop).on('data', (chunk: Buffer) => {
+    bytes += chunk.length
+    if (bytes > MAX_AFTER_LAST_EVENT_BYTES) release()
+  })
+  // (unpiped, the body is paused: a 'data' listener alone would not start it)
+  body.resume()
+}
+
 /** An answer's bytes read whole, with what the upstream said of them and nothing more. */
 function sendBytes (reply: FastifyReply, status: number, body: Buffer): void {
   if (status !== 204 && status !== 304) reply.header('content-length', body.length)
@@ -401,6 +430,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
   // says why (the SDKs raise it as an APIError, not a bare "terminated"), before its connection is closed
   // (app.abortInFlight). One a slow client has not read up to yet goes with what is unread before it.
   const liveStreams = new Set<SseRewriter>()
+  /** upstream bodies read on past their stream's last event: a closing gateway does not wait on them */
+  const draining = new Set<Readable>()
+  app.addHook('preClose', done => {
+    for (const body of draining) body.destroy()
+    done()
+  })
   app.decorate('endEventStreams', () => {
     let told = false
     for (const events of liveStreams) told = events.cut(STREAM_SHUTDOWN_EVENT) || told
@@ -681,6 +716,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           return
         }
         reply.removeHeader('content-length')
+        /** the stream's last event has passed: the upstream's body is drained for its own end, not destroyed */
+        let afterLast = false
         const events = new SseRewriter((data, text) => {
           try {
             // Searched string by string only when its text may hold the token: as written, or spelled with escapes
@@ -707,7 +744,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         () => {
           res.stream.unpipe(events)
           answeredWhole(res.stream)
-          res.stream.destroy()
+          afterLast = true
+          drainAfterLastEvent(res.stream, draining)
           events.end()
         })
         // An upstream that breaks off mid-stream: the client is told in its own stream, by an error event that
@@ -723,7 +761,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
         events.once('close', () => {
           liveStreams.delete(events)
-          res.stream.destroy()
+          // (past its last event, the upstream's body is let go of by drainAfterLastEvent)
+          if (!afterLast) res.stream.destroy()
         })
         liveStreams.add(events)
         res.stream.pipe(events)
