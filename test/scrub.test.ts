@@ -45,6 +45,16 @@ t.test('only the last four tokens are remembered', async t => {
   t.equal(scrub.text('sk-token-one sk-token-two sk-token-five'), 'sk-token-one [redacted] [redacted]')
 })
 
+t.test('a header: the token percent-encoded is taken out (the value then decoded), lines that spell it only together are dropped', async t => {
+  const scrub = scrubber('sk-abc-123')
+  t.equal(scrub.header('https://x/?k=sk%2Dabc%2d123&a=%2F'), 'https://x/?k=[redacted]&a=/')
+  t.equal(scrub.header('https://x/?k=sk%252Dabc-123'), 'https://x/?k=[redacted]', 'escaped twice')
+  t.equal(scrub.header('https://x/a%2Fb%E2%82%AC'), 'https://x/a%2Fb%E2%82%AC', 'without the token: as it came')
+  t.equal(scrub.header(['sk-abc', '-123']), undefined)
+  t.same(scrub.header(['sk-abc-123', 'sk%2Dabc']), ['[redacted]', 'sk%2Dabc'])
+  t.same(scrub.header(['a', 'a']), ['a', 'a'])
+})
+
 /** What `scrub.stream()` makes of `chunks`, as one buffer. */
 async function streamed (scrub: TokenScrubber, chunks: Buffer[]): Promise<string> {
   const stream = scrub.stream()!

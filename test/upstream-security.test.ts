@@ -1015,3 +1015,60 @@ t.test('an upstream header quoting the token (content-encoding, content-type) st
     t.notOk(logged.toLowerCase().includes(UPSTREAM_TOKEN.toLowerCase()), `${label}: the token is not in the log, in any case`)
   }
 })
+
+t.test('a token percent-encoded in an upstream header (a redirect\'s location, a request id) reaches neither the log, the client nor the audit', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const percent = (text: string) => [...text].map(c => `%${c.charCodeAt(0).toString(16).toUpperCase()}`).join('')
+  // As a URL holds it: some characters escaped (lowercase hex), every one, or every one twice (a URL built from one).
+  const spellings = [UPSTREAM_TOKEN.replace('-', '%2d'), percent(UPSTREAM_TOKEN), percent(UPSTREAM_TOKEN).replaceAll('%', '%25')]
+  for (const spelled of spellings) {
+    upstream.respond = (_req, res) => { res.writeHead(302, { location: `https://login.example/v1?key=${spelled}` }).end() }
+    const before = gw.logs.length
+    const moved = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+    t.equal(moved.status, 502)
+    const logged = gw.logs.slice(before).join('\n')
+    t.match(logged, '"location":"https://login.example/v1?key=[redacted]"', 'the log says where the line points, without the token')
+    t.notOk(logged.includes(spelled), 'nor its spelling')
+
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'x-request-id': `req_${spelled}` }).end('{"object":"list","data":[],"has_more":false}')
+    }
+    const list = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+    t.equal(list.status, 200)
+    t.equal(list.headers.get('x-request-id'), 'req_[redacted]')
+    t.match(gw.audit().at(-1), { upstreamRequestId: 'req_[redacted]' })
+  }
+  // A location without the token is logged as it came, escapes and all.
+  upstream.respond = (_req, res) => { res.writeHead(301, { location: 'https://moved.example/a%2Fb?q=%7E' }).end() }
+  const before = gw.logs.length
+  await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.match(gw.logs.slice(before).join('\n'), '"location":"https://moved.example/a%2Fb?q=%7E"')
+})
+
+t.test('a token split across two lines of one upstream header reaches neither the client nor the log in halves', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const halves = [UPSTREAM_TOKEN.slice(0, 17), UPSTREAM_TOKEN.slice(17)]
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, ['content-type', 'application/json', 'x-request-id', halves[0]!, 'x-request-id', halves[1]!,
+      'openai-processing-ms', '12', 'openai-processing-ms', '12']).end('{"object":"list","data":[],"has_more":false}')
+  }
+  const list = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(list.status, 200)
+  t.equal(list.headers.get('x-request-id'), null, 'the header that spells the token across its lines is not passed on')
+  t.equal(list.headers.get('openai-processing-ms'), '12, 12', 'repeated lines that spell none go on as they came')
+
+  // The log quotes the content-types of an answer that has two.
+  upstream.respond = (_req, res) => {
+    res.writeHead(500, ['content-type', `text/html; k=${halves[0]!}`, 'content-type', `${halves[1]!}`]).end('<html></html>')
+  }
+  const before = gw.logs.length
+  const twoTypes = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(twoTypes.status, 502)
+  const logged = gw.logs.slice(before).join('\n')
+  t.match(logged, 'more than one content-type', 'the operators are told')
+  t.notOk(halves.some(half => logged.includes(half)), 'without either half of the token')
+})

@@ -20,7 +20,7 @@ import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
 import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
-import { decodedBody, hasEscapes, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
+import { decodedBody, hasEscapes, isWideText, REDACTED, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -228,11 +228,6 @@ export function upstreamRequestHeaders (
   return gatewayHeaders(request, apiKey, out)
 }
 
-function scrubbedHeader (value: string | string[] | undefined, scrub: TokenScrubber): string | string[] | undefined {
-  if (typeof value === 'string') return scrub.text(value)
-  return value?.map(v => scrub.text(v))
-}
-
 /**
  * The headers an answer's Connection header names (beyond its own options, keep-alive and close): they are for the
  * hop between the upstream and the gateway, and an intermediary removes them before it passes the answer on
@@ -250,7 +245,10 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
   const out: IncomingHttpHeaders = {}
   const listed = connectionListed(headers)
   for (const name in headers) {
-    if (RETURNED_RESPONSE_HEADERS.has(name) && listed?.has(name) !== true) out[name] = scrubbedHeader(headers[name], scrub)
+    const value = headers[name]
+    if (value === undefined || !RETURNED_RESPONSE_HEADERS.has(name) || listed?.has(name) === true) continue
+    const clean = scrub.header(value)
+    if (clean !== undefined) out[name] = clean
   }
   return out
 }
@@ -260,7 +258,7 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
   const listed = connectionListed(headers)
   for (const name in headers) {
     const value = headers[name]
-    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.text(value)
+    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.header(value)
   }
   return out
 }
@@ -395,8 +393,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
   /** An upstream header's value as the log may keep it: the upstream's text, which may quote the token, cut short. */
-  const loggedHeader = (value: string | string[] | undefined): string | null =>
-    value === undefined ? null : scrub.text(String(value)).slice(0, 256)
+  const loggedHeader = (value: string | string[] | undefined): string | null => {
+    if (value === undefined) return null
+    const clean = scrub.header(value)
+    return clean === undefined ? REDACTED : String(clean).slice(0, 256)
+  }
   // The event streams being passed on: at the end of a shutdown's grace each is ended with an error event that
   // says why (the SDKs raise it as an APIError, not a bare "terminated"), before its connection is closed
   // (app.abortInFlight). One a slow client has not read up to yet goes with what is unread before it.
@@ -456,7 +457,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           status: answer.statusCode,
           ms: answer.ms,
           // (cut short for the audit record: an upstream's id is a few dozen characters, a hostile one 16 KiB)
-          requestId: typeof answer.headers['x-request-id'] === 'string' ? scrub.text(answer.headers['x-request-id']).slice(0, 256) : null
+          requestId: typeof answer.headers['x-request-id'] === 'string' ? scrub.header(answer.headers['x-request-id']).slice(0, 256) : null
         }
         callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body })
       }, (err: unknown) => {
@@ -656,7 +657,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return true
     }
     res.stream.on('error', noop).destroy()
-    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: types.map(loggedHeader) },
+    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: loggedHeader(types) },
       'upstream answer has more than one content-type: not passed on')
     mayBeDoneUpstream(request.method, reply)
     reply.send(new UpstreamUnavailableError())

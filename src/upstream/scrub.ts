@@ -1,7 +1,8 @@
 // The upstream token never comes back to a client, even when the upstream writes it into an answer (an error
 // message quoting the key it was given, as some OpenAI-compatible services do). Taken out, each occurrence
 // replaced by REDACTED:
-// - from the response headers the client gets (and the upstream request id the audit keeps);
+// - from the response headers the client gets (and the upstream request id the audit keeps), and those the log
+//   quotes: percent-encoded too (a redirect's location), and spelled across a header's repeated lines;
 // - from answers the gateway reads whole: every error answer, and the JSON answers it rewrites. Searched as bytes
 //   (the token as written, and as JSON.stringify escapes it); a JSON answer that holds any backslash escape is
 //   also searched string by string once parsed, whatever escapes spell the token (`\/`, `\u0073`);
@@ -224,6 +225,29 @@ export class TokenScrubber {
   }
 
   /**
+   * An upstream header's value (one line, or its repeated lines) with every token replaced, as the client and the log
+   * may have it. A value that holds a token percent-encoded (a URL's query, escaped once or more) goes decoded, the
+   * token replaced; any other as it came. Undefined for lines that spell a token only together: each passed on alone,
+   * the token would go in halves.
+   */
+  header (value: string): string
+  header (value: string | string[]): string | string[] | undefined
+  header (value: string | string[]): string | string[] | undefined {
+    if (typeof value === 'string') return this.#headerLine(value)
+    const lines = value.map(line => this.#headerLine(line))
+    const joined = lines.join('')
+    return this.#headerLine(joined) === joined ? lines : undefined
+  }
+
+  #headerLine (line: string): string {
+    const clean = this.text(line)
+    if (!clean.includes('%')) return clean
+    const decoded = percentDecoded(clean)
+    const decodedClean = this.text(decoded)
+    return decodedClean === decoded ? clean : decodedClean
+  }
+
+  /**
    * `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none: as written,
    * and, in a text with a backslash, with any character of it a JSON escape (`\u0073`, `\/`), whether or not the
    * text parses as JSON here. A client's reader may take what JSON.parse refuses: the SDKs read a body that
@@ -301,6 +325,21 @@ export class TokenScrubber {
     }
     return walk(value)
   }
+}
+
+/** An ASCII character percent-encoded (`%2D`, `%2d`): each of a token's may be, in a URL. */
+const PERCENT_ASCII = /%([0-7][0-9A-Fa-f])/g
+/** Escaped more often than this (`%252D` is twice), a URL is no one's: what is left is kept as it is. */
+const PERCENT_ROUNDS = 4
+
+/** `text` with its percent-encoded ASCII characters decoded, as often as they were encoded (up to PERCENT_ROUNDS). */
+function percentDecoded (text: string): string {
+  for (let round = 0; round < PERCENT_ROUNDS; round++) {
+    const next = text.replace(PERCENT_ASCII, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)))
+    if (next === text) break
+    text = next
+  }
+  return text
 }
 
 export const WIDE_TEXT = 'the answer is in UTF-16 or UTF-32, which is not searched for the token'
