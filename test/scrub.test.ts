@@ -155,3 +155,19 @@ t.test('a chunk goes on at once, but for an end that could begin a token', async
   await flushed()
   t.equal(out.join(''), '{"object":"list","data":[{"note":"key [redacted]"}', 'and taken out once whole')
 })
+
+t.test('a token percent-encoded, in part or whole, is taken out searched whole or as it streams, however the chunks cut it', async t => {
+  // (a `%` of the token's own, as written or escaped as %25)
+  const scrub = scrubber('sk-ab%c-12')
+  for (const spelled of ['sk%2Dab%25c-%31%32', 'sk-ab%c-12', '%73k-ab%c%2d12', '%73%6B%2D%61%62%25%63%2D%31%32']) {
+    const text = `x ${spelled} y`
+    t.equal(scrub.bytes(Buffer.from(text)).toString(), 'x [redacted] y', spelled)
+    const wrong = []
+    for (let cut = 1; cut < text.length; cut++) {
+      if (await streamed(scrub, [Buffer.from(text.slice(0, cut)), Buffer.from(text.slice(cut))]) !== 'x [redacted] y') wrong.push(cut)
+    }
+    t.same(wrong, [], `${spelled}: cut anywhere`)
+  }
+  const other = Buffer.from('50% off, a%20b, %73k-ab%c-1')
+  t.equal(scrub.bytes(other), other, 'escapes that spell no token: the bytes as they came')
+})

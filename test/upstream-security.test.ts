@@ -1072,3 +1072,43 @@ t.test('a token split across two lines of one upstream header reaches neither th
   t.match(logged, 'more than one content-type', 'the operators are told')
   t.notOk(halves.some(half => logged.includes(half)), 'without either half of the token')
 })
+
+t.test('an answer that quotes the token percent-encoded (a URL built with it) reaches the client without it: an error, a 2xx whole or streamed, an event', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // Every character escaped (a client decoding the URL reads the token), with one in lowercase hex.
+  const spelled = [...UPSTREAM_TOKEN].map(c => `%${c.charCodeAt(0).toString(16).toUpperCase()}`).join('').replace('%2D', '%2d')
+  const url = `https://billing.example/keys?key=${spelled}`
+  const list = JSON.stringify({ object: 'list', data: [{ type: 'message', id: 'msg_1', content: [{ type: 'input_text', text: url }] }], has_more: false })
+  upstream.respond = (_req, res) => { res.writeHead(402, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `Top up at ${url}`, type: 'billing', param: null, code: null } })) }
+  const error = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(error.status, 402)
+  t.match(await error.text(), '"Top up at https://billing.example/keys?key=[redacted]"')
+
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(list) }
+  const whole = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.match(await whole.text(), '"text":"https://billing.example/keys?key=[redacted]"', 'a short answer, read whole')
+
+  // A long one, searched as it streams, with the spelling cut between two chunks in the middle of an escape.
+  const long = Buffer.from(list.replace('"has_more"', `"pad":"${'x'.repeat(100_000)}","has_more"`))
+  const cut = long.indexOf(spelled) + 7
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write(long.subarray(0, cut))
+    setTimeout(() => res.end(long.subarray(cut)), 20)
+  }
+  const streamed = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  const text = await streamed.text()
+  t.match(text, '"text":"https://billing.example/keys?key=[redacted]"', 'a long answer, searched as it streams')
+  t.notOk(text.includes(spelled.slice(0, 24)))
+
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(`event: error\ndata: ${JSON.stringify({ type: 'error', sequence_number: 0, code: 'billing', message: `Top up at ${url}`, param: null })}\n\n: see ${url}\n\n`)
+  }
+  const events = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
+  const eventText = await events.text()
+  t.match(eventText, '"message":"Top up at https://billing.example/keys?key=[redacted]"')
+  t.match(eventText, ': see https://billing.example/keys?key=[redacted]')
+})
