@@ -1112,3 +1112,18 @@ t.test('an answer that quotes the token percent-encoded (a URL built with it) re
   t.match(eventText, '"message":"Top up at https://billing.example/keys?key=[redacted]"')
   t.match(eventText, ': see https://billing.example/keys?key=[redacted]')
 })
+
+t.test('an answer in a transfer-coding that quotes the token is refused without the token in the log, in any case', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': `x-${UPSTREAM_TOKEN}, gzip, chunked` }).end('{}')
+  }
+  const res = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(res.status, 502)
+  const logged = gw.logs.join('\n')
+  t.match(logged, /transfer-coding/, 'the operators are told why')
+  t.match(logged, /gzip/, 'naming the codings it knows')
+  t.notOk(logged.toLowerCase().includes(UPSTREAM_TOKEN.toLowerCase()), 'the token is not in the log, in any case')
+})
