@@ -1127,3 +1127,26 @@ t.test('an answer in a transfer-coding that quotes the token is refused without 
   t.match(logged, /gzip/, 'naming the codings it knows')
   t.notOk(logged.toLowerCase().includes(UPSTREAM_TOKEN.toLowerCase()), 'the token is not in the log, in any case')
 })
+
+t.test('an event stream in UTF-16, which no event reader splits as the gateway does, is not passed on: the token in it never reaches the client', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const event = `event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response: { id: 'resp_1', object: 'response', status: 'in_progress', output: [], instructions: `Bearer ${UPSTREAM_TOKEN}` } })}\n\n`
+  for (const [what, body] of [
+    ['UTF-16LE with its byte order mark', Buffer.from(`\ufeff${event}`, 'utf16le')],
+    ['UTF-16BE', Buffer.from(event, 'utf16le').swap16()]
+  ] as const) {
+    upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'text/event-stream' }).end(body) }
+    // (a streamed retrieve, which may end without a last event: the stream's bytes go out when it ends)
+    const received = await sendRaw(gw.url, buildRequest('GET', '/v1/responses/resp_1?stream=true', [['Authorization', `Bearer ${KEYS.full}`]]))
+    t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le')), `${what}: the token never reaches the client`)
+    t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le').swap16()), `${what}: in either byte order`)
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const streamed = await sdk.responses.retrieve('resp_1', { stream: true }).then(async stream => {
+      for await (const _ of stream) { /* read to its end */ }
+      return null
+    }).catch((err: unknown) => err)
+    t.ok(streamed instanceof OpenAI.APIError, `${what}: the SDK raises the gateway's error event`)
+  }
+})
