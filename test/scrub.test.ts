@@ -50,6 +50,7 @@ t.test('a header: the token percent-encoded is taken out (the value then decoded
   t.equal(scrub.header('https://x/?k=sk%2Dabc%2d123&a=%2F'), 'https://x/?k=[redacted]&a=/')
   t.equal(scrub.header('https://x/?k=sk%252Dabc-123'), 'https://x/?k=[redacted]', 'escaped twice')
   t.equal(scrub.header('https://x/a%2Fb%E2%82%AC'), 'https://x/a%2Fb%E2%82%AC', 'without the token: as it came')
+  t.equal(scrub.header('sk%2Dabc-123%0D%0Ax-injected:%201%7F'), '[redacted]%0D%0Ax-injected:%201%7F', 'control characters and spaces stay escaped')
   t.equal(scrub.header(['sk-abc', '-123']), undefined)
   t.same(scrub.header(['sk-abc-123', 'sk%2Dabc']), ['[redacted]', 'sk%2Dabc'])
   t.same(scrub.header(['a', 'a']), ['a', 'a'])

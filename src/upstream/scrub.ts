@@ -364,8 +364,11 @@ export class TokenScrubber {
   }
 }
 
-/** An ASCII character percent-encoded (`%2D`, `%2d`): each of a token's may be, in a URL. */
-const PERCENT_ASCII = /%([0-7][0-9A-Fa-f])/g
+/**
+ * A printable ASCII character but space percent-encoded (`%2D`, `%2d`): each of a token's may be, in a URL (a token
+ * is made of those alone). No other is decoded: a header's value never gets a line break (`%0D%0A`) it did not have.
+ */
+const PERCENT_ASCII = /%(2[1-9A-Fa-f]|[3-6][0-9A-Fa-f]|7[0-9A-Ea-e])/g
 /** Escaped more often than this (`%252D` is twice), a URL is no one's: what is left is kept as it is. */
 const PERCENT_ROUNDS = 4
 
