@@ -10,7 +10,9 @@ import type { FastifyBaseLogger } from 'fastify'
 import { parseConfig } from '../src/config.js'
 import { REFUSED_LOG_INTERVAL_MS, RefusedTokenLog } from '../src/upstream/refused-token.js'
 import { call, type CallOptions } from './fixtures/client.js'
+import { eventually } from './fixtures/eventually.js'
 import { buildRequest, sendRaw } from './fixtures/raw-http.js'
+import { startRedis } from './fixtures/redis-server.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -1148,5 +1150,32 @@ t.test('an event stream in UTF-16, which no event reader splits as the gateway d
       return null
     }).catch((err: unknown) => err)
     t.ok(streamed instanceof OpenAI.APIError, `${what}: the SDK raises the gateway's error event`)
+  }
+})
+
+t.test('a listed item whose container id quotes the token: the client gets it taken out, and the shared store (Redis) never holds the token', async t => {
+  const redis = await startRedis(t)
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }))
+  const conversation = { id: 'conv_1', object: 'conversation', created_at: 1, metadata: { gateway_owner: 'team-full' } }
+  // A short listing (read whole) and a long one (searched as it streams), each with a container of its own.
+  let pad = ''
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    if (req.url === '/v1/conversations/conv_1') {
+      res.end(JSON.stringify(conversation))
+      return
+    }
+    const item = { id: 'ci_1', type: 'code_interpreter_call', status: 'completed', container_id: `cntr_${pad.length}_${UPSTREAM_TOKEN}`, code: `print(1)${pad}`, outputs: [] }
+    res.end(JSON.stringify({ object: 'list', data: [item], first_id: 'ci_1', last_id: 'ci_1', has_more: false }))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  for (const length of [0, 100_000]) {
+    pad = ' '.repeat(length)
+    const listed = await sdk.conversations.items.list('conv_1')
+    t.equal((listed.data[0] as { container_id?: string }).container_id, `cntr_${length}_[redacted]`)
+    const keys = await eventually(async () => { const all = await redis.command('KEYS *'); return all.includes(`cntr_${length}_`) ? all : null }, 'the container noted in Redis')
+    t.notOk(keys.includes(UPSTREAM_TOKEN), `${length > 0 ? 'a long listing' : 'a short one'}: the shared store never holds the token`)
   }
 })

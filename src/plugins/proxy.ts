@@ -546,7 +546,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       mayBeDoneUpstream(request.method, reply)
       out.destroy(readFailure(err))
     })
-    observeStreamed(request, res.stream) // (piped already: no chunk goes past unread)
+    // (what the client gets, the token taken out: an id noted for it is one it can pass back; piped already: no
+    // chunk goes past unread)
+    observeStreamed(request, searched)
     searched.pipe(out)
     out.once('close', () => { searched.destroy() })
     reply.send(out)
@@ -586,8 +588,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
-    observed(request, decoded)
     const scrubbed = scrubbedJson(scrub.bytes(decoded))
+    observed(request, scrubbed) // (what the client gets, as for one streamed)
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
       reply.send(raw)
