@@ -16,7 +16,7 @@ import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import { ConfigError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
+import { ConfigError, loadConfig, readRegularFile, withoutSecrets, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
 import { auditDirectoryProblem, describeListenError, reloadPreflight, StartupError } from './preflight.js'
@@ -106,7 +106,7 @@ export async function startServer (
 ): Promise<FastifyInstance> {
   turnOffPretenuring()
   const auditProblem = auditDirectoryProblem(config.audit.file)
-  if (auditProblem !== null) throw new StartupError(auditProblem)
+  if (auditProblem !== null) throw new StartupError(withoutSecrets([auditProblem], config)[0])
   // Building the app can take seconds (a Redis that does not answer yet): a SIGHUP or SIGUSR2 meanwhile, or a signal
   // of IGNORED, would end the process by default. They are held, and answered once the handlers below are in place.
   // So is a stop (SIGTERM, SIGINT, SIGQUIT): ended by it, the process would leave the audit lock it has taken, and
@@ -183,8 +183,9 @@ export async function startServer (
     await app.listen({ host, port })
   } catch (err) {
     await app.close()
-    if (err instanceof StartupError) throw err // already says which listener (metrics.listen)
-    throw new StartupError(describeListenError(host, port, err as NodeJS.ErrnoException))
+    // (a StartupError says which listener already: metrics.listen)
+    const problem = err instanceof StartupError ? err.message : describeListenError(host, port, err as NodeJS.ErrnoException)
+    throw new StartupError(withoutSecrets([problem], config)[0])
   }
   if (opts.watch === true && opts.configFile !== undefined && !draining) watcher = watchConfig(app, opts.configFile, reload)
   return app
