@@ -220,7 +220,13 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     })
   }
   const apiKey = () => current.upstream.apiKey
-  const store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
+  let store: RateLimitStore
+  try {
+    store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
+  } catch (err) {
+    await app.close() // (the audit file and its lock, the upstream pools: a start refused leaves nothing behind)
+    throw err
+  }
   await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed', token: config.metrics.token })
   await app.register(router, { Response: responseClass })
   await app.register(auditGate)

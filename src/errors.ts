@@ -70,7 +70,7 @@ export const ReservedMetadataKeyError = define('reserved_metadata_key', 400, 'in
 export const MetadataLimitError = define('metadata_limit', 400, 'invalid_request_error',
   'Metadata can have at most 15 keys through this gateway (OpenAI allows 16; the gateway keeps one).', { param: 'metadata' })
 export const InvalidMetadataError = define('invalid_metadata', 400, 'invalid_request_error',
-  'The request body must be a JSON object and its metadata an object of strings.', { param: 'metadata' })
+  'The request body must be a JSON object and its metadata an object of strings (keys of at most 64 characters, values of at most 512).', { param: 'metadata' })
 export const UpgradeNotSupportedError = define('upgrade_not_supported', 400, 'invalid_request_error',
   'Protocol upgrades (WebSocket) are not supported by this gateway.')
 export const CredentialsInQueryError = define('credentials_in_query', 400, 'invalid_request_error',
@@ -81,6 +81,8 @@ export const CredentialsInBodyError = define('credentials_in_body', 400, 'invali
   'The request body holds a gateway key where an id or the model goes. This gateway takes its key only as "Authorization: Bearer <key>", and passes no credential upstream: check the value passed where the key went.')
 export const MissingHostError = define('missing_host', 400, 'invalid_request_error',
   'The request has no Host header, which HTTP/1.1 requires.')
+export const InvalidHostError = define('invalid_host', 400, 'invalid_request_error',
+  'The request has more than one Host header, or one that is not a host with an optional port.')
 export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_request_error',
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
 export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_request_error',

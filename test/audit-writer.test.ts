@@ -9,7 +9,7 @@ import { basename, join } from 'node:path'
 import { Writable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
 import { setTimeout as sleep } from 'node:timers/promises'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { chainHasher } from '../src/audit/chain.js'
 import { seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
@@ -592,13 +592,30 @@ t.test('a lock whose holder looks gone by its pid but is still refreshed (a gate
   await held.release()
 })
 
-t.test('a lock left by a process that is gone is taken over, with a warning', async t => {
-  const file = join(tempDir(), 'audit.jsonl')
+/** The lock a gateway killed a minute ago left beside `file` (its pid gone, its heartbeat stopped), since 2025-01-01. */
+async function lockOfGoneGateway (file: string): Promise<{ pid: number | undefined }> {
   const gone = spawn(process.execPath, ['-e', ''])
   await once(gone, 'exit')
   const { hostname } = await import('node:os')
   writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
   lastTouched(file + '.lock', 60_000)
+  return { pid: gone.pid }
+}
+
+/** A start on a series of 3 records whose lock lockOfGoneGateway left: it says the unclean stop, then its first call. */
+async function startsAfterUncleanStop (t: Test, file: string, pid: number | undefined): Promise<void> {
+  const { writer } = await open(file)
+  writer.write(callRecord(4))
+  await writer.close()
+  t.match(parsed(file).slice(3), [
+    { seq: 4, event: 'audit.unclean_stop', pid, since: '2025-01-01T00:00:00.000Z' },
+    { seq: 5, requestId: callRecord(4).requestId }
+  ])
+}
+
+t.test('a lock left by a process that is gone is taken over, with a warning', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const gone = await lockOfGoneGateway(file)
   const { writer, log } = await open(file)
   t.match(log.lines[0], { level: 'warn', msg: /taking over a stale lock/, obj: { holder: { pid: gone.pid } } })
   await writer.close()
@@ -609,22 +626,35 @@ t.test('a gateway that stopped without closing (its lock left behind) is said in
   const file = join(tempDir(), 'audit.jsonl')
   await writeSeries(file, 3)
   // As kill -9 leaves it: the records answered in its last moments, not handed to the disk yet, are gone with it.
-  const gone = spawn(process.execPath, ['-e', ''])
-  await once(gone, 'exit')
-  const { hostname } = await import('node:os')
-  writeFileSync(file + '.lock', JSON.stringify({ pid: gone.pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
-  lastTouched(file + '.lock', 60_000)
-  const { writer } = await open(file)
-  writer.write(callRecord(4))
-  await writer.close()
-  t.match(parsed(file).slice(3), [
-    { seq: 4, event: 'audit.unclean_stop', pid: gone.pid, since: '2025-01-01T00:00:00.000Z' },
-    { seq: 5, requestId: callRecord(4).requestId }
-  ])
+  const gone = await lockOfGoneGateway(file)
+  await startsAfterUncleanStop(t, file, gone.pid)
   t.match(await verify(file), { ok: true, records: 5, notes: [/seq 4: the gateway writing before it .*pid \d+.* stopped without closing/] })
   const found: unknown[] = []
   await queryFiles([file], [], Infinity, r => { found.push(r.seq); return true })
   t.same(found, [1, 2, 3, 5], 'audit query leaves it out, as the other chain events')
+})
+
+t.test('a start that takes over a stale lock and then fails (the series cannot be gone on from) leaves the unclean stop for the next start to say, once', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 3)
+  const gone = await lockOfGoneGateway(file)
+  const stale = readFileSync(file + '.lock', 'utf8')
+  const touched = statSync(file + '.lock').mtimeMs
+  // A line added to the file after the gateway stopped: the chain cannot go on from it, and the start fails.
+  const records = readFileSync(file)
+  appendFileSync(file, 'not a record\n')
+  const err = await open(file).then(() => null, (e: unknown) => e)
+  t.match(err, { name: 'AuditStartError' }, 'the start fails')
+  t.equal(readFileSync(file + '.lock', 'utf8'), stale, 'the stale lock is put back as it was, for the next start to find')
+  t.ok(Math.abs(statSync(file + '.lock').mtimeMs - touched) < 1, 'untouched since its holder stopped: the next start does not wait on it')
+
+  // The file set right, the next start says the unclean stop, once.
+  writeFileSync(file, records)
+  await startsAfterUncleanStop(t, file, gone.pid)
+  t.notOk(existsSync(file + '.lock'), 'close() releases the lock')
+  const again = await open(file)
+  await again.writer.close()
+  t.equal(parsed(file).filter(r => r.event === 'audit.unclean_stop').length, 1, 'and no later start says it again')
 })
 
 t.test('a lock left by a process that has exited but is not reaped yet (a zombie, just after a kill -9) is taken over', { skip: process.platform !== 'linux' && 'zombies are told from /proc' }, async t => {

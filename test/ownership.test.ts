@@ -190,6 +190,42 @@ t.test('a metadata that is a number is refused as not an object, however many di
   t.same(upstream.requests.slice(sent).map(r => r.body.toString()), [], 'none of them went upstream')
 })
 
+t.test('metadata OpenAI refuses (a value that is not a string, a key over 64 characters, a value over 512) is refused on every route that takes it, before the upstream', async t => {
+  // OpenAI's metadata: at most 16 key-value pairs, keys strings of at most 64 characters, values strings of at most
+  // 512. The gateway's message says "an object of strings"; what it lets through, the upstream would refuse or keep.
+  const { upstream, gw, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({})
+  const routes: Array<[string, (metadata: unknown) => Promise<unknown>]> = [
+    ['conversation.create', metadata => a.conversations.create({ metadata } as never)],
+    ['conversation.update', metadata => a.conversations.update(conv.id, { metadata } as never)],
+    ['response.create', metadata => a.responses.create({ model: 'gpt-4o-mini', input: 'hi', metadata } as never)]
+  ]
+  const refused: Array<[string, unknown, string]> = [
+    ['a number', { a: 1 }, 'metadata.a'],
+    ['a boolean', { flag: true }, 'metadata.flag'],
+    ['null', { a: 'x', gone: null }, 'metadata.gone'],
+    ['an object', { nested: { b: 'c' } }, 'metadata.nested'],
+    ['a list', { tags: ['x'] }, 'metadata.tags'],
+    ['a value of 513 characters', { long: 'v'.repeat(513) }, 'metadata.long'],
+    ['a key of 65 characters', { ['k'.repeat(65)]: 'v' }, 'metadata']
+  ]
+  const sent = upstream.requests.length
+  for (const [action, call] of routes) {
+    for (const [label, metadata, param] of refused) {
+      const e = await rejection(call(metadata))
+      t.type(e, OpenAI.BadRequestError, `${action}, ${label}: the SDK's BadRequestError`)
+      t.match(e, { status: 400, code: 'invalid_metadata', type: 'invalid_request_error', param }, `${action}, ${label}: invalid_metadata, param ${param}`)
+    }
+  }
+  t.same(upstream.requests.slice(sent).map(r => `${r.method} ${r.url}`), [], 'none of them went upstream')
+  // At the limits, as OpenAI counts characters (an emoji is one): served, and stored as sent.
+  const edge = { ['k'.repeat(64)]: 'v'.repeat(512), emoji: '\u{1F600}'.repeat(512), empty: '' }
+  t.same((await a.conversations.create({ metadata: edge })).metadata, edge, 'conversation.create at the limits')
+  t.same((await a.conversations.update(conv.id, { metadata: edge })).metadata, edge, 'conversation.update at the limits')
+  t.same((await a.responses.create({ model: 'gpt-4o-mini', input: 'hi', metadata: edge })).metadata, edge, 'response.create at the limits')
+})
+
 t.test('a create or update body that is not a JSON object is refused on every route that takes one, before the upstream', async t => {
   // The upstream would refuse these too; the gateway's checks read the body's keys, and the README promises a 400
   // invalid_metadata for a create or update body that is not an object, items create included.
@@ -844,6 +880,58 @@ t.test('items listed from a conversation of the caller\'s, passed back as they c
 
   const err = await rejection(sdk(KEYS.other).responses.create({ model: 'gpt-5.1', input: items as never[], tools: auto }))
   t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[1].container_id' }, 'another team passing them is still refused')
+})
+
+// The same items passed back into the conversation they came from, without listing it first: a gateway restarted
+// with the in-memory store knows nothing of their containers, but the item each is in the caller's conversation
+// says it. The item is looked up there by its id (as an item reference is), only when its container is one the
+// gateway does not know as the caller's.
+t.test('an item passed back into the caller\'s own conversation, naming a container it holds an item of, is served without a listing first; a made-up one is still refused', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const containerA = 'cntr_rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr'
+  const shellA = 'cntr_hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh'
+  // A's conversation, whose calls ran before this gateway started (made as the gateway would).
+  const conversation = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const ran = { type: 'code_interpreter_call', id: 'ci_before', container_id: containerA, code: 'print(1)', outputs: [], status: 'completed' }
+  const shell = { type: 'shell_call', id: 'sh_before', call_id: 'call_b', action: { commands: ['ls'] }, environment: { type: 'container_reference', container_id: shellA }, status: 'completed' }
+  await fetch(`${upstream.url}/v1/conversations/${conversation}/items`, {
+    method: 'POST', headers: { authorization: `Bearer ${UPSTREAM_TOKEN}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ items: [ran, shell] })
+  })
+  const a = sdk(KEYS.full)
+  const auto = [{ type: 'code_interpreter' as const, container: { type: 'auto' as const } }]
+  const lookups = () => upstream.requests.filter(r => r.method === 'GET' && r.url.includes('/items/')).map(r => r.url.replace(conversation, 'conv_a'))
+
+  const answered = await a.responses.create({ model: 'gpt-5.1', conversation, input: [ran as never, { role: 'user', content: 'and again' }], tools: auto })
+  t.equal(answered.status, 'completed', 'responses.create({conversation}) with its code interpreter call passed back: served')
+  t.same(lookups(), ['/v1/conversations/conv_a/items/ci_before'], 'its item looked up in the conversation, once')
+  const added = await a.conversations.items.create(conversation, { items: [shell as never] })
+  t.equal(added.object, 'list', 'conversations.items.create with its shell call: served')
+  t.same(lookups().slice(1), ['/v1/conversations/conv_a/items/sh_before'])
+  await a.responses.create({ model: 'gpt-5.1', conversation, input: [ran as never, shell as never], tools: auto })
+  t.equal(lookups().length, 2, 'containers vouched for once are known: no lookup the next time')
+  const noContainer = await a.responses.create({ model: 'gpt-5.1', conversation, input: 'plain' })
+  t.equal(noContainer.status, 'completed')
+  t.equal(lookups().length, 2, 'a call that names no container looks nothing up')
+
+  // Made up: a container the conversation holds no item of, or an item of it with another container.
+  const fresh = await gateway(t, upstream)
+  const b = fresh.sdk(KEYS.full)
+  const refusals: Array<[string, unknown]> = [
+    ['an item the conversation does not hold', { ...ran, id: 'ci_madeup', container_id: 'cntr_madeup000000000000000000000000' }],
+    ['an item it holds, with another container', { ...ran, container_id: 'cntr_other0000000000000000000000000' }],
+    ['an item without an id', { ...ran, id: undefined }]
+  ]
+  for (const [what, item] of refusals) {
+    const err = await rejection(b.responses.create({ model: 'gpt-5.1', conversation, input: [item as never], tools: auto }))
+    t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[0].container_id' }, `${what}: refused`)
+  }
+  // Another team's conversation is not one to vouch from: B's own conversation holding an item named after A's.
+  const conversationB = await createUpstream(upstream, { gateway_owner: 'team-other' })
+  const err = await rejection(fresh.sdk(KEYS.other).responses.create({ model: 'gpt-5.1', conversation: conversationB, input: [ran as never], tools: auto }))
+  t.match(err, { status: 403, code: 'container_not_allowed', param: 'input[0].container_id' }, 'B passing A\'s item into its own conversation: refused')
+  t.match(fresh.gw.audit().at(-1), { status: 403, outcome: 'denied', clientId: 'team-other' })
+  t.equal(gw.audit().filter(r => r.status === 403).length, 0)
 })
 
 // A reasoning item without its `encrypted_content` is read from storage by its id (OpenAI's "Item with id 'rs_...'

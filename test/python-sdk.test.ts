@@ -4,14 +4,15 @@
 // Python's DELETE sends Content-Type: application/json with no body, which once got 400 (issue 7).
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
+import { until } from './fixtures/client.js'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
 import { LIFECYCLE_AUDIT, LIFECYCLE_UPSTREAM_CALLS } from './fixtures/lifecycle.js'
 import { pythonSdk, runScenario, SCENARIO_TIMEOUT_MS, SETUP_TIMEOUT_MS, VENV, type SdkError, type Step } from './fixtures/python-sdk.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
-// The venv may have to be created first (see test/fixtures/python-sdk.ts); five scenarios follow.
-t.setTimeout(SETUP_TIMEOUT_MS + 6 * SCENARIO_TIMEOUT_MS)
+// The venv may have to be created first (see test/fixtures/python-sdk.ts); then a scenario a test, eight at most.
+t.setTimeout(SETUP_TIMEOUT_MS + 8 * SCENARIO_TIMEOUT_MS)
 
 const WRONG_KEY = 'ogw_not-a-real-key'
 
@@ -313,5 +314,29 @@ t.test('a stream whose events carry ids, with a blank line of its own between th
   const streamed = out.step('responses.create stream')
   t.equal(streamed.error, undefined, `no error (got ${JSON.stringify(streamed.error)})`)
   t.same(streamed.result, ['response.created', 'response.completed'], 'every event, in order')
+  t.match(gw.audit().filter(r => r.action === 'response.create'), [{ status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 }])
+})
+
+t.test('a stream whose upstream holds its connection open after the last event: the Python SDK\'s loop ends at that event, and the upstream is let go of', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const response = { id: 'resp_1', object: 'response', created_at: 1, model: 'gpt-4o-mini', status: 'in_progress', output: [] }
+  let closed: 'by the gateway' | 'by the upstream' | null = null
+  upstream.respond = (_req, res) => {
+    res.on('close', () => { closed = res.writableEnded ? 'by the upstream' : 'by the gateway' })
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(`event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response })}\n\n` +
+      `event: response.completed\ndata: ${JSON.stringify({ type: 'response.completed', sequence_number: 1, response: { ...response, status: 'completed', usage: { input_tokens: 2, output_tokens: 1, total_tokens: 3 } } })}\n\n`)
+    // (held open, as a relay may; ended by the upstream itself only after a while, so that a loop that waits on it
+    // ends too, and the test says so instead of running into its timeout)
+    setTimeout(() => res.end(), 5000).unref()
+  }
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const out = await runScenario('stream_events', { gatewayUrl: gw.url, keys: { KEY_FULL: KEYS.full } })
+  const streamed = out.step('responses.create stream')
+  t.equal(streamed.error, undefined, `no error (got ${JSON.stringify(streamed.error)})`)
+  t.same(streamed.result, ['response.created', 'response.completed'], 'every event, in order')
+  await until('the upstream\'s stream to close', () => closed !== null)
+  t.equal(closed, 'by the gateway', 'the gateway closed the upstream\'s stream after its last event: the loop did not wait for the upstream to end it')
   t.match(gw.audit().filter(r => r.action === 'response.create'), [{ status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 }])
 })

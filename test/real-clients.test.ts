@@ -342,10 +342,23 @@ t.test('Node\'s own refusals are logged at warn with the peer and the reason, a 
   t.equal(upstream.requests.length, 0)
 })
 
-t.test('a request with no Host, or with an Expect other than 100-continue, gets the envelope and a request id', async t => {
+t.test('a request with no Host, two Hosts or a malformed one (RFC 9112 §3.2: 400), or with an Expect other than 100-continue, gets the envelope and a request id, and nothing goes upstream', async t => {
   const { upstream, gw } = await setup(t)
+  const withHost = (host: string, version = '1.1') => `GET /v1/conversations/conv_1 HTTP/${version}\r\n${host}Authorization: Bearer ${KEYS.full}\r\n\r\n`
   for (const [label, raw, status, code] of [
     ['no Host', `GET /v1/conversations/conv_1 HTTP/1.1\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`, 400, 'missing_host'],
+    // Node keeps the first of two and drops the other without a word (Node 20 and 24): a front proxy that routes
+    // on the last would have sent this call somewhere else than the gateway takes it for.
+    ['two Hosts', withHost('Host: gateway.internal\r\nHost: evil.example\r\n'), 400, 'invalid_host'],
+    ['two Hosts, the same', withHost('Host: x\r\nhost: x\r\n'), 400, 'invalid_host'],
+    ['two Hosts over HTTP/1.0', withHost('Host: x\r\nHost: y\r\n', '1.0'), 400, 'invalid_host'],
+    ['a Host with userinfo', withHost('Host: user@evil.example\r\n'), 400, 'invalid_host'],
+    ['a Host with a space', withHost('Host: a b\r\n'), 400, 'invalid_host'],
+    ['a Host with a path', withHost('Host: a/b\r\n'), 400, 'invalid_host'],
+    ['a Host with a port that is no number', withHost('Host: a:80x\r\n'), 400, 'invalid_host'],
+    ['a Host with two ports', withHost('Host: a:1:2\r\n'), 400, 'invalid_host'],
+    ['a Host with an IPv6 address not closed', withHost('Host: [::1\r\n'), 400, 'invalid_host'],
+    ['a Host with a list', withHost('Host: a, b\r\n'), 400, 'invalid_host'],
     ['Expect: teapot', `GET /v1/conversations/conv_1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nExpect: teapot\r\n\r\n`, 417, 'expectation_failed']
   ] as const) {
     const ex = await sendRaw(gw.url, raw)
@@ -358,6 +371,13 @@ t.test('a request with no Host, or with an Expect other than 100-continue, gets 
     t.match(await auditOf(gw, id), { status, outcome: 'invalid' }, `${label}: audited`)
   }
   t.equal(upstream.requests.length, 0)
+
+  // Every form RFC 3986 gives a host (and an empty one, which RFC 9110 §7.2 has a client send for a target
+  // without an authority) is served, the same one again and again too.
+  for (const host of ['127.0.0.1:8080', 'gateway.internal', 'GW-1.example:443', '[::1]:8080', '[v1.fe80::a+en1]', 'a%2Db', 'gw_1.example:', '', '127.0.0.1:8080']) {
+    const ex = await sendRaw(gw.url, withHost(`Host: ${host}\r\n`))
+    t.equal(ex.response?.status, 404, `Host: ${JSON.stringify(host)} is served (the conversation is unknown upstream)`)
+  }
 })
 
 t.test('the request id an SDK error carries finds the call: the gateway\'s own for its refusals, the upstream\'s for its answers', async t => {

@@ -2,6 +2,7 @@
 // store instance (replica) on one Redis, and what happens when Redis goes away, hangs, and comes back.
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
+import { StartupError } from '../src/preflight.js'
 import { StoreUnavailableError, type BucketRule } from '../src/stores/rate-limit-store.js'
 import { IssuedItems, ISSUED_TTL_MS } from '../src/ownership/issued.js'
 import { KEY_PREFIX, RedisStore, type OnFailure, type StoreLogger } from '../src/stores/redis.js'
@@ -213,20 +214,71 @@ t.test('a Redis that is down at start does not stop the store; it connects when 
   t.pass('connected by itself')
 })
 
-t.test('a password in the URL authenticates, and is never logged, also when it is wrong', async t => {
+t.test('a password in the URL authenticates, and is never logged; a wrong one refuses the start, saying why without it', async t => {
   const password = 'pw-S3cret/with:odd@chars'
   const redis = await startRedis(t, { password })
   const s = await store(t, redis)
   t.equal((await s.take('a', SLOW)).allowed, true)
   t.same(s.log.lines, [], 'nothing to log with the right password')
+  await s.close()
 
-  const wrong = await store(t, redis, { url: redis.url.replace(encodeURIComponent(password), 'wrong-Pa55word') })
-  t.equal((await wrong.take('a', SLOW)).remaining, 4, 'served locally: the wrong password gets no shared bucket')
-  t.equal(wrong.log.lines.length, 1)
-  const logged = JSON.stringify(wrong.log.lines)
-  t.match(logged, /WRONGPASS|NOAUTH|invalid/i, 'the log says why')
-  t.notMatch(logged, 'wrong-Pa55word')
-  t.notMatch(logged, 'S3cret')
+  // (no reconnection would ever be let in: the start is refused, not a gateway whose buckets are never shared)
+  const log = recorder()
+  const wrong = RedisStore.connect({ url: redis.url.replace(encodeURIComponent(password), 'wrong-Pa55word'), timeoutMs: 2000, onFailure: 'open', log })
+  const err = await wrong.catch((e: unknown) => e)
+  t.type(err, StartupError, 'said in one line, as start says any problem it cannot start with')
+  t.match((err as Error).message, /^store\.url: Redis refused the user or password given in it \((WRONGPASS|NOAUTH)/)
+  const said = `${(err as Error).message} ${JSON.stringify(log.lines)}`
+  t.notMatch(said, 'wrong-Pa55word')
+  t.notMatch(said, 'S3cret')
+  await eventually(async () => (await redis.command('CLIENT LIST')).split('\n').filter(l => l.includes('cmd=')).length === 1,
+    'its connection closed (only the probe itself is connected)')
+})
+
+t.test('an ACL user that may not run the bucket script (or a command in it), or whose keys leave out store.keyPrefix, refuses the start; one with what it needs is served', async t => {
+  const redis = await startRedis(t, { password: 'admin-pw' })
+  const port = redis.port
+  const user = async (name: string, rules: string) => {
+    t.match(await redis.command(`ACL SETUSER ${name} on >pw-${name} ${rules}`), /OK/)
+    return `redis://${name}:pw-${name}@127.0.0.1:${port}/0`
+  }
+  const needs = '+evalsha +eval +script +time +hmget +hset +pexpire +set +mget +ping +hello +auth'
+  const refused = {
+    'no EVALSHA or EVAL': await user('noscript', `~ogw:* ${needs.replace('+evalsha +eval ', '')}`),
+    'no HSET, which the script calls': await user('nohset', `~ogw:* ${needs.replace('+hset ', '')}`),
+    'no SET, for the notes of items handed out': await user('noset', `~ogw:* ${needs.replace('+set ', '')}`),
+    'keys of another prefix only': await user('otherkeys', '~other:* +@all')
+  }
+  for (const [what, url] of Object.entries(refused)) {
+    await t.rejects(RedisStore.connect({ url, timeoutMs: 2000, onFailure: 'open', log: recorder() }),
+      { message: /^store\.url: the user given in it may not run what the gateway needs \((NOPERM|ERR The user executing the script can't run)/ }, what)
+  }
+  const enough = await user('gateway', `~ogw:* ${needs}`) // (not INFO either: ioredis skips its ready check, and says so)
+  const log = recorder()
+  const s = await RedisStore.connect({ url: enough, timeoutMs: 2000, onFailure: 'closed', log })
+  t.teardown(() => s.close())
+  t.equal((await s.take('a', SLOW)).allowed, true, 'what it needs, and nothing more: served from the shared bucket')
+})
+
+t.test('a read-only replica, or a Redis Cluster node that leaves slots to other nodes, refuses the start; a cluster of one shard serves', async t => {
+  const primary = await startRedis(t)
+  const replica = await startRedis(t)
+  t.match(await replica.command(`REPLICAOF 127.0.0.1 ${primary.port}`), /OK/)
+  for (const onFailure of ['open', 'closed'] as const) {
+    await t.rejects(RedisStore.connect({ url: replica.url, timeoutMs: 2000, onFailure, log: recorder() }),
+      { message: /^store\.url: it leads to a read-only replica \(role: slave\)/ }, `${onFailure}: every bucket write would be refused`)
+  }
+
+  const node = await startRedis(t, { args: ['--cluster-enabled', 'yes'] })
+  t.match(await node.command('CLUSTER ADDSLOTSRANGE 0 8191'), /OK/)
+  await t.rejects(RedisStore.connect({ url: node.url, timeoutMs: 2000, onFailure: 'open', log: recorder() }),
+    { message: /^store\.url: it leads to a Redis Cluster node serving 8192 of the 16384 slots/ })
+
+  const oneShard = await startRedis(t, { args: ['--cluster-enabled', 'yes'] })
+  t.match(await oneShard.command('CLUSTER ADDSLOTSRANGE 0 16383'), /OK/)
+  await eventually(async () => (await oneShard.command('CLUSTER INFO')).includes('cluster_state:ok'), 'the one-shard cluster is up')
+  const s = await store(t, oneShard, { onFailure: 'closed' })
+  t.equal((await s.take('a', SLOW)).allowed, true, 'every key is that node\'s: served from the shared bucket')
 })
 
 /**

@@ -549,6 +549,30 @@ t.test('with Redis, a reload that raises a drained client\'s rate hands out no f
   t.equal(await read(), 429, 'still drained: the time before the reload refilled at the old rate')
 })
 
+t.test('with Redis, replicas reloaded in turn: the second reload refills nothing at the old rate for the time since the first, no fresh burst', async t => {
+  // Every replica reads its own copy of the file and is reloaded in its turn (README, "Running several replicas"):
+  // the second finds the bucket the first already wrote under the new limits.
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const limits = (rateLimit: object) => (raw: Record<string, unknown>) => {
+    (raw.clients as Array<Record<string, unknown>>).find(client => client.id === 'team-limited')!.rateLimit = rateLimit
+  }
+  // One token at 30 a minute: one call drains it, and the old rate would have it back 2 s later.
+  // (each replica its own config object: its own audit file)
+  const replica = () => withConfig(testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }), limits({ requestsPerMinute: 30, burst: 1 }))
+  const [one, two] = [await startGateway(t, replica()), await startGateway(t, replica())]
+  const read = async (gw: { url: string }) => (await call(gw.url, 'GET', '/v1/conversations/conv_1/items', { key: KEYS.limited })).status
+  const lower = (gw: { app: { applyConfig: (c: GatewayConfig) => unknown }, config: GatewayConfig }) => {
+    gw.app.applyConfig(withConfig(gw.config, limits({ requestsPerMinute: 1, burst: 1 })))
+  }
+  t.not(await read(one), 429)
+  lower(one)
+  await sleep(2500) // a token and a quarter at the old rate; a twenty-fourth of one at the new
+  lower(two)
+  t.equal(await read(two), 429, 'still drained through the replica reloaded last')
+  t.equal(await read(one), 429, 'and through the first')
+})
+
 t.test('with Redis, a token budget in debt when a reload lowers tokensPerMinute is kept until the new limit has paid the debt back', async t => {
   const redis = await startRedis(t)
   const upstream = await fakeUpstream(t)
@@ -795,6 +819,22 @@ t.test('/readyz: 503 "store_unavailable" while Redis is disconnected and store.o
   await eventually(async () => (await probe(closed, '/readyz'))[0] === 200, 'ready again once Redis is back')
   t.same(await probe(closed, '/readyz'), [200, { status: 'ready' }], 'ready again once Redis is back')
   t.match(await probe(closed, '/healthz'), [200, { store: 'ok' }])
+})
+
+t.test('/readyz: a Redis that stops answering (paused, stuck in a long command) with no call coming is found out by the store itself: 503 "store_unavailable", then ready again', async t => {
+  // A replica just started, or with no traffic yet, would otherwise say ready while every call it gets is refused.
+  const redis = await startRedis(t)
+  const upstream = await fakeUpstream(t)
+  const closed = await startGateway(t, ...withoutOwnership(upstream.url, { store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' } }))
+  const readyz = async () => { const res = await fetch(`${closed.url}/readyz`); return [res.status, await res.json()] as const }
+  t.same(await readyz(), [200, { status: 'ready' }])
+  redis.pause()
+  await eventually(async () => (await readyz())[0] === 503, 'not ready, with no call made')
+  t.same(await readyz(), [503, { status: 'store_unavailable' }])
+  t.same(closed.audit(), [], 'no call was made')
+  redis.resume()
+  await eventually(async () => (await readyz())[0] === 200, 'ready again once Redis answers')
+  t.equal((await call(closed.url, 'GET', '/v1/conversations/conv_1/items')).status, 404, 'and calls are admitted (the upstream\'s 404 for an unknown id)')
 })
 
 t.test('check-config refuses a client with both key forms, or neither', async t => {

@@ -2,12 +2,13 @@
 // open/closed behaviour and healed without a restart. The replicas are real processes started as ops start
 // them (`node dist/cli.js start --config FILE`); one in-process gateway checks what the answers look like.
 import { spawn } from 'node:child_process'
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import { generateKey, keyDigest } from '../src/keys.js'
+import { configFile, gatewayYaml, runAsync } from './fixtures/bin.js'
 import { startGateway, testConfig, KEYS } from './fixtures/gateway.js'
 import { eventually } from './fixtures/eventually.js'
 import { startRedis } from './fixtures/redis-server.js'
@@ -116,6 +117,19 @@ t.test('two deployments on one Redis, each with its own store.keyPrefix, keep th
   const keys = await redis.command('KEYS *')
   t.match(keys, 'ogw:rl:team-a', 'the default prefix')
   t.match(keys, 'ogw:staging:team-a')
+})
+
+t.test('a replica started with a read-only Redis replica as its store exits 1 saying so in one line, before it listens, its audit lock removed', async t => {
+  // (the replica would otherwise serve every call from local buckets, never shared, or refuse every one, said in warnings)
+  const [primary, readOnly] = [await startRedis(t), await startRedis(t)]
+  t.match(await readOnly.command(`REPLICAOF 127.0.0.1 ${primary.port}`), /OK/)
+  const audit = join(mkdtempSync(join(tmpdir(), 'gw-replica-')), 'audit.jsonl')
+  const { file } = configFile(`${gatewayYaml(audit)}store: { url: "${readOnly.url}" }\n`)
+  const { status, stdout, stderr } = await runAsync(['start', '--config', file])
+  t.equal(status, 1)
+  t.match(stderr, /^ohmygpt-gateway start: store\.url: it leads to a read-only replica \(role: slave\), which refuses every bucket write: give the primary's address\n$/)
+  t.notMatch(stdout, /Server listening/)
+  t.notOk(existsSync(`${audit}.lock`), 'its audit lock removed: the next start is not taken for a second gateway')
 })
 
 t.test('Redis stopped: the open replica serves locally with one warning, the closed one answers 503 and the upstream sees nothing; both recover when Redis is back', async t => {

@@ -8,18 +8,21 @@ import { sleep, until } from './fixtures/client.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import type { ResponsesOptions } from '../src/demo/fake-responses.js'
 
 interface Setup {
   upstream: FakeUpstream
   gw: TestGateway
   sdk: (key: string) => OpenAI
   /** how each stream the fake served ended, and how many events it had sent */
-  streamEnds: Array<{ how: 'finished' | 'closed', sent: number, at: number }>
+  streamEnds: Array<{ how: 'finished' | 'closed' | 'released', sent: number, at: number }>
 }
 
-async function setup (t: Test, overrides: Record<string, unknown> = {}, streamDelayMs = 0): Promise<Setup> {
+/** `streaming`: the pause between streamed events, or how the fake streams (see ResponsesOptions) */
+async function setup (t: Test, overrides: Record<string, unknown> = {}, streaming: number | ResponsesOptions = 0): Promise<Setup> {
   const streamEnds: Setup['streamEnds'] = []
-  const upstream = await startUpstream({ responses: { streamDelayMs, onStreamEnd: (how, sent) => { streamEnds.push({ how, sent, at: Date.now() }) } } })
+  const responses = typeof streaming === 'number' ? { streamDelayMs: streaming } : streaming
+  const upstream = await startUpstream({ responses: { ...responses, onStreamEnd: (how, sent) => { streamEnds.push({ how, sent, at: Date.now() }) } } })
   t.teardown(() => upstream.close())
   const gw = await startGateway(t, testConfig(upstream.url, overrides))
   return { upstream, gw, streamEnds, sdk: key => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 }) }
@@ -551,6 +554,81 @@ t.test('an upstream whose connection breaks after the stream\'s last event: the 
   t.match(gw.audit()[before], { action: 'response.create', status: 200, outcome: 'upstream_error' })
 })
 
+t.test('an upstream that holds its connection open after the stream\'s last event: the SDK\'s stream ends at that event, as OpenAI\'s does, the upstream is let go of, and the call is audited as that event says, with its usage', async t => {
+  // The fake holds each stream open this long after its last event, then ends it: a stream that ended only then
+  // waited on the upstream (up to generationTimeoutMs, 9 min 50 s, in production).
+  const { upstream, gw, sdk, streamEnds } = await setup(t, {}, { holdOpenMs: 5000 })
+  const client = sdk(KEYS.full)
+
+  const { seen, err } = await streamedCreate(client)
+  t.equal(err, null)
+  t.equal(seen.at(-1), 'response.completed', 'every event, the last one included')
+  await until('the upstream to see its stream closed', () => streamEnds.length === 1)
+  t.match(streamEnds[0], { how: 'released' }, 'the gateway let the upstream go after the last event; it did not wait for the upstream to end')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, stream: true, outcome: 'ok', inputTokens: 1, outputTokens: 2 })
+
+  // The SDK's helper, which builds the final response from the events, ends too.
+  const helper = client.responses.stream({ model: 'gpt-4o', input: 'hello there' })
+  const final = await helper.finalResponse()
+  t.match(final, { status: 'completed', output_text: 'Echo: hello there' }, 'responses.stream(): the final response')
+  await until('the upstream to see its stream closed', () => streamEnds.length === 2)
+  t.match(streamEnds[1], { how: 'released' })
+
+  // A background response streamed (which need not end with a last event, as a cancel may end it) ends at it too.
+  const background = await client.responses.create({ model: 'gpt-4o', input: 'hi', stream: true, background: true })
+  const types: string[] = []
+  for await (const event of background) types.push(event.type)
+  t.equal(types.at(-1), 'response.completed', 'a background stream')
+  await until('the upstream to see its stream closed', () => streamEnds.length === 3)
+  t.match(streamEnds[2], { how: 'released' })
+  await until('the audit records', () => gw.audit().length === 3)
+  t.match(gw.audit().slice(1), [{ outcome: 'ok', stream: true }, { outcome: 'ok', stream: true }])
+
+  // The other last events, and a streamed retrieve replaying a finished response, from an upstream that holds on.
+  const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
+  const done = (status: string) => `event: response.${status}\ndata: ${JSON.stringify({ type: `response.${status}`, sequence_number: 2, response: { id: 'resp_1', object: 'response', status, model: 'm', output: [], usage: { input_tokens: 2, output_tokens: 1, total_tokens: 3 }, metadata: { gateway_owner: 'team-full' } } })}\n\n`
+  const errorEvent = 'event: error\ndata: {"type":"error","sequence_number":2,"code":"server_error","message":"The model failed.","param":null}\n\n'
+  let released = 0
+  const heldOpen = (events: string) => (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.on('close', () => { if (!res.writableEnded) released++ })
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write(events)
+    setTimeout(() => res.end(), 5000).unref()
+  }
+  const lasts: Array<[string, string, Record<string, unknown>]> = [
+    ['response.failed', done('failed'), { outcome: 'upstream_error', inputTokens: 2, outputTokens: 1 }],
+    ['response.incomplete', done('incomplete'), { outcome: 'ok', inputTokens: 2, outputTokens: 1 }],
+    ['error', errorEvent, { outcome: 'upstream_error' }]
+  ]
+  for (const [type, last, record] of lasts) {
+    upstream.respond = heldOpen(CREATED_EVENT + delta + last)
+    const before = gw.audit().length
+    const releasedBefore = released
+    const ended = await streamedCreate(client)
+    t.same(ended, { seen: ['response.created', 'response.output_text.delta', type], err: null }, `${type}: the stream ends at it`)
+    await until('the upstream to see its stream closed', () => released === releasedBefore + 1)
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.create', status: 200, ...record }, `${type}: audited as it says`)
+  }
+  t.equal(released, 3, 'each released by the gateway')
+
+  upstream.respond = (req, res) => {
+    if (req.url?.includes('stream=true') === true) {
+      heldOpen(delta + done('completed'))(req, res)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'completed', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+  }
+  const replayed: string[] = []
+  for await (const event of await client.responses.retrieve('resp_1', { stream: true })) replayed.push(event.type)
+  t.same(replayed, ['response.output_text.delta', 'response.completed'], 'a streamed retrieve ends at its last event')
+  await until('the upstream to see its stream closed', () => released === 4)
+  await until('its audit record', () => gw.audit().length === 7)
+  t.match(gw.audit()[6], { action: 'response.retrieve', status: 200, outcome: 'ok' })
+})
+
 t.test('a stream answered 200 whose body is a bare JSON error (no event): the SDK raises the upstream\'s own error, and the call is audited as that error says', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const client = sdk(KEYS.full)
@@ -587,6 +665,28 @@ t.test('a stream answered 200 whose body is a bare JSON error (no event): the SD
   t.match(replayErr, { error: { code: 'server_error', message: 'The upstream said server_error.' } }, 'a streamed retrieve raises it too')
   await until('its audit record', () => gw.audit().length === 4)
   t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
+})
+
+t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {
+  // As every event and answer the gateway rewrites (http/json.ts): a number JSON.parse would round goes on as written.
+  const { upstream, gw } = await setup(t)
+  const error = '{"message":"Limit 😀\\u2028 \\ud800 reached.","type":"tokens","param":null,"code":"rate_limit_exceeded","limit":12345678901234567891,"ratio":0.12345678901234567,"huge":1e400,"__proto__":{"a":1}}'
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(`{"error":${error}}`)
+  }
+  const res = await fetch(`${gw.url}/v1/responses`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o-mini', input: 'hi', stream: true })
+  })
+  const text = await res.text()
+  // (s: a U+2028 in the data, as JSON.stringify writes it, is no line end to SSE)
+  const data = /^event: error\ndata: (.*)\n\n$/s.exec(text)?.[1]
+  t.ok(data !== undefined, 'one error event')
+  for (const written of ['12345678901234567891', '0.12345678901234567', '1e400']) {
+    t.equal(data?.split(written).length, 2, `${written} as written in its error`)
+  }
+  t.same(JSON.parse(data!).error, JSON.parse(error), 'the error object, every string and key as sent (read by the same reader)')
 })
 
 t.test('a stream the upstream ends with its own error event, or with a failed response, is audited upstream_error (upstream_rate_limited for the account\'s rate limit), not ok', async t => {

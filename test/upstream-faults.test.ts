@@ -922,3 +922,30 @@ t.test('the upstream token is in no answer and no log line across every kind of 
   t.notOk(logs.some(line => line.includes(UPSTREAM_TOKEN)), 'no log line holds the token')
   t.notOk(logs.some(line => line.includes(UPSTREAM_TOKEN.slice(-16))), 'no log line holds part of the token')
 })
+
+t.test('an answer nested deeper than the stack goes, spelling the token with escapes, reaches the client as its bytes without the token, and the gateway goes on serving', async t => {
+  // A 2xx answer the gateway reads whole (a POST's) and an error answer are searched for the token as bytes, in any
+  // spelling of JSON escapes: nested 100,000 levels deep (200 KB), such an answer is passed on as it came but for the
+  // token, not walked (which overflowed the stack, and once ended the gateway).
+  const escaped = `\\u0073${UPSTREAM_TOKEN.slice(1)}`
+  const deep = (head: string) => `${head}"note":"Bearer ${escaped}","data":${'['.repeat(100_000)}${']'.repeat(100_000)}}`
+  const { upstream, gw } = await setup(t)
+  const cases: Array<{ what: string, status: number, body: string, method: string, path: string, sent?: string }> = [
+    { what: 'items added (a POST\'s 2xx, read whole)', status: 200, body: deep('{"object":"list",'), method: 'POST', path: '/v1/conversations/conv_abc/items', sent: '{"items":[]}' },
+    { what: 'an error answer', status: 400, body: deep('{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null},'), method: 'GET', path: '/v1/conversations/conv_abc/items' }
+  ]
+  for (const c of cases) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(c.status, { 'content-type': 'application/json', 'x-request-id': 'req_deep' })
+      res.end(c.body)
+    }
+    const a = await send(gw, c.method, c.path, { body: c.sent })
+    t.equal(a.status, c.status, `${c.what}: its status`)
+    t.equal(a.body, c.body.replace(escaped, '[redacted]'), `${c.what}: its bytes, the token taken out`)
+    t.equal((JSON.parse(a.body) as { note: string }).note, 'Bearer [redacted]', `${c.what}: as a client reads it, without the token`)
+    assertTokenNowhere(t, gw, [answerText(a)])
+    upstream.respond = null
+    const next = await send(gw, 'POST', '/v1/conversations', { body: '{}' })
+    t.equal(next.status, 200, `${c.what}: the next call is served`)
+  }
+})

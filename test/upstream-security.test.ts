@@ -1107,7 +1107,7 @@ t.test('an answer that quotes the token percent-encoded (a URL built with it) re
 
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.end(`event: error\ndata: ${JSON.stringify({ type: 'error', sequence_number: 0, code: 'billing', message: `Top up at ${url}`, param: null })}\n\n: see ${url}\n\n`)
+    res.end(`: see ${url}\n\nevent: error\ndata: ${JSON.stringify({ type: 'error', sequence_number: 0, code: 'billing', message: `Top up at ${url}`, param: null })}\n\n`)
   }
   const events = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
   const eventText = await events.text()

@@ -8,7 +8,7 @@
 // (proper-lockfile locks by mtime refresh alone and records no pid; this is the lock the trail needs, and small.)
 import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
-import { link, readFile, stat, unlink, utimes, writeFile } from 'node:fs/promises'
+import { link, readFile, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises'
 import { readFileSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -30,6 +30,19 @@ interface Holder {
 export interface AuditLock {
   path: string
   release (): Promise<void>
+  /**
+   * Lets go of the lock as release() does, but puts back the stale lock it took over, as it was (its holder, its
+   * last touch), if it took one over: a start that fails once it holds the lock (the series cannot be gone on from)
+   * leaves the unclean stop for the next start to find and say, not lost.
+   */
+  giveBack (): Promise<void>
+}
+
+/** A stale lock taken over: its bytes, and when its holder last touched it. */
+interface LeftBehind {
+  bytes: Buffer
+  /** ms since the epoch */
+  touched: number
 }
 
 /** The lock beside the lock, held while a stale lock is replaced (ending in LOCK_SUFFIX: not a file of the series). */
@@ -70,8 +83,12 @@ function isZombie (pid: number): boolean {
 }
 
 async function readHolder (path: string): Promise<Holder | null> {
+  return holderIn(await readFile(path).catch(() => null))
+}
+
+function holderIn (bytes: Buffer | null): Holder | null {
   try {
-    const h = JSON.parse(await readFile(path, 'utf8')) as Partial<Holder>
+    const h = JSON.parse(bytes?.toString('utf8') ?? '') as Partial<Holder>
     return typeof h.pid === 'number' && typeof h.host === 'string' ? { pid: h.pid, host: h.host, since: String(h.since) } : null
   } catch {
     return null // vanished, or not a lock this gateway writes: stale
@@ -147,15 +164,18 @@ async function whileHolding (path: string, me: Holder, task: () => Promise<void>
  * Replaces the lock judged stale by ours, under a second lock of its own (`.takeover`), so that of several
  * processes taking over at once one alone removes and makes the lock, and only while it is still the stale one:
  * a lock is only ever removed by its holder or by the one process holding the takeover. Says whether the lock is
- * ours; false when the takeover was someone else's or the lock was no longer the stale one (ask again).
+ * ours, with what it replaced; null when the takeover was someone else's or the lock was no longer the stale one (ask
+ * again).
  */
-async function takeOver (path: string, me: Holder, stale: Holder | null): Promise<boolean> {
+async function takeOver (path: string, me: Holder, stale: Holder | null): Promise<{ left: LeftBehind | null } | null> {
   const takeover = path + TAKEOVER_SUFFIX
-  let ours = false
+  let ours: { left: LeftBehind | null } | null = null
   const done = await whileHolding(takeover, me, async () => {
-    if (!sameHolder(await readHolder(path), stale)) return
+    const bytes = await readFile(path).catch(() => null)
+    if (!sameHolder(holderIn(bytes), stale)) return
+    const touched = await mtimeOf(path)
     await unlink(path).catch(() => {})
-    ours = await create(path, me)
+    if (await create(path, me)) ours = { left: bytes === null || touched === null ? null : { bytes, touched } }
   })
   if (!done) {
     // Another process is taking over: wait for it, unless it died doing so (then its takeover is stale too).
@@ -191,7 +211,7 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
   if (heldHere.has(path)) {
     throw new AuditLockError(`audit file ${file} is already written by this process (lock ${path}): give each gateway its own audit.file`)
   }
-  const held = (): AuditLock => {
+  const held = (left: LeftBehind | null = null): AuditLock => {
     heldHere.add(path)
     let released = false
     /** the lock was found to be another process's: said once, and neither touched nor removed from then on */
@@ -225,15 +245,37 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
     }
     let touching = Promise.resolve()
     const heartbeat = setInterval(() => { touching = touching.then(touch) }, HEARTBEAT_MS).unref()
+    /** Stops the heartbeat; whether the lock is still ours, to remove or replace. */
+    const letGo = async (): Promise<boolean> => {
+      clearInterval(heartbeat)
+      released = true
+      await touching
+      heldHere.delete(path)
+      const holder = await readHolder(path)
+      return holder?.pid === me.pid && holder.host === me.host
+    }
     return {
       path,
       async release () {
-        clearInterval(heartbeat)
-        released = true
-        await touching
-        heldHere.delete(path)
-        const holder = await readHolder(path)
-        if (holder?.pid === me.pid && holder.host === me.host) await unlink(path).catch(() => {})
+        if (await letGo()) await unlink(path).catch(() => {})
+      },
+      async giveBack () {
+        if (!await letGo()) return
+        if (left === null) {
+          await unlink(path).catch(() => {})
+          return
+        }
+        // Written whole aside, then renamed over ours: the lock is never missing meanwhile, nor seen in part.
+        const temp = asideName(path, 'back')
+        try {
+          await writeFile(temp, left.bytes, { flag: 'wx' })
+          await utimes(temp, left.touched / 1000, left.touched / 1000)
+          await rename(temp, path)
+        } catch {
+          await unlink(path).catch(() => {}) // (a full disk: let go, as release() does)
+        } finally {
+          await unlink(temp).catch(() => {})
+        }
       }
     }
   }
@@ -255,9 +297,10 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
         `own (containers sharing the host name). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl, with ` +
         `distinct host names); lock ${path}.`)
     }
-    if (await takeOver(path, me, holder)) {
+    const taken = await takeOver(path, me, holder)
+    if (taken !== null) {
       onStale(holder)
-      return held()
+      return held(taken.left)
     }
   }
   throw new AuditLockError(`could not take the audit lock ${path}: another process keeps re-creating it`)

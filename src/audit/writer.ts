@@ -1054,7 +1054,8 @@ export async function openAuditWriter (opts: AuditWriterOptions): Promise<AuditW
     await sink.start()
     return writer
   } catch (err) {
-    await lock.release()
+    // (A stale lock taken over is put back: the next start says the unclean stop this one could not write.)
+    await lock.giveBack()
     throw err
   }
 }

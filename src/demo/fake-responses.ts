@@ -24,8 +24,16 @@ export interface StoredResponse {
 export interface ResponsesOptions {
   /** pause between two streamed events */
   streamDelayMs?: number
-  /** told when a stream ends: finished, or cut off by the client */
-  onStreamEnd?: (how: 'finished' | 'closed', sent: number) => void
+  /**
+   * how long a stream's connection is held open after its last event before it is ended (a relay that holds it open
+   * once the answer is done)
+   */
+  holdOpenMs?: number
+  /**
+   * told when a stream ends: finished, cut off by the client before its last event (closed), or after it, while
+   * held open (released)
+   */
+  onStreamEnd?: (how: 'finished' | 'closed' | 'released', sent: number) => void
 }
 
 /** What the Responses half needs of the Conversations half: find a conversation, add items to it. */
@@ -149,6 +157,7 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
     res.on('close', () => {
       if (timer !== null) clearTimeout(timer)
       if (sent < events.length) opts.onStreamEnd?.('closed', sent)
+      else if (!res.writableEnded) opts.onStreamEnd?.('released', sent)
     })
     const next = () => {
       if (res.destroyed) return
@@ -156,8 +165,13 @@ export function createResponsesHandler (conversations: ConversationStore, send: 
       res.write(`event: ${String(event.type)}\ndata: ${JSON.stringify(event)}\n\n`)
       sent++
       if (sent === events.length) {
-        res.end()
-        opts.onStreamEnd?.('finished', sent)
+        const end = () => {
+          if (res.destroyed) return
+          res.end()
+          opts.onStreamEnd?.('finished', sent)
+        }
+        if (opts.holdOpenMs === undefined) end()
+        else timer = setTimeout(end, opts.holdOpenMs)
         return
       }
       timer = setTimeout(next, opts.streamDelayMs ?? 0)

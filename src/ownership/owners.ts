@@ -4,6 +4,7 @@
 // (id → owner, TTL) saves the lookup on every call but the first. Clients never see or set the key.
 import { LRUCache } from 'lru-cache'
 import { LosslessNumber } from 'lossless-json'
+import { withoutKeys } from '../keys.js'
 
 export const OWNER_KEY = 'gateway_owner'
 /** OpenAI allows 16 metadata keys; the gateway needs one of them. */
@@ -12,7 +13,15 @@ export const MAX_METADATA_KEYS = 16
 /** A conversation's owner: a client id, null for one not created through the gateway, or no such conversation. */
 export type Owner = { owner: string | null } | 'missing'
 
-export type MetadataProblem = 'reserved' | 'limit' | 'not_object'
+/** OpenAI's metadata: keys of at most 64 characters, values strings of at most 512. */
+export const MAX_METADATA_KEY_LENGTH = 64
+export const MAX_METADATA_VALUE_LENGTH = 512
+
+export type MetadataProblem =
+  | { kind: 'reserved' }
+  | { kind: 'limit' }
+  /** `param` names what is wrong: `metadata`, or `metadata.<key>` for a key's value */
+  | { kind: 'not_object', param: string }
 
 type Json = Record<string, unknown>
 
@@ -26,17 +35,38 @@ export function isObject (value: unknown): value is Json {
 
 /** What is wrong with the `metadata` a client sends on create or update, if anything. */
 export function metadataProblem (body: unknown): MetadataProblem | null {
+  const notObject = { kind: 'not_object', param: 'metadata' } as const
   if (body === undefined) return null
-  if (!isObject(body)) return 'not_object'
+  if (!isObject(body)) return notObject
   // A key spelled like metadata in another case would be metadata to an upstream whose JSON reader matches keys
   // without regard to case (Go's does), and it would go as the client sent it: refused, as the API knows none.
-  if (otherCaseKey(body, ['metadata']) !== null) return 'not_object'
+  if (otherCaseKey(body, ['metadata']) !== null) return notObject
   const metadata = body.metadata
   if (metadata === undefined || metadata === null) return null
-  if (!isObject(metadata)) return 'not_object'
-  if (Object.hasOwn(metadata, OWNER_KEY) || otherCaseKey(metadata, [OWNER_KEY]) !== null) return 'reserved'
-  if (Object.keys(metadata).length >= MAX_METADATA_KEYS) return 'limit'
+  if (!isObject(metadata)) return notObject
+  if (Object.hasOwn(metadata, OWNER_KEY) || otherCaseKey(metadata, [OWNER_KEY]) !== null) return { kind: 'reserved' }
+  if (Object.keys(metadata).length >= MAX_METADATA_KEYS) return { kind: 'limit' }
+  // What OpenAI refuses, the gateway does not pass on as if it were a map of strings: the upstream would refuse
+  // it, or keep a value no SDK's type (a map of strings) describes.
+  for (const key in metadata) {
+    if (longerThan(key, MAX_METADATA_KEY_LENGTH)) return notObject
+  }
+  for (const key in metadata) {
+    const value = metadata[key]
+    if (typeof value !== 'string' || longerThan(value, MAX_METADATA_VALUE_LENGTH)) {
+      return { kind: 'not_object', param: `metadata.${withoutKeys(key)}` }
+    }
+  }
   return null
+}
+
+/** Whether `text` has more than `max` characters as OpenAI counts them (code points: an emoji is one). */
+function longerThan (text: string, max: number): boolean {
+  // (Each code point is one or two UTF-16 units: only a text between max and twice max units needs counting.)
+  if (text.length <= max || text.length > 2 * max) return text.length > max
+  let count = 0
+  for (const _ of text) count++
+  return count > max
 }
 
 /**

@@ -99,19 +99,22 @@ export function referencedItems (list: unknown): unknown[] {
  * back a made-up item, each must be one the gateway handed to the caller in an output item of its own (issued.ts
  * notes them with the items); admin clients are not checked. Any other shape (a number, an object) is refused too.
  */
-export function itemContainers (list: unknown, listParam: string): Array<[id: unknown, param: string]> {
+export function itemContainers (list: unknown, listParam: string): NamedContainer[] {
   if (!Array.isArray(list)) return []
-  const named: Array<[unknown, string]> = []
+  const named: NamedContainer[] = []
   for (const [i, item] of list.entries()) {
     if (!isObject(item)) continue
-    if (item.container_id != null) named.push([item.container_id, `${listParam}[${i}].container_id`])
+    if (item.container_id != null) named.push([item.container_id, `${listParam}[${i}].container_id`, item.id])
     const environment = item.environment
     if (isObject(environment) && (environment.type === 'container_reference' || environment.container_id != null)) {
-      named.push([environment.container_id, `${listParam}[${i}].environment`])
+      named.push([environment.container_id, `${listParam}[${i}].environment`, item.id])
     }
   }
   return named
 }
+
+/** A container an item names, where, and that item's id (which may vouch for it: checkContainers). */
+type NamedContainer = [id: unknown, param: string, itemId: unknown]
 
 /**
  * `err`, for a refusal of items a body named by id, unless Redis could not say whether they went out to the caller
@@ -170,9 +173,10 @@ const REFUSALS: Record<'conversation' | 'response' | 'previous_response', [missi
 }
 
 function refuseMetadata (problem: MetadataProblem | null): void {
-  if (problem === 'reserved') throw new ReservedMetadataKeyError()
-  if (problem === 'limit') throw new MetadataLimitError()
-  if (problem === 'not_object') throw new InvalidMetadataError()
+  if (problem === null) return
+  if (problem.kind === 'reserved') throw new ReservedMetadataKeyError()
+  if (problem.kind === 'limit') throw new MetadataLimitError()
+  throw withParam(new InvalidMetadataError(), problem.param)
 }
 
 /**
@@ -461,16 +465,52 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     }
   }
 
-  /** The containers a create's items name (itemContainers) must each be one the gateway handed to `client`. */
-  async function checkContainers (named: Array<[unknown, string]>, client: ClientConfig, request: FastifyRequest): Promise<void> {
+  /**
+   * The containers a create's items name (itemContainers) must each be one the gateway handed to `client`, or, in a
+   * call on a conversation of the client's own (`ownConversation`), one an item of that conversation ran in: the item
+   * that names it is looked up there by its id (as an item reference is), and the container noted as the client's, as
+   * a listing of the conversation would have (a gateway restarted with the in-memory store knows nothing of the
+   * containers its items ran in before). Only for a container the gateway does not know as the client's: a call
+   * naming none, or only known ones, looks nothing up.
+   */
+  async function checkContainers (named: NamedContainer[], client: ClientConfig, request: FastifyRequest,
+    ownConversation?: { id: string, reply: FastifyReply }): Promise<void> {
     if (named.length === 0) return
     const { ids, ...found } = await notHandedOut(named.map(([id]) => id), client)
-    const refused = named.find(([id]) => ids.includes(id))
+    let unknown = named.filter(([id]) => ids.includes(id))
+    if (unknown.length > 0 && ownConversation !== undefined && unknown.length <= MAX_REFERENCES) {
+      unknown = await notInConversation(unknown, ownConversation.id, client, request, ownConversation.reply)
+    }
+    const refused = unknown[0]
     if (refused === undefined) return
     const [id, param] = refused
     const owner = typeof id === 'string' ? found.others.get(id) : undefined
     if (!found.unanswered && owner !== undefined) request.ownerId = owner
     throw unsure(withParam(new ItemContainerNotAllowedError(), param), found.unanswered)
+  }
+
+  /**
+   * Those of `named` that no item of the client's conversation `conversation` ran in: each is looked up there by the
+   * id of the item naming it; one found naming the same container vouches for it, which is noted as the client's.
+   */
+  async function notInConversation (named: NamedContainer[], conversation: string, client: ClientConfig,
+    request: FastifyRequest, reply: FastifyReply): Promise<NamedContainer[]> {
+    const whenGone = clientGone(reply)
+    const clientWait = () => clientWaitMs(request.headers, reply.elapsedTime)
+    const left: NamedContainer[] = []
+    for (const entry of named) {
+      const [container, , itemId] = entry
+      const ran = typeof container === 'string' && typeof itemId === 'string' && ID_PATTERN.test(itemId)
+        ? await askUpstream(`/v1/conversations/${conversation}/items/${itemId}`, { conversationId: conversation, itemId },
+          request, whenGone, answer => {
+            if ((answer as { id?: unknown } | null)?.id !== itemId) throw new Error('the item check answer is not the item asked for')
+            return listedContainersIn(answer)
+          }, clientWait)
+        : 'missing'
+      if (ran !== 'missing' && ran.includes(container as string)) issued.note([container as string], client.id)
+      else left.push(entry)
+    }
+    return left
   }
 
   /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
@@ -572,10 +612,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       const conversation = checkedConversationParam(request.parsedBody)
       const previous = previousResponseParam(request.parsedBody)
       return (async () => {
-        if (conversation !== undefined) await authorize('conversation', 'conversation', conversation, client, request, reply)
+        const owner = conversation === undefined ? null : await authorize('conversation', 'conversation', conversation, client, request, reply)
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
         await checkReferences('input', body?.input, conversation, client, request, reply)
-        await checkContainers(containers, client, request)
+        await checkContainers(containers, client, request, owner === client.id ? { id: conversation!, reply } : undefined)
         prepareCreate('response', request, client)
         noteHandedOut(request)
       })()
@@ -611,9 +651,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const authorized = authorize('conversation', 'conversation', id, client, request, reply)
     if (op.action === 'item.create' && (containers.length > 0 || references(body?.items, client).length > 0)) {
       return (async () => {
-        await authorized
+        const owner = await authorized
         await checkReferences('items', body?.items, id, client, request, reply)
-        await checkContainers(containers, client, request)
+        await checkContainers(containers, client, request, owner === client.id ? { id, reply } : undefined)
       })()
     }
     return then(authorized, owner => {

@@ -112,15 +112,14 @@ function charge (store: RateLimitStore, uncharged: Uncharged, log: WarnLog, clie
 const REAPPLY_NAMED = 10
 
 /**
- * After a reload, the buckets of each client whose limits changed are written again: first under its old limits
- * (a charge of nothing: refilled up to now at the old rate), then under its new ones (kept, capped at the new
- * burst). A bucket refills for the time since it was last written at the rate it is written with: written under the
- * new limits alone, the time before the reload would count at the new rate, and a raised rate would hand a client
- * drained a while ago a fresh burst at once. And a Redis bucket expires when the limits it was last written with
- * would have it full; left alone, one drained before a reload that lowers the rate or raises the burst would expire
- * on the old schedule and come back full, a fresh burst for a client that pauses past it. A store that cannot take
- * them (Redis down) gets one warning for the whole reload, not one per bucket: a reload that changes a default
- * limit touches every client, thousands of lines for one outage.
+ * After a reload, the buckets of each client whose limits changed are written again under its new limits (a charge
+ * of nothing: the time since the bucket was last written refills at the limits it was written with, then it is kept,
+ * capped at the new burst: stores/rate-limit-store.ts, refill). A Redis bucket expires when the limits it was last
+ * written with would have it full; left alone, one drained before a reload that lowers the rate or raises the burst
+ * would expire on the old schedule and come back full, a fresh burst for a client that pauses past it. Replicas
+ * reloaded in turn each write it again: the second finds it written under the new limits by the first, and refills
+ * nothing at the old rate. A store that cannot take them (Redis down) gets one warning for the whole reload, not one
+ * per bucket: a reload that changes a default limit touches every client, thousands of lines for one outage.
  */
 export function reapplyLimits (store: RateLimitStore, before: readonly ClientConfig[], after: readonly ClientConfig[], log: WarnLog): void {
   const old = new Map(before.map(client => [client.id, client.rateLimit]))
@@ -135,24 +134,21 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
       named: failed.slice(0, REAPPLY_NAMED)
     }, `rate limits: ${failed.length} bucket(s) could not be kept under their new limits (they refill on the old ones)`)
   }
-  const rewrite = (key: string, before: BucketRule | null, rule: BucketRule) => {
+  const rewrite = (key: string, rule: BucketRule) => {
     pending++
-    const failure = (err: unknown) => {
+    whenAnswered(() => store.charge(key, rule, 0), settled, (err: unknown) => {
       if (failed.length === 0) firstError = err
       failed.push(key)
       settled()
-    }
-    const underNew = () => { whenAnswered(() => store.charge(key, rule, 0), settled, failure) }
-    if (before === null) underNew()
-    else whenAnswered(() => store.charge(key, before, 0), underNew, failure)
+    })
   }
   for (const client of after) {
     const was = old.get(client.id)
     if (was === undefined) continue
     const now = client.rateLimit
-    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) rewrite(client.id, was, now)
+    if (was.requestsPerMinute !== now.requestsPerMinute || was.burst !== now.burst) rewrite(client.id, now)
     const tokens = tokenRule(now)
-    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) rewrite(tokenKey(client), tokenRule(was), tokens)
+    if (tokens !== null && was.tokensPerMinute !== now.tokensPerMinute) rewrite(tokenKey(client), tokens)
   }
   settled()
 }

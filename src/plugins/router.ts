@@ -3,13 +3,13 @@
 // Requests Node would refuse or answer on its own before any check (a missing Host, an Expect header, CONNECT)
 // are handed to this same path, so they get the envelope, a request id and an audit record like the rest.
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { Socket } from 'node:net'
+import { isIPv6, type Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  CredentialsInQueryError, CredentialsInUrlError, ExpectationFailedError, HeadersTooLargeError, MethodNotAllowedError, MissingHostError,
-  quoted, UnknownRouteError, UpgradeNotSupportedError
+  CredentialsInQueryError, CredentialsInUrlError, ExpectationFailedError, HeadersTooLargeError, InvalidHostError, MethodNotAllowedError,
+  MissingHostError, quoted, UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
@@ -27,6 +27,40 @@ function shown (url: string): string {
  */
 const MAX_REQUEST_HEADERS = 1000
 
+/**
+ * A Host value as RFC 9112 §3.2 has it: a host (RFC 3986: a reg-name, which an IPv4 address is too, or an IP literal
+ * in brackets) and an optional port; empty for a target without an authority (RFC 9110 §7.2).
+ */
+const HOST = /^(?:\[([^\]]*)\]|(?:[\w.~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::\d*)?$/
+const IP_FUTURE = /^v[0-9A-Fa-f]+\.[\w.~!$&'()*+,;=:-]+$/
+
+function validHost (host: string): boolean {
+  const match = HOST.exec(host)
+  if (match === null) return false
+  const literal = match[1]
+  return literal === undefined || isIPv6(literal) || IP_FUTURE.test(literal)
+}
+
+/**
+ * Whether a request has more than one Host header, or one that is not valid (RFC 9112 §3.2: a server must answer
+ * either with 400). Node keeps the first of two in `headers` and drops the other without a word, so they are counted
+ * in `rawHeaders`: a length compare a header, and a lower-casing for the few of four letters. A valid Host is
+ * remembered (clients send the same one on every call): the next call with it is one string compare.
+ */
+function badHost (raw: string[], known: { host: string | null }): boolean {
+  let host: string | undefined
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!
+    if (name.length !== 4 || name.toLowerCase() !== 'host') continue
+    if (host !== undefined) return true
+    host = raw[i + 1]!
+  }
+  if (host === undefined || host === known.host) return false
+  if (!validHost(host)) return true
+  known.host = host
+  return false
+}
+
 export interface RouterOptions {
   /** the server's response class (http.createServer's ServerResponse option), for the CONNECT requests made here */
   Response: typeof ServerResponse
@@ -34,6 +68,8 @@ export interface RouterOptions {
 
 export default fp<RouterOptions>(async function router (app, { Response }) {
   app.decorateRequest('operation', null)
+  /** the Host value last found valid */
+  const known = { host: null as string | null }
 
   // Callback style (it runs on every call); a thrown refusal is the hook's error.
   app.addHook('onRequest', (request, reply, done) => {
@@ -58,6 +94,7 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     }
     if (request.raw.rawHeaders.length > 2 * MAX_REQUEST_HEADERS) throw new HeadersTooLargeError()
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') throw new MissingHostError()
+    if (badHost(request.raw.rawHeaders, known)) throw new InvalidHostError()
     const match = matchOperation(request.method, request.originalUrl)
     if (match.kind === 'operation') {
       request.operation = match.operation

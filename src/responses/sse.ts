@@ -11,6 +11,7 @@
 // out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
+import { isObject } from '../ownership/owners.js'
 import { isWideText, WIDE_TEXT } from '../upstream/scrub.js'
 
 /** An event's data, parsed, and its text as it came (before any rewrite). */
@@ -78,6 +79,14 @@ export class SseRewriter extends Transform {
    * an SDK user would take the whole response for a failed one, and generate it again).
    */
   readonly #ended: () => boolean
+  /**
+   * Told once the stream's last event has passed (`ended`), after which nothing more is taken or goes out: the
+   * upstream is let go of and the stream ended there (an upstream that holds its connection open after the answer
+   * would otherwise hold the client's stream open too, as long as it is silent for less than its timeout).
+   */
+  readonly #over: () => void
+  /** the stream's last event has passed */
+  #lastPassed = false
   /** cut(): nothing more goes out */
   #cut = false
   /** _flush has run: what the stream ends with has gone out */
@@ -96,12 +105,13 @@ export class SseRewriter extends Transform {
 
   constructor (rewrite: EventRewrite, failedEvent: Buffer | null = null, maxEventBytes = Infinity, maxEventMs = Infinity,
     passing: (events: Buffer) => Buffer = events => events, unfinished: () => Buffer | null = () => null,
-    ended: () => boolean = () => false) {
+    ended: () => boolean = () => false, over: () => void = () => {}) {
     super()
     this.#rewrite = rewrite
     this.#passing = passing
     this.#unfinished = unfinished
     this.#ended = ended
+    this.#over = over
     this.#failedEvent = failedEvent
     this.#maxEventBytes = maxEventBytes
     this.#maxEventMs = maxEventMs
@@ -114,7 +124,7 @@ export class SseRewriter extends Transform {
    * is not over yet: those slices do not go out, the event does.
    */
   cut (event: Buffer): boolean {
-    if (this.#cut || this.destroyed || this.#flushed) return false
+    if (this.#cut || this.#lastPassed || this.destroyed || this.#flushed) return false
     this.#cut = true
     this.#stopEventClock()
     this.push(event)
@@ -127,7 +137,7 @@ export class SseRewriter extends Transform {
    * if whole), unless its last event had come (`ended`). An event the break cut in two is not passed on.
    */
   breakOff (event: Buffer, err: Error): void {
-    if (this.#cut || this.destroyed || this.#brokenOff !== null) return
+    if (this.#cut || this.#lastPassed || this.destroyed || this.#brokenOff !== null) return
     this.#brokenOff = { event, err }
     if (!this.writableEnded) this.end()
   }
@@ -157,7 +167,7 @@ export class SseRewriter extends Transform {
    * `done`, the upstream's next chunks wait in the writable side, which pauses the upstream once full.
    */
   #slice (chunk: Buffer, from: number, done: TransformCallback): void {
-    if (this.#cut || this.destroyed) {
+    if (this.#cut || this.#lastPassed || this.destroyed) {
       done()
       return
     }
@@ -170,6 +180,11 @@ export class SseRewriter extends Transform {
       return
     }
     const readOn = this.#pushOut()
+    if (this.#lastPassed) {
+      done()
+      this.#over()
+      return
+    }
     if (this.#held > 0 && this.#eventClock === null && this.#maxEventMs !== Infinity) this.#startEventClock()
     if (at === chunk.length && !this.#sliceSpent()) {
       done()
@@ -233,6 +248,10 @@ export class SseRewriter extends Transform {
     this.#stopEventClock()
     // A stream cut is not ended as if whole: its connection is closed after the event (app.abortInFlight).
     if (this.#cut) return
+    if (this.#lastPassed) {
+      done()
+      return
+    }
     if (this.#brokenOff !== null) {
       if (this.#ended()) {
         done()
@@ -329,6 +348,7 @@ export class SseRewriter extends Transform {
       this.#held += end - start + PIECE_COST
       const passed = this.#endLine()
       start = end
+      if (this.#lastPassed) return chunk.length
       if (passed && start < chunk.length && this.#sliceSpent()) return start
     }
     if (start < chunk.length) {
@@ -355,6 +375,8 @@ export class SseRewriter extends Transform {
     if (!isBlank(line)) return false
     this.#passOn(this.#rewritten(this.#event))
     this.#event = []
+    // (asked after the rewrite, which has read the event)
+    if (this.#ended()) this.#lastPassed = true
     return true
   }
 
@@ -413,15 +435,17 @@ export class SseRewriter extends Transform {
 function errorEvent (held: Buffer[]): Buffer[] | null {
   const text = Buffer.concat(held).toString('utf8')
   if (!/^\s*\{/.test(text)) return null
-  let error: unknown
+  let parsed: unknown
   try {
-    error = (JSON.parse(text) as { error?: unknown } | null)?.error
+    // (its numbers as the upstream wrote them, as in every event the gateway writes anew: http/json.ts)
+    parsed = parseExact(text)
   } catch {
     return null
   }
-  if (typeof error !== 'object' || error === null || Array.isArray(error)) return null
+  const error = (parsed as { error?: unknown } | null)?.error
+  if (!isObject(error)) return null
   const { code = null, message = null, param = null } = error as { code?: unknown, message?: unknown, param?: unknown }
-  const data = JSON.stringify({ type: 'error', code, message, param, error })
+  const data = stringifyExact({ type: 'error', code, message, param, error }, parsed)
   return [Buffer.from('event: error\n'), Buffer.from(`data: ${data}\n`), Buffer.from('\n')]
 }
 

@@ -51,6 +51,8 @@ export class StoreUnavailableError extends Error {
 export interface Bucket {
   tokens: number
   at: number
+  /** the limits it was last written under, which the time since refills at */
+  rule: BucketRule
 }
 
 export function checkCost (cost: number, what = 'cost'): void {
@@ -68,12 +70,18 @@ export function covers (tokens: number, cost: number): boolean {
   return tokens + TOKEN_EPSILON >= cost
 }
 
-/** Refills `bucket` up to `now`; a clock that went backwards refills nothing and never empties it. */
+/**
+ * Refills `bucket` up to `now` under the limits it was last written with, then caps it at `rule`'s burst, and
+ * gives it `rule` from now on: the time before a reload changed the limits refills at the old rate, the time after
+ * at the new one, whichever call comes first after it. A clock that went backwards refills nothing and never
+ * empties it.
+ */
 export function refill (bucket: Bucket | undefined, rule: BucketRule, now: number): Bucket {
-  if (bucket === undefined) return { tokens: rule.burst, at: now }
-  const perMs = rule.requestsPerMinute / 60_000
+  if (bucket === undefined) return { tokens: rule.burst, at: now, rule }
+  const was = bucket.rule
   const elapsed = Math.max(0, now - bucket.at)
-  return { tokens: Math.min(rule.burst, bucket.tokens + elapsed * perMs), at: Math.max(now, bucket.at) }
+  const tokens = Math.min(rule.burst, was.burst, bucket.tokens + elapsed * was.requestsPerMinute / 60_000)
+  return { tokens, at: Math.max(now, bucket.at), rule }
 }
 
 export function describe (tokens: number, rule: BucketRule, allowed: boolean, cost = 1): RateLimitResult {

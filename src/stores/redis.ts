@@ -6,11 +6,13 @@
 // Redis down or slow never holds an answer longer than `timeoutMs`: commands time out, nothing waits in an
 // offline queue, and while disconnected a call fails at once. Then `onFailure` decides: `open` serves the call
 // from a local in-memory bucket, `closed` refuses it (StoreUnavailableError → 503). The client reconnects by
-// itself, also away from a node that a failover turned read-only; the outage is logged once when it starts, at
+// itself, also away from a node that a failover turned read-only, and asks Redis something every second, calls or
+// none, so that a Redis that stops answering is found out without a call; the outage is logged once when it starts, at
 // most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis, ReplyError } from 'ioredis'
 import type { SharedNotes } from '../ownership/issued.js'
+import { StartupError } from '../preflight.js'
 import { MemoryStore } from './memory.js'
 import {
   checkCost, describe, StoreUnavailableError, TOKEN_EPSILON, type BucketRule, type RateLimitResult, type RateLimitStore
@@ -43,16 +45,23 @@ const RECONNECT_MAX_MS = 1_000
 const CONNECT_TIMEOUT_MS = 2_000
 /** A connection with commands outstanding and no byte back for this long is dropped and made again. */
 const STALL_MS = 2_000
-/** While Redis refuses the bucket script, it is asked again this often, with or without calls (see available()). */
-const PROBE_MS = 1_000
+/**
+ * Redis is asked something this often while connected, with or without calls (see #beat): while it refuses the
+ * bucket script, the script again; else a PING, which a Redis that has stopped answering leaves unanswered.
+ */
+const HEARTBEAT_MS = 1_000
 /** The probe's key: `@` is in no client id, so it is no client's bucket. It expires a second after each probe. */
 const PROBE_KEY = '@probe'
 const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
 
 /**
- * KEYS[1]: the bucket, a hash {tokens, at}. ARGV: mode (take | charge | peek), requestsPerMinute, burst, and
- * the cost (take) or amount (charge), TOKEN_EPSILON. Returns {allowed 1|0, tokens as text (fractions kept)}.
- * The same arithmetic as refill() and take/charge in memory.ts. `at` becomes the server's `now` on every write,
+ * KEYS[1]: the bucket, a hash {tokens, at, rpm, burst}. ARGV: mode (take | charge | peek), requestsPerMinute, burst,
+ * and the cost (take) or amount (charge), TOKEN_EPSILON. Returns {allowed 1|0, tokens as text (fractions kept)}.
+ * The same arithmetic as refill() and take/charge in memory.ts. The time since the last write refills at the rate
+ * and up to the burst the bucket was written with (`rpm`, `burst`; a bucket without them, written by an older
+ * gateway, at the caller's), then the caller's burst caps it: replicas reloaded in turn, the second finds the bucket
+ * the first wrote under the new limits, and its own call under the old ones must not refill that time at the old
+ * rate (a lowered rate would hand out a fresh burst). `at` becomes the server's `now` on every write,
  * so a server clock stepped backwards refills nothing and locks nobody out (a lowered burst still caps the tokens,
  * as refill() does). The key expires when the bucket would be full again: an expired bucket and a full one are the
  * same, so Redis holds only buckets in use.
@@ -68,13 +77,15 @@ local n = tonumber(ARGV[4])
 local epsilon = tonumber(ARGV[5])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'rpm', 'burst')
 local tokens = tonumber(state[1])
 local at = tonumber(state[2])
 if tokens == nil or at == nil then
   tokens = burst
 else
-  tokens = math.min(burst, tokens + math.max(0, now - at) * perMs)
+  local wasPerMs = (tonumber(state[3]) or tonumber(ARGV[2])) / 60000
+  local wasBurst = tonumber(state[4]) or burst
+  tokens = math.min(burst, math.min(wasBurst, tokens + math.max(0, now - at) * wasPerMs))
 end
 if mode == 'peek' then
   return { tokens + epsilon >= 1 and 1 or 0, string.format('%.17g', tokens) }
@@ -87,10 +98,27 @@ elseif tokens + epsilon >= n then
 else
   allowed = 0
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', now)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', now, 'rpm', ARGV[2], 'burst', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((burst - tokens) / perMs) + 1000, 1e12))
 return { allowed, string.format('%.17g', tokens) }
 `
+
+/** A first connection refused with one of these (the user or password in store.url) is never accepted by reconnecting. */
+const AUTH_REFUSED = /^(?:WRONGPASS|NOAUTH)\b/
+/** An ACL refusal: of a command itself (NOPERM), or of one a script calls, or of a key outside the user's patterns. */
+const NOT_PERMITTED = /^NOPERM\b|can't run this command|no permissions to access/
+const CLUSTER_SLOTS = 16_384
+
+/** How many hash slots the node marked `myself` in a CLUSTER NODES answer serves itself. */
+function slotsServed (nodes: string): number {
+  const mine = nodes.split('\n').map(line => line.split(' ')).find(fields => fields[2]?.split(',').includes('myself'))
+  let served = 0
+  for (const range of mine?.slice(8) ?? []) {
+    const [first, last = first] = range.split('-').map(Number)
+    if (Number.isInteger(first) && Number.isInteger(last)) served += last! - first! + 1 // ("[slot->-node]": migrating, not counted)
+  }
+  return served
+}
 
 type Mode = 'take' | 'charge' | 'peek'
 interface BucketCommand {
@@ -155,14 +183,26 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   #noSuchDb = false
   /** Redis answered the last call with an error (OOM under noeviction, no EVALSHA for this user...); see available(). */
   #refusing = false
-  #probe: NodeJS.Timeout | null = null
+  readonly #heartbeat: NodeJS.Timeout
+  /** the heartbeat's question is unanswered: one at a time, however long Redis takes */
+  #asking = false
   /** A READONLY answer has asked for a new connection; the others on this one need not ask again. */
   #leavingReadOnly = false
 
-  /** Connects, waiting at most until the first connection succeeds or fails (a Redis that is down does not stop the start). */
+  /**
+   * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
+   * start (it may come back); one that answers, and can never hold the buckets as given, does (StartupError): it
+   * refuses the credentials in store.url, or their ACL user may not run what the gateway needs, or it is a read-only
+   * replica, or a Redis Cluster node that does not serve every slot itself. Those would otherwise start a gateway whose every call is refused (closed) or served from
+   * local buckets only (open), said only in warnings.
+   */
   static async connect (options: RedisStoreOptions): Promise<RedisStore> {
     const store = new RedisStore(options)
-    await store.#firstConnection()
+    const problem = await store.#firstConnection()
+    if (problem !== null) {
+      await store.close()
+      throw new StartupError(`store.url: ${problem}`)
+    }
     return store
   }
 
@@ -205,19 +245,64 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       this.#outage.failed(reason, false)
     })
     this.#redis.on('ready', () => { if (!this.#noSuchDb) this.#outage.recovered() })
+    this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
-  async #firstConnection (): Promise<void> {
-    if (this.#redis.status === 'ready') return
-    await new Promise<void>(resolve => {
-      const done = () => {
-        clearTimeout(timer)
-        this.#redis.off('ready', done).off('error', done)
-        resolve()
+  /** Why this Redis can never hold the buckets (see connect), or null: connected, or not (yet) reachable. */
+  async #firstConnection (): Promise<string | null> {
+    const connected = () => this.#redis.status === 'ready'
+    if (!connected()) {
+      const failure = await new Promise<unknown>(resolve => {
+        const done = (err?: unknown) => {
+          clearTimeout(timer)
+          this.#redis.off('ready', done).off('error', done)
+          resolve(err ?? null)
+        }
+        const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
+        this.#redis.once('ready', done).once('error', done)
+      })
+      if (failure !== null && AUTH_REFUSED.test(reasonOf(failure))) {
+        return `Redis refused the user or password given in it (${reasonOf(failure)})`
       }
-      const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
-      this.#redis.once('ready', done).once('error', done)
-    })
+      if (!connected()) return null
+    }
+    return await this.#notOneServer() ?? await this.#notPermitted()
+  }
+
+  /**
+   * The user in store.url may not run what every call runs (an ACL user without EVALSHA, or without a command the
+   * script calls: TIME, HMGET, HSET, PEXPIRE), or the notes' SET and MGET: why, or null. Asked once, on the probe's
+   * key; any other answer (an OOM under noeviction, Redis gone again) is an outage, not a refusal of the config.
+   */
+  async #notPermitted (): Promise<string | null> {
+    const key = this.#keyPrefix + PROBE_KEY
+    try {
+      await this.#probe()
+      await this.#redis.mget(key)
+      await this.#redis.set(`${key}:note`, '1', 'PX', 1000, 'NX')
+      return null
+    } catch (err) {
+      const reason = reasonOf(err)
+      return NOT_PERMITTED.test(reason) ? `the user given in it may not run what the gateway needs (${reason})` : null
+    }
+  }
+
+  /** A read-only replica, or a cluster node that leaves some slots to other nodes: why, or null. */
+  async #notOneServer (): Promise<string | null> {
+    let info: string
+    try {
+      info = await this.#redis.info() // (bounded: a Redis that stops answering loses its connection, see STALL_MS)
+    } catch {
+      return null // a user not allowed INFO, or a Redis gone again: nothing known against it
+    }
+    if (/^role:slave\b/m.test(info)) {
+      return 'it leads to a read-only replica (role: slave), which refuses every bucket write: give the primary\'s address'
+    }
+    if (!/^cluster_enabled:1\b/m.test(info)) return null
+    const served = slotsServed(String(await this.#redis.call('CLUSTER', 'NODES').catch(() => '')))
+    if (served === CLUSTER_SLOTS) return null // (a cluster of one shard: every key is this node's)
+    return `it leads to a Redis Cluster node serving ${served} of the ${CLUSTER_SLOTS} slots: the calls of every client ` +
+      'whose bucket another node holds would be refused (MOVED); give one Redis server, not a cluster'
   }
 
   /** The script's answer, or null when Redis failed and the call is to be served locally (`open`). */
@@ -302,32 +387,38 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    * Redis answered with an error: it is connected but refuses the script (a write under maxmemory with the default
    * noeviction policy, a user without EVALSHA...). Every call would fail the same way, so the store is unavailable
    * until Redis runs the script again. With onFailure closed that takes the replica out of rotation, where no call
-   * comes to find Redis healthy again: a probe asks every PROBE_MS until it does.
+   * comes to find Redis healthy again: the heartbeat asks with the script until it does.
    */
   #refused (): void {
     this.#refusing = true
-    if (this.#probe !== null) return
-    let asking = false // one probe at a time, however long store.timeoutMs is
-    this.#probe = setInterval(() => {
-      if (asking || this.#redis.status !== 'ready') return // a lost connection: the reconnect finds out
-      asking = true
-      this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
-        .then(() => {
-          this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
-          this.#accepted()
-        }, () => {})
-        .finally(() => { asking = false })
-    }, PROBE_MS).unref()
+  }
+
+  /** The bucket script, a charge of nothing on the probe's key (no client's bucket). */
+  async #probe (): Promise<unknown> {
+    return await this.#redis.ogwBucket(this.#keyPrefix + PROBE_KEY, 'charge', PROBE_RULE.requestsPerMinute, PROBE_RULE.burst, 0, TOKEN_EPSILON)
   }
 
   #accepted (): void {
     this.#refusing = false
-    this.#stopProbe()
   }
 
-  #stopProbe (): void {
-    if (this.#probe !== null) clearInterval(this.#probe)
-    this.#probe = null
+  /**
+   * Asks Redis something while connected, calls or none. A Redis that stops answering (paused, stuck in a long
+   * command) leaves only a question outstanding unanswered, and only then is its connection dropped (socketTimeout):
+   * without this, a replica with no calls yet (just started, or out of rotation) would stay available, and ready,
+   * until its first call was refused. While Redis refuses the script, the question is the script (on a key that is
+   * no client's bucket), whose answer ends the refusal.
+   */
+  #beat (): void {
+    if (this.#asking || this.#redis.status !== 'ready') return // (a lost connection: the reconnect finds out)
+    this.#asking = true
+    const asked = this.#refusing
+      ? this.#probe().then(() => {
+        this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
+        this.#accepted()
+      })
+      : this.#redis.ping()
+    asked.catch(() => {}).finally(() => { this.#asking = false })
   }
 
   /**
@@ -340,7 +431,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   }
 
   async close (): Promise<void> {
-    this.#stopProbe()
+    clearInterval(this.#heartbeat)
     this.#redis.disconnect()
     await this.#fallback.close()
   }

@@ -4,14 +4,15 @@
 // - from the response headers the client gets (and the upstream request id the audit keeps), and those the log
 //   quotes: percent-encoded too (a redirect's location), and spelled across a header's repeated lines;
 // - from answers the gateway reads whole: every error answer, and the JSON answers it rewrites. Searched as bytes
-//   (the token as written, and as JSON.stringify escapes it; in an answer with a backslash or a `%`, any character
-//   of it as a JSON escape or percent-encoded, as a URL built with it spells it: `\u0073`, `%73`); a JSON answer
-//   that holds any backslash escape is also searched string by string once parsed, whatever escapes spell the token;
+//   (the token as written, and, in a text that holds a backslash or a `%`, with any character of it a JSON escape
+//   or percent-encoded, as a URL built with it spells it: `\/`, `\u0073`, `%73`), before anything parses them: no
+//   string of the parsed answer can then hold it, and it is not walked again string by string (which took a 15 MiB
+//   answer some 40 ms, and overflowed the stack on a deep one);
 // - from each event of a 2xx event stream (Responses): a JSON event's data string by string, and every event's
 //   bytes as written (comments, names and ids, data in plain text);
-// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short (and, as
-//   JSON with escapes, string by string too), else searched as it streams through (`stream`, which reads JSON
-//   escapes in the token's place as it goes).
+// - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short (searched
+//   as bytes, as above), else searched as it streams through (`stream`, which reads JSON escapes in the token's
+//   place as it goes).
 // The tokens searched for are the one in force and the few before it: an answer to a call sent before a rotation
 // may quote the token it was sent with.
 import { Transform } from 'node:stream'
@@ -339,7 +340,7 @@ export class TokenScrubber {
   /**
    * A parsed JSON answer with the tokens taken out of every string (and key), or `value` itself when it holds
    * none. Only needed when its text had backslash escapes (`hasEscapes`), for a value the gateway parses before
-   * its bytes are searched.
+   * its bytes are searched (a streamed event).
    */
   json (value: unknown): unknown {
     const walk = (v: unknown): unknown => {
