@@ -171,6 +171,33 @@ export class ConfigError extends Error {
   }
 }
 
+/** Shorter values are not taken out of problems (as upstream/scrub.ts's MIN_SCRUBBED_LENGTH): no secret is that short. */
+const MIN_SECRET_LENGTH = 8
+
+/**
+ * `problems` with the config's secrets (the upstream token, the metrics token, a Redis password) taken out. A
+ * problem may quote another field's value (a trustProxy entry, a host that does not resolve), and a mistyped
+ * `${VAR}` can have filled that field with a secret: the output of check-config and start never holds one.
+ */
+export function withoutSecrets (problems: string[], config: unknown): string[] {
+  const { upstream, metrics, store } = (config ?? {}) as { upstream?: { apiKey?: unknown }, metrics?: { token?: unknown }, store?: { url?: unknown } }
+  const secrets = [upstream?.apiKey, metrics?.token, ...redisPasswords(store?.url)]
+    .filter((secret): secret is string => typeof secret === 'string' && secret.length >= MIN_SECRET_LENGTH)
+  if (secrets.length === 0) return problems
+  return problems.map(problem => secrets.reduce((text, secret) => text.replaceAll(secret, '[redacted]'), problem))
+}
+
+/** A Redis URL's password as written and decoded; none for another URL, or one that does not parse. */
+function redisPasswords (url: unknown): string[] {
+  if (typeof url !== 'string' || !/^rediss?:/.test(url)) return []
+  try {
+    const { password } = new URL(url)
+    return [password, decodeURIComponent(password)]
+  } catch {
+    return []
+  }
+}
+
 // No type coercion here: a YAML boolean is never a number. Only a string that came from a ${VAR} may be read as
 // a number or a boolean (coercePlaceholders below).
 const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: true })
@@ -589,7 +616,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
       problems.push('metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own')
     }
   }
-  if (problems.length > 0) throw new ConfigError(source, [...new Set(problems)])
+  if (problems.length > 0) throw new ConfigError(source, withoutSecrets([...new Set(problems)], candidate))
   return deepFreeze(candidate as GatewayConfig)
 }
 

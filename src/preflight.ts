@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto'
 import { closeSync, existsSync, lstatSync, mkdirSync, openSync, rmdirSync, statSync, unlinkSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
-import { hostPort, type GatewayConfig } from './config.js'
+import { hostPort, withoutSecrets, type GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
 export class StartupError extends Error {}
@@ -127,7 +127,7 @@ export function auditDirectoryProblem (file: string): string | null {
 
 export async function preflight (config: GatewayConfig): Promise<string[]> {
   const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen), auditDirectoryProblem(config.audit.file)]
-  return problems.filter((p): p is string => p !== null)
+  return withoutSecrets(problems.filter((p): p is string => p !== null), config)
 }
 
 /**
@@ -154,5 +154,5 @@ export async function reloadPreflight (running: GatewayConfig, next: GatewayConf
     next.metrics.listen === running.metrics.listen ? null : await checkMetricsHost(next.metrics.listen),
     next.audit.file === running.audit.file ? null : auditDirectoryProblem(next.audit.file)
   ]
-  return problems.filter((p): p is string => p !== null)
+  return withoutSecrets(problems.filter((p): p is string => p !== null), next)
 }

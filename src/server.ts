@@ -16,7 +16,7 @@ import { performance } from 'node:perf_hooks'
 import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
-import { ConfigError, FileTooLargeError, loadConfig, readRegularFile, type GatewayConfig } from './config.js'
+import { ConfigError, FileTooLargeError, loadConfig, readRegularFile, withoutSecrets, type GatewayConfig } from './config.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
 import { describeListenError, reloadPreflight, startProblem, StartupError } from './preflight.js'
@@ -116,7 +116,7 @@ export async function startServer (
   try {
     // Checked before anything is opened: a start refused later would leave an empty audit file behind.
     const problem = await startProblem(config)
-    if (problem !== null) throw new StartupError(problem)
+    if (problem !== null) throw new StartupError(withoutSecrets([problem], config)[0])
     app = await buildApp(config, deps)
   } catch (err) {
     releaseHeld()
@@ -186,8 +186,9 @@ export async function startServer (
     await app.listen({ host, port })
   } catch (err) {
     await app.close()
-    if (err instanceof StartupError) throw err // already says which listener (metrics.listen)
-    throw new StartupError(describeListenError(host, port, err as NodeJS.ErrnoException))
+    // (a StartupError says which listener already: metrics.listen)
+    const problem = err instanceof StartupError ? err.message : describeListenError(host, port, err as NodeJS.ErrnoException)
+    throw new StartupError(withoutSecrets([problem], config)[0])
   }
   if (opts.watch === true && opts.configFile !== undefined && !draining) watcher = watchConfig(app, opts.configFile, reload)
   return app

@@ -385,3 +385,35 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(port.stderr, `ohmygpt-gateway start: cannot listen on 127.0.0.1:${takenPort}: the port is in use (EADDRINUSE)\n`, 'one line')
   t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
 })
+
+t.test('a secret that a mistyped ${VAR} put in another field (trustProxy, listen.host) is not quoted by check-config or start', async t => {
+  const { file, dir } = configFile('')
+  const secrets = { OHMYGPT_API_KEY: 'sk-cli-SECRET-token-0123456789', METRICS_TOKEN: 'metrics-SECRET-token-0123456789', REDIS_PASSWORD: 'redis-SECRET-pw-0123' }
+  const yaml = (host: string, trustProxy: string, store: string) => `
+listen: { host: "${host}", port: 0 }
+trustProxy: ${trustProxy}
+upstream: { baseUrls: ["http://127.0.0.1:9"], apiKey: "\${OHMYGPT_API_KEY}" }
+metrics: { token: "\${METRICS_TOKEN}" }
+store: { url: "${store}" }
+audit: { file: ${join(dir, 'audit.jsonl')} }
+clients:
+  - { id: team-a, keySha256: "${DIGEST}", scopes: [read] }
+`
+  const leaked = (text: string) => Object.values(secrets).filter(secret => text.includes(secret))
+  writeFileSync(file, yaml('127.0.0.1', '["${METRICS_TOKEN}", "${REDIS_PASSWORD}"]', 'redis://:${REDIS_PASSWORD}@127.0.0.1:9/0'))
+  const entries = run(['check-config', '--config', file], secrets)
+  t.equal(entries.status, 1)
+  t.match(entries.stderr, /trustProxy\[0\]: invalid IP address: \[redacted\]/, 'the entry named by its place')
+  t.match(entries.stderr, /trustProxy\[1\]: invalid IP address: \[redacted\]/)
+  t.same(leaked(entries.stderr + entries.stdout), [])
+
+  writeFileSync(file, yaml('${OHMYGPT_API_KEY}', 'false', 'memory://'))
+  const host = run(['check-config', '--config', file], secrets)
+  t.equal(host.status, 1)
+  t.match(host.stderr, /listen\.host: cannot listen on \[redacted\]:0/)
+  t.same(leaked(host.stderr + host.stdout), [])
+  const start = run(['start', '--config', file], secrets)
+  t.equal(start.status, 1)
+  t.match(start.stderr, /cannot listen on \[redacted\]:0/)
+  t.same(leaked(start.stderr + start.stdout), [])
+})

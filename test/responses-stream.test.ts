@@ -154,6 +154,26 @@ t.test('events split anywhere across chunks, CRLF and CR line endings, comments 
   t.equal(rewritten, events)
 })
 
+t.test('a stream in UTF-16, its first bytes cut apart, fails at its start with the failed event and nothing of it; one of a single byte goes on', async t => {
+  const failed = Buffer.from('event: error\ndata: {}\n\n')
+  const rewriter = new SseRewriter(data => data, failed)
+  const out: Buffer[] = []
+  rewriter.on('data', (chunk: Buffer) => out.push(chunk))
+  const input = Buffer.from(': keep-alive\n\ndata: {"type":"x"}\n\n', 'utf16le')
+  for (let at = 0; at < input.length; at++) rewriter.write(input.subarray(at, at + 1))
+  rewriter.end()
+  const [err] = await once(rewriter, 'error') as [Error]
+  t.match(err.message, /UTF-16/)
+  t.equal(Buffer.concat(out).toString(), failed.toString())
+
+  const single = new SseRewriter(data => data)
+  const bytes: Buffer[] = []
+  single.on('data', (chunk: Buffer) => bytes.push(chunk))
+  single.end(Buffer.from('x'))
+  await once(single, 'end')
+  t.equal(Buffer.concat(bytes).toString(), ':x', 'as a line without data: a comment')
+})
+
 t.test('a long burst relayed with the SDK: a client that leaves part-way releases the upstream, audited aborted with the deltas it was sent; one that reads on gets every event in order', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

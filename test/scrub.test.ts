@@ -45,6 +45,17 @@ t.test('only the last four tokens are remembered', async t => {
   t.equal(scrub.text('sk-token-one sk-token-two sk-token-five'), 'sk-token-one [redacted] [redacted]')
 })
 
+t.test('a header: the token percent-encoded is taken out (the value then decoded), lines that spell it only together are dropped', async t => {
+  const scrub = scrubber('sk-abc-123')
+  t.equal(scrub.header('https://x/?k=sk%2Dabc%2d123&a=%2F'), 'https://x/?k=[redacted]&a=/')
+  t.equal(scrub.header('https://x/?k=sk%252Dabc-123'), 'https://x/?k=[redacted]', 'escaped twice')
+  t.equal(scrub.header('https://x/a%2Fb%E2%82%AC'), 'https://x/a%2Fb%E2%82%AC', 'without the token: as it came')
+  t.equal(scrub.header('sk%2Dabc-123%0D%0Ax-injected:%201%7F'), '[redacted]%0D%0Ax-injected:%201%7F', 'control characters and spaces stay escaped')
+  t.equal(scrub.header(['sk-abc', '-123']), undefined)
+  t.same(scrub.header(['sk-abc-123', 'sk%2Dabc']), ['[redacted]', 'sk%2Dabc'])
+  t.same(scrub.header(['a', 'a']), ['a', 'a'])
+})
+
 /** What `scrub.stream()` makes of `chunks`, as one buffer. */
 async function streamed (scrub: TokenScrubber, chunks: Buffer[]): Promise<string> {
   const stream = scrub.stream()!
@@ -144,6 +155,22 @@ t.test('a chunk goes on at once, but for an end that could begin a token', async
   stream.end(Buffer.from('-secret-tail"}'))
   await flushed()
   t.equal(out.join(''), '{"object":"list","data":[{"note":"key [redacted]"}', 'and taken out once whole')
+})
+
+t.test('a token percent-encoded, in part or whole, is taken out searched whole or as it streams, however the chunks cut it', async t => {
+  // (a `%` of the token's own, as written or escaped as %25)
+  const scrub = scrubber('sk-ab%c-12')
+  for (const spelled of ['sk%2Dab%25c-%31%32', 'sk-ab%c-12', '%73k-ab%c%2d12', '%73%6B%2D%61%62%25%63%2D%31%32']) {
+    const text = `x ${spelled} y`
+    t.equal(scrub.bytes(Buffer.from(text)).toString(), 'x [redacted] y', spelled)
+    const wrong = []
+    for (let cut = 1; cut < text.length; cut++) {
+      if (await streamed(scrub, [Buffer.from(text.slice(0, cut)), Buffer.from(text.slice(cut))]) !== 'x [redacted] y') wrong.push(cut)
+    }
+    t.same(wrong, [], `${spelled}: cut anywhere`)
+  }
+  const other = Buffer.from('50% off, a%20b, %73k-ab%c-1')
+  t.equal(scrub.bytes(other), other, 'escapes that spell no token: the bytes as they came')
 })
 
 t.test('an answer searched as bytes holds no string or key with the token once parsed, whatever JSON escapes spelled it', async t => {

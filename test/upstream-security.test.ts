@@ -10,7 +10,9 @@ import type { FastifyBaseLogger } from 'fastify'
 import { parseConfig } from '../src/config.js'
 import { REFUSED_LOG_INTERVAL_MS, RefusedTokenLog } from '../src/upstream/refused-token.js'
 import { call, type CallOptions } from './fixtures/client.js'
+import { eventually } from './fixtures/eventually.js'
 import { buildRequest, sendRaw } from './fixtures/raw-http.js'
+import { startRedis } from './fixtures/redis-server.js'
 import { KEYS, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
 import { startUpstream, UPSTREAM_TOKEN } from './fixtures/upstream.js'
 
@@ -1013,5 +1015,167 @@ t.test('an upstream header quoting the token (content-encoding, content-type) st
     const logged = gw.logs.slice(before).join('\n')
     t.ok(logged.includes('"level":40'), `${label}: the operators are told`)
     t.notOk(logged.toLowerCase().includes(UPSTREAM_TOKEN.toLowerCase()), `${label}: the token is not in the log, in any case`)
+  }
+})
+
+t.test('a token percent-encoded in an upstream header (a redirect\'s location, a request id) reaches neither the log, the client nor the audit', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const percent = (text: string) => [...text].map(c => `%${c.charCodeAt(0).toString(16).toUpperCase()}`).join('')
+  // As a URL holds it: some characters escaped (lowercase hex), every one, or every one twice (a URL built from one).
+  const spellings = [UPSTREAM_TOKEN.replace('-', '%2d'), percent(UPSTREAM_TOKEN), percent(UPSTREAM_TOKEN).replaceAll('%', '%25')]
+  for (const spelled of spellings) {
+    upstream.respond = (_req, res) => { res.writeHead(302, { location: `https://login.example/v1?key=${spelled}` }).end() }
+    const before = gw.logs.length
+    const moved = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+    t.equal(moved.status, 502)
+    const logged = gw.logs.slice(before).join('\n')
+    t.match(logged, '"location":"https://login.example/v1?key=[redacted]"', 'the log says where the line points, without the token')
+    t.notOk(logged.includes(spelled), 'nor its spelling')
+
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'x-request-id': `req_${spelled}` }).end('{"object":"list","data":[],"has_more":false}')
+    }
+    const list = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+    t.equal(list.status, 200)
+    t.equal(list.headers.get('x-request-id'), 'req_[redacted]')
+    t.match(gw.audit().at(-1), { upstreamRequestId: 'req_[redacted]' })
+  }
+  // A location without the token is logged as it came, escapes and all.
+  upstream.respond = (_req, res) => { res.writeHead(301, { location: 'https://moved.example/a%2Fb?q=%7E' }).end() }
+  const before = gw.logs.length
+  await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.match(gw.logs.slice(before).join('\n'), '"location":"https://moved.example/a%2Fb?q=%7E"')
+})
+
+t.test('a token split across two lines of one upstream header reaches neither the client nor the log in halves', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const halves = [UPSTREAM_TOKEN.slice(0, 17), UPSTREAM_TOKEN.slice(17)]
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, ['content-type', 'application/json', 'x-request-id', halves[0]!, 'x-request-id', halves[1]!,
+      'openai-processing-ms', '12', 'openai-processing-ms', '12']).end('{"object":"list","data":[],"has_more":false}')
+  }
+  const list = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(list.status, 200)
+  t.equal(list.headers.get('x-request-id'), null, 'the header that spells the token across its lines is not passed on')
+  t.equal(list.headers.get('openai-processing-ms'), '12, 12', 'repeated lines that spell none go on as they came')
+
+  // The log quotes the content-types of an answer that has two.
+  upstream.respond = (_req, res) => {
+    res.writeHead(500, ['content-type', `text/html; k=${halves[0]!}`, 'content-type', `${halves[1]!}`]).end('<html></html>')
+  }
+  const before = gw.logs.length
+  const twoTypes = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(twoTypes.status, 502)
+  const logged = gw.logs.slice(before).join('\n')
+  t.match(logged, 'more than one content-type', 'the operators are told')
+  t.notOk(halves.some(half => logged.includes(half)), 'without either half of the token')
+})
+
+t.test('an answer that quotes the token percent-encoded (a URL built with it) reaches the client without it: an error, a 2xx whole or streamed, an event', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  // Every character escaped (a client decoding the URL reads the token), with one in lowercase hex.
+  const spelled = [...UPSTREAM_TOKEN].map(c => `%${c.charCodeAt(0).toString(16).toUpperCase()}`).join('').replace('%2D', '%2d')
+  const url = `https://billing.example/keys?key=${spelled}`
+  const list = JSON.stringify({ object: 'list', data: [{ type: 'message', id: 'msg_1', content: [{ type: 'input_text', text: url }] }], has_more: false })
+  upstream.respond = (_req, res) => { res.writeHead(402, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `Top up at ${url}`, type: 'billing', param: null, code: null } })) }
+  const error = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(error.status, 402)
+  t.match(await error.text(), '"Top up at https://billing.example/keys?key=[redacted]"')
+
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(list) }
+  const whole = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.match(await whole.text(), '"text":"https://billing.example/keys?key=[redacted]"', 'a short answer, read whole')
+
+  // A long one, searched as it streams, with the spelling cut between two chunks in the middle of an escape.
+  const long = Buffer.from(list.replace('"has_more"', `"pad":"${'x'.repeat(100_000)}","has_more"`))
+  const cut = long.indexOf(spelled) + 7
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write(long.subarray(0, cut))
+    setTimeout(() => res.end(long.subarray(cut)), 20)
+  }
+  const streamed = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  const text = await streamed.text()
+  t.match(text, '"text":"https://billing.example/keys?key=[redacted]"', 'a long answer, searched as it streams')
+  t.notOk(text.includes(spelled.slice(0, 24)))
+
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(`: see ${url}\n\nevent: error\ndata: ${JSON.stringify({ type: 'error', sequence_number: 0, code: 'billing', message: `Top up at ${url}`, param: null })}\n\n`)
+  }
+  const events = await fetch(`${gw.url}/v1/responses`, { method: 'POST', headers: auth, body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }) })
+  const eventText = await events.text()
+  t.match(eventText, '"message":"Top up at https://billing.example/keys?key=[redacted]"')
+  t.match(eventText, ': see https://billing.example/keys?key=[redacted]')
+})
+
+t.test('an answer in a transfer-coding that quotes the token is refused without the token in the log, in any case', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': `x-${UPSTREAM_TOKEN}, gzip, chunked` }).end('{}')
+  }
+  const res = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(res.status, 502)
+  const logged = gw.logs.join('\n')
+  t.match(logged, /transfer-coding/, 'the operators are told why')
+  t.match(logged, /gzip/, 'naming the codings it knows')
+  t.notOk(logged.toLowerCase().includes(UPSTREAM_TOKEN.toLowerCase()), 'the token is not in the log, in any case')
+})
+
+t.test('an event stream in UTF-16, which no event reader splits as the gateway does, is not passed on: the token in it never reaches the client', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const event = `event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response: { id: 'resp_1', object: 'response', status: 'in_progress', output: [], instructions: `Bearer ${UPSTREAM_TOKEN}` } })}\n\n`
+  for (const [what, body] of [
+    ['UTF-16LE with its byte order mark', Buffer.from(`\ufeff${event}`, 'utf16le')],
+    ['UTF-16BE', Buffer.from(event, 'utf16le').swap16()]
+  ] as const) {
+    upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'text/event-stream' }).end(body) }
+    // (a streamed retrieve, which may end without a last event: the stream's bytes go out when it ends)
+    const received = await sendRaw(gw.url, buildRequest('GET', '/v1/responses/resp_1?stream=true', [['Authorization', `Bearer ${KEYS.full}`]]))
+    t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le')), `${what}: the token never reaches the client`)
+    t.notOk(received.received.includes(Buffer.from(UPSTREAM_TOKEN, 'utf16le').swap16()), `${what}: in either byte order`)
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    const streamed = await sdk.responses.retrieve('resp_1', { stream: true }).then(async stream => {
+      for await (const _ of stream) { /* read to its end */ }
+      return null
+    }).catch((err: unknown) => err)
+    t.ok(streamed instanceof OpenAI.APIError, `${what}: the SDK raises the gateway's error event`)
+  }
+})
+
+t.test('a listed item whose container id quotes the token: the client gets it taken out, and the shared store (Redis) never holds the token', async t => {
+  const redis = await startRedis(t)
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 2000 } }))
+  const conversation = { id: 'conv_1', object: 'conversation', created_at: 1, metadata: { gateway_owner: 'team-full' } }
+  // A short listing (read whole) and a long one (searched as it streams), each with a container of its own.
+  let pad = ''
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    if (req.url === '/v1/conversations/conv_1') {
+      res.end(JSON.stringify(conversation))
+      return
+    }
+    const item = { id: 'ci_1', type: 'code_interpreter_call', status: 'completed', container_id: `cntr_${pad.length}_${UPSTREAM_TOKEN}`, code: `print(1)${pad}`, outputs: [] }
+    res.end(JSON.stringify({ object: 'list', data: [item], first_id: 'ci_1', last_id: 'ci_1', has_more: false }))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  for (const length of [0, 100_000]) {
+    pad = ' '.repeat(length)
+    const listed = await sdk.conversations.items.list('conv_1')
+    t.equal((listed.data[0] as { container_id?: string }).container_id, `cntr_${length}_[redacted]`)
+    const keys = await eventually(async () => { const all = await redis.command('KEYS *'); return all.includes(`cntr_${length}_`) ? all : null }, 'the container noted in Redis')
+    t.notOk(keys.includes(UPSTREAM_TOKEN), `${length > 0 ? 'a long listing' : 'a short one'}: the shared store never holds the token`)
   }
 })

@@ -284,7 +284,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const out = upstreamRateLimitHeaders(headers, scrub)
     for (const name of ['retry-after', 'retry-after-ms', 'x-should-retry']) {
       const value = headers[name]
-      if (typeof value === 'string') out[name] = scrub.text(value)
+      if (typeof value === 'string') out[name] = scrub.header(value)
     }
     err.headers = out
     return err

@@ -20,7 +20,7 @@ import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
 import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
-import { decodedBody, isWideText, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
+import { decodedBody, isWideText, REDACTED, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -228,11 +228,6 @@ export function upstreamRequestHeaders (
   return gatewayHeaders(request, apiKey, out)
 }
 
-function scrubbedHeader (value: string | string[] | undefined, scrub: TokenScrubber): string | string[] | undefined {
-  if (typeof value === 'string') return scrub.text(value)
-  return value?.map(v => scrub.text(v))
-}
-
 /**
  * The headers an answer's Connection header names (beyond its own options, keep-alive and close): they are for the
  * hop between the upstream and the gateway, and an intermediary removes them before it passes the answer on
@@ -250,7 +245,10 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
   const out: IncomingHttpHeaders = {}
   const listed = connectionListed(headers)
   for (const name in headers) {
-    if (RETURNED_RESPONSE_HEADERS.has(name) && listed?.has(name) !== true) out[name] = scrubbedHeader(headers[name], scrub)
+    const value = headers[name]
+    if (value === undefined || !RETURNED_RESPONSE_HEADERS.has(name) || listed?.has(name) === true) continue
+    const clean = scrub.header(value)
+    if (clean !== undefined) out[name] = clean
   }
   return out
 }
@@ -260,7 +258,7 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
   const listed = connectionListed(headers)
   for (const name in headers) {
     const value = headers[name]
-    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.text(value)
+    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.header(value)
   }
   return out
 }
@@ -424,8 +422,11 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
   const scrub = new TokenScrubber(opts.apiKey)
   /** An upstream header's value as the log may keep it: the upstream's text, which may quote the token, cut short. */
-  const loggedHeader = (value: string | string[] | undefined): string | null =>
-    value === undefined ? null : scrub.text(String(value)).slice(0, 256)
+  const loggedHeader = (value: string | string[] | undefined): string | null => {
+    if (value === undefined) return null
+    const clean = scrub.header(value)
+    return clean === undefined ? REDACTED : String(clean).slice(0, 256)
+  }
   // The event streams being passed on: at the end of a shutdown's grace each is ended with an error event that
   // says why (the SDKs raise it as an APIError, not a bare "terminated"), before its connection is closed
   // (app.abortInFlight). One a slow client has not read up to yet goes with what is unread before it.
@@ -491,7 +492,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           status: answer.statusCode,
           ms: answer.ms,
           // (cut short for the audit record: an upstream's id is a few dozen characters, a hostile one 16 KiB)
-          requestId: typeof answer.headers['x-request-id'] === 'string' ? scrub.text(answer.headers['x-request-id']).slice(0, 256) : null
+          requestId: typeof answer.headers['x-request-id'] === 'string' ? scrub.header(answer.headers['x-request-id']).slice(0, 256) : null
         }
         callback(null, { statusCode: answer.statusCode, headers: answer.headers, body: answer.body })
       }, (err: unknown) => {
@@ -566,7 +567,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       mayBeDoneUpstream(request.method, reply)
       out.destroy(readFailure(err))
     })
-    observeStreamed(request, res.stream) // (piped already: no chunk goes past unread)
+    // (what the client gets, the token taken out: an id noted for it is one it can pass back; piped already: no
+    // chunk goes past unread)
+    observeStreamed(request, searched)
     searched.pipe(out)
     out.once('close', () => { searched.destroy() })
     reply.send(out)
@@ -606,9 +609,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
-    observed(request, decoded)
     // Searched as bytes, with any JSON escapes in the token's place (scrub.ts): not parsed, however long or deep.
     const scrubbed = scrub.bytes(decoded)
+    observed(request, scrubbed) // (what the client gets, as for one streamed)
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
       reply.send(raw)
@@ -674,7 +677,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       return true
     }
     res.stream.on('error', noop).destroy()
-    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: types.map(loggedHeader) },
+    request.log.warn({ upstreamStatus: res.statusCode, contentTypes: loggedHeader(types) },
       'upstream answer has more than one content-type: not passed on')
     mayBeDoneUpstream(request.method, reply)
     reply.send(new UpstreamUnavailableError())

@@ -12,6 +12,7 @@
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { isObject } from '../ownership/owners.js'
+import { isWideText, WIDE_TEXT } from '../upstream/scrub.js'
 
 /** An event's data, parsed, and its text as it came (before any rewrite). */
 export type EventRewrite = (data: unknown, text: string) => unknown
@@ -40,6 +41,12 @@ export class SseRewriter extends Transform {
   readonly #rewrite: EventRewrite
   /** pushed before the stream is destroyed with the error a rewrite threw (an event the gateway refuses to pass) */
   readonly #failedEvent: Buffer | null
+  /**
+   * The stream's first byte, until the next tells what the stream is written in: null once told. An event stream is
+   * UTF-8 (the SSE spec's only encoding); one in UTF-16 or UTF-32 could not be searched for the token, and its lines
+   * would go on as comments that the SDKs skip but the bytes still hold: it is failed at its start.
+   */
+  #head: Buffer | null = Buffer.alloc(0)
   /** the whole lines of an event whose blank line has not come yet, each with its line ending */
   #event: Buffer[] = []
   /** the start of a line whose ending has not come yet */
@@ -137,6 +144,20 @@ export class SseRewriter extends Transform {
 
   // A rewrite that throws fails the stream (after `failedEvent`): thrown out of a pipe's write, it would be uncaught.
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
+    if (this.#head !== null) {
+      const head = this.#head.length === 0 ? chunk : Buffer.concat([this.#head, chunk])
+      if (head.length < 2) {
+        this.#head = head
+        done()
+        return
+      }
+      this.#head = null
+      if (isWideText(head)) {
+        this.#fail(new Error(WIDE_TEXT), done)
+        return
+      }
+      chunk = head
+    }
     this.#slice(chunk, 0, done)
   }
 
@@ -222,6 +243,8 @@ export class SseRewriter extends Transform {
 
   override _flush (done: TransformCallback): void {
     this.#flushed = true
+    // (a stream of one byte: a line without its ending)
+    if (this.#head !== null && this.#head.length > 0) this.#line.push(this.#head)
     this.#stopEventClock()
     // A stream cut is not ended as if whole: its connection is closed after the event (app.abortInFlight).
     if (this.#cut) return

@@ -285,6 +285,9 @@ class MarksSent implements Dispatcher.DispatchHandler {
   onError (err: Error): void { this.#handler.onError!(err) }
 }
 
+/** The transfer-codings HTTP registers (and the content-codings in use), which a message may name. */
+const NAMED_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'compress', 'x-compress', 'br', 'zstd', 'trailers'])
+
 /**
  * A transfer-coding other than chunked (`Transfer-Encoding: gzip, chunked`): undici takes the chunks apart and
  * hands on the rest as it came, compressed bytes that no Content-Encoding names. Every check of an answer (the
@@ -294,17 +297,19 @@ class MarksSent implements Dispatcher.DispatchHandler {
  */
 class TransferCodingError extends Error {
   readonly code = 'ERR_UPSTREAM_TRANSFER_CODING'
-  constructor (coding: string) {
-    super(`an answer in transfer-coding ${coding} cannot be read`)
+  constructor (codings: string[]) {
+    // (Only the codings HTTP registers are named: any other is the upstream's text, which may quote the token, and
+    // this message is logged.)
+    super(`an answer in transfer-coding ${codings.map(c => NAMED_CODINGS.has(c) ? c : '(another)').join(', ')} cannot be read`)
   }
 }
 
 /** The transfer-codings of an answer other than chunked (and identity), or null when it has none. */
-function transferCoding (headers: IncomingHttpHeaders): string | null {
+function transferCodings (headers: IncomingHttpHeaders): string[] | null {
   const te = headers['transfer-encoding']
   if (te === undefined) return null
   const codings = String(te).split(',').map(c => c.trim().toLowerCase()).filter(c => c !== '' && c !== 'chunked' && c !== 'identity')
-  return codings.length === 0 ? null : codings.join(', ')
+  return codings.length === 0 ? null : codings
 }
 
 /** The call was stopped (deadline, client gone) before its attempt had an answer. */
@@ -558,10 +563,10 @@ export class Upstream {
             ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
           }), signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, host: line.host, attempts: tried.size, ms: 0 }
-          const coding = transferCoding(res.headers)
-          if (coding !== null) {
+          const codings = transferCodings(res.headers)
+          if (codings !== null) {
             res.body.on('error', noop).destroy()
-            throw new TransferCodingError(coding)
+            throw new TransferCodingError(codings)
           }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null

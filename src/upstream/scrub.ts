@@ -1,11 +1,13 @@
 // The upstream token never comes back to a client, even when the upstream writes it into an answer (an error
 // message quoting the key it was given, as some OpenAI-compatible services do). Taken out, each occurrence
 // replaced by REDACTED:
-// - from the response headers the client gets (and the upstream request id the audit keeps);
+// - from the response headers the client gets (and the upstream request id the audit keeps), and those the log
+//   quotes: percent-encoded too (a redirect's location), and spelled across a header's repeated lines;
 // - from answers the gateway reads whole: every error answer, and the JSON answers it rewrites. Searched as bytes
-//   (the token as written, and, in a text that holds a backslash, with any character of it a JSON escape: `\/`,
-//   `\u0073`), before anything parses them: no string of the parsed answer can then hold it, and it is not walked
-//   again string by string (which took a 15 MiB answer some 40 ms, and overflowed the stack on a deep one);
+//   (the token as written, and, in a text that holds a backslash or a `%`, with any character of it a JSON escape
+//   or percent-encoded, as a URL built with it spells it: `\/`, `\u0073`, `%73`), before anything parses them: no
+//   string of the parsed answer can then hold it, and it is not walked again string by string (which took a 15 MiB
+//   answer some 40 ms, and overflowed the stack on a deep one);
 // - from each event of a 2xx event stream (Responses): a JSON event's data string by string, and every event's
 //   bytes as written (comments, names and ids, data in plain text);
 // - from every other 2xx answer, passed on unchanged otherwise (a list of items): read whole when short (searched
@@ -27,6 +29,7 @@ const REMEMBERED_TOKENS = 4
  */
 export const MIN_SCRUBBED_LENGTH = 8
 const BACKSLASH = 0x5c
+const PERCENT = 0x25
 
 /** Anything searchable: a string or bytes, with the length and the indexOf both have. */
 interface Haystack { length: number, indexOf: (find: never, from: number) => number }
@@ -75,6 +78,21 @@ for (const [i, digit] of [...'0123456789abcdef'].entries()) {
 }
 
 /**
+ * The number the `count` hex digits (either case) at `from` write: NONE when one is no hex digit, `out` when the text
+ * ends first.
+ */
+function hexAt (text: Buffer, from: number, count: number, out: number): number {
+  let code = 0
+  for (let i = from; i < from + count; i++) {
+    if (i >= text.length) return out
+    const digit = HEX_DIGITS[text[i]!]!
+    if (digit === -1) return NONE
+    code = code * 16 + digit
+  }
+  return code
+}
+
+/**
  * Where `char` (a byte of a token: printable ASCII) spelled as a JSON escape ends, at the backslash at `at`:
  * `\u0073` (hex in either case), or `\/`, `\"`, `\\` for those three.
  */
@@ -83,14 +101,17 @@ function escapeEnd (text: Buffer, at: number, char: number, out: number): number
   const next = text[at + 1]!
   if (next === char && (char === 0x2f || char === 0x22 || char === BACKSLASH)) return at + 2
   if (next !== 0x75) return NONE
-  let code = 0
-  for (let i = at + 2; i < at + 6; i++) {
-    if (i >= text.length) return out
-    const digit = HEX_DIGITS[text[i]!]!
-    if (digit === -1) return NONE
-    code = code * 16 + digit
-  }
-  return code === char ? at + 6 : NONE
+  const code = hexAt(text, at + 2, 4, out)
+  return code < 0 ? code : code === char ? at + 6 : NONE
+}
+
+/**
+ * Where `char` (a byte of a token) spelled percent-encoded ends, at the `%` at `at`: `%73` (hex in either case), as a
+ * URL built with the token spells it.
+ */
+function percentEnd (text: Buffer, at: number, char: number, out: number): number {
+  const code = hexAt(text, at + 1, 2, out)
+  return code < 0 ? code : code === char ? at + 3 : NONE
 }
 
 /** The later of two ends; PARTIAL when either cannot tell yet (more text could make it the longer). */
@@ -100,21 +121,21 @@ function longer (a: number, b: number): number {
 
 /**
  * Where a spelling of `token` from its character `k` on, starting at `at` in `text`, ends: each character as
- * written or as a JSON escape (escapeEnd). NONE, or `out` when the text ends first.
+ * written, as a JSON escape (escapeEnd) or percent-encoded (percentEnd). NONE, or `out` when the text ends first.
  */
 function spellingEnd (text: Buffer, at: number, token: string, k: number, out: number): number {
   for (; k < token.length; k++) {
     if (at >= text.length) return out
     const char = token.charCodeAt(k)
     const byte = text[at]!
-    if (byte !== BACKSLASH) {
+    if (byte !== BACKSLASH && byte !== PERCENT) {
       if (byte !== char) return NONE
       at++
       continue
     }
-    const escaped = escapeEnd(text, at, char, out)
-    // A backslash of the token's own, as written (not JSON), or escaped as `\\`: both are tried.
-    if (char === BACKSLASH) {
+    const escaped = byte === PERCENT ? percentEnd(text, at, char, out) : escapeEnd(text, at, char, out)
+    // A backslash or percent sign of the token's own, as written, or escaped (`\\`, `%25`): both are tried.
+    if (char === byte) {
       return longer(spellingEnd(text, at + 1, token, k + 1, out), escaped < 0 ? escaped : spellingEnd(text, escaped, token, k + 1, out))
     }
     if (escaped < 0) return escaped
@@ -130,13 +151,13 @@ function joinBytes (body: Buffer, parts: Array<[number, number]>): Buffer {
 
 /**
  * What searches bytes for every spelling of `tokens` (printable ASCII, as the config requires): each character as
- * written or as a JSON escape (`\u0073`, `\/`). The searcher gives the text with every spelling found replaced, up
+ * written, as a JSON escape (`\u0073`, `\/`) or percent-encoded (`%73`, as in a URL built with the token). The searcher gives the text with every spelling found replaced, up
  * to the first place where the text ends too soon to tell (none when `final`), and the rest.
  */
 function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boolean) => [Buffer, Buffer] {
   // Where a spelling can start (in increasing order, each looked at once): where a token is found as written
-  // (indexOf, quick), a place less than a token's length before a backslash (the first character it escapes is
-  // within the token), and a place near the end of what has come so far (a spelling the next chunk may end).
+  // (indexOf, quick), a place less than a token's length before a backslash or a `%` (the first character it escapes
+  // is within the token), and a place near the end of what has come so far (a spelling the next chunk may end).
   const literals = tokens.map(token => Buffer.from(token))
   const maxLength = Math.max(...tokens.map(token => token.length))
   const maxSpelling = 6 * maxLength // every character as `\uXXXX`
@@ -147,7 +168,12 @@ function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boole
   const escapes = tokens.some(token => /[\\/"]/.test(token)) ? BACKSLASH : Buffer.from('\\u')
   const isStart = new Uint8Array(256)
   isStart[BACKSLASH] = 1
+  isStart[PERCENT] = 1
   for (const token of tokens) isStart[token.charCodeAt(0)] = 1
+  // A `%` is looked at only as the escape of one of the tokens' characters: text full of `%` (`50%`, `%20`) is then
+  // searched at indexOf's pace too.
+  const inTokens = new Uint8Array(256)
+  for (const token of tokens) for (let i = 0; i < token.length; i++) inTokens[token.charCodeAt(i)] = 1
   return (text: Buffer, final: boolean): [Buffer, Buffer] => {
     const out = final ? NONE : PARTIAL
     const firstStart = (from: number, to: number): number => {
@@ -160,8 +186,18 @@ function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boole
       const at = text.indexOf(find, look)
       return at === -1 ? text.length : at
     }
+    /** the next `%` from `look` on that escapes a character of the tokens, or that the text ends too soon after */
+    const nextPercent = (found: number, look: number): number => {
+      if (found >= look) return found
+      for (let at = text.indexOf(PERCENT, look); at !== -1; at = text.indexOf(PERCENT, at + 1)) {
+        const code = hexAt(text, at + 1, 2, PARTIAL)
+        if (code === PARTIAL || (code >= 0 && inTokens[code] === 1)) return at
+      }
+      return text.length
+    }
     const found = literals.map(() => -1)
     let backslash = -1
+    let percent = -1
     const tail = Math.max(0, text.length - maxSpelling)
     const parts: Array<[number, number]> = []
     let from = 0
@@ -174,7 +210,9 @@ function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boole
         at = Math.min(at, found[i]!)
       }
       backslash = nextOf(escapes, backslash, look)
-      if (backslash < at) at = firstStart(Math.max(look, backslash - maxLength + 1), backslash)
+      percent = nextPercent(percent, look)
+      const escape = Math.min(backslash, percent)
+      if (escape < at) at = firstStart(Math.max(look, escape - maxLength + 1), escape)
       if (Math.max(look, tail) < at) at = firstStart(Math.max(look, tail), at)
       if (at === text.length) break
       let end = NONE
@@ -225,21 +263,44 @@ export class TokenScrubber {
   }
 
   /**
+   * An upstream header's value (one line, or its repeated lines) with every token replaced, as the client and the log
+   * may have it. A value that holds a token percent-encoded (a URL's query, escaped once or more) goes decoded, the
+   * token replaced; any other as it came. Undefined for lines that spell a token only together: each passed on alone,
+   * the token would go in halves.
+   */
+  header (value: string): string
+  header (value: string | string[]): string | string[] | undefined
+  header (value: string | string[]): string | string[] | undefined {
+    if (typeof value === 'string') return this.#headerLine(value)
+    const lines = value.map(line => this.#headerLine(line))
+    const joined = lines.join('')
+    return this.#headerLine(joined) === joined ? lines : undefined
+  }
+
+  #headerLine (line: string): string {
+    const clean = this.text(line)
+    if (!clean.includes('%')) return clean
+    const decoded = percentDecoded(clean)
+    const decodedClean = this.text(decoded)
+    return decodedClean === decoded ? clean : decodedClean
+  }
+
+  /**
    * `body` with every spelling of every token replaced as bytes, or `body` itself when it holds none: as written,
-   * and, in a text with a backslash, with any character of it a JSON escape (`\u0073`, `\/`), whether or not the
-   * text parses as JSON here. A client's reader may take what JSON.parse refuses: the SDKs read a body that
+   * and, in a text with a backslash or a `%`, with any character of it a JSON escape (`\u0073`, `\/`) or
+   * percent-encoded (`%73`), whether or not the text parses as JSON here. A client's reader may take what JSON.parse refuses: the SDKs read a body that
    * starts with a byte order mark, Python's reads NaN.
    */
   bytes (body: Buffer): Buffer {
     this.token()
-    if (this.#search !== null && hasEscapes(body)) return this.#search(body, true)[0]
+    if (this.#search !== null && (hasEscapes(body) || body.includes(PERCENT))) return this.#search(body, true)[0]
     return replaceAll(body, this.#bytes, parts => joinBytes(body, parts))
   }
 
   /**
    * A stream that passes bytes on with every token replaced, however it is spelled (as written, any character of
-   * it as a JSON escape: `\u0073`, `\/`) and however it is cut between chunks: the end of a chunk that could begin
-   * one (`s`, `sk-...`, `\u00`) is held back until the next chunk or the end; the rest goes on at once. Null when
+   * it as a JSON escape: `\u0073`, `\/`, or percent-encoded: `%73`) and however it is cut between chunks: the end
+   * of a chunk that could begin one (`s`, `sk-...`, `\u00`, `%7`) is held back until the next chunk or the end; the rest goes on at once. Null when
    * there is nothing to search for (a token too short to be one).
    */
   stream (): Transform | null {
@@ -302,6 +363,24 @@ export class TokenScrubber {
     }
     return walk(value)
   }
+}
+
+/**
+ * A printable ASCII character but space percent-encoded (`%2D`, `%2d`): each of a token's may be, in a URL (a token
+ * is made of those alone). No other is decoded: a header's value never gets a line break (`%0D%0A`) it did not have.
+ */
+const PERCENT_ASCII = /%(2[1-9A-Fa-f]|[3-6][0-9A-Fa-f]|7[0-9A-Ea-e])/g
+/** Escaped more often than this (`%252D` is twice), a URL is no one's: what is left is kept as it is. */
+const PERCENT_ROUNDS = 4
+
+/** `text` with its percent-encoded ASCII characters decoded, as often as they were encoded (up to PERCENT_ROUNDS). */
+function percentDecoded (text: string): string {
+  for (let round = 0; round < PERCENT_ROUNDS; round++) {
+    const next = text.replace(PERCENT_ASCII, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)))
+    if (next === text) break
+    text = next
+  }
+  return text
 }
 
 export const WIDE_TEXT = 'the answer is in UTF-16 or UTF-32, which is not searched for the token'
