@@ -296,6 +296,34 @@ t.test('items added while the upstream breaks their answer off after its status:
     'one audit record for the one call')
 })
 
+t.test('answers the upstream labels with a charset other than UTF-8 never give the Python SDK the token, which decodes by it', async t => {
+  // In UTF-7, `+AHM-` is `s`: bytes with no token in them as UTF-8, which the gateway searches, read as the token by
+  // a client that decodes them as their Content-Type says (the Python SDK: an error's text, an answer not JSON).
+  const conversations = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
+  const upstream = await startUpstream({ conversations })
+  t.teardown(() => upstream.close())
+  const utf7 = `+AHM-${UPSTREAM_TOKEN.slice(1)}`
+  upstream.respond = (req, res, body) => {
+    if (req.method === 'GET') {
+      res.writeHead(400, { 'content-type': 'application/json; charset=utf-7' })
+      res.end(`{"error":{"message":"Bad key ${utf7}","type":"invalid_request_error","param":null,"code":null}}`)
+    } else if (/\/items$/.test(req.url ?? '')) {
+      res.writeHead(200, { 'content-type': 'text/plain; charset="UTF-7"' })
+      res.end(`added with ${utf7}`)
+    } else {
+      conversations(req, res, body)
+    }
+  }
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const out = await runScenario('charset_answers', { gatewayUrl: gw.url, keys: { KEY_FULL: KEYS.full } })
+
+  t.notOk(JSON.stringify(out.steps).includes(UPSTREAM_TOKEN.slice(3)), 'nothing the SDK returned or raised holds the token')
+  t.match(raised(out.step('conversations.retrieve')), { class: 'openai.BadRequestError', statusCode: 400, code: 'upstream_error', type: 'invalid_request_error' },
+    'the upstream\'s 400, in the gateway\'s envelope')
+  t.match(raised(out.step('items.create')), { class: 'openai.InternalServerError', statusCode: 502, code: 'upstream_unavailable', headers: { 'x-should-retry': 'false' } },
+    'items added, answered in a charset the gateway cannot search: a 502 that says not to send them again')
+})
+
 t.test('a stream whose events carry ids, with a blank line of its own between them (a keep-alive comment and its blank line), is read to its end by the Python SDK', async t => {
   // The Python SDK keeps the last event id and dispatches, at any blank line after it, an event of no data, which
   // it parses as JSON (JSONDecodeError: the rest of the stream is lost). The JS SDK and the SSE spec dispatch none.

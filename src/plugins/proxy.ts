@@ -20,7 +20,7 @@ import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
 import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
-import { decodedBody, isWideText, REDACTED, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
+import { decodedBody, FOREIGN_CHARSET, hasForeignCharset, isWideText, REDACTED, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
 export interface ProxyOptions {
   upstream: Upstream
@@ -644,11 +644,14 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch {
       parsed = undefined
     }
-    if (!isErrorEnvelope(parsed)) {
+    // Its bytes were searched, and read, as UTF-8: labelled another charset (UTF-7), the Python SDK, which decodes
+    // an error's text by it, could read the token in them. The gateway's envelope says it in UTF-8.
+    const foreign = hasForeignCharset(res.headers['content-type'])
+    if (foreign || !isErrorEnvelope(parsed)) {
       // A CDN's HTML page, an empty body: the SDKs would make the page their error's message, with no error
       // object. The client gets OpenAI's envelope with the upstream's status, the operators the facts.
       request.log.warn({ upstreamStatus: res.statusCode, contentType: loggedHeader(res.headers['content-type']), bytes: decoded.length },
-        'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
+        foreign ? 'upstream error answer names a charset other than UTF-8; answered with the gateway\'s envelope' : 'upstream error answer is not OpenAI\'s error envelope; answered with the gateway\'s')
       reply.removeHeader('content-encoding')
       reply.type('application/json; charset=utf-8')
       const said = errorText(parsed)
@@ -706,6 +709,12 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers, scrub))
       const ok = res.statusCode >= 200 && res.statusCode < 300
+      // Its bytes are searched as UTF-8: in another charset (UTF-7), a client could read the token in them.
+      if (ok && hasForeignCharset(res.headers['content-type'])) {
+        res.stream.on('error', noop).destroy()
+        notPassedOn(request, reply, new Error(FOREIGN_CHARSET), 'upstream answer could not be read', new UpstreamUnavailableError())
+        return
+      }
       const rewriteEvent = request.rewriteEvent
       if (ok && rewriteEvent !== null && isEventStream(res.headers)) {
         // Events are read as they come, as text: compressed (the gateway asks for no encoding; an upstream may

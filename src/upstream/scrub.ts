@@ -397,6 +397,24 @@ export function isWideText (body: Buffer): boolean {
   return a === 0 || b === 0 || (a === 0xfe && b === 0xff) || (a === 0xff && b === 0xfe)
 }
 
+export const FOREIGN_CHARSET = 'the answer\'s content-type names a charset other than UTF-8, in which the token is not searched for'
+/** Charsets a client decodes the bytes in as the gateway searches them: UTF-8, and ASCII within it. */
+const SEARCHED_CHARSETS = new Set(['utf-8', 'utf8', 'us-ascii', 'ascii'])
+
+/**
+ * Whether a Content-Type names a charset other than UTF-8 (or US-ASCII). A client that decodes by it (the Python
+ * SDK reads an error answer's text so, and any answer not JSON) could read the token where the gateway, searching
+ * the bytes as UTF-8, found none: `+AHM-k-...` is `sk-...` in UTF-7, and ISO-2022-JP's escape sequences decode to
+ * nothing between its characters.
+ */
+export function hasForeignCharset (contentType: string | string[] | undefined): boolean {
+  const type = Array.isArray(contentType) ? contentType.join(';') : contentType ?? ''
+  for (const [, charset] of type.matchAll(/;\s*charset\s*=\s*("[^"]*"|[^;]*)/gi)) {
+    if (!SEARCHED_CHARSETS.has(charset!.replace(/^"|"$/g, '').trim().toLowerCase())) return true
+  }
+  return false
+}
+
 /** Whether a JSON text holds any backslash escape (only then can a string's value differ from its bytes). */
 export function hasEscapes (body: Buffer): boolean {
   return body.includes(BACKSLASH)
