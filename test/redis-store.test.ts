@@ -279,6 +279,12 @@ t.test('a read-only replica, or a Redis Cluster node that leaves slots to other 
   await eventually(async () => (await oneShard.command('CLUSTER INFO')).includes('cluster_state:ok'), 'the one-shard cluster is up')
   const s = await store(t, oneShard, { onFailure: 'closed' })
   t.equal((await s.take('a', SLOW)).allowed, true, 'every key is that node\'s: served from the shared bucket')
+
+  // An ACL user that may not ask CLUSTER NODES: nothing is known against it (as for one that may not ask INFO),
+  // not "a node serving 0 of the 16384 slots", a start refused for a reason that is not true.
+  t.match(await oneShard.command('ACL SETUSER gateway on >pw-gateway ~ogw:* +@all -cluster'), /OK/)
+  const noCluster = await store(t, oneShard, { onFailure: 'closed', url: `redis://gateway:pw-gateway@127.0.0.1:${oneShard.port}/0` })
+  t.equal((await noCluster.take('b', SLOW)).allowed, true, 'a user without CLUSTER on a cluster of one shard: served from the shared bucket')
 })
 
 /**

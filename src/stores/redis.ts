@@ -299,7 +299,13 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       return 'it leads to a read-only replica (role: slave), which refuses every bucket write: give the primary\'s address'
     }
     if (!/^cluster_enabled:1\b/m.test(info)) return null
-    const served = slotsServed(String(await this.#redis.call('CLUSTER', 'NODES').catch(() => '')))
+    let nodes: string
+    try {
+      nodes = String(await this.#redis.call('CLUSTER', 'NODES'))
+    } catch {
+      return null // a user not allowed CLUSTER, or a Redis gone again: nothing known against it (not "0 slots")
+    }
+    const served = slotsServed(nodes)
     if (served === CLUSTER_SLOTS) return null // (a cluster of one shard: every key is this node's)
     return `it leads to a Redis Cluster node serving ${served} of the ${CLUSTER_SLOTS} slots: the calls of every client ` +
       'whose bucket another node holds would be refused (MOVED); give one Redis server, not a cluster'
