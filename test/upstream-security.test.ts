@@ -1153,6 +1153,22 @@ t.test('an event stream in UTF-16, which no event reader splits as the gateway d
   }
 })
 
+t.test('an event stream in UTF-8 that begins with a byte order mark reaches the SDK with its first event', async t => {
+  // The SSE spec ignores a leading U+FEFF; read as part of the first line, it made that line (its data: a relay that
+  // writes no event: lines) a comment the SDK skipped, and with it the first event, response.created.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const created = { type: 'response.created', sequence_number: 0, response: { id: 'resp_1', object: 'response', status: 'in_progress', output: [] } }
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8' }).end(`\ufeffdata: ${JSON.stringify(created)}\n\n`)
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const types: string[] = []
+  for await (const event of await sdk.responses.retrieve('resp_1', { stream: true })) types.push(event.type)
+  t.same(types, ['response.created'])
+})
+
 t.test('a listed item whose container id quotes the token: the client gets it taken out, and the shared store (Redis) never holds the token', async t => {
   const redis = await startRedis(t)
   const upstream = await startUpstream()
