@@ -1195,3 +1195,14 @@ t.test('a listed item whose container id quotes the token: the client gets it ta
     t.notOk(keys.includes(UPSTREAM_TOKEN), `${length > 0 ? 'a long listing' : 'a short one'}: the shared store never holds the token`)
   }
 })
+
+t.test('a 204 labelled with a charset other than UTF-8 has no text to read the token in: a deletion so answered is done for the SDK', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = (_req, res) => { res.writeHead(204, { 'content-type': 'text/plain; charset=ISO-8859-1' }).end() }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const deleted = await sdk.conversations.delete('conv_1').then(() => 'deleted', (err: Error) => err.message)
+  t.equal(deleted, 'deleted', 'not a 502 for a deletion the upstream did')
+  t.equal(upstream.requests.filter(r => r.method === 'DELETE').length, 1, 'sent once')
+})

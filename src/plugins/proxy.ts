@@ -709,8 +709,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers, scrub))
       const ok = res.statusCode >= 200 && res.statusCode < 300
-      // Its bytes are searched as UTF-8: in another charset (UTF-7), a client could read the token in them.
-      if (ok && hasForeignCharset(res.headers['content-type'])) {
+      // Its bytes are searched as UTF-8: in another charset (UTF-7), a client could read the token in them. (A 204
+      // has none: refused, a deletion the upstream did would look failed.)
+      if (ok && res.statusCode !== 204 && hasForeignCharset(res.headers['content-type'])) {
         res.stream.on('error', noop).destroy()
         notPassedOn(request, reply, new Error(FOREIGN_CHARSET), 'upstream answer could not be read', new UpstreamUnavailableError())
         return
