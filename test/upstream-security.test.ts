@@ -1206,3 +1206,23 @@ t.test('a 204 labelled with a charset other than UTF-8 has no text to read the t
   t.equal(deleted, 'deleted', 'not a 502 for a deletion the upstream did')
   t.equal(upstream.requests.filter(r => r.method === 'DELETE').length, 1, 'sent once')
 })
+
+t.test('a Content-Type the upstream sends twice, the same, quoting the token, reaches the client without it', async t => {
+  // The same type twice is passed on once: that one line was the upstream's as it came.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const list = '{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}'
+  for (const [spelled, type] of [['as written', `application/json; note=${UPSTREAM_TOKEN}`], ['percent-encoded', `application/json; note=${UPSTREAM_TOKEN.replace('-', '%2D')}`]] as const) {
+    for (const [status, path] of [[200, '/v1/conversations/conv_1/items'], [400, '/v1/conversations/conv_1']] as const) {
+      upstream.respond = (_req, res) => {
+        res.setHeader('content-type', [type, type])
+        res.writeHead(status).end(status === 200 ? list : '{"error":{"message":"no","type":"invalid_request_error","param":null,"code":null}}')
+      }
+      const received = await sendRaw(gw.url, buildRequest('GET', path, [['Authorization', `Bearer ${KEYS.full}`]]))
+      const head = received.received.toString('latin1').split('\r\n\r\n')[0]!
+      t.match(head, new RegExp(`^HTTP/1.1 ${status} `), `${path}: passed on`)
+      t.notOk(head.replace(/%2D/gi, '-').includes(UPSTREAM_TOKEN.slice(3)), `${path}, the token ${spelled}: not in the headers`)
+    }
+  }
+})

@@ -676,7 +676,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const types = res.headers['content-type']
     if (!Array.isArray(types)) return true
     if (new Set(types.map(type => type.trim().toLowerCase())).size === 1) {
-      reply.header('content-type', types[0])
+      // (the upstream's line, which may quote the token, as every header passed on)
+      reply.header('content-type', scrub.header(types[0]!))
       return true
     }
     res.stream.on('error', noop).destroy()
