@@ -3,7 +3,7 @@
 // reports these with the schema's problems; `start` meets the same conditions as one clear line (server.ts).
 import { randomBytes } from 'node:crypto'
 import { closeSync, existsSync, lstatSync, mkdirSync, openSync, rmdirSync, statSync, unlinkSync } from 'node:fs'
-import { createServer, type Server } from 'node:net'
+import { createServer, type AddressInfo, type Server } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
 import { hostPort, METRICS_ON_LISTEN_PORT, withoutSecrets, type GatewayConfig } from './config.js'
 
@@ -131,8 +131,34 @@ export function auditDirectoryProblem (file: string): string | null {
   return problem
 }
 
+/**
+ * metrics.listen on listen.port, its host and listen.host one address by two names (localhost and 127.0.0.1), which
+ * the config cannot tell: found on a free port, listen.host held there while the metrics' host is bound to it.
+ */
+async function metricsOnListenAddress (config: GatewayConfig): Promise<string | null> {
+  const metrics = config.metrics.listen === undefined ? null : hostPort(config.metrics.listen)
+  if (metrics === null || metrics.port === 0 || metrics.port !== config.listen.port) return null
+  const held: Server[] = []
+  try {
+    // (a host that cannot be bound is checkListenHost's problem)
+    if (await listenProblem(config.listen.host, 0, held) !== null) return null
+    const { port } = held[0]!.address() as AddressInfo
+    if ((await listenProblem(metrics.host, port))?.includes('EADDRINUSE') !== true) return null
+    // (and free once let go: not some other process's port)
+    await closeAll(held.splice(0))
+    return await listenProblem(metrics.host, port) === null ? METRICS_ON_LISTEN_PORT : null
+  } finally {
+    await closeAll(held)
+  }
+}
+
+async function closeAll (servers: Server[]): Promise<void> {
+  await Promise.all(servers.map(server => new Promise(resolve => server.close(resolve))))
+}
+
 export async function preflight (config: GatewayConfig): Promise<string[]> {
-  const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen), auditDirectoryProblem(config.audit.file)]
+  const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen),
+    await metricsOnListenAddress(config), auditDirectoryProblem(config.audit.file)]
   return withoutSecrets(problems.filter((p): p is string => p !== null), config)
 }
 
@@ -153,7 +179,7 @@ export async function startProblem (config: GatewayConfig): Promise<string | nul
     // cannot tell: the metrics' listen, after the gateway's own, would fail once the audit is open.
     if (metrics !== null && await listenProblem(metrics.host, metrics.port) !== null) return METRICS_ON_LISTEN_PORT
   } finally {
-    await Promise.all(held.map(server => new Promise(resolve => server.close(resolve))))
+    await closeAll(held)
   }
   return auditDirectoryProblem(config.audit.file)
 }
@@ -167,6 +193,9 @@ export async function reloadPreflight (running: GatewayConfig, next: GatewayConf
   const problems = [
     next.listen.host === running.listen.host ? null : await checkListenHost(next.listen.host),
     next.metrics.listen === running.metrics.listen ? null : await checkMetricsHost(next.metrics.listen),
+    next.listen.host === running.listen.host && next.listen.port === running.listen.port && next.metrics.listen === running.metrics.listen
+      ? null
+      : await metricsOnListenAddress(next),
     next.audit.file === running.audit.file ? null : auditDirectoryProblem(next.audit.file)
   ]
   return withoutSecrets(problems.filter((p): p is string => p !== null), next)

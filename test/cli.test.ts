@@ -402,6 +402,10 @@ t.test('start refuses its two listeners on one port, the address named two ways,
   t.equal(both.status, 1)
   t.equal(both.stderr, 'ohmygpt-gateway start: metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own\n', 'one line')
   t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
+  // check-config says it too (found on a free port: the configured one may be the running gateway's)
+  const checked = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(checked.status, 1)
+  t.match(checked.stdout + checked.stderr, /metrics\.listen: its port is listen\.port, on an address listen\.host also takes/)
 })
 
 t.test('a secret that a mistyped ${VAR} put in another field (trustProxy, listen.host) is not quoted by check-config or start', async t => {
