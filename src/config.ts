@@ -573,6 +573,9 @@ export function hostPort (listen: string): { host: string, port: number } {
  * Whether two listen hosts take a common address on one port: the same host, `::` (every address, IPv4 too, on a
  * dual-stack machine), or 0.0.0.0 beside an IPv4 address. Host names are left to the start, which resolves them.
  */
+/** metrics.listen taking the port listen.host and listen.port take (start finds it too, by another name: preflight.ts) */
+export const METRICS_ON_LISTEN_PORT = 'metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own'
+
 function sameAddresses (a: string, b: string): boolean {
   const anyV4 = (h: string) => h === '0.0.0.0'
   return a === b || a === '::' || b === '::' || (anyV4(a) && isIPv4(b)) || (anyV4(b) && isIPv4(a))
@@ -613,7 +616,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
     const metricsAt = candidate.metrics.listen === undefined ? undefined : hostPort(candidate.metrics.listen)
     if (metricsAt !== undefined && metricsAt.port !== 0 && metricsAt.port === candidate.listen.port &&
       sameAddresses(metricsAt.host, candidate.listen.host)) {
-      problems.push('metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own')
+      problems.push(METRICS_ON_LISTEN_PORT)
     }
   }
   if (problems.length > 0) throw new ConfigError(source, withoutSecrets([...new Set(problems)], candidate))

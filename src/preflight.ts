@@ -3,9 +3,9 @@
 // reports these with the schema's problems; `start` meets the same conditions as one clear line (server.ts).
 import { randomBytes } from 'node:crypto'
 import { closeSync, existsSync, lstatSync, mkdirSync, openSync, rmdirSync, statSync, unlinkSync } from 'node:fs'
-import { createServer } from 'node:net'
+import { createServer, type AddressInfo, type Server } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
-import { hostPort, withoutSecrets, type GatewayConfig } from './config.js'
+import { hostPort, METRICS_ON_LISTEN_PORT, withoutSecrets, type GatewayConfig } from './config.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
 export class StartupError extends Error {}
@@ -32,12 +32,18 @@ async function checkListenHost (host: string, key = 'listen.host'): Promise<stri
   return problem === null ? null : `${key}: ${problem}`
 }
 
-/** Binds host:port and lets go: why it cannot be listened on, or null. */
-function listenProblem (host: string, port: number): Promise<string | null> {
+/** Binds host:port and lets go (or, given `held`, keeps it there): why it cannot be listened on, or null. */
+function listenProblem (host: string, port: number, held?: Server[]): Promise<string | null> {
   return new Promise(resolve => {
     const server = createServer()
     server.once('error', (err: NodeJS.ErrnoException) => { resolve(describeListenError(host, port, err)) })
-    server.listen(port, host, () => server.close(() => { resolve(null) }))
+    server.listen(port, host, () => {
+      if (held === undefined) server.close(() => { resolve(null) })
+      else {
+        held.push(server)
+        resolve(null)
+      }
+    })
   })
 }
 
@@ -125,8 +131,34 @@ export function auditDirectoryProblem (file: string): string | null {
   return problem
 }
 
+/**
+ * metrics.listen on listen.port, its host and listen.host one address by two names (localhost and 127.0.0.1), which
+ * the config cannot tell: found on a free port, listen.host held there while the metrics' host is bound to it.
+ */
+async function metricsOnListenAddress (config: GatewayConfig): Promise<string | null> {
+  const metrics = config.metrics.listen === undefined ? null : hostPort(config.metrics.listen)
+  if (metrics === null || metrics.port === 0 || metrics.port !== config.listen.port) return null
+  const held: Server[] = []
+  try {
+    // (a host that cannot be bound is checkListenHost's problem)
+    if (await listenProblem(config.listen.host, 0, held) !== null) return null
+    const { port } = held[0]!.address() as AddressInfo
+    if ((await listenProblem(metrics.host, port))?.includes('EADDRINUSE') !== true) return null
+    // (and free once let go: not some other process's port)
+    await closeAll(held.splice(0))
+    return await listenProblem(metrics.host, port) === null ? METRICS_ON_LISTEN_PORT : null
+  } finally {
+    await closeAll(held)
+  }
+}
+
+async function closeAll (servers: Server[]): Promise<void> {
+  await Promise.all(servers.map(server => new Promise(resolve => server.close(resolve))))
+}
+
 export async function preflight (config: GatewayConfig): Promise<string[]> {
-  const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen), auditDirectoryProblem(config.audit.file)]
+  const problems = [await checkListenHost(config.listen.host), await checkMetricsHost(config.metrics.listen),
+    await metricsOnListenAddress(config), auditDirectoryProblem(config.audit.file)]
   return withoutSecrets(problems.filter((p): p is string => p !== null), config)
 }
 
@@ -139,8 +171,17 @@ export async function startProblem (config: GatewayConfig): Promise<string | nul
   const { host, port } = config.listen
   const metrics = config.metrics.listen === undefined ? null : hostPort(config.metrics.listen)
   const metricsProblem = metrics === null ? null : await listenProblem(metrics.host, metrics.port)
-  return await listenProblem(host, port) ?? (metricsProblem === null ? null : `metrics.listen: ${metricsProblem}`) ??
-    auditDirectoryProblem(config.audit.file)
+  const held: Server[] = []
+  try {
+    const problem = await listenProblem(host, port, held) ?? (metricsProblem === null ? null : `metrics.listen: ${metricsProblem}`)
+    if (problem !== null) return problem
+    // Each free alone, the two may still be one address named two ways (localhost and 127.0.0.1), which the config
+    // cannot tell: the metrics' listen, after the gateway's own, would fail once the audit is open.
+    if (metrics !== null && await listenProblem(metrics.host, metrics.port) !== null) return METRICS_ON_LISTEN_PORT
+  } finally {
+    await closeAll(held)
+  }
+  return auditDirectoryProblem(config.audit.file)
 }
 
 /**
@@ -152,6 +193,9 @@ export async function reloadPreflight (running: GatewayConfig, next: GatewayConf
   const problems = [
     next.listen.host === running.listen.host ? null : await checkListenHost(next.listen.host),
     next.metrics.listen === running.metrics.listen ? null : await checkMetricsHost(next.metrics.listen),
+    next.listen.host === running.listen.host && next.listen.port === running.listen.port && next.metrics.listen === running.metrics.listen
+      ? null
+      : await metricsOnListenAddress(next),
     next.audit.file === running.audit.file ? null : auditDirectoryProblem(next.audit.file)
   ]
   return withoutSecrets(problems.filter((p): p is string => p !== null), next)

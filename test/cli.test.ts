@@ -3,12 +3,13 @@ import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
+import { lookup } from 'node:dns/promises'
 import { createServer, type AddressInfo } from 'node:net'
 import t from 'tap'
 import { keyDigest } from '../src/keys.js'
-import { BIN, configFile, env, run, startBin } from './fixtures/bin.js'
+import { BIN, configFile, env, run, runAsync, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
-import { startUpstream } from './fixtures/upstream.js'
+import { closedPort, startUpstream } from './fixtures/upstream.js'
 
 const DIGEST = keyDigest('ogw_cli-test-key')
 const good = (dir: string) => `
@@ -384,6 +385,27 @@ t.test('start fails with one clear line, not a stack trace, when it cannot liste
   t.equal(port.status, 1)
   t.equal(port.stderr, `ohmygpt-gateway start: cannot listen on 127.0.0.1:${takenPort}: the port is in use (EADDRINUSE)\n`, 'one line')
   t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
+})
+
+t.test('start refuses its two listeners on one port, the address named two ways, before the audit is opened', async t => {
+  // localhost and 127.0.0.1: the config cannot tell them one address, and each is free alone; the gateway's own
+  // listener then took the port its metrics listener wanted, once the audit was open.
+  const localhost = await lookup('localhost')
+  if (localhost.address !== '127.0.0.1') {
+    t.comment(`localhost is ${localhost.address} here: the two listeners do not meet`)
+    return
+  }
+  const { file, dir } = configFile('')
+  const port = await closedPort()
+  writeFileSync(file, good(dir).replace('port: 0', `port: ${port}`) + `metrics: { listen: "localhost:${port}" }\n`)
+  const both = await runAsync(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(both.status, 1)
+  t.equal(both.stderr, 'ohmygpt-gateway start: metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own\n', 'one line')
+  t.same(readdirSync(dir), ['gateway.yaml'], 'nothing left in the audit directory')
+  // check-config says it too (found on a free port: the configured one may be the running gateway's)
+  const checked = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(checked.status, 1)
+  t.match(checked.stdout + checked.stderr, /metrics\.listen: its port is listen\.port, on an address listen\.host also takes/)
 })
 
 t.test('a secret that a mistyped ${VAR} put in another field (trustProxy, listen.host) is not quoted by check-config or start', async t => {

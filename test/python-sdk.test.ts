@@ -296,7 +296,13 @@ t.test('items added while the upstream breaks their answer off after its status:
     'one audit record for the one call')
 })
 
-t.test('answers the upstream labels with a charset other than UTF-8 never give the Python SDK the token, which decodes by it', async t => {
+// The charset as it is mostly written, and in RFC 2231's form (`charset*=`, `charset*0=`), which Python's email
+// parser (httpx's, so the Python SDK's) reads as well.
+for (const [errorType, itemsType] of [
+  ['application/json; charset=utf-7', 'text/plain; charset="UTF-7"'],
+  ["application/json; charset*=utf-8''utf-7", 'text/plain; charset*0=utf; charset*1=-7']
+]) {
+t.test(`answers the upstream labels with a charset other than UTF-8 (${errorType}) never give the Python SDK the token, which decodes by it`, async t => {
   // In UTF-7, `+AHM-` is `s`: bytes with no token in them as UTF-8, which the gateway searches, read as the token by
   // a client that decodes them as their Content-Type says (the Python SDK: an error's text, an answer not JSON).
   const conversations = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
@@ -305,10 +311,10 @@ t.test('answers the upstream labels with a charset other than UTF-8 never give t
   const utf7 = `+AHM-${UPSTREAM_TOKEN.slice(1)}`
   upstream.respond = (req, res, body) => {
     if (req.method === 'GET') {
-      res.writeHead(400, { 'content-type': 'application/json; charset=utf-7' })
+      res.writeHead(400, { 'content-type': errorType })
       res.end(`{"error":{"message":"Bad key ${utf7}","type":"invalid_request_error","param":null,"code":null}}`)
     } else if (/\/items$/.test(req.url ?? '')) {
-      res.writeHead(200, { 'content-type': 'text/plain; charset="UTF-7"' })
+      res.writeHead(200, { 'content-type': itemsType })
       res.end(`added with ${utf7}`)
     } else {
       conversations(req, res, body)
@@ -323,6 +329,7 @@ t.test('answers the upstream labels with a charset other than UTF-8 never give t
   t.match(raised(out.step('items.create')), { class: 'openai.InternalServerError', statusCode: 502, code: 'upstream_unavailable', headers: { 'x-should-retry': 'false' } },
     'items added, answered in a charset the gateway cannot search: a 502 that says not to send them again')
 })
+}
 
 t.test('a stream whose events carry ids, with a blank line of its own between them (a keep-alive comment and its blank line), is read to its end by the Python SDK', async t => {
   // The Python SDK keeps the last event id and dispatches, at any blank line after it, an event of no data, which

@@ -4,6 +4,7 @@
 // several, each until its expiresAt. Real processes and signals where the behaviour is the process's; the app
 // itself (app.applyConfig) for what a reload does inside.
 import { once } from 'node:events'
+import { lookup } from 'node:dns/promises'
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { spawn, spawnSync } from 'node:child_process'
@@ -22,7 +23,7 @@ import { call, sleep, until, type Answer } from './fixtures/client.js'
 import { BIN, configFile, env as binEnv, run, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership } from './fixtures/gateway.js'
-import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
 
 const KEY_A = generateKey()
@@ -295,11 +296,18 @@ t.test('a reload that changes audit.file, listen.host or metrics.listen to one t
   const notADirectory = join(dir, 'not-a-directory')
   writeFileSync(notADirectory, '')
   const withTeamC = gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-c', key: KEY_C }], metrics)
+  const localhost = await lookup('localhost')
+  const port = await closedPort()
   for (const [changed, text, problem] of [
     ['audit.file', withTeamC.replace(join(dir, 'audit.jsonl'), join(notADirectory, 'audit.jsonl')), /audit\.file: cannot create the directory .*not-a-directory: (EEXIST|ENOTDIR)/],
     // 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of this machine
     ['listen.host', withTeamC.replace('host: 127.0.0.1', 'host: 192.0.2.1'), /listen\.host: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/],
-    ['metrics.listen', withTeamC.replace(metrics, `metrics: { token: ${METRICS_TOKEN}, listen: "192.0.2.1:0" }`), /metrics\.listen: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/]
+    ['metrics.listen', withTeamC.replace(metrics, `metrics: { token: ${METRICS_TOKEN}, listen: "192.0.2.1:0" }`), /metrics\.listen: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL/],
+    // on listen.port, localhost and 127.0.0.1 (one address here, named two ways): the next start would refuse it
+    ...(localhost.address === '127.0.0.1'
+      ? [['metrics.listen on listen.port', withTeamC.replace('port: 0', `port: ${port}`).replace(metrics, `metrics: { token: ${METRICS_TOKEN}, listen: "localhost:${port}" }`),
+          /metrics\.listen: its port is listen\.port, on an address listen\.host also takes/]]
+      : [])
   ] as Array<[string, string, RegExp]>) {
     writeFileSync(file, text)
     t.equal(run(['check-config', '--config', file]).status, 1, `${changed}: check-config refuses the file`)

@@ -174,6 +174,17 @@ t.test('a stream in UTF-16, its first bytes cut apart, fails at its start with t
   t.equal(Buffer.concat(bytes).toString(), ':x', 'as a line without data: a comment')
 })
 
+t.test('a stream that begins with a UTF-8 byte order mark, cut at each byte, has its first event read as an event (the SSE spec ignores the mark)', async t => {
+  const rewriter = new SseRewriter(data => ({ ...(data as object), rewritten: true }))
+  const out: Buffer[] = []
+  rewriter.on('data', (chunk: Buffer) => out.push(chunk))
+  const input = Buffer.from('\uFEFFdata: {"type":"response.created"}\n\ndata: {"type":"x"}\n\n')
+  for (let at = 0; at < input.length; at++) rewriter.write(input.subarray(at, at + 1))
+  rewriter.end()
+  await once(rewriter, 'end')
+  t.equal(Buffer.concat(out).toString(), 'data: {"type":"response.created","rewritten":true}\n\ndata: {"type":"x","rewritten":true}\n\n')
+})
+
 t.test('a long burst relayed with the SDK: a client that leaves part-way releases the upstream, audited aborted with the deltas it was sent; one that reads on gets every event in order', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -1153,6 +1153,22 @@ t.test('an event stream in UTF-16, which no event reader splits as the gateway d
   }
 })
 
+t.test('an event stream in UTF-8 that begins with a byte order mark reaches the SDK with its first event', async t => {
+  // The SSE spec ignores a leading U+FEFF; read as part of the first line, it made that line (its data: a relay that
+  // writes no event: lines) a comment the SDK skipped, and with it the first event, response.created.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const created = { type: 'response.created', sequence_number: 0, response: { id: 'resp_1', object: 'response', status: 'in_progress', output: [] } }
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8' }).end(`\ufeffdata: ${JSON.stringify(created)}\n\n`)
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const types: string[] = []
+  for await (const event of await sdk.responses.retrieve('resp_1', { stream: true })) types.push(event.type)
+  t.same(types, ['response.created'])
+})
+
 t.test('a listed item whose container id quotes the token: the client gets it taken out, and the shared store (Redis) never holds the token', async t => {
   const redis = await startRedis(t)
   const upstream = await startUpstream()
@@ -1177,5 +1193,36 @@ t.test('a listed item whose container id quotes the token: the client gets it ta
     t.equal((listed.data[0] as { container_id?: string }).container_id, `cntr_${length}_[redacted]`)
     const keys = await eventually(async () => { const all = await redis.command('KEYS *'); return all.includes(`cntr_${length}_`) ? all : null }, 'the container noted in Redis')
     t.notOk(keys.includes(UPSTREAM_TOKEN), `${length > 0 ? 'a long listing' : 'a short one'}: the shared store never holds the token`)
+  }
+})
+
+t.test('a 204 labelled with a charset other than UTF-8 has no text to read the token in: a deletion so answered is done for the SDK', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  upstream.respond = (_req, res) => { res.writeHead(204, { 'content-type': 'text/plain; charset=ISO-8859-1' }).end() }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const deleted = await sdk.conversations.delete('conv_1').then(() => 'deleted', (err: Error) => err.message)
+  t.equal(deleted, 'deleted', 'not a 502 for a deletion the upstream did')
+  t.equal(upstream.requests.filter(r => r.method === 'DELETE').length, 1, 'sent once')
+})
+
+t.test('a Content-Type the upstream sends twice, the same, quoting the token, reaches the client without it', async t => {
+  // The same type twice is passed on once: that one line was the upstream's as it came.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const list = '{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}'
+  for (const [spelled, type] of [['as written', `application/json; note=${UPSTREAM_TOKEN}`], ['percent-encoded', `application/json; note=${UPSTREAM_TOKEN.replace('-', '%2D')}`]] as const) {
+    for (const [status, path] of [[200, '/v1/conversations/conv_1/items'], [400, '/v1/conversations/conv_1']] as const) {
+      upstream.respond = (_req, res) => {
+        res.setHeader('content-type', [type, type])
+        res.writeHead(status).end(status === 200 ? list : '{"error":{"message":"no","type":"invalid_request_error","param":null,"code":null}}')
+      }
+      const received = await sendRaw(gw.url, buildRequest('GET', path, [['Authorization', `Bearer ${KEYS.full}`]]))
+      const head = received.received.toString('latin1').split('\r\n\r\n')[0]!
+      t.match(head, new RegExp(`^HTTP/1.1 ${status} `), `${path}: passed on`)
+      t.notOk(head.replace(/%2D/gi, '-').includes(UPSTREAM_TOKEN.slice(3)), `${path}, the token ${spelled}: not in the headers`)
+    }
   }
 })

@@ -676,7 +676,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const types = res.headers['content-type']
     if (!Array.isArray(types)) return true
     if (new Set(types.map(type => type.trim().toLowerCase())).size === 1) {
-      reply.header('content-type', types[0])
+      // (the upstream's line, which may quote the token, as every header passed on)
+      reply.header('content-type', scrub.header(types[0]!))
       return true
     }
     res.stream.on('error', noop).destroy()
@@ -709,8 +710,9 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // retry, and not ours (plugins/rate-limit.ts leaves this answer alone).
       if (res.statusCode === 429) reply.headers(upstreamRateLimitHeaders(res.headers, scrub))
       const ok = res.statusCode >= 200 && res.statusCode < 300
-      // Its bytes are searched as UTF-8: in another charset (UTF-7), a client could read the token in them.
-      if (ok && hasForeignCharset(res.headers['content-type'])) {
+      // Its bytes are searched as UTF-8: in another charset (UTF-7), a client could read the token in them. (A 204
+      // has none: refused, a deletion the upstream did would look failed.)
+      if (ok && res.statusCode !== 204 && hasForeignCharset(res.headers['content-type'])) {
         res.stream.on('error', noop).destroy()
         notPassedOn(request, reply, new Error(FOREIGN_CHARSET), 'upstream answer could not be read', new UpstreamUnavailableError())
         return

@@ -14,6 +14,8 @@ import { parseExact, stringifyExact } from '../http/json.js'
 import { isObject } from '../ownership/owners.js'
 import { isWideText, WIDE_TEXT } from '../upstream/scrub.js'
 
+const UTF8_BOM = Buffer.from([0xef, 0xbb, 0xbf])
+
 /** An event's data, parsed, and its text as it came (before any rewrite). */
 export type EventRewrite = (data: unknown, text: string) => unknown
 
@@ -146,7 +148,8 @@ export class SseRewriter extends Transform {
   override _transform (chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
     if (this.#head !== null) {
       const head = this.#head.length === 0 ? chunk : Buffer.concat([this.#head, chunk])
-      if (head.length < 2) {
+      // (held until its first two bytes came, three when they may begin a UTF-8 byte order mark)
+      if (head.length < 2 || (head.length < UTF8_BOM.length && UTF8_BOM.subarray(0, head.length).equals(head))) {
         this.#head = head
         done()
         return
@@ -156,7 +159,9 @@ export class SseRewriter extends Transform {
         this.#fail(new Error(WIDE_TEXT), done)
         return
       }
-      chunk = head
+      // A UTF-8 byte order mark at the start is not part of the first line (the SSE spec ignores one): read with
+      // it, that line would be no field of an event, and the first event (response.created) would go as a comment.
+      chunk = head.subarray(0, UTF8_BOM.length).equals(UTF8_BOM) ? head.subarray(UTF8_BOM.length) : head
     }
     this.#slice(chunk, 0, done)
   }

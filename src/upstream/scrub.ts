@@ -409,7 +409,10 @@ const SEARCHED_CHARSETS = new Set(['utf-8', 'utf8', 'us-ascii', 'ascii'])
  */
 export function hasForeignCharset (contentType: string | string[] | undefined): boolean {
   const type = Array.isArray(contentType) ? contentType.join(';') : contentType ?? ''
-  for (const [, charset] of type.matchAll(/;\s*charset\s*=\s*("[^"]*"|[^;]*)/gi)) {
+  for (const [, extended, charset] of type.matchAll(/;\s*charset(\*[^=;]*)?\s*=\s*("[^"]*"|[^;]*)/gi)) {
+    // RFC 2231's form (`charset*=utf-8''utf-7`, `charset*0=utf; charset*1=-7`), which Python's email parser (httpx's)
+    // reads as the charset: no upstream writes UTF-8 so, and its pieces alone do not say the charset.
+    if (extended !== undefined) return true
     if (!SEARCHED_CHARSETS.has(charset!.replace(/^"|"$/g, '').trim().toLowerCase())) return true
   }
   return false
