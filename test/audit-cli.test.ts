@@ -230,6 +230,30 @@ t.test('audit query from the command line: JSONL as written, found through the c
   t.match(JSON.parse(lines[1]!), { requestId: callRecord(4).requestId, seq: 4 })
 })
 
+t.test('audit query --owner answers "which calls were refused on team-a\'s objects", whoever made them', async t => {
+  // As the gateway writes them: team-a on its own conversation; team-b refused it (404, denied, ownerId team-a);
+  // team-b on its own; a call on no object (ownerId null).
+  const shapes: Array<Record<string, unknown>> = [
+    { clientId: 'team-a', ownerId: 'team-a', status: 200, outcome: 'ok' },
+    { clientId: 'team-b', ownerId: 'team-a', status: 404, outcome: 'denied' },
+    { clientId: 'team-b', ownerId: 'team-b', status: 200, outcome: 'ok' },
+    { clientId: 'team-b', ownerId: null, status: 401, outcome: 'denied' }
+  ]
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 12, {}, 1, i => callRecord(i, shapes[i % shapes.length]))
+  const ids = (keep: (shape: Record<string, unknown>) => boolean) =>
+    Array.from({ length: 12 }, (_v, n) => n + 1).filter(i => keep(shapes[i % shapes.length]!)).map(i => callRecord(i).requestId)
+  t.same(await query(files, '--owner', 'team-a'), ids(s => s.ownerId === 'team-a'), 'every call on team-a\'s objects')
+  t.same(await query(files, '--owner', 'team-a', '--outcome', 'denied'), ids(s => s.ownerId === 'team-a' && s.outcome === 'denied'),
+    'the refused ones: team-b\'s reads of them')
+  t.same(await query(files, '--owner', 'team-a', '--client', 'team-b'), ids(s => s.ownerId === 'team-a' && s.clientId === 'team-b'))
+  t.same(await query(files, '--owner', 'team-c'), [])
+  const r = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--owner', 'team-a', '--outcome', 'denied'])
+  t.equal(r.status, 0, r.stderr)
+  t.same(r.stdout.trim().split('\n').map(line => JSON.parse(line) as Record<string, unknown>).map(rec => [rec.clientId, rec.ownerId, rec.status]),
+    ids(s => s.ownerId === 'team-a' && s.outcome === 'denied').map(() => ['team-b', 'team-a', 404]), 'from the command line too')
+})
+
 t.test('audit query answers "who deleted item X of conversation Y, when, from where" as a table', async t => {
   const { config } = await gzippedSeries()
   const r = run(['audit', 'query', '--config', config, '--action', 'item.delete', '--conversation', 'conv_2', '--item', 'msg_17', '--format', 'table'])

@@ -68,6 +68,11 @@ function timeRange (from: number, to: number): Filter {
 
 export const FLAGS = {
   client: { value: 'ID', help: 'calls made with this client\'s key (clients[].id)', filter: exact('clientId') },
+  owner: {
+    value: 'ID',
+    help: 'calls on objects this client owns (ownerId), another team\'s refused ones included: --owner team-a --outcome denied',
+    filter: exact('ownerId')
+  },
   action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
   conversation: { value: 'ID', help: 'calls on this conversation (conv_...)', filter: exact('conversationId') },
   item: { value: 'ID', help: 'calls on this item (msg_...)', filter: exact('itemId') },
