@@ -165,9 +165,16 @@ export async function preflight (config: GatewayConfig): Promise<string[]> {
 /**
  * What start checks before it builds the gateway, the first problem in one line: its listen addresses with the ports
  * they take (in use by another process, say), the audit directory and file. A start
- * refused after the audit was opened would leave an empty audit file (and its lock, for a moment) behind.
+ * refused after the audit was opened would leave an empty audit file (and its lock, for a moment) behind. Without the
+ * config's secrets, as preflight's and reloadPreflight's problems.
  */
 export async function startProblem (config: GatewayConfig): Promise<string | null> {
+  const problem = await listenersProblem(config) ?? auditDirectoryProblem(config.audit.file)
+  return problem === null ? null : withoutSecrets([problem], config)[0]!
+}
+
+/** Whether start can listen where its config says, the gateway's and the metrics' addresses with their ports: why not, or null. */
+async function listenersProblem (config: GatewayConfig): Promise<string | null> {
   const { host, port } = config.listen
   const metrics = config.metrics.listen === undefined ? null : hostPort(config.metrics.listen)
   const metricsProblem = metrics === null ? null : await listenProblem(metrics.host, metrics.port)
@@ -177,11 +184,10 @@ export async function startProblem (config: GatewayConfig): Promise<string | nul
     if (problem !== null) return problem
     // Each free alone, the two may still be one address named two ways (localhost and 127.0.0.1), which the config
     // cannot tell: the metrics' listen, after the gateway's own, would fail once the audit is open.
-    if (metrics !== null && await listenProblem(metrics.host, metrics.port) !== null) return METRICS_ON_LISTEN_PORT
+    return metrics !== null && await listenProblem(metrics.host, metrics.port) !== null ? METRICS_ON_LISTEN_PORT : null
   } finally {
     await closeAll(held)
   }
-  return auditDirectoryProblem(config.audit.file)
 }
 
 /**

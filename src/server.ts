@@ -116,7 +116,7 @@ export async function startServer (
   try {
     // Checked before anything is opened: a start refused later would leave an empty audit file behind.
     const problem = await startProblem(config)
-    if (problem !== null) throw new StartupError(withoutSecrets([problem], config)[0])
+    if (problem !== null) throw new StartupError(problem)
     app = await buildApp(config, deps)
   } catch (err) {
     releaseHeld()
