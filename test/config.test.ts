@@ -1,13 +1,13 @@
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
 import { ConfigError, ConfigSchema, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
+import { tempDir } from './fixtures/tmp.js'
 
 const DIGEST = 'a'.repeat(64)
 
 function yamlFile (text: string): string {
-  const file = join(mkdtempSync(join(tmpdir(), 'gw-config-')), 'gateway.yaml')
+  const file = join(tempDir('gw-config-'), 'gateway.yaml')
   writeFileSync(file, text)
   return file
 }
@@ -187,7 +187,7 @@ t.test('YAML whose aliases would multiply out (a "billion laughs") is refused as
 
 t.test('an upstream.caFile that holds no certificate is refused: TLS would ignore it and every call fail', async t => {
   const ca = readFileSync(join(import.meta.dirname, 'fixtures', 'tls', 'ca.pem'), 'utf8')
-  const dir = mkdtempSync(join(tmpdir(), 'gw-ca-'))
+  const dir = tempDir('gw-ca-')
   const file = (name: string, text: string) => { writeFileSync(join(dir, name), text); return join(dir, name) }
   const withCa = (caFile: string) => problems(() => parseConfig({ upstream: { baseUrls: ['https://x'], apiKey: 'k', caFile } }))
   t.match(withCa(file('empty.pem', '')), [/^upstream\.caFile: .* holds no PEM certificate/])

@@ -2,8 +2,7 @@
 // open/closed behaviour and healed without a restart. The replicas are real processes started as ops start
 // them (`node dist/cli.js start --config FILE`); one in-process gateway checks what the answers look like.
 import { spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import t, { type Test } from 'tap'
@@ -13,6 +12,7 @@ import { startGateway, testConfig, KEYS } from './fixtures/gateway.js'
 import { eventually } from './fixtures/eventually.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import { tempDir } from './fixtures/tmp.js'
 
 const KEY_A = generateKey()
 const KEY_B = generateKey()
@@ -29,7 +29,7 @@ interface ReplicaOptions {
 /** one gateway process; its config file, log and audit file are its own */
 async function startReplica (t: Test, upstream: string, store: Record<string, unknown>, burst: number,
   opts: ReplicaOptions = {}): Promise<Replica> {
-  const dir = mkdtempSync(join(tmpdir(), 'gw-replica-'))
+  const dir = tempDir('gw-replica-')
   const file = join(dir, 'gateway.yaml')
   // requestsPerMinute 1: no token comes back while a test runs, so counts are exact
   const rateLimit = `{ requestsPerMinute: 1, burst: ${burst} }`
@@ -123,7 +123,7 @@ t.test('a replica started with a read-only Redis replica as its store exits 1 sa
   // (the replica would otherwise serve every call from local buckets, never shared, or refuse every one, said in warnings)
   const [primary, readOnly] = [await startRedis(t), await startRedis(t)]
   t.match(await readOnly.command(`REPLICAOF 127.0.0.1 ${primary.port}`), /OK/)
-  const audit = join(mkdtempSync(join(tmpdir(), 'gw-replica-')), 'audit.jsonl')
+  const audit = join(tempDir('gw-replica-'), 'audit.jsonl')
   const { file } = configFile(`${gatewayYaml(audit)}store: { url: "${readOnly.url}" }\n`)
   const { status, stdout, stderr } = await runAsync(['start', '--config', file])
   t.equal(status, 1)
