@@ -252,6 +252,11 @@ t.test('audit query --owner answers "which calls were refused on team-a\'s objec
   t.equal(r.status, 0, r.stderr)
   t.same(r.stdout.trim().split('\n').map(line => JSON.parse(line) as Record<string, unknown>).map(rec => [rec.clientId, rec.ownerId, rec.status]),
     ids(s => s.ownerId === 'team-a' && s.outcome === 'denied').map(() => ['team-b', 'team-a', 404]), 'from the command line too')
+  const table = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--owner', 'team-a', '--format', 'table'])
+  const [header, ...rows] = table.stdout.trim().split('\n')
+  t.match(header, /^time\s+client\s+owner\s+action\s/, 'the table has an owner column')
+  const onTeamA = Array.from({ length: 12 }, (_v, n) => shapes[(n + 1) % shapes.length]!).filter(s => s.ownerId === 'team-a')
+  t.same(rows.map(row => row.split(/\s+/).slice(1, 3)), onTeamA.map(s => [s.clientId, 'team-a']), 'who called, and whose object it was')
 })
 
 t.test('audit query answers "who deleted item X of conversation Y, when, from where" as a table', async t => {
@@ -259,8 +264,8 @@ t.test('audit query answers "who deleted item X of conversation Y, when, from wh
   const r = run(['audit', 'query', '--config', config, '--action', 'item.delete', '--conversation', 'conv_2', '--item', 'msg_17', '--format', 'table'])
   t.equal(r.status, 0)
   const [header, row, ...rest] = r.stdout.split('\n')
-  t.match(header, /^time\s+client\s+action\s+status\s+outcome\s+conversation\s+item\s+ip\s+request$/)
-  t.match(row, /^2025-01-01T00:00:17\.000Z\s+team-b\s+item\.delete\s+200\s+ok\s+conv_2\s+msg_17\s+127\.0\.0\.1\s+gw_0+17$/)
+  t.match(header, /^time\s+client\s+owner\s+action\s+status\s+outcome\s+conversation\s+item\s+ip\s+request$/)
+  t.match(row, /^2025-01-01T00:00:17\.000Z\s+team-b\s+-\s+item\.delete\s+200\s+ok\s+conv_2\s+msg_17\s+127\.0\.0\.1\s+gw_0+17$/)
   t.same(rest, [''])
 })
 

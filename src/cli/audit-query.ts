@@ -117,7 +117,9 @@ export const QUERY_USAGE = 'audit query [OPTIONS] [FILES...]\n' + Object.entries
 
 /** Table columns: heading, record field, width. */
 const COLUMNS: Array<[string, string, number]> = [
-  ['time', 'time', 24], ['client', 'clientId', 14], ['action', 'action', 21], ['status', 'status', 6],
+  // owner: whose conversation or response the call was on (`-` for none): a denied read of team-a's conversation by
+  // team-b reads as such, not as team-b's.
+  ['time', 'time', 24], ['client', 'clientId', 14], ['owner', 'ownerId', 14], ['action', 'action', 21], ['status', 'status', 6],
   ['outcome', 'outcome', 14], ['conversation', 'conversationId', 22], ['item', 'itemId', 22], ['ip', 'ip', 15],
   ['request', 'requestId', 35]
 ]
