@@ -1,6 +1,6 @@
 // The ohmygpt-gateway bin as ops run it: a real process, real config files, real signals.
 import { spawn, spawnSync } from 'node:child_process'
-import { existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { lookup } from 'node:dns/promises'
@@ -298,17 +298,34 @@ t.test('check-config leaves no audit directory behind: it makes the missing ones
   t.same(readdirSync(dir), ['gateway.yaml'], 'no var/audit left (a later mount or chown there would find it taken)')
 })
 
-t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: process.platform !== 'linux' }, async t => {
+/**
+ * The error code this machine's kernel gives `act` (a mkdir, a file made), or null when it succeeds (its undo run).
+ * What /proc and /sys refuse, and how, depends on how they are mounted: /sys is read-only (EROFS) in a default
+ * container, writable by root but without room for a file (EACCES) on a VM; the gateway must say whichever it meets.
+ */
+function refusalOf (act: () => void, undo: () => void): string | null {
+  try {
+    act()
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code ?? String(err)
+  }
+  undo()
+  return null
+}
+
+const procRefusal = process.platform !== 'linux' ? null : refusalOf(() => { mkdirSync('/proc/ogw-audit') }, () => { rmSync('/proc/ogw-audit', { recursive: true }) })
+t.test('an audit directory that cannot be made under /proc is reported, not retried for ever', { skip: procRefusal === null && 'no /proc that refuses a directory here' }, async t => {
   // Node's recursive mkdir never returns there (ENOENT although the parent exists): check-config hung at full CPU.
+  const code = procRefusal!
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/proc/ogw-audit/a.jsonl'))
   const r = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(r.signal, null, 'it returned (run() kills it after 20 s)')
   t.equal(r.status, 1)
-  t.match(r.stderr, /audit\.file: cannot create the directory \/proc\/ogw-audit: ENOENT/)
+  t.match(r.stderr, `audit.file: cannot create the directory /proc/ogw-audit: ${code}\n`, `the kernel's reason (${code})`)
   const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(start.status, 1)
-  t.match(start.stderr, /audit\.file: cannot create the directory \/proc\/ogw-audit: ENOENT/)
+  t.equal(start.stderr, `ohmygpt-gateway start: audit.file: cannot create the directory /proc/ogw-audit: ${code}\n`)
 })
 
 t.test('an audit directory that is a file is reported by check-config, as start would meet it', async t => {
@@ -337,18 +354,21 @@ t.test('check-config and start refuse an audit.file that is not a regular file (
   t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line, no stack trace')
 })
 
-t.test('check-config and start report an audit directory the gateway cannot write in', { skip: process.platform !== 'linux' }, async t => {
+// /sys/kernel: it exists, and no user, root included, can make a file in it (EACCES where /sys is mounted writable,
+// EROFS in a default container).
+const sysRefusal = process.platform !== 'linux' ? null : refusalOf(() => { closeSync(openSync('/sys/kernel/.ogw-check', 'wx')) }, () => { rmSync('/sys/kernel/.ogw-check') })
+t.test('check-config and start report an audit directory the gateway cannot write in', { skip: sysRefusal === null && 'no /sys/kernel that refuses a file here' }, async t => {
   // As a host directory bind-mounted over /app/audit that uid 1000 cannot write: check-config said ok, and start
-  // died with a stack trace from the audit lock. /sys/kernel stands for it here: it exists, and no user, root
-  // included, can make a file in it.
+  // died with a stack trace from the audit lock. /sys/kernel stands for it here.
+  const code = sysRefusal!
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), '/sys/kernel/audit.jsonl'))
   const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(check.status, 1)
-  t.match(check.stderr, /audit\.file: cannot write in the directory \/sys\/kernel: EACCES/)
+  t.match(check.stderr, `audit.file: cannot write in the directory /sys/kernel: ${code}`, `the kernel's reason (${code})`)
   const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(start.status, 1)
-  t.equal(start.stderr, 'ohmygpt-gateway start: audit.file: cannot write in the directory /sys/kernel: EACCES\n', 'one line, no stack trace')
+  t.equal(start.stderr, `ohmygpt-gateway start: audit.file: cannot write in the directory /sys/kernel: ${code}\n`, 'one line, no stack trace')
 })
 
 t.test('start fails with one clear line, not a stack trace, when it cannot listen or create the audit directory', async t => {
