@@ -595,6 +595,29 @@ function lastTouched (path: string, ago: number): void {
   utimesSync(path, then, then)
 }
 
+t.test('a lock whose host and time hold line breaks or run long is said in one bounded line, not copied as written', async t => {
+  // Anyone who can write the audit directory can write the lock: its fields went into start's one-line error, the
+  // log and the trail's unclean-stop record as written.
+  const lock = await import('../src/audit/lock.js')
+  const file = join(tempDir(), 'audit.jsonl')
+  const host = 'other-host\nohmygpt-gateway start: ok' + 'x'.repeat(100_000)
+  writeFileSync(file + '.lock', JSON.stringify({ pid: 4242, host, since: '2025-01-01\r\n' + 'y'.repeat(100_000) }))
+  const err = await lock.acquireLock(file, () => {}).then(() => null, (e: unknown) => e) as Error | null
+  t.match(err, { name: 'AuditLockError', message: /locked by pid 4242 on host other-host\?ohmygpt-gateway start: okx+ since 2025-01-01\?\?y+ / })
+  t.notMatch(err!.message, /[\r\n]/, 'one line')
+  t.ok(err!.message.length < 1200, `bounded (${err!.message.length} characters)`)
+
+  // A pid no gateway writes (0 asks kill() about this process group, -1 about every process): not a holder, stale.
+  const { hostname } = await import('node:os')
+  for (const pid of [0, -1, 1.5]) {
+    writeFileSync(file + '.lock', JSON.stringify({ pid, host: hostname(), since: '2025-01-01T00:00:00.000Z' }))
+    lastTouched(file + '.lock', 60_000)
+    const held = await lock.acquireLock(file, () => {})
+    t.match(readFileSync(file + '.lock', 'utf8'), `"pid":${process.pid}`, `pid ${pid}: taken over`)
+    await held.release()
+  }
+})
+
 t.test('a lock whose holder looks gone by its pid but is still refreshed (a gateway in another pid namespace, same host name) is not taken over', async t => {
   const { hostname } = await import('node:os')
   const lock = await import('../src/audit/lock.js')

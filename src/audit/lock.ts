@@ -86,10 +86,26 @@ async function readHolder (path: string): Promise<Holder | null> {
   return holderIn(await readFile(path).catch(() => null))
 }
 
+/** Longer than any host name (64 on Linux) or ISO time this gateway writes. */
+const HOLDER_FIELD_MAX = 255
+
+/**
+ * A lock's text as it may be said in one line: its control characters (a line break would forge a line of the
+ * log or of start's one-line error) shown as `?`, at most HOLDER_FIELD_MAX characters. A lock this gateway wrote
+ * reads the same through it.
+ */
+function sayable (text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.slice(0, HOLDER_FIELD_MAX).replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, '?')
+}
+
 function holderIn (bytes: Buffer | null): Holder | null {
   try {
     const h = JSON.parse(bytes?.toString('utf8') ?? '') as Partial<Holder>
-    return typeof h.pid === 'number' && typeof h.host === 'string' ? { pid: h.pid, host: h.host, since: String(h.since) } : null
+    // (A pid of 0 or below would ask kill() about a process group, or every process: no lock a gateway wrote.)
+    return Number.isSafeInteger(h.pid) && h.pid! > 0 && typeof h.host === 'string'
+      ? { pid: h.pid!, host: sayable(h.host), since: sayable(String(h.since)) }
+      : null
   } catch {
     return null // vanished, or not a lock this gateway writes: stale
   }
