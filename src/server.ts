@@ -177,7 +177,11 @@ export async function startServer (
   })
   const ignored = ignoredSignalLogger(app.log)
   for (const signal of IGNORED) process.on(signal, ignored)
-  for (const signal of releaseHeld()) process.emit(signal, signal)
+  // A stop among the held signals is answered first: a SIGHUP held with it would reload the config of a gateway
+  // that stops before it listens (it is said as not answered); the others come after, in the order they came.
+  const held = releaseHeld()
+  const stop = held.find(signal => (SHUTDOWN_SIGNALS as readonly NodeJS.Signals[]).includes(signal))
+  for (const signal of stop === undefined ? held : [stop, ...held.filter(s => s !== stop)]) process.emit(signal, signal)
   if (draining) return app
 
   const { host, port } = config.listen

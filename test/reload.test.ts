@@ -185,6 +185,22 @@ t.test('a SIGTERM while the gateway starts (its Redis not answering yet) stops i
   t.notMatch(output.text, /Server listening/, 'it never listened')
 })
 
+t.test('a SIGHUP and then a SIGTERM while the gateway starts: the stop is answered first, the config is not reloaded for a gateway that stops', async t => {
+  // Replayed in the order they came, the reload ran, and said "config reloaded", for a process already stopping.
+  const upstream = await fakeUpstream(t)
+  const { child, output, exited, file, dir, redisUrl } = await startOnSilentRedis(t, upstream.url)
+  writeFileSync(file, gatewayYaml(dir, upstream.url, [{ id: 'team-a', key: KEY_A }, { id: 'team-b', key: KEY_B }], `store: { url: "${redisUrl}" }`))
+  child.kill('SIGHUP')
+  await sleep(100) // (two signals, in this order)
+  child.kill('SIGTERM')
+  const [code, signal] = await exited
+  t.same([code, signal], [0, null], 'exit 0')
+  t.notMatch(output.text, /config reloaded/, 'no reload for a gateway that stops')
+  t.match(output.text, /SIGHUP: shutting down; the config is not reloaded/, 'the SIGHUP is said as not answered')
+  t.match(output.text, /SIGTERM: shutting down before listening/)
+  t.notMatch(output.text, /Server listening/)
+})
+
 t.test('SIGHUP rotates the upstream token from upstream.apiKeyFile: the next call carries the new one, a call in flight finishes', async t => {
   const upstream = await fakeUpstream(t)
   const held: Array<() => void> = []
