@@ -178,16 +178,10 @@ async function listenersProblem (config: GatewayConfig): Promise<string | null> 
   const { host, port } = config.listen
   const metrics = config.metrics.listen === undefined ? null : hostPort(config.metrics.listen)
   const metricsProblem = metrics === null ? null : await listenProblem(metrics.host, metrics.port)
-  const held: Server[] = []
-  try {
-    const problem = await listenProblem(host, port, held) ?? (metricsProblem === null ? null : `metrics.listen: ${metricsProblem}`)
-    if (problem !== null) return problem
-    // Each free alone, the two may still be one address named two ways (localhost and 127.0.0.1), which the config
-    // cannot tell: the metrics' listen, after the gateway's own, would fail once the audit is open.
-    return metrics !== null && await listenProblem(metrics.host, metrics.port) !== null ? METRICS_ON_LISTEN_PORT : null
-  } finally {
-    await closeAll(held)
-  }
+  // Each free alone, the two may still be one address named two ways (localhost and 127.0.0.1), which the config
+  // cannot tell: the metrics' listen, after the gateway's own, would fail once the audit is open.
+  return await listenProblem(host, port) ?? (metricsProblem === null ? null : `metrics.listen: ${metricsProblem}`) ??
+    await metricsOnListenAddress(config)
 }
 
 /**
