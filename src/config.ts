@@ -569,13 +569,13 @@ export function hostPort (listen: string): { host: string, port: number } {
   return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) }
 }
 
+/** metrics.listen taking the port listen.host and listen.port take (start finds it too, by another name: preflight.ts) */
+export const METRICS_ON_LISTEN_PORT = 'metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own'
+
 /**
  * Whether two listen hosts take a common address on one port: the same host, `::` (every address, IPv4 too, on a
  * dual-stack machine), or 0.0.0.0 beside an IPv4 address. Host names are left to the start, which resolves them.
  */
-/** metrics.listen taking the port listen.host and listen.port take (start finds it too, by another name: preflight.ts) */
-export const METRICS_ON_LISTEN_PORT = 'metrics.listen: its port is listen.port, on an address listen.host also takes; give the metrics a port of their own'
-
 function sameAddresses (a: string, b: string): boolean {
   const anyV4 = (h: string) => h === '0.0.0.0'
   return a === b || a === '::' || b === '::' || (anyV4(a) && isIPv4(b)) || (anyV4(b) && isIPv4(a))
