@@ -173,6 +173,29 @@ t.test('a token percent-encoded, in part or whole, is taken out searched whole o
   t.equal(scrub.bytes(other), other, 'escapes that spell no token: the bytes as they came')
 })
 
+t.test('a token whose first escape follows an escaped backslash is taken out and the JSON stays valid, searched whole or as it streams', async t => {
+  // `\\u0073k-…` is the text `\u0073k-…` once parsed: every character of the token but its first, as written. It is
+  // taken out; the backslash escaping the one it starts with must then escape something, or the JSON is broken
+  // (`\[` is no escape: a rewritten answer became a 502, one passed on a decode error in the SDKs).
+  const token = 'sk-upstream-TOKEN-0123456789abcdef'
+  const scrub = scrubber(token)
+  const rest = token.slice(1)
+  for (const backslashes of [1, 2, 3, 4, 5]) {
+    const before = '\\'.repeat(backslashes)
+    const body = Buffer.from(`{"a":"x ${before}u0073${rest} y","b":"${before}u0073${rest}"}`)
+    const parsed = JSON.parse(body.toString()) as Record<string, string>
+    t.ok(parsed.a!.includes(rest), `(${backslashes} backslashes: the token's characters but the first, once parsed)`)
+    const outs = new Set([scrub.bytes(body).toString(), await streamed(scrub, [...body].map(b => Buffer.from([b])))])
+    for (let at = 0; at <= body.length; at++) outs.add(await streamed(scrub, [body.subarray(0, at), body.subarray(at)]))
+    t.equal(outs.size, 1, `${backslashes} backslashes: searched whole, one byte at a time and cut at every byte alike`)
+    const [out] = outs
+    let value: Record<string, string> | undefined
+    t.doesNotThrow(() => { value = JSON.parse(out!) as Record<string, string> }, `${backslashes} backslashes: still JSON: ${out}`)
+    t.notOk(String(JSON.stringify(value)).includes(rest.slice(2)), `${backslashes} backslashes: the token's characters are gone`)
+    t.match(value?.a, /^x \\*\[redacted\] y$/, `${backslashes} backslashes: the text around it is kept`)
+  }
+})
+
 t.test('an answer searched as bytes holds no string or key with the token once parsed, whatever JSON escapes spelled it', async t => {
   // What lets an answer read whole go on without a walk of its parsed strings (plugins/proxy.ts): every spelling a
   // JSON reader takes for the token (each character as written, `\uXXXX` in either case, `\/` `\"` `\\`) is found

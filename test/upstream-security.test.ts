@@ -409,6 +409,25 @@ t.test('a short 2xx answer passed on unchanged that spells the token with JSON e
   t.notMatch(raw, escaped)
 })
 
+t.test('a token whose first character is escaped after an escaped backslash reaches the SDK neither whole nor as a broken answer', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  // `\\u0073k-…` reads as the text `\u0073k-…`: the token's characters but its first, as written.
+  const spelled = `\\\\u0073${UPSTREAM_TOKEN.slice(1)}`
+  const list = `{"object":"list","data":[{"type":"message","id":"msg_1","status":"completed","role":"user","content":[{"type":"input_text","text":"path ${spelled}"}]}],"first_id":"msg_1","last_id":"msg_1","has_more":false}`
+  const conversation = `{"id":"conv_1","object":"conversation","created_at":1,"metadata":{"note":"path ${spelled}"}}`
+  upstream.respond = (req, res) => {
+    const body = req.url!.endsWith('/items') ? list : conversation
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body)
+  }
+  const page = await sdk.conversations.items.list('conv_1')
+  t.equal((page.data[0] as { content: Array<{ text: string }> }).content[0]!.text, 'path \\[redacted]', 'a listing, passed on as its bytes')
+  const retrieved = await sdk.conversations.retrieve('conv_1')
+  t.same(retrieved.metadata, { note: 'path \\[redacted]' }, 'a conversation, read whole')
+})
+
 t.test('a token spelled with JSON escapes in an answer JSON.parse refuses but a client reads (a BOM first, a NaN) reaches the client without it', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -20,6 +20,12 @@ import { brotliDecompressSync, gunzipSync, inflateRawSync, inflateSync } from 'n
 
 export const REDACTED = '[redacted]'
 const REDACTED_BYTES = Buffer.from(REDACTED)
+/**
+ * What replaces a spelling that starts with an escape whose backslash is itself escaped (`\\u0073k-…`, the text
+ * `\u0073k-…` once parsed: the token's characters but its first, as written): the escaping backslash before it then
+ * escapes this one, so the JSON stays valid (`\\[redacted]`, read as `\[redacted]`).
+ */
+const ESCAPED_REDACTED_BYTES = Buffer.from(`\\${REDACTED}`)
 const EMPTY = Buffer.alloc(0)
 /** Tokens remembered: the one in force and those before it (one rotation's overlap needs two). */
 const REMEMBERED_TOKENS = 4
@@ -144,17 +150,44 @@ function spellingEnd (text: Buffer, at: number, token: string, k: number, out: n
   return at
 }
 
-/** The spans of `body` with REDACTED between them. */
-function joinBytes (body: Buffer, parts: Array<[number, number]>): Buffer {
-  return Buffer.concat(parts.flatMap(([from, to], i) => i === 0 ? [body.subarray(from, to)] : [REDACTED_BYTES, body.subarray(from, to)]))
+/**
+ * The spans of `body` with REDACTED between them; `escaped` holds the index of each span that follows a spelling
+ * starting after an odd run of backslashes (ESCAPED_REDACTED_BYTES there).
+ */
+function joinBytes (body: Buffer, parts: Array<[number, number]>, escaped?: ReadonlySet<number>): Buffer {
+  return Buffer.concat(parts.flatMap(([from, to], i) => i === 0
+    ? [body.subarray(from, to)]
+    : [escaped?.has(i) === true ? ESCAPED_REDACTED_BYTES : REDACTED_BYTES, body.subarray(from, to)]))
 }
+
+/**
+ * Whether the backslashes right before `at` (none before `from`, where a replacement ends; before the text's start,
+ * `oddBefore` says) are an odd run: the backslash at `at` is then escaped by them, not the start of an escape.
+ */
+function escapedAt (text: Buffer, at: number, from: number, oddBefore: boolean): boolean {
+  let i = at - 1
+  while (i >= from && text[i] === BACKSLASH) i--
+  const odd = (at - 1 - i) % 2 === 1
+  return i < 0 ? odd !== oddBefore : odd
+}
+
+/** Whether `text`, passed on after text whose trailing backslashes were an odd run when `oddBefore`, ends in one. */
+function endsInOddBackslashes (text: Buffer, oddBefore: boolean): boolean {
+  return escapedAt(text, text.length, 0, oddBefore)
+}
+
+/**
+ * A search of `text` (after text whose trailing backslashes were an odd run when `oddBefore`): the text with every
+ * spelling found replaced, up to where it ends too soon to tell (nowhere when `final`), and the rest.
+ */
+type Search = (text: Buffer, final: boolean, oddBefore?: boolean) => [Buffer, Buffer]
 
 /**
  * What searches bytes for every spelling of `tokens` (printable ASCII, as the config requires): each character as
  * written, as a JSON escape (`\u0073`, `\/`) or percent-encoded (`%73`, as in a URL built with the token). The searcher gives the text with every spelling found replaced, up
  * to the first place where the text ends too soon to tell (none when `final`), and the rest.
  */
-function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boolean) => [Buffer, Buffer] {
+function spellingSearch (tokens: readonly string[]): Search {
   // Where a spelling can start (in increasing order, each looked at once): where a token is found as written
   // (indexOf, quick), a place less than a token's length before a backslash or a `%` (the first character it escapes
   // is within the token), and a place near the end of what has come so far (a spelling the next chunk may end).
@@ -174,7 +207,7 @@ function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boole
   // searched at indexOf's pace too.
   const inTokens = new Uint8Array(256)
   for (const token of tokens) for (let i = 0; i < token.length; i++) inTokens[token.charCodeAt(i)] = 1
-  return (text: Buffer, final: boolean): [Buffer, Buffer] => {
+  return (text: Buffer, final: boolean, oddBefore = false): [Buffer, Buffer] => {
     const out = final ? NONE : PARTIAL
     const firstStart = (from: number, to: number): number => {
       while (from < to && isStart[text[from]!] === 0) from++
@@ -200,6 +233,7 @@ function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boole
     let percent = -1
     const tail = Math.max(0, text.length - maxSpelling)
     const parts: Array<[number, number]> = []
+    let escaped: Set<number> | undefined
     let from = 0
     let look = 0
     let at: number
@@ -223,10 +257,11 @@ function spellingSearch (tokens: readonly string[]): (text: Buffer, final: boole
         continue
       }
       parts.push([from, at])
+      if (text[at] === BACKSLASH && escapedAt(text, at, from, oddBefore)) (escaped ??= new Set()).add(parts.length)
       from = look = end
     }
     parts.push([from, at])
-    const done = parts.length > 1 ? joinBytes(text, parts) : at === text.length ? text : text.subarray(0, at)
+    const done = parts.length > 1 ? joinBytes(text, parts, escaped) : at === text.length ? text : text.subarray(0, at)
     return [done, text.subarray(at)]
   }
 }
@@ -238,7 +273,7 @@ export class TokenScrubber {
   /** their spellings as bytes: as written, and as JSON.stringify escapes them */
   #bytes: Buffer[] = []
   /** what finds them spelled with any JSON escapes; null while there is no token to search for */
-  #search: ((text: Buffer, final: boolean) => [Buffer, Buffer]) | null = null
+  #search: Search | null = null
 
   constructor (current: () => string) {
     this.#current = current
@@ -308,6 +343,8 @@ export class TokenScrubber {
     const search = this.#search
     if (search === null) return null
     let held: Buffer = EMPTY
+    // whether what has gone on ends in an odd run of backslashes (the next byte is escaped by it)
+    let oddBefore = false
     let started = false
     return new Transform({
       transform (chunk: Buffer, _encoding, done) {
@@ -325,13 +362,14 @@ export class TokenScrubber {
           }
           started = true
         }
-        const [out, rest] = search(text, false)
+        const [out, rest] = search(text, false, oddBefore)
         held = rest
+        oddBefore = endsInOddBackslashes(out, oddBefore)
         if (out.length === 0) done()
         else done(null, out)
       },
       flush (done) {
-        const [out] = search(held, true)
+        const [out] = search(held, true, oddBefore)
         done(null, out.length === 0 ? undefined : out)
       }
     })
