@@ -164,8 +164,12 @@ export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_err
   { headers: { 'x-should-retry': 'false' } })
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
-export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error',
-  'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.')
+const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'
+export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error', STORE_UNAVAILABLE)
+// A call naming another team's item while Redis cannot say whose the items it names are gets the answer one naming an
+// unknown item gets then: only the audit tells them apart (plugins/ownership.ts).
+export const StoreUnavailableNotOwnedError = define('rate_limit_store_unavailable', 503, 'server_error', STORE_UNAVAILABLE,
+  { outcome: 'denied' })
 export const AuditUnavailableError = define('audit_unavailable', 503, 'server_error',
   'The gateway cannot write its audit trail right now, so it serves no API calls. Please try again later.')
 export const MetricsUnauthorizedError = define('invalid_metrics_token', 401, 'invalid_request_error',

@@ -367,6 +367,39 @@ t.test('in process, Redis not answering: an item named by id in a conversation i
   t.match(refused, { status: 400, code: 'item_reference_not_allowed' }, 'refused as before once Redis answers')
 })
 
+t.test('in process, Redis not answering: another team\'s item this replica handed out gets the 503 a made-up id gets, not a refusal that says it exists', async t => {
+  // A stranger must not learn from the answer whether an id was handed out to another team (README, "Teams and
+  // isolation"). With Redis down, an id this replica knows nothing of gets 503 (Redis might know it as the
+  // caller's); so must one it knows as another team's, or the stranger tells the two apart by the status.
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url, { store: { url: redis.url, timeoutMs: 300 } }))
+  const sdk = (key: string) => new OpenAI({ apiKey: key, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const handedOut = (await sdk(KEYS.full).responses.create({ model: 'o3', input: 'Plan the launch' })).output[0]!.id!
+  const own = await sdk(KEYS.other).conversations.create({})
+  const named = (id: string) => [{ type: 'item_reference' as const, id }, { role: 'user' as const, content: 'Go on' }]
+  // (the refusals as the client reads them, the id it named put aside: some quote it)
+  const answers = async (id: string) => await Promise.all([
+    sdk(KEYS.other).responses.create({ model: 'gpt-4o-mini', input: named(id) }),
+    sdk(KEYS.other).responses.create({ model: 'gpt-4o-mini', conversation: own.id, input: named(id) })
+  ].map(async call => await call.then(() => null, (e: unknown) => e as InstanceType<typeof OpenAI.APIError>)))
+  const shape = (e: InstanceType<typeof OpenAI.APIError> | null) => ({ status: e?.status, error: e?.error })
+  const shapes = async (id: string) => JSON.stringify((await answers(id)).map(shape)).replaceAll(id, '<id>')
+  const madeUpId = 'rs_made_up_0123456789'
+  t.equal(await shapes(handedOut), await shapes(madeUpId), 'Redis answering: the same refusals')
+
+  redis.pause()
+  const [another, madeUp] = [await answers(handedOut), await answers(madeUpId)]
+  t.same(another.map(shape), madeUp.map(shape), 'Redis not answering: the same answers for another team\'s item and a made-up one')
+  t.match(madeUp, [{ status: 503, code: 'rate_limit_store_unavailable' }, { status: 503, code: 'rate_limit_store_unavailable' }])
+  t.equal((await sdk(KEYS.full).responses.create({ model: 'o3', input: named(handedOut) })).status, 'completed',
+    'its own team is served: this replica handed it out')
+  const records = await eventually(async () => { const r = gw.audit().filter(r => r.clientId === 'team-other' && r.status === 503); return r.length === 4 && r }, 'audited')
+  t.match(records.filter(r => r.itemId === handedOut), [{ outcome: 'denied', ownerId: 'team-full' }, { outcome: 'denied', ownerId: 'team-full' }],
+    'the audit says whose item it was after')
+  redis.resume()
+})
+
 t.test('in process, closed: generations that end while Redis is down give one warning that their usage could not be charged, not one each', async t => {
   // The outage itself is logged once per 10 s however many calls fail (README, "When Redis is down or slow"); the
   // calls in flight when it starts (up to limits.maxInFlight streams) end in it, each with usage to charge.

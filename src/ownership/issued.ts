@@ -26,7 +26,7 @@ export interface Issued {
   handedOut: Set<string>
   /** id → the client it went out to, for ids that went out to another client than the caller */
   others: Map<string, string>
-  /** Redis could not say for some id this process does not know */
+  /** Redis could not say for some id this process does not know as the caller's */
   unanswered: boolean
 }
 
@@ -104,8 +104,9 @@ export class IssuedItems {
   /**
    * The ids among `ids` that went out to `owner`; those known to have gone out to another client, with whom (for
    * the audit: the client's answer is the same as for an unknown id); and whether Redis could not say for an id
-   * this process does not know (`unanswered`): such an id is in neither, but it may be the owner's all the same,
-   * handed out by another replica, so the caller must not refuse it as another team's (ownership.ts answers 503).
+   * this process does not know as the owner's (`unanswered`): one it does not know at all may be the owner's all
+   * the same, handed out by another replica, so the caller must not refuse it as another team's (ownership.ts
+   * answers 503), and one it knows as another's gets the same answer, which must not tell the two apart.
    */
   async issuedTo (ids: readonly string[], owner: string): Promise<Issued> {
     void this.#shareMissed()
@@ -114,18 +115,21 @@ export class IssuedItems {
       if (to === owner) found.handedOut.add(id)
       else found.others.set(id, to)
     }
-    const unknown: string[] = []
+    // Redis is asked of every id not known here as the caller's, those known as another client's too: refused at
+    // once while an id known to no one waits on Redis (and gets its 503 when Redis does not answer), they would
+    // tell a stranger which ids went out to another team.
+    const asked: string[] = []
     for (const id of ids) {
       const known = this.#local.get(id)
-      if (known === undefined) unknown.push(id)
-      else sort(id, known)
+      if (known !== undefined) sort(id, known)
+      if (known !== owner) asked.push(id)
     }
-    if (unknown.length === 0 || this.#shared === null) return found
+    if (asked.length === 0 || this.#shared === null) return found
     try {
-      const owners = await this.#shared.recall(unknown.map(KEY))
-      unknown.forEach((id, i) => {
+      const owners = await this.#shared.recall(asked.map(KEY))
+      asked.forEach((id, i) => {
         const shared = owners[i]
-        if (typeof shared !== 'string') return
+        if (typeof shared !== 'string' || found.others.has(id)) return // (what this replica handed out stands)
         this.#local.set(id, shared)
         sort(id, shared)
       })

@@ -14,7 +14,7 @@ import {
   ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
-  ResponseNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
+  ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
 import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
@@ -120,10 +120,12 @@ type NamedContainer = [id: unknown, param: string, itemId: unknown]
  * `err`, for a refusal of items a body named by id, unless Redis could not say whether they went out to the caller
  * (`unanswered`, issued.ts): then 503 rate_limit_store_unavailable, which the SDKs retry, for every client alike.
  * Refused as another team's, an item of the caller's that another replica handed out would break its loop for as
- * long as Redis does not answer, with a 400 the SDKs do not retry.
+ * long as Redis does not answer, with a 400 the SDKs do not retry. A refusal of an item known to be `another`
+ * team's gets the same 503 (audited `denied`): refused at once, it would tell the stranger the item exists.
  */
-function unsure (err: GatewayError, unanswered: boolean): GatewayError {
-  return unanswered ? new RateLimitStoreUnavailableError() : err
+function unsure (err: GatewayError, unanswered: boolean, another = false): GatewayError {
+  if (!unanswered) return err
+  return another ? new StoreUnavailableNotOwnedError() : new RateLimitStoreUnavailableError()
 }
 
 /**
@@ -146,11 +148,11 @@ type Found = Pick<Issued, 'others' | 'unanswered'>
 function refusedItem (request: FastifyRequest, id: unknown, refusal: keyof typeof ITEM_REFUSALS, param: string, found: Found): GatewayError {
   const owner = typeof id === 'string' ? found.others.get(id) : undefined
   const err = withParam(ITEM_REFUSALS[refusal](String(id).slice(0, MAX_ID_LENGTH), owner !== undefined), param)
-  if (!found.unanswered && typeof id === 'string') {
+  if ((!found.unanswered || owner !== undefined) && typeof id === 'string') {
     request.refusedItemId = id
     if (owner !== undefined) request.ownerId = owner
   }
-  return unsure(err, found.unanswered)
+  return unsure(err, found.unanswered, owner !== undefined)
 }
 
 /** The items a create's list names by reference that the gateway must check (cheap: most lists name none). */
@@ -486,8 +488,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (refused === undefined) return
     const [id, param] = refused
     const owner = typeof id === 'string' ? found.others.get(id) : undefined
-    if (!found.unanswered && owner !== undefined) request.ownerId = owner
-    throw unsure(withParam(new ItemContainerNotAllowedError(), param), found.unanswered)
+    if (owner !== undefined) request.ownerId = owner
+    throw unsure(withParam(new ItemContainerNotAllowedError(), param), found.unanswered, owner !== undefined)
   }
 
   /**
