@@ -4,6 +4,7 @@ import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { until } from './fixtures/client.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { exactJson, stringifyExact } from '../src/http/json.js'
 import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
@@ -576,6 +577,22 @@ t.test('a lookup cut at the client\'s stated wait after a retry on another line 
   t.equal(lookups.length, 2, 'the lookup went to both lines')
   t.match(gw.audit().at(-1), { action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 2, upstreamLine: null },
     'audited with the lookup\'s two attempts')
+})
+
+t.test('a client that hangs up while its owner lookup is at the upstream is audited aborted with the attempt the lookup made', async t => {
+  // The record said attempts 0, "never went upstream", though the upstream had the lookup (and saw it closed).
+  const { upstream, gw, sdk } = await setup(t)
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' }) // its owner not cached: looked up first
+  upstream.respond = faults.hang()
+  const leaving = new AbortController()
+  const call = rejection(sdk(KEYS.full).conversations.items.list(conv, {}, { signal: leaving.signal }))
+  await until('the lookup to reach the upstream', () => upstream.requests.some(r => r.url === `/v1/conversations/${conv}`))
+  leaving.abort()
+  t.ok(await call instanceof OpenAI.APIUserAbortError, 'the client gave up')
+  await until('the audit record', () => gw.audit().length > 0)
+  t.match(gw.audit().at(-1), { action: 'item.list', status: 499, outcome: 'aborted', attempts: 1, upstreamLine: null },
+    'audited with the lookup\'s attempt: the upstream was asked')
+  t.equal(upstream.requests.filter(r => r.url.startsWith(`/v1/conversations/${conv}/items`)).length, 0, 'the list itself never went upstream')
 })
 
 /**

@@ -318,18 +318,31 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (waitMs !== undefined && waitMs < upstream.timeoutMs) {
         deadline = setTimeout(() => {
           const err = new UpstreamTimeoutError()
-          // (the attempts the lookup made so far, its first at least; the call itself was never sent)
-          const attempts = Math.max(1, lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1)
-          triedUpstream.set(err, { line: null, host: null, attempts, sent: false })
+          triedUpstream.set(err, lookupTried(kind, id))
           leave(err)
         }, waitMs)
       }
     })
-    if (deadline !== undefined) {
-      const stop = (): void => { clearTimeout(deadline) }
-      owner.then(stop, stop)
+    // A client that hangs up while the lookup is at the upstream is audited as its response closes, before its
+    // lookup is left: until the lookup has answered, its record reads the attempts the lookup made.
+    const tried = lookupTried(kind, id, true)
+    request.upstreamCall ??= tried
+    const settled = (): void => {
+      clearTimeout(deadline)
+      if (request.upstreamCall === tried) request.upstreamCall = null
     }
+    owner.then(settled, settled)
     return owner
+  }
+
+  /**
+   * What a call ended at its owner lookup says of the upstream: the attempts the lookup made, its first at least
+   * (`live`: as they are when read), and never a line or a request of its own sent.
+   */
+  function lookupTried (kind: Owned, id: string, live = false): UpstreamProgress {
+    const attempts = () => Math.max(1, lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1)
+    if (!live) return { line: null, host: null, attempts: attempts(), sent: false }
+    return { line: null, host: null, get attempts () { return attempts() }, sent: false }
   }
 
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
