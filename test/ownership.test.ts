@@ -579,20 +579,32 @@ t.test('a lookup cut at the client\'s stated wait after a retry on another line 
     'audited with the lookup\'s two attempts')
 })
 
-t.test('a client that hangs up while its owner lookup is at the upstream is audited aborted with the attempt the lookup made', async t => {
+t.test('a client that hangs up while its owner lookup or an item\'s check is at the upstream is audited aborted with the attempt it made', async t => {
   // The record said attempts 0, "never went upstream", though the upstream had the lookup (and saw it closed).
   const { upstream, gw, sdk } = await setup(t)
   const conv = await createUpstream(upstream, { gateway_owner: 'team-full' }) // its owner not cached: looked up first
+  const own = await sdk(KEYS.full).conversations.create({})
   upstream.respond = faults.hang()
-  const leaving = new AbortController()
-  const call = rejection(sdk(KEYS.full).conversations.items.list(conv, {}, { signal: leaving.signal }))
-  await until('the lookup to reach the upstream', () => upstream.requests.some(r => r.url === `/v1/conversations/${conv}`))
-  leaving.abort()
-  t.ok(await call instanceof OpenAI.APIUserAbortError, 'the client gave up')
-  await until('the audit record', () => gw.audit().length > 0)
-  t.match(gw.audit().at(-1), { action: 'item.list', status: 499, outcome: 'aborted', attempts: 1, upstreamLine: null },
+  const hangUpOnceAsked = async (path: string, call: (signal: AbortSignal) => Promise<unknown>) => {
+    const records = gw.audit().length
+    const leaving = new AbortController()
+    const gone = rejection(call(leaving.signal))
+    await until(`${path} to reach the upstream`, () => upstream.requests.some(r => r.url === path))
+    leaving.abort()
+    t.ok(await gone instanceof OpenAI.APIUserAbortError, 'the client gave up')
+    await until('its audit record', () => gw.audit().length > records)
+    return gw.audit()[records]
+  }
+
+  const lookup = await hangUpOnceAsked(`/v1/conversations/${conv}`, signal => sdk(KEYS.full).conversations.items.list(conv, {}, { signal }))
+  t.match(lookup, { action: 'item.list', status: 499, outcome: 'aborted', attempts: 1, upstreamLine: null },
     'audited with the lookup\'s attempt: the upstream was asked')
-  t.equal(upstream.requests.filter(r => r.url.startsWith(`/v1/conversations/${conv}/items`)).length, 0, 'the list itself never went upstream')
+  const check = await hangUpOnceAsked(`/v1/conversations/${own.id}/items/msg_x`, signal => sdk(KEYS.full).responses.create(
+    { model: 'gpt-4o', conversation: own.id, input: [{ type: 'item_reference', id: 'msg_x' }] }, { signal }))
+  t.match(check, { action: 'response.create', status: 499, outcome: 'aborted', attempts: 1, upstreamLine: null },
+    'audited with the check\'s attempt')
+  t.same(upstream.requests.filter(r => r.url.includes('/items?') || r.url.endsWith('/items') || r.url === '/v1/responses').map(r => r.method), [],
+    'neither call itself went upstream')
 })
 
 /**
