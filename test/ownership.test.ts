@@ -4,6 +4,7 @@ import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { until } from './fixtures/client.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { exactJson, stringifyExact } from '../src/http/json.js'
 import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
@@ -576,6 +577,34 @@ t.test('a lookup cut at the client\'s stated wait after a retry on another line 
   t.equal(lookups.length, 2, 'the lookup went to both lines')
   t.match(gw.audit().at(-1), { action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 2, upstreamLine: null },
     'audited with the lookup\'s two attempts')
+})
+
+t.test('a client that hangs up while its owner lookup or an item\'s check is at the upstream is audited aborted with the attempt it made', async t => {
+  // The record said attempts 0, "never went upstream", though the upstream had the lookup (and saw it closed).
+  const { upstream, gw, sdk } = await setup(t)
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' }) // its owner not cached: looked up first
+  const own = await sdk(KEYS.full).conversations.create({})
+  upstream.respond = faults.hang()
+  const hangUpOnceAsked = async (path: string, call: (signal: AbortSignal) => Promise<unknown>) => {
+    const records = gw.audit().length
+    const leaving = new AbortController()
+    const gone = rejection(call(leaving.signal))
+    await until(`${path} to reach the upstream`, () => upstream.requests.some(r => r.url === path))
+    leaving.abort()
+    t.ok(await gone instanceof OpenAI.APIUserAbortError, 'the client gave up')
+    await until('its audit record', () => gw.audit().length > records)
+    return gw.audit()[records]
+  }
+
+  const lookup = await hangUpOnceAsked(`/v1/conversations/${conv}`, signal => sdk(KEYS.full).conversations.items.list(conv, {}, { signal }))
+  t.match(lookup, { action: 'item.list', status: 499, outcome: 'aborted', attempts: 1, upstreamLine: null },
+    'audited with the lookup\'s attempt: the upstream was asked')
+  const check = await hangUpOnceAsked(`/v1/conversations/${own.id}/items/msg_x`, signal => sdk(KEYS.full).responses.create(
+    { model: 'gpt-4o', conversation: own.id, input: [{ type: 'item_reference', id: 'msg_x' }] }, { signal }))
+  t.match(check, { action: 'response.create', status: 499, outcome: 'aborted', attempts: 1, upstreamLine: null },
+    'audited with the check\'s attempt')
+  t.same(upstream.requests.filter(r => r.url.includes('/items?') || r.url.endsWith('/items') || r.url === '/v1/responses').map(r => r.method), [],
+    'neither call itself went upstream')
 })
 
 /**

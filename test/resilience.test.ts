@@ -446,6 +446,29 @@ t.test('retries never duplicate work', async t => {
     t.same(lines.map(l => l.requests.map(r => r.method)), [['GET', 'POST'], ['GET']], 'the POST reached line 0 only, once')
   })
 
+  await t.test('a line whose answer has a header block no HTTP client may read (two lengths, a length and chunked, headers past 16 KiB) is one that answers no HTTP: a GET goes to the next line, a POST is not sent again', async t => {
+    const body = '{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}'
+    const heads: Record<string, string> = {
+      'two different lengths': `content-length: ${body.length}\r\ncontent-length: 3\r\n`,
+      'a length and chunked': `content-length: ${body.length}\r\ntransfer-encoding: chunked\r\n`,
+      'headers past 16 KiB': `x-padding: ${'a'.repeat(20_000)}\r\ncontent-length: ${body.length}\r\n`
+    }
+    for (const [what, head] of Object.entries(heads)) {
+      await t.test(what, async t => {
+        const { lines, gw, conv } = await setup(t, 2)
+        lines[0]!.respond = (_req, res) => { res.socket?.end(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n${head}\r\n${body}`) }
+        const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+        const page = await sdk.conversations.items.list(conv)
+        t.same(page.data, [], 'the read is served by line 1')
+        t.match(await lastRecord(gw, 1), { outcome: 'ok', upstreamLine: 1, attempts: 2 })
+        const err = await sdk.conversations.items.create(conv, { items: [] }).catch((e: unknown) => e)
+        t.ok(err instanceof OpenAI.APIError && err.status === 502, 'the write gets its 502')
+        t.equal((err as InstanceType<typeof OpenAI.APIError>).headers?.get('x-should-retry'), 'false', 'the SDK does not send it again either')
+        t.same(lines.map(l => l.requests.map(r => r.method)), [['GET', 'POST'], ['GET']], 'the POST reached line 0 only, once')
+      })
+    }
+  })
+
   await t.test('an upstream 429 is never retried', async t => {
     const { lines, gw, conv } = await setup(t, 2)
     lines[0]!.respond = faults.status(429, { 'retry-after': '3' })

@@ -271,6 +271,14 @@ function refuseCheckedKeysInQuery (query: URLSearchParams | null): void {
  */
 const triedUpstream = new WeakMap<Error, UpstreamProgress>()
 
+/**
+ * What a call ended at the gateway's own ask of the upstream (an owner lookup, an item's check) says of it: the
+ * attempts the ask has made when read, its first at least, and no line nor request of the call's own sent.
+ */
+function triedSoFar (attempts: () => number): UpstreamProgress {
+  return { line: null, host: null, get attempts () { return Math.max(1, attempts()) }, sent: false }
+}
+
 export default fp<OwnershipOptions>(async function ownership (app, opts) {
   const { cache, issued, upstream } = opts
   /**
@@ -318,9 +326,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (waitMs !== undefined && waitMs < upstream.timeoutMs) {
         deadline = setTimeout(() => {
           const err = new UpstreamTimeoutError()
-          // (the attempts the lookup made so far, its first at least; the call itself was never sent)
-          const attempts = Math.max(1, lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1)
-          triedUpstream.set(err, { line: null, host: null, attempts, sent: false })
+          triedUpstream.set(err, { ...triedSoFar(lookupAttempts(kind, id)) }) // (as they are now)
           leave(err)
         }, waitMs)
       }
@@ -329,7 +335,24 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       const stop = (): void => { clearTimeout(deadline) }
       owner.then(stop, stop)
     }
-    return owner
+    return whileAsking(request, triedSoFar(lookupAttempts(kind, id)), owner)
+  }
+
+  /** The attempts the lookup of `kind` `id` under way has made. */
+  function lookupAttempts (kind: Owned, id: string): () => number {
+    return () => lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1
+  }
+
+  /**
+   * A client that hangs up while the gateway's own ask (an owner lookup, an item's check) is at the upstream is
+   * audited as its response closes, before the ask is left: until the ask has answered, the call's record reads
+   * the attempts it made (`tried`, read then). Its answer or failure then says what the record holds.
+   */
+  function whileAsking<T> (request: FastifyRequest, tried: UpstreamProgress, asking: Promise<T>): Promise<T> {
+    request.upstreamCall ??= tried
+    const settled = (): void => { if (request.upstreamCall === tried) request.upstreamCall = null }
+    asking.then(settled, settled)
+    return asking
   }
 
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
@@ -421,12 +444,13 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // (each check within what the client still waits, when it says: its 504 comes before its SDK gives up)
     const clientWait = () => clientWaitMs(request.headers, reply.elapsedTime)
     for (const id of ids) {
+      const progress = { attempts: 0, sent: false }
       const found = typeof id === 'string' && ID_PATTERN.test(id)
-        ? await askUpstream(`/v1/conversations/${conversation}/items/${id}`, { conversationId: conversation, itemId: id },
+        ? await whileAsking(request, triedSoFar(() => progress.attempts), askUpstream(`/v1/conversations/${conversation}/items/${id}`, { conversationId: conversation, itemId: id },
           request, whenGone, answer => {
             if ((answer as { id?: unknown } | null)?.id !== id) throw new Error('the item check answer is not the item asked for')
             return true
-          }, clientWait)
+          }, clientWait, progress))
         : 'missing'
       if (found === 'missing') {
         throw refusedItem(request, id, 'missing', param, known)

@@ -168,11 +168,15 @@ function classify (err: unknown): AttemptFailure {
 
 /**
  * What came back is no HTTP answer (undici's parser refused it: a line pointed at a TLS port, or another protocol's):
- * the request went out and nothing usable came of it, as when the connection is reset under it.
+ * the request went out and nothing usable came of it, as when the connection is reset under it. So is a header
+ * block no client may read: more than undici takes, or one the parser refused while it held a Content-Length (two
+ * different ones, one beside chunked), which undici reports as a length mismatch. (Before the headers, as here:
+ * the same mismatch in a body is its own, and breaks that body.)
  */
 function isNotHttp (err: unknown, code: string): boolean {
-  return code.startsWith('HPE_') || (err as Error | null)?.name === 'HTTPParserError'
+  return code.startsWith('HPE_') || (err as Error | null)?.name === 'HTTPParserError' || UNREADABLE_HEAD.has(code)
 }
+const UNREADABLE_HEAD = new Set(['UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'])
 
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'DELETE'])
 
