@@ -103,6 +103,38 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a POST is no skipped line\'s trial while another line is up: that line serves it, and the next read is the trial', async t => {
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 200 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    // A line that drops every connection once the request is in: a POST sent there may have been done, and is lost.
+    first.respond = faults.reset()
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `read ${i + 1}: retried on line 1`)
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 skipped')
+    await sleep(250)
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+    const created = await sdk.conversations.create({ metadata: { topic: 'failover' } })
+    t.match(created, { object: 'conversation', metadata: { topic: 'failover' } }, 'the create is served')
+    t.equal(first.requests.length, 2, 'line 0, due for its trial, was not given the create')
+    t.equal(second.requests.filter(r => r.method === 'POST' && r.url === '/v1/conversations').length, 1, 'line 1 got it, once')
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 is still waiting for its trial')
+    t.match(await lastRecord(gw, 3), { action: 'conversation.create', status: 200, upstreamLine: 1, attempts: 1 })
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'the next read: line 0\'s trial, failed, retried on line 1')
+    t.equal(first.requests.length, 3, 'the read was line 0\'s trial')
+    await sleep(250)
+    first.respond = null
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200)
+    t.match((await healthOf(gw)).upstream[0], { state: 'up' }, 'a read restores it')
+    // With no other line up, a POST is a due line's trial all the same: it is the only line there is.
+    const alone = await setup(t, 1, { failureThreshold: 1, cooldownMs: 200 })
+    alone.lines[0]!.respond = faults.status(503)
+    t.equal((await call(alone.gw.url, 'GET', `/v1/conversations/${alone.conv}/items`)).status, 503)
+    alone.lines[0]!.respond = null
+    await sleep(250)
+    const aloneSdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${alone.gw.url}/v1`, maxRetries: 0 })
+    t.match(await aloneSdk.conversations.create({}), { object: 'conversation' }, 'the only line\'s trial is the create, served')
+    t.match((await healthOf(alone.gw)).upstream[0], { state: 'up' })
+  })
+
   await t.test('a trial call whose client hangs up decides nothing, and the log does not say the line was skipped again', async t => {
     const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 1, cooldownMs: 1 })
     const [first] = lines as [FakeUpstream, FakeUpstream]
@@ -269,6 +301,11 @@ t.test('a fronting proxy\'s (Cloudflare\'s) statuses speak against the line, and
     t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 524)
     await read()
     t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'two quick calls timed out at the edge, a generation between them')
+    // Line 1 skipped too (a generation is a line's trial only when no other line is up), then working again.
+    lines[1]!.respond = faults.status(503)
+    for (let i = 0; i < 2; i++) await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.match((await healthOf(gw)).upstream, [{ state: 'down' }, { state: 'down' }], 'both lines skipped')
+    lines[1]!.respond = null
     await sleep(250)
     t.equal((await call(gw.url, 'POST', '/v1/responses', { body: GENERATION })).status, 524, 'the trial call, a generation: 524')
     t.notMatch((await healthOf(gw)).upstream[0], { state: 'up' }, 'the line whose origin does not answer is not trusted again')

@@ -547,7 +547,7 @@ export class Upstream {
     const timer = setTimeout(() => { stoppedBy ??= 'deadline'; signal.abort() }, deadlineMs)
     call.whenClientGone?.(() => { stoppedBy ??= 'client'; signal.abort() })
     const tried = new Set<number>()
-    let index = health.pick(tried)
+    let index = health.pick(tried, IDEMPOTENT.has(call.method))
     try {
       if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null, health.soonestRetryMs())
       for (;;) {
@@ -720,7 +720,7 @@ function bookTheBody (health: LineHealth, index: number, body: Readable, quick: 
 function retryLine (settings: UpstreamSettings, health: LineHealth, call: UpstreamCall, tried: Set<number>, failure: AttemptFailure): number | null {
   if (tried.size > settings.retries) return null
   const safe = failure === 'nothing-sent' || (IDEMPOTENT.has(call.method) && failure === 'reset')
-  return safe ? health.pick(tried) : null
+  return safe ? health.pick(tried, IDEMPOTENT.has(call.method)) : null
 }
 
 function finalFailure (settings: UpstreamSettings, deadlineMs: number, index: number, attempts: number, err: unknown, end: AttemptEnd): UpstreamFailure {

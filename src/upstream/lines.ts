@@ -56,21 +56,34 @@ export class LineHealth {
 
   /**
    * The line the next attempt should use, skipping those in `tried`: the first line in order of preference that is
-   * up, or down with its cooldown over and no trial call in flight (that call becomes its trial). Null when every
-   * line is down: the caller answers at once instead of waiting on a line known to be failing.
+   * up, or down with its cooldown over and no trial call in flight (that call becomes its trial). A call that may
+   * not be sent again once sent (`mayTrial` false: a POST) is a trial only when no line after it is up: a line that
+   * fails it (a reset once the request was out) would lose it, a create or a generation the client may not send
+   * again, where another line would have served it; the line's trial waits for the next call that may be sent
+   * again (a read, a delete). Null when every line is down: the caller answers at once instead of waiting on a
+   * line known to be failing.
    */
-  pick (tried: ReadonlySet<number> = new Set()): number | null {
+  pick (tried: ReadonlySet<number> = new Set(), mayTrial = true): number | null {
     const now = this.#opts.now()
+    let due: Line | undefined
     for (const line of this.#lines) {
       if (tried.has(line.index)) continue
       if (!line.down) return line.index
       if (!line.probing && now >= line.downUntil) {
-        line.probing = true
-        this.#changed(line, 'down')
-        return line.index
+        if (!mayTrial) {
+          due ??= line
+          continue
+        }
+        return this.#trial(line)
       }
     }
-    return null
+    return due === undefined ? null : this.#trial(due)
+  }
+
+  #trial (line: Line): number {
+    line.probing = true
+    this.#changed(line, 'down')
+    return line.index
   }
 
   /**
