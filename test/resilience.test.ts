@@ -870,6 +870,41 @@ t.test('slow and hostile clients', async t => {
     t.ok(s.text().length < record.bytesOut, `the client could read only part of what was written (${s.text().length} of ${record.bytesOut} bytes)`)
   })
 
+  await t.test('a client that stops reading an answer the gateway sends whole (a conversation it rewrote) is cut off after listen.sendTimeoutMs too', async t => {
+    // Read whole to take the owner key out, then written in one piece: more than the kernel's buffers take, so most
+    // of it waits in the gateway for a client that reads nothing.
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    const big = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: {}, padding: 'x'.repeat(12 * 1024 * 1024) })
+    lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(big) }
+    const s = await rawSocket(gw.url)
+    s.pause() // reads nothing
+    s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the gateway to cut the client off', () => gw.audit().length > 0, 5000)
+    const record = await lastRecord(gw, 1)
+    t.match(record, { status: 200, outcome: 'aborted' }, 'the call ends as cut off, and is audited while the client still holds its socket')
+    s.resume()
+    await until('the connection to be gone', () => s.closedAt() !== null, 3000)
+    t.ok(s.text().length < big.length, `the client could read only part of the answer (${s.text().length} of ${big.length} bytes)`)
+  })
+
+  await t.test('a client that reads such an answer slowly, a little at a time, gets it whole', async t => {
+    // listen.sendTimeoutMs bounds a client taking none of its answer, not how long a large answer may take.
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    const big = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: {}, padding: 'x'.repeat(12 * 1024 * 1024) })
+    lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(big) }
+    const s = await rawSocket(gw.url)
+    s.pause()
+    const sip = setInterval(() => { s.resume(); setTimeout(() => { s.pause() }, 10) }, 150)
+    t.teardown(() => { clearInterval(sip) })
+    s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the call to end', () => gw.audit().length > 0, 60_000)
+    clearInterval(sip)
+    s.resume()
+    t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok' }, 'served, not cut off')
+    await until('the whole answer read', () => s.text().length > big.length, 5000)
+    t.equal(s.closedAt(), null, 'the connection stays open for the next call')
+  })
+
   await t.test('connections past listen.maxConnections are refused', async t => {
     const { gw } = await setup(t, 1, {}, { listen })
     const held = await Promise.all([1, 2, 3, 4].map(async () => await rawSocket(gw.url)))
