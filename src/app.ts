@@ -18,7 +18,7 @@ import { reloaded, type ConfigChange } from './reload.js'
 import { createAppLogger, DebugRequestLogController, lazyChildLogger, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body, { hasBody } from './plugins/body.js'
+import body, { hasBody, waitsForContinue } from './plugins/body.js'
 import health from './plugins/health.js'
 import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
@@ -333,7 +333,7 @@ function errorHandler (config: GatewayConfig) {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)
         // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it
         // (unless it went ahead without waiting): the connection cannot carry another request after this one.
-        if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
+        if (waitsForContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
       }
     } else if (request.headers.upgrade === undefined) {
       // A body refused once read to its end (invalid JSON): Fastify asks to close the connection all the same,
@@ -397,10 +397,6 @@ function closeOnceTheBodyIsRead (raw: IncomingMessage): void {
  */
 const lingering = new WeakSet<Socket>()
 
-function expectsContinue (request: FastifyRequest): boolean {
-  return request.headers.expect?.toLowerCase() === '100-continue'
-}
-
 function toGatewayError (error: FastifyError): GatewayError {
   if (isGatewayError(error)) return error
   const status = error.statusCode ?? 500
@@ -420,7 +416,7 @@ function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, 
   // When the connection closes after this answer (the client asked for it: Connection: close, HTTP/1.0; or it
   // waited, or should have, for a 100 Continue it never got), it closes only once the body is read, within the
   // same bounds. (Nothing happens here when Node keeps the connection.)
-  if (!reply.raw.shouldKeepAlive || expectsContinue(request)) closeOnceTheBodyIsRead(raw)
+  if (!reply.raw.shouldKeepAlive || waitsForContinue(request)) closeOnceTheBodyIsRead(raw)
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket

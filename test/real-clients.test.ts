@@ -148,6 +148,18 @@ t.test('Expect: 100-continue: a refused caller gets its final status and no 100;
   t.equal(upstream.requests.length, 1, 'only the accepted call reached the upstream')
 })
 
+t.test('an HTTP/1.0 caller\'s Expect: 100-continue is ignored (RFC 9110 §10.1.1): no 100, which it would read as its answer', async t => {
+  const { gw } = await setup(t)
+  const body = '{"metadata":{"topic":"http/1.0"}}'
+  const c = connectRaw(gw.url)
+  c.socket.write(`POST /v1/conversations HTTP/1.0\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\n` +
+    `Content-Length: ${body.length}\r\nExpect: 100-continue\r\n\r\n${body}`)
+  t.ok(await c.waitFor(/"topic":"http\/1\.0"/), 'the call is served')
+  t.match(c.text(), /^HTTP\/1\.1 200 OK\r\n/, 'and its first answer is the final one')
+  t.notMatch(c.text(), /100 Continue/, 'no 100 Continue')
+  c.socket.destroy()
+})
+
 t.test('every answer of the gateway says whether its connection stays open', async t => {
   // An HTTP/1.0 client keeps a connection only when the answer says `Connection: keep-alive`; without it, it
   // reads to the close (ab -k does): an answer that says nothing while the gateway keeps the connection open
