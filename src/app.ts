@@ -106,12 +106,6 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
       socket.destroy()
       return
     }
-    const peer = socket.remoteAddress ?? 'unknown'
-    const held = throttle.admit(peer)
-    if (held !== null) {
-      const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
-      this.log.warn({ peer, code: err.code, reason, ...(held > 0 ? { heldBack: held } : {}) }, 'request refused by the HTTP parser')
-    }
     const inFlight = responseHolding(socket)
     // The refused bytes are the body of the call being read, or a call after every one on the connection. They
     // are answered only when that call is the connection's one call now: an answer written ahead of another
@@ -121,15 +115,24 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     const answerable = inFlight === null
       ? discarding.get(socket)?.complete !== false
       : !inFlight.req.complete && !hasWaitingBehind(inFlight, socket)
-    if (socket.writable && answerable && !inFlight?.headersSent) {
+    const answering = socket.writable && answerable && !inFlight?.headersSent
+    // The call's own id, which its audit record has; or, when no call was under way, a fresh one, which only the log
+    // line below holds: the id a client finds in its answer leads to one or the other.
+    const id = answering ? (inFlight !== null && isCounting(inFlight) ? inFlight.requestId : null) ?? newRequestId() : null
+    const peer = socket.remoteAddress ?? 'unknown'
+    const held = throttle.admit(peer)
+    if (held !== null) {
+      const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
+      this.log.warn({ peer, code: err.code, reason, ...(id !== null ? { reqId: id } : {}), ...(held > 0 ? { heldBack: held } : {}) },
+        'request refused by the HTTP parser')
+    }
+    if (id !== null) {
       const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? new RequestTimeoutError()
         : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')
       const body = JSON.stringify(envelope(error))
       if (inFlight) markMalformed(inFlight, error.statusCode, Buffer.byteLength(body))
-      // The call's own id, which its audit record has (a fresh one when no call was under way); as x-request-id
-      // too, which the SDKs read into their error, as for every answer of the gateway's.
-      const id = (inFlight !== null && isCounting(inFlight) ? inFlight.requestId : null) ?? newRequestId()
+      // (as x-request-id too, which the SDKs read into their error, as for every answer of the gateway's)
       socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
         `${REQUEST_ID_HEADER}: ${id}\r\nx-request-id: ${id}\r\nContent-Type: application/json; charset=utf-8\r\n` +
         `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)

@@ -354,6 +354,18 @@ t.test('Node\'s own refusals are logged at warn with the peer and the reason, a 
   t.equal(upstream.requests.length, 0)
 })
 
+t.test('the request id answered to a request Node\'s parser refused is the one its warn line names: ops can find the call the client reports', async t => {
+  // It never became a call: no audit record holds it, and the log line is the only place the id can lead to.
+  const { gw } = await setup(t, { log: { level: 'info' } })
+  const ex = await sendRaw(gw.url, Buffer.from(`GET /v1/conversations/conv_1 HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 'latin1'))
+  t.equal(ex.response?.status, 431)
+  const id = ex.response?.headers['x-request-id']
+  t.match(id, /^gw_[0-9a-f]{32}$/, 'the answer carries an id, which the SDKs report')
+  const line = await eventually(async () => gw.logs.find(l => l.includes('request refused by the HTTP parser')) ?? null, 'the warn line')
+  t.equal((JSON.parse(line) as { reqId?: unknown }).reqId, id, 'the warn line names it')
+  t.equal(gw.audit().length, 0, 'and no audit record claims it')
+})
+
 t.test('a request with no Host, two Hosts or a malformed one (RFC 9112 §3.2: 400), or with an Expect other than 100-continue, gets the envelope and a request id, and nothing goes upstream', async t => {
   const { upstream, gw } = await setup(t)
   const withHost = (host: string, version = '1.1') => `GET /v1/conversations/conv_1 HTTP/${version}\r\n${host}Authorization: Bearer ${KEYS.full}\r\n\r\n`
