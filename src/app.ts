@@ -137,6 +137,16 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
         `${REQUEST_ID_HEADER}: ${id}\r\nx-request-id: ${id}\r\nContent-Type: application/json; charset=utf-8\r\n` +
         `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
     }
+    // The call's answer is written whole already (a refusal made before its body was read, whose body then broke its
+    // framing in the same read): it goes out before the connection closes, and the call is recorded as what it was
+    // (denied, invalid), not as a client that hung up.
+    if (inFlight !== null && inFlight.writableEnded && !inFlight.writableFinished) {
+      socket.pause()
+      const close = () => { socket.destroy(err) }
+      inFlight.once('finish', close)
+      inFlight.once('close', close)
+      return
+    }
     socket.destroy(err)
   }
 }

@@ -837,6 +837,29 @@ t.test('slow and hostile clients', async t => {
     t.match(next.text().match(/HTTP\/1\.1 \d{3} /g), ['HTTP/1.1 401 ', 'HTTP/1.1 400 '], 'the malformed request after it is answered 400')
   })
 
+  await t.test('a call refused before its body, whose body breaks its framing in the same packet, is audited as refused, not as a hang-up', async t => {
+    // `audit query --outcome denied` is how ops see keys being guessed: a bad chunk sent along must not hide a 401.
+    const { lines, gw } = await setup(t, 1, {}, { listen })
+    const head = (key: string, framing: string) => `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\n` +
+      `Content-Type: application/json\r\n${framing}\r\n\r\n`
+    const cases: Array<[string, string, number, string]> = [
+      ['a wrong key and a bad chunk', head('ogw_wrong', 'Transfer-Encoding: chunked') + 'zz\r\n{}\r\n0\r\n\r\n', 401, 'denied'],
+      ['a missing scope and a bad chunk', head(KEYS.reader, 'Transfer-Encoding: chunked') + 'zz\r\n{}\r\n0\r\n\r\n', 403, 'denied'],
+      ['a framing the gateway does not take (Transfer-Encoding: identity)', head(KEYS.full, 'Transfer-Encoding: identity') + '{}', 501, 'invalid']
+    ]
+    for (const [what, request, status, outcome] of cases) {
+      const before = gw.audit().length
+      const s = await rawSocket(gw.url)
+      s.write(request)
+      await until('the gateway to close', () => s.closedAt() !== null, 3000)
+      t.match(s.text(), new RegExp(`^HTTP/1\\.1 ${status} [^]*"error":`), `${what}: the client reads its ${status}`)
+      t.equal(s.text().match(/HTTP\/1\.1 \d{3} /g)?.length, 1, `${what}: and no other answer`)
+      await until(`${what}: its record`, () => gw.audit().length > before)
+      t.match(gw.audit()[before], { status, outcome }, `${what}: audited ${status} ${outcome}`)
+    }
+    t.equal(lines[0]!.requests.length, 0, 'nothing went upstream')
+  })
+
   await t.test('a client that stops reading its answer is cut off after listen.sendTimeoutMs', async t => {
     const { lines, gw, conv } = await setup(t, 1, {}, { listen })
     let upstreamDone = false
