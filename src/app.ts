@@ -18,7 +18,7 @@ import { reloaded, type ConfigChange } from './reload.js'
 import { createAppLogger, DebugRequestLogController, lazyChildLogger, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body, { hasBody } from './plugins/body.js'
+import body, { hasBody, waitsForContinue } from './plugins/body.js'
 import health from './plugins/health.js'
 import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
@@ -106,12 +106,6 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
       socket.destroy()
       return
     }
-    const peer = socket.remoteAddress ?? 'unknown'
-    const held = throttle.admit(peer)
-    if (held !== null) {
-      const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
-      this.log.warn({ peer, code: err.code, reason, ...(held > 0 ? { heldBack: held } : {}) }, 'request refused by the HTTP parser')
-    }
     const inFlight = responseHolding(socket)
     // The refused bytes are the body of the call being read, or a call after every one on the connection. They
     // are answered only when that call is the connection's one call now: an answer written ahead of another
@@ -121,18 +115,37 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     const answerable = inFlight === null
       ? discarding.get(socket)?.complete !== false
       : !inFlight.req.complete && !hasWaitingBehind(inFlight, socket)
-    if (socket.writable && answerable && !inFlight?.headersSent) {
+    const answering = socket.writable && answerable && !inFlight?.headersSent
+    // The call's own id, which its audit record has; or, when no call was under way, a fresh one, which only the log
+    // line below holds: the id a client finds in its answer leads to one or the other.
+    const id = answering ? (inFlight !== null && isCounting(inFlight) ? inFlight.requestId : null) ?? newRequestId() : null
+    const peer = socket.remoteAddress ?? 'unknown'
+    const held = throttle.admit(peer)
+    if (held !== null) {
+      const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
+      this.log.warn({ peer, code: err.code, reason, ...(id !== null ? { reqId: id } : {}), ...(held > 0 ? { heldBack: held } : {}) },
+        'request refused by the HTTP parser')
+    }
+    if (id !== null) {
       const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? new RequestTimeoutError()
         : err.code === 'HPE_HEADER_OVERFLOW' ? new HeadersTooLargeError() : new InvalidRequestError('malformed HTTP.')
       const body = JSON.stringify(envelope(error))
       if (inFlight) markMalformed(inFlight, error.statusCode, Buffer.byteLength(body))
-      // The call's own id, which its audit record has (a fresh one when no call was under way); as x-request-id
-      // too, which the SDKs read into their error, as for every answer of the gateway's.
-      const id = (inFlight !== null && isCounting(inFlight) ? inFlight.requestId : null) ?? newRequestId()
+      // (as x-request-id too, which the SDKs read into their error, as for every answer of the gateway's)
       socket.write(`HTTP/1.1 ${error.statusCode} ${STATUS_CODES[error.statusCode]}\r\n` +
         `${REQUEST_ID_HEADER}: ${id}\r\nx-request-id: ${id}\r\nContent-Type: application/json; charset=utf-8\r\n` +
         `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+    }
+    // The call's answer is written whole already (a refusal made before its body was read, whose body then broke its
+    // framing in the same read): it goes out before the connection closes, and the call is recorded as what it was
+    // (denied, invalid), not as a client that hung up.
+    if (inFlight !== null && inFlight.writableEnded && !inFlight.writableFinished) {
+      socket.pause()
+      const close = () => { socket.destroy(err) }
+      inFlight.once('finish', close)
+      inFlight.once('close', close)
+      return
     }
     socket.destroy(err)
   }
@@ -333,7 +346,7 @@ function errorHandler (config: GatewayConfig) {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)
         // A client that asked before sending its body (Expect: 100-continue) and was refused will not send it
         // (unless it went ahead without waiting): the connection cannot carry another request after this one.
-        if (expectsContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
+        if (waitsForContinue(request) && err.statusCode !== 413) reply.header('connection', 'close')
       }
     } else if (request.headers.upgrade === undefined) {
       // A body refused once read to its end (invalid JSON): Fastify asks to close the connection all the same,
@@ -397,10 +410,6 @@ function closeOnceTheBodyIsRead (raw: IncomingMessage): void {
  */
 const lingering = new WeakSet<Socket>()
 
-function expectsContinue (request: FastifyRequest): boolean {
-  return request.headers.expect?.toLowerCase() === '100-continue'
-}
-
 function toGatewayError (error: FastifyError): GatewayError {
   if (isGatewayError(error)) return error
   const status = error.statusCode ?? 500
@@ -420,7 +429,7 @@ function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, 
   // When the connection closes after this answer (the client asked for it: Connection: close, HTTP/1.0; or it
   // waited, or should have, for a 100 Continue it never got), it closes only once the body is read, within the
   // same bounds. (Nothing happens here when Node keeps the connection.)
-  if (!reply.raw.shouldKeepAlive || expectsContinue(request)) closeOnceTheBodyIsRead(raw)
+  if (!reply.raw.shouldKeepAlive || waitsForContinue(request)) closeOnceTheBodyIsRead(raw)
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket

@@ -14,6 +14,9 @@ import { firstLine, pinFiles, readLines, rotatedName, seriesFiles } from '../src
 import { verifySeries } from '../src/audit/verify.js'
 import { parseQueryArgs } from '../src/cli/audit-query.js'
 import { BIN, configFile, env, gatewayYaml, run, runAsync } from './fixtures/bin.js'
+import OpenAI from 'openai'
+import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
+import { startUpstream } from './fixtures/upstream.js'
 
 /** A config whose audit series holds records 1..60 over several files, the closed ones gzipped. */
 async function gzippedSeries () {
@@ -267,6 +270,29 @@ t.test('audit query answers "who deleted item X of conversation Y, when, from wh
   t.match(header, /^time\s+client\s+owner\s+action\s+status\s+outcome\s+conversation\s+item\s+ip\s+request$/)
   t.match(row, /^2025-01-01T00:00:17\.000Z\s+team-b\s+-\s+item\.delete\s+200\s+ok\s+conv_2\s+msg_17\s+127\.0\.0\.1\s+gw_0+17$/)
   t.same(rest, [''])
+})
+
+t.test('a client cannot write rows of its own into the table ops read: what it chose is shown escaped', async t => {
+  // The item id a refused body named is recorded as it came (audit query --item finds it); in a table, a line break
+  // in it started a row of the client's making ("team-b deleted msg_forged"), and a terminal escape hid the real
+  // address and request id after it.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const forged = 'msg_1\n2025-01-01T00:00:00.000Z team-b         team-a         item.delete           200    ok             ' +
+    'conv_forged            msg_forged             10.9.9.9        gw_forged\u001b[8m\u202e'
+  await t.rejects(client.responses.create({ model: 'gpt-4o-mini', input: [{ type: 'item_reference', id: forged }] }),
+    { status: 400, code: 'item_reference_not_allowed' })
+  const [record] = await gw.auditFile()
+  t.equal(record?.itemId, forged, 'the record keeps what the client named')
+  const r = run(['audit', 'query', '--format', 'table', gw.config.audit.file])
+  t.equal(r.status, 0, r.stderr)
+  const rows = r.stdout.split('\n').slice(1, -1)
+  t.equal(rows.length, 1, 'one row for the one call')
+  t.notMatch(r.stdout, /[\u001b\u202e]/, 'no escape or bidi control reaches the terminal')
+  t.match(rows[0], /^\S+\s+team-full\s+-\s+response\.create\s+400\s+invalid\s+-\s+msg_1\\u000a2025-01-01T00:00:00\.000Z\\u0020team-b\S*\\u001b\[8m\\u202e\s+127\.0\.0\.1\s+gw_[0-9a-f]{32}$/,
+    'the row says who called and what it named, escaped, then the real address and request id')
 })
 
 t.test('audit query refuses bad flags with the reason, and --help lists every flag from the one table', async t => {

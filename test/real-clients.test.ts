@@ -148,6 +148,18 @@ t.test('Expect: 100-continue: a refused caller gets its final status and no 100;
   t.equal(upstream.requests.length, 1, 'only the accepted call reached the upstream')
 })
 
+t.test('an HTTP/1.0 caller\'s Expect: 100-continue is ignored (RFC 9110 §10.1.1): no 100, which it would read as its answer', async t => {
+  const { gw } = await setup(t)
+  const body = '{"metadata":{"topic":"http/1.0"}}'
+  const c = connectRaw(gw.url)
+  c.socket.write(`POST /v1/conversations HTTP/1.0\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\n` +
+    `Content-Length: ${body.length}\r\nExpect: 100-continue\r\n\r\n${body}`)
+  t.ok(await c.waitFor(/"topic":"http\/1\.0"/), 'the call is served')
+  t.match(c.text(), /^HTTP\/1\.1 200 OK\r\n/, 'and its first answer is the final one')
+  t.notMatch(c.text(), /100 Continue/, 'no 100 Continue')
+  c.socket.destroy()
+})
+
 t.test('every answer of the gateway says whether its connection stays open', async t => {
   // An HTTP/1.0 client keeps a connection only when the answer says `Connection: keep-alive`; without it, it
   // reads to the close (ab -k does): an answer that says nothing while the gateway keeps the connection open
@@ -340,6 +352,18 @@ t.test('Node\'s own refusals are logged at warn with the peer and the reason, a 
   const last = refusals().at(-1)
   t.ok(last !== undefined && Number(last.heldBack) >= 1, `after a quiet second, the next line says how many were held back (${String(last?.heldBack)})`)
   t.equal(upstream.requests.length, 0)
+})
+
+t.test('the request id answered to a request Node\'s parser refused is the one its warn line names: ops can find the call the client reports', async t => {
+  // It never became a call: no audit record holds it, and the log line is the only place the id can lead to.
+  const { gw } = await setup(t, { log: { level: 'info' } })
+  const ex = await sendRaw(gw.url, Buffer.from(`GET /v1/conversations/conv_1 HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 'latin1'))
+  t.equal(ex.response?.status, 431)
+  const id = ex.response?.headers['x-request-id']
+  t.match(id, /^gw_[0-9a-f]{32}$/, 'the answer carries an id, which the SDKs report')
+  const line = await eventually(async () => gw.logs.find(l => l.includes('request refused by the HTTP parser')) ?? null, 'the warn line')
+  t.equal((JSON.parse(line) as { reqId?: unknown }).reqId, id, 'the warn line names it')
+  t.equal(gw.audit().length, 0, 'and no audit record claims it')
 })
 
 t.test('a request with no Host, two Hosts or a malformed one (RFC 9112 §3.2: 400), or with an Expect other than 100-continue, gets the envelope and a request id, and nothing goes upstream', async t => {

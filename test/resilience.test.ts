@@ -897,6 +897,29 @@ t.test('slow and hostile clients', async t => {
     t.match(next.text().match(/HTTP\/1\.1 \d{3} /g), ['HTTP/1.1 401 ', 'HTTP/1.1 400 '], 'the malformed request after it is answered 400')
   })
 
+  await t.test('a call refused before its body, whose body breaks its framing in the same packet, is audited as refused, not as a hang-up', async t => {
+    // `audit query --outcome denied` is how ops see keys being guessed: a bad chunk sent along must not hide a 401.
+    const { lines, gw } = await setup(t, 1, {}, { listen })
+    const head = (key: string, framing: string) => `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\n` +
+      `Content-Type: application/json\r\n${framing}\r\n\r\n`
+    const cases: Array<[string, string, number, string]> = [
+      ['a wrong key and a bad chunk', head('ogw_wrong', 'Transfer-Encoding: chunked') + 'zz\r\n{}\r\n0\r\n\r\n', 401, 'denied'],
+      ['a missing scope and a bad chunk', head(KEYS.reader, 'Transfer-Encoding: chunked') + 'zz\r\n{}\r\n0\r\n\r\n', 403, 'denied'],
+      ['a framing the gateway does not take (Transfer-Encoding: identity)', head(KEYS.full, 'Transfer-Encoding: identity') + '{}', 501, 'invalid']
+    ]
+    for (const [what, request, status, outcome] of cases) {
+      const before = gw.audit().length
+      const s = await rawSocket(gw.url)
+      s.write(request)
+      await until('the gateway to close', () => s.closedAt() !== null, 3000)
+      t.match(s.text(), new RegExp(`^HTTP/1\\.1 ${status} [^]*"error":`), `${what}: the client reads its ${status}`)
+      t.equal(s.text().match(/HTTP\/1\.1 \d{3} /g)?.length, 1, `${what}: and no other answer`)
+      await until(`${what}: its record`, () => gw.audit().length > before)
+      t.match(gw.audit()[before], { status, outcome }, `${what}: audited ${status} ${outcome}`)
+    }
+    t.equal(lines[0]!.requests.length, 0, 'nothing went upstream')
+  })
+
   await t.test('a client that stops reading its answer is cut off after listen.sendTimeoutMs', async t => {
     const { lines, gw, conv } = await setup(t, 1, {}, { listen })
     let upstreamDone = false
@@ -928,6 +951,41 @@ t.test('slow and hostile clients', async t => {
     s.resume()
     await until('the connection to be gone', () => s.closedAt() !== null, 3000)
     t.ok(s.text().length < record.bytesOut, `the client could read only part of what was written (${s.text().length} of ${record.bytesOut} bytes)`)
+  })
+
+  await t.test('a client that stops reading an answer the gateway sends whole (a conversation it rewrote) is cut off after listen.sendTimeoutMs too', async t => {
+    // Read whole to take the owner key out, then written in one piece: more than the kernel's buffers take, so most
+    // of it waits in the gateway for a client that reads nothing.
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    const big = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: {}, padding: 'x'.repeat(12 * 1024 * 1024) })
+    lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(big) }
+    const s = await rawSocket(gw.url)
+    s.pause() // reads nothing
+    s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the gateway to cut the client off', () => gw.audit().length > 0, 5000)
+    const record = await lastRecord(gw, 1)
+    t.match(record, { status: 200, outcome: 'aborted' }, 'the call ends as cut off, and is audited while the client still holds its socket')
+    s.resume()
+    await until('the connection to be gone', () => s.closedAt() !== null, 3000)
+    t.ok(s.text().length < big.length, `the client could read only part of the answer (${s.text().length} of ${big.length} bytes)`)
+  })
+
+  await t.test('a client that reads such an answer slowly, a little at a time, gets it whole', async t => {
+    // listen.sendTimeoutMs bounds a client taking none of its answer, not how long a large answer may take.
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    const big = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: {}, padding: 'x'.repeat(12 * 1024 * 1024) })
+    lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(big) }
+    const s = await rawSocket(gw.url)
+    s.pause()
+    const sip = setInterval(() => { s.resume(); setTimeout(() => { s.pause() }, 10) }, 150)
+    t.teardown(() => { clearInterval(sip) })
+    s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the call to end', () => gw.audit().length > 0, 60_000)
+    clearInterval(sip)
+    s.resume()
+    t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok' }, 'served, not cut off')
+    await until('the whole answer read', () => s.text().length > big.length, 5000)
+    t.equal(s.closedAt(), null, 'the connection stays open for the next call')
   })
 
   await t.test('connections past listen.maxConnections are refused', async t => {

@@ -128,8 +128,18 @@ function tableRow (cells: string[]): string {
   return cells.map((c, i) => c.padEnd(COLUMNS[i]![2])).join(' ').trimEnd() + '\n'
 }
 
+/**
+ * Characters a table cell shows escaped (`\u000a`), not as themselves: line breaks, which would start a row of the
+ * caller's making, terminal escapes (ESC), which could hide or rewrite what follows, and the other control and
+ * format characters (bidi overrides reorder what is shown), and spaces, which would shift the columns after them (no
+ * column's value has one). A record holds text a client chose (an item id its body named), which the JSON lines
+ * escape and a table must too.
+ */
+const UNPRINTABLE = /[\p{Cc}\p{Cf}\p{Z}]/gu
+
 function cell (value: unknown): string {
-  return value === null || value === undefined ? '-' : String(value)
+  if (value === null || value === undefined) return '-'
+  return String(value).replace(UNPRINTABLE, c => `\\u${c.codePointAt(0)!.toString(16).padStart(4, '0')}`)
 }
 
 /** Writes to stdout, waiting when it is full; false once the reader is gone (`| head`). */

@@ -16,6 +16,8 @@ export interface CountingResponse extends ServerResponse {
   queued: boolean
   /** the id of the call it answers (plugins/request-id.ts), for an answer written on the socket itself */
   requestId: string | null
+  /** cut off for a client that took none of it for listen.sendTimeoutMs (ended, it may look finished all the same) */
+  cutOff: boolean
 }
 
 export function isCounting (res: ServerResponse): res is CountingResponse {
@@ -38,6 +40,7 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
     rawStatus = 0
     queued = false
     requestId: string | null = null
+    cutOff = false
     #stalled: NodeJS.Timeout | null = null
 
     constructor (...args: ConstructorParameters<typeof ServerResponse<Request>>) {
@@ -56,8 +59,52 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
     }
 
     override end (chunk?: unknown, ...rest: any[]): this { // eslint-disable-line @typescript-eslint/no-explicit-any
-      this.bodyBytes += byteLength(chunk, rest[0])
-      return (super.end as (...args: unknown[]) => this)(chunk, ...rest)
+      const bytes = byteLength(chunk, rest[0])
+      this.bodyBytes += bytes
+      ;(super.end as (...args: unknown[]) => this)(chunk, ...rest)
+      // An answer ended with its body in one piece (Fastify sends a Buffer so: an answer the gateway read whole, its
+      // own errors) gets no 'drain' to wait on. One over what the connection's buffers take waits in the gateway
+      // for the client (megabytes, the call's place in limits.maxInFlight, its audit record): the client gets
+      // sendTimeoutMs for each part of it it takes. One waiting behind a pipelined response is watched once it is
+      // written, when it has its socket.
+      if (bytes > 0 && this.#stalled === null) {
+        if (this.socket !== null) this.#watchWritten()
+        else this.once('socket', () => { setImmediate(() => { this.#watchWritten() }) })
+      }
+      return this
+    }
+
+    #cutOff (): void {
+      this.cutOff = true
+      // Reset, not closed: a close would leave the unsent answer (megabytes) in the kernel's send buffer, held
+      // for as long as the client keeps its window shut.
+      this.socket?.resetAndDestroy()
+      this.destroy()
+    }
+
+    #watchWritten (): void {
+      const socket = this.socket
+      if (socket === null || this.#stalled !== null || this.destroyed || !socket.writableNeedDrain) return
+      let left = unsent(socket)
+      const clear = () => {
+        if (this.#stalled !== null) clearTimeout(this.#stalled)
+        this.#stalled = null
+        this.off('finish', clear)
+        this.off('close', clear)
+      }
+      const check = () => {
+        const now = unsent(socket)
+        if (now < left) { // the client took some of it
+          left = now
+          this.#stalled = setTimeout(check, sendTimeoutMs)
+          return
+        }
+        clear()
+        this.#cutOff()
+      }
+      this.#stalled = setTimeout(check, sendTimeoutMs)
+      this.once('finish', clear)
+      this.once('close', clear)
     }
 
     #watchStall (): void {
@@ -67,17 +114,22 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
         this.off('drain', clear)
         this.off('close', clear)
       }
-      // Reset, not closed: a close would leave the unsent answer (megabytes) in the kernel's send buffer, held
-      // for as long as the client keeps its window shut.
-      this.#stalled = setTimeout(() => {
-        this.socket?.resetAndDestroy()
-        this.destroy()
-      }, sendTimeoutMs)
+      this.#stalled = setTimeout(() => { this.#cutOff() }, sendTimeoutMs)
       this.once('drain', clear)
       this.once('close', clear)
     }
   }
   return GatewayResponse as unknown as typeof ServerResponse
+}
+
+/**
+ * Bytes written to a connection and not yet taken by the kernel: those still in the stream's buffer (a write counts
+ * whole until it is done) and, of the one being written, what libuv has still to write (which shrinks as the client
+ * reads: the stream's count of one large write does not).
+ */
+function unsent (socket: Socket): number {
+  const handle = (socket as Socket & { _handle?: { writeQueueSize?: unknown } | null })._handle
+  return socket.writableLength + (typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0)
 }
 
 /** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */

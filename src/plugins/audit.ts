@@ -100,7 +100,9 @@ function rawStatus (res: ServerResponse): number {
 
 function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: ResponseWatch): Outcome {
   if (rawStatus(reply.raw) !== 0) return 'invalid'
-  if (!reply.raw.writableFinished) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
+  // (A response cut off for a client that stopped reading may have been ended, and look finished: its last bytes were
+  // written, not taken.)
+  if (!reply.raw.writableFinished || (isCounting(reply.raw) && reply.raw.cutOff)) return watch.upstreamStreamFailed ? 'upstream_error' : 'aborted'
   if (request.refusal !== null) return request.refusal.outcome
   if (request.upstream !== null) {
     if (request.upstream.status === 429) return 'upstream_rate_limited' // the shared account's limit, not the client's

@@ -25,6 +25,14 @@ export function isJsonMediaType (header: string | undefined): boolean {
   return type === 'application/json'
 }
 
+/**
+ * The client waits for `100 Continue` before it sends its body. Not an HTTP/1.0 one, whose expectation a server must
+ * ignore and to which it must send no 1xx (RFC 9110 §10.1.1, §15.2): such a client reads a 100 as its answer.
+ */
+export function waitsForContinue (request: FastifyRequest): boolean {
+  return request.raw.httpVersionMinor >= 1 && request.headers.expect?.toLowerCase() === '100-continue'
+}
+
 /** The request announces a body (a length above zero, or chunked framing). */
 export function hasBody (headers: IncomingHttpHeaders): boolean {
   const length = headers['content-length']
@@ -146,7 +154,7 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     if (!isJsonMediaType(type)) throw new UnsupportedMediaTypeError(quoted(String(type)))
     const limit = bodyBytes()
     if (Number(headers['content-length']) > limit) throw new RequestTooLargeError(String(limit))
-    if (headers.expect?.toLowerCase() === '100-continue') reply.raw.writeContinue()
+    if (waitsForContinue(request)) reply.raw.writeContinue()
   }
 
   app.removeAllContentTypeParsers()
