@@ -977,10 +977,14 @@ t.test('slow and hostile clients', async t => {
     lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(big) }
     const s = await rawSocket(gw.url)
     s.pause()
-    const sip = setInterval(() => { s.resume(); setTimeout(() => { s.pause() }, 10) }, 150)
+    // (a sip every 100 ms, three in each sendTimeoutMs: only a stall of the event loop of about 200 ms would look like a client
+    // taking nothing for sendTimeoutMs)
+    let sipping = true
+    const sip = setInterval(() => { s.resume(); setTimeout(() => { if (sipping) s.pause() }, 10) }, 100)
     t.teardown(() => { clearInterval(sip) })
     s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
     await until('the call to end', () => gw.audit().length > 0, 60_000)
+    sipping = false // (a sip's pause still to come would stop the client for good)
     clearInterval(sip)
     s.resume()
     t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok' }, 'served, not cut off')
