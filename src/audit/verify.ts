@@ -157,8 +157,16 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
   }
   if (opts.head !== undefined) {
     if (headSeq === null) {
-      return bad(files.at(-1) ?? '', lastLine, prev?.seq ?? null, `the published head ${opts.head} is not the hash of any record ` +
-        'of the series: records were cut from its end (or the head is from another series, or another AUDIT_HMAC_KEY)')
+      const other = '(or the head is from another series, or another AUDIT_HMAC_KEY)'
+      // rotate.keep removed the oldest files, on purpose and said in the chain: a head published while they were the
+      // series' end went with them. Which of the two it is only the time it was published tells.
+      const kept = start?.record
+      return bad(files.at(-1) ?? '', lastLine, prev?.seq ?? null, kept === undefined
+        ? `the published head ${opts.head} is not the hash of any record of the series: records were cut from its end ${other}`
+        : `the published head ${opts.head} is not the hash of any record left in the series. rotate.keep removed the files ` +
+          `holding records up to seq ${kept.seq - 1}; the oldest record left, seq ${kept.seq}, was written at ${String(kept.time)}. ` +
+          'A head published before then went with those files and cannot be checked any more (check one published since); ' +
+          `one published after it means records were cut from the series' end ${other}`)
     }
     const after = (prev?.seq ?? 0) - headSeq
     notes.push(`the published head is the hash of seq ${headSeq}: the trail is whole up to it (${after} record${after === 1 ? '' : 's'} after it)`)
