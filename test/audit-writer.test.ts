@@ -327,6 +327,28 @@ t.test('a file removed by another tool is noticed within a second, and records t
   t.match(await verify(file), { ok: true, records: 4 })
 })
 
+t.test('records written again into a new file after the active one was removed keep their place: the file is named by its first record, and no rotation after it replaces it', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const maxBytes = 4096
+  // Every rotation in the same second, as under load with a small maxBytes: names then differ by their first seq only.
+  const { writer, log } = await open(file, { rotate: { ...NO_ROTATION, maxBytes }, now: () => Date.UTC(2025, 0, 1, 12) })
+  // The file filled about as far as it goes (a few bytes spare, as records differ in length).
+  let n = 0
+  do {
+    writer.write(callRecord(++n))
+    await until(`record ${n}`, () => existsSync(file) && linesOf(file).length === n)
+  } while (statSync(file).size * (n + 1) / n + 16 <= maxBytes)
+  rmSync(file)
+  await until('the records written again', () => existsSync(file) && linesOf(file).length === n, 2000)
+  t.match(log.lines, [{ msg: 'audit: starting a new hash chain' }, { level: 'warn', msg: /was removed by something else/, obj: { rewritten: n } }])
+  for (let i = n + 1; i <= n + 30; i++) writer.write(callRecord(i))
+  await writer.close()
+  const files = await seriesFiles(file)
+  for (const f of files.slice(0, -1)) t.match(f.path, new RegExp(`\\.${f.firstSeq!}$`), `${basename(f.path)} is named by its first record`)
+  t.same(files.flatMap(f => parsed(f.path).map(r => r.seq)), Array.from({ length: n + 30 }, (_, i) => i + 1), 'no record lost')
+  t.match(await verify(file), { ok: true, records: n + 30 })
+})
+
 t.test('a file moved and compressed at once (logrotate compress, no delaycompress, no signal): each record stays in the series once', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const { writer, log } = await open(file)

@@ -650,6 +650,14 @@ class FileSink implements Sink {
         this.fileDay = utcDay(st.mtimeMs)
       }
       for (const buf of this.replay) await this.appendRaw(fh, buf)
+      if (this.fileFirstSeq === null && this.replay.length > 0) {
+        // The file starts with the records written again: its rotated name must give the first of them. Named by
+        // the next seq instead, it would get the name of the file after it, whose rotation in the same second
+        // replaces it, and the records written again would be lost after all.
+        const first = this.replay[0]!
+        this.fileFirstSeq = parseChained(first.toString('utf8', 0, first.indexOf(0x0a)))?.seq ?? null
+        this.fileDay = utcDay(this.opts.now())
+      }
     } catch (err) {
       await fh.close().catch(() => {})
       throw err
