@@ -184,6 +184,40 @@ t.test('a torn last line in a file an outside rotation moved before the restart:
   t.match(await verify(file), { ok: false })
 })
 
+t.test('a torn line the trail says it kept, removed afterwards, is caught at the record that quotes it', async t => {
+  const torn = '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000'
+  // In the same file as the record saying so,
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 5)
+  appendFileSync(file, torn) // the process died mid-write
+  await writeSeries(file, 1, {}, 7) // the restart marks it
+  t.match(await verify(file), { ok: true })
+  writeFileSync(file, linesOf(file).filter(l => l !== torn).map(l => l + '\n').join(''))
+  t.match(await verify(file), { ok: false, file, line: 6, seq: 6, reason: /says line 6 was torn by a crash and is kept, but no such line comes before it: the torn line was removed/ })
+
+  // and at the end of a file an outside rotation moved before the restart.
+  const other = join(tempDir(), 'audit.jsonl')
+  const moved = `${other}.20250101T000000Z.1`
+  await writeSeries(other, 5)
+  appendFileSync(other, torn)
+  renameSync(other, moved)
+  await writeSeries(other, 1, {}, 7)
+  t.match(await verify(other), { ok: true })
+  writeFileSync(moved, readFileSync(moved, 'utf8').slice(0, -torn.length))
+  t.match(await verify(other), { ok: false, file: other, line: 1, seq: 6, reason: /says line 6 of audit\.jsonl\.20250101T000000Z\.1 was torn .* removed/ })
+
+  // A file rotate.keep removed takes its torn line with it: the record saying so, opening the series now, is fine.
+  const kept = join(tempDir(), 'audit.jsonl')
+  await writeSeries(kept, 5)
+  appendFileSync(kept, torn)
+  renameSync(kept, `${kept}.20250101T000000Z.1`)
+  await writeSeries(kept, 1, {}, 7)
+  await writeSeries(kept, 12, { rotate: { maxBytes: 4096, daily: false, keep: 1, gzip: false } }, 8)
+  const files = await seriesFiles(kept)
+  t.match(parsed(files[0]!.path)[0], { event: 'audit.torn_line', seq: 6 }, 'the series starts with the record, its torn line pruned')
+  t.match(await verify(kept), { ok: true, notes: [/up to seq 5 were removed by rotate\.keep/] })
+})
+
 t.test('a whole last line that is not a record (an edit, not a crash) stops the start; nothing is sealed over it', async t => {
   const edits: Array<[string, (lines: string[]) => string[]]> = [
     ['the last record edited into a non-record', lines => [...lines.slice(0, -1), lines.at(-1)!.replace(/"seq":(\d+)/, '"seq":"$1"')]],

@@ -103,6 +103,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         }
         // A line that is not a record is reported as such, at its own line, unless this record acknowledges it: a
         // record edited until it no longer parses leaves the next one out of line too, and that is not where it was.
+        const acknowledges = torn !== null
         if (torn !== null) {
           // The record saying so follows it in its file, or (the file moved by an outside rotation before the
           // restart) opens the next one, naming the torn line's file.
@@ -119,6 +120,13 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         if (unmatched !== null) return unmatchedFailure(problem)
         if (problem?.startsWith(EDITED) === true) unmatched = { file, line, seq: record.seq, problem }
         else if (problem !== null) return bad(file, line, record.seq, problem)
+        // The line a torn_line record quotes is kept: one gone is a line removed from the trail. (Unless the record
+        // opens what is read, naming the file before it, which rotate.keep may have removed, or was not named.)
+        if (record.event === 'audit.torn_line' && !acknowledges && unmatched === null && !(prev === null && record.file !== undefined)) {
+          return bad(file, line, record.seq, `this record says line ${String(record.line)}` +
+            `${record.file === undefined ? '' : ` of ${String(record.file)}`} was torn by a crash and is kept, but no such line comes ` +
+            'before it: the torn line was removed')
+        }
         if (record.event === 'audit.pruned') {
           pruned.set(Number(record.throughSeq), String(record.throughHash))
           notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
