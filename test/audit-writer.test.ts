@@ -103,6 +103,25 @@ t.test('rotate.keep counts and removes only the writer\'s own files: files claim
   t.ok((pruned!.throughSeq as number) < 61, 'through a seq the chain holds')
 })
 
+t.test('copies of closed files planted beside the series push none of its files out: keep counts only the files of the chain', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const real = await writeSeries(file, 60, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  const closed = real.slice(0, -1)
+  t.ok(closed.length > 3, 'several closed files')
+  // Someone who can write the directory, not the key, puts there copies of the newest closed file's first line, and of
+  // a whole closed file. Their first records are the chain's own: counted by keep, they pushed the oldest real files
+  // out, the chain said keep had removed them, and once the copies were taken away verify accepted the history gone.
+  for (let k = 1; k <= 3; k++) writeFileSync(`${file}.${k}`, linesOf(closed.at(-1)!)[0] + '\n')
+  writeFileSync(`${file}.4`, readFileSync(closed[1]!))
+  const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: closed.length, gzip: false } })
+  writer.write(callRecord(61))
+  await writer.close()
+  t.ok(closed.every(f => existsSync(f)), `keep: ${closed.length} keeps the ${closed.length} real closed files`)
+  t.notOk(parsed(file).some(r => r.event === 'audit.pruned'), 'the chain says nothing was pruned')
+  for (let k = 1; k <= 4; k++) rmSync(`${file}.${k}`, { force: true })
+  t.match(await verify(file), { ok: true, records: 61, notes: [] }, 'the whole history is there')
+})
+
 t.test('a file planted just before a rotation, quoting the chain\'s next link, cannot make keep prune the history away unseen', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: 1, gzip: false } })
