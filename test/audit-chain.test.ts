@@ -212,6 +212,21 @@ t.test('a published head passes only as the hash of a verified record: a cut tai
   })
 })
 
+t.test('a published head whose record rotate.keep has since removed is said to be gone with the pruned files, not only a cut end', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const opts = { rotate: { maxBytes: 4096, daily: false, keep: 2, gzip: false } }
+  await writeSeries(file, 5, opts)
+  const head = parsed(file).at(-1)!.hash as string // published elsewhere, as the README says
+  const files = await writeSeries(file, 40, opts, 6)
+  const oldest = parsed(files[0]!)[0]!
+  t.ok(oldest.seq as number > 6, `rotate.keep removed the files up to seq ${oldest.seq as number - 1}, the published head's among them`)
+  t.ok((await verifySeries(files, sha256)).ok, 'the series verifies')
+  const bad = failure(await verifySeries(files, sha256, { head }))
+  t.match(bad, { file: files.at(-1), seq: parsed(files.at(-1)!).at(-1)!.seq })
+  t.match(bad.reason, `rotate.keep removed the files holding records up to seq ${oldest.seq as number - 1}; the oldest record left, ` +
+    `seq ${oldest.seq as number}, was written at ${oldest.time as string}. A head published before then went with those files`)
+})
+
 t.test('a series that starts after seq 1 (rotate.keep pruned it) checked without its HMAC key, or with another, is not called edited without a word of the key', async t => {
   const key = 'k'.repeat(64)
   const { files } = await series({ hmacKey: key, rotate: { maxBytes: 4096, daily: false, keep: 2, gzip: false } })

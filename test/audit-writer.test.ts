@@ -103,6 +103,25 @@ t.test('rotate.keep counts and removes only the writer\'s own files: files claim
   t.ok((pruned!.throughSeq as number) < 61, 'through a seq the chain holds')
 })
 
+t.test('copies of closed files planted beside the series push none of its files out: keep counts only the files of the chain', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const real = await writeSeries(file, 60, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  const closed = real.slice(0, -1)
+  t.ok(closed.length > 3, 'several closed files')
+  // Someone who can write the directory, not the key, puts there copies of the newest closed file's first line, and of
+  // a whole closed file. Their first records are the chain's own: counted by keep, they pushed the oldest real files
+  // out, the chain said keep had removed them, and once the copies were taken away verify accepted the history gone.
+  for (let k = 1; k <= 3; k++) writeFileSync(`${file}.${k}`, linesOf(closed.at(-1)!)[0] + '\n')
+  writeFileSync(`${file}.4`, readFileSync(closed[1]!))
+  const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: closed.length, gzip: false } })
+  writer.write(callRecord(61))
+  await writer.close()
+  t.ok(closed.every(f => existsSync(f)), `keep: ${closed.length} keeps the ${closed.length} real closed files`)
+  t.notOk(parsed(file).some(r => r.event === 'audit.pruned'), 'the chain says nothing was pruned')
+  for (let k = 1; k <= 4; k++) rmSync(`${file}.${k}`, { force: true })
+  t.match(await verify(file), { ok: true, records: 61, notes: [] }, 'the whole history is there')
+})
+
 t.test('a file planted just before a rotation, quoting the chain\'s next link, cannot make keep prune the history away unseen', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: 1, gzip: false } })
@@ -182,6 +201,40 @@ t.test('a torn last line in a file an outside rotation moved before the restart:
   const forged = linesOf(file)
   writeFileSync(file, [JSON.stringify({ ...JSON.parse(forged[0]!), file: 'audit.jsonl.other' }), ...forged.slice(1)].join('\n') + '\n')
   t.match(await verify(file), { ok: false })
+})
+
+t.test('a torn line the trail says it kept, removed afterwards, is caught at the record that quotes it', async t => {
+  const torn = '{"time":"2025-01-01T00:00:06.000Z","requestId":"gw_0000'
+  // In the same file as the record saying so,
+  const file = join(tempDir(), 'audit.jsonl')
+  await writeSeries(file, 5)
+  appendFileSync(file, torn) // the process died mid-write
+  await writeSeries(file, 1, {}, 7) // the restart marks it
+  t.match(await verify(file), { ok: true })
+  writeFileSync(file, linesOf(file).filter(l => l !== torn).map(l => l + '\n').join(''))
+  t.match(await verify(file), { ok: false, file, line: 6, seq: 6, reason: /says line 6 was torn by a crash and is kept, but no such line comes before it: the torn line was removed/ })
+
+  // and at the end of a file an outside rotation moved before the restart.
+  const other = join(tempDir(), 'audit.jsonl')
+  const moved = `${other}.20250101T000000Z.1`
+  await writeSeries(other, 5)
+  appendFileSync(other, torn)
+  renameSync(other, moved)
+  await writeSeries(other, 1, {}, 7)
+  t.match(await verify(other), { ok: true })
+  writeFileSync(moved, readFileSync(moved, 'utf8').slice(0, -torn.length))
+  t.match(await verify(other), { ok: false, file: other, line: 1, seq: 6, reason: /says line 6 of audit\.jsonl\.20250101T000000Z\.1 was torn .* removed/ })
+
+  // A file rotate.keep removed takes its torn line with it: the record saying so, opening the series now, is fine.
+  const kept = join(tempDir(), 'audit.jsonl')
+  await writeSeries(kept, 5)
+  appendFileSync(kept, torn)
+  renameSync(kept, `${kept}.20250101T000000Z.1`)
+  await writeSeries(kept, 1, {}, 7)
+  await writeSeries(kept, 12, { rotate: { maxBytes: 4096, daily: false, keep: 1, gzip: false } }, 8)
+  const files = await seriesFiles(kept)
+  t.match(parsed(files[0]!.path)[0], { event: 'audit.torn_line', seq: 6 }, 'the series starts with the record, its torn line pruned')
+  t.match(await verify(kept), { ok: true, notes: [/up to seq 5 were removed by rotate\.keep/] })
 })
 
 t.test('a whole last line that is not a record (an edit, not a crash) stops the start; nothing is sealed over it', async t => {
@@ -325,6 +378,28 @@ t.test('a file removed by another tool is noticed within a second, and records t
   await writer.close()
   t.same(parsed(file).map(r => r.seq), [1, 2, 3, 4], 'nothing lost to the removed file')
   t.match(await verify(file), { ok: true, records: 4 })
+})
+
+t.test('records written again into a new file after the active one was removed keep their place: the file is named by its first record, and no rotation after it replaces it', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const maxBytes = 4096
+  // Every rotation in the same second, as under load with a small maxBytes: names then differ by their first seq only.
+  const { writer, log } = await open(file, { rotate: { ...NO_ROTATION, maxBytes }, now: () => Date.UTC(2025, 0, 1, 12) })
+  // The file filled about as far as it goes (a few bytes spare, as records differ in length).
+  let n = 0
+  do {
+    writer.write(callRecord(++n))
+    await until(`record ${n}`, () => existsSync(file) && linesOf(file).length === n)
+  } while (statSync(file).size * (n + 1) / n + 16 <= maxBytes)
+  rmSync(file)
+  await until('the records written again', () => existsSync(file) && linesOf(file).length === n, 2000)
+  t.match(log.lines, [{ msg: 'audit: starting a new hash chain' }, { level: 'warn', msg: /was removed by something else/, obj: { rewritten: n } }])
+  for (let i = n + 1; i <= n + 30; i++) writer.write(callRecord(i))
+  await writer.close()
+  const files = await seriesFiles(file)
+  for (const f of files.slice(0, -1)) t.match(f.path, new RegExp(`\\.${f.firstSeq!}$`), `${basename(f.path)} is named by its first record`)
+  t.same(files.flatMap(f => parsed(f.path).map(r => r.seq)), Array.from({ length: n + 30 }, (_, i) => i + 1), 'no record lost')
+  t.match(await verify(file), { ok: true, records: n + 30 })
 })
 
 t.test('a file moved and compressed at once (logrotate compress, no delaycompress, no signal): each record stays in the series once', async t => {

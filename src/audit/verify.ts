@@ -103,6 +103,7 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         }
         // A line that is not a record is reported as such, at its own line, unless this record acknowledges it: a
         // record edited until it no longer parses leaves the next one out of line too, and that is not where it was.
+        const acknowledges = torn !== null
         if (torn !== null) {
           // The record saying so follows it in its file, or (the file moved by an outside rotation before the
           // restart) opens the next one, naming the torn line's file.
@@ -119,6 +120,13 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
         if (unmatched !== null) return unmatchedFailure(problem)
         if (problem?.startsWith(EDITED) === true) unmatched = { file, line, seq: record.seq, problem }
         else if (problem !== null) return bad(file, line, record.seq, problem)
+        // The line a torn_line record quotes is kept: one gone is a line removed from the trail. (Unless the record
+        // opens what is read, naming the file before it, which rotate.keep may have removed, or was not named.)
+        if (record.event === 'audit.torn_line' && !acknowledges && unmatched === null && !(prev === null && record.file !== undefined)) {
+          return bad(file, line, record.seq, `this record says line ${String(record.line)}` +
+            `${record.file === undefined ? '' : ` of ${String(record.file)}`} was torn by a crash and is kept, but no such line comes ` +
+            'before it: the torn line was removed')
+        }
         if (record.event === 'audit.pruned') {
           pruned.set(Number(record.throughSeq), String(record.throughHash))
           notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
@@ -157,8 +165,16 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
   }
   if (opts.head !== undefined) {
     if (headSeq === null) {
-      return bad(files.at(-1) ?? '', lastLine, prev?.seq ?? null, `the published head ${opts.head} is not the hash of any record ` +
-        'of the series: records were cut from its end (or the head is from another series, or another AUDIT_HMAC_KEY)')
+      const other = '(or the head is from another series, or another AUDIT_HMAC_KEY)'
+      // rotate.keep removed the oldest files, on purpose and said in the chain: a head published while they were the
+      // series' end went with them. Which of the two it is only the time it was published tells.
+      const kept = start?.record
+      return bad(files.at(-1) ?? '', lastLine, prev?.seq ?? null, kept === undefined
+        ? `the published head ${opts.head} is not the hash of any record of the series: records were cut from its end ${other}`
+        : `the published head ${opts.head} is not the hash of any record left in the series. rotate.keep removed the files ` +
+          `holding records up to seq ${kept.seq - 1}; the oldest record left, seq ${kept.seq}, was written at ${String(kept.time)}. ` +
+          'A head published before then went with those files and cannot be checked any more (check one published since); ' +
+          `one published after it means records were cut from the series' end ${other}`)
     }
     const after = (prev?.seq ?? 0) - headSeq
     notes.push(`the published head is the hash of seq ${headSeq}: the trail is whole up to it (${after} record${after === 1 ? '' : 's'} after it)`)

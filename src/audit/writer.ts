@@ -39,7 +39,7 @@ import { makeDirectories, notRegularAuditFile } from '../preflight.js'
 import { acquireLock, type AuditLock } from './lock.js'
 import {
   AuditReadError, firstLine, firstSeqOf, GZIP_SUFFIX, isOwnRotated, lastRecord, readLines, readProblem, readTail, rotatedName,
-  scanSeries, seriesFiles, TEMP_SUFFIX
+  scanSeries, seriesFiles, TEMP_SUFFIX, type SeriesFile
 } from './series.js'
 
 export type FsyncMode = 'off' | 'interval' | 'every'
@@ -650,6 +650,14 @@ class FileSink implements Sink {
         this.fileDay = utcDay(st.mtimeMs)
       }
       for (const buf of this.replay) await this.appendRaw(fh, buf)
+      if (this.fileFirstSeq === null && this.replay.length > 0) {
+        // The file starts with the records written again: its rotated name must give the first of them. Named by
+        // the next seq instead, it would get the name of the file after it, whose rotation in the same second
+        // replaces it, and the records written again would be lost after all.
+        const first = this.replay[0]!
+        this.fileFirstSeq = parseChained(first.toString('utf8', 0, first.indexOf(0x0a)))?.seq ?? null
+        this.fileDay = utcDay(this.opts.now())
+      }
     } catch (err) {
       await fh.close().catch(() => {})
       throw err
@@ -869,10 +877,13 @@ class FileSink implements Sink {
     // closed, listed, would otherwise count as not of the chain.)
     const files = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
     const activeFirst = this.fileFirstSeq ?? this.head.seq + 1
-    const closed = files.filter(f => f.firstSeq !== null && f.firstSeq < activeFirst)
-    if (closed.length < files.length) {
-      this.opts.log.warn({ files: files.filter(f => !closed.includes(f)).map(f => basename(f.path)) },
-        'audit: files named like the series that do not hold records of its chain are left out of rotate.keep')
+    const closed = await this.chainFiles(files.filter(f => f.firstSeq !== null && f.firstSeq < activeFirst))
+    // (Files past the active one's first seq are foreign whatever the walk found; the others are said only once the
+    // walk found the chain: it finds none when the file rotated since the listing.)
+    const foreign = files.filter(f => !closed.includes(f) && (closed.length > 0 || f.firstSeq === null || f.firstSeq >= activeFirst))
+    if (foreign.length > 0) {
+      this.opts.log.warn({ files: foreign.map(f => basename(f.path)) },
+        'audit: files named like the series that are not links of its chain (records beyond it, or copies of its files) are left out of rotate.keep')
     }
     const remove = closed.slice(0, Math.max(0, closed.length - keep))
     const oldestKept = closed[remove.length]
@@ -886,6 +897,47 @@ class FileSink implements Sink {
       time: new Date(this.opts.now()).toISOString(), event: 'audit.pruned', files: remove.map(f => basename(f.path)),
       throughSeq: first.seq - 1, throughHash: first.prevHash
     }, remove.map(f => f.path))
+  }
+
+  /** Last records of closed files read for chainFiles, by path, valid while the file is unchanged. */
+  private readonly lastRecords = new Map<string, { version: string, last: ChainedRecord | null }>()
+
+  /**
+   * The closed files that are links of the chain, oldest first: walked back from the active file, each one's last
+   * record the one the file after it links to (seq and hash). Copies of the chain's files, or of their first lines,
+   * planted beside it hold records of the chain too, and seqs below the active file's: counted, they would push its
+   * real files out, with a pruned record the chain signs. Empty when the walk cannot start (a rotation since the
+   * listing, an active file that does not start with a record): nothing is pruned this time.
+   */
+  private async chainFiles (candidates: SeriesFile[]): Promise<SeriesFile[]> {
+    let link: ChainHead | null = this.head
+    if (this.fileFirstSeq !== null) {
+      const first = parseChained(await firstLine(this.file) ?? '')
+      link = first === null || first.seq !== this.fileFirstSeq ? null : { seq: first.seq - 1, hash: first.prevHash }
+    }
+    const chain: SeriesFile[] = []
+    for (const file of [...candidates].reverse()) {
+      if (link === null) break
+      const last = await this.lastRecordOf(file.path)
+      if (last?.seq !== link.seq || last.hash !== link.hash) continue // not the file this link points to
+      const first = parseChained(await firstLine(file.path) ?? '')
+      if (first === null) break
+      chain.unshift(file)
+      link = { seq: first.seq - 1, hash: first.prevHash }
+    }
+    // (Only files still there are remembered: one entry per rotation would add up.)
+    for (const path of this.lastRecords.keys()) if (!candidates.some(f => f.path === path)) this.lastRecords.delete(path)
+    return chain
+  }
+
+  private async lastRecordOf (path: string): Promise<ChainedRecord | null> {
+    const st = await stat(path)
+    const version = `${st.ino}:${st.size}:${st.mtimeMs}`
+    const known = this.lastRecords.get(path)
+    if (known?.version === version) return known.last
+    const last = await lastRecord(path)
+    this.lastRecords.set(path, { version, last })
+    return last
   }
 
   async reopen (): Promise<void> {
