@@ -5,9 +5,11 @@ export const KEY_PREFIX = 'ogw_'
 
 /**
  * A key as generateKey makes it, anywhere in a text: a client that put its key in a URL (arguments swapped).
- * Each character may come percent-encoded (`ogw%5F...`), as a URL may spell it and the upstream would read it.
+ * Each character may come percent-encoded (`ogw%5F...`), as a URL may spell it and the upstream would read it, and
+ * encoded more than once (`ogw%255F...`, an encoder run over a URL already encoded), which a reader decoding as often
+ * reads as the key.
  */
-const KEY_IN_TEXT = /(?:o|%6[Ff])(?:g|%67)(?:w|%77)(?:_|%5[Ff])(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{2}){43}/g
+const KEY_IN_TEXT = /(?:o|%(?:25)*6[Ff])(?:g|%(?:25)*67)(?:w|%(?:25)*77)(?:_|%(?:25)*5[Ff])(?:[A-Za-z0-9_-]|%(?:25)*[0-9A-Fa-f]{2}){43}/g
 
 /** Whether the text may hold a key at all: `ogw_`, or a percent-escape (cheap; most URLs have neither). */
 function mayHoldKey (text: string): boolean {
