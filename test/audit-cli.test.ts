@@ -295,6 +295,32 @@ t.test('a client cannot write rows of its own into the table ops read: what it c
     'the row says who called and what it named, escaped, then the real address and request id')
 })
 
+t.test('audit query --request finds the call an SDK error or a served call names by its request id', async t => {
+  // What a team hands ops is the request id its SDK reported: an error's (the gateway's id) or a served call's
+  // `_request_id` (the upstream's x-request-id).
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const created = await client.conversations.create({}).withResponse()
+  const failed = await client.conversations.retrieve('conv_nowhere').catch((err: unknown) => err) as InstanceType<typeof OpenAI.APIError>
+  t.equal(failed.status, 404)
+  await client.conversations.retrieve(created.data.id)
+  const found = (id: string) => {
+    const r = run(['audit', 'query', '--request', id, gw.config.audit.file])
+    t.equal(r.status, 0, r.stderr)
+    return r.stdout.split('\n').filter(line => line !== '').map(line => JSON.parse(line) as Record<string, unknown>)
+  }
+  const byError = found(failed.requestID!)
+  t.match(byError, [{ action: 'conversation.retrieve', status: 404, requestId: failed.requestID }], 'the error\'s request_id: that call alone')
+  const served = created.response.headers.get('x-request-id')!
+  t.ok(served, '(the served call\'s x-request-id, the SDK\'s _request_id)')
+  const byServed = found(served)
+  t.ok(byServed.length >= 1 && byServed.every(r => r.upstreamRequestId === served), 'a served call\'s: the calls the upstream answered with it')
+  t.match(byServed[0], { action: 'conversation.create', status: 200 })
+  t.same(found('gw_00000000000000000000000000000000'), [], 'an id no call had: nothing')
+})
+
 t.test('audit query refuses bad flags with the reason, and --help lists every flag from the one table', async t => {
   for (const [args, message] of [
     [['--status', '42'], /--status: "42" is not a status/],

@@ -81,6 +81,11 @@ export const FLAGS = {
     help: 'calls on this response (resp_...), and creates that continue it (previous_response_id), refused ones included',
     filter: (value) => ({ needle: JSON.stringify(value), test: r => r.responseId === value || r.previousResponseId === value })
   },
+  request: {
+    value: 'ID',
+    help: 'the call with this request id: the gateway\'s (gw_..., an SDK error\'s request_id) or the upstream\'s (upstreamRequestId)',
+    filter: (value) => ({ needle: JSON.stringify(value), test: r => r.requestId === value || r.upstreamRequestId === value })
+  },
   model: { value: 'MODEL', help: 'Responses calls for this model (gpt-4o-mini)', filter: exact('model') },
   status: {
     value: 'CODE',
