@@ -122,6 +122,28 @@ t.test('copies of closed files planted beside the series push none of its files 
   t.match(await verify(file), { ok: true, records: 61, notes: [] }, 'the whole history is there')
 })
 
+t.test('a damaged gzipped file beside the series (a copy cut short) stops no pruning: keep goes on with the files of the chain', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const rotate = { maxBytes: 4096, daily: false, keep: 0, gzip: true }
+  const real = await writeSeries(file, 60, { rotate })
+  const closed = real.slice(0, -1)
+  t.ok(closed.length > 3 && closed.every(f => f.endsWith('.gz')), 'several closed files, gzipped')
+  // Its first record is the chain's own, so it is looked at as a link; its last can only be read through, and it
+  // is cut short (a copy broken off, a disk's damage, or planted by someone who can write the directory). At
+  // 3c5d3db such a file stopped nothing; read through to find its last record, it failed every housekeeping after.
+  const whole = readFileSync(closed.at(-1)!)
+  writeFileSync(`${file}.copy.gz`, whole.subarray(0, whole.length - 16))
+  const { writer, log } = await open(file, { rotate: { ...rotate, keep: 2 } })
+  for (let i = 61; i <= 90; i++) writer.write(callRecord(i))
+  await writer.close()
+  t.notOk(log.lines.some(l => l.level === 'error'), `no housekeeping failed: ${JSON.stringify(log.lines.filter(l => l.level === 'error'))}`)
+  const left = (await seriesFiles(file)).map(f => f.path)
+  t.notOk(closed.some(f => left.includes(f)), 'the oldest closed files are pruned')
+  t.equal(left.filter(f => f !== file && f !== `${file}.copy.gz`).length, 2, 'keep: 2 closed files of the chain are left')
+  t.ok(left.includes(`${file}.copy.gz`), 'the damaged file is left alone, for verify to name')
+  t.ok(parsed(file).some(r => r.event === 'audit.pruned'), 'the chain says what was pruned')
+})
+
 t.test('a file planted just before a rotation, quoting the chain\'s next link, cannot make keep prune the history away unseen', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: 1, gzip: false } })

@@ -970,6 +970,27 @@ t.test('slow and hostile clients', async t => {
     t.ok(s.text().length < big.length, `the client could read only part of the answer (${s.text().length} of ${big.length} bytes)`)
   })
 
+  await t.test('a client that pipelines calls and reads none of their answers, each small, is cut off after listen.sendTimeoutMs once its buffers are full', async t => {
+    // Each answer is sent whole and is below what a connection's stream buffers before a write asks to wait (16 KiB):
+    // once the kernel's buffers are full, the answer holding the connection waits for a client that reads nothing,
+    // with no write of it ever refused, and those behind it wait with it (their places in limits.maxInFlight, their
+    // audit records). (Whole requests, as many as the gateway reads at once: none is left half read, for
+    // listen.requestTimeoutMs to end.)
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    const answer = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: {}, padding: 'x'.repeat(14 * 1024) })
+    lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(answer) }
+    const s = await rawSocket(gw.url)
+    s.pause() // reads nothing
+    const calls = 500 // (7 MiB of answers, more than loopback's buffers take)
+    s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`.repeat(calls))
+    await until('the gateway to cut the client off', () => gw.audit().length === calls, 10_000)
+    const records = gw.audit() as Array<{ status: number, outcome: string }>
+    t.ok(records.some(r => r.outcome === 'ok'), 'the answers the buffers took were served')
+    t.ok(records.some(r => r.status === 200 && r.outcome === 'aborted'), 'the one the client left waiting is audited as cut off')
+    s.resume()
+    await until('the connection to be gone', () => s.closedAt() !== null, 3000)
+  })
+
   await t.test('a client that reads such an answer slowly, a little at a time, gets it whole', async t => {
     // listen.sendTimeoutMs bounds a client taking none of its answer, not how long a large answer may take.
     const { lines, gw, conv } = await setup(t, 1, {}, { listen })

@@ -935,7 +935,16 @@ class FileSink implements Sink {
     const version = `${st.ino}:${st.size}:${st.mtimeMs}`
     const known = this.lastRecords.get(path)
     if (known?.version === version) return known.last
-    const last = await lastRecord(path)
+    let last: ChainedRecord | null
+    try {
+      last = await lastRecord(path)
+    } catch (err) {
+      // A file that cannot be read to its end (a gzipped copy cut short, damaged on disk) is no link it can be shown
+      // to be: left out, as a copy is, it stops no pruning of the chain's files. (Not remembered: the cause may be
+      // the process's, gone by the next rotation.)
+      if (err instanceof AuditReadError) return null
+      throw err
+    }
     this.lastRecords.set(path, { version, last })
     return last
   }

@@ -63,11 +63,12 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
       this.bodyBytes += bytes
       ;(super.end as (...args: unknown[]) => this)(chunk, ...rest)
       // An answer ended with its body in one piece (Fastify sends a Buffer so: an answer the gateway read whole, its
-      // own errors) gets no 'drain' to wait on. One over what the connection's buffers take waits in the gateway
+      // own errors) gets no 'drain' to wait on. One the connection's buffers do not take at once waits in the gateway
       // for the client (megabytes, the call's place in limits.maxInFlight, its audit record): the client gets
-      // sendTimeoutMs for each part of it it takes. One waiting behind a pipelined response is watched once it is
-      // written, when it has its socket.
-      if (bytes > 0 && this.#stalled === null) {
+      // sendTimeoutMs for each part of it it takes. That is so of a small one too (no write of it asks to wait)
+      // written behind answers the client has not read (pipelined calls), or of a streamed answer's last part. One
+      // waiting behind a pipelined response is watched once it is written, when it has its socket.
+      if (this.#stalled === null) {
         if (this.socket !== null) this.#watchWritten()
         else this.once('socket', () => { setImmediate(() => { this.#watchWritten() }) })
       }
@@ -84,7 +85,7 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
 
     #watchWritten (): void {
       const socket = this.socket
-      if (socket === null || this.#stalled !== null || this.destroyed || !socket.writableNeedDrain) return
+      if (socket === null || this.#stalled !== null || this.destroyed || unsent(socket) === 0) return
       let left = unsent(socket)
       const clear = () => {
         if (this.#stalled !== null) clearTimeout(this.#stalled)
