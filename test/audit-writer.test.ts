@@ -122,6 +122,28 @@ t.test('copies of closed files planted beside the series push none of its files 
   t.match(await verify(file), { ok: true, records: 61, notes: [] }, 'the whole history is there')
 })
 
+t.test('pieces cut from a closed file and planted beside it make the chain no longer: keep prunes none of its files before their time', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const real = await writeSeries(file, 60, { rotate: { maxBytes: 4096, daily: false, keep: 0, gzip: false } })
+  const closed = real.slice(0, -1)
+  t.ok(closed.length > 3, 'several closed files')
+  // Each piece is made of the chain's own records, its first linking to the one before it and its last to the file
+  // after it: walked one by one, the two pieces were two links where the file they were cut from is one, and keep
+  // counted one file more than the chain has.
+  const lines = linesOf(closed[1]!)
+  const half = Math.floor(lines.length / 2)
+  writeFileSync(`${file}.piece-1`, lines.slice(0, half).join('\n') + '\n')
+  writeFileSync(`${file}.piece-2`, lines.slice(half).join('\n') + '\n')
+  const { writer } = await open(file, { rotate: { maxBytes: 4096, daily: false, keep: closed.length, gzip: false } })
+  writer.write(callRecord(61))
+  await writer.close()
+  t.ok(closed.every(f => existsSync(f)), `keep: ${closed.length} keeps the ${closed.length} real closed files`)
+  t.notOk(parsed(file).some(r => r.event === 'audit.pruned'), 'the chain says nothing was pruned')
+  rmSync(`${file}.piece-1`)
+  rmSync(`${file}.piece-2`)
+  t.match(await verify(file), { ok: true, records: 61, notes: [] }, 'the whole history is there')
+})
+
 t.test('a damaged gzipped file beside the series (a copy cut short) stops no pruning: keep goes on with the files of the chain', async t => {
   const file = join(tempDir(), 'audit.jsonl')
   const rotate = { maxBytes: 4096, daily: false, keep: 0, gzip: true }

@@ -578,6 +578,11 @@ async function gzipFile (file: string): Promise<void> {
   await unlink(file)
 }
 
+/** What tells a file changed: its inode, size and modification time. */
+function fileVersion (st: { ino: number, size: number, mtimeMs: number }): string {
+  return `${st.ino}:${st.size}:${st.mtimeMs}`
+}
+
 /** The active file of a chained series, its rotation and its housekeeping (gzip, keep). */
 class FileSink implements Sink {
   private fh: FileHandle | null = null
@@ -857,7 +862,7 @@ class FileSink implements Sink {
           const partial = (await readdir(dir)).filter(n => n.startsWith(basename(this.file) + '.') && n.endsWith(GZIP_SUFFIX + TEMP_SUFFIX))
           for (const name of partial) await unlink(join(dir, name)).catch(() => {})
         }
-        for (const p of plain) await gzipFile(p)
+        for (const p of plain) await this.gzipKeepingLast(p)
       }
       // Pruning is recorded in the chain, so once the file is closed it waits for the next start.
       if (keep > 0 && !this.closing) await this.prune(keep)
@@ -877,7 +882,10 @@ class FileSink implements Sink {
     // closed, listed, would otherwise count as not of the chain.)
     const files = (await seriesFiles(this.file)).filter(f => f.path !== this.file)
     const activeFirst = this.fileFirstSeq ?? this.head.seq + 1
-    const closed = await this.chainFiles(files.filter(f => f.firstSeq !== null && f.firstSeq < activeFirst))
+    const candidates = files.filter(f => f.firstSeq !== null && f.firstSeq < activeFirst)
+    // No more of them than keep: none goes, whichever are links; the walk, which reads each gzipped file through
+    // once per process, is spared (a start finds as many closed files as the last pruning left).
+    const closed = candidates.length > keep ? await this.chainFiles(candidates) : candidates
     // (Files past the active one's first seq are foreign whatever the walk found; the others are said only once the
     // walk found the chain: it finds none when the file rotated since the listing.)
     const foreign = files.filter(f => !closed.includes(f) && (closed.length > 0 || f.firstSeq === null || f.firstSeq >= activeFirst))
@@ -915,11 +923,16 @@ class FileSink implements Sink {
       const first = parseChained(await firstLine(this.file) ?? '')
       link = first === null || first.seq !== this.fileFirstSeq ? null : { seq: first.seq - 1, hash: first.prevHash }
     }
+    const lasts = new Map<SeriesFile, ChainedRecord | null>()
+    for (const file of candidates) lasts.set(file, await this.lastRecordOf(file.path))
     const chain: SeriesFile[] = []
-    for (const file of [...candidates].reverse()) {
-      if (link === null) break
-      const last = await this.lastRecordOf(file.path)
-      if (last?.seq !== link.seq || last.hash !== link.hash) continue // not the file this link points to
+    while (link !== null && link.seq > 0) {
+      const { seq, hash } = link
+      // Of the files ending with the record the link names, the one reaching furthest back (the lowest first seq:
+      // candidates are in that order). Pieces cut from a closed file and planted beside it end with that record too:
+      // taken one by one, they made the chain longer than it is, and keep pruned its oldest files before their time.
+      const file = candidates.find(f => !chain.includes(f) && f.firstSeq! <= seq && lasts.get(f)?.seq === seq && lasts.get(f)?.hash === hash)
+      if (file === undefined) break
       const first = parseChained(await firstLine(file.path) ?? '')
       if (first === null) break
       chain.unshift(file)
@@ -930,9 +943,21 @@ class FileSink implements Sink {
     return chain
   }
 
+  /**
+   * gzipFile, remembering the file's last record for the gzip (read from the plain file's end: the gzip could only be
+   * read through to find it, which the pruning's walk would do at every rotation).
+   */
+  private async gzipKeepingLast (file: string): Promise<void> {
+    const last = this.opts.rotate.keep > 0 ? await lastRecord(file).catch(() => undefined) : undefined
+    await gzipFile(file)
+    if (last === undefined) return
+    const gzipped = file + GZIP_SUFFIX
+    const st = await stat(gzipped).catch(() => null)
+    if (st !== null) this.lastRecords.set(gzipped, { version: fileVersion(st), last })
+  }
+
   private async lastRecordOf (path: string): Promise<ChainedRecord | null> {
-    const st = await stat(path)
-    const version = `${st.ino}:${st.size}:${st.mtimeMs}`
+    const version = fileVersion(await stat(path))
     const known = this.lastRecords.get(path)
     if (known?.version === version) return known.last
     let last: ChainedRecord | null
