@@ -965,6 +965,7 @@ t.test('slow and hostile clients', async t => {
     await until('the gateway to cut the client off', () => gw.audit().length > 0, 5000)
     const record = await lastRecord(gw, 1)
     t.match(record, { status: 200, outcome: 'aborted' }, 'the call ends as cut off, and is audited while the client still holds its socket')
+    t.ok(record.bytesOut < big.length, `bytesOut counts what went out, not the part dropped with the connection (${record.bytesOut} of ${big.length} bytes)`)
     s.resume()
     await until('the connection to be gone', () => s.closedAt() !== null, 3000)
     t.ok(s.text().length < big.length, `the client could read only part of the answer (${s.text().length} of ${big.length} bytes)`)

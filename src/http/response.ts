@@ -77,6 +77,8 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
 
     #cutOff (): void {
       this.cutOff = true
+      // What the gateway still held is dropped with the connection, never sent: bytesOut counts what went out.
+      if (this.socket !== null) this.bodyBytes = Math.max(0, this.bodyBytes - unsent(this.socket))
       // Reset, not closed: a close would leave the unsent answer (megabytes) in the kernel's send buffer, held
       // for as long as the client keeps its window shut.
       this.socket?.resetAndDestroy()
@@ -124,13 +126,17 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
 }
 
 /**
- * Bytes written to a connection and not yet taken by the kernel: those still in the stream's buffer (a write counts
- * whole until it is done) and, of the one being written, what libuv has still to write (which shrinks as the client
- * reads: the stream's count of one large write does not).
+ * Bytes written to a connection and not yet taken by the kernel: those still in the stream's buffer, less the write
+ * being done (the stream counts it whole until it is done), and, of that one, what libuv has still to write (which
+ * shrinks as the client reads: the stream's count of one large write does not).
  */
 function unsent (socket: Socket): number {
-  const handle = (socket as Socket & { _handle?: { writeQueueSize?: unknown } | null })._handle
-  return socket.writableLength + (typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0)
+  const { _handle: handle, _writableState: state } = socket as Socket & {
+    _handle?: { writeQueueSize?: unknown } | null
+    _writableState?: { writelen?: unknown }
+  }
+  const writing = typeof state?.writelen === 'number' ? state.writelen : 0
+  return socket.writableLength - writing + (typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0)
 }
 
 /** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */
