@@ -17,6 +17,7 @@ import { BIN, configFile, env, gatewayYaml, run, runAsync } from './fixtures/bin
 import OpenAI from 'openai'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
 import { startUpstream } from './fixtures/upstream.js'
+import { until } from './fixtures/client.js'
 
 /** A config whose audit series holds records 1..60 over several files, the closed ones gzipped. */
 async function gzippedSeries () {
@@ -306,6 +307,9 @@ t.test('audit query --request finds the call an SDK error or a served call names
   const failed = await client.conversations.retrieve('conv_nowhere').catch((err: unknown) => err) as InstanceType<typeof OpenAI.APIError>
   t.equal(failed.status, 404)
   await client.conversations.retrieve(created.data.id)
+  // (each record goes to the writer as its call's response closes, and into the file with the writer's next batch)
+  await until('the three calls\' records', () => gw.audit().length >= 3)
+  await gw.auditFile()
   const found = (id: string) => {
     const r = run(['audit', 'query', '--request', id, gw.config.audit.file])
     t.equal(r.status, 0, r.stderr)
