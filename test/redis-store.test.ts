@@ -1,7 +1,9 @@
 // The Redis store against a real redis-server: the same bucket rules as the memory store, shared by every
 // store instance (replica) on one Redis, and what happens when Redis goes away, hangs, and comes back.
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
+import { readFileSync } from 'node:fs'
 import { createServer as createHttpServer } from 'node:http'
+import { createServer as createTlsServer } from 'node:tls'
 import t, { type Test } from 'tap'
 import { StartupError } from '../src/preflight.js'
 import { StoreUnavailableError, type BucketRule } from '../src/stores/rate-limit-store.js'
@@ -356,6 +358,22 @@ t.test('a store.url whose port leads to a server that is not Redis (an HTTP serv
     }
     await eventually(async () => sockets.size === 0, 'its connections closed, not tried again')
   }
+})
+
+t.test('rediss:// to a server whose certificate is not trusted (a private CA not given) refuses the start, saying so', async t => {
+  // (reconnecting meets the same certificate: the replica would run with every call refused, closed, or its buckets
+  // never shared, open, said only in a warning every 10 s)
+  const fixtures = new URL('./fixtures/tls/', import.meta.url)
+  const server = createTlsServer({ key: readFileSync(new URL('server.key', fixtures)), cert: readFileSync(new URL('server.pem', fixtures)) },
+    socket => { socket.on('data', () => { socket.write('+OK\r\n') }) })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  const url = `rediss://127.0.0.1:${(server.address() as AddressInfo).port}/0`
+  const refused = await RedisStore.connect({ url, timeoutMs: 2000, onFailure: 'closed', log: recorder() })
+    .then(async started => { await started.close(); return null }, (err: unknown) => err)
+  t.type(refused, StartupError)
+  t.match((refused as Error | null)?.message,
+    /^store\.url: its server's TLS certificate was refused \((?:unable to verify the first certificate|self[- ]signed certificate in certificate chain)\): add the CA that signed it with NODE_EXTRA_CA_CERTS, or give the host name it is for$/i)
 })
 
 t.test('a failover that leaves the old primary a read-only replica: the store reconnects and finds the new primary', async t => {

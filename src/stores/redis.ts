@@ -111,6 +111,17 @@ const AUTH_REFUSED = /^(?:WRONGPASS|NOAUTH)\b/
  */
 const NOT_RESP = /^Unknown RESP type (\d+)/
 
+/**
+ * A TLS certificate refused (rediss://): Node's codes for a chain it cannot verify against its roots (and
+ * NODE_EXTRA_CA_CERTS, read at start), a name the certificate is not for, or one out of its dates. Reconnecting
+ * meets the same certificate.
+ */
+const CERT_REFUSED = new Set([
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'CERT_UNTRUSTED', 'CERT_SIGNATURE_FAILURE', 'INVALID_CA', 'CERT_HAS_EXPIRED',
+  'CERT_NOT_YET_VALID', 'HOSTNAME_MISMATCH', 'ERR_TLS_CERT_ALTNAME_INVALID'
+])
+
 /** A connection the server closed (or reset) under the client. */
 const HUNG_UP = /\b(?:EPIPE|ECONNRESET)\b|Connection is closed/
 
@@ -279,6 +290,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       })
       if (failure !== null && AUTH_REFUSED.test(reasonOf(failure))) {
         return `Redis refused the user or password given in it (${reasonOf(failure)})`
+      }
+      if (CERT_REFUSED.has(String((failure as { code?: unknown } | null)?.code))) {
+        return `its server's TLS certificate was refused (${reasonOf(failure)}): add the CA that signed it with ` +
+          'NODE_EXTRA_CA_CERTS, or give the host name it is for'
       }
       const notResp = failure === null ? null : NOT_RESP.exec(reasonOf(failure))
       if (notResp !== null) {
