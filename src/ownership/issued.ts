@@ -19,6 +19,12 @@ export interface SharedNotes {
   note (key: string, value: string, ttlMs: number): Promise<void>
   /** The values under `keys` (null where none); rejects when Redis cannot answer. */
   recall (keys: readonly string[]): Promise<Array<string | null>>
+  /**
+   * Whether Redis takes writes now. While it refuses them (full under `noeviction`, a node a failover turned
+   * read-only) it may still answer reads, but the notes other replicas hand out meanwhile are not in it: a key
+   * without one then says nothing.
+   */
+  takingNotes (): boolean
 }
 
 /** What IssuedItems.issuedTo knows of some ids: which went out to the caller, which to whom else. */
@@ -39,6 +45,8 @@ export interface IssuedItemsOptions {
 
 const KEY = (id: string) => `issued:${id}`
 const WARN_INTERVAL_MS = 10_000
+const UNANSWERED = 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable'
+const NOT_TAKING = 'takes no notes; calls naming by id items this replica did not hand out, and Redis has no note of, get 503 rate_limit_store_unavailable'
 const NOT_NOTED = 'could not note; until it is written again, the other replicas check those items as any other reference'
 
 export class IssuedItems {
@@ -127,15 +135,22 @@ export class IssuedItems {
     if (asked.length === 0 || this.#shared === null) return found
     try {
       const owners = await this.#shared.recall(asked.map(KEY))
+      // An id with no note, while Redis refuses writes, may have gone to the caller through another replica whose
+      // note Redis did not take: as unsure as an id Redis did not answer for. So is one noted as another client's
+      // then (the same 503 for every id not the caller's, as when Redis does not answer at all): refused at once,
+      // beside a 503 for an id with no note, it would tell a stranger which ids went out to another team.
+      const unsure = !this.#shared.takingNotes()
       asked.forEach((id, i) => {
         const shared = owners[i]
+        if (unsure && shared !== owner) found.unanswered = true
         if (typeof shared !== 'string' || found.others.has(id)) return // (what this replica handed out stands)
         this.#local.set(id, shared)
         sort(id, shared)
       })
+      if (found.unanswered) this.#warn(new Error('it refuses writes'), NOT_TAKING)
       return found
     } catch (err) {
-      this.#warn(err, 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable')
+      this.#warn(err, UNANSWERED)
       return { ...found, unanswered: true }
     }
   }

@@ -425,6 +425,11 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     return await this.#deadline(this.#redis.mget(keys.map(key => this.#keyPrefix + key)))
   }
 
+  /** Redis takes writes: it has not refused the bucket script since it last ran it (see #refused). */
+  takingNotes (): boolean {
+    return !this.#refusing
+  }
+
   /**
    * Redis answered with an error: it is connected but refuses the script (a write under maxmemory with the default
    * noeviction policy, a user without EVALSHA...). Every call would fail the same way, so the store is unavailable
