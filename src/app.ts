@@ -249,6 +249,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   await app.register(body, { bodyBytes: () => current.limits.bodyBytes })
   await app.register(responses)
   await app.register(concurrency, { maxInFlight: () => current.limits.maxInFlight })
+  // Shared through Redis when the buckets are: an item one replica handed out may come back to another.
+  const issued = new IssuedItems({ max: config.ownership.cacheSize, shared: store instanceof RedisStore ? store : null, log: app.log })
+  app.addHook('onClose', async () => { issued.close() })
   await app.register(ownership, {
     upstream,
     apiKey,
@@ -256,8 +259,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     cache: deps.ownerCache ?? new OwnerCache({
       max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
     }),
-    // Shared through Redis when the buckets are: an item one replica handed out may come back to another.
-    issued: new IssuedItems({ max: config.ownership.cacheSize, shared: store instanceof RedisStore ? store : null, log: app.log })
+    issued
   })
   await app.register(proxy, { upstream, apiKey })
 

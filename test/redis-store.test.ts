@@ -1,6 +1,9 @@
 // The Redis store against a real redis-server: the same bucket rules as the memory store, shared by every
 // store instance (replica) on one Redis, and what happens when Redis goes away, hangs, and comes back.
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
+import { readFileSync } from 'node:fs'
+import { createServer as createHttpServer } from 'node:http'
+import { createServer as createTlsServer } from 'node:tls'
 import t, { type Test } from 'tap'
 import { StartupError } from '../src/preflight.js'
 import { StoreUnavailableError, type BucketRule } from '../src/stores/rate-limit-store.js'
@@ -329,6 +332,49 @@ async function failedOver (t: Test, onFailure: OnFailure) {
   t.match(await oldPrimary.command(`REPLICAOF 127.0.0.1 ${newPrimary.port}`), /OK/)
   return { newPrimary, redis, s }
 }
+
+t.test('a store.url whose port leads to a server that is not Redis (an HTTP server, another service) refuses the start, saying so', async t => {
+  // (a wrong port: the replica would otherwise run with every call refused, closed, or its buckets never shared,
+  // open, said only in a warning every 10 s that Redis is unavailable)
+  const sockets = new Set<Socket>()
+  const track = (socket: Socket) => { sockets.add(socket); socket.on('close', () => sockets.delete(socket)) }
+  // one that answers and keeps the connection, and Node's HTTP server, which answers 400 and hangs up at once
+  const answers = createServer(socket => {
+    track(socket)
+    socket.on('data', () => { socket.write('HTTP/1.1 400 Bad Request\r\n\r\n') })
+  })
+  const http = createHttpServer(() => {})
+  http.on('connection', track)
+  for (const server of [answers, http]) {
+    await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => { for (const s of sockets) s.destroy(); server.close() })
+    const url = `redis://127.0.0.1:${(server.address() as AddressInfo).port}/0`
+    for (const onFailure of ['open', 'closed'] as const) {
+      const refused = await RedisStore.connect({ url, timeoutMs: 2000, onFailure, log: recorder() })
+        .then(async started => { await started.close(); return null }, (err: unknown) => err)
+      t.type(refused, StartupError, `${onFailure}: no reconnection would ever find a Redis there`)
+      t.match((refused as Error | null)?.message,
+        /^store\.url: it leads to a server that does not speak Redis's protocol \(its answer began with "H"\): give the Redis server's address and port$/)
+    }
+    await eventually(async () => sockets.size === 0, 'its connections closed, not tried again')
+  }
+})
+
+t.test('rediss:// to a server whose certificate is not trusted (a private CA not given) refuses the start, saying so', async t => {
+  // (reconnecting meets the same certificate: the replica would run with every call refused, closed, or its buckets
+  // never shared, open, said only in a warning every 10 s)
+  const fixtures = new URL('./fixtures/tls/', import.meta.url)
+  const server = createTlsServer({ key: readFileSync(new URL('server.key', fixtures)), cert: readFileSync(new URL('server.pem', fixtures)) },
+    socket => { socket.on('data', () => { socket.write('+OK\r\n') }) })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  const url = `rediss://127.0.0.1:${(server.address() as AddressInfo).port}/0`
+  const refused = await RedisStore.connect({ url, timeoutMs: 2000, onFailure: 'closed', log: recorder() })
+    .then(async started => { await started.close(); return null }, (err: unknown) => err)
+  t.type(refused, StartupError)
+  t.match((refused as Error | null)?.message,
+    /^store\.url: its server's TLS certificate was refused \((?:unable to verify the first certificate|self[- ]signed certificate in certificate chain)\): add the CA that signed it with NODE_EXTRA_CA_CERTS, or give the host name it is for$/i)
+})
 
 t.test('a failover that leaves the old primary a read-only replica: the store reconnects and finds the new primary', async t => {
   const { newPrimary, redis, s } = await failedOver(t, 'closed')

@@ -281,10 +281,11 @@ t.test('a code interpreter call handed out by one replica, passed back through t
   t.match(refused, { status: 403, code: 'container_not_allowed' }, 'team-b through replica two: refused')
 })
 
-t.test('a reasoning item handed out while Redis was down may be passed back through the other replica once Redis is back', async t => {
+t.test('a reasoning item handed out while Redis was down may be passed back through the other replica once Redis is back, with no call through the first', async t => {
   // Redis down (open: served from local buckets), or one replica's connection to it lost a moment: the note of
-  // what it handed out did not reach Redis. Once Redis is back, that replica writes it at its next chance;
-  // otherwise the other replica would refuse the client's loop, which passes the item back on every call, for good.
+  // what it handed out did not reach Redis. Once Redis is back, that replica writes it, calls or none (a load
+  // balancer may send it none that would, only reads); otherwise the other replica would refuse the client's loop,
+  // which passes the item back on every call, until one came.
   const [redis, upstream] = [await startRedis(t), await startUpstream()]
   t.teardown(() => upstream.close())
   const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 2000 }, 100, { scopes: 'read, write' })
@@ -295,22 +296,25 @@ t.test('a reasoning item handed out while Redis was down may be passed back thro
   t.equal(first.output[0]?.type, 'reasoning', 'replica one handed team-a a reasoning item, Redis down')
   await redis.start()
   const input = [...first.output, { role: 'user', content: 'Go on' }]
-  // The loop's next calls, as a load balancer spreads them: through replica one (once it has its connection
-  // back), then replica two.
-  await eventually(async () => (await respond(one, KEY_A, input)).status === 200 && (await respond(two, KEY_A, input)).status === 200,
-    'team-a served through replica two')
+  await eventually(async () => (await respond(two, KEY_A, input)).status === 200, 'team-a served through replica two')
   t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b passing it back is still refused')
 })
+
+/** Redis, the fake upstream, and two replicas on them whose clients may generate; `sdk` is a team's SDK on one. */
+async function twoGenerating (t: Test, storeTimeoutMs: number) {
+  const [redis, upstream] = [await startRedis(t), await startUpstream()]
+  t.teardown(() => upstream.close())
+  const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: storeTimeoutMs }, 100, { scopes: 'read, write' })
+  const [one, two] = [await replica(), await replica()]
+  const sdk = (r: Replica, key: string) => new OpenAI({ apiKey: key, baseURL: `${r.url}/v1`, maxRetries: 0 })
+  return { redis, upstream, one, two, sdk }
+}
 
 t.test('Redis not answering: a reasoning item the other replica handed out, passed back, gets a 503 the SDK retries, not a 400 that says it is not the client\'s', async t => {
   // open (the default): calls are served from local buckets, but whose item this replica did not hand out itself
   // only Redis can say. Unable to check, the replica refuses the call as one it cannot serve safely right now, the
   // same for every client, rather than telling the owner its own item is another team's, which its loop would not retry.
-  const [redis, upstream] = [await startRedis(t), await startUpstream()]
-  t.teardown(() => upstream.close())
-  const replica = () => startReplica(t, upstream.url, { url: redis.url, timeoutMs: 300 }, 100, { scopes: 'read, write' })
-  const [one, two] = [await replica(), await replica()]
-  const sdk = (r: Replica, key: string) => new OpenAI({ apiKey: key, baseURL: `${r.url}/v1`, maxRetries: 0 })
+  const { redis, upstream, one, two, sdk } = await twoGenerating(t, 300)
   const first = await sdk(one, KEY_A).responses.create({ model: 'o3', input: 'Plan the launch' })
   t.equal(first.output[0]?.type, 'reasoning', 'replica one handed team-a a reasoning item')
   const input = [...first.output, { role: 'user' as const, content: 'Go on' }] as OpenAI.Responses.ResponseInput
@@ -333,6 +337,37 @@ t.test('Redis not answering: a reasoning item the other replica handed out, pass
 
   redis.resume()
   await eventually(async () => (await respond(two, KEY_A, input)).status === 200, 'team-a served through replica two once Redis answers')
+  t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b is refused as before')
+})
+
+t.test('Redis full (noeviction), refusing writes but answering reads: an item the other replica handed out meanwhile, passed back, gets a 503 the SDK retries, not a 400', async t => {
+  // The note of what replica one hands out cannot be written while Redis refuses writes; Redis still answers the
+  // read for it, with nothing. Taken for "handed to no one", that would refuse the owner's loop its own item (400,
+  // which the SDKs do not retry) on every other replica for as long as Redis is full.
+  const { redis, one, two, sdk } = await twoGenerating(t, 2000)
+  const passedBack = (output: OpenAI.Responses.ResponseOutputItem[]) =>
+    [...output, { role: 'user' as const, content: 'Go on' }] as OpenAI.Responses.ResponseInput
+  const noted = passedBack((await sdk(one, KEY_A).responses.create({ model: 'o3', input: 'Plan the launch' })).output)
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  const first = await sdk(one, KEY_A).responses.create({ model: 'o3', input: 'Plan the launch' })
+  t.equal(first.output[0]?.type, 'reasoning', 'replica one handed team-a a reasoning item (open: from its local bucket)')
+  const input = passedBack(first.output)
+  // (team-b gets the same for an item Redis has a note of as team-a's: a 400 for it, beside a 503 for one with
+  // none, would tell which ids went out to another team)
+  for (const [key, items] of [[KEY_A, input], [KEY_B, input], [KEY_B, noted]] as const) {
+    const err = await sdk(two, key).responses.create({ model: 'o3', input: items }).catch((e: unknown) => e)
+    t.type(err, OpenAI.InternalServerError, 'a 5xx, which the SDK retries')
+    t.match(err, { status: 503, code: 'rate_limit_store_unavailable', type: 'server_error' })
+  }
+  t.equal((await sdk(two, KEY_A).responses.create({ model: 'o3', input: noted })).status, 'completed',
+    'an item of team-a\'s that Redis has a note of is still served through replica two')
+  t.equal((await sdk(one, KEY_A).responses.create({ model: 'o3', input })).status, 'completed',
+    'the replica that handed it out still knows it')
+
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  await eventually(async () => (await respond(one, KEY_A, input)).status === 200 && (await respond(two, KEY_A, input)).status === 200,
+    'team-a served through replica two once Redis takes writes again')
   t.equal((await respond(two, KEY_B, input)).status, 400, 'team-b is refused as before')
 })
 

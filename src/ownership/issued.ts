@@ -19,6 +19,12 @@ export interface SharedNotes {
   note (key: string, value: string, ttlMs: number): Promise<void>
   /** The values under `keys` (null where none); rejects when Redis cannot answer. */
   recall (keys: readonly string[]): Promise<Array<string | null>>
+  /**
+   * Whether Redis takes writes now. While it refuses them (full under `noeviction`, a node a failover turned
+   * read-only) it may still answer reads, but the notes other replicas hand out meanwhile are not in it: a key
+   * without one then says nothing.
+   */
+  takingNotes (): boolean
 }
 
 /** What IssuedItems.issuedTo knows of some ids: which went out to the caller, which to whom else. */
@@ -39,6 +45,10 @@ export interface IssuedItemsOptions {
 
 const KEY = (id: string) => `issued:${id}`
 const WARN_INTERVAL_MS = 10_000
+/** Notes Redis did not take are tried again this often, calls or none, until it has taken them all. */
+const RETRY_MS = 1_000
+const UNANSWERED = 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable'
+const NOT_TAKING = 'takes no notes; calls naming by id items this replica did not hand out, and Redis has no note of, get 503 rate_limit_store_unavailable'
 const NOT_NOTED = 'could not note; until it is written again, the other replicas check those items as any other reference'
 
 export class IssuedItems {
@@ -46,14 +56,16 @@ export class IssuedItems {
   /**
    * The notes Redis did not take (down, its connection lost for a moment, a write refused), by id: lost, each
    * would leave its item unknown to every other replica for good, and the client's loop refused there on every
-   * later call. They are written again at the next note or recall (at most `max` of them, for as long as each
-   * note lasts).
+   * later call. They are written again at the next note or recall, and every RETRY_MS until they are (a replica the
+   * load balancer sends only reads makes neither), at most `max` of them, for as long as each note lasts.
    */
   readonly #unshared: LRUCache<string, string>
   readonly #shared: SharedNotes | null
   readonly #log: StoreLogger
   #lastWarning = -Infinity
   #sharing = false
+  /** Tries the notes Redis did not take again while there are any (see #unshared). */
+  #retry: NodeJS.Timeout | null = null
 
   constructor ({ max, shared = null, log }: IssuedItemsOptions) {
     this.#local = new LRUCache<string, string>({ max, ttl: ISSUED_TTL_MS })
@@ -72,6 +84,7 @@ export class IssuedItems {
       // it is written again.
       this.#shared?.note(KEY(id), owner, ISSUED_TTL_MS).catch((err: unknown) => {
         this.#unshared.set(id, owner)
+        this.#retry ??= setInterval(() => { void this.#shareMissed() }, RETRY_MS).unref()
         this.#warn(err, NOT_NOTED)
       })
     }
@@ -79,6 +92,7 @@ export class IssuedItems {
 
   /** Writes the notes Redis did not take, one at a time, until it refuses one again (then at the next chance). */
   async #shareMissed (): Promise<void> {
+    if (this.#unshared.size === 0) this.close() // (all written, or expired: nothing to try again)
     if (this.#sharing || this.#unshared.size === 0 || this.#shared === null) return
     this.#sharing = true
     try {
@@ -92,6 +106,12 @@ export class IssuedItems {
     } finally {
       this.#sharing = false
     }
+  }
+
+  /** Stops trying the notes Redis did not take again (the app closes, or none is left). */
+  close (): void {
+    clearInterval(this.#retry ?? undefined)
+    this.#retry = null
   }
 
   #warn (err: unknown, what: string): void {
@@ -127,15 +147,22 @@ export class IssuedItems {
     if (asked.length === 0 || this.#shared === null) return found
     try {
       const owners = await this.#shared.recall(asked.map(KEY))
+      // An id with no note, while Redis refuses writes, may have gone to the caller through another replica whose
+      // note Redis did not take: as unsure as an id Redis did not answer for. So is one noted as another client's
+      // then (the same 503 for every id not the caller's, as when Redis does not answer at all): refused at once,
+      // beside a 503 for an id with no note, it would tell a stranger which ids went out to another team.
+      const unsure = !this.#shared.takingNotes()
       asked.forEach((id, i) => {
         const shared = owners[i]
+        if (unsure && shared !== owner) found.unanswered = true
         if (typeof shared !== 'string' || found.others.has(id)) return // (what this replica handed out stands)
         this.#local.set(id, shared)
         sort(id, shared)
       })
+      if (found.unanswered) this.#warn(new Error('it refuses writes'), NOT_TAKING)
       return found
     } catch (err) {
-      this.#warn(err, 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable')
+      this.#warn(err, UNANSWERED)
       return { ...found, unanswered: true }
     }
   }

@@ -105,6 +105,30 @@ return { allowed, string.format('%.17g', tokens) }
 
 /** A first connection refused with one of these (the user or password in store.url) is never accepted by reconnecting. */
 const AUTH_REFUSED = /^(?:WRONGPASS|NOAUTH)\b/
+/**
+ * What ioredis's reader says of an answer that is not RESP (`Unknown RESP type 72 "H"`: an HTTP server's answer),
+ * with the byte it met. A server that answers so is no Redis, and never will be by reconnecting: a wrong port.
+ */
+const NOT_RESP = /^Unknown RESP type (\d+)/
+
+/**
+ * A TLS certificate refused (rediss://): Node's codes for a chain it cannot verify against its roots (and
+ * NODE_EXTRA_CA_CERTS, read at start), a name the certificate is not for, or one out of its dates. Reconnecting
+ * meets the same certificate.
+ */
+const CERT_REFUSED = new Set([
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'CERT_UNTRUSTED', 'CERT_SIGNATURE_FAILURE', 'INVALID_CA', 'CERT_HAS_EXPIRED',
+  'CERT_NOT_YET_VALID', 'HOSTNAME_MISMATCH', 'ERR_TLS_CERT_ALTNAME_INVALID'
+])
+
+/** A connection the server closed (or reset) under the client. */
+const HUNG_UP = /\b(?:EPIPE|ECONNRESET)\b|Connection is closed/
+
+/** The byte a non-RESP answer started with, as a reader can take it: `"H"`, or `0x16` (a TLS server's alert). */
+function firstByte (code: number): string {
+  return code > 0x20 && code < 0x7f ? JSON.stringify(String.fromCharCode(code)) : `0x${code.toString(16).padStart(2, '0')}`
+}
 /** An ACL refusal: of a command itself (NOPERM), or of one a script calls, or of a key outside the user's patterns. */
 const NOT_PERMITTED = /^NOPERM\b|can't run this command|no permissions to access/
 const CLUSTER_SLOTS = 16_384
@@ -254,15 +278,27 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     if (!connected()) {
       const failure = await new Promise<unknown>(resolve => {
         const done = (err?: unknown) => {
+          // A server that hung up on the handshake (a server that is no Redis answers and closes, and a write of the
+          // handshake may fail before its answer is read): the next attempt, within the wait, may say why.
+          if (err !== undefined && HUNG_UP.test(reasonOf(err)) && this.#redis.status !== 'end') return
           clearTimeout(timer)
           this.#redis.off('ready', done).off('error', done)
           resolve(err ?? null)
         }
         const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
-        this.#redis.once('ready', done).once('error', done)
+        this.#redis.on('ready', done).on('error', done)
       })
       if (failure !== null && AUTH_REFUSED.test(reasonOf(failure))) {
         return `Redis refused the user or password given in it (${reasonOf(failure)})`
+      }
+      if (CERT_REFUSED.has(String((failure as { code?: unknown } | null)?.code))) {
+        return `its server's TLS certificate was refused (${reasonOf(failure)}): add the CA that signed it with ` +
+          'NODE_EXTRA_CA_CERTS, or give the host name it is for'
+      }
+      const notResp = failure === null ? null : NOT_RESP.exec(reasonOf(failure))
+      if (notResp !== null) {
+        return `it leads to a server that does not speak Redis's protocol (its answer began with ${firstByte(Number(notResp[1]))}): ` +
+          'give the Redis server\'s address and port'
       }
       if (!connected()) return null
     }
@@ -387,6 +423,11 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   async recall (keys: readonly string[]): Promise<Array<string | null>> {
     if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
     return await this.#deadline(this.#redis.mget(keys.map(key => this.#keyPrefix + key)))
+  }
+
+  /** Redis takes writes: it has not refused the bucket script since it last ran it (see #refused). */
+  takingNotes (): boolean {
+    return !this.#refusing
   }
 
   /**
