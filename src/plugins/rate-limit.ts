@@ -118,7 +118,8 @@ const REAPPLY_NAMED = 10
  * written with would have it full; left alone, one drained before a reload that lowers the rate or raises the burst
  * would expire on the old schedule and come back full, a fresh burst for a client that pauses past it. Replicas
  * reloaded in turn each write it again: the second finds it written under the new limits by the first, and refills
- * nothing at the old rate. A store that cannot take them (Redis down) gets one warning for the whole reload, not one
+ * nothing at the old rate. A store that cannot take them (Redis down, with store.onFailure open too: the local
+ * buckets calls fall back to are written, the shared ones are not) gets one warning for the whole reload, not one
  * per bucket: a reload that changes a default limit touches every client, thousands of lines for one outage.
  */
 export function reapplyLimits (store: RateLimitStore, before: readonly ClientConfig[], after: readonly ClientConfig[], log: WarnLog): void {
@@ -136,7 +137,7 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
   }
   const rewrite = (key: string, rule: BucketRule) => {
     pending++
-    whenAnswered(() => store.charge(key, rule, 0), settled, (err: unknown) => {
+    whenAnswered(() => store.rewrite(key, rule), settled, (err: unknown) => {
       if (failed.length === 0) firstError = err
       failed.push(key)
       settled()
