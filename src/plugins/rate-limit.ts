@@ -166,6 +166,25 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
     return new RateLimitStoreUnavailableError()
   }
 
+  /**
+   * What a generation used, charged when it ends under the budget in force then: a reload since the call began
+   * rewrote the bucket under its new limits, and a charge under the old ones would refill the time since at the old
+   * rate (a lowered budget's debt paid back at the old speed). A budget the reload removed is not charged; one it
+   * gave a client with none is, as every generation ending under it is.
+   */
+  function chargeWhenDone (request: FastifyRequest, reply: FastifyReply, client: ClientConfig): void {
+    whenClosed(reply.raw, () => {
+      const facts = request.responseFacts
+      if (facts === null) return
+      const now = tokenRule(currentClient(client.id)?.rateLimit ?? {})
+      if (now === null) return
+      const upstream = request.upstream
+      const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
+      const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
+      if (used > 0) charge(store, uncharged, request.log, client.id, tokenKey(client), now, used)
+    })
+  }
+
   /** Token budgets: a client whose answers have used up its tokens per minute gets 429 on its next generation,
    * until refill; what a call uses is known only from its answer, and charged when the call ends. `peek` is the
    * budget's answer, asked together with the request bucket's. */
@@ -179,18 +198,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
         done(err)
         return
       }
-      whenClosed(reply.raw, () => {
-        const facts = request.responseFacts
-        if (facts === null) return
-        const upstream = request.upstream
-        const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
-        const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
-        // Under the budget in force now: a reload since the call began rewrote the bucket under its new limits, and
-        // a charge under the old ones would refill the time since at the old rate (a lowered budget's debt paid
-        // back at the old speed). A budget the reload removed is not charged.
-        const now = tokenRule(currentClient(client.id)?.rateLimit ?? {})
-        if (used > 0 && now !== null) charge(store, uncharged, request.log, client.id, tokenKey(client), now, used)
-      })
+      chargeWhenDone(request, reply, client)
       done()
     }, err => { done(storeError(request, err) as Error) })
   }
@@ -202,7 +210,8 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
       done()
       return
     }
-    const rule = request.operation?.action === 'response.create' ? tokenRule(client.rateLimit) : null
+    const generation = request.operation?.action === 'response.create'
+    const rule = generation ? tokenRule(client.rateLimit) : null
     // A generation's budget is asked at once with its request bucket, not after it: on a slow Redis the call
     // waits one store.timeoutMs, not two.
     const budget = rule === null ? null : askedNow(() => store.peek(tokenKey(client), rule))
@@ -214,8 +223,13 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
         done(err)
         return
       }
-      if (rule === null || budget === null) done()
-      else checkBudget(request, reply, client, rule, budget, done)
+      if (rule !== null && budget !== null) {
+        checkBudget(request, reply, client, rule, budget, done)
+        return
+      }
+      // No budget to check, but a reload may give the client one before this generation ends.
+      if (generation) chargeWhenDone(request, reply, client)
+      done()
     }, err => { done(storeError(request, err) as Error) })
   })
 
