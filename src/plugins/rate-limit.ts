@@ -45,8 +45,19 @@ function headers (result: RateLimitResult): Record<string, string> {
 
 const storeFailed = new WeakSet<FastifyRequest>()
 
+/**
+ * The longest wait the SDKs are left to retry after. The Node SDK (openai 6.x) sleeps whatever retry-after-ms says
+ * before it retries, so a budget hours in debt would hold the caller's call for hours, twice; the Python SDK gives up
+ * by itself past two minutes. Past this, both are told not to retry (x-should-retry: false) and raise their
+ * RateLimitError at once, retry-after saying when to come back. A request bucket never waits longer (one token
+ * comes back within 60000 / requestsPerMinute ms): only a token budget in debt does.
+ */
+const SDK_RETRY_WAIT_MS = 60_000
+
 function retryHeaders (retryAfterMs: number): Record<string, string> {
-  return { 'retry-after': retryAfterSeconds(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
+  const headers: Record<string, string> = { 'retry-after': retryAfterSeconds(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
+  if (retryAfterMs > SDK_RETRY_WAIT_MS) headers['x-should-retry'] = 'false'
+  return headers
 }
 
 function tokenHeaders (result: RateLimitResult): Record<string, string> {
