@@ -8,7 +8,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
-import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfterSeconds, TokensRateLimitError } from '../errors.js'
+import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfter, TokensRateLimitError } from '../errors.js'
 import { whenClosed } from '../http/response.js'
 import { tokensUsed } from '../responses/usage.js'
 import { whenAnswered, type Answer } from '../answer.js'
@@ -46,18 +46,12 @@ function headers (result: RateLimitResult): Record<string, string> {
 const storeFailed = new WeakSet<FastifyRequest>()
 
 /**
- * The longest wait the SDKs are left to retry after. The Node SDK (openai 6.x) sleeps whatever retry-after-ms says
- * before it retries, so a budget hours in debt would hold the caller's call for hours, twice; the Python SDK gives up
- * by itself past two minutes. Past this, both are told not to retry (x-should-retry: false) and raise their
- * RateLimitError at once, retry-after saying when to come back. A request bucket never waits longer (one token
- * comes back within 60000 / requestsPerMinute ms): only a token budget in debt does.
+ * When a token is back. A wait longer than the SDKs are left to retry after (errors.ts, retryAfter) also says not to
+ * retry: a token budget hours in debt would otherwise hold the caller's call for hours. A request bucket never waits
+ * that long (one token comes back within 60000 / requestsPerMinute ms).
  */
-const SDK_RETRY_WAIT_MS = 60_000
-
 function retryHeaders (retryAfterMs: number): Record<string, string> {
-  const headers: Record<string, string> = { 'retry-after': retryAfterSeconds(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
-  if (retryAfterMs > SDK_RETRY_WAIT_MS) headers['x-should-retry'] = 'false'
-  return headers
+  return { ...retryAfter(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
 }
 
 function tokenHeaders (result: RateLimitResult): Record<string, string> {
