@@ -182,6 +182,21 @@ export function retryAfterSeconds (ms: number): string {
   return String(Math.max(1, Math.ceil(ms / 1000)))
 }
 
+/**
+ * The longest wait the SDKs are left to retry after. The Node SDK (openai 6.x) sleeps whatever retry-after (or
+ * retry-after-ms) says before it sends a call again, however long: a call would hang for as long, twice. The Python
+ * SDK gives up by itself past two minutes. Past this, both are told not to retry and raise their error at once,
+ * retry-after still saying when to come back.
+ */
+export const SDK_RETRY_WAIT_MS = 60_000
+
+/** `retry-after` for a wait of `ms`, and `x-should-retry: false` when it is longer than SDK_RETRY_WAIT_MS. */
+export function retryAfter (ms: number): Record<string, string> {
+  const headers: Record<string, string> = { 'retry-after': retryAfterSeconds(ms) }
+  if (ms > SDK_RETRY_WAIT_MS) headers['x-should-retry'] = 'false'
+  return headers
+}
+
 export function isGatewayError (err: unknown): err is GatewayError {
   return err instanceof Error && (err as GatewayError).name === 'GatewayError'
 }

@@ -230,6 +230,22 @@ t.test('lines and failover', async t => {
     t.match((await healthOf(gw)).upstream, [{ state: 'down' }, { state: 'down' }])
   })
 
+  await t.test('with every line down for minutes (cooldownMs 10 min), the SDK with its retries raises the 502 at once instead of sleeping through retry-after', async t => {
+    const ports = [await closedPort()]
+    const { gw } = await setup(t, 0, { failureThreshold: 1, cooldownMs: 600_000 }, {}, ports.map(p => `http://127.0.0.1:${p}`))
+    let sent = 0
+    // (the SDK's default retries, two: it sleeps what retry-after says, however long, before it sends the call again)
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, fetch: async (url, init) => { sent++; return await fetch(url, init) } })
+    t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_x/items')).status, 502, 'the line refused: skipped for 10 minutes')
+    const err = await sdk.conversations.items.list('conv_x').then(() => null, (e: unknown) => e)
+    t.type(err, OpenAI.InternalServerError)
+    const e = err as InstanceType<typeof OpenAI.InternalServerError>
+    t.match(e, { status: 502, code: 'upstream_unavailable' })
+    t.ok(Number(e.headers?.get('retry-after')) > 60, 'retry-after still says when: in minutes')
+    t.equal(e.headers?.get('x-should-retry'), 'false')
+    t.equal(sent, 1, 'sent once, not again')
+  })
+
   await t.test('with every line down, the calls refused at once write no log line each: the log said when each line was skipped', async t => {
     const ports = [await closedPort(), await closedPort()]
     const baseUrls = ports.map(p => `http://127.0.0.1:${p}`)

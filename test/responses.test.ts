@@ -1283,6 +1283,7 @@ async function budgetFlow (t: Test, store?: Record<string, unknown>) {
   t.match(e, { status: 429, type: 'tokens', code: 'rate_limit_exceeded' })
   t.equal(e.headers?.get('x-ratelimit-remaining-tokens'), '0')
   t.ok(Number(e.headers?.get('retry-after')) >= 1)
+  t.equal(e.headers?.get('x-should-retry'), null, 'a wait of seconds: the SDKs wait it out and retry')
   t.equal(upstream.requests.length, 2, 'the refused call never reached the upstream')
   t.ok((await a.conversations.create({})).id, 'other calls are not held by the token budget')
 }
@@ -1294,6 +1295,24 @@ t.test('rateLimit.tokensPerMinute: charged from the usage of each answer; over i
 t.test('the token budget with the Redis store', async t => {
   const redis = await startRedis(t)
   await budgetFlow(t, { url: redis.url, timeoutMs: 2000 })
+})
+
+t.test('a token budget in debt for minutes: the SDK, retries on, raises RateLimitError at once instead of sleeping through retry-after', async t => {
+  const { upstream, gw } = await setup(t, {
+    clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 1 } }]
+  })
+  let sent = 0
+  // (the SDK's default retries, two: it sleeps what retry-after-ms says, however long, before it sends the call again)
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, fetch: async (url, init) => { sent++; return await fetch(url, init) } })
+  await client.responses.create({ model: 'gpt-4o', input: 'a b c' }) // 7 tokens of a budget of 1 a minute: 6 in debt
+  const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'a' }))
+  t.type(err, OpenAI.RateLimitError)
+  const e = err as InstanceType<typeof OpenAI.RateLimitError>
+  t.match(e, { status: 429, type: 'tokens', code: 'rate_limit_exceeded' })
+  t.ok(Number(e.headers?.get('retry-after')) > 60, 'retry-after still says when: in minutes')
+  t.equal(e.headers?.get('x-should-retry'), 'false')
+  t.equal(sent, 2, 'the refused call was sent once, not again')
+  t.equal(upstream.requests.length, 1, 'and never reached the upstream')
 })
 
 t.test('a hung Redis (open) holds a budgeted generation one store.timeoutMs, not one for its request bucket and one more for its budget', async t => {

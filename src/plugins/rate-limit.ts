@@ -8,7 +8,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
-import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfterSeconds, TokensRateLimitError } from '../errors.js'
+import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfter, TokensRateLimitError } from '../errors.js'
 import { whenClosed } from '../http/response.js'
 import { tokensUsed } from '../responses/usage.js'
 import { whenAnswered, type Answer } from '../answer.js'
@@ -45,8 +45,13 @@ function headers (result: RateLimitResult): Record<string, string> {
 
 const storeFailed = new WeakSet<FastifyRequest>()
 
+/**
+ * When a token is back. A wait longer than the SDKs are left to retry after (errors.ts, retryAfter) also says not to
+ * retry: a token budget hours in debt would otherwise hold the caller's call for hours. A request bucket never waits
+ * that long (one token comes back within 60000 / requestsPerMinute ms).
+ */
 function retryHeaders (retryAfterMs: number): Record<string, string> {
-  return { 'retry-after': retryAfterSeconds(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
+  return { ...retryAfter(retryAfterMs), 'retry-after-ms': String(retryAfterMs) }
 }
 
 function tokenHeaders (result: RateLimitResult): Record<string, string> {
@@ -118,7 +123,8 @@ const REAPPLY_NAMED = 10
  * written with would have it full; left alone, one drained before a reload that lowers the rate or raises the burst
  * would expire on the old schedule and come back full, a fresh burst for a client that pauses past it. Replicas
  * reloaded in turn each write it again: the second finds it written under the new limits by the first, and refills
- * nothing at the old rate. A store that cannot take them (Redis down) gets one warning for the whole reload, not one
+ * nothing at the old rate. A store that cannot take them (Redis down, with store.onFailure open too: the local
+ * buckets calls fall back to are written, the shared ones are not) gets one warning for the whole reload, not one
  * per bucket: a reload that changes a default limit touches every client, thousands of lines for one outage.
  */
 export function reapplyLimits (store: RateLimitStore, before: readonly ClientConfig[], after: readonly ClientConfig[], log: WarnLog): void {
@@ -136,7 +142,7 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
   }
   const rewrite = (key: string, rule: BucketRule) => {
     pending++
-    whenAnswered(() => store.charge(key, rule, 0), settled, (err: unknown) => {
+    whenAnswered(() => store.rewrite(key, rule), settled, (err: unknown) => {
       if (failed.length === 0) firstError = err
       failed.push(key)
       settled()
@@ -165,6 +171,25 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
     return new RateLimitStoreUnavailableError()
   }
 
+  /**
+   * What a generation used, charged when it ends under the budget in force then: a reload since the call began
+   * rewrote the bucket under its new limits, and a charge under the old ones would refill the time since at the old
+   * rate (a lowered budget's debt paid back at the old speed). A budget the reload removed is not charged; one it
+   * gave a client with none is, as every generation ending under it is.
+   */
+  function chargeWhenDone (request: FastifyRequest, reply: FastifyReply, client: ClientConfig): void {
+    whenClosed(reply.raw, () => {
+      const facts = request.responseFacts
+      if (facts === null) return
+      const now = tokenRule(currentClient(client.id)?.rateLimit ?? {})
+      if (now === null) return
+      const upstream = request.upstream
+      const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
+      const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
+      if (used > 0) charge(store, uncharged, request.log, client.id, tokenKey(client), now, used)
+    })
+  }
+
   /** Token budgets: a client whose answers have used up its tokens per minute gets 429 on its next generation,
    * until refill; what a call uses is known only from its answer, and charged when the call ends. `peek` is the
    * budget's answer, asked together with the request bucket's. */
@@ -178,18 +203,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
         done(err)
         return
       }
-      whenClosed(reply.raw, () => {
-        const facts = request.responseFacts
-        if (facts === null) return
-        const upstream = request.upstream
-        const takenOn = upstream === null ? request.upstreamCall?.sent === true : upstream.status >= 200 && upstream.status < 300
-        const used = tokensUsed(facts, takenOn, request.upstreamBody?.length ?? 0)
-        // Under the budget in force now: a reload since the call began rewrote the bucket under its new limits, and
-        // a charge under the old ones would refill the time since at the old rate (a lowered budget's debt paid
-        // back at the old speed). A budget the reload removed is not charged.
-        const now = tokenRule(currentClient(client.id)?.rateLimit ?? {})
-        if (used > 0 && now !== null) charge(store, uncharged, request.log, client.id, tokenKey(client), now, used)
-      })
+      chargeWhenDone(request, reply, client)
       done()
     }, err => { done(storeError(request, err) as Error) })
   }
@@ -201,7 +215,8 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
       done()
       return
     }
-    const rule = request.operation?.action === 'response.create' ? tokenRule(client.rateLimit) : null
+    const generation = request.operation?.action === 'response.create'
+    const rule = generation ? tokenRule(client.rateLimit) : null
     // A generation's budget is asked at once with its request bucket, not after it: on a slow Redis the call
     // waits one store.timeoutMs, not two.
     const budget = rule === null ? null : askedNow(() => store.peek(tokenKey(client), rule))
@@ -213,8 +228,13 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
         done(err)
         return
       }
-      if (rule === null || budget === null) done()
-      else checkBudget(request, reply, client, rule, budget, done)
+      if (rule !== null && budget !== null) {
+        checkBudget(request, reply, client, rule, budget, done)
+        return
+      }
+      // No budget to check, but a reload may give the client one before this generation ends.
+      if (generation) chargeWhenDone(request, reply, client)
+      done()
     }, err => { done(storeError(request, err) as Error) })
   })
 

@@ -47,6 +47,10 @@ export class MemoryStore implements RateLimitStore {
     return describe(bucket.tokens, rule, true)
   }
 
+  rewrite (key: string, rule: BucketRule): void {
+    this.charge(key, rule, 0)
+  }
+
   peek (key: string, rule: BucketRule): RateLimitResult {
     const bucket = refill(this.#buckets.peek(key), rule, this.#now())
     return describe(bucket.tokens, rule, covers(bucket.tokens, 1))

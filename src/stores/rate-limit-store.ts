@@ -35,6 +35,12 @@ export interface RateLimitStore {
   charge (key: string, rule: BucketRule, amount: number): Answer<RateLimitResult>
   /** The bucket's state without taking a token. */
   peek (key: string, rule: BucketRule): Answer<RateLimitResult>
+  /**
+   * Writes the bucket again under `rule`, taking nothing: after a reload changed its limits (plugins/rate-limit.ts,
+   * reapplyLimits). Fails when a shared store could not take it, whatever store.onFailure says: a call can be served
+   * from a local bucket meanwhile, but the shared one still refills at its old limits.
+   */
+  rewrite (key: string, rule: BucketRule): Answer<void>
   /** Whether the store can answer now (Redis: connected); the in-memory one always can. For /healthz and /readyz. */
   available (): boolean
   close (): Promise<void>

@@ -347,8 +347,11 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       'whose bucket another node holds would be refused (MOVED); give one Redis server, not a cluster'
   }
 
-  /** The script's answer, or null when Redis failed and the call is to be served locally (`open`). */
-  async #run (mode: Mode, key: string, rule: BucketRule, n: number): Promise<{ allowed: boolean, tokens: number } | null> {
+  /**
+   * The script's answer, or null when Redis failed and the call is to be served locally (`open`, unless `shared`: only
+   * Redis's answer will do).
+   */
+  async #run (mode: Mode, key: string, rule: BucketRule, n: number, shared = false): Promise<{ allowed: boolean, tokens: number } | null> {
     try {
       if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
       const [allowed, tokens] = await this.#deadline(
@@ -360,7 +363,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       const reason = reasonOf(err)
       if (err instanceof ReplyError) this.#refused()
       this.#outage.failed(reason, true)
-      if (this.#onFailure === 'closed') throw new StoreUnavailableError(reason)
+      if (this.#onFailure === 'closed' || shared) throw new StoreUnavailableError(reason)
       return null
     }
   }
@@ -401,6 +404,16 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     const shared = await this.#run('charge', key, rule, amount)
     if (shared === null) return await this.#fallback.charge(key, rule, amount)
     return describe(shared.tokens, rule, true)
+  }
+
+  /** Written in Redis, or refused; with `open`, the local bucket a call falls back to meanwhile is written too. */
+  async rewrite (key: string, rule: BucketRule): Promise<void> {
+    try {
+      await this.#run('charge', key, rule, 0, true)
+    } catch (err) {
+      if (this.#onFailure === 'open') this.#fallback.rewrite(key, rule)
+      throw err
+    }
   }
 
   async peek (key: string, rule: BucketRule): Promise<RateLimitResult> {

@@ -25,7 +25,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
 import { readRegularFile } from '../config.js'
-import { retryAfterSeconds } from '../errors.js'
+import { retryAfter } from '../errors.js'
 import { LineHealth, type LineStatus } from './lines.js'
 import { RefusedTokenLog } from './refused-token.js'
 
@@ -120,10 +120,13 @@ export class UpstreamFailure extends Error {
  */
 class AnswerTooSlow extends UpstreamFailure {}
 
-/** For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1). */
+/**
+ * For the client of a call that failed because every line is down: when to try again (whole seconds, ≥ 1), and not
+ * to let the SDK wait that long itself when it is longer than a minute (a cooldownMs of minutes).
+ */
 export function retryHeaders (failure: UpstreamFailure): Record<string, string> | undefined {
   if (failure.retryAfterMs === undefined) return undefined
-  return { 'retry-after': retryAfterSeconds(failure.retryAfterMs) }
+  return retryAfter(failure.retryAfterMs)
 }
 
 /** localhost, 127.0.0.0/8 and ::1 (a URL's hostname, IPv6 in brackets): traffic that never leaves the machine. */
