@@ -895,13 +895,15 @@ t.test('keep-alive comment lines between events (no blank line after them, as th
   t.match(gw.audit(), [{ status: 200, outcome: 'ok', inputTokens: 2 }, { status: 200, outcome: 'ok', inputTokens: 2 }])
 })
 
-t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches the client as comment lines: the SDKs, which would parse its empty data as JSON and throw, read the stream to its end', async t => {
+t.test('an event without data, or with empty data only (an upstream\'s `event: ping` keep-alive, a bare `data:`), reaches the client as comment lines: the SDKs, which would parse its empty data as JSON and throw, read the stream to its end', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
   const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n'
+  // (empty data is no event to the SSE spec either: `data:` alone, a `data: ` keep-alive, data of blank lines only)
+  const emptyData = 'event: ping\ndata:\n\n' + 'data: \r\n\r\n' + 'data:\ndata: \n\n'
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + 'event: ping\r\nid: 7\r\n: still here\r\n\r\n' + '\n' + completed)
+    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + emptyData + 'event: ping\r\nid: 7\r\n: still here\r\n\r\n' + '\n' + completed)
   }
   const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.equal(err, null, `no error (got ${String(err)})`)
@@ -914,7 +916,7 @@ t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches 
     body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
   })
   const text = await res.text()
-  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n: still here\r\n:\n' + completed),
+  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\n:data:\n:data: \r\n:data:\n:data: \n' + ':event: ping\r\n:id: 7\r\n: still here\r\n:\n' + completed),
     'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line as an empty comment')
 })
 

@@ -5,8 +5,8 @@
 // when it is JSON; `rewrite` may return another object (the gateway takes its owner key out) or the same one, and
 // then the event's bytes pass as they came (a rewritten one keeps its numbers as they came: http/json.ts). Lines
 // end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
-// fields are not rewritten; an event with no data at all (`event: ping`), which the SDKs would fail to parse, goes
-// out as comment lines (asComments); a body that is no event but a bare JSON error goes out as OpenAI's error event
+// fields are not rewritten; an event with no data at all (`event: ping`), or only empty data, which the SDKs would
+// fail to parse, goes out as comment lines (asComments); a body that is no event but a bare JSON error goes out as OpenAI's error event
 // (errorEvent). Every event, whatever it holds, goes out through `passing` (the gateway takes the upstream token
 // out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
@@ -411,6 +411,9 @@ export class SseRewriter extends Transform {
       if (bare !== null) return this.#rewritten(bare)
       return asComments(lines)
     }
+    // Empty data (`data:` alone, `event: ping` with it, a keep-alive `data: `) is no event to the SSE spec either,
+    // nor is data of blank lines alone anything the SDKs can read: they would fail parsing it as JSON just the same.
+    if (joined.trim() === '') return asComments(lines)
     if (!/^\s*\{/.test(joined)) return raw
     let parsed: unknown
     try {
