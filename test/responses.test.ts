@@ -229,23 +229,38 @@ t.test('a non-streamed generation whose upstream sends its headers first waits g
   t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 1, outputTokens: 2 })
 })
 
-t.test('a generation answered but not read whole in time, or not as JSON, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
+/** A streamed generation whose upstream sends its headers at once, then does `then` with its connection. */
+function eventStreamThen (then: (res: import('node:http').ServerResponse) => void) {
+  return (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.flushHeaders()
+    setTimeout(() => { then(res) }, 50)
+  }
+}
+
+t.test('a generation answered but not read whole in time, or not as JSON, or a streamed one that fails before its first event, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const config = testConfig(upstream.url)
   const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, timeoutMs: 200, generationTimeoutMs: 300, failureThreshold: 100 } })
   // The SDK's defaults: two retries of a 5xx, quickly.
   const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
-  for (const [respond, status, code] of [
-    [headersFirst(1500, SLOW_ANSWER), 504, 'upstream_timeout'],
-    [headersFirst(0, 'not JSON'), 502, 'upstream_unavailable']
+  for (const [respond, status, code, stream] of [
+    [headersFirst(1500, SLOW_ANSWER), 504, 'upstream_timeout', false],
+    [headersFirst(0, 'not JSON'), 502, 'upstream_unavailable', false],
+    // (nothing of a stream has gone out before its first event: it is answered as these are, not as a 200 whose only
+    // event is the error)
+    [eventStreamThen(() => {}), 504, 'upstream_timeout', true], // silent past generationTimeoutMs
+    [eventStreamThen(res => { res.socket?.destroy() }), 502, 'upstream_unavailable', true] // broken off
   ] as const) {
     upstream.respond = respond
     const before = upstream.requests.length
-    const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'once' }))
+    const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'once', stream }))
     t.match(err, { status, error: { code } })
     t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
     t.equal(upstream.requests.length - before, 1, `${status}: one SDK call, one generation upstream`)
+    await until('the audit record', () => gw.audit().length === upstream.requests.length)
+    t.match(gw.audit().at(-1), { status, outcome: 'upstream_error', stream })
   }
 })
 
