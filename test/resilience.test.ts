@@ -1030,6 +1030,44 @@ t.test('slow and hostile clients', async t => {
     t.equal(s.closedAt(), null, 'the connection stays open for the next call')
   })
 
+  await t.test('a client that reads a streamed response slowly but on gets every event, however large one is', async t => {
+    // An event goes out in one write: one of megabytes (a response.completed with a long output, an image's base64)
+    // drains only once the kernel has taken all of it. listen.sendTimeoutMs bounds a client taking none of its
+    // answer, not how long such a write may take a client that reads on.
+    const { lines, gw } = await setup(t, 1, {}, { listen: { ...listen, sendTimeoutMs: 1000 } })
+    const delta = 'x'.repeat(15 * 1024 * 1024)
+    const completed = { type: 'response.completed', response: { id: 'resp_big', object: 'response', status: 'completed', output: [], usage: { input_tokens: 2, output_tokens: 3 } } }
+    lines[0]!.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(`event: response.output_text.delta\ndata: ${JSON.stringify({ type: 'response.output_text.delta', delta })}\n\n` +
+        `event: response.completed\ndata: ${JSON.stringify(completed)}\n\n`)
+    }
+    const s = await rawSocket(gw.url)
+    s.pause()
+    // 256 KiB every 50 ms, about 5 MB/s: over three times what a client must take in each sendTimeoutMs (1 s) for
+    // the kernel to take more of what the gateway holds (README: about 1.4 MB), a third of the event's 15 MiB.
+    let quota = 0
+    s.on('data', (c: Buffer) => {
+      quota -= c.length
+      if (quota <= 0) s.pause()
+    })
+    const sip = setInterval(() => {
+      quota = 256 * 1024
+      s.resume()
+    }, 50)
+    t.teardown(() => { clearInterval(sip) })
+    const body = JSON.stringify({ model: 'gpt-4o-mini', input: 'a long answer', stream: true })
+    s.write(`POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+    await until('the call to end', () => gw.audit().length > 0, 60_000)
+    clearInterval(sip)
+    quota = Infinity
+    s.resume()
+    t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 3 }, 'served, not cut off')
+    await until('the whole stream read', () => s.text().includes('"type":"response.completed"'), 5000)
+    t.ok(s.text().includes(delta), 'the large event came whole')
+    t.equal(s.closedAt(), null, 'the connection stays open for the next call')
+  })
+
   await t.test('connections past listen.maxConnections are refused', async t => {
     const { gw } = await setup(t, 1, {}, { listen })
     const held = await Promise.all([1, 2, 3, 4].map(async () => await rawSocket(gw.url)))

@@ -229,23 +229,38 @@ t.test('a non-streamed generation whose upstream sends its headers first waits g
   t.match(gw.audit().at(-1), { status: 200, outcome: 'ok', inputTokens: 1, outputTokens: 2 })
 })
 
-t.test('a generation answered but not read whole in time, or not as JSON, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
+/** A streamed generation whose upstream sends its headers at once, then does `then` with its connection. */
+function eventStreamThen (then: (res: import('node:http').ServerResponse) => void) {
+  return (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.flushHeaders()
+    setTimeout(() => { then(res) }, 50)
+  }
+}
+
+t.test('a generation answered but not read whole in time, or not as JSON, or a streamed one that fails before its first event, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const config = testConfig(upstream.url)
   const gw = await startGateway(t, { ...config, upstream: { ...config.upstream, timeoutMs: 200, generationTimeoutMs: 300, failureThreshold: 100 } })
   // The SDK's defaults: two retries of a 5xx, quickly.
   const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
-  for (const [respond, status, code] of [
-    [headersFirst(1500, SLOW_ANSWER), 504, 'upstream_timeout'],
-    [headersFirst(0, 'not JSON'), 502, 'upstream_unavailable']
+  for (const [respond, status, code, stream] of [
+    [headersFirst(1500, SLOW_ANSWER), 504, 'upstream_timeout', false],
+    [headersFirst(0, 'not JSON'), 502, 'upstream_unavailable', false],
+    // (nothing of a stream has gone out before its first event: it is answered as these are, not as a 200 whose only
+    // event is the error)
+    [eventStreamThen(() => {}), 504, 'upstream_timeout', true], // silent past generationTimeoutMs
+    [eventStreamThen(res => { res.socket?.destroy() }), 502, 'upstream_unavailable', true] // broken off
   ] as const) {
     upstream.respond = respond
     const before = upstream.requests.length
-    const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'once' }))
+    const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'once', stream }))
     t.match(err, { status, error: { code } })
     t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
     t.equal(upstream.requests.length - before, 1, `${status}: one SDK call, one generation upstream`)
+    await until('the audit record', () => gw.audit().length === upstream.requests.length)
+    t.match(gw.audit().at(-1), { status, outcome: 'upstream_error', stream })
   }
 })
 
@@ -695,6 +710,20 @@ t.test('a stream answered 200 whose body is a bare JSON error (no event): the SD
   t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
 })
 
+t.test('an error event whose data is plain text (a relay\'s `event: error`) reaches the SDK as OpenAI\'s error event: its APIError with the text, not a parse error', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(CREATED_EVENT + 'event: error\r\ndata: upstream overloaded,\r\ndata: try later\r\n\r\n')
+  }
+  const { seen, err } = await streamedCreate(sdk(KEYS.full))
+  t.same(seen, ['response.created'], 'the events before it')
+  t.ok(err instanceof OpenAI.APIError, `an APIError (got ${String(err)})`)
+  t.match(err, { error: { message: 'upstream overloaded,\ntry later', type: 'server_error' } }, 'with the upstream\'s text')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 200, outcome: 'upstream_error' })
+})
+
 t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {
   // As every event and answer the gateway rewrites (http/json.ts): a number JSON.parse would round goes on as written.
   const { upstream, gw } = await setup(t)
@@ -895,13 +924,15 @@ t.test('keep-alive comment lines between events (no blank line after them, as th
   t.match(gw.audit(), [{ status: 200, outcome: 'ok', inputTokens: 2 }, { status: 200, outcome: 'ok', inputTokens: 2 }])
 })
 
-t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches the client as comment lines: the SDKs, which would parse its empty data as JSON and throw, read the stream to its end', async t => {
+t.test('an event without data, or with empty data only (an upstream\'s `event: ping` keep-alive, a bare `data:`), reaches the client as comment lines: the SDKs, which would parse its empty data as JSON and throw, read the stream to its end', async t => {
   const { upstream, gw, sdk } = await setup(t)
   const delta = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}\n\n'
   const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}\n\n'
+  // (empty data is no event to the SSE spec either: `data:` alone, a `data: ` keep-alive, data of blank lines only)
+  const emptyData = 'event: ping\ndata:\n\n' + 'data: \r\n\r\n' + 'data:\ndata: \n\n'
   upstream.respond = (_req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + 'event: ping\r\nid: 7\r\n: still here\r\n\r\n' + '\n' + completed)
+    res.end(CREATED_EVENT + 'event: ping\n\n' + delta + emptyData + 'event: ping\r\nid: 7\r\n: still here\r\n\r\n' + '\n' + completed)
   }
   const { seen, err } = await streamedCreate(sdk(KEYS.full))
   t.equal(err, null, `no error (got ${String(err)})`)
@@ -914,7 +945,7 @@ t.test('an event without data (an upstream\'s `event: ping` keep-alive) reaches 
     body: JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })
   })
   const text = await res.text()
-  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\r\n:id: 7\r\n: still here\r\n:\n' + completed),
+  t.ok(text.includes(':event: ping\n' + delta + ':event: ping\n:data:\n:data: \r\n:data:\n:data: \n' + ':event: ping\r\n:id: 7\r\n: still here\r\n:\n' + completed),
     'its lines pass on as comments (keeping the client\'s connection alive as they did), without the blank line that would dispatch it; a lone blank line as an empty comment')
 })
 

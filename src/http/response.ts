@@ -31,8 +31,9 @@ function byteLength (chunk: unknown, encoding: unknown): number {
 }
 
 /**
- * The class for one server: once a write has to wait for the client, the client has `sendTimeoutMs` to take it
- * ('drain'), or its connection is destroyed. Streams piped into the response wait on the same 'drain'.
+ * The class for one server: once a write has to wait for the client, the client has `sendTimeoutMs` to take some of
+ * it, and again for each part until it is taken ('drain'), or its connection is destroyed. Streams piped into the
+ * response wait on the same 'drain'.
  */
 export function countingResponseClass (sendTimeoutMs: number): typeof ServerResponse {
   class GatewayResponse<Request extends IncomingMessage = IncomingMessage> extends ServerResponse<Request> implements CountingResponse {
@@ -88,17 +89,31 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
     #watchWritten (): void {
       const socket = this.socket
       if (socket === null || this.#stalled !== null || this.destroyed || unsent(socket) === 0) return
-      let left = unsent(socket)
+      this.#watch(socket, 'finish')
+    }
+
+    #watchStall (): void {
+      this.#watch(this.socket!, 'drain')
+    }
+
+    /**
+     * Until `over` (what had to wait has gone to the kernel: a write's 'drain', an answer ended whole's 'finish'),
+     * the client has sendTimeoutMs to take some of what the connection holds, again and again: a client that reads
+     * slowly but on is not cut off however large a write it has to take (a streamed event of megabytes, which goes
+     * out in one write and drains only once the kernel has taken all of it).
+     */
+    #watch (socket: Socket, over: 'drain' | 'finish'): void {
+      let was = taken(socket)
       const clear = () => {
         if (this.#stalled !== null) clearTimeout(this.#stalled)
         this.#stalled = null
-        this.off('finish', clear)
+        this.off(over, clear)
         this.off('close', clear)
       }
       const check = () => {
-        const now = unsent(socket)
-        if (now < left) { // the client took some of it
-          left = now
+        const now = taken(socket)
+        if (now > was) { // the client took some of it
+          was = now
           this.#stalled = setTimeout(check, sendTimeoutMs)
           return
         }
@@ -106,19 +121,7 @@ export function countingResponseClass (sendTimeoutMs: number): typeof ServerResp
         this.#cutOff()
       }
       this.#stalled = setTimeout(check, sendTimeoutMs)
-      this.once('finish', clear)
-      this.once('close', clear)
-    }
-
-    #watchStall (): void {
-      const clear = () => {
-        if (this.#stalled !== null) clearTimeout(this.#stalled)
-        this.#stalled = null
-        this.off('drain', clear)
-        this.off('close', clear)
-      }
-      this.#stalled = setTimeout(() => { this.#cutOff() }, sendTimeoutMs)
-      this.once('drain', clear)
+      this.once(over, clear)
       this.once('close', clear)
     }
   }
@@ -137,6 +140,11 @@ function unsent (socket: Socket): number {
   }
   const writing = typeof state?.writelen === 'number' ? state.writelen : 0
   return socket.writableLength - writing + (typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0)
+}
+
+/** Bytes of a connection the kernel has taken so far: those handed to it, less what libuv has still to write. */
+function taken (socket: Socket): number {
+  return socket.bytesWritten - unsent(socket)
 }
 
 /** Per connection: responses to pipelined requests waiting, without a socket, behind the one holding it, in order. */

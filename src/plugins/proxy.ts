@@ -770,6 +770,15 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           // Its last event passed already: the line gave the whole answer (a break still queued behind a slow
           // client is told by the rewriter alone).
           if (request.responseFacts?.ended === true) answeredWhole(res.stream)
+          // Nothing of it has gone out (its headers go with its first bytes): answered as any answer that fails
+          // before any of it went out is, 504 for a silence past its deadline, else 502, not as a 200 whose only
+          // event is the error (Fastify answers the error the stream it sends fails with).
+          if (!reply.raw.headersSent && events.readableLength === 0 && !clientLeft(reply)) {
+            request.log.warn({ err: { message: err.message } }, 'upstream answer could not be read')
+            mayBeDoneUpstream(request.method, reply)
+            events.destroy(readFailure(err))
+            return
+          }
           events.breakOff(STREAM_BROKEN_EVENT, err)
         })
         // A client that leaves (or an event that cannot be passed on) releases the upstream.

@@ -5,10 +5,10 @@
 // when it is JSON; `rewrite` may return another object (the gateway takes its owner key out) or the same one, and
 // then the event's bytes pass as they came (a rewritten one keeps its numbers as they came: http/json.ts). Lines
 // end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
-// fields are not rewritten; an event with no data at all (`event: ping`), which the SDKs would fail to parse, goes
-// out as comment lines (asComments); a body that is no event but a bare JSON error goes out as OpenAI's error event
-// (errorEvent). Every event, whatever it holds, goes out through `passing` (the gateway takes the upstream token
-// out of its bytes: upstream/scrub.ts).
+// fields are not rewritten; an event with no data at all (`event: ping`), or only empty data, which the SDKs would
+// fail to parse, goes out as comment lines (asComments); a body that is no event but a bare JSON error, or an `error`
+// event whose data is plain text, goes out as OpenAI's error event (errorEvent, textError). Every event, whatever it
+// holds, goes out through `passing` (the gateway takes the upstream token out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { isObject } from '../ownership/owners.js'
@@ -411,12 +411,15 @@ export class SseRewriter extends Transform {
       if (bare !== null) return this.#rewritten(bare)
       return asComments(lines)
     }
-    if (!/^\s*\{/.test(joined)) return raw
+    // Empty data (`data:` alone, `event: ping` with it, a keep-alive `data: `) is no event to the SSE spec either,
+    // nor is data of blank lines alone anything the SDKs can read: they would fail parsing it as JSON just the same.
+    if (joined.trim() === '') return asComments(lines)
+    if (!/^\s*\{/.test(joined)) return this.#textError(lines, joined) ?? raw
     let parsed: unknown
     try {
       parsed = parseExact(joined)
     } catch {
-      return raw
+      return this.#textError(lines, joined) ?? raw
     }
     const rewritten = this.#rewrite(parsed, joined)
     if (rewritten === parsed) return raw
@@ -431,7 +434,20 @@ export class SseRewriter extends Transform {
     }
     return Buffer.from(out.join(''))
   }
+
+  /**
+   * An `error` event whose data is no JSON object (a relay's `event: error` / `data: overloaded`), as OpenAI's error
+   * event with that text as its message: both SDKs would fail parsing it (a SyntaxError, a JSONDecodeError, not their
+   * APIError), losing the stream without its reason. Null for any other event.
+   */
+  #textError (lines: Buffer[], text: string): Buffer | null {
+    if (!lines.some(line => EVENT_ERROR.test(line.toString('latin1')))) return null
+    return this.#rewritten(errorEventLines({ message: text, type: 'server_error', param: null, code: null }, null))
+  }
 }
+
+/** An `event:` line naming `error` (its value after one optional space, as the SSE spec reads a field). */
+const EVENT_ERROR = /^event: ?error(?:\r\n|\r|\n)?$/
 
 /**
  * The lines of OpenAI's error event (as the Responses API streams it, with the `error` object the SDKs raise) for
@@ -449,6 +465,11 @@ function errorEvent (held: Buffer[]): Buffer[] | null {
   }
   const error = (parsed as { error?: unknown } | null)?.error
   if (!isObject(error)) return null
+  return errorEventLines(error, parsed)
+}
+
+/** OpenAI's error event for `error` (read from `parsed`, whose numbers it keeps as written: http/json.ts). */
+function errorEventLines (error: Record<string, unknown>, parsed: unknown): Buffer[] {
   const { code = null, message = null, param = null } = error as { code?: unknown, message?: unknown, param?: unknown }
   const data = stringifyExact({ type: 'error', code, message, param, error }, parsed)
   return [Buffer.from('event: error\n'), Buffer.from(`data: ${data}\n`), Buffer.from('\n')]
