@@ -842,6 +842,27 @@ function rawSocket (url: string): Promise<Socket & { closedAt: () => number | nu
   })
 }
 
+/**
+ * Has a paused raw connection read `bytes` every `everyMs` (a client reading slowly but on); the returned function
+ * stops that and reads on at full speed.
+ */
+function sipping (s: Socket, bytes: number, everyMs: number): () => void {
+  let quota = 0
+  s.on('data', (c: Buffer) => {
+    quota -= c.length
+    if (quota <= 0) s.pause()
+  })
+  const sip = setInterval(() => {
+    quota = bytes
+    s.resume()
+  }, everyMs)
+  return () => {
+    clearInterval(sip)
+    quota = Infinity
+    s.resume()
+  }
+}
+
 t.test('slow and hostile clients', async t => {
   const listen = { host: '127.0.0.1', port: 0, headersTimeoutMs: 300, requestTimeoutMs: 600, sendTimeoutMs: 300, maxConnections: 4 }
 
@@ -1010,21 +1031,21 @@ t.test('slow and hostile clients', async t => {
 
   await t.test('a client that reads such an answer slowly, a little at a time, gets it whole', async t => {
     // listen.sendTimeoutMs bounds a client taking none of its answer, not how long a large answer may take.
-    const { lines, gw, conv } = await setup(t, 1, {}, { listen })
+    // (1 s here: the client sips in this process, so a stall of its event loop stops the sips and the gateway's
+    // watch alike, and on a loaded machine one of 300 ms looked like a client taking nothing)
+    const { lines, gw, conv } = await setup(t, 1, {}, { listen: { ...listen, sendTimeoutMs: 1000 } })
     const big = JSON.stringify({ id: conv, object: 'conversation', created_at: 1, metadata: {}, padding: 'x'.repeat(12 * 1024 * 1024) })
     lines[0]!.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(big) }
     const s = await rawSocket(gw.url)
     s.pause()
-    // (a sip every 100 ms, three in each sendTimeoutMs: only a stall of the event loop of about 200 ms would look like a client
-    // taking nothing for sendTimeoutMs)
-    let sipping = true
-    const sip = setInterval(() => { s.resume(); setTimeout(() => { if (sipping) s.pause() }, 10) }, 100)
-    t.teardown(() => { clearInterval(sip) })
+    // 256 KiB every 50 ms, about 5 MB/s, 2.5 s for the answer's 12 MiB: over three times what a client must take in each
+    // sendTimeoutMs for the kernel to take more (README: about 1.4 MB); only a stall of this process's event loop
+    // (the client's and the gateway's) of most of a second would look like a client taking nothing.
+    const readOn = sipping(s, 256 * 1024, 50)
+    t.teardown(readOn)
     s.write(`GET /v1/conversations/${conv} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
     await until('the call to end', () => gw.audit().length > 0, 60_000)
-    sipping = false // (a sip's pause still to come would stop the client for good)
-    clearInterval(sip)
-    s.resume()
+    readOn()
     t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok' }, 'served, not cut off')
     await until('the whole answer read', () => s.text().length > big.length, 5000)
     t.equal(s.closedAt(), null, 'the connection stays open for the next call')
@@ -1046,22 +1067,12 @@ t.test('slow and hostile clients', async t => {
     s.pause()
     // 256 KiB every 50 ms, about 5 MB/s: over three times what a client must take in each sendTimeoutMs (1 s) for
     // the kernel to take more of what the gateway holds (README: about 1.4 MB), a third of the event's 15 MiB.
-    let quota = 0
-    s.on('data', (c: Buffer) => {
-      quota -= c.length
-      if (quota <= 0) s.pause()
-    })
-    const sip = setInterval(() => {
-      quota = 256 * 1024
-      s.resume()
-    }, 50)
-    t.teardown(() => { clearInterval(sip) })
+    const readOn = sipping(s, 256 * 1024, 50)
+    t.teardown(readOn)
     const body = JSON.stringify({ model: 'gpt-4o-mini', input: 'a long answer', stream: true })
     s.write(`POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
     await until('the call to end', () => gw.audit().length > 0, 60_000)
-    clearInterval(sip)
-    quota = Infinity
-    s.resume()
+    readOn()
     t.match(await lastRecord(gw, 1), { status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 3 }, 'served, not cut off')
     await until('the whole stream read', () => s.text().includes('"type":"response.completed"'), 5000)
     t.ok(s.text().includes(delta), 'the large event came whole')
