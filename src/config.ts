@@ -294,26 +294,29 @@ const PLACEHOLDER_BODY = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/
 
 /**
  * Fills ${VAR} and ${VAR:-default} in one string. A default may itself hold placeholders (`${A:-${B}}`); a value
- * from the environment is taken as it is, never expanded again. Text that is not a placeholder stays literal.
+ * from the environment is taken as it is, never expanded again. Any other `${` of the file's text (compose's
+ * `${VAR-default}` or `${VAR:?message}`, a `${VAR:default}`, a brace left open) is a problem: kept as it is, the
+ * text of a placeholder would become the upstream token sent on every call, or the audit file's path. The problem
+ * names the variable only: what follows it may be a secret typed into the file.
  */
-function expand (text: string, env: NodeJS.ProcessEnv, unset: (name: string) => void): string {
+function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string) => void): string {
   let out = ''
   let at = 0
   for (let start = text.indexOf('${'); start !== -1; start = text.indexOf('${', at)) {
     const end = closingBrace(text, start + 2)
-    if (end === -1) break
+    const m = end === -1 ? null : PLACEHOLDER_BODY.exec(text.slice(start + 2, end))
+    if (m === null) {
+      const name = /^[A-Za-z0-9_]*/.exec(text.slice(start + 2))![0]
+      problem(`\${${name}${end === -1 ? ' is not closed' : '... is not a placeholder'}: write \${VAR} or \${VAR:-default}`)
+      return ''
+    }
     out += text.slice(at, start)
     at = end + 1
-    const m = PLACEHOLDER_BODY.exec(text.slice(start + 2, end))
-    if (m === null) {
-      out += text.slice(start, at)
-      continue
-    }
     const [, name, fallback] = m as unknown as [string, string, string | undefined]
     const value = env[name]
     if (value !== undefined && value !== '') out += value
-    else if (fallback !== undefined) out += expand(fallback, env, unset)
-    else unset(name)
+    else if (fallback !== undefined) out += expand(fallback, env, problem)
+    else problem(`environment variable ${name} is not set`)
   }
   return out + text.slice(at)
 }
@@ -326,9 +329,7 @@ function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, probl
   if (typeof node === 'string') {
     if (!node.includes('${')) return node
     filled.add(path)
-    return expand(node, env, name => {
-      problems.push(`${fieldPath(path)}: environment variable ${name} is not set`)
-    })
+    return expand(node, env, message => { problems.push(`${fieldPath(path)}: ${message}`) })
   }
   if (Array.isArray(node)) return node.map((v, i) => interpolate(v, env, `${path}/${i}`, problems, filled))
   if (node !== null && typeof node === 'object') {

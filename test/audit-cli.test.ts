@@ -263,6 +263,26 @@ t.test('audit query --owner answers "which calls were refused on team-a\'s objec
   t.same(rows.map(row => row.split(/\s+/).slice(1, 3)), onTeamA.map(s => [s.clientId, 'team-a']), 'who called, and whose object it was')
 })
 
+t.test('audit query --client none finds the calls gateway_denied_total{client="none"} counts: those made with no client\'s key', async t => {
+  // The metrics label a call without a client's key "none" (no client may have that id): an operator checking a
+  // spike of it against the trail asks for that label, and got nothing, every record of it holding clientId null.
+  const shapes: Array<Record<string, unknown>> = [
+    { clientId: null, keyId: null, status: 401, outcome: 'denied' },
+    { clientId: 'team-a', status: 200, outcome: 'ok' },
+    { clientId: null, keyId: null, status: 429, outcome: 'denied' }
+  ]
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 9, {}, 1, i => callRecord(i, shapes[i % shapes.length]))
+  const ids = (keep: (shape: Record<string, unknown>) => boolean) =>
+    Array.from({ length: 9 }, (_v, n) => n + 1).filter(i => keep(shapes[i % shapes.length]!)).map(i => callRecord(i).requestId)
+  const withoutKey = ids(s => s.clientId === null)
+  t.same(await query(files, '--client', 'none'), withoutKey)
+  t.same(await query(files, '--client', 'none', '--status', '401'), ids(s => s.clientId === null && s.status === 401))
+  t.same(await query(files, '--client', 'team-a'), ids(s => s.clientId === 'team-a'), 'a client id as before')
+  const r = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--client', 'none', '--format', 'table'])
+  t.equal(r.stdout.trim().split('\n').length, 1 + withoutKey.length, 'from the command line too, one row each')
+})
+
 t.test('audit query answers "who deleted item X of conversation Y, when, from where" as a table', async t => {
   const { config } = await gzippedSeries()
   const r = run(['audit', 'query', '--config', config, '--action', 'item.delete', '--conversation', 'conv_2', '--item', 'msg_17', '--format', 'table'])

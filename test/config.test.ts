@@ -1,7 +1,7 @@
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
-import { ConfigError, ConfigSchema, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
+import { ConfigError, ConfigSchema, loadAuditFile, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
 import { tempDir } from './fixtures/tmp.js'
 
 const DIGEST = 'a'.repeat(64)
@@ -371,6 +371,24 @@ t.test('a default may hold another placeholder: ${A:-${B}} and deeper', async t 
     'a value from the environment is not expanded again')
   const unset = yamlFile(minimal + 'audit: { file: "${AUDIT_FILE:-${AUDIT_DIR}}" }\n')
   t.match(problems(() => loadConfig(unset, { OHMYGPT_API_KEY: 'x' })), [/audit\.file: environment variable AUDIT_DIR is not set/])
+})
+
+t.test('a ${ that is no placeholder the gateway fills is refused naming its key, never taken as literal text', async t => {
+  // Compose's ${VAR-default} and ${VAR:?message}, a missing "-", an unclosed brace: each was kept as it is, so the
+  // text of the placeholder became the upstream token sent on every call, or the audit file's path.
+  const typos = ['${OHMYGPT_API_KEY-sk-fallback}', '${OHMYGPT_API_KEY:?set it}', '${OHMYGPT_API_KEY:sk-fallback}', '${OHMYGPT_API_KEY',
+    '${OHMYGPT API KEY}']
+  for (const typo of typos) {
+    const found = problems(() => loadConfig(yamlFile(minimal.replace('apiKey: ${OHMYGPT_API_KEY}', `apiKey: "${typo}"`)), { OHMYGPT_API_KEY: 'x' }))
+    t.match(found, [/^upstream\.apiKey: .*\$\{VAR\} or \$\{VAR:-default\}/], `${typo.slice(0, 18)}...: refused`)
+    t.notOk(found.join('\n').includes('fallback'), 'without repeating what follows the name (a secret may be there)')
+  }
+  const inDefault = yamlFile(minimal + 'audit: { file: "${AUDIT_FILE:-${AUDIT_DIR-/var/audit}/a.jsonl}" }\n')
+  t.match(problems(() => loadConfig(inDefault, { OHMYGPT_API_KEY: 'x' })), [/^audit\.file: /], 'in a default too')
+  t.equal(loadConfig(inDefault, { OHMYGPT_API_KEY: 'x', AUDIT_FILE: '/x.jsonl' }).audit.file, '/x.jsonl',
+    'a default not used is not read (as ${A:-${B}} with B unset)')
+  t.match(problems(() => loadAuditFile(yamlFile(minimal + 'audit: { file: "${AUDIT_FILE-/var/a.jsonl}" }\n'), {})), [/^audit\.file: /],
+    'audit verify and query, which read audit.file alone, refuse it as well')
 })
 
 t.test('a duration past Node\'s longest timer (2147483647 ms) is refused: Node would fire it after 1 ms', async t => {

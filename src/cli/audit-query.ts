@@ -66,8 +66,23 @@ function timeRange (from: number, to: number): Filter {
   }
 }
 
+/**
+ * `--client none`: the calls made with no client's key (clientId null), which the metrics count as client "none"
+ * (an id no client may have), so that a spike of gateway_denied_total{client="none"} is found in the trail by its label.
+ */
+const NO_CLIENT = 'none'
+
+function client (value: string): Filter {
+  if (value !== NO_CLIENT) return exact('clientId')!(value, 0)
+  return { needle: '"clientId":null', test: r => r.clientId === null }
+}
+
 export const FLAGS = {
-  client: { value: 'ID', help: 'calls made with this client\'s key (clients[].id)', filter: exact('clientId') },
+  client: {
+    value: 'ID',
+    help: `calls made with this client's key (clients[].id); ${NO_CLIENT}: with no client's key (the metrics' client="${NO_CLIENT}")`,
+    filter: client
+  },
   owner: {
     value: 'ID',
     help: 'calls on objects this client owns (ownerId), another team\'s refused ones included: --owner team-a --outcome denied',
