@@ -264,6 +264,23 @@ t.test('a generation answered but not read whole in time, or not as JSON, or a s
   }
 })
 
+t.test('a streamed generation whose first event is later than the SDK says it waits gets its 504 before the SDK gives up, and is not sent again: its headers go out with that event', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // (the generation's own deadline is the default, minutes: only the client's stated wait is short)
+  const gw = await startGateway(t, testConfig(upstream.url))
+  // A relay that answers at once and sends the model's first event only when the model has one: never, here.
+  upstream.respond = eventStreamThen(() => {})
+  // The SDK's defaults (two retries of a timeout, a POST included), and a call's own timeout, which it sends.
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'a long think', stream: true }, { timeout: 1000 }))
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout error')
+  t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
+  t.equal(upstream.requests.length, 1, 'one SDK call, one generation upstream')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 504, outcome: 'upstream_error', stream: true })
+})
+
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
   const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]

@@ -358,6 +358,23 @@ function readFailure (err: unknown): Error {
 }
 
 /**
+ * A stream's headers go out to the client with its first event. A client that says how long it waits (clientWaitMs)
+ * waits that long for them, then gives up and sends the call again (both SDKs retry a timeout, a POST included): a
+ * generation would run upstream three times. A stream with nothing gone out by then is ended as one silent past its
+ * deadline is (504 upstream_timeout, x-should-retry: false for a POST), which the SDK raises and sends nothing again.
+ * It says nothing of the line, as a client's shorter wait never does.
+ */
+function waitNoLongerThanTheClient (request: FastifyRequest, reply: FastifyReply, body: Readable, events: Transform): void {
+  const waitMs = clientWaitMs(request.headers, reply.elapsedTime)
+  if (waitMs === undefined) return
+  const timer = setTimeout(() => {
+    if (reply.raw.headersSent || events.readableLength > 0) return
+    body.destroy(new UpstreamFailure('timeout', 'no event came within the client\'s stated wait', 1, null))
+  }, waitMs)
+  events.once('close', () => { clearTimeout(timer) })
+}
+
+/**
  * An upstream answer the gateway had to read whole and could not is not passed on: `answer` instead, logged, and
  * marked not to be sent again for a POST the upstream may have done. Nothing when the client has left: no one to
  * answer, and no fault of the upstream (its call is audited aborted).
@@ -781,6 +798,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           }
           events.breakOff(STREAM_BROKEN_EVENT, err)
         })
+        waitNoLongerThanTheClient(request, reply, res.stream, events)
         // A client that leaves (or an event that cannot be passed on) releases the upstream.
         events.once('close', () => {
           liveStreams.delete(events)
