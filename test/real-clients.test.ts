@@ -594,7 +594,7 @@ t.test('a POST whose upstream connection broke after it was sent is not sent aga
   t.equal(tries.length, 3, 'the SDK\'s two retries were sent')
 })
 
-t.test("an upstream 429 asking a wait over a minute (a quota reset in an hour) reaches the SDK with x-should-retry: false: it raises RateLimitError at once instead of sleeping through it", async t => {
+t.test("an upstream 429 (or 5xx) asking a wait over a minute (a quota reset in an hour) reaches the SDK with x-should-retry: false: it raises RateLimitError at once instead of sleeping through it", async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const gw = await startGateway(t, ...withoutOwnership(upstream.url))
@@ -615,6 +615,9 @@ t.test("an upstream 429 asking a wait over a minute (a quota reset in an hour) r
     t.type(await raised(2), OpenAI.RateLimitError, 'with its retries on')
     t.equal(upstream.requests.length - before, 2, 'sent once by the SDK, not again')
   }
+  // (the SDKs retry a 5xx as a 429, after the wait it asks)
+  upstream.respond = faults.status(503, { 'retry-after': '3600' })
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'], 'false', 'an upstream 503 asking as long: the same')
   upstream.respond = faults.status(429, { 'retry-after': '60' })
   t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'], undefined,
     'a wait of a minute: the SDKs wait it out and retry')

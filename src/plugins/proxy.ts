@@ -250,6 +250,10 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
     const clean = scrub.header(value)
     if (clean !== undefined) out[name] = clean
   }
+  // A wait over a minute (a 503 retry-after of an hour) is not to be slept through (see upstreamRateLimitHeaders).
+  if ((out['retry-after'] !== undefined || out['retry-after-ms'] !== undefined) && (askedWaitMs(out) ?? 0) > SDK_RETRY_WAIT_MS) {
+    out['x-should-retry'] = 'false'
+  }
   return out
 }
 
