@@ -1325,6 +1325,13 @@ t.test('the shared account\'s 429 on a lookup is the client\'s 429 with the upst
   await new Promise(resolve => setTimeout(resolve, 20))
   t.match(gw.audit(), [{ status: 429, outcome: 'upstream_rate_limited' }])
 
+  // A wait over a minute (a quota reset in an hour): not to be slept through by the SDK, whatever the upstream says.
+  upstream.respond = faults.status(429, { 'retry-after': '3600', 'x-should-retry': 'true' })
+  const long = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal(long.status, 429)
+  t.equal(long.headers.get('retry-after'), '3600')
+  t.equal(long.headers.get('x-should-retry'), 'false', 'the SDKs raise it at once')
+
   upstream.respond = null // the fake OhMyGPT again
   const again = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
   t.equal(again.status, 200, 'the next call looks up again and is served')

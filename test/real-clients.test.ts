@@ -594,6 +594,35 @@ t.test('a POST whose upstream connection broke after it was sent is not sent aga
   t.equal(tries.length, 3, 'the SDK\'s two retries were sent')
 })
 
+t.test("an upstream 429 (or 5xx) asking a wait over a minute (a quota reset in an hour) reaches the SDK with x-should-retry: false: it raises RateLimitError at once instead of sleeping through it", async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const raised = async (maxRetries: number) => await new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries })
+    .conversations.retrieve('conv_x').then(() => null, (e: unknown) => e)
+  // (the Node SDK sleeps whatever retry-after-ms, else retry-after, says before it sends the call again, however long)
+  const waits: Array<Record<string, string>> = [{ 'retry-after': '3600' }, { 'retry-after-ms': '3600000' }, { 'retry-after': new Date(Date.now() + 3_600_000).toUTCString() }]
+  for (const wait of waits) {
+    upstream.respond = faults.status(429, wait)
+    const err = await raised(0)
+    t.type(err, OpenAI.RateLimitError)
+    t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false', `${JSON.stringify(wait)}: told not to retry`)
+    t.equal((err as { headers?: Headers }).headers?.get(Object.keys(wait)[0]!), Object.values(wait)[0], 'the upstream\'s wait still says when')
+  }
+  upstream.respond = faults.status(429, { 'retry-after': '3600' })
+  const before = upstream.requests.length
+  if ((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'] === 'false') {
+    t.type(await raised(2), OpenAI.RateLimitError, 'with its retries on')
+    t.equal(upstream.requests.length - before, 2, 'sent once by the SDK, not again')
+  }
+  // (the SDKs retry a 5xx as a 429, after the wait it asks)
+  upstream.respond = faults.status(503, { 'retry-after': '3600' })
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'], 'false', 'an upstream 503 asking as long: the same')
+  upstream.respond = faults.status(429, { 'retry-after': '60' })
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'], undefined,
+    'a wait of a minute: the SDKs wait it out and retry')
+})
+
 t.test("the upstream's x-should-retry reaches the SDK: an upstream that says not to retry is not called again", async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -727,18 +727,25 @@ t.test('a stream answered 200 whose body is a bare JSON error (no event): the SD
   t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
 })
 
-t.test('an error event whose data is plain text (a relay\'s `event: error`) reaches the SDK as OpenAI\'s error event: its APIError with the text, not a parse error', async t => {
+t.test('an error event whose data is plain text (a relay\'s `event: error`), or a JSON string, reaches the SDK as OpenAI\'s error event: its APIError with the text, not a parse error', async t => {
   const { upstream, gw, sdk } = await setup(t)
-  upstream.respond = (_req, res) => {
-    res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.end(CREATED_EVENT + 'event: error\r\ndata: upstream overloaded,\r\ndata: try later\r\n\r\n')
+  for (const [data, message] of [
+    ['data: upstream overloaded,\r\ndata: try later', 'upstream overloaded,\ntry later'],
+    // (the string itself, not its JSON quotes and escapes)
+    ['data: "upstream \\"m1\\" overloaded"', 'upstream "m1" overloaded']
+  ] as const) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(CREATED_EVENT + `event: error\r\n${data}\r\n\r\n`)
+    }
+    const before = gw.audit().length
+    const { seen, err } = await streamedCreate(sdk(KEYS.full))
+    t.same(seen, ['response.created'], 'the events before it')
+    t.ok(err instanceof OpenAI.APIError, `an APIError (got ${String(err)})`)
+    t.match(err, { error: { message, type: 'server_error' } }, 'with the upstream\'s text')
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { status: 200, outcome: 'upstream_error' })
   }
-  const { seen, err } = await streamedCreate(sdk(KEYS.full))
-  t.same(seen, ['response.created'], 'the events before it')
-  t.ok(err instanceof OpenAI.APIError, `an APIError (got ${String(err)})`)
-  t.match(err, { error: { message: 'upstream overloaded,\ntry later', type: 'server_error' } }, 'with the upstream\'s text')
-  await until('the audit record', () => gw.audit().length === 1)
-  t.match(gw.audit()[0], { status: 200, outcome: 'upstream_error' })
 })
 
 t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {

@@ -291,12 +291,13 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
   function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
     const err = new UpstreamRateLimitedError()
-    const out = upstreamRateLimitHeaders(headers, scrub)
+    const out: Record<string, string> = {}
     for (const name of ['retry-after', 'retry-after-ms', 'x-should-retry']) {
       const value = headers[name]
       if (typeof value === 'string') out[name] = scrub.header(value)
     }
-    err.headers = out
+    // (after the upstream's own x-should-retry: a wait over a minute is not to be slept through, whatever it says)
+    err.headers = { ...out, ...upstreamRateLimitHeaders(headers, scrub) }
     return err
   }
   app.decorateRequest('ownerId', null)

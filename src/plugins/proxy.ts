@@ -12,7 +12,7 @@ import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
+import { SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
@@ -250,9 +250,17 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
     const clean = scrub.header(value)
     if (clean !== undefined) out[name] = clean
   }
+  // A wait over a minute (a 503 retry-after of an hour) is not to be slept through (see upstreamRateLimitHeaders).
+  if ((out['retry-after'] !== undefined || out['retry-after-ms'] !== undefined) && (askedWaitMs(out) ?? 0) > SDK_RETRY_WAIT_MS) {
+    out['x-should-retry'] = 'false'
+  }
   return out
 }
 
+/**
+ * An upstream 429's rate-limit headers, and `x-should-retry: false` when the wait it asks is over a minute (a quota
+ * reset in an hour): the SDKs would otherwise sleep through it, as through the gateway's own (errors.ts, retryAfter).
+ */
 export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string> {
   const out: Record<string, string> = {}
   const listed = connectionListed(headers)
@@ -260,7 +268,19 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
     const value = headers[name]
     if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.header(value)
   }
+  if ((askedWaitMs(headers) ?? 0) > SDK_RETRY_WAIT_MS) out['x-should-retry'] = 'false'
   return out
+}
+
+/** The wait an answer asks, as the Node SDK reads it: `retry-after-ms`, else `retry-after` in seconds or as a date. */
+function askedWaitMs (headers: IncomingHttpHeaders): number | null {
+  const { 'retry-after-ms': ms, 'retry-after': after } = headers
+  if (typeof ms === 'string' && !Number.isNaN(parseFloat(ms))) return parseFloat(ms)
+  if (typeof after !== 'string') return null
+  const seconds = parseFloat(after)
+  if (!Number.isNaN(seconds)) return seconds * 1000
+  const date = Date.parse(after)
+  return Number.isNaN(date) ? null : date - Date.now()
 }
 
 function noop (): void {}

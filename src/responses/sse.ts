@@ -437,12 +437,24 @@ export class SseRewriter extends Transform {
 
   /**
    * An `error` event whose data is no JSON object (a relay's `event: error` / `data: overloaded`), as OpenAI's error
-   * event with that text as its message: both SDKs would fail parsing it (a SyntaxError, a JSONDecodeError, not their
-   * APIError), losing the stream without its reason. Null for any other event.
+   * event with that text (a JSON string's value, without its quotes) as its message: both SDKs would fail parsing it
+   * (a SyntaxError, a JSONDecodeError, not their APIError), losing the stream without its reason. Null for any other
+   * event.
    */
   #textError (lines: Buffer[], text: string): Buffer | null {
     if (!lines.some(line => EVENT_ERROR.test(line.toString('latin1')))) return null
-    return this.#rewritten(errorEventLines({ message: text, type: 'server_error', param: null, code: null }, null))
+    return this.#rewritten(errorEventLines({ message: errorText(text), type: 'server_error', param: null, code: null }, null))
+  }
+}
+
+/** An error event's message: the value of data that is a JSON string (`data: "overloaded"`), else its text as written. */
+function errorText (text: string): string {
+  if (!/^\s*"/.test(text)) return text
+  try {
+    const value: unknown = JSON.parse(text)
+    return typeof value === 'string' ? value : text
+  } catch {
+    return text
   }
 }
 
