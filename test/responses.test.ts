@@ -264,21 +264,29 @@ t.test('a generation answered but not read whole in time, or not as JSON, or a s
   }
 })
 
-t.test('a streamed generation whose first event is later than the SDK says it waits gets its 504 before the SDK gives up, and is not sent again: its headers go out with that event', async t => {
+t.test('a streamed generation whose first event is later than the SDK says it waits is served, and sent upstream once: the gateway keeps the client waiting with comments', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   // (the generation's own deadline is the default, minutes: only the client's stated wait is short)
   const gw = await startGateway(t, testConfig(upstream.url))
-  // A relay that answers at once and sends the model's first event only when the model has one: never, here.
-  upstream.respond = eventStreamThen(() => {})
+  // A relay that answers at once and sends the model's first event only when the model has one: 2.5 s here, past the
+  // second the SDK waits for the answer's headers (OpenAI's own come at once).
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1",' +
+    '"object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":3,"total_tokens":5}}}\n\n'
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.flushHeaders()
+    setTimeout(() => { res.end(CREATED_EVENT + completed) }, 2500)
+  }
   // The SDK's defaults (two retries of a timeout, a POST included), and a call's own timeout, which it sends.
   const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
-  const err = await rejection(client.responses.create({ model: 'gpt-4o', input: 'a long think', stream: true }, { timeout: 1000 }))
-  t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout error')
-  t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false')
+  const seen: string[] = []
+  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a long think', stream: true }, { timeout: 1000 })
+  for await (const event of stream) seen.push(event.type)
+  t.same(seen, ['response.created', 'response.completed'], 'every event, not the SDK\'s timeout error')
   t.equal(upstream.requests.length, 1, 'one SDK call, one generation upstream')
   await until('the audit record', () => gw.audit().length === 1)
-  t.match(gw.audit()[0], { status: 504, outcome: 'upstream_error', stream: true })
+  t.match(gw.audit()[0], { status: 200, outcome: 'ok', stream: true, responseId: 'resp_1', outputTokens: 3 })
 })
 
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {

@@ -133,6 +133,21 @@ export class SseRewriter extends Transform {
     return true
   }
 
+  /** Whether an event (or a comment of the upstream's) has gone out. */
+  get passedAny (): boolean {
+    return this.#passedAny
+  }
+
+  /**
+   * A comment line of the gateway's own (`: keep-alive`), which no SDK reads as an event, while none of the upstream's
+   * has gone out and the stream is not over: the answer's headers go out with the first one. False otherwise.
+   */
+  keepAlive (): boolean {
+    if (this.#passedAny || this.#cut || this.#lastPassed || this.destroyed || this.#flushed || this.#brokenOff !== null) return false
+    this.push(KEEP_ALIVE)
+    return true
+  }
+
   /**
    * The upstream broke the stream off (`err`): the whole events that came before the break still pass, those of
    * slices waiting for their turn included, then `event`, and the stream fails with `err` (never ended cleanly as
@@ -506,6 +521,8 @@ function asComments (lines: Buffer[]): Buffer {
   return Buffer.concat(out)
 }
 const COMMENT = Buffer.from(':')
+/** SseRewriter.keepAlive's comment. */
+const KEEP_ALIVE = Buffer.from(': keep-alive\n\n')
 
 const DATA = Buffer.from('data:')
 const SPACE = 0x20
