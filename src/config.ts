@@ -175,13 +175,21 @@ export class ConfigError extends Error {
 const MIN_SECRET_LENGTH = 8
 
 /**
- * `problems` with the config's secrets (the upstream token, the metrics token, a Redis password) taken out. A
- * problem may quote another field's value (a trustProxy entry, a host that does not resolve), and a mistyped
- * `${VAR}` can have filled that field with a secret: the output of check-config and start never holds one.
+ * The secrets of the environment a config was filled from that are none of its fields: the audit chain's HMAC key
+ * (AUDIT_HMAC_KEY, which the gateway reads beside the config), by the config they may have been put into.
+ */
+const environmentSecrets = new WeakMap<object, unknown[]>()
+
+/**
+ * `problems` with the config's secrets (the upstream token, the metrics token, a Redis password, and the
+ * environment's AUDIT_HMAC_KEY) taken out. A problem may quote another field's value (a trustProxy entry, a host
+ * that does not resolve), and a mistyped `${VAR}` can have filled that field with a secret: the output of
+ * check-config and start never holds one.
  */
 export function withoutSecrets (problems: string[], config: unknown): string[] {
   const { upstream, metrics, store } = (config ?? {}) as { upstream?: { apiKey?: unknown }, metrics?: { token?: unknown }, store?: { url?: unknown } }
-  const secrets = [upstream?.apiKey, metrics?.token, ...redisPasswords(store?.url)]
+  const fromEnvironment = config !== null && typeof config === 'object' ? environmentSecrets.get(config) ?? [] : []
+  const secrets = [upstream?.apiKey, metrics?.token, ...redisPasswords(store?.url), ...fromEnvironment]
     .filter((secret): secret is string => typeof secret === 'string' && secret.length >= MIN_SECRET_LENGTH)
   if (secrets.length === 0) return problems
   return problems.map(problem => secrets.reduce((text, secret) => text.replaceAll(secret, '[redacted]'), problem))
@@ -596,6 +604,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   const filled = new Set<string>()
   // interpolate builds a fresh tree, so validation's defaults never touch the caller's object
   const candidate = interpolate(raw ?? {}, env, '', problems, filled)
+  if (candidate !== null && typeof candidate === 'object') environmentSecrets.set(candidate, [env.AUDIT_HMAC_KEY])
   if (!validateWithPlaceholders(candidate, filled)) {
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))

@@ -430,7 +430,13 @@ t.test('start refuses its two listeners on one port, the address named two ways,
 
 t.test('a secret that a mistyped ${VAR} put in another field (trustProxy, listen.host) is not quoted by check-config or start', async t => {
   const { file, dir } = configFile('')
-  const secrets = { OHMYGPT_API_KEY: 'sk-cli-SECRET-token-0123456789', METRICS_TOKEN: 'metrics-SECRET-token-0123456789', REDIS_PASSWORD: 'redis-SECRET-pw-0123' }
+  const secrets = {
+    OHMYGPT_API_KEY: 'sk-cli-SECRET-token-0123456789',
+    METRICS_TOKEN: 'metrics-SECRET-token-0123456789',
+    REDIS_PASSWORD: 'redis-SECRET-pw-0123',
+    // (no field of the config: the audit chain's key, read from the environment beside it)
+    AUDIT_HMAC_KEY: 'hmac-SECRET-key-0123456789abcdef0123456789'
+  }
   const yaml = (host: string, trustProxy: string, store: string) => `
 listen: { host: "${host}", port: 0 }
 trustProxy: ${trustProxy}
@@ -442,20 +448,23 @@ clients:
   - { id: team-a, keySha256: "${DIGEST}", scopes: [read] }
 `
   const leaked = (text: string) => Object.values(secrets).filter(secret => text.includes(secret))
-  writeFileSync(file, yaml('127.0.0.1', '["${METRICS_TOKEN}", "${REDIS_PASSWORD}"]', 'redis://:${REDIS_PASSWORD}@127.0.0.1:9/0'))
+  writeFileSync(file, yaml('127.0.0.1', '["${METRICS_TOKEN}", "${REDIS_PASSWORD}", "${AUDIT_HMAC_KEY}"]', 'redis://:${REDIS_PASSWORD}@127.0.0.1:9/0'))
   const entries = run(['check-config', '--config', file], secrets)
   t.equal(entries.status, 1)
   t.match(entries.stderr, /trustProxy\[0\]: invalid IP address: \[redacted\]/, 'the entry named by its place')
   t.match(entries.stderr, /trustProxy\[1\]: invalid IP address: \[redacted\]/)
+  t.match(entries.stderr, /trustProxy\[2\]: invalid IP address: \[redacted\]/)
   t.same(leaked(entries.stderr + entries.stdout), [])
 
-  writeFileSync(file, yaml('${OHMYGPT_API_KEY}', 'false', 'memory://'))
-  const host = run(['check-config', '--config', file], secrets)
-  t.equal(host.status, 1)
-  t.match(host.stderr, /listen\.host: cannot listen on \[redacted\]:0/)
-  t.same(leaked(host.stderr + host.stdout), [])
-  const start = run(['start', '--config', file], secrets)
-  t.equal(start.status, 1)
-  t.match(start.stderr, /cannot listen on \[redacted\]:0/)
-  t.same(leaked(start.stderr + start.stdout), [])
+  for (const secret of ['${OHMYGPT_API_KEY}', '${AUDIT_HMAC_KEY}']) {
+    writeFileSync(file, yaml(secret, 'false', 'memory://'))
+    const host = run(['check-config', '--config', file], secrets)
+    t.equal(host.status, 1)
+    t.match(host.stderr, /listen\.host: cannot listen on \[redacted\]:0/, secret)
+    t.same(leaked(host.stderr + host.stdout), [])
+    const start = run(['start', '--config', file], secrets)
+    t.equal(start.status, 1)
+    t.match(start.stderr, /cannot listen on \[redacted\]:0/, secret)
+    t.same(leaked(start.stderr + start.stdout), [])
+  }
 })

@@ -333,6 +333,29 @@ async function failedOver (t: Test, onFailure: OnFailure) {
   return { newPrimary, redis, s }
 }
 
+t.test('a Redis that quotes the handshake in its errors (AUTH renamed away) never has store.url\'s password logged', async t => {
+  // Redis answers an unknown command with its arguments ("unknown command 'auth', with args beginning with: ..."), and
+  // ioredis's handshake is HELLO 3 AUTH <user> <password>, then AUTH <user> <password> where HELLO is unknown.
+  const redis = await startRedis(t, { args: ['--rename-command', 'HELLO', '', '--rename-command', 'AUTH', ''] })
+  const password = 'pw-Zq8vR4kT2mX7'
+  const rule = { requestsPerMinute: 60, burst: 5 }
+  for (const [url, onFailure] of [
+    [`redis://usr:${password}@127.0.0.1:${redis.port}/0`, 'closed'],
+    [`redis://:${encodeURIComponent(password).replace('-', '%2D')}@127.0.0.1:${redis.port}/0`, 'open']
+  ] as const) {
+    const log = recorder()
+    const said = await RedisStore.connect({ url, timeoutMs: 2000, onFailure, log })
+      .then(async started => {
+        t.teardown(() => started.close())
+        return await started.take('a', rule).then(() => 'served', (err: Error) => err.message)
+      }, (err: Error) => err.message)
+    await eventually(async () => log.lines.length > 0, 'the store\'s failure is logged')
+    const out = JSON.stringify([said, log.lines])
+    t.match(out, /unknown command 'auth'/, `${onFailure}: the reason is logged`)
+    t.notOk(out.includes(password.slice(3, 11)), `${onFailure}: no part of the password in the log or the error: ${out}`)
+  }
+})
+
 t.test('a store.url whose port leads to a server that is not Redis (an HTTP server, another service) refuses the start, saying so', async t => {
   // (a wrong port: the replica would otherwise run with every call refused, closed, or its buckets never shared,
   // open, said only in a warning every 10 s that Redis is unavailable)

@@ -615,6 +615,30 @@ t.test('a streamed event that is not JSON, a comment or another field that quote
   t.match(text, /"id":"resp_1"/, 'the other events as they were')
 })
 
+t.test('an error event in plain text that spells the token with escapes or percent-encoded reaches the SDK without it', async t => {
+  // (as the same text in any other event does: the gateway's error event carries it in a JSON string, where a
+  // `\u0073` of the text is no escape but the text the SDK's message holds)
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const escaped = [...UPSTREAM_TOKEN].map(c => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')
+  const percent = [...UPSTREAM_TOKEN].map(c => `%${c.charCodeAt(0).toString(16)}`).join('')
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  for (const spelled of [escaped, percent, `"${escaped}"`]) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(`event: error\ndata: invalid api key ${spelled}\n\n`)
+    }
+    const err = await (async () => {
+      for await (const event of await sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true })) t.fail(`no event before: ${event.type}`)
+    })().then(() => null, (e: unknown) => e)
+    t.ok(err instanceof OpenAI.APIError, `an APIError (got ${String(err)})`)
+    const message = String((err as { error?: { message?: unknown } }).error?.message)
+    t.match(message, /^invalid api key "?\[redacted\]"?$/, `the token taken out of ${spelled.slice(0, 16)}...`)
+    t.notOk(decodeURIComponent(JSON.parse(`"${message.replace(/"/g, '')}"`) as string).includes(UPSTREAM_TOKEN.slice(3, 11)), 'in no spelling')
+  }
+})
+
 t.test('an event stream the upstream compressed unasked is not passed on unchecked: 502, no token, no other team\'s owner', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

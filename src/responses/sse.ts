@@ -458,7 +458,10 @@ export class SseRewriter extends Transform {
    */
   #textError (lines: Buffer[], text: string): Buffer | null {
     if (!lines.some(line => EVENT_ERROR.test(line.toString('latin1')))) return null
-    return this.#rewritten(errorEventLines({ message: errorText(text), type: 'server_error', param: null, code: null }, null))
+    // Searched as the event's bytes would have been (`passing`): once in the JSON string the message becomes, a token
+    // the text spells with escapes (`\u0073k-…`) would have its backslashes doubled, and be found no more.
+    const passed = this.#passing(Buffer.from(text)).toString('utf8')
+    return this.#rewritten(errorEventLines({ message: errorText(passed), type: 'server_error', param: null, code: null }, null))
   }
 }
 

@@ -12,6 +12,7 @@
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
 import { Redis, ReplyError } from 'ioredis'
 import type { SharedNotes } from '../ownership/issued.js'
+import { withoutSecrets } from '../config.js'
 import { StartupError } from '../preflight.js'
 import { MemoryStore } from './memory.js'
 import {
@@ -149,10 +150,6 @@ interface BucketCommand {
   ogwBucket (key: string, mode: Mode, requestsPerMinute: number, burst: number, n: number, epsilon: number): Promise<[number, string]>
 }
 
-function reasonOf (err: unknown): string {
-  return err instanceof Error ? err.message : String(err)
-}
-
 /**
  * Logs an outage when it starts and once when it ends, with at most one warning per WARN_INTERVAL_MS however
  * many calls fail or outages flap. An outage that starts within the interval of the last warning (a blip right
@@ -201,6 +198,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   readonly #fallback = new MemoryStore()
   readonly #onFailure: OnFailure
   readonly #keyPrefix: string
+  readonly #url: string
   readonly #timeoutMs: number
   readonly #outage: OutageLog
   /** This connection's SELECT was refused: the client would go on in database 0, perhaps another deployment's. */
@@ -233,6 +231,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
     this.#onFailure = onFailure
     this.#keyPrefix = keyPrefix
+    this.#url = url
     this.#timeoutMs = timeoutMs
     this.#outage = new OutageLog(log, onFailure)
     this.#redis = new Redis(url, {
@@ -264,12 +263,21 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#redis.on('connect', () => { this.#noSuchDb = false })
     this.#redis.on('close', () => { this.#leavingReadOnly = false })
     this.#redis.on('error', (err: unknown) => {
-      const reason = reasonOf(err)
+      const reason = this.#reasonOf(err)
       if (reason.includes('DB index is out of range')) this.#noSuchDb = true
       this.#outage.failed(reason, false)
     })
     this.#redis.on('ready', () => { if (!this.#noSuchDb) this.#outage.recovered() })
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
+  }
+
+  /**
+   * What an error of the connection says, as the log and a start's problem quote it: without store.url's password.
+   * A server may quote what it was sent (Redis, where AUTH and HELLO are renamed away: "unknown command 'auth', with
+   * args beginning with: 'usr' 'the-password'"), and ioredis sends the password in its handshake.
+   */
+  #reasonOf (err: unknown): string {
+    return withoutSecrets([err instanceof Error ? err.message : String(err)], { store: { url: this.#url } })[0]!
   }
 
   /** Why this Redis can never hold the buckets (see connect), or null: connected, or not (yet) reachable. */
@@ -280,7 +288,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
         const done = (err?: unknown) => {
           // A server that hung up on the handshake (a server that is no Redis answers and closes, and a write of the
           // handshake may fail before its answer is read): the next attempt, within the wait, may say why.
-          if (err !== undefined && HUNG_UP.test(reasonOf(err)) && this.#redis.status !== 'end') return
+          if (err !== undefined && HUNG_UP.test(this.#reasonOf(err)) && this.#redis.status !== 'end') return
           clearTimeout(timer)
           this.#redis.off('ready', done).off('error', done)
           resolve(err ?? null)
@@ -288,14 +296,14 @@ export class RedisStore implements RateLimitStore, SharedNotes {
         const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
         this.#redis.on('ready', done).on('error', done)
       })
-      if (failure !== null && AUTH_REFUSED.test(reasonOf(failure))) {
-        return `Redis refused the user or password given in it (${reasonOf(failure)})`
+      if (failure !== null && AUTH_REFUSED.test(this.#reasonOf(failure))) {
+        return `Redis refused the user or password given in it (${this.#reasonOf(failure)})`
       }
       if (CERT_REFUSED.has(String((failure as { code?: unknown } | null)?.code))) {
-        return `its server's TLS certificate was refused (${reasonOf(failure)}): add the CA that signed it with ` +
+        return `its server's TLS certificate was refused (${this.#reasonOf(failure)}): add the CA that signed it with ` +
           'NODE_EXTRA_CA_CERTS, or give the host name it is for'
       }
-      const notResp = failure === null ? null : NOT_RESP.exec(reasonOf(failure))
+      const notResp = failure === null ? null : NOT_RESP.exec(this.#reasonOf(failure))
       if (notResp !== null) {
         return `it leads to a server that does not speak Redis's protocol (its answer began with ${firstByte(Number(notResp[1]))}): ` +
           'give the Redis server\'s address and port'
@@ -318,7 +326,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       await this.#redis.set(`${key}:note`, '1', 'PX', 1000, 'NX')
       return null
     } catch (err) {
-      const reason = reasonOf(err)
+      const reason = this.#reasonOf(err)
       return NOT_PERMITTED.test(reason) ? `the user given in it may not run what the gateway needs (${reason})` : null
     }
   }
@@ -360,7 +368,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       this.#accepted()
       return { allowed: allowed === 1, tokens: Number(tokens) }
     } catch (err) {
-      const reason = reasonOf(err)
+      const reason = this.#reasonOf(err)
       if (err instanceof ReplyError) this.#refused()
       this.#outage.failed(reason, true)
       if (this.#onFailure === 'closed' || shared) throw new StoreUnavailableError(reason)
