@@ -272,10 +272,14 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
   return out
 }
 
-/** The wait an answer asks, as the Node SDK reads it: `retry-after-ms`, else `retry-after` in seconds or as a date. */
+/**
+ * The wait an answer asks, as the Node SDK reads it: `retry-after-ms`, else `retry-after` in seconds or as a date.
+ * A `retry-after-ms` of 0 it passes over for `retry-after`, as one that is no number.
+ */
 function askedWaitMs (headers: IncomingHttpHeaders): number | null {
   const { 'retry-after-ms': ms, 'retry-after': after } = headers
-  if (typeof ms === 'string' && !Number.isNaN(parseFloat(ms))) return parseFloat(ms)
+  const millis = typeof ms === 'string' ? parseFloat(ms) : Number.NaN
+  if (!Number.isNaN(millis) && millis !== 0) return millis
   if (typeof after !== 'string') return null
   const seconds = parseFloat(after)
   if (!Number.isNaN(seconds)) return seconds * 1000
