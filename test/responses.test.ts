@@ -740,7 +740,9 @@ t.test('an error event whose data is plain text (a relay\'s `event: error`), or 
   for (const [data, message] of [
     ['data: upstream overloaded,\r\ndata: try later', 'upstream overloaded,\ntry later'],
     // (the string itself, not its JSON quotes and escapes)
-    ['data: "upstream \\"m1\\" overloaded"', 'upstream "m1" overloaded']
+    ['data: "upstream \\"m1\\" overloaded"', 'upstream "m1" overloaded'],
+    // (an empty string says nothing: the Node SDK would make its message of the whole error object)
+    ['data: ""', 'The upstream API reported an error in the stream without a message.']
   ] as const) {
     upstream.respond = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' })

@@ -465,16 +465,22 @@ export class SseRewriter extends Transform {
   }
 }
 
-/** An error event's message: the value of data that is a JSON string (`data: "overloaded"`), else its text as written. */
+/**
+ * An error event's message: the value of data that is a JSON string (`data: "overloaded"`), else its text as written.
+ * A string of blanks says nothing (the Node SDK would make its message of the whole error object): a message of ours.
+ */
 function errorText (text: string): string {
   if (!/^\s*"/.test(text)) return text
   try {
     const value: unknown = JSON.parse(text)
-    return typeof value === 'string' ? value : text
+    if (typeof value !== 'string') return text
+    return value.trim() === '' ? NO_ERROR_TEXT : value
   } catch {
     return text
   }
 }
+
+const NO_ERROR_TEXT = 'The upstream API reported an error in the stream without a message.'
 
 /** An `event:` line naming `error` (its value after one optional space, as the SSE spec reads a field). */
 const EVENT_ERROR = /^event: ?error(?:\r\n|\r|\n)?$/
