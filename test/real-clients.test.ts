@@ -611,6 +611,9 @@ t.test("an upstream 429 (or 5xx) asking a wait over a minute (a quota reset in a
     t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false', `${JSON.stringify(wait)}: told not to retry`)
     t.equal((err as { headers?: Headers }).headers?.get(Object.keys(wait)[0]!), Object.values(wait)[0], 'the upstream\'s wait still says when')
   }
+  // (a retry-after the upstream wrote twice: the SDK reads its lines joined, "3600, 3600", as an hour)
+  upstream.respond = faults.status(429, { 'retry-after': ['3600', '3600'] })
+  t.equal(((await raised(0)) as { headers?: Headers }).headers?.get('x-should-retry'), 'false', 'retry-after written twice: told not to retry')
   upstream.respond = faults.status(429, { 'retry-after': '3600' })
   const before = upstream.requests.length
   if ((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'] === 'false') {
