@@ -758,6 +758,32 @@ t.test('an error event whose data is plain text (a relay\'s `event: error`), or 
   }
 })
 
+t.test('an error event with no data, or empty data, still reaches the SDK as an error: a streamed retrieve is not read as ended well', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  for (const data of ['data:\r\n', '']) {
+    upstream.respond = (req, res) => {
+      if (req.url?.includes('stream=true') === true) {
+        res.writeHead(200, { 'content-type': 'text/event-stream' })
+        res.end(CREATED_EVENT + `event: error\r\n${data}\r\n`)
+        return
+      }
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'in_progress', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+    }
+    const before = gw.audit().length
+    const seen: string[] = []
+    const err = await (async () => {
+      for await (const event of await client.responses.retrieve('resp_1', { stream: true })) seen.push(event.type)
+    })().then(() => null, (e: unknown) => e)
+    t.same(seen, ['response.created'], `${JSON.stringify(data)}: the events before it`)
+    t.ok(err instanceof OpenAI.APIError, `${JSON.stringify(data)}: an APIError (got ${String(err)})`)
+    t.match(err, { error: { message: 'The upstream API reported an error in the stream without a message.', type: 'server_error' } })
+    await until('the audit record', () => gw.audit().length >= before + 1)
+    t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
+  }
+})
+
 t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {
   // As every event and answer the gateway rewrites (http/json.ts): a number JSON.parse would round goes on as written.
   const { upstream, gw } = await setup(t)

@@ -7,7 +7,7 @@
 // end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
 // fields are not rewritten; an event with no data at all (`event: ping`), or only empty data, which the SDKs would
 // fail to parse, goes out as comment lines (asComments); a body that is no event but a bare JSON error, or an `error`
-// event whose data is plain text, goes out as OpenAI's error event (errorEvent, textError). Every event, whatever it
+// event whose data is plain text, or none, goes out as OpenAI's error event (errorEvent, textError). Every event, whatever it
 // holds, goes out through `passing` (the gateway takes the upstream token out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
@@ -424,11 +424,12 @@ export class SseRewriter extends Transform {
       // (a bare JSON error the upstream ended with a blank line, as an event; without one, _flush finds it)
       const bare = this.#passedAny ? null : errorEvent(lines)
       if (bare !== null) return this.#rewritten(bare)
-      return asComments(lines)
+      return this.#textError(lines, '') ?? asComments(lines)
     }
     // Empty data (`data:` alone, `event: ping` with it, a keep-alive `data: `) is no event to the SSE spec either,
     // nor is data of blank lines alone anything the SDKs can read: they would fail parsing it as JSON just the same.
-    if (joined.trim() === '') return asComments(lines)
+    // (An `error` event so is still the upstream's error, without its text.)
+    if (joined.trim() === '') return this.#textError(lines, '') ?? asComments(lines)
     if (!/^\s*\{/.test(joined)) return this.#textError(lines, joined) ?? raw
     let parsed: unknown
     try {
@@ -451,10 +452,10 @@ export class SseRewriter extends Transform {
   }
 
   /**
-   * An `error` event whose data is no JSON object (a relay's `event: error` / `data: overloaded`), as OpenAI's error
-   * event with that text (a JSON string's value, without its quotes) as its message: both SDKs would fail parsing it
-   * (a SyntaxError, a JSONDecodeError, not their APIError), losing the stream without its reason. Null for any other
-   * event.
+   * An `error` event whose data is no JSON object (a relay's `event: error` / `data: overloaded`), or none, as
+   * OpenAI's error event with that text (a JSON string's value, without its quotes) as its message: both SDKs would
+   * fail parsing it (a SyntaxError, a JSONDecodeError, not their APIError), losing the stream without its reason, and
+   * as comment lines it would say nothing (a streamed retrieve would end as if well). Null for any other event.
    */
   #textError (lines: Buffer[], text: string): Buffer | null {
     if (!lines.some(line => EVENT_ERROR.test(line.toString('latin1')))) return null
@@ -467,9 +468,11 @@ export class SseRewriter extends Transform {
 
 /**
  * An error event's message: the value of data that is a JSON string (`data: "overloaded"`), else its text as written.
- * A string of blanks says nothing (the Node SDK would make its message of the whole error object): a message of ours.
+ * No text, or a string of blanks, says nothing (the Node SDK would make its message of the whole error object): a
+ * message of ours.
  */
 function errorText (text: string): string {
+  if (text.trim() === '') return NO_ERROR_TEXT
   if (!/^\s*"/.test(text)) return text
   try {
     const value: unknown = JSON.parse(text)
