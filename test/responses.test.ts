@@ -801,7 +801,9 @@ t.test('an error event whose data is a JSON object other than OpenAI\'s error ev
     ['event: error\ndata: {"error":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }],
     // (the SDKs raised these, but the gateway took the stream for one ended well)
     ['event: error\ndata: {"error":{"message":"upstream overloaded","type":"server_error","code":"overloaded"}}', { message: 'upstream overloaded', code: 'overloaded' }],
-    ['data: {"error":{"message":"upstream overloaded","type":"server_error","code":"overloaded"}}', { message: 'upstream overloaded', code: 'overloaded' }]
+    ['data: {"error":{"message":"upstream overloaded","type":"server_error","code":"overloaded"}}', { message: 'upstream overloaded', code: 'overloaded' }],
+    // (the Node SDK raised it with the string's JSON quotes as its message, the Python SDK with a message of its own)
+    ['data: {"error":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }]
   ] as const) await retrieveEndingWith(t, s, `${event}\n\n`, error)
 })
 

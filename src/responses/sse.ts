@@ -478,15 +478,16 @@ export class SseRewriter extends Transform {
   /**
    * An error in a JSON object that is not OpenAI's error event (`type: "error"`), as that event: an `error` event's
    * (a relay's `{"message": "overloaded"}`, `{"error": "overloaded"}`: both SDKs take it for an event of no type, and
-   * a streamed retrieve ends as if well), or an event's that is an error object alone (`{"error": {...}}`, which the
-   * SDKs raise, but the gateway would take for no last event: audited ok). The error object's own fields when it has
-   * one, else its message, else the data as written. Null for any other event (OpenAI's error event included).
+   * a streamed retrieve ends as if well), or an event's that is an error alone (`{"error": {...}}`, which the SDKs
+   * raise, but the gateway would take for no last event: audited ok; `{"error": "overloaded"}`, which the Node SDK
+   * raises with its JSON quotes). The error object's own fields when it has one, else its message, else the data as
+   * written. Null for any other event (OpenAI's error event included).
    */
   #objectError (lines: Buffer[], parsed: unknown, text: string): Buffer | null {
     if (!isObject(parsed) || parsed.type === 'error') return null
     const named = namedError(lines)
     if (isObject(parsed.error) && (named || parsed.type === undefined)) return this.#rewritten(errorEventLines(parsed.error, parsed))
-    if (!named) return null
+    if (!named && (parsed.type !== undefined || typeof parsed.error !== 'string' || parsed.error === '')) return null
     const said = typeof parsed.message === 'string' ? parsed.message : typeof parsed.error === 'string' ? parsed.error : text
     return this.#errorWith(said)
   }
