@@ -805,6 +805,13 @@ t.test('an error event whose data is a JSON object other than OpenAI\'s error ev
     // (the Node SDK raised it with the string's JSON quotes as its message, the Python SDK with a message of its own)
     ['data: {"error":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }]
   ] as const) await retrieveEndingWith(t, s, `${event}\n\n`, error)
+
+  // One of OpenAI's events, only named error, is left as it is: the SDKs read it by its type.
+  s.upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(CREATED_EVENT + 'event: error\ndata: {"type":"response.failed","sequence_number":1,"response":{"id":"resp_1","object":"response","status":"failed","model":"m","output":[],"error":{"code":"server_error","message":"failed"}}}\n\n')
+  }
+  t.same(await streamedCreate(s.sdk(KEYS.full)), { seen: ['response.created', 'response.failed'], err: null }, 'a response.failed named error')
 })
 
 t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {

@@ -484,7 +484,8 @@ export class SseRewriter extends Transform {
    * written. Null for any other event (OpenAI's error event included).
    */
   #objectError (lines: Buffer[], parsed: unknown, text: string): Buffer | null {
-    if (!isObject(parsed) || parsed.type === 'error') return null
+    // (OpenAI's own events, `response.failed` among them, are read by their type, whatever the event is named)
+    if (!isObject(parsed) || parsed.type === 'error' || (typeof parsed.type === 'string' && parsed.type.startsWith('response.'))) return null
     const named = namedError(lines)
     if (isObject(parsed.error) && (named || parsed.type === undefined)) return this.#rewritten(errorEventLines(parsed.error, parsed))
     if (!named && (parsed.type !== undefined || typeof parsed.error !== 'string' || parsed.error === '')) return null
