@@ -601,7 +601,9 @@ t.test("an upstream 429 (or 5xx) asking a wait over a minute (a quota reset in a
   const raised = async (maxRetries: number) => await new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries })
     .conversations.retrieve('conv_x').then(() => null, (e: unknown) => e)
   // (the Node SDK sleeps whatever retry-after-ms, else retry-after, says before it sends the call again, however long)
-  const waits: Array<Record<string, string>> = [{ 'retry-after': '3600' }, { 'retry-after-ms': '3600000' }, { 'retry-after': new Date(Date.now() + 3_600_000).toUTCString() }]
+  // (a retry-after-ms of 0 it passes over for retry-after, as one that is no number)
+  const waits: Array<Record<string, string>> = [{ 'retry-after': '3600' }, { 'retry-after-ms': '3600000' }, { 'retry-after': new Date(Date.now() + 3_600_000).toUTCString() },
+    { 'retry-after-ms': '0', 'retry-after': '3600' }]
   for (const wait of waits) {
     upstream.respond = faults.status(429, wait)
     const err = await raised(0)
@@ -609,6 +611,9 @@ t.test("an upstream 429 (or 5xx) asking a wait over a minute (a quota reset in a
     t.equal((err as { headers?: Headers }).headers?.get('x-should-retry'), 'false', `${JSON.stringify(wait)}: told not to retry`)
     t.equal((err as { headers?: Headers }).headers?.get(Object.keys(wait)[0]!), Object.values(wait)[0], 'the upstream\'s wait still says when')
   }
+  // (a retry-after the upstream wrote twice: the SDK reads its lines joined, "3600, 3600", as an hour)
+  upstream.respond = faults.status(429, { 'retry-after': ['3600', '3600'] })
+  t.equal(((await raised(0)) as { headers?: Headers }).headers?.get('x-should-retry'), 'false', 'retry-after written twice: told not to retry')
   upstream.respond = faults.status(429, { 'retry-after': '3600' })
   const before = upstream.requests.length
   if ((await call(gw.url, 'GET', '/v1/conversations/conv_x')).headers['x-should-retry'] === 'false') {

@@ -740,7 +740,9 @@ t.test('an error event whose data is plain text (a relay\'s `event: error`), or 
   for (const [data, message] of [
     ['data: upstream overloaded,\r\ndata: try later', 'upstream overloaded,\ntry later'],
     // (the string itself, not its JSON quotes and escapes)
-    ['data: "upstream \\"m1\\" overloaded"', 'upstream "m1" overloaded']
+    ['data: "upstream \\"m1\\" overloaded"', 'upstream "m1" overloaded'],
+    // (an empty string says nothing: the Node SDK would make its message of the whole error object)
+    ['data: ""', 'The upstream API reported an error in the stream without a message.']
   ] as const) {
     upstream.respond = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' })
@@ -754,6 +756,62 @@ t.test('an error event whose data is plain text (a relay\'s `event: error`), or 
     await until('the audit record', () => gw.audit().length === before + 1)
     t.match(gw.audit().at(-1), { status: 200, outcome: 'upstream_error' })
   }
+})
+
+/**
+ * A streamed retrieve whose stream the upstream ends with `event` (after a response created), read with the SDK: it
+ * raises an APIError with `error`, after the events before it, and the call is audited as failed, not as ended well.
+ */
+async function retrieveEndingWith (t: Test, { upstream, gw, sdk }: Setup, event: string, error: Record<string, unknown>): Promise<void> {
+  upstream.respond = (req, res) => {
+    if (req.url?.includes('stream=true') === true) {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(CREATED_EVENT + event)
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_1', object: 'response', status: 'in_progress', model: 'm', output: [], metadata: { gateway_owner: 'team-full' } }))
+  }
+  const before = gw.audit().length
+  const seen: string[] = []
+  const err = await (async () => {
+    for await (const e of await sdk(KEYS.full).responses.retrieve('resp_1', { stream: true })) seen.push(e.type)
+  })().then(() => null, (e: unknown) => e)
+  t.same(seen, ['response.created'], `${JSON.stringify(event)}: the events before it`)
+  t.ok(err instanceof OpenAI.APIError, `${JSON.stringify(event)}: an APIError (got ${String(err)})`)
+  t.match(err, { error }, 'with the upstream\'s message')
+  await until('the audit record', () => gw.audit().length >= before + 1)
+  t.match(gw.audit().at(-1), { action: 'response.retrieve', status: 200, outcome: 'upstream_error' })
+}
+
+t.test('an error event with no data, or empty data, still reaches the SDK as an error: a streamed retrieve is not read as ended well', async t => {
+  const s = await setup(t)
+  for (const data of ['data:\r\n', '']) {
+    await retrieveEndingWith(t, s, `event: error\r\n${data}\r\n`,
+      { message: 'The upstream API reported an error in the stream without a message.', type: 'server_error' })
+  }
+})
+
+t.test('an error event whose data is a JSON object other than OpenAI\'s error event (a relay\'s), or an event of an error object alone, reaches the SDK as OpenAI\'s error event, and the call is audited as failed', async t => {
+  const s = await setup(t)
+  for (const [event, error] of [
+    // (both SDKs took the first three for events of no type, and a streamed retrieve for one ended well)
+    ['event: error\ndata: {"message":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }],
+    ['event: error\ndata: {"type":"server_error","message":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }],
+    ['event: error\ndata: {"error":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }],
+    // (the SDKs raised these, but the gateway took the stream for one ended well)
+    ['event: error\ndata: {"error":{"message":"upstream overloaded","type":"server_error","code":"overloaded"}}', { message: 'upstream overloaded', code: 'overloaded' }],
+    ['data: {"error":{"message":"upstream overloaded","type":"server_error","code":"overloaded"}}', { message: 'upstream overloaded', code: 'overloaded' }],
+    // (the Node SDK raised it with the string's JSON quotes as its message, the Python SDK with a message of its own)
+    ['data: {"error":"upstream overloaded"}', { message: 'upstream overloaded', type: 'server_error' }]
+  ] as const) await retrieveEndingWith(t, s, `${event}\n\n`, error)
+
+  // One of OpenAI's events, only named error, is left as it is: the SDKs read it by its type.
+  s.upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.end(CREATED_EVENT + 'event: error\ndata: {"type":"response.failed","sequence_number":1,"response":{"id":"resp_1","object":"response","status":"failed","model":"m","output":[],"error":{"code":"server_error","message":"failed"}}}\n\n')
+  }
+  t.same(await streamedCreate(s.sdk(KEYS.full)), { seen: ['response.created', 'response.failed'], err: null }, 'a response.failed named error')
 })
 
 t.test('a bare JSON error passed on as an error event keeps its numbers, strings and keys as the upstream wrote them', async t => {

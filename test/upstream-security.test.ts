@@ -637,6 +637,17 @@ t.test('an error event in plain text that spells the token with escapes or perce
     t.match(message, /^invalid api key "?\[redacted\]"?$/, `the token taken out of ${spelled.slice(0, 16)}...`)
     t.notOk(decodeURIComponent(JSON.parse(`"${message.replace(/"/g, '')}"`) as string).includes(UPSTREAM_TOKEN.slice(3, 11)), 'in no spelling')
   }
+  // (an error event of a JSON object not OpenAI's goes out with its data as written as its message, searched so too)
+  for (const spelled of [escaped, percent]) {
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.end(`event: error\ndata: {"detail":"invalid api key ${spelled}"}\n\n`)
+    }
+    const err = await (async () => {
+      for await (const event of await sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true })) t.fail(`no event before: ${event.type}`)
+    })().then(() => null, (e: unknown) => e)
+    t.match(err, { error: { message: '{"detail":"invalid api key [redacted]"}' } }, `the token taken out of an object's ${spelled.slice(0, 16)}...`)
+  }
 })
 
 t.test('an event stream the upstream compressed unasked is not passed on unchecked: 502, no token, no other team\'s owner', async t => {

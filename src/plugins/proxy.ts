@@ -272,15 +272,25 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
   return out
 }
 
-/** The wait an answer asks, as the Node SDK reads it: `retry-after-ms`, else `retry-after` in seconds or as a date. */
+/**
+ * The wait an answer asks, as the Node SDK reads it: `retry-after-ms`, else `retry-after` in seconds or as a date.
+ * A `retry-after-ms` of 0 it passes over for `retry-after`, as one that is no number; a header written twice it
+ * reads as fetch gives it, its lines joined (`3600, 3600`: an hour).
+ */
 function askedWaitMs (headers: IncomingHttpHeaders): number | null {
-  const { 'retry-after-ms': ms, 'retry-after': after } = headers
-  if (typeof ms === 'string' && !Number.isNaN(parseFloat(ms))) return parseFloat(ms)
+  const ms = joined(headers['retry-after-ms'])
+  const after = joined(headers['retry-after'])
+  const millis = typeof ms === 'string' ? parseFloat(ms) : Number.NaN
+  if (!Number.isNaN(millis) && millis !== 0) return millis
   if (typeof after !== 'string') return null
   const seconds = parseFloat(after)
   if (!Number.isNaN(seconds)) return seconds * 1000
   const date = Date.parse(after)
   return Number.isNaN(date) ? null : date - Date.now()
+}
+
+function joined (value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value.join(', ') : value
 }
 
 function noop (): void {}

@@ -6,8 +6,9 @@
 // then the event's bytes pass as they came (a rewritten one keeps its numbers as they came: http/json.ts). Lines
 // end with LF, CRLF or CR (all three are SSE). An event whose data is not JSON (`data: [DONE]`), comments and other
 // fields are not rewritten; an event with no data at all (`event: ping`), or only empty data, which the SDKs would
-// fail to parse, goes out as comment lines (asComments); a body that is no event but a bare JSON error, or an `error`
-// event whose data is plain text, goes out as OpenAI's error event (errorEvent, textError). Every event, whatever it
+// fail to parse, goes out as comment lines (asComments); a body that is no event but a bare JSON error, an `error`
+// event whose data is plain text, none, or an object not OpenAI's error event, and an event of an error object alone
+// go out as OpenAI's error event (errorEvent, textError, objectError). Every event, whatever it
 // holds, goes out through `passing` (the gateway takes the upstream token out of its bytes: upstream/scrub.ts).
 import { Transform, type TransformCallback } from 'node:stream'
 import { parseExact, stringifyExact } from '../http/json.js'
@@ -424,11 +425,12 @@ export class SseRewriter extends Transform {
       // (a bare JSON error the upstream ended with a blank line, as an event; without one, _flush finds it)
       const bare = this.#passedAny ? null : errorEvent(lines)
       if (bare !== null) return this.#rewritten(bare)
-      return asComments(lines)
+      return this.#textError(lines, '') ?? asComments(lines)
     }
     // Empty data (`data:` alone, `event: ping` with it, a keep-alive `data: `) is no event to the SSE spec either,
     // nor is data of blank lines alone anything the SDKs can read: they would fail parsing it as JSON just the same.
-    if (joined.trim() === '') return asComments(lines)
+    // (An `error` event so is still the upstream's error, without its text.)
+    if (joined.trim() === '') return this.#textError(lines, '') ?? asComments(lines)
     if (!/^\s*\{/.test(joined)) return this.#textError(lines, joined) ?? raw
     let parsed: unknown
     try {
@@ -436,6 +438,8 @@ export class SseRewriter extends Transform {
     } catch {
       return this.#textError(lines, joined) ?? raw
     }
+    const error = this.#objectError(lines, parsed, joined)
+    if (error !== null) return error
     const rewritten = this.#rewrite(parsed, joined)
     if (rewritten === parsed) return raw
     let wrote = false
@@ -451,33 +455,74 @@ export class SseRewriter extends Transform {
   }
 
   /**
-   * An `error` event whose data is no JSON object (a relay's `event: error` / `data: overloaded`), as OpenAI's error
-   * event with that text (a JSON string's value, without its quotes) as its message: both SDKs would fail parsing it
-   * (a SyntaxError, a JSONDecodeError, not their APIError), losing the stream without its reason. Null for any other
-   * event.
+   * An `error` event whose data is no JSON object (a relay's `event: error` / `data: overloaded`), or none, as
+   * OpenAI's error event with that text (a JSON string's value, without its quotes) as its message: both SDKs would
+   * fail parsing it (a SyntaxError, a JSONDecodeError, not their APIError), losing the stream without its reason, and
+   * as comment lines it would say nothing (a streamed retrieve would end as if well). Null for any other event.
    */
   #textError (lines: Buffer[], text: string): Buffer | null {
-    if (!lines.some(line => EVENT_ERROR.test(line.toString('latin1')))) return null
-    // Searched as the event's bytes would have been (`passing`): once in the JSON string the message becomes, a token
-    // the text spells with escapes (`\u0073k-…`) would have its backslashes doubled, and be found no more.
+    if (!namedError(lines)) return null
+    return this.#errorWith(text)
+  }
+
+  /**
+   * OpenAI's error event with `text` as its message, searched first as the event's bytes would have been
+   * (`passing`): once in the JSON string the message becomes, a token the text spells with escapes (`\u0073k-…`)
+   * would have its backslashes doubled, and be found no more.
+   */
+  #errorWith (text: string): Buffer {
     const passed = this.#passing(Buffer.from(text)).toString('utf8')
     return this.#rewritten(errorEventLines({ message: errorText(passed), type: 'server_error', param: null, code: null }, null))
   }
+
+  /**
+   * An error in a JSON object that is not OpenAI's error event (`type: "error"`), as that event: an `error` event's
+   * (a relay's `{"message": "overloaded"}`, `{"error": "overloaded"}`: both SDKs take it for an event of no type, and
+   * a streamed retrieve ends as if well), or an event's that is an error alone (`{"error": {...}}`, which the SDKs
+   * raise, but the gateway would take for no last event: audited ok; `{"error": "overloaded"}`, which the Node SDK
+   * raises with its JSON quotes). The error object's own fields when it has one, else its message, else the data as
+   * written. Null for any other event (OpenAI's error event included).
+   */
+  #objectError (lines: Buffer[], parsed: unknown, text: string): Buffer | null {
+    // (OpenAI's own events, `response.failed` among them, are read by their type, whatever the event is named)
+    if (!isObject(parsed) || parsed.type === 'error' || (typeof parsed.type === 'string' && parsed.type.startsWith('response.'))) return null
+    const named = namedError(lines)
+    if (isObject(parsed.error) && (named || parsed.type === undefined)) return this.#rewritten(errorEventLines(parsed.error, parsed))
+    if (!named && (parsed.type !== undefined || typeof parsed.error !== 'string' || parsed.error === '')) return null
+    const said = typeof parsed.message === 'string' ? parsed.message : typeof parsed.error === 'string' ? parsed.error : text
+    return this.#errorWith(said)
+  }
 }
 
-/** An error event's message: the value of data that is a JSON string (`data: "overloaded"`), else its text as written. */
+/**
+ * An error event's message: the value of data that is a JSON string (`data: "overloaded"`), else its text as written.
+ * No text, or a string of blanks, says nothing (the Node SDK would make its message of the whole error object): a
+ * message of ours.
+ */
 function errorText (text: string): string {
+  if (text.trim() === '') return NO_ERROR_TEXT
   if (!/^\s*"/.test(text)) return text
   try {
     const value: unknown = JSON.parse(text)
-    return typeof value === 'string' ? value : text
+    if (typeof value !== 'string') return text
+    return value.trim() === '' ? NO_ERROR_TEXT : value
   } catch {
     return text
   }
 }
 
+const NO_ERROR_TEXT = 'The upstream API reported an error in the stream without a message.'
+
 /** An `event:` line naming `error` (its value after one optional space, as the SSE spec reads a field). */
 const EVENT_ERROR = /^event: ?error(?:\r\n|\r|\n)?$/
+/** `event: error` and its line end, CRLF: the longest such line. */
+const EVENT_ERROR_BYTES = 14
+const LETTER_E = 0x65
+
+/** An event named `error`: asked of every JSON event, so its long lines (its data) are not read as text. */
+function namedError (lines: Buffer[]): boolean {
+  return lines.some(line => line.length <= EVENT_ERROR_BYTES && line[0] === LETTER_E && EVENT_ERROR.test(line.toString('latin1')))
+}
 
 /**
  * The lines of OpenAI's error event (as the Responses API streams it, with the `error` object the SDKs raise) for
