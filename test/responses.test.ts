@@ -289,6 +289,33 @@ t.test('a streamed generation whose first event is later than the SDK says it wa
   t.match(gw.audit()[0], { status: 200, outcome: 'ok', stream: true, responseId: 'resp_1', outputTokens: 3 })
 })
 
+t.test('a client that says it waits longer than a timer can count (a Python SDK timeout of 1e7 s) gets the stream\'s events alone, no comment lines every millisecond', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1",' +
+    '"object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":3,"total_tokens":5}}}\n\n'
+  // A model that thinks a little before its first event (well within any wait the client states).
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.flushHeaders()
+    setTimeout(() => { res.end(CREATED_EVENT + completed) }, 300)
+  }
+  const warnings: string[] = []
+  const onWarning = (w: Error) => { warnings.push(w.name) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  // (the header the Python SDK sends for timeout=1e7: over 2^31 ms, which Node's timers take for 1 ms)
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const seen: string[] = []
+  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a short think', stream: true }, { headers: { 'X-Stainless-Read-Timeout': '10000000.0' } })
+  for await (const event of stream) seen.push(event.type)
+  t.same(seen, ['response.created', 'response.completed'])
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 200, outcome: 'ok', bytesOut: Buffer.byteLength(CREATED_EVENT + completed) }, 'the events\' bytes, no comment before them')
+  t.same(warnings.filter(w => w === 'TimeoutOverflowWarning'), [], 'no timer overflow (a warning on stderr each millisecond)')
+})
+
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
   const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]
