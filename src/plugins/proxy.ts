@@ -404,7 +404,7 @@ function waitWithTheClient (request: FastifyRequest, reply: FastifyReply, events
   const period = Math.min(MAX_TIMER_MS, clientWaitMs(request.headers, 0)! / 2)
   let timer: NodeJS.Timeout | null = null
   const tick = () => {
-    if (events.passedAny || !events.keepAlive()) return
+    if (!events.keepAlive()) return
     timer = setTimeout(tick, period)
   }
   timer = setTimeout(tick, Math.min(MAX_TIMER_MS, waitMs / 2))
