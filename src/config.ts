@@ -61,7 +61,7 @@ const Client = Type.Object({
 export type ClientConfig = Static<typeof Client>
 
 /** Node's longest timer: a longer setTimeout fires after 1 ms, so every duration key stops here (24.8 days). */
-const MAX_TIMER_MS = 2_147_483_647
+export const MAX_TIMER_MS = 2_147_483_647
 
 export const ConfigSchema = Type.Object({
   listen: Type.Object({

@@ -352,29 +352,34 @@ t.test('a stream whose events carry ids, with a blank line of its own between th
   t.match(gw.audit().filter(r => r.action === 'response.create'), [{ status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 }])
 })
 
-t.test('a stream whose first event comes after the Python SDK\'s read timeout is read to its end, and generated once: the gateway sends comments meanwhile', async t => {
-  // The SDK says its read timeout (X-Stainless-Read-Timeout) and gives up on a read that waits longer, then sends the
-  // create again, twice; OpenAI sends the answer's headers and first events at once, a relay may send nothing until
-  // the model has its first event.
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
-  const response = { id: 'resp_1', object: 'response', created_at: 1, model: 'gpt-4o-mini', status: 'in_progress', output: [] }
-  upstream.respond = (_req, res) => {
-    res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.flushHeaders()
-    setTimeout(() => {
-      res.end(`event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response })}\n\n` +
-        `event: response.completed\ndata: ${JSON.stringify({ type: 'response.completed', sequence_number: 1, response: { ...response, status: 'completed', usage: { input_tokens: 2, output_tokens: 1, total_tokens: 3 } } })}\n\n`)
-    }, 2500)
-  }
-  const gw = await startGateway(t, testConfig(upstream.url))
-  const out = await runScenario('slow_first_event', { gatewayUrl: gw.url, keys: { KEY_FULL: KEYS.full } })
-  const streamed = out.step('responses.create stream')
-  t.equal(streamed.error, undefined, `no error (got ${JSON.stringify(streamed.error)})`)
-  t.same(streamed.result, ['response.created', 'response.completed'], 'every event, in order')
-  t.equal(upstream.requests.length, 1, 'one generation upstream')
-  t.match(gw.audit().filter(r => r.action === 'response.create'), [{ status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 }])
-})
+// A relay that sends nothing until the model's first event, or a comment of its own at once and then nothing (OpenRouter's
+// ': OPENROUTER PROCESSING'): the gateway's comments go on until an event has gone out, not only until any bytes have.
+for (const [how, opening] of [['nothing before it', null], ['a comment of the upstream\'s before it', ': PROCESSING\n\n']] as const) {
+  t.test(`a stream whose first event comes after the Python SDK's read timeout, with ${how}, is read to its end, and generated once: the gateway sends comments meanwhile`, async t => {
+    // The SDK says its read timeout (X-Stainless-Read-Timeout) and gives up on a read that waits longer, then sends the
+    // create again, twice; OpenAI sends the answer's headers and first events at once, a relay may send nothing until
+    // the model has its first event.
+    const upstream = await startUpstream()
+    t.teardown(() => upstream.close())
+    const response = { id: 'resp_1', object: 'response', created_at: 1, model: 'gpt-4o-mini', status: 'in_progress', output: [] }
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      if (opening === null) res.flushHeaders()
+      else res.write(opening)
+      setTimeout(() => {
+        res.end(`event: response.created\ndata: ${JSON.stringify({ type: 'response.created', sequence_number: 0, response })}\n\n` +
+          `event: response.completed\ndata: ${JSON.stringify({ type: 'response.completed', sequence_number: 1, response: { ...response, status: 'completed', usage: { input_tokens: 2, output_tokens: 1, total_tokens: 3 } } })}\n\n`)
+      }, 2500)
+    }
+    const gw = await startGateway(t, testConfig(upstream.url))
+    const out = await runScenario('slow_first_event', { gatewayUrl: gw.url, keys: { KEY_FULL: KEYS.full } })
+    const streamed = out.step('responses.create stream')
+    t.equal(streamed.error, undefined, `no error (got ${JSON.stringify(streamed.error)})`)
+    t.same(streamed.result, ['response.created', 'response.completed'], 'every event, in order')
+    t.equal(upstream.requests.length, 1, 'one generation upstream')
+    t.match(gw.audit().filter(r => r.action === 'response.create'), [{ status: 200, outcome: 'ok', inputTokens: 2, outputTokens: 1 }])
+  })
+}
 
 t.test('a stream whose upstream holds its connection open after the last event: the Python SDK\'s loop ends at that event, and the upstream is let go of', async t => {
   const upstream = await startUpstream()

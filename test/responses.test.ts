@@ -230,12 +230,19 @@ t.test('a non-streamed generation whose upstream sends its headers first waits g
 })
 
 /** A streamed generation whose upstream sends its headers at once, then does `then` with its connection. */
-function eventStreamThen (then: (res: import('node:http').ServerResponse) => void) {
+function eventStreamThen (then: (res: import('node:http').ServerResponse) => void, afterMs = 50) {
   return (_req: unknown, res: import('node:http').ServerResponse) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
     res.flushHeaders()
-    setTimeout(() => { then(res) }, 50)
+    setTimeout(() => { then(res) }, afterMs)
   }
+}
+
+/** A relay that answers at once and sends the model's events only when the model has them, `ms` later. */
+function eventsAfter (ms: number) {
+  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1",' +
+    '"object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":3,"total_tokens":5}}}\n\n'
+  return { events: CREATED_EVENT + completed, respond: eventStreamThen(res => { res.end(CREATED_EVENT + completed) }, ms) }
 }
 
 t.test('a generation answered but not read whole in time, or not as JSON, or a streamed one that fails before its first event, is not sent again by the SDK (x-should-retry: false): the model has done the work', async t => {
@@ -271,13 +278,7 @@ t.test('a streamed generation whose first event is later than the SDK says it wa
   const gw = await startGateway(t, testConfig(upstream.url))
   // A relay that answers at once and sends the model's first event only when the model has one: 2.5 s here, past the
   // second the SDK waits for the answer's headers (OpenAI's own come at once).
-  const completed = 'event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":{"id":"resp_1",' +
-    '"object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":2,"output_tokens":3,"total_tokens":5}}}\n\n'
-  upstream.respond = (_req, res) => {
-    res.writeHead(200, { 'content-type': 'text/event-stream' })
-    res.flushHeaders()
-    setTimeout(() => { res.end(CREATED_EVENT + completed) }, 2500)
-  }
+  upstream.respond = eventsAfter(2500).respond
   // The SDK's defaults (two retries of a timeout, a POST included), and a call's own timeout, which it sends.
   const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
   const seen: string[] = []
@@ -287,6 +288,28 @@ t.test('a streamed generation whose first event is later than the SDK says it wa
   t.equal(upstream.requests.length, 1, 'one SDK call, one generation upstream')
   await until('the audit record', () => gw.audit().length === 1)
   t.match(gw.audit()[0], { status: 200, outcome: 'ok', stream: true, responseId: 'resp_1', outputTokens: 3 })
+})
+
+t.test('a client that says it waits longer than a timer can count (a Python SDK timeout of 1e7 s) gets the stream\'s events alone, no comment lines every millisecond', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  // A model that thinks a little before its first event (well within any wait the client states).
+  const { events, respond } = eventsAfter(300)
+  upstream.respond = respond
+  const warnings: string[] = []
+  const onWarning = (w: Error) => { warnings.push(w.name) }
+  process.on('warning', onWarning)
+  t.teardown(() => { process.off('warning', onWarning) })
+  // (the header the Python SDK sends for timeout=1e7: over 2^31 ms, which Node's timers take for 1 ms)
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const seen: string[] = []
+  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a short think', stream: true }, { headers: { 'X-Stainless-Read-Timeout': '10000000.0' } })
+  for await (const event of stream) seen.push(event.type)
+  t.same(seen, ['response.created', 'response.completed'])
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 200, outcome: 'ok', bytesOut: Buffer.byteLength(events) }, 'the events\' bytes, no comment before them')
+  t.same(warnings.filter(w => w === 'TimeoutOverflowWarning'), [], 'no timer overflow (a warning on stderr each millisecond)')
 })
 
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {

@@ -12,6 +12,7 @@ import httpProxy from '@fastify/http-proxy'
 import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
+import { MAX_TIMER_MS } from '../config.js'
 import { SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
@@ -398,14 +399,15 @@ function readFailure (err: unknown): Error {
 function waitWithTheClient (request: FastifyRequest, reply: FastifyReply, events: SseRewriter): void {
   const waitMs = clientWaitMs(request.headers, reply.elapsedTime)
   if (waitMs === undefined) return
-  // (at half of it: the comment costs nothing, and on a loaded machine one sent at its end came after it)
-  const period = clientWaitMs(request.headers, 0)! / 2
+  // (at half of it: the comment costs nothing, and on a loaded machine one sent at its end came after it; a wait
+  // longer than Node's timers count, which they would take for 1 ms, at their longest: a comment each millisecond)
+  const period = Math.min(MAX_TIMER_MS, clientWaitMs(request.headers, 0)! / 2)
   let timer: NodeJS.Timeout | null = null
   const tick = () => {
-    if (events.passedAny || !events.keepAlive()) return
+    if (!events.keepAlive()) return
     timer = setTimeout(tick, period)
   }
-  timer = setTimeout(tick, waitMs / 2)
+  timer = setTimeout(tick, Math.min(MAX_TIMER_MS, waitMs / 2))
   events.once('close', () => { if (timer !== null) clearTimeout(timer) })
 }
 

@@ -98,6 +98,8 @@ export class SseRewriter extends Transform {
   #brokenOff: { event: Buffer, err: Error } | null = null
   /** an event or a comment has gone out */
   #passedAny = false
+  /** an event (not a comment, nor a blank line alone) has gone out */
+  #passedEvent = false
   /** the whole events (and comments) of the slice under way, pushed together when it ends: one write, not one each */
   #out: Buffer[] = []
   /** what the slices since the event loop last had its turn passed on */
@@ -134,17 +136,14 @@ export class SseRewriter extends Transform {
     return true
   }
 
-  /** Whether an event (or a comment of the upstream's) has gone out. */
-  get passedAny (): boolean {
-    return this.#passedAny
-  }
-
   /**
    * A comment line of the gateway's own (`: keep-alive`), which no SDK reads as an event, while none of the upstream's
-   * has gone out and the stream is not over: the answer's headers go out with the first one. False otherwise.
+   * events has gone out and the stream is not over: the answer's headers go out with the first one. An upstream's
+   * comment (a relay's `: PROCESSING` at once, then nothing while the model thinks) does not stop them: the client's
+   * reads wait for the first event all the same. False otherwise.
    */
   keepAlive (): boolean {
-    if (this.#passedAny || this.#cut || this.#lastPassed || this.destroyed || this.#flushed || this.#brokenOff !== null) return false
+    if (this.#passedEvent || this.#cut || this.#lastPassed || this.destroyed || this.#flushed || this.#brokenOff !== null) return false
     this.push(KEEP_ALIVE)
     return true
   }
@@ -395,6 +394,7 @@ export class SseRewriter extends Transform {
     this.#event.push(line)
     if (!isBlank(line)) return false
     this.#passOn(this.#rewritten(this.#event))
+    if (this.#event.length > 1) this.#passedEvent = true
     this.#event = []
     // (asked after the rewrite, which has read the event)
     if (this.#ended()) this.#lastPassed = true
