@@ -312,6 +312,25 @@ t.test('a client that says it waits longer than a timer can count (a Python SDK 
   t.same(warnings.filter(w => w === 'TimeoutOverflowWarning'), [], 'no timer overflow (a warning on stderr each millisecond)')
 })
 
+t.test('a client that says it waits a tenth of a second gets a keep-alive comment four times a second at most, not one each few tens of milliseconds', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, testConfig(upstream.url))
+  // A model that thinks a second before its first event: far past the client's wait, which no generation can meet.
+  const { events, respond } = eventsAfter(1000)
+  upstream.respond = respond
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const seen: string[] = []
+  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a think', stream: true }, { headers: { 'X-Stainless-Read-Timeout': '0.1' } })
+  for await (const event of stream) seen.push(event.type)
+  t.same(seen, ['response.created', 'response.completed'])
+  await until('the audit record', () => gw.audit().length === 1)
+  const comments = (gw.audit()[0]!.bytesOut as number - Buffer.byteLength(events)) / Buffer.byteLength(': keep-alive\n\n')
+  // (the first within 50 ms, then one each 250 ms: five in that second, a few more on a slow machine; over twenty at
+  // one each 45 ms, half the client's wait)
+  t.ok(comments >= 1 && comments <= 12, `a few comments before the first event (${comments})`)
+})
+
 t.test('a client that hangs up mid-stream closes the upstream stream, and is audited aborted with the tokens seen so far', async t => {
   const { upstream, gw, sdk, streamEnds } = await setup(t, {
     clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write', 'delete'], rateLimit: { tokensPerMinute: 1000 } }]

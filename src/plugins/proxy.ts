@@ -388,6 +388,9 @@ function readFailure (err: unknown): Error {
   return timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
 }
 
+/** The shortest time between two of the gateway's keep-alive comments (waitWithTheClient). */
+const KEEP_ALIVE_MIN_MS = 250
+
 /**
  * A stream's headers go out to the client with its first bytes, and a client that says how long it waits
  * (clientWaitMs: the Node SDK for the headers, the Python SDK for each read) gives up after that and sends the call
@@ -400,8 +403,10 @@ function waitWithTheClient (request: FastifyRequest, reply: FastifyReply, events
   const waitMs = clientWaitMs(request.headers, reply.elapsedTime)
   if (waitMs === undefined) return
   // (at half of it: the comment costs nothing, and on a loaded machine one sent at its end came after it; a wait
-  // longer than Node's timers count, which they would take for 1 ms, at their longest: a comment each millisecond)
-  const period = Math.min(MAX_TIMER_MS, clientWaitMs(request.headers, 0)! / 2)
+  // longer than Node's timers count, which they would take for 1 ms, at their longest: a comment each millisecond;
+  // and one of a few ms, which no generation can meet, at KEEP_ALIVE_MIN_MS at the shortest after the first: a comment
+  // every few ms, up to generationTimeoutMs, would be some 1.8 MB and a write each 5 ms for one call)
+  const period = Math.min(MAX_TIMER_MS, Math.max(KEEP_ALIVE_MIN_MS, clientWaitMs(request.headers, 0)! / 2))
   let timer: NodeJS.Timeout | null = null
   const tick = () => {
     if (!events.keepAlive()) return
