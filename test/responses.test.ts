@@ -271,61 +271,53 @@ t.test('a generation answered but not read whole in time, or not as JSON, or a s
   }
 })
 
-t.test('a streamed generation whose first event is later than the SDK says it waits is served, and sent upstream once: the gateway keeps the client waiting with comments', async t => {
+/**
+ * A streamed create, read to its end with the SDK (`maxRetries`, the call's `options`: the wait it states), whose
+ * upstream sends its events `thinkMs` after its headers: the event types read, the call's audit record, the upstream
+ * and the events' bytes. The generation's own deadline is the default, minutes.
+ */
+async function streamAfterThinking (t: Test, thinkMs: number, options: OpenAI.RequestOptions, maxRetries?: number) {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
-  // (the generation's own deadline is the default, minutes: only the client's stated wait is short)
   const gw = await startGateway(t, testConfig(upstream.url))
-  // A relay that answers at once and sends the model's first event only when the model has one: 2.5 s here, past the
-  // second the SDK waits for the answer's headers (OpenAI's own come at once).
-  upstream.respond = eventsAfter(2500).respond
-  // The SDK's defaults (two retries of a timeout, a POST included), and a call's own timeout, which it sends.
-  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const { events, respond } = eventsAfter(thinkMs)
+  upstream.respond = respond
+  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, ...(maxRetries === undefined ? {} : { maxRetries }) })
   const seen: string[] = []
-  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a long think', stream: true }, { timeout: 1000 })
+  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a think', stream: true }, options)
   for await (const event of stream) seen.push(event.type)
+  await until('the audit record', () => gw.audit().length === 1)
+  return { seen, record: gw.audit()[0]!, upstream, events }
+}
+
+t.test('a streamed generation whose first event is later than the SDK says it waits is served, and sent upstream once: the gateway keeps the client waiting with comments', async t => {
+  // A relay that answers at once and sends the model's first event only when the model has one: 2.5 s here, past the
+  // second the SDK waits for the answer's headers (OpenAI's own come at once). The SDK's defaults (two retries of a
+  // timeout, a POST included), and a call's own timeout, which it sends.
+  const { seen, record, upstream } = await streamAfterThinking(t, 2500, { timeout: 1000 })
   t.same(seen, ['response.created', 'response.completed'], 'every event, not the SDK\'s timeout error')
   t.equal(upstream.requests.length, 1, 'one SDK call, one generation upstream')
-  await until('the audit record', () => gw.audit().length === 1)
-  t.match(gw.audit()[0], { status: 200, outcome: 'ok', stream: true, responseId: 'resp_1', outputTokens: 3 })
+  t.match(record, { status: 200, outcome: 'ok', stream: true, responseId: 'resp_1', outputTokens: 3 })
 })
 
 t.test('a client that says it waits longer than a timer can count (a Python SDK timeout of 1e7 s) gets the stream\'s events alone, no comment lines every millisecond', async t => {
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
-  const gw = await startGateway(t, testConfig(upstream.url))
-  // A model that thinks a little before its first event (well within any wait the client states).
-  const { events, respond } = eventsAfter(300)
-  upstream.respond = respond
   const warnings: string[] = []
   const onWarning = (w: Error) => { warnings.push(w.name) }
   process.on('warning', onWarning)
   t.teardown(() => { process.off('warning', onWarning) })
-  // (the header the Python SDK sends for timeout=1e7: over 2^31 ms, which Node's timers take for 1 ms)
-  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
-  const seen: string[] = []
-  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a short think', stream: true }, { headers: { 'X-Stainless-Read-Timeout': '10000000.0' } })
-  for await (const event of stream) seen.push(event.type)
+  // A model that thinks a little before its first event (well within any wait the client states); the header the
+  // Python SDK sends for timeout=1e7: over 2^31 ms, which Node's timers take for 1 ms.
+  const { seen, record, events } = await streamAfterThinking(t, 300, { headers: { 'X-Stainless-Read-Timeout': '10000000.0' } }, 0)
   t.same(seen, ['response.created', 'response.completed'])
-  await until('the audit record', () => gw.audit().length === 1)
-  t.match(gw.audit()[0], { status: 200, outcome: 'ok', bytesOut: Buffer.byteLength(events) }, 'the events\' bytes, no comment before them')
+  t.match(record, { status: 200, outcome: 'ok', bytesOut: Buffer.byteLength(events) }, 'the events\' bytes, no comment before them')
   t.same(warnings.filter(w => w === 'TimeoutOverflowWarning'), [], 'no timer overflow (a warning on stderr each millisecond)')
 })
 
 t.test('a client that says it waits a tenth of a second gets a keep-alive comment four times a second at most, not one each few tens of milliseconds', async t => {
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
-  const gw = await startGateway(t, testConfig(upstream.url))
   // A model that thinks a second before its first event: far past the client's wait, which no generation can meet.
-  const { events, respond } = eventsAfter(1000)
-  upstream.respond = respond
-  const client = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
-  const seen: string[] = []
-  const stream = await client.responses.create({ model: 'gpt-4o', input: 'a think', stream: true }, { headers: { 'X-Stainless-Read-Timeout': '0.1' } })
-  for await (const event of stream) seen.push(event.type)
+  const { seen, record, events } = await streamAfterThinking(t, 1000, { headers: { 'X-Stainless-Read-Timeout': '0.1' } }, 0)
   t.same(seen, ['response.created', 'response.completed'])
-  await until('the audit record', () => gw.audit().length === 1)
-  const comments = (gw.audit()[0]!.bytesOut as number - Buffer.byteLength(events)) / Buffer.byteLength(': keep-alive\n\n')
+  const comments = (record.bytesOut as number - Buffer.byteLength(events)) / Buffer.byteLength(': keep-alive\n\n')
   // (the first within 50 ms, then one each 250 ms: five in that second, a few more on a slow machine; over twenty at
   // one each 45 ms, half the client's wait)
   t.ok(comments >= 1 && comments <= 12, `a few comments before the first event (${comments})`)
