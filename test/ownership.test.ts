@@ -1277,6 +1277,51 @@ t.test('a create answered with an object another team owns (an upstream replayin
   t.match(gw.audit()[0], { action: 'conversation.create', status: 502, outcome: 'upstream_error' })
 })
 
+t.test('a call on an object of the caller\'s answered with another team\'s (an upstream or relay mixing answers up) is a 502: nothing of it reaches the caller', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const b = sdk(KEYS.other)
+  // B's objects, as the upstream holds them (what a mixed-up answer would carry)
+  const theirConversation = await b.conversations.create({ metadata: { secret: 'theirs' } })
+  const theirResponse = await b.responses.create({ model: 'gpt-4o', input: 'their secret', background: true })
+  const read = async (path: string) => await (await fetch(`${upstream.url}${path}`, { headers: { authorization: `Bearer ${UPSTREAM_TOKEN}` } })).text()
+  const conversationJson = await read(`/v1/conversations/${theirConversation.id}`)
+  const responseJson = await read(`/v1/responses/${theirResponse.id}`)
+  const responseEvent = `event: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":1,"response":${responseJson}}\n\n`
+
+  const a = sdk(KEYS.full)
+  const conv = await a.conversations.create({})
+  const item = (await a.conversations.items.create(conv.id, { items: [{ type: 'message', role: 'user', content: 'hi' }] })).data[0]!
+  const mine = await a.responses.create({ model: 'gpt-4o', input: 'mine', background: true })
+  // Every owner is cached now: what follows goes upstream once, and is answered with B's object.
+  upstream.respond = (req, res) => {
+    if (req.url!.includes('stream=true')) res.writeHead(200, { 'content-type': 'text/event-stream' }).end(responseEvent)
+    else res.writeHead(200, { 'content-type': 'application/json' }).end(req.url!.startsWith('/v1/responses') ? responseJson : conversationJson)
+  }
+  const before = gw.audit().length
+  for (const [label, call] of [
+    ['conversation.retrieve', () => a.conversations.retrieve(conv.id)],
+    ['conversation.update', () => a.conversations.update(conv.id, { metadata: { topic: 'x' } })],
+    ['item.delete', () => a.conversations.items.delete(item.id!, { conversation_id: conv.id })],
+    ['response.retrieve', () => a.responses.retrieve(mine.id)],
+    ['response.cancel', () => a.responses.cancel(mine.id)]
+  ] as const) {
+    const e = await rejection(call())
+    t.match(e, { status: 502, error: { code: 'upstream_unavailable' } }, `${label}: 502`)
+    t.notMatch(JSON.stringify(e), /theirs|their secret|team-other/, `${label}: nothing of B's object`)
+  }
+  const events: string[] = []
+  const streamed = await rejection((async () => {
+    for await (const event of await a.responses.retrieve(mine.id, { stream: true })) events.push(JSON.stringify(event))
+  })())
+  t.same(events, [], 'a streamed retrieve passes on none of B\'s response')
+  t.match(streamed, { error: { code: 'upstream_unavailable' } }, 'and is broken off with an error event')
+  await until('the audit records', () => gw.audit().length === before + 6)
+  t.same(gw.audit().slice(before).map(r => [r.action, r.outcome]), [
+    ['conversation.retrieve', 'upstream_error'], ['conversation.update', 'upstream_error'], ['item.delete', 'upstream_error'],
+    ['response.retrieve', 'upstream_error'], ['response.cancel', 'upstream_error'], ['response.retrieve', 'upstream_error']
+  ])
+})
+
 t.test('a lookup answered 400 or 422 (an id the upstream refuses) is a 404 remembered as a missing one, not a 502 to retry', async t => {
   for (const status of [400, 422]) {
     await t.test(`a lookup answered ${status}`, async t => {

@@ -921,6 +921,29 @@ t.test('a stream the upstream ends with its own error event, or with a failed re
   t.match(metrics, /^gateway_requests_total\{client="team-full",action="response.create",status="200",outcome="upstream_rate_limited"\} 2$/m)
 })
 
+t.test('a generation answered 200 with a failed response, not streamed, is audited as the same failure streamed is (upstream_error, upstream_rate_limited), not ok; a retrieve or cancel of one that failed earlier is ok', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const client = sdk(KEYS.full)
+  const created = await client.responses.create({ model: 'gpt-4o', input: 'hi', background: true })
+  const failed = (code: string) => JSON.stringify({
+    id: created.id, object: 'response', status: 'failed', model: 'gpt-4o', output: [], error: { code, message: 'The model failed.' },
+    usage: { input_tokens: 1, output_tokens: 0, total_tokens: 1 }, metadata: { gateway_owner: 'team-full' }
+  })
+  const calls: Array<[string, string, () => Promise<{ status?: string }>, string]> = [
+    ['response.create', 'server_error', async () => await client.responses.create({ model: 'gpt-4o', input: 'hi' }), 'upstream_error'],
+    ['response.create', 'rate_limit_exceeded', async () => await client.responses.create({ model: 'gpt-4o', input: 'hi' }), 'upstream_rate_limited'],
+    ['response.retrieve', 'server_error', async () => await client.responses.retrieve(created.id), 'ok'],
+    ['response.cancel', 'server_error', async () => await client.responses.cancel(created.id), 'ok']
+  ]
+  for (const [action, code, call, outcome] of calls) {
+    upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(failed(code)) }
+    const before = gw.audit().length
+    t.equal((await call()).status, 'failed', `${action} (${code}): the SDK gets the failed response as it came`)
+    await until('the audit record', () => gw.audit().length === before + 1)
+    t.match(gw.audit().at(-1), { action, status: 200, outcome }, `${action} (${code}): audited ${outcome}`)
+  }
+})
+
 t.test('a streamed create whose events name another owner is broken off with an error event, never passed on, and the gateway stays up', async t => {
   const { upstream, gw, sdk } = await setup(t)
   upstream.respond = (_req, res) => {

@@ -13,7 +13,7 @@ import { withoutKeys } from '../keys.js'
 import { ID_PATTERN, MAX_ID_LENGTH, matchOperation, rawPath, streamsRetrieve, type Action, type Operation } from '../operations.js'
 import { conversationParam } from '../ownership/owners.js'
 import { isCounting, whenClosed } from '../http/response.js'
-import { outputTokens, streamFailureOutcome } from '../responses/usage.js'
+import { outputTokens, failureOutcome } from '../responses/usage.js'
 import { clientIp } from '../http/address.js'
 
 /**
@@ -107,9 +107,9 @@ function outcomeOf (request: FastifyRequest, reply: FastifyReply, watch: Respons
   if (request.upstream !== null) {
     if (request.upstream.status === 429) return 'upstream_rate_limited' // the shared account's limit, not the client's
     if (request.upstream.status >= 500) return 'upstream_error'
-    // A stream answered 200 that the upstream ended with its own error event or a failed response.
+    // An answer 200 that says the call failed: a stream the upstream ended with its own error event, or a failed response.
     const facts = request.responseFacts
-    return (facts !== null && streamFailureOutcome(facts, request.operation?.action === 'response.create')) || 'ok'
+    return (facts !== null && failureOutcome(facts, request.operation?.action === 'response.create')) || 'ok'
   }
   return 'error'
 }

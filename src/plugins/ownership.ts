@@ -567,6 +567,30 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return client.scopes.includes('admin') || found.owner === client.id || (found.owner === null && opts.unowned() === 'allow')
   }
 
+  /** `read` runs on the answer's object, and on the response each streamed event carries. */
+  function readObjects (request: FastifyRequest, read: (object: unknown) => void): void {
+    addAnswerRewrite(request, object => { read(object); return object })
+    addEventRewrite(request, event => {
+      const response = (event as { response?: unknown } | null)?.response
+      if (response !== undefined) read(response)
+      return event
+    })
+  }
+
+  /**
+   * The answer to a call on an object the client may act on (a retrieve, an update, a cancel...) must be such an
+   * object: one naming an owner the client may not act on (an upstream, or a relay, that mixed answers up) is another
+   * team's, and is not passed on (502, as a lookup or a create answered with something else than asked for).
+   */
+  function refuseAnothersAnswer (request: FastifyRequest, client: ClientConfig): void {
+    readObjects(request, object => {
+      const owner = ownerIn(object)
+      if (typeof owner === 'string' && owner !== '' && !mayAct({ owner }, client)) {
+        throw new Error('the answer names an owner the client may not act on')
+      }
+    })
+  }
+
   /** Every object in the answer (and each streamed event) reaches the client without the owner key. */
   function hideOwner (request: FastifyRequest): void {
     addAnswerRewrite(request, withoutOwner)
@@ -579,7 +603,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * Idempotency-Key across the account, say): it is neither remembered nor passed on.
    */
   function rememberCreated (kind: Owned, request: FastifyRequest, client: ClientConfig) {
-    return (object: unknown) => {
+    return (object: unknown): void => {
       const id = (object as { id?: unknown } | null)?.id
       if (typeof id === 'string' && request.createdId === null) {
         const owner = ownerIn(object)
@@ -591,11 +615,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         if (owner === undefined) {
           request.log.warn({ [`${kind}Id`]: id, clientId: client.id },
             `the upstream did not keep the owner in the created ${kind}'s metadata: it is unowned`)
-          return object
+          return
         }
         cache.set(kind, id, client.id)
       }
-      return object
     }
   }
 
@@ -603,14 +626,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   function prepareCreate (kind: Owned, request: FastifyRequest, client: ClientConfig): void {
     request.ownerId = client.id
     request.upstreamBody = serializeBody(createBody(request.parsedBody, client.id), request.parsedBody)
-    const remember = rememberCreated(kind, request, client)
     // (Added before the owner key is taken out: remember reads it.)
-    addAnswerRewrite(request, remember)
-    addEventRewrite(request, event => {
-      const response = (event as { response?: unknown } | null)?.response
-      if (response !== undefined) remember(response)
-      return event
-    })
+    readObjects(request, rememberCreated(kind, request, client))
     hideOwner(request)
   }
 
@@ -653,7 +670,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         noteHandedOut(request)
       })()
     }
-    if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) hideOwner(request)
+    if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) {
+      refuseAnothersAnswer(request, client) // (before the owner key is taken out)
+      hideOwner(request)
+    }
     // (A cancel answers with the output made so far, as a retrieve does: a background response's client may see it first there.)
     if (op.action === 'response.retrieve' || op.action === 'response.cancel') noteHandedOut(request)
     // The items of an owned conversation (or a response's input items) are its owner's to pass back as they came,

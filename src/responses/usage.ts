@@ -14,8 +14,9 @@ export interface ResponseFacts {
   /** one of the events a response's stream ends with has passed (a stream of any call) */
   ended: boolean
   /**
-   * How the upstream said, in the stream, that the call failed: its own `error` event, or a failed response
-   * (`response.failed`), with the error's code; null when it did not. The first such event counts.
+   * How the upstream said, in a 2xx answer, that the call failed: a stream's own `error` event, or a failed response
+   * (`response.failed`, or an answer or last event whose response has `status: "failed"`), with the error's code;
+   * null when it did not. The first such event counts.
    */
   failure: { event: 'error' | 'response.failed', code: string | null } | null
 }
@@ -39,11 +40,17 @@ function count (value: unknown): number | null {
  * changed.
  */
 export function observeResponse (facts: ResponseFacts, object: unknown, final = true): void {
-  const response = object as { object?: unknown, id?: unknown, model?: unknown, usage?: unknown } | null
+  const response = object as { object?: unknown, id?: unknown, model?: unknown, usage?: unknown, status?: unknown, error?: unknown } | null
   if (response?.object !== 'response') return
   if (facts.responseId === null && typeof response.id === 'string') facts.responseId = response.id
   if (facts.model === null && typeof response.model === 'string') facts.model = response.model
   if (!final) return
+  // A failed response, streamed or not (a generation answered 200 with `status: "failed"`), is the upstream saying
+  // the call failed, as a stream's `response.failed` is.
+  if (facts.failure === null && response.status === 'failed') {
+    const code = codeOf(response.error)
+    facts.failure = { event: 'response.failed', code: typeof code === 'string' ? code : null }
+  }
   const usage = response.usage as { input_tokens?: unknown, output_tokens?: unknown } | null | undefined
   if (usage !== null && typeof usage === 'object') {
     facts.inputTokens = count(usage.input_tokens) ?? facts.inputTokens
@@ -77,12 +84,12 @@ function codeOf (error: unknown): unknown {
 }
 
 /**
- * The audit outcome of an answer the upstream gave as a 2xx stream that failed (null for one that did not): the
+ * The audit outcome of an answer the upstream gave as a 2xx that failed, a stream or not (null for one that did not): the
  * upstream failed mid-answer, `upstream_error`, or met the shared account's limit, `upstream_rate_limited`, as a
  * 5xx or a 429 would have said. A failed response counts for the call that generates it (`creating`), not for a
- * streamed retrieve that replays a response that failed before: that call did what it was asked.
+ * retrieve (streamed or not) or a cancel of a response that failed before: that call did what it was asked.
  */
-export function streamFailureOutcome (facts: ResponseFacts, creating: boolean): 'upstream_error' | 'upstream_rate_limited' | null {
+export function failureOutcome (facts: ResponseFacts, creating: boolean): 'upstream_error' | 'upstream_rate_limited' | null {
   const failure = facts.failure
   if (failure === null || (failure.event === 'response.failed' && !creating)) return null
   return failure.code === 'rate_limit_exceeded' ? 'upstream_rate_limited' : 'upstream_error'
