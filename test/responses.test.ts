@@ -372,6 +372,35 @@ t.test('a stream cut off before its usage came is charged for its input too: han
   t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
 })
 
+t.test('a generation answered whole without its usage is charged for the output it holds, not for its input alone', async t => {
+  // A relay that drops `usage` (null, or no key at all): the model's output, about 4 bytes a token, counts against
+  // the budget as a stream's deltas do; not a generated image's base64, which is no text.
+  for (const usage of ['null', 'absent']) {
+    const { upstream, gw, sdk } = await setup(t, {
+      clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: { tokensPerMinute: 300 } }]
+    })
+    const text = 'word '.repeat(400) // 2000 bytes: about 500 tokens
+    upstream.respond = (_req, res) => {
+      const response: Record<string, unknown> = {
+        id: 'resp_1', object: 'response', status: 'completed', model: 'gpt-4o', metadata: { gateway_owner: 'team-full' },
+        output: [
+          { id: 'msg_1', type: 'message', role: 'assistant', status: 'completed', content: [{ type: 'output_text', text, annotations: [] }] },
+          { id: 'ig_1', type: 'image_generation_call', status: 'completed', result: 'A'.repeat(40_000) }
+        ]
+      }
+      if (usage === 'null') response.usage = null
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end(JSON.stringify(response))
+    }
+    const answer = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi' })
+    t.equal(answer.output_text, text, `usage ${usage}: the answer came whole`)
+    await until('the audit record', () => gw.audit().length === 1)
+    t.match(gw.audit()[0], { outcome: 'ok', inputTokens: null, outputTokens: 500 }, `usage ${usage}: the output's text as tokens, the image left out`)
+    const next = await rejection(sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'x' }))
+    t.match(next, { status: 429, type: 'tokens' }, `usage ${usage}: the budget of 300 was charged the output`)
+  }
+})
+
 t.test('usage is read from the event a stream ends with, not from one before it: an early event with zero usage does not let a client hanging up after it pay nothing for its input', async t => {
   // Some OpenAI-compatible services fill response.created's usage with zeros (OpenAI's is null) until the end.
   const { upstream, gw, sdk } = await setup(t, {

@@ -9,6 +9,8 @@ export interface ResponseFacts {
   outputTokens: number | null
   /** output deltas seen (text, a function call's arguments, reasoning...), for a stream cut off before its usage came */
   deltas: number
+  /** the output's text as tokens, about 4 bytes each, for a final response that came without its usage */
+  outputEstimate: number
   /** the stream must end with a last event of its own (a generation's in the foreground) */
   mustEnd: boolean
   /** one of the events a response's stream ends with has passed (a stream of any call) */
@@ -22,7 +24,7 @@ export interface ResponseFacts {
 }
 
 export function newFacts (responseId: string | null, stream: boolean, model: string | null = null): ResponseFacts {
-  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, mustEnd: false, ended: false, failure: null }
+  return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, outputEstimate: 0, mustEnd: false, ended: false, failure: null }
 }
 
 /**
@@ -56,6 +58,36 @@ export function observeResponse (facts: ResponseFacts, object: unknown, final = 
     facts.inputTokens = count(usage.input_tokens) ?? facts.inputTokens
     facts.outputTokens = count(usage.output_tokens) ?? facts.outputTokens
   }
+  // A finished response without its usage (a relay that drops it): the output it holds is charged all the same,
+  // as a stream's deltas are, else a budget would hold back only the input. (One still queued or under way, as a
+  // background response's retrieve shows it, has no usage yet.)
+  if (facts.outputTokens === null && response.status !== 'queued' && response.status !== 'in_progress') facts.outputEstimate = Math.ceil(outputBytes((object as { output?: unknown }).output) / 4)
+}
+
+/**
+ * The bytes of text a response's output holds: what its model wrote (message text and refusals, a function or
+ * tool call's arguments or input, reasoning and its summary). Not a generated image's base64 `result`, which is
+ * not text (an image is charged some thousand tokens, not a token per 4 bytes of it), nor ids and types.
+ */
+function outputBytes (output: unknown): number {
+  if (!Array.isArray(output)) return 0
+  let bytes = 0
+  const text = (value: unknown): void => { if (typeof value === 'string') bytes += Buffer.byteLength(value) }
+  const parts = (list: unknown): void => {
+    if (!Array.isArray(list)) return
+    for (const part of list) {
+      text((part as { text?: unknown } | null)?.text)
+      text((part as { refusal?: unknown } | null)?.refusal)
+    }
+  }
+  for (const item of output) {
+    const i = item as { content?: unknown, summary?: unknown, arguments?: unknown, input?: unknown } | null
+    parts(i?.content)
+    parts(i?.summary)
+    text(i?.arguments)
+    text(i?.input)
+  }
+  return bytes
 }
 
 /**
@@ -98,10 +130,11 @@ export function failureOutcome (facts: ResponseFacts, creating: boolean): 'upstr
 /**
  * Output tokens as known: the answer's usage when it came; for a stream cut off before, the deltas seen (OpenAI
  * streams text about a token a delta, so this is an estimate, and the budget is charged with it rather than with
- * nothing).
+ * nothing); for a response that ended without its usage, its output's text at about 4 bytes a token, or the deltas
+ * that streamed it if more.
  */
 export function outputTokens (facts: ResponseFacts): number | null {
-  return facts.outputTokens ?? (facts.deltas > 0 ? facts.deltas : null)
+  return facts.outputTokens ?? (Math.max(facts.deltas, facts.outputEstimate) || null)
 }
 
 /**
