@@ -162,6 +162,11 @@ export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'ser
 export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_error',
   'The upstream API refused the gateway\'s own credentials; your key is fine. The gateway\'s operators are told.',
   { headers: { 'x-should-retry': 'false' } })
+// A streamed generation the upstream answered whole (a relay that ignores `stream: true`): the SDKs would read no event
+// from it and end the client's loop quietly, as if nothing had been said. Made and charged already: not to be sent again.
+export const UpstreamNotStreamedError = define('upstream_not_streamed', 502, 'server_error',
+  'The upstream answered this streamed request with a whole response%s, not an event stream: the response was generated. Retrieve it, or send the request without stream.',
+  { headers: { 'x-should-retry': 'false' } })
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'

@@ -372,6 +372,29 @@ t.test('a stream cut off before its usage came is charged for its input too: han
   t.match(next, { status: 429, type: 'tokens' }, `the budget was charged for the ${sentBytes} bytes of input sent (about 4 a token)`)
 })
 
+t.test('a streamed generation the upstream answers whole, as JSON, is a 502 saying so, not a stream of no events the SDK ends quietly', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({
+      id: 'resp_whole', object: 'response', status: 'completed', model: 'gpt-4o', metadata: { gateway_owner: 'team-full' },
+      output: [{ id: 'msg_1', type: 'message', role: 'assistant', status: 'completed', content: [{ type: 'output_text', text: 'Hello', annotations: [] }] }],
+      usage: { input_tokens: 3, output_tokens: 1, total_tokens: 4 }
+    }))
+  }
+  // The SDK's default retries on: a 5xx would be sent again, a generation made once more each time.
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await rejection(sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true }))
+  t.match(err, { status: 502, code: 'upstream_not_streamed', message: /resp_whole/ }, 'the SDK raises it, naming the response made')
+  t.equal(upstream.requests.length, 1, 'not sent again')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 502, outcome: 'upstream_error', responseId: 'resp_whole', inputTokens: 3, outputTokens: 1 })
+  // (the fake upstream never stored it: its own 404, but asked, as the owner's call is)
+  upstream.respond = null
+  await sdk.responses.retrieve('resp_whole').catch(() => undefined)
+  t.match(upstream.requests.at(-1), { method: 'GET', url: '/v1/responses/resp_whole' }, 'the response it made is its own to retrieve')
+})
+
 t.test('a generation answered whole without its usage is charged for the output it holds, not for its input alone', async t => {
   // A relay that drops `usage` (null, or no key at all): the model's output, about 4 bytes a token, counts against
   // the budget as a stream's deltas do; not a generated image's base64, which is no text.

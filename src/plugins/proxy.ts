@@ -13,7 +13,7 @@ import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
-import { SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
+import { SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
@@ -601,6 +601,14 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     // Written anew, it is sent as one Buffer (a string would be measured for its length, then encoded again as it
     // is written: about 30 ms of a 15 MiB answer), in UTF-8, which its type says.
     const body = rewritten === parsed ? raw : Buffer.from(stringifyExact(rewritten, parsed))
+    // A streamed generation answered whole: read for its usage and owner as any answer, but not passed on as JSON,
+    // which the SDKs would take for a stream without events, the generation lost without a word.
+    const facts = request.responseFacts
+    if (facts?.mustEnd === true) {
+      request.log.warn({ responseId: facts.responseId }, 'the upstream answered a streamed generation whole, not as events')
+      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? '' : ` (${facts.responseId.slice(0, 200)})`))
+      return
+    }
     reply.removeHeader('content-encoding')
     if (body !== came) reply.removeHeader('etag') // it named the upstream's bytes, not these
     reply.header('content-length', body.length).type(body === raw ? 'application/json' : 'application/json; charset=utf-8').send(body)
