@@ -3,7 +3,7 @@
 import { gzipSync } from 'node:zlib'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
-import { KEYS, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
+import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { until } from './fixtures/client.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { exactJson, stringifyExact } from '../src/http/json.js'
@@ -605,6 +605,31 @@ t.test('a client that hangs up while its owner lookup or an item\'s check is at 
     'audited with the check\'s attempt')
   t.same(upstream.requests.filter(r => r.url.includes('/items?') || r.url.endsWith('/items') || r.url === '/v1/responses').map(r => r.method), [],
     'neither call itself went upstream')
+})
+
+t.test('a lookup the upstream answered with a refusal is audited with the attempt it made, and its wait as the upstream\'s', async t => {
+  // Its record said attempts 0, "never went upstream", for a call ended by its lookup's answer (the account's 429,
+  // a status the lookup cannot use, the upstream refusing the gateway's token), where a lookup with no answer at all
+  // said 1; and its time at the upstream was counted as the gateway's own in gateway_added_duration_seconds.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const conv = await createUpstream(upstream, { gateway_owner: 'team-full' }) // its owner not cached: looked up first
+  const { gw } = await gateway(t, upstream, { metrics: { token: METRICS_TOKEN } })
+  const cases: Array<[number, number, string]> = [[429, 429, 'upstream_rate_limited'], [500, 502, 'upstream_error'], [401, 502, 'upstream_error']]
+  for (const [answered, status, outcome] of cases) {
+    upstream.respond = faults.status(answered)
+    const base = upstream.requests.length
+    const records = gw.audit().length
+    const res = await fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+    t.equal(res.status, status, `the lookup answered ${answered}`)
+    await res.arrayBuffer()
+    t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${conv}`], 'the lookup went upstream, the call did not')
+    await until('its audit record', () => gw.audit().length > records)
+    t.match(gw.audit()[records], { action: 'item.list', status, outcome, attempts: 1, upstreamLine: null },
+      `the lookup answered ${answered}: audited with its attempt`)
+  }
+  const metrics = await gw.app.inject({ method: 'GET', url: '/metrics', headers: { authorization: `Bearer ${METRICS_TOKEN}` } })
+  t.notMatch(metrics.body, /^gateway_added_duration_seconds_count\{action="item\.list"\}/m, 'no wait at the upstream counted as the gateway\'s')
 })
 
 /**

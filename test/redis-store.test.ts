@@ -219,6 +219,20 @@ t.test('a Redis that is down at start does not stop the store; it connects when 
   t.pass('connected by itself')
 })
 
+t.test('a store closed while Redis is down leaves no timer behind to hold the process (a stop in an outage is not held)', async t => {
+  // ioredis ends the connection's socket and destroys it 2 s later unless it closes first: one already closed, Redis
+  // being down, never closes again, and that timer held a stopping gateway 2 s past its drain.
+  const redis = await startRedis(t)
+  const timers = () => process.getActiveResourcesInfo().filter(r => r === 'Timeout').length
+  const before = timers()
+  const s = await RedisStore.connect({ url: redis.url, timeoutMs: 2000, onFailure: 'open', log: recorder() })
+  await redis.stop()
+  await eventually(async () => !s.available(), 'the outage seen')
+  await s.close()
+  await sleep(1) // (after any timer the close set for at once)
+  t.equal(timers(), before, 'no timer of the store\'s is left')
+})
+
 t.test('a password in the URL authenticates, and is never logged; a wrong one refuses the start, saying why without it', async t => {
   const password = 'pw-S3cret/with:odd@chars'
   const redis = await startRedis(t, { password })

@@ -271,6 +271,12 @@ function refuseCheckedKeysInQuery (query: URLSearchParams | null): void {
  */
 const triedUpstream = new WeakMap<Error, UpstreamProgress>()
 
+/** `err`, noted as what ends a call whose ask of the upstream made `tried`'s attempts. */
+function wentUpstream (err: Error, tried: UpstreamProgress): Error {
+  triedUpstream.set(err, tried)
+  return err
+}
+
 /**
  * What a call ended at the gateway's own ask of the upstream (an owner lookup, an item's check) says of it: the
  * attempts the ask has made when read, its first at least, and no line nor request of the call's own sent.
@@ -382,6 +388,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   async function askUpstream<T> (path: string, about: Record<string, string>, request: FastifyRequest,
     whenGone: (abort: () => void) => void, read: (answer: unknown) => T,
     clientWait: () => number | undefined = () => undefined, progress?: { attempts: number, sent: boolean }): Promise<T | 'missing'> {
+    let answeredAfter = 0 // the attempts of an answer the ask got, which it may yet refuse
     try {
       const answer = await upstream.call({
         method: 'GET',
@@ -392,6 +399,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         clientWaitMs: clientWait(),
         progress
       })
+      answeredAfter = answer.attempts
       // (As large as an answer the gateway reads whole to pass on: a response object holds its whole output, an
       // image generation's base64, and refusing it here would refuse its owner what the gateway passes on.)
       const body = await upstream.readWhole(answer.body, false, clientWait()).catch((err: unknown) => {
@@ -405,10 +413,13 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
       return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
     } catch (err) {
-      if (err instanceof UpstreamRateLimitedError) throw err
+      // (sent: false, whether the ask was or not: the call itself never went upstream, and the token budget charges
+      // only a call the upstream may have taken on)
+      const tried = { line: null, host: null, attempts: err instanceof UpstreamFailure ? err.attempts : answeredAfter, sent: false }
+      if (err instanceof UpstreamRateLimitedError) throw wentUpstream(err, tried)
       if (err instanceof UpstreamAuthError) {
         upstream.refusedToken.refused(request.log, opts.apiKey())
-        throw err
+        throw wentUpstream(err, tried)
       }
       // Every caller gone is not a failed lookup worth a line; their calls are over and audited anyway. Nor is
       // a lookup no line was tried for (every one skipped, UpstreamFailure.untried).
@@ -418,13 +429,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
       }
       const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
-      if (err instanceof UpstreamFailure) {
-        answer.headers = retryHeaders(err) // every line down: when one is tried again
-        // (sent: false, whether the lookup was or not: the call itself never went upstream, and the token budget
-        // charges only a call the upstream may have taken on)
-        triedUpstream.set(answer, { line: null, host: null, attempts: err.attempts, sent: false })
-      }
-      throw answer
+      if (err instanceof UpstreamFailure) answer.headers = retryHeaders(err) // every line down: when one is tried again
+      throw err instanceof UpstreamFailure || answeredAfter > 0 ? wentUpstream(answer, tried) : answer
     }
   }
 
@@ -725,8 +731,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   // Callback style: with the owner cached (nearly every call), no promise is made.
   app.addHook('preHandler', (request, reply, done) => {
     whenAnswered(() => check(request, reply), () => { done() }, err => {
-      // A lookup that went upstream and got no answer ended the call: its record says it went upstream, and how
-      // many attempts it made (the error is shared by every caller of a shared lookup: each record says so).
+      // A lookup that went upstream and got no answer it could use ended the call: its record says it went upstream,
+      // and how many attempts it made (the error is shared by every caller of a shared lookup: each record says so).
       request.upstreamCall ??= triedUpstream.get(err as Error) ?? null
       done(err as Error)
     })

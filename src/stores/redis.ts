@@ -245,6 +245,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       retryStrategy: times => Math.min(times * 100, RECONNECT_MAX_MS),
       connectTimeout: CONNECT_TIMEOUT_MS,
       socketTimeout: STALL_MS,
+      // close() ends the socket, and destroys it this long after unless it closed: one Redis closed already (down)
+      // never closes again, and ioredis's default 2 s held a stopping gateway that long past its drain. Nothing is
+      // waited for at close: every call is over.
+      disconnectTimeout: 0,
       // After a failover the old primary stays up as a read-only replica and keeps this connection: without a
       // new one, made to the address that now leads to the new primary, every call would fail until a restart.
       // The failed call is not sent again (1, not 2). Asked once per connection: every call of a burst meets the
