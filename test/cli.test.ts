@@ -96,7 +96,7 @@ t.test('start exits 1 on a bad config, before listening', async t => {
   t.match(r.stderr, /upstream\.apiKey: is required/)
 })
 
-t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is refused by start and audit verify, not used', async t => {
+t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is refused by check-config, start and audit verify, not used', async t => {
   // Kubernetes hands a secret made --from-file of `openssl rand -hex 32 > key` to the gateway with its newline; the
   // auditor's shell ($(cat key)) drops it, and every record of the chain the gateway wrote would fail to verify.
   const { file, dir } = configFile('')
@@ -105,6 +105,14 @@ t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is
   const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: `${key}\n` })
   t.equal(start.status, 1)
   t.equal(start.stderr, 'ohmygpt-gateway start: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
+  // check-config said ok to the environment start then refused: a deploy checked with it failed at start.
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: `${key}\n` })
+  t.equal(check.status, 1, 'check-config refuses it too')
+  t.equal(check.stderr, 'ohmygpt-gateway check-config: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
+  const short = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: 'short' })
+  t.equal(short.status, 1, 'and a key too short to trust')
+  t.match(short.stderr, /AUDIT_HMAC_KEY is too short \(5 characters; at least 32/)
+  t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: key }).status, 0, 'a good key passes')
   for (const spelled of [`${key}\n`, `${key}\r\n`, ` ${key}`, `${key.slice(0, 32)} ${key.slice(32)}`, `${key}\t`]) {
     const verify = run(['audit', 'verify', '--config', file], { AUDIT_HMAC_KEY: spelled })
     t.equal(verify.status, 1, JSON.stringify(spelled.replace(key, 'KEY')))
