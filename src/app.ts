@@ -194,6 +194,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     http: {
       ServerResponse: responseClass,
       requireHostHeader: false,
+      // Given here too: Node checks headersTimeout against requestTimeout when Fastify makes the server, before it
+      // sets requestTimeout itself, so a headersTimeoutMs past Node's default (5 minutes) would refuse to start.
+      requestTimeout: config.listen.requestTimeoutMs,
       headersTimeout: config.listen.headersTimeoutMs,
       connectionsCheckingInterval: timeoutCheckIntervalMs(config.listen.headersTimeoutMs)
     },

@@ -139,6 +139,20 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   t.notOk(output.text.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
 })
 
+t.test('listen timeouts past Node\'s own 5-minute request timeout, which check-config accepts, start with too', async t => {
+  // Fastify hands Node headersTimeout when it makes the server and sets requestTimeout only afterwards, so Node
+  // checked headersTimeoutMs against its default requestTimeout (300000): start died with a RangeError and a
+  // stack trace on a config check-config said was ok (headersTimeoutMs 300001, requestTimeoutMs 600000).
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace('port: 0 }', 'port: 0, headersTimeoutMs: 300001, requestTimeoutMs: 600000 }'))
+  t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).status, 0, 'check-config says ok')
+  const { child, url } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
+  t.equal((await fetch(`${url}/readyz`)).status, 200, 'and start serves')
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit')
+  t.equal(code, 0)
+})
+
 t.test('a stdout whose reader is gone (a log shipper that died) does not end the gateway at its next log line: it serves, and stops cleanly', async t => {
   // Node ignores SIGPIPE: the write fails with EPIPE, an 'error' event nobody listened for, which ended the process
   // with a stack trace at the next line (an upstream failure, a reload, the SIGTERM itself), its lock left behind.
