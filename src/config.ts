@@ -131,7 +131,8 @@ export const ConfigSchema = Type.Object({
     /** conversations not created through the gateway (no owner in their metadata) */
     unowned: Type.Union([Type.Literal('deny'), Type.Literal('allow')], { default: 'deny' }),
     cacheTtlMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 600000 }),
-    cacheSize: Type.Integer({ minimum: 1, default: 100000 }),
+    /** entries of each owner and issued-item cache; lru-cache reserves their room up front (about 130 bytes each) */
+    cacheSize: Type.Integer({ minimum: 1, maximum: 10_000_000, default: 100000 }),
     /** how long an upstream 404 is remembered as "no such conversation" */
     notFoundTtlMs: Type.Integer({ minimum: 0, maximum: MAX_TIMER_MS, default: 5000 })
   }, { additionalProperties: false, default: {} }),

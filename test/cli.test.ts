@@ -153,6 +153,21 @@ t.test('listen timeouts past Node\'s own 5-minute request timeout, which check-c
   t.equal(code, 0)
 })
 
+t.test('an ownership.cacheSize the gateway could not allocate is refused by check-config, not met by start with a crash and its audit lock left', async t => {
+  // The owner and issued-item caches reserve their room when the gateway is built: 10^10 entries threw a RangeError
+  // (stack trace, exit 1) after the audit file was opened, leaving its lock for the next start to wait on, on a
+  // config check-config called ok; 10^8 took 6 GB before the first call.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir) + 'ownership: { cacheSize: 10000000000 }\n')
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, /ownership\.cacheSize: must be <= 10000000/)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.notOk(start.stderr.includes('    at '), 'no stack trace')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'no audit lock left behind')
+})
+
 t.test('a stdout whose reader is gone (a log shipper that died) does not end the gateway at its next log line: it serves, and stops cleanly', async t => {
   // Node ignores SIGPIPE: the write fails with EPIPE, an 'error' event nobody listened for, which ended the process
   // with a stack trace at the next line (an upstream failure, a reload, the SIGTERM itself), its lock left behind.
