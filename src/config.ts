@@ -522,6 +522,14 @@ function readable (pem: string): boolean {
  * upstream.caFile must hold PEM certificates, each readable: TLS passes over anything else in silence, and with
  * no CA it trusts, every call to the upstream would fail to verify (a 502 each) from a config that looked fine.
  */
+/**
+ * A line the schema's pattern lets through and the URL parser refuses (a port over 65535, an IPv4 address with a
+ * part over 255): the upstream client would throw building its pools, at start after the audit is opened.
+ */
+function baseUrlProblems (urls: readonly string[]): string[] {
+  return urls.flatMap((url, i) => URL.canParse(url) ? [] : [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`])
+}
+
 function caFileProblems (file: string | undefined): string[] {
   if (file === undefined) return []
   let text: string
@@ -618,6 +626,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   } else {
     problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients))
     problems.push(...upstreamKey(candidate.upstream))
+    problems.push(...baseUrlProblems(candidate.upstream.baseUrls))
     problems.push(...caFileProblems(candidate.upstream.caFile))
     if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
       problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')

@@ -168,6 +168,22 @@ t.test('an ownership.cacheSize the gateway could not allocate is refused by chec
   t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'no audit lock left behind')
 })
 
+t.test('an upstream.baseUrls entry no URL parser takes (a port over 65535, an IPv4 address out of range) is refused by check-config, not met by start with a crash', async t => {
+  // The schema's pattern let them through; start then died on new URL() with a TypeError and a stack trace, after
+  // the audit file was opened, leaving its lock for the next start to wait on.
+  for (const url of ['http://127.0.0.1:99999', 'http://999.1.1.1']) {
+    const { file, dir } = configFile('')
+    writeFileSync(file, good(dir).replace('http://127.0.0.1:9', url))
+    const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(check.status, 1, `${url}: check-config refuses it`)
+    t.match(check.stderr, /upstream\.baseUrls\[0\]: not a valid URL/)
+    const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(start.status, 1)
+    t.notOk(start.stderr.includes('    at '), 'no stack trace')
+    t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'no audit lock left behind')
+  }
+})
+
 t.test('a stdout whose reader is gone (a log shipper that died) does not end the gateway at its next log line: it serves, and stops cleanly', async t => {
   // Node ignores SIGPIPE: the write fails with EPIPE, an 'error' event nobody listened for, which ended the process
   // with a stack trace at the next line (an upstream failure, a reload, the SIGTERM itself), its lock left behind.
