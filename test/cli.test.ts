@@ -392,6 +392,20 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
 })
 
+t.test('check-config and start refuse an audit.file that names a directory (a trailing slash) with the same line', async t => {
+  // AUDIT_FILE=/var/log/gateway/: check-config said ok (the directory above it could be written in), and start was
+  // refused by the audit lock, "cannot write the audit lock .../.lock: ENOENT", which says nothing of the cause.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), `${join(dir, 'logs')}/`))
+  const problem = `audit.file: ${join(dir, 'logs')}/ names a directory: give the file's path in it (${join(dir, 'logs')}/audit.jsonl)`
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, problem)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line')
+})
+
 t.test('check-config and start refuse an audit.file that is not a regular file (a link to /dev/null) with the same line', async t => {
   // start refused it (records would vanish while every write succeeds); check-config said ok.
   const { file, dir } = configFile('')
