@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { once } from 'node:events'
 import { lookup } from 'node:dns/promises'
 import { createServer, type AddressInfo } from 'node:net'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
 import { BIN, configFile, env, run, runAsync, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
@@ -397,13 +397,7 @@ t.test('check-config and start refuse an audit.file that names a directory (a tr
   // refused by the audit lock, "cannot write the audit lock .../.lock: ENOENT", which says nothing of the cause.
   const { file, dir } = configFile('')
   writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), `${join(dir, 'logs')}/`))
-  const problem = `audit.file: ${join(dir, 'logs')}/ names a directory: give the file's path in it (${join(dir, 'logs')}/audit.jsonl)`
-  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
-  t.equal(check.status, 1)
-  t.match(check.stderr, problem)
-  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
-  t.equal(start.status, 1)
-  t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line')
+  refusedByBoth(t, file, `audit.file: ${join(dir, 'logs')}/ names a directory: give the file's path in it (${join(dir, 'logs')}/audit.jsonl)`)
 })
 
 t.test('check-config and start refuse an audit.file that is not a regular file (a link to /dev/null) with the same line', async t => {
@@ -411,15 +405,19 @@ t.test('check-config and start refuse an audit.file that is not a regular file (
   const { file, dir } = configFile('')
   symlinkSync('/dev/null', join(dir, 'audit.jsonl'))
   writeFileSync(file, good(dir))
-  const problem = `audit.file: ${join(dir, 'audit.jsonl')} is not a regular file (a symbolic link, device, pipe or directory): ` +
-    'records are written only into a regular file'
+  refusedByBoth(t, file, `audit.file: ${join(dir, 'audit.jsonl')} is not a regular file (a symbolic link, device, pipe or directory): ` +
+    'records are written only into a regular file')
+})
+
+/** check-config lists `problem`, and start refuses with it alone, in one line (no stack trace). */
+function refusedByBoth (t: Test, file: string, problem: string): void {
   const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(check.status, 1)
   t.match(check.stderr, problem)
   const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(start.status, 1)
   t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line, no stack trace')
-})
+}
 
 // /sys/kernel: it exists, and no user, root included, can make a file in it (EACCES where /sys is mounted writable,
 // EROFS in a default container).
