@@ -79,8 +79,10 @@ function routableUrl (req: IncomingMessage): string {
 const PARSER_REFUSALS: Record<string, string> = {
   ERR_HTTP_REQUEST_TIMEOUT: 'request not received in time (slow headers or body)',
   HPE_HEADER_OVERFLOW: 'headers over the size limit',
-  HPE_UNEXPECTED_CONTENT_LENGTH: 'Content-Length together with Transfer-Encoding',
-  HPE_INVALID_TRANSFER_ENCODING: 'invalid Transfer-Encoding',
+  // As llhttp uses them (Node 20 and 24): a second Content-Length is UNEXPECTED_CONTENT_LENGTH, and a
+  // Content-Length beside Transfer-Encoding is INVALID_TRANSFER_ENCODING, as is a coding list not ending in chunked.
+  HPE_UNEXPECTED_CONTENT_LENGTH: 'Content-Length given more than once',
+  HPE_INVALID_TRANSFER_ENCODING: 'invalid Transfer-Encoding, or one together with Content-Length',
   HPE_INVALID_CHUNK_SIZE: 'invalid chunk size',
   HPE_INVALID_CONTENT_LENGTH: 'invalid Content-Length',
   HPE_LF_EXPECTED: 'bare LF or CR line ending',
@@ -192,6 +194,9 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     http: {
       ServerResponse: responseClass,
       requireHostHeader: false,
+      // Given here too: Node checks headersTimeout against requestTimeout when Fastify makes the server, before it
+      // sets requestTimeout itself, so a headersTimeoutMs past Node's default (5 minutes) would refuse to start.
+      requestTimeout: config.listen.requestTimeoutMs,
       headersTimeout: config.listen.headersTimeoutMs,
       connectionsCheckingInterval: timeoutCheckIntervalMs(config.listen.headersTimeoutMs)
     },

@@ -131,7 +131,8 @@ export const ConfigSchema = Type.Object({
     /** conversations not created through the gateway (no owner in their metadata) */
     unowned: Type.Union([Type.Literal('deny'), Type.Literal('allow')], { default: 'deny' }),
     cacheTtlMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 600000 }),
-    cacheSize: Type.Integer({ minimum: 1, default: 100000 }),
+    /** entries of each owner and issued-item cache; lru-cache reserves their room up front (about 130 bytes each) */
+    cacheSize: Type.Integer({ minimum: 1, maximum: 10_000_000, default: 100000 }),
     /** how long an upstream 404 is remembered as "no such conversation" */
     notFoundTtlMs: Type.Integer({ minimum: 0, maximum: MAX_TIMER_MS, default: 5000 })
   }, { additionalProperties: false, default: {} }),
@@ -521,6 +522,14 @@ function readable (pem: string): boolean {
  * upstream.caFile must hold PEM certificates, each readable: TLS passes over anything else in silence, and with
  * no CA it trusts, every call to the upstream would fail to verify (a 502 each) from a config that looked fine.
  */
+/**
+ * A line the schema's pattern lets through and the URL parser refuses (a port over 65535, an IPv4 address with a
+ * part over 255): the upstream client would throw building its pools, at start after the audit is opened.
+ */
+function baseUrlProblems (urls: readonly string[]): string[] {
+  return urls.flatMap((url, i) => URL.canParse(url) ? [] : [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`])
+}
+
 function caFileProblems (file: string | undefined): string[] {
   if (file === undefined) return []
   let text: string
@@ -617,6 +626,7 @@ export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source =
   } else {
     problems.push(...duplicateIds(candidate.clients), ...keyProblems(candidate.clients))
     problems.push(...upstreamKey(candidate.upstream))
+    problems.push(...baseUrlProblems(candidate.upstream.baseUrls))
     problems.push(...caFileProblems(candidate.upstream.caFile))
     if (candidate.listen.headersTimeoutMs > candidate.listen.requestTimeoutMs) {
       problems.push('listen.headersTimeoutMs: must not be longer than listen.requestTimeoutMs')

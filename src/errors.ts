@@ -177,6 +177,9 @@ export const StoreUnavailableNotOwnedError = define('rate_limit_store_unavailabl
   { outcome: 'denied' })
 export const AuditUnavailableError = define('audit_unavailable', 503, 'server_error',
   'The gateway cannot write its audit trail right now, so it serves no API calls. Please try again later.')
+// metrics.listen's own listener: the API's unknown_route message would point a scraper at /v1/conversations.
+export const MetricsUnknownRouteError = define('unknown_route', 404, 'invalid_request_error',
+  'Unknown route: this listener (metrics.listen) serves only GET (and HEAD) /metrics and /healthz.')
 export const MetricsUnauthorizedError = define('invalid_metrics_token', 401, 'invalid_request_error',
   'Missing or wrong metrics token. Send it as "Authorization: Bearer <token>".')
 export const InternalError = define('internal_error', 500, 'server_error',

@@ -114,6 +114,8 @@ export function notRegularAuditFile (file: string): string {
  */
 export function auditDirectoryProblem (file: string): string | null {
   if (file === '-') return null
+  // dirname() drops the slash and checks the directory above: the lock (`<file>.lock`) is then refused, unexplained.
+  if (/[\\/]$/.test(file)) return `audit.file: ${file} names a directory: give the file's path in it (${file}audit.jsonl)`
   const dir = dirname(file)
   let made: string[]
   try {

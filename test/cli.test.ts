@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { once } from 'node:events'
 import { lookup } from 'node:dns/promises'
 import { createServer, type AddressInfo } from 'node:net'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
 import { BIN, configFile, env, run, runAsync, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
@@ -96,7 +96,7 @@ t.test('start exits 1 on a bad config, before listening', async t => {
   t.match(r.stderr, /upstream\.apiKey: is required/)
 })
 
-t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is refused by start and audit verify, not used', async t => {
+t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is refused by check-config, start and audit verify, not used', async t => {
   // Kubernetes hands a secret made --from-file of `openssl rand -hex 32 > key` to the gateway with its newline; the
   // auditor's shell ($(cat key)) drops it, and every record of the chain the gateway wrote would fail to verify.
   const { file, dir } = configFile('')
@@ -105,6 +105,14 @@ t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is
   const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: `${key}\n` })
   t.equal(start.status, 1)
   t.equal(start.stderr, 'ohmygpt-gateway start: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
+  // check-config said ok to the environment start then refused: a deploy checked with it failed at start.
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: `${key}\n` })
+  t.equal(check.status, 1, 'check-config refuses it too')
+  t.equal(check.stderr, 'ohmygpt-gateway check-config: AUDIT_HMAC_KEY must not contain whitespace or control characters (a trailing newline from a secret file?)\n')
+  const short = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: 'short' })
+  t.equal(short.status, 1, 'and a key too short to trust')
+  t.match(short.stderr, /AUDIT_HMAC_KEY is too short \(5 characters; at least 32/)
+  t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x', AUDIT_HMAC_KEY: key }).status, 0, 'a good key passes')
   for (const spelled of [`${key}\n`, `${key}\r\n`, ` ${key}`, `${key.slice(0, 32)} ${key.slice(32)}`, `${key}\t`]) {
     const verify = run(['audit', 'verify', '--config', file], { AUDIT_HMAC_KEY: spelled })
     t.equal(verify.status, 1, JSON.stringify(spelled.replace(key, 'KEY')))
@@ -129,6 +137,51 @@ t.test('start serves, and on SIGTERM drains, writes the audit and exits 0', asyn
   const records = readFileSync(join(dir, 'audit.jsonl'), 'utf8').trim().split('\n').map(l => JSON.parse(l))
   t.match(records, [{ action: 'conversation.create', status: 401, outcome: 'denied' }], 'healthz is not audited')
   t.notOk(output.text.includes('ogw_cli-test-key-wrong'), 'the presented key is not logged')
+})
+
+t.test('listen timeouts past Node\'s own 5-minute request timeout, which check-config accepts, start with too', async t => {
+  // Fastify hands Node headersTimeout when it makes the server and sets requestTimeout only afterwards, so Node
+  // checked headersTimeoutMs against its default requestTimeout (300000): start died with a RangeError and a
+  // stack trace on a config check-config said was ok (headersTimeoutMs 300001, requestTimeoutMs 600000).
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace('port: 0 }', 'port: 0, headersTimeoutMs: 300001, requestTimeoutMs: 600000 }'))
+  t.equal(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).status, 0, 'check-config says ok')
+  const { child, url } = await startBin(t, file, { OHMYGPT_API_KEY: 'x' })
+  t.equal((await fetch(`${url}/readyz`)).status, 200, 'and start serves')
+  child.kill('SIGTERM')
+  const [code] = await once(child, 'exit')
+  t.equal(code, 0)
+})
+
+t.test('an ownership.cacheSize the gateway could not allocate is refused by check-config, not met by start with a crash and its audit lock left', async t => {
+  // The owner and issued-item caches reserve their room when the gateway is built: 10^10 entries threw a RangeError
+  // (stack trace, exit 1) after the audit file was opened, leaving its lock for the next start to wait on, on a
+  // config check-config called ok; 10^8 took 6 GB before the first call.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir) + 'ownership: { cacheSize: 10000000000 }\n')
+  const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(check.status, 1)
+  t.match(check.stderr, /ownership\.cacheSize: must be <= 10000000/)
+  const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+  t.equal(start.status, 1)
+  t.notOk(start.stderr.includes('    at '), 'no stack trace')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'no audit lock left behind')
+})
+
+t.test('an upstream.baseUrls entry no URL parser takes (a port over 65535, an IPv4 address out of range) is refused by check-config, not met by start with a crash', async t => {
+  // The schema's pattern let them through; start then died on new URL() with a TypeError and a stack trace, after
+  // the audit file was opened, leaving its lock for the next start to wait on.
+  for (const url of ['http://127.0.0.1:99999', 'http://999.1.1.1']) {
+    const { file, dir } = configFile('')
+    writeFileSync(file, good(dir).replace('http://127.0.0.1:9', url))
+    const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(check.status, 1, `${url}: check-config refuses it`)
+    t.match(check.stderr, /upstream\.baseUrls\[0\]: not a valid URL/)
+    const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(start.status, 1)
+    t.notOk(start.stderr.includes('    at '), 'no stack trace')
+    t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'no audit lock left behind')
+  }
 })
 
 t.test('a stdout whose reader is gone (a log shipper that died) does not end the gateway at its next log line: it serves, and stops cleanly', async t => {
@@ -339,20 +392,32 @@ t.test('an audit directory that is a file is reported by check-config, as start 
   t.match(run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' }).stderr, /cannot create the directory .*not-a-dir\/sub: ENOTDIR/)
 })
 
+t.test('check-config and start refuse an audit.file that names a directory (a trailing slash) with the same line', async t => {
+  // AUDIT_FILE=/var/log/gateway/: check-config said ok (the directory above it could be written in), and start was
+  // refused by the audit lock, "cannot write the audit lock .../.lock: ENOENT", which says nothing of the cause.
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir).replace(join(dir, 'audit.jsonl'), `${join(dir, 'logs')}/`))
+  refusedByBoth(t, file, `audit.file: ${join(dir, 'logs')}/ names a directory: give the file's path in it (${join(dir, 'logs')}/audit.jsonl)`)
+})
+
 t.test('check-config and start refuse an audit.file that is not a regular file (a link to /dev/null) with the same line', async t => {
   // start refused it (records would vanish while every write succeeds); check-config said ok.
   const { file, dir } = configFile('')
   symlinkSync('/dev/null', join(dir, 'audit.jsonl'))
   writeFileSync(file, good(dir))
-  const problem = `audit.file: ${join(dir, 'audit.jsonl')} is not a regular file (a symbolic link, device, pipe or directory): ` +
-    'records are written only into a regular file'
+  refusedByBoth(t, file, `audit.file: ${join(dir, 'audit.jsonl')} is not a regular file (a symbolic link, device, pipe or directory): ` +
+    'records are written only into a regular file')
+})
+
+/** check-config lists `problem`, and start refuses with it alone, in one line (no stack trace). */
+function refusedByBoth (t: Test, file: string, problem: string): void {
   const check = run(['check-config', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(check.status, 1)
   t.match(check.stderr, problem)
   const start = run(['start', '--config', file], { OHMYGPT_API_KEY: 'x' })
   t.equal(start.status, 1)
   t.equal(start.stderr, `ohmygpt-gateway start: ${problem}\n`, 'one line, no stack trace')
-})
+}
 
 // /sys/kernel: it exists, and no user, root included, can make a file in it (EACCES where /sys is mounted writable,
 // EROFS in a default container).

@@ -284,9 +284,13 @@ t.test('another method on /healthz, /readyz or /metrics is 405 with Allow: GET, 
     const res = await fetch(`${ownUrl}${path}`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}` } })
     t.equal(res.status, 405, `POST ${path} on metrics.listen`)
     t.equal(res.headers.get('allow'), 'GET, HEAD')
-    await res.arrayBuffer()
+    // the error table's 405 row, on metrics.listen too: it was a line of plain text
+    t.match(await res.json(), { error: { type: 'invalid_request_error', param: null, code: 'method_not_allowed', message: `Method POST is not allowed on ${path}.` } })
   }
-  t.equal((await fetch(`${ownUrl}/readyz`, { method: 'POST' })).status, 404, 'metrics.listen serves no /readyz')
+  const unknown = await fetch(`${ownUrl}/readyz`, { method: 'POST' })
+  t.equal(unknown.status, 404, 'metrics.listen serves no /readyz')
+  t.match(await unknown.json(), { error: { type: 'invalid_request_error', param: null, code: 'unknown_route', message: /metrics\.listen.*\/metrics and \/healthz/ } },
+    'in the envelope, as every error the gateway makes')
 })
 
 t.test('metrics.listen keeps at most METRICS_MAX_CONNECTIONS connections: a flood of them on that port cannot use up the process\'s file descriptors and shut the API out', async t => {

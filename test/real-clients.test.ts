@@ -354,6 +354,20 @@ t.test('Node\'s own refusals are logged at warn with the peer and the reason, a 
   t.equal(upstream.requests.length, 0)
 })
 
+t.test('the warn line of a parser refusal says what was wrong: two Content-Lengths, or one beside Transfer-Encoding', async t => {
+  // Both are how request smuggling is tried; the log called two Content-Lengths "Content-Length together with
+  // Transfer-Encoding", which Node's parser refuses under another code (Node 20 and 24 alike).
+  for (const [raw, reason] of [
+    ['POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}', 'Content-Length given more than once'],
+    ['POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 'invalid Transfer-Encoding, or one together with Content-Length']
+  ] as const) {
+    const { gw } = await setup(t, { log: { level: 'info' } })
+    await sendRaw(gw.url, Buffer.from(raw, 'latin1'))
+    const line = await eventually(async () => gw.logs.find(l => l.includes('request refused by the HTTP parser')) ?? null, 'the warn line')
+    t.equal((JSON.parse(line) as { reason?: unknown }).reason, reason)
+  }
+})
+
 t.test('the request id answered to a request Node\'s parser refused is the one its warn line names: ops can find the call the client reports', async t => {
   // It never became a call: no audit record holds it, and the log line is the only place the id can lead to.
   const { gw } = await setup(t, { log: { level: 'info' } })

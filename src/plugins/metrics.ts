@@ -12,7 +12,7 @@ import type { AddressInfo } from 'node:net'
 import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { AuditWriter } from '../audit/writer.js'
-import { envelope, MetricsUnauthorizedError } from '../errors.js'
+import { envelope, type GatewayError, MethodNotAllowedError, MetricsUnauthorizedError, MetricsUnknownRouteError } from '../errors.js'
 import { timeoutCheckIntervalMs } from '../http/connections.js'
 import { whenClosed } from '../http/response.js'
 import { hostPort } from '../config.js'
@@ -210,20 +210,23 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
     return
   }
 
+  // Its errors in OpenAI's envelope, as every error the gateway makes (its own listener has no error handler).
+  const refuse = (res: ServerResponse, err: GatewayError, headers: Record<string, string> = {}) => {
+    res.writeHead(err.statusCode, { 'content-type': 'application/json; charset=utf-8', ...headers }).end(JSON.stringify(envelope(err)))
+  }
   const answer = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '').split('?')[0]
     // HEAD as GET, which Node answers without the body
     if (path !== '/metrics' && path !== '/healthz') {
-      res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: this listener serves GET (and HEAD) /metrics and /healthz\n')
+      refuse(res, new MetricsUnknownRouteError())
       return
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') {
-      res.writeHead(405, { 'content-type': 'text/plain; charset=utf-8', allow: 'GET, HEAD' }).end(`method ${req.method} not allowed: GET (or HEAD) ${path}\n`)
+      refuse(res, new MethodNotAllowedError(req.method, path), { allow: 'GET, HEAD' })
       return
     }
     if (!authorized(req.headers.authorization)) {
-      res.writeHead(401, { 'content-type': 'application/json; charset=utf-8' })
-        .end(JSON.stringify(envelope(new MetricsUnauthorizedError())))
+      refuse(res, new MetricsUnauthorizedError())
       return
     }
     if (path === '/healthz') {
