@@ -519,10 +519,6 @@ function readable (pem: string): boolean {
 }
 
 /**
- * upstream.caFile must hold PEM certificates, each readable: TLS passes over anything else in silence, and with
- * no CA it trusts, every call to the upstream would fail to verify (a 502 each) from a config that looked fine.
- */
-/**
  * A line the schema's pattern lets through and the URL parser refuses (a port over 65535, an IPv4 address with a
  * part over 255): the upstream client would throw building its pools, at start after the audit is opened.
  */
@@ -530,6 +526,10 @@ function baseUrlProblems (urls: readonly string[]): string[] {
   return urls.flatMap((url, i) => URL.canParse(url) ? [] : [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`])
 }
 
+/**
+ * upstream.caFile must hold PEM certificates, each readable: TLS passes over anything else in silence, and with
+ * no CA it trusts, every call to the upstream would fail to verify (a 502 each) from a config that looked fine.
+ */
 function caFileProblems (file: string | undefined): string[] {
   if (file === undefined) return []
   let text: string
