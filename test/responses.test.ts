@@ -418,6 +418,19 @@ t.test('a background generation, or a retrieve, asked for as a stream and answer
   t.match(retrieved, { status: 502, code: 'upstream_not_streamed' }, 'a streamed retrieve: the SDK raises it')
 })
 
+t.test('a streamed generation answered 200 with JSON that is no response (an error body) is not said to have made a response', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ error: { message: 'overloaded', type: 'server_error', param: null, code: null } }))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await rejection(sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true })) as Error
+  t.match(err, { status: 502, code: 'upstream_not_streamed' })
+  t.notMatch(err.message, /generated|Retrieve it/, 'no response to retrieve is promised')
+  t.match(err.message, /no response/)
+})
+
 t.test('a generation answered whole without its usage is charged for the output it holds, not for its input alone', async t => {
   // A relay that drops `usage` (null, or no key at all): the model's output, about 4 bytes a token, counts against
   // the budget as a stream's deltas do; not a generated image's base64, which is no text.

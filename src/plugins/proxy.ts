@@ -13,7 +13,7 @@ import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
-import { SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
+import { NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
@@ -607,7 +607,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const facts = request.responseFacts
     if (facts?.stream === true) {
       request.log.warn({ responseId: facts.responseId }, 'the upstream answered a streamed request whole, not as events')
-      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? '' : ` (${facts.responseId.slice(0, 200)})`))
+      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? NOT_STREAMED_OTHER : NOT_STREAMED_RESPONSE(facts.responseId.slice(0, 200))))
       return
     }
     reply.removeHeader('content-encoding')
