@@ -164,9 +164,12 @@ export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_err
   { headers: { 'x-should-retry': 'false' } })
 // A streamed generation the upstream answered whole (a relay that ignores `stream: true`): the SDKs would read no event
 // from it and end the client's loop quietly, as if nothing had been said. Made and charged already: not to be sent again.
+// (Its argument: NOT_STREAMED_RESPONSE with the response's id, or NOT_STREAMED_OTHER for JSON that holds none.)
 export const UpstreamNotStreamedError = define('upstream_not_streamed', 502, 'server_error',
-  'The upstream answered this streamed request with a whole response%s, not an event stream: the response was generated. Retrieve it, or send the request without stream.',
+  'The upstream answered this streamed request whole, as JSON, not as an event stream: %s',
   { headers: { 'x-should-retry': 'false' } })
+export const NOT_STREAMED_RESPONSE = (id: string) => `the response (${id}) was generated. Retrieve it, or send the request without stream.`
+export const NOT_STREAMED_OTHER = 'it held no response (an error of the upstream\'s own?). Send the request without stream to see its answer.'
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'

@@ -395,6 +395,42 @@ t.test('a streamed generation the upstream answers whole, as JSON, is a 502 sayi
   t.match(upstream.requests.at(-1), { method: 'GET', url: '/v1/responses/resp_whole' }, 'the response it made is its own to retrieve')
 })
 
+t.test('a background generation, or a retrieve, asked for as a stream and answered whole, as JSON, is a 502 too, not a stream of no events', async t => {
+  const { upstream, gw } = await setup(t)
+  const whole = (status: string) => (_req: unknown, res: import('node:http').ServerResponse) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({
+      id: 'resp_bg', object: 'response', status, background: true, model: 'gpt-4o', metadata: { gateway_owner: 'team-full' }, output: []
+    }))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  upstream.respond = whole('queued')
+  // (with it passed on, the SDK's loop ends with no event: the client never learns the id of the response it started)
+  const created = await rejection((async () => {
+    for await (const _ of await sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true, background: true })) { /* none */ }
+  })())
+  t.match(created, { status: 502, code: 'upstream_not_streamed', message: /resp_bg/ }, 'a background create: the SDK raises it, naming the response')
+  t.equal(upstream.requests.length, 1, 'not sent again')
+  upstream.respond = whole('completed')
+  const retrieved = await rejection((async () => {
+    for await (const _ of await sdk.responses.retrieve('resp_bg', { stream: true })) { /* none */ }
+  })())
+  t.match(retrieved, { status: 502, code: 'upstream_not_streamed' }, 'a streamed retrieve: the SDK raises it')
+})
+
+t.test('a streamed generation answered 200 with JSON that is no response (an error body) is not said to have made a response', async t => {
+  const { upstream, gw } = await setup(t)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ error: { message: 'overloaded', type: 'server_error', param: null, code: null } }))
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1` })
+  const err = await rejection(sdk.responses.create({ model: 'gpt-4o', input: 'hi', stream: true })) as Error
+  t.match(err, { status: 502, code: 'upstream_not_streamed' })
+  t.notMatch(err.message, /generated|Retrieve it/, 'no response to retrieve is promised')
+  t.match(err.message, /no response/)
+})
+
 t.test('a generation answered whole without its usage is charged for the output it holds, not for its input alone', async t => {
   // A relay that drops `usage` (null, or no key at all): the model's output, about 4 bytes a token, counts against
   // the budget as a stream's deltas do; not a generated image's base64, which is no text.

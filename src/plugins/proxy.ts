@@ -13,7 +13,7 @@ import type { FastifyHttpProxyOptions } from '@fastify/http-proxy'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
-import { SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
+import { NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError, UpstreamUnavailableError } from '../errors.js'
 import { API_PREFIX, RESOURCES } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
@@ -601,12 +601,13 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     // Written anew, it is sent as one Buffer (a string would be measured for its length, then encoded again as it
     // is written: about 30 ms of a 15 MiB answer), in UTF-8, which its type says.
     const body = rewritten === parsed ? raw : Buffer.from(stringifyExact(rewritten, parsed))
-    // A streamed generation answered whole: read for its usage and owner as any answer, but not passed on as JSON,
-    // which the SDKs would take for a stream without events, the generation lost without a word.
+    // A stream asked for and answered whole: read for its usage and owner as any answer, but not passed on as JSON,
+    // which the SDKs would take for a stream without events, the generation lost without a word. Any such stream: a
+    // background generation's (its client would not even learn the id of the response it started), a retrieve's.
     const facts = request.responseFacts
-    if (facts?.mustEnd === true) {
-      request.log.warn({ responseId: facts.responseId }, 'the upstream answered a streamed generation whole, not as events')
-      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? '' : ` (${facts.responseId.slice(0, 200)})`))
+    if (facts?.stream === true) {
+      request.log.warn({ responseId: facts.responseId }, 'the upstream answered a streamed request whole, not as events')
+      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? NOT_STREAMED_OTHER : NOT_STREAMED_RESPONSE(facts.responseId.slice(0, 200))))
       return
     }
     reply.removeHeader('content-encoding')
