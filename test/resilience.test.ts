@@ -103,6 +103,31 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a call the line took before it was skipped does not restore it when it ends well: only its trial call decides', async t => {
+    // A slow answer (a long stream, a read the line was slow on) that started while the line was up and ended well
+    // after it was skipped restored it at once, long before its cooldown: the next create went to the line that
+    // was answering 503 and got that 503, where the next line was up.
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 60_000 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    let release = (): void => {}
+    first.respond = (_req, res) => {
+      release = () => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}') }
+      first.respond = faults.status(503) // from now on the line fails every call
+    }
+    const slow = call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await until('the slow call to reach line 0', () => first.requests.length === 1)
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `read ${i + 1}: 503 on line 0, retried on line 1`)
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 is skipped')
+    release()
+    t.equal((await slow).status, 200, 'the slow call, taken before, ends well')
+    await lastRecord(gw, 3)
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 is still skipped: that call was no trial')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    t.match(await sdk.conversations.create({}), { object: 'conversation' }, 'the next create is served')
+    t.equal(first.requests.length, 3, 'by line 1: line 0 got nothing more')
+    t.equal(second.requests.filter(r => r.method === 'POST').length, 1)
+  })
+
   await t.test('a POST is no skipped line\'s trial while another line is up: that line serves it, and the next read is the trial', async t => {
     const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 200 })
     const [first, second] = lines as [FakeUpstream, FakeUpstream]

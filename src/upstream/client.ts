@@ -561,8 +561,9 @@ export class Upstream {
         }
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
-        // (index was picked in this tick: a line on trial has this call as its trial)
+        // (index was picked in this tick: a line on trial has this call as its trial, and the ticket is this call's)
         const onLine = index
+        const ticket = health.ticket(index)
         const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine) } : undefined)
         try {
           const res = await untilStopped(line.pool.request({
@@ -578,7 +579,7 @@ export class Upstream {
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
           const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent }
-          const failure = attemptFailed(health, call, index, err, end)
+          const failure = attemptFailed(health, call, index, ticket, err, end)
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
           if (failure === null || next === null) throw finalFailure(settings, deadlineMs, index, tried.size, err, end)
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
@@ -589,9 +590,9 @@ export class Upstream {
         if (fault === 'timeout' && generation) {
           // A generation that outlived a proxy's deadline says nothing of the line, as one that outlives ours: no
           // failure, and no answer that would restore a skipped line or clear its count (attemptFailed).
-          health.released(index)
+          health.released(index, ticket)
         } else if (fault !== undefined) {
-          health.failed(index)
+          health.failed(index, ticket)
           const next = retryLine(settings, health, call, tried, fault === 'timeout' ? 'reset' : fault)
           if (next !== null) {
             answer.body.on('error', () => {}).destroy() // thrown away: its abort is no one's error
@@ -600,8 +601,8 @@ export class Upstream {
             continue
           }
         } else {
-          health.answered(index)
-          bookTheBody(health, index, answer.body, !modelStream)
+          health.answered(index, ticket)
+          bookTheBody(health, index, ticket, answer.body, !modelStream)
         }
         answer.ms = Math.round(performance.now() - started)
         return answer
@@ -674,16 +675,16 @@ interface AttemptEnd {
  * does count: that is how a line that takes connections and never answers is found, but not against a deadline
  * the client set shorter. No timeout is retried: the upstream may be working on the call.
  */
-function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
+function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, ticket: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
   if (end.stopped !== null) {
-    health.released(index)
+    health.released(index, ticket)
     return null
   }
   // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
   // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
   const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(err) : 'nothing-sent'
-  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index)
-  else health.failed(index)
+  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index, ticket)
+  else health.failed(index, ticket)
   return failure === 'timeout' ? null : failure
 }
 
@@ -708,14 +709,14 @@ export function answeredWhole (body: Readable): void {
  * one that sends no headers is (attemptFailed). A model's stream may pause as long as the model thinks, and says
  * nothing so. A body given up on by the gateway or its client says nothing of the line.
  */
-function bookTheBody (health: LineHealth, index: number, body: Readable, quick: boolean): void {
+function bookTheBody (health: LineHealth, index: number, ticket: number, body: Readable, quick: boolean): void {
   body.once('close', () => {
     if (body.readableEnded || wholeAnswers.has(body)) {
-      health.succeeded(index)
+      health.succeeded(index, ticket)
       return
     }
     const code = codeOf(body.errored)
-    if (RESETS.has(code) || (quick && (code === 'UND_ERR_BODY_TIMEOUT' || body.errored instanceof AnswerTooSlow))) health.failed(index)
+    if (RESETS.has(code) || (quick && (code === 'UND_ERR_BODY_TIMEOUT' || body.errored instanceof AnswerTooSlow))) health.failed(index, ticket)
   })
 }
 
