@@ -381,7 +381,7 @@ interface Settled {
 
 /** What the pools are built from: a change in any of these needs new pools. */
 const POOL_SETTINGS = ['baseUrls', 'connectTimeoutMs', 'timeoutMs', 'bodyTimeoutMs', 'maxConnections', 'caFile'] as const
-/** What the lines' health is kept by: with these unchanged, a reload keeps which lines are down. */
+/** What the lines' health is built from: with these unchanged, a reload keeps it as it is (else see LineHealth.takeOver). */
 const HEALTH_SETTINGS = ['baseUrls', 'failureThreshold', 'cooldownMs'] as const
 
 function sameSettings (a: UpstreamSettings, b: UpstreamSettings, keys: ReadonlyArray<keyof UpstreamSettings>): boolean {
@@ -446,24 +446,27 @@ export class Upstream {
     })
   }
 
-  #health (settings: UpstreamSettings): LineHealth {
-    return new LineHealth(settings.baseUrls, {
+  /** The lines' health under `settings`, keeping what `previous` knew of each line still there (LineHealth.takeOver). */
+  #health (settings: UpstreamSettings, previous?: LineHealth): LineHealth {
+    const health = new LineHealth(settings.baseUrls, {
       failureThreshold: settings.failureThreshold,
       cooldownMs: settings.cooldownMs,
       onChange: (status, previous) => { this.#logChange(status, previous) }
     })
+    if (previous !== undefined) health.takeOver(previous)
+    return health
   }
 
   /**
    * New settings (a config reload), for the calls that start from now on. Calls under way finish on the lines
    * they started on: nothing in flight fails. New pools are built only when what they are built from changed
-   * (lines, timeouts, pool size, CA file or its contents); the lines' health is kept while the lines and its own
-   * settings are the same. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
+   * (lines, timeouts, pool size, CA file or its contents); each line still there keeps its health (which lines are
+   * skipped, their failures), wherever it now is in the list. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
    */
   update (settings: UpstreamSettings): void {
     const old = this.#current
     const caText = readCa(settings)
-    const health = sameSettings(old.settings, settings, HEALTH_SETTINGS) ? old.health : this.#health(settings)
+    const health = sameSettings(old.settings, settings, HEALTH_SETTINGS) ? old.health : this.#health(settings, old.health)
     if (sameSettings(old.settings, settings, POOL_SETTINGS) && caText === old.pools.ca) {
       this.#current = { settings, health, pools: old.pools }
       return

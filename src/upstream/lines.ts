@@ -58,6 +58,26 @@ export class LineHealth {
   }
 
   /**
+   * Takes over the state of each line of `previous` (a reload's health before) that is also one of these, by its
+   * URL (reordered, or beside lines added or removed): a reload does not trust again a line being skipped, nor
+   * forget its failures (a new cooldownMs counts from now, where it ends sooner). A trial under way stays with
+   * `previous`, whose calls hand their verdicts to it; a line whose cooldown is over gets its trial here from the
+   * next call.
+   */
+  takeOver (previous: LineHealth): void {
+    for (const line of this.#lines) {
+      const before = previous.#lines.find(other => other.url === line.url)
+      if (before === undefined) continue
+      line.failures = before.failures
+      line.recent = [...before.recent]
+      line.down = before.down
+      line.downs = before.downs
+      // (a shorter cooldownMs shortens the wait for the trial too: an operator may lower it to try a fixed line sooner)
+      line.downUntil = Math.min(before.downUntil, this.#opts.now() + this.#opts.cooldownMs)
+    }
+  }
+
+  /**
    * The line the next attempt should use, skipping those in `tried`: the first line in order of preference that is
    * up, or down with its cooldown over and no trial call in flight (that call becomes its trial). A call that may
    * not be sent again once sent (`mayTrial` false: a POST) is a trial only when no line after it is up: a line that
