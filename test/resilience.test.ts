@@ -786,6 +786,26 @@ t.test('upstream timeouts', async t => {
     t.ok(gw.logs.some(l => l.includes('UND_ERR_CONNECT_TIMEOUT')), 'logged as a connect timeout')
   })
 
+  await t.test('a line no connection can be opened to within timeoutMs (below connectTimeoutMs) is skipped, not waited on by every call', async t => {
+    // A call whose deadline passed while its line's connection was being opened counted no failure (taken for a
+    // pool busy with long streams): with timeoutMs below connectTimeoutMs the attempt never got to fail, so a line
+    // that takes no connections was never skipped, and every call got 504 though the next line was up.
+    const accepted: Socket[] = []
+    const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
+    await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
+    const port = (silent.address() as AddressInfo).port
+    const { lines, gw, conv } = await setup(t, 1, { connectTimeoutMs: 2000, timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 }, {}, [`https://127.0.0.1:${port}`])
+    for (let i = 0; i < 2; i++) {
+      const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+      t.equal(a.status, 504, `read ${i + 1}: 504, its deadline passed while the connection was being opened`)
+    }
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'line 0 is skipped after failureThreshold')
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'the next read is served by line 1')
+    t.equal(lines[0]!.requests.length, 1)
+    t.ok(gw.logs.some(l => l.includes('no connection to it could be opened within 300 ms')), 'the log says what happened')
+  })
+
   await t.test('bodyTimeoutMs: a body that stalls is cut, and audited as an upstream error', async t => {
     const { lines, gw, conv } = await setup(t, 1, { bodyTimeoutMs: 300 })
     lines[0]!.respond = faults.stallMidBody()

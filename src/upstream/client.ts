@@ -581,7 +581,11 @@ export class Upstream {
           }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
-          const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent }
+          const end: AttemptEnd = {
+            stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent,
+            // (read now: the pool is still trying to open the connection this attempt waited for)
+            unconnected: !attempt.sent && line.pool.stats.connected === 0
+          }
           const failure = attemptFailed(health, call, index, ticket, err, end)
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
           if (failure === null || next === null) throw finalFailure(settings, deadlineMs, index, tried.size, err, end)
@@ -667,12 +671,15 @@ interface AttemptEnd {
   clientDeadline: boolean
   /** the request had a connection (see Attempt) */
   sent: boolean
+  /** it had none, and the line had no connection at all: its wait was on one being opened, not on a busy pool */
+  unconnected: boolean
 }
 
 /**
  * Books a failed attempt against its line, and says whether it may be retried (null: not). A call stopped by the
  * client or the gateway says nothing of the line, nor does one whose deadline passed while it waited for a
- * connection: a pool taken by long streams is the gateway's load, not the line failing. Nor does a generation
+ * connection: a pool taken by long streams is the gateway's load, not the line failing (but a line with no
+ * connection at all, its own being opened, is failing to take one). Nor does a generation
  * that outlives its deadline: a slow model is not a failing line, and counting it would let one long answer (and
  * its SDK's retries) take the line down for everyone. A quick call sent and given no response headers in time
  * does count: that is how a line that takes connections and never answers is found, but not against a deadline
@@ -686,7 +693,10 @@ function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, t
   // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
   // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
   const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(err) : 'nothing-sent'
-  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index, ticket)
+  // A line that could not be connected to within the call's own deadline (shorter than connectTimeoutMs: the
+  // connection attempt never got to fail) is one that refuses connections, or it would never be skipped.
+  if (failure === 'timeout' && end.unconnected && !end.clientDeadline) health.failed(index, ticket)
+  else if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index, ticket)
   else health.failed(index, ticket)
   return failure === 'timeout' ? null : failure
 }
@@ -734,6 +744,9 @@ function finalFailure (settings: UpstreamSettings, deadlineMs: number, index: nu
   const where = `upstream line ${index}`
   // aborted: there is no one to answer (plugins/proxy.ts sends nothing); the call is audited as aborted
   if (end.stopped !== null) return new UpstreamFailure('aborted', `${where}: ${end.stopped}`, attempts, index)
+  if (end.deadlinePassed && end.unconnected) {
+    return new UpstreamFailure('timeout', `${where}: no connection to it could be opened within ${deadlineMs} ms`, attempts, index)
+  }
   if (end.deadlinePassed && !end.sent) {
     return new UpstreamFailure('timeout', `${where}: no connection free within ${deadlineMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
   }
