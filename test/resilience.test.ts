@@ -61,6 +61,15 @@ function slowGenerations (ms: number): Responder {
   }
 }
 
+/** An https:// line that takes TCP connections and never speaks TLS: no connection to it is ever set up. */
+async function silentTlsLine (t: Test): Promise<string> {
+  const accepted: Socket[] = []
+  const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
+  return `https://127.0.0.1:${(silent.address() as AddressInfo).port}`
+}
+
 const healthOf = async (gw: TestGateway) => (await healthDetails(gw.url)).body as unknown as { upstream: Array<{ line: number, state: string, failures: number, retryInMs: number | null }> }
 
 t.test('lines and failover', async t => {
@@ -772,12 +781,8 @@ t.test('upstream timeouts', async t => {
   })
 
   await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {
-    const accepted: Socket[] = []
-    const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
-    await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
-    t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
-    const port = (silent.address() as AddressInfo).port
-    const { gw } = await setup(t, 0, { connectTimeoutMs: 200, timeoutMs: 5000 }, {}, [`https://127.0.0.1:${port}`])
+    const silentLine = await silentTlsLine(t)
+    const { gw } = await setup(t, 0, { connectTimeoutMs: 200, timeoutMs: 5000 }, {}, [silentLine])
     const a = await call(gw.url, 'GET', '/v1/conversations/conv_x/items')
     t.equal(a.status, 502)
     t.equal(codeOf(a), 'upstream_unavailable')
@@ -790,12 +795,8 @@ t.test('upstream timeouts', async t => {
     // A call whose deadline passed while its line's connection was being opened counted no failure (taken for a
     // pool busy with long streams): with timeoutMs below connectTimeoutMs the attempt never got to fail, so a line
     // that takes no connections was never skipped, and every call got 504 though the next line was up.
-    const accepted: Socket[] = []
-    const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
-    await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
-    t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
-    const port = (silent.address() as AddressInfo).port
-    const { lines, gw, conv } = await setup(t, 1, { connectTimeoutMs: 2000, timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 }, {}, [`https://127.0.0.1:${port}`])
+    const silentLine = await silentTlsLine(t)
+    const { lines, gw, conv } = await setup(t, 1, { connectTimeoutMs: 2000, timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 }, {}, [silentLine])
     for (let i = 0; i < 2; i++) {
       const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
       t.equal(a.status, 504, `read ${i + 1}: 504, its deadline passed while the connection was being opened`)
