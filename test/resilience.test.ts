@@ -6,6 +6,7 @@ import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
+import { eventually } from './fixtures/eventually.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
@@ -805,6 +806,22 @@ t.test('upstream timeouts', async t => {
     t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'the next read is served by line 1')
     t.equal(lines[0]!.requests.length, 1)
     t.ok(gw.logs.some(l => l.includes('no connection to it could be opened within 300 ms')), 'the log says what happened')
+  })
+
+  await t.test('a line no connection can be opened to, called only by clients with short waits, is skipped once its connection attempts fail', async t => {
+    // Each call ended at the client's wait (a 504 that counts nothing against the line) while the line's connection
+    // was being opened, and the connection attempt's own failure, which came after, was thrown away: a line that
+    // takes no connections was never skipped while every call had a short wait, and each got 504.
+    const silentLine = await silentTlsLine(t)
+    const { lines, gw, conv } = await setup(t, 1, { connectTimeoutMs: 1500, timeoutMs: 5000, failureThreshold: 2, cooldownMs: 30_000 }, {}, [silentLine])
+    const shortWait = { headers: { 'x-stainless-timeout': '1' } } // the Node SDK's `timeout: 1000` for one call
+    for (let i = 0; i < 2; i++) {
+      const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, shortWait)
+      t.equal(a.status, 504, `read ${i + 1}: 504 within the client's wait`)
+    }
+    await eventually(async () => (await healthOf(gw)).upstream[0]!.state === 'down', 'line 0 skipped once its connection attempts failed')
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, shortWait)).status, 200, 'the next read is served by line 1')
+    t.equal(lines[0]!.requests.length, 1)
   })
 
   await t.test('bodyTimeoutMs: a body that stalls is cut, and audited as an upstream error', async t => {

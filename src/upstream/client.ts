@@ -568,11 +568,12 @@ export class Upstream {
         const onLine = index
         const ticket = health.ticket(index)
         const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine) } : undefined)
+        const request = line.pool.request({
+          path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
+          ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
+        })
         try {
-          const res = await untilStopped(line.pool.request({
-            path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
-            ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
-          }), signal)
+          const res = await untilStopped(request, signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, host: line.host, attempts: tried.size, ms: 0 }
           const codings = transferCodings(res.headers)
           if (codings !== null) {
@@ -587,6 +588,12 @@ export class Upstream {
             unconnected: !attempt.sent && line.pool.stats.connected === 0
           }
           const failure = attemptFailed(health, call, index, ticket, err, end)
+          // Stopped while its line's connection was being opened (the client gone, or its shorter wait over): how that
+          // connection attempt ends still speaks of the line, once it does (refused, or past connectTimeoutMs). Else
+          // a line that takes no connections, called only by clients with short waits, would never be skipped.
+          if (err instanceof Stopped && !attempt.sent && !this.#destroyed && !(end.unconnected && end.deadlinePassed && !end.clientDeadline)) {
+            request.catch((late: unknown) => { if (!attempt.sent && NOTHING_SENT.has(codeOf(late))) health.failed(onLine, ticket) })
+          }
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
           if (failure === null || next === null) throw finalFailure(settings, deadlineMs, index, tried.size, err, end)
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
