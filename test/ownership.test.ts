@@ -563,6 +563,20 @@ t.test('a lookup whose answer stalls after its headers is audited with the attem
   t.ok(gw.logs.some(l => l.includes('ownership lookup failed')), 'the log says the lookup failed')
 })
 
+t.test('a lookup whose answer comes late and then stalls is cut at the client\'s stated wait, even when that wait is longer than timeoutMs', async t => {
+  // A lookup takes up to timeoutMs for its headers and timeoutMs more for its body: it was cut at the client's wait
+  // only when that wait was shorter than timeoutMs, so a client waiting 3.6 s with timeoutMs 3 s got the SDK's own
+  // timeout error (and, with its retries, the lookup again and again) instead of the gateway's 504.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { sdk } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 3000, bodyTimeoutMs: 30_000 } })
+  const stall = faults.stallMidBody()
+  upstream.respond = (req, res, body) => { setTimeout(() => { stall(req, res, body) }, 2000) } // its headers at 2 s, then nothing
+  const err = await rejection(sdk(KEYS.full).conversations.retrieve('conv_late_lookup', { timeout: 4000 }))
+  t.match(err, { status: 504, error: { code: 'upstream_timeout' } }, 'the gateway\'s 504, not the SDK\'s own timeout')
+  t.equal(upstream.requests.length, 1, 'the lookup went upstream once')
+})
+
 t.test('a lookup cut at the client\'s stated wait after a retry on another line is audited with the attempts it made', async t => {
   // The 504 the client's wait gives was audited with one attempt whatever the lookup had done: a lookup retried on
   // another line (the first answered 503) had made two, which the record of a lookup's own timeout does say.

@@ -707,6 +707,30 @@ t.test('new upstream lines take new calls while a call in flight finishes on the
   ], 'each call\'s audit record names the line that served it, not only an index that now names another')
 })
 
+t.test('a reload that adds a line (or reorders them) keeps each remaining line\'s health: a skipped line is not trusted again', async t => {
+  // Every line was trusted again on any change of baseUrls: a line added during an outage of another (the natural
+  // fix) put the failing line back in front, and the next create, sent to it and lost, got a 502 not to retry.
+  const [bad, good, added] = [await fakeUpstream(t), await fakeUpstream(t), await fakeUpstream(t)]
+  const gw = await startGateway(t, ...withoutOwnership(bad.url, {
+    upstream: { baseUrls: [bad.url, good.url], apiKey: UPSTREAM_TOKEN, failureThreshold: 1, cooldownMs: 60_000 },
+    metrics: { token: METRICS_TOKEN }
+  }))
+  bad.respond = faults.reset() // takes each call, answers none
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_1/items')).status, 404, 'a read: reset on line 0, retried on line 1 (which has no such conversation)')
+  const states = async () => ((await healthDetails(gw.url)).body.upstream as Array<{ host: string, state: string }>).map(l => [l.host, l.state])
+  t.same(await states(), [[new URL(bad.url).host, 'down'], [new URL(good.url).host, 'up']], 'line 0 is skipped')
+
+  for (const baseUrls of [[bad.url, good.url, added.url], [good.url, added.url, bad.url]]) {
+    t.same(gw.app.applyConfig(withConfig(gw.config, raw => { (raw.upstream as Record<string, unknown>).baseUrls = baseUrls })),
+      { applied: ['upstream.baseUrls'], needRestart: [] })
+    const hosts = baseUrls.map(url => new URL(url).host)
+    t.same(await states(), hosts.map(host => [host, host === new URL(bad.url).host ? 'down' : 'up']), 'the skipped line is still skipped, wherever it now is')
+    const created = await call(gw.url, 'POST', '/v1/conversations', { body: '{}' })
+    t.equal(created.status, 200, 'a create after the reload is served')
+    t.equal(bad.requests.length, 1, 'and never sent to the skipped line')
+  }
+})
+
 t.test('upstream.caFile rotated in place (same path, a new CA in it) is read again by a reload, and the log says so', async t => {
   const tlsDir = join(import.meta.dirname, 'fixtures', 'tls')
   const upstream = await startUpstream({ tls: { key: readFileSync(join(tlsDir, 'server.key'), 'utf8'), cert: readFileSync(join(tlsDir, 'server.pem'), 'utf8') } })

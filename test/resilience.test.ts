@@ -6,6 +6,7 @@ import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
 import { call, openCall, sleep, until, type Answer } from './fixtures/client.js'
+import { eventually } from './fixtures/eventually.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, withoutOwnership, type TestGateway } from './fixtures/gateway.js'
 import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type Responder } from './fixtures/upstream.js'
 import { startRedis } from './fixtures/redis-server.js'
@@ -61,6 +62,15 @@ function slowGenerations (ms: number): Responder {
   }
 }
 
+/** An https:// line that takes TCP connections and never speaks TLS: no connection to it is ever set up. */
+async function silentTlsLine (t: Test): Promise<string> {
+  const accepted: Socket[] = []
+  const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
+  return `https://127.0.0.1:${(silent.address() as AddressInfo).port}`
+}
+
 const healthOf = async (gw: TestGateway) => (await healthDetails(gw.url)).body as unknown as { upstream: Array<{ line: number, state: string, failures: number, retryInMs: number | null }> }
 
 t.test('lines and failover', async t => {
@@ -101,6 +111,31 @@ t.test('lines and failover', async t => {
     await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
     t.equal(first.requests.length, 5, 'and preferred again')
     t.equal(second.requests.length, 6)
+  })
+
+  await t.test('a call the line took before it was skipped does not restore it when it ends well: only its trial call decides', async t => {
+    // A slow answer (a long stream, a read the line was slow on) that started while the line was up and ended well
+    // after it was skipped restored it at once, long before its cooldown: the next create went to the line that
+    // was answering 503 and got that 503, where the next line was up.
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 60_000 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    let release = (): void => {}
+    first.respond = (_req, res) => {
+      release = () => { res.writeHead(200, { 'content-type': 'application/json' }).end('{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}') }
+      first.respond = faults.status(503) // from now on the line fails every call
+    }
+    const slow = call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    await until('the slow call to reach line 0', () => first.requests.length === 1)
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `read ${i + 1}: 503 on line 0, retried on line 1`)
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 is skipped')
+    release()
+    t.equal((await slow).status, 200, 'the slow call, taken before, ends well')
+    await lastRecord(gw, 3)
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 is still skipped: that call was no trial')
+    const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+    t.match(await sdk.conversations.create({}), { object: 'conversation' }, 'the next create is served')
+    t.equal(first.requests.length, 3, 'by line 1: line 0 got nothing more')
+    t.equal(second.requests.filter(r => r.method === 'POST').length, 1)
   })
 
   await t.test('a POST is no skipped line\'s trial while another line is up: that line serves it, and the next read is the trial', async t => {
@@ -747,18 +782,46 @@ t.test('upstream timeouts', async t => {
   })
 
   await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {
-    const accepted: Socket[] = []
-    const silent = createTcpServer(socket => { socket.on('error', () => {}); accepted.push(socket) }) // accepts, never speaks TLS
-    await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
-    t.teardown(() => new Promise(resolve => { for (const s of accepted) s.destroy(); silent.close(resolve) }))
-    const port = (silent.address() as AddressInfo).port
-    const { gw } = await setup(t, 0, { connectTimeoutMs: 200, timeoutMs: 5000 }, {}, [`https://127.0.0.1:${port}`])
+    const silentLine = await silentTlsLine(t)
+    const { gw } = await setup(t, 0, { connectTimeoutMs: 200, timeoutMs: 5000 }, {}, [silentLine])
     const a = await call(gw.url, 'GET', '/v1/conversations/conv_x/items')
     t.equal(a.status, 502)
     t.equal(codeOf(a), 'upstream_unavailable')
     const record = await lastRecord(gw, 1)
     t.ok(record.durationMs < 2000, `a connect timeout, not the 5 s response deadline (${record.durationMs} ms)`)
     t.ok(gw.logs.some(l => l.includes('UND_ERR_CONNECT_TIMEOUT')), 'logged as a connect timeout')
+  })
+
+  await t.test('a line no connection can be opened to within timeoutMs (below connectTimeoutMs) is skipped, not waited on by every call', async t => {
+    // A call whose deadline passed while its line's connection was being opened counted no failure (taken for a
+    // pool busy with long streams): with timeoutMs below connectTimeoutMs the attempt never got to fail, so a line
+    // that takes no connections was never skipped, and every call got 504 though the next line was up.
+    const silentLine = await silentTlsLine(t)
+    const { lines, gw, conv } = await setup(t, 1, { connectTimeoutMs: 2000, timeoutMs: 300, failureThreshold: 2, cooldownMs: 30_000 }, {}, [silentLine])
+    for (let i = 0; i < 2; i++) {
+      const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+      t.equal(a.status, 504, `read ${i + 1}: 504, its deadline passed while the connection was being opened`)
+    }
+    t.match((await healthOf(gw)).upstream, [{ line: 0, state: 'down' }, { line: 1, state: 'up' }], 'line 0 is skipped after failureThreshold')
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'the next read is served by line 1')
+    t.equal(lines[0]!.requests.length, 1)
+    t.ok(gw.logs.some(l => l.includes('no connection to it could be opened within 300 ms')), 'the log says what happened')
+  })
+
+  await t.test('a line no connection can be opened to, called only by clients with short waits, is skipped once its connection attempts fail', async t => {
+    // Each call ended at the client's wait (a 504 that counts nothing against the line) while the line's connection
+    // was being opened, and the connection attempt's own failure, which came after, was thrown away: a line that
+    // takes no connections was never skipped while every call had a short wait, and each got 504.
+    const silentLine = await silentTlsLine(t)
+    const { lines, gw, conv } = await setup(t, 1, { connectTimeoutMs: 1500, timeoutMs: 5000, failureThreshold: 2, cooldownMs: 30_000 }, {}, [silentLine])
+    const shortWait = { headers: { 'x-stainless-timeout': '1' } } // the Node SDK's `timeout: 1000` for one call
+    for (let i = 0; i < 2; i++) {
+      const a = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, shortWait)
+      t.equal(a.status, 504, `read ${i + 1}: 504 within the client's wait`)
+    }
+    await eventually(async () => (await healthOf(gw)).upstream[0]!.state === 'down', 'line 0 skipped once its connection attempts failed')
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`, shortWait)).status, 200, 'the next read is served by line 1')
+    t.equal(lines[0]!.requests.length, 1)
   })
 
   await t.test('bodyTimeoutMs: a body that stalls is cut, and audited as an upstream error', async t => {

@@ -9,7 +9,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
-import type { ClientConfig } from '../config.js'
+import { MAX_TIMER_MS, type ClientConfig } from '../config.js'
 import {
   ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
@@ -330,7 +330,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // a caller that goes gets a 502 of its own (its call is over, audited as aborted).
     const owner = cache.lookUp(kind, id, whenAbandoned => lookUpstream(kind, id, request, whenAbandoned), leave => {
       callerGone(() => { leave(new UpstreamUnavailableError()) })
-      if (waitMs !== undefined && waitMs < upstream.timeoutMs) {
+      // (a lookup may take timeoutMs for its headers and as long again for its body, readWhole: a wait longer than
+      // timeoutMs may still be outlived; twice that, or one longer than a timer counts, cannot be)
+      if (waitMs !== undefined && waitMs < 2 * upstream.timeoutMs && waitMs <= MAX_TIMER_MS) {
         deadline = setTimeout(() => {
           const err = new UpstreamTimeoutError()
           triedUpstream.set(err, { ...triedSoFar(lookupAttempts(kind, id)) }) // (as they are now)

@@ -381,7 +381,7 @@ interface Settled {
 
 /** What the pools are built from: a change in any of these needs new pools. */
 const POOL_SETTINGS = ['baseUrls', 'connectTimeoutMs', 'timeoutMs', 'bodyTimeoutMs', 'maxConnections', 'caFile'] as const
-/** What the lines' health is kept by: with these unchanged, a reload keeps which lines are down. */
+/** What the lines' health is built from: with these unchanged, a reload keeps it as it is (else see LineHealth.takeOver). */
 const HEALTH_SETTINGS = ['baseUrls', 'failureThreshold', 'cooldownMs'] as const
 
 function sameSettings (a: UpstreamSettings, b: UpstreamSettings, keys: ReadonlyArray<keyof UpstreamSettings>): boolean {
@@ -446,24 +446,27 @@ export class Upstream {
     })
   }
 
-  #health (settings: UpstreamSettings): LineHealth {
-    return new LineHealth(settings.baseUrls, {
+  /** The lines' health under `settings`, keeping what `previous` knew of each line still there (LineHealth.takeOver). */
+  #health (settings: UpstreamSettings, previous?: LineHealth): LineHealth {
+    const health = new LineHealth(settings.baseUrls, {
       failureThreshold: settings.failureThreshold,
       cooldownMs: settings.cooldownMs,
       onChange: (status, previous) => { this.#logChange(status, previous) }
     })
+    if (previous !== undefined) health.takeOver(previous)
+    return health
   }
 
   /**
    * New settings (a config reload), for the calls that start from now on. Calls under way finish on the lines
    * they started on: nothing in flight fails. New pools are built only when what they are built from changed
-   * (lines, timeouts, pool size, CA file or its contents); the lines' health is kept while the lines and its own
-   * settings are the same. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
+   * (lines, timeouts, pool size, CA file or its contents); each line still there keeps its health (which lines are
+   * skipped, their failures), wherever it now is in the list. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
    */
   update (settings: UpstreamSettings): void {
     const old = this.#current
     const caText = readCa(settings)
-    const health = sameSettings(old.settings, settings, HEALTH_SETTINGS) ? old.health : this.#health(settings)
+    const health = sameSettings(old.settings, settings, HEALTH_SETTINGS) ? old.health : this.#health(settings, old.health)
     if (sameSettings(old.settings, settings, POOL_SETTINGS) && caText === old.pools.ca) {
       this.#current = { settings, health, pools: old.pools }
       return
@@ -561,14 +564,16 @@ export class Upstream {
         }
         const line = pools.lines[index]!
         let answer: UpstreamAnswer
-        // (index was picked in this tick: a line on trial has this call as its trial)
+        // (index was picked in this tick: a line on trial has this call as its trial, and the ticket is this call's)
         const onLine = index
+        const ticket = health.ticket(index)
         const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine) } : undefined)
+        const request = line.pool.request({
+          path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
+          ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
+        })
         try {
-          const res = await untilStopped(line.pool.request({
-            path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
-            ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
-          }), signal)
+          const res = await untilStopped(request, signal)
           answer = { statusCode: res.statusCode, headers: res.headers, body: res.body, line: index, host: line.host, attempts: tried.size, ms: 0 }
           const codings = transferCodings(res.headers)
           if (codings !== null) {
@@ -577,8 +582,18 @@ export class Upstream {
           }
         } catch (err) {
           const stopped = stoppedBy === 'client' ? 'the client hung up' : this.#destroyed ? 'aborted at the end of the shutdown grace' : null
-          const end: AttemptEnd = { stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent }
-          const failure = attemptFailed(health, call, index, err, end)
+          const end: AttemptEnd = {
+            stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent,
+            // (read now: the pool is still trying to open the connection this attempt waited for)
+            unconnected: !attempt.sent && line.pool.stats.connected === 0
+          }
+          const failure = attemptFailed(health, call, index, ticket, err, end)
+          // Stopped while its line's connection was being opened (the client gone, or its shorter wait over): how that
+          // connection attempt ends still speaks of the line, once it does (refused, or past connectTimeoutMs). Else
+          // a line that takes no connections, called only by clients with short waits, would never be skipped.
+          if (err instanceof Stopped && !attempt.sent && !this.#destroyed && !(end.unconnected && end.deadlinePassed && !end.clientDeadline)) {
+            request.catch((late: unknown) => { if (!attempt.sent && NOTHING_SENT.has(codeOf(late))) health.failed(onLine, ticket) })
+          }
           const next = failure === null ? null : retryLine(settings, health, call, tried, failure)
           if (failure === null || next === null) throw finalFailure(settings, deadlineMs, index, tried.size, err, end)
           this.#log.warn({ line: index, code: codeOf(err), retryOn: next }, `upstream line ${index} failed (${describe(err)}); retrying on line ${next}`)
@@ -589,9 +604,9 @@ export class Upstream {
         if (fault === 'timeout' && generation) {
           // A generation that outlived a proxy's deadline says nothing of the line, as one that outlives ours: no
           // failure, and no answer that would restore a skipped line or clear its count (attemptFailed).
-          health.released(index)
+          health.released(index, ticket)
         } else if (fault !== undefined) {
-          health.failed(index)
+          health.failed(index, ticket)
           const next = retryLine(settings, health, call, tried, fault === 'timeout' ? 'reset' : fault)
           if (next !== null) {
             answer.body.on('error', () => {}).destroy() // thrown away: its abort is no one's error
@@ -600,8 +615,8 @@ export class Upstream {
             continue
           }
         } else {
-          health.answered(index)
-          bookTheBody(health, index, answer.body, !modelStream)
+          health.answered(index, ticket)
+          bookTheBody(health, index, ticket, answer.body, !modelStream)
         }
         answer.ms = Math.round(performance.now() - started)
         return answer
@@ -663,27 +678,33 @@ interface AttemptEnd {
   clientDeadline: boolean
   /** the request had a connection (see Attempt) */
   sent: boolean
+  /** it had none, and the line had no connection at all: its wait was on one being opened, not on a busy pool */
+  unconnected: boolean
 }
 
 /**
  * Books a failed attempt against its line, and says whether it may be retried (null: not). A call stopped by the
  * client or the gateway says nothing of the line, nor does one whose deadline passed while it waited for a
- * connection: a pool taken by long streams is the gateway's load, not the line failing. Nor does a generation
+ * connection: a pool taken by long streams is the gateway's load, not the line failing (but a line with no
+ * connection at all, its own being opened, is failing to take one). Nor does a generation
  * that outlives its deadline: a slow model is not a failing line, and counting it would let one long answer (and
  * its SDK's retries) take the line down for everyone. A quick call sent and given no response headers in time
  * does count: that is how a line that takes connections and never answers is found, but not against a deadline
  * the client set shorter. No timeout is retried: the upstream may be working on the call.
  */
-function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
+function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, ticket: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
   if (end.stopped !== null) {
-    health.released(index)
+    health.released(index, ticket)
     return null
   }
   // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
   // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
   const failure = end.deadlinePassed ? 'timeout' : end.sent ? classify(err) : 'nothing-sent'
-  if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index)
-  else health.failed(index)
+  // A line that could not be connected to within the call's own deadline (shorter than connectTimeoutMs: the
+  // connection attempt never got to fail) is one that refuses connections, or it would never be skipped.
+  if (failure === 'timeout' && end.unconnected && !end.clientDeadline) health.failed(index, ticket)
+  else if (failure === 'timeout' && (!end.sent || waitsOnTheModel(call) || end.clientDeadline)) health.released(index, ticket)
+  else health.failed(index, ticket)
   return failure === 'timeout' ? null : failure
 }
 
@@ -708,14 +729,14 @@ export function answeredWhole (body: Readable): void {
  * one that sends no headers is (attemptFailed). A model's stream may pause as long as the model thinks, and says
  * nothing so. A body given up on by the gateway or its client says nothing of the line.
  */
-function bookTheBody (health: LineHealth, index: number, body: Readable, quick: boolean): void {
+function bookTheBody (health: LineHealth, index: number, ticket: number, body: Readable, quick: boolean): void {
   body.once('close', () => {
     if (body.readableEnded || wholeAnswers.has(body)) {
-      health.succeeded(index)
+      health.succeeded(index, ticket)
       return
     }
     const code = codeOf(body.errored)
-    if (RESETS.has(code) || (quick && (code === 'UND_ERR_BODY_TIMEOUT' || body.errored instanceof AnswerTooSlow))) health.failed(index)
+    if (RESETS.has(code) || (quick && (code === 'UND_ERR_BODY_TIMEOUT' || body.errored instanceof AnswerTooSlow))) health.failed(index, ticket)
   })
 }
 
@@ -730,6 +751,9 @@ function finalFailure (settings: UpstreamSettings, deadlineMs: number, index: nu
   const where = `upstream line ${index}`
   // aborted: there is no one to answer (plugins/proxy.ts sends nothing); the call is audited as aborted
   if (end.stopped !== null) return new UpstreamFailure('aborted', `${where}: ${end.stopped}`, attempts, index)
+  if (end.deadlinePassed && end.unconnected) {
+    return new UpstreamFailure('timeout', `${where}: no connection to it could be opened within ${deadlineMs} ms`, attempts, index)
+  }
   if (end.deadlinePassed && !end.sent) {
     return new UpstreamFailure('timeout', `${where}: no connection free within ${deadlineMs} ms (all ${settings.maxConnections} of upstream.maxConnections busy, or one being opened)`, attempts, index)
   }

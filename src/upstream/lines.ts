@@ -2,8 +2,9 @@
 // `failureThreshold` times in a row, or half of its last RECENT_CALLS calls while another line is up (one that
 // fails every other call never fails twice in a row), is skipped for `cooldownMs`, then given exactly one call
 // (half-open) that decides whether it is trusted again (a generation on trial gives its place up once it has a
-// connection: see trialConnected). Pure bookkeeping with an injectable clock; upstream/client.ts decides what
-// counts as a failure and asks which line to try next.
+// connection: see trialConnected). Only calls given the line while it is skipped (its trial) speak for it then: one
+// it took before, ending well or badly after, says nothing of its cooldown (see ticket). Pure bookkeeping with an
+// injectable clock; upstream/client.ts decides what counts as a failure and asks which line to try next.
 
 export type LineState = 'up' | 'down' | 'half-open'
 
@@ -40,6 +41,8 @@ interface Line {
   /** outcomes of its last RECENT_CALLS calls since it was last restored, true for a failure, oldest first */
   recent: boolean[]
   down: boolean
+  /** the times it has been skipped: which spell of being skipped a call's ticket belongs to */
+  downs: number
   downUntil: number
   /** the one trial call of a line whose cooldown is over is in flight */
   probing: boolean
@@ -50,8 +53,28 @@ export class LineHealth {
   readonly #opts: Required<Omit<LineHealthOptions, 'onChange'>> & Pick<LineHealthOptions, 'onChange'>
 
   constructor (urls: readonly string[], opts: LineHealthOptions) {
-    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downUntil: 0, probing: false }))
+    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downs: 0, downUntil: 0, probing: false }))
     this.#opts = { now: () => performance.now(), ...opts }
+  }
+
+  /**
+   * Takes over the state of each line of `previous` (a reload's health before) that is also one of these, by its
+   * URL (reordered, or beside lines added or removed): a reload does not trust again a line being skipped, nor
+   * forget its failures (a new cooldownMs counts from now, where it ends sooner). A trial under way stays with
+   * `previous`, whose calls hand their verdicts to it; a line whose cooldown is over gets its trial here from the
+   * next call.
+   */
+  takeOver (previous: LineHealth): void {
+    for (const line of this.#lines) {
+      const before = previous.#lines.find(other => other.url === line.url)
+      if (before === undefined) continue
+      line.failures = before.failures
+      line.recent = [...before.recent]
+      line.down = before.down
+      line.downs = before.downs
+      // (a shorter cooldownMs shortens the wait for the trial too: an operator may lower it to try a fixed line sooner)
+      line.downUntil = Math.min(before.downUntil, this.#opts.now() + this.#opts.cooldownMs)
+    }
   }
 
   /**
@@ -80,6 +103,24 @@ export class LineHealth {
     return due === undefined ? null : this.#trial(due)
   }
 
+  /**
+   * What a call given line `index` (by pick(), in the same tick) hands back with its verdict: a skipped line is
+   * restored, put back to sleep or freed for another trial only by a call given it while skipped, in this spell of
+   * it (its trial, or a generation that gave its trial place up). A call the line took while it was up, whose
+   * answer ends (well, or broken off) once the line is skipped, says nothing of it: else every slow answer or long
+   * stream that ends well would restore a line the calls after it found failing, long before its trial.
+   */
+  ticket (index: number): number {
+    const line = this.#lines[index]
+    // (given while up: the spell before the next one, which that call then does not speak in)
+    return line === undefined ? -1 : line.downs
+  }
+
+  /** Whether a call with `ticket` speaks for `line`: it is up, or the call was given it in this spell of being skipped. */
+  #speaks (line: Line, ticket: number): boolean {
+    return !line.down || ticket === line.downs
+  }
+
   #trial (line: Line): number {
     line.probing = true
     this.#changed(line, 'down')
@@ -90,14 +131,14 @@ export class LineHealth {
    * The line sent response headers (anything but a 502/503): a line that was skipped or on trial is trusted again
    * at once; an up line's count of failures waits for the body (succeeded, or failed when it is broken off).
    */
-  answered (index: number): void {
-    if (this.#lines[index]?.down === true) this.succeeded(index)
+  answered (index: number, ticket: number): void {
+    if (this.#lines[index]?.down === true) this.succeeded(index, ticket)
   }
 
   /** The line answered whole: trusted again, its count of failures reset. */
-  succeeded (index: number): void {
+  succeeded (index: number, ticket: number): void {
     const line = this.#lines[index]
-    if (line === undefined) return
+    if (line === undefined || !this.#speaks(line, ticket)) return
     const previous = this.#state(line)
     line.failures = 0
     line.down = false
@@ -114,13 +155,14 @@ export class LineHealth {
    * The line failed (refused, reset before or during its answer, a quick call timed out, 502/503). A line that is
    * skipped and fails again (its trial call, or a call that gave its trial place up) is put back to sleep.
    */
-  failed (index: number): void {
+  failed (index: number, ticket: number): void {
     const line = this.#lines[index]
-    if (line === undefined) return
+    if (line === undefined || !this.#speaks(line, ticket)) return
     const previous = this.#state(line)
     line.failures++
     if (!line.down) remember(line, true)
     if (line.down || line.failures >= this.#opts.failureThreshold || (this.#flaky(line) && this.#anotherUp(line))) {
+      if (!line.down) line.downs++
       line.down = true
       line.probing = false
       line.downUntil = this.#opts.now() + this.#opts.cooldownMs
@@ -145,9 +187,9 @@ export class LineHealth {
   }
 
   /** A call ended without telling anything about the line (the client left): its trial slot is free again. */
-  released (index: number): void {
+  released (index: number, ticket: number): void {
     const line = this.#lines[index]
-    if (line?.probing === true) {
+    if (line?.probing === true && this.#speaks(line, ticket)) {
       line.probing = false
       this.#changed(line, 'half-open')
     }
