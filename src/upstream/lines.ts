@@ -62,12 +62,15 @@ export class LineHealth {
    * URL (reordered, or beside lines added or removed): a reload does not trust again a line being skipped, nor
    * forget its failures (a new cooldownMs counts from now, where it ends sooner). A trial under way stays with
    * `previous`, whose calls hand their verdicts to it; a line whose cooldown is over gets its trial here from the
-   * next call.
+   * next call. A URL listed more than once is as many lines: each takes over the one of the same rank among the
+   * previous lines of that URL (one of them up, another skipped, stay so).
    */
   takeOver (previous: LineHealth): void {
+    const unclaimed = [...previous.#lines]
     for (const line of this.#lines) {
-      const before = previous.#lines.find(other => other.url === line.url)
-      if (before === undefined) continue
+      const at = unclaimed.findIndex(other => other.url === line.url)
+      if (at === -1) continue
+      const before = unclaimed.splice(at, 1)[0]!
       line.failures = before.failures
       line.recent = [...before.recent]
       line.down = before.down
