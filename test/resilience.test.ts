@@ -785,7 +785,7 @@ t.test('upstream timeouts', async t => {
     // LineHealth.released freed the trial slot whoever held it: the generation's client hanging up freed the slot
     // of the read that had become the trial since, and the next call was let through to the line as a second trial
     // while that read was still under way (a skipped line gets one call at a time).
-    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 300, timeoutMs: 2000, generationTimeoutMs: 5000 })
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 300, timeoutMs: 4000, generationTimeoutMs: 8000 })
     lines[0]!.respond = faults.reset()
     t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502)
     await sleep(350)
