@@ -731,6 +731,25 @@ t.test('a reload that adds a line (or reorders them) keeps each remaining line\'
   }
 })
 
+t.test('a reload keeps the health of a URL listed twice line by line: the line of it that is up stays up', async t => {
+  // Each line took over the first line of the old list with its URL: with a URL listed twice (two lines to one
+  // host, so that a call that fails on one is retried on the other), the copy that was up took the skipped one's
+  // state, and every call after a reload of cooldownMs got 503 (every line down) though that line answered.
+  const upstream = await fakeUpstream(t)
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url, {
+    upstream: { baseUrls: [upstream.url, upstream.url], apiKey: UPSTREAM_TOKEN, failureThreshold: 1, cooldownMs: 60_000 },
+    metrics: { token: METRICS_TOKEN }
+  }))
+  upstream.respond = (req, res, body) => { upstream.respond = null; faults.reset()(req, res, body) } // the first call only
+  t.equal((await call(gw.url, 'GET', '/v1/conversations/conv_1/items')).status, 404, 'a read: reset on line 0, retried on line 1')
+  const states = async () => ((await healthDetails(gw.url)).body.upstream as Array<{ state: string }>).map(l => l.state)
+  t.same(await states(), ['down', 'up'], 'line 0 is skipped, line 1 is up')
+  t.same(gw.app.applyConfig(withConfig(gw.config, raw => { (raw.upstream as Record<string, unknown>).cooldownMs = 30_000 })),
+    { applied: ['upstream.cooldownMs'], needRestart: [] })
+  t.same(await states(), ['down', 'up'], 'after the reload, still: line 1 is not skipped')
+  t.equal((await call(gw.url, 'POST', '/v1/conversations', { body: '{}' })).status, 200, 'a create after the reload is served on line 1')
+})
+
 t.test('upstream.caFile rotated in place (same path, a new CA in it) is read again by a reload, and the log says so', async t => {
   const tlsDir = join(import.meta.dirname, 'fixtures', 'tls')
   const upstream = await startUpstream({ tls: { key: readFileSync(join(tlsDir, 'server.key'), 'utf8'), cert: readFileSync(join(tlsDir, 'server.pem'), 'utf8') } })

@@ -781,6 +781,28 @@ t.test('upstream timeouts', async t => {
     t.ok((line!.retryInMs ?? 0) > cooldownMs / 2, `for a new cooldown (${line!.retryInMs} ms left), not due for another trial at once`)
   })
 
+  await t.test('a generation that gave its trial place up and is then left by its client does not free the trial of the call after it', async t => {
+    // LineHealth.released freed the trial slot whoever held it: the generation's client hanging up freed the slot
+    // of the read that had become the trial since, and the next call was let through to the line as a second trial
+    // while that read was still under way (a skipped line gets one call at a time).
+    const { lines, gw, conv } = await setup(t, 1, { failureThreshold: 1, cooldownMs: 300, timeoutMs: 4000, generationTimeoutMs: 8000 })
+    lines[0]!.respond = faults.reset()
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502)
+    await sleep(350)
+    lines[0]!.respond = faults.hang()
+    const generation = openCall(gw.url, 'POST', '/v1/responses', { body: GENERATION })
+    await until('the trial generation to reach the line', () => lines[0]!.requests.length === 2)
+    const trial = call(gw.url, 'GET', `/v1/conversations/${conv}/items`) // the trial now: the generation gave its place up
+    await until('the trial read to reach the line', () => lines[0]!.requests.length === 3)
+    generation.destroy()
+    await lastRecord(gw, 2) // the generation's call, audited as its client left
+    const next = await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)
+    t.equal(next.status, 502, 'a call while the trial read is under way is refused at once')
+    t.equal(codeOf(next), 'upstream_unavailable')
+    t.equal(lines[0]!.requests.length, 3, 'and not sent to the line')
+    t.equal((await trial).status, 504, 'the trial read itself gets its answer (here: none in time)')
+  })
+
   await t.test('connectTimeoutMs bounds the connection (TCP and TLS) to a line', async t => {
     const silentLine = await silentTlsLine(t)
     const { gw } = await setup(t, 0, { connectTimeoutMs: 200, timeoutMs: 5000 }, {}, [silentLine])

@@ -26,7 +26,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { Pool, type Dispatcher } from 'undici'
 import { readRegularFile } from '../config.js'
 import { retryAfter } from '../errors.js'
-import { LineHealth, type LineStatus } from './lines.js'
+import { LineHealth, type LineStatus, type Ticket } from './lines.js'
 import { RefusedTokenLog } from './refused-token.js'
 
 export interface UpstreamSettings {
@@ -567,7 +567,7 @@ export class Upstream {
         // (index was picked in this tick: a line on trial has this call as its trial, and the ticket is this call's)
         const onLine = index
         const ticket = health.ticket(index)
-        const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine) } : undefined)
+        const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine, ticket) } : undefined)
         const request = line.pool.request({
           path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
           ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
@@ -692,7 +692,7 @@ interface AttemptEnd {
  * does count: that is how a line that takes connections and never answers is found, but not against a deadline
  * the client set shorter. No timeout is retried: the upstream may be working on the call.
  */
-function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, ticket: number, err: unknown, end: AttemptEnd): AttemptFailure | null {
+function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, ticket: Ticket, err: unknown, end: AttemptEnd): AttemptFailure | null {
   if (end.stopped !== null) {
     health.released(index, ticket)
     return null
@@ -729,7 +729,7 @@ export function answeredWhole (body: Readable): void {
  * one that sends no headers is (attemptFailed). A model's stream may pause as long as the model thinks, and says
  * nothing so. A body given up on by the gateway or its client says nothing of the line.
  */
-function bookTheBody (health: LineHealth, index: number, ticket: number, body: Readable, quick: boolean): void {
+function bookTheBody (health: LineHealth, index: number, ticket: Ticket, body: Readable, quick: boolean): void {
   body.once('close', () => {
     if (body.readableEnded || wholeAnswers.has(body)) {
       health.succeeded(index, ticket)

@@ -19,6 +19,16 @@ export interface LineStatus {
   retryInMs: number | null
 }
 
+/**
+ * What a call given a line holds (LineHealth.ticket): the spell of being skipped it was given the line in, and
+ * whether it holds the line's one trial, which only it may give up (released, trialConnected).
+ */
+export interface Ticket {
+  readonly spell: number
+  /** which of the line's trials this call is (0: none) */
+  readonly trial: number
+}
+
 export interface LineHealthOptions {
   failureThreshold: number
   cooldownMs: number
@@ -46,6 +56,8 @@ interface Line {
   downUntil: number
   /** the one trial call of a line whose cooldown is over is in flight */
   probing: boolean
+  /** the trials it has been given: which one a call's ticket holds, if any */
+  trials: number
 }
 
 export class LineHealth {
@@ -53,7 +65,7 @@ export class LineHealth {
   readonly #opts: Required<Omit<LineHealthOptions, 'onChange'>> & Pick<LineHealthOptions, 'onChange'>
 
   constructor (urls: readonly string[], opts: LineHealthOptions) {
-    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downs: 0, downUntil: 0, probing: false }))
+    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downs: 0, downUntil: 0, probing: false, trials: 0 }))
     this.#opts = { now: () => performance.now(), ...opts }
   }
 
@@ -62,12 +74,15 @@ export class LineHealth {
    * URL (reordered, or beside lines added or removed): a reload does not trust again a line being skipped, nor
    * forget its failures (a new cooldownMs counts from now, where it ends sooner). A trial under way stays with
    * `previous`, whose calls hand their verdicts to it; a line whose cooldown is over gets its trial here from the
-   * next call.
+   * next call. A URL listed more than once is as many lines: each takes over the one of the same rank among the
+   * previous lines of that URL (one of them up, another skipped, stay so).
    */
   takeOver (previous: LineHealth): void {
+    const unclaimed = [...previous.#lines]
     for (const line of this.#lines) {
-      const before = previous.#lines.find(other => other.url === line.url)
-      if (before === undefined) continue
+      const at = unclaimed.findIndex(other => other.url === line.url)
+      if (at === -1) continue
+      const before = unclaimed.splice(at, 1)[0]!
       line.failures = before.failures
       line.recent = [...before.recent]
       line.down = before.down
@@ -110,19 +125,27 @@ export class LineHealth {
    * answer ends (well, or broken off) once the line is skipped, says nothing of it: else every slow answer or long
    * stream that ends well would restore a line the calls after it found failing, long before its trial.
    */
-  ticket (index: number): number {
+  ticket (index: number): Ticket {
     const line = this.#lines[index]
-    // (given while up: the spell before the next one, which that call then does not speak in)
-    return line === undefined ? -1 : line.downs
+    if (line === undefined) return { spell: -1, trial: 0 }
+    // (given while up: the spell before the next one, which that call then does not speak in; probing right after
+    // pick(): this call is the trial, as onTrial says)
+    return { spell: line.downs, trial: line.probing ? line.trials : 0 }
   }
 
   /** Whether a call with `ticket` speaks for `line`: it is up, or the call was given it in this spell of being skipped. */
-  #speaks (line: Line, ticket: number): boolean {
-    return !line.down || ticket === line.downs
+  #speaks (line: Line, ticket: Ticket): boolean {
+    return !line.down || ticket.spell === line.downs
+  }
+
+  /** Whether the call with `ticket` holds the line's trial now (not one that gave its place up, nor a trial since). */
+  #holdsTrial (line: Line | undefined, ticket: Ticket): line is Line {
+    return line?.probing === true && ticket.trial === line.trials
   }
 
   #trial (line: Line): number {
     line.probing = true
+    line.trials++
     this.#changed(line, 'down')
     return line.index
   }
@@ -131,12 +154,12 @@ export class LineHealth {
    * The line sent response headers (anything but a 502/503): a line that was skipped or on trial is trusted again
    * at once; an up line's count of failures waits for the body (succeeded, or failed when it is broken off).
    */
-  answered (index: number, ticket: number): void {
+  answered (index: number, ticket: Ticket): void {
     if (this.#lines[index]?.down === true) this.succeeded(index, ticket)
   }
 
   /** The line answered whole: trusted again, its count of failures reset. */
-  succeeded (index: number, ticket: number): void {
+  succeeded (index: number, ticket: Ticket): void {
     const line = this.#lines[index]
     if (line === undefined || !this.#speaks(line, ticket)) return
     const previous = this.#state(line)
@@ -155,7 +178,7 @@ export class LineHealth {
    * The line failed (refused, reset before or during its answer, a quick call timed out, 502/503). A line that is
    * skipped and fails again (its trial call, or a call that gave its trial place up) is put back to sleep.
    */
-  failed (index: number, ticket: number): void {
+  failed (index: number, ticket: Ticket): void {
     const line = this.#lines[index]
     if (line === undefined || !this.#speaks(line, ticket)) return
     const previous = this.#state(line)
@@ -181,15 +204,18 @@ export class LineHealth {
    * place is given up: the next call is tried as well, and the first answer decides (a failure puts the line back
    * to sleep, a response restores it).
    */
-  trialConnected (index: number): void {
+  trialConnected (index: number, ticket: Ticket): void {
     const line = this.#lines[index]
-    if (line?.probing === true) line.probing = false
+    if (this.#holdsTrial(line, ticket)) line.probing = false
   }
 
-  /** A call ended without telling anything about the line (the client left): its trial slot is free again. */
-  released (index: number, ticket: number): void {
+  /**
+   * A call ended without telling anything about the line (the client left): the trial slot it holds is free again
+   * (one that gave its place up holds none: the trial since is another call's).
+   */
+  released (index: number, ticket: Ticket): void {
     const line = this.#lines[index]
-    if (line?.probing === true && this.#speaks(line, ticket)) {
+    if (this.#holdsTrial(line, ticket)) {
       line.probing = false
       this.#changed(line, 'half-open')
     }
