@@ -1269,4 +1269,14 @@ t.test('bounded load and abuse', async t => {
     t.equal(real.status, 401, 'an address is believed as before')
     t.equal(gw.audit().at(-1)!.ip, '2001:db8::7')
   })
+
+  await t.test('behind a trusted proxy that writes the client\'s port into X-Forwarded-For (Azure Application Gateway: `ip:port`, `[ipv6]:port`), each client is counted and recorded apart, by its address', async t => {
+    const { gw } = await setup(t, 1, {}, { trustProxy: ['127.0.0.1'], limits: { authFailuresPerMinute: 2 } })
+    const statuses = []
+    for (const value of ['203.0.113.9:5678', '203.0.113.9:5679', '203.0.113.9:5680', '198.51.100.7:443', '[2001:db8::5]:443']) {
+      statuses.push((await call(gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: { 'x-forwarded-for': value } })).status)
+    }
+    t.same(statuses, [401, 401, 429, 401, 401], 'one client\'s failures do not throttle another behind the same proxy')
+    t.same(gw.audit().map(r => r.ip), ['203.0.113.9', '203.0.113.9', '203.0.113.9', '198.51.100.7', '2001:db8::5'], 'the audit has each client\'s address, without the port')
+  })
 })
