@@ -234,6 +234,31 @@ t.test('audit query from the command line: JSONL as written, found through the c
   t.match(JSON.parse(lines[1]!), { requestId: callRecord(4).requestId, seq: 4 })
 })
 
+t.test('audit query --ip finds the calls from one address, the refused ones with no client\'s key included', async t => {
+  // As the gateway writes them: a client's call, then wrong keys from another address (401, then 429 once past
+  // limits.authFailuresPerMinute), a refused expired key from it (its client named), and the client's call again.
+  const shapes: Array<Record<string, unknown>> = [
+    { clientId: 'team-a', ip: '10.1.4.20', status: 200, outcome: 'ok' },
+    { clientId: null, ip: '203.0.113.9', status: 401, outcome: 'denied' },
+    { clientId: null, ip: '203.0.113.9', status: 429, outcome: 'denied' },
+    { clientId: 'team-b', ip: '203.0.113.9', status: 401, outcome: 'denied' },
+    { clientId: 'team-a', ip: '2001:db8::7', status: 200, outcome: 'ok' }
+  ]
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 10, {}, 1, i => callRecord(i, shapes[i % shapes.length]))
+  const ids = (keep: (shape: Record<string, unknown>) => boolean) =>
+    Array.from({ length: 10 }, (_v, n) => n + 1).filter(i => keep(shapes[i % shapes.length]!)).map(i => callRecord(i).requestId)
+  t.same(await query(files, '--ip', '203.0.113.9'), ids(s => s.ip === '203.0.113.9'), 'every call from the address')
+  t.same(await query(files, '--ip', '203.0.113.9', '--client', 'none'), ids(s => s.ip === '203.0.113.9' && s.clientId === null),
+    'the ones with no client\'s key')
+  t.same(await query(files, '--ip', '2001:db8::7'), ids(s => s.ip === '2001:db8::7'))
+  t.same(await query(files, '--ip', '203.0.113.'), [], 'the whole address, not a prefix')
+  const r = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--ip', '203.0.113.9', '--status', '429'])
+  t.equal(r.status, 0, r.stderr)
+  t.same(r.stdout.trim().split('\n').map(line => (JSON.parse(line) as Record<string, unknown>).requestId),
+    ids(s => s.ip === '203.0.113.9' && s.status === 429), 'from the command line too')
+})
+
 t.test('audit query --owner answers "which calls were refused on team-a\'s objects", whoever made them', async t => {
   // As the gateway writes them: team-a on its own conversation; team-b refused it (404, denied, ownerId team-a);
   // team-b on its own; a call on no object (ownerId null).

@@ -1354,4 +1354,25 @@ t.test('bounded load and abuse', async t => {
     t.equal(real.status, 401, 'an address is believed as before')
     t.equal(gw.audit().at(-1)!.ip, '2001:db8::7')
   })
+
+  await t.test('one address is one address however it is spelled (IPv4-mapped IPv6, case, zeros, a zone): counted once, recorded as one', async t => {
+    const { gw } = await setup(t, 1, {}, { trustProxy: ['127.0.0.1'], limits: { authFailuresPerMinute: 2 } })
+    const statuses = []
+    for (const value of ['203.0.113.9', '::ffff:203.0.113.9', '::FFFF:cb00:7109', '2001:DB8:0:0::5', '2001:db8::5', 'fe80::1%a', 'fe80::1%b']) {
+      statuses.push((await call(gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: { 'x-forwarded-for': value } })).status)
+    }
+    t.same(statuses, [401, 401, 429, 401, 401, 401, 401], 'a new spelling of an address is no fresh count')
+    t.same(gw.audit().map(r => r.ip), ['203.0.113.9', '203.0.113.9', '203.0.113.9', '2001:db8::5', '2001:db8::5', 'fe80::1', 'fe80::1'],
+      'the audit writes each address one way, so that audit query --ip finds all its calls')
+  })
+
+  await t.test('behind a trusted proxy that writes the client\'s port into X-Forwarded-For (Azure Application Gateway: `ip:port`, `[ipv6]:port`), each client is counted and recorded apart, by its address', async t => {
+    const { gw } = await setup(t, 1, {}, { trustProxy: ['127.0.0.1'], limits: { authFailuresPerMinute: 2 } })
+    const statuses = []
+    for (const value of ['203.0.113.9:5678', '203.0.113.9:5679', '203.0.113.9:5680', '198.51.100.7:443', '[2001:db8::5]:443']) {
+      statuses.push((await call(gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: { 'x-forwarded-for': value } })).status)
+    }
+    t.same(statuses, [401, 401, 429, 401, 401], 'one client\'s failures do not throttle another behind the same proxy')
+    t.same(gw.audit().map(r => r.ip), ['203.0.113.9', '203.0.113.9', '203.0.113.9', '198.51.100.7', '2001:db8::5'], 'the audit has each client\'s address, without the port')
+  })
 })

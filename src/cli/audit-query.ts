@@ -88,6 +88,11 @@ export const FLAGS = {
     help: 'calls on objects this client owns (ownerId), another team\'s refused ones included: --owner team-a --outcome denied',
     filter: exact('ownerId')
   },
+  ip: {
+    value: 'ADDRESS',
+    help: 'calls from this client address (the record\'s ip, as written there): --ip 203.0.113.9 --client none, whose keys a 429 too_many_auth_failures refused',
+    filter: exact('ip')
+  },
   action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
   conversation: { value: 'ID', help: 'calls on this conversation (conv_...)', filter: exact('conversationId') },
   item: { value: 'ID', help: 'calls on this item (msg_...)', filter: exact('itemId') },

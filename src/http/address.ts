@@ -4,16 +4,44 @@
 // `garbage`, 300 characters, or a new value on every call into the audit record's `ip` and escape
 // limits.authFailuresPerMinute, counted per address. An entry that is not an IP address stands for nothing: the
 // peer's address (the trusted proxy) is taken instead, so that such calls are counted together and recorded as
-// coming through it.
-import { isIP } from 'node:net'
+// coming through it. Some proxies write the client's port beside its address (Azure Application Gateway:
+// `203.0.113.9:5678`, `[2001:db8::5]:443`), which is not an address either, but names one: the address is taken
+// and the port dropped, so that such clients are counted and recorded apart, as behind any other proxy.
+// An address is then written one way (canonical): an IPv4 address as IPv4 however it came (`::ffff:203.0.113.9`,
+// as a dual-stack listener sees an IPv4 peer, `::FFFF:cb00:7109`), an IPv6 address lowercase and compressed, with
+// no zone. A new spelling of one address is then no fresh failed-key count, and `audit query --ip` finds all of
+// its calls.
+import { isIP, SocketAddress } from 'node:net'
 import type { FastifyRequest } from 'fastify'
 
 /** The longest address kept: an IPv6 address with a zone (`fe80::1%eth0`), with room. */
 const MAX_ADDRESS = 64
 
+/** `address:port` (IPv4) or `[address]` with or without `:port` (IPv6): the address. Bounded, so linear. */
+const WITH_PORT = /^(?:(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}|\[([0-9A-Za-z:.%_-]{1,64})\](?::\d{1,5})?)$/
+
+function isAddress (text: string): boolean {
+  return text.length <= MAX_ADDRESS && isIP(text) !== 0
+}
+
+/** A dual-stack listener's IPv4 peer, the common case: its IPv4 address without asking for the canonical form. */
+const MAPPED_IPV4 = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/
+
+/** `address` (an IP address) written one way. */
+function canonical (address: string): string {
+  if (!address.includes(':') || isIP(address) !== 6) return address
+  const mapped = MAPPED_IPV4.exec(address)
+  if (mapped !== null) return mapped[1]!
+  const v6 = new SocketAddress({ address, family: 'ipv6' }).address
+  return MAPPED_IPV4.exec(v6)?.[1] ?? v6
+}
+
 export function clientIp (request: FastifyRequest): string {
   const ip = request.ip
   const peer = request.socket.remoteAddress
-  if (ip === peer || (ip.length <= MAX_ADDRESS && isIP(ip) !== 0)) return ip
-  return peer ?? ip.slice(0, MAX_ADDRESS)
+  if (ip === peer || isAddress(ip)) return canonical(ip)
+  const withPort = WITH_PORT.exec(ip)
+  const address = withPort?.[1] ?? withPort?.[2]
+  if (address !== undefined && isAddress(address)) return canonical(address)
+  return peer === undefined ? ip.slice(0, MAX_ADDRESS) : canonical(peer)
 }
