@@ -32,7 +32,12 @@ function canonical (address: string): string {
   if (!address.includes(':') || isIP(address) !== 6) return address
   const mapped = MAPPED_IPV4.exec(address)
   if (mapped !== null) return mapped[1]!
-  const v6 = new SocketAddress({ address, family: 'ipv6' }).address
+  let v6: string
+  try {
+    v6 = new SocketAddress({ address, family: 'ipv6' }).address
+  } catch {
+    return address // (isIP and the parser behind SocketAddress are two readers: one they part on is kept as it came)
+  }
   return MAPPED_IPV4.exec(v6)?.[1] ?? v6
 }
 
