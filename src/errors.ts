@@ -162,8 +162,9 @@ export const UpstreamUnavailableError = define('upstream_unavailable', 502, 'ser
 export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_error',
   'The upstream API refused the gateway\'s own credentials; your key is fine. The gateway\'s operators are told.',
   { headers: { 'x-should-retry': 'false' } })
-// A streamed generation the upstream answered whole (a relay that ignores `stream: true`): the SDKs would read no event
-// from it and end the client's loop quietly, as if nothing had been said. Made and charged already: not to be sent again.
+// A stream asked for (a generation's, a background one's, a retrieve's) that the upstream answered whole (a relay that
+// ignores `stream: true`): the SDKs would read no event from it and end the client's loop quietly, as if nothing had
+// been said. A generation is made and charged already: not to be sent again.
 // (Its argument: NOT_STREAMED_RESPONSE with the response's id, or NOT_STREAMED_OTHER for JSON that holds none.)
 export const UpstreamNotStreamedError = define('upstream_not_streamed', 502, 'server_error',
   'The upstream answered this streamed request whole, as JSON, not as an event stream: %s',

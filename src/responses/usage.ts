@@ -42,7 +42,7 @@ function count (value: unknown): number | null {
  * changed.
  */
 export function observeResponse (facts: ResponseFacts, object: unknown, final = true): void {
-  const response = object as { object?: unknown, id?: unknown, model?: unknown, usage?: unknown, status?: unknown, error?: unknown } | null
+  const response = object as { object?: unknown, id?: unknown, model?: unknown, usage?: unknown, status?: unknown, error?: unknown, output?: unknown } | null
   if (response?.object !== 'response') return
   if (facts.responseId === null && typeof response.id === 'string') facts.responseId = response.id
   if (facts.model === null && typeof response.model === 'string') facts.model = response.model
@@ -61,7 +61,9 @@ export function observeResponse (facts: ResponseFacts, object: unknown, final = 
   // A finished response without its usage (a relay that drops it): the output it holds is charged all the same,
   // as a stream's deltas are, else a budget would hold back only the input. (One still queued or under way, as a
   // background response's retrieve shows it, has no usage yet.)
-  if (facts.outputTokens === null && response.status !== 'queued' && response.status !== 'in_progress') facts.outputEstimate = Math.ceil(outputBytes((object as { output?: unknown }).output) / 4)
+  if (facts.outputTokens === null && response.status !== 'queued' && response.status !== 'in_progress') {
+    facts.outputEstimate = Math.ceil(outputBytes(response.output) / 4)
+  }
 }
 
 /**

@@ -461,7 +461,8 @@ export class Upstream {
    * New settings (a config reload), for the calls that start from now on. Calls under way finish on the lines
    * they started on: nothing in flight fails. New pools are built only when what they are built from changed
    * (lines, timeouts, pool size, CA file or its contents); each line still there keeps its health (which lines are
-   * skipped, their failures), wherever it now is in the list. Throws (and changes nothing) when the new pools cannot be built (an unreadable caFile).
+   * skipped, their failures), wherever it now is in the list. Throws (and changes nothing) when the new pools cannot
+   * be built (an unreadable caFile).
    */
   update (settings: UpstreamSettings): void {
     const old = this.#current
