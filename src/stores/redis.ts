@@ -300,14 +300,15 @@ export class RedisStore implements RateLimitStore, SharedNotes {
         const timer = setTimeout(done, CONNECT_TIMEOUT_MS)
         this.#redis.on('ready', done).on('error', done)
       })
-      if (failure !== null && AUTH_REFUSED.test(this.#reasonOf(failure))) {
-        return `Redis refused the user or password given in it (${this.#reasonOf(failure)})`
+      const reason = failure === null ? null : this.#reasonOf(failure)
+      if (reason !== null && AUTH_REFUSED.test(reason)) {
+        return `Redis refused the user or password given in it (${reason})`
       }
       if (CERT_REFUSED.has(String((failure as { code?: unknown } | null)?.code))) {
-        return `its server's TLS certificate was refused (${this.#reasonOf(failure)}): add the CA that signed it with ` +
+        return `its server's TLS certificate was refused (${reason}): add the CA that signed it with ` +
           'NODE_EXTRA_CA_CERTS, or give the host name it is for'
       }
-      const notResp = failure === null ? null : NOT_RESP.exec(this.#reasonOf(failure))
+      const notResp = reason === null ? null : NOT_RESP.exec(reason)
       if (notResp !== null) {
         return `it leads to a server that does not speak Redis's protocol (its answer began with ${firstByte(Number(notResp[1]))}): ` +
           'give the Redis server\'s address and port'
