@@ -88,6 +88,7 @@ const PARSER_REFUSALS: Record<string, string> = {
   HPE_LF_EXPECTED: 'bare LF or CR line ending',
   HPE_CR_EXPECTED: 'bare LF or CR line ending',
   HPE_INVALID_URL: 'invalid bytes in the request target',
+  HPE_CLOSED_CONNECTION: 'bytes after a request that asked to close the connection',
   HPE_INVALID_HEADER_TOKEN: 'invalid header',
   HPE_INVALID_METHOD: 'invalid method',
   HPE_INVALID_VERSION: 'invalid HTTP version'
@@ -127,6 +128,13 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
       const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'
       this.log.warn({ peer, code: err.code, reason, ...(id !== null ? { reqId: id } : {}), ...(held > 0 ? { heldBack: held } : {}) },
         'request refused by the HTTP parser')
+    }
+    // Bytes after a call that asked to close (`Connection: close`, HTTP/1.0): RFC 9112 §9.6 has that call answered, nothing
+    // after it processed, and the connection closed, which Node does after the answer. Cut now, the call (perhaps done
+    // upstream already) would lose its answer and be audited as a client that hung up. Nothing more is read.
+    if (err.code === 'HPE_CLOSED_CONNECTION' && inFlight !== null) {
+      socket.pause()
+      return
     }
     if (id !== null) {
       const error = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'

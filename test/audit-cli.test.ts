@@ -259,6 +259,27 @@ t.test('audit query --ip finds the calls from one address, the refused ones with
     ids(s => s.ip === '203.0.113.9' && s.status === 429), 'from the command line too')
 })
 
+t.test('audit query --ip finds an address however the operator spells it, as the records write it one way', async t => {
+  // The gateway writes `::ffff:203.0.113.9` (a dual-stack listener's IPv4 peer, as `ss` and a proxy's log show it) as
+  // 203.0.113.9, and an IPv6 address lowercase and compressed: the spelling an operator copies from elsewhere finds
+  // the same calls, not none.
+  const shapes: Array<Record<string, unknown>> = [
+    { clientId: null, ip: '203.0.113.9', status: 401, outcome: 'denied' },
+    { clientId: 'team-a', ip: '2001:db8::7', status: 200, outcome: 'ok' },
+    { clientId: 'team-a', ip: '10.1.4.20', status: 200, outcome: 'ok' }
+  ]
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  const files = await writeSeries(auditFile, 9, {}, 1, i => callRecord(i, shapes[i % shapes.length]))
+  const ids = (ip: string) => Array.from({ length: 9 }, (_v, n) => n + 1).filter(i => shapes[i % shapes.length]!.ip === ip).map(i => callRecord(i).requestId)
+  for (const spelling of ['::ffff:203.0.113.9', '::FFFF:203.0.113.9', '::ffff:cb00:7109']) {
+    t.same(await query(files, '--ip', spelling), ids('203.0.113.9'), spelling)
+  }
+  for (const spelling of ['2001:DB8::7', '2001:db8:0:0:0:0:0:7', '2001:0db8::0007']) {
+    t.same(await query(files, '--ip', spelling), ids('2001:db8::7'), spelling)
+  }
+  t.same(await query(files, '--ip', '203.0.113.'), [], 'still the whole address, not a prefix')
+})
+
 t.test('audit query --owner answers "which calls were refused on team-a\'s objects", whoever made them', async t => {
   // As the gateway writes them: team-a on its own conversation; team-b refused it (404, denied, ownerId team-a);
   // team-b on its own; a call on no object (ownerId null).

@@ -694,6 +694,48 @@ t.test('malformed HTTP is refused by the parser and never reaches the upstream',
   await oneAuditLineEach(t, h)
 })
 
+t.test('bytes after a call that asked to close: that call is answered and audited as served, nothing after it is', async t => {
+  // RFC 9112 §9.6: a server answers the request that carried `close`, processes none after it, and closes. Node's
+  // parser refuses what follows (HPE_CLOSED_CONNECTION) while the call is at the upstream: cut then, a create done
+  // upstream was lost to its client and audited as a client that hung up (499 aborted).
+  const h = await setup(t)
+  const create = (version: string, headers: Header[]) => Buffer.from(
+    `POST /v1/conversations HTTP/${version}\r\nHost: x\r\n${headers.map(([n, v]) => `${n}: ${v}\r\n`).join('')}` +
+    `Authorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`)
+  const cases: Array<[label: string, request: Buffer]> = [
+    ['Connection: close', create('1.1', [['Connection', 'close']])],
+    ['HTTP/1.0', create('1.0', [])]
+  ]
+  for (const [label, request] of cases) {
+    await t.test(label, async t => {
+      const before = h.upstream.requests.length
+      // Read until the gateway closes the connection (or 3 s pass): the whole exchange.
+      const { hostname, port } = new URL(h.gw.url)
+      const received = await new Promise<{ text: string, closed: boolean }>((resolve, reject) => {
+        const socket = createConnection({ host: hostname, port: Number(port) })
+        let text = ''
+        const timer = setTimeout(() => { socket.destroy(); resolve({ text, closed: false }) }, 3000)
+        socket.on('data', (d: Buffer) => { text += d.toString('latin1') })
+        socket.on('close', () => { clearTimeout(timer); resolve({ text, closed: true }) })
+        socket.on('error', reject)
+        socket.write(Buffer.concat([request, Buffer.from(SMUGGLED)])) // not end(): the gateway is to close it
+      })
+      await sleep(50) // a second call that slipped through would be at the upstream by now
+      const [head = '', body = ''] = received.text.split('\r\n\r\n')
+      t.match(head, /^HTTP\/1\.1 200 /, 'the create is answered')
+      t.match(body, /^\{"id":"conv_/, 'with the conversation made')
+      t.same(h.upstream.requests.slice(before).map(r => `${r.method} ${r.url}`), ['POST /v1/conversations'], 'only it went upstream')
+      t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, 'no answer to what came after it')
+      t.ok(received.closed, 'the connection is closed after the answer')
+      h.handled++
+      const [record, ...more] = await auditOf(h.gw, /x-gateway-request-id: (\S+)/i.exec(head)?.[1] ?? 'none')
+      t.match(record, { status: 200, outcome: 'ok', action: 'conversation.create', bytesOut: Buffer.byteLength(body) }, 'audited as served')
+      t.same(more, [], 'once')
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
+
 t.test('hop-by-hop tricks cannot strip or replace the upstream token, nor leak the client key', async t => {
   const h = await setup(t)
   const cases: Array<[label: string, headers: Header[]]> = [

@@ -8,6 +8,7 @@ import { lineTime, queryFiles, type AuditFields, type Filter } from '../audit/qu
 import { isTime } from '../config.js'
 import { ACTIONS } from '../operations.js'
 import { OUTCOMES } from '../plugins/audit.js'
+import { auditAddress } from '../http/address.js'
 import { auditFiles, CONFIG_OPTION, UsageError } from './common.js'
 
 interface Flag {
@@ -90,8 +91,9 @@ export const FLAGS = {
   },
   ip: {
     value: 'ADDRESS',
-    help: 'calls from this client address (the record\'s ip, as written there): --ip 203.0.113.9 --client none, whose keys a 429 too_many_auth_failures refused',
-    filter: exact('ip')
+    help: 'calls from this client address, however it is spelled (::ffff:203.0.113.9 as 203.0.113.9, the record\'s ip): --ip 203.0.113.9 --client none, whose keys a 429 too_many_auth_failures refused',
+    // (the records write an address one way, http/address.ts: the operator's spelling, copied from elsewhere, is made that one)
+    filter: (value, now) => exact('ip')!(auditAddress(value), now)
   },
   action: { value: 'ACTION', help: `calls of this action: ${[...ACTIONS, 'unknown'].join(', ')}`, filter: exact('action', [...ACTIONS, 'unknown']) },
   conversation: { value: 'ID', help: 'calls on this conversation (conv_...)', filter: exact('conversationId') },

@@ -41,6 +41,14 @@ function canonical (address: string): string {
   return MAPPED_IPV4.exec(v6)?.[1] ?? v6
 }
 
+/**
+ * An address as the audit writes it (`audit query --ip` finds a record by it): an IP address in its one spelling,
+ * anything else as given.
+ */
+export function auditAddress (text: string): string {
+  return isAddress(text) ? canonical(text) : text
+}
+
 export function clientIp (request: FastifyRequest): string {
   const ip = request.ip
   const peer = request.socket.remoteAddress
