@@ -103,12 +103,24 @@ export function credentialParam (query: URLSearchParams | null): string | null {
 }
 
 /**
- * The first parameter of a query (Operation.query) whose name, as the loosest readers take it (looseName),
- * `matches`: its name, decoded, a key in it withheld, cut short; or null.
+ * A parameter's name as PHP takes it (main/php_variables.c), cut at a NUL: leading spaces dropped, a dot or a space
+ * before any `[` made `_`, and a `[` never closed made `_` too, so `previous.response.id` and `previous[response_id`
+ * are `previous_response_id` to it; a name with a closed `[` is the array named by what comes before it.
+ */
+function phpName (name: string): string {
+  const trimmed = name.split('\0', 1)[0]!.replace(/^ +/, '')
+  const open = trimmed.indexOf('[')
+  const base = (open === -1 ? trimmed : trimmed.slice(0, open)).replace(/[. ]/g, '_')
+  return open === -1 || trimmed.includes(']', open) ? base : `${base}_${trimmed.slice(open + 1)}`
+}
+
+/**
+ * The first parameter of a query (Operation.query) whose name, as the loosest readers take it (looseName, and as
+ * PHP does: phpName), `matches`: its name, decoded, a key in it withheld, cut short; or null.
  */
 export function queryParam (query: URLSearchParams | null, matches: (name: string) => boolean): string | null {
   for (const name of query?.keys() ?? []) {
-    if (matches(looseName(name))) return shownName(name)
+    if (matches(looseName(name)) || matches(phpName(name))) return shownName(name)
   }
   return null
 }

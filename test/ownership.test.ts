@@ -1213,6 +1213,27 @@ t.test('a key the checks read, given in the query string of a POST (?conversatio
   t.equal(upstream.requests.at(-1)!.url, include)
 })
 
+t.test('a checked key in a POST\'s query spelled as PHP reads it (previous.response.id, previous response_id, previous[response_id) is refused and never sent upstream', async t => {
+  // PHP names a query parameter as a variable: a dot or a space becomes `_`, and so does a `[` never closed. To
+  // Laravel (which merges the query into a JSON body's input) `?previous.response.id=<A's>` is previous_response_id,
+  // and B would go on from A's response, reading A's context.
+  const { upstream, gw } = await setup(t)
+  const { post } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const body = { model: 'gpt-4o', input: 'hi' }
+  const forgeries: Array<[string, unknown, string]> = [
+    [`/v1/responses?previous.response.id=${previousA}`, body, 'previous.response.id'],
+    [`/v1/responses?previous%20response_id=${previousA}`, body, 'previous response_id'],
+    [`/v1/responses?previous+response.id=${previousA}`, body, 'previous response.id'],
+    [`/v1/responses?previous[response_id=${previousA}`, body, 'previous[response_id'],
+    [`/v1/responses?%20previous.response_id=${previousA}`, body, ' previous.response_id'],
+    ['/v1/conversations?gateway.owner=team-full', {}, 'gateway.owner']
+  ]
+  await assertForgeriesRefused(t, upstream, post, forgeries)
+  // A name PHP keeps as an array (previous[x]=) is the array `previous`, which the API has no key of: passed on.
+  t.equal((await post(KEYS.other, '/v1/responses?previous[response_id]=x', body)).status, 200, 'an array named otherwise is passed on')
+})
+
 t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
   // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
   // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.
