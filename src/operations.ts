@@ -154,14 +154,13 @@ const LIST_PARAM = /^include(?:\[\d*\])?$/
 /**
  * Whether a query parameter (or a JSON body's key) is one some server frameworks take for the call's method:
  * Symfony's (and so Laravel's, where it is on by default) reads `_method` from a POST's body (its JSON, in Laravel)
- * or query, the query as PHP names parameters (`.method` and `[method` are `_method` to it, leading spaces dropped).
+ * or query, the query as PHP names parameters (phpName: `.method`, `[method` and `_method%00x` are `_method` to it).
  * To such an upstream `POST /v1/conversations/{id}?_method=DELETE` is a delete, made with a key that may lack the
  * delete scope. No route of the API takes it.
  */
 export function overridesMethod (name: string): boolean {
-  return METHOD_OVERRIDE_PARAM.test(name)
+  return phpName(name).toLowerCase() === '_method'
 }
-const METHOD_OVERRIDE_PARAM = /^ *[_. []method$/i
 
 export type QueryProblem =
   | { kind: 'fragment' }
