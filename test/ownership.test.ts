@@ -1234,6 +1234,23 @@ t.test('a checked key in a POST\'s query spelled as PHP reads it (previous.respo
   t.equal((await post(KEYS.other, '/v1/responses?previous[response_id]=x', body)).status, 200, 'an array named otherwise is passed on')
 })
 
+t.test('a checked key in a POST\'s query bracketed as Rack 2 reads it ([conversation], ]conversation, previous_response_id]) is refused and never sent upstream', async t => {
+  // Rack before 3.0 (Rails 6 and 7.0) skips brackets before a parameter's name and after it: `[conversation]=` is
+  // `conversation` to it, and Rails merges the query into a JSON body's params.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const body = { model: 'gpt-4o', input: 'hi' }
+  const forgeries: Array<[string, unknown, string]> = [
+    [`/v1/responses?[conversation]=${conversationA}`, body, '[conversation]'],
+    [`/v1/responses?%5D%5Dconversation=${conversationA}`, body, ']]conversation'],
+    [`/v1/responses?previous_response_id%5D=${previousA}`, body, 'previous_response_id]'],
+    [`/v1/responses?[[conversation]][id]=${conversationA}`, body, '[[conversation]][id]'],
+    ['/v1/conversations?]metadata[gateway_owner]=team-full', {}, ']metadata[gateway_owner]']
+  ]
+  await assertForgeriesRefused(t, upstream, post, forgeries)
+})
+
 t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
   // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
   // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.
