@@ -164,6 +164,20 @@ export function overridesMethod (name: string): boolean {
   return phpName(name).toLowerCase() === '_method'
 }
 
+/** The ids a path carries, by the names OpenAI gives them (IdParam). */
+const ID_PARAMS: ReadonlySet<string> = new Set<IdParam>(['conversation_id', 'item_id', 'response_id'])
+
+/**
+ * Whether a query parameter (or a JSON body's key) names one of the ids a path carries (`conversation_id`, `item_id`,
+ * `response_id`; in any case, read as loosely as queryParam reads names): Laravel's `$request->conversation_id` reads
+ * the body and the query before the route's own parameter, so to such an upstream
+ * `DELETE /v1/conversations/<B's>?conversation_id=<A's>` is a delete of A's conversation, which the gateway never
+ * checked. No route of the API takes one there.
+ */
+export function namesPathId (name: string): boolean {
+  return ID_PARAMS.has(looseName(name).toLowerCase()) || ID_PARAMS.has(phpName(name).toLowerCase())
+}
+
 export type QueryProblem =
   | { kind: 'fragment' }
   /** a name the route does not take; one given twice; a `stream` neither `true` nor `false` */
@@ -175,7 +189,7 @@ export function queryProblem (op: Operation, url: string): QueryProblem | null {
   if (url.includes('#')) return { kind: 'fragment' }
   const query = op.query
   for (const name of query?.keys() ?? []) {
-    if (overridesMethod(name)) return { kind: 'unknown', param: shownName(name) }
+    if (overridesMethod(name) || namesPathId(name)) return { kind: 'unknown', param: shownName(name) }
   }
   const allowed = GET_QUERY[op.action]
   if (allowed === undefined || query === null) return null
