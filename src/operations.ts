@@ -89,12 +89,14 @@ const UNROUTED_RESPONSE_PATHS = new Set(['input_tokens', 'compact'])
 const CREDENTIAL_PARAM = /^(?:api[-_]?key|key|access[-_]?token|token|auth|authorization|bearer|password|secret)$/i
 
 /**
- * A parameter name as the loosest readers take it: cut at a `[` (PHP's and Rails' `api_key[]`) or a NUL (C string
- * handling), trimmed.
+ * A parameter name as the loosest readers take it: brackets before it skipped and cut at the next bracket (PHP's and
+ * Rails' `api_key[]`; Rack before 3.0, under Rails 6 and 7.0, reads `[api_key]` and `api_key]` as `api_key` too), or
+ * at a NUL (C string handling), trimmed.
  */
 function looseName (name: string): string {
-  const cut = name.search(/[[\0]/)
-  return (cut === -1 ? name : name.slice(0, cut)).trim()
+  const rest = name.replace(/^[[\]]+/, '')
+  const cut = rest.search(/[[\]\0]/)
+  return (cut === -1 ? rest : rest.slice(0, cut)).trim()
 }
 
 /** The first query parameter that names a credential (its name, decoded, cut short), or null. */
@@ -103,12 +105,24 @@ export function credentialParam (query: URLSearchParams | null): string | null {
 }
 
 /**
- * The first parameter of a query (Operation.query) whose name, as the loosest readers take it (looseName),
- * `matches`: its name, decoded, a key in it withheld, cut short; or null.
+ * A parameter's name as PHP takes it (main/php_variables.c), cut at a NUL: leading spaces dropped, a dot or a space
+ * before any `[` made `_`, and a `[` never closed made `_` too, so `previous.response.id` and `previous[response_id`
+ * are `previous_response_id` to it; a name with a closed `[` is the array named by what comes before it.
+ */
+function phpName (name: string): string {
+  const trimmed = name.split('\0', 1)[0]!.replace(/^ +/, '')
+  const open = trimmed.indexOf('[')
+  const base = (open === -1 ? trimmed : trimmed.slice(0, open)).replace(/[. ]/g, '_')
+  return open === -1 || trimmed.includes(']', open) ? base : `${base}_${trimmed.slice(open + 1)}`
+}
+
+/**
+ * The first parameter of a query (Operation.query) whose name, as the loosest readers take it (looseName, and as
+ * PHP does: phpName), `matches`: its name, decoded, a key in it withheld, cut short; or null.
  */
 export function queryParam (query: URLSearchParams | null, matches: (name: string) => boolean): string | null {
   for (const name of query?.keys() ?? []) {
-    if (matches(looseName(name))) return shownName(name)
+    if (matches(looseName(name)) || matches(phpName(name))) return shownName(name)
   }
   return null
 }
@@ -142,14 +156,27 @@ const LIST_PARAM = /^include(?:\[\d*\])?$/
 /**
  * Whether a query parameter (or a JSON body's key) is one some server frameworks take for the call's method:
  * Symfony's (and so Laravel's, where it is on by default) reads `_method` from a POST's body (its JSON, in Laravel)
- * or query, the query as PHP names parameters (`.method` and `[method` are `_method` to it, leading spaces dropped).
+ * or query, the query as PHP names parameters (phpName: `.method`, `[method` and `_method%00x` are `_method` to it).
  * To such an upstream `POST /v1/conversations/{id}?_method=DELETE` is a delete, made with a key that may lack the
  * delete scope. No route of the API takes it.
  */
 export function overridesMethod (name: string): boolean {
-  return METHOD_OVERRIDE_PARAM.test(name)
+  return phpName(name).toLowerCase() === '_method'
 }
-const METHOD_OVERRIDE_PARAM = /^ *[_. []method$/i
+
+/** The ids a path carries, by the names OpenAI gives them (IdParam). */
+const ID_PARAMS: ReadonlySet<string> = new Set<IdParam>(['conversation_id', 'item_id', 'response_id'])
+
+/**
+ * Whether a query parameter (or a JSON body's key) names one of the ids a path carries (`conversation_id`, `item_id`,
+ * `response_id`; in any case, read as loosely as queryParam reads names): Laravel's `$request->conversation_id` reads
+ * the body and the query before the route's own parameter, so to such an upstream
+ * `DELETE /v1/conversations/<B's>?conversation_id=<A's>` is a delete of A's conversation, which the gateway never
+ * checked. No route of the API takes one there.
+ */
+export function namesPathId (name: string): boolean {
+  return ID_PARAMS.has(looseName(name).toLowerCase()) || ID_PARAMS.has(phpName(name).toLowerCase())
+}
 
 export type QueryProblem =
   | { kind: 'fragment' }
@@ -162,7 +189,7 @@ export function queryProblem (op: Operation, url: string): QueryProblem | null {
   if (url.includes('#')) return { kind: 'fragment' }
   const query = op.query
   for (const name of query?.keys() ?? []) {
-    if (overridesMethod(name)) return { kind: 'unknown', param: shownName(name) }
+    if (overridesMethod(name) || namesPathId(name)) return { kind: 'unknown', param: shownName(name) }
   }
   const allowed = GET_QUERY[op.action]
   if (allowed === undefined || query === null) return null

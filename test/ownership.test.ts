@@ -1213,6 +1213,82 @@ t.test('a key the checks read, given in the query string of a POST (?conversatio
   t.equal(upstream.requests.at(-1)!.url, include)
 })
 
+t.test('a checked key in a POST\'s query spelled as PHP reads it (previous.response.id, previous response_id, previous[response_id) is refused and never sent upstream', async t => {
+  // PHP names a query parameter as a variable: a dot or a space becomes `_`, and so does a `[` never closed. To
+  // Laravel (which merges the query into a JSON body's input) `?previous.response.id=<A's>` is previous_response_id,
+  // and B would go on from A's response, reading A's context.
+  const { upstream, gw } = await setup(t)
+  const { post } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const body = { model: 'gpt-4o', input: 'hi' }
+  const forgeries: Array<[string, unknown, string]> = [
+    [`/v1/responses?previous.response.id=${previousA}`, body, 'previous.response.id'],
+    [`/v1/responses?previous%20response_id=${previousA}`, body, 'previous response_id'],
+    [`/v1/responses?previous+response.id=${previousA}`, body, 'previous response.id'],
+    [`/v1/responses?previous[response_id=${previousA}`, body, 'previous[response_id'],
+    [`/v1/responses?%20previous.response_id=${previousA}`, body, ' previous.response_id'],
+    ['/v1/conversations?gateway.owner=team-full', {}, 'gateway.owner']
+  ]
+  await assertForgeriesRefused(t, upstream, post, forgeries)
+  // A name PHP keeps as an array (previous[x]=) is the array `previous`, which the API has no key of: passed on.
+  t.equal((await post(KEYS.other, '/v1/responses?previous[response_id]=x', body)).status, 200, 'an array named otherwise is passed on')
+})
+
+t.test('an id the path carries, named again in the query of a POST or DELETE (?conversation_id=<A\'s>) or in its body, is refused and never sent upstream', async t => {
+  // Laravel's $request->conversation_id reads the query (and the body) before the route's own parameter: to such an
+  // upstream, B's delete of its own conversation with ?conversation_id=<A's> deletes A's.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
+  const responseA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const responseB = (await (await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const itemB = (await (await post(KEYS.other, `/v1/conversations/${conversationB}/items`, { items: [{ type: 'message', role: 'user', content: 'x' }] })).json() as { data: Array<{ id: string }> }).data[0]!.id
+  const forgeries: Array<[string, string, string]> = [
+    ['DELETE', `/v1/conversations/${conversationB}?conversation_id=${conversationA}`, 'conversation_id'],
+    ['DELETE', `/v1/conversations/${conversationB}/items/${itemB}?item_id=${itemA}`, 'item_id'],
+    ['DELETE', `/v1/conversations/${conversationB}/items/${itemB}?Conversation.Id=${conversationA}`, 'Conversation.Id'],
+    ['DELETE', `/v1/responses/${responseB}?[response_id]=${responseA}`, '[response_id]'],
+    ['POST', `/v1/responses/${responseB}/cancel?response.id=${responseA}`, 'response.id'],
+    ['POST', `/v1/conversations/${conversationB}?conversation_id=${conversationA}`, 'conversation_id'],
+    ['POST', `/v1/conversations/${conversationB}/items?conversation_id=${conversationA}`, 'conversation_id']
+  ]
+  const before = upstream.requests.length
+  for (const [method, target, param] of forgeries) {
+    const res = await fetch(`${gw.url}${target}`, {
+      method, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: method === 'POST' ? '{"items":[]}' : undefined
+    })
+    t.equal(res.status, 400, `${method} ${target}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', param } }, `${method} ${target}: names ${param}`)
+  }
+  // The same read from a JSON body, which Laravel's input holds too (and reads first).
+  const inBody: Array<[string, unknown]> = [
+    [`/v1/conversations/${conversationB}`, { metadata: { a: 'b' }, conversation_id: conversationA }],
+    [`/v1/conversations/${conversationB}/items`, { conversation_id: conversationA, items: [{ type: 'message', role: 'user', content: 'x' }] }]
+  ]
+  for (const [target, body] of inBody) {
+    const res = await post(KEYS.other, target, body)
+    t.equal(res.status, 400, `POST ${target} with conversation_id in its body: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', param: 'conversation_id' } })
+  }
+  t.same(upstream.requests.slice(before), [], 'nothing of them went upstream')
+})
+
+t.test('a checked key in a POST\'s query bracketed as Rack 2 reads it ([conversation], ]conversation, previous_response_id]) is refused and never sent upstream', async t => {
+  // Rack before 3.0 (Rails 6 and 7.0) skips brackets before a parameter's name and after it: `[conversation]=` is
+  // `conversation` to it, and Rails merges the query into a JSON body's params.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const body = { model: 'gpt-4o', input: 'hi' }
+  const forgeries: Array<[string, unknown, string]> = [
+    [`/v1/responses?[conversation]=${conversationA}`, body, '[conversation]'],
+    [`/v1/responses?%5D%5Dconversation=${conversationA}`, body, ']]conversation'],
+    [`/v1/responses?previous_response_id%5D=${previousA}`, body, 'previous_response_id]'],
+    [`/v1/responses?[[conversation]][id]=${conversationA}`, body, '[[conversation]][id]'],
+    ['/v1/conversations?]metadata[gateway_owner]=team-full', {}, ']metadata[gateway_owner]']
+  ]
+  await assertForgeriesRefused(t, upstream, post, forgeries)
+})
+
 t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
   // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
   // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.

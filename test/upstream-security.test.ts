@@ -891,9 +891,11 @@ t.test('a method override (_method, which Symfony and Laravel read from a POST\'
     ['POST', '/v1/conversations/conv_1?_method=DELETE', '{"metadata":{"a":"b"}}', '_method'],
     ['POST', '/v1/conversations/conv_1/items?include%5B%5D=x&_METHOD=DELETE', '{"items":[]}', '_METHOD'],
     ['POST', '/v1/conversations/conv_1?a=1;_method=DELETE', '{"metadata":{}}', '_method'],
-    // (PHP names a parameter `.method` or `[method` `_method`)
+    // (PHP names a parameter `.method` or `[method` `_method`, and ends its name at a NUL: `_method%00x` too)
     ['POST', '/v1/responses/resp_1/cancel?.method=DELETE', '', '.method'],
     ['POST', '/v1/conversations/conv_1?%5Bmethod=DELETE', '{"metadata":{}}', '[method'],
+    ['POST', '/v1/conversations/conv_1?_method%00x=DELETE', '{"metadata":{}}', '_method\u0000x'],
+    ['POST', '/v1/conversations/conv_1?%20.method%00=DELETE', '{"metadata":{}}', ' .method\u0000'],
     ['POST', '/v1/conversations/conv_1', '{"metadata":{"a":"b"},"_method":"DELETE"}', '_method'],
     ['POST', '/v1/responses', '{"model":"gpt-4o-mini","input":"hi","_method":"DELETE"}', '_method'],
     ['DELETE', '/v1/conversations/conv_1/items/msg_1?_method=GET', '', '_method']

@@ -11,7 +11,7 @@ import {
   UnsupportedContentEncodingError, UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
-import { overridesMethod, type Action } from '../operations.js'
+import { namesPathId, overridesMethod, type Action } from '../operations.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -110,11 +110,14 @@ export function serializeBody (value: unknown, from: unknown): Buffer {
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
-/** A body's top-level key an upstream framework would read as the call's method, or null. */
+/**
+ * A body's top-level key an upstream framework would read in place of what the route says: as the call's method, or
+ * as an id the path carries (operations.ts namesPathId); or null.
+ */
 function methodOverride (body: unknown): string | null {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) return null
   for (const key in body) {
-    if (overridesMethod(key)) return key.slice(0, 40)
+    if (overridesMethod(key) || namesPathId(key)) return key.slice(0, 40)
   }
   return null
 }
@@ -200,7 +203,8 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       return
     }
     // A key that an upstream framework would take for the method (operations.ts overridesMethod): a POST body
-    // saying `"_method": "DELETE"` would be a delete to it, unchecked for the delete scope.
+    // saying `"_method": "DELETE"` would be a delete to it, unchecked for the delete scope; or for an id the path
+    // carries (`"conversation_id"`: namesPathId), unchecked for its owner.
     const override = methodOverride(request.parsedBody)
     if (override !== null) {
       const err = new UnknownParameterError(override)
