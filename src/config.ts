@@ -520,10 +520,19 @@ function readable (pem: string): boolean {
 
 /**
  * A line the schema's pattern lets through and the URL parser refuses (a port over 65535, an IPv4 address with a
- * part over 255): the upstream client would throw building its pools, at start after the audit is opened.
+ * part over 255): the upstream client would throw building its pools, at start after the audit is opened. And a
+ * line that is a host and /v1.
  */
 function baseUrlProblems (urls: readonly string[]): string[] {
-  return urls.flatMap((url, i) => URL.canParse(url) ? [] : [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`])
+  return urls.flatMap((url, i) => {
+    if (!URL.canParse(url)) return [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`]
+    // An SDK's base URL (`https://host/v1`), copied as it is: the gateway adds /v1 itself, so every call would be
+    // answered 404 by the upstream, from a config that looked fine.
+    if (/^\/v1\/*$/.test(new URL(url).pathname)) {
+      return [`upstream.baseUrls[${i}]: the gateway adds /v1 itself, so calls would go to /v1/v1/conversations (404): give the line without the /v1`]
+    }
+    return []
+  })
 }
 
 /**

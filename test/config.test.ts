@@ -209,6 +209,15 @@ t.test('an upstream base URL with user:password@ is refused: never sent, it woul
   t.same(problems(() => parseConfig({ upstream: upstream('https://line.example:8443/api/v1') })), [], 'a port and a path prefix are fine')
 })
 
+t.test('an upstream base URL that is a host and /v1 (an SDK\'s base URL) is refused: every call would go to /v1/v1 and get 404', async t => {
+  const upstream = (url: string) => ({ baseUrls: ['https://cn2us02.opapi.win', url], apiKey: 'k' })
+  for (const url of ['https://cn2us02.opapi.win/v1', 'https://cn2us02.opapi.win/v1/', 'http://127.0.0.1:8080/v1']) {
+    t.match(problems(() => parseConfig({ upstream: upstream(url) })), [/^upstream\.baseUrls\[1\]: .*\/v1\/v1\/conversations.*without the \/v1/], `${url}: refused, the line named`)
+  }
+  t.same(problems(() => parseConfig({ upstream: upstream('https://cn2us02.opapi.win/') })), [], 'a trailing slash alone is fine')
+  t.same(problems(() => parseConfig({ upstream: upstream('https://line.example/v1beta') })), [], 'a path that only starts like it is fine')
+})
+
 t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {
   const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
   const store = (s: Record<string, unknown>) => parseConfig({ upstream, store: s }).store
