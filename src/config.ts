@@ -331,11 +331,29 @@ function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string
 }
 
 /**
+ * The shell's and compose's `$VAR` written in the file: a value that is `$NAME` alone, or holds `$NAME` of a variable
+ * the environment has. Kept as it is, it would become the upstream token or the Redis password. Another `$` inside a
+ * value is text (a password may hold one), and is never repeated in a message.
+ */
+function bareVariable (text: string, env: NodeJS.ProcessEnv): string | undefined {
+  if (!text.includes('$')) return undefined
+  const whole = /^\$([A-Za-z_][A-Za-z0-9_]*)$/.exec(text)
+  if (whole !== null) return whole[1]
+  for (const [, name] of text.matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) if (env[name!] !== undefined) return name
+  return undefined
+}
+
+/**
  * Replaces placeholders in every string of the parsed tree; values never re-enter the YAML parser. Returns the new
  * tree and the JSON pointers of the strings that held a placeholder: only those may be read as numbers/booleans.
  */
 function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Set<string>): unknown {
   if (typeof node === 'string') {
+    const bare = bareVariable(node, env)
+    if (bare !== undefined) {
+      problems.push(`${fieldPath(path)}: write \${${bare}}: a variable without braces is not filled in`)
+      return node
+    }
     if (!node.includes('${')) return node
     filled.add(path)
     return expand(node, env, message => { problems.push(`${fieldPath(path)}: ${message}`) })

@@ -400,6 +400,26 @@ t.test('a ${ that is no placeholder the gateway fills is refused naming its key,
     'audit verify and query, which read audit.file alone, refuse it as well')
 })
 
+t.test('a $VAR without braces (the shell\'s and compose\'s spelling) is refused naming its key, never taken as literal text', async t => {
+  // It was kept as it is: "$OHMYGPT_API_KEY" became the upstream token sent on every call (each answered 502
+  // upstream_auth_failed), "redis://:$REDIS_PASSWORD@redis" the Redis password, from a config check-config passed.
+  const env = { OHMYGPT_API_KEY: 'x', REDIS_PASSWORD: 'p' }
+  t.same(problems(() => loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$OHMYGPT_API_KEY')), env)),
+    ['upstream.apiKey: write ${OHMYGPT_API_KEY}: a variable without braces is not filled in'])
+  t.same(problems(() => loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$OHMYGPT_API_KEY')), {})),
+    ['upstream.apiKey: write ${OHMYGPT_API_KEY}: a variable without braces is not filled in'], 'the whole value, with the variable unset too')
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'store: { url: "redis://:$REDIS_PASSWORD@redis:6379/0" }\n'), env)),
+    ['store.url: write ${REDIS_PASSWORD}: a variable without braces is not filled in'], 'inside a value, a variable the environment has')
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: $GATEWAY_PORT }\n'), { ...env, GATEWAY_PORT: '1' })),
+    ['listen.port: write ${GATEWAY_PORT}: a variable without braces is not filled in'], 'said once, not also as "must be integer"')
+  t.equal(loadConfig(yamlFile(minimal + 'store: { url: "redis://:pa$SECRET-1@redis:6379/0" }\n'), env).store.url,
+    'redis://:pa$SECRET-1@redis:6379/0', 'a $ inside a value naming no variable set is text (a password may hold one)')
+  t.equal(loadConfig(yamlFile(minimal + 'store: { url: "${STORE_URL}" }\n'), { ...env, STORE_URL: 'redis://:$REDIS_PASSWORD@redis:6379/0' }).store.url,
+    'redis://:$REDIS_PASSWORD@redis:6379/0', 'a value from the environment is taken as it is')
+  t.match(problems(() => loadAuditFile(yamlFile(minimal + 'audit: { file: "./audit/$HOSTNAME.jsonl" }\n'), { HOSTNAME: 'h' })),
+    ['audit.file: write ${HOSTNAME}: a variable without braces is not filled in'], 'audit verify and query, which read audit.file alone, refuse it as well')
+})
+
 t.test('a duration past Node\'s longest timer (2147483647 ms) is refused: Node would fire it after 1 ms', async t => {
   // store.timeoutMs: 3000000000 (meant as "wait as long as it takes") made every call time out at once, so every
   // call fell back (open) or got 503 (closed); shutdown.graceMs so would abort every in-flight call at SIGTERM.
