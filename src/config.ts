@@ -31,18 +31,24 @@ const BASE_URL_PATTERN = '^https?://[^\\s/?#@]+(/[^\\s?#]*)?$'
 const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')])
 export type Scope = Static<typeof Scope>
 
-const DIGEST = Type.String({ pattern: '^[0-9a-f]{64}$' })
+const DIGEST_PATTERN = '^[0-9a-f]{64}$'
+const DIGEST = Type.String({ pattern: DIGEST_PATTERN })
+
+const KEY_ID_PATTERN = '^[A-Za-z0-9._-]{1,64}$'
+const TIME_PATTERN = '^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|[+-]\\d{2}:\\d{2})$'
+const CLIENT_ID_PATTERN = '^[a-z0-9._-]{1,64}$'
+const KEY_PREFIX_PATTERN = '^[A-Za-z0-9:._-]{1,64}$'
 
 /** One of a client's keys, for rotation without downtime: several may be valid at once, each until expiresAt. */
 const Key = Type.Object({
-  id: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$' }),
+  id: Type.String({ pattern: KEY_ID_PATTERN }),
   sha256: DIGEST,
   /** ISO 8601 time after which the key is refused (401) */
-  expiresAt: Type.Optional(Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|[+-]\\d{2}:\\d{2})$' }))
+  expiresAt: Type.Optional(Type.String({ pattern: TIME_PATTERN }))
 }, { additionalProperties: false })
 
 const Client = Type.Object({
-  id: Type.String({ pattern: '^[a-z0-9._-]{1,64}$' }),
+  id: Type.String({ pattern: CLIENT_ID_PATTERN }),
   /** the single-key form; `keys` is the rotating form; a client has one or the other */
   keySha256: Type.Optional(DIGEST),
   keys: Type.Optional(Type.Array(Key, { minItems: 1 })),
@@ -124,7 +130,7 @@ export const ConfigSchema = Type.Object({
     timeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 50 }),
     onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' }),
     /** what every Redis key of this deployment starts with: another deployment on the same Redis takes another */
-    keyPrefix: Type.String({ pattern: '^[A-Za-z0-9:._-]{1,64}$', default: 'ogw:rl:' })
+    keyPrefix: Type.String({ pattern: KEY_PREFIX_PATTERN, default: 'ogw:rl:' })
   }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   ownership: Type.Object({
@@ -257,11 +263,21 @@ function describeAll (errors: ErrorObject[]): string[] {
   })
 }
 
+/** Each pattern of the schema, as an operator reads it. */
+const PATTERN_WORDS: Record<string, string> = {
+  [SECRET_PATTERN]: SECRET_PROBLEM,
+  [DIGEST_PATTERN]: 'must be 64 lowercase hex characters (quote it in YAML)',
+  [BASE_URL_PATTERN]: 'must be http(s)://host[:port][/path], without user:password@ (credentials there are never sent)',
+  [METRICS_LISTEN_PATTERN]: 'must be host:port with a port from 0 to 65535 (127.0.0.1:9464)',
+  [CLIENT_ID_PATTERN]: 'must be 1 to 64 lowercase letters, digits, ".", "_" or "-" (team-a)',
+  [KEY_ID_PATTERN]: 'must be 1 to 64 letters, digits, ".", "_" or "-" (2025-06)',
+  [TIME_PATTERN]: 'must be a date and time with its offset, as "2025-07-01T00:00:00Z"',
+  [KEY_PREFIX_PATTERN]: 'must be 1 to 64 letters, digits, ":", ".", "_" or "-" (ogw:rl:)'
+}
+
 function describe (e: ErrorObject): string {
   const at = fieldPath(e.instancePath)
-  if (at.endsWith('.keySha256') && (e.keyword === 'pattern' || e.keyword === 'type')) {
-    return `${at}: must be 64 lowercase hex characters (quote it in YAML)`
-  }
+  if (/\.(keySha256|sha256)$/.test(at) && e.keyword === 'type') return `${at}: ${PATTERN_WORDS[DIGEST_PATTERN]}`
   if (/^clients\[\d+\](\.keys\[\d+\])?\.id$/.test(at) && e.keyword === 'type') {
     return `${at}: must be a string: quote it in YAML (id: "2024"); unquoted, 2024, 1e3, null or true are not strings`
   }
@@ -271,15 +287,8 @@ function describe (e: ErrorObject): string {
     case 'required':
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
     case 'pattern':
-      if (e.params.pattern === SECRET_PATTERN) {
-        return `${at}: ${SECRET_PROBLEM}`
-      }
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
-      if (e.params.pattern === BASE_URL_PATTERN) {
-        return `${at}: must be http(s)://host[:port][/path], without user:password@ (credentials there are never sent)`
-      }
-      if (e.params.pattern === METRICS_LISTEN_PATTERN) return `${at}: must be host:port with a port from 0 to 65535 (127.0.0.1:9464)`
-      return `${at}: must match ${String(e.params.pattern)}`
+      return `${at}: ${PATTERN_WORDS[String(e.params.pattern)] ?? `must match ${String(e.params.pattern)}`}`
     default:
       return `${at}: ${e.message ?? 'is invalid'}`
   }

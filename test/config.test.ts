@@ -102,6 +102,22 @@ t.test('every bad field is reported with its path', async t => {
   t.same(problems(() => parseConfig({ upstream, trustProxy: [123] })), ['trustProxy[0]: must be string'], 'a bad item: the item, alone')
 })
 
+t.test('an id, a digest, an expiresAt or a keyPrefix of the wrong form is said in words, not as a regular expression', async t => {
+  const found = problems(() => loadConfig(yamlFile(minimal.replace('id: team-search', 'id: Team-Search') + `  - id: b
+    keys: [{ id: "key 1", sha256: "${'b'.repeat(64)}", expiresAt: 2025-07-01 }, { id: k2, sha256: ${'1'.repeat(64)} }, { id: k3, sha256: "B" }]
+    scopes: [read]
+store: { keyPrefix: "ogw rl" }
+`), { OHMYGPT_API_KEY: 'x' }))
+  t.same(found, [
+    'store.keyPrefix: must be 1 to 64 letters, digits, ":", ".", "_" or "-" (ogw:rl:)',
+    'clients[0].id: must be 1 to 64 lowercase letters, digits, ".", "_" or "-" (team-a)',
+    'clients[1].keys[0].id: must be 1 to 64 letters, digits, ".", "_" or "-" (2025-06)',
+    'clients[1].keys[0].expiresAt: must be a date and time with its offset, as "2025-07-01T00:00:00Z"',
+    'clients[1].keys[1].sha256: must be 64 lowercase hex characters (quote it in YAML)',
+    'clients[1].keys[2].sha256: must be 64 lowercase hex characters (quote it in YAML)'
+  ])
+})
+
 t.test('duplicate client ids and digests are bad fields', async t => {
   const client = { id: 'a', keySha256: DIGEST, scopes: ['read'] }
   t.same(problems(() => parseConfig({
