@@ -581,6 +581,7 @@ function caFileProblems (file: string | undefined): string[] {
 }
 
 const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
+const ENCODE_THE_PASSWORD = '(percent-encode / ? # @ : % in the password)'
 
 /** Each trustProxy entry as Fastify will compile it (@fastify/proxy-addr): a bad one would stop the start later. */
 function trustProxyProblems (trustProxy: false | readonly string[]): string[] {
@@ -602,9 +603,10 @@ function storeUrlProblems (url: string): string[] {
   try {
     parsed = new URL(url)
   } catch {
-    return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / % in the password)`]
+    return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
   }
-  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM}`]
+  // (a / ? or # in the password ends the host part before the host)
+  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
   if (!/^(\/\d{0,9})?$/.test(parsed.pathname)) return ['store.url: the path must be a database number, e.g. /0']
   if (parsed.search !== '' || parsed.hash !== '') return ['store.url: query options and fragments are not supported']
   // The Redis client decodes both, and throws at start on a % that begins no escape.

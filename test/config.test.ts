@@ -256,7 +256,10 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
     ['memory://x', /store\.url: must be/],
     // a % that starts no escape: accepted, the start crashed in the Redis client with a stack trace
     [`redis://:pa%zz${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
-    [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/]
+    [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
+    // a password from a password manager: each of these ends the host part of a URL
+    [`redis://:pa#${secret}@redis:6379/0`, /store\.url: .*percent-encode .*#/],
+    [`redis://:pa?${secret}@redis:6379/0`, /store\.url: .*percent-encode .*\?/]
   ]
   for (const [url, message] of bad) {
     const found = problems(() => parseConfig({ upstream, store: { url } }))
