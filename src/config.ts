@@ -317,7 +317,7 @@ const PLACEHOLDER_BODY = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/
  * text of a placeholder would become the upstream token sent on every call, or the audit file's path. The problem
  * names the variable only: what follows it may be a secret typed into the file.
  */
-function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string) => void): string {
+function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string) => void, took: (name: string) => void): string {
   let out = ''
   let at = 0
   for (let start = text.indexOf('${'); start !== -1; start = text.indexOf('${', at)) {
@@ -332,8 +332,10 @@ function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string
     at = end + 1
     const [, name, fallback] = m as unknown as [string, string, string | undefined]
     const value = env[name]
-    if (value !== undefined && value !== '') out += value
-    else if (fallback !== undefined) out += expand(fallback, env, problem)
+    if (value !== undefined && value !== '') {
+      out += value
+      took(name)
+    } else if (fallback !== undefined) out += expand(fallback, env, problem, took)
     else problem(`environment variable ${name} is not set`)
   }
   return out + text.slice(at)
@@ -354,9 +356,10 @@ function bareVariable (text: string, env: NodeJS.ProcessEnv): string | undefined
 
 /**
  * Replaces placeholders in every string of the parsed tree; values never re-enter the YAML parser. Returns the new
- * tree and the JSON pointers of the strings that held a placeholder: only those may be read as numbers/booleans.
+ * tree, and fills `filled` with the JSON pointers of the strings that held a placeholder (only those may be read as
+ * numbers/booleans), each with the variables whose values it took.
  */
-function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Set<string>): unknown {
+function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Map<string, string[]>): unknown {
   if (typeof node === 'string') {
     const bare = bareVariable(node, env)
     if (bare !== undefined) {
@@ -364,8 +367,9 @@ function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, probl
       return node
     }
     if (!node.includes('${')) return node
-    filled.add(path)
-    return expand(node, env, message => { problems.push(`${fieldPath(path)}: ${message}`) })
+    const took: string[] = []
+    filled.set(path, took)
+    return expand(node, env, message => { problems.push(`${fieldPath(path)}: ${message}`) }, name => took.push(name))
   }
   if (Array.isArray(node)) return node.map((v, i) => interpolate(v, env, `${path}/${i}`, problems, filled))
   if (node !== null && typeof node === 'object') {
@@ -396,7 +400,7 @@ function locate (root: unknown, pointer: string): { parent: Record<string, unkno
  * Validates; where a type error falls on a string that came from a placeholder, reads it as the wanted type and
  * validates again. Nothing else is ever coerced.
  */
-function validateWithPlaceholders (candidate: unknown, filled: Set<string>): candidate is GatewayConfig {
+function validateWithPlaceholders (candidate: unknown, filled: ReadonlyMap<string, unknown>): candidate is GatewayConfig {
   for (;;) {
     if (validate(candidate)) return true
     let changed = false
@@ -645,17 +649,29 @@ function deepFreeze<T> (value: T): T {
   return value
 }
 
+/**
+ * Problems with the variable named whose value is at fault: the file holds only its placeholder. (The name, never
+ * the value, which may be a secret.)
+ */
+function withTheirVariables (problems: string[], filled: ReadonlyMap<string, readonly string[]>): string[] {
+  const variables = new Map([...filled].filter(([, names]) => names.length > 0).map(([pointer, names]) => [fieldPath(pointer), names]))
+  return problems.map(p => {
+    const names = variables.get(p.slice(0, p.indexOf(':')))
+    return names === undefined ? p : `${p} (its value came from ${names.join(', ')})`
+  })
+}
+
 /** Validates an already-parsed config object (tests build these directly). */
 export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source = '(object)'): GatewayConfig {
   const problems: string[] = []
-  const filled = new Set<string>()
+  const filled = new Map<string, string[]>()
   // interpolate builds a fresh tree, so validation's defaults never touch the caller's object
   const candidate = interpolate(raw ?? {}, env, '', problems, filled)
   if (candidate !== null && typeof candidate === 'object') environmentSecrets.set(candidate, [env.AUDIT_HMAC_KEY])
   if (!validateWithPlaceholders(candidate, filled)) {
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
-    problems.push(...describeAll(validate.errors ?? []).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
+    problems.push(...withTheirVariables(describeAll(validate.errors ?? []).filter(p => !unset.has(p.slice(0, p.indexOf(':')))), filled))
     // the schema cannot say "one of the two" plainly; say it here too, with the rest
     const upstream = (candidate as { upstream?: Record<string, unknown> }).upstream
     if (upstream !== null && typeof upstream === 'object' && !('apiKey' in upstream) && !('apiKeyFile' in upstream)) {
@@ -742,7 +758,7 @@ export function loadAuditFile (file: string, env: NodeJS.ProcessEnv): string {
   }
   const value = audit === undefined || !Object.hasOwn(audit, 'file') ? DEFAULT_AUDIT_FILE : (audit as { file?: unknown }).file
   const problems: string[] = []
-  const filled = interpolate(value, env, '/audit/file', problems, new Set())
+  const filled = interpolate(value, env, '/audit/file', problems, new Map())
   if (problems.length === 0 && (typeof filled !== 'string' || filled === '')) problems.push('audit.file: must be a path or "-"')
   if (problems.length > 0) throw new ConfigError(file, problems)
   return filled as string

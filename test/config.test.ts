@@ -63,6 +63,16 @@ t.test('${VAR:-default} takes the environment first, then the default, and numbe
   t.equal(loadConfig(file, { OHMYGPT_API_KEY: 'x', AUDIT: '-' }).audit.file, '-')
 })
 
+t.test('a bad value that came from the environment names its variable: the file holds only the placeholder', async t => {
+  const file = yamlFile(minimal + 'listen: { port: "${GATEWAY_PORT:-8080}" }\nlog: { level: "${LOG_LEVEL:-info}" }\n')
+  t.same(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x', GATEWAY_PORT: '80x', LOG_LEVEL: 'DEBUG' })), [
+    'listen.port: must be integer (its value came from GATEWAY_PORT)',
+    'log.level: must be one of "fatal", "error", "warn", "info", "debug", "trace", "silent" (its value came from LOG_LEVEL)'
+  ])
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "${GATEWAY_PORT:-80x}" }\n'), { OHMYGPT_API_KEY: 'x' })),
+    ['listen.port: must be integer'], 'a default written in the file is in plain sight')
+})
+
 t.test('an environment value is never parsed as YAML', async t => {
   const config = loadConfig(yamlFile(minimal + 'audit: { file: "${AUDIT_FILE}" }\n'), { OHMYGPT_API_KEY: 'x', AUDIT_FILE: 'a: b\n  - [c' })
   t.equal(config.audit.file, 'a: b\n  - [c')
