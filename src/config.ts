@@ -31,18 +31,24 @@ const BASE_URL_PATTERN = '^https?://[^\\s/?#@]+(/[^\\s?#]*)?$'
 const Scope = Type.Union([Type.Literal('read'), Type.Literal('write'), Type.Literal('delete'), Type.Literal('admin')])
 export type Scope = Static<typeof Scope>
 
-const DIGEST = Type.String({ pattern: '^[0-9a-f]{64}$' })
+const DIGEST_PATTERN = '^[0-9a-f]{64}$'
+const DIGEST = Type.String({ pattern: DIGEST_PATTERN })
+
+const KEY_ID_PATTERN = '^[A-Za-z0-9._-]{1,64}$'
+const TIME_PATTERN = '^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|[+-]\\d{2}:\\d{2})$'
+const CLIENT_ID_PATTERN = '^[a-z0-9._-]{1,64}$'
+const KEY_PREFIX_PATTERN = '^[A-Za-z0-9:._-]{1,64}$'
 
 /** One of a client's keys, for rotation without downtime: several may be valid at once, each until expiresAt. */
 const Key = Type.Object({
-  id: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$' }),
+  id: Type.String({ pattern: KEY_ID_PATTERN }),
   sha256: DIGEST,
   /** ISO 8601 time after which the key is refused (401) */
-  expiresAt: Type.Optional(Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|[+-]\\d{2}:\\d{2})$' }))
+  expiresAt: Type.Optional(Type.String({ pattern: TIME_PATTERN }))
 }, { additionalProperties: false })
 
 const Client = Type.Object({
-  id: Type.String({ pattern: '^[a-z0-9._-]{1,64}$' }),
+  id: Type.String({ pattern: CLIENT_ID_PATTERN }),
   /** the single-key form; `keys` is the rotating form; a client has one or the other */
   keySha256: Type.Optional(DIGEST),
   keys: Type.Optional(Type.Array(Key, { minItems: 1 })),
@@ -124,7 +130,7 @@ export const ConfigSchema = Type.Object({
     timeoutMs: Type.Integer({ minimum: 1, maximum: MAX_TIMER_MS, default: 50 }),
     onFailure: Type.Union([Type.Literal('open'), Type.Literal('closed')], { default: 'open' }),
     /** what every Redis key of this deployment starts with: another deployment on the same Redis takes another */
-    keyPrefix: Type.String({ pattern: '^[A-Za-z0-9:._-]{1,64}$', default: 'ogw:rl:' })
+    keyPrefix: Type.String({ pattern: KEY_PREFIX_PATTERN, default: 'ogw:rl:' })
   }, { additionalProperties: false, default: {} }),
   clients: Type.Array(Client, { default: [] }),
   ownership: Type.Object({
@@ -257,11 +263,21 @@ function describeAll (errors: ErrorObject[]): string[] {
   })
 }
 
+/** Each pattern of the schema, as an operator reads it. */
+const PATTERN_WORDS: Record<string, string> = {
+  [SECRET_PATTERN]: SECRET_PROBLEM,
+  [DIGEST_PATTERN]: 'must be 64 lowercase hex characters (quote it in YAML)',
+  [BASE_URL_PATTERN]: 'must be http(s)://host[:port][/path], without user:password@ (credentials there are never sent)',
+  [METRICS_LISTEN_PATTERN]: 'must be host:port with a port from 0 to 65535 (127.0.0.1:9464)',
+  [CLIENT_ID_PATTERN]: 'must be 1 to 64 lowercase letters, digits, ".", "_" or "-" (team-a)',
+  [KEY_ID_PATTERN]: 'must be 1 to 64 letters, digits, ".", "_" or "-" (2025-06)',
+  [TIME_PATTERN]: 'must be a date and time with its offset, as "2025-07-01T00:00:00Z"',
+  [KEY_PREFIX_PATTERN]: 'must be 1 to 64 letters, digits, ":", ".", "_" or "-" (ogw:rl:)'
+}
+
 function describe (e: ErrorObject): string {
   const at = fieldPath(e.instancePath)
-  if (at.endsWith('.keySha256') && (e.keyword === 'pattern' || e.keyword === 'type')) {
-    return `${at}: must be 64 lowercase hex characters (quote it in YAML)`
-  }
+  if (/\.(keySha256|sha256)$/.test(at) && e.keyword === 'type') return `${at}: ${PATTERN_WORDS[DIGEST_PATTERN]}`
   if (/^clients\[\d+\](\.keys\[\d+\])?\.id$/.test(at) && e.keyword === 'type') {
     return `${at}: must be a string: quote it in YAML (id: "2024"); unquoted, 2024, 1e3, null or true are not strings`
   }
@@ -271,15 +287,8 @@ function describe (e: ErrorObject): string {
     case 'required':
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
     case 'pattern':
-      if (e.params.pattern === SECRET_PATTERN) {
-        return `${at}: ${SECRET_PROBLEM}`
-      }
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
-      if (e.params.pattern === BASE_URL_PATTERN) {
-        return `${at}: must be http(s)://host[:port][/path], without user:password@ (credentials there are never sent)`
-      }
-      if (e.params.pattern === METRICS_LISTEN_PATTERN) return `${at}: must be host:port with a port from 0 to 65535 (127.0.0.1:9464)`
-      return `${at}: must match ${String(e.params.pattern)}`
+      return `${at}: ${PATTERN_WORDS[String(e.params.pattern)] ?? `must match ${String(e.params.pattern)}`}`
     default:
       return `${at}: ${e.message ?? 'is invalid'}`
   }
@@ -308,7 +317,7 @@ const PLACEHOLDER_BODY = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/
  * text of a placeholder would become the upstream token sent on every call, or the audit file's path. The problem
  * names the variable only: what follows it may be a secret typed into the file.
  */
-function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string) => void): string {
+function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string) => void, took: (name: string) => void): string {
   let out = ''
   let at = 0
   for (let start = text.indexOf('${'); start !== -1; start = text.indexOf('${', at)) {
@@ -323,22 +332,44 @@ function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string
     at = end + 1
     const [, name, fallback] = m as unknown as [string, string, string | undefined]
     const value = env[name]
-    if (value !== undefined && value !== '') out += value
-    else if (fallback !== undefined) out += expand(fallback, env, problem)
+    if (value !== undefined && value !== '') {
+      out += value
+      took(name)
+    } else if (fallback !== undefined) out += expand(fallback, env, problem, took)
     else problem(`environment variable ${name} is not set`)
   }
   return out + text.slice(at)
 }
 
 /**
- * Replaces placeholders in every string of the parsed tree; values never re-enter the YAML parser. Returns the new
- * tree and the JSON pointers of the strings that held a placeholder: only those may be read as numbers/booleans.
+ * The shell's and compose's `$VAR` written in the file: a value that is `$NAME` alone, or holds `$NAME` of a variable
+ * the environment has. Kept as it is, it would become the upstream token or the Redis password. Another `$` inside a
+ * value is text (a password may hold one), and is never repeated in a message.
  */
-function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Set<string>): unknown {
+function bareVariable (text: string, env: NodeJS.ProcessEnv): string | undefined {
+  if (!text.includes('$')) return undefined
+  const whole = /^\$([A-Za-z_][A-Za-z0-9_]*)$/.exec(text)
+  if (whole !== null) return whole[1]
+  for (const [, name] of text.matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) if (env[name!] !== undefined) return name
+  return undefined
+}
+
+/**
+ * Replaces placeholders in every string of the parsed tree; values never re-enter the YAML parser. Returns the new
+ * tree, and fills `filled` with the JSON pointers of the strings that held a placeholder (only those may be read as
+ * numbers/booleans), each with the variables whose values it took.
+ */
+function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Map<string, string[]>): unknown {
   if (typeof node === 'string') {
+    const bare = bareVariable(node, env)
+    if (bare !== undefined) {
+      problems.push(`${fieldPath(path)}: write \${${bare}}: a variable without braces is not filled in`)
+      return node
+    }
     if (!node.includes('${')) return node
-    filled.add(path)
-    return expand(node, env, message => { problems.push(`${fieldPath(path)}: ${message}`) })
+    const took: string[] = []
+    filled.set(path, took)
+    return expand(node, env, message => { problems.push(`${fieldPath(path)}: ${message}`) }, name => took.push(name))
   }
   if (Array.isArray(node)) return node.map((v, i) => interpolate(v, env, `${path}/${i}`, problems, filled))
   if (node !== null && typeof node === 'object') {
@@ -369,7 +400,7 @@ function locate (root: unknown, pointer: string): { parent: Record<string, unkno
  * Validates; where a type error falls on a string that came from a placeholder, reads it as the wanted type and
  * validates again. Nothing else is ever coerced.
  */
-function validateWithPlaceholders (candidate: unknown, filled: Set<string>): candidate is GatewayConfig {
+function validateWithPlaceholders (candidate: unknown, filled: ReadonlyMap<string, unknown>): candidate is GatewayConfig {
   for (;;) {
     if (validate(candidate)) return true
     let changed = false
@@ -520,10 +551,19 @@ function readable (pem: string): boolean {
 
 /**
  * A line the schema's pattern lets through and the URL parser refuses (a port over 65535, an IPv4 address with a
- * part over 255): the upstream client would throw building its pools, at start after the audit is opened.
+ * part over 255): the upstream client would throw building its pools, at start after the audit is opened. And a
+ * line that is a host and /v1.
  */
 function baseUrlProblems (urls: readonly string[]): string[] {
-  return urls.flatMap((url, i) => URL.canParse(url) ? [] : [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`])
+  return urls.flatMap((url, i) => {
+    if (!URL.canParse(url)) return [`upstream.baseUrls[${i}]: not a valid URL (a port over 65535, or a host that is no host name or address?)`]
+    // An SDK's base URL (`https://host/v1`), copied as it is: the gateway adds /v1 itself, so every call would be
+    // answered 404 by the upstream, from a config that looked fine.
+    if (/^\/v1\/*$/.test(new URL(url).pathname)) {
+      return [`upstream.baseUrls[${i}]: the gateway adds /v1 itself, so calls would go to /v1/v1/conversations (404): give the line without the /v1`]
+    }
+    return []
+  })
 }
 
 /**
@@ -545,6 +585,7 @@ function caFileProblems (file: string | undefined): string[] {
 }
 
 const STORE_URL_FORM = 'must be memory:// or redis[s]://[[user]:password@]host[:port][/db]'
+const ENCODE_THE_PASSWORD = '(percent-encode / ? # @ : % in the password)'
 
 /** Each trustProxy entry as Fastify will compile it (@fastify/proxy-addr): a bad one would stop the start later. */
 function trustProxyProblems (trustProxy: false | readonly string[]): string[] {
@@ -566,9 +607,10 @@ function storeUrlProblems (url: string): string[] {
   try {
     parsed = new URL(url)
   } catch {
-    return [`store.url: ${STORE_URL_FORM} (percent-encode @ : / % in the password)`]
+    return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
   }
-  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM}`]
+  // (a / ? or # in the password ends the host part before the host)
+  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
   if (!/^(\/\d{0,9})?$/.test(parsed.pathname)) return ['store.url: the path must be a database number, e.g. /0']
   if (parsed.search !== '' || parsed.hash !== '') return ['store.url: query options and fragments are not supported']
   // The Redis client decodes both, and throws at start on a % that begins no escape.
@@ -607,17 +649,29 @@ function deepFreeze<T> (value: T): T {
   return value
 }
 
+/**
+ * Problems with the variable named whose value is at fault: the file holds only its placeholder. (The name, never
+ * the value, which may be a secret.)
+ */
+function withTheirVariables (problems: string[], filled: ReadonlyMap<string, readonly string[]>): string[] {
+  const variables = new Map([...filled].filter(([, names]) => names.length > 0).map(([pointer, names]) => [fieldPath(pointer), names]))
+  return problems.map(p => {
+    const names = variables.get(p.slice(0, p.indexOf(':')))
+    return names === undefined ? p : `${p} (its value came from ${names.join(', ')})`
+  })
+}
+
 /** Validates an already-parsed config object (tests build these directly). */
 export function parseConfig (raw: unknown, env: NodeJS.ProcessEnv = {}, source = '(object)'): GatewayConfig {
   const problems: string[] = []
-  const filled = new Set<string>()
+  const filled = new Map<string, string[]>()
   // interpolate builds a fresh tree, so validation's defaults never touch the caller's object
   const candidate = interpolate(raw ?? {}, env, '', problems, filled)
   if (candidate !== null && typeof candidate === 'object') environmentSecrets.set(candidate, [env.AUDIT_HMAC_KEY])
   if (!validateWithPlaceholders(candidate, filled)) {
     // A field already reported as an unset variable is not reported again for being empty.
     const unset = new Set(problems.map(p => p.slice(0, p.indexOf(':'))))
-    problems.push(...describeAll(validate.errors ?? []).filter(p => !unset.has(p.slice(0, p.indexOf(':')))))
+    problems.push(...withTheirVariables(describeAll(validate.errors ?? []).filter(p => !unset.has(p.slice(0, p.indexOf(':')))), filled))
     // the schema cannot say "one of the two" plainly; say it here too, with the rest
     const upstream = (candidate as { upstream?: Record<string, unknown> }).upstream
     if (upstream !== null && typeof upstream === 'object' && !('apiKey' in upstream) && !('apiKeyFile' in upstream)) {
@@ -704,7 +758,7 @@ export function loadAuditFile (file: string, env: NodeJS.ProcessEnv): string {
   }
   const value = audit === undefined || !Object.hasOwn(audit, 'file') ? DEFAULT_AUDIT_FILE : (audit as { file?: unknown }).file
   const problems: string[] = []
-  const filled = interpolate(value, env, '/audit/file', problems, new Set())
+  const filled = interpolate(value, env, '/audit/file', problems, new Map())
   if (problems.length === 0 && (typeof filled !== 'string' || filled === '')) problems.push('audit.file: must be a path or "-"')
   if (problems.length > 0) throw new ConfigError(file, problems)
   return filled as string

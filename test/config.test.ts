@@ -63,6 +63,16 @@ t.test('${VAR:-default} takes the environment first, then the default, and numbe
   t.equal(loadConfig(file, { OHMYGPT_API_KEY: 'x', AUDIT: '-' }).audit.file, '-')
 })
 
+t.test('a bad value that came from the environment names its variable: the file holds only the placeholder', async t => {
+  const file = yamlFile(minimal + 'listen: { port: "${GATEWAY_PORT:-8080}" }\nlog: { level: "${LOG_LEVEL:-info}" }\n')
+  t.same(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x', GATEWAY_PORT: '80x', LOG_LEVEL: 'DEBUG' })), [
+    'listen.port: must be integer (its value came from GATEWAY_PORT)',
+    'log.level: must be one of "fatal", "error", "warn", "info", "debug", "trace", "silent" (its value came from LOG_LEVEL)'
+  ])
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "${GATEWAY_PORT:-80x}" }\n'), { OHMYGPT_API_KEY: 'x' })),
+    ['listen.port: must be integer'], 'a default written in the file is in plain sight')
+})
+
 t.test('an environment value is never parsed as YAML', async t => {
   const config = loadConfig(yamlFile(minimal + 'audit: { file: "${AUDIT_FILE}" }\n'), { OHMYGPT_API_KEY: 'x', AUDIT_FILE: 'a: b\n  - [c' })
   t.equal(config.audit.file, 'a: b\n  - [c')
@@ -100,6 +110,22 @@ t.test('every bad field is reported with its path', async t => {
   t.same(problems(() => parseConfig({ upstream, trustProxy: 'yes' })), ['trustProxy: must be one of false, a list'])
   t.same(problems(() => parseConfig({ upstream, trustProxy: [] })), ['trustProxy: must NOT have fewer than 1 items'], 'a list breaking a rule: that rule')
   t.same(problems(() => parseConfig({ upstream, trustProxy: [123] })), ['trustProxy[0]: must be string'], 'a bad item: the item, alone')
+})
+
+t.test('an id, a digest, an expiresAt or a keyPrefix of the wrong form is said in words, not as a regular expression', async t => {
+  const found = problems(() => loadConfig(yamlFile(minimal.replace('id: team-search', 'id: Team-Search') + `  - id: b
+    keys: [{ id: "key 1", sha256: "${'b'.repeat(64)}", expiresAt: 2025-07-01 }, { id: k2, sha256: ${'1'.repeat(64)} }, { id: k3, sha256: "B" }]
+    scopes: [read]
+store: { keyPrefix: "ogw rl" }
+`), { OHMYGPT_API_KEY: 'x' }))
+  t.same(found, [
+    'store.keyPrefix: must be 1 to 64 letters, digits, ":", ".", "_" or "-" (ogw:rl:)',
+    'clients[0].id: must be 1 to 64 lowercase letters, digits, ".", "_" or "-" (team-a)',
+    'clients[1].keys[0].id: must be 1 to 64 letters, digits, ".", "_" or "-" (2025-06)',
+    'clients[1].keys[0].expiresAt: must be a date and time with its offset, as "2025-07-01T00:00:00Z"',
+    'clients[1].keys[1].sha256: must be 64 lowercase hex characters (quote it in YAML)',
+    'clients[1].keys[2].sha256: must be 64 lowercase hex characters (quote it in YAML)'
+  ])
 })
 
 t.test('duplicate client ids and digests are bad fields', async t => {
@@ -209,6 +235,15 @@ t.test('an upstream base URL with user:password@ is refused: never sent, it woul
   t.same(problems(() => parseConfig({ upstream: upstream('https://line.example:8443/api/v1') })), [], 'a port and a path prefix are fine')
 })
 
+t.test('an upstream base URL that is a host and /v1 (an SDK\'s base URL) is refused: every call would go to /v1/v1 and get 404', async t => {
+  const upstream = (url: string) => ({ baseUrls: ['https://cn2us02.opapi.win', url], apiKey: 'k' })
+  for (const url of ['https://cn2us02.opapi.win/v1', 'https://cn2us02.opapi.win/v1/', 'http://127.0.0.1:8080/v1']) {
+    t.match(problems(() => parseConfig({ upstream: upstream(url) })), [/^upstream\.baseUrls\[1\]: .*\/v1\/v1\/conversations.*without the \/v1/], `${url}: refused, the line named`)
+  }
+  t.same(problems(() => parseConfig({ upstream: upstream('https://cn2us02.opapi.win/') })), [], 'a trailing slash alone is fine')
+  t.same(problems(() => parseConfig({ upstream: upstream('https://line.example/v1beta') })), [], 'a path that only starts like it is fine')
+})
+
 t.test('store.url takes memory:// or a redis URL, and a bad one is refused without echoing its password', async t => {
   const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
   const store = (s: Record<string, unknown>) => parseConfig({ upstream, store: s }).store
@@ -231,7 +266,10 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
     ['memory://x', /store\.url: must be/],
     // a % that starts no escape: accepted, the start crashed in the Redis client with a stack trace
     [`redis://:pa%zz${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
-    [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/]
+    [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
+    // a password from a password manager: each of these ends the host part of a URL
+    [`redis://:pa#${secret}@redis:6379/0`, /store\.url: .*percent-encode .*#/],
+    [`redis://:pa?${secret}@redis:6379/0`, /store\.url: .*percent-encode .*\?/]
   ]
   for (const [url, message] of bad) {
     const found = problems(() => parseConfig({ upstream, store: { url } }))
@@ -389,6 +427,26 @@ t.test('a ${ that is no placeholder the gateway fills is refused naming its key,
     'a default not used is not read (as ${A:-${B}} with B unset)')
   t.match(problems(() => loadAuditFile(yamlFile(minimal + 'audit: { file: "${AUDIT_FILE-/var/a.jsonl}" }\n'), {})), [/^audit\.file: /],
     'audit verify and query, which read audit.file alone, refuse it as well')
+})
+
+t.test('a $VAR without braces (the shell\'s and compose\'s spelling) is refused naming its key, never taken as literal text', async t => {
+  // It was kept as it is: "$OHMYGPT_API_KEY" became the upstream token sent on every call (each answered 502
+  // upstream_auth_failed), "redis://:$REDIS_PASSWORD@redis" the Redis password, from a config check-config passed.
+  const env = { OHMYGPT_API_KEY: 'x', REDIS_PASSWORD: 'p' }
+  t.same(problems(() => loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$OHMYGPT_API_KEY')), env)),
+    ['upstream.apiKey: write ${OHMYGPT_API_KEY}: a variable without braces is not filled in'])
+  t.same(problems(() => loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$OHMYGPT_API_KEY')), {})),
+    ['upstream.apiKey: write ${OHMYGPT_API_KEY}: a variable without braces is not filled in'], 'the whole value, with the variable unset too')
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'store: { url: "redis://:$REDIS_PASSWORD@redis:6379/0" }\n'), env)),
+    ['store.url: write ${REDIS_PASSWORD}: a variable without braces is not filled in'], 'inside a value, a variable the environment has')
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: $GATEWAY_PORT }\n'), { ...env, GATEWAY_PORT: '1' })),
+    ['listen.port: write ${GATEWAY_PORT}: a variable without braces is not filled in'], 'said once, not also as "must be integer"')
+  t.equal(loadConfig(yamlFile(minimal + 'store: { url: "redis://:pa$SECRET-1@redis:6379/0" }\n'), env).store.url,
+    'redis://:pa$SECRET-1@redis:6379/0', 'a $ inside a value naming no variable set is text (a password may hold one)')
+  t.equal(loadConfig(yamlFile(minimal + 'store: { url: "${STORE_URL}" }\n'), { ...env, STORE_URL: 'redis://:$REDIS_PASSWORD@redis:6379/0' }).store.url,
+    'redis://:$REDIS_PASSWORD@redis:6379/0', 'a value from the environment is taken as it is')
+  t.match(problems(() => loadAuditFile(yamlFile(minimal + 'audit: { file: "./audit/$HOSTNAME.jsonl" }\n'), { HOSTNAME: 'h' })),
+    ['audit.file: write ${HOSTNAME}: a variable without braces is not filled in'], 'audit verify and query, which read audit.file alone, refuse it as well')
 })
 
 t.test('a duration past Node\'s longest timer (2147483647 ms) is refused: Node would fire it after 1 ms', async t => {

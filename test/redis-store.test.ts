@@ -213,6 +213,7 @@ t.test('a Redis that is down at start does not stop the store; it connects when 
   const redis = await startRedis(t)
   await redis.stop()
   const s = await store(t, redis, { onFailure: 'closed' })
+  t.match(s.log.lines.filter(l => l.level === 'warn'), [{ msg: /rate-limit store unavailable: refusing calls/ }], 'the outage said at once, once')
   await t.rejects(s.take('a', SLOW), StoreUnavailableError)
   await redis.start()
   await eventually(() => s.take('a', SLOW).catch(() => null), 'connected')
@@ -247,6 +248,8 @@ t.test('a password in the URL authenticates, and is never logged; a wrong one re
   const err = await wrong.catch((e: unknown) => e)
   t.type(err, StartupError, 'said in one line, as start says any problem it cannot start with')
   t.match((err as Error).message, /^store\.url: Redis refused the user or password given in it \((WRONGPASS|NOAUTH)/)
+  t.notOk(log.lines.some(l => /rate-limit store unavailable/.test(l.msg)),
+    'no line that says the gateway serves on (from local buckets) before the start is refused')
   const said = `${(err as Error).message} ${JSON.stringify(log.lines)}`
   t.notMatch(said, 'wrong-Pa55word')
   t.notMatch(said, 'S3cret')

@@ -948,7 +948,7 @@ t.test('check-config refuses a client with both key forms, or neither', async t 
   t.throws(() => parseConfig({ ...base, clients: [both] }), { message: /clients\[0\]: give either keySha256 or keys, not both/ })
   t.throws(() => parseConfig({ ...base, clients: [{ id: 'a', scopes: ['read'] }] }), { message: /clients\[0\]: give either keySha256 or keys, not neither/ })
   t.throws(() => parseConfig({ ...base, clients: [{ ...both, keySha256: undefined, keys: [{ id: 'k', sha256: keyDigest(KEY_A), expiresAt: 'tomorrow' }] }] }),
-    { message: /clients\[0\]\.keys\[0\]\.expiresAt: must match/ })
+    { message: /clients\[0\]\.keys\[0\]\.expiresAt: must be a date and time/ })
 })
 
 t.test('an expiresAt on a day its month does not have is refused, not taken for a day of the next month', async t => {

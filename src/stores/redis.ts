@@ -210,6 +210,12 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   #asking = false
   /** A READONLY answer has asked for a new connection; the others on this one need not ask again. */
   #leavingReadOnly = false
+  /**
+   * connect() is still judging the first connection: a failure of it is held, not logged as an outage ("serving from
+   * local in-memory buckets"), since it may refuse the start instead.
+   */
+  #judging = true
+  #heldFailure: string | null = null
 
   /**
    * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
@@ -225,7 +231,16 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       await store.close()
       throw new StartupError(`store.url: ${problem}`)
     }
+    store.#judged()
     return store
+  }
+
+  /** The start goes on: a failure of the first connection was an outage after all, and is said as one. */
+  #judged (): void {
+    this.#judging = false
+    if (this.#heldFailure === null) return
+    this.#outage.failed(this.#heldFailure, false)
+    if (this.#redis.status === 'ready' && !this.#noSuchDb) this.#outage.recovered()
   }
 
   private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
@@ -269,9 +284,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#redis.on('error', (err: unknown) => {
       const reason = this.#reasonOf(err)
       if (reason.includes('DB index is out of range')) this.#noSuchDb = true
-      this.#outage.failed(reason, false)
+      if (this.#judging) this.#heldFailure = reason
+      else this.#outage.failed(reason, false)
     })
-    this.#redis.on('ready', () => { if (!this.#noSuchDb) this.#outage.recovered() })
+    this.#redis.on('ready', () => { if (!this.#judging && !this.#noSuchDb) this.#outage.recovered() })
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
