@@ -342,13 +342,14 @@ function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string
 }
 
 /**
- * The shell's and compose's `$VAR` written in the file: a value that is `$NAME` alone, or holds `$NAME` of a variable
- * the environment has. Kept as it is, it would become the upstream token or the Redis password. Another `$` inside a
- * value is text (a password may hold one), and is never repeated in a message.
+ * The shell's and compose's `$VAR` written in the file: a value that is `$NAME` alone with NAME in a variable's usual
+ * capitals, or holds `$NAME` of a variable the environment has. Kept as it is, it would become the upstream token or
+ * the Redis password. Another `$` inside a value is text (a password may hold one, even one that is `$` and a word),
+ * and is never repeated in a message.
  */
 function bareVariable (text: string, env: NodeJS.ProcessEnv): string | undefined {
   if (!text.includes('$')) return undefined
-  const whole = /^\$([A-Za-z_][A-Za-z0-9_]*)$/.exec(text)
+  const whole = /^\$([A-Z_][A-Z0-9_]*)$/.exec(text)
   if (whole !== null) return whole[1]
   for (const [, name] of text.matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) if (env[name!] !== undefined) return name
   return undefined

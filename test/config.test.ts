@@ -443,6 +443,8 @@ t.test('a $VAR without braces (the shell\'s and compose\'s spelling) is refused 
     ['listen.port: write ${GATEWAY_PORT}: a variable without braces is not filled in'], 'said once, not also as "must be integer"')
   t.equal(loadConfig(yamlFile(minimal + 'store: { url: "redis://:pa$SECRET-1@redis:6379/0" }\n'), env).store.url,
     'redis://:pa$SECRET-1@redis:6379/0', 'a $ inside a value naming no variable set is text (a password may hold one)')
+  t.equal(loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$s3cret_token')), {}).upstream.apiKey, '$s3cret_token',
+    'a whole value of $ and a word not in a variable\'s capitals, naming no variable set, is text: a secret may be one')
   t.equal(loadConfig(yamlFile(minimal + 'store: { url: "${STORE_URL}" }\n'), { ...env, STORE_URL: 'redis://:$REDIS_PASSWORD@redis:6379/0' }).store.url,
     'redis://:$REDIS_PASSWORD@redis:6379/0', 'a value from the environment is taken as it is')
   t.match(problems(() => loadAuditFile(yamlFile(minimal + 'audit: { file: "./audit/$HOSTNAME.jsonl" }\n'), { HOSTNAME: 'h' })),
