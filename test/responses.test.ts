@@ -1210,8 +1210,11 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.type(inConversation, OpenAI.NotFoundError)
   t.match(inConversation, { status: 404, code: 'conversation_not_found', param: 'conversation_id' })
   t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: { id: conv.id } } as never)), { status: 404, code: 'conversation_not_found' }, '{ id } form too')
-  t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })),
-    { status: 404, code: 'previous_response_not_found', param: 'previous_response_id' })
+  // OpenAI answers a previous_response_id it cannot find 400 (BadRequestError), not 404: clients that start again
+  // with the whole context on that error (as its conversation-state guide has them) catch it by that status.
+  const notPrevious = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id }))
+  t.type(notPrevious, OpenAI.BadRequestError)
+  t.match(notPrevious, { status: 400, code: 'previous_response_not_found', param: 'previous_response_id', type: 'invalid_request_error' })
   for (const [label, call] of [
     ['retrieve', () => b.responses.retrieve(response.id)],
     ['input_items', () => b.responses.inputItems.list(response.id)],
@@ -1231,10 +1234,15 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.equal(cancelled.status, 'cancelled')
   t.notMatch(JSON.stringify(cancelled), /gateway_owner/)
   t.equal((await sdk(KEYS.admin).responses.retrieve(response.id)).id, response.id, 'an admin reads it')
+  await a.responses.delete(chained.id)
+  const gone = await rejection(a.responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: chained.id }))
+  t.type(gone, OpenAI.BadRequestError, 'A\'s own previous response, deleted: the 400 OpenAI answers, the same as B got')
+  t.match(gone, { status: 400, code: 'previous_response_not_found', param: 'previous_response_id' })
 
   const denied = gw.audit().filter(r => r.clientId === 'team-other')
   t.equal(denied.length, 7)
-  t.ok(denied.every(r => r.status === 404 && r.outcome === 'denied' && r.ownerId === 'team-full'), 'audited denied, naming the owner')
+  t.same(denied.map(r => r.status), [404, 404, 400, 404, 404, 404, 404])
+  t.ok(denied.every(r => r.outcome === 'denied' && r.ownerId === 'team-full'), 'audited denied, naming the owner')
 
   // A fresh gateway (empty cache) finds the owner in the response's metadata upstream.
   const restarted = await startGateway(t, testConfig(upstream.url))
@@ -1264,8 +1272,8 @@ t.test('a create refused another team\'s previous response is audited with that 
   const b = sdk(KEYS.other)
   const response = await a.responses.create({ model: 'gpt-4o', input: 'secret' })
   const own = await b.conversations.create({})
-  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })), OpenAI.NotFoundError)
-  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: own.id, previous_response_id: response.id })), OpenAI.NotFoundError)
+  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })), OpenAI.BadRequestError)
+  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: own.id, previous_response_id: response.id })), OpenAI.BadRequestError)
   const chained = await a.responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: response.id })
 
   const creates = gw.audit().filter(r => r.action === 'response.create')
@@ -1336,7 +1344,7 @@ t.test('a conversation or previous_response_id of another shape than the API tak
   t.equal(fine.status, 200, 'null is no conversation and no previous response')
 })
 
-t.test('a conversation or previous_response_id string that is no id is a 404 that quotes it cut short: a client cannot have megabytes echoed back', async t => {
+t.test('a conversation or previous_response_id string that is no id is a 404 (400) that quotes it cut short: a client cannot have megabytes echoed back', async t => {
   const { upstream, gw } = await setup(t)
   const long = 'c'.repeat(100_000)
   for (const [param, code] of [['conversation', 'conversation_not_found'], ['previous_response_id', 'previous_response_not_found']] as const) {
@@ -1345,7 +1353,7 @@ t.test('a conversation or previous_response_id string that is no id is a 404 tha
       method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
       body: JSON.stringify({ model: 'gpt-4o', input: 'hi', [param]: long })
     })
-    t.equal(res.status, 404, param)
+    t.equal(res.status, param === 'conversation' ? 404 : 400, param)
     const text = await res.text()
     t.ok(text.length < 1000, `${param}: the answer is ${text.length} bytes, not the whole id again`)
     const { error } = JSON.parse(text) as { error: { code: string, message: string } }
