@@ -78,6 +78,41 @@ t.test('create, retrieve, list input items and delete a response in a conversati
   t.ok(records.every(r => r.responseId === response.id), 'every record names the response')
 })
 
+t.test('a delete answered 200 with no body (OpenAI documents its success so), or 204, is done for the SDK: not a 502 it sends again', async t => {
+  // The SDKs take a delete's answer as void (Accept: */*): the gateway read it as JSON, 502 on an empty one, and
+  // the SDK sent the DELETE twice more, to be told the response it had deleted was not found.
+  const { upstream, gw, sdk } = await setup(t)
+  const a = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+  for (const [label, answer] of [
+    ['200, no body', (res: import('node:http').ServerResponse) => { res.writeHead(200, { 'content-length': '0' }).end() }],
+    ['200 JSON, no body', (res: import('node:http').ServerResponse) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': '0' }).end() }],
+    ['204', (res: import('node:http').ServerResponse) => { res.writeHead(204).end() }]
+  ] as const) {
+    const response = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi' })
+    const before = upstream.requests.length
+    upstream.respond = (_req, res) => { answer(res) }
+    const { response: raw } = await a.responses.delete(response.id).withResponse()
+    upstream.respond = null
+    t.equal(raw.status, label === '204' ? 204 : 200, `${label}: passed on`)
+    t.same(upstreamCalls(upstream, before), ['DELETE /v1/responses/resp_x'], `${label}: sent once`)
+    t.match(gw.audit().at(-1), { action: 'response.delete', status: raw.status, outcome: 'ok', responseId: response.id })
+  }
+})
+
+t.test('a response\'s input items are passed on as they stream, as a conversation\'s items are: a listing past 16 MiB is not a 502', async t => {
+  // (Read whole as JSON, for usage a listing never holds, it was bound by what an answer read whole may be.)
+  const { upstream, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'hi' })
+  const big = 'x'.repeat(17 * 1024 * 1024)
+  upstream.respond = (_req, res) => {
+    const body = JSON.stringify({ object: 'list', data: [{ id: 'msg_1', type: 'message', role: 'user', content: [{ type: 'input_text', text: big }] }], first_id: 'msg_1', last_id: 'msg_1', has_more: false })
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body)
+  }
+  const listed = await a.responses.inputItems.list(response.id)
+  t.equal((listed.data[0] as { content: Array<{ text: string }> }).content[0]!.text.length, big.length, 'the whole listing came')
+})
+
 t.test('a streamed response reaches the client event by event, before the upstream has finished', async t => {
   const { gw, sdk, streamEnds } = await setup(t, {}, 80)
   const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'one two three four', stream: true })
