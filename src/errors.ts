@@ -126,9 +126,11 @@ export const ResponseNotFoundError = define('response_not_found', 404, 'invalid_
   "Response with id '%s' not found.", { param: 'response_id' })
 export const ResponseNotOwnedError = define('response_not_found', 404, 'invalid_request_error',
   "Response with id '%s' not found.", { param: 'response_id', outcome: 'denied' })
-export const PreviousResponseNotFoundError = define('previous_response_not_found', 404, 'invalid_request_error',
+// 400, not 404: OpenAI answers a previous_response_id it cannot find so (the SDKs' BadRequestError), and clients that
+// start again with the whole context on it (its conversation-state guide) tell it by that status and code.
+export const PreviousResponseNotFoundError = define('previous_response_not_found', 400, 'invalid_request_error',
   "Previous response with id '%s' not found.", { param: 'previous_response_id' })
-export const PreviousResponseNotOwnedError = define('previous_response_not_found', 404, 'invalid_request_error',
+export const PreviousResponseNotOwnedError = define('previous_response_not_found', 400, 'invalid_request_error',
   "Previous response with id '%s' not found.", { param: 'previous_response_id', outcome: 'denied' })
 export const MethodNotAllowedError = define('method_not_allowed', 405, 'invalid_request_error',
   'Method %s is not allowed on %s.')

@@ -431,7 +431,8 @@ t.test('another team\'s 404 costs what a missing id\'s does: one lookup upstream
       const kind = id.startsWith('conv_') ? 'conversations' : 'responses'
       const counts = seen[label] ??= []
       const before = gets(`/v1/${kind}/${id}`)
-      t.type(await rejection(call(id)), OpenAI.NotFoundError, `${label}, round ${round}: 404`)
+      // (a previous_response_id not found is a 400, as OpenAI answers it)
+      t.type(await rejection(call(id)), label === 'A\'s previous response' ? OpenAI.BadRequestError : OpenAI.NotFoundError, `${label}, round ${round}: refused`)
       counts.push(gets(`/v1/${kind}/${id}`) - before)
       await rejection(call(id))
       counts.push(gets(`/v1/${kind}/${id}`) - before)
@@ -451,7 +452,8 @@ t.test('another team\'s 404 costs what a missing id\'s does: one lookup upstream
   await a.conversations.retrieve(conv.id)
   await a.responses.retrieve(response.id)
   t.same(calls(upstream.requests.slice(before)), [`GET /v1/conversations/${conv.id}`, `GET /v1/responses/${response.id}`], 'A: the calls themselves, no lookup')
-  t.ok(gw.audit().filter(r => r.clientId === 'team-other').every(r => r.status === 404), 'every call of B was a 404')
+  t.ok(gw.audit().filter(r => r.clientId === 'team-other').every(r => r.status === (r.previousResponseId === null ? 404 : 400)),
+    'every call of B was a 404 (a 400 naming a previous response)')
 })
 
 t.test('a stranger who keeps asking for another team\'s object is looked up again once notFoundTtlMs has passed, as for a missing id: refusals do not keep the refusal remembered', async t => {

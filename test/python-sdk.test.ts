@@ -154,15 +154,20 @@ t.test('the Python SDK reads items with include, and generates a response into i
 
   const refused = raised(out.step('other team: responses.create in conversation'))
   t.match(refused, { class: 'openai.NotFoundError', statusCode: 404, code: 'conversation_not_found', param: 'conversation_id' })
+  // OpenAI's answer to a previous_response_id it cannot find: 400, BadRequestError, with the sync and the async client.
+  for (const name of ['other team: responses.create previous_response_id', 'other team, async client: responses.create previous_response_id']) {
+    t.match(raised(out.step(name)), { class: 'openai.BadRequestError', statusCode: 400, code: 'previous_response_not_found', type: 'invalid_request_error', param: 'previous_response_id' }, name)
+  }
 
   const include = 'include%5B%5D=message.output_text.logprobs'
-  t.same(seen({ ':c': conv, ':hi': hi }), [
+  t.same(seen({ ':c': conv, ':hi': hi, ':r': response.id }), [
     'POST /v1/conversations',
     `GET /v1/conversations/:c/items?${include}&limit=1&order=asc`,
     `GET /v1/conversations/:c/items/:hi?${include}`,
     'POST /v1/responses',
     'GET /v1/conversations/:c/items?order=asc',
-    'GET /v1/conversations/:c' // the other team's: the gateway's lookup, as a missing id costs; its response is not sent
+    'GET /v1/conversations/:c', // the other team's: the gateway's lookup, as a missing id costs; its response is not sent
+    'GET /v1/responses/:r' // (and of the previous response, once: then cached)
   ], 'include reached the upstream as the SDK wrote it; the other team\'s response never went upstream')
   t.same(gw.audit().map(r => [r.clientId, r.action, r.status, r.outcome, r.conversationId]), [
     ['team-full', 'conversation.create', 200, 'ok', conv],
@@ -170,7 +175,9 @@ t.test('the Python SDK reads items with include, and generates a response into i
     ['team-full', 'item.retrieve', 200, 'ok', conv],
     ['team-full', 'response.create', 200, 'ok', conv],
     ['team-full', 'item.list', 200, 'ok', conv],
-    ['team-limited', 'response.create', 404, 'denied', conv]
+    ['team-limited', 'response.create', 404, 'denied', conv],
+    ['team-limited', 'response.create', 400, 'denied', null],
+    ['team-limited', 'response.create', 400, 'denied', null]
   ])
 })
 

@@ -520,6 +520,19 @@ t.test('a POST whose answer did not come in time is not sent again by the SDK (x
   const before = upstream.requests.length
   await client.conversations.items.list('conv_x').then(() => null, (e: unknown) => e)
   t.equal(upstream.requests.length - before, 3, 'a GET is safe to try again: the SDK\'s two retries went upstream')
+
+  // An update sets the metadata it is given: sent twice, it does no more than once. Its 504 is a transient the SDK
+  // retries, as it would one of OpenAI's, not an error raised at once.
+  const updates = () => upstream.requests.filter(r => r.method === 'POST' && r.url === '/v1/conversations/conv_x').length
+  const timedOut = await client.conversations.update('conv_x', { metadata: { topic: 'a' } }).then(() => null, (e: unknown) => e)
+  t.match(timedOut, { status: 504, error: { code: 'upstream_timeout' } })
+  t.equal(updates(), 3, 'an update is safe to try again: the SDK\'s two retries went upstream')
+  upstream.respond = (_req, res) => {
+    if (updates() === 4) return // (the first is lost: the SDK's retry is answered)
+    res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"conv_x","object":"conversation","created_at":1,"metadata":{"topic":"a"}}')
+  }
+  const updated = await client.conversations.update('conv_x', { metadata: { topic: 'a' } })
+  t.same(updated.metadata, { topic: 'a' }, 'a lost update is served by the SDK\'s retry')
 })
 
 t.test('a generation that outlives the timeout the SDK says it has is answered 504 x-should-retry: false before it, not sent again by the SDK', async t => {

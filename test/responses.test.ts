@@ -78,6 +78,41 @@ t.test('create, retrieve, list input items and delete a response in a conversati
   t.ok(records.every(r => r.responseId === response.id), 'every record names the response')
 })
 
+t.test('a delete answered 200 with no body (OpenAI documents its success so), or 204, is done for the SDK: not a 502 it sends again', async t => {
+  // The SDKs take a delete's answer as void (Accept: */*): the gateway read it as JSON, 502 on an empty one, and
+  // the SDK sent the DELETE twice more, to be told the response it had deleted was not found.
+  const { upstream, gw, sdk } = await setup(t)
+  const a = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 2 })
+  for (const [label, answer] of [
+    ['200, no body', (res: import('node:http').ServerResponse) => { res.writeHead(200, { 'content-length': '0' }).end() }],
+    ['200 JSON, no body', (res: import('node:http').ServerResponse) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': '0' }).end() }],
+    ['204', (res: import('node:http').ServerResponse) => { res.writeHead(204).end() }]
+  ] as const) {
+    const response = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi' })
+    const before = upstream.requests.length
+    upstream.respond = (_req, res) => { answer(res) }
+    const { response: raw } = await a.responses.delete(response.id).withResponse()
+    upstream.respond = null
+    t.equal(raw.status, label === '204' ? 204 : 200, `${label}: passed on`)
+    t.same(upstreamCalls(upstream, before), ['DELETE /v1/responses/resp_x'], `${label}: sent once`)
+    t.match(gw.audit().at(-1), { action: 'response.delete', status: raw.status, outcome: 'ok', responseId: response.id })
+  }
+})
+
+t.test('a response\'s input items are passed on as they stream, as a conversation\'s items are: a listing past 16 MiB is not a 502', async t => {
+  // (Read whole as JSON, for usage a listing never holds, it was bound by what an answer read whole may be.)
+  const { upstream, sdk } = await setup(t)
+  const a = sdk(KEYS.full)
+  const response = await a.responses.create({ model: 'gpt-4o', input: 'hi' })
+  const big = 'x'.repeat(17 * 1024 * 1024)
+  upstream.respond = (_req, res) => {
+    const body = JSON.stringify({ object: 'list', data: [{ id: 'msg_1', type: 'message', role: 'user', content: [{ type: 'input_text', text: big }] }], first_id: 'msg_1', last_id: 'msg_1', has_more: false })
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body)
+  }
+  const listed = await a.responses.inputItems.list(response.id)
+  t.equal((listed.data[0] as { content: Array<{ text: string }> }).content[0]!.text.length, big.length, 'the whole listing came')
+})
+
 t.test('a streamed response reaches the client event by event, before the upstream has finished', async t => {
   const { gw, sdk, streamEnds } = await setup(t, {}, 80)
   const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'one two three four', stream: true })
@@ -1210,8 +1245,11 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.type(inConversation, OpenAI.NotFoundError)
   t.match(inConversation, { status: 404, code: 'conversation_not_found', param: 'conversation_id' })
   t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: { id: conv.id } } as never)), { status: 404, code: 'conversation_not_found' }, '{ id } form too')
-  t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })),
-    { status: 404, code: 'previous_response_not_found', param: 'previous_response_id' })
+  // OpenAI answers a previous_response_id it cannot find 400 (BadRequestError), not 404: clients that start again
+  // with the whole context on that error (as its conversation-state guide has them) catch it by that status.
+  const notPrevious = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id }))
+  t.type(notPrevious, OpenAI.BadRequestError)
+  t.match(notPrevious, { status: 400, code: 'previous_response_not_found', param: 'previous_response_id', type: 'invalid_request_error' })
   for (const [label, call] of [
     ['retrieve', () => b.responses.retrieve(response.id)],
     ['input_items', () => b.responses.inputItems.list(response.id)],
@@ -1231,10 +1269,15 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.equal(cancelled.status, 'cancelled')
   t.notMatch(JSON.stringify(cancelled), /gateway_owner/)
   t.equal((await sdk(KEYS.admin).responses.retrieve(response.id)).id, response.id, 'an admin reads it')
+  await a.responses.delete(chained.id)
+  const gone = await rejection(a.responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: chained.id }))
+  t.type(gone, OpenAI.BadRequestError, 'A\'s own previous response, deleted: the 400 OpenAI answers, the same as B got')
+  t.match(gone, { status: 400, code: 'previous_response_not_found', param: 'previous_response_id' })
 
   const denied = gw.audit().filter(r => r.clientId === 'team-other')
   t.equal(denied.length, 7)
-  t.ok(denied.every(r => r.status === 404 && r.outcome === 'denied' && r.ownerId === 'team-full'), 'audited denied, naming the owner')
+  t.same(denied.map(r => r.status), [404, 404, 400, 404, 404, 404, 404])
+  t.ok(denied.every(r => r.outcome === 'denied' && r.ownerId === 'team-full'), 'audited denied, naming the owner')
 
   // A fresh gateway (empty cache) finds the owner in the response's metadata upstream.
   const restarted = await startGateway(t, testConfig(upstream.url))
@@ -1264,8 +1307,8 @@ t.test('a create refused another team\'s previous response is audited with that 
   const b = sdk(KEYS.other)
   const response = await a.responses.create({ model: 'gpt-4o', input: 'secret' })
   const own = await b.conversations.create({})
-  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })), OpenAI.NotFoundError)
-  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: own.id, previous_response_id: response.id })), OpenAI.NotFoundError)
+  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id })), OpenAI.BadRequestError)
+  t.type(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: own.id, previous_response_id: response.id })), OpenAI.BadRequestError)
   const chained = await a.responses.create({ model: 'gpt-4o', input: 'more', previous_response_id: response.id })
 
   const creates = gw.audit().filter(r => r.action === 'response.create')
@@ -1336,7 +1379,7 @@ t.test('a conversation or previous_response_id of another shape than the API tak
   t.equal(fine.status, 200, 'null is no conversation and no previous response')
 })
 
-t.test('a conversation or previous_response_id string that is no id is a 404 that quotes it cut short: a client cannot have megabytes echoed back', async t => {
+t.test('a conversation or previous_response_id string that is no id is a 404 (400) that quotes it cut short: a client cannot have megabytes echoed back', async t => {
   const { upstream, gw } = await setup(t)
   const long = 'c'.repeat(100_000)
   for (const [param, code] of [['conversation', 'conversation_not_found'], ['previous_response_id', 'previous_response_not_found']] as const) {
@@ -1345,7 +1388,7 @@ t.test('a conversation or previous_response_id string that is no id is a 404 tha
       method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
       body: JSON.stringify({ model: 'gpt-4o', input: 'hi', [param]: long })
     })
-    t.equal(res.status, 404, param)
+    t.equal(res.status, param === 'conversation' ? 404 : 400, param)
     const text = await res.text()
     t.ok(text.length < 1000, `${param}: the answer is ${text.length} bytes, not the whole id again`)
     const { error } = JSON.parse(text) as { error: { code: string, message: string } }

@@ -17,7 +17,7 @@ import {
   NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError,
   UpstreamUnavailableError
 } from '../errors.js'
-import { API_PREFIX, RESOURCES } from '../operations.js'
+import { API_PREFIX, RESOURCES, type Action, type Operation } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
@@ -370,11 +370,22 @@ function errorText (value: unknown): string | null {
  * A POST the upstream has, and may have done (a generation, a conversation created, items added): it answered and
  * the gateway does not pass the answer on (broken off, unreadable, not what was expected), or it was sent and its
  * answer did not come in time or the connection broke. The client's 502 or 504 tells the SDKs, which retry every
- * 5xx, not to send it again.
+ * 5xx, not to send it again (unless sending it again does no more: REPEATABLE_POSTS).
  */
-function mayBeDoneUpstream (method: string, reply: { header: (name: string, value: string) => unknown }): void {
-  if (method === 'POST') reply.header('x-should-retry', 'false')
+function mayBeDoneUpstream (request: CalledFor, reply: { header: (name: string, value: string) => unknown }): void {
+  if (request.method === 'POST' && !(request.operation !== null && REPEATABLE_POSTS.has(request.operation.action))) {
+    reply.header('x-should-retry', 'false')
+  }
 }
+
+/** What mayBeDoneUpstream reads of a request. */
+interface CalledFor { method: string, operation: Operation | null }
+
+/**
+ * The POSTs that do no more sent twice than once: an update sets the metadata it is given. Their 502 or 504 is a
+ * transient the SDKs retry, as they would one of OpenAI's.
+ */
+const REPEATABLE_POSTS: ReadonlySet<Action> = new Set<Action>(['conversation.update'])
 
 /** The client went away before its answer was complete (its upstream call is aborted: clientGone). */
 function clientLeft (reply: FastifyReply): boolean {
@@ -427,7 +438,7 @@ function waitWithTheClient (request: FastifyRequest, reply: FastifyReply, events
 function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown, message: string, answer: Error): void {
   if (clientLeft(reply)) return
   request.log.warn({ err: { message: (err as Error).message } }, message)
-  mayBeDoneUpstream(request.method, reply)
+  mayBeDoneUpstream(request, reply)
   reply.send(answer)
 }
 
@@ -435,7 +446,7 @@ function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown
 function answerFailure (reply: {
   header: (name: string, value: string) => unknown
   send: (answer: Error) => unknown
-  request: { method: string, upstream: unknown }
+  request: CalledFor & { upstream: unknown }
 }, error: unknown): void {
   const err = error as Error & { statusCode?: number, cause?: unknown }
   const failure = err.cause instanceof UpstreamFailure ? err.cause : err instanceof UpstreamFailure ? err : null
@@ -444,7 +455,7 @@ function answerFailure (reply: {
   // upstream may be doing it. One that every line refused, or that timed out still waiting for a pooled
   // connection (nothing sent either way), is safe to try again.
   const sent = failure !== null ? failure.sent : timedOut
-  if (sent || reply.request.upstream !== null) mayBeDoneUpstream(reply.request.method, reply)
+  if (sent || reply.request.upstream !== null) mayBeDoneUpstream(reply.request, reply)
   const answer = timedOut ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
   if (failure !== null) answer.headers = retryHeaders(failure) // every line down: when one is tried again
   reply.send(answer)
@@ -596,7 +607,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
       request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
-      mayBeDoneUpstream(request.method, reply)
+      mayBeDoneUpstream(request, reply)
       reply.send(new UpstreamUnavailableError())
       return
     }
@@ -635,7 +646,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         return
       }
       request.log.warn({ err: { message: err.message } }, 'upstream answer could not be read')
-      mayBeDoneUpstream(request.method, reply)
+      mayBeDoneUpstream(request, reply)
       out.destroy(readFailure(err))
     })
     // (what the client gets, the token taken out: an id noted for it is one it can pass back; piped already: no
@@ -754,7 +765,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     res.stream.on('error', noop).destroy()
     request.log.warn({ upstreamStatus: res.statusCode, contentTypes: loggedHeader(types) },
       'upstream answer has more than one content-type: not passed on')
-    mayBeDoneUpstream(request.method, reply)
+    mayBeDoneUpstream(request, reply)
     reply.send(new UpstreamUnavailableError())
     return false
   }
@@ -796,7 +807,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         if (isEncoded(res.headers)) {
           res.stream.on('error', noop).destroy()
           request.log.warn({ contentEncoding: loggedHeader(res.headers['content-encoding']) }, 'upstream event stream is compressed: not passed on unchecked')
-          mayBeDoneUpstream(request.method, reply)
+          mayBeDoneUpstream(request, reply)
           reply.send(new UpstreamUnavailableError())
           return
         }
@@ -846,7 +857,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           // event is the error (Fastify answers the error the stream it sends fails with).
           if (!reply.raw.headersSent && events.readableLength === 0 && !clientLeft(reply)) {
             request.log.warn({ err: { message: err.message } }, 'upstream answer could not be read')
-            mayBeDoneUpstream(request.method, reply)
+            mayBeDoneUpstream(request, reply)
             events.destroy(readFailure(err))
             return
           }
@@ -873,7 +884,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         return
       }
       // (unless the upstream said otherwise itself)
-      if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request.method, reply)
+      if (ORIGIN_MAY_HAVE_IT.has(res.statusCode) && !reply.hasHeader('x-should-retry')) mayBeDoneUpstream(request, reply)
       // A line that redirects (retried on another line already, when there was one): the client cannot follow it
       // (its location names the upstream, and would get the client's key), nor would the gateway (the token).
       if (isRedirect(res.statusCode)) {

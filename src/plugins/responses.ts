@@ -8,7 +8,7 @@ import {
   UnknownParameterError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
-import { streamsRetrieve } from '../operations.js'
+import { streamsRetrieve, type Action } from '../operations.js'
 import { isObject, otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
@@ -40,6 +40,9 @@ function namedContainer (tools: unknown): { param: string, otherCase: boolean } 
   }
   return null
 }
+
+/** The calls answered with a response object (the streamed ones with its events). */
+const ANSWERS_A_RESPONSE: ReadonlySet<Action> = new Set<Action>(['response.create', 'response.retrieve', 'response.cancel'])
 
 export default fp(async function responses (app) {
   app.decorateRequest('responseFacts', null)
@@ -109,7 +112,10 @@ export default fp(async function responses (app) {
     // A streamed generation in the foreground ends with a last event of its own (a background one may also end by
     // being cancelled from elsewhere, which has none).
     if (creating && stream && (background === undefined || background === null || background === false)) facts.mustEnd = true
-    addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer })
+    // Only a response object says anything of the call (its usage, a failure): the answers that are one are read as
+    // JSON. A delete's (void to the SDKs: OpenAI documents a 200 with no content) and an input items listing (as long
+    // as the items are) pass as they come.
+    if (ANSWERS_A_RESPONSE.has(op.action)) addAnswerRewrite(request, answer => { observeResponse(facts, answer); return answer })
     addEventRewrite(request, event => { observeEvent(facts, event); return event })
     done()
   })
