@@ -492,6 +492,19 @@ t.test('closed: a Redis that refuses every bucket write (OOM) makes the store un
   t.equal((await s.take('a', SLOW)).allowed, true, 'calls are served from the shared bucket again')
 })
 
+t.test('a Redis already full (OOM) when the store connects: unavailable from the start, and said, not found out by the first call', async t => {
+  const redis = await startRedis(t)
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  const s = await store(t, redis, { onFailure: 'closed' })
+  t.equal(s.available(), false, '/readyz says store_unavailable before any call is let in')
+  t.match(s.log.lines, [{ level: 'warn', msg: /^rate-limit store unavailable/, obj: { reason: /^OOM/ } }], 'the outage is logged at start')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  await eventually(async () => s.available(), 'available once Redis takes writes, without any call')
+  t.match(s.log.lines.map(l => l.msg), [/^rate-limit store unavailable/, /^rate-limit store recovered/])
+  t.equal((await s.take('a', SLOW)).allowed, true, 'served from the shared bucket')
+})
+
 t.test('an answer Redis gave in time is used even when this process was too busy to read it before store.timeoutMs', async t => {
   // A burst of calls on one replica keeps its event loop busy past the store timeout while Redis answers at once:
   // judged by the loop's own delay, or sent only once the loop is free, each call would fall back to the local bucket

@@ -240,7 +240,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#judging = false
     if (this.#heldFailure === null) return
     this.#outage.failed(this.#heldFailure, false)
-    if (this.#redis.status === 'ready' && !this.#noSuchDb) this.#outage.recovered()
+    if (this.available()) this.#outage.recovered()
   }
 
   private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
@@ -337,7 +337,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   /**
    * The user in store.url may not run what every call runs (an ACL user without EVALSHA, or without a command the
    * script calls: TIME, HMGET, HSET, PEXPIRE), or the notes' SET and MGET: why, or null. Asked once, on the probe's
-   * key; any other answer (an OOM under noeviction, Redis gone again) is an outage, not a refusal of the config.
+   * key; any other answer (an OOM under noeviction, Redis gone again) is an outage, not a refusal of the config. A
+   * refusal of the script (OOM) is one from the start: said, and probed by the heartbeat, as a call's would be, so
+   * that /readyz does not let calls in to find it out.
    */
   async #notPermitted (): Promise<string | null> {
     const key = this.#keyPrefix + PROBE_KEY
@@ -348,7 +350,12 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       return null
     } catch (err) {
       const reason = this.#reasonOf(err)
-      return NOT_PERMITTED.test(reason) ? `the user given in it may not run what the gateway needs (${reason})` : null
+      if (NOT_PERMITTED.test(reason)) return `the user given in it may not run what the gateway needs (${reason})`
+      if (err instanceof ReplyError) {
+        this.#refused()
+        this.#heldFailure = reason
+      }
+      return null
     }
   }
 
