@@ -505,6 +505,24 @@ t.test('a Redis already full (OOM) when the store connects: unavailable from the
   t.equal((await s.take('a', SLOW)).allowed, true, 'served from the shared bucket')
 })
 
+t.test('a Redis that refuses writes (OOM) and drops the connection: connecting again is no recovery while it still refuses', async t => {
+  const redis = await startRedis(t)
+  const s = await store(t, redis, { onFailure: 'closed' })
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  await t.rejects(s.take('a', SLOW), { name: 'StoreUnavailableError', message: /OOM/ })
+  const clientIds = async () => [...(await redis.command('CLIENT LIST')).matchAll(/^id=(\d+).* cmd=(?!client\|list)/gm)].map(m => m[1])
+  const [before] = await clientIds()
+  t.match(await redis.command('CLIENT KILL TYPE normal'), /:\d/)
+  await eventually(async () => (await clientIds()).some(id => id !== before), 'connected again')
+  await sleep(300) // (its handshake answered: ready)
+  t.equal(s.available(), false, 'still refusing')
+  t.notOk(s.log.lines.some(l => l.msg.includes('recovered')), 'no "buckets are shared again" while every call is refused')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  await eventually(async () => s.available(), 'available once Redis takes writes')
+  t.equal(s.log.lines.filter(l => l.msg.includes('recovered')).length, 1, 'the recovery is logged then, once')
+})
+
 t.test('an answer Redis gave in time is used even when this process was too busy to read it before store.timeoutMs', async t => {
   // A burst of calls on one replica keeps its event loop busy past the store timeout while Redis answers at once:
   // judged by the loop's own delay, or sent only once the loop is free, each call would fall back to the local bucket

@@ -287,7 +287,8 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       if (this.#judging) this.#heldFailure = reason
       else this.#outage.failed(reason, false)
     })
-    this.#redis.on('ready', () => { if (!this.#judging && !this.#noSuchDb) this.#outage.recovered() })
+    // (A Redis refusing the script still refuses it on a new connection: the probe that finds it taking it says so.)
+    this.#redis.on('ready', () => { if (!this.#judging && this.available()) this.#outage.recovered() })
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
