@@ -607,3 +607,23 @@ t.test('issued items: a note Redis did not take (refused a moment, or the connec
   const ttl = Number(/:(-?\d+)/.exec(await redis.command(`PTTL ${KEY_PREFIX}issued:rs_a1`))![1])
   t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
 })
+
+t.test('issued items: a Redis that comes back empty (restarted, no persistence) is given again the notes each replica knows', async t => {
+  // Else an item handed out before the restart is refused, for its 30 days, on every replica but the one that handed
+  // it out: the client's loop fails on each call the load balancer sends elsewhere (400, which the SDKs do not retry).
+  const redis = await startRedis(t)
+  const [s1, s2] = [await store(t, redis), await store(t, redis)]
+  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
+  const two = new IssuedItems({ max: 10, shared: s2, log: s2.log })
+  t.teardown(() => { one.close(); two.close() })
+  one.note(['rs_a1'], 'team-a')
+  await eventually(async () => (await redis.command('KEYS *')).includes(`${KEY_PREFIX}issued:rs_a1`), 'the note reaches Redis')
+  await redis.stop()
+  await redis.start() // empty
+  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a1`)).includes(':1'),
+    'the replica that handed it out writes it again, with no call', 5_000)
+  t.same(await issuedTo(two, ['rs_a1'], 'team-a'), answered(['rs_a1']), 'the other replica reads it')
+  t.same(await issuedTo(two, ['rs_a1'], 'team-b'), answered([]), 'as team-a\'s only')
+  const ttl = Number(/:(-?\d+)/.exec(await redis.command(`PTTL ${KEY_PREFIX}issued:rs_a1`))![1])
+  t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
+})

@@ -216,6 +216,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    */
   #judging = true
   #heldFailure: string | null = null
+  /** A connection was ready once: the next ones are told to #reconnected (see onReconnect). */
+  #connectedBefore = false
+  readonly #reconnected: Array<() => void> = []
 
   /**
    * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
@@ -287,8 +290,12 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       if (this.#judging) this.#heldFailure = reason
       else this.#outage.failed(reason, false)
     })
-    // (A Redis refusing the script still refuses it on a new connection: the probe that finds it taking it says so.)
-    this.#redis.on('ready', () => { if (!this.#judging && this.available()) this.#outage.recovered() })
+    this.#redis.on('ready', () => {
+      // (A Redis refusing the script still refuses it on a new connection: the probe that finds it taking it says so.)
+      if (!this.#judging && this.available()) this.#outage.recovered()
+      if (this.#connectedBefore) this.#reconnected.forEach(listener => { listener() })
+      this.#connectedBefore = true
+    })
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
@@ -473,6 +480,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   async recall (keys: readonly string[]): Promise<Array<string | null>> {
     if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
     return await this.#deadline(this.#redis.mget(keys.map(key => this.#keyPrefix + key)))
+  }
+
+  onReconnect (listener: () => void): void {
+    this.#reconnected.push(listener)
   }
 
   /** Redis takes writes: it has not refused the bucket script since it last ran it (see #refused). */
