@@ -492,6 +492,37 @@ t.test('closed: a Redis that refuses every bucket write (OOM) makes the store un
   t.equal((await s.take('a', SLOW)).allowed, true, 'calls are served from the shared bucket again')
 })
 
+t.test('a Redis already full (OOM) when the store connects: unavailable from the start, and said, not found out by the first call', async t => {
+  const redis = await startRedis(t)
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  const s = await store(t, redis, { onFailure: 'closed' })
+  t.equal(s.available(), false, '/readyz says store_unavailable before any call is let in')
+  t.match(s.log.lines, [{ level: 'warn', msg: /^rate-limit store unavailable/, obj: { reason: /^OOM/ } }], 'the outage is logged at start')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  await eventually(async () => s.available(), 'available once Redis takes writes, without any call')
+  t.match(s.log.lines.map(l => l.msg), [/^rate-limit store unavailable/, /^rate-limit store recovered/])
+  t.equal((await s.take('a', SLOW)).allowed, true, 'served from the shared bucket')
+})
+
+t.test('a Redis that refuses writes (OOM) and drops the connection: connecting again is no recovery while it still refuses', async t => {
+  const redis = await startRedis(t)
+  const s = await store(t, redis, { onFailure: 'closed' })
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  await t.rejects(s.take('a', SLOW), { name: 'StoreUnavailableError', message: /OOM/ })
+  const clientIds = async () => [...(await redis.command('CLIENT LIST')).matchAll(/^id=(\d+).* cmd=(?!client\|list)/gm)].map(m => m[1])
+  const [before] = await clientIds()
+  t.match(await redis.command('CLIENT KILL TYPE normal'), /:\d/)
+  await eventually(async () => (await clientIds()).some(id => id !== before), 'connected again')
+  await sleep(300) // (its handshake answered: ready)
+  t.equal(s.available(), false, 'still refusing')
+  t.notOk(s.log.lines.some(l => l.msg.includes('recovered')), 'no "buckets are shared again" while every call is refused')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  await eventually(async () => s.available(), 'available once Redis takes writes')
+  t.equal(s.log.lines.filter(l => l.msg.includes('recovered')).length, 1, 'the recovery is logged then, once')
+})
+
 t.test('an answer Redis gave in time is used even when this process was too busy to read it before store.timeoutMs', async t => {
   // A burst of calls on one replica keeps its event loop busy past the store timeout while Redis answers at once:
   // judged by the loop's own delay, or sent only once the loop is free, each call would fall back to the local bucket
@@ -573,6 +604,26 @@ t.test('issued items: a note Redis did not take (refused a moment, or the connec
   await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a1 ${KEY_PREFIX}issued:rs_a2`)).includes(':2'),
     'the missed notes reach Redis')
   t.same(await issuedTo(two, ['rs_a1', 'rs_a2'], 'team-a'), answered(['rs_a1', 'rs_a2']), 'and the other replica reads them')
+  const ttl = Number(/:(-?\d+)/.exec(await redis.command(`PTTL ${KEY_PREFIX}issued:rs_a1`))![1])
+  t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
+})
+
+t.test('issued items: a Redis that comes back empty (restarted, no persistence) is given again the notes each replica knows', async t => {
+  // Else an item handed out before the restart is refused, for its 30 days, on every replica but the one that handed
+  // it out: the client's loop fails on each call the load balancer sends elsewhere (400, which the SDKs do not retry).
+  const redis = await startRedis(t)
+  const [s1, s2] = [await store(t, redis), await store(t, redis)]
+  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
+  const two = new IssuedItems({ max: 10, shared: s2, log: s2.log })
+  t.teardown(() => { one.close(); two.close() })
+  one.note(['rs_a1'], 'team-a')
+  await eventually(async () => (await redis.command('KEYS *')).includes(`${KEY_PREFIX}issued:rs_a1`), 'the note reaches Redis')
+  await redis.stop()
+  await redis.start() // empty
+  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a1`)).includes(':1'),
+    'the replica that handed it out writes it again, with no call', 5_000)
+  t.same(await issuedTo(two, ['rs_a1'], 'team-a'), answered(['rs_a1']), 'the other replica reads it')
+  t.same(await issuedTo(two, ['rs_a1'], 'team-b'), answered([]), 'as team-a\'s only')
   const ttl = Number(/:(-?\d+)/.exec(await redis.command(`PTTL ${KEY_PREFIX}issued:rs_a1`))![1])
   t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
 })

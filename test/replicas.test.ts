@@ -457,7 +457,37 @@ t.test('in process, closed: generations that end while Redis is down give one wa
   await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === 5, 'the five calls ended')
   // (a call after them: by its answer, their charges have long been tried)
   t.equal((await fetch(`${gw.url}/v1/responses/resp_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })).status, 503)
-  const uncharged = gw.logs.filter(l => l.includes('could not be charged'))
-  t.equal(uncharged.length, 1, 'one warning for the five calls')
-  t.match(uncharged[0], /"clientId":"team-budget"/)
+  const uncharged = () => gw.logs.filter(l => l.includes('could not be charged')).map(l => JSON.parse(l) as { since: { calls: number } })
+  t.equal(uncharged().length, 1, 'one warning at once, not one each')
+  t.match(uncharged()[0], { clientId: 'team-budget' })
+  // The calls after the first are told in one more line when the interval is over, whether or not any call fails
+  // then (Redis may be back): else they would never be told.
+  const told = () => uncharged().reduce((sum, line) => sum + line.since.calls, 0)
+  await eventually(async () => told() === 5, 'every uncharged call is told', 15_000)
+  t.equal(uncharged().length, 2, 'in two lines')
+})
+
+t.test('in process, closed: usage left uncharged in the last warning interval is told when the gateway stops', async t => {
+  const redis = await startRedis(t)
+  const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
+  t.teardown(() => upstream.close())
+  const budget = { requestsPerMinute: 6000, burst: 1000, tokensPerMinute: 100_000 }
+  const gw = await startGateway(t, testConfig(upstream.url, {
+    store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' },
+    clients: [{ id: 'team-budget', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: budget }]
+  }))
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const streams = await Promise.all(Array.from({ length: 3 }, async () => {
+    const events = (await sdk.responses.create({ model: 'gpt-4o-mini', input: 'one two three four', stream: true }))[Symbol.asyncIterator]()
+    await events.next()
+    return events
+  }))
+  await redis.stop()
+  for (const events of streams) while (!(await events.next()).done);
+  await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === 3, 'the three calls ended')
+  t.equal((await fetch(`${gw.url}/v1/responses/resp_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })).status, 503)
+  await gw.app.close()
+  const lines = gw.logs.filter(l => l.includes('could not be charged')).map(l => JSON.parse(l) as { since: { calls: number, tokens: number } })
+  t.equal(lines.reduce((sum, line) => sum + line.since.calls, 0), 3, 'all three told by the time the gateway has stopped')
+  t.ok(lines.every(line => line.since.tokens > 0))
 })

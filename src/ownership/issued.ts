@@ -25,6 +25,11 @@ export interface SharedNotes {
    * without one then says nothing.
    */
   takingNotes (): boolean
+  /**
+   * Calls `listener` each time a connection to Redis is made again after the first: Redis may have come back empty
+   * (restarted without persistence), its notes gone with it.
+   */
+  onReconnect (listener: () => void): void
 }
 
 /** What IssuedItems.issuedTo knows of some ids: which went out to the caller, which to whom else. */
@@ -72,6 +77,22 @@ export class IssuedItems {
     this.#unshared = new LRUCache<string, string>({ max, ttl: ISSUED_TTL_MS })
     this.#shared = shared
     this.#log = log
+    shared?.onReconnect(() => { this.#shareAgain() })
+  }
+
+  /**
+   * Redis is connected again, and may have come back empty: every note this process knows is written again, for what
+   * is left of it, as those Redis did not take are (a note Redis still has stays as it is: the first writer keeps it).
+   * Else an item handed out before a restart of Redis would be refused, for the rest of its 30 days, on every replica
+   * but the one that knows it.
+   */
+  #shareAgain (): void {
+    for (const [id, owner] of this.#local.entries()) {
+      this.#unshared.set(id, owner, { ttl: Math.max(1, Math.ceil(this.#local.getRemainingTTL(id))) })
+    }
+    if (this.#unshared.size === 0) return
+    this.#retry ??= setInterval(() => { void this.#shareMissed() }, RETRY_MS).unref()
+    void this.#shareMissed()
   }
 
   /** `ids` went out to `owner` in an answer. The first owner noted for an id keeps it, here and in Redis. */

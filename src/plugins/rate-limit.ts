@@ -87,21 +87,37 @@ interface WarnLog { warn (obj: object, msg: string): void }
 /**
  * Usage the store could not take (Redis down with store.onFailure closed: the generations under way when an outage
  * starts end in it, up to limits.maxInFlight of them). One warning per WARN_INTERVAL_MS, with the calls and tokens
- * left uncharged since the last one, as the store logs the outage itself: not a line per call.
+ * left uncharged since the last one, as the store logs the outage itself: not a line per call. Those left after a
+ * warning are told when the interval is over, or when the gateway stops (flush), whether or not any call fails then:
+ * the outage may be over, and nothing would tell them.
  */
 class Uncharged {
   #lastWarning = -Infinity
   #calls = 0
   #tokens = 0
+  /** the latest call left uncharged, as the next warning names it */
+  #latest: { log: WarnLog, clientId: string, tokens: number, message: string } | null = null
+  #pending: NodeJS.Timeout | null = null
 
   add (log: WarnLog, clientId: string, tokens: number, err: unknown): void {
     this.#calls++
     this.#tokens += tokens
-    const now = Date.now()
-    if (now - this.#lastWarning < WARN_INTERVAL_MS) return
-    this.#lastWarning = now
-    log.warn({ err: { message: (err as Error).message }, clientId, tokens, since: { calls: this.#calls, tokens: this.#tokens } },
+    this.#latest = { log, clientId, tokens, message: (err as Error).message }
+    const wait = this.#lastWarning + WARN_INTERVAL_MS - Date.now()
+    if (wait <= 0) this.flush()
+    else this.#pending ??= setTimeout(() => { this.flush() }, wait).unref()
+  }
+
+  /** Tells what is left uncharged since the last warning, if anything. */
+  flush (): void {
+    clearTimeout(this.#pending ?? undefined)
+    this.#pending = null
+    if (this.#latest === null) return
+    const { log, clientId, tokens, message } = this.#latest
+    this.#lastWarning = Date.now()
+    log.warn({ err: { message }, clientId, tokens, since: { calls: this.#calls, tokens: this.#tokens } },
       'token budget could not be charged')
+    this.#latest = null
     this.#calls = 0
     this.#tokens = 0
   }
@@ -250,5 +266,8 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
     done(null, payload)
   })
 
-  app.addHook('onClose', async () => { await store.close() })
+  app.addHook('onClose', async () => {
+    uncharged.flush()
+    await store.close()
+  })
 }, { name: 'rate-limit', dependencies: ['auth'] })

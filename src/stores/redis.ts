@@ -216,6 +216,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    */
   #judging = true
   #heldFailure: string | null = null
+  /** A connection was ready once: the next ones are told to #reconnected (see onReconnect). */
+  #connectedBefore = false
+  readonly #reconnected: Array<() => void> = []
 
   /**
    * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
@@ -240,7 +243,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#judging = false
     if (this.#heldFailure === null) return
     this.#outage.failed(this.#heldFailure, false)
-    if (this.#redis.status === 'ready' && !this.#noSuchDb) this.#outage.recovered()
+    if (this.available()) this.#outage.recovered()
   }
 
   private constructor ({ url, timeoutMs, onFailure, keyPrefix = KEY_PREFIX, log }: RedisStoreOptions) {
@@ -287,7 +290,12 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       if (this.#judging) this.#heldFailure = reason
       else this.#outage.failed(reason, false)
     })
-    this.#redis.on('ready', () => { if (!this.#judging && !this.#noSuchDb) this.#outage.recovered() })
+    this.#redis.on('ready', () => {
+      // (A Redis refusing the script still refuses it on a new connection: the probe that finds it taking it says so.)
+      if (!this.#judging && this.available()) this.#outage.recovered()
+      if (this.#connectedBefore) this.#reconnected.forEach(listener => { listener() })
+      this.#connectedBefore = true
+    })
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
 
@@ -337,7 +345,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   /**
    * The user in store.url may not run what every call runs (an ACL user without EVALSHA, or without a command the
    * script calls: TIME, HMGET, HSET, PEXPIRE), or the notes' SET and MGET: why, or null. Asked once, on the probe's
-   * key; any other answer (an OOM under noeviction, Redis gone again) is an outage, not a refusal of the config.
+   * key; any other answer (an OOM under noeviction, Redis gone again) is an outage, not a refusal of the config. A
+   * refusal of the script (OOM) is one from the start: said, and probed by the heartbeat, as a call's would be, so
+   * that /readyz does not let calls in to find it out.
    */
   async #notPermitted (): Promise<string | null> {
     const key = this.#keyPrefix + PROBE_KEY
@@ -348,7 +358,12 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       return null
     } catch (err) {
       const reason = this.#reasonOf(err)
-      return NOT_PERMITTED.test(reason) ? `the user given in it may not run what the gateway needs (${reason})` : null
+      if (NOT_PERMITTED.test(reason)) return `the user given in it may not run what the gateway needs (${reason})`
+      if (err instanceof ReplyError) {
+        this.#refused()
+        this.#heldFailure = reason
+      }
+      return null
     }
   }
 
@@ -465,6 +480,10 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   async recall (keys: readonly string[]): Promise<Array<string | null>> {
     if (this.#noSuchDb) throw new Error('ERR DB index is out of range (the database in store.url)')
     return await this.#deadline(this.#redis.mget(keys.map(key => this.#keyPrefix + key)))
+  }
+
+  onReconnect (listener: () => void): void {
+    this.#reconnected.push(listener)
   }
 
   /** Redis takes writes: it has not refused the bucket script since it last ran it (see #refused). */
