@@ -139,7 +139,7 @@ async function startOnSilentRedis (t: Test, upstreamUrl: string) {
   const output = { text: '' }
   child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
   const exited = once(child, 'exit')
-  await eventually(async () => connected.length > 0, 'the gateway connecting to its store, its audit open')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store (before it opens the audit)')
   return { child, output, exited, file, dir, redisUrl }
 }
 
@@ -177,10 +177,11 @@ t.test('a SIGUSR2 while the gateway starts (a logrotate run, its Redis not answe
 t.test('a SIGTERM while the gateway starts (its Redis not answering yet) stops it cleanly once built: exit 0, its audit lock removed, never listening', async t => {
   const upstream = await fakeUpstream(t)
   const { child, output, exited, dir } = await startOnSilentRedis(t, upstream.url)
-  t.ok(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit lock is taken while the gateway is being built')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit is opened once the store has answered (a store refused leaves nothing)')
   child.kill('SIGTERM')
   const [code, signal] = await exited
   t.same([code, signal], [0, null], 'exit 0, not ended by the signal')
+  t.ok(existsSync(join(dir, 'audit.jsonl')), 'the gateway was built, its audit opened')
   t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit lock is removed: the next start takes it at once, with no audit.unclean_stop')
   t.notMatch(output.text, /Server listening/, 'it never listened')
 })
