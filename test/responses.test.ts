@@ -1323,6 +1323,37 @@ t.test('a create refused another team\'s previous response is audited with that 
     'audit query --response finds every call that named the response, the refused ones included')
 })
 
+t.test('an admin\'s generation in a team\'s conversation is audited with the conversation\'s owner, as the admin\'s items there are: audit query --owner finds both', async t => {
+  // The create's record named the admin, its items.create the team: `audit query --owner team-full` missed the
+  // generation an admin wrote into team-full's conversation.
+  const { gw, sdk } = await setup(t)
+  const conv = await sdk(KEYS.full).conversations.create({})
+  const admin = sdk(KEYS.admin)
+  await admin.conversations.items.create(conv.id, { items: [{ type: 'message', role: 'user', content: 'from ops' }] })
+  const response = await admin.responses.create({ model: 'gpt-4o', input: 'hi', conversation: conv.id })
+  const stream = await admin.responses.create({ model: 'gpt-4o', input: 'hi', conversation: conv.id, stream: true })
+  for await (const event of stream) void event
+  const own = await admin.responses.create({ model: 'gpt-4o', input: 'hi' })
+
+  const byAdmin = gw.audit().filter(r => r.clientId === 'ops-admin')
+  t.match(byAdmin.map(r => [r.action, r.ownerId, r.conversationId]), [
+    ['item.create', 'team-full', conv.id], ['response.create', 'team-full', conv.id], ['response.create', 'team-full', conv.id],
+    ['response.create', 'ops-admin', null]
+  ], 'each names the conversation\'s owner; a response of the admin\'s own, outside any conversation, the admin')
+  t.match(byAdmin[1], { responseId: response.id, outcome: 'ok' })
+  t.match(byAdmin[3], { responseId: own.id, outcome: 'ok' })
+
+  const { queryFiles } = await import('../src/audit/query.js')
+  const { FLAGS } = await import('../src/cli/audit-query.js')
+  await gw.auditFile()
+  const found: string[] = []
+  await queryFiles([gw.config.audit.file], [FLAGS.owner.filter!('team-full', 0), FLAGS.client.filter('ops-admin')], Infinity, record => {
+    found.push(String(record.action))
+    return true
+  })
+  t.same(found, ['item.create', 'response.create', 'response.create'], 'audit query --owner team-full --client ops-admin finds all three')
+})
+
 t.test('a call on a response refused before its checks (wrong key, missing scope, rate limit, bad query) is audited with that response\'s id, and audit query --response finds it', async t => {
   // The records of these calls had no responseId (and stream null on a streamed retrieve), where a conversation's
   // calls refused the same way keep the conversation's id from the path: `audit query --response` missed them.

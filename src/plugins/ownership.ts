@@ -484,18 +484,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * it by id anywhere: the client that creates it, or the owner of one retrieved or cancelled (an admin's retrieve hands
    * nothing to the admin; an unowned response's items stay no one's).
    */
-  function noteHandedOut (request: FastifyRequest): void {
-    const note = noteAsOwners(request, outputIdsIn)
+  function noteHandedOut (request: FastifyRequest, owner: () => string | null = () => request.ownerId): void {
+    const note = noteAsOwners(owner, outputIdsIn)
     addAnswerRewrite(request, note)
     addEventRewrite(request, note)
   }
 
-  /** Notes the ids `idsIn` finds in an answer as those of the owner of the object the call was on. */
-  function noteAsOwners (request: FastifyRequest, idsIn: (object: unknown) => string[]) {
+  /**
+   * Notes the ids `idsIn` finds in an answer as `owner`'s: by default the owner of the object the call was on, as
+   * the call's checks found it (request.ownerId, read when the answer comes).
+   */
+  function noteAsOwners (owner: () => string | null, idsIn: (object: unknown) => string[]) {
     return (object: unknown) => {
-      const owner = request.ownerId
-      const ids = owner === null ? [] : idsIn(object)
-      if (ids.length > 0) issued.note(ids, owner!)
+      const to = owner()
+      const ids = to === null ? [] : idsIn(object)
+      if (ids.length > 0) issued.note(ids, to!)
       return object
     }
   }
@@ -675,7 +678,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         await checkReferences('input', body?.input, conversation, client, request, reply)
         await checkContainers(containers, client, request, owner === client.id ? { id: conversation!, reply } : undefined)
         prepareCreate('response', request, client)
-        noteHandedOut(request)
+        // The call is on the conversation it writes into: the audit names that conversation's owner, as for an
+        // items create there (an admin's generation in a team's conversation is found by --owner with the team's).
+        // The new response, and the output items handed out, are the client's own.
+        if (conversation !== undefined) request.ownerId = owner
+        noteHandedOut(request, () => client.id)
       })()
     }
     if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) {
@@ -688,7 +695,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // the containers they ran in included, whoever made them and whenever (before a restart, in the background):
     // those containers are noted as the owner's.
     // (Read as the answer passes: a listing streams on as it came, however long.)
-    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, { mentions: '"container_id"', read: noteAsOwners(request, listedContainersIn) })
+    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, { mentions: '"container_id"', read: noteAsOwners(() => request.ownerId, listedContainersIn) })
 
     if (op.responseId !== null) {
       const responseId = op.responseId
