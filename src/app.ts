@@ -33,6 +33,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
+import { trustedProxies } from './http/address.js'
 import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
 import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
@@ -190,7 +191,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // like any other, with `Connection: close`, within the shutdown's grace; not given Fastify's bare 503.
     return503OnClosing: false,
     // The audit ip and the count of failed keys per address believe X-Forwarded-For only from these.
-    trustProxy: config.trustProxy === false ? false : [...config.trustProxy],
+    trustProxy: config.trustProxy === false ? false : trustedProxies(config.trustProxy),
     keepAliveTimeout: config.listen.keepAliveTimeoutMs,
     requestTimeout: config.listen.requestTimeoutMs,
     // Ids are checked by our own rule (operations.ts), which must decide before the router could answer
