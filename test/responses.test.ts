@@ -450,7 +450,8 @@ t.test('a background generation, or a retrieve, asked for as a stream and answer
   const retrieved = await rejection((async () => {
     for await (const _ of await sdk.responses.retrieve('resp_bg', { stream: true })) { /* none */ }
   })())
-  t.match(retrieved, { status: 502, code: 'upstream_not_streamed' }, 'a streamed retrieve: the SDK raises it')
+  t.match(retrieved, { status: 502, code: 'upstream_not_streamed', message: /resp_bg\)\. Retrieve it without stream/ }, 'a streamed retrieve: the SDK raises it')
+  t.notMatch((retrieved as Error).message, /generated/, 'a retrieve generated nothing')
 })
 
 t.test('a streamed generation answered 200 with JSON that is no response (an error body) is not said to have made a response', async t => {
@@ -464,6 +465,20 @@ t.test('a streamed generation answered 200 with JSON that is no response (an err
   t.match(err, { status: 502, code: 'upstream_not_streamed' })
   t.notMatch(err.message, /generated|Retrieve it/, 'no response to retrieve is promised')
   t.match(err.message, /no response/)
+  // A streamed retrieve answered so: its id comes from the URL, but the answer holds no response either. (The owner
+  // lookup before it, not streamed, finds team-full's response.)
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify(req.url?.includes('stream=true') === true
+      ? { error: { message: 'overloaded', type: 'server_error', param: null, code: null } }
+      : { id: 'resp_1', object: 'response', status: 'completed', model: 'gpt-4o', metadata: { gateway_owner: 'team-full' }, output: [] }))
+  }
+  const retrieved = await rejection((async () => {
+    for await (const _ of await sdk.responses.retrieve('resp_1', { stream: true })) { /* none */ }
+  })()) as Error
+  t.match(retrieved, { status: 502, code: 'upstream_not_streamed' })
+  t.notMatch(retrieved.message, /generated|Retrieve it/, 'a retrieve is not said to have generated the response')
+  t.match(retrieved.message, /no response/)
 })
 
 t.test('a generation answered whole without its usage is charged for the output it holds, not for its input alone', async t => {

@@ -14,8 +14,8 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
 import {
-  NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError,
-  UpstreamUnavailableError
+  NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, NOT_STREAMED_RETRIEVED, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError,
+  UpstreamTimeoutError, UpstreamUnavailableError
 } from '../errors.js'
 import { API_PREFIX, RESOURCES, type Action, type Operation } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
@@ -367,6 +367,17 @@ function errorText (value: unknown): string | null {
 }
 
 /**
+ * What a stream asked for and answered whole held, for its 502: the response a create made (to retrieve), the one a
+ * retrieve read (to retrieve without stream), or none (an error body: the id of a retrieve's URL was not answered).
+ */
+function notStreamed (action: string | undefined, answer: unknown): string {
+  const held = answer as { object?: unknown, id?: unknown } | null
+  if (held?.object !== 'response' || typeof held.id !== 'string') return NOT_STREAMED_OTHER
+  const id = held.id.slice(0, 200)
+  return action === 'response.create' ? NOT_STREAMED_RESPONSE(id) : NOT_STREAMED_RETRIEVED(id)
+}
+
+/**
  * A POST the upstream has, and may have done (a generation, a conversation created, items added): it answered and
  * the gateway does not pass the answer on (broken off, unreadable, not what was expected), or it was sent and its
  * answer did not come in time or the connection broke. The client's 502 or 504 tells the SDKs, which retry every
@@ -621,7 +632,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const facts = request.responseFacts
     if (facts?.stream === true) {
       request.log.warn({ responseId: facts.responseId }, 'the upstream answered a streamed request whole, not as events')
-      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? NOT_STREAMED_OTHER : NOT_STREAMED_RESPONSE(facts.responseId.slice(0, 200))))
+      reply.send(new UpstreamNotStreamedError(notStreamed(request.operation?.action, parsed)))
       return
     }
     reply.removeHeader('content-encoding')
