@@ -11,7 +11,8 @@ export interface GatewayError extends Error {
   param: string | null
   /** what the audit record says of a call answered with this error */
   outcome: ErrorOutcome
-  headers?: Record<string, string>
+  /** (a header the upstream wrote twice, passed on with its answer's retry hints, as its lines) */
+  headers?: Record<string, string | string[]>
 }
 
 type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'tokens' | 'server_error'
@@ -43,7 +44,7 @@ function define (code: string, status: number, type: ErrorType, message: string,
     readonly type = type
     readonly outcome = outcome
     param: string | null = options.param ?? null
-    headers?: Record<string, string> = options.headers === undefined ? undefined : { ...options.headers }
+    headers?: Record<string, string | string[]> = options.headers === undefined ? undefined : { ...options.headers }
     constructor (...args: unknown[]) {
       super(...args)
       this.code = code // @fastify/error upper-cases codes; OpenAI's are lower snake case

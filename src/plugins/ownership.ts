@@ -29,7 +29,7 @@ import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS, ENVIRONMENT_KEYS } from './responses.js'
 import {
-  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, observeAnswer, upstreamRateLimitHeaders
+  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, observeAnswer, retryHints, upstreamRateLimitHeaders
 } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -297,13 +297,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
   function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
     const err = new UpstreamRateLimitedError()
-    const out: Record<string, string> = {}
-    for (const name of ['retry-after', 'retry-after-ms', 'x-should-retry']) {
-      const value = headers[name]
-      if (typeof value === 'string') out[name] = scrub.header(value)
-    }
-    // (after the upstream's own x-should-retry: a wait over a minute is not to be slept through, whatever it says)
-    err.headers = { ...out, ...upstreamRateLimitHeaders(headers, scrub) }
+    err.headers = { ...retryHints(headers, scrub), ...upstreamRateLimitHeaders(headers, scrub) }
     return err
   }
   app.decorateRequest('ownerId', null)

@@ -254,17 +254,32 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
     const clean = scrub.header(value)
     if (clean !== undefined) out[name] = clean
   }
-  // A wait over a minute (a 503 retry-after of an hour) is not to be slept through (see upstreamRateLimitHeaders).
+  // A wait over a minute (a 503 retry-after of an hour, a quota reset in an hour) is not to be slept through: the SDKs
+  // would, as through the gateway's own (errors.ts, retryAfter). As the hints are passed on: one the Connection header
+  // names is not, nor read.
   if ((out['retry-after'] !== undefined || out['retry-after-ms'] !== undefined) && (askedWaitMs(out) ?? 0) > SDK_RETRY_WAIT_MS) {
     out['x-should-retry'] = 'false'
   }
   return out
 }
 
+const RETRY_HINTS = ['retry-after', 'retry-after-ms', 'x-should-retry'] as const
+
 /**
- * An upstream 429's rate-limit headers, and `x-should-retry: false` when the wait it asks is over a minute (a quota
- * reset in an hour): the SDKs would otherwise sleep through it, as through the gateway's own (errors.ts, retryAfter).
+ * The retry hints of an upstream answer the gateway answers for itself (an owner lookup's 429), exactly as an answer
+ * passed on carries them (clientResponseHeaders): a header written twice kept as its lines, searched for the token.
  */
+export function retryHints (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string | string[]> {
+  const passedOn = clientResponseHeaders(headers, scrub)
+  const out: Record<string, string | string[]> = {}
+  for (const name of RETRY_HINTS) {
+    const value = passedOn[name]
+    if (value !== undefined) out[name] = value
+  }
+  return out
+}
+
+/** An upstream 429's rate-limit headers (its retry hints are passed on with the others, clientResponseHeaders). */
 export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string> {
   const out: Record<string, string> = {}
   const listed = connectionListed(headers)
@@ -272,7 +287,6 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
     const value = headers[name]
     if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.header(value)
   }
-  if ((askedWaitMs(headers) ?? 0) > SDK_RETRY_WAIT_MS) out['x-should-retry'] = 'false'
   return out
 }
 
