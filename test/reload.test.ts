@@ -983,3 +983,18 @@ t.test('upstream.apiKeyFile: the token is read from the file (one trailing line 
     t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file is empty: it must hold the OhMyGPT token/ }, JSON.stringify(empty))
   }
 })
+
+t.test('upstream.apiKeyFile holding an env file\'s line (OHMYGPT_API_KEY=sk-...) is refused, not sent as the token, and the token is not quoted', async t => {
+  // The whole line went upstream as the Bearer token: every call 502 upstream_auth_failed, with nothing at start.
+  const { dir } = configFile('')
+  const file = join(dir, 'token')
+  for (const line of ['OHMYGPT_API_KEY=sk-Secret0123456789\n', 'OHMYGPT_API_KEY="sk-Secret0123456789"']) {
+    writeFileSync(file, line)
+    const err = (() => { try { parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }) } catch (e) { return e as Error } })()
+    t.match(err, { message: /upstream\.apiKeyFile: the file holds NAME=value \(an env file's line\?\): it must hold the token alone/ }, line)
+    t.notMatch(err?.message, /Secret0123456789/, 'without the token')
+  }
+  // A token that ends in base64's padding is a token.
+  writeFileSync(file, 'c2stdG9rZW4tMDEyMzQ1Njc4OQ==')
+  t.equal(parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }).upstream.apiKey, 'c2stdG9rZW4tMDEyMzQ1Njc4OQ==')
+})
