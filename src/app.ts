@@ -33,6 +33,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
+import { trustedProxies } from './http/address.js'
 import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
 import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
@@ -190,7 +191,7 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // like any other, with `Connection: close`, within the shutdown's grace; not given Fastify's bare 503.
     return503OnClosing: false,
     // The audit ip and the count of failed keys per address believe X-Forwarded-For only from these.
-    trustProxy: config.trustProxy === false ? false : [...config.trustProxy],
+    trustProxy: config.trustProxy === false ? false : trustedProxies(config.trustProxy),
     keepAliveTimeout: config.listen.keepAliveTimeoutMs,
     requestTimeout: config.listen.requestTimeoutMs,
     // Ids are checked by our own rule (operations.ts), which must decide before the router could answer
@@ -228,53 +229,62 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   app.decorateRequest('refusal', null)
 
   const directory = new ClientDirectory(config.clients)
-  await app.register(requestId)
-  const auditWriter = deps.auditWriter ?? await openAuditWriter({
-    ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
-  })
-  await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
-  const upstream = new Upstream(config.upstream, app.log)
-  app.addHook('onClose', async () => { await upstream.close() })
-  if (metricsEnabled(config.metrics)) {
-    await app.register(metrics, {
-      ...config.metrics,
-      isClient: id => directory.hasClient(id),
-      lastReloadApplied: () => lastReloadApplied,
-      tokenRefusals: () => upstream.refusedToken.total,
-      writer: auditWriter,
-      headersTimeoutMs: config.listen.headersTimeoutMs
-    })
-  }
   const apiKey = () => current.upstream.apiKey
-  let store: RateLimitStore
+  await app.register(requestId)
+  // The store before the audit: a start it refuses (a wrong password, a read-only replica) leaves the audit directory
+  // as it found it, with no empty audit.jsonl.
+  const store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
+  let auditWriter: AuditWriter | undefined
+  let upstream: Upstream
   try {
-    store = deps.rateLimitStore ?? await rateLimitStoreFor(config.store, app.log)
+    auditWriter = deps.auditWriter ?? await openAuditWriter({
+      ...config.audit, hmacKey: deps.auditHmacKey, log: app.log
+    })
+    await app.register(audit, { writer: auditWriter, onFailure: config.audit.onFailure })
+    // (It reads upstream.caFile again: a mounted secret replaced since the config was read can fail here.)
+    upstream = new Upstream(config.upstream, app.log)
+    app.addHook('onClose', async () => { await upstream.close() })
+    if (metricsEnabled(config.metrics)) {
+      await app.register(metrics, {
+        ...config.metrics,
+        isClient: id => directory.hasClient(id),
+        lastReloadApplied: () => lastReloadApplied,
+        tokenRefusals: () => upstream.refusedToken.total,
+        writer: auditWriter,
+        headersTimeoutMs: config.listen.headersTimeoutMs
+      })
+    }
+    await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed', token: config.metrics.token })
+    await app.register(router, { Response: responseClass })
+    await app.register(auditGate)
+    await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute })
+    await app.register(rateLimit, { store, currentClient: id => directory.client(id) })
+    await app.register(scope)
+    await app.register(body, { bodyBytes: () => current.limits.bodyBytes })
+    await app.register(responses)
+    await app.register(concurrency, { maxInFlight: () => current.limits.maxInFlight })
+    // Shared through Redis when the buckets are: an item one replica handed out may come back to another.
+    const issued = new IssuedItems({ max: config.ownership.cacheSize, shared: store instanceof RedisStore ? store : null, log: app.log })
+    app.addHook('onClose', async () => { issued.close() })
+    await app.register(ownership, {
+      upstream,
+      apiKey,
+      unowned: () => config.ownership.unowned,
+      cache: deps.ownerCache ?? new OwnerCache({
+        max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
+      }),
+      issued
+    })
+    await app.register(proxy, { upstream, apiKey })
   } catch (err) {
-    await app.close() // (the audit file and its lock, the upstream pools: a start refused leaves nothing behind)
+    // A start that fails once the audit is open leaves nothing behind: not the audit lock (the next start would be
+    // refused as a second gateway on the series), not the store's connection, not the upstream pools. The plugins
+    // registered already close what they were given in app.close(); the writer's and the store's closes may run twice.
+    await app.close().catch(() => {})
+    await auditWriter?.close()
+    await store.close()
     throw err
   }
-  await app.register(health, { upstream, store, storeRefuses: config.store.onFailure === 'closed', token: config.metrics.token })
-  await app.register(router, { Response: responseClass })
-  await app.register(auditGate)
-  await app.register(auth, { directory, failuresPerMinute: () => current.limits.authFailuresPerMinute })
-  await app.register(rateLimit, { store, currentClient: id => directory.client(id) })
-  await app.register(scope)
-  await app.register(body, { bodyBytes: () => current.limits.bodyBytes })
-  await app.register(responses)
-  await app.register(concurrency, { maxInFlight: () => current.limits.maxInFlight })
-  // Shared through Redis when the buckets are: an item one replica handed out may come back to another.
-  const issued = new IssuedItems({ max: config.ownership.cacheSize, shared: store instanceof RedisStore ? store : null, log: app.log })
-  app.addHook('onClose', async () => { issued.close() })
-  await app.register(ownership, {
-    upstream,
-    apiKey,
-    unowned: () => config.ownership.unowned,
-    cache: deps.ownerCache ?? new OwnerCache({
-      max: config.ownership.cacheSize, ttlMs: config.ownership.cacheTtlMs, missingTtlMs: config.ownership.notFoundTtlMs
-    }),
-    issued
-  })
-  await app.register(proxy, { upstream, apiKey })
 
   app.decorate('currentConfig', () => current)
   app.decorate('applyConfig', (next: GatewayConfig): ConfigChange => {

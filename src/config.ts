@@ -517,6 +517,9 @@ function readSmallFile (file: string, regularOnly: boolean): Buffer {
   }
 }
 
+/** `NAME=value`, as an env file writes a variable (NAME is not quoted: it may be part of a token after all). */
+const ENV_LINE = /^[A-Za-z_][A-Za-z0-9_]*=[^=]/
+
 /**
  * Exactly one of upstream.apiKey and upstream.apiKeyFile. The file's token goes into `apiKey` (one trailing line
  * break, as secret files often end, is not part of it); the file's path is never part of a message's secret.
@@ -535,6 +538,8 @@ function upstreamKey (upstream: { apiKey?: string, apiKeyFile?: string }): strin
   if (!new RegExp(SECRET_PATTERN).test(text)) {
     return ['upstream.apiKeyFile: the file must hold the token alone: no spaces, control characters or further lines']
   }
+  // An env file's line would go upstream whole as the token, refused on every call. (Not base64's `=` padding.)
+  if (ENV_LINE.test(text)) return ['upstream.apiKeyFile: the file holds NAME=value (an env file\'s line?): it must hold the token alone']
   upstream.apiKey = text
   return []
 }

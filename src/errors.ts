@@ -11,7 +11,8 @@ export interface GatewayError extends Error {
   param: string | null
   /** what the audit record says of a call answered with this error */
   outcome: ErrorOutcome
-  headers?: Record<string, string>
+  /** (a header the upstream wrote twice, passed on with its answer's retry hints, as its lines) */
+  headers?: Record<string, string | string[]>
 }
 
 type ErrorType = 'invalid_request_error' | 'permission_error' | 'requests' | 'tokens' | 'server_error'
@@ -43,7 +44,7 @@ function define (code: string, status: number, type: ErrorType, message: string,
     readonly type = type
     readonly outcome = outcome
     param: string | null = options.param ?? null
-    headers?: Record<string, string> = options.headers === undefined ? undefined : { ...options.headers }
+    headers?: Record<string, string | string[]> = options.headers === undefined ? undefined : { ...options.headers }
     constructor (...args: unknown[]) {
       super(...args)
       this.code = code // @fastify/error upper-cases codes; OpenAI's are lower snake case
@@ -167,11 +168,13 @@ export const UpstreamAuthError = define('upstream_auth_failed', 502, 'server_err
 // A stream asked for (a generation's, a background one's, a retrieve's) that the upstream answered whole (a relay that
 // ignores `stream: true`): the SDKs would read no event from it and end the client's loop quietly, as if nothing had
 // been said. A generation is made and charged already: not to be sent again.
-// (Its argument: NOT_STREAMED_RESPONSE with the response's id, or NOT_STREAMED_OTHER for JSON that holds none.)
+// (Its argument: NOT_STREAMED_RESPONSE with the id of the response a create's answer holds, NOT_STREAMED_RETRIEVED
+// with that of the one a retrieve's holds, or NOT_STREAMED_OTHER for JSON that holds none.)
 export const UpstreamNotStreamedError = define('upstream_not_streamed', 502, 'server_error',
   'The upstream answered this streamed request whole, as JSON, not as an event stream: %s',
   { headers: { 'x-should-retry': 'false' } })
 export const NOT_STREAMED_RESPONSE = (id: string) => `the response (${id}) was generated. Retrieve it, or send the request without stream.`
+export const NOT_STREAMED_RETRIEVED = (id: string) => `it held the response (${id}). Retrieve it without stream.`
 export const NOT_STREAMED_OTHER = 'it held no response (an error of the upstream\'s own?). Send the request without stream to see its answer.'
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')

@@ -1,9 +1,12 @@
 // The gateway's audit failure policy, with an audit file that turns bad mid-run (its path now leads to a full
 // device, which the writer refuses to write into: root ignores file modes here). "closed" (the default): API calls get 503 audit_unavailable and never
 // reach the upstream until writing works again. "open": calls are served and lost records are counted.
-import { renameSync, rmSync, symlinkSync } from 'node:fs'
+import { existsSync, renameSync, rmSync, symlinkSync } from 'node:fs'
+import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
+import { pino } from 'pino'
+import { buildApp } from '../src/app.js'
 import { chainHasher } from '../src/audit/chain.js'
 import { seriesFiles } from '../src/audit/series.js'
 import { verifySeries } from '../src/audit/verify.js'
@@ -11,6 +14,7 @@ import { openAuditWriter } from '../src/audit/writer.js'
 import { memoryLog } from './fixtures/audit.js'
 import { healthDetails, KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startUpstream } from './fixtures/upstream.js'
+import { tempDir } from './fixtures/tmp.js'
 
 function create (gw: TestGateway) {
   return fetch(`${gw.url}/v1/conversations`, {
@@ -112,4 +116,19 @@ t.test('open: calls are served while the audit cannot be written, and records th
   const series = (await seriesFiles(config.audit.file)).map(f => f.path)
   t.match(await verifySeries(series, chainHasher()), { ok: true, notes: [/3 records were lost between/] },
     'the loss is in the trail itself')
+})
+
+t.test('a start that fails once the audit is open (its caFile gone since the config was read) leaves no lock: the next start is not refused', async t => {
+  // The CA file is read again when the upstream's pools are built, after the audit writer has taken its lock; a
+  // mounted secret replaced meanwhile throws there. The lock left behind made every later start fail as a second
+  // gateway on the series, until it was removed by hand.
+  const config = testConfig('https://127.0.0.1:9')
+  const gone = { ...config, upstream: { ...config.upstream, caFile: join(tempDir('gw-ca-'), 'ca.pem') } }
+  await t.rejects(buildApp(gone, { logger: pino({ level: 'silent' }) }), { code: 'ENOENT' })
+  t.notOk(existsSync(`${config.audit.file}.lock`), 'no audit lock left')
+  const gw = await startGateway(t, config)
+  t.equal((await fetch(`${gw.url}/readyz`)).status, 200, 'the next start serves')
+  await gw.app.close()
+  const series = (await seriesFiles(config.audit.file)).map(f => f.path)
+  t.match(await verifySeries(series, chainHasher()), { ok: true }, 'and the trail verifies')
 })

@@ -1499,6 +1499,32 @@ t.test('the shared account\'s 429 on a lookup is the client\'s 429 with the upst
   t.equal(again.status, 200, 'the next call looks up again and is served')
 })
 
+t.test('a lookup\'s 429 gives the client the retry hints a 429 passed on gives, for a retry-after written twice or one the Connection header names', async t => {
+  // A retry-after written twice (two lines) came as an array and was dropped from the lookup's 429, while its wait
+  // still made x-should-retry false; a passed-on 429 keeps both lines. One the Connection header names was the other
+  // way round: dropped, but still read for x-should-retry, on both.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const [cached, uncached] = [await createUpstream(upstream, { gateway_owner: 'team-full' }), await createUpstream(upstream, { gateway_owner: 'team-full' })]
+  const { gw } = await gateway(t, upstream)
+  const items = (conv: string) => fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal((await items(cached)).status, 200, 'its owner is cached: its next call goes up as the call itself')
+  const hints = (res: Response) => ({ status: res.status, ...Object.fromEntries(['retry-after', 'retry-after-ms', 'x-should-retry'].map(name => [name, res.headers.get(name)])) })
+  for (const [label, headers, expected] of [
+    ['retry-after twice', { 'retry-after': ['3600', '3600'] }, { 'retry-after': '3600, 3600', 'x-should-retry': 'false' }],
+    ['retry-after for the hop only', { 'retry-after': '3600', connection: 'retry-after' }, { 'retry-after': null, 'x-should-retry': null }]
+  ] as Array<[string, Record<string, string | string[]>, Record<string, string | null>]>) {
+    upstream.respond = faults.status(429, headers)
+    const base = upstream.requests.length
+    const passedOn = hints(await items(cached))
+    const lookup = hints(await items(uncached))
+    t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${cached}/items`, `GET /v1/conversations/${uncached}`],
+      `${label}: the first passed on, the second a lookup's`)
+    t.match(passedOn, { status: 429, ...expected }, `${label}: passed on`)
+    t.same(lookup, passedOn, `${label}: the lookup's the same`)
+  }
+})
+
 t.test('an owned object\'s answer is read as JSON whatever its content-type says: the owner key never reaches the client, and what is not JSON is a readable 502', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

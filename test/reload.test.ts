@@ -139,7 +139,7 @@ async function startOnSilentRedis (t: Test, upstreamUrl: string) {
   const output = { text: '' }
   child.stdout.on('data', (c: Buffer) => { output.text += c.toString() })
   const exited = once(child, 'exit')
-  await eventually(async () => connected.length > 0, 'the gateway connecting to its store, its audit open')
+  await eventually(async () => connected.length > 0, 'the gateway connecting to its store (before it opens the audit)')
   return { child, output, exited, file, dir, redisUrl }
 }
 
@@ -177,10 +177,11 @@ t.test('a SIGUSR2 while the gateway starts (a logrotate run, its Redis not answe
 t.test('a SIGTERM while the gateway starts (its Redis not answering yet) stops it cleanly once built: exit 0, its audit lock removed, never listening', async t => {
   const upstream = await fakeUpstream(t)
   const { child, output, exited, dir } = await startOnSilentRedis(t, upstream.url)
-  t.ok(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit lock is taken while the gateway is being built')
+  t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit is opened once the store has answered (a store refused leaves nothing)')
   child.kill('SIGTERM')
   const [code, signal] = await exited
   t.same([code, signal], [0, null], 'exit 0, not ended by the signal')
+  t.ok(existsSync(join(dir, 'audit.jsonl')), 'the gateway was built, its audit opened')
   t.notOk(existsSync(join(dir, 'audit.jsonl.lock')), 'the audit lock is removed: the next start takes it at once, with no audit.unclean_stop')
   t.notMatch(output.text, /Server listening/, 'it never listened')
 })
@@ -981,4 +982,19 @@ t.test('upstream.apiKeyFile: the token is read from the file (one trailing line 
     writeFileSync(file, empty)
     t.throws(() => parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }), { message: /upstream\.apiKeyFile: the file is empty: it must hold the OhMyGPT token/ }, JSON.stringify(empty))
   }
+})
+
+t.test('upstream.apiKeyFile holding an env file\'s line (OHMYGPT_API_KEY=sk-...) is refused, not sent as the token, and the token is not quoted', async t => {
+  // The whole line went upstream as the Bearer token: every call 502 upstream_auth_failed, with nothing at start.
+  const { dir } = configFile('')
+  const file = join(dir, 'token')
+  for (const line of ['OHMYGPT_API_KEY=sk-Secret0123456789\n', 'OHMYGPT_API_KEY="sk-Secret0123456789"']) {
+    writeFileSync(file, line)
+    const err = (() => { try { parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }) } catch (e) { return e as Error } })()
+    t.match(err, { message: /upstream\.apiKeyFile: the file holds NAME=value \(an env file's line\?\): it must hold the token alone/ }, line)
+    t.notMatch(err?.message, /Secret0123456789/, 'without the token')
+  }
+  // A token that ends in base64's padding is a token.
+  writeFileSync(file, 'c2stdG9rZW4tMDEyMzQ1Njc4OQ==')
+  t.equal(parseConfig({ upstream: { baseUrls: ['http://x'], apiKeyFile: file } }).upstream.apiKey, 'c2stdG9rZW4tMDEyMzQ1Njc4OQ==')
 })

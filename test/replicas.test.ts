@@ -2,8 +2,8 @@
 // open/closed behaviour and healed without a restart. The replicas are real processes started as ops start
 // them (`node dist/cli.js start --config FILE`); one in-process gateway checks what the answers look like.
 import { spawn } from 'node:child_process'
-import { existsSync, readFileSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { dirname, join } from 'node:path'
 import OpenAI from 'openai'
 import t, { type Test } from 'tap'
 import { generateKey, keyDigest } from '../src/keys.js'
@@ -119,7 +119,7 @@ t.test('two deployments on one Redis, each with its own store.keyPrefix, keep th
   t.match(keys, 'ogw:staging:team-a')
 })
 
-t.test('a replica started with a read-only Redis replica as its store exits 1 saying so in one line, before it listens, its audit lock removed', async t => {
+t.test('a replica started with a read-only Redis replica as its store exits 1 saying so in one line, before it listens, its audit directory as it was', async t => {
   // (the replica would otherwise serve every call from local buckets, never shared, or refuse every one, said in warnings)
   const [primary, readOnly] = [await startRedis(t), await startRedis(t)]
   t.match(await readOnly.command(`REPLICAOF 127.0.0.1 ${primary.port}`), /OK/)
@@ -129,7 +129,19 @@ t.test('a replica started with a read-only Redis replica as its store exits 1 sa
   t.equal(status, 1)
   t.match(stderr, /^ohmygpt-gateway start: store\.url: it leads to a read-only replica \(role: slave\), which refuses every bucket write: give the primary's address\n$/)
   t.notMatch(stdout, /Server listening/)
-  t.notOk(existsSync(`${audit}.lock`), 'its audit lock removed: the next start is not taken for a second gateway')
+  // No lock (the next start would be taken for a second gateway), and no empty audit.jsonl for an operator to wonder
+  // about: the store is checked before the audit is opened.
+  t.same(readdirSync(dirname(audit)), [], 'nothing left in the audit directory')
+})
+
+t.test('a replica started with a wrong Redis password exits 1 saying so, and leaves nothing in its audit directory', async t => {
+  const redis = await startRedis(t, { password: 'right-Pa55word' })
+  const audit = join(tempDir('gw-replica-'), 'audit.jsonl')
+  const { file } = configFile(`${gatewayYaml(audit)}store: { url: "${redis.url.replace('right-Pa55word', 'wrong-Pa55word')}" }\n`)
+  const { status, stderr } = await runAsync(['start', '--config', file])
+  t.equal(status, 1)
+  t.match(stderr, /^ohmygpt-gateway start: store\.url: Redis refused the user or password given in it/)
+  t.same(readdirSync(dirname(audit)), [], 'no audit file, no lock')
 })
 
 t.test('Redis stopped: the open replica serves locally with one warning, the closed one answers 503 and the upstream sees nothing; both recover when Redis is back', async t => {

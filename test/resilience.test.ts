@@ -1375,4 +1375,18 @@ t.test('bounded load and abuse', async t => {
     t.same(statuses, [401, 401, 429, 401, 401], 'one client\'s failures do not throttle another behind the same proxy')
     t.same(gw.audit().map(r => r.ip), ['203.0.113.9', '203.0.113.9', '203.0.113.9', '198.51.100.7', '2001:db8::5'], 'the audit has each client\'s address, without the port')
   })
+
+  await t.test('behind two trusted proxies that write ports into X-Forwarded-For, the client is the one before them, not the inner proxy', async t => {
+    // proxy-addr stopped at the inner proxy's `10.0.0.5:443`, no address to it, and took it for the client: every
+    // client behind it shared one failed-key count, and the audit recorded the proxy as each call's ip.
+    const { gw } = await setup(t, 1, {}, { trustProxy: ['127.0.0.1', '10.0.0.0/8'], limits: { authFailuresPerMinute: 2 } })
+    const statuses = []
+    for (const value of ['203.0.113.9:5678, 10.0.0.5:443', '203.0.113.9:5679, 10.0.0.6:443', '203.0.113.9:5680, 10.0.0.5:443',
+      '198.51.100.7:443, 10.0.0.5:443', '[2001:db8::5]:443, 10.0.0.5:80', '203.0.113.70, 192.0.2.1:80']) {
+      statuses.push((await call(gw.url, 'GET', '/v1/conversations/conv_x/items', { key: 'ogw_bad', headers: { 'x-forwarded-for': value } })).status)
+    }
+    t.same(statuses, [401, 401, 429, 401, 401, 401], 'each client behind the proxies is counted apart')
+    t.same(gw.audit().map(r => r.ip), ['203.0.113.9', '203.0.113.9', '203.0.113.9', '198.51.100.7', '2001:db8::5', '192.0.2.1'],
+      'recorded by its address; a hop not trusted, port or not, is still where the chain is believed to')
+  })
 })

@@ -450,7 +450,8 @@ t.test('a background generation, or a retrieve, asked for as a stream and answer
   const retrieved = await rejection((async () => {
     for await (const _ of await sdk.responses.retrieve('resp_bg', { stream: true })) { /* none */ }
   })())
-  t.match(retrieved, { status: 502, code: 'upstream_not_streamed' }, 'a streamed retrieve: the SDK raises it')
+  t.match(retrieved, { status: 502, code: 'upstream_not_streamed', message: /resp_bg\)\. Retrieve it without stream/ }, 'a streamed retrieve: the SDK raises it')
+  t.notMatch((retrieved as Error).message, /generated/, 'a retrieve generated nothing')
 })
 
 t.test('a streamed generation answered 200 with JSON that is no response (an error body) is not said to have made a response', async t => {
@@ -464,6 +465,20 @@ t.test('a streamed generation answered 200 with JSON that is no response (an err
   t.match(err, { status: 502, code: 'upstream_not_streamed' })
   t.notMatch(err.message, /generated|Retrieve it/, 'no response to retrieve is promised')
   t.match(err.message, /no response/)
+  // A streamed retrieve answered so: its id comes from the URL, but the answer holds no response either. (The owner
+  // lookup before it, not streamed, finds team-full's response.)
+  upstream.respond = (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify(req.url?.includes('stream=true') === true
+      ? { error: { message: 'overloaded', type: 'server_error', param: null, code: null } }
+      : { id: 'resp_1', object: 'response', status: 'completed', model: 'gpt-4o', metadata: { gateway_owner: 'team-full' }, output: [] }))
+  }
+  const retrieved = await rejection((async () => {
+    for await (const _ of await sdk.responses.retrieve('resp_1', { stream: true })) { /* none */ }
+  })()) as Error
+  t.match(retrieved, { status: 502, code: 'upstream_not_streamed' })
+  t.notMatch(retrieved.message, /generated|Retrieve it/, 'a retrieve is not said to have generated the response')
+  t.match(retrieved.message, /no response/)
 })
 
 t.test('a generation answered whole without its usage is charged for the output it holds, not for its input alone', async t => {
@@ -1321,6 +1336,37 @@ t.test('a create refused another team\'s previous response is audited with that 
 
   t.same(await queriedByResponse(gw, response.id), creates.map(r => r.requestId),
     'audit query --response finds every call that named the response, the refused ones included')
+})
+
+t.test('an admin\'s generation in a team\'s conversation is audited with the conversation\'s owner, as the admin\'s items there are: audit query --owner finds both', async t => {
+  // The create's record named the admin, its items.create the team: `audit query --owner team-full` missed the
+  // generation an admin wrote into team-full's conversation.
+  const { gw, sdk } = await setup(t)
+  const conv = await sdk(KEYS.full).conversations.create({})
+  const admin = sdk(KEYS.admin)
+  await admin.conversations.items.create(conv.id, { items: [{ type: 'message', role: 'user', content: 'from ops' }] })
+  const response = await admin.responses.create({ model: 'gpt-4o', input: 'hi', conversation: conv.id })
+  const stream = await admin.responses.create({ model: 'gpt-4o', input: 'hi', conversation: conv.id, stream: true })
+  for await (const event of stream) void event
+  const own = await admin.responses.create({ model: 'gpt-4o', input: 'hi' })
+
+  const byAdmin = gw.audit().filter(r => r.clientId === 'ops-admin')
+  t.match(byAdmin.map(r => [r.action, r.ownerId, r.conversationId]), [
+    ['item.create', 'team-full', conv.id], ['response.create', 'team-full', conv.id], ['response.create', 'team-full', conv.id],
+    ['response.create', 'ops-admin', null]
+  ], 'each names the conversation\'s owner; a response of the admin\'s own, outside any conversation, the admin')
+  t.match(byAdmin[1], { responseId: response.id, outcome: 'ok' })
+  t.match(byAdmin[3], { responseId: own.id, outcome: 'ok' })
+
+  const { queryFiles } = await import('../src/audit/query.js')
+  const { FLAGS } = await import('../src/cli/audit-query.js')
+  await gw.auditFile()
+  const found: string[] = []
+  await queryFiles([gw.config.audit.file], [FLAGS.owner.filter!('team-full', 0), FLAGS.client.filter('ops-admin')], Infinity, record => {
+    found.push(String(record.action))
+    return true
+  })
+  t.same(found, ['item.create', 'response.create', 'response.create'], 'audit query --owner team-full --client ops-admin finds all three')
 })
 
 t.test('a call on a response refused before its checks (wrong key, missing scope, rate limit, bad query) is audited with that response\'s id, and audit query --response finds it', async t => {

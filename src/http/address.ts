@@ -6,12 +6,15 @@
 // peer's address (the trusted proxy) is taken instead, so that such calls are counted together and recorded as
 // coming through it. Some proxies write the client's port beside its address (Azure Application Gateway:
 // `203.0.113.9:5678`, `[2001:db8::5]:443`), which is not an address either, but names one: the address is taken
-// and the port dropped, so that such clients are counted and recorded apart, as behind any other proxy.
+// and the port dropped, so that such clients are counted and recorded apart, as behind any other proxy. A proxy
+// between two trusted ones may be written so too (`203.0.113.9:5678, 10.0.0.5:443`): its address is what trustProxy
+// is asked about (trustedProxies), or proxy-addr would stop at that entry and take the proxy for the client.
 // An address is then written one way (canonical): an IPv4 address as IPv4 however it came (`::ffff:203.0.113.9`,
 // as a dual-stack listener sees an IPv4 peer, `::FFFF:cb00:7109`), an IPv6 address lowercase and compressed, with
 // no zone. A new spelling of one address is then no fresh failed-key count, and `audit query --ip` finds all of
 // its calls.
 import { isIP, SocketAddress } from 'node:net'
+import proxyAddr from '@fastify/proxy-addr'
 import type { FastifyRequest } from 'fastify'
 
 /** The longest address kept: an IPv6 address with a zone (`fe80::1%eth0`), with room. */
@@ -49,12 +52,27 @@ export function auditAddress (text: string): string {
   return isAddress(text) ? canonical(text) : text
 }
 
+/** The address an X-Forwarded-For entry written with a port (`ip:port`, `[ipv6]:port`, `[ipv6]`) names, or undefined. */
+function withoutPort (entry: string): string | undefined {
+  const withPort = WITH_PORT.exec(entry)
+  const address = withPort?.[1] ?? withPort?.[2]
+  return address !== undefined && isAddress(address) ? address : undefined
+}
+
+/**
+ * Fastify's trustProxy for the configured list: proxy-addr's own test, asked about an entry's address when it came
+ * with a port. (An entry that names no address is trusted by nothing, as before: the chain is believed up to it.)
+ */
+export function trustedProxies (list: readonly string[]): (address: string, hop: number) => boolean {
+  const trusted = proxyAddr.compile([...list])
+  return (address, hop) => trusted(isIP(address) !== 0 ? address : withoutPort(address) ?? address, hop)
+}
+
 export function clientIp (request: FastifyRequest): string {
   const ip = request.ip
   const peer = request.socket.remoteAddress
   if (ip === peer || isAddress(ip)) return canonical(ip)
-  const withPort = WITH_PORT.exec(ip)
-  const address = withPort?.[1] ?? withPort?.[2]
-  if (address !== undefined && isAddress(address)) return canonical(address)
+  const address = withoutPort(ip)
+  if (address !== undefined) return canonical(address)
   return peer === undefined ? ip.slice(0, MAX_ADDRESS) : canonical(peer)
 }

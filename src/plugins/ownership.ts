@@ -29,7 +29,7 @@ import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS, ENVIRONMENT_KEYS } from './responses.js'
 import {
-  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, observeAnswer, upstreamRateLimitHeaders
+  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, observeAnswer, retryHints, upstreamRateLimitHeaders
 } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -297,13 +297,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** A lookup's 429: the upstream's retry hints and rate-limit headers (searched for the token), as proxy.ts passes them. */
   function upstreamRateLimited (headers: IncomingHttpHeaders): GatewayError {
     const err = new UpstreamRateLimitedError()
-    const out: Record<string, string> = {}
-    for (const name of ['retry-after', 'retry-after-ms', 'x-should-retry']) {
-      const value = headers[name]
-      if (typeof value === 'string') out[name] = scrub.header(value)
-    }
-    // (after the upstream's own x-should-retry: a wait over a minute is not to be slept through, whatever it says)
-    err.headers = { ...out, ...upstreamRateLimitHeaders(headers, scrub) }
+    err.headers = { ...retryHints(headers, scrub), ...upstreamRateLimitHeaders(headers, scrub) }
     return err
   }
   app.decorateRequest('ownerId', null)
@@ -484,18 +478,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * it by id anywhere: the client that creates it, or the owner of one retrieved or cancelled (an admin's retrieve hands
    * nothing to the admin; an unowned response's items stay no one's).
    */
-  function noteHandedOut (request: FastifyRequest): void {
-    const note = noteAsOwners(request, outputIdsIn)
+  function noteHandedOut (request: FastifyRequest, owner: () => string | null = () => request.ownerId): void {
+    const note = noteAsOwners(owner, outputIdsIn)
     addAnswerRewrite(request, note)
     addEventRewrite(request, note)
   }
 
-  /** Notes the ids `idsIn` finds in an answer as those of the owner of the object the call was on. */
-  function noteAsOwners (request: FastifyRequest, idsIn: (object: unknown) => string[]) {
+  /**
+   * Notes the ids `idsIn` finds in an answer as `owner`'s: by default the owner of the object the call was on, as
+   * the call's checks found it (request.ownerId, read when the answer comes).
+   */
+  function noteAsOwners (owner: () => string | null, idsIn: (object: unknown) => string[]) {
     return (object: unknown) => {
-      const owner = request.ownerId
-      const ids = owner === null ? [] : idsIn(object)
-      if (ids.length > 0) issued.note(ids, owner!)
+      const to = owner()
+      const ids = to === null ? [] : idsIn(object)
+      if (ids.length > 0) issued.note(ids, to!)
       return object
     }
   }
@@ -675,7 +672,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         await checkReferences('input', body?.input, conversation, client, request, reply)
         await checkContainers(containers, client, request, owner === client.id ? { id: conversation!, reply } : undefined)
         prepareCreate('response', request, client)
-        noteHandedOut(request)
+        // The call is on the conversation it writes into: the audit names that conversation's owner, as for an
+        // items create there (an admin's generation in a team's conversation is found by --owner with the team's).
+        // The new response, and the output items handed out, are the client's own.
+        if (conversation !== undefined) request.ownerId = owner
+        noteHandedOut(request, () => client.id)
       })()
     }
     if (ANSWERS_AN_OWNED_OBJECT.has(op.action)) {
@@ -688,7 +689,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     // the containers they ran in included, whoever made them and whenever (before a restart, in the background):
     // those containers are noted as the owner's.
     // (Read as the answer passes: a listing streams on as it came, however long.)
-    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, { mentions: '"container_id"', read: noteAsOwners(request, listedContainersIn) })
+    if (LISTS_OWNED_ITEMS.has(op.action)) observeAnswer(request, { mentions: '"container_id"', read: noteAsOwners(() => request.ownerId, listedContainersIn) })
 
     if (op.responseId !== null) {
       const responseId = op.responseId

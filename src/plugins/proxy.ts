@@ -14,8 +14,8 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
 import {
-  NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError, UpstreamTimeoutError,
-  UpstreamUnavailableError
+  NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, NOT_STREAMED_RETRIEVED, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError,
+  UpstreamTimeoutError, UpstreamUnavailableError
 } from '../errors.js'
 import { API_PREFIX, RESOURCES, type Action, type Operation } from '../operations.js'
 import { SseRewriter } from '../responses/sse.js'
@@ -254,17 +254,32 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
     const clean = scrub.header(value)
     if (clean !== undefined) out[name] = clean
   }
-  // A wait over a minute (a 503 retry-after of an hour) is not to be slept through (see upstreamRateLimitHeaders).
+  // A wait over a minute (a 503 retry-after of an hour, a quota reset in an hour) is not to be slept through: the SDKs
+  // would, as through the gateway's own (errors.ts, retryAfter). As the hints are passed on: one the Connection header
+  // names is not, nor read.
   if ((out['retry-after'] !== undefined || out['retry-after-ms'] !== undefined) && (askedWaitMs(out) ?? 0) > SDK_RETRY_WAIT_MS) {
     out['x-should-retry'] = 'false'
   }
   return out
 }
 
+const RETRY_HINTS = ['retry-after', 'retry-after-ms', 'x-should-retry'] as const
+
 /**
- * An upstream 429's rate-limit headers, and `x-should-retry: false` when the wait it asks is over a minute (a quota
- * reset in an hour): the SDKs would otherwise sleep through it, as through the gateway's own (errors.ts, retryAfter).
+ * The retry hints of an upstream answer the gateway answers for itself (an owner lookup's 429), exactly as an answer
+ * passed on carries them (clientResponseHeaders): a header written twice kept as its lines, searched for the token.
  */
+export function retryHints (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string | string[]> {
+  const passedOn = clientResponseHeaders(headers, scrub)
+  const out: Record<string, string | string[]> = {}
+  for (const name of RETRY_HINTS) {
+    const value = passedOn[name]
+    if (value !== undefined) out[name] = value
+  }
+  return out
+}
+
+/** An upstream 429's rate-limit headers (its retry hints are passed on with the others, clientResponseHeaders). */
 export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): Record<string, string> {
   const out: Record<string, string> = {}
   const listed = connectionListed(headers)
@@ -272,7 +287,6 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
     const value = headers[name]
     if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.header(value)
   }
-  if ((askedWaitMs(headers) ?? 0) > SDK_RETRY_WAIT_MS) out['x-should-retry'] = 'false'
   return out
 }
 
@@ -364,6 +378,17 @@ function errorText (value: unknown): string | null {
   const { error, message, detail } = value as Record<string, unknown>
   const text = [error, message, detail].find(v => typeof v === 'string' && v.trim() !== '') as string | undefined
   return text === undefined ? null : text.slice(0, 500)
+}
+
+/**
+ * What a stream asked for and answered whole held, for its 502: the response a create made (to retrieve), the one a
+ * retrieve read (to retrieve without stream), or none (an error body: the id of a retrieve's URL was not answered).
+ */
+function notStreamed (action: string | undefined, answer: unknown): string {
+  const held = answer as { object?: unknown, id?: unknown } | null
+  if (held?.object !== 'response' || typeof held.id !== 'string') return NOT_STREAMED_OTHER
+  const id = held.id.slice(0, 200)
+  return action === 'response.create' ? NOT_STREAMED_RESPONSE(id) : NOT_STREAMED_RETRIEVED(id)
 }
 
 /**
@@ -621,7 +646,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     const facts = request.responseFacts
     if (facts?.stream === true) {
       request.log.warn({ responseId: facts.responseId }, 'the upstream answered a streamed request whole, not as events')
-      reply.send(new UpstreamNotStreamedError(facts.responseId === null ? NOT_STREAMED_OTHER : NOT_STREAMED_RESPONSE(facts.responseId.slice(0, 200))))
+      reply.send(new UpstreamNotStreamedError(notStreamed(request.operation?.action, parsed)))
       return
     }
     reply.removeHeader('content-encoding')
