@@ -133,8 +133,8 @@ export function queryOf (url: string): URLSearchParams | null {
   return q === -1 ? null : new URLSearchParams(url.slice(q + 1).replaceAll(';', '&'))
 }
 
-/** A parameter's name as an error names it: a key in it withheld, cut short. */
-function shownName (name: string): string {
+/** A parameter's name (or a body's key) as an error names it: a key in it withheld, cut short. */
+export function shownName (name: string): string {
   return withoutKeys(name).slice(0, 40)
 }
 

@@ -1012,7 +1012,10 @@ t.test('a gateway key in a refused request is withheld from the error answer too
     ['PUT', `/v1/conversations/${key}`, {}, 'method_not_allowed'],
     ['GET', `/v1/conversations/conv_1?api_key[${key}]=1`, {}, 'credentials_in_query'],
     ['GET', '/v1/conversations/conv_1', { headers: { expect: key } }, 'expectation_failed'],
-    ['POST', '/v1/conversations', { headers: { 'content-encoding': key }, body: '{}' }, 'unsupported_media_type']
+    ['POST', '/v1/conversations', { headers: { 'content-encoding': key }, body: '{}' }, 'unsupported_media_type'],
+    // (a body's key read as an id the path carries, or as `_method`, with a key after what names it)
+    ['POST', '/v1/conversations', { body: JSON.stringify({ [`conversation_id[${key}`]: 'conv_1' }) }, 'unknown_parameter'],
+    ['POST', '/v1/conversations/conv_1', { body: JSON.stringify({ [`_method\u0000${key}`]: 'DELETE' }) }, 'unknown_parameter']
   ]
   for (const [method, path, opts, code] of refusals) {
     const { body } = await call(gw.url, method, path, opts)

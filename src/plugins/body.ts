@@ -11,7 +11,7 @@ import {
   UnsupportedContentEncodingError, UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
-import { namesPathId, overridesMethod, type Action } from '../operations.js'
+import { namesPathId, overridesMethod, shownName, type Action } from '../operations.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -117,7 +117,7 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 function methodOverride (body: unknown): string | null {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) return null
   for (const key in body) {
-    if (overridesMethod(key) || namesPathId(key)) return key.slice(0, 40)
+    if (overridesMethod(key) || namesPathId(key)) return shownName(key)
   }
   return null
 }
