@@ -608,6 +608,28 @@ t.test('issued items: a note Redis did not take (refused a moment, or the connec
   t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
 })
 
+t.test('issued items: a connection dropped and made again to a Redis that kept its data writes no note again', async t => {
+  // Each replica would otherwise write every note it knows (up to ownership.cacheSize) after every network blip.
+  const redis = await startRedis(t)
+  const s1 = await store(t, redis)
+  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
+  t.teardown(() => { one.close() })
+  one.note(['rs_a1', 'rs_a2'], 'team-a')
+  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a2`)).includes(':1'), 'the notes reach Redis')
+  await redis.command(`DEL ${KEY_PREFIX}issued:rs_a1`) // (gone by hand: only a rewrite of every note would bring it back)
+  const sets = async () => Number(/cmdstat_set:calls=(\d+)/.exec(await redis.command('INFO commandstats'))?.[1] ?? 0)
+  const before = await sets()
+  await redis.command('CLIENT KILL TYPE normal')
+  await eventually(async () => await sets() > before, 'the store connects again and sets its mark', 5_000)
+  await new Promise(resolve => setTimeout(resolve, 500))
+  t.equal(await sets(), before + 1, 'one SET: the mark, no note')
+  t.match(await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a1`), ':0', 'the note removed by hand stays removed')
+  await redis.command('FLUSHALL')
+  await redis.command('CLIENT KILL TYPE normal')
+  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a1`)).includes(':1'),
+    'a Redis that lost the mark too (flushed) is given every note again', 5_000)
+})
+
 t.test('issued items: a Redis that comes back empty (restarted, no persistence) is given again the notes each replica knows', async t => {
   // Else an item handed out before the restart is refused, for its 30 days, on every replica but the one that handed
   // it out: the client's loop fails on each call the load balancer sends elsewhere (400, which the SDKs do not retry).

@@ -26,10 +26,10 @@ export interface SharedNotes {
    */
   takingNotes (): boolean
   /**
-   * Calls `listener` each time a connection to Redis is made again after the first: Redis may have come back empty
-   * (restarted without persistence), its notes gone with it.
+   * Calls `listener` each time a connection to Redis is made again after the first and Redis has lost what it held
+   * (restarted without persistence, flushed): its notes gone with it.
    */
-  onReconnect (listener: () => void): void
+  onEmptied (listener: () => void): void
 }
 
 /** What IssuedItems.issuedTo knows of some ids: which went out to the caller, which to whom else. */
@@ -52,6 +52,8 @@ const KEY = (id: string) => `issued:${id}`
 const WARN_INTERVAL_MS = 10_000
 /** Notes Redis did not take are tried again this often, calls or none, until it has taken them all. */
 const RETRY_MS = 1_000
+/** Notes written again together, in one round trip (#shareMissed). */
+const SHARE_BATCH = 100
 const UNANSWERED = 'did not answer; calls naming by id items this replica did not hand out get 503 rate_limit_store_unavailable'
 const NOT_TAKING = 'takes no notes; calls naming by id items this replica did not hand out, and Redis has no note of, get 503 rate_limit_store_unavailable'
 const NOT_NOTED = 'could not note; until it is written again, the other replicas check those items as any other reference'
@@ -77,11 +79,11 @@ export class IssuedItems {
     this.#unshared = new LRUCache<string, string>({ max, ttl: ISSUED_TTL_MS })
     this.#shared = shared
     this.#log = log
-    shared?.onReconnect(() => { this.#shareAgain() })
+    shared?.onEmptied(() => { this.#shareAgain() })
   }
 
   /**
-   * Redis is connected again, and may have come back empty: every note this process knows is written again, for what
+   * Redis is connected again, and has lost what it held (restarted without persistence): every note this process knows is written again, for what
    * is left of it, as those Redis did not take are (a note Redis still has stays as it is: the first writer keeps it).
    * Else an item handed out before a restart of Redis would be refused, for the rest of its 30 days, on every replica
    * but the one that knows it.
@@ -111,16 +113,29 @@ export class IssuedItems {
     }
   }
 
-  /** Writes the notes Redis did not take, one at a time, until it refuses one again (then at the next chance). */
+  /**
+   * Writes the notes Redis did not take, SHARE_BATCH at a time (sent together, one round trip), until it refuses one
+   * again (then at the next chance). Each batch is taken from the cache as it is written: no copy of all of them,
+   * which may be every note this process knows (#shareAgain), made each second while Redis stays down.
+   */
   async #shareMissed (): Promise<void> {
     if (this.#unshared.size === 0) this.close() // (all written, or expired: nothing to try again)
     if (this.#sharing || this.#unshared.size === 0 || this.#shared === null) return
+    const shared = this.#shared
     this.#sharing = true
     try {
-      // (An expired note is not listed; one about to expire is written for what is left of it, at least 1 ms.)
-      for (const [id, owner] of [...this.#unshared.entries()]) {
-        await this.#shared.note(KEY(id), owner, Math.max(1, Math.ceil(this.#unshared.getRemainingTTL(id))))
-        this.#unshared.delete(id)
+      for (;;) {
+        // (An expired note is not listed; one about to expire is written for what is left of it, at least 1 ms.)
+        const batch: Array<[string, string, number]> = []
+        for (const [id, owner] of this.#unshared.entries()) {
+          batch.push([id, owner, Math.max(1, Math.ceil(this.#unshared.getRemainingTTL(id)))])
+          if (batch.length === SHARE_BATCH) break
+        }
+        if (batch.length === 0) break
+        await Promise.all(batch.map(async ([id, owner, ttl]) => {
+          await shared.note(KEY(id), owner, ttl)
+          this.#unshared.delete(id)
+        }))
       }
     } catch (err) {
       this.#warn(err, NOT_NOTED)

@@ -10,6 +10,7 @@
 // none, so that a Redis that stops answering is found out without a call; the outage is logged once when it starts, at
 // most once per WARN_INTERVAL_MS while it lasts, and once when it ends. Only error messages are logged: an
 // error object can carry the command's arguments, and the handshake's arguments hold the password.
+import { randomUUID } from 'node:crypto'
 import { Redis, ReplyError } from 'ioredis'
 import type { SharedNotes } from '../ownership/issued.js'
 import { withoutSecrets } from '../config.js'
@@ -54,6 +55,12 @@ const HEARTBEAT_MS = 1_000
 /** The probe's key: `@` is in no client id, so it is no client's bucket. It expires a second after each probe. */
 const PROBE_KEY = '@probe'
 const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
+/**
+ * How long a process's mark in Redis lives (see #lostMark), set again at each connection: a process that has been
+ * connected this long without a drop gets one needless rewrite of its notes at its next drop; a mark of a process
+ * gone expires.
+ */
+const MARK_TTL_MS = 30 * 24 * 60 * 60 * 1000
 
 /**
  * KEYS[1]: the bucket, a hash {tokens, at, rpm, burst}. ARGV: mode (take | charge | peek), requestsPerMinute, burst,
@@ -216,9 +223,11 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    */
   #judging = true
   #heldFailure: string | null = null
-  /** A connection was ready once: the next ones are told to #reconnected (see onReconnect). */
+  /** A connection was ready once: a later one that finds this process's mark gone tells #emptied (see onEmptied). */
   #connectedBefore = false
-  readonly #reconnected: Array<() => void> = []
+  readonly #emptied: Array<() => void> = []
+  /** This process's mark (`@` is in no client id): Redis holds it while it keeps what it was given. */
+  readonly #mark = `@mark:${randomUUID()}`
 
   /**
    * Connects, waiting at most until the first connection succeeds or fails. A Redis that is down does not stop the
@@ -293,8 +302,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#redis.on('ready', () => {
       // (A Redis refusing the script still refuses it on a new connection: the probe that finds it taking it says so.)
       if (!this.#judging && this.available()) this.#outage.recovered()
-      if (this.#connectedBefore) this.#reconnected.forEach(listener => { listener() })
+      const reconnected = this.#connectedBefore
       this.#connectedBefore = true
+      void this.#lostMark().then(lost => { if (reconnected && lost) this.#emptied.forEach(listener => { listener() }) })
     })
     this.#heartbeat = setInterval(() => { this.#beat() }, HEARTBEAT_MS).unref()
   }
@@ -482,8 +492,26 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     return await this.#deadline(this.#redis.mget(keys.map(key => this.#keyPrefix + key)))
   }
 
-  onReconnect (listener: () => void): void {
-    this.#reconnected.push(listener)
+  onEmptied (listener: () => void): void {
+    this.#emptied.push(listener)
+  }
+
+  /**
+   * Whether Redis has lost this process's mark since the last connection set it (restarted without persistence,
+   * flushed, the key evicted): then it may have lost every note too. Sets it again. A connection merely dropped and
+   * made again (a network blip, a failover to a replica that has the data) finds it, and nothing is written again.
+   * An answer that does not come says "lost": writing the notes again is never wrong (NX), only work.
+   */
+  async #lostMark (): Promise<boolean> {
+    if (this.#noSuchDb) return true // (nothing written to the database the client fell back to)
+    const key = this.#keyPrefix + this.#mark
+    try {
+      const [kept] = await this.#deadline(this.#redis.mget(key))
+      await this.#deadline(this.#redis.set(key, '1', 'PX', MARK_TTL_MS))
+      return kept === null
+    } catch {
+      return true
+    }
   }
 
   /** Redis takes writes: it has not refused the bucket script since it last ran it (see #refused). */
