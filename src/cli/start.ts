@@ -1,12 +1,11 @@
 // `ohmygpt-gateway start [--config FILE] [--watch]`: run the gateway until a signal stops it. SIGHUP reloads the
 // config file; with --watch, so does a change of the file.
-import { parseArgs } from 'node:util'
 import { loadConfig, resolveConfigPath } from '../config.js'
 import { startServer } from '../server.js'
-import { auditHmacKey, CONFIG_OPTION } from './common.js'
+import { auditHmacKey, CONFIG_OPTION, optionsOf } from './common.js'
 
 export async function start (args: string[]): Promise<void> {
-  const { values } = parseArgs({ args, options: { ...CONFIG_OPTION, watch: { type: 'boolean' } }, strict: true })
+  const values = optionsOf(args, { ...CONFIG_OPTION, watch: { type: 'boolean' } })
   const file = resolveConfigPath(values.config, process.env)
   const config = loadConfig(file, process.env)
   await startServer(config, { auditHmacKey: auditHmacKey(process.env) }, { configFile: file, env: process.env, watch: values.watch === true })
