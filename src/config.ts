@@ -615,8 +615,11 @@ function storeUrlProblems (url: string): string[] {
   } catch {
     return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
   }
-  // (a / ? or # in the password ends the host part before the host)
-  if (parsed.hostname === '') return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
+  // (a / ? or # in the password ends the host part before the host; in a password that also holds an @, after a
+  // host read from the password, the rest, the real host with it, read as a path, a query or a fragment)
+  if (parsed.hostname === '' || `${parsed.pathname}${parsed.search}${parsed.hash}`.includes('@')) {
+    return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
+  }
   if (!/^(\/\d{0,9})?$/.test(parsed.pathname)) return ['store.url: the path must be a database number, e.g. /0']
   if (parsed.search !== '' || parsed.hash !== '') return ['store.url: query options and fragments are not supported']
   // The Redis client decodes both, and throws at start on a % that begins no escape.

@@ -89,12 +89,13 @@ const UNROUTED_RESPONSE_PATHS = new Set(['input_tokens', 'compact'])
 const CREDENTIAL_PARAM = /^(?:api[-_]?key|key|access[-_]?token|token|auth|authorization|bearer|password|secret)$/i
 
 /**
- * A parameter name as the loosest readers take it: brackets before it skipped and cut at the next bracket (PHP's and
- * Rails' `api_key[]`; Rack before 3.0, under Rails 6 and 7.0, reads `[api_key]` and `api_key]` as `api_key` too), or
- * at a NUL (C string handling), trimmed.
+ * A parameter name as the loosest readers take it: brackets and dots before it skipped and cut at the next bracket
+ * (PHP's and Rails' `api_key[]`; Rack before 3.0, under Rails 6 and 7.0, reads `[api_key]` and `api_key]` as
+ * `api_key` too; qs with allowDots, under Express and NestJS, reads `.api_key` as `api_key`), or at a NUL (C string
+ * handling), trimmed.
  */
 function looseName (name: string): string {
-  const rest = name.replace(/^[[\]]+/, '')
+  const rest = name.replace(/^[[\].]+/, '')
   const cut = rest.search(/[[\]\0]/)
   return (cut === -1 ? rest : rest.slice(0, cut)).trim()
 }

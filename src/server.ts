@@ -8,8 +8,9 @@
 //   running gateway without disturbing in-flight calls (app.applyConfig); an invalid one is refused in one log
 //   line and the running config stays in force.
 // - SIGUSR2: reopen the audit file (after an outside logrotate moved it).
-// - Signals whose default would end the process without a word are logged and ignored (IGNORED below). SIGPIPE
-//   is ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
+// - Signals whose default would end the process without a word are logged and ignored (IGNORED). SIGPIPE is
+//   ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
+// The lists of signals are in src/start-signals.ts, which answers them before the gateway's code is loaded.
 import { lstatSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
 import { basename, dirname, resolve, sep } from 'node:path'
 import { performance } from 'node:perf_hooks'
@@ -20,6 +21,7 @@ import { ConfigError, FileTooLargeError, loadConfig, readRegularFile, withoutSec
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
 import { describeListenError, reloadPreflight, startProblem, StartupError } from './preflight.js'
+import { ANSWERED, IGNORED, SHUTDOWN_SIGNALS, takeSignalsHeldWhileStarting } from './start-signals.js'
 
 /** After a complete close, the process exits by itself; if something still holds it (a stdout nobody reads), this. */
 const EXIT_GRACE_MS = 2_000
@@ -37,14 +39,6 @@ const WATCH_POLL_MS = 1000
 /** What --watch takes for the text of a config file too large to read (no file that small is too large). */
 const TOO_LARGE = '\0(a file too large to be a config)'
 
-const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
-/**
- * Signals that would end the process by default and that the gateway has no use for: logged and ignored, so that
- * none ends it silently. SIGUSR1 would open Node's inspector (a debugger port) on a production process.
- * Not here: SIGKILL and SIGSTOP (cannot be caught); SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS
- * (a crash: running JavaScript after them is not safe); SIGPROF (V8's CPU profiler needs it).
- */
-const IGNORED = ['SIGUSR1', 'SIGALRM', 'SIGVTALRM', 'SIGXCPU', 'SIGXFSZ', 'SIGIO', 'SIGPWR', 'SIGSTKFLT'] as const
 /**
  * An ignored signal is logged at most once this long, with how many came since its last line: one may keep coming
  * (SIGXFSZ with every write past the file-size limit, `ulimit -f`: the audit retries a failed write every 500 ms
@@ -199,17 +193,17 @@ export async function startServer (
 }
 
 /**
- * Holds SIGHUP, SIGUSR2 and the IGNORED signals until the returned function is called; it gives back those that came, in
- * order, for the real handlers to answer.
+ * Holds every signal the gateway answers until the returned function is called; it gives back those that came, in
+ * order (those held while the bin started first: src/start-signals.ts), for the real handlers to answer.
  */
 function holdSignals (): () => NodeJS.Signals[] {
   const held: NodeJS.Signals[] = []
   const hold = (signal: NodeJS.Signals) => { held.push(signal) }
   // SIGUSR2 too: a logrotate's postrotate may send it while the audit is being opened, and it ends a process by default.
-  const signals = ['SIGHUP', 'SIGUSR2', ...SHUTDOWN_SIGNALS, ...IGNORED] as const
-  for (const signal of signals) process.on(signal, hold)
+  for (const signal of ANSWERED) process.on(signal, hold)
+  held.push(...takeSignalsHeldWhileStarting())
   return () => {
-    for (const signal of signals) process.off(signal, hold)
+    for (const signal of ANSWERED) process.off(signal, hold)
     return held.splice(0)
   }
 }

@@ -96,6 +96,17 @@ t.test('start exits 1 on a bad config, before listening', async t => {
   t.match(r.stderr, /upstream\.apiKey: is required/)
 })
 
+t.test('start and check-config given the config file without --config say to give it with --config', async t => {
+  const { file, dir } = configFile('')
+  writeFileSync(file, good(dir))
+  for (const command of ['start', 'check-config']) {
+    const r = run([command, file], { OHMYGPT_API_KEY: 'x' })
+    t.equal(r.status, 1, `${command}: exit 1`)
+    t.equal(r.stderr, `ohmygpt-gateway ${command}: unexpected argument '${file}': a config file is given as --config ${file}\n`, `${command}: says how`)
+  }
+  t.match(run(['start', '--watch', file]).stderr, `a config file is given as --config ${file}`, 'after another option too')
+})
+
 t.test('an AUDIT_HMAC_KEY with whitespace (a secret file\'s trailing newline) is refused by check-config, start and audit verify, not used', async t => {
   // Kubernetes hands a secret made --from-file of `openssl rand -hex 32 > key` to the gateway with its newline; the
   // auditor's shell ($(cat key)) drops it, and every record of the chain the gateway wrote would fail to verify.

@@ -269,7 +269,11 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
     [`redis://us%r:${secret}@redis:6379/0`, /store\.url: .*percent-encod.*%25/],
     // a password from a password manager: each of these ends the host part of a URL
     [`redis://:pa#${secret}@redis:6379/0`, /store\.url: .*percent-encode .*#/],
-    [`redis://:pa?${secret}@redis:6379/0`, /store\.url: .*percent-encode .*\?/]
+    [`redis://:pa?${secret}@redis:6379/0`, /store\.url: .*percent-encode .*\?/],
+    // ... and with an @ before it, which made a host of what came between (it was "the path must be a database number")
+    [`redis://:p@ss/w${secret}@redis:6379/0`, /store\.url: .*percent-encode \/ /],
+    [`redis://:p@ss?w${secret}@redis:6379/0`, /store\.url: .*percent-encode .*\?/],
+    [`redis://:p@ss#w${secret}@redis:6379/0`, /store\.url: .*percent-encode .*#/]
   ]
   for (const [url, message] of bad) {
     const found = problems(() => parseConfig({ upstream, store: { url } }))

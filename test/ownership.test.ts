@@ -1291,6 +1291,23 @@ t.test('a checked key in a POST\'s query bracketed as Rack 2 reads it ([conversa
   await assertForgeriesRefused(t, upstream, post, forgeries)
 })
 
+t.test('a checked key or a path\'s id in a POST\'s query after a leading dot, as qs reads it with allowDots (.conversation), is refused and never sent upstream', async t => {
+  // qs (Express's extended query parser, NestJS) with allowDots reads `.conversation=` as `conversation`: to an
+  // upstream that merges the query into the body, B's response would go on in A's conversation.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, conversationB } = await twoTeams(gw.url)
+  const previousA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const body = { model: 'gpt-4o', input: 'hi' }
+  const forgeries: Array<[string, unknown, string]> = [
+    [`/v1/responses?.conversation=${conversationA}`, body, '.conversation'],
+    [`/v1/responses?.conversation.id=${conversationA}`, body, '.conversation.id'],
+    [`/v1/responses?.previous_response_id=${previousA}`, body, '.previous_response_id'],
+    ['/v1/conversations?.metadata.gateway_owner=team-full', {}, '.metadata.gateway_owner'],
+    [`/v1/conversations/${conversationB}?.conversation_id=${conversationA}`, { metadata: { a: 'b' } }, '.conversation_id']
+  ]
+  await assertForgeriesRefused(t, upstream, post, forgeries)
+})
+
 t.test('a checked key spelled with a Turkish i (ı, İ), which Go\'s case-blind reader folds to i, is refused and never sent upstream', async t => {
   // Go's encoding/json matches a key to a field when unicode.ToUpper(unicode.ToLower(r)) agree rune by rune:
   // U+0131 (ı) upper-cases to I and U+0130 (İ) lower-cases to i, so "conversatıon" is the conversation to it.

@@ -837,8 +837,9 @@ t.test('a key in the query string (?api_key=, ?key=, encoded or not) is refused 
   for (const [query, name] of [
     [`api_key=${KEYS.full}`, 'api_key'], [`limit=2&API-KEY=${KEYS.full}`, 'API-KEY'], [`key=${KEYS.full}&order=asc`, 'key'],
     [`access_token=${KEYS.full}`, 'access_token'], [`api%5Fkey=${KEYS.full}`, 'api_key'],
-    // as servers that read loosely take them: an array (PHP, Rails), `;` for `&`, a name cut at a NUL
-    [`api_key[]=${KEYS.full}`, 'api_key[]'], [`limit=2;api_key=${KEYS.full}`, 'api_key'], [`api_key%00x=${KEYS.full}`, 'api_key\0x']
+    // as servers that read loosely take them: an array (PHP, Rails), `;` for `&`, a name cut at a NUL, after a dot
+    [`api_key[]=${KEYS.full}`, 'api_key[]'], [`limit=2;api_key=${KEYS.full}`, 'api_key'], [`api_key%00x=${KEYS.full}`, 'api_key\0x'],
+    [`.api_key=${KEYS.full}`, '.api_key']
   ] as const) {
     const res = await fetch(`${gw.url}/v1/conversations/conv_1/items?${query}`, { headers: { authorization: `Bearer ${KEYS.full}` } })
     t.equal(res.status, 400, `?${query.replace(KEYS.full, '<key>')}: 400`)

@@ -1,6 +1,6 @@
 // What the subcommands share: the --config flag (resolved like `start` resolves it), the usage error, and the
 // audit trail's process concerns (its files, its HMAC key from the environment).
-import { parseArgs } from 'node:util'
+import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { hmacKeyProblem } from '../audit/chain.js'
 import { seriesIsBeingWritten } from '../audit/lock.js'
 import { AuditReadError, inSeriesOrder, LOCK_SUFFIX, pinFiles, pinSeries, TEMP_SUFFIX } from '../audit/series.js'
@@ -12,10 +12,23 @@ export class UsageError extends Error {}
 /** The --config option, for commands that take more options than this one. */
 export const CONFIG_OPTION = { config: { type: 'string', short: 'c' } } as const
 
+/**
+ * The options of a command that takes no other argument. One given anyway is most often the config file
+ * (`start gw.yaml`): the error says how to give it.
+ */
+export function optionsOf<T extends NonNullable<ParseArgsConfig['options']>> (
+  args: string[], options: T
+): ReturnType<typeof parseArgs<{ options: T, strict: true, allowPositionals: true }>>['values'] {
+  const { values, positionals } = parseArgs({ args, options, strict: true, allowPositionals: true })
+  if (positionals.length > 0) {
+    throw new UsageError(`unexpected argument '${positionals[0]}': a config file is given as --config ${positionals[0]}`)
+  }
+  return values
+}
+
 /** The config file a command works on: --config, else $GATEWAY_CONFIG, else config/gateway.yaml. */
 export function configPathFrom (args: string[]): string {
-  const { values } = parseArgs({ args, options: CONFIG_OPTION, strict: true })
-  return resolveConfigPath(values.config, process.env)
+  return resolveConfigPath(optionsOf(args, CONFIG_OPTION).config, process.env)
 }
 
 /**
