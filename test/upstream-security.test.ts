@@ -906,7 +906,7 @@ t.test('a method override (_method, which Symfony and Laravel read from a POST\'
       method, headers: { authorization: `Bearer ${KEYS.writer}`, 'content-type': 'application/json' }, body: body === '' ? undefined : body
     })
     t.equal(res.status, 400, `${method} ${target} ${body}: 400`)
-    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${target}: names ${param}`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param } }, `${target}: names ${JSON.stringify(param)}`)
   }
   t.same(upstream.requests, [], 'nothing reached the upstream')
   // A parameter or key that only looks like it goes on.
