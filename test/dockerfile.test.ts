@@ -55,3 +55,15 @@ t.test('the compose files and the README mount the gateway\'s config directory, 
   const fileMounts = [...readme.matchAll(/-v "?\$PWD\/[^\s"]*\.ya?ml:[^\s"]*"?/g)].map(m => m[0])
   t.same(fileMounts, [], 'no docker run line of the README mounts a config file on its own')
 })
+
+t.test('the compose files run the gateway under an init: a stop sent while Node itself starts is not lost', async t => {
+  // As PID 1 without an init, a SIGTERM that comes before the bin's first line of JavaScript (src/start-signals.ts)
+  // finds Node's default, which the kernel does not apply to PID 1: the stop is dropped, and `docker stop` waits its
+  // whole stop_grace_period.
+  for (const file of ['docker-compose.yml', 'docker-compose.replicas.yml']) {
+    const services = (parse(readFileSync(file, 'utf8'), { merge: true }) as { services: Record<string, { build?: string, init?: boolean }> }).services
+    const gateways = Object.entries(services).filter(([, s]) => s.build === '.')
+    t.ok(gateways.length > 0, `${file}: a gateway service`)
+    for (const [name, service] of gateways) t.equal(service.init, true, `${file} ${name}: init: true`)
+  }
+})
