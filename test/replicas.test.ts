@@ -447,9 +447,11 @@ t.test('in process, Redis not answering: another team\'s item this replica hande
   redis.resume()
 })
 
-t.test('in process, closed: generations that end while Redis is down give one warning that their usage could not be charged, not one each', async t => {
-  // The outage itself is logged once per 10 s however many calls fail (README, "When Redis is down or slow"); the
-  // calls in flight when it starts (up to limits.maxInFlight streams) end in it, each with usage to charge.
+/**
+ * A budgeted client's `count` streamed generations under way when Redis (store.onFailure closed) goes down, and run to
+ * their ends in the outage; then a call after them, by whose answer their charges have long been tried. The gateway.
+ */
+async function generationsEndingInAnOutage (t: Test, count: number) {
   const redis = await startRedis(t)
   const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
   t.teardown(() => upstream.close())
@@ -459,16 +461,22 @@ t.test('in process, closed: generations that end while Redis is down give one wa
     clients: [{ id: 'team-budget', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: budget }]
   }))
   const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
-  const streams = await Promise.all(Array.from({ length: 5 }, async () => {
+  const streams = await Promise.all(Array.from({ length: count }, async () => {
     const events = (await sdk.responses.create({ model: 'gpt-4o-mini', input: 'one two three four', stream: true }))[Symbol.asyncIterator]()
     await events.next() // under way
     return events
   }))
   await redis.stop()
   for (const events of streams) while (!(await events.next()).done);
-  await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === 5, 'the five calls ended')
-  // (a call after them: by its answer, their charges have long been tried)
+  await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === count, `the ${count} calls ended`)
   t.equal((await fetch(`${gw.url}/v1/responses/resp_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })).status, 503)
+  return gw
+}
+
+t.test('in process, closed: generations that end while Redis is down give one warning that their usage could not be charged, not one each', async t => {
+  // The outage itself is logged once per 10 s however many calls fail (README, "When Redis is down or slow"); the
+  // calls in flight when it starts (up to limits.maxInFlight streams) end in it, each with usage to charge.
+  const gw = await generationsEndingInAnOutage(t, 5)
   const uncharged = () => gw.logs.filter(l => l.includes('could not be charged')).map(l => JSON.parse(l) as { since: { calls: number } })
   t.equal(uncharged().length, 1, 'one warning at once, not one each')
   t.match(uncharged()[0], { clientId: 'team-budget' })
@@ -480,24 +488,7 @@ t.test('in process, closed: generations that end while Redis is down give one wa
 })
 
 t.test('in process, closed: usage left uncharged in the last warning interval is told when the gateway stops', async t => {
-  const redis = await startRedis(t)
-  const upstream = await startUpstream({ responses: { streamDelayMs: 20 } })
-  t.teardown(() => upstream.close())
-  const budget = { requestsPerMinute: 6000, burst: 1000, tokensPerMinute: 100_000 }
-  const gw = await startGateway(t, testConfig(upstream.url, {
-    store: { url: redis.url, timeoutMs: 2000, onFailure: 'closed' },
-    clients: [{ id: 'team-budget', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], rateLimit: budget }]
-  }))
-  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
-  const streams = await Promise.all(Array.from({ length: 3 }, async () => {
-    const events = (await sdk.responses.create({ model: 'gpt-4o-mini', input: 'one two three four', stream: true }))[Symbol.asyncIterator]()
-    await events.next()
-    return events
-  }))
-  await redis.stop()
-  for (const events of streams) while (!(await events.next()).done);
-  await eventually(async () => gw.audit().filter(r => r.action === 'response.create').length === 3, 'the three calls ended')
-  t.equal((await fetch(`${gw.url}/v1/responses/resp_1`, { headers: { authorization: `Bearer ${KEYS.full}` } })).status, 503)
+  const gw = await generationsEndingInAnOutage(t, 3)
   await gw.app.close()
   const lines = gw.logs.filter(l => l.includes('could not be charged')).map(l => JSON.parse(l) as { since: { calls: number, tokens: number } })
   t.equal(lines.reduce((sum, line) => sum + line.since.calls, 0), 3, 'all three told by the time the gateway has stopped')
