@@ -161,7 +161,7 @@ const LIST_PARAM = /^include(?:\[\d*\])?$/
  * To such an upstream `POST /v1/conversations/{id}?_method=DELETE` is a delete, made with a key that may lack the
  * delete scope. No route of the API takes it.
  */
-export function overridesMethod (name: string): boolean {
+function overridesMethod (name: string): boolean {
   return phpName(name).toLowerCase() === '_method'
 }
 
@@ -175,8 +175,16 @@ const ID_PARAMS: ReadonlySet<string> = new Set<IdParam>(['conversation_id', 'ite
  * `DELETE /v1/conversations/<B's>?conversation_id=<A's>` is a delete of A's conversation, which the gateway never
  * checked. No route of the API takes one there.
  */
-export function namesPathId (name: string): boolean {
+function namesPathId (name: string): boolean {
   return ID_PARAMS.has(looseName(name).toLowerCase()) || ID_PARAMS.has(phpName(name).toLowerCase())
+}
+
+/**
+ * Whether a query parameter (or a JSON body's key) is one an upstream framework would read in place of what the route
+ * says: the call's method (overridesMethod) or an id the path carries (namesPathId). No route of the API takes one.
+ */
+export function overridesRoute (name: string): boolean {
+  return overridesMethod(name) || namesPathId(name)
 }
 
 export type QueryProblem =
@@ -190,7 +198,7 @@ export function queryProblem (op: Operation, url: string): QueryProblem | null {
   if (url.includes('#')) return { kind: 'fragment' }
   const query = op.query
   for (const name of query?.keys() ?? []) {
-    if (overridesMethod(name) || namesPathId(name)) return { kind: 'unknown', param: shownName(name) }
+    if (overridesRoute(name)) return { kind: 'unknown', param: shownName(name) }
   }
   const allowed = GET_QUERY[op.action]
   if (allowed === undefined || query === null) return null

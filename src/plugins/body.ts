@@ -11,7 +11,7 @@ import {
   UnsupportedContentEncodingError, UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
-import { namesPathId, overridesMethod, shownName, type Action } from '../operations.js'
+import { overridesRoute, shownName, type Action } from '../operations.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -112,12 +112,12 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 /**
  * A body's top-level key an upstream framework would read in place of what the route says: as the call's method, or
- * as an id the path carries (operations.ts namesPathId); or null.
+ * as an id the path carries (operations.ts overridesRoute); or null.
  */
 function methodOverride (body: unknown): string | null {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) return null
   for (const key in body) {
-    if (overridesMethod(key) || namesPathId(key)) return shownName(key)
+    if (overridesRoute(key)) return shownName(key)
   }
   return null
 }
@@ -202,9 +202,9 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
       done(null, undefined)
       return
     }
-    // A key that an upstream framework would take for the method (operations.ts overridesMethod): a POST body
+    // A key that an upstream framework would take for the method (operations.ts overridesRoute): a POST body
     // saying `"_method": "DELETE"` would be a delete to it, unchecked for the delete scope; or for an id the path
-    // carries (`"conversation_id"`: namesPathId), unchecked for its owner.
+    // carries (`"conversation_id"`), unchecked for its owner.
     const override = methodOverride(request.parsedBody)
     if (override !== null) {
       const err = new UnknownParameterError(override)
