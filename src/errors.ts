@@ -58,6 +58,8 @@ export const InvalidIdError = define('invalid_id', 400, 'invalid_request_error',
   'Invalid %s: it must match ^[A-Za-z0-9_-]{1,200}$.')
 export const InvalidJsonError = define('invalid_json', 400, 'invalid_request_error',
   'The request body is not valid JSON.')
+export const JsonWithBomError = define('invalid_json', 400, 'invalid_request_error',
+  'The request body begins with a byte order mark (U+FEFF), which JSON sent over a network may not have (RFC 8259 §8.1): send it without one.')
 export const NotUtf8Error = define('invalid_json', 400, 'invalid_request_error',
   'The request body is not UTF-8: send JSON encoded as UTF-8, whatever charset the Content-Type names.')
 export const JsonTooDeepError = define('invalid_json', 400, 'invalid_request_error',

@@ -383,6 +383,13 @@ t.test('a body that is not JSON gets 400 invalid_json and is not forwarded', asy
     })
   }
 
+  await t.test('a body behind a byte order mark is refused saying so: the JSON after it is valid', async t => {
+    const ex = await expectRejected(t, h, post('/v1/conversations', '\uFEFF{"metadata":{}}'), invalid)
+    t.match(JSON.parse(ex.response!.body), { error: { message: /byte order mark/, param: null } }, 'the message names the BOM')
+    const plain = await expectRejected(t, h, post('/v1/conversations', 'not json'), invalid)
+    t.notMatch(JSON.parse(plain.response!.body), { error: { message: /byte order mark/ } }, 'and only for one')
+  })
+
   await t.test('a body refused once read whole keeps its connection: a call pipelined behind it is answered, not dropped', async t => {
     // Fastify asks to close the connection on any body error; after a body read to its end there is nothing left
     // to discard, and closing drops a call already read behind it (or loses its answer, if it went upstream first).

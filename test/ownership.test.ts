@@ -240,7 +240,10 @@ t.test('a create or update body that is not a JSON object is refused on every ro
         method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body
       })
       t.equal(res.status, 400, `POST ${path} ${body}: 400`)
-      t.match(await res.json(), { error: { code: 'invalid_metadata', type: 'invalid_request_error' } }, `POST ${path} ${body}: invalid_metadata`)
+      const { error } = await res.json() as { error: { code: string, type: string, param: unknown } }
+      t.match(error, { code: 'invalid_metadata', type: 'invalid_request_error' }, `POST ${path} ${body}: invalid_metadata`)
+      // (the body itself is wrong, not a parameter of it: an SDK's err.param names none, as OpenAI's does for a body)
+      t.equal(error.param, null, `POST ${path} ${body}: param null, not metadata`)
     }
   }
   t.equal(upstream.requests.length, sent, 'none of them went upstream')

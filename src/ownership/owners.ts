@@ -20,8 +20,8 @@ export const MAX_METADATA_VALUE_LENGTH = 512
 export type MetadataProblem =
   | { kind: 'reserved' }
   | { kind: 'limit' }
-  /** `param` names what is wrong: `metadata`, or `metadata.<key>` for a key's value */
-  | { kind: 'not_object', param: string }
+  /** `param` names what is wrong: `metadata`, or `metadata.<key>` for a key's value; null for the body itself */
+  | { kind: 'not_object', param: string | null }
 
 type Json = Record<string, unknown>
 
@@ -37,7 +37,8 @@ export function isObject (value: unknown): value is Json {
 export function metadataProblem (body: unknown): MetadataProblem | null {
   const notObject = { kind: 'not_object', param: 'metadata' } as const
   if (body === undefined) return null
-  if (!isObject(body)) return notObject
+  // (A body that is not an object has no parameter to name: OpenAI's param is null for the body itself.)
+  if (!isObject(body)) return { kind: 'not_object', param: null }
   // A key spelled like metadata in another case would be metadata to an upstream whose JSON reader matches keys
   // without regard to case (Go's does), and it would go as the client sent it: refused, as the API knows none.
   if (otherCaseKey(body, ['metadata']) !== null) return notObject

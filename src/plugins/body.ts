@@ -7,7 +7,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  InvalidJsonError, JsonTooDeepError, NotUtf8Error, quoted, RequestTooLargeError, UnknownParameterError,
+  InvalidJsonError, JsonTooDeepError, JsonWithBomError, NotUtf8Error, quoted, RequestTooLargeError, UnknownParameterError,
   UnsupportedContentEncodingError, UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
@@ -188,7 +188,9 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     try {
       request.parsedBody = exactJson(text, JSON.parse(text))
     } catch {
-      done(new InvalidJsonError(), undefined)
+      // (Said apart: editors and .NET's UTF8 encoding write one before JSON that any validator passes, and "not valid
+      // JSON" alone sends the client looking for a fault in what it can see.)
+      done(text.charCodeAt(0) === 0xfeff ? new JsonWithBomError() : new InvalidJsonError(), undefined)
       return
     }
     // Each level takes two bytes at least: a shorter body cannot be too deep, and is not walked.

@@ -160,7 +160,7 @@ function references (list: unknown, client: ClientConfig): unknown[] {
   return client.scopes.includes('admin') ? [] : referencedItems(list)
 }
 
-function withParam (err: GatewayError, param: string): GatewayError {
+function withParam (err: GatewayError, param: string | null): GatewayError {
   err.param = param
   return err
 }
@@ -702,7 +702,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (op.action === 'conversation.update') refuseMetadata(metadataProblem(request.parsedBody))
     // (An items create has no metadata, but its body is a create's all the same: one that is not an object is refused
     // here as on the other creates, rather than passed on for the upstream to answer.)
-    if (op.action === 'item.create' && request.parsedBody !== undefined && !isObject(request.parsedBody)) throw new InvalidMetadataError()
+    if (op.action === 'item.create' && request.parsedBody !== undefined && !isObject(request.parsedBody)) throw withParam(new InvalidMetadataError(), null)
     // The upstream reads what was checked: new items go up as the gateway read them, not as the client's bytes,
     // where a key given twice (`"type":"item_reference", ... "type":"message"`) reads as its first value to a
     // parser that keeps the first, and would name an item the gateway never saw. (Creates and updates are written
