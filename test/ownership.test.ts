@@ -1387,6 +1387,42 @@ t.test('two teams sending one Idempotency-Key send two keys upstream; one team\'
   t.notOk(sent.includes('create-1'), 'no team\'s key goes upstream as it is')
 })
 
+t.test('two teams giving one end user or prompt cache key give two upstream; one team gives the same one each time', async t => {
+  // OpenAI blocks an end user by the safety_identifier its abuse came with, and routes by prompt_cache_key to where a
+  // prompt's prefix is cached: in the one account all teams share, team B sending abuse under team A's identifiers (a
+  // guessable user_123, the same hash of one email) would get A's users blocked, and B sending A's cache key with a
+  // guessed prompt could read from its own cached_tokens whether A sent it.
+  const { upstream, sdk, gw } = await setup(t)
+  const create = (key: string) => sdk(key).responses.create({
+    model: 'gpt-4o-mini', input: 'hi', safety_identifier: 'user_1', user: 'end-user-1', prompt_cache_key: 'support-bot'
+  })
+  for (const key of [KEYS.full, KEYS.full, KEYS.other]) await create(key)
+  const names = ['safety_identifier', 'user', 'prompt_cache_key'] as const
+  const sent = upstream.requests.filter(r => r.method === 'POST').map(r => JSON.parse(r.body.toString()) as Record<typeof names[number], string>)
+  t.equal(sent.length, 3)
+  t.same(sent[0], sent[1], 'the same team\'s names are the same upstream each time')
+  for (const name of names) {
+    t.not(sent[2]![name], sent[0]![name], `another team's ${name} is another upstream`)
+    for (const s of sent) t.match(s[name], /^[0-9a-f]{64}$/, `${name}: a digest, within OpenAI's 64 characters`)
+  }
+  // Spelled so that only an upstream blind to case reads it, or in the query string of a POST: refused, not passed on
+  // as it came.
+  const raw = (path: string, body: string) => fetch(`${gw.url}${path}`, {
+    method: 'POST', body, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }
+  })
+  for (const [path, body] of [
+    ['/v1/responses', '{"model":"gpt-4o-mini","input":"hi","Safety_Identifier":"user_1"}'],
+    ['/v1/responses', '{"model":"gpt-4o-mini","input":"hi","USER":"end-user-1"}'],
+    ['/v1/responses', '{"model":"gpt-4o-mini","input":"hi","prompt_cache_Key":"support-bot"}'],
+    ['/v1/responses?safety_identifier=user_1', '{"model":"gpt-4o-mini","input":"hi"}']
+  ]) {
+    const res = await raw(path!, body!)
+    t.equal(res.status, 400, `${path} ${body}`)
+    t.equal((await res.json() as { error?: { code: string } }).error?.code, 'unknown_parameter')
+  }
+  t.equal(upstream.requests.filter(r => r.method === 'POST').length, 3, 'none of those went upstream')
+})
+
 t.test('a create answered with an object another team owns (an upstream replaying answers) is a 502, and does not make it the caller\'s', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

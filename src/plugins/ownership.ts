@@ -29,7 +29,7 @@ import type { UpstreamProgress } from '../types.js'
 import { serializeBody } from './body.js'
 import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS, ENVIRONMENT_KEYS } from './responses.js'
 import {
-  addAnswerRewrite, addEventRewrite, clientGone, clientWaitMs, gatewayHeaders, observeAnswer, retryHints, upstreamRateLimitHeaders
+  addAnswerRewrite, addEventRewrite, clientGone, clientScoped, clientWaitMs, gatewayHeaders, observeAnswer, retryHints, upstreamRateLimitHeaders
 } from './proxy.js'
 
 export interface OwnershipOptions {
@@ -201,11 +201,33 @@ function checkedConversationParam (body: unknown): string | undefined {
   return id
 }
 
+/**
+ * Names a response create gives that the upstream keeps across the one account every team shares: the end user it
+ * is made for (OpenAI's `safety_identifier`, and `user`, which it replaces), by which OpenAI watches for abuse and
+ * blocks; and the `prompt_cache_key` it routes by to machines holding a prompt's cached prefix. Sent as the client gave
+ * them, team B could have team A's users blocked by sending abuse under their names (a guessable `user_123`, the
+ * hash of an email both teams know), and could send A's cache key with a guessed prompt to learn from its own
+ * `cached_tokens` whether A sent that prompt; two teams' `user_1` would be one user upstream. Each goes as the
+ * client's own (clientScoped).
+ */
+const ACCOUNT_WIDE_NAMES = ['safety_identifier', 'user', 'prompt_cache_key'] as const
+
+/** The create body with each of those names made the client's own. */
+function scopedNames (body: Record<string, unknown>, clientId: string): Record<string, unknown> {
+  let scoped = body
+  for (const key of ACCOUNT_WIDE_NAMES) {
+    const value = body[key]
+    // (Anything but a name is the upstream's to refuse, as it came; an empty one names nothing.)
+    if (typeof value === 'string' && value !== '') scoped = { ...scoped, [key]: clientScoped(clientId, value) }
+  }
+  return scoped
+}
+
 /** The keys of a create's body that the checks here read, by action; and those of each item in its list. */
 const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
   'conversation.create': ['items'],
   'item.create': ['items'],
-  'response.create': ['conversation', 'previous_response_id', 'input']
+  'response.create': ['conversation', 'previous_response_id', 'input', ...ACCOUNT_WIDE_NAMES]
 }
 const ITEM_KEYS = ['type', 'id', 'role', 'content', 'container_id', 'environment', ...Object.values(FILLED_IN_BY_ID)]
 
@@ -630,7 +652,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   /** A create: its owner goes into the body's metadata, and the new object's id into the cache. */
   function prepareCreate (kind: Owned, request: FastifyRequest, client: ClientConfig): void {
     request.ownerId = client.id
-    request.upstreamBody = serializeBody(createBody(request.parsedBody, client.id), request.parsedBody)
+    const body = createBody(request.parsedBody, client.id)
+    request.upstreamBody = serializeBody(kind === 'response' ? scopedNames(body, client.id) : body, request.parsedBody)
     // (Added before the owner key is taken out: remember reads it.)
     readObjects(request, rememberCreated(kind, request, client))
     hideOwner(request)

@@ -206,12 +206,12 @@ export function gatewayHeaders (request: FastifyRequest, apiKey: string, headers
 }
 
 /**
- * The Idempotency-Key the upstream gets: every team shares one account, so a key is made the client's own (a
- * digest of the client id and the key). An upstream that replays answers by key then never gives one team the
- * answer to another's call; a client's own retries still carry one key.
+ * A name a client gives that the upstream keeps across its one account (an Idempotency-Key, an end user's
+ * safety_identifier), made the client's own: a digest of the client id and the name, 64 hex characters (OpenAI's
+ * most for an identifier). Two teams' same name is two names upstream; one team's is the same each time.
  */
-export function clientIdempotencyKey (clientId: string, key: string): string {
-  return createHash('sha256').update(`${clientId}\n${key}`).digest('hex')
+export function clientScoped (clientId: string, name: string): string {
+  return createHash('sha256').update(`${clientId}\n${name}`).digest('hex')
 }
 
 export function upstreamRequestHeaders (
@@ -223,7 +223,9 @@ export function upstreamRequestHeaders (
     if (typeof value === 'string') out[name] = withoutKeys(value)
   }
   const idempotencyKey = out['idempotency-key']
-  if (idempotencyKey !== undefined) out['idempotency-key'] = clientIdempotencyKey(request.client?.id ?? '', idempotencyKey)
+  // Made the client's own, a key never gets one team the answer an upstream replays of another's call; a client's own
+  // retries still carry one key.
+  if (idempotencyKey !== undefined) out['idempotency-key'] = clientScoped(request.client?.id ?? '', idempotencyKey)
   if (request.upstreamBody !== null) {
     // body.ts checked it is JSON whatever the client called it; say so plainly.
     out['content-type'] = 'application/json'
