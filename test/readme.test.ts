@@ -2,6 +2,7 @@
 // table against src/errors.ts, the metrics table against a scrape, the audit record's fields against a record the
 // gateway wrote, the Layout against src/. (The config tables are held to the schema in config.test.ts.) A code, metric or field added without its row, or a row
 // left behind by one removed, fails here rather than misleading an operator.
+import { spawnSync } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import t from 'tap'
 import * as errors from '../src/errors.js'
@@ -130,5 +131,34 @@ t.test('the README says of each config key whether a reload applies it, as src/r
   for (const key of Object.keys(ConfigSchema.properties)) {
     if (restartOnly.has(key)) t.ok(restarted.has(key) && !applied.has(key), `${key} needs a restart, as the README says`)
     else t.ok(applied.has(key) && !restarted.has(key), `${key} is applied by a reload, as the README says`)
+  }
+})
+
+t.test('the README CLI table has a row for every command --help lists, naming each of its options, and no other', async t => {
+  // The built bin, as a user runs it (npm test builds first).
+  const help = spawnSync(process.execPath, ['dist/cli.js', '--help'], { encoding: 'utf8' }).stdout
+  // A command's line: two spaces, its synopsis, then its description after a run of spaces (or on the next line);
+  // an option of audit query's: four spaces and the flag.
+  const helped = new Map<string, Set<string>>()
+  let last = ''
+  for (const line of help.split('\n')) {
+    const command = /^ {2}([a-z][a-z-]*(?: [a-z]+)?)((?: [[<][^\]>]*[\]>])*)/.exec(line)
+    if (command !== null) {
+      last = command[1]!
+      helped.set(last, new Set([...command[2]!.matchAll(/--[a-z-]+/g)].map(m => m[0])))
+    } else {
+      const option = /^ {4}(--[a-z-]+) /.exec(line)
+      if (option !== null) helped.get(last)!.add(option[1]!)
+    }
+  }
+  t.ok(helped.has('audit query') && helped.get('audit query')!.has('--since'), '--help was read')
+  const rows = tableRows('The CLI (`bin: ohmygpt-gateway`, after `npm run build`; `--help` after any command prints the usage):')
+  const documented = new Map(rows.map(([synopsis, what]) => {
+    const span = spanned(synopsis!)!
+    return [/^[a-z][a-z-]*(?: [a-z]+)?/.exec(span)![0], `${span} ${what}`]
+  }))
+  t.same([...documented.keys()].sort(), [...helped.keys()].sort(), 'the same commands')
+  for (const [command, options] of helped) {
+    for (const option of options) t.match(documented.get(command), new RegExp(`(?<![\\w-])${option}(?![\\w-])`), `${command} ${option} is in its row`)
   }
 })
