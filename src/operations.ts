@@ -80,7 +80,6 @@ export type Match =
  */
 const UNROUTED_RESPONSE_PATHS = new Set(['input_tokens', 'compact'])
 
-/** The path part of a request target, as sent. */
 /**
  * Query parameters that name a credential (`?api_key=`, `?key=`, `?access_token=`, as some clients send keys): no
  * route of the API takes one, and the query goes upstream as it came, so such a call is refused before the key
@@ -218,6 +217,7 @@ export function streamsRetrieve (op: Operation): boolean {
   return op.action === 'response.retrieve' && op.query?.get('stream') === 'true'
 }
 
+/** The path part of a request target, as sent. */
 export function rawPath (url: string): string {
   const q = url.indexOf('?')
   return q === -1 ? url : url.slice(0, q)

@@ -1,6 +1,8 @@
 // Resilience: several OhMyGPT lines with failover and safe retries, split timeouts, slow and hostile clients,
 // bounded load. Faults are injected into fake upstreams on loopback; every time is a small configured value.
-import type { ServerResponse } from 'node:http'
+import { spawn } from 'node:child_process'
+import { Agent, request, type ServerResponse } from 'node:http'
+import { dirname, resolve } from 'node:path'
 import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
@@ -12,6 +14,7 @@ import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
 import { parseConfig } from '../src/config.js'
+import { BIN, configFile, env } from './fixtures/bin.js'
 
 interface Lines {
   lines: FakeUpstream[]
@@ -1389,4 +1392,67 @@ t.test('bounded load and abuse', async t => {
     t.same(gw.audit().map(r => r.ip), ['203.0.113.9', '203.0.113.9', '203.0.113.9', '198.51.100.7', '2001:db8::5', '192.0.2.1'],
       'recorded by its address; a hop not trusted, port or not, is still where the chain is believed to')
   })
+})
+
+t.test('a gateway out of file descriptors does not take its line for a failing one: once descriptors are free again, calls are served', async t => {
+  // A connect (or a lookup) that fails with EMFILE is this process's shortage, not the line's. Counted against the
+  // line, a flood of client connections skipped it for cooldownMs: every call then got 502 "every line is down", and
+  // /readyz 503, long after the flood had gone, with OhMyGPT healthy all along.
+  const [line] = await startLines(1)
+  t.teardown(() => line!.close())
+  // Each answer closes its connection: every call needs a new connection to the line, so a file descriptor.
+  line!.respond = (_req, res, body) => {
+    const { metadata } = JSON.parse(body.toString()) as { metadata?: unknown }
+    res.writeHead(200, { 'content-type': 'application/json', connection: 'close' })
+    res.end(JSON.stringify({ id: `conv_${Math.random().toString(36).slice(2)}`, object: 'conversation', created_at: 1, metadata }))
+  }
+  const { file } = configFile(`
+listen: { host: 127.0.0.1, port: 0 }
+log: { level: info }
+upstream: { baseUrls: ["${line!.url}"], apiKey: ${UPSTREAM_TOKEN}, failureThreshold: 1, cooldownMs: 60000 }
+audit: { file: audit.jsonl }
+clients:
+  - { id: team-a, keySha256: "${keyDigest(KEYS.full)}", scopes: [read, write, delete], rateLimit: { requestsPerMinute: 100000, burst: 100000 } }
+`)
+  // (a limit of the shell's, hard and soft: Node raises only the soft one to the hard one)
+  const child = spawn('sh', ['-c', `ulimit -n 128 && exec "${process.execPath}" "${resolve(BIN)}" start --config "${file}"`], { cwd: dirname(file), env })
+  t.teardown(() => { child.kill('SIGKILL') })
+  let log = ''
+  child.stdout.on('data', (c: Buffer) => { log += c.toString() })
+  child.stderr.on('data', (c: Buffer) => { log += c.toString() })
+  const port = Number((await eventually(async () => /Server listening at http:\/\/127\.0\.0\.1:(\d+)/.exec(log), `listening: ${log}`))[1])
+  // One connection of the client's, open before the flood: the calls go on it.
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 })
+  t.teardown(() => { agent.destroy() })
+  const create = async () => await new Promise<{ status: number, body: string }>((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path: '/v1/conversations', method: 'POST', agent, headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' } }, res => {
+      let body = ''
+      res.on('data', (c: Buffer) => { body += c.toString() })
+      res.on('end', () => { resolve({ status: res.statusCode!, body }) })
+    })
+    req.on('error', reject)
+    req.end('{}')
+  })
+  t.equal((await create()).status, 200, 'served')
+  // Connections that send nothing, until the gateway has no descriptor left to accept one with (it closes it at once).
+  const flood: Socket[] = []
+  t.teardown(() => { for (const socket of flood) socket.destroy() })
+  for (let full = false; !full && flood.length < 300;) {
+    const batch = Array.from({ length: 10 }, () => createConnection(port, '127.0.0.1').on('error', () => {}))
+    flood.push(...batch)
+    full = await new Promise<boolean>(resolve => {
+      for (const socket of batch) socket.once('close', () => { resolve(true) })
+      setTimeout(() => { resolve(false) }, 50)
+    })
+  }
+  const short = await create()
+  t.not(short.status, 200, `with no descriptor left, the call could not reach the line (${short.status})`)
+  for (const socket of flood) socket.destroy()
+  await sleep(300)
+  const after = await create()
+  t.equal(after.status, 200, `served as soon as descriptors are free again (${after.body.slice(0, 120)})`)
+  t.notMatch(log, /upstream line 0 skipped/, 'the line was never skipped')
+  t.match(JSON.parse((await new Promise<string>(resolve => {
+    request({ host: '127.0.0.1', port, path: '/readyz', agent }, res => { let b = ''; res.on('data', (c: Buffer) => { b += c.toString() }); res.on('end', () => { resolve(b) }) }).end()
+  }))), { status: 'ready' }, '/readyz: ready')
 })

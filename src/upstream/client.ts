@@ -143,6 +143,8 @@ const NOTHING_SENT = new Set([
   'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'ERR_TLS_CERT_ALTNAME_INVALID', 'CERT_NOT_YET_VALID', 'ERR_SSL_WRONG_VERSION_NUMBER'
 ])
 const RESETS = new Set(['ECONNRESET', 'EPIPE', 'UND_ERR_SOCKET', 'UND_ERR_CLOSED'])
+/** This process (EMFILE) or the machine (ENFILE) out of file descriptors: a connect or a name lookup fails, whatever the line. */
+const OUT_OF_DESCRIPTORS = new Set(['EMFILE', 'ENFILE'])
 
 const DESCRIPTIONS: Record<string, string> = {
   ECONNREFUSED: 'connection refused',
@@ -691,10 +693,13 @@ interface AttemptEnd {
  * that outlives its deadline: a slow model is not a failing line, and counting it would let one long answer (and
  * its SDK's retries) take the line down for everyone. A quick call sent and given no response headers in time
  * does count: that is how a line that takes connections and never answers is found, but not against a deadline
- * the client set shorter. No timeout is retried: the upstream may be working on the call.
+ * the client set shorter. No timeout is retried: the upstream may be working on the call. Nor does a connection
+ * this process could not open for want of file descriptors (a flood of client connections): counted, it would skip
+ * the line for cooldownMs after the shortage is over (one line: every call 502, /readyz 503, with the line healthy);
+ * no other line is tried either, which the same shortage refuses.
  */
 function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, ticket: Ticket, err: unknown, end: AttemptEnd): AttemptFailure | null {
-  if (end.stopped !== null) {
+  if (end.stopped !== null || OUT_OF_DESCRIPTORS.has(codeOf(err))) {
     health.released(index, ticket)
     return null
   }
