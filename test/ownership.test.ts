@@ -565,7 +565,21 @@ t.test('a lookup whose answer stalls after its headers is audited with the attem
   t.match(err, { status: 504, error: { code: 'upstream_timeout' } })
   t.match(gw.audit().at(-1), { action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 1, upstreamLine: null },
     'audited with the lookup\'s attempt: the upstream was asked')
-  t.ok(gw.logs.some(l => l.includes('ownership lookup failed')), 'the log says the lookup failed')
+  const line = JSON.parse(gw.logs.find(l => l.includes('ownership lookup failed')) ?? '{}') as { err?: Record<string, unknown> }
+  t.match(line.err, { type: 'UpstreamFailure', code: 'timeout', message: /\S/ }, 'the log says the lookup failed, and how')
+  t.notOk(line.err !== undefined && 'stack' in line.err, 'no empty stack of a plain object')
+})
+
+t.test('a lookup the upstream answers 500 is logged with that status', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { gw, sdk } = await gateway(t, upstream)
+  upstream.respond = faults.status(500)
+  const err = await rejection(sdk(KEYS.full).conversations.retrieve('conv_failing_lookup', { maxRetries: 0 }))
+  t.match(err, { status: 502, error: { code: 'upstream_unavailable' } })
+  const line = JSON.parse(gw.logs.find(l => l.includes('ownership lookup failed')) ?? '{}') as Record<string, unknown>
+  t.same(line.err, { type: 'Error', status: 500, message: 'the lookup was answered 500' })
+  t.equal(line.conversationId, 'conv_failing_lookup')
 })
 
 t.test('a lookup whose answer comes late and then stalls is cut at the client\'s stated wait, even when that wait is longer than timeoutMs', async t => {

@@ -17,6 +17,7 @@ import {
   ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
+import { loggedError } from '../logging.js'
 import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
 import {
   conversationParam, createBody, folded, isObject, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
@@ -427,7 +428,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
-      if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
+      if (answer.statusCode !== 200) throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode })
       // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
       return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
     } catch (err) {
@@ -443,8 +444,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       // a lookup no line was tried for (every one skipped, UpstreamFailure.untried).
       if (!(err instanceof UpstreamFailure && (err.kind === 'aborted' || err.untried))) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
-        const message = err instanceof SyntaxError ? 'the answer is not JSON' : (err as Error).message
-        request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
+        request.log.warn({ err: loggedError(err, err instanceof SyntaxError ? 'the answer is not JSON' : undefined), ...about }, 'ownership lookup failed')
       }
       const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (err instanceof UpstreamFailure) answer.headers = retryHeaders(err) // every line down: when one is tried again
