@@ -573,17 +573,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return named.filter(([container]) => !vouched.has(container))
   }
 
-  /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
+  /**
+   * Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. A refusal
+   * names `param`, the field the id came in, where it is not the one the refusal names (the path's).
+   */
   function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
-    request: FastifyRequest, reply: FastifyReply): Answer<string | null> {
+    request: FastifyRequest, reply: FastifyReply, param?: string): Answer<string | null> {
+    const named = (err: GatewayError): GatewayError => param === undefined ? err : withParam(err, param)
     const decide = (found: Owner): string | null => {
       const [Missing, NotYours] = REFUSALS[refusal]
       // (An id from the body may be anything the body limit allows: the answer quotes it cut short, as it does a path.)
-      if (found === 'missing') throw new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id)
+      if (found === 'missing') throw named(new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id))
       request.ownerId = found.owner // the audit names whom a refused call was after
       if (!mayAct(found, client)) {
         cache.noteRefused(kind, id)
-        throw new NotYours(id)
+        throw named(new NotYours(id))
       }
       return found.owner
     }
@@ -690,7 +694,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       const conversation = checkedConversationParam(request.parsedBody)
       const previous = previousResponseParam(request.parsedBody)
       return (async () => {
-        const owner = conversation === undefined ? null : await authorize('conversation', 'conversation', conversation, client, request, reply)
+        const owner = conversation === undefined ? null : await authorize('conversation', 'conversation', conversation, client, request, reply, 'conversation')
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
         await checkReferences('input', body?.input, conversation, client, request, reply)
         await checkContainers(containers, client, request, owner === client.id ? { id: conversation!, reply } : undefined)
