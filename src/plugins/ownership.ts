@@ -364,21 +364,42 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return whileAsking(request, triedSoFar(lookupAttempts(kind, id)), owner)
   }
 
-  /** The attempts the lookup of `kind` `id` under way has made. */
+  /**
+   * The attempts the lookup of `kind` `id` under way (the one a caller has just begun or joined) has made, read
+   * when asked: after it has ended too, as it ended.
+   */
   function lookupAttempts (kind: Owned, id: string): () => number {
-    return () => lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1
+    const progress = lookupsUnderWay.get(`${kind}:${id}`)
+    return () => progress?.attempts ?? 1
   }
 
   /**
    * A client that hangs up while the gateway's own ask (an owner lookup, an item's check) is at the upstream is
    * audited as its response closes, before the ask is left: until the ask has answered, the call's record reads
-   * the attempts it made (`tried`, read then). Its answer or failure then says what the record holds.
+   * the attempts it made (`tried`, read then). An answer leaves them there, as they ended: a call it ends (the 404
+   * of a missing id or another team's) made them, and one it lets on says its own once it goes upstream. A failure
+   * says what the record holds (triedUpstream).
    */
   function whileAsking<T> (request: FastifyRequest, tried: UpstreamProgress, asking: Promise<T>): Promise<T> {
-    request.upstreamCall ??= tried
-    const settled = (): void => { if (request.upstreamCall === tried) request.upstreamCall = null }
-    asking.then(settled, settled)
+    request.upstreamCall = tried
+    const answered = (): void => { if (request.upstreamCall === tried) request.upstreamCall = { ...tried } }
+    const failed = (): void => { if (request.upstreamCall === tried) request.upstreamCall = null }
+    asking.then(answered, failed)
     return asking
+  }
+
+  /**
+   * The owner the cache knows of the object a call is on (its path's response or conversation, a create's
+   * conversation), if any: peeked, for the record of a call refused before its check.
+   */
+  function cachedOwner (request: FastifyRequest): string | null {
+    const op = request.operation
+    if (op === null) return null
+    const [kind, id]: [Owned, string | null | undefined] = op.responseId !== null
+      ? ['response', op.responseId]
+      : ['conversation', op.action === 'response.create' ? conversationParam(request.parsedBody) : op.conversationId]
+    const found = typeof id === 'string' ? cache.peek(kind, id) : undefined
+    return found === undefined || found === 'missing' ? null : found.owner
   }
 
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
@@ -757,6 +778,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       }
     })
   }
+
+  // A call refused before its check (the client's rate limit, the concurrency cap, a missing scope) names in its
+  // record the owner the cache knows of the object it was on, as a call refused by the check does: never looked up
+  // for a call refused already. (Not one refused its key: it has no client.)
+  app.addHook('onError', (request, _reply, _err, done) => {
+    if (request.ownerId === null && request.client !== null) request.ownerId = cachedOwner(request)
+    done()
+  })
 
   // Callback style: with the owner cached (nearly every call), no promise is made.
   app.addHook('preHandler', (request, reply, done) => {
