@@ -286,6 +286,9 @@ function describe (e: ErrorObject): string {
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`
     case 'required':
       return `${at === '(root)' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
+    case 'type':
+      // (in the words the other messages use: "a map", not Ajv's "object")
+      return `${at}: must be ${TYPE_WORDS[String(e.params.type)] ?? String(e.params.type)}`
     case 'pattern':
       if (at === 'store.url') return `${at}: ${STORE_URL_FORM}`
       return `${at}: ${PATTERN_WORDS[String(e.params.pattern)] ?? `must match ${String(e.params.pattern)}`}`

@@ -181,11 +181,15 @@ export const NOT_STREAMED_OTHER = 'it held no response (an error of the upstream
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'
-export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error', STORE_UNAVAILABLE)
+// The SDKs' own backoff (about 0.5 s, then 1 s) gives up before a Redis stall of 2-3 s is over (a failover's pause, a
+// restart); the gateway finds Redis again within about a second of its return (stores/redis.ts). Two waits of 2 s
+// outlast such a stall. Safe to send again: the call never reached the upstream.
+const STORE_RETRY = { headers: { 'retry-after': '2' } }
+export const RateLimitStoreUnavailableError = define('rate_limit_store_unavailable', 503, 'server_error', STORE_UNAVAILABLE, STORE_RETRY)
 // A call naming another team's item while Redis cannot say whose the items it names are gets the answer one naming an
 // unknown item gets then: only the audit tells them apart (plugins/ownership.ts).
 export const StoreUnavailableNotOwnedError = define('rate_limit_store_unavailable', 503, 'server_error', STORE_UNAVAILABLE,
-  { outcome: 'denied' })
+  { ...STORE_RETRY, outcome: 'denied' })
 export const AuditUnavailableError = define('audit_unavailable', 503, 'server_error',
   'The gateway cannot write its audit trail right now, so it serves no API calls. Please try again later.')
 // metrics.listen's own listener: the API's unknown_route message would point a scraper at /v1/conversations.

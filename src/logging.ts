@@ -26,11 +26,37 @@ export function cut (text: unknown): string | undefined {
   return text.length > LOGGED_TEXT_CHARS ? `${text.slice(0, LOGGED_TEXT_CHARS)}… (${text.length} chars)` : text
 }
 
+/** What a warning says of a failure, under `err` (loggedError). */
+export interface LoggedError { type: string, code?: string, status?: number, message: string }
+
+/**
+ * A failure as a warning logs it, under `err`: its type (its class), its code and status where it has them, and
+ * `message`, its own unless the caller gives another (one that could quote an upstream answer, which may hold the
+ * token). Not its stack (where the gateway noticed it, which says nothing to an operator) nor its other fields (an
+ * undici error's `data` holds the bytes it could not parse).
+ */
+export function loggedError (err: unknown, message?: string): LoggedError {
+  const e = (typeof err === 'object' && err !== null ? err : {}) as
+    { name?: unknown, code?: unknown, cause?: { code?: unknown }, kind?: unknown, statusCode?: unknown, status?: unknown, message?: unknown }
+  const logged: LoggedError = { type: typeof e.name === 'string' ? e.name : typeof err, message: message ?? String(e.message ?? err) }
+  // (an upstream failure's kind, UpstreamFailure, is its code)
+  const code = e.code ?? e.cause?.code ?? e.kind
+  if (typeof code === 'string') logged.code = code
+  const status = e.statusCode ?? e.status
+  if (typeof status === 'number') logged.status = status
+  return logged
+}
+
 export function appLoggerOptions (level: string): LoggerOptions {
   return {
     level,
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
     serializers: {
+      // A failure loggedError shaped is written as it is: pino's error serializer would call it an "Object" with an
+      // empty stack. An Error is written as pino writes one.
+      err (err: unknown) {
+        return typeof err === 'object' && err !== null && Object.getPrototypeOf(err) === Object.prototype ? err : pino.stdSerializers.err(err as Error)
+      },
       req (req: FastifyRequest) {
         // As the client sent it (a target the router cannot take is routed to a stand-in: app.ts routableUrl). A
         // query holding a credential (refused by the router) is left out whole.

@@ -116,13 +116,35 @@ function phpName (name: string): string {
   return open === -1 || trimmed.includes(']', open) ? base : `${base}_${trimmed.slice(open + 1)}`
 }
 
+/** A parameter's name (or a body's key) as sent, and as the loosest readers (looseName) and PHP (phpName) take it. */
+interface ReadName { name: string, loose: string, php: string }
+
+function read (name: string): ReadName {
+  return { name, loose: looseName(name), php: phpName(name) }
+}
+
+/**
+ * The names of a query (Operation.query), each read once for every check a call makes of them (a credential, the
+ * method, a path's id, a create's checked keys), in their order.
+ */
+const readQueries = new WeakMap<URLSearchParams, readonly ReadName[]>()
+function namesOf (query: URLSearchParams | null): readonly ReadName[] {
+  if (query === null) return []
+  let names = readQueries.get(query)
+  if (names === undefined) {
+    names = Array.from(query.keys(), read)
+    readQueries.set(query, names)
+  }
+  return names
+}
+
 /**
  * The first parameter of a query (Operation.query) whose name, as the loosest readers take it (looseName, and as
  * PHP does: phpName), `matches`: its name, decoded, a key in it withheld, cut short; or null.
  */
 export function queryParam (query: URLSearchParams | null, matches: (name: string) => boolean): string | null {
-  for (const name of query?.keys() ?? []) {
-    if (matches(looseName(name)) || matches(phpName(name))) return shownName(name)
+  for (const { name, loose, php } of namesOf(query)) {
+    if (matches(loose) || matches(php)) return shownName(name)
   }
   return null
 }
@@ -160,8 +182,8 @@ const LIST_PARAM = /^include(?:\[\d*\])?$/
  * To such an upstream `POST /v1/conversations/{id}?_method=DELETE` is a delete, made with a key that may lack the
  * delete scope. No route of the API takes it.
  */
-function overridesMethod (name: string): boolean {
-  return phpName(name).toLowerCase() === '_method'
+function overridesMethod ({ php }: ReadName): boolean {
+  return php.toLowerCase() === '_method'
 }
 
 /** The ids a path carries, by the names OpenAI gives them (IdParam). */
@@ -174,8 +196,12 @@ const ID_PARAMS: ReadonlySet<string> = new Set<IdParam>(['conversation_id', 'ite
  * `DELETE /v1/conversations/<B's>?conversation_id=<A's>` is a delete of A's conversation, which the gateway never
  * checked. No route of the API takes one there.
  */
-function namesPathId (name: string): boolean {
-  return ID_PARAMS.has(looseName(name).toLowerCase()) || ID_PARAMS.has(phpName(name).toLowerCase())
+function namesPathId ({ loose, php }: ReadName): boolean {
+  return ID_PARAMS.has(loose.toLowerCase()) || ID_PARAMS.has(php.toLowerCase())
+}
+
+function takenForRoute (name: ReadName): boolean {
+  return overridesMethod(name) || namesPathId(name)
 }
 
 /**
@@ -183,7 +209,7 @@ function namesPathId (name: string): boolean {
  * says: the call's method (overridesMethod) or an id the path carries (namesPathId). No route of the API takes one.
  */
 export function overridesRoute (name: string): boolean {
-  return overridesMethod(name) || namesPathId(name)
+  return takenForRoute(read(name))
 }
 
 export type QueryProblem =
@@ -196,8 +222,8 @@ export function queryProblem (op: Operation, url: string): QueryProblem | null {
   // A fragment is the client's own (RFC 3986 §3.5) and never sent: one that is would go upstream as it came.
   if (url.includes('#')) return { kind: 'fragment' }
   const query = op.query
-  for (const name of query?.keys() ?? []) {
-    if (overridesRoute(name)) return { kind: 'unknown', param: shownName(name) }
+  for (const name of namesOf(query)) {
+    if (takenForRoute(name)) return { kind: 'unknown', param: shownName(name.name) }
   }
   const allowed = GET_QUERY[op.action]
   if (allowed === undefined || query === null) return null

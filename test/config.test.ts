@@ -66,11 +66,19 @@ t.test('${VAR:-default} takes the environment first, then the default, and numbe
 t.test('a bad value that came from the environment names its variable: the file holds only the placeholder', async t => {
   const file = yamlFile(minimal + 'listen: { port: "${GATEWAY_PORT:-8080}" }\nlog: { level: "${LOG_LEVEL:-info}" }\n')
   t.same(problems(() => loadConfig(file, { OHMYGPT_API_KEY: 'x', GATEWAY_PORT: '80x', LOG_LEVEL: 'DEBUG' })), [
-    'listen.port: must be integer (its value came from GATEWAY_PORT)',
+    'listen.port: must be an integer (its value came from GATEWAY_PORT)',
     'log.level: must be one of "fatal", "error", "warn", "info", "debug", "trace", "silent" (its value came from LOG_LEVEL)'
   ])
   t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "${GATEWAY_PORT:-80x}" }\n'), { OHMYGPT_API_KEY: 'x' })),
-    ['listen.port: must be integer'], 'a default written in the file is in plain sight')
+    ['listen.port: must be an integer'], 'a default written in the file is in plain sight')
+})
+
+t.test('a value of the wrong type is named in the words the other messages use, not Ajv\'s', async t => {
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  const about = (field: string, config: Record<string, unknown>) => problems(() => parseConfig({ upstream, ...config })).filter(p => p.startsWith(field))
+  t.same(about('listen', { listen: 5 }), ['listen: must be a map'])
+  t.same(about('clients', { clients: {} }), ['clients: must be a list'])
+  t.same(about('listen', { listen: { host: 5 } }), ['listen.host: must be a string'])
 })
 
 t.test('an environment value is never parsed as YAML', async t => {
@@ -109,7 +117,7 @@ t.test('every bad field is reported with its path', async t => {
     'a value of another type: the words, not "a string"')
   t.same(problems(() => parseConfig({ upstream, trustProxy: 'yes' })), ['trustProxy: must be one of false, a list'])
   t.same(problems(() => parseConfig({ upstream, trustProxy: [] })), ['trustProxy: must NOT have fewer than 1 items'], 'a list breaking a rule: that rule')
-  t.same(problems(() => parseConfig({ upstream, trustProxy: [123] })), ['trustProxy[0]: must be string'], 'a bad item: the item, alone')
+  t.same(problems(() => parseConfig({ upstream, trustProxy: [123] })), ['trustProxy[0]: must be a string'], 'a bad item: the item, alone')
 })
 
 t.test('an id, a digest, an expiresAt or a keyPrefix of the wrong form is said in words, not as a regular expression', async t => {
@@ -393,15 +401,15 @@ t.test('a secret with whitespace or control characters is refused with a message
 
 t.test('a YAML boolean or a literal string is never read as a number; only a ${VAR} string is', async t => {
   t.match(problems(() => loadConfig(yamlFile(minimal.replace('apiKey: ${OHMYGPT_API_KEY}', 'apiKey: k\n  timeoutMs: true')), {})),
-    [/upstream\.timeoutMs: must be integer/])
+    [/upstream\.timeoutMs: must be an integer/])
   const rateLimited = minimal.replace('scopes: [read]', 'scopes: [read]\n    rateLimit: { requestsPerMinute: true }')
   t.match(problems(() => loadConfig(yamlFile(rateLimited), { OHMYGPT_API_KEY: 'x' })),
-    [/clients\[0\]\.rateLimit\.requestsPerMinute: must be integer/])
+    [/clients\[0\]\.rateLimit\.requestsPerMinute: must be an integer/])
   t.match(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "8080" }\n'), { OHMYGPT_API_KEY: 'x' })),
-    [/listen\.port: must be integer/], 'a quoted literal stays a string')
+    [/listen\.port: must be an integer/], 'a quoted literal stays a string')
   t.equal(loadConfig(yamlFile(minimal + 'listen: { port: "${PORT}" }\n'), { OHMYGPT_API_KEY: 'x', PORT: '9000' }).listen.port, 9000)
   t.match(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: "${PORT}" }\n'), { OHMYGPT_API_KEY: 'x', PORT: 'eighty' })),
-    [/listen\.port: must be integer/], 'a variable that is not a number is reported')
+    [/listen\.port: must be an integer/], 'a variable that is not a number is reported')
 })
 
 t.test('a default may hold another placeholder: ${A:-${B}} and deeper', async t => {
@@ -444,7 +452,7 @@ t.test('a $VAR without braces (the shell\'s and compose\'s spelling) is refused 
   t.same(problems(() => loadConfig(yamlFile(minimal + 'store: { url: "redis://:$REDIS_PASSWORD@redis:6379/0" }\n'), env)),
     ['store.url: write ${REDIS_PASSWORD}: a variable without braces is not filled in'], 'inside a value, a variable the environment has')
   t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: $GATEWAY_PORT }\n'), { ...env, GATEWAY_PORT: '1' })),
-    ['listen.port: write ${GATEWAY_PORT}: a variable without braces is not filled in'], 'said once, not also as "must be integer"')
+    ['listen.port: write ${GATEWAY_PORT}: a variable without braces is not filled in'], 'said once, not also as "must be an integer"')
   t.equal(loadConfig(yamlFile(minimal + 'store: { url: "redis://:pa$SECRET-1@redis:6379/0" }\n'), env).store.url,
     'redis://:pa$SECRET-1@redis:6379/0', 'a $ inside a value naming no variable set is text (a password may hold one)')
   t.equal(loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$s3cret_token')), {}).upstream.apiKey, '$s3cret_token',

@@ -565,7 +565,59 @@ t.test('a lookup whose answer stalls after its headers is audited with the attem
   t.match(err, { status: 504, error: { code: 'upstream_timeout' } })
   t.match(gw.audit().at(-1), { action: 'conversation.retrieve', status: 504, outcome: 'upstream_error', attempts: 1, upstreamLine: null },
     'audited with the lookup\'s attempt: the upstream was asked')
-  t.ok(gw.logs.some(l => l.includes('ownership lookup failed')), 'the log says the lookup failed')
+  const line = JSON.parse(gw.logs.find(l => l.includes('ownership lookup failed')) ?? '{}') as { err?: Record<string, unknown> }
+  t.match(line.err, { type: 'UpstreamFailure', code: 'timeout', message: /\S/ }, 'the log says the lookup failed, and how')
+  t.notOk(line.err !== undefined && 'stack' in line.err, 'no empty stack of a plain object')
+})
+
+t.test('a call refused before its check is audited with the owner the cache knows, and no lookup; a lookup answered 404 counts its attempt', async t => {
+  // The README's ownerId: "for a refused call: whose it was". The rate limit and the concurrency cap come before the
+  // ownership check: their refusals named no owner, though the cache knew it. A lookup answered 404 ended its call
+  // upstream and was recorded with attempts 0, as if nothing had gone there.
+  const { upstream, gw, sdk } = await setup(t)
+  const limited = sdk(KEYS.limited)
+  const own = await limited.conversations.create({})
+  await limited.conversations.retrieve(own.id)
+  await limited.conversations.retrieve(own.id) // (burst 3: the last token)
+  const before = upstream.requests.length
+  t.match(await rejection(limited.conversations.retrieve(own.id)), { status: 429 })
+  t.match(await rejection(limited.conversations.items.list(own.id)), { status: 429 })
+  t.match(await rejection(sdk(KEYS.reader).conversations.delete(own.id)), { status: 403 })
+  t.equal(upstream.requests.length, before, 'nothing went upstream for them, no lookup either')
+  await until('the records', () => gw.audit().length === 6)
+  t.match(gw.audit().slice(3), [
+    { action: 'conversation.retrieve', status: 429, ownerId: 'team-limited', attempts: 0 },
+    { action: 'item.list', status: 429, ownerId: 'team-limited', attempts: 0 },
+    { action: 'conversation.delete', status: 403, clientId: 'team-reader', ownerId: 'team-limited', attempts: 0 }
+  ], 'each names the owner the cache knew')
+
+  const unknown = await rejection(limited.conversations.retrieve('conv_never_made'))
+  t.match(unknown, { status: 429 })
+  const missing = await rejection(sdk(KEYS.full).conversations.retrieve('conv_never_made'))
+  t.match(missing, { status: 404, error: { code: 'conversation_not_found' } })
+  t.equal(upstream.requests.length, before + 1, 'one lookup, for the call that got that far')
+  await until('the records', () => gw.audit().length === 8)
+  t.match(gw.audit().slice(6), [
+    { status: 429, ownerId: null, attempts: 0 },
+    { status: 404, ownerId: null, attempts: 1, upstreamLine: null }
+  ], 'an object the cache does not know: no owner; the 404 counts its lookup\'s attempt')
+  const again = await rejection(sdk(KEYS.full).conversations.retrieve('conv_never_made'))
+  t.match(again, { status: 404 })
+  await until('the record', () => gw.audit().length === 9)
+  t.equal(upstream.requests.length, before + 1, 'answered from the cache')
+  t.match(gw.audit().at(-1), { status: 404, attempts: 0 }, 'no lookup, no attempt')
+})
+
+t.test('a lookup the upstream answers 500 is logged with that status', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { gw, sdk } = await gateway(t, upstream)
+  upstream.respond = faults.status(500)
+  const err = await rejection(sdk(KEYS.full).conversations.retrieve('conv_failing_lookup', { maxRetries: 0 }))
+  t.match(err, { status: 502, error: { code: 'upstream_unavailable' } })
+  const line = JSON.parse(gw.logs.find(l => l.includes('ownership lookup failed')) ?? '{}') as Record<string, unknown>
+  t.same(line.err, { type: 'Error', status: 500, message: 'the lookup was answered 500' })
+  t.equal(line.conversationId, 'conv_failing_lookup')
 })
 
 t.test('a lookup whose answer comes late and then stalls is cut at the client\'s stated wait, even when that wait is longer than timeoutMs', async t => {

@@ -505,6 +505,37 @@ t.test('a Redis already full (OOM) when the store connects: unavailable from the
   t.equal((await s.take('a', SLOW)).allowed, true, 'served from the shared bucket')
 })
 
+t.test('a Redis already full (OOM) at start: a user without SET or MGET is refused all the same; one without a command the script calls after its write is told once Redis takes writes', async t => {
+  // Redis checks a user's ACL before its memory: SET answers NOPERM, not OOM, to a user without it. The start asked
+  // SET only after the script, which a full Redis refuses: such a user started, and its notes failed for ever.
+  const redis = await startRedis(t, { password: 'admin-pw' })
+  const user = async (name: string, rules: string) => {
+    t.match(await redis.command(`ACL SETUSER ${name} on >pw-${name} ${rules}`), /OK/)
+    return `redis://${name}:pw-${name}@127.0.0.1:${redis.port}/0`
+  }
+  const needs = '+evalsha +eval +script +time +hmget +hset +pexpire +set +mget +ping +hello +auth'
+  const noSet = await user('noset', `~ogw:* ${needs.replace('+set ', '')}`)
+  const noMget = await user('nomget', `~ogw:* ${needs.replace('+mget ', '')}`)
+  // (the script's last command: a full Redis refuses the HSET before it, as OOM)
+  const noPexpire = await user('nopexpire', `~ogw:* ${needs.replace('+pexpire ', '')}`)
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  for (const [what, url] of [['no SET', noSet], ['no MGET', noMget]]) {
+    await t.rejects(RedisStore.connect({ url: url!, timeoutMs: 2000, onFailure: 'closed', log: recorder() }),
+      { message: /^store\.url: the user given in it may not run what the gateway needs \(NOPERM/ }, `${what}: refused though Redis is full`)
+  }
+  const log = recorder()
+  const s = await RedisStore.connect({ url: noPexpire, timeoutMs: 2000, onFailure: 'closed', log })
+  t.teardown(() => s.close())
+  t.equal(s.available(), false, 'full: unavailable, and its script stopped before PEXPIRE')
+  t.match(await redis.command('CONFIG SET maxmemory 0'), /OK/)
+  const told = await eventually(async () => log.lines.find(l => /may not run what the gateway needs/.test(l.msg)), 'told once Redis runs the script')
+  t.match(told, { level: 'warn', obj: { reason: /can't run this command|NOPERM/ } })
+  t.equal(s.available(), false, 'still unavailable')
+  await new Promise(resolve => setTimeout(resolve, 2500))
+  t.equal(log.lines.filter(l => /may not run what the gateway needs/.test(l.msg)).length, 1, 'said once, not at every heartbeat')
+})
+
 t.test('a Redis that refuses writes (OOM) and drops the connection: connecting again is no recovery while it still refuses', async t => {
   const redis = await startRedis(t)
   const s = await store(t, redis, { onFailure: 'closed' })

@@ -204,6 +204,8 @@ t.test('in process: closed mode answers 503 in the envelope, a scope refusal tak
   const refused = await call(KEYS.limited)
   t.equal(refused.status, 503)
   t.match(await refused.json(), { error: { code: 'rate_limit_store_unavailable', type: 'server_error' } })
+  t.equal(refused.headers.get('retry-after'), '2', 'the SDKs\' two retries, 2 s apart, outlast a stall of a few seconds')
+  t.equal(refused.headers.get('x-should-retry'), null, 'retried: it never reached the upstream')
   t.match(gw.audit().at(-1), { clientId: 'team-limited', status: 503 })
   const forbiddenNow = await call(KEYS.reader, 'DELETE')
   t.equal(forbiddenNow.status, 503, 'the rate limit comes before the scope check: it answers first')
@@ -438,6 +440,7 @@ t.test('in process, Redis not answering: another team\'s item this replica hande
   redis.pause()
   const [another, madeUp] = [await answers(handedOut), await answers(madeUpId)]
   t.same(another.map(shape), madeUp.map(shape), 'Redis not answering: the same answers for another team\'s item and a made-up one')
+  t.same(another.map(e => e?.headers?.get('retry-after')), madeUp.map(e => e?.headers?.get('retry-after')), 'with the same retry-after')
   t.match(madeUp, [{ status: 503, code: 'rate_limit_store_unavailable' }, { status: 503, code: 'rate_limit_store_unavailable' }])
   t.equal((await sdk(KEYS.full).responses.create({ model: 'o3', input: named(handedOut) })).status, 'completed',
     'its own team is served: this replica handed it out')

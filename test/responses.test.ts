@@ -1258,8 +1258,9 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
 
   const inConversation = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: conv.id }))
   t.type(inConversation, OpenAI.NotFoundError)
-  t.match(inConversation, { status: 404, code: 'conversation_not_found', param: 'conversation_id' })
-  t.match(await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: { id: conv.id } } as never)), { status: 404, code: 'conversation_not_found' }, '{ id } form too')
+  t.match(inConversation, { status: 404, code: 'conversation_not_found', param: /^conversation$/ }, 'param names the field sent, not the path\'s conversation_id')
+  const asObject = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: { id: conv.id } } as never))
+  t.match(asObject, { status: 404, code: 'conversation_not_found', param: /^conversation$/ }, '{ id } form too')
   // OpenAI answers a previous_response_id it cannot find 400 (BadRequestError), not 404: clients that start again
   // with the whole context on that error (as its conversation-state guide has them) catch it by that status.
   const notPrevious = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', previous_response_id: response.id }))
@@ -1293,6 +1294,8 @@ t.test('ownership: another team cannot use, read, cancel or delete a response, n
   t.equal(denied.length, 7)
   t.same(denied.map(r => r.status), [404, 404, 400, 404, 404, 404, 404])
   t.ok(denied.every(r => r.outcome === 'denied' && r.ownerId === 'team-full'), 'audited denied, naming the owner')
+  const neverMade = await rejection(b.responses.create({ model: 'gpt-4o', input: 'hi', conversation: 'conv_never_made' }))
+  t.match(neverMade, { status: 404, code: 'conversation_not_found', param: /^conversation$/ }, 'a conversation that does not exist: the same param')
 
   // A fresh gateway (empty cache) finds the owner in the response's metadata upstream.
   const restarted = await startGateway(t, testConfig(upstream.url))

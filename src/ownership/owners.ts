@@ -231,6 +231,11 @@ export class OwnerCache {
     return this.#cache.get(`${kind}:${id}`)
   }
 
+  /** The cached owner, as get gives it, without making it more recently used: for a record, not for a call. */
+  peek (kind: Owned, id: string): Owner | undefined {
+    return this.#cache.peek(`${kind}:${id}`)
+  }
+
   /**
    * The owner from `fetch` (which is given where to register what stops its call), joined with a lookup of the
    * same object under way if there is one. `whenCallerGone` registers what to run when this caller goes away:

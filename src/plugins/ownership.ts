@@ -17,6 +17,7 @@ import {
   ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
+import { loggedError } from '../logging.js'
 import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
 import {
   conversationParam, createBody, folded, isObject, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
@@ -363,21 +364,42 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return whileAsking(request, triedSoFar(lookupAttempts(kind, id)), owner)
   }
 
-  /** The attempts the lookup of `kind` `id` under way has made. */
+  /**
+   * The attempts the lookup of `kind` `id` under way (the one a caller has just begun or joined) has made, read
+   * when asked: after it has ended too, as it ended.
+   */
   function lookupAttempts (kind: Owned, id: string): () => number {
-    return () => lookupsUnderWay.get(`${kind}:${id}`)?.attempts ?? 1
+    const progress = lookupsUnderWay.get(`${kind}:${id}`)
+    return () => progress?.attempts ?? 1
   }
 
   /**
    * A client that hangs up while the gateway's own ask (an owner lookup, an item's check) is at the upstream is
    * audited as its response closes, before the ask is left: until the ask has answered, the call's record reads
-   * the attempts it made (`tried`, read then). Its answer or failure then says what the record holds.
+   * the attempts it made (`tried`, read then). An answer leaves them there, as they ended: a call it ends (the 404
+   * of a missing id or another team's) made them, and one it lets on says its own once it goes upstream. A failure
+   * says what the record holds (triedUpstream).
    */
   function whileAsking<T> (request: FastifyRequest, tried: UpstreamProgress, asking: Promise<T>): Promise<T> {
-    request.upstreamCall ??= tried
-    const settled = (): void => { if (request.upstreamCall === tried) request.upstreamCall = null }
-    asking.then(settled, settled)
+    request.upstreamCall = tried
+    const answered = (): void => { if (request.upstreamCall === tried) request.upstreamCall = { ...tried } }
+    const failed = (): void => { if (request.upstreamCall === tried) request.upstreamCall = null }
+    asking.then(answered, failed)
     return asking
+  }
+
+  /**
+   * The owner the cache knows of the object a call is on (its path's response or conversation, a create's
+   * conversation), if any: peeked, for the record of a call refused before its check.
+   */
+  function cachedOwner (request: FastifyRequest): string | null {
+    const op = request.operation
+    if (op === null) return null
+    const [kind, id]: [Owned, string | null | undefined] = op.responseId !== null
+      ? ['response', op.responseId]
+      : ['conversation', op.action === 'response.create' ? conversationParam(request.parsedBody) : op.conversationId]
+    const found = typeof id === 'string' ? cache.peek(kind, id) : undefined
+    return found === undefined || found === 'missing' ? null : found.owner
   }
 
   /** The owner of `id` as the upstream object says; a bad or missing answer fails closed (502/504). */
@@ -427,7 +449,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
-      if (answer.statusCode !== 200) throw new Error(`the lookup was answered ${answer.statusCode}`)
+      if (answer.statusCode !== 200) throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode })
       // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
       return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
     } catch (err) {
@@ -443,8 +465,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       // a lookup no line was tried for (every one skipped, UpstreamFailure.untried).
       if (!(err instanceof UpstreamFailure && (err.kind === 'aborted' || err.untried))) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
-        const message = err instanceof SyntaxError ? 'the answer is not JSON' : (err as Error).message
-        request.log.warn({ err: { message }, ...about }, 'ownership lookup failed')
+        request.log.warn({ err: loggedError(err, err instanceof SyntaxError ? 'the answer is not JSON' : undefined), ...about }, 'ownership lookup failed')
       }
       const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (err instanceof UpstreamFailure) answer.headers = retryHeaders(err) // every line down: when one is tried again
@@ -573,17 +594,21 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     return named.filter(([container]) => !vouched.has(container))
   }
 
-  /** Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. */
+  /**
+   * Looks `id` up and lets the call on only if `client` may act on it (else throws); gives its owner. A refusal
+   * names `param`, the field the id came in, where it is not the one the refusal names (the path's).
+   */
   function authorize (kind: Owned, refusal: keyof typeof REFUSALS, id: string, client: ClientConfig,
-    request: FastifyRequest, reply: FastifyReply): Answer<string | null> {
+    request: FastifyRequest, reply: FastifyReply, param?: string): Answer<string | null> {
+    const named = (err: GatewayError): GatewayError => param === undefined ? err : withParam(err, param)
     const decide = (found: Owner): string | null => {
       const [Missing, NotYours] = REFUSALS[refusal]
       // (An id from the body may be anything the body limit allows: the answer quotes it cut short, as it does a path.)
-      if (found === 'missing') throw new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id)
+      if (found === 'missing') throw named(new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id))
       request.ownerId = found.owner // the audit names whom a refused call was after
       if (!mayAct(found, client)) {
         cache.noteRefused(kind, id)
-        throw new NotYours(id)
+        throw named(new NotYours(id))
       }
       return found.owner
     }
@@ -690,7 +715,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       const conversation = checkedConversationParam(request.parsedBody)
       const previous = previousResponseParam(request.parsedBody)
       return (async () => {
-        const owner = conversation === undefined ? null : await authorize('conversation', 'conversation', conversation, client, request, reply)
+        const owner = conversation === undefined ? null : await authorize('conversation', 'conversation', conversation, client, request, reply, 'conversation')
         if (previous !== undefined) await authorize('response', 'previous_response', previous, client, request, reply)
         await checkReferences('input', body?.input, conversation, client, request, reply)
         await checkContainers(containers, client, request, owner === client.id ? { id: conversation!, reply } : undefined)
@@ -753,6 +778,14 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       }
     })
   }
+
+  // A call refused before its check (the client's rate limit, the concurrency cap, a missing scope) names in its
+  // record the owner the cache knows of the object it was on, as a call refused by the check does: never looked up
+  // for a call refused already. (Not one refused its key: it has no client.)
+  app.addHook('onError', (request, _reply, _err, done) => {
+    if (request.ownerId === null && request.client !== null) request.ownerId = cachedOwner(request)
+    done()
+  })
 
   // Callback style: with the owner cached (nearly every call), no promise is made.
   app.addHook('preHandler', (request, reply, done) => {

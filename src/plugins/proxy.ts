@@ -22,6 +22,7 @@ import { SseRewriter } from '../responses/sse.js'
 import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
+import { loggedError } from '../logging.js'
 import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, FOREIGN_CHARSET, hasForeignCharset, isWideText, REDACTED, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
@@ -464,7 +465,7 @@ function waitWithTheClient (request: FastifyRequest, reply: FastifyReply, events
  */
 function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown, message: string, answer: Error): void {
   if (clientLeft(reply)) return
-  request.log.warn({ err: { message: (err as Error).message } }, message)
+  request.log.warn({ err: loggedError(err) }, message)
   mayBeDoneUpstream(request, reply)
   reply.send(answer)
 }
@@ -633,7 +634,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       if (request.observeAnswer !== null) for (const reader of readersOf(request, raw)) reader.read(rewritten)
     } catch (err) {
       // An answer the gateway cannot check is not passed on: fail closed.
-      request.log.warn({ err: { message: (err as Error).message } }, 'upstream answer is not what was expected')
+      request.log.warn({ err: loggedError(err) }, 'upstream answer is not what was expected')
       mayBeDoneUpstream(request, reply)
       reply.send(new UpstreamUnavailableError())
       return
@@ -672,7 +673,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
         out.destroy(err)
         return
       }
-      request.log.warn({ err: { message: err.message } }, 'upstream answer could not be read')
+      request.log.warn({ err: loggedError(err) }, 'upstream answer could not be read')
       mayBeDoneUpstream(request, reply)
       out.destroy(readFailure(err))
     })
@@ -848,7 +849,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             return rewriteEvent(text.includes('\\') || scrub.text(text) !== text ? scrub.json(data) : data)
           } catch (err) {
             // As for an answer read whole: an event the gateway cannot check is not passed on (fail closed).
-            request.log.warn({ err: { message: (err as Error).message } }, 'upstream event is not what was expected')
+            request.log.warn({ err: loggedError(err) }, 'upstream event is not what was expected')
             throw err
           }
         }, STREAM_REFUSED_EVENT, MAX_EVENT_BYTES, upstream.timeoutMs,
@@ -883,7 +884,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           // before any of it went out is, 504 for a silence past its deadline, else 502, not as a 200 whose only
           // event is the error (Fastify answers the error the stream it sends fails with).
           if (!reply.raw.headersSent && events.readableLength === 0 && !clientLeft(reply)) {
-            request.log.warn({ err: { message: err.message } }, 'upstream answer could not be read')
+            request.log.warn({ err: loggedError(err) }, 'upstream answer could not be read')
             mayBeDoneUpstream(request, reply)
             events.destroy(readFailure(err))
             return

@@ -9,6 +9,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { ClientConfig } from '../config.js'
 import { RateLimitExceededError, RateLimitStoreUnavailableError, retryAfter, TokensRateLimitError } from '../errors.js'
+import { loggedError } from '../logging.js'
 import { whenClosed } from '../http/response.js'
 import { tokensUsed } from '../responses/usage.js'
 import { whenAnswered, type Answer } from '../answer.js'
@@ -96,13 +97,13 @@ class Uncharged {
   #calls = 0
   #tokens = 0
   /** the latest call left uncharged, as the next warning names it */
-  #latest: { log: WarnLog, clientId: string, tokens: number, message: string } | null = null
+  #latest: { log: WarnLog, clientId: string, tokens: number, err: unknown } | null = null
   #pending: NodeJS.Timeout | null = null
 
   add (log: WarnLog, clientId: string, tokens: number, err: unknown): void {
     this.#calls++
     this.#tokens += tokens
-    this.#latest = { log, clientId, tokens, message: (err as Error).message }
+    this.#latest = { log, clientId, tokens, err }
     const wait = this.#lastWarning + WARN_INTERVAL_MS - Date.now()
     if (wait <= 0) this.flush()
     else this.#pending ??= setTimeout(() => { this.flush() }, wait).unref()
@@ -113,9 +114,9 @@ class Uncharged {
     clearTimeout(this.#pending ?? undefined)
     this.#pending = null
     if (this.#latest === null) return
-    const { log, clientId, tokens, message } = this.#latest
+    const { log, clientId, tokens, err } = this.#latest
     this.#lastWarning = Date.now()
-    log.warn({ err: { message }, clientId, tokens, since: { calls: this.#calls, tokens: this.#tokens } },
+    log.warn({ err: loggedError(err), clientId, tokens, since: { calls: this.#calls, tokens: this.#tokens } },
       'token budget could not be charged')
     this.#latest = null
     this.#calls = 0
@@ -151,7 +152,7 @@ export function reapplyLimits (store: RateLimitStore, before: readonly ClientCon
   const settled = () => {
     if (--pending > 0 || failed.length === 0) return
     log.warn({
-      err: { message: (firstError as Error).message },
+      err: loggedError(firstError),
       buckets: failed.length,
       named: failed.slice(0, REAPPLY_NAMED)
     }, `rate limits: ${failed.length} bucket(s) could not be kept under their new limits (they refill on the old ones)`)

@@ -208,6 +208,9 @@ export class RedisStore implements RateLimitStore, SharedNotes {
   readonly #url: string
   readonly #timeoutMs: number
   readonly #outage: OutageLog
+  readonly #log: StoreLogger
+  /** The heartbeat's probe found the user may not run the script (#refusedAsked): said once. */
+  #toldNotPermitted = false
   /** This connection's SELECT was refused: the client would go on in database 0, perhaps another deployment's. */
   #noSuchDb = false
   /** Redis answered the last call with an error (OOM under noeviction, no EVALSHA for this user...); see available(). */
@@ -261,6 +264,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     this.#url = url
     this.#timeoutMs = timeoutMs
     this.#outage = new OutageLog(log, onFailure)
+    this.#log = log
     this.#redis = new Redis(url, {
       // No commandTimeout: #deadline bounds every call (ioredis's timer would fire before an answer waiting in the
       // socket is read, see there). A hung connection is given up by socketTimeout.
@@ -361,20 +365,22 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    */
   async #notPermitted (): Promise<string | null> {
     const key = this.#keyPrefix + PROBE_KEY
-    try {
-      await this.#probe()
-      await this.#redis.mget(key)
-      await this.#redis.set(`${key}:note`, '1', 'PX', 1000, 'NX')
-      return null
-    } catch (err) {
-      const reason = this.#reasonOf(err)
-      if (NOT_PERMITTED.test(reason)) return `the user given in it may not run what the gateway needs (${reason})`
-      if (err instanceof ReplyError) {
+    // Each asked whatever the one before answered: Redis checks what a user may run before its memory, so a Redis
+    // full at start (the script refused, OOM) still tells whether the user may run the notes' SET and MGET. (The
+    // commands the script calls it checks only as it runs them: the heartbeat's probe finds those out, see #beat.)
+    const asks = [() => this.#probe(), () => this.#redis.mget(key), () => this.#redis.set(`${key}:note`, '1', 'PX', 1000, 'NX')]
+    for (const ask of asks) {
+      try {
+        await ask()
+      } catch (err) {
+        const reason = this.#reasonOf(err)
+        if (NOT_PERMITTED.test(reason)) return `the user given in it may not run what the gateway needs (${reason})`
+        if (!(err instanceof ReplyError)) return null // (Redis gone again: an outage, and nothing known against it)
+        if (!this.#refusing) this.#heldFailure = reason
         this.#refused()
-        this.#heldFailure = reason
       }
-      return null
     }
+    return null
   }
 
   /** A read-only replica, or a cluster node that leaves some slots to other nodes: why, or null. */
@@ -552,9 +558,23 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       ? this.#probe().then(() => {
         this.#outage.recovered() // (a replica out of rotation gets no call that would say so)
         this.#accepted()
-      })
+      }, (err: unknown) => { this.#refusedAsked(err) })
       : this.#redis.ping()
     asked.catch(() => {}).finally(() => { this.#asking = false })
+  }
+
+  /**
+   * The probe refused: by an ACL, once Redis ran the script, for a user the start could not check (the script
+   * refused as OOM then, before Redis looked at the commands it calls), said once, as the start would have said
+   * it: no call is served from Redis until the user is given them. Any other refusal is the outage going on.
+   */
+  #refusedAsked (err: unknown): void {
+    const reason = this.#reasonOf(err)
+    if (!NOT_PERMITTED.test(reason) || this.#toldNotPermitted) return
+    this.#toldNotPermitted = true
+    this.#outage.failed(reason, false)
+    this.#log.warn({ reason }, 'store.url: the user given in it may not run what the gateway needs: give it what the README lists ' +
+      '(Redis was full when the gateway started, and could not be asked then)')
   }
 
   /**
