@@ -717,6 +717,24 @@ t.test('a lock file removed and made again by another gateway before the heartbe
   t.equal(readFileSync(file + '.lock', 'utf8'), other, 'nor removed at close')
 })
 
+t.test('a running gateway\'s lock overwritten with what is no lock is still its: a second gateway is refused, not let in at once', async t => {
+  // Anyone who can write the audit directory can write into the lock (or a disk can leave it empty). It names no
+  // holder, but its heartbeat goes on: a second gateway taking it for stale would write the series too, forking the chain.
+  for (const text of ['garbage\n', '']) {
+    const file = join(tempDir(), 'audit.jsonl')
+    const { writer } = await open(file)
+    writeFileSync(file + '.lock', text)
+    t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is locked .*still being refreshed/, `${JSON.stringify(text)}: refused`)
+    t.equal(readFileSync(file + '.lock', 'utf8'), text, `${JSON.stringify(text)}: the lock is left as it is`)
+    await writer.close()
+  }
+  // The same lock, its heartbeat stopped (its gateway gone): taken over.
+  const file = join(tempDir(), 'audit.jsonl')
+  writeFileSync(file + '.lock', 'garbage\n')
+  lastTouched(file + '.lock', 10_000)
+  t.equal(await openInAnotherProcess(file), 'opened\n', 'a lock no longer refreshed is taken over')
+})
+
 /** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */
 function lastTouched (path: string, ago: number): void {
   const then = new Date(Date.now() - ago)
