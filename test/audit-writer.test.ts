@@ -3,7 +3,7 @@
 // write (counted, then said in the trail), never a hang.
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { open as fsOpen } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { Writable } from 'node:stream'
@@ -1016,6 +1016,31 @@ t.test('records that cannot be written by close() are counted as lost and logged
   writer.write(callRecord(2))
   t.match(writer.stats(), { lost: 2 }, 'a record after close is lost, not written')
   out.release()
+})
+
+t.test('records a close could not write leave their trace in the chain: the next start says the unclean stop, as after a crash', async t => {
+  // A stop while the disk is full: what close() cannot write is lost and logged. With the lock removed as at a clean
+  // stop, the next start said nothing, and verify passed a trail that lost them without a word.
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('record 1', () => parsed(file).length === 1)
+  renameSync(file, file + '.1') // (an outside rotation; nothing can be written at the path it leaves)
+  mkdirSync(file)
+  await until('the failure', () => !writer.available)
+  writer.write(callRecord(2))
+  await writer.close()
+  t.match(writer.stats(), { lost: 1 })
+  t.ok(log.lines.some(l => l.level === 'error' && /before closing and are lost/.test(l.msg)), 'the loss is logged')
+  t.ok(existsSync(file + '.lock'), 'the lock is left for the next start')
+
+  rmSync(file, { recursive: true })
+  const next = await open(file)
+  next.writer.write(callRecord(3))
+  await next.writer.close()
+  t.match(next.log.lines, [{ level: 'warn', msg: /taking over a stale lock/ }])
+  t.match(parsed(file), [{ seq: 2, event: 'audit.unclean_stop', pid: process.pid }, { seq: 3 }])
+  t.match(await verify(file), { ok: true, records: 3, notes: [/seq 2: .*closed with records it could not write/] })
 })
 
 t.test('a FIFO named like a closed file of the series is left out with a warning; one at the audit path is refused; neither hangs the start', async t => {

@@ -36,6 +36,11 @@ export interface AuditLock {
    * leaves the unclean stop for the next start to find and say, not lost.
    */
   giveBack (): Promise<void>
+  /**
+   * Stops touching the lock and leaves it where it is, as a crash does: the next start takes it over once its
+   * heartbeat has stopped, and says an unclean stop in the chain (a close that could not write every record).
+   */
+  leave (): Promise<void>
 }
 
 /** A stale lock taken over: its bytes, and when its holder last touched it. */
@@ -274,6 +279,9 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
       path,
       async release () {
         if (await letGo()) await unlink(path).catch(() => {})
+      },
+      async leave () {
+        await letGo()
       },
       async giveBack () {
         if (!await letGo()) return
