@@ -3,7 +3,7 @@
 // write (counted, then said in the trail), never a hang.
 import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { appendFileSync, existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { open as fsOpen } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { Writable } from 'node:stream'
@@ -717,6 +717,24 @@ t.test('a lock file removed and made again by another gateway before the heartbe
   t.equal(readFileSync(file + '.lock', 'utf8'), other, 'nor removed at close')
 })
 
+t.test('a running gateway\'s lock overwritten with what is no lock is still its: a second gateway is refused, not let in at once', async t => {
+  // Anyone who can write the audit directory can write into the lock (or a disk can leave it empty). It names no
+  // holder, but its heartbeat goes on: a second gateway taking it for stale would write the series too, forking the chain.
+  for (const text of ['garbage\n', '']) {
+    const file = join(tempDir(), 'audit.jsonl')
+    const { writer } = await open(file)
+    writeFileSync(file + '.lock', text)
+    t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is locked .*still being refreshed/, `${JSON.stringify(text)}: refused`)
+    t.equal(readFileSync(file + '.lock', 'utf8'), text, `${JSON.stringify(text)}: the lock is left as it is`)
+    await writer.close()
+  }
+  // The same lock, its heartbeat stopped (its gateway gone): taken over.
+  const file = join(tempDir(), 'audit.jsonl')
+  writeFileSync(file + '.lock', 'garbage\n')
+  lastTouched(file + '.lock', 10_000)
+  t.equal(await openInAnotherProcess(file), 'opened\n', 'a lock no longer refreshed is taken over')
+})
+
 /** Sets a lock's last touch `ago` ms back: the heartbeat of its (pretended) holder stopped then. */
 function lastTouched (path: string, ago: number): void {
   const then = new Date(Date.now() - ago)
@@ -998,6 +1016,31 @@ t.test('records that cannot be written by close() are counted as lost and logged
   writer.write(callRecord(2))
   t.match(writer.stats(), { lost: 2 }, 'a record after close is lost, not written')
   out.release()
+})
+
+t.test('records a close could not write leave their trace in the chain: the next start says the unclean stop, as after a crash', async t => {
+  // A stop while the disk is full: what close() cannot write is lost and logged. With the lock removed as at a clean
+  // stop, the next start said nothing, and verify passed a trail that lost them without a word.
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('record 1', () => parsed(file).length === 1)
+  renameSync(file, file + '.1') // (an outside rotation; nothing can be written at the path it leaves)
+  mkdirSync(file)
+  await until('the failure', () => !writer.available)
+  writer.write(callRecord(2))
+  await writer.close()
+  t.match(writer.stats(), { lost: 1 })
+  t.ok(log.lines.some(l => l.level === 'error' && /before closing and are lost/.test(l.msg)), 'the loss is logged')
+  t.ok(existsSync(file + '.lock'), 'the lock is left for the next start')
+
+  rmSync(file, { recursive: true })
+  const next = await open(file)
+  next.writer.write(callRecord(3))
+  await next.writer.close()
+  t.match(next.log.lines, [{ level: 'warn', msg: /taking over a stale lock/ }])
+  t.match(parsed(file), [{ seq: 2, event: 'audit.unclean_stop', pid: process.pid }, { seq: 3 }])
+  t.match(await verify(file), { ok: true, records: 3, notes: [/seq 2: .*closed with records it could not write/] })
 })
 
 t.test('a FIFO named like a closed file of the series is left out with a warning; one at the audit path is refused; neither hangs the start', async t => {

@@ -220,7 +220,8 @@ export type ChainEvent =
   | { time: string, event: 'audit.torn_line', line: number, sha256: string, file?: string }
   /**
    * the gateway writing before stopped without closing (killed, its container or host gone: its lock was left behind,
-   * and taken over): the records of calls it answered in its last moments, not yet written, are lost with it
+   * and taken over), or closed with records it could not write (a full disk: it left its lock so that this is said):
+   * the records of calls it answered in its last moments, or while writing failed, not yet written, are lost with it
    */
   | { time: string, event: 'audit.unclean_stop', pid: number | null, host: string | null, since: string | null }
   /** records dropped because they could not be written in time (buffer full); counted, and said here */

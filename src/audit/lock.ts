@@ -36,6 +36,11 @@ export interface AuditLock {
    * leaves the unclean stop for the next start to find and say, not lost.
    */
   giveBack (): Promise<void>
+  /**
+   * Stops touching the lock and leaves it where it is, as a crash does: the next start takes it over once its
+   * heartbeat has stopped, and says an unclean stop in the chain (a close that could not write every record).
+   */
+  leave (): Promise<void>
 }
 
 /** A stale lock taken over: its bytes, and when its holder last touched it. */
@@ -275,6 +280,9 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
       async release () {
         if (await letGo()) await unlink(path).catch(() => {})
       },
+      async leave () {
+        await letGo()
+      },
       async giveBack () {
         if (!await letGo()) return
         if (left === null) {
@@ -307,11 +315,16 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
       throw new AuditLockError(`audit file ${file} is in use by another gateway process (pid ${holder.pid}, since ${holder.since}; ` +
         `lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl).`)
     }
-    if (holder !== null && await heartbeatGoesOn(path)) {
-      throw new AuditLockError(`audit file ${file} is locked by pid ${holder.pid} on a host named ${holder.host} (this one's name) ` +
-        `since ${holder.since}, and its lock is still being refreshed: another gateway writes it, from a pid namespace of its ` +
-        `own (containers sharing the host name). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl, with ` +
-        `distinct host names); lock ${path}.`)
+    // A lock that names no holder (overwritten, or left empty) is stale only once its heartbeat has stopped too: its
+    // holder may be alive, touching it, and would go on writing the series beside the one taking it over.
+    if (await heartbeatGoesOn(path)) {
+      throw new AuditLockError(holder === null
+        ? `audit file ${file} is locked by a lock that names no holder (overwritten or emptied), and it is still being refreshed: ` +
+          `another gateway writes the series. Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl); lock ${path}.`
+        : `audit file ${file} is locked by pid ${holder.pid} on a host named ${holder.host} (this one's name) ` +
+          `since ${holder.since}, and its lock is still being refreshed: another gateway writes it, from a pid namespace of its ` +
+          `own (containers sharing the host name). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl, with ` +
+          `distinct host names); lock ${path}.`)
     }
     const taken = await takeOver(path, me, holder)
     if (taken !== null) {

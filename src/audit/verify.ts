@@ -131,8 +131,9 @@ export async function verifySeries (files: readonly string[], hasher: Hasher, op
           pruned.set(Number(record.throughSeq), String(record.throughHash))
           notes.push(`seq ${record.seq}: files holding records up to seq ${String(record.throughSeq)} were removed by rotate.keep`)
         } else if (record.event === 'audit.unclean_stop') {
-          notes.push(`seq ${record.seq}: the gateway writing before it (pid ${String(record.pid)}) stopped without closing: the records ` +
-            'of calls it answered in its last moments, not yet written, may have been lost')
+          notes.push(`seq ${record.seq}: the gateway writing before it (pid ${String(record.pid)}) stopped without closing, or closed with ` +
+            'records it could not write (its log says how many): the records of calls it answered in its last moments, or ' +
+            'while writing failed, not yet written, may have been lost')
         } else if (record.event === 'audit.lost') {
           notes.push(`seq ${record.seq}: ${String(record.count)} records were lost between ${String(record.firstAt)} and ${String(record.lastAt)} (not written in time)`)
         }

@@ -128,8 +128,11 @@ interface Sink {
   tick (): Promise<Error | undefined>
   /** wait for background work (gzip) */
   settle (): Promise<void>
-  /** fsync and close; no chain event is added after this */
-  close (): Promise<void>
+  /**
+   * fsync and close; no chain event is added after this. `unwritten`: records (or the word of records lost) that
+   * the chain did not get: its lock is left for the next start to say an unclean stop, as after a crash.
+   */
+  close (unwritten: boolean): Promise<void>
   /** records sealed already and held to be written again (from a removed file) while the destination fails */
   unwritten (): number
 }
@@ -242,7 +245,7 @@ class Writer implements AuditWriter {
     // that comes back meanwhile (a path fixed, space freed) takes the records instead of their being lost at once.
     const giveUpAt = performance.now() + CLOSE_DEADLINE_MS - RETRY_MS
     const flushAll = async () => {
-      while (this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0 || this.sink.unwritten() > 0) {
+      while (this.holdsUnwritten()) {
         if (await this.flush()) continue
         if (performance.now() >= giveUpAt) return
         await sleep(RETRY_MS)
@@ -256,7 +259,7 @@ class Writer implements AuditWriter {
     if (finished !== 'timeout') {
       finished = await withDeadline(this.run(async () => {
         await flushAll()
-        await this.sink.close()
+        await this.sink.close(this.holdsUnwritten())
         this.sinkClosed = true
       }), CLOSE_DEADLINE_MS)
     }
@@ -270,6 +273,11 @@ class Writer implements AuditWriter {
       this.counts.lost += n
       this.log.error({ lost: n, total: this.counts.lost }, 'audit: records could not be written before closing and are lost')
     }
+  }
+
+  /** Records, chain events or a loss not yet said that the destination has not taken. */
+  private holdsUnwritten (): boolean {
+    return this.pending.length > 0 || this.events.length > 0 || this.lostSinceEvent.count > 0 || this.sink.unwritten() > 0
   }
 
   /**
@@ -1083,12 +1091,12 @@ class FileSink implements Sink {
     return this.replay.reduce((n, buf) => n + buf.toString('latin1').split('\n').length - 1, 0)
   }
 
-  async close (): Promise<void> {
+  async close (unwritten: boolean): Promise<void> {
     this.closing = true
     try {
       await this.closeActive()
     } finally {
-      await this.opts.lock.release()
+      await (unwritten ? this.opts.lock.leave() : this.opts.lock.release())
     }
   }
 }
