@@ -1633,6 +1633,36 @@ t.test('a lookup\'s 429 gives the client the retry hints a 429 passed on gives, 
   }
 })
 
+t.test('a lookup answered 503 or 500 keeps the upstream\'s retry hints on its 502: the SDKs wait what the upstream asks, and not an hour', async t => {
+  // The lookup's 502 carried none of them: the SDKs sent the call again twice within a second and a half to an
+  // upstream that asked for seconds (or an hour, which a 503 passed on tells them not to wait out, x-should-retry).
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const [cached, uncached] = [await createUpstream(upstream, { gateway_owner: 'team-full' }), await createUpstream(upstream, { gateway_owner: 'team-full' })]
+  // (a line that answers 502 and 503 is skipped after failureThreshold of them: not here, where every answer is asked for)
+  const { gw } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 } })
+  const items = (conv: string) => fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal((await items(cached)).status, 200, 'its owner is cached: its next call goes up as the call itself')
+  const hints = (res: Response) => Object.fromEntries(['retry-after', 'retry-after-ms', 'x-should-retry'].map(name => [name, res.headers.get(name)]))
+  for (const [status, headers, expected] of [
+    [503, { 'retry-after': '20' }, { 'retry-after': '20', 'retry-after-ms': null, 'x-should-retry': null }],
+    [503, { 'retry-after': '3600' }, { 'retry-after': '3600', 'retry-after-ms': null, 'x-should-retry': 'false' }],
+    [500, { 'retry-after-ms': '2500', 'x-should-retry': 'true' }, { 'retry-after': null, 'retry-after-ms': '2500', 'x-should-retry': 'true' }],
+    [502, { 'retry-after': `${UPSTREAM_TOKEN}`, connection: 'x-should-retry', 'x-should-retry': 'false' }, { 'retry-after': '[redacted]', 'retry-after-ms': null, 'x-should-retry': null }]
+  ] as Array<[number, Record<string, string>, Record<string, string | null>]>) {
+    upstream.respond = faults.status(status, headers)
+    const base = upstream.requests.length
+    const passedOn = await items(cached)
+    const lookup = await items(uncached)
+    t.same(calls(upstream.requests.slice(base)), [`GET /v1/conversations/${cached}/items`, `GET /v1/conversations/${uncached}`],
+      `${status}: the first passed on, the second a lookup's`)
+    t.equal(lookup.status, 502, `${status}: the lookup's is the gateway's 502`)
+    t.match(await lookup.json(), { error: { code: 'upstream_unavailable' } })
+    t.same(hints(lookup), expected, `${status} ${JSON.stringify(headers)}: the lookup's 502 carries the hints`)
+    t.same(hints(lookup), hints(passedOn), `${status}: as the answer passed on does`)
+  }
+})
+
 t.test('an owned object\'s answer is read as JSON whatever its content-type says: the owner key never reaches the client, and what is not JSON is a readable 502', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

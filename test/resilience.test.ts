@@ -116,6 +116,36 @@ t.test('lines and failover', async t => {
     t.equal(second.requests.length, 6)
   })
 
+  await t.test('a trial call whose answer the line breaks off after its headers puts the line back to sleep: one call per cooldown, not failureThreshold', async t => {
+    // The trial's headers restored the line at once, failures cleared: the answer broken off after them was one
+    // failure of a line up, and failureThreshold more calls (not one) met the broken line in every cooldown.
+    const { lines, gw, conv } = await setup(t, 2, { failureThreshold: 2, cooldownMs: 400 })
+    const [first, second] = lines as [FakeUpstream, FakeUpstream]
+    const breaksOff: Responder = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': '1000' })
+      res.write('{"object":"list","data":[')
+      setTimeout(() => res.socket?.destroy(), 20)
+    }
+    first.respond = breaksOff
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502, `call ${i + 1}: broken off by line 0`)
+    t.match((await healthOf(gw)).upstream[0], { state: 'down' }, 'line 0 is skipped')
+
+    await sleep(450)
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 502, 'the trial call: broken off again')
+    t.equal(first.requests.length, 3, 'line 0 got its one trial call')
+    await eventually(async () => (await healthOf(gw)).upstream[0]!.state === 'down', 'line 0 skipped again')
+    t.match((await healthOf(gw)).upstream[0], { state: 'down', failures: 3 }, 'the trial failed: line 0 sleeps again, its failures counted on')
+    const before = second.requests.length
+    for (let i = 0; i < 2; i++) t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, `call ${i + 1} after the trial: served`)
+    t.equal(first.requests.length, 3, 'by line 1 alone: line 0 gets nothing until its next trial')
+    t.equal(second.requests.length, before + 2)
+
+    await sleep(450)
+    first.respond = null
+    t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'the next trial call, answered whole')
+    t.match((await healthOf(gw)).upstream[0], { state: 'up', failures: 0 }, 'line 0 is trusted again')
+  })
+
   await t.test('a call the line took before it was skipped does not restore it when it ends well: only its trial call decides', async t => {
     // A slow answer (a long stream, a read the line was slow on) that started while the line was up and ended well
     // after it was skipped restored it at once, long before its cooldown: the next create went to the line that

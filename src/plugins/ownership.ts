@@ -429,6 +429,9 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     whenGone: (abort: () => void) => void, read: (answer: unknown) => T,
     clientWait: () => number | undefined = () => undefined, progress?: { attempts: number, sent: boolean }): Promise<T | 'missing'> {
     let answeredAfter = 0 // the attempts of an answer the ask got, which it may yet refuse
+    // An answer's own retry hints (a 503's retry-after), which the 502 it becomes passes on, as an answer passed on
+    // carries them: else the SDKs send the call again within a second to an upstream that asked for longer.
+    let hints: Record<string, string | string[]> | undefined
     try {
       const answer = await upstream.call({
         method: 'GET',
@@ -449,7 +452,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (MISSING_STATUSES.has(answer.statusCode)) return 'missing'
       if (answer.statusCode === 429) throw upstreamRateLimited(answer.headers)
       if (answer.statusCode === 401) throw new UpstreamAuthError()
-      if (answer.statusCode !== 200) throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode })
+      if (answer.statusCode !== 200) {
+        hints = retryHints(answer.headers, scrub)
+        throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode })
+      }
       // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
       return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
     } catch (err) {
@@ -469,6 +475,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       }
       const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
       if (err instanceof UpstreamFailure) answer.headers = retryHeaders(err) // every line down: when one is tried again
+      else if (hints !== undefined && Object.keys(hints).length > 0) answer.headers = hints
       throw err instanceof UpstreamFailure || answeredAfter > 0 ? wentUpstream(answer, tried) : answer
     }
   }

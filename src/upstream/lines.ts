@@ -58,6 +58,11 @@ interface Line {
   probing: boolean
   /** the trials it has been given: which one a call's ticket holds, if any */
   trials: number
+  /**
+   * restored on an answer's headers alone (answered), and no answer read whole since: a failure now (the trial's
+   * answer broken off, or silent) is its trial failing, and it sleeps again at once
+   */
+  unproven: boolean
 }
 
 export class LineHealth {
@@ -65,7 +70,7 @@ export class LineHealth {
   readonly #opts: Required<Omit<LineHealthOptions, 'onChange'>> & Pick<LineHealthOptions, 'onChange'>
 
   constructor (urls: readonly string[], opts: LineHealthOptions) {
-    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downs: 0, downUntil: 0, probing: false, trials: 0 }))
+    this.#lines = urls.map((url, index) => ({ index, url, failures: 0, recent: [], down: false, downs: 0, downUntil: 0, probing: false, trials: 0, unproven: false }))
     this.#opts = { now: () => performance.now(), ...opts }
   }
 
@@ -87,6 +92,7 @@ export class LineHealth {
       line.recent = [...before.recent]
       line.down = before.down
       line.downs = before.downs
+      line.unproven = before.unproven
       // (a shorter cooldownMs shortens the wait for the trial too: an operator may lower it to try a fixed line sooner)
       line.downUntil = Math.min(before.downUntil, this.#opts.now() + this.#opts.cooldownMs)
     }
@@ -152,10 +158,18 @@ export class LineHealth {
 
   /**
    * The line sent response headers (anything but a 502/503): a line that was skipped or on trial is trusted again
-   * at once; an up line's count of failures waits for the body (succeeded, or failed when it is broken off).
+   * at once (a stream's answer may take minutes), but not yet proven: its count of failures waits for the body, and
+   * a failure before an answer is read whole (this one broken off, or gone silent) puts it back to sleep, as a
+   * trial that fails before its headers does. Else a line that sends headers and then breaks every answer off
+   * would cost failureThreshold calls, not one, each cooldown.
    */
   answered (index: number, ticket: Ticket): void {
-    if (this.#lines[index]?.down === true) this.succeeded(index, ticket)
+    const line = this.#lines[index]
+    if (line?.down !== true || !this.#speaks(line, ticket)) return
+    const previous = this.#state(line)
+    this.#restore(line)
+    line.unproven = true
+    this.#changed(line, previous)
   }
 
   /** The line answered whole: trusted again, its count of failures reset. */
@@ -164,14 +178,17 @@ export class LineHealth {
     if (line === undefined || !this.#speaks(line, ticket)) return
     const previous = this.#state(line)
     line.failures = 0
+    line.unproven = false
+    this.#restore(line)
+    if (previous !== 'up') this.#changed(line, previous)
+    else remember(line, false)
+  }
+
+  /** Up again, judged afresh. */
+  #restore (line: Line): void {
+    if (line.down) line.recent = []
     line.down = false
     line.probing = false
-    if (previous !== 'up') {
-      line.recent = [] // restored: judged afresh
-      this.#changed(line, previous)
-    } else {
-      remember(line, false)
-    }
   }
 
   /**
@@ -184,9 +201,10 @@ export class LineHealth {
     const previous = this.#state(line)
     line.failures++
     if (!line.down) remember(line, true)
-    if (line.down || line.failures >= this.#opts.failureThreshold || (this.#flaky(line) && this.#anotherUp(line))) {
+    if (line.down || line.unproven || line.failures >= this.#opts.failureThreshold || (this.#flaky(line) && this.#anotherUp(line))) {
       if (!line.down) line.downs++
       line.down = true
+      line.unproven = false
       line.probing = false
       line.downUntil = this.#opts.now() + this.#opts.cooldownMs
       if (previous !== 'down') this.#changed(line, previous)
