@@ -15,7 +15,7 @@ import {
 } from './errors.js'
 import { openAuditWriter, type AuditWriter } from './audit/writer.js'
 import { reloaded, type ConfigChange } from './reload.js'
-import { createAppLogger, DebugRequestLogController, lazyChildLogger, PeerLogThrottle } from './logging.js'
+import { createAppLogger, DebugRequestLogController, keepAccepting, lazyChildLogger, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
 import body, { hasBody, waitsForContinue } from './plugins/body.js'
@@ -225,6 +225,8 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     connections.used(req)
     closeWithConnection(res, req.socket)
   })
+  // (Once listening: before it, an 'error' is the listen's own, a port taken, which stops the start.)
+  app.addHook('onListen', (done) => { keepAccepting(app.server, app.log, 'the listener'); done() })
   app.setErrorHandler(errorHandler(config))
   app.decorateRequest('refusal', null)
 

@@ -1,5 +1,6 @@
 // The operational log: pino, redacted, to stdout, without ever blocking the gateway. It says what is exceptional;
 // per-request lines belong to the audit trail (src/audit/writer.ts), and appear here only at debug.
+import type { Server } from 'node:net'
 import type { Writable } from 'node:stream'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { LogController } from 'fastify'
@@ -171,6 +172,28 @@ export class EveryInterval {
     this.#held = 0
     return line
   }
+}
+
+/** At most one line per this long about connections a listener could not accept. */
+const ACCEPT_LOG_INTERVAL_MS = 10_000
+
+/**
+ * After listen, a server's 'error' is an accept that failed for a reason other than a lack of descriptors (libuv
+ * rides those out): ENOBUFS or ENOMEM under memory pressure, or a network error pending on the new connection, which
+ * Linux's accept(2) hands over as its own (Node's net.js emits each on the server). Unlistened, Node throws it, and
+ * the process ends for one connection it could not take: its calls in flight, its drain and its audit lock with it.
+ * Logged instead (the first at once, then one line per ACCEPT_LOG_INTERVAL_MS saying how many were held back), and
+ * the listener serves on.
+ */
+export function keepAccepting (server: Server, log: FastifyBaseLogger, listener: string, now: () => number = Date.now): void {
+  const lines = new EveryInterval(ACCEPT_LOG_INTERVAL_MS, now)
+  server.on('error', (err: NodeJS.ErrnoException) => {
+    const line = lines.admit()
+    if (line !== null) {
+      log.error({ err: loggedError(err), ...(line.held > 0 ? { heldBack: line.held } : {}) },
+        `${listener} could not accept a connection; serving on`)
+    }
+  })
 }
 
 /**

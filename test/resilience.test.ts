@@ -1486,3 +1486,18 @@ clients:
     request({ host: '127.0.0.1', port, path: '/readyz', agent }, res => { let b = ''; res.on('data', (c: Buffer) => { b += c.toString() }); res.on('end', () => { resolve(b) }) }).end()
   }))), { status: 'ready' }, '/readyz: ready')
 })
+
+t.test('a connection the listener could not accept (ENOBUFS, a network error accept(2) hands over) is logged, and the gateway serves on', async t => {
+  const { gw, conv } = await setup(t, 1)
+  // What Node's net.js does when libuv reports an accept failed for a reason other than a lack of descriptors
+  // (onconnection: `self.emit('error', new ErrnoException(err, 'accept'))`). Unlistened, it would end the process.
+  const failure = (code: string) => Object.assign(new Error(`accept ${code}`), { code, syscall: 'accept' })
+  gw.app.server.emit('error', failure('ENOBUFS'))
+  gw.app.server.emit('error', failure('EPROTO'))
+  t.equal((await call(gw.url, 'GET', `/v1/conversations/${conv}/items`)).status, 200, 'served on')
+  const lines = gw.logs.map(l => JSON.parse(l) as { level: number, msg: string, err?: Record<string, unknown> })
+    .filter(l => l.msg.includes('could not accept a connection'))
+  t.equal(lines.length, 1, 'one line at once; the next within the interval is held back and counted on the line after')
+  t.match(lines[0], { level: 50, msg: 'the listener could not accept a connection; serving on', err: { code: 'ENOBUFS', message: 'accept ENOBUFS' } })
+  t.notOk('stack' in (lines[0]!.err ?? {}), 'no stack')
+})

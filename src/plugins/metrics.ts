@@ -16,6 +16,7 @@ import { envelope, type GatewayError, MethodNotAllowedError, MetricsUnauthorized
 import { timeoutCheckIntervalMs } from '../http/connections.js'
 import { whenClosed } from '../http/response.js'
 import { hostPort } from '../config.js'
+import { keepAccepting } from '../logging.js'
 import { describeListenError, StartupError } from '../preflight.js'
 import { ACTIONS } from '../operations.js'
 import type { AuditRecord } from './audit.js'
@@ -258,6 +259,7 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
         refused(err as NodeJS.ErrnoException) // a bad port is thrown, not emitted
       }
     })
+    keepAccepting(server, app.log, 'metrics.listen')
     const at = server.address() as AddressInfo
     app.log.info({ address: `${at.address}:${at.port}` }, 'metrics listening')
   })
