@@ -225,7 +225,7 @@ function scopedNames (body: Record<string, unknown>, clientId: string): Record<s
 }
 
 /** The keys of a create's body that the checks here read, by action; and those of each item in its list. */
-const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
+export const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
   'conversation.create': ['items'],
   'item.create': ['items'],
   'response.create': ['conversation', 'previous_response_id', 'input', ...ACCOUNT_WIDE_NAMES]
