@@ -608,6 +608,23 @@ t.test('a call refused before its check is audited with the owner the cache know
   t.match(gw.audit().at(-1), { status: 404, attempts: 0 }, 'no lookup, no attempt')
 })
 
+t.test('a call refused by a later check once its lookups answered is audited with the last one\'s attempt, and its time is not the gateway\'s', async t => {
+  // The README's attempts and gateway_added_duration_seconds rows: the lookup went upstream, and its time was the
+  // upstream's.
+  const { upstream, gw } = await setup(t, { metrics: { token: METRICS_TOKEN } })
+  const id = await createUpstream(upstream, { gateway_owner: 'team-full' })
+  const made = { type: 'code_interpreter_call', id: 'ci_madeup', container_id: 'cntr_x', code: 'x', outputs: [], status: 'completed' }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const before = upstream.requests.length
+  const err = await rejection(sdk.responses.create({ model: 'gpt-5.1', conversation: id, input: [made as never] }))
+  t.match(err, { status: 403, code: 'container_not_allowed' })
+  t.same(calls(upstream.requests.slice(before)), [`GET /v1/conversations/${id}`, `GET /v1/conversations/${id}/items/ci_madeup`], 'the lookup and the item\'s check')
+  await until('the record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { status: 403, outcome: 'denied', ownerId: 'team-full', attempts: 1, upstreamLine: null, upstreamMs: null })
+  const scraped = await (await fetch(`${gw.url}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } })).text()
+  t.notMatch(scraped, /^gateway_added_duration_seconds_count\{action="response\.create"\}/m, 'not observed as the gateway\'s time')
+})
+
 t.test('a lookup the upstream answers 500 is logged with that status', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

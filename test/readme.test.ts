@@ -9,6 +9,8 @@ import * as errors from '../src/errors.js'
 import { ConfigSchema } from '../src/config.js'
 import { API_PREFIX, RESOURCES } from '../src/operations.js'
 import { RESTART_ONLY } from '../src/reload.js'
+import { CHECKED_KEYS } from '../src/plugins/ownership.js'
+import { CHECKED_KEYS as RESPONSE_CHECKED_KEYS } from '../src/plugins/responses.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig } from './fixtures/gateway.js'
 import { startUpstream } from './fixtures/upstream.js'
 
@@ -41,6 +43,13 @@ t.test('the README error table lists every error the gateway answers with, with 
   // Besides errors.ts, only the envelope the gateway puts on an upstream error answer that had none (proxy.ts).
   const made = [...documented].filter(row => !defined.has(row))
   t.same(made, ["the upstream's upstream_error server_error"], 'every other row is an error errors.ts defines')
+})
+
+t.test('the README unknown_parameter row names every key of a create body the checks read', async t => {
+  // A key refused in another case (`User`) that the row leaves out sends a client reading it looking for another cause.
+  const row = tableRows('## Errors').find(([, code]) => spanned(code!) === 'unknown_parameter')![3]!
+  const named = new Set([...row.matchAll(/`([^`]+)`/g)].map(m => m[1]))
+  for (const key of [...RESPONSE_CHECKED_KEYS, ...Object.values(CHECKED_KEYS).flat()]) t.ok(named.has(key), `${key} is named`)
 })
 
 t.test('the README metrics table lists every gateway metric /metrics serves, and no other', async t => {

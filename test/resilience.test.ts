@@ -14,6 +14,7 @@ import { closedPort, faults, startLines, UPSTREAM_TOKEN, type FakeUpstream, type
 import { startRedis } from './fixtures/redis-server.js'
 import { keyDigest } from '../src/keys.js'
 import { parseConfig } from '../src/config.js'
+import { LineHealth } from '../src/upstream/lines.js'
 import { BIN, configFile, env } from './fixtures/bin.js'
 
 interface Lines {
@@ -1500,4 +1501,26 @@ t.test('a connection the listener could not accept (ENOBUFS, a network error acc
   t.equal(lines.length, 1, 'one line at once; the next within the interval is held back and counted on the line after')
   t.match(lines[0], { level: 50, msg: 'the listener could not accept a connection; serving on', err: { code: 'ENOBUFS', message: 'accept ENOBUFS' } })
   t.notOk('stack' in (lines[0]!.err ?? {}), 'no stack')
+})
+
+t.test('a line restored on its trial\'s headers is judged on the calls given it since, not on one it took before it was skipped', async t => {
+  // The README: a call the line took before it was skipped (a long stream, a slow answer that ends after) decides
+  // nothing. Restored on its trial's headers but not yet proven, the line was put back to sleep by such a stream
+  // broken off then (every call 502 for cooldownMs on a single line), and proven by one that ended well.
+  let now = 0
+  const health = new LineHealth(['http://a', 'http://b'], { failureThreshold: 3, cooldownMs: 1000, now: () => now })
+  const state = () => health.statuses()[0]!.state
+  const streams = [health.ticket(0), health.ticket(0)] // two long streams on line 0 while it is up
+  for (let i = 0; i < 3; i++) health.failed(0, health.ticket(0))
+  t.equal(state(), 'down', 'skipped after failureThreshold failures')
+  now = 2000
+  t.equal(health.pick(new Set([1])), 0, 'its trial')
+  health.answered(0, health.ticket(0))
+  t.equal(state(), 'up', 'restored on the trial\'s headers')
+  health.failed(0, streams[0]!)
+  t.equal(state(), 'up', 'a stream from before it was skipped, broken off now, says nothing of it')
+  health.succeeded(0, streams[1]!)
+  const since = health.ticket(0)
+  health.failed(0, since)
+  t.equal(state(), 'down', 'a stream from before ending well proved nothing: a call since, broken off, is the trial failing')
 })

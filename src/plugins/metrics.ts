@@ -170,8 +170,9 @@ function gatewayMetrics (opts: MetricsOptions, health: () => HealthDetails) {
     if (typeof r.upstreamMs === 'number') upstream.observe({ action }, r.upstreamMs / 1000)
     // A call sent upstream that got no answer (a timeout, a reset) spent its time there, in a share not known: it
     // says nothing of the gateway's own latency, and counted whole it would read as a gateway slowdown. So does a call
-    // its ownership lookup's answer ended (a 404: its attempts recorded, its time at the upstream not), and a
-    // streamed answer: after its headers the model is still generating, for seconds or minutes.
+    // refused once its ownership lookup had answered (a 404, a later check's 403: the lookup's attempts recorded,
+    // its time at the upstream not), and a streamed answer: after its headers the model is still generating, for
+    // seconds or minutes.
     const unanswered = r.upstreamMs === null && r.attempts > 0
     const streamed = r.stream === true && r.upstreamMs !== null
     if (typeof r.durationMs === 'number' && !unanswered && !streamed) {

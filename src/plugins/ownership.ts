@@ -213,19 +213,17 @@ function checkedConversationParam (body: unknown): string | undefined {
  */
 const ACCOUNT_WIDE_NAMES = ['safety_identifier', 'user', 'prompt_cache_key'] as const
 
-/** The create body with each of those names made the client's own. */
-function scopedNames (body: Record<string, unknown>, clientId: string): Record<string, unknown> {
-  let scoped = body
+/** Makes each of those names in `body`, a create body of the call's own (createBody's copy), the client's own. */
+function scopeNames (body: Record<string, unknown>, clientId: string): void {
   for (const key of ACCOUNT_WIDE_NAMES) {
     const value = body[key]
     // (Anything but a name is the upstream's to refuse, as it came; an empty one names nothing.)
-    if (typeof value === 'string' && value !== '') scoped = { ...scoped, [key]: clientScoped(clientId, value) }
+    if (typeof value === 'string' && value !== '') body[key] = clientScoped(clientId, value)
   }
-  return scoped
 }
 
 /** The keys of a create's body that the checks here read, by action; and those of each item in its list. */
-const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
+export const CHECKED_KEYS: Partial<Record<Action, readonly string[]>> = {
   'conversation.create': ['items'],
   'item.create': ['items'],
   'response.create': ['conversation', 'previous_response_id', 'input', ...ACCOUNT_WIDE_NAMES]
@@ -685,7 +683,8 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   function prepareCreate (kind: Owned, request: FastifyRequest, client: ClientConfig): void {
     request.ownerId = client.id
     const body = createBody(request.parsedBody, client.id)
-    request.upstreamBody = serializeBody(kind === 'response' ? scopedNames(body, client.id) : body, request.parsedBody)
+    if (kind === 'response') scopeNames(body, client.id)
+    request.upstreamBody = serializeBody(body, request.parsedBody)
     // (Added before the owner key is taken out: remember reads it.)
     readObjects(request, rememberCreated(kind, request, client))
     hideOwner(request)

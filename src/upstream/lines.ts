@@ -139,9 +139,13 @@ export class LineHealth {
     return { spell: line.downs, trial: line.probing ? line.trials : 0 }
   }
 
-  /** Whether a call with `ticket` speaks for `line`: it is up, or the call was given it in this spell of being skipped. */
+  /**
+   * Whether a call with `ticket` speaks for `line`: it is up and proven, or the call was given it in this spell of
+   * being skipped or since (its trial, a call after it). Restored but unproven (answered), the line is judged on
+   * those alone: a stream it took before it was skipped, broken off or ended well now, says nothing of it as it is.
+   */
   #speaks (line: Line, ticket: Ticket): boolean {
-    return !line.down || ticket.spell === line.downs
+    return (!line.down && !line.unproven) || ticket.spell === line.downs
   }
 
   /** Whether the call with `ticket` holds the line's trial now (not one that gave its place up, nor a trial since). */
