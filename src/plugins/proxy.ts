@@ -564,7 +564,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       }
       const request = reply.request
       // The client left while earlier checks were being answered: nothing to ask the upstream, no one to answer
-      // (its audit record was written when it left, with no attempt).
+      // (its audit record was written when it left, with no attempt of its own: an owner lookup's, if one answered).
       if (reply.raw.destroyed) return
       const headers: Record<string, string> = {}
       for (const name in options.headers) {
