@@ -153,7 +153,8 @@ t.test('the Python SDK reads items with include, and generates a response into i
     'the input and the answer were added to the conversation')
 
   const refused = raised(out.step('other team: responses.create in conversation'))
-  t.match(refused, { class: 'openai.NotFoundError', statusCode: 404, code: 'conversation_not_found', param: 'conversation_id' })
+  // (param names the field the SDK sent, `conversation`: a pattern, since a string would also match `conversation_id`)
+  t.match(refused, { class: 'openai.NotFoundError', statusCode: 404, code: 'conversation_not_found', param: /^conversation$/ })
   // OpenAI's answer to a previous_response_id it cannot find: 400, BadRequestError, with the sync and the async client.
   for (const name of ['other team: responses.create previous_response_id', 'other team, async client: responses.create previous_response_id']) {
     t.match(raised(out.step(name)), { class: 'openai.BadRequestError', statusCode: 400, code: 'previous_response_not_found', type: 'invalid_request_error', param: 'previous_response_id' }, name)
