@@ -55,6 +55,8 @@ const HEARTBEAT_MS = 1_000
 /** The probe's key: `@` is in no client id, so it is no client's bucket. It expires a second after each probe. */
 const PROBE_KEY = '@probe'
 const PROBE_RULE: BucketRule = { requestsPerMinute: 60, burst: 1 }
+/** What the start and the heartbeat say of an ACL user that may not run the script, or the notes' SET or MGET. */
+const NOT_PERMITTED_USER = 'the user given in it may not run what the gateway needs'
 /**
  * How long a process's mark in Redis lives (see #lostMark), set again at each connection: a process that has been
  * connected this long without a drop gets one needless rewrite of its notes at its next drop; a mark of a process
@@ -374,7 +376,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
         await ask()
       } catch (err) {
         const reason = this.#reasonOf(err)
-        if (NOT_PERMITTED.test(reason)) return `the user given in it may not run what the gateway needs (${reason})`
+        if (NOT_PERMITTED.test(reason)) return `${NOT_PERMITTED_USER} (${reason})`
         if (!(err instanceof ReplyError)) return null // (Redis gone again: an outage, and nothing known against it)
         if (!this.#refusing) this.#heldFailure = reason
         this.#refused()
@@ -573,7 +575,7 @@ export class RedisStore implements RateLimitStore, SharedNotes {
     if (!NOT_PERMITTED.test(reason) || this.#toldNotPermitted) return
     this.#toldNotPermitted = true
     this.#outage.failed(reason, false)
-    this.#log.warn({ reason }, 'store.url: the user given in it may not run what the gateway needs: give it what the README lists ' +
+    this.#log.warn({ reason }, `store.url: ${NOT_PERMITTED_USER}: give it what the README lists ` +
       '(Redis was full when the gateway started, and could not be asked then)')
   }
 
