@@ -685,8 +685,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const body = createBody(request.parsedBody, client.id)
     if (kind === 'response') scopeNames(body, client.id)
     request.upstreamBody = serializeBody(body, request.parsedBody)
-    // (Added before the owner key is taken out: remember reads it.)
+    // (Added before the owner key is taken out: remember reads it, and so does the check of every later object of
+    // the answer, a streamed create's events after the first, which must name the client too.)
     readObjects(request, rememberCreated(kind, request, client))
+    refuseAnothersAnswer(request, client)
     hideOwner(request)
   }
 
