@@ -1276,6 +1276,24 @@ t.test('a key the ownership check reads, spelled in another case or held in "__p
   t.equal(fine.status, 200, 'an ordinary body is served')
 })
 
+t.test('a list the checks read (input, items, tools), given as a JSON object, is refused (400 invalid_request) and never sent upstream: {"0": item} is the list [item] to PHP', async t => {
+  // PHP's json_decode($body, true) makes {"0": x} the array [0 => x], which json_encode writes back as [x]: through a
+  // relay in PHP, an object the gateway read as no list at all reaches the upstream as the list it never checked.
+  const { upstream, gw } = await setup(t)
+  const { post, itemA, conversationB } = await twoTeams(gw.url)
+  const reference = { type: 'item_reference', id: itemA }
+  await assertRefusedToB(t, upstream, post, [
+    ['input naming A\'s item', '/v1/responses', { model: 'gpt-4o', input: { 0: reference } }, 400, 'invalid_request', 'input'],
+    ['input naming A\'s item in B\'s conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: { 0: reference } }, 400, 'invalid_request', 'input'],
+    ['tools naming a container', '/v1/responses', { model: 'gpt-4o', input: 'x', tools: { 0: { type: 'code_interpreter', container: 'cntr_a' } } }, 400, 'invalid_request', 'tools'],
+    ['a new conversation\'s items', '/v1/conversations', { items: { 0: reference } }, 400, 'invalid_request', 'items'],
+    ['items added to B\'s conversation', `/v1/conversations/${conversationB}/items`, { items: { 0: reference } }, 400, 'invalid_request', 'items']
+  ])
+  t.notOk(upstream.everything().includes(itemA), 'A\'s item was never sent upstream')
+  // A text input, and lists, are served as before.
+  t.equal((await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [] })).status, 200, 'a text input is served')
+})
+
 t.test('a key the checks read, given in the query string of a POST (?conversation=, ?metadata[gateway_owner]=), is refused (400 unknown_parameter) and never sent upstream', async t => {
   // No POST route of the API takes these in the query, but a framework that merges the query into the body it
   // reads (PHP's, Rails') would take ?conversation=<A's> for the conversation, which the gateway never checked.
