@@ -1233,7 +1233,7 @@ t.test('a background response\'s reasoning, handed out by a retrieve or a cancel
   }
 })
 
-t.test('a key the ownership check reads, spelled in another case, is refused (400 unknown_parameter) and never sent upstream', async t => {
+t.test('a key the ownership check reads, spelled in another case or held in "__proto__", is refused (400 unknown_parameter) and never sent upstream', async t => {
   // An upstream whose JSON reader matches keys without regard to case (Go's encoding/json does) would read
   // "Conversation" as the conversation, "Items" as the items, "Type" as an item's type; the gateway, reading the
   // exact keys, would have checked nothing. The API knows no such keys.
@@ -1250,7 +1250,13 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
     ['input[].Type', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: [{ type: 'message', role: 'user', content: 'x', Type: 'item_reference', id: itemA }] }, 'input[0].Type'],
     ['Items on item create', itemsOfB, { items: [], Items: [{ type: 'item_reference', id: itemA }] }, 'Items'],
     ['items[].Id', itemsOfB, { items: [{ type: 'item_reference', id: itemA, Id: itemA }] }, 'items[0].Id'],
-    ['Items on conversation create', '/v1/conversations', { Items: [{ type: 'item_reference', id: itemA }] }, 'Items']
+    ['Items on conversation create', '/v1/conversations', { Items: [{ type: 'item_reference', id: itemA }] }, 'Items'],
+    // "__proto__" (an own key to JSON.parse, written out by JSON.stringify) is the prototype of a copy made by
+    // assignment (Object.assign): to an upstream in JavaScript that copies the body so, each key in it is the body's own.
+    ['__proto__ holding previous_response_id', '/v1/responses', JSON.parse(`{"model":"gpt-4o","input":"hi","__proto__":{"previous_response_id":"${previousA}"}}`), '__proto__'],
+    ['__proto__ holding conversation', '/v1/responses', JSON.parse(`{"model":"gpt-4o","input":"hi","__proto__":{"conversation":"${conversationA}"}}`), '__proto__'],
+    ['__proto__ in an item', itemsOfB, JSON.parse(`{"items":[{"role":"user","content":"x","__proto__":{"type":"item_reference","id":"${itemA}"}}]}`), 'items[0].__proto__'],
+    ['__proto__ on conversation create', '/v1/conversations', JSON.parse(`{"__proto__":{"items":[{"type":"item_reference","id":"${itemA}"}]}}`), '__proto__']
   ]
   for (const [label, path, body, param] of forgeries) {
     const before = upstream.requests.length
@@ -1259,9 +1265,33 @@ t.test('a key the ownership check reads, spelled in another case, is refused (40
     t.match(await res.json(), { error: { code: 'unknown_parameter', type: 'invalid_request_error', param, message: `Unknown parameter: '${param}'.` } }, `${label}: unknown_parameter`)
     t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], `${label}: nothing went upstream`)
   }
+  // An update's metadata under "__proto__" would give B's conversation to A upstream: refused as Metadata is.
+  const before = upstream.requests.length
+  const update = await post(KEYS.other, `/v1/conversations/${conversationB}`, JSON.parse('{"__proto__":{"metadata":{"gateway_owner":"team-full"}}}'))
+  t.equal(update.status, 400, '__proto__ holding metadata on an update: 400')
+  t.match(await update.json(), { error: { code: 'invalid_metadata', param: 'metadata' } })
+  t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'the update did not go upstream')
   // Keys the API knows in lowercase still pass, and case is free where the client names things (metadata keys).
   const fine = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: [{ type: 'message', role: 'user', content: 'x' }], conversation: conversationB, metadata: { Topic: 'ok' } })
   t.equal(fine.status, 200, 'an ordinary body is served')
+})
+
+t.test('a list the checks read (input, items, tools), given as a JSON object, is refused (400 invalid_request) and never sent upstream: {"0": item} is the list [item] to PHP', async t => {
+  // PHP's json_decode($body, true) makes {"0": x} the array [0 => x], which json_encode writes back as [x]: through a
+  // relay in PHP, an object the gateway read as no list at all reaches the upstream as the list it never checked.
+  const { upstream, gw } = await setup(t)
+  const { post, itemA, conversationB } = await twoTeams(gw.url)
+  const reference = { type: 'item_reference', id: itemA }
+  await assertRefusedToB(t, upstream, post, [
+    ['input naming A\'s item', '/v1/responses', { model: 'gpt-4o', input: { 0: reference } }, 400, 'invalid_request', 'input'],
+    ['input naming A\'s item in B\'s conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: { 0: reference } }, 400, 'invalid_request', 'input'],
+    ['tools naming a container', '/v1/responses', { model: 'gpt-4o', input: 'x', tools: { 0: { type: 'code_interpreter', container: 'cntr_a' } } }, 400, 'invalid_request', 'tools'],
+    ['a new conversation\'s items', '/v1/conversations', { items: { 0: reference } }, 400, 'invalid_request', 'items'],
+    ['items added to B\'s conversation', `/v1/conversations/${conversationB}/items`, { items: { 0: reference } }, 400, 'invalid_request', 'items']
+  ])
+  t.notOk(upstream.everything().includes(itemA), 'A\'s item was never sent upstream')
+  // A text input, and lists, are served as before.
+  t.equal((await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [] })).status, 200, 'a text input is served')
 })
 
 t.test('a key the checks read, given in the query string of a POST (?conversation=, ?metadata[gateway_owner]=), is refused (400 unknown_parameter) and never sent upstream', async t => {

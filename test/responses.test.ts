@@ -1103,6 +1103,28 @@ t.test('a streamed create whose events name another owner is broken off with an 
   t.equal((await sdk(KEYS.full).conversations.create({})).object, 'conversation', 'the gateway still serves calls')
 })
 
+t.test('a streamed create whose later event names another owner is broken off there: only the first event was the one checked', async t => {
+  const { upstream, gw, sdk } = await setup(t)
+  const response = (owner: string, text: string) =>
+    `{"id":"resp_9","object":"response","status":"completed","model":"m","output":[{"id":"msg_9","type":"message","role":"assistant","content":[{"type":"output_text","text":"${text}"}]}],"metadata":{"gateway_owner":"${owner}"}}`
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    // The caller's own creation first, then (a relay mixing streams up) another team's response.
+    res.end('event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_9","object":"response","status":"in_progress","model":"m","output":[],"metadata":{"gateway_owner":"team-full"}}}\n\n' +
+      `event: response.completed\ndata: {"type":"response.completed","sequence_number":1,"response":${response('team-other', 'their secret')}}\n\n`)
+  }
+  const seen: string[] = []
+  const err = await (async () => {
+    const stream = await sdk(KEYS.full).responses.create({ model: 'gpt-4o', input: 'hi', stream: true })
+    for await (const event of stream) seen.push(JSON.stringify(event))
+  })().then(() => null, (e: unknown) => e)
+  t.equal(seen.length, 1, 'the caller\'s own first event only')
+  t.notMatch(seen.join('\n'), /their secret/, 'nothing of the other team\'s response reached the client')
+  t.match(err, { error: { code: 'upstream_unavailable', type: 'server_error' } }, 'the stream is ended with an error event')
+  await until('the audit record', () => gw.audit().length === 1)
+  t.match(gw.audit()[0], { action: 'response.create', status: 200, outcome: 'upstream_error' })
+})
+
 t.test('a streamed event that never ends is not held without bound: past 16 MiB the stream is ended with an error event and the upstream released', async t => {
   const { upstream, gw, sdk } = await setup(t)
   let upstreamClosed = false

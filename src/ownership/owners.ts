@@ -81,15 +81,23 @@ export function folded (key: string): string {
 }
 
 /**
+ * A key that stands for every key in a JavaScript reader: JSON.parse makes `"__proto__"` an own key, but a copy made
+ * by assignment (`Object.assign({}, body)`, a `for...in` copy) makes its value the copy's prototype, and each key
+ * of it then reads as the copy's own where the copy has none (`body.previous_response_id`).
+ */
+const PROTOTYPE_KEY = '__proto__'
+
+/**
  * The first key of `object` that a reader blind to case would take for one of `keys` without being it
- * (`Conversation`, `ID`, `previouſ_response_id`, `Metadata`, `GATEWAY_OWNER`), with its path from `at`, or null. Such a key is nothing to
- * OpenAI, but an upstream whose JSON reader matches keys without regard to case (Go's does) reads it as the key
- * the gateway checked under its exact name, and the later of the two wins there.
+ * (`Conversation`, `ID`, `previouſ_response_id`, `Metadata`, `GATEWAY_OWNER`), or `__proto__`, which a JavaScript
+ * reader may take for any (PROTOTYPE_KEY), with its path from `at`, or null. Such a key is nothing to OpenAI, but an
+ * upstream whose JSON reader matches keys without regard to case (Go's does) reads it as the key the gateway
+ * checked under its exact name, and the later of the two wins there.
  */
 export function otherCaseKey (object: unknown, keys: readonly string[], at = ''): string | null {
   if (!isObject(object)) return null
   for (const k in object) {
-    if (!keys.includes(k) && keys.includes(folded(k))) return at + k
+    if (k === PROTOTYPE_KEY || (!keys.includes(k) && keys.includes(folded(k)))) return at + k
   }
   return null
 }

@@ -270,6 +270,24 @@ function refuseKeysAsIds (action: Action, body: unknown): void {
   }
 }
 
+/** The lists of a create's body that the checks here (and plugins/responses.ts, tools) read items from, by action. */
+const CHECKED_LISTS: Partial<Record<Action, readonly string[]>> = {
+  'conversation.create': ['items'], 'item.create': ['items'], 'response.create': ['input', 'tools']
+}
+
+/**
+ * One of those lists given as a JSON object is refused (400), as OpenAI refuses it: the checks read it as no list at
+ * all, but PHP's json_decode($body, true) makes `{"0": item}` an array that its json_encode writes back as the list
+ * `[item]`, so through a relay in PHP it would reach the upstream as a list naming items or containers unchecked.
+ */
+function refuseListsAsObjects (action: Action, body: unknown): void {
+  for (const key of CHECKED_LISTS[action] ?? []) {
+    if (isObject((body as Record<string, unknown> | undefined)?.[key])) {
+      throw withParam(new InvalidRequestError(`${key} must be a list${key === 'input' ? ' or a text' : ''}, not an object.`), key)
+    }
+  }
+}
+
 /**
  * Body keys the gateway's checks read (here and in plugins/responses.ts), and the key it keeps the owner in. No
  * POST route of the API takes any of them in the query string, but an upstream framework that merges the query
@@ -685,8 +703,10 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const body = createBody(request.parsedBody, client.id)
     if (kind === 'response') scopeNames(body, client.id)
     request.upstreamBody = serializeBody(body, request.parsedBody)
-    // (Added before the owner key is taken out: remember reads it.)
+    // (Added before the owner key is taken out: remember reads it, and so does the check of every later object of
+    // the answer, a streamed create's events after the first, which must name the client too.)
     readObjects(request, rememberCreated(kind, request, client))
+    refuseAnothersAnswer(request, client)
     hideOwner(request)
   }
 
@@ -698,6 +718,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
     if (request.method === 'POST') refuseCheckedKeysInQuery(op.query)
     refuseOtherCases(op.action, request.parsedBody)
+    refuseListsAsObjects(op.action, request.parsedBody)
     refuseKeysAsIds(op.action, request.parsedBody)
     const list = op.action === 'response.create' ? 'input' : 'items'
     const containers = CHECKED_KEYS[op.action] === undefined || client.scopes.includes('admin') ? [] : itemContainers(body?.[list], list)
