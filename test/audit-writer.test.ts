@@ -639,7 +639,35 @@ t.test('reopen() (SIGUSR2) starts writing the path anew at once', async t => {
   await until('the record in the new file', () => existsSync(file) && linesOf(file).length === 1, 900)
   await writer.close()
   t.ok(log.lines.some(l => l.msg === 'audit: reopened'))
+  t.same(log.lines.filter(l => l.level === 'warn'), [], 'the rotation asked for is no warning (a log pipeline alerting on warn)')
   t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('reopen() (SIGUSR2) after a logrotate with `create` (an empty file made at the path): written there, no warning', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('a record', () => existsSync(file) && linesOf(file).length === 1)
+  renameSync(file, `${file}.1`)
+  writeFileSync(file, '')
+  writer.reopen()
+  writer.write(callRecord(2))
+  await until('the record in the new file', () => linesOf(file).length === 1, 900)
+  await writer.close()
+  t.same(log.lines.filter(l => l.level === 'warn'), [], 'no warning')
+  t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('a file moved by another tool with no signal is said to be moved, not removed', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('a record', () => existsSync(file) && linesOf(file).length === 1)
+  renameSync(file, `${file}.1`)
+  await until('the file back', () => existsSync(file), 2000)
+  await writer.close()
+  t.match(log.lines.filter(l => l.level === 'warn'), [{ msg: /^audit: the file was moved by something else; reopening it$/, obj: { rewritten: 0 } }])
+  t.match(await verify(file), { ok: true, records: 1 })
 })
 
 t.test('reopen() (SIGUSR2) after the file was removed, not moved: the records that went into it are written again', async t => {
