@@ -639,7 +639,35 @@ t.test('reopen() (SIGUSR2) starts writing the path anew at once', async t => {
   await until('the record in the new file', () => existsSync(file) && linesOf(file).length === 1, 900)
   await writer.close()
   t.ok(log.lines.some(l => l.msg === 'audit: reopened'))
+  t.same(log.lines.filter(l => l.level === 'warn'), [], 'the rotation asked for is no warning (a log pipeline alerting on warn)')
   t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('reopen() (SIGUSR2) after a logrotate with `create` (an empty file made at the path): written there, no warning', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('a record', () => existsSync(file) && linesOf(file).length === 1)
+  renameSync(file, `${file}.1`)
+  writeFileSync(file, '')
+  writer.reopen()
+  writer.write(callRecord(2))
+  await until('the record in the new file', () => linesOf(file).length === 1, 900)
+  await writer.close()
+  t.same(log.lines.filter(l => l.level === 'warn'), [], 'no warning')
+  t.match(await verify(file), { ok: true, records: 2 })
+})
+
+t.test('a file moved by another tool with no signal is said to be moved, not removed', async t => {
+  const file = join(tempDir(), 'audit.jsonl')
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await until('a record', () => existsSync(file) && linesOf(file).length === 1)
+  renameSync(file, `${file}.1`)
+  await until('the file back', () => existsSync(file), 2000)
+  await writer.close()
+  t.match(log.lines.filter(l => l.level === 'warn'), [{ msg: /^audit: the file was moved by something else; reopening it$/, obj: { rewritten: 0 } }])
+  t.match(await verify(file), { ok: true, records: 1 })
 })
 
 t.test('reopen() (SIGUSR2) after the file was removed, not moved: the records that went into it are written again', async t => {
@@ -788,6 +816,34 @@ t.test('a lock whose holder looks gone by its pid but is still refreshed (a gate
   await new Promise(resolve => setTimeout(resolve, 1300))
   t.ok(statSync(file + '.lock').mtimeMs > touched, 'and its new holder refreshes it')
   await held.release()
+})
+
+t.test('a lock left by a crashed container of this machine, under another host name (the container made anew), is taken over once its heartbeat stops', async t => {
+  // docker compose up after a crash makes a new container, whose host name is its new id; a Kubernetes pod made anew
+  // has a new name. Its lock names the old one: refused as another host's, the gateway would never start again on its
+  // own volume (restart: unless-stopped loops, the app waits on its health) until someone deleted the lock.
+  const boot = readFileSync('/proc/sys/kernel/random/boot_id', 'latin1').trim()
+  const file = join(tempDir(), 'audit.jsonl')
+  writeFileSync(file, '')
+  const old = { pid: 7, host: '3f2a9c1b7d0e', since: '2025-01-01T00:00:00.000Z', boot }
+  writeFileSync(file + '.lock', JSON.stringify(old))
+  const beat = setInterval(() => { lastTouched(file + '.lock', 0) }, 500) // that container still runs
+  t.match(await openInAnotherProcess(file), /AuditLockError: .*locked by pid 7 on a host named 3f2a9c1b7d0e \(another container of this machine\).*still being refreshed/,
+    'refused while its heartbeat goes on')
+  clearInterval(beat)
+  lastTouched(file + '.lock', 60_000) // then it crashed
+  const { writer, log } = await open(file)
+  writer.write(callRecord(1))
+  await writer.close()
+  t.match(log.lines, [{ level: 'warn', msg: 'audit: taking over a stale lock left by a gateway that is gone', obj: { holder: { host: old.host } } }])
+  t.match(parsed(file), [{ event: 'audit.unclean_stop', pid: 7, host: old.host }, { seq: 2 }], 'the chain says the unclean stop')
+
+  // Another machine's lock (another boot id, or none: an older gateway's) is still refused, stale or not.
+  for (const other of [{ ...old, boot: '00000000-0000-0000-0000-000000000000' }, { pid: 7, host: old.host, since: old.since } as typeof old]) {
+    writeFileSync(file + '.lock', JSON.stringify(other))
+    lastTouched(file + '.lock', 60_000)
+    t.match(await openInAnotherProcess(file), /AuditLockError: audit file .* is locked by pid 7 on host 3f2a9c1b7d0e .*delete the lock file/, `${other.boot ?? 'no boot id'}: refused`)
+  }
 })
 
 /** The lock a gateway killed a minute ago left beside `file` (its pid gone, its heartbeat stopped), since 2025-01-01. */

@@ -67,3 +67,16 @@ t.test('the compose files run the gateway under an init: a stop sent while Node 
     for (const [name, service] of gateways) t.equal(service.init, true, `${file} ${name}: init: true`)
   }
 })
+
+t.test('the compose files give every gateway the audit HMAC key from the environment, and no other service', async t => {
+  // Without AUDIT_HMAC_KEY the chain is plain sha256, which whoever can write the audit volume can recompute after
+  // an edit (README: Guarantees); a compose file that does not pass it leaves a platform team no way to set it.
+  for (const file of ['docker-compose.yml', 'docker-compose.replicas.yml']) {
+    const services = (parse(readFileSync(file, 'utf8'), { merge: true }) as { services: Record<string, { build?: string, environment?: Record<string, string> }> }).services
+    for (const [name, service] of Object.entries(services)) {
+      const key = service.environment?.AUDIT_HMAC_KEY
+      if (service.build === '.') t.match(key, /^\$\{AUDIT_HMAC_KEY(:-)?\}$/, `${file} ${name}: from the environment`)
+      else t.equal(key, undefined, `${file} ${name}: not given the key`)
+    }
+  }
+})

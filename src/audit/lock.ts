@@ -2,7 +2,8 @@
 // pid, host and start time. A second gateway on the same series is refused with a message saying who holds it.
 // A lock whose process is gone (same host, pid not running) is stale and taken over. A lock from another host
 // cannot be checked from here and is refused: two hosts writing one series through a shared volume would
-// interleave two chains. The holder also touches the lock every HEARTBEAT_MS: a pid says nothing across pid
+// interleave two chains. Another host name on this machine (the kernel's boot id says so: a container made anew,
+// with a new name, after its predecessor crashed) is judged by the heartbeat alone, under the same clock. The holder also touches the lock every HEARTBEAT_MS: a pid says nothing across pid
 // namespaces, and two containers with the same host name (host networking) each see the other's pid as gone, or
 // as their own (pid 1); a lock judged stale by its pid is taken over only once its heartbeat has stopped.
 // (proper-lockfile locks by mtime refresh alone and records no pid; this is the lock the trail needs, and small.)
@@ -25,6 +26,17 @@ interface Holder {
   pid: number
   host: string
   since: string
+  /** the kernel's boot id (Linux): the same for every container of one machine, until it boots again */
+  boot?: string
+}
+
+/** This machine's boot id, or undefined where there is none to read. */
+function bootId (): string | undefined {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'latin1').trim() || undefined
+  } catch {
+    return undefined
+  }
 }
 
 export interface AuditLock {
@@ -109,7 +121,7 @@ function holderIn (bytes: Buffer | null): Holder | null {
     const h = JSON.parse(bytes?.toString('utf8') ?? '') as Partial<Holder>
     // (A pid of 0 or below would ask kill() about a process group, or every process: no lock a gateway wrote.)
     return Number.isSafeInteger(h.pid) && h.pid! > 0 && typeof h.host === 'string'
-      ? { pid: h.pid!, host: sayable(h.host), since: sayable(String(h.since)) }
+      ? { pid: h.pid!, host: sayable(h.host), since: sayable(String(h.since)), ...(typeof h.boot === 'string' ? { boot: sayable(h.boot) } : {}) }
       : null
   } catch {
     return null // vanished, or not a lock this gateway writes: stale
@@ -228,7 +240,7 @@ export async function seriesIsBeingWritten (file: string): Promise<boolean> {
 export async function acquireLock (file: string, onStale: (holder: Holder | null) => void,
   onRemoved: (lock: string, remade: boolean) => void = () => {}): Promise<AuditLock> {
   const path = resolve(file + LOCK_SUFFIX)
-  const me: Holder = { pid: process.pid, host: hostname(), since: new Date().toISOString() }
+  const me: Holder = { pid: process.pid, host: hostname(), since: new Date().toISOString(), boot: bootId() }
   if (heldHere.has(path)) {
     throw new AuditLockError(`audit file ${file} is already written by this process (lock ${path}): give each gateway its own audit.file`)
   }
@@ -306,12 +318,15 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
   for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
     if (await create(path, me)) return held()
     const holder = await readHolder(path)
-    if (holder !== null && holder.host !== me.host) {
+    // Another host name on this machine, in this boot, is another container (Docker names one by its id, Kubernetes
+    // by its pod): its pid means nothing here, its heartbeat is judged by the same clock.
+    const sameMachine = holder !== null && me.boot !== undefined && holder.boot === me.boot
+    if (holder !== null && holder.host !== me.host && !sameMachine) {
       throw new AuditLockError(`audit file ${file} is locked by pid ${holder.pid} on host ${holder.host} since ${holder.since} ` +
         `(lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl); if that gateway is gone, delete the lock file.`)
     }
     // Our own pid in a lock we do not hold here is a previous life of this container (pid 1 again): stale.
-    if (holder !== null && holder.pid !== me.pid && isRunning(holder.pid)) {
+    if (holder !== null && holder.host === me.host && holder.pid !== me.pid && isRunning(holder.pid)) {
       throw new AuditLockError(`audit file ${file} is in use by another gateway process (pid ${holder.pid}, since ${holder.since}; ` +
         `lock ${path}). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl).`)
     }
@@ -321,9 +336,10 @@ export async function acquireLock (file: string, onStale: (holder: Holder | null
       throw new AuditLockError(holder === null
         ? `audit file ${file} is locked by a lock that names no holder (overwritten or emptied), and it is still being refreshed: ` +
           `another gateway writes the series. Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl); lock ${path}.`
-        : `audit file ${file} is locked by pid ${holder.pid} on a host named ${holder.host} (this one's name) ` +
+        : `audit file ${file} is locked by pid ${holder.pid} on a host named ${holder.host} ` +
+          `${holder.host === me.host ? "(this one's name) " : '(another container of this machine) '}` +
           `since ${holder.since}, and its lock is still being refreshed: another gateway writes it, from a pid namespace of its ` +
-          `own (containers sharing the host name). Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl, with ` +
+          `own${holder.host === me.host ? ' (containers sharing the host name)' : ''}. Each gateway needs its own audit.file (e.g. audit-\${HOSTNAME}.jsonl, with ` +
           `distinct host names); lock ${path}.`)
     }
     const taken = await takeOver(path, me, holder)

@@ -986,7 +986,7 @@ class FileSink implements Sink {
     // Removed rather than moved (rm, then the signal): what went into it is written again, as the watch would.
     const current = this.fh === null ? 'same' : await this.atPath()
     if (current !== 'same') {
-      await this.followOutsideRotation(current, await this.unlinked()).catch(() => {}) // a failure shows at the next write
+      await this.followOutsideRotation(current, await this.unlinked(), true).catch(() => {}) // a failure shows at the next write
       this.opts.log.info({ file: this.file }, 'audit: reopened')
       return
     }
@@ -1039,15 +1039,21 @@ class FileSink implements Sink {
   /**
    * The file written is no longer at the path (moved, removed or replaced by something else): open the path anew,
    * first writing again the records that went into it if it was `removed` (and the series holds them nowhere else).
+   * `signalled`: a SIGUSR2 asked for it, the end of a logrotate run (which moved the file, and may have gzipped it or
+   * made an empty one at the path): that is no warning, unless records had to be written again.
    */
-  private async followOutsideRotation (current: 'replaced' | 'removed', removed: boolean): Promise<void> {
+  private async followOutsideRotation (current: 'replaced' | 'removed', removed: boolean, signalled = false): Promise<void> {
     const lost = removed ? await this.notInSeries(this.recent) : []
     this.replay = lost.length === 0 ? [] : [Buffer.from(lost.join('\n') + '\n')]
     this.recent = []
     this.recentBytes = 0
-    this.opts.log.warn({ file: this.file, rewritten: lost.length },
-      `audit: the file was ${current} by something else; reopening it` +
-      (lost.length > 0 ? ' and writing again the records that went into the removed file' : ''))
+    if (!signalled || lost.length > 0) {
+      // Nothing at the path, the file still named elsewhere: moved (`mv`), not removed.
+      const what = current === 'removed' && !removed ? 'moved' : current
+      this.opts.log.warn({ file: this.file, rewritten: lost.length },
+        `audit: the file was ${what} by something else; reopening it` +
+        (lost.length > 0 ? ' and writing again the records that went into the removed file' : ''))
+    }
     await this.closeActive().catch(() => {})
     await this.openActive()
   }
