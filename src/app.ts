@@ -332,10 +332,11 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
     // the upstream is cut after that (or after a second at most), or a stream's upstream error would come first
     // and its record would blame the upstream.
     const closing = [...connections].map(socket => new Promise(resolve => { socket.once('close', resolve) }))
-    // A stream is told first why it ends (plugins/proxy.ts). Node writes an answer's chunk to its socket on the next
-    // tick (it corks the socket until then): the connections are closed on the next turn of the event loop.
+    // A stream is told first why it ends, a POST at the upstream that it is not to be sent again (plugins/proxy.ts).
+    // Node writes an answer's chunk to its socket on the next tick (it corks the socket until then): the connections
+    // are closed on the next turn of the event loop.
     const closeAll = () => { app.server.closeAllConnections() }
-    if (app.endEventStreams()) setImmediate(closeAll)
+    if (app.tellCallsInFlight()) setImmediate(closeAll)
     else closeAll()
     const cut = setTimeout(() => { void upstream.destroy() }, ABORT_CLOSE_WAIT_MS)
     void Promise.all(closing).then(() => {

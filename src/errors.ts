@@ -178,6 +178,11 @@ export const UpstreamNotStreamedError = define('upstream_not_streamed', 502, 'se
 export const NOT_STREAMED_RESPONSE = (id: string) => `the response (${id}) was generated. Retrieve it, or send the request without stream.`
 export const NOT_STREAMED_RETRIEVED = (id: string) => `it held the response (${id}). Retrieve it without stream.`
 export const NOT_STREAMED_OTHER = 'it held no response (an error of the upstream\'s own?). Send the request without stream to see its answer.'
+// The end of a shutdown's grace came while a POST sent upstream (a generation, items added) was still waiting for its
+// answer: cut with its connection, it would be a connection error to the SDKs, which send it again (to another
+// replica), and the upstream would do it twice. Answered instead (plugins/proxy.ts, with x-should-retry: false).
+export const GatewayShuttingDownError = define('gateway_shutting_down', 503, 'server_error',
+  'The gateway is shutting down and its grace for calls in flight is over: this call went upstream and may have been done there, but its answer did not come in time.')
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'

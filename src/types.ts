@@ -104,9 +104,9 @@ declare module 'fastify' {
     callsInFlight (): number
     /** app.ts: end of a shutdown's grace: close every client connection and abort every upstream call */
     abortInFlight (): void
-    /** plugins/proxy.ts: end of a shutdown's grace: end each event stream being passed on with an error event; says
-     * whether there was one */
-    endEventStreams (): boolean
+    /** plugins/proxy.ts: end of a shutdown's grace: end each event stream being passed on with an error event, and
+     * answer each POST at the upstream whose answer has not begun (503 gateway_shutting_down); says whether there was one */
+    tellCallsInFlight (): boolean
     /** plugins/health.ts: a shutdown has begun; /readyz answers 503 draining from now on */
     startDraining (): void
     /** plugins/health.ts: /healthz's body with its details (the audit, the store, each upstream line), for operators */

@@ -203,6 +203,43 @@ t.test('a call hanging on the upstream does not hold the process past shutdown.g
   t.match(output.text, /shutdown grace of 500 ms over: aborting the calls still in flight/)
 })
 
+t.test('a generation still at the upstream when the grace ends is answered 503 x-should-retry: false, not sent again by the SDK to another replica', async t => {
+  // Cut with its connection, the SDKs take it for a connection error and send it again: behind a load balancer, to
+  // another replica, and the upstream generates it twice.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  let creates = 0
+  upstream.respond = (req, res) => {
+    if (req.method !== 'POST' || req.url !== '/v1/responses') return
+    if (++creates === 1) return // a long generation, still running at the grace's end
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ id: 'resp_2', object: 'response', status: 'completed', output: [], metadata: { gateway_owner: 'team-a' } }))
+  }
+  const replicas = []
+  for (let i = 0; i < 2; i++) {
+    const { file, dir } = configFile('')
+    writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 500 }', ', timeoutMs: 60000'))
+    replicas.push({ dir, ...await startBin(t, file, {}) })
+  }
+  const [stopping, other] = replicas as [typeof replicas[0], typeof replicas[0]]
+  // The load balancer: the stopping replica until it is signalled, then the other.
+  let target = stopping.url
+  const client = new OpenAI({ apiKey: KEY, baseURL: 'http://balancer/v1', fetch: async (url, init) => await fetch(String(url).replace('http://balancer', target), init) })
+  const answer = client.responses.create({ model: 'gpt-4o-mini', input: 'think for a long time' }).then(() => null, (err: unknown) => err)
+  await eventually(async () => creates === 1, 'the generation at the upstream')
+  const exited = once(stopping.child, 'exit')
+  stopping.child.kill('SIGTERM')
+  target = other.url
+  const [code] = await exited
+  const err = await answer
+  t.match(err, { status: 503, error: { code: 'gateway_shutting_down', type: 'server_error' } }, 'the SDK raised the gateway\'s answer')
+  t.equal((err as { headers?: Headers } | null)?.headers?.get('x-should-retry'), 'false', 'and not to send it again')
+  t.equal(creates, 1, 'generated once: the SDK did not send it again')
+  t.equal(code, 1, 'exit 1: a call had to be ended')
+  t.match(auditRecords(stopping.dir), [{ action: 'response.create', status: 503, outcome: 'unavailable' }], 'audited as answered')
+  t.notMatch(stopping.output.text, /already sent/, 'the upstream call cut afterwards answers nothing more')
+})
+
 t.test('a grace over while the audit is still being written, with no call in flight, aborts nothing: exit 0, nothing said to be aborted', async t => {
   // The grace bounds the calls; the audit's flush is bounded on its own. A destination that took the last records
   // a moment after the grace (a disk freed, a path put right) had the process say it aborted calls, and exit 1.

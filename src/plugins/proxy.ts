@@ -14,7 +14,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
 import {
-  NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, NOT_STREAMED_RETRIEVED, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError,
+  GatewayShuttingDownError, NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, NOT_STREAMED_RETRIEVED, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError,
   UpstreamTimeoutError, UpstreamUnavailableError
 } from '../errors.js'
 import { API_PREFIX, RESOURCES, type Action, type Operation } from '../operations.js'
@@ -464,7 +464,7 @@ function waitWithTheClient (request: FastifyRequest, reply: FastifyReply, events
  * answer, and no fault of the upstream (its call is audited aborted).
  */
 function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown, message: string, answer: Error): void {
-  if (clientLeft(reply)) return
+  if (clientLeft(reply) || reply.sent) return
   request.log.warn({ err: loggedError(err) }, message)
   mayBeDoneUpstream(request, reply)
   reply.send(answer)
@@ -538,10 +538,22 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     for (const body of draining) body.destroy()
     done()
   })
-  app.decorate('endEventStreams', () => {
+  // The calls at the upstream, until it answers or their client leaves: at the end of a shutdown's grace, a POST among
+  // them that went out is answered (GatewayShuttingDownError, not to be sent again) before its connection is closed.
+  // Cut without a word, it is a connection error to the SDKs, which send it again (to another replica): a generation
+  // made twice. A GET cut so is safe to send again, as it is.
+  const atUpstream = new Set<FastifyReply>()
+  app.decorate('tellCallsInFlight', () => {
     let told = false
     for (const events of liveStreams) told = events.cut(STREAM_SHUTDOWN_EVENT) || told
     liveStreams.clear()
+    for (const reply of atUpstream) {
+      if (reply.request.method !== 'POST' || reply.request.upstreamCall?.sent !== true || reply.sent) continue
+      mayBeDoneUpstream(reply.request, reply)
+      reply.send(new GatewayShuttingDownError())
+      told = true
+    }
+    atUpstream.clear()
     return told
   })
   app.decorateRequest('upstream', null)
@@ -575,6 +587,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // attempts it made.
       const progress: UpstreamProgress = { line: null, host: null, attempts: 0, sent: false }
       request.upstreamCall = progress
+      atUpstream.add(reply)
+      whenClosed(reply.raw, () => { atUpstream.delete(reply) })
       upstream.call({
         method: options.method,
         path: options.path,
@@ -810,6 +824,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const request = req as FastifyRequest
       const reply = rep as FastifyReply
       const res = raw as unknown as UpstreamResponse
+      atUpstream.delete(reply) // (answered: what the client gets is this answer's, a stream's end included)
       // reply-from calls this even after it answered 502 for an invalid upstream status.
       if (reply.sent) {
         res.stream.on('error', () => {}).destroy() // thrown away: its abort is no one's error
@@ -935,6 +950,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       void sendSearched(request, reply, res)
     },
     onError (reply, { error }) {
+      // (answered already: a POST at the end of a shutdown's grace, answerUnanswered, whose upstream call is then cut)
+      if ((reply as FastifyReply).sent) return
       // reply-from has logged the failure already ("response errored"): once is enough.
       answerFailure(reply, error)
     },
