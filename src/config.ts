@@ -344,18 +344,48 @@ function expand (text: string, env: NodeJS.ProcessEnv, problem: (message: string
   return out + text.slice(at)
 }
 
+/** A value that is `$NAME` alone, NAME in a variable's usual capitals. */
+const WHOLE_VARIABLE = /^\$([A-Z_][A-Z0-9_]*)$/
+/** The fields whose whole value is a secret: a problem of theirs names the field, never any of the value. */
+const SECRET_FIELDS = new Set(['/upstream/apiKey', '/metrics/token'])
+const UNBRACED = 'a variable without braces is not filled in'
+/** What a secret field, or a URL's password, that is `$NAME` alone is told (its value never repeated). */
+export const UNBRACED_SECRET = `is $ and a name in capitals: write \${NAME}, ${UNBRACED} (a secret spelled so: give it through ` +
+  'a ${VAR}, whose value is taken as it is)'
+
 /**
  * The shell's and compose's `$VAR` written in the file: a value that is `$NAME` alone with NAME in a variable's usual
  * capitals, or holds `$NAME` of a variable the environment has. Kept as it is, it would become the upstream token or
  * the Redis password. Another `$` inside a value is text (a password may hold one, even one that is `$` and a word),
- * and is never repeated in a message.
+ * and is never repeated in a message. A secret (SECRET_FIELDS, a URL's password) is checked as a whole only, and
+ * never quoted: a literal one may hold `$HOME!`.
  */
-function bareVariable (text: string, env: NodeJS.ProcessEnv): string | undefined {
+function unbracedVariable (text: string, env: NodeJS.ProcessEnv, path: string): string | undefined {
   if (!text.includes('$')) return undefined
-  const whole = /^\$([A-Z_][A-Z0-9_]*)$/.exec(text)
-  if (whole !== null) return whole[1]
-  for (const [, name] of text.matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) if (env[name!] !== undefined) return name
+  const field = fieldPath(path)
+  if (SECRET_FIELDS.has(path)) return WHOLE_VARIABLE.test(text) ? `${field}: ${UNBRACED_SECRET}` : undefined
+  let rest = text
+  const url = parsedUrl(text)
+  if (url !== null && url.password !== '') {
+    if (WHOLE_VARIABLE.test(url.password)) return `${field}: its password ${UNBRACED_SECRET}`
+    // The rest of the URL, without its password (one the parser wrote otherwise than the file: nothing more is read).
+    const userinfo = `${url.protocol}//${url.username}:${url.password}@`
+    rest = text.startsWith(userinfo) ? `${url.protocol}//${url.username}@${text.slice(userinfo.length)}` : ''
+  }
+  const whole = WHOLE_VARIABLE.exec(rest)
+  if (whole !== null) return `${field}: write \${${whole[1]}}: ${UNBRACED}`
+  for (const [, name] of rest.matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) {
+    if (env[name!] !== undefined) return `${field}: write \${${name}}: ${UNBRACED}`
+  }
   return undefined
+}
+
+function parsedUrl (text: string): URL | null {
+  try {
+    return new URL(text)
+  } catch {
+    return null
+  }
 }
 
 /**
@@ -365,9 +395,9 @@ function bareVariable (text: string, env: NodeJS.ProcessEnv): string | undefined
  */
 function interpolate (node: unknown, env: NodeJS.ProcessEnv, path: string, problems: string[], filled: Map<string, string[]>): unknown {
   if (typeof node === 'string') {
-    const bare = bareVariable(node, env)
-    if (bare !== undefined) {
-      problems.push(`${fieldPath(path)}: write \${${bare}}: a variable without braces is not filled in`)
+    const unbraced = unbracedVariable(node, env, path)
+    if (unbraced !== undefined) {
+      problems.push(unbraced)
       return node
     }
     if (!node.includes('${')) return node

@@ -1,7 +1,7 @@
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
-import { ConfigError, ConfigSchema, loadAuditFile, loadConfig, parseConfig, resolveConfigPath } from '../src/config.js'
+import { ConfigError, ConfigSchema, loadAuditFile, loadConfig, parseConfig, resolveConfigPath, UNBRACED_SECRET } from '../src/config.js'
 import { tempDir } from './fixtures/tmp.js'
 
 const DIGEST = 'a'.repeat(64)
@@ -446,11 +446,13 @@ t.test('a $VAR without braces (the shell\'s and compose\'s spelling) is refused 
   // upstream_auth_failed), "redis://:$REDIS_PASSWORD@redis" the Redis password, from a config check-config passed.
   const env = { OHMYGPT_API_KEY: 'x', REDIS_PASSWORD: 'p' }
   t.same(problems(() => loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$OHMYGPT_API_KEY')), env)),
-    ['upstream.apiKey: write ${OHMYGPT_API_KEY}: a variable without braces is not filled in'])
+    [`upstream.apiKey: ${UNBRACED_SECRET}`], 'a secret field is named, its value never repeated')
   t.same(problems(() => loadConfig(yamlFile(minimal.replace('${OHMYGPT_API_KEY}', '$OHMYGPT_API_KEY')), {})),
-    ['upstream.apiKey: write ${OHMYGPT_API_KEY}: a variable without braces is not filled in'], 'the whole value, with the variable unset too')
+    [`upstream.apiKey: ${UNBRACED_SECRET}`], 'the whole value, with the variable unset too')
   t.same(problems(() => loadConfig(yamlFile(minimal + 'store: { url: "redis://:$REDIS_PASSWORD@redis:6379/0" }\n'), env)),
-    ['store.url: write ${REDIS_PASSWORD}: a variable without braces is not filled in'], 'inside a value, a variable the environment has')
+    [`store.url: its password ${UNBRACED_SECRET}`], 'a URL\'s password that is one alone')
+  t.same(problems(() => loadConfig(yamlFile(minimal + 'store: { url: "redis://:p@$REDIS_HOST:6379/0" }\n'), { ...env, REDIS_HOST: 'h' })),
+    ['store.url: write ${REDIS_HOST}: a variable without braces is not filled in'], 'inside a value, a variable the environment has')
   t.same(problems(() => loadConfig(yamlFile(minimal + 'listen: { port: $GATEWAY_PORT }\n'), { ...env, GATEWAY_PORT: '1' })),
     ['listen.port: write ${GATEWAY_PORT}: a variable without braces is not filled in'], 'said once, not also as "must be an integer"')
   t.equal(loadConfig(yamlFile(minimal + 'store: { url: "redis://:pa$SECRET-1@redis:6379/0" }\n'), env).store.url,
@@ -461,6 +463,24 @@ t.test('a $VAR without braces (the shell\'s and compose\'s spelling) is refused 
     'redis://:$REDIS_PASSWORD@redis:6379/0', 'a value from the environment is taken as it is')
   t.match(problems(() => loadAuditFile(yamlFile(minimal + 'audit: { file: "./audit/$HOSTNAME.jsonl" }\n'), { HOSTNAME: 'h' })),
     ['audit.file: write ${HOSTNAME}: a variable without braces is not filled in'], 'audit verify and query, which read audit.file alone, refuse it as well')
+})
+
+t.test('a secret holding $ and a word is taken as written, and no problem repeats any of a secret', async t => {
+  // The check for a $VAR without braces refused a literal metrics.token "$AB12CD..." or a Redis password holding
+  // "$HOME!" (a variable the environment has, then a character no name holds), and its problem quoted the name:
+  // the token, or part of the password, in check-config's output and start's problems.
+  const env = { OHMYGPT_API_KEY: 'x', HOME: '/home/gw', USER: 'gw' }
+  const literal = minimal.replace('${OHMYGPT_API_KEY}', 'sk-$USER@s3cret') +
+    'store: { url: "redis://:pa$HOME!s3cret@redis:6379/0" }\n'
+  const config = loadConfig(yamlFile(literal), env)
+  t.equal(config.upstream.apiKey, 'sk-$USER@s3cret', 'the upstream token as written')
+  t.equal(config.store.url, 'redis://:pa$HOME!s3cret@redis:6379/0', 'the Redis password as written')
+  const tokens = minimal + 'metrics: { listen: "127.0.0.1:9100", token: "$AB12CDEFGHIJKLMNOP" }\n' +
+    'store: { url: "redis://:$PASSWORD12@redis:6379/0" }\n'
+  const said = problems(() => loadConfig(yamlFile(tokens), env))
+  t.same(said, [`metrics.token: ${UNBRACED_SECRET}`, `store.url: its password ${UNBRACED_SECRET}`],
+    'a secret that is $ and a name in capitals is refused, naming its field')
+  t.notMatch(said.join('\n'), /AB12CD|PASSWORD12/, 'and none of it is said')
 })
 
 t.test('a duration past Node\'s longest timer (2147483647 ms) is refused: Node would fire it after 1 ms', async t => {

@@ -661,6 +661,25 @@ t.test('issued items: a connection dropped and made again to a Redis that kept i
     'a Redis that lost the mark too (flushed) is given every note again', 5_000)
 })
 
+t.test('issued items: a connection dropped and made again to a full Redis (noeviction) that kept its data writes no note again', async t => {
+  // Redis refuses the mark's SET then: taken for "lost", every note this process knows (up to ownership.cacheSize)
+  // was tried again each second while Redis stayed full, each refused, with warnings, after every network blip.
+  const redis = await startRedis(t)
+  const s1 = await store(t, redis)
+  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
+  t.teardown(() => { one.close() })
+  one.note(['rs_a1', 'rs_a2'], 'team-a')
+  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a2`)).includes(':1'), 'the notes reach Redis')
+  t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
+  t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
+  const refused = async () => Number(/errorstat_OOM:count=(\d+)/.exec(await redis.command('INFO errorstats'))?.[1] ?? 0)
+  await redis.command('CLIENT KILL TYPE normal')
+  await eventually(async () => await refused() > 0, 'the store connects again, and Redis refuses its mark\'s SET', 5_000)
+  await new Promise(resolve => setTimeout(resolve, 1_500)) // (the notes would be tried again each second)
+  t.equal(await refused(), 1, 'one refused SET: the mark\'s, no note')
+  t.same(s1.log.lines.filter(l => l.msg.startsWith('issued items:')).map(l => l.msg), [], 'no warning')
+})
+
 t.test('issued items: a Redis that comes back empty (restarted, no persistence) is given again the notes each replica knows', async t => {
   // Else an item handed out before the restart is refused, for its 30 days, on every replica but the one that handed
   // it out: the client's loop fails on each call the load balancer sends elsewhere (400, which the SDKs do not retry).

@@ -16,6 +16,7 @@ import { configFile, startBin } from './fixtures/bin.js'
 import { KEYS, startGateway, testConfig } from './fixtures/gateway.js'
 import { buildRequest } from './fixtures/raw-http.js'
 import { eventually } from './fixtures/eventually.js'
+import { startRedis } from './fixtures/redis-server.js'
 import { startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
 
 const KEY = 'ogw_shutdown-test-key'
@@ -540,4 +541,31 @@ t.test('a call sent on a kept-alive connection as the drain closes the unused on
     t.same(exchange.answers(), [200, 200])
     t.equal((await gw.auditFile()).length, 2, `${what}: both calls audited`)
   }
+})
+
+t.test('generations aborted at the end of the grace whose usage Redis does not take are all told before the process exits', async t => {
+  // Their charges fail after the rate-limit's close hook has told what was left uncharged (Redis slow, closed with the
+  // store): a failure within 10 s of the last warning waited on a timer that did not hold the process, and was lost.
+  const redis = await startRedis(t)
+  const upstream = await startUpstream({ responses: { streamDelayMs: 300 } })
+  t.teardown(() => upstream.close())
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 500 }')
+    .replace('burst: 100000 }', 'burst: 100000, tokensPerMinute: 100000 }') +
+    `store: { url: "${redis.url}", timeoutMs: 1000, onFailure: closed }\n`)
+  const { child, url, output } = await startBin(t, file, {})
+  const client = new OpenAI({ apiKey: KEY, baseURL: `${url}/v1`, maxRetries: 0 })
+  const streams = await Promise.all(Array.from({ length: 3 }, async () => {
+    const events = (await client.responses.create({ model: 'gpt-4o-mini', input: 'Tell me a long story', stream: true }))[Symbol.asyncIterator]()
+    await events.next() // under way
+    return events
+  }))
+  const read = streams.map(async events => { try { while (!(await events.next()).done); } catch {} })
+  redis.pause() // (resumed by the teardown's stop)
+  const exited = once(child, 'exit')
+  child.kill('SIGTERM')
+  await Promise.all(read)
+  await exited
+  const told = output.text.split('\n').filter(l => l.includes('could not be charged')).map(l => JSON.parse(l) as { since: { calls: number } })
+  t.equal(told.reduce((sum, line) => sum + line.since.calls, 0), 3, 'the three aborted generations are told')
 })

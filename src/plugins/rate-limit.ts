@@ -89,7 +89,7 @@ interface WarnLog { warn (obj: object, msg: string): void }
  * Usage the store could not take (Redis down with store.onFailure closed: the generations under way when an outage
  * starts end in it, up to limits.maxInFlight of them). One warning per WARN_INTERVAL_MS, with the calls and tokens
  * left uncharged since the last one, as the store logs the outage itself: not a line per call. Those left after a
- * warning are told when the interval is over, or when the gateway stops (flush), whether or not any call fails then:
+ * warning are told when the interval is over, or when the gateway stops (close), whether or not any call fails then:
  * the outage may be over, and nothing would tell them.
  */
 class Uncharged {
@@ -99,14 +99,37 @@ class Uncharged {
   /** the latest call left uncharged, as the next warning names it */
   #latest: { log: WarnLog, clientId: string, tokens: number, err: unknown } | null = null
   #pending: NodeJS.Timeout | null = null
+  /** charges asked and not answered yet, and what waits for the last of them (close) */
+  #asked = 0
+  #allAnswered: (() => void) | null = null
+  #closed = false
+
+  asked (): void {
+    this.#asked++
+  }
+
+  answered (): void {
+    if (--this.#asked === 0) this.#allAnswered?.()
+  }
 
   add (log: WarnLog, clientId: string, tokens: number, err: unknown): void {
     this.#calls++
     this.#tokens += tokens
     this.#latest = { log, clientId, tokens, err }
     const wait = this.#lastWarning + WARN_INTERVAL_MS - Date.now()
-    if (wait <= 0) this.flush()
+    if (wait <= 0 || this.#closed) this.flush()
     else this.#pending ??= setTimeout(() => { this.flush() }, wait).unref()
+  }
+
+  /**
+   * The gateway stops: once the charges asked have their answers (each within store.timeoutMs: the generations
+   * aborted at the end of the grace charge as they close, on a Redis that may be slow), tells what is left uncharged.
+   * The pending warning's timer does not hold the process, and the store is closed after this.
+   */
+  async close (): Promise<void> {
+    if (this.#asked > 0) await new Promise<void>(resolve => { this.#allAnswered = resolve })
+    this.#closed = true
+    this.flush()
   }
 
   /** Tells what is left uncharged since the last warning, if anything. */
@@ -127,7 +150,11 @@ class Uncharged {
 /** Charges `amount` to a client's bucket; what the store cannot take is told to `uncharged` (nothing waits on the answer). */
 function charge (store: RateLimitStore, uncharged: Uncharged, log: WarnLog, clientId: string, key: string, rule: BucketRule,
   amount: number): void {
-  whenAnswered(() => store.charge(key, rule, amount), () => {}, (err: unknown) => { uncharged.add(log, clientId, amount, err) })
+  uncharged.asked()
+  whenAnswered(() => store.charge(key, rule, amount), () => { uncharged.answered() }, (err: unknown) => {
+    uncharged.add(log, clientId, amount, err)
+    uncharged.answered()
+  })
 }
 
 /** At most this many bucket names in the one warning of a reload whose buckets could not be rewritten. */
@@ -268,7 +295,7 @@ export default fp<RateLimitOptions>(async function rateLimit (app, { store, curr
   })
 
   app.addHook('onClose', async () => {
-    uncharged.flush()
+    await uncharged.close()
     await store.close()
   })
 }, { name: 'rate-limit', dependencies: ['auth'] })

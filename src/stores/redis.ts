@@ -508,18 +508,21 @@ export class RedisStore implements RateLimitStore, SharedNotes {
    * Whether Redis has lost this process's mark since the last connection set it (restarted without persistence,
    * flushed, the key evicted): then it may have lost every note too. Sets it again. A connection merely dropped and
    * made again (a network blip, a failover to a replica that has the data) finds it, and nothing is written again.
-   * An answer that does not come says "lost": writing the notes again is never wrong (NX), only work.
+   * A read that is not answered says "lost": writing the notes again is never wrong (NX), only work. The read alone
+   * decides: a Redis that refuses the write (full under noeviction, a user without SET) has kept the mark all the
+   * same, and would refuse the notes too, each second, for nothing (their own writes say it refuses them).
    */
   async #lostMark (): Promise<boolean> {
     if (this.#noSuchDb) return true // (nothing written to the database the client fell back to)
     const key = this.#keyPrefix + this.#mark
+    let kept: string | null | undefined
     try {
-      const [kept] = await this.#deadline(this.#redis.mget(key))
-      await this.#deadline(this.#redis.set(key, '1', 'PX', MARK_TTL_MS))
-      return kept === null
+      [kept] = await this.#deadline(this.#redis.mget(key))
     } catch {
       return true
     }
+    await this.#deadline(this.#redis.set(key, '1', 'PX', MARK_TTL_MS)).catch(() => {})
+    return kept === null
   }
 
   /** Redis takes writes: it has not refused the bucket script since it last ran it (see #refused). */
