@@ -90,6 +90,9 @@ export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_reques
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
 export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_request_error',
   "Invalid type for 'model': expected a string.", { param: 'model' })
+// OpenAI's `stream` is a boolean or null; an upstream that reads loosely would take "true" or 1 for true.
+export const InvalidStreamTypeError = define('invalid_type', 400, 'invalid_request_error',
+  "Invalid type for 'stream': expected a boolean.", { param: 'stream' })
 export const ModelRequiredError = define('model_not_allowed', 403, 'invalid_request_error',
   'This key may only use some models: name one in "model" (a stored prompt\'s own model cannot be checked).',
   { param: 'model', outcome: 'denied' })
