@@ -93,6 +93,9 @@ export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_reques
 // OpenAI's `stream` is a boolean or null; an upstream that reads loosely would take "true" or 1 for true.
 export const InvalidStreamTypeError = define('invalid_type', 400, 'invalid_request_error',
   "Invalid type for 'stream': expected a boolean.", { param: 'stream' })
+// (its arguments: the parameter, and what OpenAI takes there)
+export const InvalidListTypeError = define('invalid_type', 400, 'invalid_request_error',
+  "Invalid type for '%s': expected %s.")
 export const ModelRequiredError = define('model_not_allowed', 403, 'invalid_request_error',
   'This key may only use some models: name one in "model" (a stored prompt\'s own model cannot be checked).',
   { param: 'model', outcome: 'denied' })

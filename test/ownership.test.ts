@@ -815,6 +815,22 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
   t.match(gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400).map(r => r.outcome), ['invalid', 'invalid', 'invalid', 'invalid', 'invalid'])
 })
 
+t.test('input or items given as an object, not a list, is a 400 invalid_type: a relay that wraps it into a list would pass another team\'s reference', async t => {
+  const { upstream, gw } = await setup(t)
+  const { post, itemA, conversationB } = await twoTeams(gw.url)
+  const reference = { type: 'item_reference', id: itemA }
+  await assertRefusedToB(t, upstream, post, [
+    ['a response\'s input', '/v1/responses', { model: 'gpt-4o', input: reference }, 400, 'invalid_type', 'input'],
+    ['a response\'s input, in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: reference }, 400, 'invalid_type', 'input'],
+    ['items added', `/v1/conversations/${conversationB}/items`, { items: reference }, 400, 'invalid_type', 'items'],
+    ['a new conversation\'s items', '/v1/conversations', { items: reference }, 400, 'invalid_type', 'items'],
+    ['items as a string', `/v1/conversations/${conversationB}/items`, { items: itemA }, 400, 'invalid_type', 'items'],
+    ['a response\'s input as a number', '/v1/responses', { model: 'gpt-4o', input: 1 }, 400, 'invalid_type', 'input']
+  ])
+  t.equal((await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).status, 200, 'input as a string is OpenAI\'s and served')
+  t.equal((await post(KEYS.other, '/v1/conversations', { items: null })).status, 200, 'items: null (none) is served')
+})
+
 t.test('an image generation call without its image is a reference the upstream fills in by id: another team\'s is refused like an item_reference', async t => {
   // OpenAI's "using image ID" multi-turn editing sends { type: 'image_generation_call', id: 'ig_...' } and the
   // upstream puts the stored image (its base64 `result`) in context. Across one shared account, another team's id

@@ -11,7 +11,7 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import { MAX_TIMER_MS, type ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
+  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidListTypeError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
@@ -251,6 +251,20 @@ function refuseOtherCases (action: Action, body: unknown): void {
     }
   }
   if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
+}
+
+/**
+ * A create's list of items (`items`; a response's `input`, which may also be a string) that is no list is refused
+ * (400 invalid_type), as OpenAI refuses it: the references in it are read from lists only, and a relay that wraps
+ * one item into a list would pass on a reference no check read.
+ */
+function refuseListsOfOtherTypes (action: Action, body: unknown): void {
+  if (CHECKED_KEYS[action] === undefined || !isObject(body)) return
+  const param = action === 'response.create' ? 'input' : 'items'
+  const list = body[param]
+  if (list === undefined || list === null || Array.isArray(list) || (param === 'input' && typeof list === 'string')) return
+  const expected = param === 'input' ? 'a string or an array of input items' : 'an array of items'
+  throw withParam(new InvalidListTypeError(param, expected), param)
 }
 
 /**
@@ -698,6 +712,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
     if (request.method === 'POST') refuseCheckedKeysInQuery(op.query)
     refuseOtherCases(op.action, request.parsedBody)
+    refuseListsOfOtherTypes(op.action, request.parsedBody)
     refuseKeysAsIds(op.action, request.parsedBody)
     const list = op.action === 'response.create' ? 'input' : 'items'
     const containers = CHECKED_KEYS[op.action] === undefined || client.scopes.includes('admin') ? [] : itemContainers(body?.[list], list)
