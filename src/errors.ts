@@ -184,6 +184,9 @@ export const UpstreamNotStreamedError = define('upstream_not_streamed', 502, 'se
 export const NOT_STREAMED_RESPONSE = (id: string) => `the response (${id}) was generated. Retrieve it, or send the request without stream.`
 export const NOT_STREAMED_RETRIEVED = (id: string) => `it held the response (${id}). Retrieve it without stream.`
 export const NOT_STREAMED_OTHER = 'it held no response (an error of the upstream\'s own?). Send the request without stream to see its answer.'
+// An owner lookup's 4xx that the call itself would have been answered with (a 402 of the shared balance spent, a 403
+// of a region refused): its status, type, code and message are the upstream's (plugins/ownership.ts sets them).
+export const UpstreamRefusedError = define('upstream_refused', 403, 'invalid_request_error', '%s', { outcome: 'upstream_error' })
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'

@@ -7,7 +7,7 @@ import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from 
 import { until } from './fixtures/client.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { exactJson, stringifyExact } from '../src/http/json.js'
-import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
+import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest, type Responder } from './fixtures/upstream.js'
 
 interface Setup {
   upstream: FakeUpstream
@@ -1693,6 +1693,45 @@ t.test('a lookup answered 503 or 500 keeps the upstream\'s retry hints on its 50
     t.match(await lookup.json(), { error: { code: 'upstream_unavailable' } })
     t.same(hints(lookup), expected, `${status} ${JSON.stringify(headers)}: the lookup's 502 carries the hints`)
     t.same(hints(lookup), hints(passedOn), `${status}: as the answer passed on does`)
+  }
+})
+
+t.test('a lookup answered 504 or 524 is a 504, and one answered 402 or 403 that status with the upstream\'s message, as the call passed on gets', async t => {
+  // A 504/524 (a proxy's timeout) became the gateway's 502, and a 402 (the shared balance spent) or 403 (a region
+  // refused) a 502 "could not be reached": the same call passed on says what the upstream said.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const [cached, uncached] = [await createUpstream(upstream, { gateway_owner: 'team-full' }), await createUpstream(upstream, { gateway_owner: 'team-full' })]
+  const { gw } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 } })
+  const items = (conv: string) => fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal((await items(cached)).status, 200, 'its owner is cached: its next call goes up as the call itself')
+  const refusal = (status: number, message: string, code: string): Responder => (_req, res) => {
+    res.writeHead(status, { 'content-type': 'application/json', 'retry-after': '7' })
+    res.end(JSON.stringify({ error: { message, type: 'invalid_request_error', param: null, code } }))
+  }
+  for (const status of [504, 524]) {
+    upstream.respond = faults.status(status)
+    const passedOn = await items(cached)
+    const lookup = await items(uncached)
+    t.equal(passedOn.status, status)
+    t.equal(lookup.status, 504, `${status}: the lookup's is a 504, a timeout, not a 502`)
+    t.match(await lookup.json(), { error: { code: 'upstream_timeout', type: 'server_error' } })
+  }
+  for (const [status, message, code] of [
+    [402, 'Insufficient balance on the account.', 'insufficient_balance'],
+    [403, 'Country, region, or territory not supported', 'unsupported_country_region_territory'],
+    [403, `Key ${UPSTREAM_TOKEN} may not do this`, 'forbidden']
+  ] as Array<[number, string, string]>) {
+    upstream.respond = refusal(status, message, code)
+    const passedOn = await items(cached)
+    const lookup = await items(uncached)
+    t.equal(passedOn.status, status)
+    t.equal(lookup.status, status, `${status}: the lookup's answer has the upstream's status`)
+    const body = await lookup.json() as { error: { message: string, code: string } }
+    t.match(body, { error: { message: message.replace(UPSTREAM_TOKEN, '[redacted]'), code } }, `${status}: and its message`)
+    t.notMatch(JSON.stringify(body), UPSTREAM_TOKEN)
+    t.equal(lookup.headers.get('retry-after'), passedOn.headers.get('retry-after'), 'and its retry hints')
+    t.match(gw.audit().at(-1), { status, outcome: 'upstream_error', attempts: 1 })
   }
 })
 

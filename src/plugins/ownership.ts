@@ -14,7 +14,7 @@ import {
   ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidListTypeError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
-  ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
+  ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamRefusedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
 import { loggedError } from '../logging.js'
@@ -312,6 +312,9 @@ function wentUpstream (err: Error, tried: UpstreamProgress): Error {
   return err
 }
 
+/** The longest message, type or code of an upstream's refusal a lookup passes on. */
+const MAX_REFUSAL_TEXT = 1000
+
 /**
  * What a call ended at the gateway's own ask of the upstream (an owner lookup, an item's check) says of it: the
  * attempts the ask has made when read, its first at least, and no line nor request of the call's own sent.
@@ -334,6 +337,29 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const err = new UpstreamRateLimitedError()
     err.headers = { ...retryHints(headers, scrub), ...upstreamRateLimitHeaders(headers, scrub) }
     return err
+  }
+  /**
+   * What a lookup the upstream answered with an error (not one of those read above) is to the client, as the call
+   * passed on would have been answered: a proxy's timeout (504, Cloudflare's 524) the gateway's 504; any other 4xx
+   * (402 of the shared balance spent, 403 of a region refused) its status with the upstream's error, searched for the
+   * token (an account-wide refusal: the lookup's object is not the call's own yet, so no more of the answer is
+   * given); anything else, or an answer that is none of these, 502.
+   */
+  function answeredError (err: unknown): GatewayError {
+    const { status, body, encoding } = err as { status?: unknown, body?: unknown, encoding?: string | string[] }
+    if (status === 504 || status === 524) return new UpstreamTimeoutError()
+    if (typeof status !== 'number' || status < 400 || status >= 500 || !Buffer.isBuffer(body)) return new UpstreamUnavailableError()
+    let said: { message?: unknown, type?: unknown, code?: unknown } = {}
+    try {
+      said = (JSON.parse(decodedBody(body, encoding, MAX_WHOLE_BYTES).toString('utf8')) as { error?: typeof said } | null)?.error ?? {}
+    } catch {} // (an answer that is no OpenAI error: the status alone)
+    if (!isObject(said)) said = {}
+    const text = (value: unknown, fallback: string) => typeof value === 'string' && value !== '' ? scrub.text(value).slice(0, MAX_REFUSAL_TEXT) : fallback
+    return Object.assign(new UpstreamRefusedError(text(said.message, `The upstream API refused the call (HTTP ${status}).`)), {
+      statusCode: status,
+      type: text(said.type, 'invalid_request_error'),
+      code: text(said.code, 'upstream_refused')
+    })
   }
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
@@ -466,7 +492,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (answer.statusCode === 401) throw new UpstreamAuthError()
       if (answer.statusCode !== 200) {
         hints = retryHints(answer.headers, scrub)
-        throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode })
+        throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode, body, encoding: answer.headers['content-encoding'] })
       }
       // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
       return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
@@ -485,7 +511,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
         request.log.warn({ err: loggedError(err, err instanceof SyntaxError ? 'the answer is not JSON' : undefined), ...about }, 'ownership lookup failed')
       }
-      const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+      const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : answeredError(err)
       if (err instanceof UpstreamFailure) answer.headers = retryHeaders(err) // every line down: when one is tried again
       else if (hints !== undefined && Object.keys(hints).length > 0) answer.headers = hints
       throw err instanceof UpstreamFailure || answeredAfter > 0 ? wentUpstream(answer, tried) : answer
