@@ -202,15 +202,31 @@ export function withoutSecrets (problems: string[], config: unknown): string[] {
   return problems.map(problem => secrets.reduce((text, secret) => text.replaceAll(secret, '[redacted]'), problem))
 }
 
-/** A Redis URL's password as written and decoded; none for another URL, or one that does not parse. */
+/**
+ * A Redis URL's password in every spelling a message could quote: as written between the scheme's `//` (after the
+ * user's `:`) and the last `@` (so one with an unescaped @, / or # is whole, as the URL check refuses it), as the
+ * URL parser reads it, and each decoded, escape by escape where a % begins none. None for another URL.
+ */
 function redisPasswords (url: unknown): string[] {
   if (typeof url !== 'string' || !/^rediss?:/.test(url)) return []
+  const written = /^rediss?:\/\/[^:@]*:(.*)@/s.exec(url)?.[1]
+  let parsed: string | undefined
   try {
-    const { password } = new URL(url)
-    return [password, decodeURIComponent(password)]
-  } catch {
-    return []
-  }
+    parsed = new URL(url).password
+  } catch {}
+  const spellings = [written, parsed].filter((password): password is string => password !== undefined)
+  return [...new Set(spellings.flatMap(password => [password, decodedLeniently(password)]))]
+}
+
+/** `text` with each run of percent escapes decoded, and a % that begins none (or bytes that are no UTF-8) kept. */
+function decodedLeniently (text: string): string {
+  return text.replace(/(?:%[0-9a-f]{2})+/gi, escapes => {
+    try {
+      return decodeURIComponent(escapes)
+    } catch {
+      return escapes
+    }
+  })
 }
 
 // No type coercion here: a YAML boolean is never a number. Only a string that came from a ${VAR} may be read as

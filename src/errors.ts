@@ -90,6 +90,12 @@ export const InvalidApiKeyError = define('invalid_api_key', 401, 'invalid_reques
   'Incorrect or missing API key. Send your gateway key as "Authorization: Bearer <key>".')
 export const InvalidModelTypeError = define('invalid_type', 400, 'invalid_request_error',
   "Invalid type for 'model': expected a string.", { param: 'model' })
+// OpenAI's `stream` is a boolean or null; an upstream that reads loosely would take "true" or 1 for true.
+export const InvalidStreamTypeError = define('invalid_type', 400, 'invalid_request_error',
+  "Invalid type for 'stream': expected a boolean.", { param: 'stream' })
+// (its arguments: the parameter, and what OpenAI takes there)
+export const InvalidListTypeError = define('invalid_type', 400, 'invalid_request_error',
+  "Invalid type for '%s': expected %s.")
 export const ModelRequiredError = define('model_not_allowed', 403, 'invalid_request_error',
   'This key may only use some models: name one in "model" (a stored prompt\'s own model cannot be checked).',
   { param: 'model', outcome: 'denied' })
@@ -183,6 +189,9 @@ export const NOT_STREAMED_OTHER = 'it held no response (an error of the upstream
 // replica), and the upstream would do it twice. Answered instead (plugins/proxy.ts, with x-should-retry: false).
 export const GatewayShuttingDownError = define('gateway_shutting_down', 503, 'server_error',
   'The gateway is shutting down and its grace for calls in flight is over: this call went upstream and may have been done there, but its answer did not come in time.')
+// An owner lookup's 4xx that the call itself would have been answered with (a 402 of the shared balance spent, a 403
+// of a region refused): its status, type, code and message are the upstream's (plugins/ownership.ts sets them).
+export const UpstreamRefusedError = define('upstream_refused', 403, 'invalid_request_error', '%s', { outcome: 'upstream_error' })
 export const UpstreamTimeoutError = define('upstream_timeout', 504, 'server_error',
   'The upstream API did not answer in time.')
 const STORE_UNAVAILABLE = 'The rate-limit store is unavailable, so this call cannot be admitted. Please try again shortly.'

@@ -4,10 +4,10 @@ import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, 
 import { join } from 'node:path'
 import { once } from 'node:events'
 import { lookup } from 'node:dns/promises'
-import { createServer, type AddressInfo } from 'node:net'
+import { connect, createServer, type AddressInfo } from 'node:net'
 import t, { type Test } from 'tap'
 import { keyDigest } from '../src/keys.js'
-import { BIN, configFile, env, run, runAsync, startBin } from './fixtures/bin.js'
+import { BIN, configFile, env, gatewayYaml, run, runAsync, startBin } from './fixtures/bin.js'
 import { eventually } from './fixtures/eventually.js'
 import { closedPort, startUpstream } from './fixtures/upstream.js'
 
@@ -543,4 +543,40 @@ clients:
     t.match(start.stderr, /cannot listen on \[redacted\]:0/, secret)
     t.same(leaked(start.stderr + start.stdout), [])
   }
+})
+
+t.test('listen.host localhost where it names two addresses: every address the gateway takes connections on answers as the gateway', async t => {
+  // A machine whose /etc/hosts maps localhost to 127.0.0.1 and ::1 (this one maps it to 127.0.0.1 only). Fastify
+  // listened on the second address with a server of its own, which had none of the gateway's connection handling
+  // (a CONNECT closed without an answer, listen.maxConnections, the drain, accept errors: an EMFILE ended the process).
+  const { file, dir } = configFile('')
+  const preload = join(dir, 'hosts.mjs')
+  writeFileSync(preload, `import dns from 'node:dns'
+const lookup = dns.lookup
+dns.lookup = function (host, options, callback) {
+  if (host === 'localhost' && typeof options === 'object' && options.all === true) {
+    return process.nextTick(callback, null, [{ address: '127.0.0.1', family: 4 }, { address: '::1', family: 6 }])
+  }
+  return lookup.apply(this, arguments)
+}
+`)
+  writeFileSync(file, gatewayYaml(join(dir, 'audit.jsonl')).replace('host: 127.0.0.1', 'host: localhost'))
+  const { url } = await startBin(t, file, { NODE_OPTIONS: `--import ${preload}` })
+  const port = Number(new URL(url).port)
+  let answered = 0
+  for (const host of ['127.0.0.1', '::1']) {
+    const socket = connect({ host, port })
+    const taken = await new Promise<boolean>(resolve => {
+      socket.once('connect', () => resolve(true))
+      socket.once('error', () => resolve(false))
+    })
+    if (!taken) continue
+    socket.end('CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n')
+    let received = ''
+    socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+    await once(socket, 'close')
+    t.match(received, /^HTTP\/1\.1 4\d\d /, `${host}: CONNECT gets the gateway's 4xx answer, not a silent close`)
+    answered++
+  }
+  t.ok(answered > 0, 'it listens')
 })

@@ -294,6 +294,27 @@ t.test('store.url takes memory:// or a redis URL, and a bad one is refused witho
   t.match(problems(() => parseConfig({ upstream, store: { keyPrefix: '' } })), [/store\.keyPrefix/])
 })
 
+t.test('a store.url password is kept out of every problem however the URL spells it, even one the URL check refuses', async t => {
+  const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
+  // A mistyped ${VAR} put the password in trustProxy too, whose problem quotes the entry.
+  const cases: Array<[string, string[]]> = [
+    // a % that starts no escape: the decoding threw and nothing was redacted
+    ['redis://:pw%zz-S3cret-tail@redis:6379/0', ['pw%zz-S3cret-tail']],
+    ['redis://:pw%zz-S3cret%41tail@redis:6379/0', ['pw%zz-S3cret%41tail', 'pw%zz-S3cretAtail']],
+    // a URL that does not parse (a port out of range)
+    ['redis://:hunter2-S3cret@redis:99999/0', ['hunter2-S3cret']],
+    // a password with an unescaped @ and #: the URL parser takes "p" for the password and "ss" for the host
+    ['redis://:p@ss#w-hunter2-S3cret@redis:6379/0', ['p@ss#w-hunter2-S3cret']],
+    // (an accepted one, as before)
+    ['redis://:hunter2%2DS3cret@redis:6379/0', ['hunter2%2DS3cret', 'hunter2-S3cret']]
+  ]
+  for (const [url, spellings] of cases) {
+    const found = problems(() => parseConfig({ upstream, trustProxy: spellings, store: { url } })).join('\n')
+    t.match(found, /trustProxy\[0\]: invalid IP address: \[redacted\]/, url.replace(/:[^:]*@/, ':***@'))
+    for (const spelling of spellings) t.notOk(found.includes(spelling), `${spelling.slice(0, 4)}…: not quoted`)
+  }
+})
+
 t.test('trustProxy entries are checked as Fastify will compile them: a bad address or range is a bad field, not a crash at start', async t => {
   const upstream = { baseUrls: ['http://x'], apiKey: 'k' }
   t.same(parseConfig({ upstream, trustProxy: ['10.0.0.0/8', '::1', '192.168.1.7', 'loopback'] }).trustProxy,

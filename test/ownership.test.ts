@@ -7,7 +7,7 @@ import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from 
 import { until } from './fixtures/client.js'
 import { createConversationsHandler } from '../src/demo/fake-ohmygpt.js'
 import { exactJson, stringifyExact } from '../src/http/json.js'
-import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest } from './fixtures/upstream.js'
+import { faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream, type RecordedRequest, type Responder } from './fixtures/upstream.js'
 
 interface Setup {
   upstream: FakeUpstream
@@ -815,6 +815,22 @@ t.test('an item named by id (item_reference) must be an item of a conversation o
   t.match(gw.audit().filter(r => r.clientId === 'team-other' && r.status >= 400).map(r => r.outcome), ['invalid', 'invalid', 'invalid', 'invalid', 'invalid'])
 })
 
+t.test('input or items given as an object, not a list, is a 400 invalid_type: a relay that wraps it into a list would pass another team\'s reference', async t => {
+  const { upstream, gw } = await setup(t)
+  const { post, itemA, conversationB } = await twoTeams(gw.url)
+  const reference = { type: 'item_reference', id: itemA }
+  await assertRefusedToB(t, upstream, post, [
+    ['a response\'s input', '/v1/responses', { model: 'gpt-4o', input: reference }, 400, 'invalid_type', 'input'],
+    ['a response\'s input, in its own conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: reference }, 400, 'invalid_type', 'input'],
+    ['items added', `/v1/conversations/${conversationB}/items`, { items: reference }, 400, 'invalid_type', 'items'],
+    ['a new conversation\'s items', '/v1/conversations', { items: reference }, 400, 'invalid_type', 'items'],
+    ['items as a string', `/v1/conversations/${conversationB}/items`, { items: itemA }, 400, 'invalid_type', 'items'],
+    ['a response\'s input as a number', '/v1/responses', { model: 'gpt-4o', input: 1 }, 400, 'invalid_type', 'input']
+  ])
+  t.equal((await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).status, 200, 'input as a string is OpenAI\'s and served')
+  t.equal((await post(KEYS.other, '/v1/conversations', { items: null })).status, 200, 'items: null (none) is served')
+})
+
 t.test('an image generation call without its image is a reference the upstream fills in by id: another team\'s is refused like an item_reference', async t => {
   // OpenAI's "using image ID" multi-turn editing sends { type: 'image_generation_call', id: 'ig_...' } and the
   // upstream puts the stored image (its base64 `result`) in context. Across one shared account, another team's id
@@ -1276,18 +1292,18 @@ t.test('a key the ownership check reads, spelled in another case or held in "__p
   t.equal(fine.status, 200, 'an ordinary body is served')
 })
 
-t.test('a list the checks read (input, items, tools), given as a JSON object, is refused (400 invalid_request) and never sent upstream: {"0": item} is the list [item] to PHP', async t => {
+t.test('a list the checks read (input, items, tools), given as a JSON object, is refused (400 invalid_type) and never sent upstream: {"0": item} is the list [item] to PHP', async t => {
   // PHP's json_decode($body, true) makes {"0": x} the array [0 => x], which json_encode writes back as [x]: through a
   // relay in PHP, an object the gateway read as no list at all reaches the upstream as the list it never checked.
   const { upstream, gw } = await setup(t)
   const { post, itemA, conversationB } = await twoTeams(gw.url)
   const reference = { type: 'item_reference', id: itemA }
   await assertRefusedToB(t, upstream, post, [
-    ['input naming A\'s item', '/v1/responses', { model: 'gpt-4o', input: { 0: reference } }, 400, 'invalid_request', 'input'],
-    ['input naming A\'s item in B\'s conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: { 0: reference } }, 400, 'invalid_request', 'input'],
-    ['tools naming a container', '/v1/responses', { model: 'gpt-4o', input: 'x', tools: { 0: { type: 'code_interpreter', container: 'cntr_a' } } }, 400, 'invalid_request', 'tools'],
-    ['a new conversation\'s items', '/v1/conversations', { items: { 0: reference } }, 400, 'invalid_request', 'items'],
-    ['items added to B\'s conversation', `/v1/conversations/${conversationB}/items`, { items: { 0: reference } }, 400, 'invalid_request', 'items']
+    ['input naming A\'s item', '/v1/responses', { model: 'gpt-4o', input: { 0: reference } }, 400, 'invalid_type', 'input'],
+    ['input naming A\'s item in B\'s conversation', '/v1/responses', { model: 'gpt-4o', conversation: conversationB, input: { 0: reference } }, 400, 'invalid_type', 'input'],
+    ['tools naming a container', '/v1/responses', { model: 'gpt-4o', input: 'x', tools: { 0: { type: 'code_interpreter', container: 'cntr_a' } } }, 400, 'invalid_type', 'tools'],
+    ['a new conversation\'s items', '/v1/conversations', { items: { 0: reference } }, 400, 'invalid_type', 'items'],
+    ['items added to B\'s conversation', `/v1/conversations/${conversationB}/items`, { items: { 0: reference } }, 400, 'invalid_type', 'items']
   ])
   t.notOk(upstream.everything().includes(itemA), 'A\'s item was never sent upstream')
   // A text input, and lists, are served as before.
@@ -1707,6 +1723,45 @@ t.test('a lookup answered 503 or 500 keeps the upstream\'s retry hints on its 50
     t.match(await lookup.json(), { error: { code: 'upstream_unavailable' } })
     t.same(hints(lookup), expected, `${status} ${JSON.stringify(headers)}: the lookup's 502 carries the hints`)
     t.same(hints(lookup), hints(passedOn), `${status}: as the answer passed on does`)
+  }
+})
+
+t.test('a lookup answered 504 or 524 is a 504, and one answered 402 or 403 that status with the upstream\'s message, as the call passed on gets', async t => {
+  // A 504/524 (a proxy's timeout) became the gateway's 502, and a 402 (the shared balance spent) or 403 (a region
+  // refused) a 502 "could not be reached": the same call passed on says what the upstream said.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const [cached, uncached] = [await createUpstream(upstream, { gateway_owner: 'team-full' }), await createUpstream(upstream, { gateway_owner: 'team-full' })]
+  const { gw } = await gateway(t, upstream, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 100 } })
+  const items = (conv: string) => fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.full}` } })
+  t.equal((await items(cached)).status, 200, 'its owner is cached: its next call goes up as the call itself')
+  const refusal = (status: number, message: string, code: string): Responder => (_req, res) => {
+    res.writeHead(status, { 'content-type': 'application/json', 'retry-after': '7' })
+    res.end(JSON.stringify({ error: { message, type: 'invalid_request_error', param: null, code } }))
+  }
+  for (const status of [504, 524]) {
+    upstream.respond = faults.status(status)
+    const passedOn = await items(cached)
+    const lookup = await items(uncached)
+    t.equal(passedOn.status, status)
+    t.equal(lookup.status, 504, `${status}: the lookup's is a 504, a timeout, not a 502`)
+    t.match(await lookup.json(), { error: { code: 'upstream_timeout', type: 'server_error' } })
+  }
+  for (const [status, message, code] of [
+    [402, 'Insufficient balance on the account.', 'insufficient_balance'],
+    [403, 'Country, region, or territory not supported', 'unsupported_country_region_territory'],
+    [403, `Key ${UPSTREAM_TOKEN} may not do this`, 'forbidden']
+  ] as Array<[number, string, string]>) {
+    upstream.respond = refusal(status, message, code)
+    const passedOn = await items(cached)
+    const lookup = await items(uncached)
+    t.equal(passedOn.status, status)
+    t.equal(lookup.status, status, `${status}: the lookup's answer has the upstream's status`)
+    const body = await lookup.json() as { error: { message: string, code: string } }
+    t.match(body, { error: { message: message.replace(UPSTREAM_TOKEN, '[redacted]'), code } }, `${status}: and its message`)
+    t.notMatch(JSON.stringify(body), UPSTREAM_TOKEN)
+    t.equal(lookup.headers.get('retry-after'), passedOn.headers.get('retry-after'), 'and its retry hints')
+    t.match(gw.audit().at(-1), { status, outcome: 'upstream_error', attempts: 1 })
   }
 })
 

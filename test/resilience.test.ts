@@ -3,7 +3,7 @@
 import { spawn } from 'node:child_process'
 import { Agent, request, type ServerResponse } from 'node:http'
 import { dirname, resolve } from 'node:path'
-import { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
+import net, { createServer as createTcpServer, createConnection, type AddressInfo, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
 import type { AuditRecord } from '../src/plugins/audit.js'
@@ -1523,4 +1523,27 @@ t.test('a line restored on its trial\'s headers is judged on the calls given it 
   const since = health.ticket(0)
   health.failed(0, since)
   t.equal(state(), 'down', 'a stream from before ending well proved nothing: a call since, broken off, is the trial failing')
+})
+
+t.test('a connect failing for want of local ports (EADDRNOTAVAIL) is not booked against the line, and another line is tried', async t => {
+  // This host out of ephemeral ports to a line (a burst of short connections in TIME_WAIT) is its own shortage, as
+  // EMFILE is: counted, it skipped a healthy line for cooldownMs once the ports were free again. The kernel's own
+  // EADDRNOTAVAIL, made here by connecting from an address that is not this machine's.
+  const { lines, gw } = await setup(t, 2, { failureThreshold: 1, cooldownMs: 60_000 })
+  const short = new Set([Number(new URL(lines[0]!.url).port)])
+  const connect = net.connect
+  net.connect = function (this: unknown, ...args: unknown[]) {
+    const [options] = args as [{ port?: unknown }]
+    if (typeof options === 'object' && options !== null && short.has(Number(options.port))) args[0] = { ...options, localAddress: '10.255.255.1' }
+    return Reflect.apply(connect, this, args) as Socket
+  } as typeof net.connect
+  t.teardown(() => { net.connect = connect })
+  const during = await call(gw.url, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(during.status, 200, 'served by the other line while line 0 has no port free')
+  t.equal(lines[1]!.requests.length, 1)
+  short.clear()
+  const after = await call(gw.url, 'POST', '/v1/conversations', { body: '{}' })
+  t.equal(after.status, 200)
+  t.equal(lines[0]!.requests.length, 1, 'line 0 serves again once ports are free: it was never skipped')
+  t.notMatch(gw.logs.join('\n'), /upstream line 0 skipped/)
 })

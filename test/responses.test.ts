@@ -1610,6 +1610,26 @@ t.test('a model that is not a string is a 400 invalid_type, with or without a mo
   }
 })
 
+t.test('a stream that is not a boolean is a 400 invalid_type before the upstream, audited as no answer of stream', async t => {
+  // It was passed on, and audited stream: false, though an upstream that reads loosely takes "true" or 1 for true
+  // and streams: the audit said otherwise, and the checks that a stream must end were off.
+  const { upstream, gw } = await setup(t)
+  const create = (stream: unknown) => fetch(`${gw.url}/v1/responses`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'gpt-4o-mini', input: 'x', stream })
+  })
+  for (const stream of ['true', 1, 'false', 0, {}, ['true']]) {
+    const res = await create(stream)
+    t.equal(res.status, 400, `stream ${JSON.stringify(stream)}: 400`)
+    t.match(await res.json(), { error: { code: 'invalid_type', type: 'invalid_request_error', param: 'stream' } })
+  }
+  t.equal(upstream.requests.length, 0, 'none reached the upstream')
+  t.match(gw.audit(), Array(6).fill({ status: 400, outcome: 'invalid', stream: null, model: 'gpt-4o-mini' }), 'audited with stream null, not false')
+  t.equal((await create(null)).status, 200, 'stream: null (OpenAI\'s "boolean or null") is served, not streamed')
+  t.equal(gw.audit()[6]?.stream, false)
+})
+
 t.test('a gateway key given as the model is a 400 credentials_in_body before the upstream: it would reach it, and come back in its answer', async t => {
   // A key in a URL, an id or a header never leaves the gateway; one passed as the model (two settings swapped) went
   // upstream as it came, and the upstream's answer (its model, or "The model ... does not exist") gave it back.

@@ -11,10 +11,10 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import { MAX_TIMER_MS, type ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
+  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidListTypeError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
-  ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
+  ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamRefusedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
 import { loggedError } from '../logging.js'
@@ -253,6 +253,28 @@ function refuseOtherCases (action: Action, body: unknown): void {
   if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
 }
 
+/** The lists of a create's body that the checks here (and plugins/responses.ts, tools) read items from, by action. */
+const CHECKED_LISTS: Partial<Record<Action, ReadonlyArray<{ param: string, expected: string }>>> = {
+  'conversation.create': [{ param: 'items', expected: 'an array of items' }],
+  'item.create': [{ param: 'items', expected: 'an array of items' }],
+  'response.create': [{ param: 'input', expected: 'a string or an array of input items' }, { param: 'tools', expected: 'an array of tools' }]
+}
+
+/**
+ * One of those lists given as anything but a list (`input` may also be a string; null is as absent) is refused
+ * (400 invalid_type), as OpenAI refuses it, before anything goes upstream: the references and containers in it are
+ * read from lists only, and a relay that wraps one item into a list, or PHP's json_decode($body, true) that makes
+ * `{"0": item}` an array its json_encode writes back as the list `[item]`, would pass on what no check read.
+ */
+function refuseListsOfOtherTypes (action: Action, body: unknown): void {
+  if (!isObject(body)) return
+  for (const { param, expected } of CHECKED_LISTS[action] ?? []) {
+    const list = body[param]
+    if (list === undefined || list === null || Array.isArray(list) || (param === 'input' && typeof list === 'string')) continue
+    throw withParam(new InvalidListTypeError(param, expected), param)
+  }
+}
+
 /**
  * A gateway key given where the body names an object by id (arguments swapped: `conversation: key`) is refused
  * (400 credentials_in_body), as one in the URL is (plugins/router.ts): the gateway looks such an id up upstream, in
@@ -267,24 +289,6 @@ function refuseKeysAsIds (action: Action, body: unknown): void {
     : referencedItems(object?.items).map(id => [id, 'items'])
   for (const [id, param] of named) {
     if (typeof id === 'string' && holdsKey(id)) throw withParam(new CredentialsInBodyError(), param)
-  }
-}
-
-/** The lists of a create's body that the checks here (and plugins/responses.ts, tools) read items from, by action. */
-const CHECKED_LISTS: Partial<Record<Action, readonly string[]>> = {
-  'conversation.create': ['items'], 'item.create': ['items'], 'response.create': ['input', 'tools']
-}
-
-/**
- * One of those lists given as a JSON object is refused (400), as OpenAI refuses it: the checks read it as no list at
- * all, but PHP's json_decode($body, true) makes `{"0": item}` an array that its json_encode writes back as the list
- * `[item]`, so through a relay in PHP it would reach the upstream as a list naming items or containers unchecked.
- */
-function refuseListsAsObjects (action: Action, body: unknown): void {
-  for (const key of CHECKED_LISTS[action] ?? []) {
-    if (isObject((body as Record<string, unknown> | undefined)?.[key])) {
-      throw withParam(new InvalidRequestError(`${key} must be a list${key === 'input' ? ' or a text' : ''}, not an object.`), key)
-    }
   }
 }
 
@@ -316,6 +320,9 @@ function wentUpstream (err: Error, tried: UpstreamProgress): Error {
   return err
 }
 
+/** The longest message, type or code of an upstream's refusal a lookup passes on. */
+const MAX_REFUSAL_TEXT = 1000
+
 /**
  * What a call ended at the gateway's own ask of the upstream (an owner lookup, an item's check) says of it: the
  * attempts the ask has made when read, its first at least, and no line nor request of the call's own sent.
@@ -338,6 +345,29 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const err = new UpstreamRateLimitedError()
     err.headers = { ...retryHints(headers, scrub), ...upstreamRateLimitHeaders(headers, scrub) }
     return err
+  }
+  /**
+   * What a lookup the upstream answered with an error (not one of those read above) is to the client, as the call
+   * passed on would have been answered: a proxy's timeout (504, Cloudflare's 524) the gateway's 504; any other 4xx
+   * (402 of the shared balance spent, 403 of a region refused) its status with the upstream's error, searched for the
+   * token (an account-wide refusal: the lookup's object is not the call's own yet, so no more of the answer is
+   * given); anything else, or an answer that is none of these, 502.
+   */
+  function answeredError (err: unknown): GatewayError {
+    const { status, body, encoding } = err as { status?: unknown, body?: unknown, encoding?: string | string[] }
+    if (status === 504 || status === 524) return new UpstreamTimeoutError()
+    if (typeof status !== 'number' || status < 400 || status >= 500 || !Buffer.isBuffer(body)) return new UpstreamUnavailableError()
+    let said: { message?: unknown, type?: unknown, code?: unknown } = {}
+    try {
+      said = (JSON.parse(decodedBody(body, encoding, MAX_WHOLE_BYTES).toString('utf8')) as { error?: typeof said } | null)?.error ?? {}
+    } catch {} // (an answer that is no OpenAI error: the status alone)
+    if (!isObject(said)) said = {}
+    const text = (value: unknown, fallback: string) => typeof value === 'string' && value !== '' ? scrub.text(value).slice(0, MAX_REFUSAL_TEXT) : fallback
+    return Object.assign(new UpstreamRefusedError(text(said.message, `The upstream API refused the call (HTTP ${status}).`)), {
+      statusCode: status,
+      type: text(said.type, 'invalid_request_error'),
+      code: text(said.code, 'upstream_refused')
+    })
   }
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
@@ -470,7 +500,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       if (answer.statusCode === 401) throw new UpstreamAuthError()
       if (answer.statusCode !== 200) {
         hints = retryHints(answer.headers, scrub)
-        throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode })
+        throw Object.assign(new Error(`the lookup was answered ${answer.statusCode}`), { status: answer.statusCode, body, encoding: answer.headers['content-encoding'] })
       }
       // Compressed all the same (the gateway asks for no encoding): decoded, as the object passed on is.
       return read(JSON.parse(decodedBody(body, answer.headers['content-encoding'], MAX_WHOLE_BYTES).toString('utf8')))
@@ -489,7 +519,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         // (JSON.parse's message quotes the start of the text, an upstream answer that may quote the token.)
         request.log.warn({ err: loggedError(err, err instanceof SyntaxError ? 'the answer is not JSON' : undefined), ...about }, 'ownership lookup failed')
       }
-      const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : new UpstreamUnavailableError()
+      const answer = err instanceof UpstreamFailure && err.kind === 'timeout' ? new UpstreamTimeoutError() : answeredError(err)
       if (err instanceof UpstreamFailure) answer.headers = retryHeaders(err) // every line down: when one is tried again
       else if (hints !== undefined && Object.keys(hints).length > 0) answer.headers = hints
       throw err instanceof UpstreamFailure || answeredAfter > 0 ? wentUpstream(answer, tried) : answer
@@ -718,7 +748,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const body = request.parsedBody as { items?: unknown, input?: unknown } | undefined
     if (request.method === 'POST') refuseCheckedKeysInQuery(op.query)
     refuseOtherCases(op.action, request.parsedBody)
-    refuseListsAsObjects(op.action, request.parsedBody)
+    refuseListsOfOtherTypes(op.action, request.parsedBody)
     refuseKeysAsIds(op.action, request.parsedBody)
     const list = op.action === 'response.create' ? 'input' : 'items'
     const containers = CHECKED_KEYS[op.action] === undefined || client.scopes.includes('admin') ? [] : itemContainers(body?.[list], list)

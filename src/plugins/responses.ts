@@ -4,7 +4,8 @@
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
 import {
-  BackgroundNotAllowedError, ContainerNotAllowedError, CredentialsInBodyError, InvalidModelTypeError, ModelNotAllowedError, ModelRequiredError, quoted,
+  BackgroundNotAllowedError, ContainerNotAllowedError, CredentialsInBodyError, InvalidModelTypeError, InvalidStreamTypeError, ModelNotAllowedError,
+  ModelRequiredError, quoted,
   UnknownParameterError
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
@@ -57,8 +58,9 @@ export default fp(async function responses (app) {
     const body = request.parsedBody as { model?: unknown, stream?: unknown, background?: unknown } | undefined
     const creating = op.action === 'response.create'
     const model = creating ? body?.model : undefined
+    // (null for a create's `stream` that is no boolean, refused below: whether it asked for one cannot be said)
     const stream = creating
-      ? body?.stream === true
+      ? (body?.stream === undefined || body.stream === null ? false : typeof body.stream === 'boolean' ? body.stream : null)
       : streamsRetrieve(op)
     // Made before the refusals below: a refused create is audited with the model it asked for (audit query --model
     // finds who asked for one outside their list). A call refused here is never charged: nothing went upstream.
@@ -75,6 +77,10 @@ export default fp(async function responses (app) {
     }
     if (model !== undefined && typeof model !== 'string') {
       done(new InvalidModelTypeError())
+      return
+    }
+    if (stream === null) {
+      done(new InvalidStreamTypeError())
       return
     }
     // A key passed as the model (two settings swapped) would go upstream as it came, and come back in its answer
@@ -111,7 +117,7 @@ export default fp(async function responses (app) {
     }
     // A streamed generation in the foreground ends with a last event of its own (a background one may also end by
     // being cancelled from elsewhere, which has none).
-    if (creating && stream && (background === undefined || background === null || background === false)) facts.mustEnd = true
+    if (creating && stream === true && (background === undefined || background === null || background === false)) facts.mustEnd = true
     // Only a response object says anything of the call (its usage, a failure): the answers that are one are read as
     // JSON. A delete's (void to the SDKs: OpenAI documents a 200 with no content) and an input items listing (as long
     // as the items are) pass as they come.

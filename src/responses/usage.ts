@@ -3,7 +3,8 @@
 
 export interface ResponseFacts {
   model: string | null
-  stream: boolean
+  /** whether the call asked for a stream; null for a create whose `stream` is no boolean (refused) */
+  stream: boolean | null
   responseId: string | null
   inputTokens: number | null
   outputTokens: number | null
@@ -23,7 +24,7 @@ export interface ResponseFacts {
   failure: { event: 'error' | 'response.failed', code: string | null } | null
 }
 
-export function newFacts (responseId: string | null, stream: boolean, model: string | null = null): ResponseFacts {
+export function newFacts (responseId: string | null, stream: boolean | null, model: string | null = null): ResponseFacts {
   return { model, stream, responseId, inputTokens: null, outputTokens: null, deltas: 0, outputEstimate: 0, mustEnd: false, ended: false, failure: null }
 }
 

@@ -138,16 +138,22 @@ function isLoopback (hostname: string): boolean {
 
 /** Connection failures that happen before any byte of the request is written: safe to send elsewhere. */
 const NOTHING_SENT = new Set([
-  'ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EADDRNOTAVAIL', 'UND_ERR_CONNECT_TIMEOUT',
+  'ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT',
   'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'CERT_HAS_EXPIRED',
   'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'ERR_TLS_CERT_ALTNAME_INVALID', 'CERT_NOT_YET_VALID', 'ERR_SSL_WRONG_VERSION_NUMBER'
 ])
 const RESETS = new Set(['ECONNRESET', 'EPIPE', 'UND_ERR_SOCKET', 'UND_ERR_CLOSED'])
 /** This process (EMFILE) or the machine (ENFILE) out of file descriptors: a connect or a name lookup fails, whatever the line. */
 const OUT_OF_DESCRIPTORS = new Set(['EMFILE', 'ENFILE'])
+/**
+ * This host out of ephemeral ports to connect from (a burst of short connections left in TIME_WAIT): its own
+ * shortage too, but Linux keeps ports by destination, so another line may still be connected to.
+ */
+const OUT_OF_PORTS = 'EADDRNOTAVAIL'
 
 const DESCRIPTIONS: Record<string, string> = {
   ECONNREFUSED: 'connection refused',
+  EADDRNOTAVAIL: 'no local port free to connect from',
   ENOTFOUND: 'host not found',
   EAI_AGAIN: 'host not found',
   UND_ERR_CONNECT_TIMEOUT: 'connect timeout',
@@ -696,12 +702,17 @@ interface AttemptEnd {
  * the client set shorter. No timeout is retried: the upstream may be working on the call. Nor does a connection
  * this process could not open for want of file descriptors (a flood of client connections): counted, it would skip
  * the line for cooldownMs after the shortage is over (one line: every call 502, /readyz 503, with the line healthy);
- * no other line is tried either, which the same shortage refuses.
+ * no other line is tried either, which the same shortage refuses. A connect this host had no local port for
+ * (EADDRNOTAVAIL) says nothing of the line either, for the same reason; nothing was sent, so another line is tried.
  */
 function attemptFailed (health: LineHealth, call: UpstreamCall, index: number, ticket: Ticket, err: unknown, end: AttemptEnd): AttemptFailure | null {
   if (end.stopped !== null || OUT_OF_DESCRIPTORS.has(codeOf(err))) {
     health.released(index, ticket)
     return null
+  }
+  if (codeOf(err) === OUT_OF_PORTS) {
+    health.released(index, ticket)
+    return 'nothing-sent'
   }
   // A request that never had a connection (see Attempt) had nothing of it written, however its connection failed
   // (refused, or reset or closed during the TLS handshake): as safe to send elsewhere as a refusal.
