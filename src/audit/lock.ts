@@ -1,11 +1,12 @@
 // One writer per audit file series: a lock file beside the active file (`audit.jsonl.lock`) holding the writer's
-// pid, host and start time. A second gateway on the same series is refused with a message saying who holds it.
-// A lock whose process is gone (same host, pid not running) is stale and taken over. A lock from another host
-// cannot be checked from here and is refused: two hosts writing one series through a shared volume would
-// interleave two chains. Another host name on this machine (the kernel's boot id says so: a container made anew,
-// with a new name, after its predecessor crashed) is judged by the heartbeat alone, under the same clock. The holder also touches the lock every HEARTBEAT_MS: a pid says nothing across pid
-// namespaces, and two containers with the same host name (host networking) each see the other's pid as gone, or
-// as their own (pid 1); a lock judged stale by its pid is taken over only once its heartbeat has stopped.
+// pid, host, start time and the machine's boot id. A second gateway on the same series is refused with a message
+// saying who holds it. A lock whose process is gone (same host, pid not running) is stale and taken over. A lock
+// from another machine cannot be checked from here and is refused: two hosts writing one series through a shared
+// volume would interleave two chains. Another host name on this machine (the kernel's boot id says so: a container
+// made anew, with a new name, after its predecessor crashed) is judged by the heartbeat alone, under the same clock.
+// The holder touches the lock every HEARTBEAT_MS: a pid says nothing across pid namespaces, and two containers with
+// the same host name (host networking) each see the other's pid as gone, or as their own (pid 1); a lock judged
+// stale by its pid is taken over only once its heartbeat has stopped.
 // (proper-lockfile locks by mtime refresh alone and records no pid; this is the lock the trail needs, and small.)
 import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
