@@ -381,6 +381,41 @@ t.test('answers read whole share one bound: many large ones at once are refused 
   for (let i = 0; i < 3; i++) t.equal((await send(gw, 'GET', '/v1/conversations/conv_abc', { waitMs: 60_000 })).status, 200, `then one at a time: ${i + 1} served`)
 })
 
+// Measured on the real gateway (a separate upstream), before answers waiting for their client were bounded: every
+// 15 MiB conversation retrieve whose client read nothing was held until listen.sendTimeoutMs (for ever, read a
+// little at a time), as many as limits.maxInFlight lets in: sixteen took the gateway to 565 MiB of RSS.
+t.test('answers sent whole that a client does not read count against that client\'s bound until taken: past it, its next one is a 502; other clients are served', async t => {
+  const { upstream, gw } = await setup(t, { timeoutMs: 30_000 })
+  const big = Buffer.from(`{"id":"conv_abc","object":"conversation","created_at":1,"metadata":{},"pad":"${'x'.repeat(15 * 1024 * 1024)}"}`)
+  upstream.respond = (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': big.length }).end(big) }
+  // Clients that send their call and read nothing of the answer after its first bytes: the kernel's buffers take a few
+  // MiB of each, the gateway holds the rest (15 MiB answers: more than the four in its bound, 64 MiB, fit in).
+  const answered = new Set<number>()
+  const sockets = Array.from({ length: 6 }, (_, i) => {
+    const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+    socket.on('error', () => {})
+    // (its first bytes taken, then no more)
+    socket.once('data', () => { answered.add(i); socket.pause() })
+    return socket
+  })
+  t.teardown(() => { for (const s of sockets) s.destroy() })
+  for (const [i, socket] of sockets.entries()) {
+    socket.write(`GET /v1/conversations/conv_abc HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    // (one after the other, each answer read, and its first bytes at the client, before the next call goes: answers
+    // read at once have a bound of their own, which is not the one under test)
+    await until(`call ${i + 1} answered`, () => answered.has(i), 30_000)
+  }
+  await until('the calls past the bound refused', () => gw.audit().length === 2, 30_000)
+  t.same(gw.audit().map(r => [r.status, r.outcome]), [[502, 'upstream_error'], [502, 'upstream_error']], 'the fifth and sixth are refused; the four held are not done yet')
+  t.equal(gw.logs.filter(l => l.includes('the client has not taken the answers it was sent')).length, 2, 'the log says why')
+  // Another client's answers are not held behind this one's.
+  t.equal((await send(gw, 'GET', '/v1/conversations/conv_abc', { key: KEYS.other, waitMs: 60_000 })).status, 200, 'another client is served')
+  // Once its client goes, what an answer held is given back: the client's next call is served.
+  for (const s of sockets) s.destroy()
+  await until('the held calls audited as their clients left', () => gw.audit().length === 7, 30_000)
+  t.equal((await send(gw, 'GET', '/v1/conversations/conv_abc', { waitMs: 60_000 })).status, 200, 'the client that left is served again')
+})
+
 t.test('an upstream x-request-id of 8 KiB is kept to 256 characters in the audit record: a hostile line cannot make every record that large', async t => {
   const { upstream, gw } = await setup(t)
   const id = `req_${'7'.repeat(8192)}`

@@ -23,7 +23,10 @@ import { parseExact, stringifyExact } from '../http/json.js'
 import { whenClosed } from '../http/response.js'
 import { withoutKeys } from '../keys.js'
 import { loggedError } from '../logging.js'
-import { answeredWhole, isRedirect, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS, UpstreamFailure, type Upstream } from '../upstream/client.js'
+import {
+  answeredWhole, HeldBytes, isRedirect, MAX_HELD_WHOLE_BYTES, MAX_WHOLE_BYTES, ORIGIN_MAY_HAVE_IT, readBody, retryHeaders, SPENT_WAIT_MS,
+  UpstreamFailure, type Upstream
+} from '../upstream/client.js'
 import type { UpstreamProgress } from '../types.js'
 import { decodedBody, FOREIGN_CHARSET, hasForeignCharset, isWideText, REDACTED, TokenScrubber, WIDE_TEXT } from '../upstream/scrub.js'
 
@@ -519,8 +522,48 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
   request.rewriteEvent = before === null ? step : data => step(before(data))
 }
 
+/**
+ * Answers sent whole (read whole to be rewritten or searched) stay in memory until their client has taken them: one
+ * that reads slowly, or not at all for up to listen.sendTimeoutMs and for ever a little at a time, holds each of its
+ * answers that long, after the bound on answers being read (upstream/client.ts HeldBytes) has let them go. Held so,
+ * they count against their client's own bound, MAX_HELD_WHOLE_BYTES, until their response closes: past it, the
+ * client's next such answer is not passed on. A client cannot run the gateway out of memory with answers it does not
+ * read (before, each of its retrieves left unread was held, up to limits.maxInFlight of them: sixteen of 15 MiB took
+ * the gateway to 565 MiB), nor make other clients' answers wait on its own.
+ */
+class WaitingForClients {
+  readonly #held = new Map<string, HeldBytes>()
+
+  /** Counts `bytes` against `clientId` until `response` closes; false (nothing counted) past its bound. */
+  take (clientId: string, response: FastifyReply['raw'], bytes: number): boolean {
+    let held = this.#held.get(clientId)
+    if (held === undefined) {
+      held = new HeldBytes(MAX_HELD_WHOLE_BYTES)
+      this.#held.set(clientId, held)
+    }
+    if (!held.take(bytes)) return false
+    const taken = held
+    whenClosed(response, () => {
+      taken.give(bytes)
+      if (taken.held === 0 && this.#held.get(clientId) === taken) this.#held.delete(clientId)
+    })
+    return true
+  }
+}
+
 export default fp<ProxyOptions>(async function proxy (app, opts) {
   const { upstream } = opts
+  const waiting = new WaitingForClients()
+  /**
+   * `body`, an answer sent whole, counted against its client's bound until the client has it (WaitingForClients);
+   * false, with the client answered 502, when that bound is spent.
+   */
+  const heldForClient = (request: FastifyRequest, reply: FastifyReply, body: Buffer): boolean => {
+    if (waiting.take(request.client?.id ?? '', reply.raw, body.length)) return true
+    notPassedOn(request, reply, new Error(`answers waiting for this client to take them over ${MAX_HELD_WHOLE_BYTES} bytes`),
+      'upstream answer not passed on: the client has not taken the answers it was sent', new UpstreamUnavailableError())
+    return false
+  }
   const scrub = new TokenScrubber(opts.apiKey)
   /** An upstream header's value as the log may keep it: the upstream's text, which may quote the token, cut short. */
   const loggedHeader = (value: string | string[] | undefined): string | null => {
@@ -666,6 +709,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       reply.send(new UpstreamNotStreamedError(notStreamed(request.operation?.action, parsed)))
       return
     }
+    if (!heldForClient(request, reply, body)) return
     reply.removeHeader('content-encoding')
     if (body !== came) reply.removeHeader('etag') // it named the upstream's bytes, not these
     reply.header('content-length', body.length).type(body === raw ? 'application/json' : 'application/json; charset=utf-8').send(body)
@@ -738,9 +782,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     observed(request, scrubbed) // (what the client gets, as for one streamed)
     // Nothing to take out: the upstream's bytes, as they came.
     if (scrubbed === decoded) {
-      reply.send(raw)
+      if (heldForClient(request, reply, raw)) reply.send(raw)
       return
     }
+    if (!heldForClient(request, reply, scrubbed)) return
     reply.removeHeader('content-encoding')
     reply.removeHeader('etag') // it named the upstream's bytes, not these
     reply.header('content-length', scrubbed.length).send(scrubbed)

@@ -796,13 +796,13 @@ export const MAX_WHOLE_BYTES = 16 * 1024 * 1024
  * running out (eight 15 MiB answers at once took the gateway past 1.3 GiB). Four answers of the largest size; a
  * conversation object is a few hundred bytes, a response object rarely a few MiB.
  */
-const MAX_HELD_WHOLE_BYTES = 4 * MAX_WHOLE_BYTES
+export const MAX_HELD_WHOLE_BYTES = 4 * MAX_WHOLE_BYTES
 
 /**
  * Bytes of answers being read whole, across calls: each answer has its own bound (readBody's maxBytes), and this
  * bounds how many of them are held at once, which the number of calls in flight (maxInFlight) does not.
  */
-class HeldBytes {
+export class HeldBytes {
   #held = 0
   constructor (readonly max: number) {}
   /** Takes `n` bytes more; false (nothing taken) when that would go past `max`. */
