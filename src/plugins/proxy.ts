@@ -531,6 +531,12 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
  * read (before, each of its retrieves left unread was held, up to limits.maxInFlight of them: sixteen of 15 MiB took
  * the gateway to 565 MiB), nor make other clients' answers wait on its own.
  */
+/**
+ * Answers sent whole smaller than this are not counted (most calls: a conversation object is a few hundred bytes, so
+ * no map and no listener per call for them): limits.maxInFlight of them (1024 by default) hold 64 MiB at most.
+ */
+const UNCOUNTED_WHOLE_BYTES = 64 * 1024
+
 class WaitingForClients {
   readonly #held = new Map<string, HeldBytes>()
 
@@ -559,7 +565,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
    * false, with the client answered 502, when that bound is spent.
    */
   const heldForClient = (request: FastifyRequest, reply: FastifyReply, body: Buffer): boolean => {
-    if (waiting.take(request.client?.id ?? '', reply.raw, body.length)) return true
+    if (body.length < UNCOUNTED_WHOLE_BYTES || waiting.take(request.client?.id ?? '', reply.raw, body.length)) return true
     notPassedOn(request, reply, new Error(`answers waiting for this client to take them over ${MAX_HELD_WHOLE_BYTES} bytes`),
       'upstream answer not passed on: the client has not taken the answers it was sent', new UpstreamUnavailableError())
     return false
