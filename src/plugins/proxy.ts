@@ -595,19 +595,19 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     for (const body of draining) body.destroy()
     done()
   })
-  // The calls at the upstream, until their answer goes out (an event stream's: until it is passed on, liveStreams) or
-  // their client leaves: at the end of a shutdown's grace, a POST among them that went out and whose answer has not
+  // The POSTs at the upstream, until their answer goes out (an event stream's: until it is passed on, liveStreams) or
+  // their client leaves: at the end of a shutdown's grace, one among them that went out and whose answer has not
   // begun to reach its client (not come, or being read whole) is answered (GatewayShuttingDownError, not to be sent
   // again) before its connection is closed.
   // Cut without a word, it is a connection error to the SDKs, which send it again (to another replica): a generation
-  // made twice. A GET cut so is safe to send again, as it is.
+  // made twice. A GET cut so is safe to send again, as it is (none is kept here: no listener per call for it).
   const atUpstream = new Set<FastifyReply>()
   app.decorate('tellCallsInFlight', () => {
     let told = false
     for (const events of liveStreams) told = events.cut(STREAM_SHUTDOWN_EVENT) || told
     liveStreams.clear()
     for (const reply of atUpstream) {
-      if (reply.request.method !== 'POST' || reply.request.upstreamCall?.sent !== true || reply.raw.headersSent) continue
+      if (reply.request.upstreamCall?.sent !== true || reply.raw.headersSent) continue
       mayBeDoneUpstream(reply.request, reply)
       reply.send(new GatewayShuttingDownError())
       told = true
@@ -646,8 +646,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // attempts it made.
       const progress: UpstreamProgress = { line: null, host: null, attempts: 0, sent: false }
       request.upstreamCall = progress
-      atUpstream.add(reply)
-      whenClosed(reply.raw, () => { atUpstream.delete(reply) })
+      if (request.method === 'POST') {
+        atUpstream.add(reply)
+        whenClosed(reply.raw, () => { atUpstream.delete(reply) })
+      }
       upstream.call({
         method: options.method,
         path: options.path,
