@@ -531,6 +531,12 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
 }
 
 /**
+ * Answers sent whole smaller than this are not counted (most calls: a conversation object is a few hundred bytes, so
+ * no map and no listener per call for them): limits.maxInFlight of them (1024 by default) hold 64 MiB at most.
+ */
+const UNCOUNTED_WHOLE_BYTES = 64 * 1024
+
+/**
  * Answers sent whole (read whole to be rewritten or searched) stay in memory until their client has taken them: one
  * that reads slowly, or not at all for up to listen.sendTimeoutMs and for ever a little at a time, holds each of its
  * answers that long, after the bound on answers being read (upstream/client.ts HeldBytes) has let them go. Held so,
@@ -539,12 +545,6 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
  * read (before, each of its retrieves left unread was held, up to limits.maxInFlight of them: sixteen of 15 MiB took
  * the gateway to 565 MiB), nor make other clients' answers wait on its own.
  */
-/**
- * Answers sent whole smaller than this are not counted (most calls: a conversation object is a few hundred bytes, so
- * no map and no listener per call for them): limits.maxInFlight of them (1024 by default) hold 64 MiB at most.
- */
-const UNCOUNTED_WHOLE_BYTES = 64 * 1024
-
 class WaitingForClients {
   readonly #held = new Map<string, HeldBytes>()
 
