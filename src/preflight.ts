@@ -6,6 +6,7 @@ import { closeSync, existsSync, lstatSync, mkdirSync, openSync, rmdirSync, statS
 import { createServer, type AddressInfo, type Server } from 'node:net'
 import { dirname, join, resolve } from 'node:path'
 import { hostPort, METRICS_ON_LISTEN_PORT, withoutSecrets, type GatewayConfig } from './config.js'
+import { listenAddress } from './http/address.js'
 
 /** The gateway cannot start on this machine with this config: said in one line, without a stack. */
 export class StartupError extends Error {}
@@ -33,11 +34,12 @@ async function checkListenHost (host: string, key = 'listen.host'): Promise<stri
 }
 
 /** Binds host:port and lets go (or, given `held`, keeps it there): why it cannot be listened on, or null. */
-function listenProblem (host: string, port: number, held?: Server[]): Promise<string | null> {
-  return new Promise(resolve => {
+async function listenProblem (host: string, port: number, held?: Server[]): Promise<string | null> {
+  const address = await listenAddress(host)
+  return await new Promise(resolve => {
     const server = createServer()
     server.once('error', (err: NodeJS.ErrnoException) => { resolve(describeListenError(host, port, err)) })
-    server.listen(port, host, () => {
+    server.listen(port, address, () => {
       if (held === undefined) server.close(() => { resolve(null) })
       else {
         held.push(server)

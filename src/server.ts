@@ -11,7 +11,6 @@
 // - Signals whose default would end the process without a word are logged and ignored (IGNORED). SIGPIPE is
 //   ignored by Node itself (a write to a closed pipe fails with EPIPE instead).
 // The lists of signals are in src/start-signals.ts, which answers them before the gateway's code is loaded.
-import { lookup } from 'node:dns/promises'
 import { lstatSync, readlinkSync, unwatchFile, watch, watchFile } from 'node:fs'
 import { basename, dirname, resolve, sep } from 'node:path'
 import { performance } from 'node:perf_hooks'
@@ -19,6 +18,7 @@ import { setFlagsFromString } from 'node:v8'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type AppDependencies } from './app.js'
 import { ConfigError, FileTooLargeError, loadConfig, readRegularFile, withoutSecrets, type GatewayConfig } from './config.js'
+import { listenAddress } from './http/address.js'
 import { closesConnection, hasWaitingBehind } from './http/response.js'
 import { EveryInterval } from './logging.js'
 import { describeListenError, reloadPreflight, startProblem, StartupError } from './preflight.js'
@@ -184,8 +184,8 @@ export async function startServer (
   try {
     // Given `localhost`, Fastify listens on each address the name gives with a server of its own, and the gateway's
     // handling of connections (listen.maxConnections, the drain, CONNECT and Expect, accept errors) is on app.server
-    // alone: the gateway listens on the first address, as Node's own listen does.
-    await app.listen({ host: host === 'localhost' ? (await lookup(host)).address : host, port })
+    // alone: the gateway listens on one address (listenAddress).
+    await app.listen({ host: await listenAddress(host), port })
   } catch (err) {
     await app.close()
     // (a StartupError says which listener already: metrics.listen)

@@ -580,3 +580,37 @@ dns.lookup = function (host, options, callback) {
   }
   t.ok(answered > 0, 'it listens')
 })
+
+t.test('listen.host localhost where the resolver gives ::1 first: the gateway and its metrics listen on 127.0.0.1, where the image\'s health check and the README\'s curl call', async t => {
+  // Most Linux machines with IPv6 list `::1 localhost` beside `127.0.0.1 localhost`, and getaddrinfo puts ::1 first:
+  // Node's own listen then takes ::1 alone, and http://127.0.0.1:8080 (the HEALTHCHECK, compose's, the README's
+  // examples) is refused, where Fastify had listened on both. A client that names localhost tries each address.
+  const { file, dir } = configFile('')
+  const preload = join(dir, 'ipv6-first.mjs')
+  writeFileSync(preload, `import dns from 'node:dns'
+import { syncBuiltinESMExports } from 'node:module'
+const both = [{ address: '::1', family: 6 }, { address: '127.0.0.1', family: 4 }]
+const lookup = dns.lookup
+dns.lookup = function (host, options, callback) {
+  if (typeof options === 'function') { callback = options; options = {} }
+  if (host !== 'localhost' || (typeof options === 'object' && (options.family ?? 0) !== 0)) return lookup.call(this, host, options, callback)
+  if (typeof options === 'object' && options.all === true) return process.nextTick(callback, null, both)
+  return process.nextTick(callback, null, '::1', 6)
+}
+const promised = dns.promises.lookup
+dns.promises.lookup = async function (host, options) {
+  if (host !== 'localhost' || (typeof options === 'object' && (options.family ?? 0) !== 0)) return promised.call(this, host, options)
+  return typeof options === 'object' && options.all === true ? both : both[0]
+}
+syncBuiltinESMExports()
+`)
+  const metricsPort = await closedPort()
+  writeFileSync(file, gatewayYaml(join(dir, 'audit.jsonl')).replace('host: 127.0.0.1', 'host: localhost') +
+    `metrics: { listen: "localhost:${metricsPort}", token: metrics-token-0123456789 }\n`)
+  t.equal(run(['check-config', '--config', file], { NODE_OPTIONS: `--import ${preload}` }).status, 0, 'check-config passes')
+  const { url, output } = await startBin(t, file, { NODE_OPTIONS: `--import ${preload}` })
+  t.match(url, /^http:\/\/127\.0\.0\.1:\d+$/, 'the gateway listens on 127.0.0.1')
+  t.equal((await fetch(`${url}/healthz`)).status, 200, 'and answers there')
+  await eventually(async () => output.text.includes('metrics listening'), 'the metrics listener')
+  t.match(output.text, new RegExp(`"address":"127\\.0\\.0\\.1:${metricsPort}".*"msg":"metrics listening"`), 'so do the metrics')
+})

@@ -241,6 +241,36 @@ t.test('a generation still at the upstream when the grace ends is answered 503 x
   t.notMatch(stopping.output.text, /already sent/, 'the upstream call cut afterwards answers nothing more')
 })
 
+t.test('a generation whose answer had begun upstream but not reached the client when the grace ends is answered 503 too, not cut', async t => {
+  // A non-streamed answer is read whole before anything of it is passed on (its owner key taken out): an upstream
+  // that sends its headers first and its body late leaves the client with nothing yet, which a cut connection would
+  // have the SDKs take for a connection error, and send again.
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  let creates = 0
+  upstream.respond = (req, res) => {
+    if (req.method !== 'POST' || req.url !== '/v1/responses') return
+    creates++
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write('{"id":"resp_1","object":"response",') // the rest never comes before the grace's end
+  }
+  const { file, dir } = configFile('')
+  writeFileSync(file, gatewayYaml(dir, upstream.url, '{ drainDelayMs: 0, graceMs: 500 }', ', timeoutMs: 60000'))
+  const gateway = await startBin(t, file, {})
+  const client = new OpenAI({ apiKey: KEY, baseURL: `${gateway.url}/v1`, maxRetries: 0 })
+  const answer = client.responses.create({ model: 'gpt-4o-mini', input: 'think for a long time' }).then(() => null, (err: unknown) => err)
+  await eventually(async () => creates === 1, 'the generation at the upstream')
+  await new Promise(resolve => setTimeout(resolve, 100)) // its headers at the gateway
+  const exited = once(gateway.child, 'exit')
+  gateway.child.kill('SIGTERM')
+  await exited
+  const err = await answer
+  t.match(err, { status: 503, error: { code: 'gateway_shutting_down' } }, 'the SDK raised the gateway\'s answer, no connection error')
+  t.equal((err as { headers?: Headers } | null)?.headers?.get('x-should-retry'), 'false', 'and not to send it again')
+  t.match(auditRecords(dir), [{ action: 'response.create', status: 503, outcome: 'unavailable' }], 'audited as answered')
+  t.notMatch(gateway.output.text, /already sent|could not be read|not what was expected/, 'the read cut afterwards answers nothing more, and warns of nothing')
+})
+
 t.test('a grace over while the audit is still being written, with no call in flight, aborts nothing: exit 0, nothing said to be aborted', async t => {
   // The grace bounds the calls; the audit's flush is bounded on its own. A destination that took the last records
   // a moment after the grace (a disk freed, a path put right) had the process say it aborted calls, and exit 1.

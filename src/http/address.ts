@@ -13,6 +13,7 @@
 // as a dual-stack listener sees an IPv4 peer, `::FFFF:cb00:7109`), an IPv6 address lowercase and compressed, with
 // no zone. A new spelling of one address is then no fresh failed-key count, and `audit query --ip` finds all of
 // its calls.
+import { lookup } from 'node:dns/promises'
 import { isIP, SocketAddress } from 'node:net'
 import proxyAddr from '@fastify/proxy-addr'
 import type { FastifyRequest } from 'fastify'
@@ -75,4 +76,18 @@ export function clientIp (request: FastifyRequest): string {
   const address = withoutPort(ip)
   if (address !== undefined) return canonical(address)
   return peer === undefined ? ip.slice(0, MAX_ADDRESS) : canonical(peer)
+}
+
+/**
+ * The address a listener binds for `host` (listen.host, metrics.listen's, and preflight's checks of them): as given,
+ * but `localhost`, to which Node's listen would give the first address the name resolves to, alone (::1 on most
+ * machines with IPv6), is the IPv4 loopback when the name gives it: what the image's health check and the README's
+ * examples call (`http://127.0.0.1:8080`), and where a client naming localhost also reaches it (it tries each
+ * address). One address: Fastify's listen on each would serve the others without the gateway's connection handling.
+ * A name that does not resolve is left to the listen, which says so.
+ */
+export async function listenAddress (host: string): Promise<string> {
+  if (host !== 'localhost') return host
+  const addresses = await lookup(host, { all: true }).catch(() => [])
+  return (addresses.find(a => a.address === '127.0.0.1') ?? addresses[0])?.address ?? host
 }

@@ -13,6 +13,7 @@ import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { AuditWriter } from '../audit/writer.js'
 import { envelope, type GatewayError, MethodNotAllowedError, MetricsUnauthorizedError, MetricsUnknownRouteError } from '../errors.js'
+import { listenAddress } from '../http/address.js'
 import { timeoutCheckIntervalMs } from '../http/connections.js'
 import { whenClosed } from '../http/response.js'
 import { hostPort } from '../config.js'
@@ -250,12 +251,13 @@ export default fp<MetricsOptions>(async function metrics (app, opts) {
       connectionsCheckingInterval: timeoutCheckIntervalMs(headersTimeoutMs)
     }, answer)
     server.maxConnections = METRICS_MAX_CONNECTIONS
+    const address = await listenAddress(host)
     await new Promise<void>((resolve, reject) => {
       // Named as the metrics listener's: the main listener's error would send the operator to the wrong port.
       const refused = (err: NodeJS.ErrnoException) => { reject(new StartupError(`metrics.listen: ${describeListenError(host, port, err)}`)) }
       server!.once('error', refused)
       try {
-        server!.listen(port, host, () => { server!.off('error', refused); resolve() })
+        server!.listen(port, address, () => { server!.off('error', refused); resolve() })
       } catch (err) {
         refused(err as NodeJS.ErrnoException) // a bad port is thrown, not emitted
       }

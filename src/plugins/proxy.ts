@@ -473,6 +473,14 @@ function notPassedOn (request: FastifyRequest, reply: FastifyReply, err: unknown
   reply.send(answer)
 }
 
+/**
+ * An answer read whole came after its call was answered meanwhile, by a shutdown's grace ending (tellCallsInFlight):
+ * it is not the client's any more, and no second answer is sent.
+ */
+function answeredMeanwhile (reply: FastifyReply): boolean {
+  return reply.sent
+}
+
 /** The gateway's answer to an upstream call that failed (reply-from's onError, or the dispatcher's own). */
 function answerFailure (reply: {
   header: (name: string, value: string) => unknown
@@ -523,6 +531,12 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
 }
 
 /**
+ * Answers sent whole smaller than this are not counted (most calls: a conversation object is a few hundred bytes, so
+ * no map and no listener per call for them): limits.maxInFlight of them (1024 by default) hold 64 MiB at most.
+ */
+const UNCOUNTED_WHOLE_BYTES = 64 * 1024
+
+/**
  * Answers sent whole (read whole to be rewritten or searched) stay in memory until their client has taken them: one
  * that reads slowly, or not at all for up to listen.sendTimeoutMs and for ever a little at a time, holds each of its
  * answers that long, after the bound on answers being read (upstream/client.ts HeldBytes) has let them go. Held so,
@@ -531,12 +545,6 @@ export function addEventRewrite (request: FastifyRequest, step: (data: unknown) 
  * read (before, each of its retrieves left unread was held, up to limits.maxInFlight of them: sixteen of 15 MiB took
  * the gateway to 565 MiB), nor make other clients' answers wait on its own.
  */
-/**
- * Answers sent whole smaller than this are not counted (most calls: a conversation object is a few hundred bytes, so
- * no map and no listener per call for them): limits.maxInFlight of them (1024 by default) hold 64 MiB at most.
- */
-const UNCOUNTED_WHOLE_BYTES = 64 * 1024
-
 class WaitingForClients {
   readonly #held = new Map<string, HeldBytes>()
 
@@ -587,17 +595,19 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
     for (const body of draining) body.destroy()
     done()
   })
-  // The calls at the upstream, until it answers or their client leaves: at the end of a shutdown's grace, a POST among
-  // them that went out is answered (GatewayShuttingDownError, not to be sent again) before its connection is closed.
+  // The POSTs at the upstream, until their answer goes out (an event stream's: until it is passed on, liveStreams) or
+  // their client leaves: at the end of a shutdown's grace, one among them that went out and whose answer has not
+  // begun to reach its client (not come, or being read whole) is answered (GatewayShuttingDownError, not to be sent
+  // again) before its connection is closed.
   // Cut without a word, it is a connection error to the SDKs, which send it again (to another replica): a generation
-  // made twice. A GET cut so is safe to send again, as it is.
+  // made twice. A GET cut so is safe to send again, as it is (none is kept here: no listener per call for it).
   const atUpstream = new Set<FastifyReply>()
   app.decorate('tellCallsInFlight', () => {
     let told = false
     for (const events of liveStreams) told = events.cut(STREAM_SHUTDOWN_EVENT) || told
     liveStreams.clear()
     for (const reply of atUpstream) {
-      if (reply.request.method !== 'POST' || reply.request.upstreamCall?.sent !== true || reply.sent) continue
+      if (reply.request.upstreamCall?.sent !== true || reply.raw.headersSent) continue
       mayBeDoneUpstream(reply.request, reply)
       reply.send(new GatewayShuttingDownError())
       told = true
@@ -636,8 +646,10 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       // attempts it made.
       const progress: UpstreamProgress = { line: null, host: null, attempts: 0, sent: false }
       request.upstreamCall = progress
-      atUpstream.add(reply)
-      whenClosed(reply.raw, () => { atUpstream.delete(reply) })
+      if (request.method === 'POST') {
+        atUpstream.add(reply)
+        whenClosed(reply.raw, () => { atUpstream.delete(reply) })
+      }
       upstream.call({
         method: options.method,
         path: options.path,
@@ -685,6 +697,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
+    if (answeredMeanwhile(reply)) return
     const came = raw
     let parsed: unknown
     let rewritten: unknown
@@ -783,6 +796,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream answer could not be read', readFailure(err))
       return
     }
+    if (answeredMeanwhile(reply)) return
     // Searched as bytes, with any JSON escapes in the token's place (scrub.ts): not parsed, however long or deep.
     const scrubbed = scrub.bytes(decoded)
     observed(request, scrubbed) // (what the client gets, as for one streamed)
@@ -809,6 +823,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       notPassedOn(request, reply, err, 'upstream error answer could not be read', new UpstreamUnavailableError())
       return
     }
+    if (answeredMeanwhile(reply)) return
     // The SDKs raise this error with its x-request-id as the request id: the upstream's when it gave one, else
     // the gateway's, which the audit record holds (as for every error of the gateway's own, app.ts).
     if (!reply.hasHeader('x-request-id')) reply.header('x-request-id', request.id)
@@ -875,7 +890,6 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       const request = req as FastifyRequest
       const reply = rep as FastifyReply
       const res = raw as unknown as UpstreamResponse
-      atUpstream.delete(reply) // (answered: what the client gets is this answer's, a stream's end included)
       // reply-from calls this even after it answered 502 for an invalid upstream status.
       if (reply.sent) {
         res.stream.on('error', () => {}).destroy() // thrown away: its abort is no one's error
@@ -965,6 +979,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           if (!afterLast) res.stream.destroy()
         })
         liveStreams.add(events)
+        atUpstream.delete(reply) // (told by its stream's error event from now on)
         res.stream.pipe(events)
         reply.send(events)
         return
