@@ -68,8 +68,10 @@ export const InvalidRequestError = define('invalid_request', 400, 'invalid_reque
   'The request could not be understood: %s')
 export const UnknownParameterError = define('unknown_parameter', 400, 'invalid_request_error',
   "Unknown parameter: '%s'.")
+// (its argument: gateway_owner, the key the gateway keeps the owner in, or __proto__, which a reader in JavaScript
+// copying the metadata by assignment takes for its prototype: plugins/ownership.ts)
 export const ReservedMetadataKeyError = define('reserved_metadata_key', 400, 'invalid_request_error',
-  'The metadata key "gateway_owner" is reserved by the gateway.', { param: 'metadata' })
+  'The metadata key "%s" is reserved by the gateway.', { param: 'metadata' })
 export const MetadataLimitError = define('metadata_limit', 400, 'invalid_request_error',
   'Metadata can have at most 15 keys through this gateway (OpenAI allows 16; the gateway keeps one).', { param: 'metadata' })
 export const InvalidMetadataError = define('invalid_metadata', 400, 'invalid_request_error',

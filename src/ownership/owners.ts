@@ -18,7 +18,8 @@ export const MAX_METADATA_KEY_LENGTH = 64
 export const MAX_METADATA_VALUE_LENGTH = 512
 
 export type MetadataProblem =
-  | { kind: 'reserved' }
+  /** `key`: the reserved key named (`gateway_owner`, in whatever case it came, or `__proto__`) */
+  | { kind: 'reserved', key: string }
   | { kind: 'limit' }
   /** `param` names what is wrong: `metadata`, or `metadata.<key>` for a key's value; null for the body itself */
   | { kind: 'not_object', param: string | null }
@@ -45,7 +46,9 @@ export function metadataProblem (body: unknown): MetadataProblem | null {
   const metadata = body.metadata
   if (metadata === undefined || metadata === null) return null
   if (!isObject(metadata)) return notObject
-  if (Object.hasOwn(metadata, OWNER_KEY) || otherCaseKey(metadata, [OWNER_KEY]) !== null) return { kind: 'reserved' }
+  if (Object.hasOwn(metadata, OWNER_KEY)) return { kind: 'reserved', key: OWNER_KEY }
+  const reserved = otherCaseKey(metadata, [OWNER_KEY])
+  if (reserved !== null) return { kind: 'reserved', key: reserved === PROTOTYPE_KEY ? PROTOTYPE_KEY : OWNER_KEY }
   if (Object.keys(metadata).length >= MAX_METADATA_KEYS) return { kind: 'limit' }
   // What OpenAI refuses, the gateway does not pass on as if it were a map of strings: the upstream would refuse
   // it, or keep a value no SDK's type (a map of strings) describes.

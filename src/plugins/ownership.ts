@@ -177,7 +177,7 @@ const REFUSALS: Record<'conversation' | 'response' | 'previous_response', [missi
 
 function refuseMetadata (problem: MetadataProblem | null): void {
   if (problem === null) return
-  if (problem.kind === 'reserved') throw new ReservedMetadataKeyError()
+  if (problem.kind === 'reserved') throw new ReservedMetadataKeyError(problem.key)
   if (problem.kind === 'limit') throw new MetadataLimitError()
   throw withParam(new InvalidMetadataError(), problem.param)
 }
