@@ -894,13 +894,19 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   const otherCase = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', Container: container }] })
   t.equal(otherCase.status, 400, 'the key in another case, which a case-blind upstream would read')
   t.match(await otherCase.json(), { error: { code: 'unknown_parameter', param: 'tools[0].Container' } })
+  // The tool's type in another case (or with Go's Turkish i), which a case-blind upstream takes for the code interpreter.
+  for (const type of ['Code_Interpreter', 'CODE_INTERPRETER', 'code_\u0131nterpreter']) {
+    const res = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type, container }] })
+    t.equal(res.status, 403, `type ${type}: refused`)
+    t.match(await res.json(), { error: { code: 'container_not_allowed', param: 'tools[0].container' } })
+  }
   const inQuery = await fetch(`${gw.url}/v1/responses?tools[0][type]=code_interpreter&tools[0][container]=${container}`, {
     method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: '{"model":"gpt-4o","input":"x"}'
   })
   t.equal(inQuery.status, 400, 'in the query string, which a PHP or Rails upstream merges into the body')
   t.match(await inQuery.json(), { error: { code: 'unknown_parameter' } })
   t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
-  t.match(gw.audit().at(-3), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
+  t.match(gw.audit().at(-6), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
 
   const auto = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', container: { type: 'auto' } }] })
   t.equal(auto.status, 200, 'a container the upstream picks (auto) is served')
