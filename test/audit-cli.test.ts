@@ -298,6 +298,9 @@ t.test('audit query --owner answers "which calls were refused on team-a\'s objec
     'the refused ones: team-b\'s reads of them')
   t.same(await query(files, '--owner', 'team-a', '--client', 'team-b'), ids(s => s.ownerId === 'team-a' && s.clientId === 'team-b'))
   t.same(await query(files, '--owner', 'team-c'), [])
+  // As --client none: the calls on no team's object (a create, one refused before its owner was known).
+  t.same(await query(files, '--owner', 'none'), ids(s => s.ownerId === null), '--owner none: the calls with no owner')
+  t.same(await query(files, '--owner', 'none', '--client', 'none'), [], 'each filter on its own field')
   const r = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--owner', 'team-a', '--outcome', 'denied'])
   t.equal(r.status, 0, r.stderr)
   t.same(r.stdout.trim().split('\n').map(line => JSON.parse(line) as Record<string, unknown>).map(rec => [rec.clientId, rec.ownerId, rec.status]),

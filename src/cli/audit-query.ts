@@ -70,24 +70,28 @@ function timeRange (from: number, to: number): Filter {
 /**
  * `--client none`: the calls made with no client's key (clientId null), which the metrics count as client "none"
  * (an id no client may have), so that a spike of gateway_denied_total{client="none"} is found in the trail by its label.
+ * `--owner none` likewise: the calls on no team's object (ownerId null).
  */
 const NO_CLIENT = 'none'
 
-function client (value: string): Filter {
-  if (value !== NO_CLIENT) return exact('clientId')!(value, 0)
-  return { needle: '"clientId":null', test: r => r.clientId === null }
+/** `--client x` keeps records whose `field` (a client id) is exactly x; `--client none`, those where it is null. */
+function clientId (field: string): (value: string) => Filter {
+  return (value) => {
+    if (value !== NO_CLIENT) return exact(field)!(value, 0)
+    return { needle: `"${field}":null`, test: r => r[field] === null }
+  }
 }
 
 export const FLAGS = {
   client: {
     value: 'ID',
     help: `calls made with this client's key (clients[].id); ${NO_CLIENT}: with no client's key (the metrics' client="${NO_CLIENT}")`,
-    filter: client
+    filter: clientId('clientId')
   },
   owner: {
     value: 'ID',
-    help: 'calls on objects this client owns (ownerId), another team\'s refused ones included: --owner team-a --outcome denied',
-    filter: exact('ownerId')
+    help: `calls on objects this client owns (ownerId), another team's refused ones included: --owner team-a --outcome denied; ${NO_CLIENT}: on no team's object (a create, a call refused before its owner was known)`,
+    filter: clientId('ownerId')
   },
   ip: {
     value: 'ADDRESS',
