@@ -149,14 +149,25 @@ export const QUERY_USAGE = 'audit query [OPTIONS] [FILES...]\n' + Object.entries
 /** Table columns: heading, record field, width. */
 const COLUMNS: Array<[string, string, number]> = [
   // owner: whose conversation or response the call was on (`-` for none): a denied read of team-a's conversation by
-  // team-b reads as such, not as team-b's.
+  // team-b reads as such, not as team-b's. The ids' columns as wide as OpenAI's ids (conv_, resp_ and 48 hex digits:
+  // 53 characters; msg_ and 48: 52).
   ['time', 'time', 24], ['client', 'clientId', 14], ['owner', 'ownerId', 14], ['action', 'action', 21], ['status', 'status', 6],
-  ['outcome', 'outcome', 14], ['conversation', 'conversationId', 22], ['item', 'itemId', 22], ['ip', 'ip', 15],
-  ['request', 'requestId', 35]
+  ['outcome', 'outcome', 14], ['model', 'model', 22], ['conversation', 'conversationId', 53], ['item', 'itemId', 53],
+  ['response', 'responseId', 53], ['ip', 'ip', 15], ['request', 'requestId', 35]
 ]
 
+/**
+ * A row: each cell at its column, a longer one whole (an id is copied from here), the cells after it one space on,
+ * and back at their columns as soon as a shorter cell leaves room.
+ */
 function tableRow (cells: string[]): string {
-  return cells.map((c, i) => c.padEnd(COLUMNS[i]![2])).join(' ').trimEnd() + '\n'
+  let row = ''
+  let column = 0
+  for (const [i, text] of cells.entries()) {
+    row = i === 0 ? text : `${row.padEnd(column - 1)} ${text}`
+    column += COLUMNS[i]![2] + 1
+  }
+  return row.trimEnd() + '\n'
 }
 
 /**
