@@ -8,7 +8,7 @@
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
-import type { GatewayConfig } from './config.js'
+import { withoutSecrets, type GatewayConfig } from './config.js'
 import {
   envelope, HeadersTooLargeError, InternalError, InvalidRequestError, isGatewayError, RequestTimeoutError,
   type GatewayError
@@ -347,10 +347,21 @@ export async function buildApp (config: GatewayConfig, deps: AppDependencies = {
   return app
 }
 
-/** The store config.store names; the rate-limit plugin closes it when the app closes. */
+/**
+ * The store config.store names; the rate-limit plugin closes it when the app closes. Which it is goes to the log once:
+ * a replica left on memory:// by mistake looks like one on the shared Redis until its limits are found not to hold.
+ * Of a Redis URL, its host, port and database alone (never its user or password; README: the URL is never logged).
+ */
 async function rateLimitStoreFor (store: GatewayConfig['store'], log: FastifyBaseLogger): Promise<RateLimitStore> {
-  if (store.url === 'memory://') return new MemoryStore()
-  return await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, keyPrefix: store.keyPrefix, log })
+  if (store.url === 'memory://') {
+    log.info('rate-limit and ownership store: memory://, this process alone (replicas do not share its buckets or notes)')
+    return new MemoryStore()
+  }
+  const connected = await RedisStore.connect({ url: store.url, timeoutMs: store.timeoutMs, onFailure: store.onFailure, keyPrefix: store.keyPrefix, log })
+  const { protocol, host, pathname } = new URL(store.url)
+  const db = pathname === '' || pathname === '/' ? '/0' : pathname
+  log.info(withoutSecrets([`rate-limit and ownership store: Redis at ${protocol}//${host}${db}`], { store })[0])
+  return connected
 }
 
 /** Upstream headers about the upstream's body (content-type and -length Fastify drops on an error itself). */

@@ -200,16 +200,35 @@ function namesPathId ({ loose, php }: ReadName): boolean {
   return ID_PARAMS.has(loose.toLowerCase()) || ID_PARAMS.has(php.toLowerCase())
 }
 
-function takenForRoute (name: ReadName): boolean {
-  return overridesMethod(name) || namesPathId(name)
+/**
+ * The names frameworks give a path's id parameter besides OpenAI's (ID_PARAMS), lower-cased: Laravel's resource routes
+ * name it for the resource (`{conversation}`, `{item}`, `{response}`), others `{id}` or in camelCase
+ * (`{conversationId}`).
+ */
+const ROUTE_PARAMS: ReadonlySet<string> = new Set(['id', 'conversation', 'item', 'response', 'conversationid', 'itemid', 'responseid'])
+
+/**
+ * On a route with an id in its path, whether a query parameter (or a JSON body's key) is a name a framework reads as
+ * that id (ROUTE_PARAMS, read as namesPathId reads names): Laravel's `$request->conversation` reads the input before the
+ * route's parameter, so to such an upstream `POST /v1/conversations/<B's>` with `"conversation": "<A's>"` updates A's.
+ * No such route takes one (a create, with no id in its path, takes a `conversation`).
+ */
+function namesRouteParam (op: Operation | null, { loose, php }: ReadName): boolean {
+  return op !== null && (op.conversationId !== null || op.responseId !== null) &&
+    (ROUTE_PARAMS.has(loose.toLowerCase()) || ROUTE_PARAMS.has(php.toLowerCase()))
+}
+
+function takenForRoute (op: Operation | null, name: ReadName): boolean {
+  return overridesMethod(name) || namesPathId(name) || namesRouteParam(op, name)
 }
 
 /**
  * Whether a query parameter (or a JSON body's key) is one an upstream framework would read in place of what the route
- * says: the call's method (overridesMethod) or an id the path carries (namesPathId). No route of the API takes one.
+ * (`op`'s) says: the call's method (overridesMethod) or an id the path carries (namesPathId, namesRouteParam). No
+ * route of the API takes one.
  */
-export function overridesRoute (name: string): boolean {
-  return takenForRoute(read(name))
+export function overridesRoute (op: Operation | null, name: string): boolean {
+  return takenForRoute(op, read(name))
 }
 
 export type QueryProblem =
@@ -223,7 +242,7 @@ export function queryProblem (op: Operation, url: string): QueryProblem | null {
   if (url.includes('#')) return { kind: 'fragment' }
   const query = op.query
   for (const name of namesOf(query)) {
-    if (takenForRoute(name)) return { kind: 'unknown', param: shownName(name.name) }
+    if (takenForRoute(op, name)) return { kind: 'unknown', param: shownName(name.name) }
   }
   const allowed = GET_QUERY[op.action]
   if (allowed === undefined || query === null) return null

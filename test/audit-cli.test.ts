@@ -298,6 +298,9 @@ t.test('audit query --owner answers "which calls were refused on team-a\'s objec
     'the refused ones: team-b\'s reads of them')
   t.same(await query(files, '--owner', 'team-a', '--client', 'team-b'), ids(s => s.ownerId === 'team-a' && s.clientId === 'team-b'))
   t.same(await query(files, '--owner', 'team-c'), [])
+  // As --client none: the calls on no team's object (a create, one refused before its owner was known).
+  t.same(await query(files, '--owner', 'none'), ids(s => s.ownerId === null), '--owner none: the calls with no owner')
+  t.same(await query(files, '--owner', 'none', '--client', 'none'), [], 'each filter on its own field')
   const r = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--owner', 'team-a', '--outcome', 'denied'])
   t.equal(r.status, 0, r.stderr)
   t.same(r.stdout.trim().split('\n').map(line => JSON.parse(line) as Record<string, unknown>).map(rec => [rec.clientId, rec.ownerId, rec.status]),
@@ -334,9 +337,33 @@ t.test('audit query answers "who deleted item X of conversation Y, when, from wh
   const r = run(['audit', 'query', '--config', config, '--action', 'item.delete', '--conversation', 'conv_2', '--item', 'msg_17', '--format', 'table'])
   t.equal(r.status, 0)
   const [header, row, ...rest] = r.stdout.split('\n')
-  t.match(header, /^time\s+client\s+owner\s+action\s+status\s+outcome\s+conversation\s+item\s+ip\s+request$/)
-  t.match(row, /^2025-01-01T00:00:17\.000Z\s+team-b\s+-\s+item\.delete\s+200\s+ok\s+conv_2\s+msg_17\s+127\.0\.0\.1\s+gw_0+17$/)
+  t.match(header, /^time\s+client\s+owner\s+action\s+status\s+outcome\s+model\s+conversation\s+item\s+response\s+ip\s+request$/)
+  t.match(row, /^2025-01-01T00:00:17\.000Z\s+team-b\s+-\s+item\.delete\s+200\s+ok\s+-\s+conv_2\s+msg_17\s+-\s+127\.0\.0\.1\s+gw_0+17$/)
   t.same(rest, [''])
+})
+
+t.test('audit query --format table shows a Responses call\'s model and response, and OpenAI\'s ids (53 characters) keep the columns in line', async t => {
+  // The table had no model or response column, and ids as long as OpenAI's overflowed a 22-character column,
+  // shifting the rest of the row.
+  const hex = (c: string) => c.repeat(48)
+  const shapes: Array<Record<string, unknown>> = [
+    { action: 'response.create', method: 'POST', conversationId: `conv_${hex('a')}`, itemId: null, responseId: `resp_${hex('b')}`, model: 'gpt-4o-mini-2024-07-18' },
+    { action: 'item.retrieve', method: 'GET', conversationId: `conv_${hex('c')}`, itemId: `msg_${hex('d')}`, responseId: null, model: null },
+    // (an id as long as the gateway takes: its row shifts, the next ones do not)
+    { action: 'conversation.retrieve', method: 'GET', conversationId: `conv_${'e'.repeat(100)}`, itemId: null, responseId: null, model: null }
+  ]
+  const auditFile = join(tempDir(), 'audit.jsonl')
+  await writeSeries(auditFile, 4, {}, 1, i => callRecord(i, shapes[(i - 1) % shapes.length]))
+  const table = run(['audit', 'query', '--config', configFile(gatewayYaml(auditFile)).file, '--format', 'table'])
+  t.equal(table.status, 0, table.stderr)
+  const [header, ...rows] = table.stdout.trimEnd().split('\n') as [string, ...string[]]
+  t.match(header, /^time\s+client\s+owner\s+action\s+status\s+outcome\s+model\s+conversation\s+item\s+response\s+ip\s+request$/)
+  const starts = (line: string) => [...line.matchAll(/\S+/g)].map(m => m.index)
+  for (const i of [0, 1, 3]) t.same(starts(rows[i]!), starts(header), `row ${i + 1}: each cell under its heading`)
+  const cells = rows[0]!.split(/\s+/)
+  t.same(cells.slice(6, 10), ['gpt-4o-mini-2024-07-18', `conv_${hex('a')}`, '-', `resp_${hex('b')}`], 'its model and response, whole')
+  t.ok(rows[2]!.includes(` conv_${'e'.repeat(100)} `), 'a longer id is shown whole')
+  t.same(starts(rows[2]!).slice(-2), starts(header).slice(-2), 'and the cells after it are back in their columns once there is room')
 })
 
 t.test('a client cannot write rows of its own into the table ops read: what it chose is shown escaped', async t => {
@@ -358,7 +385,7 @@ t.test('a client cannot write rows of its own into the table ops read: what it c
   const rows = r.stdout.split('\n').slice(1, -1)
   t.equal(rows.length, 1, 'one row for the one call')
   t.notMatch(r.stdout, /[\u001b\u202e]/, 'no escape or bidi control reaches the terminal')
-  t.match(rows[0], /^\S+\s+team-full\s+-\s+response\.create\s+400\s+invalid\s+-\s+msg_1\\u000a2025-01-01T00:00:00\.000Z\\u0020team-b\S*\\u001b\[8m\\u202e\s+127\.0\.0\.1\s+gw_[0-9a-f]{32}$/,
+  t.match(rows[0], /^\S+\s+team-full\s+-\s+response\.create\s+400\s+invalid\s+gpt-4o-mini\s+-\s+msg_1\\u000a2025-01-01T00:00:00\.000Z\\u0020team-b\S*\\u001b\[8m\\u202e\s+-\s+127\.0\.0\.1\s+gw_[0-9a-f]{32}$/,
     'the row says who called and what it named, escaped, then the real address and request id')
 })
 

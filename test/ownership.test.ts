@@ -894,13 +894,19 @@ t.test('a code interpreter container named by id is refused to a non-admin clien
   const otherCase = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', Container: container }] })
   t.equal(otherCase.status, 400, 'the key in another case, which a case-blind upstream would read')
   t.match(await otherCase.json(), { error: { code: 'unknown_parameter', param: 'tools[0].Container' } })
+  // The tool's type in another case (or with Go's Turkish i), which a case-blind upstream takes for the code interpreter.
+  for (const type of ['Code_Interpreter', 'CODE_INTERPRETER', 'code_\u0131nterpreter']) {
+    const res = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type, container }] })
+    t.equal(res.status, 403, `type ${type}: refused`)
+    t.match(await res.json(), { error: { code: 'container_not_allowed', param: 'tools[0].container' } })
+  }
   const inQuery = await fetch(`${gw.url}/v1/responses?tools[0][type]=code_interpreter&tools[0][container]=${container}`, {
     method: 'POST', headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: '{"model":"gpt-4o","input":"x"}'
   })
   t.equal(inQuery.status, 400, 'in the query string, which a PHP or Rails upstream merges into the body')
   t.match(await inQuery.json(), { error: { code: 'unknown_parameter' } })
   t.same(upstream.requests.slice(before).filter(r => r.method === 'POST').map(r => r.url), [], 'nothing went upstream')
-  t.match(gw.audit().at(-3), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
+  t.match(gw.audit().at(-6), { status: 403, outcome: 'denied', clientId: 'team-other' }, 'audited as denied')
 
   const auto = await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'x', tools: [{ type: 'code_interpreter', container: { type: 'auto' } }] })
   t.equal(auto.status, 200, 'a container the upstream picks (auto) is served')
@@ -1398,6 +1404,51 @@ t.test('an id the path carries, named again in the query of a POST or DELETE (?c
     t.match(await res.json(), { error: { code: 'unknown_parameter', param: 'conversation_id' } })
   }
   t.same(upstream.requests.slice(before), [], 'nothing of them went upstream')
+})
+
+t.test('on a route with an id in its path, a query name or body key a framework reads as that id (conversation, item, response, id) is refused and never sent upstream', async t => {
+  // Laravel's resource routes name their parameters for the resource (`{conversation}`, `{item}`, `{response}`), or
+  // `{id}`, and $request->conversation reads the input (a JSON body, the query) before the route's parameter: to such
+  // an upstream, B's update of its own conversation with `"conversation": "<A's>"` updates A's.
+  const { upstream, gw } = await setup(t)
+  const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
+  const responseA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const responseB = (await (await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const itemB = (await (await post(KEYS.other, `/v1/conversations/${conversationB}/items`, { items: [{ type: 'message', role: 'user', content: 'x' }] })).json() as { data: Array<{ id: string }> }).data[0]!.id
+  const inQuery: Array<[string, string, string]> = [
+    ['DELETE', `/v1/conversations/${conversationB}?conversation=${conversationA}`, 'conversation'],
+    ['DELETE', `/v1/conversations/${conversationB}?id=${conversationA}`, 'id'],
+    ['DELETE', `/v1/conversations/${conversationB}/items/${itemB}?item=${itemA}`, 'item'],
+    ['DELETE', `/v1/conversations/${conversationB}/items/${itemB}?ID=${itemA}`, 'ID'],
+    ['DELETE', `/v1/responses/${responseB}?response=${responseA}`, 'response'],
+    ['DELETE', `/v1/responses/${responseB}?responseId=${responseA}`, 'responseId'],
+    ['POST', `/v1/responses/${responseB}/cancel?[id]=${responseA}`, '[id]'],
+    ['POST', `/v1/conversations/${conversationB}?Conversation=${conversationA}`, 'Conversation'],
+    ['POST', `/v1/conversations/${conversationB}/items?.conversation=${conversationA}`, '.conversation']
+  ]
+  const before = upstream.requests.length
+  for (const [method, target, param] of inQuery) {
+    const res = await fetch(`${gw.url}${target}`, {
+      method, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: method === 'POST' ? '{"items":[]}' : undefined
+    })
+    t.equal(res.status, 400, `${method} ${target}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', param } }, `${method} ${target}: names ${param}`)
+  }
+  const items = [{ type: 'message', role: 'user', content: 'x' }]
+  const inBody: Array<[string, unknown, string]> = [
+    [`/v1/conversations/${conversationB}`, { metadata: { a: 'b' }, conversation: conversationA }, 'conversation'],
+    [`/v1/conversations/${conversationB}`, { id: conversationA, metadata: { a: 'b' } }, 'id'],
+    [`/v1/conversations/${conversationB}/items`, { conversation: conversationA, items }, 'conversation'],
+    [`/v1/conversations/${conversationB}/items`, { items, conversationId: conversationA }, 'conversationId']
+  ]
+  for (const [target, body, param] of inBody) {
+    const res = await post(KEYS.other, target, body)
+    t.equal(res.status, 400, `POST ${target} with ${param} in its body: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', param } })
+  }
+  t.same(upstream.requests.slice(before), [], 'nothing of them went upstream')
+  // A route with no id in its path takes them as the API does: a create's conversation.
+  t.equal((await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi', conversation: conversationB })).status, 200, 'a create in the team\'s own conversation is passed on')
 })
 
 t.test('a checked key in a POST\'s query bracketed as Rack 2 reads it ([conversation], ]conversation, previous_response_id]) is refused and never sent upstream', async t => {

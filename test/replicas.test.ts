@@ -103,6 +103,18 @@ t.test('two replicas share one client\'s burst; another client keeps its own', a
   t.equal((await get(replicas[0]!, KEY_B)).headers.get('x-ratelimit-remaining-requests'), '3')
 })
 
+t.test('at start the log says in one info line whether the store is Redis (where, never its password) or this process\'s memory', async t => {
+  // Nothing said it: a replica left on memory:// by mistake (each granting every client its whole burst) looked the
+  // same as one on the shared Redis until the limits were found not to hold.
+  const [redis, upstream] = [await startRedis(t, { password: 'right-Pa55word' }), await alwaysOk(t)]
+  const shared = await startReplica(t, upstream.url, { url: redis.url }, 5)
+  const alone = await startReplica(t, upstream.url, { url: 'memory://' }, 5)
+  const said = (replica: Replica) => replica.log().split('\n').filter(line => line.includes('"msg":"rate-limit and ownership store'))
+  t.match(said(shared), [new RegExp(`"level":30,.*"msg":"rate-limit and ownership store: Redis at redis:\\/\\/127\\.0\\.0\\.1:${redis.port}/0"`)])
+  t.notMatch(shared.log(), /right-Pa55word/, 'never its password')
+  t.match(said(alone), [/"level":30,.*"msg":"rate-limit and ownership store: memory:\/\/, this process alone/])
+})
+
 t.test('two deployments on one Redis, each with its own store.keyPrefix, keep their own buckets for the same client id', async t => {
   const [redis, upstream] = [await startRedis(t), await alwaysOk(t)]
   // prod keeps the default prefix; staging (same client ids, its own config) is given another one

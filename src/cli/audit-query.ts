@@ -70,24 +70,28 @@ function timeRange (from: number, to: number): Filter {
 /**
  * `--client none`: the calls made with no client's key (clientId null), which the metrics count as client "none"
  * (an id no client may have), so that a spike of gateway_denied_total{client="none"} is found in the trail by its label.
+ * `--owner none` likewise: the calls on no team's object (ownerId null).
  */
 const NO_CLIENT = 'none'
 
-function client (value: string): Filter {
-  if (value !== NO_CLIENT) return exact('clientId')!(value, 0)
-  return { needle: '"clientId":null', test: r => r.clientId === null }
+/** `--client x` keeps records whose `field` (a client id) is exactly x; `--client none`, those where it is null. */
+function clientId (field: string): (value: string) => Filter {
+  return (value) => {
+    if (value !== NO_CLIENT) return exact(field)!(value, 0)
+    return { needle: `"${field}":null`, test: r => r[field] === null }
+  }
 }
 
 export const FLAGS = {
   client: {
     value: 'ID',
     help: `calls made with this client's key (clients[].id); ${NO_CLIENT}: with no client's key (the metrics' client="${NO_CLIENT}")`,
-    filter: client
+    filter: clientId('clientId')
   },
   owner: {
     value: 'ID',
-    help: 'calls on objects this client owns (ownerId), another team\'s refused ones included: --owner team-a --outcome denied',
-    filter: exact('ownerId')
+    help: `calls on objects this client owns (ownerId), another team's refused ones included: --owner team-a --outcome denied; ${NO_CLIENT}: on no team's object (a create, a call refused before its owner was known)`,
+    filter: clientId('ownerId')
   },
   ip: {
     value: 'ADDRESS',
@@ -145,14 +149,25 @@ export const QUERY_USAGE = 'audit query [OPTIONS] [FILES...]\n' + Object.entries
 /** Table columns: heading, record field, width. */
 const COLUMNS: Array<[string, string, number]> = [
   // owner: whose conversation or response the call was on (`-` for none): a denied read of team-a's conversation by
-  // team-b reads as such, not as team-b's.
+  // team-b reads as such, not as team-b's. The ids' columns as wide as OpenAI's ids (conv_, resp_ and 48 hex digits:
+  // 53 characters; msg_ and 48: 52).
   ['time', 'time', 24], ['client', 'clientId', 14], ['owner', 'ownerId', 14], ['action', 'action', 21], ['status', 'status', 6],
-  ['outcome', 'outcome', 14], ['conversation', 'conversationId', 22], ['item', 'itemId', 22], ['ip', 'ip', 15],
-  ['request', 'requestId', 35]
+  ['outcome', 'outcome', 14], ['model', 'model', 22], ['conversation', 'conversationId', 53], ['item', 'itemId', 53],
+  ['response', 'responseId', 53], ['ip', 'ip', 15], ['request', 'requestId', 35]
 ]
 
+/**
+ * A row: each cell at its column, a longer one whole (an id is copied from here), the cells after it one space on,
+ * and back at their columns as soon as a shorter cell leaves room.
+ */
 function tableRow (cells: string[]): string {
-  return cells.map((c, i) => c.padEnd(COLUMNS[i]![2])).join(' ').trimEnd() + '\n'
+  let row = ''
+  let column = 0
+  for (const [i, text] of cells.entries()) {
+    row = i === 0 ? text : `${row.padEnd(column - 1)} ${text}`
+    column += COLUMNS[i]![2] + 1
+  }
+  return row.trimEnd() + '\n'
 }
 
 /**

@@ -11,7 +11,7 @@ import {
   UnsupportedContentEncodingError, UnsupportedMediaTypeError, UnsupportedTransferEncodingError
 } from '../errors.js'
 import { exactJson, stringifyExact } from '../http/json.js'
-import { overridesRoute, shownName, type Action } from '../operations.js'
+import { overridesRoute, shownName, type Action, type Operation } from '../operations.js'
 
 export interface BodyOptions {
   /** the largest body, read per call (limits.bodyBytes) */
@@ -114,10 +114,10 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
  * A body's top-level key an upstream framework would read in place of what the route says: as the call's method, or
  * as an id the path carries (operations.ts overridesRoute); or null.
  */
-function methodOverride (body: unknown): string | null {
+function methodOverride (op: Operation | null, body: unknown): string | null {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) return null
   for (const key in body) {
-    if (overridesRoute(key)) return shownName(key)
+    if (overridesRoute(op, key)) return shownName(key)
   }
   return null
 }
@@ -206,8 +206,8 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     }
     // A key that an upstream framework would take for the method (operations.ts overridesRoute): a POST body
     // saying `"_method": "DELETE"` would be a delete to it, unchecked for the delete scope; or for an id the path
-    // carries (`"conversation_id"`), unchecked for its owner.
-    const override = methodOverride(request.parsedBody)
+    // carries (`"conversation_id"`; on an update, `"conversation"`), unchecked for its owner.
+    const override = methodOverride(operation, request.parsedBody)
     if (override !== null) {
       const err = new UnknownParameterError(override)
       err.param = override

@@ -10,7 +10,7 @@ import {
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
 import { streamsRetrieve, type Action } from '../operations.js'
-import { isObject, otherCaseKey } from '../ownership/owners.js'
+import { folded, isObject, otherCaseKey } from '../ownership/owners.js'
 import { modelAllowed, newFacts, observeEvent, observeResponse } from '../responses/usage.js'
 import { addAnswerRewrite, addEventRewrite } from './proxy.js'
 
@@ -22,7 +22,7 @@ export const ENVIRONMENT_KEYS = ['type', 'container_id']
 
 /**
  * Where a create's tools name a container by id: a code interpreter's (`"container": "cntr_..."`, anything but an
- * object such as `{ "type": "auto" }`), or the hosted shell's (`"environment": { "type": "container_reference",
+ * object such as `{ "type": "auto" }`; its type in any case), or the hosted shell's (`"environment": { "type": "container_reference",
  * "container_id": "cntr_..." }`, or a `container_id` without its type); or a key read here in another case (then an
  * unknown parameter, as at the top level). The upstream runs the call's code or commands in that container, with
  * every file in it, across the one account all teams share; a container carries no metadata to own it by, so no
@@ -34,8 +34,9 @@ function namedContainer (tools: unknown): { param: string, otherCase: boolean } 
     const { type, container, environment } = (tool ?? {}) as { type?: unknown, container?: unknown, environment?: unknown }
     const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`) ?? otherCaseKey(environment, ENVIRONMENT_KEYS, `tools[${i}].environment.`)
     if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
-    // (isObject: not a number kept exactly, http/json.ts, which is an object of its own but names no auto mode)
-    if (type === 'code_interpreter' && container != null && !isObject(container)) return { param: `tools[${i}].container`, otherCase: false }
+    // (isObject: not a number kept exactly, http/json.ts, which is an object of its own but names no auto mode; its
+    // type read as a case-blind upstream reads it: `Code_Interpreter` is the code interpreter to it)
+    if (typeof type === 'string' && folded(type) === 'code_interpreter' && container != null && !isObject(container)) return { param: `tools[${i}].container`, otherCase: false }
     const { type: kind, container_id: id } = (environment ?? {}) as { type?: unknown, container_id?: unknown }
     if (kind === 'container_reference' || id != null) return { param: `tools[${i}].environment`, otherCase: false }
   }
