@@ -1368,14 +1368,31 @@ t.test('a checked key in a POST\'s query spelled as PHP reads it (previous.respo
   t.equal((await post(KEYS.other, '/v1/responses?previous[response_id]=x', body)).status, 200, 'an array named otherwise is passed on')
 })
 
+/** A response of each team's, and an item of B's in its conversation: ids for paths of B's own calls. */
+async function pathIdsOfB (post: Awaited<ReturnType<typeof twoTeams>>['post'], conversationB: string) {
+  const responseA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const responseB = (await (await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
+  const itemB = (await (await post(KEYS.other, `/v1/conversations/${conversationB}/items`, { items: [{ type: 'message', role: 'user', content: 'x' }] })).json() as { data: Array<{ id: string }> }).data[0]!.id
+  return { responseA, responseB, itemB }
+}
+
+/** Each [method, target, param] sent by B (a POST with an empty items list): 400 unknown_parameter naming param. */
+async function assertTargetsRefused (t: Test, url: string, targets: Array<[string, string, string]>) {
+  for (const [method, target, param] of targets) {
+    const res = await fetch(`${url}${target}`, {
+      method, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: method === 'POST' ? '{"items":[]}' : undefined
+    })
+    t.equal(res.status, 400, `${method} ${target}: 400`)
+    t.match(await res.json(), { error: { code: 'unknown_parameter', param } }, `${method} ${target}: names ${param}`)
+  }
+}
+
 t.test('an id the path carries, named again in the query of a POST or DELETE (?conversation_id=<A\'s>) or in its body, is refused and never sent upstream', async t => {
   // Laravel's $request->conversation_id reads the query (and the body) before the route's own parameter: to such an
   // upstream, B's delete of its own conversation with ?conversation_id=<A's> deletes A's.
   const { upstream, gw } = await setup(t)
   const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
-  const responseA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
-  const responseB = (await (await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
-  const itemB = (await (await post(KEYS.other, `/v1/conversations/${conversationB}/items`, { items: [{ type: 'message', role: 'user', content: 'x' }] })).json() as { data: Array<{ id: string }> }).data[0]!.id
+  const { responseA, responseB, itemB } = await pathIdsOfB(post, conversationB)
   const forgeries: Array<[string, string, string]> = [
     ['DELETE', `/v1/conversations/${conversationB}?conversation_id=${conversationA}`, 'conversation_id'],
     ['DELETE', `/v1/conversations/${conversationB}/items/${itemB}?item_id=${itemA}`, 'item_id'],
@@ -1386,13 +1403,7 @@ t.test('an id the path carries, named again in the query of a POST or DELETE (?c
     ['POST', `/v1/conversations/${conversationB}/items?conversation_id=${conversationA}`, 'conversation_id']
   ]
   const before = upstream.requests.length
-  for (const [method, target, param] of forgeries) {
-    const res = await fetch(`${gw.url}${target}`, {
-      method, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: method === 'POST' ? '{"items":[]}' : undefined
-    })
-    t.equal(res.status, 400, `${method} ${target}: 400`)
-    t.match(await res.json(), { error: { code: 'unknown_parameter', param } }, `${method} ${target}: names ${param}`)
-  }
+  await assertTargetsRefused(t, gw.url, forgeries)
   // The same read from a JSON body, which Laravel's input holds too (and reads first).
   const inBody: Array<[string, unknown]> = [
     [`/v1/conversations/${conversationB}`, { metadata: { a: 'b' }, conversation_id: conversationA }],
@@ -1412,9 +1423,7 @@ t.test('on a route with an id in its path, a query name or body key a framework 
   // an upstream, B's update of its own conversation with `"conversation": "<A's>"` updates A's.
   const { upstream, gw } = await setup(t)
   const { post, conversationA, itemA, conversationB } = await twoTeams(gw.url)
-  const responseA = (await (await post(KEYS.full, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
-  const responseB = (await (await post(KEYS.other, '/v1/responses', { model: 'gpt-4o', input: 'hi' })).json() as { id: string }).id
-  const itemB = (await (await post(KEYS.other, `/v1/conversations/${conversationB}/items`, { items: [{ type: 'message', role: 'user', content: 'x' }] })).json() as { data: Array<{ id: string }> }).data[0]!.id
+  const { responseA, responseB, itemB } = await pathIdsOfB(post, conversationB)
   const inQuery: Array<[string, string, string]> = [
     ['DELETE', `/v1/conversations/${conversationB}?conversation=${conversationA}`, 'conversation'],
     ['DELETE', `/v1/conversations/${conversationB}?id=${conversationA}`, 'id'],
@@ -1427,13 +1436,7 @@ t.test('on a route with an id in its path, a query name or body key a framework 
     ['POST', `/v1/conversations/${conversationB}/items?.conversation=${conversationA}`, '.conversation']
   ]
   const before = upstream.requests.length
-  for (const [method, target, param] of inQuery) {
-    const res = await fetch(`${gw.url}${target}`, {
-      method, headers: { authorization: `Bearer ${KEYS.other}`, 'content-type': 'application/json' }, body: method === 'POST' ? '{"items":[]}' : undefined
-    })
-    t.equal(res.status, 400, `${method} ${target}: 400`)
-    t.match(await res.json(), { error: { code: 'unknown_parameter', param } }, `${method} ${target}: names ${param}`)
-  }
+  await assertTargetsRefused(t, gw.url, inQuery)
   const items = [{ type: 'message', role: 'user', content: 'x' }]
   const inBody: Array<[string, unknown, string]> = [
     [`/v1/conversations/${conversationB}`, { metadata: { a: 'b' }, conversation: conversationA }, 'conversation'],

@@ -639,14 +639,20 @@ t.test('issued items: a note Redis did not take (refused a moment, or the connec
   t.ok(ttl > 0 && ttl <= ISSUED_TTL_MS, `PTTL ${ttl}: what is left of its 30 days`)
 })
 
-t.test('issued items: a connection dropped and made again to a Redis that kept its data writes no note again', async t => {
-  // Each replica would otherwise write every note it knows (up to ownership.cacheSize) after every network blip.
+/** A Redis of its own, a store on it, and two notes of team-a written there by an IssuedItems. */
+async function twoNotesInRedis (t: Test) {
   const redis = await startRedis(t)
   const s1 = await store(t, redis)
   const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
   t.teardown(() => { one.close() })
   one.note(['rs_a1', 'rs_a2'], 'team-a')
   await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a2`)).includes(':1'), 'the notes reach Redis')
+  return { redis, s1 }
+}
+
+t.test('issued items: a connection dropped and made again to a Redis that kept its data writes no note again', async t => {
+  // Each replica would otherwise write every note it knows (up to ownership.cacheSize) after every network blip.
+  const { redis } = await twoNotesInRedis(t)
   await redis.command(`DEL ${KEY_PREFIX}issued:rs_a1`) // (gone by hand: only a rewrite of every note would bring it back)
   const sets = async () => Number(/cmdstat_set:calls=(\d+)/.exec(await redis.command('INFO commandstats'))?.[1] ?? 0)
   const before = await sets()
@@ -664,12 +670,7 @@ t.test('issued items: a connection dropped and made again to a Redis that kept i
 t.test('issued items: a connection dropped and made again to a full Redis (noeviction) that kept its data writes no note again', async t => {
   // Redis refuses the mark's SET then: taken for "lost", every note this process knows (up to ownership.cacheSize)
   // was tried again each second while Redis stayed full, each refused, with warnings, after every network blip.
-  const redis = await startRedis(t)
-  const s1 = await store(t, redis)
-  const one = new IssuedItems({ max: 10, shared: s1, log: s1.log })
-  t.teardown(() => { one.close() })
-  one.note(['rs_a1', 'rs_a2'], 'team-a')
-  await eventually(async () => (await redis.command(`EXISTS ${KEY_PREFIX}issued:rs_a2`)).includes(':1'), 'the notes reach Redis')
+  const { redis, s1 } = await twoNotesInRedis(t)
   t.match(await redis.command('CONFIG SET maxmemory-policy noeviction'), /OK/)
   t.match(await redis.command('CONFIG SET maxmemory 1'), /OK/)
   const refused = async () => Number(/errorstat_OOM:count=(\d+)/.exec(await redis.command('INFO errorstats'))?.[1] ?? 0)
