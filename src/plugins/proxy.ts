@@ -1016,7 +1016,7 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
       void sendSearched(request, reply, res)
     },
     onError (reply, { error }) {
-      // (answered already: a POST at the end of a shutdown's grace, answerUnanswered, whose upstream call is then cut)
+      // (answered already: a POST at the end of a shutdown's grace, tellCallsInFlight, whose upstream call is then cut)
       if ((reply as FastifyReply).sent) return
       // reply-from has logged the failure already ("response errored"): once is enough.
       answerFailure(reply, error)
