@@ -210,10 +210,7 @@ export function withoutSecrets (problems: string[], config: unknown): string[] {
 function redisPasswords (url: unknown): string[] {
   if (typeof url !== 'string' || !/^rediss?:/.test(url)) return []
   const written = /^rediss?:\/\/[^:@]*:(.*)@/s.exec(url)?.[1]
-  let parsed: string | undefined
-  try {
-    parsed = new URL(url).password
-  } catch {}
+  const parsed = parsedUrl(url)?.password
   const spellings = [written, parsed].filter((password): password is string => password !== undefined)
   return [...new Set(spellings.flatMap(password => [password, decodedLeniently(password)]))]
 }
@@ -396,6 +393,7 @@ function unbracedVariable (text: string, env: NodeJS.ProcessEnv, path: string): 
   return undefined
 }
 
+/** `text` read as a URL, or null where it is none. */
 function parsedUrl (text: string): URL | null {
   try {
     return new URL(text)
@@ -658,12 +656,8 @@ function trustProxyProblems (trustProxy: false | readonly string[]): string[] {
 /** What is wrong with a redis:// store URL, in words that never repeat the URL (it may hold a password). */
 function storeUrlProblems (url: string): string[] {
   if (url === 'memory://') return []
-  let parsed: URL
-  try {
-    parsed = new URL(url)
-  } catch {
-    return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
-  }
+  const parsed = parsedUrl(url)
+  if (parsed === null) return [`store.url: ${STORE_URL_FORM} ${ENCODE_THE_PASSWORD}`]
   // (a / ? or # in the password ends the host part before the host; in a password that also holds an @, after a
   // host read from the password, the rest, the real host with it, read as a path, a query or a fragment)
   if (parsed.hostname === '' || `${parsed.pathname}${parsed.search}${parsed.hash}`.includes('@')) {
