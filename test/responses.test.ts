@@ -3,6 +3,7 @@
 // (input tokens = words in, output tokens = words out, "Echo:" included).
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
+import { connect } from 'node:net'
 import { keyDigest } from '../src/keys.js'
 import { sleep, until } from './fixtures/client.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
@@ -39,6 +40,35 @@ async function streamedCreate (client: OpenAI, signal?: AbortSignal): Promise<{ 
     for await (const event of stream) seen.push(event.type)
   })().then(() => null, (e: unknown) => e)
   return { seen, err }
+}
+
+/**
+ * A POST on a socket of its own: its status, its chunked body as text, and whether that ended with its last chunk or
+ * was broken off. (Node's http client, and fetch, throw away what they hold unread when a connection breaks: what
+ * they saw would not be all the gateway sent.)
+ */
+async function rawPost (url: string, path: string, key: string, body: string): Promise<{ status: number, text: string, how: 'ended' | 'broken off' }> {
+  const { hostname, port } = new URL(url)
+  const socket = connect(Number(port), hostname)
+  socket.write(`POST ${path} HTTP/1.1\r\nhost: ${hostname}\r\nauthorization: Bearer ${key}\r\ncontent-type: application/json\r\n` +
+    `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
+  const chunks: Buffer[] = []
+  socket.on('data', (chunk: Buffer) => { chunks.push(chunk) })
+  await new Promise(resolve => socket.once('close', resolve))
+  const raw = Buffer.concat(chunks)
+  const status = Number(raw.subarray(9, 12).toString())
+  let at = raw.indexOf('\r\n\r\n') + 4
+  const parts: Buffer[] = []
+  const text = () => Buffer.concat(parts).toString()
+  for (;;) {
+    const eol = raw.indexOf('\r\n', at)
+    if (eol === -1) return { status, text: text(), how: 'broken off' }
+    const size = parseInt(raw.subarray(at, eol).toString(), 16)
+    if (size === 0) return { status, text: text(), how: 'ended' }
+    parts.push(raw.subarray(eol + 2, eol + 2 + size))
+    if (eol + 2 + size > raw.length) return { status, text: text(), how: 'broken off' }
+    at = eol + 2 + size + 2
+  }
 }
 
 const rejection = (p: Promise<unknown>) => p.then(() => { throw new Error('expected a rejection') }, (e: unknown) => e)
@@ -673,6 +703,33 @@ t.test('a long burst the upstream breaks off, or ends before its last event: the
     await until(`${what}: the audit record`, () => gw.audit().length === before + 1)
     t.match(gw.audit().at(-1), { action: 'response.create', status: 200, outcome: 'upstream_error' }, `${what}: audited upstream_error`)
   }
+})
+
+t.test('a burst the upstream breaks off, of any size: every event it sent reaches the client, then the event saying why (what the gateway had not taken yet when the break came is not dropped with the upstream\'s stream)', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // (every break counts against the line: past the threshold, the next calls would be refused, not sent)
+  const gw = await startGateway(t, testConfig(upstream.url, { upstream: { baseUrls: [upstream.url], apiKey: UPSTREAM_TOKEN, timeoutMs: 2000, failureThreshold: 1_000_000 } }))
+  const delta = (i: number) => `event: response.output_text.delta\ndata: ${JSON.stringify({ type: 'response.output_text.delta', sequence_number: i, item_id: 'msg_1', output_index: 0, content_index: 0, delta: 'x'.repeat(1000) })}\n\n`
+  // Sizes around where the gateway's reads of the upstream outran its own passing on (it takes a slice of events,
+  // then lets the event loop turn), so that the break came while the last reads waited in the upstream's stream:
+  // found by a sweep of 100 to 700 events, on Node 20 (310) and 24 (283 to 418).
+  const lost: string[] = []
+  for (let count = 280; count <= 330; count++) {
+    const deltas = Array.from({ length: count }, (_, i) => delta(i + 1)).join('')
+    upstream.respond = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      res.write(CREATED_EVENT + deltas, () => { res.socket?.destroy() })
+    }
+    const { status, text, how } = await rawPost(gw.url, '/v1/responses', KEYS.full, JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }))
+    const events = text.split('\n\n').filter(e => e.trim() !== '')
+    const seen = events.filter(e => e.includes('"response.output_text.delta"')).length
+    const why = /^event: error\ndata: .*broke off the stream/.test(events.at(-1) ?? '')
+    if (status !== 200 || seen !== count || !why || how !== 'broken off') lost.push(`${count} events: ${status}, ${seen} arrived, ${why ? '' : 'no '}event saying why, ${how}`)
+  }
+  t.same(lost, [], 'every burst arrives whole, then the event saying why, and the answer is broken off')
+  await until('the audit records', () => gw.audit().length === 51)
+  t.same(new Set(gw.audit().map(r => `${r.status} ${r.outcome}`)), new Set(['200 upstream_error']), 'each audited upstream_error')
 })
 
 t.test('an upstream that ends a streamed generation cleanly before its last event: the SDK raises an APIError instead of taking the text so far for the whole answer, and the call is audited upstream_error', async t => {

@@ -969,6 +969,13 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
             events.destroy(readFailure(err))
             return
           }
+          // What the upstream sent before the break and the gateway had not passed on yet (its reads outran its passing
+          // on: a slice of events at a time, or a client slower than the burst) waits in the upstream's stream, which
+          // its client (undici) destroys with the break: read here, it goes out before the event saying why.
+          if (!events.writableEnded) {
+            res.stream.unpipe(events)
+            for (let held = res.stream.read() as Buffer | null; held !== null; held = res.stream.read() as Buffer | null) events.write(held)
+          }
           events.breakOff(STREAM_BROKEN_EVENT, err)
         })
         waitWithTheClient(request, reply, events)
