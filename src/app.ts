@@ -469,22 +469,27 @@ function discardTheRestOfTheBody (request: FastifyRequest, reply: FastifyReply, 
   // waited, or should have, for a 100 Continue it never got), it closes only once the body is read, within the
   // same bounds. (Nothing happens here when Node keeps the connection.)
   if (!reply.raw.shouldKeepAlive || waitsForContinue(request)) closeOnceTheBodyIsRead(raw)
+  // Read (and counted) from the refusal on, not from its answer's end: Node drops the body of a request no one read
+  // once its answer is written, unseen (IncomingMessage._dump: no 'data' after it), which no count could bound.
+  let discarded = 0
+  let cutOff: (() => void) | null = null
+  const count = (chunk: Buffer) => {
+    discarded += chunk.length
+    if (discarded > DISCARD_BODY_BYTES) cutOff?.()
+  }
+  raw.on('data', count)
+  raw.once('end', () => { raw.off('data', count) })
   reply.raw.once('finish', () => {
     if (raw.complete) return
     const socket = raw.socket
     if (socket !== null) discarding.set(socket, raw)
-    const cutOff = () => { socket?.destroy() }
-    const timer = setTimeout(cutOff, withinMs).unref()
-    let discarded = 0
-    const count = (chunk: Buffer) => {
-      discarded += chunk.length
-      if (discarded > DISCARD_BODY_BYTES) cutOff()
+    cutOff = () => { socket?.destroy() }
+    if (discarded > DISCARD_BODY_BYTES) {
+      cutOff()
+      return
     }
-    raw.on('data', count)
-    raw.once('end', () => {
-      clearTimeout(timer)
-      raw.off('data', count)
-    })
+    const timer = setTimeout(cutOff, withinMs).unref()
+    raw.once('end', () => { clearTimeout(timer) })
     raw.once('close', () => { clearTimeout(timer) })
   })
 }

@@ -485,6 +485,49 @@ t.test('bodies over limits.bodyBytes get 413 request_too_large, readable by a cl
   await oneAuditLineEach(t, h)
 })
 
+/**
+ * A request with a body of `size` bytes, uploaded as fast as the gateway takes it, then a GET pipelined behind it: the
+ * statuses answered, and whether the gateway closed the connection before the upload was done.
+ */
+async function uploadThenAsk (h: Harness, headers: Header[], size: number): Promise<{ statuses: string[], cutOff: boolean }> {
+  const { hostname, port } = new URL(h.gw.url)
+  const socket = createConnection({ host: hostname, port: Number(port) })
+  const received: Buffer[] = []
+  let closed = false
+  socket.on('data', (c: Buffer) => { received.push(c) })
+  socket.on('error', () => {})
+  socket.on('close', () => { closed = true })
+  socket.write(buildRequest('POST', `/v1/conversations/${h.conversationId}/items`, [...headers, ['Content-Length', String(size)]]))
+  const piece = Buffer.alloc(1024 * 1024, 0x20)
+  for (let sent = 0; sent < size && !closed;) {
+    const part = piece.subarray(0, Math.min(piece.length, size - sent))
+    sent += part.length
+    if (!socket.write(part)) await new Promise(resolve => { socket.once('drain', resolve); socket.once('close', resolve) })
+  }
+  const cutOff = closed
+  if (!closed) {
+    socket.write(buildRequest('GET', `/v1/conversations/${h.conversationId}`, [FULL, ['Connection', 'close']]))
+    await Promise.race([new Promise(resolve => socket.once('close', resolve)), sleep(4000)])
+  }
+  socket.destroy()
+  return { statuses: [...Buffer.concat(received).toString('latin1').matchAll(/HTTP\/1\.1 (\d{3}) /g)].map(m => m[1]!), cutOff }
+}
+
+t.test('after an early refusal, a body still coming is thrown away up to 64 MiB, then the connection is closed: also when the refusal came before a byte of it was read (Node then drops what follows unseen)', async t => {
+  const h = await setup(t)
+  const MiB = 1024 * 1024
+  const refusals: Array<[string, Header[], string]> = [
+    ['a declared size over limits.bodyBytes', [FULL, JSON_TYPE], '413'],
+    ['a wrong key', [bearer('ogw_wrong'), JSON_TYPE], '401']
+  ]
+  for (const [label, headers, status] of refusals) {
+    const within = await uploadThenAsk(h, headers, 60 * MiB)
+    t.same(within, { statuses: [status, '200'], cutOff: false }, `${label}, 60 MiB: answered, the rest thrown away, and the call behind it served`)
+    const past = await uploadThenAsk(h, headers, 80 * MiB)
+    t.same(past, { statuses: [status], cutOff: true }, `${label}, 80 MiB: answered, then the connection closed past 64 MiB, the upload not done`)
+  }
+})
+
 t.test('Content-Type: application/json in any case or spacing, or none, is checked as JSON and forwarded as application/json', async t => {
   const h = await setup(t)
   const variants: Array<[label: string, headers: Header[]]> = [
