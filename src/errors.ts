@@ -245,11 +245,21 @@ export interface OpenAIErrorBody {
 }
 
 /**
+ * `text` cut to at most `max` UTF-16 units, never between the two halves of a character outside the Basic
+ * Multilingual Plane (an emoji): a half alone is no text (JSON spells it `\ud83d`, and Python cannot print it).
+ */
+export function cutShort (text: string, max: number): string {
+  if (text.length <= max) return text
+  const last = text.charCodeAt(max - 1)
+  return text.slice(0, last >= 0xd800 && last <= 0xdbff ? max - 1 : max)
+}
+
+/**
  * A value the client sent (a header, a model), as an error message quotes it: any key in it withheld before it is
  * cut short, so that no part of one shows, in JSON quotes.
  */
 export function quoted (value: string): string {
-  return JSON.stringify(withoutKeys(value).slice(0, 100))
+  return JSON.stringify(cutShort(withoutKeys(value), 100))
 }
 
 /**

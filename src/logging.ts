@@ -6,6 +6,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { LogController } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import { pino, type Bindings, type ChildLoggerOptions, type LogFn, type Logger, type LoggerOptions } from 'pino'
+import { cutShort } from './errors.js'
 import { withoutKeys } from './keys.js'
 import { credentialParam, queryOf, rawPath } from './operations.js'
 import { clientIp } from './http/address.js'
@@ -24,7 +25,7 @@ const LOGGED_TEXT_CHARS = 256
 
 export function cut (text: unknown): string | undefined {
   if (typeof text !== 'string') return undefined
-  return text.length > LOGGED_TEXT_CHARS ? `${text.slice(0, LOGGED_TEXT_CHARS)}… (${text.length} chars)` : text
+  return text.length > LOGGED_TEXT_CHARS ? `${cutShort(text, LOGGED_TEXT_CHARS)}… (${text.length} chars)` : text
 }
 
 /** What a warning says of a failure, under `err` (loggedError). */

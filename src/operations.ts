@@ -3,6 +3,7 @@
 // percent-decoding), so that an encoded prefix, an encoded slash or a dot segment can never be read as something
 // else than what reaches the upstream.
 import type { Scope } from './config.js'
+import { cutShort } from './errors.js'
 import { withoutKeys } from './keys.js'
 
 export const API_PREFIX = '/v1'
@@ -157,7 +158,7 @@ export function queryOf (url: string): URLSearchParams | null {
 
 /** A parameter's name (or a body's key) as an error names it: a key in it withheld, cut short. */
 export function shownName (name: string): string {
-  return withoutKeys(name).slice(0, 40)
+  return cutShort(withoutKeys(name), 40)
 }
 
 /**

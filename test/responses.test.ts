@@ -1603,6 +1603,28 @@ t.test('models and the token budget cannot be got round with Model or Background
   t.equal(upstream.requests.length, 0, 'none reached the upstream')
 })
 
+t.test('an error that quotes what the client sent, cut short, never cuts a character in two (a half alone is no text: JSON spells it \\ud83d, and Python cannot print it)', async t => {
+  const { upstream, gw } = await setup(t, { clients: [{ id: 'team-full', keySha256: keyDigest(KEYS.full), scopes: ['read', 'write'], models: ['gpt-4o-mini'] }] })
+  const LONE_HALF = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/
+  const refused = async (res: Response, status: number, what: string) => {
+    const text = await res.text()
+    t.equal(res.status, status, `${what}: ${status}`)
+    t.notOk(/\\ud[89ab][0-9a-f]{2}/i.test(text), `${what}: no half of a character spelled in the answer`)
+    const { error } = JSON.parse(text) as { error: { message: string, param: string | null } }
+    t.notOk(LONE_HALF.test(error.message) || LONE_HALF.test(error.param ?? ''), `${what}: its message and param are whole text`)
+  }
+  // The model is quoted to 100 characters, a parameter's name to 40: the emoji straddles the cut.
+  for (const model of ['x'.repeat(99) + '\u{1F600}', 'x'.repeat(98) + '\u{1F600}\u{1F600}']) {
+    const res = await fetch(`${gw.url}/v1/responses`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: JSON.stringify({ model, input: 'x' })
+    })
+    await refused(res, 403, `a model of ${model.length} units`)
+  }
+  const name = encodeURIComponent('x'.repeat(39) + '\u{1F600}')
+  await refused(await fetch(`${gw.url}/v1/conversations/conv_1?${name}=1`, { headers: { authorization: `Bearer ${KEYS.full}` } }), 400, 'a query parameter\'s name')
+  t.equal(upstream.requests.length, 0, 'none reached the upstream')
+})
+
 t.test('a long model string that nearly matches a models glob is refused without stalling the gateway (no backtracking match)', async t => {
   const { upstream, gw } = await setup(t, {
     clients: [

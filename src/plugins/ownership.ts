@@ -11,7 +11,7 @@ import fp from 'fastify-plugin'
 import { then, whenAnswered, type Answer } from '../answer.js'
 import { MAX_TIMER_MS, type ClientConfig } from '../config.js'
 import {
-  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, InvalidListTypeError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
+  ConversationNotFoundError, ConversationNotOwnedError, CredentialsInBodyError, cutShort, InvalidListTypeError, InvalidMetadataError, InvalidRequestError, ItemContainerNotAllowedError, ItemNotFoundError,
   ItemNotOwnedError, ItemReferenceNotOwnedError, ItemReferenceOutsideConversationError, MetadataLimitError, TooManyItemReferencesError,
   PreviousResponseNotFoundError, PreviousResponseNotOwnedError, RateLimitStoreUnavailableError, ReservedMetadataKeyError, ResponseNotFoundError,
   ResponseNotOwnedError, StoreUnavailableNotOwnedError, UnknownParameterError, UpstreamAuthError, UpstreamRateLimitedError, UpstreamRefusedError, UpstreamTimeoutError, UpstreamUnavailableError, type GatewayError
@@ -250,7 +250,7 @@ function refuseOtherCases (action: Action, body: unknown): void {
         otherCaseKey((items[i] as { environment?: unknown } | null)?.environment, ENVIRONMENT_KEYS, `${list}[${i}].environment.`)
     }
   }
-  if (found !== null) throw withParam(new UnknownParameterError(found.slice(0, 200)), found.slice(0, 200))
+  if (found !== null) throw withParam(new UnknownParameterError(cutShort(found, 200)), cutShort(found, 200))
 }
 
 /** The lists of a create's body that the checks here (and plugins/responses.ts, tools) read items from, by action. */

@@ -14,7 +14,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { MAX_TIMER_MS } from '../config.js'
 import {
-  GatewayShuttingDownError, NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, NOT_STREAMED_RETRIEVED, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError,
+  cutShort, GatewayShuttingDownError, NOT_STREAMED_OTHER, NOT_STREAMED_RESPONSE, NOT_STREAMED_RETRIEVED, SDK_RETRY_WAIT_MS, UpstreamAuthError, UpstreamNotStreamedError,
   UpstreamTimeoutError, UpstreamUnavailableError
 } from '../errors.js'
 import { API_PREFIX, RESOURCES, type Action, type Operation } from '../operations.js'
@@ -393,7 +393,7 @@ function errorText (value: unknown): string | null {
 function notStreamed (action: string | undefined, answer: unknown): string {
   const held = answer as { object?: unknown, id?: unknown } | null
   if (held?.object !== 'response' || typeof held.id !== 'string') return NOT_STREAMED_OTHER
-  const id = held.id.slice(0, 200)
+  const id = cutShort(held.id, 200)
   return action === 'response.create' ? NOT_STREAMED_RESPONSE(id) : NOT_STREAMED_RETRIEVED(id)
 }
 

@@ -4,7 +4,7 @@
 // audit record and the token budget (plugins/rate-limit.ts charges it when the call ends).
 import fp from 'fastify-plugin'
 import {
-  BackgroundNotAllowedError, ContainerNotAllowedError, CredentialsInBodyError, InvalidModelTypeError, InvalidStreamTypeError, ModelNotAllowedError,
+  BackgroundNotAllowedError, ContainerNotAllowedError, CredentialsInBodyError, cutShort, InvalidModelTypeError, InvalidStreamTypeError, ModelNotAllowedError,
   ModelRequiredError, quoted,
   UnknownParameterError
 } from '../errors.js'
@@ -33,7 +33,7 @@ function namedContainer (tools: unknown): { param: string, otherCase: boolean } 
   for (const [i, tool] of tools.entries()) {
     const { type, container, environment } = (tool ?? {}) as { type?: unknown, container?: unknown, environment?: unknown }
     const otherCase = otherCaseKey(tool, TOOL_KEYS, `tools[${i}].`) ?? otherCaseKey(environment, ENVIRONMENT_KEYS, `tools[${i}].environment.`)
-    if (otherCase !== null) return { param: otherCase.slice(0, 200), otherCase: true }
+    if (otherCase !== null) return { param: cutShort(otherCase, 200), otherCase: true }
     // (isObject: not a number kept exactly, http/json.ts, which is an object of its own but names no auto mode; its
     // type read as a case-blind upstream reads it: `Code_Interpreter` is the code interpreter to it)
     if (typeof type === 'string' && folded(type) === 'code_interpreter' && container != null && !isObject(container)) return { param: `tools[${i}].container`, otherCase: false }
@@ -71,8 +71,8 @@ export default fp(async function responses (app) {
     // read, past the checks below (ownership.ts refuses the keys its own checks read in the same way).
     const otherCase = creating ? otherCaseKey(body, CHECKED_KEYS) : null
     if (otherCase !== null) {
-      const err = new UnknownParameterError(otherCase.slice(0, 200))
-      err.param = otherCase.slice(0, 200)
+      const err = new UnknownParameterError(cutShort(otherCase, 200))
+      err.param = cutShort(otherCase, 200)
       done(err)
       return
     }

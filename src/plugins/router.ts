@@ -8,7 +8,7 @@ import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import {
-  CredentialsInQueryError, CredentialsInUrlError, ExpectationFailedError, HeadersTooLargeError, InvalidHostError, MethodNotAllowedError,
+  CredentialsInQueryError, CredentialsInUrlError, cutShort, ExpectationFailedError, HeadersTooLargeError, InvalidHostError, MethodNotAllowedError,
   MissingHostError, quoted, UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
@@ -17,7 +17,7 @@ import { credentialParam, matchOperation, rawPath } from '../operations.js'
 /** The path as the client sent it, cut short: error messages echo it (a key withheld first, so none shows in part). */
 function shown (url: string): string {
   const path = withoutKeys(rawPath(url))
-  return path.length > 200 ? `${path.slice(0, 200)}…` : path
+  return path.length > 200 ? `${cutShort(path, 200)}…` : path
 }
 
 /**
