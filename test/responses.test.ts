@@ -1623,6 +1623,21 @@ t.test('an error that quotes what the client sent, cut short, never cuts a chara
   const name = encodeURIComponent('x'.repeat(39) + '\u{1F600}')
   await refused(await fetch(`${gw.url}/v1/conversations/conv_1?${name}=1`, { headers: { authorization: `Bearer ${KEYS.full}` } }), 400, 'a query parameter\'s name')
   t.equal(upstream.requests.length, 0, 'none reached the upstream')
+  // An id the body names and the upstream does not have, quoted to 200 units; the upstream's own error text, quoted
+  // to 500 (an answer not in OpenAI's envelope) or 1,000 (an owner lookup's refusal).
+  const post = (path: string, body: unknown) => fetch(`${gw.url}${path}`, {
+    method: 'POST', headers: { authorization: `Bearer ${KEYS.full}`, 'content-type': 'application/json' }, body: JSON.stringify(body)
+  })
+  const id = (prefix: string) => prefix + 'x'.repeat(199 - prefix.length) + '\u{1F600}'
+  await refused(await post('/v1/responses', { model: 'gpt-4o-mini', input: 'x', previous_response_id: id('resp_') }), 400, 'a previous_response_id not found')
+  await refused(await post('/v1/responses', { model: 'gpt-4o-mini', input: 'x', conversation: id('conv_') }), 404, 'a conversation not found')
+  const { id: conversation } = await (await post('/v1/conversations', {})).json() as { id: string }
+  await refused(await post(`/v1/conversations/${conversation}/items`, { items: [{ type: 'item_reference', id: id('msg_') }] }), 404, 'an item not found')
+  const text = (units: number) => 'x'.repeat(units - 1) + '\u{1F600}'
+  upstream.respond = (_req, res) => { res.writeHead(400, { 'content-type': 'application/json' }).end(JSON.stringify({ detail: text(500) })) }
+  await refused(await fetch(`${gw.url}/v1/conversations/${conversation}`, { headers: { authorization: `Bearer ${KEYS.full}` } }), 400, 'the upstream\'s error text')
+  upstream.respond = (_req, res) => { res.writeHead(402, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: text(1000), type: text(1000), code: text(1000) } })) }
+  await refused(await fetch(`${gw.url}/v1/conversations/conv_other`, { headers: { authorization: `Bearer ${KEYS.full}` } }), 402, 'an owner lookup\'s refusal')
 })
 
 t.test('a long model string that nearly matches a models glob is refused without stalling the gateway (no backtracking match)', async t => {

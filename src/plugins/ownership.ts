@@ -148,7 +148,7 @@ type Found = Pick<Issued, 'others' | 'unanswered'>
  */
 function refusedItem (request: FastifyRequest, id: unknown, refusal: keyof typeof ITEM_REFUSALS, param: string, found: Found): GatewayError {
   const owner = typeof id === 'string' ? found.others.get(id) : undefined
-  const err = withParam(ITEM_REFUSALS[refusal](String(id).slice(0, MAX_ID_LENGTH), owner !== undefined), param)
+  const err = withParam(ITEM_REFUSALS[refusal](cutShort(String(id), MAX_ID_LENGTH), owner !== undefined), param)
   if ((!found.unanswered || owner !== undefined) && typeof id === 'string') {
     request.refusedItemId = id
     if (owner !== undefined) request.ownerId = owner
@@ -362,7 +362,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
       said = (JSON.parse(decodedBody(body, encoding, MAX_WHOLE_BYTES).toString('utf8')) as { error?: typeof said } | null)?.error ?? {}
     } catch {} // (an answer that is no OpenAI error: the status alone)
     if (!isObject(said)) said = {}
-    const text = (value: unknown, fallback: string) => typeof value === 'string' && value !== '' ? scrub.text(value).slice(0, MAX_REFUSAL_TEXT) : fallback
+    const text = (value: unknown, fallback: string) => typeof value === 'string' && value !== '' ? cutShort(scrub.text(value), MAX_REFUSAL_TEXT) : fallback
     return Object.assign(new UpstreamRefusedError(text(said.message, `The upstream API refused the call (HTTP ${status}).`)), {
       statusCode: status,
       type: text(said.type, 'invalid_request_error'),
@@ -657,7 +657,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     const decide = (found: Owner): string | null => {
       const [Missing, NotYours] = REFUSALS[refusal]
       // (An id from the body may be anything the body limit allows: the answer quotes it cut short, as it does a path.)
-      if (found === 'missing') throw named(new Missing(id.length > MAX_ID_LENGTH ? `${id.slice(0, MAX_ID_LENGTH)}…` : id))
+      if (found === 'missing') throw named(new Missing(id.length > MAX_ID_LENGTH ? `${cutShort(id, MAX_ID_LENGTH)}…` : id))
       request.ownerId = found.owner // the audit names whom a refused call was after
       if (!mayAct(found, client)) {
         cache.noteRefused(kind, id)

@@ -383,7 +383,7 @@ function errorText (value: unknown): string | null {
   if (value === null || typeof value !== 'object') return null
   const { error, message, detail } = value as Record<string, unknown>
   const text = [error, message, detail].find(v => typeof v === 'string' && v.trim() !== '') as string | undefined
-  return text === undefined ? null : text.slice(0, 500)
+  return text === undefined ? null : cutShort(text, 500)
 }
 
 /**
