@@ -3,12 +3,12 @@
 // (input tokens = words in, output tokens = words out, "Echo:" included).
 import t, { type Test } from 'tap'
 import OpenAI from 'openai'
-import { connect } from 'node:net'
 import { keyDigest } from '../src/keys.js'
 import { sleep, until } from './fixtures/client.js'
 import { KEYS, METRICS_TOKEN, startGateway, testConfig, type TestGateway } from './fixtures/gateway.js'
 import { startRedis } from './fixtures/redis-server.js'
 import { closedPort, faults, startUpstream, UPSTREAM_TOKEN, type FakeUpstream } from './fixtures/upstream.js'
+import { buildRequest, sendRaw } from './fixtures/raw-http.js'
 import type { ResponsesOptions } from '../src/demo/fake-responses.js'
 
 interface Setup {
@@ -40,35 +40,6 @@ async function streamedCreate (client: OpenAI, signal?: AbortSignal): Promise<{ 
     for await (const event of stream) seen.push(event.type)
   })().then(() => null, (e: unknown) => e)
   return { seen, err }
-}
-
-/**
- * A POST on a socket of its own: its status, its chunked body as text, and whether that ended with its last chunk or
- * was broken off. (Node's http client, and fetch, throw away what they hold unread when a connection breaks: what
- * they saw would not be all the gateway sent.)
- */
-async function rawPost (url: string, path: string, key: string, body: string): Promise<{ status: number, text: string, how: 'ended' | 'broken off' }> {
-  const { hostname, port } = new URL(url)
-  const socket = connect(Number(port), hostname)
-  socket.write(`POST ${path} HTTP/1.1\r\nhost: ${hostname}\r\nauthorization: Bearer ${key}\r\ncontent-type: application/json\r\n` +
-    `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
-  const chunks: Buffer[] = []
-  socket.on('data', (chunk: Buffer) => { chunks.push(chunk) })
-  await new Promise(resolve => socket.once('close', resolve))
-  const raw = Buffer.concat(chunks)
-  const status = Number(raw.subarray(9, 12).toString())
-  let at = raw.indexOf('\r\n\r\n') + 4
-  const parts: Buffer[] = []
-  const text = () => Buffer.concat(parts).toString()
-  for (;;) {
-    const eol = raw.indexOf('\r\n', at)
-    if (eol === -1) return { status, text: text(), how: 'broken off' }
-    const size = parseInt(raw.subarray(at, eol).toString(), 16)
-    if (size === 0) return { status, text: text(), how: 'ended' }
-    parts.push(raw.subarray(eol + 2, eol + 2 + size))
-    if (eol + 2 + size > raw.length) return { status, text: text(), how: 'broken off' }
-    at = eol + 2 + size + 2
-  }
 }
 
 const rejection = (p: Promise<unknown>) => p.then(() => { throw new Error('expected a rejection') }, (e: unknown) => e)
@@ -721,8 +692,13 @@ t.test('a burst the upstream breaks off, of any size: every event it sent reache
       res.writeHead(200, { 'content-type': 'text/event-stream' })
       res.write(CREATED_EVENT + deltas, () => { res.socket?.destroy() })
     }
-    const { status, text, how } = await rawPost(gw.url, '/v1/responses', KEYS.full, JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true }))
-    const events = text.split('\n\n').filter(e => e.trim() !== '')
+    // (on a socket of its own: Node's http client, and fetch, throw away what they hold unread when a connection
+    // breaks, and what they saw would not be all the gateway sent)
+    const { response } = await sendRaw(gw.url, buildRequest('POST', '/v1/responses', [['authorization', `Bearer ${KEYS.full}`], ['content-type', 'application/json'], ['connection', 'close']],
+      JSON.stringify({ model: 'gpt-4o', input: 'hi', stream: true })), { timeoutMs: 10_000 })
+    const status = response?.status
+    const how = response?.complete === true ? 'ended' : 'broken off'
+    const events = (response?.body ?? '').split('\n\n').filter(e => e.trim() !== '')
     const seen = events.filter(e => e.includes('"response.output_text.delta"')).length
     const why = /^event: error\ndata: .*broke off the stream/.test(events.at(-1) ?? '')
     if (status !== 200 || seen !== count || !why || how !== 'broken off') lost.push(`${count} events: ${status}, ${seen} arrived, ${why ? '' : 'no '}event saying why, ${how}`)

@@ -974,7 +974,8 @@ export default fp<ProxyOptions>(async function proxy (app, opts) {
           // its client (undici) destroys with the break: read here, it goes out before the event saying why.
           if (!events.writableEnded) {
             res.stream.unpipe(events)
-            for (let held = res.stream.read() as Buffer | null; held !== null; held = res.stream.read() as Buffer | null) events.write(held)
+            // (until the rewriter ends: the last event may be among them)
+            for (let held = res.stream.read() as Buffer | null; held !== null && !events.writableEnded; held = res.stream.read() as Buffer | null) events.write(held)
           }
           events.breakOff(STREAM_BROKEN_EVENT, err)
         })
