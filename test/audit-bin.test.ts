@@ -108,6 +108,8 @@ t.test('the stale lock of a gateway that was killed does not stop the next one',
   const first = await startBin(t, file, {})
   first.child.kill('SIGKILL')
   await once(first.child, 'exit')
-  const second = await startBin(t, file, {})
+  // It first watches the lock for the 5 s its heartbeat would take to show (audit/lock.ts STALE_AFTER_MS): the usual
+  // 10 s to listen left 5 for the start itself, which a busy machine outran (a full run on Node 24, load 8).
+  const second = await startBin(t, file, {}, [], 5_000 + 10_000)
   t.match(second.output.text, /taking over a stale lock/)
 })

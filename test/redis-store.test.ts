@@ -1,7 +1,8 @@
 // The Redis store against a real redis-server: the same bucket rules as the memory store, shared by every
 // store instance (replica) on one Redis, and what happens when Redis goes away, hangs, and comes back.
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { createServer as createHttpServer } from 'node:http'
 import { createServer as createTlsServer } from 'node:tls'
 import t, { type Test } from 'tap'
@@ -9,6 +10,8 @@ import { StartupError } from '../src/preflight.js'
 import { StoreUnavailableError, type BucketRule } from '../src/stores/rate-limit-store.js'
 import { IssuedItems, ISSUED_TTL_MS } from '../src/ownership/issued.js'
 import { KEY_PREFIX, RedisStore, type OnFailure, type StoreLogger } from '../src/stores/redis.js'
+import { configFile, gatewayYaml, runAsync } from './fixtures/bin.js'
+import { tempDir } from './fixtures/tmp.js'
 import { eventually } from './fixtures/eventually.js'
 import { startRedis, type RedisServer } from './fixtures/redis-server.js'
 
@@ -414,6 +417,24 @@ t.test('rediss:// to a server whose certificate is not trusted (a private CA not
   t.type(refused, StartupError)
   t.match((refused as Error | null)?.message,
     /^store\.url: its server's TLS certificate was refused \((?:unable to verify the first certificate|self[- ]signed certificate in certificate chain)(?:; [^)]*)?\): add the CA that signed it with NODE_EXTRA_CA_CERTS, or give the host name it is for$/i)
+})
+
+t.test('rediss:// to a server whose certificate is trusted but has a key too weak (Node 24 refuses RSA under 2048 bits) refuses the start, saying so', async t => {
+  // OpenSSL refuses the certificate itself, whatever CA signed it, and Node has no code of its own for why: taken
+  // for an outage, the replica ran with its buckets never shared, or every call refused. A 768-bit key, refused on
+  // Node 20 too (its floor is 1024 bits), trusted through NODE_EXTRA_CA_CERTS, which Node reads only at start.
+  const fixtures = new URL('./fixtures/tls/', import.meta.url)
+  const server = createTlsServer({ key: readFileSync(new URL('weak.key', fixtures)), cert: readFileSync(new URL('weak.pem', fixtures)), ciphers: 'DEFAULT@SECLEVEL=0' },
+    socket => { socket.on('data', () => { socket.write('+OK\r\n') }) })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  const auditDir = tempDir('gw-weak-cert-')
+  const { file } = configFile(gatewayYaml(join(auditDir, 'audit.jsonl')) +
+    `store: { url: "rediss://127.0.0.1:${(server.address() as AddressInfo).port}/0", onFailure: open }\n`)
+  const start = await runAsync(['start', '--config', file], { NODE_EXTRA_CA_CERTS: new URL('weak.pem', fixtures).pathname }, 10_000)
+  t.equal(start.status, 1, `start refused (${start.stderr.trim()})`)
+  t.match(start.stderr, /store\.url: its server's TLS certificate was refused \(EE certificate key too weak\), whatever CA signed it: give the server one with a stronger key/)
+  t.same(readdirSync(auditDir), [], 'no audit file opened')
 })
 
 t.test('a failover that leaves the old primary a read-only replica: the store reconnects and finds the new primary', async t => {

@@ -132,6 +132,13 @@ const CERT_REFUSED = new Set([
   'CERT_NOT_YET_VALID', 'HOSTNAME_MISMATCH', 'ERR_TLS_CERT_ALTNAME_INVALID'
 ])
 
+/**
+ * A certificate refused for itself, whoever signed it: Node's code for a verification error it has no name of its
+ * own for, such as "EE certificate key too weak" (a key under what OpenSSL's security level allows: RSA under 2048
+ * bits on Node 24, the Docker image's runtime, under 1024 on Node 20). Reconnecting meets it too.
+ */
+const CERT_REFUSED_ITSELF = 'UNSPECIFIED'
+
 /** A connection the server closed (or reset) under the client. */
 const HUNG_UP = /\b(?:EPIPE|ECONNRESET)\b|Connection is closed/
 
@@ -344,9 +351,14 @@ export class RedisStore implements RateLimitStore, SharedNotes {
       if (reason !== null && AUTH_REFUSED.test(reason)) {
         return `Redis refused the user or password given in it (${reason})`
       }
-      if (CERT_REFUSED.has(String((failure as { code?: unknown } | null)?.code))) {
+      const code = String((failure as { code?: unknown } | null)?.code)
+      if (CERT_REFUSED.has(code)) {
         return `its server's TLS certificate was refused (${reason}): add the CA that signed it with ` +
           'NODE_EXTRA_CA_CERTS, or give the host name it is for'
+      }
+      if (code === CERT_REFUSED_ITSELF) {
+        return `its server's TLS certificate was refused (${reason}), whatever CA signed it: give the server one with a ` +
+          'stronger key (RSA of 2048 bits or more: Node 24 refuses less)'
       }
       const notResp = reason === null ? null : NOT_RESP.exec(reason)
       if (notResp !== null) {
