@@ -507,6 +507,33 @@ t.test('a 2xx answer broken off before its content-length, or compressed beyond 
   t.match(await unreadable.json(), { error: { code: 'upstream_unavailable' } })
 })
 
+t.test('an upstream header too long to pass on (a request id of 16 KB) is not passed on: the client\'s header block stays under the 16 KiB its HTTP client takes, and the SDK\'s call succeeds instead of failing as a lost connection it would send again', async t => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const gw = await startGateway(t, ...withoutOwnership(upstream.url))
+  const long = 'req_' + 'x'.repeat(16_200)
+  upstream.respond = (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'x-request-id': long, 'openai-processing-ms': '7' })
+      .end('{"object":"list","data":[],"has_more":false}')
+  }
+  const sdk = new OpenAI({ apiKey: KEYS.full, baseURL: `${gw.url}/v1`, maxRetries: 0 })
+  const page = await sdk.conversations.items.list('conv_1').then(p => p, (e: unknown) => e)
+  t.notOk(page instanceof Error, `the SDK's call succeeds (got ${String(page)})`)
+  const raw = await fetch(`${gw.url}/v1/conversations/conv_1/items`, { headers: auth })
+  t.equal(raw.status, 200)
+  t.equal(raw.headers.get('x-request-id'), null, 'the upstream\'s request id is not passed on')
+  t.match(raw.headers.get('x-gateway-request-id'), /^gw_/, 'the gateway\'s own is there')
+  t.equal(raw.headers.get('openai-processing-ms'), '7', 'the other headers pass as before')
+  t.equal(upstream.requests.length, 2, 'each call went upstream once')
+  t.match(gw.audit().at(-1), { status: 200, upstreamRequestId: long.slice(0, 256) }, 'the audit keeps the upstream\'s id, cut, as before')
+
+  upstream.respond = (_req, res) => {
+    res.writeHead(429, { 'content-type': 'application/json', 'retry-after': '1', 'x-ratelimit-debug': 'x'.repeat(16_200) }).end('{"error":{"message":"slow down"}}')
+  }
+  const limited = await sdk.conversations.items.list('conv_1').then(() => null, (e: unknown) => e)
+  t.match(limited, { status: 429 }, 'a 429 with a rate-limit header too long reaches the SDK as its 429')
+})
+
 t.test('the token is taken out of the response headers the client gets, and of the upstream request id the audit keeps', async t => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

@@ -249,6 +249,14 @@ function connectionListed (headers: IncomingHttpHeaders): Set<string> | null {
   return new Set(String(connection).toLowerCase().split(',').map(name => name.trim()))
 }
 
+/**
+ * The longest upstream header value passed on to the client (OpenAI's are a few dozen characters): past Node's and
+ * undici's 16 KiB for a whole header block, the SDKs see a connection error and send the call again, a generation
+ * made twice. A longer one is not passed on (of a request id, the client still has the gateway's own:
+ * `x-gateway-request-id`, and `x-request-id` on an answer of the gateway's own).
+ */
+const MAX_RETURNED_HEADER_CHARS = 1024
+
 // for...in over these header objects (undici's and Node's, plain objects of own keys): unlike Object.entries, it
 // makes no array per header, and these run on every call.
 export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: TokenScrubber): IncomingHttpHeaders {
@@ -258,7 +266,8 @@ export function clientResponseHeaders (headers: IncomingHttpHeaders, scrub: Toke
     const value = headers[name]
     if (value === undefined || !RETURNED_RESPONSE_HEADERS.has(name) || listed?.has(name) === true) continue
     const clean = scrub.header(value)
-    if (clean !== undefined) out[name] = clean
+    // (a header the upstream wrote twice comes as a list, which goes out as its lines)
+    if (clean !== undefined && (typeof clean === 'string' ? clean.length : clean.join(', ').length) <= MAX_RETURNED_HEADER_CHARS) out[name] = clean
   }
   // A wait over a minute (a 503 retry-after of an hour, a quota reset in an hour) is not to be slept through: the SDKs
   // would, as through the gateway's own (errors.ts, retryAfter). As the hints are passed on: one the Connection header
@@ -291,7 +300,7 @@ export function upstreamRateLimitHeaders (headers: IncomingHttpHeaders, scrub: T
   const listed = connectionListed(headers)
   for (const name in headers) {
     const value = headers[name]
-    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && listed?.has(name) !== true) out[name] = scrub.header(value)
+    if (name.startsWith('x-ratelimit-') && typeof value === 'string' && value.length <= MAX_RETURNED_HEADER_CHARS && listed?.has(name) !== true) out[name] = scrub.header(value)
   }
   return out
 }
