@@ -35,7 +35,7 @@ import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
 import { trustedProxies } from './http/address.js'
 import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
-import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
+import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, lastAnswerDue, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -113,8 +113,9 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     const inFlight = responseHolding(socket)
     // The refused bytes are the body of the call being read, or a call after every one on the connection. They
     // are answered only when that call is the connection's one call now: an answer written ahead of another
-    // call's would be taken by the client for that call's (HTTP answers in order). Otherwise the connection is
-    // closed without a word, and each call on it is audited as what it was, aborted.
+    // call's would be taken by the client for that call's (HTTP answers in order). After calls read whole, those
+    // are answered first (below). Otherwise the connection is closed without a word, and each call on it is
+    // audited as what it was, aborted.
     // Bytes refused while the body of a call already answered is thrown away are that call's: it has its answer.
     const answerable = inFlight === null
       ? discarding.get(socket)?.complete !== false
@@ -135,6 +136,16 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     // upstream already) would lose its answer and be audited as a client that hung up. Nothing more is read.
     if (err.code === 'HPE_CLOSED_CONNECTION' && inFlight !== null) {
       socket.pause()
+      return
+    }
+    // Bytes refused after every call on the connection was read whole (a request Node cannot parse pipelined behind
+    // them, what a Content-Length too short left of a body) belong to no call: those calls are answered, in order,
+    // nothing more is read, and the connection closes after the last answer. Cut now, a call done upstream would
+    // lose its answer, and one whose answer was on its way would be audited as sent.
+    const last = lastAnswerDue(socket)
+    if (last !== null && last.req.complete) {
+      socket.pause()
+      closeAfter(last, socket)
       return
     }
     if (id !== null) {
@@ -160,6 +171,13 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     }
     socket.destroy(err)
   }
+}
+
+/** Closes `socket` once `res` is written whole; an answer not begun yet says so (Connection: close). */
+function closeAfter (res: ServerResponse, socket: Socket): void {
+  if (!res.headersSent) res.shouldKeepAlive = false
+  if (res.writableFinished) socket.destroySoon()
+  else res.once('finish', () => { socket.destroySoon() })
 }
 
 /**

@@ -155,6 +155,11 @@ export function responseHolding (socket: Socket): ServerResponse | null {
   return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
 }
 
+/** The last answer due on `socket`: the last response waiting behind the one holding it, else that one; null between calls. */
+export function lastAnswerDue (socket: Socket): ServerResponse | null {
+  return waiting.get(socket)?.at(-1) ?? responseHolding(socket)
+}
+
 /** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
 const closing = new WeakSet<Socket>()
 
