@@ -18,7 +18,7 @@ import { reloaded, type ConfigChange } from './reload.js'
 import { createAppLogger, DebugRequestLogController, keepAccepting, lazyChildLogger, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body, { hasBody, waitsForContinue } from './plugins/body.js'
+import body, { bodyUnreadable, hasBody, waitsForContinue } from './plugins/body.js'
 import health from './plugins/health.js'
 import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
@@ -395,9 +395,9 @@ function errorHandler (config: GatewayConfig) {
     }
     // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
     if (hasBody(request.headers) && !request.raw.complete) {
-      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after it.
-      // Any other body still coming is discarded, within bounds.
-      if (request.headers.upgrade !== undefined) {
+      // Node reads nothing more after an Upgrade request, nor after one whose body's framing it refuses: the
+      // connection cannot carry another request after it. Any other body still coming is discarded, within bounds.
+      if (request.headers.upgrade !== undefined || bodyUnreadable(request.headers)) {
         reply.header('connection', 'close')
       } else {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)

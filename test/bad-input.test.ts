@@ -830,6 +830,35 @@ t.test('bytes the parser refuses after a call read whole (in the same packet): t
   await oneAuditLineEach(t, h)
 })
 
+t.test('an answer to a request whose Transfer-Encoding Node cannot read says the connection closes, which it does', async t => {
+  // Node's parser refuses such a body once the headers are read (RFC 9112 §6.3: 400 and close); the refusal
+  // written before that said keep-alive, and a client sending its next call on the connection lost it.
+  const h = await setup(t)
+  const probe = `GET /v1/conversations/${h.conversationId} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  const cases: Array<[label: string, request: string, status: number]> = []
+  for (const coding of ['identity', 'gzip']) {
+    const te = `Transfer-Encoding: ${coding}\r\n`
+    cases.push(
+      [`${coding}, no key`, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${te}\r\n`, 401],
+      [`${coding}, a method no route has`, `PROPFIND /v1/conversations HTTP/1.1\r\nHost: x\r\n${te}\r\n`, 405],
+      [`${coding}, with a key`, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n${te}\r\n`, 501])
+  }
+  for (const [label, request, status] of cases) {
+    await t.test(label, async t => {
+      const received = await readToClose(h.gw.url, Buffer.from(request + probe))
+      const [head = ''] = received.text.split('\r\n\r\n')
+      t.match(head, new RegExp(`^HTTP/1\\.1 ${status} `), `answered ${status}`)
+      t.match(head, /\r\nconnection: close(\r\n|$)/i, 'saying the connection closes')
+      t.notMatch(head, /keep-alive/i, 'not that it stays open')
+      t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, 'the call after it is not read')
+      t.ok(received.closed, 'the connection is closed')
+      h.handled++
+    })
+  }
+  t.same(h.upstream.requests, [], 'nothing went upstream')
+  await oneAuditLineEach(t, h)
+})
+
 t.test('hop-by-hop tricks cannot strip or replace the upstream token, nor leak the client key', async t => {
   const h = await setup(t)
   const cases: Array<[label: string, headers: Header[]]> = [
