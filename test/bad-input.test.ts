@@ -683,6 +683,30 @@ t.test('protocol switches are refused at the gateway', async t => {
     t.equal(read.res?.status, 200)
   })
 
+  await t.test('a create pipelined behind an Upgrade request (refused, or an h2c offer served) is not served: it never reaches the upstream', async t => {
+    // The answer to the Upgrade request closes the connection; Node reads on after it all the same. The create
+    // behind it went upstream, and its answer was lost with the connection: a client retrying what was not
+    // answered (RFC 9112 §9.3.2) made it twice.
+    const create = post('/v1/conversations', '{"metadata":{"n":"pipelined"}}', [FULL, JSON_TYPE])
+    // (Without `Connection: Upgrade` Node reads the create as a call, audited aborted; with it, never.)
+    for (const [label, upgrade, status, upstream, calls] of [
+      ['Upgrade: websocket', [['Upgrade', 'websocket']], 400, [], 2],
+      ['Connection: Upgrade, Upgrade: websocket', websocket, 400, [], 1],
+      ['Upgrade: h2c', [['Upgrade', 'h2c']], 200, [`GET /v1/conversations/${id}`], 2],
+      ['Connection: Upgrade, Upgrade: h2c', [['Connection', 'Upgrade, HTTP2-Settings'], ['Upgrade', 'h2c'], ['HTTP2-Settings', 'AAMAAABkAAQCAAAAAAIAAAAA']],
+        200, [`GET /v1/conversations/${id}`], 1]
+    ] as Array<[string, Header[], number, string[], number]>) {
+      const before = h.upstream.requests.length
+      const received = await readToClose(h.gw.url, Buffer.concat([get(`/v1/conversations/${id}`, [FULL, ...upgrade]), create]))
+      await sleep(50)
+      t.match(received.text, new RegExp(`^HTTP/1\\.1 ${status} `), `${label}: the call is answered ${status}`)
+      t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, `${label}: the create behind it is not`)
+      t.ok(received.closed, `${label}: the connection is closed`)
+      t.same(h.upstream.requests.slice(before).map(r => `${r.method} ${r.url}`), upstream, `${label}: the create never reached the upstream`)
+      h.handled += calls
+    }
+  })
+
   await t.test('CONNECT host:443 gets a 4xx answer, not a silent close, and nothing reaches the upstream', async t => {
     const before = h.upstream.requests.length
     h.handled++

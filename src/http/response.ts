@@ -163,9 +163,15 @@ export function lastAnswerDue (socket: Socket): ServerResponse | null {
 /** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
 const closing = new WeakSet<Socket>()
 
-/** The answer being sent on `socket` closes it (Connection: close): calls pipelined after it go no further. */
-export function closesConnection (socket: Socket | null): void {
-  if (socket !== null) closing.add(socket)
+/**
+ * The answer `res` closes its connection (Connection: close): calls pipelined after it go no further, those read
+ * already included (their answers could never be sent: nothing of them goes upstream, and each is audited aborted).
+ */
+export function closesConnection (res: ServerResponse, socket: Socket | null): void {
+  if (socket === null) return
+  closing.add(socket)
+  const queue = waiting.get(socket)
+  if (queue !== undefined) for (const behind of queue.slice(queue.indexOf(res) + 1)) behind.destroy()
 }
 
 /** Whether responses to later pipelined requests on `socket` (the request's) wait behind `res`. */

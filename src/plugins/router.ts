@@ -12,6 +12,7 @@ import {
   MissingHostError, quoted, UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
+import { closesConnection } from '../http/response.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it (a key withheld first, so none shows in part). */
@@ -85,8 +86,12 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
   function route (request: FastifyRequest, reply: FastifyReply): void {
     // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'. Node 20 and 24 go
     // on reading the connection after it (a request pipelined behind one is served), but a connection that asked to
-    // switch protocols is not one to keep: whatever the answer, it closes after it (the README says so).
-    if (request.headers.upgrade !== undefined) reply.header('connection', 'close')
+    // switch protocols is not one to keep: whatever the answer, it closes after it (the README says so), and no call
+    // pipelined behind it is served (one let through went upstream, and its answer was lost with the connection).
+    if (request.headers.upgrade !== undefined) {
+      reply.header('connection', 'close')
+      closesConnection(reply.raw, request.raw.socket)
+    }
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
