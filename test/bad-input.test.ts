@@ -722,6 +722,24 @@ t.test('protocol switches are refused at the gateway', async t => {
       t.equal(record?.bytesOut, Buffer.byteLength(ex.response.body), 'its record counts the body the client got (bytesOut)')
     }
   })
+
+  await t.test('a CONNECT pipelined behind a call still being answered gets its 404 after that call\'s answer, and the gateway lives on', async t => {
+    // Node hands a CONNECT over even while an answer holds the connection: given the socket at once, the answer
+    // threw (ERR_HTTP_SOCKET_ASSIGNED) out of Node's parser, and the process ended, whoever sent it (no key needed).
+    const connect = 'CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n'
+    for (const [label, first, status, calls] of [
+      ['behind a call at the upstream', get(`/v1/conversations/${id}`), 200, 2],
+      ['behind /healthz', get('/healthz', []), 200, 1]
+    ] as Array<[string, Buffer, number, number]>) {
+      const received = await readToClose(h.gw.url, Buffer.concat([first, Buffer.from(connect)]))
+      // (the second answer follows the first's body on the same line)
+      t.same(received.text.match(/HTTP\/1\.[01] \d{3}/g), [`HTTP/1.1 ${status}`, 'HTTP/1.1 404'], `${label}: that call's answer, then the CONNECT's 404`)
+      t.ok(received.closed, `${label}: the connection is closed after it`)
+      h.handled += calls
+    }
+    const { res } = await expectForwarded(t, h, get(`/v1/conversations/${id}`))
+    t.equal(res?.status, 200, 'the gateway still serves')
+  })
   await oneAuditLineEach(t, h)
 })
 

@@ -12,7 +12,7 @@ import {
   MissingHostError, quoted, UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
-import { closesConnection } from '../http/response.js'
+import { closesConnection, lastAnswerDue } from '../http/response.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it (a key withheld first, so none shows in part). */
@@ -140,7 +140,12 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     // The server's own class: it counts the body bytes the audit record reports (bytesOut).
     const res = new Response(req)
     res.shouldKeepAlive = false
-    res.assignSocket(socket as Socket)
+    // Pipelined behind calls still being answered (Node hands it over all the same), it is answered after them, in
+    // order: given the socket at once, it threw out of Node's parser (the socket has an answer) and ended the
+    // process. Until then its answer waits, as any pipelined call's does (closeWithConnection).
+    const ahead = lastAnswerDue(socket as Socket)
+    if (ahead === null) res.assignSocket(socket as Socket)
+    else ahead.once('finish', () => { if (socket.writable) res.assignSocket(socket as Socket) })
     res.once('finish', () => {
       res.detachSocket(socket as Socket)
       socket.end()
