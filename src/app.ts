@@ -35,7 +35,7 @@ import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
 import { trustedProxies } from './http/address.js'
 import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
-import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, lastAnswerDue, responseHolding } from './http/response.js'
+import { answersDue, closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -138,14 +138,17 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
       socket.pause()
       return
     }
-    // Bytes refused after every call on the connection was read whole (a request Node cannot parse pipelined behind
-    // them, what a Content-Length too short left of a body) belong to no call: those calls are answered, in order,
-    // nothing more is read, and the connection closes after the last answer. Cut now, a call done upstream would
-    // lose its answer, and one whose answer was on its way would be audited as sent.
-    const last = lastAnswerDue(socket)
-    if (last !== null && last.req.complete) {
+    // Bytes refused behind calls read whole (a request Node cannot parse pipelined behind them, what a Content-Length
+    // too short left of a body, the broken body of a call pipelined behind them): the calls read whole are
+    // answered, in order, and the connection closes after the last of them; nothing more is read, and a call whose
+    // body broke is not answered (its 400 cannot go ahead of their answers: it is audited aborted). Cut at once,
+    // a call done upstream lost its answer, and one whose answer was on its way was audited as sent.
+    const due = answersDue(socket)
+    if (due[0]?.req.complete === true) {
+      const broken = due.findIndex(res => !res.req.complete)
+      for (const res of broken === -1 ? [] : due.slice(broken)) res.destroy()
       socket.pause()
-      closeAfter(last, socket)
+      closeAfter(due[broken === -1 ? due.length - 1 : broken - 1]!, socket)
       return
     }
     if (id !== null) {
@@ -173,11 +176,15 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
   }
 }
 
-/** Closes `socket` once `res` is written whole; an answer not begun yet says so (Connection: close). */
+/**
+ * Closes `socket` once `res` is written whole: Node ends the connection after an answer that is its last (`_last`,
+ * which Connection: close sets) instead of handing the socket to an answer waiting behind it (one destroyed, whose
+ * refusal would then be recorded as sent). An answer not begun says so; one on its way is made the last all the same.
+ */
 function closeAfter (res: ServerResponse, socket: Socket): void {
   if (!res.headersSent) res.shouldKeepAlive = false
+  else (res as ServerResponse & { _last: boolean })._last = true
   if (res.writableFinished) socket.destroySoon()
-  else res.once('finish', () => { socket.destroySoon() })
 }
 
 /**

@@ -732,55 +732,42 @@ t.test('a large answer waiting behind a slow pipelined one is not cut off as a s
   t.same(records.map(r => [r.outcome, r.status]), [['ok', 200], ['ok', 200]], 'both audited ok')
 })
 
-t.test('a pipelined call whose body the parser refuses, behind a call still being answered: nothing is answered ahead of it, the connection closes, and each call is audited as aborted', async t => {
+t.test('bytes the parser refuses behind a call read whole and still at the upstream: nothing is written ahead of its answer, which comes once the upstream answers, then the connection closes', async t => {
+  // Cut at once, the call (perhaps done upstream) lost its answer and was audited 499. A call pipelined behind it
+  // whose body broke gets no answer (its 400 cannot go ahead of the first's): audited aborted.
   const { upstream, gw } = await setup(t)
   const held: ServerResponse[] = []
   upstream.respond = (_req, res) => { held.push(res) }
   t.teardown(() => { for (const res of held) res.destroy() })
-  const first = `GET /v1/conversations/conv_first HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
-  const bad = `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n` +
-    'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n'
-  const before = gw.audit().length
-  const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
-  socket.on('error', () => {})
-  let received = ''
-  socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
-  const closed = once(socket, 'close')
-  socket.write(first)
-  await until('the first call held at the upstream', () => held.length === 1)
-  socket.write(bad)
-  await closed
-  t.equal(received, '', 'nothing written ahead of the first call\'s answer')
-  await until('2 records', () => gw.audit().length === before + 2)
-  await sleep(100)
-  t.same(gw.audit().slice(before).map(r => [r.status, r.outcome]), [[499, 'aborted'], [499, 'aborted']], 'each call audited aborted')
-})
-
-t.test('bytes the parser refuses behind a call read whole and still at the upstream: that call is answered once the upstream answers, then the connection closes', async t => {
-  // They belong to no call: cut at once, the call (perhaps done upstream) lost its answer and was audited 499.
-  const { upstream, gw } = await setup(t)
-  const held: ServerResponse[] = []
-  upstream.respond = (_req, res) => { held.push(res) }
-  t.teardown(() => { for (const res of held) res.destroy() })
-  const before = gw.audit().length
-  const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
-  socket.on('error', () => {})
-  let received = ''
-  socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
-  const closed = once(socket, 'close')
-  socket.write(`GET /v1/conversations/conv_first HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
-  await until('the call held at the upstream', () => held.length === 1)
-  socket.write('NOT HTTP AT ALL\r\n\r\n')
-  await sleep(100)
-  t.equal(received, '', 'nothing written ahead of the call\'s answer')
-  const body = JSON.stringify({ id: 'conv_first', object: 'conversation', created_at: 1, metadata: {} })
-  held[0]!.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body)
-  await closed
-  t.match(received, /^HTTP\/1\.1 200 /, 'the call is answered')
-  t.match(received, /\r\nconnection: close\r\n/i, 'with Connection: close')
-  t.equal(received.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, 'and nothing else')
-  await until('1 record', () => gw.audit().length === before + 1)
-  t.same(gw.audit().slice(before).map(r => [r.status, r.outcome]), [[200, 'ok']], 'audited as served')
+  const cases: Array<[what: string, bad: string, audited: Array<[number, string]>]> = [
+    ['a request line that is not HTTP', 'NOT HTTP AT ALL\r\n\r\n', [[200, 'ok']]],
+    ['a pipelined call whose chunked body is malformed', `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n` +
+      'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n', [[200, 'ok'], [499, 'aborted']]]
+  ]
+  for (const [i, [what, bad, audited]] of cases.entries()) {
+    const before = gw.audit().length
+    const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
+    socket.on('error', () => {})
+    let received = ''
+    socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
+    const closed = once(socket, 'close')
+    socket.write(`GET /v1/conversations/conv_first HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the call held at the upstream', () => held.length === i + 1)
+    socket.write(bad)
+    await sleep(100)
+    t.equal(received, '', `${what}: nothing written ahead of the call's answer`)
+    const body = JSON.stringify({ id: 'conv_first', object: 'conversation', created_at: 1, metadata: {} })
+    held[i]!.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body)
+    await closed
+    t.match(received, /^HTTP\/1\.1 200 /, `${what}: the call is answered`)
+    t.match(received, /\r\nconnection: close\r\n/i, `${what}: with Connection: close`)
+    t.equal(received.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, `${what}: and nothing else`)
+    await until(`${audited.length} record(s)`, () => gw.audit().length === before + audited.length)
+    await sleep(100)
+    // (in either order: Node 24 closes the broken call at once, Node 20 with the connection)
+    t.same(gw.audit().slice(before).map(r => [r.status, r.outcome]).sort((a, b) => Number(a[0]) - Number(b[0])), audited,
+      `${what}: audited as what the client got`)
+  }
 })
 
 t.test('a client that hangs up mid-body is audited once as aborted, the upstream response is released, and the gateway stays healthy', async t => {

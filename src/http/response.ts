@@ -155,9 +155,15 @@ export function responseHolding (socket: Socket): ServerResponse | null {
   return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
 }
 
-/** The last answer due on `socket`: the last response waiting behind the one holding it, else that one; null between calls. */
+/** The answers due on `socket`, in order: the response holding it, then those waiting behind it. */
+export function answersDue (socket: Socket): ServerResponse[] {
+  const holding = responseHolding(socket)
+  return [...holding === null ? [] : [holding], ...waiting.get(socket) ?? []]
+}
+
+/** The last answer due on `socket`; null between calls. */
 export function lastAnswerDue (socket: Socket): ServerResponse | null {
-  return waiting.get(socket)?.at(-1) ?? responseHolding(socket)
+  return answersDue(socket).at(-1) ?? null
 }
 
 /** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
