@@ -689,15 +689,18 @@ t.test('protocol switches are refused at the gateway', async t => {
     // answered (RFC 9112 §9.3.2) made it twice.
     const create = post('/v1/conversations', '{"metadata":{"n":"pipelined"}}', [FULL, JSON_TYPE])
     // (Without `Connection: Upgrade` Node reads the create as a call, audited aborted; with it, never.)
-    for (const [label, upgrade, status, upstream, calls] of [
-      ['Upgrade: websocket', [['Upgrade', 'websocket']], 400, [], 2],
-      ['Connection: Upgrade, Upgrade: websocket', websocket, 400, [], 1],
-      ['Upgrade: h2c', [['Upgrade', 'h2c']], 200, [`GET /v1/conversations/${id}`], 2],
-      ['Connection: Upgrade, Upgrade: h2c', [['Connection', 'Upgrade, HTTP2-Settings'], ['Upgrade', 'h2c'], ['HTTP2-Settings', 'AAMAAABkAAQCAAAAAAIAAAAA']],
-        200, [`GET /v1/conversations/${id}`], 1]
-    ] as Array<[string, Header[], number, string[], number]>) {
+    const read = (upgrade: Header[]) => get(`/v1/conversations/${id}`, [FULL, ...upgrade])
+    for (const [label, first, status, upstream, calls] of [
+      ['Upgrade: websocket', read([['Upgrade', 'websocket']]), 400, [], 2],
+      ['Connection: Upgrade, Upgrade: websocket', read(websocket), 400, [], 1],
+      ['Upgrade: h2c', read([['Upgrade', 'h2c']]), 200, [`GET /v1/conversations/${id}`], 2],
+      ['Connection: Upgrade, Upgrade: h2c', read([['Connection', 'Upgrade, HTTP2-Settings'], ['Upgrade', 'h2c'], ['HTTP2-Settings', 'AAMAAABkAAQCAAAAAAIAAAAA']]),
+        200, [`GET /v1/conversations/${id}`], 1],
+      // (refused before its body is read: the create comes while the connection still reads that body)
+      ['Upgrade: websocket on a POST with a body', post(`/v1/conversations/${id}`, '{"metadata":{}}', [FULL, JSON_TYPE, ['Upgrade', 'websocket']]), 400, [], 2]
+    ] as Array<[string, Buffer, number, string[], number]>) {
       const before = h.upstream.requests.length
-      const received = await readToClose(h.gw.url, Buffer.concat([get(`/v1/conversations/${id}`, [FULL, ...upgrade]), create]))
+      const received = await readToClose(h.gw.url, Buffer.concat([first, create]))
       await sleep(50)
       t.match(received.text, new RegExp(`^HTTP/1\\.1 ${status} `), `${label}: the call is answered ${status}`)
       t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, `${label}: the create behind it is not`)

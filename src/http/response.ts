@@ -196,10 +196,12 @@ export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): b
  * (hasWaitingBehind). Nothing is done for a response that has its socket at once: the usual one call at a time.
  */
 export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
-  if (res.socket !== null || socket === null) return
+  if (socket === null) return
   // Read after an answer that closes the connection: it could never be answered, so it is over before it starts
-  // (nothing goes upstream for it; it is audited aborted).
+  // (nothing goes upstream for it; it is audited aborted). Also when that answer is written already, and the
+  // connection still reads the rest of a body it had (an Upgrade request with one).
   if (closing.has(socket)) res.destroy()
+  if (res.socket !== null) return
   const queue = waiting.get(socket)
   if (queue === undefined) {
     waiting.set(socket, [res])
