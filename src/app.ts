@@ -18,7 +18,7 @@ import { reloaded, type ConfigChange } from './reload.js'
 import { createAppLogger, DebugRequestLogController, keepAccepting, lazyChildLogger, PeerLogThrottle } from './logging.js'
 import audit, { auditGate, markMalformed } from './plugins/audit.js'
 import auth from './plugins/auth.js'
-import body, { hasBody, waitsForContinue } from './plugins/body.js'
+import body, { bodyUnreadable, hasBody, waitsForContinue } from './plugins/body.js'
 import health from './plugins/health.js'
 import metrics, { metricsEnabled } from './plugins/metrics.js'
 import ownership from './plugins/ownership.js'
@@ -35,7 +35,7 @@ import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
 import { trustedProxies } from './http/address.js'
 import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
-import { closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
+import { answersDue, closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
 import { MemoryStore } from './stores/memory.js'
 import type { RateLimitStore } from './stores/rate-limit-store.js'
@@ -113,8 +113,9 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     const inFlight = responseHolding(socket)
     // The refused bytes are the body of the call being read, or a call after every one on the connection. They
     // are answered only when that call is the connection's one call now: an answer written ahead of another
-    // call's would be taken by the client for that call's (HTTP answers in order). Otherwise the connection is
-    // closed without a word, and each call on it is audited as what it was, aborted.
+    // call's would be taken by the client for that call's (HTTP answers in order). After calls read whole, those
+    // are answered first (below). Otherwise the connection is closed without a word, and each call on it is
+    // audited as what it was, aborted.
     // Bytes refused while the body of a call already answered is thrown away are that call's: it has its answer.
     const answerable = inFlight === null
       ? discarding.get(socket)?.complete !== false
@@ -135,6 +136,19 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     // upstream already) would lose its answer and be audited as a client that hung up. Nothing more is read.
     if (err.code === 'HPE_CLOSED_CONNECTION' && inFlight !== null) {
       socket.pause()
+      return
+    }
+    // Bytes refused behind calls read whole (a request Node cannot parse pipelined behind them, what a Content-Length
+    // too short left of a body, the broken body of a call pipelined behind them): the calls read whole are
+    // answered, in order, and the connection closes after the last of them; nothing more is read, and a call whose
+    // body broke is not answered (its 400 cannot go ahead of their answers: it is audited aborted). Cut at once,
+    // a call done upstream lost its answer, and one whose answer was on its way was audited as sent.
+    const due = answersDue(socket)
+    if (due[0]?.req.complete === true) {
+      const broken = due.findIndex(res => !res.req.complete)
+      for (const res of broken === -1 ? [] : due.slice(broken)) res.destroy()
+      socket.pause()
+      closeAfter(due[broken === -1 ? due.length - 1 : broken - 1]!, socket)
       return
     }
     if (id !== null) {
@@ -160,6 +174,17 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     }
     socket.destroy(err)
   }
+}
+
+/**
+ * Closes `socket` once `res` is written whole: Node ends the connection after an answer that is its last (`_last`,
+ * which Connection: close sets) instead of handing the socket to an answer waiting behind it (one destroyed, whose
+ * refusal would then be recorded as sent). An answer not begun says so; one on its way is made the last all the same.
+ */
+function closeAfter (res: ServerResponse, socket: Socket): void {
+  if (!res.headersSent) res.shouldKeepAlive = false
+  else (res as ServerResponse & { _last: boolean })._last = true
+  if (res.writableFinished) socket.destroySoon()
 }
 
 /**
@@ -377,9 +402,9 @@ function errorHandler (config: GatewayConfig) {
     }
     // (Checked on the headers: a request without a body may not be marked complete yet when a hook refuses it.)
     if (hasBody(request.headers) && !request.raw.complete) {
-      // Node reads nothing more after an Upgrade request: the connection cannot carry another request after it.
-      // Any other body still coming is discarded, within bounds.
-      if (request.headers.upgrade !== undefined) {
+      // Node reads nothing more after an Upgrade request, nor after one whose body's framing it refuses: the
+      // connection cannot carry another request after it. Any other body still coming is discarded, within bounds.
+      if (request.headers.upgrade !== undefined || bodyUnreadable(request.headers)) {
         reply.header('connection', 'close')
       } else {
         discardTheRestOfTheBody(request, reply, Math.min(DISCARD_BODY_MS, config.listen.requestTimeoutMs), config.listen.keepAliveTimeoutMs)

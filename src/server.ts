@@ -131,7 +131,7 @@ export async function startServer (
         reply.header('connection', 'keep-alive')
       } else {
         reply.header('connection', 'close')
-        closesConnection(socket)
+        closesConnection(reply.raw, socket)
       }
     }
     done(null, payload)

@@ -62,6 +62,20 @@ async function auditOf (gw: TestGateway, requestId: string): Promise<AuditRecord
   return []
 }
 
+/** Writes `request` (not half-closed: the gateway is to close) and reads until the gateway closes, or 3 s pass. */
+function readToClose (url: string, request: Buffer): Promise<{ text: string, closed: boolean }> {
+  const { hostname, port } = new URL(url)
+  return new Promise((resolve, reject) => {
+    const socket = createConnection({ host: hostname, port: Number(port) })
+    let text = ''
+    const timer = setTimeout(() => { socket.destroy(); resolve({ text, closed: false }) }, 3000)
+    socket.on('data', (d: Buffer) => { text += d.toString('latin1') })
+    socket.on('close', () => { clearTimeout(timer); resolve({ text, closed: true }) })
+    socket.on('error', reject)
+    socket.write(request)
+  })
+}
+
 async function auditSettled (gw: TestGateway, atLeast: number): Promise<AuditRecord[]> {
   for (let i = 0; i < 50 && gw.audit().length < atLeast; i++) await sleep(10)
   await sleep(20) // a duplicate line would show up now
@@ -669,6 +683,33 @@ t.test('protocol switches are refused at the gateway', async t => {
     t.equal(read.res?.status, 200)
   })
 
+  await t.test('a create pipelined behind an Upgrade request (refused, or an h2c offer served) is not served: it never reaches the upstream', async t => {
+    // The answer to the Upgrade request closes the connection; Node reads on after it all the same. The create
+    // behind it went upstream, and its answer was lost with the connection: a client retrying what was not
+    // answered (RFC 9112 §9.3.2) made it twice.
+    const create = post('/v1/conversations', '{"metadata":{"n":"pipelined"}}', [FULL, JSON_TYPE])
+    // (Without `Connection: Upgrade` Node reads the create as a call, audited aborted; with it, never.)
+    const read = (upgrade: Header[]) => get(`/v1/conversations/${id}`, [FULL, ...upgrade])
+    for (const [label, first, status, upstream, calls] of [
+      ['Upgrade: websocket', read([['Upgrade', 'websocket']]), 400, [], 2],
+      ['Connection: Upgrade, Upgrade: websocket', read(websocket), 400, [], 1],
+      ['Upgrade: h2c', read([['Upgrade', 'h2c']]), 200, [`GET /v1/conversations/${id}`], 2],
+      ['Connection: Upgrade, Upgrade: h2c', read([['Connection', 'Upgrade, HTTP2-Settings'], ['Upgrade', 'h2c'], ['HTTP2-Settings', 'AAMAAABkAAQCAAAAAAIAAAAA']]),
+        200, [`GET /v1/conversations/${id}`], 1],
+      // (refused before its body is read: the create comes while the connection still reads that body)
+      ['Upgrade: websocket on a POST with a body', post(`/v1/conversations/${id}`, '{"metadata":{}}', [FULL, JSON_TYPE, ['Upgrade', 'websocket']]), 400, [], 2]
+    ] as Array<[string, Buffer, number, string[], number]>) {
+      const before = h.upstream.requests.length
+      const received = await readToClose(h.gw.url, Buffer.concat([first, create]))
+      await sleep(50)
+      t.match(received.text, new RegExp(`^HTTP/1\\.1 ${status} `), `${label}: the call is answered ${status}`)
+      t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, `${label}: the create behind it is not`)
+      t.ok(received.closed, `${label}: the connection is closed`)
+      t.same(h.upstream.requests.slice(before).map(r => `${r.method} ${r.url}`), upstream, `${label}: the create never reached the upstream`)
+      h.handled += calls
+    }
+  })
+
   await t.test('CONNECT host:443 gets a 4xx answer, not a silent close, and nothing reaches the upstream', async t => {
     const before = h.upstream.requests.length
     h.handled++
@@ -683,6 +724,24 @@ t.test('protocol switches are refused at the gateway', async t => {
       const [record] = await auditOf(h.gw, headerOf(ex.response, 'x-gateway-request-id')!)
       t.equal(record?.bytesOut, Buffer.byteLength(ex.response.body), 'its record counts the body the client got (bytesOut)')
     }
+  })
+
+  await t.test('a CONNECT pipelined behind a call still being answered gets its 404 after that call\'s answer, and the gateway lives on', async t => {
+    // Node hands a CONNECT over even while an answer holds the connection: given the socket at once, the answer
+    // threw (ERR_HTTP_SOCKET_ASSIGNED) out of Node's parser, and the process ended, whoever sent it (no key needed).
+    const connect = 'CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n'
+    for (const [label, first, status, calls] of [
+      ['behind a call at the upstream', get(`/v1/conversations/${id}`), 200, 2],
+      ['behind /healthz', get('/healthz', []), 200, 1]
+    ] as Array<[string, Buffer, number, number]>) {
+      const received = await readToClose(h.gw.url, Buffer.concat([first, Buffer.from(connect)]))
+      // (the second answer follows the first's body on the same line)
+      t.same(received.text.match(/HTTP\/1\.[01] \d{3}/g), [`HTTP/1.1 ${status}`, 'HTTP/1.1 404'], `${label}: that call's answer, then the CONNECT's 404`)
+      t.ok(received.closed, `${label}: the connection is closed after it`)
+      h.handled += calls
+    }
+    const { res } = await expectForwarded(t, h, get(`/v1/conversations/${id}`))
+    t.equal(res?.status, 200, 'the gateway still serves')
   })
   await oneAuditLineEach(t, h)
 })
@@ -765,17 +824,8 @@ t.test('bytes after a call that asked to close: that call is answered and audite
   for (const [label, request] of cases) {
     await t.test(label, async t => {
       const before = h.upstream.requests.length
-      // Read until the gateway closes the connection (or 3 s pass): the whole exchange.
-      const { hostname, port } = new URL(h.gw.url)
-      const received = await new Promise<{ text: string, closed: boolean }>((resolve, reject) => {
-        const socket = createConnection({ host: hostname, port: Number(port) })
-        let text = ''
-        const timer = setTimeout(() => { socket.destroy(); resolve({ text, closed: false }) }, 3000)
-        socket.on('data', (d: Buffer) => { text += d.toString('latin1') })
-        socket.on('close', () => { clearTimeout(timer); resolve({ text, closed: true }) })
-        socket.on('error', reject)
-        socket.write(Buffer.concat([request, Buffer.from(SMUGGLED)])) // not end(): the gateway is to close it
-      })
+      // The whole exchange, until the gateway closes the connection.
+      const received = await readToClose(h.gw.url, Buffer.concat([request, Buffer.from(SMUGGLED)]))
       await sleep(50) // a second call that slipped through would be at the upstream by now
       const [head = '', body = ''] = received.text.split('\r\n\r\n')
       t.match(head, /^HTTP\/1\.1 200 /, 'the create is answered')
@@ -789,6 +839,68 @@ t.test('bytes after a call that asked to close: that call is answered and audite
       t.same(more, [], 'once')
     })
   }
+  await oneAuditLineEach(t, h)
+})
+
+t.test('bytes the parser refuses after a call read whole (in the same packet): that call is answered and audited as sent, then the connection closes', async t => {
+  // They belong to no call (a request Node cannot parse pipelined behind it, or what a Content-Length too short, a
+  // count of characters rather than bytes, left of the body). The connection was cut at once: a create done
+  // upstream lost its answer (audited 499), and a refusal already on its way was audited as sent (400, its bytes).
+  const h = await setup(t)
+  const create = (body: string, length = Buffer.byteLength(body)) => `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n` +
+    `Authorization: Bearer ${KEYS.full}\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\n\r\n${body}`
+  const cases: Array<[label: string, request: string, status: number, outcome: Outcome, upstream: string[]]> = [
+    ['a request line that is not HTTP', create('{}') + 'NOT HTTP AT ALL\r\n\r\n', 200, 'ok', ['POST /v1/conversations']],
+    ['a pipelined call with a folded header (obs-fold)', create('{}') + 'GET /v1/conversations/conv_x HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n',
+      200, 'ok', ['POST /v1/conversations']],
+    ['a Content-Length that counts characters, not bytes', create('{"metadata":{"k":"é"}}', '{"metadata":{"k":"é"}}'.length), 400, 'invalid', []]
+  ]
+  for (const [label, request, status, outcome, upstream] of cases) {
+    await t.test(label, async t => {
+      const before = h.upstream.requests.length
+      const received = await readToClose(h.gw.url, Buffer.from(request))
+      await sleep(50)
+      const [head = '', body = ''] = received.text.split('\r\n\r\n')
+      t.match(head, new RegExp(`^HTTP/1\\.1 ${status} `), `the call is answered ${status}`)
+      t.match(head, /\r\nconnection: close(\r\n|$)/i, 'saying the connection closes')
+      t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, 'no answer to what came after it')
+      t.ok(received.closed, 'the connection is closed after the answer')
+      t.same(h.upstream.requests.slice(before).map(r => `${r.method} ${r.url}`), upstream, 'only the call went upstream, if it passed')
+      h.handled++
+      const [record, ...more] = await auditOf(h.gw, /x-gateway-request-id: (\S+)/i.exec(head)?.[1] ?? 'none')
+      t.match(record, { status, outcome, action: 'conversation.create', bytesOut: Buffer.byteLength(body) }, 'audited as what the client got')
+      t.same(more, [], 'once')
+    })
+  }
+  await oneAuditLineEach(t, h)
+})
+
+t.test('an answer to a request whose Transfer-Encoding Node cannot read says the connection closes, which it does', async t => {
+  // Node's parser refuses such a body once the headers are read (RFC 9112 §6.3: 400 and close); the refusal
+  // written before that said keep-alive, and a client sending its next call on the connection lost it.
+  const h = await setup(t)
+  const probe = `GET /v1/conversations/${h.conversationId} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
+  const cases: Array<[label: string, request: string, status: number]> = []
+  for (const coding of ['identity', 'gzip']) {
+    const te = `Transfer-Encoding: ${coding}\r\n`
+    cases.push(
+      [`${coding}, no key`, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${te}\r\n`, 401],
+      [`${coding}, a method no route has`, `PROPFIND /v1/conversations HTTP/1.1\r\nHost: x\r\n${te}\r\n`, 405],
+      [`${coding}, with a key`, `POST /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEYS.full}\r\n${te}\r\n`, 501])
+  }
+  for (const [label, request, status] of cases) {
+    await t.test(label, async t => {
+      const received = await readToClose(h.gw.url, Buffer.from(request + probe))
+      const [head = ''] = received.text.split('\r\n\r\n')
+      t.match(head, new RegExp(`^HTTP/1\\.1 ${status} `), `answered ${status}`)
+      t.match(head, /\r\nconnection: close(\r\n|$)/i, 'saying the connection closes')
+      t.notMatch(head, /keep-alive/i, 'not that it stays open')
+      t.equal(received.text.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, 'the call after it is not read')
+      t.ok(received.closed, 'the connection is closed')
+      h.handled++
+    })
+  }
+  t.same(h.upstream.requests, [], 'nothing went upstream')
   await oneAuditLineEach(t, h)
 })
 

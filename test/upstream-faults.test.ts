@@ -732,32 +732,41 @@ t.test('a large answer waiting behind a slow pipelined one is not cut off as a s
   t.same(records.map(r => [r.outcome, r.status]), [['ok', 200], ['ok', 200]], 'both audited ok')
 })
 
-t.test('bytes the parser refuses behind a call still being answered are not answered ahead of it: the connection closes, and each call is audited as aborted', async t => {
+t.test('bytes the parser refuses behind a call read whole and still at the upstream: nothing is written ahead of its answer, which comes once the upstream answers, then the connection closes', async t => {
+  // Cut at once, the call (perhaps done upstream) lost its answer and was audited 499. A call pipelined behind it
+  // whose body broke gets no answer (its 400 cannot go ahead of the first's): audited aborted.
   const { upstream, gw } = await setup(t)
   const held: ServerResponse[] = []
   upstream.respond = (_req, res) => { held.push(res) }
   t.teardown(() => { for (const res of held) res.destroy() })
-  const first = `GET /v1/conversations/conv_first HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`
-  const cases: Array<[string, string, number]> = [
-    ['a request line that is not HTTP', 'NOT HTTP AT ALL\r\n\r\n', 1],
+  const cases: Array<[what: string, bad: string, audited: Array<[number, string]>]> = [
+    ['a request line that is not HTTP', 'NOT HTTP AT ALL\r\n\r\n', [[200, 'ok']]],
     ['a pipelined call whose chunked body is malformed', `POST /v1/conversations HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n` +
-      'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n', 2]
+      'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n', [[200, 'ok'], [499, 'aborted']]]
   ]
-  for (const [what, bad, calls] of cases) {
+  for (const [i, [what, bad, audited]] of cases.entries()) {
     const before = gw.audit().length
     const socket = connect(Number(new URL(gw.url).port), '127.0.0.1')
     socket.on('error', () => {})
     let received = ''
     socket.on('data', (c: Buffer) => { received += c.toString('latin1') })
     const closed = once(socket, 'close')
-    socket.write(first)
-    await until('the first call held at the upstream', () => held.length === cases.indexOf(cases.find(c => c[0] === what)!) + 1)
+    socket.write(`GET /v1/conversations/conv_first HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${KEYS.full}\r\n\r\n`)
+    await until('the call held at the upstream', () => held.length === i + 1)
     socket.write(bad)
-    await closed
-    t.equal(received, '', `${what}: nothing written ahead of the first call's answer`)
-    await until(`${calls} record(s)`, () => gw.audit().length === before + calls)
     await sleep(100)
-    t.same(gw.audit().slice(before).map(r => [r.status, r.outcome]), Array(calls).fill([499, 'aborted']), `${what}: each call audited aborted`)
+    t.equal(received, '', `${what}: nothing written ahead of the call's answer`)
+    const body = JSON.stringify({ id: 'conv_first', object: 'conversation', created_at: 1, metadata: {} })
+    held[i]!.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body)
+    await closed
+    t.match(received, /^HTTP\/1\.1 200 /, `${what}: the call is answered`)
+    t.match(received, /\r\nconnection: close\r\n/i, `${what}: with Connection: close`)
+    t.equal(received.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, `${what}: and nothing else`)
+    await until(`${audited.length} record(s)`, () => gw.audit().length === before + audited.length)
+    await sleep(100)
+    // (in either order: Node 24 closes the broken call at once, Node 20 with the connection)
+    t.same(gw.audit().slice(before).map(r => [r.status, r.outcome]).sort((a, b) => Number(a[0]) - Number(b[0])), audited,
+      `${what}: audited as what the client got`)
   }
 })
 

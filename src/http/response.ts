@@ -155,12 +155,29 @@ export function responseHolding (socket: Socket): ServerResponse | null {
   return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
 }
 
+/** The answers due on `socket`, in order: the response holding it, then those waiting behind it. */
+export function answersDue (socket: Socket): ServerResponse[] {
+  const holding = responseHolding(socket)
+  return [...holding === null ? [] : [holding], ...waiting.get(socket) ?? []]
+}
+
+/** The last answer due on `socket`; null between calls. */
+export function lastAnswerDue (socket: Socket): ServerResponse | null {
+  return answersDue(socket).at(-1) ?? null
+}
+
 /** Connections whose answer now going out closes them: a call read on one after that can get no answer. */
 const closing = new WeakSet<Socket>()
 
-/** The answer being sent on `socket` closes it (Connection: close): calls pipelined after it go no further. */
-export function closesConnection (socket: Socket | null): void {
-  if (socket !== null) closing.add(socket)
+/**
+ * The answer `res` closes its connection (Connection: close): calls pipelined after it go no further, those read
+ * already included (their answers could never be sent: nothing of them goes upstream, and each is audited aborted).
+ */
+export function closesConnection (res: ServerResponse, socket: Socket | null): void {
+  if (socket === null) return
+  closing.add(socket)
+  const queue = waiting.get(socket)
+  if (queue !== undefined) for (const behind of queue.slice(queue.indexOf(res) + 1)) behind.destroy()
 }
 
 /** Whether responses to later pipelined requests on `socket` (the request's) wait behind `res`. */
@@ -179,10 +196,12 @@ export function hasWaitingBehind (res: ServerResponse, socket: Socket | null): b
  * (hasWaitingBehind). Nothing is done for a response that has its socket at once: the usual one call at a time.
  */
 export function closeWithConnection (res: ServerResponse, socket: Socket | null): void {
-  if (res.socket !== null || socket === null) return
+  if (socket === null) return
   // Read after an answer that closes the connection: it could never be answered, so it is over before it starts
-  // (nothing goes upstream for it; it is audited aborted).
+  // (nothing goes upstream for it; it is audited aborted). Also when that answer is written already, and the
+  // connection still reads the rest of a body it had (an Upgrade request with one).
   if (closing.has(socket)) res.destroy()
+  if (res.socket !== null) return
   const queue = waiting.get(socket)
   if (queue === undefined) {
     waiting.set(socket, [res])

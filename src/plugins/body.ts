@@ -40,6 +40,15 @@ export function hasBody (headers: IncomingHttpHeaders): boolean {
 }
 
 /**
+ * The request's body cannot be read: Node's parser refuses a Transfer-Encoding whose last coding is not chunked
+ * (`identity`, `gzip`) once the headers are read, so nothing after them on the connection can be read either.
+ */
+export function bodyUnreadable (headers: IncomingHttpHeaders): boolean {
+  const transfer = headers['transfer-encoding']
+  return transfer !== undefined && !/(?:^|,)[ \t]*chunked[ \t]*$/i.test(transfer)
+}
+
+/**
  * Reads a body of at most `limit` bytes, as Fastify's own `parseAs: 'buffer'` does (a stream error is a 400 unless
  * it says otherwise), with the limit given per call. Past it, the rest is left to the error handler to discard.
  */

@@ -12,6 +12,7 @@ import {
   MissingHostError, quoted, UnknownRouteError, UpgradeNotSupportedError
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
+import { closesConnection, lastAnswerDue } from '../http/response.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it (a key withheld first, so none shows in part). */
@@ -85,8 +86,12 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
   function route (request: FastifyRequest, reply: FastifyReply): void {
     // Node hands an Upgrade request to the request handler when nobody listens for 'upgrade'. Node 20 and 24 go
     // on reading the connection after it (a request pipelined behind one is served), but a connection that asked to
-    // switch protocols is not one to keep: whatever the answer, it closes after it (the README says so).
-    if (request.headers.upgrade !== undefined) reply.header('connection', 'close')
+    // switch protocols is not one to keep: whatever the answer, it closes after it (the README says so), and no call
+    // pipelined behind it is served (one let through went upstream, and its answer was lost with the connection).
+    if (request.headers.upgrade !== undefined) {
+      reply.header('connection', 'close')
+      closesConnection(reply.raw, request.raw.socket)
+    }
     if (request.routeOptions.config.internal === true) return
     const expect = request.headers.expect
     if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
@@ -135,7 +140,12 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     // The server's own class: it counts the body bytes the audit record reports (bytesOut).
     const res = new Response(req)
     res.shouldKeepAlive = false
-    res.assignSocket(socket as Socket)
+    // Pipelined behind calls still being answered (Node hands it over all the same), it is answered after them, in
+    // order: given the socket at once, it threw out of Node's parser (the socket has an answer) and ended the
+    // process. Until then its answer waits, as any pipelined call's does (closeWithConnection).
+    const ahead = lastAnswerDue(socket as Socket)
+    if (ahead === null) res.assignSocket(socket as Socket)
+    else ahead.once('finish', () => { if (socket.writable) res.assignSocket(socket as Socket) })
     res.once('finish', () => {
       res.detachSocket(socket as Socket)
       socket.end()
