@@ -668,6 +668,10 @@ t.test('upstream timeouts', async t => {
     const queuedPost = await call(gw.url, 'POST', `/v1/conversations/${conv}/items`, { key: KEYS.other, body: '{"items":[]}', timeoutMs: 3000 })
     t.equal(queuedPost.status, 504, 'a queued POST is answered 504 too')
     t.equal(queuedPost.headers['x-should-retry'], undefined, 'without x-should-retry: false: it was never sent')
+    // Audited as never sent: `attempts` 0 ("0 when it never went upstream"), not an attempt on a line that never
+    // saw the call, which an operator would read as the line failing to answer (the pool is the gateway's load).
+    await until('both queued calls audited', () => gw.audit().filter(r => r.status === 504).length === 2)
+    t.match(gw.audit().filter(r => r.status === 504), [{ action: 'item.list', attempts: 0, upstreamLine: null }, { action: 'item.create', attempts: 0, upstreamLine: null }])
 
     for (const s of streams) s.end(completed)
     await stream.text()

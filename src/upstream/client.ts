@@ -107,10 +107,12 @@ export class UpstreamFailure extends Error {
   /**
    * No line was tried: every one is being skipped (the log said when each was, and will say when one is restored:
    * a line per call refused so would flood it for as long as the outage lasts), or the client's stated wait was
-   * spent before the call could be sent (SPENT_WAIT_MS). Nothing failed upstream for this call.
+   * spent before the call could be sent (SPENT_WAIT_MS). Nothing failed upstream for this call. (Not a call given a
+   * line that waited for a free pooled connection there until its deadline: no attempt either, but its log line
+   * says no connection was free.)
    */
   get untried (): boolean {
-    return this.attempts === 0 && (this.kind === 'unavailable' || this.kind === 'timeout')
+    return this.attempts === 0 && this.line === null && (this.kind === 'unavailable' || this.kind === 'timeout')
   }
 }
 
@@ -764,8 +766,14 @@ function retryLine (settings: UpstreamSettings, health: LineHealth, call: Upstre
   return safe ? health.pick(tried, IDEMPOTENT.has(call.method)) : null
 }
 
-function finalFailure (settings: UpstreamSettings, deadlineMs: number, index: number, attempts: number, err: unknown, end: AttemptEnd): UpstreamFailure {
+function finalFailure (settings: UpstreamSettings, deadlineMs: number, index: number, tried: number, err: unknown, end: AttemptEnd): UpstreamFailure {
   const where = `upstream line ${index}`
+  // A last attempt stopped (its deadline, or its client gone) while it waited for a free pooled connection never went
+  // upstream: the line did not see it (the pool is busy with the gateway's own load), and the audit's `attempts`
+  // does not count it. One whose line had no connection at all was an attempt to reach that line, as a refused or
+  // reset connection is.
+  const waitedForPool = (end.deadlinePassed || end.stopped !== null) && !end.sent && !end.unconnected
+  const attempts = waitedForPool ? tried - 1 : tried
   // aborted: there is no one to answer (plugins/proxy.ts sends nothing); the call is audited as aborted
   if (end.stopped !== null) return new UpstreamFailure('aborted', `${where}: ${end.stopped}`, attempts, index)
   if (end.deadlinePassed && end.unconnected) {
