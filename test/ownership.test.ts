@@ -410,6 +410,97 @@ t.test('the owner is looked up once, then cached; a delete forgets it; a missing
   t.equal(lookups(), 3, 'and forgotten after notFoundTtlMs')
 })
 
+t.test('a lookup answered while the owner deletes the object does not keep the deleted object\'s owner', async t => {
+  // B's call on A's conversation looks the owner up (a stranger's is looked up even with the owner cached). When
+  // that lookup was answered during A's delete, its answer (the object, owned by A) was cached after the delete
+  // had emptied the cache: for cacheTtlMs A's calls went upstream for its own 404 (not the gateway's), and B's were
+  // refused, and audited, as calls on A's object. Found by a random walk of two teams (h32-walk, seed 14 --slow).
+  // Two orders: the lookup answered before the delete reaches the upstream, and answered after the delete's answer.
+  for (const order of ['answered before the delete', 'answered after the delete'] as const) {
+    await t.test(order, async t => {
+      const inner = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
+      const held: Array<() => void> = []
+      let hold: ((req: { method?: string, url?: string }) => boolean) = () => false
+      const upstream = await startUpstream({
+        conversations: (req, res, body) => {
+          if (!hold(req)) { inner(req, res, body); return }
+          if (order === 'answered before the delete') { held.push(() => { inner(req, res, body) }); return }
+          // The lookup read the object now, before the delete; its answer comes after the delete's.
+          const end = res.end.bind(res) as (chunk: unknown) => void
+          res.end = ((chunk: unknown) => { held.push(() => { end(chunk) }); return res }) as typeof res.end
+          inner(req, res, body)
+        }
+      })
+      t.teardown(() => upstream.close())
+      const { gw, sdk } = await gateway(t, upstream)
+      const a = sdk(KEYS.full)
+      const b = sdk(KEYS.other)
+      const conv = await a.conversations.create({})
+      const path = `/v1/conversations/${conv.id}`
+      const arrived = (method: string) => upstream.requests.some(r => r.method === method && r.url === path)
+
+      let refusedB: Promise<unknown>
+      let deleted: Promise<unknown>
+      if (order === 'answered before the delete') {
+        hold = req => req.method === 'DELETE'
+        deleted = a.conversations.delete(conv.id)
+        await until('the delete at the upstream', () => arrived('DELETE'))
+        refusedB = rejection(b.conversations.retrieve(conv.id)) // looked up while the delete waits
+        await assertNotFound(t, await refusedB, 'B, during the delete', conv.id)
+        hold = () => false
+        held.shift()!()
+        await deleted
+      } else {
+        hold = req => req.method === 'GET' && req.url === path
+        refusedB = rejection(b.conversations.retrieve(conv.id))
+        await until('B\'s lookup at the upstream', () => arrived('GET'))
+        hold = () => false
+        await a.conversations.delete(conv.id)
+        held.shift()!()
+        await assertNotFound(t, await refusedB, 'B, during the delete', conv.id)
+      }
+
+      // The gateway knows the conversation is gone: A gets its own 404 (not the upstream's), B's call is on nothing.
+      const own = await rejection(a.conversations.retrieve(conv.id)) as InstanceType<typeof OpenAI.NotFoundError>
+      t.equal(own.code, 'conversation_not_found', 'A: the gateway\'s 404, from a lookup, not the upstream\'s')
+      await assertNotFound(t, await rejection(b.conversations.retrieve(conv.id)), 'B, after the delete', conv.id)
+      const records = gw.audit().filter(r => r.action === 'conversation.retrieve')
+      t.match(records.at(-1), { clientId: 'team-other', outcome: 'invalid', ownerId: null }, 'B\'s last call was on no one\'s object')
+      t.match(records.at(-2), { clientId: 'team-full', outcome: 'invalid', ownerId: null }, 'A\'s too')
+    })
+  }
+})
+
+t.test('a lookup answered while the owner deletes a response does not keep the deleted response\'s owner', async t => {
+  // The same race as above, on a response: B's lookup answered while A's delete waits at the upstream.
+  const inner = createConversationsHandler({ apiKey: UPSTREAM_TOKEN })
+  const held: Array<() => void> = []
+  let holding = false
+  const upstream = await startUpstream({
+    conversations: (req, res, body) => {
+      if (holding && req.method === 'DELETE') held.push(() => { inner(req, res, body) })
+      else inner(req, res, body)
+    }
+  })
+  t.teardown(() => upstream.close())
+  const { gw, sdk } = await gateway(t, upstream)
+  const a = sdk(KEYS.full)
+  const b = sdk(KEYS.other)
+  const response = await a.responses.create({ model: 'gpt-4o-mini', input: 'hello' })
+  holding = true
+  const deleted = a.responses.delete(response.id)
+  await until('the delete at the upstream', () => upstream.requests.some(r => r.method === 'DELETE'))
+  t.match(await rejection(b.responses.retrieve(response.id)), { status: 404, code: 'response_not_found' }, 'B, during the delete')
+  holding = false
+  held.shift()!()
+  await deleted
+  t.match(await rejection(a.responses.retrieve(response.id)), { status: 404, code: 'response_not_found' },
+    'A: the gateway\'s 404, from a lookup, not the upstream\'s')
+  t.match(await rejection(b.responses.retrieve(response.id)), { status: 404, code: 'response_not_found' }, 'B, after the delete')
+  const records = gw.audit().filter(r => r.action === 'response.retrieve')
+  t.match(records.at(-1), { clientId: 'team-other', outcome: 'invalid', ownerId: null }, 'B\'s last call was on no one\'s object')
+})
+
 t.test('another team\'s 404 costs what a missing id\'s does: one lookup upstream, then none for notFoundTtlMs, so an object in use cannot be told from none by when the answer comes', async t => {
   // A missing id costs a round trip to the upstream, then is remembered for notFoundTtlMs. An object whose owner
   // the gateway holds (its team uses it) was refused at once, every time: timing B's first call told B that an

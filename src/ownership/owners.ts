@@ -263,6 +263,8 @@ export class OwnerCache {
     let abort = (): void => {}
     const lookup: Lookup = {
       owner: fetch(stop => { abort = stop }).then(owner => {
+        // A lookup forgotten by a delete under way read the object as it was before: its owner is not kept.
+        if (this.#inFlight.get(key) !== lookup) return owner
         if (owner !== 'missing') this.#cache.set(key, owner)
         else if (this.#missingTtlMs > 0) this.#cache.set(key, owner, { ttl: this.#missingTtlMs })
         return owner
@@ -299,7 +301,14 @@ export class OwnerCache {
     this.#cache.set(`${kind}:${id}`, { owner })
   }
 
+  /**
+   * Forgets the owner of an object being deleted, and any lookup of it under way: called when the delete is
+   * authorized and again when the upstream has answered it, so that a lookup answered in between (the object not yet
+   * deleted) does not keep the owner of an object that no longer exists. (Its callers still get what it found.)
+   */
   delete (kind: Owned, id: string): void {
-    this.#cache.delete(`${kind}:${id}`)
+    const key = `${kind}:${id}`
+    this.#cache.delete(key)
+    this.#inFlight.delete(key)
   }
 }

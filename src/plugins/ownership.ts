@@ -372,6 +372,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
   app.decorateRequest('refusedItemId', null)
+  app.decorateRequest('deleting', null)
 
   /**
    * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream. A cached
@@ -727,6 +728,17 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     }
   }
 
+  /**
+   * A delete forgets the object's owner when it is authorized, and again once the upstream has deleted it (its 2xx
+   * answer): a lookup by another call in between read the object before the delete, and would otherwise keep its
+   * owner cached for cacheTtlMs (the owner's calls then passed upstream for its 404, a stranger's refused as
+   * another team's object in the audit).
+   */
+  function forgetDeleted (request: FastifyRequest, kind: Owned, id: string): void {
+    cache.delete(kind, id)
+    request.deleting = { kind, id } // (again in onSend, below: the answer itself is passed on unread)
+  }
+
   /** A create: its owner goes into the body's metadata, and the new object's id into the cache. */
   function prepareCreate (kind: Owned, request: FastifyRequest, client: ClientConfig): void {
     request.ownerId = client.id
@@ -799,7 +811,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (op.responseId !== null) {
       const responseId = op.responseId
       return then(authorize('response', 'response', responseId, client, request, reply), () => {
-        if (op.action === 'response.delete') cache.delete('response', responseId)
+        if (op.action === 'response.delete') forgetDeleted(request, 'response', responseId)
       })
     }
 
@@ -831,7 +843,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         if (merged !== null) request.upstreamBody = serializeBody(merged, request.parsedBody)
         else if (request.parsedBody !== undefined) request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
       } else if (op.action === 'conversation.delete') {
-        cache.delete('conversation', id)
+        forgetDeleted(request, 'conversation', id)
       }
     })
   }
@@ -841,6 +853,13 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   // for a call refused already. (Not one refused its key: it has no client.)
   app.addHook('onError', (request, _reply, _err, done) => {
     if (request.ownerId === null && request.client !== null) request.ownerId = cachedOwner(request)
+    done()
+  })
+
+  // A delete the upstream answered 2xx has deleted the object: its owner is forgotten again (forgetDeleted).
+  app.addHook('onSend', (request, reply, _payload, done) => {
+    const deleting = request.deleting
+    if (deleting !== null && reply.statusCode >= 200 && reply.statusCode < 300) cache.delete(deleting.kind, deleting.id)
     done()
   })
 
