@@ -33,7 +33,7 @@ import responses from './plugins/responses.js'
 import concurrency from './plugins/concurrency.js'
 import { ClientDirectory } from './clients.js'
 import { Upstream } from './upstream/client.js'
-import { trustedProxies } from './http/address.js'
+import { trustedProxies, UNKNOWN_PEER } from './http/address.js'
 import { Connections, timeoutCheckIntervalMs } from './http/connections.js'
 import { answersDue, closeWithConnection, countingResponseClass, hasWaitingBehind, isCounting, responseHolding } from './http/response.js'
 import { rawPath } from './operations.js'
@@ -124,7 +124,7 @@ function clientErrorHandler (throttle: PeerLogThrottle) {
     // The call's own id, which its audit record has; or, when no call was under way, a fresh one, which only the log
     // line below holds: the id a client finds in its answer leads to one or the other.
     const id = answering ? (inFlight !== null && isCounting(inFlight) ? inFlight.requestId : null) ?? newRequestId() : null
-    const peer = socket.remoteAddress ?? 'unknown'
+    const peer = socket.remoteAddress ?? UNKNOWN_PEER
     const held = throttle.admit(peer)
     if (held !== null) {
       const reason = PARSER_REFUSALS[err.code ?? ''] ?? 'malformed HTTP'

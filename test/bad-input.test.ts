@@ -743,6 +743,27 @@ t.test('protocol switches are refused at the gateway', async t => {
     const { res } = await expectForwarded(t, h, get(`/v1/conversations/${id}`))
     t.equal(res?.status, 200, 'the gateway still serves')
   })
+
+  await t.test('a CONNECT pipelined behind a call whose client hangs up before its answer is audited all the same', async t => {
+    // Its answer waits for the call ahead; the connection gone first, it never gets one: a call the client
+    // abandoned, audited as such, not one left without a record.
+    let arrived = 0
+    h.upstream.respond = () => { arrived++ } // held: never answered (the gateway aborts it when the client goes)
+    t.teardown(() => { h.upstream.respond = null })
+    const before = h.gw.audit().length
+    const { hostname, port } = new URL(h.gw.url)
+    const socket = createConnection({ host: hostname, port: Number(port) })
+    socket.on('error', () => {})
+    socket.write(Buffer.concat([get(`/v1/conversations/${id}`), Buffer.from('CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n')]))
+    for (let i = 0; i < 200 && arrived === 0; i++) await sleep(10)
+    t.equal(arrived, 1, 'the call ahead is at the upstream')
+    await sleep(50) // the CONNECT read and waiting behind it
+    socket.destroy()
+    h.handled += 2
+    const records = (await auditSettled(h.gw, before + 2)).slice(before)
+    t.equal(records.length, 2, 'both calls audited')
+    t.same(records.map(r => r.outcome).sort(), ['aborted', 'aborted'], 'both as calls their client abandoned')
+  })
   await oneAuditLineEach(t, h)
 })
 
@@ -780,6 +801,36 @@ const MALFORMED: Array<[label: string, raw: string | Buffer]> = [
   ['a chunk longer than its declared size',
     `POST /v1/conversations HTTP/1.1\r\nHost: x\r\n${key}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX\r\n0\r\n\r\n${SMUGGLED}`]
 ]
+
+t.test('a client that resets its connection right after its request: no crash, no unhandled error', async t => {
+  // Node takes its 'error' listener off a socket it hands to 'connect': the answer's write to a client gone threw
+  // (ECONNRESET, EPIPE) as an uncaught error, and the gateway died, whoever sent it (no key needed). And a reset that
+  // reached the kernel before anything read the client's address leaves Node none (remoteAddress undefined): the
+  // audit's hook threw on it ("unhandled error", a 500 for no one), and the debug log's request line, outside any
+  // hook, ended the process.
+  const h = await setup(t)
+  const { hostname, port } = new URL(h.gw.url)
+  const requests = [
+    Buffer.from('CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n'),
+    get(`/v1/conversations/${h.conversationId}`)
+  ]
+  for (const request of requests) {
+    for (let i = 0; i < 100; i++) {
+      await new Promise<void>(resolve => {
+        const socket = createConnection({ host: hostname, port: Number(port) }, () => {
+          socket.write(request, () => { setImmediate(() => { socket.resetAndDestroy(); resolve() }) })
+        })
+        socket.on('error', () => { resolve() })
+      })
+    }
+  }
+  await sleep(200)
+  const { res } = await expectForwarded(t, h, get(`/v1/conversations/${h.conversationId}`))
+  t.equal(res?.status, 200, 'the gateway still serves')
+  t.notOk(h.upstream.requests.some(r => r.method === 'CONNECT'), 'no CONNECT reached the upstream')
+  t.same(h.gw.logs.filter(line => line.includes('unhandled error')), [], 'no unhandled error')
+  t.ok(h.gw.audit().every(r => typeof r.ip === 'string' && r.ip !== ''), 'every record names an address (or says it is unknown)')
+})
 
 t.test('malformed HTTP is refused by the parser and never reaches the upstream', async t => {
   const h = await setup(t)

@@ -69,9 +69,16 @@ export function trustedProxies (list: readonly string[]): (address: string, hop:
   return (address, hop) => trusted(isIP(address) !== 0 ? address : withoutPort(address) ?? address, hop)
 }
 
+/**
+ * What stands for the client's address when there is none to read: the client reset its connection before anything
+ * asked for it (the kernel then no longer tells the peer of the socket, and Node's `remoteAddress` is undefined).
+ */
+export const UNKNOWN_PEER = 'unknown'
+
 export function clientIp (request: FastifyRequest): string {
-  const ip = request.ip
+  const ip = request.ip as string | undefined // (see UNKNOWN_PEER)
   const peer = request.socket.remoteAddress
+  if (ip === undefined) return peer === undefined ? UNKNOWN_PEER : canonical(peer)
   if (ip === peer || isAddress(ip)) return canonical(ip)
   const address = withoutPort(ip)
   if (address !== undefined) return canonical(address)

@@ -28,6 +28,9 @@ function shown (url: string): string {
  */
 const MAX_REQUEST_HEADERS = 1000
 
+/** What is read and thrown away of a CONNECT's connection while its answer waits behind others (a tunnel's bytes). */
+const CONNECT_DISCARD_BYTES = 64 * 1024
+
 /**
  * A Host value as RFC 9112 §3.2 has it: a host (RFC 3986: a reg-name, which an IPv4 address is too, or an IP literal
  * in brackets) and an optional port; empty for a target without an authority (RFC 9110 §7.2).
@@ -143,9 +146,27 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     // Pipelined behind calls still being answered (Node hands it over all the same), it is answered after them, in
     // order: given the socket at once, it threw out of Node's parser (the socket has an answer) and ended the
     // process. Until then its answer waits, as any pipelined call's does (closeWithConnection).
+    // Node takes its own 'error' listener off a socket it hands to 'connect': a write to a client gone (EPIPE,
+    // ECONNRESET) would be an uncaught error, the end of the process. An error ends in 'close', handled below.
+    socket.on('error', noop)
     const ahead = lastAnswerDue(socket as Socket)
     if (ahead === null) res.assignSocket(socket as Socket)
-    else ahead.once('finish', () => { if (socket.writable) res.assignSocket(socket as Socket) })
+    else {
+      ahead.once('finish', () => { if (socket.writable) res.assignSocket(socket as Socket) })
+      // Node reads no more of a socket it hands over: a client that hangs up meanwhile would go unseen, and the
+      // calls ahead run on to their deadlines. It is read on, what comes thrown away (a tunnel's first bytes, which
+      // no answer here opens; past a bound, the connection is cut), and its end ends the calls on it, as Node ends
+      // the calls of a connection whose client hangs up.
+      let discarded = 0
+      socket.on('data', (chunk: Buffer) => {
+        discarded += chunk.length
+        if (discarded > CONNECT_DISCARD_BYTES) socket.destroy()
+      })
+      socket.once('end', () => { socket.destroy() })
+      // The connection gone before its turn: the call is over unanswered (audited as abandoned by its client). Once
+      // it has the socket, Node says so itself.
+      socket.once('close', () => { if (res.socket === null && !res.writableFinished) res.emit('close') })
+    }
     res.once('finish', () => {
       res.detachSocket(socket as Socket)
       socket.end()
@@ -165,3 +186,5 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     throw new UnknownRouteError(request.method, shown(request.originalUrl))
   })
 }, { name: 'router' })
+
+function noop (): void {}
