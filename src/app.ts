@@ -436,7 +436,9 @@ function errorHandler (config: GatewayConfig) {
  */
 function undoFastifyClose (reply: FastifyReply, keepAliveTimeoutMs: number): void {
   if (reply.getHeader('connection') === undefined) return
-  if (!reply.raw.shouldKeepAlive) {
+  // (Node also closes a connection whose Expect: 100-continue it answers without having sent the 100: writeHead.)
+  const raw = reply.raw as typeof reply.raw & { _expect_continue?: boolean, _sent100?: boolean }
+  if (!raw.shouldKeepAlive || (raw._expect_continue === true && raw._sent100 !== true)) {
     reply.header('connection', 'close')
     return
   }

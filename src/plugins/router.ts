@@ -13,6 +13,7 @@ import {
 } from '../errors.js'
 import { holdsKey, withoutKeys } from '../keys.js'
 import { closesConnection, lastAnswerDue } from '../http/response.js'
+import { hasBody, waitsForContinue } from './body.js'
 import { credentialParam, matchOperation, rawPath } from '../operations.js'
 
 /** The path as the client sent it, cut short: error messages echo it (a key withheld first, so none shows in part). */
@@ -91,7 +92,9 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     // on reading the connection after it (a request pipelined behind one is served), but a connection that asked to
     // switch protocols is not one to keep: whatever the answer, it closes after it (the README says so), and no call
     // pipelined behind it is served (one let through went upstream, and its answer was lost with the connection).
-    if (request.headers.upgrade !== undefined) {
+    // A call with nothing to come that asks for 100 Continue gets none (there is no body to wait for), and Node closes a
+    // connection whose Expect it answered without one: no call pipelined behind it is served either.
+    if (request.headers.upgrade !== undefined || (waitsForContinue(request) && !hasBody(request.headers))) {
       reply.header('connection', 'close')
       closesConnection(reply.raw, request.raw.socket)
     }
