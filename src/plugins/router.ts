@@ -146,12 +146,12 @@ export default fp<RouterOptions>(async function router (app, { Response }) {
     // The server's own class: it counts the body bytes the audit record reports (bytesOut).
     const res = new Response(req)
     res.shouldKeepAlive = false
-    // Pipelined behind calls still being answered (Node hands it over all the same), it is answered after them, in
-    // order: given the socket at once, it threw out of Node's parser (the socket has an answer) and ended the
-    // process. Until then its answer waits, as any pipelined call's does (closeWithConnection).
     // Node takes its own 'error' listener off a socket it hands to 'connect': a write to a client gone (EPIPE,
     // ECONNRESET) would be an uncaught error, the end of the process. An error ends in 'close', handled below.
     socket.on('error', noop)
+    // Pipelined behind calls still being answered (Node hands it over all the same), it is answered after them, in
+    // order: given the socket at once, it threw out of Node's parser (the socket has an answer) and ended the
+    // process. Until then its answer waits, as any pipelined call's does (closeWithConnection).
     const ahead = lastAnswerDue(socket as Socket)
     if (ahead === null) res.assignSocket(socket as Socket)
     else {
