@@ -11,7 +11,8 @@
 //   timeout, an answer that is no HTTP or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
 //   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
-//   retries are spent, the upstream's answer passes through as it is.
+//   retries are spent, the upstream's answer passes through as it is. Retries end at an answer's headers: a body the
+//   line breaks off after them is the proxy's to answer (502), never sent to another line.
 // - A client that hangs up aborts the call at once (`whenClientGone`), closing the upstream connection.
 // - A reload hands new settings to `update`: calls under way finish where they started (see Lines below), and
 //   `destroy` aborts every call still in flight (the end of a shutdown's grace).
