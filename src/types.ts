@@ -3,7 +3,6 @@ import type { AddressInfo } from 'node:net'
 import type { ClientConfig, GatewayConfig } from './config.js'
 import type { GatewayError } from './errors.js'
 import type { Operation } from './operations.js'
-import type { Owned } from './ownership/owners.js'
 import type { ResponseFacts } from './responses/usage.js'
 import type { AuditObserver, ResponseWatch } from './plugins/audit.js'
 import type { AnswerReader } from './plugins/proxy.js'
@@ -61,8 +60,6 @@ declare module 'fastify' {
      * item_reference_not_allowed), for the audit record's itemId; null otherwise
      */
     refusedItemId: string | null
-    /** plugins/ownership.ts: the object a delete is on, whose owner is forgotten again once the upstream deleted it */
-    deleting: { kind: Owned, id: string } | null
     /** plugins/proxy.ts (addAnswerRewrite): how a 2xx JSON answer is rewritten before the client sees it */
     rewriteAnswer: ((body: unknown) => unknown) | null
     /** plugins/proxy.ts (addEventRewrite): the same for each event of a 2xx event stream */

@@ -880,6 +880,70 @@ t.test('malformed HTTP is refused by the parser and never reaches the upstream',
   await oneAuditLineEach(t, h)
 })
 
+t.test('a body whose framing breaks after a pause is refused before its call goes upstream, on every method', async t => {
+  // Fastify reads no body for a GET: its call went upstream at once, and its bad chunk, arriving a moment later,
+  // got the client a 400 "malformed HTTP" for a call the upstream had served. A refused call must not have gone.
+  const h = await setup(t)
+  const { hostname, port } = new URL(h.gw.url)
+  const chunked: Header[] = [FULL, JSON_TYPE, ['Transfer-Encoding', 'chunked']]
+  const cases: Array<[method: string, target: string]> = [
+    ['GET', `/v1/conversations/${h.conversationId}`],
+    ['GET', `/v1/conversations/${h.conversationId}/items`],
+    ['DELETE', `/v1/conversations/${h.conversationId}`],
+    ['POST', `/v1/conversations/${h.conversationId}`]
+  ]
+  for (const [method, target] of cases) {
+    await t.test(`${method} ${target.replace(h.conversationId, '{id}')}`, async t => {
+      const before = h.upstream.requests.length
+      const received = await new Promise<string>((resolve, reject) => {
+        const socket = createConnection({ host: hostname, port: Number(port) })
+        let text = ''
+        const timer = setTimeout(() => { socket.destroy(); resolve(text) }, 3000)
+        socket.on('data', (d: Buffer) => { text += d.toString('latin1') })
+        socket.on('close', () => { clearTimeout(timer); resolve(text) })
+        socket.on('error', reject)
+        socket.write(Buffer.concat([buildRequest(method, target, chunked), chunk('{"a":')]))
+        // long enough for a call that does not wait for its body to be at the upstream
+        setTimeout(() => socket.write('zz\r\n'), 300)
+      })
+      await sleep(50)
+      t.same(h.upstream.requests.slice(before).map(r => `${r.method} ${r.url}`), [], 'the upstream received nothing')
+      t.match(received, /^HTTP\/1\.1 400 /, 'the client gets 400')
+      t.equal(received.match(/^HTTP\/1\.[01] \d{3}/gm)?.length, 1, 'one answer')
+      h.handled++
+      const [record, ...more] = await auditOf(h.gw, /x-gateway-request-id: (\S+)/i.exec(received)?.[1] ?? 'none')
+      t.match(record, { status: 400, outcome: 'invalid', method }, 'audited as the 400 it got')
+      t.same(more, [], 'once')
+    })
+  }
+  await t.test('a GET whose body ends well after the pause is served once that body is whole, and none of it goes upstream', async t => {
+    const before = h.upstream.requests.length
+    const socket = createConnection({ host: hostname, port: Number(port) })
+    t.teardown(() => socket.destroy())
+    let text = ''
+    socket.on('data', (d: Buffer) => { text += d.toString('latin1') })
+    socket.write(Buffer.concat([buildRequest('GET', `/v1/conversations/${h.conversationId}`, chunked), chunk('{"a":')]))
+    await sleep(300)
+    t.equal(h.upstream.requests.length, before, 'nothing went upstream before the body ended')
+    socket.write(Buffer.concat([chunk('1}'), chunk('')]))
+    for (let i = 0; i < 100 && !text.includes('"object":"conversation"'); i++) await sleep(10)
+    t.match(text, /^HTTP\/1\.1 200 /, 'served')
+    const seen = h.upstream.requests.slice(before)
+    t.same(seen.map(r => `${r.method} ${r.url}`), [`GET /v1/conversations/${h.conversationId}`], 'once')
+    t.equal(seen[0]?.body.length, 0, 'without the body')
+    h.handled++
+  })
+  await t.test('a GET whose chunked body passes limits.bodyBytes gets 413, as one that declares its length does, and nothing goes upstream', async t => {
+    const before = h.upstream.requests.length
+    const ex = await sendRaw(h.gw.url, Buffer.concat([buildRequest('GET', `/v1/conversations/${h.conversationId}`, chunked),
+      chunk('"' + 'a'.repeat(BODY_LIMIT) + '"'), chunk('')]))
+    t.equal(ex.response?.status, 413)
+    t.equal(h.upstream.requests.length, before, 'the upstream received nothing')
+    h.handled++
+  })
+  await oneAuditLineEach(t, h)
+})
+
 t.test('bytes after a call that asked to close: that call is answered and audited as served, nothing after it is', async t => {
   // RFC 9112 §9.6: a server answers the request that carried `close`, processes none after it, and closes. Node's
   // parser refuses what follows (HPE_CLOSED_CONNECTION) while the call is at the upstream: cut then, a create done

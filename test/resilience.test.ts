@@ -681,6 +681,28 @@ t.test('upstream timeouts', async t => {
       'the read given up on was never sent when the connection came free; the next one was')
   })
 
+  await t.test('a call whose client hangs up while it waits for a pooled connection is audited attempts 0', async t => {
+    // Its record is written when the client leaves, before the call settles: it said attempts 1 (counted when the
+    // attempt began), an attempt on a line that never saw the call.
+    const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 5000, maxConnections: 1 })
+    const held: ServerResponse[] = []
+    lines[0]!.respond = (_req, res) => { held.push(res) } // holds the one pooled connection
+    t.teardown(() => { for (const res of held) res.destroy() })
+    const holder = call(gw.url, 'GET', `/v1/conversations/${conv}`, { timeoutMs: 6000 }).catch(() => null)
+    await until('the first call at the upstream', () => lines[0]!.requests.length === 1, 2000)
+    const leaving = new AbortController()
+    const queued = fetch(`${gw.url}/v1/conversations/${conv}/items`, { headers: { authorization: `Bearer ${KEYS.other}` }, signal: leaving.signal })
+      .catch(() => null)
+    await sleep(200) // well past the checks: it waits for the connection the first holds
+    leaving.abort()
+    await queued
+    await until('the queued call audited', () => gw.audit().some(r => r.action === 'item.list'), 2000)
+    t.match(gw.audit().find(r => r.action === 'item.list'), { status: 499, outcome: 'aborted', attempts: 0, upstreamLine: null })
+    t.equal(lines[0]!.requests.length, 1, 'it never reached the line')
+    for (const res of held) res.destroy()
+    await holder
+  })
+
   await t.test('a generation slower than timeoutMs but within generationTimeoutMs is waited for, streamed or not; a read as slow gets 504', async t => {
     const { lines, gw, conv } = await setup(t, 1, { timeoutMs: 300, bodyTimeoutMs: 300, generationTimeoutMs: 4000 })
     lines[0]!.respond = (req, res, body) => {

@@ -169,6 +169,17 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     if (waitsForContinue(request)) reply.raw.writeContinue()
   }
 
+  // Fastify reads no body for a GET: one sent all the same is read to its end here, within the limit, and dropped
+  // (not parsed), before anything goes upstream. Passed on at once, a call whose body then broke its framing had been
+  // served upstream while its client got 400 "malformed HTTP", or its 200 before the body was even whole.
+  app.addHook('preValidation', (request, _reply, done) => {
+    if (!hasBody(request.headers) || request.raw.readableEnded) {
+      done()
+      return
+    }
+    readLimited(request.raw, bodyBytes(), err => { done(err ?? undefined) })
+  })
+
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
     readLimited(payload, bodyBytes(), (err, buf) => {

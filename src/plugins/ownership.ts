@@ -18,6 +18,7 @@ import {
 } from '../errors.js'
 import { holdsKey } from '../keys.js'
 import { loggedError } from '../logging.js'
+import { whenClosed } from '../http/response.js'
 import { ID_PATTERN, MAX_ID_LENGTH, queryParam, type Action } from '../operations.js'
 import {
   conversationParam, createBody, folded, isObject, metadataProblem, OWNER_KEY, otherCaseKey, OwnerCache, ownerIn, ownerOf, updateBody, withoutOwner, type MetadataProblem,
@@ -372,7 +373,6 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   app.decorateRequest('ownerId', null)
   app.decorateRequest('createdId', null)
   app.decorateRequest('refusedItemId', null)
-  app.decorateRequest('deleting', null)
 
   /**
    * The owner of `id`: at once from the cache (no promise on the common path), else from the upstream. A cached
@@ -734,9 +734,11 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
    * owner cached for cacheTtlMs (the owner's calls then passed upstream for its 404, a stranger's refused as
    * another team's object in the audit).
    */
-  function forgetDeleted (request: FastifyRequest, kind: Owned, id: string): void {
+  function forgetDeleted (reply: FastifyReply, kind: Owned, id: string): void {
     cache.delete(kind, id)
-    request.deleting = { kind, id } // (again in onSend, below: the answer itself is passed on unread)
+    // (The answer itself is passed on unread. Watched on deletes alone: no hook of every call's.)
+    const res = reply.raw
+    whenClosed(res, () => { if (res.headersSent && res.statusCode >= 200 && res.statusCode < 300) cache.delete(kind, id) })
   }
 
   /** A create: its owner goes into the body's metadata, and the new object's id into the cache. */
@@ -811,7 +813,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
     if (op.responseId !== null) {
       const responseId = op.responseId
       return then(authorize('response', 'response', responseId, client, request, reply), () => {
-        if (op.action === 'response.delete') forgetDeleted(request, 'response', responseId)
+        if (op.action === 'response.delete') forgetDeleted(reply, 'response', responseId)
       })
     }
 
@@ -843,7 +845,7 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
         if (merged !== null) request.upstreamBody = serializeBody(merged, request.parsedBody)
         else if (request.parsedBody !== undefined) request.upstreamBody = serializeBody(request.parsedBody, request.parsedBody)
       } else if (op.action === 'conversation.delete') {
-        forgetDeleted(request, 'conversation', id)
+        forgetDeleted(reply, 'conversation', id)
       }
     })
   }
@@ -853,13 +855,6 @@ export default fp<OwnershipOptions>(async function ownership (app, opts) {
   // for a call refused already. (Not one refused its key: it has no client.)
   app.addHook('onError', (request, _reply, _err, done) => {
     if (request.ownerId === null && request.client !== null) request.ownerId = cachedOwner(request)
-    done()
-  })
-
-  // A delete the upstream answered 2xx has deleted the object: its owner is forgotten again (forgetDeleted).
-  app.addHook('onSend', (request, reply, _payload, done) => {
-    const deleting = request.deleting
-    if (deleting !== null && reply.statusCode >= 200 && reply.statusCode < 300) cache.delete(deleting.kind, deleting.id)
     done()
   })
 

@@ -11,7 +11,8 @@
 //   timeout, an answer that is no HTTP or any of those statuses; a POST only when its connection failed before any byte of it was sent, or
 //   the line's proxy says it never reached the origin (521, 522, 523, 525, 526, 530). At most
 //   `retries` extra attempts, each on another line. A 429 is never retried, and with one line, or once the
-//   retries are spent, the upstream's answer passes through as it is.
+//   retries are spent, the upstream's answer passes through as it is. Retries end at an answer's headers: a body the
+//   line breaks off after them is the proxy's to answer (502), never sent to another line.
 // - A client that hangs up aborts the call at once (`whenClientGone`), closing the upstream connection.
 // - A reload hands new settings to `update`: calls under way finish where they started (see Lines below), and
 //   `destroy` aborts every call still in flight (the end of a shutdown's grace).
@@ -52,8 +53,8 @@ export interface UpstreamCall {
   /** registers what to do when the client hangs up: the call is aborted at once */
   whenClientGone?: ((abort: () => void) => void) | undefined
   /**
-   * kept up to date as attempts start and get a connection, for whoever needs to know of a call cut short how many
-   * attempts it made and whether the last one's request was sent (the token budget charges what the upstream may
+   * kept up to date as attempts reach their line and get a connection, for whoever needs to know of a call cut short
+   * how many attempts it made and whether the last one's request was sent (the token budget charges what the upstream may
    * have taken on)
    */
   progress?: { attempts: number, sent: boolean } | undefined
@@ -249,10 +250,14 @@ class CallSignal extends EventEmitter {
  */
 class Attempt {
   sent = false
-  constructor (private readonly progress: { sent: boolean } | undefined, private readonly onSent?: () => void) {}
+  /** `ordinal`: which attempt of its call this is, counted in the call's progress once it reaches its line */
+  constructor (private readonly progress: UpstreamCall['progress'], private readonly ordinal: number, private readonly onSent?: () => void) {}
   markSent (): void {
     this.sent = true
-    if (this.progress !== undefined) this.progress.sent = true
+    if (this.progress !== undefined) {
+      this.progress.sent = true
+      this.progress.attempts = this.ordinal
+    }
     this.onSent?.()
   }
 }
@@ -569,16 +574,19 @@ export class Upstream {
       if (index === null) throw new UpstreamFailure('unavailable', 'every upstream line is down; not trying', 0, null, health.soonestRetryMs())
       for (;;) {
         tried.add(index)
+        const line = pools.lines[index]!
         if (call.progress !== undefined) {
-          call.progress.attempts = tried.size
+          // Counted as finalFailure counts it, for a record written before the call settles (its client gone): once
+          // its request gets a connection (markSent), or at once when the line has none, which is opened for it; not
+          // while it waits for a pooled connection another call holds, which the line never sees.
+          call.progress.attempts = line.pool.stats.connected === 0 ? tried.size : tried.size - 1
           call.progress.sent = false
         }
-        const line = pools.lines[index]!
         let answer: UpstreamAnswer
         // (index was picked in this tick: a line on trial has this call as its trial, and the ticket is this call's)
         const onLine = index
         const ticket = health.ticket(index)
-        const attempt = new Attempt(call.progress, generation && health.onTrial(index) ? () => { health.trialConnected(onLine, ticket) } : undefined)
+        const attempt = new Attempt(call.progress, tried.size, generation && health.onTrial(index) ? () => { health.trialConnected(onLine, ticket) } : undefined)
         const request = line.pool.request({
           path: line.prefix + call.path, method: call.method as 'GET', headers: call.headers, body: call.body, signal, opaque: attempt,
           ...(modelStream ? { headersTimeout: deadlineMs, bodyTimeout: settings.generationTimeoutMs } : {})
