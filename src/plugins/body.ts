@@ -131,6 +131,9 @@ function methodOverride (op: Operation | null, body: unknown): string | null {
   return null
 }
 
+/** Fastify's `bodyless` methods: it reads no body for them, whatever the headers say. */
+const UNPARSED: ReadonlySet<string> = new Set(['GET', 'HEAD', 'TRACE'])
+
 /**
  * Calls whose API takes no body: a body sent with one is read and checked like any other (it is JSON, within the
  * limit), but not passed on. Nothing in it was checked for what it names (a `conversation` of another team, keys the
@@ -144,10 +147,14 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   app.decorateRequest('upstreamBody', null)
 
   // Before a byte of the body is read: framing (501), coding and media type (415), declared size (413). Only then
-  // is a client that waits for `100 Continue` told to send its body.
+  // is a client that waits for `100 Continue` told to send its body. Fastify reads no body for a GET (UNPARSED): one
+  // sent all the same is read to its end here, within the limit, and dropped (not parsed), before anything goes
+  // upstream. Passed on at once, a call whose body then broke its framing had been served upstream while its client
+  // got 400 "malformed HTTP", or its 200 before the body was even whole.
   app.addHook('preParsing', (request, reply, payload, done) => {
     checkDeclared(request, reply)
-    done(null, payload)
+    if (UNPARSED.has(request.method) && hasBody(request.headers)) readLimited(payload, bodyBytes(), err => { done(err, payload) })
+    else done(null, payload)
   })
 
   function checkDeclared (request: FastifyRequest, reply: FastifyReply): void {
@@ -168,17 +175,6 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
     if (Number(headers['content-length']) > limit) throw new RequestTooLargeError(String(limit))
     if (waitsForContinue(request)) reply.raw.writeContinue()
   }
-
-  // Fastify reads no body for a GET: one sent all the same is read to its end here, within the limit, and dropped
-  // (not parsed), before anything goes upstream. Passed on at once, a call whose body then broke its framing had been
-  // served upstream while its client got 400 "malformed HTTP", or its 200 before the body was even whole.
-  app.addHook('preValidation', (request, _reply, done) => {
-    if (!hasBody(request.headers) || request.raw.readableEnded) {
-      done()
-      return
-    }
-    readLimited(request.raw, bodyBytes(), err => { done(err ?? undefined) })
-  })
 
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (request, payload, done) => {
