@@ -269,6 +269,17 @@ class Attempt {
  * is only not retried, a sent one taken for unsent would be sent again.
  */
 class LinePool extends Pool {
+  /**
+   * The line's connections open now. undici's `stats.connected` says so too, but builds all six of its figures, each
+   * a walk over every connection of the pool: read on every call, that was work growing with the connections held.
+   */
+  connected = 0
+
+  constructor (origin: string, options: Pool.Options) {
+    super(origin, options)
+    this.on('connect', () => { this.connected++ }).on('disconnect', () => { this.connected-- })
+  }
+
   override dispatch (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler): boolean {
     const attempt = (opts as { opaque?: unknown }).opaque
     if (!(attempt instanceof Attempt)) return super.dispatch(opts, handler)
@@ -579,7 +590,7 @@ export class Upstream {
           // Counted as finalFailure counts it, for a record written before the call settles (its client gone): once
           // its request gets a connection (markSent), or at once when the line has none, which is opened for it; not
           // while it waits for a pooled connection another call holds, which the line never sees.
-          call.progress.attempts = line.pool.stats.connected === 0 ? tried.size : tried.size - 1
+          call.progress.attempts = line.pool.connected === 0 ? tried.size : tried.size - 1
           call.progress.sent = false
         }
         let answer: UpstreamAnswer
@@ -604,7 +615,7 @@ export class Upstream {
           const end: AttemptEnd = {
             stopped, deadlinePassed: stoppedBy === 'deadline', clientDeadline: clientCut, sent: attempt.sent,
             // (read now: the pool is still trying to open the connection this attempt waited for)
-            unconnected: !attempt.sent && line.pool.stats.connected === 0
+            unconnected: !attempt.sent && line.pool.connected === 0
           }
           const failure = attemptFailed(health, call, index, ticket, err, end)
           // Stopped while its line's connection was being opened (the client gone, or its shorter wait over): how that
