@@ -932,6 +932,8 @@ t.test('a body whose framing breaks after a pause is refused before its call goe
     t.same(seen.map(r => `${r.method} ${r.url}`), [`GET /v1/conversations/${h.conversationId}`], 'once')
     t.equal(seen[0]?.body.length, 0, 'without the body')
     h.handled++
+    const [record] = await auditOf(h.gw, /x-gateway-request-id: (\S+)/i.exec(text)?.[1] ?? 'none')
+    t.match(record, { status: 200, bytesIn: 7 }, 'its body read counted in bytesIn, as a delete\'s is')
   })
   await t.test('a GET whose chunked body passes limits.bodyBytes gets 413, as one that declares its length does, and nothing goes upstream', async t => {
     const before = h.upstream.requests.length

@@ -153,8 +153,14 @@ export default fp<BodyOptions>(async function body (app, { bodyBytes }) {
   // got 400 "malformed HTTP", or its 200 before the body was even whole.
   app.addHook('preParsing', (request, reply, payload, done) => {
     checkDeclared(request, reply)
-    if (UNPARSED.has(request.method) && hasBody(request.headers)) readLimited(payload, bodyBytes(), err => { done(err, payload) })
-    else done(null, payload)
+    if (!UNPARSED.has(request.method) || !hasBody(request.headers)) {
+      done(null, payload)
+      return
+    }
+    readLimited(payload, bodyBytes(), (err, buf) => {
+      if (buf !== undefined) request.bodyBytes = buf.length // (read and dropped, as a delete's is: in bytesIn)
+      done(err, payload)
+    })
   })
 
   function checkDeclared (request: FastifyRequest, reply: FastifyReply): void {
