@@ -53,9 +53,9 @@ export interface UpstreamCall {
   /** registers what to do when the client hangs up: the call is aborted at once */
   whenClientGone?: ((abort: () => void) => void) | undefined
   /**
-   * kept up to date as attempts reach their line and get a connection, for whoever needs to know of a call cut short
-   * how many attempts it made and whether the last one's request was sent (the token budget charges what the upstream may
-   * have taken on)
+   * kept up to date as attempts reach their line and get a connection, for whoever needs to know of a call cut
+   * short how many attempts it made and whether the last one's request was sent (the token budget charges what the
+   * upstream may have taken on)
    */
   progress?: { attempts: number, sent: boolean } | undefined
   /**
@@ -251,7 +251,11 @@ class CallSignal extends EventEmitter {
 class Attempt {
   sent = false
   /** `ordinal`: which attempt of its call this is, counted in the call's progress once it reaches its line */
-  constructor (private readonly progress: UpstreamCall['progress'], private readonly ordinal: number, private readonly onSent?: () => void) {}
+  constructor (
+    private readonly progress: UpstreamCall['progress'],
+    private readonly ordinal: number,
+    private readonly onSent?: () => void
+  ) {}
   markSent (): void {
     this.sent = true
     if (this.progress !== undefined) {
